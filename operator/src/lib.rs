@@ -1,0 +1,1 @@
+//! kandle-operator: the `LanguageModel` API types and its controller (being built).

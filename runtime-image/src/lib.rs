@@ -1,0 +1,1 @@
+//! kandle-runtime: the candle inference server (being built).
