@@ -1,1 +1,73 @@
-//! kandle-operator: the `LanguageModel` API types and its controller (being built).
+//! kandle-operator: the `LanguageModel` API types and the controller that turns them into
+//! inference deployments. See DESIGN.md for the contract.
+//!
+//! Dependencies point inward: [`api`] knows nothing of the controller; [`builders`],
+//! [`status`] and [`drift`] are pure functions over plain data, unit-tested beside the code;
+//! only the reconcile shell (a later issue) touches the network.
+pub mod api;
+pub mod builders;
+pub mod consts;
+pub mod controller;
+pub mod crd;
+pub mod drift;
+mod error;
+pub mod hub;
+pub mod metrics;
+pub mod status;
+
+pub use api::{LanguageModel, LanguageModelSpec, LanguageModelStatus};
+pub use error::{Error, Result, kube_reason};
+
+/// Configuration of the controller process (`kandle-operator run`).
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    /// How the children of every model are built (and which hub revisions resolve against).
+    pub builder: builders::BuilderConfig,
+    /// A kubeconfig file; `None` means the usual discovery (`KUBECONFIG`, `~/.kube/config`,
+    /// then the in-cluster ServiceAccount).
+    pub kubeconfig: Option<std::path::PathBuf>,
+    /// Watch one namespace only; `None` watches all.
+    pub namespace: Option<String>,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    pub metrics_addr: std::net::SocketAddr,
+}
+
+/// Selects rustls' ring provider: kube uses ring, but the dependency graph also enables
+/// aws-lc-rs, and rustls then refuses to pick one by itself.
+pub fn init_crypto() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+/// A client from the kubeconfig named in `config`, or from the usual discovery.
+pub async fn client(config: &RunConfig) -> Result<kube::Client> {
+    init_crypto();
+    let kube_config = match &config.kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| Error::Config(format!("reading {}: {e}", path.display())))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+                .await
+                .map_err(|e| Error::Config(e.to_string()))?
+        }
+        None => kube::Config::infer().await.map_err(|e| Error::Config(e.to_string()))?,
+    };
+    Ok(kube::Client::try_from(kube_config)?)
+}
+
+/// Runs the controller until SIGTERM or Ctrl-C, serving metrics and health on the side.
+pub async fn run(config: RunConfig) -> Result<()> {
+    let client = client(&config).await?;
+    let metrics = std::sync::Arc::new(metrics::Metrics::default());
+    let listener = tokio::net::TcpListener::bind(config.metrics_addr)
+        .await
+        .map_err(|source| Error::Io { what: format!("metrics listener on {}", config.metrics_addr), source })?;
+    tokio::spawn(metrics::serve(listener, metrics.clone()));
+    let ctx = std::sync::Arc::new(controller::Context::new(client, config.builder.clone(), metrics));
+    tracing::info!(namespace = ?config.namespace, metrics = %config.metrics_addr, "kandle-operator starting");
+    controller::run_controller(ctx, config.namespace.clone()).await;
+    tracing::info!("kandle-operator stopped");
+    Ok(())
+}

@@ -1,0 +1,100 @@
+//! The `kandle-operator` binary: parses flags into a config and calls the library.
+use clap::{Parser, Subcommand};
+use kandle_operator::{RunConfig, builders::BuilderConfig};
+
+/// The kandle operator: deploys `LanguageModel`s as inference servers on Kubernetes.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the controller.
+    Run(RunArgs),
+    /// Print the LanguageModel CustomResourceDefinition as YAML.
+    Crd,
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Runtime image used when a LanguageModel does not name one.
+    #[arg(long, env = "KANDLE_RUNTIME_IMAGE", default_value = kandle_operator::builders::DEFAULT_RUNTIME_IMAGE)]
+    runtime_image: String,
+
+    /// Hugging Face hub endpoint the pods download from (HF_ENDPOINT); the public hub when unset.
+    #[arg(long, env = "KANDLE_HUB_ENDPOINT")]
+    hub_endpoint: Option<String>,
+
+    /// Kubeconfig file; without it the usual discovery applies (KUBECONFIG, ~/.kube/config,
+    /// then the in-cluster ServiceAccount).
+    #[arg(long, env = "KANDLE_KUBECONFIG")]
+    kubeconfig: Option<std::path::PathBuf>,
+
+    /// Watch LanguageModels in this namespace only (all namespaces when unset).
+    #[arg(long, env = "KANDLE_WATCH_NAMESPACE")]
+    namespace: Option<String>,
+
+    /// Address of the /metrics, /healthz and /readyz endpoints.
+    #[arg(long, env = "KANDLE_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: std::net::SocketAddr,
+
+    /// Log format: `json` (one object per line, for log pipelines) or `text`.
+    #[arg(long, env = "KANDLE_LOG_FORMAT", default_value = "json", value_parser = ["json", "text"])]
+    log_format: String,
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Crd => {
+            print!("{}", kandle_operator::crd::crd_yaml()?);
+            Ok(())
+        }
+        Command::Run(args) => {
+            init_logging(&args.log_format);
+            let config = RunConfig {
+                builder: BuilderConfig { runtime_image: args.runtime_image, hub_endpoint: args.hub_endpoint },
+                kubeconfig: args.kubeconfig,
+                namespace: args.namespace,
+                metrics_addr: args.metrics_addr,
+            };
+            Ok(kandle_operator::run(config).await?)
+        }
+    }
+}
+
+/// Logs go to stderr; the level comes from RUST_LOG (default `info`).
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_flag_definitions_are_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn crd_and_run_are_the_subcommands_and_run_takes_the_runtime_image() {
+        assert!(matches!(Cli::try_parse_from(["kandle-operator", "crd"]).unwrap().command, Command::Crd));
+        let cli = Cli::try_parse_from(["kandle-operator", "run", "--runtime-image", "r:1"]).unwrap();
+        let Command::Run(args) = cli.command else { panic!("run") };
+        assert_eq!(args.runtime_image, "r:1");
+        assert!(Cli::try_parse_from(["kandle-operator"]).is_err(), "a subcommand is required");
+    }
+}

@@ -1,0 +1,367 @@
+//! The operator's reconcile loop against a real kube-apiserver, with a fake hub.
+//!
+//! No kube-controller-manager runs here, so nothing turns a Deployment into pods: where a test
+//! needs a rollout to finish, it plays the Deployment controller by writing the Deployment's
+//! status itself. Each test watches only its own namespace.
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kandle_operator::builders::BuilderConfig;
+use kandle_operator::controller::{self, Context};
+use kandle_operator::metrics::Metrics;
+use kandle_operator::{LanguageModel, crd};
+use kandle_tests::control_plane::ControlPlane;
+use kandle_tests::fake_hub::FakeHub;
+use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::runtime::wait::{await_condition, conditions};
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn install_crd(client: &Client) {
+    let crd: CustomResourceDefinition = serde_yaml::from_str(&crd::crd_yaml().unwrap()).unwrap();
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let mut body = serde_json::to_value(&crd).unwrap();
+    body["apiVersion"] = "apiextensions.k8s.io/v1".into();
+    body["kind"] = "CustomResourceDefinition".into();
+    api.patch("languagemodels.kandle.dev", &PatchParams::apply("kandle-tests").force(), &Patch::Apply(&body))
+        .await
+        .expect("the CRD installs");
+    tokio::time::timeout(WAIT, await_condition(api, "languagemodels.kandle.dev", conditions::is_crd_established()))
+        .await
+        .expect("CRD established")
+        .unwrap();
+}
+
+struct Env {
+    ns: String,
+    client: Client,
+    hub: FakeHub,
+    ctx: Arc<Context>,
+    controller: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.controller.abort();
+    }
+}
+
+async fn env(prefix: &str) -> Env {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "kandle_operator=info,warn".into()))
+        .with_test_writer()
+        .try_init();
+    let cp = ControlPlane::shared();
+    let client = cp.client().await;
+    install_crd(&client).await;
+    let ns = cp.namespace(prefix).await;
+    let hub = FakeHub::start().unwrap();
+    hub.add_repo("org/tiny", [("config.json", b"{\"model_type\":\"llama\"}".to_vec())]);
+    let builder = BuilderConfig { runtime_image: "kandle-runtime:test".into(), hub_endpoint: Some(hub.url()) };
+    let ctx = Arc::new(Context::new(client.clone(), builder, Arc::new(Metrics::default())));
+    let controller = tokio::spawn(controller::run_controller(ctx.clone(), Some(ns.clone())));
+    Env { ns, client, hub, ctx, controller }
+}
+
+fn model(name: &str, extra: serde_json::Value) -> LanguageModel {
+    let mut spec = json!({
+        "model": {"huggingFace": {"repo": "org/tiny", "revision": "main"}, "task": "TextGeneration"},
+        "resources": {"gpu": {"count": 1, "product": "NVIDIA-L4"}},
+        "replicas": 2,
+    });
+    if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            s.insert(k.clone(), v.clone());
+        }
+    }
+    serde_json::from_value(json!({
+        "apiVersion": "kandle.dev/v1alpha1", "kind": "LanguageModel",
+        "metadata": {"name": name}, "spec": spec,
+    }))
+    .unwrap()
+}
+
+/// Polls `f` until it returns `Some`, failing with `what` after [`WAIT`].
+async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn condition(lm: &LanguageModel, type_: &str) -> Option<(String, String)> {
+    lm.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_).map(|c| (c.status.clone(), c.reason.clone()))
+}
+
+/// Plays the Deployment controller: every replica updated, ready and available.
+async fn finish_rollout(client: &Client, ns: &str, name: &str) {
+    let api: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let d = api.get(name).await.unwrap();
+    let replicas = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let status = json!({"status": {
+        "observedGeneration": d.metadata.generation,
+        "replicas": replicas, "updatedReplicas": replicas, "readyReplicas": replicas, "availableReplicas": replicas,
+        "conditions": [{"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable", "message": "done"},
+                       {"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable", "message": "ok"}],
+    }});
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_model_gets_its_children_is_pinned_to_the_hub_commit_and_becomes_ready() {
+    let env = env("reconcile").await;
+    let sha = env.hub.commit("org/tiny", "main", [("weights.safetensors", vec![0u8; 8])]);
+    let lms: Api<LanguageModel> = Api::namespaced(env.client.clone(), &env.ns);
+    let lm = lms.create(&PostParams::default(), &model("tiny", json!({}))).await.unwrap();
+
+    let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), &env.ns);
+    let d = eventually("the Deployment", || async { deployments.get_opt("tiny").await.unwrap() }).await;
+    let owner = &d.owner_references()[0];
+    assert_eq!((owner.kind.as_str(), owner.uid.as_str(), owner.controller), ("LanguageModel", lm.uid().unwrap().as_str(), Some(true)));
+    assert_eq!(d.labels()["kandle.dev/model"], "tiny");
+    let pod = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    let serve = pod.containers.iter().find(|c| c.args.as_ref().is_some_and(|a| a.iter().any(|x| x == "serve")) || c.command.as_ref().is_some_and(|a| a.iter().any(|x| x == "serve"))).expect("a serve container");
+    assert_eq!(serve.resources.as_ref().unwrap().limits.as_ref().unwrap()["nvidia.com/gpu"].0, "1");
+    assert_eq!(pod.node_selector.as_ref().unwrap()["nvidia.com/gpu.product"], "NVIDIA-L4");
+    let pinned = serde_json::to_string(pod).unwrap();
+    assert!(pinned.contains(&sha), "the pods are pinned to the resolved commit {sha}: {pinned}");
+
+    let services: Api<Service> = Api::namespaced(env.client.clone(), &env.ns);
+    assert!(services.get_opt("tiny").await.unwrap().is_some());
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(env.client.clone(), &env.ns);
+    assert!(pdbs.get_opt("tiny").await.unwrap().is_some(), "replicas 2 get a PDB");
+
+    let resolved = eventually("ModelResolved", || async {
+        let lm = lms.get("tiny").await.unwrap();
+        (condition(&lm, "ModelResolved").map(|c| c.0) == Some("True".into())).then_some(lm)
+    })
+    .await;
+    assert_eq!(resolved.status.as_ref().unwrap().resolved_revision.as_deref(), Some(sha.as_str()));
+    assert_eq!(condition(&resolved, "Ready").unwrap().0, "False");
+
+    finish_rollout(&env.client, &env.ns, "tiny").await;
+    // kubectl blocks; run it off this test's single-threaded runtime, where the controller runs.
+    let ns = env.ns.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        ControlPlane::shared()
+            .kubectl()
+            .args(["wait", "--for=condition=Ready", "lm/tiny", "-n", &ns, "--timeout=30s"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    if !out.status.success() {
+        let lm = lms.get("tiny").await.unwrap();
+        let d = deployments.get("tiny").await.unwrap();
+        panic!(
+            "kubectl wait: {}{}\nstatus: {:#?}\ndeployment status: {:#?}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            lm.status,
+            d.status
+        );
+    }
+    let lm = lms.get("tiny").await.unwrap();
+    assert_eq!(lm.status.as_ref().unwrap().ready_replicas, Some(2));
+    assert_eq!(lm.status.as_ref().unwrap().observed_generation, lm.metadata.generation);
+
+    // A settled model reconciled again writes nothing: no apply, no status patch.
+    let writes = env.ctx.metrics.writes.get();
+    let versions = (lm.resource_version(), deployments.get("tiny").await.unwrap().resource_version());
+    controller::reconcile(Arc::new(lm), env.ctx.clone()).await.unwrap();
+    assert_eq!(env.ctx.metrics.writes.get(), writes, "a no-op reconcile made write requests");
+    let after = (lms.get("tiny").await.unwrap().resource_version(), deployments.get("tiny").await.unwrap().resource_version());
+    assert_eq!(after, versions);
+}
+
+#[tokio::test]
+async fn an_edited_deployment_is_reverted_under_the_revert_policy() {
+    let env = env("revert").await;
+    let lms: Api<LanguageModel> = Api::namespaced(env.client.clone(), &env.ns);
+    lms.create(&PostParams::default(), &model("m", json!({}))).await.unwrap();
+    let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), &env.ns);
+    let d = eventually("the Deployment", || async { deployments.get_opt("m").await.unwrap() }).await;
+    let replicas = d.spec.as_ref().unwrap().replicas;
+
+    let edit = json!({"spec": {"replicas": 7}});
+    deployments.patch("m", &PatchParams::default(), &Patch::Merge(&edit)).await.unwrap();
+    eventually("the edit to be reverted", || async {
+        let d = deployments.get("m").await.unwrap();
+        (d.spec.as_ref().unwrap().replicas == replicas).then_some(())
+    })
+    .await;
+    assert!(env.ctx.metrics.drift_corrections.get() >= 1);
+    assert!(env.ctx.metrics.encode().contains("kandle_drift_detected_total{kind=\"config\"}"));
+    let lm = eventually("status.drift", || async {
+        let lm = lms.get("m").await.unwrap();
+        lm.status.as_ref().and_then(|s| s.drift.clone()).is_some().then_some(lm)
+    })
+    .await;
+    let drift = lm.status.unwrap().drift.unwrap();
+    assert!(drift.config.iter().any(|p| p.contains("Deployment/m") && p.contains("replicas")), "{drift:?}");
+}
+
+#[tokio::test]
+async fn an_edited_deployment_is_reported_and_left_alone_under_the_report_policy() {
+    let env = env("report").await;
+    let lms: Api<LanguageModel> = Api::namespaced(env.client.clone(), &env.ns);
+    lms.create(&PostParams::default(), &model("m", json!({"drift": {"policy": "Report"}}))).await.unwrap();
+    let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), &env.ns);
+    eventually("the Deployment", || async { deployments.get_opt("m").await.unwrap() }).await;
+
+    let edit = json!({"spec": {"replicas": 5}});
+    deployments.patch("m", &PatchParams::default(), &Patch::Merge(&edit)).await.unwrap();
+    let lm = eventually("Drifted=True", || async {
+        let lm = lms.get("m").await.unwrap();
+        (condition(&lm, "Drifted").map(|c| c.0) == Some("True".into())).then_some(lm)
+    })
+    .await;
+    let message = &lm.status.as_ref().unwrap().conditions.iter().find(|c| c.type_ == "Drifted").unwrap().message;
+    assert!(message.contains("replicas"), "{message}");
+    assert_eq!(deployments.get("m").await.unwrap().spec.unwrap().replicas, Some(5), "Report must not revert");
+    assert_eq!(env.ctx.metrics.drift_corrections.get(), 0);
+}
+
+#[tokio::test]
+async fn deleting_a_model_removes_its_children_and_nothing_else() {
+    let env = env("delete").await;
+    let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.ns);
+    let bystander = ConfigMap { metadata: ObjectMeta { name: Some("m".into()), ..Default::default() }, ..Default::default() };
+    cms.create(&PostParams::default(), &bystander).await.unwrap();
+    let lms: Api<LanguageModel> = Api::namespaced(env.client.clone(), &env.ns);
+    lms.create(&PostParams::default(), &model("m", json!({}))).await.unwrap();
+    let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), &env.ns);
+    eventually("the Deployment", || async { deployments.get_opt("m").await.unwrap() }).await;
+    let services: Api<Service> = Api::namespaced(env.client.clone(), &env.ns);
+    eventually("the Service", || async { services.get_opt("m").await.unwrap() }).await;
+
+    lms.delete("m", &DeleteParams::default()).await.unwrap();
+    eventually("the model to be gone", || async { lms.get_opt("m").await.unwrap().is_none().then_some(()) }).await;
+    assert!(deployments.get_opt("m").await.unwrap().is_none());
+    assert!(services.get_opt("m").await.unwrap().is_none());
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(env.client.clone(), &env.ns);
+    assert!(pdbs.get_opt("m").await.unwrap().is_none());
+    assert!(cms.get_opt("m").await.unwrap().is_some(), "a ConfigMap kandle does not own was touched");
+}
+
+#[tokio::test]
+async fn a_missing_token_secret_degrades_the_model_until_the_secret_appears() {
+    let env = env("token").await;
+    env.hub.require_token("org/tiny", "hf_test_token_value");
+    let lms: Api<LanguageModel> = Api::namespaced(env.client.clone(), &env.ns);
+    let spec = json!({"model": {"huggingFace": {"repo": "org/tiny", "tokenSecretRef": {"name": "hf", "key": "token"}}}});
+    lms.create(&PostParams::default(), &model("private", spec)).await.unwrap();
+    let lm = eventually("ModelResolved=False", || async {
+        let lm = lms.get("private").await.unwrap();
+        (condition(&lm, "ModelResolved").map(|c| c.0) == Some("False".into())).then_some(lm)
+    })
+    .await;
+    assert_eq!(condition(&lm, "ModelResolved").unwrap().1, "TokenSecretMissing");
+    assert_eq!(condition(&lm, "Degraded").map(|c| c.0), Some("True".into()));
+    let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), &env.ns);
+    assert!(deployments.get_opt("private").await.unwrap().is_none(), "nothing is deployed unpinned");
+
+    let secret = Secret {
+        metadata: ObjectMeta { name: Some("hf".into()), ..Default::default() },
+        data: Some([("token".to_string(), ByteString(b"hf_test_token_value".to_vec()))].into()),
+        ..Default::default()
+    };
+    Api::<Secret>::namespaced(env.client.clone(), &env.ns).create(&PostParams::default(), &secret).await.unwrap();
+    // Secrets are not watched (a cluster-wide Secret watch is more privilege than kandle wants);
+    // the backoff retry would pick it up within 30 s. Reconcile now instead of waiting.
+    let err = controller::reconcile(Arc::new(lms.get("private").await.unwrap()), env.ctx.clone()).await;
+    assert!(err.is_ok(), "{err:?}");
+    let lm = lms.get("private").await.unwrap();
+    assert_eq!(condition(&lm, "ModelResolved").map(|c| c.0), Some("True".into()));
+    assert!(deployments.get_opt("private").await.unwrap().is_some());
+    assert!(env.hub.requests().iter().any(|r| r.authorized));
+    let everything = format!("{:?}", lm.status);
+    assert!(!everything.contains("hf_test_token_value"), "the token leaked into status");
+}
+
+#[tokio::test]
+async fn an_unknown_repository_is_reported_with_a_reason_the_user_can_act_on() {
+    let env = env("unknown").await;
+    let lms: Api<LanguageModel> = Api::namespaced(env.client.clone(), &env.ns);
+    let spec = json!({"model": {"huggingFace": {"repo": "org/does-not-exist"}}});
+    lms.create(&PostParams::default(), &model("ghost", spec)).await.unwrap();
+    let lm = eventually("ModelResolved=False", || async {
+        let lm = lms.get("ghost").await.unwrap();
+        (condition(&lm, "ModelResolved").map(|c| c.0) == Some("False".into())).then_some(lm)
+    })
+    .await;
+    assert_eq!(condition(&lm, "ModelResolved").unwrap().1, "RepositoryNotFound");
+}
+
+/// The `kandle-operator` binary that `cargo test --workspace` builds beside the test binaries.
+fn operator_binary() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>/deps");
+    let bin = dir.join("kandle-operator");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it with `cargo build -p kandle-operator` (bash tests/run-all.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+#[tokio::test]
+async fn the_operator_binary_reconciles_a_model_to_ready() {
+    let cp = ControlPlane::shared();
+    let client = cp.client().await;
+    install_crd(&client).await;
+    let ns = cp.namespace("binary").await;
+    let hub = FakeHub::start().unwrap();
+    hub.add_repo("org/tiny", [("config.json", b"{}".to_vec())]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut child = tokio::process::Command::new(operator_binary())
+        .args(["run", "--log-format", "text", "--namespace", &ns])
+        .arg("--kubeconfig")
+        .arg(cp.kubeconfig())
+        .args(["--hub-endpoint", &hub.url(), "--metrics-addr", &format!("127.0.0.1:{port}")])
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+
+    let lms: Api<LanguageModel> = Api::namespaced(client.clone(), &ns);
+    lms.create(&PostParams::default(), &model("tiny", json!({}))).await.unwrap();
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    eventually("the Deployment", || async { deployments.get_opt("tiny").await.unwrap() }).await;
+    finish_rollout(&client, &ns, "tiny").await;
+    eventually("Ready=True", || async {
+        let lm = lms.get("tiny").await.unwrap();
+        (condition(&lm, "Ready").map(|c| c.0) == Some("True".into())).then_some(())
+    })
+    .await;
+
+    let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("kandle_reconcile_duration_seconds"), "{metrics}");
+    let health = reqwest::get(format!("http://127.0.0.1:{port}/healthz")).await.unwrap();
+    assert_eq!(health.status(), 200);
+
+    // SIGTERM stops it cleanly.
+    let pid = child.id().unwrap() as i32;
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let status = tokio::time::timeout(WAIT, child.wait()).await.expect("the operator exits on SIGTERM").unwrap();
+    assert!(status.success(), "{status}");
+}
