@@ -47,6 +47,11 @@ pub enum Error {
     #[error("Kubernetes client configuration: {0}")]
     Config(String),
 
+    /// This replica stopped being the leader; it exits so that it never reconciles alongside
+    /// the new one.
+    #[error("lost the leader lease")]
+    LostLeadership,
+
     /// A command the binary offers whose implementation has not landed yet.
     #[error("`kandle-operator {0}` is not implemented yet")]
     NotImplemented(&'static str),
@@ -68,6 +73,7 @@ impl Error {
             Error::NotImplemented(_) => "not_implemented",
             Error::Resolve(_) => "resolve",
             Error::Config(_) => "config",
+            Error::LostLeadership => "lost_leadership",
             Error::Finalizer(_) => "finalizer",
         }
     }

@@ -12,6 +12,7 @@ pub mod crd;
 pub mod drift;
 mod error;
 pub mod hub;
+pub mod leader;
 pub mod metrics;
 pub mod status;
 
@@ -30,6 +31,20 @@ pub struct RunConfig {
     pub namespace: Option<String>,
     /// Where `/metrics`, `/healthz` and `/readyz` are served.
     pub metrics_addr: std::net::SocketAddr,
+    /// Take part in leader election (several replicas, one reconciling); `None` reconciles at
+    /// once, for a single replica.
+    pub leader_election: Option<LeaderElection>,
+}
+
+/// Where the leader Lease lives and who this replica is.
+#[derive(Clone, Debug)]
+pub struct LeaderElection {
+    /// Namespace of the Lease (the operator's own namespace in a cluster).
+    pub namespace: String,
+    /// Name of the Lease.
+    pub lease_name: String,
+    /// This replica's identity (its pod name in a cluster).
+    pub identity: String,
 }
 
 /// Selects rustls' ring provider: kube uses ring, but the dependency graph also enables
@@ -67,7 +82,33 @@ pub async fn run(config: RunConfig) -> Result<()> {
     tokio::spawn(metrics::serve(listener, metrics.clone()));
     let ctx = std::sync::Arc::new(controller::Context::new(client, config.builder.clone(), metrics));
     tracing::info!(namespace = ?config.namespace, metrics = %config.metrics_addr, "kandle-operator starting");
-    controller::run_controller(ctx, config.namespace.clone()).await;
-    tracing::info!("kandle-operator stopped");
-    Ok(())
+    let Some(le) = &config.leader_election else {
+        controller::run_controller(ctx, config.namespace.clone()).await;
+        tracing::info!("kandle-operator stopped");
+        return Ok(());
+    };
+    let elector = leader::Elector::new(ctx.client.clone(), &le.namespace, &le.lease_name, &le.identity);
+    // A standby replica must still stop promptly on SIGTERM.
+    tokio::select! {
+        _ = elector.acquire() => {}
+        _ = shutdown_signal() => return Ok(()),
+    }
+    tokio::select! {
+        _ = controller::run_controller(ctx, config.namespace.clone()) => {
+            tracing::info!("kandle-operator stopped");
+            Ok(())
+        }
+        _ = elector.hold() => Err(Error::LostLeadership),
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(t) => t,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
 }

@@ -41,6 +41,18 @@ struct RunArgs {
     #[arg(long, env = "KANDLE_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     metrics_addr: std::net::SocketAddr,
 
+    /// Elect a leader among replicas through a Lease; only the leader reconciles.
+    #[arg(long, env = "KANDLE_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_elect: bool,
+
+    /// Namespace of the leader Lease (the operator's own namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    leader_election_namespace: String,
+
+    /// This replica's identity in the election (its pod name; hostname-pid when unset).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+
     /// Log format: `json` (one object per line, for log pipelines) or `text`.
     #[arg(long, env = "KANDLE_LOG_FORMAT", default_value = "json", value_parser = ["json", "text"])]
     log_format: String,
@@ -60,10 +72,20 @@ async fn main() -> anyhow::Result<()> {
                 kubeconfig: args.kubeconfig,
                 namespace: args.namespace,
                 metrics_addr: args.metrics_addr,
+                leader_election: args.leader_elect.then(|| kandle_operator::LeaderElection {
+                    namespace: args.leader_election_namespace.clone(),
+                    lease_name: "kandle-operator".into(),
+                    identity: args.identity.clone().unwrap_or_else(default_identity),
+                }),
             };
             Ok(kandle_operator::run(config).await?)
         }
     }
+}
+
+fn default_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{}-{}", host.trim(), std::process::id())
 }
 
 /// Logs go to stderr; the level comes from RUST_LOG (default `info`).

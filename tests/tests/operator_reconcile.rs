@@ -334,7 +334,7 @@ async fn the_operator_binary_reconciles_a_model_to_ready() {
     hub.add_repo("org/tiny", [("config.json", b"{}".to_vec())]);
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut child = tokio::process::Command::new(operator_binary())
-        .args(["run", "--log-format", "text", "--namespace", &ns])
+        .args(["run", "--log-format", "text", "--namespace", &ns, "--leader-election-namespace", &ns])
         .arg("--kubeconfig")
         .arg(cp.kubeconfig())
         .args(["--hub-endpoint", &hub.url(), "--metrics-addr", &format!("127.0.0.1:{port}")])
@@ -364,4 +364,64 @@ async fn the_operator_binary_reconciles_a_model_to_ready() {
     unsafe { libc::kill(pid, libc::SIGTERM) };
     let status = tokio::time::timeout(WAIT, child.wait()).await.expect("the operator exits on SIGTERM").unwrap();
     assert!(status.success(), "{status}");
+}
+
+fn spawn_operator(cp: &ControlPlane, ns: &str, hub: &FakeHub, identity: &str) -> tokio::process::Child {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    tokio::process::Command::new(operator_binary())
+        .args(["run", "--log-format", "text", "--namespace", ns, "--leader-election-namespace", ns])
+        .arg("--kubeconfig")
+        .arg(cp.kubeconfig())
+        .args(["--hub-endpoint", &hub.url(), "--metrics-addr", &format!("127.0.0.1:{port}")])
+        .env("POD_NAME", identity)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+async fn lease_holder(client: &Client, ns: &str) -> Option<String> {
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(client.clone(), ns);
+    leases.get_opt("kandle-operator").await.unwrap()?.spec?.holder_identity
+}
+
+async fn reporting_instances(client: &Client, ns: &str) -> Vec<String> {
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), ns);
+    events.list(&Default::default()).await.unwrap().items.into_iter().filter_map(|e| e.reporting_instance).collect()
+}
+
+#[tokio::test]
+async fn of_two_operator_processes_only_the_leader_reconciles_and_the_other_takes_over() {
+    let cp = ControlPlane::shared();
+    let client = cp.client().await;
+    install_crd(&client).await;
+    let ns = cp.namespace("leader").await;
+    let hub = FakeHub::start().unwrap();
+    hub.add_repo("org/tiny", [("config.json", b"{}".to_vec())]);
+
+    let mut a = spawn_operator(cp, &ns, &hub, "op-a");
+    eventually("op-a to lead", || async { (lease_holder(&client, &ns).await.as_deref() == Some("op-a")).then_some(()) }).await;
+    let _b = spawn_operator(cp, &ns, &hub, "op-b");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(lease_holder(&client, &ns).await.as_deref(), Some("op-a"), "the standby must not take a live lease");
+
+    let lms: Api<LanguageModel> = Api::namespaced(client.clone(), &ns);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    lms.create(&PostParams::default(), &model("one", json!({}))).await.unwrap();
+    eventually("Deployment one", || async { deployments.get_opt("one").await.unwrap() }).await;
+    let instances = reporting_instances(&client, &ns).await;
+    assert!(!instances.is_empty() && instances.iter().all(|i| i == "op-a"), "only the leader acts: {instances:?}");
+
+    a.kill().await.unwrap();
+    let killed = std::time::Instant::now();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    while lease_holder(&client, &ns).await.as_deref() != Some("op-b") {
+        assert!(tokio::time::Instant::now() < deadline, "op-b did not take over within 40 s");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let takeover = killed.elapsed();
+    eprintln!("standby took over {takeover:.1?} after the leader was killed");
+    assert!(takeover <= Duration::from_secs(20), "takeover took {takeover:?} (lease 15 s + retry 2 s)");
+    lms.create(&PostParams::default(), &model("two", json!({}))).await.unwrap();
+    eventually("Deployment two", || async { deployments.get_opt("two").await.unwrap() }).await;
+    assert!(reporting_instances(&client, &ns).await.iter().any(|i| i == "op-b"));
 }
