@@ -1,1 +1,24 @@
-//! kandle-runtime: the candle inference server (being built).
+//! kandle-runtime: the candle inference server.
+//!
+//! Layers, outermost first (TEI's router → core → backends):
+//! - [`server`] and [`api`]: HTTP and the OpenAI wire format; no candle.
+//! - [`engine`]: admission, the model thread, scheduling; [`sampling`] and [`detok`] are its
+//!   pure helpers; [`tokenizer`] and [`chat`] prepare prompts.
+//! - [`backend`]: the models on candle, behind the `CausalLm` / `Embedder` traits.
+
+pub mod api;
+pub mod backend;
+pub mod chat;
+pub mod config;
+pub mod detok;
+pub mod engine;
+mod error;
+pub mod metrics;
+pub mod model;
+pub mod sampling;
+pub mod server;
+pub mod tokenizer;
+
+pub use config::ServeConfig;
+pub use error::{Error, Result};
+pub use server::run;

@@ -1,0 +1,469 @@
+//! The OpenAI wire format: request bodies, validation into engine requests, and the error body.
+//! Plain data and pure functions; the HTTP plumbing lives in `server`.
+
+use serde::Deserialize;
+
+use crate::chat::ChatMessage;
+use crate::sampling::SamplingParams;
+
+/// An error as OpenAI reports it: `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    pub status: u16,
+    pub message: String,
+    pub kind: &'static str,
+    pub param: Option<&'static str>,
+    pub code: Option<&'static str>,
+}
+
+impl ApiError {
+    pub fn invalid(message: impl Into<String>, param: Option<&'static str>) -> Self {
+        ApiError {
+            status: 400,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param,
+            code: None,
+        }
+    }
+    pub fn with_status(
+        status: u16,
+        kind: &'static str,
+        code: Option<&'static str>,
+        message: impl Into<String>,
+    ) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+            kind,
+            param: None,
+            code,
+        }
+    }
+    /// The JSON body.
+    pub fn body(&self) -> serde_json::Value {
+        serde_json::json!({
+            "error": {
+                "message": self.message,
+                "type": self.kind,
+                "param": self.param,
+                "code": self.code,
+            }
+        })
+    }
+}
+
+/// `stop`: one string or a list.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum StopSpec {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// Message content: a string, or a list of parts of which only text is supported.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum MessageContent {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct MessageIn {
+    pub role: String,
+    #[serde(default)]
+    pub content: Option<MessageContent>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// Sampling fields shared by chat and completions.
+#[derive(Debug, Clone, Deserialize, Default)]
+pub struct SamplingFields {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<i64>,
+    pub seed: Option<i64>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+}
+
+/// POST /v1/chat/completions
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatCompletionRequest {
+    pub model: String,
+    pub messages: Vec<MessageIn>,
+    #[serde(default)]
+    pub stream: bool,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    pub max_tokens: Option<i64>,
+    pub max_completion_tokens: Option<i64>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<i64>,
+    pub seed: Option<i64>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub stop: Option<StopSpec>,
+    #[serde(default)]
+    pub logprobs: bool,
+    pub top_logprobs: Option<i64>,
+    pub n: Option<i64>,
+}
+
+/// `prompt` of /v1/completions: a string or a one-element list of strings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PromptSpec {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// POST /v1/completions
+#[derive(Debug, Clone, Deserialize)]
+pub struct CompletionRequest {
+    pub model: String,
+    pub prompt: PromptSpec,
+    #[serde(default)]
+    pub stream: bool,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    pub max_tokens: Option<i64>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<i64>,
+    pub seed: Option<i64>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub stop: Option<StopSpec>,
+    /// The legacy API's `logprobs` is the number of alternatives.
+    pub logprobs: Option<i64>,
+    pub n: Option<i64>,
+    #[serde(default)]
+    pub echo: bool,
+}
+
+/// `input` of /v1/embeddings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum EmbeddingInput {
+    One(String),
+    Many(Vec<String>),
+    Tokens(Vec<u32>),
+    ManyTokens(Vec<Vec<u32>>),
+}
+
+/// POST /v1/embeddings
+#[derive(Debug, Clone, Deserialize)]
+pub struct EmbeddingRequest {
+    pub model: String,
+    pub input: EmbeddingInput,
+    pub encoding_format: Option<String>,
+    pub dimensions: Option<i64>,
+}
+
+/// The most top_logprobs OpenAI allows.
+pub const MAX_TOP_LOGPROBS: i64 = 20;
+/// The most stop sequences OpenAI allows.
+pub const MAX_STOPS: usize = 4;
+
+/// Validates the sampling fields.
+pub fn sampling_params(
+    f: &SamplingFields,
+    logprobs: Option<usize>,
+) -> Result<SamplingParams, ApiError> {
+    let temperature = f.temperature.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(ApiError::invalid(
+            format!("temperature must be between 0 and 2, got {temperature}"),
+            Some("temperature"),
+        ));
+    }
+    let top_p = f.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::invalid(
+            format!("top_p must be in (0, 1], got {top_p}"),
+            Some("top_p"),
+        ));
+    }
+    let top_k = f.top_k.unwrap_or(0);
+    // vLLM uses -1 for "off"; accept it and 0.
+    if top_k < -1 {
+        return Err(ApiError::invalid(
+            format!("top_k must be >= 0 (or -1 for off), got {top_k}"),
+            Some("top_k"),
+        ));
+    }
+    for (name, v) in [
+        ("presence_penalty", f.presence_penalty),
+        ("frequency_penalty", f.frequency_penalty),
+    ] {
+        if let Some(v) = v
+            && !(-2.0..=2.0).contains(&v)
+        {
+            return Err(ApiError::invalid(
+                format!("{name} must be between -2 and 2, got {v}"),
+                Some(if name == "presence_penalty" {
+                    "presence_penalty"
+                } else {
+                    "frequency_penalty"
+                }),
+            ));
+        }
+    }
+    Ok(SamplingParams {
+        temperature,
+        top_p,
+        top_k: top_k.max(0) as usize,
+        seed: f.seed.map(|s| s as u64),
+        presence_penalty: f.presence_penalty.unwrap_or(0.0),
+        frequency_penalty: f.frequency_penalty.unwrap_or(0.0),
+        logprobs,
+    })
+}
+
+/// Validates `max_tokens` against the server's limit; `None` means the limit.
+pub fn max_tokens(
+    requested: Option<i64>,
+    limit: usize,
+    param: &'static str,
+) -> Result<usize, ApiError> {
+    match requested {
+        None => Ok(limit),
+        Some(n) if n <= 0 => Err(ApiError::invalid(
+            format!("{param} must be at least 1, got {n}"),
+            Some(param),
+        )),
+        Some(n) if n as u64 > limit as u64 => Err(ApiError::invalid(
+            format!("{param} is {n}, more than this server's limit of {limit}"),
+            Some(param),
+        )),
+        Some(n) => Ok(n as usize),
+    }
+}
+
+/// Validates the stop sequences.
+pub fn stop_sequences(stop: Option<&StopSpec>) -> Result<Vec<String>, ApiError> {
+    let list = match stop {
+        None => Vec::new(),
+        Some(StopSpec::One(s)) => vec![s.clone()],
+        Some(StopSpec::Many(v)) => v.clone(),
+    };
+    if list.len() > MAX_STOPS {
+        return Err(ApiError::invalid(
+            format!(
+                "at most {MAX_STOPS} stop sequences are allowed, got {}",
+                list.len()
+            ),
+            Some("stop"),
+        ));
+    }
+    if list.iter().any(String::is_empty) {
+        return Err(ApiError::invalid(
+            "stop sequences must not be empty",
+            Some("stop"),
+        ));
+    }
+    Ok(list)
+}
+
+/// Only `n = 1` is supported.
+pub fn check_n(n: Option<i64>) -> Result<(), ApiError> {
+    match n {
+        None | Some(1) => Ok(()),
+        Some(n) => Err(ApiError::invalid(
+            format!("only n = 1 is supported, got {n}"),
+            Some("n"),
+        )),
+    }
+}
+
+/// Validates chat messages into what the template renders.
+pub fn chat_messages(messages: &[MessageIn]) -> Result<Vec<ChatMessage>, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::invalid(
+            "messages must contain at least one message",
+            Some("messages"),
+        ));
+    }
+    messages
+        .iter()
+        .map(|m| {
+            if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "developer" | "tool") {
+                return Err(ApiError::invalid(format!("unknown message role {:?}", m.role), Some("messages")));
+            }
+            let content = match &m.content {
+                None => String::new(),
+                Some(MessageContent::Text(t)) => t.clone(),
+                Some(MessageContent::Parts(parts)) => {
+                    let mut s = String::new();
+                    for p in parts {
+                        match (p.kind.as_str(), &p.text) {
+                            ("text", Some(t)) => s.push_str(t),
+                            (kind, _) => {
+                                return Err(ApiError::invalid(
+                                    format!("content part type {kind:?} is not supported by this text model"),
+                                    Some("messages"),
+                                ));
+                            }
+                        }
+                    }
+                    s
+                }
+            };
+            // "developer" is the newer name of "system"; templates know only the latter.
+            let role = if m.role == "developer" { "system".to_owned() } else { m.role.clone() };
+            Ok(ChatMessage { role, content })
+        })
+        .collect()
+}
+
+/// Parses a JSON body, turning serde's error into an OpenAI 400.
+pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if body.is_empty() {
+        return Err(ApiError::invalid(
+            "the request body is empty; a JSON object is expected",
+            None,
+        ));
+    }
+    if std::str::from_utf8(body).is_err() {
+        return Err(ApiError::invalid(
+            "the request body is not valid UTF-8",
+            None,
+        ));
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        let what = match e.classify() {
+            serde_json::error::Category::Data => "invalid request",
+            _ => "malformed JSON",
+        };
+        ApiError::invalid(format!("{what}: {e}"), None)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_tokens_must_be_positive_and_within_the_limit() {
+        assert_eq!(max_tokens(None, 100, "max_tokens").unwrap(), 100);
+        assert_eq!(max_tokens(Some(5), 100, "max_tokens").unwrap(), 5);
+        assert_eq!(
+            max_tokens(Some(0), 100, "max_tokens").unwrap_err().status,
+            400
+        );
+        assert_eq!(
+            max_tokens(Some(-3), 100, "max_tokens").unwrap_err().status,
+            400
+        );
+        assert!(
+            max_tokens(Some(101), 100, "max_tokens")
+                .unwrap_err()
+                .message
+                .contains("limit of 100")
+        );
+    }
+
+    #[test]
+    fn out_of_range_sampling_values_are_refused() {
+        let bad = [
+            SamplingFields {
+                temperature: Some(2.5),
+                ..Default::default()
+            },
+            SamplingFields {
+                top_p: Some(0.0),
+                ..Default::default()
+            },
+            SamplingFields {
+                top_k: Some(-2),
+                ..Default::default()
+            },
+            SamplingFields {
+                presence_penalty: Some(3.0),
+                ..Default::default()
+            },
+        ];
+        for f in bad {
+            assert_eq!(sampling_params(&f, None).unwrap_err().status, 400, "{f:?}");
+        }
+        let ok = sampling_params(
+            &SamplingFields {
+                temperature: Some(0.0),
+                seed: Some(-1),
+                ..Default::default()
+            },
+            Some(2),
+        )
+        .unwrap();
+        assert_eq!(ok.temperature, 0.0);
+        assert_eq!(ok.logprobs, Some(2));
+    }
+
+    #[test]
+    fn empty_messages_and_unknown_roles_are_refused() {
+        assert_eq!(chat_messages(&[]).unwrap_err().param, Some("messages"));
+        let m = MessageIn {
+            role: "wizard".into(),
+            content: Some(MessageContent::Text("x".into())),
+        };
+        assert!(chat_messages(&[m]).unwrap_err().message.contains("wizard"));
+    }
+
+    #[test]
+    fn text_parts_are_joined_and_other_parts_refused() {
+        let m: MessageIn = serde_json::from_str(
+            r#"{"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(chat_messages(&[m]).unwrap()[0].content, "ab");
+        let m: MessageIn =
+            serde_json::from_str(r#"{"role":"user","content":[{"type":"image_url"}]}"#).unwrap();
+        assert!(chat_messages(&[m]).is_err());
+    }
+
+    #[test]
+    fn malformed_json_wrong_types_and_bad_utf8_are_400s_with_a_message() {
+        let e = parse_body::<ChatCompletionRequest>(b"{not json").unwrap_err();
+        assert!(e.message.starts_with("malformed JSON"), "{}", e.message);
+        let e =
+            parse_body::<ChatCompletionRequest>(br#"{"model":"m","messages":"hi"}"#).unwrap_err();
+        assert!(e.message.starts_with("invalid request"), "{}", e.message);
+        let e = parse_body::<ChatCompletionRequest>(b"{\"model\":\"\xff\"}").unwrap_err();
+        assert!(e.message.contains("UTF-8"), "{}", e.message);
+    }
+
+    #[test]
+    fn stop_accepts_a_string_or_up_to_four_strings() {
+        assert_eq!(
+            stop_sequences(Some(&StopSpec::One("x".into()))).unwrap(),
+            vec!["x"]
+        );
+        let five = StopSpec::Many((0..5).map(|i| i.to_string()).collect());
+        assert!(stop_sequences(Some(&five)).is_err());
+    }
+
+    #[test]
+    fn the_error_body_has_openai_shape() {
+        let b = ApiError::invalid("nope", Some("model")).body();
+        assert_eq!(b["error"]["message"], "nope");
+        assert_eq!(b["error"]["type"], "invalid_request_error");
+        assert_eq!(b["error"]["param"], "model");
+        assert!(b["error"]["code"].is_null());
+    }
+}

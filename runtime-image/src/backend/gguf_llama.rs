@@ -1,0 +1,194 @@
+//! Llama-family GGUF models (quantised weights) through candle-transformers' `quantized_llama`.
+//!
+//! The weights (`ModelWeights`) hold their KV cache inside; their tensors are reference-counted,
+//! so a clone with a cleared cache is a cheap, independent sequence.
+//! When no tokenizer.json lies beside the file, the tokenizer is built from the GGUF metadata.
+
+use std::path::Path;
+
+use candle_core::quantized::gguf_file;
+use candle_core::{Device, Tensor};
+use candle_transformers::models::quantized_llama::{MAX_SEQ_LEN, ModelWeights};
+
+use super::{CausalLm, Sequence};
+use crate::chat::ChatTemplate;
+use crate::error::{Error, Result};
+use crate::model::LoadedModel;
+use crate::tokenizer::{GgufVocab, TextTokenizer};
+
+struct GgufLlama {
+    weights: ModelWeights,
+    vocab_size: usize,
+    context_length: usize,
+}
+
+struct GgufSequence {
+    weights: ModelWeights,
+    len: usize,
+}
+
+impl CausalLm for GgufLlama {
+    fn new_sequence(&self) -> Result<Box<dyn Sequence>> {
+        let mut weights = self.weights.clone();
+        weights.clear_kv_cache();
+        Ok(Box::new(GgufSequence { weights, len: 0 }))
+    }
+    fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+    fn context_length(&self) -> usize {
+        self.context_length
+    }
+}
+
+impl Sequence for GgufSequence {
+    fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        if tokens.is_empty() {
+            return Err(Error::InvalidRequest("no tokens to feed".into()));
+        }
+        let input = Tensor::new(tokens, &Device::Cpu)?.unsqueeze(0)?;
+        let logits = self.weights.forward(&input, self.len)?;
+        self.len += tokens.len();
+        Ok(logits
+            .squeeze(0)?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1::<f32>()?)
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+fn md<'a>(ct: &'a gguf_file::Content, key: &str) -> Result<&'a gguf_file::Value> {
+    ct.metadata
+        .get(key)
+        .ok_or_else(|| Error::Model(format!("GGUF metadata has no {key}")))
+}
+
+fn md_u32(ct: &gguf_file::Content, key: &str) -> Option<u32> {
+    ct.metadata.get(key).and_then(|v| {
+        v.to_u32()
+            .ok()
+            .or_else(|| v.to_i32().ok().map(|x| x as u32))
+    })
+}
+
+fn md_string_list(ct: &gguf_file::Content, key: &str) -> Result<Vec<String>> {
+    md(ct, key)?
+        .to_vec()?
+        .iter()
+        .map(|v| Ok(v.to_string()?.clone()))
+        .collect()
+}
+
+/// Loads a GGUF llama file plus its tokenizer and chat template.
+pub(super) fn load(path: &Path) -> Result<LoadedModel> {
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let ct = gguf_file::Content::read(&mut file)?;
+    let arch = md(&ct, "general.architecture")?.to_string()?.clone();
+    if arch != "llama" {
+        return Err(Error::Model(format!(
+            "GGUF architecture {arch:?} is not supported (only llama)"
+        )));
+    }
+    let ctx_meta = md_u32(&ct, "llama.context_length").unwrap_or(MAX_SEQ_LEN as u32) as usize;
+    let tokens = md_string_list(&ct, "tokenizer.ggml.tokens")?;
+    let vocab_size = md_u32(&ct, "llama.vocab_size")
+        .map(|v| v as usize)
+        .unwrap_or(tokens.len());
+
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tokenizer = if dir.join("tokenizer.json").exists() {
+        super::tokenizer_json(dir)?
+    } else {
+        let token_types: Vec<i32> = match ct.metadata.get("tokenizer.ggml.token_type") {
+            Some(v) => v
+                .to_vec()?
+                .iter()
+                .map(|t| t.to_i32())
+                .collect::<candle_core::Result<_>>()?,
+            None => vec![1; tokens.len()],
+        };
+        let merges = match ct.metadata.get("tokenizer.ggml.merges") {
+            Some(_) => md_string_list(&ct, "tokenizer.ggml.merges")?,
+            None => Vec::new(),
+        };
+        let model = md(&ct, "tokenizer.ggml.model")?.to_string()?.clone();
+        let pre = ct
+            .metadata
+            .get("tokenizer.ggml.pre")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .unwrap_or_else(|| "default".into());
+        TextTokenizer::from_gguf_vocab(GgufVocab {
+            model,
+            pre,
+            tokens: tokens.clone(),
+            token_types,
+            merges,
+        })?
+    };
+
+    let bos_id = md_u32(&ct, "tokenizer.ggml.bos_token_id");
+    let eos_id = md_u32(&ct, "tokenizer.ggml.eos_token_id");
+    let add_bos = ct
+        .metadata
+        .get("tokenizer.ggml.add_bos_token")
+        .and_then(|v| v.to_bool().ok())
+        .unwrap_or(false);
+    let token_str = |id: Option<u32>| {
+        id.and_then(|i| tokens.get(i as usize))
+            .cloned()
+            .unwrap_or_default()
+    };
+    // End-of-generation: the declared eos plus the conventional end-of-turn tokens that this
+    // vocabulary has, as llama.cpp does.
+    let mut eos_ids: Vec<u32> = eos_id.into_iter().collect();
+    for name in [
+        "<|endoftext|>",
+        "<|im_end|>",
+        "<|eot_id|>",
+        "<|end|>",
+        "<end_of_turn>",
+        "<|end_of_text|>",
+    ] {
+        if let Some(i) = tokens.iter().position(|t| t == name) {
+            let i = i as u32;
+            if !eos_ids.contains(&i) {
+                eos_ids.push(i);
+            }
+        }
+    }
+
+    let chat_template = match super::read_tokenizer_config(dir)?
+        .as_ref()
+        .map(super::chat_template_from_config)
+        .transpose()?
+        .flatten()
+    {
+        Some(t) => Some(t),
+        None => match ct.metadata.get("tokenizer.chat_template") {
+            Some(v) => Some(ChatTemplate::new(
+                v.to_string()?.clone(),
+                token_str(bos_id),
+                token_str(eos_id),
+            )?),
+            None => None,
+        },
+    };
+
+    let weights = ModelWeights::from_gguf(ct, &mut file, &Device::Cpu)?;
+    let lm = GgufLlama {
+        weights,
+        vocab_size,
+        context_length: ctx_meta.min(MAX_SEQ_LEN),
+    };
+    Ok(super::generation_model(
+        Box::new(lm),
+        tokenizer,
+        chat_template,
+        eos_ids,
+        bos_id,
+        add_bos,
+    ))
+}

@@ -1,0 +1,209 @@
+//! Backends: the only part of the runtime that touches candle.
+//!
+//! The engine sees a model through two small traits over plain data — token ids in, logits or
+//! embeddings out — so that the HTTP layer and the scheduler never import candle (TEI's
+//! router → core → backends split). A causal LM hands out independent [`Sequence`]s, each with
+//! its own KV cache, so that the engine can interleave many requests between decode steps.
+
+mod bert;
+mod gguf_llama;
+mod llama;
+
+use std::path::{Path, PathBuf};
+
+use crate::chat::ChatTemplate;
+use crate::error::{Error, Result, read_json};
+use crate::model::{EmbeddingModel, GenerationModel, LoadedModel, Task};
+use crate::tokenizer::TextTokenizer;
+
+/// A causal language model: the weights, shared by all sequences.
+pub trait CausalLm: Send + Sync {
+    /// Starts a sequence with an empty KV cache.
+    fn new_sequence(&self) -> Result<Box<dyn Sequence>>;
+    /// Number of logits per step.
+    fn vocab_size(&self) -> usize;
+    /// The longest sequence (prompt + generated tokens) the model supports.
+    fn context_length(&self) -> usize;
+}
+
+/// One sequence being generated: the KV cache of one request.
+pub trait Sequence: Send {
+    /// Appends `tokens` at the next positions and returns the logits at the last one.
+    fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>>;
+    /// How many tokens the cache holds.
+    fn len(&self) -> usize;
+    /// True when nothing has been fed yet.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A sentence-embedding model.
+pub trait Embedder: Send + Sync {
+    /// Embeds a batch of tokenised inputs (each already truncated to `max_input_tokens`).
+    fn embed(&self, batch: &[Vec<u32>]) -> Result<Vec<Vec<f32>>>;
+    /// Width of one embedding.
+    fn dimension(&self) -> usize;
+    /// The longest input the model accepts.
+    fn max_input_tokens(&self) -> usize;
+}
+
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// A GGUF file, or a directory with config.json, *.safetensors and tokenizer.json.
+    pub path: PathBuf,
+    /// The task, when the caller wants to force one; inferred from the model otherwise.
+    pub task: Option<Task>,
+}
+
+/// Loads the model at `opts.path`, choosing the architecture from the files found there.
+pub fn load(opts: &LoadOptions) -> Result<LoadedModel> {
+    let path = &opts.path;
+    if path.is_file() {
+        if path.extension().and_then(|e| e.to_str()) == Some("gguf") {
+            return check_task(gguf_llama::load(path)?, opts.task);
+        }
+        return Err(Error::Model(format!(
+            "{} is a file but not a .gguf file",
+            path.display()
+        )));
+    }
+    if !path.is_dir() {
+        return Err(Error::Model(format!("{} does not exist", path.display())));
+    }
+    let ggufs: Vec<PathBuf> = std::fs::read_dir(path)
+        .map_err(|e| Error::io(path, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().and_then(|e| e.to_str()) == Some("gguf"))
+        .collect();
+    let config_path = path.join("config.json");
+    if !config_path.exists() {
+        return match ggufs.as_slice() {
+            [one] => check_task(gguf_llama::load(one)?, opts.task),
+            [] => Err(Error::Model(format!(
+                "{} has neither config.json nor a .gguf file",
+                path.display()
+            ))),
+            _ => Err(Error::Model(format!(
+                "{} holds several .gguf files; name one",
+                path.display()
+            ))),
+        };
+    }
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        model_type: Option<String>,
+        #[serde(default)]
+        architectures: Vec<String>,
+    }
+    let probe: Probe = read_json(&config_path)?;
+    let model_type = probe.model_type.unwrap_or_default();
+    let loaded = match model_type.as_str() {
+        "llama" => llama::load(path)?,
+        "bert" => {
+            if probe
+                .architectures
+                .iter()
+                .any(|a| a.contains("ForSequenceClassification"))
+            {
+                return Err(Error::Model(
+                    "BERT sequence classification is not supported by this runtime yet".into(),
+                ));
+            }
+            bert::load(path)?
+        }
+        other => {
+            return Err(Error::Model(format!(
+                "model_type {other:?} is not supported (supported: llama, bert, GGUF llama)"
+            )));
+        }
+    };
+    check_task(loaded, opts.task)
+}
+
+fn check_task(model: LoadedModel, wanted: Option<Task>) -> Result<LoadedModel> {
+    match wanted {
+        Some(t) if t != model.task() => Err(Error::Model(format!(
+            "the model serves {:?} but --task {:?} was asked for",
+            model.task(),
+            t
+        ))),
+        _ => Ok(model),
+    }
+}
+
+/// Reads tokenizer_config.json beside the weights, if present: the chat template and the
+/// special tokens it names.
+pub(crate) fn read_tokenizer_config(dir: &Path) -> Result<Option<serde_json::Value>> {
+    let p = dir.join("tokenizer_config.json");
+    if p.exists() {
+        Ok(Some(read_json(&p)?))
+    } else {
+        Ok(None)
+    }
+}
+
+/// The token string stored under `key` of tokenizer_config.json (`"<s>"` or `{"content": "<s>"}`).
+pub(crate) fn special_token(cfg: &serde_json::Value, key: &str) -> Option<String> {
+    match cfg.get(key)? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => o.get("content")?.as_str().map(str::to_owned),
+        _ => None,
+    }
+}
+
+/// Chat template from tokenizer_config.json (a string, or a list of named templates).
+pub(crate) fn chat_template_from_config(cfg: &serde_json::Value) -> Result<Option<ChatTemplate>> {
+    let source = match cfg.get("chat_template") {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(serde_json::Value::Array(list)) => match list
+            .iter()
+            .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+            .and_then(|t| t.get("template"))
+            .and_then(|t| t.as_str())
+        {
+            Some(s) => s.to_owned(),
+            None => return Ok(None),
+        },
+        _ => return Ok(None),
+    };
+    let bos = special_token(cfg, "bos_token").unwrap_or_default();
+    let eos = special_token(cfg, "eos_token").unwrap_or_default();
+    Ok(Some(ChatTemplate::new(source, bos, eos)?))
+}
+
+/// Loads tokenizer.json from a model directory.
+pub(crate) fn tokenizer_json(dir: &Path) -> Result<TextTokenizer> {
+    let p = dir.join("tokenizer.json");
+    if !p.exists() {
+        return Err(Error::Model(format!(
+            "{} has no tokenizer.json",
+            dir.display()
+        )));
+    }
+    TextTokenizer::from_file(&p)
+}
+
+/// Builds a [`GenerationModel`] around a causal LM.
+pub(crate) fn generation_model(
+    lm: Box<dyn CausalLm>,
+    tokenizer: TextTokenizer,
+    chat_template: Option<ChatTemplate>,
+    eos_ids: Vec<u32>,
+    bos_id: Option<u32>,
+    add_bos: bool,
+) -> LoadedModel {
+    LoadedModel::Generation(GenerationModel {
+        lm,
+        tokenizer,
+        chat_template,
+        eos_ids,
+        bos_to_prepend: if add_bos { bos_id } else { None },
+    })
+}
+
+/// Builds an [`EmbeddingModel`].
+pub(crate) fn embedding_model(model: Box<dyn Embedder>, tokenizer: TextTokenizer) -> LoadedModel {
+    LoadedModel::Embedding(EmbeddingModel { model, tokenizer })
+}

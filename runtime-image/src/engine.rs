@@ -1,0 +1,573 @@
+//! The engine: admission, the model thread, and the scheduling of sequences.
+//!
+//! Requests are admitted by a semaphore sized `max_batch_size + max_queue` (no permit ⇒ the
+//! caller answers 429), then sent to one dedicated model thread, off the async executor. For
+//! generation that thread keeps up to `max_batch_size` sequences running and advances each by
+//! one token per round; new sequences join (their prompt is processed as their first step) and
+//! finished or abandoned ones leave between rounds. A request whose event receiver is gone (the
+//! client disconnected) is dropped at the next step. Events flow back on an unbounded channel
+//! whose size is bounded by `max_tokens`.
+//!
+//! Each sequence has its own KV cache and runs its own forward pass; the rounds interleave
+//! requests fairly but do not fuse their matrix products into one batched call.
+
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+
+use crate::backend::{CausalLm, Embedder, Sequence};
+use crate::chat::{ChatMessage, ChatTemplate};
+use crate::detok::TextAssembler;
+use crate::metrics::Metrics;
+use crate::model::{LoadedModel, Task};
+use crate::sampling::{Sampler, SamplingParams};
+use crate::tokenizer::TextTokenizer;
+
+/// Scheduling limits.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Sequences generated concurrently (and embedding inputs per forward pass).
+    pub max_batch_size: usize,
+    /// Admitted requests waiting for a slot beyond the running batch.
+    pub max_queue: usize,
+}
+
+/// One generation request, validated and tokenised.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub prompt: Vec<u32>,
+    /// Generated tokens at most (already clamped to the context).
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+    /// When the request gives up (the per-request timeout).
+    pub deadline: Instant,
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-generation token or a stop sequence.
+    Stop,
+    /// `max_tokens` or the context length was reached.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// A generated token's log-probability and the most likely alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub top: Vec<(String, f32)>,
+}
+
+/// What the model thread reports for one generation request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GenerateEvent {
+    /// Newly final text (possibly empty) and, when asked, the logprobs of the tokens behind it.
+    Delta {
+        text: String,
+        logprobs: Vec<TokenLogprob>,
+    },
+    /// The end; always the last event of a successful request.
+    Done {
+        finish_reason: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    /// The request failed; the last event.
+    Failed(EngineError),
+}
+
+/// Engine-level failures, mapped to HTTP statuses by the server.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    #[error("the server is at capacity; retry later")]
+    Overloaded,
+    #[error("the request timed out")]
+    Timeout,
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    #[error("this model does not serve {0}")]
+    WrongTask(&'static str),
+    #[error("model failure: {0}")]
+    Internal(String),
+}
+
+enum Job {
+    Generate {
+        req: GenerateRequest,
+        events: mpsc::UnboundedSender<GenerateEvent>,
+        admitted: Instant,
+        _permit: OwnedSemaphorePermit,
+    },
+    Embed {
+        inputs: Vec<Vec<u32>>,
+        reply: oneshot::Sender<Result<Vec<Vec<f32>>, EngineError>>,
+        _permit: OwnedSemaphorePermit,
+    },
+}
+
+/// What request handlers need to know about the model, without touching it.
+pub struct Frontend {
+    pub task: Task,
+    pub tokenizer: TextTokenizer,
+    pub chat_template: Option<ChatTemplate>,
+    pub bos_to_prepend: Option<u32>,
+    /// Generation: prompt + output tokens at most. Embedding: input tokens (longer inputs are
+    /// truncated, as sentence-transformers does).
+    pub context_length: usize,
+    /// Embedding width (0 for generation).
+    pub embedding_dim: usize,
+}
+
+impl Frontend {
+    /// Tokenises a prompt (completions: with the tokenizer's special tokens; chat: the
+    /// template already wrote them).
+    pub fn encode_prompt(&self, text: &str, add_special_tokens: bool) -> crate::Result<Vec<u32>> {
+        let mut ids = self.tokenizer.encode(text, add_special_tokens)?;
+        if let Some(bos) = self.bos_to_prepend
+            && ids.first() != Some(&bos)
+        {
+            ids.insert(0, bos);
+        }
+        Ok(ids)
+    }
+
+    /// Vocabulary size of the tokenizer.
+    pub fn tokenizer_vocab_size(&self) -> usize {
+        self.tokenizer.vocab_size()
+    }
+
+    /// Renders a conversation with the chat template (or a plain "role: content" fallback for
+    /// models without one) and tokenises it.
+    pub fn encode_chat(&self, messages: &[ChatMessage]) -> crate::Result<(String, Vec<u32>)> {
+        let text = match &self.chat_template {
+            Some(t) => t.render(messages, true)?,
+            None => {
+                let mut s = String::new();
+                for m in messages {
+                    s.push_str(&format!("{}: {}\n", m.role, m.content));
+                }
+                s.push_str("assistant:");
+                s
+            }
+        };
+        let ids = self.encode_prompt(&text, self.chat_template.is_none())?;
+        Ok((text, ids))
+    }
+}
+
+/// A running engine. Dropping the last handle lets the model thread finish its work and exit.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    tx: Mutex<Option<Sender<Job>>>,
+    permits: Arc<Semaphore>,
+    frontend: Frontend,
+    metrics: Metrics,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Engine {
+    /// Moves the model onto its own thread and starts accepting work.
+    pub fn start(model: LoadedModel, cfg: EngineConfig, metrics: Metrics) -> Engine {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let batch = cfg.max_batch_size.max(1);
+        let m = metrics.clone();
+        let (frontend, thread) = match model {
+            LoadedModel::Generation(g) => {
+                let frontend = Frontend {
+                    task: Task::TextGeneration,
+                    tokenizer: g.tokenizer.clone(),
+                    chat_template: g.chat_template,
+                    bos_to_prepend: g.bos_to_prepend,
+                    context_length: g.lm.context_length(),
+                    embedding_dim: 0,
+                };
+                let worker = GenerationWorker {
+                    lm: g.lm,
+                    tokenizer: g.tokenizer,
+                    eos_ids: g.eos_ids,
+                    batch,
+                    metrics: m,
+                };
+                let thread = std::thread::Builder::new()
+                    .name("kandle-model".into())
+                    .spawn(move || worker.run(rx));
+                (frontend, thread)
+            }
+            LoadedModel::Embedding(e) => {
+                let frontend = Frontend {
+                    task: Task::Embedding,
+                    tokenizer: e.tokenizer,
+                    chat_template: None,
+                    bos_to_prepend: None,
+                    context_length: e.model.max_input_tokens(),
+                    embedding_dim: e.model.dimension(),
+                };
+                let model = e.model;
+                let thread = std::thread::Builder::new()
+                    .name("kandle-model".into())
+                    .spawn(move || embedding_loop(model, batch, rx, m));
+                (frontend, thread)
+            }
+        };
+        let thread = match thread {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the model thread");
+                None
+            }
+        };
+        Engine {
+            inner: Arc::new(Inner {
+                tx: Mutex::new(Some(tx)),
+                permits: Arc::new(Semaphore::new(batch + cfg.max_queue)),
+                frontend,
+                metrics,
+                thread: Mutex::new(thread),
+            }),
+        }
+    }
+
+    /// The model's tokenizer, template and limits.
+    pub fn frontend(&self) -> &Frontend {
+        &self.inner.frontend
+    }
+
+    fn send(&self, job: Job) -> Result<(), EngineError> {
+        let guard = self
+            .inner
+            .tx
+            .lock()
+            .map_err(|_| EngineError::Internal("engine lock poisoned".into()))?;
+        match guard.as_ref() {
+            Some(tx) => tx
+                .send(job)
+                .map_err(|_| EngineError::Internal("the model thread has stopped".into())),
+            None => Err(EngineError::ShuttingDown),
+        }
+    }
+
+    /// Admits a generation request, or refuses it at once when the queue is full.
+    pub fn generate(
+        &self,
+        req: GenerateRequest,
+    ) -> Result<mpsc::UnboundedReceiver<GenerateEvent>, EngineError> {
+        if self.inner.frontend.task != Task::TextGeneration {
+            return Err(EngineError::WrongTask("text generation"));
+        }
+        let permit = self
+            .inner
+            .permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| EngineError::Overloaded)?;
+        let (events, rx) = mpsc::unbounded_channel();
+        self.inner.metrics.queue_depth.inc();
+        let sent = self.send(Job::Generate {
+            req,
+            events,
+            admitted: Instant::now(),
+            _permit: permit,
+        });
+        if sent.is_err() {
+            self.inner.metrics.queue_depth.dec();
+        }
+        sent.map(|_| rx)
+    }
+
+    /// Embeds tokenised inputs; refused at once when the queue is full.
+    pub async fn embed(&self, inputs: Vec<Vec<u32>>) -> Result<Vec<Vec<f32>>, EngineError> {
+        if self.inner.frontend.task != Task::Embedding {
+            return Err(EngineError::WrongTask("embeddings"));
+        }
+        let permit = self
+            .inner
+            .permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| EngineError::Overloaded)?;
+        let (reply, rx) = oneshot::channel();
+        self.inner.metrics.queue_depth.inc();
+        if let Err(e) = self.send(Job::Embed {
+            inputs,
+            reply,
+            _permit: permit,
+        }) {
+            self.inner.metrics.queue_depth.dec();
+            return Err(e);
+        }
+        rx.await
+            .map_err(|_| EngineError::Internal("the model thread dropped the request".into()))?
+    }
+
+    /// Stops admission; the model thread finishes what it holds and exits. Blocks until then.
+    pub fn shutdown(&self) {
+        if let Ok(mut tx) = self.inner.tx.lock() {
+            tx.take();
+        }
+        let handle = self.inner.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
+}
+
+struct GenerationWorker {
+    lm: Box<dyn CausalLm>,
+    tokenizer: TextTokenizer,
+    eos_ids: Vec<u32>,
+    batch: usize,
+    metrics: Metrics,
+}
+
+/// A sequence in the running batch.
+struct Active {
+    req: GenerateRequest,
+    events: mpsc::UnboundedSender<GenerateEvent>,
+    admitted: Instant,
+    seq: Box<dyn Sequence>,
+    sampler: Sampler,
+    assembler: TextAssembler,
+    next_input: Vec<u32>,
+    generated: Vec<u32>,
+    completion_tokens: usize,
+    last_token_at: Option<Instant>,
+    done: bool,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl GenerationWorker {
+    fn run(self, rx: Receiver<Job>) {
+        let mut active: Vec<Active> = Vec::new();
+        loop {
+            if active.is_empty() {
+                match rx.recv() {
+                    Ok(job) => self.admit(job, &mut active),
+                    Err(_) => return,
+                }
+            }
+            while active.len() < self.batch {
+                match rx.try_recv() {
+                    Ok(job) => self.admit(job, &mut active),
+                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                }
+            }
+            self.metrics.batch_size.set(active.len() as i64);
+            for a in active.iter_mut() {
+                self.step(a);
+            }
+            let before = active.len();
+            active.retain(|a| !a.done);
+            self.metrics.inflight.dec_by((before - active.len()) as i64);
+            self.metrics.batch_size.set(active.len() as i64);
+        }
+    }
+
+    fn admit(&self, job: Job, active: &mut Vec<Active>) {
+        self.metrics.queue_depth.dec();
+        let (req, events, admitted, permit) = match job {
+            Job::Generate {
+                req,
+                events,
+                admitted,
+                _permit,
+            } => (req, events, admitted, _permit),
+            Job::Embed { reply, .. } => {
+                let _ = reply.send(Err(EngineError::WrongTask("embeddings")));
+                return;
+            }
+        };
+        if events.is_closed() {
+            return;
+        }
+        if Instant::now() > req.deadline {
+            let _ = events.send(GenerateEvent::Failed(EngineError::Timeout));
+            return;
+        }
+        let seq = match self.lm.new_sequence() {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = events.send(GenerateEvent::Failed(EngineError::Internal(e.to_string())));
+                return;
+            }
+        };
+        self.metrics.inflight.inc();
+        self.metrics.prompt_tokens.inc_by(req.prompt.len() as u64);
+        active.push(Active {
+            sampler: Sampler::new(req.sampling.clone()),
+            assembler: TextAssembler::new(req.stop.clone()),
+            next_input: req.prompt.clone(),
+            req,
+            events,
+            admitted,
+            seq,
+            generated: Vec::new(),
+            completion_tokens: 0,
+            last_token_at: None,
+            done: false,
+            _permit: permit,
+        });
+    }
+
+    fn finish(&self, a: &mut Active, event: GenerateEvent) {
+        let _ = a.events.send(event);
+        a.done = true;
+    }
+
+    fn step(&self, a: &mut Active) {
+        if a.events.is_closed() {
+            tracing::debug!("client went away; generation cancelled");
+            a.done = true;
+            return;
+        }
+        if Instant::now() > a.req.deadline {
+            self.finish(a, GenerateEvent::Failed(EngineError::Timeout));
+            return;
+        }
+        let mut logits = match a.seq.feed(&a.next_input) {
+            Ok(l) => l,
+            Err(e) => {
+                self.finish(
+                    a,
+                    GenerateEvent::Failed(EngineError::Internal(e.to_string())),
+                );
+                return;
+            }
+        };
+        let tok = a.sampler.sample(&mut logits);
+        let now = Instant::now();
+        match a.last_token_at {
+            None => self
+                .metrics
+                .time_to_first_token
+                .observe((now - a.admitted).as_secs_f64()),
+            Some(t) => self
+                .metrics
+                .inter_token_latency
+                .observe((now - t).as_secs_f64()),
+        }
+        a.last_token_at = Some(now);
+        a.completion_tokens += 1;
+        self.metrics.generated_tokens.inc();
+
+        let logprobs = match tok.logprob {
+            Some(lp) => vec![TokenLogprob {
+                token: self.tokenizer.token_text(tok.id),
+                logprob: lp,
+                top: tok
+                    .top
+                    .iter()
+                    .map(|&(id, l)| (self.tokenizer.token_text(id), l))
+                    .collect(),
+            }],
+            None => Vec::new(),
+        };
+        let is_eos = self.eos_ids.contains(&tok.id);
+        if !is_eos {
+            a.generated.push(tok.id);
+        }
+        let context_full = a.seq.len() + 1 >= self.lm.context_length();
+        let at_limit = a.completion_tokens >= a.req.max_tokens || context_full;
+        let text = match self.tokenizer.decode(&a.generated, true) {
+            Ok(t) => t,
+            Err(e) => {
+                self.finish(
+                    a,
+                    GenerateEvent::Failed(EngineError::Internal(e.to_string())),
+                );
+                return;
+            }
+        };
+        let released = a.assembler.push(&text, is_eos || at_limit);
+        if !released.delta.is_empty() || !logprobs.is_empty() {
+            let _ = a.events.send(GenerateEvent::Delta {
+                text: released.delta.clone(),
+                logprobs,
+            });
+        }
+        let finish = if is_eos || released.stopped {
+            Some(FinishReason::Stop)
+        } else if at_limit {
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
+        match finish {
+            Some(reason) => {
+                let done = GenerateEvent::Done {
+                    finish_reason: reason,
+                    prompt_tokens: a.req.prompt.len(),
+                    completion_tokens: a.completion_tokens,
+                };
+                self.finish(a, done);
+            }
+            None => a.next_input = vec![tok.id],
+        }
+    }
+}
+
+fn embedding_loop(model: Box<dyn Embedder>, batch: usize, rx: Receiver<Job>, metrics: Metrics) {
+    while let Ok(job) = rx.recv() {
+        metrics.queue_depth.dec();
+        match job {
+            Job::Generate { events, .. } => {
+                let _ = events.send(GenerateEvent::Failed(EngineError::WrongTask(
+                    "text generation",
+                )));
+            }
+            Job::Embed {
+                inputs,
+                reply,
+                _permit,
+            } => {
+                if reply.is_closed() {
+                    continue;
+                }
+                metrics.inflight.inc();
+                let mut out = Vec::with_capacity(inputs.len());
+                let mut failed = None;
+                for chunk in inputs.chunks(batch) {
+                    metrics.batch_size.set(chunk.len() as i64);
+                    metrics
+                        .prompt_tokens
+                        .inc_by(chunk.iter().map(|c| c.len() as u64).sum());
+                    match model.embed(chunk) {
+                        Ok(v) => out.extend(v),
+                        Err(e) => {
+                            failed = Some(EngineError::Internal(e.to_string()));
+                            break;
+                        }
+                    }
+                }
+                metrics.batch_size.set(0);
+                metrics.inflight.dec();
+                let _ = reply.send(match failed {
+                    Some(e) => Err(e),
+                    None => Ok(out),
+                });
+            }
+        }
+    }
+}
+
+/// How long a request may take, counted from admission.
+pub fn deadline_after(timeout: Duration) -> Instant {
+    Instant::now() + timeout
+}

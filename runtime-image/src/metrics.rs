@@ -1,0 +1,132 @@
+//! The runtime's Prometheus metrics (names from DESIGN.md), in one `prometheus-client` registry.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+/// Labels of `kandle_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub endpoint: String,
+    pub status: u16,
+}
+
+/// Label of per-endpoint histograms.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabel {
+    pub endpoint: String,
+}
+
+/// Every metric the runtime exports. Cheap to clone (all handles are shared).
+#[derive(Clone)]
+pub struct Metrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: Family<EndpointLabel, Histogram>,
+    pub time_to_first_token: Histogram,
+    pub inter_token_latency: Histogram,
+    pub generated_tokens: Counter,
+    pub prompt_tokens: Counter,
+    pub queue_depth: Gauge,
+    pub inflight: Gauge,
+    pub batch_size: Gauge,
+    pub model_load_seconds: Gauge<f64, AtomicU64>,
+}
+
+impl Metrics {
+    /// Creates the metrics and registers them in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Metrics {
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.005, 2.0, 16))
+            }),
+            time_to_first_token: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
+            inter_token_latency: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
+            generated_tokens: Counter::default(),
+            prompt_tokens: Counter::default(),
+            queue_depth: Gauge::default(),
+            inflight: Gauge::default(),
+            batch_size: Gauge::default(),
+            model_load_seconds: Gauge::default(),
+        };
+        // Counters get their `_total` suffix from prometheus-client.
+        registry.register(
+            "kandle_requests",
+            "HTTP requests by endpoint and status",
+            m.requests.clone(),
+        );
+        registry.register(
+            "kandle_request_duration_seconds",
+            "Request latency, admission to last byte produced",
+            m.request_duration.clone(),
+        );
+        registry.register(
+            "kandle_time_to_first_token_seconds",
+            "Time from admission to the first generated token",
+            m.time_to_first_token.clone(),
+        );
+        registry.register(
+            "kandle_inter_token_latency_seconds",
+            "Time between consecutive generated tokens of one request",
+            m.inter_token_latency.clone(),
+        );
+        registry.register(
+            "kandle_generated_tokens",
+            "Tokens generated",
+            m.generated_tokens.clone(),
+        );
+        registry.register(
+            "kandle_prompt_tokens",
+            "Prompt tokens processed",
+            m.prompt_tokens.clone(),
+        );
+        registry.register(
+            "kandle_queue_depth",
+            "Requests admitted but not yet running",
+            m.queue_depth.clone(),
+        );
+        registry.register(
+            "kandle_inflight_requests",
+            "Requests being served",
+            m.inflight.clone(),
+        );
+        registry.register(
+            "kandle_batch_size",
+            "Sequences in the running batch",
+            m.batch_size.clone(),
+        );
+        registry.register(
+            "kandle_model_load_seconds",
+            "Seconds spent loading the model",
+            m.model_load_seconds.clone(),
+        );
+        m
+    }
+
+    /// Counts one finished HTTP request.
+    pub fn observe_request(&self, endpoint: &str, status: u16, seconds: f64) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                endpoint: endpoint.to_owned(),
+                status,
+            })
+            .inc();
+        self.request_duration
+            .get_or_create(&EndpointLabel {
+                endpoint: endpoint.to_owned(),
+            })
+            .observe(seconds);
+    }
+}
+
+/// Renders the registry in the Prometheus text format.
+pub fn render(registry: &Registry) -> String {
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, registry);
+    out
+}

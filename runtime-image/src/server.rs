@@ -1,0 +1,1097 @@
+//! The HTTP server: OpenAI-compatible routes over the [`Engine`], health/readiness, metrics,
+//! API keys, and graceful drain. Knows nothing of candle.
+//!
+//! Life cycle: `start` binds the port and serves `/health` at once, loads and warms the model
+//! on a blocking thread, and only then answers `/ready` with 200. `Server::shutdown` (SIGTERM in
+//! the binary) marks the server draining (`/ready` 503, new requests 503), stops accepting
+//! connections, lets in-flight requests — streams included — finish within the grace period,
+//! then stops the model thread.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine as _;
+use futures::StreamExt;
+use prometheus_client::registry::Registry;
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::api::{self, ApiError};
+use crate::config::ServeConfig;
+use crate::engine::{
+    Engine, EngineConfig, EngineError, FinishReason, GenerateEvent, GenerateRequest, TokenLogprob,
+};
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::model::Task;
+
+/// Where model loading stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoadState {
+    Loading,
+    Ready,
+    Failed(String),
+}
+
+struct AppState {
+    config: ServeConfig,
+    model_id: String,
+    api_keys: Vec<String>,
+    engine: OnceLock<Engine>,
+    draining: AtomicBool,
+    metrics: Metrics,
+    registry: Registry,
+    next_id: AtomicU64,
+    created: u64,
+}
+
+impl AppState {
+    fn engine(&self) -> Result<&Engine, ApiError> {
+        if self.draining.load(Ordering::SeqCst) {
+            return Err(ApiError::with_status(
+                503,
+                "server_error",
+                Some("shutting_down"),
+                "the server is shutting down",
+            ));
+        }
+        self.engine.get().ok_or_else(|| {
+            ApiError::with_status(
+                503,
+                "server_error",
+                Some("model_loading"),
+                "the model is still loading",
+            )
+        })
+    }
+
+    fn check_model(&self, model: &str) -> Result<(), ApiError> {
+        if model == self.model_id {
+            Ok(())
+        } else {
+            Err(ApiError {
+                status: 404,
+                message: format!(
+                    "the model {model:?} does not exist; this server serves {:?}",
+                    self.model_id
+                ),
+                kind: "invalid_request_error",
+                param: Some("model"),
+                code: Some("model_not_found"),
+            })
+        }
+    }
+
+    fn new_id(&self, prefix: &str) -> String {
+        format!(
+            "{prefix}-{:016x}{:08x}",
+            self.created,
+            self.next_id.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut resp = (status, axum::Json(self.body())).into_response();
+        if self.status == 429 || self.status == 503 {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+fn engine_error(e: EngineError) -> ApiError {
+    match e {
+        EngineError::Overloaded => {
+            ApiError::with_status(429, "rate_limit_error", Some("overloaded"), e.to_string())
+        }
+        EngineError::Timeout => {
+            ApiError::with_status(504, "server_error", Some("timeout"), e.to_string())
+        }
+        EngineError::ShuttingDown => {
+            ApiError::with_status(503, "server_error", Some("shutting_down"), e.to_string())
+        }
+        EngineError::WrongTask(_) => ApiError::invalid(e.to_string(), Some("model")),
+        EngineError::Internal(_) => ApiError::with_status(500, "server_error", None, e.to_string()),
+    }
+}
+
+fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|r| {
+        let status = r.status().as_u16();
+        if status == 413 {
+            ApiError::with_status(
+                413,
+                "invalid_request_error",
+                Some("request_too_large"),
+                "the request body is larger than this server accepts",
+            )
+        } else {
+            ApiError::with_status(status, "invalid_request_error", None, r.body_text())
+        }
+    })
+}
+
+/// A running server.
+pub struct Server {
+    addr: SocketAddr,
+    state: Arc<AppState>,
+    load: watch::Receiver<LoadState>,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// Binds the port, starts serving and starts loading the model in the background.
+pub async fn start(config: ServeConfig) -> Result<Server> {
+    let api_keys = match &config.api_key_file {
+        Some(p) => std::fs::read_to_string(p)
+            .map_err(|e| Error::io(p, e))?
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        None => Vec::new(),
+    };
+    if config.api_key_file.is_some() && api_keys.is_empty() {
+        return Err(Error::Server("the API key file holds no key".into()));
+    }
+    let model_id = config.served_model_name();
+    let mut registry = Registry::default();
+    let metrics = Metrics::register(&mut registry);
+    let state = Arc::new(AppState {
+        model_id,
+        api_keys,
+        engine: OnceLock::new(),
+        draining: AtomicBool::new(false),
+        metrics,
+        registry,
+        next_id: AtomicU64::new(0),
+        created: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        config: config.clone(),
+    });
+
+    let listener = tokio::net::TcpListener::bind((config.host, config.port))
+        .await
+        .map_err(|e| {
+            Error::Server(format!(
+                "cannot listen on {}:{}: {e}",
+                config.host, config.port
+            ))
+        })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::Server(e.to_string()))?;
+
+    let (load_tx, load) = watch::channel(LoadState::Loading);
+    let st = state.clone();
+    tokio::task::spawn_blocking(move || {
+        let outcome = load_and_warm(&st);
+        let _ = load_tx.send(match outcome {
+            Ok(()) => LoadState::Ready,
+            Err(e) => {
+                tracing::error!(error = %e, "model load failed");
+                LoadState::Failed(e.to_string())
+            }
+        });
+    });
+
+    let (stop, stop_rx) = oneshot::channel::<()>();
+    let st = state.clone();
+    let app = router(state.clone());
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop_rx.await;
+                st.draining.store(true, Ordering::SeqCst);
+            })
+            .await
+    });
+    tracing::info!(%addr, "listening");
+    Ok(Server {
+        addr,
+        state,
+        load,
+        stop: Some(stop),
+        task,
+    })
+}
+
+fn load_and_warm(st: &AppState) -> Result<()> {
+    let t0 = Instant::now();
+    let model = crate::backend::load(&crate::backend::LoadOptions {
+        path: st.config.model.clone(),
+        task: st.config.task,
+    })?;
+    let engine = Engine::start(
+        model,
+        EngineConfig {
+            max_batch_size: st.config.max_batch_size,
+            max_queue: st.config.max_queue,
+        },
+        st.metrics.clone(),
+    );
+    // Warm-up: one real request through the engine, so that the first user request does not
+    // pay for lazy initialisation (thread pools, allocations).
+    // A plain executor: this runs on a blocking thread, outside the async runtime's workers.
+    match engine.frontend().task {
+        Task::TextGeneration => {
+            let prompt = engine.frontend().encode_prompt("Hello", true)?;
+            let mut rx = engine
+                .generate(GenerateRequest {
+                    prompt,
+                    max_tokens: 1,
+                    sampling: crate::sampling::SamplingParams {
+                        temperature: 0.0,
+                        ..Default::default()
+                    },
+                    stop: Vec::new(),
+                    deadline: Instant::now() + Duration::from_secs(600),
+                })
+                .map_err(|e| Error::Server(format!("warm-up: {e}")))?;
+            futures::executor::block_on(async {
+                while let Some(ev) = rx.recv().await {
+                    if let GenerateEvent::Failed(e) = ev {
+                        return Err(Error::Server(format!("warm-up: {e}")));
+                    }
+                }
+                Ok(())
+            })?;
+        }
+        Task::Embedding => {
+            let ids = engine.frontend().tokenizer.encode("Hello", true)?;
+            futures::executor::block_on(engine.embed(vec![ids]))
+                .map_err(|e| Error::Server(format!("warm-up: {e}")))?;
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    st.metrics.model_load_seconds.set(secs);
+    tracing::info!(seconds = secs, model = %st.model_id, "model loaded and warmed");
+    let _ = st.engine.set(engine);
+    Ok(())
+}
+
+impl Server {
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Waits until the model is loaded and warmed, or its loading failed.
+    pub async fn wait_loaded(&mut self) -> Result<()> {
+        loop {
+            match self.load.borrow_and_update().clone() {
+                LoadState::Ready => return Ok(()),
+                LoadState::Failed(e) => {
+                    return Err(Error::Server(format!("model load failed: {e}")));
+                }
+                LoadState::Loading => {}
+            }
+            if self.load.changed().await.is_err() {
+                return Err(Error::Server("the loader stopped".into()));
+            }
+        }
+    }
+
+    /// Stops admission and connections, waits up to `grace` for in-flight requests (streams
+    /// included), then stops the model thread.
+    pub async fn shutdown(mut self, grace: Duration) -> Result<()> {
+        self.state.draining.store(true, Ordering::SeqCst);
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let abort = self.task.abort_handle();
+        let served = match tokio::time::timeout(grace, &mut self.task).await {
+            Ok(Ok(r)) => r.map_err(|e| Error::Server(e.to_string())),
+            Ok(Err(e)) => Err(Error::Server(format!("server task: {e}"))),
+            Err(_) => {
+                tracing::warn!("grace period over; dropping the remaining requests");
+                abort.abort();
+                Ok(())
+            }
+        };
+        if let Some(engine) = self.state.engine.get().cloned() {
+            let _ = tokio::task::spawn_blocking(move || engine.shutdown()).await;
+        }
+        served
+    }
+}
+
+/// Serves until SIGTERM or Ctrl-C, then drains. Fails if the model cannot be loaded.
+pub async fn run(config: ServeConfig) -> Result<()> {
+    let grace = config.shutdown_grace;
+    let mut server = start(config).await?;
+    let mut load = server.load.clone();
+    let load_failed = async move {
+        loop {
+            if let LoadState::Failed(e) = load.borrow_and_update().clone() {
+                return e;
+            }
+            if load.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        e = load_failed => {
+            let _ = server.wait_loaded().await;
+            return Err(Error::Server(format!("model load failed: {e}")));
+        }
+        _ = shutdown_signal() => {}
+    }
+    tracing::info!(
+        grace_seconds = grace.as_secs_f64(),
+        "shutting down: draining in-flight requests"
+    );
+    server.shutdown(grace).await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+fn router(state: Arc<AppState>) -> Router {
+    let v1 = Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/models", get(list_models))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_api_key,
+        ));
+    Router::new()
+        .merge(v1)
+        .route(
+            "/health",
+            get(|| async { axum::Json(json!({"status": "ok"})) }),
+        )
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .fallback(|| async {
+            ApiError::with_status(
+                404,
+                "invalid_request_error",
+                Some("not_found"),
+                "no such route",
+            )
+        })
+        .method_not_allowed_fallback(|| async {
+            ApiError::with_status(
+                405,
+                "invalid_request_error",
+                Some("method_not_allowed"),
+                "method not allowed on this route",
+            )
+        })
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            refuse_oversized,
+        ))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ))
+        .layer(DefaultBodyLimit::max(state.config.max_request_bytes))
+        .with_state(state)
+}
+
+/// Refuses a body whose declared length is over the limit before reading any of it (bodies
+/// without a Content-Length are cut by `DefaultBodyLimit` while being read).
+async fn refuse_oversized(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(n) = declared
+        && n > st.config.max_request_bytes as u64
+    {
+        return ApiError::with_status(
+            413,
+            "invalid_request_error",
+            Some("request_too_large"),
+            format!(
+                "the request body is {n} bytes; this server accepts at most {}",
+                st.config.max_request_bytes
+            ),
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
+async fn count_requests(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let endpoint = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let t0 = Instant::now();
+    let resp = next.run(req).await;
+    st.metrics.observe_request(
+        &endpoint,
+        resp.status().as_u16(),
+        t0.elapsed().as_secs_f64(),
+    );
+    resp
+}
+
+/// Compares in time independent of where the strings differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn require_api_key(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    req: Request,
+    next: Next,
+) -> Response {
+    if st.api_keys.is_empty() {
+        return next.run(req).await;
+    }
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match presented {
+        None => ApiError::with_status(
+            401,
+            "invalid_request_error",
+            Some("missing_api_key"),
+            "an API key is required: send Authorization: Bearer <key>",
+        )
+        .into_response(),
+        Some(k)
+            if st
+                .api_keys
+                .iter()
+                .any(|key| constant_time_eq(key.as_bytes(), k.as_bytes())) =>
+        {
+            next.run(req).await
+        }
+        Some(_) => ApiError::with_status(
+            401,
+            "invalid_request_error",
+            Some("invalid_api_key"),
+            "the API key is not valid",
+        )
+        .into_response(),
+    }
+}
+
+async fn ready(State(st): State<Arc<AppState>>) -> Response {
+    if st.draining.load(Ordering::SeqCst) {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": "draining"})),
+        )
+            .into_response()
+    } else if st.engine.get().is_some() {
+        axum::Json(json!({"status": "ready", "model": st.model_id})).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": "loading"})),
+        )
+            .into_response()
+    }
+}
+
+async fn metrics(State(st): State<Arc<AppState>>) -> Response {
+    let body = crate::metrics::render(&st.registry);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
+}
+
+async fn list_models(State(st): State<Arc<AppState>>) -> axum::Json<Value> {
+    axum::Json(json!({
+        "object": "list",
+        "data": [{"id": st.model_id, "object": "model", "created": st.created, "owned_by": "kandle"}],
+    }))
+}
+
+/// What chat and completions share once validated.
+struct Prepared {
+    req: GenerateRequest,
+    stream: bool,
+    include_usage: bool,
+    logprobs: bool,
+}
+
+fn check_context(prompt_len: usize, context: usize) -> Result<usize, ApiError> {
+    if prompt_len == 0 {
+        return Err(ApiError::invalid("the prompt is empty", Some("prompt")));
+    }
+    if prompt_len >= context {
+        return Err(ApiError {
+            status: 400,
+            message: format!(
+                "the prompt is {prompt_len} tokens, but this model's context is {context} tokens (prompt plus output)"
+            ),
+            kind: "invalid_request_error",
+            param: Some("messages"),
+            code: Some("context_length_exceeded"),
+        });
+    }
+    Ok(context - prompt_len)
+}
+
+async fn chat_completions(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body_bytes(body)?;
+    let engine = st.engine()?.clone();
+    let r: api::ChatCompletionRequest = api::parse_body(&body)?;
+    st.check_model(&r.model)?;
+    api::check_n(r.n)?;
+    let messages = api::chat_messages(&r.messages)?;
+    let logprobs = match (r.logprobs, r.top_logprobs) {
+        (false, Some(_)) => {
+            return Err(ApiError::invalid(
+                "top_logprobs requires logprobs: true",
+                Some("top_logprobs"),
+            ));
+        }
+        (false, None) => None,
+        (true, n) => {
+            let n = n.unwrap_or(0);
+            if !(0..=api::MAX_TOP_LOGPROBS).contains(&n) {
+                return Err(ApiError::invalid(
+                    format!(
+                        "top_logprobs must be between 0 and {}",
+                        api::MAX_TOP_LOGPROBS
+                    ),
+                    Some("top_logprobs"),
+                ));
+            }
+            Some(n as usize)
+        }
+    };
+    let fields = api::SamplingFields {
+        temperature: r.temperature,
+        top_p: r.top_p,
+        top_k: r.top_k,
+        seed: r.seed,
+        presence_penalty: r.presence_penalty,
+        frequency_penalty: r.frequency_penalty,
+    };
+    let sampling = api::sampling_params(&fields, logprobs)?;
+    let (param, requested) = match r.max_completion_tokens {
+        Some(n) => ("max_completion_tokens", Some(n)),
+        None => ("max_tokens", r.max_tokens),
+    };
+    let max_tokens = api::max_tokens(requested, st.config.max_new_tokens, param)?;
+    let stop = api::stop_sequences(r.stop.as_ref())?;
+    let frontend = engine.frontend();
+    let (_, prompt) = frontend.encode_chat(&messages).map_err(|e| {
+        ApiError::invalid(
+            format!("cannot apply the chat template: {e}"),
+            Some("messages"),
+        )
+    })?;
+    let room = check_context(prompt.len(), frontend.context_length)?;
+    let prepared = Prepared {
+        req: GenerateRequest {
+            prompt,
+            max_tokens: max_tokens.min(room),
+            sampling,
+            stop,
+            deadline: Instant::now() + st.config.request_timeout,
+        },
+        stream: r.stream,
+        include_usage: r.stream_options.map(|o| o.include_usage).unwrap_or(false),
+        logprobs: logprobs.is_some(),
+    };
+    respond(st, engine, prepared, Flavor::Chat).await
+}
+
+async fn completions(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body_bytes(body)?;
+    let engine = st.engine()?.clone();
+    let r: api::CompletionRequest = api::parse_body(&body)?;
+    st.check_model(&r.model)?;
+    api::check_n(r.n)?;
+    if r.echo {
+        return Err(ApiError::invalid("echo is not supported", Some("echo")));
+    }
+    let prompt_text = match &r.prompt {
+        api::PromptSpec::One(s) => s.clone(),
+        api::PromptSpec::Many(v) if v.len() == 1 => v[0].clone(),
+        api::PromptSpec::Many(v) => {
+            return Err(ApiError::invalid(
+                format!(
+                    "exactly one prompt is supported per request, got {}",
+                    v.len()
+                ),
+                Some("prompt"),
+            ));
+        }
+    };
+    let logprobs = match r.logprobs {
+        None => None,
+        Some(n) if (0..=5).contains(&n) => Some(n as usize),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "logprobs must be between 0 and 5",
+                Some("logprobs"),
+            ));
+        }
+    };
+    let fields = api::SamplingFields {
+        temperature: r.temperature,
+        top_p: r.top_p,
+        top_k: r.top_k,
+        seed: r.seed,
+        presence_penalty: r.presence_penalty,
+        frequency_penalty: r.frequency_penalty,
+    };
+    let sampling = api::sampling_params(&fields, logprobs)?;
+    // The legacy API defaults to 16 tokens.
+    let max_tokens = api::max_tokens(
+        Some(r.max_tokens.unwrap_or(16)),
+        st.config.max_new_tokens,
+        "max_tokens",
+    )?;
+    let stop = api::stop_sequences(r.stop.as_ref())?;
+    let frontend = engine.frontend();
+    let prompt = frontend.encode_prompt(&prompt_text, true).map_err(|e| {
+        ApiError::invalid(format!("cannot tokenise the prompt: {e}"), Some("prompt"))
+    })?;
+    let room = check_context(prompt.len(), frontend.context_length).map_err(|mut e| {
+        e.param = Some("prompt");
+        e
+    })?;
+    let prepared = Prepared {
+        req: GenerateRequest {
+            prompt,
+            max_tokens: max_tokens.min(room),
+            sampling,
+            stop,
+            deadline: Instant::now() + st.config.request_timeout,
+        },
+        stream: r.stream,
+        include_usage: r.stream_options.map(|o| o.include_usage).unwrap_or(false),
+        logprobs: logprobs.is_some(),
+    };
+    respond(st, engine, prepared, Flavor::Completion).await
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Flavor {
+    Chat,
+    Completion,
+}
+
+fn chat_logprobs(lps: &[TokenLogprob]) -> Value {
+    let entry =
+        |token: &str, lp: f32| json!({"token": token, "logprob": lp, "bytes": token.as_bytes()});
+    json!({
+        "content": lps.iter().map(|t| {
+            let mut e = entry(&t.token, t.logprob);
+            e["top_logprobs"] = Value::Array(t.top.iter().map(|(tok, lp)| entry(tok, *lp)).collect());
+            e
+        }).collect::<Vec<_>>()
+    })
+}
+
+fn completion_logprobs(lps: &[TokenLogprob], text_offset_start: usize) -> Value {
+    let mut offset = text_offset_start;
+    let mut offsets = Vec::new();
+    for t in lps {
+        offsets.push(offset);
+        offset += t.token.len();
+    }
+    json!({
+        "tokens": lps.iter().map(|t| t.token.clone()).collect::<Vec<_>>(),
+        "token_logprobs": lps.iter().map(|t| t.logprob).collect::<Vec<_>>(),
+        "top_logprobs": lps.iter().map(|t| {
+            t.top.iter().map(|(tok, lp)| (tok.clone(), json!(lp))).collect::<serde_json::Map<String, Value>>()
+        }).collect::<Vec<_>>(),
+        "text_offset": offsets,
+    })
+}
+
+fn usage(prompt: usize, completion: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+async fn respond(
+    st: Arc<AppState>,
+    engine: Engine,
+    p: Prepared,
+    flavor: Flavor,
+) -> Result<Response, ApiError> {
+    let rx = engine.generate(p.req).map_err(engine_error)?;
+    let id = st.new_id(if flavor == Flavor::Chat {
+        "chatcmpl"
+    } else {
+        "cmpl"
+    });
+    if p.stream {
+        Ok(stream_response(st, rx, id, flavor, p.include_usage, p.logprobs).into_response())
+    } else {
+        collect_response(st, rx, id, flavor, p.logprobs).await
+    }
+}
+
+async fn collect_response(
+    st: Arc<AppState>,
+    mut rx: mpsc::UnboundedReceiver<GenerateEvent>,
+    id: String,
+    flavor: Flavor,
+    want_logprobs: bool,
+) -> Result<Response, ApiError> {
+    let mut text = String::new();
+    let mut lps = Vec::new();
+    loop {
+        match rx.recv().await {
+            Some(GenerateEvent::Delta { text: t, logprobs }) => {
+                text.push_str(&t);
+                lps.extend(logprobs);
+            }
+            Some(GenerateEvent::Done {
+                finish_reason,
+                prompt_tokens,
+                completion_tokens,
+            }) => {
+                let body = match flavor {
+                    Flavor::Chat => json!({
+                        "id": id, "object": "chat.completion", "created": now_secs(), "model": st.model_id,
+                        "choices": [{
+                            "index": 0,
+                            "message": {"role": "assistant", "content": text},
+                            "logprobs": if want_logprobs { chat_logprobs(&lps) } else { Value::Null },
+                            "finish_reason": finish_reason.as_str(),
+                        }],
+                        "usage": usage(prompt_tokens, completion_tokens),
+                    }),
+                    Flavor::Completion => json!({
+                        "id": id, "object": "text_completion", "created": now_secs(), "model": st.model_id,
+                        "choices": [{
+                            "index": 0,
+                            "text": text,
+                            "logprobs": if want_logprobs { completion_logprobs(&lps, 0) } else { Value::Null },
+                            "finish_reason": finish_reason.as_str(),
+                        }],
+                        "usage": usage(prompt_tokens, completion_tokens),
+                    }),
+                };
+                return Ok(axum::Json(body).into_response());
+            }
+            Some(GenerateEvent::Failed(e)) => return Err(engine_error(e)),
+            None => {
+                return Err(ApiError::with_status(
+                    500,
+                    "server_error",
+                    None,
+                    "the model thread stopped",
+                ));
+            }
+        }
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+struct StreamState {
+    rx: mpsc::UnboundedReceiver<GenerateEvent>,
+    st: Arc<AppState>,
+    id: String,
+    flavor: Flavor,
+    include_usage: bool,
+    want_logprobs: bool,
+    sent_role: bool,
+    text_offset: usize,
+    done: bool,
+}
+
+impl StreamState {
+    fn chunk(
+        &self,
+        text: Option<&str>,
+        lps: &[TokenLogprob],
+        finish: Option<FinishReason>,
+        role: bool,
+    ) -> Value {
+        let finish = finish.map(|f| f.as_str());
+        match self.flavor {
+            Flavor::Chat => {
+                let mut delta = serde_json::Map::new();
+                if role {
+                    delta.insert("role".into(), json!("assistant"));
+                }
+                if let Some(t) = text {
+                    delta.insert("content".into(), json!(t));
+                }
+                json!({
+                    "id": self.id, "object": "chat.completion.chunk", "created": now_secs(), "model": self.st.model_id,
+                    "choices": [{
+                        "index": 0, "delta": delta,
+                        "logprobs": if self.want_logprobs && !lps.is_empty() { chat_logprobs(lps) } else { Value::Null },
+                        "finish_reason": finish,
+                    }],
+                })
+            }
+            Flavor::Completion => json!({
+                "id": self.id, "object": "text_completion", "created": now_secs(), "model": self.st.model_id,
+                "choices": [{
+                    "index": 0, "text": text.unwrap_or(""),
+                    "logprobs": if self.want_logprobs && !lps.is_empty() { completion_logprobs(lps, self.text_offset) } else { Value::Null },
+                    "finish_reason": finish,
+                }],
+            }),
+        }
+    }
+
+    fn usage_chunk(&self, prompt: usize, completion: usize) -> Value {
+        let object = if self.flavor == Flavor::Chat {
+            "chat.completion.chunk"
+        } else {
+            "text_completion"
+        };
+        json!({"id": self.id, "object": object, "created": now_secs(), "model": self.st.model_id,
+               "choices": [], "usage": usage(prompt, completion)})
+    }
+}
+
+fn data(v: &Value) -> Event {
+    Event::default().data(v.to_string())
+}
+
+fn stream_response(
+    st: Arc<AppState>,
+    rx: mpsc::UnboundedReceiver<GenerateEvent>,
+    id: String,
+    flavor: Flavor,
+    include_usage: bool,
+    want_logprobs: bool,
+) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
+    let state = StreamState {
+        rx,
+        st,
+        id,
+        flavor,
+        include_usage,
+        want_logprobs,
+        sent_role: false,
+        text_offset: 0,
+        done: false,
+    };
+    // Dropping this stream (the client left) drops the receiver, which the model thread notices
+    // at its next step and abandons the sequence.
+    let events = futures::stream::unfold(state, |mut s| async move {
+        if s.done {
+            return None;
+        }
+        let mut out = Vec::new();
+        if s.flavor == Flavor::Chat && !s.sent_role {
+            s.sent_role = true;
+            out.push(data(&s.chunk(Some(""), &[], None, true)));
+        }
+        match s.rx.recv().await {
+            Some(GenerateEvent::Delta { text, logprobs }) => {
+                out.push(data(&s.chunk(Some(&text), &logprobs, None, false)));
+                s.text_offset += text.len();
+            }
+            Some(GenerateEvent::Done {
+                finish_reason,
+                prompt_tokens,
+                completion_tokens,
+            }) => {
+                let last = match s.flavor {
+                    Flavor::Chat => s.chunk(None, &[], Some(finish_reason), false),
+                    Flavor::Completion => s.chunk(Some(""), &[], Some(finish_reason), false),
+                };
+                out.push(data(&last));
+                if s.include_usage {
+                    out.push(data(&s.usage_chunk(prompt_tokens, completion_tokens)));
+                }
+                out.push(Event::default().data("[DONE]"));
+                s.done = true;
+            }
+            Some(GenerateEvent::Failed(e)) => {
+                out.push(data(&engine_error(e).body()));
+                out.push(Event::default().data("[DONE]"));
+                s.done = true;
+            }
+            None => {
+                out.push(data(
+                    &ApiError::with_status(500, "server_error", None, "the model thread stopped")
+                        .body(),
+                ));
+                s.done = true;
+            }
+        }
+        Some((futures::stream::iter(out.into_iter().map(Ok)), s))
+    })
+    .flatten();
+    Sse::new(events).keep_alive(KeepAlive::default())
+}
+
+async fn embeddings(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body_bytes(body)?;
+    let engine = st.engine()?.clone();
+    let r: api::EmbeddingRequest = api::parse_body(&body)?;
+    st.check_model(&r.model)?;
+    let base64 = match r.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return Err(ApiError::invalid(
+                format!("encoding_format must be \"float\" or \"base64\", got {other:?}"),
+                Some("encoding_format"),
+            ));
+        }
+    };
+    let frontend = engine.frontend();
+    if frontend.task != Task::Embedding {
+        return Err(ApiError::invalid(
+            format!("the model {:?} does not serve embeddings", st.model_id),
+            Some("model"),
+        ));
+    }
+    if let Some(d) = r.dimensions
+        && d as usize != frontend.embedding_dim
+    {
+        return Err(ApiError::invalid(
+            format!(
+                "this model's embeddings have {} dimensions and cannot be shortened to {d}",
+                frontend.embedding_dim
+            ),
+            Some("dimensions"),
+        ));
+    }
+    let max = frontend.context_length;
+    let encode = |s: &str| -> Result<Vec<u32>, ApiError> {
+        if s.is_empty() {
+            return Err(ApiError::invalid(
+                "input must not contain empty strings",
+                Some("input"),
+            ));
+        }
+        frontend.tokenizer.encode(s, true).map_err(|e| {
+            ApiError::invalid(format!("cannot tokenise the input: {e}"), Some("input"))
+        })
+    };
+    let inputs: Vec<Vec<u32>> = match &r.input {
+        api::EmbeddingInput::One(s) => vec![encode(s)?],
+        api::EmbeddingInput::Many(v) => v.iter().map(|s| encode(s)).collect::<Result<_, _>>()?,
+        api::EmbeddingInput::Tokens(t) => vec![t.clone()],
+        api::EmbeddingInput::ManyTokens(v) => v.clone(),
+    };
+    if inputs.is_empty() || inputs.len() > st.config.max_embedding_inputs {
+        return Err(ApiError::invalid(
+            format!(
+                "input must hold between 1 and {} items, got {}",
+                st.config.max_embedding_inputs,
+                inputs.len()
+            ),
+            Some("input"),
+        ));
+    }
+    let vocab = frontend.tokenizer_vocab_size();
+    for t in &inputs {
+        if t.is_empty() {
+            return Err(ApiError::invalid(
+                "input must not contain empty token lists",
+                Some("input"),
+            ));
+        }
+        if t.len() > max {
+            return Err(ApiError::invalid(
+                format!(
+                    "an input is {} tokens; this model takes at most {max}",
+                    t.len()
+                ),
+                Some("input"),
+            ));
+        }
+        if t.iter().any(|&id| id as usize >= vocab) {
+            return Err(ApiError::invalid(
+                "input holds a token id outside the vocabulary",
+                Some("input"),
+            ));
+        }
+    }
+    let prompt_tokens: usize = inputs.iter().map(Vec::len).sum();
+    let vectors = engine.embed(inputs).await.map_err(engine_error)?;
+    let data: Vec<Value> = vectors
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let embedding = if base64 {
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(v)
+            };
+            json!({"object": "embedding", "index": i, "embedding": embedding})
+        })
+        .collect();
+    Ok(axum::Json(json!({
+        "object": "list",
+        "data": data,
+        "model": st.model_id,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    }))
+    .into_response())
+}

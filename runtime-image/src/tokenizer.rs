@@ -1,0 +1,180 @@
+//! Text ↔ token ids. Wraps a Hugging Face `tokenizers::Tokenizer`, loaded from tokenizer.json or
+//! rebuilt from a GGUF file's vocabulary (tokens, merges, token types, pre-tokenizer name) the
+//! way llama.cpp interprets them. No candle here: the GGUF metadata arrives as [`GgufVocab`].
+
+use std::path::Path;
+
+use tokenizers::models::bpe::{BPE, Vocab};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{
+    AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer, TruncationParams,
+};
+
+use crate::error::{Error, Result};
+
+/// GGUF token types (llama.cpp's `llama_token_type`).
+const TOKEN_TYPE_CONTROL: i32 = 3;
+const TOKEN_TYPE_USER_DEFINED: i32 = 4;
+
+/// The pre-tokenizer regex llama.cpp uses for Llama 3 style vocabularies.
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// The tokenizer part of a GGUF file's metadata.
+#[derive(Debug, Clone)]
+pub struct GgufVocab {
+    /// `tokenizer.ggml.model` ("gpt2" for byte-level BPE).
+    pub model: String,
+    /// `tokenizer.ggml.pre`, the pre-tokenizer name ("smollm", "llama-bpe", "default", ...).
+    pub pre: String,
+    /// `tokenizer.ggml.tokens`, indexed by id.
+    pub tokens: Vec<String>,
+    /// `tokenizer.ggml.token_type`, parallel to `tokens`.
+    pub token_types: Vec<i32>,
+    /// `tokenizer.ggml.merges`, each "left right".
+    pub merges: Vec<String>,
+}
+
+/// A tokenizer for one model.
+#[derive(Clone)]
+pub struct TextTokenizer {
+    inner: Tokenizer,
+}
+
+impl std::fmt::Debug for TextTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TextTokenizer")
+            .field("vocab", &self.inner.get_vocab_size(true))
+            .finish()
+    }
+}
+
+impl TextTokenizer {
+    /// Loads tokenizer.json. Padding configured in the file is dropped (the backends pad).
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let mut inner = Tokenizer::from_file(path)
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        inner.with_padding(None);
+        Ok(Self { inner })
+    }
+
+    /// Rebuilds a tokenizer from GGUF metadata. Only byte-level BPE ("gpt2") vocabularies with
+    /// a known pre-tokenizer are supported; anything else is refused rather than mis-tokenised.
+    pub fn from_gguf_vocab(v: GgufVocab) -> Result<Self> {
+        if v.model != "gpt2" {
+            return Err(Error::Model(format!(
+                "GGUF tokenizer model {:?} is not supported without a tokenizer.json (only \"gpt2\" BPE)",
+                v.model
+            )));
+        }
+        let byte_level =
+            |use_regex| PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, use_regex));
+        let pre = match v.pre.as_str() {
+            "default" | "gpt2" | "gpt-2" => byte_level(true),
+            // llama.cpp: digits one by one, then the GPT-2 regex.
+            "smollm" | "starcoder" | "refact" | "codeshell" => {
+                PreTokenizerWrapper::Sequence(Sequence::new(vec![
+                    PreTokenizerWrapper::Digits(Digits::new(true)),
+                    byte_level(true),
+                ]))
+            }
+            "llama3" | "llama-v3" | "llama-bpe" => {
+                PreTokenizerWrapper::Sequence(Sequence::new(vec![
+                    PreTokenizerWrapper::Split(
+                        Split::new(
+                            SplitPattern::Regex(LLAMA3_SPLIT.into()),
+                            SplitDelimiterBehavior::Isolated,
+                            false,
+                        )
+                        .map_err(Error::tokenizer)?,
+                    ),
+                    byte_level(false),
+                ]))
+            }
+            other => {
+                return Err(Error::Model(format!(
+                    "GGUF pre-tokenizer {other:?} is not supported without a tokenizer.json"
+                )));
+            }
+        };
+        let vocab: Vocab = v
+            .tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let merges = v
+            .merges
+            .iter()
+            .map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_owned(), b.to_owned()))
+                    .ok_or_else(|| Error::Model(format!("malformed GGUF merge {m:?}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(Error::tokenizer)?;
+        let mut inner = Tokenizer::new(bpe);
+        inner.with_pre_tokenizer(Some(pre));
+        inner.with_decoder(Some(ByteLevel::default()));
+        let mut special = Vec::new();
+        let mut user = Vec::new();
+        for (tok, ty) in v.tokens.iter().zip(v.token_types.iter()) {
+            match *ty {
+                TOKEN_TYPE_CONTROL => special.push(AddedToken::from(tok.clone(), true)),
+                TOKEN_TYPE_USER_DEFINED => user.push(AddedToken::from(tok.clone(), false)),
+                _ => {}
+            }
+        }
+        inner.add_special_tokens(&special);
+        inner.add_tokens(&user);
+        Ok(Self { inner })
+    }
+
+    /// Truncates encodings to `max_tokens` (special tokens included).
+    pub fn with_truncation(mut self, max_tokens: usize) -> Result<Self> {
+        self.inner
+            .with_truncation(Some(TruncationParams {
+                max_length: max_tokens,
+                ..Default::default()
+            }))
+            .map_err(Error::tokenizer)?;
+        Ok(self)
+    }
+
+    /// Encodes text. Special-token strings in the text are recognised as special tokens (as
+    /// llama.cpp's `special=true`); `add_special_tokens` runs the post-processor (BOS, CLS/SEP).
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(Error::tokenizer)?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Decodes ids to text, dropping special tokens when asked.
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(Error::tokenizer)
+    }
+
+    /// Vocabulary size, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// The id of a token string.
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// The text of one token on its own (for logprobs), special tokens included.
+    pub fn token_text(&self, id: u32) -> String {
+        self.inner.decode(&[id], false).unwrap_or_default()
+    }
+}

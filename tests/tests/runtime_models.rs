@@ -1,0 +1,322 @@
+//! kandle-runtime's models against reference outputs: SmolLM2 (GGUF Q4_1) against llama.cpp,
+//! all-MiniLM-L6-v2 against sentence-transformers, and the tiny random-weight llama and
+//! bert-embed against transformers. Tolerances are those of the fixtures' READMEs.
+
+use std::path::Path;
+
+use kandle_runtime::backend::{self, LoadOptions};
+use kandle_runtime::chat::ChatMessage;
+use kandle_runtime::model::{EmbeddingModel, GenerationModel, LoadedModel};
+use kandle_runtime::sampling::{argmax, log_softmax};
+use kandle_tests::{fixtures_dir, models};
+use serde_json::Value;
+
+fn load(path: &Path) -> LoadedModel {
+    backend::load(&LoadOptions {
+        path: path.to_path_buf(),
+        task: None,
+    })
+    .unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))
+}
+
+fn generation(path: &Path) -> GenerationModel {
+    match load(path) {
+        LoadedModel::Generation(g) => g,
+        LoadedModel::Embedding(_) => panic!("{} loaded as an embedding model", path.display()),
+    }
+}
+
+fn embedding(path: &Path) -> EmbeddingModel {
+    match load(path) {
+        LoadedModel::Embedding(e) => e,
+        LoadedModel::Generation(_) => panic!("{} loaded as a generation model", path.display()),
+    }
+}
+
+fn json(path: &Path) -> Value {
+    serde_json::from_slice(
+        &std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    )
+    .unwrap()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Greedy decoding with one sequence: `steps` tokens after `prompt`, with the logits of each step.
+fn greedy(g: &GenerationModel, prompt: &[u32], steps: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
+    let mut seq = g.lm.new_sequence().unwrap();
+    let mut logits = seq.feed(prompt).unwrap();
+    let mut out = Vec::new();
+    let mut all = Vec::new();
+    for _ in 0..steps {
+        let t = argmax(&logits);
+        out.push(t);
+        all.push(logits.clone());
+        logits = seq.feed(&[t]).unwrap();
+    }
+    (out, all)
+}
+
+#[test]
+fn smollm2_tokenizer_from_gguf_metadata_gives_llama_cpp_token_ids() {
+    let g = generation(&models::smollm2_gguf());
+    let reference = json(&fixtures_dir().join("smollm2_reference.json"));
+    assert_eq!(g.bos_to_prepend, None, "the GGUF says add_bos_token=false");
+    let mut prompts: Vec<(String, Vec<u32>)> = reference["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["prompt"].as_str().unwrap().to_owned(),
+                ids(&p["prompt_token_ids"]),
+            )
+        })
+        .collect();
+    // The 407-token benchmark prompt exercises far more merges, digits and punctuation.
+    let bench = reference["bench_prompt"].as_str().unwrap().to_owned();
+    let bench_ids = g.tokenizer.encode(&bench, true).unwrap();
+    assert_eq!(
+        bench_ids.len(),
+        reference["bench_prompt_token_count"].as_u64().unwrap() as usize
+    );
+    for (text, expected) in prompts.drain(..) {
+        let got = g.tokenizer.encode(&text, true).unwrap();
+        assert_eq!(got, expected, "token ids for {text:?}");
+        assert_eq!(
+            g.tokenizer.decode(&got, false).unwrap(),
+            text,
+            "round trip of {text:?}"
+        );
+    }
+}
+
+#[test]
+fn smollm2_chat_template_from_gguf_renders_the_prompt_llama_cpp_was_given() {
+    let g = generation(&models::smollm2_gguf());
+    let reference = json(&fixtures_dir().join("smollm2_reference.json"));
+    let chat = reference["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["kind"].as_str().unwrap().starts_with("chat_template"))
+        .expect("a chat prompt in the reference");
+    let template = g
+        .chat_template
+        .as_ref()
+        .expect("the GGUF has a chat template");
+    let msg = ChatMessage {
+        role: "user".into(),
+        content: "What is the capital of France?".into(),
+    };
+    assert_eq!(
+        template.render(&[msg], true).unwrap(),
+        chat["prompt"].as_str().unwrap()
+    );
+}
+
+#[test]
+fn smollm2_greedy_decoding_reproduces_llama_cpp_up_to_near_ties() {
+    let g = generation(&models::smollm2_gguf());
+    let reference = json(&fixtures_dir().join("smollm2_reference.json"));
+    for p in reference["prompts"].as_array().unwrap() {
+        let name = p["name"].as_str().unwrap();
+        let expected = ids(&p["greedy_token_ids"]);
+        let steps = p["per_step_top5"].as_array().unwrap();
+        let (got, logits) = greedy(&g, &ids(&p["prompt_token_ids"]), expected.len());
+        let mut matched = expected.len();
+        let mut worst = 0f32;
+        for (i, (&a, &b)) in got.iter().zip(&expected).enumerate() {
+            let step = &steps[i];
+            // Our log-probability of llama.cpp's choice stays close to its own. Quantised kernels
+            // differ by tenths of a logit; gross errors (rope, norm, KV cache) by whole units.
+            let ours = log_softmax(&logits[i]);
+            let (top_id, top_lp) = (ids(&step["top_ids"])[0], floats(&step["top_logprobs"])[0]);
+            let d = (ours[top_id as usize] - top_lp).abs();
+            assert!(
+                d < 1.0,
+                "{name} step {i}: logprob of token {top_id} is {} here, {top_lp} in llama.cpp",
+                ours[top_id as usize]
+            );
+            worst = worst.max(d);
+            if a != b {
+                let gap = step["top1_minus_top2_logit"].as_f64().unwrap();
+                let top2 = ids(&step["top_ids"])[..2].to_vec();
+                assert!(
+                    gap < 0.25 && top2.contains(&a),
+                    "{name}: step {i} chose {a}, llama.cpp {b} with a logit gap of {gap} (only < 0.25 may differ)"
+                );
+                matched = i;
+                break;
+            }
+        }
+        eprintln!(
+            "{name}: {matched}/{} greedy tokens identical to llama.cpp; largest logprob difference of its choice {worst:.3}",
+            expected.len()
+        );
+    }
+}
+
+#[test]
+fn smollm2_interleaved_sequences_match_sequences_run_alone() {
+    let g = generation(&models::smollm2_gguf());
+    let a_prompt = g.tokenizer.encode("Once upon a time", true).unwrap();
+    let b_prompt = g
+        .tokenizer
+        .encode("The three primary colours are", true)
+        .unwrap();
+    let (a_alone, _) = greedy(&g, &a_prompt, 8);
+    let (b_alone, _) = greedy(&g, &b_prompt, 8);
+    // Two sequences advanced in turns, as the engine's running batch does.
+    let mut a = g.lm.new_sequence().unwrap();
+    let mut b = g.lm.new_sequence().unwrap();
+    let mut la = a.feed(&a_prompt).unwrap();
+    let mut lb = b.feed(&b_prompt).unwrap();
+    let (mut a_out, mut b_out) = (Vec::new(), Vec::new());
+    for _ in 0..8 {
+        let ta = argmax(&la);
+        let tb = argmax(&lb);
+        a_out.push(ta);
+        b_out.push(tb);
+        la = a.feed(&[ta]).unwrap();
+        lb = b.feed(&[tb]).unwrap();
+    }
+    assert_eq!(a_out, a_alone);
+    assert_eq!(b_out, b_alone);
+    assert_ne!(a_out, b_out);
+}
+
+#[test]
+fn minilm_token_ids_and_embeddings_match_sentence_transformers() {
+    let e = embedding(&models::minilm_dir());
+    let reference = json(&fixtures_dir().join("minilm_reference.json"));
+    let sentences: Vec<&str> = reference["sentences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    for (i, s) in sentences.iter().enumerate() {
+        assert_eq!(
+            e.tokenizer.encode(s, true).unwrap(),
+            ids(&reference["token_ids"][i]),
+            "token ids of sentence {i}"
+        );
+    }
+    let got = e.embed_texts(&sentences).unwrap();
+    for (i, v) in got.iter().enumerate() {
+        let c = cosine(v, &floats(&reference["embeddings"][i]));
+        eprintln!("minilm sentence {i}: cosine {c:.7}");
+        assert!(c >= 0.9999, "sentence {i}: cosine {c} < 0.9999");
+    }
+}
+
+#[test]
+fn minilm_batch_gives_the_same_embeddings_as_items_one_by_one() {
+    let e = embedding(&models::minilm_dir());
+    let reference = json(&fixtures_dir().join("minilm_reference.json"));
+    // Sentences of different lengths, so the batch is padded.
+    let sentences: Vec<&str> = reference["sentences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    let batch = e.embed_texts(&sentences).unwrap();
+    for (i, s) in sentences.iter().enumerate() {
+        let single = e.embed_texts(&[s]).unwrap().remove(0);
+        let d = max_abs_diff(&batch[i], &single);
+        assert!(d <= 1e-5, "sentence {i}: batch and single differ by {d}");
+    }
+}
+
+#[test]
+fn tiny_llama_safetensors_matches_transformers_logits_and_greedy_tokens() {
+    let dir = fixtures_dir().join("tiny/llama");
+    let g = generation(&dir);
+    let reference = json(&dir.join("reference.json"));
+    for case in reference["cases"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let prompt = g.tokenizer.encode(text, true).unwrap();
+        assert_eq!(prompt, ids(&case["input_ids"]), "token ids of {text:?}");
+        let mut seq = g.lm.new_sequence().unwrap();
+        let logits = seq.feed(&prompt).unwrap();
+        let d = max_abs_diff(&logits, &floats(&case["last_logits"]));
+        assert!(d <= 1e-4, "{text:?}: last logits differ by {d}");
+        // Greedy with eos stopping, as transformers' generate.
+        let expected = ids(&case["greedy"]["new_token_ids"]);
+        let mut out = Vec::new();
+        let mut l = logits;
+        while out.len() < 12 {
+            let t = argmax(&l);
+            out.push(t);
+            if g.eos_ids.contains(&t) {
+                break;
+            }
+            l = seq.feed(&[t]).unwrap();
+        }
+        assert_eq!(out, expected, "greedy tokens of {text:?}");
+        let text_out: Vec<u32> = out
+            .iter()
+            .copied()
+            .filter(|t| !g.eos_ids.contains(t))
+            .collect();
+        assert_eq!(
+            g.tokenizer.decode(&text_out, true).unwrap(),
+            case["greedy"]["text"].as_str().unwrap()
+        );
+    }
+}
+
+#[test]
+fn tiny_bert_embed_matches_sentence_transformers_pooling_and_batches_agree() {
+    let dir = fixtures_dir().join("tiny/bert-embed");
+    let e = embedding(&dir);
+    let reference = json(&dir.join("reference.json"));
+    let cases = reference["cases"].as_array().unwrap();
+    let texts: Vec<&str> = cases.iter().map(|c| c["text"].as_str().unwrap()).collect();
+    let batch = e.embed_texts(&texts).unwrap();
+    for (i, case) in cases.iter().enumerate() {
+        assert_eq!(
+            e.tokenizer.encode(texts[i], true).unwrap(),
+            ids(&case["input_ids"])
+        );
+        let single = e.embed_texts(&[texts[i]]).unwrap().remove(0);
+        let d = max_abs_diff(&single, &floats(&case["embedding"]));
+        assert!(d <= 1e-5, "case {i}: embedding differs by {d}");
+        let db = max_abs_diff(&batch[i], &single);
+        assert!(
+            db <= 1e-5,
+            "case {i}: batch row differs from single by {db}"
+        );
+    }
+}

@@ -1,0 +1,639 @@
+//! kandle-runtime's HTTP server, started in-process on a loopback port with real weights
+//! (SmolLM2 GGUF for generation, all-MiniLM-L6-v2 for embeddings), driven with a real HTTP client.
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use futures::future::join_all;
+use kandle_runtime::ServeConfig;
+use kandle_runtime::server::{self, Server};
+use kandle_tests::{fixtures_dir, models};
+use serde_json::{Value, json};
+
+const SMOL: &str = "SmolLM2-135M-Instruct.Q4_1";
+
+async fn serve(configure: impl FnOnce(&mut ServeConfig)) -> (Server, String) {
+    let path = tokio::task::spawn_blocking(models::smollm2_gguf)
+        .await
+        .unwrap();
+    serve_model(path, configure).await
+}
+
+async fn serve_model(
+    path: std::path::PathBuf,
+    configure: impl FnOnce(&mut ServeConfig),
+) -> (Server, String) {
+    let mut cfg = ServeConfig::new(path);
+    cfg.max_new_tokens = 64;
+    configure(&mut cfg);
+    let mut server = server::start(cfg).await.expect("server starts");
+    tokio::time::timeout(Duration::from_secs(120), server.wait_loaded())
+        .await
+        .expect("model loads within 2 minutes")
+        .expect("model loads");
+    let url = format!("http://{}", server.local_addr());
+    (server, url)
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap()
+}
+
+/// Asserts an OpenAI error body with a message, and returns it.
+async fn expect_error(resp: reqwest::Response, status: u16, what: &str) -> Value {
+    assert_eq!(resp.status().as_u16(), status, "{what}: status");
+    let body: Value = resp
+        .json()
+        .await
+        .unwrap_or_else(|e| panic!("{what}: the error body is not JSON: {e}"));
+    let msg = body["error"]["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{what}: no error.message in {body}"));
+    assert!(!msg.is_empty(), "{what}: empty message");
+    assert!(
+        body["error"]["type"].is_string(),
+        "{what}: no error.type in {body}"
+    );
+    body
+}
+
+fn chat_body(content: &str, extra: Value) -> Value {
+    let mut b = json!({"model": SMOL, "messages": [{"role": "user", "content": content}]});
+    for (k, v) in extra.as_object().unwrap() {
+        b[k] = v.clone();
+    }
+    b
+}
+
+/// Parses an SSE body into its JSON payloads, checking that it ends with [DONE].
+fn sse_payloads(text: &str) -> Vec<Value> {
+    let data: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(
+        data.last().copied(),
+        Some("[DONE]"),
+        "stream does not end with [DONE]: {text}"
+    );
+    data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("keys");
+    std::fs::write(&key_file, "sk-right\n").unwrap();
+    let (server, url) = serve(|c| c.api_key_file = Some(key_file.clone())).await;
+    let http = client();
+    let chat = format!("{url}/v1/chat/completions");
+    let post = |body: Vec<u8>| {
+        http.post(&chat)
+            .bearer_auth("sk-right")
+            .header("content-type", "application/json")
+            .body(body)
+    };
+    let ok = || async {
+        let r = http
+            .get(format!("{url}/v1/models"))
+            .bearer_auth("sk-right")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "the server stopped serving");
+        let models: Value = r.json().await.unwrap();
+        assert_eq!(models["data"][0]["id"], SMOL);
+    };
+
+    let r = http
+        .post(&chat)
+        .json(&chat_body("hi", json!({})))
+        .send()
+        .await
+        .unwrap();
+    expect_error(r, 401, "missing API key").await;
+    ok().await;
+    let r = http
+        .post(&chat)
+        .bearer_auth("sk-wrong")
+        .json(&chat_body("hi", json!({})))
+        .send()
+        .await
+        .unwrap();
+    expect_error(r, 401, "wrong API key").await;
+    ok().await;
+
+    let long = "hello ".repeat(5000);
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        ("malformed JSON", b"{\"model\": ".to_vec(), 400),
+        ("messages of the wrong type", br#"{"model":"SmolLM2-135M-Instruct.Q4_1","messages":"hi"}"#.to_vec(), 400),
+        ("max_tokens of the wrong type", chat_body("hi", json!({"max_tokens": "ten"})).to_string().into_bytes(), 400),
+        ("unknown model", json!({"model": "gpt-5", "messages": [{"role": "user", "content": "hi"}]}).to_string().into_bytes(), 404),
+        ("empty messages", json!({"model": SMOL, "messages": []}).to_string().into_bytes(), 400),
+        ("max_tokens 0", chat_body("hi", json!({"max_tokens": 0})).to_string().into_bytes(), 400),
+        ("max_tokens -5", chat_body("hi", json!({"max_tokens": -5})).to_string().into_bytes(), 400),
+        ("max_tokens over the limit", chat_body("hi", json!({"max_tokens": 100000})).to_string().into_bytes(), 400),
+        ("temperature out of range", chat_body("hi", json!({"temperature": 9})).to_string().into_bytes(), 400),
+        ("prompt longer than the context", chat_body(&long, json!({})).to_string().into_bytes(), 400),
+        ("invalid UTF-8", b"{\"model\":\"SmolLM2-135M-Instruct.Q4_1\",\"messages\":[{\"role\":\"user\",\"content\":\"\xff\xfe\"}]}".to_vec(), 400),
+    ];
+    for (what, body, status) in cases {
+        let r = post(body).send().await.unwrap();
+        let b = expect_error(r, status, what).await;
+        if what == "prompt longer than the context" {
+            assert_eq!(b["error"]["code"], "context_length_exceeded");
+        }
+        ok().await;
+    }
+    // 10 MB: refused from its Content-Length, before the body is read.
+    let big = vec![b' '; 10 * 1024 * 1024];
+    let r = post(big).send().await.unwrap();
+    expect_error(r, 413, "10 MB body").await;
+    ok().await;
+    // Embeddings from a generation model.
+    let r = http
+        .post(format!("{url}/v1/embeddings"))
+        .bearer_auth("sk-right")
+        .json(&json!({"model": SMOL, "input": "x"}))
+        .send()
+        .await
+        .unwrap();
+    expect_error(r, 400, "embeddings from a generation model").await;
+
+    // And a valid request still works.
+    let r = http
+        .post(&chat)
+        .bearer_auth("sk-right")
+        .json(&chat_body(
+            "Say hi",
+            json!({"max_tokens": 4, "temperature": 0}),
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let b: Value = r.json().await.unwrap();
+    assert_eq!(b["object"], "chat.completion");
+    assert_eq!(b["usage"]["completion_tokens"], 4);
+    assert_eq!(b["choices"][0]["finish_reason"], "length");
+    // /health, /ready and /metrics need no key.
+    assert_eq!(
+        http.get(format!("{url}/health"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        http.get(format!("{url}/ready"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let metrics = http
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "kandle_requests_total",
+        "kandle_request_duration_seconds",
+        "kandle_time_to_first_token_seconds",
+        "kandle_inter_token_latency_seconds",
+        "kandle_generated_tokens_total",
+        "kandle_prompt_tokens_total",
+        "kandle_queue_depth",
+        "kandle_inflight_requests",
+        "kandle_batch_size",
+        "kandle_model_load_seconds",
+    ] {
+        assert!(metrics.contains(name), "/metrics lacks {name}");
+    }
+    assert!(metrics.contains("status=\"401\""), "401s are counted");
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seed_repeats_and_streamed_output_equals_non_streamed() {
+    let (server, url) = serve(|_| {}).await;
+    let http = client();
+    let chat = format!("{url}/v1/chat/completions");
+    let params = json!({"max_tokens": 12, "temperature": 0.9, "top_p": 0.95, "top_k": 40, "seed": 1234,
+                        "frequency_penalty": 0.3, "logprobs": true, "top_logprobs": 3});
+    let body = chat_body("Tell me a story about a dragon.", params.clone());
+    let once = || async {
+        http.post(&chat)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()
+    };
+    let a = once().await;
+    let b = once().await;
+    let text_a = a["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(!text_a.is_empty());
+    assert_eq!(
+        a["choices"][0]["message"], b["choices"][0]["message"],
+        "the same seed gave different text"
+    );
+    assert_eq!(a["choices"][0]["logprobs"], b["choices"][0]["logprobs"]);
+    let lp = a["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(
+        lp.len() as u64,
+        a["usage"]["completion_tokens"].as_u64().unwrap()
+    );
+    assert_eq!(lp[0]["top_logprobs"].as_array().unwrap().len(), 3);
+
+    let mut other = body.clone();
+    other["seed"] = json!(999);
+    let c = http
+        .post(&chat)
+        .json(&other)
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    assert_ne!(
+        c["choices"][0]["message"]["content"], a["choices"][0]["message"]["content"],
+        "another seed gave the same text"
+    );
+
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let r = http.post(&chat).json(&streamed).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let chunks = sse_payloads(&r.text().await.unwrap());
+    let mut text = String::new();
+    let mut finish = None;
+    let mut n_logprobs = 0;
+    for ch in &chunks {
+        assert_eq!(ch["object"], "chat.completion.chunk");
+        if let Some(choice) = ch["choices"].get(0) {
+            text.push_str(choice["delta"]["content"].as_str().unwrap_or(""));
+            if let Some(l) = choice["logprobs"]["content"].as_array() {
+                n_logprobs += l.len();
+            }
+            if !choice["finish_reason"].is_null() {
+                finish = Some(choice["finish_reason"].clone());
+            }
+        }
+    }
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    assert_eq!(text, text_a, "streamed text differs from non-streamed");
+    assert_eq!(finish.unwrap(), a["choices"][0]["finish_reason"]);
+    assert_eq!(n_logprobs, lp.len());
+    assert_eq!(chunks.last().unwrap()["usage"], a["usage"]);
+
+    // The legacy completions endpoint, greedy: streamed == non-streamed as well.
+    let comp = format!("{url}/v1/completions");
+    let cbody = json!({"model": SMOL, "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0, "logprobs": 2});
+    let full: Value = http
+        .post(&comp)
+        .json(&cbody)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(full["object"], "text_completion");
+    assert_eq!(full["usage"]["prompt_tokens"], 4);
+    let mut sbody = cbody.clone();
+    sbody["stream"] = json!(true);
+    let chunks = sse_payloads(
+        &http
+            .post(&comp)
+            .json(&sbody)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    );
+    let stext: String = chunks
+        .iter()
+        .map(|c| c["choices"][0]["text"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(stext, full["choices"][0]["text"].as_str().unwrap());
+    assert_eq!(
+        full["choices"][0]["logprobs"]["tokens"]
+            .as_array()
+            .unwrap()
+            .len(),
+        8
+    );
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_sequence_cuts_the_output_before_it() {
+    let (server, url) = serve(|_| {}).await;
+    let http = client();
+    let comp = format!("{url}/v1/completions");
+    let body =
+        json!({"model": SMOL, "prompt": "Once upon a time", "max_tokens": 10, "temperature": 0});
+    let full: Value = http
+        .post(&comp)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let text = full["choices"][0]["text"].as_str().unwrap().to_owned();
+    // Stop at the second word of the greedy continuation.
+    let words: Vec<&str> = text.split_whitespace().collect();
+    assert!(words.len() >= 3, "continuation too short: {text:?}");
+    let stop = format!(" {}", words[2]);
+    let cut = &text[..text.find(&stop).unwrap()];
+    let mut with_stop = body.clone();
+    with_stop["stop"] = json!([stop, "\u{2603}never"]);
+    let r: Value = http
+        .post(&comp)
+        .json(&with_stop)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["choices"][0]["text"], cut);
+    assert_eq!(r["choices"][0]["finish_reason"], "stop");
+    with_stop["stream"] = json!(true);
+    let chunks = sse_payloads(
+        &http
+            .post(&comp)
+            .json(&with_stop)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    );
+    let stext: String = chunks
+        .iter()
+        .map(|c| c["choices"][0]["text"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(stext, cut);
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_gets_429_with_retry_after_while_admitted_requests_complete() {
+    let (server, url) = serve(|c| {
+        c.max_batch_size = 1;
+        c.max_queue = 1;
+    })
+    .await;
+    let http = client();
+    let chat = format!("{url}/v1/chat/completions");
+    let body = chat_body(
+        "Write a long poem about the sea.",
+        json!({"max_tokens": 10, "temperature": 0}),
+    );
+    let responses = join_all((0..6).map(|_| http.post(&chat).json(&body).send())).await;
+    let mut ok = 0;
+    let mut refused = 0;
+    for r in responses {
+        let r = r.unwrap();
+        match r.status().as_u16() {
+            200 => {
+                let b: Value = r.json().await.unwrap();
+                assert_eq!(b["usage"]["completion_tokens"], 10);
+                ok += 1;
+            }
+            429 => {
+                assert_eq!(r.headers()["retry-after"], "1");
+                expect_error(r, 429, "overload").await;
+                refused += 1;
+            }
+            s => panic!("unexpected status {s}"),
+        }
+    }
+    assert!(ok >= 1 && ok <= 2, "{ok} admitted with room for 2");
+    assert_eq!(ok + refused, 6);
+    // Once the load is gone, requests are admitted again.
+    assert_eq!(
+        http.post(&chat).json(&body).send().await.unwrap().status(),
+        200
+    );
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+async fn gauge(http: &reqwest::Client, url: &str, name: &str) -> f64 {
+    let text = http
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(name)
+                .and_then(|rest| rest.trim().parse().ok())
+        })
+        .unwrap_or_else(|| panic!("no {name} in /metrics"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_stops_its_generation() {
+    let (server, url) = serve(|c| c.max_new_tokens = 2000).await;
+    let http = client();
+    let body = chat_body(
+        "Count from one to a thousand.",
+        json!({"max_tokens": 2000, "temperature": 0, "stream": true}),
+    );
+    let mut r = http
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.chunk().await.unwrap().expect("a first chunk");
+    assert_eq!(gauge(&http, &url, "kandle_inflight_requests").await, 1.0);
+    let generated_then = gauge(&http, &url, "kandle_generated_tokens_total").await;
+    drop(r);
+    // 2000 tokens would take over a minute; a cancelled request leaves within a step or two.
+    let t0 = std::time::Instant::now();
+    while gauge(&http, &url, "kandle_inflight_requests").await != 0.0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "generation still running 10 s after the client left"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let generated = gauge(&http, &url, "kandle_generated_tokens_total").await;
+    assert!(
+        generated - generated_then < 500.0,
+        "{} tokens generated after the disconnect",
+        generated - generated_then
+    );
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_a_running_stream_finish_and_refuses_new_requests() {
+    let (server, url) = serve(|_| {}).await;
+    let http = client();
+    let chat = format!("{url}/v1/chat/completions");
+    let body = chat_body(
+        "Tell me about rivers.",
+        json!({"max_tokens": 16, "temperature": 0, "stream": true}),
+    );
+    let mut r = http.post(&chat).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let mut text = String::from_utf8(r.chunk().await.unwrap().unwrap().to_vec()).unwrap();
+    let drain = tokio::spawn(server.shutdown(Duration::from_secs(60)));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // New requests are refused: the listener is closed (or, on a kept-alive connection, 503).
+    let fresh = reqwest::Client::new();
+    match fresh
+        .post(&chat)
+        .json(&chat_body("hi", json!({"max_tokens": 2})))
+        .send()
+        .await
+    {
+        Err(e) => assert!(e.is_connect() || e.is_request(), "unexpected error {e}"),
+        Ok(resp) => assert_eq!(resp.status(), 503),
+    }
+    while let Some(c) = r.chunk().await.unwrap() {
+        text.push_str(std::str::from_utf8(&c).unwrap());
+    }
+    let chunks = sse_payloads(&text);
+    let finish = chunks
+        .iter()
+        .rev()
+        .find_map(|c| c["choices"][0]["finish_reason"].as_str().map(str::to_owned));
+    assert_eq!(
+        finish.as_deref(),
+        Some("length"),
+        "the in-flight stream was cut short"
+    );
+    tokio::time::timeout(Duration::from_secs(30), drain)
+        .await
+        .expect("drain finishes")
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embeddings_come_as_floats_or_base64_and_match_sentence_transformers() {
+    let dir = tokio::task::spawn_blocking(models::minilm_dir)
+        .await
+        .unwrap();
+    let model = ServeConfig::new(&dir).served_model_name();
+    let model = model.as_str();
+    let (server, url) = serve_model(dir, |_| {}).await;
+    let http = client();
+    let reference: Value = serde_json::from_slice(
+        &std::fs::read(fixtures_dir().join("minilm_reference.json")).unwrap(),
+    )
+    .unwrap();
+    let sentences = reference["sentences"].clone();
+    let emb = format!("{url}/v1/embeddings");
+    let floats: Value = http
+        .post(&emb)
+        .json(&json!({"model": model, "input": sentences}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let b64: Value = http
+        .post(&emb)
+        .json(&json!({"model": model, "input": sentences, "encoding_format": "base64"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let n = sentences.as_array().unwrap().len();
+    assert_eq!(floats["data"].as_array().unwrap().len(), n);
+    for i in 0..n {
+        let v: Vec<f32> = floats["data"][i]["embedding"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(b64["data"][i]["embedding"].as_str().unwrap())
+            .unwrap();
+        let decoded: Vec<f32> = bytes
+            .chunks(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        assert_eq!(
+            v, decoded,
+            "base64 and float embeddings differ for input {i}"
+        );
+        let r: Vec<f64> = reference["embeddings"][i]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        let dot: f64 = v.iter().zip(&r).map(|(a, b)| *a as f64 * b).sum();
+        let norm: f64 = r.iter().map(|x| x * x).sum::<f64>().sqrt()
+            * v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+        assert!(dot / norm >= 0.9999, "input {i}: cosine {}", dot / norm);
+    }
+    assert!(floats["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
+    let r = http
+        .post(&emb)
+        .json(&json!({"model": model, "input": ""}))
+        .send()
+        .await
+        .unwrap();
+    expect_error(r, 400, "empty input").await;
+    let r = http
+        .post(&emb)
+        .json(&json!({"model": model, "input": "x", "encoding_format": "hex"}))
+        .send()
+        .await
+        .unwrap();
+    expect_error(r, 400, "unknown encoding_format").await;
+    let r = http
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    expect_error(r, 400, "chat with an embedding model").await;
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
