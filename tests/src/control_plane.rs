@@ -504,3 +504,25 @@ fn wait_ready(cp: &ControlPlane, started: Instant) -> Result<()> {
         }
     })
 }
+
+/// Server-side applies the CustomResourceDefinition in `yaml` and waits until it is served.
+/// Panics (failing the test) with the API server's refusal.
+pub async fn apply_crd(client: &Client, yaml: &str) {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::{Patch, PatchParams};
+    use kube::runtime::wait::{await_condition, conditions};
+
+    let crd: CustomResourceDefinition = serde_yaml::from_str(yaml).expect("the CRD YAML parses");
+    let name = crd.metadata.name.clone().expect("the CRD has a name");
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let mut body = serde_json::to_value(&crd).expect("the CRD serializes");
+    body["apiVersion"] = "apiextensions.k8s.io/v1".into();
+    body["kind"] = "CustomResourceDefinition".into();
+    api.patch(&name, &PatchParams::apply("kandle-tests").force(), &Patch::Apply(&body))
+        .await
+        .unwrap_or_else(|e| panic!("the API server refused the CRD {name}: {e}"));
+    tokio::time::timeout(Duration::from_secs(30), await_condition(api, &name, conditions::is_crd_established()))
+        .await
+        .unwrap_or_else(|_| panic!("the CRD {name} was not established within 30 s"))
+        .expect("watching the CRD");
+}

@@ -4,35 +4,21 @@
 //! `operator/tests/invalid/languagemodels.yaml` is refused with a 422 whose message names the
 //! field. The CRD is read from `crds/`, which a kandle-operator test keeps byte-identical to
 //! `kandle-operator crd`.
-use std::time::Duration;
-
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kandle_tests::{control_plane::ControlPlane, repo_root};
+use kandle_tests::{
+    control_plane::{ControlPlane, apply_crd},
+    repo_root,
+};
 use kube::{
     Api, Client,
     api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams},
-    runtime::wait::{await_condition, conditions},
 };
 use serde_json::{Value, json};
-
-const CRD_NAME: &str = "languagemodels.kandle.dev";
 
 /// Installs (or re-applies) the committed CRD and waits until it is served.
 async fn install_crd(client: &Client) {
     let path = repo_root().join("crds/languagemodels.kandle.dev.yaml");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    let crd: CustomResourceDefinition = serde_yaml::from_str(&text).expect("the CRD parses");
-    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let mut body = serde_json::to_value(&crd).unwrap();
-    body["apiVersion"] = "apiextensions.k8s.io/v1".into();
-    body["kind"] = "CustomResourceDefinition".into();
-    api.patch(CRD_NAME, &PatchParams::apply("kandle-tests").force(), &Patch::Apply(&body))
-        .await
-        .unwrap_or_else(|e| panic!("the API server refused the CRD: {e}"));
-    tokio::time::timeout(Duration::from_secs(30), await_condition(api, CRD_NAME, conditions::is_crd_established()))
-        .await
-        .expect("the CRD is established within 30 s")
-        .expect("watching the CRD");
+    apply_crd(client, &text).await;
 }
 
 fn resource() -> ApiResource {

@@ -10,33 +10,20 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kandle_operator::builders::BuilderConfig;
 use kandle_operator::controller::{self, Context};
 use kandle_operator::metrics::Metrics;
 use kandle_operator::{LanguageModel, crd};
-use kandle_tests::control_plane::ControlPlane;
+use kandle_tests::control_plane::{ControlPlane, apply_crd};
 use kandle_tests::fake_hub::FakeHub;
 use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
-use kube::runtime::wait::{await_condition, conditions};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(30);
 
 async fn install_crd(client: &Client) {
-    let crd: CustomResourceDefinition = serde_yaml::from_str(&crd::crd_yaml().unwrap()).unwrap();
-    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let mut body = serde_json::to_value(&crd).unwrap();
-    body["apiVersion"] = "apiextensions.k8s.io/v1".into();
-    body["kind"] = "CustomResourceDefinition".into();
-    api.patch("languagemodels.kandle.dev", &PatchParams::apply("kandle-tests").force(), &Patch::Apply(&body))
-        .await
-        .expect("the CRD installs");
-    tokio::time::timeout(WAIT, await_condition(api, "languagemodels.kandle.dev", conditions::is_crd_established()))
-        .await
-        .expect("CRD established")
-        .unwrap();
+    apply_crd(client, &crd::crd_yaml().unwrap()).await;
 }
 
 struct Env {
@@ -386,7 +373,16 @@ async fn lease_holder(client: &Client, ns: &str) -> Option<String> {
 
 async fn reporting_instances(client: &Client, ns: &str) -> Vec<String> {
     let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), ns);
-    events.list(&Default::default()).await.unwrap().items.into_iter().filter_map(|e| e.reporting_instance).collect()
+    // The API server's own controllers record Events too (e.g. the Service IP allocator).
+    events
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.reporting_controller.as_deref() == Some("kandle-operator"))
+        .filter_map(|e| e.reporting_instance)
+        .collect()
 }
 
 #[tokio::test]
