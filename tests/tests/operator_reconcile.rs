@@ -421,3 +421,91 @@ async fn of_two_operator_processes_only_the_leader_reconciles_and_the_other_take
     eventually("Deployment two", || async { deployments.get_opt("two").await.unwrap() }).await;
     assert!(reporting_instances(&client, &ns).await.iter().any(|i| i == "op-b"));
 }
+
+#[tokio::test]
+async fn a_spec_change_rolls_out_and_kubectl_scale_reaches_the_deployment() {
+    let env = env("rollout").await;
+    let lms: Api<LanguageModel> = Api::namespaced(env.client.clone(), &env.ns);
+    lms.create(&PostParams::default(), &model("m", json!({}))).await.unwrap();
+    let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), &env.ns);
+    let hash = |d: &Deployment| d.annotations().get("kandle.dev/pod-template-hash").cloned();
+    let first = eventually("the Deployment", || async { deployments.get_opt("m").await.unwrap() }).await;
+    finish_rollout(&env.client, &env.ns, "m").await;
+    eventually("Ready=True", || async {
+        let lm = lms.get("m").await.unwrap();
+        (condition(&lm, "Ready").map(|c| c.0) == Some("True".into())).then_some(())
+    })
+    .await;
+
+    // A change to what the pods run: new template hash, Progressing until the rollout is done.
+    let change = json!({"spec": {"runtime": {"maxNewTokens": 256}}});
+    lms.patch("m", &PatchParams::default(), &Patch::Merge(&change)).await.unwrap();
+    let updated = eventually("a new pod template", || async {
+        let d = deployments.get("m").await.unwrap();
+        (hash(&d) != hash(&first)).then_some(d)
+    })
+    .await;
+    assert!(hash(&updated).is_some());
+    let args = serde_json::to_string(&updated.spec.as_ref().unwrap().template).unwrap();
+    assert!(args.contains("256"), "the new limit reaches the server's flags: {args}");
+    eventually("Progressing=True, Ready=False", || async {
+        let lm = lms.get("m").await.unwrap();
+        let progressing = condition(&lm, "Progressing").map(|c| c.0) == Some("True".into());
+        let ready = condition(&lm, "Ready").map(|c| c.0) == Some("False".into());
+        (progressing && ready && lm.status.as_ref()?.observed_generation == lm.metadata.generation).then_some(())
+    })
+    .await;
+    finish_rollout(&env.client, &env.ns, "m").await;
+    eventually("Ready=True after the rollout", || async {
+        let lm = lms.get("m").await.unwrap();
+        (condition(&lm, "Ready").map(|c| c.0) == Some("True".into())).then_some(())
+    })
+    .await;
+
+    // `kubectl scale` goes through the scale subresource to spec.replicas, then the Deployment.
+    let ns = env.ns.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        ControlPlane::shared().kubectl().args(["scale", "lm/m", "--replicas=3", "-n", &ns]).output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "kubectl scale: {}", String::from_utf8_lossy(&out.stderr));
+    eventually("3 replicas in the Deployment", || async {
+        (deployments.get("m").await.unwrap().spec?.replicas == Some(3)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_pod_from_the_generated_template_is_admitted_under_the_restricted_pod_security_standard() {
+    use k8s_openapi::api::core::v1::{Namespace, Pod};
+    use kandle_operator::builders::{self, Resolution};
+
+    let env = env("psa").await;
+    let lms: Api<LanguageModel> = Api::namespaced(env.client.clone(), &env.ns);
+    let lm = lms.create(&PostParams::default(), &model("m", json!({}))).await.unwrap();
+    let label = json!({"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "restricted"}}});
+    Api::<Namespace>::all(env.client.clone()).patch(&env.ns, &PatchParams::default(), &Patch::Merge(&label)).await.unwrap();
+
+    let resolution = Resolution { revision: Some("0123456789abcdef0123456789abcdef01234567".into()), model_bytes: None };
+    let deployment = builders::deployment(&lm, &env.ctx.builder, &resolution).unwrap();
+    let template = deployment.spec.unwrap().template;
+    let pod = Pod {
+        metadata: ObjectMeta { name: Some("m-dry-run".into()), labels: template.metadata.and_then(|m| m.labels), ..Default::default() },
+        spec: template.spec,
+        ..Default::default()
+    };
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
+    pods.create(&PostParams { dry_run: true, ..Default::default() }, &pod)
+        .await
+        .unwrap_or_else(|e| panic!("the restricted namespace refused kandle's pod: {e}"));
+
+    // And the check has teeth: a privileged variant is refused.
+    let mut bad = pod.clone();
+    bad.spec.as_mut().unwrap().containers[0].security_context = Some(k8s_openapi::api::core::v1::SecurityContext {
+        privileged: Some(true),
+        ..Default::default()
+    });
+    let err = pods.create(&PostParams { dry_run: true, ..Default::default() }, &bad).await.unwrap_err();
+    assert!(err.to_string().contains("violates PodSecurity"), "{err}");
+}
