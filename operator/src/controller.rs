@@ -59,6 +59,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Consecutive failures per model (`namespace/name`), for growing backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// The phase of every model this process reconciled, behind `kandle_models{phase}`.
+    phases: Mutex<HashMap<String, &'static str>>,
 }
 
 impl Context {
@@ -69,7 +71,37 @@ impl Context {
             instance: std::env::var("POD_NAME").ok(),
         };
         let recorder = Recorder::new(client.clone(), reporter);
-        Context { client, builder, hub, recorder, metrics, failures: Mutex::default() }
+        Context { client, builder, hub, recorder, metrics, failures: Mutex::default(), phases: Mutex::default() }
+    }
+}
+
+impl Context {
+    /// Records the phase of one model (`None`: it is gone) and refreshes `kandle_models`.
+    fn set_phase(&self, model: String, phase: Option<&'static str>) {
+        let mut phases = self.phases.lock().unwrap_or_else(|p| p.into_inner());
+        match phase {
+            Some(p) => phases.insert(model, p),
+            None => phases.remove(&model),
+        };
+        for name in PHASES {
+            let n = phases.values().filter(|p| **p == name).count() as i64;
+            self.metrics.models.get_or_create(&crate::metrics::PhaseLabels { phase: name.to_owned() }).set(n);
+        }
+    }
+}
+
+/// The phases `kandle_models` counts: Degraded wins over Progressing, which wins over Ready.
+const PHASES: [&str; 3] = ["Ready", "Progressing", "Degraded"];
+
+/// The phase of a status, for the `kandle_models{phase}` gauge.
+pub fn phase(status: &LanguageModelStatus) -> &'static str {
+    let is_true = |t: &str| status.conditions.iter().any(|c| c.type_ == t && c.status == "True");
+    if is_true(condition::DEGRADED) {
+        "Degraded"
+    } else if is_true(condition::READY) {
+        "Ready"
+    } else {
+        "Progressing"
     }
 }
 
@@ -322,6 +354,7 @@ async fn apply(lm: &LanguageModel, ctx: &Context) -> Result<Action> {
     let now = Time(Timestamp::now());
     let mut status = compute_status(lm, &Observed { deployment: deployment.as_ref(), resolution: outcome.clone() }, &now);
     apply_drift(&mut status, lm, &report, &now);
+    ctx.set_phase(key(lm), Some(phase(&status)));
     let previous = lm.status.clone().unwrap_or_default();
     if status != previous {
         ctx.metrics.writes.inc();
@@ -438,6 +471,7 @@ async fn cleanup(lm: &LanguageModel, ctx: &Context) -> Result<Action> {
     delete_if_ours::<PodDisruptionBudget>(ctx, lm, &name).await?;
     delete_if_ours::<PersistentVolumeClaim>(ctx, lm, &builders::cache_claim_name(&name)).await?;
     publish(ctx, lm, EventType::Normal, "Deleted", "Cleanup", format!("removed the children of {name}")).await;
+    ctx.set_phase(key(lm), None);
     Ok(Action::await_change())
 }
 

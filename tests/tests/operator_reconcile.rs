@@ -509,3 +509,47 @@ async fn a_pod_from_the_generated_template_is_admitted_under_the_restricted_pod_
     let err = pods.create(&PostParams { dry_run: true, ..Default::default() }, &bad).await.unwrap_err();
     assert!(err.to_string().contains("violates PodSecurity"), "{err}");
 }
+
+#[tokio::test]
+async fn a_refused_token_and_an_unreachable_hub_each_get_their_own_reason() {
+    let env = env("hub-errors").await;
+    env.hub.require_token("org/tiny", "hf_the_right_one");
+    let secret = Secret {
+        metadata: ObjectMeta { name: Some("hf".into()), ..Default::default() },
+        data: Some([("token".to_string(), ByteString(b"hf_a_wrong_one".to_vec()))].into()),
+        ..Default::default()
+    };
+    Api::<Secret>::namespaced(env.client.clone(), &env.ns).create(&PostParams::default(), &secret).await.unwrap();
+    let lms: Api<LanguageModel> = Api::namespaced(env.client.clone(), &env.ns);
+    let spec = json!({"model": {"huggingFace": {"repo": "org/tiny", "tokenSecretRef": {"name": "hf", "key": "token"}}}});
+    lms.create(&PostParams::default(), &model("refused", spec)).await.unwrap();
+    let lm = eventually("HubUnauthorized", || async {
+        let lm = lms.get("refused").await.unwrap();
+        (condition(&lm, "ModelResolved").map(|c| c.1) == Some("HubUnauthorized".into())).then_some(lm)
+    })
+    .await;
+    let text = serde_json::to_string(&lm.status).unwrap();
+    assert!(!text.contains("hf_a_wrong_one"), "the token leaked into status: {text}");
+    assert!(env.ctx.metrics.encode().contains("kandle_models{phase=\"Degraded\"} 1"), "{}", env.ctx.metrics.encode());
+
+    // A hub nobody answers at: a closed loopback port.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let builder = BuilderConfig { runtime_image: "r".into(), hub_endpoint: Some(format!("http://127.0.0.1:{closed}")) };
+    let ctx = Arc::new(Context::new(env.client.clone(), builder, Arc::new(Metrics::default())));
+    // In a namespace env's controller does not watch, so only this reconcile touches it.
+    let other = ControlPlane::shared().namespace("hub-offline").await;
+    let lms: Api<LanguageModel> = Api::namespaced(env.client.clone(), &other);
+    lms.create(&PostParams::default(), &model("offline", json!({}))).await.unwrap();
+    // The first reconcile only adds kandle's finalizer; the second does the work.
+    controller::reconcile(Arc::new(lms.get("offline").await.unwrap()), ctx.clone()).await.unwrap();
+    let lm = lms.get("offline").await.unwrap();
+    let err = controller::reconcile(Arc::new(lm), ctx.clone()).await.unwrap_err();
+    assert!(matches!(err, kandle_operator::Error::Resolve(_)), "{err}");
+    assert!(!err.is_permanent(), "an unreachable hub is worth a quick retry: {err}");
+    let lm = eventually("HubUnreachable", || async {
+        let lm = lms.get("offline").await.unwrap();
+        (condition(&lm, "ModelResolved").map(|c| c.1) == Some("HubUnreachable".into())).then_some(lm)
+    })
+    .await;
+    assert_eq!(condition(&lm, "Degraded").map(|c| c.0), Some("True".into()));
+}
