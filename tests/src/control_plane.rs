@@ -436,7 +436,8 @@ fn launch_in(tools: &Tools, dir: &Path, started: Instant) -> Result<ControlPlane
         .arg(format!("--secure-port={api_port}"))
         .arg("--bind-address=127.0.0.1")
         .arg("--advertise-address=127.0.0.1")
-        .arg("--service-cluster-ip-range=10.0.0.0/24")
+        // Room for every Service a scale test creates (a /24 fills at 253 models).
+        .arg("--service-cluster-ip-range=10.0.0.0/16")
         .arg("--allow-privileged=true")
         .arg("--disable-admission-plugins=ServiceAccount")
         .arg("--authorization-mode=RBAC")

@@ -43,8 +43,11 @@ fn spawn_operator(bin: &PathBuf, cp: &ControlPlane, ns: &str, port: u16) -> Resu
         .arg("--kubeconfig")
         .arg(cp.kubeconfig())
         .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
-        .env("RUST_LOG", "warn")
-        .stderr(std::process::Stdio::null())
+        .env("RUST_LOG", std::env::var("KANDLE_BENCH_OPERATOR_LOG_LEVEL").unwrap_or_else(|_| "warn".into()))
+        .stderr(match std::env::var_os("KANDLE_BENCH_OPERATOR_LOG") {
+            Some(path) => std::process::Stdio::from(std::fs::OpenOptions::new().create(true).append(true).open(path)?),
+            None => std::process::Stdio::null(),
+        })
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?)
 }
@@ -118,6 +121,10 @@ async fn main() -> Result<()> {
     let _ = operator.kill();
     let _ = operator.wait();
 
+    let versions = |items: Vec<(String, Option<String>)>| items.into_iter().collect::<std::collections::BTreeMap<_, _>>();
+    let lm_before = versions(lms.list_metadata(&ListParams::default()).await?.items.into_iter().map(|o| (o.metadata.name.unwrap_or_default(), o.metadata.resource_version)).collect());
+    let dep_before = versions(deployments.list_metadata(&ListParams::default()).await?.items.into_iter().map(|o| (o.metadata.name.unwrap_or_default(), o.metadata.resource_version)).collect());
+
     // A full no-op resync: a new operator process reconciles every (settled) model once.
     let port2 = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let mut second = spawn_operator(&bin, &cp, &ns, port2)?;
@@ -133,6 +140,13 @@ async fn main() -> Result<()> {
         settled = now;
     }
     let resync_peak = peak_rss_mib(second.id()).unwrap_or(0.0);
+    let lm_after = versions(lms.list_metadata(&ListParams::default()).await?.items.into_iter().map(|o| (o.metadata.name.unwrap_or_default(), o.metadata.resource_version)).collect());
+    let dep_after = versions(deployments.list_metadata(&ListParams::default()).await?.items.into_iter().map(|o| (o.metadata.name.unwrap_or_default(), o.metadata.resource_version)).collect());
+    let changed = |a: &std::collections::BTreeMap<String, Option<String>>, b: &std::collections::BTreeMap<String, Option<String>>| {
+        a.iter().filter(|(k, v)| b.get(*k) != Some(*v)).count()
+    };
+    let lm_changed = changed(&lm_before, &lm_after);
+    let dep_changed = changed(&dep_before, &dep_after);
     let _ = second.kill();
     let _ = second.wait();
 
@@ -142,5 +156,6 @@ async fn main() -> Result<()> {
     println!("operator peak RSS (VmHWM), first run: {peak:.1} MiB (goal <= 64 MiB)");
     println!("operator peak RSS, resync run: {resync_peak:.1} MiB");
     println!("reconcile write requests during the full no-op resync: {settled} (goal 0)");
+    println!("objects whose resourceVersion moved during the resync: {lm_changed} LanguageModels, {dep_changed} Deployments");
     Ok(())
 }
