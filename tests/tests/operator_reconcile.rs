@@ -130,10 +130,11 @@ async fn a_model_gets_its_children_is_pinned_to_the_hub_commit_and_becomes_ready
     let pinned = serde_json::to_string(pod).unwrap();
     assert!(pinned.contains(&sha), "the pods are pinned to the resolved commit {sha}: {pinned}");
 
+    // The children are applied one after another: wait for each rather than race the reconcile.
     let services: Api<Service> = Api::namespaced(env.client.clone(), &env.ns);
-    assert!(services.get_opt("tiny").await.unwrap().is_some());
+    eventually("the Service", || async { services.get_opt("tiny").await.unwrap() }).await;
     let pdbs: Api<PodDisruptionBudget> = Api::namespaced(env.client.clone(), &env.ns);
-    assert!(pdbs.get_opt("tiny").await.unwrap().is_some(), "replicas 2 get a PDB");
+    eventually("a PDB for replicas 2", || async { pdbs.get_opt("tiny").await.unwrap() }).await;
 
     let resolved = eventually("ModelResolved", || async {
         let lm = lms.get("tiny").await.unwrap();
@@ -404,8 +405,13 @@ async fn of_two_operator_processes_only_the_leader_reconciles_and_the_other_take
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
     lms.create(&PostParams::default(), &model("one", json!({}))).await.unwrap();
     eventually("Deployment one", || async { deployments.get_opt("one").await.unwrap() }).await;
-    let instances = reporting_instances(&client, &ns).await;
-    assert!(!instances.is_empty() && instances.iter().all(|i| i == "op-a"), "only the leader acts: {instances:?}");
+    // Events are published right after each write: wait for the first, then check them all.
+    let instances = eventually("an Event from the operator", || async {
+        let i = reporting_instances(&client, &ns).await;
+        (!i.is_empty()).then_some(i)
+    })
+    .await;
+    assert!(instances.iter().all(|i| i == "op-a"), "only the leader acts: {instances:?}");
 
     a.kill().await.unwrap();
     let killed = std::time::Instant::now();
@@ -419,7 +425,10 @@ async fn of_two_operator_processes_only_the_leader_reconciles_and_the_other_take
     assert!(takeover <= Duration::from_secs(20), "takeover took {takeover:?} (lease 15 s + retry 2 s)");
     lms.create(&PostParams::default(), &model("two", json!({}))).await.unwrap();
     eventually("Deployment two", || async { deployments.get_opt("two").await.unwrap() }).await;
-    assert!(reporting_instances(&client, &ns).await.iter().any(|i| i == "op-b"));
+    eventually("an Event from op-b", || async {
+        reporting_instances(&client, &ns).await.iter().any(|i| i == "op-b").then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]
