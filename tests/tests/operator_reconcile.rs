@@ -456,7 +456,8 @@ async fn a_spec_change_rolls_out_and_kubectl_scale_reaches_the_deployment() {
     .await;
     assert!(hash(&updated).is_some());
     let args = serde_json::to_string(&updated.spec.as_ref().unwrap().template).unwrap();
-    assert!(args.contains("256"), "the new limit reaches the server's flags: {args}");
+    // Quoted, so that a hex hash or commit that happens to hold "256" cannot pass for it.
+    assert!(args.contains("\"256\""), "the new limit reaches the server's flags: {args}");
     eventually("Progressing=True, Ready=False", || async {
         let lm = lms.get("m").await.unwrap();
         let progressing = condition(&lm, "Progressing").map(|c| c.0) == Some("True".into());
@@ -561,4 +562,43 @@ async fn a_refused_token_and_an_unreachable_hub_each_get_their_own_reason() {
     })
     .await;
     assert_eq!(condition(&lm, "Degraded").map(|c| c.0), Some("True".into()));
+}
+
+#[tokio::test]
+async fn a_paused_model_gets_no_writes_to_its_children_but_still_reports_status() {
+    let env = env("paused").await;
+    let lms: Api<LanguageModel> = Api::namespaced(env.client.clone(), &env.ns);
+    lms.create(&PostParams::default(), &model("m", json!({}))).await.unwrap();
+    let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), &env.ns);
+    eventually("the Deployment", || async { deployments.get_opt("m").await.unwrap() }).await;
+
+    lms.patch("m", &PatchParams::default(), &Patch::Merge(&json!({"spec": {"paused": true}}))).await.unwrap();
+    eventually("status for the paused generation", || async {
+        let lm = lms.get("m").await.unwrap();
+        (lm.status.as_ref()?.observed_generation == lm.metadata.generation).then_some(())
+    })
+    .await;
+    // Neither a spec change nor an edit to a child is acted on while paused.
+    let change = json!({"spec": {"runtime": {"maxNewTokens": 4321}}});
+    lms.patch("m", &PatchParams::default(), &Patch::Merge(&change)).await.unwrap();
+    deployments.patch("m", &PatchParams::default(), &Patch::Merge(&json!({"spec": {"replicas": 4}}))).await.unwrap();
+    eventually("status for the changed generation", || async {
+        let lm = lms.get("m").await.unwrap();
+        (lm.status.as_ref()?.observed_generation == lm.metadata.generation).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let d = deployments.get("m").await.unwrap();
+    assert_eq!(d.spec.as_ref().unwrap().replicas, Some(4), "a paused model's drift must not be reverted");
+    let template = serde_json::to_string(&d.spec.unwrap().template).unwrap();
+    assert!(!template.contains("\"4321\""), "a paused model must not roll out: {template}");
+
+    // Unpausing applies the pending change and reverts the edit.
+    lms.patch("m", &PatchParams::default(), &Patch::Merge(&json!({"spec": {"paused": false}}))).await.unwrap();
+    eventually("the pending change applied", || async {
+        let d = deployments.get("m").await.unwrap();
+        let template = serde_json::to_string(&d.spec.as_ref()?.template).unwrap();
+        (template.contains("\"4321\"") && d.spec?.replicas == Some(2)).then_some(())
+    })
+    .await;
 }
