@@ -74,7 +74,7 @@ impl Hub {
         }
         let info: ModelInfo = response.json().await.map_err(|e| ResolveError {
             reason: reason::HUB_UNREACHABLE,
-            message: format!("the hub's answer for {repo}@{revision} was not model info JSON: {}", without_url(&e)),
+            message: format!("the hub's answer for {repo}@{revision} was not model info JSON: {e}"),
             transient: true,
         })?;
         match info.sha {
@@ -96,11 +96,6 @@ pub fn is_commit(s: &str) -> bool {
 /// Branch names may hold `/` (`refs/pr/1`); the hub wants it percent-encoded in the path.
 fn encode_revision(revision: &str) -> String {
     revision.replace('%', "%25").replace('/', "%2F")
-}
-
-fn without_url(e: &reqwest::Error) -> String {
-    // reqwest puts the URL in its Display; the URL holds no secret, but keep messages short.
-    e.to_string()
 }
 
 fn unreachable(endpoint: &str, e: &reqwest::Error) -> ResolveError {
