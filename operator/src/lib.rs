@@ -27,8 +27,11 @@ pub struct RunConfig {
     /// A kubeconfig file; `None` means the usual discovery (`KUBECONFIG`, `~/.kube/config`,
     /// then the in-cluster ServiceAccount).
     pub kubeconfig: Option<std::path::PathBuf>,
-    /// Watch one namespace only; `None` watches all.
-    pub namespace: Option<String>,
+    /// Watch these namespaces only; empty watches all (the chart's `watchNamespaces`).
+    pub namespaces: Vec<String>,
+    /// Server-side apply the `LanguageModel` CRD this binary was built with before reconciling:
+    /// Helm installs CRDs once and never upgrades them, so the operator carries its own schema.
+    pub apply_crd: bool,
     /// Where `/metrics`, `/healthz` and `/readyz` are served.
     pub metrics_addr: std::net::SocketAddr,
     /// Take part in leader election (several replicas, one reconciling); `None` reconciles at
@@ -80,10 +83,14 @@ pub async fn run(config: RunConfig) -> Result<()> {
         .await
         .map_err(|source| Error::Io { what: format!("metrics listener on {}", config.metrics_addr), source })?;
     tokio::spawn(metrics::serve(listener, metrics.clone()));
+    if config.apply_crd {
+        crd::apply(&client).await?;
+        tracing::info!(crd = crd::CRD_NAME, "applied the LanguageModel CRD");
+    }
     let ctx = std::sync::Arc::new(controller::Context::new(client, config.builder.clone(), metrics));
-    tracing::info!(namespace = ?config.namespace, metrics = %config.metrics_addr, "kandle-operator starting");
+    tracing::info!(namespaces = ?config.namespaces, metrics = %config.metrics_addr, "kandle-operator starting");
     let Some(le) = &config.leader_election else {
-        controller::run_controller(ctx, config.namespace.clone()).await;
+        run_controllers(ctx, &config.namespaces).await;
         tracing::info!("kandle-operator stopped");
         return Ok(());
     };
@@ -94,12 +101,21 @@ pub async fn run(config: RunConfig) -> Result<()> {
         _ = shutdown_signal() => return Ok(()),
     }
     tokio::select! {
-        _ = controller::run_controller(ctx, config.namespace.clone()) => {
+        _ = run_controllers(ctx, &config.namespaces) => {
             tracing::info!("kandle-operator stopped");
             Ok(())
         }
         _ = elector.hold() => Err(Error::LostLeadership),
     }
+}
+
+/// One controller for the whole cluster, or one per watched namespace (a namespaced install
+/// has no cluster-wide list/watch rights, so one all-namespace watch would be refused).
+async fn run_controllers(ctx: std::sync::Arc<controller::Context>, namespaces: &[String]) {
+    if namespaces.is_empty() {
+        return controller::run_controller(ctx, None).await;
+    }
+    futures::future::join_all(namespaces.iter().map(|ns| controller::run_controller(ctx.clone(), Some(ns.clone())))).await;
 }
 
 async fn shutdown_signal() {

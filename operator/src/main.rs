@@ -10,6 +10,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start; boxing the larger variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the controller.
@@ -33,9 +35,16 @@ struct RunArgs {
     #[arg(long, env = "KANDLE_KUBECONFIG")]
     kubeconfig: Option<std::path::PathBuf>,
 
-    /// Watch LanguageModels in this namespace only (all namespaces when unset).
-    #[arg(long, env = "KANDLE_WATCH_NAMESPACE")]
-    namespace: Option<String>,
+    /// Watch LanguageModels in these namespaces only (comma-separated; all namespaces when
+    /// unset). `--namespace` is kept as an alias.
+    #[arg(long = "watch-namespaces", alias = "namespace", env = "KANDLE_WATCH_NAMESPACES", value_delimiter = ',')]
+    watch_namespaces: Vec<String>,
+
+    /// Server-side apply the LanguageModel CRD built into this binary at start (needs get/patch
+    /// on that one CRD). Helm never upgrades CRDs; this is how a chart upgrade carries a new
+    /// schema.
+    #[arg(long, env = "KANDLE_APPLY_CRD", default_value_t = false, action = clap::ArgAction::Set)]
+    apply_crd: bool,
 
     /// Address of the /metrics, /healthz and /readyz endpoints.
     #[arg(long, env = "KANDLE_METRICS_ADDR", default_value = "0.0.0.0:8080")]
@@ -70,7 +79,8 @@ async fn main() -> anyhow::Result<()> {
             let config = RunConfig {
                 builder: BuilderConfig { runtime_image: args.runtime_image, hub_endpoint: args.hub_endpoint },
                 kubeconfig: args.kubeconfig,
-                namespace: args.namespace,
+                namespaces: args.watch_namespaces.into_iter().filter(|n| !n.is_empty()).collect(),
+                apply_crd: args.apply_crd,
                 metrics_addr: args.metrics_addr,
                 leader_election: args.leader_elect.then(|| kandle_operator::LeaderElection {
                     namespace: args.leader_election_namespace.clone(),
@@ -118,5 +128,25 @@ mod tests {
         let Command::Run(args) = cli.command else { panic!("run") };
         assert_eq!(args.runtime_image, "r:1");
         assert!(Cli::try_parse_from(["kandle-operator"]).is_err(), "a subcommand is required");
+    }
+
+    fn run_args(args: &[&str]) -> RunArgs {
+        let cli = Cli::try_parse_from(["kandle-operator", "run"].iter().chain(args)).unwrap();
+        let Command::Run(args) = cli.command else { panic!("run") };
+        args
+    }
+
+    #[test]
+    fn watch_namespaces_take_a_list_and_the_old_namespace_flag_still_works() {
+        assert!(run_args(&[]).watch_namespaces.is_empty(), "all namespaces by default");
+        assert_eq!(run_args(&["--watch-namespaces", "a,b"]).watch_namespaces, ["a", "b"]);
+        assert_eq!(run_args(&["--namespace", "a"]).watch_namespaces, ["a"]);
+    }
+
+    #[test]
+    fn apply_crd_is_off_unless_asked_for() {
+        assert!(!run_args(&[]).apply_crd);
+        assert!(run_args(&["--apply-crd=true"]).apply_crd);
+        assert!(!run_args(&["--apply-crd", "false"]).apply_crd);
     }
 }
