@@ -22,14 +22,14 @@ fn load(path: &Path) -> LoadedModel {
 fn generation(path: &Path) -> GenerationModel {
     match load(path) {
         LoadedModel::Generation(g) => g,
-        LoadedModel::Embedding(_) => panic!("{} loaded as an embedding model", path.display()),
+        other => panic!("{} loaded as a {:?} model", path.display(), other.task()),
     }
 }
 
 fn embedding(path: &Path) -> EmbeddingModel {
     match load(path) {
         LoadedModel::Embedding(e) => e,
-        LoadedModel::Generation(_) => panic!("{} loaded as a generation model", path.display()),
+        other => panic!("{} loaded as a {:?} model", path.display(), other.task()),
     }
 }
 

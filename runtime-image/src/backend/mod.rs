@@ -6,14 +6,21 @@
 //! its own KV cache, so that the engine can interleave many requests between decode steps.
 
 mod bert;
+mod bloom;
+mod classifier;
+mod distilbert;
 mod gguf_llama;
+mod gpt2;
+mod gptj;
+mod layers;
 mod llama;
+mod xlm_roberta;
 
 use std::path::{Path, PathBuf};
 
 use crate::chat::ChatTemplate;
 use crate::error::{Error, Result, read_json};
-use crate::model::{EmbeddingModel, GenerationModel, LoadedModel, Task};
+use crate::model::{ClassificationModel, EmbeddingModel, GenerationModel, LoadedModel, Task};
 use crate::tokenizer::TextTokenizer;
 
 /// A causal language model: the weights, shared by all sequences.
@@ -44,6 +51,15 @@ pub trait Embedder: Send + Sync {
     fn embed(&self, batch: &[Vec<u32>]) -> Result<Vec<Vec<f32>>>;
     /// Width of one embedding.
     fn dimension(&self) -> usize;
+    /// The longest input the model accepts.
+    fn max_input_tokens(&self) -> usize;
+}
+
+/// A sequence classifier (`*ForSequenceClassification`).
+pub trait Classifier: Send + Sync {
+    /// The raw logits, one row of `num_labels` per input (each already truncated to
+    /// `max_input_tokens`). Inputs of different lengths run as one right-padded batch.
+    fn classify(&self, batch: &[Vec<u32>]) -> Result<Vec<Vec<f32>>>;
     /// The longest input the model accepts.
     fn max_input_tokens(&self) -> usize;
 }
@@ -99,28 +115,34 @@ pub fn load(opts: &LoadOptions) -> Result<LoadedModel> {
     }
     let probe: Probe = read_json(&config_path)?;
     let model_type = probe.model_type.unwrap_or_default();
-    let loaded = match model_type.as_str() {
-        "llama" => llama::load(path)?,
-        "bert" => {
-            if probe
-                .architectures
-                .iter()
-                .any(|a| a.contains("ForSequenceClassification"))
-            {
-                return Err(Error::Model(
-                    "BERT sequence classification is not supported by this runtime yet".into(),
-                ));
-            }
-            bert::load(path)?
-        }
-        other => {
+    let classification = probe
+        .architectures
+        .iter()
+        .any(|a| a.ends_with("ForSequenceClassification"));
+    let dtype = candle_core::DType::F32;
+    let loaded = match (model_type.as_str(), classification) {
+        ("llama", false) => llama::load(path)?,
+        ("gpt2", false) => gpt2::load(path, dtype)?,
+        ("gptj", false) => gptj::load(path, dtype)?,
+        ("bloom", false) => bloom::load(path, dtype)?,
+        ("bert", false) => bert::load(path)?,
+        ("bert", true) => classifier::load_bert(path, dtype)?,
+        ("distilbert", true) => distilbert::load(path, dtype)?,
+        ("xlm-roberta", true) => xlm_roberta::load(path, dtype)?,
+        (other, _) => {
             return Err(Error::Model(format!(
-                "model_type {other:?} is not supported (supported: llama, bert, GGUF llama)"
+                "model_type {other:?} with architectures {:?} is not supported; this runtime \
+                 serves: {SUPPORTED}",
+                probe.architectures
             )));
         }
     };
     check_task(loaded, opts.task)
 }
+
+/// What [`load`] accepts, for the refusal message.
+pub const SUPPORTED: &str = "llama, gpt2, gptj, bloom (TextGeneration); bert (Embedding); \
+    bert, distilbert, xlm-roberta *ForSequenceClassification (Classification); GGUF llama";
 
 fn check_task(model: LoadedModel, wanted: Option<Task>) -> Result<LoadedModel> {
     match wanted {
@@ -206,4 +228,22 @@ pub(crate) fn generation_model(
 /// Builds an [`EmbeddingModel`].
 pub(crate) fn embedding_model(model: Box<dyn Embedder>, tokenizer: TextTokenizer) -> LoadedModel {
     LoadedModel::Embedding(EmbeddingModel { model, tokenizer })
+}
+
+/// Builds a [`ClassificationModel`] around a classifier; labels come from config.json.
+pub(crate) fn classification_model(
+    model: Box<dyn Classifier>,
+    tokenizer: TextTokenizer,
+    config: &serde_json::Value,
+    num_labels: usize,
+) -> Result<LoadedModel> {
+    let labels = crate::model::labels_from_config(config, num_labels).map_err(Error::Model)?;
+    let multi_label =
+        config.get("problem_type").and_then(|p| p.as_str()) == Some("multi_label_classification");
+    Ok(LoadedModel::Classification(ClassificationModel {
+        model,
+        tokenizer,
+        labels,
+        scoring: crate::model::Scoring::for_head(num_labels, multi_label),
+    }))
 }
