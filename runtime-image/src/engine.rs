@@ -154,8 +154,13 @@ impl Frontend {
         self.tokenizer.vocab_size()
     }
 
-    /// Renders a conversation with the chat template (or a plain "role: content" fallback for
-    /// models without one) and tokenises it.
+    /// Renders a conversation with the chat template and tokenises it.
+    ///
+    /// A model without a template (base gpt2, gptj, bloom checkpoints) gets a plain transcript:
+    /// one `"{role}: {content}\n"` line per message, then `"assistant:"`, tokenised with the
+    /// tokenizer's special tokens as a completion prompt is. Base models know no chat format,
+    /// so the least surprising prompt is the one a user would type (README: "Chat without a
+    /// template").
     pub fn encode_chat(&self, messages: &[ChatMessage]) -> crate::Result<(String, Vec<u32>)> {
         let text = match &self.chat_template {
             Some(t) => t.render(messages, true)?,
