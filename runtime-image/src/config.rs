@@ -21,8 +21,9 @@ pub struct ServeConfig {
     /// Compute device. Only "cpu" is supported by this build.
     #[arg(long, env = "KANDLE_DEVICE", default_value = "cpu", value_parser = parse_device)]
     pub device: String,
-    /// Weight dtype for safetensors models: auto or f32 (GGUF files keep their quantisation).
-    #[arg(long, env = "KANDLE_DTYPE", default_value = "auto", value_parser = ["auto", "f32"])]
+    /// Weight dtype for safetensors models: auto (f32 on CPU), f32, or f16/bf16 for causal
+    /// LMs (GGUF files keep their quantisation).
+    #[arg(long, env = "KANDLE_DTYPE", default_value = "auto", value_parser = ["auto", "f32", "f16", "bf16"])]
     pub dtype: String,
     /// Address to listen on.
     #[arg(long, env = "KANDLE_HOST", default_value = "0.0.0.0")]

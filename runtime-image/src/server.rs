@@ -240,6 +240,7 @@ fn load_and_warm(st: &AppState) -> Result<()> {
     let model = crate::backend::load(&crate::backend::LoadOptions {
         path: st.config.model.clone(),
         task: st.config.task,
+        dtype: st.config.dtype.parse()?,
     })?;
     let engine = Engine::start(
         model,

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use kandle_runtime::ServeConfig;
-use kandle_runtime::backend::{self, LoadOptions};
+use kandle_runtime::backend::{self, LoadOptions, WeightDtype};
 use kandle_runtime::model::{ClassificationModel, GenerationModel, LoadedModel};
 use kandle_runtime::sampling::{argmax, log_softmax};
 use kandle_runtime::server::{self, Server};
@@ -37,6 +37,7 @@ fn try_load(path: &Path) -> kandle_runtime::Result<LoadedModel> {
     backend::load(&LoadOptions {
         path: path.to_path_buf(),
         task: None,
+        dtype: WeightDtype::Auto,
     })
 }
 
@@ -656,4 +657,107 @@ fn a_tokenizer_larger_than_the_vocabulary_is_refused() {
             "{name}: {msg}"
         );
     }
+}
+
+// ---- dtype ----
+
+#[test]
+fn half_precision_causal_lms_stay_near_the_f32_reference() {
+    // The fixtures' README: half-precision weights need looser bounds (logits 5e-2 given as an
+    // example) and greedy tokens may diverge after a few steps; the top token must not.
+    for name in CAUSAL {
+        // Measured on the public set: f16 ≤ 1e-2, bf16 ≤ 6e-2.
+        for (dtype, bound) in [(WeightDtype::F16, 5e-2f32), (WeightDtype::Bf16, 1.5e-1)] {
+            let g = match backend::load(&LoadOptions {
+                path: tiny(name),
+                task: None,
+                dtype,
+            }) {
+                Ok(LoadedModel::Generation(g)) => g,
+                Ok(other) => panic!("{name} {dtype:?} loaded as {:?}", other.task()),
+                Err(e) => panic!("{name} {dtype:?}: {e}"),
+            };
+            for (i, case) in reference(name)["cases"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .enumerate()
+            {
+                let (logits, new) = greedy(&g, &ids(&case["input_ids"]));
+                let d = max_abs_diff(&logits, &floats(&case["last_logits"]));
+                eprintln!("{name} {dtype:?} case {i}: max logit diff {d:.2e}");
+                assert!(
+                    d <= bound,
+                    "{name} {dtype:?} case {i}: logits differ by {d}"
+                );
+                // f32 is within 1e-5: a diff this small would mean the weights stayed f32.
+                assert!(d > 1e-4, "{name} {dtype:?} case {i}: ran in f32 ({d})");
+                assert_eq!(
+                    new[0],
+                    ids(&case["greedy"]["new_token_ids"])[0],
+                    "{name} {dtype:?} case {i}: first greedy token"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn encoders_refuse_half_precision_with_a_message() {
+    for name in [
+        "bert-embed",
+        "bert-cls",
+        "distilbert-cls",
+        "xlm-roberta-cls",
+    ] {
+        let msg = match backend::load(&LoadOptions {
+            path: tiny(name),
+            task: None,
+            dtype: WeightDtype::Bf16,
+        }) {
+            Ok(m) => panic!("{name} loaded in bf16 as {:?}", m.task()),
+            Err(e) => e.to_string(),
+        };
+        assert!(msg.contains("Bf16") && msg.contains("f32"), "{name}: {msg}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dtype_flag_reaches_the_loader_and_a_refusal_fails_the_load() {
+    let mut cfg = ServeConfig::new(tiny("xlm-roberta-cls"));
+    cfg.dtype = "bf16".into();
+    let mut server = server::start(cfg).await.expect("server starts");
+    let err = tokio::time::timeout(Duration::from_secs(120), server.wait_loaded())
+        .await
+        .expect("the load ends within 2 minutes")
+        .expect_err("xlm-roberta in bf16 must be refused");
+    assert!(err.to_string().contains("xlm-roberta"), "{err}");
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+
+    let mut cfg = ServeConfig::new(tiny("gpt2"));
+    cfg.dtype = "f16".into();
+    let mut server = server::start(cfg).await.expect("server starts");
+    server.wait_loaded().await.expect("gpt2 loads in f16");
+    let url = format!("http://{}", server.local_addr());
+    let case = &reference("gpt2")["cases"][0];
+    let (status, body) = post(
+        &url,
+        "/v1/completions",
+        &json!({"model": "gpt2", "prompt": case["text"], "temperature": 0, "max_tokens": 1,
+                "logprobs": 1}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let expected = log_softmax(&floats(&case["last_logits"]));
+    let first = ids(&case["greedy"]["new_token_ids"])[0] as usize;
+    let lp = body["choices"][0]["logprobs"]["token_logprobs"][0]
+        .as_f64()
+        .unwrap() as f32;
+    let d = (lp - expected[first]).abs();
+    assert!(
+        d <= 5e-2 && d > 1e-6,
+        "f16 logprob {lp} vs f32 reference {}",
+        expected[first]
+    );
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
 }

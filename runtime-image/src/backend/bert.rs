@@ -4,7 +4,6 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config};
 
 use super::Embedder;
@@ -181,17 +180,16 @@ pub(super) fn load(dir: &Path) -> Result<LoadedModel> {
         .unwrap_or(config.max_position_embeddings)
         .min(config.max_position_embeddings);
 
-    let files = super::llama::safetensors_files(dir)?;
-    // SAFETY: read-only mapping of files the runtime owns while serving.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, &Device::Cpu)? };
+    let vb = super::layers::var_builder(dir, DType::F32, &Device::Cpu)?;
     // Checkpoints saved from BertModel have no "bert." prefix; those from task heads do.
     let vb = if vb.contains_tensor("embeddings.word_embeddings.weight") {
         vb
     } else {
         vb.pp("bert")
     };
-    let model = BertModel::load(vb, &config)?;
+    let model = BertModel::load(vb, &config).map_err(|e| super::layers::weights_error(dir, e))?;
     let tokenizer = super::tokenizer_json(dir)?.with_truncation(max_tokens)?;
+    super::layers::check_vocab(&tokenizer, config.vocab_size)?;
     let bert = Bert {
         model,
         pooling,

@@ -64,6 +64,42 @@ pub trait Classifier: Send + Sync {
     fn max_input_tokens(&self) -> usize;
 }
 
+/// The weight dtype asked for (`--dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightDtype {
+    /// f32: this build runs on CPU, where half-precision matmuls are slower and less exact.
+    #[default]
+    Auto,
+    F32,
+    F16,
+    Bf16,
+}
+
+impl std::str::FromStr for WeightDtype {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(WeightDtype::Auto),
+            "f32" => Ok(WeightDtype::F32),
+            "f16" => Ok(WeightDtype::F16),
+            "bf16" => Ok(WeightDtype::Bf16),
+            other => Err(Error::Model(format!(
+                "unknown dtype {other:?} (expected auto, f32, f16 or bf16)"
+            ))),
+        }
+    }
+}
+
+impl WeightDtype {
+    fn candle(self) -> candle_core::DType {
+        match self {
+            WeightDtype::Auto | WeightDtype::F32 => candle_core::DType::F32,
+            WeightDtype::F16 => candle_core::DType::F16,
+            WeightDtype::Bf16 => candle_core::DType::BF16,
+        }
+    }
+}
+
 /// How to load a model.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
@@ -71,6 +107,10 @@ pub struct LoadOptions {
     pub path: PathBuf,
     /// The task, when the caller wants to force one; inferred from the model otherwise.
     pub task: Option<Task>,
+    /// Weight dtype of safetensors models (GGUF files keep their quantisation). Half
+    /// precision is served for the causal LMs; encoders (embedding, classification) are f32
+    /// only, and asking them for f16/bf16 is refused.
+    pub dtype: WeightDtype,
 }
 
 /// Loads the model at `opts.path`, choosing the architecture from the files found there.
@@ -119,9 +159,17 @@ pub fn load(opts: &LoadOptions) -> Result<LoadedModel> {
         .architectures
         .iter()
         .any(|a| a.ends_with("ForSequenceClassification"));
-    let dtype = candle_core::DType::F32;
+    let dtype = opts.dtype.candle();
+    let encoder = matches!(model_type.as_str(), "bert" | "distilbert" | "xlm-roberta");
+    if encoder && dtype != candle_core::DType::F32 {
+        return Err(Error::Model(format!(
+            "dtype {:?} is not supported for {model_type} models; use f32 or auto \
+             (half precision is served for llama, gpt2, gptj and bloom)",
+            opts.dtype
+        )));
+    }
     let loaded = match (model_type.as_str(), classification) {
-        ("llama", false) => llama::load(path)?,
+        ("llama", false) => llama::load(path, dtype)?,
         ("gpt2", false) => gpt2::load(path, dtype)?,
         ("gptj", false) => gptj::load(path, dtype)?,
         ("bloom", false) => bloom::load(path, dtype)?,
@@ -246,4 +294,40 @@ pub(crate) fn classification_model(
         labels,
         scoring: crate::model::Scoring::for_head(num_labels, multi_label),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dtype_names_parse_and_auto_means_f32_on_cpu() {
+        assert_eq!("bf16".parse::<WeightDtype>().unwrap(), WeightDtype::Bf16);
+        assert_eq!(
+            "f16".parse::<WeightDtype>().unwrap().candle(),
+            candle_core::DType::F16
+        );
+        assert_eq!(WeightDtype::Auto.candle(), candle_core::DType::F32);
+        assert!(
+            "f8".parse::<WeightDtype>()
+                .unwrap_err()
+                .to_string()
+                .contains("f8")
+        );
+    }
+
+    #[test]
+    fn an_unknown_model_type_is_refused_with_the_supported_list() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.json"), r#"{"model_type": "rwkv"}"#).unwrap();
+        let err = load(&LoadOptions {
+            path: dir.path().to_path_buf(),
+            task: None,
+            dtype: WeightDtype::Auto,
+        })
+        .err()
+        .expect("refused")
+        .to_string();
+        assert!(err.contains("rwkv") && err.contains(SUPPORTED), "{err}");
+    }
 }
