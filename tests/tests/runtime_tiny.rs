@@ -761,3 +761,53 @@ async fn the_dtype_flag_reaches_the_loader_and_a_refusal_fails_the_load() {
     );
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xlm_roberta_with_task_embedding_serves_its_base_model_mean_pooled() {
+    // reference.json's `embedding`: the mask-weighted mean of `model.roberta`'s last hidden
+    // state, L2-normalised.
+    let r = reference("xlm-roberta-cls");
+    let cases = r["cases"].as_array().unwrap();
+    let e = match backend::load(&LoadOptions {
+        path: tiny("xlm-roberta-cls"),
+        task: Some(kandle_runtime::model::Task::Embedding),
+        dtype: WeightDtype::Auto,
+    }) {
+        Ok(LoadedModel::Embedding(e)) => e,
+        Ok(other) => panic!("loaded as {:?}", other.task()),
+        Err(e) => panic!("{e}"),
+    };
+    let texts: Vec<&str> = cases.iter().map(|c| c["text"].as_str().unwrap()).collect();
+    let batch = e.embed_texts(&texts).unwrap();
+    for (i, case) in cases.iter().enumerate() {
+        let single = e.embed_texts(&[texts[i]]).unwrap().remove(0);
+        let d = max_abs_diff(&single, &floats(&case["embedding"]));
+        assert!(d <= 1e-5, "case {i}: embedding differs by {d}");
+        let db = max_abs_diff(&batch[i], &single);
+        assert!(
+            db <= 1e-5,
+            "case {i}: batch row differs from single by {db}"
+        );
+    }
+
+    let mut cfg = ServeConfig::new(tiny("xlm-roberta-cls"));
+    cfg.task = Some(kandle_runtime::model::Task::Embedding);
+    let mut server = server::start(cfg).await.expect("server starts");
+    server.wait_loaded().await.expect("loads as an embedder");
+    let url = format!("http://{}", server.local_addr());
+    let (status, body) = post(
+        &url,
+        "/v1/embeddings",
+        &json!({"model": "xlm-roberta-cls", "input": texts}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    for (i, case) in cases.iter().enumerate() {
+        let d = max_abs_diff(
+            &floats(&body["data"][i]["embedding"]),
+            &floats(&case["embedding"]),
+        );
+        assert!(d <= 1e-5, "case {i} over HTTP: embedding differs by {d}");
+    }
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}

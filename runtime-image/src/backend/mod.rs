@@ -168,6 +168,9 @@ pub fn load(opts: &LoadOptions) -> Result<LoadedModel> {
             opts.dtype
         )));
     }
+    // `--task Embedding` on an encoder with a head serves its base model's sentence
+    // embeddings, as transformers' feature-extraction pipeline would.
+    let classification = classification && opts.task != Some(Task::Embedding);
     let loaded = match (model_type.as_str(), classification) {
         ("llama", false) => llama::load(path, dtype)?,
         ("gpt2", false) => gpt2::load(path, dtype)?,
@@ -177,6 +180,12 @@ pub fn load(opts: &LoadOptions) -> Result<LoadedModel> {
         ("bert", true) => classifier::load_bert(path, dtype)?,
         ("distilbert", true) => distilbert::load(path, dtype)?,
         ("xlm-roberta", true) => xlm_roberta::load(path, dtype)?,
+        ("xlm-roberta", false) if !probe.architectures.iter().any(|a| a.contains("For")) => {
+            xlm_roberta::load_embedding(path)?
+        }
+        ("xlm-roberta", false) if opts.task == Some(Task::Embedding) => {
+            xlm_roberta::load_embedding(path)?
+        }
         (other, _) => {
             return Err(Error::Model(format!(
                 "model_type {other:?} with architectures {:?} is not supported; this runtime \
@@ -189,8 +198,9 @@ pub fn load(opts: &LoadOptions) -> Result<LoadedModel> {
 }
 
 /// What [`load`] accepts, for the refusal message.
-pub const SUPPORTED: &str = "llama, gpt2, gptj, bloom (TextGeneration); bert (Embedding); \
-    bert, distilbert, xlm-roberta *ForSequenceClassification (Classification); GGUF llama";
+pub const SUPPORTED: &str = "llama, gpt2, gptj, bloom (TextGeneration); bert, xlm-roberta \
+    (Embedding); bert, distilbert, xlm-roberta *ForSequenceClassification (Classification); \
+    GGUF llama";
 
 fn check_task(model: LoadedModel, wanted: Option<Task>) -> Result<LoadedModel> {
     match wanted {

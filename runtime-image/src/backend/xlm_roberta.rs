@@ -1,7 +1,8 @@
-//! XLM-RoBERTa (`XLMRobertaForSequenceClassification`): candle-transformers'
-//! `XLMRobertaModel` (RoBERTa position ids `padding_idx + cumsum(non-pad)`, erf GELU, the
-//! config's LayerNorm eps) under `roberta.`, and the head (`dense` + tanh + `out_proj` on
-//! `<s>`) here.
+//! XLM-RoBERTa: candle-transformers' `XLMRobertaModel` (RoBERTa position ids
+//! `padding_idx + cumsum(non-pad)`, erf GELU, the config's LayerNorm eps), as a classifier
+//! (`XLMRobertaForSequenceClassification`: `dense` + tanh + `out_proj` on `<s>`, here) or as
+//! a sentence embedder (`XLMRobertaModel`, or the base of any checkpoint with `--task
+//! Embedding`).
 
 use std::path::Path;
 
@@ -42,7 +43,8 @@ impl Classifier for XlmRobertaClassifier {
     }
 }
 
-pub(super) fn load(dir: &Path, dtype: DType) -> Result<LoadedModel> {
+/// config.json as candle's `Config`, and the longest input the position table allows.
+fn config(dir: &Path) -> Result<(serde_json::Value, Config, usize)> {
     let raw: serde_json::Value = read_json(&dir.join("config.json"))?;
     let mut cfg_json = raw.clone();
     // transformers 5 no longer writes the default "absolute"; candle's Config requires it.
@@ -63,6 +65,33 @@ pub(super) fn load(dir: &Path, dtype: DType) -> Result<LoadedModel> {
     let max_tokens = cfg
         .max_position_embeddings
         .saturating_sub(cfg.pad_token_id as usize + 1);
+    Ok((raw, cfg, max_tokens))
+}
+
+/// Sentence embeddings from the base model (under `roberta.` when the checkpoint has a head).
+pub(super) fn load_embedding(dir: &Path) -> Result<LoadedModel> {
+    let (_, cfg, max_tokens) = config(dir)?;
+    let vb = layers::var_builder(dir, DType::F32, &Device::Cpu)?;
+    let vb = if vb.contains_tensor("embeddings.word_embeddings.weight") {
+        vb
+    } else {
+        vb.pp("roberta")
+    };
+    let model = XLMRobertaModel::new(&cfg, vb).map_err(|e| layers::weights_error(dir, e))?;
+    let encode: super::bert::EncodeFn =
+        Box::new(move |ids, mask| model.forward(ids, mask, &ids.zeros_like()?, None, None, None));
+    super::bert::sentence_embedder(
+        dir,
+        encode,
+        cfg.hidden_size,
+        max_tokens,
+        cfg.pad_token_id,
+        cfg.vocab_size,
+    )
+}
+
+pub(super) fn load(dir: &Path, dtype: DType) -> Result<LoadedModel> {
+    let (raw, cfg, max_tokens) = config(dir)?;
     let tokenizer = super::tokenizer_json(dir)?.with_truncation(max_tokens)?;
     layers::check_vocab(&tokenizer, cfg.vocab_size)?;
     let labels = num_labels(&raw);
