@@ -496,6 +496,30 @@ async fn classify_over_http_returns_reference_labels_scores_and_logits() {
         .await;
         assert_eq!(status, 400, "a classifier refuses completions: {err}");
         assert!(err["error"]["message"].is_string());
+        // Classification requests are counted like the others, with their prompt tokens
+        // (the warm-up's included, hence at least).
+        let metrics = reqwest::get(format!("{url}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let line = |prefix: &str| -> f64 {
+            let l = metrics
+                .lines()
+                .find(|l| l.starts_with(prefix))
+                .unwrap_or_else(|| panic!("{name}: no {prefix} in /metrics:\n{metrics}"));
+            l.rsplit(' ').next().unwrap().parse().unwrap()
+        };
+        let classify_ok = "kandle_requests_total{endpoint=\"/v1/classify\",status=\"200\"}";
+        assert_eq!(line(classify_ok), 2.0, "{name}");
+        let classify_bad = "kandle_requests_total{endpoint=\"/v1/classify\",status=\"400\"}";
+        assert_eq!(line(classify_bad), 1.0, "{name}");
+        let expected_tokens = tokens + ids(&cases[2]["input_ids"]).len();
+        assert!(
+            line("kandle_prompt_tokens_total") >= expected_tokens as f64,
+            "{name}"
+        );
         server.shutdown(Duration::from_secs(5)).await.unwrap();
     }
 }
@@ -810,4 +834,34 @@ async fn xlm_roberta_with_task_embedding_serves_its_base_model_mean_pooled() {
         assert!(d <= 1e-5, "case {i} over HTTP: embedding differs by {d}");
     }
     server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+#[test]
+fn checkpoints_saved_without_the_transformer_prefix_load_the_same() {
+    // Older hub checkpoints (openai-community/gpt2, bigscience/bloom-560m) were saved from the
+    // base class, so their tensors have no "transformer." prefix.
+    for name in ["gpt2", "bloom"] {
+        let dir = copy_fixture(name);
+        edit_safetensors_header(&dir.path().join("model.safetensors"), |h| {
+            let keys: Vec<String> = h.keys().cloned().collect();
+            for k in keys {
+                if let Some(rest) = k.strip_prefix("transformer.") {
+                    let v = h.remove(&k).unwrap();
+                    h.insert(rest.to_owned(), v);
+                }
+            }
+        });
+        let g = match load(dir.path()) {
+            LoadedModel::Generation(g) => g,
+            other => panic!("{name}: {:?}", other.task()),
+        };
+        let case = &reference(name)["cases"][0];
+        check_causal_case(
+            name,
+            &g,
+            &ids(&case["input_ids"]),
+            case,
+            "unprefixed case 0",
+        );
+    }
 }

@@ -77,7 +77,7 @@ struct Bloom {
 impl Bloom {
     fn load(vb: VarBuilder, cfg: &Config) -> candle_core::Result<Self> {
         let h = cfg.hidden_size;
-        let t = vb.pp("transformer");
+        let t = layers::transformer_root(&vb, "word_embeddings.weight");
         let ln = |vb: VarBuilder| candle_nn::layer_norm(h, cfg.layer_norm_epsilon, vb);
         let embed = candle_nn::embedding(cfg.vocab_size, h, t.pp("word_embeddings"))?;
         let blocks = (0..cfg.n_layer)

@@ -65,7 +65,7 @@ impl Gpt2 {
     fn load(vb: VarBuilder, cfg: &Config) -> candle_core::Result<Self> {
         let h = cfg.n_embd;
         let inner = cfg.n_inner.unwrap_or(4 * h);
-        let t = vb.pp("transformer");
+        let t = layers::transformer_root(&vb, "wte.weight");
         let wte = candle_nn::embedding(cfg.vocab_size, h, t.pp("wte"))?;
         let wpe = candle_nn::embedding(cfg.n_positions, h, t.pp("wpe"))?;
         let ln = |vb: VarBuilder| candle_nn::layer_norm(h, cfg.layer_norm_epsilon, vb);

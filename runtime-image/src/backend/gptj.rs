@@ -63,7 +63,7 @@ impl GptJ {
     fn load(vb: VarBuilder, cfg: &Config, rotary_dim: usize) -> candle_core::Result<Self> {
         let h = cfg.n_embd;
         let inner = cfg.n_inner.unwrap_or(4 * h);
-        let t = vb.pp("transformer");
+        let t = layers::transformer_root(&vb, "wte.weight");
         let wte = candle_nn::embedding(cfg.vocab_size, h, t.pp("wte"))?;
         let ln = |vb: VarBuilder| candle_nn::layer_norm(h, cfg.layer_norm_epsilon, vb);
         let blocks = (0..cfg.n_layer)

@@ -31,6 +31,18 @@ pub(super) fn var_builder(
         .map_err(|e| weights_error(dir, e))
 }
 
+/// The base model's weights: under `transformer.` when saved from a `*LMHeadModel` /
+/// `*ForCausalLM` class (transformers today), at the root in older hub checkpoints saved from
+/// the base class (openai-community/gpt2, bigscience/bloom-560m). `probe` is a tensor of the
+/// base model, named without the prefix.
+pub(super) fn transformer_root<'a>(vb: &VarBuilder<'a>, probe: &str) -> VarBuilder<'a> {
+    if vb.contains_tensor(&format!("transformer.{probe}")) || !vb.contains_tensor(probe) {
+        vb.pp("transformer")
+    } else {
+        vb.clone()
+    }
+}
+
 /// GPT-2's `Conv1D`: a linear layer whose weight is stored `(in, out)`.
 pub(super) fn conv1d(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
     let w = vb.get((in_dim, out_dim), "weight")?.t()?.contiguous()?;
