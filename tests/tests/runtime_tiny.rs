@@ -633,6 +633,14 @@ fn an_unsupported_architecture_is_refused_with_the_list_of_supported_ones() {
     std::fs::write(&p, cfg.to_string()).unwrap();
     let msg = load_error(dir.path());
     assert!(msg.contains("DistilBertForQuestionAnswering"), "{msg}");
+    // Nor is a decoder saved with a head that cannot generate.
+    let dir = copy_fixture("gpt2");
+    let p = dir.path().join("config.json");
+    let mut cfg: Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    cfg["architectures"] = json!(["GPT2ForTokenClassification"]);
+    std::fs::write(&p, cfg.to_string()).unwrap();
+    let msg = load_error(dir.path());
+    assert!(msg.contains("GPT2ForTokenClassification"), "{msg}");
 }
 
 #[test]

@@ -171,11 +171,18 @@ pub fn load(opts: &LoadOptions) -> Result<LoadedModel> {
     // `--task Embedding` on an encoder with a head serves its base model's sentence
     // embeddings, as transformers' feature-extraction pipeline would.
     let classification = classification && opts.task != Some(Task::Embedding);
+    // A decoder checkpoint with another head (token classification, QA, ...) has no LM head
+    // to generate with; the architectures list says which head was saved.
+    let lm_head = probe.architectures.is_empty()
+        || probe
+            .architectures
+            .iter()
+            .any(|a| a.ends_with("ForCausalLM") || a.ends_with("LMHeadModel"));
     let loaded = match (model_type.as_str(), classification) {
-        ("llama", false) => llama::load(path, dtype)?,
-        ("gpt2", false) => gpt2::load(path, dtype)?,
-        ("gptj", false) => gptj::load(path, dtype)?,
-        ("bloom", false) => bloom::load(path, dtype)?,
+        ("llama", false) if lm_head => llama::load(path, dtype)?,
+        ("gpt2", false) if lm_head => gpt2::load(path, dtype)?,
+        ("gptj", false) if lm_head => gptj::load(path, dtype)?,
+        ("bloom", false) if lm_head => bloom::load(path, dtype)?,
         ("bert", false) => bert::load(path)?,
         ("bert", true) => classifier::load_bert(path, dtype)?,
         ("distilbert", true) => distilbert::load(path, dtype)?,
