@@ -134,6 +134,30 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 mod tests {
     use super::*;
 
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeConfig,
+    }
+
+    #[test]
+    fn the_operator_s_task_and_dtype_flags_parse() {
+        use clap::Parser;
+        let c = Cli::try_parse_from([
+            "serve",
+            "--model",
+            "/m",
+            "--task",
+            "Classification",
+            "--dtype",
+            "bf16",
+        ])
+        .unwrap();
+        assert_eq!(c.serve.task, Some(Task::Classification));
+        assert_eq!(c.serve.dtype, "bf16");
+        assert!(Cli::try_parse_from(["serve", "--model", "/m", "--dtype", "f8"]).is_err());
+    }
+
     #[test]
     fn durations_parse_with_units() {
         assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
