@@ -873,3 +873,31 @@ fn checkpoints_saved_without_the_transformer_prefix_load_the_same() {
         );
     }
 }
+
+#[test]
+fn the_logit_tolerance_catches_a_wrong_gelu_or_rotary_width() {
+    // The same weights with one config value changed must leave the 1e-4 bound: the checks
+    // above can fail on the slips the fixtures were built to expose.
+    for (name, key, value) in [
+        ("gpt2", "activation_function", json!("gelu")),
+        ("gptj", "rotary_dim", json!(16)),
+    ] {
+        let dir = copy_fixture(name);
+        let p = dir.path().join("config.json");
+        let mut cfg: Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        cfg[key] = value;
+        std::fs::write(&p, cfg.to_string()).unwrap();
+        let g = match load(dir.path()) {
+            LoadedModel::Generation(g) => g,
+            other => panic!("{name}: {:?}", other.task()),
+        };
+        let case = &reference(name)["cases"][0];
+        let (logits, _) = greedy(&g, &ids(&case["input_ids"]));
+        let d = max_abs_diff(&logits, &floats(&case["last_logits"]));
+        eprintln!("{name} with {key} changed: max logit diff {d:.2e}");
+        assert!(
+            d > 1e-4,
+            "{name}: changing {key} moved the logits by only {d}"
+        );
+    }
+}
