@@ -49,6 +49,7 @@ fn main() -> anyhow::Result<()> {
         let LoadedModel::Generation(g) = backend::load(&LoadOptions {
             path: path.clone(),
             task: None,
+            dtype: Default::default(),
         })?
         else {
             anyhow::bail!("not a generation model")
@@ -146,6 +147,7 @@ fn main() -> anyhow::Result<()> {
         let LoadedModel::Embedding(e) = backend::load(&LoadOptions {
             path: dir.clone(),
             task: None,
+            dtype: Default::default(),
         })?
         else {
             anyhow::bail!("not an embedding model")

@@ -176,6 +176,37 @@ pub struct EmbeddingRequest {
     pub dimensions: Option<i64>,
 }
 
+/// `input` of /v1/classify: one text or a list.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum ClassifyInput {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// POST /v1/classify (kandle's own route, in the spirit of transformers' text-classification
+/// pipeline and TEI's /predict): labels with scores per input, best first.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassifyRequest {
+    pub model: String,
+    pub input: ClassifyInput,
+    /// How many labels to return per input, best first; all when absent.
+    pub top_k: Option<i64>,
+}
+
+/// Validates `top_k` of /v1/classify against the number of labels; `None` means all.
+pub fn classify_top_k(top_k: Option<i64>, num_labels: usize) -> Result<usize, ApiError> {
+    match top_k {
+        None => Ok(num_labels),
+        Some(k) if k >= 1 => Ok((k as u64).min(num_labels as u64) as usize),
+        Some(k) => Err(ApiError::invalid(
+            format!("top_k must be at least 1, got {k}"),
+            Some("top_k"),
+        )),
+    }
+}
+
 /// The most top_logprobs OpenAI allows.
 pub const MAX_TOP_LOGPROBS: i64 = 20;
 /// The most stop sequences OpenAI allows.
@@ -456,6 +487,18 @@ mod tests {
         );
         let five = StopSpec::Many((0..5).map(|i| i.to_string()).collect());
         assert!(stop_sequences(Some(&five)).is_err());
+    }
+
+    #[test]
+    fn classify_top_k_defaults_to_all_labels_and_is_capped_by_them() {
+        assert_eq!(classify_top_k(None, 3).unwrap(), 3);
+        assert_eq!(classify_top_k(Some(1), 3).unwrap(), 1);
+        assert_eq!(classify_top_k(Some(10), 3).unwrap(), 3);
+        assert_eq!(classify_top_k(Some(0), 3).unwrap_err().param, Some("top_k"));
+        let r: ClassifyRequest =
+            serde_json::from_str(r#"{"model":"m","input":["a","b"],"top_k":1}"#).unwrap();
+        assert!(matches!(r.input, ClassifyInput::Many(ref v) if v.len() == 2));
+        assert!(parse_body::<ClassifyRequest>(br#"{"model":"m","input":"a","topk":1}"#).is_err());
     }
 
     #[test]

@@ -21,8 +21,9 @@ pub struct ServeConfig {
     /// Compute device. Only "cpu" is supported by this build.
     #[arg(long, env = "KANDLE_DEVICE", default_value = "cpu", value_parser = parse_device)]
     pub device: String,
-    /// Weight dtype for safetensors models: auto or f32 (GGUF files keep their quantisation).
-    #[arg(long, env = "KANDLE_DTYPE", default_value = "auto", value_parser = ["auto", "f32"])]
+    /// Weight dtype for safetensors models: auto (f32 on CPU), f32, or f16/bf16 for causal
+    /// LMs (GGUF files keep their quantisation).
+    #[arg(long, env = "KANDLE_DTYPE", default_value = "auto", value_parser = ["auto", "f32", "f16", "bf16"])]
     pub dtype: String,
     /// Address to listen on.
     #[arg(long, env = "KANDLE_HOST", default_value = "0.0.0.0")]
@@ -132,6 +133,30 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeConfig,
+    }
+
+    #[test]
+    fn the_operator_s_task_and_dtype_flags_parse() {
+        use clap::Parser;
+        let c = Cli::try_parse_from([
+            "serve",
+            "--model",
+            "/m",
+            "--task",
+            "Classification",
+            "--dtype",
+            "bf16",
+        ])
+        .unwrap();
+        assert_eq!(c.serve.task, Some(Task::Classification));
+        assert_eq!(c.serve.dtype, "bf16");
+        assert!(Cli::try_parse_from(["serve", "--model", "/m", "--dtype", "f8"]).is_err());
+    }
 
     #[test]
     fn durations_parse_with_units() {

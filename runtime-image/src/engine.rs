@@ -17,11 +17,11 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
-use crate::backend::{CausalLm, Embedder, Sequence};
+use crate::backend::{CausalLm, Sequence};
 use crate::chat::{ChatMessage, ChatTemplate};
 use crate::detok::TextAssembler;
 use crate::metrics::Metrics;
-use crate::model::{LoadedModel, Task};
+use crate::model::{LoadedModel, Scoring, Task};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::TextTokenizer;
 
@@ -130,6 +130,10 @@ pub struct Frontend {
     pub context_length: usize,
     /// Embedding width (0 for generation).
     pub embedding_dim: usize,
+    /// Classification: the label names by index (empty for the other tasks).
+    pub labels: Vec<String>,
+    /// Classification: how logits become scores.
+    pub scoring: Scoring,
 }
 
 impl Frontend {
@@ -150,8 +154,13 @@ impl Frontend {
         self.tokenizer.vocab_size()
     }
 
-    /// Renders a conversation with the chat template (or a plain "role: content" fallback for
-    /// models without one) and tokenises it.
+    /// Renders a conversation with the chat template and tokenises it.
+    ///
+    /// A model without a template (base gpt2, gptj, bloom checkpoints) gets a plain transcript:
+    /// one `"{role}: {content}\n"` line per message, then `"assistant:"`, tokenised with the
+    /// tokenizer's special tokens as a completion prompt is. Base models know no chat format,
+    /// so the least surprising prompt is the one a user would type (README: "Chat without a
+    /// template").
     pub fn encode_chat(&self, messages: &[ChatMessage]) -> crate::Result<(String, Vec<u32>)> {
         let text = match &self.chat_template {
             Some(t) => t.render(messages, true)?,
@@ -198,6 +207,8 @@ impl Engine {
                     bos_to_prepend: g.bos_to_prepend,
                     context_length: g.lm.context_length(),
                     embedding_dim: 0,
+                    labels: Vec::new(),
+                    scoring: Scoring::Softmax,
                 };
                 let worker = GenerationWorker {
                     lm: g.lm,
@@ -219,11 +230,30 @@ impl Engine {
                     bos_to_prepend: None,
                     context_length: e.model.max_input_tokens(),
                     embedding_dim: e.model.dimension(),
+                    labels: Vec::new(),
+                    scoring: Scoring::Softmax,
                 };
                 let model = e.model;
                 let thread = std::thread::Builder::new()
                     .name("kandle-model".into())
-                    .spawn(move || embedding_loop(model, batch, rx, m));
+                    .spawn(move || encoder_loop(|b| model.embed(b), batch, rx, m));
+                (frontend, thread)
+            }
+            LoadedModel::Classification(c) => {
+                let frontend = Frontend {
+                    task: Task::Classification,
+                    tokenizer: c.tokenizer,
+                    chat_template: None,
+                    bos_to_prepend: None,
+                    context_length: c.model.max_input_tokens(),
+                    embedding_dim: 0,
+                    labels: c.labels,
+                    scoring: c.scoring,
+                };
+                let model = c.model;
+                let thread = std::thread::Builder::new()
+                    .name("kandle-model".into())
+                    .spawn(move || encoder_loop(|b| model.classify(b), batch, rx, m));
                 (frontend, thread)
             }
         };
@@ -297,6 +327,21 @@ impl Engine {
         if self.inner.frontend.task != Task::Embedding {
             return Err(EngineError::WrongTask("embeddings"));
         }
+        self.encode(inputs).await
+    }
+
+    /// Classifies tokenised inputs: the raw logits per input (scores are the caller's, see
+    /// [`Frontend::scoring`]); refused at once when the queue is full.
+    pub async fn classify(&self, inputs: Vec<Vec<u32>>) -> Result<Vec<Vec<f32>>, EngineError> {
+        if self.inner.frontend.task != Task::Classification {
+            return Err(EngineError::WrongTask("classification"));
+        }
+        self.encode(inputs).await
+    }
+
+    /// Runs inputs through an encoder model (embedding or classification), in batches of at
+    /// most `max_batch_size`.
+    async fn encode(&self, inputs: Vec<Vec<u32>>) -> Result<Vec<Vec<f32>>, EngineError> {
         let permit = self
             .inner
             .permits
@@ -523,7 +568,14 @@ impl GenerationWorker {
     }
 }
 
-fn embedding_loop(model: Box<dyn Embedder>, batch: usize, rx: Receiver<Job>, metrics: Metrics) {
+/// The model thread of an encoder model: `run` maps a right-padded batch of token lists to
+/// one row per input (an embedding, or a classifier's logits).
+fn encoder_loop(
+    run: impl Fn(&[Vec<u32>]) -> crate::Result<Vec<Vec<f32>>>,
+    batch: usize,
+    rx: Receiver<Job>,
+    metrics: Metrics,
+) {
     while let Ok(job) = rx.recv() {
         metrics.queue_depth.dec();
         match job {
@@ -548,7 +600,7 @@ fn embedding_loop(model: Box<dyn Embedder>, batch: usize, rx: Receiver<Job>, met
                     metrics
                         .prompt_tokens
                         .inc_by(chunk.iter().map(|c| c.len() as u64).sum());
-                    match model.embed(chunk) {
+                    match run(chunk) {
                         Ok(v) => out.extend(v),
                         Err(e) => {
                             failed = Some(EngineError::Internal(e.to_string()));

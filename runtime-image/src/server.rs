@@ -240,6 +240,7 @@ fn load_and_warm(st: &AppState) -> Result<()> {
     let model = crate::backend::load(&crate::backend::LoadOptions {
         path: st.config.model.clone(),
         task: st.config.task,
+        dtype: st.config.dtype.parse()?,
     })?;
     let engine = Engine::start(
         model,
@@ -279,6 +280,11 @@ fn load_and_warm(st: &AppState) -> Result<()> {
         Task::Embedding => {
             let ids = engine.frontend().tokenizer.encode("Hello", true)?;
             futures::executor::block_on(engine.embed(vec![ids]))
+                .map_err(|e| Error::Server(format!("warm-up: {e}")))?;
+        }
+        Task::Classification => {
+            let ids = engine.frontend().tokenizer.encode("Hello", true)?;
+            futures::executor::block_on(engine.classify(vec![ids]))
                 .map_err(|e| Error::Server(format!("warm-up: {e}")))?;
         }
     }
@@ -390,6 +396,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/embeddings", post(embeddings))
+        .route("/v1/classify", post(classify))
         .route("/v1/models", get(list_models))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
@@ -1091,6 +1098,85 @@ async fn embeddings(
         "object": "list",
         "data": data,
         "model": st.model_id,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    }))
+    .into_response())
+}
+
+/// POST /v1/classify: `{"model", "input": "text" | ["t1", ...], "top_k"?}` →
+/// `{"object": "list", "model", "data": [{"object": "classification", "index", "labels":
+/// [{"index", "label", "score", "logit"}, ...]}], "usage"}`. Labels are best first; `score` is
+/// the softmax over labels (a sigmoid per label for one-label and multi-label heads, as
+/// transformers' pipeline does). All inputs run as right-padded batches of at most
+/// `--max-batch-size`; each is truncated to the model's maximum input length.
+async fn classify(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body_bytes(body)?;
+    let engine = st.engine()?.clone();
+    let r: api::ClassifyRequest = api::parse_body(&body)?;
+    st.check_model(&r.model)?;
+    let frontend = engine.frontend();
+    if frontend.task != Task::Classification {
+        return Err(ApiError::invalid(
+            format!("the model {:?} does not serve classification", st.model_id),
+            Some("model"),
+        ));
+    }
+    let top_k = api::classify_top_k(r.top_k, frontend.labels.len())?;
+    let texts: Vec<&str> = match &r.input {
+        api::ClassifyInput::One(s) => vec![s.as_str()],
+        api::ClassifyInput::Many(v) => v.iter().map(String::as_str).collect(),
+    };
+    if texts.is_empty() || texts.len() > st.config.max_embedding_inputs {
+        return Err(ApiError::invalid(
+            format!(
+                "input must hold between 1 and {} items, got {}",
+                st.config.max_embedding_inputs,
+                texts.len()
+            ),
+            Some("input"),
+        ));
+    }
+    let inputs = texts
+        .iter()
+        .map(|s| {
+            if s.is_empty() {
+                return Err(ApiError::invalid(
+                    "input must not contain empty strings",
+                    Some("input"),
+                ));
+            }
+            frontend.tokenizer.encode(s, true).map_err(|e| {
+                ApiError::invalid(format!("cannot tokenise the input: {e}"), Some("input"))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let prompt_tokens: usize = inputs.iter().map(Vec::len).sum();
+    let logits = engine.classify(inputs).await.map_err(engine_error)?;
+    let data: Vec<Value> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, row)| {
+            let labels: Vec<Value> = crate::model::rank_labels(
+                &frontend.labels,
+                frontend.scoring,
+                row,
+                Some(top_k),
+            )
+            .into_iter()
+            .map(
+                |l| json!({"index": l.index, "label": l.label, "score": l.score, "logit": l.logit}),
+            )
+            .collect();
+            json!({"object": "classification", "index": i, "labels": labels})
+        })
+        .collect();
+    Ok(axum::Json(json!({
+        "object": "list",
+        "model": st.model_id,
+        "data": data,
         "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
     }))
     .into_response())

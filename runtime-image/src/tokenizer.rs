@@ -130,7 +130,9 @@ impl TextTokenizer {
                 _ => {}
             }
         }
-        inner.add_special_tokens(special).map_err(Error::tokenizer)?;
+        inner
+            .add_special_tokens(special)
+            .map_err(Error::tokenizer)?;
         inner.add_tokens(user).map_err(Error::tokenizer)?;
         Ok(Self { inner })
     }

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use kandle_runtime::backend::{self, LoadOptions};
+use kandle_runtime::backend::{self, LoadOptions, WeightDtype};
 use kandle_runtime::chat::ChatMessage;
 use kandle_runtime::model::{EmbeddingModel, GenerationModel, LoadedModel};
 use kandle_runtime::sampling::{argmax, log_softmax};
@@ -15,6 +15,7 @@ fn load(path: &Path) -> LoadedModel {
     backend::load(&LoadOptions {
         path: path.to_path_buf(),
         task: None,
+        dtype: WeightDtype::Auto,
     })
     .unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))
 }
@@ -22,14 +23,14 @@ fn load(path: &Path) -> LoadedModel {
 fn generation(path: &Path) -> GenerationModel {
     match load(path) {
         LoadedModel::Generation(g) => g,
-        LoadedModel::Embedding(_) => panic!("{} loaded as an embedding model", path.display()),
+        other => panic!("{} loaded as a {:?} model", path.display(), other.task()),
     }
 }
 
 fn embedding(path: &Path) -> EmbeddingModel {
     match load(path) {
         LoadedModel::Embedding(e) => e,
-        LoadedModel::Generation(_) => panic!("{} loaded as a generation model", path.display()),
+        other => panic!("{} loaded as a {:?} model", path.display(), other.task()),
     }
 }
 

@@ -1,10 +1,10 @@
-//! BERT sentence embeddings, pooled and normalised as the model's sentence-transformers
+//! Sentence embeddings from an encoder (BERT here; XLM-RoBERTa through
+//! [`sentence_embedder`]), pooled and normalised as the model's sentence-transformers
 //! configuration says (modules.json, 1_Pooling/config.json, sentence_bert_config.json).
 
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config};
 
 use super::Embedder;
@@ -20,8 +20,12 @@ pub(crate) enum Pooling {
     MeanSqrtLen,
 }
 
+/// Runs an encoder: `(ids, mask)`, both `(b, t)` u32, to the last hidden state `(b, t, d)`.
+pub(super) type EncodeFn =
+    Box<dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor> + Send + Sync>;
+
 struct Bert {
-    model: BertModel,
+    encode: EncodeFn,
     pooling: Pooling,
     normalize: bool,
     dim: usize,
@@ -51,8 +55,7 @@ impl Embedder for Bert {
         let dev = Device::Cpu;
         let ids = Tensor::from_vec(ids, (batch.len(), width), &dev)?;
         let mask = Tensor::from_vec(mask, (batch.len(), width), &dev)?;
-        let token_types = ids.zeros_like()?;
-        let hidden = self.model.forward(&ids, &token_types, Some(&mask))?; // (b, t, d)
+        let hidden = (self.encode)(&ids, &mask)?; // (b, t, d)
         let maskf = mask.to_dtype(DType::F32)?.unsqueeze(2)?; // (b, t, 1)
         let pooled = match self.pooling {
             Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1)?,
@@ -164,41 +167,67 @@ fn pooling_setup(dir: &Path) -> Result<(Pooling, bool)> {
     Ok((pooling.unwrap_or(Pooling::Mean), normalize))
 }
 
-pub(super) fn load(dir: &Path) -> Result<LoadedModel> {
-    let config: Config = read_json(&dir.join("config.json"))?;
-    let (pooling, normalize) = pooling_setup(dir)?;
+/// `max_seq_length` of sentence_bert_config.json, if the file is there.
+fn st_max_seq_length(dir: &Path) -> Result<Option<usize>> {
     #[derive(serde::Deserialize)]
     struct StConfig {
         max_seq_length: Option<usize>,
     }
     let st_path = dir.join("sentence_bert_config.json");
-    let st_max = if st_path.exists() {
+    Ok(if st_path.exists() {
         read_json::<StConfig>(&st_path)?.max_seq_length
     } else {
         None
-    };
-    let max_tokens = st_max
-        .unwrap_or(config.max_position_embeddings)
-        .min(config.max_position_embeddings);
+    })
+}
 
-    let files = super::llama::safetensors_files(dir)?;
-    // SAFETY: read-only mapping of files the runtime owns while serving.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, &Device::Cpu)? };
+/// Wraps an encoder as an embedding model: pooling and normalisation from the
+/// sentence-transformers files (mean + normalise without them), inputs truncated to the
+/// smaller of `max_tokens` and `max_seq_length`.
+pub(super) fn sentence_embedder(
+    dir: &Path,
+    encode: EncodeFn,
+    dim: usize,
+    max_tokens: usize,
+    pad_id: u32,
+    vocab_size: usize,
+) -> Result<LoadedModel> {
+    let (pooling, normalize) = pooling_setup(dir)?;
+    let max_tokens = st_max_seq_length(dir)?
+        .unwrap_or(max_tokens)
+        .min(max_tokens);
+    let tokenizer = super::tokenizer_json(dir)?.with_truncation(max_tokens)?;
+    super::layers::check_vocab(&tokenizer, vocab_size)?;
+    let model = Bert {
+        encode,
+        pooling,
+        normalize,
+        dim,
+        max_tokens,
+        pad_id,
+    };
+    Ok(super::embedding_model(Box::new(model), tokenizer))
+}
+
+/// BERT embeddings; a checkpoint with a task head (`bert.` prefix) serves its base model.
+pub(super) fn load(dir: &Path) -> Result<LoadedModel> {
+    let config: Config = read_json(&dir.join("config.json"))?;
+    let vb = super::layers::var_builder(dir, DType::F32, &Device::Cpu)?;
     // Checkpoints saved from BertModel have no "bert." prefix; those from task heads do.
     let vb = if vb.contains_tensor("embeddings.word_embeddings.weight") {
         vb
     } else {
         vb.pp("bert")
     };
-    let model = BertModel::load(vb, &config)?;
-    let tokenizer = super::tokenizer_json(dir)?.with_truncation(max_tokens)?;
-    let bert = Bert {
-        model,
-        pooling,
-        normalize,
-        dim: config.hidden_size,
-        max_tokens,
-        pad_id: config.pad_token_id as u32,
-    };
-    Ok(super::embedding_model(Box::new(bert), tokenizer))
+    let model = BertModel::load(vb, &config).map_err(|e| super::layers::weights_error(dir, e))?;
+    let encode: EncodeFn =
+        Box::new(move |ids, mask| model.forward(ids, &ids.zeros_like()?, Some(mask)));
+    sentence_embedder(
+        dir,
+        encode,
+        config.hidden_size,
+        config.max_position_embeddings,
+        config.pad_token_id as u32,
+        config.vocab_size,
+    )
 }

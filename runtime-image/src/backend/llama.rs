@@ -3,7 +3,6 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 use candle_transformers::models::llama::{Cache, Config, Llama, LlamaConfig, LlamaEosToks};
 
 use super::{CausalLm, Sequence};
@@ -13,6 +12,7 @@ use crate::model::LoadedModel;
 struct SafetensorsLlama {
     model: std::sync::Arc<Llama>,
     config: Config,
+    dtype: DType,
 }
 
 struct LlamaSequence {
@@ -23,7 +23,7 @@ struct LlamaSequence {
 
 impl CausalLm for SafetensorsLlama {
     fn new_sequence(&self) -> Result<Box<dyn Sequence>> {
-        let cache = Cache::new(true, DType::F32, &self.config, &Device::Cpu)?;
+        let cache = Cache::new(true, self.dtype, &self.config, &Device::Cpu)?;
         Ok(Box::new(LlamaSequence {
             model: self.model.clone(),
             cache,
@@ -69,7 +69,7 @@ pub(super) fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-pub(super) fn load(dir: &Path) -> Result<LoadedModel> {
+pub(super) fn load(dir: &Path, dtype: DType) -> Result<LoadedModel> {
     let raw: serde_json::Value = read_json(&dir.join("config.json"))?;
     // Refuse what candle's llama does not implement rather than computing something else.
     if raw.get("attention_bias").and_then(|v| v.as_bool()) == Some(true)
@@ -98,13 +98,11 @@ pub(super) fn load(dir: &Path) -> Result<LoadedModel> {
         ));
     }
     let config = lcfg.into_config(false);
-    let files = safetensors_files(dir)?;
-    // SAFETY: the files are memory-mapped read-only; kandle owns the model directory and does
-    // not modify it while serving.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, &Device::Cpu)? };
-    let model = Llama::load(vb, &config)?;
+    let vb = super::layers::var_builder(dir, dtype, &Device::Cpu)?;
+    let model = Llama::load(vb, &config).map_err(|e| super::layers::weights_error(dir, e))?;
 
     let tokenizer = super::tokenizer_json(dir)?;
+    super::layers::check_vocab(&tokenizer, config.vocab_size)?;
     let tcfg = super::read_tokenizer_config(dir)?;
     let chat_template = tcfg
         .as_ref()
@@ -129,6 +127,7 @@ pub(super) fn load(dir: &Path) -> Result<LoadedModel> {
     let lm = SafetensorsLlama {
         model: std::sync::Arc::new(model),
         config,
+        dtype,
     };
     Ok(super::generation_model(
         Box::new(lm),

@@ -6,14 +6,21 @@
 //! its own KV cache, so that the engine can interleave many requests between decode steps.
 
 mod bert;
+mod bloom;
+mod classifier;
+mod distilbert;
 mod gguf_llama;
+mod gpt2;
+mod gptj;
+mod layers;
 mod llama;
+mod xlm_roberta;
 
 use std::path::{Path, PathBuf};
 
 use crate::chat::ChatTemplate;
 use crate::error::{Error, Result, read_json};
-use crate::model::{EmbeddingModel, GenerationModel, LoadedModel, Task};
+use crate::model::{ClassificationModel, EmbeddingModel, GenerationModel, LoadedModel, Task};
 use crate::tokenizer::TextTokenizer;
 
 /// A causal language model: the weights, shared by all sequences.
@@ -48,6 +55,51 @@ pub trait Embedder: Send + Sync {
     fn max_input_tokens(&self) -> usize;
 }
 
+/// A sequence classifier (`*ForSequenceClassification`).
+pub trait Classifier: Send + Sync {
+    /// The raw logits, one row of `num_labels` per input (each already truncated to
+    /// `max_input_tokens`). Inputs of different lengths run as one right-padded batch.
+    fn classify(&self, batch: &[Vec<u32>]) -> Result<Vec<Vec<f32>>>;
+    /// The longest input the model accepts.
+    fn max_input_tokens(&self) -> usize;
+}
+
+/// The weight dtype asked for (`--dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightDtype {
+    /// f32: this build runs on CPU, where half-precision matmuls are slower and less exact.
+    #[default]
+    Auto,
+    F32,
+    F16,
+    Bf16,
+}
+
+impl std::str::FromStr for WeightDtype {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(WeightDtype::Auto),
+            "f32" => Ok(WeightDtype::F32),
+            "f16" => Ok(WeightDtype::F16),
+            "bf16" => Ok(WeightDtype::Bf16),
+            other => Err(Error::Model(format!(
+                "unknown dtype {other:?} (expected auto, f32, f16 or bf16)"
+            ))),
+        }
+    }
+}
+
+impl WeightDtype {
+    fn candle(self) -> candle_core::DType {
+        match self {
+            WeightDtype::Auto | WeightDtype::F32 => candle_core::DType::F32,
+            WeightDtype::F16 => candle_core::DType::F16,
+            WeightDtype::Bf16 => candle_core::DType::BF16,
+        }
+    }
+}
+
 /// How to load a model.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
@@ -55,6 +107,10 @@ pub struct LoadOptions {
     pub path: PathBuf,
     /// The task, when the caller wants to force one; inferred from the model otherwise.
     pub task: Option<Task>,
+    /// Weight dtype of safetensors models (GGUF files keep their quantisation). Half
+    /// precision is served for the causal LMs; encoders (embedding, classification) are f32
+    /// only, and asking them for f16/bf16 is refused.
+    pub dtype: WeightDtype,
 }
 
 /// Loads the model at `opts.path`, choosing the architecture from the files found there.
@@ -99,28 +155,59 @@ pub fn load(opts: &LoadOptions) -> Result<LoadedModel> {
     }
     let probe: Probe = read_json(&config_path)?;
     let model_type = probe.model_type.unwrap_or_default();
-    let loaded = match model_type.as_str() {
-        "llama" => llama::load(path)?,
-        "bert" => {
-            if probe
-                .architectures
-                .iter()
-                .any(|a| a.contains("ForSequenceClassification"))
-            {
-                return Err(Error::Model(
-                    "BERT sequence classification is not supported by this runtime yet".into(),
-                ));
-            }
-            bert::load(path)?
+    let classification = probe
+        .architectures
+        .iter()
+        .any(|a| a.ends_with("ForSequenceClassification"));
+    let dtype = opts.dtype.candle();
+    let encoder = matches!(model_type.as_str(), "bert" | "distilbert" | "xlm-roberta");
+    if encoder && dtype != candle_core::DType::F32 {
+        return Err(Error::Model(format!(
+            "dtype {:?} is not supported for {model_type} models; use f32 or auto \
+             (half precision is served for llama, gpt2, gptj and bloom)",
+            opts.dtype
+        )));
+    }
+    // `--task Embedding` on an encoder with a head serves its base model's sentence
+    // embeddings, as transformers' feature-extraction pipeline would.
+    let classification = classification && opts.task != Some(Task::Embedding);
+    // A decoder checkpoint with another head (token classification, QA, ...) has no LM head
+    // to generate with; the architectures list says which head was saved.
+    let lm_head = probe.architectures.is_empty()
+        || probe
+            .architectures
+            .iter()
+            .any(|a| a.ends_with("ForCausalLM") || a.ends_with("LMHeadModel"));
+    let loaded = match (model_type.as_str(), classification) {
+        ("llama", false) if lm_head => llama::load(path, dtype)?,
+        ("gpt2", false) if lm_head => gpt2::load(path, dtype)?,
+        ("gptj", false) if lm_head => gptj::load(path, dtype)?,
+        ("bloom", false) if lm_head => bloom::load(path, dtype)?,
+        ("bert", false) => bert::load(path)?,
+        ("bert", true) => classifier::load_bert(path, dtype)?,
+        ("distilbert", true) => distilbert::load(path, dtype)?,
+        ("xlm-roberta", true) => xlm_roberta::load(path, dtype)?,
+        ("xlm-roberta", false) if !probe.architectures.iter().any(|a| a.contains("For")) => {
+            xlm_roberta::load_embedding(path)?
         }
-        other => {
+        ("xlm-roberta", false) if opts.task == Some(Task::Embedding) => {
+            xlm_roberta::load_embedding(path)?
+        }
+        (other, _) => {
             return Err(Error::Model(format!(
-                "model_type {other:?} is not supported (supported: llama, bert, GGUF llama)"
+                "model_type {other:?} with architectures {:?} is not supported; this runtime \
+                 serves: {SUPPORTED}",
+                probe.architectures
             )));
         }
     };
     check_task(loaded, opts.task)
 }
+
+/// What [`load`] accepts, for the refusal message.
+pub const SUPPORTED: &str = "llama, gpt2, gptj, bloom (TextGeneration); bert, xlm-roberta \
+    (Embedding); bert, distilbert, xlm-roberta *ForSequenceClassification (Classification); \
+    GGUF llama";
 
 fn check_task(model: LoadedModel, wanted: Option<Task>) -> Result<LoadedModel> {
     match wanted {
@@ -206,4 +293,58 @@ pub(crate) fn generation_model(
 /// Builds an [`EmbeddingModel`].
 pub(crate) fn embedding_model(model: Box<dyn Embedder>, tokenizer: TextTokenizer) -> LoadedModel {
     LoadedModel::Embedding(EmbeddingModel { model, tokenizer })
+}
+
+/// Builds a [`ClassificationModel`] around a classifier; labels come from config.json.
+pub(crate) fn classification_model(
+    model: Box<dyn Classifier>,
+    tokenizer: TextTokenizer,
+    config: &serde_json::Value,
+    num_labels: usize,
+) -> Result<LoadedModel> {
+    let labels = crate::model::labels_from_config(config, num_labels).map_err(Error::Model)?;
+    let multi_label =
+        config.get("problem_type").and_then(|p| p.as_str()) == Some("multi_label_classification");
+    Ok(LoadedModel::Classification(ClassificationModel {
+        model,
+        tokenizer,
+        labels,
+        scoring: crate::model::Scoring::for_head(num_labels, multi_label),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dtype_names_parse_and_auto_means_f32_on_cpu() {
+        assert_eq!("bf16".parse::<WeightDtype>().unwrap(), WeightDtype::Bf16);
+        assert_eq!(
+            "f16".parse::<WeightDtype>().unwrap().candle(),
+            candle_core::DType::F16
+        );
+        assert_eq!(WeightDtype::Auto.candle(), candle_core::DType::F32);
+        assert!(
+            "f8".parse::<WeightDtype>()
+                .unwrap_err()
+                .to_string()
+                .contains("f8")
+        );
+    }
+
+    #[test]
+    fn an_unknown_model_type_is_refused_with_the_supported_list() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.json"), r#"{"model_type": "rwkv"}"#).unwrap();
+        let err = load(&LoadOptions {
+            path: dir.path().to_path_buf(),
+            task: None,
+            dtype: WeightDtype::Auto,
+        })
+        .err()
+        .expect("refused")
+        .to_string();
+        assert!(err.contains("rwkv") && err.contains(SUPPORTED), "{err}");
+    }
 }
