@@ -16,10 +16,16 @@ pub enum Task {
     /// Sentence embeddings: /v1/embeddings.
     #[value(name = "Embedding", alias = "embedding")]
     Embedding,
+    /// Encoder-decoder (t5, blenderbot-small): /v1/completions, the prompt is the encoder input.
+    #[value(name = "Text2Text", alias = "text2text-generation")]
+    Text2Text,
 }
 
 /// A text-generation model.
 pub struct GenerationModel {
+    /// [`Task::TextGeneration`], or [`Task::Text2Text`] for an encoder-decoder behind the
+    /// causal-LM traits (its first `feed` is the encoder input).
+    pub task: Task,
     pub lm: Box<dyn CausalLm>,
     pub tokenizer: TextTokenizer,
     pub chat_template: Option<ChatTemplate>,
@@ -49,6 +55,8 @@ impl EmbeddingModel {
 }
 
 /// Either kind of model.
+// Built once per process and moved onto the model thread: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum LoadedModel {
     Generation(GenerationModel),
     Embedding(EmbeddingModel),
@@ -58,7 +66,7 @@ impl LoadedModel {
     /// The task this model serves.
     pub fn task(&self) -> Task {
         match self {
-            LoadedModel::Generation(_) => Task::TextGeneration,
+            LoadedModel::Generation(g) => g.task,
             LoadedModel::Embedding(_) => Task::Embedding,
         }
     }

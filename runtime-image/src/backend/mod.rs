@@ -6,8 +6,11 @@
 //! its own KV cache, so that the engine can interleave many requests between decode steps.
 
 mod bert;
+mod blenderbot_small;
 mod gguf_llama;
 mod llama;
+mod seq2seq;
+mod t5;
 
 use std::path::{Path, PathBuf};
 
@@ -113,9 +116,11 @@ pub fn load(opts: &LoadOptions) -> Result<LoadedModel> {
             }
             bert::load(path)?
         }
+        "t5" => t5::load(path)?,
+        "blenderbot-small" | "blenderbot_small" => blenderbot_small::load(path)?,
         other => {
             return Err(Error::Model(format!(
-                "model_type {other:?} is not supported (supported: llama, bert, GGUF llama)"
+                "model_type {other:?} is not supported (supported: llama, bert, t5, blenderbot-small, GGUF llama)"
             )));
         }
     };
@@ -195,6 +200,7 @@ pub(crate) fn generation_model(
     add_bos: bool,
 ) -> LoadedModel {
     LoadedModel::Generation(GenerationModel {
+        task: Task::TextGeneration,
         lm,
         tokenizer,
         chat_template,
