@@ -44,10 +44,14 @@ fn floats(v: &Value) -> Vec<f32> {
         .collect()
 }
 
-async fn serve(dir: &Path, configure: impl FnOnce(&mut ServeConfig)) -> (Server, String) {
-    let mut cfg = ServeConfig::new(dir);
-    cfg.max_new_tokens = 64;
-    configure(&mut cfg);
+/// `kandle-runtime serve`'s flags, as the operator passes them.
+#[derive(clap::Parser)]
+struct ServeFlags {
+    #[command(flatten)]
+    serve: ServeConfig,
+}
+
+async fn serve(cfg: ServeConfig) -> (Server, String) {
     let mut server = server::start(cfg).await.expect("server starts");
     tokio::time::timeout(Duration::from_secs(120), server.wait_loaded())
         .await
@@ -161,7 +165,22 @@ async fn greedy_completions_match_transformers(name: &str) {
     let reference = reference(&dir);
     let tok = TextTokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
     let eos = reference["generation"]["eos_token_id"].as_u64().unwrap() as u32;
-    let (server, url) = serve(&dir, |c| c.task = Some(Task::Text2Text)).await;
+    let flags = <ServeFlags as clap::Parser>::try_parse_from([
+        "serve",
+        "--model",
+        dir.to_str().unwrap(),
+        "--task",
+        "Text2Text",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--max-batch-size",
+        "4",
+    ])
+    .expect("the operator's flags parse");
+    assert_eq!(flags.serve.task, Some(Task::Text2Text));
+    let (server, url) = serve(flags.serve).await;
     let http = client();
     let model = served_model_id(&http, &url).await;
     let cases = reference["cases"].as_array().unwrap();
@@ -206,7 +225,7 @@ async fn a_text2text_model_streams_the_same_text_and_refuses_chat() {
     let dir = fixture("t5");
     let reference = reference(&dir);
     // No --task: inferred from config.json.
-    let (server, url) = serve(&dir, |_| {}).await;
+    let (server, url) = serve(ServeConfig::new(&dir)).await;
     let http = client();
     let model = served_model_id(&http, &url).await;
     let case = &reference["cases"][1];
