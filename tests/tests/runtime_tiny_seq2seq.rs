@@ -266,6 +266,64 @@ async fn a_text2text_model_streams_the_same_text_and_refuses_chat() {
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
+/// Copies a fixture directory, for tests that change a file of it.
+fn copy_fixture(src: &Path, dst: &Path) {
+    std::fs::create_dir(dst).unwrap();
+    for f in std::fs::read_dir(src).unwrap() {
+        let p = f.unwrap().path();
+        std::fs::copy(&p, dst.join(p.file_name().unwrap())).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generation_stops_at_the_eos_token_named_by_generation_config() {
+    // The public cases never produce eos within 12 tokens, so name as eos a token that
+    // blenderbot-small's greedy output does produce, in a copy of the fixture: generation must
+    // stop right after it, leave it out of the text and answer finish_reason "stop".
+    let src = fixture("blenderbot-small");
+    let reference = reference(&src);
+    let case = &reference["cases"][1];
+    let greedy = ids(&case["greedy"]["new_token_ids"]);
+    let (stop_at, eos) = greedy
+        .iter()
+        .enumerate()
+        .skip(1)
+        .find(|(i, t)| !greedy[..*i].contains(t))
+        .map(|(i, t)| (i, *t))
+        .expect("a token that first appears after the first step");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("blenderbot-small-eos");
+    copy_fixture(&src, &dir);
+    let gen_path = dir.join("generation_config.json");
+    let mut gen_cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(&gen_path).unwrap()).unwrap();
+    gen_cfg["eos_token_id"] = json!(eos);
+    std::fs::write(&gen_path, gen_cfg.to_string()).unwrap();
+
+    let (server, url) = serve(ServeConfig::new(&dir)).await;
+    let http = client();
+    let model = served_model_id(&http, &url).await;
+    let got = complete(
+        &http,
+        &url,
+        &greedy_body(&model, case["text"].as_str().unwrap()),
+    )
+    .await;
+    let tok = TextTokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+    let choice = &got["choices"][0];
+    assert_eq!(choice["finish_reason"], "stop");
+    assert_eq!(
+        choice["text"].as_str().unwrap(),
+        tok.decode(&greedy[..stop_at], true).unwrap()
+    );
+    assert_eq!(
+        got["usage"]["completion_tokens"].as_u64().unwrap() as usize,
+        stop_at + 1,
+        "the generated tokens up to and including eos"
+    );
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
 /// Writes a copy of a safetensors file without one tensor.
 fn drop_tensor(src: &Path, dst: &Path, name: &str) {
     let bytes = std::fs::read(src).unwrap();
@@ -311,13 +369,7 @@ async fn a_t5_checkpoint_missing_a_tensor_is_refused_at_load_naming_it() {
     let src = fixture("t5");
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("t5-broken");
-    std::fs::create_dir(&dir).unwrap();
-    for f in std::fs::read_dir(&src).unwrap() {
-        let p = f.unwrap().path();
-        if p.file_name().unwrap() != "model.safetensors" {
-            std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
-        }
-    }
+    copy_fixture(&src, &dir);
     let missing = "decoder.block.1.layer.1.EncDecAttention.k.weight";
     drop_tensor(
         &src.join("model.safetensors"),
