@@ -231,19 +231,19 @@ impl Sequence for Seq2SeqSequence {
         if tokens.is_empty() {
             return Err(Error::InvalidRequest("no tokens to feed".into()));
         }
-        let dev = Device::Cpu;
-        let decoder_input = if self.state.is_none() {
-            let ids = Tensor::new(tokens, &dev)?.unsqueeze(0)?;
-            self.state = Some(self.model.encode(&ids, &ids.ones_like()?)?);
-            self.encoder_len = tokens.len();
-            Tensor::new(&[self.model.decoder_start_token_id()], &dev)?.unsqueeze(0)?
-        } else {
-            Tensor::new(tokens, &dev)?.unsqueeze(0)?
+        let (mut state, input) = match self.state.take() {
+            Some(state) => (state, tokens.to_vec()),
+            None => {
+                let ids = Tensor::new(tokens, &Device::Cpu)?.unsqueeze(0)?;
+                let state = self.model.encode(&ids, &ids.ones_like()?)?;
+                self.encoder_len = tokens.len();
+                (state, vec![self.model.decoder_start_token_id()])
+            }
         };
-        let Some(state) = self.state.as_mut() else {
-            return Err(Error::Model("the encoder produced no decoder state".into()));
-        };
-        let logits = self.model.decode(state, &decoder_input)?;
+        let input = Tensor::new(input.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+        let logits = self.model.decode(&mut state, &input);
+        self.state = Some(state);
+        let logits = logits?;
         Ok(logits.squeeze(0)?.to_vec1::<f32>()?)
     }
     fn len(&self) -> usize {

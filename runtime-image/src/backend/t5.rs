@@ -441,8 +441,14 @@ mod tests {
     }
 
     #[test]
-    fn unsupported_feed_forward_is_refused_at_load() {
-        let a = Act::parse("gelu_fast");
-        assert!(a.is_err());
+    fn an_unsupported_feed_forward_is_refused_at_load() {
+        let cfg: Config = serde_json::from_value(serde_json::json!({
+            "vocab_size": 8, "d_model": 4, "d_kv": 2, "d_ff": 8, "num_layers": 1,
+            "num_heads": 2, "feed_forward_proj": "gated-gelu_fast"
+        }))
+        .unwrap();
+        let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
+        let err = T5::load(vb, cfg, 0).err().expect("refused");
+        assert!(err.to_string().contains("gelu_fast"), "{err}");
     }
 }
