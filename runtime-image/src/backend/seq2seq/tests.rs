@@ -250,3 +250,62 @@ fn blenderbot_small_matches_transformers_first_step_logits_and_greedy_tokens() {
 fn blenderbot_small_padded_batch_rows_equal_their_single_cases() {
     check_batch("blenderbot-small");
 }
+
+/// Feeding the decoder several tokens at once (the causal-mask path, and T5's position bias
+/// after a cache) gives the logits that feeding them one at a time gives.
+fn check_prefix_at_once(name: &str) {
+    let (parts, reference) = open(name);
+    let case = &reference["cases"][0];
+    let prompt = ids(&case["input_ids"]);
+    let generated = ids(&case["greedy"]["new_token_ids"]);
+    let model = &parts.model;
+    let dev = Device::Cpu;
+    let ids_t = Tensor::new(prompt.as_slice(), &dev)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let mask = ids_t.ones_like().unwrap();
+    let mut prefix = vec![model.decoder_start_token_id()];
+    prefix.extend_from_slice(&generated[..generated.len() - 1]);
+    // Step by step: the logits after each prefix token.
+    let mut state = model.encode(&ids_t, &mask).unwrap();
+    let stepwise: Vec<Vec<f32>> = prefix
+        .iter()
+        .map(|&t| {
+            let x = Tensor::new(&[t], &dev).unwrap().unsqueeze(0).unwrap();
+            let l = model.decode(&mut state, &x).unwrap();
+            l.squeeze(0).unwrap().to_vec1().unwrap()
+        })
+        .collect();
+    // The same prefix in two chunks: 5 tokens at once, then the rest at once.
+    let mut state = model.encode(&ids_t, &mask).unwrap();
+    for (start, end) in [(0, 5), (5, prefix.len())] {
+        let x = Tensor::new(&prefix[start..end], &dev)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let got: Vec<f32> = model
+            .decode(&mut state, &x)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let diff = max_abs_diff(&got, &stepwise[end - 1]);
+        assert!(
+            diff <= 1e-5,
+            "{name}: logits after {end} tokens fed at once differ by {diff}"
+        );
+    }
+    assert_eq!(state.len, prefix.len());
+}
+
+#[test]
+fn t5_decoding_a_prefix_at_once_equals_decoding_it_token_by_token() {
+    check_prefix_at_once("t5");
+}
+
+#[test]
+fn blenderbot_small_decoding_a_prefix_at_once_equals_decoding_it_token_by_token() {
+    check_prefix_at_once("blenderbot-small");
+}
