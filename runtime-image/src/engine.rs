@@ -201,7 +201,7 @@ impl Engine {
         let (frontend, thread) = match model {
             LoadedModel::Generation(g) => {
                 let frontend = Frontend {
-                    task: Task::TextGeneration,
+                    task: g.task,
                     tokenizer: g.tokenizer.clone(),
                     chat_template: g.chat_template,
                     bos_to_prepend: g.bos_to_prepend,
@@ -299,7 +299,10 @@ impl Engine {
         &self,
         req: GenerateRequest,
     ) -> Result<mpsc::UnboundedReceiver<GenerateEvent>, EngineError> {
-        if self.inner.frontend.task != Task::TextGeneration {
+        if !matches!(
+            self.inner.frontend.task,
+            Task::TextGeneration | Task::Text2Text
+        ) {
             return Err(EngineError::WrongTask("text generation"));
         }
         let permit = self

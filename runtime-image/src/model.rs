@@ -19,10 +19,16 @@ pub enum Task {
     /// Sequence classification: /v1/classify.
     #[value(name = "Classification", alias = "classification")]
     Classification,
+    /// Encoder-decoder (t5, blenderbot-small): /v1/completions, the prompt is the encoder input.
+    #[value(name = "Text2Text", alias = "text2text-generation")]
+    Text2Text,
 }
 
 /// A text-generation model.
 pub struct GenerationModel {
+    /// [`Task::TextGeneration`], or [`Task::Text2Text`] for an encoder-decoder behind the
+    /// causal-LM traits (its first `feed` is the encoder input).
+    pub task: Task,
     pub lm: Box<dyn CausalLm>,
     pub tokenizer: TextTokenizer,
     pub chat_template: Option<ChatTemplate>,
@@ -189,7 +195,7 @@ impl LoadedModel {
     /// The task this model serves.
     pub fn task(&self) -> Task {
         match self {
-            LoadedModel::Generation(_) => Task::TextGeneration,
+            LoadedModel::Generation(g) => g.task,
             LoadedModel::Embedding(_) => Task::Embedding,
             LoadedModel::Classification(_) => Task::Classification,
         }

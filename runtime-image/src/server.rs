@@ -254,7 +254,7 @@ fn load_and_warm(st: &AppState) -> Result<()> {
     // pay for lazy initialisation (thread pools, allocations).
     // A plain executor: this runs on a blocking thread, outside the async runtime's workers.
     match engine.frontend().task {
-        Task::TextGeneration => {
+        Task::TextGeneration | Task::Text2Text => {
             let prompt = engine.frontend().encode_prompt("Hello", true)?;
             let mut rx = engine
                 .generate(GenerateRequest {
@@ -598,6 +598,15 @@ async fn chat_completions(
     let engine = st.engine()?.clone();
     let r: api::ChatCompletionRequest = api::parse_body(&body)?;
     st.check_model(&r.model)?;
+    if engine.frontend().task == Task::Text2Text {
+        // An encoder-decoder has no chat format to render messages with; guessing one would
+        // silently change what the model sees.
+        return Err(ApiError::invalid(
+            "this is a text-to-text (encoder-decoder) model with no chat format: send the input \
+             text as the prompt of /v1/completions",
+            Some("messages"),
+        ));
+    }
     api::check_n(r.n)?;
     let messages = api::chat_messages(&r.messages)?;
     let logprobs = match (r.logprobs, r.top_logprobs) {

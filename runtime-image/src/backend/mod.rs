@@ -6,6 +6,7 @@
 //! its own KV cache, so that the engine can interleave many requests between decode steps.
 
 mod bert;
+mod blenderbot_small;
 mod bloom;
 mod classifier;
 mod distilbert;
@@ -14,6 +15,8 @@ mod gpt2;
 mod gptj;
 mod layers;
 mod llama;
+mod seq2seq;
+mod t5;
 mod xlm_roberta;
 
 use std::path::{Path, PathBuf};
@@ -160,7 +163,10 @@ pub fn load(opts: &LoadOptions) -> Result<LoadedModel> {
         .iter()
         .any(|a| a.ends_with("ForSequenceClassification"));
     let dtype = opts.dtype.candle();
-    let encoder = matches!(model_type.as_str(), "bert" | "distilbert" | "xlm-roberta");
+    let encoder = matches!(
+        model_type.as_str(),
+        "bert" | "distilbert" | "xlm-roberta" | "t5" | "blenderbot-small" | "blenderbot_small"
+    );
     if encoder && dtype != candle_core::DType::F32 {
         return Err(Error::Model(format!(
             "dtype {:?} is not supported for {model_type} models; use f32 or auto \
@@ -193,6 +199,8 @@ pub fn load(opts: &LoadOptions) -> Result<LoadedModel> {
         ("xlm-roberta", false) if opts.task == Some(Task::Embedding) => {
             xlm_roberta::load_embedding(path)?
         }
+        ("t5", false) => t5::load(path)?,
+        ("blenderbot-small" | "blenderbot_small", false) => blenderbot_small::load(path)?,
         (other, _) => {
             return Err(Error::Model(format!(
                 "model_type {other:?} with architectures {:?} is not supported; this runtime \
@@ -207,7 +215,7 @@ pub fn load(opts: &LoadOptions) -> Result<LoadedModel> {
 /// What [`load`] accepts, for the refusal message.
 pub const SUPPORTED: &str = "llama, gpt2, gptj, bloom (TextGeneration); bert, xlm-roberta \
     (Embedding); bert, distilbert, xlm-roberta *ForSequenceClassification (Classification); \
-    GGUF llama";
+    t5, blenderbot-small (Text2Text); GGUF llama";
 
 fn check_task(model: LoadedModel, wanted: Option<Task>) -> Result<LoadedModel> {
     match wanted {
@@ -282,6 +290,7 @@ pub(crate) fn generation_model(
     add_bos: bool,
 ) -> LoadedModel {
     LoadedModel::Generation(GenerationModel {
+        task: Task::TextGeneration,
         lm,
         tokenizer,
         chat_template,
