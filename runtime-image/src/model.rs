@@ -16,6 +16,14 @@ pub enum Task {
     /// Sentence embeddings: /v1/embeddings.
     #[value(name = "Embedding", alias = "embedding")]
     Embedding,
+    /// Sequence classification: /v1/classify. Accepted on the command line (the operator's
+    /// task names); no model of this runtime serves it yet, so asking for it fails the load.
+    #[value(name = "Classification", alias = "classification")]
+    Classification,
+    /// Sequence-to-sequence generation (T5-like). Accepted like `Classification`, refused at
+    /// load until a backend serves it.
+    #[value(name = "Text2Text", alias = "text2text")]
+    Text2Text,
 }
 
 /// A text-generation model.
