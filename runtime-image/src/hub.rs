@@ -402,7 +402,7 @@ impl HubClient {
 
     fn transfer_error(&self, what: &str, e: reqwest::Error) -> Error {
         // reqwest's message carries the URL, which holds no secret; redact anyway.
-        self.hub_error(format!("{what}: {e}"))
+        self.hub_error(format!("{what}: {}", with_causes(&e)))
     }
 
     /// Downloads `model` into the cache (only what is missing) and returns its local path: the
@@ -594,7 +594,7 @@ impl HubClient {
         let resp = req
             .send()
             .await
-            .map_err(|e| Transfer::Retry(e.to_string()))?;
+            .map_err(|e| Transfer::Retry(with_causes(&e)))?;
         let status = resp.status();
         let append = match status {
             StatusCode::PARTIAL_CONTENT => {
@@ -650,7 +650,7 @@ impl HubClient {
         let mut last_log = Instant::now();
         let mut body = resp.bytes_stream();
         while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| Transfer::Retry(e.to_string()))?;
+            let chunk = chunk.map_err(|e| Transfer::Retry(with_causes(&e)))?;
             out.write_all(&chunk)
                 .await
                 .map_err(|e| Transfer::Fatal(format!("cannot write {}: {e}", partial.display())))?;
@@ -755,6 +755,22 @@ fn log_progress(what: &str, done: u64, from: u64, size: Option<u64>, t0: Instant
             "{what}"
         ),
     }
+}
+
+/// An error and its sources ("error sending request: ... : Connection refused"): reqwest's own
+/// message alone does not say what failed.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let c = cause.to_string();
+        if !s.contains(&c) {
+            s.push_str(": ");
+            s.push_str(&c);
+        }
+        source = cause.source();
+    }
+    s
 }
 
 /// `"abc"`, `W/"abc"` → `abc`.
