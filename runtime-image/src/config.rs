@@ -63,6 +63,28 @@ impl HubArgs {
     }
 }
 
+/// A secret that prints as `<redacted>` (Debug included), so that a logged configuration
+/// never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey(pub String);
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl std::str::FromStr for ApiKey {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let key = s.trim();
+        if key.is_empty() {
+            return Err("the API key is empty".into());
+        }
+        Ok(ApiKey(key.to_owned()))
+    }
+}
+
 /// Everything `download` needs.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DownloadConfig {
@@ -121,6 +143,11 @@ pub struct ServeConfig {
     /// File holding API keys, one per line; when set, /v1 requests need `Authorization: Bearer <key>`.
     #[arg(long, env = "KANDLE_API_KEY_FILE")]
     pub api_key_file: Option<PathBuf>,
+    /// An API key, as an alternative to --api-key-file (the operator sets KANDLE_API_KEY from
+    /// `serving.apiKeySecretRef`). Prefer the environment variable: command lines are visible
+    /// to every process on the node.
+    #[arg(long, env = "KANDLE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<ApiKey>,
     /// Sequences generated concurrently (embedding inputs per forward pass).
     #[arg(long, env = "KANDLE_MAX_BATCH_SIZE", default_value_t = 8)]
     pub max_batch_size: usize,
@@ -172,6 +199,7 @@ impl ServeConfig {
             host: IpAddr::from([127, 0, 0, 1]),
             port: 0,
             api_key_file: None,
+            api_key: None,
             max_batch_size: 8,
             max_queue: 32,
             max_concurrent_requests: None,

@@ -740,20 +740,19 @@ enum Transfer {
 
 fn log_progress(what: &str, done: u64, from: u64, size: Option<u64>, t0: Instant) {
     const MIB: f64 = 1024.0 * 1024.0;
+    let tenths = |x: f64| (x * 10.0).round() / 10.0;
     let secs = t0.elapsed().as_secs_f64().max(1e-3);
-    let rate = (done - from) as f64 / MIB / secs;
+    let mib_per_s = tenths((done - from) as f64 / MIB / secs);
+    let mib = tenths(done as f64 / MIB);
     match size {
         Some(total) if total > 0 => tracing::info!(
-            mib = format!("{:.1}/{:.1}", done as f64 / MIB, total as f64 / MIB),
-            percent = format!("{:.0}", 100.0 * done as f64 / total as f64),
-            mib_per_s = format!("{rate:.1}"),
+            mib,
+            total_mib = tenths(total as f64 / MIB),
+            percent = done * 100 / total,
+            mib_per_s,
             "{what}"
         ),
-        _ => tracing::info!(
-            mib = format!("{:.1}", done as f64 / MIB),
-            mib_per_s = format!("{rate:.1}"),
-            "{what}"
-        ),
+        _ => tracing::info!(mib, mib_per_s, "{what}"),
     }
 }
 

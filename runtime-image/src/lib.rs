@@ -23,6 +23,6 @@ pub mod server;
 pub mod source;
 pub mod tokenizer;
 
-pub use config::{DownloadConfig, HubArgs, ServeConfig};
+pub use config::{ApiKey, DownloadConfig, HubArgs, ServeConfig};
 pub use error::{Error, Result};
 pub use server::run;

@@ -158,7 +158,7 @@ pub struct Server {
 
 /// Binds the port, starts serving and starts loading the model in the background.
 pub async fn start(config: ServeConfig) -> Result<Server> {
-    let api_keys = match &config.api_key_file {
+    let mut api_keys: Vec<String> = match &config.api_key_file {
         Some(p) => std::fs::read_to_string(p)
             .map_err(|e| Error::io(p, e))?
             .lines()
@@ -170,6 +170,9 @@ pub async fn start(config: ServeConfig) -> Result<Server> {
     };
     if config.api_key_file.is_some() && api_keys.is_empty() {
         return Err(Error::Server("the API key file holds no key".into()));
+    }
+    if let Some(key) = &config.api_key {
+        api_keys.push(key.0.clone());
     }
     // A malformed source fails at once; a missing model fails the load (the port answers).
     let source = config.source().map_err(Error::Model)?;

@@ -20,6 +20,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 const TOKEN: &str = "hf_kandleTestSecret0123456789";
+const API_KEY: &str = "sk-kandle-contract-test";
 const SMOL_REPO: &str = "kandle-test/SmolLM2-135M-Instruct-GGUF";
 const SMOL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 const MINILM_REPO: &str = "sentence-transformers/all-MiniLM-L6-v2";
@@ -237,6 +238,7 @@ async fn a_private_gguf_and_a_model_directory_download_and_then_serve_offline_fr
     let (ok, log) = download(&hub, Some(TOKEN), cache.path(), &model, Some(SMOL_FILE)).await;
     assert!(ok, "download failed:\n{log}");
     assert!(!log.contains(TOKEN), "the token was printed:\n{log}");
+    assert!(log.contains("percent=100"), "progress is logged:\n{log}");
     let snapshot = cache
         .path()
         .join("models--kandle-test--SmolLM2-135M-Instruct-GGUF/snapshots")
@@ -382,7 +384,8 @@ async fn the_operators_init_and_serve_containers_run_verbatim_and_reach_ready() 
                 "architecture": "llama",
                 "dtype": "auto"
             },
-            "runtime": {"maxBatchSize": 2, "maxSequenceLength": 1024, "maxConcurrentRequests": 4, "maxNewTokens": 16}
+            "runtime": {"maxBatchSize": 2, "maxSequenceLength": 1024, "maxConcurrentRequests": 4, "maxNewTokens": 16},
+            "serving": {"apiKeySecretRef": {"name": "api", "key": "key"}}
         }
     }))
     .unwrap();
@@ -431,8 +434,11 @@ async fn the_operators_init_and_serve_containers_run_verbatim_and_reach_ready() 
                 (Some(v), _) => cmd.env(&e.name, v),
                 (None, Some(from)) => {
                     let secret = from.secret_key_ref.as_ref().expect("only Secret refs");
-                    assert_eq!((e.name.as_str(), secret.name.as_str()), ("HF_TOKEN", "hf"));
-                    cmd.env(&e.name, TOKEN)
+                    match (e.name.as_str(), secret.name.as_str()) {
+                        ("HF_TOKEN", "hf") => cmd.env(&e.name, TOKEN),
+                        ("KANDLE_API_KEY", "api") => cmd.env(&e.name, API_KEY),
+                        other => panic!("unexpected secret env {other:?}"),
+                    }
                 }
                 (None, None) => cmd.env(&e.name, ""),
             };
@@ -480,8 +486,16 @@ async fn the_operators_init_and_serve_containers_run_verbatim_and_reach_ready() 
         .stderr(Stdio::piped());
     let requests = hub.requests().len();
     let served = wait_ready(cmd.spawn().unwrap(), port).await;
+    // serving.apiKeySecretRef reaches the server as KANDLE_API_KEY.
+    let anonymous = client()
+        .get(format!("{}/v1/models", served.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 401);
     let models: Value = client()
         .get(format!("{}/v1/models", served.url))
+        .bearer_auth(API_KEY)
         .send()
         .await
         .unwrap()
@@ -492,6 +506,7 @@ async fn the_operators_init_and_serve_containers_run_verbatim_and_reach_ready() 
     // maxSequenceLength (1024) caps the model's own context (8192 for SmolLM2).
     let resp = client()
         .post(format!("{}/v1/completions", served.url))
+        .bearer_auth(API_KEY)
         .json(&json!({"model": "smollm", "prompt": "hello ".repeat(1100), "max_tokens": 1}))
         .send()
         .await
