@@ -726,3 +726,41 @@ async fn serve_refuses_what_it_cannot_do_at_load_with_a_clear_message() {
         assert!(log.contains(expected), "{flags:?}:\n{log}");
     }
 }
+
+#[tokio::test]
+async fn download_to_a_plain_directory_writes_the_files_at_their_repo_paths() {
+    let hub = FakeHub::start().unwrap();
+    hub.add_repo(
+        "org/embedder",
+        [
+            ("config.json", b"{\"model_type\": \"bert\"}".to_vec()),
+            ("model.safetensors", b"weights".to_vec()),
+            (
+                "1_Pooling/config.json",
+                b"{\"pooling_mode_mean_tokens\": true}".to_vec(),
+            ),
+            ("flax_model.msgpack", b"not needed".to_vec()),
+        ],
+    );
+    let to = tempfile::tempdir().unwrap();
+    let mut c = runtime();
+    c.args(["download", "--model", "hf://org/embedder@main", "--to"])
+        .arg(to.path())
+        .env("HF_ENDPOINT", hub.url());
+    let (out, log) = output(c).await;
+    assert!(out.status.success(), "{log}");
+    assert_eq!(
+        std::fs::read(to.path().join("model.safetensors")).unwrap(),
+        b"weights"
+    );
+    assert!(to.path().join("1_Pooling/config.json").is_file());
+    assert!(!to.path().join("flax_model.msgpack").exists());
+    assert!(
+        !to.path().join("model.safetensors").is_symlink(),
+        "plain files, no cache layout"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        to.path().display().to_string()
+    );
+}

@@ -276,3 +276,45 @@ pub(crate) fn generation_model(
 pub(crate) fn embedding_model(model: Box<dyn Embedder>, tokenizer: TextTokenizer) -> LoadedModel {
     LoadedModel::Embedding(EmbeddingModel { model, tokenizer })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_architecture_hint_must_match_the_model_config() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("config.json"),
+            r#"{"model_type": "bert", "architectures": ["BertModel"]}"#,
+        )
+        .unwrap();
+        for ok in [None, Some("bert"), Some("BERT"), Some("BertModel")] {
+            check_expectations(dir.path(), ok, "auto").unwrap();
+        }
+        let err = check_expectations(dir.path(), Some("llama"), "auto")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("\"llama\"") && err.contains("bert, BertModel"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn only_the_dtypes_this_build_computes_in_are_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        for ok in ["auto", "f32"] {
+            check_expectations(dir.path(), None, ok).unwrap();
+        }
+        for refused in ["f16", "bf16"] {
+            let err = check_expectations(dir.path(), None, refused)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(&format!("--dtype {refused} is not supported")),
+                "{err}"
+            );
+        }
+    }
+}
