@@ -469,7 +469,11 @@ impl HubClient {
 
     /// Fetches one file unless it is already there.
     async fn fetch(&self, repo: &str, commit: &str, file: &str, target: Target<'_>) -> Result<()> {
-        let url = format!("{}/{repo}/resolve/{commit}/{file}", self.endpoint());
+        let url = format!(
+            "{}/{repo}/resolve/{commit}/{}",
+            self.endpoint(),
+            encode_path(file)
+        );
         let what = format!("downloading {file} of {repo}@{commit}");
         // The hub's own answer (not the CDN's) names the blob: x-linked-etag for LFS files.
         let head = self
@@ -676,8 +680,9 @@ impl HubClient {
     }
 }
 
-/// The local path of a model source: a local path as given (it must exist); a hub model's
-/// snapshot in the cache (or its named file), fetching what is missing unless offline.
+/// The local path of a model source, for `serve`: a local path as given (it must exist); a hub
+/// model's snapshot in the cache (or its named file), fetching what is missing unless offline,
+/// and falling back to the cached copy when the hub fails.
 pub async fn local_path(source: &ModelSource, hub: &HubConfig) -> Result<PathBuf> {
     match source {
         ModelSource::Local(path) => {
@@ -686,7 +691,19 @@ pub async fn local_path(source: &ModelSource, hub: &HubConfig) -> Result<PathBuf
             }
             Ok(path.clone())
         }
-        ModelSource::Hub(model) => HubClient::new(hub.clone())?.download(model).await,
+        ModelSource::Hub(model) => match HubClient::new(hub.clone())?.download(model).await {
+            Ok(path) => Ok(path),
+            // As huggingface_hub does: a hub that cannot be reached (or refuses) does not stop
+            // a server whose model is already cached.
+            Err(e) if !hub.offline => match resolve_cached(&hub.cache_dir, model) {
+                Ok(path) => {
+                    tracing::warn!(error = %e, path = %path.display(), "the hub failed; serving the cached copy");
+                    Ok(path)
+                }
+                Err(_) => Err(e),
+            },
+            Err(e) => Err(e),
+        },
     }
 }
 
@@ -706,7 +723,9 @@ pub async fn download(config: &DownloadConfig) -> Result<PathBuf> {
             )?;
             Ok(dir.join(path.file_name().unwrap_or(path.as_os_str())))
         }
-        (_, None) => local_path(&source, &hub).await,
+        // Strict: unlike `serve`, a download that fails is a failure even if a copy is cached.
+        (ModelSource::Hub(model), None) => HubClient::new(hub)?.download(model).await,
+        (ModelSource::Local(_), None) => local_path(&source, &hub).await,
     }
 }
 
@@ -770,6 +789,19 @@ fn with_causes(e: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     s
+}
+
+/// Percent-encodes a repo file path for a URL, keeping its `/` separators.
+fn encode_path(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for b in path.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'/') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// `"abc"`, `W/"abc"` → `abc`.
@@ -922,6 +954,15 @@ mod tests {
         assert!(err.contains("--file") && err.contains("a.gguf"), "{err}");
         let err = select_files(&names(&["config.json", "pytorch_model.bin"]), None).unwrap_err();
         assert!(err.contains("safetensors"), "{err}");
+    }
+
+    #[test]
+    fn file_paths_are_percent_encoded_except_their_slashes() {
+        assert_eq!(
+            encode_path("1_Pooling/config.json"),
+            "1_Pooling/config.json"
+        );
+        assert_eq!(encode_path("a b/c#d?.gguf"), "a%20b/c%23d%3F.gguf");
     }
 
     #[test]

@@ -149,6 +149,17 @@ async fn wait_ready(mut child: tokio::process::Child, port: u16) -> Served {
 
 /// Serves `model` from `cache` offline: HF_HUB_OFFLINE=1 and a hub endpoint nothing listens on.
 async fn serve_offline(cache: &Path, model: &str, file: Option<&str>, name: &str) -> Served {
+    serve_from_cache(cache, model, file, name, true).await
+}
+
+/// Serves `model` from `cache` with a hub endpoint nothing listens on, offline or not.
+async fn serve_from_cache(
+    cache: &Path,
+    model: &str,
+    file: Option<&str>,
+    name: &str,
+    offline: bool,
+) -> Served {
     let port = free_port();
     let mut c = runtime();
     c.args(["serve", "--model", model, "--cache-dir"])
@@ -163,7 +174,7 @@ async fn serve_offline(cache: &Path, model: &str, file: Option<&str>, name: &str
             "--threads",
             "2",
         ])
-        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HUB_OFFLINE", if offline { "1" } else { "0" })
         .env("HF_ENDPOINT", "http://127.0.0.1:9")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
@@ -355,6 +366,16 @@ async fn a_private_gguf_and_a_model_directory_download_and_then_serve_offline_fr
         requests,
         "serving offline touched the hub"
     );
+
+    // Online, with the hub unreachable: the cached copy is served (as huggingface_hub does).
+    let fallback = serve_from_cache(cache.path(), &model_dir, None, "minilm", false).await;
+    let status = client()
+        .get(format!("{}/v1/models", fallback.url))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 200);
 }
 
 #[tokio::test]
