@@ -1,23 +1,132 @@
 //! The server's configuration, as `main` parses it from flags and environment variables.
+//!
+//! The operator's pods pass exactly these flags (see `serve_args` in the operator's
+//! `builders/deployment.rs`): `--model`, `--file`, `--cache-dir`, `--port`,
+//! `--served-model-name`, `--device`, `--dtype`, `--task`, `--architecture`, `--max-batch-size`,
+//! `--max-sequence-length`, `--max-concurrent-requests`, `--max-new-tokens`; a test in
+//! `tests/tests/runtime_download.rs` runs them verbatim.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::ArgAction;
+use clap::builder::BoolishValueParser;
+
+use crate::hub::{self, HubConfig};
 use crate::model::Task;
+use crate::source::ModelSource;
+
+/// How to reach the model hub, for `--model hf://...`; shared by `serve` and `download`.
+///
+/// The token is read from `HF_TOKEN` only, never from a flag: command lines are visible to
+/// every process on the node (`ps`), environment variables from a Secret are not.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HubArgs {
+    /// The hub cache directory (default: $HF_HUB_CACHE, else $HF_HOME/hub, else
+    /// ~/.cache/huggingface/hub). Layout as huggingface_hub's: models--org--name/{blobs,snapshots,refs}.
+    #[arg(long, env = "KANDLE_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// The hub's base URL.
+    #[arg(long = "hub-endpoint", env = "HF_ENDPOINT", default_value = hub::DEFAULT_ENDPOINT)]
+    pub endpoint: String,
+    /// Use only what is in the cache; never touch the network (the operator sets
+    /// HF_HUB_OFFLINE=1 for serve).
+    #[arg(long, env = "HF_HUB_OFFLINE", action = ArgAction::SetTrue, value_parser = BoolishValueParser::new())]
+    pub offline: bool,
+}
+
+impl Default for HubArgs {
+    fn default() -> Self {
+        HubArgs {
+            cache_dir: None,
+            endpoint: hub::DEFAULT_ENDPOINT.into(),
+            offline: false,
+        }
+    }
+}
+
+impl HubArgs {
+    /// The hub client's configuration, with the token from `HF_TOKEN`.
+    pub fn hub_config(&self) -> HubConfig {
+        HubConfig {
+            endpoint: self.endpoint.clone(),
+            token: std::env::var("HF_TOKEN")
+                .ok()
+                .filter(|t| !t.trim().is_empty()),
+            cache_dir: self
+                .cache_dir
+                .clone()
+                .unwrap_or_else(hub::default_cache_dir),
+            offline: self.offline,
+        }
+    }
+}
+
+/// A secret that prints as `<redacted>` (Debug included), so that a logged configuration
+/// never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey(pub String);
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl std::str::FromStr for ApiKey {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let key = s.trim();
+        if key.is_empty() {
+            return Err("the API key is empty".into());
+        }
+        Ok(ApiKey(key.to_owned()))
+    }
+}
+
+/// Everything `download` needs.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DownloadConfig {
+    /// The model: `hf://org/repo@revision[/file]`, or a local directory or GGUF file (then
+    /// there is nothing to download, and `--to` copies it).
+    #[arg(long, env = "KANDLE_MODEL")]
+    pub model: String,
+    /// One file of the repo to fetch (a GGUF), with the tokenizer files beside it.
+    #[arg(long, env = "KANDLE_FILE")]
+    pub file: Option<String>,
+    /// Write the files into this plain directory instead of the hub cache (takes precedence
+    /// over --cache-dir).
+    #[arg(long, env = "KANDLE_DOWNLOAD_TO")]
+    pub to: Option<PathBuf>,
+    #[command(flatten)]
+    pub hub: HubArgs,
+}
 
 /// Everything `serve` needs.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeConfig {
-    /// The model: a GGUF file, or a directory with config.json, *.safetensors and tokenizer.json.
+    /// The model: a GGUF file, a directory with config.json, *.safetensors and tokenizer.json,
+    /// or `hf://org/repo@revision[/file]` (fetched into --cache-dir unless HF_HUB_OFFLINE=1,
+    /// in which case it must be there already).
     #[arg(long, env = "KANDLE_MODEL")]
     pub model: PathBuf,
+    /// One file of the model (a GGUF in a hub repo or a local directory).
+    #[arg(long, env = "KANDLE_FILE")]
+    pub file: Option<String>,
+    #[command(flatten)]
+    pub hub: HubArgs,
     /// The model name clients send in "model" (default: the file or directory name).
     #[arg(long, env = "KANDLE_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
-    /// The task; inferred from the model when absent.
+    /// The task; inferred from the model when absent. A task the model cannot do is refused
+    /// at load.
     #[arg(long, env = "KANDLE_TASK", value_enum)]
     pub task: Option<Task>,
+    /// The architecture the model is expected to have (config.json's model_type or an entry of
+    /// its architectures, or the GGUF's general.architecture); a mismatch fails the load.
+    #[arg(long, env = "KANDLE_ARCHITECTURE")]
+    pub architecture: Option<String>,
     /// Compute device. Only "cpu" is supported by this build.
     #[arg(long, env = "KANDLE_DEVICE", default_value = "cpu", value_parser = parse_device)]
     pub device: String,
@@ -28,18 +137,32 @@ pub struct ServeConfig {
     /// Address to listen on.
     #[arg(long, env = "KANDLE_HOST", default_value = "0.0.0.0")]
     pub host: IpAddr,
-    /// Port to listen on (0 picks a free one).
-    #[arg(long, env = "KANDLE_PORT", default_value_t = 8000)]
+    /// Port to listen on (0 picks a free one); 8080 is the operator's default serving port.
+    #[arg(long, env = "KANDLE_PORT", default_value_t = 8080)]
     pub port: u16,
     /// File holding API keys, one per line; when set, /v1 requests need `Authorization: Bearer <key>`.
     #[arg(long, env = "KANDLE_API_KEY_FILE")]
     pub api_key_file: Option<PathBuf>,
+    /// An API key, as an alternative to --api-key-file (the operator sets KANDLE_API_KEY from
+    /// `serving.apiKeySecretRef`). Prefer the environment variable: command lines are visible
+    /// to every process on the node.
+    #[arg(long, env = "KANDLE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<ApiKey>,
     /// Sequences generated concurrently (embedding inputs per forward pass).
     #[arg(long, env = "KANDLE_MAX_BATCH_SIZE", default_value_t = 8)]
     pub max_batch_size: usize,
     /// Admitted requests that may wait beyond the running batch; more get 429.
     #[arg(long, env = "KANDLE_MAX_QUEUE", default_value_t = 32)]
     pub max_queue: usize,
+    /// The most requests admitted at once, running and waiting together; more get 429. When
+    /// set it replaces --max-queue with N - max-batch-size (and lowers max-batch-size to N
+    /// when N is smaller).
+    #[arg(long, env = "KANDLE_MAX_CONCURRENT_REQUESTS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_concurrent_requests: Option<u64>,
+    /// The longest sequence (prompt + generated tokens; embedding inputs are truncated to it),
+    /// capped at the model's own context length.
+    #[arg(long, env = "KANDLE_MAX_SEQUENCE_LENGTH", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_sequence_length: Option<u64>,
     /// The most tokens one request may generate (also the default max_tokens for chat).
     #[arg(long, env = "KANDLE_MAX_NEW_TOKENS", default_value_t = 512)]
     pub max_new_tokens: usize,
@@ -66,15 +189,21 @@ impl ServeConfig {
     pub fn new(model: impl Into<PathBuf>) -> Self {
         ServeConfig {
             model: model.into(),
+            file: None,
+            hub: HubArgs::default(),
             served_model_name: None,
             task: None,
+            architecture: None,
             device: "cpu".into(),
             dtype: "auto".into(),
             host: IpAddr::from([127, 0, 0, 1]),
             port: 0,
             api_key_file: None,
+            api_key: None,
             max_batch_size: 8,
             max_queue: 32,
+            max_concurrent_requests: None,
+            max_sequence_length: None,
             max_new_tokens: 512,
             max_request_bytes: 2 * 1024 * 1024,
             max_embedding_inputs: 2048,
@@ -84,17 +213,44 @@ impl ServeConfig {
         }
     }
 
-    /// The name clients use in "model".
+    /// The model source `--model` and `--file` name.
+    pub fn source(&self) -> Result<ModelSource, String> {
+        let model = self
+            .model
+            .to_str()
+            .ok_or_else(|| format!("--model {:?} is not valid UTF-8", self.model))?;
+        ModelSource::parse(model, self.file.as_deref())
+    }
+
+    /// The name clients use in "model": `--served-model-name`, else the GGUF file's stem or
+    /// the directory's (or hub repo's) name.
     pub fn served_model_name(&self) -> String {
         if let Some(n) = &self.served_model_name {
             return n.clone();
         }
-        let name = if self.model.extension().and_then(|e| e.to_str()) == Some("gguf") {
-            self.model.file_stem()
+        let path = match self.source() {
+            Ok(ModelSource::Local(p)) => p,
+            Ok(ModelSource::Hub(h)) => PathBuf::from(h.file.unwrap_or(h.repo)),
+            Err(_) => self.model.clone(),
+        };
+        let name = if path.extension().and_then(|e| e.to_str()) == Some("gguf") {
+            path.file_stem()
         } else {
-            self.model.file_name()
+            path.file_name()
         };
         name.and_then(|n| n.to_str()).unwrap_or("model").to_owned()
+    }
+
+    /// `(max_batch_size, max_queue)` for the engine, after `--max-concurrent-requests`.
+    pub fn admission_limits(&self) -> (usize, usize) {
+        let batch = self.max_batch_size.max(1);
+        match self.max_concurrent_requests {
+            Some(n) => {
+                let n = usize::try_from(n).unwrap_or(usize::MAX);
+                (batch.min(n), n.saturating_sub(batch))
+            }
+            None => (batch, self.max_queue),
+        }
     }
 }
 
@@ -177,5 +333,78 @@ mod tests {
             ServeConfig::new("/m/all-MiniLM-L6-v2").served_model_name(),
             "all-MiniLM-L6-v2"
         );
+        let mut hub = ServeConfig::new("hf://org/Smol-GGUF@main");
+        assert_eq!(hub.served_model_name(), "Smol-GGUF");
+        hub.file = Some("sub/smol.Q4_1.gguf".into());
+        assert_eq!(hub.served_model_name(), "smol.Q4_1");
+    }
+
+    #[test]
+    fn max_concurrent_requests_bounds_running_plus_waiting_requests() {
+        let mut c = ServeConfig::new("/m");
+        c.max_batch_size = 8;
+        c.max_queue = 32;
+        assert_eq!(c.admission_limits(), (8, 32));
+        c.max_concurrent_requests = Some(64);
+        assert_eq!(c.admission_limits(), (8, 56));
+        c.max_concurrent_requests = Some(3);
+        assert_eq!(c.admission_limits(), (3, 0));
+    }
+
+    #[test]
+    fn every_flag_the_operator_emits_parses() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: ServeConfig,
+        }
+        let sha = "0123456789abcdef0123456789abcdef01234567";
+        let model = format!("hf://org/repo@{sha}");
+        let mut args = vec![
+            "x",
+            "--model",
+            &model,
+            "--file",
+            "m.gguf",
+            "--cache-dir",
+            "/var/cache/kandle",
+            "--port",
+            "8080",
+            "--served-model-name",
+            "smollm",
+            "--device",
+            "cpu",
+            "--dtype",
+            "bf16",
+            "--task",
+            "Text2Text",
+            "--architecture",
+            "llama",
+            "--max-batch-size",
+            "4",
+            "--max-sequence-length",
+            "2048",
+            "--max-concurrent-requests",
+            "16",
+            "--max-new-tokens",
+            "64",
+        ];
+        let c = Cli::try_parse_from(&args).unwrap().serve;
+        assert_eq!(c.task, Some(Task::Text2Text));
+        assert_eq!(c.dtype, "bf16");
+        assert_eq!(c.max_sequence_length, Some(2048));
+        assert_eq!(
+            c.hub.cache_dir.as_deref(),
+            Some(std::path::Path::new("/var/cache/kandle"))
+        );
+        for task in ["TextGeneration", "Embedding", "Classification"] {
+            args[16] = task;
+            assert!(Cli::try_parse_from(&args).is_ok(), "{task}");
+        }
+        for dtype in ["auto", "f32", "f16"] {
+            args[14] = dtype;
+            assert!(Cli::try_parse_from(&args).is_ok(), "{dtype}");
+        }
     }
 }

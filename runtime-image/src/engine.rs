@@ -32,6 +32,8 @@ pub struct EngineConfig {
     pub max_batch_size: usize,
     /// Admitted requests waiting for a slot beyond the running batch.
     pub max_queue: usize,
+    /// Caps the model's context length (generation: prompt + output; embeddings: input).
+    pub max_sequence_length: Option<usize>,
 }
 
 /// One generation request, validated and tokenised.
@@ -197,6 +199,10 @@ impl Engine {
     pub fn start(model: LoadedModel, cfg: EngineConfig, metrics: Metrics) -> Engine {
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
         let batch = cfg.max_batch_size.max(1);
+        let cap = |model_limit: usize| {
+            cfg.max_sequence_length
+                .map_or(model_limit, |c| c.min(model_limit))
+        };
         let m = metrics.clone();
         let (frontend, thread) = match model {
             LoadedModel::Generation(g) => {
@@ -205,12 +211,13 @@ impl Engine {
                     tokenizer: g.tokenizer.clone(),
                     chat_template: g.chat_template,
                     bos_to_prepend: g.bos_to_prepend,
-                    context_length: g.lm.context_length(),
+                    context_length: cap(g.lm.context_length()),
                     embedding_dim: 0,
                     labels: Vec::new(),
                     scoring: Scoring::Softmax,
                 };
                 let worker = GenerationWorker {
+                    context_length: cap(g.lm.context_length()),
                     lm: g.lm,
                     tokenizer: g.tokenizer,
                     eos_ids: g.eos_ids,
@@ -228,7 +235,7 @@ impl Engine {
                     tokenizer: e.tokenizer,
                     chat_template: None,
                     bos_to_prepend: None,
-                    context_length: e.model.max_input_tokens(),
+                    context_length: cap(e.model.max_input_tokens()),
                     embedding_dim: e.model.dimension(),
                     labels: Vec::new(),
                     scoring: Scoring::Softmax,
@@ -379,6 +386,8 @@ impl Engine {
 
 struct GenerationWorker {
     lm: Box<dyn CausalLm>,
+    /// The model's context length, capped by `max_sequence_length`.
+    context_length: usize,
     tokenizer: TextTokenizer,
     eos_ids: Vec<u32>,
     batch: usize,
@@ -531,7 +540,7 @@ impl GenerationWorker {
         if !is_eos {
             a.generated.push(tok.id);
         }
-        let context_full = a.seq.len() + 1 >= self.lm.context_length();
+        let context_full = a.seq.len() + 1 >= self.context_length;
         let at_limit = a.completion_tokens >= a.req.max_tokens || context_full;
         let text = match self.tokenizer.decode(&a.generated, true) {
             Ok(t) => t,

@@ -36,6 +36,12 @@ pub enum Error {
     /// The server could not bind or serve.
     #[error("server: {0}")]
     Server(String),
+    /// The model hub refused a request or a download failed. Never holds the token.
+    #[error("model hub: {0}")]
+    Hub(String),
+    /// The model is not in the cache, and the network may not be used (`HF_HUB_OFFLINE`).
+    #[error("{0}")]
+    NotCached(String),
 }
 
 impl Error {
@@ -50,6 +56,8 @@ impl Error {
             Error::Template(_) => "template",
             Error::InvalidRequest(_) => "invalid_request",
             Error::Server(_) => "server",
+            Error::Hub(_) => "hub",
+            Error::NotCached(_) => "not_cached",
         }
     }
 

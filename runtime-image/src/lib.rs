@@ -5,6 +5,8 @@
 //! - [`engine`]: admission, the model thread, scheduling; [`sampling`] and [`detok`] are its
 //!   pure helpers; [`tokenizer`] and [`chat`] prepare prompts.
 //! - [`backend`]: the models on candle, behind the `CausalLm` / `Embedder` traits.
+//! - [`source`] and [`hub`]: where a model comes from (`hf://org/repo@rev`), the hub download
+//!   client and its on-disk cache.
 
 pub mod api;
 pub mod backend;
@@ -13,12 +15,14 @@ pub mod config;
 pub mod detok;
 pub mod engine;
 mod error;
+pub mod hub;
 pub mod metrics;
 pub mod model;
 pub mod sampling;
 pub mod server;
+pub mod source;
 pub mod tokenizer;
 
-pub use config::ServeConfig;
+pub use config::{ApiKey, DownloadConfig, HubArgs, ServeConfig};
 pub use error::{Error, Result};
 pub use server::run;

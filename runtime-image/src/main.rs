@@ -1,6 +1,6 @@
 //! kandle-runtime: the candle inference server.
 use clap::{Parser, Subcommand};
-use kandle_runtime::ServeConfig;
+use kandle_runtime::{DownloadConfig, ServeConfig};
 
 /// kandle's OpenAI-compatible inference server.
 #[derive(Parser, Debug)]
@@ -10,10 +10,15 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start; boxing the larger variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Load a model and serve the OpenAI API.
     Serve(ServeConfig),
+    /// Fetch a model from the hub into the cache (the operator's init container); resumes
+    /// partial downloads. The token comes from HF_TOKEN.
+    Download(DownloadConfig),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -21,6 +26,7 @@ fn main() -> anyhow::Result<()> {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
+        .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
         Command::Serve(config) => {
@@ -30,6 +36,12 @@ fn main() -> anyhow::Result<()> {
             }
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(kandle_runtime::run(config))?;
+        }
+        Command::Download(config) => {
+            let rt = tokio::runtime::Runtime::new()?;
+            let path = rt.block_on(kandle_runtime::hub::download(&config))?;
+            // The one line on stdout: where the model is (logs go to stderr).
+            println!("{}", path.display());
         }
     }
     Ok(())

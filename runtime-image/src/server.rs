@@ -158,7 +158,7 @@ pub struct Server {
 
 /// Binds the port, starts serving and starts loading the model in the background.
 pub async fn start(config: ServeConfig) -> Result<Server> {
-    let api_keys = match &config.api_key_file {
+    let mut api_keys: Vec<String> = match &config.api_key_file {
         Some(p) => std::fs::read_to_string(p)
             .map_err(|e| Error::io(p, e))?
             .lines()
@@ -171,6 +171,11 @@ pub async fn start(config: ServeConfig) -> Result<Server> {
     if config.api_key_file.is_some() && api_keys.is_empty() {
         return Err(Error::Server("the API key file holds no key".into()));
     }
+    if let Some(key) = &config.api_key {
+        api_keys.push(key.0.clone());
+    }
+    // A malformed source fails at once; a missing model fails the load (the port answers).
+    let source = config.source().map_err(Error::Model)?;
     let model_id = config.served_model_name();
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
@@ -203,8 +208,17 @@ pub async fn start(config: ServeConfig) -> Result<Server> {
 
     let (load_tx, load) = watch::channel(LoadState::Loading);
     let st = state.clone();
-    tokio::task::spawn_blocking(move || {
-        let outcome = load_and_warm(&st);
+    tokio::spawn(async move {
+        // A hub model is found in (or fetched into) the cache first; /health answers meanwhile.
+        let outcome = match crate::hub::local_path(&source, &st.config.hub.hub_config()).await {
+            Ok(path) => {
+                let st = st.clone();
+                tokio::task::spawn_blocking(move || load_and_warm(&st, &path))
+                    .await
+                    .unwrap_or_else(|e| Err(Error::Server(format!("the model loader failed: {e}"))))
+            }
+            Err(e) => Err(e),
+        };
         let _ = load_tx.send(match outcome {
             Ok(()) => LoadState::Ready,
             Err(e) => {
@@ -235,18 +249,24 @@ pub async fn start(config: ServeConfig) -> Result<Server> {
     })
 }
 
-fn load_and_warm(st: &AppState) -> Result<()> {
+fn load_and_warm(st: &AppState, path: &std::path::Path) -> Result<()> {
     let t0 = Instant::now();
+    let cfg = &st.config;
+    crate::backend::check_architecture(path, cfg.architecture.as_deref())?;
     let model = crate::backend::load(&crate::backend::LoadOptions {
-        path: st.config.model.clone(),
-        task: st.config.task,
-        dtype: st.config.dtype.parse()?,
+        path: path.to_path_buf(),
+        task: cfg.task,
+        dtype: cfg.dtype.parse()?,
     })?;
+    let (max_batch_size, max_queue) = cfg.admission_limits();
     let engine = Engine::start(
         model,
         EngineConfig {
-            max_batch_size: st.config.max_batch_size,
-            max_queue: st.config.max_queue,
+            max_batch_size,
+            max_queue,
+            max_sequence_length: cfg
+                .max_sequence_length
+                .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
         },
         st.metrics.clone(),
     );

@@ -26,12 +26,13 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 
-/// One recorded request: method, path, and whether it carried credentials.
+/// One recorded request: method, path, whether it carried credentials, and its `Range` header.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
     pub method: String,
     pub path: String,
     pub authorized: bool,
+    pub range: Option<String>,
 }
 
 #[derive(Default)]
@@ -205,7 +206,13 @@ fn handle(state: &Mutex<State>, method: &Method, uri: &Uri, headers: &HeaderMap)
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::to_string);
     let path = uri.path().to_string();
-    state.requests.push(Request { method: method.to_string(), path: path.clone(), authorized: bearer.is_some() });
+    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok()).map(str::to_string);
+    state.requests.push(Request {
+        method: method.to_string(),
+        path: path.clone(),
+        authorized: bearer.is_some(),
+        range,
+    });
     let path = path.trim_start_matches('/');
 
     let (api, rest) = match path.strip_prefix("api/models/") {

@@ -220,12 +220,70 @@ pub const SUPPORTED: &str = "llama, gpt2, gptj, bloom (TextGeneration); bert, xl
 fn check_task(model: LoadedModel, wanted: Option<Task>) -> Result<LoadedModel> {
     match wanted {
         Some(t) if t != model.task() => Err(Error::Model(format!(
-            "the model serves {:?} but --task {:?} was asked for",
+            "--task {t:?} was asked for, but this runtime serves the model as {:?} only",
             model.task(),
-            t
         ))),
         _ => Ok(model),
     }
+}
+
+/// Checks the caller's architecture hint (`--architecture`) before the weights are read: the
+/// model's own description must agree with it (config.json's `model_type` or an `architectures` entry, or the
+/// GGUF's `general.architecture`; compared case-insensitively).
+pub fn check_architecture(path: &Path, architecture: Option<&str>) -> Result<()> {
+    let Some(hint) = architecture else {
+        return Ok(());
+    };
+    let (described_by, names) = declared_architectures(path)?;
+    if names.iter().any(|n| n.eq_ignore_ascii_case(hint)) {
+        return Ok(());
+    }
+    Err(Error::Model(format!(
+        "--architecture {hint:?} does not match the model: {described_by} says {}",
+        if names.is_empty() {
+            "nothing about its architecture".to_owned()
+        } else {
+            names.join(", ")
+        }
+    )))
+}
+
+/// The architecture names a model declares, and the file that declares them.
+fn declared_architectures(path: &Path) -> Result<(String, Vec<String>)> {
+    let gguf = if path.is_file() {
+        Some(path.to_path_buf())
+    } else if path.join("config.json").is_file() {
+        None
+    } else {
+        std::fs::read_dir(path)
+            .map_err(|e| Error::io(path, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.extension().and_then(|e| e.to_str()) == Some("gguf"))
+    };
+    if let Some(gguf) = gguf {
+        let mut f = std::fs::File::open(&gguf).map_err(|e| Error::io(&gguf, e))?;
+        let content = candle_core::quantized::gguf_file::Content::read(&mut f)?;
+        let arch = content
+            .metadata
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .cloned();
+        return Ok((gguf.display().to_string(), arch.into_iter().collect()));
+    }
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        model_type: Option<String>,
+        #[serde(default)]
+        architectures: Vec<String>,
+    }
+    let config = path.join("config.json");
+    let probe: Probe = read_json(&config)?;
+    let names = probe
+        .model_type
+        .into_iter()
+        .chain(probe.architectures)
+        .collect();
+    Ok((config.display().to_string(), names))
 }
 
 /// Reads tokenizer_config.json beside the weights, if present: the chat template and the
@@ -355,5 +413,25 @@ mod tests {
         .expect("refused")
         .to_string();
         assert!(err.contains("rwkv") && err.contains(SUPPORTED), "{err}");
+    }
+
+    #[test]
+    fn the_architecture_hint_must_match_the_model_config() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("config.json"),
+            r#"{"model_type": "bert", "architectures": ["BertModel"]}"#,
+        )
+        .unwrap();
+        for ok in [None, Some("bert"), Some("BERT"), Some("BertModel")] {
+            check_architecture(dir.path(), ok).unwrap();
+        }
+        let err = check_architecture(dir.path(), Some("llama"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("\"llama\"") && err.contains("bert, BertModel"),
+            "{err}"
+        );
     }
 }
