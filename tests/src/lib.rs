@@ -61,3 +61,56 @@ pub fn fixtures_dir() -> PathBuf {
     }
     dir.canonicalize().unwrap_or(dir)
 }
+
+/// A binary of this workspace that `cargo test --workspace` builds beside the test binaries
+/// (`target/<profile>/<name>`). Panics, saying how to build it, when it is not there.
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let dir = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>/deps");
+    let bin = dir.join(name);
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it with `cargo build -p {name}` (bash tests/run-all.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+/// How long [`eventually`] waits.
+pub const EVENTUALLY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Polls `f` every 200 ms until it returns `Some`, failing the test with `what` after
+/// [`EVENTUALLY`].
+pub async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + EVENTUALLY;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// Plays the Deployment controller, which the local control plane does not run: marks every
+/// replica of Deployment `ns/name` updated, ready and available for its current generation.
+pub async fn finish_rollout(client: &kube::Client, ns: &str, name: &str) {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use kube::api::{Patch, PatchParams};
+    let api: kube::Api<Deployment> = kube::Api::namespaced(client.clone(), ns);
+    let d = api.get(name).await.unwrap_or_else(|e| panic!("reading Deployment {ns}/{name}: {e}"));
+    let replicas = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let status = serde_json::json!({"status": {
+        "observedGeneration": d.metadata.generation,
+        "replicas": replicas, "updatedReplicas": replicas, "readyReplicas": replicas, "availableReplicas": replicas,
+        "conditions": [{"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable", "message": "done"},
+                       {"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable", "message": "ok"}],
+    }});
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap_or_else(|e| panic!("writing Deployment {ns}/{name}'s status: {e}"));
+}

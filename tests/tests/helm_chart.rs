@@ -22,12 +22,13 @@ use kandle_operator::metrics::Metrics;
 use kandle_operator::{LanguageModel, crd};
 use kandle_tests::control_plane::{ControlPlane, apply_crd};
 use kandle_tests::fake_hub::FakeHub;
+use kandle_tests::{eventually, finish_rollout};
 use kandle_tests::repo_root;
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::PostParams;
 use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
 
-const WAIT: Duration = Duration::from_secs(60);
+const WAIT: Duration = kandle_tests::EVENTUALLY;
 const TOKEN: &str = "hf_example_token_for_tests";
 
 fn chart() -> PathBuf {
@@ -96,37 +97,8 @@ fn find<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
     docs.iter().filter(|d| d["kind"] == kind).collect()
 }
 
-async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 fn condition(lm: &LanguageModel, type_: &str) -> Option<(String, String)> {
     lm.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_).map(|c| (c.status.clone(), c.reason.clone()))
-}
-
-/// Plays the Deployment controller (none runs here): every replica updated, ready, available.
-async fn finish_rollout(client: &Client, ns: &str, name: &str) {
-    let api: Api<Deployment> = Api::namespaced(client.clone(), ns);
-    let d = api.get(name).await.unwrap();
-    let replicas = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-    let status = json!({"status": {
-        "observedGeneration": d.metadata.generation,
-        "replicas": replicas, "updatedReplicas": replicas, "readyReplicas": replicas, "availableReplicas": replicas,
-        "conditions": [{"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable", "message": "done"},
-                       {"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable", "message": "ok"}],
-    }});
-    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)).await.unwrap();
 }
 
 /// The example manifests: every `examples/*.yaml` that holds a LanguageModel.
@@ -492,19 +464,6 @@ fn impersonating_kubeconfig(cp: &ControlPlane, ns: &str, name: &str, dir: &Path)
     path
 }
 
-/// The `kandle-operator` binary that `cargo test --workspace` builds beside the test binaries.
-fn operator_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>/deps");
-    let bin = dir.join("kandle-operator");
-    assert!(
-        bin.is_file(),
-        "{} is missing: build it with `cargo build -p kandle-operator` (bash tests/run-all.sh does)",
-        bin.display()
-    );
-    bin
-}
-
 #[tokio::test]
 async fn a_namespaced_install_is_least_privilege_and_its_operator_brings_an_example_to_ready() {
     let (cp, client) = setup().await;
@@ -558,7 +517,7 @@ async fn a_namespaced_install_is_least_privilege_and_its_operator_brings_an_exam
         .collect();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let kubeconfig = impersonating_kubeconfig(cp, &release_ns, "scoped-kandle", cp.dir());
-    let mut child = tokio::process::Command::new(operator_binary())
+    let mut child = tokio::process::Command::new(kandle_tests::workspace_binary("kandle-operator"))
         .args(&args)
         .arg(format!("--metrics-addr=127.0.0.1:{port}"))
         .arg("--kubeconfig")

@@ -16,6 +16,7 @@ use kandle_operator::metrics::Metrics;
 use kandle_operator::{LanguageModel, crd};
 use kandle_tests::control_plane::{ControlPlane, apply_crd};
 use kandle_tests::fake_hub::FakeHub;
+use kandle_tests::{eventually, finish_rollout};
 use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
@@ -75,40 +76,8 @@ fn model(name: &str, extra: serde_json::Value) -> LanguageModel {
     .unwrap()
 }
 
-/// Polls `f` until it returns `Some`, failing with `what` after [`WAIT`].
-async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        if tokio::time::Instant::now() > deadline {
-            panic!("timed out waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 fn condition(lm: &LanguageModel, type_: &str) -> Option<(String, String)> {
     lm.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_).map(|c| (c.status.clone(), c.reason.clone()))
-}
-
-/// Plays the Deployment controller: every replica updated, ready and available.
-async fn finish_rollout(client: &Client, ns: &str, name: &str) {
-    let api: Api<Deployment> = Api::namespaced(client.clone(), ns);
-    let d = api.get(name).await.unwrap();
-    let replicas = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-    let status = json!({"status": {
-        "observedGeneration": d.metadata.generation,
-        "replicas": replicas, "updatedReplicas": replicas, "readyReplicas": replicas, "availableReplicas": replicas,
-        "conditions": [{"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable", "message": "done"},
-                       {"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable", "message": "ok"}],
-    }});
-    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)).await.unwrap();
 }
 
 #[tokio::test]
@@ -299,19 +268,6 @@ async fn an_unknown_repository_is_reported_with_a_reason_the_user_can_act_on() {
     assert_eq!(condition(&lm, "ModelResolved").unwrap().1, "RepositoryNotFound");
 }
 
-/// The `kandle-operator` binary that `cargo test --workspace` builds beside the test binaries.
-fn operator_binary() -> std::path::PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>/deps");
-    let bin = dir.join("kandle-operator");
-    assert!(
-        bin.is_file(),
-        "{} is missing: build it with `cargo build -p kandle-operator` (bash tests/run-all.sh does)",
-        bin.display()
-    );
-    bin
-}
-
 #[tokio::test]
 async fn the_operator_binary_reconciles_a_model_to_ready() {
     let cp = ControlPlane::shared();
@@ -321,7 +277,7 @@ async fn the_operator_binary_reconciles_a_model_to_ready() {
     let hub = FakeHub::start().unwrap();
     hub.add_repo("org/tiny", [("config.json", b"{}".to_vec())]);
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut child = tokio::process::Command::new(operator_binary())
+    let mut child = tokio::process::Command::new(kandle_tests::workspace_binary("kandle-operator"))
         .args(["run", "--log-format", "text", "--namespace", &ns, "--leader-election-namespace", &ns])
         .arg("--kubeconfig")
         .arg(cp.kubeconfig())
@@ -356,7 +312,7 @@ async fn the_operator_binary_reconciles_a_model_to_ready() {
 
 fn spawn_operator(cp: &ControlPlane, ns: &str, hub: &FakeHub, identity: &str) -> tokio::process::Child {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    tokio::process::Command::new(operator_binary())
+    tokio::process::Command::new(kandle_tests::workspace_binary("kandle-operator"))
         .args(["run", "--log-format", "text", "--namespace", ns, "--leader-election-namespace", ns])
         .arg("--kubeconfig")
         .arg(cp.kubeconfig())

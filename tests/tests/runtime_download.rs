@@ -10,7 +10,7 @@
 //!
 //! The binary is `target/<profile>/kandle-runtime` (`cargo build -p kandle-runtime`).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -25,25 +25,9 @@ const SMOL_REPO: &str = "kandle-test/SmolLM2-135M-Instruct-GGUF";
 const SMOL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 const MINILM_REPO: &str = "sentence-transformers/all-MiniLM-L6-v2";
 
-/// The `kandle-runtime` binary beside the test binaries.
-fn runtime_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target/<profile>/deps");
-    let bin = dir.join("kandle-runtime");
-    assert!(
-        bin.is_file(),
-        "{} is missing: build it with `cargo build -p kandle-runtime` (bash tests/run-all.sh does)",
-        bin.display()
-    );
-    bin
-}
-
 /// The binary with a clean hub environment: nothing from the developer's shell leaks in.
 fn runtime() -> tokio::process::Command {
-    let mut c = tokio::process::Command::new(runtime_binary());
+    let mut c = tokio::process::Command::new(kandle_tests::workspace_binary("kandle-runtime"));
     for var in [
         "HF_TOKEN",
         "HF_ENDPOINT",
