@@ -637,3 +637,26 @@ async fn embeddings_come_as_floats_or_base64_and_match_sentence_transformers() {
     expect_error(r, 400, "chat with an embedding model").await;
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_request_past_its_time_limit_gets_504_and_the_server_keeps_serving() {
+    let (server, url) = serve(|c| {
+        c.request_timeout = Duration::from_millis(1500);
+        c.max_new_tokens = 400;
+    })
+    .await;
+    let http = client();
+    let comp = format!("{url}/v1/completions");
+    // Counting goes on for far longer than 1.5 s at this model's speed.
+    let long = json!({"model": SMOL, "prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "max_tokens": 400, "temperature": 0});
+    let started = std::time::Instant::now();
+    let resp = http.post(&comp).json(&long).send().await.unwrap();
+    let body = expect_error(resp, 504, "a request past --request-timeout").await;
+    assert_eq!(body["error"]["code"], "timeout", "{body}");
+    assert!(started.elapsed() < Duration::from_secs(30), "it gave up near its limit, not at the end");
+
+    let short = json!({"model": SMOL, "prompt": "Hi", "max_tokens": 1, "temperature": 0});
+    let ok: Value = http.post(&comp).json(&short).send().await.unwrap().json().await.unwrap();
+    assert_eq!(ok["usage"]["completion_tokens"], 1, "{ok}");
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
