@@ -34,6 +34,9 @@ struct Args {
     /// Decode steps per sequence for the concurrency figure.
     #[arg(long, default_value_t = 64)]
     concurrent_steps: usize,
+    /// Only the concurrency figure (skips the others).
+    #[arg(long)]
+    concurrency_only: bool,
 }
 
 /// Aggregate decode throughput of `n` sequences advanced together, one batched decode step
@@ -103,6 +106,12 @@ fn main() -> anyhow::Result<()> {
             anyhow::bail!("not a generation model")
         };
         println!("smollm2 load: {:.3} s", t0.elapsed().as_secs_f64());
+        if args.concurrency_only {
+            let bench = g
+                .tokenizer
+                .encode(smol["bench_prompt"].as_str().unwrap(), true)?;
+            return concurrent_decode(&g, &bench, args.concurrent_steps, args.runs);
+        }
         for p in smol["prompts"].as_array().unwrap() {
             let ids: Vec<u32> = p["prompt_token_ids"]
                 .as_array()
