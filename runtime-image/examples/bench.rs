@@ -1,6 +1,7 @@
 //! Speed figures for the README, beside ../shared/fixtures/baselines.md: SmolLM2 prompt and
 //! decode tok/s, decode steadiness over many steps, MiniLM embeddings/s at batch 1 and 32, and
-//! load time. Also prints the greedy agreement with llama.cpp as a sanity check.
+//! load time. Also prints the greedy agreement with llama.cpp as a sanity check, and the
+//! aggregate decode tok/s of 1, 4 and 8 concurrent sequences in one running batch.
 //!
 //! cargo run --release -p kandle-runtime --example bench -- --gguf <file> --minilm <dir> --fixtures <dir>
 
@@ -30,6 +31,56 @@ struct Args {
     /// Runs per figure (the median is printed).
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Decode steps per sequence for the concurrency figure.
+    #[arg(long, default_value_t = 64)]
+    concurrent_steps: usize,
+    /// Only the concurrency figure (skips the others).
+    #[arg(long)]
+    concurrency_only: bool,
+}
+
+/// Aggregate decode throughput of `n` sequences advanced together, one batched decode step
+/// per round (`CausalLm::decode_batch`, as the engine's running batch calls it). Sequence `i`
+/// starts from the first `32 + 8 i` tokens of `prompt`, so that the batch holds sequences of
+/// different lengths; only the decode rounds are timed.
+fn concurrent_decode(
+    g: &kandle_runtime::model::GenerationModel,
+    prompt: &[u32],
+    steps: usize,
+    runs: usize,
+) -> anyhow::Result<()> {
+    let mut single = None;
+    for n in [1usize, 4, 8] {
+        let mut rates = Vec::new();
+        for _ in 0..runs {
+            let mut seqs = Vec::new();
+            let mut tokens = Vec::new();
+            for i in 0..n {
+                let mut s = g.lm.new_sequence()?;
+                let logits = s.feed(&prompt[..(32 + 8 * i).min(prompt.len())])?;
+                tokens.push(argmax(&logits));
+                seqs.push(s);
+            }
+            let t = Instant::now();
+            for _ in 0..steps {
+                let mut batch: Vec<&mut dyn backend::Sequence> = Vec::new();
+                for s in seqs.iter_mut() {
+                    batch.push(s.as_mut());
+                }
+                let logits = g.lm.decode_batch(&mut batch, &tokens)?;
+                tokens = logits.iter().map(|l| argmax(l)).collect();
+            }
+            rates.push((n * steps) as f64 / t.elapsed().as_secs_f64());
+        }
+        let rate = median(rates);
+        let base = *single.get_or_insert(rate);
+        println!(
+            "smollm2 decode, {n} concurrent sequences: {rate:.1} tok/s aggregate, {:.2}x one \
+             sequence (median of {runs}, {steps} steps each)",
+            rate / base
+        );
+    }
+    Ok(())
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -55,6 +106,12 @@ fn main() -> anyhow::Result<()> {
             anyhow::bail!("not a generation model")
         };
         println!("smollm2 load: {:.3} s", t0.elapsed().as_secs_f64());
+        if args.concurrency_only {
+            let bench = g
+                .tokenizer
+                .encode(smol["bench_prompt"].as_str().unwrap(), true)?;
+            return concurrent_decode(&g, &bench, args.concurrent_steps, args.runs);
+        }
         for p in smol["prompts"].as_array().unwrap() {
             let ids: Vec<u32> = p["prompt_token_ids"]
                 .as_array()
@@ -141,6 +198,7 @@ fn main() -> anyhow::Result<()> {
             median(decode_rates),
             args.runs
         );
+        concurrent_decode(&g, &bench, args.concurrent_steps, args.runs)?;
     }
     if let Some(dir) = &args.minilm {
         let t0 = Instant::now();

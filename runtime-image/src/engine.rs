@@ -8,8 +8,11 @@
 //! client disconnected) is dropped at the next step. Events flow back on an unbounded channel
 //! whose size is bounded by `max_tokens`.
 //!
-//! Each sequence has its own KV cache and runs its own forward pass; the rounds interleave
-//! requests fairly but do not fuse their matrix products into one batched call.
+//! Each sequence has its own KV cache. A round is one batched decode step
+//! ([`CausalLm::decode_batch`]) for every sequence past its prompt — a backend that supports it
+//! (the GGUF llama) stacks their new tokens into one matrix for every weight product, so the
+//! weights are read once per round for all of them — plus the prompt of each sequence that
+//! joined since the last round, processed on its own.
 
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
@@ -427,9 +430,7 @@ impl GenerationWorker {
                 }
             }
             self.metrics.batch_size.set(active.len() as i64);
-            for a in active.iter_mut() {
-                self.step(a);
-            }
+            self.step_all(&mut active);
             let before = active.len();
             active.retain(|a| !a.done);
             self.metrics.inflight.dec_by((before - active.len()) as i64);
@@ -488,26 +489,64 @@ impl GenerationWorker {
         a.done = true;
     }
 
-    fn step(&self, a: &mut Active) {
-        if a.events.is_closed() {
-            tracing::debug!("client went away; generation cancelled");
-            a.done = true;
-            return;
+    /// One round: every running sequence advances by one token. Sequences past their prompt
+    /// go through one batched decode step together ([`CausalLm::decode_batch`]); a newly
+    /// admitted one processes its prompt on its own.
+    fn step_all(&self, active: &mut [Active]) {
+        for a in active.iter_mut() {
+            if a.events.is_closed() {
+                tracing::debug!("client went away; generation cancelled");
+                a.done = true;
+            } else if Instant::now() > a.req.deadline {
+                self.finish(a, GenerateEvent::Failed(EngineError::Timeout));
+            }
         }
-        if Instant::now() > a.req.deadline {
-            self.finish(a, GenerateEvent::Failed(EngineError::Timeout));
-            return;
+        let decoding: Vec<bool> = active
+            .iter()
+            .map(|a| !a.done && !a.seq.is_empty() && a.next_input.len() == 1)
+            .collect();
+        let mut seqs: Vec<&mut dyn Sequence> = Vec::new();
+        let mut tokens = Vec::new();
+        for (a, _) in active.iter_mut().zip(&decoding).filter(|(_, d)| **d) {
+            tokens.push(a.next_input[0]);
+            seqs.push(a.seq.as_mut());
         }
-        let mut logits = match a.seq.feed(&a.next_input) {
-            Ok(l) => l,
-            Err(e) => {
-                self.finish(
+        if !seqs.is_empty() {
+            let rows = seqs.len();
+            match self.lm.decode_batch(&mut seqs, &tokens) {
+                Ok(logits) if logits.len() == rows => {
+                    let decoding = active.iter_mut().zip(&decoding).filter(|(_, d)| **d);
+                    for ((a, _), l) in decoding.zip(logits) {
+                        self.emit(a, l);
+                    }
+                }
+                other => {
+                    let msg = match other {
+                        Err(e) => e.to_string(),
+                        Ok(l) => format!("the decode step returned {} rows for {rows}", l.len()),
+                    };
+                    for (a, _) in active.iter_mut().zip(&decoding).filter(|(_, d)| **d) {
+                        self.finish(a, GenerateEvent::Failed(EngineError::Internal(msg.clone())));
+                    }
+                }
+            }
+        }
+        for (a, _) in active.iter_mut().zip(&decoding).filter(|(_, d)| !**d) {
+            if a.done {
+                continue;
+            }
+            match a.seq.feed(&a.next_input) {
+                Ok(logits) => self.emit(a, logits),
+                Err(e) => self.finish(
                     a,
                     GenerateEvent::Failed(EngineError::Internal(e.to_string())),
-                );
-                return;
+                ),
             }
-        };
+        }
+    }
+
+    /// Samples the next token of `a` from `logits` and reports it.
+    fn emit(&self, a: &mut Active, mut logits: Vec<f32>) {
         let tok = a.sampler.sample(&mut logits);
         let now = Instant::now();
         match a.last_token_at {

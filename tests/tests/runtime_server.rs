@@ -483,6 +483,73 @@ async fn overload_gets_429_with_retry_after_while_admitted_requests_complete() {
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_greedy_requests_decode_in_one_batch_and_match_requests_alone() {
+    let (server, url) = serve(|c| c.max_batch_size = 8).await;
+    let http = client();
+    let comp = format!("{url}/v1/completions");
+    // Different prompt lengths and different max_tokens: sequences join the running batch at
+    // different lengths and leave it at different rounds.
+    let bodies: Vec<Value> = [
+        ("Once upon a time", 24),
+        ("The three primary colours are", 16),
+        ("def add(a, b):", 20),
+        (
+            "The capital of France is Paris. The capital of Germany is",
+            12,
+        ),
+        ("Water boils at", 24),
+        ("My favourite food is", 8),
+    ]
+    .iter()
+    .map(|(p, n)| json!({"model": SMOL, "prompt": p, "max_tokens": n, "temperature": 0}))
+    .collect();
+    let text = |v: &Value| v["choices"][0]["text"].as_str().unwrap().to_owned();
+    let mut alone = Vec::new();
+    for b in &bodies {
+        let r: Value = http
+            .post(&comp)
+            .json(b)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        alone.push((text(&r), r["usage"]["completion_tokens"].clone()));
+    }
+    let all = join_all(bodies.iter().map(|b| {
+        let http = http.clone();
+        let comp = comp.clone();
+        async move {
+            let r = http.post(&comp).json(b).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            r.json::<Value>().await.unwrap()
+        }
+    }));
+    let watch = async {
+        let mut most = 0f64;
+        for _ in 0..200 {
+            most = most.max(gauge(&http, &url, "kandle_batch_size").await);
+            if most >= 3.0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        most
+    };
+    let (together, most) = tokio::join!(all, watch);
+    assert!(
+        most >= 3.0,
+        "the running batch never held 3 sequences (at most {most})"
+    );
+    for (i, r) in together.iter().enumerate() {
+        assert_eq!(text(r), alone[i].0, "request {i}");
+        assert_eq!(r["usage"]["completion_tokens"], alone[i].1, "request {i}");
+    }
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
 async fn gauge(http: &reqwest::Client, url: &str, name: &str) -> f64 {
     let text = http
         .get(format!("{url}/metrics"))

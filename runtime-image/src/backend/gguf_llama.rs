@@ -1,15 +1,20 @@
-//! Llama-family GGUF models (quantised weights) through candle-transformers' `quantized_llama`.
+//! Llama-family GGUF models (quantised weights).
 //!
-//! The weights (`ModelWeights`) hold their KV cache inside; their tensors are reference-counted,
-//! so a clone with a cleared cache is a cheap, independent sequence.
+//! Dense models run on our own forward pass ([`super::qllama`]), which batches the decode
+//! steps of concurrent sequences into one pass over the weights. Mixture-of-experts GGUFs
+//! (and, on request, any GGUF: [`load_candle_reference`]) run on candle-transformers'
+//! `quantized_llama`, whose weights (`ModelWeights`) hold their KV cache inside; their tensors
+//! are reference-counted, so a clone with a cleared cache is a cheap, independent sequence.
 //! When no tokenizer.json lies beside the file, the tokenizer is built from the GGUF metadata.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::{MAX_SEQ_LEN, ModelWeights};
 
+use super::qllama::{self, KvCache, Weights};
 use super::{CausalLm, Sequence};
 use crate::chat::ChatTemplate;
 use crate::error::{Error, Result};
@@ -59,6 +64,73 @@ impl Sequence for GgufSequence {
     }
 }
 
+/// A dense llama GGUF on [`qllama::Weights`].
+struct QLlama {
+    weights: Arc<Weights>,
+    vocab_size: usize,
+    context_length: usize,
+}
+
+struct QLlamaSequence {
+    weights: Arc<Weights>,
+    cache: KvCache,
+}
+
+impl CausalLm for QLlama {
+    fn new_sequence(&self) -> Result<Box<dyn Sequence>> {
+        Ok(Box::new(QLlamaSequence {
+            weights: self.weights.clone(),
+            cache: self.weights.new_cache(),
+        }))
+    }
+    fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+    fn context_length(&self) -> usize {
+        self.context_length
+    }
+    /// One forward pass for all the sequences: their new tokens are the rows of every weight
+    /// product; attention runs per sequence on its own cache.
+    fn decode_batch(
+        &self,
+        seqs: &mut [&mut dyn Sequence],
+        tokens: &[u32],
+    ) -> Result<Vec<Vec<f32>>> {
+        let ours = |s: &mut &mut dyn Sequence| {
+            s.as_any_mut()
+                .and_then(|a| a.downcast_mut::<QLlamaSequence>())
+                .is_some_and(|q| Arc::ptr_eq(&q.weights, &self.weights))
+        };
+        if seqs.len() != tokens.len() || !seqs.iter_mut().all(ours) {
+            return super::decode_each(seqs, tokens);
+        }
+        let mut items: Vec<(&mut KvCache, &[u32])> = seqs
+            .iter_mut()
+            .zip(tokens)
+            .filter_map(|(s, t)| {
+                let q = s.as_any_mut()?.downcast_mut::<QLlamaSequence>()?;
+                Some((&mut q.cache, std::slice::from_ref(t)))
+            })
+            .collect();
+        self.weights.forward(&mut items)
+    }
+}
+
+impl Sequence for QLlamaSequence {
+    fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let mut logits = self.weights.forward(&mut [(&mut self.cache, tokens)])?;
+        logits
+            .pop()
+            .ok_or_else(|| Error::Model("the forward pass returned no logits".into()))
+    }
+    fn len(&self) -> usize {
+        self.cache.len()
+    }
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        Some(self)
+    }
+}
+
 fn md<'a>(ct: &'a gguf_file::Content, key: &str) -> Result<&'a gguf_file::Value> {
     ct.metadata
         .get(key)
@@ -83,6 +155,16 @@ fn md_string_list(ct: &gguf_file::Content, key: &str) -> Result<Vec<String>> {
 
 /// Loads a GGUF llama file plus its tokenizer and chat template.
 pub(super) fn load(path: &Path) -> Result<LoadedModel> {
+    load_with(path, false)
+}
+
+/// Loads a GGUF llama file on candle-transformers' `quantized_llama`, which serves
+/// mixture-of-experts files; the tests compare our forward pass with it.
+pub fn load_candle_reference(path: &Path) -> Result<LoadedModel> {
+    load_with(path, true)
+}
+
+fn load_with(path: &Path, candle_reference: bool) -> Result<LoadedModel> {
     let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let ct = gguf_file::Content::read(&mut file)?;
     let arch = md(&ct, "general.architecture")?.to_string()?.clone();
@@ -177,14 +259,21 @@ pub(super) fn load(path: &Path) -> Result<LoadedModel> {
         },
     };
 
-    let weights = ModelWeights::from_gguf(ct, &mut file, &Device::Cpu)?;
-    let lm = GgufLlama {
-        weights,
-        vocab_size,
-        context_length: ctx_meta.min(MAX_SEQ_LEN),
+    let lm: Box<dyn CausalLm> = if candle_reference || qllama::expert_count(&ct) > 1 {
+        Box::new(GgufLlama {
+            weights: ModelWeights::from_gguf(ct, &mut file, &Device::Cpu)?,
+            vocab_size,
+            context_length: ctx_meta.min(MAX_SEQ_LEN),
+        })
+    } else {
+        Box::new(QLlama {
+            weights: Arc::new(Weights::from_gguf(&ct, &mut file)?),
+            vocab_size,
+            context_length: ctx_meta.min(qllama::MAX_SEQ_LEN),
+        })
     };
     Ok(super::generation_model(
-        Box::new(lm),
+        lm,
         tokenizer,
         chat_template,
         eos_ids,

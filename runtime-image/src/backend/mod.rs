@@ -15,6 +15,7 @@ mod gpt2;
 mod gptj;
 mod layers;
 mod llama;
+mod qllama;
 mod seq2seq;
 mod t5;
 mod xlm_roberta;
@@ -34,6 +35,34 @@ pub trait CausalLm: Send + Sync {
     fn vocab_size(&self) -> usize;
     /// The longest sequence (prompt + generated tokens) the model supports.
     fn context_length(&self) -> usize;
+    /// One decode step of several sequences: appends `tokens[i]` to `seqs[i]` and returns the
+    /// logits at that position, one row per sequence, as `seqs[i].feed(&[tokens[i]])` would.
+    /// The sequences may hold different numbers of tokens. On error the whole step failed.
+    ///
+    /// The default feeds them one by one; a backend that can stack the rows of all sequences
+    /// into one pass over its weights overrides it (the GGUF llama does).
+    fn decode_batch(
+        &self,
+        seqs: &mut [&mut dyn Sequence],
+        tokens: &[u32],
+    ) -> Result<Vec<Vec<f32>>> {
+        decode_each(seqs, tokens)
+    }
+}
+
+/// [`CausalLm::decode_batch`] as a loop over [`Sequence::feed`].
+pub fn decode_each(seqs: &mut [&mut dyn Sequence], tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+    if seqs.len() != tokens.len() {
+        return Err(Error::InvalidRequest(format!(
+            "{} sequences but {} tokens",
+            seqs.len(),
+            tokens.len()
+        )));
+    }
+    seqs.iter_mut()
+        .zip(tokens)
+        .map(|(s, t)| s.feed(&[*t]))
+        .collect()
 }
 
 /// One sequence being generated: the KV cache of one request.
@@ -45,6 +74,11 @@ pub trait Sequence: Send {
     /// True when nothing has been fed yet.
     fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+    /// The backend's own sequence type, for a [`CausalLm::decode_batch`] that batches: it
+    /// downcasts the sequences it was given. `None` (the default) when not needed.
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        None
     }
 }
 
@@ -210,6 +244,13 @@ pub fn load(opts: &LoadOptions) -> Result<LoadedModel> {
         }
     };
     check_task(loaded, opts.task)
+}
+
+/// Loads a GGUF llama on candle-transformers' `quantized_llama` instead of kandle's own
+/// batched forward pass: the reference the tests compare that pass with.
+#[doc(hidden)]
+pub fn load_gguf_candle_reference(path: &Path) -> Result<LoadedModel> {
+    gguf_llama::load_candle_reference(path)
 }
 
 /// What [`load`] accepts, for the refusal message.
