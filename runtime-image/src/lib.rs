@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod model;
 pub mod sampling;
 pub mod server;
+pub mod threads;
 pub mod tokenizer;
 
 pub use config::ServeConfig;
