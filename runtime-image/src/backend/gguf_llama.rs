@@ -177,7 +177,10 @@ pub(super) fn load(path: &Path) -> Result<LoadedModel> {
         },
     };
 
-    let weights = ModelWeights::from_gguf(ct, &mut file, &Device::Cpu)?;
+    // Q4_1 weights become Q8_0 unless KANDLE_GGUF_REQUANT=off (see requant.rs).
+    let (ct, mut reader) =
+        super::requant::prepare(ct, &mut file, super::requant::Requant::from_env()?)?;
+    let weights = ModelWeights::from_gguf(ct, &mut reader, &Device::Cpu)?;
     let lm = GgufLlama {
         weights,
         vocab_size,

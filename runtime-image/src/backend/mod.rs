@@ -15,6 +15,7 @@ mod gpt2;
 mod gptj;
 mod layers;
 mod llama;
+pub mod requant;
 mod seq2seq;
 mod t5;
 mod xlm_roberta;
