@@ -243,6 +243,7 @@ fn main() -> anyhow::Result<()> {
     if let Some(bin) = &args.server {
         if let Some(gguf) = &args.gguf {
             let body = serde_json::json!({
+                "model": "bench",
                 "prompt": smol["bench_prompt"],
                 "max_tokens": 128,
                 "temperature": 0,
@@ -251,7 +252,7 @@ fn main() -> anyhow::Result<()> {
         }
         if let Some(dir) = &args.minilm {
             let batch: Vec<_> = mini["bench_sentences"].as_array().unwrap()[..32].to_vec();
-            let body = serde_json::json!({ "input": batch });
+            let body = serde_json::json!({ "model": "bench", "input": batch });
             server_figures(&args, bin, dir, "minilm", "/v1/embeddings", &body)?;
         }
     }
@@ -318,7 +319,14 @@ fn server_figures(
         let t = Instant::now();
         let child = ServerProcess(
             Command::new(bin)
-                .args(["serve", "--port", &port.to_string(), "--threads"])
+                .args([
+                    "serve",
+                    "--served-model-name",
+                    "bench",
+                    "--port",
+                    &port.to_string(),
+                ])
+                .arg("--threads")
                 .arg(args.threads.to_string())
                 .arg("--model")
                 .arg(model)
