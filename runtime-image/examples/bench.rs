@@ -1,12 +1,18 @@
 //! Speed figures for the README, beside ../shared/fixtures/baselines.md: SmolLM2 prompt and
 //! decode tok/s, decode steadiness over many steps, MiniLM embeddings/s at batch 1 and 32, and
 //! load time. Also prints the greedy agreement with llama.cpp as a sanity check, and the
-//! aggregate decode tok/s of 1, 4 and 8 concurrent sequences in one running batch.
+//! aggregate decode tok/s of 1, 4 and 8 concurrent sequences in one running batch. With
+//! `--server <kandle-runtime binary>` it also times the real server: process start to `/ready`,
+//! and the process's peak RSS (VmHWM) after one request.
 //!
+//! `runtime-image/bench.sh` builds this with the baselines' CPU flags and runs it; by hand:
 //! cargo run --release -p kandle-runtime --example bench -- --gguf <file> --minilm <dir> --fixtures <dir>
 
-use std::path::PathBuf;
-use std::time::Instant;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use clap::Parser;
 use kandle_runtime::backend::{self, LoadOptions};
@@ -31,6 +37,22 @@ struct Args {
     /// Runs per figure (the median is printed).
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Decode steps of the long steadiness run (after the bench prompt); 0 skips it.
+    #[arg(long, default_value_t = 500)]
+    steady_steps: usize,
+    /// Window (in tokens) of the steadiness figure.
+    #[arg(long, default_value_t = 50)]
+    steady_window: usize,
+    /// CPU threads for the kernels, applied as `kandle-runtime serve --threads` does (and
+    /// passed to the server).
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// The `kandle-runtime` binary: when given, time process start to /ready and peak RSS.
+    #[arg(long, env = "KANDLE_BENCH_SERVER")]
+    server: Option<PathBuf>,
+    /// Server runs per model for the start-to-ready figure (the median is printed).
+    #[arg(long, default_value_t = 3)]
+    server_runs: usize,
     /// Decode steps per sequence for the concurrency figure.
     #[arg(long, default_value_t = 64)]
     concurrent_steps: usize,
@@ -88,8 +110,39 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// The slowest `window`-token stretch of `steps` (seconds per step), as a fraction of the
+/// median step's rate: 1.0 is perfectly steady; the target is at least 0.8.
+fn steadiness(steps: &[f64], window: usize) -> Option<(f64, f64)> {
+    if steps.len() < window || window == 0 {
+        return None;
+    }
+    let med = median(steps.to_vec());
+    let worst = steps
+        .windows(window)
+        .map(|w| w.iter().sum::<f64>() / window as f64)
+        .fold(0.0, f64::max);
+    Some((med, med / worst))
+}
+
+fn ids_of(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // Before any thread starts, exactly as the binary does for `serve --threads`.
+    kandle_runtime::threads::configure(Some(args.threads));
+    println!(
+        "threads {}; load average {}",
+        args.threads,
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+    );
     let smol: serde_json::Value = serde_json::from_slice(&std::fs::read(
         args.fixtures.join("smollm2_reference.json"),
     )?)?;
@@ -113,18 +166,8 @@ fn main() -> anyhow::Result<()> {
             return concurrent_decode(&g, &bench, args.concurrent_steps, args.runs);
         }
         for p in smol["prompts"].as_array().unwrap() {
-            let ids: Vec<u32> = p["prompt_token_ids"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as u32)
-                .collect();
-            let want: Vec<u32> = p["greedy_token_ids"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as u32)
-                .collect();
+            let ids = ids_of(&p["prompt_token_ids"]);
+            let want = ids_of(&p["greedy_token_ids"]);
             let mine = g.tokenizer.encode(p["prompt"].as_str().unwrap(), true)?;
             let mut seq = g.lm.new_sequence()?;
             let mut logits = seq.feed(&ids)?;
@@ -173,16 +216,12 @@ fn main() -> anyhow::Result<()> {
                 step_times.push(s.elapsed().as_secs_f64());
             }
             decode_rates.push(args.decode_steps as f64 / t.elapsed().as_secs_f64());
-            if step_times.len() >= 50 {
-                let med = median(step_times.clone());
-                let worst = step_times
-                    .windows(50)
-                    .map(|w| w.iter().sum::<f64>() / 50.0)
-                    .fold(0.0, f64::max);
+            if let Some((med, ratio)) = steadiness(&step_times, args.steady_window) {
                 println!(
-                    "  steadiness: median step {:.2} ms, slowest 50-step stretch {:.2}x the median rate",
+                    "  steadiness ({} steps): median step {:.2} ms, slowest {}-step stretch {ratio:.2}x the median rate",
+                    step_times.len(),
                     med * 1e3,
-                    med / worst
+                    args.steady_window,
                 );
             }
         }
@@ -198,6 +237,28 @@ fn main() -> anyhow::Result<()> {
             median(decode_rates),
             args.runs
         );
+        if args.steady_steps > 0 {
+            let mut seq = g.lm.new_sequence()?;
+            let mut logits = seq.feed(&bench)?;
+            let mut step_times = Vec::with_capacity(args.steady_steps);
+            let t = Instant::now();
+            for _ in 0..args.steady_steps {
+                let s = Instant::now();
+                let tok = argmax(&logits);
+                logits = seq.feed(&[tok])?;
+                step_times.push(s.elapsed().as_secs_f64());
+            }
+            let total = t.elapsed().as_secs_f64();
+            if let Some((med, ratio)) = steadiness(&step_times, args.steady_window) {
+                println!(
+                    "smollm2 steadiness ({} decode steps after the prompt): {:.1} tok/s overall, median {:.1} tok/s, slowest {}-token window {ratio:.2}x the median rate",
+                    args.steady_steps,
+                    args.steady_steps as f64 / total,
+                    1.0 / med,
+                    args.steady_window,
+                );
+            }
+        }
         concurrent_decode(&g, &bench, args.concurrent_steps, args.runs)?;
     }
     if let Some(dir) = &args.minilm {
@@ -233,5 +294,132 @@ fn main() -> anyhow::Result<()> {
             );
         }
     }
+    if let Some(bin) = &args.server {
+        if let Some(gguf) = &args.gguf {
+            let body = serde_json::json!({
+                "model": "bench",
+                "prompt": smol["bench_prompt"],
+                "max_tokens": 128,
+                "temperature": 0,
+            });
+            server_figures(&args, bin, gguf, "smollm2", "/v1/completions", &body)?;
+        }
+        if let Some(dir) = &args.minilm {
+            let batch: Vec<_> = mini["bench_sentences"].as_array().unwrap()[..32].to_vec();
+            let body = serde_json::json!({ "model": "bench", "input": batch });
+            server_figures(&args, bin, dir, "minilm", "/v1/embeddings", &body)?;
+        }
+    }
+    Ok(())
+}
+
+/// Kills the server when dropped, so that an error leaves no process behind.
+struct ServerProcess(Child);
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// One HTTP/1.1 request with `Connection: close`; returns the status and the body.
+fn http(port: u16, method: &str, path: &str, body: Option<&str>) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    let body = body.unwrap_or("");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+    Ok((status, body.to_owned()))
+}
+
+fn vm_hwm_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no VmHWM in /proc/{pid}/status"))
+}
+
+/// Starts `kandle-runtime serve` on `model` `args.server_runs` times: the median time from
+/// spawning the process to the first 200 from /ready (load, warm-up and all), then, on the
+/// last run, one request and the process's peak RSS.
+fn server_figures(
+    args: &Args,
+    bin: &Path,
+    model: &Path,
+    name: &str,
+    path: &str,
+    body: &serde_json::Value,
+) -> anyhow::Result<()> {
+    let mut ready_times = Vec::new();
+    for run in 0..args.server_runs.max(1) {
+        let port = free_port()?;
+        let t = Instant::now();
+        let child = ServerProcess(
+            Command::new(bin)
+                .args([
+                    "serve",
+                    "--served-model-name",
+                    "bench",
+                    "--port",
+                    &port.to_string(),
+                ])
+                .arg("--threads")
+                .arg(args.threads.to_string())
+                .arg("--model")
+                .arg(model)
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()?,
+        );
+        loop {
+            if let Ok((200, _)) = http(port, "GET", "/ready", None) {
+                break;
+            }
+            if t.elapsed() > Duration::from_secs(120) {
+                anyhow::bail!("{name}: the server was not ready within 120 s");
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        ready_times.push(t.elapsed().as_secs_f64());
+        if run + 1 == args.server_runs.max(1) {
+            let t = Instant::now();
+            let (status, resp) = http(port, "POST", path, Some(&body.to_string()))?;
+            anyhow::ensure!(status == 200, "{name}: {path} answered {status}: {resp}");
+            let resp: serde_json::Value = serde_json::from_str(&resp)?;
+            println!(
+                "{name} server: {path} took {:.3} s (usage {})",
+                t.elapsed().as_secs_f64(),
+                resp["usage"]
+            );
+            println!(
+                "{name} server: peak RSS (VmHWM) {:.1} MiB",
+                vm_hwm_kib(child.0.id())? as f64 / 1024.0
+            );
+        }
+    }
+    println!(
+        "{name} server: process start to /ready {:.3} s (median of {})",
+        median(ready_times),
+        args.server_runs.max(1)
+    );
     Ok(())
 }

@@ -21,6 +21,7 @@ pub mod model;
 pub mod sampling;
 pub mod server;
 pub mod source;
+pub mod threads;
 pub mod tokenizer;
 
 pub use config::{ApiKey, DownloadConfig, HubArgs, ServeConfig};

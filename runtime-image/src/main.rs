@@ -30,10 +30,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Serve(config) => {
-            if let Some(n) = config.threads {
-                // candle's CPU kernels run on rayon's global pool.
-                rayon_threads(n);
-            }
+            kandle_runtime::threads::configure(config.threads);
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(kandle_runtime::run(config))?;
         }
@@ -45,9 +42,4 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-fn rayon_threads(n: usize) {
-    // SAFETY: set before any other thread exists; rayon reads it when its pool starts.
-    unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
 }

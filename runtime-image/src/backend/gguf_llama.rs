@@ -259,15 +259,18 @@ fn load_with(path: &Path, candle_reference: bool) -> Result<LoadedModel> {
         },
     };
 
+    // Q4_1 weights become Q8_0 with KANDLE_GGUF_REQUANT=q8_0 (off by default, see requant.rs).
+    let (ct, mut reader) =
+        super::requant::prepare(ct, &mut file, super::requant::Requant::from_env()?)?;
     let lm: Box<dyn CausalLm> = if candle_reference || qllama::expert_count(&ct) > 1 {
         Box::new(GgufLlama {
-            weights: ModelWeights::from_gguf(ct, &mut file, &Device::Cpu)?,
+            weights: ModelWeights::from_gguf(ct, &mut reader, &Device::Cpu)?,
             vocab_size,
             context_length: ctx_meta.min(MAX_SEQ_LEN),
         })
     } else {
         Box::new(QLlama {
-            weights: Arc::new(Weights::from_gguf(&ct, &mut file)?),
+            weights: Arc::new(Weights::from_gguf(&ct, &mut reader)?),
             vocab_size,
             context_length: ctx_meta.min(qllama::MAX_SEQ_LEN),
         })

@@ -16,6 +16,7 @@ mod gptj;
 mod layers;
 mod llama;
 mod qllama;
+pub mod requant;
 mod seq2seq;
 mod t5;
 mod xlm_roberta;
