@@ -17,7 +17,7 @@ use super::seq2seq::{
     self, Act, DecoderState, EncoderDecoder, GenerationDefaults, Seq2SeqParts, append_kv, attend,
     merge_heads, split_heads,
 };
-use crate::error::{Error, Result, read_json};
+use crate::error::{Error, Result};
 use crate::model::LoadedModel;
 
 /// nn.LayerNorm's default, which BlenderbotSmall uses everywhere.
@@ -304,12 +304,7 @@ pub(super) fn load(dir: &Path) -> Result<LoadedModel> {
 
 /// Loads the weights, tokenizer and generation defaults.
 pub(super) fn open(dir: &Path) -> Result<Seq2SeqParts> {
-    let config_path = dir.join("config.json");
-    let raw: serde_json::Value = read_json(&config_path)?;
-    let cfg: Config = serde_json::from_value(raw.clone()).map_err(|source| Error::Json {
-        path: config_path.display().to_string(),
-        source,
-    })?;
+    let (cfg, raw): (Config, serde_json::Value) = super::read_config(dir)?;
     let defaults = GenerationDefaults::read(dir, &raw)?;
     let start = defaults
         .decoder_start_token_id

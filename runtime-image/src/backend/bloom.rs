@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 
 use super::layers::{self, CausalForward, KvCache};
-use crate::error::{Error, Result, read_json};
+use crate::error::{Error, Result};
 use crate::model::LoadedModel;
 
 /// The context served when config.json names none: ALiBi has no position table, so this is
@@ -169,11 +169,7 @@ impl CausalForward for Bloom {
 }
 
 pub(super) fn load(dir: &Path, dtype: DType) -> Result<LoadedModel> {
-    let raw: serde_json::Value = read_json(&dir.join("config.json"))?;
-    let cfg: Config = serde_json::from_value(raw.clone()).map_err(|source| Error::Json {
-        path: dir.join("config.json").display().to_string(),
-        source,
-    })?;
+    let (cfg, raw): (Config, serde_json::Value) = super::read_config(dir)?;
     if cfg.pretraining_tp != 1 && cfg.slow_but_exact {
         return Err(Error::Model(
             "bloom with slow_but_exact tensor-parallel emulation is not supported".into(),

@@ -11,7 +11,7 @@ use candle_transformers::models::bert::{BertModel, Config};
 
 use super::Classifier;
 use super::layers;
-use crate::error::{Error, Result, read_json};
+use crate::error::{Error, Result};
 use crate::model::LoadedModel;
 
 /// A batch of token lists as `(ids, mask)`, both `(b, width)` u32, padded on the right with
@@ -80,11 +80,7 @@ impl Classifier for BertClassifier {
 }
 
 pub(super) fn load_bert(dir: &Path, dtype: DType) -> Result<LoadedModel> {
-    let raw: serde_json::Value = read_json(&dir.join("config.json"))?;
-    let config: Config = serde_json::from_value(raw.clone()).map_err(|source| Error::Json {
-        path: dir.join("config.json").display().to_string(),
-        source,
-    })?;
+    let (config, raw): (Config, serde_json::Value) = super::read_config(dir)?;
     let tokenizer = super::tokenizer_json(dir)?.with_truncation(config.max_position_embeddings)?;
     layers::check_vocab(&tokenizer, config.vocab_size)?;
     let labels = num_labels(&raw);

@@ -11,7 +11,7 @@ use candle_nn::{Activation, Embedding, LayerNorm, Linear, VarBuilder};
 
 use super::classifier::{num_labels, right_padded};
 use super::{Classifier, layers};
-use crate::error::{Error, Result, read_json};
+use crate::error::{Error, Result};
 use crate::model::LoadedModel;
 
 /// transformers' DistilBERT LayerNorm eps (fixed, not in config.json).
@@ -142,11 +142,7 @@ impl Classifier for Model {
 }
 
 pub(super) fn load(dir: &Path, dtype: DType) -> Result<LoadedModel> {
-    let raw: serde_json::Value = read_json(&dir.join("config.json"))?;
-    let cfg: Config = serde_json::from_value(raw.clone()).map_err(|source| Error::Json {
-        path: dir.join("config.json").display().to_string(),
-        source,
-    })?;
+    let (cfg, raw): (Config, serde_json::Value) = super::read_config(dir)?;
     if cfg.sinusoidal_pos_embds {
         return Err(Error::Model(
             "distilbert with sinusoidal_pos_embds is not supported".into(),

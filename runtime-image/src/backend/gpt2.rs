@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Activation, Embedding, LayerNorm, Linear, VarBuilder};
 
 use super::layers::{self, CausalForward, KvCache};
-use crate::error::{Error, Result, read_json};
+use crate::error::{Error, Result};
 use crate::model::LoadedModel;
 
 /// The fields of config.json that change the computation.
@@ -147,11 +147,7 @@ impl CausalForward for Gpt2 {
 }
 
 pub(super) fn load(dir: &Path, dtype: DType) -> Result<LoadedModel> {
-    let raw: serde_json::Value = read_json(&dir.join("config.json"))?;
-    let cfg: Config = serde_json::from_value(raw.clone()).map_err(|source| Error::Json {
-        path: dir.join("config.json").display().to_string(),
-        source,
-    })?;
+    let (cfg, raw): (Config, serde_json::Value) = super::read_config(dir)?;
     if cfg.scale_attn_by_inverse_layer_idx || cfg.add_cross_attention {
         return Err(Error::Model(
             "gpt2 with scale_attn_by_inverse_layer_idx or cross-attention is not supported".into(),

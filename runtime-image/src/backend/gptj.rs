@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Activation, Embedding, LayerNorm, Linear, VarBuilder};
 
 use super::layers::{self, CausalForward, KvCache};
-use crate::error::{Error, Result, read_json};
+use crate::error::{Error, Result};
 use crate::model::LoadedModel;
 
 /// The fields of config.json that change the computation.
@@ -171,11 +171,7 @@ impl CausalForward for GptJ {
 }
 
 pub(super) fn load(dir: &Path, dtype: DType) -> Result<LoadedModel> {
-    let raw: serde_json::Value = read_json(&dir.join("config.json"))?;
-    let cfg: Config = serde_json::from_value(raw.clone()).map_err(|source| Error::Json {
-        path: dir.join("config.json").display().to_string(),
-        source,
-    })?;
+    let (cfg, raw): (Config, serde_json::Value) = super::read_config(dir)?;
     if !cfg.n_embd.is_multiple_of(cfg.n_head) {
         return Err(Error::Model(format!(
             "gptj n_embd {} is not a multiple of n_head {}",

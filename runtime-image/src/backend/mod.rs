@@ -328,6 +328,20 @@ fn declared_architectures(path: &Path) -> Result<(String, Vec<String>)> {
     Ok((config.display().to_string(), names))
 }
 
+/// Reads a model directory's config.json as the architecture's config type, and as raw JSON
+/// for the fields that architecture reads by name (labels, eos ids, ...).
+pub(crate) fn read_config<T: serde::de::DeserializeOwned>(
+    dir: &Path,
+) -> Result<(T, serde_json::Value)> {
+    let path = dir.join("config.json");
+    let raw: serde_json::Value = read_json(&path)?;
+    let config = serde_json::from_value(raw.clone()).map_err(|source| Error::Json {
+        path: path.display().to_string(),
+        source,
+    })?;
+    Ok((config, raw))
+}
+
 /// Reads tokenizer_config.json beside the weights, if present: the chat template and the
 /// special tokens it names.
 pub(crate) fn read_tokenizer_config(dir: &Path) -> Result<Option<serde_json::Value>> {
