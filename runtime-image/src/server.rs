@@ -592,7 +592,13 @@ struct Prepared {
     logprobs: bool,
 }
 
-fn check_context(prompt_len: usize, context: usize) -> Result<usize, ApiError> {
+/// The room the context leaves after a prompt of `prompt_len` tokens; a prompt that fills it
+/// is refused naming `param`, the field the prompt came from.
+fn check_context(
+    prompt_len: usize,
+    context: usize,
+    param: &'static str,
+) -> Result<usize, ApiError> {
     if prompt_len == 0 {
         return Err(ApiError::invalid("the prompt is empty", Some("prompt")));
     }
@@ -603,7 +609,7 @@ fn check_context(prompt_len: usize, context: usize) -> Result<usize, ApiError> {
                 "the prompt is {prompt_len} tokens, but this model's context is {context} tokens (prompt plus output)"
             ),
             kind: "invalid_request_error",
-            param: Some("messages"),
+            param: Some(param),
             code: Some("context_length_exceeded"),
         });
     }
@@ -673,7 +679,7 @@ async fn chat_completions(
             Some("messages"),
         )
     })?;
-    let room = check_context(prompt.len(), frontend.context_length)?;
+    let room = check_context(prompt.len(), frontend.context_length, "messages")?;
     let prepared = Prepared {
         req: GenerateRequest {
             prompt,
@@ -744,10 +750,7 @@ async fn completions(
     let prompt = frontend.encode_prompt(&prompt_text, true).map_err(|e| {
         ApiError::invalid(format!("cannot tokenise the prompt: {e}"), Some("prompt"))
     })?;
-    let room = check_context(prompt.len(), frontend.context_length).map_err(|mut e| {
-        e.param = Some("prompt");
-        e
-    })?;
+    let room = check_context(prompt.len(), frontend.context_length, "prompt")?;
     let prepared = Prepared {
         req: GenerateRequest {
             prompt,

@@ -35,6 +35,11 @@ async fn serve_model(
     (server, url)
 }
 
+/// POSTs `body` as JSON and returns the JSON answer, whatever its status.
+async fn post_json(http: &reqwest::Client, url: &str, body: &Value) -> Value {
+    http.post(url).json(body).send().await.unwrap().json().await.unwrap()
+}
+
 fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(120))
@@ -347,15 +352,7 @@ async fn a_seed_repeats_and_streamed_output_equals_non_streamed() {
     // The legacy completions endpoint, greedy: streamed == non-streamed as well.
     let comp = format!("{url}/v1/completions");
     let cbody = json!({"model": SMOL, "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0, "logprobs": 2});
-    let full: Value = http
-        .post(&comp)
-        .json(&cbody)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let full: Value = post_json(&http, &comp, &cbody).await;
     assert_eq!(full["object"], "text_completion");
     assert_eq!(full["usage"]["prompt_tokens"], 4);
     let mut sbody = cbody.clone();
@@ -393,15 +390,7 @@ async fn a_stop_sequence_cuts_the_output_before_it() {
     let comp = format!("{url}/v1/completions");
     let body =
         json!({"model": SMOL, "prompt": "Once upon a time", "max_tokens": 10, "temperature": 0});
-    let full: Value = http
-        .post(&comp)
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let full: Value = post_json(&http, &comp, &body).await;
     let text = full["choices"][0]["text"].as_str().unwrap().to_owned();
     // Stop at the second word of the greedy continuation.
     let words: Vec<&str> = text.split_whitespace().collect();
@@ -410,15 +399,7 @@ async fn a_stop_sequence_cuts_the_output_before_it() {
     let cut = &text[..text.find(&stop).unwrap()];
     let mut with_stop = body.clone();
     with_stop["stop"] = json!([stop, "\u{2603}never"]);
-    let r: Value = http
-        .post(&comp)
-        .json(&with_stop)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let r: Value = post_json(&http, &comp, &with_stop).await;
     assert_eq!(r["choices"][0]["text"], cut);
     assert_eq!(r["choices"][0]["finish_reason"], "stop");
     with_stop["stream"] = json!(true);
@@ -507,15 +488,7 @@ async fn concurrent_greedy_requests_decode_in_one_batch_and_match_requests_alone
     let text = |v: &Value| v["choices"][0]["text"].as_str().unwrap().to_owned();
     let mut alone = Vec::new();
     for b in &bodies {
-        let r: Value = http
-            .post(&comp)
-            .json(b)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let r: Value = post_json(&http, &comp, b).await;
         alone.push((text(&r), r["usage"]["completion_tokens"].clone()));
     }
     let all = join_all(bodies.iter().map(|b| {
@@ -664,24 +637,8 @@ async fn embeddings_come_as_floats_or_base64_and_match_sentence_transformers() {
     .unwrap();
     let sentences = reference["sentences"].clone();
     let emb = format!("{url}/v1/embeddings");
-    let floats: Value = http
-        .post(&emb)
-        .json(&json!({"model": model, "input": sentences}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let b64: Value = http
-        .post(&emb)
-        .json(&json!({"model": model, "input": sentences, "encoding_format": "base64"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let floats: Value = post_json(&http, &emb, &json!({"model": model, "input": sentences})).await;
+    let b64: Value = post_json(&http, &emb, &json!({"model": model, "input": sentences, "encoding_format": "base64"})).await;
     let n = sentences.as_array().unwrap().len();
     assert_eq!(floats["data"].as_array().unwrap().len(), n);
     for i in 0..n {
@@ -756,7 +713,7 @@ async fn a_request_past_its_time_limit_gets_504_and_the_server_keeps_serving() {
     assert!(started.elapsed() < Duration::from_secs(30), "it gave up near its limit, not at the end");
 
     let short = json!({"model": SMOL, "prompt": "Hi", "max_tokens": 1, "temperature": 0});
-    let ok: Value = http.post(&comp).json(&short).send().await.unwrap().json().await.unwrap();
+    let ok: Value = post_json(&http, &comp, &short).await;
     assert_eq!(ok["usage"]["completion_tokens"], 1, "{ok}");
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
