@@ -297,14 +297,33 @@ fn smollm2_batched_decode_matches_each_sequence_stepped_alone() {
     println!("largest relative logit difference, batched vs alone: {max_rel:e}");
 }
 
-/// Our GGUF llama forward pass (batched decode, own KV cache and decode attention) against
-/// candle-transformers' `quantized_llama`, which it mirrors. A prompt runs through the same
-/// operations, so its logits agree exactly. Decode steps sum the attention in another order;
-/// the activations are then rounded to 8 bits before each Q4_1 product, which turns last-bit
-/// differences into an occasional step of one quantum: a few tenths of a logit, the size of the
-/// difference between candle and llama.cpp (fixtures README). The greedy tokens agree.
+/// Per step of llama.cpp's greedy tokens fed to `g` (teacher forcing, so that both runs see the
+/// same context): |our log-probability − llama.cpp's| of each of llama.cpp's top 5 tokens.
+fn logprob_errors_vs_llama_cpp(g: &GenerationModel, fixtures: &Value) -> Vec<f32> {
+    let mut errors = Vec::new();
+    for p in fixtures["prompts"].as_array().unwrap() {
+        let steps = p["per_step_top5"].as_array().unwrap();
+        let mut seq = g.lm.new_sequence().unwrap();
+        let mut logits = seq.feed(&ids(&p["prompt_token_ids"])).unwrap();
+        for (i, t) in ids(&p["greedy_token_ids"]).into_iter().enumerate() {
+            let ours = log_softmax(&logits);
+            let top = ids(&steps[i]["top_ids"]);
+            for (id, lp) in top.iter().zip(floats(&steps[i]["top_logprobs"])) {
+                errors.push((ours[*id as usize] - lp).abs());
+            }
+            logits = seq.feed(&[t]).unwrap();
+        }
+    }
+    errors
+}
+
+/// Our GGUF llama (own forward pass and quantised kernels, `qllama.rs`/`qmatmul.rs`) against
+/// candle-transformers' `quantized_llama` with candle's kernels, both measured against
+/// llama.cpp's log-probabilities on the same contexts. Both quantise activations to 8 bits
+/// before each product, so neither reproduces llama.cpp to the last bit; ours follows
+/// llama.cpp's AVX2 rounding and must be at least as close to it as candle is.
 #[test]
-fn smollm2_own_forward_matches_candle_quantized_llama() {
+fn smollm2_own_kernels_are_as_close_to_llama_cpp_as_candles() {
     let path = models::smollm2_gguf();
     let ours = generation(&path);
     let LoadedModel::Generation(reference) = backend::load_gguf_candle_reference(&path).unwrap()
@@ -312,28 +331,23 @@ fn smollm2_own_forward_matches_candle_quantized_llama() {
         panic!("the reference is not a generation model")
     };
     let fixtures = json(&fixtures_dir().join("smollm2_reference.json"));
-    for p in fixtures["prompts"].as_array().unwrap() {
-        let prompt = ids(&p["prompt_token_ids"]);
-        let (ours_tokens, ours_logits) = greedy(&ours, &prompt, 12);
-        let (ref_tokens, ref_logits) = greedy(&reference, &prompt, 12);
-        let prefill = max_abs_diff(&ours_logits[0], &ref_logits[0]);
-        assert!(
-            prefill <= 1e-3,
-            "{}: prompt logits differ by {prefill}",
-            p["name"]
-        );
-        let mut worst = 0f32;
-        for (step, (a, b)) in ours_logits.iter().zip(&ref_logits).enumerate() {
-            let d = max_abs_diff(a, b);
-            worst = worst.max(d);
-            assert!(d <= 1.0, "{} step {step}: logits differ by {d}", p["name"]);
-        }
-        assert_eq!(ours_tokens, ref_tokens, "{}", p["name"]);
-        println!(
-            "{}: prompt logits differ by {prefill:e}, decode logits by at most {worst}",
-            p["name"]
-        );
-    }
+    let stats = |e: &[f32]| {
+        (
+            e.iter().sum::<f32>() / e.len() as f32,
+            e.iter().fold(0f32, |m, x| m.max(*x)),
+        )
+    };
+    let (ours_mean, ours_max) = stats(&logprob_errors_vs_llama_cpp(&ours, &fixtures));
+    let (cand_mean, cand_max) = stats(&logprob_errors_vs_llama_cpp(&reference, &fixtures));
+    println!(
+        "top-5 log-probability error vs llama.cpp: ours mean {ours_mean:.4} max {ours_max:.4}; \
+         candle mean {cand_mean:.4} max {cand_max:.4}"
+    );
+    assert!(
+        ours_mean <= cand_mean * 1.05 + 1e-3,
+        "ours {ours_mean} vs candle {cand_mean}"
+    );
+    assert!(ours_max < 1.0, "largest error {ours_max}");
 }
 
 #[test]

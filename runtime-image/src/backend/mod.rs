@@ -16,6 +16,7 @@ mod gptj;
 mod layers;
 mod llama;
 mod qllama;
+mod qmatmul;
 pub mod requant;
 mod seq2seq;
 mod t5;

@@ -1,45 +1,59 @@
 //! Our own llama forward pass over GGUF quantised weights, with batched decoding.
 //!
-//! The weights and the arithmetic mirror candle-transformers 0.11's `quantized_llama` (same
-//! GGUF tensors, `QMatMul`, RMS norm, interleaved rotary embedding, SiLU MLP), but one forward
-//! pass takes the new tokens of several sequences at once: their rows are stacked into one
-//! `(rows, hidden)` matrix for every weight product (QKV, attention output, MLP, output head),
-//! so each quantised weight is read once per step for the whole batch. Attention runs per
-//! sequence against that sequence's own KV cache; sequences of different lengths need no
-//! padding and no mask.
+//! The model is candle-transformers 0.11's `quantized_llama` (same GGUF tensors, RMS norm,
+//! interleaved rotary embedding, SiLU MLP), but one forward pass takes the new tokens of
+//! several sequences at once: their rows are stacked into one `(rows, hidden)` matrix for every
+//! weight product, so each quantised weight is read once per step for the whole batch. The
+//! products run on our kernels ([`super::qmatmul`]: Q4_1 and Q8_0 with AVX-512 VNNI or AVX2,
+//! llama.cpp's arithmetic), with Q, K and V fused into one product and the MLP's gate and up
+//! into another. Everything between the products is plain loops over `Vec<f32>` (no candle
+//! tensors on the decode path), and the whole pass runs inside one rayon pool.
 //!
 //! The KV cache is a plain `Vec<f32>` per layer, laid out `[position][kv_head][head_dim]`:
 //! appending a token is an `extend_from_slice`, not a copy of the whole cache. Single-token
-//! steps attend with a small loop over that cache; a multi-token step (a prompt) uses candle's
-//! batched matmuls with a causal mask, as `quantized_llama` does.
+//! steps attend with one task per (sequence, head) across the threads; a multi-token step (a
+//! prompt) uses candle's batched matmuls with a causal mask, as `quantized_llama` does.
+//! Sequences of different lengths need no padding and no mask.
 
-use candle_core::quantized::{QMatMul, gguf_file};
-use candle_core::{Device, Module, Tensor};
-use candle_transformers::quantized_nn::RmsNorm;
+use std::sync::OnceLock;
 
+use candle_core::quantized::gguf_file;
+use candle_core::{Device, Tensor};
+use rayon::prelude::*;
+
+use super::qmatmul::QMat;
 use crate::error::{Error, Result};
 
 /// Longest sequence (as in `quantized_llama`: the rotary tables cover this many positions).
 pub(super) const MAX_SEQ_LEN: usize = 4096;
 
 struct Layer {
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
-    wo: QMatMul,
-    w_gate: QMatMul,
-    w_down: QMatMul,
-    w_up: QMatMul,
-    attn_norm: RmsNorm,
-    ffn_norm: RmsNorm,
+    /// `attn_q`, `attn_k`, `attn_v` side by side: one pass over the threads.
+    qkv: QMat,
+    wo: QMat,
+    /// `ffn_gate` and `ffn_up` side by side.
+    gate_up: QMat,
+    down: QMat,
+    attn_norm: Vec<f32>,
+    ffn_norm: Vec<f32>,
+}
+
+/// The token embeddings: quantised rows dequantised on lookup, or (for a type without our
+/// kernel) dequantised once.
+enum Embeddings {
+    Quantised(QMat),
+    Dense(Vec<f32>),
 }
 
 /// The weights of a llama GGUF model, shared by all sequences.
 pub(super) struct Weights {
-    embeddings: Tensor,
+    embeddings: Embeddings,
+    hidden: usize,
     layers: Vec<Layer>,
-    norm: RmsNorm,
-    output: QMatMul,
+    norm: Vec<f32>,
+    eps: f32,
+    /// The output head; `None`: tied to the quantised embeddings.
+    output: Option<QMat>,
     n_head: usize,
     n_kv_head: usize,
     head_dim: usize,
@@ -47,6 +61,9 @@ pub(super) struct Weights {
     cos: Vec<f32>,
     sin: Vec<f32>,
 }
+
+/// A sequence's keys and values of one layer, and the positions they hold.
+type KvView<'a> = (&'a [f32], &'a [f32], usize);
 
 /// One sequence's keys and values: per layer, `[position][kv_head][head_dim]`.
 pub(super) struct KvCache {
@@ -100,6 +117,33 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// RMS norm of each row of `x` into `out`, as candle's `rms_norm` computes it.
+fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let n = w.len();
+    for (xr, or) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+        let sum2: f32 = xr.iter().map(|v| v * v).sum();
+        let m = (sum2 / n as f32 + eps).sqrt();
+        for ((o, v), a) in or.iter_mut().zip(xr).zip(w) {
+            *o = v / m * a;
+        }
+    }
+}
+
+/// The pool the forward pass runs in: its matmuls split their rows across these threads, and
+/// the pass itself runs on one of them, so that a step hands work over without waking the
+/// calling thread for every product. As many threads as rayon's global pool
+/// (`RAYON_NUM_THREADS`, set from `--threads`).
+fn pool() -> &'static rayon::ThreadPool {
+    static POOL: OnceLock<rayon::ThreadPool> = OnceLock::new();
+    POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(rayon::current_num_threads())
+            .thread_name(|i| format!("kandle-llama-{i}"))
+            .build()
+            .expect("starting the model's threads")
+    })
+}
+
 impl Weights {
     /// Reads a dense llama GGUF (the tensor names `quantized_llama` reads).
     pub(super) fn from_gguf<R: std::io::Seek + std::io::Read>(
@@ -146,41 +190,50 @@ impl Weights {
 
         let tensor =
             |name: &str, reader: &mut R| -> Result<_> { Ok(ct.tensor(reader, name, device)?) };
-        let qmm = |name: &str, reader: &mut R| -> Result<QMatMul> {
-            Ok(QMatMul::from_qtensor(tensor(name, reader)?)?)
+        let qmat = |name: &str, reader: &mut R| QMat::from_qtensor(tensor(name, reader)?);
+        let vector = |name: &str, reader: &mut R| -> Result<Vec<f32>> {
+            Ok(tensor(name, reader)?
+                .dequantize(device)?
+                .flatten_all()?
+                .to_vec1::<f32>()?)
         };
-        let emb_q = tensor("token_embd.weight", reader)?;
-        let embeddings = emb_q.dequantize(device)?;
-        let norm = RmsNorm::from_qtensor(tensor("output_norm.weight", reader)?, eps)?;
+        let embeddings = match qmat("token_embd.weight", reader)? {
+            m @ QMat::Own { .. } => Embeddings::Quantised(m),
+            _ => Embeddings::Dense(vector("token_embd.weight", reader)?),
+        };
+        let norm = vector("output_norm.weight", reader)?;
         let output = match ct.tensor(reader, "output.weight", device) {
-            Ok(t) => QMatMul::from_qtensor(t)?,
-            Err(_) => QMatMul::from_qtensor(emb_q)?,
+            Ok(t) => Some(QMat::from_qtensor(t)?),
+            // Tied: the quantised embeddings serve as the head, or candle's kernel for a type
+            // without ours.
+            Err(_) => match &embeddings {
+                Embeddings::Quantised(_) => None,
+                Embeddings::Dense(_) => Some(qmat("token_embd.weight", reader)?),
+            },
         };
         let mut layers = Vec::with_capacity(block_count);
         for i in 0..block_count {
             let p = format!("blk.{i}");
+            let w = |name: &str, reader: &mut R| qmat(&format!("{p}.{name}.weight"), reader);
             layers.push(Layer {
-                wq: qmm(&format!("{p}.attn_q.weight"), reader)?,
-                wk: qmm(&format!("{p}.attn_k.weight"), reader)?,
-                wv: qmm(&format!("{p}.attn_v.weight"), reader)?,
-                wo: qmm(&format!("{p}.attn_output.weight"), reader)?,
-                w_gate: qmm(&format!("{p}.ffn_gate.weight"), reader)?,
-                w_down: qmm(&format!("{p}.ffn_down.weight"), reader)?,
-                w_up: qmm(&format!("{p}.ffn_up.weight"), reader)?,
-                attn_norm: RmsNorm::from_qtensor(
-                    tensor(&format!("{p}.attn_norm.weight"), reader)?,
-                    eps,
-                )?,
-                ffn_norm: RmsNorm::from_qtensor(
-                    tensor(&format!("{p}.ffn_norm.weight"), reader)?,
-                    eps,
-                )?,
+                qkv: QMat::stack(vec![
+                    w("attn_q", reader)?,
+                    w("attn_k", reader)?,
+                    w("attn_v", reader)?,
+                ]),
+                wo: w("attn_output", reader)?,
+                gate_up: QMat::stack(vec![w("ffn_gate", reader)?, w("ffn_up", reader)?]),
+                down: w("ffn_down", reader)?,
+                attn_norm: vector(&format!("{p}.attn_norm.weight"), reader)?,
+                ffn_norm: vector(&format!("{p}.ffn_norm.weight"), reader)?,
             });
         }
         Ok(Weights {
             embeddings,
+            hidden,
             layers,
             norm,
+            eps: eps as f32,
             output,
             n_head,
             n_kv_head,
@@ -219,7 +272,7 @@ impl Weights {
             }
         }
         let before: Vec<usize> = items.iter().map(|(c, _)| c.len).collect();
-        let out = self.forward_inner(items);
+        let out = pool().install(|| self.forward_inner(items));
         match out {
             Ok(logits) => {
                 for (cache, tokens) in items.iter_mut() {
@@ -238,56 +291,128 @@ impl Weights {
     }
 
     fn forward_inner(&self, items: &mut [(&mut KvCache, &[u32])]) -> Result<Vec<Vec<f32>>> {
-        let dev = &Device::Cpu;
+        let hidden = self.hidden;
         let ids: Vec<u32> = items.iter().flat_map(|(_, t)| t.iter().copied()).collect();
         let rows = ids.len();
         let q_dim = self.n_head * self.head_dim;
         let kv_dim = self.kv_dim();
-        let mut x = self
-            .embeddings
-            .index_select(&Tensor::new(ids.as_slice(), dev)?, 0)?;
+        let qkv_dim = q_dim + 2 * kv_dim;
+        let mut x = vec![0f32; rows * hidden];
+        for (id, row) in ids.iter().zip(x.chunks_exact_mut(hidden)) {
+            self.embed(*id as usize, row)?;
+        }
+        let mut h = vec![0f32; rows * hidden];
+        let mut q = vec![0f32; rows * q_dim];
+        let mut y = vec![0f32; rows * q_dim];
         for (li, layer) in self.layers.iter().enumerate() {
-            let h = layer.attn_norm.forward(&x)?;
-            let mut q = layer.wq.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
-            let mut k = layer.wk.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
-            let v = layer.wv.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
-            let mut y = vec![0f32; rows * q_dim];
+            rms_norm(&x, &layer.attn_norm, self.eps, &mut h);
+            let qkv = layer.qkv.forward(&h, rows)?;
+            // Rotary embedding of the new rows; their keys and values join the caches.
             let mut row = 0;
             for (cache, tokens) in items.iter_mut() {
-                let n = tokens.len();
                 let pos0 = cache.len;
-                for t in 0..n {
-                    self.rope(&mut q[(row + t) * q_dim..(row + t + 1) * q_dim], pos0 + t);
-                    self.rope(&mut k[(row + t) * kv_dim..(row + t + 1) * kv_dim], pos0 + t);
-                }
                 let (kc, vc) = &mut cache.layers[li];
-                kc.extend_from_slice(&k[row * kv_dim..(row + n) * kv_dim]);
-                vc.extend_from_slice(&v[row * kv_dim..(row + n) * kv_dim]);
-                let qs = &q[row * q_dim..(row + n) * q_dim];
-                let out = &mut y[row * q_dim..(row + n) * q_dim];
+                for t in 0..tokens.len() {
+                    let r = &qkv[(row + t) * qkv_dim..(row + t + 1) * qkv_dim];
+                    let qr = &mut q[(row + t) * q_dim..(row + t + 1) * q_dim];
+                    qr.copy_from_slice(&r[..q_dim]);
+                    self.rope(qr, pos0 + t);
+                    let at = kc.len();
+                    kc.extend_from_slice(&r[q_dim..q_dim + kv_dim]);
+                    self.rope(&mut kc[at..], pos0 + t);
+                    vc.extend_from_slice(&r[q_dim + kv_dim..]);
+                }
+                row += tokens.len();
+            }
+            // Attention. Single-token rows (decode) run one task per (row, head) across the
+            // threads; a prompt runs as one batched product per sequence.
+            let mut decode_rows: Vec<Option<KvView>> = Vec::with_capacity(rows);
+            let mut row = 0;
+            for (cache, tokens) in items.iter() {
+                let n = tokens.len();
+                let (kc, vc) = &cache.layers[li];
                 if n == 1 {
-                    self.attend_one(qs, kc, vc, pos0 + 1, out);
+                    decode_rows.push(Some((kc, vc, cache.len + 1)));
                 } else {
-                    self.attend_prompt(qs, kc, vc, pos0, n, out)?;
+                    decode_rows.extend((0..n).map(|_| None));
+                    let out = &mut y[row * q_dim..(row + n) * q_dim];
+                    self.attend_prompt(
+                        &q[row * q_dim..(row + n) * q_dim],
+                        kc,
+                        vc,
+                        cache.len,
+                        n,
+                        out,
+                    )?;
                 }
                 row += n;
             }
-            let y = Tensor::from_vec(y, (rows, q_dim), dev)?;
-            let x1 = (layer.wo.forward(&y)? + &x)?;
-            let h = layer.ffn_norm.forward(&x1)?;
-            let gate = candle_nn::ops::silu(&layer.w_gate.forward(&h)?)?;
-            let mlp = layer.w_down.forward(&(gate * layer.w_up.forward(&h)?)?)?;
-            x = (mlp + x1)?;
+            let n_head = self.n_head;
+            y.par_chunks_mut(self.head_dim)
+                .enumerate()
+                .for_each(|(c, out)| {
+                    let (r, h) = (c / n_head, c % n_head);
+                    if let Some((kc, vc, len)) = decode_rows[r] {
+                        let qh = &q[r * q_dim + h * self.head_dim..][..self.head_dim];
+                        self.attend_head(qh, h, kc, vc, len, out);
+                    }
+                });
+            let o = layer.wo.forward(&y, rows)?;
+            for (x, o) in x.iter_mut().zip(&o) {
+                *x += o;
+            }
+            rms_norm(&x, &layer.ffn_norm, self.eps, &mut h);
+            let gu = layer.gate_up.forward(&h, rows)?;
+            let ff = gu.len() / rows / 2;
+            let mut act = vec![0f32; rows * ff];
+            for (a, r) in act.chunks_exact_mut(ff).zip(gu.chunks_exact(2 * ff)) {
+                for ((a, g), u) in a.iter_mut().zip(&r[..ff]).zip(&r[ff..]) {
+                    *a = g / (1.0 + (-g).exp()) * u;
+                }
+            }
+            let down = layer.down.forward(&act, rows)?;
+            for (x, d) in x.iter_mut().zip(&down) {
+                *x += d;
+            }
         }
-        let mut last = Vec::with_capacity(items.len());
+        // The head runs on each item's last row only.
+        let mut last = Vec::with_capacity(items.len() * hidden);
         let mut row = 0;
         for (_, tokens) in items.iter() {
             row += tokens.len();
-            last.push((row - 1) as u32);
+            last.extend_from_slice(&x[(row - 1) * hidden..row * hidden]);
         }
-        let x = x.index_select(&Tensor::new(last.as_slice(), dev)?, 0)?;
-        let x = self.norm.forward(&x)?;
-        Ok(self.output.forward(&x)?.to_vec2::<f32>()?)
+        let mut normed = vec![0f32; last.len()];
+        rms_norm(&last, &self.norm, self.eps, &mut normed);
+        let head = match (&self.output, &self.embeddings) {
+            (Some(head), _) => head,
+            (None, Embeddings::Quantised(e)) => e,
+            (None, Embeddings::Dense(_)) => unreachable!("a dense embedding has its own head"),
+        };
+        let logits = head.forward(&normed, items.len())?;
+        Ok(logits.chunks_exact(head.n()).map(<[f32]>::to_vec).collect())
+    }
+
+    /// Token `id`'s embedding into `out`.
+    fn embed(&self, id: usize, out: &mut [f32]) -> Result<()> {
+        let vocab = match &self.embeddings {
+            Embeddings::Quantised(m) => m.n(),
+            Embeddings::Dense(d) => d.len() / self.hidden,
+        };
+        if id >= vocab {
+            return Err(Error::InvalidRequest(format!(
+                "token id {id} is outside the vocabulary ({vocab})"
+            )));
+        }
+        match &self.embeddings {
+            Embeddings::Quantised(m) => {
+                m.dequantize_row(id, out);
+            }
+            Embeddings::Dense(d) => {
+                out.copy_from_slice(&d[id * self.hidden..(id + 1) * self.hidden]);
+            }
+        }
+        Ok(())
     }
 
     /// Interleaved rotary embedding (`rope_i`) of every head in `x` at position `pos`.
@@ -304,35 +429,39 @@ impl Weights {
         }
     }
 
-    /// Attention of one new token (already in the cache, which holds `len` positions).
-    fn attend_one(&self, q: &[f32], kc: &[f32], vc: &[f32], len: usize, out: &mut [f32]) {
+    /// Attention of query head `h` of one new token (already in the cache, which holds `len`
+    /// positions) into `out`.
+    fn attend_head(
+        &self,
+        qh: &[f32],
+        h: usize,
+        kc: &[f32],
+        vc: &[f32],
+        len: usize,
+        out: &mut [f32],
+    ) {
         let hd = self.head_dim;
         let kv_dim = self.kv_dim();
-        let n_rep = self.n_head / self.n_kv_head;
+        let g = h / (self.n_head / self.n_kv_head);
         let scale = (1.0 / (hd as f64).sqrt()) as f32;
         let mut scores = vec![0f32; len];
-        for h in 0..self.n_head {
-            let g = h / n_rep;
-            let qh = &q[h * hd..(h + 1) * hd];
-            let mut max = f32::NEG_INFINITY;
-            for (p, s) in scores.iter_mut().enumerate() {
-                let kp = &kc[p * kv_dim + g * hd..p * kv_dim + (g + 1) * hd];
-                *s = dot(qh, kp) * scale;
-                max = max.max(*s);
-            }
-            let mut sum = 0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            let o = &mut out[h * hd..(h + 1) * hd];
-            o.fill(0.0);
-            for (p, s) in scores.iter().enumerate() {
-                let w = s / sum;
-                let vp = &vc[p * kv_dim + g * hd..p * kv_dim + (g + 1) * hd];
-                for (o, v) in o.iter_mut().zip(vp) {
-                    *o += w * v;
-                }
+        let mut max = f32::NEG_INFINITY;
+        for (p, s) in scores.iter_mut().enumerate() {
+            let kp = &kc[p * kv_dim + g * hd..][..hd];
+            *s = dot(qh, kp) * scale;
+            max = max.max(*s);
+        }
+        let mut sum = 0f32;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        out.fill(0.0);
+        for (p, s) in scores.iter().enumerate() {
+            let w = s / sum;
+            let vp = &vc[p * kv_dim + g * hd..][..hd];
+            for (o, v) in out.iter_mut().zip(vp) {
+                *o += w * v;
             }
         }
     }
