@@ -117,6 +117,88 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// Decode attention of the query heads `qg` (`n_rep` heads of `HD` values, all reading kv head
+/// `g`) over the `len` cached positions, into `out` (laid out as `qg`).
+fn attend<const HD: usize>(
+    qg: &[f32],
+    g: usize,
+    kc: &[f32],
+    vc: &[f32],
+    kv_dim: usize,
+    len: usize,
+    out: &mut [f32],
+) {
+    let n_rep = qg.len() / HD;
+    let scale = (1.0 / (HD as f64).sqrt()) as f32;
+    // scores[r * len + p]: head r, position p.
+    let mut scores = vec![0f32; n_rep * len];
+    for p in 0..len {
+        let kp: &[f32; HD] = kc[p * kv_dim + g * HD..][..HD].try_into().expect("HD keys");
+        for r in 0..n_rep {
+            scores[r * len + p] = dot(&qg[r * HD..][..HD], kp) * scale;
+        }
+    }
+    let mut inv_sum = vec![0f32; n_rep];
+    for (r, sc) in scores.chunks_exact_mut(len).enumerate() {
+        let max = sc.iter().fold(f32::NEG_INFINITY, |m, s| m.max(*s));
+        let mut sum = 0f32;
+        for s in sc.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        inv_sum[r] = 1.0 / sum;
+    }
+    out.fill(0.0);
+    for p in 0..len {
+        let vp: &[f32; HD] = vc[p * kv_dim + g * HD..][..HD]
+            .try_into()
+            .expect("HD values");
+        for (r, o) in out.chunks_exact_mut(HD).enumerate() {
+            let w = scores[r * len + p];
+            for (o, v) in o.iter_mut().zip(vp) {
+                *o += w * v;
+            }
+        }
+    }
+    for (o, inv) in out.chunks_exact_mut(HD).zip(&inv_sum) {
+        for o in o.iter_mut() {
+            *o *= inv;
+        }
+    }
+}
+
+/// [`attend`] for a head size without a specialisation.
+#[allow(clippy::too_many_arguments)]
+fn attend_dyn(
+    qg: &[f32],
+    g: usize,
+    kc: &[f32],
+    vc: &[f32],
+    kv_dim: usize,
+    len: usize,
+    hd: usize,
+    out: &mut [f32],
+) {
+    let scale = (1.0 / (hd as f64).sqrt()) as f32;
+    for (qh, o) in qg.chunks_exact(hd).zip(out.chunks_exact_mut(hd)) {
+        let mut sc: Vec<f32> = (0..len)
+            .map(|p| dot(qh, &kc[p * kv_dim + g * hd..][..hd]) * scale)
+            .collect();
+        let max = sc.iter().fold(f32::NEG_INFINITY, |m, s| m.max(*s));
+        let mut sum = 0f32;
+        for s in sc.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        o.fill(0.0);
+        for (p, w) in sc.iter().enumerate() {
+            for (o, v) in o.iter_mut().zip(&vc[p * kv_dim + g * hd..][..hd]) {
+                *o += w / sum * v;
+            }
+        }
+    }
+}
+
 /// RMS norm of each row of `x` into `out`, as candle's `rms_norm` computes it.
 fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let n = w.len();
@@ -347,16 +429,21 @@ impl Weights {
                 }
                 row += n;
             }
-            let n_head = self.n_head;
-            y.par_chunks_mut(self.head_dim)
-                .enumerate()
-                .for_each(|(c, out)| {
-                    let (r, h) = (c / n_head, c % n_head);
-                    if let Some((kc, vc, len)) = decode_rows[r] {
-                        let qh = &q[r * q_dim + h * self.head_dim..][..self.head_dim];
-                        self.attend_head(qh, h, kc, vc, len, out);
+            // One task per (row, kv head): the query heads sharing a kv head read its cached
+            // keys and values once.
+            let (n_kv, group) = (self.n_kv_head, q_dim / self.n_kv_head);
+            y.par_chunks_mut(group).enumerate().for_each(|(c, out)| {
+                let (r, g) = (c / n_kv, c % n_kv);
+                if let Some((kc, vc, len)) = decode_rows[r] {
+                    let qg = &q[r * q_dim + g * group..][..group];
+                    match self.head_dim {
+                        // A fixed size lets the compiler unroll the per-head loops.
+                        64 => attend::<64>(qg, g, kc, vc, kv_dim, len, out),
+                        128 => attend::<128>(qg, g, kc, vc, kv_dim, len, out),
+                        hd => attend_dyn(qg, g, kc, vc, kv_dim, len, hd, out),
                     }
-                });
+                }
+            });
             let o = layer.wo.forward(&y, rows)?;
             for (x, o) in x.iter_mut().zip(&o) {
                 *x += o;
@@ -425,43 +512,6 @@ impl Weights {
                 let (a, b) = (head[2 * i], head[2 * i + 1]);
                 head[2 * i] = a * cos[i] - b * sin[i];
                 head[2 * i + 1] = a * sin[i] + b * cos[i];
-            }
-        }
-    }
-
-    /// Attention of query head `h` of one new token (already in the cache, which holds `len`
-    /// positions) into `out`.
-    fn attend_head(
-        &self,
-        qh: &[f32],
-        h: usize,
-        kc: &[f32],
-        vc: &[f32],
-        len: usize,
-        out: &mut [f32],
-    ) {
-        let hd = self.head_dim;
-        let kv_dim = self.kv_dim();
-        let g = h / (self.n_head / self.n_kv_head);
-        let scale = (1.0 / (hd as f64).sqrt()) as f32;
-        let mut scores = vec![0f32; len];
-        let mut max = f32::NEG_INFINITY;
-        for (p, s) in scores.iter_mut().enumerate() {
-            let kp = &kc[p * kv_dim + g * hd..][..hd];
-            *s = dot(qh, kp) * scale;
-            max = max.max(*s);
-        }
-        let mut sum = 0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        out.fill(0.0);
-        for (p, s) in scores.iter().enumerate() {
-            let w = s / sum;
-            let vp = &vc[p * kv_dim + g * hd..][..hd];
-            for (o, v) in out.iter_mut().zip(vp) {
-                *o += w * v;
             }
         }
     }

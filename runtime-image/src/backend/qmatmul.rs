@@ -82,15 +82,20 @@ impl Acts {
         debug_assert_eq!(k % QK, 0);
         let mut qs = vec![0i8; m * k];
         let mut ds = Vec::with_capacity(m * k / QK);
+        let simd = Isa::detect() != Isa::Scalar;
         for (xb, qb) in x.chunks_exact(QK).zip(qs.chunks_exact_mut(QK)) {
-            let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let d = amax / 127.0;
-            let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-            let mut sum = 0i32;
-            for (q, v) in qb.iter_mut().zip(xb) {
-                *q = (v * id).round_ties_even() as i8;
-                sum += *q as i32;
-            }
+            #[cfg(target_arch = "x86_64")]
+            let (d, sum) = if simd {
+                // SAFETY: AVX2/FMA/F16C are present (Isa::detect); both blocks hold 32 values.
+                unsafe { avx::quantize_block(xb, qb) }
+            } else {
+                quantize_block(xb, qb)
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let (d, sum) = {
+                let _ = simd;
+                quantize_block(xb, qb)
+            };
             ds.push([
                 f16::from_f32(d).to_f32(),
                 f16::from_f32(d * sum as f32).to_f32(),
@@ -98,6 +103,18 @@ impl Acts {
         }
         Acts { m, k, qs, ds }
     }
+}
+
+/// One block of 32 activations to 8 bits: returns `d` and the sum of the quantised values.
+fn quantize_block(xb: &[f32], qb: &mut [i8]) -> (f32, i32) {
+    let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+    let mut sum = 0i32;
+    for (q, v) in qb.iter_mut().zip(xb) {
+        *q = (v * id).round_ties_even() as i8;
+        sum += *q as i32;
+    }
+    (amax / 127.0, sum)
 }
 
 fn f16_at(b: &[u8], at: usize) -> f32 {
@@ -248,32 +265,43 @@ impl QMat {
             return Vec::new();
         }
         let row_bytes = k / QK * kind.block_bytes();
-        // Output transposed (`n × m`), so that each task owns a contiguous run of weight rows.
-        let mut out_t = vec![0f32; n * m];
+        let mut out = vec![0f32; m * n];
         let threads = rayon::current_num_threads().max(1);
         // A few chunks per thread, so that a thread slowed by other work is made up for.
         let chunk_rows = n.div_ceil(threads * 4).max(8);
         let isa = Isa::detect();
-        out_t
-            .par_chunks_mut(chunk_rows * m)
-            .enumerate()
-            .for_each(|(c, out)| {
-                let j0 = c * chunk_rows;
-                for (jj, o) in out.chunks_exact_mut(m).enumerate() {
-                    let w = &data[(j0 + jj) * row_bytes..(j0 + jj + 1) * row_bytes];
-                    row_times_acts(*kind, w, acts, o, isa);
+        let dst = OutPtr(out.as_mut_ptr());
+        (0..n.div_ceil(chunk_rows)).into_par_iter().for_each(|c| {
+            let mut col = vec![0f32; m];
+            for j in c * chunk_rows..((c + 1) * chunk_rows).min(n) {
+                row_times_acts(
+                    *kind,
+                    &data[j * row_bytes..][..row_bytes],
+                    acts,
+                    &mut col,
+                    isa,
+                );
+                for (i, v) in col.iter().enumerate() {
+                    // SAFETY: `i < m` and `j < n` index inside `out` (m × n), which outlives
+                    // the parallel loop; column `j` belongs to this task alone.
+                    unsafe { dst.at(i * n + j).write(*v) };
                 }
-            });
-        if m == 1 {
-            return out_t;
-        }
-        let mut out = vec![0f32; m * n];
-        for (j, col) in out_t.chunks_exact(m).enumerate() {
-            for (i, v) in col.iter().enumerate() {
-                out[i * n + j] = *v;
             }
-        }
+        });
         out
+    }
+}
+
+/// The output of [`QMat::forward_quantized`], written by several tasks at disjoint columns.
+struct OutPtr(*mut f32);
+// SAFETY: the tasks sharing it write disjoint elements.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// Element `i` (the caller keeps it in bounds).
+    fn at(&self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
     }
 }
 
@@ -426,6 +454,51 @@ mod avx {
         let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
         let r = _mm_add_ss(r, _mm_movehdup_ps(r));
         _mm_cvtss_f32(r)
+    }
+
+    /// [`super::quantize_block`] with the same results (the same products, rounded half to
+    /// even), as llama.cpp's AVX2 `quantize_row_q8_1`.
+    ///
+    /// # Safety
+    /// `xb` and `qb` hold 32 values each.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn quantize_block(xb: &[f32], qb: &mut [i8]) -> (f32, i32) {
+        debug_assert!(xb.len() == QK && qb.len() == QK);
+        unsafe {
+            let p = xb.as_ptr();
+            let v = [
+                _mm256_loadu_ps(p),
+                _mm256_loadu_ps(p.add(8)),
+                _mm256_loadu_ps(p.add(16)),
+                _mm256_loadu_ps(p.add(24)),
+            ];
+            let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+            let m = _mm256_max_ps(
+                _mm256_max_ps(_mm256_and_ps(v[0], abs), _mm256_and_ps(v[1], abs)),
+                _mm256_max_ps(_mm256_and_ps(v[2], abs), _mm256_and_ps(v[3], abs)),
+            );
+            let m = _mm_max_ps(_mm256_extractf128_ps(m, 1), _mm256_castps256_ps128(m));
+            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+            let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+            const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+            let q = v.map(|x| _mm256_cvtps_epi32(_mm256_round_ps::<NEAREST>(_mm256_mul_ps(x, id))));
+            let sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+            let sum = _mm_add_epi32(
+                _mm256_extracti128_si256(sum, 1),
+                _mm256_castsi256_si128(sum),
+            );
+            let sum = _mm_hadd_epi32(sum, sum);
+            let sum = _mm_cvtsi128_si32(_mm_hadd_epi32(sum, sum));
+            let a = _mm256_packs_epi32(q[0], q[1]);
+            let b = _mm256_packs_epi32(q[2], q[3]);
+            let bytes = _mm256_permutevar8x32_epi32(
+                _mm256_packs_epi16(a, b),
+                _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7),
+            );
+            _mm256_storeu_si256(qb.as_mut_ptr() as *mut __m256i, bytes);
+            (amax / 127.0, sum)
+        }
     }
 
     /// Sum of adjacent pairs of `u8 × i8` products, as f32 (`maddubs` cannot saturate here:
@@ -756,6 +829,28 @@ mod tests {
     }
 
     #[test]
+    fn simd_quantisation_equals_the_scalar_one() {
+        let mut x = random(32 * 40, 21);
+        // Exact halves after scaling, zeros, and a block of zeros.
+        x[5] = 0.5 * x[0].abs().max(1.0) / 127.0;
+        x[32..64].fill(0.0);
+        for (i, (xb, _)) in x.chunks_exact(QK).zip(0..).enumerate() {
+            let mut a = [0i8; QK];
+            let mut b = [0i8; QK];
+            let want = quantize_block(xb, &mut a);
+            #[cfg(target_arch = "x86_64")]
+            if Isa::detect() != Isa::Scalar {
+                let got = unsafe { avx::quantize_block(xb, &mut b) };
+                assert_eq!(
+                    (got.0.to_bits(), got.1, b),
+                    (want.0.to_bits(), want.1, a),
+                    "block {i}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn matches_candles_qmatmul() {
         for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
             let (n, k, m) = (64, 128, 6);
@@ -803,6 +898,37 @@ mod tests {
             assert_eq!(&row[..16], &ya[i * 16..(i + 1) * 16]);
             assert_eq!(&row[16..24], &yb[i * 8..(i + 1) * 8]);
             assert_eq!(&row[24..], &yc[i * 8..(i + 1) * 8]);
+        }
+    }
+
+    #[test]
+    fn other_types_go_through_candle_and_stack_with_ours() {
+        // Q4K: a type without our kernel (a K-quant GGUF mixes it with others).
+        let (n, k, m) = (16, 256, 3);
+        let w = Tensor::from_vec(random(n * k, 13), (n, k), &Device::Cpu).unwrap();
+        let q4k = QMat::from_qtensor(QTensor::quantize(&w, GgmlDType::Q4K).unwrap()).unwrap();
+        assert!(matches!(q4k, QMat::Candle { n: 16, k: 256, .. }));
+        assert!(q4k.dequantize_row(0, &mut [0f32; 256]).is_none());
+        let reference =
+            QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q4K).unwrap()).unwrap();
+        let x = random(m * k, 17);
+        let xt = Tensor::from_slice(&x, (m, k), &Device::Cpu).unwrap();
+        let want = reference
+            .forward(&xt)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(q4k.forward(&x, m).unwrap(), want);
+        let (ours, _) = weights(GgmlDType::Q4_1, 8, 256);
+        let y_ours = ours.forward(&x, m).unwrap();
+        let both = QMat::stack(vec![q4k, ours]);
+        assert_eq!((both.n(), both.k()), (24, 256));
+        let y = both.forward(&x, m).unwrap();
+        for i in 0..m {
+            assert_eq!(&y[i * 24..i * 24 + 16], &want[i * 16..(i + 1) * 16]);
+            assert_eq!(&y[i * 24 + 16..(i + 1) * 24], &y_ours[i * 8..(i + 1) * 8]);
         }
     }
 
