@@ -145,7 +145,7 @@ impl Encoder {
     /// Loads `embeddings.*` and `encoder.layer.N.*` (transformers' names) from `vb`.
     pub(super) fn load(vb: VarBuilder, cfg: EncoderConfig) -> candle_core::Result<Self> {
         let d = cfg.hidden;
-        if cfg.heads == 0 || d % cfg.heads != 0 {
+        if cfg.heads == 0 || !d.is_multiple_of(cfg.heads) {
             candle_core::bail!(
                 "hidden_size {d} is not a multiple of num_attention_heads {}",
                 cfg.heads
@@ -260,7 +260,14 @@ impl Encoder {
             // Q, K, V in one product.
             fill_bias(&mut qkv, &l.qkv.b);
             matmul(&x, rows, &l.qkv, &mut qkv);
-            attention(&qkv, &mut ctx, &ranges, d, self.cfg.heads);
+            attention(
+                &qkv,
+                &mut ctx,
+                &ranges,
+                d,
+                self.cfg.heads,
+                packed::available(),
+            );
             // x ← LayerNorm(x + ctx · Woᵀ + bo): the residual and bias are the gemm's dst.
             add_bias(&mut x, &l.attn_out.b);
             matmul(&ctx, rows, &l.attn_out, &mut x);
@@ -461,7 +468,7 @@ pub(super) fn exp(x: f32) -> f32 {
     p = r.mul_add(p, 8.333_452e-3);
     p = r.mul_add(p, 4.166_579_6e-2);
     p = r.mul_add(p, 1.666_666_5e-1);
-    p = r.mul_add(p, 5.000_000_1e-1);
+    p = r.mul_add(p, 0.5);
     let p = p.mul_add(r2, r) + 1.0;
     let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
     p * scale
@@ -484,14 +491,80 @@ impl Shared {
 
 /// Multi-head self-attention of each sequence over its own rows: `qkv` is `(rows, 3 d)`
 /// (queries, keys, values), `ctx` receives `(rows, d)`, heads side by side.
-fn attention(qkv: &[f32], ctx: &mut [f32], ranges: &[Range<usize>], d: usize, heads: usize) {
+/// `fast`: on the packed AVX-512 kernel (only when [`packed::available`]); else portable
+/// loops.
+fn attention(
+    qkv: &[f32],
+    ctx: &mut [f32],
+    ranges: &[Range<usize>],
+    d: usize,
+    heads: usize,
+    fast: bool,
+) {
     let dh = d / heads;
     let scale = 1.0 / (dh as f32).sqrt();
+    assert!(!fast || packed::available());
+    if fast {
+        // The kernel path accumulates into ctx.
+        ctx.fill(0.0);
+    }
     let out = Shared(ctx.as_mut_ptr());
     let out_len = ctx.len();
     let task = |t: usize| {
         let (r, h) = (&ranges[t / heads], t % heads);
         let len = r.len();
+        assert!(r.end * d <= out_len && r.end * 3 * d <= qkv.len());
+        if fast {
+            // S = Q Kᵀ and ctx = softmax(S · scale) V as two products on the packed kernel.
+            let mut kt = vec![0f32; dh * len];
+            for j in 0..len {
+                let k = &qkv[(r.start + j) * 3 * d + d + h * dh..][..dh];
+                for c in 0..dh {
+                    kt[c * len + j] = k[c];
+                }
+            }
+            let mut s = vec![0f32; len * len];
+            let q = qkv[r.start * 3 * d + h * dh..].as_ptr();
+            // SAFETY: AVX-512 is available (fast); q: len rows of dh, 3d apart, within qkv
+            // (checked above); kt: dh rows of len; s: len rows of len.
+            unsafe {
+                packed::gemm_acc(
+                    len,
+                    len,
+                    dh,
+                    q,
+                    3 * d,
+                    kt.as_ptr(),
+                    len,
+                    s.as_mut_ptr(),
+                    len,
+                )
+            };
+            for row in s.chunks_exact_mut(len) {
+                let m = max(row);
+                row.iter_mut().for_each(|v| *v = exp((*v - m) * scale));
+                let inv = 1.0 / sum(row);
+                row.iter_mut().for_each(|v| *v *= inv);
+            }
+            let v = qkv[r.start * 3 * d + 2 * d + h * dh..].as_ptr();
+            // SAFETY: as above; v: len rows of dh, 3d apart; the destination, len rows of dh
+            // at column h·dh, d apart, is in bounds (checked) and written by this task alone
+            // (one task per sequence and head); nothing reads ctx until all tasks end.
+            unsafe {
+                packed::gemm_acc(
+                    len,
+                    dh,
+                    len,
+                    s.as_ptr(),
+                    len,
+                    v,
+                    3 * d,
+                    out.at(r.start * d + h * dh),
+                    d,
+                )
+            };
+            return;
+        }
         let row = |i: usize| &qkv[(r.start + i) * 3 * d..][..3 * d];
         // Keys of this head transposed, (dh, len), so that one query's scores are axpys.
         let mut kt = vec![0f32; dh * len];
@@ -554,6 +627,27 @@ mod tests {
             worst = worst.max((erf(x) as f64 - want).abs());
         }
         assert!(worst < 5e-7, "worst abs error {worst}");
+    }
+
+    #[test]
+    fn the_kernel_attention_matches_the_portable_one() {
+        if !packed::available() {
+            return;
+        }
+        for (d, heads) in [(64, 2), (48, 3), (384, 12)] {
+            let ranges = [0..3, 3..20, 20..61, 61..62];
+            let rows = 62;
+            let qkv: Vec<f32> = (0..rows * 3 * d)
+                .map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 200.0)
+                .collect();
+            let mut want = vec![f32::NAN; rows * d];
+            let mut got = vec![f32::NAN; rows * d];
+            attention(&qkv, &mut want, &ranges, d, heads, false);
+            attention(&qkv, &mut got, &ranges, d, heads, true);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!((g - w).abs() < 1e-5, "d {d}, element {i}: {g} vs {w}");
+            }
+        }
     }
 
     #[test]

@@ -15,9 +15,9 @@ use rayon::prelude::*;
 /// Output columns per panel: two AVX-512 vectors.
 const NR: usize = 32;
 /// Rows of A per micro-kernel call.
-const MR: usize = 8;
+const MR: usize = 12;
 /// Rows per task: a block of A that stays in L2 while the task's panels pass.
-const MB: usize = 64;
+const MB: usize = 96;
 
 /// Whether this CPU runs the packed kernel.
 pub(crate) fn available() -> bool {
@@ -67,8 +67,15 @@ impl Packed {
         assert!(x.len() >= rows * k && out.len() >= rows * n);
         assert!(available());
         let panels = n.div_ceil(NR);
-        let row_blocks = rows.div_ceil(MB);
         let threads = rayon::current_num_threads().max(1);
+        // Blocks of at most MB rows, as many as a multiple of the threads so that none idles
+        // at the end (13 blocks on 2 threads would leave one thread a block behind).
+        let mut row_blocks = rows.div_ceil(MB);
+        if row_blocks > 1 {
+            row_blocks = row_blocks.next_multiple_of(threads);
+        }
+        let mb = rows.div_ceil(row_blocks).next_multiple_of(MR);
+        let row_blocks = rows.div_ceil(mb);
         // Enough tasks to balance the threads; panels are split when rows are few (batch 1).
         let want = threads * 4;
         let panel_groups = want.div_ceil(row_blocks).clamp(1, panels);
@@ -78,8 +85,8 @@ impl Packed {
         let out_ptr = SharedOut(out.as_mut_ptr());
         let task = |t: usize| {
             let (rb, pg) = (t / panel_groups, t % panel_groups);
-            let r0 = rb * MB;
-            let r1 = (r0 + MB).min(rows);
+            let r0 = rb * mb;
+            let r1 = (r0 + mb).min(rows);
             let p0 = pg * per_group;
             let p1 = (p0 + per_group).min(panels);
             for p in p0..p1 {
@@ -96,6 +103,8 @@ impl Packed {
                             x.as_ptr().add(r * k),
                             k,
                             b.as_ptr(),
+                            NR,
+                            k,
                             out_ptr.at(r * n + p * NR),
                             n,
                             cols,
@@ -127,14 +136,61 @@ impl SharedOut {
     }
 }
 
+/// `C (m × n) += A (m × k) · B (k × n)`, all row-major with the given row strides, on the
+/// calling thread. B's rows are read 32 columns at a time with masked loads at the right
+/// edge, so B needs no padding.
+///
 /// # Safety
-/// `a` has `mr` rows of `k` (contiguous), `b` is a packed panel of `k · NR`, `c` has `mr`
-/// rows (stride `ldc`) of at least `cols` elements; AVX-512F is available.
+/// AVX-512F is available ([`available`]); `a` points to `m` rows of `k` readable elements
+/// `lda` apart, `b` to `k` rows of `n` readable elements `ldb` apart, `c` to `m` rows of `n`
+/// writable elements `ldc` apart, and nothing else writes those elements meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_acc(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+) {
+    for p in 0..n.div_ceil(NR) {
+        let cols = (n - p * NR).min(NR);
+        let mut r = 0;
+        while r < m {
+            let mr = (m - r).min(MR);
+            // SAFETY: within the extents the caller guarantees.
+            unsafe {
+                kernel_dispatch(
+                    mr,
+                    a.add(r * lda),
+                    lda,
+                    b.add(p * NR),
+                    ldb,
+                    k,
+                    c.add(r * ldc + p * NR),
+                    ldc,
+                    cols,
+                )
+            };
+            r += mr;
+        }
+    }
+}
+
+/// # Safety
+/// `a`: `mr` rows of `k` elements, `lda` apart; `b`: `k` rows of `cols` (≤ NR) elements,
+/// `ldb` apart; `c`: `mr` rows of `cols` elements, `ldc` apart; AVX-512F is available.
+#[allow(clippy::too_many_arguments)]
 unsafe fn kernel_dispatch(
     mr: usize,
     a: *const f32,
-    k: usize,
+    lda: usize,
     b: *const f32,
+    ldb: usize,
+    k: usize,
     c: *mut f32,
     ldc: usize,
     cols: usize,
@@ -142,21 +198,27 @@ unsafe fn kernel_dispatch(
     #[cfg(target_arch = "x86_64")]
     // SAFETY: forwarded from the caller.
     unsafe {
-        match mr {
-            8 => avx512::kernel::<8>(a, k, b, k, c, ldc, cols),
-            7 => avx512::kernel::<7>(a, k, b, k, c, ldc, cols),
-            6 => avx512::kernel::<6>(a, k, b, k, c, ldc, cols),
-            5 => avx512::kernel::<5>(a, k, b, k, c, ldc, cols),
-            4 => avx512::kernel::<4>(a, k, b, k, c, ldc, cols),
-            3 => avx512::kernel::<3>(a, k, b, k, c, ldc, cols),
-            2 => avx512::kernel::<2>(a, k, b, k, c, ldc, cols),
-            1 => avx512::kernel::<1>(a, k, b, k, c, ldc, cols),
+        use avx512::kernel;
+        let f = match mr {
+            12 => kernel::<12>,
+            11 => kernel::<11>,
+            10 => kernel::<10>,
+            9 => kernel::<9>,
+            8 => kernel::<8>,
+            7 => kernel::<7>,
+            6 => kernel::<6>,
+            5 => kernel::<5>,
+            4 => kernel::<4>,
+            3 => kernel::<3>,
+            2 => kernel::<2>,
+            1 => kernel::<1>,
             _ => unreachable!("mr is 1..=MR"),
-        }
+        };
+        f(a, lda, b, ldb, k, c, ldc, cols)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (mr, a, k, b, c, ldc, cols);
+        let _ = (mr, a, lda, b, ldb, k, c, ldc, cols);
         unreachable!("the packed kernel is only built for x86_64")
     }
 }
@@ -167,34 +229,49 @@ mod avx512 {
 
     use super::NR;
 
-    /// `C[0..M, 0..cols] += A[0..M, 0..k] · B` for one packed panel `B` `(k, NR)`.
+    /// `C[0..M, 0..cols] += A[0..M, 0..k] · B[0..k, 0..cols]`, `cols` ≤ [`NR`].
     ///
     /// # Safety
-    /// As `kernel_dispatch`; `k` is A's row length and the panel's row count.
+    /// As `kernel_dispatch`.
     #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn kernel<const M: usize>(
         a: *const f32,
         lda: usize,
         b: *const f32,
+        ldb: usize,
         k: usize,
         c: *mut f32,
         ldc: usize,
         cols: usize,
     ) {
-        // SAFETY: all pointer arithmetic stays within the extents the caller guarantees.
+        let m0: __mmask16 = if cols >= 16 {
+            0xffff
+        } else {
+            ((1u32 << cols) - 1) as u16
+        };
+        let m1: __mmask16 = if cols <= 16 {
+            0
+        } else if cols >= NR {
+            0xffff
+        } else {
+            ((1u32 << (cols - 16)) - 1) as u16
+        };
+        // SAFETY: all pointer arithmetic stays within the extents the caller guarantees;
+        // masked loads and stores touch only the first `cols` elements of a row.
         unsafe {
             let mut acc0 = [_mm512_setzero_ps(); M];
             let mut acc1 = [_mm512_setzero_ps(); M];
-            for kk in 0..k {
-                let b0 = _mm512_loadu_ps(b.add(kk * NR));
-                let b1 = _mm512_loadu_ps(b.add(kk * NR + 16));
-                for i in 0..M {
-                    let av = _mm512_set1_ps(*a.add(i * lda + kk));
-                    acc0[i] = _mm512_fmadd_ps(av, b0, acc0[i]);
-                    acc1[i] = _mm512_fmadd_ps(av, b1, acc1[i]);
-                }
-            }
             if cols == NR {
+                for kk in 0..k {
+                    let b0 = _mm512_loadu_ps(b.add(kk * ldb));
+                    let b1 = _mm512_loadu_ps(b.add(kk * ldb + 16));
+                    for i in 0..M {
+                        let av = _mm512_set1_ps(*a.add(i * lda + kk));
+                        acc0[i] = _mm512_fmadd_ps(av, b0, acc0[i]);
+                        acc1[i] = _mm512_fmadd_ps(av, b1, acc1[i]);
+                    }
+                }
                 for i in 0..M {
                     let p = c.add(i * ldc);
                     _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), acc0[i]));
@@ -202,16 +279,15 @@ mod avx512 {
                     _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), acc1[i]));
                 }
             } else {
-                let m0: __mmask16 = if cols >= 16 {
-                    0xffff
-                } else {
-                    ((1u32 << cols) - 1) as u16
-                };
-                let m1: __mmask16 = if cols <= 16 {
-                    0
-                } else {
-                    ((1u32 << (cols - 16)) - 1) as u16
-                };
+                for kk in 0..k {
+                    let b0 = _mm512_maskz_loadu_ps(m0, b.add(kk * ldb));
+                    let b1 = _mm512_maskz_loadu_ps(m1, b.add(kk * ldb + 16));
+                    for i in 0..M {
+                        let av = _mm512_set1_ps(*a.add(i * lda + kk));
+                        acc0[i] = _mm512_fmadd_ps(av, b0, acc0[i]);
+                        acc1[i] = _mm512_fmadd_ps(av, b1, acc1[i]);
+                    }
+                }
                 for i in 0..M {
                     let p = c.add(i * ldc);
                     let v = _mm512_maskz_loadu_ps(m0, p);
