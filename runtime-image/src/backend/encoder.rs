@@ -630,6 +630,34 @@ mod tests {
     }
 
     #[test]
+    fn the_portable_product_matches_a_plain_one() {
+        // The gemm-crate path that CPUs without AVX-512 take.
+        let (rows, k, n) = (37, 48, 80);
+        let x: Vec<f32> = (0..rows * k)
+            .map(|i| ((i * 31 % 89) as f32 - 44.0) / 44.0)
+            .collect();
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 17 % 83) as f32 - 41.0) / 41.0)
+            .collect();
+        let l = Linear {
+            w: w.clone(),
+            packed: None,
+            b: vec![0.5; n],
+            n_in: k,
+            n_out: n,
+        };
+        let mut got = vec![0f32; rows * n];
+        fill_bias(&mut got, &l.b);
+        matmul(&x, rows, &l, &mut got);
+        for r in 0..rows {
+            for j in 0..n {
+                let want = 0.5 + (0..k).map(|i| x[r * k + i] * w[j * k + i]).sum::<f32>();
+                assert!((got[r * n + j] - want).abs() < 1e-4, "[{r},{j}]");
+            }
+        }
+    }
+
+    #[test]
     fn the_kernel_attention_matches_the_portable_one() {
         if !packed::available() {
             return;
