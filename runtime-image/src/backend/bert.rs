@@ -2,12 +2,14 @@
 //! [`sentence_embedder`]), pooled and normalised as the model's sentence-transformers
 //! configuration says (modules.json, 1_Pooling/config.json, sentence_bert_config.json).
 
+use std::ops::Range;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use candle_transformers::models::bert::{BertModel, Config};
+use candle_transformers::models::bert::{Config, HiddenAct};
 
 use super::Embedder;
+use super::encoder::{Activation, Encoder, EncoderConfig, Positions};
 use crate::error::{Error, Result, read_json};
 use crate::model::LoadedModel;
 
@@ -24,8 +26,56 @@ pub(crate) enum Pooling {
 pub(super) type EncodeFn =
     Box<dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor> + Send + Sync>;
 
+/// What turns token ids into hidden states.
+pub(super) enum Encode {
+    /// kandle's own encoder: ragged batches, fused kernels (`encoder.rs`).
+    Fast(Encoder),
+    /// A candle-transformers model run on a right-padded batch with its attention mask.
+    Candle(EncodeFn),
+}
+
+impl Encode {
+    /// The last hidden state of every sequence stacked without padding, `(Σ len, d)`
+    /// row-major, and each sequence's rows.
+    fn hidden(&self, batch: &[Vec<u32>], pad_id: u32) -> Result<(Vec<f32>, Vec<Range<usize>>)> {
+        if batch.iter().any(Vec::is_empty) {
+            return Err(Error::InvalidRequest(
+                "cannot embed an empty token sequence".into(),
+            ));
+        }
+        match self {
+            Encode::Fast(e) => Ok(e.forward(batch)?),
+            Encode::Candle(encode) => {
+                let width = batch.iter().map(Vec::len).max().unwrap_or(0);
+                let mut ids = Vec::with_capacity(batch.len() * width);
+                let mut mask = Vec::with_capacity(batch.len() * width);
+                for item in batch {
+                    ids.extend(item.iter().copied());
+                    ids.extend(std::iter::repeat_n(pad_id, width - item.len()));
+                    mask.extend(std::iter::repeat_n(1u32, item.len()));
+                    mask.extend(std::iter::repeat_n(0u32, width - item.len()));
+                }
+                let dev = Device::Cpu;
+                let ids = Tensor::from_vec(ids, (batch.len(), width), &dev)?;
+                let mask = Tensor::from_vec(mask, (batch.len(), width), &dev)?;
+                let hidden = encode(&ids, &mask)?.to_dtype(DType::F32)?; // (b, t, d)
+                let d = hidden.dim(2)?;
+                let all = hidden.flatten_all()?.to_vec1::<f32>()?;
+                let mut out = Vec::new();
+                let mut ranges = Vec::with_capacity(batch.len());
+                for (i, item) in batch.iter().enumerate() {
+                    let start = out.len() / d;
+                    out.extend_from_slice(&all[i * width * d..][..item.len() * d]);
+                    ranges.push(start..start + item.len());
+                }
+                Ok((out, ranges))
+            }
+        }
+    }
+}
+
 struct Bert {
-    encode: EncodeFn,
+    encode: Encode,
     pooling: Pooling,
     normalize: bool,
     dim: usize,
@@ -38,54 +88,43 @@ impl Embedder for Bert {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let width = batch.iter().map(Vec::len).max().unwrap_or(0);
-        if width == 0 {
-            return Err(Error::InvalidRequest(
-                "cannot embed an empty token sequence".into(),
-            ));
-        }
-        let mut ids = Vec::with_capacity(batch.len() * width);
-        let mut mask = Vec::with_capacity(batch.len() * width);
-        for item in batch {
-            ids.extend(item.iter().copied());
-            ids.extend(std::iter::repeat_n(self.pad_id, width - item.len()));
-            mask.extend(std::iter::repeat_n(1u32, item.len()));
-            mask.extend(std::iter::repeat_n(0u32, width - item.len()));
-        }
-        let dev = Device::Cpu;
-        let ids = Tensor::from_vec(ids, (batch.len(), width), &dev)?;
-        let mask = Tensor::from_vec(mask, (batch.len(), width), &dev)?;
-        let hidden = (self.encode)(&ids, &mask)?; // (b, t, d)
-        let maskf = mask.to_dtype(DType::F32)?.unsqueeze(2)?; // (b, t, 1)
-        let pooled = match self.pooling {
-            Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1)?,
-            Pooling::Mean | Pooling::MeanSqrtLen => {
-                let sum = hidden.broadcast_mul(&maskf)?.sum(1)?;
-                let count = maskf.sum(1)?; // (b, 1)
-                let denom = if self.pooling == Pooling::Mean {
-                    count
-                } else {
-                    count.sqrt()?
+        let (hidden, ranges) = self.encode.hidden(batch, self.pad_id)?;
+        let d = self.dim;
+        Ok(ranges
+            .into_iter()
+            .map(|r| {
+                let len = r.len();
+                let rows = hidden[r.start * d..r.end * d].chunks_exact(d);
+                let mut v = match self.pooling {
+                    Pooling::Cls => hidden[r.start * d..][..d].to_vec(),
+                    Pooling::Mean | Pooling::MeanSqrtLen => {
+                        let mut sum = vec![0f32; d];
+                        for row in rows {
+                            sum.iter_mut().zip(row).for_each(|(s, x)| *s += x);
+                        }
+                        let denom = if self.pooling == Pooling::Mean {
+                            len as f32
+                        } else {
+                            (len as f32).sqrt()
+                        };
+                        sum.iter_mut().for_each(|s| *s /= denom);
+                        sum
+                    }
+                    Pooling::Max => {
+                        let mut m = vec![f32::NEG_INFINITY; d];
+                        for row in rows {
+                            m.iter_mut().zip(row).for_each(|(m, x)| *m = m.max(*x));
+                        }
+                        m
+                    }
                 };
-                sum.broadcast_div(&denom)?
-            }
-            Pooling::Max => {
-                // Padding positions must never win the max.
-                let neg = ((maskf.ones_like()? - &maskf)? * -1e9)?;
-                hidden.broadcast_add(&neg)?.max(1)?
-            }
-        };
-        let pooled = if self.normalize {
-            let norm = pooled
-                .sqr()?
-                .sum_keepdim(1)?
-                .sqrt()?
-                .clamp(1e-12, f64::INFINITY)?;
-            pooled.broadcast_div(&norm)?
-        } else {
-            pooled
-        };
-        Ok(pooled.to_vec2::<f32>()?)
+                if self.normalize {
+                    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+                    v.iter_mut().for_each(|x| *x /= norm);
+                }
+                v
+            })
+            .collect())
     }
     fn dimension(&self) -> usize {
         self.dim
@@ -186,7 +225,7 @@ fn st_max_seq_length(dir: &Path) -> Result<Option<usize>> {
 /// smaller of `max_tokens` and `max_seq_length`.
 pub(super) fn sentence_embedder(
     dir: &Path,
-    encode: EncodeFn,
+    encode: Encode,
     dim: usize,
     max_tokens: usize,
     pad_id: u32,
@@ -219,9 +258,25 @@ pub(super) fn load(dir: &Path) -> Result<LoadedModel> {
     } else {
         vb.pp("bert")
     };
-    let model = BertModel::load(vb, &config).map_err(|e| super::layers::weights_error(dir, e))?;
-    let encode: EncodeFn =
-        Box::new(move |ids, mask| model.forward(ids, &ids.zeros_like()?, Some(mask)));
+    let act = match config.hidden_act {
+        HiddenAct::Gelu => Activation::GeluErf,
+        HiddenAct::GeluApproximate => Activation::GeluTanh,
+        HiddenAct::Relu => Activation::Relu,
+    };
+    let cfg = EncoderConfig {
+        hidden: config.hidden_size,
+        heads: config.num_attention_heads,
+        intermediate: config.intermediate_size,
+        layers: config.num_hidden_layers,
+        vocab: config.vocab_size,
+        max_positions: config.max_position_embeddings,
+        type_vocab: config.type_vocab_size,
+        eps: config.layer_norm_eps as f32,
+        act,
+        positions: Positions::Absolute,
+    };
+    let model = Encoder::load(vb, cfg).map_err(|e| super::layers::weights_error(dir, e))?;
+    let encode = Encode::Fast(model);
     sentence_embedder(
         dir,
         encode,

@@ -10,6 +10,7 @@ mod blenderbot_small;
 mod bloom;
 mod classifier;
 mod distilbert;
+mod encoder;
 mod gguf_llama;
 mod gpt2;
 mod gptj;

@@ -10,7 +10,9 @@ use candle_core::{DType, Device, Module};
 use candle_nn::{Linear, VarBuilder};
 use candle_transformers::models::xlm_roberta::{Config, XLMRobertaModel};
 
+use super::bert::Encode;
 use super::classifier::{num_labels, right_padded};
+use super::encoder::{Activation, Encoder, EncoderConfig, Positions};
 use super::{Classifier, layers};
 use crate::error::{Error, Result, read_json};
 use crate::model::LoadedModel;
@@ -77,9 +79,41 @@ pub(super) fn load_embedding(dir: &Path) -> Result<LoadedModel> {
     } else {
         vb.pp("roberta")
     };
-    let model = XLMRobertaModel::new(&cfg, vb).map_err(|e| layers::weights_error(dir, e))?;
-    let encode: super::bert::EncodeFn =
-        Box::new(move |ids, mask| model.forward(ids, mask, &ids.zeros_like()?, None, None, None));
+    let act = match cfg.hidden_act {
+        candle_nn::Activation::Gelu => Some(Activation::GeluErf),
+        candle_nn::Activation::NewGelu | candle_nn::Activation::GeluPytorchTanh => {
+            Some(Activation::GeluTanh)
+        }
+        candle_nn::Activation::Relu => Some(Activation::Relu),
+        _ => None,
+    };
+    // kandle's encoder where it has the activation; candle-transformers' model otherwise.
+    let encode = match act {
+        Some(act) => {
+            let ecfg = EncoderConfig {
+                hidden: cfg.hidden_size,
+                heads: cfg.num_attention_heads,
+                intermediate: cfg.intermediate_size,
+                layers: cfg.num_hidden_layers,
+                vocab: cfg.vocab_size,
+                max_positions: cfg.max_position_embeddings,
+                type_vocab: cfg.type_vocab_size,
+                eps: cfg.layer_norm_eps as f32,
+                act,
+                positions: Positions::Roberta {
+                    padding_idx: cfg.pad_token_id,
+                },
+            };
+            Encode::Fast(Encoder::load(vb, ecfg).map_err(|e| layers::weights_error(dir, e))?)
+        }
+        None => {
+            let model =
+                XLMRobertaModel::new(&cfg, vb).map_err(|e| layers::weights_error(dir, e))?;
+            Encode::Candle(Box::new(move |ids, mask| {
+                model.forward(ids, mask, &ids.zeros_like()?, None, None, None)
+            }))
+        }
+    };
     super::bert::sentence_embedder(
         dir,
         encode,
