@@ -117,28 +117,37 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// Decode attention of the query heads `qg` (`n_rep` heads of `HD` values, all reading kv head
-/// `g`) over the `len` cached positions, into `out` (laid out as `qg`).
-fn attend<const HD: usize>(
+/// Positions per decode-attention task: a long cache is split so that the threads share the
+/// work of one sequence's few kv heads evenly (flash-decoding); the parts are merged after.
+const ATTEND_CHUNK: usize = 128;
+
+/// Part of the decode attention of the query heads `qg` (`n_rep` heads of `HD` values, all
+/// reading kv head `g`): positions `p0..p1` of the cache. Writes into `part`, per head, the
+/// largest score, then per head the sum of `exp(score − largest)`, then per head the values
+/// weighted by those exponentials (not yet divided by the sum): `n_rep · (2 + HD)` floats.
+#[allow(clippy::too_many_arguments)]
+fn attend_part<const HD: usize>(
     qg: &[f32],
     g: usize,
     kc: &[f32],
     vc: &[f32],
     kv_dim: usize,
-    len: usize,
-    out: &mut [f32],
+    (p0, p1): (usize, usize),
+    part: &mut [f32],
 ) {
     let n_rep = qg.len() / HD;
+    let len = p1 - p0;
     let scale = (1.0 / (HD as f64).sqrt()) as f32;
-    // scores[r * len + p]: head r, position p.
+    // scores[r * len + i]: head r, position p0 + i.
     let mut scores = vec![0f32; n_rep * len];
-    for p in 0..len {
+    for i in 0..len {
+        let p = p0 + i;
         let kp: &[f32; HD] = kc[p * kv_dim + g * HD..][..HD].try_into().expect("HD keys");
         for r in 0..n_rep {
-            scores[r * len + p] = dot(&qg[r * HD..][..HD], kp) * scale;
+            scores[r * len + i] = dot(&qg[r * HD..][..HD], kp) * scale;
         }
     }
-    let mut inv_sum = vec![0f32; n_rep];
+    let (stats, acc) = part.split_at_mut(2 * n_rep);
     for (r, sc) in scores.chunks_exact_mut(len).enumerate() {
         let max = sc.iter().fold(f32::NEG_INFINITY, |m, s| m.max(*s));
         let mut sum = 0f32;
@@ -146,28 +155,48 @@ fn attend<const HD: usize>(
             *s = (*s - max).exp();
             sum += *s;
         }
-        inv_sum[r] = 1.0 / sum;
+        stats[r] = max;
+        stats[n_rep + r] = sum;
     }
-    out.fill(0.0);
-    for p in 0..len {
+    acc.fill(0.0);
+    for i in 0..len {
+        let p = p0 + i;
         let vp: &[f32; HD] = vc[p * kv_dim + g * HD..][..HD]
             .try_into()
             .expect("HD values");
-        for (r, o) in out.chunks_exact_mut(HD).enumerate() {
-            let w = scores[r * len + p];
+        for (r, o) in acc.chunks_exact_mut(HD).enumerate() {
+            let w = scores[r * len + i];
             for (o, v) in o.iter_mut().zip(vp) {
                 *o += w * v;
             }
         }
     }
-    for (o, inv) in out.chunks_exact_mut(HD).zip(&inv_sum) {
+}
+
+/// Merges the [`attend_part`]s of one (row, kv head), in position order, into `out`.
+fn merge_parts(parts: &[f32], n_rep: usize, hd: usize, out: &mut [f32]) {
+    let stride = n_rep * (2 + hd);
+    for (r, o) in out.chunks_exact_mut(hd).enumerate() {
+        let max = parts
+            .chunks_exact(stride)
+            .fold(f32::NEG_INFINITY, |m, p| m.max(p[r]));
+        let mut sum = 0f32;
+        o.fill(0.0);
+        for p in parts.chunks_exact(stride) {
+            let w = (p[r] - max).exp();
+            sum += w * p[n_rep + r];
+            for (o, a) in o.iter_mut().zip(&p[2 * n_rep + r * hd..][..hd]) {
+                *o += w * a;
+            }
+        }
         for o in o.iter_mut() {
-            *o *= inv;
+            *o /= sum;
         }
     }
 }
 
-/// [`attend`] for a head size without a specialisation.
+/// Decode attention of one (row, kv head) in one task, for a head size without a
+/// specialisation of [`attend_part`].
 #[allow(clippy::too_many_arguments)]
 fn attend_dyn(
     qg: &[f32],
@@ -429,21 +458,56 @@ impl Weights {
                 }
                 row += n;
             }
-            // One task per (row, kv head): the query heads sharing a kv head read its cached
-            // keys and values once.
+            // Tasks of (row, kv head, chunk of positions): the query heads sharing a kv head
+            // read its cached keys and values once, and a long cache is split across threads.
             let (n_kv, group) = (self.n_kv_head, q_dim / self.n_kv_head);
-            y.par_chunks_mut(group).enumerate().for_each(|(c, out)| {
-                let (r, g) = (c / n_kv, c % n_kv);
-                if let Some((kc, vc, len)) = decode_rows[r] {
-                    let qg = &q[r * q_dim + g * group..][..group];
-                    match self.head_dim {
-                        // A fixed size lets the compiler unroll the per-head loops.
-                        64 => attend::<64>(qg, g, kc, vc, kv_dim, len, out),
-                        128 => attend::<128>(qg, g, kc, vc, kv_dim, len, out),
-                        hd => attend_dyn(qg, g, kc, vc, kv_dim, len, hd, out),
+            let n_rep = self.n_head / self.n_kv_head;
+            let hd = self.head_dim;
+            if matches!(hd, 64 | 128) {
+                let mut tasks = Vec::new();
+                for (r, view) in decode_rows.iter().enumerate() {
+                    if let Some((_, _, len)) = view {
+                        for g in 0..n_kv {
+                            let first = tasks.len();
+                            for p0 in (0..*len).step_by(ATTEND_CHUNK) {
+                                tasks.push((r, g, p0, (p0 + ATTEND_CHUNK).min(*len), first));
+                            }
+                        }
                     }
                 }
-            });
+                let stride = n_rep * (2 + hd);
+                let mut parts = vec![0f32; tasks.len() * stride];
+                parts
+                    .par_chunks_mut(stride)
+                    .zip(&tasks)
+                    .for_each(|(part, &(r, g, p0, p1, _))| {
+                        let (kc, vc, _) = decode_rows[r].expect("a decode row");
+                        let qg = &q[r * q_dim + g * group..][..group];
+                        match hd {
+                            64 => attend_part::<64>(qg, g, kc, vc, kv_dim, (p0, p1), part),
+                            _ => attend_part::<128>(qg, g, kc, vc, kv_dim, (p0, p1), part),
+                        }
+                    });
+                let mut t = 0;
+                while t < tasks.len() {
+                    let (r, g, _, _, first) = tasks[t];
+                    let end = tasks[t..]
+                        .iter()
+                        .position(|x| x.4 != first)
+                        .map_or(tasks.len(), |e| t + e);
+                    let out = &mut y[r * q_dim + g * group..][..group];
+                    merge_parts(&parts[t * stride..end * stride], n_rep, hd, out);
+                    t = end;
+                }
+            } else {
+                y.par_chunks_mut(group).enumerate().for_each(|(c, out)| {
+                    let (r, g) = (c / n_kv, c % n_kv);
+                    if let Some((kc, vc, len)) = decode_rows[r] {
+                        let qg = &q[r * q_dim + g * group..][..group];
+                        attend_dyn(qg, g, kc, vc, kv_dim, len, hd, out);
+                    }
+                });
+            }
             let o = layer.wo.forward(&y, rows)?;
             for (x, o) in x.iter_mut().zip(&o) {
                 *x += o;

@@ -1,17 +1,14 @@
-//! Requantising GGUF weights at load, for the quantisations that candle 0.11 has no SIMD kernel
-//! for.
+//! Requantising GGUF weights at load, opt-in with `KANDLE_GGUF_REQUANT=q8_0`: every Q4_1 weight
+//! is dequantised and requantised to Q8_0 when the file is read. Q8_0 holds each Q4_1 value to
+//! within half a Q8_0 step, at 34 instead of 20 bytes per 32 weights (~1.7× the memory).
 //!
-//! candle 0.11's Q4_1 dot product is scalar (70% of SmolLM2's prompt time, see
-//! ../shared/fixtures/baselines.md), while Q8_0 has AVX2 kernels. With
-//! `KANDLE_GGUF_REQUANT=q8_0` every Q4_1 weight is dequantised and requantised to Q8_0 when the
-//! file is read: Q8_0 holds each Q4_1 value to within half a Q8_0 step, at 34 instead of 20
-//! bytes per 32 weights (the weights take ~1.7× the memory).
-//!
-//! It is off by default: measured, it made prompts ~2.4× faster but doubled start → /ready
-//! (2.5 s for SmolLM2, over the 1 s target), and together with the batched forward
-//! (`qllama.rs`) it moved one greedy step of the llama.cpp reference where llama.cpp's margin
-//! was 0.29 — more than the rounding the fixtures allow (0.25). Built with
-//! `-C target-cpu=native` (runtime-image/bench.sh), Q4_1 itself is auto-vectorised.
+//! It was written when candle 0.11's scalar Q4_1 dot product was 70% of SmolLM2's prompt time
+//! (../shared/fixtures/baselines.md) and Q8_0 had candle's AVX2 kernel. It is off by default:
+//! it doubled start → /ready (2.5 s for SmolLM2, over the 1 s target) and, with the batched
+//! forward (`qllama.rs`), moved one greedy step of the llama.cpp reference where llama.cpp's
+//! margin was 0.29 — more than the rounding the fixtures allow (0.25). Since kandle has its own
+//! SIMD kernels for both types (`qmatmul.rs`), converting buys no speed it was measured for; it
+//! stays as an option for files whose type has no fast kernel here.
 //!
 //! [`prepare_weight`] is the whole conversion, for any loader that reads tensors one by one;
 //! [`prepare`] wraps a GGUF file so that a loader taking `(Content, reader)` — candle's
