@@ -435,8 +435,8 @@ impl Weights {
                 }
                 row += tokens.len();
             }
-            // Attention. Single-token rows (decode) run one task per (row, head) across the
-            // threads; a prompt runs as one batched product per sequence.
+            // Attention. A prompt runs as one batched product per sequence; single-token rows
+            // (decode) are gathered for the parallel tasks below.
             let mut decode_rows: Vec<Option<KvView>> = Vec::with_capacity(rows);
             let mut row = 0;
             for (cache, tokens) in items.iter() {
@@ -624,5 +624,50 @@ impl Weights {
             .to_vec1::<f32>()?;
         out.copy_from_slice(&y);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 2001) as f32 / 1000.0
+                    - 1.0
+            })
+            .collect()
+    }
+
+    /// The split decode attention (parts of `ATTEND_CHUNK` positions merged after) equals the
+    /// one-pass attention of every position, for a cache shorter and longer than a part.
+    #[test]
+    fn split_decode_attention_equals_one_pass() {
+        let (hd, n_kv, n_rep) = (64, 3, 3);
+        let kv_dim = n_kv * hd;
+        for len in [1, 7, ATTEND_CHUNK, 3 * ATTEND_CHUNK + 5] {
+            let kc = values(len * kv_dim, 1);
+            let vc = values(len * kv_dim, 2);
+            let qg: Vec<f32> = values(n_rep * hd, 3).iter().map(|v| v * 4.0).collect();
+            for g in 0..n_kv {
+                let mut want = vec![0f32; n_rep * hd];
+                attend_dyn(&qg, g, &kc, &vc, kv_dim, len, hd, &mut want);
+                let stride = n_rep * (2 + hd);
+                let chunks: Vec<(usize, usize)> = (0..len)
+                    .step_by(ATTEND_CHUNK)
+                    .map(|p0| (p0, (p0 + ATTEND_CHUNK).min(len)))
+                    .collect();
+                let mut parts = vec![0f32; chunks.len() * stride];
+                for (c, part) in chunks.iter().zip(parts.chunks_exact_mut(stride)) {
+                    attend_part::<64>(&qg, g, &kc, &vc, kv_dim, *c, part);
+                }
+                let mut got = vec![0f32; n_rep * hd];
+                merge_parts(&parts, n_rep, hd, &mut got);
+                for (a, b) in got.iter().zip(&want) {
+                    assert!((a - b).abs() <= 1e-5, "len {len} kv head {g}: {a} vs {b}");
+                }
+            }
+        }
     }
 }
