@@ -30,6 +30,22 @@ use crate::error::{Error, Result, read_json};
 use crate::model::{ClassificationModel, EmbeddingModel, GenerationModel, LoadedModel, Task};
 use crate::tokenizer::TextTokenizer;
 
+/// An output buffer that the tasks of one parallel product write at disjoint elements (our
+/// kernels split a product's rows or columns across rayon tasks).
+#[derive(Clone, Copy)]
+pub(crate) struct SharedOut(pub(crate) *mut f32);
+// SAFETY: the tasks sharing it write disjoint elements, and the buffer outlives them.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// Element `offset` (the caller keeps it in bounds). A method, so that closures capture
+    /// the whole (Sync) wrapper rather than its pointer field.
+    pub(crate) fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
+
 /// A causal language model: the weights, shared by all sequences.
 pub trait CausalLm: Send + Sync {
     /// Starts a sequence with an empty KV cache.

@@ -21,6 +21,7 @@ use candle_core::{Device, Module, Tensor};
 use half::f16;
 use rayon::prelude::*;
 
+use super::SharedOut;
 use crate::error::{Error, Result};
 
 /// Values per quantisation block (Q4_1, Q8_0 and the activations' Q8_1).
@@ -270,7 +271,7 @@ impl QMat {
         // A few chunks per thread, so that a thread slowed by other work is made up for.
         let chunk_rows = n.div_ceil(threads * 4).max(8);
         let isa = Isa::detect();
-        let dst = OutPtr(out.as_mut_ptr());
+        let dst = SharedOut(out.as_mut_ptr());
         (0..n.div_ceil(chunk_rows)).into_par_iter().for_each(|c| {
             let mut col = vec![0f32; m];
             for j in c * chunk_rows..((c + 1) * chunk_rows).min(n) {
@@ -289,19 +290,6 @@ impl QMat {
             }
         });
         out
-    }
-}
-
-/// The output of [`QMat::forward_quantized`], written by several tasks at disjoint columns.
-struct OutPtr(*mut f32);
-// SAFETY: the tasks sharing it write disjoint elements.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// Element `i` (the caller keeps it in bounds).
-    fn at(&self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
     }
 }
 

@@ -12,6 +12,8 @@
 
 use rayon::prelude::*;
 
+use crate::backend::SharedOut;
+
 /// Output columns per panel: two AVX-512 vectors.
 const NR: usize = 32;
 /// Rows of A per micro-kernel call.
@@ -92,26 +94,22 @@ impl Packed {
             for p in p0..p1 {
                 let cols = (n - p * NR).min(NR);
                 let b = &self.data[self.start + p * k * NR..][..k * NR];
-                let mut r = r0;
-                while r < r1 {
-                    let mr = (r1 - r).min(MR);
-                    // SAFETY: rows r..r + mr and columns p·NR..p·NR + cols are in bounds of
-                    // out (checked above) and written by this task alone; x rows likewise.
-                    unsafe {
-                        kernel_dispatch(
-                            mr,
-                            x.as_ptr().add(r * k),
-                            k,
-                            b.as_ptr(),
-                            NR,
-                            k,
-                            out_ptr.at(r * n + p * NR),
-                            n,
-                            cols,
-                        )
-                    };
-                    r += mr;
-                }
+                // SAFETY: rows r0..r1 and columns p·NR..p·NR + cols are in bounds of out
+                // (checked above) and written by this task alone; x rows likewise; the panel
+                // holds k rows of NR values; AVX-512F was checked above.
+                unsafe {
+                    gemm_acc(
+                        r1 - r0,
+                        cols,
+                        k,
+                        x.as_ptr().add(r0 * k),
+                        k,
+                        b.as_ptr(),
+                        NR,
+                        out_ptr.at(r0 * n + p * NR),
+                        n,
+                    )
+                };
             }
         };
         if tasks > 1 && threads > 1 && rows * k * n >= 256 * 1024 {
@@ -119,20 +117,6 @@ impl Packed {
         } else {
             (0..tasks).for_each(task);
         }
-    }
-}
-
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: tasks write disjoint blocks of the output (see `matmul_acc`).
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    /// Through a method, so that closures capture the whole (Sync) wrapper, not the field.
-    fn at(self, offset: usize) -> *mut f32 {
-        // SAFETY: callers stay within the buffer.
-        unsafe { self.0.add(offset) }
     }
 }
 
