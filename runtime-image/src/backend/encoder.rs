@@ -25,6 +25,8 @@ use candle_nn::VarBuilder;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use super::SharedOut;
+
 /// The feed-forward activation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Activation {
@@ -474,21 +476,6 @@ pub(super) fn exp(x: f32) -> f32 {
     p * scale
 }
 
-/// A pointer that rayon tasks writing disjoint parts of one buffer may share.
-#[derive(Clone, Copy)]
-struct Shared(*mut f32);
-// SAFETY: each task writes a disjoint set of elements (see `attention`).
-unsafe impl Send for Shared {}
-unsafe impl Sync for Shared {}
-
-impl Shared {
-    /// Through a method, so that closures capture the whole (Sync) wrapper, not the field.
-    fn at(self, offset: usize) -> *mut f32 {
-        // SAFETY: callers stay within the buffer (checked where used).
-        unsafe { self.0.add(offset) }
-    }
-}
-
 /// Multi-head self-attention of each sequence over its own rows: `qkv` is `(rows, 3 d)`
 /// (queries, keys, values), `ctx` receives `(rows, d)`, heads side by side.
 /// `fast`: on the packed AVX-512 kernel (only when [`packed::available`]); else portable
@@ -508,7 +495,7 @@ fn attention(
         // The kernel path accumulates into ctx.
         ctx.fill(0.0);
     }
-    let out = Shared(ctx.as_mut_ptr());
+    let out = SharedOut(ctx.as_mut_ptr());
     let out_len = ctx.len();
     let task = |t: usize| {
         let (r, h) = (&ranges[t / heads], t % heads);
