@@ -23,6 +23,9 @@ use rayon::prelude::*;
 
 use super::qmatmul::QMat;
 use crate::error::{Error, Result};
+use attend::{ATTEND_CHUNK, attend_dyn, attend_part, merge_parts};
+
+mod attend;
 
 /// Longest sequence (as in `quantized_llama`: the rotary tables cover this many positions).
 pub(super) const MAX_SEQ_LEN: usize = 4096;
@@ -97,135 +100,6 @@ fn md_u32(ct: &gguf_file::Content, key: &str) -> Result<usize> {
 /// Expert count of a mixture-of-experts llama GGUF (0 for a dense model).
 pub(super) fn expert_count(ct: &gguf_file::Content) -> usize {
     md_u32(ct, "llama.expert_count").unwrap_or(0)
-}
-
-/// Dot product with eight independent accumulators, so that the compiler can vectorise it.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-/// Positions per decode-attention task: a long cache is split so that the threads share the
-/// work of one sequence's few kv heads evenly (flash-decoding); the parts are merged after.
-const ATTEND_CHUNK: usize = 128;
-
-/// Part of the decode attention of the query heads `qg` (`n_rep` heads of `HD` values, all
-/// reading kv head `g`): positions `p0..p1` of the cache. Writes into `part`, per head, the
-/// largest score, then per head the sum of `exp(score − largest)`, then per head the values
-/// weighted by those exponentials (not yet divided by the sum): `n_rep · (2 + HD)` floats.
-#[allow(clippy::too_many_arguments)]
-fn attend_part<const HD: usize>(
-    qg: &[f32],
-    g: usize,
-    kc: &[f32],
-    vc: &[f32],
-    kv_dim: usize,
-    (p0, p1): (usize, usize),
-    part: &mut [f32],
-) {
-    let n_rep = qg.len() / HD;
-    let len = p1 - p0;
-    let scale = (1.0 / (HD as f64).sqrt()) as f32;
-    // scores[r * len + i]: head r, position p0 + i.
-    let mut scores = vec![0f32; n_rep * len];
-    for i in 0..len {
-        let p = p0 + i;
-        let kp: &[f32; HD] = kc[p * kv_dim + g * HD..][..HD].try_into().expect("HD keys");
-        for r in 0..n_rep {
-            scores[r * len + i] = dot(&qg[r * HD..][..HD], kp) * scale;
-        }
-    }
-    let (stats, acc) = part.split_at_mut(2 * n_rep);
-    for (r, sc) in scores.chunks_exact_mut(len).enumerate() {
-        let max = sc.iter().fold(f32::NEG_INFINITY, |m, s| m.max(*s));
-        let mut sum = 0f32;
-        for s in sc.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        stats[r] = max;
-        stats[n_rep + r] = sum;
-    }
-    acc.fill(0.0);
-    for i in 0..len {
-        let p = p0 + i;
-        let vp: &[f32; HD] = vc[p * kv_dim + g * HD..][..HD]
-            .try_into()
-            .expect("HD values");
-        for (r, o) in acc.chunks_exact_mut(HD).enumerate() {
-            let w = scores[r * len + i];
-            for (o, v) in o.iter_mut().zip(vp) {
-                *o += w * v;
-            }
-        }
-    }
-}
-
-/// Merges the [`attend_part`]s of one (row, kv head), in position order, into `out`.
-fn merge_parts(parts: &[f32], n_rep: usize, hd: usize, out: &mut [f32]) {
-    let stride = n_rep * (2 + hd);
-    for (r, o) in out.chunks_exact_mut(hd).enumerate() {
-        let max = parts
-            .chunks_exact(stride)
-            .fold(f32::NEG_INFINITY, |m, p| m.max(p[r]));
-        let mut sum = 0f32;
-        o.fill(0.0);
-        for p in parts.chunks_exact(stride) {
-            let w = (p[r] - max).exp();
-            sum += w * p[n_rep + r];
-            for (o, a) in o.iter_mut().zip(&p[2 * n_rep + r * hd..][..hd]) {
-                *o += w * a;
-            }
-        }
-        for o in o.iter_mut() {
-            *o /= sum;
-        }
-    }
-}
-
-/// Decode attention of one (row, kv head) in one task, for a head size without a
-/// specialisation of [`attend_part`].
-#[allow(clippy::too_many_arguments)]
-fn attend_dyn(
-    qg: &[f32],
-    g: usize,
-    kc: &[f32],
-    vc: &[f32],
-    kv_dim: usize,
-    len: usize,
-    hd: usize,
-    out: &mut [f32],
-) {
-    let scale = (1.0 / (hd as f64).sqrt()) as f32;
-    for (qh, o) in qg.chunks_exact(hd).zip(out.chunks_exact_mut(hd)) {
-        let mut sc: Vec<f32> = (0..len)
-            .map(|p| dot(qh, &kc[p * kv_dim + g * hd..][..hd]) * scale)
-            .collect();
-        let max = sc.iter().fold(f32::NEG_INFINITY, |m, s| m.max(*s));
-        let mut sum = 0f32;
-        for s in sc.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        o.fill(0.0);
-        for (p, w) in sc.iter().enumerate() {
-            for (o, v) in o.iter_mut().zip(&vc[p * kv_dim + g * hd..][..hd]) {
-                *o += w / sum * v;
-            }
-        }
-    }
 }
 
 /// RMS norm of each row of `x` into `out`, as candle's `rms_norm` computes it.
@@ -624,50 +498,5 @@ impl Weights {
             .to_vec1::<f32>()?;
         out.copy_from_slice(&y);
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        (0..n)
-            .map(|i| {
-                ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 2001) as f32 / 1000.0
-                    - 1.0
-            })
-            .collect()
-    }
-
-    /// The split decode attention (parts of `ATTEND_CHUNK` positions merged after) equals the
-    /// one-pass attention of every position, for a cache shorter and longer than a part.
-    #[test]
-    fn split_decode_attention_equals_one_pass() {
-        let (hd, n_kv, n_rep) = (64, 3, 3);
-        let kv_dim = n_kv * hd;
-        for len in [1, 7, ATTEND_CHUNK, 3 * ATTEND_CHUNK + 5] {
-            let kc = values(len * kv_dim, 1);
-            let vc = values(len * kv_dim, 2);
-            let qg: Vec<f32> = values(n_rep * hd, 3).iter().map(|v| v * 4.0).collect();
-            for g in 0..n_kv {
-                let mut want = vec![0f32; n_rep * hd];
-                attend_dyn(&qg, g, &kc, &vc, kv_dim, len, hd, &mut want);
-                let stride = n_rep * (2 + hd);
-                let chunks: Vec<(usize, usize)> = (0..len)
-                    .step_by(ATTEND_CHUNK)
-                    .map(|p0| (p0, (p0 + ATTEND_CHUNK).min(len)))
-                    .collect();
-                let mut parts = vec![0f32; chunks.len() * stride];
-                for (c, part) in chunks.iter().zip(parts.chunks_exact_mut(stride)) {
-                    attend_part::<64>(&qg, g, &kc, &vc, kv_dim, *c, part);
-                }
-                let mut got = vec![0f32; n_rep * hd];
-                merge_parts(&parts, n_rep, hd, &mut got);
-                for (a, b) in got.iter().zip(&want) {
-                    assert!((a - b).abs() <= 1e-5, "len {len} kv head {g}: {a} vs {b}");
-                }
-            }
-        }
     }
 }
