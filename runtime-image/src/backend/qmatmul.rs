@@ -305,10 +305,55 @@ pub(super) enum Isa {
 }
 
 impl Isa {
-    /// The best this CPU runs, detected once.
+    /// The best this CPU runs and `KANDLE_ISA` allows, detected once.
     pub(super) fn detect() -> Isa {
         static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
-        *ISA.get_or_init(|| {
+        *ISA.get_or_init(|| Isa::best().min(Isa::cap()))
+    }
+
+    /// The best instruction set `KANDLE_ISA` allows (`avx512`, `avx2` or `scalar`; unset: no
+    /// limit), read once. It is there to measure and test the other kernels on a CPU that
+    /// runs better ones; a value it does not know is ignored with a warning.
+    pub(super) fn cap() -> Isa {
+        static CAP: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *CAP.get_or_init(|| {
+            let value = std::env::var("KANDLE_ISA").unwrap_or_default();
+            Isa::parse_cap(&value).unwrap_or_else(|| {
+                tracing::warn!(
+                    "KANDLE_ISA={value:?} is not one of avx512, avx2, scalar: not limiting the \
+                     kernels"
+                );
+                Isa::Avx512Vnni
+            })
+        })
+    }
+
+    fn parse_cap(value: &str) -> Option<Isa> {
+        match value.trim().to_ascii_lowercase().as_str() {
+            "" | "avx512" => Some(Isa::Avx512Vnni),
+            "avx2" => Some(Isa::Avx2),
+            "scalar" => Some(Isa::Scalar),
+            _ => None,
+        }
+    }
+
+    /// Of two instruction sets, the one that needs less of the CPU.
+    fn min(self, other: Isa) -> Isa {
+        let rank = |i: Isa| match i {
+            Isa::Scalar => 0,
+            Isa::Avx2 => 1,
+            Isa::Avx512Vnni => 2,
+        };
+        if rank(self) <= rank(other) {
+            self
+        } else {
+            other
+        }
+    }
+
+    /// The best this CPU runs.
+    fn best() -> Isa {
+        {
             #[cfg(target_arch = "x86_64")]
             {
                 let has = |f: &[bool]| f.iter().all(|x| *x);
@@ -332,7 +377,7 @@ impl Isa {
                 }
             }
             Isa::Scalar
-        })
+        }
     }
 }
 
@@ -395,40 +440,53 @@ fn row_times_acts(kind: Kind, w: &[u8], acts: &Acts, out: &mut [f32], isa: Isa) 
     }
 }
 
-/// The portable kernel: the same per-block sums as the AVX2 one.
+/// The portable kernel, with the same arithmetic as the SIMD ones, so that every CPU gives the
+/// same bits: each block's products are summed in eight lanes of four (as `maddubs` +
+/// `madd` or `vpdpbusd` sum them), each lane is scaled by `d·d_x` and added with one rounding
+/// (FMA) to an accumulator of even or of odd blocks, and the lanes are summed in the SIMD
+/// kernels' order. The Q4_1 offsets `m·s_x` are summed apart, even and odd blocks again apart.
 fn scalar_dot(kind: Kind, w: &[u8], acts: &Acts, row: usize) -> f32 {
     let nb = acts.k / QK;
     let xq = &acts.qs[row * acts.k..(row + 1) * acts.k];
     let xds = &acts.ds[row * nb..(row + 1) * nb];
     let bb = kind.block_bytes();
-    let (mut acc, mut acc_m) = (0f32, 0f32);
+    let mut acc = [[0f32; 8]; 2];
+    let mut acc_m = [0f32; 2];
     for (b, (blk, [dx, sx])) in w.chunks_exact(bb).zip(xds).enumerate() {
         let y = &xq[b * QK..(b + 1) * QK];
-        match kind {
+        // Weight values in the order they meet `y`.
+        let mut wq = [0i32; QK];
+        let d = match kind {
             Kind::Q4_1 => {
-                let (d, m) = (f16_at(blk, 0), f16_at(blk, 2));
-                let mut sum = 0i32;
                 for (j, q) in blk[4..20].iter().enumerate() {
-                    sum += (q & 0xF) as i32 * y[j] as i32 + (q >> 4) as i32 * y[j + 16] as i32;
+                    wq[j] = (q & 0xF) as i32;
+                    wq[j + 16] = (q >> 4) as i32;
                 }
-                acc += d * dx * sum as f32;
-                acc_m += m * sx;
+                acc_m[b % 2] += f16_at(blk, 2) * sx;
+                f16_at(blk, 0)
             }
             Kind::Q8_0 => {
-                let d = f16_at(blk, 0);
-                let sum: i32 = blk[2..34]
-                    .iter()
-                    .zip(y)
-                    .map(|(q, y)| *q as i8 as i32 * *y as i32)
-                    .sum();
-                acc += d * dx * sum as f32;
+                for (j, q) in blk[2..34].iter().enumerate() {
+                    wq[j] = *q as i8 as i32;
+                }
+                f16_at(blk, 0)
             }
+        };
+        let scale = d * dx;
+        for (l, a) in acc[b % 2].iter_mut().enumerate() {
+            let lane: i32 = (4 * l..4 * l + 4).map(|j| wq[j] * y[j] as i32).sum();
+            *a = scale.mul_add(lane as f32, *a);
         }
     }
-    acc + acc_m
+    let x: Vec<f32> = (0..8).map(|l| acc[0][l] + acc[1][l]).collect();
+    let r: Vec<f32> = (0..4).map(|i| x[i + 4] + x[i]).collect();
+    let sum = (r[0] + r[2]) + (r[1] + r[3]);
+    match kind {
+        Kind::Q4_1 => sum + (acc_m[0] + acc_m[1]),
+        Kind::Q8_0 => sum,
+    }
 }
 
-// The kernels index their per-row accumulators by row.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)]
 mod avx {
@@ -436,8 +494,9 @@ mod avx {
 
     use super::{Acts, QK};
 
+    /// The sum of eight lanes: halves, then quarters, then the last two.
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn hsum(x: __m256) -> f32 {
+    pub(super) fn hsum(x: __m256) -> f32 {
         let r = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
         let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
         let r = _mm_add_ss(r, _mm_movehdup_ps(r));
@@ -505,13 +564,16 @@ mod avx {
     pub(super) unsafe fn q4_1<const R: usize>(w: &[u8], acts: &Acts, row0: usize, out: &mut [f32]) {
         let nb = acts.k / QK;
         debug_assert!(w.len() >= nb * 20 && row0 + R <= acts.m);
-        let mut acc = [_mm256_setzero_ps(); R];
+        // Even and odd blocks in separate accumulators, summed as the AVX-512 kernel sums its
+        // two halves, so that both give the same bits.
+        let mut acc = [[_mm256_setzero_ps(); R]; 2];
         let mut acc_m = [_mm_setzero_ps(); R];
         let low = _mm256_set1_epi8(0xF);
         let wp = w.as_ptr();
         let xq = acts.qs.as_ptr();
         let xds = acts.ds.as_ptr();
         for b in 0..nb {
+            let half = b % 2;
             unsafe {
                 let blk = wp.add(b * 20);
                 // [d, m, 0, 0]
@@ -530,15 +592,22 @@ mod avx {
                     let ds =
                         _mm_castsi128_ps(_mm_loadl_epi64(xds.add(row * nb + b) as *const __m128i));
                     let p = _mm_mul_ps(dm, ds); // [d·d_x, m·s_x, 0, 0]
-                    acc_m[r] = _mm_add_ps(acc_m[r], p);
+                    // Odd blocks' products go to lanes 2 and 3, as in the AVX-512 kernel.
+                    let pm = if half == 0 {
+                        p
+                    } else {
+                        _mm_movelh_ps(_mm_setzero_ps(), p)
+                    };
+                    acc_m[r] = _mm_add_ps(acc_m[r], pm);
                     let y = _mm256_loadu_si256(xq.add(row * acts.k + b * QK) as *const __m256i);
-                    acc[r] = _mm256_fmadd_ps(_mm256_broadcastss_ps(p), mul_sum_us8(qw, y), acc[r]);
+                    acc[half][r] =
+                        _mm256_fmadd_ps(_mm256_broadcastss_ps(p), mul_sum_us8(qw, y), acc[half][r]);
                 }
             }
         }
         for r in 0..R {
-            let m_sum = _mm_cvtss_f32(_mm_movehdup_ps(acc_m[r]));
-            out[r] = hsum(acc[r]) + m_sum;
+            let m = _mm_add_ps(acc_m[r], _mm_movehl_ps(acc_m[r], acc_m[r]));
+            out[r] = hsum(_mm256_add_ps(acc[0][r], acc[1][r])) + _mm_cvtss_f32(_mm_movehdup_ps(m));
         }
     }
 
@@ -550,11 +619,13 @@ mod avx {
     pub(super) unsafe fn q8_0<const R: usize>(w: &[u8], acts: &Acts, row0: usize, out: &mut [f32]) {
         let nb = acts.k / QK;
         debug_assert!(w.len() >= nb * 34 && row0 + R <= acts.m);
-        let mut acc = [_mm256_setzero_ps(); R];
+        // Even and odd blocks apart, as in the Q4_1 kernel.
+        let mut acc = [[_mm256_setzero_ps(); R]; 2];
         let wp = w.as_ptr();
         let xq = acts.qs.as_ptr();
         let xds = acts.ds.as_ptr();
         for b in 0..nb {
+            let half = b % 2;
             unsafe {
                 let blk = wp.add(b * 34);
                 let d = _mm_cvtph_ps(_mm_cvtsi32_si128(
@@ -566,16 +637,16 @@ mod avx {
                     let row = row0 + r;
                     let dx = _mm_load_ss(xds.add(row * nb + b) as *const f32);
                     let y = _mm256_loadu_si256(xq.add(row * acts.k + b * QK) as *const __m256i);
-                    acc[r] = _mm256_fmadd_ps(
+                    acc[half][r] = _mm256_fmadd_ps(
                         _mm256_broadcastss_ps(_mm_mul_ss(d, dx)),
                         mul_sum_us8(aw, _mm256_sign_epi8(y, qw)),
-                        acc[r],
+                        acc[half][r],
                     );
                 }
             }
         }
         for r in 0..R {
-            out[r] = hsum(acc[r]);
+            out[r] = hsum(_mm256_add_ps(acc[0][r], acc[1][r]));
         }
     }
 }
@@ -586,6 +657,15 @@ mod avx512 {
     use core::arch::x86_64::*;
 
     use super::{Acts, QK};
+
+    /// The sum of 16 lanes in the AVX2 kernels' order: the two halves (even and odd blocks)
+    /// lane by lane, then [`super::avx::hsum`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    fn reduce(x: __m512) -> f32 {
+        let lo = _mm512_castps512_ps256(x);
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(x)));
+        super::avx::hsum(_mm256_add_ps(lo, hi))
+    }
 
     /// `R` rows of `acts` from `row0` times one Q4_1 weight row, two blocks per step.
     ///
@@ -641,7 +721,7 @@ mod avx512 {
         }
         for r in 0..R {
             let m = _mm_add_ps(acc_m[r], _mm_movehl_ps(acc_m[r], acc_m[r]));
-            out[r] = _mm512_reduce_add_ps(acc[r]) + _mm_cvtss_f32(_mm_movehdup_ps(m));
+            out[r] = reduce(acc[r]) + _mm_cvtss_f32(_mm_movehdup_ps(m));
         }
     }
 
@@ -692,7 +772,7 @@ mod avx512 {
             }
         }
         for r in 0..R {
-            out[r] = _mm512_reduce_add_ps(acc[r]);
+            out[r] = reduce(acc[r]);
         }
     }
 }
@@ -744,6 +824,17 @@ mod tests {
     }
 
     /// The instruction sets this CPU runs (the tests cover each one present).
+    #[test]
+    fn isa_cap_parses_and_limits() {
+        assert_eq!(Isa::parse_cap(""), Some(Isa::Avx512Vnni));
+        assert_eq!(Isa::parse_cap(" AVX2 "), Some(Isa::Avx2));
+        assert_eq!(Isa::parse_cap("scalar"), Some(Isa::Scalar));
+        assert_eq!(Isa::parse_cap("sse"), None);
+        assert_eq!(Isa::Avx512Vnni.min(Isa::Avx2), Isa::Avx2);
+        assert_eq!(Isa::Avx2.min(Isa::Avx512Vnni), Isa::Avx2);
+        assert_eq!(Isa::Scalar.min(Isa::Avx2), Isa::Scalar);
+    }
+
     fn isas() -> Vec<Isa> {
         match Isa::detect() {
             Isa::Avx512Vnni => vec![Isa::Avx512Vnni, Isa::Avx2, Isa::Scalar],
@@ -795,8 +886,10 @@ mod tests {
                             );
                             for i in 0..m {
                                 let s = scalar[i * n + j];
-                                assert!(
-                                    (got[i] - s).abs() <= 1e-5 * (1.0 + s.abs()),
+                                // The same bits on every CPU.
+                                assert_eq!(
+                                    got[i].to_bits(),
+                                    s.to_bits(),
                                     "{isa:?} {dtype:?} k={k} m={m} [{i},{j}]: {} vs scalar {s}",
                                     got[i]
                                 );
@@ -806,10 +899,7 @@ mod tests {
                     // Through forward (threads, transposition), with the detected kernel.
                     let y = mat.forward(&x, m).unwrap();
                     for (g, s) in y.iter().zip(&scalar) {
-                        assert!(
-                            (g - s).abs() <= 1e-5 * (1.0 + s.abs()),
-                            "forward {g} vs {s}"
-                        );
+                        assert_eq!(g.to_bits(), s.to_bits(), "forward {g} vs {s}");
                     }
                 }
             }

@@ -21,11 +21,12 @@ const MR: usize = 12;
 /// Rows per task: a block of A that stays in L2 while the task's panels pass.
 const MB: usize = 96;
 
-/// Whether this CPU runs the packed kernel.
+/// Whether this CPU runs the packed kernel (and `KANDLE_ISA` allows AVX-512).
 pub(crate) fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx512f")
+        use crate::backend::qmatmul::Isa;
+        std::arch::is_x86_feature_detected!("avx512f") && Isa::cap() == Isa::Avx512Vnni
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
