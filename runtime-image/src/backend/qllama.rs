@@ -23,9 +23,9 @@ use rayon::prelude::*;
 
 use super::qmatmul::QMat;
 use crate::error::{Error, Result};
-use attend::{ATTEND_CHUNK, attend_dyn, attend_part, merge_parts};
+use kernels::{ATTEND_CHUNK, attend_dyn, attend_part, merge_parts, silu_mul};
 
-mod attend;
+mod kernels;
 
 /// Longest sequence (as in `quantized_llama`: the rotary tables cover this many positions).
 pub(super) const MAX_SEQ_LEN: usize = 4096;
@@ -391,9 +391,7 @@ impl Weights {
             let ff = gu.len() / rows / 2;
             let mut act = vec![0f32; rows * ff];
             for (a, r) in act.chunks_exact_mut(ff).zip(gu.chunks_exact(2 * ff)) {
-                for ((a, g), u) in a.iter_mut().zip(&r[..ff]).zip(&r[ff..]) {
-                    *a = g / (1.0 + (-g).exp()) * u;
-                }
+                silu_mul(&r[..ff], &r[ff..], a);
             }
             let down = layer.down.forward(&act, rows)?;
             for (x, d) in x.iter_mut().zip(&down) {

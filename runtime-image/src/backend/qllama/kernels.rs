@@ -1,9 +1,35 @@
-//! Decode attention: each sequence's one new query row against its cached keys and values.
+//! The f32 loops of the forward pass between the weight products: decode attention and the
+//! MLP's SiLU.
 //!
+//! Decode attention is each sequence's one new query row against its cached keys and values.
 //! The work of a (sequence, kv head) is split into parts of [`ATTEND_CHUNK`] positions that run
 //! as separate tasks (flash-decoding) and are merged after, so that the threads share even one
-//! long sequence. A part runs in AVX-512 where the CPU has it (the dot products, a vectorised
-//! `exp` and the weighted sum of values in 16-float registers), else in plain Rust.
+//! long sequence.
+//!
+//! Both loops are defined on 16-float lanes ([`lanes`]): dot products summed lane by lane with
+//! FMAs and reduced in a fixed order, and a polynomial `exp`. The AVX-512 code does exactly
+//! those operations in registers; elsewhere the lane code itself runs (compiled for AVX2 + FMA
+//! where the CPU has them). Every CPU therefore gives the same bits, as the weight kernels in
+//! [`super::super::qmatmul`] do, and a model's outputs do not depend on the machine.
+
+use crate::backend::qmatmul::Isa;
+
+/// `g · sigmoid(g) · u` for each element (the gated SiLU of llama's MLP) into `out`.
+pub(super) fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
+    assert!(
+        g.len() == out.len() && u.len() == out.len(),
+        "silu_mul lengths"
+    );
+    match Isa::detect() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX-512F (Isa::detect); the lengths were checked above.
+        Isa::Avx512Vnni => unsafe { avx512::silu_mul(g, u, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX2 and FMA (Isa::detect).
+        Isa::Avx2 => unsafe { avx2::silu_mul(g, u, out) },
+        _ => lanes::silu_mul(g, u, out),
+    }
+}
 
 /// Dot product with eight independent accumulators, so that the compiler can vectorise it.
 pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -44,65 +70,20 @@ pub(super) fn attend_part<const HD: usize>(
     assert!(
         HD.is_multiple_of(16)
             && span.0 < span.1
+            && span.1 - span.0 <= ATTEND_CHUNK
             && span.1 * kv_dim <= kc.len().min(vc.len())
             && (g + 1) * HD <= kv_dim
             && part.len() == n_rep * (2 + HD),
         "attention part out of bounds"
     );
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F; the bounds were checked above.
-        unsafe { avx512::attend_part::<HD>(qg, g, kc, vc, kv_dim, span, part) };
-        return;
-    }
-    attend_part_scalar::<HD>(qg, g, kc, vc, kv_dim, span, part);
-}
-
-/// [`attend_part`] in plain Rust.
-fn attend_part_scalar<const HD: usize>(
-    qg: &[f32],
-    g: usize,
-    kc: &[f32],
-    vc: &[f32],
-    kv_dim: usize,
-    (p0, p1): (usize, usize),
-    part: &mut [f32],
-) {
-    let n_rep = qg.len() / HD;
-    let len = p1 - p0;
-    let scale = (1.0 / (HD as f64).sqrt()) as f32;
-    // scores[r * len + i]: head r, position p0 + i.
-    let mut scores = vec![0f32; n_rep * len];
-    for i in 0..len {
-        let p = p0 + i;
-        let kp: &[f32; HD] = kc[p * kv_dim + g * HD..][..HD].try_into().expect("HD keys");
-        for r in 0..n_rep {
-            scores[r * len + i] = dot(&qg[r * HD..][..HD], kp) * scale;
-        }
-    }
-    let (stats, acc) = part.split_at_mut(2 * n_rep);
-    for (r, sc) in scores.chunks_exact_mut(len).enumerate() {
-        let max = sc.iter().fold(f32::NEG_INFINITY, |m, s| m.max(*s));
-        let mut sum = 0f32;
-        for s in sc.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        stats[r] = max;
-        stats[n_rep + r] = sum;
-    }
-    acc.fill(0.0);
-    for i in 0..len {
-        let p = p0 + i;
-        let vp: &[f32; HD] = vc[p * kv_dim + g * HD..][..HD]
-            .try_into()
-            .expect("HD values");
-        for (r, o) in acc.chunks_exact_mut(HD).enumerate() {
-            let w = scores[r * len + i];
-            for (o, v) in o.iter_mut().zip(vp) {
-                *o += w * v;
-            }
-        }
+    match Isa::detect() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX-512F (Isa::detect); the bounds were checked above.
+        Isa::Avx512Vnni => unsafe { avx512::attend_part::<HD>(qg, g, kc, vc, kv_dim, span, part) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX2 and FMA (Isa::detect).
+        Isa::Avx2 => unsafe { avx2::attend_part::<HD>(qg, g, kc, vc, kv_dim, span, part) },
+        _ => lanes::attend_part::<HD>(qg, g, kc, vc, kv_dim, span, part),
     }
 }
 
@@ -161,35 +142,216 @@ pub(super) fn attend_dyn(
     }
 }
 
+/// The definition of both loops on 16-float lanes, in plain Rust.
+mod lanes {
+    /// Sixteen lanes.
+    pub(super) type L = [f32; 16];
+
+    /// `exp` clamps its argument to this range, so that `2^n` below is a normal float.
+    pub(super) const EXP_MIN: f32 = -87.0;
+    pub(super) const EXP_MAX: f32 = 88.0;
+    /// ln 2 in two parts, so that `n · LN2_HI` is exact.
+    pub(super) const LN2_HI: f32 = 0.693_145_75;
+    pub(super) const LN2_LO: f32 = 1.428_606_8e-6;
+    /// The Taylor coefficients of `e^r` from degree 6 down, for Horner's rule.
+    pub(super) const EXP_POLY: [f32; 7] = [
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ];
+
+    /// The sum of the lanes: the two halves lane by lane, then the quarters, then pairs.
+    #[inline(always)]
+    pub(super) fn reduce(x: &L) -> f32 {
+        let h: [f32; 8] = std::array::from_fn(|i| x[i] + x[i + 8]);
+        let q: [f32; 4] = std::array::from_fn(|i| h[i + 4] + h[i]);
+        (q[0] + q[2]) + (q[1] + q[3])
+    }
+
+    /// `e^x` as `2^n · p(r)`, `n = round(x / ln 2)`, `r = x − n ln 2` in [−ln 2 / 2, ln 2 / 2],
+    /// `p` the degree-6 Taylor polynomial (relative error about 1e-7, as libm's `expf`).
+    #[inline(always)]
+    pub(super) fn exp(x: f32) -> f32 {
+        // Not `clamp`: a NaN becomes EXP_MIN here, as in `_mm512_max_ps`.
+        #[allow(clippy::manual_clamp)]
+        let x = x.max(EXP_MIN).min(EXP_MAX);
+        let n = (x * std::f32::consts::LOG2_E).round_ties_even();
+        let r = (-n).mul_add(LN2_HI, x);
+        let r = (-n).mul_add(LN2_LO, r);
+        let mut p = EXP_POLY[0];
+        for c in &EXP_POLY[1..] {
+            p = p.mul_add(r, *c);
+        }
+        p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    }
+
+    #[inline(always)]
+    pub(super) fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
+        for ((o, g), u) in out.iter_mut().zip(g).zip(u) {
+            *o = (g * (1.0 / (1.0 + exp(0.0 - g)))) * u;
+        }
+    }
+
+    #[inline(always)]
+    pub(super) fn attend_part<const HD: usize>(
+        qg: &[f32],
+        g: usize,
+        kc: &[f32],
+        vc: &[f32],
+        kv_dim: usize,
+        (p0, p1): (usize, usize),
+        part: &mut [f32],
+    ) {
+        let n_rep = qg.len() / HD;
+        let len = p1 - p0;
+        let scale = (1.0 / (HD as f64).sqrt()) as f32;
+        let padded = len.next_multiple_of(16);
+        // scores[r * padded + i]: head r, position p0 + i; then its exponential.
+        let mut scores = vec![0f32; n_rep * padded];
+        for i in 0..len {
+            let k = &kc[(p0 + i) * kv_dim + g * HD..][..HD];
+            for r in 0..n_rep {
+                let q = &qg[r * HD..][..HD];
+                let mut acc: L = [0.0; 16];
+                for (qc, kc) in q.chunks_exact(16).zip(k.chunks_exact(16)) {
+                    for l in 0..16 {
+                        acc[l] = qc[l].mul_add(kc[l], acc[l]);
+                    }
+                }
+                scores[r * padded + i] = reduce(&acc) * scale;
+            }
+        }
+        let (stats, out) = part.split_at_mut(2 * n_rep);
+        for r in 0..n_rep {
+            let row = &mut scores[r * padded..][..padded];
+            let max = row[..len].iter().fold(f32::NEG_INFINITY, |m, s| m.max(*s));
+            let mut sum: L = [0.0; 16];
+            for (c, chunk) in row.chunks_exact_mut(16).enumerate() {
+                for (l, s) in chunk.iter_mut().enumerate() {
+                    *s = if c * 16 + l < len { exp(*s - max) } else { 0.0 };
+                    sum[l] += *s;
+                }
+            }
+            stats[r] = max;
+            stats[n_rep + r] = reduce(&sum);
+            let o = &mut out[r * HD..][..HD];
+            o.fill(0.0);
+            for (i, w) in row[..len].iter().enumerate() {
+                let v = &vc[(p0 + i) * kv_dim + g * HD..][..HD];
+                for (o, v) in o.iter_mut().zip(v) {
+                    *o = w.mul_add(*v, *o);
+                }
+            }
+        }
+    }
+}
+
+/// The lane code compiled for AVX2 + FMA.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    /// [`super::lanes::silu_mul`].
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
+        super::lanes::silu_mul(g, u, out)
+    }
+
+    /// [`super::lanes::attend_part`].
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn attend_part<const HD: usize>(
+        qg: &[f32],
+        g: usize,
+        kc: &[f32],
+        vc: &[f32],
+        kv_dim: usize,
+        span: (usize, usize),
+        part: &mut [f32],
+    ) {
+        super::lanes::attend_part::<HD>(qg, g, kc, vc, kv_dim, span, part)
+    }
+}
+
+/// The lane code's operations in AVX-512 registers.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
 
-    /// `exp` of 16 floats at most 0 (scores minus their maximum): `2^n · e^r` with
-    /// `r = x − n ln 2` in [−ln 2 / 2, ln 2 / 2] and a degree-6 Taylor polynomial for `e^r`
-    /// (relative error about 1e-7, as libm's `expf`); `scalef` handles underflow to 0.
+    use super::lanes::{EXP_MAX, EXP_MIN, EXP_POLY, LN2_HI, LN2_LO};
+
+    /// [`super::lanes::reduce`].
+    #[target_feature(enable = "avx512f,avx2")]
+    fn reduce(x: __m512) -> f32 {
+        let lo = _mm512_castps512_ps256(x);
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(x)));
+        let h = _mm256_add_ps(lo, hi);
+        let q = _mm_add_ps(_mm256_extractf128_ps::<1>(h), _mm256_castps256_ps128(h));
+        let p = _mm_add_ps(q, _mm_movehl_ps(q, q));
+        _mm_cvtss_f32(_mm_add_ss(p, _mm_movehdup_ps(p)))
+    }
+
+    /// [`super::lanes::exp`] of 16 floats.
     #[target_feature(enable = "avx512f")]
     fn exp(x: __m512) -> __m512 {
-        let x = _mm512_max_ps(x, _mm512_set1_ps(-104.0));
+        let x = _mm512_min_ps(
+            _mm512_max_ps(x, _mm512_set1_ps(EXP_MIN)),
+            _mm512_set1_ps(EXP_MAX),
+        );
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
             _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
         );
-        // ln 2 in two parts, so that n · ln2_hi is exact.
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), x);
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428_606_8e-6), r);
-        let mut p = _mm512_set1_ps(1.0 / 720.0);
-        for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
-            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+        let mut p = _mm512_set1_ps(EXP_POLY[0]);
+        for c in &EXP_POLY[1..] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(*c));
         }
-        _mm512_scalef_ps(p, n)
+        let two_n = _mm512_slli_epi32::<23>(_mm512_add_epi32(
+            _mm512_cvtps_epi32(n),
+            _mm512_set1_epi32(127),
+        ));
+        _mm512_mul_ps(p, _mm512_castsi512_ps(two_n))
     }
 
-    /// [`super::attend_part`] in AVX-512.
+    /// [`super::lanes::silu_mul`] in AVX-512.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `g`, `u` and `out` have the same length.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
+        let n = out.len();
+        let one = _mm512_set1_ps(1.0);
+        for i in (0..n).step_by(16) {
+            let keep = if n - i >= 16 {
+                !0
+            } else {
+                ((1u32 << (n - i)) - 1) as u16
+            };
+            unsafe {
+                let gv = _mm512_maskz_loadu_ps(keep, g.as_ptr().add(i));
+                let uv = _mm512_maskz_loadu_ps(keep, u.as_ptr().add(i));
+                let e = exp(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+                let sig = _mm512_div_ps(one, _mm512_add_ps(one, e));
+                let o = _mm512_mul_ps(_mm512_mul_ps(gv, sig), uv);
+                _mm512_mask_storeu_ps(out.as_mut_ptr().add(i), keep, o);
+            }
+        }
+    }
+
+    /// [`super::lanes::attend_part`] in AVX-512.
     ///
     /// # Safety
     /// The CPU has AVX-512F; `HD` is a multiple of 16; positions `p0..p1` (`p0 < p1`) of kv head
     /// `g` lie inside `kc` and `vc`; `part` holds `n_rep · (2 + HD)` floats.
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,avx2")]
     pub(super) unsafe fn attend_part<const HD: usize>(
         qg: &[f32],
         g: usize,
@@ -201,58 +363,55 @@ mod avx512 {
     ) {
         let n_rep = qg.len() / HD;
         let len = p1 - p0;
-        let scale = _mm512_set1_ps((1.0 / (HD as f64).sqrt()) as f32);
-        // scores[r * padded + i]: head r, position p0 + i; the padding past `len` stays at −∞
-        // so that whole registers can be reduced and exponentiated.
+        let scale = (1.0 / (HD as f64).sqrt()) as f32;
         let padded = len.next_multiple_of(16);
-        let mut scores = vec![f32::NEG_INFINITY; n_rep * padded];
+        let mut scores = vec![0f32; n_rep * padded];
         let (kp, vp, qp, sp) = (kc.as_ptr(), vc.as_ptr(), qg.as_ptr(), scores.as_mut_ptr());
-        // Sixteen positions at a time: per head, sixteen dot products are summed lane-wise
-        // and then reduced, each to its own lane of one register.
-        for i0 in (0..len).step_by(16) {
-            let n = (len - i0).min(16);
+        for i in 0..len {
+            let k = unsafe { kp.add((p0 + i) * kv_dim + g * HD) };
             for r in 0..n_rep {
-                let mut lanes = [0f32; 16];
-                for (i, lane) in lanes.iter_mut().enumerate().take(n) {
-                    let k = unsafe { kp.add((p0 + i0 + i) * kv_dim + g * HD) };
-                    let mut acc = _mm512_setzero_ps();
-                    for c in (0..HD).step_by(16) {
-                        unsafe {
-                            acc = _mm512_fmadd_ps(
-                                _mm512_loadu_ps(qp.add(r * HD + c)),
-                                _mm512_loadu_ps(k.add(c)),
-                                acc,
-                            );
-                        }
+                let mut acc = _mm512_setzero_ps();
+                for c in (0..HD).step_by(16) {
+                    unsafe {
+                        acc = _mm512_fmadd_ps(
+                            _mm512_loadu_ps(qp.add(r * HD + c)),
+                            _mm512_loadu_ps(k.add(c)),
+                            acc,
+                        );
                     }
-                    *lane = _mm512_reduce_add_ps(acc);
                 }
-                let s = _mm512_mul_ps(unsafe { _mm512_loadu_ps(lanes.as_ptr()) }, scale);
-                let keep = ((1u32 << n) - 1) as u16;
-                unsafe { _mm512_mask_storeu_ps(sp.add(r * padded + i0), keep, s) };
+                unsafe { *sp.add(r * padded + i) = reduce(acc) * scale };
             }
         }
-        let (stats, acc) = part.split_at_mut(2 * n_rep);
+        let (stats, out) = part.split_at_mut(2 * n_rep);
         for r in 0..n_rep {
             let row = unsafe { sp.add(r * padded) };
             let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
             for i in (0..padded).step_by(16) {
-                m = _mm512_max_ps(m, unsafe { _mm512_loadu_ps(row.add(i)) });
+                let keep = if len - i >= 16 {
+                    !0
+                } else {
+                    ((1u32 << (len - i)) - 1) as u16
+                };
+                m = _mm512_mask_max_ps(m, keep, m, unsafe { _mm512_loadu_ps(row.add(i)) });
             }
             let max = _mm512_reduce_max_ps(m);
             let mut sum = _mm512_setzero_ps();
             for i in (0..padded).step_by(16) {
-                let e = exp(_mm512_sub_ps(
-                    unsafe { _mm512_loadu_ps(row.add(i)) },
-                    _mm512_set1_ps(max),
-                ));
+                let keep = if len - i >= 16 {
+                    !0
+                } else {
+                    ((1u32 << (len - i)) - 1) as u16
+                };
+                let x = _mm512_sub_ps(unsafe { _mm512_loadu_ps(row.add(i)) }, _mm512_set1_ps(max));
+                let e = _mm512_maskz_mov_ps(keep, exp(x));
                 sum = _mm512_add_ps(sum, e);
                 unsafe { _mm512_storeu_ps(row.add(i), e) };
             }
             stats[r] = max;
-            stats[n_rep + r] = _mm512_reduce_add_ps(sum);
-            // The values weighted by the exponentials, HD / 16 registers per head.
-            let out = unsafe { acc.as_mut_ptr().add(r * HD) };
+            stats[n_rep + r] = reduce(sum);
+            // The values weighted by the exponentials, up to four registers at a time.
+            let o_ptr = unsafe { out.as_mut_ptr().add(r * HD) };
             for c in (0..HD).step_by(64) {
                 let mut o = [_mm512_setzero_ps(); 4];
                 let width = ((HD - c) / 16).min(4);
@@ -264,7 +423,7 @@ mod avx512 {
                     }
                 }
                 for (j, o) in o.iter().enumerate().take(width) {
-                    unsafe { _mm512_storeu_ps(out.add(c + 16 * j), *o) };
+                    unsafe { _mm512_storeu_ps(o_ptr.add(c + 16 * j), *o) };
                 }
             }
         }
@@ -315,12 +474,11 @@ mod tests {
         }
     }
 
-    /// The dispatched part (AVX-512 on a CPU that has it) equals the plain one (up to float
-    /// rounding), for both head sizes,
-    /// several query heads per kv head, and parts shorter than, equal to and not a multiple of
-    /// a register.
+    /// Every path this CPU runs gives the lane code's bits (both head sizes, several query
+    /// heads per kv head, parts shorter than, equal to and not a multiple of a register), and
+    /// the lane code agrees with a plain f64 softmax attention.
     #[test]
-    fn simd_part_equals_the_scalar_one() {
+    fn every_attention_path_gives_the_lane_codes_bits() {
         fn check<const HD: usize>() {
             for n_rep in [1, 3, 4] {
                 let n_kv = 2;
@@ -329,18 +487,73 @@ mod tests {
                 let kc = values(len * kv_dim, 5);
                 let vc = values(len * kv_dim, 6);
                 let qg: Vec<f32> = values(n_rep * HD, 7).iter().map(|v| v * 3.0).collect();
-                for span in [(0, 1), (5, 12), (0, 16), (17, 145), (200, 300)] {
+                for span in [(0, 1), (5, 12), (0, 16), (17, 145), (172, 300)] {
                     for g in 0..n_kv {
                         let stride = n_rep * (2 + HD);
                         let mut want = vec![0f32; stride];
-                        attend_part_scalar::<HD>(&qg, g, &kc, &vc, kv_dim, span, &mut want);
+                        lanes::attend_part::<HD>(&qg, g, &kc, &vc, kv_dim, span, &mut want);
+                        // Against f64: the weighted values divided by the sum of weights.
+                        for r in 0..n_rep {
+                            let q = &qg[r * HD..][..HD];
+                            let sc: Vec<f64> = (span.0..span.1)
+                                .map(|p| {
+                                    let k = &kc[p * kv_dim + g * HD..][..HD];
+                                    q.iter()
+                                        .zip(k)
+                                        .map(|(a, b)| *a as f64 * *b as f64)
+                                        .sum::<f64>()
+                                        / (HD as f64).sqrt()
+                                })
+                                .collect();
+                            let max = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                            let e: Vec<f64> = sc.iter().map(|s| (s - max).exp()).collect();
+                            let sum: f64 = e.iter().sum();
+                            assert!((want[n_rep + r] as f64 - sum).abs() <= 1e-5 * sum);
+                            for c in 0..HD {
+                                let o: f64 = (span.0..span.1)
+                                    .zip(&e)
+                                    .map(|(p, w)| w * vc[p * kv_dim + g * HD + c] as f64)
+                                    .sum::<f64>()
+                                    / sum;
+                                let got = want[2 * n_rep + r * HD + c] as f64 / sum;
+                                assert!((got - o).abs() <= 1e-5, "HD {HD} [{r},{c}]: {got} vs {o}");
+                            }
+                        }
+                        let mut paths: Vec<(&str, Vec<f32>)> = Vec::new();
                         let mut got = vec![0f32; stride];
                         attend_part::<HD>(&qg, g, &kc, &vc, kv_dim, span, &mut got);
-                        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-                            assert!(
-                                (a - b).abs() <= 1e-5 * b.abs().max(1.0),
-                                "HD {HD} n_rep {n_rep} span {span:?} g {g} [{i}]: {a} vs {b}"
-                            );
+                        paths.push(("dispatched", got));
+                        #[cfg(target_arch = "x86_64")]
+                        {
+                            if is_x86_feature_detected!("avx512f") {
+                                let mut got = vec![0f32; stride];
+                                // SAFETY: AVX-512F is present; the bounds hold.
+                                unsafe {
+                                    avx512::attend_part::<HD>(
+                                        &qg, g, &kc, &vc, kv_dim, span, &mut got,
+                                    )
+                                };
+                                paths.push(("avx512", got));
+                            }
+                            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                                let mut got = vec![0f32; stride];
+                                // SAFETY: AVX2 and FMA are present.
+                                unsafe {
+                                    avx2::attend_part::<HD>(
+                                        &qg, g, &kc, &vc, kv_dim, span, &mut got,
+                                    )
+                                };
+                                paths.push(("avx2", got));
+                            }
+                        }
+                        for (name, got) in paths {
+                            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                                assert_eq!(
+                                    a.to_bits(),
+                                    b.to_bits(),
+                                    "{name} HD {HD} n_rep {n_rep} span {span:?} g {g} [{i}]: {a} vs {b}"
+                                );
+                            }
                         }
                     }
                 }
@@ -348,5 +561,62 @@ mod tests {
         }
         check::<64>();
         check::<128>();
+    }
+
+    /// The lane `exp` is as close to libm's as a float allows, saturates at the ends, and every
+    /// SiLU path gives the lane code's bits over gates where the sigmoid saturates on both
+    /// sides and a length that is not a multiple of a register.
+    #[test]
+    fn exp_and_silu_paths_agree() {
+        for i in -1000..=1000 {
+            let x = i as f32 * 0.087;
+            let (got, want) = (lanes::exp(x), (x as f64).exp());
+            assert!(
+                ((got as f64 - want) / want).abs() < 4e-7,
+                "exp({x}): {got} vs {want}"
+            );
+        }
+        assert!(lanes::exp(f32::NEG_INFINITY) < 1e-37);
+        assert!(lanes::exp(1000.0).is_finite());
+        let n = 16 * 7 + 5;
+        let g: Vec<f32> = values(n, 8).iter().map(|v| v * 120.0).collect();
+        let u = values(n, 9);
+        let mut want = vec![0f32; n];
+        lanes::silu_mul(&g, &u, &mut want);
+        for (i, w) in want.iter().enumerate() {
+            let exact = g[i] as f64 / (1.0 + (-g[i] as f64).exp()) * u[i] as f64;
+            assert!(
+                (*w as f64 - exact).abs() <= 1e-6 * exact.abs().max(1.0),
+                "[{i}]"
+            );
+        }
+        let mut got = vec![0f32; n];
+        silu_mul(&g, &u, &mut got);
+        let mut paths = vec![("dispatched", got)];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") {
+                let mut got = vec![0f32; n];
+                // SAFETY: AVX-512F is present; the lengths agree.
+                unsafe { avx512::silu_mul(&g, &u, &mut got) };
+                paths.push(("avx512", got));
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                let mut got = vec![0f32; n];
+                // SAFETY: AVX2 and FMA are present.
+                unsafe { avx2::silu_mul(&g, &u, &mut got) };
+                paths.push(("avx2", got));
+            }
+        }
+        for (name, got) in paths {
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(
+                    a.to_bits(),
+                    b.to_bits(),
+                    "{name} [{i}] g {}: {a} vs {b}",
+                    g[i]
+                );
+            }
+        }
     }
 }
