@@ -7,18 +7,21 @@
 //! products run on our kernels ([`super::qmatmul`]: Q4_1 and Q8_0 with AVX-512 VNNI or AVX2,
 //! llama.cpp's arithmetic), with Q, K and V fused into one product and the MLP's gate and up
 //! into another. Everything between the products is plain loops over `Vec<f32>` (no candle
-//! tensors on the decode path), and the whole pass runs inside one rayon pool.
+//! tensors), and the whole pass runs inside one rayon pool.
 //!
 //! The KV cache is a plain `Vec<f32>` per layer, laid out `[position][kv_head][head_dim]`:
-//! appending a token is an `extend_from_slice`, not a copy of the whole cache. Single-token
-//! steps attend with one task per (sequence, head) across the threads; a multi-token step (a
-//! prompt) uses candle's batched matmuls with a causal mask, as `quantized_llama` does.
-//! Sequences of different lengths need no padding and no mask.
+//! appending a token is an `extend_from_slice`, not a copy of the whole cache. Every new row,
+//! of a prompt or a decode step, attends to its sequence's cache up to its own position, in
+//! tasks of (row, kv head, part of the positions) across the threads ([`kernels`]), so a
+//! prompt needs no mask and sequences of different lengths no padding.
+//!
+//! Every instruction set gives the same bits (the kernels sum in one fixed order), so a model's
+//! outputs do not depend on the CPU it runs on.
 
 use std::sync::OnceLock;
 
+use candle_core::Device;
 use candle_core::quantized::gguf_file;
-use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 use super::qmatmul::QMat;
@@ -309,28 +312,12 @@ impl Weights {
                 }
                 row += tokens.len();
             }
-            // Attention. A prompt runs as one batched product per sequence; single-token rows
-            // (decode) are gathered for the parallel tasks below.
-            let mut decode_rows: Vec<Option<KvView>> = Vec::with_capacity(rows);
-            let mut row = 0;
+            // Attention: each new row attends to its sequence's cache up to its own position
+            // (a prompt's rows are causal by construction), all rows in the tasks below.
+            let mut views: Vec<KvView> = Vec::with_capacity(rows);
             for (cache, tokens) in items.iter() {
-                let n = tokens.len();
                 let (kc, vc) = &cache.layers[li];
-                if n == 1 {
-                    decode_rows.push(Some((kc, vc, cache.len + 1)));
-                } else {
-                    decode_rows.extend((0..n).map(|_| None));
-                    let out = &mut y[row * q_dim..(row + n) * q_dim];
-                    self.attend_prompt(
-                        &q[row * q_dim..(row + n) * q_dim],
-                        kc,
-                        vc,
-                        cache.len,
-                        n,
-                        out,
-                    )?;
-                }
-                row += n;
+                views.extend((0..tokens.len()).map(|t| (&kc[..], &vc[..], cache.len + t + 1)));
             }
             // Tasks of (row, kv head, chunk of positions): the query heads sharing a kv head
             // read its cached keys and values once, and a long cache is split across threads.
@@ -338,15 +325,16 @@ impl Weights {
             let n_rep = self.n_head / self.n_kv_head;
             let hd = self.head_dim;
             if matches!(hd, 64 | 128) {
+                // Tasks in (row, kv head) order; `groups[r * n_kv + g]`: that pair's tasks.
                 let mut tasks = Vec::new();
-                for (r, view) in decode_rows.iter().enumerate() {
-                    if let Some((_, _, len)) = view {
-                        for g in 0..n_kv {
-                            let first = tasks.len();
-                            for p0 in (0..*len).step_by(ATTEND_CHUNK) {
-                                tasks.push((r, g, p0, (p0 + ATTEND_CHUNK).min(*len), first));
-                            }
+                let mut groups = Vec::with_capacity(rows * n_kv);
+                for (r, &(_, _, len)) in views.iter().enumerate() {
+                    for g in 0..n_kv {
+                        let first = tasks.len();
+                        for p0 in (0..len).step_by(ATTEND_CHUNK) {
+                            tasks.push((r, g, p0, (p0 + ATTEND_CHUNK).min(len)));
                         }
+                        groups.push(first..tasks.len());
                     }
                 }
                 let stride = n_rep * (2 + hd);
@@ -354,32 +342,23 @@ impl Weights {
                 parts
                     .par_chunks_mut(stride)
                     .zip(&tasks)
-                    .for_each(|(part, &(r, g, p0, p1, _))| {
-                        let (kc, vc, _) = decode_rows[r].expect("a decode row");
+                    .for_each(|(part, &(r, g, p0, p1))| {
+                        let (kc, vc, _) = views[r];
                         let qg = &q[r * q_dim + g * group..][..group];
                         match hd {
                             64 => attend_part::<64>(qg, g, kc, vc, kv_dim, (p0, p1), part),
                             _ => attend_part::<128>(qg, g, kc, vc, kv_dim, (p0, p1), part),
                         }
                     });
-                let mut t = 0;
-                while t < tasks.len() {
-                    let (r, g, _, _, first) = tasks[t];
-                    let end = tasks[t..]
-                        .iter()
-                        .position(|x| x.4 != first)
-                        .map_or(tasks.len(), |e| t + e);
-                    let out = &mut y[r * q_dim + g * group..][..group];
-                    merge_parts(&parts[t * stride..end * stride], n_rep, hd, out);
-                    t = end;
-                }
+                y.par_chunks_mut(group).zip(&groups).for_each(|(out, ts)| {
+                    merge_parts(&parts[ts.start * stride..ts.end * stride], n_rep, hd, out);
+                });
             } else {
                 y.par_chunks_mut(group).enumerate().for_each(|(c, out)| {
                     let (r, g) = (c / n_kv, c % n_kv);
-                    if let Some((kc, vc, len)) = decode_rows[r] {
-                        let qg = &q[r * q_dim + g * group..][..group];
-                        attend_dyn(qg, g, kc, vc, kv_dim, len, hd, out);
-                    }
+                    let (kc, vc, len) = views[r];
+                    let qg = &q[r * q_dim + g * group..][..group];
+                    attend_dyn(qg, g, kc, vc, kv_dim, len, hd, out);
                 });
             }
             let o = layer.wo.forward(&y, rows)?;
@@ -450,51 +429,5 @@ impl Weights {
                 head[2 * i + 1] = a * sin[i] + b * cos[i];
             }
         }
-    }
-
-    /// Causal attention of `n` new tokens at positions `pos0..pos0 + n` (already in the
-    /// cache), with candle's matmuls.
-    fn attend_prompt(
-        &self,
-        q: &[f32],
-        kc: &[f32],
-        vc: &[f32],
-        pos0: usize,
-        n: usize,
-        out: &mut [f32],
-    ) -> Result<()> {
-        let dev = &Device::Cpu;
-        let (hd, n_kv, n_head) = (self.head_dim, self.n_kv_head, self.n_head);
-        let n_rep = n_head / n_kv;
-        let len = pos0 + n;
-        let kv_dim = self.kv_dim();
-        // Query heads h = g * n_rep + r share kv head g (candle's `repeat_kv`).
-        let q = Tensor::from_slice(q, (n, n_head, hd), dev)?
-            .transpose(0, 1)?
-            .contiguous()?
-            .reshape((n_kv, n_rep * n, hd))?;
-        let k = Tensor::from_slice(&kc[..len * kv_dim], (len, n_kv, hd), dev)?
-            .transpose(0, 1)?
-            .contiguous()?;
-        let v = Tensor::from_slice(&vc[..len * kv_dim], (len, n_kv, hd), dev)?
-            .transpose(0, 1)?
-            .contiguous()?;
-        let att = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?.reshape((n_kv, n_rep, n, len))?;
-        let mask: Vec<u8> = (0..n)
-            .flat_map(|i| (0..len).map(move |j| u8::from(j > pos0 + i)))
-            .collect();
-        let mask = Tensor::from_vec(mask, (n, len), dev)?.broadcast_as(att.shape())?;
-        let neg_inf = Tensor::new(f32::NEG_INFINITY, dev)?.broadcast_as(att.shape())?;
-        let att = mask.where_cond(&neg_inf, &att)?;
-        let att = candle_nn::ops::softmax_last_dim(&att)?.reshape((n_kv, n_rep * n, len))?;
-        let y = att
-            .matmul(&v)?
-            .reshape((n_head, n, hd))?
-            .transpose(0, 1)?
-            .contiguous()?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        out.copy_from_slice(&y);
-        Ok(())
     }
 }
