@@ -222,6 +222,40 @@ fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
     max_abs_diff(a, b) / scale
 }
 
+/// A prompt fed in one step gives the same bits as the same tokens fed one at a time: a row's
+/// attention is the same computation in a prompt as in a decode step, and each row's weight
+/// products do not depend on the rows beside it. (This is what lets a cached prefix stand in
+/// for recomputing it.)
+#[test]
+fn smollm2_prompt_at_once_gives_the_bits_of_token_by_token() {
+    let g = generation(&models::smollm2_gguf());
+    let tokens = g
+        .tokenizer
+        .encode("The three primary colours are red, yellow and", true)
+        .unwrap();
+    assert!(tokens.len() > 4, "{tokens:?}");
+    let mut whole = g.lm.new_sequence().unwrap();
+    let at_once = whole.feed(&tokens).unwrap();
+    let mut stepped = g.lm.new_sequence().unwrap();
+    let mut one_by_one = Vec::new();
+    for t in &tokens {
+        one_by_one = stepped.feed(&[*t]).unwrap();
+    }
+    assert_eq!(at_once.len(), one_by_one.len());
+    let differing = at_once
+        .iter()
+        .zip(&one_by_one)
+        .filter(|(a, b)| a.to_bits() != b.to_bits())
+        .count();
+    assert_eq!(differing, 0, "{differing} logits differ");
+    // Both go on identically.
+    let next = argmax(&at_once);
+    assert_eq!(
+        whole.feed(&[next]).unwrap(),
+        stepped.feed(&[next]).unwrap()
+    );
+}
+
 #[test]
 fn smollm2_batched_decode_matches_each_sequence_stepped_alone() {
     let g = generation(&models::smollm2_gguf());
