@@ -22,6 +22,7 @@ use std::sync::OnceLock;
 
 use candle_core::Device;
 use candle_core::quantized::gguf_file;
+use half::f16;
 use rayon::prelude::*;
 
 use super::qmatmul::QMat;
@@ -69,11 +70,13 @@ pub(super) struct Weights {
 }
 
 /// A sequence's keys and values of one layer, and the positions they hold.
-type KvView<'a> = (&'a [f32], &'a [f32], usize);
+type KvView<'a> = (&'a [f16], &'a [f16], usize);
 
-/// One sequence's keys and values: per layer, `[position][kv_head][head_dim]`.
+/// One sequence's keys and values: per layer, `[position][kv_head][head_dim]`, in f16 as
+/// llama.cpp keeps them by default (half the memory and half the reads of f32; the mean
+/// log-probability error against llama.cpp stayed at 0.098–0.101 either way).
 pub(super) struct KvCache {
-    layers: Vec<(Vec<f32>, Vec<f32>)>,
+    layers: Vec<(Vec<f16>, Vec<f16>)>,
     len: usize,
 }
 
@@ -296,6 +299,7 @@ impl Weights {
             rms_norm(&x, &layer.attn_norm, self.eps, &mut h);
             let qkv = layer.qkv.forward(&h, rows)?;
             // Rotary embedding of the new rows; their keys and values join the caches.
+            let mut key = vec![0f32; kv_dim];
             let mut row = 0;
             for (cache, tokens) in items.iter_mut() {
                 let pos0 = cache.len;
@@ -305,10 +309,10 @@ impl Weights {
                     let qr = &mut q[(row + t) * q_dim..(row + t + 1) * q_dim];
                     qr.copy_from_slice(&r[..q_dim]);
                     self.rope(qr, pos0 + t);
-                    let at = kc.len();
-                    kc.extend_from_slice(&r[q_dim..q_dim + kv_dim]);
-                    self.rope(&mut kc[at..], pos0 + t);
-                    vc.extend_from_slice(&r[q_dim + kv_dim..]);
+                    key.copy_from_slice(&r[q_dim..q_dim + kv_dim]);
+                    self.rope(&mut key, pos0 + t);
+                    kc.extend(key.iter().map(|v| f16::from_f32(*v)));
+                    vc.extend(r[q_dim + kv_dim..].iter().map(|v| f16::from_f32(*v)));
                 }
                 row += tokens.len();
             }

@@ -12,6 +12,8 @@
 //! where the CPU has them). Every CPU therefore gives the same bits, as the weight kernels in
 //! [`super::super::qmatmul`] do, and a model's outputs do not depend on the machine.
 
+use half::f16;
+
 use crate::backend::qmatmul::Isa;
 
 /// `g · sigmoid(g) · u` for each element (the gated SiLU of llama's MLP) into `out`.
@@ -60,8 +62,8 @@ pub(super) const ATTEND_CHUNK: usize = 128;
 pub(super) fn attend_part<const HD: usize>(
     qg: &[f32],
     g: usize,
-    kc: &[f32],
-    vc: &[f32],
+    kc: &[f16],
+    vc: &[f16],
     kv_dim: usize,
     span: (usize, usize),
     part: &mut [f32],
@@ -115,8 +117,8 @@ pub(super) fn merge_parts(parts: &[f32], n_rep: usize, hd: usize, out: &mut [f32
 pub(super) fn attend_dyn(
     qg: &[f32],
     g: usize,
-    kc: &[f32],
-    vc: &[f32],
+    kc: &[f16],
+    vc: &[f16],
     kv_dim: usize,
     len: usize,
     hd: usize,
@@ -125,7 +127,13 @@ pub(super) fn attend_dyn(
     let scale = (1.0 / (hd as f64).sqrt()) as f32;
     for (qh, o) in qg.chunks_exact(hd).zip(out.chunks_exact_mut(hd)) {
         let mut sc: Vec<f32> = (0..len)
-            .map(|p| dot(qh, &kc[p * kv_dim + g * hd..][..hd]) * scale)
+            .map(|p| {
+                let k: Vec<f32> = kc[p * kv_dim + g * hd..][..hd]
+                    .iter()
+                    .map(|v| v.to_f32())
+                    .collect();
+                dot(qh, &k) * scale
+            })
             .collect();
         let max = sc.iter().fold(f32::NEG_INFINITY, |m, s| m.max(*s));
         let mut sum = 0f32;
@@ -136,7 +144,7 @@ pub(super) fn attend_dyn(
         o.fill(0.0);
         for (p, w) in sc.iter().enumerate() {
             for (o, v) in o.iter_mut().zip(&vc[p * kv_dim + g * hd..][..hd]) {
-                *o += w / sum * v;
+                *o += w / sum * v.to_f32();
             }
         }
     }
@@ -144,6 +152,9 @@ pub(super) fn attend_dyn(
 
 /// The definition of both loops on 16-float lanes, in plain Rust.
 mod lanes {
+    use half::f16;
+    use half::slice::HalfFloatSliceExt;
+
     /// Sixteen lanes.
     pub(super) type L = [f32; 16];
 
@@ -200,8 +211,8 @@ mod lanes {
     pub(super) fn attend_part<const HD: usize>(
         qg: &[f32],
         g: usize,
-        kc: &[f32],
-        vc: &[f32],
+        kc: &[f16],
+        vc: &[f16],
         kv_dim: usize,
         (p0, p1): (usize, usize),
         part: &mut [f32],
@@ -212,8 +223,9 @@ mod lanes {
         let padded = len.next_multiple_of(16);
         // scores[r * padded + i]: head r, position p0 + i; then its exponential.
         let mut scores = vec![0f32; n_rep * padded];
+        let mut k = [0f32; HD];
         for i in 0..len {
-            let k = &kc[(p0 + i) * kv_dim + g * HD..][..HD];
+            kc[(p0 + i) * kv_dim + g * HD..][..HD].convert_to_f32_slice(&mut k);
             for r in 0..n_rep {
                 let q = &qg[r * HD..][..HD];
                 let mut acc: L = [0.0; 16];
@@ -240,9 +252,10 @@ mod lanes {
             stats[n_rep + r] = reduce(&sum);
             let o = &mut out[r * HD..][..HD];
             o.fill(0.0);
+            let mut v = [0f32; HD];
             for (i, w) in row[..len].iter().enumerate() {
-                let v = &vc[(p0 + i) * kv_dim + g * HD..][..HD];
-                for (o, v) in o.iter_mut().zip(v) {
+                vc[(p0 + i) * kv_dim + g * HD..][..HD].convert_to_f32_slice(&mut v);
+                for (o, v) in o.iter_mut().zip(&v) {
                     *o = w.mul_add(*v, *o);
                 }
             }
@@ -253,6 +266,8 @@ mod lanes {
 /// The lane code compiled for AVX2 + FMA.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
+    use half::f16;
+
     /// [`super::lanes::silu_mul`].
     ///
     /// # Safety
@@ -270,8 +285,8 @@ mod avx2 {
     pub(super) unsafe fn attend_part<const HD: usize>(
         qg: &[f32],
         g: usize,
-        kc: &[f32],
-        vc: &[f32],
+        kc: &[f16],
+        vc: &[f16],
         kv_dim: usize,
         span: (usize, usize),
         part: &mut [f32],
@@ -284,6 +299,8 @@ mod avx2 {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
+
+    use half::f16;
 
     use super::lanes::{EXP_MAX, EXP_MIN, EXP_POLY, LN2_HI, LN2_LO};
 
@@ -355,8 +372,8 @@ mod avx512 {
     pub(super) unsafe fn attend_part<const HD: usize>(
         qg: &[f32],
         g: usize,
-        kc: &[f32],
-        vc: &[f32],
+        kc: &[f16],
+        vc: &[f16],
         kv_dim: usize,
         (p0, p1): (usize, usize),
         part: &mut [f32],
@@ -367,18 +384,20 @@ mod avx512 {
         let padded = len.next_multiple_of(16);
         let mut scores = vec![0f32; n_rep * padded];
         let (kp, vp, qp, sp) = (kc.as_ptr(), vc.as_ptr(), qg.as_ptr(), scores.as_mut_ptr());
+        // A key is converted from f16 once for all the query heads that read it.
+        let mut key = [_mm512_setzero_ps(); 8];
+        assert!(HD <= 16 * key.len(), "head size {HD}");
         for i in 0..len {
             let k = unsafe { kp.add((p0 + i) * kv_dim + g * HD) };
+            for (c, kr) in key.iter_mut().enumerate().take(HD / 16) {
+                *kr =
+                    _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(k.add(16 * c) as *const __m256i) });
+            }
             for r in 0..n_rep {
                 let mut acc = _mm512_setzero_ps();
-                for c in (0..HD).step_by(16) {
-                    unsafe {
-                        acc = _mm512_fmadd_ps(
-                            _mm512_loadu_ps(qp.add(r * HD + c)),
-                            _mm512_loadu_ps(k.add(c)),
-                            acc,
-                        );
-                    }
+                for (c, kr) in key.iter().enumerate().take(HD / 16) {
+                    let qv = unsafe { _mm512_loadu_ps(qp.add(r * HD + 16 * c)) };
+                    acc = _mm512_fmadd_ps(qv, *kr, acc);
                 }
                 unsafe { *sp.add(r * padded + i) = reduce(acc) * scale };
             }
@@ -419,7 +438,8 @@ mod avx512 {
                     let w = _mm512_set1_ps(unsafe { *row.add(i) });
                     let v = unsafe { vp.add((p0 + i) * kv_dim + g * HD + c) };
                     for (j, o) in o.iter_mut().enumerate().take(width) {
-                        *o = _mm512_fmadd_ps(w, unsafe { _mm512_loadu_ps(v.add(16 * j)) }, *o);
+                        let vj = unsafe { _mm256_loadu_si256(v.add(16 * j) as *const __m256i) };
+                        *o = _mm512_fmadd_ps(w, _mm512_cvtph_ps(vj), *o);
                     }
                 }
                 for (j, o) in o.iter().enumerate().take(width) {
@@ -433,6 +453,10 @@ mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn halves(n: usize, seed: u32) -> Vec<f16> {
+        values(n, seed).into_iter().map(f16::from_f32).collect()
+    }
 
     fn values(n: usize, seed: u32) -> Vec<f32> {
         (0..n)
@@ -450,8 +474,8 @@ mod tests {
         let (hd, n_kv, n_rep) = (64, 3, 3);
         let kv_dim = n_kv * hd;
         for len in [1, 7, ATTEND_CHUNK, 3 * ATTEND_CHUNK + 5] {
-            let kc = values(len * kv_dim, 1);
-            let vc = values(len * kv_dim, 2);
+            let kc = halves(len * kv_dim, 1);
+            let vc = halves(len * kv_dim, 2);
             let qg: Vec<f32> = values(n_rep * hd, 3).iter().map(|v| v * 4.0).collect();
             for g in 0..n_kv {
                 let mut want = vec![0f32; n_rep * hd];
@@ -484,8 +508,8 @@ mod tests {
                 let n_kv = 2;
                 let kv_dim = n_kv * HD;
                 let len = 300;
-                let kc = values(len * kv_dim, 5);
-                let vc = values(len * kv_dim, 6);
+                let kc = halves(len * kv_dim, 5);
+                let vc = halves(len * kv_dim, 6);
                 let qg: Vec<f32> = values(n_rep * HD, 7).iter().map(|v| v * 3.0).collect();
                 for span in [(0, 1), (5, 12), (0, 16), (17, 145), (172, 300)] {
                     for g in 0..n_kv {
@@ -500,7 +524,7 @@ mod tests {
                                     let k = &kc[p * kv_dim + g * HD..][..HD];
                                     q.iter()
                                         .zip(k)
-                                        .map(|(a, b)| *a as f64 * *b as f64)
+                                        .map(|(a, b)| *a as f64 * b.to_f64())
                                         .sum::<f64>()
                                         / (HD as f64).sqrt()
                                 })
@@ -512,7 +536,7 @@ mod tests {
                             for c in 0..HD {
                                 let o: f64 = (span.0..span.1)
                                     .zip(&e)
-                                    .map(|(p, w)| w * vc[p * kv_dim + g * HD + c] as f64)
+                                    .map(|(p, w)| w * vc[p * kv_dim + g * HD + c].to_f64())
                                     .sum::<f64>()
                                     / sum;
                                 let got = want[2 * n_rep + r * HD + c] as f64 / sum;
