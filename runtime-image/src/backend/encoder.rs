@@ -478,7 +478,7 @@ pub(super) fn exp(x: f32) -> f32 {
 
 /// Multi-head self-attention of each sequence over its own rows: `qkv` is `(rows, 3 d)`
 /// (queries, keys, values), `ctx` receives `(rows, d)`, heads side by side.
-/// `fast`: on the packed AVX-512 kernel (only when [`packed::available`]); else portable
+/// `fast`: on the packed kernel (only when [`packed::available`]); else portable
 /// loops.
 fn attention(
     qkv: &[f32],
@@ -512,7 +512,7 @@ fn attention(
             }
             let mut s = vec![0f32; len * len];
             let q = qkv[r.start * 3 * d + h * dh..].as_ptr();
-            // SAFETY: AVX-512 is available (fast); q: len rows of dh, 3d apart, within qkv
+            // SAFETY: a packed kernel is available (fast); q: len rows of dh, 3d apart, within qkv
             // (checked above); kt: dh rows of len; s: len rows of len.
             unsafe {
                 packed::gemm_acc(
@@ -618,7 +618,7 @@ mod tests {
 
     #[test]
     fn the_portable_product_matches_a_plain_one() {
-        // The gemm-crate path that CPUs without AVX-512 take.
+        // The gemm-crate path that CPUs without AVX2 and FMA take.
         let (rows, k, n) = (37, 48, 80);
         let x: Vec<f32> = (0..rows * k)
             .map(|i| ((i * 31 % 89) as f32 - 44.0) / 44.0)

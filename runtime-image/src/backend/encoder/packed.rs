@@ -7,8 +7,9 @@
 //! into panels of 32 output columns, `(k, 32)` row-major, so that the kernel streams one
 //! panel with two 16-lane loads per step of k while 8 rows of A are broadcast against it
 //! (16 accumulators). The panel (k × 128 bytes: 48 KiB at k = 384) stays in L1/L2 while row
-//! blocks pass over it. Without AVX-512 (`available()` false) the encoder keeps the `gemm`
-//! crate.
+//! blocks pass over it. CPUs with AVX2 + FMA but not AVX-512 run an AVX2 kernel on the same
+//! panels, each half (16 columns) with 6 rows of A at a time (12 accumulators); CPUs with
+//! neither (`available()` false) keep the `gemm` crate.
 
 use rayon::prelude::*;
 
@@ -21,17 +22,35 @@ const MR: usize = 12;
 /// Rows per task: a block of A that stays in L2 while the task's panels pass.
 const MB: usize = 96;
 
-/// Whether this CPU runs the packed kernel (and `KANDLE_ISA` allows AVX-512).
+/// The packed kernels, best first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kernel {
+    Avx512,
+    Avx2,
+}
+
+impl Kernel {
+    /// The best kernel this CPU runs and `KANDLE_ISA` allows, if any.
+    pub(crate) fn detect() -> Option<Kernel> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use crate::backend::qmatmul::Isa;
+            use std::arch::is_x86_feature_detected as has;
+            let cap = Isa::cap();
+            if has!("avx512f") && cap == Isa::Avx512Vnni {
+                return Some(Kernel::Avx512);
+            }
+            if has!("avx2") && has!("fma") && cap != Isa::Scalar {
+                return Some(Kernel::Avx2);
+            }
+        }
+        None
+    }
+}
+
+/// Whether this CPU runs a packed kernel.
 pub(crate) fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use crate::backend::qmatmul::Isa;
-        std::arch::is_x86_feature_detected!("avx512f") && Isa::cap() == Isa::Avx512Vnni
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    Kernel::detect().is_some()
 }
 
 /// A weight `(n, k)` (transformers' `(out, in)`) as panels of [`NR`] columns, each `(k, NR)`
@@ -126,11 +145,33 @@ impl Packed {
 /// edge, so B needs no padding.
 ///
 /// # Safety
-/// AVX-512F is available ([`available`]); `a` points to `m` rows of `k` readable elements
+/// A packed kernel is available ([`available`]); `a` points to `m` rows of `k` readable elements
 /// `lda` apart, `b` to `k` rows of `n` readable elements `ldb` apart, `c` to `m` rows of `n`
 /// writable elements `ldc` apart, and nothing else writes those elements meanwhile.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm_acc(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+) {
+    let kernel = Kernel::detect().expect("a packed kernel on this CPU");
+    // SAFETY: forwarded from the caller.
+    unsafe { gemm_acc_using(kernel, m, n, k, a, lda, b, ldb, c, ldc) }
+}
+
+/// [`gemm_acc`] with the given kernel.
+///
+/// # Safety
+/// As [`gemm_acc`], and the CPU runs `kernel`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_acc_using(
+    kernel: Kernel,
     m: usize,
     n: usize,
     k: usize,
@@ -149,6 +190,7 @@ pub(crate) unsafe fn gemm_acc(
             // SAFETY: within the extents the caller guarantees.
             unsafe {
                 kernel_dispatch(
+                    kernel,
                     mr,
                     a.add(r * lda),
                     lda,
@@ -167,9 +209,10 @@ pub(crate) unsafe fn gemm_acc(
 
 /// # Safety
 /// `a`: `mr` rows of `k` elements, `lda` apart; `b`: `k` rows of `cols` (≤ NR) elements,
-/// `ldb` apart; `c`: `mr` rows of `cols` elements, `ldc` apart; AVX-512F is available.
+/// `ldb` apart; `c`: `mr` rows of `cols` elements, `ldc` apart; the CPU runs `kernel`.
 #[allow(clippy::too_many_arguments)]
 unsafe fn kernel_dispatch(
+    which: Kernel,
     mr: usize,
     a: *const f32,
     lda: usize,
@@ -183,6 +226,9 @@ unsafe fn kernel_dispatch(
     #[cfg(target_arch = "x86_64")]
     // SAFETY: forwarded from the caller.
     unsafe {
+        if which == Kernel::Avx2 {
+            return avx2::kernel(mr, a, lda, b, ldb, k, c, ldc, cols);
+        }
         use avx512::kernel;
         let f = match mr {
             12 => kernel::<12>,
@@ -203,8 +249,122 @@ unsafe fn kernel_dispatch(
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (mr, a, lda, b, ldb, k, c, ldc, cols);
+        let _ = (which, mr, a, lda, b, ldb, k, c, ldc, cols);
         unreachable!("the packed kernel is only built for x86_64")
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::NR;
+
+    /// Rows of A per block: 6 rows × 2 registers of accumulators, 2 for B, 1 for A.
+    const MR2: usize = 6;
+
+    /// A mask of the first `n` (at most 8) lanes.
+    #[target_feature(enable = "avx2,fma")]
+    fn first(n: usize) -> __m256i {
+        _mm256_cmpgt_epi32(
+            _mm256_set1_epi32(n as i32),
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        )
+    }
+
+    /// `C[0..mr, 0..cols] += A[0..mr, 0..k] · B[0..k, 0..cols]`, `cols` ≤ [`NR`]: each half of
+    /// the columns in blocks of up to [`MR2`] rows.
+    ///
+    /// # Safety
+    /// As `kernel_dispatch`, with AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn kernel(
+        mr: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        ldb: usize,
+        k: usize,
+        c: *mut f32,
+        ldc: usize,
+        cols: usize,
+    ) {
+        for c0 in (0..cols.min(NR)).step_by(16) {
+            let w = (cols - c0).min(16);
+            let mut r = 0;
+            while r < mr {
+                let m = (mr - r).min(MR2);
+                // SAFETY: rows r..r + m and columns c0..c0 + w lie within the caller's extents.
+                unsafe {
+                    let (a, b, c) = (a.add(r * lda), b.add(c0), c.add(r * ldc + c0));
+                    match m {
+                        6 => block::<6>(a, lda, b, ldb, k, c, ldc, w),
+                        5 => block::<5>(a, lda, b, ldb, k, c, ldc, w),
+                        4 => block::<4>(a, lda, b, ldb, k, c, ldc, w),
+                        3 => block::<3>(a, lda, b, ldb, k, c, ldc, w),
+                        2 => block::<2>(a, lda, b, ldb, k, c, ldc, w),
+                        _ => block::<1>(a, lda, b, ldb, k, c, ldc, w),
+                    }
+                }
+                r += m;
+            }
+        }
+    }
+
+    /// `M` rows times `w` (at most 16) columns, the columns in two registers.
+    ///
+    /// # Safety
+    /// As [`kernel`], for `M` rows and `w` columns.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block<const M: usize>(
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        ldb: usize,
+        k: usize,
+        c: *mut f32,
+        ldc: usize,
+        w: usize,
+    ) {
+        let (m0, m1) = (first(w.min(8)), first(w.saturating_sub(8)));
+        let mut acc0 = [_mm256_setzero_ps(); M];
+        let mut acc1 = [_mm256_setzero_ps(); M];
+        // SAFETY: loads and stores touch only the first `w` columns of each row (masked at the
+        // right edge) of rows inside the caller's extents.
+        unsafe {
+            for kk in 0..k {
+                let row = b.add(kk * ldb);
+                let (b0, b1) = if w == 16 {
+                    (_mm256_loadu_ps(row), _mm256_loadu_ps(row.add(8)))
+                } else {
+                    (
+                        _mm256_maskload_ps(row, m0),
+                        _mm256_maskload_ps(row.add(8), m1),
+                    )
+                };
+                for i in 0..M {
+                    let av = _mm256_broadcast_ss(&*a.add(i * lda + kk));
+                    acc0[i] = _mm256_fmadd_ps(av, b0, acc0[i]);
+                    acc1[i] = _mm256_fmadd_ps(av, b1, acc1[i]);
+                }
+            }
+            for i in 0..M {
+                let p = c.add(i * ldc);
+                if w == 16 {
+                    _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), acc0[i]));
+                    let p = p.add(8);
+                    _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), acc1[i]));
+                } else {
+                    let v = _mm256_add_ps(_mm256_maskload_ps(p, m0), acc0[i]);
+                    _mm256_maskstore_ps(p, m0, v);
+                    let p = p.add(8);
+                    let v = _mm256_add_ps(_mm256_maskload_ps(p, m1), acc1[i]);
+                    _mm256_maskstore_ps(p, m1, v);
+                }
+            }
+        }
     }
 }
 
@@ -290,10 +450,73 @@ mod avx512 {
 mod tests {
     use super::*;
 
+    /// The kernels this CPU runs (the AVX-512 one also runs the AVX2 one).
+    fn kernels() -> Vec<Kernel> {
+        match Kernel::detect() {
+            Some(Kernel::Avx512) => vec![Kernel::Avx512, Kernel::Avx2],
+            Some(Kernel::Avx2) => vec![Kernel::Avx2],
+            None => Vec::new(),
+        }
+    }
+
+    /// Each kernel this CPU runs against a plain product: partial row blocks (13 rows with 12
+    /// and 6 per block), a partial last panel and a half panel of under 8 columns (n = 45, 37),
+    /// masked loads and stores.
+    #[test]
+    fn every_kernel_matches_a_plain_product() {
+        eprintln!("packed kernels tested: {:?}", kernels());
+        for kernel in kernels() {
+            for &(rows, k, n) in &[
+                (1, 7, 45),
+                (13, 33, 45),
+                (13, 9, 37),
+                (70, 64, 96),
+                (9, 5, 16),
+            ] {
+                let x: Vec<f32> = (0..rows * k)
+                    .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+                    .collect();
+                // B as (k × n) row-major: w's transpose.
+                let w: Vec<f32> = (0..n * k)
+                    .map(|i| ((i * 53 % 97) as f32 - 48.0) / 48.0)
+                    .collect();
+                let bt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
+                let init: Vec<f32> = (0..rows * n).map(|i| (i % 7) as f32).collect();
+                let mut got = init.clone();
+                // SAFETY: the CPU runs `kernel`; the extents are those of the vectors.
+                unsafe {
+                    gemm_acc_using(
+                        kernel,
+                        rows,
+                        n,
+                        k,
+                        x.as_ptr(),
+                        k,
+                        bt.as_ptr(),
+                        n,
+                        got.as_mut_ptr(),
+                        n,
+                    )
+                };
+                for r in 0..rows {
+                    for j in 0..n {
+                        let want = init[r * n + j]
+                            + (0..k).map(|i| x[r * k + i] * w[j * k + i]).sum::<f32>();
+                        let g = got[r * n + j];
+                        assert!(
+                            (g - want).abs() < 1e-4,
+                            "{kernel:?} ({rows},{k},{n}) [{r},{j}]: {g} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn the_packed_product_matches_a_plain_one() {
         if !available() {
-            eprintln!("no AVX-512 here: the packed kernel is not used");
+            eprintln!("no packed kernel on this CPU: the encoder uses the gemm crate");
             return;
         }
         // Odd sizes: partial row blocks, a partial last panel (n = 45), masked stores.
