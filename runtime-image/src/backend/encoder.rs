@@ -106,8 +106,8 @@ fn flat(t: Tensor) -> candle_core::Result<Vec<f32>> {
 
 impl Linear {
     fn new(w: Vec<f32>, b: Vec<f32>, n_in: usize, n_out: usize) -> Self {
-        if packed::available() {
-            let p = packed::Packed::new(&w, n_out, n_in);
+        if let Some(kernel) = packed::Kernel::detect() {
+            let p = packed::Packed::new(&w, n_out, n_in, kernel);
             Linear {
                 w: Vec::new(),
                 packed: Some(p),
@@ -268,7 +268,7 @@ impl Encoder {
                 &ranges,
                 d,
                 self.cfg.heads,
-                packed::available(),
+                packed::Kernel::detect(),
             );
             // x ← LayerNorm(x + ctx · Woᵀ + bo): the residual and bias are the gemm's dst.
             add_bias(&mut x, &l.attn_out.b);
@@ -478,20 +478,18 @@ pub(super) fn exp(x: f32) -> f32 {
 
 /// Multi-head self-attention of each sequence over its own rows: `qkv` is `(rows, 3 d)`
 /// (queries, keys, values), `ctx` receives `(rows, d)`, heads side by side.
-/// `fast`: on the packed kernel (only when [`packed::available`]); else portable
-/// loops.
+/// With a `kernel` (one the CPU runs), the two products run on it; else portable loops.
 fn attention(
     qkv: &[f32],
     ctx: &mut [f32],
     ranges: &[Range<usize>],
     d: usize,
     heads: usize,
-    fast: bool,
+    kernel: Option<packed::Kernel>,
 ) {
     let dh = d / heads;
     let scale = 1.0 / (dh as f32).sqrt();
-    assert!(!fast || packed::available());
-    if fast {
+    if kernel.is_some() {
         // The kernel path accumulates into ctx.
         ctx.fill(0.0);
     }
@@ -501,7 +499,7 @@ fn attention(
         let (r, h) = (&ranges[t / heads], t % heads);
         let len = r.len();
         assert!(r.end * d <= out_len && r.end * 3 * d <= qkv.len());
-        if fast {
+        if let Some(kernel) = kernel {
             // S = Q Kᵀ and ctx = softmax(S · scale) V as two products on the packed kernel.
             let mut kt = vec![0f32; dh * len];
             for j in 0..len {
@@ -512,10 +510,11 @@ fn attention(
             }
             let mut s = vec![0f32; len * len];
             let q = qkv[r.start * 3 * d + h * dh..].as_ptr();
-            // SAFETY: a packed kernel is available (fast); q: len rows of dh, 3d apart, within qkv
+            // SAFETY: the CPU runs `kernel`; q: len rows of dh, 3d apart, within qkv
             // (checked above); kt: dh rows of len; s: len rows of len.
             unsafe {
                 packed::gemm_acc(
+                    kernel,
                     len,
                     len,
                     dh,
@@ -539,6 +538,7 @@ fn attention(
             // (one task per sequence and head); nothing reads ctx until all tasks end.
             unsafe {
                 packed::gemm_acc(
+                    kernel,
                     len,
                     dh,
                     len,
@@ -646,21 +646,23 @@ mod tests {
 
     #[test]
     fn the_kernel_attention_matches_the_portable_one() {
-        if !packed::available() {
-            return;
-        }
-        for (d, heads) in [(64, 2), (48, 3), (384, 12)] {
-            let ranges = [0..3, 3..20, 20..61, 61..62];
-            let rows = 62;
-            let qkv: Vec<f32> = (0..rows * 3 * d)
-                .map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 200.0)
-                .collect();
-            let mut want = vec![f32::NAN; rows * d];
-            let mut got = vec![f32::NAN; rows * d];
-            attention(&qkv, &mut want, &ranges, d, heads, false);
-            attention(&qkv, &mut got, &ranges, d, heads, true);
-            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                assert!((g - w).abs() < 1e-5, "d {d}, element {i}: {g} vs {w}");
+        for kernel in packed::kernels_here() {
+            for (d, heads) in [(64, 2), (48, 3), (384, 12)] {
+                let ranges = [0..3, 3..20, 20..61, 61..62];
+                let rows = 62;
+                let qkv: Vec<f32> = (0..rows * 3 * d)
+                    .map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 200.0)
+                    .collect();
+                let mut want = vec![f32::NAN; rows * d];
+                let mut got = vec![f32::NAN; rows * d];
+                attention(&qkv, &mut want, &ranges, d, heads, None);
+                attention(&qkv, &mut got, &ranges, d, heads, Some(kernel));
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - w).abs() < 1e-5,
+                        "{kernel:?} d {d}, element {i}: {g} vs {w}"
+                    );
+                }
             }
         }
     }

@@ -9,7 +9,7 @@
 //! (16 accumulators). The panel (k × 128 bytes: 48 KiB at k = 384) stays in L1/L2 while row
 //! blocks pass over it. CPUs with AVX2 + FMA but not AVX-512 run an AVX2 kernel on the same
 //! panels, each half (16 columns) with 6 rows of A at a time (12 accumulators); CPUs with
-//! neither (`available()` false) keep the `gemm` crate.
+//! neither ([`Kernel::detect`] gives `None`) keep the `gemm` crate.
 
 use rayon::prelude::*;
 
@@ -48,14 +48,20 @@ impl Kernel {
     }
 }
 
-/// Whether this CPU runs a packed kernel.
-pub(crate) fn available() -> bool {
-    Kernel::detect().is_some()
+/// The kernels this CPU runs (one with AVX-512 also runs the AVX2 one), for tests.
+#[cfg(test)]
+pub(crate) fn kernels_here() -> Vec<Kernel> {
+    match Kernel::detect() {
+        Some(Kernel::Avx512) => vec![Kernel::Avx512, Kernel::Avx2],
+        Some(Kernel::Avx2) => vec![Kernel::Avx2],
+        None => Vec::new(),
+    }
 }
 
 /// A weight `(n, k)` (transformers' `(out, in)`) as panels of [`NR`] columns, each `(k, NR)`
 /// row-major, the last one zero-padded.
 pub(crate) struct Packed {
+    kernel: Kernel,
     data: Vec<f32>,
     /// Offset of the first panel in `data`: panels start 64-byte aligned.
     start: usize,
@@ -64,7 +70,8 @@ pub(crate) struct Packed {
 }
 
 impl Packed {
-    pub(crate) fn new(w: &[f32], n: usize, k: usize) -> Self {
+    /// Packs `w` for `kernel`, which the CPU runs ([`Kernel::detect`]).
+    pub(crate) fn new(w: &[f32], n: usize, k: usize, kernel: Kernel) -> Self {
         assert_eq!(w.len(), n * k);
         let panels = n.div_ceil(NR);
         let mut data = vec![0f32; panels * k * NR + 16];
@@ -80,14 +87,19 @@ impl Packed {
                 }
             }
         }
-        Packed { data, start, k, n }
+        Packed {
+            kernel,
+            data,
+            start,
+            k,
+            n,
+        }
     }
 
     /// `out (rows × n) += x (rows × k) · Wᵀ`, on the rayon pool when the product is large.
     pub(crate) fn matmul_acc(&self, x: &[f32], rows: usize, out: &mut [f32]) {
         let (k, n) = (self.k, self.n);
         assert!(x.len() >= rows * k && out.len() >= rows * n);
-        assert!(available());
         let panels = n.div_ceil(NR);
         let threads = rayon::current_num_threads().max(1);
         // Blocks of at most MB rows, as many as a multiple of the threads so that none idles
@@ -116,9 +128,10 @@ impl Packed {
                 let b = &self.data[self.start + p * k * NR..][..k * NR];
                 // SAFETY: rows r0..r1 and columns p·NR..p·NR + cols are in bounds of out
                 // (checked above) and written by this task alone; x rows likewise; the panel
-                // holds k rows of NR values; AVX-512F was checked above.
+                // holds k rows of NR values; the CPU runs the kernel (Packed::new).
                 unsafe {
                     gemm_acc(
+                        self.kernel,
                         r1 - r0,
                         cols,
                         k,
@@ -145,32 +158,11 @@ impl Packed {
 /// edge, so B needs no padding.
 ///
 /// # Safety
-/// A packed kernel is available ([`available`]); `a` points to `m` rows of `k` readable elements
+/// The CPU runs `kernel` ([`Kernel::detect`]); `a` points to `m` rows of `k` readable elements
 /// `lda` apart, `b` to `k` rows of `n` readable elements `ldb` apart, `c` to `m` rows of `n`
 /// writable elements `ldc` apart, and nothing else writes those elements meanwhile.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm_acc(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: *const f32,
-    lda: usize,
-    b: *const f32,
-    ldb: usize,
-    c: *mut f32,
-    ldc: usize,
-) {
-    let kernel = Kernel::detect().expect("a packed kernel on this CPU");
-    // SAFETY: forwarded from the caller.
-    unsafe { gemm_acc_using(kernel, m, n, k, a, lda, b, ldb, c, ldc) }
-}
-
-/// [`gemm_acc`] with the given kernel.
-///
-/// # Safety
-/// As [`gemm_acc`], and the CPU runs `kernel`.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_acc_using(
     kernel: Kernel,
     m: usize,
     n: usize,
@@ -209,7 +201,7 @@ unsafe fn gemm_acc_using(
 
 /// # Safety
 /// `a`: `mr` rows of `k` elements, `lda` apart; `b`: `k` rows of `cols` (≤ NR) elements,
-/// `ldb` apart; `c`: `mr` rows of `cols` elements, `ldc` apart; the CPU runs `kernel`.
+/// `ldb` apart; `c`: `mr` rows of `cols` elements, `ldc` apart; the CPU runs `which`.
 #[allow(clippy::too_many_arguments)]
 unsafe fn kernel_dispatch(
     which: Kernel,
@@ -450,22 +442,13 @@ mod avx512 {
 mod tests {
     use super::*;
 
-    /// The kernels this CPU runs (the AVX-512 one also runs the AVX2 one).
-    fn kernels() -> Vec<Kernel> {
-        match Kernel::detect() {
-            Some(Kernel::Avx512) => vec![Kernel::Avx512, Kernel::Avx2],
-            Some(Kernel::Avx2) => vec![Kernel::Avx2],
-            None => Vec::new(),
-        }
-    }
-
     /// Each kernel this CPU runs against a plain product: partial row blocks (13 rows with 12
     /// and 6 per block), a partial last panel and a half panel of under 8 columns (n = 45, 37),
     /// masked loads and stores.
     #[test]
     fn every_kernel_matches_a_plain_product() {
-        eprintln!("packed kernels tested: {:?}", kernels());
-        for kernel in kernels() {
+        eprintln!("packed kernels tested: {:?}", kernels_here());
+        for kernel in kernels_here() {
             for &(rows, k, n) in &[
                 (1, 7, 45),
                 (13, 33, 45),
@@ -485,7 +468,7 @@ mod tests {
                 let mut got = init.clone();
                 // SAFETY: the CPU runs `kernel`; the extents are those of the vectors.
                 unsafe {
-                    gemm_acc_using(
+                    gemm_acc(
                         kernel,
                         rows,
                         n,
@@ -513,32 +496,31 @@ mod tests {
         }
     }
 
+    /// Packed weights (each kernel this CPU runs) against a plain product.
     #[test]
     fn the_packed_product_matches_a_plain_one() {
-        if !available() {
-            eprintln!("no packed kernel on this CPU: the encoder uses the gemm crate");
-            return;
-        }
-        // Odd sizes: partial row blocks, a partial last panel (n = 45), masked stores.
-        for &(rows, k, n) in &[(1, 7, 45), (13, 33, 45), (70, 64, 96), (9, 5, 16)] {
-            let x: Vec<f32> = (0..rows * k)
-                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
-                .collect();
-            let w: Vec<f32> = (0..n * k)
-                .map(|i| ((i * 53 % 97) as f32 - 48.0) / 48.0)
-                .collect();
-            let init: Vec<f32> = (0..rows * n).map(|i| (i % 7) as f32).collect();
-            let mut got = init.clone();
-            Packed::new(&w, n, k).matmul_acc(&x, rows, &mut got);
-            for r in 0..rows {
-                for j in 0..n {
-                    let want =
-                        init[r * n + j] + (0..k).map(|i| x[r * k + i] * w[j * k + i]).sum::<f32>();
-                    let g = got[r * n + j];
-                    assert!(
-                        (g - want).abs() < 1e-4,
-                        "({rows},{k},{n}) [{r},{j}]: {g} vs {want}"
-                    );
+        for kernel in kernels_here() {
+            // Odd sizes: partial row blocks, a partial last panel (n = 45), masked stores.
+            for &(rows, k, n) in &[(1, 7, 45), (13, 33, 45), (70, 64, 96), (9, 5, 16)] {
+                let x: Vec<f32> = (0..rows * k)
+                    .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+                    .collect();
+                let w: Vec<f32> = (0..n * k)
+                    .map(|i| ((i * 53 % 97) as f32 - 48.0) / 48.0)
+                    .collect();
+                let init: Vec<f32> = (0..rows * n).map(|i| (i % 7) as f32).collect();
+                let mut got = init.clone();
+                Packed::new(&w, n, k, kernel).matmul_acc(&x, rows, &mut got);
+                for r in 0..rows {
+                    for j in 0..n {
+                        let want = init[r * n + j]
+                            + (0..k).map(|i| x[r * k + i] * w[j * k + i]).sum::<f32>();
+                        let g = got[r * n + j];
+                        assert!(
+                            (g - want).abs() < 1e-4,
+                            "{kernel:?} ({rows},{k},{n}) [{r},{j}]: {g} vs {want}"
+                        );
+                    }
                 }
             }
         }
