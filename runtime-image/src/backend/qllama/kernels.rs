@@ -1,8 +1,8 @@
-//! The f32 loops of the forward pass between the weight products: decode attention and the
-//! MLP's SiLU.
+//! The f32 loops of the forward pass between the weight products: attention and the MLP's
+//! SiLU.
 //!
-//! Decode attention is each sequence's one new query row against its cached keys and values.
-//! The work of a (sequence, kv head) is split into parts of [`ATTEND_CHUNK`] positions that run
+//! Attention takes each new row, of a prompt or of a decode step, against its sequence's cached
+//! keys and values up to the row's own position. The work of a (row, kv head) is split into parts of [`ATTEND_CHUNK`] positions that run
 //! as separate tasks (flash-decoding) and are merged after, so that the threads share even one
 //! long sequence.
 //!
@@ -34,7 +34,7 @@ pub(super) fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
 }
 
 /// Dot product with eight independent accumulators, so that the compiler can vectorise it.
-pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ca
