@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::bert::{Config, HiddenAct};
 
 use super::Embedder;
+use super::classifier::right_padded;
 use super::encoder::{Activation, Encoder, EncoderConfig, Positions};
 use crate::error::{Error, Result, read_json};
 use crate::model::LoadedModel;
@@ -46,18 +47,8 @@ impl Encode {
         match self {
             Encode::Fast(e) => Ok(e.forward(batch)?),
             Encode::Candle(encode) => {
-                let width = batch.iter().map(Vec::len).max().unwrap_or(0);
-                let mut ids = Vec::with_capacity(batch.len() * width);
-                let mut mask = Vec::with_capacity(batch.len() * width);
-                for item in batch {
-                    ids.extend(item.iter().copied());
-                    ids.extend(std::iter::repeat_n(pad_id, width - item.len()));
-                    mask.extend(std::iter::repeat_n(1u32, item.len()));
-                    mask.extend(std::iter::repeat_n(0u32, width - item.len()));
-                }
-                let dev = Device::Cpu;
-                let ids = Tensor::from_vec(ids, (batch.len(), width), &dev)?;
-                let mask = Tensor::from_vec(mask, (batch.len(), width), &dev)?;
+                let (ids, mask) = right_padded(batch, pad_id)?;
+                let width = ids.dim(1)?;
                 let hidden = encode(&ids, &mask)?.to_dtype(DType::F32)?; // (b, t, d)
                 let d = hidden.dim(2)?;
                 let all = hidden.flatten_all()?.to_vec1::<f32>()?;
