@@ -3,16 +3,25 @@
 //! Why not candle's `QMatMul`: candle 0.11 has no SIMD kernel for Q4_1 (a scalar dot product,
 //! ../shared/fixtures/baselines.md), and its CPU matmul walks activation row by activation row,
 //! reading the whole weight matrix once per row — stacking the rows of eight sequences made a
-//! decode round cost eight single steps. Here each weight row is unpacked once per block and
-//! multiplied with up to [`TILE`] activation rows while it sits in registers, and the rows of
-//! the output are split across the threads of one rayon pool.
+//! decode round cost eight single steps.
 //!
-//! The arithmetic is llama.cpp's (`ggml_vec_dot_q4_1_q8_1`, `ggml_vec_dot_q8_0_q8_0` and
-//! `quantize_row_q8_1` on AVX2): every activation row is quantised to 8 bits per block of 32
-//! (scale `d = max|x| / 127`, rounded half to even, `d` and `s = d·Σq` held as f16 values);
-//! a block's product is `d_w·d_x·Σ q_w q_x` (+ `m_w·s_x` for Q4_1's offset), in integers
-//! within the block and f32 across blocks. The scalar path does the same sums in the same
-//! order per block and serves CPUs without AVX2/FMA/F16C and the tests.
+//! **Layout.** At load the GGUF blocks are repacked into tiles of [`ROWS`] = 16 weight rows, so
+//! that one 32-bit lane of a 512-bit register (AVX2: of two 256-bit ones) holds one output:
+//! per tile and block, the rows' f16 scales `d` (and Q4_1's offsets `m`) side by side, then
+//! for each group of four bytes of a block, those four bytes of every row side by side. One
+//! `vpdpbusd` with four activation bytes broadcast then advances sixteen outputs by four
+//! products each, and the unpacked weights of a tile serve up to eight activation rows. This
+//! is the shape of llama.cpp's repacked ("Q4_0 8×8") CPU kernels; it puts ~4× more products
+//! in each instruction than a kernel that multiplies one weight row at a time and sums its
+//! lanes, which matters once eight sequences decode together.
+//!
+//! **Arithmetic.** Every activation row is quantised to 8 bits per block of 32 as llama.cpp's
+//! `quantize_row_q8_1` does (scale `d_x = max|x| / 127`, rounded half to even, `d_x` and
+//! `s_x = d_x·Σq` held as f16 values). One output is then, over the blocks in order,
+//! `acc = fma(Σ q_w q_x, d_w·d_x, acc)` and for Q4_1 `acc = fma(m_w, s_x, acc)`: the sum
+//! within a block is exact in integers, and the f32 steps have one defined order, so the
+//! AVX-512, AVX2 and plain Rust kernels give the same bits on every CPU — the greedy tokens
+//! of a model do not depend on the machine (the tests assert equal bits).
 //!
 //! Other weight types (the K-quants, f16, f32) go through candle's `QMatMul` unchanged.
 
@@ -26,7 +35,9 @@ use crate::error::{Error, Result};
 
 /// Values per quantisation block (Q4_1, Q8_0 and the activations' Q8_1).
 const QK: usize = 32;
-/// Activation rows multiplied with one unpacked weight block (AVX2: 16 registers).
+/// Weight rows per packed tile: one 32-bit lane each of a 512-bit register.
+const ROWS: usize = 16;
+/// Activation rows multiplied with one unpacked tile (AVX2: 16 registers).
 const TILE: usize = 4;
 /// The same with AVX-512's 32 registers.
 const TILE_512: usize = 8;
@@ -42,17 +53,72 @@ pub(super) enum Kind {
 }
 
 impl Kind {
+    /// Bytes of one GGUF block (32 weights of one row).
     fn block_bytes(self) -> usize {
         match self {
             Kind::Q4_1 => 20,
             Kind::Q8_0 => 34,
         }
     }
+
+    /// f16 values leading a block: `d` (and `m`).
+    fn scales(self) -> usize {
+        match self {
+            Kind::Q4_1 => 2,
+            Kind::Q8_0 => 1,
+        }
+    }
+
+    /// Groups of four bytes in a block's `qs`.
+    fn groups(self) -> usize {
+        (self.block_bytes() - 2 * self.scales()) / 4
+    }
+
+    /// Where group `g` of lane `lane` sits in a packed tile block.
+    fn group_at(self, g: usize, lane: usize) -> usize {
+        2 * ROWS * self.scales() + 4 * (ROWS * g + lane)
+    }
+
+    /// Copies one GGUF block into lane `lane` of a packed tile block.
+    fn pack_block(self, raw: &[u8], tile: &mut [u8], lane: usize) {
+        for s in 0..self.scales() {
+            tile[2 * (ROWS * s + lane)..][..2].copy_from_slice(&raw[2 * s..2 * s + 2]);
+        }
+        let qs = &raw[2 * self.scales()..];
+        for g in 0..self.groups() {
+            tile[self.group_at(g, lane)..][..4].copy_from_slice(&qs[4 * g..4 * g + 4]);
+        }
+    }
+
+    /// The GGUF block in lane `lane` of a packed tile block ([`Kind::pack_block`] undone).
+    fn unpack_block(self, tile: &[u8], lane: usize, raw: &mut [u8]) {
+        for s in 0..self.scales() {
+            raw[2 * s..2 * s + 2].copy_from_slice(&tile[2 * (ROWS * s + lane)..][..2]);
+        }
+        let qs = &mut raw[2 * self.scales()..];
+        for g in 0..self.groups() {
+            qs[4 * g..4 * g + 4].copy_from_slice(&tile[self.group_at(g, lane)..][..4]);
+        }
+    }
+
+    /// GGUF rows (`n` rows of `k / 32` blocks) in tiles of [`ROWS`] rows; the rows that pad
+    /// the last tile are zero (scale 0: their outputs are 0 and dropped).
+    fn pack(self, n: usize, k: usize, raw: &[u8]) -> Vec<u8> {
+        let (nb, bb) = (k / QK, self.block_bytes());
+        let mut out = vec![0u8; n.div_ceil(ROWS) * nb * ROWS * bb];
+        for (j, row) in raw.chunks_exact(nb * bb).enumerate().take(n) {
+            for (b, blk) in row.chunks_exact(bb).enumerate() {
+                let at = ((j / ROWS) * nb + b) * ROWS * bb;
+                self.pack_block(blk, &mut out[at..at + ROWS * bb], j % ROWS);
+            }
+        }
+        out
+    }
 }
 
 /// A weight matrix of `n` output rows by `k` inputs, multiplied as `x · Wᵀ`.
 pub(super) enum QMat {
-    /// Raw GGUF blocks, row after row, for our kernels.
+    /// GGUF blocks packed in tiles of [`ROWS`] rows ([`Kind::pack`]), for our kernels.
     Own {
         kind: Kind,
         n: usize,
@@ -73,6 +139,8 @@ pub(super) struct Acts {
     qs: Vec<i8>,
     /// Per block: `[d, s]` with `s = d·Σq`, both rounded through f16 as llama.cpp stores them.
     ds: Vec<[f32; 2]>,
+    /// Per block: `Σq`, exact (the VNNI Q8_0 kernel takes `128·Σq` off its unsigned products).
+    sums: Vec<i32>,
 }
 
 impl Acts {
@@ -83,6 +151,7 @@ impl Acts {
         debug_assert_eq!(k % QK, 0);
         let mut qs = vec![0i8; m * k];
         let mut ds = Vec::with_capacity(m * k / QK);
+        let mut sums = Vec::with_capacity(m * k / QK);
         let simd = Isa::detect() != Isa::Scalar;
         for (xb, qb) in x.chunks_exact(QK).zip(qs.chunks_exact_mut(QK)) {
             #[cfg(target_arch = "x86_64")]
@@ -101,8 +170,9 @@ impl Acts {
                 f16::from_f32(d).to_f32(),
                 f16::from_f32(d * sum as f32).to_f32(),
             ]);
+            sums.push(sum);
         }
-        Acts { m, k, qs, ds }
+        Acts { m, k, qs, ds, sums }
     }
 }
 
@@ -133,13 +203,14 @@ impl QMat {
         };
         Ok(match kind {
             Some(kind) => {
-                let data = t.data()?.into_owned();
-                if k % QK != 0 || data.len() != n * k / QK * kind.block_bytes() {
+                let raw = t.data()?;
+                if k % QK != 0 || raw.len() != n * k / QK * kind.block_bytes() {
                     return Err(Error::Model(format!(
                         "a {kind:?} tensor of shape ({n}, {k}) holds {} bytes",
-                        data.len()
+                        raw.len()
                     )));
                 }
+                let data = kind.pack(n, k, &raw);
                 QMat::Own { kind, n, k, data }
             }
             None => QMat::Candle {
@@ -151,7 +222,7 @@ impl QMat {
     }
 
     /// One matrix whose outputs are those of `parts` side by side; parts of one kind are
-    /// merged into one block of rows, so that a fused product is one pass over the threads.
+    /// merged into one matrix, so that a fused product is one pass over the threads.
     pub(super) fn stack(parts: Vec<QMat>) -> QMat {
         let same = parts.windows(2).all(|w| match (&w[0], &w[1]) {
             (QMat::Own { kind: a, k: ka, .. }, QMat::Own { kind: b, k: kb, .. }) => {
@@ -166,22 +237,38 @@ impl QMat {
                 QMat::Stack(parts)
             };
         }
-        let mut rows = 0;
-        let mut merged = Vec::new();
+        // Back to GGUF rows, one after the other, and packed again as one matrix.
+        let (mut rows, mut raw) = (0, Vec::new());
         let (mut kind0, mut k0) = (Kind::Q8_0, 0);
-        for p in parts {
-            if let QMat::Own { kind, n, k, data } = p {
+        for p in &parts {
+            if let QMat::Own { kind, n, k, .. } = p {
+                let mut block = vec![0u8; kind.block_bytes()];
+                for j in 0..*n {
+                    for b in 0..k / QK {
+                        p.raw_block(j, b, &mut block);
+                        raw.extend_from_slice(&block);
+                    }
+                }
                 rows += n;
-                merged.extend_from_slice(&data);
-                (kind0, k0) = (kind, k);
+                (kind0, k0) = (*kind, *k);
             }
         }
         QMat::Own {
             kind: kind0,
             n: rows,
             k: k0,
-            data: merged,
+            data: kind0.pack(rows, k0, &raw),
         }
+    }
+
+    /// The GGUF bytes of block `b` of row `j` (an `Own` matrix only).
+    fn raw_block(&self, j: usize, b: usize, out: &mut [u8]) {
+        let QMat::Own { kind, k, data, .. } = self else {
+            unreachable!("raw_block of a candle matrix")
+        };
+        let tb = ROWS * kind.block_bytes();
+        let at = ((j / ROWS) * (k / QK) + b) * tb;
+        kind.unpack_block(&data[at..at + tb], j % ROWS, out);
     }
 
     /// Output columns.
@@ -202,12 +289,13 @@ impl QMat {
 
     /// Row `j` as f32 values (an embedding lookup); `None` for a type without our kernel.
     pub(super) fn dequantize_row(&self, j: usize, out: &mut [f32]) -> Option<()> {
-        let QMat::Own { kind, k, data, .. } = self else {
+        let QMat::Own { kind, k, .. } = self else {
             return None;
         };
-        let bb = kind.block_bytes();
-        let row = &data[j * (k / QK) * bb..(j + 1) * (k / QK) * bb];
-        for (blk, o) in row.chunks_exact(bb).zip(out.chunks_exact_mut(QK)) {
+        let mut blk = [0u8; 34];
+        let blk = &mut blk[..kind.block_bytes()];
+        for (b, o) in out[..*k].chunks_exact_mut(QK).enumerate() {
+            self.raw_block(j, b, blk);
             match kind {
                 Kind::Q4_1 => {
                     let (d, m) = (f16_at(blk, 0), f16_at(blk, 2));
@@ -232,7 +320,7 @@ impl QMat {
         match self {
             QMat::Own { .. } => {
                 let acts = Acts::quantize(x, m, self.k());
-                Ok(self.forward_quantized(&acts))
+                Ok(self.forward_quantized(&acts, Isa::detect()))
             }
             QMat::Candle { mm, k, .. } => {
                 let t = Tensor::from_slice(x, (m, *k), &Device::Cpu)?;
@@ -255,8 +343,9 @@ impl QMat {
         }
     }
 
-    /// [`QMat::forward`] of rows already quantised (an `Own` matrix only).
-    fn forward_quantized(&self, acts: &Acts) -> Vec<f32> {
+    /// [`QMat::forward`] of rows already quantised (an `Own` matrix only), with the kernels
+    /// of `isa` (which the CPU must run).
+    fn forward_quantized(&self, acts: &Acts, isa: Isa) -> Vec<f32> {
         let QMat::Own { kind, n, k, data } = self else {
             unreachable!("forward_quantized on a candle matrix")
         };
@@ -265,28 +354,24 @@ impl QMat {
         if m == 0 || n == 0 {
             return Vec::new();
         }
-        let row_bytes = k / QK * kind.block_bytes();
+        let tile_bytes = k / QK * ROWS * kind.block_bytes();
+        let tiles = n.div_ceil(ROWS);
         let mut out = vec![0f32; m * n];
         let threads = rayon::current_num_threads().max(1);
         // A few chunks per thread, so that a thread slowed by other work is made up for.
-        let chunk_rows = n.div_ceil(threads * 4).max(8);
-        let isa = Isa::detect();
+        let chunk = tiles.div_ceil(threads * 4);
         let dst = SharedOut(out.as_mut_ptr());
-        (0..n.div_ceil(chunk_rows)).into_par_iter().for_each(|c| {
-            let mut col = vec![0f32; m];
-            for j in c * chunk_rows..((c + 1) * chunk_rows).min(n) {
-                row_times_acts(
-                    *kind,
-                    &data[j * row_bytes..][..row_bytes],
-                    acts,
-                    &mut col,
-                    isa,
-                );
-                for (i, v) in col.iter().enumerate() {
-                    // SAFETY: `i < m` and `j < n` index inside `out` (m × n), which outlives
-                    // the parallel loop; column `j` belongs to this task alone.
-                    unsafe { dst.at(i * n + j).write(*v) };
-                }
+        (0..tiles.div_ceil(chunk)).into_par_iter().for_each(|c| {
+            for t in c * chunk..((c + 1) * chunk).min(tiles) {
+                let w = &data[t * tile_bytes..(t + 1) * tile_bytes];
+                let cols = (n - t * ROWS).min(ROWS);
+                tile_times_acts(*kind, w, acts, isa, |i, y| {
+                    // SAFETY: row `i < m`, columns `t·16 .. t·16 + cols ≤ n` lie inside `out`
+                    // (m × n), which outlives the parallel loop; tile `t` belongs to this task.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(y.as_ptr(), dst.at(i * n + t * ROWS), cols)
+                    };
+                });
             }
         });
         out
@@ -381,110 +466,82 @@ impl Isa {
     }
 }
 
-/// One weight row `w` (raw blocks) times every activation row: `out[i] = w · x_i`.
-fn row_times_acts(kind: Kind, w: &[u8], acts: &Acts, out: &mut [f32], isa: Isa) {
-    let nb = acts.k / QK;
+/// One packed tile `w` ([`ROWS`] weight rows) times every activation row: `emit(i, y)` with
+/// `y[l]` the product of activation row `i` and the tile's row `l`.
+fn tile_times_acts(
+    kind: Kind,
+    w: &[u8],
+    acts: &Acts,
+    isa: Isa,
+    mut emit: impl FnMut(usize, &[f32; ROWS]),
+) {
     let mut i = 0;
     while i < acts.m {
-        #[cfg(target_arch = "x86_64")]
-        if isa == Isa::Avx512Vnni && nb.is_multiple_of(2) {
-            let r = (acts.m - i).min(TILE_512);
-            let o = &mut out[i..i + r];
-            // SAFETY: the CPU has these features (Isa::detect); `w` holds a row of `nb` blocks.
-            unsafe {
-                match (kind, r) {
-                    (Kind::Q4_1, 8) => avx512::q4_1::<8>(w, acts, i, o),
-                    (Kind::Q4_1, 7) => avx512::q4_1::<7>(w, acts, i, o),
-                    (Kind::Q4_1, 6) => avx512::q4_1::<6>(w, acts, i, o),
-                    (Kind::Q4_1, 5) => avx512::q4_1::<5>(w, acts, i, o),
-                    (Kind::Q4_1, 4) => avx512::q4_1::<4>(w, acts, i, o),
-                    (Kind::Q4_1, 3) => avx512::q4_1::<3>(w, acts, i, o),
-                    (Kind::Q4_1, 2) => avx512::q4_1::<2>(w, acts, i, o),
-                    (Kind::Q4_1, _) => avx512::q4_1::<1>(w, acts, i, o),
-                    (Kind::Q8_0, 8) => avx512::q8_0::<8>(w, acts, i, o),
-                    (Kind::Q8_0, 7) => avx512::q8_0::<7>(w, acts, i, o),
-                    (Kind::Q8_0, 6) => avx512::q8_0::<6>(w, acts, i, o),
-                    (Kind::Q8_0, 5) => avx512::q8_0::<5>(w, acts, i, o),
-                    (Kind::Q8_0, 4) => avx512::q8_0::<4>(w, acts, i, o),
-                    (Kind::Q8_0, 3) => avx512::q8_0::<3>(w, acts, i, o),
-                    (Kind::Q8_0, 2) => avx512::q8_0::<2>(w, acts, i, o),
-                    (Kind::Q8_0, _) => avx512::q8_0::<1>(w, acts, i, o),
+        macro_rules! tiles {
+            ($module:ident, $max:expr, $($r:literal)+) => {{
+                let r = (acts.m - i).min($max);
+                // SAFETY: the CPU runs `isa` (the caller's promise: Isa::detect or a test of
+                // the ISAs present); `w` is one packed tile of `acts.k / 32` blocks; rows
+                // `i..i + r` exist in `acts`.
+                let ys: &[[f32; ROWS]] = unsafe {
+                    match (kind, r) {
+                        $((Kind::Q4_1, $r) => &$module::q4_1::<$r>(w, acts, i),)+
+                        $((Kind::Q8_0, $r) => &$module::q8_0::<$r>(w, acts, i),)+
+                        _ => unreachable!("{r} rows"),
+                    }
+                };
+                for (ii, y) in ys.iter().enumerate() {
+                    emit(i + ii, y);
                 }
+                i += r;
+            }};
+        }
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => tiles!(avx512, TILE_512, 1 2 3 4 5 6 7 8),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => tiles!(avx, TILE, 1 2 3 4),
+            _ => {
+                emit(i, &scalar_tile(kind, w, acts, i));
+                i += 1;
             }
-            i += r;
-            continue;
         }
-        let r = (acts.m - i).min(TILE);
-        #[cfg(target_arch = "x86_64")]
-        if isa != Isa::Scalar {
-            // SAFETY: the CPU has AVX2, FMA and F16C (Isa::detect).
-            unsafe {
-                match (kind, r) {
-                    (Kind::Q4_1, 4) => avx::q4_1::<4>(w, acts, i, &mut out[i..i + 4]),
-                    (Kind::Q4_1, 3) => avx::q4_1::<3>(w, acts, i, &mut out[i..i + 3]),
-                    (Kind::Q4_1, 2) => avx::q4_1::<2>(w, acts, i, &mut out[i..i + 2]),
-                    (Kind::Q4_1, _) => avx::q4_1::<1>(w, acts, i, &mut out[i..i + 1]),
-                    (Kind::Q8_0, 4) => avx::q8_0::<4>(w, acts, i, &mut out[i..i + 4]),
-                    (Kind::Q8_0, 3) => avx::q8_0::<3>(w, acts, i, &mut out[i..i + 3]),
-                    (Kind::Q8_0, 2) => avx::q8_0::<2>(w, acts, i, &mut out[i..i + 2]),
-                    (Kind::Q8_0, _) => avx::q8_0::<1>(w, acts, i, &mut out[i..i + 1]),
-                }
-            }
-            i += r;
-            continue;
-        }
-        for (ii, o) in out[i..i + r].iter_mut().enumerate() {
-            *o = scalar_dot(kind, w, acts, i + ii);
-        }
-        i += r;
     }
 }
 
-/// The portable kernel, with the same arithmetic as the SIMD ones, so that every CPU gives the
-/// same bits: each block's products are summed in eight lanes of four (as `maddubs` +
-/// `madd` or `vpdpbusd` sum them), each lane is scaled by `d·d_x` and added with one rounding
-/// (FMA) to an accumulator of even or of odd blocks, and the lanes are summed in the SIMD
-/// kernels' order. The Q4_1 offsets `m·s_x` are summed apart, even and odd blocks again apart.
-fn scalar_dot(kind: Kind, w: &[u8], acts: &Acts, row: usize) -> f32 {
+/// The portable kernel, and the definition the SIMD ones follow bit for bit: for each of the
+/// tile's rows, over the blocks in order, the exact integer sum of the block's products, then
+/// `acc = fma(sum, d_w·d_x, acc)` and for Q4_1 `acc = fma(m_w, s_x, acc)`.
+fn scalar_tile(kind: Kind, w: &[u8], acts: &Acts, row: usize) -> [f32; ROWS] {
     let nb = acts.k / QK;
-    let xq = &acts.qs[row * acts.k..(row + 1) * acts.k];
-    let xds = &acts.ds[row * nb..(row + 1) * nb];
-    let bb = kind.block_bytes();
-    let mut acc = [[0f32; 8]; 2];
-    let mut acc_m = [0f32; 2];
-    for (b, (blk, [dx, sx])) in w.chunks_exact(bb).zip(xds).enumerate() {
-        let y = &xq[b * QK..(b + 1) * QK];
-        // Weight values in the order they meet `y`.
-        let mut wq = [0i32; QK];
-        let d = match kind {
-            Kind::Q4_1 => {
-                for (j, q) in blk[4..20].iter().enumerate() {
-                    wq[j] = (q & 0xF) as i32;
-                    wq[j + 16] = (q >> 4) as i32;
-                }
-                acc_m[b % 2] += f16_at(blk, 2) * sx;
-                f16_at(blk, 0)
+    let tb = ROWS * kind.block_bytes();
+    let (mut acc, mut acc_m) = ([0f32; ROWS], [0f32; ROWS]);
+    for (b, tile) in w.chunks_exact(tb).take(nb).enumerate() {
+        let x = &acts.qs[row * acts.k + b * QK..][..QK];
+        let [dx, sx] = acts.ds[row * nb + b];
+        for (lane, (a, am)) in acc.iter_mut().zip(&mut acc_m).enumerate() {
+            let group = |g: usize| &tile[kind.group_at(g, lane)..][..4];
+            let dot: i32 = match kind {
+                Kind::Q4_1 => (0..4)
+                    .flat_map(|g| (0..4).map(move |e| (g, e)))
+                    .map(|(g, e)| {
+                        let q = group(g)[e];
+                        (q & 0xF) as i32 * x[4 * g + e] as i32
+                            + (q >> 4) as i32 * x[16 + 4 * g + e] as i32
+                    })
+                    .sum(),
+                Kind::Q8_0 => (0..8)
+                    .flat_map(|g| (0..4).map(move |e| (g, e)))
+                    .map(|(g, e)| group(g)[e] as i8 as i32 * x[4 * g + e] as i32)
+                    .sum(),
+            };
+            *a = (dot as f32).mul_add(f16_at(tile, 2 * lane) * dx, *a);
+            if kind == Kind::Q4_1 {
+                *am = f16_at(tile, 2 * (ROWS + lane)).mul_add(sx, *am);
             }
-            Kind::Q8_0 => {
-                for (j, q) in blk[2..34].iter().enumerate() {
-                    wq[j] = *q as i8 as i32;
-                }
-                f16_at(blk, 0)
-            }
-        };
-        let scale = d * dx;
-        for (l, a) in acc[b % 2].iter_mut().enumerate() {
-            let lane: i32 = (4 * l..4 * l + 4).map(|j| wq[j] * y[j] as i32).sum();
-            *a = scale.mul_add(lane as f32, *a);
         }
     }
-    let x: Vec<f32> = (0..8).map(|l| acc[0][l] + acc[1][l]).collect();
-    let r: Vec<f32> = (0..4).map(|i| x[i + 4] + x[i]).collect();
-    let sum = (r[0] + r[2]) + (r[1] + r[3]);
-    match kind {
-        Kind::Q4_1 => sum + (acc_m[0] + acc_m[1]),
-        Kind::Q8_0 => sum,
-    }
+    std::array::from_fn(|l| acc[l] + acc_m[l])
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -492,16 +549,7 @@ fn scalar_dot(kind: Kind, w: &[u8], acts: &Acts, row: usize) -> f32 {
 mod avx {
     use core::arch::x86_64::*;
 
-    use super::{Acts, QK};
-
-    /// The sum of eight lanes: halves, then quarters, then the last two.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) fn hsum(x: __m256) -> f32 {
-        let r = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
-        let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-        let r = _mm_add_ss(r, _mm_movehdup_ps(r));
-        _mm_cvtss_f32(r)
-    }
+    use super::{Acts, QK, ROWS};
 
     /// [`super::quantize_block`] with the same results (the same products, rounded half to
     /// even), as llama.cpp's AVX2 `quantize_row_q8_1`.
@@ -510,7 +558,6 @@ mod avx {
     /// `xb` and `qb` hold 32 values each.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn quantize_block(xb: &[f32], qb: &mut [i8]) -> (f32, i32) {
-        debug_assert!(xb.len() == QK && qb.len() == QK);
         unsafe {
             let p = xb.as_ptr();
             let v = [
@@ -548,106 +595,120 @@ mod avx {
         }
     }
 
-    /// Sum of adjacent pairs of `u8 × i8` products, as f32 (`maddubs` cannot saturate here:
-    /// |15·127·2| and |127·127·2| fit in i16).
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn mul_sum_us8(ax: __m256i, sy: __m256i) -> __m256 {
-        let dot = _mm256_maddubs_epi16(ax, sy);
-        _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_set1_epi16(1), dot))
-    }
-
-    /// `R` rows of `acts` from `row0` times one Q4_1 weight row.
+    /// `R` activation rows from `row0` times one packed Q4_1 tile, eight weight rows (one
+    /// 256-bit register) at a time.
     ///
     /// # Safety
-    /// `w` holds `acts.k / 32` Q4_1 blocks; rows `row0..row0 + R` exist in `acts`.
+    /// `w` is a packed Q4_1 tile of `acts.k / 32` blocks; rows `row0..row0 + R` exist.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn q4_1<const R: usize>(w: &[u8], acts: &Acts, row0: usize, out: &mut [f32]) {
+    pub(super) unsafe fn q4_1<const R: usize>(
+        w: &[u8],
+        acts: &Acts,
+        row0: usize,
+    ) -> [[f32; ROWS]; R] {
         let nb = acts.k / QK;
-        debug_assert!(w.len() >= nb * 20 && row0 + R <= acts.m);
-        // Even and odd blocks in separate accumulators, summed as the AVX-512 kernel sums its
-        // two halves, so that both give the same bits.
-        let mut acc = [[_mm256_setzero_ps(); R]; 2];
-        let mut acc_m = [_mm_setzero_ps(); R];
+        debug_assert!(w.len() >= nb * 320 && row0 + R <= acts.m);
+        let mut out = [[0f32; ROWS]; R];
         let low = _mm256_set1_epi8(0xF);
+        let ones = _mm256_set1_epi16(1);
         let wp = w.as_ptr();
         let xq = acts.qs.as_ptr();
         let xds = acts.ds.as_ptr();
-        for b in 0..nb {
-            let half = b % 2;
-            unsafe {
-                let blk = wp.add(b * 20);
-                // [d, m, 0, 0]
-                let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((blk as *const i32).read_unaligned()));
-                let packed = _mm_loadu_si128(blk.add(4) as *const __m128i);
-                let qw = _mm256_and_si256(
-                    low,
-                    _mm256_insertf128_si256::<1>(
-                        _mm256_castsi128_si256(packed),
-                        _mm_srli_epi16(packed, 4),
-                    ),
-                );
-                for r in 0..R {
-                    let row = row0 + r;
-                    // [d_x, s_x]
-                    let ds =
-                        _mm_castsi128_ps(_mm_loadl_epi64(xds.add(row * nb + b) as *const __m128i));
-                    let p = _mm_mul_ps(dm, ds); // [d·d_x, m·s_x, 0, 0]
-                    // Odd blocks' products go to lanes 2 and 3, as in the AVX-512 kernel.
-                    let pm = if half == 0 {
-                        p
-                    } else {
-                        _mm_movelh_ps(_mm_setzero_ps(), p)
-                    };
-                    acc_m[r] = _mm_add_ps(acc_m[r], pm);
-                    let y = _mm256_loadu_si256(xq.add(row * acts.k + b * QK) as *const __m256i);
-                    acc[half][r] =
-                        _mm256_fmadd_ps(_mm256_broadcastss_ps(p), mul_sum_us8(qw, y), acc[half][r]);
+        for half in 0..2 {
+            let mut acc = [_mm256_setzero_ps(); R];
+            let mut acc_m = [_mm256_setzero_ps(); R];
+            for b in 0..nb {
+                unsafe {
+                    let tb = wp.add(b * 320);
+                    let d = _mm256_cvtph_ps(_mm_loadu_si128(tb.add(16 * half) as *const __m128i));
+                    let m =
+                        _mm256_cvtph_ps(_mm_loadu_si128(tb.add(32 + 16 * half) as *const __m128i));
+                    // Sums of pairs in i16: eight of them stay within ±8·15·127·2 < 2^15.
+                    let mut dot = [_mm256_setzero_si256(); R];
+                    for g in 0..4 {
+                        let q =
+                            _mm256_loadu_si256(tb.add(64 + 64 * g + 32 * half) as *const __m256i);
+                        let lo = _mm256_and_si256(q, low);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), low);
+                        for r in 0..R {
+                            let x = xq.add((row0 + r) * acts.k + b * QK);
+                            let xl =
+                                _mm256_set1_epi32((x.add(4 * g) as *const i32).read_unaligned());
+                            let xh = _mm256_set1_epi32(
+                                (x.add(16 + 4 * g) as *const i32).read_unaligned(),
+                            );
+                            dot[r] = _mm256_add_epi16(dot[r], _mm256_maddubs_epi16(lo, xl));
+                            dot[r] = _mm256_add_epi16(dot[r], _mm256_maddubs_epi16(hi, xh));
+                        }
+                    }
+                    for r in 0..R {
+                        let [dx, sx] = *xds.add((row0 + r) * nb + b);
+                        let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(dot[r], ones));
+                        acc[r] = _mm256_fmadd_ps(dot, _mm256_mul_ps(d, _mm256_set1_ps(dx)), acc[r]);
+                        acc_m[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(sx), acc_m[r]);
+                    }
                 }
             }
+            for r in 0..R {
+                let y = _mm256_add_ps(acc[r], acc_m[r]);
+                // SAFETY: eight floats within a row of sixteen.
+                unsafe { _mm256_storeu_ps(out[r].as_mut_ptr().add(8 * half), y) };
+            }
         }
-        for r in 0..R {
-            let m = _mm_add_ps(acc_m[r], _mm_movehl_ps(acc_m[r], acc_m[r]));
-            out[r] = hsum(_mm256_add_ps(acc[0][r], acc[1][r])) + _mm_cvtss_f32(_mm_movehdup_ps(m));
-        }
+        out
     }
 
-    /// `R` rows of `acts` from `row0` times one Q8_0 weight row.
+    /// `R` activation rows from `row0` times one packed Q8_0 tile, eight weight rows at a time.
     ///
     /// # Safety
-    /// `w` holds `acts.k / 32` Q8_0 blocks; rows `row0..row0 + R` exist in `acts`.
+    /// `w` is a packed Q8_0 tile of `acts.k / 32` blocks; rows `row0..row0 + R` exist.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn q8_0<const R: usize>(w: &[u8], acts: &Acts, row0: usize, out: &mut [f32]) {
+    pub(super) unsafe fn q8_0<const R: usize>(
+        w: &[u8],
+        acts: &Acts,
+        row0: usize,
+    ) -> [[f32; ROWS]; R] {
         let nb = acts.k / QK;
-        debug_assert!(w.len() >= nb * 34 && row0 + R <= acts.m);
-        // Even and odd blocks apart, as in the Q4_1 kernel.
-        let mut acc = [[_mm256_setzero_ps(); R]; 2];
+        debug_assert!(w.len() >= nb * 544 && row0 + R <= acts.m);
+        let mut out = [[0f32; ROWS]; R];
+        let ones = _mm256_set1_epi16(1);
         let wp = w.as_ptr();
         let xq = acts.qs.as_ptr();
         let xds = acts.ds.as_ptr();
-        for b in 0..nb {
-            let half = b % 2;
-            unsafe {
-                let blk = wp.add(b * 34);
-                let d = _mm_cvtph_ps(_mm_cvtsi32_si128(
-                    (blk as *const u16).read_unaligned() as i32
-                ));
-                let qw = _mm256_loadu_si256(blk.add(2) as *const __m256i);
-                let aw = _mm256_sign_epi8(qw, qw);
-                for r in 0..R {
-                    let row = row0 + r;
-                    let dx = _mm_load_ss(xds.add(row * nb + b) as *const f32);
-                    let y = _mm256_loadu_si256(xq.add(row * acts.k + b * QK) as *const __m256i);
-                    acc[half][r] = _mm256_fmadd_ps(
-                        _mm256_broadcastss_ps(_mm_mul_ss(d, dx)),
-                        mul_sum_us8(aw, _mm256_sign_epi8(y, qw)),
-                        acc[half][r],
-                    );
+        for half in 0..2 {
+            let mut acc = [_mm256_setzero_ps(); R];
+            for b in 0..nb {
+                unsafe {
+                    let tb = wp.add(b * 544);
+                    let d = _mm256_cvtph_ps(_mm_loadu_si128(tb.add(16 * half) as *const __m128i));
+                    let mut dot = [_mm256_setzero_si256(); R];
+                    for g in 0..8 {
+                        let q =
+                            _mm256_loadu_si256(tb.add(32 + 64 * g + 32 * half) as *const __m256i);
+                        // |w| as unsigned bytes; the activations take w's sign instead
+                        // (|w|·|x|·2 ≤ 128·127·2 fits in i16).
+                        let aq = _mm256_sign_epi8(q, q);
+                        for r in 0..R {
+                            let x = xq.add((row0 + r) * acts.k + b * QK);
+                            let xg =
+                                _mm256_set1_epi32((x.add(4 * g) as *const i32).read_unaligned());
+                            let p = _mm256_maddubs_epi16(aq, _mm256_sign_epi8(xg, q));
+                            dot[r] = _mm256_add_epi32(dot[r], _mm256_madd_epi16(p, ones));
+                        }
+                    }
+                    for r in 0..R {
+                        let [dx, _] = *xds.add((row0 + r) * nb + b);
+                        let dot = _mm256_cvtepi32_ps(dot[r]);
+                        acc[r] = _mm256_fmadd_ps(dot, _mm256_mul_ps(d, _mm256_set1_ps(dx)), acc[r]);
+                    }
                 }
             }
+            for r in 0..R {
+                // SAFETY: eight floats within a row of sixteen.
+                unsafe { _mm256_storeu_ps(out[r].as_mut_ptr().add(8 * half), acc[r]) };
+            }
         }
-        for r in 0..R {
-            out[r] = hsum(_mm256_add_ps(acc[0][r], acc[1][r]));
-        }
+        out
     }
 }
 
@@ -656,124 +717,112 @@ mod avx {
 mod avx512 {
     use core::arch::x86_64::*;
 
-    use super::{Acts, QK};
+    use super::{Acts, QK, ROWS};
 
-    /// The sum of 16 lanes in the AVX2 kernels' order: the two halves (even and odd blocks)
-    /// lane by lane, then [`super::avx::hsum`].
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    fn reduce(x: __m512) -> f32 {
-        let lo = _mm512_castps512_ps256(x);
-        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(x)));
-        super::avx::hsum(_mm256_add_ps(lo, hi))
-    }
-
-    /// `R` rows of `acts` from `row0` times one Q4_1 weight row, two blocks per step.
+    /// `R` activation rows from `row0` times one packed Q4_1 tile: per block and group of
+    /// four bytes, one `vpdpbusd` per activation row advances all sixteen outputs.
     ///
     /// # Safety
-    /// `w` holds `acts.k / 32` Q4_1 blocks, an even number; rows `row0..row0 + R` exist.
+    /// `w` is a packed Q4_1 tile of `acts.k / 32` blocks; rows `row0..row0 + R` exist.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    pub(super) unsafe fn q4_1<const R: usize>(w: &[u8], acts: &Acts, row0: usize, out: &mut [f32]) {
+    pub(super) unsafe fn q4_1<const R: usize>(
+        w: &[u8],
+        acts: &Acts,
+        row0: usize,
+    ) -> [[f32; ROWS]; R] {
         let nb = acts.k / QK;
-        debug_assert!(nb.is_multiple_of(2) && w.len() >= nb * 20 && row0 + R <= acts.m);
+        debug_assert!(w.len() >= nb * 320 && row0 + R <= acts.m);
         let mut acc = [_mm512_setzero_ps(); R];
-        let mut acc_m = [_mm_setzero_ps(); R];
+        let mut acc_m = [_mm512_setzero_ps(); R];
         let low = _mm512_set1_epi8(0xF);
-        // Lane 0 of a 128-bit vector to the first eight floats, lane 2 to the last eight.
-        let spread = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
         let wp = w.as_ptr();
         let xq = acts.qs.as_ptr();
         let xds = acts.ds.as_ptr();
-        for b in (0..nb).step_by(2) {
+        for b in 0..nb {
             unsafe {
-                let b0 = wp.add(b * 20);
-                let b1 = b0.add(20);
-                // [d0, m0, d1, m1]
-                let dm = _mm_cvtph_ps(_mm_set_epi32(
-                    0,
-                    0,
-                    (b1 as *const i32).read_unaligned(),
-                    (b0 as *const i32).read_unaligned(),
-                ));
-                let x0 = _mm_loadu_si128(b0.add(4) as *const __m128i);
-                let x1 = _mm_loadu_si128(b1.add(4) as *const __m128i);
-                let qw = _mm512_and_si512(
-                    low,
-                    _mm512_inserti64x4::<1>(
-                        _mm512_castsi256_si512(_mm256_set_m128i(_mm_srli_epi16(x0, 4), x0)),
-                        _mm256_set_m128i(_mm_srli_epi16(x1, 4), x1),
-                    ),
-                );
+                let tb = wp.add(b * 320);
+                let d = _mm512_cvtph_ps(_mm256_loadu_si256(tb as *const __m256i));
+                let m = _mm512_cvtph_ps(_mm256_loadu_si256(tb.add(32) as *const __m256i));
+                let mut dot = [_mm512_setzero_si512(); R];
+                for g in 0..4 {
+                    let q = _mm512_loadu_si512(tb.add(64 + 64 * g) as *const __m512i);
+                    let lo = _mm512_and_si512(q, low);
+                    let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(q), low);
+                    for r in 0..R {
+                        let x = xq.add((row0 + r) * acts.k + b * QK);
+                        let xl = _mm512_set1_epi32((x.add(4 * g) as *const i32).read_unaligned());
+                        let xh =
+                            _mm512_set1_epi32((x.add(16 + 4 * g) as *const i32).read_unaligned());
+                        dot[r] = _mm512_dpbusd_epi32(dot[r], lo, xl);
+                        dot[r] = _mm512_dpbusd_epi32(dot[r], hi, xh);
+                    }
+                }
                 for r in 0..R {
-                    let row = row0 + r;
-                    // [d_x0, s_x0, d_x1, s_x1]
-                    let ds = _mm_loadu_ps(xds.add(row * nb + b) as *const f32);
-                    let p = _mm_mul_ps(dm, ds);
-                    acc_m[r] = _mm_add_ps(acc_m[r], p);
-                    let y = _mm512_loadu_si512(xq.add(row * acts.k + b * QK) as *const __m512i);
-                    let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), qw, y);
-                    acc[r] = _mm512_fmadd_ps(
-                        _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(p)),
-                        _mm512_cvtepi32_ps(dot),
-                        acc[r],
-                    );
+                    let [dx, sx] = *xds.add((row0 + r) * nb + b);
+                    let dot = _mm512_cvtepi32_ps(dot[r]);
+                    acc[r] = _mm512_fmadd_ps(dot, _mm512_mul_ps(d, _mm512_set1_ps(dx)), acc[r]);
+                    acc_m[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(sx), acc_m[r]);
                 }
             }
         }
+        let mut out = [[0f32; ROWS]; R];
         for r in 0..R {
-            let m = _mm_add_ps(acc_m[r], _mm_movehl_ps(acc_m[r], acc_m[r]));
-            out[r] = reduce(acc[r]) + _mm_cvtss_f32(_mm_movehdup_ps(m));
+            let y = _mm512_add_ps(acc[r], acc_m[r]);
+            // SAFETY: sixteen floats, one row.
+            unsafe { _mm512_storeu_ps(out[r].as_mut_ptr(), y) };
         }
+        out
     }
 
-    /// `R` rows of `acts` from `row0` times one Q8_0 weight row, two blocks per step.
+    /// `R` activation rows from `row0` times one packed Q8_0 tile. `vpdpbusd` multiplies
+    /// unsigned by signed bytes: the weights go in as `q + 128`, and `128·Σq_x` is taken off
+    /// each block's sum, which stays exact.
     ///
     /// # Safety
-    /// `w` holds `acts.k / 32` Q8_0 blocks, an even number; rows `row0..row0 + R` exist.
+    /// `w` is a packed Q8_0 tile of `acts.k / 32` blocks; rows `row0..row0 + R` exist.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    pub(super) unsafe fn q8_0<const R: usize>(w: &[u8], acts: &Acts, row0: usize, out: &mut [f32]) {
+    pub(super) unsafe fn q8_0<const R: usize>(
+        w: &[u8],
+        acts: &Acts,
+        row0: usize,
+    ) -> [[f32; ROWS]; R] {
         let nb = acts.k / QK;
-        debug_assert!(nb.is_multiple_of(2) && w.len() >= nb * 34 && row0 + R <= acts.m);
+        debug_assert!(w.len() >= nb * 544 && row0 + R <= acts.m);
         let mut acc = [_mm512_setzero_ps(); R];
-        let spread = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
+        let flip = _mm512_set1_epi8(-128);
         let wp = w.as_ptr();
         let xq = acts.qs.as_ptr();
         let xds = acts.ds.as_ptr();
-        for b in (0..nb).step_by(2) {
+        let sums = acts.sums.as_ptr();
+        for b in 0..nb {
             unsafe {
-                let b0 = wp.add(b * 34);
-                let b1 = b0.add(34);
-                // [d0, 0, d1, 0]
-                let d = _mm_cvtph_ps(_mm_set_epi32(
-                    0,
-                    0,
-                    (b1 as *const u16).read_unaligned() as i32,
-                    (b0 as *const u16).read_unaligned() as i32,
-                ));
-                let qw = _mm512_inserti64x4::<1>(
-                    _mm512_castsi256_si512(_mm256_loadu_si256(b0.add(2) as *const __m256i)),
-                    _mm256_loadu_si256(b1.add(2) as *const __m256i),
-                );
-                // |w| as unsigned bytes; the activations take w's sign instead.
-                let aw = _mm512_abs_epi8(qw);
-                let neg = _mm512_movepi8_mask(qw);
+                let tb = wp.add(b * 544);
+                let d = _mm512_cvtph_ps(_mm256_loadu_si256(tb as *const __m256i));
+                let mut dot = [_mm512_setzero_si512(); R];
+                for g in 0..8 {
+                    let q = _mm512_loadu_si512(tb.add(32 + 64 * g) as *const __m512i);
+                    let uq = _mm512_xor_si512(q, flip);
+                    for r in 0..R {
+                        let x = xq.add((row0 + r) * acts.k + b * QK);
+                        let xg = _mm512_set1_epi32((x.add(4 * g) as *const i32).read_unaligned());
+                        dot[r] = _mm512_dpbusd_epi32(dot[r], uq, xg);
+                    }
+                }
                 for r in 0..R {
-                    let row = row0 + r;
-                    let ds = _mm_loadu_ps(xds.add(row * nb + b) as *const f32);
-                    let p = _mm_mul_ps(d, ds); // [d0·d_x0, 0, d1·d_x1, 0]
-                    let y = _mm512_loadu_si512(xq.add(row * acts.k + b * QK) as *const __m512i);
-                    let sy = _mm512_mask_sub_epi8(y, neg, _mm512_setzero_si512(), y);
-                    let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), aw, sy);
-                    acc[r] = _mm512_fmadd_ps(
-                        _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(p)),
-                        _mm512_cvtepi32_ps(dot),
-                        acc[r],
-                    );
+                    let at = (row0 + r) * nb + b;
+                    let [dx, _] = *xds.add(at);
+                    let exact = _mm512_sub_epi32(dot[r], _mm512_set1_epi32(*sums.add(at) << 7));
+                    let dot = _mm512_cvtepi32_ps(exact);
+                    acc[r] = _mm512_fmadd_ps(dot, _mm512_mul_ps(d, _mm512_set1_ps(dx)), acc[r]);
                 }
             }
         }
+        let mut out = [[0f32; ROWS]; R];
         for r in 0..R {
-            out[r] = reduce(acc[r]);
+            // SAFETY: sixteen floats, one row.
+            unsafe { _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]) };
         }
+        out
     }
 }
 
@@ -847,14 +896,14 @@ mod tests {
     fn kernels_match_the_dequantised_product_for_every_tile_size() {
         eprintln!("kernels tested: {:?}", isas());
         for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
-            // 3 blocks per row (odd: AVX-512 falls back to AVX2) and 4 (even).
+            // Odd and even block counts; 37 rows: two full tiles and a padded one.
             for k in [96, 128] {
                 let n = 37;
                 let (mat, dense) = weights(dtype, n, k);
                 let QMat::Own { kind, data, .. } = &mat else {
                     panic!("{dtype:?} has no kernel")
                 };
-                let row = k / QK * kind.block_bytes();
+                let tile_bytes = k / QK * ROWS * kind.block_bytes();
                 for m in [1, 2, 3, 4, 5, 7, 8, 9, 17] {
                     let x = random(m * k, 3 + m as u64);
                     let acts = Acts::quantize(&x, m, k);
@@ -862,7 +911,8 @@ mod tests {
                     let scalar: Vec<f32> = (0..m * n)
                         .map(|idx| {
                             let (i, j) = (idx / n, idx % n);
-                            scalar_dot(*kind, &data[j * row..(j + 1) * row], &acts, i)
+                            let tile = &data[j / ROWS * tile_bytes..][..tile_bytes];
+                            scalar_tile(*kind, tile, &acts, i)[j % ROWS]
                         })
                         .collect();
                     for (s, w) in scalar.iter().zip(&want) {
@@ -875,32 +925,45 @@ mod tests {
                         );
                     }
                     for isa in isas() {
-                        let mut got = vec![0f32; m];
-                        for j in 0..n {
-                            row_times_acts(
-                                *kind,
-                                &data[j * row..(j + 1) * row],
-                                &acts,
-                                &mut got,
-                                isa,
+                        let got = mat.forward_quantized(&acts, isa);
+                        for (idx, (g, s)) in got.iter().zip(&scalar).enumerate() {
+                            // The same bits on every CPU.
+                            assert_eq!(
+                                g.to_bits(),
+                                s.to_bits(),
+                                "{isa:?} {dtype:?} k={k} m={m} [{}, {}]: {g} vs scalar {s}",
+                                idx / n,
+                                idx % n
                             );
-                            for i in 0..m {
-                                let s = scalar[i * n + j];
-                                // The same bits on every CPU.
-                                assert_eq!(
-                                    got[i].to_bits(),
-                                    s.to_bits(),
-                                    "{isa:?} {dtype:?} k={k} m={m} [{i},{j}]: {} vs scalar {s}",
-                                    got[i]
-                                );
-                            }
                         }
                     }
-                    // Through forward (threads, transposition), with the detected kernel.
+                    // Through forward, with the detected kernel.
                     let y = mat.forward(&x, m).unwrap();
                     for (g, s) in y.iter().zip(&scalar) {
                         assert_eq!(g.to_bits(), s.to_bits(), "forward {g} vs {s}");
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn packing_round_trips_every_block() {
+        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let (n, k) = (21, 64);
+            let w = Tensor::from_vec(random(n * k, 19), (n, k), &Device::Cpu).unwrap();
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let raw = q.data().unwrap().into_owned();
+            let mat = QMat::from_qtensor(q).unwrap();
+            let QMat::Own { kind, .. } = &mat else {
+                panic!("{dtype:?} has no kernel")
+            };
+            let bb = kind.block_bytes();
+            let mut blk = vec![0u8; bb];
+            for j in 0..n {
+                for b in 0..k / QK {
+                    mat.raw_block(j, b, &mut blk);
+                    assert_eq!(blk, raw[(j * k / QK + b) * bb..][..bb], "{dtype:?} {j} {b}");
                 }
             }
         }
