@@ -59,6 +59,10 @@ struct Args {
     /// Only the concurrency figure (skips the others).
     #[arg(long)]
     concurrency_only: bool,
+    /// The numbers of concurrent sequences of the concurrency figure; its ratios are to the
+    /// first.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
+    streams: Vec<usize>,
 }
 
 /// Aggregate decode throughput of `n` sequences advanced together, one batched decode step
@@ -70,9 +74,10 @@ fn concurrent_decode(
     prompt: &[u32],
     steps: usize,
     runs: usize,
+    streams: &[usize],
 ) -> anyhow::Result<()> {
     let mut single = None;
-    for n in [1usize, 4, 8] {
+    for &n in streams {
         let mut rates = Vec::new();
         for _ in 0..runs {
             let mut seqs = Vec::new();
@@ -97,9 +102,13 @@ fn concurrent_decode(
         let rate = median(rates);
         let base = *single.get_or_insert(rate);
         println!(
-            "smollm2 decode, {n} concurrent sequences: {rate:.1} tok/s aggregate, {:.2}x one \
-             sequence (median of {runs}, {steps} steps each)",
-            rate / base
+            "smollm2 decode, {n} concurrent sequences: {rate:.1} tok/s aggregate, {:.2}x {} \
+             (median of {runs}, {steps} steps each)",
+            rate / base,
+            match streams[0] {
+                1 => "one sequence".to_string(),
+                first => format!("{first} sequences"),
+            }
         );
     }
     Ok(())
@@ -163,7 +172,7 @@ fn main() -> anyhow::Result<()> {
             let bench = g
                 .tokenizer
                 .encode(smol["bench_prompt"].as_str().unwrap(), true)?;
-            return concurrent_decode(&g, &bench, args.concurrent_steps, args.runs);
+            return concurrent_decode(&g, &bench, args.concurrent_steps, args.runs, &args.streams);
         }
         for p in smol["prompts"].as_array().unwrap() {
             let ids = ids_of(&p["prompt_token_ids"]);
@@ -259,7 +268,7 @@ fn main() -> anyhow::Result<()> {
                 );
             }
         }
-        concurrent_decode(&g, &bench, args.concurrent_steps, args.runs)?;
+        concurrent_decode(&g, &bench, args.concurrent_steps, args.runs, &args.streams)?;
     }
     if let Some(dir) = &args.minilm {
         let t0 = Instant::now();
