@@ -18,10 +18,11 @@
 //! **Arithmetic.** Every activation row is quantised to 8 bits per block of 32 as llama.cpp's
 //! `quantize_row_q8_1` does (scale `d_x = max|x| / 127`, rounded half to even, `d_x` and
 //! `s_x = d_x·Σq` held as f16 values). One output is then, over the blocks in order,
-//! `acc = fma(Σ q_w q_x, d_w·d_x, acc)` and for Q4_1 `acc = fma(m_w, s_x, acc)`: the sum
-//! within a block is exact in integers, and the f32 steps have one defined order, so the
-//! AVX-512, AVX2 and plain Rust kernels give the same bits on every CPU — the greedy tokens
-//! of a model do not depend on the machine (the tests assert equal bits).
+//! `acc = fma(Σ q_w q_x, d_w·d_x, acc)` and for Q4_1 `acc_m = fma(m_w, s_x, acc_m)`, the output
+//! `acc + acc_m` (the offsets apart, as llama.cpp sums its `summs` apart). The sum within a
+//! block is exact in integers, and the f32 steps have one defined order, so the AVX-512, AVX2
+//! and plain Rust kernels give the same bits on every CPU — the greedy tokens of a model do not
+//! depend on the machine (the tests assert equal bits).
 //!
 //! Other weight types (the K-quants, f16, f32) go through candle's `QMatMul` unchanged.
 
@@ -511,7 +512,8 @@ fn tile_times_acts(
 
 /// The portable kernel, and the definition the SIMD ones follow bit for bit: for each of the
 /// tile's rows, over the blocks in order, the exact integer sum of the block's products, then
-/// `acc = fma(sum, d_w·d_x, acc)` and for Q4_1 `acc = fma(m_w, s_x, acc)`.
+/// `acc = fma(sum, d_w·d_x, acc)` and for Q4_1 `acc_m = fma(m_w, s_x, acc_m)`; the output is
+/// `acc + acc_m`.
 fn scalar_tile(kind: Kind, w: &[u8], acts: &Acts, row: usize) -> [f32; ROWS] {
     let nb = acts.k / QK;
     let tb = ROWS * kind.block_bytes();
