@@ -9,8 +9,10 @@
 //! into another. Everything between the products is plain loops over `Vec<f32>` (no candle
 //! tensors), and the whole pass runs inside one rayon pool.
 //!
-//! The KV cache is a plain `Vec<f32>` per layer, laid out `[position][kv_head][head_dim]`:
-//! appending a token is an `extend_from_slice`, not a copy of the whole cache. Every new row,
+//! The KV cache is two plain `Vec<f16>` per layer: the values laid out
+//! `[position][kv_head][head_dim]`, the keys transposed in blocks of 16 positions
+//! ([`kernels::KEY_BLOCK`]), so that the scores of 16 positions come out of one register.
+//! Appending a token writes its row (into the last block), not a copy of the whole cache. Every new row,
 //! of a prompt or a decode step, attends to its sequence's cache up to its own position, in
 //! tasks of (row, kv head, part of the positions) across the threads ([`kernels`]), so a
 //! prompt needs no mask and sequences of different lengths no padding.
@@ -27,7 +29,9 @@ use rayon::prelude::*;
 
 use super::qmatmul::QMat;
 use crate::error::{Error, Result};
-use kernels::{ATTEND_CHUNK, attend_dyn, attend_part, merge_parts, silu_mul};
+use kernels::{
+    ATTEND_CHUNK, attend_dyn, attend_part, key_cache_len, merge_parts, push_key, silu_mul,
+};
 
 mod kernels;
 
@@ -88,7 +92,7 @@ impl KvCache {
 
     fn truncate(&mut self, len: usize, kv_dim: usize) {
         for (k, v) in self.layers.iter_mut() {
-            k.truncate(len * kv_dim);
+            k.truncate(key_cache_len(len, kv_dim));
             v.truncate(len * kv_dim);
         }
         self.len = len;
@@ -311,7 +315,7 @@ impl Weights {
                     self.rope(qr, pos0 + t);
                     key.copy_from_slice(&r[q_dim..q_dim + kv_dim]);
                     self.rope(&mut key, pos0 + t);
-                    kc.extend(key.iter().map(|v| f16::from_f32(*v)));
+                    push_key(kc, pos0 + t, &key);
                     vc.extend(r[q_dim + kv_dim..].iter().map(|v| f16::from_f32(*v)));
                 }
                 row += tokens.len();

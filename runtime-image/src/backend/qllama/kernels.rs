@@ -53,10 +53,43 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// Positions per decode-attention task: a long cache is split so that the threads share the
 /// work of one sequence's few kv heads evenly (flash-decoding); the parts are merged after.
+/// A multiple of [`KEY_BLOCK`], so that every task starts on a block of keys.
 pub(super) const ATTEND_CHUNK: usize = 128;
 
+/// Positions per block of the key cache. The keys are kept transposed in blocks: per block of
+/// `KEY_BLOCK` positions and per key value (kv head × head dimension), the block's positions
+/// side by side. One 16-float register then holds one dimension of sixteen keys, and a block's
+/// scores come out of FMAs lane by lane, with no sum across the lanes of a register. (The
+/// values stay `[position][kv_head][head_dim]`: the weighted sum reads them a position at a
+/// time.)
+pub(super) const KEY_BLOCK: usize = 16;
+
+/// The length of a key cache holding `len` positions: whole blocks.
+pub(super) fn key_cache_len(len: usize, kv_dim: usize) -> usize {
+    len.div_ceil(KEY_BLOCK) * KEY_BLOCK * kv_dim
+}
+
+/// Where value `j` (`kv_head · head_dim + dimension`) of position `p`'s key lies in the key cache.
+pub(super) fn key_at(p: usize, j: usize, kv_dim: usize) -> usize {
+    p / KEY_BLOCK * KEY_BLOCK * kv_dim + j * KEY_BLOCK + p % KEY_BLOCK
+}
+
+/// Stores the key of position `p` (all kv heads, `kv_dim` values) in the key cache `kc`,
+/// growing it by a block of zeros where `p` starts one. Positions after `p` in its block keep
+/// what they held (zeros, or keys of a sequence since cut back); attention never reads them.
+pub(super) fn push_key(kc: &mut Vec<f16>, p: usize, key: &[f32]) {
+    let kv_dim = key.len();
+    let need = key_cache_len(p + 1, kv_dim);
+    if kc.len() < need {
+        kc.resize(need, f16::ZERO);
+    }
+    for (j, v) in key.iter().enumerate() {
+        kc[key_at(p, j, kv_dim)] = f16::from_f32(*v);
+    }
+}
+
 /// Part of the decode attention of the query heads `qg` (`n_rep` heads of `HD` values, all
-/// reading kv head `g`): positions `p0..p1` of the cache. Writes into `part`, per head, the
+/// reading kv head `g`): positions `p0..p1` of the cache (`p0` a multiple of [`KEY_BLOCK`]). Writes into `part`, per head, the
 /// largest score, then per head the sum of `exp(score − largest)`, then per head the values
 /// weighted by those exponentials (not yet divided by the sum): `n_rep · (2 + HD)` floats.
 pub(super) fn attend_part<const HD: usize>(
@@ -72,8 +105,10 @@ pub(super) fn attend_part<const HD: usize>(
     assert!(
         HD.is_multiple_of(16)
             && span.0 < span.1
+            && span.0.is_multiple_of(KEY_BLOCK)
             && span.1 - span.0 <= ATTEND_CHUNK
-            && span.1 * kv_dim <= kc.len().min(vc.len())
+            && key_cache_len(span.1, kv_dim) <= kc.len()
+            && span.1 * kv_dim <= vc.len()
             && (g + 1) * HD <= kv_dim
             && part.len() == n_rep * (2 + HD),
         "attention part out of bounds"
@@ -128,9 +163,8 @@ pub(super) fn attend_dyn(
     for (qh, o) in qg.chunks_exact(hd).zip(out.chunks_exact_mut(hd)) {
         let mut sc: Vec<f32> = (0..len)
             .map(|p| {
-                let k: Vec<f32> = kc[p * kv_dim + g * hd..][..hd]
-                    .iter()
-                    .map(|v| v.to_f32())
+                let k: Vec<f32> = (0..hd)
+                    .map(|d| kc[key_at(p, g * hd + d, kv_dim)].to_f32())
                     .collect();
                 dot(qh, &k) * scale
             })
@@ -154,6 +188,8 @@ pub(super) fn attend_dyn(
 mod lanes {
     use half::f16;
     use half::slice::HalfFloatSliceExt;
+
+    use super::key_at;
 
     /// Sixteen lanes.
     pub(super) type L = [f32; 16];
@@ -223,18 +259,38 @@ mod lanes {
         let padded = len.next_multiple_of(16);
         // scores[r * padded + i]: head r, position p0 + i; then its exponential.
         let mut scores = vec![0f32; n_rep * padded];
-        let mut k = [0f32; HD];
-        for i in 0..len {
-            kc[(p0 + i) * kv_dim + g * HD..][..HD].convert_to_f32_slice(&mut k);
+        // One block of keys in f32, `[dimension][position in the block]`.
+        let mut kb = [0f32; 128 * 16];
+        let kb = &mut kb[..HD * 16];
+        for blk in 0..padded / 16 {
+            let at = key_at(p0 + 16 * blk, g * HD, kv_dim);
+            kc[at..][..HD * 16].convert_to_f32_slice(kb);
             for r in 0..n_rep {
                 let q = &qg[r * HD..][..HD];
-                let mut acc: L = [0.0; 16];
-                for (qc, kc) in q.chunks_exact(16).zip(k.chunks_exact(16)) {
-                    for l in 0..16 {
-                        acc[l] = qc[l].mul_add(kc[l], acc[l]);
+                // The score of position s is the dot product of q with its key summed as
+                // `reduce` sums the 16 lanes of `acc[l] = fma(q[16c + l], k[16c + l], acc[l])`
+                // over c: here lane l of that sum is `a` (l < 8) or `b` (l + 8), for 16
+                // positions side by side.
+                let mut h = [[0f32; 16]; 8];
+                for (i, h) in h.iter_mut().enumerate() {
+                    let (mut a, mut b): (L, L) = ([0.0; 16], [0.0; 16]);
+                    for c in 0..HD / 16 {
+                        let (qa, qb) = (q[16 * c + i], q[16 * c + i + 8]);
+                        let ka = &kb[(16 * c + i) * 16..][..16];
+                        let kb = &kb[(16 * c + i + 8) * 16..][..16];
+                        for s in 0..16 {
+                            a[s] = qa.mul_add(ka[s], a[s]);
+                            b[s] = qb.mul_add(kb[s], b[s]);
+                        }
+                    }
+                    for s in 0..16 {
+                        h[s] = a[s] + b[s];
                     }
                 }
-                scores[r * padded + i] = reduce(&acc) * scale;
+                for s in 0..16 {
+                    let q: [f32; 4] = std::array::from_fn(|i| h[i + 4][s] + h[i][s]);
+                    scores[r * padded + 16 * blk + s] = ((q[0] + q[2]) + (q[1] + q[3])) * scale;
+                }
             }
         }
         let (stats, out) = part.split_at_mut(2 * n_rep);
@@ -302,6 +358,7 @@ mod avx512 {
 
     use half::f16;
 
+    use super::key_at;
     use super::lanes::{EXP_MAX, EXP_MIN, EXP_POLY, LN2_HI, LN2_LO};
 
     /// [`super::lanes::reduce`].
@@ -384,22 +441,38 @@ mod avx512 {
         let padded = len.next_multiple_of(16);
         let mut scores = vec![0f32; n_rep * padded];
         let (kp, vp, qp, sp) = (kc.as_ptr(), vc.as_ptr(), qg.as_ptr(), scores.as_mut_ptr());
-        // A key is converted from f16 once for all the query heads that read it.
-        let mut key = [_mm512_setzero_ps(); 8];
-        assert!(HD <= 16 * key.len(), "head size {HD}");
-        for i in 0..len {
-            let k = unsafe { kp.add((p0 + i) * kv_dim + g * HD) };
-            for (c, kr) in key.iter_mut().enumerate().take(HD / 16) {
-                *kr =
-                    _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(k.add(16 * c) as *const __m256i) });
+        // A block of keys is converted from f16 once for all the query heads that read it:
+        // `kb[d]` holds dimension d of the block's sixteen positions.
+        let mut kb = [_mm512_setzero_ps(); 128];
+        assert!(HD <= kb.len(), "head size {HD}");
+        for blk in 0..padded / 16 {
+            let k = unsafe { kp.add(key_at(p0 + 16 * blk, g * HD, kv_dim)) };
+            // The cache is read once per step from far memory (tens of MB over the batch):
+            // the next block's keys are fetched while this one's scores are computed.
+            let next = k.wrapping_add(16 * kv_dim);
+            for line in (0..16 * HD).step_by(32) {
+                _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(line) as *const i8);
+            }
+            for (d, kd) in kb.iter_mut().enumerate().take(HD) {
+                *kd =
+                    _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(k.add(16 * d) as *const __m256i) });
             }
             for r in 0..n_rep {
-                let mut acc = _mm512_setzero_ps();
-                for (c, kr) in key.iter().enumerate().take(HD / 16) {
-                    let qv = unsafe { _mm512_loadu_ps(qp.add(r * HD + 16 * c)) };
-                    acc = _mm512_fmadd_ps(qv, *kr, acc);
+                let q = unsafe { qp.add(r * HD) };
+                let mut h = [_mm512_setzero_ps(); 8];
+                for (i, h) in h.iter_mut().enumerate() {
+                    let (mut a, mut b) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+                    for c in 0..HD / 16 {
+                        let (qa, qb) = unsafe { (*q.add(16 * c + i), *q.add(16 * c + i + 8)) };
+                        a = _mm512_fmadd_ps(_mm512_set1_ps(qa), kb[16 * c + i], a);
+                        b = _mm512_fmadd_ps(_mm512_set1_ps(qb), kb[16 * c + i + 8], b);
+                    }
+                    *h = _mm512_add_ps(a, b);
                 }
-                unsafe { *sp.add(r * padded + i) = reduce(acc) * scale };
+                let q: [__m512; 4] = std::array::from_fn(|i| _mm512_add_ps(h[i + 4], h[i]));
+                let sum = _mm512_add_ps(_mm512_add_ps(q[0], q[2]), _mm512_add_ps(q[1], q[3]));
+                let s = _mm512_mul_ps(sum, _mm512_set1_ps(scale));
+                unsafe { _mm512_storeu_ps(sp.add(r * padded + 16 * blk), s) };
             }
         }
         let (stats, out) = part.split_at_mut(2 * n_rep);
@@ -429,22 +502,69 @@ mod avx512 {
             }
             stats[r] = max;
             stats[n_rep + r] = reduce(sum);
-            // The values weighted by the exponentials, up to four registers at a time.
-            let o_ptr = unsafe { out.as_mut_ptr().add(r * HD) };
-            for c in (0..HD).step_by(64) {
-                let mut o = [_mm512_setzero_ps(); 4];
-                let width = ((HD - c) / 16).min(4);
-                for i in 0..len {
-                    let w = _mm512_set1_ps(unsafe { *row.add(i) });
-                    let v = unsafe { vp.add((p0 + i) * kv_dim + g * HD + c) };
-                    for (j, o) in o.iter_mut().enumerate().take(width) {
-                        let vj = unsafe { _mm256_loadu_si256(v.add(16 * j) as *const __m256i) };
-                        *o = _mm512_fmadd_ps(w, _mm512_cvtph_ps(vj), *o);
-                    }
+        }
+        // The values weighted by the exponentials: 64 dimensions of up to four heads at a
+        // time, so that a position's values are read and converted once for them all.
+        let o_ptr = out.as_mut_ptr();
+        for c in (0..HD).step_by(64) {
+            for r0 in (0..n_rep).step_by(4) {
+                match n_rep - r0 {
+                    1 => unsafe {
+                        weigh_values::<HD, 1>(vp, sp, o_ptr, (g, c, r0), kv_dim, p0, len, padded)
+                    },
+                    2 => unsafe {
+                        weigh_values::<HD, 2>(vp, sp, o_ptr, (g, c, r0), kv_dim, p0, len, padded)
+                    },
+                    3 => unsafe {
+                        weigh_values::<HD, 3>(vp, sp, o_ptr, (g, c, r0), kv_dim, p0, len, padded)
+                    },
+                    _ => unsafe {
+                        weigh_values::<HD, 4>(vp, sp, o_ptr, (g, c, r0), kv_dim, p0, len, padded)
+                    },
                 }
-                for (j, o) in o.iter().enumerate().take(width) {
-                    unsafe { _mm512_storeu_ps(o_ptr.add(c + 16 * j), *o) };
+            }
+        }
+    }
+
+    /// Heads `r0..r0 + NR` of [`attend_part`]'s weighted values, dimensions `c..c + 64` (or
+    /// to `HD`): `o = fma(w_i, v_i, o)` over the positions in order, as the lane code does
+    /// per head.
+    ///
+    /// # Safety
+    /// As [`attend_part`]'s; `sp` holds the heads' weights (`padded` per head), `o_ptr` their
+    /// outputs (`HD` per head).
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx2")]
+    unsafe fn weigh_values<const HD: usize, const NR: usize>(
+        vp: *const f16,
+        sp: *const f32,
+        o_ptr: *mut f32,
+        (g, c, r0): (usize, usize, usize),
+        kv_dim: usize,
+        p0: usize,
+        len: usize,
+        padded: usize,
+    ) {
+        let width = ((HD - c) / 16).min(4);
+        let mut o = [[_mm512_setzero_ps(); 4]; NR];
+        for i in 0..len {
+            let v = unsafe { vp.add((p0 + i) * kv_dim + g * HD + c) };
+            _mm_prefetch::<_MM_HINT_T0>(v.wrapping_add(8 * kv_dim) as *const i8);
+            let mut vv = [_mm512_setzero_ps(); 4];
+            for (j, vv) in vv.iter_mut().enumerate().take(width) {
+                *vv =
+                    _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(v.add(16 * j) as *const __m256i) });
+            }
+            for (r, o) in o.iter_mut().enumerate() {
+                let w = _mm512_set1_ps(unsafe { *sp.add((r0 + r) * padded + i) });
+                for (o, vv) in o.iter_mut().zip(&vv).take(width) {
+                    *o = _mm512_fmadd_ps(w, *vv, *o);
                 }
+            }
+        }
+        for (r, o) in o.iter().enumerate() {
+            for (j, o) in o.iter().enumerate().take(width) {
+                unsafe { _mm512_storeu_ps(o_ptr.add((r0 + r) * HD + c + 16 * j), *o) };
             }
         }
     }
@@ -458,6 +578,17 @@ mod tests {
         values(n, seed).into_iter().map(f16::from_f32).collect()
     }
 
+    /// The key cache of `keys` (`[position][kv_dim]`), as the forward pass builds it.
+    fn blocked(keys: &[f16], kv_dim: usize) -> Vec<f16> {
+        let mut kc = Vec::new();
+        for (p, key) in keys.chunks_exact(kv_dim).enumerate() {
+            let key: Vec<f32> = key.iter().map(|v| v.to_f32()).collect();
+            push_key(&mut kc, p, &key);
+        }
+        assert_eq!(kc.len(), key_cache_len(keys.len() / kv_dim, kv_dim));
+        kc
+    }
+
     fn values(n: usize, seed: u32) -> Vec<f32> {
         (0..n)
             .map(|i| {
@@ -467,6 +598,40 @@ mod tests {
             .collect()
     }
 
+    /// A key cache cut back (a failed step) and grown again holds the new keys where the old
+    /// ones were, and the old keys before the cut.
+    #[test]
+    fn a_cut_back_key_cache_takes_new_keys_in_place() {
+        let kv_dim = 8;
+        let (old, new) = (halves(40 * kv_dim, 1), halves(40 * kv_dim, 2));
+        for cut in [0, 5, 16, 17] {
+            let mut kc = blocked(&old, kv_dim);
+            kc.truncate(key_cache_len(cut, kv_dim));
+            for p in cut..40 {
+                let key: Vec<f32> = new[p * kv_dim..][..kv_dim]
+                    .iter()
+                    .map(|v| v.to_f32())
+                    .collect();
+                push_key(&mut kc, p, &key);
+            }
+            assert_eq!(kc.len(), key_cache_len(40, kv_dim));
+            for p in 0..40 {
+                for j in 0..kv_dim {
+                    let want = if p < cut {
+                        old[p * kv_dim + j]
+                    } else {
+                        new[p * kv_dim + j]
+                    };
+                    assert_eq!(
+                        kc[key_at(p, j, kv_dim)],
+                        want,
+                        "cut {cut} position {p} [{j}]"
+                    );
+                }
+            }
+        }
+    }
+
     /// The split decode attention (parts of `ATTEND_CHUNK` positions merged after) equals the
     /// one-pass attention of every position, for a cache shorter and longer than a part.
     #[test]
@@ -474,7 +639,7 @@ mod tests {
         let (hd, n_kv, n_rep) = (64, 3, 3);
         let kv_dim = n_kv * hd;
         for len in [1, 7, ATTEND_CHUNK, 3 * ATTEND_CHUNK + 5] {
-            let kc = halves(len * kv_dim, 1);
+            let kc = blocked(&halves(len * kv_dim, 1), kv_dim);
             let vc = halves(len * kv_dim, 2);
             let qg: Vec<f32> = values(n_rep * hd, 3).iter().map(|v| v * 4.0).collect();
             for g in 0..n_kv {
@@ -508,10 +673,11 @@ mod tests {
                 let n_kv = 2;
                 let kv_dim = n_kv * HD;
                 let len = 300;
-                let kc = halves(len * kv_dim, 5);
+                let keys = halves(len * kv_dim, 5);
+                let kc = blocked(&keys, kv_dim);
                 let vc = halves(len * kv_dim, 6);
                 let qg: Vec<f32> = values(n_rep * HD, 7).iter().map(|v| v * 3.0).collect();
-                for span in [(0, 1), (5, 12), (0, 16), (17, 145), (172, 300)] {
+                for span in [(0, 1), (16, 23), (0, 16), (32, 160), (176, 300)] {
                     for g in 0..n_kv {
                         let stride = n_rep * (2 + HD);
                         let mut want = vec![0f32; stride];
@@ -521,7 +687,7 @@ mod tests {
                             let q = &qg[r * HD..][..HD];
                             let sc: Vec<f64> = (span.0..span.1)
                                 .map(|p| {
-                                    let k = &kc[p * kv_dim + g * HD..][..HD];
+                                    let k = &keys[p * kv_dim + g * HD..][..HD];
                                     q.iter()
                                         .zip(k)
                                         .map(|(a, b)| *a as f64 * b.to_f64())
