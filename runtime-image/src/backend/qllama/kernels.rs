@@ -269,26 +269,28 @@ mod lanes {
                 let q = &qg[r * HD..][..HD];
                 // The score of position s is the dot product of q with its key summed as
                 // `reduce` sums the 16 lanes of `acc[l] = fma(q[16c + l], k[16c + l], acc[l])`
-                // over c: here lane l of that sum is `a` (l < 8) or `b` (l + 8), for 16
-                // positions side by side.
-                let mut h = [[0f32; 16]; 8];
-                for (i, h) in h.iter_mut().enumerate() {
-                    let (mut a, mut b): (L, L) = ([0.0; 16], [0.0; 16]);
+                // over c; here `lane(l)` is that lane for 16 positions side by side, and
+                // `quarter[i]` is `reduce`'s `q[i] = h[i + 4] + h[i]`, `h[i] = x[i] + x[i + 8]`.
+                let lane = |l: usize| -> L {
+                    let mut acc: L = [0.0; 16];
                     for c in 0..HD / 16 {
-                        let (qa, qb) = (q[16 * c + i], q[16 * c + i + 8]);
-                        let ka = &kb[(16 * c + i) * 16..][..16];
-                        let kb = &kb[(16 * c + i + 8) * 16..][..16];
+                        let qv = q[16 * c + l];
+                        let k = &kb[(16 * c + l) * 16..][..16];
                         for s in 0..16 {
-                            a[s] = qa.mul_add(ka[s], a[s]);
-                            b[s] = qb.mul_add(kb[s], b[s]);
+                            acc[s] = qv.mul_add(k[s], acc[s]);
                         }
                     }
+                    acc
+                };
+                let mut quarter = [[0f32; 16]; 4];
+                for (i, quarter) in quarter.iter_mut().enumerate() {
+                    let (x0, x8, x4, x12) = (lane(i), lane(i + 8), lane(i + 4), lane(i + 12));
                     for s in 0..16 {
-                        h[s] = a[s] + b[s];
+                        quarter[s] = (x4[s] + x12[s]) + (x0[s] + x8[s]);
                     }
                 }
                 for s in 0..16 {
-                    let q: [f32; 4] = std::array::from_fn(|i| h[i + 4][s] + h[i][s]);
+                    let q = [0, 1, 2, 3].map(|i| quarter[i][s]);
                     scores[r * padded + 16 * blk + s] = ((q[0] + q[2]) + (q[1] + q[3])) * scale;
                 }
             }
