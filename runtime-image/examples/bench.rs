@@ -68,7 +68,10 @@ struct Args {
 /// Aggregate decode throughput of `n` sequences advanced together, one batched decode step
 /// per round (`CausalLm::decode_batch`, as the engine's running batch calls it). Sequence `i`
 /// starts from the first `32 + 8 i` tokens of `prompt`, so that the batch holds sequences of
-/// different lengths; only the decode rounds are timed.
+/// different lengths; only the decode rounds are timed. The sequence counts take turns within
+/// each run (1, 4, 8, 1, 4, 8, …), so that a change in the machine's speed during the
+/// measurement (this shared machine's moves by a quarter from minute to minute) falls on all
+/// of them rather than on the ratios.
 fn concurrent_decode(
     g: &kandle_runtime::model::GenerationModel,
     prompt: &[u32],
@@ -76,10 +79,9 @@ fn concurrent_decode(
     runs: usize,
     streams: &[usize],
 ) -> anyhow::Result<()> {
-    let mut single = None;
-    for &n in streams {
-        let mut rates = Vec::new();
-        for _ in 0..runs {
+    let mut rates = vec![Vec::new(); streams.len()];
+    for _ in 0..runs {
+        for (&n, rates) in streams.iter().zip(rates.iter_mut()) {
             let mut seqs = Vec::new();
             let mut tokens = Vec::new();
             for i in 0..n {
@@ -99,11 +101,14 @@ fn concurrent_decode(
             }
             rates.push((n * steps) as f64 / t.elapsed().as_secs_f64());
         }
+    }
+    let mut single = None;
+    for (&n, rates) in streams.iter().zip(rates) {
         let rate = median(rates);
         let base = *single.get_or_insert(rate);
         println!(
             "smollm2 decode, {n} concurrent sequences: {rate:.1} tok/s aggregate, {:.2}x {} \
-             (median of {runs}, {steps} steps each)",
+             (median of {runs}, {steps} steps each, the counts in turn)",
             rate / base,
             match streams[0] {
                 1 => "one sequence".to_string(),
