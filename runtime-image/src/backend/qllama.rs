@@ -12,10 +12,10 @@
 //! The KV cache is two plain `Vec<f16>` per layer: the values laid out
 //! `[position][kv_head][head_dim]`, the keys transposed in blocks of 16 positions
 //! ([`kernels::KEY_BLOCK`]), so that the scores of 16 positions come out of one register.
-//! Appending a token writes its row (into the last block), not a copy of the whole cache. Every new row,
-//! of a prompt or a decode step, attends to its sequence's cache up to its own position, in
-//! tasks of (row, kv head, part of the positions) across the threads ([`kernels`]), so a
-//! prompt needs no mask and sequences of different lengths no padding.
+//! Appending a token writes its row (into the last block), not a copy of the whole cache.
+//! Every new row, of a prompt or a decode step, attends to its sequence's cache up to its own
+//! position, in tasks of (row, kv head, part of the positions) across the threads
+//! ([`kernels`]), so a prompt needs no mask and sequences of different lengths no padding.
 //!
 //! Every instruction set gives the same bits (the kernels sum in one fixed order), so a model's
 //! outputs do not depend on the CPU it runs on.
@@ -76,7 +76,7 @@ pub(super) struct Weights {
 /// A sequence's keys and values of one layer, and the positions they hold.
 type KvView<'a> = (&'a [f16], &'a [f16], usize);
 
-/// One sequence's keys and values: per layer, `[position][kv_head][head_dim]`, in f16 as
+/// One sequence's keys and values: per layer, laid out as the module doc says, in f16 as
 /// llama.cpp keeps them by default (half the memory and half the reads of f32; the mean
 /// log-probability error against llama.cpp stayed at 0.098–0.101 either way).
 pub(super) struct KvCache {

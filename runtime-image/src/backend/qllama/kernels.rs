@@ -89,9 +89,10 @@ pub(super) fn push_key(kc: &mut Vec<f16>, p: usize, key: &[f32]) {
 }
 
 /// Part of the decode attention of the query heads `qg` (`n_rep` heads of `HD` values, all
-/// reading kv head `g`): positions `p0..p1` of the cache (`p0` a multiple of [`KEY_BLOCK`]). Writes into `part`, per head, the
-/// largest score, then per head the sum of `exp(score − largest)`, then per head the values
-/// weighted by those exponentials (not yet divided by the sum): `n_rep · (2 + HD)` floats.
+/// reading kv head `g`): positions `p0..p1` of the cache (`p0` a multiple of [`KEY_BLOCK`]).
+/// Writes into `part`, per head, the largest score, then per head the sum of
+/// `exp(score − largest)`, then per head the values weighted by those exponentials (not yet
+/// divided by the sum): `n_rep · (2 + HD)` floats.
 pub(super) fn attend_part<const HD: usize>(
     qg: &[f32],
     g: usize,
