@@ -382,6 +382,11 @@ impl QMat {
 /// The instruction sets our kernels come in, best first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Isa {
+    /// AVX-512 below, and AMX's tile unit for the encoders' f32 products
+    /// ([`super::encoder::packed`]). Only a `KANDLE_ISA` limit: the quantised kernels here
+    /// stay on AVX-512 ([`Isa::detect`] never gives this), because AMX measured slower for
+    /// them (runtime-image/README.md).
+    Amx,
     /// AVX-512 (F, BW, VL) with VNNI: two blocks per 512-bit register, `vpdpbusd`.
     Avx512Vnni,
     /// AVX2 + FMA + F16C (x86-64-v3): one block per 256-bit register.
@@ -397,8 +402,8 @@ impl Isa {
         *ISA.get_or_init(|| Isa::best().min(Isa::cap()))
     }
 
-    /// The best instruction set `KANDLE_ISA` allows (`avx512`, `avx2` or `scalar`; unset: no
-    /// limit), read once. It is there to measure and test the other kernels on a CPU that
+    /// The best instruction set `KANDLE_ISA` allows (`amx`, `avx512`, `avx2` or `scalar`;
+    /// unset: no limit), read once. It is there to measure and test the other kernels on a CPU that
     /// runs better ones; a value it does not know is ignored with a warning.
     pub(super) fn cap() -> Isa {
         static CAP: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
@@ -406,17 +411,18 @@ impl Isa {
             let value = std::env::var("KANDLE_ISA").unwrap_or_default();
             Isa::parse_cap(&value).unwrap_or_else(|| {
                 tracing::warn!(
-                    "KANDLE_ISA={value:?} is not one of avx512, avx2, scalar: not limiting the \
-                     kernels"
+                    "KANDLE_ISA={value:?} is not one of amx, avx512, avx2, scalar: not limiting \
+                     the kernels"
                 );
-                Isa::Avx512Vnni
+                Isa::Amx
             })
         })
     }
 
     fn parse_cap(value: &str) -> Option<Isa> {
         match value.trim().to_ascii_lowercase().as_str() {
-            "" | "avx512" => Some(Isa::Avx512Vnni),
+            "" | "amx" => Some(Isa::Amx),
+            "avx512" => Some(Isa::Avx512Vnni),
             "avx2" => Some(Isa::Avx2),
             "scalar" => Some(Isa::Scalar),
             _ => None,
@@ -429,6 +435,7 @@ impl Isa {
             Isa::Scalar => 0,
             Isa::Avx2 => 1,
             Isa::Avx512Vnni => 2,
+            Isa::Amx => 3,
         };
         if rank(self) <= rank(other) {
             self
@@ -905,7 +912,9 @@ mod tests {
     /// The instruction sets this CPU runs (the tests cover each one present).
     #[test]
     fn isa_cap_parses_and_limits() {
-        assert_eq!(Isa::parse_cap(""), Some(Isa::Avx512Vnni));
+        assert_eq!(Isa::parse_cap(""), Some(Isa::Amx));
+        assert_eq!(Isa::parse_cap("avx512"), Some(Isa::Avx512Vnni));
+        assert_eq!(Isa::Amx.min(Isa::Avx512Vnni), Isa::Avx512Vnni);
         assert_eq!(Isa::parse_cap(" AVX2 "), Some(Isa::Avx2));
         assert_eq!(Isa::parse_cap("scalar"), Some(Isa::Scalar));
         assert_eq!(Isa::parse_cap("sse"), None);
@@ -916,7 +925,7 @@ mod tests {
 
     fn isas() -> Vec<Isa> {
         match Isa::detect() {
-            Isa::Avx512Vnni => vec![Isa::Avx512Vnni, Isa::Avx2, Isa::Scalar],
+            Isa::Amx | Isa::Avx512Vnni => vec![Isa::Avx512Vnni, Isa::Avx2, Isa::Scalar],
             Isa::Avx2 => vec![Isa::Avx2, Isa::Scalar],
             Isa::Scalar => vec![Isa::Scalar],
         }

@@ -25,6 +25,9 @@ const MB: usize = 96;
 /// The packed kernels, best first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kernel {
+    /// AMX's tile unit ([`amx`]) for packed weights whose sizes fit its tiles; AVX-512 for
+    /// the rest and for [`gemm_acc`].
+    Amx,
     Avx512,
     Avx2,
 }
@@ -37,7 +40,11 @@ impl Kernel {
             use crate::backend::qmatmul::Isa;
             use std::arch::is_x86_feature_detected as has;
             let cap = Isa::cap();
-            if has!("avx512f") && cap == Isa::Avx512Vnni {
+            #[cfg(target_os = "linux")]
+            if has!("avx512f") && cap == Isa::Amx && amx::available() {
+                return Some(Kernel::Amx);
+            }
+            if has!("avx512f") && matches!(cap, Isa::Amx | Isa::Avx512Vnni) {
                 return Some(Kernel::Avx512);
             }
             if has!("avx2") && has!("fma") && cap != Isa::Scalar {
@@ -52,6 +59,7 @@ impl Kernel {
 #[cfg(test)]
 pub(crate) fn kernels_here() -> Vec<Kernel> {
     match Kernel::detect() {
+        Some(Kernel::Amx) => vec![Kernel::Amx, Kernel::Avx512, Kernel::Avx2],
         Some(Kernel::Avx512) => vec![Kernel::Avx512, Kernel::Avx2],
         Some(Kernel::Avx2) => vec![Kernel::Avx2],
         None => Vec::new(),
@@ -67,12 +75,31 @@ pub(crate) struct Packed {
     start: usize,
     k: usize,
     n: usize,
+    /// For [`Kernel::Amx`]: the weights as [`amx::pack`] lays them out (`data` is then empty).
+    tiles: Vec<u16>,
 }
 
 impl Packed {
     /// Packs `w` for `kernel`, which the CPU runs ([`Kernel::detect`]).
     pub(crate) fn new(w: &[f32], n: usize, k: usize, kernel: Kernel) -> Self {
         assert_eq!(w.len(), n * k);
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        if kernel == Kernel::Amx && amx::fits(n, k) {
+            return Packed {
+                kernel,
+                data: Vec::new(),
+                start: 0,
+                k,
+                n,
+                tiles: amx::pack(w, n, k),
+            };
+        }
+        // Sizes the tiles do not take run on AVX-512.
+        let kernel = if kernel == Kernel::Amx {
+            Kernel::Avx512
+        } else {
+            kernel
+        };
         let panels = n.div_ceil(NR);
         let mut data = vec![0f32; panels * k * NR + 16];
         let start = data.as_ptr().align_offset(64).min(16);
@@ -93,6 +120,7 @@ impl Packed {
             start,
             k,
             n,
+            tiles: Vec::new(),
         }
     }
 
@@ -100,6 +128,10 @@ impl Packed {
     pub(crate) fn matmul_acc(&self, x: &[f32], rows: usize, out: &mut [f32]) {
         let (k, n) = (self.k, self.n);
         assert!(x.len() >= rows * k && out.len() >= rows * n);
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        if self.kernel == Kernel::Amx {
+            return amx::matmul_acc(&self.tiles, n, k, x, rows, out);
+        }
         let panels = n.div_ceil(NR);
         let threads = rayon::current_num_threads().max(1);
         // Blocks of at most MB rows, as many as a multiple of the threads so that none idles
@@ -243,6 +275,330 @@ unsafe fn kernel_dispatch(
     {
         let _ = (which, mr, a, lda, b, ldb, k, c, ldc, cols);
         unreachable!("the packed kernel is only built for x86_64")
+    }
+}
+
+/// The products on AMX, the tile unit of Intel Xeons since Sapphire Rapids, in bf16 with f32
+/// sums, split three ways for f32 accuracy. Each f32 `v` is held as two bf16 values, `hi =
+/// bf16(v)` and `lo = bf16(v − hi)`, which together carry 16 bits of its 24; a product `x·w`
+/// is `x_hi·w_hi + x_hi·w_lo + x_lo·w_hi`, leaving out `x_lo·w_lo` and the rounding of the
+/// `lo` parts, both below 2⁻¹⁶ of the product (the "bf16x3" of oneDNN and cuBLAS). One
+/// `tdpbf16ps` does 16 × 16 × 32 of these products; three of them still do ~15× the work of
+/// an AVX-512 FMA per instruction. The sums stay in the tile registers over the whole of `k`,
+/// so the tiles go to memory once per 16 × 64 outputs.
+///
+/// Layout: weights in blocks of 16 output columns and 32 inputs, each block's `hi` then `lo`
+/// tile of 16 rows × 64 bytes in AMX's pair layout (row `i` holds inputs `2i, 2i + 1` of every
+/// column); activations converted per call into `hi` and `lo` rows padded to a multiple of 16.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+mod amx {
+    use core::arch::asm;
+    use core::arch::x86_64::*;
+    use std::cell::Cell;
+    use std::sync::OnceLock;
+
+    use rayon::prelude::*;
+
+    use crate::backend::SharedOut;
+
+    /// Inputs per tile step: 16 pairs of bf16 values.
+    const KS: usize = 32;
+    /// Output columns per tile.
+    const NT: usize = 16;
+    /// Tiles of sums per task: 64 output columns.
+    const CT: usize = 4;
+    /// Rows per tile.
+    const MT: usize = 16;
+
+    /// True when the CPU has AMX-TILE and AMX-BF16 and Linux grants the tile registers
+    /// (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, asked once per process; it
+    /// holds for all of the process's threads, and is refused before Linux 5.16).
+    pub(super) fn available() -> bool {
+        static OK: OnceLock<bool> = OnceLock::new();
+        *OK.get_or_init(|| {
+            // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
+            let edx = __cpuid_count(7, 0).edx;
+            if edx & (1 << 22) == 0 || edx & (1 << 24) == 0 {
+                return false;
+            }
+            const SYS_ARCH_PRCTL: isize = 158;
+            const ARCH_REQ_XCOMP_PERM: usize = 0x1023;
+            const XFEATURE_XTILEDATA: usize = 18;
+            let ret: isize;
+            // SAFETY: a system call that changes only the process's permission; `syscall`
+            // clobbers rcx and r11.
+            unsafe {
+                asm!(
+                    "syscall",
+                    inlateout("rax") SYS_ARCH_PRCTL => ret,
+                    in("rdi") ARCH_REQ_XCOMP_PERM,
+                    in("rsi") XFEATURE_XTILEDATA,
+                    lateout("rcx") _,
+                    lateout("r11") _,
+                    options(nostack),
+                );
+            }
+            ret == 0
+        })
+    }
+
+    /// Whether a `(n, k)` weight fits the tiles (else it stays on AVX-512).
+    pub(super) fn fits(n: usize, k: usize) -> bool {
+        n > 0 && k > 0 && n.is_multiple_of(CT * NT) && k.is_multiple_of(KS)
+    }
+
+    /// bf16 of `v`, rounded to nearest even (finite `v`).
+    fn bf16(v: f32) -> u16 {
+        let b = v.to_bits();
+        ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) as u16
+    }
+
+    /// The f32 value of a bf16.
+    fn f32_of(h: u16) -> f32 {
+        f32::from_bits((h as u32) << 16)
+    }
+
+    /// `v` as `(hi, lo)` bf16 values.
+    fn split(v: f32) -> (u16, u16) {
+        let hi = bf16(v);
+        (hi, bf16(v - f32_of(hi)))
+    }
+
+    /// `w` (`n × k`, row-major) in the layout of the module doc.
+    pub(super) fn pack(w: &[f32], n: usize, k: usize) -> Vec<u16> {
+        let steps = k / KS;
+        let mut out = vec![0u16; n * k * 2];
+        for col in 0..n {
+            let (j, c) = (col / NT, col % NT);
+            for kk in 0..k {
+                let (s, i) = (kk / KS, kk % KS);
+                let (hi, lo) = split(w[col * k + kk]);
+                let at = (j * steps + s) * 2 * MT * 32 + (i / 2) * 32 + 2 * c + i % 2;
+                out[at] = hi;
+                out[at + MT * 32] = lo;
+            }
+        }
+        out
+    }
+
+    /// Rows of `x` (`k` each) as `hi` and `lo` rows into `dst` (two rows of `k` per row).
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn convert(x: &[f32], k: usize, dst: &mut [u16]) {
+        for (row, d) in x.chunks_exact(k).zip(dst.chunks_exact_mut(2 * k)) {
+            let (hi, lo) = d.split_at_mut(k);
+            let mut i = 0;
+            while i + 16 <= k {
+                // SAFETY: 16 values at `i` of the row and of each half.
+                unsafe {
+                    let v = _mm512_loadu_si512(row.as_ptr().add(i) as *const __m512i);
+                    let h = round(v);
+                    let hf = _mm512_slli_epi32::<16>(h);
+                    let r = _mm512_castps_si512(_mm512_sub_ps(
+                        _mm512_castsi512_ps(v),
+                        _mm512_castsi512_ps(hf),
+                    ));
+                    _mm256_storeu_si256(
+                        hi.as_mut_ptr().add(i) as *mut __m256i,
+                        _mm512_cvtepi32_epi16(h),
+                    );
+                    _mm256_storeu_si256(
+                        lo.as_mut_ptr().add(i) as *mut __m256i,
+                        _mm512_cvtepi32_epi16(round(r)),
+                    );
+                }
+                i += 16;
+            }
+            for i in i..k {
+                (hi[i], lo[i]) = split(row[i]);
+            }
+        }
+    }
+
+    /// [`bf16`] of 16 f32 bit patterns, in the low halves of the lanes.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn round(v: __m512i) -> __m512i {
+        let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(v), _mm512_set1_epi32(1));
+        let up = _mm512_add_epi32(_mm512_add_epi32(v, _mm512_set1_epi32(0x7FFF)), odd);
+        _mm512_srli_epi32::<16>(up)
+    }
+
+    thread_local! {
+        static CONFIGURED: Cell<bool> = const { Cell::new(false) };
+    }
+
+    /// Configures this thread's tile registers once: all eight of 16 rows × 64 bytes; 0–3
+    /// sums, 4–5 the activations' `hi` and `lo`, 6–7 a weight block's `hi` and `lo`.
+    ///
+    /// # Safety
+    /// [`available`] gave true.
+    unsafe fn configure() {
+        if CONFIGURED.get() {
+            return;
+        }
+        #[repr(C, align(64))]
+        struct Config([u8; 64]);
+        let mut c = Config([0; 64]);
+        c.0[0] = 1; // palette 1
+        for t in 0..8 {
+            c.0[16 + 2 * t] = 64; // bytes per row, u16 little-endian
+            c.0[48 + t] = MT as u8;
+        }
+        // SAFETY: the caller's promise; a valid palette-1 configuration.
+        unsafe { asm!("ldtilecfg [{}]", in(reg) c.0.as_ptr(), options(nostack, readonly)) };
+        CONFIGURED.set(true);
+    }
+
+    /// `c` (16 rows × 64 f32, `ldc` floats apart) += 16 rows of activations `a` (`hi` row of
+    /// `k` then `lo`, `2k` apart) times the weight columns of `w` (four column blocks of the
+    /// packed layout, `steps` steps each, consecutive).
+    ///
+    /// # Safety
+    /// Tiles configured; the extents as described are valid.
+    unsafe fn block(a: *const u16, k: usize, w: *const u16, c: *mut f32, ldc: usize) {
+        let steps = k / KS;
+        let (lda, ldc_b) = (4 * k, 4 * ldc);
+        let wstride = steps * 2 * MT * 32; // u16s per column block
+        // SAFETY: the caller's.
+        unsafe {
+            asm!(
+                "tileloadd tmm0, [{c} + {ldc}*1]",
+                "tileloadd tmm1, [{c1} + {ldc}*1]",
+                "tileloadd tmm2, [{c2} + {ldc}*1]",
+                "tileloadd tmm3, [{c3} + {ldc}*1]",
+                c = in(reg) c,
+                c1 = in(reg) c.add(NT),
+                c2 = in(reg) c.add(2 * NT),
+                c3 = in(reg) c.add(3 * NT),
+                ldc = in(reg) ldc_b,
+                options(nostack),
+            );
+            for s in 0..steps {
+                let ah = a.add(s * KS);
+                let al = ah.add(k);
+                let w0 = w.add(s * 2 * MT * 32);
+                asm!(
+                    "tileloadd tmm4, [{ah} + {lda}*1]",
+                    "tileloadd tmm5, [{al} + {lda}*1]",
+                    "tileloadd tmm6, [{w0} + {s64}*1]",
+                    "tileloadd tmm7, [{w0} + {s64}*1 + 1024]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm0, tmm4, tmm7",
+                    "tdpbf16ps tmm0, tmm5, tmm6",
+                    "tileloadd tmm6, [{w1} + {s64}*1]",
+                    "tileloadd tmm7, [{w1} + {s64}*1 + 1024]",
+                    "tdpbf16ps tmm1, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tdpbf16ps tmm1, tmm5, tmm6",
+                    "tileloadd tmm6, [{w2} + {s64}*1]",
+                    "tileloadd tmm7, [{w2} + {s64}*1 + 1024]",
+                    "tdpbf16ps tmm2, tmm4, tmm6",
+                    "tdpbf16ps tmm2, tmm4, tmm7",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tileloadd tmm6, [{w3} + {s64}*1]",
+                    "tileloadd tmm7, [{w3} + {s64}*1 + 1024]",
+                    "tdpbf16ps tmm3, tmm4, tmm6",
+                    "tdpbf16ps tmm3, tmm4, tmm7",
+                    "tdpbf16ps tmm3, tmm5, tmm6",
+                    ah = in(reg) ah,
+                    al = in(reg) al,
+                    lda = in(reg) lda,
+                    w0 = in(reg) w0,
+                    w1 = in(reg) w0.add(wstride),
+                    w2 = in(reg) w0.add(2 * wstride),
+                    w3 = in(reg) w0.add(3 * wstride),
+                    s64 = in(reg) 64usize,
+                    options(nostack),
+                );
+            }
+            asm!(
+                "tilestored [{c} + {ldc}*1], tmm0",
+                "tilestored [{c1} + {ldc}*1], tmm1",
+                "tilestored [{c2} + {ldc}*1], tmm2",
+                "tilestored [{c3} + {ldc}*1], tmm3",
+                c = in(reg) c,
+                c1 = in(reg) c.add(NT),
+                c2 = in(reg) c.add(2 * NT),
+                c3 = in(reg) c.add(3 * NT),
+                ldc = in(reg) ldc_b,
+                options(nostack),
+            );
+        }
+    }
+
+    /// `out (rows × n) += x (rows × k) · Wᵀ` with `tiles` from [`pack`].
+    pub(super) fn matmul_acc(
+        tiles: &[u16],
+        n: usize,
+        k: usize,
+        x: &[f32],
+        rows: usize,
+        out: &mut [f32],
+    ) {
+        if rows == 0 {
+            return;
+        }
+        let row_blocks = rows.div_ceil(MT);
+        let mut a = vec![0u16; row_blocks * MT * 2 * k];
+        let big = rows * k * n >= 256 * 1024;
+        let conv = |(xr, d): (&[f32], &mut [u16])| {
+            // SAFETY: `available` (the caller's Kernel::Amx) implies AVX-512 F and BW.
+            unsafe { convert(xr, k, d) }
+        };
+        if big {
+            x[..rows * k]
+                .par_chunks(MT * k)
+                .zip(a.par_chunks_mut(MT * 2 * k))
+                .for_each(conv);
+        } else {
+            x[..rows * k]
+                .chunks(MT * k)
+                .zip(a.chunks_mut(MT * 2 * k))
+                .for_each(conv);
+        }
+        let quads = n / (CT * NT);
+        let quad_len = CT * (k / KS) * 2 * MT * 32;
+        let dst = SharedOut(out.as_mut_ptr());
+        // Tasks in (column quad, row block) order: a thread's run of tasks reuses one quad.
+        let task = |t: usize| {
+            let (q, rb) = (t / row_blocks, t % row_blocks);
+            let r0 = rb * MT;
+            let n_rows = (rows - r0).min(MT);
+            let w = tiles[q * quad_len..][..quad_len].as_ptr();
+            let ap = a[rb * MT * 2 * k..].as_ptr();
+            // SAFETY: `available` was true (Kernel::Amx); rows `r0..r0 + n_rows` and columns
+            // `64q..64q + 64` of `out` are this task's alone; a full block writes in place, a
+            // partial one through a 16-row buffer.
+            unsafe {
+                configure();
+                if n_rows == MT {
+                    block(ap, k, w, dst.at(r0 * n + q * CT * NT), n);
+                } else {
+                    let mut buf = [0f32; MT * CT * NT];
+                    for r in 0..n_rows {
+                        std::ptr::copy_nonoverlapping(
+                            dst.at((r0 + r) * n + q * CT * NT),
+                            buf[r * CT * NT..].as_mut_ptr(),
+                            CT * NT,
+                        );
+                    }
+                    block(ap, k, w, buf.as_mut_ptr(), CT * NT);
+                    for r in 0..n_rows {
+                        std::ptr::copy_nonoverlapping(
+                            buf[r * CT * NT..].as_ptr(),
+                            dst.at((r0 + r) * n + q * CT * NT),
+                            CT * NT,
+                        );
+                    }
+                }
+            }
+        };
+        let tasks = quads * row_blocks;
+        if big && tasks > 1 {
+            (0..tasks).into_par_iter().for_each(task);
+        } else {
+            (0..tasks).for_each(task);
+        }
     }
 }
 
@@ -500,8 +856,19 @@ mod tests {
     #[test]
     fn the_packed_product_matches_a_plain_one() {
         for kernel in kernels_here() {
-            // Odd sizes: partial row blocks, a partial last panel (n = 45), masked stores.
-            for &(rows, k, n) in &[(1, 7, 45), (13, 33, 45), (70, 64, 96), (9, 5, 16)] {
+            // Odd sizes: partial row blocks, a partial last panel (n = 45), masked stores;
+            // for AMX sizes its tiles take (n a multiple of 64, k of 32), with a partial last
+            // block of 16 rows, one row, and exactly 16 and 32 rows.
+            for &(rows, k, n) in &[
+                (1, 7, 45),
+                (13, 33, 45),
+                (70, 64, 96),
+                (9, 5, 16),
+                (70, 64, 128),
+                (1, 96, 64),
+                (16, 32, 64),
+                (32, 384, 192),
+            ] {
                 let x: Vec<f32> = (0..rows * k)
                     .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
                     .collect();
@@ -510,7 +877,17 @@ mod tests {
                     .collect();
                 let init: Vec<f32> = (0..rows * n).map(|i| (i % 7) as f32).collect();
                 let mut got = init.clone();
-                Packed::new(&w, n, k, kernel).matmul_acc(&x, rows, &mut got);
+                let packed = Packed::new(&w, n, k, kernel);
+                #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+                if kernel == Kernel::Amx {
+                    // The sizes the tiles take do run on them.
+                    assert_eq!(
+                        !packed.tiles.is_empty(),
+                        amx::fits(n, k),
+                        "({rows},{k},{n})"
+                    );
+                }
+                packed.matmul_acc(&x, rows, &mut got);
                 for r in 0..rows {
                     for j in 0..n {
                         let want = init[r * n + j]

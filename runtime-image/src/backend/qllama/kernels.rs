@@ -25,7 +25,7 @@ pub(super) fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
     match Isa::detect() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU has AVX-512F (Isa::detect); the lengths were checked above.
-        Isa::Avx512Vnni => unsafe { avx512::silu_mul(g, u, out) },
+        Isa::Amx | Isa::Avx512Vnni => unsafe { avx512::silu_mul(g, u, out) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU has AVX2 and FMA (Isa::detect).
         Isa::Avx2 => unsafe { avx2::silu_mul(g, u, out) },
@@ -117,7 +117,9 @@ pub(super) fn attend_part<const HD: usize>(
     match Isa::detect() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU has AVX-512F (Isa::detect); the bounds were checked above.
-        Isa::Avx512Vnni => unsafe { avx512::attend_part::<HD>(qg, g, kc, vc, kv_dim, span, part) },
+        Isa::Amx | Isa::Avx512Vnni => unsafe {
+            avx512::attend_part::<HD>(qg, g, kc, vc, kv_dim, span, part)
+        },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU has AVX2 and FMA (Isa::detect).
         Isa::Avx2 => unsafe { avx2::attend_part::<HD>(qg, g, kc, vc, kv_dim, span, part) },
