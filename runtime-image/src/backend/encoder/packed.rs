@@ -84,7 +84,7 @@ impl Packed {
     pub(crate) fn new(w: &[f32], n: usize, k: usize, kernel: Kernel) -> Self {
         assert_eq!(w.len(), n * k);
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-        if kernel == Kernel::Amx && amx::fits(n, k) {
+        if kernel == Kernel::Amx && amx::available() && amx::fits(n, k) {
             return Packed {
                 kernel,
                 data: Vec::new(),
