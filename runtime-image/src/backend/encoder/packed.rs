@@ -449,6 +449,47 @@ mod amx {
         CONFIGURED.set(true);
     }
 
+    /// Loads (`STORE` false) or stores sum tile `T` at `c`, 16 rows `ldc` bytes apart.
+    ///
+    /// # Safety
+    /// Tiles configured; 16 rows of 64 bytes at `c`, `ldc` apart, valid.
+    #[inline(always)]
+    unsafe fn move_sums<const T: usize, const STORE: bool>(c: *mut f32, ldc: usize) {
+        // SAFETY: the caller's.
+        unsafe {
+            if STORE {
+                asm!("tilestored [{c} + {ldc}*1], tmm{t}", t = const T, c = in(reg) c,
+                    ldc = in(reg) ldc, options(nostack));
+            } else {
+                asm!("tileloadd tmm{t}, [{c} + {ldc}*1]", t = const T, c = in(reg) c,
+                    ldc = in(reg) ldc, options(nostack));
+            }
+        }
+    }
+
+    /// Sum tile `T` += the activations in tiles 4 (`hi`) and 5 (`lo`) times the weight block
+    /// at `w` (its `hi` tile, then its `lo` tile 1 KB on): `hi·hi + hi·lo + lo·hi`.
+    ///
+    /// # Safety
+    /// Tiles configured, 4 and 5 loaded; 2 KB at `w` valid.
+    #[inline(always)]
+    unsafe fn products<const T: usize>(w: *const u16) {
+        // SAFETY: the caller's.
+        unsafe {
+            asm!(
+                "tileloadd tmm6, [{w} + {s64}*1]",
+                "tileloadd tmm7, [{w} + {s64}*1 + 1024]",
+                "tdpbf16ps tmm{t}, tmm4, tmm6",
+                "tdpbf16ps tmm{t}, tmm4, tmm7",
+                "tdpbf16ps tmm{t}, tmm5, tmm6",
+                t = const T,
+                w = in(reg) w,
+                s64 = in(reg) 64usize,
+                options(nostack),
+            );
+        }
+    }
+
     /// `c` (16 rows × 64 f32, `ldc` floats apart) += 16 rows of activations `a` (`hi` row of
     /// `k` then `lo`, `2k` apart) times the weight columns of `w` (four column blocks of the
     /// packed layout, `steps` steps each, consecutive).
@@ -461,68 +502,32 @@ mod amx {
         let wstride = steps * 2 * MT * 32; // u16s per column block
         // SAFETY: the caller's.
         unsafe {
-            asm!(
-                "tileloadd tmm0, [{c} + {ldc}*1]",
-                "tileloadd tmm1, [{c1} + {ldc}*1]",
-                "tileloadd tmm2, [{c2} + {ldc}*1]",
-                "tileloadd tmm3, [{c3} + {ldc}*1]",
-                c = in(reg) c,
-                c1 = in(reg) c.add(NT),
-                c2 = in(reg) c.add(2 * NT),
-                c3 = in(reg) c.add(3 * NT),
-                ldc = in(reg) ldc_b,
-                options(nostack),
-            );
+            macro_rules! all_sums {
+                ($store:literal) => {
+                    move_sums::<0, $store>(c, ldc_b);
+                    move_sums::<1, $store>(c.add(NT), ldc_b);
+                    move_sums::<2, $store>(c.add(2 * NT), ldc_b);
+                    move_sums::<3, $store>(c.add(3 * NT), ldc_b);
+                };
+            }
+            all_sums!(false);
             for s in 0..steps {
                 let ah = a.add(s * KS);
-                let al = ah.add(k);
-                let w0 = w.add(s * 2 * MT * 32);
                 asm!(
                     "tileloadd tmm4, [{ah} + {lda}*1]",
                     "tileloadd tmm5, [{al} + {lda}*1]",
-                    "tileloadd tmm6, [{w0} + {s64}*1]",
-                    "tileloadd tmm7, [{w0} + {s64}*1 + 1024]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tdpbf16ps tmm0, tmm4, tmm7",
-                    "tdpbf16ps tmm0, tmm5, tmm6",
-                    "tileloadd tmm6, [{w1} + {s64}*1]",
-                    "tileloadd tmm7, [{w1} + {s64}*1 + 1024]",
-                    "tdpbf16ps tmm1, tmm4, tmm6",
-                    "tdpbf16ps tmm1, tmm4, tmm7",
-                    "tdpbf16ps tmm1, tmm5, tmm6",
-                    "tileloadd tmm6, [{w2} + {s64}*1]",
-                    "tileloadd tmm7, [{w2} + {s64}*1 + 1024]",
-                    "tdpbf16ps tmm2, tmm4, tmm6",
-                    "tdpbf16ps tmm2, tmm4, tmm7",
-                    "tdpbf16ps tmm2, tmm5, tmm6",
-                    "tileloadd tmm6, [{w3} + {s64}*1]",
-                    "tileloadd tmm7, [{w3} + {s64}*1 + 1024]",
-                    "tdpbf16ps tmm3, tmm4, tmm6",
-                    "tdpbf16ps tmm3, tmm4, tmm7",
-                    "tdpbf16ps tmm3, tmm5, tmm6",
                     ah = in(reg) ah,
-                    al = in(reg) al,
+                    al = in(reg) ah.add(k),
                     lda = in(reg) lda,
-                    w0 = in(reg) w0,
-                    w1 = in(reg) w0.add(wstride),
-                    w2 = in(reg) w0.add(2 * wstride),
-                    w3 = in(reg) w0.add(3 * wstride),
-                    s64 = in(reg) 64usize,
                     options(nostack),
                 );
+                let w0 = w.add(s * 2 * MT * 32);
+                products::<0>(w0);
+                products::<1>(w0.add(wstride));
+                products::<2>(w0.add(2 * wstride));
+                products::<3>(w0.add(3 * wstride));
             }
-            asm!(
-                "tilestored [{c} + {ldc}*1], tmm0",
-                "tilestored [{c1} + {ldc}*1], tmm1",
-                "tilestored [{c2} + {ldc}*1], tmm2",
-                "tilestored [{c3} + {ldc}*1], tmm3",
-                c = in(reg) c,
-                c1 = in(reg) c.add(NT),
-                c2 = in(reg) c.add(2 * NT),
-                c3 = in(reg) c.add(3 * NT),
-                ldc = in(reg) ldc_b,
-                options(nostack),
-            );
+            all_sums!(true);
         }
     }
 
