@@ -71,11 +71,12 @@ pub(crate) fn kernels_here() -> Vec<Kernel> {
 pub(crate) struct Packed {
     kernel: Kernel,
     data: Vec<f32>,
-    /// Offset of the first panel in `data`: panels start 64-byte aligned.
+    /// Offset of the first panel in `data` (or of the tiles in `tiles`): 64-byte aligned.
     start: usize,
     k: usize,
     n: usize,
-    /// For [`Kernel::Amx`]: the weights as [`amx::pack`] lays them out (`data` is then empty).
+    /// For [`Kernel::Amx`]: the weights as [`amx::pack`] lays them out, from `start` on
+    /// (`data` is then empty).
     tiles: Vec<u16>,
 }
 
@@ -85,13 +86,14 @@ impl Packed {
         assert_eq!(w.len(), n * k);
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
         if kernel == Kernel::Amx && amx::available() && amx::fits(n, k) {
+            let (tiles, start) = amx::pack(w, n, k);
             return Packed {
                 kernel,
                 data: Vec::new(),
-                start: 0,
+                start,
                 k,
                 n,
-                tiles: amx::pack(w, n, k),
+                tiles,
             };
         }
         // Sizes the tiles do not take run on AVX-512.
@@ -130,7 +132,7 @@ impl Packed {
         assert!(x.len() >= rows * k && out.len() >= rows * n);
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
         if self.kernel == Kernel::Amx {
-            return amx::matmul_acc(&self.tiles, n, k, x, rows, out);
+            return amx::matmul_acc(&self.tiles[self.start..], n, k, x, rows, out);
         }
         let panels = n.div_ceil(NR);
         let threads = rayon::current_num_threads().max(1);
@@ -364,10 +366,14 @@ mod amx {
         (hi, bf16(v - f32_of(hi)))
     }
 
-    /// `w` (`n × k`, row-major) in the layout of the module doc.
-    pub(super) fn pack(w: &[f32], n: usize, k: usize) -> Vec<u16> {
+    /// `w` (`n × k`, row-major) in the layout of the module doc, from the returned offset on,
+    /// which is 64-byte aligned: a tile row that straddles two cache lines is read as two, and
+    /// unaligned tiles ran the products at a third of the speed.
+    pub(super) fn pack(w: &[f32], n: usize, k: usize) -> (Vec<u16>, usize) {
         let steps = k / KS;
-        let mut out = vec![0u16; n * k * 2];
+        let mut buf = vec![0u16; n * k * 2 + 32];
+        let start = buf.as_ptr().align_offset(64).min(32);
+        let out = &mut buf[start..];
         for col in 0..n {
             let (j, c) = (col / NT, col % NT);
             for kk in 0..k {
@@ -378,7 +384,7 @@ mod amx {
                 out[at + MT * 32] = lo;
             }
         }
-        out
+        (buf, start)
     }
 
     /// Rows of `x` (`k` each) as `hi` and `lo` rows into `dst` (two rows of `k` per row).
@@ -492,7 +498,7 @@ mod amx {
 
     /// `c` (16 rows × 64 f32, `ldc` floats apart) += 16 rows of activations `a` (`hi` row of
     /// `k` then `lo`, `2k` apart) times the weight columns of `w` (four column blocks of the
-    /// packed layout, `steps` steps each, consecutive).
+    /// packed layout, `k / 32` steps each, consecutive).
     ///
     /// # Safety
     /// Tiles configured; the extents as described are valid.
@@ -544,7 +550,43 @@ mod amx {
             return;
         }
         let row_blocks = rows.div_ceil(MT);
-        let mut a = vec![0u16; row_blocks * MT * 2 * k];
+        // The activations' `hi` and `lo` rows, in a buffer kept per calling thread: a fresh
+        // one of a MiniLM batch's size (~7 MB) cost a page fault per 4 KB on every call. One
+        // larger than `KEPT` values is allocated for the call alone, so that a rare long batch
+        // does not hold its memory.
+        const KEPT: usize = 8 << 20;
+        thread_local! {
+            static ACTS: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let len = row_blocks * MT * 2 * k;
+        let mut run = |buf: &mut Vec<u16>| {
+            buf.resize(buf.len().max(len + 32), 0);
+            // From a 64-byte boundary, as the weights.
+            let start = buf.as_ptr().align_offset(64).min(32);
+            let a = &mut buf[start..start + len];
+            // The rows that pad the last block: zero (their sums are dropped either way).
+            a[rows * 2 * k..].fill(0);
+            product(tiles, n, k, x, rows, a, out);
+        };
+        if len + 32 > KEPT {
+            run(&mut Vec::new());
+        } else {
+            ACTS.with_borrow_mut(run);
+        }
+    }
+
+    /// [`matmul_acc`] with `a` a buffer of at least `rows.div_ceil(16) · 16 · 2k` values, the
+    /// rows past `rows` zero.
+    fn product(
+        tiles: &[u16],
+        n: usize,
+        k: usize,
+        x: &[f32],
+        rows: usize,
+        a: &mut [u16],
+        out: &mut [f32],
+    ) {
+        let row_blocks = rows.div_ceil(MT);
         let big = rows * k * n >= 256 * 1024;
         let conv = |(xr, d): (&[f32], &mut [u16])| {
             // SAFETY: `available` (the caller's Kernel::Amx) implies AVX-512 F and BW.
@@ -562,7 +604,8 @@ mod amx {
                 .for_each(conv);
         }
         let quads = n / (CT * NT);
-        let quad_len = CT * (k / KS) * 2 * MT * 32;
+        let steps = k / KS;
+        let quad_len = CT * steps * 2 * MT * 32;
         let dst = SharedOut(out.as_mut_ptr());
         // Tasks in (column quad, row block) order: a thread's run of tasks reuses one quad.
         let task = |t: usize| {
@@ -571,29 +614,31 @@ mod amx {
             let n_rows = (rows - r0).min(MT);
             let w = tiles[q * quad_len..][..quad_len].as_ptr();
             let ap = a[rb * MT * 2 * k..].as_ptr();
+            let col = q * CT * NT;
             // SAFETY: `available` was true (Kernel::Amx); rows `r0..r0 + n_rows` and columns
-            // `64q..64q + 64` of `out` are this task's alone; a full block writes in place, a
-            // partial one through a 16-row buffer.
+            // `col..col + 64` of `out` are this task's alone; a full block is summed in place,
+            // a partial one through a 16-row buffer.
             unsafe {
                 configure();
                 if n_rows == MT {
-                    block(ap, k, w, dst.at(r0 * n + q * CT * NT), n);
+                    block(ap, k, w, dst.at(r0 * n + col), n);
                 } else {
-                    let mut buf = [0f32; MT * CT * NT];
+                    #[repr(C, align(64))]
+                    struct Rows([f32; MT * CT * NT]);
+                    let mut buf = Rows([0f32; MT * CT * NT]);
+                    let buf = &mut buf.0;
                     for r in 0..n_rows {
+                        let row = dst.at((r0 + r) * n + col);
                         std::ptr::copy_nonoverlapping(
-                            dst.at((r0 + r) * n + q * CT * NT),
+                            row,
                             buf[r * CT * NT..].as_mut_ptr(),
                             CT * NT,
                         );
                     }
                     block(ap, k, w, buf.as_mut_ptr(), CT * NT);
                     for r in 0..n_rows {
-                        std::ptr::copy_nonoverlapping(
-                            buf[r * CT * NT..].as_ptr(),
-                            dst.at((r0 + r) * n + q * CT * NT),
-                            CT * NT,
-                        );
+                        let row = dst.at((r0 + r) * n + col);
+                        std::ptr::copy_nonoverlapping(buf[r * CT * NT..].as_ptr(), row, CT * NT);
                     }
                 }
             }
@@ -891,6 +936,10 @@ mod tests {
                         amx::fits(n, k),
                         "({rows},{k},{n})"
                     );
+                    // From a cache line on (unaligned tiles ran at a third of the speed).
+                    if amx::fits(n, k) {
+                        assert_eq!(packed.tiles[packed.start..].as_ptr() as usize % 64, 0);
+                    }
                 }
                 packed.matmul_acc(&x, rows, &mut got);
                 for r in 0..rows {
