@@ -382,10 +382,10 @@ impl QMat {
 /// The instruction sets our kernels come in, best first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Isa {
-    /// AVX-512 below, and AMX's tile unit for the encoders' f32 products
+    /// What [`Isa::Avx512Vnni`] allows, and AMX's tile unit for the encoders' f32 products
     /// ([`super::encoder::packed`]). Only a `KANDLE_ISA` limit: the quantised kernels here
-    /// stay on AVX-512 ([`Isa::detect`] never gives this), because AMX measured slower for
-    /// them (runtime-image/README.md).
+    /// stay on AVX-512 ([`Isa::detect`] never gives this; given it, they run AVX-512),
+    /// because AMX measured no faster for them (runtime-image/README.md).
     Amx,
     /// AVX-512 (F, BW, VL) with VNNI: two blocks per 512-bit register, `vpdpbusd`.
     Avx512Vnni,
@@ -403,8 +403,8 @@ impl Isa {
     }
 
     /// The best instruction set `KANDLE_ISA` allows (`amx`, `avx512`, `avx2` or `scalar`;
-    /// unset: no limit), read once. It is there to measure and test the other kernels on a CPU that
-    /// runs better ones; a value it does not know is ignored with a warning.
+    /// unset: no limit), read once. It is there to measure and test the other kernels on a
+    /// CPU that runs better ones; a value it does not know is ignored with a warning.
     pub(super) fn cap() -> Isa {
         static CAP: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
         *CAP.get_or_init(|| {
@@ -506,7 +506,7 @@ fn tile_times_acts(
         }
         match isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512Vnni => tiles!(avx512, TILE_512, 1 2 3 4 5 6 7 8),
+            Isa::Amx | Isa::Avx512Vnni => tiles!(avx512, TILE_512, 1 2 3 4 5 6 7 8),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => tiles!(avx, TILE, 1 2 3 4),
             _ => {
