@@ -850,6 +850,41 @@ mod avx512 {
 mod tests {
     use super::*;
 
+    /// Activations `x` (rows × k), weights `w` (n × k) and the output's starting values
+    /// (rows × n) of a product test.
+    fn inputs(rows: usize, k: usize, n: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let x = (0..rows * k)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+            .collect();
+        let w = (0..n * k)
+            .map(|i| ((i * 53 % 97) as f32 - 48.0) / 48.0)
+            .collect();
+        let init = (0..rows * n).map(|i| (i % 7) as f32).collect();
+        (x, w, init)
+    }
+
+    /// `got` is `init + x · wᵀ` within 1e-4 everywhere.
+    fn assert_plain(
+        what: &str,
+        (rows, k, n): (usize, usize, usize),
+        x: &[f32],
+        w: &[f32],
+        init: &[f32],
+        got: &[f32],
+    ) {
+        for r in 0..rows {
+            for j in 0..n {
+                let want =
+                    init[r * n + j] + (0..k).map(|i| x[r * k + i] * w[j * k + i]).sum::<f32>();
+                let g = got[r * n + j];
+                assert!(
+                    (g - want).abs() < 1e-4,
+                    "{what} ({rows},{k},{n}) [{r},{j}]: {g} vs {want}"
+                );
+            }
+        }
+    }
+
     /// Each kernel this CPU runs against a plain product: partial row blocks (13 rows with 12
     /// and 6 per block), a partial last panel and a half panel of under 8 columns (n = 45, 37),
     /// masked loads and stores.
@@ -864,15 +899,9 @@ mod tests {
                 (70, 64, 96),
                 (9, 5, 16),
             ] {
-                let x: Vec<f32> = (0..rows * k)
-                    .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
-                    .collect();
+                let (x, w, init) = inputs(rows, k, n);
                 // B as (k × n) row-major: w's transpose.
-                let w: Vec<f32> = (0..n * k)
-                    .map(|i| ((i * 53 % 97) as f32 - 48.0) / 48.0)
-                    .collect();
                 let bt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
-                let init: Vec<f32> = (0..rows * n).map(|i| (i % 7) as f32).collect();
                 let mut got = init.clone();
                 // SAFETY: the CPU runs `kernel`; the extents are those of the vectors.
                 unsafe {
@@ -889,17 +918,7 @@ mod tests {
                         n,
                     )
                 };
-                for r in 0..rows {
-                    for j in 0..n {
-                        let want = init[r * n + j]
-                            + (0..k).map(|i| x[r * k + i] * w[j * k + i]).sum::<f32>();
-                        let g = got[r * n + j];
-                        assert!(
-                            (g - want).abs() < 1e-4,
-                            "{kernel:?} ({rows},{k},{n}) [{r},{j}]: {g} vs {want}"
-                        );
-                    }
-                }
+                assert_plain(&format!("{kernel:?}"), (rows, k, n), &x, &w, &init, &got);
             }
         }
     }
@@ -956,13 +975,7 @@ mod tests {
                 (16, 32, 64),
                 (32, 384, 192),
             ] {
-                let x: Vec<f32> = (0..rows * k)
-                    .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
-                    .collect();
-                let w: Vec<f32> = (0..n * k)
-                    .map(|i| ((i * 53 % 97) as f32 - 48.0) / 48.0)
-                    .collect();
-                let init: Vec<f32> = (0..rows * n).map(|i| (i % 7) as f32).collect();
+                let (x, w, init) = inputs(rows, k, n);
                 let mut got = init.clone();
                 let packed = Packed::new(&w, n, k, kernel);
                 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
@@ -979,17 +992,7 @@ mod tests {
                     }
                 }
                 packed.matmul_acc(&x, rows, &mut got);
-                for r in 0..rows {
-                    for j in 0..n {
-                        let want = init[r * n + j]
-                            + (0..k).map(|i| x[r * k + i] * w[j * k + i]).sum::<f32>();
-                        let g = got[r * n + j];
-                        assert!(
-                            (g - want).abs() < 1e-4,
-                            "{kernel:?} ({rows},{k},{n}) [{r},{j}]: {g} vs {want}"
-                        );
-                    }
-                }
+                assert_plain(&format!("{kernel:?}"), (rows, k, n), &x, &w, &init, &got);
             }
         }
     }
