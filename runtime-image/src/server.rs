@@ -310,7 +310,12 @@ fn load_and_warm(st: &AppState, path: &std::path::Path) -> Result<()> {
     }
     let secs = t0.elapsed().as_secs_f64();
     st.metrics.model_load_seconds.set(secs);
-    tracing::info!(seconds = secs, model = %st.model_id, "model loaded and warmed");
+    tracing::info!(
+        seconds = secs,
+        model = %st.model_id,
+        kernels = %crate::backend::kernels(),
+        "model loaded and warmed"
+    );
     let _ = st.engine.set(engine);
     Ok(())
 }

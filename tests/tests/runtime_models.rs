@@ -387,16 +387,21 @@ fn smollm2_own_kernels_are_as_close_to_llama_cpp_as_candles() {
     assert!(ours_max < 1.0, "largest error {ours_max}");
 }
 
-#[test]
-fn minilm_token_ids_and_embeddings_match_sentence_transformers() {
-    let e = embedding(&models::minilm_dir());
-    let reference = json(&fixtures_dir().join("minilm_reference.json"));
-    let sentences: Vec<&str> = reference["sentences"]
+/// The reference file's sentences.
+fn minilm_sentences(reference: &Value) -> Vec<&str> {
+    reference["sentences"]
         .as_array()
         .unwrap()
         .iter()
         .map(|s| s.as_str().unwrap())
-        .collect();
+        .collect()
+}
+
+/// Asserts `e`'s token ids and embeddings against sentence-transformers'; returns the lowest
+/// cosine.
+fn assert_minilm_matches_reference(e: &EmbeddingModel) -> f64 {
+    let reference = json(&fixtures_dir().join("minilm_reference.json"));
+    let sentences = minilm_sentences(&reference);
     for (i, s) in sentences.iter().enumerate() {
         assert_eq!(
             e.tokenizer.encode(s, true).unwrap(),
@@ -405,30 +410,173 @@ fn minilm_token_ids_and_embeddings_match_sentence_transformers() {
         );
     }
     let got = e.embed_texts(&sentences).unwrap();
+    let mut lowest = f64::INFINITY;
     for (i, v) in got.iter().enumerate() {
         let c = cosine(v, &floats(&reference["embeddings"][i]));
         eprintln!("minilm sentence {i}: cosine {c:.7}");
         assert!(c >= 0.9999, "sentence {i}: cosine {c} < 0.9999");
+        lowest = lowest.min(c);
     }
+    lowest
 }
 
-#[test]
-fn minilm_batch_gives_the_same_embeddings_as_items_one_by_one() {
-    let e = embedding(&models::minilm_dir());
+/// Asserts that a padded batch of the reference sentences embeds as each alone.
+fn assert_minilm_batch_equals_single(e: &EmbeddingModel) {
     let reference = json(&fixtures_dir().join("minilm_reference.json"));
     // Sentences of different lengths, so the batch is padded.
-    let sentences: Vec<&str> = reference["sentences"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s.as_str().unwrap())
-        .collect();
+    let sentences = minilm_sentences(&reference);
     let batch = e.embed_texts(&sentences).unwrap();
     for (i, s) in sentences.iter().enumerate() {
         let single = e.embed_texts(&[s]).unwrap().remove(0);
         let d = max_abs_diff(&batch[i], &single);
         assert!(d <= 1e-5, "sentence {i}: batch and single differ by {d}");
     }
+}
+
+#[test]
+fn minilm_token_ids_and_embeddings_match_sentence_transformers() {
+    assert_minilm_matches_reference(&embedding(&models::minilm_dir()));
+}
+
+#[test]
+fn minilm_batch_gives_the_same_embeddings_as_items_one_by_one() {
+    assert_minilm_batch_equals_single(&embedding(&models::minilm_dir()));
+}
+
+/// FNV-1a over the bits of every value.
+fn fingerprint<'a>(rows: impl IntoIterator<Item = &'a Vec<f32>>) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for v in rows.into_iter().flatten() {
+        for b in v.to_bits().to_le_bytes() {
+            h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// The bits of SmolLM2's logits over a prompt, greedy steps of one sequence, and batched
+/// decode steps of three sequences of different lengths.
+fn smollm2_fingerprint(g: &GenerationModel) -> u64 {
+    let prompts: Vec<Vec<u32>> = [
+        "Once upon a time",
+        "The three primary colours are",
+        "def fibonacci(n):",
+    ]
+    .iter()
+    .map(|p| g.tokenizer.encode(p, true).unwrap())
+    .collect();
+    let (_, mut rows) = greedy(g, &prompts[0], 4);
+    let mut seqs = Vec::new();
+    let mut tokens = Vec::new();
+    for p in &prompts {
+        let mut s = g.lm.new_sequence().unwrap();
+        let logits = s.feed(p).unwrap();
+        tokens.push(argmax(&logits));
+        rows.push(logits);
+        seqs.push(s);
+    }
+    for _ in 0..3 {
+        let mut batch: Vec<&mut dyn backend::Sequence> = Vec::new();
+        for s in seqs.iter_mut() {
+            batch.push(s.as_mut());
+        }
+        let logits = g.lm.decode_batch(&mut batch, &tokens).unwrap();
+        tokens = logits.iter().map(|l| argmax(l)).collect();
+        rows.extend(logits);
+    }
+    fingerprint(&rows)
+}
+
+/// Set in the processes that [`every_instruction_set_gives_smollm2_the_same_bits_and_minilm_its_reference`]
+/// starts: they print their figures instead of starting others.
+const ISA_CHILD: &str = "KANDLE_TEST_ISA_CHILD";
+
+/// The kernels (`backend::kernels()`) that `KANDLE_ISA=cap` gives on this CPU, or `None` for
+/// a cap whose kernels this CPU does not run.
+fn kernels_under(cap: &str) -> Option<&'static str> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        let v3 = has!("avx2") && has!("fma") && has!("f16c");
+        let vnni =
+            v3 && has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni");
+        match cap {
+            "avx512" if vnni => Some("quantised=avx512-vnni encoder=avx512"),
+            "avx512" if v3 && has!("avx512f") => Some("quantised=avx2 encoder=avx512"),
+            "avx2" if v3 => Some("quantised=avx2 encoder=avx2"),
+            "scalar" => Some("quantised=scalar encoder=gemm-crate"),
+            _ => None,
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        (cap == "scalar").then_some("quantised=scalar encoder=gemm-crate")
+    }
+}
+
+/// The README's claim that results do not depend on the CPU, with the real weights: the test
+/// runs here on the best kernels, then runs itself again in a child process under each
+/// `KANDLE_ISA` this CPU has a path for (AVX-512 without AMX, AVX2, plain Rust). SmolLM2's
+/// logits must keep every bit; MiniLM (whose AMX products round differently from the
+/// AVX-512 ones in the sixth digit) must match sentence-transformers and embed a batch as its
+/// items alone on every path.
+#[test]
+fn every_instruction_set_gives_smollm2_the_same_bits_and_minilm_its_reference() {
+    let kernels = backend::kernels();
+    let bits = smollm2_fingerprint(&generation(&models::smollm2_gguf()));
+    let e = embedding(&models::minilm_dir());
+    let lowest = assert_minilm_matches_reference(&e);
+    assert_minilm_batch_equals_single(&e);
+    let line =
+        format!("ISA-RUN kernels={kernels} smollm2={bits:016x} minilm-lowest-cosine={lowest:.7}");
+    println!("{line}");
+    if std::env::var_os(ISA_CHILD).is_some() {
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let mut ran = Vec::new();
+    for cap in ["avx512", "avx2", "scalar"] {
+        let Some(expected) = kernels_under(cap) else {
+            continue;
+        };
+        if kernels == expected {
+            // This process ran these kernels already.
+            continue;
+        }
+        let out = std::process::Command::new(&exe)
+            .args([
+                "every_instruction_set_gives_smollm2_the_same_bits_and_minilm_its_reference",
+                "--exact",
+                "--nocapture",
+            ])
+            .env("KANDLE_ISA", cap)
+            .env(ISA_CHILD, "1")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "KANDLE_ISA={cap} failed:\n{text}");
+        let child = text
+            .lines()
+            .find_map(|l| l.strip_prefix("ISA-RUN "))
+            .unwrap_or_else(|| panic!("KANDLE_ISA={cap}: no ISA-RUN line in\n{text}"));
+        eprintln!("KANDLE_ISA={cap}: {child}");
+        assert!(
+            child.starts_with(&format!("kernels={expected} ")),
+            "KANDLE_ISA={cap} ran {child}, expected {expected}"
+        );
+        assert!(
+            child.contains(&format!(" smollm2={bits:016x} ")),
+            "KANDLE_ISA={cap}: SmolLM2's logits differ in their bits from {kernels}'s \
+             (smollm2={bits:016x}): {child}"
+        );
+        ran.push(cap);
+    }
+    eprintln!("{line}; also ran under KANDLE_ISA={ran:?}");
+    assert!(ran.contains(&"scalar"), "the plain-Rust path always runs");
 }
 
 #[test]

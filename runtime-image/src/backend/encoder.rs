@@ -98,6 +98,11 @@ pub(super) struct Encoder {
     layers: Vec<Layer>,
 }
 
+/// The packed kernel the encoders' products take here (`None`: the `gemm` crate).
+pub(super) fn packed_kernel() -> Option<packed::Kernel> {
+    packed::Kernel::detect()
+}
+
 fn flat(t: Tensor) -> candle_core::Result<Vec<f32>> {
     t.to_dtype(candle_core::DType::F32)?
         .flatten_all()?

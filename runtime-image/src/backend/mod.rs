@@ -46,6 +46,23 @@ impl SharedOut {
     }
 }
 
+/// The kernels this process runs, as the CPU and `KANDLE_ISA` allow: the quantised (GGUF)
+/// products and attention, and the encoders' f32 products. Logged when the model is loaded
+/// (a server slower than expected says here which path it took), and read by the tests that
+/// rerun models under each `KANDLE_ISA`.
+pub fn kernels() -> String {
+    let quantised = match qmatmul::Isa::detect() {
+        qmatmul::Isa::Amx | qmatmul::Isa::Avx512Vnni => "avx512-vnni",
+        qmatmul::Isa::Avx2 => "avx2",
+        qmatmul::Isa::Scalar => "scalar",
+    };
+    let encoder = match encoder::packed_kernel() {
+        Some(k) => format!("{k:?}").to_ascii_lowercase(),
+        None => "gemm-crate".to_string(),
+    };
+    format!("quantised={quantised} encoder={encoder}")
+}
+
 /// A causal language model: the weights, shared by all sequences.
 pub trait CausalLm: Send + Sync {
     /// Starts a sequence with an empty KV cache.
