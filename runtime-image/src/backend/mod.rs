@@ -14,6 +14,7 @@ mod encoder;
 mod gguf_llama;
 mod gpt2;
 mod gptj;
+mod hugepages;
 mod layers;
 mod llama;
 mod qllama;

@@ -210,14 +210,15 @@ impl Weights {
         for i in 0..block_count {
             let p = format!("blk.{i}");
             let w = |name: &str, reader: &mut R| qmat(&format!("{p}.{name}.weight"), reader);
+            let t = |name: &str, reader: &mut R| tensor(&format!("{p}.{name}.weight"), reader);
             layers.push(Layer {
-                qkv: QMat::stack(vec![
-                    w("attn_q", reader)?,
-                    w("attn_k", reader)?,
-                    w("attn_v", reader)?,
-                ]),
+                qkv: QMat::from_qtensors(vec![
+                    t("attn_q", reader)?,
+                    t("attn_k", reader)?,
+                    t("attn_v", reader)?,
+                ])?,
                 wo: w("attn_output", reader)?,
-                gate_up: QMat::stack(vec![w("ffn_gate", reader)?, w("ffn_up", reader)?]),
+                gate_up: QMat::from_qtensors(vec![t("ffn_gate", reader)?, t("ffn_up", reader)?])?,
                 down: w("ffn_down", reader)?,
                 attn_norm: vector(&format!("{p}.attn_norm.weight"), reader)?,
                 ffn_norm: vector(&format!("{p}.ffn_norm.weight"), reader)?,

@@ -32,6 +32,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::SharedOut;
+use super::hugepages::WeightBytes;
 use crate::error::{Error, Result};
 
 /// Values per quantisation block (Q4_1, Q8_0 and the activations' Q8_1).
@@ -104,9 +105,9 @@ impl Kind {
 
     /// GGUF rows (`n` rows of `k / 32` blocks) in tiles of [`ROWS`] rows; the rows that pad
     /// the last tile are zero (scale 0: their outputs are 0 and dropped).
-    fn pack(self, n: usize, k: usize, raw: &[u8]) -> Vec<u8> {
+    fn pack(self, n: usize, k: usize, raw: &[u8]) -> WeightBytes {
         let (nb, bb) = (k / QK, self.block_bytes());
-        let mut out = vec![0u8; n.div_ceil(ROWS) * nb * ROWS * bb];
+        let mut out = WeightBytes::zeroed(n.div_ceil(ROWS) * nb * ROWS * bb);
         for (j, row) in raw.chunks_exact(nb * bb).enumerate().take(n) {
             for (b, blk) in row.chunks_exact(bb).enumerate() {
                 let at = ((j / ROWS) * nb + b) * ROWS * bb;
@@ -124,7 +125,8 @@ pub(super) enum QMat {
         kind: Kind,
         n: usize,
         k: usize,
-        data: Vec<u8>,
+        /// On huge pages where the system gives them ([`WeightBytes`]).
+        data: WeightBytes,
     },
     /// Any other type, through candle.
     Candle { mm: QMatMul, n: usize, k: usize },
@@ -222,43 +224,53 @@ impl QMat {
         })
     }
 
-    /// One matrix whose outputs are those of `parts` side by side; parts of one kind are
-    /// merged into one matrix, so that a fused product is one pass over the threads.
-    pub(super) fn stack(parts: Vec<QMat>) -> QMat {
-        let same = parts.windows(2).all(|w| match (&w[0], &w[1]) {
-            (QMat::Own { kind: a, k: ka, .. }, QMat::Own { kind: b, k: kb, .. }) => {
-                a == b && ka == kb
-            }
-            _ => false,
-        });
-        if !same || parts.len() < 2 {
-            return if parts.len() == 1 {
-                parts.into_iter().next().expect("one part")
-            } else {
-                QMat::Stack(parts)
-            };
+    /// One matrix whose outputs are those of `tensors` side by side (all of shape `(_, k)`).
+    /// Tensors of one type that our kernels take are packed as one matrix, so that a fused
+    /// product is one pass over the threads; mixed types stay apart ([`QMat::Stack`]). The
+    /// GGUF rows are joined before packing, so that only the fused matrix takes memory among
+    /// the weights ([`WeightBytes`] are never given back one by one).
+    pub(super) fn from_qtensors(tensors: Vec<QTensor>) -> Result<QMat> {
+        let dtype = tensors.first().map(QTensor::dtype);
+        let k = tensors.first().map(|t| t.shape().dims2()).transpose()?.map(|(_, k)| k);
+        let mut same = true;
+        for t in &tensors {
+            same &= Some(t.dtype()) == dtype && Some(t.shape().dims2()?.1) == k;
         }
-        // Back to GGUF rows, one after the other, and packed again as one matrix.
-        let (mut rows, mut raw) = (0, Vec::new());
-        let (mut kind0, mut k0) = (Kind::Q8_0, 0);
-        for p in &parts {
-            if let QMat::Own { kind, n, k, .. } = p {
-                let mut block = vec![0u8; kind.block_bytes()];
-                for j in 0..*n {
-                    for b in 0..k / QK {
-                        p.raw_block(j, b, &mut block);
-                        raw.extend_from_slice(&block);
+        let kind = match dtype {
+            Some(GgmlDType::Q4_1) => Some(Kind::Q4_1),
+            Some(GgmlDType::Q8_0) => Some(Kind::Q8_0),
+            _ => None,
+        };
+        match (tensors.len(), kind) {
+            (1, _) => QMat::from_qtensor(tensors.into_iter().next().expect("one tensor")),
+            (_, Some(kind)) if same && k.is_some_and(|k| k % QK == 0) => {
+                let k = k.expect("a shape");
+                let (mut n, mut raw) = (0, Vec::new());
+                for t in &tensors {
+                    let (tn, _) = t.shape().dims2()?;
+                    let bytes = t.data()?;
+                    if bytes.len() != tn * k / QK * kind.block_bytes() {
+                        return Err(Error::Model(format!(
+                            "a {kind:?} tensor of shape ({tn}, {k}) holds {} bytes",
+                            bytes.len()
+                        )));
                     }
+                    raw.extend_from_slice(&bytes);
+                    n += tn;
                 }
-                rows += n;
-                (kind0, k0) = (*kind, *k);
+                Ok(QMat::Own {
+                    kind,
+                    n,
+                    k,
+                    data: kind.pack(n, k, &raw),
+                })
             }
-        }
-        QMat::Own {
-            kind: kind0,
-            n: rows,
-            k: k0,
-            data: kind0.pack(rows, k0, &raw),
+            _ => Ok(QMat::Stack(
+                tensors
+                    .into_iter()
+                    .map(QMat::from_qtensor)
+                    .collect::<Result<_>>()?,
+            )),
         }
     }
 
@@ -1059,25 +1071,47 @@ mod tests {
 
     #[test]
     fn stacked_matrices_equal_their_parts_side_by_side() {
-        let (a, _) = weights(GgmlDType::Q4_1, 16, 64);
-        let (b, _) = weights(GgmlDType::Q4_1, 8, 64);
-        let (c, _) = weights(GgmlDType::Q8_0, 8, 64);
+        let tensor = |dtype, n, seed| {
+            let w = Tensor::from_vec(random(n * 64, seed), (n, 64), &Device::Cpu).unwrap();
+            QTensor::quantize(&w, dtype).unwrap()
+        };
+        let parts = [
+            (GgmlDType::Q4_1, 16, 1),
+            (GgmlDType::Q4_1, 8, 2),
+            (GgmlDType::Q8_0, 8, 3),
+        ];
         let x = random(3 * 64, 9);
-        let (ya, yb, yc) = (
-            a.forward(&x, 3).unwrap(),
-            b.forward(&x, 3).unwrap(),
-            c.forward(&x, 3).unwrap(),
-        );
-        let merged = QMat::stack(vec![a, b]);
+        let alone: Vec<Vec<f32>> = parts
+            .iter()
+            .map(|&(dt, n, seed)| {
+                let m = QMat::from_qtensor(tensor(dt, n, seed)).unwrap();
+                m.forward(&x, 3).unwrap()
+            })
+            .collect();
+        let merged = QMat::from_qtensors(
+            parts[..2]
+                .iter()
+                .map(|&(dt, n, seed)| tensor(dt, n, seed))
+                .collect(),
+        )
+        .unwrap();
         assert!(matches!(merged, QMat::Own { n: 24, .. }));
-        let mixed = QMat::stack(vec![merged, c]);
+        let y = merged.forward(&x, 3).unwrap();
+        let mixed = QMat::from_qtensors(
+            parts
+                .iter()
+                .map(|&(dt, n, seed)| tensor(dt, n, seed))
+                .collect(),
+        )
+        .unwrap();
         assert!(matches!(mixed, QMat::Stack(_)));
-        let y = mixed.forward(&x, 3).unwrap();
+        let ym = mixed.forward(&x, 3).unwrap();
         for i in 0..3 {
-            let row = &y[i * 32..(i + 1) * 32];
-            assert_eq!(&row[..16], &ya[i * 16..(i + 1) * 16]);
-            assert_eq!(&row[16..24], &yb[i * 8..(i + 1) * 8]);
-            assert_eq!(&row[24..], &yc[i * 8..(i + 1) * 8]);
+            assert_eq!(&y[i * 24..i * 24 + 16], &alone[0][i * 16..(i + 1) * 16]);
+            assert_eq!(&y[i * 24 + 16..(i + 1) * 24], &alone[1][i * 8..(i + 1) * 8]);
+            let row = &ym[i * 32..(i + 1) * 32];
+            assert_eq!(&row[..24], &y[i * 24..(i + 1) * 24]);
+            assert_eq!(&row[24..], &alone[2][i * 8..(i + 1) * 8]);
         }
     }
 
@@ -1103,7 +1137,12 @@ mod tests {
         assert_eq!(q4k.forward(&x, m).unwrap(), want);
         let (ours, _) = weights(GgmlDType::Q4_1, 8, 256);
         let y_ours = ours.forward(&x, m).unwrap();
-        let both = QMat::stack(vec![q4k, ours]);
+        let ours_w = Tensor::from_vec(random(8 * 256, 7), (8, 256), &Device::Cpu).unwrap();
+        let both = QMat::from_qtensors(vec![
+            QTensor::quantize(&w, GgmlDType::Q4K).unwrap(),
+            QTensor::quantize(&ours_w, GgmlDType::Q4_1).unwrap(),
+        ])
+        .unwrap();
         assert_eq!((both.n(), both.k()), (24, 256));
         let y = both.forward(&x, m).unwrap();
         for i in 0..m {
