@@ -4,8 +4,11 @@
 //! and the TLB holds a few thousand, so every 4 KiB of a weight stream took a page walk
 //! (whose page-table entries the stream itself had evicted from the caches), and the CPU's
 //! prefetchers stop at each 4 KiB boundary. With 2 MiB pages a matrix is a handful of pages.
-//! Measured on SmolLM2, one stream (alternating runs of the bench binary, malloc's memory put
-//! on huge pages by `GLIBC_TUNABLES`): 155–239 against 129–149 tok/s; 8 streams no different.
+//! Measured on SmolLM2 (the bench binary's `--concurrency-only --streams 1,4,8`, five
+//! alternating pairs): one stream 159–180 against 96–133 tok/s, 4 streams 407–513 against
+//! 260–373, 8 streams 458–555 against 338–479; load time no different. The encoders' packed
+//! weights were tried on them too and left on malloc's pages: MiniLM loaded 40 ms slower
+//! (0.21–0.28 against 0.16–0.22 s) and embedded no faster.
 //!
 //! Most distributions set THP to `madvise` (Ubuntu, Debian) or `always` (RHEL); both give
 //! huge pages to memory marked `MADV_HUGEPAGE`, which glibc's `malloc` does not do. So the
@@ -169,7 +172,11 @@ mod tests {
         // whatever they do is asserted.
         let mut small: Vec<WeightBytes> = (1..40).map(|i| WeightBytes::zeroed(i * 997)).collect();
         let big = WeightBytes::zeroed(CHUNK / 2 + 1);
-        assert_eq!(big.as_ptr() as usize % HUGE, 0, "a chunk of its own starts on a huge page");
+        assert_eq!(
+            big.as_ptr() as usize % HUGE,
+            0,
+            "a chunk of its own starts on a huge page"
+        );
         for (i, buf) in small.iter_mut().enumerate() {
             assert!(buf.iter().all(|x| *x == 0), "buffer {i} is zero");
             assert_eq!(buf.as_ptr() as usize % ALIGN, 0, "buffer {i} is aligned");
@@ -181,12 +188,18 @@ mod tests {
             .map(|b| (b.as_ptr() as usize, b.as_ptr() as usize + b.len()))
             .collect();
         spans.sort();
-        assert!(spans.windows(2).all(|w| w[0].1 <= w[1].0), "buffers overlap");
+        assert!(
+            spans.windows(2).all(|w| w[0].1 <= w[1].0),
+            "buffers overlap"
+        );
         // Filling a chunk moves on to a new one; dropping buffers keeps the others' bytes.
         let fill: Vec<WeightBytes> = (0..3).map(|_| WeightBytes::zeroed(CHUNK / 2)).collect();
         drop((fill, big));
         for (i, buf) in small.iter().enumerate().step_by(2) {
-            assert!(buf.iter().all(|x| *x == i as u8 + 1), "buffer {i} kept its bytes");
+            assert!(
+                buf.iter().all(|x| *x == i as u8 + 1),
+                "buffer {i} kept its bytes"
+            );
         }
     }
 
@@ -212,7 +225,12 @@ mod tests {
             {
                 inside = lo <= start && start < hi;
             } else if inside && let Some(v) = line.strip_prefix("AnonHugePages:") {
-                huge_kb = v.trim().trim_end_matches(" kB").trim().parse::<usize>().ok();
+                huge_kb = v
+                    .trim()
+                    .trim_end_matches(" kB")
+                    .trim()
+                    .parse::<usize>()
+                    .ok();
             }
         }
         let huge_kb = huge_kb.expect("the buffer's mapping in /proc/self/smaps");

@@ -231,7 +231,11 @@ impl QMat {
     /// the weights ([`WeightBytes`] are never given back one by one).
     pub(super) fn from_qtensors(tensors: Vec<QTensor>) -> Result<QMat> {
         let dtype = tensors.first().map(QTensor::dtype);
-        let k = tensors.first().map(|t| t.shape().dims2()).transpose()?.map(|(_, k)| k);
+        let k = tensors
+            .first()
+            .map(|t| t.shape().dims2())
+            .transpose()?
+            .map(|(_, k)| k);
         let mut same = true;
         for t in &tensors {
             same &= Some(t.dtype()) == dtype && Some(t.shape().dims2()?.1) == k;
