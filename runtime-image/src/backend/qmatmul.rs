@@ -749,8 +749,12 @@ mod avx512 {
     /// annotate`: a third of their samples on the instruction after each load). Four blocks
     /// ahead (1.3 KB of Q4_1) raised 8 rows times thirty 576×3072 matrices (33 MB) from 108
     /// to 123 GMAC/s on two threads (means of 9 alternating runs of an ad-hoc timing loop);
-    /// 2 blocks ahead did no better than none, 8 about as well as 4.
-    const PREFETCH_BLOCKS: usize = 4;
+    /// 2 blocks ahead did no better than none, 8 about as well as 4. Once the weights were on
+    /// huge pages ([`super::super::hugepages`]), where a prefetch no longer lands on a page
+    /// the TLB has not seen, 8 blocks ahead (2.5 KB of Q4_1) beat 4 in SmolLM2 itself (the
+    /// bench binary, eight alternating rounds): one stream median ~198 against ~165 tok/s, 8
+    /// streams ~545 against ~520; 16 and 32 blocks did about as well as 8.
+    const PREFETCH_BLOCKS: usize = 8;
 
     /// Prefetches the tile block `PREFETCH_BLOCKS` after `tb` (blocks of `bytes`). Past the
     /// end of a tile that is the next tile's block, which a chunk of tiles reads next; past
