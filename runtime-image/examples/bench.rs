@@ -3,7 +3,8 @@
 //! load time. Also prints the greedy agreement with llama.cpp as a sanity check, and the
 //! aggregate decode tok/s of 1, 4 and 8 concurrent sequences in one running batch. With
 //! `--server <kandle-runtime binary>` it also times the real server: process start to `/ready`,
-//! and the process's peak RSS (VmHWM) after one request.
+//! the process's peak RSS (VmHWM) after one request, and the aggregate tok/s of 1, 4 and 8
+//! concurrent completion requests.
 //!
 //! `runtime-image/bench.sh` builds this with the baselines' CPU flags and runs it; by hand:
 //! cargo run --release -p kandle-runtime --example bench -- --gguf <file> --minilm <dir> --fixtures <dir>
@@ -316,12 +317,22 @@ fn main() -> anyhow::Result<()> {
                 "max_tokens": 128,
                 "temperature": 0,
             });
-            server_figures(&args, bin, gguf, "smollm2", "/v1/completions", &body)?;
+            server_figures(
+                &args,
+                bin,
+                gguf,
+                "smollm2",
+                "/v1/completions",
+                &body,
+                |port| server_concurrency(port, &args.streams, args.runs),
+            )?;
         }
         if let Some(dir) = &args.minilm {
             let batch: Vec<_> = mini["bench_sentences"].as_array().unwrap()[..32].to_vec();
             let body = serde_json::json!({ "model": "bench", "input": batch });
-            server_figures(&args, bin, dir, "minilm", "/v1/embeddings", &body)?;
+            server_figures(&args, bin, dir, "minilm", "/v1/embeddings", &body, |_| {
+                Ok(())
+            })?;
         }
     }
     Ok(())
@@ -370,9 +381,80 @@ fn vm_hwm_kib(pid: u32) -> anyhow::Result<u64> {
         .ok_or_else(|| anyhow::anyhow!("no VmHWM in /proc/{pid}/status"))
 }
 
+/// The prompts of the server's concurrency figure: greedy completions of these run past the
+/// figure's 64 tokens without an end-of-text (checked: every request must give all 64).
+const SERVER_PROMPTS: [&str; 8] = [
+    "Once upon a time",
+    "The three primary colours are",
+    "def fibonacci(n):",
+    "Paris is",
+    "The weather today",
+    "In 1492,",
+    "My favourite food is",
+    "The capital of Japan",
+];
+
+/// Aggregate tok/s of `n` concurrent `/v1/completions` requests (64 greedy tokens each, one
+/// client thread per request) for each `n` of `streams`, in turn `runs` times: the figure the
+/// issue asks for, through HTTP, the engine's queue and its continuous batching, prompts
+/// included. The ratios are to the first count.
+fn server_concurrency(port: u16, streams: &[usize], runs: usize) -> anyhow::Result<()> {
+    const TOKENS: u64 = 64;
+    let mut rates = vec![Vec::new(); streams.len()];
+    for _ in 0..runs {
+        for (&n, rates) in streams.iter().zip(rates.iter_mut()) {
+            let t = Instant::now();
+            let clients: Vec<_> = (0..n)
+                .map(|i| {
+                    let body = serde_json::json!({
+                        "model": "bench",
+                        "prompt": SERVER_PROMPTS[i % SERVER_PROMPTS.len()],
+                        "max_tokens": TOKENS,
+                        "temperature": 0,
+                    })
+                    .to_string();
+                    std::thread::spawn(move || -> anyhow::Result<u64> {
+                        let (status, resp) = http(port, "POST", "/v1/completions", Some(&body))?;
+                        anyhow::ensure!(status == 200, "/v1/completions answered {status}: {resp}");
+                        let resp: serde_json::Value = serde_json::from_str(&resp)?;
+                        Ok(resp["usage"]["completion_tokens"].as_u64().unwrap_or(0))
+                    })
+                })
+                .collect();
+            let mut tokens = 0;
+            for c in clients {
+                let got = c
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("a client thread panicked"))??;
+                anyhow::ensure!(
+                    got == TOKENS,
+                    "a request stopped after {got} of {TOKENS} tokens"
+                );
+                tokens += got;
+            }
+            rates.push(tokens as f64 / t.elapsed().as_secs_f64());
+        }
+    }
+    let mut first = None;
+    for (&n, rates) in streams.iter().zip(rates) {
+        let rate = median(rates);
+        let base = *first.get_or_insert(rate);
+        println!(
+            "smollm2 server: {n} concurrent requests: {rate:.1} tok/s aggregate, {:.2}x {} \
+             (median of {runs}, {TOKENS} tokens each, the counts in turn)",
+            rate / base,
+            match streams[0] {
+                1 => "one request".to_string(),
+                first => format!("{first} requests"),
+            }
+        );
+    }
+    Ok(())
+}
+
 /// Starts `kandle-runtime serve` on `model` `args.server_runs` times: the median time from
 /// spawning the process to the first 200 from /ready (load, warm-up and all), then, on the
-/// last run, one request and the process's peak RSS.
+/// last run, one request, the process's peak RSS, and `more(port)`.
 fn server_figures(
     args: &Args,
     bin: &Path,
@@ -380,6 +462,7 @@ fn server_figures(
     name: &str,
     path: &str,
     body: &serde_json::Value,
+    more: impl Fn(u16) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let mut ready_times = Vec::new();
     for run in 0..args.server_runs.max(1) {
@@ -428,6 +511,7 @@ fn server_figures(
                 "{name} server: peak RSS (VmHWM) {:.1} MiB",
                 vm_hwm_kib(child.0.id())? as f64 / 1024.0
             );
+            more(port)?;
         }
     }
     println!(
