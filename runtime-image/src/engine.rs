@@ -18,6 +18,7 @@ use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rayon::prelude::*;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::backend::{CausalLm, Sequence};
@@ -25,7 +26,7 @@ use crate::chat::{ChatMessage, ChatTemplate};
 use crate::detok::TextAssembler;
 use crate::metrics::Metrics;
 use crate::model::{LoadedModel, Scoring, Task};
-use crate::sampling::{Sampler, SamplingParams};
+use crate::sampling::{SampledToken, Sampler, SamplingParams};
 use crate::tokenizer::TextTokenizer;
 
 /// Scheduling limits.
@@ -514,10 +515,22 @@ impl GenerationWorker {
         if !seqs.is_empty() {
             let rows = seqs.len();
             match self.lm.decode_batch(&mut seqs, &tokens) {
-                Ok(logits) if logits.len() == rows => {
-                    let decoding = active.iter_mut().zip(&decoding).filter(|(_, d)| **d);
-                    for ((a, _), l) in decoding.zip(logits) {
-                        self.emit(a, l);
+                Ok(mut logits) if logits.len() == rows => {
+                    let mut decoding: Vec<&mut Active> = active
+                        .iter_mut()
+                        .zip(&decoding)
+                        .filter(|(_, d)| **d)
+                        .map(|(a, _)| a)
+                        .collect();
+                    // Each sequence's sampling (a pass or two over the vocabulary) on the
+                    // threads side by side, while the model waits for the next round anyway.
+                    let tokens: Vec<SampledToken> = decoding
+                        .par_iter_mut()
+                        .zip(logits.par_iter_mut())
+                        .map(|(a, l)| a.sampler.sample(l))
+                        .collect();
+                    for (a, tok) in decoding.into_iter().zip(tokens) {
+                        self.emit(a, tok);
                     }
                 }
                 other => {
@@ -536,7 +549,10 @@ impl GenerationWorker {
                 continue;
             }
             match a.seq.feed(&a.next_input) {
-                Ok(logits) => self.emit(a, logits),
+                Ok(mut logits) => {
+                    let tok = a.sampler.sample(&mut logits);
+                    self.emit(a, tok)
+                }
                 Err(e) => self.finish(
                     a,
                     GenerateEvent::Failed(EngineError::Internal(e.to_string())),
@@ -545,9 +561,8 @@ impl GenerationWorker {
         }
     }
 
-    /// Samples the next token of `a` from `logits` and reports it.
-    fn emit(&self, a: &mut Active, mut logits: Vec<f32>) {
-        let tok = a.sampler.sample(&mut logits);
+    /// Reports `tok`, the next token of `a` (its sampler's choice).
+    fn emit(&self, a: &mut Active, tok: SampledToken) {
         let now = Instant::now();
         match a.last_token_at {
             None => self
