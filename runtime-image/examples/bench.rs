@@ -400,25 +400,48 @@ const SERVER_PROMPTS: [&str; 8] = [
 /// included. The ratios are to the first count.
 fn server_concurrency(port: u16, streams: &[usize], runs: usize) -> anyhow::Result<()> {
     const TOKENS: u64 = 64;
-    let mut rates = vec![Vec::new(); streams.len()];
+    let mut rates = vec![Vec::new(); streams.len() + 1];
+    // The counts in turn, then the last count again with sampling at temperature 1 (OpenAI's
+    // default; a fixed seed per request), which must not cost much more than greedy.
+    let counts: Vec<(usize, f32)> = streams
+        .iter()
+        .map(|&n| (n, 0.0))
+        .chain(streams.last().map(|&n| (n, 1.0)))
+        .collect();
+    let request = move |prompt: &str, temperature: f32, seed: u64| {
+        let body = serde_json::json!({
+            "model": "bench",
+            "prompt": prompt,
+            "max_tokens": TOKENS,
+            "temperature": temperature,
+            "seed": seed,
+        })
+        .to_string();
+        move || -> anyhow::Result<u64> {
+            let (status, resp) = http(port, "POST", "/v1/completions", Some(&body))?;
+            anyhow::ensure!(status == 200, "/v1/completions answered {status}: {resp}");
+            let resp: serde_json::Value = serde_json::from_str(&resp)?;
+            Ok(resp["usage"]["completion_tokens"].as_u64().unwrap_or(0))
+        }
+    };
+    // Per prompt, a seed whose sampled completion runs all TOKENS without an end-of-text
+    // (sampling repeats for a seed, and the kernels give the same bits on every CPU).
+    let mut seeds = Vec::new();
+    for prompt in SERVER_PROMPTS {
+        let seed = (0..64u64)
+            .find(|&seed| matches!(request(prompt, 1.0, seed)(), Ok(TOKENS)))
+            .ok_or_else(|| {
+                anyhow::anyhow!("no seed in 0..64 samples {TOKENS} tokens of {prompt:?}")
+            })?;
+        seeds.push(seed);
+    }
     for _ in 0..runs {
-        for (&n, rates) in streams.iter().zip(rates.iter_mut()) {
+        for (&(n, temperature), rates) in counts.iter().zip(rates.iter_mut()) {
             let t = Instant::now();
             let clients: Vec<_> = (0..n)
                 .map(|i| {
-                    let body = serde_json::json!({
-                        "model": "bench",
-                        "prompt": SERVER_PROMPTS[i % SERVER_PROMPTS.len()],
-                        "max_tokens": TOKENS,
-                        "temperature": 0,
-                    })
-                    .to_string();
-                    std::thread::spawn(move || -> anyhow::Result<u64> {
-                        let (status, resp) = http(port, "POST", "/v1/completions", Some(&body))?;
-                        anyhow::ensure!(status == 200, "/v1/completions answered {status}: {resp}");
-                        let resp: serde_json::Value = serde_json::from_str(&resp)?;
-                        Ok(resp["usage"]["completion_tokens"].as_u64().unwrap_or(0))
-                    })
+                    let k = i % SERVER_PROMPTS.len();
+                    std::thread::spawn(request(SERVER_PROMPTS[k], temperature, seeds[k]))
                 })
                 .collect();
             let mut tokens = 0;
@@ -436,11 +459,16 @@ fn server_concurrency(port: u16, streams: &[usize], runs: usize) -> anyhow::Resu
         }
     }
     let mut first = None;
-    for (&n, rates) in streams.iter().zip(rates) {
+    for (&(n, temperature), rates) in counts.iter().zip(rates) {
         let rate = median(rates);
         let base = *first.get_or_insert(rate);
+        let how = if temperature > 0.0 {
+            " at temperature 1"
+        } else {
+            ""
+        };
         println!(
-            "smollm2 server: {n} concurrent requests: {rate:.1} tok/s aggregate, {:.2}x {} \
+            "smollm2 server: {n} concurrent requests{how}: {rate:.1} tok/s aggregate, {:.2}x {} \
              (median of {runs}, {TOKENS} tokens each, the counts in turn)",
             rate / base,
             match streams[0] {
