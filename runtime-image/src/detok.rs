@@ -1,10 +1,62 @@
 //! Turning a growing list of generated tokens into text deltas, with stop sequences.
 //!
-//! Each step the whole generated id list is decoded again (byte-level BPE pieces may end in
-//! the middle of a UTF-8 character, so pieces cannot be decoded one by one), and only the text
-//! that can no longer change is released: a trailing U+FFFD (an incomplete character) and any
-//! suffix that could be the start of a stop sequence are held back. Streaming and
-//! non-streaming responses are both the concatenation of these deltas, so they are identical.
+//! [`IncrementalText`] keeps the text of the generated ids, decoding only the last few ids
+//! each step (byte-level BPE pieces may end in the middle of a UTF-8 character, and a
+//! SentencePiece decoder drops the space of the first piece it sees, so pieces cannot be
+//! decoded one by one); [`TextAssembler`] releases only the text that can no longer change: a
+//! trailing U+FFFD (an incomplete character) and any suffix that could be the start of a stop
+//! sequence are held back. Streaming and non-streaming responses are both the concatenation
+//! of these deltas, so they are identical.
+
+/// The text of a growing list of token ids, as decoding the whole list would give it, at the
+/// cost of decoding a few ids per token: the offsets of text-generation-inference's
+/// `decode_token`. `prefix..read` are ids already turned into text, decoded again only as the
+/// context of the ids after them; a step's new text is `decode(prefix..) − decode(prefix..read)`,
+/// taken once it does not end in an incomplete character. (Decoding the whole list every
+/// step cost 118 µs a token at 1,000 generated tokens with SmolLM2's tokenizer, 236 µs at
+/// 2,000: quadratic in the output's length, and on the thread that runs the model.)
+#[derive(Debug, Clone, Default)]
+pub struct IncrementalText {
+    prefix: usize,
+    read: usize,
+    text: String,
+}
+
+impl IncrementalText {
+    /// The text of `ids` (the previous call's ids and more), with `decode` the tokenizer's.
+    /// Without `last`, text that does not yet end in a complete character waits; with it,
+    /// everything is taken, as a whole decode would give it.
+    pub fn update<E>(
+        &mut self,
+        ids: &[u32],
+        last: bool,
+        decode: impl Fn(&[u32]) -> Result<String, E>,
+    ) -> Result<&str, E> {
+        if ids.len() > self.read {
+            // Nothing is decoded from no ids: some decoders (tokenizers' BPE decoder, which
+            // Blenderbot-small uses) panic on an empty list.
+            let before = if self.read > self.prefix {
+                decode(&ids[self.prefix..self.read])?
+            } else {
+                String::new()
+            };
+            let window = decode(&ids[self.prefix..])?;
+            let grows = window.len() > before.len() && window.is_char_boundary(before.len());
+            if grows && (last || !window.ends_with('\u{FFFD}')) {
+                self.text.push_str(&window[before.len()..]);
+                self.prefix = self.read;
+                self.read = ids.len();
+            } else if last {
+                // A window whose text is not its start's text and more (a decoder that
+                // rewrites across pieces): the end is the whole decode, as before.
+                self.text = decode(ids)?;
+                self.prefix = ids.len();
+                self.read = ids.len();
+            }
+        }
+        Ok(&self.text)
+    }
+}
 
 /// Releases text as it becomes final.
 #[derive(Debug, Clone)]
@@ -139,5 +191,62 @@ mod tests {
     #[test]
     fn the_last_step_releases_held_text() {
         assert_eq!(run(&["xyz"], &["ab", "abx"]), ("abx".into(), false));
+    }
+
+    /// A byte-level decoder over a toy vocabulary: id → bytes, invalid UTF-8 lossily, as
+    /// byte-level BPE decodes; ids 0..4 are multi-byte pieces that split characters.
+    fn toy_decode(ids: &[u32]) -> Result<String, ()> {
+        let pieces: [&[u8]; 8] = [
+            &[0xC3],
+            &[0xA9, b' '],
+            &[0xE2, 0x82],
+            &[0xAC],
+            "é".as_bytes(),
+            b"ab",
+            b" c",
+            b"\n",
+        ];
+        let bytes: Vec<u8> = ids
+            .iter()
+            .flat_map(|&i| pieces[i as usize % 8])
+            .copied()
+            .collect();
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    #[test]
+    fn incremental_text_is_the_whole_decode_once_settled_and_at_the_end() {
+        let mut seed = 3u64;
+        for case in 0..300 {
+            let len = 1 + case % 40;
+            let ids: Vec<u32> = (0..len)
+                .map(|_| {
+                    seed = seed
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    (seed >> 33) as u32 % 8
+                })
+                .collect();
+            let mut inc = IncrementalText::default();
+            for n in 1..=ids.len() {
+                let last = n == ids.len();
+                let text = inc.update(&ids[..n], last, toy_decode).unwrap().to_string();
+                let whole = toy_decode(&ids[..n]).unwrap();
+                if last {
+                    assert_eq!(text, whole, "{ids:?}");
+                } else {
+                    // What is taken is a prefix of the whole decode, short of it by at most
+                    // the pieces still waiting for their character's end.
+                    assert!(
+                        whole.starts_with(&text),
+                        "{:?}: {text:?} / {whole:?}",
+                        &ids[..n]
+                    );
+                    if !whole.ends_with('\u{FFFD}') {
+                        assert_eq!(text, whole, "{:?}", &ids[..n]);
+                    }
+                }
+            }
+        }
     }
 }

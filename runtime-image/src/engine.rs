@@ -23,7 +23,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::backend::{CausalLm, Sequence};
 use crate::chat::{ChatMessage, ChatTemplate};
-use crate::detok::TextAssembler;
+use crate::detok::{IncrementalText, TextAssembler};
 use crate::metrics::Metrics;
 use crate::model::{LoadedModel, Scoring, Task};
 use crate::sampling::{SampledToken, Sampler, SamplingParams};
@@ -406,6 +406,8 @@ struct Active {
     seq: Box<dyn Sequence>,
     sampler: Sampler,
     assembler: TextAssembler,
+    /// The text of `generated`, decoded a few ids at a time.
+    text: IncrementalText,
     next_input: Vec<u32>,
     generated: Vec<u32>,
     completion_tokens: usize,
@@ -472,6 +474,7 @@ impl GenerationWorker {
         active.push(Active {
             sampler: Sampler::new(req.sampling.clone()),
             assembler: TextAssembler::new(req.stop.clone()),
+            text: IncrementalText::default(),
             next_input: req.prompt.clone(),
             req,
             events,
@@ -596,8 +599,13 @@ impl GenerationWorker {
         }
         let context_full = a.seq.len() + 1 >= self.context_length;
         let at_limit = a.completion_tokens >= a.req.max_tokens || context_full;
-        let text = match self.tokenizer.decode(&a.generated, true) {
-            Ok(t) => t,
+        let last = is_eos || at_limit;
+        let tokenizer = &self.tokenizer;
+        let released = match a
+            .text
+            .update(&a.generated, last, |ids| tokenizer.decode(ids, true))
+        {
+            Ok(text) => a.assembler.push(text, last),
             Err(e) => {
                 self.finish(
                     a,
@@ -606,7 +614,6 @@ impl GenerationWorker {
                 return;
             }
         };
-        let released = a.assembler.push(&text, is_eos || at_limit);
         if !released.delta.is_empty() || !logprobs.is_empty() {
             let _ = a.events.send(GenerateEvent::Delta {
                 text: released.delta.clone(),

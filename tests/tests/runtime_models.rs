@@ -11,6 +11,9 @@ use kandle_runtime::sampling::{argmax, log_softmax};
 use kandle_tests::{fixtures_dir, models};
 use serde_json::Value;
 
+#[path = "support/incremental_text.rs"]
+mod incremental_text;
+
 fn load(path: &Path) -> LoadedModel {
     backend::load(&LoadOptions {
         path: path.to_path_buf(),
@@ -185,6 +188,18 @@ fn smollm2_greedy_decoding_reproduces_llama_cpp_up_to_near_ties() {
             expected.len()
         );
     }
+}
+
+/// The engine's incremental detokenisation gives SmolLM2's whole decode (its tokenizer is
+/// built from the GGUF's metadata).
+#[test]
+fn smollm2_incremental_text_is_its_whole_decode() {
+    let g = generation(&models::smollm2_gguf());
+    incremental_text::assert_incremental_text_is_whole_decode(
+        &g.tokenizer,
+        "Hello, wörld! Ünïcode: café, 東京, emoji 🙂 and\nnew lines.",
+        "smollm2",
+    );
 }
 
 #[test]

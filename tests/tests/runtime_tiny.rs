@@ -20,6 +20,9 @@ use kandle_runtime::server::{self, Server};
 use kandle_tests::fixtures_dir;
 use serde_json::{Value, json};
 
+#[path = "support/incremental_text.rs"]
+mod incremental_text;
+
 const CAUSAL: [&str; 4] = ["gpt2", "gptj", "bloom", "llama"];
 const CLASSIFIERS: [&str; 3] = ["bert-cls", "distilbert-cls", "xlm-roberta-cls"];
 
@@ -164,6 +167,19 @@ fn causal_lms_match_transformers_logits_top5_and_greedy_tokens() {
             );
             check_causal_case(name, &g, &prompt, case, &format!("case {i}"));
         }
+    }
+}
+
+/// The engine's incremental detokenisation gives each tiny model's whole decode.
+#[test]
+fn incremental_text_of_each_causal_lm_is_its_whole_decode() {
+    for name in CAUSAL {
+        let g = generation(name);
+        incremental_text::assert_incremental_text_is_whole_decode(
+            &g.tokenizer,
+            "Hello, wörld! Ünïcode: café, 東京, emoji 🙂 and\nnew lines.",
+            name,
+        );
     }
 }
 

@@ -18,6 +18,9 @@ use kandle_runtime::tokenizer::TextTokenizer;
 use kandle_tests::fixtures_dir;
 use serde_json::{Value, json};
 
+#[path = "support/incremental_text.rs"]
+mod incremental_text;
+
 const TOLERANCE: f32 = 1e-4;
 
 fn fixture(name: &str) -> PathBuf {
@@ -267,6 +270,20 @@ async fn a_text2text_model_streams_the_same_text_and_refuses_chat() {
 }
 
 /// Copies a fixture directory, for tests that change a file of it.
+/// The engine's incremental detokenisation gives each tiny model's whole decode (T5's
+/// SentencePiece, Blenderbot-small's BPE decoder, which panics on an empty list).
+#[test]
+fn incremental_text_of_each_text2text_model_is_its_whole_decode() {
+    for name in ["t5", "blenderbot-small"] {
+        let tok = TextTokenizer::from_file(&fixture(name).join("tokenizer.json")).unwrap();
+        incremental_text::assert_incremental_text_is_whole_decode(
+            &tok,
+            "Hello, wörld! Ünïcode: café, 東京, emoji 🙂 and\nnew lines.",
+            name,
+        );
+    }
+}
+
 fn copy_fixture(src: &Path, dst: &Path) {
     std::fs::create_dir(dst).unwrap();
     for f in std::fs::read_dir(src).unwrap() {
