@@ -433,7 +433,30 @@ impl GenerationWorker {
                 }
             }
             self.metrics.batch_size.set(active.len() as i64);
-            self.step_all(&mut active);
+            // A panic in a step (a model's or a tokenizer's bug on some input) fails that
+            // step's requests and leaves the thread serving the next ones: the weights are
+            // not changed by a step, and the failed sequences' caches are dropped with them.
+            let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.step_all(&mut active)
+            }));
+            if let Err(panic) = step {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic".into());
+                tracing::error!(panic = %what, requests = active.len(), "a step panicked; its requests failed");
+                for a in active.iter_mut().filter(|a| !a.done) {
+                    self.finish(
+                        a,
+                        GenerateEvent::Failed(EngineError::Internal(
+                            "the model failed on this step (the server's log says how); it goes \
+                             on serving"
+                                .into(),
+                        )),
+                    );
+                }
+            }
             let before = active.len();
             active.retain(|a| !a.done);
             self.metrics.inflight.dec_by((before - active.len()) as i64);
@@ -673,10 +696,20 @@ fn encoder_loop(
                     metrics
                         .prompt_tokens
                         .inc_by(chunk.iter().map(|c| c.len() as u64).sum());
-                    match run(chunk) {
-                        Ok(v) => out.extend(v),
-                        Err(e) => {
+                    // As for generation: a panic fails this request, not the thread.
+                    let result =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(chunk)));
+                    match result {
+                        Ok(Ok(v)) => out.extend(v),
+                        Ok(Err(e)) => {
                             failed = Some(EngineError::Internal(e.to_string()));
+                            break;
+                        }
+                        Err(_) => {
+                            tracing::error!("an encoder batch panicked; its request failed");
+                            failed = Some(EngineError::Internal(
+                                "the model failed on this input; the server goes on serving".into(),
+                            ));
                             break;
                         }
                     }

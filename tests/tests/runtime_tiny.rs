@@ -9,7 +9,7 @@
 //! broken temporary copies of a fixture.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use kandle_runtime::ServeConfig;
@@ -180,6 +180,85 @@ fn incremental_text_of_each_causal_lm_is_its_whole_decode() {
             "Hello, wörld! Ünïcode: café, 東京, emoji 🙂 and\nnew lines.",
             name,
         );
+    }
+}
+
+/// A tiny llama whose sequences panic when fed token [`POISON`]: a stand-in for a model's or
+/// a tokenizer's bug on some input.
+struct Poisoned(Box<dyn backend::CausalLm>);
+struct PoisonedSeq(Box<dyn backend::Sequence>);
+const POISON: u32 = 13;
+
+impl backend::CausalLm for Poisoned {
+    fn new_sequence(&self) -> kandle_runtime::Result<Box<dyn backend::Sequence>> {
+        Ok(Box::new(PoisonedSeq(self.0.new_sequence()?)))
+    }
+    fn vocab_size(&self) -> usize {
+        self.0.vocab_size()
+    }
+    fn context_length(&self) -> usize {
+        self.0.context_length()
+    }
+}
+
+impl backend::Sequence for PoisonedSeq {
+    fn feed(&mut self, tokens: &[u32]) -> kandle_runtime::Result<Vec<f32>> {
+        assert!(!tokens.contains(&POISON), "poisoned token fed");
+        self.0.feed(tokens)
+    }
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+/// A panic on the model's thread fails the requests of that step with a server error, and
+/// the thread goes on serving: the next request completes.
+#[test]
+fn a_panicking_step_fails_its_request_and_the_engine_serves_the_next() {
+    use kandle_runtime::engine::{
+        Engine, EngineConfig, EngineError, GenerateEvent, GenerateRequest,
+    };
+    let mut g = generation("llama");
+    g.lm = Box::new(Poisoned(g.lm));
+    let metrics = kandle_runtime::metrics::Metrics::register(&mut Default::default());
+    let engine = Engine::start(
+        LoadedModel::Generation(g),
+        EngineConfig {
+            max_batch_size: 4,
+            max_queue: 4,
+            max_sequence_length: None,
+        },
+        metrics,
+    );
+    let run = |prompt: Vec<u32>| {
+        let mut rx = engine
+            .generate(GenerateRequest {
+                prompt,
+                max_tokens: 4,
+                sampling: Default::default(),
+                stop: Vec::new(),
+                deadline: Instant::now() + Duration::from_secs(60),
+            })
+            .unwrap();
+        let mut last = None;
+        while let Some(ev) = rx.blocking_recv() {
+            last = Some(ev);
+        }
+        last.expect("the request ended with an event")
+    };
+    match run(vec![1, 5, POISON, 7]) {
+        GenerateEvent::Failed(EngineError::Internal(msg)) => {
+            assert!(msg.contains("goes on serving"), "{msg}")
+        }
+        other => panic!("the poisoned request ended with {other:?}"),
+    }
+    for _ in 0..2 {
+        match run(vec![1, 5, 6, 7]) {
+            GenerateEvent::Done {
+                completion_tokens, ..
+            } => assert!(completion_tokens >= 1),
+            other => panic!("the request after the panic ended with {other:?}"),
+        }
     }
 }
 
