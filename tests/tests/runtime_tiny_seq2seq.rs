@@ -372,7 +372,7 @@ fn drop_tensor(src: &Path, dst: &Path, name: &str) {
     }
     assert!(found, "{name} is in the fixture");
     let mut h = serde_json::to_vec(&Value::Object(out_header)).unwrap();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = (h.len() as u64).to_le_bytes().to_vec();

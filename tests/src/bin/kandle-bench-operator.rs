@@ -38,7 +38,7 @@ fn peak_rss_mib(pid: u32) -> Option<f64> {
 }
 
 fn spawn_operator(bin: &PathBuf, cp: &ControlPlane, ns: &str, port: u16) -> Result<std::process::Child> {
-    Ok(std::process::Command::new(bin)
+    std::process::Command::new(bin)
         .args(["run", "--log-format", "text", "--leader-elect=false", "--namespace", ns])
         .arg("--kubeconfig")
         .arg(cp.kubeconfig())
@@ -49,7 +49,7 @@ fn spawn_operator(bin: &PathBuf, cp: &ControlPlane, ns: &str, port: u16) -> Resu
             None => std::process::Stdio::null(),
         })
         .spawn()
-        .with_context(|| format!("starting {}", bin.display()))?)
+        .with_context(|| format!("starting {}", bin.display()))
 }
 
 async fn writes(port: u16) -> Result<u64> {
