@@ -55,6 +55,15 @@ pub(super) enum Kind {
 }
 
 impl Kind {
+    /// The kind of a GGUF type our kernels take.
+    fn of(dtype: GgmlDType) -> Option<Kind> {
+        match dtype {
+            GgmlDType::Q4_1 => Some(Kind::Q4_1),
+            GgmlDType::Q8_0 => Some(Kind::Q8_0),
+            _ => None,
+        }
+    }
+
     /// Bytes of one GGUF block (32 weights of one row).
     fn block_bytes(self) -> usize {
         match self {
@@ -191,6 +200,19 @@ fn quantize_block(xb: &[f32], qb: &mut [i8]) -> (f32, i32) {
     (amax / 127.0, sum)
 }
 
+/// The rows and the GGUF blocks of `t`, a `(n, k)` tensor of `kind`, checked against its shape.
+fn gguf_blocks(t: &QTensor, kind: Kind) -> Result<(usize, std::borrow::Cow<'_, [u8]>)> {
+    let (n, k) = t.shape().dims2()?;
+    let raw = t.data()?;
+    if k % QK != 0 || raw.len() != n * k / QK * kind.block_bytes() {
+        return Err(Error::Model(format!(
+            "a {kind:?} tensor of shape ({n}, {k}) holds {} bytes",
+            raw.len()
+        )));
+    }
+    Ok((n, raw))
+}
+
 fn f16_at(b: &[u8], at: usize) -> f32 {
     f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
 }
@@ -198,30 +220,7 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
 impl QMat {
     /// Takes a 2-D GGUF tensor of shape `(n, k)`.
     pub(super) fn from_qtensor(t: QTensor) -> Result<QMat> {
-        let (n, k) = t.shape().dims2()?;
-        let kind = match t.dtype() {
-            GgmlDType::Q4_1 => Some(Kind::Q4_1),
-            GgmlDType::Q8_0 => Some(Kind::Q8_0),
-            _ => None,
-        };
-        Ok(match kind {
-            Some(kind) => {
-                let raw = t.data()?;
-                if k % QK != 0 || raw.len() != n * k / QK * kind.block_bytes() {
-                    return Err(Error::Model(format!(
-                        "a {kind:?} tensor of shape ({n}, {k}) holds {} bytes",
-                        raw.len()
-                    )));
-                }
-                let data = kind.pack(n, k, &raw);
-                QMat::Own { kind, n, k, data }
-            }
-            None => QMat::Candle {
-                mm: QMatMul::from_qtensor(t)?,
-                n,
-                k,
-            },
-        })
+        QMat::from_qtensors(vec![t])
     }
 
     /// One matrix whose outputs are those of `tensors` side by side (all of shape `(_, k)`).
@@ -230,43 +229,42 @@ impl QMat {
     /// GGUF rows are joined before packing, so that only the fused matrix takes memory among
     /// the weights ([`WeightBytes`] are never given back one by one).
     pub(super) fn from_qtensors(tensors: Vec<QTensor>) -> Result<QMat> {
-        let dtype = tensors.first().map(QTensor::dtype);
-        let k = tensors
-            .first()
-            .map(|t| t.shape().dims2())
-            .transpose()?
-            .map(|(_, k)| k);
+        let Some(first) = tensors.first() else {
+            return Ok(QMat::Stack(Vec::new()));
+        };
+        let (dtype, (_, k)) = (first.dtype(), first.shape().dims2()?);
         let mut same = true;
         for t in &tensors {
-            same &= Some(t.dtype()) == dtype && Some(t.shape().dims2()?.1) == k;
+            same &= t.dtype() == dtype && t.shape().dims2()?.1 == k;
         }
-        let kind = match dtype {
-            Some(GgmlDType::Q4_1) => Some(Kind::Q4_1),
-            Some(GgmlDType::Q8_0) => Some(Kind::Q8_0),
-            _ => None,
-        };
-        match (tensors.len(), kind) {
-            (1, _) => QMat::from_qtensor(tensors.into_iter().next().expect("one tensor")),
-            (_, Some(kind)) if same && k.is_some_and(|k| k % QK == 0) => {
-                let k = k.expect("a shape");
-                let (mut n, mut raw) = (0, Vec::new());
-                for t in &tensors {
-                    let (tn, _) = t.shape().dims2()?;
-                    let bytes = t.data()?;
-                    if bytes.len() != tn * k / QK * kind.block_bytes() {
-                        return Err(Error::Model(format!(
-                            "a {kind:?} tensor of shape ({tn}, {k}) holds {} bytes",
-                            bytes.len()
-                        )));
+        match Kind::of(dtype) {
+            Some(kind) if same => {
+                let (n, blocks) = match tensors.as_slice() {
+                    [t] => gguf_blocks(t, kind)?,
+                    _ => {
+                        let (mut n, mut joined) = (0, Vec::new());
+                        for t in &tensors {
+                            let (tn, blocks) = gguf_blocks(t, kind)?;
+                            n += tn;
+                            joined.extend_from_slice(&blocks);
+                        }
+                        (n, std::borrow::Cow::Owned(joined))
                     }
-                    raw.extend_from_slice(&bytes);
-                    n += tn;
-                }
+                };
                 Ok(QMat::Own {
                     kind,
                     n,
                     k,
-                    data: kind.pack(n, k, &raw),
+                    data: kind.pack(n, k, &blocks),
+                })
+            }
+            _ if tensors.len() == 1 => {
+                let (n, k) = first.shape().dims2()?;
+                let t = tensors.into_iter().next().expect("one tensor");
+                Ok(QMat::Candle {
+                    mm: QMatMul::from_qtensor(t)?,
+                    n,
+                    k,
                 })
             }
             _ => Ok(QMat::Stack(
