@@ -149,40 +149,37 @@ fn draw(logits: &[f32], p: &SamplingParams, r: f64) -> u32 {
     let weight = move |l: f32| (l - max).exp() as f64;
     let weights: Vec<f64> = cand.iter().map(|c| weight(c.1)).collect();
     let total: f64 = weights.iter().sum();
-    if p.top_p >= 1.0 {
+    // The kept candidates in id order, their weights, and their share of the total: all of
+    // them, or the nucleus, found in rank order.
+    let (kept, weights, share) = if p.top_p >= 1.0 {
+        (cand, weights, 1.0)
+    } else {
+        let n = cand.len();
+        let mut ranked = Ranked { cand, sorted: 0 };
         let mut cum = 0.0;
-        for (c, w) in cand.iter().zip(&weights) {
-            cum += w / total;
-            if r < cum {
-                return c.0;
+        let mut keep = n;
+        for i in 0..n {
+            cum += weight(ranked.at(i).1) / total;
+            if cum >= p.top_p as f64 {
+                keep = i + 1;
+                break;
             }
         }
-        return cand[cand.len() - 1].0;
-    }
-    // The nucleus, found in rank order, then drawn from in id order.
-    let n = cand.len();
-    let mut ranked = Ranked { cand, sorted: 0 };
+        let mut kept = ranked.cand;
+        kept.truncate(keep);
+        kept.sort_unstable_by_key(|c| c.0);
+        let weights: Vec<f64> = kept.iter().map(|c| weight(c.1)).collect();
+        let share: f64 = weights.iter().map(|w| w / total).sum();
+        (kept, weights, share)
+    };
     let mut cum = 0.0;
-    let mut keep = n;
-    for i in 0..n {
-        cum += weight(ranked.at(i).1) / total;
-        if cum >= p.top_p as f64 {
-            keep = i + 1;
-            break;
-        }
-    }
-    let mut kept = ranked.cand;
-    kept.truncate(keep);
-    kept.sort_unstable_by_key(|c| c.0);
-    let share: f64 = kept.iter().map(|c| weight(c.1) / total).sum();
-    let mut cum = 0.0;
-    for c in &kept {
-        cum += weight(c.1) / total / share;
+    for (c, w) in kept.iter().zip(&weights) {
+        cum += w / total / share;
         if r < cum {
             return c.0;
         }
     }
-    kept[keep - 1].0
+    kept[kept.len() - 1].0
 }
 
 /// Index of the largest value; the lowest index wins ties.
