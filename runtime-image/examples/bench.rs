@@ -272,6 +272,15 @@ fn main() -> anyhow::Result<()> {
                     1.0 / med,
                     args.steady_window,
                 );
+                let w = args.steady_window;
+                let rate = |s: &[f64]| s.len() as f64 / s.iter().sum::<f64>();
+                println!(
+                    "  first {w} steps {:.1} tok/s, last {w} {:.1} tok/s (the context grows from {} to {} tokens)",
+                    rate(&step_times[..w]),
+                    rate(&step_times[step_times.len() - w..]),
+                    bench.len(),
+                    bench.len() + args.steady_steps,
+                );
             }
         }
         concurrent_decode(&g, &bench, args.concurrent_steps, args.runs, &args.streams)?;
