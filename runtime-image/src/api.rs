@@ -1,7 +1,10 @@
 //! The OpenAI wire format: request bodies, validation into engine requests, and the error body.
 //! Plain data and pure functions; the HTTP plumbing lives in `server`.
 
+use std::collections::BTreeMap;
+
 use serde::Deserialize;
+use serde_json::Value;
 
 use crate::chat::ChatMessage;
 use crate::sampling::SamplingParams;
@@ -123,6 +126,140 @@ pub struct ChatCompletionRequest {
     pub logprobs: bool,
     pub top_logprobs: Option<i64>,
     pub n: Option<i64>,
+    pub logit_bias: Option<BTreeMap<String, f32>>,
+    #[serde(flatten)]
+    pub unsupported: ChatUnsupported,
+}
+
+/// Chat fields of OpenAI's API that kandle does not implement and that would change the
+/// answer: refused when set to anything but their "off" value, rather than silently ignored
+/// (a client asking for JSON mode or tool calls must not get plain text it takes for either).
+/// Other unknown fields are ignored, as vLLM and TGI do.
+#[derive(Debug, Clone, Deserialize, Default)]
+pub struct ChatUnsupported {
+    pub tools: Option<Value>,
+    pub tool_choice: Option<Value>,
+    pub functions: Option<Value>,
+    pub function_call: Option<Value>,
+    pub response_format: Option<Value>,
+}
+
+/// Completions fields of OpenAI's API that kandle does not implement (as [`ChatUnsupported`]).
+#[derive(Debug, Clone, Deserialize, Default)]
+pub struct CompletionUnsupported {
+    pub suffix: Option<Value>,
+    pub best_of: Option<Value>,
+}
+
+fn unsupported(param: &'static str, what: &str) -> ApiError {
+    ApiError::invalid(
+        format!("{param} is not supported by this server ({what})"),
+        Some(param),
+    )
+}
+
+impl ChatUnsupported {
+    /// Refuses a field set to more than its "off" value: no tools or functions, no forced
+    /// call, a text response format.
+    pub fn check(&self) -> Result<(), ApiError> {
+        let empty = |v: &Option<Value>| match v {
+            None | Some(Value::Null) => true,
+            Some(Value::Array(a)) => a.is_empty(),
+            _ => false,
+        };
+        let none = |v: &Option<Value>| {
+            matches!(v, None | Some(Value::Null))
+                || v.as_ref().and_then(Value::as_str) == Some("none")
+        };
+        if !empty(&self.tools) {
+            return Err(unsupported(
+                "tools",
+                "no tool calling; send the request without tools",
+            ));
+        }
+        if !empty(&self.functions) {
+            return Err(unsupported("functions", "no function calling"));
+        }
+        if !none(&self.tool_choice) {
+            return Err(unsupported(
+                "tool_choice",
+                "no tool calling; only \"none\" is accepted",
+            ));
+        }
+        if !none(&self.function_call) {
+            return Err(unsupported(
+                "function_call",
+                "no function calling; only \"none\" is accepted",
+            ));
+        }
+        match &self.response_format {
+            None | Some(Value::Null) => Ok(()),
+            Some(f) if f.get("type").and_then(Value::as_str) == Some("text") => Ok(()),
+            Some(f) => Err(unsupported(
+                "response_format",
+                &format!(
+                    "only {{\"type\": \"text\"}}; no JSON mode or schema-constrained output, got {}",
+                    f.get("type")
+                        .map_or_else(|| f.to_string(), Value::to_string)
+                ),
+            )),
+        }
+    }
+}
+
+impl CompletionUnsupported {
+    /// Refuses a non-empty `suffix` (insertion) and `best_of` above 1.
+    pub fn check(&self) -> Result<(), ApiError> {
+        match &self.suffix {
+            None | Some(Value::Null) => {}
+            Some(Value::String(s)) if s.is_empty() => {}
+            Some(_) => return Err(unsupported("suffix", "no insertion; send the prompt alone")),
+        }
+        match &self.best_of {
+            None | Some(Value::Null) => Ok(()),
+            Some(v) if v.as_i64() == Some(1) => Ok(()),
+            Some(v) => Err(unsupported("best_of", &format!("only 1, got {v}"))),
+        }
+    }
+}
+
+/// The largest bias `logit_bias` takes either way, as OpenAI's API.
+pub const MAX_LOGIT_BIAS: f32 = 100.0;
+
+/// Validates `logit_bias` (token ids as strings, as JSON object keys must be, each with a bias
+/// in [-100, 100]) against a vocabulary of `vocab` tokens; the pairs in id order.
+pub fn logit_bias(
+    bias: Option<&BTreeMap<String, f32>>,
+    vocab: usize,
+) -> Result<Vec<(u32, f32)>, ApiError> {
+    let Some(bias) = bias else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::with_capacity(bias.len());
+    for (key, &b) in bias {
+        let id: u32 = key.trim().parse().map_err(|_| {
+            ApiError::invalid(
+                format!("logit_bias keys must be token ids (integers), got {key:?}"),
+                Some("logit_bias"),
+            )
+        })?;
+        if id as usize >= vocab {
+            return Err(ApiError::invalid(
+                format!("logit_bias names token {id}, but the vocabulary has {vocab} tokens"),
+                Some("logit_bias"),
+            ));
+        }
+        if !(-MAX_LOGIT_BIAS..=MAX_LOGIT_BIAS).contains(&b) {
+            return Err(ApiError::invalid(
+                format!("logit_bias values must be between -100 and 100, got {b} for token {id}"),
+                Some("logit_bias"),
+            ));
+        }
+        out.push((id, b));
+    }
+    out.sort_unstable_by_key(|p| p.0);
+    out.dedup_by_key(|p| p.0);
+    Ok(out)
 }
 
 /// `prompt` of /v1/completions: a string or a one-element list of strings.
@@ -155,6 +292,9 @@ pub struct CompletionRequest {
     pub n: Option<i64>,
     #[serde(default)]
     pub echo: bool,
+    pub logit_bias: Option<BTreeMap<String, f32>>,
+    #[serde(flatten)]
+    pub unsupported: CompletionUnsupported,
 }
 
 /// `input` of /v1/embeddings.
@@ -264,6 +404,7 @@ pub fn sampling_params(
         presence_penalty: f.presence_penalty.unwrap_or(0.0),
         frequency_penalty: f.frequency_penalty.unwrap_or(0.0),
         logprobs,
+        logit_bias: Vec::new(),
     })
 }
 
@@ -407,6 +548,83 @@ mod tests {
                 .unwrap_err()
                 .message
                 .contains("limit of 100")
+        );
+    }
+
+    #[test]
+    fn logit_bias_takes_ids_in_the_vocabulary_and_biases_within_100() {
+        let map = |pairs: &[(&str, f32)]| -> BTreeMap<String, f32> {
+            pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+        };
+        assert_eq!(logit_bias(None, 10).unwrap(), vec![]);
+        assert_eq!(
+            logit_bias(Some(&map(&[("9", -100.0), ("2", 100.0), ("3", 0.5)])), 10).unwrap(),
+            vec![(2, 100.0), (3, 0.5), (9, -100.0)]
+        );
+        for (bad, says) in [
+            (map(&[("x", 1.0)]), "token ids"),
+            (map(&[("-1", 1.0)]), "token ids"),
+            (map(&[("10", 1.0)]), "vocabulary has 10 tokens"),
+            (map(&[("3", 100.5)]), "between -100 and 100"),
+            (map(&[("3", f32::NAN)]), "between -100 and 100"),
+        ] {
+            let e = logit_bias(Some(&bad), 10).unwrap_err();
+            assert_eq!((e.status, e.param), (400, Some("logit_bias")), "{bad:?}");
+            assert!(e.message.contains(says), "{bad:?}: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn unimplemented_fields_are_refused_unless_off_and_others_ignored() {
+        let chat = |extra: Value| -> Result<(), ApiError> {
+            let mut body = serde_json::json!({"model": "m", "messages": []});
+            for (k, v) in extra.as_object().unwrap() {
+                body[k] = v.clone();
+            }
+            let r: ChatCompletionRequest = serde_json::from_value(body).unwrap();
+            r.unsupported.check()
+        };
+        use serde_json::json;
+        for off in [
+            json!({}),
+            json!({"tools": [], "tool_choice": "none", "functions": null, "function_call": "none"}),
+            json!({"response_format": {"type": "text"}, "user": "u", "metadata": {"a": "b"}}),
+        ] {
+            assert_eq!(chat(off.clone()), Ok(()), "{off}");
+        }
+        for (on, param) in [
+            (
+                json!({"tools": [{"type": "function", "function": {"name": "f"}}]}),
+                "tools",
+            ),
+            (json!({"tool_choice": "auto"}), "tool_choice"),
+            (json!({"functions": [{"name": "f"}]}), "functions"),
+            (json!({"function_call": {"name": "f"}}), "function_call"),
+            (
+                json!({"response_format": {"type": "json_object"}}),
+                "response_format",
+            ),
+        ] {
+            let e = chat(on.clone()).unwrap_err();
+            assert_eq!((e.status, e.param), (400, Some(param)), "{on}");
+            assert!(e.message.contains("not supported"), "{}", e.message);
+        }
+        let completion = |extra: Value| -> Result<(), ApiError> {
+            let mut body = serde_json::json!({"model": "m", "prompt": "p"});
+            for (k, v) in extra.as_object().unwrap() {
+                body[k] = v.clone();
+            }
+            let r: CompletionRequest = serde_json::from_value(body).unwrap();
+            r.unsupported.check()
+        };
+        assert_eq!(completion(json!({"suffix": "", "best_of": 1})), Ok(()));
+        assert_eq!(
+            completion(json!({"suffix": " end"})).unwrap_err().param,
+            Some("suffix")
+        );
+        assert_eq!(
+            completion(json!({"best_of": 3})).unwrap_err().param,
+            Some("best_of")
         );
     }
 

@@ -1,9 +1,11 @@
 //! Choosing the next token from logits: penalties, temperature, top-k, top-p, a seeded RNG, and
 //! log-probabilities. Pure functions over slices; unit-tested here.
 //!
-//! Order of operations (as in OpenAI's and vLLM's samplers): presence/frequency penalties on the
-//! raw logits → log-probabilities reported from these (before temperature) → temperature →
-//! top-k → top-p → draw. Temperature 0 is greedy: the highest logit, lowest id on ties.
+//! Order of operations (as in OpenAI's and vLLM's samplers): `logit_bias` and the
+//! presence/frequency penalties added to the raw logits → log-probabilities reported from these
+//! (before temperature) → temperature → top-k → top-p → draw. Temperature 0 is greedy: the
+//! highest logit, lowest id on ties; a bias applies to it too, so that -100 bans a token and
+//! +100 forces it whatever the temperature, as OpenAI documents.
 
 use std::collections::HashMap;
 
@@ -22,6 +24,9 @@ pub struct SamplingParams {
     pub frequency_penalty: f32,
     /// `Some(n)`: report the chosen token's logprob and the n most likely alternatives.
     pub logprobs: Option<usize>,
+    /// (token id, bias) pairs added to the logits before anything else; ids past the
+    /// logits are ignored (the API validates them against the tokenizer).
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -34,6 +39,7 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             logprobs: None,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -67,6 +73,11 @@ impl Sampler {
     /// Picks the next token from `logits` (modified in place) and records it.
     pub fn sample(&mut self, logits: &mut [f32]) -> SampledToken {
         let p = &self.params;
+        for &(tok, bias) in &p.logit_bias {
+            if let Some(l) = logits.get_mut(tok as usize) {
+                *l += bias;
+            }
+        }
         if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
             for (&tok, &n) in &self.counts {
                 if let Some(l) = logits.get_mut(tok as usize) {
@@ -299,6 +310,41 @@ mod tests {
         assert_eq!(s.sample(&mut [1.0, 0.8]).id, 0);
         assert_eq!(s.sample(&mut [1.0, 0.8]).id, 1); // 0.6 < 0.8
         assert_eq!(s.sample(&mut [1.0, 0.8]).id, 0); // 0.6 vs 0.4
+    }
+
+    #[test]
+    fn logit_bias_bans_and_forces_tokens_greedy_or_sampled_and_shows_in_logprobs() {
+        let logits = [2.0f32, 1.0, 0.5, 0.0];
+        for temperature in [0.0, 1.0, 2.0] {
+            for seed in 0..20 {
+                let mut ban = Sampler::new(SamplingParams {
+                    temperature,
+                    seed: Some(seed),
+                    logit_bias: vec![(0, -100.0), (1, -100.0), (3, -100.0)],
+                    ..Default::default()
+                });
+                assert_eq!(ban.sample(&mut logits.clone()).id, 2, "t {temperature}");
+                let mut force = Sampler::new(SamplingParams {
+                    temperature,
+                    seed: Some(seed),
+                    logit_bias: vec![(3, 100.0)],
+                    ..Default::default()
+                });
+                assert_eq!(force.sample(&mut logits.clone()).id, 3, "t {temperature}");
+            }
+        }
+        // A small bias moves greedy's choice, and the logprobs are of the biased logits;
+        // an id past the logits is ignored.
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 0.0,
+            logprobs: Some(1),
+            logit_bias: vec![(1, 1.5), (99, 5.0)],
+            ..Default::default()
+        });
+        let t = s.sample(&mut logits.clone());
+        assert_eq!(t.id, 1);
+        let want = log_softmax(&[2.0, 2.5, 0.5, 0.0])[1];
+        assert!((t.logprob.unwrap() - want).abs() < 1e-6);
     }
 
     #[test]

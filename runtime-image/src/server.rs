@@ -639,6 +639,7 @@ async fn chat_completions(
         ));
     }
     api::check_n(r.n)?;
+    r.unsupported.check()?;
     let messages = api::chat_messages(&r.messages)?;
     let logprobs = match (r.logprobs, r.top_logprobs) {
         (false, Some(_)) => {
@@ -670,7 +671,11 @@ async fn chat_completions(
         presence_penalty: r.presence_penalty,
         frequency_penalty: r.frequency_penalty,
     };
-    let sampling = api::sampling_params(&fields, logprobs)?;
+    let mut sampling = api::sampling_params(&fields, logprobs)?;
+    sampling.logit_bias = api::logit_bias(
+        r.logit_bias.as_ref(),
+        engine.frontend().tokenizer.vocab_size(),
+    )?;
     let (param, requested) = match r.max_completion_tokens {
         Some(n) => ("max_completion_tokens", Some(n)),
         None => ("max_tokens", r.max_tokens),
@@ -709,6 +714,7 @@ async fn completions(
     let r: api::CompletionRequest = api::parse_body(&body)?;
     st.check_model(&r.model)?;
     api::check_n(r.n)?;
+    r.unsupported.check()?;
     if r.echo {
         return Err(ApiError::invalid("echo is not supported", Some("echo")));
     }
@@ -743,7 +749,11 @@ async fn completions(
         presence_penalty: r.presence_penalty,
         frequency_penalty: r.frequency_penalty,
     };
-    let sampling = api::sampling_params(&fields, logprobs)?;
+    let mut sampling = api::sampling_params(&fields, logprobs)?;
+    sampling.logit_bias = api::logit_bias(
+        r.logit_bias.as_ref(),
+        engine.frontend().tokenizer.vocab_size(),
+    )?;
     // The legacy API defaults to 16 tokens.
     let max_tokens = api::max_tokens(
         Some(r.max_tokens.unwrap_or(16)),

@@ -37,7 +37,14 @@ async fn serve_model(
 
 /// POSTs `body` as JSON and returns the JSON answer, whatever its status.
 async fn post_json(http: &reqwest::Client, url: &str, body: &Value) -> Value {
-    http.post(url).json(body).send().await.unwrap().json().await.unwrap()
+    http.post(url)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
 }
 
 fn client() -> reqwest::Client {
@@ -183,7 +190,11 @@ async fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
         let (head, _) = text.split_once("\r\n\r\n").unwrap();
         let length: usize = head
             .lines()
-            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse().unwrap())
+            })
             .expect("a Content-Length on the 413");
         while answer.len() < head.len() + 4 + length {
             let n = conn.read(&mut buf).await.unwrap();
@@ -191,7 +202,12 @@ async fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
             answer.extend_from_slice(&buf[..n]);
         }
         let body: Value = serde_json::from_slice(&answer[head.len() + 4..]).unwrap();
-        assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{body}"
+        );
     }
     ok().await;
     // Embeddings from a generation model.
@@ -380,6 +396,147 @@ async fn a_seed_repeats_and_streamed_output_equals_non_streamed() {
             .len(),
         8
     );
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+/// `logit_bias` over HTTP with SmolLM2: banning the greedy first token (taken from the model
+/// itself) makes the runner-up come first; +100 on a token makes every sampled token that
+/// one; a bias naming a token outside the vocabulary, and the fields kandle does not implement
+/// (tools, JSON mode, insertion), are refused naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logit_bias_bans_and_forces_tokens_and_unimplemented_fields_are_refused() {
+    use kandle_runtime::backend::{self, LoadOptions, WeightDtype};
+    use kandle_runtime::model::LoadedModel;
+    let path = tokio::task::spawn_blocking(models::smollm2_gguf)
+        .await
+        .unwrap();
+    let g = match backend::load(&LoadOptions {
+        path: path.clone(),
+        task: None,
+        dtype: WeightDtype::Auto,
+    })
+    .unwrap()
+    {
+        LoadedModel::Generation(g) => g,
+        other => panic!("SmolLM2 loaded as a {:?} model", other.task()),
+    };
+    let prompt = "Once upon a time";
+    let ids = g.tokenizer.encode(prompt, true).unwrap();
+    let logits = g.lm.new_sequence().unwrap().feed(&ids).unwrap();
+    let mut ranked: Vec<u32> = (0..logits.len() as u32).collect();
+    ranked.sort_by(|&a, &b| {
+        logits[b as usize]
+            .total_cmp(&logits[a as usize])
+            .then(a.cmp(&b))
+    });
+    let (first, second) = (ranked[0], ranked[1]);
+    let dragon = g.tokenizer.encode(" dragon", false).unwrap()[0];
+
+    let (server, url) = serve_model(path, |_| {}).await;
+    let http = client();
+    let comp = format!("{url}/v1/completions");
+    let text = |v: &Value| {
+        v["choices"][0]["text"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{v}"))
+            .to_owned()
+    };
+    let body = |extra: Value| {
+        let mut b = json!({"model": SMOL, "prompt": prompt, "max_tokens": 3, "temperature": 0});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    let plain = text(&post_json(&http, &comp, &body(json!({}))).await);
+    let first_text = g.tokenizer.decode(&[first], false).unwrap();
+    assert!(
+        plain.starts_with(&first_text),
+        "{plain:?} does not start with the model's greedy {first_text:?}"
+    );
+    let banned = text(
+        &post_json(
+            &http,
+            &comp,
+            &body(json!({"logit_bias": {first.to_string(): -100}})),
+        )
+        .await,
+    );
+    let second_text = g.tokenizer.decode(&[second], false).unwrap();
+    assert!(
+        banned.starts_with(&second_text),
+        "with the greedy token banned: {banned:?}, want {second_text:?} first"
+    );
+    for temperature in [0.0, 1.0] {
+        let forced = post_json(
+            &http,
+            &comp,
+            &body(json!({"logit_bias": {dragon.to_string(): 100}, "temperature": temperature, "seed": 5})),
+        )
+        .await;
+        assert_eq!(
+            text(&forced),
+            g.tokenizer.decode(&[dragon; 3], false).unwrap(),
+            "temperature {temperature}"
+        );
+    }
+    // Chat takes it too.
+    let chat = format!("{url}/v1/chat/completions");
+    let forced = post_json(
+        &http,
+        &chat,
+        &chat_body(
+            "hi",
+            json!({"max_tokens": 2, "logit_bias": {dragon.to_string(): 100}}),
+        ),
+    )
+    .await;
+    assert_eq!(
+        forced["choices"][0]["message"]["content"],
+        g.tokenizer.decode(&[dragon; 2], false).unwrap()
+    );
+
+    let vocab = g.tokenizer.vocab_size();
+    let refused: Vec<(&str, Value, &str)> = vec![
+        (
+            &comp,
+            body(json!({"logit_bias": {vocab.to_string(): 1}})),
+            "logit_bias",
+        ),
+        (
+            &comp,
+            body(json!({"logit_bias": {"dragon": 1}})),
+            "logit_bias",
+        ),
+        (&comp, body(json!({"logit_bias": {"5": 101}})), "logit_bias"),
+        (&comp, body(json!({"suffix": "The end."})), "suffix"),
+        (
+            &chat,
+            chat_body(
+                "hi",
+                json!({"tools": [{"type": "function", "function": {"name": "f"}}]}),
+            ),
+            "tools",
+        ),
+        (
+            &chat,
+            chat_body("hi", json!({"response_format": {"type": "json_object"}})),
+            "response_format",
+        ),
+    ];
+    for (at, b, param) in refused {
+        let r = http.post(at).json(&b).send().await.unwrap();
+        let e = expect_error(r, 400, param).await;
+        assert_eq!(e["error"]["param"], param, "{e}");
+    }
+    // Their "off" values pass.
+    let r = http
+        .post(&chat)
+        .json(&chat_body("hi", json!({"max_tokens": 1, "tools": [], "tool_choice": "none", "response_format": {"type": "text"}})))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
@@ -638,7 +795,12 @@ async fn embeddings_come_as_floats_or_base64_and_match_sentence_transformers() {
     let sentences = reference["sentences"].clone();
     let emb = format!("{url}/v1/embeddings");
     let floats: Value = post_json(&http, &emb, &json!({"model": model, "input": sentences})).await;
-    let b64: Value = post_json(&http, &emb, &json!({"model": model, "input": sentences, "encoding_format": "base64"})).await;
+    let b64: Value = post_json(
+        &http,
+        &emb,
+        &json!({"model": model, "input": sentences, "encoding_format": "base64"}),
+    )
+    .await;
     let n = sentences.as_array().unwrap().len();
     assert_eq!(floats["data"].as_array().unwrap().len(), n);
     for i in 0..n {
@@ -710,7 +872,10 @@ async fn a_request_past_its_time_limit_gets_504_and_the_server_keeps_serving() {
     let resp = http.post(&comp).json(&long).send().await.unwrap();
     let body = expect_error(resp, 504, "a request past --request-timeout").await;
     assert_eq!(body["error"]["code"], "timeout", "{body}");
-    assert!(started.elapsed() < Duration::from_secs(30), "it gave up near its limit, not at the end");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "it gave up near its limit, not at the end"
+    );
 
     let short = json!({"model": SMOL, "prompt": "Hi", "max_tokens": 1, "temperature": 0});
     let ok: Value = post_json(&http, &comp, &short).await;
