@@ -60,6 +60,9 @@ struct Args {
     /// Only the concurrency figure (skips the others).
     #[arg(long)]
     concurrency_only: bool,
+    /// Only the server's figures (`--server`; skips the in-process ones).
+    #[arg(long)]
+    server_only: bool,
     /// The numbers of concurrent sequences of the concurrency figure; its ratios are to the
     /// first.
     #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
@@ -163,7 +166,7 @@ fn main() -> anyhow::Result<()> {
     )?)?;
     let mini: serde_json::Value =
         serde_json::from_slice(&std::fs::read(args.fixtures.join("minilm_reference.json"))?)?;
-    if let Some(path) = &args.gguf {
+    if let Some(path) = args.gguf.as_ref().filter(|_| !args.server_only) {
         let t0 = Instant::now();
         let LoadedModel::Generation(g) = backend::load(&LoadOptions {
             path: path.clone(),
@@ -285,7 +288,7 @@ fn main() -> anyhow::Result<()> {
         }
         concurrent_decode(&g, &bench, args.concurrent_steps, args.runs, &args.streams)?;
     }
-    if let Some(dir) = &args.minilm {
+    if let Some(dir) = args.minilm.as_ref().filter(|_| !args.server_only) {
         let t0 = Instant::now();
         let LoadedModel::Embedding(e) = backend::load(&LoadOptions {
             path: dir.clone(),
@@ -409,20 +412,28 @@ const SERVER_PROMPTS: [&str; 8] = [
 /// included. The ratios are to the first count.
 fn server_concurrency(port: u16, streams: &[usize], runs: usize) -> anyhow::Result<()> {
     const TOKENS: u64 = 64;
-    let mut rates = vec![Vec::new(); streams.len() + 1];
     // The counts in turn, then the last count again with sampling at temperature 1 (OpenAI's
-    // default; a fixed seed per request), which must not cost much more than greedy.
-    let counts: Vec<(usize, f32)> = streams
+    // default; a fixed seed per request), alone and with top_p 0.9 (a common setting, which
+    // finds a nucleus every token): neither must cost much more than greedy.
+    const SAMPLED: [(f32, f32); 2] = [(1.0, 1.0), (1.0, 0.9)];
+    let counts: Vec<(usize, f32, f32)> = streams
         .iter()
-        .map(|&n| (n, 0.0))
-        .chain(streams.last().map(|&n| (n, 1.0)))
+        .map(|&n| (n, 0.0, 1.0))
+        .chain(
+            streams
+                .last()
+                .into_iter()
+                .flat_map(|&n| SAMPLED.map(|(t, p)| (n, t, p))),
+        )
         .collect();
-    let request = move |prompt: &str, temperature: f32, seed: u64| {
+    let mut rates = vec![Vec::new(); counts.len()];
+    let request = move |prompt: &str, (temperature, top_p): (f32, f32), seed: u64| {
         let body = serde_json::json!({
             "model": "bench",
             "prompt": prompt,
             "max_tokens": TOKENS,
             "temperature": temperature,
+            "top_p": top_p,
             "seed": seed,
         })
         .to_string();
@@ -433,24 +444,34 @@ fn server_concurrency(port: u16, streams: &[usize], runs: usize) -> anyhow::Resu
             Ok(resp["usage"]["completion_tokens"].as_u64().unwrap_or(0))
         }
     };
-    // Per prompt, a seed whose sampled completion runs all TOKENS without an end-of-text
-    // (sampling repeats for a seed, and the kernels give the same bits on every CPU).
-    let mut seeds = Vec::new();
-    for prompt in SERVER_PROMPTS {
-        let seed = (0..64u64)
-            .find(|&seed| matches!(request(prompt, 1.0, seed)(), Ok(TOKENS)))
-            .ok_or_else(|| {
-                anyhow::anyhow!("no seed in 0..64 samples {TOKENS} tokens of {prompt:?}")
-            })?;
-        seeds.push(seed);
+    // Per sampling and prompt, a seed whose sampled completion runs all TOKENS without an
+    // end-of-text (sampling repeats for a seed, and the kernels give the same bits on every
+    // CPU). Greedy takes any.
+    let mut seeds = vec![vec![0u64; SERVER_PROMPTS.len()]];
+    for sampling in SAMPLED {
+        let mut these = Vec::new();
+        for prompt in SERVER_PROMPTS {
+            let seed = (0..64u64)
+                .find(|&seed| matches!(request(prompt, sampling, seed)(), Ok(TOKENS)))
+                .ok_or_else(|| {
+                    anyhow::anyhow!("no seed in 0..64 samples {TOKENS} tokens of {prompt:?}")
+                })?;
+            these.push(seed);
+        }
+        seeds.push(these);
     }
+    let seeds_of = |t: f32, p: f32| match SAMPLED.iter().position(|&s| s == (t, p)) {
+        Some(i) => &seeds[i + 1],
+        None => &seeds[0],
+    };
     for _ in 0..runs {
-        for (&(n, temperature), rates) in counts.iter().zip(rates.iter_mut()) {
+        for (&(n, temperature, top_p), rates) in counts.iter().zip(rates.iter_mut()) {
             let t = Instant::now();
+            let seeds = seeds_of(temperature, top_p);
             let clients: Vec<_> = (0..n)
                 .map(|i| {
                     let k = i % SERVER_PROMPTS.len();
-                    std::thread::spawn(request(SERVER_PROMPTS[k], temperature, seeds[k]))
+                    std::thread::spawn(request(SERVER_PROMPTS[k], (temperature, top_p), seeds[k]))
                 })
                 .collect();
             let mut tokens = 0;
@@ -468,13 +489,13 @@ fn server_concurrency(port: u16, streams: &[usize], runs: usize) -> anyhow::Resu
         }
     }
     let mut first = None;
-    for (&(n, temperature), rates) in counts.iter().zip(rates) {
+    for (&(n, temperature, top_p), rates) in counts.iter().zip(rates) {
         let rate = median(rates);
         let base = *first.get_or_insert(rate);
-        let how = if temperature > 0.0 {
-            " at temperature 1"
-        } else {
-            ""
+        let how = match (temperature > 0.0, top_p < 1.0) {
+            (false, _) => String::new(),
+            (true, false) => format!(" at temperature {temperature}"),
+            (true, true) => format!(" at temperature {temperature}, top_p {top_p}"),
         };
         println!(
             "smollm2 server: {n} concurrent requests{how}: {rate:.1} tok/s aggregate, {:.2}x {} \

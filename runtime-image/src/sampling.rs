@@ -111,86 +111,220 @@ fn rank_order(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
     b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
 }
 
-/// Candidates whose first `sorted` entries are the largest in [`rank_order`], in that order;
-/// [`Ranked::at`] sorts further on demand, a few dozen at a time, so that a nucleus at the top
-/// of the distribution (the usual case) never sorts the whole vocabulary.
-struct Ranked {
-    cand: Vec<(u32, f32)>,
-    sorted: usize,
+/// The candidates' weights: `e = exp(logit − max)` (the largest is 1) in whole units of
+/// 2^-30, rounded. Integer weights make every sum below exact, so that the nucleus and the
+/// draw do not depend on the order in which they are summed (a token that `exp` puts below
+/// 2^-31 of the largest weighs nothing: it could hardly ever be drawn anyway). `exp` is the
+/// kernels' ([`crate::backend::exp_shifted`]): the same bits on every CPU, in vector
+/// registers (libm's `expf` of 49,152 logits took ~0.4 ms a draw). Returns `e` and the
+/// weights.
+fn weights(logits: &[f32], max: f32) -> (Vec<f32>, Vec<u32>) {
+    let mut e = vec![0f32; logits.len()];
+    crate::backend::exp_shifted(logits, max, &mut e);
+    let w = e
+        .iter()
+        .map(|&e| (e * (1u32 << 30) as f32).round_ties_even() as i32 as u32)
+        .collect();
+    (e, w)
 }
 
-impl Ranked {
-    fn at(&mut self, i: usize) -> (u32, f32) {
-        if i >= self.sorted {
-            let end = (2 * self.sorted).max(i + 1).max(64).min(self.cand.len());
-            let rest = &mut self.cand[self.sorted..];
-            let take = end - self.sorted;
-            if take < rest.len() {
-                rest.select_nth_unstable_by(take - 1, rank_order);
+/// The weight a top-p nucleus must reach out of `total`.
+fn nucleus_need(top_p: f32, total: u64) -> u64 {
+    ((top_p as f64 * total as f64).ceil() as u64).clamp(1, total)
+}
+
+/// Candidates of a draw: `ids[j]` (or `j` itself when `ids` is `None`, the whole
+/// vocabulary) with its logit over the temperature, `scaled[j]`, the `exp` of that less the
+/// largest, `e[j]`, and its weight.
+struct Candidates {
+    ids: Option<Vec<u32>>,
+    scaled: Vec<f32>,
+    e: Vec<f32>,
+    weights: Vec<u32>,
+}
+
+impl Candidates {
+    fn rank(&self, j: usize) -> (u32, f32) {
+        (
+            self.ids.as_ref().map_or(j as u32, |ids| ids[j]),
+            self.scaled[j],
+        )
+    }
+
+    /// The candidate `j` that ends the smallest prefix, in [`rank_order`], whose weights sum
+    /// to at least `need` (at most their total, which is positive), and that sum.
+    ///
+    /// No sort of the whole: the candidates still in question go into 1,024 buckets spaced
+    /// evenly between their smallest and largest `e`, so that the buckets' order is the rank
+    /// order's (`e`, and the weight, never decrease with the logit); the buckets' sums of
+    /// weights, from the top, locate the one where the prefix ends, and that bucket's
+    /// candidates are the next round's. A round at least splits the smallest `e` from the
+    /// largest; 64 candidates or fewer, or all of one `e` (so of one weight), are ranked
+    /// directly.
+    fn nucleus_last(&self, need: u64) -> (usize, u64) {
+        const BUCKETS: usize = 1024;
+        let (e, w) = (&self.e, &self.weights);
+        let by_rank =
+            |a: &u32, b: &u32| rank_order(&self.rank(*a as usize), &self.rank(*b as usize));
+        // Empty while the pool is all the candidates (the first round).
+        let mut pool: Vec<u32> = Vec::new();
+        let mut all = true;
+        let mut cum = 0u64;
+        loop {
+            let (lo, hi) = if all {
+                e.iter()
+                    .fold((f32::INFINITY, 0f32), |(lo, hi), &x| (lo.min(x), hi.max(x)))
+            } else {
+                pool.iter().fold((f32::INFINITY, 0f32), |(lo, hi), &j| {
+                    (lo.min(e[j as usize]), hi.max(e[j as usize]))
+                })
+            };
+            if lo == hi || (!all && pool.len() <= 64) {
+                if all {
+                    pool = (0..w.len() as u32).collect();
+                }
+                if lo == hi {
+                    // Equal weights: the first `k` in rank order reach `need`.
+                    let each = w[pool[0] as usize] as u64;
+                    let k = (need - cum).div_ceil(each).min(pool.len() as u64);
+                    let last = *pool.select_nth_unstable_by(k as usize - 1, by_rank).1;
+                    return (last as usize, cum + k * each);
+                }
+                pool.sort_unstable_by(by_rank);
+                for j in pool {
+                    cum += w[j as usize] as u64;
+                    if cum >= need {
+                        return (j as usize, cum);
+                    }
+                }
+                unreachable!("the pool's weights reach what the prefix needs");
             }
-            rest[..take].sort_unstable_by(rank_order);
-            self.sorted = end;
+            // Monotone in `e` (each step rounds monotonically); `hi` in the last bucket.
+            let scale = (BUCKETS - 1) as f32 / (hi - lo);
+            let bucket = |x: f32| (((x - lo) * scale) as usize).min(BUCKETS - 1);
+            let mut sums = [0u64; BUCKETS];
+            if all {
+                // Over the whole vocabulary: the buckets computed in vector registers,
+                // summed into four sets of sums so that runs of one bucket do not wait on
+                // each other's additions.
+                let bs: Vec<u16> = e.iter().map(|&x| bucket(x) as u16).collect();
+                let mut four = [[0u64; BUCKETS]; 4];
+                for (i, (&b, &x)) in bs.iter().zip(w).enumerate() {
+                    four[i % 4][b as usize] += x as u64;
+                }
+                for (b, s) in sums.iter_mut().enumerate() {
+                    *s = four[0][b] + four[1][b] + four[2][b] + four[3][b];
+                }
+                let end = Self::edge(&sums, &mut cum, need);
+                pool = (0..w.len() as u32)
+                    .filter(|&j| bs[j as usize] as usize == end)
+                    .collect();
+                all = false;
+            } else {
+                for &j in &pool {
+                    sums[bucket(e[j as usize])] += w[j as usize] as u64;
+                }
+                let end = Self::edge(&sums, &mut cum, need);
+                pool.retain(|&j| bucket(e[j as usize]) == end);
+            }
         }
-        self.cand[i]
+    }
+
+    /// The bucket, from the top, where `cum` plus the sums reaches `need`; `cum` gains the
+    /// sums of the buckets above it.
+    fn edge(sums: &[u64], cum: &mut u64, need: u64) -> usize {
+        for b in (0..sums.len()).rev() {
+            if *cum + sums[b] >= need {
+                return b;
+            }
+            *cum += sums[b];
+        }
+        unreachable!("the sums reach what the prefix needs")
     }
 }
 
 /// Draws a token from `logits` with `r` uniform in [0, 1): temperature; the `top_k` largest
-/// (in [`rank_order`]); softmax; when `top_p < 1`, the smallest ranked prefix whose
-/// probability reaches `top_p`, renormalised. The token is the first of the kept candidates,
-/// taken in id order, where their cumulative probability exceeds `r`.
+/// (in [`rank_order`]); their [`weights`]; when `top_p < 1`, the smallest prefix in rank order
+/// whose weight reaches [`nucleus_need`]. The token is the first of the kept candidates,
+/// taken in id order, where their cumulative weight exceeds `r` times their total.
 ///
 /// Why id order for the draw: any fixed order gives the same distribution and repeats for a
 /// seed, and this one needs no sort. The first version walked the whole vocabulary in rank
 /// order, which meant sorting 49,152 logits a token: 2.4 ms on a flat distribution, more
-/// than SmolLM2's step, and at 8 sequences (sampled one after another) it cut a server's
-/// throughput at temperature 1 from ~495 to ~170-220 tok/s.
+/// than SmolLM2's step, and at 8 sequences it cut a server's throughput at temperature 1 from
+/// ~495 to ~170-220 tok/s. The nucleus is found without sorting either
+/// ([`Candidates::nucleus_last`]); before, it was sorted out a stretch at a time, which on a
+/// flat distribution sorted most of the vocabulary: 3-3.7 ms a draw.
 fn draw(logits: &[f32], p: &SamplingParams, r: f64) -> u32 {
-    let mut cand: Vec<(u32, f32)> = logits
-        .iter()
-        .enumerate()
-        .map(|(i, &l)| (i as u32, l / p.temperature))
-        .collect();
-    if p.top_k > 0 && p.top_k < cand.len() {
+    let (ids, scaled) = if p.top_k > 0 && p.top_k < logits.len() {
+        let mut cand: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, l / p.temperature))
+            .collect();
         cand.select_nth_unstable_by(p.top_k - 1, rank_order);
         cand.truncate(p.top_k);
         cand.sort_unstable_by_key(|c| c.0);
-    }
-    let max = cand.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
-    let weight = move |l: f32| (l - max).exp() as f64;
-    let weights: Vec<f64> = cand.iter().map(|c| weight(c.1)).collect();
-    let total: f64 = weights.iter().sum();
-    // The kept candidates in id order, their weights, and their share of the total: all of
-    // them, or the nucleus, found in rank order.
-    let (kept, weights, share) = if p.top_p >= 1.0 {
-        (cand, weights, 1.0)
+        let (ids, scaled) = cand.into_iter().unzip();
+        (Some(ids), scaled)
     } else {
-        let n = cand.len();
-        let mut ranked = Ranked { cand, sorted: 0 };
-        let mut cum = 0.0;
-        let mut keep = n;
-        for i in 0..n {
-            cum += weight(ranked.at(i).1) / total;
-            if cum >= p.top_p as f64 {
-                keep = i + 1;
-                break;
-            }
-        }
-        let mut kept = ranked.cand;
-        kept.truncate(keep);
-        kept.sort_unstable_by_key(|c| c.0);
-        let weights: Vec<f64> = kept.iter().map(|c| weight(c.1)).collect();
-        let share: f64 = weights.iter().map(|w| w / total).sum();
-        (kept, weights, share)
+        (
+            None,
+            logits
+                .iter()
+                .map(|l| l / p.temperature)
+                .collect::<Vec<f32>>(),
+        )
     };
-    let mut cum = 0.0;
-    for (c, w) in kept.iter().zip(&weights) {
-        cum += w / total / share;
-        if r < cum {
-            return c.0;
+    let max = scaled.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let (e, weights) = weights(&scaled, max);
+    let c = Candidates {
+        ids,
+        scaled,
+        e,
+        weights,
+    };
+    let total: u64 = c.weights.iter().map(|&w| w as u64).sum();
+    // The nucleus keeps the candidates that rank up to `last`.
+    // (A zero total comes only from logits that are all NaN: then nothing is cut.)
+    let (last, kept_total) = match p.top_p < 1.0 && total > 0 {
+        true => {
+            let (j, sum) = c.nucleus_last(nucleus_need(p.top_p, total));
+            (Some(c.rank(j)), sum)
         }
-    }
-    kept[kept.len() - 1].0
+        false => (None, total),
+    };
+    // `rank_order(j, last) != Greater`, on the keys that `f32::total_cmp` compares.
+    let key = |x: f32| {
+        let b = x.to_bits() as i32;
+        b ^ (((b >> 31) as u32) >> 1) as i32
+    };
+    let (last_key, last_id) = last.map_or((i32::MIN, u32::MAX), |(id, l)| (key(l), id));
+    let kept = |id: u32, l: f32| {
+        let k = key(l);
+        k > last_key || (k == last_key && id <= last_id)
+    };
+    let threshold = ((r * kept_total as f64) as u64).min(kept_total.saturating_sub(1));
+    let mut cum = 0;
+    let mut chosen = None;
+    let mut walk = |id: u32, l: f32, w: u32| {
+        if kept(id, l) {
+            cum += w as u64;
+            chosen = Some(id);
+            return cum > threshold;
+        }
+        false
+    };
+    match &c.ids {
+        None => (0u32..)
+            .zip(c.scaled.iter().zip(&c.weights))
+            .any(|(id, (&l, &w))| walk(id, l, w)),
+        Some(ids) => ids
+            .iter()
+            .zip(c.scaled.iter().zip(&c.weights))
+            .any(|(&id, (&l, &w))| walk(id, l, w)),
+    };
+    chosen.expect("at least one candidate is kept")
 }
 
 /// Index of the largest value; the lowest index wins ties.
@@ -393,16 +527,15 @@ mod tests {
             cand.truncate(p.top_k);
         }
         let max = cand[0].1;
-        let w = |l: f32| (l - max).exp() as f64;
-        let mut by_id = cand.clone();
-        by_id.sort_by_key(|c| c.0);
-        let total: f64 = by_id.iter().map(|c| w(c.1)).sum();
+        let weight = |l: f32| weights(&[l], max).1[0] as u64;
+        let total: u64 = cand.iter().map(|c| weight(c.1)).sum();
         let mut keep = cand.len();
         if p.top_p < 1.0 {
-            let mut cum = 0.0;
+            let need = nucleus_need(p.top_p, total);
+            let mut cum = 0;
             for (i, c) in cand.iter().enumerate() {
-                cum += w(c.1) / total;
-                if cum >= p.top_p as f64 {
+                cum += weight(c.1);
+                if cum >= need {
                     keep = i + 1;
                     break;
                 }
@@ -410,19 +543,16 @@ mod tests {
         }
         let mut kept = cand[..keep].to_vec();
         kept.sort_by_key(|c| c.0);
-        let share: f64 = if p.top_p < 1.0 {
-            kept.iter().map(|c| w(c.1) / total).sum()
-        } else {
-            1.0
-        };
-        let mut cum = 0.0;
+        let kept_total: u64 = kept.iter().map(|c| weight(c.1)).sum();
+        let threshold = ((r * kept_total as f64) as u64).min(kept_total - 1);
+        let mut cum = 0;
         for c in &kept {
-            cum += w(c.1) / total / share;
-            if r < cum {
+            cum += weight(c.1);
+            if cum > threshold {
                 return c.0;
             }
         }
-        kept[keep - 1].0
+        unreachable!("the kept weights sum past any threshold below their total")
     }
 
     #[test]
@@ -456,7 +586,7 @@ mod tests {
             let rank = logits.iter().filter(|&&l| l > logits[got as usize]).count();
             deep += (rank >= 64 && p.top_p < 1.0) as usize;
         }
-        // Some nuclei went past the first sorted stretch of 64.
+        // Some nuclei were wide (their bucket holding where they end crowded).
         assert!(deep > 10, "{deep} nucleus draws beyond rank 64");
     }
 

@@ -31,6 +31,9 @@ use crate::error::{Error, Result, read_json};
 use crate::model::{ClassificationModel, EmbeddingModel, GenerationModel, LoadedModel, Task};
 use crate::tokenizer::TextTokenizer;
 
+/// `e^(x − shift)` of each `x` into `out`, the same bits on every CPU.
+pub(crate) use qllama::exp_shifted;
+
 /// An output buffer that the tasks of one parallel product write at disjoint elements (our
 /// kernels split a product's rows or columns across rayon tasks).
 #[derive(Clone, Copy)]

@@ -34,6 +34,7 @@ use kernels::{
 };
 
 mod kernels;
+pub(crate) use kernels::exp_shifted;
 
 /// Longest sequence (as in `quantized_llama`: the rotary tables cover this many positions).
 pub(super) const MAX_SEQ_LEN: usize = 4096;

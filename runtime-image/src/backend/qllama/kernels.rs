@@ -33,6 +33,21 @@ pub(super) fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
     }
 }
 
+/// `e^(x − shift)` for each `x` of `xs` into `out`, with the lane code's `exp`: the same bits
+/// on every CPU (the sampler's weights, [`crate::sampling`]).
+pub(crate) fn exp_shifted(xs: &[f32], shift: f32, out: &mut [f32]) {
+    assert_eq!(xs.len(), out.len(), "exp_shifted lengths");
+    match Isa::detect() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX-512F (Isa::detect); the lengths were checked above.
+        Isa::Amx | Isa::Avx512Vnni => unsafe { avx512::exp_shifted(xs, shift, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX2 and FMA (Isa::detect).
+        Isa::Avx2 => unsafe { avx2::exp_shifted(xs, shift, out) },
+        _ => lanes::exp_shifted(xs, shift, out),
+    }
+}
+
 /// Dot product with eight independent accumulators, so that the compiler can vectorise it.
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
@@ -240,6 +255,13 @@ mod lanes {
     }
 
     #[inline(always)]
+    pub(super) fn exp_shifted(xs: &[f32], shift: f32, out: &mut [f32]) {
+        for (o, x) in out.iter_mut().zip(xs) {
+            *o = exp(x - shift);
+        }
+    }
+
+    #[inline(always)]
     pub(super) fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
         for ((o, g), u) in out.iter_mut().zip(g).zip(u) {
             *o = (g * (1.0 / (1.0 + exp(0.0 - g)))) * u;
@@ -338,6 +360,15 @@ mod avx2 {
         super::lanes::silu_mul(g, u, out)
     }
 
+    /// [`super::lanes::exp_shifted`].
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn exp_shifted(xs: &[f32], shift: f32, out: &mut [f32]) {
+        super::lanes::exp_shifted(xs, shift, out)
+    }
+
     /// [`super::lanes::attend_part`].
     ///
     /// # Safety
@@ -421,6 +452,28 @@ mod avx512 {
                 let sig = _mm512_div_ps(one, _mm512_add_ps(one, e));
                 let o = _mm512_mul_ps(_mm512_mul_ps(gv, sig), uv);
                 _mm512_mask_storeu_ps(out.as_mut_ptr().add(i), keep, o);
+            }
+        }
+    }
+
+    /// [`super::lanes::exp_shifted`] in AVX-512.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `xs` and `out` have the same length.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn exp_shifted(xs: &[f32], shift: f32, out: &mut [f32]) {
+        let n = out.len();
+        let s = _mm512_set1_ps(shift);
+        for i in (0..n).step_by(16) {
+            let keep = if n - i >= 16 {
+                !0
+            } else {
+                ((1u32 << (n - i)) - 1) as u16
+            };
+            unsafe {
+                let x = _mm512_maskz_loadu_ps(keep, xs.as_ptr().add(i));
+                let e = exp(_mm512_sub_ps(x, s));
+                _mm512_mask_storeu_ps(out.as_mut_ptr().add(i), keep, e);
             }
         }
     }
@@ -811,6 +864,34 @@ mod tests {
                     "{name} [{i}] g {}: {a} vs {b}",
                     g[i]
                 );
+            }
+        }
+        // The shifted exp: the lane `exp` of each difference, on every path, NaN included.
+        let mut xs = g.clone();
+        xs[3] = f32::NAN;
+        xs[4] = f32::NEG_INFINITY;
+        let want: Vec<f32> = xs.iter().map(|x| lanes::exp(x - 7.5)).collect();
+        let mut got = vec![0f32; n];
+        exp_shifted(&xs, 7.5, &mut got);
+        let mut paths = vec![("dispatched", got)];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") {
+                let mut got = vec![0f32; n];
+                // SAFETY: AVX-512F is present; the lengths agree.
+                unsafe { avx512::exp_shifted(&xs, 7.5, &mut got) };
+                paths.push(("avx512", got));
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                let mut got = vec![0f32; n];
+                // SAFETY: AVX2 and FMA are present.
+                unsafe { avx2::exp_shifted(&xs, 7.5, &mut got) };
+                paths.push(("avx2", got));
+            }
+        }
+        for (name, got) in paths {
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(a.to_bits(), b.to_bits(), "exp_shifted {name} [{i}]");
             }
         }
     }
