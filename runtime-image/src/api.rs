@@ -453,15 +453,29 @@ pub fn stop_sequences(stop: Option<&StopSpec>) -> Result<Vec<String>, ApiError> 
     Ok(list)
 }
 
-/// Only `n = 1` is supported.
-pub fn check_n(n: Option<i64>) -> Result<(), ApiError> {
-    match n {
-        None | Some(1) => Ok(()),
-        Some(n) => Err(ApiError::invalid(
-            format!("only n = 1 is supported, got {n}"),
+/// The most choices one request may ask for (`n`), as vLLM's default server caps it low
+/// rather than OpenAI's 128: each choice is a sequence in the running batch.
+pub const MAX_N: usize = 16;
+
+/// Validates `n`, the number of choices: 1 to [`MAX_N`], and no more than `capacity` (the
+/// sequences the server runs and queues at once), which could never all be admitted.
+pub fn check_n(n: Option<i64>, capacity: usize) -> Result<usize, ApiError> {
+    let n = n.unwrap_or(1);
+    if !(1..=MAX_N as i64).contains(&n) {
+        return Err(ApiError::invalid(
+            format!("n must be between 1 and {MAX_N}, got {n}"),
             Some("n"),
-        )),
+        ));
     }
+    if n as usize > capacity {
+        return Err(ApiError::invalid(
+            format!(
+                "n is {n}, more sequences than this server runs and queues at once ({capacity})"
+            ),
+            Some("n"),
+        ));
+    }
+    Ok(n as usize)
 }
 
 /// Validates chat messages into what the template renders.
@@ -549,6 +563,23 @@ mod tests {
                 .message
                 .contains("limit of 100")
         );
+    }
+
+    #[test]
+    fn n_is_between_1_and_the_cap_and_within_the_servers_capacity() {
+        assert_eq!(check_n(None, 40), Ok(1));
+        assert_eq!(check_n(Some(3), 40), Ok(3));
+        assert_eq!(check_n(Some(MAX_N as i64), 40), Ok(MAX_N));
+        for (n, cap, says) in [
+            (0, 40, "between 1 and 16"),
+            (-2, 40, "between 1 and 16"),
+            (17, 40, "between 1 and 16"),
+            (5, 4, "runs and queues at once (4)"),
+        ] {
+            let e = check_n(Some(n), cap).unwrap_err();
+            assert_eq!((e.status, e.param), (400, Some("n")));
+            assert!(e.message.contains(says), "{}", e.message);
+        }
     }
 
     #[test]

@@ -592,6 +592,8 @@ async fn list_models(State(st): State<Arc<AppState>>) -> axum::Json<Value> {
 /// What chat and completions share once validated.
 struct Prepared {
     req: GenerateRequest,
+    /// Choices: `req` run `n` times, choice `i` with the seed plus `i` when a seed is set.
+    n: usize,
     stream: bool,
     include_usage: bool,
     logprobs: bool,
@@ -638,7 +640,7 @@ async fn chat_completions(
             Some("messages"),
         ));
     }
-    api::check_n(r.n)?;
+    let n = api::check_n(r.n, st.config.max_batch_size + st.config.max_queue)?;
     r.unsupported.check()?;
     let messages = api::chat_messages(&r.messages)?;
     let logprobs = match (r.logprobs, r.top_logprobs) {
@@ -698,6 +700,7 @@ async fn chat_completions(
             stop,
             deadline: Instant::now() + st.config.request_timeout,
         },
+        n,
         stream: r.stream,
         include_usage: r.stream_options.map(|o| o.include_usage).unwrap_or(false),
         logprobs: logprobs.is_some(),
@@ -713,7 +716,7 @@ async fn completions(
     let engine = st.engine()?.clone();
     let r: api::CompletionRequest = api::parse_body(&body)?;
     st.check_model(&r.model)?;
-    api::check_n(r.n)?;
+    let n = api::check_n(r.n, st.config.max_batch_size + st.config.max_queue)?;
     r.unsupported.check()?;
     if r.echo {
         return Err(ApiError::invalid("echo is not supported", Some("echo")));
@@ -774,6 +777,7 @@ async fn completions(
             stop,
             deadline: Instant::now() + st.config.request_timeout,
         },
+        n,
         stream: r.stream,
         include_usage: r.stream_options.map(|o| o.include_usage).unwrap_or(false),
         logprobs: logprobs.is_some(),
@@ -826,62 +830,61 @@ async fn respond(
     p: Prepared,
     flavor: Flavor,
 ) -> Result<Response, ApiError> {
-    let rx = engine.generate(p.req).map_err(engine_error)?;
+    // One sequence per choice. A refusal of any drops those already admitted (their
+    // receivers), which the model thread then abandons.
+    let mut rxs = Vec::with_capacity(p.n);
+    for i in 0..p.n {
+        let mut req = p.req.clone();
+        req.sampling.seed = req.sampling.seed.map(|s| s.wrapping_add(i as u64));
+        rxs.push(engine.generate(req).map_err(engine_error)?);
+    }
     let id = st.new_id(if flavor == Flavor::Chat {
         "chatcmpl"
     } else {
         "cmpl"
     });
     if p.stream {
-        Ok(stream_response(st, rx, id, flavor, p.include_usage, p.logprobs).into_response())
+        Ok(stream_response(st, rxs, id, flavor, p.include_usage, p.logprobs).into_response())
     } else {
-        collect_response(st, rx, id, flavor, p.logprobs).await
+        collect_response(st, rxs, id, flavor, p.logprobs).await
     }
 }
 
-async fn collect_response(
-    st: Arc<AppState>,
+/// One choice, generated to its end.
+struct Choice {
+    text: String,
+    logprobs: Vec<TokenLogprob>,
+    finish_reason: FinishReason,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+}
+
+async fn collect_choice(
     mut rx: mpsc::UnboundedReceiver<GenerateEvent>,
-    id: String,
-    flavor: Flavor,
-    want_logprobs: bool,
-) -> Result<Response, ApiError> {
+) -> Result<Choice, ApiError> {
     let mut text = String::new();
-    let mut lps = Vec::new();
+    let mut logprobs = Vec::new();
     loop {
         match rx.recv().await {
-            Some(GenerateEvent::Delta { text: t, logprobs }) => {
+            Some(GenerateEvent::Delta {
+                text: t,
+                logprobs: l,
+            }) => {
                 text.push_str(&t);
-                lps.extend(logprobs);
+                logprobs.extend(l);
             }
             Some(GenerateEvent::Done {
                 finish_reason,
                 prompt_tokens,
                 completion_tokens,
             }) => {
-                let body = match flavor {
-                    Flavor::Chat => json!({
-                        "id": id, "object": "chat.completion", "created": now_secs(), "model": st.model_id,
-                        "choices": [{
-                            "index": 0,
-                            "message": {"role": "assistant", "content": text},
-                            "logprobs": if want_logprobs { chat_logprobs(&lps) } else { Value::Null },
-                            "finish_reason": finish_reason.as_str(),
-                        }],
-                        "usage": usage(prompt_tokens, completion_tokens),
-                    }),
-                    Flavor::Completion => json!({
-                        "id": id, "object": "text_completion", "created": now_secs(), "model": st.model_id,
-                        "choices": [{
-                            "index": 0,
-                            "text": text,
-                            "logprobs": if want_logprobs { completion_logprobs(&lps, 0) } else { Value::Null },
-                            "finish_reason": finish_reason.as_str(),
-                        }],
-                        "usage": usage(prompt_tokens, completion_tokens),
-                    }),
-                };
-                return Ok(axum::Json(body).into_response());
+                return Ok(Choice {
+                    text,
+                    logprobs,
+                    finish_reason,
+                    prompt_tokens,
+                    completion_tokens,
+                });
             }
             Some(GenerateEvent::Failed(e)) => return Err(engine_error(e)),
             None => {
@@ -896,6 +899,44 @@ async fn collect_response(
     }
 }
 
+async fn collect_response(
+    st: Arc<AppState>,
+    rxs: Vec<mpsc::UnboundedReceiver<GenerateEvent>>,
+    id: String,
+    flavor: Flavor,
+    want_logprobs: bool,
+) -> Result<Response, ApiError> {
+    let choices: Vec<Choice> =
+        futures::future::try_join_all(rxs.into_iter().map(collect_choice)).await?;
+    // The prompt is counted once, as OpenAI does; the completions of every choice.
+    let prompt_tokens = choices.first().map_or(0, |c| c.prompt_tokens);
+    let completion_tokens: usize = choices.iter().map(|c| c.completion_tokens).sum();
+    let body_of = |(i, c): (usize, &Choice)| match flavor {
+        Flavor::Chat => json!({
+            "index": i,
+            "message": {"role": "assistant", "content": c.text},
+            "logprobs": if want_logprobs { chat_logprobs(&c.logprobs) } else { Value::Null },
+            "finish_reason": c.finish_reason.as_str(),
+        }),
+        Flavor::Completion => json!({
+            "index": i,
+            "text": c.text,
+            "logprobs": if want_logprobs { completion_logprobs(&c.logprobs, 0) } else { Value::Null },
+            "finish_reason": c.finish_reason.as_str(),
+        }),
+    };
+    let object = match flavor {
+        Flavor::Chat => "chat.completion",
+        Flavor::Completion => "text_completion",
+    };
+    let body = json!({
+        "id": id, "object": object, "created": now_secs(), "model": st.model_id,
+        "choices": choices.iter().enumerate().map(body_of).collect::<Vec<_>>(),
+        "usage": usage(prompt_tokens, completion_tokens),
+    });
+    Ok(axum::Json(body).into_response())
+}
+
 fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -904,20 +945,30 @@ fn now_secs() -> u64 {
 }
 
 struct StreamState {
-    rx: mpsc::UnboundedReceiver<GenerateEvent>,
+    /// Every choice's events, tagged with its index, as they come.
+    events: futures::stream::SelectAll<
+        futures::stream::BoxStream<'static, (usize, Option<GenerateEvent>)>,
+    >,
     st: Arc<AppState>,
     id: String,
     flavor: Flavor,
     include_usage: bool,
     want_logprobs: bool,
-    sent_role: bool,
-    text_offset: usize,
+    sent_roles: bool,
+    /// Per choice: bytes of text sent (completions' logprob offsets).
+    text_offset: Vec<usize>,
+    /// Per choice: whether it is done; and how many are not.
+    finished: Vec<bool>,
+    left: usize,
+    prompt_tokens: usize,
+    completion_tokens: usize,
     done: bool,
 }
 
 impl StreamState {
     fn chunk(
         &self,
+        index: usize,
         text: Option<&str>,
         lps: &[TokenLogprob],
         finish: Option<FinishReason>,
@@ -936,7 +987,7 @@ impl StreamState {
                 json!({
                     "id": self.id, "object": "chat.completion.chunk", "created": now_secs(), "model": self.st.model_id,
                     "choices": [{
-                        "index": 0, "delta": delta,
+                        "index": index, "delta": delta,
                         "logprobs": if self.want_logprobs && !lps.is_empty() { chat_logprobs(lps) } else { Value::Null },
                         "finish_reason": finish,
                     }],
@@ -945,22 +996,22 @@ impl StreamState {
             Flavor::Completion => json!({
                 "id": self.id, "object": "text_completion", "created": now_secs(), "model": self.st.model_id,
                 "choices": [{
-                    "index": 0, "text": text.unwrap_or(""),
-                    "logprobs": if self.want_logprobs && !lps.is_empty() { completion_logprobs(lps, self.text_offset) } else { Value::Null },
+                    "index": index, "text": text.unwrap_or(""),
+                    "logprobs": if self.want_logprobs && !lps.is_empty() { completion_logprobs(lps, self.text_offset[index]) } else { Value::Null },
                     "finish_reason": finish,
                 }],
             }),
         }
     }
 
-    fn usage_chunk(&self, prompt: usize, completion: usize) -> Value {
+    fn usage_chunk(&self) -> Value {
         let object = if self.flavor == Flavor::Chat {
             "chat.completion.chunk"
         } else {
             "text_completion"
         };
         json!({"id": self.id, "object": object, "created": now_secs(), "model": self.st.model_id,
-               "choices": [], "usage": usage(prompt, completion)})
+               "choices": [], "usage": usage(self.prompt_tokens, self.completion_tokens)})
     }
 }
 
@@ -968,40 +1019,67 @@ fn data(v: &Value) -> Event {
     Event::default().data(v.to_string())
 }
 
+/// The SSE answer: each choice's chunks as its tokens come (tagged with its `index`), then,
+/// when every choice is done, the usage chunk if asked and `[DONE]`.
 fn stream_response(
     st: Arc<AppState>,
-    rx: mpsc::UnboundedReceiver<GenerateEvent>,
+    rxs: Vec<mpsc::UnboundedReceiver<GenerateEvent>>,
     id: String,
     flavor: Flavor,
     include_usage: bool,
     want_logprobs: bool,
 ) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
+    let n = rxs.len();
+    // A choice's stream ends with `None` once its channel closes, so that a model thread
+    // that stops mid-answer is reported rather than waited on.
+    let events = futures::stream::select_all(rxs.into_iter().enumerate().map(|(i, rx)| {
+        futures::stream::unfold(Some(rx), move |rx| async move {
+            let mut rx = rx?;
+            match rx.recv().await {
+                Some(ev) => Some(((i, Some(ev)), Some(rx))),
+                None => Some(((i, None), None)),
+            }
+        })
+        .boxed()
+    }));
     let state = StreamState {
-        rx,
+        events,
         st,
         id,
         flavor,
         include_usage,
         want_logprobs,
-        sent_role: false,
-        text_offset: 0,
+        sent_roles: false,
+        text_offset: vec![0; n],
+        finished: vec![false; n],
+        left: n,
+        prompt_tokens: 0,
+        completion_tokens: 0,
         done: false,
     };
-    // Dropping this stream (the client left) drops the receiver, which the model thread notices
-    // at its next step and abandons the sequence.
+    // Dropping this stream (the client left) drops the receivers, which the model thread
+    // notices at its next step and abandons the sequences.
     let events = futures::stream::unfold(state, |mut s| async move {
         if s.done {
             return None;
         }
         let mut out = Vec::new();
-        if s.flavor == Flavor::Chat && !s.sent_role {
-            s.sent_role = true;
-            out.push(data(&s.chunk(Some(""), &[], None, true)));
+        if s.flavor == Flavor::Chat && !s.sent_roles {
+            s.sent_roles = true;
+            for i in 0..s.text_offset.len() {
+                out.push(data(&s.chunk(i, Some(""), &[], None, true)));
+            }
         }
-        match s.rx.recv().await {
+        let Some((i, event)) = s.events.next().await else {
+            // Every choice ended without finishing: cannot happen (each ends with `None`
+            // at the latest, which is answered below), but never hang on it.
+            s.done = true;
+            return Some((futures::stream::iter(out.into_iter().map(Ok)), s));
+        };
+        match event {
             Some(GenerateEvent::Delta { text, logprobs }) => {
-                out.push(data(&s.chunk(Some(&text), &logprobs, None, false)));
-                s.text_offset += text.len();
+                out.push(data(&s.chunk(i, Some(&text), &logprobs, None, false)));
+                s.text_offset[i] += text.len();
             }
             Some(GenerateEvent::Done {
                 finish_reason,
@@ -1009,16 +1087,24 @@ fn stream_response(
                 completion_tokens,
             }) => {
                 let last = match s.flavor {
-                    Flavor::Chat => s.chunk(None, &[], Some(finish_reason), false),
-                    Flavor::Completion => s.chunk(Some(""), &[], Some(finish_reason), false),
+                    Flavor::Chat => s.chunk(i, None, &[], Some(finish_reason), false),
+                    Flavor::Completion => s.chunk(i, Some(""), &[], Some(finish_reason), false),
                 };
                 out.push(data(&last));
-                if s.include_usage {
-                    out.push(data(&s.usage_chunk(prompt_tokens, completion_tokens)));
+                s.prompt_tokens = prompt_tokens;
+                s.completion_tokens += completion_tokens;
+                s.finished[i] = true;
+                s.left -= 1;
+                if s.left == 0 {
+                    if s.include_usage {
+                        out.push(data(&s.usage_chunk()));
+                    }
+                    out.push(Event::default().data("[DONE]"));
+                    s.done = true;
                 }
-                out.push(Event::default().data("[DONE]"));
-                s.done = true;
             }
+            // After `Done` a choice's channel closes: nothing more to say for it.
+            None if s.finished[i] => {}
             Some(GenerateEvent::Failed(e)) => {
                 out.push(data(&engine_error(e).body()));
                 out.push(Event::default().data("[DONE]"));

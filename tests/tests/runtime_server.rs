@@ -399,6 +399,109 @@ async fn a_seed_repeats_and_streamed_output_equals_non_streamed() {
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
+/// `n` choices: choice `i` is what one request with the seed plus `i` gives; streamed, the
+/// chunks carry their choice's index and add up to the non-streamed choices; usage counts the
+/// prompt once and every choice's tokens; an `n` out of range is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn n_choices_are_the_requests_with_successive_seeds_streamed_or_not() {
+    let (server, url) = serve(|c| {
+        c.max_batch_size = 4;
+        c.max_queue = 2;
+    })
+    .await;
+    let http = client();
+    let chat = format!("{url}/v1/chat/completions");
+    let params = json!({"max_tokens": 10, "temperature": 1.0, "top_p": 0.95, "seed": 40,
+                        "logprobs": true, "top_logprobs": 2});
+    let body = |extra: Value| {
+        let mut b = chat_body("Write a line about the sea.", params.clone());
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    let three = post_json(&http, &chat, &body(json!({"n": 3}))).await;
+    let choices = three["choices"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{three}"));
+    assert_eq!(choices.len(), 3);
+    let mut completion_tokens = 0;
+    let mut texts = Vec::new();
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        let alone = post_json(&http, &chat, &body(json!({"seed": 40 + i}))).await;
+        assert_eq!(c["message"], alone["choices"][0]["message"], "choice {i}");
+        assert_eq!(c["logprobs"], alone["choices"][0]["logprobs"], "choice {i}");
+        assert_eq!(c["finish_reason"], alone["choices"][0]["finish_reason"]);
+        assert_eq!(
+            three["usage"]["prompt_tokens"],
+            alone["usage"]["prompt_tokens"]
+        );
+        completion_tokens += alone["usage"]["completion_tokens"].as_u64().unwrap();
+        texts.push(c["message"]["content"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(three["usage"]["completion_tokens"], completion_tokens);
+    assert!(
+        texts[0] != texts[1] || texts[1] != texts[2],
+        "three seeds, one text: {texts:?}"
+    );
+
+    let r = http
+        .post(&chat)
+        .json(&body(
+            json!({"n": 3, "stream": true, "stream_options": {"include_usage": true}}),
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let chunks = sse_payloads(&r.text().await.unwrap());
+    let mut streamed = vec![String::new(); 3];
+    let mut finishes = vec![Vec::new(); 3];
+    let mut roles = vec![0; 3];
+    for ch in &chunks[..chunks.len() - 1] {
+        let c = &ch["choices"][0];
+        let i = c["index"].as_u64().unwrap() as usize;
+        streamed[i].push_str(c["delta"]["content"].as_str().unwrap_or(""));
+        roles[i] += (c["delta"]["role"] == "assistant") as usize;
+        if !c["finish_reason"].is_null() {
+            finishes[i].push(c["finish_reason"].clone());
+        }
+    }
+    assert_eq!(streamed, texts, "streamed choices differ from non-streamed");
+    assert_eq!(roles, vec![1, 1, 1]);
+    for (i, f) in finishes.iter().enumerate() {
+        assert_eq!(f, &vec![choices[i]["finish_reason"].clone()], "choice {i}");
+    }
+    assert_eq!(chunks.last().unwrap()["usage"], three["usage"]);
+
+    // Completions, greedy: every choice is the greedy text.
+    let comp = format!("{url}/v1/completions");
+    let cbody =
+        json!({"model": SMOL, "prompt": "Once upon a time", "max_tokens": 6, "temperature": 0});
+    let one = post_json(&http, &comp, &cbody).await;
+    let mut two = cbody.clone();
+    two["n"] = json!(2);
+    let two = post_json(&http, &comp, &two).await;
+    for i in 0..2 {
+        assert_eq!(two["choices"][i]["index"], i);
+        assert_eq!(two["choices"][i]["text"], one["choices"][0]["text"]);
+    }
+    assert_eq!(two["usage"]["completion_tokens"], 12);
+
+    for n in [0, 17, 7] {
+        let r = http
+            .post(&chat)
+            .json(&body(json!({"n": n})))
+            .send()
+            .await
+            .unwrap();
+        let e = expect_error(r, 400, &format!("n = {n}")).await;
+        assert_eq!(e["error"]["param"], "n", "{e}");
+    }
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
 /// `logit_bias` over HTTP with SmolLM2: banning the greedy first token (taken from the model
 /// itself) makes the runner-up come first; +100 on a token makes every sampled token that
 /// one; a bias naming a token outside the vocabulary, and the fields kandle does not implement
