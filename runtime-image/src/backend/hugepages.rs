@@ -117,9 +117,24 @@ pub(crate) struct WeightBytes {
     len: usize,
 }
 
+/// Bytes of the [`WeightBytes`] alive: what a THP setting of `never` leaves on 4 KiB pages.
+static LIVE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Bytes of weights this process keeps in huge-page chunks now.
+pub fn weight_bytes() -> usize {
+    LIVE.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+impl Drop for WeightBytes {
+    fn drop(&mut self) {
+        LIVE.fetch_sub(self.len, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 impl WeightBytes {
     /// `len` zero bytes, 64-byte aligned.
     pub(crate) fn zeroed(len: usize) -> WeightBytes {
+        LIVE.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
         if len > CHUNK / 2 {
             let chunk = Arc::new(Chunk::new(len.next_multiple_of(HUGE)));
             return WeightBytes {
@@ -162,9 +177,47 @@ impl DerefMut for WeightBytes {
     }
 }
 
+/// The node's transparent-huge-page setting (`always`, `madvise` or `never`, the bracketed
+/// word of `/sys/kernel/mm/transparent_hugepage/enabled`), or `unavailable`. Logged when a
+/// model is loaded: under `never` the packed weights stay on 4 KiB pages and decode runs at
+/// the speed before huge pages (see the module's figures).
+pub fn thp_setting() -> String {
+    std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .ok()
+        .and_then(|s| bracketed(&s).map(str::to_string))
+        .unwrap_or_else(|| "unavailable".to_string())
+}
+
+/// The word in brackets of a sysfs choice list (`always [madvise] never` → `madvise`).
+fn bracketed(s: &str) -> Option<&str> {
+    s.split_whitespace()
+        .find_map(|w| w.strip_prefix('[')?.strip_suffix(']'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_thp_setting_is_the_bracketed_word() {
+        assert_eq!(bracketed("always [madvise] never\n"), Some("madvise"));
+        assert_eq!(bracketed("[always] madvise never"), Some("always"));
+        assert_eq!(bracketed("always madvise never"), None);
+        let before = weight_bytes();
+        let buf = WeightBytes::zeroed(1 << 20);
+        // Other tests' buffers come and go meanwhile; this one is counted while it lives.
+        assert!(
+            weight_bytes() >= 1 << 20,
+            "{before} then {}",
+            weight_bytes()
+        );
+        drop(buf);
+        let here = thp_setting();
+        assert!(
+            ["always", "madvise", "never", "unavailable"].contains(&here.as_str()),
+            "{here}"
+        );
+    }
 
     #[test]
     fn buffers_are_zeroed_aligned_disjoint_and_outlive_the_others() {

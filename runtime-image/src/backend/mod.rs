@@ -67,6 +67,17 @@ pub fn kernels() -> String {
     format!("quantised={quantised} encoder={encoder}")
 }
 
+/// The node's transparent-huge-page setting, which decides whether GGUF weights sit on huge
+/// pages ([`hugepages::thp_setting`]).
+pub fn thp_setting() -> String {
+    hugepages::thp_setting()
+}
+
+/// Bytes of weights kept in huge-page chunks (the GGUF models' packed matrices).
+pub fn huge_page_weight_bytes() -> usize {
+    hugepages::weight_bytes()
+}
+
 /// A causal language model: the weights, shared by all sequences.
 pub trait CausalLm: Send + Sync {
     /// Starts a sequence with an empty KV cache.
