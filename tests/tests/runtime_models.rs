@@ -265,10 +265,7 @@ fn smollm2_prompt_at_once_gives_the_bits_of_token_by_token() {
     assert_eq!(differing, 0, "{differing} logits differ");
     // Both go on identically.
     let next = argmax(&at_once);
-    assert_eq!(
-        whole.feed(&[next]).unwrap(),
-        stepped.feed(&[next]).unwrap()
-    );
+    assert_eq!(whole.feed(&[next]).unwrap(), stepped.feed(&[next]).unwrap());
 }
 
 #[test]
@@ -535,8 +532,92 @@ fn kernels_under(cap: &str) -> Option<&'static str> {
 /// logits must keep every bit; MiniLM (whose AMX products round differently from the
 /// AVX-512 ones in the sixth digit) must match sentence-transformers and embed a batch as its
 /// items alone on every path.
+/// Set (with [`ISA_CHILD`]) in the child that runs with the AMX grant refused.
+const REFUSE_AMX: &str = "KANDLE_TEST_REFUSE_AMX";
+
+/// Makes Linux refuse this process the AMX tile state, as a kernel before 5.16 (or one
+/// built without it) does: a seccomp filter on every thread answers
+/// `arch_prctl(ARCH_REQ_XCOMP_PERM, …)` with EPERM and lets every other call through.
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+fn refuse_amx_grant() {
+    #[repr(C)]
+    struct SockFilter {
+        code: u16,
+        jt: u8,
+        jf: u8,
+        k: u32,
+    }
+    #[repr(C)]
+    struct SockFprog {
+        len: u16,
+        filter: *const SockFilter,
+    }
+    const LD_ABS_W: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
+    const JEQ_K: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+    const RET_K: u16 = 0x06; // BPF_RET | BPF_K
+    const AUDIT_ARCH_X86_64: u32 = 0xC000_003E;
+    const SYS_ARCH_PRCTL: u32 = 158;
+    const ARCH_REQ_XCOMP_PERM: u32 = 0x1023;
+    const RET_ERRNO_EPERM: u32 = 0x0005_0000 | libc::EPERM as u32;
+    const RET_ALLOW: u32 = 0x7fff_0000;
+    let f = |code, jt, jf, k| SockFilter { code, jt, jf, k };
+    // seccomp_data: nr at 0, arch at 4, instruction pointer at 8, args from 16.
+    let prog = [
+        f(LD_ABS_W, 0, 0, 4),
+        f(JEQ_K, 0, 5, AUDIT_ARCH_X86_64),
+        f(LD_ABS_W, 0, 0, 0),
+        f(JEQ_K, 0, 3, SYS_ARCH_PRCTL),
+        f(LD_ABS_W, 0, 0, 16),
+        f(JEQ_K, 0, 1, ARCH_REQ_XCOMP_PERM),
+        f(RET_K, 0, 0, RET_ERRNO_EPERM),
+        f(RET_K, 0, 0, RET_ALLOW),
+    ];
+    let fprog = SockFprog {
+        len: prog.len() as u16,
+        filter: prog.as_ptr(),
+    };
+    const SECCOMP_SET_MODE_FILTER: libc::c_ulong = 1;
+    const SECCOMP_FILTER_FLAG_TSYNC: libc::c_ulong = 1;
+    // SAFETY: plain system calls; `fprog` and `prog` outlive them (the kernel copies the
+    // program).
+    unsafe {
+        assert_eq!(
+            libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0),
+            0,
+            "no_new_privs"
+        );
+        let r = libc::syscall(
+            libc::SYS_seccomp,
+            SECCOMP_SET_MODE_FILTER,
+            SECCOMP_FILTER_FLAG_TSYNC,
+            &fprog as *const SockFprog,
+        );
+        assert_eq!(
+            r,
+            0,
+            "installing the seccomp filter: {}",
+            std::io::Error::last_os_error()
+        );
+        // The filter answers as a refusing kernel would.
+        let r = libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM as libc::c_long,
+            18,
+        );
+        assert_eq!(
+            (r, std::io::Error::last_os_error().raw_os_error()),
+            (-1, Some(libc::EPERM)),
+            "the AMX request was not refused"
+        );
+    }
+}
+
 #[test]
 fn every_instruction_set_gives_smollm2_the_same_bits_and_minilm_its_reference() {
+    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+    if std::env::var_os(REFUSE_AMX).is_some() {
+        refuse_amx_grant();
+    }
     let kernels = backend::kernels();
     let bits = smollm2_fingerprint(&generation(&models::smollm2_gguf()));
     let e = embedding(&models::minilm_dir());
@@ -550,24 +631,35 @@ fn every_instruction_set_gives_smollm2_the_same_bits_and_minilm_its_reference() 
     }
     let exe = std::env::current_exe().unwrap();
     let mut ran = Vec::new();
-    for cap in ["avx512", "avx2", "scalar"] {
-        let Some(expected) = kernels_under(cap) else {
-            continue;
-        };
+    // Each cap below the CPU's best; and, where this process runs the encoder on AMX, no cap
+    // but the kernel refusing the AMX grant: the encoder must fall back to AVX-512 (an AMX
+    // instruction without the grant would kill the process with SIGILL).
+    let amx_refused = kernels
+        .contains("encoder=amx")
+        .then_some(("amx-refused", "quantised=avx512-vnni encoder=avx512"));
+    let runs = ["avx512", "avx2", "scalar"]
+        .into_iter()
+        .filter_map(|cap| Some((cap, kernels_under(cap)?)))
+        .chain(amx_refused);
+    for (cap, expected) in runs {
         if kernels == expected {
             // This process ran these kernels already.
             continue;
         }
-        let out = std::process::Command::new(&exe)
+        let mut child = std::process::Command::new(&exe);
+        child
             .args([
                 "every_instruction_set_gives_smollm2_the_same_bits_and_minilm_its_reference",
                 "--exact",
                 "--nocapture",
             ])
-            .env("KANDLE_ISA", cap)
-            .env(ISA_CHILD, "1")
-            .output()
-            .unwrap();
+            .env(ISA_CHILD, "1");
+        if cap == "amx-refused" {
+            child.env(REFUSE_AMX, "1").env_remove("KANDLE_ISA");
+        } else {
+            child.env("KANDLE_ISA", cap);
+        }
+        let out = child.output().unwrap();
         let text = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
