@@ -116,16 +116,13 @@ fn rank_order(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
 /// draw do not depend on the order in which they are summed (a token that `exp` puts below
 /// 2^-31 of the largest weighs nothing: it could hardly ever be drawn anyway). `exp` is the
 /// kernels' ([`crate::backend::exp_shifted`]): the same bits on every CPU, in vector
-/// registers (libm's `expf` of 49,152 logits took ~0.4 ms a draw). Returns `e` and the
-/// weights.
-fn weights(logits: &[f32], max: f32) -> (Vec<f32>, Vec<u32>) {
+/// registers (libm's `expf` of 49,152 logits took ~0.4 ms a draw).
+fn weights(logits: &[f32], max: f32) -> Vec<u32> {
     let mut e = vec![0f32; logits.len()];
     crate::backend::exp_shifted(logits, max, &mut e);
-    let w = e
-        .iter()
+    e.iter()
         .map(|&e| (e * (1u32 << 30) as f32).round_ties_even() as i32 as u32)
-        .collect();
-    (e, w)
+        .collect()
 }
 
 /// The weight a top-p nucleus must reach out of `total`.
@@ -134,12 +131,10 @@ fn nucleus_need(top_p: f32, total: u64) -> u64 {
 }
 
 /// Candidates of a draw: `ids[j]` (or `j` itself when `ids` is `None`, the whole
-/// vocabulary) with its logit over the temperature, `scaled[j]`, the `exp` of that less the
-/// largest, `e[j]`, and its weight.
+/// vocabulary) with its logit over the temperature, `scaled[j]`, and its weight.
 struct Candidates {
     ids: Option<Vec<u32>>,
     scaled: Vec<f32>,
-    e: Vec<f32>,
     weights: Vec<u32>,
 }
 
@@ -155,37 +150,40 @@ impl Candidates {
     /// to at least `need` (at most their total, which is positive), and that sum.
     ///
     /// No sort of the whole: the candidates still in question go into 1,024 buckets spaced
-    /// evenly between their smallest and largest `e`, so that the buckets' order is the rank
-    /// order's (`e`, and the weight, never decrease with the logit); the buckets' sums of
-    /// weights, from the top, locate the one where the prefix ends, and that bucket's
-    /// candidates are the next round's. A round at least splits the smallest `e` from the
-    /// largest; 64 candidates or fewer, or all of one `e` (so of one weight), are ranked
-    /// directly.
+    /// evenly between their smallest and largest logit, so that the buckets' order is the
+    /// rank order's; the buckets' sums of weights, from the top, locate the one where the
+    /// prefix ends, and that bucket's candidates are the next round's. A round splits the
+    /// smallest logit from the largest; 64 candidates or fewer, all of one weight, or logits
+    /// without a finite span (infinities, NaNs) are ranked directly.
     fn nucleus_last(&self, need: u64) -> (usize, u64) {
         const BUCKETS: usize = 1024;
-        let (e, w) = (&self.e, &self.weights);
+        let (l, w) = (&self.scaled, &self.weights);
         let by_rank =
             |a: &u32, b: &u32| rank_order(&self.rank(*a as usize), &self.rank(*b as usize));
+        let span = |it: &mut dyn Iterator<Item = f32>| {
+            it.fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), x| {
+                (lo.min(x), hi.max(x))
+            })
+        };
         // Empty while the pool is all the candidates (the first round).
         let mut pool: Vec<u32> = Vec::new();
         let mut all = true;
         let mut cum = 0u64;
         loop {
             let (lo, hi) = if all {
-                e.iter()
-                    .fold((f32::INFINITY, 0f32), |(lo, hi), &x| (lo.min(x), hi.max(x)))
+                span(&mut l.iter().copied())
             } else {
-                pool.iter().fold((f32::INFINITY, 0f32), |(lo, hi), &j| {
-                    (lo.min(e[j as usize]), hi.max(e[j as usize]))
-                })
+                span(&mut pool.iter().map(|&j| l[j as usize]))
             };
-            if lo == hi || (!all && pool.len() <= 64) {
+            let finite = (hi - lo).is_finite();
+            if lo == hi || !finite || (!all && pool.len() <= 64) {
                 if all {
                     pool = (0..w.len() as u32).collect();
                 }
-                if lo == hi {
+                let each = w[pool[0] as usize];
+                if each > 0 && pool.iter().all(|&j| w[j as usize] == each) {
                     // Equal weights: the first `k` in rank order reach `need`.
-                    let each = w[pool[0] as usize] as u64;
+                    let each = each as u64;
                     let k = (need - cum).div_ceil(each).min(pool.len() as u64);
                     let last = *pool.select_nth_unstable_by(k as usize - 1, by_rank).1;
                     return (last as usize, cum + k * each);
@@ -199,7 +197,8 @@ impl Candidates {
                 }
                 unreachable!("the pool's weights reach what the prefix needs");
             }
-            // Monotone in `e` (each step rounds monotonically); `hi` in the last bucket.
+            // Monotone in the logit (each step rounds monotonically; a NaN goes to bucket
+            // 0, and weighs 0); `lo` in bucket 0, `hi` in a higher one.
             let scale = (BUCKETS - 1) as f32 / (hi - lo);
             let bucket = |x: f32| (((x - lo) * scale) as usize).min(BUCKETS - 1);
             let mut sums = [0u64; BUCKETS];
@@ -207,7 +206,7 @@ impl Candidates {
                 // Over the whole vocabulary: the buckets computed in vector registers,
                 // summed into four sets of sums so that runs of one bucket do not wait on
                 // each other's additions.
-                let bs: Vec<u16> = e.iter().map(|&x| bucket(x) as u16).collect();
+                let bs: Vec<u16> = l.iter().map(|&x| bucket(x) as u16).collect();
                 let mut four = [[0u64; BUCKETS]; 4];
                 for (i, (&b, &x)) in bs.iter().zip(w).enumerate() {
                     four[i % 4][b as usize] += x as u64;
@@ -222,10 +221,10 @@ impl Candidates {
                 all = false;
             } else {
                 for &j in &pool {
-                    sums[bucket(e[j as usize])] += w[j as usize] as u64;
+                    sums[bucket(l[j as usize])] += w[j as usize] as u64;
                 }
                 let end = Self::edge(&sums, &mut cum, need);
-                pool.retain(|&j| bucket(e[j as usize]) == end);
+                pool.retain(|&j| bucket(l[j as usize]) == end);
             }
         }
     }
@@ -277,11 +276,10 @@ fn draw(logits: &[f32], p: &SamplingParams, r: f64) -> u32 {
         )
     };
     let max = scaled.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let (e, weights) = weights(&scaled, max);
+    let weights = weights(&scaled, max);
     let c = Candidates {
         ids,
         scaled,
-        e,
         weights,
     };
     let total: u64 = c.weights.iter().map(|&w| w as u64).sum();
@@ -527,7 +525,7 @@ mod tests {
             cand.truncate(p.top_k);
         }
         let max = cand[0].1;
-        let weight = |l: f32| weights(&[l], max).1[0] as u64;
+        let weight = |l: f32| weights(&[l], max)[0] as u64;
         let total: u64 = cand.iter().map(|c| weight(c.1)).sum();
         let mut keep = cand.len();
         if p.top_p < 1.0 {
@@ -588,6 +586,78 @@ mod tests {
         }
         // Some nuclei were wide (their bucket holding where they end crowded).
         assert!(deep > 10, "{deep} nucleus draws beyond rank 64");
+    }
+
+    /// The nucleus's corner cases against the definition: every logit equal (one weight, the
+    /// whole vocabulary tied), logits of -inf, a span of 1e30 (buckets far coarser than the
+    /// weights), and the rest of a narrow band below one dominant token.
+    #[test]
+    fn nucleus_corner_cases_draw_what_whole_sorts_draw() {
+        let mut rng = StdRng::seed_from_u64(9);
+        let n = 5000;
+        let shapes: Vec<(&str, Vec<f32>)> = vec![
+            ("all equal", vec![1.5; n]),
+            (
+                "-inf half",
+                (0..n)
+                    .map(|i| {
+                        if i % 2 == 0 {
+                            f32::NEG_INFINITY
+                        } else {
+                            (i % 7) as f32
+                        }
+                    })
+                    .collect(),
+            ),
+            (
+                "span 1e30",
+                (0..n)
+                    .map(|i| match i % 500 {
+                        0 => -1e30,
+                        _ => rng.random::<f32>() * 3.0,
+                    })
+                    .collect(),
+            ),
+            (
+                "one dominant",
+                (0..n)
+                    .map(|i| {
+                        if i == 77 {
+                            12.0
+                        } else {
+                            rng.random::<f32>() * 1e-3
+                        }
+                    })
+                    .collect(),
+            ),
+        ];
+        for (name, logits) in &shapes {
+            for top_p in [0.05f32, 0.3, 0.9, 0.999] {
+                for k in 0..8 {
+                    let p = SamplingParams {
+                        top_p,
+                        ..Default::default()
+                    };
+                    let r = (k as f64 + 0.37) / 8.0;
+                    assert_eq!(
+                        draw(logits, &p, r),
+                        draw_by_full_sort(logits, &p, r),
+                        "{name}, top_p {top_p}, r {r}"
+                    );
+                }
+            }
+        }
+        // A NaN logit weighs nothing and is never drawn.
+        let mut logits = vec![0.5f32; 100];
+        logits[3] = f32::NAN;
+        for k in 0..50 {
+            let p = SamplingParams {
+                top_p: 0.5,
+                ..Default::default()
+            };
+            let got = draw(&logits, &p, k as f64 / 50.0);
+            assert!(got != 3 && got < 100, "{got}");
+        }
     }
 
     #[test]
