@@ -467,8 +467,48 @@ fn router(state: Arc<AppState>) -> Router {
             state.clone(),
             count_requests,
         ))
+        .layer(middleware::from_fn_with_state(state.clone(), request_id))
         .layer(DefaultBodyLimit::max(state.config.max_request_bytes))
         .with_state(state)
+}
+
+/// A client's `X-Request-Id` when it is a plausible id (1–128 visible ASCII characters),
+/// else a new one.
+fn request_id_of(headers: &HeaderMap, st: &AppState) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_owned)
+        .unwrap_or_else(|| st.new_id("req"))
+}
+
+/// Tags every request with an id, as vLLM and TGI do: the client's `X-Request-Id` (else a new
+/// one) comes back in the response's `X-Request-Id` and names the request in the log line
+/// written when its answer starts (route, status, seconds: for a stream, to its headers;
+/// never headers or bodies, which may carry keys), so that a client's report can be found in
+/// the server's log.
+async fn request_id(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let id = request_id_of(req.headers(), &st);
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| req.uri().path().chars().take(64).collect());
+    let method = req.method().clone();
+    let t0 = Instant::now();
+    let mut resp = next.run(req).await;
+    let status = resp.status().as_u16();
+    let seconds = t0.elapsed().as_secs_f64();
+    if route.starts_with("/v1/") {
+        tracing::info!(request_id = %id, %method, %route, status, seconds, "request");
+    } else {
+        tracing::debug!(request_id = %id, %method, %route, status, seconds, "request");
+    }
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
 }
 
 /// Refuses a body whose declared length is over the limit before reading any of it (bodies

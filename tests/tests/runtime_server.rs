@@ -502,6 +502,68 @@ async fn n_choices_are_the_requests_with_successive_seeds_streamed_or_not() {
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
+/// Every answer carries an `X-Request-Id`: the client's when it sent a plausible one, else a
+/// new one per request, errors and streams included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_answer_carries_the_request_id_given_or_a_new_one() {
+    let (server, url) = serve(|_| {}).await;
+    let http = client();
+    let chat = format!("{url}/v1/chat/completions");
+    let id_of = |r: &reqwest::Response| {
+        r.headers()
+            .get("x-request-id")
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+    let body = chat_body("hi", json!({"max_tokens": 2, "temperature": 0}));
+    let r = http
+        .post(&chat)
+        .header("x-request-id", "client-7f3a")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status().as_u16(), id_of(&r)),
+        (200, Some("client-7f3a".to_string()))
+    );
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let r = http
+        .post(&chat)
+        .header("x-request-id", "s-1")
+        .json(&streamed)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(id_of(&r).as_deref(), Some("s-1"));
+    r.text().await.unwrap();
+    let r = http
+        .post(&chat)
+        .body("{")
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let a = id_of(&r).expect("an id on an error");
+    let r = http.get(format!("{url}/health")).send().await.unwrap();
+    let b = id_of(&r).expect("an id on /health");
+    assert!(a != b && !a.is_empty(), "{a} {b}");
+    // Not plausible as an id: replaced.
+    for bad in ["x".repeat(129), "has space".to_string()] {
+        let r = http
+            .post(&chat)
+            .header("x-request-id", &bad)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let got = id_of(&r).unwrap();
+        assert!(got != bad && !got.is_empty(), "{got:?}");
+    }
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
 /// `logit_bias` over HTTP with SmolLM2: banning the greedy first token (taken from the model
 /// itself) makes the runner-up come first; +100 on a token makes every sampled token that
 /// one; a bias naming a token outside the vocabulary, and the fields kandle does not implement
