@@ -297,6 +297,29 @@ pub struct CompletionRequest {
     pub unsupported: CompletionUnsupported,
 }
 
+/// POST /tokenize (vLLM's route): a prompt as completions tokenises it, or messages as chat
+/// renders and tokenises them.
+#[derive(Debug, Clone, Deserialize)]
+pub struct TokenizeRequest {
+    pub model: String,
+    pub prompt: Option<String>,
+    pub messages: Option<Vec<MessageIn>>,
+    /// With `prompt`: the tokenizer's special tokens (completions adds them).
+    #[serde(default = "yes")]
+    pub add_special_tokens: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// POST /detokenize (vLLM's route).
+#[derive(Debug, Clone, Deserialize)]
+pub struct DetokenizeRequest {
+    pub model: String,
+    pub tokens: Vec<u32>,
+}
+
 /// `input` of /v1/embeddings.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]

@@ -431,6 +431,8 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/classify", post(classify))
         .route("/v1/models", get(list_models))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,
@@ -631,10 +633,93 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
 }
 
 async fn list_models(State(st): State<Arc<AppState>>) -> axum::Json<Value> {
+    // vLLM's `max_model_len` (prompt plus output), which clients such as LiteLLM read; absent
+    // while the model loads.
+    let max_model_len = st.engine.get().map(|e| e.frontend().context_length);
     axum::Json(json!({
         "object": "list",
-        "data": [{"id": st.model_id, "object": "model", "created": st.created, "owned_by": "kandle"}],
+        "data": [{"id": st.model_id, "object": "model", "created": st.created, "owned_by": "kandle",
+                  "max_model_len": max_model_len}],
     }))
+}
+
+/// `POST /tokenize`: the ids the server would feed the model for a completions `prompt` or
+/// chat `messages` (exactly one of the two), their count, and the model's context, so that a
+/// client can fit a request before sending it.
+async fn tokenize(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body_bytes(body)?;
+    let engine = st.engine()?.clone();
+    let r: api::TokenizeRequest = api::parse_body(&body)?;
+    st.check_model(&r.model)?;
+    let frontend = engine.frontend();
+    let ids = match (&r.prompt, &r.messages) {
+        (Some(prompt), None) => frontend
+            .encode_prompt(prompt, r.add_special_tokens)
+            .map_err(|e| {
+                ApiError::invalid(format!("cannot tokenise the prompt: {e}"), Some("prompt"))
+            })?,
+        (None, Some(messages)) => {
+            if !matches!(frontend.task, Task::TextGeneration) {
+                return Err(ApiError::invalid(
+                    "this model has no chat format: send a prompt",
+                    Some("messages"),
+                ));
+            }
+            let messages = api::chat_messages(messages)?;
+            frontend
+                .encode_chat(&messages)
+                .map_err(|e| {
+                    ApiError::invalid(
+                        format!("cannot apply the chat template: {e}"),
+                        Some("messages"),
+                    )
+                })?
+                .1
+        }
+        _ => {
+            return Err(ApiError::invalid(
+                "send exactly one of prompt and messages",
+                Some("prompt"),
+            ));
+        }
+    };
+    Ok(axum::Json(json!({
+        "tokens": ids,
+        "count": ids.len(),
+        "max_model_len": frontend.context_length,
+    }))
+    .into_response())
+}
+
+/// `POST /detokenize`: the text of token ids (special tokens kept), as the tokenizer decodes
+/// them.
+async fn detokenize(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body_bytes(body)?;
+    let engine = st.engine()?.clone();
+    let r: api::DetokenizeRequest = api::parse_body(&body)?;
+    st.check_model(&r.model)?;
+    let frontend = engine.frontend();
+    let vocab = frontend.tokenizer_vocab_size();
+    if let Some(bad) = r.tokens.iter().find(|&&t| t as usize >= vocab) {
+        return Err(ApiError::invalid(
+            format!("token {bad} is outside the vocabulary ({vocab} tokens)"),
+            Some("tokens"),
+        ));
+    }
+    // Not an empty list to the decoder: Blenderbot's BPE decoder panics on one.
+    let text = match r.tokens.is_empty() {
+        true => String::new(),
+        false => frontend.tokenizer.decode(&r.tokens, false).map_err(|e| {
+            ApiError::invalid(format!("cannot decode the tokens: {e}"), Some("tokens"))
+        })?,
+    };
+    Ok(axum::Json(json!({ "prompt": text })).into_response())
 }
 
 /// What chat and completions share once validated.

@@ -502,6 +502,109 @@ async fn n_choices_are_the_requests_with_successive_seeds_streamed_or_not() {
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
+/// `/tokenize` counts what completions and chat feed the model (their `usage.prompt_tokens`),
+/// `/detokenize` gives the text back, and bad input is refused naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokenize_counts_what_the_endpoints_feed_and_detokenize_inverts_it() {
+    let (server, url) = serve(|_| {}).await;
+    let http = client();
+    let tok = format!("{url}/tokenize");
+    let detok = format!("{url}/detokenize");
+    let text = "Once upon a time, in a kingdom by the sea";
+    let t = post_json(&http, &tok, &json!({"model": SMOL, "prompt": text})).await;
+    let comp = post_json(
+        &http,
+        &format!("{url}/v1/completions"),
+        &json!({"model": SMOL, "prompt": text, "max_tokens": 1}),
+    )
+    .await;
+    assert_eq!(t["count"], comp["usage"]["prompt_tokens"], "{t}");
+    assert_eq!(
+        t["tokens"].as_array().unwrap().len() as u64,
+        t["count"].as_u64().unwrap()
+    );
+    assert!(
+        t["max_model_len"].as_u64().unwrap() > t["count"].as_u64().unwrap(),
+        "{t}"
+    );
+    let models: Value = http
+        .get(format!("{url}/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models["data"][0]["max_model_len"], t["max_model_len"]);
+    let messages =
+        json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]);
+    let t = post_json(&http, &tok, &json!({"model": SMOL, "messages": messages})).await;
+    let chat = post_json(
+        &http,
+        &format!("{url}/v1/chat/completions"),
+        &json!({"model": SMOL, "messages": messages, "max_tokens": 1}),
+    )
+    .await;
+    assert_eq!(t["count"], chat["usage"]["prompt_tokens"], "{t}");
+    let back = post_json(
+        &http,
+        &detok,
+        &json!({"model": SMOL, "tokens": t["tokens"]}),
+    )
+    .await;
+    let rendered = back["prompt"].as_str().unwrap();
+    assert!(
+        rendered.starts_with("<|im_start|>system\nBe brief.<|im_end|>")
+            && rendered.ends_with("<|im_start|>assistant\n"),
+        "{rendered:?}"
+    );
+    let plain = post_json(
+        &http,
+        &tok,
+        &json!({"model": SMOL, "prompt": text, "add_special_tokens": false}),
+    )
+    .await;
+    let back = post_json(
+        &http,
+        &detok,
+        &json!({"model": SMOL, "tokens": plain["tokens"]}),
+    )
+    .await;
+    assert_eq!(back["prompt"], text);
+    let empty = post_json(&http, &detok, &json!({"model": SMOL, "tokens": []})).await;
+    assert_eq!(empty["prompt"], "");
+    for (at, body, status, param) in [
+        (&tok, json!({"model": SMOL}), 400, "prompt"),
+        (
+            &tok,
+            json!({"model": SMOL, "prompt": "a", "messages": messages}),
+            400,
+            "prompt",
+        ),
+        (
+            &tok,
+            json!({"model": SMOL, "messages": []}),
+            400,
+            "messages",
+        ),
+        (&tok, json!({"model": "other", "prompt": "a"}), 404, "model"),
+        (
+            &detok,
+            json!({"model": SMOL, "tokens": [1, 49152]}),
+            400,
+            "tokens",
+        ),
+        (&detok, json!({"model": SMOL, "tokens": [-1]}), 400, ""),
+    ] {
+        let r = http.post(at).json(&body).send().await.unwrap();
+        let e = expect_error(r, status, &body.to_string()).await;
+        if !param.is_empty() {
+            assert_eq!(e["error"]["param"], param, "{body}: {e}");
+        }
+    }
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
 /// Every answer carries an `X-Request-Id`: the client's when it sent a plausible one, else a
 /// new one per request, errors and streams included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
