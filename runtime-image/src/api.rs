@@ -99,6 +99,8 @@ pub struct SamplingFields {
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
     pub top_k: Option<i64>,
+    /// vLLM's and llama.cpp's `min_p`.
+    pub min_p: Option<f32>,
     pub seed: Option<i64>,
     pub presence_penalty: Option<f32>,
     pub frequency_penalty: Option<f32>,
@@ -118,6 +120,7 @@ pub struct ChatCompletionRequest {
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
     pub top_k: Option<i64>,
+    pub min_p: Option<f32>,
     pub seed: Option<i64>,
     pub presence_penalty: Option<f32>,
     pub frequency_penalty: Option<f32>,
@@ -283,6 +286,7 @@ pub struct CompletionRequest {
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
     pub top_k: Option<i64>,
+    pub min_p: Option<f32>,
     pub seed: Option<i64>,
     pub presence_penalty: Option<f32>,
     pub frequency_penalty: Option<f32>,
@@ -402,6 +406,13 @@ pub fn sampling_params(
             Some("top_k"),
         ));
     }
+    let min_p = f.min_p.unwrap_or(0.0);
+    if !(0.0..=1.0).contains(&min_p) {
+        return Err(ApiError::invalid(
+            format!("min_p must be between 0 and 1, got {min_p}"),
+            Some("min_p"),
+        ));
+    }
     for (name, v) in [
         ("presence_penalty", f.presence_penalty),
         ("frequency_penalty", f.frequency_penalty),
@@ -423,6 +434,7 @@ pub fn sampling_params(
         temperature,
         top_p,
         top_k: top_k.max(0) as usize,
+        min_p,
         seed: f.seed.map(|s| s as u64),
         presence_penalty: f.presence_penalty.unwrap_or(0.0),
         frequency_penalty: f.frequency_penalty.unwrap_or(0.0),
@@ -695,6 +707,14 @@ mod tests {
             },
             SamplingFields {
                 top_k: Some(-2),
+                ..Default::default()
+            },
+            SamplingFields {
+                min_p: Some(1.5),
+                ..Default::default()
+            },
+            SamplingFields {
+                min_p: Some(-0.1),
                 ..Default::default()
             },
             SamplingFields {

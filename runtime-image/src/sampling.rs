@@ -3,7 +3,7 @@
 //!
 //! Order of operations (as in OpenAI's and vLLM's samplers): `logit_bias` and the
 //! presence/frequency penalties added to the raw logits → log-probabilities reported from these
-//! (before temperature) → temperature → top-k → top-p → draw. Temperature 0 is greedy: the
+//! (before temperature) → temperature → top-k → min-p → top-p → draw. Temperature 0 is greedy: the
 //! highest logit, lowest id on ties; a bias applies to it too, so that -100 bans a token and
 //! +100 forces it whatever the temperature, as OpenAI documents.
 
@@ -19,6 +19,8 @@ pub struct SamplingParams {
     pub top_p: f32,
     /// 0 disables top-k.
     pub top_k: usize,
+    /// Tokens less likely than `min_p` times the most likely are dropped (0: off).
+    pub min_p: f32,
     pub seed: Option<u64>,
     pub presence_penalty: f32,
     pub frequency_penalty: f32,
@@ -35,6 +37,7 @@ impl Default for SamplingParams {
             temperature: 1.0,
             top_p: 1.0,
             top_k: 0,
+            min_p: 0.0,
             seed: None,
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
@@ -123,6 +126,21 @@ fn weights(logits: &[f32], max: f32) -> Vec<u32> {
     e.iter()
         .map(|&e| (e * (1u32 << 30) as f32).round_ties_even() as i32 as u32)
         .collect()
+}
+
+/// `min_p` (as vLLM, before top-p): the weights below `min_p` times the largest become 0, so
+/// that those tokens are never drawn and count for nothing in the nucleus.
+fn drop_below_min_p(weights: &mut [u32], min_p: f32) {
+    if min_p <= 0.0 {
+        return;
+    }
+    let largest = weights.iter().copied().max().unwrap_or(0);
+    let floor = min_p as f64 * largest as f64;
+    for w in weights.iter_mut() {
+        if (*w as f64) < floor {
+            *w = 0;
+        }
+    }
 }
 
 /// The weight a top-p nucleus must reach out of `total`.
@@ -276,7 +294,8 @@ fn draw(logits: &[f32], p: &SamplingParams, r: f64) -> u32 {
         )
     };
     let max = scaled.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let weights = weights(&scaled, max);
+    let mut weights = weights(&scaled, max);
+    drop_below_min_p(&mut weights, p.min_p);
     let c = Candidates {
         ids,
         scaled,
@@ -480,6 +499,35 @@ mod tests {
     }
 
     #[test]
+    fn min_p_drops_tokens_less_likely_than_its_share_of_the_best() {
+        // Probabilities ∝ e^l: tokens 0 and 2 are within ln 2 of the best (token 1), token
+        // 3 is not: min_p 0.5 keeps 0, 1 and 2 in their softmax's proportions.
+        let logits = [2.0f32, 2.5, 2.0, 1.5];
+        let keep = [0usize, 1, 2];
+        let e: Vec<f64> = logits.iter().map(|&l| (l as f64).exp()).collect();
+        let share: f64 = keep.iter().map(|&i| e[i]).sum();
+        let p = SamplingParams {
+            min_p: 0.5,
+            ..Default::default()
+        };
+        let mut n = [0f64; 4];
+        for i in 0..100_000 {
+            n[draw(&logits, &p, (i as f64 + 0.5) / 100_000.0) as usize] += 1e-5;
+        }
+        assert_eq!(n[3], 0.0, "{n:?}");
+        for i in keep {
+            assert!((n[i] - e[i] / share).abs() < 1e-4, "token {i}: {n:?}");
+        }
+        // min_p 1 keeps only the best, whatever the temperature.
+        let p = SamplingParams {
+            min_p: 1.0,
+            temperature: 2.0,
+            ..Default::default()
+        };
+        assert!((0..50).all(|i| draw(&logits, &p, i as f64 / 50.0) == 1));
+    }
+
+    #[test]
     fn logprobs_are_normalised_and_top_alternatives_sorted() {
         let mut s = Sampler::new(SamplingParams {
             temperature: 0.0,
@@ -525,7 +573,15 @@ mod tests {
             cand.truncate(p.top_k);
         }
         let max = cand[0].1;
-        let weight = |l: f32| weights(&[l], max)[0] as u64;
+        let largest = weights(&[max], max)[0] as f64;
+        let weight = |l: f32| {
+            let w = weights(&[l], max)[0];
+            if (w as f64) < p.min_p as f64 * largest {
+                0
+            } else {
+                w as u64
+            }
+        };
         let total: u64 = cand.iter().map(|c| weight(c.1)).sum();
         let mut keep = cand.len();
         if p.top_p < 1.0 {
@@ -572,6 +628,7 @@ mod tests {
                 temperature: [0.3, 0.7, 1.0, 1.5][case % 3],
                 top_k: [0, 1, 40, 3000][(case / 16) % 4],
                 top_p: [1.0, 0.9, 0.5, 0.999][(case / 64) % 4],
+                min_p: [0.0, 0.0, 0.05, 0.3, 0.9][(case / 7) % 5],
                 ..Default::default()
             };
             let r: f64 = rng.random();

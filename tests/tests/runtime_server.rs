@@ -669,10 +669,10 @@ async fn every_answer_carries_the_request_id_given_or_a_new_one() {
 
 /// `logit_bias` over HTTP with SmolLM2: banning the greedy first token (taken from the model
 /// itself) makes the runner-up come first; +100 on a token makes every sampled token that
-/// one; a bias naming a token outside the vocabulary, and the fields kandle does not implement
+/// one; `min_p` 1 samples greedily; a bias naming a token outside the vocabulary, and the fields kandle does not implement
 /// (tools, JSON mode, insertion), are refused naming the field.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn logit_bias_bans_and_forces_tokens_and_unimplemented_fields_are_refused() {
+async fn logit_bias_and_min_p_shape_the_draw_and_unimplemented_fields_are_refused() {
     use kandle_runtime::backend::{self, LoadOptions, WeightDtype};
     use kandle_runtime::model::LoadedModel;
     let path = tokio::task::spawn_blocking(models::smollm2_gguf)
@@ -717,6 +717,14 @@ async fn logit_bias_bans_and_forces_tokens_and_unimplemented_fields_are_refused(
         b
     };
     let plain = text(&post_json(&http, &comp, &body(json!({}))).await);
+    // min_p 1 keeps only the most likely token: sampling at any temperature is greedy.
+    let narrow = post_json(
+        &http,
+        &comp,
+        &body(json!({"temperature": 1.5, "min_p": 1.0, "seed": 3})),
+    )
+    .await;
+    assert_eq!(text(&narrow), plain, "min_p 1 at temperature 1.5");
     let first_text = g.tokenizer.decode(&[first], false).unwrap();
     assert!(
         plain.starts_with(&first_text),
@@ -778,6 +786,7 @@ async fn logit_bias_bans_and_forces_tokens_and_unimplemented_fields_are_refused(
         ),
         (&comp, body(json!({"logit_bias": {"5": 101}})), "logit_bias"),
         (&comp, body(json!({"suffix": "The end."})), "suffix"),
+        (&comp, body(json!({"min_p": 1.5})), "min_p"),
         (
             &chat,
             chat_body(
