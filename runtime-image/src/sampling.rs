@@ -178,20 +178,20 @@ impl Candidates {
         let (l, w) = (&self.scaled, &self.weights);
         let by_rank =
             |a: &u32, b: &u32| rank_order(&self.rank(*a as usize), &self.rank(*b as usize));
-        let span = |it: &mut dyn Iterator<Item = f32>| {
+        fn span(it: impl Iterator<Item = f32>) -> (f32, f32) {
             it.fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), x| {
                 (lo.min(x), hi.max(x))
             })
-        };
+        }
         // Empty while the pool is all the candidates (the first round).
         let mut pool: Vec<u32> = Vec::new();
         let mut all = true;
         let mut cum = 0u64;
         loop {
             let (lo, hi) = if all {
-                span(&mut l.iter().copied())
+                span(l.iter().copied())
             } else {
-                span(&mut pool.iter().map(|&j| l[j as usize]))
+                span(pool.iter().map(|&j| l[j as usize]))
             };
             let finite = (hi - lo).is_finite();
             if lo == hi || !finite || (!all && pool.len() <= 64) {
