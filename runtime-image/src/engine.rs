@@ -112,11 +112,11 @@ pub enum EngineError {
 }
 
 enum Job {
+    /// One request of `choices.len()` choices: choice `i` samples with the seed plus `i`.
     Generate {
         req: GenerateRequest,
-        events: mpsc::UnboundedSender<GenerateEvent>,
+        choices: Vec<(mpsc::UnboundedSender<GenerateEvent>, OwnedSemaphorePermit)>,
         admitted: Instant,
-        _permit: OwnedSemaphorePermit,
     },
     Embed {
         inputs: Vec<Vec<u32>>,
@@ -310,30 +310,49 @@ impl Engine {
         &self,
         req: GenerateRequest,
     ) -> Result<mpsc::UnboundedReceiver<GenerateEvent>, EngineError> {
+        let mut rxs = self.generate_n(req, 1)?;
+        Ok(rxs.remove(0))
+    }
+
+    /// Admits a request of `n` choices as one job, or refuses it whole at once when the
+    /// queue cannot take them all. The choices enter the running batch together; choice `i`
+    /// samples with the request's seed plus `i` (any seed when it has none), and the prompt
+    /// is computed once for them all where the model can copy a sequence
+    /// ([`crate::backend::Sequence::fork`]).
+    pub fn generate_n(
+        &self,
+        req: GenerateRequest,
+        n: usize,
+    ) -> Result<Vec<mpsc::UnboundedReceiver<GenerateEvent>>, EngineError> {
         if !matches!(
             self.inner.frontend.task,
             Task::TextGeneration | Task::Text2Text
         ) {
             return Err(EngineError::WrongTask("text generation"));
         }
-        let permit = self
-            .inner
-            .permits
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| EngineError::Overloaded)?;
-        let (events, rx) = mpsc::unbounded_channel();
+        let mut choices = Vec::with_capacity(n);
+        let mut rxs = Vec::with_capacity(n);
+        for _ in 0..n.max(1) {
+            let permit = self
+                .inner
+                .permits
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| EngineError::Overloaded)?;
+            let (events, rx) = mpsc::unbounded_channel();
+            choices.push((events, permit));
+            rxs.push(rx);
+        }
         self.inner.metrics.queue_depth.inc();
         let sent = self.send(Job::Generate {
             req,
-            events,
+            choices,
             admitted: Instant::now(),
-            _permit: permit,
         });
         if sent.is_err() {
             self.inner.metrics.queue_depth.dec();
         }
-        sent.map(|_| rx)
+        sent.map(|_| rxs)
     }
 
     /// Embeds tokenised inputs; refused at once when the queue is full.
@@ -466,49 +485,55 @@ impl GenerationWorker {
 
     fn admit(&self, job: Job, active: &mut Vec<Active>) {
         self.metrics.queue_depth.dec();
-        let (req, events, admitted, permit) = match job {
+        let (req, choices, admitted) = match job {
             Job::Generate {
                 req,
-                events,
+                choices,
                 admitted,
-                _permit,
-            } => (req, events, admitted, _permit),
+            } => (req, choices, admitted),
             Job::Embed { reply, .. } => {
                 let _ = reply.send(Err(EngineError::WrongTask("embeddings")));
                 return;
             }
         };
-        if events.is_closed() {
-            return;
-        }
         if Instant::now() > req.deadline {
-            let _ = events.send(GenerateEvent::Failed(EngineError::Timeout));
+            for (events, _) in &choices {
+                let _ = events.send(GenerateEvent::Failed(EngineError::Timeout));
+            }
             return;
         }
-        let seq = match self.lm.new_sequence() {
-            Ok(s) => s,
-            Err(e) => {
-                let _ = events.send(GenerateEvent::Failed(EngineError::Internal(e.to_string())));
-                return;
-            }
-        };
-        self.metrics.inflight.inc();
         self.metrics.prompt_tokens.inc_by(req.prompt.len() as u64);
-        active.push(Active {
-            sampler: Sampler::new(req.sampling.clone()),
-            assembler: TextAssembler::new(req.stop.clone()),
-            text: IncrementalText::default(),
-            next_input: req.prompt.clone(),
-            req,
-            events,
-            admitted,
-            seq,
-            generated: Vec::new(),
-            completion_tokens: 0,
-            last_token_at: None,
-            done: false,
-            _permit: permit,
-        });
+        for (i, (events, permit)) in choices.into_iter().enumerate() {
+            if events.is_closed() {
+                continue;
+            }
+            let seq = match self.lm.new_sequence() {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ =
+                        events.send(GenerateEvent::Failed(EngineError::Internal(e.to_string())));
+                    continue;
+                }
+            };
+            let mut sampling = req.sampling.clone();
+            sampling.seed = sampling.seed.map(|s| s.wrapping_add(i as u64));
+            self.metrics.inflight.inc();
+            active.push(Active {
+                sampler: Sampler::new(sampling),
+                assembler: TextAssembler::new(req.stop.clone()),
+                text: IncrementalText::default(),
+                next_input: req.prompt.clone(),
+                req: req.clone(),
+                events,
+                admitted,
+                seq,
+                generated: Vec::new(),
+                completion_tokens: 0,
+                last_token_at: None,
+                done: false,
+                _permit: permit,
+            });
+        }
     }
 
     fn finish(&self, a: &mut Active, event: GenerateEvent) {
@@ -570,11 +595,41 @@ impl GenerationWorker {
                 }
             }
         }
-        for (a, _) in active.iter_mut().zip(&decoding).filter(|(_, d)| !**d) {
-            if a.done {
+        // The prompts, one sequence at a time. A prompt that another sequence computed this
+        // round (the choices of one request) is not computed again: its sequence is copied,
+        // with the same logits (the kernels give a sequence the same bits however it is run).
+        let mut computed: Vec<(usize, Vec<f32>)> = Vec::new();
+        for i in 0..active.len() {
+            if decoding[i] || active[i].done {
                 continue;
             }
-            match a.seq.feed(&a.next_input) {
+            let twin = active[i].seq.is_empty().then(|| {
+                computed.iter().find_map(|(j, logits)| {
+                    (active[*j].req.prompt == active[i].next_input)
+                        .then(|| active[*j].seq.fork().map(|s| (s, logits.clone())))
+                        .flatten()
+                })
+            });
+            let fed = match twin.flatten() {
+                Some((seq, logits)) => {
+                    self.metrics
+                        .prompt_tokens_cached
+                        .inc_by(active[i].next_input.len() as u64);
+                    active[i].seq = seq;
+                    Ok(logits)
+                }
+                None => {
+                    let a = &mut active[i];
+                    let fresh = a.seq.is_empty();
+                    let fed = a.seq.feed(&a.next_input);
+                    if let (true, Ok(logits)) = (fresh, &fed) {
+                        computed.push((i, logits.clone()));
+                    }
+                    fed
+                }
+            };
+            let a = &mut active[i];
+            match fed {
                 Ok(mut logits) => {
                     let tok = a.sampler.sample(&mut logits);
                     self.emit(a, tok)
@@ -675,10 +730,12 @@ fn encoder_loop(
     while let Ok(job) = rx.recv() {
         metrics.queue_depth.dec();
         match job {
-            Job::Generate { events, .. } => {
-                let _ = events.send(GenerateEvent::Failed(EngineError::WrongTask(
-                    "text generation",
-                )));
+            Job::Generate { choices, .. } => {
+                for (events, _) in choices {
+                    let _ = events.send(GenerateEvent::Failed(EngineError::WrongTask(
+                        "text generation",
+                    )));
+                }
             }
             Job::Embed {
                 inputs,

@@ -30,6 +30,8 @@ pub struct Metrics {
     pub inter_token_latency: Histogram,
     pub generated_tokens: Counter,
     pub prompt_tokens: Counter,
+    /// Prompt tokens not computed again: copied from another choice of the same request.
+    pub prompt_tokens_cached: Counter,
     pub queue_depth: Gauge,
     pub inflight: Gauge,
     pub batch_size: Gauge,
@@ -48,6 +50,7 @@ impl Metrics {
             inter_token_latency: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             generated_tokens: Counter::default(),
             prompt_tokens: Counter::default(),
+            prompt_tokens_cached: Counter::default(),
             queue_depth: Gauge::default(),
             inflight: Gauge::default(),
             batch_size: Gauge::default(),
@@ -83,6 +86,11 @@ impl Metrics {
             "kandle_prompt_tokens",
             "Prompt tokens processed",
             m.prompt_tokens.clone(),
+        );
+        registry.register(
+            "kandle_prompt_tokens_cached",
+            "Prompt tokens whose keys and values were copied from another choice of the same request",
+            m.prompt_tokens_cached.clone(),
         );
         registry.register(
             "kandle_queue_depth",

@@ -965,14 +965,8 @@ async fn respond(
     p: Prepared,
     flavor: Flavor,
 ) -> Result<Response, ApiError> {
-    // One sequence per choice. A refusal of any drops those already admitted (their
-    // receivers), which the model thread then abandons.
-    let mut rxs = Vec::with_capacity(p.n);
-    for i in 0..p.n {
-        let mut req = p.req.clone();
-        req.sampling.seed = req.sampling.seed.map(|s| s.wrapping_add(i as u64));
-        rxs.push(engine.generate(req).map_err(engine_error)?);
-    }
+    // One sequence per choice, admitted together or refused together.
+    let rxs = engine.generate_n(p.req, p.n).map_err(engine_error)?;
     let id = st.new_id(if flavor == Flavor::Chat {
         "chatcmpl"
     } else {

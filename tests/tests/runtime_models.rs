@@ -499,6 +499,40 @@ fn smollm2_fingerprint(g: &GenerationModel) -> u64 {
     fingerprint(&rows)
 }
 
+/// A forked SmolLM2 sequence (the engine's copy of a prompt shared by a request's choices)
+/// goes on exactly as the original would, and the two no longer touch each other.
+#[test]
+fn a_forked_smollm2_sequence_goes_on_as_the_original_and_apart_from_it() {
+    let g = generation(&models::smollm2_gguf());
+    let prompt = g
+        .tokenizer
+        .encode("Once upon a time, in a land far away,", true)
+        .unwrap();
+    let mut a = g.lm.new_sequence().unwrap();
+    let first = a.feed(&prompt).unwrap();
+    let mut b = a.fork().expect("a GGUF llama sequence can be forked");
+    assert_eq!(b.len(), a.len());
+    let bits = |l: &[f32]| l.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    // The same next tokens: the same bits, one after the other and batched.
+    let t = argmax(&first);
+    let (la, lb) = (a.feed(&[t]).unwrap(), b.feed(&[t]).unwrap());
+    assert_eq!(bits(&la), bits(&lb));
+    // Different tokens: each goes its own way, as a sequence fed its tokens from scratch.
+    let (ta, tb) = (argmax(&la), 42);
+    let (la, lb) = (a.feed(&[ta]).unwrap(), b.feed(&[tb]).unwrap());
+    let alone = |extra: &[u32]| {
+        let mut s = g.lm.new_sequence().unwrap();
+        s.feed(&prompt).unwrap();
+        let mut l = Vec::new();
+        for &x in extra {
+            l = s.feed(&[x]).unwrap();
+        }
+        l
+    };
+    assert_eq!(bits(&la), bits(&alone(&[t, ta])));
+    assert_eq!(bits(&lb), bits(&alone(&[t, tb])));
+}
+
 /// Set in the processes that [`every_instruction_set_gives_smollm2_the_same_bits_and_minilm_its_reference`]
 /// starts: they print their figures instead of starting others.
 const ISA_CHILD: &str = "KANDLE_TEST_ISA_CHILD";

@@ -420,7 +420,30 @@ async fn n_choices_are_the_requests_with_successive_seeds_streamed_or_not() {
         }
         b
     };
+    let cached = || async {
+        let text = http
+            .get(format!("{url}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("kandle_prompt_tokens_cached_total "))
+            .unwrap_or_else(|| panic!("no kandle_prompt_tokens_cached_total in\n{text}"))
+            .trim()
+            .parse::<f64>()
+            .unwrap()
+    };
+    let before = cached().await;
     let three = post_json(&http, &chat, &body(json!({"n": 3}))).await;
+    // The prompt was computed once: the two other choices copied it.
+    assert_eq!(
+        cached().await - before,
+        2.0 * three["usage"]["prompt_tokens"].as_f64().unwrap(),
+        "{three}"
+    );
     let choices = three["choices"]
         .as_array()
         .unwrap_or_else(|| panic!("{three}"));

@@ -129,6 +129,12 @@ impl Sequence for QLlamaSequence {
     fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
         Some(self)
     }
+    fn fork(&self) -> Option<Box<dyn Sequence>> {
+        Some(Box::new(QLlamaSequence {
+            weights: self.weights.clone(),
+            cache: self.cache.clone(),
+        }))
+    }
 }
 
 fn md<'a>(ct: &'a gguf_file::Content, key: &str) -> Result<&'a gguf_file::Value> {

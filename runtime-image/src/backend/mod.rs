@@ -131,6 +131,12 @@ pub trait Sequence: Send {
     fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
         None
     }
+    /// A copy of this sequence (its cache), which then goes on as this one would: the
+    /// engine computes a prompt shared by several choices once. `None` (the default) where
+    /// the backend cannot copy its cache.
+    fn fork(&self) -> Option<Box<dyn Sequence>> {
+        None
+    }
 }
 
 /// A sentence-embedding model.
