@@ -30,7 +30,8 @@ pub struct Metrics {
     pub inter_token_latency: Histogram,
     pub generated_tokens: Counter,
     pub prompt_tokens: Counter,
-    /// Prompt tokens not computed again: copied from another choice of the same request.
+    /// Prompt tokens not computed again: copied from a sequence that computed the same
+    /// prompt in the same step (the choices of one request).
     pub prompt_tokens_cached: Counter,
     pub queue_depth: Gauge,
     pub inflight: Gauge,
@@ -89,7 +90,7 @@ impl Metrics {
         );
         registry.register(
             "kandle_prompt_tokens_cached",
-            "Prompt tokens whose keys and values were copied from another choice of the same request",
+            "Prompt tokens whose keys and values were copied from a sequence that computed the same prompt in the same step (the choices of one request)",
             m.prompt_tokens_cached.clone(),
         );
         registry.register(
