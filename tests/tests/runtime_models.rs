@@ -499,18 +499,23 @@ fn smollm2_fingerprint(g: &GenerationModel) -> u64 {
     fingerprint(&rows)
 }
 
-/// A forked SmolLM2 sequence (the engine's copy of a prompt shared by a request's choices)
-/// goes on exactly as the original would, and the two no longer touch each other.
+/// A forked sequence (the engine's copy of a prompt shared by a request's choices) goes on
+/// exactly as the original would, and the two no longer touch each other: SmolLM2 (GGUF, our
+/// kernels) and the tiny safetensors llama (candle's).
 #[test]
-fn a_forked_smollm2_sequence_goes_on_as_the_original_and_apart_from_it() {
-    let g = generation(&models::smollm2_gguf());
+fn a_forked_sequence_goes_on_as_the_original_and_apart_from_it() {
+    check_fork(&generation(&models::smollm2_gguf()));
+    check_fork(&generation(&fixtures_dir().join("tiny/llama")));
+}
+
+fn check_fork(g: &GenerationModel) {
     let prompt = g
         .tokenizer
         .encode("Once upon a time, in a land far away,", true)
         .unwrap();
     let mut a = g.lm.new_sequence().unwrap();
     let first = a.feed(&prompt).unwrap();
-    let mut b = a.fork().expect("a GGUF llama sequence can be forked");
+    let mut b = a.fork().expect("a llama sequence can be forked");
     assert_eq!(b.len(), a.len());
     let bits = |l: &[f32]| l.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     // The same next tokens: the same bits, one after the other and batched.
@@ -518,7 +523,7 @@ fn a_forked_smollm2_sequence_goes_on_as_the_original_and_apart_from_it() {
     let (la, lb) = (a.feed(&[t]).unwrap(), b.feed(&[t]).unwrap());
     assert_eq!(bits(&la), bits(&lb));
     // Different tokens: each goes its own way, as a sequence fed its tokens from scratch.
-    let (ta, tb) = (argmax(&la), 42);
+    let (ta, tb) = (argmax(&la), (argmax(&la) + 1) % la.len() as u32);
     let (la, lb) = (a.feed(&[ta]).unwrap(), b.feed(&[tb]).unwrap());
     let alone = |extra: &[u32]| {
         let mut s = g.lm.new_sequence().unwrap();

@@ -51,6 +51,15 @@ impl Sequence for LlamaSequence {
     fn len(&self) -> usize {
         self.len
     }
+    fn fork(&self) -> Option<Box<dyn Sequence>> {
+        // candle's cache holds tensors that a step replaces rather than writes into, so the
+        // copy shares them safely.
+        Some(Box::new(LlamaSequence {
+            model: self.model.clone(),
+            cache: self.cache.clone(),
+            len: self.len,
+        }))
+    }
 }
 
 pub(super) fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
