@@ -501,11 +501,14 @@ fn smollm2_fingerprint(g: &GenerationModel) -> u64 {
 
 /// A forked sequence (the engine's copy of a prompt shared by a request's choices) goes on
 /// exactly as the original would, and the two no longer touch each other: SmolLM2 (GGUF, our
-/// kernels) and the tiny safetensors llama (candle's).
+/// kernels), the tiny safetensors llama (candle's) and the tiny GPT-2, GPT-J and BLOOM (our
+/// candle layers).
 #[test]
 fn a_forked_sequence_goes_on_as_the_original_and_apart_from_it() {
     check_fork(&generation(&models::smollm2_gguf()));
-    check_fork(&generation(&fixtures_dir().join("tiny/llama")));
+    for tiny in ["llama", "gpt2", "gptj", "bloom"] {
+        check_fork(&generation(&fixtures_dir().join("tiny").join(tiny)));
+    }
 }
 
 fn check_fork(g: &GenerationModel) {

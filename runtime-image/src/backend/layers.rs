@@ -50,8 +50,10 @@ pub(super) fn conv1d(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_co
     Ok(Linear::new(w, Some(b)))
 }
 
-/// Keys and values of every layer of one sequence, `(1, heads, len, head_dim)` each.
-#[derive(Default)]
+/// Keys and values of every layer of one sequence, `(1, heads, len, head_dim)` each. A step
+/// replaces a layer's tensors ([`KvCache::append`]) and never writes into them, so a clone
+/// (a forked sequence) shares them safely.
+#[derive(Default, Clone)]
 pub(super) struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
 }
@@ -209,6 +211,13 @@ impl<M: CausalForward> super::Sequence for LmSequence<M> {
     }
     fn len(&self) -> usize {
         self.len
+    }
+    fn fork(&self) -> Option<Box<dyn super::Sequence>> {
+        Some(Box::new(LmSequence {
+            model: self.model.clone(),
+            cache: self.cache.clone(),
+            len: self.len,
+        }))
     }
 }
 
