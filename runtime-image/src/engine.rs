@@ -596,8 +596,8 @@ impl GenerationWorker {
             }
         }
         // The prompts, one sequence at a time. A prompt that another sequence computed this
-        // round (the choices of one request) is not computed again: its sequence is copied,
-        // with the same logits (the kernels give a sequence the same bits however it is run).
+        // round (the choices of one request) is not computed again: that sequence's state is
+        // copied, with its logits (taken before its sampler's penalties touched them).
         let mut computed: Vec<(usize, Vec<f32>)> = Vec::new();
         for i in 0..active.len() {
             if decoding[i] || active[i].done {
