@@ -172,6 +172,12 @@ pub struct ServeConfig {
     /// The most inputs one embeddings request may hold.
     #[arg(long, env = "KANDLE_MAX_EMBEDDING_INPUTS", default_value_t = 2048)]
     pub max_embedding_inputs: usize,
+    /// Prompt tokens whose keys and values are kept after their request, for later requests
+    /// that start with the same tokens (a conversation's next turn) to continue instead of
+    /// computing them again; 0 turns it off. Only where continuing gives the same bits as
+    /// computing afresh (the GGUF llama models).
+    #[arg(long, env = "KANDLE_PREFIX_CACHE_TOKENS", default_value_t = 2048)]
+    pub prefix_cache_tokens: usize,
     /// Per-request time limit, from admission.
     #[arg(long, env = "KANDLE_REQUEST_TIMEOUT", default_value = "300s", value_parser = parse_duration)]
     pub request_timeout: Duration,
@@ -207,6 +213,7 @@ impl ServeConfig {
             max_new_tokens: 512,
             max_request_bytes: 2 * 1024 * 1024,
             max_embedding_inputs: 2048,
+            prefix_cache_tokens: 2048,
             request_timeout: Duration::from_secs(300),
             shutdown_grace: Duration::from_secs(30),
             threads: None,

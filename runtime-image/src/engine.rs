@@ -38,6 +38,8 @@ pub struct EngineConfig {
     pub max_queue: usize,
     /// Caps the model's context length (generation: prompt + output; embeddings: input).
     pub max_sequence_length: Option<usize>,
+    /// Prompt tokens kept for later requests that start with them ([`PrefixCache`]); 0: off.
+    pub prefix_cache_tokens: usize,
 }
 
 /// One generation request, validated and tokenised.
@@ -220,7 +222,12 @@ impl Engine {
                     labels: Vec::new(),
                     scoring: Scoring::Softmax,
                 };
+                let prefix_tokens = match g.lm.continuation_is_exact() {
+                    true => cfg.prefix_cache_tokens,
+                    false => 0,
+                };
                 let worker = GenerationWorker {
+                    prefix: std::cell::RefCell::new(PrefixCache::new(prefix_tokens)),
                     context_length: cap(g.lm.context_length()),
                     lm: g.lm,
                     tokenizer: g.tokenizer,
@@ -408,6 +415,8 @@ impl Engine {
 }
 
 struct GenerationWorker {
+    /// Prompts computed lately, for requests that start with one (the model thread's own).
+    prefix: std::cell::RefCell<PrefixCache>,
     lm: Box<dyn CausalLm>,
     /// The model's context length, capped by `max_sequence_length`.
     context_length: usize,
@@ -621,9 +630,26 @@ impl GenerationWorker {
                 None => {
                     let a = &mut active[i];
                     let fresh = a.seq.is_empty();
-                    let fed = a.seq.feed(&a.next_input);
+                    // A fresh prompt continues the longest cached prompt it starts with.
+                    let hit = fresh
+                        .then(|| self.prefix.borrow_mut().lookup(&a.next_input))
+                        .flatten();
+                    let fed = match hit {
+                        Some(c) => {
+                            self.metrics.prompt_tokens_cached.inc_by(c.tokens as u64);
+                            a.seq = c.seq;
+                            match c.logits {
+                                Some(logits) => Ok(logits),
+                                None => a.seq.feed(&a.next_input[c.tokens..]),
+                            }
+                        }
+                        None => a.seq.feed(&a.next_input),
+                    };
                     if let (true, Ok(logits)) = (fresh, &fed) {
                         computed.push((i, logits.clone()));
+                        self.prefix
+                            .borrow_mut()
+                            .insert(&a.next_input, a.seq.as_ref(), logits);
                     }
                     fed
                 }
@@ -719,6 +745,94 @@ impl GenerationWorker {
     }
 }
 
+/// Prompts whose keys and values are kept after their request, so that a later request
+/// whose prompt starts with one (a conversation's next turn re-sends the whole conversation)
+/// continues from a copy instead of computing those tokens again, as vLLM's prefix caching
+/// and llama.cpp's cached prompts do. A prompt is found whole: the longest kept prompt that
+/// the new one starts with. At most `budget` tokens are kept, the least recently used given
+/// up first. Only for models whose continuation gives the same bits as computing afresh
+/// ([`crate::backend::CausalLm::continuation_is_exact`]): an answer never depends on what
+/// was asked before it.
+struct PrefixCache {
+    budget: usize,
+    entries: Vec<CachedPrompt>,
+    clock: u64,
+}
+
+/// What [`PrefixCache::lookup`] finds: a copy of a sequence holding the first `tokens` of
+/// the prompt, and the logits at its end when that is the whole prompt.
+struct Continuation {
+    seq: Box<dyn Sequence>,
+    tokens: usize,
+    logits: Option<Vec<f32>>,
+}
+
+struct CachedPrompt {
+    prompt: Vec<u32>,
+    seq: Box<dyn Sequence>,
+    /// The logits at the prompt's last token.
+    logits: Vec<f32>,
+    used: u64,
+}
+
+impl PrefixCache {
+    fn new(budget: usize) -> Self {
+        PrefixCache {
+            budget,
+            entries: Vec::new(),
+            clock: 0,
+        }
+    }
+
+    /// A copy of the longest kept prompt that `prompt` starts with, its length, and, when it
+    /// is all of `prompt`, its logits.
+    fn lookup(&mut self, prompt: &[u32]) -> Option<Continuation> {
+        self.clock += 1;
+        let e = self
+            .entries
+            .iter_mut()
+            .filter(|e| prompt.starts_with(&e.prompt))
+            .max_by_key(|e| e.prompt.len())?;
+        let seq = e.seq.fork()?;
+        e.used = self.clock;
+        let k = e.prompt.len();
+        Some(Continuation {
+            seq,
+            tokens: k,
+            logits: (k == prompt.len()).then(|| e.logits.clone()),
+        })
+    }
+
+    /// Keeps a copy of `seq`, which holds exactly `prompt`, unless it is kept already or
+    /// larger than the whole budget; then gives up the least recently used prompts until the
+    /// budget holds.
+    fn insert(&mut self, prompt: &[u32], seq: &dyn Sequence, logits: &[f32]) {
+        if prompt.is_empty() || prompt.len() > self.budget {
+            return;
+        }
+        self.clock += 1;
+        if let Some(e) = self.entries.iter_mut().find(|e| e.prompt == prompt) {
+            e.used = self.clock;
+            return;
+        }
+        let Some(copy) = seq.fork() else {
+            return;
+        };
+        self.entries.push(CachedPrompt {
+            prompt: prompt.to_vec(),
+            seq: copy,
+            logits: logits.to_vec(),
+            used: self.clock,
+        });
+        while self.entries.iter().map(|e| e.prompt.len()).sum::<usize>() > self.budget {
+            let oldest = (0..self.entries.len())
+                .min_by_key(|&i| self.entries[i].used)
+                .expect("an entry over the budget");
+            self.entries.swap_remove(oldest);
+        }
+    }
+}
+
 /// The model thread of an encoder model: `run` maps a right-padded batch of token lists to
 /// one row per input (an embedding, or a classifier's logits).
 fn encoder_loop(
@@ -785,4 +899,62 @@ fn encoder_loop(
 /// How long a request may take, counted from admission.
 pub fn deadline_after(timeout: Duration) -> Instant {
     Instant::now() + timeout
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sequence that remembers its tokens; its "logits" are its length.
+    struct Tape(Vec<u32>);
+
+    impl Sequence for Tape {
+        fn feed(&mut self, tokens: &[u32]) -> crate::Result<Vec<f32>> {
+            self.0.extend_from_slice(tokens);
+            Ok(vec![self.0.len() as f32])
+        }
+        fn len(&self) -> usize {
+            self.0.len()
+        }
+        fn fork(&self) -> Option<Box<dyn Sequence>> {
+            Some(Box::new(Tape(self.0.clone())))
+        }
+    }
+
+    fn keep(c: &mut PrefixCache, prompt: &[u32]) {
+        let seq = Tape(prompt.to_vec());
+        c.insert(prompt, &seq, &[prompt.len() as f32]);
+    }
+
+    #[test]
+    fn the_prefix_cache_continues_the_longest_kept_prompt_and_keeps_to_its_budget() {
+        let mut c = PrefixCache::new(10);
+        assert!(c.lookup(&[1, 2, 3]).is_none());
+        keep(&mut c, &[1, 2]);
+        keep(&mut c, &[1, 2, 3, 4]);
+        keep(&mut c, &[9, 9]);
+        // The longest kept prompt that the new one starts with; its logits only when whole.
+        let mut hit = c.lookup(&[1, 2, 3, 4, 5]).unwrap();
+        assert_eq!((hit.tokens, hit.logits), (4, None));
+        assert_eq!(hit.seq.feed(&[5]).unwrap(), vec![5.0]);
+        let hit = c.lookup(&[1, 2, 3, 4]).unwrap();
+        assert_eq!((hit.tokens, hit.logits), (4, Some(vec![4.0])));
+        assert_eq!(c.lookup(&[1, 2, 7]).unwrap().tokens, 2);
+        assert!(c.lookup(&[2, 1]).is_none());
+        // A copy: continuing it leaves the kept prompt as it was.
+        assert_eq!(c.lookup(&[1, 2, 3, 4, 5]).unwrap().tokens, 4);
+        // 8 tokens kept; 4 more go over the budget of 10: the least recently used one
+        // ([9, 9]) goes, the prompts just used stay.
+        keep(&mut c, &[5, 6, 7, 8]);
+        assert!(c.lookup(&[9, 9]).is_none());
+        assert_eq!(c.lookup(&[1, 2, 3, 4]).unwrap().tokens, 4);
+        assert_eq!(c.lookup(&[5, 6, 7, 8, 1]).unwrap().tokens, 4);
+        assert!(c.entries.iter().map(|e| e.prompt.len()).sum::<usize>() <= 10);
+        // Too long for the whole budget, or a budget of 0: nothing is kept.
+        keep(&mut c, &[0; 11]);
+        assert!(c.lookup(&[0; 11]).is_none());
+        let mut off = PrefixCache::new(0);
+        keep(&mut off, &[1]);
+        assert!(off.lookup(&[1]).is_none());
+    }
 }

@@ -267,6 +267,7 @@ fn load_and_warm(st: &AppState, path: &std::path::Path) -> Result<()> {
             max_sequence_length: cfg
                 .max_sequence_length
                 .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+            prefix_cache_tokens: cfg.prefix_cache_tokens,
         },
         st.metrics.clone(),
     );

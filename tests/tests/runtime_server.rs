@@ -628,6 +628,93 @@ async fn tokenize_counts_what_the_endpoints_feed_and_detokenize_inverts_it() {
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
+/// The prefix cache: a conversation's next turn continues the kept keys and values of the
+/// turn before (`kandle_prompt_tokens_cached_total` counts them) and every answer is the one
+/// a server without the cache gives, logprobs to the last bit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversations_next_turn_continues_the_cached_prompt_with_the_same_answers() {
+    let (cached_server, cached_url) = serve(|c| c.prefix_cache_tokens = 4096).await;
+    let (plain_server, plain_url) = serve(|c| c.prefix_cache_tokens = 0).await;
+    let http = client();
+    let turn1 = json!([{"role": "system", "content": "You answer in one sentence."},
+                       {"role": "user", "content": "What is the capital of France?"}]);
+    let mut turn2 = turn1.as_array().unwrap().clone();
+    turn2.push(json!({"role": "assistant", "content": "Paris."}));
+    turn2.push(json!({"role": "user", "content": "And of Italy?"}));
+    let mut turn3 = turn2.clone();
+    turn3.push(json!({"role": "assistant", "content": "Rome."}));
+    turn3.push(json!({"role": "user", "content": "And of Spain?"}));
+    let ask = |url: &str, messages: &Value| {
+        let http = http.clone();
+        let url = format!("{url}/v1/chat/completions");
+        let body = json!({"model": SMOL, "messages": messages, "max_tokens": 8, "temperature": 0,
+                          "logprobs": true, "top_logprobs": 3});
+        async move { post_json(&http, &url, &body).await }
+    };
+    let count = |messages: &Value| {
+        let http = http.clone();
+        let url = format!("{cached_url}/tokenize");
+        let body = json!({"model": SMOL, "messages": messages});
+        async move {
+            post_json(&http, &url, &body).await["count"]
+                .as_u64()
+                .unwrap() as f64
+        }
+    };
+    let cached = || async {
+        let text = http
+            .get(format!("{cached_url}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("kandle_prompt_tokens_cached_total "))
+            .unwrap()
+            .trim()
+            .parse::<f64>()
+            .unwrap()
+    };
+    let start = cached().await;
+    let mut seen = Vec::new();
+    for (what, messages) in [
+        ("turn 2", &json!(turn2)),
+        ("turn 2 again", &json!(turn2)),
+        ("turn 1", &turn1),
+        ("turn 3", &json!(turn3)),
+    ] {
+        let before = cached().await;
+        let a = ask(&cached_url, messages).await;
+        let b = ask(&plain_url, messages).await;
+        assert_eq!(
+            a["choices"], b["choices"],
+            "{what}: the cache changed the answer"
+        );
+        assert_eq!(a["usage"], b["usage"], "{what}");
+        seen.push((what, cached().await - before));
+    }
+    let turn2_len = count(&json!(turn2)).await;
+    // Turn 2 again is turn 2's prompt whole; turn 1 is shorter than anything kept; turn 3
+    // continues turn 2.
+    assert_eq!(
+        seen,
+        vec![
+            ("turn 2", 0.0),
+            ("turn 2 again", turn2_len),
+            ("turn 1", 0.0),
+            ("turn 3", turn2_len)
+        ],
+        "cached tokens per request (from {start})"
+    );
+    cached_server
+        .shutdown(Duration::from_secs(5))
+        .await
+        .unwrap();
+    plain_server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
 /// Every answer carries an `X-Request-Id`: the client's when it sent a plausible one, else a
 /// new one per request, errors and streams included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -77,6 +77,11 @@ struct QLlamaSequence {
 }
 
 impl CausalLm for QLlama {
+    /// Our kernels compute each row on its own (the tests assert a prompt split in two gives
+    /// the logits of one fed whole, bit for bit).
+    fn continuation_is_exact(&self) -> bool {
+        true
+    }
     fn new_sequence(&self) -> Result<Box<dyn Sequence>> {
         Ok(Box::new(QLlamaSequence {
             weights: self.weights.clone(),

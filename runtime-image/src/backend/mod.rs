@@ -86,6 +86,13 @@ pub trait CausalLm: Send + Sync {
     fn vocab_size(&self) -> usize;
     /// The longest sequence (prompt + generated tokens) the model supports.
     fn context_length(&self) -> usize;
+    /// True when a sequence continued from a copy (a prompt fed in two parts) gives the same
+    /// bits as one fed at once, so that a prompt's cached keys and values may stand in for
+    /// computing them (the engine's prefix cache). False (the default) where the products'
+    /// order of summation may depend on how many rows go in at once.
+    fn continuation_is_exact(&self) -> bool {
+        false
+    }
     /// One decode step of several sequences: appends `tokens[i]` to `seqs[i]` and returns the
     /// logits at that position, one row per sequence, as `seqs[i].feed(&[tokens[i]])` would.
     /// The sequences may hold different numbers of tokens. On error the whole step failed.
