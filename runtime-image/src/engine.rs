@@ -312,6 +312,15 @@ impl Engine {
         }
     }
 
+    /// A place in the running batch or the queue, or `Overloaded` at once when none is left.
+    fn permit(&self) -> Result<OwnedSemaphorePermit, EngineError> {
+        self.inner
+            .permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| EngineError::Overloaded)
+    }
+
     /// Admits a generation request, or refuses it at once when the queue is full.
     pub fn generate(
         &self,
@@ -340,12 +349,7 @@ impl Engine {
         let mut choices = Vec::with_capacity(n);
         let mut rxs = Vec::with_capacity(n);
         for _ in 0..n.max(1) {
-            let permit = self
-                .inner
-                .permits
-                .clone()
-                .try_acquire_owned()
-                .map_err(|_| EngineError::Overloaded)?;
+            let permit = self.permit()?;
             let (events, rx) = mpsc::unbounded_channel();
             choices.push((events, permit));
             rxs.push(rx);
@@ -382,12 +386,7 @@ impl Engine {
     /// Runs inputs through an encoder model (embedding or classification), in batches of at
     /// most `max_batch_size`.
     async fn encode(&self, inputs: Vec<Vec<u32>>) -> Result<Vec<Vec<f32>>, EngineError> {
-        let permit = self
-            .inner
-            .permits
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| EngineError::Overloaded)?;
+        let permit = self.permit()?;
         let (reply, rx) = oneshot::channel();
         self.inner.metrics.queue_depth.inc();
         if let Err(e) = self.send(Job::Embed {

@@ -493,11 +493,7 @@ fn request_id_of(headers: &HeaderMap, st: &AppState) -> String {
 /// the server's log.
 async fn request_id(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let id = request_id_of(req.headers(), &st);
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| req.uri().path().chars().take(64).collect());
+    let route = matched_route(&req).unwrap_or_else(|| req.uri().path().chars().take(64).collect());
     let method = req.method().clone();
     let t0 = Instant::now();
     let mut resp = next.run(req).await;
@@ -539,12 +535,16 @@ async fn refuse_oversized(State(st): State<Arc<AppState>>, req: Request, next: N
     next.run(req).await
 }
 
-async fn count_requests(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    let endpoint = req
-        .extensions()
+/// The route pattern the request matched (`/v1/completions`), if any.
+fn matched_route(req: &Request) -> Option<String> {
+    req.extensions()
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".to_owned());
+}
+
+async fn count_requests(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    // A bounded label set: an unmatched path is not a label of its own.
+    let endpoint = matched_route(&req).unwrap_or_else(|| "unmatched".to_owned());
     let t0 = Instant::now();
     let resp = next.run(req).await;
     st.metrics.observe_request(
