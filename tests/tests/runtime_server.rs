@@ -73,11 +73,36 @@ async fn expect_error(resp: reqwest::Response, status: u16, what: &str) -> Value
 }
 
 fn chat_body(content: &str, extra: Value) -> Value {
-    let mut b = json!({"model": SMOL, "messages": [{"role": "user", "content": content}]});
+    with_fields(
+        json!({"model": SMOL, "messages": [{"role": "user", "content": content}]}),
+        &extra,
+    )
+}
+
+/// `base` with the fields of `extra` set (added or replaced).
+fn with_fields(mut base: Value, extra: &Value) -> Value {
     for (k, v) in extra.as_object().unwrap() {
-        b[k] = v.clone();
+        base[k] = v.clone();
     }
-    b
+    base
+}
+
+/// The server's `kandle_prompt_tokens_cached_total`.
+async fn cached_prompt_tokens(http: &reqwest::Client, url: &str) -> f64 {
+    let text = http
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("kandle_prompt_tokens_cached_total "))
+        .unwrap_or_else(|| panic!("no kandle_prompt_tokens_cached_total in\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 /// Parses an SSE body into its JSON payloads, checking that it ends with [DONE].
@@ -414,28 +439,12 @@ async fn n_choices_are_the_requests_with_successive_seeds_streamed_or_not() {
     let params = json!({"max_tokens": 10, "temperature": 1.0, "top_p": 0.95, "seed": 40,
                         "logprobs": true, "top_logprobs": 2});
     let body = |extra: Value| {
-        let mut b = chat_body("Write a line about the sea.", params.clone());
-        for (k, v) in extra.as_object().unwrap() {
-            b[k] = v.clone();
-        }
-        b
+        with_fields(
+            chat_body("Write a line about the sea.", params.clone()),
+            &extra,
+        )
     };
-    let cached = || async {
-        let text = http
-            .get(format!("{url}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix("kandle_prompt_tokens_cached_total "))
-            .unwrap_or_else(|| panic!("no kandle_prompt_tokens_cached_total in\n{text}"))
-            .trim()
-            .parse::<f64>()
-            .unwrap()
-    };
+    let cached = || cached_prompt_tokens(&http, &url);
     let before = cached().await;
     let three = post_json(&http, &chat, &body(json!({"n": 3}))).await;
     // The prompt was computed once: the two other choices copied it.
@@ -661,22 +670,7 @@ async fn a_conversations_next_turn_continues_the_cached_prompt_with_the_same_ans
                 .unwrap() as f64
         }
     };
-    let cached = || async {
-        let text = http
-            .get(format!("{cached_url}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix("kandle_prompt_tokens_cached_total "))
-            .unwrap()
-            .trim()
-            .parse::<f64>()
-            .unwrap()
-    };
+    let cached = || cached_prompt_tokens(&http, &cached_url);
     let start = cached().await;
     let mut seen = Vec::new();
     for (what, messages) in [
@@ -820,11 +814,10 @@ async fn logit_bias_and_min_p_shape_the_draw_and_unimplemented_fields_are_refuse
             .to_owned()
     };
     let body = |extra: Value| {
-        let mut b = json!({"model": SMOL, "prompt": prompt, "max_tokens": 3, "temperature": 0});
-        for (k, v) in extra.as_object().unwrap() {
-            b[k] = v.clone();
-        }
-        b
+        with_fields(
+            json!({"model": SMOL, "prompt": prompt, "max_tokens": 3, "temperature": 0}),
+            &extra,
+        )
     };
     let plain = text(&post_json(&http, &comp, &body(json!({}))).await);
     // min_p 1 keeps only the most likely token: sampling at any temperature is greedy.
