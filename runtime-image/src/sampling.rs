@@ -311,15 +311,8 @@ fn draw(logits: &[f32], p: &SamplingParams, r: f64) -> u32 {
         }
         false => (None, total),
     };
-    // `rank_order(j, last) != Greater`, on the keys that `f32::total_cmp` compares.
-    let key = |x: f32| {
-        let b = x.to_bits() as i32;
-        b ^ (((b >> 31) as u32) >> 1) as i32
-    };
-    let (last_key, last_id) = last.map_or((i32::MIN, u32::MAX), |(id, l)| (key(l), id));
     let kept = |id: u32, l: f32| {
-        let k = key(l);
-        k > last_key || (k == last_key && id <= last_id)
+        last.is_none_or(|last| rank_order(&(id, l), &last) != std::cmp::Ordering::Greater)
     };
     let threshold = ((r * kept_total as f64) as u64).min(kept_total.saturating_sub(1));
     let mut cum = 0;

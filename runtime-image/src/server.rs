@@ -811,7 +811,7 @@ async fn chat_completions(
     let mut sampling = api::sampling_params(&fields, logprobs)?;
     sampling.logit_bias = api::logit_bias(
         r.logit_bias.as_ref(),
-        engine.frontend().tokenizer.vocab_size(),
+        engine.frontend().tokenizer_vocab_size(),
     )?;
     let (param, requested) = match r.max_completion_tokens {
         Some(n) => ("max_completion_tokens", Some(n)),
@@ -891,7 +891,7 @@ async fn completions(
     let mut sampling = api::sampling_params(&fields, logprobs)?;
     sampling.logit_bias = api::logit_bias(
         r.logit_bias.as_ref(),
-        engine.frontend().tokenizer.vocab_size(),
+        engine.frontend().tokenizer_vocab_size(),
     )?;
     // The legacy API defaults to 16 tokens.
     let max_tokens = api::max_tokens(
