@@ -172,6 +172,7 @@ fn main() -> anyhow::Result<()> {
             path: path.clone(),
             task: None,
             dtype: Default::default(),
+            device: Default::default(),
         })?
         else {
             anyhow::bail!("not a generation model")
@@ -294,6 +295,7 @@ fn main() -> anyhow::Result<()> {
             path: dir.clone(),
             task: None,
             dtype: Default::default(),
+            device: Default::default(),
         })?
         else {
             anyhow::bail!("not an embedding model")

@@ -13,6 +13,7 @@ use std::time::Duration;
 use clap::ArgAction;
 use clap::builder::BoolishValueParser;
 
+use crate::backend::ComputeDevice;
 use crate::hub::{self, HubConfig};
 use crate::model::Task;
 use crate::source::ModelSource;
@@ -127,9 +128,10 @@ pub struct ServeConfig {
     /// its architectures, or the GGUF's general.architecture); a mismatch fails the load.
     #[arg(long, env = "KANDLE_ARCHITECTURE")]
     pub architecture: Option<String>,
-    /// Compute device. Only "cpu" is supported by this build.
+    /// Compute device: cpu, or cuda / cuda:N in a CUDA build (the `cuda` feature; a CPU
+    /// build refuses it here, before anything loads).
     #[arg(long, env = "KANDLE_DEVICE", default_value = "cpu", value_parser = parse_device)]
-    pub device: String,
+    pub device: ComputeDevice,
     /// Weight dtype for safetensors models: auto (f32 on CPU), f32, or f16/bf16 for causal
     /// LMs (GGUF files keep their quantisation).
     #[arg(long, env = "KANDLE_DTYPE", default_value = "auto", value_parser = ["auto", "f32", "f16", "bf16"])]
@@ -200,7 +202,7 @@ impl ServeConfig {
             served_model_name: None,
             task: None,
             architecture: None,
-            device: "cpu".into(),
+            device: ComputeDevice::Cpu,
             dtype: "auto".into(),
             host: IpAddr::from([127, 0, 0, 1]),
             port: 0,
@@ -261,13 +263,14 @@ impl ServeConfig {
     }
 }
 
-fn parse_device(s: &str) -> Result<String, String> {
-    match s {
-        "cpu" => Ok(s.to_owned()),
-        d if d.starts_with("cuda") => Err(format!(
-            "device {d:?} needs a CUDA build of kandle-runtime; this build is CPU-only"
+fn parse_device(s: &str) -> Result<ComputeDevice, String> {
+    match s.parse::<ComputeDevice>() {
+        Ok(d) if d.built_in() => Ok(d),
+        Ok(d) => Err(format!(
+            "device {d} needs a CUDA build of kandle-runtime (the `cuda` feature); this build is \
+             CPU-only"
         )),
-        d => Err(format!("unknown device {d:?} (expected cpu or cuda[:N])")),
+        Err(e) => Err(e.to_string()),
     }
 }
 
@@ -413,5 +416,24 @@ mod tests {
             args[14] = dtype;
             assert!(Cli::try_parse_from(&args).is_ok(), "{dtype}");
         }
+        assert_eq!(c.device, ComputeDevice::Cpu);
+        // The operator passes `--device cuda` for a model with GPUs: a CUDA build takes it, a
+        // CPU build refuses it before loading anything, saying why.
+        for device in ["cuda", "cuda:1"] {
+            args[12] = device;
+            let parsed = Cli::try_parse_from(&args);
+            if cfg!(feature = "cuda") {
+                assert_eq!(parsed.unwrap().serve.device, device.parse().unwrap());
+            } else {
+                let e = parsed.err().expect("a CPU build refuses --device cuda");
+                assert!(e.to_string().contains("needs a CUDA build"), "{e}");
+            }
+        }
+        args[12] = "tpu";
+        let e = Cli::try_parse_from(&args)
+            .err()
+            .expect("tpu refused")
+            .to_string();
+        assert!(e.contains("unknown device \"tpu\""), "{e}");
     }
 }

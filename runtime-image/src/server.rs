@@ -257,6 +257,7 @@ fn load_and_warm(st: &AppState, path: &std::path::Path) -> Result<()> {
         path: path.to_path_buf(),
         task: cfg.task,
         dtype: cfg.dtype.parse()?,
+        device: cfg.device,
     })?;
     let (max_batch_size, max_queue) = cfg.admission_limits();
     let engine = Engine::start(
@@ -315,6 +316,7 @@ fn load_and_warm(st: &AppState, path: &std::path::Path) -> Result<()> {
     tracing::info!(
         seconds = secs,
         model = %st.model_id,
+        device = %cfg.device,
         kernels = %crate::backend::kernels(),
         transparent_hugepages = %thp,
         "model loaded and warmed"

@@ -19,6 +19,7 @@ fn load(path: &Path) -> LoadedModel {
         path: path.to_path_buf(),
         task: None,
         dtype: WeightDtype::Auto,
+        ..Default::default()
     })
     .unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))
 }

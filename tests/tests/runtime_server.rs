@@ -786,6 +786,7 @@ async fn logit_bias_and_min_p_shape_the_draw_and_unimplemented_fields_are_refuse
         path: path.clone(),
         task: None,
         dtype: WeightDtype::Auto,
+        ..Default::default()
     })
     .unwrap()
     {

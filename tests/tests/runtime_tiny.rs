@@ -41,6 +41,7 @@ fn try_load(path: &Path) -> kandle_runtime::Result<LoadedModel> {
         path: path.to_path_buf(),
         task: None,
         dtype: WeightDtype::Auto,
+        ..Default::default()
     })
 }
 
@@ -800,6 +801,7 @@ fn half_precision_causal_lms_stay_near_the_f32_reference() {
                 path: tiny(name),
                 task: None,
                 dtype,
+                ..Default::default()
             }) {
                 Ok(LoadedModel::Generation(g)) => g,
                 Ok(other) => panic!("{name} {dtype:?} loaded as {:?}", other.task()),
@@ -842,6 +844,7 @@ fn encoders_refuse_half_precision_with_a_message() {
             path: tiny(name),
             task: None,
             dtype: WeightDtype::Bf16,
+            ..Default::default()
         }) {
             Ok(m) => panic!("{name} loaded in bf16 as {:?}", m.task()),
             Err(e) => e.to_string(),
@@ -900,6 +903,7 @@ async fn xlm_roberta_with_task_embedding_serves_its_base_model_mean_pooled() {
         path: tiny("xlm-roberta-cls"),
         task: Some(kandle_runtime::model::Task::Embedding),
         dtype: WeightDtype::Auto,
+        ..Default::default()
     }) {
         Ok(LoadedModel::Embedding(e)) => e,
         Ok(other) => panic!("loaded as {:?}", other.task()),

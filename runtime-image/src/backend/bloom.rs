@@ -72,6 +72,8 @@ struct Bloom {
     /// `(1, heads, 1, 1)`.
     slopes: Tensor,
     cfg: Config,
+    /// Where the weights live; a step's inputs go there too.
+    device: Device,
 }
 
 impl Bloom {
@@ -103,6 +105,7 @@ impl Bloom {
             ln_f: ln(t.pp("ln_f"))?,
             slopes,
             cfg: cfg.clone(),
+            device: vb.device().clone(),
         })
     }
 }
@@ -114,7 +117,7 @@ impl CausalForward for Bloom {
         past: usize,
         cache: &mut KvCache,
     ) -> candle_core::Result<Tensor> {
-        let dev = Device::Cpu;
+        let dev = self.device.clone();
         let t = tokens.len();
         let total = past + t;
         let ids = Tensor::new(tokens, &dev)?.unsqueeze(0)?;
@@ -168,7 +171,7 @@ impl CausalForward for Bloom {
     }
 }
 
-pub(super) fn load(dir: &Path, dtype: DType) -> Result<LoadedModel> {
+pub(super) fn load(dir: &Path, dtype: DType, device: &Device) -> Result<LoadedModel> {
     let (cfg, raw): (Config, serde_json::Value) = super::read_config(dir)?;
     if cfg.pretraining_tp != 1 && cfg.slow_but_exact {
         return Err(Error::Model(
@@ -181,7 +184,7 @@ pub(super) fn load(dir: &Path, dtype: DType) -> Result<LoadedModel> {
             cfg.hidden_size, cfg.n_head
         )));
     }
-    let vb = layers::var_builder(dir, dtype, &Device::Cpu)?;
+    let vb = layers::var_builder(dir, dtype, device)?;
     let model = Bloom::load(vb, &cfg).map_err(|e| layers::weights_error(dir, e))?;
     let context = cfg.seq_length.unwrap_or(DEFAULT_CONTEXT);
     layers::generation_model(dir, &raw, model, cfg.vocab_size, context)

@@ -1,9 +1,9 @@
 //! Llama-family GGUF models (quantised weights).
 //!
 //! Dense models run on our own forward pass ([`super::qllama`]), which batches the decode
-//! steps of concurrent sequences into one pass over the weights. Mixture-of-experts GGUFs
-//! (and, on request, any GGUF: [`load_candle_reference`]) run on candle-transformers'
-//! `quantized_llama`, whose weights (`ModelWeights`) hold their KV cache inside; their tensors
+//! steps of concurrent sequences into one pass over the weights. Mixture-of-experts GGUFs,
+//! every GGUF on a GPU (our kernels are CPU kernels) and, on request, any GGUF
+//! ([`load_candle_reference`]) run on candle-transformers' `quantized_llama`, whose weights (`ModelWeights`) hold their KV cache inside; their tensors
 //! are reference-counted, so a clone with a cleared cache is a cheap, independent sequence.
 //! When no tokenizer.json lies beside the file, the tokenizer is built from the GGUF metadata.
 
@@ -23,12 +23,14 @@ use crate::tokenizer::{GgufVocab, TextTokenizer};
 
 struct GgufLlama {
     weights: ModelWeights,
+    device: Device,
     vocab_size: usize,
     context_length: usize,
 }
 
 struct GgufSequence {
     weights: ModelWeights,
+    device: Device,
     len: usize,
 }
 
@@ -36,7 +38,11 @@ impl CausalLm for GgufLlama {
     fn new_sequence(&self) -> Result<Box<dyn Sequence>> {
         let mut weights = self.weights.clone();
         weights.clear_kv_cache();
-        Ok(Box::new(GgufSequence { weights, len: 0 }))
+        Ok(Box::new(GgufSequence {
+            weights,
+            device: self.device.clone(),
+            len: 0,
+        }))
     }
     fn vocab_size(&self) -> usize {
         self.vocab_size
@@ -51,7 +57,7 @@ impl Sequence for GgufSequence {
         if tokens.is_empty() {
             return Err(Error::InvalidRequest("no tokens to feed".into()));
         }
-        let input = Tensor::new(tokens, &Device::Cpu)?.unsqueeze(0)?;
+        let input = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
         let logits = self.weights.forward(&input, self.len)?;
         self.len += tokens.len();
         Ok(logits
@@ -164,18 +170,18 @@ fn md_string_list(ct: &gguf_file::Content, key: &str) -> Result<Vec<String>> {
         .collect()
 }
 
-/// Loads a GGUF llama file plus its tokenizer and chat template.
-pub(super) fn load(path: &Path) -> Result<LoadedModel> {
-    load_with(path, false)
+/// Loads a GGUF llama file plus its tokenizer and chat template, on `device`.
+pub(super) fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
+    load_with(path, false, device)
 }
 
 /// Loads a GGUF llama file on candle-transformers' `quantized_llama`, which serves
 /// mixture-of-experts files; the tests compare our forward pass with it.
 pub fn load_candle_reference(path: &Path) -> Result<LoadedModel> {
-    load_with(path, true)
+    load_with(path, true, &Device::Cpu)
 }
 
-fn load_with(path: &Path, candle_reference: bool) -> Result<LoadedModel> {
+fn load_with(path: &Path, candle_reference: bool, device: &Device) -> Result<LoadedModel> {
     let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let ct = gguf_file::Content::read(&mut file)?;
     let arch = md(&ct, "general.architecture")?.to_string()?.clone();
@@ -273,9 +279,11 @@ fn load_with(path: &Path, candle_reference: bool) -> Result<LoadedModel> {
     // Q4_1 weights become Q8_0 with KANDLE_GGUF_REQUANT=q8_0 (off by default, see requant.rs).
     let (ct, mut reader) =
         super::requant::prepare(ct, &mut file, super::requant::Requant::from_env()?)?;
-    let lm: Box<dyn CausalLm> = if candle_reference || qllama::expert_count(&ct) > 1 {
+    let on_candle = candle_reference || !device.is_cpu() || qllama::expert_count(&ct) > 1;
+    let lm: Box<dyn CausalLm> = if on_candle {
         Box::new(GgufLlama {
-            weights: ModelWeights::from_gguf(ct, &mut reader, &Device::Cpu)?,
+            weights: ModelWeights::from_gguf(ct, &mut reader, device)?,
+            device: device.clone(),
             vocab_size,
             context_length: ctx_meta.min(MAX_SEQ_LEN),
         })

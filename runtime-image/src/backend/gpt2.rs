@@ -59,6 +59,8 @@ struct Gpt2 {
     ln_f: LayerNorm,
     lm_head: Linear,
     cfg: Config,
+    /// Where the weights live; a step's inputs go there too.
+    device: Device,
 }
 
 impl Gpt2 {
@@ -96,6 +98,7 @@ impl Gpt2 {
             ln_f,
             lm_head,
             cfg: cfg.clone(),
+            device: vb.device().clone(),
         })
     }
 }
@@ -107,7 +110,7 @@ impl CausalForward for Gpt2 {
         past: usize,
         cache: &mut KvCache,
     ) -> candle_core::Result<Tensor> {
-        let dev = Device::Cpu;
+        let dev = self.device.clone();
         let t = tokens.len();
         let ids = Tensor::new(tokens, &dev)?.unsqueeze(0)?;
         let pos = Tensor::arange(past as u32, (past + t) as u32, &dev)?.unsqueeze(0)?;
@@ -146,7 +149,7 @@ impl CausalForward for Gpt2 {
     }
 }
 
-pub(super) fn load(dir: &Path, dtype: DType) -> Result<LoadedModel> {
+pub(super) fn load(dir: &Path, dtype: DType, device: &Device) -> Result<LoadedModel> {
     let (cfg, raw): (Config, serde_json::Value) = super::read_config(dir)?;
     if cfg.scale_attn_by_inverse_layer_idx || cfg.add_cross_attention {
         return Err(Error::Model(
@@ -159,7 +162,7 @@ pub(super) fn load(dir: &Path, dtype: DType) -> Result<LoadedModel> {
             cfg.n_embd, cfg.n_head
         )));
     }
-    let vb = layers::var_builder(dir, dtype, &Device::Cpu)?;
+    let vb = layers::var_builder(dir, dtype, device)?;
     let model = Gpt2::load(vb, &cfg).map_err(|e| layers::weights_error(dir, e))?;
     layers::generation_model(dir, &raw, model, cfg.vocab_size, cfg.n_positions)
 }

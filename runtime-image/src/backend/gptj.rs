@@ -57,6 +57,8 @@ struct GptJ {
     sin: Tensor,
     rotary_dim: usize,
     cfg: Config,
+    /// Where the weights live; a step's inputs go there too.
+    device: Device,
 }
 
 impl GptJ {
@@ -105,6 +107,7 @@ impl GptJ {
             sin: freqs.sin()?,
             rotary_dim,
             cfg: cfg.clone(),
+            device: vb.device().clone(),
         })
     }
 
@@ -130,7 +133,7 @@ impl CausalForward for GptJ {
         past: usize,
         cache: &mut KvCache,
     ) -> candle_core::Result<Tensor> {
-        let dev = Device::Cpu;
+        let dev = self.device.clone();
         let t = tokens.len();
         if past + t > self.cfg.n_positions {
             candle_core::bail!(
@@ -170,7 +173,7 @@ impl CausalForward for GptJ {
     }
 }
 
-pub(super) fn load(dir: &Path, dtype: DType) -> Result<LoadedModel> {
+pub(super) fn load(dir: &Path, dtype: DType, device: &Device) -> Result<LoadedModel> {
     let (cfg, raw): (Config, serde_json::Value) = super::read_config(dir)?;
     if !cfg.n_embd.is_multiple_of(cfg.n_head) {
         return Err(Error::Model(format!(
@@ -185,7 +188,7 @@ pub(super) fn load(dir: &Path, dtype: DType) -> Result<LoadedModel> {
             "gptj rotary_dim {rotary_dim} must be even and at most the head size {head_dim}"
         )));
     }
-    let vb = layers::var_builder(dir, dtype, &Device::Cpu)?;
+    let vb = layers::var_builder(dir, dtype, device)?;
     let model = GptJ::load(vb, &cfg, rotary_dim).map_err(|e| layers::weights_error(dir, e))?;
     layers::generation_model(dir, &raw, model, cfg.vocab_size, cfg.n_positions)
 }

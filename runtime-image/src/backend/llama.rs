@@ -13,19 +13,22 @@ struct SafetensorsLlama {
     model: std::sync::Arc<Llama>,
     config: Config,
     dtype: DType,
+    device: Device,
 }
 
 struct LlamaSequence {
     model: std::sync::Arc<Llama>,
+    device: Device,
     cache: Cache,
     len: usize,
 }
 
 impl CausalLm for SafetensorsLlama {
     fn new_sequence(&self) -> Result<Box<dyn Sequence>> {
-        let cache = Cache::new(true, self.dtype, &self.config, &Device::Cpu)?;
+        let cache = Cache::new(true, self.dtype, &self.config, &self.device)?;
         Ok(Box::new(LlamaSequence {
             model: self.model.clone(),
+            device: self.device.clone(),
             cache,
             len: 0,
         }))
@@ -43,7 +46,7 @@ impl Sequence for LlamaSequence {
         if tokens.is_empty() {
             return Err(Error::InvalidRequest("no tokens to feed".into()));
         }
-        let input = Tensor::new(tokens, &Device::Cpu)?.unsqueeze(0)?;
+        let input = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
         let logits = self.model.forward(&input, self.len, &mut self.cache)?;
         self.len += tokens.len();
         Ok(logits.squeeze(0)?.to_vec1::<f32>()?)
@@ -56,6 +59,7 @@ impl Sequence for LlamaSequence {
         // copy shares them safely.
         Some(Box::new(LlamaSequence {
             model: self.model.clone(),
+            device: self.device.clone(),
             cache: self.cache.clone(),
             len: self.len,
         }))
@@ -78,7 +82,7 @@ pub(super) fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-pub(super) fn load(dir: &Path, dtype: DType) -> Result<LoadedModel> {
+pub(super) fn load(dir: &Path, dtype: DType, device: &Device) -> Result<LoadedModel> {
     let raw: serde_json::Value = read_json(&dir.join("config.json"))?;
     // Refuse what candle's llama does not implement rather than computing something else.
     if raw.get("attention_bias").and_then(|v| v.as_bool()) == Some(true)
@@ -107,7 +111,7 @@ pub(super) fn load(dir: &Path, dtype: DType) -> Result<LoadedModel> {
         ));
     }
     let config = lcfg.into_config(false);
-    let vb = super::layers::var_builder(dir, dtype, &Device::Cpu)?;
+    let vb = super::layers::var_builder(dir, dtype, device)?;
     let model = Llama::load(vb, &config).map_err(|e| super::layers::weights_error(dir, e))?;
 
     let tokenizer = super::tokenizer_json(dir)?;
@@ -137,6 +141,7 @@ pub(super) fn load(dir: &Path, dtype: DType) -> Result<LoadedModel> {
         model: std::sync::Arc::new(model),
         config,
         dtype,
+        device: device.clone(),
     };
     Ok(super::generation_model(
         Box::new(lm),

@@ -201,8 +201,88 @@ impl WeightDtype {
     }
 }
 
+/// Where a model runs (`--device`): `cpu`, or `cuda` / `cuda:N` (GPU `N`, 0 by default) in a
+/// build with the `cuda` feature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ComputeDevice {
+    #[default]
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for ComputeDevice {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || {
+            Error::Model(format!(
+                "unknown device {s:?} (expected cpu, cuda or cuda:N)"
+            ))
+        };
+        match s {
+            "cpu" => Ok(ComputeDevice::Cpu),
+            "cuda" => Ok(ComputeDevice::Cuda(0)),
+            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => Ok(ComputeDevice::Cuda(n)),
+                _ => Err(bad()),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for ComputeDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ComputeDevice::Cpu => f.write_str("cpu"),
+            ComputeDevice::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl ComputeDevice {
+    /// Whether this build can run on such a device at all (`cuda` needs the `cuda` feature).
+    pub const fn built_in(self) -> bool {
+        match self {
+            ComputeDevice::Cpu => true,
+            ComputeDevice::Cuda(_) => cfg!(feature = "cuda"),
+        }
+    }
+
+    /// The candle device; opening a GPU fails with candle's reason (no driver, no such
+    /// ordinal) in the message.
+    fn candle(self) -> Result<candle_core::Device> {
+        match self {
+            ComputeDevice::Cpu => Ok(candle_core::Device::Cpu),
+            #[cfg(feature = "cuda")]
+            ComputeDevice::Cuda(n) => candle_core::Device::new_cuda(n)
+                .map_err(|e| Error::Model(format!("cannot open GPU cuda:{n}: {e}"))),
+            #[cfg(not(feature = "cuda"))]
+            ComputeDevice::Cuda(_) => Err(Error::Model(format!(
+                "device {self} needs a CUDA build of kandle-runtime (the `cuda` feature); this \
+                 build is CPU-only"
+            ))),
+        }
+    }
+}
+
+/// The weight dtype on `device` for `--dtype`: `auto` is f32 on CPU (its half-precision
+/// matmuls are slower and less exact there), and on a GPU the checkpoint's own half precision
+/// (config.json's `torch_dtype` bfloat16), else f16, as TGI and vLLM choose.
+fn weight_dtype(
+    asked: WeightDtype,
+    device: ComputeDevice,
+    torch_dtype: Option<&str>,
+) -> candle_core::DType {
+    match (asked, device) {
+        (WeightDtype::Auto, ComputeDevice::Cuda(_)) if torch_dtype == Some("bfloat16") => {
+            candle_core::DType::BF16
+        }
+        (WeightDtype::Auto, ComputeDevice::Cuda(_)) => candle_core::DType::F16,
+        (asked, _) => asked.candle(),
+    }
+}
+
 /// How to load a model.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
     /// A GGUF file, or a directory with config.json, *.safetensors and tokenizer.json.
     pub path: PathBuf,
@@ -212,14 +292,19 @@ pub struct LoadOptions {
     /// precision is served for the causal LMs; encoders (embedding, classification) are f32
     /// only, and asking them for f16/bf16 is refused.
     pub dtype: WeightDtype,
+    /// Where the model runs. On a GPU, the causal LMs run on candle's CUDA kernels (GGUF
+    /// files on candle's quantised llama, not kandle's CPU kernels); the encoders and seq2seq
+    /// models are CPU-only and are refused there.
+    pub device: ComputeDevice,
 }
 
 /// Loads the model at `opts.path`, choosing the architecture from the files found there.
 pub fn load(opts: &LoadOptions) -> Result<LoadedModel> {
     let path = &opts.path;
+    let device = opts.device.candle()?;
     if path.is_file() {
         if path.extension().and_then(|e| e.to_str()) == Some("gguf") {
-            return check_task(gguf_llama::load(path)?, opts.task);
+            return check_task(gguf_llama::load(path, &device)?, opts.task);
         }
         return Err(Error::Model(format!(
             "{} is a file but not a .gguf file",
@@ -237,7 +322,7 @@ pub fn load(opts: &LoadOptions) -> Result<LoadedModel> {
     let config_path = path.join("config.json");
     if !config_path.exists() {
         return match ggufs.as_slice() {
-            [one] => check_task(gguf_llama::load(one)?, opts.task),
+            [one] => check_task(gguf_llama::load(one, &device)?, opts.task),
             [] => Err(Error::Model(format!(
                 "{} has neither config.json nor a .gguf file",
                 path.display()
@@ -253,6 +338,7 @@ pub fn load(opts: &LoadOptions) -> Result<LoadedModel> {
         model_type: Option<String>,
         #[serde(default)]
         architectures: Vec<String>,
+        torch_dtype: Option<String>,
     }
     let probe: Probe = read_json(&config_path)?;
     let model_type = probe.model_type.unwrap_or_default();
@@ -260,11 +346,17 @@ pub fn load(opts: &LoadOptions) -> Result<LoadedModel> {
         .architectures
         .iter()
         .any(|a| a.ends_with("ForSequenceClassification"));
-    let dtype = opts.dtype.candle();
     let encoder = matches!(
         model_type.as_str(),
         "bert" | "distilbert" | "xlm-roberta" | "t5" | "blenderbot-small" | "blenderbot_small"
     );
+    if encoder && !device.is_cpu() {
+        return Err(Error::Model(format!(
+            "{model_type} models run on the CPU only in this version of kandle-runtime; serve \
+             them with --device cpu (the GPU serves llama, gpt2, gptj, bloom and GGUF llama)"
+        )));
+    }
+    let dtype = weight_dtype(opts.dtype, opts.device, probe.torch_dtype.as_deref());
     if encoder && dtype != candle_core::DType::F32 {
         return Err(Error::Model(format!(
             "dtype {:?} is not supported for {model_type} models; use f32 or auto \
@@ -283,10 +375,10 @@ pub fn load(opts: &LoadOptions) -> Result<LoadedModel> {
             .iter()
             .any(|a| a.ends_with("ForCausalLM") || a.ends_with("LMHeadModel"));
     let loaded = match (model_type.as_str(), classification) {
-        ("llama", false) if lm_head => llama::load(path, dtype)?,
-        ("gpt2", false) if lm_head => gpt2::load(path, dtype)?,
-        ("gptj", false) if lm_head => gptj::load(path, dtype)?,
-        ("bloom", false) if lm_head => bloom::load(path, dtype)?,
+        ("llama", false) if lm_head => llama::load(path, dtype, &device)?,
+        ("gpt2", false) if lm_head => gpt2::load(path, dtype, &device)?,
+        ("gptj", false) if lm_head => gptj::load(path, dtype, &device)?,
+        ("bloom", false) if lm_head => bloom::load(path, dtype, &device)?,
         ("bert", false) => bert::load(path)?,
         ("bert", true) => classifier::load_bert(path, dtype)?,
         ("distilbert", true) => distilbert::load(path, dtype)?,
@@ -520,13 +612,73 @@ mod tests {
     }
 
     #[test]
+    fn devices_parse_and_auto_dtype_follows_the_device() {
+        assert_eq!("cpu".parse::<ComputeDevice>().unwrap(), ComputeDevice::Cpu);
+        assert_eq!(
+            "cuda".parse::<ComputeDevice>().unwrap(),
+            ComputeDevice::Cuda(0)
+        );
+        assert_eq!(
+            "cuda:3".parse::<ComputeDevice>().unwrap(),
+            ComputeDevice::Cuda(3)
+        );
+        assert_eq!(ComputeDevice::Cuda(3).to_string(), "cuda:3");
+        for bad in ["gpu", "cuda:", "cuda:x", "cuda:-1", "CPU", "cuda0"] {
+            let e = bad.parse::<ComputeDevice>().unwrap_err().to_string();
+            assert!(e.contains(bad) && e.contains("cuda:N"), "{bad}: {e}");
+        }
+        let cuda = ComputeDevice::Cuda(0);
+        use candle_core::DType;
+        assert_eq!(
+            weight_dtype(WeightDtype::Auto, ComputeDevice::Cpu, Some("bfloat16")),
+            DType::F32
+        );
+        assert_eq!(
+            weight_dtype(WeightDtype::Auto, cuda, Some("bfloat16")),
+            DType::BF16
+        );
+        assert_eq!(
+            weight_dtype(WeightDtype::Auto, cuda, Some("float32")),
+            DType::F16
+        );
+        assert_eq!(weight_dtype(WeightDtype::Auto, cuda, None), DType::F16);
+        assert_eq!(
+            weight_dtype(WeightDtype::F32, cuda, Some("bfloat16")),
+            DType::F32
+        );
+    }
+
+    /// A CPU build refuses a GPU at load with a message that says why (the CLI refuses it
+    /// earlier still, config.rs); a CUDA build on a machine without one says it cannot open it.
+    #[test]
+    fn a_gpu_is_refused_when_this_build_or_machine_has_none() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.json"), r#"{"model_type": "gpt2"}"#).unwrap();
+        let err = load(&LoadOptions {
+            path: dir.path().to_path_buf(),
+            device: ComputeDevice::Cuda(7),
+            ..Default::default()
+        })
+        .err()
+        .expect("refused")
+        .to_string();
+        if cfg!(feature = "cuda") {
+            assert!(err.contains("cannot open GPU cuda:7"), "{err}");
+        } else {
+            assert!(
+                err.contains("cuda:7") && err.contains("CUDA build"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
     fn an_unknown_model_type_is_refused_with_the_supported_list() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("config.json"), r#"{"model_type": "rwkv"}"#).unwrap();
         let err = load(&LoadOptions {
             path: dir.path().to_path_buf(),
-            task: None,
-            dtype: WeightDtype::Auto,
+            ..Default::default()
         })
         .err()
         .expect("refused")
