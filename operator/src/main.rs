@@ -26,6 +26,10 @@ struct RunArgs {
     #[arg(long, env = "KANDLE_RUNTIME_IMAGE", default_value = kandle_operator::builders::DEFAULT_RUNTIME_IMAGE)]
     runtime_image: String,
 
+    /// Runtime image used when a LanguageModel with GPUs does not name one: the CUDA build.
+    #[arg(long, env = "KANDLE_RUNTIME_IMAGE_GPU", default_value = kandle_operator::builders::DEFAULT_RUNTIME_IMAGE_GPU)]
+    runtime_image_gpu: String,
+
     /// Hugging Face hub endpoint the pods download from (HF_ENDPOINT); the public hub when unset.
     #[arg(long, env = "KANDLE_HUB_ENDPOINT")]
     hub_endpoint: Option<String>,
@@ -77,7 +81,11 @@ async fn main() -> anyhow::Result<()> {
         Command::Run(args) => {
             init_logging(&args.log_format);
             let config = RunConfig {
-                builder: BuilderConfig { runtime_image: args.runtime_image, hub_endpoint: args.hub_endpoint },
+                builder: BuilderConfig {
+                    runtime_image: args.runtime_image,
+                    runtime_image_gpu: args.runtime_image_gpu,
+                    hub_endpoint: args.hub_endpoint,
+                },
                 kubeconfig: args.kubeconfig,
                 namespaces: args.watch_namespaces.into_iter().filter(|n| !n.is_empty()).collect(),
                 apply_crd: args.apply_crd,
@@ -124,9 +132,12 @@ mod tests {
     #[test]
     fn crd_and_run_are_the_subcommands_and_run_takes_the_runtime_image() {
         assert!(matches!(Cli::try_parse_from(["kandle-operator", "crd"]).unwrap().command, Command::Crd));
-        let cli = Cli::try_parse_from(["kandle-operator", "run", "--runtime-image", "r:1"]).unwrap();
+        let cli =
+            Cli::try_parse_from(["kandle-operator", "run", "--runtime-image", "r:1", "--runtime-image-gpu", "r:1-cuda"])
+                .unwrap();
         let Command::Run(args) = cli.command else { panic!("run") };
         assert_eq!(args.runtime_image, "r:1");
+        assert_eq!(args.runtime_image_gpu, "r:1-cuda");
         assert!(Cli::try_parse_from(["kandle-operator"]).is_err(), "a subcommand is required");
     }
 

@@ -153,7 +153,7 @@ impl Drop for Operator {
 }
 
 fn operator(client: &Client, ns: &str, hub: &FakeHub) -> Operator {
-    let builder = BuilderConfig { runtime_image: "kandle-runtime:test".into(), hub_endpoint: Some(hub.url()) };
+    let builder = BuilderConfig { runtime_image: "kandle-runtime:test".into(), hub_endpoint: Some(hub.url()), ..BuilderConfig::default() };
     let ctx = Arc::new(Context::new(client.clone(), builder, Arc::new(Metrics::default())));
     Operator { task: tokio::spawn(controller::run_controller(ctx, Some(ns.to_owned()))) }
 }
@@ -278,7 +278,10 @@ async fn install_upgrade_and_uninstall_with_the_real_helm() {
     let ns2 = ns.clone();
     let notes = blocking(move || {
         run(
-            cp.helm().args(["install", "life"]).arg(chart()).args(["--namespace", &ns2, "--set", "hub.endpoint=http://hub.example:8080"]),
+            cp.helm().args(["install", "life"]).arg(chart()).args([
+                "--namespace", &ns2, "--set", "hub.endpoint=http://hub.example:8080",
+                "--set", "runtime.gpuImage=registry.local/kandle-runtime:1-cuda",
+            ]),
             None,
             "helm install",
         )
@@ -289,6 +292,7 @@ async fn install_upgrade_and_uninstall_with_the_real_helm() {
     let d = deployments.get("life-kandle").await.unwrap();
     let c = &d.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0];
     assert!(c.args.as_ref().unwrap().contains(&"--hub-endpoint=http://hub.example:8080".to_owned()));
+    assert!(c.args.as_ref().unwrap().contains(&"--runtime-image-gpu=registry.local/kandle-runtime:1-cuda".to_owned()));
     assert_eq!(d.spec.as_ref().unwrap().replicas, Some(1));
 
     // A values change reaches the operator Deployment.
@@ -479,6 +483,8 @@ async fn a_namespaced_install_is_least_privilege_and_its_operator_brings_an_exam
         run(
             cp.helm().args(["install", "scoped"]).arg(chart()).args([
                 "--namespace", &rn, "--set", &format!("watchNamespaces={{{mn}}}"),
+                // Rendered into the args the operator below runs with, so the flag is parsed.
+                "--set", "runtime.gpuImage=registry.local/kandle-runtime:1-cuda",
             ]),
             None,
             "helm install (namespaced)",

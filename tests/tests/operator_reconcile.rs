@@ -52,7 +52,7 @@ async fn env(prefix: &str) -> Env {
     let ns = cp.namespace(prefix).await;
     let hub = FakeHub::start().unwrap();
     hub.add_repo("org/tiny", [("config.json", b"{\"model_type\":\"llama\"}".to_vec())]);
-    let builder = BuilderConfig { runtime_image: "kandle-runtime:test".into(), hub_endpoint: Some(hub.url()) };
+    let builder = BuilderConfig { runtime_image: "kandle-runtime:test".into(), hub_endpoint: Some(hub.url()), ..BuilderConfig::default() };
     let ctx = Arc::new(Context::new(client.clone(), builder, Arc::new(Metrics::default())));
     let controller = tokio::spawn(controller::run_controller(ctx.clone(), Some(ns.clone())));
     Env { ns, client, hub, ctx, controller }
@@ -500,7 +500,7 @@ async fn a_refused_token_and_an_unreachable_hub_each_get_their_own_reason() {
 
     // A hub nobody answers at: a closed loopback port.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let builder = BuilderConfig { runtime_image: "r".into(), hub_endpoint: Some(format!("http://127.0.0.1:{closed}")) };
+    let builder = BuilderConfig { runtime_image: "r".into(), hub_endpoint: Some(format!("http://127.0.0.1:{closed}")), ..BuilderConfig::default() };
     let ctx = Arc::new(Context::new(env.client.clone(), builder, Arc::new(Metrics::default())));
     // In a namespace env's controller does not watch, so only this reconcile touches it.
     let other = ControlPlane::shared().namespace("hub-offline").await;

@@ -169,7 +169,9 @@ fn pod_template(lm: &LanguageModel, config: &BuilderConfig, resolution: &Resolut
     let name = model_name(lm)?;
     let spec = &lm.spec;
     let gpus = lm.gpu_count();
-    let image = spec.runtime.as_ref().and_then(|r| r.image.clone()).unwrap_or_else(|| config.runtime_image.clone());
+    // A GPU model needs the runtime's CUDA build: the CPU build refuses `--device cuda`.
+    let default_image = if gpus > 0 { &config.runtime_image_gpu } else { &config.runtime_image };
+    let image = spec.runtime.as_ref().and_then(|r| r.image.clone()).unwrap_or_else(|| default_image.clone());
 
     let mut volumes = vec![empty_dir(TMP_VOLUME)];
     let mut init_containers = Vec::new();
@@ -625,7 +627,11 @@ mod tests {
 
     #[test]
     fn the_runtime_image_comes_from_the_spec_else_from_the_operator_config() {
-        let config = BuilderConfig { runtime_image: "registry.local/kandle-runtime:dev".into(), hub_endpoint: None };
+        let config = BuilderConfig {
+            runtime_image: "registry.local/kandle-runtime:dev".into(),
+            runtime_image_gpu: "registry.local/kandle-runtime:dev-cuda".into(),
+            hub_endpoint: None,
+        };
         let d = deployment(&hub_model(), &config, &Resolution::default()).unwrap();
         assert_eq!(serve(&d).image.as_deref(), Some("registry.local/kandle-runtime:dev"));
         assert_eq!(
@@ -635,6 +641,13 @@ mod tests {
         let mut lm = hub_model();
         lm.spec.runtime = Some(RuntimeSpec { image: Some("mine:1".into()), ..RuntimeSpec::default() });
         assert_eq!(serve(&deployment(&lm, &config, &Resolution::default()).unwrap()).image.as_deref(), Some("mine:1"));
+        // A model with GPUs gets the CUDA build, unless it names its own image.
+        let gpu = deployment(&gpu_model(1, None), &config, &Resolution::default()).unwrap();
+        assert_eq!(serve(&gpu).image.as_deref(), Some("registry.local/kandle-runtime:dev-cuda"));
+        let mut lm = gpu_model(1, None);
+        lm.spec.runtime = Some(RuntimeSpec { image: Some("mine:1".into()), ..RuntimeSpec::default() });
+        assert_eq!(serve(&deployment(&lm, &config, &Resolution::default()).unwrap()).image.as_deref(), Some("mine:1"));
+        assert!(BuilderConfig::default().runtime_image_gpu.ends_with("-cuda"));
     }
 
     #[test]

@@ -46,18 +46,30 @@ use crate::{
 /// The runtime image used when neither the model nor the operator's flags name one.
 pub const DEFAULT_RUNTIME_IMAGE: &str = concat!("ghcr.io/kandle-dev/kandle-runtime:", env!("CARGO_PKG_VERSION"));
 
+/// The same for a model with GPUs: the runtime's CUDA build (runtime-image/Dockerfile with
+/// `DEVICE=cuda`), since the CPU build refuses `--device cuda`.
+pub const DEFAULT_RUNTIME_IMAGE_GPU: &str =
+    concat!("ghcr.io/kandle-dev/kandle-runtime:", env!("CARGO_PKG_VERSION"), "-cuda");
+
 /// Operator-wide settings that shape every model's children.
 #[derive(Clone, Debug, PartialEq)]
 pub struct BuilderConfig {
-    /// Runtime image for models whose `spec.runtime.image` is absent.
+    /// Runtime image for CPU models whose `spec.runtime.image` is absent.
     pub runtime_image: String,
+    /// Runtime image for models with `resources.gpu.count > 0` whose `spec.runtime.image` is
+    /// absent: a CUDA build.
+    pub runtime_image_gpu: String,
     /// Hub endpoint handed to the download step as `HF_ENDPOINT` (the public hub when `None`).
     pub hub_endpoint: Option<String>,
 }
 
 impl Default for BuilderConfig {
     fn default() -> Self {
-        Self { runtime_image: DEFAULT_RUNTIME_IMAGE.to_owned(), hub_endpoint: None }
+        Self {
+            runtime_image: DEFAULT_RUNTIME_IMAGE.to_owned(),
+            runtime_image_gpu: DEFAULT_RUNTIME_IMAGE_GPU.to_owned(),
+            hub_endpoint: None,
+        }
     }
 }
 
