@@ -629,7 +629,7 @@ impl GenerationWorker {
                 None => {
                     let a = &mut active[i];
                     let fresh = a.seq.is_empty();
-                    // A fresh prompt continues the longest cached prompt it starts with.
+                    // A fresh prompt continues the kept prompt sharing its longest start.
                     let hit = fresh
                         .then(|| self.prefix.borrow_mut().lookup(&a.next_input))
                         .flatten();
@@ -745,13 +745,19 @@ impl GenerationWorker {
 }
 
 /// Prompts whose keys and values are kept after their request, so that a later request
-/// whose prompt starts with one (a conversation's next turn re-sends the whole conversation)
-/// continues from a copy instead of computing those tokens again, as vLLM's prefix caching
-/// and llama.cpp's cached prompts do. A prompt is found whole: the longest kept prompt that
-/// the new one starts with. At most `budget` tokens are kept, the least recently used given
-/// up first. Only for models whose continuation gives the same bits as computing afresh
+/// whose prompt starts the same way continues from a copy instead of computing those tokens
+/// again, as vLLM's prefix caching and llama.cpp's cached prompts do: a conversation's next
+/// turn (which re-sends the whole conversation) continues the kept turn before it, and
+/// requests that differ only after a shared start (one system prompt, one few-shot preamble)
+/// share that start, [`MIN_SHARED_TOKENS`] or more. The kept prompt sharing the longest start
+/// is used, whole or cut to that start. At most `budget` tokens are kept, the least recently
+/// used given up first. Only for models whose continuation gives the same bits as computing afresh
 /// ([`crate::backend::CausalLm::continuation_is_exact`]): an answer never depends on what
 /// was asked before it.
+/// The shortest start that a prompt must share with a kept one, when it is not all of it, to
+/// be continued from it: shorter shared starts are not worth a copy (vLLM shares blocks of 16).
+const MIN_SHARED_TOKENS: usize = 16;
+
 struct PrefixCache {
     budget: usize,
     entries: Vec<CachedPrompt>,
@@ -783,22 +789,40 @@ impl PrefixCache {
         }
     }
 
-    /// A copy of the longest kept prompt that `prompt` starts with, its length, and, when it
-    /// is all of `prompt`, its logits.
+    /// A copy of the kept prompt that shares the longest start with `prompt` (a whole kept
+    /// prompt preferred at equal length), cut to that start; how many tokens it holds; and,
+    /// when it is all of `prompt`, its logits. Cut, it keeps at least one token of `prompt` to
+    /// compute, whose logits the request needs.
     fn lookup(&mut self, prompt: &[u32]) -> Option<Continuation> {
         self.clock += 1;
-        let e = self
+        let (e, shared) = self
             .entries
             .iter_mut()
-            .filter(|e| prompt.starts_with(&e.prompt))
-            .max_by_key(|e| e.prompt.len())?;
-        let seq = e.seq.fork()?;
+            .map(|e| {
+                let shared = e
+                    .prompt
+                    .iter()
+                    .zip(prompt)
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                (e, shared)
+            })
+            .max_by_key(|(e, shared)| (*shared, *shared == e.prompt.len()))?;
+        let (seq, tokens, logits) = if shared == e.prompt.len() {
+            let logits = (shared == prompt.len()).then(|| e.logits.clone());
+            (e.seq.fork()?, shared, logits)
+        } else {
+            let tokens = shared.min(prompt.len().saturating_sub(1));
+            if tokens < MIN_SHARED_TOKENS {
+                return None;
+            }
+            (e.seq.fork_prefix(tokens)?, tokens, None)
+        };
         e.used = self.clock;
-        let k = e.prompt.len();
         Some(Continuation {
             seq,
-            tokens: k,
-            logits: (k == prompt.len()).then(|| e.logits.clone()),
+            tokens,
+            logits,
         })
     }
 
@@ -918,6 +942,9 @@ mod tests {
         fn fork(&self) -> Option<Box<dyn Sequence>> {
             Some(Box::new(Tape(self.0.clone())))
         }
+        fn fork_prefix(&self, len: usize) -> Option<Box<dyn Sequence>> {
+            Some(Box::new(Tape(self.0.get(..len)?.to_vec())))
+        }
     }
 
     fn keep(c: &mut PrefixCache, prompt: &[u32]) {
@@ -955,5 +982,37 @@ mod tests {
         let mut off = PrefixCache::new(0);
         keep(&mut off, &[1]);
         assert!(off.lookup(&[1]).is_none());
+    }
+
+    #[test]
+    fn a_prompt_sharing_a_long_enough_start_with_a_kept_one_continues_that_start() {
+        let mut c = PrefixCache::new(100);
+        let system: Vec<u32> = (100..120).collect();
+        let first = [&system[..], &[1, 2, 3]].concat();
+        keep(&mut c, &first);
+        // Another question after the same 20-token start: the kept prompt cut to that start.
+        let second = [&system[..], &[7, 8]].concat();
+        let mut hit = c.lookup(&second).unwrap();
+        assert_eq!(
+            (hit.tokens, hit.seq.len(), hit.logits.is_none()),
+            (20, 20, true)
+        );
+        assert_eq!(hit.seq.feed(&second[20..]).unwrap(), vec![22.0]);
+        // A prompt that is the start of a kept one still computes its last token.
+        let hit = c.lookup(&first[..21]).unwrap();
+        assert_eq!((hit.tokens, hit.logits.is_none()), (20, true));
+        // Shorter shared starts than MIN_SHARED_TOKENS are not used.
+        let short = [&system[..MIN_SHARED_TOKENS - 1], &[9]].concat();
+        assert!(c.lookup(&short).is_none());
+        let just = [&system[..MIN_SHARED_TOKENS], &[9]].concat();
+        assert_eq!(c.lookup(&just).unwrap().tokens, MIN_SHARED_TOKENS);
+        // At equal shared length a whole kept prompt wins (its logits when it is the prompt).
+        keep(&mut c, &system);
+        let hit = c.lookup(&system).unwrap();
+        assert_eq!((hit.tokens, hit.logits), (20, Some(vec![20.0])));
+        // The longest shared start wins over a whole but shorter kept prompt.
+        assert_eq!(c.lookup(&[&first[..], &[4]].concat()).unwrap().tokens, 23);
+        assert_eq!(c.lookup(&[&first[..22], &[0]].concat()).unwrap().tokens, 22);
+        assert!(c.lookup(&[]).is_none());
     }
 }

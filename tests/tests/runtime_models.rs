@@ -542,6 +542,51 @@ fn check_fork(g: &GenerationModel) {
     assert_eq!(bits(&lb), bits(&alone(&[t, tb])));
 }
 
+/// A copy of a sequence's first tokens (what the prefix cache continues when a new prompt
+/// shares only the start of a kept one) goes on with the bits of a sequence fed just those
+/// tokens and then the rest: cut mid-block and on block edges of the key cache (16
+/// positions), at one token and at the whole sequence.
+#[test]
+fn a_sequence_cut_to_its_start_goes_on_as_one_fed_only_that_start() {
+    let g = generation(&models::smollm2_gguf());
+    assert!(g.lm.continuation_is_exact());
+    let tok = |s: &str| g.tokenizer.encode(s, false).unwrap();
+    let kept = tok(
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by \
+                    Hugging Face<|im_end|>\n<|im_start|>user\nWhat is the capital of France?",
+    );
+    let rest = tok(" And what is the capital of Peru?<|im_end|>\n<|im_start|>assistant\n");
+    assert!(kept.len() > 20, "{}", kept.len());
+    let mut a = g.lm.new_sequence().unwrap();
+    a.feed(&kept).unwrap();
+    let bits = |l: &[f32]| l.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for len in [1, 15, 16, 17, kept.len() - 1, kept.len()] {
+        let mut cut = a
+            .fork_prefix(len)
+            .expect("a GGUF llama sequence can be cut");
+        assert_eq!(cut.len(), len);
+        let mut fresh = g.lm.new_sequence().unwrap();
+        fresh.feed(&kept[..len]).unwrap();
+        let (lc, lf) = (cut.feed(&rest).unwrap(), fresh.feed(&rest).unwrap());
+        assert_eq!(bits(&lc), bits(&lf), "cut at {len}");
+        // And one step more, decoded.
+        let t = argmax(&lc);
+        assert_eq!(
+            bits(&cut.feed(&[t]).unwrap()),
+            bits(&fresh.feed(&[t]).unwrap()),
+            "cut at {len}"
+        );
+    }
+    assert!(
+        a.fork_prefix(kept.len() + 1).is_none(),
+        "longer than the sequence"
+    );
+    // The original is untouched by its cut copies.
+    let mut whole = g.lm.new_sequence().unwrap();
+    let lw = whole.feed(&[&kept[..], &rest[..]].concat()).unwrap();
+    assert_eq!(bits(&a.feed(&rest).unwrap()), bits(&lw));
+}
+
 /// Set in the processes that [`every_instruction_set_gives_smollm2_the_same_bits_and_minilm_its_reference`]
 /// starts: they print their figures instead of starting others.
 const ISA_CHILD: &str = "KANDLE_TEST_ISA_CHILD";

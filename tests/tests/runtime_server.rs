@@ -638,8 +638,9 @@ async fn tokenize_counts_what_the_endpoints_feed_and_detokenize_inverts_it() {
 }
 
 /// The prefix cache: a conversation's next turn continues the kept keys and values of the
-/// turn before (`kandle_prompt_tokens_cached_total` counts them) and every answer is the one
-/// a server without the cache gives, logprobs to the last bit.
+/// turn before, and another question after the same system prompt continues the start it
+/// shares with a kept prompt (`kandle_prompt_tokens_cached_total` counts them); every answer
+/// is the one a server without the cache gives, logprobs to the last bit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conversations_next_turn_continues_the_cached_prompt_with_the_same_answers() {
     let (cached_server, cached_url) = serve(|c| c.prefix_cache_tokens = 4096).await;
@@ -653,6 +654,8 @@ async fn a_conversations_next_turn_continues_the_cached_prompt_with_the_same_ans
     let mut turn3 = turn2.clone();
     turn3.push(json!({"role": "assistant", "content": "Rome."}));
     turn3.push(json!({"role": "user", "content": "And of Spain?"}));
+    let other = json!([{"role": "system", "content": "You answer in one sentence."},
+                       {"role": "user", "content": "What is the capital of Peru?"}]);
     let ask = |url: &str, messages: &Value| {
         let http = http.clone();
         let url = format!("{url}/v1/chat/completions");
@@ -660,15 +663,11 @@ async fn a_conversations_next_turn_continues_the_cached_prompt_with_the_same_ans
                           "logprobs": true, "top_logprobs": 3});
         async move { post_json(&http, &url, &body).await }
     };
-    let count = |messages: &Value| {
+    let tokens = |messages: &Value| {
         let http = http.clone();
         let url = format!("{cached_url}/tokenize");
         let body = json!({"model": SMOL, "messages": messages});
-        async move {
-            post_json(&http, &url, &body).await["count"]
-                .as_u64()
-                .unwrap() as f64
-        }
+        async move { post_json(&http, &url, &body).await["tokens"].clone() }
     };
     let cached = || cached_prompt_tokens(&http, &cached_url);
     let start = cached().await;
@@ -678,6 +677,7 @@ async fn a_conversations_next_turn_continues_the_cached_prompt_with_the_same_ans
         ("turn 2 again", &json!(turn2)),
         ("turn 1", &turn1),
         ("turn 3", &json!(turn3)),
+        ("another question", &other),
     ] {
         let before = cached().await;
         let a = ask(&cached_url, messages).await;
@@ -689,16 +689,32 @@ async fn a_conversations_next_turn_continues_the_cached_prompt_with_the_same_ans
         assert_eq!(a["usage"], b["usage"], "{what}");
         seen.push((what, cached().await - before));
     }
-    let turn2_len = count(&json!(turn2)).await;
-    // Turn 2 again is turn 2's prompt whole; turn 1 is shorter than anything kept; turn 3
-    // continues turn 2.
+    let turn1_ids = tokens(&turn1).await;
+    let turn2_len = tokens(&json!(turn2)).await.as_array().unwrap().len() as f64;
+    let turn1_len = turn1_ids.as_array().unwrap().len() as f64;
+    let other_ids = tokens(&other).await;
+    let shared = turn1_ids
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(other_ids.as_array().unwrap())
+        .take_while(|(a, b)| a == b)
+        .count() as f64;
+    assert!(
+        shared >= 16.0,
+        "system prompt and template: {shared} tokens"
+    );
+    // Turn 2 again is turn 2's prompt whole; turn 1 is the start of turn 2, all of it but
+    // the last token (whose logits it needs); turn 3 continues turn 2; the other question
+    // shares the system prompt and "What is the capital of" with them.
     assert_eq!(
         seen,
         vec![
             ("turn 2", 0.0),
             ("turn 2 again", turn2_len),
-            ("turn 1", 0.0),
-            ("turn 3", turn2_len)
+            ("turn 1", turn1_len - 1.0),
+            ("turn 3", turn2_len),
+            ("another question", shared)
         ],
         "cached tokens per request (from {start})"
     );

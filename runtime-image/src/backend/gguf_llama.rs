@@ -146,6 +146,12 @@ impl Sequence for QLlamaSequence {
             cache: self.cache.clone(),
         }))
     }
+    fn fork_prefix(&self, len: usize) -> Option<Box<dyn Sequence>> {
+        Some(Box::new(QLlamaSequence {
+            weights: self.weights.clone(),
+            cache: self.weights.cache_prefix(&self.cache, len)?,
+        }))
+    }
 }
 
 fn md<'a>(ct: &'a gguf_file::Content, key: &str) -> Result<&'a gguf_file::Value> {

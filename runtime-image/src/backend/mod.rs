@@ -144,6 +144,15 @@ pub trait Sequence: Send {
     fn fork(&self) -> Option<Box<dyn Sequence>> {
         None
     }
+    /// A copy of the first `len` tokens of this sequence (`len` at most [`Sequence::len`]),
+    /// which then goes on as a sequence fed only those tokens would: the prefix cache
+    /// continues the start that a new prompt shares with a kept one. Keys and values at a
+    /// position depend only on the tokens up to it, so only a model whose continuation is
+    /// exact ([`CausalLm::continuation_is_exact`]) needs it. `None` (the default): unsupported.
+    fn fork_prefix(&self, len: usize) -> Option<Box<dyn Sequence>> {
+        let _ = len;
+        None
+    }
 }
 
 /// A sentence-embedding model.

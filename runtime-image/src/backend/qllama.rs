@@ -92,6 +92,24 @@ impl KvCache {
         self.len
     }
 
+    /// A copy of the first `len` positions (the keys' last block copied whole: the
+    /// positions past `len` in it are overwritten before they are read).
+    fn prefix(&self, len: usize, kv_dim: usize) -> Option<KvCache> {
+        (len <= self.len).then(|| KvCache {
+            layers: self
+                .layers
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k[..key_cache_len(len, kv_dim)].to_vec(),
+                        v[..len * kv_dim].to_vec(),
+                    )
+                })
+                .collect(),
+            len,
+        })
+    }
+
     fn truncate(&mut self, len: usize, kv_dim: usize) {
         for (k, v) in self.layers.iter_mut() {
             k.truncate(key_cache_len(len, kv_dim));
@@ -253,6 +271,11 @@ impl Weights {
 
     fn kv_dim(&self) -> usize {
         self.n_kv_head * self.head_dim
+    }
+
+    /// A copy of the first `len` positions of `cache`; `None` when it holds fewer.
+    pub(super) fn cache_prefix(&self, cache: &KvCache, len: usize) -> Option<KvCache> {
+        cache.prefix(len, self.kv_dim())
     }
 
     /// Appends each item's tokens to its cache and returns the logits at each item's last
