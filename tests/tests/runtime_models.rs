@@ -456,6 +456,21 @@ fn minilm_batch_gives_the_same_embeddings_as_items_one_by_one() {
     assert_minilm_batch_equals_single(&embedding(&models::minilm_dir()));
 }
 
+/// The path a GPU runs MiniLM on (candle-transformers' `BertModel` on right-padded batches
+/// with an attention mask, instead of kandle's encoder), here on the CPU: the same reference
+/// embeddings, and a padded batch embeds as its items alone.
+#[test]
+fn minilm_on_candles_bert_the_gpu_path_matches_sentence_transformers_too() {
+    let path = models::minilm_dir();
+    let e = match kandle_runtime::backend::load_bert_embedding_candle_reference(&path) {
+        Ok(LoadedModel::Embedding(e)) => e,
+        Ok(other) => panic!("loaded as {:?}", other.task()),
+        Err(e) => panic!("{}: {e}", path.display()),
+    };
+    assert_minilm_matches_reference(&e);
+    assert_minilm_batch_equals_single(&e);
+}
+
 /// FNV-1a over the bits of every value.
 fn fingerprint<'a>(rows: impl IntoIterator<Item = &'a Vec<f32>>) -> u64 {
     let mut h = 0xcbf2_9ce4_8422_2325u64;

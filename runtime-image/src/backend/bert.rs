@@ -31,8 +31,10 @@ pub(super) type EncodeFn =
 pub(super) enum Encode {
     /// kandle's own encoder: ragged batches, fused kernels (`encoder.rs`).
     Fast(Encoder),
-    /// A candle-transformers model run on a right-padded batch with its attention mask.
-    Candle(EncodeFn),
+    /// A candle-transformers model run on a right-padded batch with its attention mask, on
+    /// the device its weights are on (a GPU's, or the CPU where kandle's encoder lacks the
+    /// model's activation).
+    Candle(EncodeFn, Device),
 }
 
 impl Encode {
@@ -46,8 +48,8 @@ impl Encode {
         }
         match self {
             Encode::Fast(e) => Ok(e.forward(batch)?),
-            Encode::Candle(encode) => {
-                let (ids, mask) = right_padded(batch, pad_id)?;
+            Encode::Candle(encode, device) => {
+                let (ids, mask) = right_padded(batch, pad_id, device)?;
                 let width = ids.dim(1)?;
                 let hidden = encode(&ids, &mask)?.to_dtype(DType::F32)?; // (b, t, d)
                 let d = hidden.dim(2)?;
@@ -240,9 +242,11 @@ pub(super) fn sentence_embedder(
 }
 
 /// BERT embeddings; a checkpoint with a task head (`bert.` prefix) serves its base model.
-pub(super) fn load(dir: &Path) -> Result<LoadedModel> {
+/// A BERT sentence embedder: kandle's encoder on the CPU; candle-transformers' `BertModel` on
+/// a GPU, or on the CPU with `candle` (the reference the tests compare the GPU's path with).
+pub(super) fn load(dir: &Path, device: &Device, candle: bool) -> Result<LoadedModel> {
     let config: Config = read_json(&dir.join("config.json"))?;
-    let vb = super::layers::var_builder(dir, DType::F32, &Device::Cpu)?;
+    let vb = super::layers::var_builder(dir, DType::F32, device)?;
     // Checkpoints saved from BertModel have no "bert." prefix; those from task heads do.
     let vb = if vb.contains_tensor("embeddings.word_embeddings.weight") {
         vb
@@ -266,8 +270,17 @@ pub(super) fn load(dir: &Path) -> Result<LoadedModel> {
         act,
         positions: Positions::Absolute,
     };
-    let model = Encoder::load(vb, cfg).map_err(|e| super::layers::weights_error(dir, e))?;
-    let encode = Encode::Fast(model);
+    let encode = if candle || !device.is_cpu() {
+        let model = candle_transformers::models::bert::BertModel::load(vb, &config)
+            .map_err(|e| super::layers::weights_error(dir, e))?;
+        Encode::Candle(
+            Box::new(move |ids, mask| model.forward(ids, &ids.zeros_like()?, Some(mask))),
+            device.clone(),
+        )
+    } else {
+        let model = Encoder::load(vb, cfg).map_err(|e| super::layers::weights_error(dir, e))?;
+        Encode::Fast(model)
+    };
     sentence_embedder(
         dir,
         encode,

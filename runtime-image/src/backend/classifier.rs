@@ -14,9 +14,13 @@ use super::layers;
 use crate::error::{Error, Result};
 use crate::model::LoadedModel;
 
-/// A batch of token lists as `(ids, mask)`, both `(b, width)` u32, padded on the right with
-/// `pad_id` (mask 0 there). Refuses an empty batch or an empty input.
-pub(super) fn right_padded(batch: &[Vec<u32>], pad_id: u32) -> Result<(Tensor, Tensor)> {
+/// A batch of token lists as `(ids, mask)`, both `(b, width)` u32 on `dev`, padded on the
+/// right with `pad_id` (mask 0 there). Refuses an empty batch or an empty input.
+pub(super) fn right_padded(
+    batch: &[Vec<u32>],
+    pad_id: u32,
+    dev: &Device,
+) -> Result<(Tensor, Tensor)> {
     let width = batch.iter().map(Vec::len).max().unwrap_or(0);
     if batch.iter().any(Vec::is_empty) || width == 0 {
         return Err(Error::InvalidRequest(
@@ -31,10 +35,9 @@ pub(super) fn right_padded(batch: &[Vec<u32>], pad_id: u32) -> Result<(Tensor, T
         mask.extend(std::iter::repeat_n(1u32, item.len()));
         mask.extend(std::iter::repeat_n(0u32, width - item.len()));
     }
-    let dev = Device::Cpu;
     Ok((
-        Tensor::from_vec(ids, (batch.len(), width), &dev)?,
-        Tensor::from_vec(mask, (batch.len(), width), &dev)?,
+        Tensor::from_vec(ids, (batch.len(), width), dev)?,
+        Tensor::from_vec(mask, (batch.len(), width), dev)?,
     ))
 }
 
@@ -60,6 +63,7 @@ struct BertClassifier {
     classifier: Linear,
     pad_id: u32,
     max_tokens: usize,
+    device: Device,
 }
 
 impl Classifier for BertClassifier {
@@ -67,7 +71,7 @@ impl Classifier for BertClassifier {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let (ids, mask) = right_padded(batch, self.pad_id)?;
+        let (ids, mask) = right_padded(batch, self.pad_id, &self.device)?;
         let hidden = self.bert.forward(&ids, &ids.zeros_like()?, Some(&mask))?;
         let cls = hidden.narrow(1, 0, 1)?.squeeze(1)?;
         let pooled = self.pooler.forward(&cls)?.tanh()?;
@@ -79,12 +83,12 @@ impl Classifier for BertClassifier {
     }
 }
 
-pub(super) fn load_bert(dir: &Path, dtype: DType) -> Result<LoadedModel> {
+pub(super) fn load_bert(dir: &Path, dtype: DType, device: &Device) -> Result<LoadedModel> {
     let (config, raw): (Config, serde_json::Value) = super::read_config(dir)?;
     let tokenizer = super::tokenizer_json(dir)?.with_truncation(config.max_position_embeddings)?;
     layers::check_vocab(&tokenizer, config.vocab_size)?;
     let labels = num_labels(&raw);
-    let vb = layers::var_builder(dir, dtype, &Device::Cpu)?;
+    let vb = layers::var_builder(dir, dtype, device)?;
     let load = |vb: VarBuilder| -> candle_core::Result<BertClassifier> {
         let h = config.hidden_size;
         Ok(BertClassifier {
@@ -93,6 +97,7 @@ pub(super) fn load_bert(dir: &Path, dtype: DType) -> Result<LoadedModel> {
             classifier: candle_nn::linear(h, labels, vb.pp("classifier"))?,
             pad_id: config.pad_token_id as u32,
             max_tokens: config.max_position_embeddings,
+            device: device.clone(),
         })
     };
     let model = load(vb).map_err(|e| layers::weights_error(dir, e))?;
@@ -105,10 +110,10 @@ mod tests {
 
     #[test]
     fn batches_are_padded_on_the_right_with_a_mask() {
-        let (ids, mask) = right_padded(&[vec![5, 6, 7], vec![8]], 0).unwrap();
+        let (ids, mask) = right_padded(&[vec![5, 6, 7], vec![8]], 0, &Device::Cpu).unwrap();
         assert_eq!(ids.to_vec2::<u32>().unwrap(), [[5, 6, 7], [8, 0, 0]]);
         assert_eq!(mask.to_vec2::<u32>().unwrap(), [[1, 1, 1], [1, 0, 0]]);
-        assert!(right_padded(&[vec![]], 0).is_err());
+        assert!(right_padded(&[vec![]], 0, &Device::Cpu).is_err());
     }
 
     #[test]

@@ -125,6 +125,7 @@ impl DistilBert {
 
 struct Model {
     inner: DistilBert,
+    device: Device,
 }
 
 impl Classifier for Model {
@@ -132,7 +133,7 @@ impl Classifier for Model {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let (ids, mask) = right_padded(batch, self.inner.cfg.pad_token_id)?;
+        let (ids, mask) = right_padded(batch, self.inner.cfg.pad_token_id, &self.device)?;
         let logits = self.inner.forward(&ids, &mask)?;
         Ok(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?)
     }
@@ -141,7 +142,7 @@ impl Classifier for Model {
     }
 }
 
-pub(super) fn load(dir: &Path, dtype: DType) -> Result<LoadedModel> {
+pub(super) fn load(dir: &Path, dtype: DType, device: &Device) -> Result<LoadedModel> {
     let (cfg, raw): (Config, serde_json::Value) = super::read_config(dir)?;
     if cfg.sinusoidal_pos_embds {
         return Err(Error::Model(
@@ -157,7 +158,11 @@ pub(super) fn load(dir: &Path, dtype: DType) -> Result<LoadedModel> {
     let tokenizer = super::tokenizer_json(dir)?.with_truncation(cfg.max_position_embeddings)?;
     layers::check_vocab(&tokenizer, cfg.vocab_size)?;
     let labels = num_labels(&raw);
-    let vb = layers::var_builder(dir, dtype, &Device::Cpu)?;
+    let vb = layers::var_builder(dir, dtype, device)?;
     let inner = DistilBert::load(vb, &cfg, labels).map_err(|e| layers::weights_error(dir, e))?;
-    super::classification_model(Box::new(Model { inner }), tokenizer, &raw, labels)
+    let model = Model {
+        inner,
+        device: device.clone(),
+    };
+    super::classification_model(Box::new(model), tokenizer, &raw, labels)
 }

@@ -301,9 +301,9 @@ pub struct LoadOptions {
     /// precision is served for the causal LMs; encoders (embedding, classification) are f32
     /// only, and asking them for f16/bf16 is refused.
     pub dtype: WeightDtype,
-    /// Where the model runs. On a GPU, the causal LMs run on candle's CUDA kernels (GGUF
-    /// files on candle's quantised llama, not kandle's CPU kernels); the encoders and seq2seq
-    /// models are CPU-only and are refused there.
+    /// Where the model runs. On a GPU, the models run on candle's CUDA kernels (GGUF files on
+    /// candle's quantised llama, BERT/XLM-RoBERTa embeddings on candle-transformers' models,
+    /// not kandle's CPU kernels); the seq2seq models are CPU-only and are refused there.
     pub device: ComputeDevice,
 }
 
@@ -359,13 +359,22 @@ pub fn load(opts: &LoadOptions) -> Result<LoadedModel> {
         model_type.as_str(),
         "bert" | "distilbert" | "xlm-roberta" | "t5" | "blenderbot-small" | "blenderbot_small"
     );
-    if encoder && !device.is_cpu() {
+    let seq2seq = matches!(
+        model_type.as_str(),
+        "t5" | "blenderbot-small" | "blenderbot_small"
+    );
+    if seq2seq && !device.is_cpu() {
         return Err(Error::Model(format!(
             "{model_type} models run on the CPU only in this version of kandle-runtime; serve \
-             them with --device cpu (the GPU serves llama, gpt2, gptj, bloom and GGUF llama)"
+             them with --device cpu (the GPU serves llama, gpt2, gptj, bloom, GGUF llama, \
+             and the bert, distilbert and xlm-roberta encoders)"
         )));
     }
-    let dtype = weight_dtype(opts.dtype, opts.device, probe.torch_dtype.as_deref());
+    // The encoders stay in f32 on every device (`auto` included).
+    let dtype = match encoder {
+        true => opts.dtype.candle(),
+        false => weight_dtype(opts.dtype, opts.device, probe.torch_dtype.as_deref()),
+    };
     if encoder && dtype != candle_core::DType::F32 {
         return Err(Error::Model(format!(
             "dtype {:?} is not supported for {model_type} models; use f32 or auto \
@@ -388,15 +397,15 @@ pub fn load(opts: &LoadOptions) -> Result<LoadedModel> {
         ("gpt2", false) if lm_head => gpt2::load(path, dtype, &device)?,
         ("gptj", false) if lm_head => gptj::load(path, dtype, &device)?,
         ("bloom", false) if lm_head => bloom::load(path, dtype, &device)?,
-        ("bert", false) => bert::load(path)?,
-        ("bert", true) => classifier::load_bert(path, dtype)?,
-        ("distilbert", true) => distilbert::load(path, dtype)?,
-        ("xlm-roberta", true) => xlm_roberta::load(path, dtype)?,
+        ("bert", false) => bert::load(path, &device, false)?,
+        ("bert", true) => classifier::load_bert(path, dtype, &device)?,
+        ("distilbert", true) => distilbert::load(path, dtype, &device)?,
+        ("xlm-roberta", true) => xlm_roberta::load(path, dtype, &device)?,
         ("xlm-roberta", false) if !probe.architectures.iter().any(|a| a.contains("For")) => {
-            xlm_roberta::load_embedding(path)?
+            xlm_roberta::load_embedding(path, &device)?
         }
         ("xlm-roberta", false) if opts.task == Some(Task::Embedding) => {
-            xlm_roberta::load_embedding(path)?
+            xlm_roberta::load_embedding(path, &device)?
         }
         ("t5", false) => t5::load(path)?,
         ("blenderbot-small" | "blenderbot_small", false) => blenderbot_small::load(path)?,
@@ -416,6 +425,13 @@ pub fn load(opts: &LoadOptions) -> Result<LoadedModel> {
 #[doc(hidden)]
 pub fn load_gguf_candle_reference(path: &Path) -> Result<LoadedModel> {
     gguf_llama::load_candle_reference(path)
+}
+
+/// Loads a BERT sentence-embedding model on candle-transformers' `BertModel` instead of
+/// kandle's encoder: what a GPU runs, which the tests compare with kandle's encoder on the CPU.
+#[doc(hidden)]
+pub fn load_bert_embedding_candle_reference(path: &Path) -> Result<LoadedModel> {
+    bert::load(path, &candle_core::Device::Cpu, true)
 }
 
 /// What [`load`] accepts, for the refusal message.

@@ -23,6 +23,7 @@ struct XlmRobertaClassifier {
     out_proj: Linear,
     pad_id: u32,
     max_tokens: usize,
+    device: Device,
 }
 
 impl Classifier for XlmRobertaClassifier {
@@ -30,7 +31,7 @@ impl Classifier for XlmRobertaClassifier {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let (ids, mask) = right_padded(batch, self.pad_id)?;
+        let (ids, mask) = right_padded(batch, self.pad_id, &self.device)?;
         let hidden = self
             .roberta
             .forward(&ids, &mask, &ids.zeros_like()?, None, None, None)?;
@@ -70,10 +71,11 @@ fn config(dir: &Path) -> Result<(serde_json::Value, Config, usize)> {
     Ok((raw, cfg, max_tokens))
 }
 
-/// Sentence embeddings from the base model (under `roberta.` when the checkpoint has a head).
-pub(super) fn load_embedding(dir: &Path) -> Result<LoadedModel> {
+/// Sentence embeddings from the base model (under `roberta.` when the checkpoint has a head),
+/// on kandle's CPU encoder, or on candle-transformers' model on a GPU.
+pub(super) fn load_embedding(dir: &Path, device: &Device) -> Result<LoadedModel> {
     let (_, cfg, max_tokens) = config(dir)?;
-    let vb = layers::var_builder(dir, DType::F32, &Device::Cpu)?;
+    let vb = layers::var_builder(dir, DType::F32, device)?;
     let vb = if vb.contains_tensor("embeddings.word_embeddings.weight") {
         vb
     } else {
@@ -88,7 +90,7 @@ pub(super) fn load_embedding(dir: &Path) -> Result<LoadedModel> {
         _ => None,
     };
     // kandle's encoder where it has the activation; candle-transformers' model otherwise.
-    let encode = match act {
+    let encode = match act.filter(|_| device.is_cpu()) {
         Some(act) => {
             let ecfg = EncoderConfig {
                 hidden: cfg.hidden_size,
@@ -109,9 +111,12 @@ pub(super) fn load_embedding(dir: &Path) -> Result<LoadedModel> {
         None => {
             let model =
                 XLMRobertaModel::new(&cfg, vb).map_err(|e| layers::weights_error(dir, e))?;
-            Encode::Candle(Box::new(move |ids, mask| {
-                model.forward(ids, mask, &ids.zeros_like()?, None, None, None)
-            }))
+            Encode::Candle(
+                Box::new(move |ids, mask| {
+                    model.forward(ids, mask, &ids.zeros_like()?, None, None, None)
+                }),
+                device.clone(),
+            )
         }
     };
     super::bert::sentence_embedder(
@@ -124,12 +129,12 @@ pub(super) fn load_embedding(dir: &Path) -> Result<LoadedModel> {
     )
 }
 
-pub(super) fn load(dir: &Path, dtype: DType) -> Result<LoadedModel> {
+pub(super) fn load(dir: &Path, dtype: DType, device: &Device) -> Result<LoadedModel> {
     let (raw, cfg, max_tokens) = config(dir)?;
     let tokenizer = super::tokenizer_json(dir)?.with_truncation(max_tokens)?;
     layers::check_vocab(&tokenizer, cfg.vocab_size)?;
     let labels = num_labels(&raw);
-    let vb = layers::var_builder(dir, dtype, &Device::Cpu)?;
+    let vb = layers::var_builder(dir, dtype, device)?;
     let load = |vb: VarBuilder| -> candle_core::Result<XlmRobertaClassifier> {
         let h = cfg.hidden_size;
         Ok(XlmRobertaClassifier {
@@ -138,6 +143,7 @@ pub(super) fn load(dir: &Path, dtype: DType) -> Result<LoadedModel> {
             out_proj: candle_nn::linear(h, labels, vb.pp("classifier.out_proj"))?,
             pad_id: cfg.pad_token_id,
             max_tokens,
+            device: device.clone(),
         })
     };
     let model = load(vb).map_err(|e| layers::weights_error(dir, e))?;
