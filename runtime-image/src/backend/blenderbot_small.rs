@@ -265,7 +265,7 @@ impl EncoderDecoder for BlenderbotSmall {
         let x = self.dec_norm.forward(&self.shared.forward(ids)?)?;
         let mut x = x.broadcast_add(&self.positions(&self.dec_positions, past, t)?)?;
         let causal = if t > 1 {
-            Some(seq2seq::causal_bias(past, t, &Device::Cpu)?)
+            Some(seq2seq::causal_bias(past, t, ids.device())?)
         } else {
             None
         };
@@ -296,14 +296,17 @@ impl EncoderDecoder for BlenderbotSmall {
     fn context_length(&self) -> usize {
         self.cfg.max_position_embeddings
     }
+    fn device(&self) -> &Device {
+        self.shared.embeddings().device()
+    }
 }
 
-pub(super) fn load(dir: &Path) -> Result<LoadedModel> {
-    Ok(open(dir)?.into_loaded())
+pub(super) fn load(dir: &Path, device: &Device) -> Result<LoadedModel> {
+    Ok(open(dir, device)?.into_loaded())
 }
 
 /// Loads the weights, tokenizer and generation defaults.
-pub(super) fn open(dir: &Path) -> Result<Seq2SeqParts> {
+pub(super) fn open(dir: &Path, device: &Device) -> Result<Seq2SeqParts> {
     let (cfg, raw): (Config, serde_json::Value) = super::read_config(dir)?;
     let defaults = GenerationDefaults::read(dir, &raw)?;
     let start = defaults
@@ -319,7 +322,7 @@ pub(super) fn open(dir: &Path) -> Result<Seq2SeqParts> {
     let files = super::llama::safetensors_files(dir)?;
     // SAFETY: the files are memory-mapped read-only; kandle owns the model directory and does
     // not modify it while serving.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, &Device::Cpu)? };
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, device)? };
     let model = BlenderbotSmall::load(vb, cfg, start)?;
     Ok(Seq2SeqParts {
         model: Arc::new(model),

@@ -301,9 +301,9 @@ pub struct LoadOptions {
     /// precision is served for the causal LMs; encoders (embedding, classification) are f32
     /// only, and asking them for f16/bf16 is refused.
     pub dtype: WeightDtype,
-    /// Where the model runs. On a GPU, the models run on candle's CUDA kernels (GGUF files on
-    /// candle's quantised llama, BERT/XLM-RoBERTa embeddings on candle-transformers' models,
-    /// not kandle's CPU kernels); the seq2seq models are CPU-only and are refused there.
+    /// Where the model runs. On a GPU, every model runs on candle's CUDA kernels (GGUF files
+    /// on candle's quantised llama, BERT/XLM-RoBERTa embeddings on candle-transformers'
+    /// models: kandle's own kernels are CPU kernels).
     pub device: ComputeDevice,
 }
 
@@ -359,17 +359,6 @@ pub fn load(opts: &LoadOptions) -> Result<LoadedModel> {
         model_type.as_str(),
         "bert" | "distilbert" | "xlm-roberta" | "t5" | "blenderbot-small" | "blenderbot_small"
     );
-    let seq2seq = matches!(
-        model_type.as_str(),
-        "t5" | "blenderbot-small" | "blenderbot_small"
-    );
-    if seq2seq && !device.is_cpu() {
-        return Err(Error::Model(format!(
-            "{model_type} models run on the CPU only in this version of kandle-runtime; serve \
-             them with --device cpu (the GPU serves llama, gpt2, gptj, bloom, GGUF llama, \
-             and the bert, distilbert and xlm-roberta encoders)"
-        )));
-    }
     // The encoders stay in f32 on every device (`auto` included).
     let dtype = match encoder {
         true => opts.dtype.candle(),
@@ -407,8 +396,8 @@ pub fn load(opts: &LoadOptions) -> Result<LoadedModel> {
         ("xlm-roberta", false) if opts.task == Some(Task::Embedding) => {
             xlm_roberta::load_embedding(path, &device)?
         }
-        ("t5", false) => t5::load(path)?,
-        ("blenderbot-small" | "blenderbot_small", false) => blenderbot_small::load(path)?,
+        ("t5", false) => t5::load(path, &device)?,
+        ("blenderbot-small" | "blenderbot_small", false) => blenderbot_small::load(path, &device)?,
         (other, _) => {
             return Err(Error::Model(format!(
                 "model_type {other:?} with architectures {:?} is not supported; this runtime \

@@ -38,6 +38,8 @@ pub(crate) trait EncoderDecoder: Send + Sync {
     fn vocab_size(&self) -> usize;
     /// The longest encoder input, and the longest decoder output.
     fn context_length(&self) -> usize;
+    /// Where the weights are, and the inputs must be.
+    fn device(&self) -> &Device;
 }
 
 /// Per-request decoder state.
@@ -234,13 +236,13 @@ impl Sequence for Seq2SeqSequence {
         let (mut state, input) = match self.state.take() {
             Some(state) => (state, tokens.to_vec()),
             None => {
-                let ids = Tensor::new(tokens, &Device::Cpu)?.unsqueeze(0)?;
+                let ids = Tensor::new(tokens, self.model.device())?.unsqueeze(0)?;
                 let state = self.model.encode(&ids, &ids.ones_like()?)?;
                 self.encoder_len = tokens.len();
                 (state, vec![self.model.decoder_start_token_id()])
             }
         };
-        let input = Tensor::new(input.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+        let input = Tensor::new(input.as_slice(), self.model.device())?.unsqueeze(0)?;
         let logits = self.model.decode(&mut state, &input);
         self.state = Some(state);
         let logits = logits?;

@@ -188,7 +188,11 @@ impl RelativeBias {
             .flat_map(|i| (0..k_len).map(move |j| (i as i64, j as i64)))
             .map(|(i, j)| self.bucket(j - i))
             .collect();
-        let ids = Tensor::from_vec(buckets, (q_len, k_len), &Device::Cpu)?;
+        let ids = Tensor::from_vec(
+            buckets,
+            (q_len, k_len),
+            self.embedding.embeddings().device(),
+        )?;
         let bias = self.embedding.forward(&ids)?; // (q, k, heads)
         Ok(bias.permute((2, 0, 1))?.unsqueeze(0)?.contiguous()?)
     }
@@ -344,7 +348,7 @@ impl EncoderDecoder for T5 {
         let mut x = self.shared.forward(ids)?;
         let mut bias = self.decoder_bias.forward(past, t, past + t)?;
         if t > 1 {
-            bias = bias.broadcast_add(&seq2seq::causal_bias(past, t, &Device::Cpu)?)?;
+            bias = bias.broadcast_add(&seq2seq::causal_bias(past, t, ids.device())?)?;
         }
         for (i, b) in self.decoder.iter().enumerate() {
             let h = b.ln_self.forward(&x)?;
@@ -371,14 +375,17 @@ impl EncoderDecoder for T5 {
     fn context_length(&self) -> usize {
         self.cfg.n_positions.unwrap_or(512)
     }
+    fn device(&self) -> &Device {
+        self.shared.embeddings().device()
+    }
 }
 
-pub(super) fn load(dir: &Path) -> Result<LoadedModel> {
-    Ok(open(dir)?.into_loaded())
+pub(super) fn load(dir: &Path, device: &Device) -> Result<LoadedModel> {
+    Ok(open(dir, device)?.into_loaded())
 }
 
 /// Loads the weights, tokenizer and generation defaults.
-pub(super) fn open(dir: &Path) -> Result<Seq2SeqParts> {
+pub(super) fn open(dir: &Path, device: &Device) -> Result<Seq2SeqParts> {
     let (cfg, raw): (Config, serde_json::Value) = super::read_config(dir)?;
     if cfg.num_heads * cfg.d_kv == 0 {
         return Err(Error::Model("t5 with zero heads or d_kv".into()));
@@ -396,7 +403,7 @@ pub(super) fn open(dir: &Path) -> Result<Seq2SeqParts> {
     let files = super::llama::safetensors_files(dir)?;
     // SAFETY: the files are memory-mapped read-only; kandle owns the model directory and does
     // not modify it while serving.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, &Device::Cpu)? };
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, device)? };
     let model = T5::load(vb, cfg, start)?;
     Ok(Seq2SeqParts {
         model: Arc::new(model),

@@ -31,8 +31,8 @@ fn fixture(name: &str) -> PathBuf {
 fn open(name: &str) -> (Seq2SeqParts, Value) {
     let dir = fixture(name);
     let parts = match name {
-        "t5" => crate::backend::t5::open(&dir),
-        "blenderbot-small" => crate::backend::blenderbot_small::open(&dir),
+        "t5" => crate::backend::t5::open(&dir, &Device::Cpu),
+        "blenderbot-small" => crate::backend::blenderbot_small::open(&dir, &Device::Cpu),
         other => panic!("no loader for {other}"),
     }
     .unwrap_or_else(|e| panic!("{name} loads: {e}"));
