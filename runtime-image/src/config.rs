@@ -175,11 +175,12 @@ pub struct ServeConfig {
     #[arg(long, env = "KANDLE_MAX_EMBEDDING_INPUTS", default_value_t = 2048)]
     pub max_embedding_inputs: usize,
     /// Prompt tokens whose keys and values are kept after their request, for later requests
-    /// that start with the same tokens (a conversation's next turn) to continue instead of
-    /// computing them again; 0 turns it off. Only where continuing gives the same bits as
-    /// computing afresh (the GGUF llama models).
-    #[arg(long, env = "KANDLE_PREFIX_CACHE_TOKENS", default_value_t = 2048)]
-    pub prefix_cache_tokens: usize,
+    /// that start with the same tokens (a conversation's next turn, a shared system prompt)
+    /// to continue instead of computing them again; 0 turns it off. Default: 2048 tokens, or
+    /// fewer where their keys and values would pass 256 MiB (a 7B model's ~512 KB a token).
+    /// Only where continuing gives the same bits as computing afresh (the GGUF llama models).
+    #[arg(long, env = "KANDLE_PREFIX_CACHE_TOKENS")]
+    pub prefix_cache_tokens: Option<usize>,
     /// Per-request time limit, from admission.
     #[arg(long, env = "KANDLE_REQUEST_TIMEOUT", default_value = "300s", value_parser = parse_duration)]
     pub request_timeout: Duration,
@@ -215,7 +216,7 @@ impl ServeConfig {
             max_new_tokens: 512,
             max_request_bytes: 2 * 1024 * 1024,
             max_embedding_inputs: 2048,
-            prefix_cache_tokens: 2048,
+            prefix_cache_tokens: None,
             request_timeout: Duration::from_secs(300),
             shutdown_grace: Duration::from_secs(30),
             threads: None,

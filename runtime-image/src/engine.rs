@@ -38,8 +38,9 @@ pub struct EngineConfig {
     pub max_queue: usize,
     /// Caps the model's context length (generation: prompt + output; embeddings: input).
     pub max_sequence_length: Option<usize>,
-    /// Prompt tokens kept for later requests that start with them ([`PrefixCache`]); 0: off.
-    pub prefix_cache_tokens: usize,
+    /// Prompt tokens kept for later requests that start with them ([`PrefixCache`]); 0: off;
+    /// `None`: [`default_prefix_budget`].
+    pub prefix_cache_tokens: Option<usize>,
 }
 
 /// One generation request, validated and tokenised.
@@ -223,9 +224,12 @@ impl Engine {
                     scoring: Scoring::Softmax,
                 };
                 let prefix_tokens = match g.lm.continuation_is_exact() {
-                    true => cfg.prefix_cache_tokens,
+                    true => cfg
+                        .prefix_cache_tokens
+                        .unwrap_or_else(|| default_prefix_budget(g.lm.cache_bytes_per_token())),
                     false => 0,
                 };
+                tracing::info!(tokens = prefix_tokens, "prefix cache budget");
                 let worker = GenerationWorker {
                     prefix: std::cell::RefCell::new(PrefixCache::new(prefix_tokens)),
                     context_length: cap(g.lm.context_length()),
@@ -754,6 +758,18 @@ impl GenerationWorker {
 /// used given up first. Only for models whose continuation gives the same bits as computing afresh
 /// ([`crate::backend::CausalLm::continuation_is_exact`]): an answer never depends on what
 /// was asked before it.
+/// The prefix cache's budget when `--prefix-cache-tokens` is not given: 2048 tokens, fewer
+/// when their keys and values (`bytes_per_token` each, where known) would pass 256 MiB, so
+/// that a large model's cache does not grow the server by gigabytes unasked.
+fn default_prefix_budget(bytes_per_token: Option<usize>) -> usize {
+    const TOKENS: usize = 2048;
+    const BYTES: usize = 256 << 20;
+    match bytes_per_token {
+        Some(b) => TOKENS.min(BYTES / b.max(1)),
+        None => TOKENS,
+    }
+}
+
 /// The shortest start that a prompt must share with a kept one, when it is not all of it, to
 /// be continued from it: shorter shared starts are not worth a copy (vLLM shares blocks of 16).
 const MIN_SHARED_TOKENS: usize = 16;
@@ -982,6 +998,16 @@ mod tests {
         let mut off = PrefixCache::new(0);
         keep(&mut off, &[1]);
         assert!(off.lookup(&[1]).is_none());
+    }
+
+    #[test]
+    fn the_default_prefix_budget_is_2048_tokens_or_256_mib() {
+        // SmolLM2: 30 layers × 2 × 192 × 2 bytes = 23 040 bytes a token.
+        assert_eq!(default_prefix_budget(Some(23_040)), 2048);
+        // Llama-2-7B: 32 layers × 2 × 4096 × 2 bytes = 512 KiB a token.
+        assert_eq!(default_prefix_budget(Some(512 << 10)), 512);
+        assert_eq!(default_prefix_budget(Some(1 << 40)), 0);
+        assert_eq!(default_prefix_budget(None), 2048);
     }
 
     #[test]

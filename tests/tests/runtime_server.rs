@@ -643,8 +643,8 @@ async fn tokenize_counts_what_the_endpoints_feed_and_detokenize_inverts_it() {
 /// is the one a server without the cache gives, logprobs to the last bit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conversations_next_turn_continues_the_cached_prompt_with_the_same_answers() {
-    let (cached_server, cached_url) = serve(|c| c.prefix_cache_tokens = 4096).await;
-    let (plain_server, plain_url) = serve(|c| c.prefix_cache_tokens = 0).await;
+    let (cached_server, cached_url) = serve(|c| c.prefix_cache_tokens = Some(4096)).await;
+    let (plain_server, plain_url) = serve(|c| c.prefix_cache_tokens = Some(0)).await;
     let http = client();
     let turn1 = json!([{"role": "system", "content": "You answer in one sentence."},
                        {"role": "user", "content": "What is the capital of France?"}]);

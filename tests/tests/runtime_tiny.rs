@@ -228,7 +228,7 @@ fn a_panicking_step_fails_its_request_and_the_engine_serves_the_next() {
             max_batch_size: 4,
             max_queue: 4,
             max_sequence_length: None,
-            prefix_cache_tokens: 0,
+            prefix_cache_tokens: Some(0),
         },
         metrics,
     );

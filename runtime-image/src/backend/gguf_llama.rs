@@ -88,6 +88,9 @@ impl CausalLm for QLlama {
     fn continuation_is_exact(&self) -> bool {
         true
     }
+    fn cache_bytes_per_token(&self) -> Option<usize> {
+        Some(self.weights.cache_bytes_per_token())
+    }
     fn new_sequence(&self) -> Result<Box<dyn Sequence>> {
         Ok(Box::new(QLlamaSequence {
             weights: self.weights.clone(),

@@ -93,6 +93,11 @@ pub trait CausalLm: Send + Sync {
     fn continuation_is_exact(&self) -> bool {
         false
     }
+    /// The memory one token of a sequence's cache takes (keys and values of every layer),
+    /// where the backend knows it: the prefix cache's default budget is sized by it.
+    fn cache_bytes_per_token(&self) -> Option<usize> {
+        None
+    }
     /// One decode step of several sequences: appends `tokens[i]` to `seqs[i]` and returns the
     /// logits at that position, one row per sequence, as `seqs[i].feed(&[tokens[i]])` would.
     /// The sequences may hold different numbers of tokens. On error the whole step failed.

@@ -273,6 +273,11 @@ impl Weights {
         self.n_kv_head * self.head_dim
     }
 
+    /// The bytes of keys and values one position takes in a [`KvCache`] (f16, every layer).
+    pub(super) fn cache_bytes_per_token(&self) -> usize {
+        self.layers.len() * 2 * self.kv_dim() * std::mem::size_of::<f16>()
+    }
+
     /// A copy of the first `len` positions of `cache`; `None` when it holds fewer.
     pub(super) fn cache_prefix(&self, cache: &KvCache, len: usize) -> Option<KvCache> {
         cache.prefix(len, self.kv_dim())
