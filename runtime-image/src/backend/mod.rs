@@ -182,7 +182,8 @@ pub trait Classifier: Send + Sync {
 /// The weight dtype asked for (`--dtype`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum WeightDtype {
-    /// f32: this build runs on CPU, where half-precision matmuls are slower and less exact.
+    /// f32 on the CPU, where half-precision matmuls are slower and less exact; on a GPU the
+    /// checkpoint's half precision ([`weight_dtype`]); encoders f32 everywhere.
     #[default]
     Auto,
     F32,
