@@ -39,7 +39,7 @@ pub struct EngineConfig {
     /// Caps the model's context length (generation: prompt + output; embeddings: input).
     pub max_sequence_length: Option<usize>,
     /// Prompt tokens kept for later requests that start with them ([`PrefixCache`]); 0: off;
-    /// `None`: [`default_prefix_budget`].
+    /// `None`: 2048 tokens or 256 MiB of them, whichever is fewer (`default_prefix_budget`).
     pub prefix_cache_tokens: Option<usize>,
 }
 
