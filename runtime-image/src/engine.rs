@@ -38,7 +38,7 @@ pub struct EngineConfig {
     pub max_queue: usize,
     /// Caps the model's context length (generation: prompt + output; embeddings: input).
     pub max_sequence_length: Option<usize>,
-    /// Prompt tokens kept for later requests that start with them ([`PrefixCache`]); 0: off;
+    /// Prompt tokens kept for later requests that start with them (`PrefixCache`); 0: off;
     /// `None`: 2048 tokens or 256 MiB of them, whichever is fewer (`default_prefix_budget`).
     pub prefix_cache_tokens: Option<usize>,
 }

@@ -47,7 +47,7 @@ pub struct EmbeddingModel {
 }
 
 impl EmbeddingModel {
-    /// Tokenises (with [CLS]/[SEP] and truncation) and embeds a batch of texts.
+    /// Tokenises (with `[CLS]`/`[SEP]` and truncation) and embeds a batch of texts.
     pub fn embed_texts(&self, texts: &[&str]) -> crate::Result<Vec<Vec<f32>>> {
         let ids = texts
             .iter()

@@ -68,7 +68,7 @@ pub fn kernels() -> String {
 }
 
 /// The node's transparent-huge-page setting, which decides whether GGUF weights sit on huge
-/// pages ([`hugepages::thp_setting`]).
+/// pages (`hugepages::thp_setting`).
 pub fn thp_setting() -> String {
     hugepages::thp_setting()
 }
