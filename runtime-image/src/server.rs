@@ -434,6 +434,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/classify", post(classify))
         .route("/v1/models", get(list_models))
+        .route("/v1/models/{*model}", get(retrieve_model))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
         .route_layer(middleware::from_fn_with_state(
@@ -635,15 +636,27 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-async fn list_models(State(st): State<Arc<AppState>>) -> axum::Json<Value> {
+/// The served model as OpenAI's model object.
+fn model_object(st: &AppState) -> Value {
     // vLLM's `max_model_len` (prompt plus output), which clients such as LiteLLM read; absent
     // while the model loads.
     let max_model_len = st.engine.get().map(|e| e.frontend().context_length);
-    axum::Json(json!({
-        "object": "list",
-        "data": [{"id": st.model_id, "object": "model", "created": st.created, "owned_by": "kandle",
-                  "max_model_len": max_model_len}],
-    }))
+    json!({"id": st.model_id, "object": "model", "created": st.created, "owned_by": "kandle",
+           "max_model_len": max_model_len})
+}
+
+async fn list_models(State(st): State<Arc<AppState>>) -> axum::Json<Value> {
+    axum::Json(json!({"object": "list", "data": [model_object(&st)]}))
+}
+
+/// `GET /v1/models/{model}`: OpenAI's retrieve-model (`client.models.retrieve`), the model
+/// object, or a 404 naming the served model. The id may hold slashes (`org/name`).
+async fn retrieve_model(
+    State(st): State<Arc<AppState>>,
+    axum::extract::Path(model): axum::extract::Path<String>,
+) -> Result<axum::Json<Value>, ApiError> {
+    st.check_model(&model)?;
+    Ok(axum::Json(model_object(&st)))
 }
 
 /// `POST /tokenize`: the ids the server would feed the model for a completions `prompt` or

@@ -568,6 +568,28 @@ async fn tokenize_counts_what_the_endpoints_feed_and_detokenize_inverts_it() {
         .await
         .unwrap();
     assert_eq!(models["data"][0]["max_model_len"], t["max_model_len"]);
+    // OpenAI's retrieve-model: the same object, or a 404 naming the served model.
+    let one = http
+        .get(format!("{url}/v1/models/{SMOL}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(one.status(), 200);
+    assert_eq!(one.json::<Value>().await.unwrap(), models["data"][0]);
+    let r = http
+        .get(format!("{url}/v1/models/org/other"))
+        .send()
+        .await
+        .unwrap();
+    let e = expect_error(r, 404, "an unknown model").await;
+    assert_eq!(e["error"]["code"], "model_not_found", "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("org/other"),
+        "{e}"
+    );
     let messages =
         json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]);
     let t = post_json(&http, &tok, &json!({"model": SMOL, "messages": messages})).await;
