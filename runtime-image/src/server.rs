@@ -321,11 +321,8 @@ fn load_and_warm(st: &AppState, path: &std::path::Path) -> Result<()> {
         transparent_hugepages = %thp,
         "model loaded and warmed"
     );
-    if thp == "never" && crate::backend::huge_page_weight_bytes() > 0 {
-        tracing::warn!(
-            "transparent huge pages are off on this node (never): the GGUF weights stay on 4 KiB \
-             pages and decode runs about a quarter slower; madvise (the usual default) enables them"
-        );
+    if let Some(w) = crate::backend::thp_warning(&thp, crate::backend::huge_page_weight_bytes()) {
+        tracing::warn!("{w}");
     }
     let _ = st.engine.set(engine);
     Ok(())

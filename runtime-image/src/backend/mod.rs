@@ -78,6 +78,17 @@ pub fn huge_page_weight_bytes() -> usize {
     hugepages::weight_bytes()
 }
 
+/// The load log's warning, if any, for the node's transparent-huge-page setting `thp` when
+/// `huge_page_bytes` of weights wait for huge pages: only `never` keeps them off (`madvise`,
+/// the usual default, and `always` both give them; "unavailable" is a kernel without THP,
+/// where there is nothing to change).
+pub fn thp_warning(thp: &str, huge_page_bytes: usize) -> Option<&'static str> {
+    (thp == "never" && huge_page_bytes > 0).then_some(
+        "transparent huge pages are off on this node (never): the GGUF weights stay on 4 KiB \
+         pages and decode runs about a quarter slower; madvise (the usual default) enables them",
+    )
+}
+
 /// A causal language model: the weights, shared by all sequences.
 pub trait CausalLm: Send + Sync {
     /// Starts a sequence with an empty KV cache.
@@ -629,6 +640,20 @@ mod tests {
                 .to_string()
                 .contains("f8")
         );
+    }
+
+    #[test]
+    fn only_thp_never_with_huge_page_weights_is_warned_of() {
+        let w = thp_warning("never", 1 << 20).expect("warned");
+        assert!(w.contains("never") && w.contains("madvise"), "{w}");
+        assert_eq!(
+            thp_warning("never", 0),
+            None,
+            "no weights on huge pages: nothing to say"
+        );
+        for fine in ["madvise", "always", "unavailable"] {
+            assert_eq!(thp_warning(fine, 1 << 20), None, "{fine}");
+        }
     }
 
     #[test]
