@@ -144,10 +144,7 @@ impl Sequence for QLlamaSequence {
         Some(self)
     }
     fn fork(&self) -> Option<Box<dyn Sequence>> {
-        Some(Box::new(QLlamaSequence {
-            weights: self.weights.clone(),
-            cache: self.cache.clone(),
-        }))
+        self.fork_prefix(self.cache.len())
     }
     fn fork_prefix(&self, len: usize) -> Option<Box<dyn Sequence>> {
         Some(Box::new(QLlamaSequence {

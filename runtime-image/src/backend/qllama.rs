@@ -80,7 +80,6 @@ type KvView<'a> = (&'a [f16], &'a [f16], usize);
 /// One sequence's keys and values: per layer, laid out as the module doc says, in f16 as
 /// llama.cpp keeps them by default (half the memory and half the reads of f32; the mean
 /// log-probability error against llama.cpp stayed at 0.098–0.101 either way).
-#[derive(Clone)]
 pub(super) struct KvCache {
     layers: Vec<(Vec<f16>, Vec<f16>)>,
     len: usize,
