@@ -400,6 +400,102 @@ fn smollm2_own_kernels_are_as_close_to_llama_cpp_as_candles() {
     assert!(ours_max < 1.0, "largest error {ours_max}");
 }
 
+/// The path a GPU runs a GGUF llama on (`tensor_llama.rs`: candle's tensor operations and
+/// quantised products, with the decode steps of concurrent sequences batched), here on the
+/// CPU. It must be as close to llama.cpp as candle-transformers' `quantized_llama` (same
+/// allowance as above), and its batched decode step must give each sequence the logits it
+/// gets alone (to rounding: a product over eight rows may sum in another order than over
+/// one) and the same greedy tokens.
+#[test]
+fn smollm2_on_the_gpu_path_is_as_close_to_llama_cpp_as_candle_and_batches_its_decode() {
+    let path = models::smollm2_gguf();
+    let load = |r: kandle_runtime::Result<LoadedModel>| match r {
+        Ok(LoadedModel::Generation(g)) => g,
+        Ok(other) => panic!("loaded as {:?}", other.task()),
+        Err(e) => panic!("{}: {e}", path.display()),
+    };
+    let gpu_path = load(backend::load_gguf_gpu_path_on_cpu(&path));
+    let reference = load(backend::load_gguf_candle_reference(&path));
+    let fixtures = json(&fixtures_dir().join("smollm2_reference.json"));
+    let stats = |e: &[f32]| {
+        (
+            e.iter().sum::<f32>() / e.len() as f32,
+            e.iter().fold(0f32, |m, x| m.max(*x)),
+        )
+    };
+    let (mean, max) = stats(&logprob_errors_vs_llama_cpp(&gpu_path, &fixtures));
+    let (cand_mean, cand_max) = stats(&logprob_errors_vs_llama_cpp(&reference, &fixtures));
+    println!(
+        "top-5 log-probability error vs llama.cpp: GPU path mean {mean:.4} max {max:.4}; \
+         candle mean {cand_mean:.4} max {cand_max:.4}"
+    );
+    assert!(
+        mean <= cand_mean * 1.25,
+        "GPU path {mean} vs candle {cand_mean}"
+    );
+    assert!(max < 1.0, "largest error {max}");
+
+    // Three sequences of different lengths decode together; the shortest leaves early.
+    let prompts: Vec<Vec<u32>> = fixtures["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| ids(&p["prompt_token_ids"]))
+        .chain([ids(&fixtures["prompts"][0]["prompt_token_ids"])[..20].to_vec()])
+        .collect();
+    let steps = 6;
+    let alone: Vec<Vec<Vec<f32>>> = prompts
+        .iter()
+        .map(|p| {
+            let mut seq = gpu_path.lm.new_sequence().unwrap();
+            let mut out = vec![seq.feed(p).unwrap()];
+            for _ in 0..steps {
+                let t = argmax(out.last().unwrap());
+                out.push(seq.feed(&[t]).unwrap());
+            }
+            out
+        })
+        .collect();
+    let mut seqs: Vec<_> = prompts
+        .iter()
+        .map(|_| gpu_path.lm.new_sequence().unwrap())
+        .collect();
+    let mut last: Vec<Vec<f32>> = seqs
+        .iter_mut()
+        .zip(&prompts)
+        .map(|(s, p)| s.feed(p).unwrap())
+        .collect();
+    let mut worst = 0f32;
+    for step in 0..steps {
+        let live: Vec<usize> = (0..seqs.len()).filter(|&i| i != 1 || step < 3).collect();
+        let tokens: Vec<u32> = live.iter().map(|&i| argmax(&last[i])).collect();
+        let mut batch: Vec<&mut dyn backend::Sequence> = seqs
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| live.contains(i))
+            .map(|(_, s)| &mut **s as &mut dyn backend::Sequence)
+            .collect();
+        let rows = gpu_path.lm.decode_batch(&mut batch, &tokens).unwrap();
+        for (&i, row) in live.iter().zip(rows) {
+            let want = &alone[i][step + 1];
+            let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let d = max_abs_diff(&row, want) / scale;
+            worst = worst.max(d);
+            assert!(
+                d <= 1e-4,
+                "sequence {i} step {step}: relative logit difference {d}"
+            );
+            assert_eq!(
+                argmax(&row),
+                argmax(want),
+                "sequence {i} step {step}: greedy token"
+            );
+            last[i] = row;
+        }
+    }
+    println!("GPU path, batched vs alone: largest relative logit difference {worst:e}");
+}
+
 /// The reference file's sentences.
 fn minilm_sentences(reference: &Value) -> Vec<&str> {
     reference["sentences"]

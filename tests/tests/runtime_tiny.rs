@@ -316,6 +316,87 @@ fn interleaved_sequences_of_each_causal_lm_match_sequences_run_alone() {
     }
 }
 
+/// llama's batched decode step ([`backend::CausalLm::decode_batch`]: one pass over the
+/// weights for all sequences, each attending to its own cache) gives every sequence, at its
+/// own length, the logits it gets alone, and the same greedy tokens; sequences join the
+/// batch at different lengths and leave it at different steps.
+#[test]
+fn llamas_batched_decode_step_gives_each_sequence_its_logits_alone() {
+    let g = generation("llama");
+    let r = reference("llama");
+    let prompts: Vec<Vec<u32>> = r["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| ids(&c["input_ids"]))
+        .collect();
+    assert!(
+        prompts.len() >= 3,
+        "the fixture has {} cases",
+        prompts.len()
+    );
+    // Alone: each prompt, then 16 greedy steps, every step's logits kept.
+    let alone: Vec<Vec<Vec<f32>>> = prompts
+        .iter()
+        .map(|p| {
+            let mut seq = g.lm.new_sequence().unwrap();
+            let mut steps = vec![seq.feed(p).unwrap()];
+            for _ in 0..16 {
+                let t = argmax(steps.last().unwrap());
+                steps.push(seq.feed(&[t]).unwrap());
+            }
+            steps
+        })
+        .collect();
+    // Together: sequence i stops after 16 - 2i steps (the batch shrinks).
+    let mut seqs: Vec<_> = prompts
+        .iter()
+        .map(|_| g.lm.new_sequence().unwrap())
+        .collect();
+    let mut got: Vec<Vec<Vec<f32>>> = seqs
+        .iter_mut()
+        .zip(&prompts)
+        .map(|(s, p)| vec![s.feed(p).unwrap()])
+        .collect();
+    let (mut worst, mut bitwise) = (0f32, true);
+    for step in 0..16 {
+        let live: Vec<usize> = (0..seqs.len()).filter(|&i| step < 16 - 2 * i).collect();
+        let tokens: Vec<u32> = live
+            .iter()
+            .map(|&i| argmax(got[i].last().unwrap()))
+            .collect();
+        let mut batch: Vec<&mut dyn backend::Sequence> = seqs
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| live.contains(i))
+            .map(|(_, s)| &mut **s as &mut dyn backend::Sequence)
+            .collect();
+        let rows = g.lm.decode_batch(&mut batch, &tokens).unwrap();
+        assert_eq!(rows.len(), live.len(), "one row per sequence");
+        for (&i, row) in live.iter().zip(rows) {
+            let want = &alone[i][step + 1];
+            let d = max_abs_diff(&row, want);
+            worst = worst.max(d);
+            bitwise &= row == *want;
+            assert!(d <= 1e-5, "sequence {i} step {step}: logits differ by {d}");
+            assert_eq!(
+                argmax(&row),
+                argmax(want),
+                "sequence {i} step {step}: greedy token"
+            );
+            got[i].push(row);
+        }
+    }
+    for (i, s) in seqs.iter().enumerate() {
+        assert_eq!(
+            s.len(),
+            prompts[i].len() + 16 - 2 * i,
+            "sequence {i}'s length"
+        );
+    }
+    eprintln!("batched llama decode: max logit diff {worst:.2e}, bit-identical: {bitwise}");
+}
+
 #[test]
 fn classifiers_match_transformers_logits_probabilities_and_labels() {
     for name in CLASSIFIERS {

@@ -1,9 +1,11 @@
 //! Llama-family GGUF models (quantised weights).
 //!
 //! Dense models run on our own forward pass ([`super::qllama`]), which batches the decode
-//! steps of concurrent sequences into one pass over the weights. Mixture-of-experts GGUFs,
-//! every GGUF on a GPU (our kernels are CPU kernels) and, on request, any GGUF
-//! ([`load_candle_reference`]) run on candle-transformers' `quantized_llama`, whose weights (`ModelWeights`) hold their KV cache inside; their tensors
+//! steps of concurrent sequences into one pass over the weights. On a GPU, where our kernels
+//! (CPU kernels) do not run, dense models run on [`super::tensor_llama`] with candle's
+//! quantised products, which batches the decode steps too. Mixture-of-experts GGUFs and, on
+//! request, any GGUF ([`load_candle_reference`]) run on candle-transformers'
+//! `quantized_llama`, whose weights (`ModelWeights`) hold their KV cache inside; their tensors
 //! are reference-counted, so a clone with a cleared cache is a cheap, independent sequence.
 //! When no tokenizer.json lies beside the file, the tokenizer is built from the GGUF metadata.
 
@@ -11,10 +13,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::quantized::gguf_file;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::quantized_llama::{MAX_SEQ_LEN, ModelWeights};
 
 use super::qllama::{self, KvCache, Weights};
+use super::tensor_llama::{Heads, Layer, Proj, Rope, TensorLlama, TensorLlamaLm, rope_tables};
 use super::{CausalLm, Sequence};
 use crate::chat::ChatTemplate;
 use crate::error::{Error, Result};
@@ -176,18 +179,114 @@ fn md_string_list(ct: &gguf_file::Content, key: &str) -> Result<Vec<String>> {
         .collect()
 }
 
+/// Which forward pass a GGUF llama runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Forward {
+    /// The device's best: ours on the CPU, [`super::tensor_llama`] on a GPU, candle's
+    /// `quantized_llama` for mixture-of-experts files.
+    Best,
+    /// candle-transformers' `quantized_llama` (the tests' reference).
+    Candle,
+    /// [`super::tensor_llama`] with candle's quantised products, also on the CPU (what a GPU
+    /// runs, for the tests).
+    TensorOps,
+}
+
 /// Loads a GGUF llama file plus its tokenizer and chat template, on `device`.
 pub(super) fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
-    load_with(path, false, device)
+    load_with(path, Forward::Best, device)
 }
 
 /// Loads a GGUF llama file on candle-transformers' `quantized_llama`, which serves
 /// mixture-of-experts files; the tests compare our forward pass with it.
 pub fn load_candle_reference(path: &Path) -> Result<LoadedModel> {
-    load_with(path, true, &Device::Cpu)
+    load_with(path, Forward::Candle, &Device::Cpu)
 }
 
-fn load_with(path: &Path, candle_reference: bool, device: &Device) -> Result<LoadedModel> {
+/// A dense llama GGUF's weights on [`TensorLlama`]: the products stay quantised (candle's
+/// `QMatMul`), the token embeddings and norms are dequantised to f32, the activations' dtype,
+/// as in candle-transformers' `quantized_llama`; the rotary embedding pairs interleaved
+/// dimensions, llama.cpp's order.
+fn tensor_weights<R: std::io::Read + std::io::Seek>(
+    ct: &gguf_file::Content,
+    reader: &mut R,
+    device: &Device,
+    vocab_size: usize,
+    context_length: usize,
+) -> Result<TensorLlama> {
+    let need = |key: &str| {
+        md_u32(ct, key).ok_or_else(|| Error::Model(format!("GGUF metadata has no {key}")))
+    };
+    let heads = need("llama.attention.head_count")? as usize;
+    let kv_heads = md_u32(ct, "llama.attention.head_count_kv").map_or(heads, |v| v as usize);
+    let hidden = need("llama.embedding_length")? as usize;
+    let head_dim = hidden / heads;
+    let rope_dim = md_u32(ct, "llama.rope.dimension_count").map_or(head_dim, |v| v as usize);
+    if rope_dim != head_dim {
+        return Err(Error::Model(format!(
+            "GGUF llama with a rotary width of {rope_dim} for heads of {head_dim} is not supported"
+        )));
+    }
+    let rms_eps = md(ct, "llama.attention.layer_norm_rms_epsilon")?.to_f32()?;
+    let theta = ct
+        .metadata
+        .get("llama.rope.freq_base")
+        .and_then(|v| v.to_f32().ok())
+        .unwrap_or(10_000.0);
+    let mut q = |name: &str| ct.tensor(reader, name, device);
+    let quant = |t| -> candle_core::Result<Proj> {
+        Ok(Box::new(candle_core::quantized::QMatMul::from_qtensor(t)?))
+    };
+    let embed_q = q("token_embd.weight")?;
+    let embed = embed_q.dequantize(device)?;
+    let head = match q("output.weight") {
+        Ok(t) => quant(t)?,
+        Err(_) => quant(embed_q)?,
+    };
+    let norm = q("output_norm.weight")?.dequantize(device)?;
+    let blocks = need("llama.block_count")? as usize;
+    let mut layers = Vec::with_capacity(blocks);
+    for i in 0..blocks {
+        let mut w = |name: &str| q(&format!("blk.{i}.{name}.weight"));
+        layers.push(Layer {
+            attn_norm: w("attn_norm")?.dequantize(device)?,
+            q: quant(w("attn_q")?)?,
+            k: quant(w("attn_k")?)?,
+            v: quant(w("attn_v")?)?,
+            o: quant(w("attn_output")?)?,
+            mlp_norm: w("ffn_norm")?.dequantize(device)?,
+            gate: quant(w("ffn_gate")?)?,
+            up: quant(w("ffn_up")?)?,
+            down: quant(w("ffn_down")?)?,
+        });
+    }
+    let inv_freq: Vec<f32> = (0..head_dim)
+        .step_by(2)
+        .map(|i| 1.0 / theta.powf(i as f32 / head_dim as f32))
+        .collect();
+    let (cos, sin) = rope_tables(&inv_freq, context_length, DType::F32, device)?;
+    Ok(TensorLlama {
+        embed,
+        layers,
+        norm,
+        head,
+        shape: Heads {
+            heads,
+            kv_heads,
+            head_dim,
+        },
+        rms_eps,
+        cos,
+        sin,
+        rope: Rope::Interleaved,
+        dtype: DType::F32,
+        device: device.clone(),
+        vocab_size,
+        context_length,
+    })
+}
+
+pub(super) fn load_with(path: &Path, forward: Forward, device: &Device) -> Result<LoadedModel> {
     let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let ct = gguf_file::Content::read(&mut file)?;
     let arch = md(&ct, "general.architecture")?.to_string()?.clone();
@@ -285,14 +384,22 @@ fn load_with(path: &Path, candle_reference: bool, device: &Device) -> Result<Loa
     // Q4_1 weights become Q8_0 with KANDLE_GGUF_REQUANT=q8_0 (off by default, see requant.rs).
     let (ct, mut reader) =
         super::requant::prepare(ct, &mut file, super::requant::Requant::from_env()?)?;
-    let on_candle = candle_reference || !device.is_cpu() || qllama::expert_count(&ct) > 1;
-    let lm: Box<dyn CausalLm> = if on_candle {
+    let forward = match forward {
+        _ if qllama::expert_count(&ct) > 1 => Forward::Candle,
+        Forward::Best if !device.is_cpu() => Forward::TensorOps,
+        f => f,
+    };
+    let lm: Box<dyn CausalLm> = if forward == Forward::Candle {
         Box::new(GgufLlama {
             weights: ModelWeights::from_gguf(ct, &mut reader, device)?,
             device: device.clone(),
             vocab_size,
             context_length: ctx_meta.min(MAX_SEQ_LEN),
         })
+    } else if forward == Forward::TensorOps {
+        let context_length = ctx_meta.min(qllama::MAX_SEQ_LEN);
+        let weights = tensor_weights(&ct, &mut reader, device, vocab_size, context_length)?;
+        Box::new(TensorLlamaLm(Arc::new(weights)))
     } else {
         Box::new(QLlama {
             weights: Arc::new(Weights::from_gguf(&ct, &mut reader)?),

@@ -1,70 +1,19 @@
-//! Llama-family safetensors models (float weights) through candle-transformers' `llama`.
+//! Llama-family safetensors models (float weights), on [`super::tensor_llama`]: candle's
+//! tensor operations on any device, with concurrent decode steps batched. The configuration
+//! is read with candle-transformers' `LlamaConfig` (llama3 rope scaling included).
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
-use candle_transformers::models::llama::{Cache, Config, Llama, LlamaConfig, LlamaEosToks};
+use std::f32::consts::PI;
+use std::sync::Arc;
 
-use super::{CausalLm, Sequence};
+use candle_core::{DType, Device};
+use candle_nn::{Linear, VarBuilder};
+use candle_transformers::models::llama::{Config, Llama3RopeType, LlamaConfig, LlamaEosToks};
+
+use super::tensor_llama::{Heads, Layer, Proj, Rope, TensorLlama, TensorLlamaLm, rope_tables};
 use crate::error::{Error, Result, read_json};
 use crate::model::LoadedModel;
-
-struct SafetensorsLlama {
-    model: std::sync::Arc<Llama>,
-    config: Config,
-    dtype: DType,
-    device: Device,
-}
-
-struct LlamaSequence {
-    model: std::sync::Arc<Llama>,
-    device: Device,
-    cache: Cache,
-    len: usize,
-}
-
-impl CausalLm for SafetensorsLlama {
-    fn new_sequence(&self) -> Result<Box<dyn Sequence>> {
-        let cache = Cache::new(true, self.dtype, &self.config, &self.device)?;
-        Ok(Box::new(LlamaSequence {
-            model: self.model.clone(),
-            device: self.device.clone(),
-            cache,
-            len: 0,
-        }))
-    }
-    fn vocab_size(&self) -> usize {
-        self.config.vocab_size
-    }
-    fn context_length(&self) -> usize {
-        self.config.max_position_embeddings
-    }
-}
-
-impl Sequence for LlamaSequence {
-    fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        if tokens.is_empty() {
-            return Err(Error::InvalidRequest("no tokens to feed".into()));
-        }
-        let input = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
-        let logits = self.model.forward(&input, self.len, &mut self.cache)?;
-        self.len += tokens.len();
-        Ok(logits.squeeze(0)?.to_vec1::<f32>()?)
-    }
-    fn len(&self) -> usize {
-        self.len
-    }
-    fn fork(&self) -> Option<Box<dyn Sequence>> {
-        // candle's cache holds tensors that a step replaces rather than writes into, so the
-        // copy shares them safely.
-        Some(Box::new(LlamaSequence {
-            model: self.model.clone(),
-            device: self.device.clone(),
-            cache: self.cache.clone(),
-            len: self.len,
-        }))
-    }
-}
 
 pub(super) fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -112,7 +61,8 @@ pub(super) fn load(dir: &Path, dtype: DType, device: &Device) -> Result<LoadedMo
     }
     let config = lcfg.into_config(false);
     let vb = super::layers::var_builder(dir, dtype, device)?;
-    let model = Llama::load(vb, &config).map_err(|e| super::layers::weights_error(dir, e))?;
+    let model =
+        weights(vb, &config, dtype, device).map_err(|e| super::layers::weights_error(dir, e))?;
 
     let tokenizer = super::tokenizer_json(dir)?;
     super::layers::check_vocab(&tokenizer, config.vocab_size)?;
@@ -137,18 +87,106 @@ pub(super) fn load(dir: &Path, dtype: DType, device: &Device) -> Result<LoadedMo
     }
     // The tokenizer.json post-processor adds BOS itself when the model wants one.
     let bos = config.bos_token_id;
-    let lm = SafetensorsLlama {
-        model: std::sync::Arc::new(model),
-        config,
-        dtype,
-        device: device.clone(),
-    };
     Ok(super::generation_model(
-        Box::new(lm),
+        Box::new(TensorLlamaLm(Arc::new(model))),
         tokenizer,
         chat_template,
         eos_ids,
         bos,
         false,
     ))
+}
+
+/// The rotary embedding's inverse frequencies, with llama3's scaling where the config has it
+/// (as candle-transformers' and transformers' llama compute them).
+fn inv_freq(cfg: &Config) -> Vec<f32> {
+    let head_dim = cfg.hidden_size / cfg.num_attention_heads;
+    let plain = (0..head_dim)
+        .step_by(2)
+        .map(|i| 1f32 / cfg.rope_theta.powf(i as f32 / head_dim as f32));
+    match &cfg.rope_scaling {
+        Some(s) if matches!(s.rope_type, Llama3RopeType::Llama3) => {
+            let original = s.original_max_position_embeddings as f32;
+            let (low_wavelen, high_wavelen) =
+                (original / s.low_freq_factor, original / s.high_freq_factor);
+            plain
+                .map(|freq| {
+                    let wavelen = 2. * PI / freq;
+                    if wavelen < high_wavelen {
+                        freq
+                    } else if wavelen > low_wavelen {
+                        freq / s.factor
+                    } else {
+                        let smooth = (original / wavelen - s.low_freq_factor)
+                            / (s.high_freq_factor - s.low_freq_factor);
+                        (1. - smooth) * freq / s.factor + smooth * freq
+                    }
+                })
+                .collect()
+        }
+        _ => plain.collect(),
+    }
+}
+
+/// The model's weights (transformers' `LlamaForCausalLM` names) in `dtype` on `device`.
+fn weights(
+    vb: VarBuilder,
+    cfg: &Config,
+    dtype: DType,
+    device: &Device,
+) -> candle_core::Result<TensorLlama> {
+    let hidden = cfg.hidden_size;
+    let head_dim = hidden / cfg.num_attention_heads;
+    let (q_dim, kv_dim) = (
+        cfg.num_attention_heads * head_dim,
+        cfg.num_key_value_heads * head_dim,
+    );
+    let dense =
+        |vb: &VarBuilder, out: usize, inp: usize, name: &str| -> candle_core::Result<Proj> {
+            Ok(Box::new(Linear::new(
+                vb.get((out, inp), &format!("{name}.weight"))?,
+                None,
+            )))
+        };
+    let embed = vb.get((cfg.vocab_size, hidden), "model.embed_tokens.weight")?;
+    let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+    for i in 0..cfg.num_hidden_layers {
+        let p = vb.pp(format!("model.layers.{i}"));
+        layers.push(Layer {
+            attn_norm: p.get(hidden, "input_layernorm.weight")?,
+            q: dense(&p, q_dim, hidden, "self_attn.q_proj")?,
+            k: dense(&p, kv_dim, hidden, "self_attn.k_proj")?,
+            v: dense(&p, kv_dim, hidden, "self_attn.v_proj")?,
+            o: dense(&p, hidden, q_dim, "self_attn.o_proj")?,
+            mlp_norm: p.get(hidden, "post_attention_layernorm.weight")?,
+            gate: dense(&p, cfg.intermediate_size, hidden, "mlp.gate_proj")?,
+            up: dense(&p, cfg.intermediate_size, hidden, "mlp.up_proj")?,
+            down: dense(&p, hidden, cfg.intermediate_size, "mlp.down_proj")?,
+        });
+    }
+    let head: Proj = if cfg.tie_word_embeddings {
+        Box::new(Linear::new(embed.clone(), None))
+    } else {
+        dense(&vb, cfg.vocab_size, hidden, "lm_head")?
+    };
+    let (cos, sin) = rope_tables(&inv_freq(cfg), cfg.max_position_embeddings, dtype, device)?;
+    Ok(TensorLlama {
+        embed,
+        layers,
+        norm: vb.get(hidden, "model.norm.weight")?,
+        head,
+        shape: Heads {
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.num_key_value_heads,
+            head_dim,
+        },
+        rms_eps: cfg.rms_norm_eps as f32,
+        cos,
+        sin,
+        rope: Rope::Halves,
+        dtype,
+        device: device.clone(),
+        vocab_size: cfg.vocab_size,
+        context_length: cfg.max_position_embeddings,
+    })
 }

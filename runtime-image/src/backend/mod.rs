@@ -22,6 +22,7 @@ mod qmatmul;
 pub mod requant;
 mod seq2seq;
 mod t5;
+mod tensor_llama;
 mod xlm_roberta;
 
 use std::path::{Path, PathBuf};
@@ -431,6 +432,18 @@ pub fn load(opts: &LoadOptions) -> Result<LoadedModel> {
 #[doc(hidden)]
 pub fn load_gguf_candle_reference(path: &Path) -> Result<LoadedModel> {
     gguf_llama::load_candle_reference(path)
+}
+
+/// Loads a GGUF llama on the forward pass a GPU runs it on (candle tensor operations with
+/// candle's quantised products, batched decode steps: `tensor_llama.rs`), here on the CPU,
+/// which the tests compare with the reference.
+#[doc(hidden)]
+pub fn load_gguf_gpu_path_on_cpu(path: &Path) -> Result<LoadedModel> {
+    gguf_llama::load_with(
+        path,
+        gguf_llama::Forward::TensorOps,
+        &candle_core::Device::Cpu,
+    )
 }
 
 /// Loads a BERT sentence-embedding model on candle-transformers' `BertModel` instead of

@@ -1,0 +1,455 @@
+//! A llama forward pass on candle's tensor operations, which every candle device runs (the
+//! CPU and CUDA), with the decode steps of concurrent sequences batched: their new tokens are
+//! the rows of each weight product, so one pass over the weights advances them all, as vLLM
+//! and TGI batch on a GPU. Attention runs per sequence, on its own cache. Safetensors llama
+//! models run on it on every device; GGUF llama models run on it on a GPU, where kandle's own
+//! quantised kernels ([`super::qllama`], CPU only) do not, with candle's quantised products.
+//!
+//! The arithmetic is candle-transformers' `llama` (and `quantized_llama` for GGUF): weights and
+//! activations in the model's dtype, attention scores and softmax in f32, the rotary embedding
+//! on halves (transformers checkpoints) or on interleaved pairs (GGUF, whose q and k rows
+//! llama.cpp's converter permuted).
+//!
+//! **Cache.** Each layer's keys and values are one `(kv_heads, capacity, head_dim)` tensor per
+//! sequence, written in place at the sequence's next positions; the capacity doubles when a
+//! step needs more (candle's `llama` instead concatenates a new tensor each step, which copies
+//! the whole cache every token). A sequence never writes below its own length, and a fork
+//! copies the positions it keeps.
+//!
+//! **Batches and bits.** A row's logits may depend, in their last bits, on how many rows went
+//! through a product with it (a matrix product picks its blocking by shape; cuBLAS picks its
+//! kernel), as with vLLM and TGI: a greedy token can then go either way at a near-tie. So
+//! [`CausalLm::continuation_is_exact`] is false here and the engine's prefix cache stays off.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Module, Tensor};
+
+use super::{CausalLm, Sequence};
+use crate::error::{Error, Result};
+
+/// A weight product `x · Wᵀ` of rows `x`: a dense `candle_nn::Linear` or a quantised
+/// `QMatMul`.
+pub(super) type Proj = Box<dyn Module + Send + Sync>;
+
+/// How the rotary embedding pairs a head's dimensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Rope {
+    /// Dimension `i` with `i + head_dim / 2` (transformers' `rotate_half`).
+    Halves,
+    /// Dimension `2i` with `2i + 1` (GGUF, llama.cpp's order).
+    Interleaved,
+}
+
+/// One decoder layer's weights.
+pub(super) struct Layer {
+    pub attn_norm: Tensor,
+    pub q: Proj,
+    pub k: Proj,
+    pub v: Proj,
+    pub o: Proj,
+    pub mlp_norm: Tensor,
+    pub gate: Proj,
+    pub up: Proj,
+    pub down: Proj,
+}
+
+/// The sizes of the attention.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Heads {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// A llama's weights on one device.
+pub(super) struct TensorLlama {
+    /// `(vocab, hidden)`, in the activations' dtype.
+    pub embed: Tensor,
+    pub layers: Vec<Layer>,
+    pub norm: Tensor,
+    pub head: Proj,
+    pub shape: Heads,
+    pub rms_eps: f32,
+    /// `(positions, head_dim / 2)` each, in the activations' dtype ([`rope_tables`]).
+    pub cos: Tensor,
+    pub sin: Tensor,
+    pub rope: Rope,
+    /// The activations' dtype (the dense weights' too).
+    pub dtype: DType,
+    pub device: Device,
+    pub vocab_size: usize,
+    pub context_length: usize,
+}
+
+/// The rotary embedding's `cos` and `sin` tables for positions `0..positions`, from the
+/// inverse frequencies of each pair of dimensions.
+pub(super) fn rope_tables(
+    inv_freq: &[f32],
+    positions: usize,
+    dtype: DType,
+    device: &Device,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let freqs = Tensor::new(inv_freq, device)?.reshape((1, inv_freq.len()))?;
+    let theta = Tensor::arange(0, positions as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((positions, 1))?
+        .matmul(&freqs)?;
+    Ok((theta.cos()?.to_dtype(dtype)?, theta.sin()?.to_dtype(dtype)?))
+}
+
+/// The additive mask of `t` new rows after `past` cached positions: row `i` sees positions
+/// `0..=past + i` (0) and not the later ones (−∞). `(t, past + t)`.
+fn causal_mask(past: usize, t: usize, device: &Device) -> candle_core::Result<Tensor> {
+    let n = past + t;
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..n).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(mask, (t, n), device)
+}
+
+/// Keys and values of every layer of one sequence.
+pub(super) struct Cache {
+    /// Per layer `(keys, values)`, `(kv_heads, capacity, head_dim)` each; empty until the
+    /// first token.
+    layers: Vec<(Tensor, Tensor)>,
+    capacity: usize,
+    len: usize,
+}
+
+impl Cache {
+    fn new() -> Cache {
+        Cache {
+            layers: Vec::new(),
+            capacity: 0,
+            len: 0,
+        }
+    }
+
+    /// Room for `extra` more positions: a larger buffer per layer (at least double the old
+    /// one) holding the first `keep` positions, where the present one is too small.
+    fn reserve(&mut self, m: &TensorLlama, extra: usize) -> Result<()> {
+        let need = self.len + extra;
+        if need > m.context_length {
+            return Err(Error::InvalidRequest(format!(
+                "{need} tokens exceed the model's context of {}",
+                m.context_length
+            )));
+        }
+        if need <= self.capacity {
+            return Ok(());
+        }
+        let capacity = need.max(2 * self.capacity).max(64).min(m.context_length);
+        *self = self.copy(m, self.len, capacity)?;
+        Ok(())
+    }
+
+    /// A new cache of `capacity` positions holding this one's first `keep`.
+    fn copy(&self, m: &TensorLlama, keep: usize, capacity: usize) -> Result<Cache> {
+        let Heads {
+            kv_heads, head_dim, ..
+        } = m.shape;
+        let shape = (kv_heads, capacity, head_dim);
+        let mut layers = Vec::with_capacity(m.layers.len());
+        for l in 0..m.layers.len() {
+            let (k, v) = (
+                Tensor::zeros(shape, m.dtype, &m.device)?,
+                Tensor::zeros(shape, m.dtype, &m.device)?,
+            );
+            if keep > 0 {
+                let (ok, ov) = &self.layers[l];
+                k.slice_set(&ok.narrow(1, 0, keep)?.contiguous()?, 1, 0)?;
+                v.slice_set(&ov.narrow(1, 0, keep)?.contiguous()?, 1, 0)?;
+            }
+            layers.push((k, v));
+        }
+        Ok(Cache {
+            layers,
+            capacity,
+            len: keep,
+        })
+    }
+
+    /// Writes layer `l`'s keys and values `(kv_heads, t, head_dim)` at positions `len..len+t`
+    /// (room made by [`Cache::reserve`]).
+    fn write(&self, l: usize, k: &Tensor, v: &Tensor) -> Result<()> {
+        let (kc, vc) = &self.layers[l];
+        kc.slice_set(k, 1, self.len)?;
+        vc.slice_set(v, 1, self.len)?;
+        Ok(())
+    }
+}
+
+impl TensorLlama {
+    /// Bytes of one position of a sequence's cache (keys and values of every layer).
+    pub(super) fn cache_bytes_per_token(&self) -> usize {
+        2 * self.layers.len()
+            * self.shape.kv_heads
+            * self.shape.head_dim
+            * self.dtype.size_in_bytes()
+    }
+
+    fn rotate(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+        match self.rope {
+            Rope::Halves => candle_nn::rotary_emb::rope(x, cos, sin),
+            Rope::Interleaved => candle_nn::rotary_emb::rope_i(x, cos, sin),
+        }
+    }
+
+    /// Attention of `t` new rows of one sequence whose cache (already written) holds
+    /// `past + t` positions: `q` is `(heads, t, head_dim)`; `mask` ([`causal_mask`]) is
+    /// needed when `t > 1`. Returns `(t, heads · head_dim)`.
+    fn attend(
+        &self,
+        q: &Tensor,
+        cache: &Cache,
+        l: usize,
+        past: usize,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let Heads {
+            heads,
+            kv_heads,
+            head_dim,
+        } = self.shape;
+        let t = q.dim(1)?;
+        let n = past + t;
+        let rep = heads / kv_heads;
+        let (kc, vc) = &cache.layers[l];
+        let k = kc.narrow(1, 0, n)?.to_dtype(DType::F32)?;
+        let v = vc.narrow(1, 0, n)?.to_dtype(DType::F32)?;
+        // Query head h reads kv head h / rep: the rep heads of a kv head are one batch.
+        let q = q
+            .to_dtype(DType::F32)?
+            .reshape((kv_heads, rep * t, head_dim))?;
+        let scores = (q.matmul(&k.t()?)? / (head_dim as f64).sqrt())?;
+        let scores = match mask {
+            Some(mask) if t > 1 => scores
+                .reshape((kv_heads, rep, t, n))?
+                .broadcast_add(mask)?
+                .reshape((kv_heads, rep * t, n))?,
+            _ => scores,
+        };
+        let p = candle_nn::ops::softmax_last_dim(&scores)?;
+        let y = p.matmul(&v.contiguous()?)?;
+        Ok(y.reshape((heads, t, head_dim))?
+            .transpose(0, 1)?
+            .reshape((t, heads * head_dim))?
+            .to_dtype(self.dtype)?)
+    }
+
+    /// The layer's MLP and its residual: `x + down(silu(gate(h)) · up(h))`, `h` the normed `x`.
+    fn mlp(&self, layer: &Layer, x: &Tensor) -> candle_core::Result<Tensor> {
+        let h = candle_nn::ops::rms_norm(x, &layer.mlp_norm, self.rms_eps)?;
+        let a = (layer.gate.forward(&h)?.silu()? * layer.up.forward(&h)?)?;
+        x + layer.down.forward(&a)?
+    }
+
+    /// Logits of rows `x`, one `Vec` per row.
+    fn logits(&self, x: &Tensor) -> Result<Vec<Vec<f32>>> {
+        let h = candle_nn::ops::rms_norm(x, &self.norm, self.rms_eps)?;
+        Ok(self
+            .head
+            .forward(&h)?
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()?)
+    }
+
+    /// Feeds `tokens` to one sequence; the logits at the last.
+    fn prefill(&self, cache: &mut Cache, tokens: &[u32]) -> Result<Vec<f32>> {
+        let Heads {
+            heads,
+            kv_heads,
+            head_dim,
+        } = self.shape;
+        let t = tokens.len();
+        if t == 0 {
+            return Err(Error::InvalidRequest("no tokens to feed".into()));
+        }
+        cache.reserve(self, t)?;
+        let past = cache.len;
+        let cos = self.cos.narrow(0, past, t)?;
+        let sin = self.sin.narrow(0, past, t)?;
+        let mask = causal_mask(past, t, &self.device)?;
+        let mut x = self
+            .embed
+            .index_select(&Tensor::new(tokens, &self.device)?, 0)?;
+        // (t, heads · head_dim) rows to (heads, t, head_dim), rotated.
+        let split = |y: Tensor, h: usize, rotate: bool| -> candle_core::Result<Tensor> {
+            let y = y
+                .reshape((1, t, h, head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let y = if rotate {
+                self.rotate(&y, &cos, &sin)?
+            } else {
+                y
+            };
+            y.squeeze(0)
+        };
+        for (l, layer) in self.layers.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.rms_eps)?;
+            let q = split(layer.q.forward(&h)?, heads, true)?;
+            let k = split(layer.k.forward(&h)?, kv_heads, true)?;
+            let v = split(layer.v.forward(&h)?, kv_heads, false)?;
+            cache.write(l, &k, &v)?;
+            let y = self.attend(&q, cache, l, past, Some(&mask))?;
+            x = self.mlp(layer, &(&x + layer.o.forward(&y)?)?)?;
+        }
+        cache.len += t;
+        let mut logits = self.logits(&x.narrow(0, t - 1, 1)?)?;
+        logits
+            .pop()
+            .ok_or_else(|| Error::Model("the forward pass returned no logits".into()))
+    }
+
+    /// One decode step of several sequences: `tokens[i]` appended to `caches[i]`; the logits
+    /// of each, in order.
+    fn decode(&self, caches: &mut [&mut Cache], tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+        let Heads {
+            heads,
+            kv_heads,
+            head_dim,
+        } = self.shape;
+        let b = tokens.len();
+        for c in caches.iter_mut() {
+            c.reserve(self, 1)?;
+        }
+        let positions: Vec<u32> = caches.iter().map(|c| c.len as u32).collect();
+        let positions = Tensor::new(positions.as_slice(), &self.device)?;
+        let cos = self.cos.index_select(&positions, 0)?.unsqueeze(1)?;
+        let sin = self.sin.index_select(&positions, 0)?.unsqueeze(1)?;
+        let mut x = self
+            .embed
+            .index_select(&Tensor::new(tokens, &self.device)?, 0)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.rms_eps)?;
+            // One row per sequence: (b, heads, 1, head_dim) needs no transpose.
+            let q = self.rotate(
+                &layer.q.forward(&h)?.reshape((b, heads, 1, head_dim))?,
+                &cos,
+                &sin,
+            )?;
+            let k = self.rotate(
+                &layer.k.forward(&h)?.reshape((b, kv_heads, 1, head_dim))?,
+                &cos,
+                &sin,
+            )?;
+            let v = layer.v.forward(&h)?.reshape((b, kv_heads, 1, head_dim))?;
+            let mut ys = Vec::with_capacity(b);
+            for (i, c) in caches.iter_mut().enumerate() {
+                c.write(l, &k.get(i)?, &v.get(i)?)?;
+                ys.push(self.attend(&q.get(i)?, c, l, c.len, None)?);
+            }
+            let y = Tensor::cat(&ys, 0)?;
+            x = self.mlp(layer, &(&x + layer.o.forward(&y)?)?)?;
+        }
+        for c in caches.iter_mut() {
+            c.len += 1;
+        }
+        self.logits(&x)
+    }
+}
+
+/// A [`TensorLlama`] as a [`CausalLm`].
+pub(super) struct TensorLlamaLm(pub Arc<TensorLlama>);
+
+struct TensorSequence {
+    model: Arc<TensorLlama>,
+    cache: Cache,
+}
+
+impl CausalLm for TensorLlamaLm {
+    fn new_sequence(&self) -> Result<Box<dyn Sequence>> {
+        Ok(Box::new(TensorSequence {
+            model: self.0.clone(),
+            cache: Cache::new(),
+        }))
+    }
+    fn vocab_size(&self) -> usize {
+        self.0.vocab_size
+    }
+    fn context_length(&self) -> usize {
+        self.0.context_length
+    }
+    fn cache_bytes_per_token(&self) -> Option<usize> {
+        Some(self.0.cache_bytes_per_token())
+    }
+    /// One forward pass for all the sequences ([`TensorLlama::decode`]).
+    fn decode_batch(
+        &self,
+        seqs: &mut [&mut dyn Sequence],
+        tokens: &[u32],
+    ) -> Result<Vec<Vec<f32>>> {
+        let ours = |s: &mut &mut dyn Sequence| {
+            s.as_any_mut()
+                .and_then(|a| a.downcast_mut::<TensorSequence>())
+                .is_some_and(|q| Arc::ptr_eq(&q.model, &self.0))
+        };
+        if seqs.len() != tokens.len() || !seqs.iter_mut().all(ours) {
+            return super::decode_each(seqs, tokens);
+        }
+        let mut caches: Vec<&mut Cache> = seqs
+            .iter_mut()
+            .filter_map(|s| Some(&mut s.as_any_mut()?.downcast_mut::<TensorSequence>()?.cache))
+            .collect();
+        self.0.decode(&mut caches, tokens)
+    }
+}
+
+impl Sequence for TensorSequence {
+    fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.model.prefill(&mut self.cache, tokens)
+    }
+    fn len(&self) -> usize {
+        self.cache.len
+    }
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        Some(self)
+    }
+    fn fork(&self) -> Option<Box<dyn Sequence>> {
+        self.fork_prefix(self.cache.len)
+    }
+    fn fork_prefix(&self, len: usize) -> Option<Box<dyn Sequence>> {
+        let len = len.min(self.cache.len);
+        let cache = self.cache.copy(&self.model, len, len.max(1)).ok()?;
+        Some(Box::new(TensorSequence {
+            model: self.model.clone(),
+            cache,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_causal_mask_lets_each_new_row_see_the_past_and_itself() {
+        let m = causal_mask(2, 3, &Device::Cpu)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let inf = f32::NEG_INFINITY;
+        assert_eq!(
+            m,
+            vec![
+                vec![0.0, 0.0, 0.0, inf, inf],
+                vec![0.0, 0.0, 0.0, 0.0, inf],
+                vec![0.0, 0.0, 0.0, 0.0, 0.0],
+            ]
+        );
+    }
+
+    #[test]
+    fn rope_tables_hold_cos_and_sin_of_position_times_frequency() {
+        let (cos, sin) = rope_tables(&[1.0, 0.5], 3, DType::F32, &Device::Cpu).unwrap();
+        let (cos, sin) = (cos.to_vec2::<f32>().unwrap(), sin.to_vec2::<f32>().unwrap());
+        for p in 0..3 {
+            for (i, f) in [1.0f32, 0.5].iter().enumerate() {
+                assert!((cos[p][i] - (p as f32 * f).cos()).abs() < 1e-6);
+                assert!((sin[p][i] - (p as f32 * f).sin()).abs() < 1e-6);
+            }
+        }
+    }
+}
