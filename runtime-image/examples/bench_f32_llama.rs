@@ -84,10 +84,8 @@ fn write_model(args: &Args) -> candle_core::Result<()> {
 
 fn main() {
     let args = Args::parse();
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(args.threads)
-        .build_global()
-        .expect("thread pool");
+    // Before any thread starts, exactly as the binary does for `serve --threads`.
+    kandle_runtime::threads::configure(Some(args.threads));
     write_model(&args).expect("writing the random-weight model");
     let prompt: Vec<u32> = (1..100).collect();
     let LoadedModel::Generation(g) = backend::load(&LoadOptions {

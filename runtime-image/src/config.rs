@@ -187,8 +187,10 @@ pub struct ServeConfig {
     /// After SIGTERM, how long in-flight requests may take to finish.
     #[arg(long, env = "KANDLE_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
-    /// CPU threads for the model's kernels (default: all cores). The binary applies it as
-    /// RAYON_NUM_THREADS before any thread starts; embedders of the library set that themselves.
+    /// CPU threads for the model's kernels (default: `RAYON_NUM_THREADS` when set, else the
+    /// CPUs the process may use: its affinity and its cgroup's CPU quota, a pod's CPU limit).
+    /// The binary applies it as RAYON_NUM_THREADS before any thread starts; embedders of the
+    /// library set that themselves.
     #[arg(long, env = "KANDLE_THREADS")]
     pub threads: Option<usize>,
 }
