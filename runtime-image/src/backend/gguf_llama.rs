@@ -17,7 +17,9 @@ use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::quantized_llama::{MAX_SEQ_LEN, ModelWeights};
 
 use super::qllama::{self, KvCache, Weights};
-use super::tensor_llama::{Heads, Layer, Proj, Rope, TensorLlama, TensorLlamaLm, rope_tables};
+use super::tensor_llama::{
+    Heads, Layer, PREFILL_CHUNK, Proj, Rope, TensorLlama, TensorLlamaLm, rope_tables,
+};
 use super::{CausalLm, Sequence};
 use crate::chat::ChatTemplate;
 use crate::error::{Error, Result};
@@ -283,6 +285,7 @@ fn tensor_weights<R: std::io::Read + std::io::Seek>(
         device: device.clone(),
         vocab_size,
         context_length,
+        prefill_chunk: PREFILL_CHUNK,
     })
 }
 

@@ -11,7 +11,9 @@ use candle_core::{DType, Device};
 use candle_nn::{Linear, VarBuilder};
 use candle_transformers::models::llama::{Config, Llama3RopeType, LlamaConfig, LlamaEosToks};
 
-use super::tensor_llama::{Heads, Layer, Proj, Rope, TensorLlama, TensorLlamaLm, rope_tables};
+use super::tensor_llama::{
+    Heads, Layer, PREFILL_CHUNK, Proj, Rope, TensorLlama, TensorLlamaLm, rope_tables,
+};
 use crate::error::{Error, Result, read_json};
 use crate::model::LoadedModel;
 
@@ -188,5 +190,6 @@ fn weights(
         device: device.clone(),
         vocab_size: cfg.vocab_size,
         context_length: cfg.max_position_embeddings,
+        prefill_chunk: PREFILL_CHUNK,
     })
 }

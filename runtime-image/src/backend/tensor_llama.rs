@@ -80,7 +80,13 @@ pub(super) struct TensorLlama {
     pub device: Device,
     pub vocab_size: usize,
     pub context_length: usize,
+    /// The most prompt tokens that go through the layers at once ([`PREFILL_CHUNK`]).
+    pub prefill_chunk: usize,
 }
+
+/// Prompt tokens per pass through the layers: a 512-token part of a 4096-token prompt has
+/// 32 heads × 512 × 4096 f32 attention scores (268 MB) at its last part.
+pub(super) const PREFILL_CHUNK: usize = 512;
 
 /// The rotary embedding's `cos` and `sin` tables for positions `0..positions`, from the
 /// inverse frequencies of each pair of dimensions.
@@ -255,18 +261,35 @@ impl TensorLlama {
             .to_vec2::<f32>()?)
     }
 
-    /// Feeds `tokens` to one sequence; the logits at the last.
+    /// Feeds `tokens` to one sequence; the logits at the last. A long prompt goes through in
+    /// parts of [`TensorLlama::prefill_chunk`] tokens, so that its attention scores
+    /// (`heads × part × context` floats) stay small: a 4096-token prompt at once would need
+    /// 2 GB of them for 32 heads.
     fn prefill(&self, cache: &mut Cache, tokens: &[u32]) -> Result<Vec<f32>> {
+        if tokens.is_empty() {
+            return Err(Error::InvalidRequest("no tokens to feed".into()));
+        }
+        cache.reserve(self, tokens.len())?;
+        let mut x = None;
+        for part in tokens.chunks(self.prefill_chunk.max(1)) {
+            x = Some(self.forward_rows(cache, part)?);
+        }
+        let x = x.expect("at least one part");
+        let mut logits = self.logits(&x.narrow(0, x.dim(0)? - 1, 1)?)?;
+        logits
+            .pop()
+            .ok_or_else(|| Error::Model("the forward pass returned no logits".into()))
+    }
+
+    /// `tokens` (room in the cache already made) through every layer: the last hidden states,
+    /// `(t, hidden)`.
+    fn forward_rows(&self, cache: &mut Cache, tokens: &[u32]) -> Result<Tensor> {
         let Heads {
             heads,
             kv_heads,
             head_dim,
         } = self.shape;
         let t = tokens.len();
-        if t == 0 {
-            return Err(Error::InvalidRequest("no tokens to feed".into()));
-        }
-        cache.reserve(self, t)?;
         let past = cache.len;
         let cos = self.cos.narrow(0, past, t)?;
         let sin = self.sin.narrow(0, past, t)?;
@@ -297,10 +320,7 @@ impl TensorLlama {
             x = self.mlp(layer, &(&x + layer.o.forward(&y)?)?)?;
         }
         cache.len += t;
-        let mut logits = self.logits(&x.narrow(0, t - 1, 1)?)?;
-        logits
-            .pop()
-            .ok_or_else(|| Error::Model("the forward pass returned no logits".into()))
+        Ok(x)
     }
 
     /// One decode step of several sequences: `tokens[i]` appended to `caches[i]`; the logits
@@ -423,6 +443,186 @@ impl Sequence for TensorSequence {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Deterministic values in (−0.5, 0.5) · `scale`.
+    fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+        let mut x = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
+            })
+            .collect()
+    }
+
+    /// A two-layer llama with random weights (GQA: 4 heads on 2 kv heads), whose prompts go
+    /// through in parts of `chunk` tokens.
+    fn model(chunk: usize, rope: Rope) -> Arc<TensorLlama> {
+        let (hidden, inter, vocab, heads, kv_heads) = (32, 48, 40, 4, 2);
+        let head_dim = hidden / heads;
+        let dev = Device::Cpu;
+        let mut seed = 0;
+        let mut t = |shape: &[usize], scale: f32| {
+            seed += 1;
+            Tensor::from_vec(values(shape.iter().product(), seed, scale), shape, &dev).unwrap()
+        };
+        let mut proj = |out: usize, inp: usize| -> Proj {
+            Box::new(candle_nn::Linear::new(t(&[out, inp], 0.6), None))
+        };
+        let layers = (0..2)
+            .map(|_| Layer {
+                attn_norm: (Tensor::ones(hidden, DType::F32, &dev).unwrap()
+                    + Tensor::from_vec(values(hidden, 99, 0.2), hidden, &dev).unwrap())
+                .unwrap(),
+                q: proj(hidden, hidden),
+                k: proj(kv_heads * head_dim, hidden),
+                v: proj(kv_heads * head_dim, hidden),
+                o: proj(hidden, hidden),
+                mlp_norm: Tensor::ones(hidden, DType::F32, &dev).unwrap(),
+                gate: proj(inter, hidden),
+                up: proj(inter, hidden),
+                down: proj(hidden, inter),
+            })
+            .collect();
+        let embed =
+            Tensor::from_vec(values(vocab * hidden, 7, 2.0), (vocab, hidden), &dev).unwrap();
+        let inv: Vec<f32> = (0..head_dim / 2)
+            .map(|i| 1.0 / 100f32.powf(2.0 * i as f32 / head_dim as f32))
+            .collect();
+        let (cos, sin) = rope_tables(&inv, 256, DType::F32, &dev).unwrap();
+        Arc::new(TensorLlama {
+            head: Box::new(candle_nn::Linear::new(embed.clone(), None)),
+            embed,
+            layers,
+            norm: Tensor::ones(hidden, DType::F32, &dev).unwrap(),
+            shape: Heads {
+                heads,
+                kv_heads,
+                head_dim,
+            },
+            rms_eps: 1e-5,
+            cos,
+            sin,
+            rope,
+            dtype: DType::F32,
+            device: dev,
+            vocab_size: vocab,
+            context_length: 256,
+            prefill_chunk: chunk,
+        })
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    fn argmax(x: &[f32]) -> u32 {
+        (0..x.len()).max_by(|&i, &j| x[i].total_cmp(&x[j])).unwrap() as u32
+    }
+
+    const PROMPT: [u32; 13] = [1, 5, 9, 2, 33, 17, 8, 8, 21, 39, 4, 11, 30];
+
+    #[test]
+    fn a_prompt_in_parts_gives_the_logits_of_one_pass_and_the_same_continuation() {
+        for rope in [Rope::Halves, Rope::Interleaved] {
+            let (whole, parts) = (
+                TensorLlamaLm(model(64, rope)),
+                TensorLlamaLm(model(4, rope)),
+            );
+            let (mut a, mut b) = (whole.new_sequence().unwrap(), parts.new_sequence().unwrap());
+            let (la, lb) = (a.feed(&PROMPT).unwrap(), b.feed(&PROMPT).unwrap());
+            let spread = la.iter().fold(0f32, |m, x| m.max(x.abs()));
+            assert!(spread > 1.0, "the logits are not trivial: {spread}");
+            assert!(
+                max_diff(&la, &lb) < 1e-5,
+                "{rope:?}: {}",
+                max_diff(&la, &lb)
+            );
+            assert_eq!((a.len(), b.len()), (13, 13));
+            let next = argmax(&la);
+            let (la, lb) = (a.feed(&[next]).unwrap(), b.feed(&[next]).unwrap());
+            assert!(
+                max_diff(&la, &lb) < 1e-5,
+                "{rope:?} step: {}",
+                max_diff(&la, &lb)
+            );
+        }
+    }
+
+    #[test]
+    fn a_cache_that_grows_step_by_step_holds_what_one_pass_computes() {
+        // 60 tokens, then 12 one at a time: the cache doubles past its first 64 positions.
+        let lm = TensorLlamaLm(model(512, Rope::Halves));
+        let tokens: Vec<u32> = (0..72).map(|i| (i * 7 % 40) as u32).collect();
+        let mut stepped = lm.new_sequence().unwrap();
+        let mut last = stepped.feed(&tokens[..60]).unwrap();
+        for t in &tokens[60..] {
+            last = stepped.feed(&[*t]).unwrap();
+        }
+        let whole = lm.new_sequence().unwrap().feed(&tokens).unwrap();
+        assert!(
+            max_diff(&last, &whole) < 1e-5,
+            "{}",
+            max_diff(&last, &whole)
+        );
+    }
+
+    #[test]
+    fn a_batched_step_gives_each_sequence_its_logits_alone_and_a_fork_goes_on_alike() {
+        let m = model(64, Rope::Interleaved);
+        let lm = TensorLlamaLm(m.clone());
+        let prompts: [&[u32]; 3] = [&PROMPT, &PROMPT[..5], &[3]];
+        let mut alone: Vec<Box<dyn Sequence>> =
+            prompts.iter().map(|_| lm.new_sequence().unwrap()).collect();
+        let mut batch: Vec<Box<dyn Sequence>> =
+            prompts.iter().map(|_| lm.new_sequence().unwrap()).collect();
+        let mut tokens = Vec::new();
+        for (i, p) in prompts.iter().enumerate() {
+            tokens.push(argmax(&alone[i].feed(p).unwrap()));
+            batch[i].feed(p).unwrap();
+        }
+        // A fork of the middle sequence, cut to its first 3 tokens, against a sequence fed only those.
+        let mut cut = batch[1].fork_prefix(3).unwrap();
+        let mut fresh = lm.new_sequence().unwrap();
+        fresh.feed(&PROMPT[..3]).unwrap();
+        assert!(max_diff(&cut.feed(&[7]).unwrap(), &fresh.feed(&[7]).unwrap()) < 1e-5);
+        for step in 0..5 {
+            let want: Vec<Vec<f32>> = alone
+                .iter_mut()
+                .zip(&tokens)
+                .map(|(s, t)| s.feed(&[*t]).unwrap())
+                .collect();
+            let mut refs: Vec<&mut dyn Sequence> =
+                batch.iter_mut().map(|s| &mut **s as _).collect();
+            let got = lm.decode_batch(&mut refs, &tokens).unwrap();
+            for i in 0..3 {
+                assert!(
+                    max_diff(&got[i], &want[i]) < 1e-5,
+                    "step {step} sequence {i}"
+                );
+            }
+            tokens = want.iter().map(|l| argmax(l)).collect();
+        }
+        assert_eq!(
+            batch.iter().map(|s| s.len()).collect::<Vec<_>>(),
+            [18, 10, 6]
+        );
+        // A prompt longer than the context is refused, naming both.
+        let mut long = lm.new_sequence().unwrap();
+        let e = long.feed(&[1; 257]).unwrap_err().to_string();
+        assert!(
+            e.contains("257 tokens exceed the model's context of 256"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn the_causal_mask_lets_each_new_row_see_the_past_and_itself() {
