@@ -8,9 +8,10 @@ use std::f32::consts::PI;
 use std::sync::Arc;
 
 use candle_core::{DType, Device};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use candle_transformers::models::llama::{Config, Llama3RopeType, LlamaConfig, LlamaEosToks};
 
+use super::few_rows::FewRows;
 use super::tensor_llama::{
     Heads, Layer, PREFILL_CHUNK, Proj, Rope, TensorLlama, TensorLlamaLm, rope_tables,
 };
@@ -145,9 +146,8 @@ fn weights(
     );
     let dense =
         |vb: &VarBuilder, out: usize, inp: usize, name: &str| -> candle_core::Result<Proj> {
-            Ok(Box::new(Linear::new(
+            Ok(Box::new(FewRows(
                 vb.get((out, inp), &format!("{name}.weight"))?,
-                None,
             )))
         };
     let embed = vb.get((cfg.vocab_size, hidden), "model.embed_tokens.weight")?;
@@ -167,7 +167,7 @@ fn weights(
         });
     }
     let head: Proj = if cfg.tie_word_embeddings {
-        Box::new(Linear::new(embed.clone(), None))
+        Box::new(FewRows(embed.clone()))
     } else {
         dense(&vb, cfg.vocab_size, hidden, "lm_head")?
     };

@@ -11,6 +11,7 @@ mod bloom;
 mod classifier;
 mod distilbert;
 mod encoder;
+mod few_rows;
 mod gguf_llama;
 mod gpt2;
 mod gptj;
