@@ -316,15 +316,22 @@ fn interleaved_sequences_of_each_causal_lm_match_sequences_run_alone() {
     }
 }
 
-/// llama's batched decode step ([`backend::CausalLm::decode_batch`]: one pass over the
-/// weights for all sequences, each attending to its own cache) gives every sequence, at its
-/// own length, the logits it gets alone, to the bit (on the CPU each row of an f32 product of
-/// up to 32 rows is computed on its own: `few_rows.rs`); sequences join the batch at
-/// different lengths and leave it at different steps.
+/// Each causal LM's batched decode step ([`backend::CausalLm::decode_batch`]: one pass over
+/// the weights for all sequences, each attending to its own cache, with its own positions,
+/// rotary or ALiBi) gives every sequence, at its own length, the logits it gets alone, to
+/// the bit (on the CPU each row of an f32 product of up to 32 rows is computed on its own:
+/// `few_rows.rs`); sequences join the batch at different lengths and leave it at different
+/// steps.
 #[test]
-fn llamas_batched_decode_step_gives_each_sequence_its_logits_alone() {
-    let g = generation("llama");
-    let r = reference("llama");
+fn batched_decode_steps_give_each_sequence_its_logits_alone() {
+    for name in CAUSAL {
+        batched_decode_matches_alone(name);
+    }
+}
+
+fn batched_decode_matches_alone(name: &str) {
+    let g = generation(name);
+    let r = reference(name);
     let prompts: Vec<Vec<u32>> = r["cases"]
         .as_array()
         .unwrap()
@@ -378,7 +385,7 @@ fn llamas_batched_decode_step_gives_each_sequence_its_logits_alone() {
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert!(
                 bits(&row) == bits(want),
-                "sequence {i} step {step}: logits differ by {}",
+                "{name} sequence {i} step {step}: logits differ by {}",
                 max_abs_diff(&row, want)
             );
             got[i].push(row);
@@ -388,7 +395,7 @@ fn llamas_batched_decode_step_gives_each_sequence_its_logits_alone() {
         assert_eq!(
             s.len(),
             prompts[i].len() + 16 - 2 * i,
-            "sequence {i}'s length"
+            "{name} sequence {i}'s length"
         );
     }
 }

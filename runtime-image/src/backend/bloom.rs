@@ -5,8 +5,9 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Embedding, LayerNorm, VarBuilder};
 
+use super::few_rows::{self, FewRows};
 use super::layers::{self, CausalForward, KvCache};
 use crate::error::{Error, Result};
 use crate::model::LoadedModel;
@@ -56,11 +57,11 @@ pub(super) fn alibi_slopes(heads: usize) -> Vec<f32> {
 
 struct Block {
     input_ln: LayerNorm,
-    qkv: Linear,
-    dense: Linear,
+    qkv: FewRows,
+    dense: FewRows,
     post_ln: LayerNorm,
-    h_to_4h: Linear,
-    four_h_to_h: Linear,
+    h_to_4h: FewRows,
+    four_h_to_h: FewRows,
 }
 
 struct Bloom {
@@ -68,7 +69,7 @@ struct Bloom {
     embed_ln: LayerNorm,
     blocks: Vec<Block>,
     ln_f: LayerNorm,
-    lm_head: Linear,
+    lm_head: FewRows,
     /// `(1, heads, 1, 1)`.
     slopes: Tensor,
     cfg: Config,
@@ -87,18 +88,18 @@ impl Bloom {
                 let b = t.pp(format!("h.{i}"));
                 Ok(Block {
                     input_ln: ln(b.pp("input_layernorm"))?,
-                    qkv: candle_nn::linear(h, 3 * h, b.pp("self_attention.query_key_value"))?,
-                    dense: candle_nn::linear(h, h, b.pp("self_attention.dense"))?,
+                    qkv: few_rows::linear(h, 3 * h, b.pp("self_attention.query_key_value"))?,
+                    dense: few_rows::linear(h, h, b.pp("self_attention.dense"))?,
                     post_ln: ln(b.pp("post_attention_layernorm"))?,
-                    h_to_4h: candle_nn::linear(h, 4 * h, b.pp("mlp.dense_h_to_4h"))?,
-                    four_h_to_h: candle_nn::linear(4 * h, h, b.pp("mlp.dense_4h_to_h"))?,
+                    h_to_4h: few_rows::linear(h, 4 * h, b.pp("mlp.dense_h_to_4h"))?,
+                    four_h_to_h: few_rows::linear(4 * h, h, b.pp("mlp.dense_4h_to_h"))?,
                 })
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         let slopes =
             Tensor::from_vec(alibi_slopes(cfg.n_head), (1, cfg.n_head, 1, 1), vb.device())?;
         Ok(Bloom {
-            lm_head: Linear::new(embed.embeddings().clone(), None),
+            lm_head: FewRows::new(embed.embeddings().clone(), None),
             embed,
             embed_ln: ln(t.pp("word_embeddings_layernorm"))?,
             blocks,
@@ -114,30 +115,31 @@ impl CausalForward for Bloom {
     fn forward(
         &self,
         tokens: &[u32],
-        past: usize,
-        cache: &mut KvCache,
+        pasts: &[usize],
+        caches: &mut [&mut KvCache],
     ) -> candle_core::Result<Tensor> {
         let dev = self.device.clone();
-        let t = tokens.len();
-        let total = past + t;
-        let ids = Tensor::new(tokens, &dev)?.unsqueeze(0)?;
+        let b = pasts.len();
+        let t = tokens.len() / b;
+        let ids = Tensor::new(tokens, &dev)?.reshape((b, t))?;
         let mut x = self.embed_ln.forward(&self.embed.forward(&ids)?)?;
         // ALiBi on the key position (no padding inside one sequence), plus the causal mask:
-        // (1, heads, t, total).
-        let key_pos = Tensor::arange(0u32, total as u32, &dev)?
-            .to_dtype(DType::F32)?
-            .reshape((1, 1, 1, total))?;
-        let bias = self
-            .slopes
-            .broadcast_mul(&key_pos)?
-            .broadcast_add(&layers::causal_mask(t, past, &dev)?.reshape((1, 1, t, total))?)?;
+        // (1, heads, t, total) for a sequence holding `total` positions.
+        let bias = |_, total: usize| -> candle_core::Result<Tensor> {
+            let key_pos = Tensor::arange(0u32, total as u32, &dev)?
+                .to_dtype(DType::F32)?
+                .reshape((1, 1, 1, total))?;
+            self.slopes
+                .broadcast_mul(&key_pos)?
+                .broadcast_add(&layers::causal_mask(t, total - t, &dev)?.reshape((1, 1, t, total))?)
+        };
         let heads = self.cfg.n_head;
         let hd = self.cfg.hidden_size / heads;
         let scale = 1.0 / (hd as f64).sqrt();
-        for (i, b) in self.blocks.iter().enumerate() {
-            let ln = b.input_ln.forward(&x)?;
-            // (1, t, heads, 3, hd): each head's q, k and v are adjacent.
-            let qkv = b.qkv.forward(&ln)?.reshape((1, t, heads, 3, hd))?;
+        for (i, blk) in self.blocks.iter().enumerate() {
+            let ln = blk.input_ln.forward(&x)?;
+            // (b, t, heads, 3, hd): each head's q, k and v are adjacent.
+            let qkv = blk.qkv.forward(&ln)?.reshape((b, t, heads, 3, hd))?;
             let part = |j| -> candle_core::Result<Tensor> {
                 qkv.narrow(3, j, 1)?
                     .squeeze(3)?
@@ -145,25 +147,26 @@ impl CausalForward for Bloom {
                     .contiguous()
             };
             let (q, k, v) = (part(0)?, part(1)?, part(2)?);
-            let (k, v) = cache.append(i, k, v)?;
-            let a = layers::attention(&q, &k, &v, scale, &bias)?;
+            let a = layers::attend_each((&q, &k, &v), i, caches, scale, &bias)?;
             let residual = if self.cfg.apply_residual_connection_post_layernorm {
                 &ln
             } else {
                 &x
             };
-            let attn_out = (b.dense.forward(&layers::merge_heads(&a)?)? + residual)?;
-            let ln2 = b.post_ln.forward(&attn_out)?;
+            let attn_out = (blk.dense.forward(&layers::merge_heads(&a)?)? + residual)?;
+            let ln2 = blk.post_ln.forward(&attn_out)?;
             let residual = if self.cfg.apply_residual_connection_post_layernorm {
                 &ln2
             } else {
                 &attn_out
             };
-            let m = b.four_h_to_h.forward(&b.h_to_4h.forward(&ln2)?.gelu()?)?;
+            let m = blk
+                .four_h_to_h
+                .forward(&blk.h_to_4h.forward(&ln2)?.gelu()?)?;
             x = (m + residual)?;
         }
         let last = self.ln_f.forward(&x.narrow(1, t - 1, 1)?)?;
-        self.lm_head.forward(&last)?.squeeze(0)?.squeeze(0)
+        self.lm_head.forward(&last)?.squeeze(1)
     }
 
     fn num_layers(&self) -> usize {

@@ -16,7 +16,8 @@
 //! code). More than [`MAX_ROWS`] rows (a prompt) go through candle's matmul, which blocks for
 //! cache reuse.
 
-use candle_core::{DType, Module, Storage, Tensor};
+use candle_core::{D, DType, Module, Storage, Tensor};
+use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
 use super::SharedOut;
@@ -34,40 +35,75 @@ pub(super) const MAX_ROWS: usize = 32;
 /// Weight rows per parallel task.
 const TASK_ROWS: usize = 64;
 
-/// A dense weight `(n, k)` whose products of up to [`MAX_ROWS`] f32 rows on the CPU run on
-/// [`product`], and others on candle's matmul (any device, any dtype).
-pub(super) struct FewRows(pub Tensor);
+/// A dense linear layer, weight `(n, k)` and an optional bias `(n,)`, whose products of up to
+/// [`MAX_ROWS`] f32 rows on the CPU run on [`product`], and others on candle's matmul (any
+/// device, any dtype). Inputs of any rank: the leading dimensions are the rows.
+pub(super) struct FewRows {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl FewRows {
+    pub(super) fn new(weight: Tensor, bias: Option<Tensor>) -> FewRows {
+        FewRows { weight, bias }
+    }
+}
+
+/// `weight` `(out, in)` and `bias` `(out,)` under `vb`, as `candle_nn::linear` reads them.
+pub(super) fn linear(inp: usize, out: usize, vb: VarBuilder) -> candle_core::Result<FewRows> {
+    Ok(FewRows::new(
+        vb.get((out, inp), "weight")?,
+        Some(vb.get(out, "bias")?),
+    ))
+}
+
+/// `weight` `(out, in)` under `vb`, as `candle_nn::linear_no_bias` reads it.
+pub(super) fn linear_no_bias(
+    inp: usize,
+    out: usize,
+    vb: VarBuilder,
+) -> candle_core::Result<FewRows> {
+    Ok(FewRows::new(vb.get((out, inp), "weight")?, None))
+}
 
 impl Module for FewRows {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let w = &self.0;
+        let w = &self.weight;
+        let (n, k) = w.dims2()?;
+        if x.dim(D::Minus1)? != k {
+            candle_core::bail!(
+                "linear layer of {k} inputs given rows of {}",
+                x.dim(D::Minus1)?
+            );
+        }
+        let lead = x.dims()[..x.rank() - 1].to_vec();
+        let m: usize = lead.iter().product();
+        let rows = x.reshape((m, k))?;
         let ours = x.device().is_cpu()
             && w.device().is_cpu()
             && x.dtype() == DType::F32
             && w.dtype() == DType::F32
-            && x.rank() == 2
-            && x.dim(0)? <= MAX_ROWS
+            && m <= MAX_ROWS
             && w.is_contiguous();
-        if !ours {
-            return x.matmul(&w.t()?);
-        }
-        let (n, k) = w.dims2()?;
-        let m = x.dim(0)?;
-        if x.dim(1)? != k {
-            candle_core::bail!(
-                "few-rows product: rows of {} against weights of {k}",
-                x.dim(1)?
-            );
-        }
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let (storage, layout) = w.storage_and_layout();
-        let Storage::Cpu(cpu) = &*storage else {
-            candle_core::bail!("few-rows product: weights not on the CPU")
+        let y = if ours {
+            let xs = rows.flatten_all()?.to_vec1::<f32>()?;
+            let (storage, layout) = w.storage_and_layout();
+            let Storage::Cpu(cpu) = &*storage else {
+                candle_core::bail!("few-rows product: weights not on the CPU")
+            };
+            let all = cpu.as_slice::<f32>()?;
+            let ws = &all[layout.start_offset()..layout.start_offset() + n * k];
+            Tensor::from_vec(product(&xs, m, ws, n, k), (m, n), x.device())?
+        } else {
+            rows.matmul(&w.t()?)?
         };
-        let all = cpu.as_slice::<f32>()?;
-        let ws = &all[layout.start_offset()..layout.start_offset() + n * k];
-        let out = product(&xs, m, ws, n, k);
-        Tensor::from_vec(out, (m, n), x.device())
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut shape = lead;
+        shape.push(n);
+        y.reshape(shape)
     }
 }
 
@@ -315,7 +351,7 @@ mod tests {
         let dev = candle_core::Device::Cpu;
         let (n, k) = (20, 24);
         let w = Tensor::from_vec(values(n * k, 5), (n, k), &dev).unwrap();
-        let m = FewRows(w.clone());
+        let m = FewRows::new(w.clone(), None);
         for rows in [1, 8, MAX_ROWS + 1] {
             let x = Tensor::from_vec(values(rows * k, 6), (rows, k), &dev).unwrap();
             let got = m.forward(&x).unwrap().to_vec2::<f32>().unwrap();

@@ -4,8 +4,9 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Activation, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Activation, Embedding, LayerNorm, VarBuilder};
 
+use super::few_rows::{self, FewRows};
 use super::layers::{self, CausalForward, KvCache};
 use crate::error::{Error, Result};
 use crate::model::LoadedModel;
@@ -45,11 +46,11 @@ fn yes() -> bool {
 
 struct Block {
     ln_1: LayerNorm,
-    c_attn: Linear,
-    attn_proj: Linear,
+    c_attn: FewRows,
+    attn_proj: FewRows,
     ln_2: LayerNorm,
-    c_fc: Linear,
-    mlp_proj: Linear,
+    c_fc: FewRows,
+    mlp_proj: FewRows,
 }
 
 struct Gpt2 {
@@ -57,7 +58,7 @@ struct Gpt2 {
     wpe: Embedding,
     blocks: Vec<Block>,
     ln_f: LayerNorm,
-    lm_head: Linear,
+    lm_head: FewRows,
     cfg: Config,
     /// Where the weights live; a step's inputs go there too.
     device: Device,
@@ -87,9 +88,9 @@ impl Gpt2 {
         let ln_f = ln(t.pp("ln_f"))?;
         // transformers 5 stores a tied head once, as wte; an untied checkpoint has lm_head.
         let lm_head = if cfg.tie_word_embeddings {
-            Linear::new(wte.embeddings().clone(), None)
+            FewRows::new(wte.embeddings().clone(), None)
         } else {
-            candle_nn::linear_no_bias(h, cfg.vocab_size, vb.pp("lm_head"))?
+            few_rows::linear_no_bias(h, cfg.vocab_size, vb.pp("lm_head"))?
         };
         Ok(Gpt2 {
             wte,
@@ -107,41 +108,38 @@ impl CausalForward for Gpt2 {
     fn forward(
         &self,
         tokens: &[u32],
-        past: usize,
-        cache: &mut KvCache,
+        pasts: &[usize],
+        caches: &mut [&mut KvCache],
     ) -> candle_core::Result<Tensor> {
         let dev = self.device.clone();
-        let t = tokens.len();
-        let ids = Tensor::new(tokens, &dev)?.unsqueeze(0)?;
-        let pos = Tensor::arange(past as u32, (past + t) as u32, &dev)?.unsqueeze(0)?;
-        let mut x = self
-            .wte
-            .forward(&ids)?
-            .broadcast_add(&self.wpe.forward(&pos)?)?;
-        let mask = layers::causal_mask(t, past, &dev)?;
+        let b = pasts.len();
+        let t = tokens.len() / b;
+        let ids = Tensor::new(tokens, &dev)?.reshape((b, t))?;
+        let pos = layers::positions(pasts, t, &dev)?.reshape((b, t))?;
+        let mut x = (self.wte.forward(&ids)? + self.wpe.forward(&pos)?)?;
+        let mask = |_, total: usize| layers::causal_mask(t, total - t, &dev);
         let heads = self.cfg.n_head;
         let scale = if self.cfg.scale_attn_weights {
             1.0 / ((self.cfg.n_embd / heads) as f64).sqrt()
         } else {
             1.0
         };
-        for (i, b) in self.blocks.iter().enumerate() {
-            let qkv = b.c_attn.forward(&b.ln_1.forward(&x)?)?;
+        for (i, blk) in self.blocks.iter().enumerate() {
+            let qkv = blk.c_attn.forward(&blk.ln_1.forward(&x)?)?;
             let h = self.cfg.n_embd;
             let q = layers::split_heads(&qkv.narrow(2, 0, h)?, heads)?;
             let k = layers::split_heads(&qkv.narrow(2, h, h)?, heads)?;
             let v = layers::split_heads(&qkv.narrow(2, 2 * h, h)?, heads)?;
-            let (k, v) = cache.append(i, k.contiguous()?, v.contiguous()?)?;
-            let a = layers::attention(&q, &k, &v, scale, &mask)?;
-            x = (x + b.attn_proj.forward(&layers::merge_heads(&a)?)?)?;
+            let a = layers::attend_each((&q, &k, &v), i, caches, scale, &mask)?;
+            x = (x + blk.attn_proj.forward(&layers::merge_heads(&a)?)?)?;
             let m = self
                 .cfg
                 .activation_function
-                .forward(&b.c_fc.forward(&b.ln_2.forward(&x)?)?)?;
-            x = (&x + b.mlp_proj.forward(&m)?)?;
+                .forward(&blk.c_fc.forward(&blk.ln_2.forward(&x)?)?)?;
+            x = (&x + blk.mlp_proj.forward(&m)?)?;
         }
         let last = self.ln_f.forward(&x.narrow(1, t - 1, 1)?)?;
-        self.lm_head.forward(&last)?.squeeze(0)?.squeeze(0)
+        self.lm_head.forward(&last)?.squeeze(1)
     }
 
     fn num_layers(&self) -> usize {

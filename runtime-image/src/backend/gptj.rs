@@ -6,8 +6,9 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Activation, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Activation, Embedding, LayerNorm, VarBuilder};
 
+use super::few_rows::{self, FewRows};
 use super::layers::{self, CausalForward, KvCache};
 use crate::error::{Error, Result};
 use crate::model::LoadedModel;
@@ -39,19 +40,19 @@ fn default_eps() -> f64 {
 
 struct Block {
     ln_1: LayerNorm,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    out: Linear,
-    fc_in: Linear,
-    fc_out: Linear,
+    q: FewRows,
+    k: FewRows,
+    v: FewRows,
+    out: FewRows,
+    fc_in: FewRows,
+    fc_out: FewRows,
 }
 
 struct GptJ {
     wte: Embedding,
     blocks: Vec<Block>,
     ln_f: LayerNorm,
-    lm_head: Linear,
+    lm_head: FewRows,
     /// `(n_positions, rotary_dim / 2)` each.
     cos: Tensor,
     sin: Tensor,
@@ -73,19 +74,19 @@ impl GptJ {
                 let b = t.pp(format!("h.{i}"));
                 Ok(Block {
                     ln_1: ln(b.pp("ln_1"))?,
-                    q: candle_nn::linear_no_bias(h, h, b.pp("attn.q_proj"))?,
-                    k: candle_nn::linear_no_bias(h, h, b.pp("attn.k_proj"))?,
-                    v: candle_nn::linear_no_bias(h, h, b.pp("attn.v_proj"))?,
-                    out: candle_nn::linear_no_bias(h, h, b.pp("attn.out_proj"))?,
-                    fc_in: candle_nn::linear(h, inner, b.pp("mlp.fc_in"))?,
-                    fc_out: candle_nn::linear(inner, h, b.pp("mlp.fc_out"))?,
+                    q: few_rows::linear_no_bias(h, h, b.pp("attn.q_proj"))?,
+                    k: few_rows::linear_no_bias(h, h, b.pp("attn.k_proj"))?,
+                    v: few_rows::linear_no_bias(h, h, b.pp("attn.v_proj"))?,
+                    out: few_rows::linear_no_bias(h, h, b.pp("attn.out_proj"))?,
+                    fc_in: few_rows::linear(h, inner, b.pp("mlp.fc_in"))?,
+                    fc_out: few_rows::linear(inner, h, b.pp("mlp.fc_out"))?,
                 })
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         let lm_head = if cfg.tie_word_embeddings {
-            Linear::new(wte.embeddings().clone(), None)
+            FewRows::new(wte.embeddings().clone(), None)
         } else {
-            candle_nn::linear(h, cfg.vocab_size, vb.pp("lm_head"))?
+            few_rows::linear(h, cfg.vocab_size, vb.pp("lm_head"))?
         };
         // transformers' create_sinusoidal_positions: inv_freq = 1 / 10000^(2i / rotary_dim).
         let half = rotary_dim / 2;
@@ -111,11 +112,17 @@ impl GptJ {
         })
     }
 
-    /// Rotates the first `rotary_dim` dimensions of `x` `(1, heads, t, head_dim)`.
-    fn rotate(&self, x: &Tensor, past: usize) -> candle_core::Result<Tensor> {
-        let (_, _, t, d) = x.dims4()?;
-        let cos = self.cos.narrow(0, past, t)?.to_dtype(x.dtype())?;
-        let sin = self.sin.narrow(0, past, t)?.to_dtype(x.dtype())?;
+    /// Rotates the first `rotary_dim` dimensions of `x` `(b, heads, t, head_dim)`, row `i` of
+    /// sequence `s` at position `pos[s · t + i]`.
+    fn rotate(&self, x: &Tensor, pos: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, _, t, d) = x.dims4()?;
+        let half = self.rotary_dim / 2;
+        let table = |m: &Tensor| -> candle_core::Result<Tensor> {
+            m.index_select(pos, 0)?
+                .reshape((b, t, half))?
+                .to_dtype(x.dtype())
+        };
+        let (cos, sin) = (table(&self.cos)?, table(&self.sin)?);
         let rot = x.narrow(3, 0, self.rotary_dim)?.contiguous()?;
         let rot = candle_nn::rotary_emb::rope_i(&rot, &cos, &sin)?;
         if self.rotary_dim == d {
@@ -130,42 +137,42 @@ impl CausalForward for GptJ {
     fn forward(
         &self,
         tokens: &[u32],
-        past: usize,
-        cache: &mut KvCache,
+        pasts: &[usize],
+        caches: &mut [&mut KvCache],
     ) -> candle_core::Result<Tensor> {
         let dev = self.device.clone();
-        let t = tokens.len();
-        if past + t > self.cfg.n_positions {
+        let b = pasts.len();
+        let t = tokens.len() / b;
+        let end = pasts.iter().max().copied().unwrap_or(0) + t;
+        if end > self.cfg.n_positions {
             candle_core::bail!(
-                "position {} is beyond n_positions {}",
-                past + t,
+                "position {end} is beyond n_positions {}",
                 self.cfg.n_positions
             );
         }
-        let ids = Tensor::new(tokens, &dev)?.unsqueeze(0)?;
+        let ids = Tensor::new(tokens, &dev)?.reshape((b, t))?;
+        let pos = layers::positions(pasts, t, &dev)?;
         let mut x = self.wte.forward(&ids)?;
-        let mask = layers::causal_mask(t, past, &dev)?;
+        let mask = |_, total: usize| layers::causal_mask(t, total - t, &dev);
         let heads = self.cfg.n_head;
         let scale = 1.0 / ((self.cfg.n_embd / heads) as f64).sqrt();
-        for (i, b) in self.blocks.iter().enumerate() {
-            let h = b.ln_1.forward(&x)?;
-            let q = self.rotate(&layers::split_heads(&b.q.forward(&h)?, heads)?, past)?;
-            let k = self.rotate(&layers::split_heads(&b.k.forward(&h)?, heads)?, past)?;
-            let v = layers::split_heads(&b.v.forward(&h)?, heads)?.contiguous()?;
-            let (k, v) = cache.append(i, k.contiguous()?, v)?;
-            let a = b.out.forward(&layers::merge_heads(&layers::attention(
-                &q, &k, &v, scale, &mask,
-            )?)?)?;
-            let m = b.fc_out.forward(
+        for (i, blk) in self.blocks.iter().enumerate() {
+            let h = blk.ln_1.forward(&x)?;
+            let q = self.rotate(&layers::split_heads(&blk.q.forward(&h)?, heads)?, &pos)?;
+            let k = self.rotate(&layers::split_heads(&blk.k.forward(&h)?, heads)?, &pos)?;
+            let v = layers::split_heads(&blk.v.forward(&h)?, heads)?;
+            let a = layers::attend_each((&q, &k, &v), i, caches, scale, &mask)?;
+            let a = blk.out.forward(&layers::merge_heads(&a)?)?;
+            let m = blk.fc_out.forward(
                 &self
                     .cfg
                     .activation_function
-                    .forward(&b.fc_in.forward(&h)?)?,
+                    .forward(&blk.fc_in.forward(&h)?)?,
             )?;
             x = ((a + m)? + &x)?;
         }
         let last = self.ln_f.forward(&x.narrow(1, t - 1, 1)?)?;
-        self.lm_head.forward(&last)?.squeeze(0)?.squeeze(0)
+        self.lm_head.forward(&last)?.squeeze(1)
     }
 
     fn num_layers(&self) -> usize {

@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use candle_core::{D, DType, Device, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::error::{Error, Result};
 
@@ -44,10 +44,14 @@ pub(super) fn transformer_root<'a>(vb: &VarBuilder<'a>, probe: &str) -> VarBuild
 }
 
 /// GPT-2's `Conv1D`: a linear layer whose weight is stored `(in, out)`.
-pub(super) fn conv1d(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
+pub(super) fn conv1d(
+    in_dim: usize,
+    out_dim: usize,
+    vb: VarBuilder,
+) -> candle_core::Result<super::few_rows::FewRows> {
     let w = vb.get((in_dim, out_dim), "weight")?.t()?.contiguous()?;
     let b = vb.get(out_dim, "bias")?;
-    Ok(Linear::new(w, Some(b)))
+    Ok(super::few_rows::FewRows::new(w, Some(b)))
 }
 
 /// Keys and values of every layer of one sequence, `(1, heads, len, head_dim)` each. A step
@@ -108,6 +112,45 @@ pub(super) fn attention(
     probs.matmul(&v.contiguous()?)
 }
 
+/// Attention of `b` sequences, `t` new rows each, against their own caches: `q`, `k`, `v` are
+/// `(b, heads, t, d)`; sequence `i`'s keys and values are appended to `caches[i]` for `layer`,
+/// and `bias(i, total)` is its additive bias for `total` cached positions (its causal mask,
+/// ALiBi), broadcast to `(1, heads, t, total)`. Returns `(b, heads, t, d)`.
+pub(super) fn attend_each(
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    layer: usize,
+    caches: &mut [&mut KvCache],
+    scale: f64,
+    bias: &dyn Fn(usize, usize) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
+    let mut out = Vec::with_capacity(caches.len());
+    for (i, cache) in caches.iter_mut().enumerate() {
+        let row = |x: &Tensor| -> candle_core::Result<Tensor> {
+            if x.dim(0)? == 1 {
+                x.contiguous()
+            } else {
+                x.narrow(0, i, 1)?.contiguous()
+            }
+        };
+        let (ki, vi) = cache.append(layer, row(k)?, row(v)?)?;
+        out.push(attention(&row(q)?, &ki, &vi, scale, &bias(i, ki.dim(2)?)?)?);
+    }
+    if out.len() == 1 {
+        return Ok(out.remove(0));
+    }
+    Tensor::cat(&out, 0)
+}
+
+/// The positions of `t` new tokens after `pasts[i]` cached ones, sequence after sequence:
+/// `(b · t,)`.
+pub(super) fn positions(pasts: &[usize], t: usize, device: &Device) -> candle_core::Result<Tensor> {
+    let p: Vec<u32> = pasts
+        .iter()
+        .flat_map(|&past| (past..past + t).map(|p| p as u32))
+        .collect();
+    Tensor::new(p.as_slice(), device)
+}
+
 /// `(b, t, heads * d)` → `(b, heads, t, d)`.
 pub(super) fn split_heads(x: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
     let (b, t, hd) = x.dims3()?;
@@ -159,14 +202,18 @@ pub(super) fn check_vocab(
     Ok(())
 }
 
-/// One forward pass of a hand-written causal LM over new tokens, given the cache of what came
-/// before; returns the logits at the last new position, `(vocab,)`.
+/// One forward pass of a hand-written causal LM: the new tokens of `b = pasts.len()`
+/// sequences, `t` each (`tokens` holds them sequence after sequence, `b · t`), after
+/// `pasts[i]` positions held in `caches[i]`; returns the logits at each sequence's last new
+/// position, `(b, vocab)`. A prompt is one sequence; a decode step of the running batch is
+/// `t = 1`: every weight product takes the rows of all sequences at once, attention runs per
+/// sequence ([`attend_each`]).
 pub(super) trait CausalForward: Send + Sync + 'static {
     fn forward(
         &self,
         tokens: &[u32],
-        past: usize,
-        cache: &mut KvCache,
+        pasts: &[usize],
+        caches: &mut [&mut KvCache],
     ) -> candle_core::Result<Tensor>;
     fn num_layers(&self) -> usize;
 }
@@ -198,6 +245,33 @@ impl<M: CausalForward> super::CausalLm for Lm<M> {
     fn context_length(&self) -> usize {
         self.context_length
     }
+    /// One forward pass for all the sequences: their new tokens are the rows of every weight
+    /// product; attention per sequence on its own cache.
+    fn decode_batch(
+        &self,
+        seqs: &mut [&mut dyn super::Sequence],
+        tokens: &[u32],
+    ) -> Result<Vec<Vec<f32>>> {
+        let ours = |s: &mut &mut dyn super::Sequence| {
+            s.as_any_mut()
+                .and_then(|a| a.downcast_mut::<LmSequence<M>>())
+                .is_some_and(|q| std::sync::Arc::ptr_eq(&q.model, &self.model))
+        };
+        if seqs.len() != tokens.len() || !seqs.iter_mut().all(ours) {
+            return super::decode_each(seqs, tokens);
+        }
+        let mut own: Vec<&mut LmSequence<M>> = seqs
+            .iter_mut()
+            .filter_map(|s| s.as_any_mut()?.downcast_mut::<LmSequence<M>>())
+            .collect();
+        let pasts: Vec<usize> = own.iter().map(|s| s.len).collect();
+        let mut caches: Vec<&mut KvCache> = own.iter_mut().map(|s| &mut s.cache).collect();
+        let logits = self.model.forward(tokens, &pasts, &mut caches)?;
+        for s in own.iter_mut() {
+            s.len += 1;
+        }
+        Ok(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+    }
 }
 
 impl<M: CausalForward> super::Sequence for LmSequence<M> {
@@ -205,12 +279,17 @@ impl<M: CausalForward> super::Sequence for LmSequence<M> {
         if tokens.is_empty() {
             return Err(Error::InvalidRequest("no tokens to feed".into()));
         }
-        let logits = self.model.forward(tokens, self.len, &mut self.cache)?;
+        let logits = self
+            .model
+            .forward(tokens, &[self.len], &mut [&mut self.cache])?;
         self.len += tokens.len();
-        Ok(logits.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+        Ok(logits.squeeze(0)?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
     }
     fn len(&self) -> usize {
         self.len
+    }
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        Some(self)
     }
     fn fork(&self) -> Option<Box<dyn super::Sequence>> {
         Some(Box::new(LmSequence {

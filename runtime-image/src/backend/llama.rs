@@ -146,8 +146,9 @@ fn weights(
     );
     let dense =
         |vb: &VarBuilder, out: usize, inp: usize, name: &str| -> candle_core::Result<Proj> {
-            Ok(Box::new(FewRows(
+            Ok(Box::new(FewRows::new(
                 vb.get((out, inp), &format!("{name}.weight"))?,
+                None,
             )))
         };
     let embed = vb.get((cfg.vocab_size, hidden), "model.embed_tokens.weight")?;
@@ -167,7 +168,7 @@ fn weights(
         });
     }
     let head: Proj = if cfg.tie_word_embeddings {
-        Box::new(FewRows(embed.clone()))
+        Box::new(FewRows::new(embed.clone(), None))
     } else {
         dense(&vb, cfg.vocab_size, hidden, "lm_head")?
     };

@@ -104,16 +104,6 @@ pub(super) fn rope_tables(
     Ok((theta.cos()?.to_dtype(dtype)?, theta.sin()?.to_dtype(dtype)?))
 }
 
-/// The additive mask of `t` new rows after `past` cached positions: row `i` sees positions
-/// `0..=past + i` (0) and not the later ones (−∞). `(t, past + t)`.
-fn causal_mask(past: usize, t: usize, device: &Device) -> candle_core::Result<Tensor> {
-    let n = past + t;
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|i| (0..n).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
-    Tensor::from_vec(mask, (t, n), device)
-}
-
 /// Keys and values of every layer of one sequence.
 pub(super) struct Cache {
     /// Per layer `(keys, values)`, `(kv_heads, capacity, head_dim)` each; empty until the
@@ -203,8 +193,8 @@ impl TensorLlama {
     }
 
     /// Attention of `t` new rows of one sequence whose cache (already written) holds
-    /// `past + t` positions: `q` is `(heads, t, head_dim)`; `mask` ([`causal_mask`]) is
-    /// needed when `t > 1`. Returns `(t, heads · head_dim)`.
+    /// `past + t` positions: `q` is `(heads, t, head_dim)`; `mask`
+    /// ([`super::layers::causal_mask`]) is needed when `t > 1`. Returns `(t, heads · head_dim)`.
     fn attend(
         &self,
         q: &Tensor,
@@ -293,7 +283,7 @@ impl TensorLlama {
         let past = cache.len;
         let cos = self.cos.narrow(0, past, t)?;
         let sin = self.sin.narrow(0, past, t)?;
-        let mask = causal_mask(past, t, &self.device)?;
+        let mask = super::layers::causal_mask(t, past, &self.device)?;
         let mut x = self
             .embed
             .index_select(&Tensor::new(tokens, &self.device)?, 0)?;
@@ -621,23 +611,6 @@ mod tests {
         assert!(
             e.contains("257 tokens exceed the model's context of 256"),
             "{e}"
-        );
-    }
-
-    #[test]
-    fn the_causal_mask_lets_each_new_row_see_the_past_and_itself() {
-        let m = causal_mask(2, 3, &Device::Cpu)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
-        let inf = f32::NEG_INFINITY;
-        assert_eq!(
-            m,
-            vec![
-                vec![0.0, 0.0, 0.0, inf, inf],
-                vec![0.0, 0.0, 0.0, 0.0, inf],
-                vec![0.0, 0.0, 0.0, 0.0, 0.0],
-            ]
         );
     }
 
