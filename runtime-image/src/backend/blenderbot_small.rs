@@ -11,11 +11,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Embedding, LayerNorm, VarBuilder};
 
+use super::few_rows::{self, FewRows};
 use super::seq2seq::{
-    self, Act, DecoderState, EncoderDecoder, GenerationDefaults, Seq2SeqParts, append_kv, attend,
-    merge_heads, split_heads,
+    self, Act, DecoderState, EncoderDecoder, GenerationDefaults, Seq2SeqParts, attend, merge_heads,
+    split_heads,
 };
 use crate::error::{Error, Result};
 use crate::model::LoadedModel;
@@ -56,10 +57,10 @@ pub(super) struct Config {
 }
 
 struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    out: Linear,
+    q: FewRows,
+    k: FewRows,
+    v: FewRows,
+    out: FewRows,
     heads: usize,
     scale: f64,
 }
@@ -72,10 +73,10 @@ impl Attention {
             )));
         }
         Ok(Attention {
-            q: candle_nn::linear(d, d, vb.pp("q_proj"))?,
-            k: candle_nn::linear(d, d, vb.pp("k_proj"))?,
-            v: candle_nn::linear(d, d, vb.pp("v_proj"))?,
-            out: candle_nn::linear(d, d, vb.pp("out_proj"))?,
+            q: few_rows::linear(d, d, vb.pp("q_proj"))?,
+            k: few_rows::linear(d, d, vb.pp("k_proj"))?,
+            v: few_rows::linear(d, d, vb.pp("v_proj"))?,
+            out: few_rows::linear(d, d, vb.pp("out_proj"))?,
             heads,
             scale: ((d / heads) as f64).powf(-0.5),
         })
@@ -88,24 +89,32 @@ impl Attention {
         ))
     }
 
+    /// The scaled queries of rows `x`, `(b, heads, t, d)`.
+    fn query(&self, x: &Tensor) -> Result<Tensor> {
+        split_heads(&(self.q.forward(x)? * self.scale)?, self.heads)
+    }
+
+    /// The output projection of attention results `(b, heads, t, d)`.
+    fn output(&self, a: &Tensor) -> Result<Tensor> {
+        Ok(self.out.forward(&merge_heads(a)?)?)
+    }
+
     fn forward(&self, x: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        let q = split_heads(&(self.q.forward(x)? * self.scale)?, self.heads)?;
-        let o = attend(&q, k, v, bias)?;
-        Ok(self.out.forward(&merge_heads(&o)?)?)
+        self.output(&attend(&self.query(x)?, k, v, bias)?)
     }
 }
 
 struct FeedForward {
-    fc1: Linear,
-    fc2: Linear,
+    fc1: FewRows,
+    fc2: FewRows,
     act: Act,
 }
 
 impl FeedForward {
     fn load(vb: &VarBuilder, d: usize, ffn: usize, act: Act) -> Result<Self> {
         Ok(FeedForward {
-            fc1: candle_nn::linear(d, ffn, vb.pp("fc1"))?,
-            fc2: candle_nn::linear(ffn, d, vb.pp("fc2"))?,
+            fc1: few_rows::linear(d, ffn, vb.pp("fc1"))?,
+            fc2: few_rows::linear(ffn, d, vb.pp("fc2"))?,
             act,
         })
     }
@@ -143,8 +152,8 @@ pub(super) struct BlenderbotSmall {
     dec_positions: Tensor,
     dec_norm: LayerNorm,
     decoder: Vec<DecoderLayer>,
-    lm_head: Tensor,
-    final_logits_bias: Tensor,
+    /// The head, with `final_logits_bias` as its bias.
+    lm_head: FewRows,
     decoder_start: u32,
 }
 
@@ -202,6 +211,7 @@ impl BlenderbotSmall {
             vb.pp("lm_head").get((cfg.vocab_size, d), "weight")?
         };
         let final_logits_bias = vb.get((1, cfg.vocab_size), "final_logits_bias")?;
+        let lm_head = FewRows::new(lm_head, Some(final_logits_bias.squeeze(0)?));
         Ok(BlenderbotSmall {
             embed_scale: if cfg.scale_embedding {
                 (d as f64).sqrt()
@@ -216,7 +226,6 @@ impl BlenderbotSmall {
             encoder,
             decoder,
             lm_head,
-            final_logits_bias,
             decoder_start,
             cfg,
         })
@@ -256,35 +265,39 @@ impl EncoderDecoder for BlenderbotSmall {
         DecoderState::new(cross_kv, mask)
     }
 
-    fn decode(&self, state: &mut DecoderState, ids: &Tensor) -> Result<Tensor> {
+    fn decode(&self, states: &mut [&mut DecoderState], ids: &Tensor) -> Result<Tensor> {
         let (_, t) = ids.dims2()?;
-        let past = state.len;
         // transformers 5 (which produced the reference outputs) normalises the decoder's token
         // embeddings without `embed_scale`. LayerNorm is scale-invariant, so this differs from
         // scaling first only through eps, but that is ~1e-4 on the logits.
         let x = self.dec_norm.forward(&self.shared.forward(ids)?)?;
-        let mut x = x.broadcast_add(&self.positions(&self.dec_positions, past, t)?)?;
-        let causal = if t > 1 {
-            Some(seq2seq::causal_bias(past, t, ids.device())?)
-        } else {
-            None
-        };
+        // Each sequence's positions start at its own past.
+        let positions = states
+            .iter()
+            .map(|st| self.positions(&self.dec_positions, st.len, t))
+            .collect::<Result<Vec<_>>>()?;
+        let mut x = x.broadcast_add(&Tensor::cat(&positions, 0)?)?;
+        let biases = states
+            .iter()
+            .map(|st| match t {
+                1 => Ok(None),
+                _ => Ok(Some(seq2seq::causal_bias(st.len, t, ids.device())?)),
+            })
+            .collect::<Result<Vec<_>>>()?;
         for (i, l) in self.decoder.iter().enumerate() {
             let (k, v) = l.self_attn.kv(&x)?;
-            let (k, v) = append_kv(&mut state.self_kv[i], k, v)?;
-            x = l
-                .self_norm
-                .forward(&(&x + l.self_attn.forward(&x, &k, &v, causal.as_ref())?)?)?;
-            let (ck, cv) = &state.cross_kv[i];
-            let y = l.cross_attn.forward(&x, ck, cv, Some(&state.cross_bias))?;
-            x = l.cross_norm.forward(&(&x + y)?)?;
+            let q = l.self_attn.query(&x)?;
+            let a = seq2seq::self_attend_each((&q, &k, &v), i, states, &biases)?;
+            x = l.self_norm.forward(&(&x + l.self_attn.output(&a)?)?)?;
+            let a = seq2seq::cross_attend_each(&l.cross_attn.query(&x)?, i, states)?;
+            x = l.cross_norm.forward(&(&x + l.cross_attn.output(&a)?)?)?;
             x = l.ff_norm.forward(&(&x + l.ff.forward(&x)?)?)?;
         }
-        state.len += t;
+        for st in states.iter_mut() {
+            st.len += t;
+        }
         let last = x.narrow(1, t - 1, 1)?.squeeze(1)?;
-        Ok(last
-            .matmul(&self.lm_head.t()?)?
-            .broadcast_add(&self.final_logits_bias)?)
+        Ok(self.lm_head.forward(&last)?)
     }
 
     fn decoder_start_token_id(&self) -> u32 {

@@ -30,9 +30,12 @@ pub(crate) trait EncoderDecoder: Send + Sync {
     /// Runs the encoder on right-padded `ids` (batch, len) with `mask` (batch, len; 1 = token,
     /// 0 = padding) and prepares the decoder's cross-attention.
     fn encode(&self, ids: &Tensor, mask: &Tensor) -> Result<DecoderState>;
-    /// Feeds decoder tokens (batch, t) at the next positions; returns the logits (batch, vocab)
-    /// at the last one.
-    fn decode(&self, state: &mut DecoderState, ids: &Tensor) -> Result<Tensor>;
+    /// Feeds decoder tokens `ids` (b, t) to `b = states.len()` sequences, each with its own
+    /// state, at their next positions; returns the logits (b, vocab) at the last one. The
+    /// engine's decode step is `t = 1` for all the running sequences: every weight product
+    /// takes their rows at once, attention runs per sequence ([`self_attend_each`],
+    /// [`cross_attend_each`]).
+    fn decode(&self, states: &mut [&mut DecoderState], ids: &Tensor) -> Result<Tensor>;
     /// The first decoder input.
     fn decoder_start_token_id(&self) -> u32;
     fn vocab_size(&self) -> usize;
@@ -91,8 +94,51 @@ pub(crate) fn attend(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) 
     Ok(p.matmul(v)?)
 }
 
+/// Sequence `i`'s rows of a `(b, …)` tensor: all of them when one state holds the whole
+/// batch (`n == 1`: a padded batch run through one state), else row `i` as `(1, …)`.
+fn rows_of(x: &Tensor, i: usize, n: usize) -> Result<Tensor> {
+    Ok(match n {
+        1 => x.contiguous()?,
+        _ => x.narrow(0, i, 1)?.contiguous()?,
+    })
+}
+
+/// Decoder self-attention of `b` sequences' new rows: `k`, `v` `(b, heads, t, d)` go onto each
+/// sequence's cache for `layer`, and `q` `(b, heads, t, d)` attends to that cache with the
+/// sequence's `biases[i]` (its relative positions, causal mask). `(b, heads, t, d)`.
+pub(crate) fn self_attend_each(
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    layer: usize,
+    states: &mut [&mut DecoderState],
+    biases: &[Option<Tensor>],
+) -> Result<Tensor> {
+    let n = states.len();
+    let mut out = Vec::with_capacity(n);
+    for (i, st) in states.iter_mut().enumerate() {
+        let (ki, vi) = append_kv(&mut st.self_kv[layer], rows_of(k, i, n)?, rows_of(v, i, n)?)?;
+        out.push(attend(&rows_of(q, i, n)?, &ki, &vi, biases[i].as_ref())?);
+    }
+    Ok(Tensor::cat(&out, 0)?)
+}
+
+/// Cross-attention of `b` sequences' new rows `q` `(b, heads, t, d)`, each against its own
+/// encoder output and padding mask. `(b, heads, t, d)`.
+pub(crate) fn cross_attend_each(
+    q: &Tensor,
+    layer: usize,
+    states: &[&mut DecoderState],
+) -> Result<Tensor> {
+    let n = states.len();
+    let mut out = Vec::with_capacity(n);
+    for (i, st) in states.iter().enumerate() {
+        let (ck, cv) = &st.cross_kv[layer];
+        out.push(attend(&rows_of(q, i, n)?, ck, cv, Some(&st.cross_bias))?);
+    }
+    Ok(Tensor::cat(&out, 0)?)
+}
+
 /// Appends this step's keys and values to a layer's cache and returns the whole cache.
-pub(crate) fn append_kv(
+fn append_kv(
     cache: &mut Option<(Tensor, Tensor)>,
     k: Tensor,
     v: Tensor,
@@ -225,6 +271,33 @@ impl CausalLm for Seq2SeqLm {
     fn context_length(&self) -> usize {
         self.model.context_length()
     }
+    /// One decoder pass for all the sequences past their prompt ([`EncoderDecoder::decode`]).
+    fn decode_batch(
+        &self,
+        seqs: &mut [&mut dyn Sequence],
+        tokens: &[u32],
+    ) -> Result<Vec<Vec<f32>>> {
+        let ours = |s: &mut &mut dyn Sequence| {
+            s.as_any_mut()
+                .and_then(|a| a.downcast_mut::<Seq2SeqSequence>())
+                .is_some_and(|q| Arc::ptr_eq(&q.model, &self.model) && q.state.is_some())
+        };
+        if seqs.len() != tokens.len() || !seqs.iter_mut().all(ours) {
+            return super::decode_each(seqs, tokens);
+        }
+        let mut states: Vec<&mut DecoderState> = seqs
+            .iter_mut()
+            .filter_map(|s| {
+                s.as_any_mut()?
+                    .downcast_mut::<Seq2SeqSequence>()?
+                    .state
+                    .as_mut()
+            })
+            .collect();
+        let ids = Tensor::new(tokens, self.model.device())?.unsqueeze(1)?;
+        let logits = self.model.decode(&mut states, &ids)?;
+        Ok(logits.to_vec2::<f32>()?)
+    }
 }
 
 impl Sequence for Seq2SeqSequence {
@@ -243,13 +316,16 @@ impl Sequence for Seq2SeqSequence {
             }
         };
         let input = Tensor::new(input.as_slice(), self.model.device())?.unsqueeze(0)?;
-        let logits = self.model.decode(&mut state, &input);
+        let logits = self.model.decode(&mut [&mut state], &input);
         self.state = Some(state);
         let logits = logits?;
         Ok(logits.squeeze(0)?.to_vec1::<f32>()?)
     }
     fn len(&self) -> usize {
         self.encoder_len + self.state.as_ref().map_or(0, |s| s.len)
+    }
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        Some(self)
     }
 }
 

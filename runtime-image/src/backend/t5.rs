@@ -10,11 +10,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
+use candle_nn::{Embedding, RmsNorm, VarBuilder};
 
+use super::few_rows::{self, FewRows};
 use super::seq2seq::{
-    self, Act, DecoderState, EncoderDecoder, GenerationDefaults, Seq2SeqParts, append_kv, attend,
-    merge_heads, split_heads,
+    self, Act, DecoderState, EncoderDecoder, GenerationDefaults, Seq2SeqParts, attend, merge_heads,
+    split_heads,
 };
 use crate::error::{Error, Result};
 use crate::model::LoadedModel;
@@ -64,10 +65,10 @@ pub(super) struct Config {
 }
 
 struct FeedForward {
-    wi: Linear,
+    wi: FewRows,
     /// The gate's second projection (`wi_1`) for gated variants; `wi` is then `wi_0`.
-    wi_gate: Option<Linear>,
-    wo: Linear,
+    wi_gate: Option<FewRows>,
+    wo: FewRows,
     act: Act,
 }
 
@@ -82,8 +83,8 @@ impl FeedForward {
         let vb = vb.pp("DenseReluDense");
         let (wi, wi_gate) = if gated {
             (
-                candle_nn::linear_no_bias(cfg.d_model, cfg.d_ff, vb.pp("wi_0"))?,
-                Some(candle_nn::linear_no_bias(
+                few_rows::linear_no_bias(cfg.d_model, cfg.d_ff, vb.pp("wi_0"))?,
+                Some(few_rows::linear_no_bias(
                     cfg.d_model,
                     cfg.d_ff,
                     vb.pp("wi_1"),
@@ -91,11 +92,11 @@ impl FeedForward {
             )
         } else {
             (
-                candle_nn::linear_no_bias(cfg.d_model, cfg.d_ff, vb.pp("wi"))?,
+                few_rows::linear_no_bias(cfg.d_model, cfg.d_ff, vb.pp("wi"))?,
                 None,
             )
         };
-        let wo = candle_nn::linear_no_bias(cfg.d_ff, cfg.d_model, vb.pp("wo"))?;
+        let wo = few_rows::linear_no_bias(cfg.d_ff, cfg.d_model, vb.pp("wo"))?;
         Ok(FeedForward {
             wi,
             wi_gate,
@@ -114,10 +115,10 @@ impl FeedForward {
 }
 
 struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
+    q: FewRows,
+    k: FewRows,
+    v: FewRows,
+    o: FewRows,
     heads: usize,
 }
 
@@ -125,10 +126,10 @@ impl Attention {
     fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
         let inner = cfg.num_heads * cfg.d_kv;
         Ok(Attention {
-            q: candle_nn::linear_no_bias(cfg.d_model, inner, vb.pp("q"))?,
-            k: candle_nn::linear_no_bias(cfg.d_model, inner, vb.pp("k"))?,
-            v: candle_nn::linear_no_bias(cfg.d_model, inner, vb.pp("v"))?,
-            o: candle_nn::linear_no_bias(inner, cfg.d_model, vb.pp("o"))?,
+            q: few_rows::linear_no_bias(cfg.d_model, inner, vb.pp("q"))?,
+            k: few_rows::linear_no_bias(cfg.d_model, inner, vb.pp("k"))?,
+            v: few_rows::linear_no_bias(cfg.d_model, inner, vb.pp("v"))?,
+            o: few_rows::linear_no_bias(inner, cfg.d_model, vb.pp("o"))?,
             heads: cfg.num_heads,
         })
     }
@@ -140,11 +141,19 @@ impl Attention {
         ))
     }
 
-    /// T5 does not scale scores by 1/√d: the initialisation accounts for it.
+    /// The queries of rows `x`, `(b, heads, t, d)`. T5 does not scale scores by 1/√d: the
+    /// initialisation accounts for it.
+    fn query(&self, x: &Tensor) -> Result<Tensor> {
+        split_heads(&self.q.forward(x)?, self.heads)
+    }
+
+    /// The output projection of attention results `(b, heads, t, d)`.
+    fn out(&self, a: &Tensor) -> Result<Tensor> {
+        Ok(self.o.forward(&merge_heads(a)?)?)
+    }
+
     fn forward(&self, x: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
-        let q = split_heads(&self.q.forward(x)?, self.heads)?;
-        let out = attend(&q, k, v, Some(bias))?;
-        Ok(self.o.forward(&merge_heads(&out)?)?)
+        self.out(&attend(&self.query(x)?, k, v, Some(bias))?)
     }
 }
 
@@ -225,7 +234,7 @@ pub(super) struct T5 {
     decoder_bias: RelativeBias,
     decoder_norm: RmsNorm,
     /// The untied head, or the shared embedding when tied.
-    lm_head: Tensor,
+    lm_head: FewRows,
     output_scale: f64,
     decoder_start: u32,
 }
@@ -291,12 +300,15 @@ impl T5 {
             cfg.layer_norm_epsilon,
             dvb.pp("final_layer_norm"),
         )?;
-        let lm_head = if cfg.tie_word_embeddings {
-            shared.embeddings().clone()
-        } else {
-            vb.pp("lm_head")
-                .get((cfg.vocab_size, cfg.d_model), "weight")?
-        };
+        let lm_head = FewRows::new(
+            if cfg.tie_word_embeddings {
+                shared.embeddings().clone()
+            } else {
+                vb.pp("lm_head")
+                    .get((cfg.vocab_size, cfg.d_model), "weight")?
+            },
+            None,
+        );
         let output_scale = if cfg.scale_decoder_outputs.unwrap_or(cfg.tie_word_embeddings) {
             (cfg.d_model as f64).powf(-0.5)
         } else {
@@ -342,28 +354,38 @@ impl EncoderDecoder for T5 {
         DecoderState::new(cross_kv, mask)
     }
 
-    fn decode(&self, state: &mut DecoderState, ids: &Tensor) -> Result<Tensor> {
+    fn decode(&self, states: &mut [&mut DecoderState], ids: &Tensor) -> Result<Tensor> {
         let (_, t) = ids.dims2()?;
-        let past = state.len;
         let mut x = self.shared.forward(ids)?;
-        let mut bias = self.decoder_bias.forward(past, t, past + t)?;
-        if t > 1 {
-            bias = bias.broadcast_add(&seq2seq::causal_bias(past, t, ids.device())?)?;
-        }
+        // Each sequence's relative-position bias (and causal mask) for its own past.
+        let biases = states
+            .iter()
+            .map(|st| {
+                let past = st.len;
+                let mut bias = self.decoder_bias.forward(past, t, past + t)?;
+                if t > 1 {
+                    bias = bias.broadcast_add(&seq2seq::causal_bias(past, t, ids.device())?)?;
+                }
+                Ok(Some(bias))
+            })
+            .collect::<Result<Vec<_>>>()?;
         for (i, b) in self.decoder.iter().enumerate() {
             let h = b.ln_self.forward(&x)?;
             let (k, v) = b.self_attn.kv(&h)?;
-            let (k, v) = append_kv(&mut state.self_kv[i], k, v)?;
-            x = (&x + b.self_attn.forward(&h, &k, &v, &bias)?)?;
+            let q = b.self_attn.query(&h)?;
+            let a = seq2seq::self_attend_each((&q, &k, &v), i, states, &biases)?;
+            x = (&x + b.self_attn.out(&a)?)?;
             let h = b.ln_cross.forward(&x)?;
-            let (ck, cv) = &state.cross_kv[i];
-            x = (&x + b.cross_attn.forward(&h, ck, cv, &state.cross_bias)?)?;
+            let a = seq2seq::cross_attend_each(&b.cross_attn.query(&h)?, i, states)?;
+            x = (&x + b.cross_attn.out(&a)?)?;
             x = (&x + b.ff.forward(&b.ln_ff.forward(&x)?)?)?;
         }
-        state.len += t;
+        for st in states.iter_mut() {
+            st.len += t;
+        }
         let x = self.decoder_norm.forward(&x)?;
         let last = (x.narrow(1, t - 1, 1)?.squeeze(1)? * self.output_scale)?;
-        Ok(last.matmul(&self.lm_head.t()?)?)
+        Ok(self.lm_head.forward(&last)?)
     }
 
     fn decoder_start_token_id(&self) -> u32 {

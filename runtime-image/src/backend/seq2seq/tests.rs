@@ -177,7 +177,11 @@ fn check_batch(name: &str) {
     let model = &parts.model;
     let mut state = model.encode(&ids_t, &mask_t).unwrap();
     let start = Tensor::from_vec(vec![model.decoder_start_token_id(); b], (b, 1), &dev).unwrap();
-    let mut logits: Vec<Vec<f32>> = model.decode(&mut state, &start).unwrap().to_vec2().unwrap();
+    let mut logits: Vec<Vec<f32>> = model
+        .decode(&mut [&mut state], &start)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
     let pad = batch["pad_token_id"].as_u64().unwrap() as u32;
     let mut generated: Vec<Vec<u32>> = vec![Vec::new(); b];
     let mut done = vec![false; b];
@@ -213,7 +217,11 @@ fn check_batch(name: &str) {
             break;
         }
         let t = Tensor::from_vec(next, (b, 1), &dev).unwrap();
-        logits = model.decode(&mut state, &t).unwrap().to_vec2().unwrap();
+        logits = model
+            .decode(&mut [&mut state], &t)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
     }
     for (k, row) in batch["rows"].as_array().unwrap().iter().enumerate() {
         assert_eq!(
@@ -273,7 +281,7 @@ fn check_prefix_at_once(name: &str) {
         .iter()
         .map(|&t| {
             let x = Tensor::new(&[t], &dev).unwrap().unsqueeze(0).unwrap();
-            let l = model.decode(&mut state, &x).unwrap();
+            let l = model.decode(&mut [&mut state], &x).unwrap();
             l.squeeze(0).unwrap().to_vec1().unwrap()
         })
         .collect();
@@ -285,7 +293,7 @@ fn check_prefix_at_once(name: &str) {
             .unsqueeze(0)
             .unwrap();
         let got: Vec<f32> = model
-            .decode(&mut state, &x)
+            .decode(&mut [&mut state], &x)
             .unwrap()
             .squeeze(0)
             .unwrap()
@@ -308,4 +316,87 @@ fn t5_decoding_a_prefix_at_once_equals_decoding_it_token_by_token() {
 #[test]
 fn blenderbot_small_decoding_a_prefix_at_once_equals_decoding_it_token_by_token() {
     check_prefix_at_once("blenderbot-small");
+}
+
+/// The engine's decode step over several sequences ([`crate::backend::CausalLm::decode_batch`]:
+/// one decoder pass, every weight product over all rows, attention per sequence against its
+/// own cache, encoder output and positions) gives each sequence the bits it gets alone; the
+/// sequences have prompts of different lengths, join the batch after different numbers of
+/// decoder tokens (sequence `i` after `i` alone), and one leaves early.
+fn check_batched_decode(name: &str) {
+    use crate::backend::{CausalLm, Sequence};
+    let (parts, reference) = open(name);
+    let lm = super::Seq2SeqLm {
+        model: parts.model.clone(),
+    };
+    let prompts: Vec<Vec<u32>> = reference["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| ids(&c["input_ids"]))
+        .collect();
+    assert!(prompts.len() >= 2, "{name}: several cases");
+    let steps = 8;
+    let alone: Vec<Vec<Vec<f32>>> = prompts
+        .iter()
+        .map(|p| {
+            let mut seq = lm.new_sequence().unwrap();
+            let mut out = vec![seq.feed(p).unwrap()];
+            for _ in 0..steps + prompts.len() {
+                let t = argmax(out.last().unwrap());
+                out.push(seq.feed(&[t]).unwrap());
+            }
+            out
+        })
+        .collect();
+    let mut seqs: Vec<Box<dyn Sequence>> =
+        prompts.iter().map(|_| lm.new_sequence().unwrap()).collect();
+    let mut last: Vec<Vec<f32>> = seqs
+        .iter_mut()
+        .zip(&prompts)
+        .enumerate()
+        .map(|(i, (s, p))| {
+            let mut l = s.feed(p).unwrap();
+            for _ in 0..i {
+                l = s.feed(&[argmax(&l)]).unwrap();
+            }
+            l
+        })
+        .collect();
+    for step in 0..steps {
+        // The first sequence leaves after half the steps.
+        let live: Vec<usize> = (0..seqs.len())
+            .filter(|&i| i != 0 || step < steps / 2)
+            .collect();
+        let tokens: Vec<u32> = live.iter().map(|&i| argmax(&last[i])).collect();
+        let mut batch: Vec<&mut dyn Sequence> = seqs
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| live.contains(i))
+            .map(|(_, s)| &mut **s as &mut dyn Sequence)
+            .collect();
+        let rows = lm.decode_batch(&mut batch, &tokens).unwrap();
+        assert_eq!(rows.len(), live.len());
+        for (&i, row) in live.iter().zip(rows) {
+            let want = &alone[i][i + step + 1];
+            assert!(
+                row.iter()
+                    .map(|x| x.to_bits())
+                    .eq(want.iter().map(|x| x.to_bits())),
+                "{name} sequence {i} step {step}: logits differ by {}",
+                max_abs_diff(&row, want)
+            );
+            last[i] = row;
+        }
+    }
+}
+
+#[test]
+fn t5_batched_decode_steps_give_each_sequence_its_bits_alone() {
+    check_batched_decode("t5");
+}
+
+#[test]
+fn blenderbot_small_batched_decode_steps_give_each_sequence_its_bits_alone() {
+    check_batched_decode("blenderbot-small");
 }
