@@ -115,21 +115,15 @@ impl CausalLm for QLlama {
         seqs: &mut [&mut dyn Sequence],
         tokens: &[u32],
     ) -> Result<Vec<Vec<f32>>> {
-        let ours = |s: &mut &mut dyn Sequence| {
-            s.as_any_mut()
-                .and_then(|a| a.downcast_mut::<QLlamaSequence>())
-                .is_some_and(|q| Arc::ptr_eq(&q.weights, &self.weights))
-        };
-        if seqs.len() != tokens.len() || !seqs.iter_mut().all(ours) {
+        let Some(own) = super::own_sequences::<QLlamaSequence>(seqs, tokens, |q| {
+            Arc::ptr_eq(&q.weights, &self.weights)
+        }) else {
             return super::decode_each(seqs, tokens);
-        }
-        let mut items: Vec<(&mut KvCache, &[u32])> = seqs
-            .iter_mut()
+        };
+        let mut items: Vec<(&mut KvCache, &[u32])> = own
+            .into_iter()
             .zip(tokens)
-            .filter_map(|(s, t)| {
-                let q = s.as_any_mut()?.downcast_mut::<QLlamaSequence>()?;
-                Some((&mut q.cache, std::slice::from_ref(t)))
-            })
+            .map(|(q, t)| (&mut q.cache, std::slice::from_ref(t)))
             .collect();
         self.weights.forward(&mut items)
     }

@@ -252,18 +252,11 @@ impl<M: CausalForward> super::CausalLm for Lm<M> {
         seqs: &mut [&mut dyn super::Sequence],
         tokens: &[u32],
     ) -> Result<Vec<Vec<f32>>> {
-        let ours = |s: &mut &mut dyn super::Sequence| {
-            s.as_any_mut()
-                .and_then(|a| a.downcast_mut::<LmSequence<M>>())
-                .is_some_and(|q| std::sync::Arc::ptr_eq(&q.model, &self.model))
-        };
-        if seqs.len() != tokens.len() || !seqs.iter_mut().all(ours) {
+        let Some(mut own) = super::own_sequences::<LmSequence<M>>(seqs, tokens, |q| {
+            std::sync::Arc::ptr_eq(&q.model, &self.model)
+        }) else {
             return super::decode_each(seqs, tokens);
-        }
-        let mut own: Vec<&mut LmSequence<M>> = seqs
-            .iter_mut()
-            .filter_map(|s| s.as_any_mut()?.downcast_mut::<LmSequence<M>>())
-            .collect();
+        };
         let pasts: Vec<usize> = own.iter().map(|s| s.len).collect();
         let mut caches: Vec<&mut KvCache> = own.iter_mut().map(|s| &mut s.cache).collect();
         let logits = self.model.forward(tokens, &pasts, &mut caches)?;

@@ -126,6 +126,28 @@ pub trait CausalLm: Send + Sync {
     }
 }
 
+/// The sequences of a batched decode step as the backend's own type `S`, when there is one
+/// token per sequence and every sequence is an `S` that `mine` accepts (built on the same
+/// weights); `None` otherwise, and the backend falls back to [`decode_each`].
+pub(crate) fn own_sequences<'a, S: 'static>(
+    seqs: &'a mut [&mut dyn Sequence],
+    tokens: &[u32],
+    mine: impl Fn(&S) -> bool,
+) -> Option<Vec<&'a mut S>> {
+    if seqs.len() != tokens.len() {
+        return None;
+    }
+    let mut own = Vec::with_capacity(seqs.len());
+    for s in seqs.iter_mut() {
+        let s = s.as_any_mut()?.downcast_mut::<S>()?;
+        if !mine(s) {
+            return None;
+        }
+        own.push(s);
+    }
+    Some(own)
+}
+
 /// [`CausalLm::decode_batch`] as a loop over [`Sequence::feed`].
 pub fn decode_each(seqs: &mut [&mut dyn Sequence], tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
     if seqs.len() != tokens.len() {

@@ -277,23 +277,13 @@ impl CausalLm for Seq2SeqLm {
         seqs: &mut [&mut dyn Sequence],
         tokens: &[u32],
     ) -> Result<Vec<Vec<f32>>> {
-        let ours = |s: &mut &mut dyn Sequence| {
-            s.as_any_mut()
-                .and_then(|a| a.downcast_mut::<Seq2SeqSequence>())
-                .is_some_and(|q| Arc::ptr_eq(&q.model, &self.model) && q.state.is_some())
-        };
-        if seqs.len() != tokens.len() || !seqs.iter_mut().all(ours) {
+        let Some(own) = super::own_sequences::<Seq2SeqSequence>(seqs, tokens, |q| {
+            Arc::ptr_eq(&q.model, &self.model) && q.state.is_some()
+        }) else {
             return super::decode_each(seqs, tokens);
-        }
-        let mut states: Vec<&mut DecoderState> = seqs
-            .iter_mut()
-            .filter_map(|s| {
-                s.as_any_mut()?
-                    .downcast_mut::<Seq2SeqSequence>()?
-                    .state
-                    .as_mut()
-            })
-            .collect();
+        };
+        let mut states: Vec<&mut DecoderState> =
+            own.into_iter().filter_map(|q| q.state.as_mut()).collect();
         let ids = Tensor::new(tokens, self.model.device())?.unsqueeze(1)?;
         let logits = self.model.decode(&mut states, &ids)?;
         Ok(logits.to_vec2::<f32>()?)

@@ -391,18 +391,12 @@ impl CausalLm for TensorLlamaLm {
         seqs: &mut [&mut dyn Sequence],
         tokens: &[u32],
     ) -> Result<Vec<Vec<f32>>> {
-        let ours = |s: &mut &mut dyn Sequence| {
-            s.as_any_mut()
-                .and_then(|a| a.downcast_mut::<TensorSequence>())
-                .is_some_and(|q| Arc::ptr_eq(&q.model, &self.0))
-        };
-        if seqs.len() != tokens.len() || !seqs.iter_mut().all(ours) {
+        let Some(own) = super::own_sequences::<TensorSequence>(seqs, tokens, |q| {
+            Arc::ptr_eq(&q.model, &self.0)
+        }) else {
             return super::decode_each(seqs, tokens);
-        }
-        let mut caches: Vec<&mut Cache> = seqs
-            .iter_mut()
-            .filter_map(|s| Some(&mut s.as_any_mut()?.downcast_mut::<TensorSequence>()?.cache))
-            .collect();
+        };
+        let mut caches: Vec<&mut Cache> = own.into_iter().map(|q| &mut q.cache).collect();
         self.0.decode(&mut caches, tokens)
     }
 }
