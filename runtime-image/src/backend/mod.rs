@@ -662,6 +662,57 @@ pub(crate) fn classification_model(
 mod tests {
     use super::*;
 
+    /// A sequence of a stand-in backend: `id` names its "weights".
+    struct Own {
+        id: u8,
+        len: usize,
+    }
+    impl Sequence for Own {
+        fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+            self.len += tokens.len();
+            Ok(vec![self.id as f32])
+        }
+        fn len(&self) -> usize {
+            self.len
+        }
+        fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+            Some(self)
+        }
+    }
+    /// A sequence that does not expose its type.
+    struct Opaque;
+    impl Sequence for Opaque {
+        fn feed(&mut self, _: &[u32]) -> Result<Vec<f32>> {
+            Ok(vec![-1.0])
+        }
+        fn len(&self) -> usize {
+            0
+        }
+    }
+
+    #[test]
+    fn a_step_is_batched_only_when_every_sequence_is_the_backends_own() {
+        let (mut a, mut b) = (Own { id: 1, len: 3 }, Own { id: 1, len: 5 });
+        let mut seqs: Vec<&mut dyn Sequence> = vec![&mut a, &mut b];
+        let own = own_sequences::<Own>(&mut seqs, &[7, 8], |s| s.id == 1).expect("all own");
+        assert_eq!(own.iter().map(|s| s.len).collect::<Vec<_>>(), [3, 5]);
+        // One token per sequence, or no batch.
+        assert!(own_sequences::<Own>(&mut seqs, &[7], |s| s.id == 1).is_none());
+        // Another model's sequence (other weights) in the step: no batch.
+        let mut c = Own { id: 2, len: 1 };
+        let mut seqs: Vec<&mut dyn Sequence> = vec![&mut a, &mut c];
+        assert!(own_sequences::<Own>(&mut seqs, &[7, 8], |s| s.id == 1).is_none());
+        // A sequence of another type: no batch, and the step runs one by one.
+        let mut o = Opaque;
+        let mut seqs: Vec<&mut dyn Sequence> = vec![&mut b, &mut o];
+        assert!(own_sequences::<Own>(&mut seqs, &[7, 8], |_| true).is_none());
+        assert_eq!(
+            decode_each(&mut seqs, &[7, 8]).unwrap(),
+            vec![vec![1.0], vec![-1.0]]
+        );
+        assert_eq!(b.len, 6);
+    }
+
     #[test]
     fn dtype_names_parse_and_auto_means_f32_on_cpu() {
         assert_eq!("bf16".parse::<WeightDtype>().unwrap(), WeightDtype::Bf16);
