@@ -122,8 +122,9 @@ impl Cache {
         }
     }
 
-    /// Room for `extra` more positions: a larger buffer per layer (at least double the old
-    /// one) holding the first `keep` positions, where the present one is too small.
+    /// Room for `extra` more positions: where the present buffers are too small, larger ones
+    /// (at least double, at least 64 positions, at most the context) holding what these hold.
+    /// More than the model's context is refused.
     fn reserve(&mut self, m: &TensorLlama, extra: usize) -> Result<()> {
         let need = self.len + extra;
         if need > m.context_length {
