@@ -213,13 +213,12 @@ impl TensorLlama {
         let n = past + t;
         let rep = heads / kv_heads;
         let (kc, vc) = &cache.layers[l];
-        let k = kc.narrow(1, 0, n)?.to_dtype(DType::F32)?;
-        let v = vc.narrow(1, 0, n)?.to_dtype(DType::F32)?;
+        // The products in the cache's dtype (f32 sums inside cuBLAS and gemm), the softmax
+        // in f32: a half-precision cache is read as it is, not converted every step.
+        let (k, v) = (kc.narrow(1, 0, n)?, vc.narrow(1, 0, n)?);
         // Query head h reads kv head h / rep: the rep heads of a kv head are one batch.
-        let q = q
-            .to_dtype(DType::F32)?
-            .reshape((kv_heads, rep * t, head_dim))?;
-        let scores = (q.matmul(&k.t()?)? / (head_dim as f64).sqrt())?;
+        let q = q.reshape((kv_heads, rep * t, head_dim))?;
+        let scores = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? / (head_dim as f64).sqrt())?;
         let scores = match mask {
             Some(mask) if t > 1 => scores
                 .reshape((kv_heads, rep, t, n))?
@@ -227,12 +226,11 @@ impl TensorLlama {
                 .reshape((kv_heads, rep * t, n))?,
             _ => scores,
         };
-        let p = candle_nn::ops::softmax_last_dim(&scores)?;
+        let p = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
         let y = p.matmul(&v.contiguous()?)?;
         Ok(y.reshape((heads, t, head_dim))?
             .transpose(0, 1)?
-            .reshape((t, heads * head_dim))?
-            .to_dtype(self.dtype)?)
+            .reshape((t, heads * head_dim))?)
     }
 
     /// The layer's MLP and its residual: `x + down(silu(gate(h)) · up(h))`, `h` the normed `x`.
