@@ -128,13 +128,14 @@ pub trait CausalLm: Send + Sync {
 
 /// The sequences of a batched decode step as the backend's own type `S`, when there is one
 /// token per sequence and every sequence is an `S` that `mine` accepts (built on the same
-/// weights); `None` otherwise, and the backend falls back to [`decode_each`].
+/// weights); `None` otherwise (an empty step included), and the backend falls back to
+/// [`decode_each`].
 pub(crate) fn own_sequences<'a, S: 'static>(
     seqs: &'a mut [&mut dyn Sequence],
     tokens: &[u32],
     mine: impl Fn(&S) -> bool,
 ) -> Option<Vec<&'a mut S>> {
-    if seqs.len() != tokens.len() {
+    if seqs.is_empty() || seqs.len() != tokens.len() {
         return None;
     }
     let mut own = Vec::with_capacity(seqs.len());
@@ -711,6 +712,10 @@ mod tests {
             vec![vec![1.0], vec![-1.0]]
         );
         assert_eq!(b.len, 6);
+        // An empty step has nothing to batch (and decode_each returns no rows).
+        let mut none: Vec<&mut dyn Sequence> = Vec::new();
+        assert!(own_sequences::<Own>(&mut none, &[], |_| true).is_none());
+        assert!(decode_each(&mut none, &[]).unwrap().is_empty());
     }
 
     #[test]
