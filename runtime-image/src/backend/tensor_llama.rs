@@ -227,7 +227,7 @@ impl TensorLlama {
             _ => scores,
         };
         let p = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
-        let y = p.matmul(&v.contiguous()?)?;
+        let y = p.matmul(&v)?;
         Ok(y.reshape((heads, t, head_dim))?
             .transpose(0, 1)?
             .reshape((t, heads * head_dim))?)
