@@ -11,6 +11,8 @@ use kandle_runtime::sampling::{argmax, log_softmax};
 use kandle_tests::{fixtures_dir, models};
 use serde_json::Value;
 
+#[path = "support/batched.rs"]
+mod batched;
 #[path = "support/incremental_text.rs"]
 mod incremental_text;
 
@@ -443,56 +445,28 @@ fn smollm2_on_the_gpu_path_is_as_close_to_llama_cpp_as_candle_and_batches_its_de
         .map(|p| ids(&p["prompt_token_ids"]))
         .chain([ids(&fixtures["prompts"][0]["prompt_token_ids"])[..20].to_vec()])
         .collect();
-    let steps = 6;
-    let alone: Vec<Vec<Vec<f32>>> = prompts
-        .iter()
-        .map(|p| {
-            let mut seq = gpu_path.lm.new_sequence().unwrap();
-            let mut out = vec![seq.feed(p).unwrap()];
-            for _ in 0..steps {
-                let t = argmax(out.last().unwrap());
-                out.push(seq.feed(&[t]).unwrap());
-            }
-            out
-        })
-        .collect();
-    let mut seqs: Vec<_> = prompts
-        .iter()
-        .map(|_| gpu_path.lm.new_sequence().unwrap())
-        .collect();
-    let mut last: Vec<Vec<f32>> = seqs
-        .iter_mut()
-        .zip(&prompts)
-        .map(|(s, p)| s.feed(p).unwrap())
-        .collect();
     let mut worst = 0f32;
-    for step in 0..steps {
-        let live: Vec<usize> = (0..seqs.len()).filter(|&i| i != 1 || step < 3).collect();
-        let tokens: Vec<u32> = live.iter().map(|&i| argmax(&last[i])).collect();
-        let mut batch: Vec<&mut dyn backend::Sequence> = seqs
-            .iter_mut()
-            .enumerate()
-            .filter(|(i, _)| live.contains(i))
-            .map(|(_, s)| &mut **s as &mut dyn backend::Sequence)
-            .collect();
-        let rows = gpu_path.lm.decode_batch(&mut batch, &tokens).unwrap();
-        for (&i, row) in live.iter().zip(rows) {
-            let want = &alone[i][step + 1];
+    // Six steps; the second sequence leaves after three.
+    batched::batched_against_alone(
+        gpu_path.lm.as_ref(),
+        &prompts,
+        6,
+        |i, step| i != 1 || step < 3,
+        |i, step, row, want| {
             let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
-            let d = max_abs_diff(&row, want) / scale;
+            let d = max_abs_diff(row, want) / scale;
             worst = worst.max(d);
             assert!(
                 d <= 1e-4,
                 "sequence {i} step {step}: relative logit difference {d}"
             );
             assert_eq!(
-                argmax(&row),
+                argmax(row),
                 argmax(want),
                 "sequence {i} step {step}: greedy token"
             );
-            last[i] = row;
-        }
-    }
+        },
+    );
     println!("GPU path, batched vs alone: largest relative logit difference {worst:e}");
 }
 

@@ -20,6 +20,8 @@ use kandle_runtime::server::{self, Server};
 use kandle_tests::fixtures_dir;
 use serde_json::{Value, json};
 
+#[path = "support/batched.rs"]
+mod batched;
 #[path = "support/incremental_text.rs"]
 mod incremental_text;
 
@@ -343,61 +345,21 @@ fn batched_decode_matches_alone(name: &str) {
         "the fixture has {} cases",
         prompts.len()
     );
-    // Alone: each prompt, then 16 greedy steps, every step's logits kept.
-    let alone: Vec<Vec<Vec<f32>>> = prompts
-        .iter()
-        .map(|p| {
-            let mut seq = g.lm.new_sequence().unwrap();
-            let mut steps = vec![seq.feed(p).unwrap()];
-            for _ in 0..16 {
-                let t = argmax(steps.last().unwrap());
-                steps.push(seq.feed(&[t]).unwrap());
-            }
-            steps
-        })
-        .collect();
-    // Together: sequence i stops after 16 - 2i steps (the batch shrinks).
-    let mut seqs: Vec<_> = prompts
-        .iter()
-        .map(|_| g.lm.new_sequence().unwrap())
-        .collect();
-    let mut got: Vec<Vec<Vec<f32>>> = seqs
-        .iter_mut()
-        .zip(&prompts)
-        .map(|(s, p)| vec![s.feed(p).unwrap()])
-        .collect();
-    for step in 0..16 {
-        let live: Vec<usize> = (0..seqs.len()).filter(|&i| step < 16 - 2 * i).collect();
-        let tokens: Vec<u32> = live
-            .iter()
-            .map(|&i| argmax(got[i].last().unwrap()))
-            .collect();
-        let mut batch: Vec<&mut dyn backend::Sequence> = seqs
-            .iter_mut()
-            .enumerate()
-            .filter(|(i, _)| live.contains(i))
-            .map(|(_, s)| &mut **s as &mut dyn backend::Sequence)
-            .collect();
-        let rows = g.lm.decode_batch(&mut batch, &tokens).unwrap();
-        assert_eq!(rows.len(), live.len(), "one row per sequence");
-        for (&i, row) in live.iter().zip(rows) {
-            let want = &alone[i][step + 1];
+    // 16 steps; sequence i stops after 16 - 2i of them (the batch shrinks).
+    batched::batched_against_alone(
+        g.lm.as_ref(),
+        &prompts,
+        16,
+        |i, step| step < 16 - 2 * i,
+        |i, step, row, want| {
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert!(
-                bits(&row) == bits(want),
+                bits(row) == bits(want),
                 "{name} sequence {i} step {step}: logits differ by {}",
-                max_abs_diff(&row, want)
+                max_abs_diff(row, want)
             );
-            got[i].push(row);
-        }
-    }
-    for (i, s) in seqs.iter().enumerate() {
-        assert_eq!(
-            s.len(),
-            prompts[i].len() + 16 - 2 * i,
-            "{name} sequence {i}'s length"
-        );
-    }
+        },
+    );
 }
 
 #[test]
