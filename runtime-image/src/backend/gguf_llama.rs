@@ -18,7 +18,8 @@ use candle_transformers::models::quantized_llama::{MAX_SEQ_LEN, ModelWeights};
 
 use super::qllama::{self, KvCache, Weights};
 use super::tensor_llama::{
-    Heads, Layer, PREFILL_CHUNK, Proj, Rope, TensorLlama, TensorLlamaLm, rope_tables,
+    Heads, Layer, PREFILL_CHUNK, Proj, Rope, TensorLlama, TensorLlamaLm, inverse_frequencies,
+    rope_tables,
 };
 use super::{CausalLm, Sequence};
 use crate::chat::ChatTemplate;
@@ -256,10 +257,7 @@ fn tensor_weights<R: std::io::Read + std::io::Seek>(
             down: quant(w("ffn_down")?)?,
         });
     }
-    let inv_freq: Vec<f32> = (0..head_dim)
-        .step_by(2)
-        .map(|i| 1.0 / theta.powf(i as f32 / head_dim as f32))
-        .collect();
+    let inv_freq = inverse_frequencies(theta, head_dim);
     let (cos, sin) = rope_tables(&inv_freq, context_length, DType::F32, device)?;
     Ok(TensorLlama {
         embed,

@@ -13,7 +13,8 @@ use candle_transformers::models::llama::{Config, Llama3RopeType, LlamaConfig, Ll
 
 use super::few_rows::FewRows;
 use super::tensor_llama::{
-    Heads, Layer, PREFILL_CHUNK, Proj, Rope, TensorLlama, TensorLlamaLm, rope_tables,
+    Heads, Layer, PREFILL_CHUNK, Proj, Rope, TensorLlama, TensorLlamaLm, inverse_frequencies,
+    rope_tables,
 };
 use crate::error::{Error, Result, read_json};
 use crate::model::LoadedModel;
@@ -103,10 +104,8 @@ pub(super) fn load(dir: &Path, dtype: DType, device: &Device) -> Result<LoadedMo
 /// The rotary embedding's inverse frequencies, with llama3's scaling where the config has it
 /// (as candle-transformers' and transformers' llama compute them).
 fn inv_freq(cfg: &Config) -> Vec<f32> {
-    let head_dim = cfg.hidden_size / cfg.num_attention_heads;
-    let plain = (0..head_dim)
-        .step_by(2)
-        .map(|i| 1f32 / cfg.rope_theta.powf(i as f32 / head_dim as f32));
+    let plain =
+        inverse_frequencies(cfg.rope_theta, cfg.hidden_size / cfg.num_attention_heads).into_iter();
     match &cfg.rope_scaling {
         Some(s) if matches!(s.rope_type, Llama3RopeType::Llama3) => {
             let original = s.original_max_position_embeddings as f32;

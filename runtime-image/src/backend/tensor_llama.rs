@@ -88,6 +88,15 @@ pub(super) struct TensorLlama {
 /// 32 heads × 512 × 4096 f32 attention scores (268 MB) at its last part.
 pub(super) const PREFILL_CHUNK: usize = 512;
 
+/// The rotary embedding's inverse frequency of each pair of a head's dimensions:
+/// `theta^(-2i / head_dim)`, before any scaling.
+pub(super) fn inverse_frequencies(theta: f32, head_dim: usize) -> Vec<f32> {
+    (0..head_dim)
+        .step_by(2)
+        .map(|i| 1.0 / theta.powf(i as f32 / head_dim as f32))
+        .collect()
+}
+
 /// The rotary embedding's `cos` and `sin` tables for positions `0..positions`, from the
 /// inverse frequencies of each pair of dimensions.
 pub(super) fn rope_tables(
@@ -473,9 +482,7 @@ mod tests {
             .collect();
         let embed =
             Tensor::from_vec(values(vocab * hidden, 7, 2.0), (vocab, hidden), &dev).unwrap();
-        let inv: Vec<f32> = (0..head_dim / 2)
-            .map(|i| 1.0 / 100f32.powf(2.0 * i as f32 / head_dim as f32))
-            .collect();
+        let inv = inverse_frequencies(100.0, head_dim);
         let (cos, sin) = rope_tables(&inv, 256, DType::F32, &dev).unwrap();
         Arc::new(TensorLlama {
             head: Box::new(candle_nn::Linear::new(embed.clone(), None)),
