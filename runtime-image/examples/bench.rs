@@ -396,14 +396,16 @@ fn vm_hwm_kib(pid: u32) -> anyhow::Result<u64> {
 }
 
 /// The prompts of the server's concurrency figure: greedy completions of these run past the
-/// figure's 64 tokens without an end-of-text (checked: every request must give all 64).
+/// figure's 64 tokens without an end-of-text (checked: every request must give all 64). A
+/// change in the model's arithmetic can move that: "In 1492," ended after 27 greedy tokens once
+/// the RMS norm followed llama.cpp's, and gave its place to "The history of Rome".
 const SERVER_PROMPTS: [&str; 8] = [
     "Once upon a time",
     "The three primary colours are",
     "def fibonacci(n):",
     "Paris is",
     "The weather today",
-    "In 1492,",
+    "The history of Rome",
     "My favourite food is",
     "The capital of Japan",
 ];
@@ -477,13 +479,15 @@ fn server_concurrency(port: u16, streams: &[usize], runs: usize) -> anyhow::Resu
                 })
                 .collect();
             let mut tokens = 0;
-            for c in clients {
+            for (i, c) in clients.into_iter().enumerate() {
                 let got = c
                     .join()
                     .map_err(|_| anyhow::anyhow!("a client thread panicked"))??;
+                let prompt = SERVER_PROMPTS[i % SERVER_PROMPTS.len()];
                 anyhow::ensure!(
                     got == TOKENS,
-                    "a request stopped after {got} of {TOKENS} tokens"
+                    "the request for {prompt:?} (temperature {temperature}, top_p {top_p}) \
+                     stopped after {got} of {TOKENS} tokens"
                 );
                 tokens += got;
             }
