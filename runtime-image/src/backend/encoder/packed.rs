@@ -777,6 +777,29 @@ mod avx512 {
 
     use super::NR;
 
+    /// `*p` in all sixteen lanes, as an opaque instruction: LLVM hoists the broadcasts of
+    /// `_mm512_set1_ps` ahead of their FMAs (and unrolls), which for ten or more rows runs
+    /// out of registers and spills every step of k; an `asm!` block with side effects stays
+    /// where it is written, next to its two FMAs.
+    ///
+    /// # Safety
+    /// `p` points to a readable f32; the CPU has AVX-512F.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn broadcast(p: *const f32) -> __m512 {
+        let v: __m512;
+        // SAFETY: reads one f32 at `p` (the caller's promise).
+        unsafe {
+            core::arch::asm!(
+                "vbroadcastss {v}, dword ptr [{p}]",
+                v = out(zmm_reg) v,
+                p = in(reg) p,
+                options(nostack, readonly, preserves_flags),
+            )
+        };
+        v
+    }
+
     /// `C[0..M, 0..cols] += A[0..M, 0..k] · B[0..k, 0..cols]`, `cols` ≤ [`NR`].
     ///
     /// # Safety
@@ -815,7 +838,7 @@ mod avx512 {
                     let b0 = _mm512_loadu_ps(b.add(kk * ldb));
                     let b1 = _mm512_loadu_ps(b.add(kk * ldb + 16));
                     for i in 0..M {
-                        let av = _mm512_set1_ps(*a.add(i * lda + kk));
+                        let av = broadcast(a.add(i * lda + kk));
                         acc0[i] = _mm512_fmadd_ps(av, b0, acc0[i]);
                         acc1[i] = _mm512_fmadd_ps(av, b1, acc1[i]);
                     }
@@ -831,7 +854,7 @@ mod avx512 {
                     let b0 = _mm512_maskz_loadu_ps(m0, b.add(kk * ldb));
                     let b1 = _mm512_maskz_loadu_ps(m1, b.add(kk * ldb + 16));
                     for i in 0..M {
-                        let av = _mm512_set1_ps(*a.add(i * lda + kk));
+                        let av = broadcast(a.add(i * lda + kk));
                         acc0[i] = _mm512_fmadd_ps(av, b0, acc0[i]);
                         acc1[i] = _mm512_fmadd_ps(av, b1, acc1[i]);
                     }
