@@ -265,8 +265,7 @@ impl Encoder {
         let mut inter = vec![0f32; rows * self.cfg.intermediate];
         for l in &self.layers {
             // Q, K, V in one product.
-            fill_bias(&mut qkv, &l.qkv.b);
-            matmul(&x, rows, &l.qkv, &mut qkv);
+            matmul_bias(&x, rows, &l.qkv, &mut qkv);
             attention(
                 &qkv,
                 &mut ctx,
@@ -280,8 +279,7 @@ impl Encoder {
             matmul(&ctx, rows, &l.attn_out, &mut x);
             layer_norm(&mut x, d, &l.ln_attn, self.cfg.eps);
             // x ← LayerNorm(x + act(x · Wuᵀ + bu) · Wdᵀ + bd).
-            fill_bias(&mut inter, &l.up.b);
-            matmul(&x, rows, &l.up, &mut inter);
+            matmul_bias(&x, rows, &l.up, &mut inter);
             activate(&mut inter, self.cfg.act);
             add_bias(&mut x, &l.down.b);
             matmul(&inter, rows, &l.down, &mut x);
@@ -317,6 +315,17 @@ fn add_bias(buf: &mut [f32], b: &[f32]) {
             *r += b;
         }
     });
+}
+
+/// `out (rows × n_out) = b + x (rows × n_in) · wᵀ`, whatever `out` held.
+fn matmul_bias(x: &[f32], rows: usize, l: &Linear, out: &mut [f32]) {
+    match &l.packed {
+        Some(p) => p.matmul_bias(x, rows, &l.b, out),
+        None => {
+            fill_bias(out, &l.b);
+            matmul(x, rows, l, out);
+        }
+    }
 }
 
 /// `out (rows × n_out) += x (rows × n_in) · wᵀ`.
