@@ -148,9 +148,7 @@ impl Packed {
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
         if self.kernel == Kernel::Amx {
             if let Some(b) = bias {
-                for row in out[..rows * n].chunks_exact_mut(n) {
-                    row.copy_from_slice(b);
-                }
+                super::fill_bias(&mut out[..rows * n], b);
             }
             return amx::matmul_acc(&self.tiles[self.start..], n, k, x, rows, out);
         }
