@@ -90,14 +90,14 @@ pub(super) fn key_at(p: usize, j: usize, kv_dim: usize) -> usize {
 }
 
 /// Stores the key of position `p` (all kv heads, `kv_dim` values) in the key cache `kc`,
-/// growing it by a block of zeros where `p` starts one. Positions after `p` in its block keep
-/// what they held (zeros, or keys of a sequence since cut back); attention never reads them.
-pub(super) fn push_key(kc: &mut Vec<f16>, p: usize, key: &[f32]) {
+/// which has room for it. Positions after `p` in its block keep what they held (zeros, or
+/// keys of a sequence since cut back); attention never reads them.
+pub(super) fn push_key(kc: &mut [f16], p: usize, key: &[f32]) {
     let kv_dim = key.len();
-    let need = key_cache_len(p + 1, kv_dim);
-    if kc.len() < need {
-        kc.resize(need, f16::ZERO);
-    }
+    assert!(
+        key_cache_len(p + 1, kv_dim) <= kc.len(),
+        "no room for position {p}"
+    );
     for (j, v) in key.iter().enumerate() {
         kc[key_at(p, j, kv_dim)] = f16::from_f32(*v);
     }
@@ -638,7 +638,7 @@ mod tests {
 
     /// The key cache of `keys` (`[position][kv_dim]`), as the forward pass builds it.
     fn blocked(keys: &[f16], kv_dim: usize) -> Vec<f16> {
-        let mut kc = Vec::new();
+        let mut kc = vec![f16::ZERO; key_cache_len(keys.len() / kv_dim, kv_dim)];
         for (p, key) in keys.chunks_exact(kv_dim).enumerate() {
             let key: Vec<f32> = key.iter().map(|v| v.to_f32()).collect();
             push_key(&mut kc, p, &key);
@@ -656,15 +656,14 @@ mod tests {
             .collect()
     }
 
-    /// A key cache cut back (a failed step) and grown again holds the new keys where the old
-    /// ones were, and the old keys before the cut.
+    /// A key cache cut back (a failed step) and written again holds the new keys where the
+    /// old ones were, and the old keys before the cut.
     #[test]
     fn a_cut_back_key_cache_takes_new_keys_in_place() {
         let kv_dim = 8;
         let (old, new) = (halves(40 * kv_dim, 1), halves(40 * kv_dim, 2));
         for cut in [0, 5, 16, 17] {
             let mut kc = blocked(&old, kv_dim);
-            kc.truncate(key_cache_len(cut, kv_dim));
             for p in cut..40 {
                 let key: Vec<f32> = new[p * kv_dim..][..kv_dim]
                     .iter()
