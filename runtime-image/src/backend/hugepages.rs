@@ -177,43 +177,6 @@ impl DerefMut for WeightBytes {
     }
 }
 
-/// A zeroed buffer on a mapping of its own, 2 MiB aligned and marked for huge pages, given
-/// back to the system when dropped: for memory that comes and goes with a request (a
-/// sequence's KV cache), which the shared chunks of [`WeightBytes`] would hold until their
-/// last buffer is gone. Its length is rounded up to whole huge pages ([`PageBuf::round`]).
-pub(crate) struct PageBuf {
-    chunk: Chunk,
-}
-
-impl PageBuf {
-    /// The length a buffer of at least `len` bytes gets: whole huge pages.
-    pub(crate) fn round(len: usize) -> usize {
-        len.max(1).next_multiple_of(HUGE)
-    }
-
-    /// [`PageBuf::round`]`(len)` zero bytes.
-    pub(crate) fn zeroed(len: usize) -> PageBuf {
-        PageBuf {
-            chunk: Chunk::new(Self::round(len)),
-        }
-    }
-}
-
-impl Deref for PageBuf {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        // SAFETY: the chunk's `size` bytes from `ptr`, zeroed by the mapping, this buffer's alone.
-        unsafe { std::slice::from_raw_parts(self.chunk.ptr.as_ptr(), self.chunk.size) }
-    }
-}
-
-impl DerefMut for PageBuf {
-    fn deref_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as in `deref`; `&mut self` is the only access.
-        unsafe { std::slice::from_raw_parts_mut(self.chunk.ptr.as_ptr(), self.chunk.size) }
-    }
-}
-
 /// The node's transparent-huge-page setting (`always`, `madvise` or `never`, the bracketed
 /// word of `/sys/kernel/mm/transparent_hugepage/enabled`), or `unavailable`. Logged when a
 /// model is loaded: under `never` the packed weights stay on 4 KiB pages and decode runs at
@@ -359,20 +322,5 @@ mod tests {
                 buf.len() >> 20
             );
         }
-    }
-
-    #[test]
-    fn a_page_buffer_is_whole_huge_pages_zeroed_and_its_own() {
-        assert_eq!(PageBuf::round(1), HUGE);
-        assert_eq!(PageBuf::round(HUGE), HUGE);
-        assert_eq!(PageBuf::round(HUGE + 1), 2 * HUGE);
-        let mut a = PageBuf::zeroed(HUGE + 5);
-        let b = PageBuf::zeroed(10);
-        assert_eq!((a.len(), b.len()), (2 * HUGE, HUGE));
-        assert_eq!(a.as_ptr() as usize % HUGE, 0);
-        assert!(a.iter().chain(b.iter()).all(|x| *x == 0));
-        a.fill(3);
-        assert!(b.iter().all(|x| *x == 0), "buffers are disjoint");
-        assert!(a.iter().all(|x| *x == 3));
     }
 }

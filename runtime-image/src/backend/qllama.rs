@@ -20,20 +20,16 @@
 //! Every instruction set gives the same bits (the kernels sum in one fixed order), so a model's
 //! outputs do not depend on the CPU it runs on.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::Device;
 use candle_core::quantized::gguf_file;
 use half::f16;
 use rayon::prelude::*;
 
-use super::hugepages::PageBuf;
 use super::qmatmul::QMat;
 use crate::error::{Error, Result};
-use kernels::{
-    ATTEND_CHUNK, KEY_BLOCK, attend_dyn, attend_part, key_cache_len, merge_parts, push_key,
-    silu_mul,
-};
+use kernels::{ATTEND_CHUNK, attend_dyn, attend_part, merge_parts, push_key, silu_mul};
 
 mod kernels;
 pub(crate) use kernels::exp_shifted;
@@ -76,71 +72,51 @@ pub(super) struct Weights {
     sin: Vec<f32>,
 }
 
-/// A sequence's keys and values of one layer, and the positions they hold.
-type KvView<'a> = (&'a [f16], &'a [f16], usize);
-
 /// One sequence's keys and values, in f16 as llama.cpp keeps them by default (half the memory
 /// and half the reads of f32; the mean log-probability error against llama.cpp stayed at
 /// 0.098–0.101 either way).
 ///
-/// All layers share one allocation of room for `cap` positions: per layer, the keys (laid out
-/// as the module doc says) then the values. A step that needs more room moves the cache into
-/// one at least twice as large. Room of half a huge page or more is a mapping of its own on
-/// huge pages ([`PageBuf`]), rounded up to whole huge pages (the slack becomes room): the
-/// cache is read once per step from far memory (the weights stream evicts it), and on 4 KiB
-/// pages every 4 KiB of it took a TLB miss and stopped the prefetchers. Smaller room (a short
-/// prompt, a prefix copy) stays on the heap, so that many small caches do not each hold 2 MiB.
+/// The positions are held in chunks of [`ATTEND_CHUNK`], the span of one attention task. A
+/// chunk holds, per layer, the keys of each kv head (transposed in blocks as the module doc
+/// says), then the values of each kv head (`[position][head_dim]`): each run is the
+/// contiguous memory one task reads, so a task reads two plain streams, not a stride through
+/// every head's lines. A sequence grows by a chunk at a time, so nothing already held is ever
+/// moved (a cache kept in one buffer that doubled when full stalled a step for the copy and
+/// the fresh pages behind it: the slowest 50-token stretch of the bench's steadiness run fell
+/// from 0.81–0.90 to 0.78–0.82 of the median).
 ///
-/// Measured with the bench binary (`--concurrency-only --streams 1,8`, per-phase timers not
-/// committed, alternating runs on a 2-vCPU EPYC): at 8 sequences of 32–152 positions,
-/// attention took 1.35–1.55 ms of a step on huge pages against 1.55–1.88 ms on malloc's
-/// pages (three pairs), and the cache writes, now also spread over the sequences
-/// ([`Weights::forward`]), 0.20–0.23 ms against 0.33–0.41 ms (four pairs). The whole step
-/// moved less than the machine's noise: 6.9–7.7 against 7.0–8.6 ms.
+/// Chunks are shared: a copy of a prefix ([`KvCache::prefix`]: the prefix cache's entries,
+/// the continuations made from them, the `n` choices of one prompt) holds the same chunks,
+/// and a sequence that writes into a chunk another one also holds first takes a copy of that
+/// chunk alone (`Arc::make_mut`). A long system prompt kept in the prefix cache and continued
+/// by several requests is therefore held once, apart from each one's last, partial chunk.
 pub(super) struct KvCache {
-    mem: KvMem,
-    /// Positions there is room for: a multiple of [`kernels::KEY_BLOCK`].
-    cap: usize,
-    kv_dim: usize,
-    n_layers: usize,
+    /// Each `ATTEND_CHUNK · shape.per_position()` values; zero where never written.
+    chunks: Vec<Arc<Vec<f16>>>,
+    shape: KvShape,
     len: usize,
 }
 
-enum KvMem {
-    Heap(Vec<f16>),
-    Pages(PageBuf),
+/// Layers, kv heads and head size of a [`KvCache`].
+#[derive(Clone, Copy)]
+struct KvShape {
+    layers: usize,
+    heads: usize,
+    hd: usize,
 }
 
-impl KvMem {
-    fn halves(&self) -> &[f16] {
-        match self {
-            KvMem::Heap(v) => v,
-            // SAFETY: a page buffer starts on a huge page (aligned for f16), its bytes are
-            // initialised, and any bit pattern is an f16.
-            KvMem::Pages(p) => unsafe {
-                std::slice::from_raw_parts(p.as_ptr().cast::<f16>(), p.len() / 2)
-            },
-        }
-    }
-
-    fn halves_mut(&mut self) -> &mut [f16] {
-        match self {
-            KvMem::Heap(v) => v,
-            // SAFETY: as in `halves`; `&mut self` is the only access.
-            KvMem::Pages(p) => unsafe {
-                std::slice::from_raw_parts_mut(p.as_mut_ptr().cast::<f16>(), p.len() / 2)
-            },
-        }
+impl KvShape {
+    /// f16 values per position, all layers.
+    fn per_position(self) -> usize {
+        self.layers * 2 * self.heads * self.hd
     }
 }
 
 impl KvCache {
-    fn new(n_layers: usize, kv_dim: usize) -> KvCache {
+    fn new(shape: KvShape) -> KvCache {
         KvCache {
-            mem: KvMem::Heap(Vec::new()),
-            cap: 0,
-            kv_dim,
-            n_layers,
+            chunks: Vec::new(),
+            shape,
             len: 0,
         }
     }
@@ -150,83 +126,54 @@ impl KvCache {
         self.len
     }
 
-    /// f16 values per layer for `cap` positions: the keys, then the values.
-    fn layer_size(cap: usize, kv_dim: usize) -> usize {
-        2 * cap * kv_dim
+    /// The keys (`values` false) or values of kv head `g` in layer `li` for the positions of
+    /// chunk `c`: [`ATTEND_CHUNK`] positions' worth, those not yet written unread.
+    fn run(&self, c: usize, li: usize, values: bool, g: usize) -> &[f16] {
+        let KvShape { heads, hd, .. } = self.shape;
+        let size = ATTEND_CHUNK * hd;
+        &self.chunks[c][((2 * li + values as usize) * heads + g) * size..][..size]
     }
 
-    /// An empty cache with room for at least `need` positions (the room as the type doc says).
-    fn with_room(need: usize, n_layers: usize, kv_dim: usize) -> KvCache {
-        let need = need.next_multiple_of(KEY_BLOCK);
-        let per_position = n_layers * 2 * kv_dim * std::mem::size_of::<f16>();
-        let bytes = need * per_position;
-        let (mem, cap) = if need == 0 || per_position == 0 {
-            (KvMem::Heap(Vec::new()), need)
-        } else if 2 * bytes < PageBuf::round(1) {
-            let cap = need;
-            (
-                KvMem::Heap(vec![f16::ZERO; n_layers * Self::layer_size(cap, kv_dim)]),
-                cap,
-            )
-        } else {
-            let pages = PageBuf::zeroed(bytes);
-            // The rounding's slack as more room, in whole key blocks.
-            let cap =
-                (pages.len() / per_position / KEY_BLOCK * KEY_BLOCK).min(MAX_SEQ_LEN.max(need));
-            (KvMem::Pages(pages), cap)
-        };
-        KvCache {
-            mem,
-            cap,
-            kv_dim,
-            n_layers,
-            len: 0,
+    /// Stores position `p`'s key and value (all kv heads: `heads · hd` values each) in layer
+    /// `li`, which has room for it.
+    fn write(&mut self, li: usize, p: usize, key: &[f32], value: &[f32]) {
+        let KvShape { heads, hd, .. } = self.shape;
+        let size = ATTEND_CHUNK * hd;
+        let (c, at) = (p / ATTEND_CHUNK, p % ATTEND_CHUNK);
+        let chunk = Arc::make_mut(&mut self.chunks[c]);
+        let layer = &mut chunk[2 * li * heads * size..][..2 * heads * size];
+        let (kc, vc) = layer.split_at_mut(heads * size);
+        for ((kh, vh), (k, v)) in kc
+            .chunks_exact_mut(size)
+            .zip(vc.chunks_exact_mut(size))
+            .zip(key.chunks_exact(hd).zip(value.chunks_exact(hd)))
+        {
+            push_key(kh, at, k);
+            for (d, v) in vh[at * hd..][..hd].iter_mut().zip(v) {
+                *d = f16::from_f32(*v);
+            }
         }
     }
 
-    /// Layer `li`'s keys and values, room for `cap` positions each (those past `len` unread).
-    fn layer(&self, li: usize) -> (&[f16], &[f16]) {
-        let size = Self::layer_size(self.cap, self.kv_dim);
-        let l = &self.mem.halves()[li * size..][..size];
-        l.split_at(size / 2)
-    }
-
-    fn layer_mut(&mut self, li: usize) -> (&mut [f16], &mut [f16]) {
-        let size = Self::layer_size(self.cap, self.kv_dim);
-        let l = &mut self.mem.halves_mut()[li * size..][..size];
-        l.split_at_mut(size / 2)
-    }
-
-    /// Makes room for `need` positions, moving the first `len` into a larger cache (at least
-    /// twice the room) when there is not.
+    /// Makes room for `need` positions: zeroed chunks added at the end (zeroed memory, which
+    /// the system backs with pages as they are written).
     fn reserve(&mut self, need: usize) {
-        if need <= self.cap {
-            return;
+        while self.chunks.len() * ATTEND_CHUNK < need {
+            let size = ATTEND_CHUNK * self.shape.per_position();
+            // `vec!` of zeros asks for zeroed memory (no pass over it); an `Arc<[f16]>` would
+            // be written whole.
+            self.chunks.push(Arc::new(vec![f16::ZERO; size]));
         }
-        let mut grown = Self::with_room(need.max(2 * self.cap), self.n_layers, self.kv_dim);
-        grown.copy_from(self, self.len);
-        *self = grown;
     }
 
-    /// Copies the first `len` positions of `from` (which has the same shape) into this cache.
-    fn copy_from(&mut self, from: &KvCache, len: usize) {
-        let (keys, values) = (key_cache_len(len, self.kv_dim), len * self.kv_dim);
-        for li in 0..self.n_layers {
-            let (k, v) = from.layer(li);
-            let (kd, vd) = self.layer_mut(li);
-            kd[..keys].copy_from_slice(&k[..keys]);
-            vd[..values].copy_from_slice(&v[..values]);
-        }
-        self.len = len;
-    }
-
-    /// A copy of the first `len` positions (the keys' last block copied whole: the
-    /// positions past `len` in it are overwritten before they are read).
+    /// A copy of the first `len` positions: the chunks that hold them, shared (the positions
+    /// past `len` in the last one are overwritten, in a chunk of its own, before they are
+    /// read).
     fn prefix(&self, len: usize) -> Option<KvCache> {
-        (len <= self.len).then(|| {
-            let mut copy = Self::with_room(len, self.n_layers, self.kv_dim);
-            copy.copy_from(self, len);
-            copy
+        (len <= self.len).then(|| KvCache {
+            chunks: self.chunks[..len.div_ceil(ATTEND_CHUNK)].to_vec(),
+            shape: self.shape,
+            len,
         })
     }
 
@@ -401,7 +348,11 @@ impl Weights {
 
     /// An empty cache for a new sequence.
     pub(super) fn new_cache(&self) -> KvCache {
-        KvCache::new(self.layers.len(), self.kv_dim())
+        KvCache::new(KvShape {
+            layers: self.layers.len(),
+            heads: self.n_kv_head,
+            hd: self.head_dim,
+        })
     }
 
     fn kv_dim(&self) -> usize {
@@ -485,7 +436,6 @@ impl Weights {
                 }
                 jobs.par_iter_mut().for_each(|(cache, n, qi, row0)| {
                     let pos0 = cache.len;
-                    let (kc, vc) = cache.layer_mut(li);
                     let mut key = vec![0f32; kv_dim];
                     for t in 0..*n {
                         let r = &qkv[(*row0 + t) * qkv_dim..][..qkv_dim];
@@ -494,63 +444,51 @@ impl Weights {
                         self.rope(qr, pos0 + t);
                         key.copy_from_slice(&r[q_dim..q_dim + kv_dim]);
                         self.rope(&mut key, pos0 + t);
-                        push_key(kc, pos0 + t, &key);
-                        let vr = &mut vc[(pos0 + t) * kv_dim..][..kv_dim];
-                        for (d, v) in vr.iter_mut().zip(&r[q_dim + kv_dim..]) {
-                            *d = f16::from_f32(*v);
-                        }
+                        cache.write(li, pos0 + t, &key, &r[q_dim + kv_dim..]);
                     }
                 });
             }
             // Attention: each new row attends to its sequence's cache up to its own position
             // (a prompt's rows are causal by construction), all rows in the tasks below.
-            let mut views: Vec<KvView> = Vec::with_capacity(rows);
+            let mut views: Vec<(&KvCache, usize)> = Vec::with_capacity(rows);
             for (cache, tokens) in items.iter() {
-                let (kc, vc) = cache.layer(li);
-                views.extend((0..tokens.len()).map(|t| (kc, vc, cache.len + t + 1)));
+                views.extend((0..tokens.len()).map(|t| (&**cache, cache.len + t + 1)));
             }
             // Tasks of (row, kv head, chunk of positions): the query heads sharing a kv head
             // read its cached keys and values once, and a long cache is split across threads.
             let (n_kv, group) = (self.n_kv_head, q_dim / self.n_kv_head);
             let n_rep = self.n_head / self.n_kv_head;
             let hd = self.head_dim;
-            if matches!(hd, 64 | 128) {
-                // Tasks in (row, kv head) order; `groups[r * n_kv + g]`: that pair's tasks.
-                let mut tasks = Vec::new();
-                let mut groups = Vec::with_capacity(rows * n_kv);
-                for (r, &(_, _, len)) in views.iter().enumerate() {
-                    for g in 0..n_kv {
-                        let first = tasks.len();
-                        for p0 in (0..len).step_by(ATTEND_CHUNK) {
-                            tasks.push((r, g, p0, (p0 + ATTEND_CHUNK).min(len)));
-                        }
-                        groups.push(first..tasks.len());
+            // Tasks in (row, kv head) order; `groups[r * n_kv + g]`: that pair's tasks.
+            let mut tasks = Vec::new();
+            let mut groups = Vec::with_capacity(rows * n_kv);
+            for (r, &(_, len)) in views.iter().enumerate() {
+                for g in 0..n_kv {
+                    let first = tasks.len();
+                    for c in 0..len.div_ceil(ATTEND_CHUNK) {
+                        tasks.push((r, g, c, (len - c * ATTEND_CHUNK).min(ATTEND_CHUNK)));
                     }
+                    groups.push(first..tasks.len());
                 }
-                let stride = n_rep * (2 + hd);
-                let mut parts = vec![0f32; tasks.len() * stride];
-                parts
-                    .par_chunks_mut(stride)
-                    .zip(&tasks)
-                    .for_each(|(part, &(r, g, p0, p1))| {
-                        let (kc, vc, _) = views[r];
-                        let qg = &q[r * q_dim + g * group..][..group];
-                        match hd {
-                            64 => attend_part::<64>(qg, g, kc, vc, kv_dim, (p0, p1), part),
-                            _ => attend_part::<128>(qg, g, kc, vc, kv_dim, (p0, p1), part),
-                        }
-                    });
-                y.par_chunks_mut(group).zip(&groups).for_each(|(out, ts)| {
-                    merge_parts(&parts[ts.start * stride..ts.end * stride], n_rep, hd, out);
-                });
-            } else {
-                y.par_chunks_mut(group).enumerate().for_each(|(c, out)| {
-                    let (r, g) = (c / n_kv, c % n_kv);
-                    let (kc, vc, len) = views[r];
-                    let qg = &q[r * q_dim + g * group..][..group];
-                    attend_dyn(qg, g, kc, vc, kv_dim, len, hd, out);
-                });
             }
+            let stride = n_rep * (2 + hd);
+            let mut parts = vec![0f32; tasks.len() * stride];
+            parts
+                .par_chunks_mut(stride)
+                .zip(&tasks)
+                .for_each(|(part, &(r, g, c, n))| {
+                    let cache = views[r].0;
+                    let (kc, vc) = (cache.run(c, li, false, g), cache.run(c, li, true, g));
+                    let qg = &q[r * q_dim + g * group..][..group];
+                    match hd {
+                        64 => attend_part::<64>(qg, 0, kc, vc, hd, (0, n), part),
+                        128 => attend_part::<128>(qg, 0, kc, vc, hd, (0, n), part),
+                        _ => attend_dyn(qg, kc, vc, hd, n, part),
+                    }
+                });
+            y.par_chunks_mut(group).zip(&groups).for_each(|(out, ts)| {
+                merge_parts(&parts[ts.start * stride..ts.end * stride], n_rep, hd, out);
+            });
             let o = layer.wo.forward(&y, rows)?;
             for (x, o) in x.iter_mut().zip(&o) {
                 *x += o;
@@ -639,63 +577,61 @@ mod tests {
 
     /// Writes position `p` of every layer as the forward pass does, with [`mark`]s.
     fn write(c: &mut KvCache, p: usize, bias: usize) {
-        let (layers, kv_dim) = (c.n_layers, c.kv_dim);
+        let kv_dim = c.shape.heads * c.shape.hd;
         c.reserve(p + 1);
-        for li in 0..layers {
+        for li in 0..c.shape.layers {
             let key: Vec<f32> = (0..kv_dim).map(|j| mark(p + bias, li, j)).collect();
-            let (kc, vc) = c.layer_mut(li);
-            push_key(kc, p, &key);
-            for (j, v) in vc[p * kv_dim..][..kv_dim].iter_mut().enumerate() {
-                *v = f16::from_f32(-mark(p + bias, li, j));
-            }
+            let value: Vec<f32> = key.iter().map(|k| -k).collect();
+            c.write(li, p, &key, &value);
         }
         c.len = p + 1;
     }
 
-    /// Position `p` of every layer holds the marks written with `bias`.
+    /// Position `p` of every layer holds the marks written with `bias`: value `j` (of head
+    /// `j / hd`) in that head's runs of `p`'s chunk.
     fn holds(c: &KvCache, p: usize, bias: usize) -> bool {
-        (0..c.n_layers).all(|li| {
-            let (kc, vc) = c.layer(li);
-            (0..c.kv_dim).all(|j| {
-                kc[key_at(p, j, c.kv_dim)].to_f32() == mark(p + bias, li, j)
-                    && vc[p * c.kv_dim + j].to_f32() == -mark(p + bias, li, j)
+        let KvShape { layers, heads, hd } = c.shape;
+        let (chunk, at) = (p / ATTEND_CHUNK, p % ATTEND_CHUNK);
+        (0..layers).all(|li| {
+            (0..heads * hd).all(|j| {
+                let (g, d) = (j / hd, j % hd);
+                let (kc, vc) = (c.run(chunk, li, false, g), c.run(chunk, li, true, g));
+                kc[key_at(at, d, hd)].to_f32() == mark(p + bias, li, j)
+                    && vc[at * hd + d].to_f32() == -mark(p + bias, li, j)
             })
         })
     }
 
-    /// A cache that grows from the heap onto huge pages keeps every position it held; a
-    /// prefix copy holds the first positions and is independent; a cut-back cache takes new
-    /// positions in place.
+    /// A cache that grows keeps every position it held, in chunks added one at a time and
+    /// never moved; a prefix copy holds the first positions and is independent; a cut-back
+    /// cache takes new positions in place.
     #[test]
     fn the_kv_cache_keeps_its_positions_as_it_grows_is_copied_and_cut() {
-        // 4 KiB per position: 16 positions on the heap, 300 on huge pages.
-        let (layers, kv_dim) = (4, 256);
-        let mut c = KvCache::new(layers, kv_dim);
-        let mut caps = Vec::new();
+        let mut c = KvCache::new(KvShape {
+            layers: 4,
+            heads: 4,
+            hd: 64,
+        });
+        let mut starts = Vec::new();
         for p in 0..300 {
             write(&mut c, p, 0);
-            if caps.last() != Some(&c.cap) {
-                caps.push(c.cap);
-            }
+            let now: Vec<*const f16> = c.chunks.iter().map(|b| b.as_ptr()).collect();
+            assert!(now.starts_with(&starts), "position {p}: a chunk moved");
+            starts = now;
         }
-        assert!(
-            caps.windows(2).all(|w| w[1] >= 2 * w[0]),
-            "room at least doubles: {caps:?}"
-        );
-        assert!(caps.iter().all(|c| c % KEY_BLOCK == 0), "{caps:?}");
-        assert!(
-            matches!(c.mem, KvMem::Pages(_)),
-            "300 positions on huge pages"
-        );
+        assert_eq!(c.chunks.len(), 300usize.div_ceil(ATTEND_CHUNK));
         assert!((0..300).all(|p| holds(&c, p, 0)), "every position kept");
 
         let copy = c.prefix(37).expect("a shorter prefix");
         assert!(c.prefix(301).is_none(), "no prefix past the end");
-        assert_eq!(copy.len(), 37);
+        assert_eq!((copy.len(), copy.chunks.len()), (37, 1));
         assert!(
-            matches!(copy.mem, KvMem::Heap(_)),
-            "a short copy stays on the heap"
+            Arc::ptr_eq(&copy.chunks[0], &c.chunks[0]),
+            "the copy shares the chunk"
         );
+        let long = c.prefix(ATTEND_CHUNK + 1).expect("a longer prefix");
+        assert_eq!(long.chunks.len(), 2);
+        assert!((0..=ATTEND_CHUNK).all(|p| holds(&long, p, 0)));
         c.truncate(20);
         for p in 20..40 {
             write(&mut c, p, 1);
@@ -703,6 +639,14 @@ mod tests {
         assert!((0..20).all(|p| holds(&c, p, 0)), "kept before the cut");
         assert!((20..40).all(|p| holds(&c, p, 1)), "new after the cut");
         assert!((0..37).all(|p| holds(&copy, p, 0)), "the copy is its own");
+        assert!(
+            !Arc::ptr_eq(&copy.chunks[0], &c.chunks[0]),
+            "written: no longer shared"
+        );
+        assert!(
+            Arc::ptr_eq(&long.chunks[1], &c.chunks[1]),
+            "a chunk neither wrote stays shared"
+        );
     }
 
     /// Rows of several lengths (a remainder past the 16 lanes, none, fewer than 16) against

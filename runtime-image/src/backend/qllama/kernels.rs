@@ -164,41 +164,50 @@ pub(super) fn merge_parts(parts: &[f32], n_rep: usize, hd: usize, out: &mut [f32
     }
 }
 
-/// Decode attention of one (row, kv head) in one task, for a head size without a
-/// specialisation of [`attend_part`].
-#[allow(clippy::too_many_arguments)]
+/// [`attend_part`] for a head size without a specialisation, in plain loops: positions
+/// `0..n` of one kv head's keys `kc` (blocked, `head_dim` values per position) and values
+/// `vc` (`[position][head_dim]`), into the same layout of `part`.
 pub(super) fn attend_dyn(
     qg: &[f32],
-    g: usize,
     kc: &[f16],
     vc: &[f16],
-    kv_dim: usize,
-    len: usize,
     hd: usize,
-    out: &mut [f32],
+    n: usize,
+    part: &mut [f32],
 ) {
+    let n_rep = qg.len() / hd;
+    assert!(
+        n > 0
+            && key_cache_len(n, hd) <= kc.len()
+            && n * hd <= vc.len()
+            && part.len() == n_rep * (2 + hd),
+        "attention part out of bounds"
+    );
     let scale = (1.0 / (hd as f64).sqrt()) as f32;
-    for (qh, o) in qg.chunks_exact(hd).zip(out.chunks_exact_mut(hd)) {
-        let mut sc: Vec<f32> = (0..len)
+    let (stats, out) = part.split_at_mut(2 * n_rep);
+    for (r, (qh, o)) in qg
+        .chunks_exact(hd)
+        .zip(out.chunks_exact_mut(hd))
+        .enumerate()
+    {
+        let sc: Vec<f32> = (0..n)
             .map(|p| {
-                let k: Vec<f32> = (0..hd)
-                    .map(|d| kc[key_at(p, g * hd + d, kv_dim)].to_f32())
-                    .collect();
+                let k: Vec<f32> = (0..hd).map(|d| kc[key_at(p, d, hd)].to_f32()).collect();
                 dot(qh, &k) * scale
             })
             .collect();
         let max = sc.iter().fold(f32::NEG_INFINITY, |m, s| m.max(*s));
         let mut sum = 0f32;
-        for s in sc.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
         o.fill(0.0);
-        for (p, w) in sc.iter().enumerate() {
-            for (o, v) in o.iter_mut().zip(&vc[p * kv_dim + g * hd..][..hd]) {
-                *o += w / sum * v.to_f32();
+        for (p, s) in sc.iter().enumerate() {
+            let w = (s - max).exp();
+            sum += w;
+            for (o, v) in o.iter_mut().zip(&vc[p * hd..][..hd]) {
+                *o += w * v.to_f32();
             }
         }
+        stats[r] = max;
+        stats[n_rep + r] = sum;
     }
 }
 
@@ -689,32 +698,60 @@ mod tests {
         }
     }
 
-    /// The split decode attention (parts of `ATTEND_CHUNK` positions merged after) equals the
-    /// one-pass attention of every position, for a cache shorter and longer than a part.
+    /// The split decode attention (parts of `ATTEND_CHUNK` positions, each on its own runs of
+    /// keys and values as the cache holds them, merged after) equals a one-pass softmax
+    /// attention in f64 over every position, for a cache shorter and longer than a part, with
+    /// the specialised kernel and with the plain one.
     #[test]
     fn split_decode_attention_equals_one_pass() {
-        let (hd, n_kv, n_rep) = (64, 3, 3);
-        let kv_dim = n_kv * hd;
+        let (hd, n_rep) = (64, 3);
         for len in [1, 7, ATTEND_CHUNK, 3 * ATTEND_CHUNK + 5] {
-            let kc = blocked(&halves(len * kv_dim, 1), kv_dim);
-            let vc = halves(len * kv_dim, 2);
+            let (keys, vals) = (halves(len * hd, 1), halves(len * hd, 2));
             let qg: Vec<f32> = values(n_rep * hd, 3).iter().map(|v| v * 4.0).collect();
-            for g in 0..n_kv {
-                let mut want = vec![0f32; n_rep * hd];
-                attend_dyn(&qg, g, &kc, &vc, kv_dim, len, hd, &mut want);
-                let stride = n_rep * (2 + hd);
-                let chunks: Vec<(usize, usize)> = (0..len)
-                    .step_by(ATTEND_CHUNK)
-                    .map(|p0| (p0, (p0 + ATTEND_CHUNK).min(len)))
-                    .collect();
-                let mut parts = vec![0f32; chunks.len() * stride];
-                for (c, part) in chunks.iter().zip(parts.chunks_exact_mut(stride)) {
-                    attend_part::<64>(&qg, g, &kc, &vc, kv_dim, *c, part);
-                }
+            let stride = n_rep * (2 + hd);
+            let chunks = len.div_ceil(ATTEND_CHUNK);
+            let (mut fast, mut plain) = (vec![0f32; chunks * stride], vec![0f32; chunks * stride]);
+            for c in 0..chunks {
+                let span = c * ATTEND_CHUNK..(len.min((c + 1) * ATTEND_CHUNK));
+                let n = span.len();
+                let mut kc = blocked(&keys[span.start * hd..span.end * hd], hd);
+                kc.resize(ATTEND_CHUNK * hd, f16::ZERO);
+                let mut vc = vals[span.start * hd..span.end * hd].to_vec();
+                vc.resize(ATTEND_CHUNK * hd, f16::ZERO);
+                let part = &mut fast[c * stride..][..stride];
+                attend_part::<64>(&qg, 0, &kc, &vc, hd, (0, n), part);
+                attend_dyn(&qg, &kc, &vc, hd, n, &mut plain[c * stride..][..stride]);
+            }
+            for (name, parts) in [("attend_part", &fast), ("attend_dyn", &plain)] {
                 let mut got = vec![0f32; n_rep * hd];
-                merge_parts(&parts, n_rep, hd, &mut got);
-                for (a, b) in got.iter().zip(&want) {
-                    assert!((a - b).abs() <= 1e-5, "len {len} kv head {g}: {a} vs {b}");
+                merge_parts(parts, n_rep, hd, &mut got);
+                for (r, o) in got.chunks_exact(hd).enumerate() {
+                    let q = &qg[r * hd..][..hd];
+                    let sc: Vec<f64> = keys
+                        .chunks_exact(hd)
+                        .map(|k| {
+                            q.iter()
+                                .zip(k)
+                                .map(|(a, b)| *a as f64 * b.to_f64())
+                                .sum::<f64>()
+                                / (hd as f64).sqrt()
+                        })
+                        .collect();
+                    let max = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = sc.iter().map(|s| (s - max).exp()).collect();
+                    let sum: f64 = e.iter().sum();
+                    for (d, got) in o.iter().enumerate() {
+                        let want: f64 = e
+                            .iter()
+                            .zip(vals.chunks_exact(hd))
+                            .map(|(w, v)| w * v[d].to_f64())
+                            .sum::<f64>()
+                            / sum;
+                        assert!(
+                            (*got as f64 - want).abs() <= 1e-5,
+                            "{name} len {len} head {r} [{d}]: {got} vs {want}"
+                        );
+                    }
                 }
             }
         }
