@@ -698,6 +698,25 @@ mod tests {
         }
     }
 
+    /// A query head's softmax weights over `keys` in f64, shifted by the largest score (not
+    /// divided by their sum), and their sum.
+    fn weights_f64<'a>(q: &[f32], keys: impl Iterator<Item = &'a [f16]>) -> (Vec<f64>, f64) {
+        let scale = (q.len() as f64).sqrt();
+        let sc: Vec<f64> = keys
+            .map(|k| {
+                q.iter()
+                    .zip(k)
+                    .map(|(a, b)| *a as f64 * b.to_f64())
+                    .sum::<f64>()
+                    / scale
+            })
+            .collect();
+        let max = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = sc.iter().map(|s| (s - max).exp()).collect();
+        let sum = e.iter().sum();
+        (e, sum)
+    }
+
     /// The split decode attention (parts of `ATTEND_CHUNK` positions, each on its own runs of
     /// keys and values as the cache holds them, merged after) equals a one-pass softmax
     /// attention in f64 over every position, for a cache shorter and longer than a part, with
@@ -726,20 +745,7 @@ mod tests {
                 let mut got = vec![0f32; n_rep * hd];
                 merge_parts(parts, n_rep, hd, &mut got);
                 for (r, o) in got.chunks_exact(hd).enumerate() {
-                    let q = &qg[r * hd..][..hd];
-                    let sc: Vec<f64> = keys
-                        .chunks_exact(hd)
-                        .map(|k| {
-                            q.iter()
-                                .zip(k)
-                                .map(|(a, b)| *a as f64 * b.to_f64())
-                                .sum::<f64>()
-                                / (hd as f64).sqrt()
-                        })
-                        .collect();
-                    let max = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                    let e: Vec<f64> = sc.iter().map(|s| (s - max).exp()).collect();
-                    let sum: f64 = e.iter().sum();
+                    let (e, sum) = weights_f64(&qg[r * hd..][..hd], keys.chunks_exact(hd));
                     for (d, got) in o.iter().enumerate() {
                         let want: f64 = e
                             .iter()
@@ -778,20 +784,10 @@ mod tests {
                         lanes::attend_part::<HD>(&qg, g, &kc, &vc, kv_dim, span, &mut want);
                         // Against f64: the weighted values divided by the sum of weights.
                         for r in 0..n_rep {
-                            let q = &qg[r * HD..][..HD];
-                            let sc: Vec<f64> = (span.0..span.1)
-                                .map(|p| {
-                                    let k = &keys[p * kv_dim + g * HD..][..HD];
-                                    q.iter()
-                                        .zip(k)
-                                        .map(|(a, b)| *a as f64 * b.to_f64())
-                                        .sum::<f64>()
-                                        / (HD as f64).sqrt()
-                                })
-                                .collect();
-                            let max = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                            let e: Vec<f64> = sc.iter().map(|s| (s - max).exp()).collect();
-                            let sum: f64 = e.iter().sum();
+                            let (e, sum) = weights_f64(
+                                &qg[r * HD..][..HD],
+                                (span.0..span.1).map(|p| &keys[p * kv_dim + g * HD..][..HD]),
+                            );
                             assert!((want[n_rep + r] as f64 - sum).abs() <= 1e-5 * sum);
                             for c in 0..HD {
                                 let o: f64 = (span.0..span.1)
