@@ -9,10 +9,11 @@
 //! into another. Everything between the products is plain loops over `Vec<f32>` (no candle
 //! tensors), and the whole pass runs inside one rayon pool.
 //!
-//! The KV cache ([`KvCache`]) holds, per layer, the values laid out
-//! `[position][kv_head][head_dim]` and the keys transposed in blocks of 16 positions
-//! ([`kernels::KEY_BLOCK`]), so that the scores of 16 positions come out of one register.
-//! Appending a token writes its row (into the last block), not a copy of the whole cache.
+//! The KV cache ([`KvCache`]) holds, per layer and kv head, the values laid out
+//! `[position][head_dim]` and the keys transposed in blocks of 16 positions
+//! ([`kernels::KEY_BLOCK`]), so that the scores of 16 positions come out of one register, in
+//! chunks of 128 positions that copies of a sequence's start share. Appending a token writes
+//! its row (into the last block), not a copy of the whole cache.
 //! Every new row, of a prompt or a decode step, attends to its sequence's cache up to its own
 //! position, in tasks of (row, kv head, part of the positions) across the threads
 //! ([`kernels`]), so a prompt needs no mask and sequences of different lengths no padding.
