@@ -30,7 +30,7 @@ use rayon::prelude::*;
 
 use super::qmatmul::QMat;
 use crate::error::{Error, Result};
-use kernels::{ATTEND_CHUNK, attend_dyn, attend_part, merge_parts, push_key, silu_mul};
+use kernels::{ATTEND_CHUNK, KEY_BLOCK, attend_dyn, attend_part, merge_parts, push_key, silu_mul};
 
 mod kernels;
 pub(crate) use kernels::exp_shifted;
@@ -82,9 +82,9 @@ pub(super) struct Weights {
 /// says), then the values of each kv head (`[position][head_dim]`): each run is the
 /// contiguous memory one task reads, so a task reads two plain streams, not a stride through
 /// every head's lines. A sequence grows by a chunk at a time, so nothing already held is ever
-/// moved (a cache kept in one buffer that doubled when full stalled a step for the copy and
-/// the fresh pages behind it: the slowest 50-token stretch of the bench's steadiness run fell
-/// from 0.81–0.90 to 0.78–0.82 of the median).
+/// moved, apart from a short first chunk ([`Chunk`]) (a cache kept in one buffer that doubled
+/// when full stalled a step for the copy and the fresh pages behind it: the slowest 50-token
+/// stretch of the bench's steadiness run fell from 0.81–0.90 to 0.78–0.82 of the median).
 ///
 /// Chunks are shared: a copy of a prefix ([`KvCache::prefix`]: the prefix cache's entries,
 /// the continuations made from them, the `n` choices of one prompt) holds the same chunks,
@@ -92,10 +92,32 @@ pub(super) struct Weights {
 /// chunk alone (`Arc::make_mut`). A long system prompt kept in the prefix cache and continued
 /// by several requests is therefore held once, apart from each one's last, partial chunk.
 pub(super) struct KvCache {
-    /// Each `ATTEND_CHUNK · shape.per_position()` values; zero where never written.
-    chunks: Vec<Arc<Vec<f16>>>,
+    chunks: Vec<Chunk>,
     shape: KvShape,
     len: usize,
+}
+
+/// [`ATTEND_CHUNK`] positions of a [`KvCache`], or, for the first chunk of a short sequence,
+/// room for fewer: `cap` positions (a power of two from [`kernels::KEY_BLOCK`]), so that a
+/// short sequence does not hold a whole chunk (2.9 MB for SmolLM2, 67 MB for a Llama-2-7B)
+/// for a few tokens. The first chunk doubles as the sequence grows, moving at most its own
+/// few positions; later chunks are whole from the start.
+#[derive(Clone)]
+struct Chunk {
+    cap: usize,
+    /// `cap · shape.per_position()` values, zero where never written.
+    data: Arc<Vec<f16>>,
+}
+
+impl Chunk {
+    fn zeroed(cap: usize, shape: KvShape) -> Chunk {
+        // `vec!` of zeros asks for zeroed memory (no pass over it where the allocator has
+        // fresh pages); an `Arc<[f16]>` would be written whole.
+        Chunk {
+            cap,
+            data: Arc::new(vec![f16::ZERO; cap * shape.per_position()]),
+        }
+    }
 }
 
 /// Layers, kv heads and head size of a [`KvCache`].
@@ -128,20 +150,27 @@ impl KvCache {
     }
 
     /// The keys (`values` false) or values of kv head `g` in layer `li` for the positions of
-    /// chunk `c`: [`ATTEND_CHUNK`] positions' worth, those not yet written unread.
+    /// chunk `c`: the chunk's `cap` positions' worth, those not yet written unread.
     fn run(&self, c: usize, li: usize, values: bool, g: usize) -> &[f16] {
         let KvShape { heads, hd, .. } = self.shape;
-        let size = ATTEND_CHUNK * hd;
-        &self.chunks[c][((2 * li + values as usize) * heads + g) * size..][..size]
+        let size = self.chunks[c].cap * hd;
+        &self.chunks[c].data[((2 * li + values as usize) * heads + g) * size..][..size]
+    }
+
+    /// Positions there is room for.
+    fn room(&self) -> usize {
+        self.chunks
+            .last()
+            .map_or(0, |last| (self.chunks.len() - 1) * ATTEND_CHUNK + last.cap)
     }
 
     /// Stores position `p`'s key and value (all kv heads: `heads · hd` values each) in layer
     /// `li`, which has room for it.
     fn write(&mut self, li: usize, p: usize, key: &[f32], value: &[f32]) {
         let KvShape { heads, hd, .. } = self.shape;
-        let size = ATTEND_CHUNK * hd;
         let (c, at) = (p / ATTEND_CHUNK, p % ATTEND_CHUNK);
-        let chunk = Arc::make_mut(&mut self.chunks[c]);
+        let size = self.chunks[c].cap * hd;
+        let chunk = Arc::make_mut(&mut self.chunks[c].data);
         let layer = &mut chunk[2 * li * heads * size..][..2 * heads * size];
         let (kc, vc) = layer.split_at_mut(heads * size);
         for ((kh, vh), (k, v)) in kc
@@ -156,14 +185,36 @@ impl KvCache {
         }
     }
 
-    /// Makes room for `need` positions: zeroed chunks added at the end (zeroed memory, which
-    /// the system backs with pages as they are written).
+    /// Makes room for `need` positions: a short first chunk grown (doubled, at least to
+    /// `need`), then whole chunks added at the end.
     fn reserve(&mut self, need: usize) {
-        while self.chunks.len() * ATTEND_CHUNK < need {
-            let size = ATTEND_CHUNK * self.shape.per_position();
-            // `vec!` of zeros asks for zeroed memory (no pass over it); an `Arc<[f16]>` would
-            // be written whole.
-            self.chunks.push(Arc::new(vec![f16::ZERO; size]));
+        if need <= self.room() {
+            return;
+        }
+        let first_cap = |n: usize| n.next_power_of_two().clamp(KEY_BLOCK, ATTEND_CHUNK);
+        if self.chunks.len() == 1 && self.chunks[0].cap < ATTEND_CHUNK {
+            let old = &self.chunks[0];
+            let grown = Chunk::zeroed(first_cap(need.max(2 * old.cap)), self.shape);
+            // Every run (per layer, keys or values, kv head) of the old chunk is the start of
+            // the grown one's: the keys' blocks of 16 positions and the values' rows follow
+            // one another.
+            let (from, to) = (old.cap * self.shape.hd, grown.cap * self.shape.hd);
+            let mut data = grown.data;
+            let dst = Arc::get_mut(&mut data).expect("a new chunk is not shared");
+            for (d, s) in dst.chunks_exact_mut(to).zip(old.data.chunks_exact(from)) {
+                d[..from].copy_from_slice(s);
+            }
+            self.chunks[0] = Chunk {
+                cap: grown.cap,
+                data,
+            };
+        }
+        while self.room() < need {
+            let cap = match self.chunks.is_empty() {
+                true => first_cap(need),
+                false => ATTEND_CHUNK,
+            };
+            self.chunks.push(Chunk::zeroed(cap, self.shape));
         }
     }
 
@@ -603,9 +654,10 @@ mod tests {
         })
     }
 
-    /// A cache that grows keeps every position it held, in chunks added one at a time and
-    /// never moved; a prefix copy holds the first positions and is independent; a cut-back
-    /// cache takes new positions in place.
+    /// A cache that grows keeps every position it held: its first chunk doubles from 16
+    /// positions to a whole chunk, and later chunks come whole and never move; a prefix copy
+    /// holds the first positions and shares their chunks until written; a cut-back cache
+    /// takes new positions in place.
     #[test]
     fn the_kv_cache_keeps_its_positions_as_it_grows_is_copied_and_cut() {
         let mut c = KvCache::new(KvShape {
@@ -613,23 +665,36 @@ mod tests {
             heads: 4,
             hd: 64,
         });
-        let mut starts = Vec::new();
+        let (mut first_caps, mut later) = (Vec::new(), Vec::new());
         for p in 0..300 {
             write(&mut c, p, 0);
-            let now: Vec<*const f16> = c.chunks.iter().map(|b| b.as_ptr()).collect();
-            assert!(now.starts_with(&starts), "position {p}: a chunk moved");
-            starts = now;
+            assert!((0..=p).all(|q| holds(&c, q, 0)), "position {p}: all kept");
+            if first_caps.last() != Some(&c.chunks[0].cap) {
+                first_caps.push(c.chunks[0].cap);
+            }
+            let now: Vec<*const f16> = c.chunks[1..].iter().map(|b| b.data.as_ptr()).collect();
+            assert!(now.starts_with(&later), "position {p}: a whole chunk moved");
+            later = now;
         }
+        assert_eq!(first_caps, [16, 32, 64, ATTEND_CHUNK]);
         assert_eq!(c.chunks.len(), 300usize.div_ceil(ATTEND_CHUNK));
-        assert!((0..300).all(|p| holds(&c, p, 0)), "every position kept");
+        assert!(c.chunks.iter().all(|k| k.cap == ATTEND_CHUNK));
+        let mut short = KvCache::new(c.shape);
+        short.reserve(1);
+        assert_eq!(
+            short.room(),
+            16,
+            "a short sequence holds 16 positions, not a chunk"
+        );
+        short.reserve(200);
+        assert_eq!(short.room(), 2 * ATTEND_CHUNK);
 
         let copy = c.prefix(37).expect("a shorter prefix");
         assert!(c.prefix(301).is_none(), "no prefix past the end");
         assert_eq!((copy.len(), copy.chunks.len()), (37, 1));
-        assert!(
-            Arc::ptr_eq(&copy.chunks[0], &c.chunks[0]),
-            "the copy shares the chunk"
-        );
+        let shared =
+            |a: &KvCache, b: &KvCache, i: usize| Arc::ptr_eq(&a.chunks[i].data, &b.chunks[i].data);
+        assert!(shared(&copy, &c, 0), "the copy shares the chunk");
         let long = c.prefix(ATTEND_CHUNK + 1).expect("a longer prefix");
         assert_eq!(long.chunks.len(), 2);
         assert!((0..=ATTEND_CHUNK).all(|p| holds(&long, p, 0)));
@@ -640,14 +705,21 @@ mod tests {
         assert!((0..20).all(|p| holds(&c, p, 0)), "kept before the cut");
         assert!((20..40).all(|p| holds(&c, p, 1)), "new after the cut");
         assert!((0..37).all(|p| holds(&copy, p, 0)), "the copy is its own");
-        assert!(
-            !Arc::ptr_eq(&copy.chunks[0], &c.chunks[0]),
-            "written: no longer shared"
-        );
-        assert!(
-            Arc::ptr_eq(&long.chunks[1], &c.chunks[1]),
-            "a chunk neither wrote stays shared"
-        );
+        assert!(!shared(&copy, &c, 0), "written: no longer shared");
+        assert!(shared(&long, &c, 1), "a chunk neither wrote stays shared");
+
+        // A short prefix copy grows its own first chunk and leaves the original's alone.
+        let mut small = KvCache::new(c.shape);
+        for p in 0..10 {
+            write(&mut small, p, 2);
+        }
+        let mut grown = small.prefix(10).expect("a prefix");
+        for p in 10..50 {
+            write(&mut grown, p, 2);
+        }
+        assert_eq!((small.chunks[0].cap, grown.chunks[0].cap), (16, 64));
+        assert!((0..50).all(|p| holds(&grown, p, 2)));
+        assert!((0..10).all(|p| holds(&small, p, 2)));
     }
 
     /// Rows of several lengths (a remainder past the 16 lanes, none, fewer than 16) against
