@@ -398,13 +398,18 @@ impl Weights {
         })
     }
 
-    /// An empty cache for a new sequence.
-    pub(super) fn new_cache(&self) -> KvCache {
-        KvCache::new(KvShape {
+    /// The shape of this model's [`KvCache`]s.
+    fn kv_shape(&self) -> KvShape {
+        KvShape {
             layers: self.layers.len(),
             heads: self.n_kv_head,
             hd: self.head_dim,
-        })
+        }
+    }
+
+    /// An empty cache for a new sequence.
+    pub(super) fn new_cache(&self) -> KvCache {
+        KvCache::new(self.kv_shape())
     }
 
     fn kv_dim(&self) -> usize {
@@ -413,7 +418,7 @@ impl Weights {
 
     /// The bytes of keys and values one position takes in a [`KvCache`] (f16, every layer).
     pub(super) fn cache_bytes_per_token(&self) -> usize {
-        self.layers.len() * 2 * self.kv_dim() * std::mem::size_of::<f16>()
+        self.kv_shape().per_position() * std::mem::size_of::<f16>()
     }
 
     /// A copy of the first `len` positions of `cache`; `None` when it holds fewer.
