@@ -710,15 +710,15 @@ async fn serve_refuses_what_it_cannot_do_at_load_with_a_clear_message() {
     let minilm = tokio::task::spawn_blocking(models::minilm_dir)
         .await
         .unwrap();
-    // (A GGUF keeps its own quantisation whatever --dtype says; half precision is refused for
-    // encoders, which compute in f32 only.)
+    // (A GGUF keeps its own quantisation whatever --dtype says; f16 is refused for encoders,
+    // which compute in f32, or with bf16 products for the sentence embedders.)
     let cases: [(&std::path::Path, &[&str], &str); 4] = [
         (
             &gguf,
             &["--architecture", "bert"],
             "--architecture \"bert\" does not match the model",
         ),
-        (&minilm, &["--dtype", "bf16"], "is not supported for bert models"),
+        (&minilm, &["--dtype", "f16"], "is not supported for bert models"),
         (
             &gguf,
             &["--task", "Classification"],

@@ -526,6 +526,47 @@ fn minilm_batch_gives_the_same_embeddings_as_items_one_by_one() {
     assert_minilm_batch_equals_single(&embedding(&models::minilm_dir()));
 }
 
+/// `--dtype bf16` (bf16 products with f32 sums, where the CPU has AVX512-BF16) keeps MiniLM
+/// within the reference's bound, and a batch still embeds as its items alone. Where the CPU
+/// has the dot product the embeddings must differ from f32's (the bf16 path ran); where it
+/// has not, the products fall back to f32 and must give f32's bits.
+#[test]
+fn minilm_in_bf16_matches_sentence_transformers_within_the_bound() {
+    let path = models::minilm_dir();
+    let e16 = match backend::load(&LoadOptions {
+        path: path.clone(),
+        task: None,
+        dtype: WeightDtype::Bf16,
+        ..Default::default()
+    }) {
+        Ok(LoadedModel::Embedding(e)) => e,
+        Ok(other) => panic!("loaded as {:?}", other.task()),
+        Err(e) => panic!("{}: {e}", path.display()),
+    };
+    let lowest = assert_minilm_matches_reference(&e16);
+    assert_minilm_batch_equals_single(&e16);
+    let reference = json(&fixtures_dir().join("minilm_reference.json"));
+    let sentences = minilm_sentences(&reference);
+    let (a, b) = (
+        e16.embed_texts(&sentences).unwrap(),
+        embedding(&path).embed_texts(&sentences).unwrap(),
+    );
+    let d = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| max_abs_diff(x, y))
+        .fold(0f32, f32::max);
+    eprintln!(
+        "bf16 products here: {}; lowest cosine {lowest:.7}; largest difference from f32 {d:e}",
+        backend::encoder_bf16_products()
+    );
+    if backend::encoder_bf16_products() {
+        assert!(d > 1e-6, "bf16 gave f32's embeddings (largest difference {d:e})");
+    } else {
+        assert_eq!(d, 0.0, "without AVX512-BF16 the products must run in f32");
+    }
+}
+
 /// The path a GPU runs MiniLM on (candle-transformers' `BertModel` on right-padded batches
 /// with an attention mask, instead of kandle's encoder), here on the CPU: the same reference
 /// embeddings, and a padded batch embeds as its items alone.

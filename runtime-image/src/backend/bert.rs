@@ -244,7 +244,8 @@ pub(super) fn sentence_embedder(
 /// BERT embeddings; a checkpoint with a task head (`bert.` prefix) serves its base model.
 /// A BERT sentence embedder: kandle's encoder on the CPU; candle-transformers' `BertModel` on
 /// a GPU, or on the CPU with `candle` (the reference the tests compare the GPU's path with).
-pub(super) fn load(dir: &Path, device: &Device, candle: bool) -> Result<LoadedModel> {
+/// `bf16`: [`EncoderConfig::bf16`] (kandle's encoder only).
+pub(super) fn load(dir: &Path, device: &Device, candle: bool, bf16: bool) -> Result<LoadedModel> {
     let config: Config = read_json(&dir.join("config.json"))?;
     let vb = super::layers::var_builder(dir, DType::F32, device)?;
     // Checkpoints saved from BertModel have no "bert." prefix; those from task heads do.
@@ -269,6 +270,7 @@ pub(super) fn load(dir: &Path, device: &Device, candle: bool) -> Result<LoadedMo
         eps: config.layer_norm_eps as f32,
         act,
         positions: Positions::Absolute,
+        bf16,
     };
     let encode = if candle || !device.is_cpu() {
         let model = candle_transformers::models::bert::BertModel::load(vb, &config)

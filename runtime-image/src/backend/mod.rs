@@ -69,6 +69,12 @@ pub fn kernels() -> String {
     format!("quantised={quantised} encoder={encoder}")
 }
 
+/// True when `--dtype bf16` runs the sentence embedders' products in bf16 here (the CPU has
+/// AVX512-BF16 and `KANDLE_ISA` allows AVX-512); elsewhere they run in f32.
+pub fn encoder_bf16_products() -> bool {
+    encoder::packed_bf16_kernel().is_some()
+}
+
 /// The node's transparent-huge-page setting, which decides whether GGUF weights sit on huge
 /// pages (`hugepages::thp_setting`).
 pub fn thp_setting() -> String {
@@ -340,8 +346,9 @@ pub struct LoadOptions {
     /// The task, when the caller wants to force one; inferred from the model otherwise.
     pub task: Option<Task>,
     /// Weight dtype of safetensors models (GGUF files keep their quantisation). Half
-    /// precision is served for the causal LMs; encoders (embedding, classification) are f32
-    /// only, and asking them for f16/bf16 is refused.
+    /// precision is served for the causal LMs, and bf16 products for the BERT and
+    /// XLM-RoBERTa sentence embedders on the CPU; the other encoders (classification, T5,
+    /// Blenderbot) are f32 only, and asking them for f16/bf16 is refused.
     pub dtype: WeightDtype,
     /// Where the model runs. On a GPU, every model runs on candle's CUDA kernels (GGUF files
     /// on candle's quantised llama, BERT/XLM-RoBERTa embeddings on candle-transformers'
@@ -401,21 +408,35 @@ pub fn load(opts: &LoadOptions) -> Result<LoadedModel> {
         model_type.as_str(),
         "bert" | "distilbert" | "xlm-roberta" | "t5" | "blenderbot-small" | "blenderbot_small"
     );
-    // The encoders stay in f32 on every device (`auto` included).
+    // `--task Embedding` on an encoder with a head serves its base model's sentence
+    // embeddings, as transformers' feature-extraction pipeline would.
+    let classification = classification && opts.task != Some(Task::Embedding);
+    // XLM-RoBERTa serves embeddings from a base model, or from one with a head when asked.
+    let xlmr_embedding = !classification
+        && (!probe.architectures.iter().any(|a| a.contains("For"))
+            || opts.task == Some(Task::Embedding));
+    // The sentence embedders on kandle's CPU encoder take `--dtype bf16` (bf16 products, f32
+    // elsewhere: `encoder::EncoderConfig::bf16`); every other encoder, and every encoder on
+    // a GPU, stays in f32 (`auto` included).
+    let bf16_embedding = opts.dtype == WeightDtype::Bf16
+        && opts.device == ComputeDevice::Cpu
+        && match model_type.as_str() {
+            "bert" => !classification,
+            "xlm-roberta" => xlmr_embedding,
+            _ => false,
+        };
     let dtype = match encoder {
         true => opts.dtype.candle(),
         false => weight_dtype(opts.dtype, opts.device, probe.torch_dtype.as_deref()),
     };
-    if encoder && dtype != candle_core::DType::F32 {
+    if encoder && dtype != candle_core::DType::F32 && !bf16_embedding {
         return Err(Error::Model(format!(
-            "dtype {:?} is not supported for {model_type} models; use f32 or auto \
-             (half precision is served for llama, gpt2, gptj and bloom)",
+            "dtype {:?} is not supported for {model_type} models here; use f32 or auto \
+             (bf16 is served for BERT and XLM-RoBERTa sentence embeddings on the CPU, half \
+             precision for llama, gpt2, gptj and bloom)",
             opts.dtype
         )));
     }
-    // `--task Embedding` on an encoder with a head serves its base model's sentence
-    // embeddings, as transformers' feature-extraction pipeline would.
-    let classification = classification && opts.task != Some(Task::Embedding);
     // A decoder checkpoint with another head (token classification, QA, ...) has no LM head
     // to generate with; the architectures list says which head was saved.
     let lm_head = probe.architectures.is_empty()
@@ -428,15 +449,12 @@ pub fn load(opts: &LoadOptions) -> Result<LoadedModel> {
         ("gpt2", false) if lm_head => gpt2::load(path, dtype, &device)?,
         ("gptj", false) if lm_head => gptj::load(path, dtype, &device)?,
         ("bloom", false) if lm_head => bloom::load(path, dtype, &device)?,
-        ("bert", false) => bert::load(path, &device, false)?,
+        ("bert", false) => bert::load(path, &device, false, bf16_embedding)?,
         ("bert", true) => classifier::load_bert(path, dtype, &device)?,
         ("distilbert", true) => distilbert::load(path, dtype, &device)?,
         ("xlm-roberta", true) => xlm_roberta::load(path, dtype, &device)?,
-        ("xlm-roberta", false) if !probe.architectures.iter().any(|a| a.contains("For")) => {
-            xlm_roberta::load_embedding(path, &device)?
-        }
-        ("xlm-roberta", false) if opts.task == Some(Task::Embedding) => {
-            xlm_roberta::load_embedding(path, &device)?
+        ("xlm-roberta", false) if xlmr_embedding => {
+            xlm_roberta::load_embedding(path, &device, bf16_embedding)?
         }
         ("t5", false) => t5::load(path, &device)?,
         ("blenderbot-small" | "blenderbot_small", false) => blenderbot_small::load(path, &device)?,
@@ -474,7 +492,7 @@ pub fn load_gguf_gpu_path_on_cpu(path: &Path) -> Result<LoadedModel> {
 /// kandle's encoder: what a GPU runs, which the tests compare with kandle's encoder on the CPU.
 #[doc(hidden)]
 pub fn load_bert_embedding_candle_reference(path: &Path) -> Result<LoadedModel> {
-    bert::load(path, &candle_core::Device::Cpu, true)
+    bert::load(path, &candle_core::Device::Cpu, true, false)
 }
 
 /// What [`load`] accepts, for the refusal message.

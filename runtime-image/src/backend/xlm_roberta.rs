@@ -72,8 +72,9 @@ fn config(dir: &Path) -> Result<(serde_json::Value, Config, usize)> {
 }
 
 /// Sentence embeddings from the base model (under `roberta.` when the checkpoint has a head),
-/// on kandle's CPU encoder, or on candle-transformers' model on a GPU.
-pub(super) fn load_embedding(dir: &Path, device: &Device) -> Result<LoadedModel> {
+/// on kandle's CPU encoder, or on candle-transformers' model on a GPU. `bf16`:
+/// [`EncoderConfig::bf16`] (kandle's encoder only).
+pub(super) fn load_embedding(dir: &Path, device: &Device, bf16: bool) -> Result<LoadedModel> {
     let (_, cfg, max_tokens) = config(dir)?;
     let vb = layers::var_builder(dir, DType::F32, device)?;
     let vb = if vb.contains_tensor("embeddings.word_embeddings.weight") {
@@ -105,6 +106,7 @@ pub(super) fn load_embedding(dir: &Path, device: &Device) -> Result<LoadedModel>
                 positions: Positions::Roberta {
                     padding_idx: cfg.pad_token_id,
                 },
+                bf16,
             };
             Encode::Fast(Encoder::load(vb, ecfg).map_err(|e| layers::weights_error(dir, e))?)
         }

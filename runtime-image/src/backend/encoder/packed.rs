@@ -30,6 +30,12 @@ pub(crate) enum Kernel {
     Amx,
     Avx512,
     Avx2,
+    /// AVX-512 with bf16 products (`vdpbf16ps`) and f32 sums, for `--dtype bf16` only: never
+    /// what [`Kernel::detect`] gives, since it rounds both factors of every product to bf16
+    /// (8 significant bits). Packed weights hold bf16 pairs and the activations are rounded
+    /// per product (see [`Packed::matmul_acc`]); [`gemm_acc`] takes it with A and B already
+    /// as pairs and `k` counting pairs.
+    Avx512Bf16,
 }
 
 impl Kernel {
@@ -53,15 +59,69 @@ impl Kernel {
         }
         None
     }
+
+    /// [`Kernel::Avx512Bf16`] where the CPU has AVX512-BF16 and `KANDLE_ISA` allows AVX-512.
+    pub(crate) fn bf16() -> Option<Kernel> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use crate::backend::qmatmul::Isa;
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx512f")
+                && has!("avx512bf16")
+                && matches!(Isa::cap(), Isa::Amx | Isa::Avx512Vnni)
+            {
+                return Some(Kernel::Avx512Bf16);
+            }
+        }
+        None
+    }
 }
 
-/// The kernels this CPU runs (one with AVX-512 also runs the AVX2 one), for tests.
+/// bf16 of `v`, rounded to nearest even (for a finite `v`; a NaN may come out as another NaN
+/// or an infinity, but does not overflow).
+pub(super) fn bf16(v: f32) -> u16 {
+    let b = v.to_bits();
+    (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16
+}
+
+thread_local! {
+    /// A thread's block of activations as bf16 pairs ([`Packed::matmul_acc`] on
+    /// [`Kernel::Avx512Bf16`]).
+    static PAIRS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `lo` and `hi` as one pair, `lo` in the low half: the element [`Kernel::Avx512Bf16`] reads,
+/// which multiplies the low halves together and the high halves together.
+fn pair(lo: f32, hi: f32) -> u32 {
+    bf16(lo) as u32 | (bf16(hi) as u32) << 16
+}
+
+/// Rows of `x` (`k` values each) as bf16 pairs into `dst` (`k.div_ceil(2)` pairs a row, an odd
+/// `k`'s last pair padded with zero).
+fn to_pairs(x: &[f32], k: usize, dst: &mut [u32]) {
+    let k2 = k.div_ceil(2);
+    for (row, d) in x.chunks_exact(k).zip(dst.chunks_exact_mut(k2)) {
+        let mut i = 0;
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512bf16") {
+            // SAFETY: AVX512-BF16 is present; the function reads `row` and writes `d` within
+            // their lengths.
+            i = unsafe { avx512::to_pairs(row, d) };
+        }
+        for j in i / 2..k2 {
+            d[j] = pair(row[2 * j], row.get(2 * j + 1).copied().unwrap_or(0.0));
+        }
+    }
+}
+
+/// The f32 kernels this CPU runs (one with AVX-512 also runs the AVX2 one), for tests.
 #[cfg(test)]
 pub(crate) fn kernels_here() -> Vec<Kernel> {
     match Kernel::detect() {
         Some(Kernel::Amx) => vec![Kernel::Amx, Kernel::Avx512, Kernel::Avx2],
         Some(Kernel::Avx512) => vec![Kernel::Avx512, Kernel::Avx2],
         Some(Kernel::Avx2) => vec![Kernel::Avx2],
+        Some(Kernel::Avx512Bf16) => unreachable!("detect gives f32 kernels only"),
         None => Vec::new(),
     }
 }
@@ -78,6 +138,9 @@ pub(crate) struct Packed {
     /// For [`Kernel::Amx`]: the weights as [`amx::pack`] lays them out, from `start` on
     /// (`data` is then empty).
     tiles: Vec<u16>,
+    /// For [`Kernel::Avx512Bf16`]: panels of [`NR`] columns, each `(k.div_ceil(2), NR)`
+    /// row-major bf16 pairs (inputs `2i, 2i + 1` of a column in row `i`), from `start` on.
+    pairs: Vec<u32>,
 }
 
 impl Packed {
@@ -94,6 +157,34 @@ impl Packed {
                 k,
                 n,
                 tiles,
+                pairs: Vec::new(),
+            };
+        }
+        let panels = n.div_ceil(NR);
+        if kernel == Kernel::Avx512Bf16 {
+            let k2 = k.div_ceil(2);
+            let mut pairs = vec![0u32; panels * k2 * NR + 16];
+            let start = pairs.as_ptr().align_offset(64).min(16);
+            for p in 0..panels {
+                for i in 0..k2 {
+                    let dst = &mut pairs[start + (p * k2 + i) * NR..][..NR];
+                    for (j, d) in dst.iter_mut().enumerate() {
+                        let col = p * NR + j;
+                        if col < n {
+                            let w = &w[col * k..][..k];
+                            *d = pair(w[2 * i], w.get(2 * i + 1).copied().unwrap_or(0.0));
+                        }
+                    }
+                }
+            }
+            return Packed {
+                kernel,
+                data: Vec::new(),
+                start,
+                k,
+                n,
+                tiles: Vec::new(),
+                pairs,
             };
         }
         // Sizes the tiles do not take run on AVX-512.
@@ -102,7 +193,6 @@ impl Packed {
         } else {
             kernel
         };
-        let panels = n.div_ceil(NR);
         let mut data = vec![0f32; panels * k * NR + 16];
         let start = data.as_ptr().align_offset(64).min(16);
         for p in 0..panels {
@@ -123,6 +213,7 @@ impl Packed {
             k,
             n,
             tiles: Vec::new(),
+            pairs: Vec::new(),
         }
     }
 
@@ -169,53 +260,81 @@ impl Packed {
         let panel_groups = panels.div_ceil(per_group);
         let tasks = row_blocks * panel_groups;
         let out_ptr = SharedOut(out.as_mut_ptr());
+        let bf16 = self.kernel == Kernel::Avx512Bf16;
+        // Elements a row of A and of a panel: pairs for bf16.
+        let ka = if bf16 { k.div_ceil(2) } else { k };
         let task = |t: usize| {
             let (rb, pg) = (t / panel_groups, t % panel_groups);
             let r0 = rb * mb;
             let r1 = (r0 + mb).min(rows);
             let p0 = pg * per_group;
             let p1 = (p0 + per_group).min(panels);
-            for p in p0..p1 {
-                let cols = (n - p * NR).min(NR);
-                if let Some(bias) = bias {
-                    let src = &bias[p * NR..][..cols];
-                    for r in r0..r1 {
-                        // SAFETY: row r < rows, columns p·NR .. p·NR + cols ≤ n: inside out,
-                        // written by this task alone (as below).
-                        let dst = unsafe {
-                            std::slice::from_raw_parts_mut(out_ptr.at(r * n + p * NR), cols)
-                        };
-                        // A whole panel's row as one fixed-size copy (two vector stores): a
-                        // copy of a length known only at run time was a call to libc's
-                        // memmove per row (2–6% of MiniLM's samples at batch 32; six
-                        // alternating pairs after: batch 32 +1.3% on average, 5 of 6 ahead).
-                        match (
-                            <&mut [f32; NR]>::try_from(&mut *dst),
-                            <&[f32; NR]>::try_from(src),
-                        ) {
-                            (Ok(d), Ok(s)) => *d = *s,
-                            _ => dst.copy_from_slice(src),
+            // For bf16, the task's rows rounded to pairs once for all of its panels (a block
+            // of at most MB rows, ~74 KiB at k = 384, which stays in L2 while they pass), in a
+            // buffer each thread keeps: zeroing and freeing a fresh one per task held a
+            // 384 → 384 product at 331 GFLOP/s against 399 (1094 rows, 2 threads).
+            let panels_from = |a: *const f32| {
+                for p in p0..p1 {
+                    let cols = (n - p * NR).min(NR);
+                    if let Some(bias) = bias {
+                        let src = &bias[p * NR..][..cols];
+                        for r in r0..r1 {
+                            // SAFETY: row r < rows, columns p·NR .. p·NR + cols ≤ n: inside out,
+                            // written by this task alone (as below).
+                            let dst = unsafe {
+                                std::slice::from_raw_parts_mut(out_ptr.at(r * n + p * NR), cols)
+                            };
+                            // A whole panel's row as one fixed-size copy (two vector stores): a
+                            // copy of a length known only at run time was a call to libc's
+                            // memmove per row (2–6% of MiniLM's samples at batch 32; six
+                            // alternating pairs after: batch 32 +1.3% on average, 5 of 6 ahead).
+                            match (
+                                <&mut [f32; NR]>::try_from(&mut *dst),
+                                <&[f32; NR]>::try_from(src),
+                            ) {
+                                (Ok(d), Ok(s)) => *d = *s,
+                                _ => dst.copy_from_slice(src),
+                            }
                         }
                     }
+                    // Elements of 4 bytes: f32 values, or bf16 pairs (`ka` of them a row).
+                    let b = match bf16 {
+                        true => self.pairs[self.start + p * ka * NR..][..ka * NR]
+                            .as_ptr()
+                            .cast(),
+                        false => self.data[self.start + p * k * NR..][..k * NR].as_ptr(),
+                    };
+                    // SAFETY: rows r0..r1 and columns p·NR..p·NR + cols are in bounds of out
+                    // (checked above) and written by this task alone; `a` holds rows r0..r1 of
+                    // x (or their pairs), `ka` elements each; the panel holds `ka` rows of NR
+                    // elements; the CPU runs the kernel (Packed::new).
+                    unsafe {
+                        gemm_acc(
+                            self.kernel,
+                            r1 - r0,
+                            cols,
+                            ka,
+                            a,
+                            ka,
+                            b,
+                            NR,
+                            out_ptr.at(r0 * n + p * NR),
+                            n,
+                        )
+                    };
                 }
-                let b = &self.data[self.start + p * k * NR..][..k * NR];
-                // SAFETY: rows r0..r1 and columns p·NR..p·NR + cols are in bounds of out
-                // (checked above) and written by this task alone; x rows likewise; the panel
-                // holds k rows of NR values; the CPU runs the kernel (Packed::new).
-                unsafe {
-                    gemm_acc(
-                        self.kernel,
-                        r1 - r0,
-                        cols,
-                        k,
-                        x.as_ptr().add(r0 * k),
-                        k,
-                        b.as_ptr(),
-                        NR,
-                        out_ptr.at(r0 * n + p * NR),
-                        n,
-                    )
-                };
+            };
+            if bf16 {
+                PAIRS.with_borrow_mut(|buf| {
+                    let need = (r1 - r0) * ka;
+                    if buf.len() < need {
+                        buf.resize(need, 0);
+                    }
+                    to_pairs(&x[r0 * k..r1 * k], k, &mut buf[..need]);
+                    panels_from(buf.as_ptr().cast())
+                })
+            } else {
+                panels_from(x[r0 * k..].as_ptr())
             }
         };
         if tasks > 1 && threads > 1 && rows * k * n >= 256 * 1024 {
@@ -293,6 +412,28 @@ unsafe fn kernel_dispatch(
     unsafe {
         if which == Kernel::Avx2 {
             return avx2::kernel(mr, a, lda, b, ldb, k, c, ldc, cols);
+        }
+        if which == Kernel::Avx512Bf16 {
+            if mr == 12 && cols == NR && k > 0 {
+                return avx512::full_12_bf16(a, lda, b, ldb, k, c, ldc);
+            }
+            use avx512::kernel_bf16 as kernel;
+            let f = match mr {
+                12 => kernel::<12>,
+                11 => kernel::<11>,
+                10 => kernel::<10>,
+                9 => kernel::<9>,
+                8 => kernel::<8>,
+                7 => kernel::<7>,
+                6 => kernel::<6>,
+                5 => kernel::<5>,
+                4 => kernel::<4>,
+                3 => kernel::<3>,
+                2 => kernel::<2>,
+                1 => kernel::<1>,
+                _ => unreachable!("mr is 1..=MR"),
+            };
+            return f(a, lda, b, ldb, k, c, ldc, cols);
         }
         if mr == 12 && cols == NR && k > 0 {
             return avx512::full_12(a, lda, b, ldb, k, c, ldc);
@@ -392,12 +533,7 @@ mod amx {
         n > 0 && k > 0 && n.is_multiple_of(CT * NT) && k.is_multiple_of(KS)
     }
 
-    /// bf16 of `v`, rounded to nearest even (for a finite `v`; a NaN may come out as another
-    /// NaN or an infinity, as in [`round`], but does not overflow).
-    pub(super) fn bf16(v: f32) -> u16 {
-        let b = v.to_bits();
-        (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16
-    }
+    pub(super) use super::bf16;
 
     /// The f32 value of a bf16.
     pub(super) fn f32_of(h: u16) -> f32 {
@@ -839,258 +975,312 @@ mod avx512 {
         v
     }
 
-    /// `C[0..M, 0..cols] += A[0..M, 0..k] · B[0..k, 0..cols]`, `cols` ≤ [`NR`].
-    ///
-    /// # Safety
-    /// As `kernel_dispatch`.
-    #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn kernel<const M: usize>(
-        a: *const f32,
-        lda: usize,
-        b: *const f32,
-        ldb: usize,
-        k: usize,
-        c: *mut f32,
-        ldc: usize,
-        cols: usize,
-    ) {
-        let m0: __mmask16 = if cols >= 16 {
-            0xffff
-        } else {
-            ((1u32 << cols) - 1) as u16
-        };
-        let m1: __mmask16 = if cols <= 16 {
-            0
-        } else if cols >= NR {
-            0xffff
-        } else {
-            ((1u32 << (cols - 16)) - 1) as u16
-        };
-        // SAFETY: all pointer arithmetic stays within the extents the caller guarantees;
-        // masked loads and stores touch only the first `cols` elements of a row.
-        unsafe {
-            let mut acc0 = [_mm512_setzero_ps(); M];
-            let mut acc1 = [_mm512_setzero_ps(); M];
-            if cols == NR {
-                for kk in 0..k {
-                    let b0 = _mm512_loadu_ps(b.add(kk * ldb));
-                    let b1 = _mm512_loadu_ps(b.add(kk * ldb + 16));
-                    for i in 0..M {
-                        let av = broadcast(a.add(i * lda + kk));
-                        acc0[i] = _mm512_fmadd_ps(av, b0, acc0[i]);
-                        acc1[i] = _mm512_fmadd_ps(av, b1, acc1[i]);
+    /// The two AVX-512 kernels of one multiply-add instruction: `f32` ([`fma`], `vfmadd231ps`)
+    /// or bf16 pairs ([`dot_bf16`], `vdpbf16ps`). Both read A and B 4 bytes an element (a
+    /// float, or a pair of bf16 inputs of one row or column) and keep f32 sums, so the loops,
+    /// strides and registers are the same; only the instruction differs.
+    macro_rules! kernels {
+        ($feature:literal, $mac:ident, $op:literal, $kernel:ident, $full:ident) => {
+            /// `C[0..M, 0..cols] += A[0..M, 0..k] · B[0..k, 0..cols]`, `cols` ≤ [`NR`].
+            ///
+            /// # Safety
+            /// As `kernel_dispatch`.
+            #[target_feature(enable = $feature)]
+            #[allow(clippy::too_many_arguments)]
+            pub(super) unsafe fn $kernel<const M: usize>(
+                a: *const f32,
+                lda: usize,
+                b: *const f32,
+                ldb: usize,
+                k: usize,
+                c: *mut f32,
+                ldc: usize,
+                cols: usize,
+            ) {
+                let m0: __mmask16 = if cols >= 16 {
+                    0xffff
+                } else {
+                    ((1u32 << cols) - 1) as u16
+                };
+                let m1: __mmask16 = if cols <= 16 {
+                    0
+                } else if cols >= NR {
+                    0xffff
+                } else {
+                    ((1u32 << (cols - 16)) - 1) as u16
+                };
+                // SAFETY: all pointer arithmetic stays within the extents the caller guarantees;
+                // masked loads and stores touch only the first `cols` elements of a row.
+                unsafe {
+                    let mut acc0 = [_mm512_setzero_ps(); M];
+                    let mut acc1 = [_mm512_setzero_ps(); M];
+                    if cols == NR {
+                        for kk in 0..k {
+                            let b0 = _mm512_loadu_ps(b.add(kk * ldb));
+                            let b1 = _mm512_loadu_ps(b.add(kk * ldb + 16));
+                            for i in 0..M {
+                                let av = broadcast(a.add(i * lda + kk));
+                                acc0[i] = $mac(acc0[i], av, b0);
+                                acc1[i] = $mac(acc1[i], av, b1);
+                            }
+                        }
+                        for i in 0..M {
+                            let p = c.add(i * ldc);
+                            _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), acc0[i]));
+                            let p = p.add(16);
+                            _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), acc1[i]));
+                        }
+                    } else {
+                        for kk in 0..k {
+                            let b0 = _mm512_maskz_loadu_ps(m0, b.add(kk * ldb));
+                            let b1 = _mm512_maskz_loadu_ps(m1, b.add(kk * ldb + 16));
+                            for i in 0..M {
+                                let av = broadcast(a.add(i * lda + kk));
+                                acc0[i] = $mac(acc0[i], av, b0);
+                                acc1[i] = $mac(acc1[i], av, b1);
+                            }
+                        }
+                        for i in 0..M {
+                            let p = c.add(i * ldc);
+                            let v = _mm512_maskz_loadu_ps(m0, p);
+                            _mm512_mask_storeu_ps(p, m0, _mm512_add_ps(v, acc0[i]));
+                            let p = p.add(16);
+                            let v = _mm512_maskz_loadu_ps(m1, p);
+                            _mm512_mask_storeu_ps(p, m1, _mm512_add_ps(v, acc1[i]));
+                        }
                     }
-                }
-                for i in 0..M {
-                    let p = c.add(i * ldc);
-                    _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), acc0[i]));
-                    let p = p.add(16);
-                    _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), acc1[i]));
-                }
-            } else {
-                for kk in 0..k {
-                    let b0 = _mm512_maskz_loadu_ps(m0, b.add(kk * ldb));
-                    let b1 = _mm512_maskz_loadu_ps(m1, b.add(kk * ldb + 16));
-                    for i in 0..M {
-                        let av = broadcast(a.add(i * lda + kk));
-                        acc0[i] = _mm512_fmadd_ps(av, b0, acc0[i]);
-                        acc1[i] = _mm512_fmadd_ps(av, b1, acc1[i]);
-                    }
-                }
-                for i in 0..M {
-                    let p = c.add(i * ldc);
-                    let v = _mm512_maskz_loadu_ps(m0, p);
-                    _mm512_mask_storeu_ps(p, m0, _mm512_add_ps(v, acc0[i]));
-                    let p = p.add(16);
-                    let v = _mm512_maskz_loadu_ps(m1, p);
-                    _mm512_mask_storeu_ps(p, m1, _mm512_add_ps(v, acc1[i]));
                 }
             }
-        }
+
+            /// [`kernel`] for 12 rows and a whole panel, in assembly: the 24 sums stay in registers
+            /// from the first step of `k` to the store. Written with intrinsics, LLVM unrolled the
+            /// loop by two and loaded the 24 broadcasts ahead into registers, which left it 24
+            /// accumulators and 28 other live values for 32 registers: it spilled ~10 vectors per step
+            /// of `k`. Intel's cores hid that; on AMD's Zen 4 the intrinsics kernel ran MiniLM's batch
+            /// of 32 at 113 sentences/s, below the AVX2 kernel's 245 (runtime-image/README.md).
+            ///
+            /// Each step of `k`: the panel's two vectors of B, then per row one broadcast of A and
+            /// two FMAs. Rows `4j..4j + 4` are read through base `a + 4j·lda` with offsets 0, L, 2L
+            /// and 3L (L = `lda` in bytes), so three bases advance by 4 bytes a step. The sums are
+            /// those of the intrinsics kernel in the same order (one FMA per step of `k`), so the
+            /// results are the same bits.
+            ///
+            /// # Safety
+            /// As `kernel_dispatch`, with `k` ≥ 1, 12 rows and `cols` = [`NR`].
+            #[target_feature(enable = $feature)]
+            pub(super) unsafe fn $full(
+                a: *const f32,
+                lda: usize,
+                b: *const f32,
+                ldb: usize,
+                k: usize,
+                c: *mut f32,
+                ldc: usize,
+            ) {
+                let l = lda * 4;
+                // SAFETY: the caller's extents: rows 0..12 of A (k floats each, `lda` apart), k rows
+                // of 32 floats of B (`ldb` apart), 12 rows of 32 floats of C (`ldc` apart). Every
+                // vector register is declared clobbered; no stack is used.
+                unsafe {
+                    core::arch::asm!(
+                        "vxorps zmm0, zmm0, zmm0",
+                        "vxorps zmm1, zmm1, zmm1",
+                        "vxorps zmm2, zmm2, zmm2",
+                        "vxorps zmm3, zmm3, zmm3",
+                        "vxorps zmm4, zmm4, zmm4",
+                        "vxorps zmm5, zmm5, zmm5",
+                        "vxorps zmm6, zmm6, zmm6",
+                        "vxorps zmm7, zmm7, zmm7",
+                        "vxorps zmm8, zmm8, zmm8",
+                        "vxorps zmm9, zmm9, zmm9",
+                        "vxorps zmm10, zmm10, zmm10",
+                        "vxorps zmm11, zmm11, zmm11",
+                        "vxorps zmm12, zmm12, zmm12",
+                        "vxorps zmm13, zmm13, zmm13",
+                        "vxorps zmm14, zmm14, zmm14",
+                        "vxorps zmm15, zmm15, zmm15",
+                        "vxorps zmm16, zmm16, zmm16",
+                        "vxorps zmm17, zmm17, zmm17",
+                        "vxorps zmm18, zmm18, zmm18",
+                        "vxorps zmm19, zmm19, zmm19",
+                        "vxorps zmm20, zmm20, zmm20",
+                        "vxorps zmm21, zmm21, zmm21",
+                        "vxorps zmm22, zmm22, zmm22",
+                        "vxorps zmm23, zmm23, zmm23",
+                        "2:",
+                        "vmovups zmm24, [{b}]",
+                        "vmovups zmm25, [{b} + 64]",
+                        "add {b}, {ldb}",
+                        "vbroadcastss zmm26, dword ptr [{p0}]",
+                        "vbroadcastss zmm27, dword ptr [{p0} + {l}]",
+                        concat!($op, " zmm0, zmm24, zmm26"),
+                        concat!($op, " zmm1, zmm25, zmm26"),
+                        "vbroadcastss zmm28, dword ptr [{p0} + 2*{l}]",
+                        concat!($op, " zmm2, zmm24, zmm27"),
+                        concat!($op, " zmm3, zmm25, zmm27"),
+                        "vbroadcastss zmm29, dword ptr [{p0} + {l3}]",
+                        concat!($op, " zmm4, zmm24, zmm28"),
+                        concat!($op, " zmm5, zmm25, zmm28"),
+                        "vbroadcastss zmm30, dword ptr [{p4}]",
+                        concat!($op, " zmm6, zmm24, zmm29"),
+                        concat!($op, " zmm7, zmm25, zmm29"),
+                        "vbroadcastss zmm31, dword ptr [{p4} + {l}]",
+                        concat!($op, " zmm8, zmm24, zmm30"),
+                        concat!($op, " zmm9, zmm25, zmm30"),
+                        "vbroadcastss zmm26, dword ptr [{p4} + 2*{l}]",
+                        concat!($op, " zmm10, zmm24, zmm31"),
+                        concat!($op, " zmm11, zmm25, zmm31"),
+                        "vbroadcastss zmm27, dword ptr [{p4} + {l3}]",
+                        concat!($op, " zmm12, zmm24, zmm26"),
+                        concat!($op, " zmm13, zmm25, zmm26"),
+                        "vbroadcastss zmm28, dword ptr [{p8}]",
+                        concat!($op, " zmm14, zmm24, zmm27"),
+                        concat!($op, " zmm15, zmm25, zmm27"),
+                        "vbroadcastss zmm29, dword ptr [{p8} + {l}]",
+                        concat!($op, " zmm16, zmm24, zmm28"),
+                        concat!($op, " zmm17, zmm25, zmm28"),
+                        "vbroadcastss zmm30, dword ptr [{p8} + 2*{l}]",
+                        concat!($op, " zmm18, zmm24, zmm29"),
+                        concat!($op, " zmm19, zmm25, zmm29"),
+                        "vbroadcastss zmm31, dword ptr [{p8} + {l3}]",
+                        concat!($op, " zmm20, zmm24, zmm30"),
+                        concat!($op, " zmm21, zmm25, zmm30"),
+                        concat!($op, " zmm22, zmm24, zmm31"),
+                        concat!($op, " zmm23, zmm25, zmm31"),
+                        "add {p0}, 4",
+                        "add {p4}, 4",
+                        "add {p8}, 4",
+                        "dec {k}",
+                        "jnz 2b",
+                        // C += sums, row by row.
+                        "vaddps zmm0, zmm0, [{c}]",
+                        "vaddps zmm1, zmm1, [{c} + 64]",
+                        "vmovups [{c}], zmm0",
+                        "vmovups [{c} + 64], zmm1",
+                        "add {c}, {ldc}",
+                        "vaddps zmm2, zmm2, [{c}]",
+                        "vaddps zmm3, zmm3, [{c} + 64]",
+                        "vmovups [{c}], zmm2",
+                        "vmovups [{c} + 64], zmm3",
+                        "add {c}, {ldc}",
+                        "vaddps zmm4, zmm4, [{c}]",
+                        "vaddps zmm5, zmm5, [{c} + 64]",
+                        "vmovups [{c}], zmm4",
+                        "vmovups [{c} + 64], zmm5",
+                        "add {c}, {ldc}",
+                        "vaddps zmm6, zmm6, [{c}]",
+                        "vaddps zmm7, zmm7, [{c} + 64]",
+                        "vmovups [{c}], zmm6",
+                        "vmovups [{c} + 64], zmm7",
+                        "add {c}, {ldc}",
+                        "vaddps zmm8, zmm8, [{c}]",
+                        "vaddps zmm9, zmm9, [{c} + 64]",
+                        "vmovups [{c}], zmm8",
+                        "vmovups [{c} + 64], zmm9",
+                        "add {c}, {ldc}",
+                        "vaddps zmm10, zmm10, [{c}]",
+                        "vaddps zmm11, zmm11, [{c} + 64]",
+                        "vmovups [{c}], zmm10",
+                        "vmovups [{c} + 64], zmm11",
+                        "add {c}, {ldc}",
+                        "vaddps zmm12, zmm12, [{c}]",
+                        "vaddps zmm13, zmm13, [{c} + 64]",
+                        "vmovups [{c}], zmm12",
+                        "vmovups [{c} + 64], zmm13",
+                        "add {c}, {ldc}",
+                        "vaddps zmm14, zmm14, [{c}]",
+                        "vaddps zmm15, zmm15, [{c} + 64]",
+                        "vmovups [{c}], zmm14",
+                        "vmovups [{c} + 64], zmm15",
+                        "add {c}, {ldc}",
+                        "vaddps zmm16, zmm16, [{c}]",
+                        "vaddps zmm17, zmm17, [{c} + 64]",
+                        "vmovups [{c}], zmm16",
+                        "vmovups [{c} + 64], zmm17",
+                        "add {c}, {ldc}",
+                        "vaddps zmm18, zmm18, [{c}]",
+                        "vaddps zmm19, zmm19, [{c} + 64]",
+                        "vmovups [{c}], zmm18",
+                        "vmovups [{c} + 64], zmm19",
+                        "add {c}, {ldc}",
+                        "vaddps zmm20, zmm20, [{c}]",
+                        "vaddps zmm21, zmm21, [{c} + 64]",
+                        "vmovups [{c}], zmm20",
+                        "vmovups [{c} + 64], zmm21",
+                        "add {c}, {ldc}",
+                        "vaddps zmm22, zmm22, [{c}]",
+                        "vaddps zmm23, zmm23, [{c} + 64]",
+                        "vmovups [{c}], zmm22",
+                        "vmovups [{c} + 64], zmm23",
+                        p0 = inout(reg) a => _,
+                        p4 = inout(reg) a.add(4 * lda) => _,
+                        p8 = inout(reg) a.add(8 * lda) => _,
+                        l = in(reg) l,
+                        l3 = in(reg) 3 * l,
+                        b = inout(reg) b => _,
+                        ldb = in(reg) ldb * 4,
+                        k = inout(reg) k => _,
+                        c = inout(reg) c => _,
+                        ldc = in(reg) ldc * 4,
+                        out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _,
+                        out("zmm4") _, out("zmm5") _, out("zmm6") _, out("zmm7") _,
+                        out("zmm8") _, out("zmm9") _, out("zmm10") _, out("zmm11") _,
+                        out("zmm12") _, out("zmm13") _, out("zmm14") _, out("zmm15") _,
+                        out("zmm16") _, out("zmm17") _, out("zmm18") _, out("zmm19") _,
+                        out("zmm20") _, out("zmm21") _, out("zmm22") _, out("zmm23") _,
+                        out("zmm24") _, out("zmm25") _, out("zmm26") _, out("zmm27") _,
+                        out("zmm28") _, out("zmm29") _, out("zmm30") _, out("zmm31") _,
+                        options(nostack),
+                    );
+                }
+            }
+        };
     }
 
-    /// [`kernel`] for 12 rows and a whole panel, in assembly: the 24 sums stay in registers
-    /// from the first step of `k` to the store. Written with intrinsics, LLVM unrolled the
-    /// loop by two and loaded the 24 broadcasts ahead into registers, which left it 24
-    /// accumulators and 28 other live values for 32 registers: it spilled ~10 vectors per step
-    /// of `k`. Intel's cores hid that; on AMD's Zen 4 the intrinsics kernel ran MiniLM's batch
-    /// of 32 at 113 sentences/s, below the AVX2 kernel's 245 (runtime-image/README.md).
-    ///
-    /// Each step of `k`: the panel's two vectors of B, then per row one broadcast of A and
-    /// two FMAs. Rows `4j..4j + 4` are read through base `a + 4j·lda` with offsets 0, L, 2L
-    /// and 3L (L = `lda` in bytes), so three bases advance by 4 bytes a step. The sums are
-    /// those of the intrinsics kernel in the same order (one FMA per step of `k`), so the
-    /// results are the same bits.
-    ///
-    /// # Safety
-    /// As `kernel_dispatch`, with `k` ≥ 1, 12 rows and `cols` = [`NR`].
+    kernels!("avx512f", fma, "vfmadd231ps", kernel, full_12);
+    // The bf16 twin reads pairs through f32 pointers: 4 bytes an element, bits untouched.
+    kernels!(
+        "avx512f,avx512bf16",
+        dot_bf16,
+        "vdpbf16ps",
+        kernel_bf16,
+        full_12_bf16
+    );
+
+    /// `acc + a·b`, lane by lane.
+    #[inline]
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn full_12(
-        a: *const f32,
-        lda: usize,
-        b: *const f32,
-        ldb: usize,
-        k: usize,
-        c: *mut f32,
-        ldc: usize,
-    ) {
-        let l = lda * 4;
-        // SAFETY: the caller's extents: rows 0..12 of A (k floats each, `lda` apart), k rows
-        // of 32 floats of B (`ldb` apart), 12 rows of 32 floats of C (`ldc` apart). Every
-        // vector register is declared clobbered; no stack is used.
-        unsafe {
-            core::arch::asm!(
-                "vxorps zmm0, zmm0, zmm0",
-                "vxorps zmm1, zmm1, zmm1",
-                "vxorps zmm2, zmm2, zmm2",
-                "vxorps zmm3, zmm3, zmm3",
-                "vxorps zmm4, zmm4, zmm4",
-                "vxorps zmm5, zmm5, zmm5",
-                "vxorps zmm6, zmm6, zmm6",
-                "vxorps zmm7, zmm7, zmm7",
-                "vxorps zmm8, zmm8, zmm8",
-                "vxorps zmm9, zmm9, zmm9",
-                "vxorps zmm10, zmm10, zmm10",
-                "vxorps zmm11, zmm11, zmm11",
-                "vxorps zmm12, zmm12, zmm12",
-                "vxorps zmm13, zmm13, zmm13",
-                "vxorps zmm14, zmm14, zmm14",
-                "vxorps zmm15, zmm15, zmm15",
-                "vxorps zmm16, zmm16, zmm16",
-                "vxorps zmm17, zmm17, zmm17",
-                "vxorps zmm18, zmm18, zmm18",
-                "vxorps zmm19, zmm19, zmm19",
-                "vxorps zmm20, zmm20, zmm20",
-                "vxorps zmm21, zmm21, zmm21",
-                "vxorps zmm22, zmm22, zmm22",
-                "vxorps zmm23, zmm23, zmm23",
-                "2:",
-                "vmovups zmm24, [{b}]",
-                "vmovups zmm25, [{b} + 64]",
-                "add {b}, {ldb}",
-                "vbroadcastss zmm26, dword ptr [{p0}]",
-                "vbroadcastss zmm27, dword ptr [{p0} + {l}]",
-                "vfmadd231ps zmm0, zmm24, zmm26",
-                "vfmadd231ps zmm1, zmm25, zmm26",
-                "vbroadcastss zmm28, dword ptr [{p0} + 2*{l}]",
-                "vfmadd231ps zmm2, zmm24, zmm27",
-                "vfmadd231ps zmm3, zmm25, zmm27",
-                "vbroadcastss zmm29, dword ptr [{p0} + {l3}]",
-                "vfmadd231ps zmm4, zmm24, zmm28",
-                "vfmadd231ps zmm5, zmm25, zmm28",
-                "vbroadcastss zmm30, dword ptr [{p4}]",
-                "vfmadd231ps zmm6, zmm24, zmm29",
-                "vfmadd231ps zmm7, zmm25, zmm29",
-                "vbroadcastss zmm31, dword ptr [{p4} + {l}]",
-                "vfmadd231ps zmm8, zmm24, zmm30",
-                "vfmadd231ps zmm9, zmm25, zmm30",
-                "vbroadcastss zmm26, dword ptr [{p4} + 2*{l}]",
-                "vfmadd231ps zmm10, zmm24, zmm31",
-                "vfmadd231ps zmm11, zmm25, zmm31",
-                "vbroadcastss zmm27, dword ptr [{p4} + {l3}]",
-                "vfmadd231ps zmm12, zmm24, zmm26",
-                "vfmadd231ps zmm13, zmm25, zmm26",
-                "vbroadcastss zmm28, dword ptr [{p8}]",
-                "vfmadd231ps zmm14, zmm24, zmm27",
-                "vfmadd231ps zmm15, zmm25, zmm27",
-                "vbroadcastss zmm29, dword ptr [{p8} + {l}]",
-                "vfmadd231ps zmm16, zmm24, zmm28",
-                "vfmadd231ps zmm17, zmm25, zmm28",
-                "vbroadcastss zmm30, dword ptr [{p8} + 2*{l}]",
-                "vfmadd231ps zmm18, zmm24, zmm29",
-                "vfmadd231ps zmm19, zmm25, zmm29",
-                "vbroadcastss zmm31, dword ptr [{p8} + {l3}]",
-                "vfmadd231ps zmm20, zmm24, zmm30",
-                "vfmadd231ps zmm21, zmm25, zmm30",
-                "vfmadd231ps zmm22, zmm24, zmm31",
-                "vfmadd231ps zmm23, zmm25, zmm31",
-                "add {p0}, 4",
-                "add {p4}, 4",
-                "add {p8}, 4",
-                "dec {k}",
-                "jnz 2b",
-                // C += sums, row by row.
-                "vaddps zmm0, zmm0, [{c}]",
-                "vaddps zmm1, zmm1, [{c} + 64]",
-                "vmovups [{c}], zmm0",
-                "vmovups [{c} + 64], zmm1",
-                "add {c}, {ldc}",
-                "vaddps zmm2, zmm2, [{c}]",
-                "vaddps zmm3, zmm3, [{c} + 64]",
-                "vmovups [{c}], zmm2",
-                "vmovups [{c} + 64], zmm3",
-                "add {c}, {ldc}",
-                "vaddps zmm4, zmm4, [{c}]",
-                "vaddps zmm5, zmm5, [{c} + 64]",
-                "vmovups [{c}], zmm4",
-                "vmovups [{c} + 64], zmm5",
-                "add {c}, {ldc}",
-                "vaddps zmm6, zmm6, [{c}]",
-                "vaddps zmm7, zmm7, [{c} + 64]",
-                "vmovups [{c}], zmm6",
-                "vmovups [{c} + 64], zmm7",
-                "add {c}, {ldc}",
-                "vaddps zmm8, zmm8, [{c}]",
-                "vaddps zmm9, zmm9, [{c} + 64]",
-                "vmovups [{c}], zmm8",
-                "vmovups [{c} + 64], zmm9",
-                "add {c}, {ldc}",
-                "vaddps zmm10, zmm10, [{c}]",
-                "vaddps zmm11, zmm11, [{c} + 64]",
-                "vmovups [{c}], zmm10",
-                "vmovups [{c} + 64], zmm11",
-                "add {c}, {ldc}",
-                "vaddps zmm12, zmm12, [{c}]",
-                "vaddps zmm13, zmm13, [{c} + 64]",
-                "vmovups [{c}], zmm12",
-                "vmovups [{c} + 64], zmm13",
-                "add {c}, {ldc}",
-                "vaddps zmm14, zmm14, [{c}]",
-                "vaddps zmm15, zmm15, [{c} + 64]",
-                "vmovups [{c}], zmm14",
-                "vmovups [{c} + 64], zmm15",
-                "add {c}, {ldc}",
-                "vaddps zmm16, zmm16, [{c}]",
-                "vaddps zmm17, zmm17, [{c} + 64]",
-                "vmovups [{c}], zmm16",
-                "vmovups [{c} + 64], zmm17",
-                "add {c}, {ldc}",
-                "vaddps zmm18, zmm18, [{c}]",
-                "vaddps zmm19, zmm19, [{c} + 64]",
-                "vmovups [{c}], zmm18",
-                "vmovups [{c} + 64], zmm19",
-                "add {c}, {ldc}",
-                "vaddps zmm20, zmm20, [{c}]",
-                "vaddps zmm21, zmm21, [{c} + 64]",
-                "vmovups [{c}], zmm20",
-                "vmovups [{c} + 64], zmm21",
-                "add {c}, {ldc}",
-                "vaddps zmm22, zmm22, [{c}]",
-                "vaddps zmm23, zmm23, [{c} + 64]",
-                "vmovups [{c}], zmm22",
-                "vmovups [{c} + 64], zmm23",
-                p0 = inout(reg) a => _,
-                p4 = inout(reg) a.add(4 * lda) => _,
-                p8 = inout(reg) a.add(8 * lda) => _,
-                l = in(reg) l,
-                l3 = in(reg) 3 * l,
-                b = inout(reg) b => _,
-                ldb = in(reg) ldb * 4,
-                k = inout(reg) k => _,
-                c = inout(reg) c => _,
-                ldc = in(reg) ldc * 4,
-                out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _,
-                out("zmm4") _, out("zmm5") _, out("zmm6") _, out("zmm7") _,
-                out("zmm8") _, out("zmm9") _, out("zmm10") _, out("zmm11") _,
-                out("zmm12") _, out("zmm13") _, out("zmm14") _, out("zmm15") _,
-                out("zmm16") _, out("zmm17") _, out("zmm18") _, out("zmm19") _,
-                out("zmm20") _, out("zmm21") _, out("zmm22") _, out("zmm23") _,
-                out("zmm24") _, out("zmm25") _, out("zmm26") _, out("zmm27") _,
-                out("zmm28") _, out("zmm29") _, out("zmm30") _, out("zmm31") _,
-                options(nostack),
-            );
+    fn fma(acc: __m512, a: __m512, b: __m512) -> __m512 {
+        _mm512_fmadd_ps(a, b, acc)
+    }
+
+    /// `acc + a₀·b₀ + a₁·b₁`, lane by lane, where each lane of `a` and `b` holds a pair of
+    /// bf16 values (`vdpbf16ps`: products exact, sums in f32 rounded to nearest even).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    fn dot_bf16(acc: __m512, a: __m512, b: __m512) -> __m512 {
+        // SAFETY: same-size vector types; every bit pattern is a valid value of each.
+        let bh = |v| unsafe { std::mem::transmute::<__m512, __m512bh>(v) };
+        _mm512_dpbf16_ps(acc, bh(a), bh(b))
+    }
+
+    /// The first `2 · (d.len().min(row.len() / 2) / 16)` values of `row` as pairs into `d`, 32
+    /// at a time (`vcvtne2ps2bf16`: [`super::bf16`]'s rounding, except that subnormal inputs
+    /// count as zero); returns how many values it converted.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) fn to_pairs(row: &[f32], d: &mut [u32]) -> usize {
+        let blocks = d.len().min(row.len() / 2) / 16;
+        for i in 0..blocks {
+            // SAFETY: values 32i..32i + 32 of `row` and pairs 16i..16i + 16 of `d` exist.
+            unsafe {
+                let lo = _mm512_loadu_ps(row.as_ptr().add(32 * i));
+                let hi = _mm512_loadu_ps(row.as_ptr().add(32 * i + 16));
+                // Words 0..16 from the second operand, 16..32 from the first: in row order.
+                let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+                _mm512_storeu_si512(d.as_mut_ptr().add(16 * i).cast(), v);
+            }
         }
+        32 * blocks
     }
 }
 
@@ -1241,6 +1431,104 @@ mod tests {
             for (i, &v) in row.iter().enumerate() {
                 assert_eq!((got[i], got[row.len() + i]), amx::split(v), "{v}");
             }
+        }
+    }
+
+    /// The bf16 kernel against a plain product of the bf16-rounded values (exact products,
+    /// f64 sums): full 12-row blocks and remainders, an odd `k` (its last pair padded), a
+    /// partial last panel and masked stores; the 12-row assembly gives the intrinsics kernel's
+    /// bits; `matmul_bias` gives bias + `matmul_acc`'s bits.
+    #[test]
+    fn the_bf16_kernel_matches_a_product_of_rounded_values() {
+        let Some(kernel) = Kernel::bf16() else {
+            eprintln!("no AVX512-BF16 here: --dtype bf16 runs the f32 kernels");
+            return;
+        };
+        let round = |v: f32| f32::from_bits((bf16(v) as u32) << 16);
+        for &(rows, k, n) in &[
+            (1, 7, 45),
+            (13, 33, 45),
+            (24, 384, 64),
+            (37, 64, 96),
+            (9, 5, 16),
+            (100, 96, 32),
+        ] {
+            let (x, w, init) = inputs(rows, k, n);
+            let packed = Packed::new(&w, n, k, kernel);
+            let mut got = init.clone();
+            packed.matmul_acc(&x, rows, &mut got);
+            for r in 0..rows {
+                for j in 0..n {
+                    let want = init[r * n + j] as f64
+                        + (0..k)
+                            .map(|i| round(x[r * k + i]) as f64 * round(w[j * k + i]) as f64)
+                            .sum::<f64>();
+                    let g = got[r * n + j] as f64;
+                    assert!(
+                        (g - want).abs() < 1e-4 * (1.0 + want.abs()),
+                        "({rows},{k},{n}) [{r},{j}]: {g} vs {want}"
+                    );
+                }
+            }
+            let bias: Vec<f32> = (0..n).map(|j| (j % 5) as f32 - 2.5).collect();
+            let mut want: Vec<f32> = bias.iter().copied().cycle().take(rows * n).collect();
+            packed.matmul_acc(&x, rows, &mut want);
+            packed.matmul_bias(&x, rows, &bias, &mut got);
+            assert!(
+                got.iter()
+                    .zip(&want)
+                    .all(|(g, w)| g.to_bits() == w.to_bits()),
+                "({rows},{k},{n}): matmul_bias differs from bias + matmul_acc"
+            );
+        }
+        // The assembly and the intrinsics kernels on the same pairs, at wide strides.
+        for k2 in [1, 2, 37, 192] {
+            let (lda, ldb, ldc) = (k2 + 3, NR + 8, NR + 5);
+            let (x, w, init) = inputs(12, 2 * lda, 2 * ldb.max(ldc));
+            let mut a = vec![0u32; 12 * lda];
+            to_pairs(&x, 2 * lda, &mut a);
+            let mut b = vec![0u32; k2 * ldb];
+            to_pairs(&w[..2 * k2 * ldb], 2 * ldb, &mut b);
+            let (mut asm, mut intr) = (init.clone(), init.clone());
+            // SAFETY: AVX512-BF16 is present; A holds 12 rows of `lda` ≥ k2 pairs, B k2 rows
+            // of `ldb` ≥ 32, C 12 rows of `ldc` ≥ 32 (all within the vectors).
+            unsafe {
+                let (a, b) = (a.as_ptr().cast(), b.as_ptr().cast());
+                avx512::full_12_bf16(a, lda, b, ldb, k2, asm.as_mut_ptr(), ldc);
+                avx512::kernel_bf16::<12>(a, lda, b, ldb, k2, intr.as_mut_ptr(), ldc, NR);
+            }
+            assert!(
+                asm.iter()
+                    .zip(&intr)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "k2 = {k2}: the assembly and intrinsics bf16 kernels differ"
+            );
+            assert_ne!(asm, init, "k2 = {k2}: nothing was written");
+        }
+    }
+
+    /// Rows to bf16 pairs: ties round to even both ways, the low half holds the earlier input,
+    /// an odd row's last pair is padded with zero, and the AVX-512 conversion (rows of 70: two
+    /// blocks of 32, then the scalar tail) gives the scalar bits.
+    #[test]
+    fn rows_become_bf16_pairs_in_order() {
+        assert_eq!(bf16(f32::from_bits(0x3F80_8000)), 0x3F80);
+        assert_eq!(bf16(f32::from_bits(0x3F81_8000)), 0x3F82);
+        assert_eq!(pair(1.0, -2.0), 0xC000_3F80);
+        let mut got = [0u32; 2];
+        to_pairs(&[1.0, 2.0, 3.0], 3, &mut got);
+        assert_eq!(got, [pair(1.0, 2.0), pair(3.0, 0.0)]);
+        let k = 70;
+        let mut x: Vec<f32> = (0..2 * k)
+            .map(|i| ((i * 7919 % 1013) as f32 - 506.0) * 1.7e-3 * (1 + i % 5) as f32)
+            .collect();
+        x[3] = f32::from_bits(0x3F80_8000);
+        x[40] = f32::from_bits(0x3F81_8000);
+        x[41] = -3.0e30;
+        let mut got = vec![0u32; 2 * (k / 2)];
+        to_pairs(&x, k, &mut got);
+        for (j, &p) in got.iter().enumerate() {
+            assert_eq!(p, pair(x[2 * j], x[2 * j + 1]), "pair {j}");
         }
     }
 
