@@ -225,7 +225,8 @@ pub trait Classifier: Send + Sync {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum WeightDtype {
     /// f32 on the CPU, where half-precision matmuls are slower and less exact; on a GPU the
-    /// checkpoint's half precision (`weight_dtype`); encoders f32 everywhere.
+    /// checkpoint's half precision (`weight_dtype`); encoders f32 everywhere (the CPU
+    /// sentence embedders take `Bf16` only when it is asked for).
     #[default]
     Auto,
     F32,
