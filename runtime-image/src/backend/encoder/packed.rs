@@ -413,46 +413,36 @@ unsafe fn kernel_dispatch(
         if which == Kernel::Avx2 {
             return avx2::kernel(mr, a, lda, b, ldb, k, c, ldc, cols);
         }
-        if which == Kernel::Avx512Bf16 {
-            if mr == 12 && cols == NR && k > 0 {
-                return avx512::full_12_bf16(a, lda, b, ldb, k, c, ldc);
-            }
-            use avx512::kernel_bf16 as kernel;
-            let f = match mr {
-                12 => kernel::<12>,
-                11 => kernel::<11>,
-                10 => kernel::<10>,
-                9 => kernel::<9>,
-                8 => kernel::<8>,
-                7 => kernel::<7>,
-                6 => kernel::<6>,
-                5 => kernel::<5>,
-                4 => kernel::<4>,
-                3 => kernel::<3>,
-                2 => kernel::<2>,
-                1 => kernel::<1>,
-                _ => unreachable!("mr is 1..=MR"),
-            };
-            return f(a, lda, b, ldb, k, c, ldc, cols);
-        }
+        let bf16 = which == Kernel::Avx512Bf16;
         if mr == 12 && cols == NR && k > 0 {
-            return avx512::full_12(a, lda, b, ldb, k, c, ldc);
+            return match bf16 {
+                true => avx512::full_12_bf16(a, lda, b, ldb, k, c, ldc),
+                false => avx512::full_12(a, lda, b, ldb, k, c, ldc),
+            };
         }
-        use avx512::kernel;
-        let f = match mr {
-            12 => kernel::<12>,
-            11 => kernel::<11>,
-            10 => kernel::<10>,
-            9 => kernel::<9>,
-            8 => kernel::<8>,
-            7 => kernel::<7>,
-            6 => kernel::<6>,
-            5 => kernel::<5>,
-            4 => kernel::<4>,
-            3 => kernel::<3>,
-            2 => kernel::<2>,
-            1 => kernel::<1>,
-            _ => unreachable!("mr is 1..=MR"),
+        // `$kernel` (`kernel` or `kernel_bf16`) for `mr` rows.
+        macro_rules! for_rows {
+            ($kernel:ident) => {
+                match mr {
+                    12 => avx512::$kernel::<12>,
+                    11 => avx512::$kernel::<11>,
+                    10 => avx512::$kernel::<10>,
+                    9 => avx512::$kernel::<9>,
+                    8 => avx512::$kernel::<8>,
+                    7 => avx512::$kernel::<7>,
+                    6 => avx512::$kernel::<6>,
+                    5 => avx512::$kernel::<5>,
+                    4 => avx512::$kernel::<4>,
+                    3 => avx512::$kernel::<3>,
+                    2 => avx512::$kernel::<2>,
+                    1 => avx512::$kernel::<1>,
+                    _ => unreachable!("mr is 1..=MR"),
+                }
+            };
+        }
+        let f = match bf16 {
+            true => for_rows!(kernel_bf16),
+            false => for_rows!(kernel),
         };
         f(a, lda, b, ldb, k, c, ldc, cols)
     }
