@@ -317,6 +317,7 @@ fn load_and_warm(st: &AppState, path: &std::path::Path) -> Result<()> {
         seconds = secs,
         model = %st.model_id,
         device = %cfg.device,
+        dtype = %cfg.dtype,
         kernels = %crate::backend::kernels(),
         transparent_hugepages = %thp,
         "model loaded and warmed"

@@ -1256,7 +1256,8 @@ mod avx512 {
 
     /// The first `2 · (d.len().min(row.len() / 2) / 16)` values of `row` as pairs into `d`, 32
     /// at a time (`vcvtne2ps2bf16`: [`super::bf16`]'s rounding, except that subnormal inputs
-    /// count as zero); returns how many values it converted.
+    /// count as zero, as `vdpbf16ps` counts subnormal factors: the products are the same
+    /// whichever conversion a value took); returns how many values it converted.
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub(super) fn to_pairs(row: &[f32], d: &mut [u32]) -> usize {
         let blocks = d.len().min(row.len() / 2) / 16;
