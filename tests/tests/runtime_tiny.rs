@@ -904,36 +904,40 @@ fn encoders_refuse_half_precision_with_a_message() {
     }
 }
 
-/// `--dtype bf16` on a sentence embedder: bf16 products (on a CPU with AVX512-BF16) keep the
-/// embeddings near transformers' f32 ones, and they are not f32's bits there (the path ran);
-/// on a CPU without the dot product the products stay f32 and so do the bits.
+/// `--dtype bf16` on the sentence embedders (BERT, and XLM-RoBERTa's base model under `--task
+/// Embedding`): bf16 products (on a CPU with AVX512-BF16) keep the embeddings near
+/// transformers' f32 ones, and they are not f32's bits there (the path ran); on a CPU without
+/// the dot product the products stay f32 and so do the bits.
 #[test]
-fn the_bert_embedder_in_bf16_stays_near_the_f32_reference() {
-    let load = |dtype| match backend::load(&LoadOptions {
-        path: tiny("bert-embed"),
-        task: None,
-        dtype,
-        ..Default::default()
-    }) {
-        Ok(LoadedModel::Embedding(e)) => e,
-        Ok(other) => panic!("bert-embed {dtype:?} loaded as {:?}", other.task()),
-        Err(e) => panic!("bert-embed {dtype:?}: {e}"),
-    };
-    let (e16, e32) = (load(WeightDtype::Bf16), load(WeightDtype::F32));
-    let r = reference("bert-embed");
-    for (i, case) in r["cases"].as_array().unwrap().iter().enumerate() {
-        let text = case["text"].as_str().unwrap();
-        let got = e16.embed_texts(&[text]).unwrap().remove(0);
-        let want = floats(&case["embedding"]);
-        let d = max_abs_diff(&got, &want);
-        let d32 = max_abs_diff(&got, &e32.embed_texts(&[text]).unwrap()[0]);
-        eprintln!("bert-embed bf16 case {i}: max diff {d:.2e} from the reference");
-        // Measured: ≤ 2.3e-3.
-        assert!(d <= 1e-2, "case {i}: bf16 embedding differs by {d}");
-        if backend::encoder_bf16_products() {
-            assert!(d32 > 1e-6, "case {i}: bf16 gave f32's embedding ({d32:e})");
-        } else {
-            assert_eq!(d32, 0.0, "case {i}: without AVX512-BF16 the products stay f32");
+fn the_sentence_embedders_in_bf16_stay_near_the_f32_reference() {
+    use kandle_runtime::model::Task;
+    for (name, task) in [("bert-embed", None), ("xlm-roberta-cls", Some(Task::Embedding))] {
+        let load = |dtype| match backend::load(&LoadOptions {
+            path: tiny(name),
+            task,
+            dtype,
+            ..Default::default()
+        }) {
+            Ok(LoadedModel::Embedding(e)) => e,
+            Ok(other) => panic!("{name} {dtype:?} loaded as {:?}", other.task()),
+            Err(e) => panic!("{name} {dtype:?}: {e}"),
+        };
+        let (e16, e32) = (load(WeightDtype::Bf16), load(WeightDtype::F32));
+        let r = reference(name);
+        for (i, case) in r["cases"].as_array().unwrap().iter().enumerate() {
+            let text = case["text"].as_str().unwrap();
+            let got = e16.embed_texts(&[text]).unwrap().remove(0);
+            let want = floats(&case["embedding"]);
+            let d = max_abs_diff(&got, &want);
+            let d32 = max_abs_diff(&got, &e32.embed_texts(&[text]).unwrap()[0]);
+            eprintln!("{name} bf16 case {i}: max diff {d:.2e} from the reference");
+            // Measured: ≤ 2.3e-3.
+            assert!(d <= 1e-2, "{name} case {i}: bf16 embedding differs by {d}");
+            if backend::encoder_bf16_products() {
+                assert!(d32 > 1e-6, "{name} case {i}: bf16 gave f32's embedding ({d32:e})");
+            } else {
+                assert_eq!(d32, 0.0, "{name} case {i}: without AVX512-BF16 the products stay f32");
+            }
         }
     }
 }
