@@ -980,6 +980,33 @@ async fn the_dtype_flag_reaches_the_loader_and_a_refusal_fails_the_load() {
         expected[first]
     );
     server.shutdown(Duration::from_secs(5)).await.unwrap();
+
+    // bf16 reaches a sentence embedder: its embeddings over HTTP stay near the reference and,
+    // where the CPU has the bf16 dot product, are not the f32 ones.
+    let mut cfg = ServeConfig::new(tiny("bert-embed"));
+    cfg.dtype = "bf16".into();
+    let mut server = server::start(cfg).await.expect("server starts");
+    server.wait_loaded().await.expect("bert-embed loads in bf16");
+    let url = format!("http://{}", server.local_addr());
+    let case = &reference("bert-embed")["cases"][0];
+    let (status, body) = post(
+        &url,
+        "/v1/embeddings",
+        &json!({"model": "bert-embed", "input": case["text"]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let d = max_abs_diff(
+        &floats(&body["data"][0]["embedding"]),
+        &floats(&case["embedding"]),
+    );
+    assert!(d <= 1e-2, "bf16 embedding differs by {d}");
+    if backend::encoder_bf16_products() {
+        // f32 is within 1e-5 of the reference (`bert_embed_over_http_matches_...`); bf16
+        // measured ~2e-3.
+        assert!(d > 1e-4, "bf16 over HTTP gave the f32 embedding ({d:e})");
+    }
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
