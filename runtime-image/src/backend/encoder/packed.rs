@@ -1314,6 +1314,31 @@ mod tests {
         }
     }
 
+    /// Every element of `a` has the bits of the same element of `b`.
+    fn same_bits(a: &[f32], b: &[f32]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits())
+    }
+
+    /// `matmul_bias` gives the bits of `matmul_acc` into rows set to the bias, whatever the
+    /// output held before (here: `got`, the product of a test).
+    fn assert_bias_is_acc_into_bias(
+        what: &str,
+        packed: &Packed,
+        x: &[f32],
+        rows: usize,
+        mut got: Vec<f32>,
+    ) {
+        let n = packed.n;
+        let bias: Vec<f32> = (0..n).map(|j| (j % 5) as f32 - 2.5).collect();
+        let mut want: Vec<f32> = bias.iter().copied().cycle().take(rows * n).collect();
+        packed.matmul_acc(x, rows, &mut want);
+        packed.matmul_bias(x, rows, &bias, &mut got);
+        assert!(
+            same_bits(&got, &want),
+            "{what}: matmul_bias differs from bias + matmul_acc"
+        );
+    }
+
     /// Each kernel this CPU runs against a plain product: partial row blocks (13 rows with 12
     /// and 6 per block), a partial last panel and a half panel of under 8 columns (n = 45, 37),
     /// masked loads and stores.
@@ -1381,9 +1406,7 @@ mod tests {
                 );
             }
             assert!(
-                asm.iter()
-                    .zip(&intr)
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                same_bits(&asm, &intr),
                 "k = {k}: the assembly and intrinsics kernels differ"
             );
             assert_ne!(asm, init, "k = {k}: nothing was written");
@@ -1425,10 +1448,10 @@ mod tests {
         }
     }
 
-    /// The bf16 kernel against a plain product of the bf16-rounded values (exact products,
-    /// f64 sums): full 12-row blocks and remainders, an odd `k` (its last pair padded), a
-    /// partial last panel and masked stores; the 12-row assembly gives the intrinsics kernel's
-    /// bits; `matmul_bias` gives bias + `matmul_acc`'s bits.
+    /// The bf16 kernel against a plain product ([`assert_plain`]) of the bf16-rounded values
+    /// (their products exact in f32): full 12-row blocks and remainders, an odd `k` (its last
+    /// pair padded), a partial last panel and masked stores; the 12-row assembly gives the
+    /// intrinsics kernel's bits; `matmul_bias` gives bias + `matmul_acc`'s bits.
     #[test]
     fn the_bf16_kernel_matches_a_product_of_rounded_values() {
         let Some(kernel) = Kernel::bf16() else {
@@ -1448,29 +1471,12 @@ mod tests {
             let packed = Packed::new(&w, n, k, kernel);
             let mut got = init.clone();
             packed.matmul_acc(&x, rows, &mut got);
-            for r in 0..rows {
-                for j in 0..n {
-                    let want = init[r * n + j] as f64
-                        + (0..k)
-                            .map(|i| round(x[r * k + i]) as f64 * round(w[j * k + i]) as f64)
-                            .sum::<f64>();
-                    let g = got[r * n + j] as f64;
-                    assert!(
-                        (g - want).abs() < 1e-4 * (1.0 + want.abs()),
-                        "({rows},{k},{n}) [{r},{j}]: {g} vs {want}"
-                    );
-                }
-            }
-            let bias: Vec<f32> = (0..n).map(|j| (j % 5) as f32 - 2.5).collect();
-            let mut want: Vec<f32> = bias.iter().copied().cycle().take(rows * n).collect();
-            packed.matmul_acc(&x, rows, &mut want);
-            packed.matmul_bias(&x, rows, &bias, &mut got);
-            assert!(
-                got.iter()
-                    .zip(&want)
-                    .all(|(g, w)| g.to_bits() == w.to_bits()),
-                "({rows},{k},{n}): matmul_bias differs from bias + matmul_acc"
+            let (xr, wr): (Vec<f32>, Vec<f32>) = (
+                x.iter().map(|&v| round(v)).collect(),
+                w.iter().map(|&v| round(v)).collect(),
             );
+            assert_plain("bf16", (rows, k, n), &xr, &wr, &init, &got);
+            assert_bias_is_acc_into_bias(&format!("bf16 ({rows},{k},{n})"), &packed, &x, rows, got);
         }
         // The assembly and the intrinsics kernels on the same pairs, at wide strides.
         for k2 in [1, 2, 37, 192] {
@@ -1489,9 +1495,7 @@ mod tests {
                 avx512::kernel_bf16::<12>(a, lda, b, ldb, k2, intr.as_mut_ptr(), ldc, NR);
             }
             assert!(
-                asm.iter()
-                    .zip(&intr)
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                same_bits(&asm, &intr),
                 "k2 = {k2}: the assembly and intrinsics bf16 kernels differ"
             );
             assert_ne!(asm, init, "k2 = {k2}: nothing was written");
@@ -1558,18 +1562,8 @@ mod tests {
                 }
                 packed.matmul_acc(&x, rows, &mut got);
                 assert_plain(&format!("{kernel:?}"), (rows, k, n), &x, &w, &init, &got);
-                // With a bias: the bits of the product accumulated into rows set to it,
-                // whatever the output held before (here: the product above).
-                let bias: Vec<f32> = (0..n).map(|j| (j % 5) as f32 - 2.5).collect();
-                let mut want: Vec<f32> = bias.iter().copied().cycle().take(rows * n).collect();
-                packed.matmul_acc(&x, rows, &mut want);
-                packed.matmul_bias(&x, rows, &bias, &mut got);
-                assert!(
-                    got.iter()
-                        .zip(&want)
-                        .all(|(g, w)| g.to_bits() == w.to_bits()),
-                    "{kernel:?} ({rows},{k},{n}): matmul_bias differs from bias + matmul_acc"
-                );
+                let what = format!("{kernel:?} ({rows},{k},{n})");
+                assert_bias_is_acc_into_bias(&what, &packed, &x, rows, got);
             }
         }
     }
