@@ -310,13 +310,7 @@ fn main() -> anyhow::Result<()> {
             anyhow::bail!("not an embedding model")
         };
         println!("minilm {dtype} load: {:.3} s", t0.elapsed().as_secs_f64());
-        let reference: Vec<&str> = mini["sentences"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s.as_str().unwrap())
-            .collect();
-        let got = e.embed_texts(&reference)?;
+        let got = e.embed_texts(&strings(&mini["sentences"]))?;
         let least = got
             .iter()
             .zip(mini["embeddings"].as_array().unwrap())
@@ -328,12 +322,7 @@ fn main() -> anyhow::Result<()> {
             })
             .fold(f32::INFINITY, f32::min);
         println!("minilm {dtype} least cosine to the reference: {least:.7}");
-        let sentences: Vec<&str> = mini["bench_sentences"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s.as_str().unwrap())
-            .collect();
+        let sentences = strings(&mini["bench_sentences"]);
         for &batch in &args.minilm_batches {
             let mut rates = Vec::new();
             for _ in 0..args.runs {
@@ -377,6 +366,15 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A fixture's array of strings.
+fn strings(v: &serde_json::Value) -> Vec<&str> {
+    v.as_array()
+        .expect("an array")
+        .iter()
+        .map(|s| s.as_str().expect("a string"))
+        .collect()
 }
 
 /// Kills the server when dropped, so that an error leaves no process behind.
