@@ -426,11 +426,17 @@ fn classifiers_match_the_rows_of_the_right_padded_reference_batch() {
 async fn serve(name: &str) -> (Server, String) {
     let mut cfg = ServeConfig::new(tiny(name));
     cfg.max_new_tokens = 64;
+    serve_config(cfg).await
+}
+
+/// The server for `cfg`, loaded, and its URL.
+async fn serve_config(cfg: ServeConfig) -> (Server, String) {
+    let what = format!("{} (--dtype {})", cfg.model.display(), cfg.dtype);
     let mut server = server::start(cfg).await.expect("server starts");
     tokio::time::timeout(Duration::from_secs(120), server.wait_loaded())
         .await
         .expect("model loads within 2 minutes")
-        .unwrap_or_else(|e| panic!("{name} loads: {e}"));
+        .unwrap_or_else(|e| panic!("{what} loads: {e}"));
     let url = format!("http://{}", server.local_addr());
     (server, url)
 }
@@ -956,9 +962,7 @@ async fn the_dtype_flag_reaches_the_loader_and_a_refusal_fails_the_load() {
 
     let mut cfg = ServeConfig::new(tiny("gpt2"));
     cfg.dtype = "f16".into();
-    let mut server = server::start(cfg).await.expect("server starts");
-    server.wait_loaded().await.expect("gpt2 loads in f16");
-    let url = format!("http://{}", server.local_addr());
+    let (server, url) = serve_config(cfg).await;
     let case = &reference("gpt2")["cases"][0];
     let (status, body) = post(
         &url,
@@ -985,9 +989,7 @@ async fn the_dtype_flag_reaches_the_loader_and_a_refusal_fails_the_load() {
     // where the CPU has the bf16 dot product, are not the f32 ones.
     let mut cfg = ServeConfig::new(tiny("bert-embed"));
     cfg.dtype = "bf16".into();
-    let mut server = server::start(cfg).await.expect("server starts");
-    server.wait_loaded().await.expect("bert-embed loads in bf16");
-    let url = format!("http://{}", server.local_addr());
+    let (server, url) = serve_config(cfg).await;
     let case = &reference("bert-embed")["cases"][0];
     let (status, body) = post(
         &url,
