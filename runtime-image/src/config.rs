@@ -174,10 +174,11 @@ pub struct ServeConfig {
     /// The most inputs one embeddings request may hold.
     #[arg(long, env = "KANDLE_MAX_EMBEDDING_INPUTS", default_value_t = 2048)]
     pub max_embedding_inputs: usize,
-    /// Prompt tokens whose keys and values are kept after their request, for later requests
-    /// that start with the same tokens (a conversation's next turn, a shared system prompt)
-    /// to continue instead of computing them again; 0 turns it off. Default: 2048 tokens, or
-    /// fewer where their keys and values would pass 256 MiB (a 7B model's ~512 KB a token).
+    /// Positions of keys and values kept after their requests, for later requests that start
+    /// with the same tokens (a conversation's next turn, a shared system prompt) to continue
+    /// instead of computing them again; 0 turns it off. Counted in the cache's chunks, a
+    /// start the kept prompts share once. Default: 2048, or fewer where they would pass
+    /// 256 MiB (a 7B model's ~512 KB a token).
     /// Only where continuing gives the same bits as computing afresh (the GGUF llama models).
     #[arg(long, env = "KANDLE_PREFIX_CACHE_TOKENS")]
     pub prefix_cache_tokens: Option<usize>,

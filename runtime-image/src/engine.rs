@@ -754,8 +754,12 @@ impl GenerationWorker {
 /// turn (which re-sends the whole conversation) continues the kept turn before it, and
 /// requests that differ only after a shared start (one system prompt, one few-shot preamble)
 /// share that start, [`MIN_SHARED_TOKENS`] or more. The kept prompt sharing the longest start
-/// is used, whole or cut to that start. At most `budget` tokens are kept, the least recently
-/// used given up first. Only for models whose continuation gives the same bits as computing afresh
+/// is used, whole or cut to that start. The kept prompts hold at most `budget` positions of
+/// keys and values, the least recently used given up first: counted in the blocks their
+/// caches hold ([`Sequence::cache_blocks`]; the GGUF llama's chunks), each block once however
+/// many kept prompts share it, so that prompts continued from one another, or sharing a
+/// system prompt, cost their shared start once (a sequence without blocks counts its
+/// prompt's length). Only for models whose continuation gives the same bits as computing afresh
 /// ([`crate::backend::CausalLm::continuation_is_exact`]): an answer never depends on what
 /// was asked before it.
 /// The prefix cache's budget when `--prefix-cache-tokens` is not given: 2048 tokens, fewer
@@ -857,19 +861,40 @@ impl PrefixCache {
         let Some(copy) = seq.fork() else {
             return;
         };
-        self.entries.push(CachedPrompt {
+        let entry = CachedPrompt {
             prompt: prompt.to_vec(),
             seq: copy,
             logits: logits.to_vec(),
             used: self.clock,
-        });
-        while self.entries.iter().map(|e| e.prompt.len()).sum::<usize>() > self.budget {
+        };
+        if held(std::slice::from_ref(&entry)) > self.budget {
+            return;
+        }
+        self.entries.push(entry);
+        while held(&self.entries) > self.budget {
             let oldest = (0..self.entries.len())
                 .min_by_key(|&i| self.entries[i].used)
                 .expect("an entry over the budget");
             self.entries.swap_remove(oldest);
         }
     }
+}
+
+/// The positions of keys and values that `entries` hold: each block of their caches once,
+/// however many of them share it, and the prompt's length for a sequence without blocks.
+fn held(entries: &[CachedPrompt]) -> usize {
+    let mut seen = std::collections::HashSet::new();
+    entries
+        .iter()
+        .map(|e| match e.seq.cache_blocks() {
+            Some(blocks) => blocks
+                .into_iter()
+                .filter(|(id, _)| seen.insert(*id))
+                .map(|(_, positions)| positions)
+                .sum(),
+            None => e.prompt.len(),
+        })
+        .sum()
 }
 
 /// The model thread of an encoder model: `run` maps a right-padded batch of token lists to
@@ -963,6 +988,28 @@ mod tests {
         }
     }
 
+    /// A [`Tape`] whose cache is made of blocks (identity, positions), shared by its copies.
+    struct Blocks(Tape, Vec<(usize, usize)>);
+
+    impl Sequence for Blocks {
+        fn feed(&mut self, tokens: &[u32]) -> crate::Result<Vec<f32>> {
+            self.0.feed(tokens)
+        }
+        fn len(&self) -> usize {
+            self.0.len()
+        }
+        fn fork(&self) -> Option<Box<dyn Sequence>> {
+            Some(Box::new(Blocks(Tape(self.0.0.clone()), self.1.clone())))
+        }
+        fn fork_prefix(&self, len: usize) -> Option<Box<dyn Sequence>> {
+            let tape = Tape(self.0.0.get(..len)?.to_vec());
+            Some(Box::new(Blocks(tape, self.1.clone())))
+        }
+        fn cache_blocks(&self) -> Option<Vec<(usize, usize)>> {
+            Some(self.1.clone())
+        }
+    }
+
     fn keep(c: &mut PrefixCache, prompt: &[u32]) {
         let seq = Tape(prompt.to_vec());
         c.insert(prompt, &seq, &[prompt.len() as f32]);
@@ -991,13 +1038,50 @@ mod tests {
         assert!(c.lookup(&[9, 9]).is_none());
         assert_eq!(c.lookup(&[1, 2, 3, 4]).unwrap().tokens, 4);
         assert_eq!(c.lookup(&[5, 6, 7, 8, 1]).unwrap().tokens, 4);
-        assert!(c.entries.iter().map(|e| e.prompt.len()).sum::<usize>() <= 10);
+        assert!(held(&c.entries) <= 10);
         // Too long for the whole budget, or a budget of 0: nothing is kept.
         keep(&mut c, &[0; 11]);
         assert!(c.lookup(&[0; 11]).is_none());
         let mut off = PrefixCache::new(0);
         keep(&mut off, &[1]);
         assert!(off.lookup(&[1]).is_none());
+    }
+
+    /// Prompts whose caches share blocks (one system prompt, a conversation's turns) count the
+    /// shared blocks once against the budget, not each prompt's whole length.
+    #[test]
+    fn the_prefix_cache_counts_a_block_its_prompts_share_once() {
+        let mut c = PrefixCache::new(32);
+        let system: Vec<u32> = (100..117).collect();
+        let ask = |q: u32| [&system[..], &[q, q, q]].concat();
+        let keep = |c: &mut PrefixCache, prompt: &[u32], blocks: &[(usize, usize)]| {
+            let seq = Blocks(Tape(prompt.to_vec()), blocks.to_vec());
+            c.insert(prompt, &seq, &[prompt.len() as f32]);
+        };
+        // Two 20-token prompts on one shared block of 16 positions and one of 8 each: 32
+        // positions, within the budget, though their lengths make 40.
+        let (a, b, d) = (ask(1), ask(2), ask(3));
+        keep(&mut c, &a, &[(7, 16), (1, 8)]);
+        keep(&mut c, &b, &[(7, 16), (2, 8)]);
+        assert_eq!(held(&c.entries), 32);
+        assert_eq!(c.lookup(&a).unwrap().logits, Some(vec![20.0]), "a is kept");
+        assert_eq!(c.lookup(&b).unwrap().logits, Some(vec![20.0]), "b is kept");
+        // A third makes 40: the least recently used (a) goes, and the shared block stays,
+        // counted once for the two left.
+        keep(&mut c, &d, &[(7, 16), (3, 8)]);
+        assert_eq!(held(&c.entries), 32);
+        let hit = c.lookup(&a).unwrap();
+        assert_eq!(
+            (hit.tokens, hit.logits),
+            (17, None),
+            "a's start, from b or d"
+        );
+        assert_eq!(c.lookup(&d).unwrap().tokens, 20);
+        assert_eq!(c.lookup(&b).unwrap().tokens, 20);
+        // A prompt whose blocks alone pass the budget is not kept, and evicts nothing.
+        keep(&mut c, &[50; 20], &[(9, 40)]);
+        assert!(c.lookup(&[50; 20]).is_none());
+        assert_eq!(c.entries.len(), 2);
     }
 
     #[test]

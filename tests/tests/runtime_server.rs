@@ -747,6 +747,63 @@ async fn a_conversations_next_turn_continues_the_cached_prompt_with_the_same_ans
     plain_server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
+/// The prefix cache's budget counts the keys and values its prompts hold, a start they share
+/// once: three questions after one long system prompt share its first chunks of the GGUF
+/// cache (128 positions each) and each hold one of their own, 5 × 128 = 640 positions, which a
+/// budget of 700 keeps, though their lengths add up to more than 800. All three are then
+/// continued whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompts_sharing_a_system_prompt_count_it_once_against_the_prefix_cache_budget() {
+    let (server, url) = serve(|c| c.prefix_cache_tokens = Some(700)).await;
+    let http = client();
+    let system = "You are a careful assistant for a travel agency. ".repeat(26);
+    let messages = |q: &str| {
+        json!([{"role": "system", "content": system},
+               {"role": "user", "content": format!("What is the capital of {q}?")}])
+    };
+    let ids = |messages: Value| {
+        let (http, url) = (http.clone(), format!("{url}/tokenize"));
+        async move {
+            let body = json!({"model": SMOL, "messages": messages});
+            let t = post_json(&http, &url, &body).await["tokens"].clone();
+            t.as_array().unwrap().clone()
+        }
+    };
+    let countries = ["France", "Peru", "Japan"];
+    let mut prompts = Vec::new();
+    for q in countries {
+        prompts.push(ids(messages(q)).await);
+    }
+    let shared = prompts[0]
+        .iter()
+        .zip(&prompts[1])
+        .take_while(|(a, b)| a == b)
+        .count();
+    let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
+    assert!(
+        shared > 256 && lens.iter().all(|&l| l <= 384) && lens.iter().sum::<usize>() > 800,
+        "the prompts must share more than two chunks, fit in three, and pass 800 tokens \
+         together: shared {shared}, lengths {lens:?}"
+    );
+    let ask = |q: &str| {
+        let (http, url) = (http.clone(), format!("{url}/v1/chat/completions"));
+        let body = json!({"model": SMOL, "messages": messages(q), "max_tokens": 2,
+                          "temperature": 0});
+        async move { post_json(&http, &url, &body).await }
+    };
+    for q in countries {
+        let a = ask(q).await;
+        assert_eq!(a["usage"]["completion_tokens"], 2, "{q}: {a}");
+    }
+    for (q, len) in countries.iter().zip(&lens) {
+        let before = cached_prompt_tokens(&http, &url).await;
+        ask(q).await;
+        let cached = cached_prompt_tokens(&http, &url).await - before;
+        assert_eq!(cached, *len as f64, "{q}: its whole prompt, kept");
+    }
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
 /// Every answer carries an `X-Request-Id`: the client's when it sent a plausible one, else a
 /// new one per request, errors and streams included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -152,6 +152,9 @@ impl Sequence for QLlamaSequence {
             cache: self.weights.cache_prefix(&self.cache, len)?,
         }))
     }
+    fn cache_blocks(&self) -> Option<Vec<(usize, usize)>> {
+        Some(self.cache.blocks())
+    }
 }
 
 fn md<'a>(ct: &'a gguf_file::Content, key: &str) -> Result<&'a gguf_file::Value> {

@@ -200,6 +200,15 @@ pub trait Sequence: Send {
         let _ = len;
         None
     }
+    /// The blocks of storage this sequence's cache holds, each as (an identity, the positions
+    /// it has room for), where copies ([`Sequence::fork`], [`Sequence::fork_prefix`]) share
+    /// blocks until they write to them: a block two sequences share has the same identity in
+    /// both, for as long as both hold it. The prefix cache counts its budget in these, each
+    /// shared block once. `None` (the default): nothing shared; the prefix cache counts the
+    /// sequence as its prompt's length.
+    fn cache_blocks(&self) -> Option<Vec<(usize, usize)>> {
+        None
+    }
 }
 
 /// A sentence-embedding model.

@@ -232,6 +232,15 @@ impl KvCache {
     fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
     }
+
+    /// Each chunk as (its storage's address, the positions it has room for): copies that
+    /// share a chunk give the same address for it ([`crate::backend::Sequence::cache_blocks`]).
+    pub(super) fn blocks(&self) -> Vec<(usize, usize)> {
+        self.chunks
+            .iter()
+            .map(|c| (Arc::as_ptr(&c.data) as usize, c.cap))
+            .collect()
+    }
 }
 
 fn md_u32(ct: &gguf_file::Content, key: &str) -> Result<usize> {
@@ -693,12 +702,14 @@ mod tests {
         );
         short.reserve(200);
         assert_eq!(short.room(), 2 * ATTEND_CHUNK);
+        let held: Vec<usize> = short.blocks().iter().map(|b| b.1).collect();
+        assert_eq!(held, [ATTEND_CHUNK; 2], "the blocks are the chunks");
 
         let copy = c.prefix(37).expect("a shorter prefix");
         assert!(c.prefix(301).is_none(), "no prefix past the end");
         assert_eq!((copy.len(), copy.chunks.len()), (37, 1));
-        let shared =
-            |a: &KvCache, b: &KvCache, i: usize| Arc::ptr_eq(&a.chunks[i].data, &b.chunks[i].data);
+        // Shared chunks, as the prefix cache counts them.
+        let shared = |a: &KvCache, b: &KvCache, i: usize| a.blocks()[i] == b.blocks()[i];
         assert!(shared(&copy, &c, 0), "the copy shares the chunk");
         let long = c.prefix(ATTEND_CHUNK + 1).expect("a longer prefix");
         assert_eq!(long.chunks.len(), 2);
