@@ -337,16 +337,43 @@ fn draw(logits: &[f32], p: &SamplingParams, r: f64) -> u32 {
     chosen.expect("at least one candidate is kept")
 }
 
-/// Index of the largest value; the lowest index wins ties.
+/// Index of the largest value; the lowest index wins ties, and a NaN never wins (0 when
+/// nothing is larger than −∞).
+///
+/// In two passes that the compiler vectorises: the largest value, kept lane by lane over
+/// blocks of [`ARGMAX_LANES`], then the first block holding it, searched. The one-pass loop
+/// (a compare against the best so far, a dependency from element to element) took ~30 µs
+/// for SmolLM2's 49 152 logits, 3% of an 8-sequence greedy decode step on one thread while
+/// the other waited.
 pub fn argmax(xs: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in xs.iter().enumerate() {
-        if x > xs[best] {
-            best = i;
+    let mut lanes = [f32::NEG_INFINITY; ARGMAX_LANES];
+    let blocks = xs.chunks_exact(ARGMAX_LANES);
+    let tail = blocks.remainder();
+    for b in blocks {
+        for (l, &x) in lanes.iter_mut().zip(b) {
+            *l = if x > *l { x } else { *l };
         }
     }
-    best as u32
+    let max = lanes
+        .iter()
+        .chain(tail)
+        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+    if max == f32::NEG_INFINITY {
+        return 0;
+    }
+    let mut start = 0;
+    for b in xs.chunks(ARGMAX_LANES) {
+        if b.iter().fold(false, |found, &x| found | (x == max)) {
+            let at = b.iter().position(|&x| x == max).expect("the block holds it");
+            return (start + at) as u32;
+        }
+        start += b.len();
+    }
+    unreachable!("the largest value is one of the values")
 }
+
+/// The block width of [`argmax`]'s passes: four AVX-512 registers.
+const ARGMAX_LANES: usize = 64;
 
 /// Numerically stable log-softmax (accumulated in f64).
 pub fn log_softmax(xs: &[f32]) -> Vec<f32> {
@@ -384,6 +411,39 @@ mod tests {
     fn greedy_picks_the_highest_logit_and_the_lowest_id_on_ties() {
         let mut s = Sampler::new(params(0.0));
         assert_eq!(s.sample(&mut [0.1, 3.0, 3.0, -1.0]).id, 1);
+    }
+
+    /// The two-pass argmax gives the one-pass loop's index: ties across and within blocks
+    /// and in the tail, the largest in the tail, −∞ throughout, NaNs, every length to past
+    /// three blocks.
+    #[test]
+    fn argmax_gives_the_first_largest_value() {
+        let plain = |xs: &[f32]| {
+            let mut best = 0;
+            for (i, &x) in xs.iter().enumerate() {
+                if x > xs[best] || xs[best].is_nan() && !x.is_nan() {
+                    best = i;
+                }
+            }
+            best as u32
+        };
+        for len in 0..3 * ARGMAX_LANES + 7 {
+            // Few distinct values, so that the largest is tied in most arrays.
+            let xs: Vec<f32> = (0..len).map(|i| ((i * 7919 + len) % 13) as f32).collect();
+            assert_eq!(argmax(&xs), plain(&xs), "len {len}");
+            let mut top = xs.clone();
+            if len > 0 {
+                top[len - 1] = 99.0;
+                assert_eq!(argmax(&top), (len - 1) as u32, "the largest last, len {len}");
+                top[len / 2] = 99.0;
+                assert_eq!(argmax(&top), (len / 2) as u32, "tied, len {len}");
+                top[0] = f32::NAN;
+                assert_eq!(argmax(&top), plain(&top), "a NaN first, len {len}");
+            }
+        }
+        assert_eq!(argmax(&[f32::NEG_INFINITY; 70]), 0);
+        assert_eq!(argmax(&[f32::NAN; 3]), 0);
+        assert_eq!(argmax(&[f32::NEG_INFINITY, f32::NAN, -1e30]), 2);
     }
 
     #[test]
