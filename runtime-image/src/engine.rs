@@ -650,9 +650,11 @@ impl GenerationWorker {
                     };
                     if let (true, Ok(logits)) = (fresh, &fed) {
                         computed.push((i, logits.clone()));
-                        self.prefix
-                            .borrow_mut()
-                            .insert(&a.next_input, a.seq.as_ref(), logits);
+                        let mut prefix = self.prefix.borrow_mut();
+                        prefix.insert(&a.next_input, a.seq.as_ref(), logits);
+                        self.metrics
+                            .prefix_cache_positions
+                            .set(held(&prefix.entries) as i64);
                     }
                     fed
                 }

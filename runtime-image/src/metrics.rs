@@ -30,9 +30,11 @@ pub struct Metrics {
     pub inter_token_latency: Histogram,
     pub generated_tokens: Counter,
     pub prompt_tokens: Counter,
-    /// Prompt tokens not computed again: copied from a sequence that computed the same
-    /// prompt in the same step (the choices of one request).
+    /// Prompt tokens not computed again: continued from the prefix cache, or copied from a
+    /// sequence that computed the same prompt in the same step (the choices of one request).
     pub prompt_tokens_cached: Counter,
+    /// Positions of keys and values the prefix cache holds, as its budget counts them.
+    pub prefix_cache_positions: Gauge,
     pub queue_depth: Gauge,
     pub inflight: Gauge,
     pub batch_size: Gauge,
@@ -52,6 +54,7 @@ impl Metrics {
             generated_tokens: Counter::default(),
             prompt_tokens: Counter::default(),
             prompt_tokens_cached: Counter::default(),
+            prefix_cache_positions: Gauge::default(),
             queue_depth: Gauge::default(),
             inflight: Gauge::default(),
             batch_size: Gauge::default(),
@@ -90,8 +93,13 @@ impl Metrics {
         );
         registry.register(
             "kandle_prompt_tokens_cached",
-            "Prompt tokens whose keys and values were copied from a sequence that computed the same prompt in the same step (the choices of one request)",
+            "Prompt tokens not computed again: continued from the prefix cache's keys and values, or copied from a sequence that computed the same prompt in the same step (the choices of one request)",
             m.prompt_tokens_cached.clone(),
+        );
+        registry.register(
+            "kandle_prefix_cache_positions",
+            "Positions of keys and values the prefix cache holds (what --prefix-cache-tokens bounds; a chunk that several kept prompts share counted once)",
+            m.prefix_cache_positions.clone(),
         );
         registry.register(
             "kandle_queue_depth",

@@ -364,7 +364,10 @@ pub fn argmax(xs: &[f32]) -> u32 {
     let mut start = 0;
     for b in xs.chunks(ARGMAX_LANES) {
         if b.iter().fold(false, |found, &x| found | (x == max)) {
-            let at = b.iter().position(|&x| x == max).expect("the block holds it");
+            let at = b
+                .iter()
+                .position(|&x| x == max)
+                .expect("the block holds it");
             return (start + at) as u32;
         }
         start += b.len();
@@ -434,7 +437,11 @@ mod tests {
             let mut top = xs.clone();
             if len > 0 {
                 top[len - 1] = 99.0;
-                assert_eq!(argmax(&top), (len - 1) as u32, "the largest last, len {len}");
+                assert_eq!(
+                    argmax(&top),
+                    (len - 1) as u32,
+                    "the largest last, len {len}"
+                );
                 top[len / 2] = 99.0;
                 assert_eq!(argmax(&top), (len / 2) as u32, "tied, len {len}");
                 top[0] = f32::NAN;

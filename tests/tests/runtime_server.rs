@@ -89,20 +89,7 @@ fn with_fields(mut base: Value, extra: &Value) -> Value {
 
 /// The server's `kandle_prompt_tokens_cached_total`.
 async fn cached_prompt_tokens(http: &reqwest::Client, url: &str) -> f64 {
-    let text = http
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("kandle_prompt_tokens_cached_total "))
-        .unwrap_or_else(|| panic!("no kandle_prompt_tokens_cached_total in\n{text}"))
-        .trim()
-        .parse()
-        .unwrap()
+    gauge(http, url, "kandle_prompt_tokens_cached_total").await
 }
 
 /// Parses an SSE body into its JSON payloads, checking that it ends with [DONE].
@@ -791,10 +778,17 @@ async fn prompts_sharing_a_system_prompt_count_it_once_against_the_prefix_cache_
                           "temperature": 0});
         async move { post_json(&http, &url, &body).await }
     };
+    // The warm-up's prompt is kept too (a short sequence's first chunk).
+    let warm = gauge(&http, &url, "kandle_prefix_cache_positions").await;
     for q in countries {
         let a = ask(q).await;
         assert_eq!(a["usage"]["completion_tokens"], 2, "{q}: {a}");
     }
+    assert_eq!(
+        gauge(&http, &url, "kandle_prefix_cache_positions").await - warm,
+        640.0,
+        "three prompts on two shared chunks and one of their own each (warm-up: {warm})"
+    );
     for (q, len) in countries.iter().zip(&lens) {
         let before = cached_prompt_tokens(&http, &url).await;
         ask(q).await;
