@@ -750,20 +750,6 @@ impl GenerationWorker {
     }
 }
 
-/// Prompts whose keys and values are kept after their request, so that a later request
-/// whose prompt starts the same way continues from a copy instead of computing those tokens
-/// again, as vLLM's prefix caching and llama.cpp's cached prompts do: a conversation's next
-/// turn (which re-sends the whole conversation) continues the kept turn before it, and
-/// requests that differ only after a shared start (one system prompt, one few-shot preamble)
-/// share that start, [`MIN_SHARED_TOKENS`] or more. The kept prompt sharing the longest start
-/// is used, whole or cut to that start. The kept prompts hold at most `budget` positions of
-/// keys and values, the least recently used given up first: counted in the blocks their
-/// caches hold ([`Sequence::cache_blocks`]; the GGUF llama's chunks), each block once however
-/// many kept prompts share it, so that prompts continued from one another, or sharing a
-/// system prompt, cost their shared start once (a sequence without blocks counts its
-/// prompt's length). Only for models whose continuation gives the same bits as computing afresh
-/// ([`crate::backend::CausalLm::continuation_is_exact`]): an answer never depends on what
-/// was asked before it.
 /// The prefix cache's budget when `--prefix-cache-tokens` is not given: 2048 tokens, fewer
 /// when their keys and values (`bytes_per_token` each, where known) would pass 256 MiB, so
 /// that a large model's cache does not grow the server by gigabytes unasked.
@@ -780,6 +766,20 @@ fn default_prefix_budget(bytes_per_token: Option<usize>) -> usize {
 /// be continued from it: shorter shared starts are not worth a copy (vLLM shares blocks of 16).
 const MIN_SHARED_TOKENS: usize = 16;
 
+/// Prompts whose keys and values are kept after their request, so that a later request
+/// whose prompt starts the same way continues from a copy instead of computing those tokens
+/// again, as vLLM's prefix caching and llama.cpp's cached prompts do: a conversation's next
+/// turn (which re-sends the whole conversation) continues the kept turn before it, and
+/// requests that differ only after a shared start (one system prompt, one few-shot preamble)
+/// share that start, [`MIN_SHARED_TOKENS`] or more. The kept prompt sharing the longest start
+/// is used, whole or cut to that start. The kept prompts hold at most `budget` positions of
+/// keys and values, the least recently used given up first: counted in the blocks their
+/// caches hold ([`Sequence::cache_blocks`]; the GGUF llama's chunks), each block once however
+/// many kept prompts share it, so that prompts continued from one another, or sharing a
+/// system prompt, cost their shared start once (a sequence without blocks counts its
+/// prompt's length). Only for models whose continuation gives the same bits as computing afresh
+/// ([`crate::backend::CausalLm::continuation_is_exact`]): an answer never depends on what
+/// was asked before it.
 struct PrefixCache {
     budget: usize,
     entries: Vec<CachedPrompt>,
