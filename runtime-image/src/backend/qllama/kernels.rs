@@ -294,8 +294,8 @@ mod lanes {
         // scores[r * padded + i]: head r, position p0 + i; then its exponential.
         let mut scores = vec![0f32; n_rep * padded];
         // One block of keys in f32, `[dimension][position in the block]`.
-        let mut kb = [0f32; 128 * 16];
-        let kb = &mut kb[..HD * 16];
+        let mut kb = [[0f32; 16]; HD];
+        let kb = kb.as_flattened_mut();
         for blk in 0..padded / 16 {
             let at = key_at(p0 + 16 * blk, g * HD, kv_dim);
             kc[at..][..HD * 16].convert_to_f32_slice(kb);
@@ -510,8 +510,7 @@ mod avx512 {
         let (kp, vp, qp, sp) = (kc.as_ptr(), vc.as_ptr(), qg.as_ptr(), scores.as_mut_ptr());
         // A block of keys is converted from f16 once for all the query heads that read it:
         // `kb[d]` holds dimension d of the block's sixteen positions.
-        let mut kb = [_mm512_setzero_ps(); 128];
-        assert!(HD <= kb.len(), "head size {HD}");
+        let mut kb = [_mm512_setzero_ps(); HD];
         for blk in 0..padded / 16 {
             let k = unsafe { kp.add(key_at(p0 + 16 * blk, g * HD, kv_dim)) };
             // The cache is read once per step from far memory (tens of MB over the batch):
