@@ -342,11 +342,15 @@ mod lanes {
             }
             stats[r] = max;
             stats[n_rep + r] = reduce(&sum);
-            let o = &mut out[r * HD..][..HD];
-            o.fill(0.0);
-            let mut v = [0f32; HD];
-            for (i, w) in row[..len].iter().enumerate() {
-                vc[(p0 + i) * kv_dim + g * HD..][..HD].convert_to_f32_slice(&mut v);
+        }
+        // The values weighted by the exponentials, `o = fma(w_i, v_i, o)` over the positions
+        // in order for each head; a position's values are converted once for all the heads.
+        out.fill(0.0);
+        let mut v = [0f32; HD];
+        for i in 0..len {
+            vc[(p0 + i) * kv_dim + g * HD..][..HD].convert_to_f32_slice(&mut v);
+            for (r, o) in out.chunks_exact_mut(HD).enumerate() {
+                let w = scores[r * padded + i];
                 for (o, v) in o.iter_mut().zip(&v) {
                     *o = w.mul_add(*v, *o);
                 }
