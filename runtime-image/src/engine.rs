@@ -8,11 +8,12 @@
 //! client disconnected) is dropped at the next step. Events flow back on an unbounded channel
 //! whose size is bounded by `max_tokens`.
 //!
-//! Each sequence has its own KV cache. A round is one batched decode step
-//! ([`CausalLm::decode_batch`]) for every sequence past its prompt — a backend that supports it
-//! (the GGUF llama) stacks their new tokens into one matrix for every weight product, so the
-//! weights are read once per round for all of them — plus the prompt of each sequence that
-//! joined since the last round, processed on its own.
+//! Each sequence has its own KV cache. A round is one step ([`CausalLm::step_batch`]) for
+//! every sequence past its prompt and every prompt that joined since the last round: a backend
+//! that supports it (the GGUF llama) stacks their new tokens into one matrix for every weight
+//! product, so the weights are read once per round for all of them; the others decode the
+//! sequences past their prompt together ([`CausalLm::decode_batch`]) and feed each prompt on
+//! its own.
 
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
@@ -447,6 +448,19 @@ struct Active {
     _permit: OwnedSemaphorePermit,
 }
 
+/// What a running sequence does in a round ([`GenerationWorker::step_all`]).
+enum Plan {
+    /// Nothing: it has finished.
+    Skip,
+    /// It computes its next input from `from` on: a decode step's one token, or a new prompt
+    /// (`fresh`), past what the prefix cache held of it.
+    Feed { from: usize, fresh: bool },
+    /// A new prompt the prefix cache held whole: its logits.
+    Ready(Vec<f32>),
+    /// A new prompt that the sequence at this index of the round also has: copied from it.
+    Twin(usize),
+}
+
 impl GenerationWorker {
     fn run(self, rx: Receiver<Job>) {
         let mut active: Vec<Active> = Vec::new();
@@ -553,9 +567,13 @@ impl GenerationWorker {
         a.done = true;
     }
 
-    /// One round: every running sequence advances by one token. Sequences past their prompt
-    /// go through one batched decode step together ([`CausalLm::decode_batch`]); a newly
-    /// admitted one processes its prompt on its own.
+    /// One round: every running sequence advances by one token. The sequences past their
+    /// prompt, the new prompts (or the part of each that the prefix cache does not hold) go
+    /// through one step together ([`CausalLm::step_batch`]: for the GGUF llama one pass over
+    /// the weights, so that a request arriving does not cost the running ones a pass of its
+    /// own). A prompt that another new sequence of the round also has (the choices of one
+    /// request) is computed once; the others copy that sequence after the step, with its
+    /// logits (taken before its sampler's penalties touched them).
     fn step_all(&self, active: &mut [Active]) {
         for a in active.iter_mut() {
             if a.events.is_closed() {
@@ -565,111 +583,134 @@ impl GenerationWorker {
                 self.finish(a, GenerateEvent::Failed(EngineError::Timeout));
             }
         }
-        let decoding: Vec<bool> = active
-            .iter()
-            .map(|a| !a.done && !a.seq.is_empty() && a.next_input.len() == 1)
-            .collect();
-        let mut seqs: Vec<&mut dyn Sequence> = Vec::new();
-        let mut tokens = Vec::new();
-        for (a, _) in active.iter_mut().zip(&decoding).filter(|(_, d)| **d) {
-            tokens.push(a.next_input[0]);
-            seqs.push(a.seq.as_mut());
-        }
-        if !seqs.is_empty() {
-            let rows = seqs.len();
-            match self.lm.decode_batch(&mut seqs, &tokens) {
-                Ok(mut logits) if logits.len() == rows => {
-                    let mut decoding: Vec<&mut Active> = active
-                        .iter_mut()
-                        .zip(&decoding)
-                        .filter(|(_, d)| **d)
-                        .map(|(a, _)| a)
-                        .collect();
-                    // Each sequence's sampling (a pass or two over the vocabulary) on the
-                    // threads side by side, while the model waits for the next round anyway.
-                    let tokens: Vec<SampledToken> = decoding
-                        .par_iter_mut()
-                        .zip(logits.par_iter_mut())
-                        .map(|(a, l)| a.sampler.sample(l))
-                        .collect();
-                    for (a, tok) in decoding.into_iter().zip(tokens) {
-                        self.emit(a, tok);
-                    }
-                }
-                other => {
-                    let msg = match other {
-                        Err(e) => e.to_string(),
-                        Ok(l) => format!("the decode step returned {} rows for {rows}", l.len()),
-                    };
-                    for (a, _) in active.iter_mut().zip(&decoding).filter(|(_, d)| **d) {
-                        self.finish(a, GenerateEvent::Failed(EngineError::Internal(msg.clone())));
-                    }
-                }
-            }
-        }
-        // The prompts, one sequence at a time. A prompt that another sequence computed this
-        // round (the choices of one request) is not computed again: that sequence's state is
-        // copied, with its logits (taken before its sampler's penalties touched them).
-        let mut computed: Vec<(usize, Vec<f32>)> = Vec::new();
+        let mut plan: Vec<Plan> = Vec::with_capacity(active.len());
+        // The new prompts of this round that are computed (or found whole in the prefix
+        // cache), for the choices that share them.
+        let mut leaders: Vec<usize> = Vec::new();
         for i in 0..active.len() {
-            if decoding[i] || active[i].done {
+            if active[i].done {
+                plan.push(Plan::Skip);
                 continue;
             }
-            let twin = active[i].seq.is_empty().then(|| {
-                computed.iter().find_map(|(j, logits)| {
-                    (active[*j].req.prompt == active[i].next_input)
-                        .then(|| active[*j].seq.fork().map(|s| (s, logits.clone())))
-                        .flatten()
-                })
+            if !active[i].seq.is_empty() {
+                plan.push(Plan::Feed {
+                    from: 0,
+                    fresh: false,
+                });
+                continue;
+            }
+            let twin = leaders.iter().copied().find(|&j| {
+                active[j].req.prompt == active[i].next_input && active[j].seq.fork().is_some()
             });
-            let fed = match twin.flatten() {
-                Some((seq, logits)) => {
-                    self.metrics
-                        .prompt_tokens_cached
-                        .inc_by(active[i].next_input.len() as u64);
-                    active[i].seq = seq;
-                    Ok(logits)
+            if let Some(j) = twin {
+                plan.push(Plan::Twin(j));
+                continue;
+            }
+            leaders.push(i);
+            let a = &mut active[i];
+            // A new prompt continues the kept prompt sharing its longest start.
+            match self.prefix.borrow_mut().lookup(&a.next_input) {
+                Some(c) => {
+                    self.metrics.prompt_tokens_cached.inc_by(c.tokens as u64);
+                    a.seq = c.seq;
+                    plan.push(match c.logits {
+                        Some(logits) => Plan::Ready(logits),
+                        None => Plan::Feed {
+                            from: c.tokens,
+                            fresh: true,
+                        },
+                    });
                 }
-                None => {
-                    let a = &mut active[i];
-                    let fresh = a.seq.is_empty();
-                    // A fresh prompt continues the kept prompt sharing its longest start.
-                    let hit = fresh
-                        .then(|| self.prefix.borrow_mut().lookup(&a.next_input))
-                        .flatten();
-                    let fed = match hit {
-                        Some(c) => {
-                            self.metrics.prompt_tokens_cached.inc_by(c.tokens as u64);
-                            a.seq = c.seq;
-                            match c.logits {
-                                Some(logits) => Ok(logits),
-                                None => a.seq.feed(&a.next_input[c.tokens..]),
-                            }
-                        }
-                        None => a.seq.feed(&a.next_input),
-                    };
-                    if let (true, Ok(logits)) = (fresh, &fed) {
-                        computed.push((i, logits.clone()));
+                None => plan.push(Plan::Feed {
+                    from: 0,
+                    fresh: true,
+                }),
+            }
+        }
+        // One step for every sequence that computes.
+        let mut fed: Vec<Option<crate::Result<Vec<f32>>>> =
+            (0..active.len()).map(|_| None).collect();
+        {
+            let mut at = Vec::new();
+            let mut seqs: Vec<&mut dyn Sequence> = Vec::new();
+            let mut inputs: Vec<&[u32]> = Vec::new();
+            for (i, a) in active.iter_mut().enumerate() {
+                if let Plan::Feed { from, .. } = plan[i] {
+                    let Active {
+                        seq, next_input, ..
+                    } = a;
+                    at.push(i);
+                    seqs.push(seq.as_mut());
+                    inputs.push(&next_input[from..]);
+                }
+            }
+            if !seqs.is_empty() {
+                let results = self.lm.step_batch(&mut seqs, &inputs);
+                debug_assert_eq!(results.len(), at.len());
+                for (i, r) in at.into_iter().zip(results) {
+                    fed[i] = Some(r);
+                }
+            }
+        }
+        let mut logits_of: Vec<Option<crate::Result<Vec<f32>>>> =
+            (0..active.len()).map(|_| None).collect();
+        for i in 0..active.len() {
+            logits_of[i] = match std::mem::replace(&mut plan[i], Plan::Skip) {
+                Plan::Skip => None,
+                Plan::Ready(logits) => Some(Ok(logits)),
+                Plan::Feed { fresh, .. } => {
+                    let r = fed[i].take().expect("every fed sequence has a result");
+                    if let (true, Ok(logits)) = (fresh, &r) {
                         let mut prefix = self.prefix.borrow_mut();
-                        prefix.insert(&a.next_input, a.seq.as_ref(), logits);
+                        prefix.insert(&active[i].next_input, active[i].seq.as_ref(), logits);
                         self.metrics
                             .prefix_cache_positions
                             .set(held(&prefix.entries) as i64);
                     }
-                    fed
+                    Some(r)
+                }
+                Plan::Twin(j) => {
+                    // The leader comes first, so its outcome is known; a failed prompt
+                    // fails its twins the same way.
+                    let copied = match &logits_of[j] {
+                        Some(Ok(logits)) => active[j].seq.fork().map(|s| (s, logits.clone())),
+                        _ => None,
+                    };
+                    Some(match copied {
+                        Some((seq, logits)) => {
+                            self.metrics
+                                .prompt_tokens_cached
+                                .inc_by(active[i].next_input.len() as u64);
+                            active[i].seq = seq;
+                            Ok(logits)
+                        }
+                        None => Err(crate::Error::Model(match &logits_of[j] {
+                            Some(Err(e)) => e.to_string(),
+                            _ => "the prompt's first choice could not be copied".into(),
+                        })),
+                    })
                 }
             };
-            let a = &mut active[i];
-            match fed {
-                Ok(mut logits) => {
-                    let tok = a.sampler.sample(&mut logits);
-                    self.emit(a, tok)
-                }
-                Err(e) => self.finish(
+        }
+        // Each sequence's sampling (a pass or two over the vocabulary) on the threads side
+        // by side, while the model waits for the next round anyway.
+        let mut stepped: Vec<(&mut Active, Vec<f32>)> = Vec::new();
+        for (a, r) in active.iter_mut().zip(logits_of) {
+            match r {
+                None => {}
+                Some(Ok(logits)) => stepped.push((a, logits)),
+                Some(Err(e)) => self.finish(
                     a,
                     GenerateEvent::Failed(EngineError::Internal(e.to_string())),
                 ),
             }
+        }
+        let tokens: Vec<SampledToken> = stepped
+            .par_iter_mut()
+            .map(|(a, logits)| a.sampler.sample(logits))
+            .collect();
+        for ((a, _), tok) in stepped.into_iter().zip(tokens) {
+            self.emit(a, tok);
         }
     }
 

@@ -346,6 +346,95 @@ fn smollm2_batched_decode_matches_each_sequence_stepped_alone() {
     println!("largest relative logit difference, batched vs alone: {max_rel:e}");
 }
 
+/// One round of the engine's step (`CausalLm::step_batch`) that mixes decode steps, a new
+/// prompt and the rest of a prompt continued from a cut copy (the prefix cache's case) gives
+/// each sequence the bits it gets fed alone; a sequence whose input is refused (an empty one)
+/// fails alone, and the others still get their bits.
+#[test]
+fn smollm2_a_round_of_prompts_and_decode_steps_gives_each_the_bits_it_gets_alone() {
+    let g = generation(&models::smollm2_gguf());
+    let enc = |p: &str| g.tokenizer.encode(p, true).unwrap();
+    let (pa, pb, pp) = (
+        enc("Once upon a time"),
+        enc("def fibonacci(n):"),
+        enc("The three primary colours are"),
+    );
+    let pc = enc("Once upon a time there was a dragon who");
+    let shared = pa.len();
+    assert_eq!(
+        pc[..shared],
+        pa[..],
+        "the continued prompt starts with the first"
+    );
+    // Alone: each fed on its own.
+    let alone = |prompt: &[u32], then: Option<u32>| {
+        let mut s = g.lm.new_sequence().unwrap();
+        let l = s.feed(prompt).unwrap();
+        match then {
+            Some(t) => s.feed(&[t]).unwrap(),
+            None => l,
+        }
+    };
+    let (ta, tb) = (argmax(&alone(&pa, None)), argmax(&alone(&pb, None)));
+    let want = [
+        alone(&pa, Some(ta)),
+        alone(&pb, Some(tb)),
+        alone(&pp, None),
+        alone(&pc, None),
+    ];
+    let round = |with_empty: bool| {
+        let mut a = g.lm.new_sequence().unwrap();
+        a.feed(&pa).unwrap();
+        let mut b = g.lm.new_sequence().unwrap();
+        b.feed(&pb).unwrap();
+        let mut p = g.lm.new_sequence().unwrap();
+        let mut c = a.fork_prefix(shared - 1).expect("a cut copy");
+        let mut e = g.lm.new_sequence().unwrap();
+        let mut seqs: Vec<&mut dyn backend::Sequence> =
+            vec![a.as_mut(), b.as_mut(), p.as_mut(), c.as_mut()];
+        let (ia, ib) = ([ta], [tb]);
+        let mut inputs: Vec<&[u32]> = vec![&ia, &ib, &pp, &pc[shared - 1..]];
+        if with_empty {
+            seqs.push(e.as_mut());
+            inputs.push(&[]);
+        }
+        let passes = g.lm.forward_passes().expect("counted");
+        let out = g.lm.step_batch(&mut seqs, &inputs);
+        let passes = g.lm.forward_passes().unwrap() - passes;
+        let lens: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
+        (out, lens, passes)
+    };
+    for with_empty in [false, true] {
+        let (out, lens, passes) = round(with_empty);
+        // One pass over the weights for all four; with a refused input beside them (the
+        // pass refused before it starts), one by one: the decode steps in one pass, each
+        // prompt in its own.
+        assert_eq!(passes, if with_empty { 3 } else { 1 }, "passes");
+        assert_eq!(out.len(), 4 + with_empty as usize);
+        for (i, (got, want)) in out.iter().zip(&want).enumerate() {
+            let got = got.as_ref().unwrap_or_else(|e| panic!("sequence {i}: {e}"));
+            let differing = got
+                .iter()
+                .zip(want)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+            assert_eq!(
+                differing, 0,
+                "sequence {i} (empty one beside: {with_empty})"
+            );
+        }
+        assert_eq!(
+            lens[..4],
+            [pa.len() + 1, pb.len() + 1, pp.len(), pc.len()],
+            "each sequence holds its tokens"
+        );
+        if with_empty {
+            assert!(out[4].is_err(), "an empty input is refused");
+            assert_eq!(lens[4], 0, "and leaves its sequence empty");
+        }
+    }
+}
+
 /// Per step of llama.cpp's greedy tokens fed to `g` (teacher forcing, so that both runs see the
 /// same context): |our log-probability − llama.cpp's| of each of llama.cpp's top 5 tokens.
 fn logprob_errors_vs_llama_cpp(g: &GenerationModel, fixtures: &Value) -> Vec<f32> {

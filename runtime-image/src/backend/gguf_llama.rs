@@ -116,7 +116,7 @@ impl CausalLm for QLlama {
         seqs: &mut [&mut dyn Sequence],
         tokens: &[u32],
     ) -> Result<Vec<Vec<f32>>> {
-        let Some(own) = super::own_sequences::<QLlamaSequence>(seqs, tokens, |q| {
+        let Some(own) = super::own_sequences::<QLlamaSequence>(seqs, tokens.len(), |q| {
             Arc::ptr_eq(&q.weights, &self.weights)
         }) else {
             return super::decode_each(seqs, tokens);
@@ -127,6 +127,32 @@ impl CausalLm for QLlama {
             .map(|(q, t)| (&mut q.cache, std::slice::from_ref(t)))
             .collect();
         self.weights.forward(&mut items)
+    }
+    fn forward_passes(&self) -> Option<u64> {
+        Some(self.weights.passes())
+    }
+    fn step_batch(
+        &self,
+        seqs: &mut [&mut dyn Sequence],
+        inputs: &[&[u32]],
+    ) -> Vec<Result<Vec<f32>>> {
+        let together = super::own_sequences::<QLlamaSequence>(seqs, inputs.len(), |q| {
+            Arc::ptr_eq(&q.weights, &self.weights)
+        })
+        .map(|own| {
+            let mut items: Vec<(&mut KvCache, &[u32])> = own
+                .into_iter()
+                .zip(inputs)
+                .map(|(q, t)| (&mut q.cache, *t))
+                .collect();
+            self.weights.forward(&mut items)
+        });
+        match together {
+            Some(Ok(rows)) if rows.len() == inputs.len() => rows.into_iter().map(Ok).collect(),
+            // One by one, so that only a sequence that fails fails (a failed pass left
+            // every cache as it was).
+            _ => super::step_each(self, seqs, inputs),
+        }
     }
 }
 

@@ -252,7 +252,7 @@ impl<M: CausalForward> super::CausalLm for Lm<M> {
         seqs: &mut [&mut dyn super::Sequence],
         tokens: &[u32],
     ) -> Result<Vec<Vec<f32>>> {
-        let Some(mut own) = super::own_sequences::<LmSequence<M>>(seqs, tokens, |q| {
+        let Some(mut own) = super::own_sequences::<LmSequence<M>>(seqs, tokens.len(), |q| {
             std::sync::Arc::ptr_eq(&q.model, &self.model)
         }) else {
             return super::decode_each(seqs, tokens);

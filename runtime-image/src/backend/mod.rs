@@ -130,6 +130,83 @@ pub trait CausalLm: Send + Sync {
     ) -> Result<Vec<Vec<f32>>> {
         decode_each(seqs, tokens)
     }
+    /// Passes over the weights run so far, each for one or more sequences, where the backend
+    /// counts them (the GGUF llama on the CPU): what shows that a batched step is one pass.
+    fn forward_passes(&self) -> Option<u64> {
+        None
+    }
+    /// One round of several sequences, each fed its own tokens: a decode step's one token, a
+    /// new prompt, or the rest of one continued from a copy. `seqs[i]` gets what
+    /// `seqs[i].feed(inputs[i])` gives it, one result per sequence, and a sequence that
+    /// failed is left as it was.
+    ///
+    /// The default ([`step_each`]) puts the one-token inputs of sequences past their prompt
+    /// through [`CausalLm::decode_batch`] together and feeds the others one by one; the GGUF
+    /// llama runs them all in one pass over its weights.
+    fn step_batch(
+        &self,
+        seqs: &mut [&mut dyn Sequence],
+        inputs: &[&[u32]],
+    ) -> Vec<Result<Vec<f32>>> {
+        step_each(self, seqs, inputs)
+    }
+}
+
+/// A sequence borrowed for as long as the reference to it (its trait object's lifetime
+/// shortened to match), to gather some of a round's sequences into a batch of their own.
+fn reborrow<'a>(s: &'a mut dyn Sequence) -> &'a mut (dyn Sequence + 'a) {
+    s
+}
+
+/// [`CausalLm::step_batch`] by [`CausalLm::decode_batch`] for the decode steps (all of them
+/// fail if it fails) and [`Sequence::feed`] for each of the others.
+pub fn step_each<L: CausalLm + ?Sized>(
+    lm: &L,
+    seqs: &mut [&mut dyn Sequence],
+    inputs: &[&[u32]],
+) -> Vec<Result<Vec<f32>>> {
+    let mut out: Vec<Option<Result<Vec<f32>>>> = (0..seqs.len()).map(|_| None).collect();
+    let decoding: Vec<bool> = seqs
+        .iter()
+        .zip(inputs)
+        .map(|(s, t)| !s.is_empty() && t.len() == 1)
+        .collect();
+    let (mut at, mut tokens) = (Vec::new(), Vec::new());
+    let mut batch: Vec<&mut dyn Sequence> = Vec::new();
+    for (i, s) in seqs.iter_mut().enumerate() {
+        if decoding[i] {
+            at.push(i);
+            batch.push(reborrow(*s));
+            tokens.push(inputs[i][0]);
+        }
+    }
+    if !batch.is_empty() {
+        let rows = batch.len();
+        match lm.decode_batch(&mut batch, &tokens) {
+            Ok(logits) if logits.len() == rows => {
+                for (i, l) in at.into_iter().zip(logits) {
+                    out[i] = Some(Ok(l));
+                }
+            }
+            other => {
+                let msg = match other {
+                    Err(e) => e.to_string(),
+                    Ok(l) => format!("the decode step returned {} rows for {rows}", l.len()),
+                };
+                for i in at {
+                    out[i] = Some(Err(Error::Model(msg.clone())));
+                }
+            }
+        }
+    }
+    for (i, (s, t)) in seqs.iter_mut().zip(inputs).enumerate() {
+        if out[i].is_none() {
+            out[i] = Some(s.feed(t));
+        }
+    }
+    out.into_iter()
+        .map(|r| r.expect("every sequence has a result"))
+        .collect()
 }
 
 /// The sequences of a batched decode step as the backend's own type `S`, when there is one
@@ -138,10 +215,10 @@ pub trait CausalLm: Send + Sync {
 /// [`decode_each`].
 pub(crate) fn own_sequences<'a, S: 'static>(
     seqs: &'a mut [&mut dyn Sequence],
-    tokens: &[u32],
+    inputs: usize,
     mine: impl Fn(&S) -> bool,
 ) -> Option<Vec<&'a mut S>> {
-    if seqs.is_empty() || seqs.len() != tokens.len() {
+    if seqs.is_empty() || seqs.len() != inputs {
         return None;
     }
     let mut own = Vec::with_capacity(seqs.len());
@@ -719,22 +796,85 @@ mod tests {
         }
     }
 
+    /// A model whose decode step fails when asked to, and records how many rows each got.
+    struct Stepper {
+        fail: bool,
+        rows: std::sync::Mutex<Vec<usize>>,
+    }
+    impl CausalLm for Stepper {
+        fn new_sequence(&self) -> Result<Box<dyn Sequence>> {
+            Ok(Box::new(Opaque))
+        }
+        fn vocab_size(&self) -> usize {
+            1
+        }
+        fn context_length(&self) -> usize {
+            100
+        }
+        fn decode_batch(
+            &self,
+            seqs: &mut [&mut dyn Sequence],
+            tokens: &[u32],
+        ) -> Result<Vec<Vec<f32>>> {
+            self.rows.lock().unwrap().push(seqs.len());
+            match self.fail {
+                true => Err(Error::Model("the decode step failed".into())),
+                false => decode_each(seqs, tokens),
+            }
+        }
+    }
+
+    /// The default round: the sequences past their prompt decode together, each prompt (a
+    /// one-token one included) is fed alone, every sequence gets its own result, and a failed
+    /// decode step fails only the sequences in it.
+    #[test]
+    fn a_round_decodes_together_and_feeds_each_prompt_alone_by_default() {
+        let (mut a, mut b) = (Own { id: 1, len: 3 }, Own { id: 2, len: 5 });
+        let (mut p, mut q) = (Own { id: 3, len: 0 }, Own { id: 4, len: 0 });
+        let lm = Stepper {
+            fail: false,
+            rows: Default::default(),
+        };
+        let mut seqs: Vec<&mut dyn Sequence> = vec![&mut a, &mut p, &mut b, &mut q];
+        let out = step_each(&lm, &mut seqs, &[&[7], &[1, 2, 3], &[8], &[9]]);
+        let out: Vec<Vec<f32>> = out.into_iter().map(|r| r.unwrap()).collect();
+        assert_eq!(out, [[1.0], [3.0], [2.0], [4.0]]);
+        assert_eq!(*lm.rows.lock().unwrap(), [2], "one decode step of two rows");
+        assert_eq!((a.len, p.len, b.len, q.len), (4, 3, 6, 1));
+        let lm = Stepper {
+            fail: true,
+            rows: Default::default(),
+        };
+        let mut r = Own { id: 5, len: 0 };
+        let mut seqs: Vec<&mut dyn Sequence> = vec![&mut a, &mut r];
+        let out = step_each(&lm, &mut seqs, &[&[7], &[1, 2]]);
+        assert!(
+            out[0]
+                .as_ref()
+                .unwrap_err()
+                .to_string()
+                .contains("decode step failed")
+        );
+        assert_eq!(out[1].as_ref().unwrap(), &[5.0]);
+        assert_eq!((a.len, r.len), (4, 2));
+    }
+
     #[test]
     fn a_step_is_batched_only_when_every_sequence_is_the_backends_own() {
         let (mut a, mut b) = (Own { id: 1, len: 3 }, Own { id: 1, len: 5 });
         let mut seqs: Vec<&mut dyn Sequence> = vec![&mut a, &mut b];
-        let own = own_sequences::<Own>(&mut seqs, &[7, 8], |s| s.id == 1).expect("all own");
+        let own = own_sequences::<Own>(&mut seqs, 2, |s| s.id == 1).expect("all own");
         assert_eq!(own.iter().map(|s| s.len).collect::<Vec<_>>(), [3, 5]);
-        // One token per sequence, or no batch.
-        assert!(own_sequences::<Own>(&mut seqs, &[7], |s| s.id == 1).is_none());
+        // One input per sequence, or no batch.
+        assert!(own_sequences::<Own>(&mut seqs, 1, |s| s.id == 1).is_none());
         // Another model's sequence (other weights) in the step: no batch.
         let mut c = Own { id: 2, len: 1 };
         let mut seqs: Vec<&mut dyn Sequence> = vec![&mut a, &mut c];
-        assert!(own_sequences::<Own>(&mut seqs, &[7, 8], |s| s.id == 1).is_none());
+        assert!(own_sequences::<Own>(&mut seqs, 2, |s| s.id == 1).is_none());
         // A sequence of another type: no batch, and the step runs one by one.
         let mut o = Opaque;
         let mut seqs: Vec<&mut dyn Sequence> = vec![&mut b, &mut o];
-        assert!(own_sequences::<Own>(&mut seqs, &[7, 8], |_| true).is_none());
+        assert!(own_sequences::<Own>(&mut seqs, 2, |_| true).is_none());
         assert_eq!(
             decode_each(&mut seqs, &[7, 8]).unwrap(),
             vec![vec![1.0], vec![-1.0]]
@@ -742,7 +882,7 @@ mod tests {
         assert_eq!(b.len, 6);
         // An empty step has nothing to batch (and decode_each returns no rows).
         let mut none: Vec<&mut dyn Sequence> = Vec::new();
-        assert!(own_sequences::<Own>(&mut none, &[], |_| true).is_none());
+        assert!(own_sequences::<Own>(&mut none, 0, |_| true).is_none());
         assert!(decode_each(&mut none, &[]).unwrap().is_empty());
     }
 

@@ -71,6 +71,8 @@ pub(super) struct Weights {
     /// `cos`/`sin` of position × frequency, `MAX_SEQ_LEN` rows of `head_dim / 2`.
     cos: Vec<f32>,
     sin: Vec<f32>,
+    /// Forward passes run so far ([`crate::backend::CausalLm::forward_passes`]).
+    passes: std::sync::atomic::AtomicU64,
 }
 
 /// One sequence's keys and values, in f16 as llama.cpp keeps them by default (half the memory
@@ -404,7 +406,13 @@ impl Weights {
             head_dim,
             cos,
             sin,
+            passes: Default::default(),
         })
+    }
+
+    /// Forward passes run so far.
+    pub(super) fn passes(&self) -> u64 {
+        self.passes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The shape of this model's [`KvCache`]s.
@@ -453,6 +461,8 @@ impl Weights {
         for (cache, tokens) in items.iter_mut() {
             cache.reserve(cache.len + tokens.len());
         }
+        self.passes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let out = pool().install(|| self.forward_inner(items));
         match out {
             Ok(logits) => {

@@ -277,7 +277,7 @@ impl CausalLm for Seq2SeqLm {
         seqs: &mut [&mut dyn Sequence],
         tokens: &[u32],
     ) -> Result<Vec<Vec<f32>>> {
-        let Some(own) = super::own_sequences::<Seq2SeqSequence>(seqs, tokens, |q| {
+        let Some(own) = super::own_sequences::<Seq2SeqSequence>(seqs, tokens.len(), |q| {
             Arc::ptr_eq(&q.model, &self.model) && q.state.is_some()
         }) else {
             return super::decode_each(seqs, tokens);

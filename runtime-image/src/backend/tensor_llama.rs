@@ -399,7 +399,7 @@ impl CausalLm for TensorLlamaLm {
         seqs: &mut [&mut dyn Sequence],
         tokens: &[u32],
     ) -> Result<Vec<Vec<f32>>> {
-        let Some(own) = super::own_sequences::<TensorSequence>(seqs, tokens, |q| {
+        let Some(own) = super::own_sequences::<TensorSequence>(seqs, tokens.len(), |q| {
             Arc::ptr_eq(&q.model, &self.0)
         }) else {
             return super::decode_each(seqs, tokens);
