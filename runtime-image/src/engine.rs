@@ -606,6 +606,25 @@ impl GenerationWorker {
                 plan.push(Plan::Twin(j));
                 continue;
             }
+            // A prompt that shares a longer start with one computed this round than with any
+            // kept prompt waits a round, and then continues from that one's kept copy, rather
+            // than computing the start again beside it (requests after one long system
+            // prompt, arriving together).
+            let prefix = self.prefix.borrow();
+            let beside = leaders
+                .iter()
+                .filter(|&&j| matches!(plan[j], Plan::Feed { fresh: true, .. }))
+                .filter(|&&j| prefix.keeps(&active[j].next_input))
+                .map(|&j| shared_start(&active[j].next_input, &active[i].next_input))
+                .max()
+                .unwrap_or(0);
+            let wait = beside >= MIN_SHARED_TOKENS
+                && beside > prefix.longest_shared(&active[i].next_input);
+            drop(prefix);
+            if wait {
+                plan.push(Plan::Skip);
+                continue;
+            }
             leaders.push(i);
             let a = &mut active[i];
             // A new prompt continues the kept prompt sharing its longest start.
@@ -862,12 +881,7 @@ impl PrefixCache {
             .entries
             .iter_mut()
             .map(|e| {
-                let shared = e
-                    .prompt
-                    .iter()
-                    .zip(prompt)
-                    .take_while(|(a, b)| a == b)
-                    .count();
+                let shared = shared_start(&e.prompt, prompt);
                 (e, shared)
             })
             .max_by_key(|(e, shared)| (*shared, *shared == e.prompt.len()))?;
@@ -889,11 +903,26 @@ impl PrefixCache {
         })
     }
 
+    /// The longest start `prompt` shares with a kept prompt.
+    fn longest_shared(&self, prompt: &[u32]) -> usize {
+        self.entries
+            .iter()
+            .map(|e| shared_start(&e.prompt, prompt))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// True when a prompt of this length may be kept (the cache is on and it is not longer
+    /// than the whole budget).
+    fn keeps(&self, prompt: &[u32]) -> bool {
+        !prompt.is_empty() && prompt.len() <= self.budget
+    }
+
     /// Keeps a copy of `seq`, which holds exactly `prompt`, unless it is kept already or
     /// larger than the whole budget; then gives up the least recently used prompts until the
     /// budget holds.
     fn insert(&mut self, prompt: &[u32], seq: &dyn Sequence, logits: &[f32]) {
-        if prompt.is_empty() || prompt.len() > self.budget {
+        if !self.keeps(prompt) {
             return;
         }
         self.clock += 1;
@@ -921,6 +950,11 @@ impl PrefixCache {
             self.entries.swap_remove(oldest);
         }
     }
+}
+
+/// How many tokens `a` and `b` start with in common.
+fn shared_start(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 /// The positions of keys and values that `entries` hold: each block of their caches once,

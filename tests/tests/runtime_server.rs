@@ -798,6 +798,64 @@ async fn prompts_sharing_a_system_prompt_count_it_once_against_the_prefix_cache_
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
+/// Requests that share a long start and arrive together (queued while the model is busy)
+/// compute that start once: the first computes it, the others wait a round and continue from
+/// its kept copy (`kandle_prompt_tokens_cached_total` grows by the start each shares with it),
+/// and every answer is the one a server without the cache gives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_arriving_together_with_one_long_start_compute_it_once() {
+    let (server, url) = serve(|c| c.prefix_cache_tokens = Some(4096)).await;
+    let (plain, plain_url) = serve(|c| c.prefix_cache_tokens = Some(0)).await;
+    let http = client();
+    let system = "You are a careful assistant for a travel agency. ".repeat(8);
+    let prompts: Vec<String> = ["France", "Peru", "Japan"]
+        .iter()
+        .map(|c| format!("{system}Question: what is the capital of {c}? Answer:"))
+        .collect();
+    let mut ids = Vec::new();
+    for p in &prompts {
+        let body = json!({"model": SMOL, "prompt": p});
+        let t = post_json(&http, &format!("{url}/tokenize"), &body).await["tokens"].clone();
+        ids.push(t.as_array().unwrap().clone());
+    }
+    let shared = |a: &[Value], b: &[Value]| a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    let (s2, s3) = (shared(&ids[0], &ids[1]), shared(&ids[0], &ids[2]));
+    assert!(s2 >= 16 && s3 >= 16, "shared starts {s2}, {s3}");
+    let complete = |url: String, prompt: String, max_tokens: u32| {
+        let http = http.clone();
+        async move {
+            let body = json!({"model": SMOL, "prompt": prompt, "max_tokens": max_tokens,
+                              "temperature": 0, "logprobs": 2});
+            post_json(&http, &format!("{url}/v1/completions"), &body).await
+        }
+    };
+    // A long prompt of its own keeps the model busy while the three arrive.
+    let busy = tokio::spawn(complete(
+        url.clone(),
+        "Tell me a long story about a dragon and a knight. ".repeat(40),
+        1,
+    ));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before = cached_prompt_tokens(&http, &url).await;
+    let answers = join_all(prompts.iter().map(|p| complete(url.clone(), p.clone(), 4))).await;
+    let cached = cached_prompt_tokens(&http, &url).await - before;
+    busy.await.unwrap();
+    assert_eq!(
+        cached,
+        (s2 + s3) as f64,
+        "the second and third continue the first's start"
+    );
+    for (p, a) in prompts.iter().zip(&answers) {
+        let b = complete(plain_url.clone(), p.clone(), 4).await;
+        assert_eq!(
+            a["choices"], b["choices"],
+            "{p}: the cache changed the answer"
+        );
+    }
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+    plain.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
 /// Every answer carries an `X-Request-Id`: the client's when it sent a plausible one, else a
 /// new one per request, errors and streams included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
