@@ -448,13 +448,21 @@ struct Active {
     _permit: OwnedSemaphorePermit,
 }
 
+/// The most tokens of one prompt a round feeds, where continuing a sequence gives the same
+/// bits as feeding it at once (the GGUF llama): a long prompt is computed over several rounds,
+/// so that the sequences already running go on producing tokens between its parts (vLLM's
+/// chunked prefill) rather than all waiting for it (a 4,000-token prompt is ~2.5 s of SmolLM2
+/// here; 512 tokens ~0.3 s). The bench's 407-token prompt fits in one.
+const PREFILL_CHUNK: usize = 512;
+
 /// What a running sequence does in a round ([`GenerationWorker::step_all`]).
 enum Plan {
     /// Nothing: it has finished.
     Skip,
-    /// It computes its next input from `from` on: a decode step's one token, or a new prompt
-    /// (`fresh`), past what the prefix cache held of it.
-    Feed { from: usize, fresh: bool },
+    /// It feeds the first `n` tokens of its next input: a decode step's one token, or
+    /// (`prompt`) its prompt past what the prefix cache held of it, up to [`PREFILL_CHUNK`]
+    /// tokens a round; `ends` when that is all of it (its logits are then sampled).
+    Feed { n: usize, prompt: bool, ends: bool },
     /// A new prompt the prefix cache held whole: its logits.
     Ready(Vec<f32>),
     /// A new prompt that the sequence at this index of the round also has: copied from it.
@@ -568,12 +576,13 @@ impl GenerationWorker {
     }
 
     /// One round: every running sequence advances by one token. The sequences past their
-    /// prompt, the new prompts (or the part of each that the prefix cache does not hold) go
-    /// through one step together ([`CausalLm::step_batch`]: for the GGUF llama one pass over
-    /// the weights, so that a request arriving does not cost the running ones a pass of its
-    /// own). A prompt that another new sequence of the round also has (the choices of one
-    /// request) is computed once; the others copy that sequence after the step, with its
-    /// logits (taken before its sampler's penalties touched them).
+    /// prompt, the new prompts (or the part of each that the prefix cache does not hold, up
+    /// to [`PREFILL_CHUNK`] tokens a round) go through one step together
+    /// ([`CausalLm::step_batch`]: for the GGUF llama one pass over the weights, so that a
+    /// request arriving does not cost the running ones a pass of its own). A prompt that
+    /// another sequence of the round also has (the choices of one request) is computed once;
+    /// the others copy that sequence once it is done, with its logits (taken before its
+    /// sampler's penalties touched them).
     fn step_all(&self, active: &mut [Active]) {
         for a in active.iter_mut() {
             if a.events.is_closed() {
@@ -583,39 +592,53 @@ impl GenerationWorker {
                 self.finish(a, GenerateEvent::Failed(EngineError::Timeout));
             }
         }
+        // Prompts are fed at most `chunk` tokens a round where continuing gives the same
+        // bits ([`PREFILL_CHUNK`]).
+        let chunk = match self.lm.continuation_is_exact() {
+            true => PREFILL_CHUNK,
+            false => usize::MAX,
+        };
         let mut plan: Vec<Plan> = Vec::with_capacity(active.len());
-        // The new prompts of this round that are computed (or found whole in the prefix
-        // cache), for the choices that share them.
-        let mut leaders: Vec<usize> = Vec::new();
         for i in 0..active.len() {
             if active[i].done {
                 plan.push(Plan::Skip);
                 continue;
             }
             if !active[i].seq.is_empty() {
+                // Past its prompt (one token), or on with the rest of it.
+                let a = &active[i];
+                let prompt = a.completion_tokens == 0;
+                let n = a.next_input.len().min(if prompt { chunk } else { 1 });
                 plan.push(Plan::Feed {
-                    from: 0,
-                    fresh: false,
+                    n,
+                    prompt,
+                    ends: n == a.next_input.len(),
                 });
                 continue;
             }
-            let twin = leaders.iter().copied().find(|&j| {
-                active[j].req.prompt == active[i].next_input && active[j].seq.fork().is_some()
+            // The same prompt, earlier in the round (the choices of one request): copied from
+            // it once it is computed, waiting meanwhile.
+            let same = (0..i).find(|&j| {
+                active[j].req.prompt == active[i].next_input
+                    && matches!(plan[j], Plan::Feed { prompt: true, .. } | Plan::Ready(_))
+                    && active[j].seq.fork().is_some()
             });
-            if let Some(j) = twin {
-                plan.push(Plan::Twin(j));
+            if let Some(j) = same {
+                plan.push(match plan[j] {
+                    Plan::Feed { ends: false, .. } => Plan::Skip,
+                    _ => Plan::Twin(j),
+                });
                 continue;
             }
-            // A prompt that shares a longer start with one computed this round than with any
-            // kept prompt waits a round, and then continues from that one's kept copy, rather
-            // than computing the start again beside it (requests after one long system
-            // prompt, arriving together).
+            // A prompt that shares a longer start with one being computed than with any kept
+            // prompt waits, and then continues from that one's kept copy, rather than
+            // computing the start again beside it (requests after one long system prompt,
+            // arriving together).
             let prefix = self.prefix.borrow();
-            let beside = leaders
-                .iter()
-                .filter(|&&j| matches!(plan[j], Plan::Feed { fresh: true, .. }))
-                .filter(|&&j| prefix.keeps(&active[j].next_input))
-                .map(|&j| shared_start(&active[j].next_input, &active[i].next_input))
+            let beside = (0..i)
+                .filter(|&j| matches!(plan[j], Plan::Feed { prompt: true, .. }))
+                .filter(|&j| prefix.keeps(&active[j].req.prompt))
+                .map(|j| shared_start(&active[j].req.prompt, &active[i].next_input))
                 .max()
                 .unwrap_or(0);
             let wait = beside >= MIN_SHARED_TOKENS
@@ -625,26 +648,24 @@ impl GenerationWorker {
                 plan.push(Plan::Skip);
                 continue;
             }
-            leaders.push(i);
             let a = &mut active[i];
             // A new prompt continues the kept prompt sharing its longest start.
-            match self.prefix.borrow_mut().lookup(&a.next_input) {
-                Some(c) => {
-                    self.metrics.prompt_tokens_cached.inc_by(c.tokens as u64);
-                    a.seq = c.seq;
-                    plan.push(match c.logits {
-                        Some(logits) => Plan::Ready(logits),
-                        None => Plan::Feed {
-                            from: c.tokens,
-                            fresh: true,
-                        },
-                    });
+            let hit = self.prefix.borrow_mut().lookup(&a.next_input);
+            if let Some(c) = hit {
+                self.metrics.prompt_tokens_cached.inc_by(c.tokens as u64);
+                a.seq = c.seq;
+                if let Some(logits) = c.logits {
+                    plan.push(Plan::Ready(logits));
+                    continue;
                 }
-                None => plan.push(Plan::Feed {
-                    from: 0,
-                    fresh: true,
-                }),
+                a.next_input.drain(..c.tokens);
             }
+            let n = a.next_input.len().min(chunk);
+            plan.push(Plan::Feed {
+                n,
+                prompt: true,
+                ends: n == a.next_input.len(),
+            });
         }
         // One step for every sequence that computes.
         let mut fed: Vec<Option<crate::Result<Vec<f32>>>> =
@@ -654,16 +675,18 @@ impl GenerationWorker {
             let mut seqs: Vec<&mut dyn Sequence> = Vec::new();
             let mut inputs: Vec<&[u32]> = Vec::new();
             for (i, a) in active.iter_mut().enumerate() {
-                if let Plan::Feed { from, .. } = plan[i] {
+                if let Plan::Feed { n, .. } = plan[i] {
                     let Active {
                         seq, next_input, ..
                     } = a;
                     at.push(i);
                     seqs.push(seq.as_mut());
-                    inputs.push(&next_input[from..]);
+                    inputs.push(&next_input[..n]);
                 }
             }
             if !seqs.is_empty() {
+                let tokens: usize = inputs.iter().map(|t| t.len()).sum();
+                self.metrics.step_tokens.observe(tokens as f64);
                 let results = self.lm.step_batch(&mut seqs, &inputs);
                 debug_assert_eq!(results.len(), at.len());
                 for (i, r) in at.into_iter().zip(results) {
@@ -677,16 +700,25 @@ impl GenerationWorker {
             logits_of[i] = match std::mem::replace(&mut plan[i], Plan::Skip) {
                 Plan::Skip => None,
                 Plan::Ready(logits) => Some(Ok(logits)),
-                Plan::Feed { fresh, .. } => {
+                Plan::Feed { n, prompt, ends } => {
                     let r = fed[i].take().expect("every fed sequence has a result");
-                    if let (true, Ok(logits)) = (fresh, &r) {
-                        let mut prefix = self.prefix.borrow_mut();
-                        prefix.insert(&active[i].next_input, active[i].seq.as_ref(), logits);
-                        self.metrics
-                            .prefix_cache_positions
-                            .set(held(&prefix.entries) as i64);
+                    match (&r, ends) {
+                        // A prompt's part: its logits are not needed; the rest next round.
+                        (Ok(_), false) => {
+                            active[i].next_input.drain(..n);
+                            None
+                        }
+                        (Ok(logits), true) if prompt => {
+                            let a = &active[i];
+                            let mut prefix = self.prefix.borrow_mut();
+                            prefix.insert(&a.req.prompt, a.seq.as_ref(), logits);
+                            self.metrics
+                                .prefix_cache_positions
+                                .set(held(&prefix.entries) as i64);
+                            Some(r)
+                        }
+                        _ => Some(r),
                     }
-                    Some(r)
                 }
                 Plan::Twin(j) => {
                     // The leader comes first, so its outcome is known; a failed prompt

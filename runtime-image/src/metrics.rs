@@ -35,6 +35,8 @@ pub struct Metrics {
     pub prompt_tokens_cached: Counter,
     /// Positions of keys and values the prefix cache holds, as its budget counts them.
     pub prefix_cache_positions: Gauge,
+    /// Tokens each step of the model computed: decode steps and prompt parts together.
+    pub step_tokens: Histogram,
     pub queue_depth: Gauge,
     pub inflight: Gauge,
     pub batch_size: Gauge,
@@ -55,6 +57,7 @@ impl Metrics {
             prompt_tokens: Counter::default(),
             prompt_tokens_cached: Counter::default(),
             prefix_cache_positions: Gauge::default(),
+            step_tokens: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
             queue_depth: Gauge::default(),
             inflight: Gauge::default(),
             batch_size: Gauge::default(),
@@ -100,6 +103,11 @@ impl Metrics {
             "kandle_prefix_cache_positions",
             "Positions of keys and values the prefix cache holds (what --prefix-cache-tokens bounds; a chunk that several kept prompts share counted once)",
             m.prefix_cache_positions.clone(),
+        );
+        registry.register(
+            "kandle_step_tokens",
+            "Tokens each step of the model computed: the running sequences' decode steps and the parts of new prompts, together",
+            m.step_tokens.clone(),
         );
         registry.register(
             "kandle_queue_depth",

@@ -856,6 +856,77 @@ async fn requests_arriving_together_with_one_long_start_compute_it_once() {
     plain.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
+/// A prompt longer than a round's part is computed over several rounds (512 tokens each,
+/// `kandle_step_tokens` counts them), and its answer has the bits of the prompt fed at once
+/// in process: the logprob of the greedy first token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_prompt_is_computed_in_parts_with_the_bits_of_one_pass() {
+    let (server, url) = serve(|c| c.prefix_cache_tokens = Some(0)).await;
+    let http = client();
+    let prompt = "The history of the Roman Empire spans many centuries. ".repeat(110);
+    let body = json!({"model": SMOL, "prompt": prompt});
+    let ids: Vec<u32> = post_json(&http, &format!("{url}/tokenize"), &body).await["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    assert!(ids.len() > 2 * 512, "{} tokens", ids.len());
+    let (count, sum) = (
+        gauge(&http, &url, "kandle_step_tokens_count").await,
+        gauge(&http, &url, "kandle_step_tokens_sum").await,
+    );
+    let body = json!({"model": SMOL, "prompt": prompt, "max_tokens": 1, "temperature": 0,
+                      "logprobs": 1});
+    let answer = post_json(&http, &format!("{url}/v1/completions"), &body).await;
+    assert_eq!(
+        gauge(&http, &url, "kandle_step_tokens_count").await - count,
+        ids.len().div_ceil(512) as f64,
+        "steps"
+    );
+    assert_eq!(
+        gauge(&http, &url, "kandle_step_tokens_sum").await - sum,
+        ids.len() as f64,
+        "tokens"
+    );
+    let got = answer["choices"][0]["logprobs"]["token_logprobs"][0]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{answer}")) as f32;
+    let g = match kandle_runtime::backend::load(&kandle_runtime::backend::LoadOptions {
+        path: models::smollm2_gguf(),
+        ..Default::default()
+    })
+    .unwrap()
+    {
+        kandle_runtime::model::LoadedModel::Generation(g) => g,
+        _ => unreachable!("SmolLM2 generates"),
+    };
+    let logits = g.lm.new_sequence().unwrap().feed(&ids).unwrap();
+    let want = kandle_runtime::sampling::log_softmax(&logits);
+    let best = kandle_runtime::sampling::argmax(&logits) as usize;
+    assert_eq!(
+        got.to_bits(),
+        want[best].to_bits(),
+        "{got} against {}",
+        want[best]
+    );
+    // Two choices of it: computed once (the second waits for the first and copies it).
+    let sum = gauge(&http, &url, "kandle_step_tokens_sum").await;
+    let mut body = body;
+    body["n"] = json!(2);
+    let answer = post_json(&http, &format!("{url}/v1/completions"), &body).await;
+    assert_eq!(
+        gauge(&http, &url, "kandle_step_tokens_sum").await - sum,
+        ids.len() as f64,
+        "two choices, one prompt computed"
+    );
+    for c in answer["choices"].as_array().unwrap() {
+        let lp = c["logprobs"]["token_logprobs"][0].as_f64().unwrap() as f32;
+        assert_eq!(lp.to_bits(), got.to_bits(), "{c}");
+    }
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
 /// Every answer carries an `X-Request-Id`: the client's when it sent a plausible one, else a
 /// new one per request, errors and streams included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
