@@ -3,10 +3,10 @@
 //! Requests are admitted by a semaphore sized `max_batch_size + max_queue` (no permit ⇒ the
 //! caller answers 429), then sent to one dedicated model thread, off the async executor. For
 //! generation that thread keeps up to `max_batch_size` sequences running and advances each by
-//! one token per round; new sequences join (their prompt is processed as their first step) and
-//! finished or abandoned ones leave between rounds. A request whose event receiver is gone (the
-//! client disconnected) is dropped at the next step. Events flow back on an unbounded channel
-//! whose size is bounded by `max_tokens`.
+//! one token per round; new sequences join (their prompt is processed as their first step, or
+//! first steps for a long one) and finished or abandoned ones leave between rounds. A request
+//! whose event receiver is gone (the client disconnected) is dropped at the next step. Events
+//! flow back on an unbounded channel whose size is bounded by `max_tokens`.
 //!
 //! Each sequence has its own KV cache. A round is one step ([`CausalLm::step_batch`]) for
 //! every sequence past its prompt and every prompt that joined since the last round: a backend
