@@ -92,6 +92,24 @@ async fn cached_prompt_tokens(http: &reqwest::Client, url: &str) -> f64 {
     gauge(http, url, "kandle_prompt_tokens_cached_total").await
 }
 
+/// The token ids the server feeds for `input`: `{"prompt": …}` or `{"messages": […]}`.
+async fn token_ids(http: &reqwest::Client, url: &str, input: Value) -> Vec<u32> {
+    let mut body = input;
+    body["model"] = json!(SMOL);
+    let t = post_json(http, &format!("{url}/tokenize"), &body).await;
+    t["tokens"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{t}"))
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// How many tokens `a` and `b` start with in common.
+fn shared_start(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
 /// Parses an SSE body into its JSON payloads, checking that it ends with [DONE].
 fn sse_payloads(text: &str) -> Vec<Value> {
     let data: Vec<&str> = text
@@ -748,24 +766,12 @@ async fn prompts_sharing_a_system_prompt_count_it_once_against_the_prefix_cache_
         json!([{"role": "system", "content": system},
                {"role": "user", "content": format!("What is the capital of {q}?")}])
     };
-    let ids = |messages: Value| {
-        let (http, url) = (http.clone(), format!("{url}/tokenize"));
-        async move {
-            let body = json!({"model": SMOL, "messages": messages});
-            let t = post_json(&http, &url, &body).await["tokens"].clone();
-            t.as_array().unwrap().clone()
-        }
-    };
     let countries = ["France", "Peru", "Japan"];
     let mut prompts = Vec::new();
     for q in countries {
-        prompts.push(ids(messages(q)).await);
+        prompts.push(token_ids(&http, &url, json!({"messages": messages(q)})).await);
     }
-    let shared = prompts[0]
-        .iter()
-        .zip(&prompts[1])
-        .take_while(|(a, b)| a == b)
-        .count();
+    let shared = shared_start(&prompts[0], &prompts[1]);
     let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
     assert!(
         shared > 256 && lens.iter().all(|&l| l <= 384) && lens.iter().sum::<usize>() > 800,
@@ -814,12 +820,12 @@ async fn requests_arriving_together_with_one_long_start_compute_it_once() {
         .collect();
     let mut ids = Vec::new();
     for p in &prompts {
-        let body = json!({"model": SMOL, "prompt": p});
-        let t = post_json(&http, &format!("{url}/tokenize"), &body).await["tokens"].clone();
-        ids.push(t.as_array().unwrap().clone());
+        ids.push(token_ids(&http, &url, json!({"prompt": p})).await);
     }
-    let shared = |a: &[Value], b: &[Value]| a.iter().zip(b).take_while(|(x, y)| x == y).count();
-    let (s2, s3) = (shared(&ids[0], &ids[1]), shared(&ids[0], &ids[2]));
+    let (s2, s3) = (
+        shared_start(&ids[0], &ids[1]),
+        shared_start(&ids[0], &ids[2]),
+    );
     assert!(s2 >= 16 && s3 >= 16, "shared starts {s2}, {s3}");
     let complete = |url: String, prompt: String, max_tokens: u32| {
         let http = http.clone();
@@ -864,13 +870,7 @@ async fn a_long_prompt_is_computed_in_parts_with_the_bits_of_one_pass() {
     let (server, url) = serve(|c| c.prefix_cache_tokens = Some(0)).await;
     let http = client();
     let prompt = "The history of the Roman Empire spans many centuries. ".repeat(110);
-    let body = json!({"model": SMOL, "prompt": prompt});
-    let ids: Vec<u32> = post_json(&http, &format!("{url}/tokenize"), &body).await["tokens"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
-        .collect();
+    let ids = token_ids(&http, &url, json!({"prompt": prompt})).await;
     assert!(ids.len() > 2 * 512, "{} tokens", ids.len());
     let (count, sum) = (
         gauge(&http, &url, "kandle_step_tokens_count").await,
