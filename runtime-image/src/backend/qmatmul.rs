@@ -522,6 +522,9 @@ impl Isa {
     }
 }
 
+/// A kernel: `R` activation rows from the given one times one packed tile, into `R` rows.
+type Kernel<const R: usize> = unsafe fn(&[u8], &Acts, usize, &mut [[f32; ROWS]; R]);
+
 /// One packed tile `w` ([`ROWS`] weight rows) times every activation row: `emit(i, y)` with
 /// `y[l]` the product of activation row `i` and the tile's row `l`.
 fn tile_times_acts(
@@ -542,13 +545,21 @@ fn tile_times_acts(
                 // SAFETY: the CPU runs `isa` (the caller's promise: Isa::detect or a test of
                 // the ISAs present); `w` is one packed tile of `acts.k / 32` blocks; rows
                 // `i..i + r` exist in `acts`; `ys` holds `r` rows.
+                //
+                // Called through a pointer the optimiser cannot see through: one call does a
+                // whole tile, and inlined here (as LLVM chose to after an unrelated change
+                // elsewhere in the crate, `#[inline(never)]` notwithstanding) the AVX-512
+                // kernels made the server's rounds of eight concurrent requests 3–8% slower
+                // (best of eight rounds, six alternating pairs); out of line again, even.
                 unsafe {
                     match (kind, r) {
                         $((Kind::Q4_1, $r) => {
-                            $module::q4_1::<$r>(w, acts, i, ys.try_into().unwrap())
+                            let f: Kernel<$r> = $module::q4_1::<$r>;
+                            std::hint::black_box(f)(w, acts, i, ys.try_into().unwrap())
                         })+
                         $((Kind::Q8_0, $r) => {
-                            $module::q8_0::<$r>(w, acts, i, ys.try_into().unwrap())
+                            let f: Kernel<$r> = $module::q8_0::<$r>;
+                            std::hint::black_box(f)(w, acts, i, ys.try_into().unwrap())
                         })+
                         _ => unreachable!("{r} rows"),
                     }
