@@ -100,7 +100,24 @@ impl ControlPlane {
     }
 
     /// Starts a new control plane of its own (the binaries are built first if needed).
+    ///
+    /// Its ports are picked free, then bound by etcd and kube-apiserver a moment later; a
+    /// process started in between (the tests run in parallel) can take one ("bind: address
+    /// already in use" in CI, once). Such a start is retried with new ports, twice at most.
     pub fn start() -> Result<ControlPlane> {
+        let mut attempt = 1;
+        loop {
+            match Self::start_once() {
+                Err(e) if attempt < 3 && format!("{e:#}").contains("address already in use") => {
+                    eprintln!("control plane: a port was taken while starting; again with new ports");
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn start_once() -> Result<ControlPlane> {
         let tools = Tools::locate()?;
         let (result_tx, result_rx) = mpsc::channel();
         let (stop_tx, stop_rx) = mpsc::channel::<()>();
