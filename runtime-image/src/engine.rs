@@ -54,6 +54,9 @@ pub struct GenerateRequest {
     pub stop: Vec<String>,
     /// When the request gives up (the per-request timeout).
     pub deadline: Instant,
+    /// The server's own warm-up request: it is not counted in the metrics and its prompt
+    /// is not kept in the prefix cache.
+    pub warmup: bool,
 }
 
 /// Why generation ended.
@@ -536,7 +539,9 @@ impl GenerationWorker {
             }
             return;
         }
-        self.metrics.prompt_tokens.inc_by(req.prompt.len() as u64);
+        if !req.warmup {
+            self.metrics.prompt_tokens.inc_by(req.prompt.len() as u64);
+        }
         for (i, (events, permit)) in choices.into_iter().enumerate() {
             if events.is_closed() {
                 continue;
@@ -674,8 +679,12 @@ impl GenerationWorker {
             let mut at = Vec::new();
             let mut seqs: Vec<&mut dyn Sequence> = Vec::new();
             let mut inputs: Vec<&[u32]> = Vec::new();
+            let mut counted = 0;
             for (i, a) in active.iter_mut().enumerate() {
                 if let Plan::Feed { n, .. } = plan[i] {
+                    if !a.req.warmup {
+                        counted += n;
+                    }
                     let Active {
                         seq, next_input, ..
                     } = a;
@@ -685,8 +694,9 @@ impl GenerationWorker {
                 }
             }
             if !seqs.is_empty() {
-                let tokens: usize = inputs.iter().map(|t| t.len()).sum();
-                self.metrics.step_tokens.observe(tokens as f64);
+                if counted > 0 {
+                    self.metrics.step_tokens.observe(counted as f64);
+                }
                 let results = self.lm.step_batch(&mut seqs, &inputs);
                 debug_assert_eq!(results.len(), at.len());
                 for (i, r) in at.into_iter().zip(results) {
@@ -708,7 +718,7 @@ impl GenerationWorker {
                             active[i].next_input.drain(..n);
                             None
                         }
-                        (Ok(logits), true) if prompt => {
+                        (Ok(logits), true) if prompt && !active[i].req.warmup => {
                             let a = &active[i];
                             let mut prefix = self.prefix.borrow_mut();
                             prefix.insert(&a.req.prompt, a.seq.as_ref(), logits);
@@ -768,19 +778,21 @@ impl GenerationWorker {
     /// Reports `tok`, the next token of `a` (its sampler's choice).
     fn emit(&self, a: &mut Active, tok: SampledToken) {
         let now = Instant::now();
-        match a.last_token_at {
-            None => self
-                .metrics
-                .time_to_first_token
-                .observe((now - a.admitted).as_secs_f64()),
-            Some(t) => self
-                .metrics
-                .inter_token_latency
-                .observe((now - t).as_secs_f64()),
+        if !a.req.warmup {
+            match a.last_token_at {
+                None => self
+                    .metrics
+                    .time_to_first_token
+                    .observe((now - a.admitted).as_secs_f64()),
+                Some(t) => self
+                    .metrics
+                    .inter_token_latency
+                    .observe((now - t).as_secs_f64()),
+            }
+            self.metrics.generated_tokens.inc();
         }
         a.last_token_at = Some(now);
         a.completion_tokens += 1;
-        self.metrics.generated_tokens.inc();
 
         let logprobs = match tok.logprob {
             Some(lp) => vec![TokenLogprob {

@@ -288,6 +288,7 @@ fn load_and_warm(st: &AppState, path: &std::path::Path) -> Result<()> {
                     },
                     stop: Vec::new(),
                     deadline: Instant::now() + Duration::from_secs(600),
+                    warmup: true,
                 })
                 .map_err(|e| Error::Server(format!("warm-up: {e}")))?;
             futures::executor::block_on(async {
@@ -847,6 +848,7 @@ async fn chat_completions(
             sampling,
             stop,
             deadline: Instant::now() + st.config.request_timeout,
+            warmup: false,
         },
         n,
         stream: r.stream,
@@ -925,6 +927,7 @@ async fn completions(
             sampling,
             stop,
             deadline: Instant::now() + st.config.request_timeout,
+            warmup: false,
         },
         n,
         stream: r.stream,

@@ -784,16 +784,14 @@ async fn prompts_sharing_a_system_prompt_count_it_once_against_the_prefix_cache_
                           "temperature": 0});
         async move { post_json(&http, &url, &body).await }
     };
-    // The warm-up's prompt is kept too (a short sequence's first chunk).
-    let warm = gauge(&http, &url, "kandle_prefix_cache_positions").await;
     for q in countries {
         let a = ask(q).await;
         assert_eq!(a["usage"]["completion_tokens"], 2, "{q}: {a}");
     }
     assert_eq!(
-        gauge(&http, &url, "kandle_prefix_cache_positions").await - warm,
+        gauge(&http, &url, "kandle_prefix_cache_positions").await,
         640.0,
-        "three prompts on two shared chunks and one of their own each (warm-up: {warm})"
+        "three prompts on two shared chunks and one of their own each"
     );
     for (q, len) in countries.iter().zip(&lens) {
         let before = cached_prompt_tokens(&http, &url).await;
@@ -923,6 +921,48 @@ async fn a_long_prompt_is_computed_in_parts_with_the_bits_of_one_pass() {
     for c in answer["choices"].as_array().unwrap() {
         let lp = c["logprobs"]["token_logprobs"][0].as_f64().unwrap() as f32;
         assert_eq!(lp.to_bits(), got.to_bits(), "{c}");
+    }
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+/// The server's warm-up request (run before `/ready`) is not counted: a fresh server's
+/// token counters, step and latency histograms and prefix cache are empty, and the first
+/// request is the first counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_warm_up_is_not_counted_in_the_metrics() {
+    let (server, url) = serve(|_| {}).await;
+    let http = client();
+    let names = [
+        "kandle_prompt_tokens_total",
+        "kandle_generated_tokens_total",
+        "kandle_time_to_first_token_seconds_count",
+        "kandle_step_tokens_count",
+        "kandle_prefix_cache_positions",
+    ];
+    for name in names {
+        assert_eq!(
+            gauge(&http, &url, name).await,
+            0.0,
+            "{name} after the warm-up"
+        );
+    }
+    let body = json!({"model": SMOL, "prompt": "Once upon a time", "max_tokens": 3,
+                      "temperature": 0});
+    let a = post_json(&http, &format!("{url}/v1/completions"), &body).await;
+    let generated = a["usage"]["completion_tokens"].as_f64().unwrap();
+    assert_eq!(
+        gauge(&http, &url, "kandle_generated_tokens_total").await,
+        generated
+    );
+    assert_eq!(
+        gauge(&http, &url, "kandle_prompt_tokens_total").await,
+        a["usage"]["prompt_tokens"].as_f64().unwrap()
+    );
+    for name in &names[2..] {
+        assert!(
+            gauge(&http, &url, name).await > 0.0,
+            "{name} after a request"
+        );
     }
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }

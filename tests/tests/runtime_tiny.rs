@@ -242,6 +242,7 @@ fn a_panicking_step_fails_its_request_and_the_engine_serves_the_next() {
                 sampling: Default::default(),
                 stop: Vec::new(),
                 deadline: Instant::now() + Duration::from_secs(60),
+                warmup: false,
             })
             .unwrap();
         let mut last = None;
