@@ -672,8 +672,9 @@ impl GenerationWorker {
                 ends: n == a.next_input.len(),
             });
         }
-        // One step for every sequence that computes.
-        let mut fed: Vec<Option<crate::Result<Vec<f32>>>> =
+        // One step for every sequence that computes; then each sequence's logits to sample
+        // (or its failure), `None` for one that samples nothing this round.
+        let mut logits_of: Vec<Option<crate::Result<Vec<f32>>>> =
             (0..active.len()).map(|_| None).collect();
         {
             let mut at = Vec::new();
@@ -700,18 +701,18 @@ impl GenerationWorker {
                 let results = self.lm.step_batch(&mut seqs, &inputs);
                 debug_assert_eq!(results.len(), at.len());
                 for (i, r) in at.into_iter().zip(results) {
-                    fed[i] = Some(r);
+                    logits_of[i] = Some(r);
                 }
             }
         }
-        let mut logits_of: Vec<Option<crate::Result<Vec<f32>>>> =
-            (0..active.len()).map(|_| None).collect();
         for i in 0..active.len() {
             logits_of[i] = match std::mem::replace(&mut plan[i], Plan::Skip) {
                 Plan::Skip => None,
                 Plan::Ready(logits) => Some(Ok(logits)),
                 Plan::Feed { n, prompt, ends } => {
-                    let r = fed[i].take().expect("every fed sequence has a result");
+                    let r = logits_of[i]
+                        .take()
+                        .expect("every fed sequence has a result");
                     match (&r, ends) {
                         // A prompt's part: its logits are not needed; the rest next round.
                         (Ok(_), false) => {
