@@ -265,12 +265,59 @@ pub fn logit_bias(
     Ok(out)
 }
 
-/// `prompt` of /v1/completions: a string or a one-element list of strings.
+/// `prompt` of /v1/completions in OpenAI's four forms: a string, token ids, or a list of
+/// either. Each prompt of a list is a request of its own (OpenAI's and vLLM's batch of
+/// prompts); token ids are fed as given, with no beginning-of-text token added.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "prompt must be a string, a list of strings, a list of token ids (integers \
+                 from 0) or a list of such lists"
+)]
 pub enum PromptSpec {
     One(String),
     Many(Vec<String>),
+    Tokens(Vec<u32>),
+    ManyTokens(Vec<Vec<u32>>),
+}
+
+/// One prompt of a [`PromptSpec`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prompt<'a> {
+    Text(&'a str),
+    Tokens(&'a [u32]),
+}
+
+impl PromptSpec {
+    /// The prompts, in order. An empty list is none (`[]` parses as a list of strings).
+    pub fn prompts(&self) -> Vec<Prompt<'_>> {
+        match self {
+            PromptSpec::One(s) => vec![Prompt::Text(s)],
+            PromptSpec::Many(v) => v.iter().map(|s| Prompt::Text(s)).collect(),
+            PromptSpec::Tokens(t) => vec![Prompt::Tokens(t)],
+            PromptSpec::ManyTokens(v) => v.iter().map(|t| Prompt::Tokens(t)).collect(),
+        }
+    }
+}
+
+/// Validates the number of sequences a request of `prompts` prompts of `n` choices each runs:
+/// at least one prompt, and no more sequences than `capacity` (the running batch plus the
+/// queue), since they are admitted together.
+pub fn check_prompts(prompts: usize, n: usize, capacity: usize) -> Result<(), ApiError> {
+    if prompts == 0 {
+        return Err(ApiError::invalid("prompt is an empty list", Some("prompt")));
+    }
+    if prompts * n > capacity {
+        return Err(ApiError::invalid(
+            format!(
+                "{prompts} prompts of {n} choices each are {} sequences, more than this server \
+                 runs and queues at once ({capacity})",
+                prompts * n
+            ),
+            Some("prompt"),
+        ));
+    }
+    Ok(())
 }
 
 /// POST /v1/completions
@@ -800,5 +847,36 @@ mod tests {
         assert_eq!(b["error"]["type"], "invalid_request_error");
         assert_eq!(b["error"]["param"], "model");
         assert!(b["error"]["code"].is_null());
+    }
+
+    #[test]
+    fn a_prompt_comes_in_openais_four_forms_and_lists_are_bounded() {
+        use serde_json::json;
+        let prompts = |v: Value| -> Result<Vec<Vec<String>>, String> {
+            let spec: PromptSpec = serde_json::from_value(v).map_err(|e| e.to_string())?;
+            Ok(spec
+                .prompts()
+                .into_iter()
+                .map(|p| match p {
+                    Prompt::Text(t) => vec![t.to_owned()],
+                    Prompt::Tokens(ids) => ids.iter().map(u32::to_string).collect(),
+                })
+                .collect())
+        };
+        assert_eq!(prompts(json!("hi")).unwrap(), [["hi"]]);
+        assert_eq!(prompts(json!(["a", "b"])).unwrap(), [["a"], ["b"]]);
+        assert_eq!(prompts(json!([3, 4])).unwrap(), [["3", "4"]]);
+        assert_eq!(
+            prompts(json!([[3], [4, 5]])).unwrap(),
+            [vec!["3"], vec!["4", "5"]]
+        );
+        assert!(prompts(json!([])).unwrap().is_empty());
+        for bad in [json!([1, "a"]), json!([-1]), json!(3), json!({"a": 1})] {
+            let e = prompts(bad.clone()).unwrap_err();
+            assert!(e.starts_with("prompt must be a string"), "{bad}: {e}");
+        }
+        assert!(check_prompts(3, 2, 6).is_ok());
+        assert_eq!(check_prompts(4, 2, 6).unwrap_err().param, Some("prompt"));
+        assert_eq!(check_prompts(0, 1, 6).unwrap_err().param, Some("prompt"));
     }
 }

@@ -147,6 +147,9 @@ pub struct Frontend {
     pub labels: Vec<String>,
     /// Classification: how logits become scores.
     pub scoring: Scoring,
+    /// Token ids given by a client (a completions prompt of ids) must be below this: the
+    /// tokenizer's vocabulary, and for generation the model's as well (the smaller of the two).
+    pub vocab_limit: usize,
 }
 
 impl Frontend {
@@ -226,6 +229,7 @@ impl Engine {
                     embedding_dim: 0,
                     labels: Vec::new(),
                     scoring: Scoring::Softmax,
+                    vocab_limit: g.tokenizer.vocab_size().min(g.lm.vocab_size()),
                 };
                 let prefix_tokens = match g.lm.continuation_is_exact() {
                     true => cfg
@@ -249,6 +253,7 @@ impl Engine {
                 (frontend, thread)
             }
             LoadedModel::Embedding(e) => {
+                let vocab_limit = e.tokenizer.vocab_size();
                 let frontend = Frontend {
                     task: Task::Embedding,
                     tokenizer: e.tokenizer,
@@ -258,6 +263,7 @@ impl Engine {
                     embedding_dim: e.model.dimension(),
                     labels: Vec::new(),
                     scoring: Scoring::Softmax,
+                    vocab_limit,
                 };
                 let model = e.model;
                 let thread = std::thread::Builder::new()
@@ -266,6 +272,7 @@ impl Engine {
                 (frontend, thread)
             }
             LoadedModel::Classification(c) => {
+                let vocab_limit = c.tokenizer.vocab_size();
                 let frontend = Frontend {
                     task: Task::Classification,
                     tokenizer: c.tokenizer,
@@ -275,6 +282,7 @@ impl Engine {
                     embedding_dim: 0,
                     labels: c.labels,
                     scoring: c.scoring,
+                    vocab_limit,
                 };
                 let model = c.model;
                 let thread = std::thread::Builder::new()
@@ -348,30 +356,53 @@ impl Engine {
         req: GenerateRequest,
         n: usize,
     ) -> Result<Vec<mpsc::UnboundedReceiver<GenerateEvent>>, EngineError> {
+        self.generate_each(vec![req], n)
+    }
+
+    /// Admits several requests of `n` choices each (the prompts of one completions request),
+    /// all or none: every choice's place is taken before any is sent, so a request the queue
+    /// cannot hold whole is refused whole. Each request is then the job [`Self::generate_n`]
+    /// sends, exactly what it would be alone. The receivers come request by request, each
+    /// request's choices in order.
+    pub fn generate_each(
+        &self,
+        reqs: Vec<GenerateRequest>,
+        n: usize,
+    ) -> Result<Vec<mpsc::UnboundedReceiver<GenerateEvent>>, EngineError> {
         if !matches!(
             self.inner.frontend.task,
             Task::TextGeneration | Task::Text2Text
         ) {
             return Err(EngineError::WrongTask("text generation"));
         }
-        let mut choices = Vec::with_capacity(n);
-        let mut rxs = Vec::with_capacity(n);
-        for _ in 0..n.max(1) {
-            let permit = self.permit()?;
-            let (events, rx) = mpsc::unbounded_channel();
-            choices.push((events, permit));
-            rxs.push(rx);
+        let n = n.max(1);
+        let mut jobs = Vec::with_capacity(reqs.len());
+        let mut rxs = Vec::with_capacity(reqs.len() * n);
+        for req in reqs {
+            let mut choices = Vec::with_capacity(n);
+            for _ in 0..n {
+                let permit = self.permit()?;
+                let (events, rx) = mpsc::unbounded_channel();
+                choices.push((events, permit));
+                rxs.push(rx);
+            }
+            jobs.push((req, choices));
         }
-        self.inner.metrics.queue_depth.inc();
-        let sent = self.send(Job::Generate {
-            req,
-            choices,
-            admitted: Instant::now(),
-        });
-        if sent.is_err() {
-            self.inner.metrics.queue_depth.dec();
+        for (req, choices) in jobs {
+            self.inner.metrics.queue_depth.inc();
+            let sent = self.send(Job::Generate {
+                req,
+                choices,
+                admitted: Instant::now(),
+            });
+            if let Err(e) = sent {
+                // The jobs already sent see their receivers dropped with this error's answer
+                // and are abandoned at the model thread's next step.
+                self.inner.metrics.queue_depth.dec();
+                return Err(e);
+            }
         }
-        sent.map(|_| rxs)
+        Ok(rxs)
     }
 
     /// Embeds tokenised inputs; refused at once when the queue is full.

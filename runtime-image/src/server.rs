@@ -739,8 +739,10 @@ async fn detokenize(
 
 /// What chat and completions share once validated.
 struct Prepared {
-    req: GenerateRequest,
-    /// Choices: `req` run `n` times, choice `i` with the seed plus `i` when a seed is set.
+    /// One per prompt (chat and most completions: one).
+    reqs: Vec<GenerateRequest>,
+    /// Choices per prompt: each of `reqs` run `n` times, choice `j` with the seed plus `j`
+    /// when a seed is set; choice `j` of prompt `i` has the index `i · n + j`, as OpenAI's.
     n: usize,
     stream: bool,
     include_usage: bool,
@@ -842,14 +844,14 @@ async fn chat_completions(
     })?;
     let room = check_context(prompt.len(), frontend.context_length, "messages")?;
     let prepared = Prepared {
-        req: GenerateRequest {
+        reqs: vec![GenerateRequest {
             prompt,
             max_tokens: max_tokens.min(room),
             sampling,
             stop,
             deadline: Instant::now() + st.config.request_timeout,
             warmup: false,
-        },
+        }],
         n,
         stream: r.stream,
         include_usage: r.stream_options.map(|o| o.include_usage).unwrap_or(false),
@@ -871,19 +873,12 @@ async fn completions(
     if r.echo {
         return Err(ApiError::invalid("echo is not supported", Some("echo")));
     }
-    let prompt_text = match &r.prompt {
-        api::PromptSpec::One(s) => s.clone(),
-        api::PromptSpec::Many(v) if v.len() == 1 => v[0].clone(),
-        api::PromptSpec::Many(v) => {
-            return Err(ApiError::invalid(
-                format!(
-                    "exactly one prompt is supported per request, got {}",
-                    v.len()
-                ),
-                Some("prompt"),
-            ));
-        }
-    };
+    let prompts = r.prompt.prompts();
+    api::check_prompts(
+        prompts.len(),
+        n,
+        st.config.max_batch_size + st.config.max_queue,
+    )?;
     let logprobs = match r.logprobs {
         None => None,
         Some(n) if (0..=5).contains(&n) => Some(n as usize),
@@ -916,19 +911,38 @@ async fn completions(
     )?;
     let stop = api::stop_sequences(r.stop.as_ref())?;
     let frontend = engine.frontend();
-    let prompt = frontend.encode_prompt(&prompt_text, true).map_err(|e| {
-        ApiError::invalid(format!("cannot tokenise the prompt: {e}"), Some("prompt"))
-    })?;
-    let room = check_context(prompt.len(), frontend.context_length, "prompt")?;
-    let prepared = Prepared {
-        req: GenerateRequest {
+    let deadline = Instant::now() + st.config.request_timeout;
+    let mut reqs = Vec::with_capacity(prompts.len());
+    for p in prompts {
+        let prompt = match p {
+            api::Prompt::Text(text) => frontend.encode_prompt(text, true).map_err(|e| {
+                ApiError::invalid(format!("cannot tokenise the prompt: {e}"), Some("prompt"))
+            })?,
+            api::Prompt::Tokens(ids) => {
+                let limit = frontend.vocab_limit;
+                if let Some(bad) = ids.iter().find(|&&id| id as usize >= limit) {
+                    return Err(ApiError::invalid(
+                        format!(
+                            "prompt holds token {bad}, outside the vocabulary ({limit} tokens)"
+                        ),
+                        Some("prompt"),
+                    ));
+                }
+                ids.to_vec()
+            }
+        };
+        let room = check_context(prompt.len(), frontend.context_length, "prompt")?;
+        reqs.push(GenerateRequest {
             prompt,
             max_tokens: max_tokens.min(room),
-            sampling,
-            stop,
-            deadline: Instant::now() + st.config.request_timeout,
+            sampling: sampling.clone(),
+            stop: stop.clone(),
+            deadline,
             warmup: false,
-        },
+        });
+    }
+    let prepared = Prepared {
+        reqs,
         n,
         stream: r.stream,
         include_usage: r.stream_options.map(|o| o.include_usage).unwrap_or(false),
@@ -982,17 +996,17 @@ async fn respond(
     p: Prepared,
     flavor: Flavor,
 ) -> Result<Response, ApiError> {
-    // One sequence per choice, admitted together or refused together.
-    let rxs = engine.generate_n(p.req, p.n).map_err(engine_error)?;
+    // One sequence per choice of every prompt, admitted together or refused together.
+    let rxs = engine.generate_each(p.reqs, p.n).map_err(engine_error)?;
     let id = st.new_id(if flavor == Flavor::Chat {
         "chatcmpl"
     } else {
         "cmpl"
     });
     if p.stream {
-        Ok(stream_response(st, rxs, id, flavor, p.include_usage, p.logprobs).into_response())
+        Ok(stream_response(st, rxs, p.n, id, flavor, p.include_usage, p.logprobs).into_response())
     } else {
-        collect_response(st, rxs, id, flavor, p.logprobs).await
+        collect_response(st, rxs, p.n, id, flavor, p.logprobs).await
     }
 }
 
@@ -1045,17 +1059,23 @@ async fn collect_choice(
     }
 }
 
+/// The answer of `rxs`, the choices of one prompt after another, `n` per prompt.
 async fn collect_response(
     st: Arc<AppState>,
     rxs: Vec<mpsc::UnboundedReceiver<GenerateEvent>>,
+    n: usize,
     id: String,
     flavor: Flavor,
     want_logprobs: bool,
 ) -> Result<Response, ApiError> {
     let choices: Vec<Choice> =
         futures::future::try_join_all(rxs.into_iter().map(collect_choice)).await?;
-    // The prompt is counted once, as OpenAI does; the completions of every choice.
-    let prompt_tokens = choices.first().map_or(0, |c| c.prompt_tokens);
+    // Each prompt is counted once, as OpenAI does; the completions of every choice.
+    let prompt_tokens: usize = choices
+        .iter()
+        .step_by(n.max(1))
+        .map(|c| c.prompt_tokens)
+        .sum();
     let completion_tokens: usize = choices.iter().map(|c| c.completion_tokens).sum();
     let body_of = |(i, c): (usize, &Choice)| match flavor {
         Flavor::Chat => json!({
@@ -1100,6 +1120,8 @@ struct StreamState {
     flavor: Flavor,
     include_usage: bool,
     want_logprobs: bool,
+    /// Choices per prompt.
+    per_prompt: usize,
     sent_roles: bool,
     /// Per choice: bytes of text sent (completions' logprob offsets).
     text_offset: Vec<usize>,
@@ -1170,6 +1192,7 @@ fn data(v: &Value) -> Event {
 fn stream_response(
     st: Arc<AppState>,
     rxs: Vec<mpsc::UnboundedReceiver<GenerateEvent>>,
+    per_prompt: usize,
     id: String,
     flavor: Flavor,
     include_usage: bool,
@@ -1195,6 +1218,7 @@ fn stream_response(
         flavor,
         include_usage,
         want_logprobs,
+        per_prompt: per_prompt.max(1),
         sent_roles: false,
         text_offset: vec![0; n],
         finished: vec![false; n],
@@ -1237,7 +1261,10 @@ fn stream_response(
                     Flavor::Completion => s.chunk(i, Some(""), &[], Some(finish_reason), false),
                 };
                 out.push(data(&last));
-                s.prompt_tokens = prompt_tokens;
+                // Each prompt once: with its first choice.
+                if i % s.per_prompt == 0 {
+                    s.prompt_tokens += prompt_tokens;
+                }
                 s.completion_tokens += completion_tokens;
                 s.finished[i] = true;
                 s.left -= 1;

@@ -539,6 +539,121 @@ async fn n_choices_are_the_requests_with_successive_seeds_streamed_or_not() {
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
+/// A completions request may hold several prompts (OpenAI's batch of prompts), as strings or
+/// as token ids: choice `j` of prompt `i` has the index `i · n + j` and is exactly what that
+/// prompt alone gives with the same fields; usage counts each prompt once. Streamed, the same
+/// texts come under the same indices. Bad lists are refused naming `prompt`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completions_request_of_several_prompts_answers_each_as_alone() {
+    let (server, url) = serve(|c| {
+        c.max_batch_size = 4;
+        c.max_queue = 2;
+    })
+    .await;
+    let http = client();
+    let comp = format!("{url}/v1/completions");
+    let texts = [
+        "Once upon a time",
+        "The capital of Japan",
+        "def fibonacci(n):",
+    ];
+    let body = |prompt: Value, extra: Value| {
+        with_fields(
+            json!({"model": SMOL, "prompt": prompt, "max_tokens": 8, "temperature": 1.0,
+                   "seed": 7, "logprobs": 2, "n": 2}),
+            &extra,
+        )
+    };
+    let batch = post_json(&http, &comp, &body(json!(texts), json!({}))).await;
+    let choices = batch["choices"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{batch}"));
+    assert_eq!(choices.len(), 6, "{batch}");
+    let (mut prompt_tokens, mut completion_tokens) = (0, 0);
+    let mut by_index = Vec::new();
+    for (i, text) in texts.iter().enumerate() {
+        let alone = post_json(&http, &comp, &body(json!(text), json!({}))).await;
+        for j in 0..2 {
+            let (b, a) = (&choices[2 * i + j], &alone["choices"][j]);
+            assert_eq!(b["index"], 2 * i + j, "{batch}");
+            for field in ["text", "logprobs", "finish_reason"] {
+                assert_eq!(b[field], a[field], "prompt {i}, choice {j}: {field}");
+            }
+            by_index.push(b["text"].as_str().unwrap().to_owned());
+        }
+        prompt_tokens += alone["usage"]["prompt_tokens"].as_u64().unwrap();
+        completion_tokens += alone["usage"]["completion_tokens"].as_u64().unwrap();
+    }
+    assert_eq!(batch["usage"]["prompt_tokens"], prompt_tokens, "{batch}");
+    assert_eq!(batch["usage"]["completion_tokens"], completion_tokens);
+    assert_ne!(
+        by_index[0], by_index[2],
+        "two prompts, one text: {by_index:?}"
+    );
+
+    // Token ids: the ids each text is tokenised to give its choices; one list of ids is
+    // one prompt.
+    let mut ids = Vec::new();
+    for text in texts {
+        ids.push(token_ids(&http, &url, json!({"prompt": text})).await);
+    }
+    let as_ids = post_json(&http, &comp, &body(json!(ids), json!({}))).await;
+    assert_eq!(as_ids["choices"], batch["choices"], "{as_ids}");
+    assert_eq!(as_ids["usage"], batch["usage"]);
+    let one = post_json(&http, &comp, &body(json!(ids[1]), json!({}))).await;
+    assert_eq!(one["choices"][1]["text"], json!(by_index[3]), "{one}");
+
+    let r = http
+        .post(&comp)
+        .json(&body(
+            json!(texts),
+            json!({"stream": true, "stream_options": {"include_usage": true}}),
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let chunks = sse_payloads(&r.text().await.unwrap());
+    let mut streamed = vec![String::new(); 6];
+    for ch in &chunks[..chunks.len() - 1] {
+        let c = &ch["choices"][0];
+        streamed[c["index"].as_u64().unwrap() as usize].push_str(c["text"].as_str().unwrap());
+    }
+    assert_eq!(
+        streamed, by_index,
+        "streamed choices differ from non-streamed"
+    );
+    assert_eq!(chunks.last().unwrap()["usage"], batch["usage"]);
+
+    // Refused whole: more sequences than the batch and queue hold (4 × 2 > 6), an empty
+    // list, an empty prompt, an id outside the vocabulary, a list of mixed kinds.
+    let bad = [
+        (json!(["a", "b", "c", "d"]), "6"),
+        (json!([]), "empty"),
+        (json!([[]]), "empty"),
+        (
+            json!([ids[0].clone(), vec![49152]]),
+            "outside the vocabulary",
+        ),
+        (json!([1, "a"]), "list of token ids"),
+    ];
+    for (prompt, says) in bad {
+        let r = http
+            .post(&comp)
+            .json(&body(prompt.clone(), json!({})))
+            .send()
+            .await
+            .unwrap();
+        let e = expect_error(r, 400, &format!("prompt {prompt}")).await;
+        let msg = e["error"]["message"].as_str().unwrap();
+        assert!(
+            msg.contains(says) && msg.contains("prompt"),
+            "{prompt}: {e}"
+        );
+    }
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
 /// `/tokenize` counts what completions and chat feed the model (their `usage.prompt_tokens`),
 /// `/detokenize` gives the text back, and bad input is refused naming the field.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
