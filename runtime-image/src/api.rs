@@ -89,7 +89,7 @@ pub struct MessageIn {
 
 #[derive(Debug, Clone, Deserialize, Default)]
 pub struct StreamOptions {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "false_if_null")]
     pub include_usage: bool,
 }
 
@@ -111,7 +111,7 @@ pub struct SamplingFields {
 pub struct ChatCompletionRequest {
     pub model: String,
     pub messages: Vec<MessageIn>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "false_if_null")]
     pub stream: bool,
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
@@ -125,7 +125,7 @@ pub struct ChatCompletionRequest {
     pub presence_penalty: Option<f32>,
     pub frequency_penalty: Option<f32>,
     pub stop: Option<StopSpec>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "false_if_null")]
     pub logprobs: bool,
     pub top_logprobs: Option<i64>,
     pub n: Option<i64>,
@@ -325,7 +325,7 @@ pub fn check_prompts(prompts: usize, n: usize, capacity: usize) -> Result<(), Ap
 pub struct CompletionRequest {
     pub model: String,
     pub prompt: PromptSpec,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "false_if_null")]
     pub stream: bool,
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
@@ -341,7 +341,7 @@ pub struct CompletionRequest {
     /// The legacy API's `logprobs` is the number of alternatives.
     pub logprobs: Option<i64>,
     pub n: Option<i64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "false_if_null")]
     pub echo: bool,
     pub logit_bias: Option<BTreeMap<String, f32>>,
     #[serde(flatten)]
@@ -356,12 +356,23 @@ pub struct TokenizeRequest {
     pub prompt: Option<String>,
     pub messages: Option<Vec<MessageIn>>,
     /// With `prompt`: the tokenizer's special tokens (completions adds them).
-    #[serde(default = "yes")]
+    #[serde(default = "yes", deserialize_with = "true_if_null")]
     pub add_special_tokens: bool,
 }
 
 fn yes() -> bool {
     true
+}
+
+/// A boolean field that OpenAI's API also takes as `null`, meaning its default (clients that
+/// serialise every field send `"stream": null`); absent or null is `false`.
+fn false_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    Ok(Option::<bool>::deserialize(d)?.unwrap_or(false))
+}
+
+/// As [`false_if_null`], for a field whose default is `true`.
+fn true_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    Ok(Option::<bool>::deserialize(d)?.unwrap_or(true))
 }
 
 /// POST /detokenize (vLLM's route).
@@ -878,5 +889,73 @@ mod tests {
         assert!(check_prompts(3, 2, 6).is_ok());
         assert_eq!(check_prompts(4, 2, 6).unwrap_err().param, Some("prompt"));
         assert_eq!(check_prompts(0, 1, 6).unwrap_err().param, Some("prompt"));
+    }
+
+    #[test]
+    fn every_optional_field_may_be_null_and_means_its_default() {
+        use serde_json::json;
+        let nulls = |base: Value, fields: &[&str]| {
+            let mut b = base;
+            for f in fields {
+                b[*f] = Value::Null;
+            }
+            b
+        };
+        let shared = [
+            "stream",
+            "stream_options",
+            "max_tokens",
+            "temperature",
+            "top_p",
+            "top_k",
+            "min_p",
+            "seed",
+            "presence_penalty",
+            "frequency_penalty",
+            "stop",
+            "logprobs",
+            "n",
+            "logit_bias",
+        ];
+        let chat = nulls(
+            json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}),
+            &[
+                &shared[..],
+                &[
+                    "max_completion_tokens",
+                    "top_logprobs",
+                    "tools",
+                    "tool_choice",
+                    "functions",
+                    "function_call",
+                    "response_format",
+                ],
+            ]
+            .concat(),
+        );
+        let r: ChatCompletionRequest = serde_json::from_value(chat).unwrap();
+        assert!(!r.stream && !r.logprobs && r.n.is_none() && r.temperature.is_none());
+        r.unsupported.check().unwrap();
+        let comp = nulls(
+            json!({"model": "m", "prompt": "hi"}),
+            &[&shared[..], &["echo", "suffix", "best_of"]].concat(),
+        );
+        let r: CompletionRequest = serde_json::from_value(comp).unwrap();
+        assert!(!r.stream && !r.echo && r.logprobs.is_none());
+        r.unsupported.check().unwrap();
+        let so: StreamOptions = serde_json::from_value(json!({"include_usage": null})).unwrap();
+        assert!(!so.include_usage);
+        let t: TokenizeRequest = serde_json::from_value(
+            json!({"model": "m", "prompt": "a", "add_special_tokens": null}),
+        )
+        .unwrap();
+        assert!(t.add_special_tokens);
+        // A wrong type is still refused.
+        assert!(
+            serde_json::from_value::<CompletionRequest>(
+                json!({"model": "m", "prompt": "a", "stream": 1})
+            )
+            .is_err()
+        );
     }
 }
