@@ -239,7 +239,12 @@ fn a_panicking_step_fails_its_request_and_the_engine_serves_the_next() {
             .generate(GenerateRequest {
                 prompt,
                 max_tokens: 4,
-                sampling: Default::default(),
+                // Never sampled: a drawn POISON (1 in 512 a step) failed a request the test
+                // expects to complete.
+                sampling: kandle_runtime::sampling::SamplingParams {
+                    logit_bias: vec![(POISON, -100.0)],
+                    ..Default::default()
+                },
                 stop: Vec::new(),
                 deadline: Instant::now() + Duration::from_secs(60),
                 warmup: false,
