@@ -27,7 +27,7 @@ use crate::chat::{ChatMessage, ChatTemplate};
 use crate::detok::{IncrementalText, TextAssembler};
 use crate::metrics::Metrics;
 use crate::model::{LoadedModel, Scoring, Task};
-use crate::sampling::{SampledToken, Sampler, SamplingParams};
+use crate::sampling::{SampledToken, Sampler, SamplingParams, log_softmax, top_n};
 use crate::tokenizer::TextTokenizer;
 
 /// Scheduling limits.
@@ -85,6 +85,15 @@ pub struct TokenLogprob {
     pub top: Vec<(String, f32)>,
 }
 
+/// A prompt's tokens with their log-probabilities (a completion's `echo` with `logprobs`):
+/// `rest[i]` is token `i + 1`'s given the tokens before it, with the most likely tokens at
+/// that position; the first token, with nothing before it, has none.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptLogprobs {
+    pub first: String,
+    pub rest: Vec<TokenLogprob>,
+}
+
 /// What the model thread reports for one generation request.
 #[derive(Debug, Clone, PartialEq)]
 pub enum GenerateEvent {
@@ -128,6 +137,13 @@ enum Job {
     Embed {
         inputs: Vec<Vec<u32>>,
         reply: oneshot::Sender<Result<Vec<Vec<f32>>, EngineError>>,
+        _permit: OwnedSemaphorePermit,
+    },
+    /// The log-probabilities of prompts' tokens, `top` alternatives at each position.
+    Score {
+        prompts: Vec<Vec<u32>>,
+        top: usize,
+        reply: oneshot::Sender<Result<Vec<PromptLogprobs>, EngineError>>,
         _permit: OwnedSemaphorePermit,
     },
 }
@@ -405,6 +421,38 @@ impl Engine {
         Ok(rxs)
     }
 
+    /// The log-probabilities of each prompt's tokens, with `top` alternatives at each
+    /// position (a completion's `echo` with `logprobs`); refused at once when the queue is
+    /// full. The model thread computes them between rounds, each prompt whole in a pass of
+    /// its own ([`Sequence::feed_each`]: every position's logits are needed, so neither the
+    /// prefix cache nor chunked prefill applies), and the log-probabilities are the model's
+    /// own (no sampling fields touch them). Where continuing a sequence is exact, each prompt
+    /// is then kept in the prefix cache, so that the request's generation continues it
+    /// rather than computing it again.
+    pub async fn prompt_logprobs(
+        &self,
+        prompts: Vec<Vec<u32>>,
+        top: usize,
+    ) -> Result<Vec<PromptLogprobs>, EngineError> {
+        if !matches!(self.inner.frontend.task, Task::TextGeneration) {
+            return Err(EngineError::WrongTask("prompt log-probabilities"));
+        }
+        let permit = self.permit()?;
+        let (reply, rx) = oneshot::channel();
+        self.inner.metrics.queue_depth.inc();
+        if let Err(e) = self.send(Job::Score {
+            prompts,
+            top,
+            reply,
+            _permit: permit,
+        }) {
+            self.inner.metrics.queue_depth.dec();
+            return Err(e);
+        }
+        rx.await
+            .map_err(|_| EngineError::Internal("the model thread dropped the request".into()))?
+    }
+
     /// Embeds tokenised inputs; refused at once when the queue is full.
     pub async fn embed(&self, inputs: Vec<Vec<u32>>) -> Result<Vec<Vec<f32>>, EngineError> {
         if self.inner.frontend.task != Task::Embedding {
@@ -563,6 +611,17 @@ impl GenerationWorker {
                 let _ = reply.send(Err(EngineError::WrongTask("embeddings")));
                 return;
             }
+            Job::Score {
+                prompts,
+                top,
+                reply,
+                _permit,
+            } => {
+                if !reply.is_closed() {
+                    let _ = reply.send(self.score(&prompts, top));
+                }
+                return;
+            }
         };
         if Instant::now() > req.deadline {
             for (events, _) in &choices {
@@ -604,6 +663,70 @@ impl GenerationWorker {
                 _permit: permit,
             });
         }
+    }
+
+    /// [`Engine::prompt_logprobs`] on the model thread. A panic fails this request alone,
+    /// as a step's does.
+    fn score(&self, prompts: &[Vec<u32>], top: usize) -> Result<Vec<PromptLogprobs>, EngineError> {
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            prompts
+                .iter()
+                .map(|p| self.score_one(p, top))
+                .collect::<crate::Result<Vec<_>>>()
+        }));
+        match run {
+            Ok(r) => r.map_err(|e| EngineError::Internal(e.to_string())),
+            Err(_) => {
+                tracing::error!("computing a prompt's log-probabilities panicked");
+                Err(EngineError::Internal(
+                    "the model failed on this prompt (the server's log says how); it goes on \
+                     serving"
+                        .into(),
+                ))
+            }
+        }
+    }
+
+    fn score_one(&self, prompt: &[u32], top: usize) -> crate::Result<PromptLogprobs> {
+        let first = *prompt
+            .first()
+            .ok_or_else(|| crate::Error::InvalidRequest("the prompt is empty".into()))?;
+        let mut seq = self.lm.new_sequence()?;
+        let mut rest = Vec::with_capacity(prompt.len() - 1);
+        let mut last = Vec::new();
+        let tokenizer = &self.tokenizer;
+        seq.feed_each(prompt, &mut |logits| match prompt.get(rest.len() + 1) {
+            Some(&id) => {
+                let ls = log_softmax(logits);
+                rest.push(TokenLogprob {
+                    token: tokenizer.token_text(id),
+                    logprob: ls[id as usize],
+                    top: top_n(&ls, top)
+                        .into_iter()
+                        .map(|(t, l)| (tokenizer.token_text(t), l))
+                        .collect(),
+                });
+            }
+            None => last = logits.to_vec(),
+        })?;
+        if rest.len() + 1 != prompt.len() || last.is_empty() {
+            return Err(crate::Error::Model(format!(
+                "the model gave {} rows of logits for a prompt of {} tokens",
+                rest.len() + !last.is_empty() as usize,
+                prompt.len()
+            )));
+        }
+        if self.lm.continuation_is_exact() {
+            let mut prefix = self.prefix.borrow_mut();
+            prefix.insert(prompt, seq.as_ref(), &last);
+            self.metrics
+                .prefix_cache_positions
+                .set(held(&prefix.entries) as i64);
+        }
+        Ok(PromptLogprobs {
+            first: tokenizer.token_text(first),
+            rest,
+        })
     }
 
     fn finish(&self, a: &mut Active, event: GenerateEvent) {
@@ -1067,6 +1190,9 @@ fn encoder_loop(
                         "text generation",
                     )));
                 }
+            }
+            Job::Score { reply, .. } => {
+                let _ = reply.send(Err(EngineError::WrongTask("prompt log-probabilities")));
             }
             Job::Embed {
                 inputs,

@@ -31,7 +31,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::api::{self, ApiError};
 use crate::config::ServeConfig;
 use crate::engine::{
-    Engine, EngineConfig, EngineError, FinishReason, GenerateEvent, GenerateRequest, TokenLogprob,
+    Engine, EngineConfig, EngineError, FinishReason, GenerateEvent, GenerateRequest,
+    PromptLogprobs, TokenLogprob,
 };
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
@@ -741,12 +742,21 @@ async fn detokenize(
 struct Prepared {
     /// One per prompt (chat and most completions: one).
     reqs: Vec<GenerateRequest>,
+    /// Completions' `echo`: per prompt, what comes before each of its choices.
+    echo: Option<Vec<Echo>>,
     /// Choices per prompt: each of `reqs` run `n` times, choice `j` with the seed plus `j`
     /// when a seed is set; choice `j` of prompt `i` has the index `i · n + j`, as OpenAI's.
     n: usize,
     stream: bool,
     include_usage: bool,
     logprobs: bool,
+}
+
+/// A prompt echoed before its choices: its text as given (token ids decoded) and, when
+/// `logprobs` is asked, its tokens' log-probabilities.
+struct Echo {
+    text: String,
+    logprobs: Option<PromptLogprobs>,
 }
 
 /// The room the context leaves after a prompt of `prompt_len` tokens; a prompt that fills it
@@ -844,6 +854,7 @@ async fn chat_completions(
     })?;
     let room = check_context(prompt.len(), frontend.context_length, "messages")?;
     let prepared = Prepared {
+        echo: None,
         reqs: vec![GenerateRequest {
             prompt,
             max_tokens: max_tokens.min(room),
@@ -870,8 +881,12 @@ async fn completions(
     st.check_model(&r.model)?;
     let n = api::check_n(r.n, st.config.max_batch_size + st.config.max_queue)?;
     r.unsupported.check()?;
-    if r.echo {
-        return Err(ApiError::invalid("echo is not supported", Some("echo")));
+    if r.echo && engine.frontend().task == Task::Text2Text {
+        return Err(ApiError::invalid(
+            "echo is not supported by a text-to-text (encoder-decoder) model: its prompt is the \
+             encoder's input, not the start of its output",
+            Some("echo"),
+        ));
     }
     let prompts = r.prompt.prompts();
     api::check_prompts(
@@ -913,7 +928,16 @@ async fn completions(
     let frontend = engine.frontend();
     let deadline = Instant::now() + st.config.request_timeout;
     let mut reqs = Vec::with_capacity(prompts.len());
+    let mut echoes = Vec::new();
     for p in prompts {
+        if r.echo {
+            echoes.push(match p {
+                api::Prompt::Text(text) => text.to_owned(),
+                api::Prompt::Tokens(ids) => frontend.tokenizer.decode(ids, false).map_err(|e| {
+                    ApiError::invalid(format!("cannot decode the prompt: {e}"), Some("prompt"))
+                })?,
+            });
+        }
         let prompt = match p {
             api::Prompt::Text(text) => frontend.encode_prompt(text, true).map_err(|e| {
                 ApiError::invalid(format!("cannot tokenise the prompt: {e}"), Some("prompt"))
@@ -941,8 +965,39 @@ async fn completions(
             warmup: false,
         });
     }
+    // `echo`: each prompt's text before its choices' and, with `logprobs`, its tokens'.
+    let echo = match (r.echo, logprobs) {
+        (false, _) => None,
+        (true, None) => Some(
+            echoes
+                .into_iter()
+                .map(|text| Echo {
+                    text,
+                    logprobs: None,
+                })
+                .collect(),
+        ),
+        (true, Some(top)) => {
+            let prompts = reqs.iter().map(|q| q.prompt.clone()).collect();
+            let scored = engine
+                .prompt_logprobs(prompts, top)
+                .await
+                .map_err(engine_error)?;
+            Some(
+                echoes
+                    .into_iter()
+                    .zip(scored)
+                    .map(|(text, lp)| Echo {
+                        text,
+                        logprobs: Some(lp),
+                    })
+                    .collect(),
+            )
+        }
+    };
     let prepared = Prepared {
         reqs,
+        echo,
         n,
         stream: r.stream,
         include_usage: r.stream_options.map(|o| o.include_usage).unwrap_or(false),
@@ -970,18 +1025,54 @@ fn chat_logprobs(lps: &[TokenLogprob]) -> Value {
 }
 
 fn completion_logprobs(lps: &[TokenLogprob], text_offset_start: usize) -> Value {
+    completion_logprobs_after(None, lps, text_offset_start)
+}
+
+/// The legacy `logprobs` object of `lps` from `text_offset_start`, after (`echo`) a prompt's
+/// tokens from offset 0: the prompt's first token, with nothing before it, has `null` for
+/// its log-probability and alternatives, as in OpenAI's API.
+fn completion_logprobs_after(
+    prompt: Option<&PromptLogprobs>,
+    lps: &[TokenLogprob],
+    text_offset_start: usize,
+) -> Value {
+    let (mut tokens, mut logprobs, mut tops, mut offsets) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let top_of = |t: &TokenLogprob| -> Value {
+        Value::Object(
+            t.top
+                .iter()
+                .map(|(tok, lp)| (tok.clone(), json!(lp)))
+                .collect(),
+        )
+    };
+    if let Some(p) = prompt {
+        let mut offset = 0;
+        offsets.push(offset);
+        offset += p.first.len();
+        tokens.push(p.first.clone());
+        logprobs.push(Value::Null);
+        tops.push(Value::Null);
+        for t in &p.rest {
+            offsets.push(offset);
+            offset += t.token.len();
+            tokens.push(t.token.clone());
+            logprobs.push(json!(t.logprob));
+            tops.push(top_of(t));
+        }
+    }
     let mut offset = text_offset_start;
-    let mut offsets = Vec::new();
     for t in lps {
         offsets.push(offset);
         offset += t.token.len();
+        tokens.push(t.token.clone());
+        logprobs.push(json!(t.logprob));
+        tops.push(top_of(t));
     }
     json!({
-        "tokens": lps.iter().map(|t| t.token.clone()).collect::<Vec<_>>(),
-        "token_logprobs": lps.iter().map(|t| t.logprob).collect::<Vec<_>>(),
-        "top_logprobs": lps.iter().map(|t| {
-            t.top.iter().map(|(tok, lp)| (tok.clone(), json!(lp))).collect::<serde_json::Map<String, Value>>()
-        }).collect::<Vec<_>>(),
+        "tokens": tokens,
+        "token_logprobs": logprobs,
+        "top_logprobs": tops,
         "text_offset": offsets,
     })
 }
@@ -1004,9 +1095,19 @@ async fn respond(
         "cmpl"
     });
     if p.stream {
-        Ok(stream_response(st, rxs, p.n, id, flavor, p.include_usage, p.logprobs).into_response())
+        Ok(stream_response(
+            st,
+            rxs,
+            p.n,
+            p.echo,
+            id,
+            flavor,
+            p.include_usage,
+            p.logprobs,
+        )
+        .into_response())
     } else {
-        collect_response(st, rxs, p.n, id, flavor, p.logprobs).await
+        collect_response(st, rxs, p.n, p.echo, id, flavor, p.logprobs).await
     }
 }
 
@@ -1060,10 +1161,12 @@ async fn collect_choice(
 }
 
 /// The answer of `rxs`, the choices of one prompt after another, `n` per prompt.
+#[allow(clippy::too_many_arguments)]
 async fn collect_response(
     st: Arc<AppState>,
     rxs: Vec<mpsc::UnboundedReceiver<GenerateEvent>>,
     n: usize,
+    echo: Option<Vec<Echo>>,
     id: String,
     flavor: Flavor,
     want_logprobs: bool,
@@ -1084,12 +1187,18 @@ async fn collect_response(
             "logprobs": if want_logprobs { chat_logprobs(&c.logprobs) } else { Value::Null },
             "finish_reason": c.finish_reason.as_str(),
         }),
-        Flavor::Completion => json!({
-            "index": i,
-            "text": c.text,
-            "logprobs": if want_logprobs { completion_logprobs(&c.logprobs, 0) } else { Value::Null },
-            "finish_reason": c.finish_reason.as_str(),
-        }),
+        Flavor::Completion => {
+            let echo = echo.as_ref().map(|e| &e[i / n.max(1)]);
+            let before = echo.map_or("", |e| e.text.as_str());
+            json!({
+                "index": i,
+                "text": format!("{before}{}", c.text),
+                "logprobs": if want_logprobs {
+                    completion_logprobs_after(echo.and_then(|e| e.logprobs.as_ref()), &c.logprobs, before.len())
+                } else { Value::Null },
+                "finish_reason": c.finish_reason.as_str(),
+            })
+        }
     };
     let object = match flavor {
         Flavor::Chat => "chat.completion",
@@ -1122,6 +1231,8 @@ struct StreamState {
     want_logprobs: bool,
     /// Choices per prompt.
     per_prompt: usize,
+    /// Completions' `echo` per prompt, sent first for each of its choices.
+    echo: Option<Vec<Echo>>,
     sent_roles: bool,
     /// Per choice: bytes of text sent (completions' logprob offsets).
     text_offset: Vec<usize>,
@@ -1189,10 +1300,12 @@ fn data(v: &Value) -> Event {
 
 /// The SSE answer: each choice's chunks as its tokens come (tagged with its `index`), then,
 /// when every choice is done, the usage chunk if asked and `[DONE]`.
+#[allow(clippy::too_many_arguments)]
 fn stream_response(
     st: Arc<AppState>,
     rxs: Vec<mpsc::UnboundedReceiver<GenerateEvent>>,
     per_prompt: usize,
+    echo: Option<Vec<Echo>>,
     id: String,
     flavor: Flavor,
     include_usage: bool,
@@ -1219,6 +1332,7 @@ fn stream_response(
         include_usage,
         want_logprobs,
         per_prompt: per_prompt.max(1),
+        echo,
         sent_roles: false,
         text_offset: vec![0; n],
         finished: vec![false; n],
@@ -1238,6 +1352,19 @@ fn stream_response(
             s.sent_roles = true;
             for i in 0..s.text_offset.len() {
                 out.push(data(&s.chunk(i, Some(""), &[], None, true)));
+            }
+        }
+        if let Some(echo) = s.echo.take() {
+            // Each choice starts with its prompt (and the prompt's log-probabilities).
+            for i in 0..s.text_offset.len() {
+                let e = &echo[i / s.per_prompt];
+                let mut chunk = s.chunk(i, Some(&e.text), &[], None, false);
+                if s.want_logprobs {
+                    chunk["choices"][0]["logprobs"] =
+                        completion_logprobs_after(e.logprobs.as_ref(), &[], e.text.len());
+                }
+                out.push(data(&chunk));
+                s.text_offset[i] = e.text.len();
             }
         }
         let Some((i, event)) = s.events.next().await else {

@@ -654,6 +654,145 @@ async fn a_completions_request_of_several_prompts_answers_each_as_alone() {
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
+/// `echo` puts each prompt before its choices. With `logprobs`, the prompt's tokens open the
+/// legacy logprobs object: the first with `null`, each other with the log-probability and
+/// alternatives that a request ending just before it reports for its next token, bit for bit
+/// (what lm-eval-harness's loglikelihood tasks read). Streamed, the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_puts_the_prompt_and_its_log_probabilities_before_the_completion() {
+    let (server, url) = serve(|_| {}).await;
+    let http = client();
+    let comp = format!("{url}/v1/completions");
+    let text = "The capital of France is Paris, and the capital of Japan is";
+    let ids = token_ids(&http, &url, json!({"prompt": text})).await;
+    let body = |prompt: Value, extra: Value| {
+        with_fields(
+            json!({"model": SMOL, "prompt": prompt, "max_tokens": 3, "temperature": 0}),
+            &extra,
+        )
+    };
+    let plain = post_json(&http, &comp, &body(json!(text), json!({"logprobs": 4}))).await;
+    let echoed = post_json(
+        &http,
+        &comp,
+        &body(json!(text), json!({"logprobs": 4, "echo": true})),
+    )
+    .await;
+    let (p, e) = (&plain["choices"][0], &echoed["choices"][0]);
+    assert_eq!(
+        e["text"].as_str().unwrap(),
+        format!("{text}{}", p["text"].as_str().unwrap()),
+        "{echoed}"
+    );
+    assert_eq!(echoed["usage"], plain["usage"]);
+    let (lp, plp) = (&e["logprobs"], &p["logprobs"]);
+    let m = ids.len();
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), m + 3, "{lp}");
+    assert!(lp["token_logprobs"][0].is_null() && lp["top_logprobs"][0].is_null());
+    let prompt_tokens: Vec<&str> = lp["tokens"].as_array().unwrap()[..m]
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        prompt_tokens.concat(),
+        text,
+        "the prompt's tokens, in order"
+    );
+    for k in 1..m {
+        let alone = post_json(
+            &http,
+            &comp,
+            &body(json!(ids[..k]), json!({"max_tokens": 1, "logprobs": 4})),
+        )
+        .await;
+        let top = &alone["choices"][0]["logprobs"]["top_logprobs"][0];
+        assert_eq!(
+            &lp["top_logprobs"][k], top,
+            "prompt token {k}: alternatives"
+        );
+        let (token, logprob) = (&lp["tokens"][k], lp["token_logprobs"][k].as_f64().unwrap());
+        match top.get(token.as_str().unwrap()) {
+            Some(v) => assert_eq!(v.as_f64().unwrap(), logprob, "prompt token {k}"),
+            None => assert!(
+                top.as_object()
+                    .unwrap()
+                    .values()
+                    .all(|v| v.as_f64().unwrap() >= logprob),
+                "prompt token {k} ({token}) at {logprob} is missing from {top}"
+            ),
+        }
+    }
+    // The completion's part is the plain request's, its offsets after the prompt's text.
+    for field in ["tokens", "token_logprobs", "top_logprobs"] {
+        assert_eq!(
+            lp[field].as_array().unwrap()[m..],
+            plp[field].as_array().unwrap()[..],
+            "{field}"
+        );
+    }
+    let offsets: Vec<u64> = lp["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets[0], 0);
+    assert!(offsets[..m].windows(2).all(|w| w[0] < w[1]), "{offsets:?}");
+    assert_eq!(offsets[m], text.len() as u64, "{offsets:?}");
+
+    // Streamed: the prompt first, then the same tokens.
+    let r = http
+        .post(&comp)
+        .json(&body(
+            json!(text),
+            json!({"logprobs": 4, "echo": true, "stream": true}),
+        ))
+        .send()
+        .await
+        .unwrap();
+    let chunks = sse_payloads(&r.text().await.unwrap());
+    let (mut streamed, mut tokens) = (String::new(), Vec::new());
+    for ch in &chunks {
+        let c = &ch["choices"][0];
+        streamed.push_str(c["text"].as_str().unwrap());
+        if let Some(t) = c["logprobs"]["tokens"].as_array() {
+            tokens.extend(t.iter().cloned());
+        }
+    }
+    assert_eq!(chunks[0]["choices"][0]["text"], text);
+    assert_eq!(streamed, e["text"].as_str().unwrap());
+    assert_eq!(Value::Array(tokens), lp["tokens"]);
+
+    // Each prompt of a list before each of its choices; token ids decoded.
+    let two = post_json(
+        &http,
+        &comp,
+        &body(
+            json!([ids.clone(), ids[..4].to_vec()]),
+            json!({"echo": true, "n": 2}),
+        ),
+    )
+    .await;
+    let short = post_json(
+        &http,
+        &format!("{url}/detokenize"),
+        &json!({"model": SMOL, "tokens": ids[..4]}),
+    )
+    .await;
+    for (i, c) in two["choices"].as_array().unwrap().iter().enumerate() {
+        let before = if i < 2 {
+            text
+        } else {
+            short["prompt"].as_str().unwrap()
+        };
+        assert!(
+            c["text"].as_str().unwrap().starts_with(before),
+            "choice {i}: {two}"
+        );
+    }
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
 /// `/tokenize` counts what completions and chat feed the model (their `usage.prompt_tokens`),
 /// `/detokenize` gives the text back, and bad input is refused naming the field.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

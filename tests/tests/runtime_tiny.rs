@@ -173,6 +173,39 @@ fn causal_lms_match_transformers_logits_top5_and_greedy_tokens() {
     }
 }
 
+/// `Sequence::feed_each` (a prompt's log-probabilities, `echo` with `logprobs`; the default
+/// one token at a time on these backends) hands over the logits after every prompt token:
+/// row k is what a fresh sequence fed the first k + 1 tokens gives, and the last row is
+/// transformers' last logits.
+#[test]
+fn feed_each_gives_the_logits_after_every_prompt_token() {
+    for name in CAUSAL {
+        let g = generation(name);
+        let case = &reference(name)["cases"][0];
+        let prompt = ids(&case["input_ids"]);
+        let mut rows = Vec::new();
+        let mut seq = g.lm.new_sequence().unwrap();
+        seq.feed_each(&prompt, &mut |logits| rows.push(logits.to_vec()))
+            .unwrap();
+        assert_eq!(rows.len(), prompt.len(), "{name}: a row per token");
+        assert_eq!(seq.len(), prompt.len(), "{name}: the prompt was fed");
+        for (k, row) in rows.iter().enumerate() {
+            let alone = g.lm.new_sequence().unwrap().feed(&prompt[..=k]).unwrap();
+            let d = max_abs_diff(row, &alone);
+            assert!(
+                d <= 1e-4,
+                "{name}: row {k} differs from a feed of {} tokens by {d}",
+                k + 1
+            );
+        }
+        let d = max_abs_diff(rows.last().unwrap(), &floats(&case["last_logits"]));
+        assert!(
+            d <= 1e-4,
+            "{name}: the last row differs from transformers' by {d}"
+        );
+    }
+}
+
 /// The engine's incremental detokenisation gives each tiny model's whole decode.
 #[test]
 fn incremental_text_of_each_causal_lm_is_its_whole_decode() {

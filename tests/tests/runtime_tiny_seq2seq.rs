@@ -266,6 +266,19 @@ async fn a_text2text_model_streams_the_same_text_and_refuses_chat() {
     let msg = err["error"]["message"].as_str().unwrap();
     assert!(msg.contains("/v1/completions"), "{msg}");
     assert_eq!(err["error"]["type"], "invalid_request_error");
+
+    // Its prompt is the encoder's input, not the start of its output: no `echo`.
+    let mut echo = greedy_body(&model, case["text"].as_str().unwrap());
+    echo["echo"] = json!(true);
+    let resp = http
+        .post(format!("{url}/v1/completions"))
+        .json(&echo)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    let err: Value = resp.json().await.unwrap();
+    assert_eq!(err["error"]["param"], "echo", "{err}");
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 

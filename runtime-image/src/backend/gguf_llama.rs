@@ -163,6 +163,10 @@ impl Sequence for QLlamaSequence {
             .pop()
             .ok_or_else(|| Error::Model("the forward pass returned no logits".into()))
     }
+    /// One pass, every row through the head.
+    fn feed_each(&mut self, tokens: &[u32], each: &mut super::EachRow<'_>) -> Result<()> {
+        self.weights.forward_each(&mut self.cache, tokens, each)
+    }
     fn len(&self) -> usize {
         self.cache.len()
     }

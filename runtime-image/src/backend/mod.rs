@@ -97,6 +97,9 @@ pub fn thp_warning(thp: &str, huge_page_bytes: usize) -> Option<&'static str> {
     )
 }
 
+/// What [`Sequence::feed_each`] hands each row's logits to.
+pub type EachRow<'a> = dyn FnMut(&[f32]) + Send + 'a;
+
 /// A causal language model: the weights, shared by all sequences.
 pub trait CausalLm: Send + Sync {
     /// Starts a sequence with an empty KV cache.
@@ -251,6 +254,16 @@ pub fn decode_each(seqs: &mut [&mut dyn Sequence], tokens: &[u32]) -> Result<Vec
 pub trait Sequence: Send {
     /// Appends `tokens` at the next positions and returns the logits at the last one.
     fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>>;
+    /// Appends `tokens` as [`Sequence::feed`] does and hands `each` the logits after every
+    /// one of them, in order: what a prompt's log-probabilities are computed from (a
+    /// completion's `echo` with `logprobs`). The default feeds one token at a time; a backend
+    /// whose pass can put every row through its head overrides it (the GGUF llama: one pass).
+    fn feed_each(&mut self, tokens: &[u32], each: &mut EachRow<'_>) -> Result<()> {
+        for &t in tokens {
+            each(&self.feed(&[t])?);
+        }
+        Ok(())
+    }
     /// How many tokens the cache holds.
     fn len(&self) -> usize;
     /// True when nothing has been fed yet.

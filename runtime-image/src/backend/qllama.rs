@@ -75,6 +75,9 @@ pub(super) struct Weights {
     passes: std::sync::atomic::AtomicU64,
 }
 
+/// Rows whose logits [`Weights::forward_each`] computes at a time (12.6 MB of SmolLM2's).
+const EVERY_ROW_BLOCK: usize = 64;
+
 /// One sequence's keys and values, in f16 as llama.cpp keeps them by default (half the memory
 /// and half the reads of f32; the mean log-probability error against llama.cpp stayed at
 /// 0.098–0.101 either way).
@@ -447,6 +450,33 @@ impl Weights {
     /// token. All items go through the weight matmuls together; on failure every cache is
     /// left as it was.
     pub(super) fn forward(&self, items: &mut [(&mut KvCache, &[u32])]) -> Result<Vec<Vec<f32>>> {
+        self.forward_with(items, None)
+    }
+
+    /// Appends `tokens` to `cache` as [`Weights::forward`] does, in one pass, and hands
+    /// `each` the logits after every one of them, in order (a prompt's log-probabilities).
+    /// The head runs over [`EVERY_ROW_BLOCK`] rows at a time, so that a long prompt's logits
+    /// are never all held at once (2,048 rows of SmolLM2's would be 400 MB).
+    pub(super) fn forward_each(
+        &self,
+        cache: &mut KvCache,
+        tokens: &[u32],
+        each: &mut super::EachRow<'_>,
+    ) -> Result<()> {
+        self.forward_with(&mut [(cache, tokens)], Some(each))
+            .map(|_| ())
+    }
+
+    /// [`Weights::forward`], or with `every` (one item) [`Weights::forward_each`].
+    fn forward_with(
+        &self,
+        items: &mut [(&mut KvCache, &[u32])],
+        every: Option<&mut super::EachRow<'_>>,
+    ) -> Result<Vec<Vec<f32>>> {
+        assert!(
+            every.is_none() || items.len() == 1,
+            "every row's logits of one item"
+        );
         for (cache, tokens) in items.iter() {
             if tokens.is_empty() {
                 return Err(Error::InvalidRequest("no tokens to feed".into()));
@@ -463,7 +493,7 @@ impl Weights {
         }
         self.passes
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let out = pool().install(|| self.forward_inner(items));
+        let out = pool().install(|| self.forward_inner(items, every));
         match out {
             Ok(logits) => {
                 for (cache, tokens) in items.iter_mut() {
@@ -480,7 +510,11 @@ impl Weights {
         }
     }
 
-    fn forward_inner(&self, items: &mut [(&mut KvCache, &[u32])]) -> Result<Vec<Vec<f32>>> {
+    fn forward_inner(
+        &self,
+        items: &mut [(&mut KvCache, &[u32])],
+        every: Option<&mut super::EachRow<'_>>,
+    ) -> Result<Vec<Vec<f32>>> {
         let hidden = self.hidden;
         let ids: Vec<u32> = items.iter().flat_map(|(_, t)| t.iter().copied()).collect();
         let rows = ids.len();
@@ -581,6 +615,24 @@ impl Weights {
                 *x += d;
             }
         }
+        let head = match (&self.output, &self.embeddings) {
+            (Some(head), _) => head,
+            (None, Embeddings::Quantised(e)) => e,
+            (None, Embeddings::Dense(_)) => unreachable!("a dense embedding has its own head"),
+        };
+        if let Some(each) = every {
+            // Every row through the head, a block at a time.
+            let mut normed = vec![0f32; EVERY_ROW_BLOCK.min(rows) * hidden];
+            for block in x.chunks(EVERY_ROW_BLOCK * hidden) {
+                let n = block.len() / hidden;
+                rms_norm(block, &self.norm, self.eps, &mut normed[..block.len()]);
+                let logits = head.forward(&normed[..block.len()], n)?;
+                for row in logits.chunks_exact(head.n()) {
+                    each(row);
+                }
+            }
+            return Ok(Vec::new());
+        }
         // The head runs on each item's last row only.
         let mut last = Vec::with_capacity(items.len() * hidden);
         let mut row = 0;
@@ -590,11 +642,6 @@ impl Weights {
         }
         let mut normed = vec![0f32; last.len()];
         rms_norm(&last, &self.norm, self.eps, &mut normed);
-        let head = match (&self.output, &self.embeddings) {
-            (Some(head), _) => head,
-            (None, Embeddings::Quantised(e)) => e,
-            (None, Embeddings::Dense(_)) => unreachable!("a dense embedding has its own head"),
-        };
         let logits = head.forward(&normed, items.len())?;
         // One sequence takes the buffer as it is; several split it in parallel.
         Ok(if items.len() == 1 {
