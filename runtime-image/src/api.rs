@@ -197,16 +197,34 @@ impl ChatUnsupported {
         }
         match &self.response_format {
             None | Some(Value::Null) => Ok(()),
-            Some(f) if f.get("type").and_then(Value::as_str) == Some("text") => Ok(()),
+            Some(f)
+                if matches!(
+                    f.get("type").and_then(Value::as_str),
+                    Some("text" | "json_object")
+                ) =>
+            {
+                Ok(())
+            }
             Some(f) => Err(unsupported(
                 "response_format",
                 &format!(
-                    "only {{\"type\": \"text\"}}; no JSON mode or schema-constrained output, got {}",
+                    "only {{\"type\": \"text\"}} and {{\"type\": \"json_object\"}} (JSON \
+                     mode); no schema-constrained output, got {}",
                     f.get("type")
                         .map_or_else(|| f.to_string(), Value::to_string)
                 ),
             )),
         }
+    }
+
+    /// Whether `response_format` asks for JSON mode (`{"type": "json_object"}`), once
+    /// [`ChatUnsupported::check`] has passed.
+    pub fn json_mode(&self) -> bool {
+        self.response_format
+            .as_ref()
+            .and_then(|f| f.get("type"))
+            .and_then(Value::as_str)
+            == Some("json_object")
     }
 }
 
@@ -713,6 +731,7 @@ mod tests {
             json!({}),
             json!({"tools": [], "tool_choice": "none", "functions": null, "function_call": "none"}),
             json!({"response_format": {"type": "text"}, "user": "u", "metadata": {"a": "b"}}),
+            json!({"response_format": {"type": "json_object"}}),
         ] {
             assert_eq!(chat(off.clone()), Ok(()), "{off}");
         }
@@ -725,7 +744,7 @@ mod tests {
             (json!({"functions": [{"name": "f"}]}), "functions"),
             (json!({"function_call": {"name": "f"}}), "function_call"),
             (
-                json!({"response_format": {"type": "json_object"}}),
+                json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}),
                 "response_format",
             ),
         ] {

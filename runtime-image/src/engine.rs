@@ -25,6 +25,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use crate::backend::{CausalLm, Sequence};
 use crate::chat::{ChatMessage, ChatTemplate};
 use crate::detok::{IncrementalText, TextAssembler};
+use crate::json_mode::{self, JsonMode, JsonVocab};
 use crate::metrics::Metrics;
 use crate::model::{LoadedModel, Scoring, Task};
 use crate::sampling::{SampledToken, Sampler, SamplingParams, log_softmax, top_n};
@@ -57,6 +58,8 @@ pub struct GenerateRequest {
     /// The server's own warm-up request: it is not counted in the metrics and its prompt
     /// is not kept in the prefix cache.
     pub warmup: bool,
+    /// JSON mode ([`crate::json_mode`]): the answer is one JSON object, and ends with it.
+    pub json: bool,
 }
 
 /// Why generation ended.
@@ -262,6 +265,7 @@ impl Engine {
                     eos_ids: g.eos_ids,
                     batch,
                     metrics: m,
+                    json_texts: std::cell::OnceCell::new(),
                 };
                 let thread = std::thread::Builder::new()
                     .name("kandle-model".into())
@@ -510,6 +514,8 @@ struct GenerationWorker {
     eos_ids: Vec<u32>,
     batch: usize,
     metrics: Metrics,
+    /// The vocabulary as JSON mode reads it, computed at the first JSON request.
+    json_texts: std::cell::OnceCell<JsonVocab>,
 }
 
 /// A sequence in the running batch.
@@ -526,6 +532,8 @@ struct Active {
     generated: Vec<u32>,
     completion_tokens: usize,
     last_token_at: Option<Instant>,
+    /// JSON mode's automaton, when the request asks for it.
+    json: Option<JsonMode>,
     done: bool,
     _permit: OwnedSemaphorePermit,
 }
@@ -659,6 +667,7 @@ impl GenerationWorker {
                 generated: Vec::new(),
                 completion_tokens: 0,
                 last_token_at: None,
+                json: req.json.then(JsonMode::default),
                 done: false,
                 _permit: permit,
             });
@@ -921,13 +930,51 @@ impl GenerationWorker {
                 ),
             }
         }
-        let tokens: Vec<SampledToken> = stepped
+        let texts = match stepped.iter().any(|(a, _)| a.json.is_some()) {
+            true => Some(self.json_texts()),
+            false => None,
+        };
+        let tokens: Vec<Option<SampledToken>> = stepped
             .par_iter_mut()
-            .map(|(a, logits)| a.sampler.sample(logits))
+            .map(|(a, logits)| {
+                if let (Some(json), Some(texts)) = (&a.json, texts)
+                    && !json.mask(texts, logits)
+                {
+                    return None;
+                }
+                Some(a.sampler.sample(logits))
+            })
             .collect();
         for ((a, _), tok) in stepped.into_iter().zip(tokens) {
-            self.emit(a, tok);
+            match tok {
+                Some(tok) => self.emit(a, tok),
+                None => self.finish(
+                    a,
+                    GenerateEvent::Failed(EngineError::Internal(
+                        "JSON mode: no token of the vocabulary continues the answer as JSON".into(),
+                    )),
+                ),
+            }
         }
+    }
+
+    /// The texts JSON mode masks tokens by, computed once (a decode or two per token of the
+    /// vocabulary: ~0.1 s for SmolLM2's 49,152).
+    fn json_texts(&self) -> &JsonVocab {
+        self.json_texts.get_or_init(|| {
+            let tokenizer = &self.tokenizer;
+            // An ordinary token to put each one after: the first of "a".
+            let anchor = tokenizer
+                .encode("a", false)
+                .ok()
+                .and_then(|ids| ids.first().copied())
+                .unwrap_or(0);
+            JsonVocab::new(json_mode::token_texts(
+                tokenizer.vocab_size(),
+                anchor,
+                |ids| tokenizer.decode(ids, true).ok(),
+            ))
+        })
     }
 
     /// Reports `tok`, the next token of `a` (its sampler's choice).
@@ -965,9 +1012,17 @@ impl GenerationWorker {
         if !is_eos {
             a.generated.push(tok.id);
         }
+        // JSON mode: the answer ends with its object.
+        let json_done = match (&mut a.json, self.json_texts.get()) {
+            (Some(json), Some(texts)) => {
+                json.advance(texts.text(tok.id));
+                json.complete()
+            }
+            _ => false,
+        };
         let context_full = a.seq.len() + 1 >= self.context_length;
         let at_limit = a.completion_tokens >= a.req.max_tokens || context_full;
-        let last = is_eos || at_limit;
+        let last = is_eos || json_done || at_limit;
         let tokenizer = &self.tokenizer;
         let released = match a
             .text
@@ -988,7 +1043,7 @@ impl GenerationWorker {
                 logprobs,
             });
         }
-        let finish = if is_eos || released.stopped {
+        let finish = if is_eos || json_done || released.stopped {
             Some(FinishReason::Stop)
         } else if at_limit {
             Some(FinishReason::Length)

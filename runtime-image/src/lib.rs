@@ -16,6 +16,7 @@ pub mod detok;
 pub mod engine;
 mod error;
 pub mod hub;
+pub mod json_mode;
 pub mod metrics;
 pub mod model;
 pub mod sampling;

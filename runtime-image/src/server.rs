@@ -290,6 +290,7 @@ fn load_and_warm(st: &AppState, path: &std::path::Path) -> Result<()> {
                     stop: Vec::new(),
                     deadline: Instant::now() + Duration::from_secs(600),
                     warmup: true,
+                    json: false,
                 })
                 .map_err(|e| Error::Server(format!("warm-up: {e}")))?;
             futures::executor::block_on(async {
@@ -802,6 +803,7 @@ async fn chat_completions(
     }
     let n = api::check_n(r.n, st.config.max_batch_size + st.config.max_queue)?;
     r.unsupported.check()?;
+    let json = r.unsupported.json_mode();
     let messages = api::chat_messages(&r.messages)?;
     let logprobs = match (r.logprobs, r.top_logprobs) {
         (false, Some(_)) => {
@@ -862,6 +864,7 @@ async fn chat_completions(
             stop,
             deadline: Instant::now() + st.config.request_timeout,
             warmup: false,
+            json,
         }],
         n,
         stream: r.stream,
@@ -963,6 +966,7 @@ async fn completions(
             stop: stop.clone(),
             deadline,
             warmup: false,
+            json: false,
         });
     }
     // `echo`: each prompt's text before its choices' and, with `logprobs`, its tokens'.

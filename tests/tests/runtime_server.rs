@@ -1413,7 +1413,10 @@ async fn logit_bias_and_min_p_shape_the_draw_and_unimplemented_fields_are_refuse
         ),
         (
             &chat,
-            chat_body("hi", json!({"response_format": {"type": "json_object"}})),
+            chat_body(
+                "hi",
+                json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}),
+            ),
             "response_format",
         ),
     ];
@@ -1430,6 +1433,90 @@ async fn logit_bias_and_min_p_shape_the_draw_and_unimplemented_fields_are_refuse
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+/// JSON mode (`response_format: {"type": "json_object"}`): every answer that ends by itself
+/// is one JSON object, ending at its closing brace, greedy or sampled, streamed the same;
+/// the same question without it is not JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_mode_answers_with_one_json_object() {
+    let (server, url) = serve(|c| c.max_new_tokens = 200).await;
+    let http = client();
+    let chat = format!("{url}/v1/chat/completions");
+    let question = "Give the name, birth year and field of three famous scientists.";
+    let json_mode = json!({"response_format": {"type": "json_object"}, "max_tokens": 200});
+    let plain = post_json(
+        &http,
+        &chat,
+        &chat_body(question, json!({"temperature": 0})),
+    )
+    .await;
+    let plain = plain["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(
+        serde_json::from_str::<Value>(plain.trim()).is_err(),
+        "the question alone already gives JSON: {plain}"
+    );
+    let mut stopped = 0;
+    for (i, sampling) in [
+        json!({"temperature": 0}),
+        json!({"temperature": 1.0, "seed": 1}),
+        json!({"temperature": 1.0, "seed": 2}),
+        json!({"temperature": 0.7, "top_p": 0.9, "seed": 3}),
+        json!({"temperature": 1.0, "seed": 4, "logprobs": true, "top_logprobs": 3}),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let body = with_fields(chat_body(question, sampling), &json_mode);
+        let r = post_json(&http, &chat, &body).await;
+        let c = &r["choices"][0];
+        let content = c["message"]["content"].as_str().unwrap();
+        assert!(
+            content.trim_start().starts_with('{'),
+            "answer {i}: {content}"
+        );
+        if c["finish_reason"] == "stop" {
+            stopped += 1;
+            let v: serde_json::Map<String, Value> = serde_json::from_str(content)
+                .unwrap_or_else(|e| panic!("answer {i} is not a JSON object ({e}): {content}"));
+            assert!(content.trim_end().ends_with('}'), "answer {i}: {content}");
+            eprintln!("answer {i}: {} keys", v.len());
+        } else {
+            assert_eq!(c["finish_reason"], "length", "answer {i}: {r}");
+        }
+        if let Some(lps) = c["logprobs"]["content"].as_array() {
+            for t in lps {
+                assert!(t["logprob"].is_number(), "answer {i}: {t}");
+                for alt in t["top_logprobs"].as_array().unwrap() {
+                    assert!(alt["logprob"].is_number(), "answer {i}: {alt}");
+                }
+            }
+        }
+        if i == 1 {
+            let mut streamed = body.clone();
+            streamed["stream"] = json!(true);
+            let text = http
+                .post(&chat)
+                .json(&streamed)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            let chunks = sse_payloads(&text);
+            let s: String = chunks
+                .iter()
+                .filter_map(|ch| ch["choices"][0]["delta"]["content"].as_str())
+                .collect();
+            assert_eq!(s, content, "streamed");
+        }
+    }
+    assert!(
+        stopped >= 3,
+        "only {stopped} of 5 answers closed their object in 200 tokens"
+    );
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 

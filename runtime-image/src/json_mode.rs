@@ -1,0 +1,592 @@
+//! JSON mode (`response_format: {"type": "json_object"}`): the answer is one JSON object.
+//!
+//! A pushdown automaton over characters ([`JsonState`]) follows the text generated so far;
+//! before each token is sampled, every token whose text the automaton would refuse next is
+//! masked out of the logits ([`JsonMode::mask`]), as vLLM's and TGI's guided decoding do. The
+//! object's closing brace ends the answer (`finish_reason: "stop"`); end-of-text tokens and
+//! tokens with no text (special tokens) are never allowed before it.
+//!
+//! Decisions, where OpenAI's JSON mode says nothing:
+//! - The top-level value is an object (OpenAI's JSON mode promises "a valid JSON object").
+//! - At most [`MAX_WHITESPACE`] whitespace characters in a row, and nesting at most
+//!   [`MAX_DEPTH`] deep: a model that would otherwise emit newlines forever is made to go on.
+//! - A token's text is what it adds after an ordinary token ([`token_texts`]): a
+//!   SentencePiece piece's leading space counts, as it does in the decoded answer. A token
+//!   that ends inside a UTF-8 character (byte-level BPE) is read as U+FFFD, which only a
+//!   string may hold.
+//! - An answer cut by `max_tokens` (`finish_reason: "length"`) is not complete JSON, as in
+//!   OpenAI's API.
+
+/// Whitespace characters allowed in a row.
+pub const MAX_WHITESPACE: u8 = 32;
+/// Objects and arrays open at once, at most.
+pub const MAX_DEPTH: usize = 64;
+
+/// An open container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Frame {
+    Object,
+    Array,
+}
+
+/// Where in a number the last character left it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Num {
+    Minus,
+    Zero,
+    Int,
+    Dot,
+    Frac,
+    E,
+    ESign,
+    Exp,
+}
+
+impl Num {
+    /// Whether the number may end here.
+    fn complete(self) -> bool {
+        matches!(self, Num::Zero | Num::Int | Num::Frac | Num::Exp)
+    }
+}
+
+/// What the automaton expects next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Before the top-level object: whitespace, then `{`.
+    Start,
+    /// A value (after `:`, or after `,` in an array).
+    Value,
+    /// After `[`: a value or `]`.
+    ValueOrEnd,
+    /// After `{`: a key or `}`.
+    KeyOrEnd,
+    /// After `,` in an object: a key.
+    Key,
+    /// After a key: `:`.
+    Colon,
+    /// After a value in a container: `,` or the container's end.
+    CommaOrEnd,
+    /// Inside a string (`key`: an object's key); `escape`: after a backslash (0), or the hex
+    /// digits of a `\u` still to come (1–4); `None`: plain characters.
+    Str {
+        key: bool,
+        escape: Option<u8>,
+    },
+    Number(Num),
+    /// Inside `true`, `false` or `null`: the characters still to come.
+    Literal(&'static [u8]),
+    /// The top-level object is closed: only whitespace may follow.
+    Done,
+}
+
+/// The containers of a [`JsonState`], or of a trial run on top of them ([`Overlay`]).
+trait Stack {
+    fn top(&self) -> Option<Frame>;
+    fn push(&mut self, f: Frame) -> bool;
+    fn pop(&mut self) -> Option<Frame>;
+}
+
+impl Stack for Vec<Frame> {
+    fn top(&self) -> Option<Frame> {
+        self.last().copied()
+    }
+    fn push(&mut self, f: Frame) -> bool {
+        if self.len() >= MAX_DEPTH {
+            return false;
+        }
+        Vec::push(self, f);
+        true
+    }
+    fn pop(&mut self) -> Option<Frame> {
+        Vec::pop(self)
+    }
+}
+
+/// A trial of a token's text: the state's containers, read-only, with what the text closes
+/// taken off and what it opens (a few) put on, so that no token's trial allocates.
+struct Overlay<'a> {
+    base: &'a [Frame],
+    pushed: [Frame; 8],
+    n: usize,
+}
+
+impl Stack for Overlay<'_> {
+    fn top(&self) -> Option<Frame> {
+        match self.n {
+            0 => self.base.last().copied(),
+            n => Some(self.pushed[n - 1]),
+        }
+    }
+    fn push(&mut self, f: Frame) -> bool {
+        if self.n == self.pushed.len() || self.base.len() + self.n >= MAX_DEPTH {
+            return false;
+        }
+        self.pushed[self.n] = f;
+        self.n += 1;
+        true
+    }
+    fn pop(&mut self) -> Option<Frame> {
+        if self.n > 0 {
+            self.n -= 1;
+            Some(self.pushed[self.n])
+        } else {
+            let (last, rest) = self.base.split_last()?;
+            self.base = rest;
+            Some(*last)
+        }
+    }
+}
+
+fn is_whitespace(c: char) -> bool {
+    matches!(c, ' ' | '\t' | '\n' | '\r')
+}
+
+/// The mode after a value ends: the next item of its container, or done at the top.
+fn after_value(stack: &impl Stack) -> Mode {
+    match stack.top() {
+        None => Mode::Done,
+        Some(_) => Mode::CommaOrEnd,
+    }
+}
+
+/// One character: the next (mode, whitespace run), or `None` when JSON does not allow it.
+fn step(mode: Mode, ws: u8, stack: &mut impl Stack, c: char) -> Option<(Mode, u8)> {
+    let outside = !matches!(mode, Mode::Str { .. } | Mode::Number(_) | Mode::Literal(_));
+    if outside && is_whitespace(c) {
+        return (ws < MAX_WHITESPACE).then_some((mode, ws + 1));
+    }
+    let next = match mode {
+        Mode::Done => return None,
+        Mode::Start => match c {
+            '{' => stack.push(Frame::Object).then_some(Mode::KeyOrEnd)?,
+            _ => return None,
+        },
+        Mode::Value | Mode::ValueOrEnd => match c {
+            '{' => stack.push(Frame::Object).then_some(Mode::KeyOrEnd)?,
+            '[' => stack.push(Frame::Array).then_some(Mode::ValueOrEnd)?,
+            '"' => Mode::Str {
+                key: false,
+                escape: None,
+            },
+            '-' => Mode::Number(Num::Minus),
+            '0' => Mode::Number(Num::Zero),
+            '1'..='9' => Mode::Number(Num::Int),
+            't' => Mode::Literal(b"rue"),
+            'f' => Mode::Literal(b"alse"),
+            'n' => Mode::Literal(b"ull"),
+            ']' if mode == Mode::ValueOrEnd => {
+                stack.pop();
+                after_value(stack)
+            }
+            _ => return None,
+        },
+        Mode::KeyOrEnd | Mode::Key => match c {
+            '"' => Mode::Str {
+                key: true,
+                escape: None,
+            },
+            '}' if mode == Mode::KeyOrEnd => {
+                stack.pop();
+                after_value(stack)
+            }
+            _ => return None,
+        },
+        Mode::Colon => match c {
+            ':' => Mode::Value,
+            _ => return None,
+        },
+        Mode::CommaOrEnd => match (c, stack.top()?) {
+            (',', Frame::Object) => Mode::Key,
+            (',', Frame::Array) => Mode::Value,
+            ('}', Frame::Object) | (']', Frame::Array) => {
+                stack.pop();
+                after_value(stack)
+            }
+            _ => return None,
+        },
+        Mode::Str { key, escape } => match (escape, c) {
+            (None, '"') if key => Mode::Colon,
+            (None, '"') => after_value(stack),
+            (None, '\\') => Mode::Str {
+                key,
+                escape: Some(0),
+            },
+            (None, c) if (c as u32) < 0x20 => return None,
+            (None, _) => mode,
+            (Some(0), '"' | '\\' | '/' | 'b' | 'f' | 'n' | 'r' | 't') => {
+                Mode::Str { key, escape: None }
+            }
+            (Some(0), 'u') => Mode::Str {
+                key,
+                escape: Some(4),
+            },
+            (Some(n @ 1..=4), c) if c.is_ascii_hexdigit() => Mode::Str {
+                key,
+                escape: (n > 1).then_some(n - 1),
+            },
+            _ => return None,
+        },
+        Mode::Number(n) => {
+            let digit = c.is_ascii_digit();
+            let next = match (n, c) {
+                (Num::Minus, '0') => Some(Num::Zero),
+                (Num::Minus, _) if digit => Some(Num::Int),
+                (Num::Int, _) if digit => Some(Num::Int),
+                (Num::Zero | Num::Int, '.') => Some(Num::Dot),
+                (Num::Dot | Num::Frac, _) if digit => Some(Num::Frac),
+                (Num::Zero | Num::Int | Num::Frac, 'e' | 'E') => Some(Num::E),
+                (Num::E, '+' | '-') => Some(Num::ESign),
+                (Num::E | Num::ESign | Num::Exp, _) if digit => Some(Num::Exp),
+                _ => None,
+            };
+            match next {
+                Some(n) => Mode::Number(n),
+                // The number ends; the character belongs to what follows it.
+                None if n.complete() => return step(after_value(stack), 0, stack, c),
+                None => return None,
+            }
+        }
+        Mode::Literal(rest) => match rest.split_first() {
+            Some((&b, rest)) if c == b as char => match rest.is_empty() {
+                true => after_value(stack),
+                false => Mode::Literal(rest),
+            },
+            _ => return None,
+        },
+    };
+    Some((next, 0))
+}
+
+/// The automaton after the text so far.
+#[derive(Debug, Clone)]
+pub struct JsonState {
+    mode: Mode,
+    ws: u8,
+    stack: Vec<Frame>,
+}
+
+impl Default for JsonState {
+    fn default() -> Self {
+        JsonState {
+            mode: Mode::Start,
+            ws: 0,
+            stack: Vec::new(),
+        }
+    }
+}
+
+impl JsonState {
+    /// Whether `text` may come next (the empty text may not: it would change nothing).
+    pub fn accepts(&self, text: &str) -> bool {
+        if text.is_empty() {
+            return false;
+        }
+        let mut stack = Overlay {
+            base: &self.stack,
+            pushed: [Frame::Object; 8],
+            n: 0,
+        };
+        let (mut mode, mut ws) = (self.mode, self.ws);
+        for c in text.chars() {
+            match step(mode, ws, &mut stack, c) {
+                Some((m, w)) => (mode, ws) = (m, w),
+                None => return false,
+            }
+        }
+        true
+    }
+
+    /// Takes `text`, which [`JsonState::accepts`]; `false` (and the state unchanged) if not.
+    pub fn push(&mut self, text: &str) -> bool {
+        if !self.accepts(text) {
+            return false;
+        }
+        for c in text.chars() {
+            let (m, w) = step(self.mode, self.ws, &mut self.stack, c).expect("accepted");
+            (self.mode, self.ws) = (m, w);
+        }
+        true
+    }
+
+    /// Whether the top-level object is closed.
+    pub fn complete(&self) -> bool {
+        self.mode == Mode::Done
+    }
+}
+
+/// Each token's text as JSON mode reads it: what the token adds to the decoded text after an
+/// ordinary token (`anchor`), special tokens skipped (so theirs is empty and never allowed).
+/// Decoding a SentencePiece piece alone drops its leading space, which the answer has.
+pub fn token_texts(
+    vocab: usize,
+    anchor: u32,
+    decode: impl Fn(&[u32]) -> Option<String>,
+) -> Vec<String> {
+    let before = decode(&[anchor]).unwrap_or_default();
+    (0..vocab as u32)
+        .map(|id| match decode(&[anchor, id]) {
+            Some(both) if both.starts_with(&before) => both[before.len()..].to_owned(),
+            _ => decode(&[id]).unwrap_or_default(),
+        })
+        .collect()
+}
+
+/// The vocabulary as JSON mode reads it: each token's text ([`token_texts`]), and whether it
+/// is plain string content (no quote, backslash or control character), which a string takes
+/// without a character-by-character trial: inside a string, where an answer spends most of
+/// its tokens, the mask is then a look-up for all but a few tokens.
+#[derive(Debug, Clone, Default)]
+pub struct JsonVocab {
+    texts: Vec<String>,
+    plain: Vec<bool>,
+}
+
+impl JsonVocab {
+    pub fn new(texts: Vec<String>) -> JsonVocab {
+        let plain = texts
+            .iter()
+            .map(|t| {
+                !t.is_empty()
+                    && !t
+                        .chars()
+                        .any(|c| c == '"' || c == '\\' || (c as u32) < 0x20)
+            })
+            .collect();
+        JsonVocab { texts, plain }
+    }
+
+    /// Token `id`'s text ("" past the tokenizer's vocabulary).
+    pub fn text(&self, id: u32) -> &str {
+        self.texts.get(id as usize).map_or("", String::as_str)
+    }
+}
+
+/// One sequence's JSON mode: the automaton, stepped by the texts of its sampled tokens.
+#[derive(Debug, Clone, Default)]
+pub struct JsonMode {
+    state: JsonState,
+}
+
+impl JsonMode {
+    /// Sets to −∞ the logits of the tokens that may not come next (ids past the tokenizer's
+    /// vocabulary are never allowed). Returns whether any token is left.
+    pub fn mask(&self, vocab: &JsonVocab, logits: &mut [f32]) -> bool {
+        let in_string = matches!(self.state.mode, Mode::Str { escape: None, .. });
+        let mut any = false;
+        for (id, l) in logits.iter_mut().enumerate() {
+            let ok = match vocab.texts.get(id) {
+                None => false,
+                Some(_) if in_string && vocab.plain[id] => true,
+                Some(t) => self.state.accepts(t),
+            };
+            if ok {
+                any |= *l > f32::NEG_INFINITY;
+            } else {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        any
+    }
+
+    /// Steps over a sampled token's text (one the mask allowed).
+    pub fn advance(&mut self, text: &str) {
+        let ok = self.state.push(text);
+        debug_assert!(ok, "a masked token was sampled: {text:?}");
+    }
+
+    /// Whether the answer's object is closed.
+    pub fn complete(&self) -> bool {
+        self.state.complete()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether `text`, fed a character at a time, is accepted throughout, and complete.
+    fn run(text: &str) -> (bool, bool) {
+        let mut s = JsonState::default();
+        for c in text.chars() {
+            if !s.push(&c.to_string()) {
+                return (false, false);
+            }
+        }
+        (true, s.complete())
+    }
+
+    #[test]
+    fn valid_objects_are_accepted_to_completion() {
+        for doc in [
+            "{}",
+            " {\"a\": 1}",
+            "{\"a\":[1,2.5,-0.3e+7,0,1E5,true,false,null,\"x\"],\"b\":{}}",
+            "{\n  \"name\": \"Ann \\\"A\\\" \\u00e9\\n\",\n  \"age\": 30\n}",
+            "{\"a\": [], \"b\": [[]], \"c\": [{\"d\": -1}]}",
+            "{\"é東\": \"🙂\"}  ",
+        ] {
+            assert_eq!(run(doc), (true, true), "{doc}");
+            serde_json::from_str::<serde_json::Value>(doc).expect("the test's document is JSON");
+        }
+    }
+
+    #[test]
+    fn prefixes_are_accepted_but_not_complete() {
+        let doc = "{\"a\": [1, {\"b\": \"c\"}], \"d\": 2.5e-3}";
+        for (i, _) in doc.char_indices().skip(1) {
+            assert_eq!(run(&doc[..i]), (true, false), "{}", &doc[..i]);
+        }
+    }
+
+    #[test]
+    fn what_json_does_not_allow_is_refused() {
+        for bad in [
+            "[1]",
+            "1",
+            "\"a\"",
+            "{a: 1}",
+            "{\"a\" 1}",
+            "{\"a\": 01}",
+            "{\"a\": 1.}",
+            "{\"a\": .5}",
+            "{\"a\": -}",
+            "{\"a\": 1e}",
+            "{\"a\": tru}",
+            "{\"a\": True}",
+            "{\"a\": 1,}",
+            "{\"a\": [1,]}",
+            "{\"a\": [1}",
+            "{\"a\": \"x\ny\"}",
+            "{\"a\": \"\\x\"}",
+            "{\"a\": \"\\u12g4\"}",
+            "{} x",
+            "{}}",
+            "{\"a\": \u{FFFD}}",
+        ] {
+            assert!(
+                !run(bad).0 || !run(bad).1,
+                "{bad:?} was taken as complete JSON"
+            );
+            assert!(
+                serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(bad).is_err(),
+                "the test's {bad:?} is a JSON object"
+            );
+        }
+        // A number ends at whatever follows it, even a refused character.
+        assert_eq!(run("{\"a\": 12 3}"), (false, false));
+    }
+
+    #[test]
+    fn a_token_is_tried_whole_without_changing_the_state() {
+        let mut s = JsonState::default();
+        assert!(s.push("{\"a\": [1"));
+        assert!(s.accepts("]}"));
+        assert!(s.accepts(", [[{\"b\": 2}]]]}"));
+        assert!(!s.accepts(", [[{\"b\": 2}]]}"), "the array is still open");
+        assert!(!s.accepts("}"));
+        assert!(!s.accepts(""));
+        assert!(s.push("2, 3]"));
+        assert!(s.accepts("}") && !s.accepts("]"));
+        assert!(s.push("}\n"));
+        assert!(s.complete());
+        assert!(s.accepts(" ") && !s.accepts("{"));
+    }
+
+    #[test]
+    fn whitespace_runs_and_nesting_are_bounded() {
+        let mut s = JsonState::default();
+        assert!(s.push("{"));
+        let run = " ".repeat(MAX_WHITESPACE as usize);
+        assert!(s.push(&run));
+        assert!(!s.accepts(" "));
+        assert!(s.accepts("}"));
+        assert!(s.push("\"a\":"));
+        assert!(s.accepts(" "));
+        for _ in 1..MAX_DEPTH {
+            assert!(s.push("["));
+        }
+        assert!(!s.accepts("["), "nesting past MAX_DEPTH");
+        assert!(s.accepts("1"));
+    }
+
+    #[test]
+    fn the_mask_keeps_exactly_the_tokens_that_may_come_next() {
+        let texts: Vec<String> = ["{", "}", " {", "\"a", "\":", "1", "", "x", "\u{FFFD}"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let vocab = JsonVocab::new(texts.clone());
+        let allowed = |m: &JsonMode| -> Vec<usize> {
+            let mut logits = vec![0.0; texts.len() + 1];
+            m.mask(&vocab, &mut logits);
+            (0..logits.len())
+                .filter(|&i| logits[i] > f32::NEG_INFINITY)
+                .collect()
+        };
+        let mut m = JsonMode::default();
+        assert_eq!(allowed(&m), [0, 2]);
+        m.advance("{");
+        // `":` opens a key holding a colon.
+        assert_eq!(allowed(&m), [1, 3, 4]);
+        m.advance("\"a");
+        assert_eq!(allowed(&m), [0, 1, 2, 4, 5, 7, 8], "inside a string");
+        m.advance("\":");
+        assert_eq!(
+            allowed(&m),
+            [0, 2, 3, 4, 5],
+            "a value: an object, a string, a number"
+        );
+        m.advance("1");
+        assert_eq!(allowed(&m), [1, 5]);
+        m.advance("}");
+        assert!(m.complete());
+        assert!(allowed(&m).is_empty());
+    }
+
+    #[test]
+    fn the_masks_look_up_of_plain_string_tokens_agrees_with_a_trial_of_each() {
+        let texts: Vec<String> = [
+            "abc", " de", "\"", "\",", "x\"}", "\\n", "\\", "\n", "\t", "é", "\u{FFFD}", "}",
+            "\": 1", "1", "", "\u{1}", "a\\\"b",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let vocab = JsonVocab::new(texts.clone());
+        for prefix in [
+            "{\"",
+            "{\"a\": \"x",
+            "{\"a\": [\"",
+            "{\"k\\",
+            "{\"a\": 1",
+            "{",
+        ] {
+            let mut m = JsonMode::default();
+            m.advance(prefix);
+            let mut logits = vec![0.0; texts.len()];
+            m.mask(&vocab, &mut logits);
+            for (t, l) in texts.iter().zip(&logits) {
+                assert_eq!(
+                    *l > f32::NEG_INFINITY,
+                    m.state.accepts(t),
+                    "{t:?} after {prefix:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn token_texts_keep_the_space_a_piece_adds_after_another() {
+        // A SentencePiece-like decoder: "▁" is a space, except at the very start.
+        let pieces = ["a", "▁b", "c", "<s>"];
+        let decode = |ids: &[u32]| -> Option<String> {
+            let s: String = ids
+                .iter()
+                .filter(|&&i| i != 3)
+                .map(|&i| pieces[i as usize].replace('▁', " "))
+                .collect();
+            Some(s.strip_prefix(' ').unwrap_or(&s).to_owned())
+        };
+        assert_eq!(token_texts(4, 0, decode), ["a", " b", "c", ""]);
+    }
+}
