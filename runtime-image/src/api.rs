@@ -7,6 +7,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::chat::ChatMessage;
+use crate::json_mode::Constraint;
+use crate::json_schema::Schema;
 use crate::sampling::SamplingParams;
 
 /// An error as OpenAI reports it: `{"error": {"message", "type", "param", "code"}}`.
@@ -200,7 +202,7 @@ impl ChatUnsupported {
             Some(f)
                 if matches!(
                     f.get("type").and_then(Value::as_str),
-                    Some("text" | "json_object")
+                    Some("text" | "json_object" | "json_schema")
                 ) =>
             {
                 Ok(())
@@ -208,8 +210,8 @@ impl ChatUnsupported {
             Some(f) => Err(unsupported(
                 "response_format",
                 &format!(
-                    "only {{\"type\": \"text\"}} and {{\"type\": \"json_object\"}} (JSON \
-                     mode); no schema-constrained output, got {}",
+                    "only the types \"text\", \"json_object\" (JSON mode) and \"json_schema\", \
+                     got {}",
                     f.get("type")
                         .map_or_else(|| f.to_string(), Value::to_string)
                 ),
@@ -217,14 +219,35 @@ impl ChatUnsupported {
         }
     }
 
-    /// Whether `response_format` asks for JSON mode (`{"type": "json_object"}`), once
-    /// [`ChatUnsupported::check`] has passed.
-    pub fn json_mode(&self) -> bool {
-        self.response_format
-            .as_ref()
-            .and_then(|f| f.get("type"))
-            .and_then(Value::as_str)
-            == Some("json_object")
+    /// What `response_format` constrains the answer to, once [`ChatUnsupported::check`] has
+    /// passed: JSON mode, a compiled schema, or nothing. A schema kandle does not follow
+    /// ([`crate::json_schema`]) is refused naming what it holds.
+    pub fn json_constraint(&self) -> Result<Option<Constraint>, ApiError> {
+        let Some(f) = &self.response_format else {
+            return Ok(None);
+        };
+        match f.get("type").and_then(Value::as_str) {
+            Some("json_object") => Ok(Some(Constraint::Object)),
+            Some("json_schema") => {
+                let schema = f
+                    .get("json_schema")
+                    .and_then(|j| j.get("schema"))
+                    .ok_or_else(|| {
+                        ApiError::invalid(
+                            "response_format.json_schema.schema is missing",
+                            Some("response_format"),
+                        )
+                    })?;
+                let compiled = Schema::compile(schema).map_err(|e| {
+                    ApiError::invalid(
+                        format!("response_format.json_schema: {e}"),
+                        Some("response_format"),
+                    )
+                })?;
+                Ok(Some(Constraint::Schema(std::sync::Arc::new(compiled))))
+            }
+            _ => Ok(None),
+        }
     }
 }
 
@@ -744,7 +767,7 @@ mod tests {
             (json!({"functions": [{"name": "f"}]}), "functions"),
             (json!({"function_call": {"name": "f"}}), "function_call"),
             (
-                json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}),
+                json!({"response_format": {"type": "xml"}}),
                 "response_format",
             ),
         ] {
@@ -976,5 +999,43 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn response_format_gives_json_mode_or_a_compiled_schema_or_a_reason() {
+        use serde_json::json;
+        let constraint = |rf: Value| {
+            let r: ChatCompletionRequest = serde_json::from_value(
+                json!({"model": "m", "messages": [], "response_format": rf}),
+            )
+            .unwrap();
+            r.unsupported.check().unwrap();
+            r.unsupported.json_constraint()
+        };
+        assert!(constraint(json!({"type": "text"})).unwrap().is_none());
+        assert!(matches!(
+            constraint(json!({"type": "json_object"})).unwrap(),
+            Some(Constraint::Object)
+        ));
+        let schema = json!({"type": "json_schema", "json_schema": {"name": "p", "strict": true,
+            "schema": {"type": "object", "properties": {"a": {"type": "integer"}}}}});
+        assert!(matches!(
+            constraint(schema).unwrap(),
+            Some(Constraint::Schema(_))
+        ));
+        for (rf, says) in [
+            (
+                json!({"type": "json_schema", "json_schema": {"name": "p"}}),
+                "missing",
+            ),
+            (
+                json!({"type": "json_schema", "json_schema": {"schema": {"type": "string", "format": "date"}}}),
+                "format",
+            ),
+        ] {
+            let e = constraint(rf.clone()).unwrap_err();
+            assert_eq!(e.param, Some("response_format"), "{rf}");
+            assert!(e.message.contains(says), "{rf}: {}", e.message);
+        }
     }
 }

@@ -25,7 +25,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use crate::backend::{CausalLm, Sequence};
 use crate::chat::{ChatMessage, ChatTemplate};
 use crate::detok::{IncrementalText, TextAssembler};
-use crate::json_mode::{self, JsonMode, JsonVocab};
+use crate::json_mode::{self, Constraint, JsonMode, JsonVocab};
 use crate::metrics::Metrics;
 use crate::model::{LoadedModel, Scoring, Task};
 use crate::sampling::{SampledToken, Sampler, SamplingParams, log_softmax, top_n};
@@ -58,8 +58,9 @@ pub struct GenerateRequest {
     /// The server's own warm-up request: it is not counted in the metrics and its prompt
     /// is not kept in the prefix cache.
     pub warmup: bool,
-    /// JSON mode ([`crate::json_mode`]): the answer is one JSON object, and ends with it.
-    pub json: bool,
+    /// JSON mode or a JSON schema ([`crate::json_mode`]): the answer is one JSON value of
+    /// that kind, and ends with it.
+    pub json: Option<Constraint>,
 }
 
 /// Why generation ended.
@@ -667,7 +668,7 @@ impl GenerationWorker {
                 generated: Vec::new(),
                 completion_tokens: 0,
                 last_token_at: None,
-                json: req.json.then(JsonMode::default),
+                json: req.json.as_ref().map(JsonMode::new),
                 done: false,
                 _permit: permit,
             });

@@ -17,6 +17,10 @@
 //! - An answer cut by `max_tokens` (`finish_reason: "length"`) is not complete JSON, as in
 //!   OpenAI's API.
 
+use std::sync::Arc;
+
+use crate::json_schema::{Schema, SchemaState};
+
 /// Whitespace characters allowed in a row.
 pub const MAX_WHITESPACE: u8 = 32;
 /// Objects and arrays open at once, at most.
@@ -312,6 +316,46 @@ impl JsonState {
     pub fn complete(&self) -> bool {
         self.mode == Mode::Done
     }
+
+    /// An automaton for one value of any kind (a schema's free parts, [`crate::json_schema`]),
+    /// done when that value ends.
+    pub(crate) fn value() -> JsonState {
+        JsonState {
+            mode: Mode::Value,
+            ws: 0,
+            stack: Vec::new(),
+        }
+    }
+
+    /// Takes one character; `false` (and the state unchanged) when JSON does not allow it.
+    pub(crate) fn push_char(&mut self, c: char) -> bool {
+        let mut stack = self.stack.clone();
+        match step(self.mode, self.ws, &mut stack, c) {
+            Some((m, w)) => {
+                (self.mode, self.ws, self.stack) = (m, w, stack);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Inside a string's plain characters (not an escape).
+    pub(crate) fn in_plain_string(&self) -> bool {
+        matches!(self.mode, Mode::Str { escape: None, .. })
+    }
+
+    /// Inside a number (`may_end`: one that could end here).
+    pub(crate) fn in_number(&self) -> Option<bool> {
+        match self.mode {
+            Mode::Number(n) => Some(n.complete()),
+            _ => None,
+        }
+    }
+
+    /// Nothing but whitespace taken yet.
+    pub(crate) fn at_value_start(&self) -> bool {
+        self.mode == Mode::Value && self.stack.is_empty()
+    }
 }
 
 /// Each token's text as JSON mode reads it: what the token adds to the decoded text after an
@@ -361,23 +405,65 @@ impl JsonVocab {
     }
 }
 
-/// One sequence's JSON mode: the automaton, stepped by the texts of its sampled tokens.
-#[derive(Debug, Clone, Default)]
-pub struct JsonMode {
-    state: JsonState,
+/// What a request constrains its answer to.
+#[derive(Debug, Clone)]
+pub enum Constraint {
+    /// JSON mode: one JSON object.
+    Object,
+    /// Structured outputs: a value the schema accepts ([`crate::json_schema`]).
+    Schema(Arc<Schema>),
+}
+
+/// One sequence's JSON mode or structured output: the automaton, stepped by the texts of its
+/// sampled tokens.
+#[derive(Debug, Clone)]
+pub enum JsonMode {
+    Object(JsonState),
+    Schema(Arc<Schema>, SchemaState),
+}
+
+impl Default for JsonMode {
+    fn default() -> Self {
+        JsonMode::Object(JsonState::default())
+    }
 }
 
 impl JsonMode {
+    pub fn new(c: &Constraint) -> JsonMode {
+        match c {
+            Constraint::Object => JsonMode::default(),
+            Constraint::Schema(s) => JsonMode::Schema(s.clone(), SchemaState::new(s)),
+        }
+    }
+
     /// Sets to −∞ the logits of the tokens that may not come next (ids past the tokenizer's
     /// vocabulary are never allowed). Returns whether any token is left.
     pub fn mask(&self, vocab: &JsonVocab, logits: &mut [f32]) -> bool {
-        let in_string = matches!(self.state.mode, Mode::Str { escape: None, .. });
+        let in_string = match self {
+            JsonMode::Object(st) => st.in_plain_string(),
+            JsonMode::Schema(_, st) => st.in_plain_string(),
+        };
+        // Whether a token's first character may come next, tried once per character (a
+        // schema's trial copies its state; most tokens fail on their first character).
+        let mut first: [Option<bool>; 128] = [None; 128];
         let mut any = false;
         for (id, l) in logits.iter_mut().enumerate() {
             let ok = match vocab.texts.get(id) {
                 None => false,
+                Some(t) if t.is_empty() => false,
                 Some(_) if in_string && vocab.plain[id] => true,
-                Some(t) => self.state.accepts(t),
+                Some(t) => match self {
+                    JsonMode::Object(st) => st.accepts(t),
+                    JsonMode::Schema(schema, st) => {
+                        let c = t.chars().next().unwrap_or('\u{0}');
+                        let first_ok = match c.is_ascii() {
+                            true => *first[c as usize]
+                                .get_or_insert_with(|| st.accepts(schema, &t[..1])),
+                            false => true,
+                        };
+                        first_ok && (t.len() == 1 || st.accepts(schema, t))
+                    }
+                },
             };
             if ok {
                 any |= *l > f32::NEG_INFINITY;
@@ -390,13 +476,19 @@ impl JsonMode {
 
     /// Steps over a sampled token's text (one the mask allowed).
     pub fn advance(&mut self, text: &str) {
-        let ok = self.state.push(text);
+        let ok = match self {
+            JsonMode::Object(st) => st.push(text),
+            JsonMode::Schema(schema, st) => st.push(schema, text),
+        };
         debug_assert!(ok, "a masked token was sampled: {text:?}");
     }
 
-    /// Whether the answer's object is closed.
+    /// Whether the answer's value is complete.
     pub fn complete(&self) -> bool {
-        self.state.complete()
+        match self {
+            JsonMode::Object(st) => st.complete(),
+            JsonMode::Schema(_, st) => st.complete(),
+        }
     }
 }
 
@@ -568,7 +660,10 @@ mod tests {
             for (t, l) in texts.iter().zip(&logits) {
                 assert_eq!(
                     *l > f32::NEG_INFINITY,
-                    m.state.accepts(t),
+                    match &m {
+                        JsonMode::Object(st) => st.accepts(t),
+                        JsonMode::Schema(..) => unreachable!(),
+                    },
                     "{t:?} after {prefix:?}"
                 );
             }

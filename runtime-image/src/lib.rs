@@ -17,6 +17,7 @@ pub mod engine;
 mod error;
 pub mod hub;
 pub mod json_mode;
+pub mod json_schema;
 pub mod metrics;
 pub mod model;
 pub mod sampling;

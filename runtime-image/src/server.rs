@@ -290,7 +290,7 @@ fn load_and_warm(st: &AppState, path: &std::path::Path) -> Result<()> {
                     stop: Vec::new(),
                     deadline: Instant::now() + Duration::from_secs(600),
                     warmup: true,
-                    json: false,
+                    json: None,
                 })
                 .map_err(|e| Error::Server(format!("warm-up: {e}")))?;
             futures::executor::block_on(async {
@@ -803,7 +803,7 @@ async fn chat_completions(
     }
     let n = api::check_n(r.n, st.config.max_batch_size + st.config.max_queue)?;
     r.unsupported.check()?;
-    let json = r.unsupported.json_mode();
+    let json = r.unsupported.json_constraint()?;
     let messages = api::chat_messages(&r.messages)?;
     let logprobs = match (r.logprobs, r.top_logprobs) {
         (false, Some(_)) => {
@@ -966,7 +966,7 @@ async fn completions(
             stop: stop.clone(),
             deadline,
             warmup: false,
-            json: false,
+            json: None,
         });
     }
     // `echo`: each prompt's text before its choices' and, with `logprobs`, its tokens'.

@@ -1520,6 +1520,107 @@ async fn json_mode_answers_with_one_json_object() {
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
+/// Structured outputs (`response_format: {"type": "json_schema", …}`): an answer that ends
+/// by itself is a value the schema accepts, every property present with its type, an enum's
+/// value one of its list; a schema kandle cannot follow is refused naming the keyword.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_json_schema_shapes_the_answer() {
+    let (server, url) = serve(|c| c.max_new_tokens = 200).await;
+    let http = client();
+    let chat = format!("{url}/v1/chat/completions");
+    let fields = ["physics", "chemistry", "biology", "mathematics"];
+    let schema = json!({
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "born": {"type": "integer"},
+            "field": {"enum": fields},
+            "nobel": {"type": "boolean"},
+            "works": {"type": "array", "items": {"type": "string"}},
+            "home": {"$ref": "#/$defs/Place"}
+        },
+        "required": ["name", "born", "field", "nobel", "works", "home"],
+        "additionalProperties": false,
+        "$defs": {"Place": {"type": "object", "properties": {"city": {"type": "string"},
+                                                            "lat": {"type": "number"}}}}
+    });
+    let format = |schema: Value| {
+        json!({"response_format": {"type": "json_schema",
+               "json_schema": {"name": "scientist", "strict": true, "schema": schema}},
+               "max_tokens": 200})
+    };
+    let mut stopped = 0;
+    for (i, sampling) in [
+        json!({"temperature": 0}),
+        json!({"temperature": 1.0, "seed": 2}),
+        json!({"temperature": 0.8, "seed": 5}),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let body = with_fields(
+            chat_body("Describe a famous scientist.", sampling),
+            &format(schema.clone()),
+        );
+        let r = post_json(&http, &chat, &body).await;
+        let c = &r["choices"][0];
+        let content = c["message"]["content"].as_str().unwrap();
+        if c["finish_reason"] != "stop" {
+            assert_eq!(c["finish_reason"], "length", "answer {i}: {r}");
+            continue;
+        }
+        stopped += 1;
+        let v: Value = serde_json::from_str(content)
+            .unwrap_or_else(|e| panic!("answer {i} is not JSON ({e}): {content}"));
+        let o = v
+            .as_object()
+            .unwrap_or_else(|| panic!("answer {i}: {content}"));
+        let mut keys: Vec<&str> = o.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            ["born", "field", "home", "name", "nobel", "works"],
+            "{content}"
+        );
+        assert!(o["name"].is_string() && o["born"].is_i64() && o["nobel"].is_boolean());
+        assert!(fields.contains(&o["field"].as_str().unwrap()), "{content}");
+        assert!(
+            o["works"].as_array().unwrap().iter().all(Value::is_string),
+            "{content}"
+        );
+        assert!(
+            o["home"]["city"].is_string() && o["home"]["lat"].is_number(),
+            "{content}"
+        );
+    }
+    assert!(stopped >= 1, "no answer closed its object in 200 tokens");
+
+    for (bad, says) in [
+        (json!({"type": "string", "pattern": "^a+$"}), "pattern"),
+        (
+            json!({"anyOf": [{"type": "string"}, {"type": "null"}]}),
+            "anyOf",
+        ),
+    ] {
+        let r = http
+            .post(&chat)
+            .json(&with_fields(
+                chat_body("hi", json!({})),
+                &format(bad.clone()),
+            ))
+            .send()
+            .await
+            .unwrap();
+        let e = expect_error(r, 400, says).await;
+        assert_eq!(e["error"]["param"], "response_format", "{e}");
+        assert!(
+            e["error"]["message"].as_str().unwrap().contains(says),
+            "{e}"
+        );
+    }
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_sequence_cuts_the_output_before_it() {
     let (server, url) = serve(|_| {}).await;

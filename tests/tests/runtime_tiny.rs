@@ -281,7 +281,7 @@ fn a_panicking_step_fails_its_request_and_the_engine_serves_the_next() {
                 stop: Vec::new(),
                 deadline: Instant::now() + Duration::from_secs(60),
                 warmup: false,
-                json: false,
+                json: None,
             })
             .unwrap();
         let mut last = None;

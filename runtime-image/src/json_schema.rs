@@ -1,0 +1,678 @@
+//! Structured outputs (`response_format: {"type": "json_schema", "json_schema": {"schema":
+//! …}}`): the answer is a JSON value that the schema accepts. The schema is compiled into
+//! [`Schema`] nodes and followed by [`SchemaState`], a stack of frames that
+//! [`crate::json_mode::JsonMode`] masks tokens with as it does for JSON mode.
+//!
+//! The subset kandle follows, and what it decides where JSON Schema leaves a choice:
+//! - `type` (one of object, array, string, number, integer, boolean, null), `properties`,
+//!   `items`, `enum`, `const`, and `$ref` to `#/$defs/…` or `#/definitions/…` (not recursive).
+//! - An object is written with every property of `properties`, in the order the server reads
+//!   them (alphabetical), and no other: that satisfies `required` and `additionalProperties:
+//!   false`, which are therefore read but need nothing more. An object or array without
+//!   `properties` or `items` holds any JSON.
+//! - Between tokens, whitespace is none, one space, or a newline and up to 20 spaces or tabs
+//!   (llama.cpp's grammars from schemas; JSON mode allows any 32 in a row).
+//! - Annotations (`title`, `description`, `default`, `examples`, `$schema`, `$defs`,
+//!   `definitions`, `strict`) are ignored. Any other keyword (`anyOf`, `pattern`, `minimum`,
+//!   `format`, …) is refused with its name rather than ignored, since the answer could then
+//!   break it.
+
+use std::collections::BTreeSet;
+
+use serde_json::Value;
+
+use crate::json_mode::JsonState;
+
+/// Keywords read without constraining anything further.
+const ANNOTATIONS: [&str; 11] = [
+    "title",
+    "description",
+    "default",
+    "examples",
+    "$schema",
+    "$defs",
+    "definitions",
+    "strict",
+    "required",
+    "additionalProperties",
+    "$id",
+];
+
+/// Spaces or tabs after a newline between tokens, at most.
+const GAP_INDENT: u8 = 20;
+
+/// Enum alternatives at most (a bit each in [`Frame::Lit`]).
+const MAX_ALTERNATIVES: usize = 64;
+/// How deep `$ref`s and nesting may go while compiling.
+const MAX_SCHEMA_DEPTH: usize = 32;
+
+/// What a node's value may be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Any JSON value; `Some(c)`: one starting with `c` (an object or array of anything).
+    Any(Option<char>),
+    String,
+    Number,
+    Integer,
+    Boolean,
+    Null,
+}
+
+#[derive(Debug, Clone)]
+enum Node {
+    Value(Kind),
+    /// Each property's key (as JSON text, quotes included) and node.
+    Object(Vec<(Vec<char>, usize)>),
+    Array(usize),
+    /// The JSON texts of the allowed values.
+    Enum(Vec<Vec<char>>),
+}
+
+/// A compiled schema.
+#[derive(Debug, Clone)]
+pub struct Schema {
+    nodes: Vec<Node>,
+}
+
+impl Schema {
+    /// Compiles `schema`, or says which part of it kandle does not follow.
+    pub fn compile(schema: &Value) -> Result<Schema, String> {
+        let mut s = Schema { nodes: Vec::new() };
+        s.node(schema, schema, 0)?;
+        Ok(s)
+    }
+
+    /// Adds the node of `v` (and its children), returning its index; the root is 0.
+    fn node(&mut self, v: &Value, root: &Value, depth: usize) -> Result<usize, String> {
+        if depth > MAX_SCHEMA_DEPTH {
+            return Err(format!(
+                "the schema nests deeper than {MAX_SCHEMA_DEPTH} levels (a recursive $ref?)"
+            ));
+        }
+        let obj = match v {
+            Value::Object(o) => o,
+            Value::Bool(true) => return Ok(self.push(Node::Value(Kind::Any(None)))),
+            _ => return Err(format!("a schema must be an object, got {v}")),
+        };
+        if let Some(r) = obj.get("$ref") {
+            let target = r
+                .as_str()
+                .and_then(|r| {
+                    r.strip_prefix("#/$defs/")
+                        .map(|n| root.get("$defs").and_then(|d| d.get(n)))
+                        .or_else(|| {
+                            r.strip_prefix("#/definitions/")
+                                .map(|n| root.get("definitions").and_then(|d| d.get(n)))
+                        })
+                })
+                .flatten()
+                .ok_or_else(|| format!("$ref {r} does not name an entry of $defs"))?;
+            return self.node(target, root, depth + 1);
+        }
+        for key in obj.keys() {
+            let known = matches!(
+                key.as_str(),
+                "type" | "properties" | "items" | "enum" | "const"
+            ) || ANNOTATIONS.contains(&key.as_str());
+            if !known {
+                return Err(format!("the schema keyword {key} is not supported"));
+            }
+        }
+        let literals = match (obj.get("enum"), obj.get("const")) {
+            (Some(Value::Array(vs)), _) => Some(vs.clone()),
+            (Some(e), _) => return Err(format!("enum must be a list, got {e}")),
+            (None, Some(c)) => Some(vec![c.clone()]),
+            (None, None) => None,
+        };
+        if let Some(vs) = literals {
+            if vs.is_empty() || vs.len() > MAX_ALTERNATIVES {
+                return Err(format!(
+                    "enum must hold 1 to {MAX_ALTERNATIVES} values, got {}",
+                    vs.len()
+                ));
+            }
+            let texts: BTreeSet<String> = vs.iter().map(Value::to_string).collect();
+            return Ok(self.push(Node::Enum(
+                texts.into_iter().map(|t| t.chars().collect()).collect(),
+            )));
+        }
+        let kind = match obj.get("type") {
+            None => None,
+            Some(Value::String(t)) => Some(t.as_str()),
+            Some(t) => return Err(format!("type must be one type name, got {t}")),
+        };
+        Ok(match kind {
+            None if obj.contains_key("properties") => self.object(obj, root, depth)?,
+            None if obj.contains_key("items") => self.array(obj, root, depth)?,
+            None => self.push(Node::Value(Kind::Any(None))),
+            Some("object") => self.object(obj, root, depth)?,
+            Some("array") => self.array(obj, root, depth)?,
+            Some("string") => self.push(Node::Value(Kind::String)),
+            Some("number") => self.push(Node::Value(Kind::Number)),
+            Some("integer") => self.push(Node::Value(Kind::Integer)),
+            Some("boolean") => self.push(Node::Value(Kind::Boolean)),
+            Some("null") => self.push(Node::Value(Kind::Null)),
+            Some(t) => return Err(format!("unknown type {t:?}")),
+        })
+    }
+
+    fn object(
+        &mut self,
+        obj: &serde_json::Map<String, Value>,
+        root: &Value,
+        depth: usize,
+    ) -> Result<usize, String> {
+        let Some(props) = obj.get("properties") else {
+            return Ok(self.push(Node::Value(Kind::Any(Some('{')))));
+        };
+        let props = props
+            .as_object()
+            .ok_or_else(|| format!("properties must be an object, got {props}"))?;
+        let at = self.push(Node::Object(Vec::new()));
+        let mut fields = Vec::with_capacity(props.len());
+        for (k, v) in props {
+            let key = Value::String(k.clone()).to_string().chars().collect();
+            fields.push((key, self.node(v, root, depth + 1)?));
+        }
+        self.nodes[at] = Node::Object(fields);
+        Ok(at)
+    }
+
+    fn array(
+        &mut self,
+        obj: &serde_json::Map<String, Value>,
+        root: &Value,
+        depth: usize,
+    ) -> Result<usize, String> {
+        match obj.get("items") {
+            None => Ok(self.push(Node::Value(Kind::Any(Some('['))))),
+            Some(items) => {
+                let at = self.push(Node::Array(0));
+                let child = self.node(items, root, depth + 1)?;
+                self.nodes[at] = Node::Array(child);
+                Ok(at)
+            }
+        }
+    }
+
+    fn push(&mut self, n: Node) -> usize {
+        self.nodes.push(n);
+        self.nodes.len() - 1
+    }
+}
+
+/// Where an object frame is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ObjAt {
+    /// Before `{`.
+    Open,
+    /// Inside property `i`'s key, `pos` characters in.
+    Key(usize),
+    Colon,
+    /// After a property's value: `,` and the next key, or `}` after the last.
+    After,
+    /// After `{` of an object with no properties: `}`.
+    Close,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ArrAt {
+    Open,
+    FirstOrEnd,
+    After,
+}
+
+#[derive(Debug, Clone)]
+enum Frame {
+    Obj {
+        node: usize,
+        i: usize,
+        at: ObjAt,
+    },
+    Arr {
+        items: usize,
+        at: ArrAt,
+    },
+    /// An enum: `pos` characters in, `alive` the alternatives still matching.
+    Lit {
+        node: usize,
+        pos: usize,
+        alive: u64,
+    },
+    Val {
+        kind: Kind,
+        json: JsonState,
+    },
+}
+
+/// What a frame made of a character.
+enum Step {
+    Took,
+    Refused,
+    /// The frame's value ended; `took`: with this character (else it belongs to the parent).
+    Done {
+        took: bool,
+    },
+    /// A child's value starts: after this character (`took`), or with it.
+    Child {
+        frame: Frame,
+        took: bool,
+    },
+}
+
+fn is_ws(c: char) -> bool {
+    matches!(c, ' ' | '\t' | '\n' | '\r')
+}
+
+/// The automaton of a [`Schema`] after the text so far.
+#[derive(Debug, Clone)]
+pub struct SchemaState {
+    stack: Vec<Frame>,
+    /// Whitespace characters of the gap so far, and whether it began with a newline.
+    ws: u8,
+    newline: bool,
+    done: bool,
+}
+
+impl SchemaState {
+    pub fn new(schema: &Schema) -> SchemaState {
+        SchemaState {
+            stack: vec![Self::frame(schema, 0)],
+            ws: 0,
+            newline: false,
+            done: false,
+        }
+    }
+
+    fn frame(schema: &Schema, node: usize) -> Frame {
+        match &schema.nodes[node] {
+            Node::Value(kind) => Frame::Val {
+                kind: *kind,
+                json: JsonState::value(),
+            },
+            Node::Object(_) => Frame::Obj {
+                node,
+                i: 0,
+                at: ObjAt::Open,
+            },
+            Node::Array(items) => Frame::Arr {
+                items: *items,
+                at: ArrAt::Open,
+            },
+            Node::Enum(alts) => Frame::Lit {
+                node,
+                pos: 0,
+                alive: if alts.len() == 64 {
+                    u64::MAX
+                } else {
+                    (1 << alts.len()) - 1
+                },
+            },
+        }
+    }
+
+    /// Whether the value is complete.
+    pub fn complete(&self) -> bool {
+        self.done
+    }
+
+    /// Inside a string's plain characters.
+    pub fn in_plain_string(&self) -> bool {
+        matches!(self.stack.last(), Some(Frame::Val { json, .. }) if json.in_plain_string())
+    }
+
+    /// Takes `c`; `false` (the state then unusable: callers try on a copy) if refused.
+    pub fn push_char(&mut self, schema: &Schema, c: char) -> bool {
+        if is_ws(c) && self.between_tokens() {
+            return self.gap(c);
+        }
+        self.ws = 0;
+        loop {
+            let Some(top) = self.stack.last_mut() else {
+                return false; // done: only whitespace
+            };
+            match Self::step(schema, top, c) {
+                Step::Took => return true,
+                Step::Refused => return false,
+                Step::Child { frame, took } => {
+                    self.stack.push(frame);
+                    if took {
+                        return true;
+                    }
+                    // Else the child takes this character as its first.
+                }
+                Step::Done { took } => {
+                    self.stack.pop();
+                    match self.stack.last_mut() {
+                        None => self.done = true,
+                        Some(Frame::Obj { at, .. }) => *at = ObjAt::After,
+                        Some(Frame::Arr { at, .. }) => *at = ArrAt::After,
+                        Some(_) => unreachable!("only containers have children"),
+                    }
+                    if took {
+                        return true;
+                    }
+                    if is_ws(c) {
+                        // Whitespace after a number, between tokens now.
+                        return self.gap(c);
+                    }
+                    if self.done {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whitespace between tokens, as llama.cpp's grammars from JSON schemas allow it: none,
+    /// one space, or a newline and at most [`GAP_INDENT`] spaces or tabs (a small model
+    /// otherwise fills its answer with blank lines).
+    fn gap(&mut self, c: char) -> bool {
+        let ok = match (self.ws, c) {
+            (0, ' ') => {
+                self.newline = false;
+                true
+            }
+            (0, '\n') => {
+                self.newline = true;
+                true
+            }
+            (n, ' ' | '\t') => self.newline && n <= GAP_INDENT,
+            _ => false,
+        };
+        if ok {
+            self.ws += 1;
+        }
+        ok
+    }
+
+    /// Whether whitespace here is between tokens (not inside a string, key or literal),
+    /// taken by this state rather than a frame.
+    fn between_tokens(&self) -> bool {
+        match self.stack.last() {
+            None => true,
+            Some(Frame::Obj { at, .. }) => !matches!(at, ObjAt::Key(p) if *p > 0),
+            Some(Frame::Arr { .. }) => true,
+            Some(Frame::Lit { pos, .. }) => *pos == 0,
+            Some(Frame::Val { json, .. }) => json.at_value_start(),
+        }
+    }
+
+    fn step(schema: &Schema, top: &mut Frame, c: char) -> Step {
+        match top {
+            Frame::Obj { node, i, at } => {
+                let Node::Object(fields) = &schema.nodes[*node] else {
+                    unreachable!("an object frame's node is an object")
+                };
+                match (*at, c) {
+                    (ObjAt::Open, '{') if fields.is_empty() => *at = ObjAt::Close,
+                    (ObjAt::Open, '{') => *at = ObjAt::Key(0),
+                    (ObjAt::Close, '}') => return Step::Done { took: true },
+                    (ObjAt::Key(p), c) if fields[*i].0.get(p) == Some(&c) => {
+                        *at = match p + 1 == fields[*i].0.len() {
+                            true => ObjAt::Colon,
+                            false => ObjAt::Key(p + 1),
+                        };
+                    }
+                    (ObjAt::Colon, ':') => {
+                        return Step::Child {
+                            frame: Self::frame(schema, fields[*i].1),
+                            took: true,
+                        };
+                    }
+                    (ObjAt::After, ',') if *i + 1 < fields.len() => {
+                        *i += 1;
+                        *at = ObjAt::Key(0);
+                    }
+                    (ObjAt::After, '}') if *i + 1 == fields.len() => {
+                        return Step::Done { took: true };
+                    }
+                    _ => return Step::Refused,
+                }
+                // A value's first character comes after the colon, as a child's.
+                Step::Took
+            }
+            Frame::Arr { items, at } => match (*at, c) {
+                (ArrAt::Open, '[') => {
+                    *at = ArrAt::FirstOrEnd;
+                    Step::Took
+                }
+                (ArrAt::FirstOrEnd | ArrAt::After, ']') => Step::Done { took: true },
+                (ArrAt::After, ',') => {
+                    *at = ArrAt::FirstOrEnd;
+                    Step::Took
+                }
+                (ArrAt::FirstOrEnd, _) => {
+                    let child = Self::frame(schema, *items);
+                    // Not `]`: an item starts with this character.
+                    *at = ArrAt::After;
+                    Step::Child {
+                        frame: child,
+                        took: false,
+                    }
+                }
+                _ => Step::Refused,
+            },
+            Frame::Lit { node, pos, alive } => {
+                let Node::Enum(alts) = &schema.nodes[*node] else {
+                    unreachable!("a literal frame's node is an enum")
+                };
+                let mut next = 0u64;
+                let mut ended = false;
+                for (k, alt) in alts.iter().enumerate() {
+                    if *alive & (1 << k) == 0 {
+                        continue;
+                    }
+                    match alt.get(*pos) {
+                        Some(&a) if a == c => next |= 1 << k,
+                        None => ended = true,
+                        _ => {}
+                    }
+                }
+                if next != 0 {
+                    *pos += 1;
+                    *alive = next;
+                    // Done at once when one alternative is whole and no other goes on.
+                    let whole = alts
+                        .iter()
+                        .enumerate()
+                        .filter(|(k, _)| next & (1 << k) != 0)
+                        .all(|(_, a)| a.len() == *pos);
+                    return match whole {
+                        true => Step::Done { took: true },
+                        false => Step::Took,
+                    };
+                }
+                match ended {
+                    // A whole alternative (a number, say, "1" of "1" and "10") ends here.
+                    true => Step::Done { took: false },
+                    false => Step::Refused,
+                }
+            }
+            Frame::Val { kind, json } => {
+                if let Some(may_end) = json.in_number() {
+                    let grows = match kind {
+                        Kind::Integer => c.is_ascii_digit(),
+                        _ => true,
+                    } && json.push_char(c);
+                    return match (grows, may_end) {
+                        // Whitespace ends it inside `json`.
+                        (true, _) if json.complete() => Step::Done { took: true },
+                        (true, _) => Step::Took,
+                        (false, true) => Step::Done { took: false },
+                        (false, false) => Step::Refused,
+                    };
+                }
+                if json.at_value_start() {
+                    let first_ok = match kind {
+                        Kind::Any(None) => true,
+                        Kind::Any(Some(f)) => c == *f,
+                        Kind::String => c == '"',
+                        Kind::Number | Kind::Integer => c == '-' || c.is_ascii_digit(),
+                        Kind::Boolean => c == 't' || c == 'f',
+                        Kind::Null => c == 'n',
+                    };
+                    if !first_ok {
+                        return Step::Refused;
+                    }
+                }
+                if !json.push_char(c) {
+                    return Step::Refused;
+                }
+                match json.complete() {
+                    true => Step::Done { took: true },
+                    false => Step::Took,
+                }
+            }
+        }
+    }
+
+    /// Whether `text` may come next.
+    pub fn accepts(&self, schema: &Schema, text: &str) -> bool {
+        if text.is_empty() {
+            return false;
+        }
+        let mut trial = self.clone();
+        text.chars().all(|c| trial.push_char(schema, c))
+    }
+
+    /// Takes `text` if it may come next.
+    pub fn push(&mut self, schema: &Schema, text: &str) -> bool {
+        let mut trial = self.clone();
+        if text.is_empty() || !text.chars().all(|c| trial.push_char(schema, c)) {
+            return false;
+        }
+        *self = trial;
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn state(schema: &Value) -> (Schema, SchemaState) {
+        let s = Schema::compile(schema).unwrap();
+        let st = SchemaState::new(&s);
+        (s, st)
+    }
+
+    /// Whether `text`, a character at a time, is taken throughout, and complete at its end.
+    fn run(schema: &Value, text: &str) -> (bool, bool) {
+        let (s, mut st) = state(schema);
+        for c in text.chars() {
+            if !st.push_char(&s, c) {
+                return (false, false);
+            }
+        }
+        (true, st.complete())
+    }
+
+    fn person() -> Value {
+        json!({
+            "type": "object",
+            "title": "Person",
+            "properties": {
+                "name": {"type": "string", "description": "full name"},
+                "age": {"type": "integer"},
+                "height": {"type": "number"},
+                "tags": {"type": "array", "items": {"type": "string"}},
+                "role": {"enum": ["admin", "user", 1, 10, null]},
+                "address": {"$ref": "#/$defs/Address"},
+                "extra": {},
+                "ok": {"type": "boolean"},
+                "none": {"type": "null"}
+            },
+            "required": ["name"],
+            "additionalProperties": false,
+            "$defs": {"Address": {"type": "object", "properties": {"city": {"type": "string"}}}}
+        })
+    }
+
+    #[test]
+    fn values_the_schema_describes_are_taken_to_completion() {
+        // Properties in the order the server reads them (alphabetical).
+        for doc in [
+            r#"{"address": {"city": "Oslo"}, "age": 41, "extra": [1, {"a": null}], "height": -1.5e3, "name": "Ann \"A\"", "none": null, "ok": true, "role": "admin", "tags": ["x", "y"]}"#,
+            r#"{"address":{"city":""},"age":0,"extra":"s","height":2,"name":"","none":null,"ok":false,"role":10,"tags":[]}"#,
+            "{\n  \"address\": {\"city\": \"é\"},\n  \"age\": -7,\n  \"extra\": {},\n  \"height\": 0.5,\n  \"name\": \"B\",\n  \"none\": null,\n  \"ok\": true,\n  \"role\": 1 ,\n  \"tags\": [ \"z\" ]\n}",
+        ] {
+            assert_eq!(run(&person(), doc), (true, true), "{doc}");
+        }
+    }
+
+    #[test]
+    fn what_the_schema_does_not_describe_is_refused() {
+        let ok = r#"{"address": {"city": "Oslo"}, "age": 41, "extra": 1, "height": 1, "name": "A", "none": null, "ok": true, "role": null, "tags": []}"#;
+        assert_eq!(run(&person(), ok), (true, true));
+        for (from, to) in [
+            ("\"age\": 41", "\"age\": 4.1"),
+            ("\"age\": 41", "\"age\": \"41\""),
+            ("\"name\": \"A\"", "\"name\": 1"),
+            ("\"role\": null", "\"role\": \"root\""),
+            ("\"role\": null", "\"role\": 2"),
+            ("\"ok\": true", "\"ok\": 1"),
+            ("\"tags\": []", "\"tags\": [1]"),
+            ("\"city\": \"Oslo\"", "\"town\": \"Oslo\""),
+            ("\"none\": null,", ""),
+            ("\"extra\": 1", "\"extra\": 1, \"more\": 2"),
+        ] {
+            let bad = ok.replace(from, to);
+            assert_ne!(run(&person(), &bad), (true, true), "{bad}");
+        }
+        assert_eq!(run(&person(), "[]"), (false, false));
+    }
+
+    #[test]
+    fn an_enum_of_numbers_ends_where_the_number_does() {
+        let schema = json!({"type": "object", "properties": {"n": {"enum": [1, 10, 100]}}});
+        for (doc, whole) in [
+            (r#"{"n": 1}"#, true),
+            (r#"{"n": 10 }"#, true),
+            (r#"{"n": 100}"#, true),
+            (r#"{"n": 1000}"#, false),
+            (r#"{"n": 11}"#, false),
+        ] {
+            assert_eq!(run(&schema, doc).1, whole, "{doc}");
+        }
+    }
+
+    #[test]
+    fn a_schema_kandle_cannot_follow_is_refused_naming_the_keyword() {
+        for (schema, says) in [
+            (json!({"anyOf": [{"type": "string"}]}), "anyOf"),
+            (json!({"type": "string", "pattern": "a+"}), "pattern"),
+            (json!({"type": ["string", "null"]}), "one type"),
+            (json!({"$ref": "#/$defs/Missing"}), "$defs"),
+            (json!({"type": "widget"}), "widget"),
+            (json!({"enum": []}), "enum"),
+            (
+                json!({"$ref": "#/$defs/A", "$defs": {"A": {"$ref": "#/$defs/A"}}}),
+                "recursive",
+            ),
+        ] {
+            let e = Schema::compile(&schema).unwrap_err();
+            assert!(e.contains(says), "{schema}: {e}");
+        }
+    }
+
+    #[test]
+    fn tokens_are_tried_whole_and_whitespace_is_bounded() {
+        let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
+        let (s, mut st) = state(&schema);
+        assert!(st.accepts(&s, " {\"a\""));
+        assert!(!st.accepts(&s, "{\"b"));
+        assert!(st.push(&s, "{\"a\": 1"));
+        assert!(st.accepts(&s, "2}") && st.accepts(&s, "}") && !st.accepts(&s, ".5}"));
+        assert!(st.accepts(&s, " }") && !st.accepts(&s, "  }") && !st.accepts(&s, "\t}"));
+        assert!(!st.accepts(&s, "\n\n}") && !st.accepts(&s, " \n}"));
+        let indent = " ".repeat(GAP_INDENT as usize);
+        assert!(st.accepts(&s, &format!("\n{indent}}}")));
+        assert!(!st.accepts(&s, &format!("\n{indent} }}")));
+        assert!(st.push(&s, "\n\t"));
+        assert!(st.push(&s, "}"));
+        assert!(st.complete());
+        assert!(!st.accepts(&s, "}"));
+    }
+}
