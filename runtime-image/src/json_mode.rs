@@ -671,6 +671,40 @@ mod tests {
     }
 
     #[test]
+    fn a_schemas_mask_agrees_with_a_trial_of_each_token() {
+        let schema = Arc::new(
+            Schema::compile(&serde_json::json!({"type": "object", "properties": {
+                "a": {"type": "integer"}, "é": {"enum": ["x", "y"]}}}))
+            .unwrap(),
+        );
+        let texts: Vec<String> = [
+            "", "{", " {", "{\"", "\"a", "\"é", "\":", " 1", "1", "12,", ",", "}", "é", "\"x\"",
+            "\"y\"}", "\n  ", "\t", "1.5",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let vocab = JsonVocab::new(texts.clone());
+        let mut m = JsonMode::new(&Constraint::Schema(schema.clone()));
+        for next in ["{", "\"a\": 1", "2", ", ", "\"é\":", "\"y\"", "}"] {
+            let JsonMode::Schema(_, st) = &m else {
+                unreachable!()
+            };
+            let mut logits = vec![0.0; texts.len()];
+            m.mask(&vocab, &mut logits);
+            for (t, l) in texts.iter().zip(&logits) {
+                assert_eq!(
+                    *l > f32::NEG_INFINITY,
+                    st.accepts(&schema, t),
+                    "{t:?} before {next:?}"
+                );
+            }
+            m.advance(next);
+        }
+        assert!(m.complete());
+    }
+
+    #[test]
     fn token_texts_keep_the_space_a_piece_adds_after_another() {
         // A SentencePiece-like decoder: "▁" is a space, except at the very start.
         let pieces = ["a", "▁b", "c", "<s>"];
