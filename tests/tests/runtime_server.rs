@@ -110,6 +110,14 @@ fn shared_start(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
+/// POSTs `body` (a streamed request) and returns its SSE payloads, checking the status is 200
+/// and the stream ends with [DONE].
+async fn post_stream(http: &reqwest::Client, url: &str, body: &Value) -> Vec<Value> {
+    let r = http.post(url).json(body).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{body}");
+    sse_payloads(&r.text().await.unwrap())
+}
+
 /// Parses an SSE body into its JSON payloads, checking that it ends with [DONE].
 fn sse_payloads(text: &str) -> Vec<Value> {
     let data: Vec<&str> = text
@@ -603,17 +611,11 @@ async fn a_completions_request_of_several_prompts_answers_each_as_alone() {
     let one = post_json(&http, &comp, &body(json!(ids[1]), json!({}))).await;
     assert_eq!(one["choices"][1]["text"], json!(by_index[3]), "{one}");
 
-    let r = http
-        .post(&comp)
-        .json(&body(
-            json!(texts),
-            json!({"stream": true, "stream_options": {"include_usage": true}}),
-        ))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let chunks = sse_payloads(&r.text().await.unwrap());
+    let streamed_body = body(
+        json!(texts),
+        json!({"stream": true, "stream_options": {"include_usage": true}}),
+    );
+    let chunks = post_stream(&http, &comp, &streamed_body).await;
     let mut streamed = vec![String::new(); 6];
     for ch in &chunks[..chunks.len() - 1] {
         let c = &ch["choices"][0];
@@ -741,16 +743,11 @@ async fn echo_puts_the_prompt_and_its_log_probabilities_before_the_completion() 
     assert_eq!(offsets[m], text.len() as u64, "{offsets:?}");
 
     // Streamed: the prompt first, then the same tokens.
-    let r = http
-        .post(&comp)
-        .json(&body(
-            json!(text),
-            json!({"logprobs": 4, "echo": true, "stream": true}),
-        ))
-        .send()
-        .await
-        .unwrap();
-    let chunks = sse_payloads(&r.text().await.unwrap());
+    let streamed_body = body(
+        json!(text),
+        json!({"logprobs": 4, "echo": true, "stream": true}),
+    );
+    let chunks = post_stream(&http, &comp, &streamed_body).await;
     let (mut streamed, mut tokens) = (String::new(), Vec::new());
     for ch in &chunks {
         let c = &ch["choices"][0];
@@ -1496,16 +1493,7 @@ async fn json_mode_answers_with_one_json_object() {
         if i == 1 {
             let mut streamed = body.clone();
             streamed["stream"] = json!(true);
-            let text = http
-                .post(&chat)
-                .json(&streamed)
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
-            let chunks = sse_payloads(&text);
+            let chunks = post_stream(&http, &chat, &streamed).await;
             let s: String = chunks
                 .iter()
                 .filter_map(|ch| ch["choices"][0]["delta"]["content"].as_str())
