@@ -87,6 +87,12 @@ pub struct MessageIn {
     pub role: String,
     #[serde(default)]
     pub content: Option<MessageContent>,
+    /// An assistant turn's calls (passed to the template as given).
+    #[serde(default)]
+    pub tool_calls: Option<Value>,
+    /// A `tool` turn's call id.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -163,6 +169,23 @@ fn unsupported(param: &'static str, what: &str) -> ApiError {
     )
 }
 
+/// A chat request's tools ([`ChatUnsupported::tool_use`]).
+#[derive(Debug, Clone)]
+pub struct ToolUse {
+    /// The tools as given, for the chat template.
+    pub tools: Value,
+    /// A call the answer must be.
+    pub call: Option<ForcedCall>,
+}
+
+/// A forced tool call: with `name`, the answer is that tool's arguments; without, it is
+/// `{"name": …, "arguments": …}` for one of the tools.
+#[derive(Debug, Clone)]
+pub struct ForcedCall {
+    pub name: Option<String>,
+    pub schema: std::sync::Arc<Schema>,
+}
+
 impl ChatUnsupported {
     /// Refuses a field set to more than its "off" value: no tools or functions, no forced
     /// call, a text response format.
@@ -176,19 +199,11 @@ impl ChatUnsupported {
             matches!(v, None | Some(Value::Null))
                 || v.as_ref().and_then(Value::as_str) == Some("none")
         };
-        if !empty(&self.tools) {
-            return Err(unsupported(
-                "tools",
-                "no tool calling; send the request without tools",
-            ));
-        }
+        // `tools` and `tool_choice`: [`ChatUnsupported::tool_use`].
         if !empty(&self.functions) {
-            return Err(unsupported("functions", "no function calling"));
-        }
-        if !none(&self.tool_choice) {
             return Err(unsupported(
-                "tool_choice",
-                "no tool calling; only \"none\" is accepted",
+                "functions",
+                "the legacy functions field; send tools",
             ));
         }
         if !none(&self.function_call) {
@@ -217,6 +232,139 @@ impl ChatUnsupported {
                 ),
             )),
         }
+    }
+
+    /// What the request's `tools` ask: none listed (`None`); listed for the template, a call
+    /// forced or not. kandle does not read a model's own tool-call format (that needs a
+    /// parser per model family), so `tool_choice` `"auto"`, the default when tools are given,
+    /// is refused; `"required"` and a named function force a call whose arguments follow the
+    /// tool's `parameters` ([`crate::json_schema`]), as vLLM's guided decoding does.
+    pub fn tool_use(&self) -> Result<Option<ToolUse>, ApiError> {
+        let tools = match &self.tools {
+            None | Some(Value::Null) => &[][..],
+            Some(Value::Array(a)) => &a[..],
+            Some(t) => {
+                return Err(ApiError::invalid(
+                    format!("tools must be a list, got {t}"),
+                    Some("tools"),
+                ));
+            }
+        };
+        let choice = match &self.tool_choice {
+            None | Some(Value::Null) if tools.is_empty() => return Ok(None),
+            None | Some(Value::Null) => "auto",
+            Some(Value::String(c)) => c.as_str(),
+            Some(Value::Object(_)) => "function",
+            Some(c) => {
+                return Err(ApiError::invalid(
+                    format!(
+                        "tool_choice must be \"none\", \"auto\", \"required\" or a function, got {c}"
+                    ),
+                    Some("tool_choice"),
+                ));
+            }
+        };
+        let mut listed: Vec<(String, Value)> = Vec::with_capacity(tools.len());
+        for (i, t) in tools.iter().enumerate() {
+            let bad =
+                |what: String| ApiError::invalid(format!("tools[{i}]: {what}"), Some("tools"));
+            if t.get("type").and_then(Value::as_str) != Some("function") {
+                return Err(bad("only tools of type \"function\" are supported".into()));
+            }
+            let f = t
+                .get("function")
+                .ok_or_else(|| bad("function is missing".into()))?;
+            let name = f.get("name").and_then(Value::as_str).unwrap_or_default();
+            let valid = !name.is_empty()
+                && name.len() <= 64
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            if !valid {
+                return Err(bad(format!(
+                    "function.name must be 1 to 64 letters, digits, _ or -, got {:?}",
+                    f.get("name")
+                )));
+            }
+            if listed.iter().any(|(n, _)| n == name) {
+                return Err(bad(format!("the function name {name:?} is given twice")));
+            }
+            let params = f
+                .get("parameters")
+                .filter(|p| !p.is_null())
+                .cloned()
+                .unwrap_or_else(|| serde_json::json!({"type": "object"}));
+            Schema::compile(&params).map_err(|e| bad(format!("function.parameters: {e}")))?;
+            listed.push((name.to_owned(), params));
+        }
+        let forced = |name: &str| -> Result<ForcedCall, ApiError> {
+            let (_, params) = listed.iter().find(|(n, _)| n == name).ok_or_else(|| {
+                ApiError::invalid(
+                    format!("tool_choice names {name:?}, which is not among the tools"),
+                    Some("tool_choice"),
+                )
+            })?;
+            let schema = Schema::compile(params).expect("compiled above");
+            Ok(ForcedCall {
+                name: Some(name.to_owned()),
+                schema: std::sync::Arc::new(schema),
+            })
+        };
+        let call = match choice {
+            "none" if tools.is_empty() => return Ok(None),
+            _ if tools.is_empty() => {
+                return Err(ApiError::invalid(
+                    format!("tool_choice {choice:?} needs tools"),
+                    Some("tool_choice"),
+                ));
+            }
+            "none" => None,
+            "auto" => {
+                return Err(unsupported(
+                    "tool_choice",
+                    "\"auto\", the default when tools are given: reading a model's own \
+                     tool-call format needs a parser for that model. Send \"required\" or \
+                     {\"type\": \"function\", \"function\": {\"name\": …}} to have the \
+                     answer be a call whose arguments follow the tool's parameters, or \
+                     \"none\"",
+                ));
+            }
+            "required" if listed.len() == 1 => Some(forced(&listed[0].0)?),
+            "required" => Some(ForcedCall {
+                name: None,
+                schema: std::sync::Arc::new(
+                    Schema::tool_call(&listed).map_err(|e| ApiError::invalid(e, Some("tools")))?,
+                ),
+            }),
+            "function" => {
+                let name = self
+                    .tool_choice
+                    .as_ref()
+                    .filter(|c| c.get("type").and_then(Value::as_str) == Some("function"))
+                    .and_then(|c| c.get("function"))
+                    .and_then(|f| f.get("name"))
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| {
+                        ApiError::invalid(
+                            "tool_choice must be {\"type\": \"function\", \"function\": {\"name\": …}}",
+                            Some("tool_choice"),
+                        )
+                    })?;
+                Some(forced(name)?)
+            }
+            other => {
+                return Err(ApiError::invalid(
+                    format!(
+                        "tool_choice must be \"none\", \"auto\", \"required\" or a function, got {other:?}"
+                    ),
+                    Some("tool_choice"),
+                ));
+            }
+        };
+        Ok(Some(ToolUse {
+            tools: Value::Array(tools.to_vec()),
+            call,
+        }))
     }
 
     /// What `response_format` constrains the answer to, once [`ChatUnsupported::check`] has
@@ -647,7 +795,8 @@ pub fn chat_messages(messages: &[MessageIn]) -> Result<Vec<ChatMessage>, ApiErro
             };
             // "developer" is the newer name of "system"; templates know only the latter.
             let role = if m.role == "developer" { "system".to_owned() } else { m.role.clone() };
-            Ok(ChatMessage { role, content })
+            let tool_calls = m.tool_calls.clone().filter(|v| !v.is_null());
+            Ok(ChatMessage { role, content, tool_calls, tool_call_id: m.tool_call_id.clone() })
         })
         .collect()
 }
@@ -759,11 +908,6 @@ mod tests {
             assert_eq!(chat(off.clone()), Ok(()), "{off}");
         }
         for (on, param) in [
-            (
-                json!({"tools": [{"type": "function", "function": {"name": "f"}}]}),
-                "tools",
-            ),
-            (json!({"tool_choice": "auto"}), "tool_choice"),
             (json!({"functions": [{"name": "f"}]}), "functions"),
             (json!({"function_call": {"name": "f"}}), "function_call"),
             (
@@ -844,6 +988,8 @@ mod tests {
         let m = MessageIn {
             role: "wizard".into(),
             content: Some(MessageContent::Text("x".into())),
+            tool_calls: None,
+            tool_call_id: None,
         };
         assert!(chat_messages(&[m]).unwrap_err().message.contains("wizard"));
     }
@@ -1036,6 +1182,90 @@ mod tests {
             let e = constraint(rf.clone()).unwrap_err();
             assert_eq!(e.param, Some("response_format"), "{rf}");
             assert!(e.message.contains(says), "{rf}: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn tools_force_a_call_by_name_or_required_and_refuse_auto() {
+        use serde_json::json;
+        let tool_use = |extra: Value| {
+            let mut body = json!({"model": "m", "messages": []});
+            for (k, v) in extra.as_object().unwrap() {
+                body[k] = v.clone();
+            }
+            let r: ChatCompletionRequest = serde_json::from_value(body).unwrap();
+            r.unsupported.check().unwrap();
+            r.unsupported.tool_use()
+        };
+        let add = json!({"type": "function", "function": {"name": "add", "parameters":
+            {"type": "object", "properties": {"a": {"type": "integer"}}}}});
+        let now = json!({"type": "function", "function": {"name": "now"}});
+        assert!(tool_use(json!({})).unwrap().is_none());
+        assert!(
+            tool_use(json!({"tools": [], "tool_choice": "none"}))
+                .unwrap()
+                .is_none()
+        );
+        let listed = tool_use(json!({"tools": [add], "tool_choice": "none"}))
+            .unwrap()
+            .unwrap();
+        assert!(listed.call.is_none() && listed.tools.as_array().unwrap().len() == 1);
+        let named = tool_use(json!({"tools": [add, now],
+            "tool_choice": {"type": "function", "function": {"name": "now"}}}))
+        .unwrap()
+        .unwrap();
+        assert_eq!(named.call.unwrap().name.as_deref(), Some("now"));
+        let one = tool_use(json!({"tools": [add], "tool_choice": "required"}))
+            .unwrap()
+            .unwrap();
+        assert_eq!(one.call.unwrap().name.as_deref(), Some("add"));
+        let either = tool_use(json!({"tools": [add, now], "tool_choice": "required"}))
+            .unwrap()
+            .unwrap();
+        assert!(either.call.unwrap().name.is_none());
+        for (extra, param, says) in [
+            (json!({"tools": [add]}), "tool_choice", "auto"),
+            (
+                json!({"tools": [add], "tool_choice": "auto"}),
+                "tool_choice",
+                "auto",
+            ),
+            (
+                json!({"tool_choice": "required"}),
+                "tool_choice",
+                "needs tools",
+            ),
+            (
+                json!({"tools": [add], "tool_choice": {"type": "function", "function": {"name": "x"}}}),
+                "tool_choice",
+                "not among",
+            ),
+            (
+                json!({"tools": [{"type": "retrieval"}], "tool_choice": "none"}),
+                "tools",
+                "function",
+            ),
+            (
+                json!({"tools": [add, add], "tool_choice": "none"}),
+                "tools",
+                "twice",
+            ),
+            (
+                json!({"tools": [{"type": "function", "function": {"name": "a b"}}], "tool_choice": "none"}),
+                "tools",
+                "name",
+            ),
+            (
+                json!({"tools": [{"type": "function", "function": {"name": "f", "parameters":
+                {"type": "object", "properties": {"d": {"type": "string", "format": "date"}}}}}],
+                "tool_choice": "none"}),
+                "tools",
+                "format",
+            ),
+        ] {
+            let e = tool_use(extra.clone()).unwrap_err();
+            assert_eq!(e.param, Some(param), "{extra}");
+            assert!(e.message.contains(says), "{extra}: {}", e.message);
         }
     }
 }

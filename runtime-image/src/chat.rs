@@ -8,10 +8,17 @@ use serde::Serialize;
 use crate::error::Result;
 
 /// One chat message, as the template sees it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// An assistant turn's tool calls, as the request gave them (templates of tool-calling
+    /// models render them).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<serde_json::Value>,
+    /// A `tool` turn's answer: the call it answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 /// A compiled chat template.
@@ -45,10 +52,18 @@ impl ChatTemplate {
     }
 
     /// Renders the conversation; with `add_generation_prompt` the assistant turn is opened.
-    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+    /// `tools` (the request's, as given) is the template's `tools`, as transformers passes
+    /// it; templates that know no tools ignore it.
+    pub fn render(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let tmpl = self.env.get_template(NAME)?;
         Ok(tmpl.render(context! {
             messages => messages,
+            tools => tools.map(Value::from_serialize),
             add_generation_prompt => add_generation_prompt,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,
@@ -66,6 +81,7 @@ mod tests {
         ChatMessage {
             role: "user".into(),
             content: text.into(),
+            ..Default::default()
         }
     }
 
@@ -73,12 +89,12 @@ mod tests {
     fn chatml_template_adds_default_system_prompt_and_generation_prompt() {
         let t =
             ChatTemplate::new(CHATML.into(), "<|im_start|>".into(), "<|im_end|>".into()).unwrap();
-        let out = t.render(&[user("Hi")], true).unwrap();
+        let out = t.render(&[user("Hi")], None, true).unwrap();
         assert_eq!(
             out,
             "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
         );
-        let no_gen = t.render(&[user("Hi")], false).unwrap();
+        let no_gen = t.render(&[user("Hi")], None, false).unwrap();
         assert!(!no_gen.ends_with("assistant\n"));
     }
 
@@ -87,7 +103,7 @@ mod tests {
         let src = "{% for m in messages %}\n    {{ m.content }}\n{% endfor %}";
         let t = ChatTemplate::new(src.into(), String::new(), String::new()).unwrap();
         assert_eq!(
-            t.render(&[user("a"), user("b")], false).unwrap(),
+            t.render(&[user("a"), user("b")], None, false).unwrap(),
             "    a\n    b\n"
         );
     }
@@ -99,10 +115,39 @@ mod tests {
         let sys = ChatMessage {
             role: "system".into(),
             content: "x".into(),
+            ..Default::default()
         };
-        let err = t.render(&[sys], true).unwrap_err().to_string();
+        let err = t.render(&[sys], None, true).unwrap_err().to_string();
         assert!(err.contains("first must be user"), "{err}");
-        assert_eq!(t.render(&[user("x")], true).unwrap(), "ok");
+        assert_eq!(t.render(&[user("x")], None, true).unwrap(), "ok");
+    }
+
+    #[test]
+    fn tools_and_tool_calls_reach_the_template() {
+        let src = "{% if tools %}[{% for t in tools %}{{ t.function.name }};{% endfor %}]{% endif %}\
+                   {% for m in messages %}{{ m.role }}:{{ m.content }}\
+                   {% if m.tool_calls %}{{ m.tool_calls[0].function.name }}{% endif %}\
+                   {% if m.tool_call_id %}#{{ m.tool_call_id }}{% endif %}|{% endfor %}";
+        let t = ChatTemplate::new(src.into(), String::new(), String::new()).unwrap();
+        let tools = serde_json::json!([{"type": "function", "function": {"name": "add"}}]);
+        let call = ChatMessage {
+            role: "assistant".into(),
+            tool_calls: Some(serde_json::json!([{"id": "c1", "type": "function",
+                "function": {"name": "add", "arguments": "{}"}}])),
+            ..Default::default()
+        };
+        let answer = ChatMessage {
+            role: "tool".into(),
+            content: "3".into(),
+            tool_call_id: Some("c1".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            t.render(&[user("hi"), call, answer], Some(&tools), false)
+                .unwrap(),
+            "[add;]user:hi|assistant:add|tool:3#c1|"
+        );
+        assert_eq!(t.render(&[user("hi")], None, false).unwrap(), "user:hi|");
     }
 
     #[test]

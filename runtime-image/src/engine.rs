@@ -197,9 +197,13 @@ impl Frontend {
     /// tokenizer's special tokens as a completion prompt is. Base models know no chat format,
     /// so the least surprising prompt is the one a user would type (README: "Chat without a
     /// template").
-    pub fn encode_chat(&self, messages: &[ChatMessage]) -> crate::Result<(String, Vec<u32>)> {
+    pub fn encode_chat(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&serde_json::Value>,
+    ) -> crate::Result<(String, Vec<u32>)> {
         let text = match &self.chat_template {
-            Some(t) => t.render(messages, true)?,
+            Some(t) => t.render(messages, tools, true)?,
             None => {
                 let mut s = String::new();
                 for m in messages {

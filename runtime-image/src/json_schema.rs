@@ -66,6 +66,12 @@ enum Node {
     Array(usize),
     /// The JSON texts of the allowed values.
     Enum(Vec<Vec<char>>),
+    /// A call of one of several tools: `{"name": <one of the names>, "arguments": <that
+    /// tool's parameters>}`; the enum node of the names (in its order) and each one's node.
+    Call {
+        names: usize,
+        params: Vec<usize>,
+    },
 }
 
 /// A compiled schema.
@@ -195,6 +201,33 @@ impl Schema {
         }
     }
 
+    /// The schema of a call of one of `tools` (name, parameters schema; names distinct):
+    /// `{"name": …, "arguments": …}` with the arguments of the tool named.
+    pub fn tool_call(tools: &[(String, Value)]) -> Result<Schema, String> {
+        let mut s = Schema { nodes: Vec::new() };
+        let at = s.push(Node::Call {
+            names: 0,
+            params: Vec::new(),
+        });
+        let mut sorted: Vec<(String, &Value)> = tools
+            .iter()
+            .map(|(n, p)| (Value::String(n.clone()).to_string(), p))
+            .collect();
+        sorted.sort_by(|a, b| a.0.cmp(&b.0));
+        if sorted.is_empty() || sorted.len() > MAX_ALTERNATIVES {
+            return Err(format!("1 to {MAX_ALTERNATIVES} tools"));
+        }
+        let names = s.push(Node::Enum(
+            sorted.iter().map(|(n, _)| n.chars().collect()).collect(),
+        ));
+        let mut params = Vec::with_capacity(sorted.len());
+        for (_, p) in &sorted {
+            params.push(s.node(p, p, 0)?);
+        }
+        s.nodes[at] = Node::Call { names, params };
+        Ok(s)
+    }
+
     fn push(&mut self, n: Node) -> usize {
         self.nodes.push(n);
         self.nodes.len() - 1
@@ -214,6 +247,23 @@ enum ObjAt {
     /// After `{` of an object with no properties: `}`.
     Close,
 }
+
+/// Where a tool call's frame is ([`Node::Call`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CallAt {
+    Open,
+    NameKey(usize),
+    NameColon,
+    Name,
+    AfterName,
+    ArgsKey(usize),
+    ArgsColon,
+    Args,
+    Close,
+}
+
+const NAME_KEY: [char; 6] = ['"', 'n', 'a', 'm', 'e', '"'];
+const ARGS_KEY: [char; 11] = ['"', 'a', 'r', 'g', 'u', 'm', 'e', 'n', 't', 's', '"'];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ArrAt {
@@ -242,6 +292,12 @@ enum Frame {
     Val {
         kind: Kind,
         json: JsonState,
+    },
+    /// A tool call; `which`: the tool named, once its name is read.
+    Call {
+        node: usize,
+        at: CallAt,
+        which: usize,
     },
 }
 
@@ -299,6 +355,11 @@ impl SchemaState {
                 items: *items,
                 at: ArrAt::Open,
             },
+            Node::Call { .. } => Frame::Call {
+                node,
+                at: CallAt::Open,
+                which: 0,
+            },
             Node::Enum(alts) => Frame::Lit {
                 node,
                 pos: 0,
@@ -342,11 +403,22 @@ impl SchemaState {
                     // Else the child takes this character as its first.
                 }
                 Step::Done { took } => {
-                    self.stack.pop();
+                    let ended = self.stack.pop();
                     match self.stack.last_mut() {
                         None => self.done = true,
                         Some(Frame::Obj { at, .. }) => *at = ObjAt::After,
                         Some(Frame::Arr { at, .. }) => *at = ArrAt::After,
+                        Some(Frame::Call { at, which, .. }) => {
+                            *at = match *at {
+                                CallAt::Name => {
+                                    if let Some(Frame::Lit { alive, .. }) = ended {
+                                        *which = alive.trailing_zeros() as usize;
+                                    }
+                                    CallAt::AfterName
+                                }
+                                _ => CallAt::Close,
+                            }
+                        }
                         Some(_) => unreachable!("only containers have children"),
                     }
                     if took {
@@ -395,6 +467,9 @@ impl SchemaState {
             Some(Frame::Arr { .. }) => true,
             Some(Frame::Lit { pos, .. }) => *pos == 0,
             Some(Frame::Val { json, .. }) => json.at_value_start(),
+            Some(Frame::Call { at, .. }) => {
+                !matches!(at, CallAt::NameKey(p) | CallAt::ArgsKey(p) if *p > 0)
+            }
         }
     }
 
@@ -431,6 +506,55 @@ impl SchemaState {
                 }
                 // A value's first character comes after the colon, as a child's.
                 Step::Took
+            }
+            Frame::Call { node, at, which } => {
+                let Node::Call { names, params } = &schema.nodes[*node] else {
+                    unreachable!("a call frame's node is a call")
+                };
+                // One character of a fixed key: the position after it, or `then` at its end.
+                let key =
+                    |p: usize, key: &[char], then: CallAt, more: fn(usize) -> CallAt| match key
+                        .get(p)
+                    {
+                        Some(&k) if k == c => Some(match p + 1 == key.len() {
+                            true => then,
+                            false => more(p + 1),
+                        }),
+                        _ => None,
+                    };
+                let next = match (*at, c) {
+                    (CallAt::Open, '{') => Some(CallAt::NameKey(0)),
+                    (CallAt::NameKey(p), _) => {
+                        key(p, &NAME_KEY, CallAt::NameColon, CallAt::NameKey)
+                    }
+                    (CallAt::NameColon, ':') => {
+                        *at = CallAt::Name;
+                        return Step::Child {
+                            frame: Self::frame(schema, *names),
+                            took: true,
+                        };
+                    }
+                    (CallAt::AfterName, ',') => Some(CallAt::ArgsKey(0)),
+                    (CallAt::ArgsKey(p), _) => {
+                        key(p, &ARGS_KEY, CallAt::ArgsColon, CallAt::ArgsKey)
+                    }
+                    (CallAt::ArgsColon, ':') => {
+                        *at = CallAt::Args;
+                        return Step::Child {
+                            frame: Self::frame(schema, params[*which]),
+                            took: true,
+                        };
+                    }
+                    (CallAt::Close, '}') => return Step::Done { took: true },
+                    _ => None,
+                };
+                match next {
+                    Some(next) => {
+                        *at = next;
+                        Step::Took
+                    }
+                    None => Step::Refused,
+                }
             }
             Frame::Arr { items, at } => match (*at, c) {
                 (ArrAt::Open, '[') => {
@@ -674,5 +798,41 @@ mod tests {
         assert!(st.push(&s, "}"));
         assert!(st.complete());
         assert!(!st.accepts(&s, "}"));
+    }
+
+    #[test]
+    fn a_tool_call_names_a_tool_then_gives_its_arguments() {
+        let tools = [
+            (
+                "get_weather".to_string(),
+                json!({"type": "object", "properties": {"city": {"type": "string"}}}),
+            ),
+            (
+                "add".to_string(),
+                json!({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}),
+            ),
+        ];
+        let s = Schema::tool_call(&tools).unwrap();
+        let run = |text: &str| {
+            let mut st = SchemaState::new(&s);
+            let taken = text.chars().all(|c| st.push_char(&s, c));
+            (taken, taken && st.complete())
+        };
+        assert_eq!(
+            run(r#"{"name": "add", "arguments": {"a": 1, "b": 2}}"#),
+            (true, true)
+        );
+        assert_eq!(
+            run(r#"{"name":"get_weather","arguments":{"city":"Oslo"}}"#),
+            (true, true)
+        );
+        for bad in [
+            r#"{"name": "add", "arguments": {"city": "Oslo"}}"#,
+            r#"{"name": "get_weather", "arguments": {"a": 1, "b": 2}}"#,
+            r#"{"name": "sub", "arguments": {}}"#,
+            r#"{"arguments": {}, "name": "add"}"#,
+        ] {
+            assert_ne!(run(bad), (true, true), "{bad}");
+        }
     }
 }

@@ -35,6 +35,7 @@ use crate::engine::{
     PromptLogprobs, TokenLogprob,
 };
 use crate::error::{Error, Result};
+use crate::json_mode::Constraint;
 use crate::metrics::Metrics;
 use crate::model::Task;
 
@@ -687,7 +688,7 @@ async fn tokenize(
             }
             let messages = api::chat_messages(messages)?;
             frontend
-                .encode_chat(&messages)
+                .encode_chat(&messages, None)
                 .map_err(|e| {
                     ApiError::invalid(
                         format!("cannot apply the chat template: {e}"),
@@ -745,12 +746,50 @@ struct Prepared {
     reqs: Vec<GenerateRequest>,
     /// Completions' `echo`: per prompt, what comes before each of its choices.
     echo: Option<Vec<Echo>>,
+    /// Chat: a forced tool call, which the answer is.
+    tool: Option<ToolOut>,
     /// Choices per prompt: each of `reqs` run `n` times, choice `j` with the seed plus `j`
     /// when a seed is set; choice `j` of prompt `i` has the index `i · n + j`, as OpenAI's.
     n: usize,
     stream: bool,
     include_usage: bool,
     logprobs: bool,
+}
+
+/// A forced tool call's answer ([`api::ForcedCall`]): the arguments of the tool named, or
+/// `{"name", "arguments"}` of the tool the model chose.
+#[derive(Clone)]
+enum ToolOut {
+    Named(String),
+    Chosen,
+}
+
+impl ToolOut {
+    /// The `tool_calls` entry of an answer `text` (`None`: a chosen call cut short, which is
+    /// no call), its arguments as the JSON text the model wrote or, for a chosen call, the
+    /// arguments written again compactly.
+    fn call(&self, id: &str, text: &str) -> Option<Value> {
+        let (name, arguments) = match self {
+            ToolOut::Named(name) => (name.clone(), text.to_owned()),
+            ToolOut::Chosen => {
+                let v: Value = serde_json::from_str(text).ok()?;
+                (
+                    v["name"].as_str()?.to_owned(),
+                    v.get("arguments")?.to_string(),
+                )
+            }
+        };
+        Some(json!({"id": id, "type": "function",
+                    "function": {"name": name, "arguments": arguments}}))
+    }
+
+    /// The finish reason of a call: `tool_calls` once it is whole, as OpenAI's.
+    fn finish(reason: FinishReason) -> &'static str {
+        match reason {
+            FinishReason::Stop => "tool_calls",
+            FinishReason::Length => "length",
+        }
+    }
 }
 
 /// A prompt echoed before its choices: its text as given (token ids decoded) and, when
@@ -803,7 +842,24 @@ async fn chat_completions(
     }
     let n = api::check_n(r.n, st.config.max_batch_size + st.config.max_queue)?;
     r.unsupported.check()?;
-    let json = r.unsupported.json_constraint()?;
+    let mut json = r.unsupported.json_constraint()?;
+    let tool_use = r.unsupported.tool_use()?;
+    let tool = match tool_use.as_ref().and_then(|t| t.call.as_ref()) {
+        Some(_) if json.is_some() => {
+            return Err(ApiError::invalid(
+                "response_format and a forced tool call both shape the answer; send one of them",
+                Some("response_format"),
+            ));
+        }
+        Some(call) => {
+            json = Some(Constraint::Schema(call.schema.clone()));
+            Some(match &call.name {
+                Some(name) => ToolOut::Named(name.clone()),
+                None => ToolOut::Chosen,
+            })
+        }
+        None => None,
+    };
     let messages = api::chat_messages(&r.messages)?;
     let logprobs = match (r.logprobs, r.top_logprobs) {
         (false, Some(_)) => {
@@ -848,7 +904,8 @@ async fn chat_completions(
     let max_tokens = api::max_tokens(requested, st.config.max_new_tokens, param)?;
     let stop = api::stop_sequences(r.stop.as_ref())?;
     let frontend = engine.frontend();
-    let (_, prompt) = frontend.encode_chat(&messages).map_err(|e| {
+    let tools = tool_use.as_ref().map(|t| &t.tools);
+    let (_, prompt) = frontend.encode_chat(&messages, tools).map_err(|e| {
         ApiError::invalid(
             format!("cannot apply the chat template: {e}"),
             Some("messages"),
@@ -857,6 +914,7 @@ async fn chat_completions(
     let room = check_context(prompt.len(), frontend.context_length, "messages")?;
     let prepared = Prepared {
         echo: None,
+        tool,
         reqs: vec![GenerateRequest {
             prompt,
             max_tokens: max_tokens.min(room),
@@ -1002,6 +1060,7 @@ async fn completions(
     let prepared = Prepared {
         reqs,
         echo,
+        tool: None,
         n,
         stream: r.stream,
         include_usage: r.stream_options.map(|o| o.include_usage).unwrap_or(false),
@@ -1104,6 +1163,7 @@ async fn respond(
             rxs,
             p.n,
             p.echo,
+            p.tool,
             id,
             flavor,
             p.include_usage,
@@ -1111,7 +1171,7 @@ async fn respond(
         )
         .into_response())
     } else {
-        collect_response(st, rxs, p.n, p.echo, id, flavor, p.logprobs).await
+        collect_response(st, rxs, p.n, p.echo, p.tool, id, flavor, p.logprobs).await
     }
 }
 
@@ -1171,6 +1231,7 @@ async fn collect_response(
     rxs: Vec<mpsc::UnboundedReceiver<GenerateEvent>>,
     n: usize,
     echo: Option<Vec<Echo>>,
+    tool: Option<ToolOut>,
     id: String,
     flavor: Flavor,
     want_logprobs: bool,
@@ -1185,6 +1246,23 @@ async fn collect_response(
         .sum();
     let completion_tokens: usize = choices.iter().map(|c| c.completion_tokens).sum();
     let body_of = |(i, c): (usize, &Choice)| match flavor {
+        Flavor::Chat if tool.is_some() => {
+            let tool = tool.as_ref().expect("a tool");
+            let call = tool.call(&st.new_id("call"), &c.text);
+            let finish = match &call {
+                Some(_) => ToolOut::finish(c.finish_reason),
+                None => c.finish_reason.as_str(),
+            };
+            json!({
+                "index": i,
+                "message": match call {
+                    Some(call) => json!({"role": "assistant", "content": null, "tool_calls": [call]}),
+                    None => json!({"role": "assistant", "content": c.text}),
+                },
+                "logprobs": if want_logprobs { chat_logprobs(&c.logprobs) } else { Value::Null },
+                "finish_reason": finish,
+            })
+        }
         Flavor::Chat => json!({
             "index": i,
             "message": {"role": "assistant", "content": c.text},
@@ -1237,6 +1315,9 @@ struct StreamState {
     per_prompt: usize,
     /// Completions' `echo` per prompt, sent first for each of its choices.
     echo: Option<Vec<Echo>>,
+    /// Chat: a forced tool call, and per choice where its streaming is.
+    tool: Option<ToolOut>,
+    calls: Vec<CallStream>,
     sent_roles: bool,
     /// Per choice: bytes of text sent (completions' logprob offsets).
     text_offset: Vec<usize>,
@@ -1248,7 +1329,87 @@ struct StreamState {
     done: bool,
 }
 
+/// One choice's tool call as it streams: its id, whether the chunk naming the tool is sent,
+/// and (a chosen tool, known only at the end) the text and log-probabilities so far.
+#[derive(Default)]
+struct CallStream {
+    id: String,
+    named: bool,
+    text: String,
+    logprobs: Vec<TokenLogprob>,
+}
+
 impl StreamState {
+    /// A chat chunk of choice `index` with `delta` as given.
+    fn delta_chunk(
+        &self,
+        index: usize,
+        delta: Value,
+        lps: &[TokenLogprob],
+        finish: Option<&str>,
+    ) -> Value {
+        json!({
+            "id": self.id, "object": "chat.completion.chunk", "created": now_secs(), "model": self.st.model_id,
+            "choices": [{
+                "index": index, "delta": delta,
+                "logprobs": if self.want_logprobs && !lps.is_empty() { chat_logprobs(lps) } else { Value::Null },
+                "finish_reason": finish,
+            }],
+        })
+    }
+
+    /// The chunks of a forced tool call for choice `i`'s new `text` (`done`: and its end).
+    /// A named tool's arguments stream as they come, after a first chunk with the call's id
+    /// and name (as OpenAI's); a chosen tool's call is sent whole at the end, once its name
+    /// is known.
+    fn tool_chunks(
+        &mut self,
+        i: usize,
+        text: &str,
+        lps: &[TokenLogprob],
+        done: Option<FinishReason>,
+    ) -> Vec<Value> {
+        let mut out = Vec::new();
+        let tool = self.tool.clone().expect("a tool call");
+        match &tool {
+            ToolOut::Named(name) => {
+                if !self.calls[i].named || !text.is_empty() || !lps.is_empty() {
+                    let function = match self.calls[i].named {
+                        true => json!({"arguments": text}),
+                        false => json!({"name": name, "arguments": text}),
+                    };
+                    let mut call = json!({"index": 0, "function": function});
+                    if !self.calls[i].named {
+                        call["id"] = json!(self.calls[i].id);
+                        call["type"] = json!("function");
+                        self.calls[i].named = true;
+                    }
+                    out.push(self.delta_chunk(i, json!({"tool_calls": [call]}), lps, None));
+                }
+                if let Some(reason) = done {
+                    out.push(self.delta_chunk(i, json!({}), &[], Some(ToolOut::finish(reason))));
+                }
+            }
+            ToolOut::Chosen => {
+                self.calls[i].text.push_str(text);
+                self.calls[i].logprobs.extend_from_slice(lps);
+                if let Some(reason) = done {
+                    let c = &self.calls[i];
+                    let (delta, finish) = match tool.call(&c.id, &c.text) {
+                        Some(mut call) => {
+                            call["index"] = json!(0);
+                            (json!({"tool_calls": [call]}), ToolOut::finish(reason))
+                        }
+                        None => (json!({"content": c.text}), reason.as_str()),
+                    };
+                    out.push(self.delta_chunk(i, delta, &c.logprobs, None));
+                    out.push(self.delta_chunk(i, json!({}), &[], Some(finish)));
+                }
+            }
+        }
+        out
+    }
+
     fn chunk(
         &self,
         index: usize,
@@ -1310,6 +1471,7 @@ fn stream_response(
     rxs: Vec<mpsc::UnboundedReceiver<GenerateEvent>>,
     per_prompt: usize,
     echo: Option<Vec<Echo>>,
+    tool: Option<ToolOut>,
     id: String,
     flavor: Flavor,
     include_usage: bool,
@@ -1328,6 +1490,12 @@ fn stream_response(
         })
         .boxed()
     }));
+    let calls = (0..n)
+        .map(|_| CallStream {
+            id: st.new_id("call"),
+            ..Default::default()
+        })
+        .collect();
     let state = StreamState {
         events,
         st,
@@ -1337,6 +1505,8 @@ fn stream_response(
         want_logprobs,
         per_prompt: per_prompt.max(1),
         echo,
+        calls,
+        tool,
         sent_roles: false,
         text_offset: vec![0; n],
         finished: vec![false; n],
@@ -1378,6 +1548,11 @@ fn stream_response(
             return Some((futures::stream::iter(out.into_iter().map(Ok)), s));
         };
         match event {
+            Some(GenerateEvent::Delta { text, logprobs }) if s.tool.is_some() => {
+                for c in s.tool_chunks(i, &text, &logprobs, None) {
+                    out.push(data(&c));
+                }
+            }
             Some(GenerateEvent::Delta { text, logprobs }) => {
                 out.push(data(&s.chunk(i, Some(&text), &logprobs, None, false)));
                 s.text_offset[i] += text.len();
@@ -1387,11 +1562,17 @@ fn stream_response(
                 prompt_tokens,
                 completion_tokens,
             }) => {
-                let last = match s.flavor {
-                    Flavor::Chat => s.chunk(i, None, &[], Some(finish_reason), false),
-                    Flavor::Completion => s.chunk(i, Some(""), &[], Some(finish_reason), false),
-                };
-                out.push(data(&last));
+                if s.tool.is_some() {
+                    for c in s.tool_chunks(i, "", &[], Some(finish_reason)) {
+                        out.push(data(&c));
+                    }
+                } else {
+                    let last = match s.flavor {
+                        Flavor::Chat => s.chunk(i, None, &[], Some(finish_reason), false),
+                        Flavor::Completion => s.chunk(i, Some(""), &[], Some(finish_reason), false),
+                    };
+                    out.push(data(&last));
+                }
                 // Each prompt once: with its first choice.
                 if i % s.per_prompt == 0 {
                     s.prompt_tokens += prompt_tokens;

@@ -144,9 +144,10 @@ fn smollm2_chat_template_from_gguf_renders_the_prompt_llama_cpp_was_given() {
     let msg = ChatMessage {
         role: "user".into(),
         content: "What is the capital of France?".into(),
+        ..Default::default()
     };
     assert_eq!(
-        template.render(&[msg], true).unwrap(),
+        template.render(&[msg], None, true).unwrap(),
         chat["prompt"].as_str().unwrap()
     );
 }

@@ -1406,7 +1406,7 @@ async fn logit_bias_and_min_p_shape_the_draw_and_unimplemented_fields_are_refuse
                 "hi",
                 json!({"tools": [{"type": "function", "function": {"name": "f"}}]}),
             ),
-            "tools",
+            "tool_choice",
         ),
         (
             &chat,
@@ -1605,6 +1605,125 @@ async fn a_json_schema_shapes_the_answer() {
             e["error"]["message"].as_str().unwrap().contains(says),
             "{e}"
         );
+    }
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+/// Tools: a named function (or "required" with one tool) makes the answer a call of it
+/// whose arguments follow its parameters; "required" with several makes it a call of one of
+/// them. Streamed, a named call's arguments come in pieces after a chunk naming it, and join
+/// to the non-streamed arguments. "auto", the default, is refused: kandle does not read a
+/// model's own tool-call format.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_tool_call_answers_with_arguments_its_parameters_accept() {
+    let (server, url) = serve(|c| c.max_new_tokens = 120).await;
+    let http = client();
+    let chat = format!("{url}/v1/chat/completions");
+    let weather = json!({"type": "function", "function": {"name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {
+            "city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"], "additionalProperties": false}}});
+    let add = json!({"type": "function", "function": {"name": "add",
+        "parameters": {"type": "object", "properties": {
+            "a": {"type": "integer"}, "b": {"type": "integer"}}}}});
+    let question = "What is the weather in Paris?";
+    let named = chat_body(
+        question,
+        json!({"temperature": 0, "tools": [weather, add], "max_tokens": 120,
+               "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}),
+    );
+    let r = post_json(&http, &chat, &named).await;
+    let c = &r["choices"][0];
+    assert_eq!(c["finish_reason"], "tool_calls", "{r}");
+    assert!(c["message"]["content"].is_null(), "{r}");
+    let call = &c["message"]["tool_calls"][0];
+    assert_eq!(call["type"], "function");
+    assert_eq!(call["function"]["name"], "get_weather");
+    assert!(
+        call["id"].as_str().is_some_and(|id| !id.is_empty()),
+        "{call}"
+    );
+    let arguments = call["function"]["arguments"].as_str().unwrap();
+    let args: serde_json::Map<String, Value> = serde_json::from_str(arguments)
+        .unwrap_or_else(|e| panic!("the arguments are not an object ({e}): {arguments}"));
+    assert!(args["city"].is_string(), "{arguments}");
+    assert!(["celsius", "fahrenheit"].contains(&args["unit"].as_str().unwrap()));
+    assert_eq!(args.len(), 2, "{arguments}");
+
+    let mut streamed = named.clone();
+    streamed["stream"] = json!(true);
+    let chunks = post_stream(&http, &chat, &streamed).await;
+    let mut joined = String::new();
+    let mut names = Vec::new();
+    for ch in &chunks {
+        if let Some(calls) = ch["choices"][0]["delta"]["tool_calls"].as_array() {
+            let f = &calls[0]["function"];
+            if let Some(name) = f["name"].as_str() {
+                names.push(name.to_owned());
+                assert!(calls[0]["id"].is_string(), "{ch}");
+            }
+            joined.push_str(f["arguments"].as_str().unwrap());
+        }
+    }
+    assert_eq!(names, ["get_weather"], "one chunk names the call");
+    assert_eq!(joined, arguments, "streamed arguments");
+    assert_eq!(
+        chunks.last().unwrap()["choices"][0]["finish_reason"],
+        "tool_calls"
+    );
+
+    // "required" with several tools: a call of one of them, its arguments its own.
+    for seed in [1, 2, 3] {
+        let body = chat_body(
+            "Add 2 and 3.",
+            json!({"temperature": 1.0, "seed": seed, "tools": [weather, add],
+                   "tool_choice": "required", "max_tokens": 120}),
+        );
+        let r = post_json(&http, &chat, &body).await;
+        let c = &r["choices"][0];
+        if c["finish_reason"] == "length" {
+            continue;
+        }
+        assert_eq!(c["finish_reason"], "tool_calls", "{r}");
+        let f = &c["message"]["tool_calls"][0]["function"];
+        let args: Value = serde_json::from_str(f["arguments"].as_str().unwrap()).unwrap();
+        match f["name"].as_str().unwrap() {
+            "add" => assert!(args["a"].is_i64() && args["b"].is_i64(), "{r}"),
+            "get_weather" => assert!(args["city"].is_string(), "{r}"),
+            other => panic!("a call of {other}: {r}"),
+        }
+    }
+
+    // "none": the tools reach the template, and the answer is text.
+    let none = chat_body(
+        question,
+        json!({"temperature": 0, "max_tokens": 8, "tools": [weather], "tool_choice": "none"}),
+    );
+    let r = post_json(&http, &chat, &none).await;
+    assert!(r["choices"][0]["message"]["content"].is_string(), "{r}");
+    assert!(r["choices"][0]["message"]["tool_calls"].is_null(), "{r}");
+
+    for (extra, param) in [
+        (json!({"tools": [weather]}), "tool_choice"),
+        (
+            json!({"tools": [weather], "tool_choice": "auto"}),
+            "tool_choice",
+        ),
+        (
+            json!({"tools": [weather], "tool_choice": "required",
+                   "response_format": {"type": "json_object"}}),
+            "response_format",
+        ),
+    ] {
+        let r = http
+            .post(&chat)
+            .json(&chat_body(question, extra.clone()))
+            .send()
+            .await
+            .unwrap();
+        let e = expect_error(r, 400, &extra.to_string()).await;
+        assert_eq!(e["error"]["param"], param, "{e}");
     }
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
