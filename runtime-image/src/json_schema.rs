@@ -4,8 +4,10 @@
 //! [`crate::json_mode::JsonMode`] masks tokens with as it does for JSON mode.
 //!
 //! The subset kandle follows, and what it decides where JSON Schema leaves a choice:
-//! - `type` (one of object, array, string, number, integer, boolean, null), `properties`,
-//!   `items`, `enum`, `const`, and `$ref` to `#/$defs/…` or `#/definitions/…` (not recursive).
+//! - `type` (object, array, string, number, integer, boolean, null, or a list of them),
+//!   `properties`, `items`, `enum`, `const`, `$ref` to `#/$defs/…` or `#/definitions/…` (not
+//!   recursive), and `anyOf` / `oneOf` of alternatives that start with different characters
+//!   (pydantic's `Optional[X]`: X or null); the first character of the value picks one.
 //! - An object is written with every property of `properties`, in the order the server reads
 //!   them (alphabetical), and no other: that satisfies `required` and `additionalProperties:
 //!   false`, which are therefore read but need nothing more. An object or array without
@@ -13,7 +15,7 @@
 //! - Between tokens, whitespace is none, one space, or a newline and up to 20 spaces or tabs
 //!   (llama.cpp's grammars from schemas; JSON mode allows any 32 in a row).
 //! - Annotations (`title`, `description`, `default`, `examples`, `$schema`, `$defs`,
-//!   `definitions`, `strict`) are ignored. Any other keyword (`anyOf`, `pattern`, `minimum`,
+//!   `definitions`, `strict`) are ignored. Any other keyword (`pattern`, `minimum`,
 //!   `format`, …) is refused with its name rather than ignored, since the answer could then
 //!   break it.
 
@@ -72,19 +74,26 @@ enum Node {
         names: usize,
         params: Vec<usize>,
     },
+    /// One of these, told apart by their first character ([`Schema::union`]).
+    Union(Vec<usize>),
 }
 
 /// A compiled schema.
 #[derive(Debug, Clone)]
 pub struct Schema {
     nodes: Vec<Node>,
+    /// The node of the whole value (children are compiled before a union that holds them).
+    root: usize,
 }
 
 impl Schema {
     /// Compiles `schema`, or says which part of it kandle does not follow.
     pub fn compile(schema: &Value) -> Result<Schema, String> {
-        let mut s = Schema { nodes: Vec::new() };
-        s.node(schema, schema, 0)?;
+        let mut s = Schema {
+            nodes: Vec::new(),
+            root: 0,
+        };
+        s.root = s.node(schema, schema, 0)?;
         Ok(s)
     }
 
@@ -115,6 +124,26 @@ impl Schema {
                 .ok_or_else(|| format!("$ref {r} does not name an entry of $defs"))?;
             return self.node(target, root, depth + 1);
         }
+        if let Some(alts) = obj.get("anyOf").or_else(|| obj.get("oneOf")) {
+            // Alternatives that start differently (pydantic's `Optional[X]`, say): the first
+            // character picks one, so that "one of" and "any of" are the same here.
+            if let Some(k) = obj.keys().find(|k| {
+                !matches!(k.as_str(), "anyOf" | "oneOf") && !ANNOTATIONS.contains(&k.as_str())
+            }) {
+                return Err(format!(
+                    "the schema keyword {k} beside anyOf/oneOf is not supported"
+                ));
+            }
+            let alts = alts
+                .as_array()
+                .filter(|a| !a.is_empty())
+                .ok_or_else(|| format!("anyOf/oneOf must be a non-empty list, got {alts}"))?;
+            let nodes = alts
+                .iter()
+                .map(|a| self.node(a, root, depth + 1))
+                .collect::<Result<Vec<_>, _>>()?;
+            return self.union(nodes);
+        }
         for key in obj.keys() {
             let known = matches!(
                 key.as_str(),
@@ -123,6 +152,16 @@ impl Schema {
             if !known {
                 return Err(format!("the schema keyword {key} is not supported"));
             }
+        }
+        if obj
+            .get("additionalProperties")
+            .is_some_and(Value::is_object)
+            && !obj.contains_key("properties")
+        {
+            return Err(
+                "additionalProperties as a schema (a map) without properties is not supported"
+                    .into(),
+            );
         }
         let literals = match (obj.get("enum"), obj.get("const")) {
             (Some(Value::Array(vs)), _) => Some(vs.clone()),
@@ -145,7 +184,21 @@ impl Schema {
         let kind = match obj.get("type") {
             None => None,
             Some(Value::String(t)) => Some(t.as_str()),
-            Some(t) => return Err(format!("type must be one type name, got {t}")),
+            Some(Value::Array(ts)) if !ts.is_empty() => {
+                // A list of types: each as a schema of its own, the first character choosing.
+                let mut nodes = Vec::with_capacity(ts.len());
+                for t in ts {
+                    let mut one = obj.clone();
+                    one.insert("type".into(), t.clone());
+                    nodes.push(self.node(&Value::Object(one), root, depth + 1)?);
+                }
+                return self.union(nodes);
+            }
+            Some(t) => {
+                return Err(format!(
+                    "type must be a type name or a list of them, got {t}"
+                ));
+            }
         };
         Ok(match kind {
             None if obj.contains_key("properties") => self.object(obj, root, depth)?,
@@ -204,7 +257,10 @@ impl Schema {
     /// The schema of a call of one of `tools` (name, parameters schema; names distinct):
     /// `{"name": …, "arguments": …}` with the arguments of the tool named.
     pub fn tool_call(tools: &[(String, Value)]) -> Result<Schema, String> {
-        let mut s = Schema { nodes: Vec::new() };
+        let mut s = Schema {
+            nodes: Vec::new(),
+            root: 0,
+        };
         let at = s.push(Node::Call {
             names: 0,
             params: Vec::new(),
@@ -225,7 +281,49 @@ impl Schema {
             params.push(s.node(p, p, 0)?);
         }
         s.nodes[at] = Node::Call { names, params };
+        s.root = at;
         Ok(s)
+    }
+
+    /// A node of alternatives, which must start with different characters.
+    fn union(&mut self, alts: Vec<usize>) -> Result<usize, String> {
+        let mut seen = 0u128;
+        for &a in &alts {
+            let first = self.first_chars(a);
+            if first & seen != 0 {
+                return Err(
+                    "anyOf/oneOf or type-list alternatives that can start with the same \
+                     character (two objects, a number and an integer, ...) are not supported"
+                        .into(),
+                );
+            }
+            seen |= first;
+        }
+        Ok(match alts.len() {
+            1 => alts[0],
+            _ => self.push(Node::Union(alts)),
+        })
+    }
+
+    /// The characters a value of node `n` may start with (ASCII, one bit each).
+    fn first_chars(&self, n: usize) -> u128 {
+        let bits = |cs: &str| cs.bytes().fold(0u128, |m, b| m | 1 << b);
+        let number = bits("-0123456789");
+        match &self.nodes[n] {
+            Node::Value(Kind::Any(None)) => bits("{[\"tfn") | number,
+            Node::Value(Kind::Any(Some(c))) => 1 << (*c as u8),
+            Node::Value(Kind::String) => bits("\""),
+            Node::Value(Kind::Number | Kind::Integer) => number,
+            Node::Value(Kind::Boolean) => bits("tf"),
+            Node::Value(Kind::Null) => bits("n"),
+            Node::Object(_) | Node::Call { .. } => bits("{"),
+            Node::Array(_) => bits("["),
+            Node::Enum(alts) => alts
+                .iter()
+                .filter_map(|a| a.first())
+                .fold(0, |m, &c| m | if c.is_ascii() { 1 << (c as u8) } else { 0 }),
+            Node::Union(alts) => alts.iter().fold(0, |m, &a| m | self.first_chars(a)),
+        }
     }
 
     fn push(&mut self, n: Node) -> usize {
@@ -293,6 +391,10 @@ enum Frame {
         kind: Kind,
         json: JsonState,
     },
+    /// Alternatives, before the first character picks one.
+    Union {
+        node: usize,
+    },
     /// A tool call; `which`: the tool named, once its name is read.
     Call {
         node: usize,
@@ -309,6 +411,8 @@ enum Step {
     Done {
         took: bool,
     },
+    /// The frame is the alternative this character starts, which takes it.
+    Become(Frame),
     /// A child's value starts: after this character (`took`), or with it.
     Child {
         frame: Frame,
@@ -333,7 +437,7 @@ pub struct SchemaState {
 impl SchemaState {
     pub fn new(schema: &Schema) -> SchemaState {
         SchemaState {
-            stack: vec![Self::frame(schema, 0)],
+            stack: vec![Self::frame(schema, schema.root)],
             ws: 0,
             newline: false,
             done: false,
@@ -355,6 +459,7 @@ impl SchemaState {
                 items: *items,
                 at: ArrAt::Open,
             },
+            Node::Union(_) => Frame::Union { node },
             Node::Call { .. } => Frame::Call {
                 node,
                 at: CallAt::Open,
@@ -395,6 +500,9 @@ impl SchemaState {
             match Self::step(schema, top, c) {
                 Step::Took => return true,
                 Step::Refused => return false,
+                Step::Become(frame) => {
+                    *self.stack.last_mut().expect("a frame") = frame;
+                }
                 Step::Child { frame, took } => {
                     self.stack.push(frame);
                     if took {
@@ -464,7 +572,7 @@ impl SchemaState {
         match self.stack.last() {
             None => true,
             Some(Frame::Obj { at, .. }) => !matches!(at, ObjAt::Key(p) if *p > 0),
-            Some(Frame::Arr { .. }) => true,
+            Some(Frame::Arr { .. } | Frame::Union { .. }) => true,
             Some(Frame::Lit { pos, .. }) => *pos == 0,
             Some(Frame::Val { json, .. }) => json.at_value_start(),
             Some(Frame::Call { at, .. }) => {
@@ -506,6 +614,22 @@ impl SchemaState {
                 }
                 // A value's first character comes after the colon, as a child's.
                 Step::Took
+            }
+            Frame::Union { node } => {
+                let Node::Union(alts) = &schema.nodes[*node] else {
+                    unreachable!("a union frame's node is a union")
+                };
+                let picked = c
+                    .is_ascii()
+                    .then(|| {
+                        alts.iter()
+                            .find(|&&a| schema.first_chars(a) & (1 << (c as u8)) != 0)
+                    })
+                    .flatten();
+                match picked {
+                    Some(&a) => Step::Become(Self::frame(schema, a)),
+                    None => Step::Refused,
+                }
             }
             Frame::Call { node, at, which } => {
                 let Node::Call { names, params } = &schema.nodes[*node] else {
@@ -765,9 +889,20 @@ mod tests {
     #[test]
     fn a_schema_kandle_cannot_follow_is_refused_naming_the_keyword() {
         for (schema, says) in [
-            (json!({"anyOf": [{"type": "string"}]}), "anyOf"),
+            (
+                json!({"anyOf": [{"type": "object"}, {"type": "object", "properties": {}}]}),
+                "same character",
+            ),
+            (json!({"type": ["number", "integer"]}), "same character"),
+            (
+                json!({"anyOf": [{"type": "string"}], "type": "string"}),
+                "beside anyOf",
+            ),
+            (
+                json!({"type": "object", "additionalProperties": {"type": "integer"}}),
+                "additionalProperties",
+            ),
             (json!({"type": "string", "pattern": "a+"}), "pattern"),
-            (json!({"type": ["string", "null"]}), "one type"),
             (json!({"$ref": "#/$defs/Missing"}), "$defs"),
             (json!({"type": "widget"}), "widget"),
             (json!({"enum": []}), "enum"),
@@ -834,5 +969,24 @@ mod tests {
         ] {
             assert_ne!(run(bad), (true, true), "{bad}");
         }
+    }
+
+    #[test]
+    fn alternatives_that_start_differently_are_picked_by_their_first_character() {
+        for schema in [
+            json!({"type": "object", "properties": {"age": {"anyOf": [{"type": "integer"}, {"type": "null"}]}}}),
+            json!({"type": "object", "properties": {"age": {"type": ["integer", "null"]}}}),
+            json!({"type": "object", "properties": {"age": {"oneOf": [{"type": "integer"}, {"const": null}]}}}),
+        ] {
+            assert_eq!(run(&schema, r#"{"age": 41}"#), (true, true), "{schema}");
+            assert_eq!(run(&schema, r#"{"age": null}"#), (true, true), "{schema}");
+            assert_ne!(run(&schema, r#"{"age": "41"}"#), (true, true), "{schema}");
+            assert_ne!(run(&schema, r#"{"age": 4.5}"#), (true, true), "{schema}");
+        }
+        let nested =
+            json!({"anyOf": [{"type": "array", "items": {"type": "boolean"}}, {"type": "string"}]});
+        assert_eq!(run(&nested, "[true, false]"), (true, true));
+        assert_eq!(run(&nested, "\"x\""), (true, true));
+        assert_ne!(run(&nested, "[1]"), (true, true));
     }
 }
