@@ -5,7 +5,7 @@
 //!
 //! The subset kandle follows, and what it decides where JSON Schema leaves a choice:
 //! - `type` (object, array, string, number, integer, boolean, null, or a list of them),
-//!   `properties`, `items`, `enum`, `const`, `$ref` to `#/$defs/…` or `#/definitions/…` (not
+//!   `properties`, `items` (with `minItems`, `maxItems`), `enum`, `const`, `$ref` to `#/$defs/…` or `#/definitions/…` (not
 //!   recursive), and `anyOf` / `oneOf` of alternatives that start with different characters
 //!   (pydantic's `Optional[X]`: X or null); the first character of the value picks one.
 //! - An object is written with every property of `properties`, in the order the server reads
@@ -65,7 +65,12 @@ enum Node {
     Value(Kind),
     /// Each property's key (as JSON text, quotes included) and node.
     Object(Vec<(Vec<char>, usize)>),
-    Array(usize),
+    /// Items of one node, `min` to `max` of them.
+    Array {
+        items: usize,
+        min: usize,
+        max: Option<usize>,
+    },
     /// The JSON texts of the allowed values.
     Enum(Vec<Vec<char>>),
     /// A call of one of several tools: `{"name": <one of the names>, "arguments": <that
@@ -147,7 +152,7 @@ impl Schema {
         for key in obj.keys() {
             let known = matches!(
                 key.as_str(),
-                "type" | "properties" | "items" | "enum" | "const"
+                "type" | "properties" | "items" | "enum" | "const" | "minItems" | "maxItems"
             ) || ANNOTATIONS.contains(&key.as_str());
             if !known {
                 return Err(format!("the schema keyword {key} is not supported"));
@@ -246,9 +251,26 @@ impl Schema {
         match obj.get("items") {
             None => Ok(self.push(Node::Value(Kind::Any(Some('['))))),
             Some(items) => {
-                let at = self.push(Node::Array(0));
+                let count = |k: &str| -> Result<Option<usize>, String> {
+                    obj.get(k)
+                        .map(|v| {
+                            v.as_u64()
+                                .map(|n| n as usize)
+                                .ok_or_else(|| format!("{k} must be a count, got {v}"))
+                        })
+                        .transpose()
+                };
+                let (min, max) = (count("minItems")?.unwrap_or(0), count("maxItems")?);
+                if max.is_some_and(|m| m < min) {
+                    return Err(format!("maxItems {max:?} is below minItems {min}"));
+                }
+                let at = self.push(Node::Array { items: 0, min, max });
                 let child = self.node(items, root, depth + 1)?;
-                self.nodes[at] = Node::Array(child);
+                self.nodes[at] = Node::Array {
+                    items: child,
+                    min,
+                    max,
+                };
                 Ok(at)
             }
         }
@@ -317,7 +339,7 @@ impl Schema {
             Node::Value(Kind::Boolean) => bits("tf"),
             Node::Value(Kind::Null) => bits("n"),
             Node::Object(_) | Node::Call { .. } => bits("{"),
-            Node::Array(_) => bits("["),
+            Node::Array { .. } => bits("["),
             Node::Enum(alts) => alts
                 .iter()
                 .filter_map(|a| a.first())
@@ -366,7 +388,11 @@ const ARGS_KEY: [char; 11] = ['"', 'a', 'r', 'g', 'u', 'm', 'e', 'n', 't', 's', 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ArrAt {
     Open,
+    /// After `[`: an item or `]`.
     FirstOrEnd,
+    /// After `,`: an item.
+    Item,
+    /// After an item: `,` or `]`.
     After,
 }
 
@@ -377,8 +403,10 @@ enum Frame {
         i: usize,
         at: ObjAt,
     },
+    /// An array, `n` items begun.
     Arr {
-        items: usize,
+        node: usize,
+        n: usize,
         at: ArrAt,
     },
     /// An enum: `pos` characters in, `alive` the alternatives still matching.
@@ -455,8 +483,9 @@ impl SchemaState {
                 i: 0,
                 at: ObjAt::Open,
             },
-            Node::Array(items) => Frame::Arr {
-                items: *items,
+            Node::Array { .. } => Frame::Arr {
+                node,
+                n: 0,
                 at: ArrAt::Open,
             },
             Node::Union(_) => Frame::Union { node },
@@ -680,27 +709,35 @@ impl SchemaState {
                     None => Step::Refused,
                 }
             }
-            Frame::Arr { items, at } => match (*at, c) {
-                (ArrAt::Open, '[') => {
-                    *at = ArrAt::FirstOrEnd;
-                    Step::Took
-                }
-                (ArrAt::FirstOrEnd | ArrAt::After, ']') => Step::Done { took: true },
-                (ArrAt::After, ',') => {
-                    *at = ArrAt::FirstOrEnd;
-                    Step::Took
-                }
-                (ArrAt::FirstOrEnd, _) => {
-                    let child = Self::frame(schema, *items);
-                    // Not `]`: an item starts with this character.
-                    *at = ArrAt::After;
-                    Step::Child {
-                        frame: child,
-                        took: false,
+            Frame::Arr { node, n, at } => {
+                let Node::Array { items, min, max } = &schema.nodes[*node] else {
+                    unreachable!("an array frame's node is an array")
+                };
+                let room = max.is_none_or(|m| *n < m);
+                match (*at, c) {
+                    (ArrAt::Open, '[') => {
+                        *at = ArrAt::FirstOrEnd;
+                        Step::Took
                     }
+                    (ArrAt::FirstOrEnd | ArrAt::After, ']') if *n >= *min => {
+                        Step::Done { took: true }
+                    }
+                    (ArrAt::After, ',') if room => {
+                        *at = ArrAt::Item;
+                        Step::Took
+                    }
+                    (ArrAt::FirstOrEnd | ArrAt::Item, c) if room && c != ']' => {
+                        // An item starts with this character.
+                        *n += 1;
+                        *at = ArrAt::After;
+                        Step::Child {
+                            frame: Self::frame(schema, *items),
+                            took: false,
+                        }
+                    }
+                    _ => Step::Refused,
                 }
-                _ => Step::Refused,
-            },
+            }
             Frame::Lit { node, pos, alive } => {
                 let Node::Enum(alts) = &schema.nodes[*node] else {
                     unreachable!("a literal frame's node is an enum")
@@ -862,6 +899,8 @@ mod tests {
             ("\"role\": null", "\"role\": 2"),
             ("\"ok\": true", "\"ok\": 1"),
             ("\"tags\": []", "\"tags\": [1]"),
+            ("\"tags\": []", "\"tags\": [\"a\",]"),
+            ("\"tags\": []", "\"tags\": [,]"),
             ("\"city\": \"Oslo\"", "\"town\": \"Oslo\""),
             ("\"none\": null,", ""),
             ("\"extra\": 1", "\"extra\": 1, \"more\": 2"),
@@ -988,5 +1027,22 @@ mod tests {
         assert_eq!(run(&nested, "[true, false]"), (true, true));
         assert_eq!(run(&nested, "\"x\""), (true, true));
         assert_ne!(run(&nested, "[1]"), (true, true));
+    }
+
+    #[test]
+    fn min_and_max_items_bound_an_array() {
+        let schema =
+            json!({"type": "array", "items": {"type": "integer"}, "minItems": 1, "maxItems": 2});
+        assert_eq!(run(&schema, "[1]"), (true, true));
+        assert_eq!(run(&schema, "[1, 2]"), (true, true));
+        assert_ne!(run(&schema, "[]"), (true, true));
+        assert_ne!(run(&schema, "[1, 2, 3]"), (true, true));
+        let (s, st) = state(&schema);
+        assert!(!st.accepts(&s, "[]"));
+        assert!(st.accepts(&s, "[1,2]") && !st.accepts(&s, "[1,2,"));
+        assert!(
+            Schema::compile(&json!({"type": "array", "items": {}, "minItems": 3, "maxItems": 2}))
+                .is_err()
+        );
     }
 }
