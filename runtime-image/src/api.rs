@@ -142,10 +142,10 @@ pub struct ChatCompletionRequest {
     pub unsupported: ChatUnsupported,
 }
 
-/// Chat fields of OpenAI's API that kandle does not implement and that would change the
-/// answer: refused when set to anything but their "off" value, rather than silently ignored
-/// (a client asking for JSON mode or tool calls must not get plain text it takes for either).
-/// Other unknown fields are ignored, as vLLM and TGI do.
+/// Chat fields of OpenAI's API that shape the answer beyond sampling: tools, the response
+/// format, and the legacy functions. What kandle cannot do with them is refused rather than
+/// silently ignored (a client asking for JSON or a tool call must not get plain text it takes
+/// for either). Other unknown fields are ignored, as vLLM and TGI do.
 #[derive(Debug, Clone, Deserialize, Default)]
 pub struct ChatUnsupported {
     pub tools: Option<Value>,
@@ -187,8 +187,9 @@ pub struct ForcedCall {
 }
 
 impl ChatUnsupported {
-    /// Refuses a field set to more than its "off" value: no tools or functions, no forced
-    /// call, a text response format.
+    /// Refuses the legacy `functions` and `function_call` set to more than their "off"
+    /// values. `tools` and `tool_choice` are read by [`ChatUnsupported::tool_use`],
+    /// `response_format` by [`ChatUnsupported::json_constraint`].
     pub fn check(&self) -> Result<(), ApiError> {
         let empty = |v: &Option<Value>| match v {
             None | Some(Value::Null) => true,
@@ -212,26 +213,8 @@ impl ChatUnsupported {
                 "no function calling; only \"none\" is accepted",
             ));
         }
-        match &self.response_format {
-            None | Some(Value::Null) => Ok(()),
-            Some(f)
-                if matches!(
-                    f.get("type").and_then(Value::as_str),
-                    Some("text" | "json_object" | "json_schema")
-                ) =>
-            {
-                Ok(())
-            }
-            Some(f) => Err(unsupported(
-                "response_format",
-                &format!(
-                    "only the types \"text\", \"json_object\" (JSON mode) and \"json_schema\", \
-                     got {}",
-                    f.get("type")
-                        .map_or_else(|| f.to_string(), Value::to_string)
-                ),
-            )),
-        }
+        // `response_format`: [`ChatUnsupported::json_constraint`].
+        Ok(())
     }
 
     /// What the request's `tools` ask: none listed (`None`); listed for the template, a call
@@ -367,35 +350,50 @@ impl ChatUnsupported {
         }))
     }
 
-    /// What `response_format` constrains the answer to, once [`ChatUnsupported::check`] has
-    /// passed: JSON mode, a compiled schema, or nothing. A schema kandle does not follow
-    /// ([`crate::json_schema`]) is refused naming what it holds.
+    /// What `response_format` constrains the answer to ([`json_constraint`]).
     pub fn json_constraint(&self) -> Result<Option<Constraint>, ApiError> {
-        let Some(f) = &self.response_format else {
-            return Ok(None);
-        };
-        match f.get("type").and_then(Value::as_str) {
-            Some("json_object") => Ok(Some(Constraint::Object)),
-            Some("json_schema") => {
-                let schema = f
-                    .get("json_schema")
-                    .and_then(|j| j.get("schema"))
-                    .ok_or_else(|| {
-                        ApiError::invalid(
-                            "response_format.json_schema.schema is missing",
-                            Some("response_format"),
-                        )
-                    })?;
-                let compiled = Schema::compile(schema).map_err(|e| {
+        json_constraint(self.response_format.as_ref())
+    }
+}
+
+/// What a `response_format` constrains the answer to: JSON mode, a compiled schema, or
+/// nothing (`text`, or absent). Another type, or a schema kandle does not follow
+/// ([`crate::json_schema`]), is refused naming what it holds.
+pub fn json_constraint(format: Option<&Value>) -> Result<Option<Constraint>, ApiError> {
+    let f = match format {
+        None | Some(Value::Null) => return Ok(None),
+        Some(f) => f,
+    };
+    match f.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(Constraint::Object)),
+        Some("json_schema") => {
+            let schema = f
+                .get("json_schema")
+                .and_then(|j| j.get("schema"))
+                .ok_or_else(|| {
                     ApiError::invalid(
-                        format!("response_format.json_schema: {e}"),
+                        "response_format.json_schema.schema is missing",
                         Some("response_format"),
                     )
                 })?;
-                Ok(Some(Constraint::Schema(std::sync::Arc::new(compiled))))
-            }
-            _ => Ok(None),
+            let compiled = Schema::compile(schema).map_err(|e| {
+                ApiError::invalid(
+                    format!("response_format.json_schema: {e}"),
+                    Some("response_format"),
+                )
+            })?;
+            Ok(Some(Constraint::Schema(std::sync::Arc::new(compiled))))
         }
+        _ => Err(unsupported(
+            "response_format",
+            &format!(
+                "only the types \"text\", \"json_object\" (JSON mode) and \"json_schema\", \
+                 got {}",
+                f.get("type")
+                    .map_or_else(|| f.to_string(), Value::to_string)
+            ),
+        )),
     }
 }
 
@@ -533,6 +531,8 @@ pub struct CompletionRequest {
     #[serde(default, deserialize_with = "false_if_null")]
     pub echo: bool,
     pub logit_bias: Option<BTreeMap<String, f32>>,
+    /// vLLM's: JSON mode or a schema on completions as on chat ([`json_constraint`]).
+    pub response_format: Option<Value>,
     #[serde(flatten)]
     pub unsupported: CompletionUnsupported,
 }
@@ -896,7 +896,8 @@ mod tests {
                 body[k] = v.clone();
             }
             let r: ChatCompletionRequest = serde_json::from_value(body).unwrap();
-            r.unsupported.check()
+            r.unsupported.check()?;
+            r.unsupported.json_constraint().map(|_| ())
         };
         use serde_json::json;
         for off in [

@@ -949,6 +949,7 @@ async fn completions(
             Some("echo"),
         ));
     }
+    let json = api::json_constraint(r.response_format.as_ref())?;
     let prompts = r.prompt.prompts();
     api::check_prompts(
         prompts.len(),
@@ -1024,7 +1025,7 @@ async fn completions(
             stop: stop.clone(),
             deadline,
             warmup: false,
-            json: None,
+            json: json.clone(),
         });
     }
     // `echo`: each prompt's text before its choices' and, with `logprobs`, its tokens'.

@@ -1501,6 +1501,19 @@ async fn json_mode_answers_with_one_json_object() {
             assert_eq!(s, content, "streamed");
         }
     }
+    // Completions take it too (vLLM's extension of the legacy API).
+    let comp = post_json(
+        &http,
+        &format!("{url}/v1/completions"),
+        &json!({"model": SMOL, "prompt": "A person as JSON:", "temperature": 0,
+                "max_tokens": 120, "response_format": {"type": "json_object"}}),
+    )
+    .await;
+    let c = &comp["choices"][0];
+    assert_eq!(c["finish_reason"], "stop", "{comp}");
+    let text = c["text"].as_str().unwrap();
+    serde_json::from_str::<serde_json::Map<String, Value>>(text)
+        .unwrap_or_else(|e| panic!("the completion is not a JSON object ({e}): {text}"));
     assert!(
         stopped >= 3,
         "only {stopped} of 5 answers closed their object in 200 tokens"
