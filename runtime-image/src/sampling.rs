@@ -96,7 +96,15 @@ impl Sampler {
         };
         *self.counts.entry(id).or_default() += 1;
         let (logprob, top) = match (logsm, self.params.logprobs) {
-            (Some(ls), Some(n)) => (Some(ls[id as usize]), top_n(&ls, n)),
+            // Tokens a mask removed (JSON mode, a schema) are no alternatives: their −∞
+            // would be `null` in the answer, where clients expect a number.
+            (Some(ls), Some(n)) => (
+                Some(ls[id as usize]),
+                top_n(&ls, n)
+                    .into_iter()
+                    .filter(|(_, l)| l.is_finite())
+                    .collect(),
+            ),
             _ => (None, Vec::new()),
         };
         SampledToken { id, logprob, top }
@@ -585,6 +593,19 @@ mod tests {
             ..Default::default()
         };
         assert!((0..50).all(|i| draw(&logits, &p, i as f64 / 50.0) == 1));
+    }
+
+    #[test]
+    fn masked_tokens_are_never_alternatives() {
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 0.0,
+            logprobs: Some(4),
+            ..Default::default()
+        });
+        let tok = s.sample(&mut [1.0, f32::NEG_INFINITY, 0.5, f32::NEG_INFINITY]);
+        assert_eq!(tok.id, 0);
+        assert_eq!(tok.top.iter().map(|t| t.0).collect::<Vec<_>>(), [0, 2]);
+        assert!(tok.top.iter().all(|t| t.1.is_finite()));
     }
 
     #[test]

@@ -1556,7 +1556,7 @@ async fn a_json_schema_shapes_the_answer() {
         json!({"temperature": 0}),
         json!({"temperature": 1.0, "seed": 2}),
         json!({"temperature": 0.7, "seed": 7}),
-        json!({"temperature": 0.5, "seed": 9}),
+        json!({"temperature": 0.5, "seed": 9, "logprobs": true, "top_logprobs": 20}),
     ]
     .into_iter()
     .enumerate()
@@ -1568,6 +1568,12 @@ async fn a_json_schema_shapes_the_answer() {
         let r = post_json(&http, &chat, &body).await;
         let c = &r["choices"][0];
         let content = c["message"]["content"].as_str().unwrap();
+        // Alternatives the schema masked out are left out, not given as null.
+        for t in c["logprobs"]["content"].as_array().into_iter().flatten() {
+            for alt in t["top_logprobs"].as_array().unwrap() {
+                assert!(alt["logprob"].is_number(), "answer {i}: {alt}");
+            }
+        }
         if c["finish_reason"] != "stop" {
             assert_eq!(c["finish_reason"], "length", "answer {i}: {r}");
             continue;
