@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""Random JSON schemas against a running kandle-runtime server's structured outputs: every
+answer that ends by itself must be valid against its schema by the `jsonschema` package
+(`pip install jsonschema`), every refusal a 400, and nothing a 5xx. The runtime README's
+structured-outputs paragraph was checked with it:
+
+    kandle-runtime serve --model SmolLM2-135M-Instruct.Q4_1.gguf --port 18811 &
+    python3 runtime-image/examples/schema_fuzz.py --url http://127.0.0.1:18811 --seed 4
+
+It prints the outcomes by kind: `valid` (ended, and the schema accepts it), `cut` (ended by
+max_tokens, so not complete JSON), `refused` (a schema outside kandle's subset: 400), and
+each failure in full. The schemas mix what kandle follows (types and type lists, nested
+properties, items with minItems/maxItems, enum, const, anyOf of alternatives that start
+differently) with what it refuses (pattern, a map's additionalProperties, alternatives that
+start alike, an empty enum).
+"""
+import argparse
+import json
+import random
+import threading
+import urllib.error
+import urllib.request
+from collections import Counter
+
+import jsonschema
+
+
+def leaf(r):
+    return r.choice([
+        {"type": "string"}, {"type": "integer"}, {"type": "number"}, {"type": "boolean"},
+        {"type": "null"}, {}, True, {"enum": ["a", "b", 1, None, True]}, {"const": "x"},
+        {"type": ["string", "null"]}, {"anyOf": [{"type": "integer"}, {"type": "null"}]},
+        {"type": "string", "pattern": "x"}, {"enum": []}, {"type": "array"},
+        {"type": "object"}, {"enum": ["é", "東京", "\"q\""]}, {"type": ["integer", "number"]},
+        {"oneOf": [{"type": "string"}, {"type": "array", "items": {}}]},
+    ])
+
+
+def schema(r, depth=0):
+    k = r.random()
+    if depth > 3 or k < 0.3:
+        return leaf(r)
+    if k < 0.6:
+        keys = ["a", "b", "c", "é", "a b", "\"", "\\", ""]
+        props = {r.choice(keys): schema(r, depth + 1) for _ in range(r.randint(0, 4))}
+        s = {"type": "object", "properties": props}
+        if r.random() < 0.3:
+            s["required"] = list(props)
+        if r.random() < 0.3:
+            s["additionalProperties"] = r.choice([False, True, {"type": "integer"}])
+        return s
+    s = {"type": "array", "items": schema(r, depth + 1)}
+    if r.random() < 0.4:
+        s["minItems"] = r.randint(0, 2)
+    if r.random() < 0.4:
+        s["maxItems"] = r.randint(0, 3)
+    return s
+
+
+def one(url, model, r, seed):
+    sc = schema(r)
+    body = {
+        "model": model, "messages": [{"role": "user", "content": "Give data."}],
+        "max_tokens": 60, "temperature": 1.0, "seed": seed,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": sc}},
+    }
+    req = urllib.request.Request(f"{url}/v1/chat/completions", data=json.dumps(body).encode(),
+                                 headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            answer = json.load(resp)
+    except urllib.error.HTTPError as e:
+        return "refused" if e.code == 400 else ("http", e.code, sc, e.read()[:300])
+    choice = answer["choices"][0]
+    if choice["finish_reason"] != "stop":
+        return "cut"
+    text = choice["message"]["content"]
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        return ("not JSON", sc, text, str(e))
+    try:
+        jsonschema.validate(value, {} if sc is True else sc)
+    except jsonschema.ValidationError as e:
+        return ("invalid", sc, text, e.message)
+    return "valid"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--url", default="http://127.0.0.1:18811")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--requests", type=int, default=240)
+    p.add_argument("--threads", type=int, default=4)
+    a = p.parse_args()
+    with urllib.request.urlopen(f"{a.url}/v1/models") as r:
+        model = json.load(r)["data"][0]["id"]
+    results = []
+
+    def worker(k):
+        r = random.Random(a.seed * 1000 + k)
+        for i in range(k, a.requests, a.threads):
+            results.append(one(a.url, model, r, i))
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(a.threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print(dict(Counter(x if isinstance(x, str) else x[0] for x in results)))
+    failures = [x for x in results if not isinstance(x, str)]
+    for f in failures:
+        print(f)
+    raise SystemExit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
