@@ -51,6 +51,11 @@ impl ChatTemplate {
         })
     }
 
+    /// The model's beginning- and end-of-text tokens, as templates see them.
+    pub fn special_tokens(&self) -> (&str, &str) {
+        (&self.bos_token, &self.eos_token)
+    }
+
     /// Renders the conversation; with `add_generation_prompt` the assistant turn is opened.
     /// `tools` (the request's, as given) is the template's `tools`, as transformers passes
     /// it; templates that know no tools ignore it.

@@ -182,6 +182,11 @@ pub struct ServeConfig {
     /// Only where continuing gives the same bits as computing afresh (the GGUF llama models).
     #[arg(long, env = "KANDLE_PREFIX_CACHE_TOKENS")]
     pub prefix_cache_tokens: Option<usize>,
+    /// A Jinja chat template file that replaces the model's own (vLLM's `--chat-template`):
+    /// for a model whose template is missing or wrong. Rendered like the model's, with its
+    /// beginning- and end-of-text tokens; a template that does not compile stops the start.
+    #[arg(long, env = "KANDLE_CHAT_TEMPLATE")]
+    pub chat_template: Option<PathBuf>,
     /// Per-request time limit, from admission.
     #[arg(long, env = "KANDLE_REQUEST_TIMEOUT", default_value = "300s", value_parser = parse_duration)]
     pub request_timeout: Duration,
@@ -220,6 +225,7 @@ impl ServeConfig {
             max_request_bytes: 2 * 1024 * 1024,
             max_embedding_inputs: 2048,
             prefix_cache_tokens: None,
+            chat_template: None,
             request_timeout: Duration::from_secs(300),
             shutdown_grace: Duration::from_secs(30),
             threads: None,

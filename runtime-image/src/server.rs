@@ -251,16 +251,54 @@ pub async fn start(config: ServeConfig) -> Result<Server> {
     })
 }
 
+/// `--chat-template`: the file's template in place of the model's, with the model's
+/// beginning- and end-of-text tokens (from its own template, else its tokenizer's).
+fn replace_chat_template(
+    model: &mut crate::model::LoadedModel,
+    file: &std::path::Path,
+) -> Result<()> {
+    let crate::model::LoadedModel::Generation(g) = model else {
+        return Err(Error::Server(format!(
+            "--chat-template {}: this model does not chat (it is not a text-generation model)",
+            file.display()
+        )));
+    };
+    let source = std::fs::read_to_string(file)
+        .map_err(|e| Error::Server(format!("--chat-template {}: {e}", file.display())))?;
+    let (bos, eos) = match &g.chat_template {
+        Some(t) => {
+            let (b, e) = t.special_tokens();
+            (b.to_owned(), e.to_owned())
+        }
+        None => (
+            g.bos_to_prepend
+                .map(|id| g.tokenizer.token_text(id))
+                .unwrap_or_default(),
+            g.eos_ids
+                .first()
+                .map(|&id| g.tokenizer.token_text(id))
+                .unwrap_or_default(),
+        ),
+    };
+    let template = crate::chat::ChatTemplate::new(source, bos, eos)
+        .map_err(|e| Error::Server(format!("--chat-template {}: {e}", file.display())))?;
+    g.chat_template = Some(template);
+    Ok(())
+}
+
 fn load_and_warm(st: &AppState, path: &std::path::Path) -> Result<()> {
     let t0 = Instant::now();
     let cfg = &st.config;
     crate::backend::check_architecture(path, cfg.architecture.as_deref())?;
-    let model = crate::backend::load(&crate::backend::LoadOptions {
+    let mut model = crate::backend::load(&crate::backend::LoadOptions {
         path: path.to_path_buf(),
         task: cfg.task,
         dtype: cfg.dtype.parse()?,
         device: cfg.device,
     })?;
+    if let Some(file) = &cfg.chat_template {
+        replace_chat_template(&mut model, file)?;
+    }
     let (max_batch_size, max_queue) = cfg.admission_limits();
     let engine = Engine::start(
         model,

@@ -1750,6 +1750,60 @@ async fn a_forced_tool_call_answers_with_arguments_its_parameters_accept() {
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
+/// `--chat-template` replaces the model's template: chat renders the file's (with the
+/// model's special tokens), and a template that does not compile stops the start, naming
+/// the flag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_template_file_replaces_the_models() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("chat.jinja");
+    std::fs::write(
+        &file,
+        "{% for m in messages %}<<{{ m.role }}|{{ m.content }}>>{% endfor %}\
+         {% if add_generation_prompt %}<<assistant|{% endif %}",
+    )
+    .unwrap();
+    let f = file.clone();
+    let (server, url) = serve(move |c| c.chat_template = Some(f)).await;
+    let http = client();
+    let rendered = token_ids(
+        &http,
+        &url,
+        json!({"messages": [{"role": "user", "content": "Hi there"}]}),
+    )
+    .await;
+    let expected = token_ids(
+        &http,
+        &url,
+        json!({"prompt": "<<user|Hi there>><<assistant|", "add_special_tokens": false}),
+    )
+    .await;
+    assert_eq!(rendered, expected);
+    let r = post_json(
+        &http,
+        &format!("{url}/v1/chat/completions"),
+        &chat_body("Hi there", json!({"max_tokens": 2})),
+    )
+    .await;
+    assert_eq!(r["usage"]["prompt_tokens"], expected.len(), "{r}");
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+
+    std::fs::write(&file, "{% for m in messages %}").unwrap();
+    let path = tokio::task::spawn_blocking(models::smollm2_gguf)
+        .await
+        .unwrap();
+    let mut cfg = ServeConfig::new(path);
+    cfg.chat_template = Some(file.clone());
+    let mut server = server::start(cfg).await.expect("the server starts");
+    let err = tokio::time::timeout(Duration::from_secs(120), server.wait_loaded())
+        .await
+        .expect("the load ends")
+        .expect_err("a template that does not compile stops the load")
+        .to_string();
+    assert!(err.contains("--chat-template"), "{err}");
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_sequence_cuts_the_output_before_it() {
     let (server, url) = serve(|_| {}).await;
