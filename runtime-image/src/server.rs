@@ -1467,14 +1467,7 @@ impl StreamState {
                 if let Some(t) = text {
                     delta.insert("content".into(), json!(t));
                 }
-                json!({
-                    "id": self.id, "object": "chat.completion.chunk", "created": now_secs(), "model": self.st.model_id,
-                    "choices": [{
-                        "index": index, "delta": delta,
-                        "logprobs": if self.want_logprobs && !lps.is_empty() { chat_logprobs(lps) } else { Value::Null },
-                        "finish_reason": finish,
-                    }],
-                })
+                self.delta_chunk(index, Value::Object(delta), lps, finish)
             }
             Flavor::Completion => json!({
                 "id": self.id, "object": "text_completion", "created": now_secs(), "model": self.st.model_id,
