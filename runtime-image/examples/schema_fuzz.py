@@ -11,8 +11,8 @@ It prints the outcomes by kind: `valid` (ended, and the schema accepts it), `cut
 max_tokens, so not complete JSON), `refused` (a schema outside kandle's subset: 400), and
 each failure in full. The schemas mix what kandle follows (types and type lists, nested
 properties, items with minItems/maxItems, enum, const, anyOf of alternatives that start
-differently) with what it refuses (pattern, a map's additionalProperties, alternatives that
-start alike, an empty enum).
+differently, maps) with what it refuses (pattern, alternatives that start alike, an empty
+enum).
 """
 import argparse
 import json
@@ -33,6 +33,8 @@ def leaf(r):
         {"type": "string", "pattern": "x"}, {"enum": []}, {"type": "array"},
         {"type": "object"}, {"enum": ["é", "東京", "\"q\""]}, {"type": ["integer", "number"]},
         {"oneOf": [{"type": "string"}, {"type": "array", "items": {}}]},
+        {"type": "object", "additionalProperties": {"type": "integer"}},
+        {"type": "object", "additionalProperties": False},
     ])
 
 

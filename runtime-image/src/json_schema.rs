@@ -8,6 +8,8 @@
 //!   `properties`, `items` (with `minItems`, `maxItems`), `enum`, `const`, `$ref` to `#/$defs/…` or `#/definitions/…` (not
 //!   recursive), and `anyOf` / `oneOf` of alternatives that start with different characters
 //!   (pydantic's `Optional[X]`: X or null); the first character of the value picks one.
+//! - Without `properties`, `additionalProperties` as a schema makes a map (any keys, each
+//!   value of that schema; pydantic's `dict[str, X]`), `false` the empty object.
 //! - An object is written with every property of `properties`, in the order the server reads
 //!   them (alphabetical), and no other: that satisfies `required` and `additionalProperties:
 //!   false`, which are therefore read but need nothing more. An object or array without
@@ -81,6 +83,8 @@ enum Node {
     },
     /// One of these, told apart by their first character ([`Schema::union`]).
     Union(Vec<usize>),
+    /// An object of any keys, each value of this node (`additionalProperties` as a schema).
+    Map(usize),
 }
 
 /// A compiled schema.
@@ -158,16 +162,6 @@ impl Schema {
                 return Err(format!("the schema keyword {key} is not supported"));
             }
         }
-        if obj
-            .get("additionalProperties")
-            .is_some_and(Value::is_object)
-            && !obj.contains_key("properties")
-        {
-            return Err(
-                "additionalProperties as a schema (a map) without properties is not supported"
-                    .into(),
-            );
-        }
         let literals = match (obj.get("enum"), obj.get("const")) {
             (Some(Value::Array(vs)), _) => Some(vs.clone()),
             (Some(e), _) => return Err(format!("enum must be a list, got {e}")),
@@ -206,7 +200,13 @@ impl Schema {
             }
         };
         Ok(match kind {
-            None if obj.contains_key("properties") => self.object(obj, root, depth)?,
+            None if obj.contains_key("properties")
+                || obj
+                    .get("additionalProperties")
+                    .is_some_and(Value::is_object) =>
+            {
+                self.object(obj, root, depth)?
+            }
             None if obj.contains_key("items") => self.array(obj, root, depth)?,
             None => self.push(Node::Value(Kind::Any(None))),
             Some("object") => self.object(obj, root, depth)?,
@@ -227,7 +227,17 @@ impl Schema {
         depth: usize,
     ) -> Result<usize, String> {
         let Some(props) = obj.get("properties") else {
-            return Ok(self.push(Node::Value(Kind::Any(Some('{')))));
+            // No properties: a map of values of one schema, the empty object, or any object.
+            return Ok(match obj.get("additionalProperties") {
+                Some(v @ Value::Object(_)) => {
+                    let at = self.push(Node::Map(0));
+                    let child = self.node(v, root, depth + 1)?;
+                    self.nodes[at] = Node::Map(child);
+                    at
+                }
+                Some(Value::Bool(false)) => self.push(Node::Object(Vec::new())),
+                _ => self.push(Node::Value(Kind::Any(Some('{')))),
+            });
         };
         let props = props
             .as_object()
@@ -338,7 +348,7 @@ impl Schema {
             Node::Value(Kind::Number | Kind::Integer) => number,
             Node::Value(Kind::Boolean) => bits("tf"),
             Node::Value(Kind::Null) => bits("n"),
-            Node::Object(_) | Node::Call { .. } => bits("{"),
+            Node::Object(_) | Node::Call { .. } | Node::Map(_) => bits("{"),
             Node::Array { .. } => bits("["),
             Node::Enum(alts) => alts
                 .iter()
@@ -366,6 +376,23 @@ enum ObjAt {
     After,
     /// After `{` of an object with no properties: `}`.
     Close,
+}
+
+/// Where a map object's frame is ([`Node::Map`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MapAt {
+    Open,
+    /// After `{`: a key or `}`.
+    KeyOrEnd,
+    /// After `,`: a key.
+    Key,
+    /// Inside a key (its string frame above this one).
+    InKey,
+    Colon,
+    /// Inside a value (its frame above this one).
+    InValue,
+    /// After a value: `,` or `}`.
+    After,
 }
 
 /// Where a tool call's frame is ([`Node::Call`]).
@@ -422,6 +449,11 @@ enum Frame {
     /// Alternatives, before the first character picks one.
     Union {
         node: usize,
+    },
+    /// A map object.
+    Map {
+        node: usize,
+        at: MapAt,
     },
     /// A tool call; `which`: the tool named, once its name is read.
     Call {
@@ -489,6 +521,10 @@ impl SchemaState {
                 at: ArrAt::Open,
             },
             Node::Union(_) => Frame::Union { node },
+            Node::Map(_) => Frame::Map {
+                node,
+                at: MapAt::Open,
+            },
             Node::Call { .. } => Frame::Call {
                 node,
                 at: CallAt::Open,
@@ -545,6 +581,12 @@ impl SchemaState {
                         None => self.done = true,
                         Some(Frame::Obj { at, .. }) => *at = ObjAt::After,
                         Some(Frame::Arr { at, .. }) => *at = ArrAt::After,
+                        Some(Frame::Map { at, .. }) => {
+                            *at = match *at {
+                                MapAt::InKey => MapAt::Colon,
+                                _ => MapAt::After,
+                            }
+                        }
                         Some(Frame::Call { at, which, .. }) => {
                             *at = match *at {
                                 CallAt::Name => {
@@ -601,7 +643,7 @@ impl SchemaState {
         match self.stack.last() {
             None => true,
             Some(Frame::Obj { at, .. }) => !matches!(at, ObjAt::Key(p) if *p > 0),
-            Some(Frame::Arr { .. } | Frame::Union { .. }) => true,
+            Some(Frame::Arr { .. } | Frame::Union { .. } | Frame::Map { .. }) => true,
             Some(Frame::Lit { pos, .. }) => *pos == 0,
             Some(Frame::Val { json, .. }) => json.at_value_start(),
             Some(Frame::Call { at, .. }) => {
@@ -642,6 +684,35 @@ impl SchemaState {
                     _ => return Step::Refused,
                 }
                 // A value's first character comes after the colon, as a child's.
+                Step::Took
+            }
+            Frame::Map { node, at } => {
+                let Node::Map(values) = &schema.nodes[*node] else {
+                    unreachable!("a map frame's node is a map")
+                };
+                match (*at, c) {
+                    (MapAt::Open, '{') => *at = MapAt::KeyOrEnd,
+                    (MapAt::KeyOrEnd | MapAt::After, '}') => return Step::Done { took: true },
+                    (MapAt::KeyOrEnd | MapAt::Key, '"') => {
+                        *at = MapAt::InKey;
+                        return Step::Child {
+                            frame: Frame::Val {
+                                kind: Kind::String,
+                                json: JsonState::value(),
+                            },
+                            took: false,
+                        };
+                    }
+                    (MapAt::Colon, ':') => {
+                        *at = MapAt::InValue;
+                        return Step::Child {
+                            frame: Self::frame(schema, *values),
+                            took: true,
+                        };
+                    }
+                    (MapAt::After, ',') => *at = MapAt::Key,
+                    _ => return Step::Refused,
+                }
                 Step::Took
             }
             Frame::Union { node } => {
@@ -937,10 +1008,6 @@ mod tests {
                 json!({"anyOf": [{"type": "string"}], "type": "string"}),
                 "beside anyOf",
             ),
-            (
-                json!({"type": "object", "additionalProperties": {"type": "integer"}}),
-                "additionalProperties",
-            ),
             (json!({"type": "string", "pattern": "a+"}), "pattern"),
             (json!({"$ref": "#/$defs/Missing"}), "$defs"),
             (json!({"type": "widget"}), "widget"),
@@ -1044,5 +1111,34 @@ mod tests {
             Schema::compile(&json!({"type": "array", "items": {}, "minItems": 3, "maxItems": 2}))
                 .is_err()
         );
+    }
+
+    #[test]
+    fn additional_properties_as_a_schema_is_a_map() {
+        for schema in [
+            json!({"type": "object", "additionalProperties": {"type": "integer"}}),
+            json!({"additionalProperties": {"type": "integer"}}),
+        ] {
+            assert_eq!(run(&schema, "{}"), (true, true), "{schema}");
+            assert_eq!(
+                run(&schema, r#"{"a": 1, "b c": -2 ,"é":3}"#),
+                (true, true),
+                "{schema}"
+            );
+            for bad in [
+                r#"{"a": "x"}"#,
+                r#"{"a": 1,}"#,
+                "{a: 1}",
+                r#"{"a" 1}"#,
+                r#"{"a": 1.5}"#,
+            ] {
+                assert_ne!(run(&schema, bad), (true, true), "{schema}: {bad}");
+            }
+        }
+        let none = json!({"type": "object", "additionalProperties": false});
+        assert_eq!(run(&none, "{ }"), (true, true));
+        assert_ne!(run(&none, r#"{"a": 1}"#), (true, true));
+        let any = json!({"type": "object", "additionalProperties": true});
+        assert_eq!(run(&any, r#"{"a": [1, "x"]}"#), (true, true));
     }
 }
