@@ -167,8 +167,9 @@ pub struct Frontend {
     pub labels: Vec<String>,
     /// Classification: how logits become scores.
     pub scoring: Scoring,
-    /// Token ids given by a client (a completions prompt of ids) must be below this: the
-    /// tokenizer's vocabulary, and for generation the model's as well (the smaller of the two).
+    /// Token ids given by a client (a completions prompt of ids, embeddings input of ids)
+    /// must be below this: the tokenizer's vocabulary, and for generation the model's as well
+    /// (the smaller of the two).
     pub vocab_limit: usize,
 }
 
@@ -588,11 +589,7 @@ impl GenerationWorker {
                 self.step_all(&mut active)
             }));
             if let Err(panic) = step {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "a panic".into());
+                let what = panic_text(&panic);
                 tracing::error!(panic = %what, requests = active.len(), "a step panicked; its requests failed");
                 for a in active.iter_mut().filter(|a| !a.done) {
                     self.finish(
@@ -690,8 +687,9 @@ impl GenerationWorker {
         }));
         match run {
             Ok(r) => r.map_err(|e| EngineError::Internal(e.to_string())),
-            Err(_) => {
-                tracing::error!("computing a prompt's log-probabilities panicked");
+            Err(panic) => {
+                let what = panic_text(&panic);
+                tracing::error!(panic = %what, "computing a prompt's log-probabilities panicked");
                 Err(EngineError::Internal(
                     "the model failed on this prompt (the server's log says how); it goes on \
                      serving"
@@ -1067,6 +1065,15 @@ impl GenerationWorker {
             None => a.next_input = vec![tok.id],
         }
     }
+}
+
+/// A caught panic's message, for the log.
+fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".into())
 }
 
 /// The prefix cache's budget when `--prefix-cache-tokens` is not given: 2048 tokens, fewer

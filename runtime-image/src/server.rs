@@ -1705,7 +1705,7 @@ async fn embeddings(
             Some("input"),
         ));
     }
-    let vocab = frontend.tokenizer_vocab_size();
+    let vocab = frontend.vocab_limit;
     for t in &inputs {
         if t.is_empty() {
             return Err(ApiError::invalid(
