@@ -996,6 +996,23 @@ mod tests {
     }
 
     #[test]
+    fn tool_calls_and_tool_call_ids_reach_the_template_messages() {
+        let messages: Vec<MessageIn> = serde_json::from_value(serde_json::json!([
+            {"role": "assistant", "content": null,
+             "tool_calls": [{"id": "c1", "type": "function",
+                             "function": {"name": "add", "arguments": "{}"}}]},
+            {"role": "tool", "content": "3", "tool_call_id": "c1"},
+            {"role": "user", "content": "hi", "tool_calls": null}
+        ]))
+        .unwrap();
+        let out = chat_messages(&messages).unwrap();
+        assert_eq!(out[0].tool_calls.as_ref().unwrap()[0]["id"], "c1");
+        assert_eq!(out[0].content, "");
+        assert_eq!(out[1].tool_call_id.as_deref(), Some("c1"));
+        assert!(out[2].tool_calls.is_none() && out[2].tool_call_id.is_none());
+    }
+
+    #[test]
     fn text_parts_are_joined_and_other_parts_refused() {
         let m: MessageIn = serde_json::from_str(
             r#"{"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}"#,

@@ -1759,10 +1759,27 @@ async fn a_chat_template_file_replaces_the_models() {
     let file = dir.path().join("chat.jinja");
     std::fs::write(
         &file,
-        "{% for m in messages %}<<{{ m.role }}|{{ m.content }}>>{% endfor %}\
-         {% if add_generation_prompt %}<<assistant|{% endif %}",
+        "{{ bos_token }}{% for m in messages %}<<{{ m.role }}|{{ m.content }}>>{{ eos_token }}\
+         {% endfor %}{% if add_generation_prompt %}<<assistant|{% endif %}",
     )
     .unwrap();
+    // The model's own special tokens, as its GGUF template sees them.
+    let (bos, eos) = {
+        let path = tokio::task::spawn_blocking(models::smollm2_gguf)
+            .await
+            .unwrap();
+        let model = kandle_runtime::backend::load(&kandle_runtime::backend::LoadOptions {
+            path,
+            ..Default::default()
+        })
+        .unwrap();
+        let kandle_runtime::model::LoadedModel::Generation(g) = model else {
+            unreachable!("SmolLM2 generates")
+        };
+        let (b, e) = g.chat_template.as_ref().unwrap().special_tokens();
+        (b.to_owned(), e.to_owned())
+    };
+    assert!(!bos.is_empty() && !eos.is_empty(), "{bos:?} {eos:?}");
     let f = file.clone();
     let (server, url) = serve(move |c| c.chat_template = Some(f)).await;
     let http = client();
@@ -1775,7 +1792,8 @@ async fn a_chat_template_file_replaces_the_models() {
     let expected = token_ids(
         &http,
         &url,
-        json!({"prompt": "<<user|Hi there>><<assistant|", "add_special_tokens": false}),
+        json!({"prompt": format!("{bos}<<user|Hi there>>{eos}<<assistant|"),
+               "add_special_tokens": false}),
     )
     .await;
     assert_eq!(rendered, expected);
