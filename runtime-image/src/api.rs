@@ -10,6 +10,7 @@ use crate::chat::ChatMessage;
 use crate::json_mode::Constraint;
 use crate::json_schema::Schema;
 use crate::sampling::SamplingParams;
+use crate::tool_calls::ToolCallParser;
 
 /// An error as OpenAI reports it: `{"error": {"message", "type", "param", "code"}}`.
 #[derive(Debug, Clone, PartialEq)]
@@ -176,6 +177,16 @@ pub struct ToolUse {
     pub tools: Value,
     /// A call the answer must be.
     pub call: Option<ForcedCall>,
+    /// `tool_choice: "auto"`: the model may call, in its own format, a tool of this schema
+    /// ([`Schema::tool_calls`]).
+    pub auto: Option<AutoCalls>,
+}
+
+/// Calls the model may make in its own format ([`crate::tool_calls`]).
+#[derive(Debug, Clone)]
+pub struct AutoCalls {
+    pub parser: ToolCallParser,
+    pub schema: std::sync::Arc<Schema>,
 }
 
 /// A forced tool call: with `name`, the answer is that tool's arguments; without, it is
@@ -218,11 +229,13 @@ impl ChatUnsupported {
     }
 
     /// What the request's `tools` ask: none listed (`None`); listed for the template, a call
-    /// forced or not. kandle does not read a model's own tool-call format (that needs a
-    /// parser per model family), so `tool_choice` `"auto"`, the default when tools are given,
-    /// is refused; `"required"` and a named function force a call whose arguments follow the
-    /// tool's `parameters` ([`crate::json_schema`]), as vLLM's guided decoding does.
-    pub fn tool_use(&self) -> Result<Option<ToolUse>, ApiError> {
+    /// forced, left to the model, or not made. `"required"` and a named function force a
+    /// call whose arguments follow the tool's `parameters` ([`crate::json_schema`]), as
+    /// vLLM's guided decoding does. `"auto"`, the default when tools are given, lets the
+    /// model answer or call in its own format, read by `parser` ([`crate::tool_calls`]);
+    /// with no parser (`--tool-call-parser none`, or a template that shows no format) it is
+    /// refused, rather than answering with calls the client would take for text.
+    pub fn tool_use(&self, parser: ToolCallParser) -> Result<Option<ToolUse>, ApiError> {
         let tools = match &self.tools {
             None | Some(Value::Null) => &[][..],
             Some(Value::Array(a)) => &a[..],
@@ -302,11 +315,24 @@ impl ChatUnsupported {
                 ));
             }
             "none" => None,
+            "auto" if parser != ToolCallParser::None => {
+                let schema =
+                    Schema::tool_calls(&listed).map_err(|e| ApiError::invalid(e, Some("tools")))?;
+                return Ok(Some(ToolUse {
+                    tools: Value::Array(tools.to_vec()),
+                    call: None,
+                    auto: Some(AutoCalls {
+                        parser,
+                        schema: std::sync::Arc::new(schema),
+                    }),
+                }));
+            }
             "auto" => {
                 return Err(unsupported(
                     "tool_choice",
-                    "\"auto\", the default when tools are given: reading a model's own \
-                     tool-call format needs a parser for that model. Send \"required\" or \
+                    "\"auto\", the default when tools are given: this model's chat template \
+                     shows no tool-call format to read its calls by, and the server was not \
+                     started with --tool-call-parser. Send \"required\" or \
                      {\"type\": \"function\", \"function\": {\"name\": …}} to have the \
                      answer be a call whose arguments follow the tool's parameters, or \
                      \"none\"",
@@ -347,6 +373,7 @@ impl ChatUnsupported {
         Ok(Some(ToolUse {
             tools: Value::Array(tools.to_vec()),
             call,
+            auto: None,
         }))
     }
 
@@ -1204,17 +1231,18 @@ mod tests {
     }
 
     #[test]
-    fn tools_force_a_call_by_name_or_required_and_refuse_auto() {
+    fn tools_force_a_call_by_name_or_required_and_refuse_auto_without_a_parser() {
         use serde_json::json;
-        let tool_use = |extra: Value| {
+        let tool_use_with = |extra: &Value, parser| {
             let mut body = json!({"model": "m", "messages": []});
             for (k, v) in extra.as_object().unwrap() {
                 body[k] = v.clone();
             }
             let r: ChatCompletionRequest = serde_json::from_value(body).unwrap();
             r.unsupported.check().unwrap();
-            r.unsupported.tool_use()
+            r.unsupported.tool_use(parser)
         };
+        let tool_use = |extra: Value| tool_use_with(&extra, ToolCallParser::None);
         let add = json!({"type": "function", "function": {"name": "add", "parameters":
             {"type": "object", "properties": {"a": {"type": "integer"}}}}});
         let now = json!({"type": "function", "function": {"name": "now"}});
@@ -1241,12 +1269,32 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(either.call.unwrap().name.is_none());
+        assert!(one.auto.is_none() && either.auto.is_none());
+        // With a parser, "auto" (the default with tools) leaves the answer to the model; the
+        // other choices are as without one.
+        for extra in [
+            json!({"tools": [add, now]}),
+            json!({"tools": [add, now], "tool_choice": "auto"}),
+        ] {
+            let auto = tool_use_with(&extra, ToolCallParser::Hermes)
+                .unwrap()
+                .unwrap();
+            assert!(auto.call.is_none(), "{extra}");
+            assert_eq!(auto.auto.unwrap().parser, ToolCallParser::Hermes);
+        }
+        let named = tool_use_with(
+            &json!({"tools": [add], "tool_choice": "required"}),
+            ToolCallParser::Hermes,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(named.call.is_some() && named.auto.is_none());
         for (extra, param, says) in [
-            (json!({"tools": [add]}), "tool_choice", "auto"),
+            (json!({"tools": [add]}), "tool_choice", "--tool-call-parser"),
             (
                 json!({"tools": [add], "tool_choice": "auto"}),
                 "tool_choice",
-                "auto",
+                "--tool-call-parser",
             ),
             (
                 json!({"tool_choice": "required"}),

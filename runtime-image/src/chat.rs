@@ -51,6 +51,11 @@ impl ChatTemplate {
         })
     }
 
+    /// The template's own text.
+    pub fn source(&self) -> String {
+        (self.env.get_template(NAME)).map_or_else(|_| String::new(), |t| t.source().to_owned())
+    }
+
     /// The model's beginning- and end-of-text tokens, as templates see them.
     pub fn special_tokens(&self) -> (&str, &str) {
         (&self.bos_token, &self.eos_token)

@@ -187,6 +187,12 @@ pub struct ServeConfig {
     /// beginning- and end-of-text tokens; a template that does not compile stops the start.
     #[arg(long, env = "KANDLE_CHAT_TEMPLATE")]
     pub chat_template: Option<PathBuf>,
+    /// The format the model writes tool calls in, read for `tool_choice: "auto"` (vLLM's
+    /// `--tool-call-parser`): `hermes` (`<tool_call>{…}</tool_call>`: Hermes, Qwen 2.5 and
+    /// 3, SmolLM2 and 3) or `none` ("auto" refused). Default: `hermes` where the chat
+    /// template mentions `<tool_call>`, else `none`.
+    #[arg(long, env = "KANDLE_TOOL_CALL_PARSER", value_enum)]
+    pub tool_call_parser: Option<crate::tool_calls::ToolCallParser>,
     /// Per-request time limit, from admission.
     #[arg(long, env = "KANDLE_REQUEST_TIMEOUT", default_value = "300s", value_parser = parse_duration)]
     pub request_timeout: Duration,
@@ -226,6 +232,7 @@ impl ServeConfig {
             max_embedding_inputs: 2048,
             prefix_cache_tokens: None,
             chat_template: None,
+            tool_call_parser: None,
             request_timeout: Duration::from_secs(300),
             shutdown_grace: Duration::from_secs(30),
             threads: None,
@@ -332,6 +339,15 @@ mod tests {
         assert_eq!(c.serve.task, Some(Task::Classification));
         assert_eq!(c.serve.dtype, "bf16");
         assert!(Cli::try_parse_from(["serve", "--model", "/m", "--dtype", "f8"]).is_err());
+        let c = Cli::try_parse_from(["serve", "--model", "/m", "--tool-call-parser", "hermes"])
+            .unwrap();
+        assert_eq!(
+            c.serve.tool_call_parser,
+            Some(crate::tool_calls::ToolCallParser::Hermes)
+        );
+        assert!(
+            Cli::try_parse_from(["serve", "--model", "/m", "--tool-call-parser", "x"]).is_err()
+        );
     }
 
     #[test]

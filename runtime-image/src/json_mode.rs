@@ -17,7 +17,8 @@
 //! - An answer cut by `max_tokens` (`finish_reason: "length"`) is not complete JSON, as in
 //!   OpenAI's API.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use crate::json_schema::{Schema, SchemaState};
 
@@ -383,6 +384,8 @@ pub fn token_texts(
 pub struct JsonVocab {
     texts: Vec<String>,
     plain: Vec<bool>,
+    /// Per character asked for ([`JsonVocab::containing`]), the tokens whose text holds it.
+    containing: Arc<Mutex<HashMap<char, Arc<[u32]>>>>,
 }
 
 impl JsonVocab {
@@ -396,7 +399,24 @@ impl JsonVocab {
                         .any(|c| c == '"' || c == '\\' || (c as u32) < 0x20)
             })
             .collect();
-        JsonVocab { texts, plain }
+        JsonVocab {
+            texts,
+            plain,
+            containing: Default::default(),
+        }
+    }
+
+    /// The tokens whose text holds `c` (found once per character, then kept).
+    pub fn containing(&self, c: char) -> Arc<[u32]> {
+        let mut m = self.containing.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry(c)
+            .or_insert_with(|| {
+                (self.texts.iter().enumerate())
+                    .filter(|(_, t)| t.contains(c))
+                    .map(|(id, _)| id as u32)
+                    .collect()
+            })
+            .clone()
     }
 
     /// Token `id`'s text ("" past the tokenizer's vocabulary).
@@ -412,6 +432,12 @@ pub enum Constraint {
     Object,
     /// Structured outputs: a value the schema accepts ([`crate::json_schema`]).
     Schema(Arc<Schema>),
+    /// Free text, in which each `opening` starts a value the schema accepts: tool calls in a
+    /// model's own format ([`crate::tool_calls`]), as llama.cpp's lazy grammars.
+    After {
+        opening: Arc<str>,
+        schema: Arc<Schema>,
+    },
 }
 
 /// One sequence's JSON mode or structured output: the automaton, stepped by the texts of its
@@ -420,6 +446,68 @@ pub enum Constraint {
 pub enum JsonMode {
     Object(JsonState),
     Schema(Arc<Schema>, SchemaState),
+    After(Box<Lazy>),
+}
+
+/// [`Constraint::After`]'s state: in free text, or inside a value an opening started.
+#[derive(Debug, Clone)]
+pub struct Lazy {
+    opening: Arc<str>,
+    schema: Arc<Schema>,
+    inside: Option<SchemaState>,
+    /// In free text: its end, where that may be the start of an opening (shorter than it).
+    tail: String,
+}
+
+/// Where `opening` first ends in `text`, written after `tail` (shorter than `opening`, so
+/// that any occurrence ends inside `text`): the byte offset in `text` just after it.
+fn opening_end(tail: &str, text: &str, opening: &str) -> Option<usize> {
+    let joined = format!("{tail}{text}");
+    let at = joined.find(opening)?;
+    Some(at + opening.len() - tail.len())
+}
+
+impl Lazy {
+    /// Whether a token's `text` may come next in free text: one that completes the opening
+    /// must go on (if at all) as the value may start.
+    fn free_accepts(&self, text: &str) -> bool {
+        match opening_end(&self.tail, text, &self.opening) {
+            None => true,
+            Some(end) => {
+                let rest = &text[end..];
+                rest.is_empty() || SchemaState::new(&self.schema).accepts(&self.schema, rest)
+            }
+        }
+    }
+
+    fn advance(&mut self, text: &str) {
+        match &mut self.inside {
+            Some(st) => {
+                let ok = st.push(&self.schema, text);
+                debug_assert!(ok, "a masked token was sampled: {text:?}");
+                if st.complete() {
+                    self.inside = None;
+                }
+            }
+            None => match opening_end(&self.tail, text, &self.opening) {
+                Some(end) => {
+                    self.tail.clear();
+                    let mut st = SchemaState::new(&self.schema);
+                    let rest = &text[end..];
+                    let ok = rest.is_empty() || st.push(&self.schema, rest);
+                    debug_assert!(ok, "a masked token was sampled: {text:?}");
+                    if !st.complete() {
+                        self.inside = Some(st);
+                    }
+                }
+                None => {
+                    self.tail.push_str(text);
+                    let keep = crate::tool_calls::partial_opening(&self.tail, &self.opening);
+                    self.tail.drain(..self.tail.len() - keep);
+                }
+            },
+        }
+    }
 }
 
 impl Default for JsonMode {
@@ -433,6 +521,12 @@ impl JsonMode {
         match c {
             Constraint::Object => JsonMode::default(),
             Constraint::Schema(s) => JsonMode::Schema(s.clone(), SchemaState::new(s)),
+            Constraint::After { opening, schema } => JsonMode::After(Box::new(Lazy {
+                opening: opening.clone(),
+                schema: schema.clone(),
+                inside: None,
+                tail: String::new(),
+            })),
         }
     }
 
@@ -442,6 +536,23 @@ impl JsonMode {
         let in_string = match self {
             JsonMode::Object(st) => st.in_plain_string(),
             JsonMode::Schema(_, st) => st.in_plain_string(),
+            JsonMode::After(lazy) => match &lazy.inside {
+                Some(st) => {
+                    return JsonMode::Schema(lazy.schema.clone(), st.clone()).mask(vocab, logits);
+                }
+                None => {
+                    // Only the tokens that hold the opening's last character can complete it.
+                    let last = lazy.opening.chars().last().unwrap_or('\u{0}');
+                    for &id in vocab.containing(last).iter() {
+                        if let Some(l) = logits.get_mut(id as usize)
+                            && !lazy.free_accepts(vocab.text(id))
+                        {
+                            *l = f32::NEG_INFINITY;
+                        }
+                    }
+                    return logits.iter().any(|&l| l > f32::NEG_INFINITY);
+                }
+            },
         };
         // Whether a token's first character may come next, tried once per character (a
         // schema's trial copies its state; most tokens fail on their first character).
@@ -453,6 +564,7 @@ impl JsonMode {
                 Some(t) if t.is_empty() => false,
                 Some(_) if in_string && vocab.plain[id] => true,
                 Some(t) => match self {
+                    JsonMode::After(_) => unreachable!("answered above"),
                     JsonMode::Object(st) => st.accepts(t),
                     JsonMode::Schema(schema, st) => {
                         let c = t.chars().next().unwrap_or('\u{0}');
@@ -479,15 +591,21 @@ impl JsonMode {
         let ok = match self {
             JsonMode::Object(st) => st.push(text),
             JsonMode::Schema(schema, st) => st.push(schema, text),
+            JsonMode::After(lazy) => {
+                lazy.advance(text);
+                true
+            }
         };
         debug_assert!(ok, "a masked token was sampled: {text:?}");
     }
 
-    /// Whether the answer's value is complete.
+    /// Whether the answer is complete: its value is. Free text with values in it ends as
+    /// any answer does.
     pub fn complete(&self) -> bool {
         match self {
             JsonMode::Object(st) => st.complete(),
             JsonMode::Schema(_, st) => st.complete(),
+            JsonMode::After(_) => false,
         }
     }
 }
@@ -636,6 +754,66 @@ mod tests {
     }
 
     #[test]
+    fn after_its_opening_a_value_is_masked_and_then_text_is_free_again() {
+        let texts: Vec<String> = [
+            "Hi",
+            " <",
+            "tool",
+            "_call",
+            ">",
+            ">\n{",
+            ">x",
+            "<tool_call>x",
+            "<tool_call>",
+            "{\"name\": \"now\", \"arguments\": {}}",
+            "}",
+            "",
+            "\n</tool_call>",
+            "\"name\": \"now\", \"arguments\": {}}",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let vocab = JsonVocab::new(texts.clone());
+        let schema =
+            Schema::tool_calls(&[("now".to_string(), serde_json::json!({"type": "object"}))])
+                .unwrap();
+        let allowed = |m: &JsonMode| -> Vec<usize> {
+            let mut logits = vec![0.0; texts.len()];
+            assert!(m.mask(&vocab, &mut logits));
+            (0..logits.len())
+                .filter(|&i| logits[i] > f32::NEG_INFINITY)
+                .collect()
+        };
+        let all_but =
+            |no: &[usize]| -> Vec<usize> { (0..texts.len()).filter(|i| !no.contains(i)).collect() };
+        let mut m = JsonMode::new(&Constraint::After {
+            opening: "<tool_call>".into(),
+            schema: Arc::new(schema),
+        });
+        // Free text: anything, the end of text too, but an opening followed by what no call
+        // starts with.
+        assert_eq!(allowed(&m), all_but(&[7]));
+        for t in ["Hi", " <", "tool", "_call"] {
+            m.advance(t);
+        }
+        // "<tool_call" so far: ">x" would now complete the opening and go on wrongly.
+        assert_eq!(allowed(&m), all_but(&[6, 7]));
+        m.advance(">\n{");
+        // Inside the call: only its JSON, no end of text.
+        assert_eq!(allowed(&m), [13]);
+        m.advance("\"name\": \"now\", \"arguments\": {}}");
+        assert!(!m.complete(), "the answer goes on after a call");
+        assert_eq!(allowed(&m), all_but(&[7]));
+        // An opening and a whole call in one token.
+        m.advance("\n</tool_call>");
+        m.advance("<tool_call>");
+        assert_eq!(allowed(&m), [9]);
+        m.advance("{\"name\": \"now\", \"arguments\": {}}");
+        assert_eq!(allowed(&m), all_but(&[7]));
+    }
+
+    #[test]
     fn the_masks_look_up_of_plain_string_tokens_agrees_with_a_trial_of_each() {
         let texts: Vec<String> = [
             "abc", " de", "\"", "\",", "x\"}", "\\n", "\\", "\n", "\t", "é", "\u{FFFD}", "}",
@@ -662,7 +840,7 @@ mod tests {
                     *l > f32::NEG_INFINITY,
                     match &m {
                         JsonMode::Object(st) => st.accepts(t),
-                        JsonMode::Schema(..) => unreachable!(),
+                        JsonMode::Schema(..) | JsonMode::After(_) => unreachable!(),
                     },
                     "{t:?} after {prefix:?}"
                 );

@@ -317,6 +317,20 @@ impl Schema {
         Ok(s)
     }
 
+    /// What a model's own tool-call block may hold ([`crate::tool_calls`]): a call of one of
+    /// `tools` ([`Schema::tool_call`]), or a list of one or more.
+    pub fn tool_calls(tools: &[(String, Value)]) -> Result<Schema, String> {
+        let mut s = Schema::tool_call(tools)?;
+        let call = s.root;
+        let list = s.push(Node::Array {
+            items: call,
+            min: 1,
+            max: None,
+        });
+        s.root = s.union(vec![call, list])?;
+        Ok(s)
+    }
+
     /// A node of alternatives, which must start with different characters.
     fn union(&mut self, alts: Vec<usize>) -> Result<usize, String> {
         let mut seen = 0u128;
@@ -1072,6 +1086,34 @@ mod tests {
             r#"{"name": "get_weather", "arguments": {"a": 1, "b": 2}}"#,
             r#"{"name": "sub", "arguments": {}}"#,
             r#"{"arguments": {}, "name": "add"}"#,
+        ] {
+            assert_ne!(run(bad), (true, true), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_tool_call_block_holds_a_call_or_a_list_of_calls() {
+        let tools = [(
+            "now".to_string(),
+            json!({"type": "object", "properties": {"tz": {"type": "string"}}}),
+        )];
+        let s = Schema::tool_calls(&tools).unwrap();
+        let run = |text: &str| {
+            let mut st = SchemaState::new(&s);
+            let taken = text.chars().all(|c| st.push_char(&s, c));
+            (taken, taken && st.complete())
+        };
+        for good in [
+            "\n{\"name\": \"now\", \"arguments\": {\"tz\": \"UTC\"}}",
+            "[{\"name\": \"now\", \"arguments\": {\"tz\": \"a\"}}, {\"name\": \"now\", \"arguments\": {\"tz\": \"b\"}}]",
+        ] {
+            assert_eq!(run(good), (true, true), "{good}");
+        }
+        for bad in [
+            "[]",
+            "[{\"name\": \"later\", \"arguments\": {}}]",
+            "{\"name\": \"now\", \"arguments\": {\"tz\": 1}}",
+            "\"now\"",
         ] {
             assert_ne!(run(bad), (true, true), "{bad}");
         }

@@ -25,6 +25,7 @@ pub mod server;
 pub mod source;
 pub mod threads;
 pub mod tokenizer;
+pub mod tool_calls;
 
 pub use config::{ApiKey, DownloadConfig, HubArgs, ServeConfig};
 pub use error::{Error, Result};

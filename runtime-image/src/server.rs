@@ -38,6 +38,7 @@ use crate::error::{Error, Result};
 use crate::json_mode::Constraint;
 use crate::metrics::Metrics;
 use crate::model::Task;
+use crate::tool_calls::{self, ToolCallParser};
 
 /// Where model loading stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,6 +53,9 @@ struct AppState {
     model_id: String,
     api_keys: Vec<String>,
     engine: OnceLock<Engine>,
+    /// How `tool_choice: "auto"` reads the model's calls (`--tool-call-parser`, else what the
+    /// chat template shows), set with the engine.
+    tool_parser: OnceLock<ToolCallParser>,
     draining: AtomicBool,
     metrics: Metrics,
     registry: Registry,
@@ -185,6 +189,7 @@ pub async fn start(config: ServeConfig) -> Result<Server> {
         model_id,
         api_keys,
         engine: OnceLock::new(),
+        tool_parser: OnceLock::new(),
         draining: AtomicBool::new(false),
         metrics,
         registry,
@@ -355,6 +360,11 @@ fn load_and_warm(st: &AppState, path: &std::path::Path) -> Result<()> {
     let secs = t0.elapsed().as_secs_f64();
     st.metrics.model_load_seconds.set(secs);
     let thp = crate::backend::thp_setting();
+    let tool_parser = cfg.tool_call_parser.unwrap_or_else(|| {
+        let template = engine.frontend().chat_template.as_ref();
+        ToolCallParser::detect(&template.map(|t| t.source()).unwrap_or_default())
+    });
+    let _ = st.tool_parser.set(tool_parser);
     tracing::info!(
         seconds = secs,
         model = %st.model_id,
@@ -362,6 +372,7 @@ fn load_and_warm(st: &AppState, path: &std::path::Path) -> Result<()> {
         dtype = %cfg.dtype,
         kernels = %crate::backend::kernels(),
         transparent_hugepages = %thp,
+        tool_call_parser = ?tool_parser,
         "model loaded and warmed"
     );
     if let Some(w) = crate::backend::thp_warning(&thp, crate::backend::huge_page_weight_bytes()) {
@@ -794,31 +805,55 @@ struct Prepared {
     logprobs: bool,
 }
 
-/// A forced tool call's answer ([`api::ForcedCall`]): the arguments of the tool named, or
-/// `{"name", "arguments"}` of the tool the model chose.
+/// How a chat answer is read for tool calls: a forced call's ([`api::ForcedCall`]) is the
+/// arguments of the tool named, or `{"name", "arguments"}` of the tool the model chose; with
+/// `tool_choice: "auto"` ([`api::AutoCalls`]) the answer is text with calls in the model's
+/// own format.
 #[derive(Clone)]
 enum ToolOut {
     Named(String),
     Chosen,
+    Parsed(ToolCallParser),
+}
+
+/// A `tool_calls` entry.
+fn call_entry(id: &str, name: &str, arguments: &str) -> Value {
+    json!({"id": id, "type": "function", "function": {"name": name, "arguments": arguments}})
 }
 
 impl ToolOut {
-    /// The `tool_calls` entry of an answer `text` (`None`: a chosen call cut short, which is
-    /// no call), its arguments as the JSON text the model wrote or, for a chosen call, the
-    /// arguments written again compactly.
+    /// The `tool_calls` entry of a forced call's answer `text` (`None`: a chosen call cut
+    /// short, which is no call), its arguments as the JSON text the model wrote or, for a
+    /// chosen call, the arguments written again compactly.
     fn call(&self, id: &str, text: &str) -> Option<Value> {
-        let (name, arguments) = match self {
-            ToolOut::Named(name) => (name.clone(), text.to_owned()),
+        match self {
+            ToolOut::Named(name) => Some(call_entry(id, name, text)),
             ToolOut::Chosen => {
-                let v: Value = serde_json::from_str(text).ok()?;
-                (
-                    v["name"].as_str()?.to_owned(),
-                    v.get("arguments")?.to_string(),
-                )
+                let c = tool_calls::call_of(&serde_json::from_str(text).ok()?)?;
+                Some(call_entry(id, &c.name, &c.arguments))
             }
+            ToolOut::Parsed(_) => None,
+        }
+    }
+
+    /// An answer's `message`, and whether it holds calls.
+    fn message(&self, st: &AppState, text: &str) -> (Value, bool) {
+        let parsed = match self {
+            ToolOut::Parsed(p) => p.parse(text).map(|a| {
+                let calls: Vec<Value> = (a.calls.iter())
+                    .map(|c| call_entry(&st.new_id("call"), &c.name, &c.arguments))
+                    .collect();
+                (a.content, calls)
+            }),
+            _ => self.call(&st.new_id("call"), text).map(|c| (None, vec![c])),
         };
-        Some(json!({"id": id, "type": "function",
-                    "function": {"name": name, "arguments": arguments}}))
+        match parsed {
+            Some((content, calls)) => (
+                json!({"role": "assistant", "content": content, "tool_calls": calls}),
+                true,
+            ),
+            None => (json!({"role": "assistant", "content": text}), false),
+        }
     }
 
     /// The finish reason of a call: `tool_calls` once it is whole, as OpenAI's.
@@ -881,22 +916,40 @@ async fn chat_completions(
     let n = api::check_n(r.n, st.config.max_batch_size + st.config.max_queue)?;
     r.unsupported.check()?;
     let mut json = r.unsupported.json_constraint()?;
-    let tool_use = r.unsupported.tool_use()?;
-    let tool = match tool_use.as_ref().and_then(|t| t.call.as_ref()) {
-        Some(_) if json.is_some() => {
+    let parser = st
+        .tool_parser
+        .get()
+        .copied()
+        .unwrap_or(ToolCallParser::None);
+    let tool_use = r.unsupported.tool_use(parser)?;
+    let (call, auto) = match &tool_use {
+        Some(t) => (t.call.as_ref(), t.auto.as_ref()),
+        None => (None, None),
+    };
+    let tool = match (call, auto) {
+        (Some(_), _) | (_, Some(_)) if json.is_some() => {
             return Err(ApiError::invalid(
-                "response_format and a forced tool call both shape the answer; send one of them",
+                "response_format and tool calls both shape the answer; send one of them, or \
+                 tool_choice \"none\"",
                 Some("response_format"),
             ));
         }
-        Some(call) => {
+        (Some(call), _) => {
             json = Some(Constraint::Schema(call.schema.clone()));
             Some(match &call.name {
                 Some(name) => ToolOut::Named(name.clone()),
                 None => ToolOut::Chosen,
             })
         }
-        None => None,
+        (None, Some(auto)) => {
+            let opening = auto.parser.opening().expect("a parser with a format");
+            json = Some(Constraint::After {
+                opening: opening.into(),
+                schema: auto.schema.clone(),
+            });
+            Some(ToolOut::Parsed(auto.parser))
+        }
+        (None, None) => None,
     };
     let messages = api::chat_messages(&r.messages)?;
     let logprobs = match (r.logprobs, r.top_logprobs) {
@@ -1287,17 +1340,14 @@ async fn collect_response(
     let body_of = |(i, c): (usize, &Choice)| match flavor {
         Flavor::Chat if tool.is_some() => {
             let tool = tool.as_ref().expect("a tool");
-            let call = tool.call(&st.new_id("call"), &c.text);
-            let finish = match &call {
-                Some(_) => ToolOut::finish(c.finish_reason),
-                None => c.finish_reason.as_str(),
+            let (message, called) = tool.message(&st, &c.text);
+            let finish = match called {
+                true => ToolOut::finish(c.finish_reason),
+                false => c.finish_reason.as_str(),
             };
             json!({
                 "index": i,
-                "message": match call {
-                    Some(call) => json!({"role": "assistant", "content": null, "tool_calls": [call]}),
-                    None => json!({"role": "assistant", "content": c.text}),
-                },
+                "message": message,
                 "logprobs": if want_logprobs { chat_logprobs(&c.logprobs) } else { Value::Null },
                 "finish_reason": finish,
             })
@@ -1369,13 +1419,15 @@ struct StreamState {
 }
 
 /// One choice's tool call as it streams: its id, whether the chunk naming the tool is sent,
-/// and (a chosen tool, known only at the end) the text and log-probabilities so far.
+/// and (a chosen tool, known only at the end; the calls of an answer read for them) the text
+/// and the log-probabilities not yet sent, and how much of the text is sent as content.
 #[derive(Default)]
 struct CallStream {
     id: String,
     named: bool,
     text: String,
     logprobs: Vec<TokenLogprob>,
+    sent: usize,
 }
 
 impl StreamState {
@@ -1442,6 +1494,56 @@ impl StreamState {
                         None => (json!({"content": c.text}), reason.as_str()),
                     };
                     out.push(self.delta_chunk(i, delta, &c.logprobs, None));
+                    out.push(self.delta_chunk(i, json!({}), &[], Some(finish)));
+                }
+            }
+            ToolOut::Parsed(parser) => {
+                let opening = parser.opening().expect("a parser with a format");
+                let c = &mut self.calls[i];
+                c.text.push_str(text);
+                c.logprobs.extend_from_slice(lps);
+                // Content streams as it comes, but for what may open a call; from the first
+                // opening on, the text waits for the end, where the calls are read.
+                let opened = c.text.find(opening);
+                let upto = match (opened, done) {
+                    (Some(at), _) => at,
+                    (None, None) => c.text.len() - tool_calls::partial_opening(&c.text, opening),
+                    (None, Some(_)) => c.text.len(),
+                };
+                let parsed = done.and_then(|_| parser.parse(&c.text));
+                let upto = match parsed {
+                    None if done.is_some() => c.text.len(),
+                    _ => upto,
+                };
+                // At the end of a text answer, log-probabilities of tokens without text
+                // (the end-of-text token's) go with an empty piece, as without tools.
+                let last_lps = done.is_some() && parsed.is_none() && !c.logprobs.is_empty();
+                if upto > c.sent || last_lps {
+                    let piece = c.text[c.sent..upto].to_owned();
+                    let lps = std::mem::take(&mut c.logprobs);
+                    c.sent = upto;
+                    out.push(self.delta_chunk(i, json!({"content": piece}), &lps, None));
+                }
+                if let Some(reason) = done {
+                    let finish = match parsed {
+                        Some(answer) => {
+                            let calls: Vec<Value> = (answer.calls.iter().enumerate())
+                                .map(|(k, call)| {
+                                    let mut v = call_entry(
+                                        &self.st.new_id("call"),
+                                        &call.name,
+                                        &call.arguments,
+                                    );
+                                    v["index"] = json!(k);
+                                    v
+                                })
+                                .collect();
+                            let lps = std::mem::take(&mut self.calls[i].logprobs);
+                            out.push(self.delta_chunk(i, json!({"tool_calls": calls}), &lps, None));
+                            ToolOut::finish(reason)
+                        }
+                        None => reason.as_str(),
+                    };
                     out.push(self.delta_chunk(i, json!({}), &[], Some(finish)));
                 }
             }

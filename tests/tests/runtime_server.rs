@@ -1634,8 +1634,8 @@ async fn a_json_schema_shapes_the_answer() {
 /// Tools: a named function (or "required" with one tool) makes the answer a call of it
 /// whose arguments follow its parameters; "required" with several makes it a call of one of
 /// them. Streamed, a named call's arguments come in pieces after a chunk naming it, and join
-/// to the non-streamed arguments. "auto", the default, is refused: kandle does not read a
-/// model's own tool-call format.
+/// to the non-streamed arguments. "auto", the default, is refused: SmolLM2's template shows
+/// no tool-call format and no `--tool-call-parser` is given.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forced_tool_call_answers_with_arguments_its_parameters_accept() {
     let (server, url) = serve(|c| c.max_new_tokens = 120).await;
@@ -1747,6 +1747,156 @@ async fn a_forced_tool_call_answers_with_arguments_its_parameters_accept() {
         let e = expect_error(r, 400, &extra.to_string()).await;
         assert_eq!(e["error"]["param"], param, "{e}");
     }
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+/// A conversation in which the assistant called `get_weather(city)` for three earlier
+/// questions in the Hermes format, then `question`: SmolLM2-135M, greedy, calls again for a
+/// weather question and answers others in text.
+fn weather_shots(question: &str) -> Value {
+    let mut messages = vec![json!({"role": "system", "content":
+        "You have access to the following tools:\n<tools>[{\"name\": \"get_weather\", \
+         \"description\": \"Get the current weather in a city\", \"parameters\": {\"type\": \
+         \"object\", \"properties\": {\"city\": {\"type\": \"string\"}}}}]</tools>\nTo call a \
+         tool, answer <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call>."})];
+    for city in ["Paris", "London", "Madrid"] {
+        messages
+            .push(json!({"role": "user", "content": format!("What is the weather in {city}?")}));
+        messages.push(json!({"role": "assistant", "content": format!(
+            "<tool_call>\n{{\"name\": \"get_weather\", \"arguments\": {{\"city\": \"{city}\"}}}}\n</tool_call>")}));
+    }
+    messages.push(json!({"role": "user", "content": question}));
+    json!({"model": SMOL, "messages": messages, "temperature": 0, "max_tokens": 60})
+}
+
+/// `tool_choice: "auto"` with `--tool-call-parser hermes`: the model answers in text or calls
+/// in its own `<tool_call>` format, and a call it opens is masked to the request's tools. The
+/// conversation taught it `get_weather(city)`; the request lists only
+/// `weather_now(location, unit)`, so unmasked (`"none"`) it writes the call it was shown and
+/// with "auto" the one the request allows. Streamed: content as it comes, the calls whole at
+/// the end, every token's log-probability sent. A chat template that mentions `<tool_call>`
+/// chooses the parser without the flag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_tool_choice_reads_calls_in_the_models_format_masked_to_the_tools() {
+    use kandle_runtime::tool_calls::ToolCallParser;
+    let (server, url) = serve(|c| c.tool_call_parser = Some(ToolCallParser::Hermes)).await;
+    let http = client();
+    let chat = format!("{url}/v1/chat/completions");
+    let tools = json!([{"type": "function", "function": {"name": "weather_now",
+        "parameters": {"type": "object", "properties": {
+            "location": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+            "required": ["location", "unit"]}}}]);
+    let rome = with_fields(
+        weather_shots("What is the weather in Rome?"),
+        &json!({"tools": tools}),
+    );
+
+    // Unmasked, the model writes the call it was shown, as text.
+    let none = post_json(
+        &http,
+        &chat,
+        &with_fields(rome.clone(), &json!({"tool_choice": "none"})),
+    )
+    .await;
+    let text = none["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(
+        text.starts_with("<tool_call>") && text.contains("\"get_weather\""),
+        "{none}"
+    );
+
+    let r = post_json(&http, &chat, &rome).await;
+    let c = &r["choices"][0];
+    assert_eq!(c["finish_reason"], "tool_calls", "{r}");
+    assert!(c["message"]["content"].is_null(), "{r}");
+    let calls = c["message"]["tool_calls"].as_array().unwrap();
+    assert_eq!(calls.len(), 1, "{r}");
+    assert_eq!(calls[0]["type"], "function");
+    assert!(calls[0]["id"].as_str().is_some_and(|id| !id.is_empty()));
+    let f = &calls[0]["function"];
+    assert_eq!(f["name"], "weather_now", "{r}");
+    let args: serde_json::Map<String, Value> =
+        serde_json::from_str(f["arguments"].as_str().unwrap()).unwrap();
+    assert!(args["location"].is_string(), "{r}");
+    assert!(
+        ["celsius", "fahrenheit"].contains(&args["unit"].as_str().unwrap()),
+        "{r}"
+    );
+    assert_eq!(args.len(), 2, "{r}");
+
+    let chunks = post_stream(
+        &http,
+        &chat,
+        &with_fields(rome.clone(), &json!({"stream": true})),
+    )
+    .await;
+    let streamed: Vec<&Value> = chunks
+        .iter()
+        .filter_map(|ch| ch["choices"][0]["delta"]["tool_calls"].as_array())
+        .flatten()
+        .collect();
+    assert_eq!(streamed.len(), 1, "{chunks:?}");
+    assert_eq!(streamed[0]["index"], 0);
+    assert_eq!(streamed[0]["function"], *f, "streamed call");
+    let content: String = (chunks.iter())
+        .filter_map(|ch| ch["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(content, "", "no content before the call");
+    assert_eq!(
+        chunks.last().unwrap()["choices"][0]["finish_reason"],
+        "tool_calls"
+    );
+
+    // A question the tool does not answer: text, streamed the same, with every token's
+    // log-probability (none held back with text that might have opened a call).
+    let sum = with_fields(weather_shots("What is 2+2?"), &json!({"tools": tools}));
+    let r = post_json(&http, &chat, &sum).await;
+    let c = &r["choices"][0];
+    assert_eq!(c["finish_reason"], "stop", "{r}");
+    assert!(c["message"]["tool_calls"].is_null(), "{r}");
+    let answer = c["message"]["content"].as_str().unwrap();
+    assert!(!answer.is_empty() && !answer.contains("<tool_call>"), "{r}");
+    let chunks = post_stream(
+        &http,
+        &chat,
+        &with_fields(
+            sum,
+            &json!({"stream": true, "logprobs": true,
+                                  "stream_options": {"include_usage": true}}),
+        ),
+    )
+    .await;
+    let content: String = (chunks.iter())
+        .filter_map(|ch| ch["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(content, answer);
+    let lps: usize = (chunks.iter())
+        .filter_map(|ch| ch["choices"][0]["logprobs"]["content"].as_array())
+        .map(Vec::len)
+        .sum();
+    let usage = &chunks.last().unwrap()["usage"];
+    assert_eq!(
+        lps as u64,
+        usage["completion_tokens"].as_u64().unwrap(),
+        "{usage}"
+    );
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+
+    // No flag: a template that writes `<tool_call>` into the prompt chooses Hermes.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("chat.jinja");
+    std::fs::write(
+        &file,
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}\
+         {% if tools %}<|im_start|>system\nCall tools as <tool_call>{...}</tool_call><|im_end|>\n\
+         {% endif %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    )
+    .unwrap();
+    let (server, url) = serve(move |c| c.chat_template = Some(file)).await;
+    let r = post_json(&http, &format!("{url}/v1/chat/completions"), &rome).await;
+    assert!(
+        r["choices"][0]["message"].is_object(),
+        "\"auto\" accepted: {r}"
+    );
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 

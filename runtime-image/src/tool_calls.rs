@@ -1,0 +1,207 @@
+//! `tool_choice: "auto"`: tool calls read out of a model's own answer text (vLLM's
+//! `--tool-call-parser`).
+//!
+//! The model answers as it likes; where it opens a call in its family's format, the rest of
+//! the call is masked to the tools' schemas ([`crate::json_mode::Constraint::After`], as
+//! llama.cpp's lazy grammars do), so that a call the model finishes always names one of the
+//! tools and has arguments its `parameters` accept. The answer's text is then split here into
+//! the content before the first call and the calls.
+//!
+//! Formats:
+//! - [`ToolCallParser::Hermes`]: `<tool_call>{"name": …, "arguments": …}</tool_call>`, once
+//!   per call (Hermes 2 and 3, Qwen 2.5 and 3, SmolLM3, and most templates that mention
+//!   `<tool_call>`). A JSON list of such objects inside one block is read as several calls
+//!   (SmolLM2's format, from its APIGen training data).
+//!
+//! Decisions, where vLLM's parser is the model:
+//! - The content is the text before the first `<tool_call>`; `null` when it is only
+//!   whitespace. Text after the last call is dropped.
+//! - A block that is not a whole call (an answer cut by `max_tokens`) makes the whole answer
+//!   content, as vLLM does when its parser fails.
+//! - A call's `arguments` is the model's JSON written again compactly, as a string.
+
+use serde_json::Value;
+
+/// A model family's tool-call format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ToolCallParser {
+    /// `<tool_call>{"name": …, "arguments": …}</tool_call>`.
+    Hermes,
+    /// No format: `tool_choice: "auto"` is refused.
+    None,
+}
+
+/// One call read from an answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParsedCall {
+    pub name: String,
+    /// The arguments as compact JSON text.
+    pub arguments: String,
+}
+
+/// An answer split into what it says and what it calls.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParsedAnswer {
+    /// The text before the first call (`None`: only whitespace).
+    pub content: Option<String>,
+    pub calls: Vec<ParsedCall>,
+}
+
+impl ToolCallParser {
+    /// The format a chat template's own text implies: Hermes where it mentions
+    /// `<tool_call>`, else none (vLLM asks for the flag; a template that writes the tag
+    /// into the prompt already says which format the model was taught).
+    pub fn detect(template: &str) -> ToolCallParser {
+        match template.contains(HERMES_OPEN) {
+            true => ToolCallParser::Hermes,
+            false => ToolCallParser::None,
+        }
+    }
+
+    /// The text that opens a call, after which the answer is masked to the call's schema.
+    pub fn opening(self) -> Option<&'static str> {
+        match self {
+            ToolCallParser::Hermes => Some(HERMES_OPEN),
+            ToolCallParser::None => None,
+        }
+    }
+
+    /// `text` split into content and calls; `None` where it opens no call, or a block is
+    /// not a whole call (the answer is then content, as it is).
+    pub fn parse(self, text: &str) -> Option<ParsedAnswer> {
+        let open = self.opening()?;
+        let first = text.find(open)?;
+        let mut calls = Vec::new();
+        let mut rest = &text[first..];
+        while let Some(at) = rest.find(open) {
+            let body = &rest[at + open.len()..];
+            let (inner, after) = match body.find(HERMES_CLOSE) {
+                Some(end) => (&body[..end], &body[end + HERMES_CLOSE.len()..]),
+                None => (body, ""),
+            };
+            match serde_json::from_str::<Value>(inner.trim()).ok()? {
+                Value::Array(list) if !list.is_empty() => {
+                    for v in &list {
+                        calls.push(call_of(v)?);
+                    }
+                }
+                v @ Value::Object(_) => calls.push(call_of(&v)?),
+                _ => return None,
+            }
+            rest = after;
+        }
+        let content = &text[..first];
+        Some(ParsedAnswer {
+            content: (!content.trim().is_empty()).then(|| content.to_owned()),
+            calls,
+        })
+    }
+}
+
+const HERMES_OPEN: &str = "<tool_call>";
+const HERMES_CLOSE: &str = "</tool_call>";
+
+/// A call written as `{"name": …, "arguments": …}` (arguments absent: `{}`).
+pub fn call_of(v: &Value) -> Option<ParsedCall> {
+    let name = v.get("name")?.as_str()?.to_owned();
+    let arguments = match v.get("arguments") {
+        None => "{}".to_owned(),
+        Some(a @ Value::Object(_)) => a.to_string(),
+        Some(_) => return None,
+    };
+    Some(ParsedCall { name, arguments })
+}
+
+/// How many bytes at the end of `text` may be the start of `opening` (the longest suffix
+/// that is a proper prefix of it): text a stream holds back until it knows.
+pub fn partial_opening(text: &str, opening: &str) -> usize {
+    (1..opening.len().min(text.len() + 1))
+        .rev()
+        .find(|&k| text.is_char_boundary(text.len() - k) && text.ends_with(&opening[..k]))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(name: &str, arguments: &str) -> ParsedCall {
+        ParsedCall {
+            name: name.into(),
+            arguments: arguments.into(),
+        }
+    }
+
+    #[test]
+    fn hermes_blocks_are_read_as_calls_after_the_content() {
+        let p = ToolCallParser::Hermes;
+        let text = "Let me look.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Rome\"}}\n</tool_call>\n<tool_call>{\"name\": \"now\"}</tool_call> trailing";
+        assert_eq!(
+            p.parse(text),
+            Some(ParsedAnswer {
+                content: Some("Let me look.\n".into()),
+                calls: vec![
+                    call("get_weather", "{\"city\":\"Rome\"}"),
+                    call("now", "{}")
+                ],
+            })
+        );
+        // SmolLM2's list in one block; no content before it.
+        let list = "<tool_call>[{\"name\": \"a\", \"arguments\": {}}, {\"name\": \"b\", \"arguments\": {\"x\": 1}}]</tool_call>";
+        assert_eq!(
+            p.parse(list),
+            Some(ParsedAnswer {
+                content: None,
+                calls: vec![call("a", "{}"), call("b", "{\"x\":1}")],
+            })
+        );
+        // An unclosed last block is read to the end of the text.
+        assert_eq!(
+            p.parse(" \n<tool_call>{\"name\": \"a\", \"arguments\": {}}")
+                .map(|a| (a.content, a.calls.len())),
+            Some((None, 1))
+        );
+    }
+
+    #[test]
+    fn text_without_a_whole_call_is_not_a_call() {
+        let p = ToolCallParser::Hermes;
+        for text in [
+            "just an answer",
+            "<tool_call>{\"name\": \"a\", \"argu",
+            "<tool_call>{\"arguments\": {}}</tool_call>",
+            "<tool_call>{\"name\": \"a\", \"arguments\": [1]}</tool_call>",
+            "<tool_call>[]</tool_call>",
+            "<tool_call>{\"name\": \"a\"}</tool_call><tool_call>oops</tool_call>",
+        ] {
+            assert_eq!(p.parse(text), None, "{text}");
+        }
+        assert_eq!(
+            ToolCallParser::None.parse("<tool_call>{\"name\": \"a\"}"),
+            None
+        );
+    }
+
+    #[test]
+    fn the_format_is_detected_from_the_template() {
+        assert_eq!(
+            ToolCallParser::detect("{% for tool in tools %}...<tool_call>\n"),
+            ToolCallParser::Hermes
+        );
+        assert_eq!(
+            ToolCallParser::detect("{{ bos_token }}{% for m in messages %}"),
+            ToolCallParser::None
+        );
+    }
+
+    #[test]
+    fn a_partial_opening_is_held_back() {
+        let open = "<tool_call>";
+        assert_eq!(partial_opening("Sure <tool_c", open), 7);
+        assert_eq!(partial_opening("a <", open), 1);
+        assert_eq!(partial_opening("a < b", open), 0);
+        assert_eq!(partial_opening("<tool_call>", open), 0);
+        assert_eq!(partial_opening("", open), 0);
+        assert_eq!(partial_opening("é", open), 0);
+    }
+}
