@@ -11,8 +11,9 @@ It prints the outcomes by kind: `valid` (ended, and the schema accepts it), `cut
 max_tokens, so not complete JSON), `refused` (a schema outside kandle's subset: 400), and
 each failure in full. The schemas mix what kandle follows (types and type lists, nested
 properties, items with minItems/maxItems, enum, const, anyOf of alternatives that start
-differently, maps) with what it refuses (pattern, alternatives that start alike, an empty
-enum).
+differently, maps, string lengths, patterns and formats, number bounds, checked with jsonschema's format
+checker: `pip install rfc3339-validator` for date-time and time) with what it refuses
+(look-ahead patterns, unknown formats, multipleOf, alternatives that start alike, an empty enum).
 """
 import argparse
 import json
@@ -31,6 +32,16 @@ def leaf(r):
         {"type": "null"}, {}, True, {"enum": ["a", "b", 1, None, True]}, {"const": "x"},
         {"type": ["string", "null"]}, {"anyOf": [{"type": "integer"}, {"type": "null"}]},
         {"type": "string", "pattern": "x"}, {"enum": []}, {"type": "array"},
+        {"type": "string", "minLength": 2, "maxLength": 5}, {"type": "string", "maxLength": 0},
+        {"type": "string", "pattern": "^[A-Z]{2}[0-9]{2,4}$"}, {"type": "string", "pattern": "b+c"},
+        {"type": "string", "pattern": "^(yes|no)\\.$"}, {"type": "string", "pattern": "a(?=b)"},
+        {"type": "string", "format": "date"}, {"type": "string", "format": "date-time"},
+        {"type": "string", "format": "time"}, {"type": "string", "format": "uuid"},
+        {"type": "string", "format": "email"}, {"type": "string", "format": "ipv4"},
+        {"type": "string", "format": "hostname"}, {"type": ["string", "null"], "maxLength": 3},
+        {"type": "integer", "minimum": 0}, {"type": "integer", "minimum": -3, "maximum": 7},
+        {"type": "number", "exclusiveMinimum": 0, "maximum": 1}, {"type": "integer", "maximum": -100},
+        {"type": "number", "minimum": 2.5, "maximum": 2.75}, {"type": "integer", "multipleOf": 2},
         {"type": "object"}, {"enum": ["é", "東京", "\"q\""]}, {"type": ["integer", "number"]},
         {"oneOf": [{"type": "string"}, {"type": "array", "items": {}}]},
         {"type": "object", "additionalProperties": {"type": "integer"}},
@@ -82,7 +93,8 @@ def one(url, model, r, seed):
     except json.JSONDecodeError as e:
         return ("not JSON", sc, text, str(e))
     try:
-        jsonschema.validate(value, {} if sc is True else sc)
+        jsonschema.validate(value, {} if sc is True else sc,
+                            format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
     except jsonschema.ValidationError as e:
         return ("invalid", sc, text, e.message)
     return "valid"

@@ -1220,7 +1220,7 @@ mod tests {
                 "missing",
             ),
             (
-                json!({"type": "json_schema", "json_schema": {"schema": {"type": "string", "format": "date"}}}),
+                json!({"type": "json_schema", "json_schema": {"schema": {"type": "string", "format": "hostname"}}}),
                 "format",
             ),
         ] {
@@ -1323,7 +1323,7 @@ mod tests {
             ),
             (
                 json!({"tools": [{"type": "function", "function": {"name": "f", "parameters":
-                {"type": "object", "properties": {"d": {"type": "string", "format": "date"}}}}}],
+                {"type": "object", "properties": {"d": {"type": "string", "format": "hostname"}}}}}],
                 "tool_choice": "none"}),
                 "tools",
                 "format",

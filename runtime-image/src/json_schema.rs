@@ -16,13 +16,38 @@
 //!   `properties` or `items` holds any JSON.
 //! - Between tokens, whitespace is none, one space, or a newline and up to 20 spaces or tabs
 //!   (llama.cpp's grammars from schemas; JSON mode allows any 32 in a row).
+//! - Strings: `minLength` and `maxLength` (in characters, as JSON Schema counts them),
+//!   `pattern` (matched anywhere in the string, as JSON Schema's ECMA regexes are, unless
+//!   anchored with `^`/`$`; Rust regex syntax, so no look-around or back-references), and
+//!   `format` `date-time`, `date`, `time`, `uuid`, `email` or `ipv4` (each a regex of its
+//!   RFC's form, as Python's and pydantic's parsers take it: dates with each month's days,
+//!   times with an offset, no leap seconds; `email` the common `local@domain.tld`). A pattern or format is a dense DFA
+//!   over the string's characters ([`StrRule`]): a character that leaves no way to a match is
+//!   masked, and the closing quote waits for a match. Inside such a string, escapes are
+//!   JSON's, `\u` for characters outside the surrogates, except under a pattern or format,
+//!   where a character is written as itself or with a one-letter escape (a `\u` begun could
+//!   lead only where the pattern allows nothing), and a backslash only where an escape's
+//!   character may follow.
+//! - Numbers and integers: `minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum`
+//!   (pydantic's `ge`, `le`, `gt`, `lt`). A bounded number is written without an exponent,
+//!   with at most 15 digits before and 15 after the point, in whole units of 10^-15 ([`NumAt`]
+//!   follows exactly which values a prefix can still reach): a digit is masked as soon as no
+//!   value in bounds can follow it, and the number ends only within them. A bound between
+//!   units is rounded inward.
+//! - String and number keywords apply to values of their type only, as in JSON Schema:
+//!   beside another type (`["string", "null"]`) they are read and need nothing; without a
+//!   type they are refused.
 //! - Annotations (`title`, `description`, `default`, `examples`, `$schema`, `$defs`,
-//!   `definitions`, `strict`) are ignored. Any other keyword (`pattern`, `minimum`,
-//!   `format`, …) is refused with its name rather than ignored, since the answer could then
-//!   break it.
+//!   `definitions`, `strict`) are ignored. Any other keyword (`multipleOf`, `uniqueItems`,
+//!   `patternProperties`, …) is refused with its name rather than ignored, since the answer
+//!   could then break it.
 
 use std::collections::BTreeSet;
 
+use regex_automata::dfa::{Automaton, StartKind, dense};
+use regex_automata::util::primitives::StateID;
+use regex_automata::util::start;
+use regex_automata::{Anchored, MatchKind};
 use serde_json::Value;
 
 use crate::json_mode::JsonState;
@@ -40,6 +65,19 @@ const ANNOTATIONS: [&str; 11] = [
     "required",
     "additionalProperties",
     "$id",
+];
+
+/// The keywords of strings ([`StrRule`]) and numbers ([`NumRule`]), which apply to values
+/// of their type only.
+const TYPED_KEYWORDS: [&str; 8] = [
+    "minLength",
+    "maxLength",
+    "pattern",
+    "format",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
 ];
 
 /// Spaces or tabs after a newline between tokens, at most.
@@ -62,9 +100,355 @@ enum Kind {
     Null,
 }
 
+/// A string's `minLength`, `maxLength` and `pattern` or `format`.
+#[derive(Debug, Clone)]
+struct StrRule {
+    min: usize,
+    max: Option<usize>,
+    /// The pattern as a DFA over the whole string's UTF-8, and its start state.
+    dfa: Option<(dense::DFA<Vec<u32>>, StateID)>,
+}
+
+/// A pattern's DFA may take this many bytes, its construction twice that: a pattern past it
+/// (`.{1000}`, say) is refused.
+const DFA_LIMIT: usize = 4 << 20;
+
+/// A calendar date, years 0001 to 9999, each month's days, February's 29th in leap years
+/// (RFC 3339's `full-date`, as Python's and pydantic's date parsers take it).
+macro_rules! date_re {
+    () => {
+        r"((000[1-9]|00[1-9][0-9]|0[1-9][0-9]{2}|[1-9][0-9]{3})-((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)|02-(0[1-9]|1[0-9]|2[0-8]))|([0-9]{2}(0[48]|[2468][048]|[13579][26])|(0[48]|[2468][048]|[13579][26])00)-02-29)"
+    };
+}
+
+/// A time of day with an offset (RFC 3339's `full-time`), without leap seconds and with at
+/// most microseconds, which Python's and pydantic's parsers refuse.
+macro_rules! time_re {
+    () => {
+        r"([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"
+    };
+}
+
+/// The regex of each `format` followed ([`StrRule`]), anchored.
+const FORMATS: [(&str, &str); 6] = [
+    (
+        "date-time",
+        concat!("^", date_re!(), "[Tt]", time_re!(), "$"),
+    ),
+    ("date", concat!("^", date_re!(), "$")),
+    ("time", concat!("^", time_re!(), "$")),
+    (
+        "uuid",
+        r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$",
+    ),
+    (
+        "email",
+        r"^[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}(\.[A-Za-z0-9-]{1,63})*\.[A-Za-z]{2,24}$",
+    ),
+    (
+        "ipv4",
+        r"^((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])$",
+    ),
+];
+
+/// A schema's least and greatest count (`minItems`/`maxItems`, `minLength`/`maxLength`).
+fn counts(
+    obj: &serde_json::Map<String, Value>,
+    min_key: &str,
+    max_key: &str,
+) -> Result<(usize, Option<usize>), String> {
+    let count = |k: &str| -> Result<Option<usize>, String> {
+        obj.get(k)
+            .map(|v| {
+                v.as_u64()
+                    .map(|n| n as usize)
+                    .ok_or_else(|| format!("{k} must be a count, got {v}"))
+            })
+            .transpose()
+    };
+    let (min, max) = (count(min_key)?.unwrap_or(0), count(max_key)?);
+    if max.is_some_and(|m| m < min) {
+        return Err(format!("{max_key} {max:?} is below {min_key} {min}"));
+    }
+    Ok((min, max))
+}
+
+impl StrRule {
+    /// The rule of a string schema's keywords (`None`: none of them).
+    fn compile(obj: &serde_json::Map<String, Value>) -> Result<Option<StrRule>, String> {
+        let (min, max) = counts(obj, "minLength", "maxLength")?;
+        let regex = match (obj.get("pattern"), obj.get("format")) {
+            (Some(_), Some(_)) => {
+                return Err("pattern and format together are not supported".into());
+            }
+            (Some(Value::String(p)), None) => Some(p.clone()),
+            (Some(p), None) => return Err(format!("pattern must be a string, got {p}")),
+            (None, Some(f)) => {
+                let name = f.as_str().unwrap_or_default();
+                let (_, re) = FORMATS.iter().find(|(n, _)| *n == name).ok_or_else(|| {
+                    let names: Vec<&str> = FORMATS.iter().map(|(n, _)| *n).collect();
+                    format!("format {f} is not supported (only {})", names.join(", "))
+                })?;
+                Some(re.to_string())
+            }
+            (None, None) => None,
+        };
+        if min == 0 && max.is_none() && regex.is_none() {
+            return Ok(None);
+        }
+        let dfa = regex.map(|re| string_dfa(&re)).transpose()?;
+        Ok(Some(StrRule { min, max, dfa }))
+    }
+}
+
+/// A DFA that matches the strings in which `pattern` matches somewhere (its `^` and `$`
+/// anchor it to the string's ends), over their UTF-8.
+fn string_dfa(pattern: &str) -> Result<(dense::DFA<Vec<u32>>, StateID), String> {
+    let dfa = dense::Builder::new()
+        .configure(
+            dense::Config::new()
+                .match_kind(MatchKind::All)
+                .start_kind(StartKind::Anchored)
+                .unicode_word_boundary(true)
+                // Minimal, every state that cannot reach a match is the dead state: the
+                // mask then refuses a character as soon as no match can follow it.
+                .minimize(true)
+                .dfa_size_limit(Some(DFA_LIMIT))
+                .determinize_size_limit(Some(2 * DFA_LIMIT)),
+        )
+        .build(&format!("(?s:.*)(?:{pattern})(?s:.*)"))
+        .map_err(|e| format!("pattern {pattern:?} is not supported: {e}"))?;
+    let start = dfa
+        .start_state(&start::Config::new().anchored(Anchored::Yes))
+        .map_err(|e| format!("pattern {pattern:?} is not supported: {e}"))?;
+    Ok((dfa, start))
+}
+
+/// Digits a bounded number's integer part and fraction may each have ([`NumRule`]).
+const NUM_DIGITS: u32 = 15;
+/// A bounded number's unit: its values are whole multiples of 10^-[`NUM_DIGITS`].
+const NUM_SCALE: i128 = 10i128.pow(NUM_DIGITS);
+
+/// A number's `minimum`, `maximum`, `exclusiveMinimum` and `exclusiveMaximum`, in whole
+/// units (10^-15 for numbers, 1 for integers), inclusive.
+#[derive(Debug, Clone)]
+struct NumRule {
+    integer: bool,
+    lo: Option<i128>,
+    hi: Option<i128>,
+}
+
+impl NumRule {
+    /// The rule of a number schema's bounds (`None`: none given).
+    fn compile(
+        obj: &serde_json::Map<String, Value>,
+        integer: bool,
+    ) -> Result<Option<NumRule>, String> {
+        let unit_digits = if integer { 0 } else { NUM_DIGITS };
+        // In units, rounded inward (up for a lower bound); `exclusive`: the next unit in
+        // where the bound is a whole unit. Past what 15 digits write, a bound is no bound
+        // (beyond it on its own side) or leaves nothing.
+        let bound = |k: &str, lower: bool, exclusive: bool| -> Result<Option<i128>, String> {
+            let Some(v) = obj.get(k) else {
+                return Ok(None);
+            };
+            if !v.is_number() {
+                return Err(format!("{k} must be a number, got {v}"));
+            }
+            match units(&v.to_string(), unit_digits, lower) {
+                Some((r, exact)) => Ok(Some(match (exclusive && exact, lower) {
+                    (false, _) => r,
+                    (true, true) => r + 1,
+                    (true, false) => r - 1,
+                })),
+                None if v.as_f64().is_some_and(|x| (x < 0.0) == lower) => Ok(None),
+                None => Err(format!(
+                    "{k} {v} leaves no number of up to {NUM_DIGITS} digits"
+                )),
+            }
+        };
+        let tighter = |a: Option<i128>, b: Option<i128>, lower: bool| match (a, b) {
+            (Some(a), Some(b)) => Some(if lower { a.max(b) } else { a.min(b) }),
+            (a, b) => a.or(b),
+        };
+        let lo = tighter(
+            bound("minimum", true, false)?,
+            bound("exclusiveMinimum", true, true)?,
+            true,
+        );
+        let hi = tighter(
+            bound("maximum", false, false)?,
+            bound("exclusiveMaximum", false, true)?,
+            false,
+        );
+        match (lo, hi) {
+            (None, None) => Ok(None),
+            (Some(l), Some(h)) if l > h => Err(format!(
+                "the bounds of {} leave no value",
+                Value::Object(obj.clone())
+            )),
+            _ => Ok(Some(NumRule { integer, lo, hi })),
+        }
+    }
+
+    fn unit(&self) -> i128 {
+        if self.integer { 1 } else { NUM_SCALE }
+    }
+
+    /// Whether some value in `from..=to` (units) is within the bounds.
+    fn meets(&self, from: i128, to: i128) -> bool {
+        self.lo.is_none_or(|l| to >= l) && self.hi.is_none_or(|h| from <= h)
+    }
+}
+
+/// A JSON number's text in units of 10^-`unit_digits`, rounded up (`up`) or down, and
+/// whether that was exact; `None` past 15 integer digits.
+fn units(text: &str, unit_digits: u32, up: bool) -> Option<(i128, bool)> {
+    let (neg, rest) = match text.strip_prefix('-') {
+        Some(r) => (true, r),
+        None => (false, text),
+    };
+    let (mantissa, exp) = match rest.find(['e', 'E']) {
+        Some(i) => (&rest[..i], rest[i + 1..].parse::<i32>().ok()?),
+        None => (rest, 0),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let digits = format!("{int}{frac}");
+    let digits = digits.trim_start_matches('0');
+    // The value is digits × 10^shift units.
+    let shift = exp - frac.len() as i32 + unit_digits as i32;
+    let max_digits = (NUM_DIGITS + unit_digits) as i32;
+    if digits.is_empty() {
+        return Some((0, true));
+    }
+    if digits.len() as i32 + shift > max_digits {
+        return None;
+    }
+    // Only the digits that reach a whole unit count; the rest say whether it was exact.
+    let keep = (digits.len() as i32 + shift).max(0) as usize;
+    let (whole, dropped) = digits.split_at(keep.min(digits.len()));
+    let mut n: i128 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().ok()?
+    };
+    for _ in 0..shift.max(0) {
+        n *= 10;
+    }
+    let exact = dropped.bytes().all(|b| b == b'0');
+    // Rounding away from the magnitude's floor: up for a positive value rounded up, or a
+    // negative one rounded down.
+    if !exact && (up != neg) {
+        n += 1;
+    }
+    Some((if neg { -n } else { n }, exact))
+}
+
+/// A bounded number so far: its sign, integer part and fraction (value, digits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct NumAt {
+    neg: bool,
+    int: i128,
+    int_digits: u32,
+    /// `None`: no point yet.
+    frac: Option<(i128, u32)>,
+}
+
+impl NumAt {
+    /// Whether some number that starts as this one is within the bounds.
+    fn can_meet(&self, rule: &NumRule) -> bool {
+        let u = rule.unit();
+        let fits = |a: i128, b: i128| match self.neg {
+            false => rule.meets(a, b),
+            true => rule.meets(-b, -a),
+        };
+        if self.int_digits == 0 {
+            return fits(0, i128::MAX / 4); // a sign alone
+        }
+        if let Some((f, m)) = self.frac {
+            let step = 10i128.pow(NUM_DIGITS - m);
+            let v = self.int * u + f * step;
+            return fits(v, v + step - 1);
+        }
+        if self.int == 0 {
+            return fits(0, u - 1); // a leading zero: no more integer digits
+        }
+        // With k more integer digits, the integer part is in [int·10^k, (int+1)·10^k).
+        let mut p = 1i128;
+        for _ in self.int_digits..=NUM_DIGITS {
+            if fits(self.int * p * u, (self.int + 1) * p * u - 1) {
+                return true;
+            }
+            p *= 10;
+        }
+        false
+    }
+
+    /// The value written, if the number may end here.
+    fn value(&self, rule: &NumRule) -> Option<i128> {
+        if self.int_digits == 0 || self.frac.is_some_and(|(_, m)| m == 0) {
+            return None;
+        }
+        let (f, m) = self.frac.unwrap_or((0, NUM_DIGITS));
+        let v = self.int * rule.unit() + f * 10i128.pow(NUM_DIGITS - m);
+        Some(if self.neg { -v } else { v })
+    }
+
+    /// The number after `c`, if it goes on with it.
+    fn push(mut self, rule: &NumRule, c: char) -> Option<NumAt> {
+        let d = c.to_digit(10).map(i128::from);
+        match (c, d) {
+            ('-', _) if !self.neg && self.int_digits == 0 => self.neg = true,
+            (_, Some(d)) if self.frac.is_none() => {
+                if (self.int_digits > 0 && self.int == 0) || self.int_digits == NUM_DIGITS {
+                    return None;
+                }
+                self.int = self.int * 10 + d;
+                self.int_digits += 1;
+            }
+            (_, Some(d)) => {
+                let (f, m) = self.frac.expect("in the fraction");
+                if m == NUM_DIGITS {
+                    return None;
+                }
+                self.frac = Some((f * 10 + d, m + 1));
+            }
+            ('.', _) if !rule.integer && self.int_digits > 0 && self.frac.is_none() => {
+                self.frac = Some((0, 0));
+            }
+            _ => return None,
+        }
+        self.can_meet(rule).then_some(self)
+    }
+}
+
+/// JSON's one-letter escapes and the characters they stand for.
+const ESCAPED: [(char, char); 8] = [
+    ('"', '"'),
+    ('\\', '\\'),
+    ('/', '/'),
+    ('b', '\u{8}'),
+    ('f', '\u{c}'),
+    ('n', '\n'),
+    ('r', '\r'),
+    ('t', '\t'),
+];
+
+/// The state after `ch`'s UTF-8, or `None` where no match can follow it.
+fn dfa_step(dfa: &dense::DFA<Vec<u32>>, mut state: StateID, ch: char) -> Option<StateID> {
+    for b in ch.encode_utf8(&mut [0; 4]).bytes() {
+        state = dfa.next_state(state, b);
+    }
+    (!dfa.is_dead_state(state) && !dfa.is_quit_state(state)).then_some(state)
+}
+
 #[derive(Debug, Clone)]
 enum Node {
     Value(Kind),
+    /// A string with a length, pattern or format.
+    Str(Box<StrRule>),
+    /// A number or integer with bounds.
+    Num(NumRule),
     /// Each property's key (as JSON text, quotes included) and node.
     Object(Vec<(Vec<char>, usize)>),
     /// Items of one node, `min` to `max` of them.
@@ -156,7 +540,21 @@ impl Schema {
         for key in obj.keys() {
             let known = matches!(
                 key.as_str(),
-                "type" | "properties" | "items" | "enum" | "const" | "minItems" | "maxItems"
+                "type"
+                    | "properties"
+                    | "items"
+                    | "enum"
+                    | "const"
+                    | "minItems"
+                    | "maxItems"
+                    | "minLength"
+                    | "maxLength"
+                    | "pattern"
+                    | "format"
+                    | "minimum"
+                    | "maximum"
+                    | "exclusiveMinimum"
+                    | "exclusiveMaximum"
             ) || ANNOTATIONS.contains(&key.as_str());
             if !known {
                 return Err(format!("the schema keyword {key} is not supported"));
@@ -208,12 +606,27 @@ impl Schema {
                 self.object(obj, root, depth)?
             }
             None if obj.contains_key("items") => self.array(obj, root, depth)?,
+            None if TYPED_KEYWORDS.iter().any(|k| obj.contains_key(*k)) => {
+                return Err(format!(
+                    "{} without a type: give the type it bounds",
+                    TYPED_KEYWORDS
+                        .iter()
+                        .find(|k| obj.contains_key(**k))
+                        .unwrap()
+                ));
+            }
             None => self.push(Node::Value(Kind::Any(None))),
             Some("object") => self.object(obj, root, depth)?,
             Some("array") => self.array(obj, root, depth)?,
-            Some("string") => self.push(Node::Value(Kind::String)),
-            Some("number") => self.push(Node::Value(Kind::Number)),
-            Some("integer") => self.push(Node::Value(Kind::Integer)),
+            Some("string") => match StrRule::compile(obj)? {
+                Some(rule) => self.push(Node::Str(Box::new(rule))),
+                None => self.push(Node::Value(Kind::String)),
+            },
+            Some(t @ ("number" | "integer")) => match NumRule::compile(obj, t == "integer")? {
+                Some(rule) => self.push(Node::Num(rule)),
+                None if t == "integer" => self.push(Node::Value(Kind::Integer)),
+                None => self.push(Node::Value(Kind::Number)),
+            },
             Some("boolean") => self.push(Node::Value(Kind::Boolean)),
             Some("null") => self.push(Node::Value(Kind::Null)),
             Some(t) => return Err(format!("unknown type {t:?}")),
@@ -261,19 +674,7 @@ impl Schema {
         match obj.get("items") {
             None => Ok(self.push(Node::Value(Kind::Any(Some('['))))),
             Some(items) => {
-                let count = |k: &str| -> Result<Option<usize>, String> {
-                    obj.get(k)
-                        .map(|v| {
-                            v.as_u64()
-                                .map(|n| n as usize)
-                                .ok_or_else(|| format!("{k} must be a count, got {v}"))
-                        })
-                        .transpose()
-                };
-                let (min, max) = (count("minItems")?.unwrap_or(0), count("maxItems")?);
-                if max.is_some_and(|m| m < min) {
-                    return Err(format!("maxItems {max:?} is below minItems {min}"));
-                }
+                let (min, max) = counts(obj, "minItems", "maxItems")?;
                 let at = self.push(Node::Array { items: 0, min, max });
                 let child = self.node(items, root, depth + 1)?;
                 self.nodes[at] = Node::Array {
@@ -358,8 +759,8 @@ impl Schema {
         match &self.nodes[n] {
             Node::Value(Kind::Any(None)) => bits("{[\"tfn") | number,
             Node::Value(Kind::Any(Some(c))) => 1 << (*c as u8),
-            Node::Value(Kind::String) => bits("\""),
-            Node::Value(Kind::Number | Kind::Integer) => number,
+            Node::Value(Kind::String) | Node::Str(_) => bits("\""),
+            Node::Value(Kind::Number | Kind::Integer) | Node::Num(_) => number,
             Node::Value(Kind::Boolean) => bits("tf"),
             Node::Value(Kind::Null) => bits("n"),
             Node::Object(_) | Node::Call { .. } | Node::Map(_) => bits("{"),
@@ -426,6 +827,21 @@ enum CallAt {
 const NAME_KEY: [char; 6] = ['"', 'n', 'a', 'm', 'e', '"'];
 const ARGS_KEY: [char; 11] = ['"', 'a', 'r', 'g', 'u', 'm', 'e', 'n', 't', 's', '"'];
 
+/// Where a string frame with a rule is ([`Node::Str`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StrAt {
+    /// Before the opening quote.
+    Open,
+    Chars,
+    /// After a backslash.
+    Escape,
+    /// In a `\u` escape: `n` hex digits read, making `code`.
+    Hex {
+        n: u8,
+        code: u32,
+    },
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ArrAt {
     Open,
@@ -459,6 +875,18 @@ enum Frame {
     Val {
         kind: Kind,
         json: JsonState,
+    },
+    /// A string with a rule: `len` characters read, `dfa` its pattern's state.
+    Str {
+        node: usize,
+        at: StrAt,
+        len: usize,
+        dfa: StateID,
+    },
+    /// A number with bounds.
+    Num {
+        node: usize,
+        at: NumAt,
     },
     /// Alternatives, before the first character picks one.
     Union {
@@ -535,6 +963,21 @@ impl SchemaState {
                 at: ArrAt::Open,
             },
             Node::Union(_) => Frame::Union { node },
+            Node::Num(_) => Frame::Num {
+                node,
+                at: NumAt {
+                    neg: false,
+                    int: 0,
+                    int_digits: 0,
+                    frac: None,
+                },
+            },
+            Node::Str(rule) => Frame::Str {
+                node,
+                at: StrAt::Open,
+                len: 0,
+                dfa: rule.dfa.as_ref().map_or(StateID::ZERO, |(_, s)| *s),
+            },
             Node::Map(_) => Frame::Map {
                 node,
                 at: MapAt::Open,
@@ -660,6 +1103,8 @@ impl SchemaState {
             Some(Frame::Arr { .. } | Frame::Union { .. } | Frame::Map { .. }) => true,
             Some(Frame::Lit { pos, .. }) => *pos == 0,
             Some(Frame::Val { json, .. }) => json.at_value_start(),
+            Some(Frame::Str { at, .. }) => *at == StrAt::Open,
+            Some(Frame::Num { at, .. }) => !at.neg && at.int_digits == 0,
             Some(Frame::Call { at, .. }) => {
                 !matches!(at, CallAt::NameKey(p) | CallAt::ArgsKey(p) if *p > 0)
             }
@@ -859,6 +1304,93 @@ impl SchemaState {
                     false => Step::Refused,
                 }
             }
+            Frame::Num { node, at } => {
+                let Node::Num(rule) = &schema.nodes[*node] else {
+                    unreachable!("a number frame's node is a number rule")
+                };
+                if let Some(next) = at.push(rule, c) {
+                    *at = next;
+                    return Step::Took;
+                }
+                // Not part of the number: it ends before this character, if it may.
+                match at.value(rule) {
+                    Some(v) if rule.meets(v, v) => Step::Done { took: false },
+                    _ => Step::Refused,
+                }
+            }
+            Frame::Str { node, at, len, dfa } => {
+                let Node::Str(rule) = &schema.nodes[*node] else {
+                    unreachable!("a string frame's node is a string rule")
+                };
+                let ch = match (*at, c) {
+                    (StrAt::Open, '"') => {
+                        *at = StrAt::Chars;
+                        return Step::Took;
+                    }
+                    (StrAt::Chars, '"') => {
+                        let matched = rule
+                            .dfa
+                            .as_ref()
+                            .is_none_or(|(d, _)| d.is_match_state(d.next_eoi_state(*dfa)));
+                        return match *len >= rule.min && matched {
+                            true => Step::Done { took: true },
+                            false => Step::Refused,
+                        };
+                    }
+                    (StrAt::Chars, '\\') => {
+                        // Only where some escape's character may come next: a backslash
+                        // must not lead where nothing can follow.
+                        let room = rule.max.is_none_or(|m| *len < m);
+                        let some = rule.dfa.as_ref().is_none_or(|(d, _)| {
+                            ESCAPED.iter().any(|&(_, e)| dfa_step(d, *dfa, e).is_some())
+                        });
+                        if !(room && some) {
+                            return Step::Refused;
+                        }
+                        *at = StrAt::Escape;
+                        return Step::Took;
+                    }
+                    (StrAt::Chars, c) if (c as u32) >= 0x20 => c,
+                    // Under a pattern, `\u` escapes are not written (the character is): one
+                    // begun could lead only to characters the pattern refuses.
+                    (StrAt::Escape, 'u') if rule.dfa.is_none() => {
+                        *at = StrAt::Hex { n: 0, code: 0 };
+                        return Step::Took;
+                    }
+                    (StrAt::Escape, c) => match ESCAPED.iter().find(|&&(e, _)| e == c) {
+                        Some(&(_, ch)) => ch,
+                        None => return Step::Refused,
+                    },
+                    (StrAt::Hex { n, code }, c) if c.is_ascii_hexdigit() => {
+                        let code = code * 16 + c.to_digit(16).expect("a hex digit");
+                        if n == 1 && (0xd8..=0xdf).contains(&code) {
+                            return Step::Refused; // a surrogate begun: no character ahead
+                        }
+                        if n < 3 {
+                            *at = StrAt::Hex { n: n + 1, code };
+                            return Step::Took;
+                        }
+                        match char::from_u32(code) {
+                            Some(ch) => ch,
+                            None => return Step::Refused, // a surrogate
+                        }
+                    }
+                    _ => return Step::Refused,
+                };
+                // One more character of the string's value.
+                if rule.max.is_some_and(|m| *len >= m) {
+                    return Step::Refused;
+                }
+                if let Some((d, _)) = &rule.dfa {
+                    match dfa_step(d, *dfa, ch) {
+                        Some(state) => *dfa = state,
+                        None => return Step::Refused,
+                    }
+                }
+                *len += 1;
+                *at = StrAt::Chars;
+                Step::Took
+            }
             Frame::Val { kind, json } => {
                 if let Some(may_end) = json.in_number() {
                     let grows = match kind {
@@ -1011,6 +1543,210 @@ mod tests {
     }
 
     #[test]
+    fn string_lengths_count_characters_escapes_as_one() {
+        let schema = json!({"type": "string", "minLength": 2, "maxLength": 3});
+        for good in [
+            r#""ab""#,
+            r#""abc""#,
+            r#""é\u00e9""#,
+            r#""a\n""#,
+            r#""\"\\""#,
+        ] {
+            assert_eq!(run(&schema, good), (true, true), "{good}");
+        }
+        for bad in [
+            r#""a""#,
+            r#""abcd""#,
+            r#""ab\ud800""#,
+            r#""a\x""#,
+            "\"a\nb\"",
+        ] {
+            assert_ne!(run(&schema, bad), (true, true), "{bad}");
+        }
+        let (s, st) = state(&schema);
+        assert!(
+            st.accepts(&s, r#""\ud7"#) && !st.accepts(&s, r#""\ud8"#),
+            "no dead end"
+        );
+        // A type list takes each type's keywords: null is not a string.
+        let optional = json!({"type": ["string", "null"], "maxLength": 1});
+        assert_eq!(run(&optional, "null"), (true, true));
+        assert_eq!(run(&optional, r#""a""#), (true, true));
+        assert_ne!(run(&optional, r#""ab""#), (true, true));
+    }
+
+    #[test]
+    fn a_pattern_masks_what_cannot_match_and_holds_the_closing_quote() {
+        let code = json!({"type": "string", "pattern": "^[A-Z]{2}-[0-9]{3}$"});
+        assert_eq!(run(&code, r#""AB-123""#), (true, true));
+        let (s, mut st) = state(&code);
+        assert!(st.push(&s, r#""AB-12"#));
+        assert!(!st.accepts(&s, "\""), "no match yet");
+        assert!(!st.accepts(&s, "x") && !st.accepts(&s, "34"));
+        assert!(st.accepts(&s, "3\""));
+        assert_ne!(run(&code, r#""ab-123""#), (true, true));
+        // Unanchored, as JSON Schema's: a match anywhere.
+        let digit = json!({"type": "string", "pattern": "[0-9]"});
+        assert_eq!(run(&digit, r#""no. 7 of them""#), (true, true));
+        assert_ne!(run(&digit, r#""none""#), (true, true));
+        // Escapes are matched as the characters they stand for.
+        let quoted = json!({"type": "string", "pattern": "^say \"(hi|é)\"$"});
+        assert_eq!(run(&quoted, r#""say \"hi\"""#), (true, true));
+        assert_ne!(run(&quoted, r#""say \"\u00e9\"""#), (true, true), "no \\u");
+        assert_eq!(run(&quoted, r#""say \"é\"""#), (true, true));
+        assert_ne!(run(&quoted, r#""say \"ho\"""#), (true, true));
+        // No backslash where no escape's character may follow: none is a capital, and the
+        // string is full.
+        let (s, st) = state(&json!({"type": "string", "pattern": "^[A-Z]+$"}));
+        assert!(st.accepts(&s, "\"A") && !st.accepts(&s, "\"A\\"));
+        let (s, st) = state(&json!({"type": "string", "maxLength": 1}));
+        assert!(st.accepts(&s, "\"\\n") && !st.accepts(&s, "\"a\\"));
+    }
+
+    #[test]
+    fn formats_take_their_rfc_forms() {
+        let cases: [(&str, &[&str], &[&str]); 6] = [
+            (
+                "date-time",
+                &["2024-02-29T13:05:09Z", "1999-12-31t23:59:59.123456+05:30"],
+                &[
+                    "2024-02-29 13:05:09Z",
+                    "2024-13-01T00:00:00Z",
+                    "2024-01-01T00:00:00",
+                    "1999-12-31T23:59:60Z",
+                    "2024-01-01T00:00:00.1234567Z",
+                ],
+            ),
+            (
+                "date",
+                &[
+                    "2024-01-31",
+                    "2000-02-29",
+                    "2024-02-29",
+                    "0004-02-29",
+                    "2023-04-30",
+                ],
+                &[
+                    "2024-1-31",
+                    "2024-01-32",
+                    "24-01-01",
+                    "2023-02-29",
+                    "1900-02-29",
+                    "2023-04-31",
+                    "0000-01-01",
+                ],
+            ),
+            (
+                "time",
+                &["08:30:00Z", "23:59:59.5-01:00"],
+                &["24:00:00Z", "8:30:00Z"],
+            ),
+            (
+                "uuid",
+                &["123e4567-e89b-12d3-a456-426614174000"],
+                &[
+                    "123e4567e89b12d3a456426614174000",
+                    "123e4567-e89b-12d3-a456-42661417400g",
+                ],
+            ),
+            (
+                "email",
+                &["ann.lee+x@mail.example.org"],
+                &["ann@localhost", "@example.com", "a b@c.de"],
+            ),
+            (
+                "ipv4",
+                &["192.168.0.1", "8.8.8.8"],
+                &["256.1.1.1", "1.2.3", "01.2.3.4"],
+            ),
+        ];
+        for (format, good, bad) in cases {
+            let schema = json!({"type": "string", "format": format});
+            for g in good {
+                let text = format!("\"{g}\"");
+                assert_eq!(run(&schema, &text), (true, true), "{format} {g}");
+            }
+            for b in bad {
+                let text = format!("\"{b}\"");
+                assert_ne!(run(&schema, &text), (true, true), "{format} {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn number_texts_convert_to_units_exactly_and_round_inward() {
+        assert_eq!(units("0.3", 15, true), Some((300_000_000_000_000, true)));
+        assert_eq!(units("-2.5", 0, true), Some((-2, false)));
+        assert_eq!(units("-2.5", 0, false), Some((-3, false)));
+        assert_eq!(units("2.5", 0, true), Some((3, false)));
+        assert_eq!(units("1e-7", 15, false), Some((100_000_000, true)));
+        assert_eq!(units("1e-16", 15, true), Some((1, false)));
+        assert_eq!(units("12E2", 0, true), Some((1200, true)));
+        assert_eq!(units("0", 15, true), Some((0, true)));
+        assert_eq!(units("1e15", 0, true), None);
+        assert_eq!(
+            units("999999999999999", 0, true),
+            Some((999_999_999_999_999, true))
+        );
+    }
+
+    #[test]
+    fn bounded_integers_are_masked_to_their_range() {
+        let s = json!({"type": "integer", "minimum": 10, "maximum": 250});
+        for good in ["10", "99", "250", "123"] {
+            assert_eq!(
+                run(&json!({"type": "array", "items": s}), &format!("[{good}]")),
+                (true, true),
+                "{good}"
+            );
+        }
+        let (sc, mut st) = state(&json!({"type": "array", "items": s}));
+        assert!(st.push(&sc, "["));
+        assert!(!st.accepts(&sc, "-") && !st.accepts(&sc, "0"));
+        assert!(st.accepts(&sc, "1") && st.accepts(&sc, "3") && st.accepts(&sc, "9"));
+        assert!(!st.accepts(&sc, "9]"), "9 is below 10");
+        assert!(st.accepts(&sc, "30]") && !st.accepts(&sc, "300"));
+        assert!(st.accepts(&sc, "26]") && !st.accepts(&sc, "260"));
+        assert!(st.accepts(&sc, "25") && !st.accepts(&sc, "251") && !st.accepts(&sc, "2500"));
+        assert!(!st.accepts(&sc, "1.5"), "an integer");
+        assert!(!st.accepts(&sc, "1e2"), "no exponent");
+        // Exclusive bounds, pydantic's gt/lt; negative ranges.
+        let gt = json!({"type": "array", "items": {"type": "integer", "exclusiveMinimum": 0, "exclusiveMaximum": 3}});
+        assert_eq!(run(&gt, "[1,2]"), (true, true));
+        assert_ne!(run(&gt, "[0]"), (true, true));
+        assert_ne!(run(&gt, "[3]"), (true, true));
+        let neg =
+            json!({"type": "array", "items": {"type": "integer", "minimum": -20, "maximum": -5}});
+        assert_eq!(run(&neg, "[-5, -20, -13]"), (true, true));
+        assert_ne!(run(&neg, "[-4]"), (true, true));
+        assert_ne!(run(&neg, "[-21]"), (true, true));
+        assert_ne!(run(&neg, "[-0]"), (true, true));
+        assert_ne!(run(&neg, "[5]"), (true, true));
+    }
+
+    #[test]
+    fn bounded_numbers_reach_only_values_in_range() {
+        let unit =
+            json!({"type": "array", "items": {"type": "number", "minimum": 0, "maximum": 1}});
+        for good in ["[0]", "[1]", "[0.5, 0.999, 1.0, 1.000, 0.000001, -0, -0.0]"] {
+            assert_eq!(run(&unit, good), (true, true), "{good}");
+        }
+        for bad in ["[1.5]", "[-0.1]", "[1.01]", "[2]", "[1e0]", "[10]"] {
+            assert_ne!(run(&unit, bad), (true, true), "{bad}");
+        }
+        let (sc, mut st) = state(&unit);
+        assert!(st.push(&sc, "[1."));
+        assert!(st.accepts(&sc, "0") && !st.accepts(&sc, "1") && !st.accepts(&sc, "]"));
+        let open = json!({"type": "array", "items": {"type": "number", "exclusiveMinimum": 0.3, "exclusiveMaximum": 0.5}});
+        assert_eq!(run(&open, "[0.31, 0.4999]"), (true, true));
+        assert_ne!(run(&open, "[0.3]"), (true, true));
+        assert_ne!(run(&open, "[0.5]"), (true, true));
+        let below = json!({"type": "array", "items": {"type": "number", "maximum": -1.5}});
+        assert_eq!(run(&below, "[-1.5, -1.6, -200]"), (true, true));
+        assert_ne!(run(&below, "[-1.4]"), (true, true));
+    }
+
+    #[test]
     fn a_schema_kandle_cannot_follow_is_refused_naming_the_keyword() {
         for (schema, says) in [
             (
@@ -1022,7 +1758,33 @@ mod tests {
                 json!({"anyOf": [{"type": "string"}], "type": "string"}),
                 "beside anyOf",
             ),
-            (json!({"type": "string", "pattern": "a+"}), "pattern"),
+            (json!({"type": "string", "pattern": "a(?=b)"}), "pattern"),
+            (json!({"type": "string", "pattern": "(a)\\1"}), "pattern"),
+            (json!({"type": "string", "pattern": "x{5000}"}), "pattern"),
+            (json!({"type": "string", "format": "hostname"}), "format"),
+            (
+                json!({"type": "string", "format": "date", "pattern": "a"}),
+                "together",
+            ),
+            (json!({"maxLength": 3}), "maxLength without a type"),
+            (
+                json!({"type": "string", "minLength": 4, "maxLength": 3}),
+                "below",
+            ),
+            (json!({"type": "integer", "multipleOf": 3}), "multipleOf"),
+            (json!({"minimum": 3}), "minimum without a type"),
+            (
+                json!({"type": "integer", "minimum": 5, "maximum": 4}),
+                "leave no value",
+            ),
+            (
+                json!({"type": "number", "exclusiveMinimum": true}),
+                "must be a number",
+            ),
+            (
+                json!({"type": "integer", "minimum": 1e20}),
+                "leaves no number",
+            ),
             (json!({"$ref": "#/$defs/Missing"}), "$defs"),
             (json!({"type": "widget"}), "widget"),
             (json!({"enum": []}), "enum"),
