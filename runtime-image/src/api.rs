@@ -151,6 +151,8 @@ pub struct ChatCompletionRequest {
 pub struct ChatUnsupported {
     pub tools: Option<Value>,
     pub tool_choice: Option<Value>,
+    /// `false`: at most one call ([`ChatUnsupported::tool_use`]).
+    pub parallel_tool_calls: Option<bool>,
     pub functions: Option<Value>,
     pub function_call: Option<Value>,
     pub response_format: Option<Value>,
@@ -187,6 +189,9 @@ pub struct ToolUse {
 pub struct AutoCalls {
     pub parser: ToolCallParser,
     pub schema: std::sync::Arc<Schema>,
+    /// The answer ends with its first call (`parallel_tool_calls: false`, or a format of
+    /// one call).
+    pub once: bool,
 }
 
 /// A forced tool call: with `name`, the answer is that tool's arguments; without, it is
@@ -316,14 +321,16 @@ impl ChatUnsupported {
             }
             "none" => None,
             "auto" if parser != ToolCallParser::None => {
-                let schema =
-                    Schema::tool_calls(&listed).map_err(|e| ApiError::invalid(e, Some("tools")))?;
+                let parallel = self.parallel_tool_calls != Some(false);
+                let schema = (parser.schema(&listed, parallel))
+                    .map_err(|e| ApiError::invalid(e, Some("tools")))?;
                 return Ok(Some(ToolUse {
                     tools: Value::Array(tools.to_vec()),
                     call: None,
                     auto: Some(AutoCalls {
                         parser,
                         schema: std::sync::Arc::new(schema),
+                        once: parser.once(parallel),
                     }),
                 }));
             }

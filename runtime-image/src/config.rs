@@ -189,8 +189,9 @@ pub struct ServeConfig {
     pub chat_template: Option<PathBuf>,
     /// The format the model writes tool calls in, read for `tool_choice: "auto"` (vLLM's
     /// `--tool-call-parser`): `hermes` (`<tool_call>{…}</tool_call>`: Hermes, Qwen 2.5 and
-    /// 3, SmolLM2 and 3) or `none` ("auto" refused). Default: `hermes` where the chat
-    /// template mentions `<tool_call>`, else `none`.
+    /// 3, SmolLM2 and 3), `llama3_json` (`{"name": …, "parameters": …}`: Llama 3.1–3.3) or
+    /// `none` ("auto" refused). Default: as the chat template shows (`<tool_call>`, or Llama
+    /// 3's request for its JSON), else `none`.
     #[arg(long, env = "KANDLE_TOOL_CALL_PARSER", value_enum)]
     pub tool_call_parser: Option<crate::tool_calls::ToolCallParser>,
     /// Per-request time limit, from admission.
@@ -344,6 +345,18 @@ mod tests {
         assert_eq!(
             c.serve.tool_call_parser,
             Some(crate::tool_calls::ToolCallParser::Hermes)
+        );
+        let c = Cli::try_parse_from([
+            "serve",
+            "--model",
+            "/m",
+            "--tool-call-parser",
+            "llama3_json",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.serve.tool_call_parser,
+            Some(crate::tool_calls::ToolCallParser::Llama3Json)
         );
         assert!(
             Cli::try_parse_from(["serve", "--model", "/m", "--tool-call-parser", "x"]).is_err()

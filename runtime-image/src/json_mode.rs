@@ -432,12 +432,25 @@ pub enum Constraint {
     Object,
     /// Structured outputs: a value the schema accepts ([`crate::json_schema`]).
     Schema(Arc<Schema>),
-    /// Free text, in which each `opening` starts a value the schema accepts: tool calls in a
-    /// model's own format ([`crate::tool_calls`]), as llama.cpp's lazy grammars.
+    /// Free text, in which an opening starts a value the schema accepts: tool calls in a
+    /// model's own format ([`crate::tool_calls`]), as llama.cpp's lazy grammars. `once`:
+    /// the answer ends with its first value.
     After {
-        opening: Arc<str>,
+        opening: Opening,
         schema: Arc<Schema>,
+        once: bool,
     },
+}
+
+/// Where a value of [`Constraint::After`] starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Opening {
+    /// After each occurrence of this text, which is not part of the value (Hermes'
+    /// `<tool_call>`).
+    Tag(Arc<str>),
+    /// At the answer's start, after any whitespace, where its first character is this one,
+    /// which begins the value (Llama 3's `{`).
+    Start(char),
 }
 
 /// One sequence's JSON mode or structured output: the automaton, stepped by the texts of its
@@ -452,11 +465,17 @@ pub enum JsonMode {
 /// [`Constraint::After`]'s state: in free text, or inside a value an opening started.
 #[derive(Debug, Clone)]
 pub struct Lazy {
-    opening: Arc<str>,
+    opening: Opening,
     schema: Arc<Schema>,
+    once: bool,
     inside: Option<SchemaState>,
-    /// In free text: its end, where that may be the start of an opening (shorter than it).
+    /// In free text after a [`Opening::Tag`]: its end, where that may be the start of the
+    /// tag (shorter than it).
     tail: String,
+    /// Some character other than whitespace written ([`Opening::Start`]).
+    begun: bool,
+    /// `once`: the value is complete, and so the answer.
+    finished: bool,
 }
 
 /// Where `opening` first ends in `text`, written after `tail` (shorter than `opening`, so
@@ -468,44 +487,76 @@ fn opening_end(tail: &str, text: &str, opening: &str) -> Option<usize> {
 }
 
 impl Lazy {
-    /// Whether a token's `text` may come next in free text: one that completes the opening
-    /// must go on (if at all) as the value may start.
+    /// Where in a token's `text`, written in free text, a value would start (`None`: it
+    /// starts none).
+    fn value_start(&self, text: &str) -> Option<usize> {
+        match &self.opening {
+            Opening::Tag(tag) => opening_end(&self.tail, text, tag),
+            Opening::Start(_) if self.begun => None,
+            Opening::Start(c) => {
+                let trimmed = text.trim_start();
+                trimmed.starts_with(*c).then(|| text.len() - trimmed.len())
+            }
+        }
+    }
+
+    /// A character every token that may start a value holds (`None`: no token can).
+    fn opening_char(&self) -> Option<char> {
+        match &self.opening {
+            Opening::Tag(tag) => tag.chars().last(),
+            Opening::Start(_) if self.begun => None,
+            Opening::Start(c) => Some(*c),
+        }
+    }
+
+    /// Whether a token's `text` may come next in free text: one that starts a value must go
+    /// on (if at all) as the value may.
     fn free_accepts(&self, text: &str) -> bool {
-        match opening_end(&self.tail, text, &self.opening) {
+        match self.value_start(text) {
             None => true,
-            Some(end) => {
-                let rest = &text[end..];
+            Some(at) => {
+                let rest = &text[at..];
                 rest.is_empty() || SchemaState::new(&self.schema).accepts(&self.schema, rest)
             }
         }
     }
 
+    /// A value is complete: back to free text, or (`once`) the end.
+    fn value_done(&mut self) {
+        self.inside = None;
+        self.finished = self.once;
+    }
+
     fn advance(&mut self, text: &str) {
-        match &mut self.inside {
-            Some(st) => {
-                let ok = st.push(&self.schema, text);
+        if let Some(st) = &mut self.inside {
+            let ok = st.push(&self.schema, text);
+            debug_assert!(ok, "a masked token was sampled: {text:?}");
+            if st.complete() {
+                self.value_done();
+            }
+            return;
+        }
+        let start = self.value_start(text);
+        self.begun |= !text.trim_start().is_empty();
+        match start {
+            Some(at) => {
+                self.tail.clear();
+                let mut st = SchemaState::new(&self.schema);
+                let rest = &text[at..];
+                let ok = rest.is_empty() || st.push(&self.schema, rest);
                 debug_assert!(ok, "a masked token was sampled: {text:?}");
-                if st.complete() {
-                    self.inside = None;
+                self.inside = Some(st);
+                if self.inside.as_ref().is_some_and(SchemaState::complete) {
+                    self.value_done();
                 }
             }
-            None => match opening_end(&self.tail, text, &self.opening) {
-                Some(end) => {
-                    self.tail.clear();
-                    let mut st = SchemaState::new(&self.schema);
-                    let rest = &text[end..];
-                    let ok = rest.is_empty() || st.push(&self.schema, rest);
-                    debug_assert!(ok, "a masked token was sampled: {text:?}");
-                    if !st.complete() {
-                        self.inside = Some(st);
-                    }
-                }
-                None => {
+            None => {
+                if let Opening::Tag(tag) = &self.opening {
                     self.tail.push_str(text);
-                    let keep = crate::tool_calls::partial_opening(&self.tail, &self.opening);
+                    let keep = crate::tool_calls::partial_opening(&self.tail, tag);
                     self.tail.drain(..self.tail.len() - keep);
                 }
-            },
+            }
         }
     }
 }
@@ -521,11 +572,18 @@ impl JsonMode {
         match c {
             Constraint::Object => JsonMode::default(),
             Constraint::Schema(s) => JsonMode::Schema(s.clone(), SchemaState::new(s)),
-            Constraint::After { opening, schema } => JsonMode::After(Box::new(Lazy {
+            Constraint::After {
+                opening,
+                schema,
+                once,
+            } => JsonMode::After(Box::new(Lazy {
                 opening: opening.clone(),
                 schema: schema.clone(),
+                once: *once,
                 inside: None,
                 tail: String::new(),
+                begun: false,
+                finished: false,
             })),
         }
     }
@@ -541,9 +599,12 @@ impl JsonMode {
                     return JsonMode::Schema(lazy.schema.clone(), st.clone()).mask(vocab, logits);
                 }
                 None => {
-                    // Only the tokens that hold the opening's last character can complete it.
-                    let last = lazy.opening.chars().last().unwrap_or('\u{0}');
-                    for &id in vocab.containing(last).iter() {
+                    // Only the tokens that hold the opening's (last) character can start a
+                    // value; where none can, nothing is masked.
+                    let Some(c) = lazy.opening_char() else {
+                        return logits.iter().any(|&l| l > f32::NEG_INFINITY);
+                    };
+                    for &id in vocab.containing(c).iter() {
                         if let Some(l) = logits.get_mut(id as usize)
                             && !lazy.free_accepts(vocab.text(id))
                         {
@@ -600,12 +661,12 @@ impl JsonMode {
     }
 
     /// Whether the answer is complete: its value is. Free text with values in it ends as
-    /// any answer does.
+    /// any answer does, or (`once`) with its first value.
     pub fn complete(&self) -> bool {
         match self {
             JsonMode::Object(st) => st.complete(),
             JsonMode::Schema(_, st) => st.complete(),
-            JsonMode::After(_) => false,
+            JsonMode::After(lazy) => lazy.finished,
         }
     }
 }
@@ -753,6 +814,15 @@ mod tests {
         assert!(allowed(&m).is_empty());
     }
 
+    /// The tokens `m` leaves (some must be left).
+    fn unmasked(m: &JsonMode, vocab: &JsonVocab) -> Vec<usize> {
+        let mut logits = vec![0.0; vocab.texts.len()];
+        assert!(m.mask(vocab, &mut logits));
+        (0..logits.len())
+            .filter(|&i| logits[i] > f32::NEG_INFINITY)
+            .collect()
+    }
+
     #[test]
     fn after_its_opening_a_value_is_masked_and_then_text_is_free_again() {
         let texts: Vec<String> = [
@@ -778,18 +848,13 @@ mod tests {
         let schema =
             Schema::tool_calls(&[("now".to_string(), serde_json::json!({"type": "object"}))])
                 .unwrap();
-        let allowed = |m: &JsonMode| -> Vec<usize> {
-            let mut logits = vec![0.0; texts.len()];
-            assert!(m.mask(&vocab, &mut logits));
-            (0..logits.len())
-                .filter(|&i| logits[i] > f32::NEG_INFINITY)
-                .collect()
-        };
+        let allowed = |m: &JsonMode| unmasked(m, &vocab);
         let all_but =
             |no: &[usize]| -> Vec<usize> { (0..texts.len()).filter(|i| !no.contains(i)).collect() };
         let mut m = JsonMode::new(&Constraint::After {
-            opening: "<tool_call>".into(),
+            opening: Opening::Tag("<tool_call>".into()),
             schema: Arc::new(schema),
+            once: false,
         });
         // Free text: anything, the end of text too, but an opening followed by what no call
         // starts with.
@@ -811,6 +876,50 @@ mod tests {
         assert_eq!(allowed(&m), [9]);
         m.advance("{\"name\": \"now\", \"arguments\": {}}");
         assert_eq!(allowed(&m), all_but(&[7]));
+    }
+
+    #[test]
+    fn a_value_at_the_start_is_masked_and_ends_the_answer_once_complete() {
+        let texts: Vec<String> = [
+            " ",
+            "{",
+            " {\"",
+            "{x",
+            "Hi {x",
+            "name\": \"now\", \"parameters\": {}}",
+            "",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let vocab = JsonVocab::new(texts.clone());
+        let schema = Arc::new(
+            Schema::tool_call_keyed(
+                &[("now".to_string(), serde_json::json!({"type": "object"}))],
+                "parameters",
+            )
+            .unwrap(),
+        );
+        let allowed = |m: &JsonMode| unmasked(m, &vocab);
+        let start = Constraint::After {
+            opening: Opening::Start('{'),
+            schema,
+            once: true,
+        };
+        let mut m = JsonMode::new(&start);
+        // At the start, and after whitespace: "{x" starts no call.
+        assert_eq!(allowed(&m), [0, 1, 2, 4, 5, 6]);
+        m.advance(" ");
+        assert_eq!(allowed(&m), [0, 1, 2, 4, 5, 6]);
+        m.advance(" {\"");
+        assert_eq!(allowed(&m), [5], "inside the call");
+        m.advance("name\": \"now\", \"parameters\": {}}");
+        assert!(m.complete(), "the call ends the answer");
+        // Text first: no call later, nothing masked.
+        let mut m = JsonMode::new(&start);
+        m.advance("Hi {x");
+        assert_eq!(allowed(&m), [0, 1, 2, 3, 4, 5, 6]);
+        assert!(!m.complete());
     }
 
     #[test]

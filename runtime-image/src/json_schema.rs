@@ -464,6 +464,8 @@ enum Node {
     Call {
         names: usize,
         params: Vec<usize>,
+        /// The arguments' key, as JSON text (quotes included).
+        args: Vec<char>,
     },
     /// One of these, told apart by their first character ([`Schema::union`]).
     Union(Vec<usize>),
@@ -690,13 +692,20 @@ impl Schema {
     /// The schema of a call of one of `tools` (name, parameters schema; names distinct):
     /// `{"name": …, "arguments": …}` with the arguments of the tool named.
     pub fn tool_call(tools: &[(String, Value)]) -> Result<Schema, String> {
+        Schema::tool_call_keyed(tools, "arguments")
+    }
+
+    /// [`Schema::tool_call`] with the arguments under `args_key` (Llama 3's `parameters`).
+    pub fn tool_call_keyed(tools: &[(String, Value)], args_key: &str) -> Result<Schema, String> {
         let mut s = Schema {
             nodes: Vec::new(),
             root: 0,
         };
+        let args: Vec<char> = Value::String(args_key.into()).to_string().chars().collect();
         let at = s.push(Node::Call {
             names: 0,
             params: Vec::new(),
+            args: args.clone(),
         });
         let mut sorted: Vec<(String, &Value)> = tools
             .iter()
@@ -713,7 +722,11 @@ impl Schema {
         for (_, p) in &sorted {
             params.push(s.node(p, p, 0)?);
         }
-        s.nodes[at] = Node::Call { names, params };
+        s.nodes[at] = Node::Call {
+            names,
+            params,
+            args,
+        };
         s.root = at;
         Ok(s)
     }
@@ -825,7 +838,6 @@ enum CallAt {
 }
 
 const NAME_KEY: [char; 6] = ['"', 'n', 'a', 'm', 'e', '"'];
-const ARGS_KEY: [char; 11] = ['"', 'a', 'r', 'g', 'u', 'm', 'e', 'n', 't', 's', '"'];
 
 /// Where a string frame with a rule is ([`Node::Str`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1191,7 +1203,12 @@ impl SchemaState {
                 }
             }
             Frame::Call { node, at, which } => {
-                let Node::Call { names, params } = &schema.nodes[*node] else {
+                let Node::Call {
+                    names,
+                    params,
+                    args,
+                } = &schema.nodes[*node]
+                else {
                     unreachable!("a call frame's node is a call")
                 };
                 // One character of a fixed key: the position after it, or `then` at its end.
@@ -1218,9 +1235,7 @@ impl SchemaState {
                         };
                     }
                     (CallAt::AfterName, ',') => Some(CallAt::ArgsKey(0)),
-                    (CallAt::ArgsKey(p), _) => {
-                        key(p, &ARGS_KEY, CallAt::ArgsColon, CallAt::ArgsKey)
-                    }
+                    (CallAt::ArgsKey(p), _) => key(p, args, CallAt::ArgsColon, CallAt::ArgsKey),
                     (CallAt::ArgsColon, ':') => {
                         *at = CallAt::Args;
                         return Step::Child {

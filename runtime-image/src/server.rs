@@ -942,10 +942,10 @@ async fn chat_completions(
             })
         }
         (None, Some(auto)) => {
-            let opening = auto.parser.opening().expect("a parser with a format");
             json = Some(Constraint::After {
-                opening: opening.into(),
+                opening: auto.parser.opening().expect("a parser with a format"),
                 schema: auto.schema.clone(),
+                once: auto.once,
             });
             Some(ToolOut::Parsed(auto.parser))
         }
@@ -1498,23 +1498,18 @@ impl StreamState {
                 }
             }
             ToolOut::Parsed(parser) => {
-                let opening = parser.opening().expect("a parser with a format");
                 let c = &mut self.calls[i];
                 c.text.push_str(text);
                 c.logprobs.extend_from_slice(lps);
-                // Content streams as it comes, but for what may open a call; from the first
-                // opening on, the text waits for the end, where the calls are read.
-                let opened = c.text.find(opening);
-                let upto = match (opened, done) {
-                    (Some(at), _) => at,
-                    (None, None) => c.text.len() - tool_calls::partial_opening(&c.text, opening),
-                    (None, Some(_)) => c.text.len(),
-                };
+                // Content streams as it comes, but for what may be a call, which waits for
+                // the end, where the calls are read: the content is then what came before
+                // them, or (no whole call) the whole text.
                 let parsed = done.and_then(|_| parser.parse(&c.text));
-                let upto = match parsed {
-                    None if done.is_some() => c.text.len(),
-                    _ => upto,
-                };
+                let upto = match (done, &parsed) {
+                    (Some(_), None) => c.text.len(),
+                    _ => parser.content_so_far(&c.text),
+                }
+                .max(c.sent);
                 // At the end of a text answer, log-probabilities of tokens without text
                 // (the end-of-text token's) go with an empty piece, as without tools.
                 let last_lps = done.is_some() && parsed.is_none() && !c.logprobs.is_empty();

@@ -12,21 +12,31 @@
 //!   per call (Hermes 2 and 3, Qwen 2.5 and 3, SmolLM3, and most templates that mention
 //!   `<tool_call>`). A JSON list of such objects inside one block is read as several calls
 //!   (SmolLM2's format, from its APIGen training data).
+//! - [`ToolCallParser::Llama3Json`]: an answer that is `{"name": …, "parameters": …}`
+//!   (Llama 3.1, 3.2 and 3.3, whose templates ask for that format): a call where the
+//!   answer's first character is `{`, text otherwise. One call per answer, which ends it.
+//! - `parallel_tool_calls: false`: one call, which ends the answer.
 //!
 //! Decisions, where vLLM's parser is the model:
 //! - The content is the text before the first `<tool_call>`; `null` when it is only
-//!   whitespace. Text after the last call is dropped.
+//!   whitespace. Text after the last call is dropped. A Llama 3 call has no content.
 //! - A block that is not a whole call (an answer cut by `max_tokens`) makes the whole answer
 //!   content, as vLLM does when its parser fails.
 //! - A call's `arguments` is the model's JSON written again compactly, as a string.
 
 use serde_json::Value;
 
+use crate::json_mode::Opening;
+use crate::json_schema::Schema;
+
 /// A model family's tool-call format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ToolCallParser {
     /// `<tool_call>{"name": …, "arguments": …}</tool_call>`.
     Hermes,
+    /// `{"name": …, "parameters": …}` as the whole answer.
+    #[value(name = "llama3_json")]
+    Llama3Json,
     /// No format: `tool_choice: "auto"` is refused.
     None,
 }
@@ -49,27 +59,82 @@ pub struct ParsedAnswer {
 
 impl ToolCallParser {
     /// The format a chat template's own text implies: Hermes where it mentions
-    /// `<tool_call>`, else none (vLLM asks for the flag; a template that writes the tag
-    /// into the prompt already says which format the model was taught).
+    /// `<tool_call>`, Llama 3's JSON where it asks for it in Llama 3.1–3.3's words, else
+    /// none (vLLM asks for the flag; a template that writes the format into the prompt
+    /// already says which one the model was taught).
     pub fn detect(template: &str) -> ToolCallParser {
-        match template.contains(HERMES_OPEN) {
-            true => ToolCallParser::Hermes,
-            false => ToolCallParser::None,
+        if template.contains(HERMES_OPEN) {
+            ToolCallParser::Hermes
+        } else if template.contains(LLAMA3_ASK) {
+            ToolCallParser::Llama3Json
+        } else {
+            ToolCallParser::None
         }
     }
 
-    /// The text that opens a call, after which the answer is masked to the call's schema.
-    pub fn opening(self) -> Option<&'static str> {
+    /// Where a call starts, after which the answer is masked to the call's schema.
+    pub fn opening(self) -> Option<Opening> {
         match self {
-            ToolCallParser::Hermes => Some(HERMES_OPEN),
+            ToolCallParser::Hermes => Some(Opening::Tag(HERMES_OPEN.into())),
+            ToolCallParser::Llama3Json => Some(Opening::Start('{')),
             ToolCallParser::None => None,
+        }
+    }
+
+    /// What a call may be, written in this format, of one of `tools`; `parallel`: several
+    /// calls in one block where the format has them.
+    pub fn schema(self, tools: &[(String, Value)], parallel: bool) -> Result<Schema, String> {
+        match (self, parallel) {
+            (ToolCallParser::Hermes, true) => Schema::tool_calls(tools),
+            (ToolCallParser::Llama3Json, _) => Schema::tool_call_keyed(tools, "parameters"),
+            _ => Schema::tool_call(tools),
+        }
+    }
+
+    /// Whether the answer ends with its first call.
+    pub fn once(self, parallel: bool) -> bool {
+        !parallel || self == ToolCallParser::Llama3Json
+    }
+
+    /// How much of an unfinished answer `text` may be sent as content now: all but what may
+    /// still turn out to be a call.
+    pub fn content_so_far(self, text: &str) -> usize {
+        match self {
+            ToolCallParser::Hermes => match text.find(HERMES_OPEN) {
+                Some(at) => at,
+                None => text.len() - partial_opening(text, HERMES_OPEN),
+            },
+            ToolCallParser::Llama3Json => {
+                let t = text.trim_start();
+                match t.is_empty() || t.starts_with('{') {
+                    true => 0,
+                    false => text.len(),
+                }
+            }
+            ToolCallParser::None => text.len(),
         }
     }
 
     /// `text` split into content and calls; `None` where it opens no call, or a block is
     /// not a whole call (the answer is then content, as it is).
     pub fn parse(self, text: &str) -> Option<ParsedAnswer> {
-        let open = self.opening()?;
+        if self == ToolCallParser::Llama3Json {
+            // The first JSON value of the answer; what follows it is not read.
+            let t = text.trim_start();
+            if !t.starts_with('{') {
+                return None;
+            }
+            let mut values = serde_json::Deserializer::from_str(t).into_iter::<Value>();
+            let call = call_of(&values.next()?.ok()?)?;
+            return Some(ParsedAnswer {
+                content: None,
+                calls: vec![call],
+            });
+        }
+        let open = match self {
+            ToolCallParser::Hermes => HERMES_OPEN,
+            _ => return None,
+        };
         let first = text.find(open)?;
         let mut calls = Vec::new();
         let mut rest = &text[first..];
@@ -100,11 +165,14 @@ impl ToolCallParser {
 
 const HERMES_OPEN: &str = "<tool_call>";
 const HERMES_CLOSE: &str = "</tool_call>";
+/// What Llama 3.1–3.3's templates ask of a model given tools.
+const LLAMA3_ASK: &str = "\"parameters\": dictionary of argument name and its value";
 
-/// A call written as `{"name": …, "arguments": …}` (arguments absent: `{}`).
+/// A call written as `{"name": …, "arguments": …}` (or Llama 3's `parameters`; absent:
+/// `{}`).
 pub fn call_of(v: &Value) -> Option<ParsedCall> {
     let name = v.get("name")?.as_str()?.to_owned();
-    let arguments = match v.get("arguments") {
+    let arguments = match v.get("arguments").or_else(|| v.get("parameters")) {
         None => "{}".to_owned(),
         Some(a @ Value::Object(_)) => a.to_string(),
         Some(_) => return None,
@@ -164,6 +232,35 @@ mod tests {
     }
 
     #[test]
+    fn a_llama3_answer_that_starts_with_an_object_is_its_call() {
+        let p = ToolCallParser::Llama3Json;
+        let one = ParsedAnswer {
+            content: None,
+            calls: vec![call("now", "{\"tz\":\"UTC\"}")],
+        };
+        for text in [
+            "{\"name\": \"now\", \"parameters\": {\"tz\": \"UTC\"}}",
+            " \n{\"name\": \"now\", \"arguments\": {\"tz\": \"UTC\"}}; {\"name\": \"x\"}",
+        ] {
+            assert_eq!(p.parse(text), Some(one.clone()), "{text}");
+        }
+        for text in [
+            "The weather is {\"name\": \"now\"}",
+            "{\"name\": \"now\", \"parameters\": {\"tz\"",
+            "{\"parameters\": {}}",
+        ] {
+            assert_eq!(p.parse(text), None, "{text}");
+        }
+        assert_eq!(p.content_so_far("  "), 0);
+        assert_eq!(p.content_so_far(" {\"na"), 0);
+        assert_eq!(p.content_so_far(" It is {"), 8);
+        assert_eq!(ToolCallParser::Hermes.content_so_far("Hi <tool"), 3);
+        assert_eq!(ToolCallParser::Hermes.content_so_far("Hi <tool_call>{"), 3);
+        assert!(p.once(true) && ToolCallParser::Hermes.once(false));
+        assert!(!ToolCallParser::Hermes.once(true));
+    }
+
+    #[test]
     fn text_without_a_whole_call_is_not_a_call() {
         let p = ToolCallParser::Hermes;
         for text in [
@@ -192,6 +289,10 @@ mod tests {
             ToolCallParser::detect("{{ bos_token }}{% for m in messages %}"),
             ToolCallParser::None
         );
+        // Llama 3.2's template, as Meta wrote it.
+        let llama = "{{- 'Respond in the format {\"name\": function name, \"parameters\": \
+                     dictionary of argument name and its value}.' }}";
+        assert_eq!(ToolCallParser::detect(llama), ToolCallParser::Llama3Json);
     }
 
     #[test]

@@ -7,6 +7,7 @@ use base64::Engine as _;
 use futures::future::join_all;
 use kandle_runtime::ServeConfig;
 use kandle_runtime::server::{self, Server};
+use kandle_runtime::tool_calls::ToolCallParser;
 use kandle_tests::{fixtures_dir, models};
 use serde_json::{Value, json};
 
@@ -1803,43 +1804,62 @@ async fn a_forced_tool_call_answers_with_arguments_its_parameters_accept() {
 }
 
 /// A conversation in which the assistant called `get_weather(city)` for three earlier
-/// questions in the Hermes format, then `question`: SmolLM2-135M, greedy, calls again for a
+/// questions in `parser`'s format, then `question`: SmolLM2-135M, greedy, calls again for a
 /// weather question and answers others in text.
-fn weather_shots(question: &str) -> Value {
-    let mut messages = vec![json!({"role": "system", "content":
-        "You have access to the following tools:\n<tools>[{\"name\": \"get_weather\", \
-         \"description\": \"Get the current weather in a city\", \"parameters\": {\"type\": \
-         \"object\", \"properties\": {\"city\": {\"type\": \"string\"}}}}]</tools>\nTo call a \
-         tool, answer <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call>."})];
+fn weather_shots(parser: ToolCallParser, question: &str) -> Value {
+    let (system, call): (&str, fn(&str) -> String) = match parser {
+        ToolCallParser::Hermes => (
+            "You have access to the following tools:\n<tools>[{\"name\": \"get_weather\", \
+             \"description\": \"Get the current weather in a city\", \"parameters\": {\"type\": \
+             \"object\", \"properties\": {\"city\": {\"type\": \"string\"}}}}]</tools>\nTo call \
+             a tool, answer <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call>.",
+            |city| {
+                format!(
+                    "<tool_call>\n{{\"name\": \"get_weather\", \"arguments\": {{\"city\": \
+                     \"{city}\"}}}}\n</tool_call>"
+                )
+            },
+        ),
+        _ => (
+            "You have access to get_weather(city). To call it, respond in the format \
+             {\"name\": function name, \"parameters\": dictionary of argument name and its \
+             value}.",
+            |city| {
+                format!("{{\"name\": \"get_weather\", \"parameters\": {{\"city\": \"{city}\"}}}}")
+            },
+        ),
+    };
+    let mut messages = vec![json!({"role": "system", "content": system})];
     for city in ["Paris", "London", "Madrid"] {
         messages
             .push(json!({"role": "user", "content": format!("What is the weather in {city}?")}));
-        messages.push(json!({"role": "assistant", "content": format!(
-            "<tool_call>\n{{\"name\": \"get_weather\", \"arguments\": {{\"city\": \"{city}\"}}}}\n</tool_call>")}));
+        messages.push(json!({"role": "assistant", "content": call(city)}));
     }
     messages.push(json!({"role": "user", "content": question}));
     json!({"model": SMOL, "messages": messages, "temperature": 0, "max_tokens": 60})
 }
 
-/// `tool_choice: "auto"` with `--tool-call-parser hermes`: the model answers in text or calls
-/// in its own `<tool_call>` format, and a call it opens is masked to the request's tools. The
-/// conversation taught it `get_weather(city)`; the request lists only
-/// `weather_now(location, unit)`, so unmasked (`"none"`) it writes the call it was shown and
-/// with "auto" the one the request allows. Streamed: content as it comes, the calls whole at
-/// the end, every token's log-probability sent. A chat template that mentions `<tool_call>`
-/// chooses the parser without the flag.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn auto_tool_choice_reads_calls_in_the_models_format_masked_to_the_tools() {
-    use kandle_runtime::tool_calls::ToolCallParser;
-    let (server, url) = serve(|c| c.tool_call_parser = Some(ToolCallParser::Hermes)).await;
-    let http = client();
-    let chat = format!("{url}/v1/chat/completions");
-    let tools = json!([{"type": "function", "function": {"name": "weather_now",
+/// The tools of [`auto_calls_are_read_and_masked`]'s requests.
+fn weather_now() -> Value {
+    json!([{"type": "function", "function": {"name": "weather_now",
         "parameters": {"type": "object", "properties": {
             "location": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}},
-            "required": ["location", "unit"]}}}]);
+            "required": ["location", "unit"]}}}])
+}
+
+/// `tool_choice: "auto"` against a server reading `parser`'s format: the model answers in
+/// text or calls in that format, and a call it starts is masked to the request's tools. The
+/// conversation taught it `get_weather(city)`; the request lists only
+/// `weather_now(location, unit)`, so unmasked (`"none"`) it writes the call it was shown
+/// (whose text starts with `shown`), and with "auto" the one the request allows. Streamed:
+/// content as it comes, the call whole at the end, every token's log-probability sent.
+/// Returns the call's answer.
+async fn auto_calls_are_read_and_masked(url: &str, parser: ToolCallParser, shown: &str) -> Value {
+    let http = client();
+    let chat = format!("{url}/v1/chat/completions");
+    let tools = weather_now();
     let rome = with_fields(
-        weather_shots("What is the weather in Rome?"),
+        weather_shots(parser, "What is the weather in Rome?"),
         &json!({"tools": tools}),
     );
 
@@ -1852,7 +1872,7 @@ async fn auto_tool_choice_reads_calls_in_the_models_format_masked_to_the_tools()
     .await;
     let text = none["choices"][0]["message"]["content"].as_str().unwrap();
     assert!(
-        text.starts_with("<tool_call>") && text.contains("\"get_weather\""),
+        text.starts_with(shown) && text.contains("\"get_weather\""),
         "{none}"
     );
 
@@ -1899,14 +1919,17 @@ async fn auto_tool_choice_reads_calls_in_the_models_format_masked_to_the_tools()
     );
 
     // A question the tool does not answer: text, streamed the same, with every token's
-    // log-probability (none held back with text that might have opened a call).
-    let sum = with_fields(weather_shots("What is 2+2?"), &json!({"tools": tools}));
+    // log-probability (none held back with text that might have started a call).
+    let sum = with_fields(
+        weather_shots(parser, "What is 2+2?"),
+        &json!({"tools": tools}),
+    );
     let r = post_json(&http, &chat, &sum).await;
     let c = &r["choices"][0];
     assert_eq!(c["finish_reason"], "stop", "{r}");
     assert!(c["message"]["tool_calls"].is_null(), "{r}");
     let answer = c["message"]["content"].as_str().unwrap();
-    assert!(!answer.is_empty() && !answer.contains("<tool_call>"), "{r}");
+    assert!(!answer.is_empty() && !answer.contains("get_weather"), "{r}");
     let chunks = post_stream(
         &http,
         &chat,
@@ -1931,6 +1954,40 @@ async fn auto_tool_choice_reads_calls_in_the_models_format_masked_to_the_tools()
         usage["completion_tokens"].as_u64().unwrap(),
         "{usage}"
     );
+    r
+}
+
+/// `tool_choice: "auto"` with `--tool-call-parser hermes` ([`auto_calls_are_read_and_masked`]);
+/// `parallel_tool_calls: false` ends the answer with the call's closing brace, before the
+/// `</tool_call>` the model writes otherwise. A chat template that mentions `<tool_call>`
+/// chooses the parser without the flag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_tool_choice_reads_hermes_calls_masked_to_the_tools() {
+    let (server, url) = serve(|c| c.tool_call_parser = Some(ToolCallParser::Hermes)).await;
+    auto_calls_are_read_and_masked(&url, ToolCallParser::Hermes, "<tool_call>").await;
+    let http = client();
+    let chat = format!("{url}/v1/chat/completions");
+    let rome = with_fields(
+        weather_shots(ToolCallParser::Hermes, "What is the weather in Rome?"),
+        &json!({"tools": weather_now()}),
+    );
+    let parallel = post_json(&http, &chat, &rome).await;
+    let single = post_json(
+        &http,
+        &chat,
+        &with_fields(rome.clone(), &json!({"parallel_tool_calls": false})),
+    )
+    .await;
+    assert_eq!(
+        single["choices"][0]["finish_reason"], "tool_calls",
+        "{single}"
+    );
+    assert_eq!(
+        single["choices"][0]["message"]["tool_calls"][0]["function"],
+        parallel["choices"][0]["message"]["tool_calls"][0]["function"]
+    );
+    let tokens = |r: &Value| r["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(tokens(&single) < tokens(&parallel), "{single} {parallel}");
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 
     // No flag: a template that writes `<tool_call>` into the prompt chooses Hermes.
@@ -1949,6 +2006,16 @@ async fn auto_tool_choice_reads_calls_in_the_models_format_masked_to_the_tools()
         r["choices"][0]["message"].is_object(),
         "\"auto\" accepted: {r}"
     );
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+/// `tool_choice: "auto"` with `--tool-call-parser llama3_json`
+/// ([`auto_calls_are_read_and_masked`]): an answer that starts with `{` is
+/// `{"name": …, "parameters": …}`, which ends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_tool_choice_reads_llama3_json_calls_masked_to_the_tools() {
+    let (server, url) = serve(|c| c.tool_call_parser = Some(ToolCallParser::Llama3Json)).await;
+    auto_calls_are_read_and_masked(&url, ToolCallParser::Llama3Json, "{\"name\"").await;
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
