@@ -7,6 +7,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::chat::ChatMessage;
+use crate::engine::Ending;
 use crate::json_mode::Constraint;
 use crate::json_schema::Schema;
 use crate::sampling::SamplingParams;
@@ -113,6 +114,7 @@ pub struct SamplingFields {
     pub seed: Option<i64>,
     pub presence_penalty: Option<f32>,
     pub frequency_penalty: Option<f32>,
+    pub repetition_penalty: Option<f32>,
 }
 
 /// POST /v1/chat/completions
@@ -141,6 +143,8 @@ pub struct ChatCompletionRequest {
     pub logit_bias: Option<BTreeMap<String, f32>>,
     #[serde(flatten)]
     pub unsupported: ChatUnsupported,
+    #[serde(flatten)]
+    pub vllm: VllmFields,
 }
 
 /// Chat fields of OpenAI's API that shape the answer beyond sampling: tools, the response
@@ -156,6 +160,60 @@ pub struct ChatUnsupported {
     pub functions: Option<Value>,
     pub function_call: Option<Value>,
     pub response_format: Option<Value>,
+}
+
+/// vLLM's sampling fields beyond OpenAI's, which vLLM's clients and load generators
+/// (`benchmark_serving`, genai-perf, llmperf) send: read, where ignoring them would change
+/// what a client measures or gets.
+#[derive(Debug, Clone, Deserialize, Default)]
+pub struct VllmFields {
+    /// Generate to `max_tokens`: the end-of-text tokens are masked, as llama.cpp's server
+    /// reads it (vLLM samples them and goes on; either way the answer runs to its limit).
+    #[serde(default, deserialize_with = "false_if_null")]
+    pub ignore_eos: bool,
+    /// Tokens before which neither an end-of-text token, nor `stop_token_ids`, nor a stop
+    /// sequence ends the answer.
+    pub min_tokens: Option<i64>,
+    /// More tokens that end the answer, kept in it as vLLM keeps them (a special token's
+    /// text is empty).
+    pub stop_token_ids: Option<Vec<i64>>,
+    /// [`SamplingParams::repetition_penalty`].
+    pub repetition_penalty: Option<f32>,
+}
+
+impl VllmFields {
+    /// The request's [`Ending`]: `stop_token_ids` checked against the vocabulary (`vocab`
+    /// ids), `min_tokens` against the request's `max_tokens`.
+    pub fn ending(&self, max_tokens: usize, vocab: usize) -> Result<Ending, ApiError> {
+        let min_tokens = match self.min_tokens {
+            None => 0,
+            Some(n) if n >= 0 && n as usize <= max_tokens => n as usize,
+            Some(n) => {
+                return Err(ApiError::invalid(
+                    format!("min_tokens must be between 0 and max_tokens ({max_tokens}), got {n}"),
+                    Some("min_tokens"),
+                ));
+            }
+        };
+        let mut stop_ids = Vec::new();
+        for &id in self.stop_token_ids.iter().flatten() {
+            if id < 0 || id as usize >= vocab {
+                return Err(ApiError::invalid(
+                    format!(
+                        "stop_token_ids: {id} is not a token id of this model (0 to {})",
+                        vocab - 1
+                    ),
+                    Some("stop_token_ids"),
+                ));
+            }
+            stop_ids.push(id as u32);
+        }
+        Ok(Ending {
+            ignore_eos: self.ignore_eos,
+            min_tokens,
+            stop_ids,
+        })
+    }
 }
 
 /// Completions fields of OpenAI's API that kandle does not implement (as [`ChatUnsupported`]).
@@ -569,6 +627,8 @@ pub struct CompletionRequest {
     pub response_format: Option<Value>,
     #[serde(flatten)]
     pub unsupported: CompletionUnsupported,
+    #[serde(flatten)]
+    pub vllm: VllmFields,
 }
 
 /// POST /tokenize (vLLM's route): a prompt as completions tokenises it, or messages as chat
@@ -711,6 +771,13 @@ pub fn sampling_params(
             ));
         }
     }
+    let repetition_penalty = f.repetition_penalty.unwrap_or(1.0);
+    if !(repetition_penalty > 0.0 && repetition_penalty.is_finite()) {
+        return Err(ApiError::invalid(
+            format!("repetition_penalty must be greater than 0 (1: off), got {repetition_penalty}"),
+            Some("repetition_penalty"),
+        ));
+    }
     Ok(SamplingParams {
         temperature,
         top_p,
@@ -719,6 +786,7 @@ pub fn sampling_params(
         seed: f.seed.map(|s| s as u64),
         presence_penalty: f.presence_penalty.unwrap_or(0.0),
         frequency_penalty: f.frequency_penalty.unwrap_or(0.0),
+        repetition_penalty,
         logprobs,
         logit_bias: Vec::new(),
     })
@@ -1235,6 +1303,27 @@ mod tests {
             assert_eq!(e.param, Some("response_format"), "{rf}");
             assert!(e.message.contains(says), "{rf}: {}", e.message);
         }
+    }
+
+    #[test]
+    fn vllm_fields_give_the_ending_or_a_reason() {
+        let f: VllmFields = serde_json::from_value(serde_json::json!({
+            "ignore_eos": null, "min_tokens": 3, "stop_token_ids": [0, 9]}))
+        .unwrap();
+        assert_eq!(
+            f.ending(5, 10).unwrap(),
+            Ending {
+                ignore_eos: false,
+                min_tokens: 3,
+                stop_ids: vec![0, 9],
+            }
+        );
+        assert_eq!(f.ending(2, 10).unwrap_err().param, Some("min_tokens"));
+        assert_eq!(f.ending(5, 9).unwrap_err().param, Some("stop_token_ids"));
+        assert_eq!(
+            VllmFields::default().ending(0, 1).unwrap(),
+            Ending::default()
+        );
     }
 
     #[test]

@@ -63,6 +63,8 @@ impl IncrementalText {
 pub struct TextAssembler {
     stops: Vec<String>,
     emitted: usize,
+    /// Whether stop sequences are looked for (not before vLLM's `min_tokens`).
+    armed: bool,
 }
 
 /// What one step released.
@@ -78,7 +80,14 @@ impl TextAssembler {
         Self {
             stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
             emitted: 0,
+            armed: true,
         }
+    }
+
+    /// Whether stop sequences are looked for from now on; text released while they were not
+    /// is not searched again.
+    pub fn arm(&mut self, on: bool) {
+        self.armed = on;
     }
 
     /// Takes the full decoded text so far; `last` releases everything that is not a stop.
@@ -90,15 +99,15 @@ impl TextAssembler {
                 stopped: false,
             };
         }
+        let stops: &[String] = if self.armed { &self.stops } else { &[] };
         // A stop may straddle released text and new text: search from the earliest place one
         // could start.
-        let longest = self.stops.iter().map(String::len).max().unwrap_or(0);
+        let longest = stops.iter().map(String::len).max().unwrap_or(0);
         let mut from = self.emitted.saturating_sub(longest.saturating_sub(1));
         while !full.is_char_boundary(from) {
             from -= 1;
         }
-        let hit = self
-            .stops
+        let hit = stops
             .iter()
             .filter_map(|s| full[from..].find(s.as_str()).map(|i| i + from))
             .min();
@@ -117,7 +126,7 @@ impl TextAssembler {
             end = trimmed.len();
             // Hold back the longest suffix that is a proper prefix of a stop sequence.
             let mut hold = 0;
-            for s in &self.stops {
+            for s in stops {
                 for (k, _) in s.char_indices().skip(1) {
                     if k > hold && trimmed.ends_with(&s[..k]) {
                         hold = k;
@@ -151,6 +160,24 @@ mod tests {
             }
         }
         (out, false)
+    }
+
+    #[test]
+    fn stops_are_looked_for_only_once_armed() {
+        let mut a = TextAssembler::new(vec!["END".into()]);
+        a.arm(false);
+        let r = a.push("one END two E", false);
+        assert_eq!((r.delta.as_str(), r.stopped), ("one END two E", false));
+        a.arm(true);
+        // Released text is not searched again; a stop that straddles it and new text is.
+        let r = a.push("one END two END", false);
+        assert_eq!((r.delta.as_str(), r.stopped), ("", true));
+        let mut b = TextAssembler::new(vec!["END".into()]);
+        b.arm(false);
+        b.push("one END", false);
+        b.arm(true);
+        let r = b.push("one END two", false);
+        assert_eq!((r.delta.as_str(), r.stopped), (" two", false));
     }
 
     #[test]

@@ -61,6 +61,20 @@ pub struct GenerateRequest {
     /// JSON mode or a JSON schema ([`crate::json_mode`]): the answer is one JSON value of
     /// that kind, and ends with it.
     pub json: Option<Constraint>,
+    /// What else ends the answer, or may not yet.
+    pub ending: Ending,
+}
+
+/// vLLM's `ignore_eos`, `min_tokens` and `stop_token_ids` ([`crate::api::VllmFields`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ending {
+    /// The end-of-text tokens are masked: the answer runs to `max_tokens`.
+    pub ignore_eos: bool,
+    /// Tokens before which nothing but `max_tokens` ends the answer: end-of-text and
+    /// `stop_ids` are masked, stop sequences not looked for.
+    pub min_tokens: usize,
+    /// Tokens that end the answer, kept in it.
+    pub stop_ids: Vec<u32>,
 }
 
 /// Why generation ended.
@@ -134,7 +148,7 @@ pub enum EngineError {
 enum Job {
     /// One request of `choices.len()` choices: choice `i` samples with the seed plus `i`.
     Generate {
-        req: GenerateRequest,
+        req: Box<GenerateRequest>,
         choices: Vec<(mpsc::UnboundedSender<GenerateEvent>, OwnedSemaphorePermit)>,
         admitted: Instant,
     },
@@ -417,7 +431,7 @@ impl Engine {
         for (req, choices) in jobs {
             self.inner.metrics.queue_depth.inc();
             let sent = self.send(Job::Generate {
-                req,
+                req: Box::new(req),
                 choices,
                 admitted: Instant::now(),
             });
@@ -616,7 +630,7 @@ impl GenerationWorker {
                 req,
                 choices,
                 admitted,
-            } => (req, choices, admitted),
+            } => (*req, choices, admitted),
             Job::Embed { reply, .. } => {
                 let _ = reply.send(Err(EngineError::WrongTask("embeddings")));
                 return;
@@ -658,7 +672,7 @@ impl GenerationWorker {
             sampling.seed = sampling.seed.map(|s| s.wrapping_add(i as u64));
             self.metrics.inflight.inc();
             active.push(Active {
-                sampler: Sampler::new(sampling),
+                sampler: Sampler::new(sampling).with_prompt(&req.prompt),
                 assembler: TextAssembler::new(req.stop.clone()),
                 text: IncrementalText::default(),
                 next_input: req.prompt.clone(),
@@ -937,6 +951,7 @@ impl GenerationWorker {
             true => Some(self.json_texts()),
             false => None,
         };
+        let eos_ids = &self.eos_ids;
         let tokens: Vec<Option<SampledToken>> = stepped
             .par_iter_mut()
             .map(|(a, logits)| {
@@ -944,6 +959,21 @@ impl GenerationWorker {
                     && !json.mask(texts, logits)
                 {
                     return None;
+                }
+                let ending = &a.req.ending;
+                let early = a.completion_tokens < ending.min_tokens;
+                let mut ban = |ids: &[u32]| {
+                    for &id in ids {
+                        if let Some(l) = logits.get_mut(id as usize) {
+                            *l = f32::NEG_INFINITY;
+                        }
+                    }
+                };
+                if early || ending.ignore_eos {
+                    ban(eos_ids);
+                }
+                if early {
+                    ban(&ending.stop_ids);
                 }
                 Some(a.sampler.sample(logits))
             })
@@ -1025,8 +1055,12 @@ impl GenerationWorker {
         };
         let context_full = a.seq.len() + 1 >= self.context_length;
         let at_limit = a.completion_tokens >= a.req.max_tokens || context_full;
-        let last = is_eos || json_done || at_limit;
+        let stop_id = a.req.ending.stop_ids.contains(&tok.id);
+        let last = is_eos || stop_id || json_done || at_limit;
         let tokenizer = &self.tokenizer;
+        // Stop sequences count from `min_tokens` on.
+        a.assembler
+            .arm(a.completion_tokens >= a.req.ending.min_tokens);
         let released = match a
             .text
             .update(&a.generated, last, |ids| tokenizer.decode(ids, true))
@@ -1046,7 +1080,7 @@ impl GenerationWorker {
                 logprobs,
             });
         }
-        let finish = if is_eos || json_done || released.stopped {
+        let finish = if is_eos || stop_id || json_done || released.stopped {
             Some(FinishReason::Stop)
         } else if at_limit {
             Some(FinishReason::Length)

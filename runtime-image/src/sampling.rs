@@ -24,6 +24,10 @@ pub struct SamplingParams {
     pub seed: Option<u64>,
     pub presence_penalty: f32,
     pub frequency_penalty: f32,
+    /// Transformers' (and vLLM's, TGI's) multiplicative penalty on every token of the prompt
+    /// and the answer so far: a positive logit divided by it, a negative one multiplied
+    /// (1: off).
+    pub repetition_penalty: f32,
     /// `Some(n)`: report the chosen token's logprob and the n most likely alternatives.
     pub logprobs: Option<usize>,
     /// (token id, bias) pairs added to the logits before anything else; ids past the
@@ -41,6 +45,7 @@ impl Default for SamplingParams {
             seed: None,
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
+            repetition_penalty: 1.0,
             logprobs: None,
             logit_bias: Vec::new(),
         }
@@ -61,6 +66,8 @@ pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
     counts: HashMap<u32, u32>,
+    /// The prompt's tokens, for the repetition penalty (empty when it is off).
+    prompt: std::collections::HashSet<u32>,
 }
 
 impl Sampler {
@@ -70,7 +77,16 @@ impl Sampler {
             params,
             rng: StdRng::seed_from_u64(seed),
             counts: HashMap::new(),
+            prompt: Default::default(),
         }
+    }
+
+    /// The sampler of a sequence after `prompt`, which the repetition penalty counts.
+    pub fn with_prompt(mut self, prompt: &[u32]) -> Self {
+        if self.params.repetition_penalty != 1.0 {
+            self.prompt = prompt.iter().copied().collect();
+        }
+        self
     }
 
     /// Picks the next token from `logits` (modified in place) and records it.
@@ -79,6 +95,16 @@ impl Sampler {
         for &(tok, bias) in &p.logit_bias {
             if let Some(l) = logits.get_mut(tok as usize) {
                 *l += bias;
+            }
+        }
+        if p.repetition_penalty != 1.0 {
+            let penalty = p.repetition_penalty;
+            // Each token once: the prompt's, then the answer's others.
+            let answer = self.counts.keys().filter(|t| !self.prompt.contains(t));
+            for &tok in self.prompt.iter().chain(answer) {
+                if let Some(l) = logits.get_mut(tok as usize) {
+                    *l = if *l > 0.0 { *l / penalty } else { *l * penalty };
+                }
             }
         }
         if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
@@ -409,6 +435,31 @@ pub fn top_n(xs: &[f32], n: usize) -> Vec<(u32, f32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_repetition_penalty_shrinks_the_logits_of_tokens_seen() {
+        let p = SamplingParams {
+            temperature: 0.0,
+            repetition_penalty: 2.0,
+            ..Default::default()
+        };
+        // Token 1 is in the prompt: 4 → 2, below token 2's 3; token 0's −1 → −2.
+        let mut s = Sampler::new(p.clone()).with_prompt(&[0, 1]);
+        let mut logits = vec![-1.0, 4.0, 3.0, 2.9];
+        assert_eq!(s.sample(&mut logits).id, 2);
+        assert_eq!(logits[..2], [-2.0, 2.0]);
+        // Token 2 is now in the answer: 3 → 1.5, and 3 (2.9) wins.
+        let mut logits = vec![-1.0, 4.0, 3.0, 2.9];
+        assert_eq!(s.sample(&mut logits).id, 3);
+        // Off (1), the prompt is not even kept.
+        let mut off = Sampler::new(SamplingParams {
+            repetition_penalty: 1.0,
+            ..p
+        })
+        .with_prompt(&[0, 1]);
+        assert!(off.prompt.is_empty());
+        assert_eq!(off.sample(&mut [-1.0, 4.0, 3.0, 2.9]).id, 1);
+    }
 
     fn params(temperature: f32) -> SamplingParams {
         SamplingParams {

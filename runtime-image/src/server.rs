@@ -335,6 +335,7 @@ fn load_and_warm(st: &AppState, path: &std::path::Path) -> Result<()> {
                     deadline: Instant::now() + Duration::from_secs(600),
                     warmup: true,
                     json: None,
+                    ending: Default::default(),
                 })
                 .map_err(|e| Error::Server(format!("warm-up: {e}")))?;
             futures::executor::block_on(async {
@@ -982,6 +983,7 @@ async fn chat_completions(
         seed: r.seed,
         presence_penalty: r.presence_penalty,
         frequency_penalty: r.frequency_penalty,
+        repetition_penalty: r.vllm.repetition_penalty,
     };
     let mut sampling = api::sampling_params(&fields, logprobs)?;
     sampling.logit_bias = api::logit_bias(
@@ -994,6 +996,7 @@ async fn chat_completions(
     };
     let max_tokens = api::max_tokens(requested, st.config.max_new_tokens, param)?;
     let stop = api::stop_sequences(r.stop.as_ref())?;
+    let ending = r.vllm.ending(max_tokens, engine.frontend().vocab_limit)?;
     let frontend = engine.frontend();
     let tools = tool_use.as_ref().map(|t| &t.tools);
     let (_, prompt) = frontend.encode_chat(&messages, tools).map_err(|e| {
@@ -1014,6 +1017,7 @@ async fn chat_completions(
             deadline: Instant::now() + st.config.request_timeout,
             warmup: false,
             json,
+            ending,
         }],
         n,
         stream: r.stream,
@@ -1065,6 +1069,7 @@ async fn completions(
         seed: r.seed,
         presence_penalty: r.presence_penalty,
         frequency_penalty: r.frequency_penalty,
+        repetition_penalty: r.vllm.repetition_penalty,
     };
     let mut sampling = api::sampling_params(&fields, logprobs)?;
     sampling.logit_bias = api::logit_bias(
@@ -1078,6 +1083,7 @@ async fn completions(
         "max_tokens",
     )?;
     let stop = api::stop_sequences(r.stop.as_ref())?;
+    let ending = r.vllm.ending(max_tokens, engine.frontend().vocab_limit)?;
     let frontend = engine.frontend();
     let deadline = Instant::now() + st.config.request_timeout;
     let mut reqs = Vec::with_capacity(prompts.len());
@@ -1117,6 +1123,7 @@ async fn completions(
             deadline,
             warmup: false,
             json: json.clone(),
+            ending: ending.clone(),
         });
     }
     // `echo`: each prompt's text before its choices' and, with `logprobs`, its tokens'.

@@ -2019,6 +2019,122 @@ async fn auto_tool_choice_reads_llama3_json_calls_masked_to_the_tools() {
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
+/// vLLM's extra sampling fields, which its clients and load generators send: `ignore_eos`
+/// and `min_tokens` run the answer past its end-of-text (the same greedy start, then on to
+/// the limit), `min_tokens` holds a stop sequence back until it is reached,
+/// `stop_token_ids` ends the answer with that token kept, `repetition_penalty` changes a
+/// greedy answer; bad values are refused naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vllm_fields_bound_where_an_answer_ends() {
+    let (server, url) = serve(|_| {}).await;
+    let http = client();
+    let chat = format!("{url}/v1/chat/completions");
+    let ask = |extra: Value| {
+        with_fields(
+            chat_body("What is 2+2?", json!({"temperature": 0, "max_tokens": 40})),
+            &extra,
+        )
+    };
+    let answer = |r: &Value| {
+        let c = &r["choices"][0];
+        (
+            c["message"]["content"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{r}"))
+                .to_owned(),
+            c["finish_reason"].as_str().unwrap().to_owned(),
+            r["usage"]["completion_tokens"].as_u64().unwrap(),
+        )
+    };
+    let (plain, why, n) = answer(&post_json(&http, &chat, &ask(json!({}))).await);
+    assert_eq!(why, "stop");
+    assert!(
+        n < 20,
+        "the greedy answer ends early: {n} tokens, {plain:?}"
+    );
+    for extra in [json!({"ignore_eos": true}), json!({"min_tokens": 20})] {
+        let (text, why, n) = answer(&post_json(&http, &chat, &ask(extra.clone())).await);
+        assert!(
+            text.starts_with(&plain) && text.len() > plain.len(),
+            "{extra}: {text:?}"
+        );
+        assert_eq!((why.as_str(), n), ("length", 40), "{extra}");
+    }
+    // The plain answer's words: a stop sequence inside it, and the token that ends its
+    // fifth.
+    let word = plain.split(' ').nth(5).unwrap().to_owned();
+    let (text, _, _) = answer(&post_json(&http, &chat, &ask(json!({"stop": [word]}))).await);
+    assert!(!text.contains(&word), "{text:?}");
+    let (text, _, _) = answer(
+        &post_json(
+            &http,
+            &chat,
+            &ask(json!({"stop": [word], "min_tokens": 10})),
+        )
+        .await,
+    );
+    assert!(
+        text.contains(&word),
+        "the stop counts from min_tokens on: {text:?}"
+    );
+    let ids = token_ids(
+        &http,
+        &url,
+        json!({"messages": [{"role": "user", "content": "What is 2+2?"}]}),
+    )
+    .await;
+    let all = token_ids(
+        &http,
+        &url,
+        json!({"messages": [{"role": "user", "content": "What is 2+2?"},
+                            {"role": "assistant", "content": plain}]}),
+    )
+    .await;
+    let generated = &all[ids.len()..];
+    let (text, why, n) = answer(
+        &post_json(
+            &http,
+            &chat,
+            &ask(json!({"stop_token_ids": [generated[4]]})),
+        )
+        .await,
+    );
+    assert_eq!((why.as_str(), n), ("stop", 5), "{text:?}");
+    assert!(
+        plain.starts_with(&text) && text.len() < plain.len(),
+        "{text:?}"
+    );
+    let long = |extra: Value| {
+        with_fields(
+            chat_body(
+                "Tell me a joke.",
+                json!({"temperature": 0, "max_tokens": 40}),
+            ),
+            &extra,
+        )
+    };
+    let (once, _, _) = answer(&post_json(&http, &chat, &long(json!({}))).await);
+    let (penalised, _, _) =
+        answer(&post_json(&http, &chat, &long(json!({"repetition_penalty": 1.3}))).await);
+    assert_ne!(once, penalised);
+    for (extra, param) in [
+        (json!({"min_tokens": 41}), "min_tokens"),
+        (json!({"min_tokens": -1}), "min_tokens"),
+        (json!({"stop_token_ids": [49152]}), "stop_token_ids"),
+        (json!({"repetition_penalty": 0}), "repetition_penalty"),
+    ] {
+        let r = http
+            .post(&chat)
+            .json(&ask(extra.clone()))
+            .send()
+            .await
+            .unwrap();
+        let e = expect_error(r, 400, &extra.to_string()).await;
+        assert_eq!(e["error"]["param"], param, "{e}");
+    }
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
 /// `--chat-template` replaces the model's template: chat renders the file's (with the
 /// model's special tokens), and a template that does not compile stops the start, naming
 /// the flag.

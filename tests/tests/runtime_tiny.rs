@@ -282,6 +282,7 @@ fn a_panicking_step_fails_its_request_and_the_engine_serves_the_next() {
                 deadline: Instant::now() + Duration::from_secs(60),
                 warmup: false,
                 json: None,
+                ending: Default::default(),
             })
             .unwrap();
         let mut last = None;
