@@ -9,7 +9,7 @@ use serde_json::Value;
 use crate::chat::ChatMessage;
 use crate::engine::Ending;
 use crate::json_mode::Constraint;
-use crate::json_schema::Schema;
+use crate::json_schema::{Schema, TextPattern};
 use crate::sampling::SamplingParams;
 use crate::tool_calls::ToolCallParser;
 
@@ -179,9 +179,109 @@ pub struct VllmFields {
     pub stop_token_ids: Option<Vec<i64>>,
     /// [`SamplingParams::repetition_penalty`].
     pub repetition_penalty: Option<f32>,
+    /// vLLM's guided decoding ([`VllmFields::guided`]), and its newer `structured_outputs`
+    /// object of the same (`json`, `regex`, `choice`, `grammar`, `json_object`).
+    pub guided_json: Option<Value>,
+    pub guided_regex: Option<Value>,
+    pub guided_choice: Option<Value>,
+    pub guided_grammar: Option<Value>,
+    pub structured_outputs: Option<Value>,
 }
 
 impl VllmFields {
+    /// What vLLM's guided decoding fields constrain the answer to: a JSON schema (as
+    /// `response_format`'s), a regex the whole answer matches, or one of a list of texts.
+    /// Grammars are refused, and so is more than one field.
+    pub fn guided(&self) -> Result<Option<Constraint>, ApiError> {
+        let mut given: Vec<(&'static str, &Value)> = Vec::new();
+        for (name, v) in [
+            ("guided_json", &self.guided_json),
+            ("guided_regex", &self.guided_regex),
+            ("guided_choice", &self.guided_choice),
+            ("guided_grammar", &self.guided_grammar),
+        ] {
+            if let Some(v) = v.as_ref().filter(|v| !v.is_null()) {
+                given.push((name, v));
+            }
+        }
+        match &self.structured_outputs {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(o)) => {
+                for (k, v) in o {
+                    let name = match k.as_str() {
+                        "json" => "structured_outputs.json",
+                        "regex" => "structured_outputs.regex",
+                        "choice" => "structured_outputs.choice",
+                        "grammar" => "structured_outputs.grammar",
+                        "json_object" => "structured_outputs.json_object",
+                        _ => continue, // backend options and the like
+                    };
+                    if !v.is_null() && v != &Value::Bool(false) {
+                        given.push((name, v));
+                    }
+                }
+            }
+            Some(v) => {
+                return Err(ApiError::invalid(
+                    format!("structured_outputs must be an object, got {v}"),
+                    Some("structured_outputs"),
+                ));
+            }
+        }
+        let (name, v) = match given.as_slice() {
+            [] => return Ok(None),
+            [one] => *one,
+            more => {
+                let names: Vec<&str> = more.iter().map(|(n, _)| *n).collect();
+                return Err(ApiError::invalid(
+                    format!("send one of {}", names.join(", ")),
+                    Some(more[1].0.split('.').next().unwrap_or("guided_json")),
+                ));
+            }
+        };
+        let param = name.split('.').next().unwrap_or(name);
+        let bad = |e: String| ApiError::invalid(format!("{name}: {e}"), Some(param));
+        let kind = name.rsplit(['.', '_']).next().unwrap_or(name);
+        Ok(Some(match kind {
+            "json" => {
+                // A schema, or its JSON text.
+                let parsed;
+                let schema = match v {
+                    Value::String(text) => {
+                        parsed = serde_json::from_str::<Value>(text)
+                            .map_err(|e| bad(format!("not JSON: {e}")))?;
+                        &parsed
+                    }
+                    v => v,
+                };
+                Constraint::Schema(std::sync::Arc::new(Schema::compile(schema).map_err(bad)?))
+            }
+            "object" => Constraint::Object,
+            "regex" => {
+                let re = v
+                    .as_str()
+                    .ok_or_else(|| bad(format!("must be a string, got {v}")))?;
+                Constraint::Regex(std::sync::Arc::new(TextPattern::whole(re).map_err(bad)?))
+            }
+            "choice" => {
+                let choices: Vec<String> = v
+                    .as_array()
+                    .filter(|a| !a.is_empty())
+                    .and_then(|a| a.iter().map(|c| c.as_str().map(str::to_owned)).collect())
+                    .ok_or_else(|| bad(format!("must be a non-empty list of strings, got {v}")))?;
+                Constraint::Regex(std::sync::Arc::new(
+                    TextPattern::choice(&choices).map_err(bad)?,
+                ))
+            }
+            _ => {
+                return Err(unsupported(
+                    param,
+                    "no grammars (EBNF or GBNF); send a JSON schema, a regex or choices",
+                ));
+            }
+        }))
+    }
+
     /// The request's [`Ending`]: `stop_token_ids` checked against the vocabulary (`vocab`
     /// ids), `min_tokens` against the request's `max_tokens`.
     pub fn ending(&self, max_tokens: usize, vocab: usize) -> Result<Ending, ApiError> {
@@ -1302,6 +1402,77 @@ mod tests {
             let e = constraint(rf.clone()).unwrap_err();
             assert_eq!(e.param, Some("response_format"), "{rf}");
             assert!(e.message.contains(says), "{rf}: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn vllm_guided_fields_give_one_constraint_or_a_reason() {
+        use serde_json::json;
+        let guided = |v: Value| serde_json::from_value::<VllmFields>(v).unwrap().guided();
+        assert!(guided(json!({})).unwrap().is_none());
+        for v in [
+            json!({"guided_json": {"type": "object"}}),
+            json!({"guided_json": "{\"type\": \"object\"}"}),
+            json!({"structured_outputs": {"json": {"type": "integer"}, "backend": "x"}}),
+        ] {
+            assert!(
+                matches!(guided(v.clone()), Ok(Some(Constraint::Schema(_)))),
+                "{v}"
+            );
+        }
+        for v in [
+            json!({"guided_regex": "[0-9]+"}),
+            json!({"guided_choice": ["yes", "no"]}),
+            json!({"structured_outputs": {"choice": ["a"]}}),
+            json!({"structured_outputs": {"regex": "a+", "json": null}}),
+        ] {
+            assert!(
+                matches!(guided(v.clone()), Ok(Some(Constraint::Regex(_)))),
+                "{v}"
+            );
+        }
+        assert!(matches!(
+            guided(json!({"structured_outputs": {"json_object": true}})),
+            Ok(Some(Constraint::Object))
+        ));
+        for (v, param, says) in [
+            (
+                json!({"guided_grammar": "root ::= x"}),
+                "guided_grammar",
+                "grammars",
+            ),
+            (
+                json!({"structured_outputs": {"grammar": "x"}}),
+                "structured_outputs",
+                "grammars",
+            ),
+            (json!({"guided_choice": []}), "guided_choice", "non-empty"),
+            (json!({"guided_choice": [1]}), "guided_choice", "strings"),
+            (
+                json!({"guided_regex": "(?=a)"}),
+                "guided_regex",
+                "not supported",
+            ),
+            (json!({"guided_json": "{"}), "guided_json", "not JSON"),
+            (
+                json!({"guided_json": {"type": "string", "format": "hostname"}}),
+                "guided_json",
+                "format",
+            ),
+            (
+                json!({"guided_regex": "a", "guided_choice": ["a"]}),
+                "guided_choice",
+                "one of",
+            ),
+            (
+                json!({"structured_outputs": 3}),
+                "structured_outputs",
+                "object",
+            ),
+        ] {
+            let e = guided(v.clone()).unwrap_err();
+            assert_eq!(e.param, Some(param), "{v}");
+            assert!(e.message.contains(says), "{v}: {}", e.message);
         }
     }
 

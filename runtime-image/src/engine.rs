@@ -1007,6 +1007,7 @@ impl GenerationWorker {
                 anchor,
                 |ids| tokenizer.decode(ids, true).ok(),
             ))
+            .with_eos(&self.eos_ids)
         })
     }
 

@@ -20,7 +20,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use crate::json_schema::{Schema, SchemaState};
+use regex_automata::util::primitives::StateID;
+
+use crate::json_schema::{Schema, SchemaState, TextPattern};
 
 /// Whitespace characters allowed in a row.
 pub const MAX_WHITESPACE: u8 = 32;
@@ -386,6 +388,8 @@ pub struct JsonVocab {
     plain: Vec<bool>,
     /// Per character asked for ([`JsonVocab::containing`]), the tokens whose text holds it.
     containing: Arc<Mutex<HashMap<char, Arc<[u32]>>>>,
+    /// The end-of-text tokens, which a regex allows where its text is whole.
+    eos: Vec<u32>,
 }
 
 impl JsonVocab {
@@ -403,7 +407,14 @@ impl JsonVocab {
             texts,
             plain,
             containing: Default::default(),
+            eos: Vec::new(),
         }
+    }
+
+    /// The vocabulary with its end-of-text tokens.
+    pub fn with_eos(mut self, eos: &[u32]) -> JsonVocab {
+        self.eos = eos.to_vec();
+        self
     }
 
     /// The tokens whose text holds `c` (found once per character, then kept).
@@ -440,6 +451,10 @@ pub enum Constraint {
         schema: Arc<Schema>,
         once: bool,
     },
+    /// Text that a regex matches whole (vLLM's `guided_regex` and `guided_choice`): a
+    /// token is masked where no match can follow it, end-of-text allowed only on a match;
+    /// the answer ends by itself where the match can go no further.
+    Regex(Arc<TextPattern>),
 }
 
 /// Where a value of [`Constraint::After`] starts.
@@ -453,6 +468,32 @@ pub enum Opening {
     Start(char),
 }
 
+/// [`JsonMode::mask`] for a regex at `state`: each token whose text leads where no match
+/// can follow is masked (tried once per first byte before its whole text), and the
+/// end-of-text tokens unless the text so far matches.
+fn mask_regex(p: &TextPattern, state: StateID, vocab: &JsonVocab, logits: &mut [f32]) -> bool {
+    let matched = p.matches(state);
+    let mut first: [Option<bool>; 256] = [None; 256];
+    let mut any = false;
+    for (id, l) in logits.iter_mut().enumerate() {
+        let ok = match vocab.texts.get(id) {
+            None => false,
+            Some(t) if t.is_empty() => matched && vocab.eos.contains(&(id as u32)),
+            Some(t) => {
+                let b = t.as_bytes()[0];
+                *first[b as usize].get_or_insert_with(|| p.byte_ok(state, b))
+                    && (t.len() == 1 || p.step(state, t).is_some())
+            }
+        };
+        if ok {
+            any |= *l > f32::NEG_INFINITY;
+        } else {
+            *l = f32::NEG_INFINITY;
+        }
+    }
+    any
+}
+
 /// One sequence's JSON mode or structured output: the automaton, stepped by the texts of its
 /// sampled tokens.
 #[derive(Debug, Clone)]
@@ -460,6 +501,7 @@ pub enum JsonMode {
     Object(JsonState),
     Schema(Arc<Schema>, SchemaState),
     After(Box<Lazy>),
+    Regex(Arc<TextPattern>, StateID),
 }
 
 /// [`Constraint::After`]'s state: in free text, or inside a value an opening started.
@@ -572,6 +614,7 @@ impl JsonMode {
         match c {
             Constraint::Object => JsonMode::default(),
             Constraint::Schema(s) => JsonMode::Schema(s.clone(), SchemaState::new(s)),
+            Constraint::Regex(p) => JsonMode::Regex(p.clone(), p.start()),
             Constraint::After {
                 opening,
                 schema,
@@ -592,6 +635,7 @@ impl JsonMode {
     /// vocabulary are never allowed). Returns whether any token is left.
     pub fn mask(&self, vocab: &JsonVocab, logits: &mut [f32]) -> bool {
         let in_string = match self {
+            JsonMode::Regex(p, state) => return mask_regex(p, *state, vocab, logits),
             JsonMode::Object(st) => st.in_plain_string(),
             JsonMode::Schema(_, st) => st.in_plain_string(),
             JsonMode::After(lazy) => match &lazy.inside {
@@ -625,7 +669,7 @@ impl JsonMode {
                 Some(t) if t.is_empty() => false,
                 Some(_) if in_string && vocab.plain[id] => true,
                 Some(t) => match self {
-                    JsonMode::After(_) => unreachable!("answered above"),
+                    JsonMode::After(_) | JsonMode::Regex(..) => unreachable!("answered above"),
                     JsonMode::Object(st) => st.accepts(t),
                     JsonMode::Schema(schema, st) => {
                         let c = t.chars().next().unwrap_or('\u{0}');
@@ -656,6 +700,13 @@ impl JsonMode {
                 lazy.advance(text);
                 true
             }
+            JsonMode::Regex(p, state) => match p.step(*state, text) {
+                Some(next) => {
+                    *state = next;
+                    true
+                }
+                None => text.is_empty(), // an end-of-text token
+            },
         };
         debug_assert!(ok, "a masked token was sampled: {text:?}");
     }
@@ -667,6 +718,7 @@ impl JsonMode {
             JsonMode::Object(st) => st.complete(),
             JsonMode::Schema(_, st) => st.complete(),
             JsonMode::After(lazy) => lazy.finished,
+            JsonMode::Regex(p, state) => p.matches(*state) && !p.goes_on(*state),
         }
     }
 }
@@ -923,6 +975,36 @@ mod tests {
     }
 
     #[test]
+    fn a_regex_masks_tokens_that_cannot_lead_to_a_match_and_ends_on_one() {
+        let texts: Vec<String> = ["(", "12", "3) ", "x", "", "4", ")", "9-", "a.b", "a", ".b"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let vocab = JsonVocab::new(texts.clone()).with_eos(&[4]);
+        let p = Arc::new(TextPattern::whole(r"\([0-9]{3}\) ?[0-9]?").unwrap());
+        let mut m = JsonMode::new(&Constraint::Regex(p));
+        assert_eq!(unmasked(&m, &vocab), [0]);
+        m.advance("(");
+        assert_eq!(unmasked(&m, &vocab), [1, 5]);
+        m.advance("12");
+        assert_eq!(unmasked(&m, &vocab), [2, 5]);
+        m.advance("3) ");
+        // A match now: the end of text is allowed, or one more digit (not two).
+        assert_eq!(unmasked(&m, &vocab), [4, 5]);
+        assert!(!m.complete(), "a digit may still follow");
+        m.advance("4");
+        assert!(m.complete(), "nothing may follow");
+        // Choices are literal: "a.b" is not "a" then any character.
+        let c = Arc::new(TextPattern::choice(&["a.b".into(), "(x)".into()]).unwrap());
+        let mut m = JsonMode::new(&Constraint::Regex(c));
+        assert_eq!(unmasked(&m, &vocab), [0, 8, 9]);
+        m.advance("a");
+        assert_eq!(unmasked(&m, &vocab), [10]);
+        m.advance(".b");
+        assert!(m.complete());
+    }
+
+    #[test]
     fn the_masks_look_up_of_plain_string_tokens_agrees_with_a_trial_of_each() {
         let texts: Vec<String> = [
             "abc", " de", "\"", "\",", "x\"}", "\\n", "\\", "\n", "\t", "é", "\u{FFFD}", "}",
@@ -949,7 +1031,9 @@ mod tests {
                     *l > f32::NEG_INFINITY,
                     match &m {
                         JsonMode::Object(st) => st.accepts(t),
-                        JsonMode::Schema(..) | JsonMode::After(_) => unreachable!(),
+                        JsonMode::Schema(..) | JsonMode::After(_) | JsonMode::Regex(..) => {
+                            unreachable!()
+                        }
                     },
                     "{t:?} after {prefix:?}"
                 );

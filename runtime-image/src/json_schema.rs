@@ -204,6 +204,78 @@ impl StrRule {
 /// A DFA that matches the strings in which `pattern` matches somewhere (its `^` and `$`
 /// anchor it to the string's ends), over their UTF-8.
 fn string_dfa(pattern: &str) -> Result<(dense::DFA<Vec<u32>>, StateID), String> {
+    pattern_dfa(&format!("(?s:.*)(?:{pattern})(?s:.*)"), pattern)
+}
+
+/// A text the whole of which matches a regex (vLLM's `guided_regex` and `guided_choice`),
+/// as a minimised DFA over its UTF-8 ([`crate::json_mode::Constraint::Regex`]).
+#[derive(Debug, Clone)]
+pub struct TextPattern {
+    dfa: dense::DFA<Vec<u32>>,
+    start: StateID,
+}
+
+impl TextPattern {
+    /// Texts that `pattern` matches whole.
+    pub fn whole(pattern: &str) -> Result<TextPattern, String> {
+        let (dfa, start) = pattern_dfa(&format!("^(?:{pattern})$"), pattern)?;
+        Ok(TextPattern { dfa, start })
+    }
+
+    /// Texts that are one of `choices`.
+    pub fn choice(choices: &[String]) -> Result<TextPattern, String> {
+        if choices.is_empty() {
+            return Err("no choices".into());
+        }
+        // Every character but letters, digits and spaces as a hex escape, which means itself
+        // in any regex context.
+        let literal = |s: &String| -> String {
+            s.chars()
+                .map(|c| match c.is_ascii_alphanumeric() || c == ' ' {
+                    true => c.to_string(),
+                    false => format!("\\x{{{:X}}}", c as u32),
+                })
+                .collect()
+        };
+        let alternation: Vec<String> = choices.iter().map(literal).collect();
+        TextPattern::whole(&alternation.join("|"))
+    }
+
+    pub fn start(&self) -> StateID {
+        self.start
+    }
+
+    /// The state after `text`, or `None` where no match can follow it.
+    pub fn step(&self, mut state: StateID, text: &str) -> Option<StateID> {
+        for b in text.bytes() {
+            state = self.dfa.next_state(state, b);
+            if self.dfa.is_dead_state(state) || self.dfa.is_quit_state(state) {
+                return None;
+            }
+        }
+        Some(state)
+    }
+
+    /// Whether the text that led to `state` matches whole.
+    pub fn matches(&self, state: StateID) -> bool {
+        self.dfa.is_match_state(self.dfa.next_eoi_state(state))
+    }
+
+    /// Whether the byte `b` may follow `state`.
+    pub fn byte_ok(&self, state: StateID, b: u8) -> bool {
+        let s = self.dfa.next_state(state, b);
+        !self.dfa.is_dead_state(s) && !self.dfa.is_quit_state(s)
+    }
+
+    /// Whether some byte may follow `state`.
+    pub fn goes_on(&self, state: StateID) -> bool {
+        (0..=255u8).any(|b| self.byte_ok(state, b))
+    }
+}
+
+/// The minimised DFA of `regex`, anchored at its start (`pattern`: as the request gave it,
+/// for errors).
+fn pattern_dfa(regex: &str, pattern: &str) -> Result<(dense::DFA<Vec<u32>>, StateID), String> {
     let dfa = dense::Builder::new()
         .configure(
             dense::Config::new()
@@ -216,7 +288,7 @@ fn string_dfa(pattern: &str) -> Result<(dense::DFA<Vec<u32>>, StateID), String> 
                 .dfa_size_limit(Some(DFA_LIMIT))
                 .determinize_size_limit(Some(2 * DFA_LIMIT)),
         )
-        .build(&format!("(?s:.*)(?:{pattern})(?s:.*)"))
+        .build(regex)
         .map_err(|e| format!("pattern {pattern:?} is not supported: {e}"))?;
     let start = dfa
         .start_state(&start::Config::new().anchored(Anchored::Yes))

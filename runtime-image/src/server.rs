@@ -897,6 +897,21 @@ fn check_context(
     Ok(context - prompt_len)
 }
 
+/// The constraint of `response_format` (`format`) or vLLM's guided decoding fields, which
+/// may not both be given.
+fn guided_or_format(
+    format: Option<Constraint>,
+    vllm: &api::VllmFields,
+) -> Result<Option<Constraint>, ApiError> {
+    match (format, vllm.guided()?) {
+        (Some(_), Some(_)) => Err(ApiError::invalid(
+            "response_format and vLLM's guided decoding both shape the answer; send one of them",
+            Some("response_format"),
+        )),
+        (f, g) => Ok(f.or(g)),
+    }
+}
+
 async fn chat_completions(
     State(st): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
@@ -916,7 +931,7 @@ async fn chat_completions(
     }
     let n = api::check_n(r.n, st.config.max_batch_size + st.config.max_queue)?;
     r.unsupported.check()?;
-    let mut json = r.unsupported.json_constraint()?;
+    let mut json = guided_or_format(r.unsupported.json_constraint()?, &r.vllm)?;
     let parser = st
         .tool_parser
         .get()
@@ -1044,7 +1059,7 @@ async fn completions(
             Some("echo"),
         ));
     }
-    let json = api::json_constraint(r.response_format.as_ref())?;
+    let json = guided_or_format(api::json_constraint(r.response_format.as_ref())?, &r.vllm)?;
     let prompts = r.prompt.prompts();
     api::check_prompts(
         prompts.len(),

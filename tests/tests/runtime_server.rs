@@ -73,6 +73,13 @@ async fn expect_error(resp: reqwest::Response, status: u16, what: &str) -> Value
     body
 }
 
+/// POSTs `body` and asserts a 400 whose OpenAI error names `param`.
+async fn expect_refused(http: &reqwest::Client, url: &str, body: &Value, param: &str) {
+    let r = http.post(url).json(body).send().await.unwrap();
+    let e = expect_error(r, 400, &body.to_string()).await;
+    assert_eq!(e["error"]["param"], param, "{e}");
+}
+
 fn chat_body(content: &str, extra: Value) -> Value {
     with_fields(
         json!({"model": SMOL, "messages": [{"role": "user", "content": content}]}),
@@ -1791,14 +1798,7 @@ async fn a_forced_tool_call_answers_with_arguments_its_parameters_accept() {
             "response_format",
         ),
     ] {
-        let r = http
-            .post(&chat)
-            .json(&chat_body(question, extra.clone()))
-            .send()
-            .await
-            .unwrap();
-        let e = expect_error(r, 400, &extra.to_string()).await;
-        assert_eq!(e["error"]["param"], param, "{e}");
+        expect_refused(&http, &chat, &chat_body(question, extra.clone()), param).await;
     }
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
@@ -2123,14 +2123,109 @@ async fn vllm_fields_bound_where_an_answer_ends() {
         (json!({"stop_token_ids": [49152]}), "stop_token_ids"),
         (json!({"repetition_penalty": 0}), "repetition_penalty"),
     ] {
-        let r = http
-            .post(&chat)
-            .json(&ask(extra.clone()))
-            .send()
-            .await
-            .unwrap();
-        let e = expect_error(r, 400, &extra.to_string()).await;
-        assert_eq!(e["error"]["param"], param, "{e}");
+        expect_refused(&http, &chat, &ask(extra.clone()), param).await;
+    }
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+/// vLLM's guided decoding fields: `guided_choice` (and `structured_outputs.choice`) makes
+/// the answer one of its texts, on chat and completions; `guided_regex` one the regex
+/// matches whole (streamed the same); `guided_json` a value of its schema; a grammar, or
+/// two of them, is refused naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vllm_guided_decoding_shapes_the_answer() {
+    let (server, url) = serve(|_| {}).await;
+    let http = client();
+    let chat = format!("{url}/v1/chat/completions");
+    let ask = |q: &str, extra: Value| {
+        with_fields(
+            chat_body(q, json!({"temperature": 0, "max_tokens": 40})),
+            &extra,
+        )
+    };
+    let content = |r: &Value| {
+        let c = &r["choices"][0];
+        assert_eq!(c["finish_reason"], "stop", "{r}");
+        c["message"]["content"].as_str().unwrap().to_owned()
+    };
+    let question = "Is 'I love this movie' positive or negative?";
+    let free = post_json(&http, &chat, &ask(question, json!({}))).await;
+    let free = free["choices"][0]["message"]["content"].as_str().unwrap();
+    let moods = ["positive", "negative", "neutral"];
+    assert!(
+        !moods.contains(&free),
+        "unguided, the answer is a sentence: {free:?}"
+    );
+    for extra in [
+        json!({"guided_choice": moods}),
+        json!({"structured_outputs": {"choice": moods}}),
+        json!({"guided_choice": moods, "temperature": 1.0, "seed": 5}),
+    ] {
+        let r = post_json(&http, &chat, &ask(question, extra.clone())).await;
+        assert!(moods.contains(&content(&r).as_str()), "{extra}: {r}");
+    }
+    let r = post_json(
+        &http,
+        &format!("{url}/v1/completions"),
+        &json!({"model": SMOL, "prompt": "Is the sky green? Answer:", "max_tokens": 5,
+                "temperature": 0, "guided_choice": ["yes", "no"]}),
+    )
+    .await;
+    let text = r["choices"][0]["text"].as_str().unwrap();
+    assert!(["yes", "no"].contains(&text), "{r}");
+
+    let phone = ask(
+        "Give me a US phone number.",
+        json!({"guided_regex": r"\([0-9]{3}\) [0-9]{3}-[0-9]{4}"}),
+    );
+    let number = content(&post_json(&http, &chat, &phone).await);
+    let b = number.as_bytes();
+    assert!(
+        b.len() == 14
+            && b[0] == b'('
+            && b[4..6] == *b") "
+            && b[9] == b'-'
+            && [&b[1..4], &b[6..9], &b[10..]]
+                .iter()
+                .all(|d| d.iter().all(u8::is_ascii_digit)),
+        "{number:?}"
+    );
+    let chunks = post_stream(&http, &chat, &with_fields(phone, &json!({"stream": true}))).await;
+    let streamed: String = (chunks.iter())
+        .filter_map(|ch| ch["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(streamed, number);
+
+    let cat = content(
+        &post_json(
+            &http,
+            &chat,
+            &ask(
+                "Describe a cat as JSON.",
+                json!({"guided_json": {"type": "object", "properties": {
+                    "age": {"type": "integer", "minimum": 0, "maximum": 30}}}}),
+            ),
+        )
+        .await,
+    );
+    let v: Value = serde_json::from_str(&cat).unwrap();
+    assert!((0..=30).contains(&v["age"].as_i64().unwrap()), "{cat}");
+
+    for (extra, param) in [
+        (
+            json!({"guided_grammar": "root ::= \"a\""}),
+            "guided_grammar",
+        ),
+        (
+            json!({"guided_regex": "a", "guided_choice": ["a"]}),
+            "guided_choice",
+        ),
+        (
+            json!({"guided_regex": "a", "response_format": {"type": "json_object"}}),
+            "response_format",
+        ),
+    ] {
+        expect_refused(&http, &chat, &ask("hi", extra.clone()), param).await;
     }
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
