@@ -555,7 +555,8 @@ struct Active {
     /// JSON mode's automaton, when the request asks for it.
     json: Option<JsonMode>,
     done: bool,
-    _permit: OwnedSemaphorePermit,
+    /// Its place among the requests the server holds, given back as it finishes.
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 /// The most tokens of one prompt a round feeds, where continuing a sequence gives the same
@@ -685,7 +686,7 @@ impl GenerationWorker {
                 last_token_at: None,
                 json: req.json.as_ref().map(JsonMode::new),
                 done: false,
-                _permit: permit,
+                permit: Some(permit),
             });
         }
     }
@@ -756,6 +757,9 @@ impl GenerationWorker {
     }
 
     fn finish(&self, a: &mut Active, event: GenerateEvent) {
+        // The place goes back before the client hears of the end: a client that sends its
+        // next request as soon as this one ends must not find the server still full.
+        a.permit = None;
         let _ = a.events.send(event);
         a.done = true;
     }
@@ -772,6 +776,7 @@ impl GenerationWorker {
         for a in active.iter_mut() {
             if a.events.is_closed() {
                 tracing::debug!("client went away; generation cancelled");
+                a.permit = None;
                 a.done = true;
             } else if Instant::now() > a.req.deadline {
                 self.finish(a, GenerateEvent::Failed(EngineError::Timeout));
