@@ -989,7 +989,8 @@ impl GenerationWorker {
                 None => self.finish(
                     a,
                     GenerateEvent::Failed(EngineError::Internal(
-                        "JSON mode: no token of the vocabulary continues the answer as JSON".into(),
+                        "no token of the vocabulary continues the answer as its JSON mode, schema, regex \
+                         or choices allow".into(),
                     )),
                 ),
             }
@@ -1013,6 +1014,7 @@ impl GenerationWorker {
                 |ids| tokenizer.decode(ids, true).ok(),
             ))
             .with_eos(&self.eos_ids)
+            .with_bytes(|id| tokenizer.token_bytes(id))
         })
     }
 
@@ -1054,7 +1056,7 @@ impl GenerationWorker {
         // JSON mode: the answer ends with its object.
         let json_done = match (&mut a.json, self.json_texts.get()) {
             (Some(json), Some(texts)) => {
-                json.advance(texts.text(tok.id));
+                json.advance_id(texts, tok.id);
                 json.complete()
             }
             _ => false,

@@ -390,6 +390,9 @@ pub struct JsonVocab {
     containing: Arc<Mutex<HashMap<char, Arc<[u32]>>>>,
     /// The end-of-text tokens, which a regex allows where its text is whole.
     eos: Vec<u32>,
+    /// The bytes of tokens whose text alone is not whole UTF-8 (read as U+FFFD), where the
+    /// tokenizer says them: a regex steps over bytes.
+    raw: HashMap<u32, Vec<u8>>,
 }
 
 impl JsonVocab {
@@ -408,6 +411,28 @@ impl JsonVocab {
             plain,
             containing: Default::default(),
             eos: Vec::new(),
+            raw: HashMap::new(),
+        }
+    }
+
+    /// The vocabulary with the bytes of its tokens that are not whole characters (`bytes`:
+    /// a token's, if known), for [`Constraint::Regex`].
+    pub fn with_bytes(mut self, bytes: impl Fn(u32) -> Option<Vec<u8>>) -> JsonVocab {
+        for (id, t) in self.texts.iter().enumerate() {
+            if t.contains('\u{FFFD}')
+                && let Some(b) = bytes(id as u32)
+            {
+                self.raw.insert(id as u32, b);
+            }
+        }
+        self
+    }
+
+    /// Token `id`'s bytes: its text's, or the raw bytes of one that is not whole UTF-8.
+    pub fn bytes(&self, id: u32) -> &[u8] {
+        match self.raw.get(&id) {
+            Some(b) => b,
+            None => self.text(id).as_bytes(),
         }
     }
 
@@ -479,9 +504,9 @@ fn mask_regex(p: &TextPattern, state: StateID, vocab: &JsonVocab, logits: &mut [
         let ok = match vocab.texts.get(id) {
             None => false,
             Some(t) if t.is_empty() => matched && vocab.eos.contains(&(id as u32)),
-            Some(t) => {
-                let b = t.as_bytes()[0];
-                *first[b as usize].get_or_insert_with(|| p.byte_ok(state, b))
+            Some(_) => {
+                let t = vocab.bytes(id as u32);
+                *first[t[0] as usize].get_or_insert_with(|| p.byte_ok(state, t[0]))
                     && (t.len() == 1 || p.step(state, t).is_some())
             }
         };
@@ -691,6 +716,22 @@ impl JsonMode {
         any
     }
 
+    /// Steps over sampled token `id` (one the mask allowed): a regex over its bytes, the
+    /// others over its text.
+    pub fn advance_id(&mut self, vocab: &JsonVocab, id: u32) {
+        match self {
+            JsonMode::Regex(p, state) => {
+                let bytes = vocab.bytes(id);
+                if let Some(next) = p.step(*state, bytes) {
+                    *state = next;
+                } else {
+                    debug_assert!(bytes.is_empty(), "a masked token was sampled: {id}");
+                }
+            }
+            _ => self.advance(vocab.text(id)),
+        }
+    }
+
     /// Steps over a sampled token's text (one the mask allowed).
     pub fn advance(&mut self, text: &str) {
         let ok = match self {
@@ -700,7 +741,7 @@ impl JsonMode {
                 lazy.advance(text);
                 true
             }
-            JsonMode::Regex(p, state) => match p.step(*state, text) {
+            JsonMode::Regex(p, state) => match p.step(*state, text.as_bytes()) {
                 Some(next) => {
                     *state = next;
                     true
@@ -1001,6 +1042,20 @@ mod tests {
         m.advance("a");
         assert_eq!(unmasked(&m, &vocab), [10]);
         m.advance(".b");
+        assert!(m.complete());
+        // Byte tokens: "東" is E6 9D B1, which no token holds whole here.
+        let texts: Vec<String> = ["\u{FFFD}", "\u{FFFD}", "\u{FFFD}", "é"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let raw = [vec![0xe6], vec![0x9d, 0xb1], vec![0xe5]];
+        let vocab = JsonVocab::new(texts).with_bytes(|id| raw.get(id as usize).cloned());
+        let c = Arc::new(TextPattern::choice(&["東".into(), "é".into()]).unwrap());
+        let mut m = JsonMode::new(&Constraint::Regex(c));
+        assert_eq!(unmasked(&m, &vocab), [0, 3]);
+        m.advance_id(&vocab, 0);
+        assert_eq!(unmasked(&m, &vocab), [1]);
+        m.advance_id(&vocab, 1);
         assert!(m.complete());
     }
 

@@ -245,9 +245,9 @@ impl TextPattern {
         self.start
     }
 
-    /// The state after `text`, or `None` where no match can follow it.
-    pub fn step(&self, mut state: StateID, text: &str) -> Option<StateID> {
-        for b in text.bytes() {
+    /// The state after `text`'s bytes, or `None` where no match can follow them.
+    pub fn step(&self, mut state: StateID, text: &[u8]) -> Option<StateID> {
+        for &b in text {
             state = self.dfa.next_state(state, b);
             if self.dfa.is_dead_state(state) || self.dfa.is_quit_state(state) {
                 return None;

@@ -179,4 +179,64 @@ impl TextTokenizer {
     pub fn token_text(&self, id: u32) -> String {
         self.inner.decode(&[id], false).unwrap_or_default()
     }
+
+    /// The bytes a token stands for, where its text alone is not whole UTF-8: a byte-level
+    /// BPE token (GPT-2's alphabet of 256 characters, one per byte) or a byte-fallback token
+    /// (`<0xE6>`). `None` for other vocabularies and special tokens.
+    pub fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
+        let token = self.inner.id_to_token(id)?;
+        if let Some(hex) = token.strip_prefix("<0x").and_then(|t| t.strip_suffix('>'))
+            && hex.len() == 2
+        {
+            return u8::from_str_radix(hex, 16).ok().map(|b| vec![b]);
+        }
+        let byte_level = matches!(
+            self.inner.get_decoder(),
+            Some(tokenizers::DecoderWrapper::ByteLevel(_))
+        );
+        if !byte_level {
+            return None;
+        }
+        token.chars().map(byte_of_char).collect()
+    }
+}
+
+/// The byte that GPT-2's byte-level alphabet writes as `c`: printable bytes as themselves,
+/// the others (0–32, 127–160, 173) as U+0100 onwards in order.
+fn byte_of_char(c: char) -> Option<u8> {
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174;
+    let n = c as u32;
+    if n < 256 {
+        return printable(n).then_some(n as u8);
+    }
+    (0u32..256)
+        .filter(|&b| !printable(b))
+        .nth((n - 256) as usize)
+        .map(|b| b as u8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gpt2_s_byte_alphabet_maps_back_to_bytes() {
+        assert_eq!(byte_of_char('a'), Some(b'a'));
+        assert_eq!(byte_of_char('Ġ'), Some(b' '));
+        assert_eq!(byte_of_char('Ċ'), Some(b'\n'));
+        assert_eq!(byte_of_char('\u{100}'), Some(0));
+        assert_eq!(byte_of_char('ÿ'), Some(0xff));
+        assert_eq!(byte_of_char('\u{143}'), Some(0xad), "the last: 173");
+        assert_eq!(byte_of_char('\u{144}'), None);
+        assert_eq!(byte_of_char(' '), None, "a space is not in the alphabet");
+        // Every byte has one character, and back.
+        let mut seen = [false; 256];
+        for c in (0u32..0x200).filter_map(char::from_u32) {
+            if let Some(b) = byte_of_char(c) {
+                assert!(!seen[b as usize], "{c:?}");
+                seen[b as usize] = true;
+            }
+        }
+        assert!(seen.iter().all(|&s| s));
+    }
 }

@@ -2129,7 +2129,7 @@ async fn vllm_fields_bound_where_an_answer_ends() {
 }
 
 /// vLLM's guided decoding fields: `guided_choice` (and `structured_outputs.choice`) makes
-/// the answer one of its texts, on chat and completions; `guided_regex` one the regex
+/// the answer one of its texts, on chat and completions, non-ASCII ones too; `guided_regex` one the regex
 /// matches whole (streamed the same); `guided_json` a value of its schema; a grammar, or
 /// two of them, is refused naming the field.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2163,6 +2163,14 @@ async fn vllm_guided_decoding_shapes_the_answer() {
     ] {
         let r = post_json(&http, &chat, &ask(question, extra.clone())).await;
         assert!(moods.contains(&content(&r).as_str()), "{extra}: {r}");
+    }
+    // Characters SmolLM2 writes in pieces of their UTF-8 (東 is two tokens, neither whole):
+    // the choice is matched over the tokens' bytes.
+    let cities = ["東京", "大阪"];
+    for seed in [1, 2, 3] {
+        let extra = json!({"guided_choice": cities, "temperature": 1.0, "seed": seed});
+        let r = post_json(&http, &chat, &ask("Which city?", extra)).await;
+        assert!(cities.contains(&content(&r).as_str()), "{r}");
     }
     let r = post_json(
         &http,
