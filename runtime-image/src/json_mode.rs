@@ -12,8 +12,12 @@
 //!   [`MAX_DEPTH`] deep: a model that would otherwise emit newlines forever is made to go on.
 //! - A token's text is what it adds after an ordinary token ([`token_texts`]): a
 //!   SentencePiece piece's leading space counts, as it does in the decoded answer. A token
-//!   that ends inside a UTF-8 character (byte-level BPE) is read as U+FFFD, which only a
-//!   string may hold.
+//!   that holds part of a UTF-8 character (byte-level BPE, byte fallback) is read as its
+//!   bytes ([`JsonVocab::with_bytes`]): a character begun must be finished by the next
+//!   tokens before anything else, and may begin only where a character starting so may go
+//!   (a string; under a schema, an enum value, key or pattern that has one), so no answer
+//!   that ends by itself holds a half-written character. Where the tokenizer does not say a
+//!   token's bytes, it is read as U+FFFD, which only a string may hold.
 //! - An answer cut by `max_tokens` (`finish_reason: "length"`) is not complete JSON, as in
 //!   OpenAI's API.
 
@@ -270,6 +274,8 @@ pub struct JsonState {
     mode: Mode,
     ws: u8,
     stack: Vec<Frame>,
+    /// The first bytes of a character not yet whole ([`JsonState::push_bytes`]).
+    pending: Vec<u8>,
 }
 
 impl Default for JsonState {
@@ -278,14 +284,54 @@ impl Default for JsonState {
             mode: Mode::Start,
             ws: 0,
             stack: Vec::new(),
+            pending: Vec::new(),
         }
     }
 }
 
+/// `bytes` as whole characters and the first bytes of one more (`None`: not UTF-8, a
+/// continuation byte without its lead, say).
+pub(crate) fn split_utf8(bytes: &[u8]) -> Option<(&str, &[u8])> {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => Some((text, &[])),
+        Err(e) if e.error_len().is_none() => {
+            let (whole, tail) = bytes.split_at(e.valid_up_to());
+            Some((std::str::from_utf8(whole).ok()?, tail))
+        }
+        Err(_) => None,
+    }
+}
+
 impl JsonState {
+    /// Part of a character written (a token of bytes ended inside it).
+    pub fn in_partial_char(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Takes a token's bytes, which may begin or end inside a character (byte-level BPE):
+    /// whole characters as [`JsonState::push`] does, a character's first bytes only inside
+    /// a string, the one place such a character may go.
+    pub fn push_bytes(&mut self, bytes: &[u8]) -> bool {
+        let mut buf = self.pending.clone();
+        buf.extend_from_slice(bytes);
+        let Some((text, tail)) = split_utf8(&buf) else {
+            return false;
+        };
+        let mut trial = JsonState {
+            pending: Vec::new(),
+            ..self.clone()
+        };
+        if !(text.is_empty() || trial.push(text)) || !(tail.is_empty() || trial.in_plain_string()) {
+            return false;
+        }
+        trial.pending = tail.to_vec();
+        *self = trial;
+        true
+    }
+
     /// Whether `text` may come next (the empty text may not: it would change nothing).
     pub fn accepts(&self, text: &str) -> bool {
-        if text.is_empty() {
+        if text.is_empty() || self.in_partial_char() {
             return false;
         }
         let mut stack = Overlay {
@@ -327,6 +373,7 @@ impl JsonState {
             mode: Mode::Value,
             ws: 0,
             stack: Vec::new(),
+            pending: Vec::new(),
         }
     }
 
@@ -393,6 +440,8 @@ pub struct JsonVocab {
     /// The bytes of tokens whose text alone is not whole UTF-8 (read as U+FFFD), where the
     /// tokenizer says them: a regex steps over bytes.
     raw: HashMap<u32, Vec<u8>>,
+    /// Per token, whether `raw` holds it (a look-up the mask makes for every token).
+    is_raw: Vec<bool>,
 }
 
 impl JsonVocab {
@@ -412,6 +461,7 @@ impl JsonVocab {
             containing: Default::default(),
             eos: Vec::new(),
             raw: HashMap::new(),
+            is_raw: Vec::new(),
         }
     }
 
@@ -423,14 +473,23 @@ impl JsonVocab {
                 && let Some(b) = bytes(id as u32)
             {
                 self.raw.insert(id as u32, b);
+                self.is_raw.resize(self.texts.len(), false);
+                self.is_raw[id] = true;
+                // Not plain string content: it may end a character another token began.
+                self.plain[id] = false;
             }
         }
         self
     }
 
+    /// Whether token `id` is one of bytes that are not whole UTF-8.
+    pub fn is_raw(&self, id: u32) -> bool {
+        self.is_raw.get(id as usize).copied().unwrap_or(false)
+    }
+
     /// Token `id`'s bytes: its text's, or the raw bytes of one that is not whole UTF-8.
     pub fn bytes(&self, id: u32) -> &[u8] {
-        match self.raw.get(&id) {
+        match self.is_raw(id).then(|| self.raw.get(&id)).flatten() {
             Some(b) => b,
             None => self.text(id).as_bytes(),
         }
@@ -659,10 +718,10 @@ impl JsonMode {
     /// Sets to −∞ the logits of the tokens that may not come next (ids past the tokenizer's
     /// vocabulary are never allowed). Returns whether any token is left.
     pub fn mask(&self, vocab: &JsonVocab, logits: &mut [f32]) -> bool {
-        let in_string = match self {
+        let (in_string, partial) = match self {
             JsonMode::Regex(p, state) => return mask_regex(p, *state, vocab, logits),
-            JsonMode::Object(st) => st.in_plain_string(),
-            JsonMode::Schema(_, st) => st.in_plain_string(),
+            JsonMode::Object(st) => (st.in_plain_string(), st.in_partial_char()),
+            JsonMode::Schema(_, st) => (st.in_plain_string(), st.in_partial_char()),
             JsonMode::After(lazy) => match &lazy.inside {
                 Some(st) => {
                     return JsonMode::Schema(lazy.schema.clone(), st.clone()).mask(vocab, logits);
@@ -684,6 +743,8 @@ impl JsonMode {
                 }
             },
         };
+        // Inside a character begun, only tokens of bytes may finish it.
+        let in_string = in_string && !partial;
         // Whether a token's first character may come next, tried once per character (a
         // schema's trial copies its state; most tokens fail on their first character).
         let mut first: [Option<bool>; 128] = [None; 128];
@@ -691,6 +752,15 @@ impl JsonMode {
         for (id, l) in logits.iter_mut().enumerate() {
             let ok = match vocab.texts.get(id) {
                 None => false,
+                Some(_) if vocab.is_raw(id as u32) => {
+                    let bytes = vocab.bytes(id as u32);
+                    match self {
+                        JsonMode::Object(st) => st.clone().push_bytes(bytes),
+                        JsonMode::Schema(schema, st) => st.clone().push_bytes(schema, bytes),
+                        JsonMode::After(_) | JsonMode::Regex(..) => unreachable!("answered above"),
+                    }
+                }
+                Some(_) if partial => false,
                 Some(t) if t.is_empty() => false,
                 Some(_) if in_string && vocab.plain[id] => true,
                 Some(t) => match self {
@@ -726,6 +796,28 @@ impl JsonMode {
                     *state = next;
                 } else {
                     debug_assert!(bytes.is_empty(), "a masked token was sampled: {id}");
+                }
+            }
+            // A token of bytes, or one after a character begun: over bytes.
+            JsonMode::Object(st) if vocab.is_raw(id) || st.in_partial_char() => {
+                let ok = st.push_bytes(vocab.bytes(id));
+                debug_assert!(ok, "a masked token was sampled: {id}");
+            }
+            JsonMode::Schema(schema, st) if vocab.is_raw(id) || st.in_partial_char() => {
+                let ok = st.push_bytes(schema, vocab.bytes(id));
+                debug_assert!(ok, "a masked token was sampled: {id}");
+            }
+            JsonMode::After(lazy)
+                if lazy
+                    .inside
+                    .as_ref()
+                    .is_some_and(|st| vocab.is_raw(id) || st.in_partial_char()) =>
+            {
+                let st = lazy.inside.as_mut().expect("inside a value");
+                let ok = st.push_bytes(&lazy.schema, vocab.bytes(id));
+                debug_assert!(ok, "a masked token was sampled: {id}");
+                if st.complete() {
+                    lazy.value_done();
                 }
             }
             _ => self.advance(vocab.text(id)),
@@ -1057,6 +1149,45 @@ mod tests {
         assert_eq!(unmasked(&m, &vocab), [1]);
         m.advance_id(&vocab, 1);
         assert!(m.complete());
+    }
+
+    #[test]
+    fn a_character_in_byte_tokens_is_finished_before_anything_else() {
+        let mut s = JsonState::default();
+        assert!(s.push("{\"a\": \""));
+        assert!(
+            !s.clone().push_bytes(&[0x9d]),
+            "a continuation byte without its lead"
+        );
+        assert!(s.push_bytes(&[0xe6]));
+        assert!(s.in_partial_char() && !s.accepts("\"") && !s.accepts("x"));
+        assert!(s.push_bytes(&[0x9d, 0xb1]));
+        assert!(s.push("\"}") && s.complete());
+        let mut outside = JsonState::default();
+        assert!(outside.push("{"));
+        assert!(
+            !outside.push_bytes(&[0xe6]),
+            "only a string holds such a character"
+        );
+
+        // The mask: the bytes of "東" (E6 | 9D B1), text tokens, a quote.
+        let texts: Vec<String> = ["\u{FFFD}", "\u{FFFD}", "x", "\""]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let raw = [vec![0xe6], vec![0x9d, 0xb1]];
+        let vocab = JsonVocab::new(texts).with_bytes(|id| raw.get(id as usize).cloned());
+        let mut m = JsonMode::default();
+        m.advance("{\"a\": \"");
+        assert_eq!(
+            unmasked(&m, &vocab),
+            [0, 2, 3],
+            "in a string: a lead byte, text, the end"
+        );
+        m.advance_id(&vocab, 0);
+        assert_eq!(unmasked(&m, &vocab), [1], "only the character's last bytes");
+        m.advance_id(&vocab, 1);
+        assert_eq!(unmasked(&m, &vocab), [0, 2, 3]);
     }
 
     #[test]

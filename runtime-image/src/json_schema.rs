@@ -1018,6 +1018,8 @@ pub struct SchemaState {
     ws: u8,
     newline: bool,
     done: bool,
+    /// The first bytes of a character not yet whole ([`SchemaState::push_bytes`]).
+    pending: Vec<u8>,
 }
 
 impl SchemaState {
@@ -1027,6 +1029,76 @@ impl SchemaState {
             ws: 0,
             newline: false,
             done: false,
+            pending: Vec::new(),
+        }
+    }
+
+    /// Part of a character written (a token of bytes ended inside it).
+    pub fn in_partial_char(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Takes a token's bytes, which may begin or end inside a character (byte-level BPE):
+    /// whole characters as [`SchemaState::push`] does, a character's first bytes only where
+    /// some character that starts so may come next.
+    pub fn push_bytes(&mut self, schema: &Schema, bytes: &[u8]) -> bool {
+        let mut trial = self.clone();
+        let mut buf = std::mem::take(&mut trial.pending);
+        buf.extend_from_slice(bytes);
+        let Some((text, tail)) = crate::json_mode::split_utf8(&buf) else {
+            return false;
+        };
+        if !text.chars().all(|c| trial.push_char(schema, c))
+            || !(tail.is_empty() || trial.takes_partial(schema, tail))
+        {
+            return false;
+        }
+        trial.pending = tail.to_vec();
+        *self = trial;
+        true
+    }
+
+    /// Whether a character whose UTF-8 starts with `lead` may come next.
+    fn takes_partial(&self, schema: &Schema, lead: &[u8]) -> bool {
+        let starts = |c: &char| c.encode_utf8(&mut [0; 4]).as_bytes().starts_with(lead);
+        match self.stack.last() {
+            Some(Frame::Val { json, .. }) => json.in_plain_string(),
+            Some(Frame::Str {
+                node,
+                at: StrAt::Chars,
+                len,
+                dfa,
+            }) => {
+                let Node::Str(rule) = &schema.nodes[*node] else {
+                    return false;
+                };
+                let room = rule.max.is_none_or(|m| *len < m);
+                room && rule.dfa.as_ref().is_none_or(|(d, _)| {
+                    let mut state = *dfa;
+                    lead.iter().all(|&b| {
+                        state = d.next_state(state, b);
+                        !d.is_dead_state(state) && !d.is_quit_state(state)
+                    })
+                })
+            }
+            Some(Frame::Lit { node, pos, alive }) => {
+                let Node::Enum(alts) = &schema.nodes[*node] else {
+                    return false;
+                };
+                (alts.iter().enumerate())
+                    .any(|(k, alt)| alive & (1 << k) != 0 && alt.get(*pos).is_some_and(starts))
+            }
+            Some(Frame::Obj {
+                node,
+                i,
+                at: ObjAt::Key(p),
+            }) => {
+                let Node::Object(fields) = &schema.nodes[*node] else {
+                    return false;
+                };
+                fields[*i].0.get(*p).is_some_and(starts)
+            }
+            _ => false,
         }
     }
 
@@ -1518,7 +1590,7 @@ impl SchemaState {
 
     /// Whether `text` may come next.
     pub fn accepts(&self, schema: &Schema, text: &str) -> bool {
-        if text.is_empty() {
+        if text.is_empty() || self.in_partial_char() {
             return false;
         }
         let mut trial = self.clone();
@@ -1528,7 +1600,10 @@ impl SchemaState {
     /// Takes `text` if it may come next.
     pub fn push(&mut self, schema: &Schema, text: &str) -> bool {
         let mut trial = self.clone();
-        if text.is_empty() || !text.chars().all(|c| trial.push_char(schema, c)) {
+        if text.is_empty()
+            || self.in_partial_char()
+            || !text.chars().all(|c| trial.push_char(schema, c))
+        {
             return false;
         }
         *self = trial;
@@ -1831,6 +1906,33 @@ mod tests {
         let below = json!({"type": "array", "items": {"type": "number", "maximum": -1.5}});
         assert_eq!(run(&below, "[-1.5, -1.6, -200]"), (true, true));
         assert_ne!(run(&below, "[-1.4]"), (true, true));
+    }
+
+    #[test]
+    fn enum_keys_and_patterns_take_characters_in_byte_tokens() {
+        // 東 is E6 9D B1, 大 E5 A4 A7.
+        let cities = json!({"enum": ["東京", "大阪"]});
+        let (s, mut st) = state(&cities);
+        assert!(st.push(&s, "\""));
+        assert!(st.clone().push_bytes(&s, &[0xe5]) && !st.clone().push_bytes(&s, &[0xe7]));
+        assert!(st.push_bytes(&s, &[0xe6]));
+        assert!(!st.accepts(&s, "京\""), "the first character is not whole");
+        assert!(
+            !st.clone().push_bytes(&s, &[0xa4, 0xa7]),
+            "the rest of 大, not of 東"
+        );
+        assert!(st.push_bytes(&s, &[0x9d, 0xb1]));
+        assert!(st.push(&s, "京\"") && st.complete());
+        let key = json!({"type": "object", "properties": {"東": {"type": "integer"}}});
+        let (s, mut st) = state(&key);
+        assert!(st.push(&s, "{\"") && st.push_bytes(&s, &[0xe6, 0x9d]));
+        assert!(st.push_bytes(&s, &[0xb1]) && st.push(&s, "\": 1}") && st.complete());
+        let pattern = json!({"type": "string", "pattern": "^東", "maxLength": 1});
+        let (s, mut st) = state(&pattern);
+        assert!(st.push(&s, "\"") && !st.clone().push_bytes(&s, &[0xe5]));
+        assert!(st.push_bytes(&s, &[0xe6]) && st.push_bytes(&s, &[0x9d, 0xb1]));
+        assert!(!st.clone().push_bytes(&s, &[0xe6]), "maxLength");
+        assert!(st.push(&s, "\"") && st.complete());
     }
 
     #[test]

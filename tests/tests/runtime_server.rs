@@ -2134,7 +2134,7 @@ async fn vllm_fields_bound_where_an_answer_ends() {
 /// two of them, is refused naming the field.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vllm_guided_decoding_shapes_the_answer() {
-    let (server, url) = serve(|_| {}).await;
+    let (server, url) = serve(|c| c.max_new_tokens = 160).await;
     let http = client();
     let chat = format!("{url}/v1/chat/completions");
     let ask = |q: &str, extra: Value| {
@@ -2171,6 +2171,21 @@ async fn vllm_guided_decoding_shapes_the_answer() {
         let extra = json!({"guided_choice": cities, "temperature": 1.0, "seed": seed});
         let r = post_json(&http, &chat, &ask("Which city?", extra)).await;
         assert!(cities.contains(&content(&r).as_str()), "{r}");
+    }
+    // The same inside JSON: an enum of them, and a string in Japanese with no character
+    // left half-written at its closing quote.
+    for seed in [1, 2, 3] {
+        let extra = json!({"guided_json": {"type": "object", "properties": {
+                               "city": {"enum": cities}, "note": {"type": "string", "maxLength": 4}}},
+                           "temperature": 1.0, "seed": seed, "max_tokens": 120});
+        let r = post_json(&http, &chat, &ask("東京について日本語で。", extra)).await;
+        let v: Value = serde_json::from_str(&content(&r)).unwrap();
+        assert!(cities.contains(&v["city"].as_str().unwrap()), "{r}");
+        let note = v["note"].as_str().unwrap();
+        assert!(
+            note.chars().count() <= 4 && !note.contains('\u{FFFD}'),
+            "{r}"
+        );
     }
     let r = post_json(
         &http,
