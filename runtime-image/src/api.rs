@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::chat::ChatMessage;
+use crate::chat::{ChatMessage, ChatOptions};
 use crate::engine::Ending;
 use crate::json_mode::Constraint;
 use crate::json_schema::{Schema, TextPattern};
@@ -145,6 +145,45 @@ pub struct ChatCompletionRequest {
     pub unsupported: ChatUnsupported,
     #[serde(flatten)]
     pub vllm: VllmFields,
+    #[serde(flatten)]
+    pub template: TemplateFields,
+}
+
+/// vLLM's fields for how `messages` are rendered (chat and `/tokenize`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct TemplateFields {
+    /// Open the assistant's turn (default `true`).
+    #[serde(default = "yes", deserialize_with = "true_if_null")]
+    pub add_generation_prompt: bool,
+    /// Continue the last message instead (a prefilled answer).
+    #[serde(default, deserialize_with = "false_if_null")]
+    pub continue_final_message: bool,
+    /// More variables for the chat template.
+    pub chat_template_kwargs: Option<Value>,
+}
+
+impl TemplateFields {
+    /// The rendering these ask for, checked against `messages` ([`ChatOptions::check`]).
+    pub fn options(&self, messages: &[ChatMessage]) -> Result<ChatOptions, ApiError> {
+        let kwargs = match &self.chat_template_kwargs {
+            None | Some(Value::Null) => None,
+            Some(Value::Object(o)) => Some(o.clone()),
+            Some(v) => {
+                return Err(ApiError::invalid(
+                    format!("chat_template_kwargs must be an object, got {v}"),
+                    Some("chat_template_kwargs"),
+                ));
+            }
+        };
+        let opts = ChatOptions {
+            add_generation_prompt: self.add_generation_prompt,
+            continue_final_message: self.continue_final_message,
+            kwargs,
+        };
+        opts.check(messages)
+            .map_err(|(msg, field)| ApiError::invalid(msg, Some(field)))?;
+        Ok(opts)
+    }
 }
 
 /// Chat fields of OpenAI's API that shape the answer beyond sampling: tools, the response
@@ -741,6 +780,9 @@ pub struct TokenizeRequest {
     /// With `prompt`: the tokenizer's special tokens (completions adds them).
     #[serde(default = "yes", deserialize_with = "true_if_null")]
     pub add_special_tokens: bool,
+    /// With `messages`: how they are rendered, as on chat.
+    #[serde(flatten)]
+    pub template: TemplateFields,
 }
 
 fn yes() -> bool {

@@ -61,23 +61,127 @@ impl ChatTemplate {
         (&self.bos_token, &self.eos_token)
     }
 
-    /// Renders the conversation; with `add_generation_prompt` the assistant turn is opened.
-    /// `tools` (the request's, as given) is the template's `tools`, as transformers passes
-    /// it; templates that know no tools ignore it.
+    /// Renders the conversation as `opts` asks: with `add_generation_prompt` the assistant
+    /// turn is opened; with `continue_final_message` the text ends where the last message's
+    /// content does ([`cut_after_final`]). `tools` (the request's, as given) is the
+    /// template's `tools`, as transformers passes it; templates that know no tools ignore it.
     pub fn render(
         &self,
         messages: &[ChatMessage],
         tools: Option<&serde_json::Value>,
-        add_generation_prompt: bool,
+        opts: &ChatOptions,
     ) -> Result<String> {
         let tmpl = self.env.get_template(NAME)?;
-        Ok(tmpl.render(context! {
+        let fixed = context! {
             messages => messages,
             tools => tools.map(Value::from_serialize),
-            add_generation_prompt => add_generation_prompt,
+            add_generation_prompt => opts.add_generation_prompt,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,
-        })?)
+        };
+        // The request's own variables beside kandle's (which `ChatOptions::check` keeps them
+        // from replacing).
+        let ctx = match &opts.kwargs {
+            Some(kw) => context! { ..fixed, ..Value::from_serialize(kw) },
+            None => fixed,
+        };
+        let text = tmpl.render(ctx)?;
+        match opts.continue_final_message {
+            true => cut_after_final(text, messages),
+            false => Ok(text),
+        }
+    }
+}
+
+/// How a conversation is rendered beyond its messages: vLLM's chat fields.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatOptions {
+    /// Open the assistant's turn after the messages (default `true`).
+    pub add_generation_prompt: bool,
+    /// Leave the last message open, so that the answer continues it (a prefilled assistant
+    /// turn); excludes `add_generation_prompt`.
+    pub continue_final_message: bool,
+    /// More variables for the template (`chat_template_kwargs`, e.g. `enable_thinking`).
+    pub kwargs: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+impl Default for ChatOptions {
+    fn default() -> Self {
+        ChatOptions {
+            add_generation_prompt: true,
+            continue_final_message: false,
+            kwargs: None,
+        }
+    }
+}
+
+/// Variables the template gets from kandle, which `chat_template_kwargs` may not replace.
+const OWN_VARIABLES: [&str; 5] = [
+    "messages",
+    "tools",
+    "add_generation_prompt",
+    "bos_token",
+    "eos_token",
+];
+
+impl ChatOptions {
+    /// Why these options cannot render `messages`, naming the field at fault: both
+    /// `add_generation_prompt` and `continue_final_message` (vLLM refuses that too), a final
+    /// message without text to continue, or a template variable kandle sets itself.
+    pub fn check(
+        &self,
+        messages: &[ChatMessage],
+    ) -> std::result::Result<(), (String, &'static str)> {
+        if self.continue_final_message {
+            if self.add_generation_prompt {
+                return Err((
+                    "continue_final_message and add_generation_prompt cannot both be true: send \
+                     add_generation_prompt: false to continue the last message"
+                        .into(),
+                    "continue_final_message",
+                ));
+            }
+            if messages.last().is_none_or(|m| m.content.trim().is_empty()) {
+                return Err((
+                    "continue_final_message needs a last message with text to continue".into(),
+                    "continue_final_message",
+                ));
+            }
+        }
+        if let Some(key) = self
+            .kwargs
+            .iter()
+            .flat_map(|kw| kw.keys())
+            .find(|k| OWN_VARIABLES.contains(&k.as_str()))
+        {
+            return Err((
+                format!(
+                    "chat_template_kwargs may not set {key:?}: the server sets it from the \
+                     request's own fields"
+                ),
+                "chat_template_kwargs",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `rendered` cut just after the last message's content (its surrounding whitespace aside),
+/// so that generation continues that message, as transformers' `continue_final_message`
+/// does: the content's last occurrence in the text. A template that does not write the
+/// content as given (one that rewrites or drops it) cannot be continued.
+pub fn cut_after_final(mut rendered: String, messages: &[ChatMessage]) -> Result<String> {
+    let last = messages.last().map_or("", |m| m.content.trim());
+    match rendered.rfind(last) {
+        Some(at) if !last.is_empty() => {
+            rendered.truncate(at + last.len());
+            Ok(rendered)
+        }
+        _ => Err(crate::error::Error::InvalidRequest(
+            "continue_final_message: the chat template does not write the last message's \
+             content as given, so it cannot be continued"
+                .into(),
+        )),
     }
 }
 
@@ -99,12 +203,14 @@ mod tests {
     fn chatml_template_adds_default_system_prompt_and_generation_prompt() {
         let t =
             ChatTemplate::new(CHATML.into(), "<|im_start|>".into(), "<|im_end|>".into()).unwrap();
-        let out = t.render(&[user("Hi")], None, true).unwrap();
+        let out = t
+            .render(&[user("Hi")], None, &ChatOptions::default())
+            .unwrap();
         assert_eq!(
             out,
             "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
         );
-        let no_gen = t.render(&[user("Hi")], None, false).unwrap();
+        let no_gen = t.render(&[user("Hi")], None, &no_gen()).unwrap();
         assert!(!no_gen.ends_with("assistant\n"));
     }
 
@@ -113,7 +219,7 @@ mod tests {
         let src = "{% for m in messages %}\n    {{ m.content }}\n{% endfor %}";
         let t = ChatTemplate::new(src.into(), String::new(), String::new()).unwrap();
         assert_eq!(
-            t.render(&[user("a"), user("b")], None, false).unwrap(),
+            t.render(&[user("a"), user("b")], None, &no_gen()).unwrap(),
             "    a\n    b\n"
         );
     }
@@ -127,9 +233,16 @@ mod tests {
             content: "x".into(),
             ..Default::default()
         };
-        let err = t.render(&[sys], None, true).unwrap_err().to_string();
+        let err = t
+            .render(&[sys], None, &ChatOptions::default())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("first must be user"), "{err}");
-        assert_eq!(t.render(&[user("x")], None, true).unwrap(), "ok");
+        assert_eq!(
+            t.render(&[user("x")], None, &ChatOptions::default())
+                .unwrap(),
+            "ok"
+        );
     }
 
     #[test]
@@ -153,11 +266,115 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            t.render(&[user("hi"), call, answer], Some(&tools), false)
+            t.render(&[user("hi"), call, answer], Some(&tools), &no_gen())
                 .unwrap(),
             "[add;]user:hi|assistant:add|tool:3#c1|"
         );
-        assert_eq!(t.render(&[user("hi")], None, false).unwrap(), "user:hi|");
+        assert_eq!(
+            t.render(&[user("hi")], None, &no_gen()).unwrap(),
+            "user:hi|"
+        );
+    }
+
+    fn no_gen() -> ChatOptions {
+        ChatOptions {
+            add_generation_prompt: false,
+            ..Default::default()
+        }
+    }
+
+    fn assistant(text: &str) -> ChatMessage {
+        ChatMessage {
+            role: "assistant".into(),
+            content: text.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn continue_final_message_ends_the_text_where_the_last_message_does() {
+        let t = ChatTemplate::new(CHATML.into(), String::new(), String::new()).unwrap();
+        let opts = ChatOptions {
+            continue_final_message: true,
+            ..no_gen()
+        };
+        let msgs = [user("Capital of France?"), assistant("It is ")];
+        assert_eq!(opts.check(&msgs), Ok(()));
+        let out = t.render(&msgs, None, &opts).unwrap();
+        assert!(
+            out.ends_with(
+                "<|im_start|>user\nCapital of France?<|im_end|>\n<|im_start|>assistant\nIt is"
+            ),
+            "{out:?}"
+        );
+        // The last occurrence: content that also appears earlier is cut at its own place.
+        let msgs = [user("Yes"), assistant("Yes")];
+        let out = t.render(&msgs, None, &opts).unwrap();
+        assert!(
+            out.ends_with("user\nYes<|im_end|>\n<|im_start|>assistant\nYes"),
+            "{out:?}"
+        );
+        // A template that rewrites the content cannot be continued.
+        let upper = ChatTemplate::new(
+            "{% for m in messages %}{{ m.content | upper }}{% endfor %}".into(),
+            String::new(),
+            String::new(),
+        )
+        .unwrap();
+        let err = upper.render(&[assistant("abc")], None, &opts).unwrap_err();
+        assert!(err.to_string().contains("cannot be continued"), "{err}");
+    }
+
+    #[test]
+    fn options_that_cannot_render_are_refused_by_field() {
+        let both = ChatOptions {
+            continue_final_message: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            both.check(&[assistant("a")]).unwrap_err().1,
+            "continue_final_message"
+        );
+        let cont = ChatOptions {
+            continue_final_message: true,
+            ..no_gen()
+        };
+        assert_eq!(
+            cont.check(&[assistant("  ")]).unwrap_err().1,
+            "continue_final_message"
+        );
+        assert_eq!(cont.check(&[]).unwrap_err().1, "continue_final_message");
+        for key in OWN_VARIABLES {
+            let kw = ChatOptions {
+                kwargs: Some(serde_json::Map::from_iter([(key.to_owned(), true.into())])),
+                ..Default::default()
+            };
+            let (msg, field) = kw.check(&[user("a")]).unwrap_err();
+            assert_eq!(field, "chat_template_kwargs");
+            assert!(msg.contains(key), "{msg}");
+        }
+    }
+
+    #[test]
+    fn chat_template_kwargs_reach_the_template() {
+        let src = "{% if enable_thinking is defined and not enable_thinking %}<no-think>{% endif %}\
+                   {% for m in messages %}{{ m.content }}{% endfor %}{% if extra %}{{ extra.depth }}{% endif %}";
+        let t = ChatTemplate::new(src.into(), String::new(), String::new()).unwrap();
+        let kw = serde_json::json!({"enable_thinking": false, "extra": {"depth": 2}});
+        let opts = ChatOptions {
+            kwargs: kw.as_object().cloned(),
+            ..Default::default()
+        };
+        assert_eq!(opts.check(&[user("a")]), Ok(()));
+        assert_eq!(
+            t.render(&[user("hi")], None, &opts).unwrap(),
+            "<no-think>hi2"
+        );
+        assert_eq!(
+            t.render(&[user("hi")], None, &ChatOptions::default())
+                .unwrap(),
+            "hi"
+        );
     }
 
     #[test]

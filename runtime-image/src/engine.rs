@@ -23,7 +23,7 @@ use rayon::prelude::*;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::backend::{CausalLm, Sequence};
-use crate::chat::{ChatMessage, ChatTemplate};
+use crate::chat::{ChatMessage, ChatOptions, ChatTemplate};
 use crate::detok::{IncrementalText, TextAssembler};
 use crate::json_mode::{self, Constraint, JsonMode, JsonVocab};
 use crate::metrics::Metrics;
@@ -211,21 +211,28 @@ impl Frontend {
     /// one `"{role}: {content}\n"` line per message, then `"assistant:"`, tokenised with the
     /// tokenizer's special tokens as a completion prompt is. Base models know no chat format,
     /// so the least surprising prompt is the one a user would type (README: "Chat without a
-    /// template").
+    /// template"); `opts` apply to it as to a template (`"assistant:"` is the generation
+    /// prompt), and its `kwargs` have nothing to reach.
     pub fn encode_chat(
         &self,
         messages: &[ChatMessage],
         tools: Option<&serde_json::Value>,
+        opts: &ChatOptions,
     ) -> crate::Result<(String, Vec<u32>)> {
         let text = match &self.chat_template {
-            Some(t) => t.render(messages, tools, true)?,
+            Some(t) => t.render(messages, tools, opts)?,
             None => {
                 let mut s = String::new();
                 for m in messages {
                     s.push_str(&format!("{}: {}\n", m.role, m.content));
                 }
-                s.push_str("assistant:");
-                s
+                if opts.add_generation_prompt {
+                    s.push_str("assistant:");
+                }
+                match opts.continue_final_message {
+                    true => crate::chat::cut_after_final(s, messages)?,
+                    false => s,
+                }
             }
         };
         let ids = self.encode_prompt(&text, self.chat_template.is_none())?;

@@ -737,8 +737,9 @@ async fn tokenize(
                 ));
             }
             let messages = api::chat_messages(messages)?;
+            let opts = r.template.options(&messages)?;
             frontend
-                .encode_chat(&messages, None)
+                .encode_chat(&messages, None, &opts)
                 .map_err(|e| {
                     ApiError::invalid(
                         format!("cannot apply the chat template: {e}"),
@@ -968,6 +969,7 @@ async fn chat_completions(
         (None, None) => None,
     };
     let messages = api::chat_messages(&r.messages)?;
+    let template = r.template.options(&messages)?;
     let logprobs = match (r.logprobs, r.top_logprobs) {
         (false, Some(_)) => {
             return Err(ApiError::invalid(
@@ -1014,12 +1016,14 @@ async fn chat_completions(
     let ending = r.vllm.ending(max_tokens, engine.frontend().vocab_limit)?;
     let frontend = engine.frontend();
     let tools = tool_use.as_ref().map(|t| &t.tools);
-    let (_, prompt) = frontend.encode_chat(&messages, tools).map_err(|e| {
-        ApiError::invalid(
-            format!("cannot apply the chat template: {e}"),
-            Some("messages"),
-        )
-    })?;
+    let (_, prompt) = frontend
+        .encode_chat(&messages, tools, &template)
+        .map_err(|e| {
+            ApiError::invalid(
+                format!("cannot apply the chat template: {e}"),
+                Some("messages"),
+            )
+        })?;
     let room = check_context(prompt.len(), frontend.context_length, "messages")?;
     let prepared = Prepared {
         echo: None,

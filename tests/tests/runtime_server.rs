@@ -2325,6 +2325,136 @@ async fn a_chat_template_file_replaces_the_models() {
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
+/// vLLM's template fields: `continue_final_message` continues a prefilled answer (the prompt
+/// ends where its text does, and the model goes on from there), `add_generation_prompt:
+/// false` leaves the assistant's turn unopened, `chat_template_kwargs` reach the template,
+/// and what cannot be rendered is refused naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn template_fields_continue_a_prefilled_answer_and_shape_the_prompt() {
+    let (server, url) = serve(|_| {}).await;
+    let http = client();
+    let chat = format!("{url}/v1/chat/completions");
+    let question = json!({"role": "user", "content": "What is the capital of France?"});
+    let prefill = "The capital of France is";
+    let continued = json!([question, {"role": "assistant", "content": prefill}]);
+    let cont = json!({"continue_final_message": true, "add_generation_prompt": false});
+
+    // The prompt: the question's rendering with the assistant's turn opened, then the prefill.
+    let opened = token_ids(&http, &url, json!({"messages": [question]})).await;
+    let opened_text = post_json(
+        &http,
+        &format!("{url}/detokenize"),
+        &json!({"model": SMOL, "tokens": opened}),
+    )
+    .await["prompt"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(opened_text.ends_with("assistant\n"), "{opened_text:?}");
+    let expected = token_ids(
+        &http,
+        &url,
+        json!({"prompt": format!("{opened_text}{prefill}"), "add_special_tokens": false}),
+    )
+    .await;
+    let ids = token_ids(
+        &http,
+        &url,
+        with_fields(json!({"messages": continued}), &cont),
+    )
+    .await;
+    assert_eq!(ids, expected);
+
+    // The answer goes on from the prefill: what a completion of exactly those tokens gives.
+    let greedy = json!({"temperature": 0, "max_tokens": 8});
+    let body = with_fields(
+        with_fields(json!({"model": SMOL, "messages": continued}), &cont),
+        &greedy,
+    );
+    let r = post_json(&http, &chat, &body).await;
+    assert_eq!(r["usage"]["prompt_tokens"], ids.len(), "{r}");
+    let answer = r["choices"][0]["message"]["content"].as_str().unwrap();
+    let plain = post_json(
+        &http,
+        &format!("{url}/v1/completions"),
+        &with_fields(json!({"model": SMOL, "prompt": ids}), &greedy),
+    )
+    .await;
+    assert_eq!(answer, plain["choices"][0]["text"], "{r} {plain}");
+    assert!(!answer.trim().is_empty(), "{r}");
+    // Streamed, the same text.
+    let chunks = post_stream(&http, &chat, &with_fields(body, &json!({"stream": true}))).await;
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(streamed, answer);
+
+    // Without the generation prompt the rendering stops before the assistant's turn.
+    let unopened = token_ids(
+        &http,
+        &url,
+        json!({"messages": [question], "add_generation_prompt": false}),
+    )
+    .await;
+    assert!(unopened.len() < opened.len(), "{unopened:?} {opened:?}");
+    assert_eq!(opened[..unopened.len()], unopened[..]);
+    let r = post_json(
+        &http,
+        &chat,
+        &json!({"model": SMOL, "messages": [question], "add_generation_prompt": false,
+                "max_tokens": 2}),
+    )
+    .await;
+    assert_eq!(r["usage"]["prompt_tokens"], unopened.len(), "{r}");
+
+    // Variables for the template: SmolLM2's uses none, so the prompt is unchanged.
+    let r = post_json(
+        &http,
+        &chat,
+        &json!({"model": SMOL, "messages": [question], "max_tokens": 2,
+                "chat_template_kwargs": {"enable_thinking": false}}),
+    )
+    .await;
+    assert_eq!(r["usage"]["prompt_tokens"], opened.len(), "{r}");
+
+    // Refused, naming the field.
+    let one = json!({"model": SMOL, "messages": continued});
+    for (extra, param) in [
+        (
+            json!({"continue_final_message": true}),
+            "continue_final_message",
+        ),
+        (
+            json!({"add_generation_prompt": false, "continue_final_message": true,
+                "messages": [question, {"role": "assistant", "content": " "}]}),
+            "continue_final_message",
+        ),
+        (
+            json!({"chat_template_kwargs": "thinking"}),
+            "chat_template_kwargs",
+        ),
+        (
+            json!({"chat_template_kwargs": {"messages": []}}),
+            "chat_template_kwargs",
+        ),
+        (
+            json!({"chat_template_kwargs": {"add_generation_prompt": false}}),
+            "chat_template_kwargs",
+        ),
+    ] {
+        expect_refused(&http, &chat, &with_fields(one.clone(), &extra), param).await;
+        expect_refused(
+            &http,
+            &format!("{url}/tokenize"),
+            &with_fields(one.clone(), &extra),
+            param,
+        )
+        .await;
+    }
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_sequence_cuts_the_output_before_it() {
     let (server, url) = serve(|_| {}).await;
