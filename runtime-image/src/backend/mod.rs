@@ -9,6 +9,7 @@ mod bert;
 mod blenderbot_small;
 mod bloom;
 mod classifier;
+mod convert;
 mod distilbert;
 mod encoder;
 mod few_rows;

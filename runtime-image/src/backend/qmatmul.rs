@@ -24,7 +24,8 @@
 //! and plain Rust kernels give the same bits on every CPU — the greedy tokens of a model do not
 //! depend on the machine (the tests assert equal bits).
 //!
-//! Other weight types (the K-quants, f16, f32) go through candle's `QMatMul` unchanged.
+//! Other quantised types are converted into these at load ([`super::convert`]); f32, f16
+//! and bf16 matrices go through candle's `QMatMul` unchanged.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
@@ -228,7 +229,13 @@ impl QMat {
     /// product is one pass over the threads; mixed types stay apart ([`QMat::Stack`]). The
     /// GGUF rows are joined before packing, so that only the fused matrix takes memory among
     /// the weights ([`WeightBytes`] are never given back one by one).
+    /// Quantised types without a kernel of ours are converted first
+    /// ([`super::convert::to_kernel_type`]).
     pub(super) fn from_qtensors(tensors: Vec<QTensor>) -> Result<QMat> {
+        let tensors = tensors
+            .into_iter()
+            .map(super::convert::to_kernel_type)
+            .collect::<Result<Vec<_>>>()?;
         let Some(first) = tensors.first() else {
             return Ok(QMat::Stack(Vec::new()));
         };
@@ -1170,15 +1177,15 @@ mod tests {
     }
 
     #[test]
-    fn other_types_go_through_candle_and_stack_with_ours() {
-        // Q4K: a type without our kernel (a K-quant GGUF mixes it with others).
+    fn float_types_go_through_candle_and_stack_with_ours() {
+        // f32: a type without our kernel (some GGUF files keep a matrix unquantised).
         let (n, k, m) = (16, 256, 3);
         let w = Tensor::from_vec(random(n * k, 13), (n, k), &Device::Cpu).unwrap();
-        let q4k = QMat::from_qtensor(QTensor::quantize(&w, GgmlDType::Q4K).unwrap()).unwrap();
-        assert!(matches!(q4k, QMat::Candle { n: 16, k: 256, .. }));
-        assert!(q4k.dequantize_row(0, &mut [0f32; 256]).is_none());
+        let dense = QMat::from_qtensor(QTensor::quantize(&w, GgmlDType::F32).unwrap()).unwrap();
+        assert!(matches!(dense, QMat::Candle { n: 16, k: 256, .. }));
+        assert!(dense.dequantize_row(0, &mut [0f32; 256]).is_none());
         let reference =
-            QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q4K).unwrap()).unwrap();
+            QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::F32).unwrap()).unwrap();
         let x = random(m * k, 17);
         let xt = Tensor::from_slice(&x, (m, k), &Device::Cpu).unwrap();
         let want = reference
@@ -1188,12 +1195,12 @@ mod tests {
             .unwrap()
             .to_vec1::<f32>()
             .unwrap();
-        assert_eq!(q4k.forward(&x, m).unwrap(), want);
+        assert_eq!(dense.forward(&x, m).unwrap(), want);
         let (ours, _) = weights(GgmlDType::Q4_1, 8, 256);
         let y_ours = ours.forward(&x, m).unwrap();
         let ours_w = Tensor::from_vec(random(8 * 256, 7), (8, 256), &Device::Cpu).unwrap();
         let both = QMat::from_qtensors(vec![
-            QTensor::quantize(&w, GgmlDType::Q4K).unwrap(),
+            QTensor::quantize(&w, GgmlDType::F32).unwrap(),
             QTensor::quantize(&ours_w, GgmlDType::Q4_1).unwrap(),
         ])
         .unwrap();
@@ -1203,6 +1210,63 @@ mod tests {
             assert_eq!(&y[i * 24..i * 24 + 16], &want[i * 16..(i + 1) * 16]);
             assert_eq!(&y[i * 24 + 16..(i + 1) * 24], &y_ours[i * 8..(i + 1) * 8]);
         }
+    }
+
+    /// The hub's other quantised types are converted at load ([`super::super::convert`]):
+    /// products on our kernels, close to candle's on the file's own type, and a fused QKV
+    /// of a Q4_K_M file's Q5_0 and Q8_0 parts is one matrix of ours.
+    #[test]
+    fn other_quantised_types_run_on_our_kernels_after_conversion() {
+        let (k, m) = (512, 5);
+        let x = random(m * k, 21);
+        let xt = Tensor::from_slice(&x, (m, k), &Device::Cpu).unwrap();
+        for dtype in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+        ] {
+            let w = Tensor::from_vec(random(24 * k, 31), (24, k), &Device::Cpu).unwrap();
+            let mat = QMat::from_qtensor(QTensor::quantize(&w, dtype).unwrap()).unwrap();
+            assert!(matches!(mat, QMat::Own { n: 24, .. }), "{dtype:?}");
+            let reference = QMatMul::from_qtensor(QTensor::quantize(&w, dtype).unwrap()).unwrap();
+            let want = reference
+                .forward(&xt)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let got = mat.forward(&x, m).unwrap();
+            // Both quantise the activations to 8 bits (per 32 here, per 256 or 32 there):
+            // the outputs agree to a small part of their spread.
+            let spread = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() <= 0.02 * spread, "{dtype:?}: {g} against {w}");
+            }
+        }
+        let (wq, wv) = (
+            Tensor::from_vec(random(32 * k, 41), (32, k), &Device::Cpu).unwrap(),
+            Tensor::from_vec(random(16 * k, 43), (16, k), &Device::Cpu).unwrap(),
+        );
+        let qkv = QMat::from_qtensors(vec![
+            QTensor::quantize(&wq, GgmlDType::Q5_0).unwrap(),
+            QTensor::quantize(&wv, GgmlDType::Q8_0).unwrap(),
+        ])
+        .unwrap();
+        assert!(
+            matches!(
+                qkv,
+                QMat::Own {
+                    kind: Kind::Q8_0,
+                    n: 48,
+                    ..
+                }
+            ),
+            "one packed Q8_0 matrix"
+        );
     }
 
     #[test]

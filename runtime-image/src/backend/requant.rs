@@ -8,7 +8,8 @@
 //! forward (`qllama.rs`), moved one greedy step of the llama.cpp reference where llama.cpp's
 //! margin was 0.29 — more than the rounding the fixtures allow (0.25). Since kandle has its own
 //! SIMD kernels for both types (`qmatmul.rs`), converting buys no speed it was measured for; it
-//! stays as an option for files whose type has no fast kernel here.
+//! stays as an option. (Types without a kernel of ours are converted at load anyway, by
+//! `convert.rs`.)
 //!
 //! [`prepare_weight`] is the whole conversion, for any loader that reads tensors one by one;
 //! [`prepare`] wraps a GGUF file so that a loader taking `(Content, reader)` — candle's

@@ -1,0 +1,254 @@
+//! GGUF weight types without a kernel of ours, converted at load into ones with one.
+//!
+//! kandle's CPU kernels ([`super::qmatmul`]) take Q4_1 and Q8_0. Every other quantised type
+//! used to go through candle's `QMatMul`, which here ran a SmolLM2 made by llama.cpp's
+//! `Q4_K_M` recipe (mostly Q5_0, with Q4_K, Q6_K and Q8_0) at 0.38× llama.cpp's prompt speed
+//! and 0.8× its decode speed, and a `Q4_0` one at 0.28× and 0.66×, with no gain from batching
+//! (README, Benchmarks). The common types of the hub's GGUF files are therefore converted
+//! when they are read, into the nearest type the kernels take:
+//!
+//! | file type | becomes | values |
+//! |---|---|---|
+//! | Q4_0 (`d·(q−8)`) | Q4_1 with `m = −8d` | the same, exactly |
+//! | Q5_0 (`d·(q−16)`) | Q8_0 with `q' = q−16` | the same, exactly |
+//! | Q4_K (per 32: `d·sc·q − dmin·m`) | Q4_1 with `d' = d·sc`, `m' = −dmin·m` | the same but for rounding `d'` and `m'` to f16, as Q4_1's own scales are (≤ 2⁻¹¹ of each) |
+//! | any other quantised type (Q5_1, Q2_K, Q3_K, Q5_K, Q6_K) | Q8_0 | within about half a Q8_0 step (a 127th of the block's largest value), its scale rounded to f16 |
+//!
+//! Q8_0 takes more memory than a 5- or 6-bit type (34 bytes per 32 weights against 22–26),
+//! which one stream's decode, bound by reading the weights, pays for; the kernels' speed
+//! more than makes up for it (README). f32/f16/bf16 tensors are left to candle.
+//!
+//! The activations are still quantised as our kernels do (Q8_1-style blocks of 32), where
+//! llama.cpp quantises them per 256 for the K-quants: outputs differ from llama.cpp's in the
+//! last bits, as any two implementations' do. The SmolLM2 Q4_1 file that the fixtures hold
+//! llama.cpp's tokens for is not converted.
+
+use candle_core::Device;
+use candle_core::quantized::{GgmlDType, QTensor, ggml_file};
+use half::f16;
+
+use crate::error::Result;
+
+/// `t` in a type our kernels take: unchanged when it is one (or is not quantised),
+/// converted as the module's table says otherwise.
+pub(super) fn to_kernel_type(t: QTensor) -> Result<QTensor> {
+    let dims = t.shape().dims().to_vec();
+    let direct = |f: fn(&[u8]) -> Option<Vec<u8>>, to: GgmlDType| -> Result<Option<QTensor>> {
+        let converted = f(&t.data()?);
+        Ok(match converted {
+            Some(bytes) => Some(ggml_file::qtensor_from_ggml(
+                to,
+                &bytes,
+                dims.clone(),
+                &Device::Cpu,
+            )?),
+            None => None,
+        })
+    };
+    let exact = match t.dtype() {
+        GgmlDType::Q4_1 | GgmlDType::Q8_0 | GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+            return Ok(t);
+        }
+        GgmlDType::Q4_0 => direct(q4_0_to_q4_1, GgmlDType::Q4_1)?,
+        GgmlDType::Q5_0 => direct(q5_0_to_q8_0, GgmlDType::Q8_0)?,
+        GgmlDType::Q4K => direct(q4k_to_q4_1, GgmlDType::Q4_1)?,
+        _ => None,
+    };
+    match exact {
+        Some(t) => Ok(t),
+        // The other types, and a direct conversion whose scales do not fit f16.
+        None => Ok(QTensor::quantize(
+            &t.dequantize(&Device::Cpu)?,
+            GgmlDType::Q8_0,
+        )?),
+    }
+}
+
+fn f16_bits(v: f32) -> Option<[u8; 2]> {
+    let h = f16::from_f32(v);
+    h.is_finite().then(|| h.to_bits().to_le_bytes())
+}
+
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
+}
+
+/// Q4_0 blocks `{d, qs[16]}` as Q4_1 blocks `{d, m = −8d, qs}` (the same nibbles).
+fn q4_0_to_q4_1(raw: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(raw.len() / 18 * 20);
+    for b in raw.chunks_exact(18) {
+        out.extend_from_slice(&b[..2]);
+        out.extend_from_slice(&f16_bits(-8.0 * f16_at(b, 0))?);
+        out.extend_from_slice(&b[2..18]);
+    }
+    Some(out)
+}
+
+/// Q5_0 blocks `{d, qh: u32, qs[16]}` as Q8_0 blocks `{d, q − 16}`.
+fn q5_0_to_q8_0(raw: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(raw.len() / 22 * 34);
+    for b in raw.chunks_exact(22) {
+        out.extend_from_slice(&b[..2]);
+        let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+        let qs = &b[6..22];
+        let mut q = [0u8; 32];
+        for j in 0..16 {
+            let hi0 = ((qh >> j) << 4) & 0x10;
+            let hi1 = (qh >> (j + 12)) & 0x10;
+            q[j] = (((qs[j] & 0x0F) as u32 | hi0) as i32 - 16) as i8 as u8;
+            q[j + 16] = (((qs[j] >> 4) as u32 | hi1) as i32 - 16) as i8 as u8;
+        }
+        out.extend_from_slice(&q);
+    }
+    Some(out)
+}
+
+/// Sub-block `j`'s 6-bit scale and min of a K-quant's packed 12 bytes (ggml's
+/// `get_scale_min_k4`).
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+/// Q4_K super-blocks `{d, dmin, scales[12], qs[128]}` of 256 weights as eight Q4_1 blocks:
+/// sub-block `s` holds `d·sc_s·q − dmin·m_s`, its nibbles in bytes `32·(s/2)..` (low for even
+/// `s`, high for odd), element `i` in byte `i`; Q4_1 wants element `i` low and `i + 16` high.
+fn q4k_to_q4_1(raw: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(raw.len() / 144 * 8 * 20);
+    for b in raw.chunks_exact(144) {
+        let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+        let (scales, qs) = (&b[4..16], &b[16..144]);
+        for s in 0..8 {
+            let (sc, m) = scale_min_k4(s, scales);
+            // As ggml's dequantisation computes them, in f32.
+            out.extend_from_slice(&f16_bits(d * sc as f32)?);
+            out.extend_from_slice(&f16_bits(-(dmin * m as f32))?);
+            let bytes = &qs[32 * (s / 2)..][..32];
+            let q = |i: usize| match s % 2 {
+                0 => bytes[i] & 0xF,
+                _ => bytes[i] >> 4,
+            };
+            for i in 0..16 {
+                out.push(q(i) | (q(i + 16) << 4));
+            }
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Tensor;
+
+    /// Weights with the spread of a real layer's: mostly small, a few large, per row.
+    fn weights(n: usize, k: usize, seed: u64) -> Tensor {
+        let mut s = seed;
+        let x: Vec<f32> = (0..n * k)
+            .map(|i| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let u = (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                let row = (i / k) as f32;
+                u * 0.05 * (1.0 + row % 3.0) + if i % 97 == 0 { 0.3 } else { 0.0 }
+            })
+            .collect();
+        Tensor::from_vec(x, (n, k), &Device::Cpu).unwrap()
+    }
+
+    fn values(t: &QTensor) -> Vec<f32> {
+        t.dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    #[test]
+    fn q4_0_and_q5_0_keep_their_values_exactly() {
+        for (from, to) in [
+            (GgmlDType::Q4_0, GgmlDType::Q4_1),
+            (GgmlDType::Q5_0, GgmlDType::Q8_0),
+        ] {
+            let q = QTensor::quantize(&weights(16, 512, 1), from).unwrap();
+            let c = to_kernel_type(QTensor::quantize(&weights(16, 512, 1), from).unwrap()).unwrap();
+            assert_eq!(c.dtype(), to);
+            assert_eq!(c.shape().dims(), &[16, 512]);
+            // Equal values (a zero may change sign: Q4_0's `0·d` with a negative `d` is
+            // −0, Q4_1's `8d − 8d` is +0).
+            assert_eq!(values(&q), values(&c), "{from:?}");
+        }
+    }
+
+    #[test]
+    fn q4_k_becomes_q4_1_with_its_scales_rounded_to_f16() {
+        let w = weights(16, 1024, 2);
+        let q = QTensor::quantize(&w, GgmlDType::Q4K).unwrap();
+        let c = to_kernel_type(QTensor::quantize(&w, GgmlDType::Q4K).unwrap()).unwrap();
+        assert_eq!(c.dtype(), GgmlDType::Q4_1);
+        let (a, b) = (values(&q), values(&c));
+        let mut worst = 0f32;
+        for (blk_a, blk_b) in a.chunks(32).zip(b.chunks(32)) {
+            // A sub-block's values span 15 steps of d·sc above its least, −dmin·m.
+            let lo = blk_a.iter().copied().fold(f32::MAX, f32::min);
+            let hi = blk_a.iter().copied().fold(f32::MIN, f32::max);
+            let bound = (hi - lo + 2.0 * lo.abs()) * 2f32.powi(-11) + 1e-7;
+            for (x, y) in blk_a.iter().zip(blk_b) {
+                assert!((x - y).abs() <= bound, "{x} {y} {bound}");
+                worst = worst.max((x - y).abs() / (hi - lo).max(1e-9));
+            }
+        }
+        // And not exact by accident of the check: some value moved, by a sliver of its span.
+        assert!(worst > 0.0 && worst < 1e-3, "{worst}");
+    }
+
+    #[test]
+    fn other_types_become_q8_0_within_half_its_step() {
+        for from in [
+            GgmlDType::Q5_1,
+            GgmlDType::Q2K,
+            GgmlDType::Q3K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+        ] {
+            let w = weights(8, 512, 3);
+            let q = QTensor::quantize(&w, from).unwrap();
+            let c = to_kernel_type(QTensor::quantize(&w, from).unwrap()).unwrap();
+            assert_eq!(c.dtype(), GgmlDType::Q8_0, "{from:?}");
+            let (a, b) = (values(&q), values(&c));
+            for (blk_a, blk_b) in a.chunks(32).zip(b.chunks(32)) {
+                let amax = blk_a.iter().fold(0f32, |m, v| m.max(v.abs()));
+                for (x, y) in blk_a.iter().zip(blk_b) {
+                    // Half a step, plus the step's own rounding to f16 (2⁻¹¹ of it, up
+                    // to 127 times).
+                    let step = amax / 127.0;
+                    assert!((x - y).abs() <= step * 0.57 + 1e-7, "{from:?} {x} {y}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn kernel_types_and_floats_are_kept() {
+        for dtype in [
+            GgmlDType::Q4_1,
+            GgmlDType::Q8_0,
+            GgmlDType::F32,
+            GgmlDType::F16,
+        ] {
+            let q = QTensor::quantize(&weights(4, 64, 4), dtype).unwrap();
+            let want = q.data().unwrap().into_owned();
+            let c = to_kernel_type(q).unwrap();
+            assert_eq!(c.dtype(), dtype);
+            assert_eq!(c.data().unwrap().as_ref(), want.as_slice());
+        }
+    }
+}
