@@ -16,6 +16,7 @@ use tokenizers::{
 use crate::error::{Error, Result};
 
 /// GGUF token types (llama.cpp's `llama_token_type`).
+const TOKEN_TYPE_UNKNOWN: i32 = 2;
 const TOKEN_TYPE_CONTROL: i32 = 3;
 const TOKEN_TYPE_USER_DEFINED: i32 = 4;
 
@@ -33,8 +34,12 @@ pub struct GgufVocab {
     pub tokens: Vec<String>,
     /// `tokenizer.ggml.token_type`, parallel to `tokens`.
     pub token_types: Vec<i32>,
-    /// `tokenizer.ggml.merges`, each "left right".
+    /// `tokenizer.ggml.merges`, each "left right" (BPE).
     pub merges: Vec<String>,
+    /// `tokenizer.ggml.scores`, parallel to `tokens` (SentencePiece; empty when absent).
+    pub scores: Vec<f32>,
+    /// `tokenizer.ggml.add_space_prefix` (SentencePiece: default true).
+    pub add_space_prefix: bool,
 }
 
 /// A tokenizer for one model.
@@ -60,12 +65,17 @@ impl TextTokenizer {
         Ok(Self { inner })
     }
 
-    /// Rebuilds a tokenizer from GGUF metadata. Only byte-level BPE ("gpt2") vocabularies with
-    /// a known pre-tokenizer are supported; anything else is refused rather than mis-tokenised.
+    /// Rebuilds a tokenizer from GGUF metadata: byte-level BPE ("gpt2") vocabularies with a
+    /// known pre-tokenizer, and SentencePiece ("llama": Llama 2, Mistral, TinyLlama, Phi-3)
+    /// ones ([`TextTokenizer::from_spm_vocab`]); anything else is refused rather than
+    /// mis-tokenised.
     pub fn from_gguf_vocab(v: GgufVocab) -> Result<Self> {
+        if v.model == "llama" {
+            return Self::from_spm_vocab(v);
+        }
         if v.model != "gpt2" {
             return Err(Error::Model(format!(
-                "GGUF tokenizer model {:?} is not supported without a tokenizer.json (only \"gpt2\" BPE)",
+                "GGUF tokenizer model {:?} is not supported without a tokenizer.json (only \"gpt2\" BPE and \"llama\" SentencePiece)",
                 v.model
             )));
         }
@@ -114,26 +124,84 @@ impl TextTokenizer {
                     .ok_or_else(|| Error::Model(format!("malformed GGUF merge {m:?}")))
             })
             .collect::<Result<Vec<_>>>()?;
+        // Llama 3's tokenizer takes a pre-tokenised piece that is itself in the vocabulary
+        // whole, without merging (its tokenizer.json's `ignore_merges`; llama.cpp does the
+        // same for this pre-tokenizer): " Việt" is one token there, three by the merges.
+        let llama3 = matches!(v.pre.as_str(), "llama3" | "llama-v3" | "llama-bpe");
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
+            .ignore_merges(llama3)
             .build()
             .map_err(Error::tokenizer)?;
         let mut inner = Tokenizer::new(bpe);
         inner.with_pre_tokenizer(Some(pre));
         inner.with_decoder(Some(ByteLevel::default()));
-        let mut special = Vec::new();
-        let mut user = Vec::new();
-        for (tok, ty) in v.tokens.iter().zip(v.token_types.iter()) {
-            match *ty {
-                TOKEN_TYPE_CONTROL => special.push(AddedToken::from(tok.clone(), true)),
-                TOKEN_TYPE_USER_DEFINED => user.push(AddedToken::from(tok.clone(), false)),
-                _ => {}
-            }
+        add_gguf_special_tokens(&mut inner, &v)?;
+        Ok(Self { inner })
+    }
+
+    /// A SentencePiece BPE vocabulary (`tokenizer.ggml.model` "llama") as transformers'
+    /// `LlamaTokenizerFast` is built from it (its legacy form, which is llama.cpp's
+    /// reading): merges from the scores (every split of a piece into two pieces of the
+    /// vocabulary, ranked by the whole piece's score, highest first), byte fallback to the
+    /// `<0xXX>` tokens, spaces written as `▁`, and with `add_space_prefix` a `▁` before the
+    /// text and after each special token (llama.cpp: "prefix with space if previous is
+    /// special"; transformers: the normaliser runs on each stretch between special tokens).
+    fn from_spm_vocab(v: GgufVocab) -> Result<Self> {
+        use tokenizers::decoders::byte_fallback::ByteFallback;
+        use tokenizers::decoders::fuse::Fuse;
+        use tokenizers::decoders::sequence::Sequence as Decoders;
+        use tokenizers::decoders::strip::Strip;
+        use tokenizers::normalizers::{Prepend, Replace, Sequence as Normalizers};
+        use tokenizers::{DecoderWrapper, NormalizerWrapper};
+
+        if v.scores.len() != v.tokens.len() {
+            return Err(Error::Model(format!(
+                "a SentencePiece GGUF vocabulary needs tokenizer.ggml.scores for its {} tokens \
+                 (it has {})",
+                v.tokens.len(),
+                v.scores.len()
+            )));
         }
+        let vocab: Vocab = v
+            .tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let merges = spm_merges(&v.tokens, &v.scores, &vocab);
+        let unk = v
+            .token_types
+            .iter()
+            .position(|&t| t == TOKEN_TYPE_UNKNOWN)
+            .map(|i| v.tokens[i].clone());
+        let mut bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .byte_fallback(true)
+            .fuse_unk(true);
+        if let Some(unk) = unk {
+            bpe = bpe.unk_token(unk);
+        }
+        let mut inner = Tokenizer::new(bpe.build().map_err(Error::tokenizer)?);
+        let replace = |from: &str, to: &str| Replace::new(from, to).map_err(Error::tokenizer);
+        let mut normalizers = Vec::new();
+        if v.add_space_prefix {
+            normalizers.push(NormalizerWrapper::Prepend(Prepend::new("▁".into())));
+        }
+        normalizers.push(NormalizerWrapper::Replace(replace(" ", "▁")?));
         inner
-            .add_special_tokens(special)
+            .with_normalizer(Some(Normalizers::new(normalizers)))
             .map_err(Error::tokenizer)?;
-        inner.add_tokens(user).map_err(Error::tokenizer)?;
+        let mut decoders = vec![
+            DecoderWrapper::Replace(replace("▁", " ")?),
+            DecoderWrapper::ByteFallback(ByteFallback::default()),
+            DecoderWrapper::Fuse(Fuse::default()),
+        ];
+        if v.add_space_prefix {
+            decoders.push(DecoderWrapper::Strip(Strip::new(' ', 1, 0)));
+        }
+        inner.with_decoder(Some(Decoders::new(decoders)));
+        add_gguf_special_tokens(&mut inner, &v)?;
         Ok(Self { inner })
     }
 
@@ -201,6 +269,51 @@ impl TextTokenizer {
     }
 }
 
+/// The GGUF's control tokens as special tokens, and its user-defined ones as added tokens,
+/// both matched whole in the text before the model's own splitting (llama.cpp's
+/// `tokenizer_st_partition`).
+fn add_gguf_special_tokens(inner: &mut Tokenizer, v: &GgufVocab) -> Result<()> {
+    let mut special = Vec::new();
+    let mut user = Vec::new();
+    for (tok, ty) in v.tokens.iter().zip(v.token_types.iter()) {
+        match *ty {
+            TOKEN_TYPE_CONTROL => special.push(AddedToken::from(tok.clone(), true)),
+            TOKEN_TYPE_USER_DEFINED => user.push(AddedToken::from(tok.clone(), false)),
+            _ => {}
+        }
+    }
+    inner
+        .add_special_tokens(special)
+        .map_err(Error::tokenizer)?;
+    inner.add_tokens(user).map_err(Error::tokenizer)?;
+    Ok(())
+}
+
+/// A SentencePiece vocabulary's merges, as transformers' `SentencePieceExtractor` derives
+/// them: for each piece in id order, every split into two pieces of the vocabulary (ordered
+/// by their ids), then all of them ranked by the whole piece's score, highest first (a
+/// stable sort, so ties keep that order).
+fn spm_merges(tokens: &[String], scores: &[f32], vocab: &Vocab) -> Vec<(String, String)> {
+    let mut merges: Vec<(f32, u32, u32)> = Vec::new();
+    for (piece, &score) in tokens.iter().zip(scores) {
+        let mut local: Vec<(u32, u32)> = piece
+            .char_indices()
+            .skip(1)
+            .filter_map(|(at, _)| {
+                let (l, r) = piece.split_at(at);
+                Some((*vocab.get(l)?, *vocab.get(r)?))
+            })
+            .collect();
+        local.sort_unstable();
+        merges.extend(local.into_iter().map(|(l, r)| (score, l, r)));
+    }
+    merges.sort_by(|a, b| b.0.total_cmp(&a.0));
+    merges
+        .into_iter()
+        .map(|(_, l, r)| (tokens[l as usize].clone(), tokens[r as usize].clone()))
+        .collect()
+}
+
 /// The byte that GPT-2's byte-level alphabet writes as `c`: printable bytes as themselves,
 /// the others (0–32, 127–160, 173) as U+0100 onwards in order.
 fn byte_of_char(c: char) -> Option<u8> {
@@ -218,6 +331,101 @@ fn byte_of_char(c: char) -> Option<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A small SentencePiece vocabulary: merges ranked by the merged piece's score, byte
+    /// fallback for what the vocabulary lacks, `▁` for spaces with one before the text and
+    /// after a special token, and decoding back.
+    #[test]
+    fn a_sentencepiece_vocabulary_merges_by_score_and_falls_back_to_bytes() {
+        let mut tokens: Vec<String> = ["<unk>", "<s>", "</s>"].map(String::from).to_vec();
+        let mut types = vec![TOKEN_TYPE_UNKNOWN, TOKEN_TYPE_CONTROL, TOKEN_TYPE_CONTROL];
+        tokens.extend((0..=255u8).map(|b| format!("<0x{b:02X}>")));
+        types.extend([6; 256]);
+        let words = ["▁", "a", "b", "c", "ab", "bc", "▁a", "▁ab", "▁abc"];
+        tokens.extend(words.map(String::from));
+        types.extend([1; 9]);
+        let mut scores = vec![0f32; tokens.len()];
+        let at = |w: &str, tokens: &[String]| tokens.iter().position(|t| t == w).unwrap();
+        // "bc" outranks "ab": "abc" alone splits a|bc, not ab|c.
+        for (w, sc) in [
+            ("ab", -5.0),
+            ("bc", -2.0),
+            ("▁a", -3.0),
+            ("▁ab", -4.0),
+            ("▁abc", -1.0),
+        ] {
+            scores[at(w, &tokens)] = sc;
+        }
+        for w in ["▁", "a", "b", "c"] {
+            scores[at(w, &tokens)] = -10.0;
+        }
+        let vocab: Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let merges = spm_merges(&tokens, &scores, &vocab);
+        let pair = |l: &str, r: &str| (l.to_owned(), r.to_owned());
+        // "▁abc" splits as ▁a|bc and ▁ab|c (in id order; "abc" is no piece), then "bc",
+        // "▁a", "▁ab" (two ways) and "ab" by score.
+        assert_eq!(
+            merges,
+            [
+                pair("▁a", "bc"),
+                pair("▁ab", "c"),
+                pair("b", "c"),
+                pair("▁", "a"),
+                pair("▁", "ab"),
+                pair("▁a", "b"),
+                pair("a", "b"),
+            ]
+        );
+        let tok = TextTokenizer::from_gguf_vocab(GgufVocab {
+            model: "llama".into(),
+            pre: "default".into(),
+            tokens: tokens.clone(),
+            token_types: types,
+            merges: Vec::new(),
+            scores,
+            add_space_prefix: true,
+        })
+        .unwrap();
+        let ids = |s: &[&str]| s.iter().map(|w| at(w, &tokens) as u32).collect::<Vec<_>>();
+        assert_eq!(tok.encode("abc", false).unwrap(), ids(&["▁abc"]));
+        assert_eq!(
+            tok.encode("abc abc", false).unwrap(),
+            ids(&["▁abc", "▁abc"])
+        );
+        // "é" is not in the vocabulary: its two UTF-8 bytes.
+        assert_eq!(
+            tok.encode("é", false).unwrap(),
+            ids(&["▁", "<0xC3>", "<0xA9>"])
+        );
+        // A special token splits the text, and the text after it gets its own `▁`.
+        assert_eq!(tok.encode("<s>abc", false).unwrap(), ids(&["<s>", "▁abc"]));
+        assert_eq!(
+            tok.decode(&ids(&["▁abc", "▁a", "<0xC3>", "<0xA9>"]), true)
+                .unwrap(),
+            "abc aé"
+        );
+        assert_eq!(
+            tok.token_bytes(at("<0xC3>", &tokens) as u32),
+            Some(vec![0xC3])
+        );
+        let no_scores = GgufVocab {
+            model: "llama".into(),
+            pre: "default".into(),
+            tokens: tokens.clone(),
+            token_types: vec![1; tokens.len()],
+            merges: Vec::new(),
+            scores: Vec::new(),
+            add_space_prefix: true,
+        };
+        let err = TextTokenizer::from_gguf_vocab(no_scores)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tokenizer.ggml.scores"), "{err}");
+    }
 
     #[test]
     fn gpt2_s_byte_alphabet_maps_back_to_bytes() {

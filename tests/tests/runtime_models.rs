@@ -492,6 +492,45 @@ fn smollm2_own_kernels_are_as_close_to_llama_cpp_as_candles() {
     assert!(ours_max < 1.0, "largest error {ours_max}");
 }
 
+/// A GGUF vocabulary without a tokenizer.json gives llama.cpp's test ids: the vocab-only
+/// files and test vectors of llama.cpp's `models/` (`ggml-vocab-<name>.gguf`, its `.inp`
+/// inputs and the `.out` ids transformers gives them, as llama.cpp's `test-tokenizer-0` reads
+/// them), for every kind the runtime rebuilds: SentencePiece (Llama 2 / Mistral's, Phi-3's)
+/// and byte-level BPE with the pre-tokenizers it knows. The others are refused by name.
+#[test]
+fn gguf_vocabularies_tokenize_as_llama_cpp_s_test_vectors() {
+    let dir = models::llama_cpp_vocabs();
+    let mut failures = Vec::new();
+    for name in ["llama-spm", "phi-3", "llama-bpe", "gpt-2", "starcoder", "refact"] {
+        let path = dir.join(format!("ggml-vocab-{name}.gguf"));
+        let tok = backend::gguf_vocab_tokenizer(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let inp = std::fs::read_to_string(dir.join(format!("ggml-vocab-{name}.gguf.inp"))).unwrap();
+        let out = std::fs::read_to_string(dir.join(format!("ggml-vocab-{name}.gguf.out"))).unwrap();
+        let inputs: Vec<&str> = inp.split("\n__ggml_vocab_test__\n").collect();
+        let expected: Vec<&str> = out.split('\n').collect();
+        assert_eq!(inputs.len(), expected.len(), "{name}");
+        assert!(inputs.len() > 30, "{name}: {} inputs", inputs.len());
+        for (text, want) in inputs.iter().zip(&expected).filter(|(t, _)| !t.is_empty()) {
+            let want: Vec<u32> = want.split_whitespace().map(|t| t.parse().unwrap()).collect();
+            let got = tok.encode(text, false).unwrap();
+            if got != want {
+                failures.push(format!("{name}: {text:?}\n  got  {got:?}\n  want {want:?}"));
+            }
+        }
+        // And back: the ids decode to the text (SentencePiece: the prefix space taken off).
+        let text = "Hello world, this is 🦙.cpp";
+        let ids = tok.encode(text, false).unwrap();
+        assert_eq!(tok.decode(&ids, true).unwrap(), text, "{name}");
+    }
+    assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
+    for name in ["deepseek-llm", "qwen2", "falcon", "bert-bge"] {
+        let path = dir.join(format!("ggml-vocab-{name}.gguf"));
+        let err = backend::gguf_vocab_tokenizer(&path).unwrap_err().to_string();
+        assert!(err.contains("not supported without a tokenizer.json"), "{name}: {err}");
+    }
+}
+
 /// SmolLM2 quantised as llama.cpp's `Q4_K_M` recipe does it for this shape, written into
 /// `dir` by candle's quantiser from the Q4_1 file's values: rows of 576 are not whole
 /// 256-weight K-blocks, so llama.cpp falls back to Q5_0 for most matrices, with attn_v in Q8_0

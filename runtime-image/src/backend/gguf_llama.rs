@@ -314,6 +314,61 @@ fn tensor_weights<R: std::io::Read + std::io::Seek>(
     })
 }
 
+/// The tokenizer a GGUF file's vocabulary describes (`tokenizer.ggml.*`), as llama.cpp reads
+/// it ([`TextTokenizer::from_gguf_vocab`]).
+fn vocab_tokenizer(ct: &gguf_file::Content, tokens: &[String]) -> Result<TextTokenizer> {
+    let token_types: Vec<i32> = match ct.metadata.get("tokenizer.ggml.token_type") {
+        Some(v) => v
+            .to_vec()?
+            .iter()
+            .map(|t| t.to_i32())
+            .collect::<candle_core::Result<_>>()?,
+        None => vec![1; tokens.len()],
+    };
+    let merges = match ct.metadata.get("tokenizer.ggml.merges") {
+        Some(_) => md_string_list(ct, "tokenizer.ggml.merges")?,
+        None => Vec::new(),
+    };
+    let model = md(ct, "tokenizer.ggml.model")?.to_string()?.clone();
+    let pre = ct
+        .metadata
+        .get("tokenizer.ggml.pre")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .unwrap_or_else(|| "default".into());
+    let scores: Vec<f32> = match ct.metadata.get("tokenizer.ggml.scores") {
+        Some(v) => v
+            .to_vec()?
+            .iter()
+            .map(|s| s.to_f32())
+            .collect::<candle_core::Result<_>>()?,
+        None => Vec::new(),
+    };
+    let add_space_prefix = ct
+        .metadata
+        .get("tokenizer.ggml.add_space_prefix")
+        .and_then(|v| v.to_bool().ok())
+        .unwrap_or(true);
+    TextTokenizer::from_gguf_vocab(GgufVocab {
+        model,
+        pre,
+        tokens: tokens.to_vec(),
+        token_types,
+        merges,
+        scores,
+        add_space_prefix,
+    })
+}
+
+/// The tokenizer of the GGUF file at `path` built from its vocabulary alone (a vocab-only
+/// file will do), whatever its architecture: for tests against llama.cpp's vocabulary files.
+pub fn gguf_vocab_tokenizer(path: &Path) -> Result<TextTokenizer> {
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let ct = gguf_file::Content::read(&mut file)?;
+    let tokens = md_string_list(&ct, "tokenizer.ggml.tokens")?;
+    vocab_tokenizer(&ct, &tokens)
+}
+
 pub(super) fn load_with(path: &Path, forward: Forward, device: &Device) -> Result<LoadedModel> {
     let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let ct = gguf_file::Content::read(&mut file)?;
@@ -333,32 +388,7 @@ pub(super) fn load_with(path: &Path, forward: Forward, device: &Device) -> Resul
     let tokenizer = if dir.join("tokenizer.json").exists() {
         super::tokenizer_json(dir)?
     } else {
-        let token_types: Vec<i32> = match ct.metadata.get("tokenizer.ggml.token_type") {
-            Some(v) => v
-                .to_vec()?
-                .iter()
-                .map(|t| t.to_i32())
-                .collect::<candle_core::Result<_>>()?,
-            None => vec![1; tokens.len()],
-        };
-        let merges = match ct.metadata.get("tokenizer.ggml.merges") {
-            Some(_) => md_string_list(&ct, "tokenizer.ggml.merges")?,
-            None => Vec::new(),
-        };
-        let model = md(&ct, "tokenizer.ggml.model")?.to_string()?.clone();
-        let pre = ct
-            .metadata
-            .get("tokenizer.ggml.pre")
-            .and_then(|v| v.to_string().ok())
-            .cloned()
-            .unwrap_or_else(|| "default".into());
-        TextTokenizer::from_gguf_vocab(GgufVocab {
-            model,
-            pre,
-            tokens: tokens.clone(),
-            token_types,
-            merges,
-        })?
+        vocab_tokenizer(&ct, &tokens)?
     };
 
     let bos_id = md_u32(&ct, "tokenizer.ggml.bos_token_id");

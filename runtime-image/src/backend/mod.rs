@@ -570,6 +570,12 @@ pub fn load(opts: &LoadOptions) -> Result<LoadedModel> {
     check_task(loaded, opts.task)
 }
 
+/// The tokenizer a GGUF file's vocabulary describes, without its weights (a vocab-only file
+/// will do): what a GGUF model without a tokenizer.json beside it is served with.
+pub fn gguf_vocab_tokenizer(path: &Path) -> Result<crate::tokenizer::TextTokenizer> {
+    gguf_llama::gguf_vocab_tokenizer(path)
+}
+
 /// Loads a GGUF llama on candle-transformers' `quantized_llama` instead of kandle's own
 /// batched forward pass: the reference the tests compare that pass with.
 #[doc(hidden)]
