@@ -71,7 +71,7 @@ fn through_f32(t: &QTensor) -> Result<QTensor> {
     let k = *dims.last().unwrap_or(&1);
     let rows = t.shape().elem_count() / k.max(1);
     let (block, size) = (t.dtype().block_size(), t.dtype().type_size());
-    if k % block != 0 || k % 32 != 0 {
+    if !k.is_multiple_of(block) || !k.is_multiple_of(32) {
         // Not whole blocks per row (never for a weight matrix): convert it whole.
         return Ok(QTensor::quantize(
             &t.dequantize(&Device::Cpu)?,
