@@ -250,14 +250,22 @@ impl ServeConfig {
     }
 
     /// The name clients use in "model": `--served-model-name`, else the GGUF file's stem or
-    /// the directory's (or hub repo's) name.
+    /// the directory's (or hub repo's) name, with a quantisation tag after a `:`.
     pub fn served_model_name(&self) -> String {
         if let Some(n) = &self.served_model_name {
             return n.clone();
         }
         let path = match self.source() {
             Ok(ModelSource::Local(p)) => p,
-            Ok(ModelSource::Hub(h)) => PathBuf::from(h.file.unwrap_or(h.repo)),
+            Ok(ModelSource::Hub(h)) => match (h.file, h.quant) {
+                (Some(f), _) => PathBuf::from(f),
+                // The repo's name and the tag, as Ollama names a hub GGUF (`name:Q4_K_M`).
+                (None, Some(q)) => {
+                    let name = h.repo.rsplit('/').next().unwrap_or(&h.repo).to_owned();
+                    return format!("{name}:{q}");
+                }
+                (None, None) => PathBuf::from(h.repo),
+            },
             Err(_) => self.model.clone(),
         };
         let name = if path.extension().and_then(|e| e.to_str()) == Some("gguf") {
@@ -386,6 +394,8 @@ mod tests {
         assert_eq!(hub.served_model_name(), "Smol-GGUF");
         hub.file = Some("sub/smol.Q4_1.gguf".into());
         assert_eq!(hub.served_model_name(), "smol.Q4_1");
+        let tagged = ServeConfig::new("hf://org/Smol-GGUF:Q4_K_M");
+        assert_eq!(tagged.served_model_name(), "Smol-GGUF:Q4_K_M");
     }
 
     #[test]

@@ -130,7 +130,13 @@ pub fn resolve_cached(cache_dir: &Path, model: &HubModel) -> Result<PathBuf> {
         }
     };
     let snapshot = root.join("snapshots").join(&commit);
-    if let Some(file) = &model.file {
+    // A quantisation tag, or a GGUF repo without a config.json: the file as a download
+    // would choose it among the snapshot's files.
+    let file = match &model.file {
+        Some(f) => Some(f.clone()),
+        None => resolve_file(&snapshot_files(&snapshot), model).map_err(not_cached)?,
+    };
+    if let Some(file) = &file {
         let path = snapshot.join(file);
         // exists() follows the symlink: a link to a missing blob does not count.
         if !path.exists() {
@@ -147,6 +153,31 @@ pub fn resolve_cached(cache_dir: &Path, model: &HubModel) -> Result<PathBuf> {
     Ok(snapshot)
 }
 
+/// The files of a snapshot directory, as repo paths (its folders a few levels down).
+fn snapshot_files(snapshot: &Path) -> Vec<String> {
+    fn walk(dir: &Path, prefix: &str, depth: usize, out: &mut Vec<String>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let path = format!("{prefix}{name}");
+            // is_dir() follows links: the files are links into blobs/.
+            if e.path().is_dir() {
+                if depth > 0 {
+                    walk(&e.path(), &format!("{path}/"), depth - 1, out);
+                }
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(snapshot, "", 3, &mut out);
+    out.sort();
+    out
+}
+
 /// What the hub says about a repo at a revision.
 #[derive(Debug, Clone, serde::Deserialize)]
 pub struct RepoInfo {
@@ -160,6 +191,73 @@ pub struct RepoInfo {
 #[derive(Debug, Clone, serde::Deserialize)]
 pub struct Sibling {
     pub rfilename: String,
+}
+
+/// The quantisation a repo of GGUF files is served in when none is named: llama.cpp's
+/// default for `-hf org/repo`.
+pub const DEFAULT_QUANT: &str = "Q4_K_M";
+
+/// The one file of `files` that `model` names: its `file`; else the GGUF of its quantisation
+/// tag; else, in a repo of GGUF files without a config.json, the [`DEFAULT_QUANT`] one (as
+/// llama.cpp and Ollama pick); else none (a model directory). A tag matches a file whose
+/// name ends in it after a `-`, `.` or `_`, case aside (`Llama-3.2-1B-Instruct-Q4_K_M.gguf`,
+/// `model.q4_k_m.gguf`; not `-Q4_K_M-00001-of-00002.gguf`, a split file, nor `Q4_K_S` for
+/// `Q4_K`). Pure: decided from the repo's file list.
+pub fn resolve_file(
+    files: &[String],
+    model: &HubModel,
+) -> std::result::Result<Option<String>, String> {
+    if let Some(f) = &model.file {
+        return Ok(Some(f.clone()));
+    }
+    let ggufs: Vec<&String> = files.iter().filter(|f| f.ends_with(".gguf")).collect();
+    let quant = match &model.quant {
+        Some(q) => q.as_str(),
+        None if ggufs.is_empty() || files.iter().any(|f| f == "config.json") => return Ok(None),
+        None => DEFAULT_QUANT,
+    };
+    let list = |v: &[&String]| v.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ");
+    let matching: Vec<&String> = ggufs
+        .iter()
+        .copied()
+        .filter(|f| quant_matches(f, quant))
+        .collect();
+    match matching.as_slice() {
+        [one] => Ok(Some((*one).clone())),
+        [] if ggufs.is_empty() => Err(format!(
+            "the quantisation {quant:?} was asked for, but the repository holds no GGUF files \
+             (it has: {})",
+            summary(files)
+        )),
+        [] => Err(format!(
+            "no GGUF file of the repository is {quant:?}{}: name one with --file, or pick \
+             another quantisation with hf://<repo>:<quant> (its GGUF files: {})",
+            if model.quant.is_none() {
+                " (the quantisation chosen when none is named)"
+            } else {
+                ""
+            },
+            list(&ggufs)
+        )),
+        more => Err(format!(
+            "{} GGUF files of the repository are {quant:?}: name one with --file ({})",
+            more.len(),
+            list(more)
+        )),
+    }
+}
+
+/// Whether the GGUF file `path`'s name ends in the quantisation `tag` ([`resolve_file`]).
+fn quant_matches(path: &str, tag: &str) -> bool {
+    let name = path.rsplit('/').next().unwrap_or(path).to_ascii_lowercase();
+    let Some(stem) = name.strip_suffix(".gguf") else {
+        return false;
+    };
+    let tag = tag.to_ascii_lowercase();
+    stem == tag
+        || stem
+            .strip_suffix(&tag)
+            .is_some_and(|rest| rest.ends_with(['-', '.', '_']))
 }
 
 /// Which files of a repo a model needs: with `file`, that file and the tokenizer files beside
@@ -412,7 +510,7 @@ impl HubClient {
             return resolve_cached(&self.config.cache_dir, model);
         }
         let root = self.config.cache_dir.join(repo_folder(&model.repo));
-        let (info, files) = self.plan(model).await?;
+        let (info, files, file) = self.plan(model).await?;
         let commit = info.sha.as_str();
         for file in &files {
             self.fetch(
@@ -432,7 +530,7 @@ impl HubClient {
         }
         let snapshot = root.join("snapshots").join(commit);
         tracing::info!(model = %model, commit, path = %snapshot.display(), files = files.len(), "model in cache");
-        Ok(match &model.file {
+        Ok(match &file {
             Some(f) => snapshot.join(f),
             None => snapshot,
         })
@@ -446,25 +544,28 @@ impl HubClient {
                 dir.display()
             )));
         }
-        let (info, files) = self.plan(model).await?;
-        for file in &files {
-            self.fetch(&model.repo, &info.sha, file, Target::Dir(dir))
+        let (info, files, file) = self.plan(model).await?;
+        for f in &files {
+            self.fetch(&model.repo, &info.sha, f, Target::Dir(dir))
                 .await?;
         }
         tracing::info!(model = %model, commit = %info.sha, path = %dir.display(), files = files.len(), "model downloaded");
-        Ok(match &model.file {
+        Ok(match &file {
             Some(f) => dir.join(f),
             None => dir.to_path_buf(),
         })
     }
 
-    async fn plan(&self, model: &HubModel) -> Result<(RepoInfo, Vec<String>)> {
+    /// The commit, the files to fetch, and the one file the model is (a GGUF), if any.
+    async fn plan(&self, model: &HubModel) -> Result<(RepoInfo, Vec<String>, Option<String>)> {
         let info = self.repo_info(&model.repo, &model.revision).await?;
         let names: Vec<String> = info.siblings.iter().map(|s| s.rfilename.clone()).collect();
-        let files = select_files(&names, model.file.as_deref())
+        let file =
+            resolve_file(&names, model).map_err(|e| self.hub_error(format!("{model}: {e}")))?;
+        let files = select_files(&names, file.as_deref())
             .map_err(|e| self.hub_error(format!("{model}: {e}")))?;
         tracing::info!(model = %model, commit = %info.sha, files = ?files, "resolved");
-        Ok((info, files))
+        Ok((info, files, file))
     }
 
     /// Fetches one file unless it is already there.
@@ -952,8 +1053,79 @@ mod tests {
     fn a_repo_of_ggufs_without_a_file_asks_for_one() {
         let err = select_files(&names(&["a.gguf", "b.gguf"]), None).unwrap_err();
         assert!(err.contains("--file") && err.contains("a.gguf"), "{err}");
+        let m = HubModel {
+            repo: "org/r".into(),
+            revision: "main".into(),
+            file: None,
+            quant: None,
+        };
+        let err = resolve_file(&names(&["a.gguf", "b.gguf"]), &m).unwrap_err();
+        assert!(
+            err.contains("--file") && err.contains("a.gguf") && err.contains("Q4_K_M"),
+            "{err}"
+        );
         let err = select_files(&names(&["config.json", "pytorch_model.bin"]), None).unwrap_err();
         assert!(err.contains("safetensors"), "{err}");
+    }
+
+    #[test]
+    fn a_quantisation_tag_or_the_default_picks_one_gguf() {
+        let repo = names(&[
+            "README.md",
+            "Llama-3.2-1B-Instruct-Q4_K_M.gguf",
+            "Llama-3.2-1B-Instruct-Q4_K_S.gguf",
+            "Llama-3.2-1B-Instruct-Q8_0.gguf",
+            "Llama-3.2-1B-Instruct-IQ4_XS.gguf",
+            "split/Big-Q4_K-00001-of-00002.gguf",
+        ]);
+        let model = |quant: Option<&str>, file: Option<&str>| HubModel {
+            repo: "org/r".into(),
+            revision: "main".into(),
+            file: file.map(Into::into),
+            quant: quant.map(Into::into),
+        };
+        let pick = |q: Option<&str>| resolve_file(&repo, &model(q, None));
+        assert_eq!(
+            pick(None).unwrap().as_deref(),
+            Some("Llama-3.2-1B-Instruct-Q4_K_M.gguf")
+        );
+        assert_eq!(
+            pick(Some("q8_0")).unwrap().as_deref(),
+            Some("Llama-3.2-1B-Instruct-Q8_0.gguf")
+        );
+        assert_eq!(
+            pick(Some("IQ4_XS")).unwrap().as_deref(),
+            Some("Llama-3.2-1B-Instruct-IQ4_XS.gguf")
+        );
+        // A tag is the end of the name: Q4_K is neither Q4_K_M nor a split file's part.
+        let err = pick(Some("Q4_K")).unwrap_err();
+        assert!(
+            err.contains("\"Q4_K\"") && err.contains("Q4_K_S.gguf"),
+            "{err}"
+        );
+        // A named file wins; a directory model has none.
+        assert_eq!(
+            resolve_file(&repo, &model(None, Some("x.gguf")))
+                .unwrap()
+                .as_deref(),
+            Some("x.gguf")
+        );
+        let dir = names(&["config.json", "model.safetensors", "model-Q4_K_M.gguf"]);
+        assert_eq!(resolve_file(&dir, &model(None, None)).unwrap(), None);
+        assert_eq!(
+            resolve_file(&dir, &model(Some("Q4_K_M"), None))
+                .unwrap()
+                .as_deref(),
+            Some("model-Q4_K_M.gguf")
+        );
+        let two = names(&["a/m-Q4_K_M.gguf", "b/m.Q4_K_M.gguf"]);
+        let err = resolve_file(&two, &model(None, None)).unwrap_err();
+        assert!(
+            err.contains("2 GGUF files") && err.contains("--file"),
+            "{err}"
+        );
+        let err = resolve_file(&names(&["config.json"]), &model(Some("Q4_K_M"), None)).unwrap_err();
+        assert!(err.contains("no GGUF files"), "{err}");
     }
 
     #[test]
@@ -999,6 +1171,7 @@ mod tests {
             repo: "org/r".into(),
             revision: "main".into(),
             file: None,
+            quant: None,
         };
         let err = resolve_cached(dir.path(), &m).unwrap_err().to_string();
         assert!(
@@ -1023,6 +1196,7 @@ mod tests {
             repo: "org/r".into(),
             revision: rev.into(),
             file: file.map(Into::into),
+            quant: None,
         };
         let snap = root.join("snapshots").join(&sha);
         assert_eq!(resolve_cached(dir.path(), &m("main", None)).unwrap(), snap);

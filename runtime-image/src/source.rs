@@ -1,8 +1,10 @@
 //! Where a model comes from: a local path, or a repository on a Hugging Face hub.
 //!
 //! `--model` takes either a path (a model directory or a `.gguf` file) or
-//! `hf://<repo>[@<revision>][/<file>]`:
+//! `hf://<repo>[:<quant>][@<revision>][/<file>]`:
 //! - `<repo>` is `org/name` (or a bare `name`, as the hub still accepts for old repos);
+//! - `<quant>` picks the repo's GGUF file of that quantisation, as llama.cpp's `-hf
+//!   org/repo:Q4_K_M` and Ollama's `hf.co/org/repo:Q4_K_M` do ([`crate::hub::select_files`]);
 //! - `<revision>` is a branch, a tag or a commit (default `main`); `refs/pr/<n>` and
 //!   `refs/convert/<x>` keep their slashes;
 //! - `<file>` names one file of the repo (a GGUF), possibly in a folder; `--file` does the same.
@@ -29,11 +31,17 @@ pub struct HubModel {
     pub repo: String,
     pub revision: String,
     pub file: Option<String>,
+    /// A quantisation tag (`Q4_K_M`) choosing one of the repo's GGUF files; never with `file`.
+    pub quant: Option<String>,
 }
 
 impl fmt::Display for HubModel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "hf://{}@{}", self.repo, self.revision)?;
+        write!(f, "hf://{}", self.repo)?;
+        if let Some(q) = &self.quant {
+            write!(f, ":{q}")?;
+        }
+        write!(f, "@{}", self.revision)?;
         if let Some(file) = &self.file {
             write!(f, "/{file}")?;
         }
@@ -68,6 +76,11 @@ impl ModelSource {
             parse_hub(rest).map_err(|e| format!("invalid model source {model:?}: {e}"))?;
         if let Some(f) = file {
             check_file(f).map_err(|e| format!("invalid --file {f:?}: {e}"))?;
+            if let Some(q) = &hub.quant {
+                return Err(format!(
+                    "{model:?} picks the quantisation {q:?} and --file names {f:?}: give one"
+                ));
+            }
             match &hub.file {
                 Some(inline) if inline != f => {
                     return Err(format!(
@@ -108,7 +121,19 @@ fn parse_hub(rest: &str) -> Result<HubModel, String> {
             )
         }
     };
+    let (repo, quant) = match repo.split_once(':') {
+        Some((r, q)) => {
+            check_quant(q)?;
+            (r.to_owned(), Some(q.to_owned()))
+        }
+        None => (repo, None),
+    };
     check_repo(&repo)?;
+    if quant.is_some() && !file.is_empty() {
+        return Err(format!(
+            "a quantisation tag and a file ({file:?}) both name the file: give one"
+        ));
+    }
     if revision.is_empty() || revision.split('/').any(|s| s.is_empty() || s == "..") {
         return Err(format!("invalid revision {revision:?}"));
     }
@@ -122,7 +147,22 @@ fn parse_hub(rest: &str) -> Result<HubModel, String> {
         repo,
         revision,
         file,
+        quant,
     })
+}
+
+/// A quantisation tag: letters, digits, `_`, `-`, `.` (`Q4_K_M`, `IQ4_XS`, `f16`).
+fn check_quant(q: &str) -> Result<(), String> {
+    if q.is_empty()
+        || !q
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(format!(
+            "invalid quantisation tag {q:?} (letters, digits, '-', '_', '.', e.g. Q4_K_M)"
+        ));
+    }
+    Ok(())
 }
 
 fn check_repo(repo: &str) -> Result<(), String> {
@@ -170,7 +210,39 @@ mod tests {
             repo: repo.into(),
             revision: revision.into(),
             file: file.map(Into::into),
+            quant: None,
         }
+    }
+
+    #[test]
+    fn a_quantisation_tag_follows_the_repo() {
+        let tagged = |repo: &str, rev: &str, q: &str| HubModel {
+            quant: Some(q.into()),
+            ..hm(repo, rev, None)
+        };
+        assert_eq!(
+            hub("hf://bartowski/Llama-3.2-1B-Instruct-GGUF:Q4_K_M"),
+            tagged("bartowski/Llama-3.2-1B-Instruct-GGUF", "main", "Q4_K_M")
+        );
+        assert_eq!(
+            hub("hf://org/repo:q8_0@v1"),
+            tagged("org/repo", "v1", "q8_0")
+        );
+        assert_eq!(
+            hub("hf://org/repo:IQ4_XS@main").to_string(),
+            "hf://org/repo:IQ4_XS@main"
+        );
+        for bad in [
+            "hf://org/repo:",
+            "hf://org/repo:Q4 K",
+            "hf://org/repo:Q4_K_M/x.gguf",
+            "hf://org/repo:Q4_K_M@main/x.gguf",
+            "hf://org/repo:a:b",
+        ] {
+            assert!(ModelSource::parse(bad, None).is_err(), "{bad} was accepted");
+        }
+        let err = ModelSource::parse("hf://org/repo:Q4_K_M", Some("x.gguf")).unwrap_err();
+        assert!(err.contains("give one"), "{err}");
     }
 
     #[test]

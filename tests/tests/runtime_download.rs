@@ -214,6 +214,72 @@ fn resolve_paths(hub: &FakeHub) -> Vec<String> {
         .collect()
 }
 
+/// A repo of GGUF files named with a quantisation tag (`hf://org/repo:Q4_1`, llama.cpp's
+/// and Ollama's form) downloads that file alone, serves it offline from the cache by the
+/// same tag under the name `repo:tag`, and a tag no file has (here the default, Q4_K_M, when
+/// none is named) fails naming the files there are.
+#[tokio::test]
+async fn a_quantisation_tag_picks_the_gguf_file_online_and_offline() {
+    let hub = FakeHub::start().unwrap();
+    tokio::task::spawn_blocking(models::smollm2_gguf)
+        .await
+        .unwrap();
+    let (_, gguf) = smol_hub(&hub);
+    let cache = tempfile::tempdir().unwrap();
+    let model = format!("hf://{SMOL_REPO}:q4_1");
+    let (ok, log) = download(&hub, Some(TOKEN), cache.path(), &model, None).await;
+    assert!(ok, "download failed:\n{log}");
+    let fetched = resolve_paths(&hub);
+    assert!(
+        !fetched.is_empty() && fetched.iter().all(|p| p.ends_with(SMOL_FILE)),
+        "only the Q4_1 file was fetched: {fetched:?}"
+    );
+    let file = log
+        .lines()
+        .map(str::trim)
+        .find(|l| l.ends_with(SMOL_FILE))
+        .unwrap_or_else(|| panic!("stdout names the file:\n{log}"));
+    assert_eq!(sha256_of(Path::new(file)), hex::encode(Sha256::digest(&gguf)));
+
+    let port = free_port();
+    let mut c = runtime();
+    c.args(["serve", "--model", &model, "--cache-dir"])
+        .arg(cache.path())
+        .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--threads", "2"])
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let served = wait_ready(c.spawn().unwrap(), port).await;
+    let models: serde_json::Value = client()
+        .get(format!("{}/v1/models", served.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        models["data"][0]["id"], "SmolLM2-135M-Instruct-GGUF:q4_1",
+        "{models}"
+    );
+    drop(served);
+
+    let (ok, log) = download(
+        &hub,
+        Some(TOKEN),
+        cache.path(),
+        &format!("hf://{SMOL_REPO}"),
+        None,
+    )
+    .await;
+    assert!(!ok, "no Q4_K_M file, yet the download succeeded:\n{log}");
+    assert!(
+        log.contains("Q4_K_M") && log.contains(SMOL_FILE) && log.contains("--file"),
+        "{log}"
+    );
+}
+
 #[tokio::test]
 async fn a_private_gguf_and_a_model_directory_download_and_then_serve_offline_from_the_cache() {
     let hub = FakeHub::start().unwrap();
