@@ -194,6 +194,12 @@ pub struct ServeConfig {
     /// 3's request for its JSON), else `none`.
     #[arg(long, env = "KANDLE_TOOL_CALL_PARSER", value_enum)]
     pub tool_call_parser: Option<crate::tool_calls::ToolCallParser>,
+    /// How a reasoning model's thoughts are told from its answer (vLLM's
+    /// `--reasoning-parser`): `deepseek_r1` (`…</think>answer`: DeepSeek-R1 and its
+    /// distillations) puts them in chat answers' `reasoning_content`. Default: none (the
+    /// thoughts stay in `content`).
+    #[arg(long, env = "KANDLE_REASONING_PARSER", value_enum)]
+    pub reasoning_parser: Option<crate::reasoning::ReasoningParser>,
     /// Per-request time limit, from admission.
     #[arg(long, env = "KANDLE_REQUEST_TIMEOUT", default_value = "300s", value_parser = parse_duration)]
     pub request_timeout: Duration,
@@ -234,6 +240,7 @@ impl ServeConfig {
             prefix_cache_tokens: None,
             chat_template: None,
             tool_call_parser: None,
+            reasoning_parser: None,
             request_timeout: Duration::from_secs(300),
             shutdown_grace: Duration::from_secs(30),
             threads: None,
@@ -365,6 +372,21 @@ mod tests {
         assert_eq!(
             c.serve.tool_call_parser,
             Some(crate::tool_calls::ToolCallParser::Llama3Json)
+        );
+        let c = Cli::try_parse_from([
+            "serve",
+            "--model",
+            "/m",
+            "--reasoning-parser",
+            "deepseek_r1",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.serve.reasoning_parser,
+            Some(crate::reasoning::ReasoningParser::DeepSeekR1)
+        );
+        assert!(
+            Cli::try_parse_from(["serve", "--model", "/m", "--reasoning-parser", "r1"]).is_err()
         );
         assert!(
             Cli::try_parse_from(["serve", "--model", "/m", "--tool-call-parser", "x"]).is_err()

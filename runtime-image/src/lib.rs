@@ -20,6 +20,7 @@ pub mod json_mode;
 pub mod json_schema;
 pub mod metrics;
 pub mod model;
+pub mod reasoning;
 pub mod sampling;
 pub mod server;
 pub mod source;

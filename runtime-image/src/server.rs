@@ -805,6 +805,8 @@ struct Prepared {
     stream: bool,
     include_usage: bool,
     logprobs: bool,
+    /// Chat: the answer's thoughts go to `reasoning_content` ([`crate::reasoning`]).
+    reasoning: bool,
 }
 
 /// How a chat answer is read for tool calls: a forced call's ([`api::ForcedCall`]) is the
@@ -1025,6 +1027,8 @@ async fn chat_completions(
             )
         })?;
     let room = check_context(prompt.len(), frontend.context_length, "messages")?;
+    // Thoughts are read from free answers only: a mask from the first token leaves none.
+    let reasoning = st.config.reasoning_parser.is_some() && tool.is_none() && json.is_none();
     let prepared = Prepared {
         echo: None,
         tool,
@@ -1042,6 +1046,7 @@ async fn chat_completions(
         stream: r.stream,
         include_usage: r.stream_options.map(|o| o.include_usage).unwrap_or(false),
         logprobs: logprobs.is_some(),
+        reasoning,
     };
     respond(st, engine, prepared, Flavor::Chat).await
 }
@@ -1183,6 +1188,7 @@ async fn completions(
         stream: r.stream,
         include_usage: r.stream_options.map(|o| o.include_usage).unwrap_or(false),
         logprobs: logprobs.is_some(),
+        reasoning: false,
     };
     respond(st, engine, prepared, Flavor::Completion).await
 }
@@ -1286,10 +1292,22 @@ async fn respond(
             flavor,
             p.include_usage,
             p.logprobs,
+            p.reasoning,
         )
         .into_response())
     } else {
-        collect_response(st, rxs, p.n, p.echo, p.tool, id, flavor, p.logprobs).await
+        collect_response(
+            st,
+            rxs,
+            p.n,
+            p.echo,
+            p.tool,
+            id,
+            flavor,
+            p.logprobs,
+            p.reasoning,
+        )
+        .await
     }
 }
 
@@ -1353,6 +1371,7 @@ async fn collect_response(
     id: String,
     flavor: Flavor,
     want_logprobs: bool,
+    reasoning: bool,
 ) -> Result<Response, ApiError> {
     let choices: Vec<Choice> =
         futures::future::try_join_all(rxs.into_iter().map(collect_choice)).await?;
@@ -1376,6 +1395,19 @@ async fn collect_response(
                 "message": message,
                 "logprobs": if want_logprobs { chat_logprobs(&c.logprobs) } else { Value::Null },
                 "finish_reason": finish,
+            })
+        }
+        Flavor::Chat if reasoning => {
+            let parts = crate::reasoning::split(&c.text, true);
+            json!({
+                "index": i,
+                "message": {
+                    "role": "assistant",
+                    "reasoning_content": parts.reasoning,
+                    "content": parts.content.filter(|t| !t.is_empty()),
+                },
+                "logprobs": if want_logprobs { chat_logprobs(&c.logprobs) } else { Value::Null },
+                "finish_reason": c.finish_reason.as_str(),
             })
         }
         Flavor::Chat => json!({
@@ -1433,6 +1465,9 @@ struct StreamState {
     /// Chat: a forced tool call, and per choice where its streaming is.
     tool: Option<ToolOut>,
     calls: Vec<CallStream>,
+    /// Chat with a reasoning parser: per choice, its split, and log-probabilities whose
+    /// text is held back.
+    reasoning: Option<Vec<(crate::reasoning::Stream, Vec<TokenLogprob>)>>,
     sent_roles: bool,
     /// Per choice: bytes of text sent (completions' logprob offsets).
     text_offset: Vec<usize>,
@@ -1603,6 +1638,33 @@ impl StreamState {
         }
     }
 
+    /// The chunk of choice `i`'s next `text` with a reasoning parser (`done`: its end):
+    /// `reasoning_content` and/or `content`, as the split releases them; `None` while all of
+    /// it is held back (its log-probabilities then wait for the text).
+    fn reasoning_chunk(
+        &mut self,
+        i: usize,
+        text: &str,
+        lps: Vec<TokenLogprob>,
+        done: bool,
+    ) -> Option<Value> {
+        let (split, held) = &mut self.reasoning.as_mut().expect("a reasoning parser")[i];
+        let (thought, answer) = split.push(text, done);
+        held.extend(lps);
+        if thought.is_empty() && answer.is_empty() && (held.is_empty() || !done) {
+            return None;
+        }
+        let lps = std::mem::take(held);
+        let mut delta = serde_json::Map::new();
+        if !thought.is_empty() {
+            delta.insert("reasoning_content".into(), json!(thought));
+        }
+        if !answer.is_empty() {
+            delta.insert("content".into(), json!(answer));
+        }
+        Some(self.delta_chunk(i, Value::Object(delta), &lps, None))
+    }
+
     fn usage_chunk(&self) -> Value {
         let object = if self.flavor == Flavor::Chat {
             "chat.completion.chunk"
@@ -1631,6 +1693,7 @@ fn stream_response(
     flavor: Flavor,
     include_usage: bool,
     want_logprobs: bool,
+    reasoning: bool,
 ) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
     let n = rxs.len();
     // A choice's stream ends with `None` once its channel closes, so that a model thread
@@ -1662,6 +1725,7 @@ fn stream_response(
         echo,
         calls,
         tool,
+        reasoning: reasoning.then(|| (0..n).map(|_| Default::default()).collect()),
         sent_roles: false,
         text_offset: vec![0; n],
         finished: vec![false; n],
@@ -1708,6 +1772,11 @@ fn stream_response(
                     out.push(data(&c));
                 }
             }
+            Some(GenerateEvent::Delta { text, logprobs }) if s.reasoning.is_some() => {
+                if let Some(c) = s.reasoning_chunk(i, &text, logprobs, false) {
+                    out.push(data(&c));
+                }
+            }
             Some(GenerateEvent::Delta { text, logprobs }) => {
                 out.push(data(&s.chunk(i, Some(&text), &logprobs, None, false)));
                 s.text_offset[i] += text.len();
@@ -1722,6 +1791,11 @@ fn stream_response(
                         out.push(data(&c));
                     }
                 } else {
+                    if s.reasoning.is_some()
+                        && let Some(c) = s.reasoning_chunk(i, "", Vec::new(), true)
+                    {
+                        out.push(data(&c));
+                    }
                     let last = match s.flavor {
                         Flavor::Chat => s.chunk(i, None, &[], Some(finish_reason), false),
                         Flavor::Completion => s.chunk(i, Some(""), &[], Some(finish_reason), false),

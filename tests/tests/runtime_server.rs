@@ -2325,6 +2325,115 @@ async fn a_chat_template_file_replaces_the_models() {
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
+/// With `--reasoning-parser deepseek_r1` a chat answer's thoughts (up to `</think>`) come in
+/// `reasoning_content` and the rest in `content`, streamed or not, with every log-probability;
+/// an answer cut before it closes its thoughts is all reasoning; constrained answers are left
+/// whole. SmolLM2, taught the format by example, writes `…</think>answer` greedily; what it
+/// writes is read from `/v1/completions` of the same prompt, which no parser touches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reasoning_parser_puts_the_thoughts_apart_from_the_answer() {
+    let (server, url) = serve(|c| {
+        c.reasoning_parser = Some(kandle_runtime::reasoning::ReasoningParser::DeepSeekR1)
+    })
+    .await;
+    let http = client();
+    let chat = format!("{url}/v1/chat/completions");
+    let mut messages = vec![json!({"role": "system",
+        "content": "Think first, then close your thoughts with </think> and answer."})];
+    for (q, a) in [
+        ("What is 2+3?", "2 plus 3 makes 5.</think>The answer is 5."),
+        ("What is 4+4?", "4 plus 4 makes 8.</think>The answer is 8."),
+        ("What is 6+1?", "6 plus 1 makes 7.</think>The answer is 7."),
+    ] {
+        messages.push(json!({"role": "user", "content": q}));
+        messages.push(json!({"role": "assistant", "content": a}));
+    }
+    messages.push(json!({"role": "user", "content": "What is 3+5?"}));
+    let ids = token_ids(&http, &url, json!({"messages": messages})).await;
+    let raw = |max: u32| {
+        let (http, url, ids) = (&http, &url, &ids);
+        async move {
+            let r = post_json(
+                http,
+                &format!("{url}/v1/completions"),
+                &json!({"model": SMOL, "prompt": ids, "temperature": 0, "max_tokens": max}),
+            )
+            .await;
+            r["choices"][0]["text"].as_str().unwrap().to_owned()
+        }
+    };
+    let whole = raw(40).await;
+    let (thought, answer) = whole
+        .split_once("</think>")
+        .unwrap_or_else(|| panic!("SmolLM2 did not close its thoughts: {whole:?}"));
+    assert!(
+        !thought.is_empty() && !answer.trim().is_empty(),
+        "{whole:?}"
+    );
+
+    let body = json!({"model": SMOL, "messages": messages, "temperature": 0, "max_tokens": 40});
+    let r = post_json(&http, &chat, &body).await;
+    let m = &r["choices"][0]["message"];
+    assert_eq!(m["reasoning_content"], thought, "{r}");
+    assert_eq!(m["content"], answer, "{r}");
+
+    let streamed = with_fields(
+        body.clone(),
+        &json!({"stream": true, "logprobs": true, "stream_options": {"include_usage": true}}),
+    );
+    let chunks = post_stream(&http, &chat, &streamed).await;
+    let part = |key: &str| -> String {
+        chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"][key].as_str())
+            .collect()
+    };
+    assert_eq!(part("reasoning_content"), thought);
+    assert_eq!(part("content"), answer);
+    let lps: usize = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array())
+        .map(Vec::len)
+        .sum();
+    let usage = &chunks.last().unwrap()["usage"];
+    assert_eq!(
+        lps as u64,
+        usage["completion_tokens"].as_u64().unwrap(),
+        "{usage}"
+    );
+
+    // Cut before the thoughts close: all reasoning, no content.
+    let cut = raw(3).await;
+    assert!(!cut.contains("</think>"), "{cut:?}");
+    let r = post_json(
+        &http,
+        &chat,
+        &with_fields(body.clone(), &json!({"max_tokens": 3})),
+    )
+    .await;
+    let m = &r["choices"][0]["message"];
+    assert_eq!(m["reasoning_content"], cut.as_str(), "{r}");
+    assert_eq!(m["content"], Value::Null, "{r}");
+    assert_eq!(r["choices"][0]["finish_reason"], "length");
+
+    // A constrained answer is left whole.
+    let r = post_json(
+        &http,
+        &chat,
+        &with_fields(
+            body,
+            &json!({"response_format": {"type": "json_object"}, "max_tokens": 8}),
+        ),
+    )
+    .await;
+    let m = &r["choices"][0]["message"];
+    assert!(
+        m.get("reasoning_content").is_none() && m["content"].is_string(),
+        "{r}"
+    );
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
 /// vLLM's template fields: `continue_final_message` continues a prefilled answer (the prompt
 /// ends where its text does, and the model goes on from there), `add_generation_prompt:
 /// false` leaves the assistant's turn unopened, `chat_template_kwargs` reach the template,

@@ -1,0 +1,158 @@
+//! Reasoning models' thoughts apart from their answer: vLLM's `--reasoning-parser`.
+//!
+//! DeepSeek-R1 and its distillations (DeepSeek-R1-Distill-Llama-8B/70B, llama-architecture
+//! GGUFs among them) think before they answer: `…thoughts…</think>answer`, their chat template
+//! having opened the `<think>` (older ones have the model write it). With `--reasoning-parser
+//! deepseek_r1` a chat answer's thoughts go to `message.reasoning_content` (DeepSeek's own
+//! API's field, which vLLM's parser fills too) and the rest to `content`; streamed, to
+//! `delta.reasoning_content` then `delta.content`. As vLLM's parser: an answer that never
+//! closes its thoughts (cut by `max_tokens`) is all reasoning, with `content` null. One
+//! deliberate difference: a `<think>` is dropped only at the very start of the answer (vLLM
+//! drops everything up to the first one anywhere), so that what streams as reasoning before
+//! it is never taken back.
+//!
+//! Pure text functions; the server applies them to plain chat answers (not to tool calls or
+//! constrained answers, whose masks leave the model no room to think).
+
+/// The `--reasoning-parser` choices (vLLM's names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReasoningParser {
+    /// `<think>…</think>` then the answer (DeepSeek-R1 and its distillations, QwQ).
+    #[value(name = "deepseek_r1")]
+    DeepSeekR1,
+}
+
+const START: &str = "<think>";
+const END: &str = "</think>";
+
+/// The parts of an answer so far: its reasoning and its content, each possibly partial.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Parts<'a> {
+    pub reasoning: &'a str,
+    /// `None` until the thoughts are closed.
+    pub content: Option<&'a str>,
+}
+
+/// Splits `text`, the answer so far (`done`: all of it). Before the end, what may still
+/// become a `<think>` at the start or the closing `</think>` is held back.
+pub fn split(text: &str, done: bool) -> Parts<'_> {
+    let body = match text.strip_prefix(START) {
+        Some(rest) => rest,
+        None if !done && START.starts_with(text) => "",
+        None => text,
+    };
+    match body.find(END) {
+        Some(at) => Parts {
+            reasoning: &body[..at],
+            content: Some(&body[at + END.len()..]),
+        },
+        None if done => Parts {
+            reasoning: body,
+            content: None,
+        },
+        None => {
+            let hold = (1..END.len())
+                .rev()
+                .find(|&n| body.ends_with(&END[..n]))
+                .unwrap_or(0);
+            Parts {
+                reasoning: &body[..body.len() - hold],
+                content: None,
+            }
+        }
+    }
+}
+
+/// One streamed answer's split: what each call adds to the reasoning and to the content.
+#[derive(Debug, Default)]
+pub struct Stream {
+    text: String,
+    reasoning_sent: usize,
+    content_sent: usize,
+}
+
+impl Stream {
+    /// Takes the answer's next `delta` (`done`: its end) and returns the new reasoning and
+    /// the new content, each possibly empty.
+    pub fn push(&mut self, delta: &str, done: bool) -> (String, String) {
+        self.text.push_str(delta);
+        let parts = split(&self.text, done);
+        let reasoning =
+            parts.reasoning[self.reasoning_sent.min(parts.reasoning.len())..].to_owned();
+        self.reasoning_sent = self.reasoning_sent.max(parts.reasoning.len());
+        let content = parts.content.unwrap_or("");
+        let new_content = content[self.content_sent.min(content.len())..].to_owned();
+        self.content_sent = self.content_sent.max(content.len());
+        (reasoning, new_content)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_whole_answer_splits_at_the_closing_tag() {
+        let p = split("Let me see. 2+2=4.</think>\n\nIt is 4.", true);
+        assert_eq!(p.reasoning, "Let me see. 2+2=4.");
+        assert_eq!(p.content, Some("\n\nIt is 4."));
+        let p = split("<think>hmm</think>yes", true);
+        assert_eq!((p.reasoning, p.content), ("hmm", Some("yes")));
+        // Never closed (cut short): all reasoning.
+        let p = split("still thinking", true);
+        assert_eq!((p.reasoning, p.content), ("still thinking", None));
+        // A <think> past the start is text.
+        let p = split("a<think>b</think>c", true);
+        assert_eq!((p.reasoning, p.content), ("a<think>b", Some("c")));
+    }
+
+    #[test]
+    fn what_may_become_a_tag_waits() {
+        assert_eq!(split("<thi", false).reasoning, "");
+        assert_eq!(split("<thi", true).reasoning, "<thi");
+        assert_eq!(split("so</thi", false).reasoning, "so");
+        assert_eq!(split("so</thi", true).reasoning, "so</thi");
+        assert_eq!(split("a<", false).reasoning, "a");
+        assert_eq!(split("a<b", false).reasoning, "a<b");
+    }
+
+    /// Every way of cutting the answer into deltas streams the same parts as the whole.
+    #[test]
+    fn a_stream_in_any_pieces_adds_up_to_the_whole_split() {
+        for text in [
+            "<think>Let me see.</think>It is 4.",
+            "x</think>",
+            "thinking <b> </thin and on",
+            "</think></think>",
+            "<think></think>",
+            "ab",
+        ] {
+            let whole = split(text, true);
+            for cut in 0..=text.len() {
+                for cut2 in cut..=text.len() {
+                    if !text.is_char_boundary(cut) || !text.is_char_boundary(cut2) {
+                        continue;
+                    }
+                    let mut s = Stream::default();
+                    let (mut r, mut c) = (String::new(), String::new());
+                    for (piece, done) in [
+                        (&text[..cut], false),
+                        (&text[cut..cut2], false),
+                        (&text[cut2..], false),
+                        ("", true),
+                    ] {
+                        let (dr, dc) = s.push(piece, done);
+                        r.push_str(&dr);
+                        c.push_str(&dc);
+                    }
+                    assert_eq!(r, whole.reasoning, "{text:?} cut at {cut}, {cut2}");
+                    assert_eq!(
+                        c,
+                        whole.content.unwrap_or(""),
+                        "{text:?} cut at {cut}, {cut2}"
+                    );
+                }
+            }
+        }
+    }
+}
