@@ -20,6 +20,25 @@ const TOKEN_TYPE_UNKNOWN: i32 = 2;
 const TOKEN_TYPE_CONTROL: i32 = 3;
 const TOKEN_TYPE_USER_DEFINED: i32 = 4;
 
+/// DeepSeek-Coder's splits (llama.cpp's `LLAMA_VOCAB_PRE_TYPE_DEEPSEEK_CODER`).
+const DEEPSEEK_CODER_SPLITS: [&str; 5] = [
+    "[\r\n]",
+    "\\s?\\p{L}+",
+    "\\s?\\p{P}+",
+    "[\u{4e00}-\u{9fa5}\u{800}-\u{4e00}\u{ac00}-\u{d7ff}]+",
+    "\\p{N}",
+];
+
+/// DeepSeek-LLM's splits (llama.cpp's `LLAMA_VOCAB_PRE_TYPE_DEEPSEEK_LLM`).
+const DEEPSEEK_LLM_SPLITS: [&str; 6] = [
+    "[\r\n]",
+    "\\s?[A-Za-z\u{b5}\u{c0}-\u{d6}\u{d8}-\u{f6}\u{f8}-\u{1ba}\u{1bc}-\u{1bf}\u{1c4}-\u{293}\u{295}-\u{2af}\u{370}-\u{373}\u{376}\u{377}\u{37b}-\u{37d}\u{37f}\u{386}\u{388}-\u{38a}\u{38c}\u{38e}-\u{3a1}\u{3a3}-\u{3f5}\u{3f7}-\u{481}\u{48a}-\u{52f}\u{531}-\u{556}\u{10a0}-\u{10c5}\u{13a0}-\u{13f5}\u{13f8}-\u{13fd}\u{1c90}-\u{1cba}\u{1cbd}-\u{1cbf}\u{1d00}-\u{1d2b}\u{1d6b}-\u{1d77}\u{1d79}-\u{1d9a}\u{1e00}-\u{1f15}\u{1f18}-\u{1f1d}\u{1f20}-\u{1f45}\u{1f48}-\u{1f4d}\u{1f50}-\u{1f57}\u{1f59}\u{1f5b}\u{1f5d}\u{1f5f}-\u{1f7d}\u{1f80}-\u{1fb4}\u{1fb6}-\u{1fbc}\u{1fbe}\u{1fc2}-\u{1fc4}\u{1fc6}-\u{1fcc}\u{1fd0}-\u{1fd3}\u{1fd6}-\u{1fdb}\u{1fe0}-\u{1fec}\u{1ff2}-\u{1ff4}\u{1ff6}-\u{1ffc}\u{2102}\u{2107}\u{210a}-\u{2113}\u{2115}\u{2119}-\u{211d}\u{2124}\u{2126}\u{2128}\u{212a}-\u{212d}\u{212f}-\u{2134}\u{2139}\u{213c}-\u{213f}\u{2145}-\u{2149}\u{214e}\u{2183}\u{2184}\u{2c00}-\u{2c7b}\u{2c7e}-\u{2ce4}\u{2ceb}-\u{2cee}\u{2cf2}\u{2cf3}\u{a640}-\u{a66d}\u{a680}-\u{a69b}\u{a722}-\u{a76f}\u{a771}-\u{a787}\u{a78b}-\u{a78e}\u{ab70}-\u{abbf}\u{fb00}-\u{fb06}\u{fb13}-\u{fb17}\u{ff21}-\u{ff3a}\u{ff41}-\u{ff5a}\u{10400}-\u{1044f}\u{104b0}-\u{104d3}\u{104d8}-\u{104fb}\u{10c80}-\u{10cb2}\u{10cc0}-\u{10cf2}\u{118a0}-\u{118df}\u{1e900}-\u{1e943}]+",
+    "\\s?[!-/:-~\u{ff01}-\u{ff0f}\u{ff1a}-\u{ff5e}\u{2018}-\u{201f}\u{3000}-\u{3002}]+",
+    "\\s+$",
+    "[\u{4e00}-\u{9fa5}\u{800}-\u{4e00}\u{ac00}-\u{d7ff}]+",
+    "\\p{N}+",
+];
+
 /// The pre-tokenizer regex llama.cpp uses for Llama 3 style vocabularies.
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
@@ -81,28 +100,41 @@ impl TextTokenizer {
         }
         let byte_level =
             |use_regex| PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, use_regex));
+        // Splits by `patterns` in turn (each cutting the pieces the one before left, the
+        // matches kept as pieces of their own), then the byte-level alphabet: transformers'
+        // `Sequence` of `Split`s, llama.cpp's list of `regex_exprs`.
+        let splits = |patterns: &[&str]| -> Result<PreTokenizerWrapper> {
+            let mut seq = Vec::with_capacity(patterns.len() + 1);
+            for p in patterns {
+                seq.push(PreTokenizerWrapper::Split(
+                    Split::new(
+                        SplitPattern::Regex((*p).into()),
+                        SplitDelimiterBehavior::Isolated,
+                        false,
+                    )
+                    .map_err(Error::tokenizer)?,
+                ));
+            }
+            seq.push(byte_level(false));
+            Ok(PreTokenizerWrapper::Sequence(Sequence::new(seq)))
+        };
+        let llama3 = matches!(
+            v.pre.as_str(),
+            "llama3" | "llama-v3" | "llama-bpe" | "falcon3"
+        );
         let pre = match v.pre.as_str() {
             "default" | "gpt2" | "gpt-2" => byte_level(true),
             // llama.cpp: digits one by one, then the GPT-2 regex.
-            "smollm" | "starcoder" | "refact" | "codeshell" => {
-                PreTokenizerWrapper::Sequence(Sequence::new(vec![
-                    PreTokenizerWrapper::Digits(Digits::new(true)),
-                    byte_level(true),
-                ]))
-            }
-            "llama3" | "llama-v3" | "llama-bpe" => {
-                PreTokenizerWrapper::Sequence(Sequence::new(vec![
-                    PreTokenizerWrapper::Split(
-                        Split::new(
-                            SplitPattern::Regex(LLAMA3_SPLIT.into()),
-                            SplitDelimiterBehavior::Isolated,
-                            false,
-                        )
-                        .map_err(Error::tokenizer)?,
-                    ),
-                    byte_level(false),
-                ]))
-            }
+            "smollm" | "starcoder" | "refact" | "codeshell" | "command-r" | "exaone"
+            | "minerva" => PreTokenizerWrapper::Sequence(Sequence::new(vec![
+                PreTokenizerWrapper::Digits(Digits::new(true)),
+                byte_level(true),
+            ])),
+            _ if llama3 => splits(&[LLAMA3_SPLIT])?,
+            // DeepSeek's llama-architecture models (DeepSeek-Coder, DeepSeek-LLM): llama.cpp's
+            // expressions, as their tokenizer.json's splits.
+            "deepseek-coder" => splits(&DEEPSEEK_CODER_SPLITS)?,
+            "deepseek-llm" => splits(&DEEPSEEK_LLM_SPLITS)?,
             other => {
                 return Err(Error::Model(format!(
                     "GGUF pre-tokenizer {other:?} is not supported without a tokenizer.json"
@@ -127,7 +159,6 @@ impl TextTokenizer {
         // Llama 3's tokenizer takes a pre-tokenised piece that is itself in the vocabulary
         // whole, without merging (its tokenizer.json's `ignore_merges`; llama.cpp does the
         // same for this pre-tokenizer): " Việt" is one token there, three by the merges.
-        let llama3 = matches!(v.pre.as_str(), "llama3" | "llama-v3" | "llama-bpe");
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
             .ignore_merges(llama3)

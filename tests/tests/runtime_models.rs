@@ -501,7 +501,17 @@ fn smollm2_own_kernels_are_as_close_to_llama_cpp_as_candles() {
 fn gguf_vocabularies_tokenize_as_llama_cpp_s_test_vectors() {
     let dir = models::llama_cpp_vocabs();
     let mut failures = Vec::new();
-    for name in ["llama-spm", "phi-3", "llama-bpe", "gpt-2", "starcoder", "refact"] {
+    for name in [
+        "llama-spm",
+        "phi-3",
+        "llama-bpe",
+        "gpt-2",
+        "starcoder",
+        "refact",
+        "command-r",
+        "deepseek-coder",
+        "deepseek-llm",
+    ] {
         let path = dir.join(format!("ggml-vocab-{name}.gguf"));
         let tok = backend::gguf_vocab_tokenizer(&path)
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -524,7 +534,7 @@ fn gguf_vocabularies_tokenize_as_llama_cpp_s_test_vectors() {
         assert_eq!(tok.decode(&ids, true).unwrap(), text, "{name}");
     }
     assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
-    for name in ["deepseek-llm", "qwen2", "falcon", "bert-bge"] {
+    for name in ["qwen2", "falcon", "mpt", "bert-bge"] {
         let path = dir.join(format!("ggml-vocab-{name}.gguf"));
         let err = backend::gguf_vocab_tokenizer(&path).unwrap_err().to_string();
         assert!(err.contains("not supported without a tokenizer.json"), "{name}: {err}");
