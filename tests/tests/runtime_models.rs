@@ -528,10 +528,17 @@ fn gguf_vocabularies_tokenize_as_llama_cpp_s_test_vectors() {
                 failures.push(format!("{name}: {text:?}\n  got  {got:?}\n  want {want:?}"));
             }
         }
-        // And back: the ids decode to the text (SentencePiece: the prefix space taken off).
+        // And back: the ids decode to the text (SentencePiece: the prefix space taken off),
+        // and the streamed text of any ids is their whole decode (byte-fallback pieces of the
+        // emoji and CJK here, the space the SentencePiece decoder strips at the start).
         let text = "Hello world, this is 🦙.cpp";
         let ids = tok.encode(text, false).unwrap();
         assert_eq!(tok.decode(&ids, true).unwrap(), text, "{name}");
+        incremental_text::assert_incremental_text_is_whole_decode(
+            &tok,
+            " Hello, wörld! 東京, emoji 🙂 and\nnew lines.",
+            name,
+        );
     }
     assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
     for name in ["qwen2", "falcon", "mpt", "bert-bge"] {
