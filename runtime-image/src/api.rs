@@ -218,6 +218,11 @@ pub struct VllmFields {
     pub stop_token_ids: Option<Vec<i64>>,
     /// [`SamplingParams::repetition_penalty`].
     pub repetition_penalty: Option<f32>,
+    /// The stop sequence, or the token, that ended the answer stays at its end.
+    #[serde(default, deserialize_with = "false_if_null")]
+    pub include_stop_str_in_output: bool,
+    /// `false`: special tokens' text stays in the answer (default `true`).
+    pub skip_special_tokens: Option<bool>,
     /// vLLM's guided decoding ([`VllmFields::guided`]), and its newer `structured_outputs`
     /// object of the same (`json`, `regex`, `choice`, `grammar`, `json_object`).
     pub guided_json: Option<Value>,
@@ -351,6 +356,8 @@ impl VllmFields {
             ignore_eos: self.ignore_eos,
             min_tokens,
             stop_ids,
+            include_stop_str: self.include_stop_str_in_output,
+            keep_special: self.skip_special_tokens == Some(false),
         })
     }
 }
@@ -1521,7 +1528,8 @@ mod tests {
     #[test]
     fn vllm_fields_give_the_ending_or_a_reason() {
         let f: VllmFields = serde_json::from_value(serde_json::json!({
-            "ignore_eos": null, "min_tokens": 3, "stop_token_ids": [0, 9]}))
+            "ignore_eos": null, "min_tokens": 3, "stop_token_ids": [0, 9],
+            "include_stop_str_in_output": true, "skip_special_tokens": false}))
         .unwrap();
         assert_eq!(
             f.ending(5, 10).unwrap(),
@@ -1529,6 +1537,8 @@ mod tests {
                 ignore_eos: false,
                 min_tokens: 3,
                 stop_ids: vec![0, 9],
+                include_stop_str: true,
+                keep_special: true,
             }
         );
         assert_eq!(f.ending(2, 10).unwrap_err().param, Some("min_tokens"));

@@ -65,6 +65,8 @@ pub struct TextAssembler {
     emitted: usize,
     /// Whether stop sequences are looked for (not before vLLM's `min_tokens`).
     armed: bool,
+    /// vLLM's `include_stop_str_in_output`: a stop sequence found is released too.
+    include: bool,
 }
 
 /// What one step released.
@@ -81,7 +83,14 @@ impl TextAssembler {
             stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
             emitted: 0,
             armed: true,
+            include: false,
         }
+    }
+
+    /// With `on`, a stop sequence found ends the released text instead of being cut.
+    pub fn including_stops(mut self, on: bool) -> Self {
+        self.include = on;
+        self
     }
 
     /// Whether stop sequences are looked for from now on; text released while they were not
@@ -107,12 +116,13 @@ impl TextAssembler {
         while !full.is_char_boundary(from) {
             from -= 1;
         }
+        // The earliest stop, the longest of those found there.
         let hit = stops
             .iter()
-            .filter_map(|s| full[from..].find(s.as_str()).map(|i| i + from))
-            .min();
-        if let Some(at) = hit {
-            let at = at.max(self.emitted);
+            .filter_map(|s| full[from..].find(s.as_str()).map(|i| (i + from, s.len())))
+            .min_by_key(|&(at, len)| (at, std::cmp::Reverse(len)));
+        if let Some((at, len)) = hit {
+            let at = if self.include { at + len } else { at }.max(self.emitted);
             let delta = full[self.emitted..at].to_owned();
             self.emitted = at;
             return Released {
@@ -208,6 +218,21 @@ mod tests {
             run(&["STOP"], &["a S", "a ST", "a STa", "a STab"]),
             ("a STab".into(), false)
         );
+    }
+
+    #[test]
+    fn an_included_stop_ends_the_text() {
+        let mut a = TextAssembler::new(vec!["END".into(), "EN".into()]).including_stops(true);
+        assert_eq!(a.push("one E", false).delta, "one ");
+        let r = a.push("one END two", false);
+        assert_eq!((r.delta.as_str(), r.stopped), ("END", true));
+        // A stop straddling released text: released up to its end.
+        let mut a = TextAssembler::new(vec!["xyz".into()]).including_stops(true);
+        a.arm(false);
+        assert_eq!(a.push("ax", false).delta, "ax");
+        a.arm(true);
+        let r = a.push("axyz!", false);
+        assert_eq!((r.delta.as_str(), r.stopped), ("yz", true));
     }
 
     #[test]

@@ -65,7 +65,9 @@ pub struct GenerateRequest {
     pub ending: Ending,
 }
 
-/// vLLM's `ignore_eos`, `min_tokens` and `stop_token_ids` ([`crate::api::VllmFields`]).
+/// How an answer ends and what its text keeps: vLLM's `ignore_eos`, `min_tokens`,
+/// `stop_token_ids`, `include_stop_str_in_output` and `skip_special_tokens`
+/// ([`crate::api::VllmFields`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Ending {
     /// The end-of-text tokens are masked: the answer runs to `max_tokens`.
@@ -73,8 +75,14 @@ pub struct Ending {
     /// Tokens before which nothing but `max_tokens` ends the answer: end-of-text and
     /// `stop_ids` are masked, stop sequences not looked for.
     pub min_tokens: usize,
-    /// Tokens that end the answer, kept in it.
+    /// Tokens that end the answer (their text left out, as vLLM's, unless
+    /// `include_stop_str`).
     pub stop_ids: Vec<u32>,
+    /// vLLM's `include_stop_str_in_output`: the stop sequence, or the text of the token that
+    /// ended the answer, stays at its end.
+    pub include_stop_str: bool,
+    /// vLLM's `skip_special_tokens: false`: special tokens' text is kept in the answer.
+    pub keep_special: bool,
 }
 
 /// Why generation ended.
@@ -681,7 +689,8 @@ impl GenerationWorker {
             self.metrics.inflight.inc();
             active.push(Active {
                 sampler: Sampler::new(sampling).with_prompt(&req.prompt),
-                assembler: TextAssembler::new(req.stop.clone()),
+                assembler: TextAssembler::new(req.stop.clone())
+                    .including_stops(req.ending.include_stop_str),
                 text: IncrementalText::default(),
                 next_input: req.prompt.clone(),
                 req: req.clone(),
@@ -1057,7 +1066,11 @@ impl GenerationWorker {
             None => Vec::new(),
         };
         let is_eos = self.eos_ids.contains(&tok.id);
-        if !is_eos {
+        let stop_id = a.req.ending.stop_ids.contains(&tok.id);
+        // The token that ends the answer has no text in it, but with
+        // `include_stop_str_in_output` (vLLM's reading; an end-of-text token's text is empty
+        // unless special tokens are kept).
+        if !(is_eos || stop_id) || a.req.ending.include_stop_str {
             a.generated.push(tok.id);
         }
         // JSON mode: the answer ends with its object.
@@ -1070,16 +1083,14 @@ impl GenerationWorker {
         };
         let context_full = a.seq.len() + 1 >= self.context_length;
         let at_limit = a.completion_tokens >= a.req.max_tokens || context_full;
-        let stop_id = a.req.ending.stop_ids.contains(&tok.id);
         let last = is_eos || stop_id || json_done || at_limit;
         let tokenizer = &self.tokenizer;
         // Stop sequences count from `min_tokens` on.
         a.assembler
             .arm(a.completion_tokens >= a.req.ending.min_tokens);
-        let released = match a
-            .text
-            .update(&a.generated, last, |ids| tokenizer.decode(ids, true))
-        {
+        let released = match a.text.update(&a.generated, last, |ids| {
+            tokenizer.decode(ids, !a.req.ending.keep_special)
+        }) {
             Ok(text) => a.assembler.push(text, last),
             Err(e) => {
                 self.finish(

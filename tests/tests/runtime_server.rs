@@ -2022,7 +2022,9 @@ async fn auto_tool_choice_reads_llama3_json_calls_masked_to_the_tools() {
 /// vLLM's extra sampling fields, which its clients and load generators send: `ignore_eos`
 /// and `min_tokens` run the answer past its end-of-text (the same greedy start, then on to
 /// the limit), `min_tokens` holds a stop sequence back until it is reached,
-/// `stop_token_ids` ends the answer with that token kept, `repetition_penalty` changes a
+/// `stop_token_ids` ends the answer (that token's text left out, or kept with
+/// `include_stop_str_in_output`, as a stop sequence is; `skip_special_tokens: false` keeps
+/// the end-of-turn token's), `repetition_penalty` changes a
 /// greedy answer; bad values are refused naming the field.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vllm_fields_bound_where_an_answer_ends() {
@@ -2104,6 +2106,55 @@ async fn vllm_fields_bound_where_an_answer_ends() {
         plain.starts_with(&text) && text.len() < plain.len(),
         "{text:?}"
     );
+    let detok = |ids: &[u32]| {
+        let (http, url) = (&http, &url);
+        let body = json!({"model": SMOL, "tokens": ids});
+        async move {
+            post_json(http, &format!("{url}/detokenize"), &body).await["prompt"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        }
+    };
+    // The ending token's text is left out (vLLM's reading), or kept on request.
+    assert_eq!(text, detok(&generated[..4]).await);
+    let (kept, why, n) = answer(
+        &post_json(
+            &http,
+            &chat,
+            &ask(json!({"stop_token_ids": [generated[4]], "include_stop_str_in_output": true})),
+        )
+        .await,
+    );
+    assert_eq!((why.as_str(), n), ("stop", 5));
+    assert_eq!(kept, detok(&generated[..5]).await);
+    // A stop sequence kept at the end.
+    let (text, why, _) = answer(
+        &post_json(
+            &http,
+            &chat,
+            &ask(json!({"stop": [word], "include_stop_str_in_output": true})),
+        )
+        .await,
+    );
+    assert_eq!(why, "stop");
+    assert!(
+        text.ends_with(&word) && plain.starts_with(&text),
+        "{text:?} {word:?}"
+    );
+    // Special tokens' text kept: the end-of-turn token that ends the answer, when included.
+    let (text, why, _) = answer(
+        &post_json(
+            &http,
+            &chat,
+            &ask(json!({"skip_special_tokens": false, "include_stop_str_in_output": true})),
+        )
+        .await,
+    );
+    assert_eq!((text, why.as_str()), (format!("{plain}<|im_end|>"), "stop"));
+    let (text, _, _) =
+        answer(&post_json(&http, &chat, &ask(json!({"skip_special_tokens": false}))).await);
+    assert_eq!(text, plain);
     let long = |extra: Value| {
         with_fields(
             chat_body(
