@@ -314,6 +314,56 @@ fn tensor_weights<R: std::io::Read + std::io::Seek>(
     })
 }
 
+/// Reads a GGUF file's header, naming a tensor type candle cannot read (the i-quants,
+/// ternary and FP4 types) instead of candle's "unknown dtype for tensor 23".
+pub(super) fn read_content(file: &mut std::fs::File, path: &Path) -> Result<gguf_file::Content> {
+    gguf_file::Content::read(file).map_err(|e| {
+        let msg = e.to_string();
+        match msg
+            .strip_prefix("unknown dtype for tensor ")
+            .and_then(|n| n.trim().parse::<u32>().ok())
+        {
+            Some(id) => Error::Model(unsupported_type(path, id)),
+            None => Error::Model(format!("{}: {msg}", path.display())),
+        }
+    })
+}
+
+/// The message for a GGUF tensor type `id` (ggml's numbering) kandle cannot load.
+fn unsupported_type(path: &Path, id: u32) -> String {
+    let name = match id {
+        16 => "IQ2_XXS",
+        17 => "IQ2_XS",
+        18 => "IQ3_XXS",
+        19 => "IQ1_S",
+        20 => "IQ4_NL",
+        21 => "IQ3_S",
+        22 => "IQ2_S",
+        23 => "IQ4_XS",
+        24 => "I8",
+        25 => "I16",
+        26 => "I32",
+        27 => "I64",
+        28 => "F64",
+        29 => "IQ1_M",
+        34 => "TQ1_0",
+        35 => "TQ2_0",
+        39 => "MXFP4",
+        40 => "NVFP4",
+        _ => "",
+    };
+    let what = match name {
+        "" => format!("a tensor type this runtime does not know (ggml type {id})"),
+        n => format!("{n} tensors (ggml type {id})"),
+    };
+    format!(
+        "{} holds {what}, which kandle cannot load; it reads F32, F16, BF16, Q4_0, Q4_1, Q5_0, \
+         Q5_1, Q8_0 and the K-quants (Q2_K to Q6_K): pick another quantisation of the model, \
+         e.g. hf://<repo>:Q4_K_M",
+        path.display()
+    )
+}
+
 /// The tokenizer a GGUF file's vocabulary describes (`tokenizer.ggml.*`), as llama.cpp reads
 /// it ([`TextTokenizer::from_gguf_vocab`]).
 fn vocab_tokenizer(ct: &gguf_file::Content, tokens: &[String]) -> Result<TextTokenizer> {
@@ -364,14 +414,14 @@ fn vocab_tokenizer(ct: &gguf_file::Content, tokens: &[String]) -> Result<TextTok
 /// file will do), whatever its architecture: for tests against llama.cpp's vocabulary files.
 pub fn gguf_vocab_tokenizer(path: &Path) -> Result<TextTokenizer> {
     let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let ct = gguf_file::Content::read(&mut file)?;
+    let ct = read_content(&mut file, path)?;
     let tokens = md_string_list(&ct, "tokenizer.ggml.tokens")?;
     vocab_tokenizer(&ct, &tokens)
 }
 
 pub(super) fn load_with(path: &Path, forward: Forward, device: &Device) -> Result<LoadedModel> {
     let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let ct = gguf_file::Content::read(&mut file)?;
+    let ct = read_content(&mut file, path)?;
     let arch = md(&ct, "general.architecture")?.to_string()?.clone();
     if arch != "llama" {
         return Err(Error::Model(format!(
@@ -473,4 +523,51 @@ pub(super) fn load_with(path: &Path, forward: Forward, device: &Device) -> Resul
         bos_id,
         add_bos,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::QTensor;
+
+    /// A GGUF file whose one tensor has the ggml type `id` (written as F32, the type field
+    /// then overwritten: candle cannot write the types it cannot read).
+    fn file_with_type(dir: &Path, id: u32) -> std::path::PathBuf {
+        let t = candle_core::Tensor::zeros((2, 32), DType::F32, &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&t, candle_core::quantized::GgmlDType::F32).unwrap();
+        let mut bytes = std::io::Cursor::new(Vec::new());
+        gguf_file::write(&mut bytes, &[], &[("w", &q)]).unwrap();
+        let mut bytes = bytes.into_inner();
+        // Header (magic, version, counts: 24 bytes), then the name (u64 length, "w"), the
+        // dimension count (u32), two u64 dimensions, and the type (u32).
+        let at = 24 + 8 + 1 + 4 + 2 * 8;
+        assert_eq!(
+            bytes[at..at + 4],
+            0u32.to_le_bytes(),
+            "F32's type where expected"
+        );
+        bytes[at..at + 4].copy_from_slice(&id.to_le_bytes());
+        let path = dir.join("m.gguf");
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_tensor_type_candle_cannot_read_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = file_with_type(dir.path(), 23);
+        let mut f = std::fs::File::open(&path).unwrap();
+        let err = read_content(&mut f, &path).unwrap_err().to_string();
+        assert!(
+            err.contains("IQ4_XS") && err.contains("Q4_K_M") && err.contains("m.gguf"),
+            "{err}"
+        );
+        let path = file_with_type(dir.path(), 99);
+        let mut f = std::fs::File::open(&path).unwrap();
+        let err = read_content(&mut f, &path).unwrap_err().to_string();
+        assert!(err.contains("ggml type 99"), "{err}");
+        let path = file_with_type(dir.path(), 0);
+        let mut f = std::fs::File::open(&path).unwrap();
+        assert!(read_content(&mut f, &path).is_ok());
+    }
 }

@@ -652,7 +652,7 @@ fn declared_architectures(path: &Path) -> Result<(String, Vec<String>)> {
     };
     if let Some(gguf) = gguf {
         let mut f = std::fs::File::open(&gguf).map_err(|e| Error::io(&gguf, e))?;
-        let content = candle_core::quantized::gguf_file::Content::read(&mut f)?;
+        let content = gguf_llama::read_content(&mut f, &gguf)?;
         let arch = content
             .metadata
             .get("general.architecture")
