@@ -196,11 +196,14 @@ pub struct Frontend {
 }
 
 impl Frontend {
-    /// Tokenises a prompt (completions: with the tokenizer's special tokens; chat: the
-    /// template already wrote them).
+    /// Tokenises a prompt (completions: with the tokenizer's special tokens, and a GGUF's
+    /// beginning-of-text token when its vocabulary asks for one and the text does not start
+    /// with it; chat: the template already wrote them, as transformers and vLLM read a
+    /// rendered conversation).
     pub fn encode_prompt(&self, text: &str, add_special_tokens: bool) -> crate::Result<Vec<u32>> {
         let mut ids = self.tokenizer.encode(text, add_special_tokens)?;
-        if let Some(bos) = self.bos_to_prepend
+        if add_special_tokens
+            && let Some(bos) = self.bos_to_prepend
             && ids.first() != Some(&bos)
         {
             ids.insert(0, bos);

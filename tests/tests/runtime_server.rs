@@ -2376,6 +2376,185 @@ async fn a_chat_template_file_replaces_the_models() {
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
+/// A Llama 2 / Mistral-style GGUF without a tokenizer.json: llama.cpp's SentencePiece
+/// vocabulary (`ggml-vocab-llama-spm.gguf`, 32000 tokens, `add_bos_token`), a Mistral-style
+/// chat template, and a tiny llama of random weights in Q4_0 and Q8_0, written into `dir`.
+fn tiny_spm_llama(dir: &std::path::Path) -> std::path::PathBuf {
+    use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
+    let vocab_path = models::llama_cpp_vocabs().join("ggml-vocab-llama-spm.gguf");
+    let mut f = std::fs::File::open(&vocab_path).unwrap();
+    let vocab = gguf_file::Content::read(&mut f).unwrap();
+    let mut meta: Vec<(String, gguf_file::Value)> = vocab
+        .metadata
+        .iter()
+        .filter(|(k, _)| k.starts_with("tokenizer.ggml."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let u32v = gguf_file::Value::U32;
+    for (k, v) in [
+        (
+            "general.architecture",
+            gguf_file::Value::String("llama".into()),
+        ),
+        ("llama.block_count", u32v(2)),
+        ("llama.embedding_length", u32v(64)),
+        ("llama.feed_forward_length", u32v(128)),
+        ("llama.attention.head_count", u32v(2)),
+        ("llama.attention.head_count_kv", u32v(1)),
+        ("llama.rope.dimension_count", u32v(32)),
+        ("llama.context_length", u32v(512)),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            gguf_file::Value::F32(1e-5),
+        ),
+        (
+            "tokenizer.chat_template",
+            gguf_file::Value::String(
+                "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}\
+                 {{ '[INST] ' + m['content'] + ' [/INST]' }}{% else %}\
+                 {{ m['content'] + eos_token }}{% endif %}{% endfor %}"
+                    .into(),
+            ),
+        ),
+    ] {
+        meta.push((k.into(), v));
+    }
+    let mut seed = 7u64;
+    let mut tensor = |n: usize, k: usize, dtype: GgmlDType, scale: f32| {
+        let x: Vec<f32> = (0..n * k)
+            .map(|_| {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
+            })
+            .collect();
+        let shape: Vec<usize> = if n == 1 { vec![k] } else { vec![n, k] };
+        let t = candle_core::Tensor::from_vec(x, shape, &candle_core::Device::Cpu).unwrap();
+        QTensor::quantize(&t, dtype).unwrap()
+    };
+    let mut tensors = vec![
+        (
+            "token_embd.weight".to_owned(),
+            tensor(32000, 64, GgmlDType::Q8_0, 2.0),
+        ),
+        (
+            "output_norm.weight".to_owned(),
+            tensor(1, 64, GgmlDType::F32, 0.2),
+        ),
+    ];
+    for i in 0..2 {
+        for (name, n, k, dtype) in [
+            ("attn_q", 64, 64, GgmlDType::Q4_0),
+            ("attn_k", 32, 64, GgmlDType::Q4_0),
+            ("attn_v", 32, 64, GgmlDType::Q8_0),
+            ("attn_output", 64, 64, GgmlDType::Q4_0),
+            ("ffn_gate", 128, 64, GgmlDType::Q4_0),
+            ("ffn_up", 128, 64, GgmlDType::Q4_0),
+            ("ffn_down", 64, 128, GgmlDType::Q8_0),
+        ] {
+            tensors.push((format!("blk.{i}.{name}.weight"), tensor(n, k, dtype, 0.5)));
+        }
+        for name in ["attn_norm", "ffn_norm"] {
+            let mut t = tensor(1, 64, GgmlDType::F32, 0.2);
+            // Norm weights near one.
+            let ones =
+                candle_core::Tensor::ones(64, candle_core::DType::F32, &candle_core::Device::Cpu)
+                    .unwrap();
+            t = QTensor::quantize(
+                &(t.dequantize(&candle_core::Device::Cpu).unwrap() + ones).unwrap(),
+                GgmlDType::F32,
+            )
+            .unwrap();
+            tensors.push((format!("blk.{i}.{name}.weight"), t));
+        }
+    }
+    let out = dir.join("tiny-spm-llama.gguf");
+    let mut w = std::fs::File::create(&out).unwrap();
+    let meta: Vec<(&str, &gguf_file::Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    gguf_file::write(&mut w, &meta, &tensors).unwrap();
+    out
+}
+
+/// A SentencePiece GGUF served end to end: the beginning-of-text token once (the template's
+/// `bos_token` for chat, `add_bos_token` for a completion prompt), the SentencePiece pieces
+/// of the text after it, and random answers (byte-fallback pieces among them) that stream
+/// as the same text they answer whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentencepiece_gguf_without_a_tokenizer_json_serves_chat_and_completions() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_owned();
+    let path = tokio::task::spawn_blocking(move || tiny_spm_llama(&d))
+        .await
+        .unwrap();
+    let (server, url) = serve_model(path, |_| {}).await;
+    let http = client();
+    let model = "tiny-spm-llama";
+    let tokenize = |body: Value| {
+        let (http, url) = (&http, &url);
+        async move {
+            let mut body = body;
+            body["model"] = json!(model);
+            let t = post_json(http, &format!("{url}/tokenize"), &body).await;
+            t["tokens"]
+                .as_array()
+                .unwrap_or_else(|| panic!("{t}"))
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect::<Vec<u32>>()
+        }
+    };
+    // Chat: "<s>" from the template, then "▁[INST] ▁Hi ▁[/INST]"'s pieces; no second BOS.
+    let chat_ids = tokenize(json!({"messages": [{"role": "user", "content": "Hi"}]})).await;
+    let text_ids =
+        tokenize(json!({"prompt": "[INST] Hi [/INST]", "add_special_tokens": false})).await;
+    assert_eq!(chat_ids[0], 1, "{chat_ids:?}");
+    assert_eq!(chat_ids[1..], text_ids[..], "{chat_ids:?}");
+    assert_ne!(text_ids[0], 1);
+    // A completion prompt gets the BOS the vocabulary asks for.
+    let prompt_ids = tokenize(json!({"prompt": "Hello world"})).await;
+    assert_eq!(prompt_ids[0], 1);
+    assert_eq!(
+        prompt_ids[1..],
+        tokenize(json!({"prompt": "Hello world", "add_special_tokens": false})).await[..]
+    );
+    for (route, body) in [
+        (
+            "/v1/chat/completions",
+            json!({"model": model, "messages": [{"role": "user", "content": "Hi"}]}),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": model, "prompt": "Hello world"}),
+        ),
+    ] {
+        let url = format!("{url}{route}");
+        let body = with_fields(
+            body,
+            &json!({"temperature": 1.0, "seed": 11, "max_tokens": 48}),
+        );
+        let whole = post_json(&http, &url, &body).await;
+        let choice = &whole["choices"][0];
+        let text = choice["message"]["content"]
+            .as_str()
+            .or(choice["text"].as_str())
+            .unwrap_or_else(|| panic!("{whole}"))
+            .to_owned();
+        assert!(!text.is_empty(), "{whole}");
+        let chunks = post_stream(&http, &url, &with_fields(body, &json!({"stream": true}))).await;
+        let streamed: String = chunks
+            .iter()
+            .filter_map(|c| {
+                let c = &c["choices"][0];
+                c["delta"]["content"].as_str().or(c["text"].as_str())
+            })
+            .collect();
+        assert_eq!(streamed, text, "{route}");
+    }
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
 /// With `--reasoning-parser deepseek_r1` a chat answer's thoughts (up to `</think>`) come in
 /// `reasoning_content` and the rest in `content`, streamed or not, with every log-probability;
 /// an answer cut before it closes its thoughts is all reasoning; constrained answers are left
