@@ -318,7 +318,9 @@ fn tensor_weights<R: std::io::Read + std::io::Seek>(
 /// ternary and FP4 types) instead of candle's "unknown dtype for tensor 23".
 pub(super) fn read_content(file: &mut std::fs::File, path: &Path) -> Result<gguf_file::Content> {
     gguf_file::Content::read(file).map_err(|e| {
+        // The first line: with RUST_BACKTRACE set, candle's message carries a backtrace.
         let msg = e.to_string();
+        let msg = msg.lines().next().unwrap_or_default();
         match msg
             .strip_prefix("unknown dtype for tensor ")
             .and_then(|n| n.trim().parse::<u32>().ok())
