@@ -550,6 +550,9 @@ pub enum Opening {
     /// At the answer's start, after any whitespace, where its first character is this one,
     /// which begins the value (Llama 3's `{`).
     Start(char),
+    /// After each time this token is sampled: a control token, whose text the masks do not
+    /// see (Mistral's `[TOOL_CALLS]`).
+    Token(u32),
 }
 
 /// [`JsonMode::mask`] for a regex at `state`: each token whose text leads where no match
@@ -623,6 +626,8 @@ impl Lazy {
                 let trimmed = text.trim_start();
                 trimmed.starts_with(*c).then(|| text.len() - trimmed.len())
             }
+            // Opened by its id ([`JsonMode::advance_id`]), never by text.
+            Opening::Token(_) => None,
         }
     }
 
@@ -632,6 +637,8 @@ impl Lazy {
             Opening::Tag(tag) => tag.chars().last(),
             Opening::Start(_) if self.begun => None,
             Opening::Start(c) => Some(*c),
+            // The token itself opens the value, and any token may follow free text.
+            Opening::Token(_) => None,
         }
     }
 
@@ -819,6 +826,13 @@ impl JsonMode {
                 if st.complete() {
                     lazy.value_done();
                 }
+            }
+            // The opening token: the value starts after it.
+            JsonMode::After(lazy)
+                if lazy.inside.is_none() && lazy.opening == Opening::Token(id) =>
+            {
+                lazy.begun = true;
+                lazy.inside = Some(SchemaState::new(&lazy.schema));
             }
             _ => self.advance(vocab.text(id)),
         }
@@ -1105,6 +1119,42 @@ mod tests {
         m.advance("Hi {x");
         assert_eq!(allowed(&m), [0, 1, 2, 3, 4, 5, 6]);
         assert!(!m.complete());
+    }
+
+    /// A control token opens the value (its text, empty to the masks, is not part of it).
+    #[test]
+    fn a_value_after_an_opening_token_is_masked_and_free_text_is_not() {
+        // Token 3 stands for a control token such as `[TOOL_CALLS]`: no text.
+        let texts: Vec<String> = [
+            "Hi",
+            " [",
+            "{\"name\": \"now\", \"arguments\": {}}]",
+            "",
+            "x",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let vocab = JsonVocab::new(texts.clone()).with_eos(&[3]);
+        let schema = Arc::new(
+            Schema::tool_calls(&[("now".to_string(), serde_json::json!({"type": "object"}))])
+                .unwrap(),
+        );
+        let allowed = |m: &JsonMode| unmasked(m, &vocab);
+        let mut m = JsonMode::new(&Constraint::After {
+            opening: Opening::Token(3),
+            schema,
+            once: true,
+        });
+        assert_eq!(allowed(&m), [0, 1, 2, 3, 4], "free text: nothing masked");
+        m.advance_id(&vocab, 0);
+        assert_eq!(allowed(&m), [0, 1, 2, 3, 4]);
+        m.advance_id(&vocab, 3);
+        assert_eq!(allowed(&m), [1], "inside the call: its JSON only");
+        m.advance_id(&vocab, 1);
+        assert_eq!(allowed(&m), [2]);
+        m.advance_id(&vocab, 2);
+        assert!(m.complete(), "one call ends the answer");
     }
 
     #[test]

@@ -806,12 +806,20 @@ impl Schema {
     /// What a model's own tool-call block may hold ([`crate::tool_calls`]): a call of one of
     /// `tools` ([`Schema::tool_call`]), or a list of one or more.
     pub fn tool_calls(tools: &[(String, Value)]) -> Result<Schema, String> {
+        Schema::tool_calls_upto(tools, None)
+    }
+
+    /// [`Schema::tool_calls`] with at most `max` calls in the list.
+    pub fn tool_calls_upto(
+        tools: &[(String, Value)],
+        max: Option<usize>,
+    ) -> Result<Schema, String> {
         let mut s = Schema::tool_call(tools)?;
         let call = s.root;
         let list = s.push(Node::Array {
             items: call,
             min: 1,
-            max: None,
+            max,
         });
         s.root = s.union(vec![call, list])?;
         Ok(s)

@@ -361,10 +361,20 @@ fn load_and_warm(st: &AppState, path: &std::path::Path) -> Result<()> {
     let secs = t0.elapsed().as_secs_f64();
     st.metrics.model_load_seconds.set(secs);
     let thp = crate::backend::thp_setting();
-    let tool_parser = cfg.tool_call_parser.unwrap_or_else(|| {
+    let mut tool_parser = cfg.tool_call_parser.unwrap_or_else(|| {
         let template = engine.frontend().chat_template.as_ref();
         ToolCallParser::detect(&template.map(|t| t.source()).unwrap_or_default())
     });
+    let tokenizer = &engine.frontend().tokenizer;
+    if tool_parser.opening(|t| tokenizer.token_to_id(t)).is_none()
+        && tool_parser != ToolCallParser::None
+    {
+        tracing::warn!(
+            parser = ?tool_parser,
+            "the vocabulary has no token that opens this format's calls: tool_choice \"auto\" is refused"
+        );
+        tool_parser = ToolCallParser::None;
+    }
     let _ = st.tool_parser.set(tool_parser);
     tracing::info!(
         seconds = secs,
@@ -962,7 +972,10 @@ async fn chat_completions(
         }
         (None, Some(auto)) => {
             json = Some(Constraint::After {
-                opening: auto.parser.opening().expect("a parser with a format"),
+                opening: auto
+                    .parser
+                    .opening(|t| engine.frontend().tokenizer.token_to_id(t))
+                    .expect("a parser whose opening the vocabulary has (checked at start)"),
                 schema: auto.schema.clone(),
                 once: auto.once,
             });
@@ -1015,7 +1028,11 @@ async fn chat_completions(
     };
     let max_tokens = api::max_tokens(requested, st.config.max_new_tokens, param)?;
     let stop = api::stop_sequences(r.stop.as_ref())?;
-    let ending = r.vllm.ending(max_tokens, engine.frontend().vocab_limit)?;
+    let mut ending = r.vllm.ending(max_tokens, engine.frontend().vocab_limit)?;
+    // A format whose calls open with a control token is read from the text with it.
+    if let Some(ToolOut::Parsed(p)) = &tool {
+        ending.keep_special |= p.keeps_special_tokens();
+    }
     let frontend = engine.frontend();
     let tools = tool_use.as_ref().map(|t| &t.tools);
     let (_, prompt) = frontend

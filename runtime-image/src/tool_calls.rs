@@ -15,6 +15,11 @@
 //! - [`ToolCallParser::Llama3Json`]: an answer that is `{"name": …, "parameters": …}`
 //!   (Llama 3.1, 3.2 and 3.3, whose templates ask for that format): a call where the
 //!   answer's first character is `{`, text otherwise. One call per answer, which ends it.
+//! - [`ToolCallParser::Mistral`]: `[TOOL_CALLS] [{"name": …, "arguments": …}, …]` (Mistral 7B
+//!   Instruct v0.3 and the templates that write `[TOOL_CALLS]`). `[TOOL_CALLS]` is a control
+//!   token, so the call opens when that token is sampled ([`Opening::Token`]), and the
+//!   answer is decoded with special tokens kept (vLLM's parser sets
+//!   `skip_special_tokens: false` too) for it to be found in the text.
 //! - `parallel_tool_calls: false`: one call, which ends the answer.
 //!
 //! Decisions, where vLLM's parser is the model:
@@ -37,6 +42,8 @@ pub enum ToolCallParser {
     /// `{"name": …, "parameters": …}` as the whole answer.
     #[value(name = "llama3_json")]
     Llama3Json,
+    /// `[TOOL_CALLS]` (a control token) then a JSON list of calls.
+    Mistral,
     /// No format: `tool_choice: "auto"` is refused.
     None,
 }
@@ -65,6 +72,8 @@ impl ToolCallParser {
     pub fn detect(template: &str) -> ToolCallParser {
         if template.contains(HERMES_OPEN) {
             ToolCallParser::Hermes
+        } else if template.contains(MISTRAL_OPEN) {
+            ToolCallParser::Mistral
         } else if template.contains(LLAMA3_ASK) {
             ToolCallParser::Llama3Json
         } else {
@@ -72,13 +81,21 @@ impl ToolCallParser {
         }
     }
 
-    /// Where a call starts, after which the answer is masked to the call's schema.
-    pub fn opening(self) -> Option<Opening> {
+    /// Where a call starts, after which the answer is masked to the call's schema;
+    /// `token_id` finds a control token's id in the vocabulary (`None`: the format cannot
+    /// be read with this vocabulary).
+    pub fn opening(self, token_id: impl Fn(&str) -> Option<u32>) -> Option<Opening> {
         match self {
             ToolCallParser::Hermes => Some(Opening::Tag(HERMES_OPEN.into())),
             ToolCallParser::Llama3Json => Some(Opening::Start('{')),
+            ToolCallParser::Mistral => token_id(MISTRAL_OPEN).map(Opening::Token),
             ToolCallParser::None => None,
         }
+    }
+
+    /// Whether the answer must be decoded with its special tokens for its calls to show.
+    pub fn keeps_special_tokens(self) -> bool {
+        self == ToolCallParser::Mistral
     }
 
     /// What a call may be, written in this format, of one of `tools`; `parallel`: several
@@ -86,6 +103,10 @@ impl ToolCallParser {
     pub fn schema(self, tools: &[(String, Value)], parallel: bool) -> Result<Schema, String> {
         match (self, parallel) {
             (ToolCallParser::Hermes, true) => Schema::tool_calls(tools),
+            // A list even for one call, as Mistral's models write it.
+            (ToolCallParser::Mistral, parallel) => {
+                Schema::tool_calls_upto(tools, (!parallel).then_some(1))
+            }
             (ToolCallParser::Llama3Json, _) => Schema::tool_call_keyed(tools, "parameters"),
             _ => Schema::tool_call(tools),
         }
@@ -100,10 +121,13 @@ impl ToolCallParser {
     /// still turn out to be a call.
     pub fn content_so_far(self, text: &str) -> usize {
         match self {
-            ToolCallParser::Hermes => match text.find(HERMES_OPEN) {
-                Some(at) => at,
-                None => text.len() - partial_opening(text, HERMES_OPEN),
-            },
+            ToolCallParser::Hermes | ToolCallParser::Mistral => {
+                let open = self.open_text();
+                match text.find(open) {
+                    Some(at) => at,
+                    None => text.len() - partial_opening(text, open),
+                }
+            }
             ToolCallParser::Llama3Json => {
                 let t = text.trim_start();
                 match t.is_empty() || t.starts_with('{') {
@@ -132,7 +156,7 @@ impl ToolCallParser {
             });
         }
         let open = match self {
-            ToolCallParser::Hermes => HERMES_OPEN,
+            ToolCallParser::Hermes | ToolCallParser::Mistral => self.open_text(),
             _ => return None,
         };
         let first = text.find(open)?;
@@ -140,11 +164,22 @@ impl ToolCallParser {
         let mut rest = &text[first..];
         while let Some(at) = rest.find(open) {
             let body = &rest[at + open.len()..];
-            let (inner, after) = match body.find(HERMES_CLOSE) {
-                Some(end) => (&body[..end], &body[end + HERMES_CLOSE.len()..]),
-                None => (body, ""),
+            let (value, after) = match self {
+                ToolCallParser::Mistral => {
+                    // The first JSON value after the token; text after it is not a call.
+                    let mut values = serde_json::Deserializer::from_str(body).into_iter::<Value>();
+                    let v = values.next()?.ok()?;
+                    (v, &body[values.byte_offset()..])
+                }
+                _ => {
+                    let (inner, after) = match body.find(HERMES_CLOSE) {
+                        Some(end) => (&body[..end], &body[end + HERMES_CLOSE.len()..]),
+                        None => (body, ""),
+                    };
+                    (serde_json::from_str::<Value>(inner.trim()).ok()?, after)
+                }
             };
-            match serde_json::from_str::<Value>(inner.trim()).ok()? {
+            match value {
                 Value::Array(list) if !list.is_empty() => {
                     for v in &list {
                         calls.push(call_of(v)?);
@@ -163,7 +198,18 @@ impl ToolCallParser {
     }
 }
 
+impl ToolCallParser {
+    /// The text a call opens with (Hermes' tag, Mistral's control token's text).
+    fn open_text(self) -> &'static str {
+        match self {
+            ToolCallParser::Mistral => MISTRAL_OPEN,
+            _ => HERMES_OPEN,
+        }
+    }
+}
+
 const HERMES_OPEN: &str = "<tool_call>";
+const MISTRAL_OPEN: &str = "[TOOL_CALLS]";
 const HERMES_CLOSE: &str = "</tool_call>";
 /// What Llama 3.1–3.3's templates ask of a model given tools.
 const LLAMA3_ASK: &str = "\"parameters\": dictionary of argument name and its value";
@@ -261,6 +307,35 @@ mod tests {
     }
 
     #[test]
+    fn mistral_calls_follow_their_token_as_a_list() {
+        let p = ToolCallParser::Mistral;
+        let text = "Let me check. [TOOL_CALLS] [{\"name\": \"a\", \"arguments\": {\"x\": 1}}, \
+                    {\"name\": \"b\", \"arguments\": {}}]";
+        assert_eq!(
+            p.parse(text),
+            Some(ParsedAnswer {
+                content: Some("Let me check. ".into()),
+                calls: vec![call("a", "{\"x\":1}"), call("b", "{}")],
+            })
+        );
+        assert_eq!(
+            p.parse("[TOOL_CALLS][{\"name\": \"a\", \"arguments\": {}}] and on"),
+            Some(ParsedAnswer {
+                content: None,
+                calls: vec![call("a", "{}")],
+            })
+        );
+        assert_eq!(p.parse("[TOOL_CALLS] [{\"name\": \"a\""), None, "cut short");
+        assert_eq!(p.parse("no call"), None);
+        assert_eq!(p.content_so_far("Sure [TOOL"), 5);
+        assert_eq!(p.content_so_far("Sure [TOOL_CALLS] [{"), 5);
+        let ids = |t: &str| (t == "[TOOL_CALLS]").then_some(5);
+        assert_eq!(p.opening(ids), Some(Opening::Token(5)));
+        assert_eq!(p.opening(|_| None), None, "a vocabulary without the token");
+        assert!(p.keeps_special_tokens() && !ToolCallParser::Hermes.keeps_special_tokens());
+    }
+
+    #[test]
     fn text_without_a_whole_call_is_not_a_call() {
         let p = ToolCallParser::Hermes;
         for text in [
@@ -293,6 +368,11 @@ mod tests {
         let llama = "{{- 'Respond in the format {\"name\": function name, \"parameters\": \
                      dictionary of argument name and its value}.' }}";
         assert_eq!(ToolCallParser::detect(llama), ToolCallParser::Llama3Json);
+        // Mistral 7B Instruct v0.3's.
+        assert_eq!(
+            ToolCallParser::detect("{{- \"[AVAILABLE_TOOLS] [\" }}...{{- \"[TOOL_CALLS] [\" }}"),
+            ToolCallParser::Mistral
+        );
     }
 
     #[test]

@@ -2380,6 +2380,12 @@ async fn a_chat_template_file_replaces_the_models() {
 /// vocabulary (`ggml-vocab-llama-spm.gguf`, 32000 tokens, `add_bos_token`), a Mistral-style
 /// chat template, and a tiny llama of random weights in Q4_0 and Q8_0, written into `dir`.
 fn tiny_spm_llama(dir: &std::path::Path) -> std::path::PathBuf {
+    tiny_spm_llama_with(dir, false)
+}
+
+/// [`tiny_spm_llama`]; with `tool_token`, Mistral 7B v0.3's `[TOOL_CALLS]` control token
+/// appended to the vocabulary (id 32000) and a template that offers tools as v0.3's does.
+fn tiny_spm_llama_with(dir: &std::path::Path, tool_token: bool) -> std::path::PathBuf {
     use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
     let vocab_path = models::llama_cpp_vocabs().join("ggml-vocab-llama-spm.gguf");
     let mut f = std::fs::File::open(&vocab_path).unwrap();
@@ -2390,6 +2396,35 @@ fn tiny_spm_llama(dir: &std::path::Path) -> std::path::PathBuf {
         .filter(|(k, _)| k.starts_with("tokenizer.ggml."))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
+    let n_vocab = if tool_token { 32001 } else { 32000 };
+    if tool_token {
+        for (k, v) in meta.iter_mut() {
+            if let gguf_file::Value::Array(a) = v {
+                match k.as_str() {
+                    "tokenizer.ggml.tokens" => {
+                        a.push(gguf_file::Value::String("[TOOL_CALLS]".into()))
+                    }
+                    "tokenizer.ggml.scores" => a.push(gguf_file::Value::F32(0.0)),
+                    "tokenizer.ggml.token_type" => a.push(gguf_file::Value::I32(3)),
+                    _ => {}
+                }
+            }
+        }
+    }
+    let template = match tool_token {
+        false => {
+            "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}\
+                  {{ '[INST] ' + m['content'] + ' [/INST]' }}{% else %}\
+                  {{ m['content'] + eos_token }}{% endif %}{% endfor %}"
+        }
+        true => {
+            "{{ bos_token }}{% if tools %}{{ '[AVAILABLE_TOOLS] ' + (tools | tojson) + \
+                 '[/AVAILABLE_TOOLS]' }}{% endif %}{% for m in messages %}\
+                 {% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}\
+                 {% elif m.tool_calls %}{{ '[TOOL_CALLS] ' + (m.tool_calls | tojson) + eos_token }}\
+                 {% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}"
+        }
+    };
     let u32v = gguf_file::Value::U32;
     for (k, v) in [
         (
@@ -2409,12 +2444,7 @@ fn tiny_spm_llama(dir: &std::path::Path) -> std::path::PathBuf {
         ),
         (
             "tokenizer.chat_template",
-            gguf_file::Value::String(
-                "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}\
-                 {{ '[INST] ' + m['content'] + ' [/INST]' }}{% else %}\
-                 {{ m['content'] + eos_token }}{% endif %}{% endfor %}"
-                    .into(),
-            ),
+            gguf_file::Value::String(template.into()),
         ),
     ] {
         meta.push((k.into(), v));
@@ -2436,7 +2466,7 @@ fn tiny_spm_llama(dir: &std::path::Path) -> std::path::PathBuf {
     let mut tensors = vec![
         (
             "token_embd.weight".to_owned(),
-            tensor(32000, 64, GgmlDType::Q8_0, 2.0),
+            tensor(n_vocab, 64, GgmlDType::Q8_0, 2.0),
         ),
         (
             "output_norm.weight".to_owned(),
@@ -2552,6 +2582,73 @@ async fn a_sentencepiece_gguf_without_a_tokenizer_json_serves_chat_and_completio
             .collect();
         assert_eq!(streamed, text, "{route}");
     }
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+/// Mistral's tool calls (`--tool-call-parser mistral`, chosen here by the template): once the
+/// model samples the `[TOOL_CALLS]` control token (forced with `logit_bias`, as a tiny
+/// random model would never choose it), the rest is masked to a list of calls of the
+/// request's tools, read back as `tool_calls`, streamed or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mistral_tool_calls_open_with_their_control_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_owned();
+    let path = tokio::task::spawn_blocking(move || tiny_spm_llama_with(&d, true))
+        .await
+        .unwrap();
+    let (server, url) = serve_model(path, |_| {}).await;
+    let http = client();
+    let chat = format!("{url}/v1/chat/completions");
+    let body = json!({
+        "model": "tiny-spm-llama",
+        "messages": [{"role": "user", "content": "Weather in Paris?"}],
+        "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {
+            "type": "object",
+            "properties": {"city": {"enum": ["Paris", "Rome"]}},
+            "required": ["city"]}}}],
+        "parallel_tool_calls": false,
+        "logit_bias": {"32000": 100},
+        "temperature": 0,
+        "max_tokens": 64,
+    });
+    let r = post_json(&http, &chat, &body).await;
+    let c = &r["choices"][0];
+    assert_eq!(c["finish_reason"], "tool_calls", "{r}");
+    assert_eq!(c["message"]["content"], Value::Null, "{r}");
+    let calls = c["message"]["tool_calls"].as_array().unwrap();
+    assert_eq!(calls.len(), 1, "{r}");
+    assert_eq!(calls[0]["function"]["name"], "get_weather");
+    let args: Value =
+        serde_json::from_str(calls[0]["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert!(
+        ["Paris", "Rome"].contains(&args["city"].as_str().unwrap()),
+        "{args}"
+    );
+
+    let chunks = post_stream(
+        &http,
+        &chat,
+        &with_fields(body.clone(), &json!({"stream": true})),
+    )
+    .await;
+    let streamed: Vec<&Value> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["tool_calls"].as_array())
+        .flatten()
+        .collect();
+    assert_eq!(streamed.len(), 1, "{chunks:?}");
+    assert_eq!(streamed[0]["function"], calls[0]["function"]);
+    assert!(
+        chunks.iter().all(|c| c["choices"][0]["delta"]["content"]
+            .as_str()
+            .is_none_or(|t| t.is_empty())),
+        "{chunks:?}"
+    );
+    // Without the token the answer is text.
+    let mut plain = body;
+    plain.as_object_mut().unwrap().remove("logit_bias");
+    let r = post_json(&http, &chat, &plain).await;
+    assert!(r["choices"][0]["message"]["tool_calls"].is_null(), "{r}");
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
