@@ -141,12 +141,7 @@ impl TextTokenizer {
                 )));
             }
         };
-        let vocab: Vocab = v
-            .tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), i as u32))
-            .collect();
+        let vocab = vocab_of(&v.tokens);
         let merges = v
             .merges
             .iter()
@@ -194,12 +189,7 @@ impl TextTokenizer {
                 v.scores.len()
             )));
         }
-        let vocab: Vocab = v
-            .tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), i as u32))
-            .collect();
+        let vocab = vocab_of(&v.tokens);
         let merges = spm_merges(&v.tokens, &v.scores, &vocab);
         let unk = v
             .token_types
@@ -300,6 +290,15 @@ impl TextTokenizer {
     }
 }
 
+/// Each token to its id (its index).
+fn vocab_of(tokens: &[String]) -> Vocab {
+    tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect()
+}
+
 /// The GGUF's control tokens as special tokens, and its user-defined ones as added tokens,
 /// both matched whole in the text before the model's own splitting (llama.cpp's
 /// `tokenizer_st_partition`).
@@ -390,12 +389,7 @@ mod tests {
         for w in ["▁", "a", "b", "c"] {
             scores[at(w, &tokens)] = -10.0;
         }
-        let vocab: Vocab = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), i as u32))
-            .collect();
-        let merges = spm_merges(&tokens, &scores, &vocab);
+        let merges = spm_merges(&tokens, &scores, &vocab_of(&tokens));
         let pair = |l: &str, r: &str| (l.to_owned(), r.to_owned());
         // "▁abc" splits as ▁a|bc and ▁ab|c (in id order; "abc" is no piece), then "bc",
         // "▁a", "▁ab" (two ways) and "ab" by score.
