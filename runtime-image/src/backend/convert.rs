@@ -26,6 +26,7 @@
 use candle_core::Device;
 use candle_core::quantized::{GgmlDType, QTensor, ggml_file};
 use half::f16;
+use rayon::prelude::*;
 
 use crate::error::Result;
 
@@ -80,14 +81,19 @@ fn through_f32(t: &QTensor) -> Result<QTensor> {
     }
     let row_bytes = k / block * size;
     let raw = t.data()?;
-    let per_chunk = (CHUNK_VALUES / k).max(1);
-    let mut out = Vec::with_capacity(rows * k / 32 * 34);
-    for part in raw.chunks(per_chunk * row_bytes) {
-        let n = part.len() / row_bytes;
-        let q = ggml_file::qtensor_from_ggml(t.dtype(), part, vec![n, k], &Device::Cpu)?;
-        let f = q.dequantize(&Device::Cpu)?;
-        out.extend_from_slice(&QTensor::quantize(&f, GgmlDType::Q8_0)?.data()?);
-    }
+    // Parts of rows on the threads in parallel, each at most CHUNK_VALUES / threads values.
+    let threads = rayon::current_num_threads().max(1);
+    let per_chunk = (CHUNK_VALUES / threads / k).max(1);
+    let mut out = vec![0u8; rows * k / 32 * 34];
+    out.par_chunks_mut(per_chunk * k / 32 * 34)
+        .zip(raw.par_chunks(per_chunk * row_bytes))
+        .try_for_each(|(o, part)| -> Result<()> {
+            let n = part.len() / row_bytes;
+            let q = ggml_file::qtensor_from_ggml(t.dtype(), part, vec![n, k], &Device::Cpu)?;
+            let f = q.dequantize(&Device::Cpu)?;
+            o.copy_from_slice(&QTensor::quantize(&f, GgmlDType::Q8_0)?.data()?);
+            Ok(())
+        })?;
     Ok(ggml_file::qtensor_from_ggml(
         GgmlDType::Q8_0,
         &out,
@@ -105,34 +111,53 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
     f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
 }
 
+/// `raw`'s blocks of `from` bytes converted one by one into blocks of `to` bytes by `f`
+/// (`false`: a scale does not fit f16), on the threads in parallel (the fresh output pages'
+/// zeroing by the kernel included).
+fn per_block(
+    raw: &[u8],
+    from: usize,
+    to: usize,
+    f: impl Fn(&[u8], &mut [u8]) -> Option<()> + Sync,
+) -> Option<Vec<u8>> {
+    const BLOCKS: usize = 4096;
+    let mut out = vec![0u8; raw.len() / from * to];
+    let ok = out
+        .par_chunks_mut(to * BLOCKS)
+        .zip(raw.par_chunks(from * BLOCKS))
+        .all(|(o, r)| {
+            o.chunks_exact_mut(to)
+                .zip(r.chunks_exact(from))
+                .all(|(o, r)| f(r, o).is_some())
+        });
+    ok.then_some(out)
+}
+
 /// Q4_0 blocks `{d, qs[16]}` as Q4_1 blocks `{d, m = −8d, qs}` (the same nibbles).
 fn q4_0_to_q4_1(raw: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(raw.len() / 18 * 20);
-    for b in raw.chunks_exact(18) {
-        out.extend_from_slice(&b[..2]);
-        out.extend_from_slice(&f16_bits(-8.0 * f16_at(b, 0))?);
-        out.extend_from_slice(&b[2..18]);
-    }
-    Some(out)
+    per_block(raw, 18, 20, |b, o| {
+        o[..2].copy_from_slice(&b[..2]);
+        o[2..4].copy_from_slice(&f16_bits(-8.0 * f16_at(b, 0))?);
+        o[4..].copy_from_slice(&b[2..18]);
+        Some(())
+    })
 }
 
 /// Q5_0 blocks `{d, qh: u32, qs[16]}` as Q8_0 blocks `{d, q − 16}`.
 fn q5_0_to_q8_0(raw: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(raw.len() / 22 * 34);
-    for b in raw.chunks_exact(22) {
-        out.extend_from_slice(&b[..2]);
+    per_block(raw, 22, 34, |b, o| {
+        o[..2].copy_from_slice(&b[..2]);
         let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
         let qs = &b[6..22];
-        let mut q = [0u8; 32];
+        let q = &mut o[2..];
         for j in 0..16 {
             let hi0 = ((qh >> j) << 4) & 0x10;
             let hi1 = (qh >> (j + 12)) & 0x10;
             q[j] = (((qs[j] & 0x0F) as u32 | hi0) as i32 - 16) as i8 as u8;
             q[j + 16] = (((qs[j] >> 4) as u32 | hi1) as i32 - 16) as i8 as u8;
         }
-        out.extend_from_slice(&q);
-    }
-    Some(out)
+        Some(())
+    })
 }
 
 /// Sub-block `j`'s 6-bit scale and min of a K-quant's packed 12 bytes (ggml's
@@ -152,26 +177,25 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
 /// sub-block `s` holds `d·sc_s·q − dmin·m_s`, its nibbles in bytes `32·(s/2)..` (low for even
 /// `s`, high for odd), element `i` in byte `i`; Q4_1 wants element `i` low and `i + 16` high.
 fn q4k_to_q4_1(raw: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(raw.len() / 144 * 8 * 20);
-    for b in raw.chunks_exact(144) {
+    per_block(raw, 144, 8 * 20, |b, out| {
         let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
         let (scales, qs) = (&b[4..16], &b[16..144]);
-        for s in 0..8 {
+        for (s, o) in out.chunks_exact_mut(20).enumerate() {
             let (sc, m) = scale_min_k4(s, scales);
             // As ggml's dequantisation computes them, in f32.
-            out.extend_from_slice(&f16_bits(d * sc as f32)?);
-            out.extend_from_slice(&f16_bits(-(dmin * m as f32))?);
+            o[..2].copy_from_slice(&f16_bits(d * sc as f32)?);
+            o[2..4].copy_from_slice(&f16_bits(-(dmin * m as f32))?);
             let bytes = &qs[32 * (s / 2)..][..32];
             let q = |i: usize| match s % 2 {
                 0 => bytes[i] & 0xF,
                 _ => bytes[i] >> 4,
             };
             for i in 0..16 {
-                out.push(q(i) | (q(i + 16) << 4));
+                o[4 + i] = q(i) | (q(i + 16) << 4);
             }
         }
-    }
-    Some(out)
+        Some(())
+    })
 }
 
 #[cfg(test)]
