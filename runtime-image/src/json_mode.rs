@@ -831,7 +831,6 @@ impl JsonMode {
             JsonMode::After(lazy)
                 if lazy.inside.is_none() && lazy.opening == Opening::Token(id) =>
             {
-                lazy.begun = true;
                 lazy.inside = Some(SchemaState::new(&lazy.schema));
             }
             _ => self.advance(vocab.text(id)),

@@ -1414,25 +1414,25 @@ async fn collect_response(
                 "finish_reason": finish,
             })
         }
-        Flavor::Chat if reasoning => {
-            let parts = crate::reasoning::split(&c.text, true);
+        Flavor::Chat => {
+            let message = match reasoning {
+                true => {
+                    let parts = crate::reasoning::split(&c.text, true);
+                    json!({
+                        "role": "assistant",
+                        "reasoning_content": parts.reasoning,
+                        "content": parts.content.filter(|t| !t.is_empty()),
+                    })
+                }
+                false => json!({"role": "assistant", "content": c.text}),
+            };
             json!({
                 "index": i,
-                "message": {
-                    "role": "assistant",
-                    "reasoning_content": parts.reasoning,
-                    "content": parts.content.filter(|t| !t.is_empty()),
-                },
+                "message": message,
                 "logprobs": if want_logprobs { chat_logprobs(&c.logprobs) } else { Value::Null },
                 "finish_reason": c.finish_reason.as_str(),
             })
         }
-        Flavor::Chat => json!({
-            "index": i,
-            "message": {"role": "assistant", "content": c.text},
-            "logprobs": if want_logprobs { chat_logprobs(&c.logprobs) } else { Value::Null },
-            "finish_reason": c.finish_reason.as_str(),
-        }),
         Flavor::Completion => {
             let echo = echo.as_ref().map(|e| &e[i / n.max(1)]);
             let before = echo.map_or("", |e| e.text.as_str());

@@ -93,6 +93,14 @@ impl ToolCallParser {
         }
     }
 
+    /// The text a call opens with (Hermes' tag, Mistral's control token's text).
+    fn open_text(self) -> &'static str {
+        match self {
+            ToolCallParser::Mistral => MISTRAL_OPEN,
+            _ => HERMES_OPEN,
+        }
+    }
+
     /// Whether the answer must be decoded with its special tokens for its calls to show.
     pub fn keeps_special_tokens(self) -> bool {
         self == ToolCallParser::Mistral
@@ -195,16 +203,6 @@ impl ToolCallParser {
             content: (!content.trim().is_empty()).then(|| content.to_owned()),
             calls,
         })
-    }
-}
-
-impl ToolCallParser {
-    /// The text a call opens with (Hermes' tag, Mistral's control token's text).
-    fn open_text(self) -> &'static str {
-        match self {
-            ToolCallParser::Mistral => MISTRAL_OPEN,
-            _ => HERMES_OPEN,
-        }
     }
 }
 

@@ -209,6 +209,23 @@ fn md_string_list(ct: &gguf_file::Content, key: &str) -> Result<Vec<String>> {
         .collect()
 }
 
+/// The metadata list `key` with each item read by `item`; `None` when the file has none.
+fn md_list<T>(
+    ct: &gguf_file::Content,
+    key: &str,
+    item: impl Fn(&gguf_file::Value) -> candle_core::Result<T>,
+) -> Result<Option<Vec<T>>> {
+    match ct.metadata.get(key) {
+        Some(v) => Ok(Some(
+            v.to_vec()?
+                .iter()
+                .map(item)
+                .collect::<candle_core::Result<_>>()?,
+        )),
+        None => Ok(None),
+    }
+}
+
 /// Which forward pass a GGUF llama runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Forward {
@@ -369,18 +386,10 @@ fn unsupported_type(path: &Path, id: u32) -> String {
 /// The tokenizer a GGUF file's vocabulary describes (`tokenizer.ggml.*`), as llama.cpp reads
 /// it ([`TextTokenizer::from_gguf_vocab`]).
 fn vocab_tokenizer(ct: &gguf_file::Content, tokens: &[String]) -> Result<TextTokenizer> {
-    let token_types: Vec<i32> = match ct.metadata.get("tokenizer.ggml.token_type") {
-        Some(v) => v
-            .to_vec()?
-            .iter()
-            .map(|t| t.to_i32())
-            .collect::<candle_core::Result<_>>()?,
-        None => vec![1; tokens.len()],
-    };
-    let merges = match ct.metadata.get("tokenizer.ggml.merges") {
-        Some(_) => md_string_list(ct, "tokenizer.ggml.merges")?,
-        None => Vec::new(),
-    };
+    let token_types = md_list(ct, "tokenizer.ggml.token_type", |t| t.to_i32())?
+        .unwrap_or_else(|| vec![1; tokens.len()]);
+    let merges =
+        md_list(ct, "tokenizer.ggml.merges", |m| Ok(m.to_string()?.clone()))?.unwrap_or_default();
     let model = md(ct, "tokenizer.ggml.model")?.to_string()?.clone();
     let pre = ct
         .metadata
@@ -388,14 +397,7 @@ fn vocab_tokenizer(ct: &gguf_file::Content, tokens: &[String]) -> Result<TextTok
         .and_then(|v| v.to_string().ok())
         .cloned()
         .unwrap_or_else(|| "default".into());
-    let scores: Vec<f32> = match ct.metadata.get("tokenizer.ggml.scores") {
-        Some(v) => v
-            .to_vec()?
-            .iter()
-            .map(|s| s.to_f32())
-            .collect::<candle_core::Result<_>>()?,
-        None => Vec::new(),
-    };
+    let scores = md_list(ct, "tokenizer.ggml.scores", |s| s.to_f32())?.unwrap_or_default();
     let add_space_prefix = ct
         .metadata
         .get("tokenizer.ggml.add_space_prefix")

@@ -955,6 +955,19 @@ mod tests {
         ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
 
+    /// `x · Wᵀ` by candle's `QMatMul` on `w` quantised to `dtype` (`m` rows of `x`).
+    fn candle_product(w: &Tensor, dtype: GgmlDType, x: &[f32], m: usize) -> Vec<f32> {
+        let k = w.dims()[1];
+        let mm = QMatMul::from_qtensor(QTensor::quantize(w, dtype).unwrap()).unwrap();
+        let xt = Tensor::from_slice(x, (m, k), &Device::Cpu).unwrap();
+        mm.forward(&xt)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    }
+
     fn random(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed;
         (0..n).map(|_| lcg(&mut s)).collect()
@@ -1117,17 +1130,9 @@ mod tests {
             let (n, k, m) = (64, 128, 6);
             let w = Tensor::from_vec(random(n * k, 11), (n, k), &Device::Cpu).unwrap();
             let q = QTensor::quantize(&w, dtype).unwrap();
-            let candle = QMatMul::from_qtensor(QTensor::quantize(&w, dtype).unwrap()).unwrap();
             let mat = QMat::from_qtensor(q).unwrap();
             let x = random(m * k, 5);
-            let xt = Tensor::from_slice(&x, (m, k), &Device::Cpu).unwrap();
-            let want = candle
-                .forward(&xt)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
+            let want = candle_product(&w, dtype, &x, m);
             let got = mat.forward(&x, m).unwrap();
             for (g, w) in got.iter().zip(&want) {
                 assert!(
@@ -1192,17 +1197,8 @@ mod tests {
         let dense = QMat::from_qtensor(QTensor::quantize(&w, GgmlDType::F32).unwrap()).unwrap();
         assert!(matches!(dense, QMat::Candle { n: 16, k: 256, .. }));
         assert!(dense.dequantize_row(0, &mut [0f32; 256]).is_none());
-        let reference =
-            QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::F32).unwrap()).unwrap();
         let x = random(m * k, 17);
-        let xt = Tensor::from_slice(&x, (m, k), &Device::Cpu).unwrap();
-        let want = reference
-            .forward(&xt)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let want = candle_product(&w, GgmlDType::F32, &x, m);
         assert_eq!(dense.forward(&x, m).unwrap(), want);
         let (ours, _) = weights(GgmlDType::Q4_1, 8, 256);
         let y_ours = ours.forward(&x, m).unwrap();
@@ -1227,7 +1223,6 @@ mod tests {
     fn other_quantised_types_run_on_our_kernels_after_conversion() {
         let (k, m) = (512, 5);
         let x = random(m * k, 21);
-        let xt = Tensor::from_slice(&x, (m, k), &Device::Cpu).unwrap();
         for dtype in [
             GgmlDType::Q4_0,
             GgmlDType::Q5_0,
@@ -1239,14 +1234,7 @@ mod tests {
             let w = Tensor::from_vec(random(24 * k, 31), (24, k), &Device::Cpu).unwrap();
             let mat = QMat::from_qtensor(QTensor::quantize(&w, dtype).unwrap()).unwrap();
             assert!(matches!(mat, QMat::Own { n: 24, .. }), "{dtype:?}");
-            let reference = QMatMul::from_qtensor(QTensor::quantize(&w, dtype).unwrap()).unwrap();
-            let want = reference
-                .forward(&xt)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
+            let want = candle_product(&w, dtype, &x, m);
             let got = mat.forward(&x, m).unwrap();
             // Both quantise the activations to 8 bits (per 32 here, per 256 or 32 there):
             // the outputs agree to a small part of their spread.
