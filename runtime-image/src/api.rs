@@ -8,6 +8,7 @@ use serde_json::Value;
 
 use crate::chat::{ChatMessage, ChatOptions};
 use crate::engine::Ending;
+use crate::grammar::Grammar;
 use crate::json_mode::Constraint;
 use crate::json_schema::{Schema, TextPattern};
 use crate::sampling::SamplingParams;
@@ -234,8 +235,8 @@ pub struct VllmFields {
 
 impl VllmFields {
     /// What vLLM's guided decoding fields constrain the answer to: a JSON schema (as
-    /// `response_format`'s), a regex the whole answer matches, or one of a list of texts.
-    /// Grammars are refused, and so is more than one field.
+    /// `response_format`'s), a regex the whole answer matches, one of a list of texts, or
+    /// text a GBNF grammar derives ([`crate::grammar`]). More than one field is refused.
     pub fn guided(&self) -> Result<Option<Constraint>, ApiError> {
         let mut given: Vec<(&'static str, &Value)> = Vec::new();
         for (name, v) in [
@@ -318,10 +319,10 @@ impl VllmFields {
                 ))
             }
             _ => {
-                return Err(unsupported(
-                    param,
-                    "no grammars (EBNF or GBNF); send a JSON schema, a regex or choices",
-                ));
+                let text = v
+                    .as_str()
+                    .ok_or_else(|| bad(format!("must be a GBNF grammar's text, got {v}")))?;
+                Constraint::Grammar(std::sync::Arc::new(Grammar::parse(text).map_err(bad)?))
             }
         }))
     }
@@ -1484,16 +1485,30 @@ mod tests {
             guided(json!({"structured_outputs": {"json_object": true}})),
             Ok(Some(Constraint::Object))
         ));
+        for v in [
+            json!({"guided_grammar": "root ::= [0-9]+"}),
+            json!({"structured_outputs": {"grammar": "root ::= \"a\" | \"b\""}}),
+        ] {
+            assert!(
+                matches!(guided(v.clone()), Ok(Some(Constraint::Grammar(_)))),
+                "{v}"
+            );
+        }
         for (v, param, says) in [
             (
                 json!({"guided_grammar": "root ::= x"}),
                 "guided_grammar",
-                "grammars",
+                "guided_grammar: line 1, column 10: rule `x` is used but not defined",
             ),
             (
-                json!({"structured_outputs": {"grammar": "x"}}),
+                json!({"structured_outputs": {"grammar": "?start: x"}}),
                 "structured_outputs",
-                "grammars",
+                "structured_outputs.grammar: line 1, column 1: expected a rule's name",
+            ),
+            (
+                json!({"guided_grammar": {"root": "x"}}),
+                "guided_grammar",
+                "must be a GBNF grammar's text",
             ),
             (json!({"guided_choice": []}), "guided_choice", "non-empty"),
             (json!({"guided_choice": [1]}), "guided_choice", "strings"),

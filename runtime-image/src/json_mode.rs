@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex};
 
 use regex_automata::util::primitives::StateID;
 
+use crate::grammar::{ByteTrie, Grammar, GrammarState, mask_grammar};
 use crate::json_schema::{Schema, SchemaState, TextPattern};
 
 /// Whitespace characters allowed in a row.
@@ -442,6 +443,8 @@ pub struct JsonVocab {
     raw: HashMap<u32, Vec<u8>>,
     /// Per token, whether `raw` holds it (a look-up the mask makes for every token).
     is_raw: Vec<bool>,
+    /// [`JsonVocab::trie`], built once.
+    trie: std::sync::OnceLock<Arc<ByteTrie>>,
 }
 
 impl JsonVocab {
@@ -462,6 +465,7 @@ impl JsonVocab {
             eos: Vec::new(),
             raw: HashMap::new(),
             is_raw: Vec::new(),
+            trie: Default::default(),
         }
     }
 
@@ -493,6 +497,25 @@ impl JsonVocab {
             Some(b) => b,
             None => self.text(id).as_bytes(),
         }
+    }
+
+    /// The tokens as a trie over their bytes (built once, then kept), for grammars.
+    pub fn trie(&self) -> &ByteTrie {
+        self.trie.get_or_init(|| Arc::new(ByteTrie::new(self)))
+    }
+
+    /// Tokens in the vocabulary.
+    pub fn len(&self) -> usize {
+        self.texts.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.texts.is_empty()
+    }
+
+    /// The end-of-text tokens.
+    pub fn eos(&self) -> &[u32] {
+        &self.eos
     }
 
     /// The vocabulary with its end-of-text tokens.
@@ -539,6 +562,8 @@ pub enum Constraint {
     /// token is masked where no match can follow it, end-of-text allowed only on a match;
     /// the answer ends by itself where the match can go no further.
     Regex(Arc<TextPattern>),
+    /// Text that a grammar derives whole (vLLM's `guided_grammar`), held as a regex is.
+    Grammar(Arc<Grammar>),
 }
 
 /// Where a value of [`Constraint::After`] starts.
@@ -589,6 +614,7 @@ pub enum JsonMode {
     Schema(Arc<Schema>, SchemaState),
     After(Box<Lazy>),
     Regex(Arc<TextPattern>, StateID),
+    Grammar(Arc<Grammar>, GrammarState),
 }
 
 /// [`Constraint::After`]'s state: in free text, or inside a value an opening started.
@@ -706,6 +732,7 @@ impl JsonMode {
             Constraint::Object => JsonMode::default(),
             Constraint::Schema(s) => JsonMode::Schema(s.clone(), SchemaState::new(s)),
             Constraint::Regex(p) => JsonMode::Regex(p.clone(), p.start()),
+            Constraint::Grammar(g) => JsonMode::Grammar(g.clone(), GrammarState::new(g)),
             Constraint::After {
                 opening,
                 schema,
@@ -727,6 +754,7 @@ impl JsonMode {
     pub fn mask(&self, vocab: &JsonVocab, logits: &mut [f32]) -> bool {
         let (in_string, partial) = match self {
             JsonMode::Regex(p, state) => return mask_regex(p, *state, vocab, logits),
+            JsonMode::Grammar(g, state) => return mask_grammar(g, state, vocab, logits),
             JsonMode::Object(st) => (st.in_plain_string(), st.in_partial_char()),
             JsonMode::Schema(_, st) => (st.in_plain_string(), st.in_partial_char()),
             JsonMode::After(lazy) => match &lazy.inside {
@@ -764,14 +792,18 @@ impl JsonMode {
                     match self {
                         JsonMode::Object(st) => st.clone().push_bytes(bytes),
                         JsonMode::Schema(schema, st) => st.clone().push_bytes(schema, bytes),
-                        JsonMode::After(_) | JsonMode::Regex(..) => unreachable!("answered above"),
+                        JsonMode::After(_) | JsonMode::Regex(..) | JsonMode::Grammar(..) => {
+                            unreachable!("answered above")
+                        }
                     }
                 }
                 Some(_) if partial => false,
                 Some(t) if t.is_empty() => false,
                 Some(_) if in_string && vocab.plain[id] => true,
                 Some(t) => match self {
-                    JsonMode::After(_) | JsonMode::Regex(..) => unreachable!("answered above"),
+                    JsonMode::After(_) | JsonMode::Regex(..) | JsonMode::Grammar(..) => {
+                        unreachable!("answered above")
+                    }
                     JsonMode::Object(st) => st.accepts(t),
                     JsonMode::Schema(schema, st) => {
                         let c = t.chars().next().unwrap_or('\u{0}');
@@ -797,6 +829,10 @@ impl JsonMode {
     /// others over its text.
     pub fn advance_id(&mut self, vocab: &JsonVocab, id: u32) {
         match self {
+            JsonMode::Grammar(g, state) => {
+                let ok = state.push_bytes(g, vocab.bytes(id));
+                debug_assert!(ok, "a masked token was sampled: {id}");
+            }
             JsonMode::Regex(p, state) => {
                 let bytes = vocab.bytes(id);
                 if let Some(next) = p.step(*state, bytes) {
@@ -853,6 +889,7 @@ impl JsonMode {
                 }
                 None => text.is_empty(), // an end-of-text token
             },
+            JsonMode::Grammar(g, state) => state.push_bytes(g, text.as_bytes()),
         };
         debug_assert!(ok, "a masked token was sampled: {text:?}");
     }
@@ -865,6 +902,7 @@ impl JsonMode {
             JsonMode::Schema(_, st) => st.complete(),
             JsonMode::After(lazy) => lazy.finished,
             JsonMode::Regex(p, state) => p.matches(*state) && !p.goes_on(*state),
+            JsonMode::Grammar(_, state) => state.matched() && !state.goes_on(),
         }
     }
 }
@@ -1266,9 +1304,7 @@ mod tests {
                     *l > f32::NEG_INFINITY,
                     match &m {
                         JsonMode::Object(st) => st.accepts(t),
-                        JsonMode::Schema(..) | JsonMode::After(_) | JsonMode::Regex(..) => {
-                            unreachable!()
-                        }
+                        _ => unreachable!(),
                     },
                     "{t:?} after {prefix:?}"
                 );

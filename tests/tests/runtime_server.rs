@@ -2181,8 +2181,8 @@ async fn vllm_fields_bound_where_an_answer_ends() {
 
 /// vLLM's guided decoding fields: `guided_choice` (and `structured_outputs.choice`) makes
 /// the answer one of its texts, on chat and completions, non-ASCII ones too; `guided_regex` one the regex
-/// matches whole (streamed the same); `guided_json` a value of its schema; a grammar, or
-/// two of them, is refused naming the field.
+/// matches whole (streamed the same); `guided_json` a value of its schema; two of them are
+/// refused naming the field.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vllm_guided_decoding_shapes_the_answer() {
     let (server, url) = serve(|c| c.max_new_tokens = 160).await;
@@ -2287,7 +2287,7 @@ async fn vllm_guided_decoding_shapes_the_answer() {
 
     for (extra, param) in [
         (
-            json!({"guided_grammar": "root ::= \"a\""}),
+            json!({"guided_grammar": "root ::= \"a\"", "guided_regex": "a"}),
             "guided_grammar",
         ),
         (
@@ -2301,6 +2301,141 @@ async fn vllm_guided_decoding_shapes_the_answer() {
     ] {
         expect_refused(&http, &chat, &ask("hi", extra.clone()), param).await;
     }
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+/// Whether `text` is one bracketed list of the grammar below, whole: lower-case words or
+/// lists, `, ` between them (written apart from the grammar's code, as the check).
+fn is_word_list(text: &str) -> bool {
+    fn list(b: &[u8], mut i: usize) -> Option<usize> {
+        if b.get(i) != Some(&b'[') {
+            return None;
+        }
+        i += 1;
+        loop {
+            i = match b.get(i) {
+                Some(b'[') => list(b, i)?,
+                Some(c) if c.is_ascii_lowercase() => {
+                    let n = b[i..].iter().take_while(|c| c.is_ascii_lowercase()).count();
+                    (n <= 12).then_some(i + n)?
+                }
+                _ => return None,
+            };
+            match b.get(i..i + 2) {
+                Some(b", ") => i += 2,
+                _ if b.get(i) == Some(&b']') => return Some(i + 1),
+                _ => return None,
+            }
+        }
+    }
+    list(text.as_bytes(), 0) == Some(text.len())
+}
+
+/// vLLM's `guided_grammar` (and `structured_outputs.grammar`): the answer is text a GBNF
+/// grammar derives whole, recursive rules included, on chat and completions, streamed the
+/// same; characters SmolLM2 writes in pieces of their UTF-8 are taken where the grammar
+/// allows them; a grammar that does not compile is refused naming the field, the line and
+/// the column.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gbnf_grammar_shapes_the_answer() {
+    let (server, url) = serve(|c| c.max_new_tokens = 160).await;
+    let http = client();
+    let chat = format!("{url}/v1/chat/completions");
+    let ask = |q: &str, extra: Value| {
+        with_fields(
+            chat_body(q, json!({"temperature": 0, "max_tokens": 120})),
+            &extra,
+        )
+    };
+    let content = |r: &Value| {
+        let c = &r["choices"][0];
+        assert_eq!(c["finish_reason"], "stop", "{r}");
+        c["message"]["content"].as_str().unwrap().to_owned()
+    };
+    let lists = "root ::= list\n\
+                 list ::= \"[\" item (\", \" item)* \"]\"  # nested lists too\n\
+                 item ::= word | list\n\
+                 word ::= [a-z]{1,12}\n";
+    let question = "Name three fruits.";
+    let free = post_json(&http, &chat, &ask(question, json!({}))).await;
+    let free = free["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(
+        !is_word_list(free),
+        "unguided, the answer is a sentence: {free:?}"
+    );
+    for extra in [
+        json!({"guided_grammar": lists}),
+        json!({"structured_outputs": {"grammar": lists}}),
+        json!({"guided_grammar": lists, "temperature": 1.0, "seed": 3}),
+        json!({"guided_grammar": lists, "temperature": 1.0, "seed": 4}),
+    ] {
+        let r = post_json(&http, &chat, &ask(question, extra.clone())).await;
+        let text = content(&r);
+        assert!(is_word_list(&text), "{extra}: {text:?}");
+    }
+    let body = ask(
+        question,
+        json!({"guided_grammar": lists, "temperature": 1.0, "seed": 3}),
+    );
+    let whole = content(&post_json(&http, &chat, &body).await);
+    let chunks = post_stream(&http, &chat, &with_fields(body, &json!({"stream": true}))).await;
+    let streamed: String = (chunks.iter())
+        .filter_map(|ch| ch["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(streamed, whole);
+
+    let r = post_json(
+        &http,
+        &format!("{url}/v1/completions"),
+        &json!({"model": SMOL, "prompt": "Is the sky green? Answer:", "max_tokens": 8,
+                "temperature": 0, "guided_grammar": "root ::= \" \" (\"Yes\" | \"No\") \".\""}),
+    )
+    .await;
+    assert_eq!(r["choices"][0]["finish_reason"], "stop", "{r}");
+    let text = r["choices"][0]["text"].as_str().unwrap();
+    assert!([" Yes.", " No."].contains(&text), "{r}");
+
+    // Kanji, hiragana and katakana (SmolLM2 writes most of them as two byte tokens), then "。".
+    let japanese = "root ::= [\\u4e00-\\u9fff\\u3041-\\u3096\\u30a1-\\u30fa]{1,8} \"\\u3002\"";
+    for seed in [1, 2, 3] {
+        let extra = json!({"guided_grammar": japanese, "temperature": 1.0, "seed": seed});
+        let text = content(&post_json(&http, &chat, &ask("東京について日本語で。", extra)).await);
+        let chars: Vec<char> = text.chars().collect();
+        assert!(
+            (2..=9).contains(&chars.len())
+                && chars.last() == Some(&'\u{3002}')
+                && chars[..chars.len() - 1].iter().all(|&c| matches!(c,
+                    '\u{4e00}'..='\u{9fff}' | '\u{3041}'..='\u{3096}' | '\u{30a1}'..='\u{30fa}')),
+            "{text:?}"
+        );
+    }
+
+    for (grammar, says) in [
+        (
+            "root ::= item\n",
+            "line 1, column 10: rule `item` is used but not defined",
+        ),
+        (
+            "root ::= root \"a\" | \"b\"",
+            "rule `root` is left-recursive",
+        ),
+        ("start: \"a\"", "expected `::=` after rule name `start`"),
+    ] {
+        let body = ask("hi", json!({"guided_grammar": grammar}));
+        let r = http.post(&chat).json(&body).send().await.unwrap();
+        let e = expect_error(r, 400, grammar).await;
+        assert_eq!(e["error"]["param"], "guided_grammar", "{e}");
+        let message = e["error"]["message"].as_str().unwrap();
+        assert!(message.contains(says), "{grammar:?}: {message}");
+    }
+    // Still serving.
+    let r = post_json(
+        &http,
+        &chat,
+        &ask(question, json!({"guided_grammar": lists})),
+    )
+    .await;
+    assert!(is_word_list(&content(&r)));
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
