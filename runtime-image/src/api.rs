@@ -12,7 +12,7 @@ use crate::grammar::Grammar;
 use crate::json_mode::Constraint;
 use crate::json_schema::{Schema, TextPattern};
 use crate::sampling::SamplingParams;
-use crate::tool_calls::ToolCallParser;
+use crate::tool_calls::{CallShape, ToolCallParser};
 
 /// An error as OpenAI reports it: `{"error": {"message", "type", "param", "code"}}`.
 #[derive(Debug, Clone, PartialEq)]
@@ -393,7 +393,7 @@ pub struct ToolUse {
 #[derive(Debug, Clone)]
 pub struct AutoCalls {
     pub parser: ToolCallParser,
-    pub schema: std::sync::Arc<Schema>,
+    pub shape: CallShape,
     /// The answer ends with its first call (`parallel_tool_calls: false`, or a format of
     /// one call).
     pub once: bool,
@@ -527,14 +527,14 @@ impl ChatUnsupported {
             "none" => None,
             "auto" if parser != ToolCallParser::None => {
                 let parallel = self.parallel_tool_calls != Some(false);
-                let schema = (parser.schema(&listed, parallel))
+                let shape = (parser.shape(&listed, parallel))
                     .map_err(|e| ApiError::invalid(e, Some("tools")))?;
                 return Ok(Some(ToolUse {
                     tools: Value::Array(tools.to_vec()),
                     call: None,
                     auto: Some(AutoCalls {
                         parser,
-                        schema: std::sync::Arc::new(schema),
+                        shape,
                         once: parser.once(parallel),
                     }),
                 }));

@@ -564,6 +564,15 @@ pub enum Constraint {
     Regex(Arc<TextPattern>),
     /// Text that a grammar derives whole (vLLM's `guided_grammar`), held as a regex is.
     Grammar(Arc<Grammar>),
+    /// Free text in which control token `opening` starts a call written as a tool's name,
+    /// control token `args`, then arguments its schema accepts (Mistral's v11 format,
+    /// `[TOOL_CALLS]name[ARGS]{…}`); `once`: the answer ends with its first call.
+    Named {
+        opening: u32,
+        args: u32,
+        tools: Arc<[(String, Arc<Schema>)]>,
+        once: bool,
+    },
 }
 
 /// Where a value of [`Constraint::After`] starts.
@@ -615,6 +624,100 @@ pub enum JsonMode {
     After(Box<Lazy>),
     Regex(Arc<TextPattern>, StateID),
     Grammar(Arc<Grammar>, GrammarState),
+    Named(Box<NamedCalls>),
+}
+
+/// [`Constraint::Named`]'s state.
+#[derive(Debug, Clone)]
+pub struct NamedCalls {
+    opening: u32,
+    args: u32,
+    tools: Arc<[(String, Arc<Schema>)]>,
+    once: bool,
+    at: CallAt,
+}
+
+/// Where in a [`NamedCalls`] answer the text is.
+#[derive(Debug, Clone)]
+enum CallAt {
+    Free,
+    /// After the opening token: the tool's name so far.
+    Name(String),
+    /// After the arguments token: tool `.0`'s arguments so far.
+    Args(usize, SchemaState),
+    /// `once`: the call is complete, and so the answer.
+    Done,
+}
+
+impl NamedCalls {
+    /// Masks the tokens that may not come next in a tool's name: text that leads to no
+    /// tool's name, and the arguments token before a whole name.
+    fn mask_name(&self, name: &str, vocab: &JsonVocab, logits: &mut [f32]) -> bool {
+        let mut any = false;
+        let mut joined = String::with_capacity(64);
+        for (id, l) in logits.iter_mut().enumerate() {
+            let id = id as u32;
+            let ok = match vocab.text(id) {
+                _ if id == self.args => self.tools.iter().any(|(n, _)| n == name),
+                "" => false,
+                t => {
+                    joined.clear();
+                    joined.push_str(name);
+                    joined.push_str(t);
+                    self.tools
+                        .iter()
+                        .any(|(n, _)| n.starts_with(joined.as_str()))
+                }
+            };
+            if ok {
+                any |= *l > f32::NEG_INFINITY;
+            } else {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        any
+    }
+
+    fn advance_id(&mut self, vocab: &JsonVocab, id: u32) {
+        match &mut self.at {
+            CallAt::Free if id == self.opening => self.at = CallAt::Name(String::new()),
+            CallAt::Free | CallAt::Done => {}
+            CallAt::Name(name) if id == self.args => {
+                let i = self.tools.iter().position(|(n, _)| n == name);
+                debug_assert!(i.is_some(), "a masked token was sampled: {id}");
+                let i = i.unwrap_or(0);
+                self.at = CallAt::Args(i, SchemaState::new(&self.tools[i].1));
+            }
+            CallAt::Args(_, st) if vocab.is_raw(id) || st.in_partial_char() => {
+                self.advance_bytes(vocab.bytes(id))
+            }
+            _ => self.advance_text(vocab.text(id)),
+        }
+    }
+
+    /// Steps over an ordinary token's text (free text needs nothing).
+    fn advance_text(&mut self, text: &str) {
+        match &mut self.at {
+            CallAt::Name(name) => name.push_str(text),
+            CallAt::Args(..) => self.advance_bytes(text.as_bytes()),
+            CallAt::Free | CallAt::Done => {}
+        }
+    }
+
+    fn advance_bytes(&mut self, bytes: &[u8]) {
+        let CallAt::Args(i, st) = &mut self.at else {
+            return;
+        };
+        let ok = st.push_bytes(&self.tools[*i].1, bytes);
+        debug_assert!(ok, "a masked token was sampled: {bytes:?}");
+        if st.complete() {
+            self.at = if self.once {
+                CallAt::Done
+            } else {
+                CallAt::Free
+            };
+        }
+    }
 }
 
 /// [`Constraint::After`]'s state: in free text, or inside a value an opening started.
@@ -733,6 +836,18 @@ impl JsonMode {
             Constraint::Schema(s) => JsonMode::Schema(s.clone(), SchemaState::new(s)),
             Constraint::Regex(p) => JsonMode::Regex(p.clone(), p.start()),
             Constraint::Grammar(g) => JsonMode::Grammar(g.clone(), GrammarState::new(g)),
+            Constraint::Named {
+                opening,
+                args,
+                tools,
+                once,
+            } => JsonMode::Named(Box::new(NamedCalls {
+                opening: *opening,
+                args: *args,
+                tools: tools.clone(),
+                once: *once,
+                at: CallAt::Free,
+            })),
             Constraint::After {
                 opening,
                 schema,
@@ -755,6 +870,15 @@ impl JsonMode {
         let (in_string, partial) = match self {
             JsonMode::Regex(p, state) => return mask_regex(p, *state, vocab, logits),
             JsonMode::Grammar(g, state) => return mask_grammar(g, state, vocab, logits),
+            JsonMode::Named(calls) => {
+                return match &calls.at {
+                    CallAt::Free | CallAt::Done => logits.iter().any(|&l| l > f32::NEG_INFINITY),
+                    CallAt::Name(name) => calls.mask_name(name, vocab, logits),
+                    CallAt::Args(i, st) => {
+                        JsonMode::Schema(calls.tools[*i].1.clone(), st.clone()).mask(vocab, logits)
+                    }
+                };
+            }
             JsonMode::Object(st) => (st.in_plain_string(), st.in_partial_char()),
             JsonMode::Schema(_, st) => (st.in_plain_string(), st.in_partial_char()),
             JsonMode::After(lazy) => match &lazy.inside {
@@ -792,18 +916,13 @@ impl JsonMode {
                     match self {
                         JsonMode::Object(st) => st.clone().push_bytes(bytes),
                         JsonMode::Schema(schema, st) => st.clone().push_bytes(schema, bytes),
-                        JsonMode::After(_) | JsonMode::Regex(..) | JsonMode::Grammar(..) => {
-                            unreachable!("answered above")
-                        }
+                        _ => unreachable!("answered above"),
                     }
                 }
                 Some(_) if partial => false,
                 Some(t) if t.is_empty() => false,
                 Some(_) if in_string && vocab.plain[id] => true,
                 Some(t) => match self {
-                    JsonMode::After(_) | JsonMode::Regex(..) | JsonMode::Grammar(..) => {
-                        unreachable!("answered above")
-                    }
                     JsonMode::Object(st) => st.accepts(t),
                     JsonMode::Schema(schema, st) => {
                         let c = t.chars().next().unwrap_or('\u{0}');
@@ -814,6 +933,7 @@ impl JsonMode {
                         };
                         first_ok && (t.len() == 1 || st.accepts(schema, t))
                     }
+                    _ => unreachable!("answered above"),
                 },
             };
             if ok {
@@ -829,6 +949,7 @@ impl JsonMode {
     /// others over its text.
     pub fn advance_id(&mut self, vocab: &JsonVocab, id: u32) {
         match self {
+            JsonMode::Named(calls) => calls.advance_id(vocab, id),
             JsonMode::Grammar(g, state) => {
                 let ok = state.push_bytes(g, vocab.bytes(id));
                 debug_assert!(ok, "a masked token was sampled: {id}");
@@ -890,6 +1011,10 @@ impl JsonMode {
                 None => text.is_empty(), // an end-of-text token
             },
             JsonMode::Grammar(g, state) => state.push_bytes(g, text.as_bytes()),
+            JsonMode::Named(calls) => {
+                calls.advance_text(text);
+                true
+            }
         };
         debug_assert!(ok, "a masked token was sampled: {text:?}");
     }
@@ -903,6 +1028,7 @@ impl JsonMode {
             JsonMode::After(lazy) => lazy.finished,
             JsonMode::Regex(p, state) => p.matches(*state) && !p.goes_on(*state),
             JsonMode::Grammar(_, state) => state.matched() && !state.goes_on(),
+            JsonMode::Named(calls) => matches!(calls.at, CallAt::Done),
         }
     }
 }
@@ -1057,6 +1183,87 @@ mod tests {
         (0..logits.len())
             .filter(|&i| logits[i] > f32::NEG_INFINITY)
             .collect()
+    }
+
+    #[test]
+    fn a_named_call_masks_its_name_then_that_tools_arguments() {
+        // 0 [TOOL_CALLS], 1 [ARGS] (control tokens: no text), 2 end of text.
+        let texts: Vec<String> = [
+            "",
+            "",
+            "",
+            "get",
+            "_weather",
+            "_time",
+            "{}",
+            "{\"city\": ",
+            "\"Rome\"",
+            "}",
+            "hi",
+            " get",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let vocab = JsonVocab::new(texts).with_eos(&[2]);
+        let schema = |v: serde_json::Value| Arc::new(Schema::compile(&v).unwrap());
+        let tools: Arc<[(String, Arc<Schema>)]> = vec![
+            (
+                "get_weather".to_string(),
+                schema(serde_json::json!({"type": "object", "properties": {"city": {"enum": ["Rome"]}}})),
+            ),
+            ("get_time".to_string(), schema(serde_json::json!({"type": "object", "properties": {}}))),
+        ]
+        .into();
+        let c = Constraint::Named {
+            opening: 0,
+            args: 1,
+            tools,
+            once: false,
+        };
+        let mut m = JsonMode::new(&c);
+        assert_eq!(unmasked(&m, &vocab).len(), 12, "free text");
+        m.advance_id(&vocab, 10);
+        m.advance_id(&vocab, 0);
+        assert_eq!(unmasked(&m, &vocab), [3], "a name's start, no space");
+        m.advance_id(&vocab, 3);
+        assert_eq!(unmasked(&m, &vocab), [4, 5]);
+        m.advance_id(&vocab, 4);
+        assert_eq!(
+            unmasked(&m, &vocab),
+            [1],
+            "a whole name: the arguments token"
+        );
+        m.advance_id(&vocab, 1);
+        assert_eq!(unmasked(&m, &vocab), [7], "get_weather's object, whole");
+        m.advance_id(&vocab, 7);
+        m.advance_id(&vocab, 8);
+        assert_eq!(unmasked(&m, &vocab), [9]);
+        m.advance_id(&vocab, 9);
+        assert!(!m.complete(), "free text again, for another call");
+        assert_eq!(unmasked(&m, &vocab).len(), 12);
+        // get_time takes an empty object; once, the call ends the answer.
+        let c = match c {
+            Constraint::Named {
+                opening,
+                args,
+                tools,
+                ..
+            } => Constraint::Named {
+                opening,
+                args,
+                tools,
+                once: true,
+            },
+            _ => unreachable!(),
+        };
+        let mut m = JsonMode::new(&c);
+        for id in [0, 3, 5, 1] {
+            m.advance_id(&vocab, id);
+        }
+        assert_eq!(unmasked(&m, &vocab), [6]);
+        m.advance_id(&vocab, 6);
+        assert!(m.complete());
     }
 
     #[test]

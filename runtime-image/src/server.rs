@@ -361,10 +361,12 @@ fn load_and_warm(st: &AppState, path: &std::path::Path) -> Result<()> {
     let secs = t0.elapsed().as_secs_f64();
     st.metrics.model_load_seconds.set(secs);
     let thp = crate::backend::thp_setting();
-    let mut tool_parser = cfg.tool_call_parser.unwrap_or_else(|| {
-        let template = engine.frontend().chat_template.as_ref();
-        ToolCallParser::detect(&template.map(|t| t.source()).unwrap_or_default())
-    });
+    let template = engine.frontend().chat_template.as_ref();
+    let template = template.map(|t| t.source()).unwrap_or_default();
+    let mut tool_parser = match cfg.tool_call_parser {
+        Some(p) => p.refine(&template),
+        None => ToolCallParser::detect(&template),
+    };
     let tokenizer = &engine.frontend().tokenizer;
     if tool_parser.opening(|t| tokenizer.token_to_id(t)).is_none()
         && tool_parser != ToolCallParser::None
@@ -971,14 +973,13 @@ async fn chat_completions(
             })
         }
         (None, Some(auto)) => {
-            json = Some(Constraint::After {
-                opening: auto
-                    .parser
-                    .opening(|t| engine.frontend().tokenizer.token_to_id(t))
-                    .expect("a parser whose opening the vocabulary has (checked at start)"),
-                schema: auto.schema.clone(),
-                once: auto.once,
-            });
+            json = Some(
+                auto.parser
+                    .constraint(&auto.shape, auto.once, |t| {
+                        engine.frontend().tokenizer.token_to_id(t)
+                    })
+                    .expect("a parser whose control tokens the vocabulary has (checked at start)"),
+            );
             Some(ToolOut::Parsed(auto.parser))
         }
         (None, None) => None,

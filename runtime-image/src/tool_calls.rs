@@ -20,6 +20,13 @@
 //!   token, so the call opens when that token is sampled ([`Opening::Token`]), and the
 //!   answer is decoded with special tokens kept (vLLM's parser sets
 //!   `skip_special_tokens: false` too) for it to be found in the text.
+//! - [`ToolCallParser::MistralV11`]: `[TOOL_CALLS]name[ARGS]{…}`, once per call (Mistral's
+//!   v11 tokenizers and later: Mistral Small 3.1 and 3.2, Magistral, Devstral, Ministral 3),
+//!   chosen where `--tool-call-parser mistral` (or the detected format) meets a template that
+//!   writes `[ARGS]` and a vocabulary that has that control token, as vLLM picks the format
+//!   by the tokenizer's version. After `[TOOL_CALLS]` the name is masked to the tools'
+//!   names, `[ARGS]` is allowed once a whole name is written, and the arguments are masked
+//!   to that tool's `parameters` ([`crate::json_mode::Constraint::Named`]).
 //! - `parallel_tool_calls: false`: one call, which ends the answer.
 //!
 //! Decisions, where vLLM's parser is the model:
@@ -31,7 +38,9 @@
 
 use serde_json::Value;
 
-use crate::json_mode::Opening;
+use std::sync::Arc;
+
+use crate::json_mode::{Constraint, Opening};
 use crate::json_schema::Schema;
 
 /// A model family's tool-call format.
@@ -42,10 +51,23 @@ pub enum ToolCallParser {
     /// `{"name": …, "parameters": …}` as the whole answer.
     #[value(name = "llama3_json")]
     Llama3Json,
-    /// `[TOOL_CALLS]` (a control token) then a JSON list of calls.
+    /// `[TOOL_CALLS]` (a control token) then a JSON list of calls; with a v11 template and
+    /// vocabulary, [`ToolCallParser::MistralV11`].
     Mistral,
+    /// `[TOOL_CALLS]name[ARGS]{…}` per call; not a flag's value (see [`ToolCallParser::refine`]).
+    #[value(skip)]
+    MistralV11,
     /// No format: `tool_choice: "auto"` is refused.
     None,
+}
+
+/// What a call in the model's format is masked to.
+#[derive(Debug, Clone)]
+pub enum CallShape {
+    /// One JSON value: a call, or a list of them.
+    Json(Arc<Schema>),
+    /// A tool's name, then its arguments, each tool's by its own schema.
+    Named(Arc<[(String, Arc<Schema>)]>),
 }
 
 /// One call read from an answer.
@@ -73,11 +95,22 @@ impl ToolCallParser {
         if template.contains(HERMES_OPEN) {
             ToolCallParser::Hermes
         } else if template.contains(MISTRAL_OPEN) {
-            ToolCallParser::Mistral
+            ToolCallParser::Mistral.refine(template)
         } else if template.contains(LLAMA3_ASK) {
             ToolCallParser::Llama3Json
         } else {
             ToolCallParser::None
+        }
+    }
+
+    /// Mistral's v11 format where the chat template writes calls with `[ARGS]` (a template
+    /// of Mistral's earlier format, or none, keeps the JSON list).
+    pub fn refine(self, template: &str) -> ToolCallParser {
+        match self {
+            ToolCallParser::Mistral if template.contains(MISTRAL_ARGS) => {
+                ToolCallParser::MistralV11
+            }
+            p => p,
         }
     }
 
@@ -89,6 +122,9 @@ impl ToolCallParser {
             ToolCallParser::Hermes => Some(Opening::Tag(HERMES_OPEN.into())),
             ToolCallParser::Llama3Json => Some(Opening::Start('{')),
             ToolCallParser::Mistral => token_id(MISTRAL_OPEN).map(Opening::Token),
+            ToolCallParser::MistralV11 => token_id(MISTRAL_ARGS)
+                .and(token_id(MISTRAL_OPEN))
+                .map(Opening::Token),
             ToolCallParser::None => None,
         }
     }
@@ -96,28 +132,61 @@ impl ToolCallParser {
     /// The text a call opens with (Hermes' tag, Mistral's control token's text).
     fn open_text(self) -> &'static str {
         match self {
-            ToolCallParser::Mistral => MISTRAL_OPEN,
+            ToolCallParser::Mistral | ToolCallParser::MistralV11 => MISTRAL_OPEN,
             _ => HERMES_OPEN,
         }
     }
 
     /// Whether the answer must be decoded with its special tokens for its calls to show.
     pub fn keeps_special_tokens(self) -> bool {
-        self == ToolCallParser::Mistral
+        matches!(self, ToolCallParser::Mistral | ToolCallParser::MistralV11)
     }
 
     /// What a call may be, written in this format, of one of `tools`; `parallel`: several
     /// calls in one block where the format has them.
-    pub fn schema(self, tools: &[(String, Value)], parallel: bool) -> Result<Schema, String> {
+    pub fn shape(self, tools: &[(String, Value)], parallel: bool) -> Result<CallShape, String> {
+        let json = |s: Result<Schema, String>| s.map(|s| CallShape::Json(Arc::new(s)));
         match (self, parallel) {
-            (ToolCallParser::Hermes, true) => Schema::tool_calls(tools),
+            (ToolCallParser::Hermes, true) => json(Schema::tool_calls(tools)),
             // A list even for one call, as Mistral's models write it.
             (ToolCallParser::Mistral, parallel) => {
-                Schema::tool_calls_upto(tools, (!parallel).then_some(1))
+                json(Schema::tool_calls_upto(tools, (!parallel).then_some(1)))
             }
-            (ToolCallParser::Llama3Json, _) => Schema::tool_call_keyed(tools, "parameters"),
-            _ => Schema::tool_call(tools),
+            (ToolCallParser::MistralV11, _) => {
+                let named = tools
+                    .iter()
+                    .map(|(name, params)| Ok((name.clone(), Arc::new(Schema::compile(params)?))));
+                Ok(CallShape::Named(
+                    named.collect::<Result<Vec<_>, String>>()?.into(),
+                ))
+            }
+            (ToolCallParser::Llama3Json, _) => json(Schema::tool_call_keyed(tools, "parameters")),
+            _ => json(Schema::tool_call(tools)),
         }
+    }
+
+    /// The answer's [`Constraint`]: free text in which calls of `shape` are masked once they
+    /// open (`None` where the vocabulary lacks the format's control tokens).
+    pub fn constraint(
+        self,
+        shape: &CallShape,
+        once: bool,
+        token_id: impl Fn(&str) -> Option<u32>,
+    ) -> Option<Constraint> {
+        let opening = self.opening(&token_id)?;
+        Some(match shape {
+            CallShape::Json(schema) => Constraint::After {
+                opening,
+                schema: schema.clone(),
+                once,
+            },
+            CallShape::Named(tools) => Constraint::Named {
+                opening: token_id(MISTRAL_OPEN)?,
+                args: token_id(MISTRAL_ARGS)?,
+                tools: tools.clone(),
+                once,
+            },
+        })
     }
 
     /// Whether the answer ends with its first call.
@@ -129,7 +198,7 @@ impl ToolCallParser {
     /// still turn out to be a call.
     pub fn content_so_far(self, text: &str) -> usize {
         match self {
-            ToolCallParser::Hermes | ToolCallParser::Mistral => {
+            ToolCallParser::Hermes | ToolCallParser::Mistral | ToolCallParser::MistralV11 => {
                 let open = self.open_text();
                 match text.find(open) {
                     Some(at) => at,
@@ -164,7 +233,9 @@ impl ToolCallParser {
             });
         }
         let open = match self {
-            ToolCallParser::Hermes | ToolCallParser::Mistral => self.open_text(),
+            ToolCallParser::Hermes | ToolCallParser::Mistral | ToolCallParser::MistralV11 => {
+                self.open_text()
+            }
             _ => return None,
         };
         let first = text.find(open)?;
@@ -173,6 +244,22 @@ impl ToolCallParser {
         while let Some(at) = rest.find(open) {
             let body = &rest[at + open.len()..];
             let (value, after) = match self {
+                ToolCallParser::MistralV11 => {
+                    // name[ARGS]{…}: the name up to the arguments token (or, decoded without
+                    // special tokens, the arguments' brace), then the first JSON value.
+                    let end = body.find(MISTRAL_ARGS).or_else(|| body.find('{'))?;
+                    let name = Some(body[..end].trim()).filter(|n| !n.is_empty())?;
+                    let args = body[end..]
+                        .strip_prefix(MISTRAL_ARGS)
+                        .unwrap_or(&body[end..]);
+                    let mut values = serde_json::Deserializer::from_str(args).into_iter::<Value>();
+                    let arguments = values.next()?.ok()?;
+                    let after = &args[values.byte_offset()..];
+                    (
+                        serde_json::json!({"name": name, "arguments": arguments}),
+                        after,
+                    )
+                }
                 ToolCallParser::Mistral => {
                     // The first JSON value after the token; text after it is not a call.
                     let mut values = serde_json::Deserializer::from_str(body).into_iter::<Value>();
@@ -208,6 +295,7 @@ impl ToolCallParser {
 
 const HERMES_OPEN: &str = "<tool_call>";
 const MISTRAL_OPEN: &str = "[TOOL_CALLS]";
+const MISTRAL_ARGS: &str = "[ARGS]";
 const HERMES_CLOSE: &str = "</tool_call>";
 /// What Llama 3.1–3.3's templates ask of a model given tools.
 const LLAMA3_ASK: &str = "\"parameters\": dictionary of argument name and its value";
@@ -353,6 +441,65 @@ mod tests {
     }
 
     #[test]
+    fn mistral_v11_calls_are_a_name_then_its_arguments() {
+        let p = ToolCallParser::MistralV11;
+        let text = "Checking.[TOOL_CALLS]get_weather[ARGS]{\"city\": \"Rome\"}\
+                    [TOOL_CALLS]now[ARGS]{}</s>";
+        assert_eq!(
+            p.parse(text),
+            Some(ParsedAnswer {
+                content: Some("Checking.".into()),
+                calls: vec![
+                    call("get_weather", "{\"city\":\"Rome\"}"),
+                    call("now", "{}")
+                ],
+            })
+        );
+        // Decoded without special tokens, `[ARGS]` is gone, as vLLM's tests write it.
+        assert_eq!(
+            p.parse("[TOOL_CALLS]add{\"a\": 1}").map(|a| a.calls),
+            Some(vec![call("add", "{\"a\":1}")])
+        );
+        for cut in [
+            "[TOOL_CALLS]get_weather[ARGS]{\"city\"",
+            "[TOOL_CALLS][ARGS]{}",
+            "[TOOL_CALLS]now[ARGS][1]",
+        ] {
+            assert_eq!(p.parse(cut), None, "{cut}");
+        }
+        assert_eq!(p.content_so_far("Sure [TOOL"), 5);
+        // Both control tokens are needed.
+        let ids = |t: &str| match t {
+            "[TOOL_CALLS]" => Some(5),
+            "[ARGS]" => Some(6),
+            _ => None,
+        };
+        assert_eq!(p.opening(ids), Some(Opening::Token(5)));
+        assert_eq!(p.opening(|t| (t == "[TOOL_CALLS]").then_some(5)), None);
+        assert!(p.keeps_special_tokens());
+        let tools = [("now".to_string(), serde_json::json!({"type": "object"}))];
+        let shape = p.shape(&tools, true).unwrap();
+        assert!(matches!(
+            p.constraint(&shape, false, ids),
+            Some(Constraint::Named {
+                opening: 5,
+                args: 6,
+                once: false,
+                ..
+            })
+        ));
+        let shape = ToolCallParser::Mistral.shape(&tools, true).unwrap();
+        assert!(matches!(
+            ToolCallParser::Mistral.constraint(&shape, true, ids),
+            Some(Constraint::After {
+                opening: Opening::Token(5),
+                once: true,
+                ..
+            })
+        ));
+    }
+
+    #[test]
     fn the_format_is_detected_from_the_template() {
         assert_eq!(
             ToolCallParser::detect("{% for tool in tools %}...<tool_call>\n"),
@@ -371,6 +518,15 @@ mod tests {
             ToolCallParser::detect("{{- \"[AVAILABLE_TOOLS] [\" }}...{{- \"[TOOL_CALLS] [\" }}"),
             ToolCallParser::Mistral
         );
+        // Mistral Small 3.2's, and the flag refined by it.
+        let v11 = "{{- '[TOOL_CALLS]' + tool['function']['name'] + '[ARGS]' + arguments }}";
+        assert_eq!(ToolCallParser::detect(v11), ToolCallParser::MistralV11);
+        assert_eq!(
+            ToolCallParser::Mistral.refine(v11),
+            ToolCallParser::MistralV11
+        );
+        assert_eq!(ToolCallParser::Mistral.refine(""), ToolCallParser::Mistral);
+        assert_eq!(ToolCallParser::Hermes.refine(v11), ToolCallParser::Hermes);
     }
 
     #[test]

@@ -2515,12 +2515,23 @@ async fn a_chat_template_file_replaces_the_models() {
 /// vocabulary (`ggml-vocab-llama-spm.gguf`, 32000 tokens, `add_bos_token`), a Mistral-style
 /// chat template, and a tiny llama of random weights in Q4_0 and Q8_0, written into `dir`.
 fn tiny_spm_llama(dir: &std::path::Path) -> std::path::PathBuf {
-    tiny_spm_llama_with(dir, false)
+    tiny_spm_llama_with(dir, MistralTools::None)
 }
 
-/// [`tiny_spm_llama`]; with `tool_token`, Mistral 7B v0.3's `[TOOL_CALLS]` control token
-/// appended to the vocabulary (id 32000) and a template that offers tools as v0.3's does.
-fn tiny_spm_llama_with(dir: &std::path::Path, tool_token: bool) -> std::path::PathBuf {
+/// Which of Mistral's tool-call formats [`tiny_spm_llama_with`] writes.
+#[derive(Clone, Copy, PartialEq)]
+enum MistralTools {
+    None,
+    /// Mistral 7B v0.3's: `[TOOL_CALLS]` (id 32000) then a JSON list.
+    V3,
+    /// The v11 tokenizers': `[TOOL_CALLS]` (32000), then the name, `[ARGS]` (32001) and the
+    /// arguments, per call.
+    V11,
+}
+
+/// [`tiny_spm_llama`]; with `tools`, the format's control tokens appended to the vocabulary
+/// and a template that offers tools and writes calls as Mistral's do.
+fn tiny_spm_llama_with(dir: &std::path::Path, tools: MistralTools) -> std::path::PathBuf {
     use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
     let vocab_path = models::llama_cpp_vocabs().join("ggml-vocab-llama-spm.gguf");
     let mut f = std::fs::File::open(&vocab_path).unwrap();
@@ -2531,14 +2542,17 @@ fn tiny_spm_llama_with(dir: &std::path::Path, tool_token: bool) -> std::path::Pa
         .filter(|(k, _)| k.starts_with("tokenizer.ggml."))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    let n_vocab = if tool_token { 32001 } else { 32000 };
-    if tool_token {
-        for (k, v) in meta.iter_mut() {
-            if let gguf_file::Value::Array(a) = v {
+    let added: &[&str] = match tools {
+        MistralTools::None => &[],
+        MistralTools::V3 => &["[TOOL_CALLS]"],
+        MistralTools::V11 => &["[TOOL_CALLS]", "[ARGS]"],
+    };
+    let n_vocab = 32000 + added.len();
+    for (k, v) in meta.iter_mut() {
+        if let gguf_file::Value::Array(a) = v {
+            for token in added {
                 match k.as_str() {
-                    "tokenizer.ggml.tokens" => {
-                        a.push(gguf_file::Value::String("[TOOL_CALLS]".into()))
-                    }
+                    "tokenizer.ggml.tokens" => a.push(gguf_file::Value::String(token.to_string())),
                     "tokenizer.ggml.scores" => a.push(gguf_file::Value::F32(0.0)),
                     "tokenizer.ggml.token_type" => a.push(gguf_file::Value::I32(3)),
                     _ => {}
@@ -2546,17 +2560,27 @@ fn tiny_spm_llama_with(dir: &std::path::Path, tool_token: bool) -> std::path::Pa
             }
         }
     }
-    let template = match tool_token {
-        false => {
+    let template = match tools {
+        MistralTools::None => {
             "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}\
                   {{ '[INST] ' + m['content'] + ' [/INST]' }}{% else %}\
                   {{ m['content'] + eos_token }}{% endif %}{% endfor %}"
         }
-        true => {
+        MistralTools::V3 => {
             "{{ bos_token }}{% if tools %}{{ '[AVAILABLE_TOOLS] ' + (tools | tojson) + \
                  '[/AVAILABLE_TOOLS]' }}{% endif %}{% for m in messages %}\
                  {% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}\
                  {% elif m.tool_calls %}{{ '[TOOL_CALLS] ' + (m.tool_calls | tojson) + eos_token }}\
+                 {% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}"
+        }
+        // Mistral Small 3.2's way of writing calls.
+        MistralTools::V11 => {
+            "{{ bos_token }}{% if tools %}{{ '[AVAILABLE_TOOLS]' + (tools | tojson) + \
+                 '[/AVAILABLE_TOOLS]' }}{% endif %}{% for m in messages %}\
+                 {% if m['role'] == 'user' %}{{ '[INST]' + m['content'] + '[/INST]' }}\
+                 {% elif m.tool_calls %}{% for tool in m.tool_calls %}\
+                 {{ '[TOOL_CALLS]' + tool['function']['name'] + '[ARGS]' + tool['function']['arguments'] }}\
+                 {% endfor %}{{ eos_token }}\
                  {% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}"
         }
     };
@@ -2728,7 +2752,7 @@ async fn a_sentencepiece_gguf_without_a_tokenizer_json_serves_chat_and_completio
 async fn mistral_tool_calls_open_with_their_control_token() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_owned();
-    let path = tokio::task::spawn_blocking(move || tiny_spm_llama_with(&d, true))
+    let path = tokio::task::spawn_blocking(move || tiny_spm_llama_with(&d, MistralTools::V3))
         .await
         .unwrap();
     let (server, url) = serve_model(path, |_| {}).await;
@@ -2784,6 +2808,114 @@ async fn mistral_tool_calls_open_with_their_control_token() {
     plain.as_object_mut().unwrap().remove("logit_bias");
     let r = post_json(&http, &chat, &plain).await;
     assert!(r["choices"][0]["message"]["tool_calls"].is_null(), "{r}");
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+/// Mistral's v11 tool calls (`[TOOL_CALLS]name[ARGS]{…}`, chosen here by the template):
+/// once the model samples `[TOOL_CALLS]` (forced with `logit_bias`), the name is masked to
+/// the tools' names, `[ARGS]` follows a whole name, and the arguments are masked to that
+/// tool's parameters; read back as `tool_calls`, streamed or not, and a past call in the
+/// history renders in the format.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mistral_v11_tool_calls_are_a_name_then_its_arguments() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_owned();
+    let path = tokio::task::spawn_blocking(move || tiny_spm_llama_with(&d, MistralTools::V11))
+        .await
+        .unwrap();
+    let (server, url) = serve_model(path, |_| {}).await;
+    let http = client();
+    let chat = format!("{url}/v1/chat/completions");
+    let tool = |name: &str, params: Value| json!({"type": "function", "function": {"name": name, "parameters": params}});
+    let body = json!({
+        "model": "tiny-spm-llama",
+        "messages": [{"role": "user", "content": "Weather in Paris?"}],
+        "tools": [
+            tool("get_weather", json!({"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}})),
+            tool("get_time", json!({"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}})),
+        ],
+        "parallel_tool_calls": false,
+        "logit_bias": {"32000": 100},
+        "temperature": 0,
+        "max_tokens": 64,
+    });
+    let mut names = Vec::new();
+    for seed in 0..6 {
+        let body = with_fields(body.clone(), &json!({"temperature": 1.0, "seed": seed}));
+        let r = post_json(&http, &chat, &body).await;
+        let c = &r["choices"][0];
+        assert_eq!(c["finish_reason"], "tool_calls", "{r}");
+        assert_eq!(c["message"]["content"], Value::Null, "{r}");
+        let calls = c["message"]["tool_calls"].as_array().unwrap();
+        assert_eq!(calls.len(), 1, "{r}");
+        let name = calls[0]["function"]["name"].as_str().unwrap().to_owned();
+        let args: Value =
+            serde_json::from_str(calls[0]["function"]["arguments"].as_str().unwrap()).unwrap();
+        let allowed: &[&str] = match name.as_str() {
+            "get_weather" => &["Paris", "Rome"],
+            "get_time" => &["UTC", "CET"],
+            other => panic!("not a tool: {other:?}"),
+        };
+        let key = if name == "get_weather" {
+            "city"
+        } else {
+            "zone"
+        };
+        assert!(allowed.contains(&args[key].as_str().unwrap()), "{args}");
+        names.push(name);
+    }
+    assert!(
+        names.iter().any(|n| n == "get_weather") && names.iter().any(|n| n == "get_time"),
+        "{names:?}"
+    );
+
+    // The answer as the model wrote it, token by token: in the v11 format, not v0.3's list.
+    let r = post_json(
+        &http,
+        &chat,
+        &with_fields(body.clone(), &json!({"logprobs": true})),
+    )
+    .await;
+    let written: String = (r["choices"][0]["logprobs"]["content"].as_array())
+        .unwrap_or_else(|| panic!("{r}"))
+        .iter()
+        .map(|t| t["token"].as_str().unwrap())
+        .collect();
+    let whole = &r["choices"][0]["message"]["tool_calls"][0]["function"];
+    let expected = format!("[TOOL_CALLS]{}[ARGS]", whole["name"].as_str().unwrap());
+    assert!(written.starts_with(&expected), "{written:?}");
+    let args: Value = serde_json::from_str(&written[expected.len()..]).unwrap();
+    assert_eq!(args.to_string(), whole["arguments"].as_str().unwrap());
+    let chunks = post_stream(
+        &http,
+        &chat,
+        &with_fields(body.clone(), &json!({"stream": true})),
+    )
+    .await;
+    let streamed: Vec<&Value> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["tool_calls"].as_array())
+        .flatten()
+        .collect();
+    assert_eq!(streamed.len(), 1, "{chunks:?}");
+    assert_eq!(&streamed[0]["function"], whole);
+
+    // A past call renders as the model writes one.
+    let history = json!({"messages": [
+        {"role": "user", "content": "Time?"},
+        {"role": "assistant", "tool_calls": [{"id": "abcdefghi", "type": "function",
+            "function": {"name": "get_time", "arguments": "{\"zone\": \"UTC\"}"}}]},
+    ]});
+    let mut history = history;
+    history["model"] = json!("tiny-spm-llama");
+    let r = post_json(&http, &format!("{url}/tokenize"), &history).await;
+    let ids: Vec<u32> =
+        serde_json::from_value(r["tokens"].clone()).unwrap_or_else(|_| panic!("{r}"));
+    let at = ids
+        .iter()
+        .position(|&t| t == 32000)
+        .expect("[TOOL_CALLS] in the prompt");
+    assert!(ids[at..].contains(&32001), "[ARGS] after it: {ids:?}");
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
