@@ -573,7 +573,14 @@ pub enum Constraint {
         tools: Arc<[(String, Arc<Schema>)]>,
         once: bool,
     },
+    /// A reasoning model's answer (`--reasoning-parser`): free thoughts until `</think>`,
+    /// then what the inner constraint allows, as vLLM applies structured outputs once the
+    /// reasoning has ended.
+    AfterThoughts(Box<Constraint>),
 }
+
+/// The tag that ends a reasoning model's thoughts ([`crate::reasoning`]).
+const THOUGHTS_END: &str = "</think>";
 
 /// Where a value of [`Constraint::After`] starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -625,6 +632,61 @@ pub enum JsonMode {
     Regex(Arc<TextPattern>, StateID),
     Grammar(Arc<Grammar>, GrammarState),
     Named(Box<NamedCalls>),
+    Thinking(Box<Thinking>),
+}
+
+/// [`Constraint::AfterThoughts`]'s state.
+#[derive(Debug, Clone)]
+pub struct Thinking {
+    inner: JsonMode,
+    /// Still in the thoughts.
+    open: bool,
+    /// The thoughts' end that may be the start of the closing tag.
+    tail: String,
+}
+
+impl Thinking {
+    /// Masks, in the thoughts, the tokens that would close them and go on with text the
+    /// inner constraint refuses.
+    fn mask_thoughts(&self, vocab: &JsonVocab, logits: &mut [f32]) -> bool {
+        for &id in vocab.containing('>').iter() {
+            let text = vocab.text(id);
+            if let Some(l) = logits.get_mut(id as usize)
+                && let Some(at) = opening_end(&self.tail, text, THOUGHTS_END)
+                && !(text[at..].is_empty() || self.inner.takes(&text[at..]))
+            {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        logits.iter().any(|&l| l > f32::NEG_INFINITY)
+    }
+
+    fn advance_id(&mut self, vocab: &JsonVocab, id: u32) {
+        match self.open {
+            true => self.advance(vocab.text(id)),
+            false => self.inner.advance_id(vocab, id),
+        }
+    }
+
+    fn advance(&mut self, text: &str) {
+        if !self.open {
+            return self.inner.advance(text);
+        }
+        match opening_end(&self.tail, text, THOUGHTS_END) {
+            Some(at) => {
+                self.open = false;
+                self.tail.clear();
+                if !text[at..].is_empty() {
+                    self.inner.advance(&text[at..]);
+                }
+            }
+            None => {
+                self.tail.push_str(text);
+                let keep = crate::tool_calls::partial_opening(&self.tail, THOUGHTS_END);
+                self.tail.drain(..self.tail.len() - keep);
+            }
+        }
+    }
 }
 
 /// [`Constraint::Named`]'s state.
@@ -836,6 +898,11 @@ impl JsonMode {
             Constraint::Schema(s) => JsonMode::Schema(s.clone(), SchemaState::new(s)),
             Constraint::Regex(p) => JsonMode::Regex(p.clone(), p.start()),
             Constraint::Grammar(g) => JsonMode::Grammar(g.clone(), GrammarState::new(g)),
+            Constraint::AfterThoughts(inner) => JsonMode::Thinking(Box::new(Thinking {
+                inner: JsonMode::new(inner),
+                open: true,
+                tail: String::new(),
+            })),
             Constraint::Named {
                 opening,
                 args,
@@ -870,6 +937,8 @@ impl JsonMode {
         let (in_string, partial) = match self {
             JsonMode::Regex(p, state) => return mask_regex(p, *state, vocab, logits),
             JsonMode::Grammar(g, state) => return mask_grammar(g, state, vocab, logits),
+            JsonMode::Thinking(t) if t.open => return t.mask_thoughts(vocab, logits),
+            JsonMode::Thinking(t) => return t.inner.mask(vocab, logits),
             JsonMode::Named(calls) => {
                 return match &calls.at {
                     CallAt::Free | CallAt::Done => logits.iter().any(|&l| l > f32::NEG_INFINITY),
@@ -950,6 +1019,7 @@ impl JsonMode {
     pub fn advance_id(&mut self, vocab: &JsonVocab, id: u32) {
         match self {
             JsonMode::Named(calls) => calls.advance_id(vocab, id),
+            JsonMode::Thinking(t) => t.advance_id(vocab, id),
             JsonMode::Grammar(g, state) => {
                 let ok = state.push_bytes(g, vocab.bytes(id));
                 debug_assert!(ok, "a masked token was sampled: {id}");
@@ -1015,6 +1085,10 @@ impl JsonMode {
                 calls.advance_text(text);
                 true
             }
+            JsonMode::Thinking(t) => {
+                t.advance(text);
+                true
+            }
         };
         debug_assert!(ok, "a masked token was sampled: {text:?}");
     }
@@ -1029,6 +1103,19 @@ impl JsonMode {
             JsonMode::Regex(p, state) => p.matches(*state) && !p.goes_on(*state),
             JsonMode::Grammar(_, state) => state.matched() && !state.goes_on(),
             JsonMode::Named(calls) => matches!(calls.at, CallAt::Done),
+            JsonMode::Thinking(t) => !t.open && t.inner.complete(),
+        }
+    }
+
+    /// Whether `text` may come next (a trial; free text takes anything).
+    fn takes(&self, text: &str) -> bool {
+        match self {
+            JsonMode::Object(st) => st.accepts(text),
+            JsonMode::Schema(schema, st) => st.accepts(schema, text),
+            JsonMode::Regex(p, state) => p.step(*state, text.as_bytes()).is_some(),
+            JsonMode::Grammar(g, st) => st.clone().push_bytes(g, text.as_bytes()),
+            JsonMode::Thinking(t) if !t.open => t.inner.takes(text),
+            JsonMode::After(_) | JsonMode::Named(_) | JsonMode::Thinking(_) => true,
         }
     }
 }
@@ -1183,6 +1270,50 @@ mod tests {
         (0..logits.len())
             .filter(|&i| logits[i] > f32::NEG_INFINITY)
             .collect()
+    }
+
+    #[test]
+    fn thoughts_are_free_and_the_constraint_applies_after_them() {
+        let texts: Vec<String> = [
+            "Hmm",
+            "</",
+            "think",
+            ">",
+            "</think>",
+            "</think>{",
+            "</think>x",
+            "{",
+            "}",
+            "> x",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let vocab = JsonVocab::new(texts);
+        let mut m = JsonMode::new(&Constraint::AfterThoughts(Box::new(Constraint::Object)));
+        assert_eq!(
+            unmasked(&m, &vocab),
+            [0, 1, 2, 3, 4, 5, 7, 8, 9],
+            "all but closing into x"
+        );
+        for id in [0, 7, 1, 2] {
+            m.advance_id(&vocab, id);
+        }
+        assert!(!m.complete(), "a `{{` in the thoughts is no answer");
+        assert_eq!(
+            unmasked(&m, &vocab),
+            [0, 1, 2, 3, 4, 5, 7, 8],
+            "`>` closes the tag now, and `> x` into x"
+        );
+        m.advance_id(&vocab, 3);
+        assert_eq!(unmasked(&m, &vocab), [7], "the object's start");
+        m.advance_id(&vocab, 7);
+        m.advance_id(&vocab, 8);
+        assert!(m.complete());
+        // A token that closes the thoughts and starts the answer.
+        let mut m = JsonMode::new(&Constraint::AfterThoughts(Box::new(Constraint::Object)));
+        m.advance_id(&vocab, 5);
+        assert_eq!(unmasked(&m, &vocab), [8]);
     }
 
     #[test]

@@ -11,8 +11,16 @@
 //! drops everything up to the first one anywhere), so that what streams as reasoning before
 //! it is never taken back.
 //!
-//! Pure text functions; the server applies them to plain chat answers (not to tool calls or
-//! constrained answers, whose masks leave the model no room to think).
+//! Where the prompt itself closes the thoughts (it ends with `</think>`, as Qwen3's template
+//! writes it with `enable_thinking: false`), the answer is all content.
+//!
+//! Constrained answers (`response_format`, vLLM's `guided_*`) think first too: the mask
+//! leaves the thoughts free and applies after `</think>`
+//! ([`crate::json_mode::Constraint::AfterThoughts`]), as vLLM applies structured outputs once
+//! the reasoning has ended. Tool calls are not split: their answers are read as the model's
+//! call format alone.
+//!
+//! Pure text functions; the server applies them to chat answers.
 
 /// The `--reasoning-parser` choices (vLLM's names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -24,6 +32,12 @@ pub enum ReasoningParser {
 
 const START: &str = "<think>";
 const END: &str = "</think>";
+
+/// Whether a rendered chat prompt has already closed the answer's thoughts (it ends with
+/// `</think>` and whitespace): the answer is then all content.
+pub fn thoughts_closed(prompt: &str) -> bool {
+    prompt.trim_end().ends_with(END)
+}
 
 /// The parts of an answer so far: its reasoning and its content, each possibly partial.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,6 +118,16 @@ mod tests {
         // A <think> past the start is text.
         let p = split("a<think>b</think>c", true);
         assert_eq!((p.reasoning, p.content), ("a<think>b", Some("c")));
+    }
+
+    #[test]
+    fn a_prompt_that_ends_with_the_closing_tag_has_closed_the_thoughts() {
+        assert!(thoughts_closed(
+            "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+        ));
+        assert!(!thoughts_closed("<|im_start|>assistant\n<think>\n"));
+        // A closed tag earlier in the conversation (a past answer) leaves this one's open.
+        assert!(!thoughts_closed("a</think>b<|im_start|>assistant\n"));
     }
 
     #[test]

@@ -1036,7 +1036,7 @@ async fn chat_completions(
     }
     let frontend = engine.frontend();
     let tools = tool_use.as_ref().map(|t| &t.tools);
-    let (_, prompt) = frontend
+    let (prompt_text, prompt) = frontend
         .encode_chat(&messages, tools, &template)
         .map_err(|e| {
             ApiError::invalid(
@@ -1045,8 +1045,14 @@ async fn chat_completions(
             )
         })?;
     let room = check_context(prompt.len(), frontend.context_length, "messages")?;
-    // Thoughts are read from free answers only: a mask from the first token leaves none.
-    let reasoning = st.config.reasoning_parser.is_some() && tool.is_none() && json.is_none();
+    // Thoughts are split from answers but tool calls; a constraint applies after them.
+    let reasoning = st.config.reasoning_parser.is_some()
+        && tool.is_none()
+        && !crate::reasoning::thoughts_closed(&prompt_text);
+    let json = match json {
+        Some(c) if reasoning => Some(Constraint::AfterThoughts(Box::new(c))),
+        json => json,
+    };
     let prepared = Prepared {
         echo: None,
         tool,

@@ -2921,8 +2921,9 @@ async fn mistral_v11_tool_calls_are_a_name_then_its_arguments() {
 
 /// With `--reasoning-parser deepseek_r1` a chat answer's thoughts (up to `</think>`) come in
 /// `reasoning_content` and the rest in `content`, streamed or not, with every log-probability;
-/// an answer cut before it closes its thoughts is all reasoning; constrained answers are left
-/// whole. SmolLM2, taught the format by example, writes `…</think>answer` greedily; what it
+/// an answer cut before it closes its thoughts is all reasoning; a constrained answer thinks
+/// freely, then the constraint applies; a prompt that closes the thoughts makes it all
+/// content. SmolLM2, taught the format by example, writes `…</think>answer` greedily; what it
 /// writes is read from `/v1/completions` of the same prompt, which no parser touches.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reasoning_parser_puts_the_thoughts_apart_from_the_answer() {
@@ -3010,21 +3011,39 @@ async fn a_reasoning_parser_puts_the_thoughts_apart_from_the_answer() {
     assert_eq!(m["content"], Value::Null, "{r}");
     assert_eq!(r["choices"][0]["finish_reason"], "length");
 
-    // A constrained answer is left whole.
-    let r = post_json(
-        &http,
-        &chat,
-        &with_fields(
-            body,
-            &json!({"response_format": {"type": "json_object"}, "max_tokens": 8}),
-        ),
-    )
-    .await;
+    // A constrained answer thinks first: the mask applies after the thoughts close.
+    let choices = ["7", "8", "9"];
+    let guided = with_fields(body.clone(), &json!({"guided_choice": choices}));
+    let r = post_json(&http, &chat, &guided).await;
     let m = &r["choices"][0]["message"];
-    assert!(
-        m.get("reasoning_content").is_none() && m["content"].is_string(),
-        "{r}"
-    );
+    assert_eq!(m["reasoning_content"], thought, "{r}");
+    assert!(choices.contains(&m["content"].as_str().unwrap()), "{r}");
+    assert_eq!(r["choices"][0]["finish_reason"], "stop", "{r}");
+    let chunks = post_stream(&http, &chat, &with_fields(guided, &json!({"stream": true}))).await;
+    let part = |key: &str| -> String {
+        (chunks.iter())
+            .filter_map(|c| c["choices"][0]["delta"][key].as_str())
+            .collect()
+    };
+    assert_eq!(part("reasoning_content"), thought);
+    assert_eq!(part("content"), m["content"].as_str().unwrap());
+    let json_mode = json!({"response_format": {"type": "json_object"}, "max_tokens": 60});
+    let r = post_json(&http, &chat, &with_fields(body.clone(), &json_mode)).await;
+    let m = &r["choices"][0]["message"];
+    assert_eq!(m["reasoning_content"], thought, "{r}");
+    let answer: Value = serde_json::from_str(m["content"].as_str().unwrap()).unwrap();
+    assert!(answer.is_object(), "{r}");
+
+    // A prompt that closes the thoughts itself (here a prefilled answer; Qwen3's template
+    // with `enable_thinking: false`): the answer is all content, constrained from its start.
+    let mut prefilled = messages.clone();
+    prefilled.push(json!({"role": "assistant", "content": "3 plus 5 makes 8.</think>"}));
+    let cont = json!({"messages": prefilled, "continue_final_message": true,
+                      "add_generation_prompt": false, "guided_choice": choices});
+    let r = post_json(&http, &chat, &with_fields(body, &cont)).await;
+    let m = &r["choices"][0]["message"];
+    assert!(m.get("reasoning_content").is_none(), "{r}");
+    assert!(choices.contains(&m["content"].as_str().unwrap()), "{r}");
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
