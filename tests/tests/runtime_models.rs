@@ -497,6 +497,177 @@ fn smollm2_own_kernels_are_as_close_to_llama_cpp_as_candles() {
 /// inputs and the `.out` ids transformers gives them, as llama.cpp's `test-tokenizer-0` reads
 /// them), for every kind the runtime rebuilds: SentencePiece (Llama 2 / Mistral's, Phi-3's)
 /// and byte-level BPE with the pre-tokenizers it knows. The others are refused by name.
+/// The tiny llama fixture's weights written as a GGUF the way llama.cpp's converter writes
+/// them (q and k rows permuted for the interleaved rotary, f32), its tokenizer.json beside
+/// it; with `rope_factors`, a `rope_freqs.weight` tensor. Returns the file.
+fn tiny_llama_gguf(dir: &Path, rope_factors: Option<&[f32]>) -> std::path::PathBuf {
+    use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
+    let fixture = fixtures_dir().join("tiny/llama");
+    let cfg = json(&fixture.join("config.json"));
+    let n = |k: &str| cfg[k].as_u64().unwrap() as usize;
+    let (heads, kv_heads, hidden) = (
+        n("num_attention_heads"),
+        n("num_key_value_heads"),
+        n("hidden_size"),
+    );
+    let st = candle_core::safetensors::load(
+        fixture.join("model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    // llama.cpp's `permute`: each head's rows from halves (transformers) to pairs.
+    let permute = |w: &candle_core::Tensor, h: usize| {
+        let (rows, cols) = w.dims2().unwrap();
+        w.reshape((h, 2, rows / h / 2, cols))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .reshape((rows, cols))
+            .unwrap()
+    };
+    let f32_tensor = |t: &candle_core::Tensor| QTensor::quantize(t, GgmlDType::F32).unwrap();
+    let mut tensors = vec![
+        (
+            "token_embd.weight".to_owned(),
+            f32_tensor(&st["model.embed_tokens.weight"]),
+        ),
+        (
+            "output_norm.weight".to_owned(),
+            f32_tensor(&st["model.norm.weight"]),
+        ),
+    ];
+    for i in 0..n("num_hidden_layers") {
+        let w = |name: &str| &st[&format!("model.layers.{i}.{name}.weight")];
+        for (gguf, t) in [
+            ("attn_q", permute(w("self_attn.q_proj"), heads)),
+            ("attn_k", permute(w("self_attn.k_proj"), kv_heads)),
+            ("attn_v", w("self_attn.v_proj").clone()),
+            ("attn_output", w("self_attn.o_proj").clone()),
+            ("ffn_gate", w("mlp.gate_proj").clone()),
+            ("ffn_up", w("mlp.up_proj").clone()),
+            ("ffn_down", w("mlp.down_proj").clone()),
+            ("attn_norm", w("input_layernorm").clone()),
+            ("ffn_norm", w("post_attention_layernorm").clone()),
+        ] {
+            tensors.push((format!("blk.{i}.{gguf}.weight"), f32_tensor(&t)));
+        }
+    }
+    if let Some(f) = rope_factors {
+        let t = candle_core::Tensor::new(f, &candle_core::Device::Cpu).unwrap();
+        tensors.push(("rope_freqs.weight".to_owned(), f32_tensor(&t)));
+    }
+    // The tokens by id (the file needs them; the tokenizer.json beside it is what is read).
+    let tok = json(&fixture.join("tokenizer.json"));
+    let mut tokens = vec![String::new(); n("vocab_size")];
+    let added = tok["added_tokens"].as_array().unwrap().iter();
+    let pairs = (tok["model"]["vocab"].as_object().unwrap().iter())
+        .map(|(t, id)| (t.clone(), id.as_u64().unwrap()))
+        .chain(added.map(|a| {
+            (
+                a["content"].as_str().unwrap().to_owned(),
+                a["id"].as_u64().unwrap(),
+            )
+        }));
+    for (t, id) in pairs {
+        tokens[id as usize] = t;
+    }
+    let tokens =
+        gguf_file::Value::Array(tokens.into_iter().map(gguf_file::Value::String).collect());
+    let u = |v: usize| gguf_file::Value::U32(v as u32);
+    let meta = [
+        ("tokenizer.ggml.tokens", tokens),
+        (
+            "general.architecture",
+            gguf_file::Value::String("llama".into()),
+        ),
+        ("llama.block_count", u(n("num_hidden_layers"))),
+        ("llama.embedding_length", u(hidden)),
+        ("llama.feed_forward_length", u(n("intermediate_size"))),
+        ("llama.attention.head_count", u(heads)),
+        ("llama.attention.head_count_kv", u(kv_heads)),
+        ("llama.rope.dimension_count", u(hidden / heads)),
+        ("llama.context_length", u(n("max_position_embeddings"))),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            gguf_file::Value::F32(1e-5),
+        ),
+        ("llama.rope.freq_base", gguf_file::Value::F32(10_000.0)),
+    ];
+    std::fs::copy(fixture.join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+    let out = dir.join("tiny-llama.gguf");
+    let meta: Vec<(&str, &gguf_file::Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    gguf_file::write(&mut std::fs::File::create(&out).unwrap(), &meta, &tensors).unwrap();
+    out
+}
+
+/// Llama 3.1 and later's rotary scaling as a GGUF carries it (`rope_freqs.weight`: the
+/// divisors llama.cpp's converter computes from `rope_scaling`, written here by its formula)
+/// gives the logits of the same weights read from safetensors with that `rope_scaling`
+/// (transformers' formula, with every frequency of the tiny llama's heads scaled); the GGUF
+/// without the tensor does not.
+#[test]
+fn a_gguf_s_rope_freqs_scale_the_rotary_as_llama3_rope_scaling_does() {
+    let (factor, low, high, original) = (8.0f32, 1.0f32, 4.0f32, 16.0f32);
+    // convert_hf_to_gguf.py's `rope_factors` for llama3 scaling.
+    let head_dim = 16;
+    let factors: Vec<f32> = (0..head_dim)
+        .step_by(2)
+        .map(|i| {
+            let freq = 1.0 / 10_000f32.powf(i as f32 / head_dim as f32);
+            let wavelen = 2.0 * std::f32::consts::PI / freq;
+            if wavelen < original / high {
+                1.0
+            } else if wavelen > original / low {
+                factor
+            } else {
+                let smooth = (original / wavelen - low) / (high - low);
+                1.0 / ((1.0 - smooth) / factor + smooth)
+            }
+        })
+        .collect();
+    assert!(
+        factors.iter().all(|&f| f > 1.0),
+        "every frequency scaled: {factors:?}"
+    );
+
+    let scaled_dir = tempfile::tempdir().unwrap();
+    let fixture = fixtures_dir().join("tiny/llama");
+    for entry in std::fs::read_dir(&fixture).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, scaled_dir.path().join(path.file_name().unwrap())).unwrap();
+    }
+    let mut cfg = json(&fixture.join("config.json"));
+    assert_eq!(cfg["head_dim"], head_dim);
+    cfg["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": factor,
+        "low_freq_factor": low, "high_freq_factor": high,
+        "original_max_position_embeddings": original as u32});
+    std::fs::write(scaled_dir.path().join("config.json"), cfg.to_string()).unwrap();
+    let reference = generation(scaled_dir.path());
+
+    let prompt: Vec<u32> = (0..48u32).map(|i| (i * 37 + 11) % 500 + 3).collect();
+    let last_logits = |g: &GenerationModel| {
+        let mut seq = g.lm.new_sequence().unwrap();
+        seq.feed(&prompt).unwrap()
+    };
+    let want = last_logits(&reference);
+    let with = tempfile::tempdir().unwrap();
+    let with = generation(&tiny_llama_gguf(with.path(), Some(&factors)));
+    let without = tempfile::tempdir().unwrap();
+    let without = generation(&tiny_llama_gguf(without.path(), None));
+    let (d_with, d_without) = (
+        max_abs_diff(&last_logits(&with), &want),
+        max_abs_diff(&last_logits(&without), &want),
+    );
+    assert!(
+        d_with < 1e-2 && d_without > 20.0 * d_with,
+        "largest logit difference to the safetensors model: {d_with} with rope_freqs, \
+         {d_without} without"
+    );
+}
+
 /// A grammar's mask (a walk over the vocabulary's byte trie, with the transitions between
 /// the answer's states kept per grammar) allows exactly the tokens whose own bytes the
 /// grammar takes, one trial per token, on SmolLM2's 49,152 tokens, byte tokens included, at

@@ -307,7 +307,12 @@ fn tensor_weights<R: std::io::Read + std::io::Seek>(
             down: quant(w("ffn_down")?)?,
         });
     }
-    let inv_freq = inverse_frequencies(theta, head_dim);
+    let mut inv_freq = inverse_frequencies(theta, head_dim);
+    if let Some(factors) = super::qllama::rope_factors(ct, reader, inv_freq.len())? {
+        for (f, d) in inv_freq.iter_mut().zip(factors) {
+            *f /= d;
+        }
+    }
     let (cos, sin) = rope_tables(&inv_freq, context_length, DType::F32, device)?;
     Ok(TensorLlama {
         embed,

@@ -297,6 +297,32 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
+/// Llama 3.1 and later's rotary scaling as a GGUF carries it: `rope_freqs.weight`, one
+/// divisor per frequency, which llama.cpp's converter writes from the model's llama3
+/// `rope_scaling` and llama.cpp divides each rotary angle by. `None` where the file has none.
+pub(super) fn rope_factors<R: std::io::Seek + std::io::Read>(
+    ct: &gguf_file::Content,
+    reader: &mut R,
+    frequencies: usize,
+) -> Result<Option<Vec<f32>>> {
+    if !ct.tensor_infos.contains_key("rope_freqs.weight") {
+        return Ok(None);
+    }
+    let t = ct.tensor(reader, "rope_freqs.weight", &Device::Cpu)?;
+    let f = t
+        .dequantize(&Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    if f.len() != frequencies || f.iter().any(|&x| !(x.is_finite() && x > 0.0)) {
+        return Err(Error::Model(format!(
+            "GGUF rope_freqs.weight must hold {frequencies} positive factors (one per rotary \
+             frequency), it holds {} values",
+            f.len()
+        )));
+    }
+    Ok(Some(f))
+}
+
 /// The pool the forward pass runs in: its matmuls split their rows across these threads, and
 /// the pass itself runs on one of them, so that a step hands work over without waking the
 /// calling thread for every product. As many threads as rayon's global pool
@@ -341,16 +367,22 @@ impl Weights {
                  {head_dim}, rope dim {rope_dim}"
             )));
         }
-        // The rotary tables exactly as `quantized_llama::precomput_freqs_cis` builds them.
+        // The rotary tables exactly as `quantized_llama::precomput_freqs_cis` builds them,
+        // each angle divided by its frequency's factor where the file has them (llama.cpp's
+        // order of operations).
         let theta: Vec<f32> = (0..rope_dim)
             .step_by(2)
             .map(|i| 1f32 / freq_base.powf(i as f32 / rope_dim as f32))
             .collect();
+        let factors = rope_factors(ct, reader, theta.len())?;
         let mut cos = Vec::with_capacity(MAX_SEQ_LEN * theta.len());
         let mut sin = Vec::with_capacity(MAX_SEQ_LEN * theta.len());
         for p in 0..MAX_SEQ_LEN {
-            for t in &theta {
-                let a = p as f32 * t;
+            for (i, t) in theta.iter().enumerate() {
+                let a = match &factors {
+                    Some(f) => p as f32 * t / f[i],
+                    None => p as f32 * t,
+                };
                 cos.push(a.cos());
                 sin.push(a.sin());
             }
