@@ -499,8 +499,12 @@ fn smollm2_own_kernels_are_as_close_to_llama_cpp_as_candles() {
 /// and byte-level BPE with the pre-tokenizers it knows. The others are refused by name.
 /// The tiny llama fixture's weights written as a GGUF the way llama.cpp's converter writes
 /// them (q and k rows permuted for the interleaved rotary, f32), its tokenizer.json beside
-/// it; with `rope_factors`, a `rope_freqs.weight` tensor. Returns the file.
-fn tiny_llama_gguf(dir: &Path, rope_factors: Option<&[f32]>) -> std::path::PathBuf {
+/// it; with `rope_factors`, a `rope_freqs.weight` tensor; `extra` metadata. Returns the file.
+fn tiny_llama_gguf(
+    dir: &Path,
+    rope_factors: Option<&[f32]>,
+    extra: &[(&str, candle_core::quantized::gguf_file::Value)],
+) -> std::path::PathBuf {
     use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
     let fixture = fixtures_dir().join("tiny/llama");
     let cfg = json(&fixture.join("config.json"));
@@ -597,7 +601,8 @@ fn tiny_llama_gguf(dir: &Path, rope_factors: Option<&[f32]>) -> std::path::PathB
     ];
     std::fs::copy(fixture.join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
     let out = dir.join("tiny-llama.gguf");
-    let meta: Vec<(&str, &gguf_file::Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+    let meta: Vec<(&str, &gguf_file::Value)> =
+        meta.iter().chain(extra).map(|(k, v)| (*k, v)).collect();
     let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
     gguf_file::write(&mut std::fs::File::create(&out).unwrap(), &meta, &tensors).unwrap();
     out
@@ -607,7 +612,8 @@ fn tiny_llama_gguf(dir: &Path, rope_factors: Option<&[f32]>) -> std::path::PathB
 /// divisors llama.cpp's converter computes from `rope_scaling`, written here by its formula)
 /// gives the logits of the same weights read from safetensors with that `rope_scaling`
 /// (transformers' formula, with every frequency of the tiny llama's heads scaled); the GGUF
-/// without the tensor does not.
+/// without the tensor does not. Linear scaling divides every angle by its factor; YaRN is
+/// refused.
 #[test]
 fn a_gguf_s_rope_freqs_scale_the_rotary_as_llama3_rope_scaling_does() {
     let (factor, low, high, original) = (8.0f32, 1.0f32, 4.0f32, 16.0f32);
@@ -654,9 +660,9 @@ fn a_gguf_s_rope_freqs_scale_the_rotary_as_llama3_rope_scaling_does() {
     };
     let want = last_logits(&reference);
     let with = tempfile::tempdir().unwrap();
-    let with = generation(&tiny_llama_gguf(with.path(), Some(&factors)));
+    let with = generation(&tiny_llama_gguf(with.path(), Some(&factors), &[]));
     let without = tempfile::tempdir().unwrap();
-    let without = generation(&tiny_llama_gguf(without.path(), None));
+    let without = generation(&tiny_llama_gguf(without.path(), None, &[]));
     let (d_with, d_without) = (
         max_abs_diff(&last_logits(&with), &want),
         max_abs_diff(&last_logits(&without), &want),
@@ -665,6 +671,33 @@ fn a_gguf_s_rope_freqs_scale_the_rotary_as_llama3_rope_scaling_does() {
         d_with < 1e-2 && d_without > 20.0 * d_with,
         "largest logit difference to the safetensors model: {d_with} with rope_freqs, \
          {d_without} without"
+    );
+
+    // Linear scaling (older long-context llamas) divides every angle by its factor: the
+    // same as rope_freqs of that factor throughout. YaRN is refused by name.
+    use candle_core::quantized::gguf_file::Value as V;
+    let linear = [
+        ("llama.rope.scaling.type", V::String("linear".into())),
+        ("llama.rope.scaling.factor", V::F32(2.0)),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let linear = last_logits(&generation(&tiny_llama_gguf(dir.path(), None, &linear)));
+    let dir = tempfile::tempdir().unwrap();
+    let twos = generation(&tiny_llama_gguf(dir.path(), Some(&[2.0; 8]), &[]));
+    assert_eq!(linear, last_logits(&twos));
+    assert!(max_abs_diff(&linear, &last_logits(&without)) > 0.1);
+    let dir = tempfile::tempdir().unwrap();
+    let yarn = [("llama.rope.scaling.type", V::String("yarn".into()))];
+    let err = backend::load(&LoadOptions {
+        path: tiny_llama_gguf(dir.path(), None, &yarn),
+        ..Default::default()
+    })
+    .err()
+    .expect("a YaRN GGUF is refused")
+    .to_string();
+    assert!(
+        err.contains("\"yarn\"") && err.contains("not supported"),
+        "{err}"
     );
 }
 

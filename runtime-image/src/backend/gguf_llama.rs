@@ -308,7 +308,7 @@ fn tensor_weights<R: std::io::Read + std::io::Seek>(
         });
     }
     let mut inv_freq = inverse_frequencies(theta, head_dim);
-    if let Some(factors) = super::qllama::rope_factors(ct, reader, inv_freq.len())? {
+    if let Some(factors) = super::qllama::rope_divisors(ct, reader, inv_freq.len())? {
         for (f, d) in inv_freq.iter_mut().zip(factors) {
             *f /= d;
         }

@@ -297,30 +297,60 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
-/// Llama 3.1 and later's rotary scaling as a GGUF carries it: `rope_freqs.weight`, one
-/// divisor per frequency, which llama.cpp's converter writes from the model's llama3
-/// `rope_scaling` and llama.cpp divides each rotary angle by. `None` where the file has none.
-pub(super) fn rope_factors<R: std::io::Seek + std::io::Read>(
+/// The rotary scaling a llama GGUF declares, as one divisor per rotary frequency that each
+/// angle is divided by (`None`: none declared), as llama.cpp reads it:
+/// - Llama 3.1 and later: `rope_freqs.weight`, the divisors llama.cpp's converter computes
+///   from the model's llama3 `rope_scaling`;
+/// - linear scaling (`llama.rope.scaling.type` "linear", or none given, with
+///   `llama.rope.scaling.factor` or the older `llama.rope.scale_linear`): every angle divided
+///   by the factor, on top of those;
+/// - YaRN and LongRoPE are refused by name, not run unscaled.
+pub(super) fn rope_divisors<R: std::io::Seek + std::io::Read>(
     ct: &gguf_file::Content,
     reader: &mut R,
     frequencies: usize,
 ) -> Result<Option<Vec<f32>>> {
-    if !ct.tensor_infos.contains_key("rope_freqs.weight") {
-        return Ok(None);
+    let kind = ct
+        .metadata
+        .get("llama.rope.scaling.type")
+        .and_then(|v| v.to_string().ok())
+        .map_or("", String::as_str);
+    let factor = ["llama.rope.scaling.factor", "llama.rope.scale_linear"]
+        .iter()
+        .find_map(|k| ct.metadata.get(*k).and_then(|v| v.to_f32().ok()));
+    let linear = match (kind, factor) {
+        ("" | "linear", Some(f)) if f > 0.0 && f.is_finite() => Some(f),
+        ("" | "linear" | "none", _) => None,
+        (other, _) => {
+            return Err(Error::Model(format!(
+                "GGUF rotary scaling {other:?} (llama.rope.scaling.type) is not supported; \
+                 linear scaling and Llama 3's rope_freqs are"
+            )));
+        }
+    };
+    let mut divisors = match ct.tensor_infos.contains_key("rope_freqs.weight") {
+        false => None,
+        true => {
+            let t = ct.tensor(reader, "rope_freqs.weight", &Device::Cpu)?;
+            let f = t
+                .dequantize(&Device::Cpu)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            if f.len() != frequencies || f.iter().any(|&x| !(x.is_finite() && x > 0.0)) {
+                return Err(Error::Model(format!(
+                    "GGUF rope_freqs.weight must hold {frequencies} positive factors (one per \
+                     rotary frequency), it holds {} values",
+                    f.len()
+                )));
+            }
+            Some(f)
+        }
+    };
+    if let Some(l) = linear.filter(|&l| l != 1.0) {
+        let d = divisors.get_or_insert_with(|| vec![1.0; frequencies]);
+        d.iter_mut().for_each(|x| *x *= l);
     }
-    let t = ct.tensor(reader, "rope_freqs.weight", &Device::Cpu)?;
-    let f = t
-        .dequantize(&Device::Cpu)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    if f.len() != frequencies || f.iter().any(|&x| !(x.is_finite() && x > 0.0)) {
-        return Err(Error::Model(format!(
-            "GGUF rope_freqs.weight must hold {frequencies} positive factors (one per rotary \
-             frequency), it holds {} values",
-            f.len()
-        )));
-    }
-    Ok(Some(f))
+    Ok(divisors)
 }
 
 /// The pool the forward pass runs in: its matmuls split their rows across these threads, and
@@ -368,13 +398,13 @@ impl Weights {
             )));
         }
         // The rotary tables exactly as `quantized_llama::precomput_freqs_cis` builds them,
-        // each angle divided by its frequency's factor where the file has them (llama.cpp's
-        // order of operations).
+        // each angle divided by its frequency's divisor where the file declares a scaling
+        // (llama.cpp's order of operations).
         let theta: Vec<f32> = (0..rope_dim)
             .step_by(2)
             .map(|i| 1f32 / freq_base.powf(i as f32 / rope_dim as f32))
             .collect();
-        let factors = rope_factors(ct, reader, theta.len())?;
+        let factors = rope_divisors(ct, reader, theta.len())?;
         let mut cos = Vec::with_capacity(MAX_SEQ_LEN * theta.len());
         let mut sin = Vec::with_capacity(MAX_SEQ_LEN * theta.len());
         for p in 0..MAX_SEQ_LEN {
