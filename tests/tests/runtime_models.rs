@@ -499,10 +499,11 @@ fn smollm2_own_kernels_are_as_close_to_llama_cpp_as_candles() {
 /// and byte-level BPE with the pre-tokenizers it knows. The others are refused by name.
 /// The tiny llama fixture's weights written as a GGUF the way llama.cpp's converter writes
 /// them (q and k rows permuted for the interleaved rotary, f32), its tokenizer.json beside
-/// it; with `rope_factors`, a `rope_freqs.weight` tensor; `extra` metadata. Returns the file.
+/// it, with `more` f32 tensors (`rope_freqs.weight`, say) and `extra` metadata. Returns the
+/// file.
 fn tiny_llama_gguf(
     dir: &Path,
-    rope_factors: Option<&[f32]>,
+    more: &[(&str, &[f32])],
     extra: &[(&str, candle_core::quantized::gguf_file::Value)],
 ) -> std::path::PathBuf {
     use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
@@ -558,9 +559,9 @@ fn tiny_llama_gguf(
             tensors.push((format!("blk.{i}.{gguf}.weight"), f32_tensor(&t)));
         }
     }
-    if let Some(f) = rope_factors {
-        let t = candle_core::Tensor::new(f, &candle_core::Device::Cpu).unwrap();
-        tensors.push(("rope_freqs.weight".to_owned(), f32_tensor(&t)));
+    for (name, values) in more {
+        let t = candle_core::Tensor::new(*values, &candle_core::Device::Cpu).unwrap();
+        tensors.push((name.to_string(), f32_tensor(&t)));
     }
     // The tokens by id (the file needs them; the tokenizer.json beside it is what is read).
     let tok = json(&fixture.join("tokenizer.json"));
@@ -612,8 +613,8 @@ fn tiny_llama_gguf(
 /// divisors llama.cpp's converter computes from `rope_scaling`, written here by its formula)
 /// gives the logits of the same weights read from safetensors with that `rope_scaling`
 /// (transformers' formula, with every frequency of the tiny llama's heads scaled); the GGUF
-/// without the tensor does not. Linear scaling divides every angle by its factor; YaRN is
-/// refused.
+/// without the tensor does not. Linear scaling divides every angle by its factor; YaRN, and
+/// biases, are refused.
 #[test]
 fn a_gguf_s_rope_freqs_scale_the_rotary_as_llama3_rope_scaling_does() {
     let (factor, low, high, original) = (8.0f32, 1.0f32, 4.0f32, 16.0f32);
@@ -660,9 +661,13 @@ fn a_gguf_s_rope_freqs_scale_the_rotary_as_llama3_rope_scaling_does() {
     };
     let want = last_logits(&reference);
     let with = tempfile::tempdir().unwrap();
-    let with = generation(&tiny_llama_gguf(with.path(), Some(&factors), &[]));
+    let with = generation(&tiny_llama_gguf(
+        with.path(),
+        &[("rope_freqs.weight", &factors)],
+        &[],
+    ));
     let without = tempfile::tempdir().unwrap();
-    let without = generation(&tiny_llama_gguf(without.path(), None, &[]));
+    let without = generation(&tiny_llama_gguf(without.path(), &[], &[]));
     let (d_with, d_without) = (
         max_abs_diff(&last_logits(&with), &want),
         max_abs_diff(&last_logits(&without), &want),
@@ -681,22 +686,36 @@ fn a_gguf_s_rope_freqs_scale_the_rotary_as_llama3_rope_scaling_does() {
         ("llama.rope.scaling.factor", V::F32(2.0)),
     ];
     let dir = tempfile::tempdir().unwrap();
-    let linear = last_logits(&generation(&tiny_llama_gguf(dir.path(), None, &linear)));
+    let linear = last_logits(&generation(&tiny_llama_gguf(dir.path(), &[], &linear)));
     let dir = tempfile::tempdir().unwrap();
-    let twos = generation(&tiny_llama_gguf(dir.path(), Some(&[2.0; 8]), &[]));
+    let twos = generation(&tiny_llama_gguf(
+        dir.path(),
+        &[("rope_freqs.weight", &[2.0; 8])],
+        &[],
+    ));
     assert_eq!(linear, last_logits(&twos));
     assert!(max_abs_diff(&linear, &last_logits(&without)) > 0.1);
-    let dir = tempfile::tempdir().unwrap();
-    let yarn = [("llama.rope.scaling.type", V::String("yarn".into()))];
-    let err = backend::load(&LoadOptions {
-        path: tiny_llama_gguf(dir.path(), None, &yarn),
-        ..Default::default()
-    })
-    .err()
-    .expect("a YaRN GGUF is refused")
-    .to_string();
+    let refused = |more: &[(&str, &[f32])], extra: &[(&str, V)]| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = tiny_llama_gguf(dir.path(), more, extra);
+        let options = LoadOptions {
+            path,
+            ..Default::default()
+        };
+        backend::load(&options).err().expect("refused").to_string()
+    };
+    let err = refused(
+        &[],
+        &[("llama.rope.scaling.type", V::String("yarn".into()))],
+    );
     assert!(
         err.contains("\"yarn\"") && err.contains("not supported"),
+        "{err}"
+    );
+    // Biases, which kandle's llama has none of, are refused too rather than left out.
+    let err = refused(&[("blk.1.attn_q.bias", &[0.5; 64])], &[]);
+    assert!(
+        err.contains("blk.1.attn_q.bias") && err.contains("not supported"),
         "{err}"
     );
 }

@@ -437,6 +437,18 @@ pub(super) fn load_with(path: &Path, forward: Forward, device: &Device) -> Resul
             "GGUF architecture {arch:?} is not supported (only llama)"
         )));
     }
+    // llama.cpp's llama may carry biases; kandle's (and candle's) has none, and would answer
+    // wrongly without them.
+    if let Some(name) = ct
+        .tensor_infos
+        .keys()
+        .filter(|n| n.ends_with(".bias"))
+        .min()
+    {
+        return Err(Error::Model(format!(
+            "GGUF llama with biases ({name}) is not supported"
+        )));
+    }
     let ctx_meta = md_u32(&ct, "llama.context_length").unwrap_or(MAX_SEQ_LEN as u32) as usize;
     let tokens = md_string_list(&ct, "tokenizer.ggml.tokens")?;
     let vocab_size = md_u32(&ct, "llama.vocab_size")
