@@ -680,11 +680,7 @@ impl Thinking {
                     self.inner.advance(&text[at..]);
                 }
             }
-            None => {
-                self.tail.push_str(text);
-                let keep = crate::tool_calls::partial_opening(&self.tail, THOUGHTS_END);
-                self.tail.drain(..self.tail.len() - keep);
-            }
+            None => keep_partial_opening(&mut self.tail, text, THOUGHTS_END),
         }
     }
 }
@@ -806,6 +802,14 @@ fn opening_end(tail: &str, text: &str, opening: &str) -> Option<usize> {
     Some(at + opening.len() - tail.len())
 }
 
+/// `tail` after `text`, written where `opening` did not end: only what may still be its
+/// start is kept.
+fn keep_partial_opening(tail: &mut String, text: &str, opening: &str) {
+    tail.push_str(text);
+    let keep = crate::tool_calls::partial_opening(tail, opening);
+    tail.drain(..tail.len() - keep);
+}
+
 impl Lazy {
     /// Where in a token's `text`, written in free text, a value would start (`None`: it
     /// starts none).
@@ -876,9 +880,7 @@ impl Lazy {
             }
             None => {
                 if let Opening::Tag(tag) = &self.opening {
-                    self.tail.push_str(text);
-                    let keep = crate::tool_calls::partial_opening(&self.tail, tag);
-                    self.tail.drain(..self.tail.len() - keep);
+                    keep_partial_opening(&mut self.tail, text, tag);
                 }
             }
         }
