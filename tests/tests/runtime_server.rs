@@ -113,6 +113,20 @@ async fn token_ids(http: &reqwest::Client, url: &str, input: Value) -> Vec<u32> 
         .collect()
 }
 
+/// A chat answer's content, which ended by itself (`finish_reason: "stop"`).
+fn stopped_content(r: &Value) -> String {
+    let c = &r["choices"][0];
+    assert_eq!(c["finish_reason"], "stop", "{r}");
+    c["message"]["content"].as_str().unwrap().to_owned()
+}
+
+/// The content a streamed chat answer's chunks carry, joined.
+fn streamed_content(chunks: &[Value]) -> String {
+    (chunks.iter())
+        .filter_map(|ch| ch["choices"][0]["delta"]["content"].as_str())
+        .collect()
+}
+
 /// How many tokens `a` and `b` start with in common.
 fn shared_start(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
@@ -1502,10 +1516,7 @@ async fn json_mode_answers_with_one_json_object() {
             let mut streamed = body.clone();
             streamed["stream"] = json!(true);
             let chunks = post_stream(&http, &chat, &streamed).await;
-            let s: String = chunks
-                .iter()
-                .filter_map(|ch| ch["choices"][0]["delta"]["content"].as_str())
-                .collect();
+            let s: String = streamed_content(&chunks);
             assert_eq!(s, content, "streamed");
         }
     }
@@ -1909,9 +1920,7 @@ async fn auto_calls_are_read_and_masked(url: &str, parser: ToolCallParser, shown
     assert_eq!(streamed.len(), 1, "{chunks:?}");
     assert_eq!(streamed[0]["index"], 0);
     assert_eq!(streamed[0]["function"], *f, "streamed call");
-    let content: String = (chunks.iter())
-        .filter_map(|ch| ch["choices"][0]["delta"]["content"].as_str())
-        .collect();
+    let content: String = streamed_content(&chunks);
     assert_eq!(content, "", "no content before the call");
     assert_eq!(
         chunks.last().unwrap()["choices"][0]["finish_reason"],
@@ -1940,9 +1949,7 @@ async fn auto_calls_are_read_and_masked(url: &str, parser: ToolCallParser, shown
         ),
     )
     .await;
-    let content: String = (chunks.iter())
-        .filter_map(|ch| ch["choices"][0]["delta"]["content"].as_str())
-        .collect();
+    let content: String = streamed_content(&chunks);
     assert_eq!(content, answer);
     let lps: usize = (chunks.iter())
         .filter_map(|ch| ch["choices"][0]["logprobs"]["content"].as_array())
@@ -2194,11 +2201,6 @@ async fn vllm_guided_decoding_shapes_the_answer() {
             &extra,
         )
     };
-    let content = |r: &Value| {
-        let c = &r["choices"][0];
-        assert_eq!(c["finish_reason"], "stop", "{r}");
-        c["message"]["content"].as_str().unwrap().to_owned()
-    };
     let question = "Is 'I love this movie' positive or negative?";
     let free = post_json(&http, &chat, &ask(question, json!({}))).await;
     let free = free["choices"][0]["message"]["content"].as_str().unwrap();
@@ -2213,7 +2215,10 @@ async fn vllm_guided_decoding_shapes_the_answer() {
         json!({"guided_choice": moods, "temperature": 1.0, "seed": 5}),
     ] {
         let r = post_json(&http, &chat, &ask(question, extra.clone())).await;
-        assert!(moods.contains(&content(&r).as_str()), "{extra}: {r}");
+        assert!(
+            moods.contains(&stopped_content(&r).as_str()),
+            "{extra}: {r}"
+        );
     }
     // Characters SmolLM2 writes in pieces of their UTF-8 (東 is two tokens, neither whole):
     // the choice is matched over the tokens' bytes.
@@ -2221,7 +2226,7 @@ async fn vllm_guided_decoding_shapes_the_answer() {
     for seed in [1, 2, 3] {
         let extra = json!({"guided_choice": cities, "temperature": 1.0, "seed": seed});
         let r = post_json(&http, &chat, &ask("Which city?", extra)).await;
-        assert!(cities.contains(&content(&r).as_str()), "{r}");
+        assert!(cities.contains(&stopped_content(&r).as_str()), "{r}");
     }
     // The same inside JSON: an enum of them, and a string in Japanese with no character
     // left half-written at its closing quote.
@@ -2230,7 +2235,7 @@ async fn vllm_guided_decoding_shapes_the_answer() {
                                "city": {"enum": cities}, "note": {"type": "string", "maxLength": 4}}},
                            "temperature": 1.0, "seed": seed, "max_tokens": 120});
         let r = post_json(&http, &chat, &ask("東京について日本語で。", extra)).await;
-        let v: Value = serde_json::from_str(&content(&r)).unwrap();
+        let v: Value = serde_json::from_str(&stopped_content(&r)).unwrap();
         assert!(cities.contains(&v["city"].as_str().unwrap()), "{r}");
         let note = v["note"].as_str().unwrap();
         assert!(
@@ -2252,7 +2257,7 @@ async fn vllm_guided_decoding_shapes_the_answer() {
         "Give me a US phone number.",
         json!({"guided_regex": r"\([0-9]{3}\) [0-9]{3}-[0-9]{4}"}),
     );
-    let number = content(&post_json(&http, &chat, &phone).await);
+    let number = stopped_content(&post_json(&http, &chat, &phone).await);
     let b = number.as_bytes();
     assert!(
         b.len() == 14
@@ -2265,12 +2270,10 @@ async fn vllm_guided_decoding_shapes_the_answer() {
         "{number:?}"
     );
     let chunks = post_stream(&http, &chat, &with_fields(phone, &json!({"stream": true}))).await;
-    let streamed: String = (chunks.iter())
-        .filter_map(|ch| ch["choices"][0]["delta"]["content"].as_str())
-        .collect();
+    let streamed: String = streamed_content(&chunks);
     assert_eq!(streamed, number);
 
-    let cat = content(
+    let cat = stopped_content(
         &post_json(
             &http,
             &chat,
@@ -2347,11 +2350,6 @@ async fn a_gbnf_grammar_shapes_the_answer() {
             &extra,
         )
     };
-    let content = |r: &Value| {
-        let c = &r["choices"][0];
-        assert_eq!(c["finish_reason"], "stop", "{r}");
-        c["message"]["content"].as_str().unwrap().to_owned()
-    };
     let lists = "root ::= list\n\
                  list ::= \"[\" item (\", \" item)* \"]\"  # nested lists too\n\
                  item ::= word | list\n\
@@ -2370,18 +2368,16 @@ async fn a_gbnf_grammar_shapes_the_answer() {
         json!({"guided_grammar": lists, "temperature": 1.0, "seed": 4}),
     ] {
         let r = post_json(&http, &chat, &ask(question, extra.clone())).await;
-        let text = content(&r);
+        let text = stopped_content(&r);
         assert!(is_word_list(&text), "{extra}: {text:?}");
     }
     let body = ask(
         question,
         json!({"guided_grammar": lists, "temperature": 1.0, "seed": 3}),
     );
-    let whole = content(&post_json(&http, &chat, &body).await);
+    let whole = stopped_content(&post_json(&http, &chat, &body).await);
     let chunks = post_stream(&http, &chat, &with_fields(body, &json!({"stream": true}))).await;
-    let streamed: String = (chunks.iter())
-        .filter_map(|ch| ch["choices"][0]["delta"]["content"].as_str())
-        .collect();
+    let streamed: String = streamed_content(&chunks);
     assert_eq!(streamed, whole);
 
     let r = post_json(
@@ -2399,7 +2395,8 @@ async fn a_gbnf_grammar_shapes_the_answer() {
     let japanese = "root ::= [\\u4e00-\\u9fff\\u3041-\\u3096\\u30a1-\\u30fa]{1,8} \"\\u3002\"";
     for seed in [1, 2, 3] {
         let extra = json!({"guided_grammar": japanese, "temperature": 1.0, "seed": seed});
-        let text = content(&post_json(&http, &chat, &ask("東京について日本語で。", extra)).await);
+        let text =
+            stopped_content(&post_json(&http, &chat, &ask("東京について日本語で。", extra)).await);
         let chars: Vec<char> = text.chars().collect();
         assert!(
             (2..=9).contains(&chars.len())
@@ -2435,7 +2432,7 @@ async fn a_gbnf_grammar_shapes_the_answer() {
         &ask(question, json!({"guided_grammar": lists})),
     )
     .await;
-    assert!(is_word_list(&content(&r)));
+    assert!(is_word_list(&stopped_content(&r)));
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
@@ -3106,10 +3103,7 @@ async fn template_fields_continue_a_prefilled_answer_and_shape_the_prompt() {
     assert!(!answer.trim().is_empty(), "{r}");
     // Streamed, the same text.
     let chunks = post_stream(&http, &chat, &with_fields(body, &json!({"stream": true}))).await;
-    let streamed: String = chunks
-        .iter()
-        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
-        .collect();
+    let streamed: String = streamed_content(&chunks);
     assert_eq!(streamed, answer);
 
     // Without the generation prompt the rendering stops before the assistant's turn.
