@@ -127,6 +127,14 @@ fn streamed_content(chunks: &[Value]) -> String {
         .collect()
 }
 
+/// The tool calls a streamed chat answer's chunks carry.
+fn streamed_tool_calls(chunks: &[Value]) -> Vec<&Value> {
+    (chunks.iter())
+        .filter_map(|ch| ch["choices"][0]["delta"]["tool_calls"].as_array())
+        .flatten()
+        .collect()
+}
+
 /// How many tokens `a` and `b` start with in common.
 fn shared_start(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
@@ -1912,11 +1920,7 @@ async fn auto_calls_are_read_and_masked(url: &str, parser: ToolCallParser, shown
         &with_fields(rome.clone(), &json!({"stream": true})),
     )
     .await;
-    let streamed: Vec<&Value> = chunks
-        .iter()
-        .filter_map(|ch| ch["choices"][0]["delta"]["tool_calls"].as_array())
-        .flatten()
-        .collect();
+    let streamed: Vec<&Value> = streamed_tool_calls(&chunks);
     assert_eq!(streamed.len(), 1, "{chunks:?}");
     assert_eq!(streamed[0]["index"], 0);
     assert_eq!(streamed[0]["function"], *f, "streamed call");
@@ -2508,11 +2512,15 @@ async fn a_chat_template_file_replaces_the_models() {
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
-/// A Llama 2 / Mistral-style GGUF without a tokenizer.json: llama.cpp's SentencePiece
-/// vocabulary (`ggml-vocab-llama-spm.gguf`, 32000 tokens, `add_bos_token`), a Mistral-style
-/// chat template, and a tiny llama of random weights in Q4_0 and Q8_0, written into `dir`.
-fn tiny_spm_llama(dir: &std::path::Path) -> std::path::PathBuf {
-    tiny_spm_llama_with(dir, MistralTools::None)
+/// A server of [`tiny_spm_llama_with`]`(tools)`, its file in a directory kept with it.
+async fn serve_tiny_spm_llama(tools: MistralTools) -> (tempfile::TempDir, Server, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_owned();
+    let path = tokio::task::spawn_blocking(move || tiny_spm_llama_with(&d, tools))
+        .await
+        .unwrap();
+    let (server, url) = serve_model(path, |_| {}).await;
+    (dir, server, url)
 }
 
 /// Which of Mistral's tool-call formats [`tiny_spm_llama_with`] writes.
@@ -2526,8 +2534,11 @@ enum MistralTools {
     V11,
 }
 
-/// [`tiny_spm_llama`]; with `tools`, the format's control tokens appended to the vocabulary
-/// and a template that offers tools and writes calls as Mistral's do.
+/// A Llama 2 / Mistral-style GGUF without a tokenizer.json: llama.cpp's SentencePiece
+/// vocabulary (`ggml-vocab-llama-spm.gguf`, 32000 tokens, `add_bos_token`), a Mistral-style
+/// chat template, and a tiny llama of random weights in Q4_0 and Q8_0, written into `dir`;
+/// with `tools`, the format's control tokens appended to the vocabulary and a template that
+/// offers tools and writes calls as Mistral's do.
 fn tiny_spm_llama_with(dir: &std::path::Path, tools: MistralTools) -> std::path::PathBuf {
     use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
     let vocab_path = models::llama_cpp_vocabs().join("ggml-vocab-llama-spm.gguf");
@@ -2669,12 +2680,7 @@ fn tiny_spm_llama_with(dir: &std::path::Path, tools: MistralTools) -> std::path:
 /// as the same text they answer whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sentencepiece_gguf_without_a_tokenizer_json_serves_chat_and_completions() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().to_owned();
-    let path = tokio::task::spawn_blocking(move || tiny_spm_llama(&d))
-        .await
-        .unwrap();
-    let (server, url) = serve_model(path, |_| {}).await;
+    let (_dir, server, url) = serve_tiny_spm_llama(MistralTools::None).await;
     let http = client();
     let model = "tiny-spm-llama";
     let tokenize = |body: Value| {
@@ -2747,12 +2753,7 @@ async fn a_sentencepiece_gguf_without_a_tokenizer_json_serves_chat_and_completio
 /// request's tools, read back as `tool_calls`, streamed or not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mistral_tool_calls_open_with_their_control_token() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().to_owned();
-    let path = tokio::task::spawn_blocking(move || tiny_spm_llama_with(&d, MistralTools::V3))
-        .await
-        .unwrap();
-    let (server, url) = serve_model(path, |_| {}).await;
+    let (_dir, server, url) = serve_tiny_spm_llama(MistralTools::V3).await;
     let http = client();
     let chat = format!("{url}/v1/chat/completions");
     let body = json!({
@@ -2787,11 +2788,7 @@ async fn mistral_tool_calls_open_with_their_control_token() {
         &with_fields(body.clone(), &json!({"stream": true})),
     )
     .await;
-    let streamed: Vec<&Value> = chunks
-        .iter()
-        .filter_map(|c| c["choices"][0]["delta"]["tool_calls"].as_array())
-        .flatten()
-        .collect();
+    let streamed: Vec<&Value> = streamed_tool_calls(&chunks);
     assert_eq!(streamed.len(), 1, "{chunks:?}");
     assert_eq!(streamed[0]["function"], calls[0]["function"]);
     assert!(
@@ -2815,12 +2812,7 @@ async fn mistral_tool_calls_open_with_their_control_token() {
 /// history renders in the format.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mistral_v11_tool_calls_are_a_name_then_its_arguments() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().to_owned();
-    let path = tokio::task::spawn_blocking(move || tiny_spm_llama_with(&d, MistralTools::V11))
-        .await
-        .unwrap();
-    let (server, url) = serve_model(path, |_| {}).await;
+    let (_dir, server, url) = serve_tiny_spm_llama(MistralTools::V11).await;
     let http = client();
     let chat = format!("{url}/v1/chat/completions");
     let tool = |name: &str, params: Value| json!({"type": "function", "function": {"name": name, "parameters": params}});
@@ -2889,11 +2881,7 @@ async fn mistral_v11_tool_calls_are_a_name_then_its_arguments() {
         &with_fields(body.clone(), &json!({"stream": true})),
     )
     .await;
-    let streamed: Vec<&Value> = chunks
-        .iter()
-        .filter_map(|c| c["choices"][0]["delta"]["tool_calls"].as_array())
-        .flatten()
-        .collect();
+    let streamed: Vec<&Value> = streamed_tool_calls(&chunks);
     assert_eq!(streamed.len(), 1, "{chunks:?}");
     assert_eq!(&streamed[0]["function"], whole);
 
