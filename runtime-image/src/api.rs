@@ -231,12 +231,16 @@ pub struct VllmFields {
     pub guided_choice: Option<Value>,
     pub guided_grammar: Option<Value>,
     pub structured_outputs: Option<Value>,
+    /// llama.cpp's server's name for a GBNF grammar, read as `guided_grammar`, so that its
+    /// clients' grammars are not ignored.
+    pub grammar: Option<Value>,
 }
 
 impl VllmFields {
     /// What vLLM's guided decoding fields constrain the answer to: a JSON schema (as
     /// `response_format`'s), a regex the whole answer matches, one of a list of texts, or
-    /// text a GBNF grammar derives ([`crate::grammar`]). More than one field is refused.
+    /// text a GBNF grammar derives ([`crate::grammar`]; also llama.cpp's `grammar`). More
+    /// than one field is refused.
     pub fn guided(&self) -> Result<Option<Constraint>, ApiError> {
         let mut given: Vec<(&'static str, &Value)> = Vec::new();
         for (name, v) in [
@@ -244,6 +248,7 @@ impl VllmFields {
             ("guided_regex", &self.guided_regex),
             ("guided_choice", &self.guided_choice),
             ("guided_grammar", &self.guided_grammar),
+            ("grammar", &self.grammar),
         ] {
             if let Some(v) = v.as_ref().filter(|v| !v.is_null()) {
                 given.push((name, v));
@@ -1488,6 +1493,7 @@ mod tests {
         for v in [
             json!({"guided_grammar": "root ::= [0-9]+"}),
             json!({"structured_outputs": {"grammar": "root ::= \"a\" | \"b\""}}),
+            json!({"grammar": "root ::= [0-9]+"}),
         ] {
             assert!(
                 matches!(guided(v.clone()), Ok(Some(Constraint::Grammar(_)))),
@@ -1509,6 +1515,11 @@ mod tests {
                 json!({"guided_grammar": {"root": "x"}}),
                 "guided_grammar",
                 "must be a GBNF grammar's text",
+            ),
+            (
+                json!({"grammar": "root ::= ("}),
+                "grammar",
+                "grammar: line 1",
             ),
             (json!({"guided_choice": []}), "guided_choice", "non-empty"),
             (json!({"guided_choice": [1]}), "guided_choice", "strings"),

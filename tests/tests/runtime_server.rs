@@ -2338,9 +2338,9 @@ fn is_word_list(text: &str) -> bool {
     list(text.as_bytes(), 0) == Some(text.len())
 }
 
-/// vLLM's `guided_grammar` (and `structured_outputs.grammar`): the answer is text a GBNF
-/// grammar derives whole, recursive rules included, on chat and completions, streamed the
-/// same; characters SmolLM2 writes in pieces of their UTF-8 are taken where the grammar
+/// vLLM's `guided_grammar` (and `structured_outputs.grammar`, and llama.cpp's `grammar`,
+/// here on completions): the answer is text a GBNF grammar derives whole, recursive rules
+/// included, on chat and completions, streamed the same; characters SmolLM2 writes in pieces of their UTF-8 are taken where the grammar
 /// allows them; a grammar that does not compile is refused naming the field, the line and
 /// the column.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2388,7 +2388,7 @@ async fn a_gbnf_grammar_shapes_the_answer() {
         &http,
         &format!("{url}/v1/completions"),
         &json!({"model": SMOL, "prompt": "Is the sky green? Answer:", "max_tokens": 8,
-                "temperature": 0, "guided_grammar": "root ::= \" \" (\"Yes\" | \"No\") \".\""}),
+                "temperature": 0, "grammar": "root ::= \" \" (\"Yes\" | \"No\") \".\""}),
     )
     .await;
     assert_eq!(r["choices"][0]["finish_reason"], "stop", "{r}");
