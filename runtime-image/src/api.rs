@@ -231,16 +231,17 @@ pub struct VllmFields {
     pub guided_choice: Option<Value>,
     pub guided_grammar: Option<Value>,
     pub structured_outputs: Option<Value>,
-    /// llama.cpp's server's name for a GBNF grammar, read as `guided_grammar`, so that its
-    /// clients' grammars are not ignored.
+    /// llama.cpp's server's names for a GBNF grammar and a JSON schema, read as
+    /// `guided_grammar` and `guided_json`, so that its clients' constraints are not ignored.
     pub grammar: Option<Value>,
+    pub json_schema: Option<Value>,
 }
 
 impl VllmFields {
     /// What vLLM's guided decoding fields constrain the answer to: a JSON schema (as
     /// `response_format`'s), a regex the whole answer matches, one of a list of texts, or
-    /// text a GBNF grammar derives ([`crate::grammar`]; also llama.cpp's `grammar`). More
-    /// than one field is refused.
+    /// text a GBNF grammar derives ([`crate::grammar`]; also llama.cpp's `grammar` and
+    /// `json_schema`). More than one field is refused.
     pub fn guided(&self) -> Result<Option<Constraint>, ApiError> {
         let mut given: Vec<(&'static str, &Value)> = Vec::new();
         for (name, v) in [
@@ -249,6 +250,7 @@ impl VllmFields {
             ("guided_choice", &self.guided_choice),
             ("guided_grammar", &self.guided_grammar),
             ("grammar", &self.grammar),
+            ("json_schema", &self.json_schema),
         ] {
             if let Some(v) = v.as_ref().filter(|v| !v.is_null()) {
                 given.push((name, v));
@@ -291,7 +293,10 @@ impl VllmFields {
         };
         let param = name.split('.').next().unwrap_or(name);
         let bad = |e: String| ApiError::invalid(format!("{name}: {e}"), Some(param));
-        let kind = name.rsplit(['.', '_']).next().unwrap_or(name);
+        let kind = match name {
+            "json_schema" => "json",
+            _ => name.rsplit(['.', '_']).next().unwrap_or(name),
+        };
         Ok(Some(match kind {
             "json" => {
                 // A schema, or its JSON text.
@@ -1469,6 +1474,7 @@ mod tests {
             json!({"guided_json": {"type": "object"}}),
             json!({"guided_json": "{\"type\": \"object\"}"}),
             json!({"structured_outputs": {"json": {"type": "integer"}, "backend": "x"}}),
+            json!({"json_schema": {"type": "object"}}),
         ] {
             assert!(
                 matches!(guided(v.clone()), Ok(Some(Constraint::Schema(_)))),

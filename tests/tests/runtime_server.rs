@@ -2192,8 +2192,8 @@ async fn vllm_fields_bound_where_an_answer_ends() {
 
 /// vLLM's guided decoding fields: `guided_choice` (and `structured_outputs.choice`) makes
 /// the answer one of its texts, on chat and completions, non-ASCII ones too; `guided_regex` one the regex
-/// matches whole (streamed the same); `guided_json` a value of its schema; two of them are
-/// refused naming the field.
+/// matches whole (streamed the same); `guided_json` (or llama.cpp's `json_schema`) a value of
+/// its schema; two of them are refused naming the field.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vllm_guided_decoding_shapes_the_answer() {
     let (server, url) = serve(|c| c.max_new_tokens = 160).await;
@@ -2283,7 +2283,8 @@ async fn vllm_guided_decoding_shapes_the_answer() {
             &chat,
             &ask(
                 "Describe a cat as JSON.",
-                json!({"guided_json": {"type": "object", "properties": {
+                // llama.cpp's name for it.
+                json!({"json_schema": {"type": "object", "properties": {
                     "age": {"type": "integer", "minimum": 0, "maximum": 30}}}}),
             ),
         )
