@@ -1008,8 +1008,9 @@ impl GenerationWorker {
                 None => self.finish(
                     a,
                     GenerateEvent::Failed(EngineError::Internal(
-                        "no token of the vocabulary continues the answer as its JSON mode, schema, regex \
-                         or choices allow".into(),
+                        "no token of the vocabulary continues the answer as its constraint (JSON \
+                         mode, schema, regex, choices or grammar) allows"
+                            .into(),
                     )),
                 ),
             }
