@@ -33,6 +33,10 @@ use crate::json_mode::JsonVocab;
 
 /// Elements of a compiled grammar at most, repetitions expanded.
 pub const MAX_ELEMENTS: usize = 1 << 16;
+/// Rules expanded through at once, at most (each a frame of the thread's stack).
+const MAX_EXPANSION: u32 = 512;
+/// Groups `( … )` nested in one another, at most (each a frame of the parser's stack).
+pub const MAX_NESTING: usize = 64;
 /// Ways the text may go on at once, at most: past it, a grammar is refused as too ambiguous
 /// while it is checked at its start, and a request whose answer reaches it is masked shut.
 pub const MAX_STACKS: usize = 1024;
@@ -123,6 +127,8 @@ struct Parser<'a> {
     /// Where each named rule was first used, for the error when it is never defined.
     used_at: Vec<usize>,
     size: usize,
+    /// Groups open at the position read.
+    nesting: usize,
 }
 
 fn is_name_char(c: char) -> bool {
@@ -277,7 +283,8 @@ impl<'a> Parser<'a> {
         let mut start = GrammarState::default();
         if !g.start_into(&mut start) {
             return Err(format!(
-                "the grammar is too ambiguous: more than {MAX_STACKS} ways to begin"
+                "the grammar is too ambiguous (more than {MAX_STACKS} ways to begin) or its \
+                 rules begin with a chain of more than {MAX_EXPANSION} rules"
             ));
         }
         Ok(g)
@@ -464,7 +471,15 @@ impl<'a> Parser<'a> {
             }
             Some('(') => {
                 self.bump();
+                self.nesting += 1;
+                if self.nesting > MAX_NESTING {
+                    return Err(self.err_at(
+                        at,
+                        format_args!("groups nested more than {MAX_NESTING} deep"),
+                    ));
+                }
                 let alts = self.alternatives(owner, true)?;
+                self.nesting -= 1;
                 if self.bump() != Some(')') {
                     return Err(self.err_at(at, "`(` without its `)`"));
                 }
@@ -614,6 +629,7 @@ impl Grammar {
             owner: Vec::new(),
             used_at: Vec::new(),
             size: 0,
+            nesting: 0,
         }
         .parse()
     }
@@ -635,6 +651,16 @@ impl Grammar {
     /// Adds to `out` every stack that `work` leads to with a character element (or nothing)
     /// on top: rules on top are replaced by their alternatives. `work` is as it was after.
     fn expand(&self, work: &mut Vec<u32>, out: &mut GrammarState) {
+        self.expand_within(work, out, MAX_EXPANSION);
+    }
+
+    /// [`Grammar::expand`] through at most `depth` rules at once (past it, `out` overflows:
+    /// a chain of rules that deep would take the thread's stack).
+    fn expand_within(&self, work: &mut Vec<u32>, out: &mut GrammarState, depth: u32) {
+        if depth == 0 {
+            out.overflow = true;
+            return;
+        }
         let Some(&p) = work.last() else {
             out.add(work);
             return;
@@ -651,10 +677,10 @@ impl Grammar {
         }
         for &a in &self.rules[r as usize] {
             if self.elems[a as usize] == Elem::End {
-                self.expand(work, out);
+                self.expand_within(work, out, depth - 1);
             } else {
                 work.push(a);
-                self.expand(work, out);
+                self.expand_within(work, out, depth - 1);
                 work.pop();
             }
         }
@@ -1060,6 +1086,11 @@ mod tests {
 
     #[test]
     fn bad_grammars_are_refused_naming_where_and_what() {
+        // root ::= r0, r0 ::= r1, …: each rule begins with the next.
+        let chain: String = (0..600)
+            .map(|i| format!("r{i} ::= r{}\n", i + 1))
+            .chain(["root ::= r0\nr600 ::= \"x\"\n".to_string()])
+            .collect();
         for (text, says) in [
             (
                 "root ::= \"a",
@@ -1094,11 +1125,35 @@ mod tests {
             ("root ::= <[1000]>", "token references"),
             ("root ::= \"a\"{100000}", "more than 65536 elements"),
             ("root: \"a\"", "expected `::=` after rule name `root`"),
+            (
+                &format!(
+                    "root ::= {}\"a\"{}",
+                    "(".repeat(100_000),
+                    ")".repeat(100_000)
+                ),
+                "nested more than 64 deep",
+            ),
+            (&chain, "a chain of more than 512 rules"),
             ("?start: \"a\"", "line 1, column 1: expected a rule's name"),
         ] {
             let e = Grammar::parse(text).expect_err(text);
             assert!(e.contains(says), "{text:?}: {e}");
         }
+    }
+
+    #[test]
+    fn an_answer_with_too_many_ways_to_go_on_is_stopped_not_followed() {
+        // After n `a`s, each of the 2^n sequences of `b`/`c` may close them, under each of
+        // x's three beginnings: 3 * 2^n ways.
+        let g = grammar("root ::= x\nx ::= \"a\" x \"b\" | \"a\" x \"c\" | \"d\"");
+        let mut s = GrammarState::new(&g);
+        assert!(s.push_bytes(&g, b"aaaaaaaa"), "768 ways");
+        assert!(
+            !s.clone().push_bytes(&g, b"a"),
+            "1536: more than MAX_STACKS"
+        );
+        assert!(s.push_bytes(&g, b"dbcbcbcbc"));
+        assert!(s.matched());
     }
 
     #[test]
