@@ -612,8 +612,8 @@ fn tiny_llama_gguf(
 /// Llama 3.1 and later's rotary scaling as a GGUF carries it (`rope_freqs.weight`: the
 /// divisors llama.cpp's converter computes from `rope_scaling`, written here by its formula)
 /// gives the logits of the same weights read from safetensors with that `rope_scaling`
-/// (transformers' formula, with every frequency of the tiny llama's heads scaled); the GGUF
-/// without the tensor does not. Linear scaling divides every angle by its factor; YaRN, and
+/// (transformers' formula, with every frequency of the tiny llama's heads scaled; written
+/// by transformers 4 or 5); the GGUF without the tensor does not. Linear scaling divides every angle by its factor; YaRN, and
 /// biases, are refused.
 #[test]
 fn a_gguf_s_rope_freqs_scale_the_rotary_as_llama3_rope_scaling_does() {
@@ -653,6 +653,24 @@ fn a_gguf_s_rope_freqs_scale_the_rotary_as_llama3_rope_scaling_does() {
         "original_max_position_embeddings": original as u32});
     std::fs::write(scaled_dir.path().join("config.json"), cfg.to_string()).unwrap();
     let reference = generation(scaled_dir.path());
+    // transformers 5 writes the scaling inside rope_parameters instead.
+    let mut scaling = cfg["rope_scaling"].take();
+    scaling["rope_theta"] = serde_json::json!(10_000.0);
+    cfg["rope_parameters"] = scaling;
+    std::fs::write(scaled_dir.path().join("config.json"), cfg.to_string()).unwrap();
+    let reference5 = generation(scaled_dir.path());
+    // Another kind of scaling is refused by name.
+    cfg["rope_parameters"]["rope_type"] = serde_json::json!("yarn");
+    std::fs::write(scaled_dir.path().join("config.json"), cfg.to_string()).unwrap();
+    let options = LoadOptions {
+        path: scaled_dir.path().to_path_buf(),
+        ..Default::default()
+    };
+    let err = backend::load(&options).err().expect("refused").to_string();
+    assert!(
+        err.contains("\"yarn\" rotary scaling is not supported"),
+        "{err}"
+    );
 
     let prompt: Vec<u32> = (0..48u32).map(|i| (i * 37 + 11) % 500 + 3).collect();
     let last_logits = |g: &GenerationModel| {
@@ -660,6 +678,7 @@ fn a_gguf_s_rope_freqs_scale_the_rotary_as_llama3_rope_scaling_does() {
         seq.feed(&prompt).unwrap()
     };
     let want = last_logits(&reference);
+    assert_eq!(last_logits(&reference5), want);
     let with = tempfile::tempdir().unwrap();
     let with = generation(&tiny_llama_gguf(
         with.path(),

@@ -52,6 +52,24 @@ pub(super) fn load(dir: &Path, dtype: DType, device: &Device) -> Result<LoadedMo
     {
         cfg_json["rope_theta"] = theta.clone();
     }
+    // The rotary scaling, from rope_scaling (transformers 4) or rope_parameters (5): llama3's
+    // is computed (`inv_freq`); any other kind is refused by name rather than left out.
+    let scaling = raw
+        .get("rope_scaling")
+        .filter(|v| !v.is_null())
+        .or_else(|| raw.get("rope_parameters"));
+    if let Some(s) = scaling {
+        let kind = s.get("rope_type").or_else(|| s.get("type"));
+        match kind.and_then(|k| k.as_str()).unwrap_or("default") {
+            "default" => cfg_json["rope_scaling"] = serde_json::Value::Null,
+            "llama3" => cfg_json["rope_scaling"] = s.clone(),
+            other => {
+                return Err(Error::Model(format!(
+                    "llama with {other:?} rotary scaling is not supported (llama3's is)"
+                )));
+            }
+        }
+    }
     let lcfg: LlamaConfig = serde_json::from_value(cfg_json).map_err(|source| Error::Json {
         path: dir.join("config.json").display().to_string(),
         source,
