@@ -739,6 +739,27 @@ fn a_gguf_s_rope_freqs_scale_the_rotary_as_llama3_rope_scaling_does() {
     );
 }
 
+/// A GGUF's declared end-of-turn and end-of-message tokens end an answer, as its eos does
+/// (llama.cpp's end-of-generation set).
+#[test]
+fn a_gguf_s_end_of_turn_tokens_end_an_answer() {
+    use candle_core::quantized::gguf_file::Value as V;
+    let dir = tempfile::tempdir().unwrap();
+    let eog = [
+        ("tokenizer.ggml.eot_token_id", V::U32(7)),
+        ("tokenizer.ggml.eom_token_id", V::U32(9)),
+    ];
+    let g = generation(&tiny_llama_gguf(dir.path(), &[], &eog));
+    assert!(
+        g.eos_ids.contains(&7) && g.eos_ids.contains(&9),
+        "{:?}",
+        g.eos_ids
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let plain = generation(&tiny_llama_gguf(dir.path(), &[], &[]));
+    assert!(!plain.eos_ids.contains(&7) && !plain.eos_ids.contains(&9));
+}
+
 /// A grammar's mask (a walk over the vocabulary's byte trie, with the transitions between
 /// the answer's states kept per grammar) allows exactly the tokens whose own bytes the
 /// grammar takes, one trial per token, on SmolLM2's 49,152 tokens, byte tokens included, at

@@ -474,13 +474,21 @@ pub(super) fn load_with(path: &Path, forward: Forward, device: &Device) -> Resul
             .cloned()
             .unwrap_or_default()
     };
-    // End-of-generation: the declared eos plus the conventional end-of-turn tokens that this
-    // vocabulary has, as llama.cpp does.
+    // End-of-generation: the declared eos, end-of-turn and end-of-message tokens, plus the
+    // conventional end-of-turn tokens that this vocabulary has, as llama.cpp does.
     let mut eos_ids: Vec<u32> = eos_id.into_iter().collect();
+    for key in ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
+        if let Some(i) = md_u32(&ct, key).filter(|&i| (i as usize) < tokens.len())
+            && !eos_ids.contains(&i)
+        {
+            eos_ids.push(i);
+        }
+    }
     for name in [
         "<|endoftext|>",
         "<|im_end|>",
         "<|eot_id|>",
+        "<|eom_id|>",
         "<|end|>",
         "<end_of_turn>",
         "<|end_of_text|>",
