@@ -1295,43 +1295,20 @@ fn usage(prompt: usize, completion: usize) -> Value {
 async fn respond(
     st: Arc<AppState>,
     engine: Engine,
-    p: Prepared,
+    mut p: Prepared,
     flavor: Flavor,
 ) -> Result<Response, ApiError> {
     // One sequence per choice of every prompt, admitted together or refused together.
-    let rxs = engine.generate_each(p.reqs, p.n).map_err(engine_error)?;
+    let rxs = (engine.generate_each(std::mem::take(&mut p.reqs), p.n)).map_err(engine_error)?;
     let id = st.new_id(if flavor == Flavor::Chat {
         "chatcmpl"
     } else {
         "cmpl"
     });
     if p.stream {
-        Ok(stream_response(
-            st,
-            rxs,
-            p.n,
-            p.echo,
-            p.tool,
-            id,
-            flavor,
-            p.include_usage,
-            p.logprobs,
-            p.reasoning,
-        )
-        .into_response())
+        Ok(stream_response(st, rxs, p, id, flavor).into_response())
     } else {
-        collect_response(
-            st,
-            rxs,
-            p.n,
-            p.echo,
-            p.tool,
-            id,
-            flavor,
-            p.logprobs,
-            p.reasoning,
-        )
-        .await
+        collect_response(st, rxs, p, id, flavor).await
     }
 }
 
@@ -1384,19 +1361,23 @@ async fn collect_choice(
     }
 }
 
-/// The answer of `rxs`, the choices of one prompt after another, `n` per prompt.
-#[allow(clippy::too_many_arguments)]
+/// The answer of `rxs`, the choices of one prompt after another, `n` per prompt, shaped as
+/// `p` says (its requests already sent).
 async fn collect_response(
     st: Arc<AppState>,
     rxs: Vec<mpsc::UnboundedReceiver<GenerateEvent>>,
-    n: usize,
-    echo: Option<Vec<Echo>>,
-    tool: Option<ToolOut>,
+    p: Prepared,
     id: String,
     flavor: Flavor,
-    want_logprobs: bool,
-    reasoning: bool,
 ) -> Result<Response, ApiError> {
+    let Prepared {
+        n,
+        echo,
+        tool,
+        logprobs: want_logprobs,
+        reasoning,
+        ..
+    } = p;
     let choices: Vec<Choice> =
         futures::future::try_join_all(rxs.into_iter().map(collect_choice)).await?;
     // Each prompt is counted once, as OpenAI does; the completions of every choice.
@@ -1706,19 +1687,22 @@ fn data(v: &Value) -> Event {
 
 /// The SSE answer: each choice's chunks as its tokens come (tagged with its `index`), then,
 /// when every choice is done, the usage chunk if asked and `[DONE]`.
-#[allow(clippy::too_many_arguments)]
 fn stream_response(
     st: Arc<AppState>,
     rxs: Vec<mpsc::UnboundedReceiver<GenerateEvent>>,
-    per_prompt: usize,
-    echo: Option<Vec<Echo>>,
-    tool: Option<ToolOut>,
+    p: Prepared,
     id: String,
     flavor: Flavor,
-    include_usage: bool,
-    want_logprobs: bool,
-    reasoning: bool,
 ) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
+    let Prepared {
+        n: per_prompt,
+        echo,
+        tool,
+        include_usage,
+        logprobs: want_logprobs,
+        reasoning,
+        ..
+    } = p;
     let n = rxs.len();
     // A choice's stream ends with `None` once its channel closes, so that a model thread
     // that stops mid-answer is reported rather than waited on.

@@ -132,16 +132,22 @@ async fn wait_ready(mut child: tokio::process::Child, port: u16) -> Served {
 }
 
 /// Serves `model` from `cache` offline: HF_HUB_OFFLINE=1 and a hub endpoint nothing listens on.
-async fn serve_offline(cache: &Path, model: &str, file: Option<&str>, name: &str) -> Served {
+async fn serve_offline(
+    cache: &Path,
+    model: &str,
+    file: Option<&str>,
+    name: Option<&str>,
+) -> Served {
     serve_from_cache(cache, model, file, name, true).await
 }
 
-/// Serves `model` from `cache` with a hub endpoint nothing listens on, offline or not.
+/// Serves `model` from `cache` with a hub endpoint nothing listens on, offline or not, under
+/// `name` (`None`: the name the server gives it).
 async fn serve_from_cache(
     cache: &Path,
     model: &str,
     file: Option<&str>,
-    name: &str,
+    name: Option<&str>,
     offline: bool,
 ) -> Served {
     let port = free_port();
@@ -153,8 +159,6 @@ async fn serve_from_cache(
             "127.0.0.1",
             "--port",
             &port.to_string(),
-            "--served-model-name",
-            name,
             "--threads",
             "2",
         ])
@@ -162,10 +166,24 @@ async fn serve_from_cache(
         .env("HF_ENDPOINT", "http://127.0.0.1:9")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
+    if let Some(n) = name {
+        c.args(["--served-model-name", n]);
+    }
     if let Some(f) = file {
         c.args(["--file", f]);
     }
     wait_ready(c.spawn().unwrap(), port).await
+}
+
+/// The served models' list (`GET /v1/models`).
+async fn models_of(served: &Served) -> Value {
+    let r = client()
+        .get(format!("{}/v1/models", served.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.json().await.unwrap()
 }
 
 fn sha256_of(path: &Path) -> String {
@@ -241,24 +259,8 @@ async fn a_quantisation_tag_picks_the_gguf_file_online_and_offline() {
         .unwrap_or_else(|| panic!("stdout names the file:\n{log}"));
     assert_eq!(sha256_of(Path::new(file)), hex::encode(Sha256::digest(&gguf)));
 
-    let port = free_port();
-    let mut c = runtime();
-    c.args(["serve", "--model", &model, "--cache-dir"])
-        .arg(cache.path())
-        .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--threads", "2"])
-        .env("HF_HUB_OFFLINE", "1")
-        .env("HF_ENDPOINT", "http://127.0.0.1:9")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let served = wait_ready(c.spawn().unwrap(), port).await;
-    let models: serde_json::Value = client()
-        .get(format!("{}/v1/models", served.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let served = serve_offline(cache.path(), &model, None, None).await;
+    let models = models_of(&served).await;
     assert_eq!(
         models["data"][0]["id"], "SmolLM2-135M-Instruct-GGUF:q4_1",
         "{models}"
@@ -371,7 +373,7 @@ async fn a_private_gguf_and_a_model_directory_download_and_then_serve_offline_fr
 
     // Offline: the hub sees no request at all, and both models answer.
     let requests = hub.requests().len();
-    let smol = serve_offline(cache.path(), &model, Some(SMOL_FILE), "smol").await;
+    let smol = serve_offline(cache.path(), &model, Some(SMOL_FILE), Some("smol")).await;
     let resp: Value = client()
         .post(format!("{}/v1/completions", smol.url))
         .json(&json!({"model": "smol", "prompt": "The capital of France is", "max_tokens": 3, "temperature": 0}))
@@ -388,7 +390,7 @@ async fn a_private_gguf_and_a_model_directory_download_and_then_serve_offline_fr
     );
     drop(smol);
 
-    let minilm = serve_offline(cache.path(), &model_dir, None, "minilm").await;
+    let minilm = serve_offline(cache.path(), &model_dir, None, Some("minilm")).await;
     let resp: Value = client()
         .post(format!("{}/v1/embeddings", minilm.url))
         .json(&json!({"model": "minilm", "input": "kandle serves models"}))
@@ -418,14 +420,8 @@ async fn a_private_gguf_and_a_model_directory_download_and_then_serve_offline_fr
     );
 
     // Online, with the hub unreachable: the cached copy is served (as huggingface_hub does).
-    let fallback = serve_from_cache(cache.path(), &model_dir, None, "minilm", false).await;
-    let status = client()
-        .get(format!("{}/v1/models", fallback.url))
-        .send()
-        .await
-        .unwrap()
-        .status();
-    assert_eq!(status, 200);
+    let fallback = serve_from_cache(cache.path(), &model_dir, None, Some("minilm"), false).await;
+    models_of(&fallback).await;
 }
 
 #[tokio::test]

@@ -135,6 +135,19 @@ fn streamed_tool_calls(chunks: &[Value]) -> Vec<&Value> {
         .collect()
 }
 
+/// The one tool call a chat answer made (`finish_reason: "tool_calls"`, no content): its
+/// function, and its arguments parsed.
+fn only_call(r: &Value) -> (&Value, Value) {
+    let c = &r["choices"][0];
+    assert_eq!(c["finish_reason"], "tool_calls", "{r}");
+    assert_eq!(c["message"]["content"], Value::Null, "{r}");
+    let calls = c["message"]["tool_calls"].as_array().unwrap();
+    assert_eq!(calls.len(), 1, "{r}");
+    let f = &calls[0]["function"];
+    let args = serde_json::from_str(f["arguments"].as_str().unwrap()).unwrap();
+    (f, args)
+}
+
 /// How many tokens `a` and `b` start with in common.
 fn shared_start(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
@@ -2770,14 +2783,8 @@ async fn mistral_tool_calls_open_with_their_control_token() {
         "max_tokens": 64,
     });
     let r = post_json(&http, &chat, &body).await;
-    let c = &r["choices"][0];
-    assert_eq!(c["finish_reason"], "tool_calls", "{r}");
-    assert_eq!(c["message"]["content"], Value::Null, "{r}");
-    let calls = c["message"]["tool_calls"].as_array().unwrap();
-    assert_eq!(calls.len(), 1, "{r}");
-    assert_eq!(calls[0]["function"]["name"], "get_weather");
-    let args: Value =
-        serde_json::from_str(calls[0]["function"]["arguments"].as_str().unwrap()).unwrap();
+    let (f, args) = only_call(&r);
+    assert_eq!(f["name"], "get_weather");
     assert!(
         ["Paris", "Rome"].contains(&args["city"].as_str().unwrap()),
         "{args}"
@@ -2791,7 +2798,7 @@ async fn mistral_tool_calls_open_with_their_control_token() {
     .await;
     let streamed: Vec<&Value> = streamed_tool_calls(&chunks);
     assert_eq!(streamed.len(), 1, "{chunks:?}");
-    assert_eq!(streamed[0]["function"], calls[0]["function"]);
+    assert_eq!(&streamed[0]["function"], f);
     assert!(
         chunks.iter().all(|c| c["choices"][0]["delta"]["content"]
             .as_str()
@@ -2833,14 +2840,8 @@ async fn mistral_v11_tool_calls_are_a_name_then_its_arguments() {
     for seed in 0..6 {
         let body = with_fields(body.clone(), &json!({"temperature": 1.0, "seed": seed}));
         let r = post_json(&http, &chat, &body).await;
-        let c = &r["choices"][0];
-        assert_eq!(c["finish_reason"], "tool_calls", "{r}");
-        assert_eq!(c["message"]["content"], Value::Null, "{r}");
-        let calls = c["message"]["tool_calls"].as_array().unwrap();
-        assert_eq!(calls.len(), 1, "{r}");
-        let name = calls[0]["function"]["name"].as_str().unwrap().to_owned();
-        let args: Value =
-            serde_json::from_str(calls[0]["function"]["arguments"].as_str().unwrap()).unwrap();
+        let (f, args) = only_call(&r);
+        let name = f["name"].as_str().unwrap().to_owned();
         let allowed: &[&str] = match name.as_str() {
             "get_weather" => &["Paris", "Rome"],
             "get_time" => &["UTC", "CET"],
