@@ -17,8 +17,10 @@
 //! Constrained answers (`response_format`, vLLM's `guided_*`) think first too: the mask
 //! leaves the thoughts free and applies after `</think>`
 //! ([`crate::json_mode::Constraint::AfterThoughts`]), as vLLM applies structured outputs once
-//! the reasoning has ended. Tool calls are not split: their answers are read as the model's
-//! call format alone.
+//! the reasoning has ended. Tool calls likewise: the thoughts go to `reasoning_content`, and
+//! the calls (forced, or `auto` in the model's format) are read from the content after them,
+//! their masks applying from `</think>` on, as vLLM reads them. An answer whose thoughts
+//! never close holds no call.
 //!
 //! Pure text functions; the server applies them to chat answers.
 
@@ -83,6 +85,7 @@ pub struct Stream {
     text: String,
     reasoning_sent: usize,
     content_sent: usize,
+    closed: bool,
 }
 
 impl Stream {
@@ -94,10 +97,16 @@ impl Stream {
         let reasoning =
             parts.reasoning[self.reasoning_sent.min(parts.reasoning.len())..].to_owned();
         self.reasoning_sent = self.reasoning_sent.max(parts.reasoning.len());
+        self.closed |= parts.content.is_some();
         let content = parts.content.unwrap_or("");
         let new_content = content[self.content_sent.min(content.len())..].to_owned();
         self.content_sent = self.content_sent.max(content.len());
         (reasoning, new_content)
+    }
+
+    /// Whether the thoughts are closed: what follows is the answer's content.
+    pub fn closed(&self) -> bool {
+        self.closed
     }
 }
 
@@ -170,6 +179,7 @@ mod tests {
                         c.push_str(&dc);
                     }
                     assert_eq!(r, whole.reasoning, "{text:?} cut at {cut}, {cut2}");
+                    assert_eq!(s.closed(), whole.content.is_some());
                     assert_eq!(
                         c,
                         whole.content.unwrap_or(""),

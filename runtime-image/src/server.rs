@@ -1045,10 +1045,9 @@ async fn chat_completions(
             )
         })?;
     let room = check_context(prompt.len(), frontend.context_length, "messages")?;
-    // Thoughts are split from answers but tool calls; a constraint applies after them.
-    let reasoning = st.config.reasoning_parser.is_some()
-        && tool.is_none()
-        && !crate::reasoning::thoughts_closed(&prompt_text);
+    // Thoughts are split from the answer, a constraint (tool calls' too) applying after them.
+    let reasoning =
+        st.config.reasoning_parser.is_some() && !crate::reasoning::thoughts_closed(&prompt_text);
     let json = match json {
         Some(c) if reasoning => Some(Constraint::AfterThoughts(Box::new(c))),
         json => json,
@@ -1388,9 +1387,23 @@ async fn collect_response(
         .sum();
     let completion_tokens: usize = choices.iter().map(|c| c.completion_tokens).sum();
     let body_of = |(i, c): (usize, &Choice)| match flavor {
-        Flavor::Chat if tool.is_some() => {
-            let tool = tool.as_ref().expect("a tool");
-            let (message, called) = tool.message(&st, &c.text);
+        Flavor::Chat => {
+            // The thoughts apart; the calls, if any, read from the content after them.
+            let (thoughts, content) = match reasoning {
+                true => {
+                    let parts = crate::reasoning::split(&c.text, true);
+                    let content = parts.content.filter(|t| !t.is_empty());
+                    (Some(parts.reasoning), content)
+                }
+                false => (None, Some(c.text.as_str())),
+            };
+            let (mut message, called) = match (&tool, content) {
+                (Some(tool), Some(content)) => tool.message(&st, content),
+                _ => (json!({"role": "assistant", "content": content}), false),
+            };
+            if let Some(thoughts) = thoughts {
+                message["reasoning_content"] = json!(thoughts);
+            }
             let finish = match called {
                 true => ToolOut::finish(c.finish_reason),
                 false => c.finish_reason.as_str(),
@@ -1400,25 +1413,6 @@ async fn collect_response(
                 "message": message,
                 "logprobs": if want_logprobs { chat_logprobs(&c.logprobs) } else { Value::Null },
                 "finish_reason": finish,
-            })
-        }
-        Flavor::Chat => {
-            let message = match reasoning {
-                true => {
-                    let parts = crate::reasoning::split(&c.text, true);
-                    json!({
-                        "role": "assistant",
-                        "reasoning_content": parts.reasoning,
-                        "content": parts.content.filter(|t| !t.is_empty()),
-                    })
-                }
-                false => json!({"role": "assistant", "content": c.text}),
-            };
-            json!({
-                "index": i,
-                "message": message,
-                "logprobs": if want_logprobs { chat_logprobs(&c.logprobs) } else { Value::Null },
-                "finish_reason": c.finish_reason.as_str(),
             })
         }
         Flavor::Completion => {
@@ -1643,23 +1637,40 @@ impl StreamState {
         }
     }
 
-    /// The chunk of choice `i`'s next `text` with a reasoning parser (`done`: its end):
-    /// `reasoning_content` and/or `content`, as the split releases them; `None` while all of
-    /// it is held back (its log-probabilities then wait for the text).
-    fn reasoning_chunk(
+    /// The chunks of choice `i`'s next `text` with a reasoning parser (`done`: and its
+    /// end): `reasoning_content` and/or `content`, as the split releases them (none while
+    /// all of it is held back, its log-probabilities then waiting for the text). With tools,
+    /// what follows the thoughts goes to [`Self::tool_chunks`].
+    fn reasoning_chunks(
         &mut self,
         i: usize,
         text: &str,
         lps: Vec<TokenLogprob>,
-        done: bool,
-    ) -> Option<Value> {
-        let (split, held) = &mut self.reasoning.as_mut().expect("a reasoning parser")[i];
-        let (thought, answer) = split.push(text, done);
-        held.extend(lps);
-        if thought.is_empty() && answer.is_empty() && (held.is_empty() || !done) {
-            return None;
+        done: Option<FinishReason>,
+    ) -> Vec<Value> {
+        let tool = self.tool.is_some();
+        let (thought, answer, closed, mut lps) = {
+            let (split, held) = &mut self.reasoning.as_mut().expect("a reasoning parser")[i];
+            let (thought, answer) = split.push(text, done.is_some());
+            held.extend(lps);
+            let closed = split.closed();
+            let release =
+                !thought.is_empty() || !answer.is_empty() || done.is_some() || (tool && closed);
+            let lps = match release {
+                true => std::mem::take(held),
+                false => Vec::new(),
+            };
+            (thought, answer, closed, lps)
+        };
+        let mut out = Vec::new();
+        if tool && closed {
+            if !thought.is_empty() {
+                let lps = std::mem::take(&mut lps);
+                out.push(self.delta_chunk(i, json!({"reasoning_content": thought}), &lps, None));
+            }
+            out.extend(self.tool_chunks(i, &answer, &lps, done));
+            return out;
         }
-        let lps = std::mem::take(held);
         let mut delta = serde_json::Map::new();
         if !thought.is_empty() {
             delta.insert("reasoning_content".into(), json!(thought));
@@ -1667,7 +1678,13 @@ impl StreamState {
         if !answer.is_empty() {
             delta.insert("content".into(), json!(answer));
         }
-        Some(self.delta_chunk(i, Value::Object(delta), &lps, None))
+        if !delta.is_empty() || !lps.is_empty() {
+            out.push(self.delta_chunk(i, Value::Object(delta), &lps, None));
+        }
+        if let Some(reason) = done {
+            out.push(self.chunk(i, None, &[], Some(reason), false));
+        }
+        out
     }
 
     fn usage_chunk(&self) -> Value {
@@ -1775,13 +1792,13 @@ fn stream_response(
             return Some((futures::stream::iter(out.into_iter().map(Ok)), s));
         };
         match event {
-            Some(GenerateEvent::Delta { text, logprobs }) if s.tool.is_some() => {
-                for c in s.tool_chunks(i, &text, &logprobs, None) {
+            Some(GenerateEvent::Delta { text, logprobs }) if s.reasoning.is_some() => {
+                for c in s.reasoning_chunks(i, &text, logprobs, None) {
                     out.push(data(&c));
                 }
             }
-            Some(GenerateEvent::Delta { text, logprobs }) if s.reasoning.is_some() => {
-                if let Some(c) = s.reasoning_chunk(i, &text, logprobs, false) {
+            Some(GenerateEvent::Delta { text, logprobs }) if s.tool.is_some() => {
+                for c in s.tool_chunks(i, &text, &logprobs, None) {
                     out.push(data(&c));
                 }
             }
@@ -1794,16 +1811,15 @@ fn stream_response(
                 prompt_tokens,
                 completion_tokens,
             }) => {
-                if s.tool.is_some() {
+                if s.reasoning.is_some() {
+                    for c in s.reasoning_chunks(i, "", Vec::new(), Some(finish_reason)) {
+                        out.push(data(&c));
+                    }
+                } else if s.tool.is_some() {
                     for c in s.tool_chunks(i, "", &[], Some(finish_reason)) {
                         out.push(data(&c));
                     }
                 } else {
-                    if s.reasoning.is_some()
-                        && let Some(c) = s.reasoning_chunk(i, "", Vec::new(), true)
-                    {
-                        out.push(data(&c));
-                    }
                     let last = match s.flavor {
                         Flavor::Chat => s.chunk(i, None, &[], Some(finish_reason), false),
                         Flavor::Completion => s.chunk(i, Some(""), &[], Some(finish_reason), false),

@@ -3034,6 +3034,147 @@ async fn a_reasoning_parser_puts_the_thoughts_apart_from_the_answer() {
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
+/// A reasoning model's tool calls: the thoughts go to `reasoning_content` and the calls are
+/// read from what follows them, masked to the request's tools from `</think>` on, whether
+/// chosen by the model (`auto`, Hermes) or forced (a named tool). SmolLM2, shown three
+/// answers that think then call `get_weather(city)`, thinks the same way unmasked
+/// (`"none"`) and masked, then calls the tool the request lists. Cut before the thoughts
+/// close, an answer holds no call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reasoning_model_s_tool_calls_follow_its_thoughts() {
+    let (server, url) = serve(|c| {
+        c.reasoning_parser = Some(kandle_runtime::reasoning::ReasoningParser::DeepSeekR1);
+        c.tool_call_parser = Some(ToolCallParser::Hermes);
+        c.max_new_tokens = 120;
+    })
+    .await;
+    let http = client();
+    let chat = format!("{url}/v1/chat/completions");
+    let mut rome = weather_shots(ToolCallParser::Hermes, "What is the weather in Rome?");
+    for m in rome["messages"].as_array_mut().unwrap() {
+        if m["role"] == "assistant" {
+            let call = m["content"].as_str().unwrap();
+            let city = call.split('"').rev().nth(1).unwrap();
+            m["content"] = json!(format!(
+                "The user asks for the weather in {city}, so I call get_weather.</think>{call}"
+            ));
+        }
+    }
+    let rome = with_fields(rome, &json!({"tools": weather_now(), "max_tokens": 120}));
+    let thoughts = |r: &Value| r["choices"][0]["message"]["reasoning_content"].clone();
+
+    // Unmasked: thoughts, then the call it was shown, as text.
+    let none = post_json(
+        &http,
+        &chat,
+        &with_fields(rome.clone(), &json!({"tool_choice": "none"})),
+    )
+    .await;
+    let thought = thoughts(&none);
+    assert!(
+        thought.as_str().is_some_and(|t| t.contains("Rome")),
+        "{none}"
+    );
+    let text = none["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(
+        text.contains("<tool_call>") && text.contains("\"get_weather\""),
+        "{none}"
+    );
+
+    // "auto": the same thoughts, then a call of the tool the request lists.
+    let r = post_json(&http, &chat, &rome).await;
+    assert_eq!(thoughts(&r), thought, "{r}");
+    let (f, args) = only_call(&r);
+    assert_eq!(f["name"], "weather_now", "{r}");
+    assert!(args["location"].is_string(), "{r}");
+    let chunks = post_stream(
+        &http,
+        &chat,
+        &with_fields(
+            rome.clone(),
+            &json!({"stream": true, "logprobs": true, "stream_options": {"include_usage": true}}),
+        ),
+    )
+    .await;
+    let part = |chunks: &[Value], key: &str| -> String {
+        (chunks.iter())
+            .filter_map(|c| c["choices"][0]["delta"][key].as_str())
+            .collect()
+    };
+    assert_eq!(part(&chunks, "reasoning_content"), thought);
+    assert_eq!(streamed_content(&chunks), "");
+    let calls = streamed_tool_calls(&chunks);
+    assert_eq!(calls.len(), 1, "{chunks:?}");
+    assert_eq!(calls[0]["function"], *f);
+    let last = &chunks[chunks.len() - 2]["choices"][0];
+    assert_eq!(last["finish_reason"], "tool_calls", "{chunks:?}");
+    let lps: usize = (chunks.iter())
+        .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array())
+        .map(Vec::len)
+        .sum();
+    let usage = &chunks.last().unwrap()["usage"];
+    assert_eq!(lps as u64, usage["completion_tokens"].as_u64().unwrap());
+
+    // Forced: the same thoughts, then the named tool's arguments; streamed, the arguments
+    // after the thoughts, joining to the same.
+    let named = with_fields(
+        rome.clone(),
+        &json!({"tool_choice": {"type": "function", "function": {"name": "weather_now"}}}),
+    );
+    let r = post_json(&http, &chat, &named).await;
+    assert_eq!(thoughts(&r), thought, "{r}");
+    let (f, args) = only_call(&r);
+    assert_eq!(f["name"], "weather_now", "{r}");
+    assert!(
+        ["celsius", "fahrenheit"].contains(&args["unit"].as_str().unwrap()),
+        "{r}"
+    );
+    let chunks = post_stream(&http, &chat, &with_fields(named, &json!({"stream": true}))).await;
+    assert_eq!(part(&chunks, "reasoning_content"), thought);
+    let calls = streamed_tool_calls(&chunks);
+    assert_eq!(calls[0]["function"]["name"], "weather_now", "{chunks:?}");
+    let joined: String = (calls.iter())
+        .map(|c| c["function"]["arguments"].as_str().unwrap())
+        .collect();
+    assert_eq!(joined, f["arguments"].as_str().unwrap());
+    let first_call = (chunks.iter())
+        .position(|c| c["choices"][0]["delta"]["tool_calls"].is_array())
+        .unwrap();
+    assert!(
+        chunks[first_call..]
+            .iter()
+            .all(|c| c["choices"][0]["delta"]["reasoning_content"].is_null()),
+        "the call after the thoughts: {chunks:?}"
+    );
+
+    // Cut before the thoughts close: thoughts only, no call, not even a forced one.
+    for choice in [json!("auto"), json!("required")] {
+        let cut = with_fields(
+            rome.clone(),
+            &json!({"max_tokens": 4, "tool_choice": choice}),
+        );
+        let r = post_json(&http, &chat, &cut).await;
+        let c = &r["choices"][0];
+        assert_eq!(c["finish_reason"], "length", "{r}");
+        assert!(c["message"]["tool_calls"].is_null(), "{r}");
+        assert!(c["message"]["content"].is_null(), "{r}");
+        let begun = thoughts(&r);
+        assert!(
+            thought
+                .as_str()
+                .unwrap()
+                .starts_with(begun.as_str().unwrap()),
+            "{r}"
+        );
+        let chunks = post_stream(&http, &chat, &with_fields(cut, &json!({"stream": true}))).await;
+        assert!(streamed_tool_calls(&chunks).is_empty(), "{chunks:?}");
+        assert_eq!(part(&chunks, "reasoning_content"), begun);
+        let last = &chunks.last().unwrap()["choices"][0];
+        assert_eq!(last["finish_reason"], "length", "{chunks:?}");
+    }
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
 /// vLLM's template fields: `continue_final_message` continues a prefilled answer (the prompt
 /// ends where its text does, and the model goes on from there), `add_generation_prompt:
 /// false` leaves the assistant's turn unopened, `chat_template_kwargs` reach the template,
