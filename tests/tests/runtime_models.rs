@@ -497,17 +497,27 @@ fn smollm2_own_kernels_are_as_close_to_llama_cpp_as_candles() {
 /// inputs and the `.out` ids transformers gives them, as llama.cpp's `test-tokenizer-0` reads
 /// them), for every kind the runtime rebuilds: SentencePiece (Llama 2 / Mistral's, Phi-3's)
 /// and byte-level BPE with the pre-tokenizers it knows. The others are refused by name.
-/// The tiny llama fixture's weights written as a GGUF the way llama.cpp's converter writes
-/// them (q and k rows permuted for the interleaved rotary, f32), its tokenizer.json beside
-/// it, with `more` f32 tensors (`rope_freqs.weight`, say) and `extra` metadata. Returns the
-/// file.
+/// The tiny llama fixture's weights written as a GGUF by [`llama_gguf`].
 fn tiny_llama_gguf(
     dir: &Path,
     more: &[(&str, &[f32])],
     extra: &[(&str, candle_core::quantized::gguf_file::Value)],
 ) -> std::path::PathBuf {
+    llama_gguf(&fixtures_dir().join("tiny/llama"), dir, more, extra)
+}
+
+/// The weights of the transformers llama in `fixture` (the tiny llama's vocabulary) written
+/// into `dir` as a GGUF the way llama.cpp's converter writes them (q and k rows permuted for
+/// the interleaved rotary, f32; `key_length` and `value_length` where the heads are not
+/// hidden / heads wide), its tokenizer.json beside it, with `more` f32 tensors
+/// (`rope_freqs.weight`, say) and `extra` metadata. Returns the file.
+fn llama_gguf(
+    fixture: &Path,
+    dir: &Path,
+    more: &[(&str, &[f32])],
+    extra: &[(&str, candle_core::quantized::gguf_file::Value)],
+) -> std::path::PathBuf {
     use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
-    let fixture = fixtures_dir().join("tiny/llama");
     let cfg = json(&fixture.join("config.json"));
     let n = |k: &str| cfg[k].as_u64().unwrap() as usize;
     let (heads, kv_heads, hidden) = (
@@ -515,6 +525,9 @@ fn tiny_llama_gguf(
         n("num_key_value_heads"),
         n("hidden_size"),
     );
+    let head_dim = cfg["head_dim"]
+        .as_u64()
+        .map_or(hidden / heads, |d| d as usize);
     let st = candle_core::safetensors::load(
         fixture.join("model.safetensors"),
         &candle_core::Device::Cpu,
@@ -581,7 +594,7 @@ fn tiny_llama_gguf(
     let tokens =
         gguf_file::Value::Array(tokens.into_iter().map(gguf_file::Value::String).collect());
     let u = |v: usize| gguf_file::Value::U32(v as u32);
-    let meta = [
+    let mut meta = vec![
         ("tokenizer.ggml.tokens", tokens),
         (
             "general.architecture",
@@ -592,7 +605,7 @@ fn tiny_llama_gguf(
         ("llama.feed_forward_length", u(n("intermediate_size"))),
         ("llama.attention.head_count", u(heads)),
         ("llama.attention.head_count_kv", u(kv_heads)),
-        ("llama.rope.dimension_count", u(hidden / heads)),
+        ("llama.rope.dimension_count", u(head_dim)),
         ("llama.context_length", u(n("max_position_embeddings"))),
         (
             "llama.attention.layer_norm_rms_epsilon",
@@ -600,6 +613,10 @@ fn tiny_llama_gguf(
         ),
         ("llama.rope.freq_base", gguf_file::Value::F32(10_000.0)),
     ];
+    if head_dim * heads != hidden {
+        meta.push(("llama.attention.key_length", u(head_dim)));
+        meta.push(("llama.attention.value_length", u(head_dim)));
+    }
     std::fs::copy(fixture.join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
     let out = dir.join("tiny-llama.gguf");
     let meta: Vec<(&str, &gguf_file::Value)> =
@@ -737,6 +754,104 @@ fn a_gguf_s_rope_freqs_scale_the_rotary_as_llama3_rope_scaling_does() {
         err.contains("blk.1.attn_q.bias") && err.contains("not supported"),
         "{err}"
     );
+}
+
+/// Heads narrower or wider than the hidden size over the heads (transformers' `head_dim`, a
+/// GGUF's `llama.attention.key_length`: Mistral NeMo's and Mistral Small 3's are 128 where
+/// 5,120 / 32 is 160) run on every llama path. The tiny llama with its attention rebuilt for
+/// heads of 8 and of 24 gives the same logits from safetensors (transformers' layout), from a
+/// GGUF on kandle's kernels and from the GGUF on the tensor path a GPU runs. candle's
+/// `quantized_llama`, which takes the width to be hidden / heads, refuses it; values of
+/// another width than the keys are refused.
+#[test]
+fn llama_heads_of_their_own_width_run_from_safetensors_and_gguf() {
+    use candle_core::{Device, Tensor};
+    let fixture = fixtures_dir().join("tiny/llama");
+    let cfg = json(&fixture.join("config.json"));
+    let n = |k: &str| cfg[k].as_u64().unwrap() as usize;
+    let (heads, kv_heads, hidden) = (
+        n("num_attention_heads"),
+        n("num_key_value_heads"),
+        n("hidden_size"),
+    );
+    assert_eq!(hidden / heads, 16);
+    let weights =
+        candle_core::safetensors::load(fixture.join("model.safetensors"), &Device::Cpu).unwrap();
+    // Deterministic weights of about the fixture's scale (uniform in ±0.2).
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut noise = |len: usize| -> Vec<f32> {
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.4
+            })
+            .collect()
+    };
+    let prompt: Vec<u32> = (0..40u32).map(|i| (i * 53 + 7) % 500 + 3).collect();
+    let last_logits = |m: LoadedModel| match m {
+        LoadedModel::Generation(g) => g.lm.new_sequence().unwrap().feed(&prompt).unwrap(),
+        other => panic!("loaded as a {:?} model", other.task()),
+    };
+    for head_dim in [8, 24] {
+        let src = tempfile::tempdir().unwrap();
+        for entry in std::fs::read_dir(&fixture).unwrap() {
+            let path = entry.unwrap().path();
+            std::fs::copy(&path, src.path().join(path.file_name().unwrap())).unwrap();
+        }
+        let mut own = cfg.clone();
+        own["head_dim"] = head_dim.into();
+        std::fs::write(src.path().join("config.json"), own.to_string()).unwrap();
+        let mut tensors = weights.clone();
+        for i in 0..n("num_hidden_layers") {
+            for (name, rows, cols) in [
+                ("q_proj", heads * head_dim, hidden),
+                ("k_proj", kv_heads * head_dim, hidden),
+                ("v_proj", kv_heads * head_dim, hidden),
+                ("o_proj", hidden, heads * head_dim),
+            ] {
+                let t = Tensor::from_vec(noise(rows * cols), (rows, cols), &Device::Cpu).unwrap();
+                tensors.insert(format!("model.layers.{i}.self_attn.{name}.weight"), t);
+            }
+        }
+        candle_core::safetensors::save(&tensors, src.path().join("model.safetensors")).unwrap();
+        let want = last_logits(load(src.path()));
+        let dir = tempfile::tempdir().unwrap();
+        let gguf = llama_gguf(src.path(), dir.path(), &[], &[]);
+        let ours = last_logits(load(&gguf));
+        let gpu_path = last_logits(backend::load_gguf_gpu_path_on_cpu(&gguf).unwrap());
+        let spread = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (what, got) in [("kandle's kernels", &ours), ("the tensor path", &gpu_path)] {
+            let d = max_abs_diff(got, &want);
+            assert!(
+                d < 1e-2,
+                "heads of {head_dim}, {what}: largest logit difference {d} (logits within \
+                 ±{spread})"
+            );
+        }
+        let err = backend::load_gguf_candle_reference(&gguf)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains("not 64 / 4 wide"), "{err}");
+    }
+    // Values as wide as the keys are what a llama has.
+    use candle_core::quantized::gguf_file::Value as V;
+    let dir = tempfile::tempdir().unwrap();
+    let odd = tiny_llama_gguf(
+        dir.path(),
+        &[],
+        &[("llama.attention.value_length", V::U32(8))],
+    );
+    let err = backend::load(&LoadOptions {
+        path: odd,
+        ..Default::default()
+    })
+    .err()
+    .expect("refused")
+    .to_string();
+    assert!(err.contains("keys of 16 and values of 8"), "{err}");
 }
 
 /// A GGUF's declared end-of-turn and end-of-message tokens end an answer, as its eos does

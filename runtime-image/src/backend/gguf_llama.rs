@@ -267,7 +267,7 @@ fn tensor_weights<R: std::io::Read + std::io::Seek>(
     let heads = need("llama.attention.head_count")? as usize;
     let kv_heads = md_u32(ct, "llama.attention.head_count_kv").map_or(heads, |v| v as usize);
     let hidden = need("llama.embedding_length")? as usize;
-    let head_dim = hidden / heads;
+    let head_dim = qllama::head_dim(ct, hidden, heads)?;
     let rope_dim = md_u32(ct, "llama.rope.dimension_count").map_or(head_dim, |v| v as usize);
     if rope_dim != head_dim {
         return Err(Error::Model(format!(
@@ -527,6 +527,18 @@ pub(super) fn load_with(path: &Path, forward: Forward, device: &Device) -> Resul
         f => f,
     };
     let lm: Box<dyn CausalLm> = if forward == Forward::Candle {
+        // candle's `quantized_llama` takes the heads' width to be the hidden size over them.
+        let need = |key| qllama::md_u32(&ct, key);
+        let (hidden, heads) = (
+            need("llama.embedding_length")?,
+            need("llama.attention.head_count")?,
+        );
+        if qllama::head_dim(&ct, hidden, heads)? * heads != hidden {
+            return Err(Error::Model(format!(
+                "GGUF llama on candle's quantized_llama (mixture-of-experts files) with heads \
+                 not {hidden} / {heads} wide is not supported"
+            )));
+        }
         Box::new(GgufLlama {
             weights: ModelWeights::from_gguf(ct, &mut reader, device)?,
             device: device.clone(),

@@ -74,17 +74,24 @@ pub(super) fn load(dir: &Path, dtype: DType, device: &Device) -> Result<LoadedMo
         path: dir.join("config.json").display().to_string(),
         source,
     })?;
-    if let Some(hd) = raw.get("head_dim").and_then(|v| v.as_u64())
-        && hd as usize * lcfg.num_attention_heads != lcfg.hidden_size
-    {
-        return Err(Error::Model(
-            "llama with head_dim * heads != hidden_size is not supported".into(),
-        ));
-    }
+    // Heads may be narrower than hidden_size / heads (Mistral NeMo, Mistral Small 3: 128, not
+    // 160), as transformers' `head_dim` says.
+    let head_dim = match raw.get("head_dim").filter(|v| !v.is_null()) {
+        None => lcfg.hidden_size / lcfg.num_attention_heads.max(1),
+        Some(v) => match v.as_u64() {
+            Some(hd) if hd > 0 && hd % 2 == 0 => hd as usize,
+            _ => {
+                return Err(Error::Model(format!(
+                    "{}: head_dim must be a positive even number, got {v}",
+                    dir.join("config.json").display()
+                )));
+            }
+        },
+    };
     let config = lcfg.into_config(false);
     let vb = super::layers::var_builder(dir, dtype, device)?;
-    let model =
-        weights(vb, &config, dtype, device).map_err(|e| super::layers::weights_error(dir, e))?;
+    let model = weights(vb, &config, head_dim, dtype, device)
+        .map_err(|e| super::layers::weights_error(dir, e))?;
 
     let tokenizer = super::tokenizer_json(dir)?;
     super::layers::check_vocab(&tokenizer, config.vocab_size)?;
@@ -121,9 +128,8 @@ pub(super) fn load(dir: &Path, dtype: DType, device: &Device) -> Result<LoadedMo
 
 /// The rotary embedding's inverse frequencies, with llama3's scaling where the config has it
 /// (as candle-transformers' and transformers' llama compute them).
-fn inv_freq(cfg: &Config) -> Vec<f32> {
-    let plain =
-        inverse_frequencies(cfg.rope_theta, cfg.hidden_size / cfg.num_attention_heads).into_iter();
+fn inv_freq(cfg: &Config, head_dim: usize) -> Vec<f32> {
+    let plain = inverse_frequencies(cfg.rope_theta, head_dim).into_iter();
     match &cfg.rope_scaling {
         Some(s) if matches!(s.rope_type, Llama3RopeType::Llama3) => {
             let original = s.original_max_position_embeddings as f32;
@@ -148,15 +154,16 @@ fn inv_freq(cfg: &Config) -> Vec<f32> {
     }
 }
 
-/// The model's weights (transformers' `LlamaForCausalLM` names) in `dtype` on `device`.
+/// The model's weights (transformers' `LlamaForCausalLM` names) in `dtype` on `device`, its
+/// heads `head_dim` wide.
 fn weights(
     vb: VarBuilder,
     cfg: &Config,
+    head_dim: usize,
     dtype: DType,
     device: &Device,
 ) -> candle_core::Result<TensorLlama> {
     let hidden = cfg.hidden_size;
-    let head_dim = hidden / cfg.num_attention_heads;
     let (q_dim, kv_dim) = (
         cfg.num_attention_heads * head_dim,
         cfg.num_key_value_heads * head_dim,
@@ -189,7 +196,12 @@ fn weights(
     } else {
         dense(&vb, cfg.vocab_size, hidden, "lm_head")?
     };
-    let (cos, sin) = rope_tables(&inv_freq(cfg), cfg.max_position_embeddings, dtype, device)?;
+    let (cos, sin) = rope_tables(
+        &inv_freq(cfg, head_dim),
+        cfg.max_position_embeddings,
+        dtype,
+        device,
+    )?;
     Ok(TensorLlama {
         embed,
         layers,

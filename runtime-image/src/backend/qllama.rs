@@ -248,7 +248,7 @@ impl KvCache {
     }
 }
 
-fn md_u32(ct: &gguf_file::Content, key: &str) -> Result<usize> {
+pub(super) fn md_u32(ct: &gguf_file::Content, key: &str) -> Result<usize> {
     let v = ct
         .metadata
         .get(key)
@@ -294,6 +294,20 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
         for ((o, v), a) in or.iter_mut().zip(xr).zip(w) {
             *o = v * scale * a;
         }
+    }
+}
+
+/// The width of a llama GGUF's attention heads: `llama.attention.key_length` where the file
+/// declares it (Mistral NeMo and Mistral Small 3 have heads of 128 in a hidden size of 5,120
+/// over 32 heads), else the hidden size over the heads, as llama.cpp reads it. Values as wide
+/// as the keys are what a llama has; other widths are refused.
+pub(super) fn head_dim(ct: &gguf_file::Content, hidden: usize, heads: usize) -> Result<usize> {
+    let keys = md_u32(ct, "llama.attention.key_length").unwrap_or(hidden / heads.max(1));
+    match md_u32(ct, "llama.attention.value_length").unwrap_or(keys) {
+        values if values == keys => Ok(keys),
+        values => Err(Error::Model(format!(
+            "GGUF llama with keys of {keys} and values of {values} per head is not supported"
+        ))),
     }
 }
 
@@ -390,7 +404,7 @@ impl Weights {
             .get("llama.rope.freq_base")
             .and_then(|m| m.to_f32().ok())
             .unwrap_or(10000f32);
-        let head_dim = hidden / n_head;
+        let head_dim = head_dim(ct, hidden, n_head)?;
         if rope_dim != head_dim || n_kv_head == 0 || n_head % n_kv_head != 0 {
             return Err(Error::Model(format!(
                 "unsupported llama shape: {n_head} heads, {n_kv_head} kv heads, head dim \
