@@ -42,6 +42,29 @@ const DEEPSEEK_LLM_SPLITS: [&str; 6] = [
 /// The pre-tokenizer regex llama.cpp uses for Llama 3 style vocabularies.
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// Mistral's Tekken pre-tokenizer (Mistral NeMo, Mistral Small 3, Pixtral, Ministral): the
+/// pattern of its tokenizer (`tekken.json`, which mistral-common's tiktoken and transformers'
+/// tokenizer.json use). llama.cpp rewrites its letter classes for an engine without
+/// `\p{Lu}`/`\p{Ll}`, so that it splits differently around combining marks and non-ASCII
+/// capitals; kandle keeps the model's own, which its regex engine reads.
+const TEKKEN_SPLIT: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Whether a GGUF vocabulary whose file has no `tokenizer.ggml.add_bos_token` begins a
+/// prompt with its beginning-of-text token, as llama.cpp decides it: SentencePiece
+/// vocabularies and the Llama 3 and Tekken pre-tokenizers do, other byte-level ones do not.
+pub fn adds_bos_by_default(model: &str, pre: &str) -> bool {
+    match model {
+        "llama" => true,
+        "gpt2" => is_llama3_pre(pre) || pre == "tekken",
+        _ => false,
+    }
+}
+
+/// llama.cpp's names for Llama 3's pre-tokenizer.
+fn is_llama3_pre(pre: &str) -> bool {
+    matches!(pre, "llama3" | "llama-v3" | "llama-bpe" | "falcon3")
+}
+
 /// The tokenizer part of a GGUF file's metadata.
 #[derive(Debug, Clone)]
 pub struct GgufVocab {
@@ -118,10 +141,7 @@ impl TextTokenizer {
             seq.push(byte_level(false));
             Ok(PreTokenizerWrapper::Sequence(Sequence::new(seq)))
         };
-        let llama3 = matches!(
-            v.pre.as_str(),
-            "llama3" | "llama-v3" | "llama-bpe" | "falcon3"
-        );
+        let llama3 = is_llama3_pre(&v.pre);
         let pre = match v.pre.as_str() {
             "default" | "gpt2" | "gpt-2" => byte_level(true),
             // llama.cpp: digits one by one, then the GPT-2 regex.
@@ -135,6 +155,7 @@ impl TextTokenizer {
             // expressions, as their tokenizer.json's splits.
             "deepseek-coder" => splits(&DEEPSEEK_CODER_SPLITS)?,
             "deepseek-llm" => splits(&DEEPSEEK_LLM_SPLITS)?,
+            "tekken" => splits(&[TEKKEN_SPLIT])?,
             other => {
                 return Err(Error::Model(format!(
                     "GGUF pre-tokenizer {other:?} is not supported without a tokenizer.json"
@@ -154,9 +175,10 @@ impl TextTokenizer {
         // Llama 3's tokenizer takes a pre-tokenised piece that is itself in the vocabulary
         // whole, without merging (its tokenizer.json's `ignore_merges`; llama.cpp does the
         // same for this pre-tokenizer): " Việt" is one token there, three by the merges.
+        // Tekken is tiktoken's, which does the same.
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
-            .ignore_merges(llama3)
+            .ignore_merges(llama3 || v.pre == "tekken")
             .build()
             .map_err(Error::tokenizer)?;
         let mut inner = Tokenizer::new(bpe);
@@ -361,6 +383,18 @@ fn byte_of_char(c: char) -> Option<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// llama.cpp's defaults where a GGUF does not say (`llama-vocab.cpp`: SentencePiece
+    /// and the Llama 3 and Tekken pre-tokenizers set `add_bos`, other byte-level ones not).
+    #[test]
+    fn a_vocabulary_without_add_bos_token_takes_llama_cpp_s_default() {
+        assert!(adds_bos_by_default("llama", "default"));
+        assert!(adds_bos_by_default("gpt2", "llama-bpe"));
+        assert!(adds_bos_by_default("gpt2", "tekken"));
+        assert!(!adds_bos_by_default("gpt2", "smollm"));
+        assert!(!adds_bos_by_default("gpt2", "default"));
+        assert!(!adds_bos_by_default("", ""));
+    }
 
     /// A small SentencePiece vocabulary: merges ranked by the merged piece's score, byte
     /// fallback for what the vocabulary lacks, `▁` for spaces with one before the text and

@@ -61,6 +61,22 @@ pub const LLAMA_CPP_VOCABS: ModelPackage = ModelPackage {
     sdist_members: Some("*/vendor/llama.cpp/models/ggml-vocab-*"),
 };
 
+/// Mistral's Tekken tokenizer as mistral-common ships it (`tekken_240718.json`: Mistral NeMo's
+/// 131,072-token vocabulary as tiktoken ranks, and its pattern), from `mistral-common==1.13.1`.
+pub const MISTRAL_TEKKEN: ModelPackage = ModelPackage {
+    name: "mistral-common",
+    version: "1.13.1",
+    sha256: "98b4d0755b8d90bf4691fa8f1b70cb3b4a8cd4dc1653c4ed08ef3d1c7d2c29af",
+    model_path: "mistral_common/data/tekken_240718.json",
+    sdist_members: None,
+};
+
+/// The Tekken tokenizer file ([`MISTRAL_TEKKEN`]), fetched on first use. Panics with
+/// instructions on failure.
+pub fn mistral_tekken_json() -> PathBuf {
+    ensure(&MISTRAL_TEKKEN).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
 /// The SmolLM2 GGUF file, fetched on first use. Panics with instructions on failure.
 pub fn smollm2_gguf() -> PathBuf {
     ensure(&SMOLLM2).unwrap_or_else(|e| panic!("{e:#}"))

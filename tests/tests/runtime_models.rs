@@ -875,6 +875,30 @@ fn a_gguf_s_end_of_turn_tokens_end_an_answer() {
     assert!(!plain.eos_ids.contains(&7) && !plain.eos_ids.contains(&9));
 }
 
+/// A GGUF that does not say whether prompts begin with its beginning-of-text token
+/// (`tokenizer.ggml.add_bos_token`) takes llama.cpp's default for its vocabulary: Llama 3's
+/// and Tekken's byte-level vocabularies do, SmolLM2's (`smollm`) does not; the key, where
+/// given, decides.
+#[test]
+fn a_gguf_without_add_bos_token_takes_llama_cpp_s_default() {
+    use candle_core::quantized::gguf_file::Value as V;
+    let bos_of = |pre: &str, add: Option<bool>| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut meta = vec![
+            ("tokenizer.ggml.model", V::String("gpt2".into())),
+            ("tokenizer.ggml.pre", V::String(pre.into())),
+            ("tokenizer.ggml.bos_token_id", V::U32(1)),
+        ];
+        meta.extend(add.map(|a| ("tokenizer.ggml.add_bos_token", V::Bool(a))));
+        generation(&tiny_llama_gguf(dir.path(), &[], &meta)).bos_to_prepend
+    };
+    assert_eq!(bos_of("llama-bpe", None), Some(1));
+    assert_eq!(bos_of("tekken", None), Some(1));
+    assert_eq!(bos_of("smollm", None), None);
+    assert_eq!(bos_of("llama-bpe", Some(false)), None);
+    assert_eq!(bos_of("smollm", Some(true)), Some(1));
+}
+
 /// A grammar's mask (a walk over the vocabulary's byte trie, with the transitions between
 /// the answer's states kept per grammar) allows exactly the tokens whose own bytes the
 /// grammar takes, one trial per token, on SmolLM2's 49,152 tokens, byte tokens included, at
@@ -987,6 +1011,167 @@ fn gguf_vocabularies_tokenize_as_llama_cpp_s_test_vectors() {
         let err = backend::gguf_vocab_tokenizer(&path).unwrap_err().to_string();
         assert!(err.contains("not supported without a tokenizer.json"), "{name}: {err}");
     }
+}
+
+/// GPT-2's map of bytes to the characters a byte-level vocabulary writes them as.
+fn bytes_to_unicode() -> Vec<char> {
+    let kept = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174;
+    let mut shifted = 256;
+    (0..256u32)
+        .map(|b| match kept(b) {
+            true => char::from_u32(b).unwrap(),
+            false => {
+                shifted += 1;
+                char::from_u32(shifted - 1).unwrap()
+            }
+        })
+        .collect()
+}
+
+/// Mistral's Tekken vocabulary (Mistral NeMo, Mistral Small 3, Ministral: a GGUF's
+/// `tokenizer.ggml.pre` "tekken") rebuilt from a GGUF tokenises as Mistral's own tokenizer:
+/// mistral-common's `tekken_240718.json` (NeMo's) is written as a vocabulary-only GGUF the way
+/// llama.cpp's converter writes it from the model's tokenizer.json (the 1,000 control tokens,
+/// then the tiktoken ranks as byte-level strings, with the merges transformers derives from
+/// the ranks), and kandle's ids for texts in many scripts (llama.cpp's tokenizer test inputs
+/// among them) equal tiktoken's (tiktoken-rs, with the file's ranks and pattern, as
+/// mistral-common runs it) past the control tokens, and decode back to the text.
+#[test]
+fn a_tekken_gguf_vocabulary_tokenises_as_mistral_s_tiktoken_does() {
+    use base64::Engine;
+    use candle_core::quantized::gguf_file::{self, Value as V};
+    use std::collections::HashMap;
+    let tekken = json(&models::mistral_tekken_json());
+    let config = &tekken["config"];
+    let specials = config["default_num_special_tokens"].as_u64().unwrap() as usize;
+    let size = config["default_vocab_size"].as_u64().unwrap() as usize;
+    let ranks: Vec<Vec<u8>> = tekken["vocab"].as_array().unwrap()[..size - specials]
+        .iter()
+        .map(|t| {
+            base64::engine::general_purpose::STANDARD
+                .decode(t["token_bytes"].as_str().unwrap())
+                .unwrap()
+        })
+        .collect();
+    let encoder: HashMap<Vec<u8>, u32> = (ranks.iter().enumerate())
+        .map(|(r, b)| (b.clone(), r as u32))
+        .collect();
+    let pattern = config["pattern"].as_str().unwrap();
+    let ranked = encoder.iter().map(|(b, r)| (b.clone(), *r)).collect();
+    let tiktoken = tiktoken_rs::CoreBPE::new(ranked, Default::default(), pattern).unwrap();
+
+    let chars = bytes_to_unicode();
+    let text_of = |b: &[u8]| -> String { b.iter().map(|&x| chars[x as usize]).collect() };
+    let named = [
+        "<unk>",
+        "<s>",
+        "</s>",
+        "[INST]",
+        "[/INST]",
+        "[AVAILABLE_TOOLS]",
+        "[/AVAILABLE_TOOLS]",
+        "[TOOL_RESULTS]",
+        "[/TOOL_RESULTS]",
+        "[TOOL_CALLS]",
+        "[IMG]",
+        "<pad>",
+        "[IMG_BREAK]",
+        "[IMG_END]",
+        "[PREFIX]",
+        "[MIDDLE]",
+        "[SUFFIX]",
+        "[SYSTEM_PROMPT]",
+        "[/SYSTEM_PROMPT]",
+        "[TOOL_CONTENT]",
+    ];
+    let controls: Vec<String> = (0..specials)
+        .map(|i| {
+            named
+                .get(i)
+                .map_or(format!("<SPECIAL_{i}>"), |n| n.to_string())
+        })
+        .collect();
+    let tokens: Vec<V> = (controls.iter().cloned())
+        .chain(ranks.iter().map(|b| text_of(b)))
+        .map(V::String)
+        .collect();
+    let types: Vec<V> = (0..tokens.len())
+        .map(|i| V::I32(if i < specials { 3 } else { 1 }))
+        .collect();
+    // transformers' `TikTokenConverter`: each token's splits into two tokens, by their ranks,
+    // the tokens in rank order.
+    let mut merges = Vec::new();
+    for b in &ranks {
+        let mut local: Vec<(u32, u32)> = (1..b.len())
+            .filter_map(|i| Some((*encoder.get(&b[..i])?, *encoder.get(&b[i..])?)))
+            .collect();
+        local.sort_unstable();
+        merges.extend(local.into_iter().map(|(l, r)| {
+            let (l, r) = (&ranks[l as usize], &ranks[r as usize]);
+            V::String(format!("{} {}", text_of(l), text_of(r)))
+        }));
+    }
+    let meta = [
+        ("general.architecture", V::String("llama".into())),
+        ("tokenizer.ggml.model", V::String("gpt2".into())),
+        ("tokenizer.ggml.pre", V::String("tekken".into())),
+        ("tokenizer.ggml.tokens", V::Array(tokens)),
+        ("tokenizer.ggml.token_type", V::Array(types)),
+        ("tokenizer.ggml.merges", V::Array(merges)),
+        ("tokenizer.ggml.bos_token_id", V::U32(1)),
+        ("tokenizer.ggml.eos_token_id", V::U32(2)),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tekken-vocab.gguf");
+    let meta: Vec<(&str, &V)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+    gguf_file::write(&mut std::fs::File::create(&path).unwrap(), &meta, &[]).unwrap();
+    let tok = backend::gguf_vocab_tokenizer(&path).unwrap();
+
+    let mut texts: Vec<String> = [
+        "Hello world! HTMLParser, iPhone, McDONALD's and don't: they'll go.",
+        "  leading, trailing  \n\n\r\n\tand\u{a0}odd   spaces   ",
+        "12345 + 6.78e-9 = x; 2024-12-06T18:24:00Z",
+        "fn main() {\n    println!(\"{}\", a/b // c);\n}\n",
+        "Été déjà, Straße, ÆØÅ æøå, İstanbul, ǅemal",
+        "Ελληνικά ΚΕΦΑΛΑΙΑ, Русский ТЕКСТ, עברית, العربية",
+        "हिन्दी में लिखा पाठ, தமிழ், ภาษาไทย",
+        "e\u{301}te\u{301} A\u{308}B\u{30a} combining marks\u{300}",
+        "東京は日本の首都です。한국어 텍스트。中文文本",
+        "emoji 🦙🙂👩‍👩‍👧 and ＦＵＬＬ－ｗｉｄｔｈ",
+    ]
+    .map(String::from)
+    .to_vec();
+    let vocabs = models::llama_cpp_vocabs();
+    for entry in std::fs::read_dir(&vocabs).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension().is_some_and(|e| e == "inp") {
+            let inp = std::fs::read_to_string(&p).unwrap();
+            texts.extend(inp.split("\n__ggml_vocab_test__\n").map(String::from));
+        }
+    }
+    // Control tokens' text is read as those tokens (tiktoken's plain encoding reads it as
+    // text): such inputs are left out.
+    texts.retain(|t| !t.is_empty() && !controls.iter().any(|c| t.contains(c.as_str())));
+    assert!(texts.len() > 300, "{} texts", texts.len());
+    let mut failures = Vec::new();
+    for text in &texts {
+        let want: Vec<u32> = (tiktoken.encode_ordinary(text).into_iter())
+            .map(|r| r + specials as u32)
+            .collect();
+        let got = tok.encode(text, false).unwrap();
+        if got != want {
+            failures.push(format!("{text:?}\n  got  {got:?}\n  want {want:?}"));
+        } else {
+            assert_eq!(&tok.decode(&got, false).unwrap(), text);
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} texts differ:\n{}",
+        failures.len(),
+        texts.len(),
+        failures.join("\n")
+    );
 }
 
 /// SmolLM2 quantised as llama.cpp's `Q4_K_M` recipe does it for this shape, written into

@@ -201,6 +201,13 @@ fn md_u32(ct: &gguf_file::Content, key: &str) -> Option<u32> {
     })
 }
 
+fn md_str<'a>(ct: &'a gguf_file::Content, key: &str) -> Option<&'a str> {
+    ct.metadata
+        .get(key)
+        .and_then(|v| v.to_string().ok())
+        .map(String::as_str)
+}
+
 fn md_string_list(ct: &gguf_file::Content, key: &str) -> Result<Vec<String>> {
     md(ct, key)?
         .to_vec()?
@@ -396,12 +403,9 @@ fn vocab_tokenizer(ct: &gguf_file::Content, tokens: &[String]) -> Result<TextTok
     let merges =
         md_list(ct, "tokenizer.ggml.merges", |m| Ok(m.to_string()?.clone()))?.unwrap_or_default();
     let model = md(ct, "tokenizer.ggml.model")?.to_string()?.clone();
-    let pre = ct
-        .metadata
-        .get("tokenizer.ggml.pre")
-        .and_then(|v| v.to_string().ok())
-        .cloned()
-        .unwrap_or_else(|| "default".into());
+    let pre = md_str(ct, "tokenizer.ggml.pre")
+        .unwrap_or("default")
+        .to_owned();
     let scores = md_list(ct, "tokenizer.ggml.scores", |s| s.to_f32())?.unwrap_or_default();
     let add_space_prefix = ct
         .metadata
@@ -464,11 +468,18 @@ pub(super) fn load_with(path: &Path, forward: Forward, device: &Device) -> Resul
 
     let bos_id = md_u32(&ct, "tokenizer.ggml.bos_token_id");
     let eos_id = md_u32(&ct, "tokenizer.ggml.eos_token_id");
+    // Without the key, llama.cpp's default for the vocabulary's kind.
     let add_bos = ct
         .metadata
         .get("tokenizer.ggml.add_bos_token")
         .and_then(|v| v.to_bool().ok())
-        .unwrap_or(false);
+        .unwrap_or_else(|| {
+            let text = |key| md_str(&ct, key).unwrap_or_default();
+            crate::tokenizer::adds_bos_by_default(
+                text("tokenizer.ggml.model"),
+                text("tokenizer.ggml.pre"),
+            )
+        });
     let token_str = |id: Option<u32>| {
         id.and_then(|i| tokens.get(i as usize))
             .cloned()
