@@ -497,6 +497,18 @@ fn smollm2_own_kernels_are_as_close_to_llama_cpp_as_candles() {
 /// inputs and the `.out` ids transformers gives them, as llama.cpp's `test-tokenizer-0` reads
 /// them), for every kind the runtime rebuilds: SentencePiece (Llama 2 / Mistral's, Phi-3's)
 /// and byte-level BPE with the pre-tokenizers it knows. The others are refused by name.
+/// The tiny llama fixture copied into `dir`, its config.json changed by `edit`.
+fn tiny_llama_copy(dir: &Path, edit: impl FnOnce(&mut Value)) {
+    let fixture = fixtures_dir().join("tiny/llama");
+    for entry in std::fs::read_dir(&fixture).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+    }
+    let mut cfg = json(&fixture.join("config.json"));
+    edit(&mut cfg);
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+}
+
 /// The tiny llama fixture's weights written as a GGUF by [`llama_gguf`].
 fn tiny_llama_gguf(
     dir: &Path,
@@ -796,13 +808,7 @@ fn llama_heads_of_their_own_width_run_from_safetensors_and_gguf() {
     };
     for head_dim in [8, 24] {
         let src = tempfile::tempdir().unwrap();
-        for entry in std::fs::read_dir(&fixture).unwrap() {
-            let path = entry.unwrap().path();
-            std::fs::copy(&path, src.path().join(path.file_name().unwrap())).unwrap();
-        }
-        let mut own = cfg.clone();
-        own["head_dim"] = head_dim.into();
-        std::fs::write(src.path().join("config.json"), own.to_string()).unwrap();
+        tiny_llama_copy(src.path(), |c| c["head_dim"] = head_dim.into());
         let mut tensors = weights.clone();
         for i in 0..n("num_hidden_layers") {
             for (name, rows, cols) in [
@@ -852,6 +858,43 @@ fn llama_heads_of_their_own_width_run_from_safetensors_and_gguf() {
     .expect("refused")
     .to_string();
     assert!(err.contains("keys of 16 and values of 8"), "{err}");
+}
+
+/// A GGUF's context is its own (`llama.context_length`), not the 4,096 positions that
+/// candle's `quantized_llama` tabulates its rotary angles for: the tiny llama declared with
+/// 8,192 positions takes a 4,200-token prompt on kandle's kernels, whose last logits equal
+/// the safetensors model's (transformers' layout, rotary tables of the whole context) and the
+/// tensor path's; a sequence past the context is refused.
+#[test]
+fn a_gguf_s_context_is_its_own_past_4096_positions() {
+    let src = tempfile::tempdir().unwrap();
+    tiny_llama_copy(src.path(), |c| c["max_position_embeddings"] = 8192.into());
+    let reference = generation(src.path());
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = llama_gguf(src.path(), dir.path(), &[], &[]);
+    let ours = generation(&gguf);
+    assert_eq!(ours.lm.context_length(), 8192);
+    let LoadedModel::Generation(gpu_path) = backend::load_gguf_gpu_path_on_cpu(&gguf).unwrap()
+    else {
+        panic!("a generation model")
+    };
+    let prompt: Vec<u32> = (0..4200u32).map(|i| (i * 37 + 11) % 500 + 3).collect();
+    let last = |g: &GenerationModel| g.lm.new_sequence().unwrap().feed(&prompt).unwrap();
+    let want = last(&reference);
+    for (what, g) in [("kandle's kernels", &ours), ("the tensor path", &gpu_path)] {
+        let d = max_abs_diff(&last(g), &want);
+        assert!(
+            d < 1e-2,
+            "{what}: largest logit difference {d} at position 4,200"
+        );
+    }
+    let err = ours
+        .lm
+        .new_sequence()
+        .unwrap()
+        .feed(&[5; 8193])
+        .unwrap_err();
+    assert!(err.to_string().contains("8192 tokens"), "{err}");
 }
 
 /// A GGUF's declared end-of-turn and end-of-message tokens end an answer, as its eos does

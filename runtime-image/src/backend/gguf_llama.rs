@@ -557,14 +557,13 @@ pub(super) fn load_with(path: &Path, forward: Forward, device: &Device) -> Resul
             context_length: ctx_meta.min(MAX_SEQ_LEN),
         })
     } else if forward == Forward::TensorOps {
-        let context_length = ctx_meta.min(qllama::MAX_SEQ_LEN);
-        let weights = tensor_weights(&ct, &mut reader, device, vocab_size, context_length)?;
+        let weights = tensor_weights(&ct, &mut reader, device, vocab_size, ctx_meta)?;
         Box::new(TensorLlamaLm(Arc::new(weights)))
     } else {
         Box::new(QLlama {
-            weights: Arc::new(Weights::from_gguf(&ct, &mut reader)?),
+            weights: Arc::new(Weights::from_gguf(&ct, &mut reader, ctx_meta)?),
             vocab_size,
-            context_length: ctx_meta.min(qllama::MAX_SEQ_LEN),
+            context_length: ctx_meta,
         })
     };
     Ok(super::generation_model(

@@ -35,9 +35,6 @@ use kernels::{ATTEND_CHUNK, KEY_BLOCK, attend_dyn, attend_part, merge_parts, pus
 mod kernels;
 pub(crate) use kernels::exp_shifted;
 
-/// Longest sequence (as in `quantized_llama`: the rotary tables cover this many positions).
-pub(super) const MAX_SEQ_LEN: usize = 4096;
-
 struct Layer {
     /// `attn_q`, `attn_k`, `attn_v` side by side: one pass over the threads.
     qkv: QMat,
@@ -68,9 +65,12 @@ pub(super) struct Weights {
     n_head: usize,
     n_kv_head: usize,
     head_dim: usize,
-    /// `cos`/`sin` of position × frequency, `MAX_SEQ_LEN` rows of `head_dim / 2`.
-    cos: Vec<f32>,
-    sin: Vec<f32>,
+    /// The rotary frequencies, `head_dim / 2` of them, and the divisor of each one's angles
+    /// where the file declares a scaling ([`rope_divisors`]).
+    theta: Vec<f32>,
+    divisors: Option<Vec<f32>>,
+    /// The longest sequence: the model's context length.
+    max_positions: usize,
     /// Forward passes run so far ([`crate::backend::CausalLm::forward_passes`]).
     passes: std::sync::atomic::AtomicU64,
 }
@@ -383,10 +383,12 @@ fn pool() -> &'static rayon::ThreadPool {
 }
 
 impl Weights {
-    /// Reads a dense llama GGUF (the tensor names `quantized_llama` reads).
+    /// Reads a dense llama GGUF (the tensor names `quantized_llama` reads), for sequences of
+    /// up to `max_positions` tokens.
     pub(super) fn from_gguf<R: std::io::Seek + std::io::Read>(
         ct: &gguf_file::Content,
         reader: &mut R,
+        max_positions: usize,
     ) -> Result<Self> {
         let device = &Device::Cpu;
         let n_head = md_u32(ct, "llama.attention.head_count")?;
@@ -411,26 +413,12 @@ impl Weights {
                  {head_dim}, rope dim {rope_dim}"
             )));
         }
-        // The rotary tables exactly as `quantized_llama::precomput_freqs_cis` builds them,
-        // each angle divided by its frequency's divisor where the file declares a scaling
-        // (llama.cpp's order of operations).
+        // The frequencies as `quantized_llama::precomput_freqs_cis` computes them.
         let theta: Vec<f32> = (0..rope_dim)
             .step_by(2)
             .map(|i| 1f32 / freq_base.powf(i as f32 / rope_dim as f32))
             .collect();
-        let factors = rope_divisors(ct, reader, theta.len())?;
-        let mut cos = Vec::with_capacity(MAX_SEQ_LEN * theta.len());
-        let mut sin = Vec::with_capacity(MAX_SEQ_LEN * theta.len());
-        for p in 0..MAX_SEQ_LEN {
-            for (i, t) in theta.iter().enumerate() {
-                let a = match &factors {
-                    Some(f) => p as f32 * t / f[i],
-                    None => p as f32 * t,
-                };
-                cos.push(a.cos());
-                sin.push(a.sin());
-            }
-        }
+        let divisors = rope_divisors(ct, reader, theta.len())?;
 
         let tensor =
             |name: &str, reader: &mut R| -> Result<_> { Ok(ct.tensor(reader, name, device)?) };
@@ -483,8 +471,9 @@ impl Weights {
             n_head,
             n_kv_head,
             head_dim,
-            cos,
-            sin,
+            theta,
+            divisors,
+            max_positions,
             passes: Default::default(),
         })
     }
@@ -557,9 +546,10 @@ impl Weights {
             if tokens.is_empty() {
                 return Err(Error::InvalidRequest("no tokens to feed".into()));
             }
-            if cache.len + tokens.len() > MAX_SEQ_LEN {
+            if cache.len + tokens.len() > self.max_positions {
                 return Err(Error::InvalidRequest(format!(
-                    "the sequence would exceed {MAX_SEQ_LEN} tokens"
+                    "the sequence would exceed {} tokens",
+                    self.max_positions
                 )));
             }
         }
@@ -604,6 +594,16 @@ impl Weights {
         let mut h = vec![0f32; rows * hidden];
         let mut q = vec![0f32; rows * q_dim];
         let mut y = vec![0f32; rows * q_dim];
+        // Each row's rotary `cos` and `sin`, for its position, once for every layer.
+        let half = self.head_dim / 2;
+        let (mut cos, mut sin) = (vec![0f32; rows * half], vec![0f32; rows * half]);
+        let positions = items
+            .iter()
+            .flat_map(|(cache, tokens)| cache.len..cache.len + tokens.len());
+        for (p, (c, s)) in positions.zip(cos.chunks_exact_mut(half).zip(sin.chunks_exact_mut(half)))
+        {
+            self.rotary(p, c, s);
+        }
         for (li, layer) in self.layers.iter().enumerate() {
             rms_norm(&x, &layer.attn_norm, self.eps, &mut h);
             let qkv = layer.qkv.forward(&h, rows)?;
@@ -624,12 +624,14 @@ impl Weights {
                     let pos0 = cache.len;
                     let mut key = vec![0f32; kv_dim];
                     for t in 0..*n {
-                        let r = &qkv[(*row0 + t) * qkv_dim..][..qkv_dim];
+                        let row = *row0 + t;
+                        let r = &qkv[row * qkv_dim..][..qkv_dim];
+                        let rot = (&cos[row * half..][..half], &sin[row * half..][..half]);
                         let qr = &mut qi[t * q_dim..][..q_dim];
                         qr.copy_from_slice(&r[..q_dim]);
-                        self.rope(qr, pos0 + t);
+                        self.rope(qr, rot);
                         key.copy_from_slice(&r[q_dim..q_dim + kv_dim]);
-                        self.rope(&mut key, pos0 + t);
+                        self.rope(&mut key, rot);
                         cache.write(li, pos0 + t, &key, &r[q_dim + kv_dim..]);
                     }
                 });
@@ -749,11 +751,26 @@ impl Weights {
         Ok(())
     }
 
-    /// Interleaved rotary embedding (`rope_i`) of every head in `x` at position `pos`.
-    fn rope(&self, x: &mut [f32], pos: usize) {
+    /// The rotary `cos` and `sin` of position `pos`, one per frequency, as
+    /// `quantized_llama::precomput_freqs_cis` tabulates them, each angle divided by its
+    /// frequency's divisor where the file declares a scaling (llama.cpp's order of
+    /// operations). Computed per pass rather than tabulated, so that the context is the
+    /// model's (a table of Llama 3.1's 131,072 positions would be 64 MB).
+    fn rotary(&self, pos: usize, cos: &mut [f32], sin: &mut [f32]) {
+        for (i, t) in self.theta.iter().enumerate() {
+            let a = match &self.divisors {
+                Some(f) => pos as f32 * t / f[i],
+                None => pos as f32 * t,
+            };
+            cos[i] = a.cos();
+            sin[i] = a.sin();
+        }
+    }
+
+    /// Interleaved rotary embedding (`rope_i`) of every head in `x` by the `cos` and `sin`
+    /// of its position ([`Weights::rotary`]).
+    fn rope(&self, x: &mut [f32], (cos, sin): (&[f32], &[f32])) {
         let half = self.head_dim / 2;
-        let cos = &self.cos[pos * half..(pos + 1) * half];
-        let sin = &self.sin[pos * half..(pos + 1) * half];
         for head in x.chunks_exact_mut(self.head_dim) {
             for i in 0..half {
                 let (a, b) = (head[2 * i], head[2 * i + 1]);
