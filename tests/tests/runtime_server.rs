@@ -222,7 +222,7 @@ async fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
     expect_error(r, 401, "wrong API key").await;
     ok().await;
 
-    let long = "hello ".repeat(5000);
+    let long = "hello ".repeat(9000);
     let cases: Vec<(&str, Vec<u8>, u16)> = vec![
         ("malformed JSON", b"{\"model\": ".to_vec(), 400),
         ("messages of the wrong type", br#"{"model":"SmolLM2-135M-Instruct.Q4_1","messages":"hi"}"#.to_vec(), 400),
