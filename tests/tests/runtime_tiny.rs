@@ -173,10 +173,10 @@ fn causal_lms_match_transformers_logits_top5_and_greedy_tokens() {
     }
 }
 
-/// `Sequence::feed_each` (a prompt's log-probabilities, `echo` with `logprobs`; the default
-/// one token at a time on these backends) hands over the logits after every prompt token:
-/// row k is what a fresh sequence fed the first k + 1 tokens gives, and the last row is
-/// transformers' last logits.
+/// `Sequence::feed_each` (a prompt's log-probabilities, `echo` with `logprobs`; one pass on
+/// the llama, one token at a time on the other backends) hands over the logits after every
+/// prompt token: row k is what a fresh sequence fed the first k + 1 tokens gives, and the
+/// last row is transformers' last logits.
 #[test]
 fn feed_each_gives_the_logits_after_every_prompt_token() {
     for name in CAUSAL {
@@ -185,8 +185,13 @@ fn feed_each_gives_the_logits_after_every_prompt_token() {
         let prompt = ids(&case["input_ids"]);
         let mut rows = Vec::new();
         let mut seq = g.lm.new_sequence().unwrap();
+        let passes = g.lm.forward_passes();
         seq.feed_each(&prompt, &mut |logits| rows.push(logits.to_vec()))
             .unwrap();
+        if name == "llama" {
+            let passes = passes.expect("the llama counts its passes");
+            assert_eq!(g.lm.forward_passes(), Some(passes + 1), "one pass");
+        }
         assert_eq!(rows.len(), prompt.len(), "{name}: a row per token");
         assert_eq!(seq.len(), prompt.len(), "{name}: the prompt was fed");
         for (k, row) in rows.iter().enumerate() {

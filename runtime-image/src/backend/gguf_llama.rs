@@ -340,6 +340,7 @@ fn tensor_weights<R: std::io::Read + std::io::Seek>(
         vocab_size,
         context_length,
         prefill_chunk: PREFILL_CHUNK,
+        passes: Default::default(),
     })
 }
 

@@ -221,5 +221,6 @@ fn weights(
         vocab_size: cfg.vocab_size,
         context_length: cfg.max_position_embeddings,
         prefill_chunk: PREFILL_CHUNK,
+        passes: Default::default(),
     })
 }

@@ -135,7 +135,7 @@ pub trait CausalLm: Send + Sync {
         decode_each(seqs, tokens)
     }
     /// Passes over the weights run so far, each for one or more sequences, where the backend
-    /// counts them (the GGUF llama on the CPU): what shows that a batched step is one pass.
+    /// counts them (the llamas): what shows that a batched step is one pass.
     fn forward_passes(&self) -> Option<u64> {
         None
     }
@@ -258,7 +258,8 @@ pub trait Sequence: Send {
     /// Appends `tokens` as [`Sequence::feed`] does and hands `each` the logits after every
     /// one of them, in order: what a prompt's log-probabilities are computed from (a
     /// completion's `echo` with `logprobs`). The default feeds one token at a time; a backend
-    /// whose pass can put every row through its head overrides it (the GGUF llama: one pass).
+    /// whose pass can put every row through its head overrides it (the llamas: one pass,
+    /// per 512-token part on the tensor path).
     fn feed_each(&mut self, tokens: &[u32], each: &mut EachRow<'_>) -> Result<()> {
         for &t in tokens {
             each(&self.feed(&[t])?);

@@ -82,7 +82,13 @@ pub(super) struct TensorLlama {
     pub context_length: usize,
     /// The most prompt tokens that go through the layers at once ([`PREFILL_CHUNK`]).
     pub prefill_chunk: usize,
+    /// Passes through the layers run so far ([`super::CausalLm::forward_passes`]).
+    pub passes: std::sync::atomic::AtomicU64,
 }
+
+/// Rows whose logits [`TensorLlama::prefill_each`] computes at a time (33 MB of a Llama 3's
+/// 128,256-token vocabulary in f32).
+const EVERY_ROW_BLOCK: usize = 64;
 
 /// Prompt tokens per pass through the layers: a 512-token part of a 4096-token prompt has
 /// 32 heads × 512 × 4096 f32 attention scores (268 MB) at its last part.
@@ -279,9 +285,36 @@ impl TensorLlama {
             .ok_or_else(|| Error::Model("the forward pass returned no logits".into()))
     }
 
+    /// Feeds `tokens` as [`TensorLlama::prefill`] does and hands `each` the logits after every
+    /// one of them, in order (a prompt's log-probabilities): one pass per part, the head run
+    /// on [`EVERY_ROW_BLOCK`] rows at a time.
+    fn prefill_each(
+        &self,
+        cache: &mut Cache,
+        tokens: &[u32],
+        each: &mut super::EachRow<'_>,
+    ) -> Result<()> {
+        if tokens.is_empty() {
+            return Err(Error::InvalidRequest("no tokens to feed".into()));
+        }
+        cache.reserve(self, tokens.len())?;
+        for part in tokens.chunks(self.prefill_chunk.max(1)) {
+            let x = self.forward_rows(cache, part)?;
+            for start in (0..part.len()).step_by(EVERY_ROW_BLOCK) {
+                let n = EVERY_ROW_BLOCK.min(part.len() - start);
+                for row in self.logits(&x.narrow(0, start, n)?)? {
+                    each(&row);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// `tokens` (room in the cache already made) through every layer: the last hidden states,
     /// `(t, hidden)`.
     fn forward_rows(&self, cache: &mut Cache, tokens: &[u32]) -> Result<Tensor> {
+        self.passes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let Heads {
             heads,
             kv_heads,
@@ -333,6 +366,8 @@ impl TensorLlama {
         for c in caches.iter_mut() {
             c.reserve(self, 1)?;
         }
+        self.passes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let positions: Vec<u32> = caches.iter().map(|c| c.len as u32).collect();
         let positions = Tensor::new(positions.as_slice(), &self.device)?;
         let cos = self.cos.index_select(&positions, 0)?.unsqueeze(1)?;
@@ -393,6 +428,9 @@ impl CausalLm for TensorLlamaLm {
     fn cache_bytes_per_token(&self) -> Option<usize> {
         Some(self.0.cache_bytes_per_token())
     }
+    fn forward_passes(&self) -> Option<u64> {
+        Some(self.0.passes.load(std::sync::atomic::Ordering::Relaxed))
+    }
     /// One forward pass for all the sequences ([`TensorLlama::decode`]).
     fn decode_batch(
         &self,
@@ -412,6 +450,10 @@ impl CausalLm for TensorLlamaLm {
 impl Sequence for TensorSequence {
     fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         self.model.prefill(&mut self.cache, tokens)
+    }
+    /// One pass per part of the prompt ([`TensorLlama::prefill_each`]).
+    fn feed_each(&mut self, tokens: &[u32], each: &mut super::EachRow<'_>) -> Result<()> {
+        self.model.prefill_each(&mut self.cache, tokens, each)
     }
     fn len(&self) -> usize {
         self.cache.len
@@ -503,6 +545,7 @@ mod tests {
             vocab_size: vocab,
             context_length: 256,
             prefill_chunk: chunk,
+            passes: Default::default(),
         })
     }
 
@@ -544,6 +587,25 @@ mod tests {
                 "{rope:?} step: {}",
                 max_diff(&la, &lb)
             );
+        }
+    }
+
+    /// Every row's logits, a prompt of 150 tokens in parts of 100 (the head on 64 rows at a
+    /// time), one pass a part: row k is a fresh sequence's last after the first k + 1 tokens.
+    #[test]
+    fn every_row_s_logits_come_one_pass_a_part() {
+        let lm = TensorLlamaLm(model(100, Rope::Halves));
+        let tokens: Vec<u32> = (0..150).map(|i| (i * 11 % 40) as u32).collect();
+        let mut rows = Vec::new();
+        lm.new_sequence()
+            .unwrap()
+            .feed_each(&tokens, &mut |r| rows.push(r.to_vec()))
+            .unwrap();
+        assert_eq!(lm.forward_passes(), Some(2));
+        assert_eq!(rows.len(), 150);
+        for k in [0, 1, 63, 64, 99, 100, 149] {
+            let alone = lm.new_sequence().unwrap().feed(&tokens[..=k]).unwrap();
+            assert!(max_diff(&rows[k], &alone) < 1e-5, "row {k}");
         }
     }
 
