@@ -1,6 +1,10 @@
 //! Chat templates: the model's Jinja `chat_template` rendered with minijinja the way
 //! transformers' `apply_chat_template` renders it (trim_blocks, lstrip_blocks, variables
-//! `messages`, `add_generation_prompt`, `bos_token`, `eos_token`, `raise_exception`).
+//! `messages`, `add_generation_prompt`, `bos_token`, `eos_token`, functions
+//! `raise_exception` and `strftime_now`). Templates are written for Python's Jinja, where
+//! strings, lists and dicts keep their Python methods (DeepSeek-R1's template cuts past
+//! answers with `content.split('</think>')[-1]`, Qwen's test `.startswith(…)`): those come
+//! from minijinja-contrib's `pycompat`, as llama.cpp's template engine has them too.
 
 use minijinja::{Environment, ErrorKind, Value, context};
 use serde::Serialize;
@@ -43,6 +47,8 @@ impl ChatTemplate {
                 Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
             },
         );
+        env.add_function("strftime_now", strftime_now);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_template_owned(NAME, source)?;
         Ok(Self {
             env,
@@ -91,6 +97,21 @@ impl ChatTemplate {
             false => Ok(text),
         }
     }
+}
+
+/// transformers' `strftime_now(format)`: the local time in Python's `strftime` format
+/// (Llama 3.2's template dates its system prompt with it, Mistral Small 3's default system
+/// prompt says today's date). A format it cannot read is an error, not a panic.
+fn strftime_now(format: String) -> Result<String, minijinja::Error> {
+    use std::fmt::Write;
+    let mut out = String::new();
+    write!(out, "{}", chrono::Local::now().format(&format)).map_err(|_| {
+        minijinja::Error::new(
+            ErrorKind::InvalidOperation,
+            format!("strftime_now cannot read the format {format:?}"),
+        )
+    })?;
+    Ok(out)
 }
 
 /// How a conversation is rendered beyond its messages: vLLM's chat fields.
@@ -222,6 +243,76 @@ mod tests {
             t.render(&[user("a"), user("b")], None, &no_gen()).unwrap(),
             "    a\n    b\n"
         );
+    }
+
+    /// DeepSeek-R1's template (its distillations' GGUFs carry it) cuts each past answer to
+    /// what follows its thoughts with Python's `str.split`; Qwen-style templates test and trim
+    /// with `startswith` and `strip` and walk dicts with `items()`. Each renders as Python's
+    /// Jinja renders it (the expected texts are jinja2 3.1.6's).
+    #[test]
+    fn python_s_string_and_dict_methods_work_in_templates() {
+        let r1 = "{% set ns = namespace(system_prompt='') %}{%- for message in messages %}\
+            {%- if message['role'] == 'system' %}{% set ns.system_prompt = message['content'] %}\
+            {%- endif %}{%- endfor %}{{bos_token}}{{ns.system_prompt}}{%- for message in messages -%}\
+            {%- if message['role'] == 'user' -%}<｜User｜>{{message['content']}}{%- endif -%}\
+            {%- if message['role'] == 'assistant' and message['content'] is not none -%}\
+            {% set content = message['content'] %}{% if '</think>' in content %}\
+            {% set content = content.split('</think>')[-1] %}{% endif %}\
+            <｜Assistant｜>{{content}}<｜end▁of▁sentence｜>{%- endif -%}{%- endfor -%}\
+            {%- if add_generation_prompt %}<｜Assistant｜>{% endif -%}";
+        let t = ChatTemplate::new(r1.into(), "<bos>".into(), String::new()).unwrap();
+        let answered = ChatMessage {
+            role: "assistant".into(),
+            content: "Let me see.</think>\n\n4".into(),
+            ..Default::default()
+        };
+        let conversation = [user("2+2?"), answered, user("and 3+3?")];
+        assert_eq!(
+            t.render(&conversation, None, &ChatOptions::default())
+                .unwrap(),
+            "<bos><｜User｜>2+2?<｜Assistant｜>\n\n4<｜end▁of▁sentence｜><｜User｜>and 3+3?<｜Assistant｜>"
+        );
+        let qwen = "{%- for m in messages %}{%- if m.content.startswith('<tool_response>') %}T:\
+            {{ m.content.strip('<>/').split('>')[0] }}{%- else %}{{ m.role.upper() }}:\
+            {{ m.content.lstrip().rstrip('?') }}{%- endif %}|{%- endfor %}\
+            {%- for name, p in tools[0].parameters.properties.items() %}{{ name }}={{ p.get('type', 'any') }};\
+            {%- endfor %}";
+        let t = ChatTemplate::new(qwen.into(), String::new(), String::new()).unwrap();
+        let tools = serde_json::json!([{"parameters": {"properties": {
+            "city": {"type": "string"}, "when": {}}}}]);
+        let messages = [
+            user("  Weather?"),
+            user("<tool_response>sunny</tool_response>"),
+        ];
+        let text = t
+            .render(&messages, Some(&tools), &ChatOptions::default())
+            .unwrap();
+        assert_eq!(text, "USER:Weather|T:tool_response|city=string;when=any;");
+    }
+
+    /// transformers' `strftime_now`: today in the template's format (Llama 3.2's template
+    /// dates its system prompt with it, where it is defined); a format it cannot read is an
+    /// error that names it.
+    #[test]
+    fn strftime_now_gives_today_in_python_s_format() {
+        let src = "{% if strftime_now is defined %}{{ strftime_now('%Y-%m-%d|%d %b %Y') }}{% else %}26 Jul 2024{% endif %}";
+        let t = ChatTemplate::new(src.into(), String::new(), String::new()).unwrap();
+        let before = chrono::Local::now().format("%Y-%m-%d|%d %b %Y").to_string();
+        let text = t
+            .render(&[user("x")], None, &ChatOptions::default())
+            .unwrap();
+        let after = chrono::Local::now().format("%Y-%m-%d|%d %b %Y").to_string();
+        assert!(text == before || text == after, "{text}");
+        let (iso, day) = text.split_once('|').unwrap();
+        assert_eq!(iso.len(), 10, "{text}");
+        assert!(day.ends_with(&iso[..4]), "{text}");
+        let bad = "{{ strftime_now('%Q') }}";
+        let t = ChatTemplate::new(bad.into(), String::new(), String::new()).unwrap();
+        let err = t
+            .render(&[user("x")], None, &ChatOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("strftime_now") && err.contains("%Q"), "{err}");
     }
 
     #[test]
