@@ -4,7 +4,9 @@
 //! `raise_exception` and `strftime_now`). Templates are written for Python's Jinja, where
 //! strings, lists and dicts keep their Python methods (DeepSeek-R1's template cuts past
 //! answers with `content.split('</think>')[-1]`, Qwen's test `.startswith(…)`): those come
-//! from minijinja-contrib's `pycompat`, as llama.cpp's template engine has them too.
+//! from minijinja-contrib's `pycompat`, as llama.cpp's template engine has them too. `tojson`
+//! is transformers' (Python's `json.dumps`: `", "` and `": "` between items, no HTML escapes),
+//! so that a tool list reaches the model in the text it was trained on.
 
 use minijinja::{Environment, ErrorKind, Value, context};
 use serde::Serialize;
@@ -48,6 +50,7 @@ impl ChatTemplate {
             },
         );
         env.add_function("strftime_now", strftime_now);
+        env.add_filter("tojson", tojson);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_template_owned(NAME, source)?;
         Ok(Self {
@@ -112,6 +115,155 @@ fn strftime_now(format: String) -> Result<String, minijinja::Error> {
         )
     })?;
     Ok(out)
+}
+
+/// transformers' `tojson` filter: `json.dumps(value, ensure_ascii=False, indent=indent,
+/// separators=separators, sort_keys=sort_keys)`, each keyword optional. minijinja's own
+/// writes `{"a":1}` and escapes `<`, `>`, `&` and `'` for HTML, which is not the text that
+/// tool-calling models (Hermes', Qwen's, Mistral's templates write `tools | tojson`) saw in
+/// training.
+fn tojson(value: &Value, kwargs: minijinja::value::Kwargs) -> Result<Value, minijinja::Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    let sort_keys = kwargs.get::<Option<bool>>("sort_keys")?.unwrap_or(false);
+    let ensure_ascii = kwargs.get::<Option<bool>>("ensure_ascii")?.unwrap_or(false);
+    let separators: Option<Vec<String>> = kwargs.get("separators")?;
+    kwargs.assert_all_used()?;
+    let (item, key) = match separators.as_deref() {
+        Some([item, key]) => (item.clone(), key.clone()),
+        Some(_) => {
+            return Err(minijinja::Error::new(
+                ErrorKind::InvalidOperation,
+                "tojson: separators must be an (item, key) pair",
+            ));
+        }
+        None if indent.is_some() => (",".into(), ": ".into()),
+        None => (", ".into(), ": ".into()),
+    };
+    let json = serde_json::to_value(value)
+        .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
+    let style = JsonStyle {
+        indent,
+        item,
+        key,
+        sort_keys,
+        ensure_ascii,
+    };
+    let mut out = String::new();
+    style.write(&mut out, &json, 0);
+    Ok(Value::from_safe_string(out))
+}
+
+/// How [`tojson`] writes JSON: Python's `json.dumps` options.
+struct JsonStyle {
+    indent: Option<usize>,
+    item: String,
+    key: String,
+    sort_keys: bool,
+    ensure_ascii: bool,
+}
+
+impl JsonStyle {
+    fn write(&self, out: &mut String, v: &serde_json::Value, depth: usize) {
+        use serde_json::Value as J;
+        match v {
+            J::Null => out.push_str("null"),
+            J::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+            J::Number(n) => match n.as_f64().filter(|_| !(n.is_i64() || n.is_u64())) {
+                Some(f) => out.push_str(&python_float(f)),
+                None => out.push_str(&n.to_string()),
+            },
+            J::String(s) => self.string(out, s),
+            J::Array(items) if items.is_empty() => out.push_str("[]"),
+            J::Object(map) if map.is_empty() => out.push_str("{}"),
+            J::Array(items) => {
+                out.push('[');
+                for (i, item) in items.iter().enumerate() {
+                    self.separate(out, i > 0, depth + 1);
+                    self.write(out, item, depth + 1);
+                }
+                self.separate(out, false, depth);
+                out.push(']');
+            }
+            J::Object(map) => {
+                let mut entries: Vec<(&String, &serde_json::Value)> = map.iter().collect();
+                if self.sort_keys {
+                    entries.sort_by(|a, b| a.0.cmp(b.0));
+                }
+                out.push('{');
+                for (i, (k, item)) in entries.into_iter().enumerate() {
+                    self.separate(out, i > 0, depth + 1);
+                    self.string(out, k);
+                    out.push_str(&self.key);
+                    self.write(out, item, depth + 1);
+                }
+                self.separate(out, false, depth);
+                out.push('}');
+            }
+        }
+    }
+
+    /// Before an item (`after`: not the first) or a closing bracket: the item separator,
+    /// then with `indent` a new line indented to `depth`.
+    fn separate(&self, out: &mut String, after: bool, depth: usize) {
+        if after {
+            out.push_str(&self.item);
+        }
+        if let Some(n) = self.indent {
+            out.push('\n');
+            out.extend(std::iter::repeat_n(' ', n * depth));
+        }
+    }
+
+    /// A JSON string as Python writes it: `\"`, `\\`, `\n`, `\r`, `\t`, `\b`, `\f`, other
+    /// control characters as `\u00XX`, and with `ensure_ascii` all non-ASCII as `\uXXXX`
+    /// (surrogate pairs beyond the Basic Multilingual Plane).
+    fn string(&self, out: &mut String, s: &str) {
+        out.push('"');
+        for c in s.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                '\n' => out.push_str("\\n"),
+                '\r' => out.push_str("\\r"),
+                '\t' => out.push_str("\\t"),
+                '\u{8}' => out.push_str("\\b"),
+                '\u{c}' => out.push_str("\\f"),
+                c if (c as u32) < 0x20 || (self.ensure_ascii && !c.is_ascii()) => {
+                    let mut units = [0u16; 2];
+                    for u in c.encode_utf16(&mut units) {
+                        out.push_str(&format!("\\u{u:04x}"));
+                    }
+                }
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+    }
+}
+
+/// A float as Python's `repr` writes it (what `json.dumps` writes): the shortest digits
+/// that read back, `1.0` for a whole number, and from 1e16 up or below 1e-4 in scientific
+/// form with a signed exponent of at least two digits (`1e-05`, `1.5e+16`).
+fn python_float(f: f64) -> String {
+    if !f.is_finite() {
+        return match f {
+            f if f.is_nan() => "NaN".into(),
+            f if f > 0.0 => "Infinity".into(),
+            _ => "-Infinity".into(),
+        };
+    }
+    let sci = format!("{f:e}");
+    let (mantissa, exp) = sci.split_once('e').expect("`{:e}` writes an exponent");
+    let exp: i32 = exp.parse().expect("a decimal exponent");
+    if f != 0.0 && !(-4..16).contains(&exp) {
+        let sign = if exp < 0 { '-' } else { '+' };
+        return format!("{mantissa}e{sign}{:02}", exp.abs());
+    }
+    let plain = format!("{f}");
+    match plain.contains('.') {
+        true => plain,
+        false => format!("{plain}.0"),
+    }
 }
 
 /// How a conversation is rendered beyond its messages: vLLM's chat fields.
@@ -313,6 +465,33 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("strftime_now") && err.contains("%Q"), "{err}");
+    }
+
+    /// `tojson` writes what Python's `json.dumps` writes, as transformers' filter calls it
+    /// (the expected texts are Python 3's): `", "` and `": "`, no HTML escapes, floats as
+    /// Python's `repr`, and `indent`, `sort_keys`, `ensure_ascii` and `separators`.
+    #[test]
+    fn tojson_writes_python_s_json() {
+        let value: serde_json::Value = serde_json::from_str(r#"{"a": [1, 2.5, 1.0, 1e-05, 1.5e+16, 123456789.0, -0.0, 0.30000000000000004, 1e+100, true, false, null, [], {}], "b": {"c": "tab\there \"quoted\" back\\slash\nnew\u0001ctl <tag> & 'q'", "d": "héllo 東京 🦙"}}"#).unwrap();
+        let want: Vec<String> = serde_json::from_str(r#"["{\"a\": [1, 2.5, 1.0, 1e-05, 1.5e+16, 123456789.0, -0.0, 0.30000000000000004, 1e+100, true, false, null, [], {}], \"b\": {\"c\": \"tab\\there \\\"quoted\\\" back\\\\slash\\nnew\\u0001ctl <tag> & 'q'\", \"d\": \"héllo 東京 🦙\"}}", "{\n  \"a\": [\n    1,\n    2.5,\n    1.0,\n    1e-05,\n    1.5e+16,\n    123456789.0,\n    -0.0,\n    0.30000000000000004,\n    1e+100,\n    true,\n    false,\n    null,\n    [],\n    {}\n  ],\n  \"b\": {\n    \"c\": \"tab\\there \\\"quoted\\\" back\\\\slash\\nnew\\u0001ctl <tag> & 'q'\",\n    \"d\": \"héllo 東京 🦙\"\n  }\n}", "{\"a\":[1,2.5,1.0,1e-05,1.5e+16,123456789.0,-0.0,0.30000000000000004,1e+100,true,false,null,[],{}],\"b\":{\"c\":\"tab\\there \\\"quoted\\\" back\\\\slash\\nnew\\u0001ctl <tag> & 'q'\",\"d\":\"h\\u00e9llo \\u6771\\u4eac \\ud83e\\udd99\"}}"]"#).unwrap();
+        let render = |args: &str| {
+            let src = format!("{{{{ tools | tojson{args} }}}}");
+            let t = ChatTemplate::new(src, String::new(), String::new()).unwrap();
+            t.render(&[], Some(&value), &ChatOptions::default())
+        };
+        let args = [
+            "",
+            "(indent=2)",
+            "(ensure_ascii=true, sort_keys=true, separators=[',', ':'])",
+        ];
+        for (args, want) in args.into_iter().zip(&want) {
+            assert_eq!(&render(args).unwrap(), want, "tojson{args}");
+        }
+        assert!(render("(separators=[','])").is_err());
+        assert!(
+            render("(colour=1)").is_err(),
+            "an unknown keyword is refused"
+        );
     }
 
     #[test]
