@@ -488,6 +488,17 @@ mod tests {
             assert_eq!(&render(args).unwrap(), want, "tojson{args}");
         }
         assert!(render("(separators=[','])").is_err());
+        // Keys in the order they were sent, as Python's dicts keep them.
+        let sent: serde_json::Value = serde_json::from_str(
+            r#"{"type": "function", "function": {"name": "f", "description": "d"}}"#,
+        )
+        .unwrap();
+        let t =
+            ChatTemplate::new("{{ tools | tojson }}".into(), String::new(), String::new()).unwrap();
+        assert_eq!(
+            t.render(&[], Some(&sent), &ChatOptions::default()).unwrap(),
+            r#"{"type": "function", "function": {"name": "f", "description": "d"}}"#
+        );
         assert!(
             render("(colour=1)").is_err(),
             "an unknown keyword is refused"

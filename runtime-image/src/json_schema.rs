@@ -10,8 +10,8 @@
 //!   (pydantic's `Optional[X]`: X or null); the first character of the value picks one.
 //! - Without `properties`, `additionalProperties` as a schema makes a map (any keys, each
 //!   value of that schema; pydantic's `dict[str, X]`), `false` the empty object.
-//! - An object is written with every property of `properties`, in the order the server reads
-//!   them (alphabetical), and no other: that satisfies `required` and `additionalProperties:
+//! - An object is written with every property of `properties`, in the order the schema
+//!   declares them (as OpenAI's structured outputs write them), and no other: that satisfies `required` and `additionalProperties:
 //!   false`, which are therefore read but need nothing more. An object or array without
 //!   `properties` or `items` holds any JSON.
 //! - Between tokens, whitespace is none, one space, or a newline and up to 20 spaces or tabs
@@ -1664,11 +1664,11 @@ mod tests {
 
     #[test]
     fn values_the_schema_describes_are_taken_to_completion() {
-        // Properties in the order the server reads them (alphabetical).
+        // Properties in the order the schema declares them.
         for doc in [
-            r#"{"address": {"city": "Oslo"}, "age": 41, "extra": [1, {"a": null}], "height": -1.5e3, "name": "Ann \"A\"", "none": null, "ok": true, "role": "admin", "tags": ["x", "y"]}"#,
-            r#"{"address":{"city":""},"age":0,"extra":"s","height":2,"name":"","none":null,"ok":false,"role":10,"tags":[]}"#,
-            "{\n  \"address\": {\"city\": \"é\"},\n  \"age\": -7,\n  \"extra\": {},\n  \"height\": 0.5,\n  \"name\": \"B\",\n  \"none\": null,\n  \"ok\": true,\n  \"role\": 1 ,\n  \"tags\": [ \"z\" ]\n}",
+            r#"{"name": "Ann \"A\"", "age": 41, "height": -1.5e3, "tags": ["x", "y"], "role": "admin", "address": {"city": "Oslo"}, "extra": [1, {"a": null}], "ok": true, "none": null}"#,
+            r#"{"name":"","age":0,"height":2,"tags":[],"role":10,"address":{"city":""},"extra":"s","ok":false,"none":null}"#,
+            "{\n  \"name\": \"B\",\n  \"age\": -7,\n  \"height\": 0.5,\n  \"tags\": [ \"z\" ],\n  \"role\": 1 ,\n  \"address\": {\"city\": \"é\"},\n  \"extra\": {},\n  \"ok\": true,\n  \"none\": null\n}",
         ] {
             assert_eq!(run(&person(), doc), (true, true), "{doc}");
         }
@@ -1676,7 +1676,7 @@ mod tests {
 
     #[test]
     fn what_the_schema_does_not_describe_is_refused() {
-        let ok = r#"{"address": {"city": "Oslo"}, "age": 41, "extra": 1, "height": 1, "name": "A", "none": null, "ok": true, "role": null, "tags": []}"#;
+        let ok = r#"{"name": "A", "age": 41, "height": 1, "tags": [], "role": null, "address": {"city": "Oslo"}, "extra": 1, "ok": true, "none": null}"#;
         assert_eq!(run(&person(), ok), (true, true));
         for (from, to) in [
             ("\"age\": 41", "\"age\": 4.1"),
@@ -1689,7 +1689,12 @@ mod tests {
             ("\"tags\": []", "\"tags\": [\"a\",]"),
             ("\"tags\": []", "\"tags\": [,]"),
             ("\"city\": \"Oslo\"", "\"town\": \"Oslo\""),
-            ("\"none\": null,", ""),
+            (", \"none\": null", ""),
+            // Another order than the schema's (here the alphabetical one).
+            (
+                "\"name\": \"A\", \"age\": 41",
+                "\"age\": 41, \"name\": \"A\"",
+            ),
             ("\"extra\": 1", "\"extra\": 1, \"more\": 2"),
         ] {
             let bad = ok.replace(from, to);
