@@ -15,6 +15,8 @@ use serde_json::Value;
 mod batched;
 #[path = "support/incremental_text.rs"]
 mod incremental_text;
+#[path = "support/tekken.rs"]
+mod tekken;
 
 fn load(path: &Path) -> LoadedModel {
     backend::load(&LoadOptions {
@@ -1056,21 +1058,6 @@ fn gguf_vocabularies_tokenize_as_llama_cpp_s_test_vectors() {
     }
 }
 
-/// GPT-2's map of bytes to the characters a byte-level vocabulary writes them as.
-fn bytes_to_unicode() -> Vec<char> {
-    let kept = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174;
-    let mut shifted = 256;
-    (0..256u32)
-        .map(|b| match kept(b) {
-            true => char::from_u32(b).unwrap(),
-            false => {
-                shifted += 1;
-                char::from_u32(shifted - 1).unwrap()
-            }
-        })
-        .collect()
-}
-
 /// Mistral's Tekken vocabulary (Mistral NeMo, Mistral Small 3, Ministral: a GGUF's
 /// `tokenizer.ggml.pre` "tekken") rebuilt from a GGUF tokenises as Mistral's own tokenizer:
 /// mistral-common's `tekken_240718.json` (NeMo's) is written as a vocabulary-only GGUF the way
@@ -1081,92 +1068,24 @@ fn bytes_to_unicode() -> Vec<char> {
 /// mistral-common runs it) past the control tokens, and decode back to the text.
 #[test]
 fn a_tekken_gguf_vocabulary_tokenises_as_mistral_s_tiktoken_does() {
-    use base64::Engine;
     use candle_core::quantized::gguf_file::{self, Value as V};
-    use std::collections::HashMap;
-    let tekken = json(&models::mistral_tekken_json());
-    let config = &tekken["config"];
-    let specials = config["default_num_special_tokens"].as_u64().unwrap() as usize;
-    let size = config["default_vocab_size"].as_u64().unwrap() as usize;
-    let ranks: Vec<Vec<u8>> = tekken["vocab"].as_array().unwrap()[..size - specials]
-        .iter()
-        .map(|t| {
-            base64::engine::general_purpose::STANDARD
-                .decode(t["token_bytes"].as_str().unwrap())
-                .unwrap()
-        })
-        .collect();
-    let encoder: HashMap<Vec<u8>, u32> = (ranks.iter().enumerate())
+    let tekken::Tekken {
+        ranks,
+        pattern,
+        controls,
+        meta,
+    } = tekken::tekken();
+    let specials = controls.len();
+    let ranked = (ranks.iter().enumerate())
         .map(|(r, b)| (b.clone(), r as u32))
         .collect();
-    let pattern = config["pattern"].as_str().unwrap();
-    let ranked = encoder.iter().map(|(b, r)| (b.clone(), *r)).collect();
-    let tiktoken = tiktoken_rs::CoreBPE::new(ranked, Default::default(), pattern).unwrap();
-
-    let chars = bytes_to_unicode();
-    let text_of = |b: &[u8]| -> String { b.iter().map(|&x| chars[x as usize]).collect() };
-    let named = [
-        "<unk>",
-        "<s>",
-        "</s>",
-        "[INST]",
-        "[/INST]",
-        "[AVAILABLE_TOOLS]",
-        "[/AVAILABLE_TOOLS]",
-        "[TOOL_RESULTS]",
-        "[/TOOL_RESULTS]",
-        "[TOOL_CALLS]",
-        "[IMG]",
-        "<pad>",
-        "[IMG_BREAK]",
-        "[IMG_END]",
-        "[PREFIX]",
-        "[MIDDLE]",
-        "[SUFFIX]",
-        "[SYSTEM_PROMPT]",
-        "[/SYSTEM_PROMPT]",
-        "[TOOL_CONTENT]",
-    ];
-    let controls: Vec<String> = (0..specials)
-        .map(|i| {
-            named
-                .get(i)
-                .map_or(format!("<SPECIAL_{i}>"), |n| n.to_string())
-        })
-        .collect();
-    let tokens: Vec<V> = (controls.iter().cloned())
-        .chain(ranks.iter().map(|b| text_of(b)))
-        .map(V::String)
-        .collect();
-    let types: Vec<V> = (0..tokens.len())
-        .map(|i| V::I32(if i < specials { 3 } else { 1 }))
-        .collect();
-    // transformers' `TikTokenConverter`: each token's splits into two tokens, by their ranks,
-    // the tokens in rank order.
-    let mut merges = Vec::new();
-    for b in &ranks {
-        let mut local: Vec<(u32, u32)> = (1..b.len())
-            .filter_map(|i| Some((*encoder.get(&b[..i])?, *encoder.get(&b[i..])?)))
-            .collect();
-        local.sort_unstable();
-        merges.extend(local.into_iter().map(|(l, r)| {
-            let (l, r) = (&ranks[l as usize], &ranks[r as usize]);
-            V::String(format!("{} {}", text_of(l), text_of(r)))
-        }));
-    }
-    let meta = [
-        ("general.architecture", V::String("llama".into())),
-        ("tokenizer.ggml.model", V::String("gpt2".into())),
-        ("tokenizer.ggml.pre", V::String("tekken".into())),
-        ("tokenizer.ggml.tokens", V::Array(tokens)),
-        ("tokenizer.ggml.token_type", V::Array(types)),
-        ("tokenizer.ggml.merges", V::Array(merges)),
-        ("tokenizer.ggml.bos_token_id", V::U32(1)),
-        ("tokenizer.ggml.eos_token_id", V::U32(2)),
-    ];
+    let tiktoken = tiktoken_rs::CoreBPE::new(ranked, Default::default(), &pattern).unwrap();
+    let arch = ("general.architecture".to_owned(), V::String("llama".into()));
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tekken-vocab.gguf");
-    let meta: Vec<(&str, &V)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+    let meta: Vec<(&str, &V)> = (std::iter::once(&arch).chain(&meta))
+        .map(|(k, v)| (k.as_str(), v))
+        .collect();
     gguf_file::write(&mut std::fs::File::create(&path).unwrap(), &meta, &[]).unwrap();
     let tok = backend::gguf_vocab_tokenizer(&path).unwrap();
 

@@ -11,6 +11,9 @@ use kandle_runtime::tool_calls::ToolCallParser;
 use kandle_tests::{fixtures_dir, models};
 use serde_json::{Value, json};
 
+#[path = "support/tekken.rs"]
+mod tekken;
+
 const SMOL: &str = "SmolLM2-135M-Instruct.Q4_1";
 
 async fn serve(configure: impl FnOnce(&mut ServeConfig)) -> (Server, String) {
@@ -2555,7 +2558,7 @@ enum MistralTools {
 /// with `tools`, the format's control tokens appended to the vocabulary and a template that
 /// offers tools and writes calls as Mistral's do.
 fn tiny_spm_llama_with(dir: &std::path::Path, tools: MistralTools) -> std::path::PathBuf {
-    use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
+    use candle_core::quantized::{QTensor, gguf_file};
     let vocab_path = models::llama_cpp_vocabs().join("ggml-vocab-llama-spm.gguf");
     let mut f = std::fs::File::open(&vocab_path).unwrap();
     let vocab = gguf_file::Content::read(&mut f).unwrap();
@@ -2631,6 +2634,25 @@ fn tiny_spm_llama_with(dir: &std::path::Path, tools: MistralTools) -> std::path:
     ] {
         meta.push((k.into(), v));
     }
+    let tensors = random_llama_tensors(n_vocab, 2, 1, 32);
+    let out = dir.join("tiny-spm-llama.gguf");
+    let mut w = std::fs::File::create(&out).unwrap();
+    let meta: Vec<(&str, &gguf_file::Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    gguf_file::write(&mut w, &meta, &tensors).unwrap();
+    out
+}
+
+/// The tensors of a two-layer llama GGUF with random weights (hidden 64, MLP 128; embeddings
+/// and values in Q8_0, the other matrices in Q4_0): `heads` query heads on `kv_heads`, each
+/// `head_dim` wide, and `n_vocab` tokens (the head tied to the embeddings).
+fn random_llama_tensors(
+    n_vocab: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+) -> Vec<(String, candle_core::quantized::QTensor)> {
+    use candle_core::quantized::{GgmlDType, QTensor};
     let mut seed = 7u64;
     let mut tensor = |n: usize, k: usize, dtype: GgmlDType, scale: f32| {
         let x: Vec<f32> = (0..n * k)
@@ -2645,6 +2667,7 @@ fn tiny_spm_llama_with(dir: &std::path::Path, tools: MistralTools) -> std::path:
         let t = candle_core::Tensor::from_vec(x, shape, &candle_core::Device::Cpu).unwrap();
         QTensor::quantize(&t, dtype).unwrap()
     };
+    let (q, kv) = (heads * head_dim, kv_heads * head_dim);
     let mut tensors = vec![
         (
             "token_embd.weight".to_owned(),
@@ -2657,10 +2680,10 @@ fn tiny_spm_llama_with(dir: &std::path::Path, tools: MistralTools) -> std::path:
     ];
     for i in 0..2 {
         for (name, n, k, dtype) in [
-            ("attn_q", 64, 64, GgmlDType::Q4_0),
-            ("attn_k", 32, 64, GgmlDType::Q4_0),
-            ("attn_v", 32, 64, GgmlDType::Q8_0),
-            ("attn_output", 64, 64, GgmlDType::Q4_0),
+            ("attn_q", q, 64, GgmlDType::Q4_0),
+            ("attn_k", kv, 64, GgmlDType::Q4_0),
+            ("attn_v", kv, 64, GgmlDType::Q8_0),
+            ("attn_output", 64, q, GgmlDType::Q4_0),
             ("ffn_gate", 128, 64, GgmlDType::Q4_0),
             ("ffn_up", 128, 64, GgmlDType::Q4_0),
             ("ffn_down", 64, 128, GgmlDType::Q8_0),
@@ -2681,12 +2704,180 @@ fn tiny_spm_llama_with(dir: &std::path::Path, tools: MistralTools) -> std::path:
             tensors.push((format!("blk.{i}.{name}.weight"), t));
         }
     }
-    let out = dir.join("tiny-spm-llama.gguf");
-    let mut w = std::fs::File::create(&out).unwrap();
-    let meta: Vec<(&str, &gguf_file::Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    tensors
+}
+
+/// Mistral Small 3.1's way of writing a conversation (its template, shortened): today's date
+/// in the default system prompt, `[SYSTEM_PROMPT]`, the tools as JSON, `[INST]` turns, calls
+/// after `[TOOL_CALLS]`.
+const MISTRAL_SMALL_TEMPLATE: &str = "{%- set today = strftime_now('%Y-%m-%d') %}\
+    {%- set default_system_message = 'You are Mistral Small 3. Today is ' + today + '.' %}\
+    {{- bos_token }}\
+    {%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}\
+    {%- set loop_messages = messages[1:] %}{%- else %}\
+    {%- set system_message = default_system_message %}{%- set loop_messages = messages %}\
+    {%- endif %}{{- '[SYSTEM_PROMPT]' + system_message + '[/SYSTEM_PROMPT]' }}\
+    {%- if tools %}{{- '[AVAILABLE_TOOLS]' + (tools | tojson) + '[/AVAILABLE_TOOLS]' }}{%- endif %}\
+    {%- for message in loop_messages %}{%- if message['role'] == 'user' %}\
+    {{- '[INST]' + message['content'] + '[/INST]' }}{%- elif message.tool_calls %}\
+    {{- '[TOOL_CALLS]' + (message.tool_calls | tojson) + eos_token }}{%- else %}\
+    {{- message['content'] + eos_token }}{%- endif %}{%- endfor %}";
+
+/// A GGUF shaped as Mistral Small 3 and Mistral NeMo are: llama architecture, heads narrower
+/// than the hidden size over the heads (24 where 64 / 4 is 16, `key_length`), Mistral NeMo's
+/// Tekken vocabulary and no tokenizer.json, a 32,768-token context, the template above;
+/// random weights. Returns the file.
+fn mistral_small_shaped_gguf(dir: &std::path::Path) -> std::path::PathBuf {
+    use candle_core::quantized::{
+        QTensor,
+        gguf_file::{self, Value as V},
+    };
+    let mut meta = tekken::tekken().meta;
+    let n_vocab = match &meta[2].1 {
+        V::Array(tokens) => tokens.len(),
+        other => panic!("tokens: {other:?}"),
+    };
+    for (k, v) in [
+        ("general.architecture", V::String("llama".into())),
+        ("llama.block_count", V::U32(2)),
+        ("llama.embedding_length", V::U32(64)),
+        ("llama.feed_forward_length", V::U32(128)),
+        ("llama.attention.head_count", V::U32(4)),
+        ("llama.attention.head_count_kv", V::U32(2)),
+        ("llama.attention.key_length", V::U32(24)),
+        ("llama.attention.value_length", V::U32(24)),
+        ("llama.rope.dimension_count", V::U32(24)),
+        ("llama.rope.freq_base", V::F32(1e9)),
+        ("llama.context_length", V::U32(32768)),
+        ("llama.attention.layer_norm_rms_epsilon", V::F32(1e-5)),
+        (
+            "tokenizer.chat_template",
+            V::String(MISTRAL_SMALL_TEMPLATE.into()),
+        ),
+    ] {
+        meta.push((k.into(), v));
+    }
+    let tensors = random_llama_tensors(n_vocab, 4, 2, 24);
+    let out = dir.join("mistral-small-shaped.gguf");
+    let meta: Vec<(&str, &V)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    gguf_file::write(&mut w, &meta, &tensors).unwrap();
+    gguf_file::write(&mut std::fs::File::create(&out).unwrap(), &meta, &tensors).unwrap();
     out
+}
+
+/// A Mistral Small 3-shaped GGUF ([`mistral_small_shaped_gguf`]) served end to end: its
+/// context is its own; a chat prompt is the template's one beginning-of-text token, its
+/// control tokens by id, today's date in the default system prompt and the user's text in
+/// Tekken's tokens; a completion prompt gets the beginning-of-text token llama.cpp gives a
+/// Tekken vocabulary; answers stream as the same text they answer whole; the template's
+/// `[TOOL_CALLS]` chooses Mistral's call format, and a forced call's arguments follow the
+/// tool's parameters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mistral_small_shaped_gguf_serves_with_its_own_vocabulary() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tokio::task::spawn_blocking({
+        let dir = dir.path().to_owned();
+        move || mistral_small_shaped_gguf(&dir)
+    })
+    .await
+    .unwrap();
+    let (server, url) = serve_model(path, |c| c.max_new_tokens = 40).await;
+    let http = client();
+    let model = "mistral-small-shaped";
+    let models = http
+        .get(format!("{url}/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    assert_eq!(models["data"][0]["max_model_len"], 32768, "{models}");
+    let tokenize = |body: Value| {
+        let (http, url) = (&http, &url);
+        async move {
+            let mut body = body;
+            body["model"] = json!(model);
+            let t = post_json(http, &format!("{url}/tokenize"), &body).await;
+            (t["tokens"].as_array())
+                .unwrap_or_else(|| panic!("{t}"))
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect::<Vec<u32>>()
+        }
+    };
+    let question = "What is the weather in Paris?";
+    let chat_ids = tokenize(json!({"messages": [{"role": "user", "content": question}]})).await;
+    let text_ids = tokenize(json!({"prompt": question, "add_special_tokens": false})).await;
+    // <s> [SYSTEM_PROMPT] … [/SYSTEM_PROMPT] [INST] question [/INST]
+    assert_eq!(chat_ids[..2], [1, 17], "{chat_ids:?}");
+    assert_eq!(
+        chat_ids.iter().filter(|&&t| t == 1).count(),
+        1,
+        "{chat_ids:?}"
+    );
+    let inst = chat_ids.iter().position(|&t| t == 3).expect("[INST]");
+    assert_eq!(chat_ids[inst + 1..], [&text_ids[..], &[4]].concat()[..]);
+    let prompt = post_json(
+        &http,
+        &format!("{url}/detokenize"),
+        &json!({"model": model, "tokens": chat_ids}),
+    )
+    .await;
+    let today = std::process::Command::new("date")
+        .arg("+%Y-%m-%d")
+        .output()
+        .unwrap();
+    let today = String::from_utf8(today.stdout).unwrap();
+    let prompt = prompt["prompt"].as_str().unwrap();
+    assert!(
+        prompt.contains(&format!("Today is {}.", today.trim())),
+        "{prompt}"
+    );
+    // A completion prompt: the beginning-of-text token, then the text's tokens.
+    let r = post_json(
+        &http,
+        &format!("{url}/v1/completions"),
+        &json!({"model": model, "prompt": question, "max_tokens": 4, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(r["usage"]["prompt_tokens"], text_ids.len() + 1, "{r}");
+
+    let chat = format!("{url}/v1/chat/completions");
+    let body = json!({"model": model, "messages": [{"role": "user", "content": question}],
+                      "temperature": 0, "max_tokens": 12});
+    let whole = post_json(&http, &chat, &body).await;
+    let text = whole["choices"][0]["message"]["content"].as_str().unwrap();
+    let chunks = post_stream(
+        &http,
+        &chat,
+        &with_fields(body.clone(), &json!({"stream": true})),
+    )
+    .await;
+    assert_eq!(streamed_content(&chunks), text);
+
+    let tools = json!([{"type": "function", "function": {"name": "weather_now",
+        "parameters": {"type": "object", "properties": {
+            "unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["unit"]}}}]);
+    let forced = with_fields(
+        body.clone(),
+        &json!({"tools": tools, "tool_choice": "required", "max_tokens": 40}),
+    );
+    let r = post_json(&http, &chat, &forced).await;
+    let (f, args) = only_call(&r);
+    assert_eq!(f["name"], "weather_now", "{r}");
+    assert!(
+        ["celsius", "fahrenheit"].contains(&args["unit"].as_str().unwrap()),
+        "{r}"
+    );
+    // "auto" is read in Mistral's format, which the template shows.
+    let auto = with_fields(body, &json!({"tools": tools, "max_tokens": 8}));
+    let r = post_json(&http, &chat, &auto).await;
+    assert!(
+        r["choices"][0]["message"].is_object(),
+        "\"auto\" accepted: {r}"
+    );
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
 /// A SentencePiece GGUF served end to end: the beginning-of-text token once (the template's
