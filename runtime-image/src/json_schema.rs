@@ -29,16 +29,17 @@
 //!   lead only where the pattern allows nothing), and a backslash only where an escape's
 //!   character may follow.
 //! - Numbers and integers: `minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum`
-//!   (pydantic's `ge`, `le`, `gt`, `lt`). A bounded number is written without an exponent,
+//!   (pydantic's `ge`, `le`, `gt`, `lt`) and `multipleOf` (`multiple_of`; a whole number
+//!   for integers, a whole number of 10^-15 for numbers). A bounded number is written without an exponent,
 //!   with at most 15 digits before and 15 after the point, in whole units of 10^-15 ([`NumAt`]
 //!   follows exactly which values a prefix can still reach): a digit is masked as soon as no
-//!   value in bounds can follow it, and the number ends only within them. A bound between
-//!   units is rounded inward.
+//!   value in bounds (and a multiple) can follow it, and the number ends only on one. A
+//!   bound between units is rounded inward.
 //! - String and number keywords apply to values of their type only, as in JSON Schema:
 //!   beside another type (`["string", "null"]`) they are read and need nothing; without a
 //!   type they are refused.
 //! - Annotations (`title`, `description`, `default`, `examples`, `$schema`, `$defs`,
-//!   `definitions`, `strict`) are ignored. Any other keyword (`multipleOf`, `uniqueItems`,
+//!   `definitions`, `strict`) are ignored. Any other keyword (`uniqueItems`,
 //!   `patternProperties`, …) is refused with its name rather than ignored, since the answer
 //!   could then break it.
 
@@ -302,12 +303,13 @@ const NUM_DIGITS: u32 = 15;
 const NUM_SCALE: i128 = 10i128.pow(NUM_DIGITS);
 
 /// A number's `minimum`, `maximum`, `exclusiveMinimum` and `exclusiveMaximum`, in whole
-/// units (10^-15 for numbers, 1 for integers), inclusive.
+/// units (10^-15 for numbers, 1 for integers), inclusive, and its `multipleOf`, in units.
 #[derive(Debug, Clone)]
 struct NumRule {
     integer: bool,
     lo: Option<i128>,
     hi: Option<i128>,
+    step: Option<i128>,
 }
 
 impl NumRule {
@@ -353,13 +355,41 @@ impl NumRule {
             bound("exclusiveMaximum", false, true)?,
             false,
         );
-        match (lo, hi) {
-            (None, None) => Ok(None),
-            (Some(l), Some(h)) if l > h => Err(format!(
-                "the bounds of {} leave no value",
-                Value::Object(obj.clone())
-            )),
-            _ => Ok(Some(NumRule { integer, lo, hi })),
+        // A multiple of a whole number of units: 0.01 for numbers, 5 for integers.
+        let step = match obj.get("multipleOf") {
+            None => None,
+            Some(v) if v.as_f64().is_some_and(|x| x > 0.0) => {
+                match units(&v.to_string(), unit_digits, true) {
+                    Some((n, true)) if n > 0 => Some(n),
+                    _ if integer => {
+                        return Err(format!(
+                            "multipleOf {v} of an integer must be a whole number"
+                        ));
+                    }
+                    _ => {
+                        return Err(format!(
+                            "multipleOf {v} must be a whole number of 10^-{NUM_DIGITS}"
+                        ));
+                    }
+                }
+            }
+            Some(v) => return Err(format!("multipleOf must be a positive number, got {v}")),
+        };
+        let rule = NumRule {
+            integer,
+            lo,
+            hi,
+            step,
+        };
+        match (lo, hi, step) {
+            (None, None, None) => Ok(None),
+            _ if !rule.meets(lo.unwrap_or(i128::MIN / 4), hi.unwrap_or(i128::MAX / 4)) => {
+                Err(format!(
+                    "the bounds of {} leave no value",
+                    Value::Object(obj.clone())
+                ))
+            }
+            _ => Ok(Some(rule)),
         }
     }
 
@@ -367,9 +397,22 @@ impl NumRule {
         if self.integer { 1 } else { NUM_SCALE }
     }
 
-    /// Whether some value in `from..=to` (units) is within the bounds.
+    /// Whether some value in `from..=to` (units) is within the bounds and a multiple of the
+    /// step.
     fn meets(&self, from: i128, to: i128) -> bool {
-        self.lo.is_none_or(|l| to >= l) && self.hi.is_none_or(|h| from <= h)
+        let from = self.lo.map_or(from, |l| from.max(l));
+        let to = self.hi.map_or(to, |h| to.min(h));
+        if from > to {
+            return false;
+        }
+        match self.step {
+            None => true,
+            Some(s) => {
+                let below = from.div_euclid(s) * s;
+                let first = if below < from { below + s } else { below };
+                first <= to
+            }
+        }
     }
 }
 
@@ -629,6 +672,7 @@ impl Schema {
                     | "maximum"
                     | "exclusiveMinimum"
                     | "exclusiveMaximum"
+                    | "multipleOf"
             ) || ANNOTATIONS.contains(&key.as_str());
             if !known {
                 return Err(format!("the schema keyword {key} is not supported"));
@@ -1899,6 +1943,33 @@ mod tests {
         assert_ne!(run(&neg, "[5]"), (true, true));
     }
 
+    /// `multipleOf`: an integer or number ends only on a multiple, within its bounds, and a
+    /// digit is masked where no multiple can follow it.
+    #[test]
+    fn multiples_are_the_only_values_written() {
+        let list = |item: Value| json!({"type": "array", "items": item});
+        let fives = list(json!({"type": "integer", "multipleOf": 5, "minimum": 7, "maximum": 23}));
+        assert_eq!(run(&fives, "[10,15,20]"), (true, true));
+        for bad in ["[5]", "[25]", "[12]", "[7]"] {
+            assert_ne!(run(&fives, bad), (true, true), "{bad}");
+        }
+        let (sc, mut st) = state(&fives);
+        assert!(st.push(&sc, "["));
+        assert!(st.accepts(&sc, "1") && st.accepts(&sc, "2") && !st.accepts(&sc, "3"));
+        assert!(st.accepts(&sc, "15") && !st.accepts(&sc, "16") && !st.accepts(&sc, "25"));
+        let threes = list(json!({"type": "integer", "multipleOf": 3}));
+        assert_eq!(run(&threes, "[0,-3,9,123456]"), (true, true));
+        assert_ne!(run(&threes, "[10]"), (true, true));
+        let quarters = list(json!({"type": "number", "multipleOf": 0.25, "maximum": 2}));
+        assert_eq!(run(&quarters, "[1.75,-0.5,2,0.25,1.0]"), (true, true));
+        for bad in ["[1.7]", "[2.25]", "[0.3]"] {
+            assert_ne!(run(&quarters, bad), (true, true), "{bad}");
+        }
+        let (sc, mut st) = state(&quarters);
+        assert!(st.push(&sc, "[1.7"));
+        assert!(st.accepts(&sc, "5") && !st.accepts(&sc, "1") && !st.accepts(&sc, "]"));
+    }
+
     #[test]
     fn bounded_numbers_reach_only_values_in_range() {
         let unit =
@@ -1973,7 +2044,22 @@ mod tests {
                 json!({"type": "string", "minLength": 4, "maxLength": 3}),
                 "below",
             ),
-            (json!({"type": "integer", "multipleOf": 3}), "multipleOf"),
+            (
+                json!({"type": "integer", "multipleOf": 0.5}),
+                "of an integer must be a whole number",
+            ),
+            (
+                json!({"type": "number", "multipleOf": 1e-20}),
+                "whole number of 10^-15",
+            ),
+            (
+                json!({"type": "number", "multipleOf": -2}),
+                "positive number",
+            ),
+            (
+                json!({"type": "integer", "multipleOf": 10, "minimum": 1, "maximum": 9}),
+                "leave no value",
+            ),
             (json!({"minimum": 3}), "minimum without a type"),
             (
                 json!({"type": "integer", "minimum": 5, "maximum": 4}),
