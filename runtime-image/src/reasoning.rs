@@ -4,8 +4,9 @@
 //! GGUFs among them) think before they answer: `…thoughts…</think>answer`, their chat template
 //! having opened the `<think>` (older ones have the model write it). With `--reasoning-parser
 //! deepseek_r1` a chat answer's thoughts go to `message.reasoning_content` (DeepSeek's own
-//! API's field, which vLLM's parser fills too) and the rest to `content`; streamed, to
-//! `delta.reasoning_content` then `delta.content`. As vLLM's parser: an answer that never
+//! API's field, which many clients read) and `message.reasoning` (vLLM's since 0.11, which
+//! dropped the other), with the same text, and the rest to `content`; streamed, to the
+//! deltas' two fields, then `delta.content`. As vLLM's parser: an answer that never
 //! closes its thoughts (cut by `max_tokens`) is all reasoning, with `content` null. One
 //! deliberate difference: a `<think>` is dropped only at the very start of the answer (vLLM
 //! drops everything up to the first one anywhere), so that what streams as reasoning before

@@ -817,9 +817,16 @@ struct Prepared {
     stream: bool,
     include_usage: bool,
     logprobs: bool,
-    /// Chat: the answer's thoughts go to `reasoning_content` ([`crate::reasoning`]).
+    /// Chat: the answer's thoughts go to `reasoning` and `reasoning_content`
+    /// ([`crate::reasoning`]).
     reasoning: bool,
 }
+
+/// The field of a chat answer's thoughts: vLLM's (since 0.11, which OpenAI's guidance for
+/// chain of thought in Chat Completions names), and DeepSeek's API's, which many clients
+/// still read. Both are sent, with the same text.
+const REASONING: &str = "reasoning";
+const REASONING_CONTENT: &str = "reasoning_content";
 
 /// How a chat answer is read for tool calls: a forced call's ([`api::ForcedCall`]) is the
 /// arguments of the tool named, or `{"name", "arguments"}` of the tool the model chose; with
@@ -1402,7 +1409,8 @@ async fn collect_response(
                 _ => (json!({"role": "assistant", "content": content}), false),
             };
             if let Some(thoughts) = thoughts {
-                message["reasoning_content"] = json!(thoughts);
+                message[REASONING] = json!(thoughts);
+                message[REASONING_CONTENT] = json!(thoughts);
             }
             let finish = match called {
                 true => ToolOut::finish(c.finish_reason),
@@ -1666,14 +1674,16 @@ impl StreamState {
         if tool && closed {
             if !thought.is_empty() {
                 let lps = std::mem::take(&mut lps);
-                out.push(self.delta_chunk(i, json!({"reasoning_content": thought}), &lps, None));
+                let delta = json!({REASONING: thought, REASONING_CONTENT: thought});
+                out.push(self.delta_chunk(i, delta, &lps, None));
             }
             out.extend(self.tool_chunks(i, &answer, &lps, done));
             return out;
         }
         let mut delta = serde_json::Map::new();
         if !thought.is_empty() {
-            delta.insert("reasoning_content".into(), json!(thought));
+            delta.insert(REASONING.into(), json!(thought));
+            delta.insert(REASONING_CONTENT.into(), json!(thought));
         }
         if !answer.is_empty() {
             delta.insert("content".into(), json!(answer));

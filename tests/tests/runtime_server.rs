@@ -3099,10 +3099,10 @@ async fn mistral_v11_tool_calls_are_a_name_then_its_arguments() {
 }
 
 /// With `--reasoning-parser deepseek_r1` a chat answer's thoughts (up to `</think>`) come in
-/// `reasoning_content` and the rest in `content`, streamed or not, with every log-probability;
-/// an answer cut before it closes its thoughts is all reasoning; a constrained answer thinks
-/// freely, then the constraint applies; a prompt that closes the thoughts makes it all
-/// content. SmolLM2, taught the format by example, writes `…</think>answer` greedily; what it
+/// `reasoning_content` (and vLLM's `reasoning`) and the rest in `content`, streamed or not,
+/// with every log-probability; an answer cut before it closes its thoughts is all reasoning;
+/// a constrained answer thinks freely, then the constraint applies; a prompt that closes the
+/// thoughts makes it all content. SmolLM2, taught the format by example, writes `…</think>answer` greedily; what it
 /// writes is read from `/v1/completions` of the same prompt, which no parser touches.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reasoning_parser_puts_the_thoughts_apart_from_the_answer() {
@@ -3149,6 +3149,8 @@ async fn a_reasoning_parser_puts_the_thoughts_apart_from_the_answer() {
     let r = post_json(&http, &chat, &body).await;
     let m = &r["choices"][0]["message"];
     assert_eq!(m["reasoning_content"], thought, "{r}");
+    // vLLM's field too, with the same text.
+    assert_eq!(m["reasoning"], thought, "{r}");
     assert_eq!(m["content"], answer, "{r}");
 
     let streamed = with_fields(
@@ -3163,6 +3165,7 @@ async fn a_reasoning_parser_puts_the_thoughts_apart_from_the_answer() {
             .collect()
     };
     assert_eq!(part("reasoning_content"), thought);
+    assert_eq!(part("reasoning"), thought);
     assert_eq!(part("content"), answer);
     let lps: usize = chunks
         .iter()
@@ -3221,7 +3224,10 @@ async fn a_reasoning_parser_puts_the_thoughts_apart_from_the_answer() {
                       "add_generation_prompt": false, "guided_choice": choices});
     let r = post_json(&http, &chat, &with_fields(body, &cont)).await;
     let m = &r["choices"][0]["message"];
-    assert!(m.get("reasoning_content").is_none(), "{r}");
+    assert!(
+        m.get("reasoning_content").is_none() && m.get("reasoning").is_none(),
+        "{r}"
+    );
     assert!(choices.contains(&m["content"].as_str().unwrap()), "{r}");
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
@@ -3253,7 +3259,11 @@ async fn a_reasoning_model_s_tool_calls_follow_its_thoughts() {
         }
     }
     let rome = with_fields(rome, &json!({"tools": weather_now(), "max_tokens": 120}));
-    let thoughts = |r: &Value| r["choices"][0]["message"]["reasoning_content"].clone();
+    let thoughts = |r: &Value| {
+        let m = &r["choices"][0]["message"];
+        assert_eq!(m["reasoning"], m["reasoning_content"], "{r}");
+        m["reasoning_content"].clone()
+    };
 
     // Unmasked: thoughts, then the call it was shown, as text.
     let none = post_json(
