@@ -1399,14 +1399,17 @@ async fn collect_response(
             let (thoughts, content) = match reasoning {
                 true => {
                     let parts = crate::reasoning::split(&c.text, true);
-                    let content = parts.content.filter(|t| !t.is_empty());
-                    (Some(parts.reasoning), content)
+                    (Some(parts.reasoning), parts.content)
                 }
                 false => (None, Some(c.text.as_str())),
             };
             let (mut message, called) = match (&tool, content) {
                 (Some(tool), Some(content)) => tool.message(&st, content),
-                _ => (json!({"role": "assistant", "content": content}), false),
+                // After thoughts, no content is `null`, as vLLM's.
+                _ => {
+                    let content = content.filter(|t| !(reasoning && t.is_empty()));
+                    (json!({"role": "assistant", "content": content}), false)
+                }
             };
             if let Some(thoughts) = thoughts {
                 message[REASONING] = json!(thoughts);

@@ -499,6 +499,16 @@ fn smollm2_own_kernels_are_as_close_to_llama_cpp_as_candles() {
 /// inputs and the `.out` ids transformers gives them, as llama.cpp's `test-tokenizer-0` reads
 /// them), for every kind the runtime rebuilds: SentencePiece (Llama 2 / Mistral's, Phi-3's)
 /// and byte-level BPE with the pre-tokenizers it knows. The others are refused by name.
+/// A transformers llama config's query heads, key-value heads and hidden size.
+fn attention_shape(cfg: &Value) -> (usize, usize, usize) {
+    let n = |k: &str| cfg[k].as_u64().unwrap() as usize;
+    (
+        n("num_attention_heads"),
+        n("num_key_value_heads"),
+        n("hidden_size"),
+    )
+}
+
 /// The tiny llama fixture copied into `dir`, its config.json changed by `edit`.
 fn tiny_llama_copy(dir: &Path, edit: impl FnOnce(&mut Value)) {
     let fixture = fixtures_dir().join("tiny/llama");
@@ -534,11 +544,7 @@ fn llama_gguf(
     use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
     let cfg = json(&fixture.join("config.json"));
     let n = |k: &str| cfg[k].as_u64().unwrap() as usize;
-    let (heads, kv_heads, hidden) = (
-        n("num_attention_heads"),
-        n("num_key_value_heads"),
-        n("hidden_size"),
-    );
+    let (heads, kv_heads, hidden) = attention_shape(&cfg);
     let head_dim = cfg["head_dim"]
         .as_u64()
         .map_or(hidden / heads, |d| d as usize);
@@ -783,11 +789,7 @@ fn llama_heads_of_their_own_width_run_from_safetensors_and_gguf() {
     let fixture = fixtures_dir().join("tiny/llama");
     let cfg = json(&fixture.join("config.json"));
     let n = |k: &str| cfg[k].as_u64().unwrap() as usize;
-    let (heads, kv_heads, hidden) = (
-        n("num_attention_heads"),
-        n("num_key_value_heads"),
-        n("hidden_size"),
-    );
+    let (heads, kv_heads, hidden) = attention_shape(&cfg);
     assert_eq!(hidden / heads, 16);
     let weights =
         candle_core::safetensors::load(fixture.join("model.safetensors"), &Device::Cpu).unwrap();
