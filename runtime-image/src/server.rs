@@ -1405,13 +1405,13 @@ async fn collect_response(
             };
             let (mut message, called) = match (&tool, content) {
                 (Some(tool), Some(content)) => tool.message(&st, content),
-                // After thoughts, no content is `null`, as vLLM's.
-                _ => {
-                    let content = content.filter(|t| !(reasoning && t.is_empty()));
-                    (json!({"role": "assistant", "content": content}), false)
-                }
+                _ => (json!({"role": "assistant", "content": content}), false),
             };
             if let Some(thoughts) = thoughts {
+                // After thoughts, no content is `null`, as vLLM's.
+                if message["content"] == "" {
+                    message["content"] = Value::Null;
+                }
                 message[REASONING] = json!(thoughts);
                 message[REASONING_CONTENT] = json!(thoughts);
             }
