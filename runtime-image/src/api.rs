@@ -1057,10 +1057,33 @@ pub fn chat_messages(messages: &[MessageIn]) -> Result<Vec<ChatMessage>, ApiErro
             };
             // "developer" is the newer name of "system"; templates know only the latter.
             let role = if m.role == "developer" { "system".to_owned() } else { m.role.clone() };
-            let tool_calls = m.tool_calls.clone().filter(|v| !v.is_null());
+            let tool_calls = m.tool_calls.clone().filter(|v| !v.is_null()).map(template_calls);
             Ok(ChatMessage { role, content, tool_calls, tool_call_id: m.tool_call_id.clone() })
         })
         .collect()
+}
+
+/// An assistant turn's calls as chat templates take them (transformers' convention, which
+/// vLLM follows): each `function.arguments` that OpenAI's API sends as JSON text becomes
+/// that JSON's value, and none or an empty one `{}`, so that Llama 3's
+/// `tool_call.arguments | tojson` writes the object rather than a quoted string. Text that
+/// is not JSON is left as it is.
+fn template_calls(mut calls: Value) -> Value {
+    for call in calls.as_array_mut().into_iter().flatten() {
+        let Some(function) = call.get_mut("function").and_then(Value::as_object_mut) else {
+            continue;
+        };
+        let parsed = match function.get("arguments") {
+            None | Some(Value::Null) => Some(serde_json::json!({})),
+            Some(Value::String(s)) if s.trim().is_empty() => Some(serde_json::json!({})),
+            Some(Value::String(s)) => serde_json::from_str(s).ok(),
+            Some(_) => None,
+        };
+        if let Some(v) = parsed {
+            function.insert("arguments".into(), v);
+        }
+    }
+    calls
 }
 
 /// Parses a JSON body, turning serde's error into an OpenAI 400.
@@ -1257,6 +1280,26 @@ mod tests {
         assert!(chat_messages(&[m]).unwrap_err().message.contains("wizard"));
     }
 
+    /// vLLM's `_postprocess_messages`: JSON text becomes its value, none or empty `{}`,
+    /// anything else stays.
+    #[test]
+    fn call_arguments_reach_templates_as_values() {
+        let calls = serde_json::json!([
+            {"function": {"name": "a", "arguments": "{\"zone\": \"UTC\", \"n\": [1]}"}},
+            {"function": {"name": "b", "arguments": ""}},
+            {"function": {"name": "c"}},
+            {"function": {"name": "d", "arguments": "not json"}},
+            {"function": {"name": "e", "arguments": {"already": true}}},
+        ]);
+        let out = template_calls(calls);
+        let args: Vec<&Value> = (0..5).map(|i| &out[i]["function"]["arguments"]).collect();
+        assert_eq!(*args[0], serde_json::json!({"zone": "UTC", "n": [1]}));
+        assert_eq!(*args[1], serde_json::json!({}));
+        assert_eq!(*args[2], serde_json::json!({}));
+        assert_eq!(*args[3], "not json");
+        assert_eq!(*args[4], serde_json::json!({"already": true}));
+    }
+
     #[test]
     fn tool_calls_and_tool_call_ids_reach_the_template_messages() {
         let messages: Vec<MessageIn> = serde_json::from_value(serde_json::json!([
@@ -1269,6 +1312,11 @@ mod tests {
         .unwrap();
         let out = chat_messages(&messages).unwrap();
         assert_eq!(out[0].tool_calls.as_ref().unwrap()[0]["id"], "c1");
+        // Arguments reach the template as the object their text holds.
+        assert_eq!(
+            out[0].tool_calls.as_ref().unwrap()[0]["function"]["arguments"],
+            serde_json::json!({})
+        );
         assert_eq!(out[0].content, "");
         assert_eq!(out[1].tool_call_id.as_deref(), Some("c1"));
         assert!(out[2].tool_calls.is_none() && out[2].tool_call_id.is_none());

@@ -2605,7 +2605,9 @@ fn tiny_spm_llama_with(dir: &std::path::Path, tools: MistralTools) -> std::path:
                  '[/AVAILABLE_TOOLS]' }}{% endif %}{% for m in messages %}\
                  {% if m['role'] == 'user' %}{{ '[INST]' + m['content'] + '[/INST]' }}\
                  {% elif m.tool_calls %}{% for tool in m.tool_calls %}\
-                 {{ '[TOOL_CALLS]' + tool['function']['name'] + '[ARGS]' + tool['function']['arguments'] }}\
+                 {% set arguments = tool['function']['arguments'] %}\
+                 {% if arguments is not string %}{% set arguments = arguments | tojson %}{% endif %}\
+                 {{ '[TOOL_CALLS]' + tool['function']['name'] + '[ARGS]' + arguments }}\
                  {% endfor %}{{ eos_token }}\
                  {% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}"
         }
