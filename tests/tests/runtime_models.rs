@@ -768,6 +768,14 @@ fn a_gguf_s_rope_freqs_scale_the_rotary_as_llama3_rope_scaling_does() {
         err.contains("\"yarn\"") && err.contains("not supported"),
         "{err}"
     );
+    let err = refused(
+        &[],
+        &[("llama.rope.scaling.type", V::String("longrope".into()))],
+    );
+    assert!(
+        err.contains("\"longrope\"") && err.contains("not supported"),
+        "{err}"
+    );
     // Biases, which kandle's llama has none of, are refused too rather than left out.
     let err = refused(&[("blk.1.attn_q.bias", &[0.5; 64])], &[]);
     assert!(

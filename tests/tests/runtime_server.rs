@@ -125,9 +125,22 @@ fn stopped_content(r: &Value) -> String {
 
 /// The content a streamed chat answer's chunks carry, joined.
 fn streamed_content(chunks: &[Value]) -> String {
+    streamed_field(chunks, "content")
+}
+
+/// The text a streamed chat answer's chunks carry in their deltas' `key`, joined.
+fn streamed_field(chunks: &[Value], key: &str) -> String {
     (chunks.iter())
-        .filter_map(|ch| ch["choices"][0]["delta"]["content"].as_str())
+        .filter_map(|ch| ch["choices"][0]["delta"][key].as_str())
         .collect()
+}
+
+/// The one tool call a streamed chat answer's chunks carry (at index 0).
+fn only_streamed_call(chunks: &[Value]) -> &Value {
+    let calls = streamed_tool_calls(chunks);
+    assert_eq!(calls.len(), 1, "{chunks:?}");
+    assert_eq!(calls[0]["index"], 0, "{chunks:?}");
+    calls[0]
 }
 
 /// The tool calls a streamed chat answer's chunks carry.
@@ -1937,10 +1950,7 @@ async fn auto_calls_are_read_and_masked(url: &str, parser: ToolCallParser, shown
         &with_fields(rome.clone(), &json!({"stream": true})),
     )
     .await;
-    let streamed: Vec<&Value> = streamed_tool_calls(&chunks);
-    assert_eq!(streamed.len(), 1, "{chunks:?}");
-    assert_eq!(streamed[0]["index"], 0);
-    assert_eq!(streamed[0]["function"], *f, "streamed call");
+    assert_eq!(only_streamed_call(&chunks)["function"], *f, "streamed call");
     let content: String = streamed_content(&chunks);
     assert_eq!(content, "", "no content before the call");
     assert_eq!(
@@ -2990,9 +3000,7 @@ async fn mistral_tool_calls_open_with_their_control_token() {
         &with_fields(body.clone(), &json!({"stream": true})),
     )
     .await;
-    let streamed: Vec<&Value> = streamed_tool_calls(&chunks);
-    assert_eq!(streamed.len(), 1, "{chunks:?}");
-    assert_eq!(&streamed[0]["function"], f);
+    assert_eq!(&only_streamed_call(&chunks)["function"], f);
     assert!(
         chunks.iter().all(|c| c["choices"][0]["delta"]["content"]
             .as_str()
@@ -3077,9 +3085,7 @@ async fn mistral_v11_tool_calls_are_a_name_then_its_arguments() {
         &with_fields(body.clone(), &json!({"stream": true})),
     )
     .await;
-    let streamed: Vec<&Value> = streamed_tool_calls(&chunks);
-    assert_eq!(streamed.len(), 1, "{chunks:?}");
-    assert_eq!(&streamed[0]["function"], whole);
+    assert_eq!(&only_streamed_call(&chunks)["function"], whole);
 
     // A past call renders as the model writes one.
     let history = json!({"messages": [
@@ -3104,8 +3110,9 @@ async fn mistral_v11_tool_calls_are_a_name_then_its_arguments() {
 /// `reasoning_content` (and vLLM's `reasoning`) and the rest in `content`, streamed or not,
 /// with every log-probability; an answer cut before it closes its thoughts is all reasoning;
 /// a constrained answer thinks freely, then the constraint applies; a prompt that closes the
-/// thoughts makes it all content. SmolLM2, taught the format by example, writes `…</think>answer` greedily; what it
-/// writes is read from `/v1/completions` of the same prompt, which no parser touches.
+/// thoughts makes it all content. SmolLM2, taught the format by example, writes
+/// `…</think>answer` greedily; what it writes is read from `/v1/completions` of the same
+/// prompt, which no parser touches.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reasoning_parser_puts_the_thoughts_apart_from_the_answer() {
     let (server, url) = serve(|c| {
@@ -3160,15 +3167,9 @@ async fn a_reasoning_parser_puts_the_thoughts_apart_from_the_answer() {
         &json!({"stream": true, "logprobs": true, "stream_options": {"include_usage": true}}),
     );
     let chunks = post_stream(&http, &chat, &streamed).await;
-    let part = |key: &str| -> String {
-        chunks
-            .iter()
-            .filter_map(|c| c["choices"][0]["delta"][key].as_str())
-            .collect()
-    };
-    assert_eq!(part("reasoning_content"), thought);
-    assert_eq!(part("reasoning"), thought);
-    assert_eq!(part("content"), answer);
+    assert_eq!(streamed_field(&chunks, "reasoning_content"), thought);
+    assert_eq!(streamed_field(&chunks, "reasoning"), thought);
+    assert_eq!(streamed_field(&chunks, "content"), answer);
     let lps: usize = chunks
         .iter()
         .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array())
@@ -3204,13 +3205,11 @@ async fn a_reasoning_parser_puts_the_thoughts_apart_from_the_answer() {
     assert!(choices.contains(&m["content"].as_str().unwrap()), "{r}");
     assert_eq!(r["choices"][0]["finish_reason"], "stop", "{r}");
     let chunks = post_stream(&http, &chat, &with_fields(guided, &json!({"stream": true}))).await;
-    let part = |key: &str| -> String {
-        (chunks.iter())
-            .filter_map(|c| c["choices"][0]["delta"][key].as_str())
-            .collect()
-    };
-    assert_eq!(part("reasoning_content"), thought);
-    assert_eq!(part("content"), m["content"].as_str().unwrap());
+    assert_eq!(streamed_field(&chunks, "reasoning_content"), thought);
+    assert_eq!(
+        streamed_field(&chunks, "content"),
+        m["content"].as_str().unwrap()
+    );
     let json_mode = json!({"response_format": {"type": "json_object"}, "max_tokens": 60});
     let r = post_json(&http, &chat, &with_fields(body.clone(), &json_mode)).await;
     let m = &r["choices"][0]["message"];
@@ -3300,16 +3299,9 @@ async fn a_reasoning_model_s_tool_calls_follow_its_thoughts() {
         ),
     )
     .await;
-    let part = |chunks: &[Value], key: &str| -> String {
-        (chunks.iter())
-            .filter_map(|c| c["choices"][0]["delta"][key].as_str())
-            .collect()
-    };
-    assert_eq!(part(&chunks, "reasoning_content"), thought);
+    assert_eq!(streamed_field(&chunks, "reasoning_content"), thought);
     assert_eq!(streamed_content(&chunks), "");
-    let calls = streamed_tool_calls(&chunks);
-    assert_eq!(calls.len(), 1, "{chunks:?}");
-    assert_eq!(calls[0]["function"], *f);
+    assert_eq!(only_streamed_call(&chunks)["function"], *f);
     let last = &chunks[chunks.len() - 2]["choices"][0];
     assert_eq!(last["finish_reason"], "tool_calls", "{chunks:?}");
     let lps: usize = (chunks.iter())
@@ -3334,7 +3326,7 @@ async fn a_reasoning_model_s_tool_calls_follow_its_thoughts() {
         "{r}"
     );
     let chunks = post_stream(&http, &chat, &with_fields(named, &json!({"stream": true}))).await;
-    assert_eq!(part(&chunks, "reasoning_content"), thought);
+    assert_eq!(streamed_field(&chunks, "reasoning_content"), thought);
     let calls = streamed_tool_calls(&chunks);
     assert_eq!(calls[0]["function"]["name"], "weather_now", "{chunks:?}");
     let joined: String = (calls.iter())
@@ -3372,7 +3364,7 @@ async fn a_reasoning_model_s_tool_calls_follow_its_thoughts() {
         );
         let chunks = post_stream(&http, &chat, &with_fields(cut, &json!({"stream": true}))).await;
         assert!(streamed_tool_calls(&chunks).is_empty(), "{chunks:?}");
-        assert_eq!(part(&chunks, "reasoning_content"), begun);
+        assert_eq!(streamed_field(&chunks, "reasoning_content"), begun);
         let last = &chunks.last().unwrap()["choices"][0];
         assert_eq!(last["finish_reason"], "length", "{chunks:?}");
     }

@@ -201,6 +201,11 @@ fn md_u32(ct: &gguf_file::Content, key: &str) -> Option<u32> {
     })
 }
 
+/// A `u32` the file must have.
+fn need_u32(ct: &gguf_file::Content, key: &str) -> Result<u32> {
+    md_u32(ct, key).ok_or_else(|| Error::Model(format!("GGUF metadata has no {key}")))
+}
+
 fn md_str<'a>(ct: &'a gguf_file::Content, key: &str) -> Option<&'a str> {
     ct.metadata
         .get(key)
@@ -268,12 +273,9 @@ fn tensor_weights<R: std::io::Read + std::io::Seek>(
     vocab_size: usize,
     context_length: usize,
 ) -> Result<TensorLlama> {
-    let need = |key: &str| {
-        md_u32(ct, key).ok_or_else(|| Error::Model(format!("GGUF metadata has no {key}")))
-    };
-    let heads = need("llama.attention.head_count")? as usize;
+    let heads = need_u32(ct, "llama.attention.head_count")? as usize;
     let kv_heads = md_u32(ct, "llama.attention.head_count_kv").map_or(heads, |v| v as usize);
-    let hidden = need("llama.embedding_length")? as usize;
+    let hidden = need_u32(ct, "llama.embedding_length")? as usize;
     let head_dim = qllama::head_dim(ct, hidden, heads)?;
     let rope_dim = md_u32(ct, "llama.rope.dimension_count").map_or(head_dim, |v| v as usize);
     if rope_dim != head_dim {
@@ -298,7 +300,7 @@ fn tensor_weights<R: std::io::Read + std::io::Seek>(
         Err(_) => quant(embed_q)?,
     };
     let norm = q("output_norm.weight")?.dequantize(device)?;
-    let blocks = need("llama.block_count")? as usize;
+    let blocks = need_u32(ct, "llama.block_count")? as usize;
     let mut layers = Vec::with_capacity(blocks);
     for i in 0..blocks {
         let mut w = |name: &str| q(&format!("blk.{i}.{name}.weight"));
@@ -540,10 +542,9 @@ pub(super) fn load_with(path: &Path, forward: Forward, device: &Device) -> Resul
     };
     let lm: Box<dyn CausalLm> = if forward == Forward::Candle {
         // candle's `quantized_llama` takes the heads' width to be the hidden size over them.
-        let need = |key| qllama::md_u32(&ct, key);
         let (hidden, heads) = (
-            need("llama.embedding_length")?,
-            need("llama.attention.head_count")?,
+            need_u32(&ct, "llama.embedding_length")? as usize,
+            need_u32(&ct, "llama.attention.head_count")? as usize,
         );
         if qllama::head_dim(&ct, hidden, heads)? * heads != hidden {
             return Err(Error::Model(format!(

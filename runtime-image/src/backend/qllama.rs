@@ -248,7 +248,7 @@ impl KvCache {
     }
 }
 
-pub(super) fn md_u32(ct: &gguf_file::Content, key: &str) -> Result<usize> {
+fn md_u32(ct: &gguf_file::Content, key: &str) -> Result<usize> {
     let v = ct
         .metadata
         .get(key)
