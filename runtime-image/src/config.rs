@@ -165,6 +165,15 @@ pub struct ServeConfig {
     /// capped at the model's own context length.
     #[arg(long, env = "KANDLE_MAX_SEQUENCE_LENGTH", value_parser = clap::value_parser!(u64).range(1..))]
     pub max_sequence_length: Option<u64>,
+    /// The most positions of keys and values the running batch holds together (TGI's
+    /// `--max-batch-total-tokens`), each sequence counted at its prompt plus its max_tokens:
+    /// a request that does not fit beside the running ones waits for them, and one larger
+    /// than it all gets less room for its output (a 400 when its prompt alone does not fit).
+    /// Default on CPU: what nine tenths of the memory left after loading holds (the pod's
+    /// memory limit, else the machine's available memory), less the prefix cache's share;
+    /// on a GPU: no limit.
+    #[arg(long, env = "KANDLE_MAX_BATCH_TOKENS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_batch_tokens: Option<u64>,
     /// The most tokens one request may generate (also the default max_tokens for chat).
     #[arg(long, env = "KANDLE_MAX_NEW_TOKENS", default_value_t = 512)]
     pub max_new_tokens: usize,
@@ -235,6 +244,7 @@ impl ServeConfig {
             max_queue: 32,
             max_concurrent_requests: None,
             max_sequence_length: None,
+            max_batch_tokens: None,
             max_new_tokens: 512,
             max_request_bytes: 2 * 1024 * 1024,
             max_embedding_inputs: 2048,
@@ -392,6 +402,18 @@ mod tests {
         assert!(
             Cli::try_parse_from(["serve", "--model", "/m", "--tool-call-parser", "x"]).is_err()
         );
+    }
+
+    #[test]
+    fn the_batch_token_budget_is_a_positive_count() {
+        use clap::Parser;
+        let parse =
+            |n: &str| Cli::try_parse_from(["serve", "--model", "/m", "--max-batch-tokens", n]);
+        assert_eq!(parse("65536").unwrap().serve.max_batch_tokens, Some(65536));
+        assert!(parse("0").is_err());
+        assert!(parse("lots").is_err());
+        let c = Cli::try_parse_from(["serve", "--model", "/m"]).unwrap();
+        assert_eq!(c.serve.max_batch_tokens, None);
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //! caller answers 429), then sent to one dedicated model thread, off the async executor. For
 //! generation that thread keeps up to `max_batch_size` sequences running and advances each by
 //! one token per round; new sequences join (their prompt is processed as their first step, or
-//! first steps for a long one) and finished or abandoned ones leave between rounds. A request
+//! first steps for a long one) and finished or abandoned ones leave between rounds, a request
+//! joining only when its prompt plus `max_tokens` fits the batch token budget beside the
+//! running sequences ([`BatchTokens`]; else it waits, first in line). A request
 //! whose event receiver is gone (the client disconnected) is dropped at the next step. Events
 //! flow back on an unbounded channel whose size is bounded by `max_tokens`.
 //!
@@ -43,6 +45,53 @@ pub struct EngineConfig {
     /// Prompt tokens kept for later requests that start with them (`PrefixCache`); 0: off;
     /// `None`: 2048 tokens or 256 MiB of them, whichever is fewer (`default_prefix_budget`).
     pub prefix_cache_tokens: Option<usize>,
+    /// The most positions of keys and values the running batch holds together.
+    pub batch_tokens: BatchTokens,
+}
+
+/// The most positions of keys and values the running batch of a generation model may hold
+/// together, so that long prompts arriving together cannot grow the caches past the memory
+/// the server has (a context of 131,072 positions is 17 GB of Llama 3.1 8B's keys and values
+/// in f16). As TGI's `--max-batch-total-tokens`, each sequence is counted at the most it may
+/// hold, its prompt plus its `max_tokens`: a request joins the running batch only when that
+/// fits beside the sequences running, else it waits, first in line, for them to finish; a
+/// request larger than the whole budget gets less room for its output, or a 400 when its
+/// prompt alone does not fit (the server's check, [`Frontend::batch_tokens`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchTokens {
+    /// `--max-batch-tokens`.
+    Limit(usize),
+    /// Nine tenths of the host memory left after the model loaded ([`crate::memory`]: a pod's
+    /// limit, else the machine's available memory), less the prefix cache's share, divided
+    /// by the model's bytes of keys and values a token. No limit for a model that does not
+    /// say its bytes a token (the small-context families: GPT-2, BLOOM, GPT-J, the
+    /// encoder-decoders).
+    HostMemory,
+    /// No limit (a GPU's memory is not measured: set `--max-batch-tokens` there).
+    Unlimited,
+}
+
+impl BatchTokens {
+    /// The budget in positions, `None` for no limit; `room` is the host memory left
+    /// (`None`: unknown) and `prefix_tokens` the prefix cache's budget.
+    fn resolve(
+        self,
+        bytes_per_token: Option<usize>,
+        prefix_tokens: usize,
+        room: impl FnOnce() -> Option<u64>,
+    ) -> Option<usize> {
+        match self {
+            BatchTokens::Limit(n) => Some(n),
+            BatchTokens::Unlimited => None,
+            BatchTokens::HostMemory => {
+                let per_token = bytes_per_token? as u64;
+                let usable = room()? / 10 * 9;
+                let prefix = prefix_tokens as u64 * per_token;
+                let tokens = usable.saturating_sub(prefix) / per_token.max(1);
+                Some(usize::try_from(tokens).unwrap_or(usize::MAX))
+            }
+        }
+    }
 }
 
 /// One generation request, validated and tokenised.
@@ -193,6 +242,9 @@ pub struct Frontend {
     /// must be below this: the tokenizer's vocabulary, and for generation the model's as well
     /// (the smaller of the two).
     pub vocab_limit: usize,
+    /// Generation: the most positions the running batch holds together ([`BatchTokens`]);
+    /// `None`: no limit. A request's choices need their prompt plus their output each.
+    pub batch_tokens: Option<usize>,
 }
 
 impl Frontend {
@@ -277,6 +329,26 @@ impl Engine {
         let m = metrics.clone();
         let (frontend, thread) = match model {
             LoadedModel::Generation(g) => {
+                let prefix_tokens = match g.lm.continuation_is_exact() {
+                    true => cfg
+                        .prefix_cache_tokens
+                        .unwrap_or_else(|| default_prefix_budget(g.lm.cache_bytes_per_token())),
+                    false => 0,
+                };
+                tracing::info!(tokens = prefix_tokens, "prefix cache budget");
+                let batch_tokens = cfg.batch_tokens.resolve(
+                    g.lm.cache_bytes_per_token(),
+                    prefix_tokens,
+                    crate::memory::host_room,
+                );
+                match batch_tokens {
+                    Some(tokens) => tracing::info!(
+                        tokens,
+                        bytes_per_token = g.lm.cache_bytes_per_token(),
+                        "batch token budget (--max-batch-tokens)"
+                    ),
+                    None => tracing::info!("no batch token budget (--max-batch-tokens)"),
+                }
                 let frontend = Frontend {
                     task: g.task,
                     tokenizer: g.tokenizer.clone(),
@@ -287,14 +359,8 @@ impl Engine {
                     labels: Vec::new(),
                     scoring: Scoring::Softmax,
                     vocab_limit: g.tokenizer.vocab_size().min(g.lm.vocab_size()),
+                    batch_tokens,
                 };
-                let prefix_tokens = match g.lm.continuation_is_exact() {
-                    true => cfg
-                        .prefix_cache_tokens
-                        .unwrap_or_else(|| default_prefix_budget(g.lm.cache_bytes_per_token())),
-                    false => 0,
-                };
-                tracing::info!(tokens = prefix_tokens, "prefix cache budget");
                 let worker = GenerationWorker {
                     prefix: std::cell::RefCell::new(PrefixCache::new(prefix_tokens)),
                     context_length: cap(g.lm.context_length()),
@@ -302,6 +368,7 @@ impl Engine {
                     tokenizer: g.tokenizer,
                     eos_ids: g.eos_ids,
                     batch,
+                    batch_tokens,
                     metrics: m,
                     json_texts: std::cell::OnceCell::new(),
                 };
@@ -322,6 +389,7 @@ impl Engine {
                     labels: Vec::new(),
                     scoring: Scoring::Softmax,
                     vocab_limit,
+                    batch_tokens: None,
                 };
                 let model = e.model;
                 let thread = std::thread::Builder::new()
@@ -341,6 +409,7 @@ impl Engine {
                     labels: c.labels,
                     scoring: c.scoring,
                     vocab_limit,
+                    batch_tokens: None,
                 };
                 let model = c.model;
                 let thread = std::thread::Builder::new()
@@ -551,6 +620,8 @@ struct GenerationWorker {
     tokenizer: TextTokenizer,
     eos_ids: Vec<u32>,
     batch: usize,
+    /// [`Frontend::batch_tokens`].
+    batch_tokens: Option<usize>,
     metrics: Metrics,
     /// The vocabulary as JSON mode reads it, computed at the first JSON request.
     json_texts: std::cell::OnceCell<JsonVocab>,
@@ -601,18 +672,30 @@ enum Plan {
 impl GenerationWorker {
     fn run(self, rx: Receiver<Job>) {
         let mut active: Vec<Active> = Vec::new();
+        // The request first in line, when its sequences do not fit beside the running ones
+        // under the batch token budget: it waits for them to finish, and those after it wait
+        // behind it.
+        let mut held: Option<Job> = None;
         loop {
-            if active.is_empty() {
+            if active.is_empty() && held.is_none() {
                 match rx.recv() {
-                    Ok(job) => self.admit(job, &mut active),
+                    Ok(job) => held = Some(job),
                     Err(_) => return,
                 }
             }
             while active.len() < self.batch {
-                match rx.try_recv() {
-                    Ok(job) => self.admit(job, &mut active),
-                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                let job = match held.take() {
+                    Some(job) => job,
+                    None => match rx.try_recv() {
+                        Ok(job) => job,
+                        Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                    },
+                };
+                if !active.is_empty() && !self.fits(&job, &active) {
+                    held = Some(job);
+                    break;
                 }
+                self.admit(job, &mut active);
             }
             self.metrics.batch_size.set(active.len() as i64);
             // A panic in a step (a model's or a tokenizer's bug on some input) fails that
@@ -640,6 +723,25 @@ impl GenerationWorker {
             self.metrics.inflight.dec_by((before - active.len()) as i64);
             self.metrics.batch_size.set(active.len() as i64);
         }
+    }
+
+    /// Whether a job's sequences fit beside the running ones under the batch token budget,
+    /// each counted at its prompt plus its `max_tokens` (the most its cache may hold). The
+    /// server refuses a request that does not fit alone, so a job always fits an empty batch.
+    /// A job that admission drops at once (past its deadline, or all its clients gone) fits.
+    fn fits(&self, job: &Job, active: &[Active]) -> bool {
+        let (Some(budget), Job::Generate { req, choices, .. }) = (self.batch_tokens, job) else {
+            return true;
+        };
+        if Instant::now() > req.deadline || choices.iter().all(|(events, _)| events.is_closed()) {
+            return true;
+        }
+        let held: usize = active
+            .iter()
+            .filter(|a| !a.done)
+            .map(|a| a.req.prompt.len() + a.req.max_tokens)
+            .sum();
+        held + choices.len() * (req.prompt.len() + req.max_tokens) <= budget
     }
 
     fn admit(&self, job: Job, active: &mut Vec<Active>) {
@@ -1502,6 +1604,38 @@ mod tests {
         assert_eq!(default_prefix_budget(Some(512 << 10)), 512);
         assert_eq!(default_prefix_budget(Some(1 << 40)), 0);
         assert_eq!(default_prefix_budget(None), 2048);
+    }
+
+    #[test]
+    fn the_batch_token_budget_is_the_flag_or_nine_tenths_of_the_memory_left() {
+        let no_room = || -> Option<u64> { panic!("memory read where the flag decides") };
+        assert_eq!(
+            BatchTokens::Limit(300).resolve(Some(23_040), 2048, no_room),
+            Some(300)
+        );
+        assert_eq!(
+            BatchTokens::Unlimited.resolve(Some(23_040), 2048, no_room),
+            None
+        );
+        // Llama 3.1 8B (32 layers × 2 × 8 heads × 128 × 2 bytes = 128 KiB a token) in a pod
+        // with 20 GiB left: 18 GiB, less the prefix cache's 512 tokens (64 MiB).
+        let per_token = 128 << 10;
+        let room = || Some(20u64 << 30);
+        assert_eq!(
+            BatchTokens::HostMemory.resolve(Some(per_token), 512, room),
+            Some(((20u64 << 30) / 10 * 9 / per_token as u64) as usize - 512)
+        );
+        // Less room than the prefix cache takes: no room for a batch, not a wrap-around.
+        assert_eq!(
+            BatchTokens::HostMemory.resolve(Some(per_token), 512, || Some(1 << 20)),
+            Some(0)
+        );
+        // A model that does not say its bytes a token, or memory that cannot be read.
+        assert_eq!(BatchTokens::HostMemory.resolve(None, 0, room), None);
+        assert_eq!(
+            BatchTokens::HostMemory.resolve(Some(per_token), 0, || None),
+            None
+        );
     }
 
     #[test]

@@ -29,10 +29,11 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::api::{self, ApiError};
+use crate::backend::ComputeDevice;
 use crate::config::ServeConfig;
 use crate::engine::{
-    Engine, EngineConfig, EngineError, FinishReason, GenerateEvent, GenerateRequest,
-    PromptLogprobs, TokenLogprob,
+    BatchTokens, Engine, EngineConfig, EngineError, FinishReason, Frontend, GenerateEvent,
+    GenerateRequest, PromptLogprobs, TokenLogprob,
 };
 use crate::error::{Error, Result};
 use crate::json_mode::Constraint;
@@ -314,6 +315,11 @@ fn load_and_warm(st: &AppState, path: &std::path::Path) -> Result<()> {
                 .max_sequence_length
                 .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
             prefix_cache_tokens: cfg.prefix_cache_tokens,
+            batch_tokens: match (cfg.max_batch_tokens, cfg.device) {
+                (Some(n), _) => BatchTokens::Limit(usize::try_from(n).unwrap_or(usize::MAX)),
+                (None, ComputeDevice::Cpu) => BatchTokens::HostMemory,
+                (None, _) => BatchTokens::Unlimited,
+            },
         },
         st.metrics.clone(),
     );
@@ -895,28 +901,48 @@ struct Echo {
     logprobs: Option<PromptLogprobs>,
 }
 
-/// The room the context leaves after a prompt of `prompt_len` tokens; a prompt that fills it
-/// is refused naming `param`, the field the prompt came from.
+/// The room for output after a prompt of `prompt_len` tokens: what the context leaves, and
+/// what each of the request's `n` choices' share of the batch token budget leaves
+/// ([`BatchTokens`]; a request's sequences must fit in it together). A prompt that fills
+/// either is refused naming `param`, the field the prompt came from; a `max_tokens` past the
+/// room is cut to it, the answer ending with `length`.
 fn check_context(
     prompt_len: usize,
-    context: usize,
+    frontend: &Frontend,
+    n: usize,
     param: &'static str,
 ) -> Result<usize, ApiError> {
+    let context = frontend.context_length;
     if prompt_len == 0 {
         return Err(ApiError::invalid("the prompt is empty", Some("prompt")));
     }
+    let too_long = |message: String| ApiError {
+        status: 400,
+        message,
+        kind: "invalid_request_error",
+        param: Some(param),
+        code: Some("context_length_exceeded"),
+    };
     if prompt_len >= context {
-        return Err(ApiError {
-            status: 400,
-            message: format!(
-                "the prompt is {prompt_len} tokens, but this model's context is {context} tokens (prompt plus output)"
-            ),
-            kind: "invalid_request_error",
-            param: Some(param),
-            code: Some("context_length_exceeded"),
-        });
+        return Err(too_long(format!(
+            "the prompt is {prompt_len} tokens, but this model's context is {context} tokens (prompt plus output)"
+        )));
     }
-    Ok(context - prompt_len)
+    let room = context - prompt_len;
+    let Some(budget) = frontend.batch_tokens else {
+        return Ok(room);
+    };
+    let share = budget / n.max(1);
+    if prompt_len >= share {
+        let each = match n > 1 {
+            true => format!(", {share} for each of its {n} choices"),
+            false => String::new(),
+        };
+        return Err(too_long(format!(
+            "the prompt is {prompt_len} tokens, but this server's running batch holds {budget} tokens of prompts and outputs together (--max-batch-tokens){each}"
+        )));
+    }
+    Ok(room.min(share - prompt_len))
 }
 
 /// The constraint of `response_format` (`format`) or vLLM's guided decoding fields, which
@@ -1051,7 +1077,7 @@ async fn chat_completions(
                 Some("messages"),
             )
         })?;
-    let room = check_context(prompt.len(), frontend.context_length, "messages")?;
+    let room = check_context(prompt.len(), frontend, n, "messages")?;
     // Thoughts are split from the answer, a constraint (tool calls' too) applying after them.
     let reasoning =
         st.config.reasoning_parser.is_some() && !crate::reasoning::thoughts_closed(&prompt_text);
@@ -1168,7 +1194,7 @@ async fn completions(
                 ids.to_vec()
             }
         };
-        let room = check_context(prompt.len(), frontend.context_length, "prompt")?;
+        let room = check_context(prompt.len(), frontend, n, "prompt")?;
         reqs.push(GenerateRequest {
             prompt,
             max_tokens: max_tokens.min(room),

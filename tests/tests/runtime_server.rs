@@ -3638,6 +3638,130 @@ async fn concurrent_greedy_requests_decode_in_one_batch_and_match_requests_alone
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
+/// `--max-batch-tokens` (TGI's `--max-batch-total-tokens`): each sequence is counted at its
+/// prompt plus its max_tokens; a request that does not fit beside the running ones waits for
+/// them and then gives the answer it gives alone, requests that fit run together, a
+/// max_tokens past the budget is cut to it, and a prompt that does not fit is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_token_budget_holds_requests_back_until_they_fit() {
+    const BUDGET: usize = 100;
+    let (server, url) = serve(|c| {
+        c.max_batch_size = 8;
+        c.max_batch_tokens = Some(BUDGET as u64);
+        c.max_new_tokens = 500;
+    })
+    .await;
+    let http = client();
+    let comp = format!("{url}/v1/completions");
+    let prompt = "The three primary colours are red, yellow and blue. Mixing them gives";
+    let p = token_ids(&http, &url, json!({"prompt": prompt}))
+        .await
+        .len();
+    assert!((12..30).contains(&p), "{p} prompt tokens");
+    let body = |max_tokens: usize, extra: Value| {
+        with_fields(
+            json!({"model": SMOL, "prompt": prompt, "max_tokens": max_tokens,
+                   "temperature": 0, "ignore_eos": true}),
+            &extra,
+        )
+    };
+
+    // Two requests of 45 output tokens need more than the budget together: the second waits
+    // for the first to finish, so it has its first token only once the first has (nearly)
+    // all of its own; run together, each would have its first within a step of the other's.
+    let big = body(45, json!({"stream": true}));
+    assert!(2 * (p + 45) > BUDGET && p + 45 <= BUDGET);
+    let timed = |b: Value| {
+        let http = http.clone();
+        let comp = comp.clone();
+        async move {
+            let mut r = http.post(&comp).json(&b).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            // When each token's chunk arrived.
+            let (mut text, mut arrivals) = (String::new(), Vec::new());
+            while let Some(c) = r.chunk().await.unwrap() {
+                let c = std::str::from_utf8(&c).unwrap();
+                let now = std::time::Instant::now();
+                arrivals.extend(c.matches("\"text\"").map(|_| now));
+                text.push_str(c);
+            }
+            let joined: String = (sse_payloads(&text).iter())
+                .filter_map(|c| c["choices"][0]["text"].as_str())
+                .collect();
+            (joined, arrivals)
+        }
+    };
+    let (a, b) = tokio::join!(timed(big.clone()), timed(big.clone()));
+    assert_eq!(a.0, b.0, "the held request answers as the first");
+    let (early, late) = if a.1[0] < b.1[0] { (&a, &b) } else { (&b, &a) };
+    let before = early.1.iter().filter(|t| **t <= late.1[0]).count();
+    assert!(
+        before >= 40,
+        "the second stream's first token came when the first had {before} of its {}",
+        early.1.len()
+    );
+    let alone = post_json(&http, &comp, &body(45, json!({}))).await;
+    assert_eq!(alone["choices"][0]["text"], a.0.as_str());
+
+    // Two of 30 fit together: they share the running batch.
+    let small = body(30, json!({}));
+    assert!(2 * (p + 30) <= BUDGET);
+    let pair = join_all((0..2).map(|_| {
+        let http = http.clone();
+        let comp = comp.clone();
+        let small = small.clone();
+        async move { post_json(&http, &comp, &small).await }
+    }));
+    let watch = async {
+        let mut most = 0f64;
+        for _ in 0..200 {
+            most = most.max(gauge(&http, &url, "kandle_batch_size").await);
+            if most >= 2.0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        most
+    };
+    let (pair, most) = tokio::join!(pair, watch);
+    assert!(most >= 2.0, "two requests that fit never ran together");
+    for r in &pair {
+        assert_eq!(r["usage"]["completion_tokens"], 30, "{r}");
+    }
+
+    // max_tokens past the budget is cut to it, as past the context: each of n choices gets
+    // its share.
+    let r = post_json(&http, &comp, &body(400, json!({}))).await;
+    assert_eq!(r["usage"]["completion_tokens"], BUDGET - p, "{r}");
+    assert_eq!(r["choices"][0]["finish_reason"], "length");
+    let r = post_json(&http, &comp, &body(400, json!({"n": 2, "seed": 1}))).await;
+    assert_eq!(r["usage"]["completion_tokens"], 2 * (BUDGET / 2 - p), "{r}");
+
+    // A prompt that does not fit, or whose choices do not, is refused naming the budget.
+    let long = json!({"model": SMOL, "prompt": "hello ".repeat(120), "max_tokens": 1});
+    for (b, param, what) in [
+        (long, "prompt", "(--max-batch-tokens)"),
+        (body(1, json!({"n": 8})), "prompt", "each of its 8 choices"),
+        (
+            chat_body(&"hello ".repeat(120), json!({"max_tokens": 1})),
+            "messages",
+            "(--max-batch-tokens)",
+        ),
+    ] {
+        let url = match param {
+            "messages" => format!("{url}/v1/chat/completions"),
+            _ => comp.clone(),
+        };
+        let r = http.post(&url).json(&b).send().await.unwrap();
+        let e = expect_error(r, 400, what).await;
+        assert_eq!(e["error"]["param"], param, "{e}");
+        assert_eq!(e["error"]["code"], "context_length_exceeded", "{e}");
+        let msg = e["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(what) && msg.contains("100 tokens"), "{msg}");
+    }
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
 async fn gauge(http: &reqwest::Client, url: &str, name: &str) -> f64 {
     let text = http
         .get(format!("{url}/metrics"))

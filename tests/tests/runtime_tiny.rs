@@ -257,7 +257,7 @@ impl backend::Sequence for PoisonedSeq {
 #[test]
 fn a_panicking_step_fails_its_request_and_the_engine_serves_the_next() {
     use kandle_runtime::engine::{
-        Engine, EngineConfig, EngineError, GenerateEvent, GenerateRequest,
+        BatchTokens, Engine, EngineConfig, EngineError, GenerateEvent, GenerateRequest,
     };
     let mut g = generation("llama");
     g.lm = Box::new(Poisoned(g.lm));
@@ -269,6 +269,7 @@ fn a_panicking_step_fails_its_request_and_the_engine_serves_the_next() {
             max_queue: 4,
             max_sequence_length: None,
             prefix_cache_tokens: Some(0),
+            batch_tokens: BatchTokens::Unlimited,
         },
         metrics,
     );
