@@ -206,8 +206,9 @@ pub struct ServeConfig {
     pub tool_call_parser: Option<crate::tool_calls::ToolCallParser>,
     /// How a reasoning model's thoughts are told from its answer (vLLM's
     /// `--reasoning-parser`): `deepseek_r1` (`…</think>answer`: DeepSeek-R1 and its
-    /// distillations) puts them in chat answers' `reasoning_content`. Default: none (the
-    /// thoughts stay in `content`).
+    /// distillations) or `mistral` (`[THINK]…[/THINK]`, control tokens: Magistral) puts them
+    /// in chat answers' `reasoning_content` and `reasoning`. Default: none (the thoughts stay
+    /// in `content`).
     #[arg(long, env = "KANDLE_REASONING_PARSER", value_enum)]
     pub reasoning_parser: Option<crate::reasoning::ReasoningParser>,
     /// Per-request time limit, from admission.
@@ -395,6 +396,12 @@ mod tests {
         assert_eq!(
             c.serve.reasoning_parser,
             Some(crate::reasoning::ReasoningParser::DeepSeekR1)
+        );
+        let c = Cli::try_parse_from(["serve", "--model", "/m", "--reasoning-parser", "mistral"])
+            .unwrap();
+        assert_eq!(
+            c.serve.reasoning_parser,
+            Some(crate::reasoning::ReasoningParser::Mistral)
         );
         assert!(
             Cli::try_parse_from(["serve", "--model", "/m", "--reasoning-parser", "r1"]).is_err()

@@ -573,10 +573,22 @@ pub enum Constraint {
         tools: Arc<[(String, Arc<Schema>)]>,
         once: bool,
     },
-    /// A reasoning model's answer (`--reasoning-parser`): free thoughts until `</think>`,
-    /// then what the inner constraint allows, as vLLM applies structured outputs once the
-    /// reasoning has ended.
-    AfterThoughts(Box<Constraint>),
+    /// A reasoning model's answer (`--reasoning-parser`): free thoughts, then what the inner
+    /// constraint allows, as vLLM applies structured outputs once the reasoning has ended.
+    AfterThoughts(Box<Constraint>, Thoughts),
+}
+
+/// How a reasoning model's thoughts are told apart ([`crate::reasoning`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Thoughts {
+    /// Open from the answer's start until the text `</think>` (DeepSeek-R1's).
+    Tag,
+    /// Between two control tokens, whose text the masks do not see (Mistral's `[THINK]` and
+    /// `[/THINK]`): the answer may open with `start`, its thoughts free until `end`, or go
+    /// straight to what the inner constraint allows. (vLLM leaves an answer unconstrained
+    /// until a `[THINK]` … `[/THINK]` has passed, so one that does not think is never
+    /// constrained; a constraint here holds either way.)
+    Tokens { start: u32, end: u32 },
 }
 
 /// The tag that ends a reasoning model's thoughts ([`crate::reasoning`]).
@@ -639,13 +651,37 @@ pub enum JsonMode {
 #[derive(Debug, Clone)]
 pub struct Thinking {
     inner: JsonMode,
+    kind: Thoughts,
     /// Still in the thoughts.
     open: bool,
+    /// No token sampled yet.
+    first: bool,
     /// The thoughts' end that may be the start of the closing tag.
     tail: String,
 }
 
 impl Thinking {
+    fn mask(&self, vocab: &JsonVocab, logits: &mut [f32]) -> bool {
+        match (self.kind, self.open) {
+            (Thoughts::Tag, true) => self.mask_thoughts(vocab, logits),
+            (Thoughts::Tokens { .. }, true) => logits.iter().any(|&l| l > f32::NEG_INFINITY),
+            // The answer's first token may open the thoughts, or start what the inner
+            // constraint allows.
+            (Thoughts::Tokens { start, .. }, false) if self.first => {
+                let opening = logits.get(start as usize).copied();
+                let any = self.inner.mask(vocab, logits);
+                match (opening, logits.get_mut(start as usize)) {
+                    (Some(l), Some(slot)) => {
+                        *slot = l;
+                        any || l > f32::NEG_INFINITY
+                    }
+                    _ => any,
+                }
+            }
+            (_, false) => self.inner.mask(vocab, logits),
+        }
+    }
+
     /// Masks, in the thoughts, the tokens that would close them and go on with text the
     /// inner constraint refuses.
     fn mask_thoughts(&self, vocab: &JsonVocab, logits: &mut [f32]) -> bool {
@@ -662,15 +698,24 @@ impl Thinking {
     }
 
     fn advance_id(&mut self, vocab: &JsonVocab, id: u32) {
-        match self.open {
-            true => self.advance(vocab.text(id)),
-            false => self.inner.advance_id(vocab, id),
+        let first = std::mem::replace(&mut self.first, false);
+        match (self.kind, self.open) {
+            (Thoughts::Tag, true) => self.advance(vocab.text(id)),
+            (Thoughts::Tokens { start, .. }, false) if first && id == start => self.open = true,
+            (Thoughts::Tokens { end, .. }, true) => self.open = id != end,
+            (_, false) => self.inner.advance_id(vocab, id),
         }
     }
 
+    /// Steps over a token's text; a control token that opens or closes Mistral's thoughts
+    /// is seen by [`Self::advance_id`] only.
     fn advance(&mut self, text: &str) {
+        self.first = false;
         if !self.open {
             return self.inner.advance(text);
+        }
+        if self.kind != Thoughts::Tag {
+            return;
         }
         match opening_end(&self.tail, text, THOUGHTS_END) {
             Some(at) => {
@@ -900,9 +945,11 @@ impl JsonMode {
             Constraint::Schema(s) => JsonMode::Schema(s.clone(), SchemaState::new(s)),
             Constraint::Regex(p) => JsonMode::Regex(p.clone(), p.start()),
             Constraint::Grammar(g) => JsonMode::Grammar(g.clone(), GrammarState::new(g)),
-            Constraint::AfterThoughts(inner) => JsonMode::Thinking(Box::new(Thinking {
+            Constraint::AfterThoughts(inner, kind) => JsonMode::Thinking(Box::new(Thinking {
                 inner: JsonMode::new(inner),
-                open: true,
+                kind: *kind,
+                open: *kind == Thoughts::Tag,
+                first: true,
                 tail: String::new(),
             })),
             Constraint::Named {
@@ -939,8 +986,7 @@ impl JsonMode {
         let (in_string, partial) = match self {
             JsonMode::Regex(p, state) => return mask_regex(p, *state, vocab, logits),
             JsonMode::Grammar(g, state) => return mask_grammar(g, state, vocab, logits),
-            JsonMode::Thinking(t) if t.open => return t.mask_thoughts(vocab, logits),
-            JsonMode::Thinking(t) => return t.inner.mask(vocab, logits),
+            JsonMode::Thinking(t) => return t.mask(vocab, logits),
             JsonMode::Named(calls) => {
                 return match &calls.at {
                     CallAt::Free | CallAt::Done => logits.iter().any(|&l| l > f32::NEG_INFINITY),
@@ -1292,7 +1338,10 @@ mod tests {
         .map(|s| s.to_string())
         .collect();
         let vocab = JsonVocab::new(texts);
-        let mut m = JsonMode::new(&Constraint::AfterThoughts(Box::new(Constraint::Object)));
+        let mut m = JsonMode::new(&Constraint::AfterThoughts(
+            Box::new(Constraint::Object),
+            Thoughts::Tag,
+        ));
         assert_eq!(
             unmasked(&m, &vocab),
             [0, 1, 2, 3, 4, 5, 7, 8, 9],
@@ -1313,9 +1362,53 @@ mod tests {
         m.advance_id(&vocab, 8);
         assert!(m.complete());
         // A token that closes the thoughts and starts the answer.
-        let mut m = JsonMode::new(&Constraint::AfterThoughts(Box::new(Constraint::Object)));
+        let mut m = JsonMode::new(&Constraint::AfterThoughts(
+            Box::new(Constraint::Object),
+            Thoughts::Tag,
+        ));
         m.advance_id(&vocab, 5);
         assert_eq!(unmasked(&m, &vocab), [8]);
+    }
+
+    /// Mistral's thoughts between control tokens (no text): the first token may open them
+    /// or start the value; inside them anything goes; after them, the value.
+    #[test]
+    fn thoughts_between_control_tokens_may_open_the_answer_or_be_left_out() {
+        // 0 [THINK], 1 [/THINK] (control tokens: no text), 2 end of text.
+        let texts: Vec<String> = ["", "", "", "Hmm", "{", "}", "x"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let vocab = JsonVocab::new(texts).with_eos(&[2]);
+        let thoughts = Thoughts::Tokens { start: 0, end: 1 };
+        let c = Constraint::AfterThoughts(Box::new(Constraint::Object), thoughts);
+        let mut m = JsonMode::new(&c);
+        assert_eq!(
+            unmasked(&m, &vocab),
+            [0, 4],
+            "[THINK] or the object's start"
+        );
+        m.advance_id(&vocab, 0);
+        assert_eq!(unmasked(&m, &vocab), [0, 1, 2, 3, 4, 5, 6], "free thoughts");
+        for id in [3, 4, 0] {
+            m.advance_id(&vocab, id);
+        }
+        assert!(!m.complete(), "a `{{` in the thoughts is no answer");
+        m.advance_id(&vocab, 1);
+        assert_eq!(
+            unmasked(&m, &vocab),
+            [4],
+            "the object's start, [THINK] no more"
+        );
+        m.advance_id(&vocab, 4);
+        m.advance_id(&vocab, 5);
+        assert!(m.complete());
+        // Straight to the value: thoughts may not open later.
+        let mut m = JsonMode::new(&c);
+        m.advance_id(&vocab, 4);
+        assert_eq!(unmasked(&m, &vocab), [5]);
+        m.advance_id(&vocab, 5);
+        assert!(m.complete());
     }
 
     #[test]

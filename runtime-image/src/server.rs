@@ -7,6 +7,7 @@
 //! connections, lets in-flight requests — streams included — finish within the grace period,
 //! then stops the model thread.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -39,6 +40,7 @@ use crate::error::{Error, Result};
 use crate::json_mode::Constraint;
 use crate::metrics::Metrics;
 use crate::model::Task;
+use crate::reasoning::{ReasoningParser, Stream};
 use crate::tool_calls::{self, ToolCallParser};
 
 /// Where model loading stands.
@@ -384,6 +386,15 @@ fn load_and_warm(st: &AppState, path: &std::path::Path) -> Result<()> {
         tool_parser = ToolCallParser::None;
     }
     let _ = st.tool_parser.set(tool_parser);
+    if let Some(parser) = cfg.reasoning_parser
+        && parser.thoughts(|t| tokenizer.token_to_id(t)).is_none()
+    {
+        let (start, end) = parser.tags();
+        return Err(Error::Server(format!(
+            "--reasoning-parser {}: the vocabulary has no {start} and {end} control tokens",
+            parser.name()
+        )));
+    }
     tracing::info!(
         seconds = secs,
         model = %st.model_id,
@@ -823,9 +834,9 @@ struct Prepared {
     stream: bool,
     include_usage: bool,
     logprobs: bool,
-    /// Chat: the answer's thoughts go to `reasoning` and `reasoning_content`
-    /// ([`crate::reasoning`]).
-    reasoning: bool,
+    /// Chat: the answer's thoughts go to `reasoning` and `reasoning_content`, as this parser
+    /// tells them ([`crate::reasoning`]).
+    reasoning: Option<ReasoningParser>,
 }
 
 /// The field of a chat answer's thoughts: vLLM's (since 0.11, which OpenAI's guidance for
@@ -1079,12 +1090,20 @@ async fn chat_completions(
         })?;
     let room = check_context(prompt.len(), frontend, n, "messages")?;
     // Thoughts are split from the answer, a constraint (tool calls' too) applying after them.
-    let reasoning =
-        st.config.reasoning_parser.is_some() && !crate::reasoning::thoughts_closed(&prompt_text);
-    let json = match json {
-        Some(c) if reasoning => Some(Constraint::AfterThoughts(Box::new(c))),
-        json => json,
+    let reasoning = (st.config.reasoning_parser).filter(|p| !p.thoughts_closed(&prompt_text));
+    let json = match (json, reasoning) {
+        (Some(c), Some(parser)) => {
+            let thoughts = parser
+                .thoughts(|t| frontend.tokenizer.token_to_id(t))
+                .expect("a parser whose control tokens the vocabulary has (checked at start)");
+            Some(Constraint::AfterThoughts(Box::new(c), thoughts))
+        }
+        (json, _) => json,
     };
+    // Mistral's thoughts open and close with control tokens, read from the text with them.
+    if reasoning == Some(ReasoningParser::Mistral) {
+        ending.keep_special = true;
+    }
     let prepared = Prepared {
         echo: None,
         tool,
@@ -1244,7 +1263,7 @@ async fn completions(
         stream: r.stream,
         include_usage: r.stream_options.map(|o| o.include_usage).unwrap_or(false),
         logprobs: logprobs.is_some(),
-        reasoning: false,
+        reasoning: None,
     };
     respond(st, engine, prepared, Flavor::Completion).await
 }
@@ -1423,12 +1442,13 @@ async fn collect_response(
         Flavor::Chat => {
             // The thoughts apart; the calls, if any, read from the content after them.
             let (thoughts, content) = match reasoning {
-                true => {
-                    let parts = crate::reasoning::split(&c.text, true);
-                    (Some(parts.reasoning), parts.content)
+                Some(parser) => {
+                    let parts = parser.split(&c.text, true);
+                    (parts.reasoning, parts.content)
                 }
-                false => (None, Some(c.text.as_str())),
+                None => (None, Some(Cow::Borrowed(c.text.as_str()))),
             };
+            let content = content.as_deref();
             let (mut message, called) = match (&tool, content) {
                 (Some(tool), Some(content)) => tool.message(&st, content),
                 _ => (json!({"role": "assistant", "content": content}), false),
@@ -1503,7 +1523,7 @@ struct StreamState {
     calls: Vec<CallStream>,
     /// Chat with a reasoning parser: per choice, its split, and log-probabilities whose
     /// text is held back.
-    reasoning: Option<Vec<(crate::reasoning::Stream, Vec<TokenLogprob>)>>,
+    reasoning: Option<Vec<(Stream, Vec<TokenLogprob>)>>,
     sent_roles: bool,
     /// Per choice: bytes of text sent (completions' logprob offsets).
     text_offset: Vec<usize>,
@@ -1789,7 +1809,7 @@ fn stream_response(
         echo,
         calls,
         tool,
-        reasoning: reasoning.then(|| (0..n).map(|_| Default::default()).collect()),
+        reasoning: reasoning.map(|p| (0..n).map(|_| (Stream::new(p), Vec::new())).collect()),
         sent_roles: false,
         text_offset: vec![0; n],
         finished: vec![false; n],

@@ -2737,7 +2737,8 @@ const MISTRAL_SMALL_TEMPLATE: &str = "{%- set today = strftime_now('%Y-%m-%d') %
 
 /// A GGUF shaped as Mistral Small 3 and Mistral NeMo are: llama architecture, heads narrower
 /// than the hidden size over the heads (24 where 64 / 4 is 16, `key_length`), Mistral NeMo's
-/// Tekken vocabulary and no tokenizer.json, a 32,768-token context, the template above;
+/// Tekken vocabulary (control tokens 34 and 35 named `[THINK]` and `[/THINK]`, as
+/// Magistral's are) and no tokenizer.json, a 32,768-token context, the template above;
 /// random weights. Returns the file.
 fn mistral_small_shaped_gguf(dir: &std::path::Path) -> std::path::PathBuf {
     use candle_core::quantized::{
@@ -2745,8 +2746,13 @@ fn mistral_small_shaped_gguf(dir: &std::path::Path) -> std::path::PathBuf {
         gguf_file::{self, Value as V},
     };
     let mut meta = tekken::tekken().meta;
-    let n_vocab = match &meta[2].1 {
-        V::Array(tokens) => tokens.len(),
+    let n_vocab = match &mut meta[2].1 {
+        V::Array(tokens) => {
+            // Magistral's names for two of NeMo's unnamed control tokens.
+            tokens[THINK as usize] = V::String("[THINK]".into());
+            tokens[END_THINK as usize] = V::String("[/THINK]".into());
+            tokens.len()
+        }
         other => panic!("tokens: {other:?}"),
     };
     for (k, v) in [
@@ -2775,6 +2781,106 @@ fn mistral_small_shaped_gguf(dir: &std::path::Path) -> std::path::PathBuf {
     let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
     gguf_file::write(&mut std::fs::File::create(&out).unwrap(), &meta, &tensors).unwrap();
     out
+}
+
+/// Magistral's control tokens that open and close its thoughts.
+const THINK: u32 = 34;
+const END_THINK: u32 = 35;
+
+/// `--reasoning-parser mistral` (Magistral, vLLM's parser of that name) on a Mistral
+/// Small-shaped GGUF whose vocabulary has `[THINK]` and `[/THINK]`. Its random weights are
+/// steered with `logit_bias`: an answer that does not think is all content, with no
+/// reasoning; a constrained answer may open with `[THINK]`, its thoughts then free until
+/// `[/THINK]` and the constraint holding after them, or go straight to what the constraint
+/// allows; streamed answers carry the same parts. A vocabulary without the tokens stops the
+/// start, saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mistral_s_thoughts_lie_between_its_control_tokens() {
+    use kandle_runtime::reasoning::ReasoningParser;
+    let dir = tempfile::tempdir().unwrap();
+    let path = tokio::task::spawn_blocking({
+        let dir = dir.path().to_owned();
+        move || mistral_small_shaped_gguf(&dir)
+    })
+    .await
+    .unwrap();
+    let (server, url) = serve_model(path, |c| {
+        c.reasoning_parser = Some(ReasoningParser::Mistral);
+        c.max_new_tokens = 40;
+    })
+    .await;
+    let http = client();
+    let chat = format!("{url}/v1/chat/completions");
+    let body = |extra: Value| {
+        with_fields(
+            json!({"model": "mistral-small-shaped", "temperature": 0, "max_tokens": 12,
+                   "messages": [{"role": "user", "content": "Is it raining in Paris?"}]}),
+            &extra,
+        )
+    };
+    let bias = |think: i32, end: i32| json!({THINK.to_string(): think, END_THINK.to_string(): end});
+    // Whole, then streamed: (reasoning, content) of each, which must agree.
+    let answer = |b: Value| {
+        let (http, chat) = (&http, &chat);
+        async move {
+            let whole = post_json(http, chat, &b).await;
+            let m = &whole["choices"][0]["message"];
+            assert_eq!(m["reasoning"], m["reasoning_content"], "{whole}");
+            let chunks = post_stream(http, chat, &with_fields(b, &json!({"stream": true}))).await;
+            let streamed = streamed_field(&chunks, "reasoning");
+            assert_eq!(streamed, streamed_field(&chunks, "reasoning_content"));
+            assert_eq!(streamed, m["reasoning"].as_str().unwrap_or(""), "{whole}");
+            assert_eq!(
+                streamed_content(&chunks),
+                m["content"].as_str().unwrap_or("")
+            );
+            (m["reasoning"].clone(), m["content"].clone())
+        }
+    };
+
+    // No thoughts: all content, no reasoning.
+    let (reasoning, content) = answer(body(json!({"logit_bias": bias(-100, -100)}))).await;
+    assert_eq!(reasoning, Value::Null);
+    assert!(content.as_str().is_some_and(|c| !c.is_empty()), "{content}");
+
+    // Constrained: [THINK] may open the answer; [/THINK] closes the thoughts (empty here),
+    // then the constraint holds.
+    let choice = json!({"guided_choice": ["yes", "no"]});
+    let thinking = with_fields(body(choice.clone()), &json!({"logit_bias": bias(50, 100)}));
+    let (reasoning, content) = answer(thinking).await;
+    assert_eq!(reasoning, "");
+    assert!(
+        ["yes", "no"].contains(&content.as_str().unwrap()),
+        "{content}"
+    );
+    // Or the answer goes straight to the choice, without thoughts.
+    let straight = with_fields(body(choice), &json!({"logit_bias": bias(-100, 100)}));
+    let (reasoning, content) = answer(straight).await;
+    assert_eq!(reasoning, Value::Null);
+    assert!(
+        ["yes", "no"].contains(&content.as_str().unwrap()),
+        "{content}"
+    );
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+
+    // SmolLM2's vocabulary has no [THINK].
+    let mut cfg = kandle_runtime::ServeConfig::new(
+        tokio::task::spawn_blocking(models::smollm2_gguf)
+            .await
+            .unwrap(),
+    );
+    cfg.reasoning_parser = Some(ReasoningParser::Mistral);
+    let mut server = server::start(cfg).await.expect("server starts");
+    let e = server
+        .wait_loaded()
+        .await
+        .expect_err("a vocabulary without [THINK]");
+    assert!(
+        e.to_string()
+            .contains("--reasoning-parser mistral: the vocabulary has no [THINK] and [/THINK]"),
+        "{e}"
+    );
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
 /// A Mistral Small 3-shaped GGUF ([`mistral_small_shaped_gguf`]) served end to end: its
