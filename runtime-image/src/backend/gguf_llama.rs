@@ -488,32 +488,9 @@ pub(super) fn load_with(path: &Path, forward: Forward, device: &Device) -> Resul
             .cloned()
             .unwrap_or_default()
     };
-    // End-of-generation: the declared eos, end-of-turn and end-of-message tokens, plus the
-    // conventional end-of-turn tokens that this vocabulary has, as llama.cpp does.
-    let mut eos_ids: Vec<u32> = eos_id.into_iter().collect();
-    for key in ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
-        if let Some(i) = md_u32(&ct, key).filter(|&i| (i as usize) < tokens.len())
-            && !eos_ids.contains(&i)
-        {
-            eos_ids.push(i);
-        }
-    }
-    for name in [
-        "<|endoftext|>",
-        "<|im_end|>",
-        "<|eot_id|>",
-        "<|eom_id|>",
-        "<|end|>",
-        "<end_of_turn>",
-        "<|end_of_text|>",
-    ] {
-        if let Some(i) = tokens.iter().position(|t| t == name) {
-            let i = i as u32;
-            if !eos_ids.contains(&i) {
-                eos_ids.push(i);
-            }
-        }
-    }
+    let declared =
+        ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"].map(|key| md_u32(&ct, key));
+    let eos_ids = end_ids(eos_id, &declared, &tokens);
 
     let chat_template = match super::read_tokenizer_config(dir)?
         .as_ref()
@@ -578,6 +555,35 @@ pub(super) fn load_with(path: &Path, forward: Forward, device: &Device) -> Resul
     ))
 }
 
+/// The tokens that end generation: the declared end of text, then the declared end-of-turn
+/// and end-of-message tokens, then the conventional end tokens that the vocabulary has
+/// (Llama 3.1's `<|eom_id|>` after a tool call among them, where a file does not declare it),
+/// as llama.cpp gathers its end-of-generation set; each once, declared ids past the
+/// vocabulary left out.
+fn end_ids(eos: Option<u32>, declared: &[Option<u32>], tokens: &[String]) -> Vec<u32> {
+    const CONVENTIONAL: [&str; 7] = [
+        "<|endoftext|>",
+        "<|im_end|>",
+        "<|eot_id|>",
+        "<|eom_id|>",
+        "<|end|>",
+        "<end_of_turn>",
+        "<|end_of_text|>",
+    ];
+    let by_name = CONVENTIONAL
+        .iter()
+        .filter_map(|name| tokens.iter().position(|t| t == name))
+        .map(|i| i as u32);
+    let declared = (declared.iter().flatten().copied()).filter(|&i| (i as usize) < tokens.len());
+    let mut ids: Vec<u32> = Vec::new();
+    for id in eos.into_iter().chain(declared).chain(by_name) {
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    ids
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -622,5 +628,27 @@ mod tests {
         let path = file_with_type(dir.path(), 0);
         let mut f = std::fs::File::open(&path).unwrap();
         assert!(read_content(&mut f, &path).is_ok());
+    }
+
+    #[test]
+    fn generation_ends_at_the_declared_and_the_conventional_end_tokens() {
+        let tokens: Vec<String> = [
+            "<|begin_of_text|>",
+            "<|end_of_text|>",
+            "<|eot_id|>",
+            "<|eom_id|>",
+            "hi",
+        ]
+        .iter()
+        .map(|t| t.to_string())
+        .collect();
+        // Llama 3.1 as a file may write it: only the end of text and of turn declared;
+        // <|eom_id|> (a turn that ends in a tool call) by its name.
+        assert_eq!(end_ids(Some(1), &[Some(2), None], &tokens), [1, 2, 3]);
+        // Each once, whichever way it is known; a declared id past the vocabulary left out.
+        assert_eq!(end_ids(Some(2), &[Some(3), Some(99)], &tokens), [2, 3, 1]);
+        let plain: Vec<String> = ["</s>", "a"].iter().map(|t| t.to_string()).collect();
+        assert_eq!(end_ids(Some(0), &[None, None], &plain), [0]);
+        assert_eq!(end_ids(None, &[None, None], &plain), Vec::<u32>::new());
     }
 }
