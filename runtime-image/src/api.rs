@@ -875,6 +875,55 @@ pub fn classify_top_k(top_k: Option<i64>, num_labels: usize) -> Result<usize, Ap
     }
 }
 
+/// POST /v1/rerank (and /rerank): the shape of Jina's and Cohere's rerank APIs, which vLLM
+/// serves for cross-encoders. Other fields (`max_chunks_per_doc`, `rank_fields`, …) are
+/// ignored, as vLLM does.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RerankRequest {
+    pub model: String,
+    pub query: String,
+    pub documents: Vec<RerankDocument>,
+    /// The best `top_n` documents; all when absent or 0.
+    pub top_n: Option<i64>,
+    /// Whether each result carries its document's text (default: true, as Jina and vLLM).
+    pub return_documents: Option<bool>,
+}
+
+/// A document to rank: its text, or an object with it (`{"text": …}`, Cohere's and Jina's).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RerankDocument {
+    Text(String),
+    Object { text: String },
+}
+
+impl RerankDocument {
+    pub fn text(&self) -> &str {
+        match self {
+            RerankDocument::Text(t) | RerankDocument::Object { text: t } => t,
+        }
+    }
+}
+
+/// The documents' indices, best score first (ties in the order given), cut to `top_n`
+/// (`None` or 0: all), or a 400 naming `top_n` when it is negative.
+pub fn rerank_order(scores: &[f32], top_n: Option<i64>) -> Result<Vec<usize>, ApiError> {
+    let keep = match top_n {
+        None | Some(0) => scores.len(),
+        Some(n) if n > 0 => (n as u64).min(scores.len() as u64) as usize,
+        Some(n) => {
+            return Err(ApiError::invalid(
+                format!("top_n must be at least 0, got {n}"),
+                Some("top_n"),
+            ));
+        }
+    };
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+    order.truncate(keep);
+    Ok(order)
+}
+
 /// The most top_logprobs OpenAI allows.
 pub const MAX_TOP_LOGPROBS: i64 = 20;
 /// The most stop sequences OpenAI allows.
@@ -1278,6 +1327,23 @@ mod tests {
             tool_call_id: None,
         };
         assert!(chat_messages(&[m]).unwrap_err().message.contains("wizard"));
+    }
+
+    #[test]
+    fn rerank_orders_best_first_and_keeps_top_n() {
+        let scores = [0.2, 0.9, 0.5, 0.9];
+        assert_eq!(rerank_order(&scores, None).unwrap(), [1, 3, 2, 0]);
+        assert_eq!(rerank_order(&scores, Some(0)).unwrap(), [1, 3, 2, 0]);
+        assert_eq!(rerank_order(&scores, Some(2)).unwrap(), [1, 3]);
+        assert_eq!(rerank_order(&scores, Some(99)).unwrap().len(), 4);
+        let e = rerank_order(&scores, Some(-1)).unwrap_err();
+        assert_eq!(e.param, Some("top_n"));
+        let r: RerankRequest = serde_json::from_str(
+            r#"{"model": "m", "query": "q", "documents": ["a", {"text": "b"}], "rank_fields": []}"#,
+        )
+        .unwrap();
+        let texts: Vec<&str> = r.documents.iter().map(RerankDocument::text).collect();
+        assert_eq!(texts, ["a", "b"]);
     }
 
     /// vLLM's `_postprocess_messages`: JSON text becomes its value, none or empty `{}`,

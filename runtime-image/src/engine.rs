@@ -211,6 +211,8 @@ enum Job {
     },
     Embed {
         inputs: Vec<Vec<u32>>,
+        /// Where each input's second text starts (a pair's; its length for one text).
+        second: Vec<usize>,
         reply: oneshot::Sender<Result<Vec<Vec<f32>>, EngineError>>,
         _permit: OwnedSemaphorePermit,
     },
@@ -394,7 +396,7 @@ impl Engine {
                 let model = e.model;
                 let thread = std::thread::Builder::new()
                     .name("kandle-model".into())
-                    .spawn(move || encoder_loop(|b| model.embed(b), batch, rx, m));
+                    .spawn(move || encoder_loop(|b, _| model.embed(b), batch, rx, m));
                 (frontend, thread)
             }
             LoadedModel::Classification(c) => {
@@ -414,7 +416,7 @@ impl Engine {
                 let model = c.model;
                 let thread = std::thread::Builder::new()
                     .name("kandle-model".into())
-                    .spawn(move || encoder_loop(|b| model.classify(b), batch, rx, m));
+                    .spawn(move || encoder_loop(|b, s| model.classify_pairs(b, s), batch, rx, m));
                 (frontend, thread)
             }
         };
@@ -569,26 +571,43 @@ impl Engine {
         if self.inner.frontend.task != Task::Embedding {
             return Err(EngineError::WrongTask("embeddings"));
         }
-        self.encode(inputs).await
+        let one_text = inputs.iter().map(Vec::len).collect();
+        self.encode(inputs, one_text).await
     }
 
     /// Classifies tokenised inputs: the raw logits per input (scores are the caller's, see
     /// [`Frontend::scoring`]); refused at once when the queue is full.
     pub async fn classify(&self, inputs: Vec<Vec<u32>>) -> Result<Vec<Vec<f32>>, EngineError> {
+        let one_text = inputs.iter().map(Vec::len).collect();
+        self.classify_pairs(inputs, one_text).await
+    }
+
+    /// Classifies tokenised text pairs ([`crate::tokenizer::TextTokenizer::encode_pair`]):
+    /// input `i`'s second text starts at `second[i]`. The raw logits per pair.
+    pub async fn classify_pairs(
+        &self,
+        inputs: Vec<Vec<u32>>,
+        second: Vec<usize>,
+    ) -> Result<Vec<Vec<f32>>, EngineError> {
         if self.inner.frontend.task != Task::Classification {
             return Err(EngineError::WrongTask("classification"));
         }
-        self.encode(inputs).await
+        self.encode(inputs, second).await
     }
 
     /// Runs inputs through an encoder model (embedding or classification), in batches of at
     /// most `max_batch_size`.
-    async fn encode(&self, inputs: Vec<Vec<u32>>) -> Result<Vec<Vec<f32>>, EngineError> {
+    async fn encode(
+        &self,
+        inputs: Vec<Vec<u32>>,
+        second: Vec<usize>,
+    ) -> Result<Vec<Vec<f32>>, EngineError> {
         let permit = self.permit()?;
         let (reply, rx) = oneshot::channel();
         self.inner.metrics.queue_depth.inc();
         if let Err(e) = self.send(Job::Embed {
             inputs,
+            second,
             reply,
             _permit: permit,
         }) {
@@ -1409,7 +1428,7 @@ fn held(entries: &[CachedPrompt]) -> usize {
 /// The model thread of an encoder model: `run` maps a right-padded batch of token lists to
 /// one row per input (an embedding, or a classifier's logits).
 fn encoder_loop(
-    run: impl Fn(&[Vec<u32>]) -> crate::Result<Vec<Vec<f32>>>,
+    run: impl Fn(&[Vec<u32>], &[usize]) -> crate::Result<Vec<Vec<f32>>>,
     batch: usize,
     rx: Receiver<Job>,
     metrics: Metrics,
@@ -1429,6 +1448,7 @@ fn encoder_loop(
             }
             Job::Embed {
                 inputs,
+                second,
                 reply,
                 _permit,
             } => {
@@ -1438,14 +1458,15 @@ fn encoder_loop(
                 metrics.inflight.inc();
                 let mut out = Vec::with_capacity(inputs.len());
                 let mut failed = None;
-                for chunk in inputs.chunks(batch) {
+                for (chunk, second) in inputs.chunks(batch).zip(second.chunks(batch)) {
                     metrics.batch_size.set(chunk.len() as i64);
                     metrics
                         .prompt_tokens
                         .inc_by(chunk.iter().map(|c| c.len() as u64).sum());
                     // As for generation: a panic fails this request, not the thread.
-                    let result =
-                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(chunk)));
+                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        run(chunk, second)
+                    }));
                     match result {
                         Ok(Ok(v)) => out.extend(v),
                         Ok(Err(e)) => {

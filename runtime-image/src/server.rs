@@ -514,6 +514,8 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/classify", post(classify))
+        .route("/v1/rerank", post(rerank))
+        .route("/rerank", post(rerank))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{*model}", get(retrieve_model))
         .route("/tokenize", post(tokenize))
@@ -2029,6 +2031,91 @@ async fn embeddings(
         "data": data,
         "model": st.model_id,
         "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    }))
+    .into_response())
+}
+
+/// POST /v1/rerank (and /rerank, vLLM's alias): `{"model", "query", "documents": [text |
+/// {"text"}], "top_n"?, "return_documents"?}` → `{"id", "model", "results": [{"index",
+/// "relevance_score", "document": {"text"}}], "usage": {"total_tokens"}}`, best first, as
+/// Jina's and Cohere's APIs and vLLM's. A cross-encoder (a classifier with one label, as
+/// sentence-transformers' `CrossEncoder` and BGE rerankers are) reads each (query, document)
+/// pair as one input, the document cut first where the pair passes the model's length; the
+/// score is the sigmoid of its logit (sentence-transformers' and vLLM's default).
+async fn rerank(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body_bytes(body)?;
+    let engine = st.engine()?.clone();
+    let r: api::RerankRequest = api::parse_body(&body)?;
+    st.check_model(&r.model)?;
+    let frontend = engine.frontend();
+    if frontend.task != Task::Classification || frontend.labels.len() != 1 {
+        return Err(ApiError::invalid(
+            format!(
+                "the model {:?} is not a cross-encoder (a classifier with one label): it cannot rerank",
+                st.model_id
+            ),
+            Some("model"),
+        ));
+    }
+    let n = r.documents.len();
+    if n == 0 || n > st.config.max_embedding_inputs {
+        return Err(ApiError::invalid(
+            format!(
+                "documents must hold between 1 and {} items, got {n}",
+                st.config.max_embedding_inputs
+            ),
+            Some("documents"),
+        ));
+    }
+    if r.query.is_empty() {
+        return Err(ApiError::invalid("query must not be empty", Some("query")));
+    }
+    let mut inputs = Vec::with_capacity(n);
+    let mut second = Vec::with_capacity(n);
+    for doc in &r.documents {
+        if doc.text().is_empty() {
+            return Err(ApiError::invalid(
+                "documents must not contain empty texts",
+                Some("documents"),
+            ));
+        }
+        let (ids, at) = frontend
+            .tokenizer
+            .encode_pair(&r.query, doc.text())
+            .map_err(|e| {
+                ApiError::invalid(format!("cannot tokenise the pair: {e}"), Some("documents"))
+            })?;
+        inputs.push(ids);
+        second.push(at);
+    }
+    let total_tokens: usize = inputs.iter().map(Vec::len).sum();
+    let logits = engine
+        .classify_pairs(inputs, second)
+        .await
+        .map_err(engine_error)?;
+    let scores: Vec<f32> = logits
+        .iter()
+        .map(|row| 1.0 / (1.0 + (-row[0]).exp()))
+        .collect();
+    let with_text = r.return_documents.unwrap_or(true);
+    let results: Vec<Value> = api::rerank_order(&scores, r.top_n)?
+        .into_iter()
+        .map(|i| {
+            let mut v = json!({"index": i, "relevance_score": scores[i]});
+            if with_text {
+                v["document"] = json!({"text": r.documents[i].text()});
+            }
+            v
+        })
+        .collect();
+    Ok(axum::Json(json!({
+        "id": st.new_id("rerank"),
+        "model": st.model_id,
+        "results": results,
+        "usage": {"prompt_tokens": total_tokens, "total_tokens": total_tokens},
     }))
     .into_response())
 }

@@ -269,6 +269,18 @@ impl TextTokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Encodes two texts as one input, as a cross-encoder reads a pair: the post-processor's
+    /// pair template (BERT's `[CLS] a [SEP] b [SEP]`, XLM-RoBERTa's `<s> a </s></s> b </s>`),
+    /// truncated as one input with the longer text cut first (transformers' default). Returns
+    /// the ids and where the second text's tokens start (token type 1 from there; the length
+    /// where the template gives no second type).
+    pub fn encode_pair(&self, a: &str, b: &str) -> Result<(Vec<u32>, usize)> {
+        let enc = self.inner.encode((a, b), true).map_err(Error::tokenizer)?;
+        let types = enc.get_type_ids();
+        let second = types.iter().position(|&t| t == 1).unwrap_or(types.len());
+        Ok((enc.get_ids().to_vec(), second))
+    }
+
     /// Decodes ids to text, dropping special tokens when asked.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
         self.inner

@@ -68,11 +68,23 @@ struct BertClassifier {
 
 impl Classifier for BertClassifier {
     fn classify(&self, batch: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        let one_text: Vec<usize> = batch.iter().map(Vec::len).collect();
+        self.classify_pairs(batch, &one_text)
+    }
+    fn classify_pairs(&self, batch: &[Vec<u32>], second: &[usize]) -> Result<Vec<Vec<f32>>> {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
         let (ids, mask) = right_padded(batch, self.pad_id, &self.device)?;
-        let hidden = self.bert.forward(&ids, &ids.zeros_like()?, Some(&mask))?;
+        // Token type 1 from the second text on (padding stays 0, as transformers pads it).
+        let width = ids.dim(1)?;
+        let types: Vec<u32> = (batch.iter().zip(second))
+            .flat_map(|(item, &from)| {
+                (0..width).map(move |c| u32::from(c >= from && c < item.len()))
+            })
+            .collect();
+        let types = Tensor::from_vec(types, (batch.len(), width), &self.device)?;
+        let hidden = self.bert.forward(&ids, &types, Some(&mask))?;
         let cls = hidden.narrow(1, 0, 1)?.squeeze(1)?;
         let pooled = self.pooler.forward(&cls)?.tanh()?;
         let logits = self.classifier.forward(&pooled)?;

@@ -318,6 +318,14 @@ pub trait Classifier: Send + Sync {
     /// The raw logits, one row of `num_labels` per input (each already truncated to
     /// `max_input_tokens`). Inputs of different lengths run as one right-padded batch.
     fn classify(&self, batch: &[Vec<u32>]) -> Result<Vec<Vec<f32>>>;
+    /// The raw logits of text pairs, a cross-encoder's input: input `i`'s tokens from
+    /// `second[i]` on are the second text's (token type 1, as transformers' tokenizers give
+    /// a pair). A model without token types (DistilBERT; XLM-RoBERTa's one type) reads a pair
+    /// by its tokens alone.
+    fn classify_pairs(&self, batch: &[Vec<u32>], second: &[usize]) -> Result<Vec<Vec<f32>>> {
+        let _ = second;
+        self.classify(batch)
+    }
     /// The longest input the model accepts.
     fn max_input_tokens(&self) -> usize;
 }
