@@ -616,10 +616,10 @@ async fn chat_without_a_template_uses_the_documented_plain_prompt() {
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
-/// A copy of the bert-cls fixture with only its first label: a cross-encoder's one-logit
-/// head (the first row of the three-label head, so its logit is the fixture's first).
-fn one_label_bert_cls(dir: &Path) {
-    let src = tiny("bert-cls");
+/// A copy of classifier fixture `name` with only its first label: a cross-encoder's
+/// one-logit head (the first row of the fixture's head, so its logit is the fixture's first).
+fn one_label_copy(name: &str, dir: &Path) {
+    let src = tiny(name);
     for f in [
         "tokenizer.json",
         "tokenizer_config.json",
@@ -635,98 +635,105 @@ fn one_label_bert_cls(dir: &Path) {
     let mut weights =
         candle_core::safetensors::load(src.join("model.safetensors"), &candle_core::Device::Cpu)
             .unwrap();
-    for name in ["classifier.weight", "classifier.bias"] {
-        let first = weights[name].narrow(0, 0, 1).unwrap();
-        weights.insert(name.into(), first);
+    let head = match name {
+        "xlm-roberta-cls" => "classifier.out_proj",
+        _ => "classifier",
+    };
+    for part in ["weight", "bias"] {
+        let name = format!("{head}.{part}");
+        let first = weights[&name].narrow(0, 0, 1).unwrap();
+        weights.insert(name, first);
     }
     candle_core::safetensors::save(&weights, dir.join("model.safetensors")).unwrap();
 }
 
-/// `/v1/rerank` and `/rerank` (Jina's and Cohere's shape, as vLLM serves it) on a one-label
-/// BERT cross-encoder: each (query, document) pair is one input with token types 0 and 1,
-/// the document cut first where the pair passes 128 positions; the scores are the sigmoid
-/// of the logits `tests/references/rerank_bert_cls.json` holds (a numpy BERT checked against
-/// the fixture's transformers logits), best first. A classifier of more labels refuses.
+/// `/v1/rerank` and `/rerank` (Jina's and Cohere's shape, as vLLM serves it) on one-label
+/// copies of the BERT and XLM-RoBERTa classifiers (an ms-marco cross-encoder's and a BGE
+/// reranker's architectures): each (query, document) pair is one input through the pair
+/// template (BERT's token types 0 then 1), the document cut first where the pair passes 128
+/// tokens; the scores are the sigmoid of the logits `tests/references/rerank_pairs.json`
+/// holds (numpy models checked against each fixture's transformers logits), best first. A
+/// classifier of more labels refuses.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rerank_scores_query_document_pairs_as_a_cross_encoder() {
-    let reference: Value = serde_json::from_slice(
-        &std::fs::read(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("references/rerank_bert_cls.json"),
-        )
-        .unwrap(),
+    let references: Value = serde_json::from_slice(
+        &std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("references/rerank_pairs.json"))
+            .unwrap(),
     )
     .unwrap();
-    let pairs = reference["pairs"].as_array().unwrap();
-    let expected: Vec<f32> = pairs
-        .iter()
-        .map(|p| 1.0 / (1.0 + (-floats(&p["logits"])[0]).exp()))
-        .collect();
-    let dir = tempfile::tempdir().unwrap();
-    one_label_bert_cls(dir.path());
-    let (server, url) = serve_config(ServeConfig::new(dir.path())).await;
-    let name = dir.path().file_name().unwrap().to_str().unwrap().to_owned();
-    let documents: Vec<&Value> = pairs.iter().map(|p| &p["document"]).collect();
-    let (status, body) = post(
-        &url,
-        "/v1/rerank",
-        &json!({"model": name, "query": reference["query"], "documents": documents}),
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
-    let results = body["results"].as_array().unwrap();
-    assert_eq!(results.len(), pairs.len());
-    let mut last = f64::INFINITY;
-    for r in results {
-        let i = r["index"].as_u64().unwrap() as usize;
-        let score = r["relevance_score"].as_f64().unwrap();
-        assert!(
-            (score as f32 - expected[i]).abs() <= 1e-5,
-            "document {i}: {score} against {}",
-            expected[i]
-        );
-        assert!(score <= last, "best first: {body}");
-        last = score;
-        assert_eq!(r["document"]["text"], pairs[i]["document"]);
-    }
-    let tokens: usize = pairs
-        .iter()
-        .map(|p| p["input_ids"].as_array().unwrap().len())
-        .sum();
-    assert_eq!(body["usage"]["total_tokens"], tokens);
+    for fixture in ["bert-cls", "xlm-roberta-cls"] {
+        let reference = &references[fixture];
+        let pairs = reference["pairs"].as_array().unwrap();
+        let expected: Vec<f32> = pairs
+            .iter()
+            .map(|p| 1.0 / (1.0 + (-floats(&p["logits"])[0]).exp()))
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        one_label_copy(fixture, dir.path());
+        let (server, url) = serve_config(ServeConfig::new(dir.path())).await;
+        let name = dir.path().file_name().unwrap().to_str().unwrap().to_owned();
+        let documents: Vec<&Value> = pairs.iter().map(|p| &p["document"]).collect();
+        let (status, body) = post(
+            &url,
+            "/v1/rerank",
+            &json!({"model": name, "query": reference["query"], "documents": documents}),
+        )
+        .await;
+        assert_eq!(status, 200, "{fixture}: {body}");
+        let results = body["results"].as_array().unwrap();
+        assert_eq!(results.len(), pairs.len());
+        let mut last = f64::INFINITY;
+        for r in results {
+            let i = r["index"].as_u64().unwrap() as usize;
+            let score = r["relevance_score"].as_f64().unwrap();
+            assert!(
+                (score as f32 - expected[i]).abs() <= 1e-5,
+                "{fixture} document {i}: {score} against {}",
+                expected[i]
+            );
+            assert!(score <= last, "best first: {body}");
+            last = score;
+            assert_eq!(r["document"]["text"], pairs[i]["document"]);
+        }
+        let tokens: usize = (pairs.iter())
+            .map(|p| p["input_ids"].as_array().unwrap().len())
+            .sum();
+        assert_eq!(body["usage"]["total_tokens"], tokens, "{fixture}");
 
-    // /rerank, documents as objects, the best one only and without its text.
-    let objects: Vec<Value> = documents.iter().map(|d| json!({"text": d})).collect();
-    let (status, top) = post(
-        &url,
-        "/rerank",
-        &json!({"model": name, "query": reference["query"], "documents": objects,
-                "top_n": 1, "return_documents": false}),
-    )
-    .await;
-    assert_eq!(status, 200, "{top}");
-    assert_eq!(top["results"].as_array().unwrap().len(), 1);
-    assert_eq!(top["results"][0]["index"], results[0]["index"]);
-    assert!(top["results"][0].get("document").is_none(), "{top}");
+        // /rerank, documents as objects, the best one only and without its text.
+        let objects: Vec<Value> = documents.iter().map(|d| json!({"text": d})).collect();
+        let (status, top) = post(
+            &url,
+            "/rerank",
+            &json!({"model": name, "query": reference["query"], "documents": objects,
+                    "top_n": 1, "return_documents": false}),
+        )
+        .await;
+        assert_eq!(status, 200, "{top}");
+        assert_eq!(top["results"].as_array().unwrap().len(), 1);
+        assert_eq!(top["results"][0]["index"], results[0]["index"]);
+        assert!(top["results"][0].get("document").is_none(), "{top}");
 
-    for (body, param) in [
-        (
-            json!({"model": name, "query": "q", "documents": []}),
-            "documents",
-        ),
-        (
-            json!({"model": name, "query": "", "documents": ["d"]}),
-            "query",
-        ),
-        (
-            json!({"model": name, "query": "q", "documents": ["d"], "top_n": -1}),
-            "top_n",
-        ),
-    ] {
-        let (status, err) = post(&url, "/v1/rerank", &body).await;
-        assert_eq!(status, 400, "{err}");
-        assert_eq!(err["error"]["param"], param, "{err}");
+        for (body, param) in [
+            (
+                json!({"model": name, "query": "q", "documents": []}),
+                "documents",
+            ),
+            (
+                json!({"model": name, "query": "", "documents": ["d"]}),
+                "query",
+            ),
+            (
+                json!({"model": name, "query": "q", "documents": ["d"], "top_n": -1}),
+                "top_n",
+            ),
+        ] {
+            let (status, err) = post(&url, "/v1/rerank", &body).await;
+            assert_eq!(status, 400, "{err}");
+            assert_eq!(err["error"]["param"], param, "{err}");
+        }
+        server.shutdown(Duration::from_secs(5)).await.unwrap();
     }
-    server.shutdown(Duration::from_secs(5)).await.unwrap();
 
     // Three labels: not a cross-encoder.
     let (server, url) = serve("bert-cls").await;
