@@ -905,6 +905,48 @@ impl RerankDocument {
     }
 }
 
+/// POST /v1/score (and /score), vLLM's: the score of each pair of `text_1` and `text_2`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ScoreRequest {
+    pub model: String,
+    pub text_1: ClassifyInput,
+    pub text_2: ClassifyInput,
+}
+
+/// vLLM's pairing of a score request's texts: one first text against each second, or the
+/// two lists side by side; a 400 naming `text_2` when their lengths differ otherwise, or a
+/// list is empty.
+pub fn score_pairs<'a>(
+    first: &'a ClassifyInput,
+    second: &'a ClassifyInput,
+) -> Result<Vec<(&'a str, &'a str)>, ApiError> {
+    let list = |t: &'a ClassifyInput| -> Vec<&'a str> {
+        match t {
+            ClassifyInput::One(s) => vec![s.as_str()],
+            ClassifyInput::Many(v) => v.iter().map(String::as_str).collect(),
+        }
+    };
+    let (a, b) = (list(first), list(second));
+    if a.is_empty() || b.is_empty() {
+        let param = if a.is_empty() { "text_1" } else { "text_2" };
+        return Err(ApiError::invalid(
+            format!("{param} must not be empty"),
+            Some(param),
+        ));
+    }
+    match (a.len(), b.len()) {
+        (1, _) => Ok(b.iter().map(|&t| (a[0], t)).collect()),
+        (n, m) if n == m => Ok(a.into_iter().zip(b).collect()),
+        (n, m) => Err(ApiError::invalid(
+            format!(
+                "text_1 holds {n} texts and text_2 {m}: give one text_1 for every text_2, or a \
+                 single text_1"
+            ),
+            Some("text_2"),
+        )),
+    }
+}
+
 /// The documents' indices, best score first (ties in the order given), cut to `top_n`
 /// (`None` or 0: all), or a 400 naming `top_n` when it is negative.
 pub fn rerank_order(scores: &[f32], top_n: Option<i64>) -> Result<Vec<usize>, ApiError> {
@@ -1327,6 +1369,25 @@ mod tests {
             tool_call_id: None,
         };
         assert!(chat_messages(&[m]).unwrap_err().message.contains("wizard"));
+    }
+
+    #[test]
+    fn score_pairs_one_text_against_each_or_side_by_side() {
+        let one = |s: &str| ClassifyInput::One(s.into());
+        let many = |v: &[&str]| ClassifyInput::Many(v.iter().map(|s| s.to_string()).collect());
+        assert_eq!(
+            score_pairs(&one("q"), &many(&["a", "b"])).unwrap(),
+            [("q", "a"), ("q", "b")]
+        );
+        assert_eq!(score_pairs(&many(&["q"]), &one("a")).unwrap(), [("q", "a")]);
+        assert_eq!(
+            score_pairs(&many(&["x", "y"]), &many(&["a", "b"])).unwrap(),
+            [("x", "a"), ("y", "b")]
+        );
+        let e = score_pairs(&many(&["x", "y"]), &many(&["a", "b", "c"])).unwrap_err();
+        assert_eq!(e.param, Some("text_2"));
+        let e = score_pairs(&many(&[]), &one("a")).unwrap_err();
+        assert_eq!(e.param, Some("text_1"));
     }
 
     #[test]

@@ -132,6 +132,21 @@ pub fn rank_labels(
     out
 }
 
+/// The cosine of the angle between two vectors (0 where either is all zeros), in f64 sums.
+pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        let (x, y) = (f64::from(x), f64::from(y));
+        ab += x * y;
+        aa += x * x;
+        bb += y * y;
+    }
+    match aa * bb {
+        n if n > 0.0 => (ab / n.sqrt()) as f32,
+        _ => 0.0,
+    }
+}
+
 /// Label names from config.json's `id2label` (`{"0": "NEGATIVE", ...}`), `LABEL_i` where it
 /// is absent, as transformers does. A map that disagrees with the head is refused.
 pub fn labels_from_config(
@@ -205,6 +220,13 @@ impl LoadedModel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cosine_is_the_angle_s_cosine() {
+        assert!((cosine(&[1.0, 0.0], &[1.0, 1.0]) - 0.70710677).abs() < 1e-7);
+        assert_eq!(cosine(&[2.0, 0.0], &[-3.0, 0.0]), -1.0);
+        assert_eq!(cosine(&[0.0, 0.0], &[1.0, 0.0]), 0.0);
+    }
 
     #[test]
     fn softmax_scores_sum_to_one_and_labels_come_best_first() {

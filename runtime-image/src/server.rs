@@ -516,6 +516,8 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/classify", post(classify))
         .route("/v1/rerank", post(rerank))
         .route("/rerank", post(rerank))
+        .route("/v1/score", post(score))
+        .route("/score", post(score))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{*model}", get(retrieve_model))
         .route("/tokenize", post(tokenize))
@@ -2035,13 +2037,87 @@ async fn embeddings(
     .into_response())
 }
 
+/// The scores of (first, second) text pairs, as vLLM's score and rerank APIs give them: a
+/// cross-encoder (a classifier with one label, as sentence-transformers' `CrossEncoder` models
+/// and BGE rerankers are) reads each pair as one input through the tokenizer's pair template,
+/// the longer text cut first where the pair passes the model's length, and scores it with the
+/// sigmoid of its logit (sentence-transformers' and vLLM's default); an embedding model embeds
+/// each distinct text once and scores a pair with the cosine of its two embeddings. Returns the
+/// scores and the tokens read. An empty text is refused naming `param`.
+async fn pair_scores<'p>(
+    st: &AppState,
+    engine: &Engine,
+    pairs: &[(&'p str, &'p str)],
+    param: &'static str,
+) -> Result<(Vec<f32>, usize), ApiError> {
+    let frontend = engine.frontend();
+    if pairs.len() > st.config.max_embedding_inputs {
+        return Err(ApiError::invalid(
+            format!(
+                "at most {} pairs are scored at once, got {}",
+                st.config.max_embedding_inputs,
+                pairs.len()
+            ),
+            Some(param),
+        ));
+    }
+    if pairs.iter().any(|(a, b)| a.is_empty() || b.is_empty()) {
+        return Err(ApiError::invalid("texts must not be empty", Some(param)));
+    }
+    let cannot =
+        |e: crate::Error| ApiError::invalid(format!("cannot tokenise the texts: {e}"), Some(param));
+    match frontend.task {
+        Task::Classification if frontend.labels.len() == 1 => {
+            let mut inputs = Vec::with_capacity(pairs.len());
+            let mut second = Vec::with_capacity(pairs.len());
+            for (a, b) in pairs {
+                let (ids, at) = frontend.tokenizer.encode_pair(a, b).map_err(cannot)?;
+                inputs.push(ids);
+                second.push(at);
+            }
+            let tokens = inputs.iter().map(Vec::len).sum();
+            let logits = engine
+                .classify_pairs(inputs, second)
+                .await
+                .map_err(engine_error)?;
+            let scores = logits.iter().map(|row| 1.0 / (1.0 + (-row[0]).exp()));
+            Ok((scores.collect(), tokens))
+        }
+        Task::Embedding => {
+            let mut texts: Vec<&'p str> = Vec::new();
+            let mut at = |t: &'p str| match texts.iter().position(|&x| x == t) {
+                Some(i) => i,
+                None => {
+                    texts.push(t);
+                    texts.len() - 1
+                }
+            };
+            let which: Vec<(usize, usize)> = pairs.iter().map(|(a, b)| (at(a), at(b))).collect();
+            let inputs = (texts.iter())
+                .map(|t| frontend.tokenizer.encode(t, true).map_err(cannot))
+                .collect::<Result<Vec<_>, _>>()?;
+            let tokens = inputs.iter().map(Vec::len).sum();
+            let vectors = engine.embed(inputs).await.map_err(engine_error)?;
+            let scores = which
+                .iter()
+                .map(|&(a, b)| crate::model::cosine(&vectors[a], &vectors[b]));
+            Ok((scores.collect(), tokens))
+        }
+        _ => Err(ApiError::invalid(
+            format!(
+                "the model {:?} scores no text pairs: that takes a cross-encoder (a classifier \
+                 with one label) or an embedding model",
+                st.model_id
+            ),
+            Some("model"),
+        )),
+    }
+}
+
 /// POST /v1/rerank (and /rerank, vLLM's alias): `{"model", "query", "documents": [text |
 /// {"text"}], "top_n"?, "return_documents"?}` → `{"id", "model", "results": [{"index",
 /// "relevance_score", "document": {"text"}}], "usage": {"total_tokens"}}`, best first, as
-/// Jina's and Cohere's APIs and vLLM's. A cross-encoder (a classifier with one label, as
-/// sentence-transformers' `CrossEncoder` and BGE rerankers are) reads each (query, document)
-/// pair as one input, the document cut first where the pair passes the model's length; the
-/// score is the sigmoid of its logit (sentence-transformers' and vLLM's default).
+/// Jina's and Cohere's APIs and vLLM's; scored by [`pair_scores`].
 async fn rerank(
     State(st): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
@@ -2050,56 +2126,19 @@ async fn rerank(
     let engine = st.engine()?.clone();
     let r: api::RerankRequest = api::parse_body(&body)?;
     st.check_model(&r.model)?;
-    let frontend = engine.frontend();
-    if frontend.task != Task::Classification || frontend.labels.len() != 1 {
-        return Err(ApiError::invalid(
-            format!(
-                "the model {:?} is not a cross-encoder (a classifier with one label): it cannot rerank",
-                st.model_id
-            ),
-            Some("model"),
-        ));
-    }
-    let n = r.documents.len();
-    if n == 0 || n > st.config.max_embedding_inputs {
-        return Err(ApiError::invalid(
-            format!(
-                "documents must hold between 1 and {} items, got {n}",
-                st.config.max_embedding_inputs
-            ),
-            Some("documents"),
-        ));
-    }
     if r.query.is_empty() {
         return Err(ApiError::invalid("query must not be empty", Some("query")));
     }
-    let mut inputs = Vec::with_capacity(n);
-    let mut second = Vec::with_capacity(n);
-    for doc in &r.documents {
-        if doc.text().is_empty() {
-            return Err(ApiError::invalid(
-                "documents must not contain empty texts",
-                Some("documents"),
-            ));
-        }
-        let (ids, at) = frontend
-            .tokenizer
-            .encode_pair(&r.query, doc.text())
-            .map_err(|e| {
-                ApiError::invalid(format!("cannot tokenise the pair: {e}"), Some("documents"))
-            })?;
-        inputs.push(ids);
-        second.push(at);
+    if r.documents.is_empty() {
+        return Err(ApiError::invalid(
+            "documents must hold at least one text",
+            Some("documents"),
+        ));
     }
-    let total_tokens: usize = inputs.iter().map(Vec::len).sum();
-    let logits = engine
-        .classify_pairs(inputs, second)
-        .await
-        .map_err(engine_error)?;
-    let scores: Vec<f32> = logits
-        .iter()
-        .map(|row| 1.0 / (1.0 + (-row[0]).exp()))
+    let pairs: Vec<(&str, &str)> = (r.documents.iter())
+        .map(|d| (r.query.as_str(), d.text()))
         .collect();
+    let (scores, tokens) = pair_scores(&st, &engine, &pairs, "documents").await?;
     let with_text = r.return_documents.unwrap_or(true);
     let results: Vec<Value> = api::rerank_order(&scores, r.top_n)?
         .into_iter()
@@ -2115,7 +2154,34 @@ async fn rerank(
         "id": st.new_id("rerank"),
         "model": st.model_id,
         "results": results,
-        "usage": {"prompt_tokens": total_tokens, "total_tokens": total_tokens},
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }))
+    .into_response())
+}
+
+/// POST /v1/score (and /score), vLLM's: `{"model", "text_1": text | [texts], "text_2": text |
+/// [texts]}` → `{"id", "object": "list", "model", "data": [{"index", "object": "score",
+/// "score"}], "usage"}`, one score per pair ([`api::score_pairs`], [`pair_scores`]).
+async fn score(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body_bytes(body)?;
+    let engine = st.engine()?.clone();
+    let r: api::ScoreRequest = api::parse_body(&body)?;
+    st.check_model(&r.model)?;
+    let pairs = api::score_pairs(&r.text_1, &r.text_2)?;
+    let (scores, tokens) = pair_scores(&st, &engine, &pairs, "text_2").await?;
+    let data: Vec<Value> = (scores.iter().enumerate())
+        .map(|(i, s)| json!({"index": i, "object": "score", "score": s}))
+        .collect();
+    Ok(axum::Json(json!({
+        "id": st.new_id("score"),
+        "object": "list",
+        "created": now_secs(),
+        "model": st.model_id,
+        "data": data,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     }))
     .into_response())
 }

@@ -714,7 +714,44 @@ async fn rerank_scores_query_document_pairs_as_a_cross_encoder() {
         assert_eq!(top["results"][0]["index"], results[0]["index"]);
         assert!(top["results"][0].get("document").is_none(), "{top}");
 
+        // vLLM's /v1/score: one text against each, or two lists side by side.
+        let (status, scored) = post(
+            &url,
+            "/v1/score",
+            &json!({"model": name, "text_1": reference["query"], "text_2": documents}),
+        )
+        .await;
+        assert_eq!(status, 200, "{scored}");
+        for (i, want) in expected.iter().enumerate() {
+            assert_eq!(scored["data"][i]["index"], i);
+            let got = scored["data"][i]["score"].as_f64().unwrap() as f32;
+            assert!((got - want).abs() <= 1e-5, "{fixture} /v1/score {i}");
+        }
+        assert_eq!(scored["usage"]["total_tokens"], tokens);
+        let (status, side) = post(
+            &url,
+            "/score",
+            &json!({"model": name, "text_1": [reference["query"], reference["query"]],
+                    "text_2": [documents[1], documents[0]]}),
+        )
+        .await;
+        assert_eq!(status, 200, "{side}");
+        // (Padded to another width in a batch of two: the same to rounding.)
+        let close = |a: &Value, b: &Value| (a.as_f64().unwrap() - b.as_f64().unwrap()).abs() < 1e-6;
+        assert!(
+            close(&side["data"][0]["score"], &scored["data"][1]["score"]),
+            "{side}"
+        );
+        assert!(
+            close(&side["data"][1]["score"], &scored["data"][0]["score"]),
+            "{side}"
+        );
+
         for (body, param) in [
+            (
+                json!({"model": name, "text_1": ["a", "b"], "text_2": ["c", "d", "e"]}),
+                "text_2",
+            ),
             (
                 json!({"model": name, "query": "q", "documents": []}),
                 "documents",
@@ -728,23 +765,74 @@ async fn rerank_scores_query_document_pairs_as_a_cross_encoder() {
                 "top_n",
             ),
         ] {
-            let (status, err) = post(&url, "/v1/rerank", &body).await;
+            let route = match param {
+                "text_2" => "/v1/score",
+                _ => "/v1/rerank",
+            };
+            let (status, err) = post(&url, route, &body).await;
             assert_eq!(status, 400, "{err}");
             assert_eq!(err["error"]["param"], param, "{err}");
         }
         server.shutdown(Duration::from_secs(5)).await.unwrap();
     }
 
-    // Three labels: not a cross-encoder.
-    let (server, url) = serve("bert-cls").await;
-    let (status, err) = post(
+    // Three labels: not a cross-encoder; a generation model neither.
+    for fixture in ["bert-cls", "gpt2"] {
+        let (server, url) = serve(fixture).await;
+        let (status, err) = post(
+            &url,
+            "/v1/rerank",
+            &json!({"model": fixture, "query": "q", "documents": ["d"]}),
+        )
+        .await;
+        assert_eq!(status, 400, "{err}");
+        assert_eq!(err["error"]["param"], "model");
+        server.shutdown(Duration::from_secs(5)).await.unwrap();
+    }
+}
+
+/// An embedding model scores a pair with the cosine of its two texts' embeddings (vLLM's
+/// score and rerank APIs on a bi-encoder): bert-embed's against the cosines of its
+/// sentence-transformers reference embeddings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedding_model_scores_pairs_by_cosine() {
+    let (server, url) = serve("bert-embed").await;
+    let r = reference("bert-embed");
+    let cases = r["cases"].as_array().unwrap();
+    let cos = |a: &[f32], b: &[f32]| {
+        let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+        let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        dot / (norm(a) * norm(b))
+    };
+    let emb: Vec<Vec<f32>> = cases.iter().map(|c| floats(&c["embedding"])).collect();
+    let expected = [cos(&emb[0], &emb[1]), cos(&emb[0], &emb[2])];
+    let (status, scored) = post(
         &url,
-        "/v1/rerank",
-        &json!({"model": "bert-cls", "query": "q", "documents": ["d"]}),
+        "/v1/score",
+        &json!({"model": "bert-embed", "text_1": cases[0]["text"],
+                "text_2": [cases[1]["text"], cases[2]["text"]]}),
     )
     .await;
-    assert_eq!(status, 400, "{err}");
-    assert_eq!(err["error"]["param"], "model");
+    assert_eq!(status, 200, "{scored}");
+    for (i, want) in expected.iter().enumerate() {
+        let got = scored["data"][i]["score"].as_f64().unwrap() as f32;
+        assert!((got - want).abs() <= 1e-5, "pair {i}: {got} against {want}");
+    }
+    // Each distinct text is embedded once: the first text's tokens count once.
+    let tokens: usize = (cases.iter())
+        .map(|c| c["input_ids"].as_array().unwrap().len())
+        .sum();
+    assert_eq!(scored["usage"]["total_tokens"], tokens);
+    let (status, ranked) = post(
+        &url,
+        "/v1/rerank",
+        &json!({"model": "bert-embed", "query": cases[0]["text"],
+                "documents": [cases[1]["text"], cases[2]["text"]]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{ranked}");
+    let best = usize::from(expected[1] > expected[0]);
+    assert_eq!(ranked["results"][0]["index"], best, "{ranked}");
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
