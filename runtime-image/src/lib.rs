@@ -23,6 +23,7 @@ pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod reasoning;
+pub mod responses;
 pub mod sampling;
 pub mod server;
 pub mod source;

@@ -104,8 +104,13 @@ impl AppState {
     }
 
     fn new_id(&self, prefix: &str) -> String {
+        format!("{prefix}-{}", self.unique())
+    }
+
+    /// Hex digits no other answer of this server has: its start time and a counter.
+    fn unique(&self) -> String {
         format!(
-            "{prefix}-{:016x}{:08x}",
+            "{:016x}{:08x}",
             self.created,
             self.next_id.fetch_add(1, Ordering::Relaxed)
         )
@@ -513,6 +518,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/embeddings", post(embeddings))
+        .route("/v1/responses", post(responses))
         .route("/v1/classify", post(classify))
         .route("/v1/rerank", post(rerank))
         .route("/rerank", post(rerank))
@@ -2035,6 +2041,68 @@ async fn embeddings(
         "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
     }))
     .into_response())
+}
+
+/// POST /v1/responses: OpenAI's Responses API, run as the chat request it asks for
+/// ([`crate::responses`]); a chat error's field is named as the Responses API names it.
+/// Streamed, the chat chunks become the Responses API's typed events as they come; the client
+/// leaving drops the chat stream, and with it the generation.
+async fn responses(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body_bytes(body)?;
+    let req: Value = api::parse_body(&body)?;
+    let chat = crate::responses::to_chat(&req)?;
+    let stream = chat["stream"] == Value::Bool(true);
+    let answer = chat_completions(State(st.clone()), Ok(Bytes::from(chat.to_string())))
+        .await
+        .map_err(|mut e| {
+            e.param = e.param.map(crate::responses::param);
+            e
+        })?;
+    let id = st.unique();
+    let body = answer.into_body();
+    if !stream {
+        let bytes = axum::body::to_bytes(body, usize::MAX)
+            .await
+            .map_err(|e| ApiError::with_status(500, "server_error", None, e.to_string()))?;
+        let chat: Value = serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::with_status(500, "server_error", None, e.to_string()))?;
+        return Ok(axum::Json(crate::responses::from_chat(&chat, &req, &id)).into_response());
+    }
+    let events = crate::responses::Events::new(req, &id, now_secs());
+    let state = (body.into_data_stream(), String::new(), events, false);
+    let events = futures::stream::unfold(
+        state,
+        |(mut body, mut buf, mut events, started)| async move {
+            if !started {
+                let out = events.start();
+                return Some((out, (body, buf, events, true)));
+            }
+            let bytes = body.next().await?.ok()?;
+            buf.push_str(&String::from_utf8_lossy(&bytes));
+            let mut out = Vec::new();
+            while let Some(end) = buf.find("\n\n") {
+                let frame: String = buf.drain(..end + 2).collect();
+                for payload in frame.lines().filter_map(|l| l.strip_prefix("data: ")) {
+                    if let Ok(chunk) = serde_json::from_str::<Value>(payload) {
+                        out.extend(events.chunk(&chunk));
+                    }
+                }
+            }
+            Some((out, (body, buf, events, true)))
+        },
+    )
+    .flat_map(|out| {
+        futures::stream::iter(out.into_iter().map(|e| {
+            let kind = e["type"].as_str().unwrap_or("message").to_owned();
+            Ok::<_, Infallible>(Event::default().event(kind).data(e.to_string()))
+        }))
+    });
+    Ok(Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response())
 }
 
 /// The scores of (first, second) text pairs, as vLLM's score and rerank APIs give them: a

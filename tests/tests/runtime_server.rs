@@ -3744,6 +3744,123 @@ async fn concurrent_greedy_requests_decode_in_one_batch_and_match_requests_alone
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
+/// OpenAI's Responses API (`/v1/responses`) runs as the chat request it asks for: the same
+/// answer as chat's for `instructions` plus `input` (a string, or messages of text parts),
+/// its usage, and streamed as typed events (each `event:` its data's `type`, numbered in
+/// order) whose text deltas add up to that answer and whose last event holds the whole
+/// response. What it cannot follow is refused naming the Responses field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_responses_api_runs_as_the_chat_request_it_asks_for() {
+    let (server, url) = serve(|_| {}).await;
+    let http = client();
+    let question = "What is the capital of France?";
+    let chat = post_json(
+        &http,
+        &format!("{url}/v1/chat/completions"),
+        &json!({"model": SMOL, "temperature": 0, "max_tokens": 24,
+                "messages": [{"role": "system", "content": "You are brief."},
+                             {"role": "user", "content": question}]}),
+    )
+    .await;
+    let text = chat["choices"][0]["message"]["content"].as_str().unwrap();
+    let status = match chat["choices"][0]["finish_reason"].as_str() {
+        Some("length") => "incomplete",
+        _ => "completed",
+    };
+    let responses = format!("{url}/v1/responses");
+    let body = json!({"model": SMOL, "instructions": "You are brief.", "input": question,
+                      "temperature": 0, "max_output_tokens": 24});
+    let r = post_json(&http, &responses, &body).await;
+    assert_eq!(r["object"], "response", "{r}");
+    assert!(r["id"].as_str().unwrap().starts_with("resp_"), "{r}");
+    assert_eq!(r["status"], status, "{r}");
+    assert_eq!(r["output"][0]["type"], "message", "{r}");
+    assert_eq!(r["output"][0]["content"][0]["text"], text, "{r}");
+    assert_eq!(r["usage"]["input_tokens"], chat["usage"]["prompt_tokens"]);
+    assert_eq!(
+        r["usage"]["output_tokens"],
+        chat["usage"]["completion_tokens"]
+    );
+    assert_eq!(r["max_output_tokens"], 24);
+
+    // Messages of text parts, a developer message as the system's: the same answer.
+    let parts = json!({"model": SMOL, "temperature": 0, "max_output_tokens": 24, "input": [
+        {"role": "developer", "content": "You are brief."},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": question}]}]});
+    let r = post_json(&http, &responses, &parts).await;
+    assert_eq!(r["output"][0]["content"][0]["text"], text, "{r}");
+
+    // Streamed: typed events in order, adding up to the same answer.
+    let streamed = http
+        .post(&responses)
+        .json(&with_fields(body.clone(), &json!({"stream": true})))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(streamed.status(), 200);
+    let sse = streamed.text().await.unwrap();
+    let events: Vec<(String, Value)> = sse
+        .split("\n\n")
+        .filter(|f| !f.trim().is_empty())
+        .map(|f| {
+            let field = |name: &str| {
+                f.lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .unwrap_or_else(|| panic!("no {name} in {f:?}"))
+                    .to_owned()
+            };
+            (
+                field("event: "),
+                serde_json::from_str(&field("data: ")).unwrap(),
+            )
+        })
+        .collect();
+    for (i, (kind, data)) in events.iter().enumerate() {
+        assert_eq!(data["type"], kind.as_str());
+        assert_eq!(data["sequence_number"], i);
+    }
+    let kinds: Vec<&str> = events.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(kinds[..2], ["response.created", "response.in_progress"]);
+    assert_eq!(*kinds.last().unwrap(), format!("response.{status}"));
+    let deltas: String = (events.iter())
+        .filter(|(k, _)| k == "response.output_text.delta")
+        .map(|(_, d)| d["delta"].as_str().unwrap())
+        .collect();
+    assert_eq!(deltas, text);
+    let last = &events.last().unwrap().1["response"];
+    assert_eq!(last["output"][0]["content"][0]["text"], text);
+    assert_eq!(
+        last["usage"]["output_tokens"],
+        chat["usage"]["completion_tokens"]
+    );
+
+    for (extra, param) in [
+        (
+            json!({"tools": [{"type": "function", "name": "f"}]}),
+            "tools",
+        ),
+        (
+            json!({"previous_response_id": "resp_1"}),
+            "previous_response_id",
+        ),
+        (json!({"max_output_tokens": 0}), "max_output_tokens"),
+        (
+            json!({"input": [{"role": "user", "content": [{"type": "input_image"}]}]}),
+            "input",
+        ),
+    ] {
+        let r = http
+            .post(&responses)
+            .json(&with_fields(body.clone(), &extra))
+            .send()
+            .await
+            .unwrap();
+        let e = expect_error(r, 400, &extra.to_string()).await;
+        assert_eq!(e["error"]["param"], param, "{e}");
+    }
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
 /// `--max-batch-tokens` (TGI's `--max-batch-total-tokens`): each sequence is counted at its
 /// prompt plus its max_tokens; a request that does not fit beside the running ones waits for
 /// them and then gives the answer it gives alone, requests that fit run together, a

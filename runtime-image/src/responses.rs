@@ -1,0 +1,652 @@
+//! OpenAI's Responses API (`POST /v1/responses`, which vLLM also serves) over the chat
+//! pipeline: a request becomes a chat request (the `instructions` a system message, `input` the
+//! messages, `max_output_tokens` the `max_tokens`, `text.format` the `response_format`), and
+//! the chat answer, whole or streamed, becomes a response object or the Responses API's typed
+//! events. Nothing is stored, as with vLLM's `store: false`: `previous_response_id` and
+//! `conversation` are refused, and so are tools (not yet), images and files, `background`
+//! and log-probabilities, each by name, rather than ignored.
+//!
+//! Pure JSON functions; the server runs the chat request between them.
+
+use serde_json::{Map, Value, json};
+
+use crate::api::ApiError;
+
+/// The sampling fields passed to the chat request as they are: the Responses API's own
+/// (`temperature`, `top_p`) and the vLLM extras its clients send.
+const PASSED: [&str; 10] = [
+    "model",
+    "temperature",
+    "top_p",
+    "seed",
+    "top_k",
+    "min_p",
+    "stop",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+];
+
+/// The chat request a Responses request asks for, or a 400 naming the field kandle cannot
+/// follow.
+pub fn to_chat(req: &Value) -> Result<Value, ApiError> {
+    let Some(fields) = req.as_object() else {
+        return Err(ApiError::invalid(
+            "the request body must be a JSON object",
+            None,
+        ));
+    };
+    for (field, why) in [
+        ("previous_response_id", "responses are not stored"),
+        ("conversation", "conversations are not stored"),
+        ("prompt", "stored prompts are not kept"),
+    ] {
+        if fields.get(field).is_some_and(|v| !v.is_null()) {
+            return Err(refused(field, why));
+        }
+    }
+    if fields.get("background") == Some(&Value::Bool(true)) {
+        return Err(refused(
+            "background",
+            "responses run in the foreground only",
+        ));
+    }
+    if fields
+        .get("tools")
+        .and_then(Value::as_array)
+        .is_some_and(|t| !t.is_empty())
+    {
+        return Err(refused(
+            "tools",
+            "tools are not served on /v1/responses yet; /v1/chat/completions takes them",
+        ));
+    }
+    if fields
+        .get("top_logprobs")
+        .is_some_and(|v| v.as_u64() != Some(0) && !v.is_null())
+    {
+        return Err(refused(
+            "top_logprobs",
+            "log-probabilities are not served on /v1/responses yet; /v1/chat/completions gives them",
+        ));
+    }
+    let mut chat = Map::new();
+    for f in PASSED {
+        if let Some(v) = fields.get(f) {
+            chat.insert(f.into(), v.clone());
+        }
+    }
+    let mut messages = Vec::new();
+    match fields.get("instructions") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) => messages.push(json!({"role": "system", "content": s})),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "instructions must be a string",
+                Some("instructions"),
+            ));
+        }
+    }
+    match fields.get("input") {
+        Some(Value::String(s)) => messages.push(json!({"role": "user", "content": s})),
+        Some(Value::Array(items)) => {
+            for item in items {
+                messages.push(input_message(item)?);
+            }
+        }
+        _ => {
+            return Err(ApiError::invalid(
+                "input must be a string or a list of messages",
+                Some("input"),
+            ));
+        }
+    }
+    chat.insert("messages".into(), Value::Array(messages));
+    if let Some(n) = fields.get("max_output_tokens").filter(|v| !v.is_null()) {
+        chat.insert("max_tokens".into(), n.clone());
+    }
+    if let Some(format) = fields.get("text").and_then(|t| t.get("format")) {
+        chat.insert("response_format".into(), response_format(format)?);
+    }
+    let stream = fields.get("stream") == Some(&Value::Bool(true));
+    chat.insert("stream".into(), Value::Bool(stream));
+    if stream {
+        chat.insert("stream_options".into(), json!({"include_usage": true}));
+    }
+    Ok(Value::Object(chat))
+}
+
+fn refused(field: &'static str, why: &str) -> ApiError {
+    ApiError::invalid(format!("{field} is not supported: {why}"), Some(field))
+}
+
+/// A chat message from an input item: `{"role", "content"}` (`"type": "message"` optional), the
+/// content a string or a list of text parts; a `developer` message is a system message.
+fn input_message(item: &Value) -> Result<Value, ApiError> {
+    let kind = item
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or("message");
+    if kind != "message" {
+        return Err(ApiError::invalid(
+            format!(
+                "input items of type {kind:?} are not supported (only messages: tools and \
+                 stored reasoning are not served on /v1/responses yet)"
+            ),
+            Some("input"),
+        ));
+    }
+    let role = match item.get("role").and_then(Value::as_str) {
+        Some("developer") => "system",
+        Some(r @ ("system" | "user" | "assistant")) => r,
+        other => {
+            return Err(ApiError::invalid(
+                format!(
+                    "an input message's role must be user, assistant, system or developer, got {other:?}"
+                ),
+                Some("input"),
+            ));
+        }
+    };
+    let content = match item.get("content") {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(parts)) => {
+            let mut text = String::new();
+            for p in parts {
+                match (p.get("type").and_then(Value::as_str), p.get("text")) {
+                    (Some("input_text" | "output_text"), Some(Value::String(t))) => {
+                        text.push_str(t)
+                    }
+                    (kind, _) => {
+                        return Err(ApiError::invalid(
+                            format!(
+                                "content parts of type {kind:?} are not supported (text only: \
+                                 input_text, output_text)"
+                            ),
+                            Some("input"),
+                        ));
+                    }
+                }
+            }
+            text
+        }
+        _ => {
+            return Err(ApiError::invalid(
+                "an input message's content must be a string or a list of text parts",
+                Some("input"),
+            ));
+        }
+    };
+    Ok(json!({"role": role, "content": content}))
+}
+
+/// Chat's `response_format` for a Responses `text.format`.
+fn response_format(format: &Value) -> Result<Value, ApiError> {
+    match format.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(json!({"type": "text"})),
+        Some("json_object") => Ok(json!({"type": "json_object"})),
+        Some("json_schema") => {
+            let mut schema = Map::new();
+            for f in ["name", "schema", "strict", "description"] {
+                if let Some(v) = format.get(f) {
+                    schema.insert(f.into(), v.clone());
+                }
+            }
+            Ok(json!({"type": "json_schema", "json_schema": schema}))
+        }
+        other => Err(ApiError::invalid(
+            format!("text.format's type must be text, json_object or json_schema, got {other:?}"),
+            Some("text"),
+        )),
+    }
+}
+
+/// The Responses field a chat field's error is about.
+pub fn param(chat_param: &'static str) -> &'static str {
+    match chat_param {
+        "max_tokens" | "max_completion_tokens" => "max_output_tokens",
+        "messages" => "input",
+        "response_format" => "text",
+        p => p,
+    }
+}
+
+/// What a response object carries of its request, the output and status aside.
+fn echoed(req: &Value) -> Map<String, Value> {
+    let field = |f: &str| req.get(f).cloned().unwrap_or(Value::Null);
+    let mut m = Map::new();
+    m.insert("instructions".into(), field("instructions"));
+    m.insert("max_output_tokens".into(), field("max_output_tokens"));
+    m.insert("temperature".into(), field("temperature"));
+    m.insert("top_p".into(), field("top_p"));
+    m.insert(
+        "text".into(),
+        req.get("text")
+            .cloned()
+            .unwrap_or(json!({"format": {"type": "text"}})),
+    );
+    m.insert("tools".into(), json!([]));
+    m.insert("tool_choice".into(), json!("auto"));
+    m.insert("parallel_tool_calls".into(), json!(false));
+    m.insert("previous_response_id".into(), Value::Null);
+    m.insert("store".into(), json!(false));
+    m.insert(
+        "metadata".into(),
+        req.get("metadata").cloned().unwrap_or(json!({})),
+    );
+    m
+}
+
+/// A response object: `status` `in_progress`, `completed` or `incomplete` (with the reason).
+fn response(
+    id: &str,
+    created: u64,
+    model: &Value,
+    req: &Value,
+    status: &str,
+    output: Vec<Value>,
+    usage: Value,
+) -> Value {
+    let mut r = Map::new();
+    r.insert("id".into(), json!(id));
+    r.insert("object".into(), json!("response"));
+    r.insert("created_at".into(), json!(created));
+    r.insert("status".into(), json!(status));
+    r.insert("error".into(), Value::Null);
+    r.insert(
+        "incomplete_details".into(),
+        match status {
+            "incomplete" => json!({"reason": "max_output_tokens"}),
+            _ => Value::Null,
+        },
+    );
+    r.insert("model".into(), model.clone());
+    r.insert("output".into(), Value::Array(output));
+    r.insert("usage".into(), usage);
+    r.extend(echoed(req));
+    Value::Object(r)
+}
+
+/// The Responses usage of a chat usage.
+fn usage(chat: &Value) -> Value {
+    let n = |f: &str| chat.get(f).and_then(Value::as_u64).unwrap_or(0);
+    let (input, output) = (n("prompt_tokens"), n("completion_tokens"));
+    json!({
+        "input_tokens": input,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": output,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": input + output,
+    })
+}
+
+fn status(finish_reason: Option<&str>) -> &'static str {
+    match finish_reason {
+        Some("length") => "incomplete",
+        _ => "completed",
+    }
+}
+
+fn reasoning_item(id: &str, text: &str, status: &str) -> Value {
+    json!({"type": "reasoning", "id": id, "status": status, "summary": [],
+           "content": [{"type": "reasoning_text", "text": text}]})
+}
+
+fn message_item(id: &str, text: &str, status: &str) -> Value {
+    json!({"type": "message", "id": id, "status": status, "role": "assistant",
+           "content": [{"type": "output_text", "text": text, "annotations": []}]})
+}
+
+/// The response object for a whole chat answer (its first choice): the thoughts (with a
+/// reasoning parser) as a `reasoning` item, the content as a `message` item.
+pub fn from_chat(chat: &Value, req: &Value, id: &str) -> Value {
+    let choice = &chat["choices"][0];
+    let message = &choice["message"];
+    let finish = choice["finish_reason"].as_str();
+    let mut output = Vec::new();
+    if let Some(thoughts) = message.get("reasoning_content").and_then(Value::as_str) {
+        output.push(reasoning_item(&format!("rs_{id}"), thoughts, "completed"));
+    }
+    if let Some(text) = message["content"].as_str() {
+        output.push(message_item(&format!("msg_{id}"), text, status(finish)));
+    }
+    let created = chat["created"].as_u64().unwrap_or(0);
+    response(
+        &format!("resp_{id}"),
+        created,
+        &chat["model"],
+        req,
+        status(finish),
+        output,
+        usage(&chat["usage"]),
+    )
+}
+
+/// Which output item a stream is writing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Open {
+    None,
+    Reasoning,
+    Message,
+}
+
+/// One streamed answer's events: fed the chat chunks in order, it gives the Responses API's
+/// events (`response.created`, `response.output_item.added`, `response.output_text.delta`, …,
+/// `response.completed`), each with its `sequence_number`.
+pub struct Events {
+    id: String,
+    created: u64,
+    model: Value,
+    req: Value,
+    seq: u64,
+    open: Open,
+    output: Vec<Value>,
+    text: String,
+    finish: Option<String>,
+}
+
+impl Events {
+    pub fn new(req: Value, id: &str, created: u64) -> Events {
+        Events {
+            id: id.to_owned(),
+            created,
+            model: req.get("model").cloned().unwrap_or(Value::Null),
+            req,
+            seq: 0,
+            open: Open::None,
+            output: Vec::new(),
+            text: String::new(),
+            finish: None,
+        }
+    }
+
+    fn event(&mut self, kind: &str, mut body: Value) -> Value {
+        body["type"] = json!(kind);
+        body["sequence_number"] = json!(self.seq);
+        self.seq += 1;
+        body
+    }
+
+    fn snapshot(&self, status: &str, usage: Value) -> Value {
+        response(
+            &format!("resp_{}", self.id),
+            self.created,
+            &self.model,
+            &self.req,
+            status,
+            self.output.clone(),
+            usage,
+        )
+    }
+
+    /// The events that open the stream.
+    pub fn start(&mut self) -> Vec<Value> {
+        let r = self.snapshot("in_progress", Value::Null);
+        vec![
+            self.event("response.created", json!({"response": r})),
+            self.event("response.in_progress", json!({"response": r})),
+        ]
+    }
+
+    fn item_id(&self, open: Open) -> String {
+        match open {
+            Open::Reasoning => format!("rs_{}", self.id),
+            _ => format!("msg_{}", self.id),
+        }
+    }
+
+    /// Closes the item being written, if any.
+    fn close(&mut self, status: &str) -> Vec<Value> {
+        let open = std::mem::replace(&mut self.open, Open::None);
+        let text = std::mem::take(&mut self.text);
+        let (id, index) = (self.item_id(open), self.output.len());
+        let mut out = Vec::new();
+        match open {
+            Open::None => return out,
+            Open::Reasoning => {
+                let item = reasoning_item(&id, &text, "completed");
+                out.push(self.event(
+                    "response.reasoning_text.done",
+                    json!({"item_id": id, "output_index": index, "content_index": 0, "text": text}),
+                ));
+                out.push(self.event(
+                    "response.output_item.done",
+                    json!({"output_index": index, "item": item}),
+                ));
+                self.output.push(item);
+            }
+            Open::Message => {
+                let item = message_item(&id, &text, status);
+                let part = &item["content"][0];
+                out.push(self.event(
+                    "response.output_text.done",
+                    json!({"item_id": id, "output_index": index, "content_index": 0, "text": text}),
+                ));
+                out.push(self.event(
+                    "response.content_part.done",
+                    json!({"item_id": id, "output_index": index, "content_index": 0, "part": part}),
+                ));
+                out.push(self.event(
+                    "response.output_item.done",
+                    json!({"output_index": index, "item": item}),
+                ));
+                self.output.push(item);
+            }
+        }
+        out
+    }
+
+    /// Opens an item of kind `open`, closing the one before.
+    fn open(&mut self, open: Open) -> Vec<Value> {
+        let mut out = self.close("completed");
+        self.open = open;
+        let (id, index) = (self.item_id(open), self.output.len());
+        let item = match open {
+            Open::Reasoning => json!({"type": "reasoning", "id": id, "status": "in_progress",
+                                      "summary": [], "content": []}),
+            _ => json!({"type": "message", "id": id, "status": "in_progress",
+                        "role": "assistant", "content": []}),
+        };
+        out.push(self.event(
+            "response.output_item.added",
+            json!({"output_index": index, "item": item}),
+        ));
+        if open == Open::Message {
+            out.push(self.event(
+                "response.content_part.added",
+                json!({"item_id": id, "output_index": index, "content_index": 0,
+                       "part": {"type": "output_text", "text": "", "annotations": []}}),
+            ));
+        }
+        out
+    }
+
+    /// The events of one chat chunk (the usage chunk ends the stream).
+    pub fn chunk(&mut self, chunk: &Value) -> Vec<Value> {
+        let mut out = Vec::new();
+        if let Some(err) = chunk.get("error") {
+            let e = json!({"code": err["code"], "message": err["message"], "param": err["param"]});
+            out.push(self.event("error", e));
+            return out;
+        }
+        if let Some(choice) = chunk["choices"].get(0) {
+            let delta = &choice["delta"];
+            for (field, kind, event) in [
+                (
+                    "reasoning_content",
+                    Open::Reasoning,
+                    "response.reasoning_text.delta",
+                ),
+                ("content", Open::Message, "response.output_text.delta"),
+            ] {
+                let Some(text) = delta.get(field).and_then(Value::as_str) else {
+                    continue;
+                };
+                if text.is_empty() {
+                    continue;
+                }
+                if self.open != kind {
+                    out.extend(self.open(kind));
+                }
+                self.text.push_str(text);
+                let (id, index) = (self.item_id(kind), self.output.len());
+                out.push(self.event(
+                    event,
+                    json!({"item_id": id, "output_index": index, "content_index": 0, "delta": text}),
+                ));
+            }
+            if let Some(f) = choice["finish_reason"].as_str() {
+                self.finish = Some(f.to_owned());
+            }
+        }
+        if let Some(u) = chunk.get("usage").filter(|u| !u.is_null()) {
+            let status = status(self.finish.as_deref());
+            out.extend(self.close(status));
+            let r = self.snapshot(status, usage(u));
+            let kind = match status {
+                "incomplete" => "response.incomplete",
+                _ => "response.completed",
+            };
+            out.push(self.event(kind, json!({"response": r})));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_becomes_the_chat_request_it_asks_for() {
+        let req = json!({"model": "m", "instructions": "Be brief.", "input": "Hi",
+                         "max_output_tokens": 20, "temperature": 0.5, "store": true,
+                         "text": {"format": {"type": "json_schema", "name": "a",
+                                             "schema": {"type": "object"}, "strict": true}}});
+        let chat = to_chat(&req).unwrap();
+        assert_eq!(
+            chat,
+            json!({"model": "m", "temperature": 0.5, "max_tokens": 20, "stream": false,
+                   "messages": [{"role": "system", "content": "Be brief."},
+                                {"role": "user", "content": "Hi"}],
+                   "response_format": {"type": "json_schema", "json_schema":
+                       {"name": "a", "schema": {"type": "object"}, "strict": true}}})
+        );
+        let req = json!({"model": "m", "stream": true, "input": [
+            {"role": "developer", "content": "Rules."},
+            {"type": "message", "role": "user", "content": [
+                {"type": "input_text", "text": "a"}, {"type": "input_text", "text": "b"}]},
+            {"role": "assistant", "content": [{"type": "output_text", "text": "c"}]}]});
+        let chat = to_chat(&req).unwrap();
+        assert_eq!(
+            chat["messages"],
+            json!([{"role": "system", "content": "Rules."}, {"role": "user", "content": "ab"},
+                   {"role": "assistant", "content": "c"}])
+        );
+        assert_eq!(chat["stream_options"], json!({"include_usage": true}));
+    }
+
+    #[test]
+    fn what_cannot_be_followed_is_refused_by_name() {
+        for (extra, param) in [
+            (
+                json!({"previous_response_id": "resp_1"}),
+                "previous_response_id",
+            ),
+            (
+                json!({"tools": [{"type": "function", "name": "f"}]}),
+                "tools",
+            ),
+            (json!({"background": true}), "background"),
+            (json!({"top_logprobs": 2}), "top_logprobs"),
+            (
+                json!({"input": [{"type": "function_call_output", "output": "x"}]}),
+                "input",
+            ),
+            (
+                json!({"input": [{"role": "user", "content": [{"type": "input_image"}]}]}),
+                "input",
+            ),
+            (json!({"input": 5}), "input"),
+            (json!({"text": {"format": {"type": "grammar"}}}), "text"),
+        ] {
+            let mut req = json!({"model": "m", "input": "Hi"});
+            for (k, v) in extra.as_object().unwrap() {
+                req[k] = v.clone();
+            }
+            let e = to_chat(&req).unwrap_err();
+            assert_eq!(e.param, Some(param), "{req}");
+        }
+        // Empty tools and a null id are no request for them.
+        assert!(
+            to_chat(&json!({"model": "m", "input": "Hi", "tools": [],
+                                "previous_response_id": null}))
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn a_whole_chat_answer_becomes_a_response() {
+        let chat = json!({"id": "chatcmpl-1", "created": 7, "model": "m",
+            "choices": [{"index": 0, "finish_reason": "length",
+                         "message": {"role": "assistant", "content": "Hello",
+                                     "reasoning_content": "hmm"}}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}});
+        let req = json!({"model": "m", "input": "Hi", "max_output_tokens": 4});
+        let r = from_chat(&chat, &req, "x");
+        assert_eq!(r["id"], "resp_x");
+        assert_eq!(r["status"], "incomplete");
+        assert_eq!(r["incomplete_details"]["reason"], "max_output_tokens");
+        assert_eq!(r["output"][0]["type"], "reasoning");
+        assert_eq!(r["output"][0]["content"][0]["text"], "hmm");
+        assert_eq!(r["output"][1]["content"][0]["text"], "Hello");
+        assert_eq!(r["usage"]["total_tokens"], 7);
+        assert_eq!(r["max_output_tokens"], 4);
+    }
+
+    #[test]
+    fn streamed_chunks_become_typed_events_that_add_up_to_the_response() {
+        let mut ev = Events::new(json!({"model": "m", "input": "Hi"}), "x", 7);
+        let mut all = ev.start();
+        for c in [
+            json!({"choices": [{"index": 0, "delta": {"role": "assistant"}}]}),
+            json!({"choices": [{"index": 0, "delta": {"reasoning_content": "hm"}}]}),
+            json!({"choices": [{"index": 0, "delta": {"content": "Hel"}}]}),
+            json!({"choices": [{"index": 0, "delta": {"content": "lo"}, "finish_reason": "stop"}]}),
+            json!({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 3}}),
+        ] {
+            all.extend(ev.chunk(&c));
+        }
+        let kinds: Vec<&str> = all.iter().map(|e| e["type"].as_str().unwrap()).collect();
+        assert_eq!(
+            kinds,
+            [
+                "response.created",
+                "response.in_progress",
+                "response.output_item.added",
+                "response.reasoning_text.delta",
+                "response.reasoning_text.done",
+                "response.output_item.done",
+                "response.output_item.added",
+                "response.content_part.added",
+                "response.output_text.delta",
+                "response.output_text.delta",
+                "response.output_text.done",
+                "response.content_part.done",
+                "response.output_item.done",
+                "response.completed",
+            ]
+        );
+        let seqs: Vec<u64> = all
+            .iter()
+            .map(|e| e["sequence_number"].as_u64().unwrap())
+            .collect();
+        assert_eq!(seqs, (0..all.len() as u64).collect::<Vec<_>>());
+        let done = &all.last().unwrap()["response"];
+        assert_eq!(done["status"], "completed");
+        assert_eq!(done["output"][0]["content"][0]["text"], "hm");
+        assert_eq!(done["output"][1]["content"][0]["text"], "Hello");
+        assert_eq!(all[8]["output_index"], 1);
+        assert_eq!(done["usage"]["total_tokens"], 6);
+    }
+}
