@@ -2,9 +2,11 @@
 //! pipeline: a request becomes a chat request (the `instructions` a system message, `input` the
 //! messages, `max_output_tokens` the `max_tokens`, `text.format` the `response_format`), and
 //! the chat answer, whole or streamed, becomes a response object or the Responses API's typed
-//! events. Nothing is stored, as with vLLM's `store: false`: `previous_response_id` and
-//! `conversation` are refused, and so are tools (not yet), images and files, `background`
-//! and log-probabilities, each by name, rather than ignored.
+//! events. Function tools map to chat's: `tools` and `tool_choice`, past `function_call`
+//! and `function_call_output` items to an assistant turn's `tool_calls` and `tool` turns, and
+//! the answer's calls to `function_call` items. Nothing is stored, as with vLLM's `store:
+//! false`: `previous_response_id` and `conversation` are refused, and so are built-in tools,
+//! images and files, `background` and log-probabilities, each by name, rather than ignored.
 //!
 //! Pure JSON functions; the server runs the chat request between them.
 
@@ -52,16 +54,6 @@ pub fn to_chat(req: &Value) -> Result<Value, ApiError> {
         ));
     }
     if fields
-        .get("tools")
-        .and_then(Value::as_array)
-        .is_some_and(|t| !t.is_empty())
-    {
-        return Err(refused(
-            "tools",
-            "tools are not served on /v1/responses yet; /v1/chat/completions takes them",
-        ));
-    }
-    if fields
         .get("top_logprobs")
         .is_some_and(|v| v.as_u64() != Some(0) && !v.is_null())
     {
@@ -91,7 +83,7 @@ pub fn to_chat(req: &Value) -> Result<Value, ApiError> {
         Some(Value::String(s)) => messages.push(json!({"role": "user", "content": s})),
         Some(Value::Array(items)) => {
             for item in items {
-                messages.push(input_message(item)?);
+                input_item(item, &mut messages)?;
             }
         }
         _ => {
@@ -104,6 +96,34 @@ pub fn to_chat(req: &Value) -> Result<Value, ApiError> {
     chat.insert("messages".into(), Value::Array(messages));
     if let Some(n) = fields.get("max_output_tokens").filter(|v| !v.is_null()) {
         chat.insert("max_tokens".into(), n.clone());
+    }
+    if let Some(tools) = fields.get("tools").and_then(Value::as_array) {
+        if !tools.is_empty() {
+            let tools = tools.iter().map(chat_tool).collect::<Result<Vec<_>, _>>()?;
+            chat.insert("tools".into(), Value::Array(tools));
+        }
+    }
+    match fields.get("tool_choice") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) => {
+            chat.insert("tool_choice".into(), json!(s));
+        }
+        Some(c) => match (c["type"].as_str(), c["name"].as_str()) {
+            (Some("function"), Some(name)) => {
+                let named = json!({"type": "function", "function": {"name": name}});
+                chat.insert("tool_choice".into(), named);
+            }
+            _ => {
+                return Err(ApiError::invalid(
+                    "tool_choice must be \"auto\", \"none\", \"required\" or {\"type\": \
+                     \"function\", \"name\": …}",
+                    Some("tool_choice"),
+                ));
+            }
+        },
+    }
+    if let Some(v) = fields.get("parallel_tool_calls").filter(|v| !v.is_null()) {
+        chat.insert("parallel_tool_calls".into(), v.clone());
     }
     if let Some(format) = fields.get("text").and_then(|t| t.get("format")) {
         chat.insert("response_format".into(), response_format(format)?);
@@ -120,22 +140,82 @@ fn refused(field: &'static str, why: &str) -> ApiError {
     ApiError::invalid(format!("{field} is not supported: {why}"), Some(field))
 }
 
-/// A chat message from an input item: `{"role", "content"}` (`"type": "message"` optional), the
-/// content a string or a list of text parts; a `developer` message is a system message.
-fn input_message(item: &Value) -> Result<Value, ApiError> {
-    let kind = item
-        .get("type")
-        .and_then(Value::as_str)
-        .unwrap_or("message");
-    if kind != "message" {
+/// Chat's function tool for a Responses one (`{"type": "function", "name", "parameters", …}`,
+/// flat where chat nests it under `function`).
+fn chat_tool(tool: &Value) -> Result<Value, ApiError> {
+    if tool["type"] != "function" {
         return Err(ApiError::invalid(
             format!(
-                "input items of type {kind:?} are not supported (only messages: tools and \
-                 stored reasoning are not served on /v1/responses yet)"
+                "tools of type {} are not supported: only function tools (the built-in tools \
+                 are OpenAI's services)",
+                tool["type"]
             ),
-            Some("input"),
+            Some("tools"),
         ));
     }
+    let mut function = Map::new();
+    for f in ["name", "description", "parameters", "strict"] {
+        if let Some(v) = tool.get(f) {
+            function.insert(f.into(), v.clone());
+        }
+    }
+    Ok(json!({"type": "function", "function": function}))
+}
+
+/// Adds an input item to the chat messages: a message; a past `function_call` (an assistant
+/// turn's call, calls in a row joining one turn); a `function_call_output` (a `tool` turn).
+/// `reasoning` items from an earlier response are left out, as chat templates drop past
+/// thoughts.
+fn input_item(item: &Value, messages: &mut Vec<Value>) -> Result<(), ApiError> {
+    let text = |field: &str| -> Result<String, ApiError> {
+        match item.get(field) {
+            Some(Value::String(s)) => Ok(s.clone()),
+            _ => Err(ApiError::invalid(
+                format!(
+                    "a {} input item needs its {field} as a string",
+                    item["type"]
+                ),
+                Some("input"),
+            )),
+        }
+    };
+    match item
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or("message")
+    {
+        "message" => messages.push(input_message(item)?),
+        "function_call" => {
+            let call = json!({"id": text("call_id")?, "type": "function",
+                              "function": {"name": text("name")?, "arguments": text("arguments")?}});
+            match messages.last_mut() {
+                Some(m) if m["role"] == "assistant" && m["tool_calls"].is_array() => {
+                    m["tool_calls"].as_array_mut().expect("an array").push(call);
+                }
+                _ => messages
+                    .push(json!({"role": "assistant", "content": null, "tool_calls": [call]})),
+            }
+        }
+        "function_call_output" => messages.push(
+            json!({"role": "tool", "tool_call_id": text("call_id")?, "content": text("output")?}),
+        ),
+        "reasoning" => {}
+        kind => {
+            return Err(ApiError::invalid(
+                format!(
+                    "input items of type {kind:?} are not supported (messages, function_call, \
+                     function_call_output and reasoning are)"
+                ),
+                Some("input"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A chat message from a message item: `{"role", "content"}`, the content a string or a list
+/// of text parts; a `developer` message is a system message.
+fn input_message(item: &Value) -> Result<Value, ApiError> {
     let role = match item.get("role").and_then(Value::as_str) {
         Some("developer") => "system",
         Some(r @ ("system" | "user" | "assistant")) => r,
@@ -225,9 +305,20 @@ fn echoed(req: &Value) -> Map<String, Value> {
             .cloned()
             .unwrap_or(json!({"format": {"type": "text"}})),
     );
-    m.insert("tools".into(), json!([]));
-    m.insert("tool_choice".into(), json!("auto"));
-    m.insert("parallel_tool_calls".into(), json!(false));
+    m.insert(
+        "tools".into(),
+        req.get("tools").cloned().unwrap_or(json!([])),
+    );
+    m.insert(
+        "tool_choice".into(),
+        req.get("tool_choice").cloned().unwrap_or(json!("auto")),
+    );
+    m.insert(
+        "parallel_tool_calls".into(),
+        req.get("parallel_tool_calls")
+            .cloned()
+            .unwrap_or(json!(true)),
+    );
     m.insert("previous_response_id".into(), Value::Null);
     m.insert("store".into(), json!(false));
     m.insert(
@@ -297,6 +388,11 @@ fn message_item(id: &str, text: &str, status: &str) -> Value {
            "content": [{"type": "output_text", "text": text, "annotations": []}]})
 }
 
+fn call_item(id: &str, call_id: &Value, name: &Value, arguments: &str) -> Value {
+    json!({"type": "function_call", "id": id, "status": "completed", "call_id": call_id,
+           "name": name, "arguments": arguments})
+}
+
 /// The response object for a whole chat answer (its first choice): the thoughts (with a
 /// reasoning parser) as a `reasoning` item, the content as a `message` item.
 pub fn from_chat(chat: &Value, req: &Value, id: &str) -> Value {
@@ -307,8 +403,22 @@ pub fn from_chat(chat: &Value, req: &Value, id: &str) -> Value {
     if let Some(thoughts) = message.get("reasoning_content").and_then(Value::as_str) {
         output.push(reasoning_item(&format!("rs_{id}"), thoughts, "completed"));
     }
-    if let Some(text) = message["content"].as_str() {
+    if let Some(text) = message["content"].as_str().filter(|t| !t.is_empty()) {
         output.push(message_item(&format!("msg_{id}"), text, status(finish)));
+    }
+    for (i, call) in message["tool_calls"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let f = &call["function"];
+        output.push(call_item(
+            &format!("fc_{id}_{i}"),
+            &call["id"],
+            &f["name"],
+            f["arguments"].as_str().unwrap_or(""),
+        ));
     }
     let created = chat["created"].as_u64().unwrap_or(0);
     response(
@@ -342,6 +452,9 @@ pub struct Events {
     open: Open,
     output: Vec<Value>,
     text: String,
+    /// The function calls so far, by their chat index: their `function_call` items, whose
+    /// arguments grow as they stream, and their output indices.
+    calls: Vec<(u64, usize, Value)>,
     finish: Option<String>,
 }
 
@@ -356,6 +469,7 @@ impl Events {
             open: Open::None,
             output: Vec::new(),
             text: String::new(),
+            calls: Vec::new(),
             finish: None,
         }
     }
@@ -461,6 +575,39 @@ impl Events {
         out
     }
 
+    /// The events of a streamed call's piece (`{"index", "id"?, "function": {"name"?,
+    /// "arguments"?}}`): its item added the first time, then its arguments' deltas.
+    fn call_delta(&mut self, call: &Value) -> Vec<Value> {
+        let index = call["index"].as_u64().unwrap_or(0);
+        let mut out = Vec::new();
+        if !self.calls.iter().any(|(i, _, _)| *i == index) {
+            out.extend(self.close("completed"));
+            let at = self.output.len() + self.calls.len();
+            let item = json!({"type": "function_call", "id": format!("fc_{}_{}", self.id, self.calls.len()),
+                              "status": "in_progress", "call_id": call["id"],
+                              "name": call["function"]["name"], "arguments": ""});
+            out.push(self.event(
+                "response.output_item.added",
+                json!({"output_index": at, "item": item}),
+            ));
+            self.calls.push((index, at, item));
+        }
+        let piece = call["function"]["arguments"].as_str().unwrap_or("");
+        if !piece.is_empty() {
+            let (_, at, item) = (self.calls.iter_mut())
+                .find(|(i, _, _)| *i == index)
+                .expect("added above");
+            let (at, id) = (*at, item["id"].clone());
+            let args = format!("{}{piece}", item["arguments"].as_str().unwrap_or(""));
+            item["arguments"] = json!(args);
+            out.push(self.event(
+                "response.function_call_arguments.delta",
+                json!({"item_id": id, "output_index": at, "delta": piece}),
+            ));
+        }
+        out
+    }
+
     /// The events of one chat chunk (the usage chunk ends the stream).
     pub fn chunk(&mut self, chunk: &Value) -> Vec<Value> {
         let mut out = Vec::new();
@@ -495,6 +642,9 @@ impl Events {
                     json!({"item_id": id, "output_index": index, "content_index": 0, "delta": text}),
                 ));
             }
+            for call in delta["tool_calls"].as_array().into_iter().flatten() {
+                out.extend(self.call_delta(call));
+            }
             if let Some(f) = choice["finish_reason"].as_str() {
                 self.finish = Some(f.to_owned());
             }
@@ -502,6 +652,19 @@ impl Events {
         if let Some(u) = chunk.get("usage").filter(|u| !u.is_null()) {
             let status = status(self.finish.as_deref());
             out.extend(self.close(status));
+            for (_, index, mut item) in std::mem::take(&mut self.calls) {
+                item["status"] = json!("completed");
+                out.push(self.event(
+                    "response.function_call_arguments.done",
+                    json!({"item_id": item["id"], "output_index": index,
+                           "arguments": item["arguments"]}),
+                ));
+                out.push(self.event(
+                    "response.output_item.done",
+                    json!({"output_index": index, "item": item}),
+                ));
+                self.output.push(item);
+            }
             let r = self.snapshot(status, usage(u));
             let kind = match status {
                 "incomplete" => "response.incomplete",
@@ -547,20 +710,93 @@ mod tests {
     }
 
     #[test]
+    fn function_tools_and_past_calls_become_chat_s() {
+        let req = json!({"model": "m", "tool_choice": {"type": "function", "name": "f"},
+            "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}],
+            "input": [
+                {"role": "user", "content": "Weather?"},
+                {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+                {"type": "function_call", "call_id": "c2", "name": "f", "arguments": "{\"a\":1}"},
+                {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+                {"type": "reasoning", "summary": []}]});
+        let chat = to_chat(&req).unwrap();
+        assert_eq!(
+            chat["tools"],
+            json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])
+        );
+        assert_eq!(
+            chat["tool_choice"],
+            json!({"type": "function", "function": {"name": "f"}})
+        );
+        assert_eq!(
+            chat["messages"],
+            json!([{"role": "user", "content": "Weather?"},
+                   {"role": "assistant", "content": null, "tool_calls": [
+                       {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}},
+                       {"id": "c2", "type": "function", "function": {"name": "f", "arguments": "{\"a\":1}"}}]},
+                   {"role": "tool", "tool_call_id": "c1", "content": "sunny"}])
+        );
+        let e = to_chat(&json!({"model": "m", "input": "x", "tools": [{"type": "web_search"}]}));
+        assert_eq!(e.unwrap_err().param, Some("tools"));
+    }
+
+    #[test]
+    fn calls_become_function_call_items_whole_and_streamed() {
+        let chat = json!({"created": 1, "model": "m",
+            "choices": [{"finish_reason": "tool_calls", "message": {"role": "assistant", "content": null,
+                "tool_calls": [{"id": "call_1", "type": "function",
+                                "function": {"name": "f", "arguments": "{\"a\": 1}"}}]}}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 2}});
+        let whole = from_chat(&chat, &json!({"model": "m"}), "x");
+        assert_eq!(whole["status"], "completed");
+        assert_eq!(
+            whole["output"],
+            json!([{"type": "function_call", "id": "fc_x_0", "status": "completed",
+                    "call_id": "call_1", "name": "f", "arguments": "{\"a\": 1}"}])
+        );
+        let mut ev = Events::new(json!({"model": "m"}), "x", 1);
+        let mut all = ev.start();
+        for c in [
+            json!({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "call_1",
+                "type": "function", "function": {"name": "f", "arguments": "{\"a\""}}]}}]}),
+            json!({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0,
+                "function": {"arguments": ": 1}"}}]}, "finish_reason": "tool_calls"}]}),
+            json!({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 2}}),
+        ] {
+            all.extend(ev.chunk(&c));
+        }
+        let kinds: Vec<&str> = all.iter().map(|e| e["type"].as_str().unwrap()).collect();
+        assert_eq!(
+            kinds[2..],
+            [
+                "response.output_item.added",
+                "response.function_call_arguments.delta",
+                "response.function_call_arguments.delta",
+                "response.function_call_arguments.done",
+                "response.output_item.done",
+                "response.completed",
+            ]
+        );
+        assert_eq!(all.last().unwrap()["response"]["output"], whole["output"]);
+    }
+
+    #[test]
     fn what_cannot_be_followed_is_refused_by_name() {
         for (extra, param) in [
             (
                 json!({"previous_response_id": "resp_1"}),
                 "previous_response_id",
             ),
-            (
-                json!({"tools": [{"type": "function", "name": "f"}]}),
-                "tools",
-            ),
+            (json!({"tools": [{"type": "file_search"}]}), "tools"),
+            (json!({"tool_choice": {"type": "mcp"}}), "tool_choice"),
             (json!({"background": true}), "background"),
             (json!({"top_logprobs": 2}), "top_logprobs"),
             (
                 json!({"input": [{"type": "function_call_output", "output": "x"}]}),
+                "input",
+            ),
+            (
+                json!({"input": [{"type": "computer_call", "call_id": "x"}]}),
                 "input",
             ),
             (

@@ -3834,11 +3834,81 @@ async fn the_responses_api_runs_as_the_chat_request_it_asks_for() {
         chat["usage"]["completion_tokens"]
     );
 
+    // Function tools: a forced call is a function_call item, whole and streamed; its result
+    // goes back as a function_call_output item.
+    let tools = json!([{"type": "function", "name": "weather_now", "parameters": {
+        "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}},
+        "required": ["city"]}}]);
+    let forced = json!({"model": SMOL, "temperature": 0, "input": "Weather in Paris?",
+        "tools": tools, "tool_choice": {"type": "function", "name": "weather_now"}});
+    let r = post_json(&http, &responses, &forced).await;
+    let call = &r["output"][0];
+    assert_eq!(call["type"], "function_call", "{r}");
+    assert_eq!(call["name"], "weather_now", "{r}");
+    let args: Value = serde_json::from_str(call["arguments"].as_str().unwrap()).unwrap();
+    assert!(
+        ["Paris", "Rome"].contains(&args["city"].as_str().unwrap()),
+        "{r}"
+    );
+    let sse = http
+        .post(&responses)
+        .json(&with_fields(forced.clone(), &json!({"stream": true})))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let done: Value = sse
+        .split("\n\n")
+        .filter_map(|f| f.lines().find_map(|l| l.strip_prefix("data: ")))
+        .map(|d| serde_json::from_str::<Value>(d).unwrap())
+        .last()
+        .unwrap();
+    assert_eq!(done["type"], "response.completed", "{sse}");
+    assert_eq!(
+        done["response"]["output"][0]["arguments"],
+        call["arguments"]
+    );
+    assert!(
+        sse.contains("event: response.function_call_arguments.delta"),
+        "{sse}"
+    );
+    let answer = json!({"model": SMOL, "temperature": 0, "max_output_tokens": 16,
+        "tools": tools, "tool_choice": "none", "input": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"type": "function_call", "call_id": call["call_id"], "name": "weather_now",
+             "arguments": call["arguments"]},
+            {"type": "function_call_output", "call_id": call["call_id"],
+             "output": "{\"temperature\": 21}"}]});
+    let r = post_json(&http, &responses, &answer).await;
+    assert_eq!(r["output"][0]["type"], "message", "{r}");
+    // The same as chat's answer to the conversation with that call and its result.
+    let chat_tools = json!([{"type": "function", "function": tools[0].clone()}]);
+    let as_chat = post_json(
+        &http,
+        &format!("{url}/v1/chat/completions"),
+        &json!({"model": SMOL, "temperature": 0, "max_tokens": 16, "tools": chat_tools,
+                "tool_choice": "none", "messages": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": call["call_id"],
+             "type": "function", "function": {"name": "weather_now",
+                                              "arguments": call["arguments"]}}]},
+            {"role": "tool", "tool_call_id": call["call_id"],
+             "content": "{\"temperature\": 21}"}]}),
+    )
+    .await;
+    assert_eq!(
+        r["usage"]["input_tokens"],
+        as_chat["usage"]["prompt_tokens"]
+    );
+    assert_eq!(
+        r["output"][0]["content"][0]["text"],
+        as_chat["choices"][0]["message"]["content"]
+    );
+
     for (extra, param) in [
-        (
-            json!({"tools": [{"type": "function", "name": "f"}]}),
-            "tools",
-        ),
+        (json!({"tools": [{"type": "web_search"}]}), "tools"),
         (
             json!({"previous_response_id": "resp_1"}),
             "previous_response_id",
