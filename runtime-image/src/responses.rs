@@ -97,11 +97,11 @@ pub fn to_chat(req: &Value) -> Result<Value, ApiError> {
     if let Some(n) = fields.get("max_output_tokens").filter(|v| !v.is_null()) {
         chat.insert("max_tokens".into(), n.clone());
     }
-    if let Some(tools) = fields.get("tools").and_then(Value::as_array) {
-        if !tools.is_empty() {
-            let tools = tools.iter().map(chat_tool).collect::<Result<Vec<_>, _>>()?;
-            chat.insert("tools".into(), Value::Array(tools));
-        }
+    if let Some(tools) = fields.get("tools").and_then(Value::as_array)
+        && !tools.is_empty()
+    {
+        let tools = tools.iter().map(chat_tool).collect::<Result<Vec<_>, _>>()?;
+        chat.insert("tools".into(), Value::Array(tools));
     }
     match fields.get("tool_choice") {
         None | Some(Value::Null) => {}
