@@ -3721,18 +3721,7 @@ async fn concurrent_greedy_requests_decode_in_one_batch_and_match_requests_alone
             r.json::<Value>().await.unwrap()
         }
     }));
-    let watch = async {
-        let mut most = 0f64;
-        for _ in 0..200 {
-            most = most.max(gauge(&http, &url, "kandle_batch_size").await);
-            if most >= 3.0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        most
-    };
-    let (together, most) = tokio::join!(all, watch);
+    let (together, most) = tokio::join!(all, most_batch_size(&http, &url, 3.0));
     assert!(
         most >= 3.0,
         "the running batch never held 3 sequences (at most {most})"
@@ -4005,18 +3994,7 @@ async fn a_batch_token_budget_holds_requests_back_until_they_fit() {
         let small = small.clone();
         async move { post_json(&http, &comp, &small).await }
     }));
-    let watch = async {
-        let mut most = 0f64;
-        for _ in 0..200 {
-            most = most.max(gauge(&http, &url, "kandle_batch_size").await);
-            if most >= 2.0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        most
-    };
-    let (pair, most) = tokio::join!(pair, watch);
+    let (pair, most) = tokio::join!(pair, most_batch_size(&http, &url, 2.0));
     assert!(most >= 2.0, "two requests that fit never ran together");
     for r in &pair {
         assert_eq!(r["usage"]["completion_tokens"], 30, "{r}");
@@ -4053,6 +4031,20 @@ async fn a_batch_token_budget_holds_requests_back_until_they_fit() {
         assert!(msg.contains(what) && msg.contains("100 tokens"), "{msg}");
     }
     server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+/// The largest running batch (`kandle_batch_size`) seen while polling, until it reaches
+/// `enough` or 200 polls 20 ms apart have passed.
+async fn most_batch_size(http: &reqwest::Client, url: &str, enough: f64) -> f64 {
+    let mut most = 0f64;
+    for _ in 0..200 {
+        most = most.max(gauge(http, url, "kandle_batch_size").await);
+        if most >= enough {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    most
 }
 
 async fn gauge(http: &reqwest::Client, url: &str, name: &str) -> f64 {
