@@ -351,6 +351,8 @@ impl Engine {
                     ),
                     None => tracing::info!("no batch token budget (--max-batch-tokens)"),
                 }
+                m.batch_tokens_limit
+                    .set(batch_tokens.map_or(0, |t| i64::try_from(t).unwrap_or(i64::MAX)));
                 let frontend = Frontend {
                     task: g.task,
                     tokenizer: g.tokenizer.clone(),
@@ -667,6 +669,15 @@ struct Active {
     permit: Option<OwnedSemaphorePermit>,
 }
 
+/// The positions of keys and values the running sequences may reach, each counted at its
+/// prompt plus its `max_tokens` (what the batch token budget bounds).
+fn reserved(active: &[Active]) -> usize {
+    (active.iter())
+        .filter(|a| !a.done)
+        .map(|a| a.req.prompt.len() + a.req.max_tokens)
+        .sum()
+}
+
 /// The most tokens of one prompt a round feeds, where continuing a sequence gives the same
 /// bits as feeding it at once (the GGUF llama): a long prompt is computed over several rounds,
 /// so that the sequences already running go on producing tokens between its parts (vLLM's
@@ -717,6 +728,7 @@ impl GenerationWorker {
                 self.admit(job, &mut active);
             }
             self.metrics.batch_size.set(active.len() as i64);
+            self.metrics.batch_tokens.set(reserved(&active) as i64);
             // A panic in a step (a model's or a tokenizer's bug on some input) fails that
             // step's requests and leaves the thread serving the next ones: the weights are
             // not changed by a step, and the failed sequences' caches are dropped with them.
@@ -741,6 +753,7 @@ impl GenerationWorker {
             active.retain(|a| !a.done);
             self.metrics.inflight.dec_by((before - active.len()) as i64);
             self.metrics.batch_size.set(active.len() as i64);
+            self.metrics.batch_tokens.set(reserved(&active) as i64);
         }
     }
 
@@ -755,12 +768,7 @@ impl GenerationWorker {
         if Instant::now() > req.deadline || choices.iter().all(|(events, _)| events.is_closed()) {
             return true;
         }
-        let held: usize = active
-            .iter()
-            .filter(|a| !a.done)
-            .map(|a| a.req.prompt.len() + a.req.max_tokens)
-            .sum();
-        held + choices.len() * (req.prompt.len() + req.max_tokens) <= budget
+        reserved(active) + choices.len() * (req.prompt.len() + req.max_tokens) <= budget
     }
 
     fn admit(&self, job: Job, active: &mut Vec<Active>) {

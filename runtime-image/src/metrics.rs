@@ -40,6 +40,11 @@ pub struct Metrics {
     pub queue_depth: Gauge,
     pub inflight: Gauge,
     pub batch_size: Gauge,
+    /// Positions of keys and values the running batch may reach: each sequence's prompt plus
+    /// its `max_tokens`, what the batch token budget bounds.
+    pub batch_tokens: Gauge,
+    /// The batch token budget (`--max-batch-tokens` or its default); 0: none.
+    pub batch_tokens_limit: Gauge,
     pub model_load_seconds: Gauge<f64, AtomicU64>,
 }
 
@@ -61,6 +66,8 @@ impl Metrics {
             queue_depth: Gauge::default(),
             inflight: Gauge::default(),
             batch_size: Gauge::default(),
+            batch_tokens: Gauge::default(),
+            batch_tokens_limit: Gauge::default(),
             model_load_seconds: Gauge::default(),
         };
         // Counters get their `_total` suffix from prometheus-client.
@@ -123,6 +130,16 @@ impl Metrics {
             "kandle_batch_size",
             "Sequences in the running batch",
             m.batch_size.clone(),
+        );
+        registry.register(
+            "kandle_batch_tokens",
+            "Positions of keys and values the running batch may reach: each sequence's prompt plus its max_tokens",
+            m.batch_tokens.clone(),
+        );
+        registry.register(
+            "kandle_batch_tokens_limit",
+            "The batch token budget that bounds kandle_batch_tokens (--max-batch-tokens or what the memory left after loading holds); 0: none",
+            m.batch_tokens_limit.clone(),
         );
         registry.register(
             "kandle_model_load_seconds",

@@ -3721,7 +3721,7 @@ async fn concurrent_greedy_requests_decode_in_one_batch_and_match_requests_alone
             r.json::<Value>().await.unwrap()
         }
     }));
-    let (together, most) = tokio::join!(all, most_batch_size(&http, &url, 3.0));
+    let (together, most) = tokio::join!(all, most_gauge(&http, &url, "kandle_batch_size", 3.0));
     assert!(
         most >= 3.0,
         "the running batch never held 3 sequences (at most {most})"
@@ -3994,8 +3994,31 @@ async fn a_batch_token_budget_holds_requests_back_until_they_fit() {
         let small = small.clone();
         async move { post_json(&http, &comp, &small).await }
     }));
-    let (pair, most) = tokio::join!(pair, most_batch_size(&http, &url, 2.0));
+    let both = (2 * (p + 30)) as f64;
+    let (pair, most, reserved) = tokio::join!(
+        pair,
+        most_gauge(&http, &url, "kandle_batch_size", 2.0),
+        most_gauge(&http, &url, "kandle_batch_tokens", both)
+    );
     assert!(most >= 2.0, "two requests that fit never ran together");
+    assert_eq!(reserved, both, "the batch's reserved positions");
+    // The gauges: the budget, and nothing reserved once the batch is empty.
+    assert_eq!(
+        gauge(&http, &url, "kandle_batch_tokens_limit").await,
+        BUDGET as f64
+    );
+    let mut reserved = f64::NAN;
+    for _ in 0..50 {
+        reserved = gauge(&http, &url, "kandle_batch_tokens").await;
+        if reserved == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        reserved, 0.0,
+        "positions still reserved after the batch emptied"
+    );
     for r in &pair {
         assert_eq!(r["usage"]["completion_tokens"], 30, "{r}");
     }
@@ -4033,12 +4056,12 @@ async fn a_batch_token_budget_holds_requests_back_until_they_fit() {
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
-/// The largest running batch (`kandle_batch_size`) seen while polling, until it reaches
-/// `enough` or 200 polls 20 ms apart have passed.
-async fn most_batch_size(http: &reqwest::Client, url: &str, enough: f64) -> f64 {
+/// The largest value of gauge `name` seen while polling, until it reaches `enough` or 200
+/// polls 20 ms apart have passed.
+async fn most_gauge(http: &reqwest::Client, url: &str, name: &str, enough: f64) -> f64 {
     let mut most = 0f64;
     for _ in 0..200 {
-        most = most.max(gauge(http, url, "kandle_batch_size").await);
+        most = most.max(gauge(http, url, name).await);
         if most >= enough {
             break;
         }
