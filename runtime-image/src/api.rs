@@ -373,7 +373,8 @@ impl VllmFields {
     }
 }
 
-/// Completions fields of OpenAI's API that kandle does not implement (as [`ChatUnsupported`]).
+/// Completions fields of OpenAI's API that kandle implements in part (as [`ChatUnsupported`]):
+/// `suffix` for models with fill-in-the-middle tokens ([`crate::fim`]), `best_of` 1.
 #[derive(Debug, Clone, Deserialize, Default)]
 pub struct CompletionUnsupported {
     pub suffix: Option<Value>,
@@ -647,13 +648,21 @@ pub fn json_constraint(format: Option<&Value>) -> Result<Option<Constraint>, Api
 }
 
 impl CompletionUnsupported {
-    /// Refuses a non-empty `suffix` (insertion) and `best_of` above 1.
-    pub fn check(&self) -> Result<(), ApiError> {
+    /// The insertion's `suffix`: `None` for none or an empty one, a 400 when it is not text.
+    pub fn suffix(&self) -> Result<Option<&str>, ApiError> {
         match &self.suffix {
-            None | Some(Value::Null) => {}
-            Some(Value::String(s)) if s.is_empty() => {}
-            Some(_) => return Err(unsupported("suffix", "no insertion; send the prompt alone")),
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) if s.is_empty() => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(v) => Err(ApiError::invalid(
+                format!("suffix must be a string, got {v}"),
+                Some("suffix"),
+            )),
         }
+    }
+
+    /// Refuses `best_of` above 1.
+    pub fn check(&self) -> Result<(), ApiError> {
         match &self.best_of {
             None | Some(Value::Null) => Ok(()),
             Some(v) if v.as_i64() == Some(1) => Ok(()),
@@ -1305,10 +1314,15 @@ mod tests {
             r.unsupported.check()
         };
         assert_eq!(completion(json!({"suffix": "", "best_of": 1})), Ok(()));
-        assert_eq!(
-            completion(json!({"suffix": " end"})).unwrap_err().param,
-            Some("suffix")
-        );
+        let suffix = |v: Value| -> Result<Option<String>, ApiError> {
+            let r: CompletionRequest =
+                serde_json::from_value(json!({"model": "m", "prompt": "p", "suffix": v})).unwrap();
+            r.unsupported.suffix().map(|s| s.map(str::to_owned))
+        };
+        assert_eq!(suffix(json!(" end")), Ok(Some(" end".into())));
+        assert_eq!(suffix(json!("")), Ok(None));
+        assert_eq!(suffix(json!(null)), Ok(None));
+        assert_eq!(suffix(json!(3)).unwrap_err().param, Some("suffix"));
         assert_eq!(
             completion(json!({"best_of": 3})).unwrap_err().param,
             Some("best_of")

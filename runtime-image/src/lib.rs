@@ -15,6 +15,7 @@ pub mod config;
 pub mod detok;
 pub mod engine;
 mod error;
+pub mod fim;
 pub mod grammar;
 pub mod hub;
 pub mod json_mode;

@@ -1154,6 +1154,28 @@ async fn completions(
         ));
     }
     let json = guided_or_format(api::json_constraint(r.response_format.as_ref())?, &r.vllm)?;
+    // `suffix`: fill in the middle, in the format the vocabulary has (crate::fim).
+    let fim = match r.unsupported.suffix()? {
+        None => None,
+        Some(_) if r.echo => {
+            return Err(ApiError::invalid(
+                "echo and suffix cannot be combined: the prompt is not the start of the text",
+                Some("echo"),
+            ));
+        }
+        Some(suffix) => {
+            let tokenizer = &engine.frontend().tokenizer;
+            let fim = crate::fim::Fim::detect(|t| tokenizer.token_to_id(t)).ok_or_else(|| {
+                ApiError::invalid(
+                    "suffix (fill in the middle) needs a model whose vocabulary has \
+                     fill-in-the-middle tokens: Mistral's [SUFFIX] and [PREFIX], or \
+                     <|fim_prefix|>, <fim_prefix> or <｜fim▁begin｜> and theirs; this one has none",
+                    Some("suffix"),
+                )
+            })?;
+            Some((fim, suffix))
+        }
+    };
     let prompts = r.prompt.prompts();
     api::check_prompts(
         prompts.len(),
@@ -1206,11 +1228,25 @@ async fn completions(
                 })?,
             });
         }
-        let prompt = match p {
-            api::Prompt::Text(text) => frontend.encode_prompt(text, true).map_err(|e| {
-                ApiError::invalid(format!("cannot tokenise the prompt: {e}"), Some("prompt"))
-            })?,
-            api::Prompt::Tokens(ids) => {
+        let cannot = |e: crate::Error| {
+            ApiError::invalid(format!("cannot tokenise the prompt: {e}"), Some("prompt"))
+        };
+        let prompt = match (p, fim) {
+            (api::Prompt::Text(text), None) => {
+                frontend.encode_prompt(text, true).map_err(cannot)?
+            }
+            (api::Prompt::Text(text), Some((fim, suffix))) => {
+                let bos = frontend.encode_prompt("", true).map_err(cannot)?;
+                fim.prompt(&bos, text, suffix, |t| frontend.tokenizer.encode(t, false))
+                    .map_err(cannot)?
+            }
+            (api::Prompt::Tokens(_), Some(_)) => {
+                return Err(ApiError::invalid(
+                    "suffix needs the prompt as text, not token ids",
+                    Some("suffix"),
+                ));
+            }
+            (api::Prompt::Tokens(ids), None) => {
                 let limit = frontend.vocab_limit;
                 if let Some(bad) = ids.iter().find(|&&id| id as usize >= limit) {
                     return Err(ApiError::invalid(

@@ -2961,6 +2961,45 @@ async fn a_mistral_small_shaped_gguf_serves_with_its_own_vocabulary() {
     .await;
     assert_eq!(r["usage"]["prompt_tokens"], text_ids.len() + 1, "{r}");
 
+    // Fill in the middle (`suffix`), as mistral-common's encode_fim lays it out:
+    // <s>[SUFFIX] suffix [PREFIX] prompt, the suffix's tokens those of "☺" + suffix less two.
+    let (code, after) = ("def add(a, b):\n    return", "\n\nprint(add(1, 2))");
+    let lead = tokenize(json!({"prompt": format!("☺{after}"), "add_special_tokens": false})).await;
+    let before = tokenize(json!({"prompt": code, "add_special_tokens": false})).await;
+    let control = |name: &str| tokenize(json!({"prompt": name, "add_special_tokens": false}));
+    let (suffix_id, prefix_id) = (control("[SUFFIX]").await, control("[PREFIX]").await);
+    assert_eq!((&suffix_id[..], &prefix_id[..]), (&[16][..], &[14][..]));
+    let laid_out = [&[1][..], &suffix_id, &lead[2..], &prefix_id, &before].concat();
+    let completions = format!("{url}/v1/completions");
+    let by_ids = post_json(
+        &http,
+        &completions,
+        &json!({"model": model, "prompt": laid_out, "max_tokens": 6, "temperature": 0}),
+    )
+    .await;
+    let fim = post_json(
+        &http,
+        &completions,
+        &json!({"model": model, "prompt": code, "suffix": after, "max_tokens": 6,
+                "temperature": 0}),
+    )
+    .await;
+    assert_eq!(
+        fim["choices"][0]["text"], by_ids["choices"][0]["text"],
+        "{fim}"
+    );
+    assert_eq!(fim["usage"], by_ids["usage"], "{fim}");
+    let r = http
+        .post(&completions)
+        .json(&json!({"model": model, "prompt": code, "suffix": after, "echo": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        expect_error(r, 400, "echo with suffix").await["error"]["param"],
+        "echo"
+    );
+
     let chat = format!("{url}/v1/chat/completions");
     let body = json!({"model": model, "messages": [{"role": "user", "content": question}],
                       "temperature": 0, "max_tokens": 12});
