@@ -2783,6 +2783,19 @@ fn mistral_small_shaped_gguf(dir: &std::path::Path) -> std::path::PathBuf {
     out
 }
 
+/// [`mistral_small_shaped_gguf`] written off the async executor: the directory (removed when
+/// dropped) and the file.
+async fn mistral_small_shaped() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tokio::task::spawn_blocking({
+        let dir = dir.path().to_owned();
+        move || mistral_small_shaped_gguf(&dir)
+    })
+    .await
+    .unwrap();
+    (dir, path)
+}
+
 /// Magistral's control tokens that open and close its thoughts.
 const THINK: u32 = 34;
 const END_THINK: u32 = 35;
@@ -2797,13 +2810,7 @@ const END_THINK: u32 = 35;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mistral_s_thoughts_lie_between_its_control_tokens() {
     use kandle_runtime::reasoning::ReasoningParser;
-    let dir = tempfile::tempdir().unwrap();
-    let path = tokio::task::spawn_blocking({
-        let dir = dir.path().to_owned();
-        move || mistral_small_shaped_gguf(&dir)
-    })
-    .await
-    .unwrap();
+    let (_dir, path) = mistral_small_shaped().await;
     let (server, url) = serve_model(path, |c| {
         c.reasoning_parser = Some(ReasoningParser::Mistral);
         c.max_new_tokens = 40;
@@ -2887,18 +2894,12 @@ async fn mistral_s_thoughts_lie_between_its_control_tokens() {
 /// context is its own; a chat prompt is the template's one beginning-of-text token, its
 /// control tokens by id, today's date in the default system prompt and the user's text in
 /// Tekken's tokens; a completion prompt gets the beginning-of-text token llama.cpp gives a
-/// Tekken vocabulary; answers stream as the same text they answer whole; the template's
-/// `[TOOL_CALLS]` chooses Mistral's call format, and a forced call's arguments follow the
-/// tool's parameters.
+/// Tekken vocabulary; a `suffix` fills the middle as mistral-common lays it out; answers
+/// stream as the same text they answer whole; the template's `[TOOL_CALLS]` chooses
+/// Mistral's call format, and a forced call's arguments follow the tool's parameters.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mistral_small_shaped_gguf_serves_with_its_own_vocabulary() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = tokio::task::spawn_blocking({
-        let dir = dir.path().to_owned();
-        move || mistral_small_shaped_gguf(&dir)
-    })
-    .await
-    .unwrap();
+    let (_dir, path) = mistral_small_shaped().await;
     let (server, url) = serve_model(path, |c| c.max_new_tokens = 40).await;
     let http = client();
     let model = "mistral-small-shaped";
