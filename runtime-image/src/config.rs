@@ -169,9 +169,9 @@ pub struct ServeConfig {
     /// `--max-batch-total-tokens`), each sequence counted at its prompt plus its max_tokens:
     /// a request that does not fit beside the running ones waits for them, and one larger
     /// than it all gets less room for its output (a 400 when its prompt alone does not fit).
-    /// Default on CPU: what nine tenths of the memory left after loading holds (the pod's
-    /// memory limit, else the machine's available memory), less the prefix cache's share;
-    /// on a GPU: no limit.
+    /// Default: what nine tenths of the memory left on the device after loading holds (on the
+    /// CPU the pod's memory limit, else the machine's available memory; on a GPU its free
+    /// memory), less the prefix cache's share.
     #[arg(long, env = "KANDLE_MAX_BATCH_TOKENS", value_parser = clap::value_parser!(u64).range(1..))]
     pub max_batch_tokens: Option<u64>,
     /// The most tokens one request may generate (also the default max_tokens for chat).

@@ -61,31 +61,27 @@ pub struct EngineConfig {
 pub enum BatchTokens {
     /// `--max-batch-tokens`.
     Limit(usize),
-    /// Nine tenths of the host memory left after the model loaded ([`crate::memory`]: a pod's
-    /// limit, else the machine's available memory), less the prefix cache's share, divided
-    /// by the model's bytes of keys and values a token. No limit for a model that does not
-    /// say its bytes a token (the small-context families: GPT-2, BLOOM, GPT-J, the
-    /// encoder-decoders).
-    HostMemory,
-    /// No limit (a GPU's memory is not measured: set `--max-batch-tokens` there).
+    /// Nine tenths of `free` bytes, the memory left on the model's device after it loaded
+    /// ([`crate::backend::ComputeDevice::free_memory`]: on the CPU a pod's limit less its
+    /// working set, else the machine's available memory; on a GPU its free memory), less the
+    /// prefix cache's share, divided by the model's bytes of keys and values a token. No
+    /// limit where the memory could not be read, or for a model that does not say its bytes
+    /// a token (the small-context families: GPT-2, BLOOM, GPT-J, the encoder-decoders).
+    Memory { free: Option<u64> },
+    /// No limit.
     Unlimited,
 }
 
 impl BatchTokens {
-    /// The budget in positions, `None` for no limit; `room` is the host memory left
-    /// (`None`: unknown) and `prefix_tokens` the prefix cache's budget.
-    fn resolve(
-        self,
-        bytes_per_token: Option<usize>,
-        prefix_tokens: usize,
-        room: impl FnOnce() -> Option<u64>,
-    ) -> Option<usize> {
+    /// The budget in positions, `None` for no limit; `prefix_tokens` is the prefix cache's
+    /// budget.
+    fn resolve(self, bytes_per_token: Option<usize>, prefix_tokens: usize) -> Option<usize> {
         match self {
             BatchTokens::Limit(n) => Some(n),
             BatchTokens::Unlimited => None,
-            BatchTokens::HostMemory => {
+            BatchTokens::Memory { free } => {
                 let per_token = bytes_per_token? as u64;
-                let usable = room()? / 10 * 9;
+                let usable = free? / 10 * 9;
                 let prefix = prefix_tokens as u64 * per_token;
                 let tokens = usable.saturating_sub(prefix) / per_token.max(1);
                 Some(usize::try_from(tokens).unwrap_or(usize::MAX))
@@ -338,11 +334,9 @@ impl Engine {
                     false => 0,
                 };
                 tracing::info!(tokens = prefix_tokens, "prefix cache budget");
-                let batch_tokens = cfg.batch_tokens.resolve(
-                    g.lm.cache_bytes_per_token(),
-                    prefix_tokens,
-                    crate::memory::host_room,
-                );
+                let batch_tokens = cfg
+                    .batch_tokens
+                    .resolve(g.lm.cache_bytes_per_token(), prefix_tokens);
                 match batch_tokens {
                     Some(tokens) => tracing::info!(
                         tokens,
@@ -1637,34 +1631,30 @@ mod tests {
 
     #[test]
     fn the_batch_token_budget_is_the_flag_or_nine_tenths_of_the_memory_left() {
-        let no_room = || -> Option<u64> { panic!("memory read where the flag decides") };
         assert_eq!(
-            BatchTokens::Limit(300).resolve(Some(23_040), 2048, no_room),
+            BatchTokens::Limit(300).resolve(Some(23_040), 2048),
             Some(300)
         );
-        assert_eq!(
-            BatchTokens::Unlimited.resolve(Some(23_040), 2048, no_room),
-            None
-        );
-        // Llama 3.1 8B (32 layers × 2 × 8 heads × 128 × 2 bytes = 128 KiB a token) in a pod
-        // with 20 GiB left: 18 GiB, less the prefix cache's 512 tokens (64 MiB).
+        assert_eq!(BatchTokens::Unlimited.resolve(Some(23_040), 2048), None);
+        // Llama 3.1 8B (32 layers × 2 × 8 heads × 128 × 2 bytes = 128 KiB a token) with
+        // 20 GiB left: 18 GiB, less the prefix cache's 512 tokens (64 MiB).
         let per_token = 128 << 10;
-        let room = || Some(20u64 << 30);
+        let room = BatchTokens::Memory {
+            free: Some(20u64 << 30),
+        };
         assert_eq!(
-            BatchTokens::HostMemory.resolve(Some(per_token), 512, room),
+            room.resolve(Some(per_token), 512),
             Some(((20u64 << 30) / 10 * 9 / per_token as u64) as usize - 512)
         );
         // Less room than the prefix cache takes: no room for a batch, not a wrap-around.
-        assert_eq!(
-            BatchTokens::HostMemory.resolve(Some(per_token), 512, || Some(1 << 20)),
-            Some(0)
-        );
+        let tight = BatchTokens::Memory {
+            free: Some(1 << 20),
+        };
+        assert_eq!(tight.resolve(Some(per_token), 512), Some(0));
         // A model that does not say its bytes a token, or memory that cannot be read.
-        assert_eq!(BatchTokens::HostMemory.resolve(None, 0, room), None);
-        assert_eq!(
-            BatchTokens::HostMemory.resolve(Some(per_token), 0, || None),
-            None
-        );
+        assert_eq!(room.resolve(None, 0), None);
+        let unknown = BatchTokens::Memory { free: None };
+        assert_eq!(unknown.resolve(Some(per_token), 0), None);
     }
 
     #[test]

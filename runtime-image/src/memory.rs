@@ -1,7 +1,7 @@
 //! How much host memory the server may still take: its cgroup's limit (a pod's memory limit)
 //! less what the cgroup uses, and the machine's available memory, whichever is less. The
 //! engine sizes the running batch's keys and values by it where `--max-batch-tokens` is not
-//! given ([`crate::engine::BatchTokens::HostMemory`]).
+//! given on the CPU ([`crate::engine::BatchTokens::Memory`]).
 //!
 //! A cgroup's use is counted as the kubelet counts a container's working set: its usage less
 //! its inactive file pages, which the kernel gives back before it kills anything (a model

@@ -30,7 +30,6 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::api::{self, ApiError};
-use crate::backend::ComputeDevice;
 use crate::config::ServeConfig;
 use crate::engine::{
     BatchTokens, Engine, EngineConfig, EngineError, FinishReason, Frontend, GenerateEvent,
@@ -322,10 +321,12 @@ fn load_and_warm(st: &AppState, path: &std::path::Path) -> Result<()> {
                 .max_sequence_length
                 .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
             prefix_cache_tokens: cfg.prefix_cache_tokens,
-            batch_tokens: match (cfg.max_batch_tokens, cfg.device) {
-                (Some(n), _) => BatchTokens::Limit(usize::try_from(n).unwrap_or(usize::MAX)),
-                (None, ComputeDevice::Cpu) => BatchTokens::HostMemory,
-                (None, _) => BatchTokens::Unlimited,
+            // Measured now, with the weights loaded and the cache not yet grown.
+            batch_tokens: match cfg.max_batch_tokens {
+                Some(n) => BatchTokens::Limit(usize::try_from(n).unwrap_or(usize::MAX)),
+                None => BatchTokens::Memory {
+                    free: cfg.device.free_memory(),
+                },
             },
         },
         st.metrics.clone(),

@@ -414,6 +414,25 @@ impl ComputeDevice {
         }
     }
 
+    /// The memory free on this device for the running batch's keys and values: the host's
+    /// ([`crate::memory::host_room`]: a pod's limit less its working set, or the machine's
+    /// available memory) on the CPU, the GPU's free memory (the driver's `cuMemGetInfo`) on a
+    /// GPU; `None` where it cannot be read.
+    pub fn free_memory(self) -> Option<u64> {
+        match self {
+            ComputeDevice::Cpu => crate::memory::host_room(),
+            #[cfg(feature = "cuda")]
+            ComputeDevice::Cuda(_) => {
+                let device = self.candle().ok()?;
+                let cuda = device.as_cuda_device().ok()?;
+                let (free, _total) = cuda.cuda_stream().context().mem_get_info().ok()?;
+                Some(free as u64)
+            }
+            #[cfg(not(feature = "cuda"))]
+            ComputeDevice::Cuda(_) => None,
+        }
+    }
+
     /// The candle device; opening a GPU fails with candle's reason (no driver, no such
     /// ordinal) in the message.
     fn candle(self) -> Result<candle_core::Device> {
