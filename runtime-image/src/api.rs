@@ -235,9 +235,33 @@ pub struct VllmFields {
     /// `guided_grammar` and `guided_json`, so that its clients' constraints are not ignored.
     pub grammar: Option<Value>,
     pub json_schema: Option<Value>,
+    /// vLLM's left truncation of the prompt ([`VllmFields::truncate_prompt`]).
+    pub truncate_prompt_tokens: Option<i64>,
 }
 
 impl VllmFields {
+    /// vLLM's `truncate_prompt_tokens`: `k` ≥ 1 keeps the prompt's last `k` tokens (after the
+    /// chat template), -1 its last `context` (the model's length); absent, the prompt is
+    /// whole. Other values get a 400 naming the field.
+    pub fn truncate_prompt(&self, prompt: Vec<u32>, context: usize) -> Result<Vec<u32>, ApiError> {
+        let keep = match self.truncate_prompt_tokens {
+            None => return Ok(prompt),
+            Some(-1) => context,
+            Some(k) if k >= 1 => usize::try_from(k).unwrap_or(usize::MAX),
+            Some(k) => {
+                return Err(ApiError::invalid(
+                    format!("truncate_prompt_tokens must be -1 or at least 1, got {k}"),
+                    Some("truncate_prompt_tokens"),
+                ));
+            }
+        };
+        let cut = prompt.len().saturating_sub(keep);
+        Ok(match cut {
+            0 => prompt,
+            _ => prompt[cut..].to_vec(),
+        })
+    }
+
     /// What vLLM's guided decoding fields constrain the answer to: a JSON schema (as
     /// `response_format`'s), a regex the whole answer matches, one of a list of texts, or
     /// text a GBNF grammar derives ([`crate::grammar`]; also llama.cpp's `grammar` and
@@ -1402,6 +1426,29 @@ mod tests {
         assert_eq!(e.param, Some("text_2"));
         let e = score_pairs(&many(&[]), &one("a")).unwrap_err();
         assert_eq!(e.param, Some("text_1"));
+    }
+
+    #[test]
+    fn truncate_prompt_tokens_keeps_the_prompt_s_end() {
+        let fields = |k: Option<i64>| VllmFields {
+            truncate_prompt_tokens: k,
+            ..Default::default()
+        };
+        let p: Vec<u32> = (0..10).collect();
+        assert_eq!(fields(None).truncate_prompt(p.clone(), 4).unwrap(), p);
+        assert_eq!(
+            fields(Some(3)).truncate_prompt(p.clone(), 100).unwrap(),
+            [7, 8, 9]
+        );
+        assert_eq!(fields(Some(30)).truncate_prompt(p.clone(), 100).unwrap(), p);
+        assert_eq!(
+            fields(Some(-1)).truncate_prompt(p.clone(), 4).unwrap(),
+            [6, 7, 8, 9]
+        );
+        for bad in [0, -2] {
+            let e = fields(Some(bad)).truncate_prompt(p.clone(), 4).unwrap_err();
+            assert_eq!(e.param, Some("truncate_prompt_tokens"));
+        }
     }
 
     #[test]

@@ -1099,6 +1099,7 @@ async fn chat_completions(
                 Some("messages"),
             )
         })?;
+    let prompt = r.vllm.truncate_prompt(prompt, frontend.context_length)?;
     let room = check_context(prompt.len(), frontend, n, "messages")?;
     // Thoughts are split from the answer, a constraint (tool calls' too) applying after them.
     let reasoning = (st.config.reasoning_parser).filter(|p| !p.thoughts_closed(&prompt_text));
@@ -1260,6 +1261,7 @@ async fn completions(
                 ids.to_vec()
             }
         };
+        let prompt = r.vllm.truncate_prompt(prompt, frontend.context_length)?;
         let room = check_context(prompt.len(), frontend, n, "prompt")?;
         reqs.push(GenerateRequest {
             prompt,

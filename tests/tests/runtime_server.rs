@@ -3773,6 +3773,51 @@ async fn concurrent_greedy_requests_decode_in_one_batch_and_match_requests_alone
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
+/// vLLM's `truncate_prompt_tokens`: a prompt past the context is served from its last tokens,
+/// the answer that of those tokens alone, for completions and for chat (the rendered prompt's
+/// end); a value that is neither -1 nor positive is refused by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncate_prompt_tokens_serves_a_long_prompt_from_its_end() {
+    let (server, url) = serve(|_| {}).await;
+    let http = client();
+    let comp = format!("{url}/v1/completions");
+    let long = "The sky is blue and the grass is green. ".repeat(1000);
+    let ids = token_ids(&http, &url, json!({"prompt": long})).await;
+    assert!(ids.len() > 8192, "{} tokens", ids.len());
+    let body = json!({"model": SMOL, "prompt": long, "max_tokens": 4, "temperature": 0});
+    expect_refused(&http, &comp, &body, "prompt").await;
+    let cut = post_json(
+        &http,
+        &comp,
+        &with_fields(body.clone(), &json!({"truncate_prompt_tokens": 64})),
+    )
+    .await;
+    assert_eq!(cut["usage"]["prompt_tokens"], 64, "{cut}");
+    let tail = post_json(
+        &http,
+        &comp,
+        &with_fields(body.clone(), &json!({"prompt": ids[ids.len() - 64..]})),
+    )
+    .await;
+    assert_eq!(cut["choices"][0]["text"], tail["choices"][0]["text"]);
+    // -1: the model's whole context, which leaves no room for an answer.
+    let whole = with_fields(body.clone(), &json!({"truncate_prompt_tokens": -1}));
+    expect_refused(&http, &comp, &whole, "prompt").await;
+    let chat = post_json(
+        &http,
+        &format!("{url}/v1/chat/completions"),
+        &chat_body(
+            &long,
+            json!({"max_tokens": 4, "truncate_prompt_tokens": 64}),
+        ),
+    )
+    .await;
+    assert_eq!(chat["usage"]["prompt_tokens"], 64, "{chat}");
+    let bad = with_fields(body, &json!({"truncate_prompt_tokens": 0}));
+    expect_refused(&http, &comp, &bad, "truncate_prompt_tokens").await;
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
 /// OpenAI's Responses API (`/v1/responses`) runs as the chat request it asks for: the same
 /// answer as chat's for `instructions` plus `input` (a string, or messages of text parts),
 /// its usage, and streamed as typed events (each `event:` its data's `type`, numbered in
