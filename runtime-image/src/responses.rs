@@ -6,7 +6,9 @@
 //! and `function_call_output` items to an assistant turn's `tool_calls` and `tool` turns, and
 //! the answer's calls to `function_call` items. Nothing is stored, as with vLLM's `store:
 //! false`: `previous_response_id` and `conversation` are refused, and so are built-in tools,
-//! images and files, `background` and log-probabilities, each by name, rather than ignored.
+//! images and files and `background`, each by name, rather than ignored. `top_logprobs` (or
+//! `include: ["message.output_text.logprobs"]`) gives the output text's log-probabilities,
+//! chat's in the same shape.
 //!
 //! Pure JSON functions; the server runs the chat request between them.
 
@@ -53,16 +55,13 @@ pub fn to_chat(req: &Value) -> Result<Value, ApiError> {
             "responses run in the foreground only",
         ));
     }
-    if fields
-        .get("top_logprobs")
-        .is_some_and(|v| v.as_u64() != Some(0) && !v.is_null())
-    {
-        return Err(refused(
-            "top_logprobs",
-            "log-probabilities are not served on /v1/responses yet; /v1/chat/completions gives them",
-        ));
-    }
     let mut chat = Map::new();
+    if wants_logprobs(req) {
+        chat.insert("logprobs".into(), json!(true));
+        if let Some(n) = fields.get("top_logprobs").filter(|v| !v.is_null()) {
+            chat.insert("top_logprobs".into(), n.clone());
+        }
+    }
     for f in PASSED {
         if let Some(v) = fields.get(f) {
             chat.insert(f.into(), v.clone());
@@ -134,6 +133,18 @@ pub fn to_chat(req: &Value) -> Result<Value, ApiError> {
         chat.insert("stream_options".into(), json!({"include_usage": true}));
     }
     Ok(Value::Object(chat))
+}
+
+/// Whether the output text's log-probabilities are asked for: `top_logprobs`, or `include`
+/// naming `message.output_text.logprobs`.
+fn wants_logprobs(req: &Value) -> bool {
+    let included = (req
+        .get("include")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten())
+    .any(|v| v == "message.output_text.logprobs");
+    included || req.get("top_logprobs").is_some_and(|v| !v.is_null())
 }
 
 fn refused(field: &'static str, why: &str) -> ApiError {
@@ -383,9 +394,14 @@ fn reasoning_item(id: &str, text: &str, status: &str) -> Value {
            "content": [{"type": "reasoning_text", "text": text}]})
 }
 
-fn message_item(id: &str, text: &str, status: &str) -> Value {
+/// A message item; `logprobs` (chat's `logprobs.content`, the same shape) where asked for.
+fn message_item(id: &str, text: &str, status: &str, logprobs: Option<&Value>) -> Value {
+    let mut part = json!({"type": "output_text", "text": text, "annotations": []});
+    if let Some(lp) = logprobs {
+        part["logprobs"] = lp.clone();
+    }
     json!({"type": "message", "id": id, "status": status, "role": "assistant",
-           "content": [{"type": "output_text", "text": text, "annotations": []}]})
+           "content": [part]})
 }
 
 fn call_item(id: &str, call_id: &Value, name: &Value, arguments: &str) -> Value {
@@ -404,7 +420,13 @@ pub fn from_chat(chat: &Value, req: &Value, id: &str) -> Value {
         output.push(reasoning_item(&format!("rs_{id}"), thoughts, "completed"));
     }
     if let Some(text) = message["content"].as_str().filter(|t| !t.is_empty()) {
-        output.push(message_item(&format!("msg_{id}"), text, status(finish)));
+        let logprobs = choice["logprobs"].get("content");
+        output.push(message_item(
+            &format!("msg_{id}"),
+            text,
+            status(finish),
+            logprobs,
+        ));
     }
     for (i, call) in message["tool_calls"]
         .as_array()
@@ -455,11 +477,14 @@ pub struct Events {
     /// The function calls so far, by their chat index: their `function_call` items, whose
     /// arguments grow as they stream, and their output indices.
     calls: Vec<(u64, usize, Value)>,
+    /// The message's token log-probabilities so far, where asked for (`None`: not asked).
+    logprobs: Option<Vec<Value>>,
     finish: Option<String>,
 }
 
 impl Events {
     pub fn new(req: Value, id: &str, created: u64) -> Events {
+        let logprobs = wants_logprobs(&req).then(Vec::new);
         Events {
             id: id.to_owned(),
             created,
@@ -470,6 +495,7 @@ impl Events {
             output: Vec::new(),
             text: String::new(),
             calls: Vec::new(),
+            logprobs,
             finish: None,
         }
     }
@@ -530,7 +556,8 @@ impl Events {
                 self.output.push(item);
             }
             Open::Message => {
-                let item = message_item(&id, &text, status);
+                let logprobs = self.logprobs.take().map(Value::Array);
+                let item = message_item(&id, &text, status, logprobs.as_ref());
                 let part = &item["content"][0];
                 out.push(self.event(
                     "response.output_text.done",
@@ -637,10 +664,18 @@ impl Events {
                 }
                 self.text.push_str(text);
                 let (id, index) = (self.item_id(kind), self.output.len());
-                out.push(self.event(
-                    event,
-                    json!({"item_id": id, "output_index": index, "content_index": 0, "delta": text}),
-                ));
+                let mut body = json!({"item_id": id, "output_index": index, "content_index": 0, "delta": text});
+                if kind == Open::Message
+                    && let Some(kept) = &mut self.logprobs
+                {
+                    let lps = choice["logprobs"]["content"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default();
+                    kept.extend(lps.iter().cloned());
+                    body["logprobs"] = Value::Array(lps);
+                }
+                out.push(self.event(event, body));
             }
             for call in delta["tool_calls"].as_array().into_iter().flatten() {
                 out.extend(self.call_delta(call));
@@ -781,6 +816,45 @@ mod tests {
     }
 
     #[test]
+    fn log_probabilities_come_with_the_output_text_when_asked() {
+        let chat = to_chat(&json!({"model": "m", "input": "Hi", "top_logprobs": 2})).unwrap();
+        assert_eq!(
+            (&chat["logprobs"], &chat["top_logprobs"]),
+            (&json!(true), &json!(2))
+        );
+        let include = json!({"model": "m", "input": "Hi",
+                             "include": ["message.output_text.logprobs"]});
+        assert_eq!(to_chat(&include).unwrap()["logprobs"], true);
+        assert!(
+            to_chat(&json!({"model": "m", "input": "Hi"}))
+                .unwrap()
+                .get("logprobs")
+                .is_none()
+        );
+        let lp = json!([{"token": "Hi", "logprob": -0.5, "bytes": [72, 105], "top_logprobs": []}]);
+        let answer = json!({"created": 1, "model": "m", "usage": {},
+            "choices": [{"finish_reason": "stop", "logprobs": {"content": lp},
+                         "message": {"role": "assistant", "content": "Hi"}}]});
+        let whole = from_chat(&answer, &include, "x");
+        assert_eq!(whole["output"][0]["content"][0]["logprobs"], lp);
+        let mut ev = Events::new(include, "x", 1);
+        let mut all = ev.start();
+        for c in [
+            json!({"choices": [{"index": 0, "delta": {"content": "Hi"},
+                                "logprobs": {"content": lp}, "finish_reason": "stop"}]}),
+            json!({"choices": [], "usage": {}}),
+        ] {
+            all.extend(ev.chunk(&c));
+        }
+        let delta = all
+            .iter()
+            .find(|e| e["type"] == "response.output_text.delta")
+            .unwrap();
+        assert_eq!(delta["logprobs"], lp);
+        assert_eq!(all.last().unwrap()["response"]["output"], whole["output"]);
+    }
+
+    #[test]
     fn what_cannot_be_followed_is_refused_by_name() {
         for (extra, param) in [
             (
@@ -790,7 +864,6 @@ mod tests {
             (json!({"tools": [{"type": "file_search"}]}), "tools"),
             (json!({"tool_choice": {"type": "mcp"}}), "tool_choice"),
             (json!({"background": true}), "background"),
-            (json!({"top_logprobs": 2}), "top_logprobs"),
             (
                 json!({"input": [{"type": "function_call_output", "output": "x"}]}),
                 "input",

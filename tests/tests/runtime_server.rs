@@ -3908,6 +3908,39 @@ async fn the_responses_api_runs_as_the_chat_request_it_asks_for() {
         chat["usage"]["completion_tokens"]
     );
 
+    // Log-probabilities: chat's, in the output text and in its streamed deltas.
+    let chat_lp = post_json(
+        &http,
+        &format!("{url}/v1/chat/completions"),
+        &json!({"model": SMOL, "temperature": 0, "max_tokens": 24, "logprobs": true,
+                "top_logprobs": 2,
+                "messages": [{"role": "system", "content": "You are brief."},
+                             {"role": "user", "content": question}]}),
+    )
+    .await;
+    let want = &chat_lp["choices"][0]["logprobs"]["content"];
+    assert!(want.as_array().is_some_and(|a| !a.is_empty()), "{chat_lp}");
+    let with_lp = with_fields(body.clone(), &json!({"top_logprobs": 2}));
+    let r = post_json(&http, &responses, &with_lp).await;
+    assert_eq!(&r["output"][0]["content"][0]["logprobs"], want, "{r}");
+    let sse = http
+        .post(&responses)
+        .json(&with_fields(with_lp, &json!({"stream": true})))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let streamed: Vec<Value> = sse
+        .split("\n\n")
+        .filter_map(|f| f.lines().find_map(|l| l.strip_prefix("data: ")))
+        .map(|d| serde_json::from_str::<Value>(d).unwrap())
+        .filter(|e| e["type"] == "response.output_text.delta")
+        .flat_map(|e| e["logprobs"].as_array().unwrap().clone())
+        .collect();
+    assert_eq!(&Value::Array(streamed), want);
+
     // Function tools: a forced call is a function_call item, whole and streamed; its result
     // goes back as a function_call_output item.
     let tools = json!([{"type": "function", "name": "weather_now", "parameters": {
