@@ -106,6 +106,8 @@ pub struct Parts<'a> {
     pub reasoning: Option<&'a str>,
     /// `None` while the thoughts are open and no content came before them.
     pub content: Option<Cow<'a, str>>,
+    /// The thoughts are open: what comes next is reasoning, not content.
+    pub open: bool,
 }
 
 /// The length of the longest end of `text` that begins `tag` (and is not all of it): what
@@ -129,14 +131,15 @@ fn split_r1(text: &str, done: bool) -> Parts<'_> {
         Some(at) => Parts {
             reasoning: Some(&body[..at]),
             content: Some(Cow::Borrowed(&body[at + end.len()..])),
-        },
-        None if done => Parts {
-            reasoning: Some(body),
-            content: None,
+            open: false,
         },
         None => Parts {
-            reasoning: Some(&body[..body.len() - partial_tag(body, end)]),
+            reasoning: Some(match done {
+                true => body,
+                false => &body[..body.len() - partial_tag(body, end)],
+            }),
             content: None,
+            open: true,
         },
     }
 }
@@ -164,6 +167,7 @@ fn split_mistral(text: &str, done: bool) -> Parts<'_> {
         return Parts {
             reasoning: None,
             content: Some(without(&text[..text.len() - held], end)),
+            open: false,
         };
     };
     let (before, body) = (without(&text[..at], end), &text[at + start.len()..]);
@@ -176,6 +180,7 @@ fn split_mistral(text: &str, done: bool) -> Parts<'_> {
                     true => Cow::Borrowed(after),
                     false => Cow::Owned(format!("{before}{after}")),
                 }),
+                open: false,
             }
         }
         None => Parts {
@@ -184,6 +189,7 @@ fn split_mistral(text: &str, done: bool) -> Parts<'_> {
                 false => &body[..body.len() - partial_tag(body, end)],
             }),
             content: (!before.is_empty()).then_some(before),
+            open: true,
         },
     }
 }
@@ -217,26 +223,11 @@ impl Stream {
         let reasoning = parts.reasoning.unwrap_or("");
         let new_reasoning = reasoning[self.reasoning_sent.min(reasoning.len())..].to_owned();
         self.reasoning_sent = self.reasoning_sent.max(reasoning.len());
-        self.closed = self.content_follows(&parts);
+        self.closed = !parts.open;
         let content = parts.content.as_deref().unwrap_or("");
         let new_content = content[self.content_sent.min(content.len())..].to_owned();
         self.content_sent = self.content_sent.max(content.len());
         (new_reasoning, new_content)
-    }
-
-    /// Whether what comes next is content: the thoughts are closed, or (Mistral) none are
-    /// open.
-    fn content_follows(&self, parts: &Parts) -> bool {
-        match self.parser {
-            ReasoningParser::DeepSeekR1 => self.closed || parts.content.is_some(),
-            ReasoningParser::Mistral => {
-                let (start, end) = self.parser.tags();
-                match self.text.find(start) {
-                    None => true,
-                    Some(at) => self.text[at..].contains(end),
-                }
-            }
-        }
     }
 
     /// Whether the thoughts are closed (or, Mistral's, none are open): what follows is the
@@ -383,6 +374,7 @@ mod tests {
                     let at = format!("{text:?} cut at {cut}, {cut2}");
                     assert_eq!(r, whole.reasoning.unwrap_or(""), "{at}");
                     assert_eq!(c, whole.content.as_deref().unwrap_or(""), "{at}");
+                    assert_eq!(s.closed(), !whole.open, "{at}");
                     if parser == R1 {
                         assert_eq!(s.closed(), whole.content.is_some(), "{at}");
                     }

@@ -2191,13 +2191,14 @@ async fn pair_scores<'p>(
             Ok((scores.collect(), tokens))
         }
         Task::Embedding => {
+            // Each distinct text once, by its first place (a rerank's query is every pair's).
             let mut texts: Vec<&'p str> = Vec::new();
-            let mut at = |t: &'p str| match texts.iter().position(|&x| x == t) {
-                Some(i) => i,
-                None => {
+            let mut seen: std::collections::HashMap<&'p str, usize> = Default::default();
+            let mut at = |t: &'p str| {
+                *seen.entry(t).or_insert_with(|| {
                     texts.push(t);
                     texts.len() - 1
-                }
+                })
             };
             let which: Vec<(usize, usize)> = pairs.iter().map(|(a, b)| (at(a), at(b))).collect();
             let inputs = (texts.iter())

@@ -105,8 +105,13 @@ async fn cached_prompt_tokens(http: &reqwest::Client, url: &str) -> f64 {
 
 /// The token ids the server feeds for `input`: `{"prompt": …}` or `{"messages": […]}`.
 async fn token_ids(http: &reqwest::Client, url: &str, input: Value) -> Vec<u32> {
+    model_token_ids(http, url, SMOL, input).await
+}
+
+/// [`token_ids`] for the server of model `model`.
+async fn model_token_ids(http: &reqwest::Client, url: &str, model: &str, input: Value) -> Vec<u32> {
     let mut body = input;
-    body["model"] = json!(SMOL);
+    body["model"] = json!(model);
     let t = post_json(http, &format!("{url}/tokenize"), &body).await;
     t["tokens"]
         .as_array()
@@ -2912,19 +2917,7 @@ async fn a_mistral_small_shaped_gguf_serves_with_its_own_vocabulary() {
         .await
         .unwrap();
     assert_eq!(models["data"][0]["max_model_len"], 32768, "{models}");
-    let tokenize = |body: Value| {
-        let (http, url) = (&http, &url);
-        async move {
-            let mut body = body;
-            body["model"] = json!(model);
-            let t = post_json(http, &format!("{url}/tokenize"), &body).await;
-            (t["tokens"].as_array())
-                .unwrap_or_else(|| panic!("{t}"))
-                .iter()
-                .map(|v| v.as_u64().unwrap() as u32)
-                .collect::<Vec<u32>>()
-        }
-    };
+    let tokenize = |body: Value| model_token_ids(&http, &url, model, body);
     let question = "What is the weather in Paris?";
     let chat_ids = tokenize(json!({"messages": [{"role": "user", "content": question}]})).await;
     let text_ids = tokenize(json!({"prompt": question, "add_special_tokens": false})).await;
@@ -3047,20 +3040,7 @@ async fn a_sentencepiece_gguf_without_a_tokenizer_json_serves_chat_and_completio
     let (_dir, server, url) = serve_tiny_spm_llama(MistralTools::None).await;
     let http = client();
     let model = "tiny-spm-llama";
-    let tokenize = |body: Value| {
-        let (http, url) = (&http, &url);
-        async move {
-            let mut body = body;
-            body["model"] = json!(model);
-            let t = post_json(http, &format!("{url}/tokenize"), &body).await;
-            t["tokens"]
-                .as_array()
-                .unwrap_or_else(|| panic!("{t}"))
-                .iter()
-                .map(|v| v.as_u64().unwrap() as u32)
-                .collect::<Vec<u32>>()
-        }
-    };
+    let tokenize = |body: Value| model_token_ids(&http, &url, model, body);
     // Chat: "<s>" from the template, then "▁[INST] ▁Hi ▁[/INST]"'s pieces; no second BOS.
     let chat_ids = tokenize(json!({"messages": [{"role": "user", "content": "Hi"}]})).await;
     let text_ids =
@@ -3818,6 +3798,33 @@ async fn truncate_prompt_tokens_serves_a_long_prompt_from_its_end() {
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
+/// POSTs `body` to `url` with `stream: true` and returns the Responses API's events: each
+/// frame's `event:` name and its `data:` JSON.
+async fn post_events(http: &reqwest::Client, url: &str, body: &Value) -> Vec<(String, Value)> {
+    let r = http
+        .post(url)
+        .json(&with_fields(body.clone(), &json!({"stream": true})))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{body}");
+    let sse = r.text().await.unwrap();
+    (sse.split("\n\n").filter(|f| !f.trim().is_empty()))
+        .map(|f| {
+            let field = |name: &str| {
+                f.lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .unwrap_or_else(|| panic!("no {name} in {f:?}"))
+                    .to_owned()
+            };
+            (
+                field("event: "),
+                serde_json::from_str(&field("data: ")).unwrap(),
+            )
+        })
+        .collect()
+}
+
 /// OpenAI's Responses API (`/v1/responses`) runs as the chat request it asks for: the same
 /// answer as chat's for `instructions` plus `input` (a string, or messages of text parts),
 /// its usage, and streamed as typed events (each `event:` its data's `type`, numbered in
@@ -3865,30 +3872,7 @@ async fn the_responses_api_runs_as_the_chat_request_it_asks_for() {
     assert_eq!(r["output"][0]["content"][0]["text"], text, "{r}");
 
     // Streamed: typed events in order, adding up to the same answer.
-    let streamed = http
-        .post(&responses)
-        .json(&with_fields(body.clone(), &json!({"stream": true})))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(streamed.status(), 200);
-    let sse = streamed.text().await.unwrap();
-    let events: Vec<(String, Value)> = sse
-        .split("\n\n")
-        .filter(|f| !f.trim().is_empty())
-        .map(|f| {
-            let field = |name: &str| {
-                f.lines()
-                    .find_map(|l| l.strip_prefix(name))
-                    .unwrap_or_else(|| panic!("no {name} in {f:?}"))
-                    .to_owned()
-            };
-            (
-                field("event: "),
-                serde_json::from_str(&field("data: ")).unwrap(),
-            )
-        })
-        .collect();
+    let events = post_events(&http, &responses, &body).await;
     for (i, (kind, data)) in events.iter().enumerate() {
         assert_eq!(data["type"], kind.as_str());
         assert_eq!(data["sequence_number"], i);
@@ -3923,21 +3907,9 @@ async fn the_responses_api_runs_as_the_chat_request_it_asks_for() {
     let with_lp = with_fields(body.clone(), &json!({"top_logprobs": 2}));
     let r = post_json(&http, &responses, &with_lp).await;
     assert_eq!(&r["output"][0]["content"][0]["logprobs"], want, "{r}");
-    let sse = http
-        .post(&responses)
-        .json(&with_fields(with_lp, &json!({"stream": true})))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let streamed: Vec<Value> = sse
-        .split("\n\n")
-        .filter_map(|f| f.lines().find_map(|l| l.strip_prefix("data: ")))
-        .map(|d| serde_json::from_str::<Value>(d).unwrap())
-        .filter(|e| e["type"] == "response.output_text.delta")
-        .flat_map(|e| e["logprobs"].as_array().unwrap().clone())
+    let streamed: Vec<Value> = (post_events(&http, &responses, &with_lp).await.into_iter())
+        .filter(|(kind, _)| kind == "response.output_text.delta")
+        .flat_map(|(_, e)| e["logprobs"].as_array().unwrap().clone())
         .collect();
     assert_eq!(&Value::Array(streamed), want);
 
@@ -3957,29 +3929,17 @@ async fn the_responses_api_runs_as_the_chat_request_it_asks_for() {
         ["Paris", "Rome"].contains(&args["city"].as_str().unwrap()),
         "{r}"
     );
-    let sse = http
-        .post(&responses)
-        .json(&with_fields(forced.clone(), &json!({"stream": true})))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let done: Value = sse
-        .split("\n\n")
-        .filter_map(|f| f.lines().find_map(|l| l.strip_prefix("data: ")))
-        .map(|d| serde_json::from_str::<Value>(d).unwrap())
-        .last()
-        .unwrap();
-    assert_eq!(done["type"], "response.completed", "{sse}");
+    let events = post_events(&http, &responses, &forced).await;
+    let kinds: Vec<&str> = events.iter().map(|(k, _)| k.as_str()).collect();
+    let done = &events.last().unwrap().1;
+    assert_eq!(done["type"], "response.completed", "{kinds:?}");
     assert_eq!(
         done["response"]["output"][0]["arguments"],
         call["arguments"]
     );
     assert!(
-        sse.contains("event: response.function_call_arguments.delta"),
-        "{sse}"
+        kinds.contains(&"response.function_call_arguments.delta"),
+        "{kinds:?}"
     );
     let answer = json!({"model": SMOL, "temperature": 0, "max_output_tokens": 16,
         "tools": tools, "tool_choice": "none", "input": [
