@@ -71,15 +71,22 @@ struct RunArgs {
     log_format: String,
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Crd => {
             print!("{}", kandle_operator::crd::crd_yaml()?);
             Ok(())
         }
         Command::Run(args) => {
-            init_logging(&args.log_format);
+            // Outside the async runtime, and dropped after it: the trace exporter's blocking
+            // client must be. Reconciles' spans (and the log lines inside them) are exported.
+            let _telemetry = kandle_telemetry::init(kandle_telemetry::Options {
+                service: "kandle-operator",
+                exported: "kandle_operator",
+                exported_not_logged: false,
+                json: args.log_format == "json",
+            })?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let config = RunConfig {
                 builder: BuilderConfig {
                     runtime_image: args.runtime_image,
@@ -96,7 +103,7 @@ async fn main() -> anyhow::Result<()> {
                     identity: args.identity.clone().unwrap_or_else(default_identity),
                 }),
             };
-            Ok(kandle_operator::run(config).await?)
+            Ok(rt.block_on(kandle_operator::run(config))?)
         }
     }
 }
@@ -104,18 +111,6 @@ async fn main() -> anyhow::Result<()> {
 fn default_identity() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     format!("{}-{}", host.trim(), std::process::id())
-}
-
-/// Logs go to stderr; the level comes from RUST_LOG (default `info`).
-fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
 }
 
 #[cfg(test)]

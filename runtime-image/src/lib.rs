@@ -28,6 +28,7 @@ pub mod responses;
 pub mod sampling;
 pub mod server;
 pub mod source;
+pub mod telemetry;
 pub mod threads;
 pub mod tokenizer;
 pub mod tool_calls;

@@ -22,12 +22,13 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // Outside the async runtime, and dropped after it: the exporter's blocking client must be.
+    let _telemetry = kandle_telemetry::init(kandle_telemetry::Options {
+        service: "kandle-runtime",
+        exported: kandle_runtime::telemetry::TARGET,
+        exported_not_logged: true,
+        json: false,
+    })?;
     match Cli::parse().command {
         Command::Serve(config) => {
             kandle_runtime::threads::configure(config.threads);

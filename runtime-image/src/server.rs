@@ -28,6 +28,7 @@ use futures::StreamExt;
 use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot, watch};
+use tracing::Instrument as _;
 
 use crate::api::{self, ApiError};
 use crate::config::ServeConfig;
@@ -40,6 +41,7 @@ use crate::json_mode::Constraint;
 use crate::metrics::Metrics;
 use crate::model::Task;
 use crate::reasoning::{ReasoningParser, Stream};
+use crate::telemetry::{self, Generation, GenerationRequest};
 use crate::tool_calls::{self, ToolCallParser};
 
 /// Where model loading stands.
@@ -585,14 +587,17 @@ fn request_id_of(headers: &HeaderMap, st: &AppState) -> String {
 /// one) comes back in the response's `X-Request-Id` and names the request in the log line
 /// written when its answer starts (route, status, seconds: for a stream, to its headers;
 /// never headers or bodies, which may carry keys), so that a client's report can be found in
-/// the server's log.
+/// the server's log. The request runs in its trace span ([`telemetry::request_span`]), which
+/// carries the same id.
 async fn request_id(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let id = request_id_of(req.headers(), &st);
     let route = matched_route(&req).unwrap_or_else(|| req.uri().path().chars().take(64).collect());
     let method = req.method().clone();
+    let span = telemetry::request_span(&method, &route, &id, req.headers());
     let t0 = Instant::now();
-    let mut resp = next.run(req).await;
+    let mut resp = next.run(req).instrument(span.clone()).await;
     let status = resp.status().as_u16();
+    telemetry::record_status(&span, status);
     let seconds = t0.elapsed().as_secs_f64();
     if route.starts_with("/v1/") {
         tracing::info!(request_id = %id, %method, %route, status, seconds, "request");
@@ -1399,16 +1404,31 @@ async fn respond(
     flavor: Flavor,
 ) -> Result<Response, ApiError> {
     // One sequence per choice of every prompt, admitted together or refused together.
-    let rxs = (engine.generate_each(std::mem::take(&mut p.reqs), p.n)).map_err(engine_error)?;
     let id = st.new_id(if flavor == Flavor::Chat {
         "chatcmpl"
     } else {
         "cmpl"
     });
+    let (max_tokens, temperature, top_p) = p.reqs.first().map_or((0, 1.0, 1.0), |r| {
+        (r.max_tokens, r.sampling.temperature, r.sampling.top_p)
+    });
+    let gen_span = Generation::start(&GenerationRequest {
+        operation: match flavor {
+            Flavor::Chat => "chat",
+            Flavor::Completion => "text_completion",
+        },
+        model: &st.model_id,
+        response_id: &id,
+        max_tokens,
+        temperature,
+        top_p,
+        choices: p.reqs.len() * p.n,
+    });
+    let rxs = (engine.generate_each(std::mem::take(&mut p.reqs), p.n)).map_err(engine_error)?;
     if p.stream {
-        Ok(stream_response(st, rxs, p, id, flavor).into_response())
+        Ok(stream_response(st, rxs, p, id, flavor, gen_span).into_response())
     } else {
-        collect_response(st, rxs, p, id, flavor).await
+        collect_response(st, rxs, p, id, flavor, gen_span).await
     }
 }
 
@@ -1423,6 +1443,7 @@ struct Choice {
 
 async fn collect_choice(
     mut rx: mpsc::UnboundedReceiver<GenerateEvent>,
+    gen_span: &Generation,
 ) -> Result<Choice, ApiError> {
     let mut text = String::new();
     let mut logprobs = Vec::new();
@@ -1432,6 +1453,7 @@ async fn collect_choice(
                 text: t,
                 logprobs: l,
             }) => {
+                gen_span.text();
                 text.push_str(&t);
                 logprobs.extend(l);
             }
@@ -1469,6 +1491,7 @@ async fn collect_response(
     p: Prepared,
     id: String,
     flavor: Flavor,
+    gen_span: Generation,
 ) -> Result<Response, ApiError> {
     let Prepared {
         n,
@@ -1479,7 +1502,9 @@ async fn collect_response(
         ..
     } = p;
     let choices: Vec<Choice> =
-        futures::future::try_join_all(rxs.into_iter().map(collect_choice)).await?;
+        futures::future::try_join_all(rxs.into_iter().map(|rx| collect_choice(rx, &gen_span)))
+            .await
+            .inspect_err(|e| gen_span.failed(&e.message))?;
     // Each prompt is counted once, as OpenAI does; the completions of every choice.
     let prompt_tokens: usize = choices
         .iter()
@@ -1487,6 +1512,11 @@ async fn collect_response(
         .map(|c| c.prompt_tokens)
         .sum();
     let completion_tokens: usize = choices.iter().map(|c| c.completion_tokens).sum();
+    gen_span.finished(
+        prompt_tokens,
+        completion_tokens,
+        choices.iter().map(|c| c.finish_reason.as_str()).collect(),
+    );
     let body_of = |(i, c): (usize, &Choice)| match flavor {
         Flavor::Chat => {
             // The thoughts apart; the calls, if any, read from the content after them.
@@ -1576,12 +1606,14 @@ struct StreamState {
     sent_roles: bool,
     /// Per choice: bytes of text sent (completions' logprob offsets).
     text_offset: Vec<usize>,
-    /// Per choice: whether it is done; and how many are not.
-    finished: Vec<bool>,
+    /// Per choice: why it ended, once it has; and how many have not.
+    finished: Vec<Option<FinishReason>>,
     left: usize,
     prompt_tokens: usize,
     completion_tokens: usize,
     done: bool,
+    /// The generation's trace span, which (holding its request's) ends with the stream.
+    gen_span: Generation,
 }
 
 /// One choice's tool call as it streams: its id, whether the chunk naming the tool is sent,
@@ -1818,6 +1850,7 @@ fn stream_response(
     p: Prepared,
     id: String,
     flavor: Flavor,
+    gen_span: Generation,
 ) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
     let Prepared {
         n: per_prompt,
@@ -1861,11 +1894,12 @@ fn stream_response(
         reasoning: reasoning.map(|p| (0..n).map(|_| (Stream::new(p), Vec::new())).collect()),
         sent_roles: false,
         text_offset: vec![0; n],
-        finished: vec![false; n],
+        finished: vec![None; n],
         left: n,
         prompt_tokens: 0,
         completion_tokens: 0,
         done: false,
+        gen_span,
     };
     // Dropping this stream (the client left) drops the receivers, which the model thread
     // notices at its next step and abandons the sequences.
@@ -1899,6 +1933,9 @@ fn stream_response(
             s.done = true;
             return Some((futures::stream::iter(out.into_iter().map(Ok)), s));
         };
+        if let Some(GenerateEvent::Delta { .. }) = &event {
+            s.gen_span.text();
+        }
         match event {
             Some(GenerateEvent::Delta { text, logprobs }) if s.reasoning.is_some() => {
                 for c in s.reasoning_chunks(i, &text, logprobs, None) {
@@ -1939,9 +1976,18 @@ fn stream_response(
                     s.prompt_tokens += prompt_tokens;
                 }
                 s.completion_tokens += completion_tokens;
-                s.finished[i] = true;
+                s.finished[i] = Some(finish_reason);
                 s.left -= 1;
                 if s.left == 0 {
+                    s.gen_span.finished(
+                        s.prompt_tokens,
+                        s.completion_tokens,
+                        s.finished
+                            .iter()
+                            .flatten()
+                            .map(FinishReason::as_str)
+                            .collect(),
+                    );
                     if s.include_usage {
                         out.push(data(&s.usage_chunk()));
                     }
@@ -1950,17 +1996,19 @@ fn stream_response(
                 }
             }
             // After `Done` a choice's channel closes: nothing more to say for it.
-            None if s.finished[i] => {}
+            None if s.finished[i].is_some() => {}
             Some(GenerateEvent::Failed(e)) => {
-                out.push(data(&engine_error(e).body()));
+                let e = engine_error(e);
+                s.gen_span.failed(&e.message);
+                out.push(data(&e.body()));
                 out.push(Event::default().data("[DONE]"));
                 s.done = true;
             }
             None => {
-                out.push(data(
-                    &ApiError::with_status(500, "server_error", None, "the model thread stopped")
-                        .body(),
-                ));
+                let e =
+                    ApiError::with_status(500, "server_error", None, "the model thread stopped");
+                s.gen_span.failed(&e.message);
+                out.push(data(&e.body()));
                 s.done = true;
             }
         }

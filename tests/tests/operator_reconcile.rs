@@ -16,6 +16,7 @@ use kandle_operator::metrics::Metrics;
 use kandle_operator::{LanguageModel, crd};
 use kandle_tests::control_plane::{ControlPlane, apply_crd};
 use kandle_tests::fake_hub::FakeHub;
+use kandle_tests::otlp_collector::{OtlpCollector, string_attribute};
 use kandle_tests::{eventually, finish_rollout};
 use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
@@ -276,12 +277,18 @@ async fn the_operator_binary_reconciles_a_model_to_ready() {
     let ns = cp.namespace("binary").await;
     let hub = FakeHub::start().unwrap();
     hub.add_repo("org/tiny", [("config.json", b"{}".to_vec())]);
+    let collector = OtlpCollector::start().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut child = tokio::process::Command::new(kandle_tests::workspace_binary("kandle-operator"))
         .args(["run", "--log-format", "text", "--namespace", &ns, "--leader-election-namespace", &ns])
         .arg("--kubeconfig")
         .arg(cp.kubeconfig())
         .args(["--hub-endpoint", &hub.url(), "--metrics-addr", &format!("127.0.0.1:{port}")])
+        // Traces: nothing leaves on the batch schedule within the test, all at exit.
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", collector.url())
+        .env("OTEL_BSP_SCHEDULE_DELAY", "600000")
+        .env_remove("OTEL_SERVICE_NAME")
+        .env_remove("OTEL_RESOURCE_ATTRIBUTES")
         .kill_on_drop(true)
         .spawn()
         .unwrap();
@@ -308,6 +315,21 @@ async fn the_operator_binary_reconciles_a_model_to_ready() {
     unsafe { libc::kill(pid, libc::SIGTERM) };
     let status = tokio::time::timeout(WAIT, child.wait()).await.expect("the operator exits on SIGTERM").unwrap();
     assert!(status.success(), "{status}");
+
+    // The reconciles' spans reached the collector as the operator exited, named for the model.
+    assert_eq!(collector.refused(), Vec::<String>::new());
+    let spans = collector.spans();
+    let reconciles: Vec<_> = spans
+        .iter()
+        .filter(|(_, s)| s.name == "reconcile" && string_attribute(&s.attributes, "model") == Some(&format!("{ns}/tiny")))
+        .collect();
+    assert!(!reconciles.is_empty(), "reconcile spans of {ns}/tiny among {:?}", spans.iter().map(|(_, s)| &s.name).collect::<Vec<_>>());
+    for (resource, _) in &reconciles {
+        let resource = resource.as_ref().expect("a resource");
+        assert_eq!(string_attribute(&resource.attributes, "service.name"), Some("kandle-operator"));
+    }
+    // Only the operator's own spans: none of the Kubernetes client's or the HTTP stack's.
+    assert!(spans.iter().all(|(_, s)| s.name == "reconcile"), "{:?}", spans.iter().map(|(_, s)| &s.name).collect::<Vec<_>>());
 }
 
 fn spawn_operator(cp: &ControlPlane, ns: &str, hub: &FakeHub, identity: &str) -> tokio::process::Child {

@@ -1,0 +1,143 @@
+//! A local stand-in for an OpenTelemetry collector, for tests: the OTLP/HTTP traces endpoint.
+//!
+//! `POST /v1/traces` with `Content-Type: application/x-protobuf` is decoded as the protocol's
+//! own `ExportTraceServiceRequest` (the `opentelemetry-proto` messages, as a collector decodes
+//! them) and answered `200` with an empty `ExportTraceServiceResponse`; any other path or
+//! content type gets `404` / `415` and is recorded as refused. The raw bodies are kept too, so
+//! that a test can check what never appears in them (keys, prompts).
+//! It runs on its own thread and runtime, so it outlives any one test's tokio runtime.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use axum::body::Bytes;
+use axum::http::{HeaderMap, StatusCode, Uri, header};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+pub use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+pub use opentelemetry_proto::tonic::resource::v1::Resource;
+pub use opentelemetry_proto::tonic::trace::v1::Span;
+use prost::Message;
+
+#[derive(Default)]
+struct State {
+    bodies: Vec<Vec<u8>>,
+    spans: Vec<(Option<Resource>, Span)>,
+    refused: Vec<String>,
+}
+
+/// A running collector; stopped when dropped.
+pub struct OtlpCollector {
+    addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl OtlpCollector {
+    /// Starts a collector on a free loopback port.
+    pub fn start() -> Result<OtlpCollector> {
+        let state = Arc::new(Mutex::new(State::default()));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding the OTLP collector")?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let shared = state.clone();
+        let thread = std::thread::Builder::new().name("otlp-collector".into()).spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("collector runtime");
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("collector listener");
+                let app = axum::Router::new().fallback(move |uri: Uri, headers: HeaderMap, body: Bytes| {
+                    let state = shared.clone();
+                    async move { receive(&state, &uri, &headers, &body) }
+                });
+                let _ = axum::serve(listener, app)
+                    .with_graceful_shutdown(async {
+                        let _ = stop_rx.await;
+                    })
+                    .await;
+            });
+        })?;
+        Ok(OtlpCollector { addr, state, stop: Some(stop_tx), thread: Some(thread) })
+    }
+
+    /// The base URL (what `OTEL_EXPORTER_OTLP_ENDPOINT` is set to).
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Every span received so far, with its resource.
+    pub fn spans(&self) -> Vec<(Option<Resource>, Span)> {
+        self.state.lock().unwrap().spans.clone()
+    }
+
+    /// The raw bodies of the exports received.
+    pub fn bodies(&self) -> Vec<Vec<u8>> {
+        self.state.lock().unwrap().bodies.clone()
+    }
+
+    /// What was refused: `{path} {content type}` per request.
+    pub fn refused(&self) -> Vec<String> {
+        self.state.lock().unwrap().refused.clone()
+    }
+}
+
+impl Drop for OtlpCollector {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn receive(state: &Mutex<State>, uri: &Uri, headers: &HeaderMap, body: &[u8]) -> (StatusCode, [(header::HeaderName, &'static str); 1], Vec<u8>) {
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let mut state = state.lock().unwrap();
+    let refuse = |state: &mut State, status| {
+        state.refused.push(format!("{} {content_type}", uri.path()));
+        (status, [(header::CONTENT_TYPE, "text/plain")], Vec::new())
+    };
+    if uri.path() != "/v1/traces" {
+        return refuse(&mut state, StatusCode::NOT_FOUND);
+    }
+    if content_type != "application/x-protobuf" {
+        return refuse(&mut state, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    }
+    let Ok(export) = ExportTraceServiceRequest::decode(body) else {
+        return refuse(&mut state, StatusCode::BAD_REQUEST);
+    };
+    state.bodies.push(body.to_vec());
+    for rs in export.resource_spans {
+        for ss in rs.scope_spans {
+            for span in ss.spans {
+                state.spans.push((rs.resource.clone(), span));
+            }
+        }
+    }
+    // An empty ExportTraceServiceResponse: all accepted.
+    (StatusCode::OK, [(header::CONTENT_TYPE, "application/x-protobuf")], Vec::new())
+}
+
+/// The value of attribute `key`, if the attributes have it.
+pub fn attribute<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a any_value::Value> {
+    attributes.iter().find(|kv| kv.key == key).and_then(|kv| kv.value.as_ref()).and_then(|v| v.value.as_ref())
+}
+
+/// A string attribute's value.
+pub fn string_attribute<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a str> {
+    match attribute(attributes, key) {
+        Some(any_value::Value::StringValue(s)) => Some(s),
+        _ => None,
+    }
+}
+
+/// An integer attribute's value.
+pub fn int_attribute(attributes: &[KeyValue], key: &str) -> Option<i64> {
+    match attribute(attributes, key) {
+        Some(any_value::Value::IntValue(i)) => Some(*i),
+        _ => None,
+    }
+}

@@ -1,0 +1,244 @@
+//! Traces: `kandle-runtime serve` with `OTEL_EXPORTER_OTLP_ENDPOINT` set sends its spans by
+//! OTLP/HTTP to a collector (the local stand-in, `kandle_tests::otlp_collector`, which decodes
+//! them with the protocol's own messages), through the real binary, serving SmolLM2:
+//! - a request's server span continues the caller's W3C `traceparent`, carries its route,
+//!   status and request id, and holds a generation span with the GenAI usage the response
+//!   reported; a streamed answer's spans last to its end;
+//! - spans still queued at SIGTERM are sent before the process exits;
+//! - neither the API key nor the prompt appears in what is sent;
+//! - a gRPC protocol is refused at start, naming the variable.
+//!
+//! The binary is `target/<profile>/kandle-runtime` (`cargo build -p kandle-runtime`).
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use kandle_tests::models;
+use kandle_tests::otlp_collector::{OtlpCollector, Span, int_attribute, string_attribute};
+use serde_json::{Value, json};
+
+const API_KEY: &str = "sk-kandle-traces-test-key";
+/// A caller's trace context: trace `0af7…319c`, its span `b7ad…3331`, sampled.
+const TRACE_ID: &str = "0af7651916cd43dd8448eb211c80319c";
+const PARENT_SPAN: &str = "b7ad6b7169203331";
+/// A word of the prompt, which must not reach the collector.
+const PROMPT_WORD: &str = "Zanzibarite";
+
+/// The binary with a clean telemetry environment: nothing from the developer's shell leaks in.
+fn runtime() -> tokio::process::Command {
+    let mut c = tokio::process::Command::new(kandle_tests::workspace_binary("kandle-runtime"));
+    for (var, _) in std::env::vars() {
+        if var.starts_with("OTEL_") || var.starts_with("KANDLE_") {
+            c.env_remove(var);
+        }
+    }
+    c.env("NO_COLOR", "1").kill_on_drop(true);
+    c
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The one span named `name`.
+fn one<'a>(spans: &'a [Span], name: &str) -> &'a Span {
+    let found: Vec<&Span> = spans.iter().filter(|s| s.name == name).collect();
+    assert_eq!(found.len(), 1, "one span named {name:?} among {:?}", spans.iter().map(|s| &s.name).collect::<Vec<_>>());
+    found[0]
+}
+
+/// The span whose parent is `parent`, named `name`.
+fn child_of<'a>(spans: &'a [Span], parent: &Span, name: &str) -> &'a Span {
+    let c = one(spans, name);
+    assert_eq!(c.trace_id, parent.trace_id, "{name} is in its parent's trace");
+    assert_eq!(c.parent_span_id, parent.span_id, "{name} is a child of {}", parent.name);
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_reach_an_otlp_collector_and_continue_the_callers_trace() {
+    let collector = OtlpCollector::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("keys");
+    std::fs::write(&key_file, format!("{API_KEY}\n")).unwrap();
+    let port = free_port();
+    let mut c = runtime();
+    c.arg("serve").arg("--model").arg(models::smollm2_gguf()).args(["--port", &port.to_string()]).arg("--api-key-file").arg(&key_file)
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", collector.url())
+        // Nothing leaves on the 5-second schedule within the test: what arrives was sent at exit.
+        .env("OTEL_BSP_SCHEDULE_DELAY", "600000")
+        // Traces do not depend on the log's level.
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(120)).build().unwrap();
+    let t0 = Instant::now();
+    loop {
+        if let Ok(r) = http.get(format!("{url}/ready")).send().await
+            && r.status() == 200
+        {
+            break;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "the server exited before it was ready");
+        assert!(t0.elapsed() < Duration::from_secs(180), "not ready after 3 minutes");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let models: Value = http.get(format!("{url}/v1/models")).bearer_auth(API_KEY).send().await.unwrap().json().await.unwrap();
+    let model = models["data"][0]["id"].as_str().unwrap().to_owned();
+
+    // A chat request inside the caller's trace.
+    let r = http
+        .post(format!("{url}/v1/chat/completions"))
+        .bearer_auth(API_KEY)
+        .header("traceparent", format!("00-{TRACE_ID}-{PARENT_SPAN}-01"))
+        .header("x-request-id", "traces-test-chat")
+        .json(&json!({"model": model, "max_tokens": 8, "temperature": 0,
+            "messages": [{"role": "user", "content": format!("Tell me about {PROMPT_WORD}.")}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let chat: Value = r.json().await.unwrap();
+
+    // A streamed completion of two choices, in a trace of its own.
+    let r = http
+        .post(format!("{url}/v1/completions"))
+        .bearer_auth(API_KEY)
+        .json(&json!({"model": model, "max_tokens": 6, "n": 2, "seed": 7, "stream": true,
+            "stream_options": {"include_usage": true}, "prompt": format!("{PROMPT_WORD} is")}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let sse = r.text().await.unwrap();
+    let chunks: Vec<Value> = sse
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let streamed_usage = chunks.iter().find(|c| c["usage"].is_object()).expect("a usage chunk")["usage"].clone();
+    let mut stream_reasons: Vec<String> = chunks
+        .iter()
+        .flat_map(|c| c["choices"].as_array().cloned().unwrap_or_default())
+        .filter_map(|c| c["finish_reason"].as_str().map(str::to_owned))
+        .collect();
+    stream_reasons.sort();
+
+    // Refused without a key: a client error, not a server one.
+    let r = http.post(format!("{url}/v1/completions")).json(&json!({"model": model, "prompt": "x"})).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+
+    // SIGTERM: the queued spans leave before the process does.
+    assert!(collector.spans().is_empty(), "nothing was sent before exit: {:?}", collector.spans());
+    unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) };
+    let status = tokio::time::timeout(Duration::from_secs(60), child.wait()).await.expect("exits within a minute").unwrap();
+    let mut stderr = String::new();
+    tokio::io::AsyncReadExt::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).await.unwrap();
+    assert!(status.success(), "the server exited with {status}:\n{stderr}");
+
+    assert_eq!(collector.refused(), Vec::<String>::new());
+    let received = collector.spans();
+    for (resource, span) in &received {
+        let resource = resource.as_ref().expect("a resource");
+        assert_eq!(string_attribute(&resource.attributes, "service.name"), Some("kandle-runtime"), "{}", span.name);
+    }
+    let spans: Vec<Span> = received.into_iter().map(|(_, s)| s).collect();
+    for raw in collector.bodies() {
+        let text = String::from_utf8_lossy(&raw);
+        assert!(!text.contains(API_KEY), "the API key was exported");
+        assert!(!text.contains(PROMPT_WORD), "the prompt was exported");
+    }
+
+    // The chat request: the server span continues the caller's trace.
+    let server = one(&spans, "POST /v1/chat/completions");
+    assert_eq!(hex(&server.trace_id), TRACE_ID);
+    assert_eq!(hex(&server.parent_span_id), PARENT_SPAN);
+    assert_eq!(server.kind, 2, "a server span");
+    assert_eq!(string_attribute(&server.attributes, "http.route"), Some("/v1/chat/completions"));
+    assert_eq!(string_attribute(&server.attributes, "http.request.method"), Some("POST"));
+    assert_eq!(int_attribute(&server.attributes, "http.response.status_code"), Some(200));
+    assert_eq!(string_attribute(&server.attributes, "kandle.request_id"), Some("traces-test-chat"));
+    assert_ne!(server.status.as_ref().map_or(0, |s| s.code), 2, "not an error");
+    let generation = child_of(&spans, server, &format!("chat {model}"));
+    let a = &generation.attributes;
+    assert_eq!(string_attribute(a, "gen_ai.operation.name"), Some("chat"));
+    assert_eq!(string_attribute(a, "gen_ai.request.model"), Some(model.as_str()));
+    assert_eq!(string_attribute(a, "gen_ai.response.id"), chat["id"].as_str());
+    assert_eq!(int_attribute(a, "gen_ai.request.max_tokens"), Some(8));
+    assert_eq!(int_attribute(a, "gen_ai.usage.input_tokens"), chat["usage"]["prompt_tokens"].as_i64());
+    assert_eq!(int_attribute(a, "gen_ai.usage.output_tokens"), chat["usage"]["completion_tokens"].as_i64());
+    let reasons = |s: &Span| -> Vec<String> {
+        match kandle_tests::otlp_collector::attribute(&s.attributes, "gen_ai.response.finish_reasons") {
+            Some(kandle_tests::otlp_collector::any_value::Value::ArrayValue(a)) => a
+                .values
+                .iter()
+                .filter_map(|v| match &v.value {
+                    Some(kandle_tests::otlp_collector::any_value::Value::StringValue(s)) => Some(s.clone()),
+                    _ => None,
+                })
+                .collect(),
+            other => panic!("finish reasons of {}: {other:?}", s.name),
+        }
+    };
+    assert_eq!(reasons(generation), vec![chat["choices"][0]["finish_reason"].as_str().unwrap().to_owned()]);
+    let first = generation.events.iter().find(|e| e.name == "first text").expect("a first-text event");
+    assert!(first.time_unix_nano >= generation.start_time_unix_nano && first.time_unix_nano <= generation.end_time_unix_nano);
+    assert!(generation.start_time_unix_nano >= server.start_time_unix_nano && generation.end_time_unix_nano <= server.end_time_unix_nano);
+
+    // The streamed completion: a trace of its own, whose spans last to the stream's end (the
+    // usage is only known there).
+    let completions: Vec<&Span> = spans.iter().filter(|s| s.name == "POST /v1/completions").collect();
+    assert_eq!(completions.len(), 2, "the streamed request and the refused one");
+    let (server, refused) = match int_attribute(&completions[0].attributes, "http.response.status_code") {
+        Some(200) => (completions[0], completions[1]),
+        _ => (completions[1], completions[0]),
+    };
+    assert_ne!(hex(&server.trace_id), TRACE_ID);
+    assert!(server.parent_span_id.is_empty(), "a root span");
+    assert_eq!(int_attribute(&server.attributes, "http.response.status_code"), Some(200));
+    let generation = child_of(&spans, server, &format!("text_completion {model}"));
+    assert_eq!(int_attribute(&generation.attributes, "gen_ai.request.choice.count"), Some(2));
+    assert_eq!(int_attribute(&generation.attributes, "gen_ai.usage.input_tokens"), streamed_usage["prompt_tokens"].as_i64());
+    assert_eq!(int_attribute(&generation.attributes, "gen_ai.usage.output_tokens"), streamed_usage["completion_tokens"].as_i64());
+    let mut got = reasons(generation);
+    got.sort();
+    assert_eq!(got, stream_reasons);
+    assert!(generation.end_time_unix_nano <= server.end_time_unix_nano, "the request's span outlasts its generation");
+
+    // The refused request: a span with its 401, not an error, and no generation.
+    assert_eq!(int_attribute(&refused.attributes, "http.response.status_code"), Some(401));
+    assert_ne!(refused.status.as_ref().map_or(0, |s| s.code), 2, "a client's error is not the server's");
+    assert!(!spans.iter().any(|s| s.parent_span_id == refused.span_id), "no child under a refused request");
+
+    // Probes are not traced: the readiness polls above left no span.
+    assert!(!spans.iter().any(|s| s.name.contains("/ready")), "{:?}", spans.iter().map(|s| &s.name).collect::<Vec<_>>());
+    let names: std::collections::BTreeSet<&str> = spans.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["GET /v1/models", "POST /v1/chat/completions", "POST /v1/completions", &format!("chat {model}"), &format!("text_completion {model}")]
+            .into_iter()
+            .collect()
+    );
+}
+
+#[tokio::test]
+async fn a_grpc_protocol_is_refused_at_start_naming_the_variable() {
+    let mut c = runtime();
+    c.arg("serve").arg("--model").arg(models::smollm2_gguf())
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317")
+        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let out = tokio::time::timeout(Duration::from_secs(60), c.output()).await.expect("exits at once").unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "refused: {text}");
+    assert!(text.contains("OTEL_EXPORTER_OTLP_PROTOCOL=grpc is not supported"), "{text}");
+    assert!(text.contains("http/protobuf"), "{text}");
+}
