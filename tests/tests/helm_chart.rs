@@ -281,6 +281,7 @@ async fn install_upgrade_and_uninstall_with_the_real_helm() {
             cp.helm().args(["install", "life"]).arg(chart()).args([
                 "--namespace", &ns2, "--set", "hub.endpoint=http://hub.example:8080",
                 "--set", "runtime.gpuImage=registry.local/kandle-runtime:1-cuda",
+                "--set", "tracing.otlpEndpoint=http://otel-collector.observability:4318",
             ]),
             None,
             "helm install",
@@ -294,6 +295,8 @@ async fn install_upgrade_and_uninstall_with_the_real_helm() {
     assert!(c.args.as_ref().unwrap().contains(&"--hub-endpoint=http://hub.example:8080".to_owned()));
     assert!(c.args.as_ref().unwrap().contains(&"--runtime-image-gpu=registry.local/kandle-runtime:1-cuda".to_owned()));
     assert_eq!(d.spec.as_ref().unwrap().replicas, Some(1));
+    let otlp = c.env.as_ref().unwrap().iter().find(|e| e.name == "OTEL_EXPORTER_OTLP_ENDPOINT");
+    assert_eq!(otlp.and_then(|e| e.value.as_deref()), Some("http://otel-collector.observability:4318"));
 
     // A values change reaches the operator Deployment.
     let ns2 = ns.clone();
@@ -485,6 +488,7 @@ async fn a_namespaced_install_is_least_privilege_and_its_operator_brings_an_exam
                 "--namespace", &rn, "--set", &format!("watchNamespaces={{{mn}}}"),
                 // Rendered into the args the operator below runs with, so the flag is parsed.
                 "--set", "runtime.gpuImage=registry.local/kandle-runtime:1-cuda",
+                "--set", "tracing.otlpEndpoint=http://otel-collector.observability:4318",
             ]),
             None,
             "helm install (namespaced)",
