@@ -16,11 +16,10 @@
 //! It runs on its own thread and runtime, so it outlives any one test's tokio runtime.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
@@ -51,42 +50,25 @@ struct State {
 
 /// A running fake hub. Stops when dropped.
 pub struct FakeHub {
-    addr: SocketAddr,
+    server: crate::LocalServer,
     state: Arc<Mutex<State>>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl FakeHub {
     /// Starts a hub on a free loopback port.
     pub fn start() -> Result<FakeHub> {
         let state = Arc::new(Mutex::new(State::default()));
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding the fake hub")?;
-        listener.set_nonblocking(true)?;
-        let addr = listener.local_addr()?;
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let shared = state.clone();
-        let thread = std::thread::Builder::new().name("fake-hub".into()).spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("fake hub runtime");
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).expect("fake hub listener");
-                let app = axum::Router::new().fallback(move |method: Method, uri: Uri, headers: HeaderMap| {
-                    let state = shared.clone();
-                    async move { handle(&state, &method, &uri, &headers) }
-                });
-                let _ = axum::serve(listener, app)
-                    .with_graceful_shutdown(async {
-                        let _ = stop_rx.await;
-                    })
-                    .await;
-            });
-        })?;
-        Ok(FakeHub { addr, state, stop: Some(stop_tx), thread: Some(thread) })
+        let app = axum::Router::new().fallback(move |method: Method, uri: Uri, headers: HeaderMap| {
+            let state = shared.clone();
+            async move { handle(&state, &method, &uri, &headers) }
+        });
+        Ok(FakeHub { server: crate::LocalServer::start("fake-hub", app)?, state })
     }
 
     /// The hub's base URL (what `HF_ENDPOINT` is set to).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        self.server.url()
     }
 
     /// Creates (or replaces) `repo` with `files` as the first commit on `main`; returns its sha.
@@ -153,17 +135,6 @@ impl FakeHub {
     /// Every request served so far.
     pub fn requests(&self) -> Vec<Request> {
         self.state.lock().unwrap().requests.clone()
-    }
-}
-
-impl Drop for FakeHub {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
     }
 }
 

@@ -117,3 +117,50 @@ pub async fn finish_rollout(client: &kube::Client, ns: &str, name: &str) {
         .await
         .unwrap_or_else(|e| panic!("writing Deployment {ns}/{name}'s status: {e}"));
 }
+
+/// An axum app served on a free loopback port from a thread and runtime of its own, so that it
+/// outlives any one test's tokio runtime (the fake hub, the OTLP collector). Stops when dropped.
+pub struct LocalServer {
+    addr: std::net::SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LocalServer {
+    /// Serves `app`; `name` names the thread.
+    pub fn start(name: &str, app: axum::Router) -> anyhow::Result<LocalServer> {
+        use anyhow::Context as _;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").with_context(|| format!("binding the {name}"))?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new().name(name.into()).spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a local server's runtime");
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("a local server's listener");
+                let _ = axum::serve(listener, app)
+                    .with_graceful_shutdown(async {
+                        let _ = stop_rx.await;
+                    })
+                    .await;
+            });
+        })?;
+        Ok(LocalServer { addr, stop: Some(stop_tx), thread: Some(thread) })
+    }
+
+    /// `http://127.0.0.1:{port}`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for LocalServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

@@ -5,12 +5,11 @@
 //! them) and answered `200` with an empty `ExportTraceServiceResponse`; any other path or
 //! content type gets `404` / `415` and is recorded as refused. The raw bodies are kept too, so
 //! that a test can check what never appears in them (keys, prompts).
-//! It runs on its own thread and runtime, so it outlives any one test's tokio runtime.
+//! It runs on its own thread and runtime ([`crate::LocalServer`]).
 
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode, Uri, header};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
@@ -28,42 +27,25 @@ struct State {
 
 /// A running collector; stopped when dropped.
 pub struct OtlpCollector {
-    addr: SocketAddr,
+    server: crate::LocalServer,
     state: Arc<Mutex<State>>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl OtlpCollector {
     /// Starts a collector on a free loopback port.
     pub fn start() -> Result<OtlpCollector> {
         let state = Arc::new(Mutex::new(State::default()));
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding the OTLP collector")?;
-        listener.set_nonblocking(true)?;
-        let addr = listener.local_addr()?;
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let shared = state.clone();
-        let thread = std::thread::Builder::new().name("otlp-collector".into()).spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("collector runtime");
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).expect("collector listener");
-                let app = axum::Router::new().fallback(move |uri: Uri, headers: HeaderMap, body: Bytes| {
-                    let state = shared.clone();
-                    async move { receive(&state, &uri, &headers, &body) }
-                });
-                let _ = axum::serve(listener, app)
-                    .with_graceful_shutdown(async {
-                        let _ = stop_rx.await;
-                    })
-                    .await;
-            });
-        })?;
-        Ok(OtlpCollector { addr, state, stop: Some(stop_tx), thread: Some(thread) })
+        let app = axum::Router::new().fallback(move |uri: Uri, headers: HeaderMap, body: Bytes| {
+            let state = shared.clone();
+            async move { receive(&state, &uri, &headers, &body) }
+        });
+        Ok(OtlpCollector { server: crate::LocalServer::start("otlp-collector", app)?, state })
     }
 
     /// The base URL (what `OTEL_EXPORTER_OTLP_ENDPOINT` is set to).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        self.server.url()
     }
 
     /// Every span received so far, with its resource.
@@ -79,17 +61,6 @@ impl OtlpCollector {
     /// What was refused: `{path} {content type}` per request.
     pub fn refused(&self) -> Vec<String> {
         self.state.lock().unwrap().refused.clone()
-    }
-}
-
-impl Drop for OtlpCollector {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 
