@@ -1403,7 +1403,6 @@ async fn respond(
     mut p: Prepared,
     flavor: Flavor,
 ) -> Result<Response, ApiError> {
-    // One sequence per choice of every prompt, admitted together or refused together.
     let id = st.new_id(if flavor == Flavor::Chat {
         "chatcmpl"
     } else {
@@ -1424,6 +1423,7 @@ async fn respond(
         top_p,
         choices: p.reqs.len() * p.n,
     });
+    // One sequence per choice of every prompt, admitted together or refused together.
     let rxs = (engine.generate_each(std::mem::take(&mut p.reqs), p.n)).map_err(engine_error)?;
     if p.stream {
         Ok(stream_response(st, rxs, p, id, flavor, gen_span).into_response())

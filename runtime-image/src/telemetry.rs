@@ -97,12 +97,12 @@ pub struct GenerationRequest<'a> {
 }
 
 impl Generation {
+    /// Starts the span, under the current one (the request's), just before admission.
     pub fn start(r: &GenerationRequest<'_>) -> Self {
         let span = tracing::info_span!(
             target: TARGET,
             "generation",
             otel.name = %format_args!("{} {}", r.operation, r.model),
-            otel.status_code = tracing::field::Empty,
         );
         if !span.is_disabled() {
             for (key, value) in [

@@ -3,7 +3,8 @@
 //! them with the protocol's own messages), through the real binary, serving SmolLM2:
 //! - a request's server span continues the caller's W3C `traceparent`, carries its route,
 //!   status and request id, and holds a generation span with the GenAI usage the response
-//!   reported; a streamed answer's spans last to its end;
+//!   reported; a streamed answer's spans last to its end; a timed-out request's spans are
+//!   errors, a refused one's not;
 //! - spans still queued at SIGTERM are sent before the process exits;
 //! - neither the API key nor the prompt appears in what is sent;
 //! - a gRPC protocol is refused at start, naming the variable.
@@ -53,10 +54,10 @@ fn one<'a>(spans: &'a [Span], name: &str) -> &'a Span {
 
 /// The span whose parent is `parent`, named `name`.
 fn child_of<'a>(spans: &'a [Span], parent: &Span, name: &str) -> &'a Span {
-    let c = one(spans, name);
-    assert_eq!(c.trace_id, parent.trace_id, "{name} is in its parent's trace");
-    assert_eq!(c.parent_span_id, parent.span_id, "{name} is a child of {}", parent.name);
-    c
+    let found: Vec<&Span> = spans.iter().filter(|s| s.name == name && s.parent_span_id == parent.span_id).collect();
+    assert_eq!(found.len(), 1, "one span named {name:?} under {}", parent.name);
+    assert_eq!(found[0].trace_id, parent.trace_id, "{name} is in its parent's trace");
+    found[0]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -68,6 +69,8 @@ async fn spans_reach_an_otlp_collector_and_continue_the_callers_trace() {
     let port = free_port();
     let mut c = runtime();
     c.arg("serve").arg("--model").arg(models::smollm2_gguf()).args(["--port", &port.to_string()]).arg("--api-key-file").arg(&key_file)
+        // Long enough for the short requests, not for the counting one that is to time out.
+        .args(["--request-timeout", "3s", "--max-new-tokens", "4000"])
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", collector.url())
         // Nothing leaves on the 5-second schedule within the test: what arrives was sent at exit.
         .env("OTEL_BSP_SCHEDULE_DELAY", "600000")
@@ -130,6 +133,17 @@ async fn spans_reach_an_otlp_collector_and_continue_the_callers_trace() {
         .filter_map(|c| c["finish_reason"].as_str().map(str::to_owned))
         .collect();
     stream_reasons.sort();
+
+    // Past the time limit: a 504, the server's error.
+    let r = http
+        .post(format!("{url}/v1/completions"))
+        .bearer_auth(API_KEY)
+        .json(&json!({"model": model, "max_tokens": 4000, "ignore_eos": true, "temperature": 0, "prompt": "1, 2, 3, 4,"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 504);
+    let timed_out: Value = r.json().await.unwrap();
 
     // Refused without a key: a client error, not a server one.
     let r = http.post(format!("{url}/v1/completions")).json(&json!({"model": model, "prompt": "x"})).send().await.unwrap();
@@ -195,11 +209,11 @@ async fn spans_reach_an_otlp_collector_and_continue_the_callers_trace() {
     // The streamed completion: a trace of its own, whose spans last to the stream's end (the
     // usage is only known there).
     let completions: Vec<&Span> = spans.iter().filter(|s| s.name == "POST /v1/completions").collect();
-    assert_eq!(completions.len(), 2, "the streamed request and the refused one");
-    let (server, refused) = match int_attribute(&completions[0].attributes, "http.response.status_code") {
-        Some(200) => (completions[0], completions[1]),
-        _ => (completions[1], completions[0]),
+    assert_eq!(completions.len(), 3, "the streamed request, the one timed out and the refused one");
+    let with_status = |code| {
+        *completions.iter().find(|s| int_attribute(&s.attributes, "http.response.status_code") == Some(code)).unwrap()
     };
+    let (server, timed_out_span, refused) = (with_status(200), with_status(504), with_status(401));
     assert_ne!(hex(&server.trace_id), TRACE_ID);
     assert!(server.parent_span_id.is_empty(), "a root span");
     assert_eq!(int_attribute(&server.attributes, "http.response.status_code"), Some(200));
@@ -211,6 +225,12 @@ async fn spans_reach_an_otlp_collector_and_continue_the_callers_trace() {
     got.sort();
     assert_eq!(got, stream_reasons);
     assert!(generation.end_time_unix_nano <= server.end_time_unix_nano, "the request's span outlasts its generation");
+
+    // The request past its time limit: both spans are errors, the generation's with the cause.
+    assert_eq!(timed_out_span.status.as_ref().map(|s| s.code), Some(2), "a 504 is an error");
+    let generation = child_of(&spans, timed_out_span, &format!("text_completion {model}"));
+    let status = generation.status.as_ref().expect("a status");
+    assert_eq!((status.code, status.message.as_str()), (2, timed_out["error"]["message"].as_str().unwrap()));
 
     // The refused request: a span with its 401, not an error, and no generation.
     assert_eq!(int_attribute(&refused.attributes, "http.response.status_code"), Some(401));
