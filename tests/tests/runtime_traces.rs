@@ -70,7 +70,7 @@ async fn spans_reach_an_otlp_collector_and_continue_the_callers_trace() {
     let mut c = runtime();
     c.arg("serve").arg("--model").arg(models::smollm2_gguf()).args(["--port", &port.to_string()]).arg("--api-key-file").arg(&key_file)
         // Long enough for the short requests, not for the counting one that is to time out.
-        .args(["--request-timeout", "3s", "--max-new-tokens", "4000"])
+        .args(["--request-timeout", "3s", "--max-new-tokens", "8000"])
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", collector.url())
         // Nothing leaves on the 5-second schedule within the test: what arrives was sent at exit.
         .env("OTEL_BSP_SCHEDULE_DELAY", "600000")
@@ -138,7 +138,7 @@ async fn spans_reach_an_otlp_collector_and_continue_the_callers_trace() {
     let r = http
         .post(format!("{url}/v1/completions"))
         .bearer_auth(API_KEY)
-        .json(&json!({"model": model, "max_tokens": 4000, "ignore_eos": true, "temperature": 0, "prompt": "1, 2, 3, 4,"}))
+        .json(&json!({"model": model, "max_tokens": 8000, "ignore_eos": true, "temperature": 0, "prompt": "1, 2, 3, 4,"}))
         .send()
         .await
         .unwrap();
