@@ -2107,7 +2107,18 @@ async fn embeddings(
         }
     }
     let prompt_tokens: usize = inputs.iter().map(Vec::len).sum();
-    let vectors = engine.embed(inputs).await.map_err(engine_error)?;
+    let span = telemetry::embeddings_span(
+        &st.model_id,
+        prompt_tokens,
+        base64,
+        engine.frontend().embedding_dim,
+    );
+    let vectors = engine
+        .embed(inputs)
+        .instrument(span.clone())
+        .await
+        .map_err(engine_error)
+        .inspect_err(|e| telemetry::failed(&span, &e.message))?;
     let data: Vec<Value> = vectors
         .iter()
         .enumerate()

@@ -15,6 +15,10 @@
 //!   `gen_ai.response.finish_reasons`) and vLLM's `gen_ai.latency.time_to_first_token`
 //!   (seconds from admission to the first text the client gets).
 //!
+//! - for `/v1/embeddings`, a span `embeddings {model}` with the inputs' tokens
+//!   (`gen_ai.usage.input_tokens`), `gen_ai.request.encoding_formats` and
+//!   `gen_ai.embeddings.dimension.count`.
+//!
 //! Never exported: headers, bodies, prompts, answers, keys.
 
 use std::time::Instant;
@@ -69,6 +73,43 @@ pub fn record_status(span: &Span, status: u16) {
     span.record("http.response.status_code", i64::from(status));
     if status >= 500 {
         span.record("otel.status_code", "ERROR");
+    }
+}
+
+/// The span of an embeddings request, `embeddings {model}`, a child of the current span,
+/// with OpenTelemetry's GenAI attributes: the model, the inputs' tokens, the encoding and the
+/// embeddings' width. Disabled, and free, when nothing exports.
+pub fn embeddings_span(model: &str, input_tokens: usize, base64: bool, dimensions: usize) -> Span {
+    let span = tracing::info_span!(
+        target: TARGET,
+        "embeddings",
+        otel.name = %format_args!("embeddings {model}"),
+    );
+    if !span.is_disabled() {
+        let format = Value::Array(opentelemetry::Array::String(vec![
+            if base64 { "base64" } else { "float" }.into(),
+        ]));
+        for (key, value) in [
+            ("gen_ai.operation.name", Value::from("embeddings")),
+            ("gen_ai.request.model", Value::from(model.to_owned())),
+            ("gen_ai.response.model", Value::from(model.to_owned())),
+            ("gen_ai.usage.input_tokens", Value::I64(input_tokens as i64)),
+            ("gen_ai.request.encoding_formats", format),
+            (
+                "gen_ai.embeddings.dimension.count",
+                Value::I64(dimensions as i64),
+            ),
+        ] {
+            span.set_attribute(key, value);
+        }
+    }
+    span
+}
+
+/// Marks `span` failed with `message`.
+pub fn failed(span: &Span, message: &str) {
+    if !span.is_disabled() {
+        span.set_status(Status::error(message.to_owned()));
     }
 }
 
@@ -162,9 +203,7 @@ impl Generation {
 
     /// The generation failed (the model thread's error, or it stopped).
     pub fn failed(&self, message: &str) {
-        if !self.span.is_disabled() {
-            self.span.set_status(Status::error(message.to_owned()));
-        }
+        failed(&self.span, message);
     }
 }
 

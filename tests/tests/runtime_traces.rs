@@ -1,10 +1,12 @@
 //! Traces: `kandle-runtime serve` with `OTEL_EXPORTER_OTLP_ENDPOINT` set sends its spans by
 //! OTLP/HTTP to a collector (the local stand-in, `kandle_tests::otlp_collector`, which decodes
-//! them with the protocol's own messages), through the real binary, serving SmolLM2:
+//! them with the protocol's own messages), through the real binary, serving SmolLM2 (and MiniLM):
 //! - a request's server span continues the caller's W3C `traceparent`, carries its route,
 //!   status and request id, and holds a generation span with the GenAI usage the response
 //!   reported; a streamed answer's spans last to its end; a timed-out request's spans are
 //!   errors, a refused one's not;
+//! - an embeddings request (MiniLM) is a span `embeddings {model}` with its tokens, encoding
+//!   and width;
 //! - spans still queued at SIGTERM are sent before the process exits;
 //! - neither the API key nor the prompt appears in what is sent;
 //! - a gRPC protocol is refused at start, naming the variable.
@@ -60,17 +62,11 @@ fn child_of<'a>(spans: &'a [Span], parent: &Span, name: &str) -> &'a Span {
     found[0]
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn spans_reach_an_otlp_collector_and_continue_the_callers_trace() {
-    let collector = OtlpCollector::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let key_file = dir.path().join("keys");
-    std::fs::write(&key_file, format!("{API_KEY}\n")).unwrap();
+/// `serve` of `model` with `args`, sending its spans to `collector`, ready; and its URL.
+async fn serve_traced(collector: &OtlpCollector, model: &std::path::Path, args: &[&str]) -> (tokio::process::Child, String) {
     let port = free_port();
     let mut c = runtime();
-    c.arg("serve").arg("--model").arg(models::smollm2_gguf()).args(["--port", &port.to_string()]).arg("--api-key-file").arg(&key_file)
-        // Long enough for the short requests, not for the counting one that is to time out.
-        .args(["--request-timeout", "3s", "--max-new-tokens", "8000"])
+    c.arg("serve").arg("--model").arg(model).args(["--port", &port.to_string()]).args(args)
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", collector.url())
         // Nothing leaves on the 5-second schedule within the test: what arrives was sent at exit.
         .env("OTEL_BSP_SCHEDULE_DELAY", "600000")
@@ -80,18 +76,48 @@ async fn spans_reach_an_otlp_collector_and_continue_the_callers_trace() {
         .stderr(Stdio::piped());
     let mut child = c.spawn().unwrap();
     let url = format!("http://127.0.0.1:{port}");
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(120)).build().unwrap();
     let t0 = Instant::now();
     loop {
-        if let Ok(r) = http.get(format!("{url}/ready")).send().await
+        if let Ok(r) = reqwest::get(format!("{url}/ready")).await
             && r.status() == 200
         {
-            break;
+            return (child, url);
         }
         assert!(child.try_wait().unwrap().is_none(), "the server exited before it was ready");
         assert!(t0.elapsed() < Duration::from_secs(180), "not ready after 3 minutes");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// SIGTERM: the queued spans leave before the process does. Returns what the collector got.
+async fn stop(mut child: tokio::process::Child, collector: &OtlpCollector) -> Vec<Span> {
+    assert!(collector.spans().is_empty(), "nothing was sent before exit: {:?}", collector.spans());
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) };
+    let status = tokio::time::timeout(Duration::from_secs(60), child.wait()).await.expect("exits within a minute").unwrap();
+    let mut stderr = String::new();
+    tokio::io::AsyncReadExt::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).await.unwrap();
+    assert!(status.success(), "the server exited with {status}:\n{stderr}");
+    assert_eq!(collector.refused(), Vec::<String>::new());
+    let received = collector.spans();
+    for (resource, span) in &received {
+        let resource = resource.as_ref().expect("a resource");
+        assert_eq!(string_attribute(&resource.attributes, "service.name"), Some("kandle-runtime"), "{}", span.name);
+    }
+    received.into_iter().map(|(_, s)| s).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_reach_an_otlp_collector_and_continue_the_callers_trace() {
+    let collector = OtlpCollector::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("keys");
+    std::fs::write(&key_file, format!("{API_KEY}\n")).unwrap();
+    let key_file = key_file.to_str().unwrap();
+    // Long enough for the short requests, not for the counting one that is to time out.
+    let args = ["--api-key-file", key_file, "--request-timeout", "3s", "--max-new-tokens", "8000"];
+    let (child, url) = serve_traced(&collector, &models::smollm2_gguf(), &args).await;
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(120)).build().unwrap();
     let models: Value = http.get(format!("{url}/v1/models")).bearer_auth(API_KEY).send().await.unwrap().json().await.unwrap();
     let model = models["data"][0]["id"].as_str().unwrap().to_owned();
 
@@ -149,21 +175,7 @@ async fn spans_reach_an_otlp_collector_and_continue_the_callers_trace() {
     let r = http.post(format!("{url}/v1/completions")).json(&json!({"model": model, "prompt": "x"})).send().await.unwrap();
     assert_eq!(r.status(), 401);
 
-    // SIGTERM: the queued spans leave before the process does.
-    assert!(collector.spans().is_empty(), "nothing was sent before exit: {:?}", collector.spans());
-    unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) };
-    let status = tokio::time::timeout(Duration::from_secs(60), child.wait()).await.expect("exits within a minute").unwrap();
-    let mut stderr = String::new();
-    tokio::io::AsyncReadExt::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).await.unwrap();
-    assert!(status.success(), "the server exited with {status}:\n{stderr}");
-
-    assert_eq!(collector.refused(), Vec::<String>::new());
-    let received = collector.spans();
-    for (resource, span) in &received {
-        let resource = resource.as_ref().expect("a resource");
-        assert_eq!(string_attribute(&resource.attributes, "service.name"), Some("kandle-runtime"), "{}", span.name);
-    }
-    let spans: Vec<Span> = received.into_iter().map(|(_, s)| s).collect();
+    let spans = stop(child, &collector).await;
     for raw in collector.bodies() {
         let text = String::from_utf8_lossy(&raw);
         assert!(!text.contains(API_KEY), "the API key was exported");
@@ -261,4 +273,39 @@ async fn a_grpc_protocol_is_refused_at_start_naming_the_variable() {
     assert!(!out.status.success(), "refused: {text}");
     assert!(text.contains("OTEL_EXPORTER_OTLP_PROTOCOL=grpc is not supported"), "{text}");
     assert!(text.contains("http/protobuf"), "{text}");
+}
+
+#[tokio::test]
+async fn an_embeddings_request_is_an_embeddings_span() {
+    let collector = OtlpCollector::start().unwrap();
+    let (child, url) = serve_traced(&collector, &models::minilm_dir(), &[]).await;
+    let models: Value = reqwest::get(format!("{url}/v1/models")).await.unwrap().json().await.unwrap();
+    let model = models["data"][0]["id"].as_str().unwrap().to_owned();
+    let r = reqwest::Client::new()
+        .post(format!("{url}/v1/embeddings"))
+        .json(&json!({"model": model, "input": ["A first sentence.", format!("{PROMPT_WORD} is a second one.")], "encoding_format": "base64"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let answer: Value = r.json().await.unwrap();
+    let spans = stop(child, &collector).await;
+    for raw in collector.bodies() {
+        assert!(!String::from_utf8_lossy(&raw).contains(PROMPT_WORD), "the input was exported");
+    }
+    let server = one(&spans, "POST /v1/embeddings");
+    let span = child_of(&spans, server, &format!("embeddings {model}"));
+    let a = &span.attributes;
+    assert_eq!(string_attribute(a, "gen_ai.operation.name"), Some("embeddings"));
+    assert_eq!(string_attribute(a, "gen_ai.request.model"), Some(model.as_str()));
+    assert_eq!(int_attribute(a, "gen_ai.usage.input_tokens"), answer["usage"]["prompt_tokens"].as_i64());
+    assert_eq!(int_attribute(a, "gen_ai.embeddings.dimension.count"), Some(384));
+    match kandle_tests::otlp_collector::attribute(a, "gen_ai.request.encoding_formats") {
+        Some(kandle_tests::otlp_collector::any_value::Value::ArrayValue(v)) => {
+            assert_eq!(v.values.len(), 1);
+            assert_eq!(v.values[0].value, Some(kandle_tests::otlp_collector::any_value::Value::StringValue("base64".into())));
+        }
+        other => panic!("encoding formats: {other:?}"),
+    }
+    assert!(span.start_time_unix_nano >= server.start_time_unix_nano && span.end_time_unix_nano <= server.end_time_unix_nano);
 }
