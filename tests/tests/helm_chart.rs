@@ -183,6 +183,7 @@ async fn helm_lint_passes_and_a_wrong_value_is_refused_naming_it() {
             ("watchNamespaces[0]=Not_A_Namespace", "watchNamespaces"),
             ("image.pullPolicy=Sometimes", "pullPolicy"),
             ("noSuchValue=1", "noSuchValue"),
+            ("tracing.otlpEndpoint=otel-collector:4318", "otlpEndpoint"),
         ] {
             let err = run_fail(
                 cp.helm().args(["template", "r"]).arg(chart()).args(["--set", set]),
