@@ -34,6 +34,11 @@ struct RunArgs {
     #[arg(long, env = "KANDLE_HUB_ENDPOINT")]
     hub_endpoint: Option<String>,
 
+    /// OTLP/HTTP endpoint the models' servers send traces to (their OTEL_EXPORTER_OTLP_ENDPOINT)
+    /// unless a LanguageModel's spec.runtime.env sets its own; none when unset.
+    #[arg(long, env = "KANDLE_RUNTIME_OTLP_ENDPOINT")]
+    runtime_otlp_endpoint: Option<String>,
+
     /// Kubeconfig file; without it the usual discovery applies (KUBECONFIG, ~/.kube/config,
     /// then the in-cluster ServiceAccount).
     #[arg(long, env = "KANDLE_KUBECONFIG")]
@@ -92,6 +97,7 @@ fn main() -> anyhow::Result<()> {
                     runtime_image: args.runtime_image,
                     runtime_image_gpu: args.runtime_image_gpu,
                     hub_endpoint: args.hub_endpoint,
+                    runtime_otlp_endpoint: args.runtime_otlp_endpoint.filter(|e| !e.is_empty()),
                 },
                 kubeconfig: args.kubeconfig,
                 namespaces: args.watch_namespaces.into_iter().filter(|n| !n.is_empty()).collect(),

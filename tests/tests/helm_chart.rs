@@ -184,6 +184,7 @@ async fn helm_lint_passes_and_a_wrong_value_is_refused_naming_it() {
             ("image.pullPolicy=Sometimes", "pullPolicy"),
             ("noSuchValue=1", "noSuchValue"),
             ("tracing.otlpEndpoint=otel-collector:4318", "otlpEndpoint"),
+            ("tracing.modelsOtlpEndpoint=otel-collector:4318", "modelsOtlpEndpoint"),
         ] {
             let err = run_fail(
                 cp.helm().args(["template", "r"]).arg(chart()).args(["--set", set]),
@@ -283,6 +284,7 @@ async fn install_upgrade_and_uninstall_with_the_real_helm() {
                 "--namespace", &ns2, "--set", "hub.endpoint=http://hub.example:8080",
                 "--set", "runtime.gpuImage=registry.local/kandle-runtime:1-cuda",
                 "--set", "tracing.otlpEndpoint=http://otel-collector.observability:4318",
+                "--set", "tracing.modelsOtlpEndpoint=http://otel-collector.observability:4318",
             ]),
             None,
             "helm install",
@@ -295,6 +297,7 @@ async fn install_upgrade_and_uninstall_with_the_real_helm() {
     let c = &d.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0];
     assert!(c.args.as_ref().unwrap().contains(&"--hub-endpoint=http://hub.example:8080".to_owned()));
     assert!(c.args.as_ref().unwrap().contains(&"--runtime-image-gpu=registry.local/kandle-runtime:1-cuda".to_owned()));
+    assert!(c.args.as_ref().unwrap().contains(&"--runtime-otlp-endpoint=http://otel-collector.observability:4318".to_owned()));
     assert_eq!(d.spec.as_ref().unwrap().replicas, Some(1));
     let otlp = c.env.as_ref().unwrap().iter().find(|e| e.name == "OTEL_EXPORTER_OTLP_ENDPOINT");
     assert_eq!(otlp.and_then(|e| e.value.as_deref()), Some("http://otel-collector.observability:4318"));
@@ -490,6 +493,7 @@ async fn a_namespaced_install_is_least_privilege_and_its_operator_brings_an_exam
                 // Rendered into the args the operator below runs with, so the flag is parsed.
                 "--set", "runtime.gpuImage=registry.local/kandle-runtime:1-cuda",
                 "--set", "tracing.otlpEndpoint=http://otel-collector.observability:4318",
+                "--set", "tracing.modelsOtlpEndpoint=http://otel-collector.observability:4318",
             ]),
             None,
             "helm install (namespaced)",
@@ -567,7 +571,14 @@ async fn a_namespaced_install_is_least_privilege_and_its_operator_brings_an_exam
     let mn = managed.clone();
     blocking(move || run(cp.kubectl().args(["apply", "-n", &mn, "-f"]).arg(&example), None, "kubectl apply the example")).await;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &managed);
-    eventually("the example's Deployment", || async { deployments.get_opt("smollm2").await.unwrap() }).await;
+    let model = eventually("the example's Deployment", || async { deployments.get_opt("smollm2").await.unwrap() }).await;
+    // The chart's tracing.modelsOtlpEndpoint reaches the model's server, with its pod's
+    // Kubernetes attributes; the API server took the downward-API fields they expand.
+    let serve_env = model.spec.unwrap().template.spec.unwrap().containers[0].env.clone().unwrap();
+    let value = |name: &str| serve_env.iter().find(|e| e.name == name).and_then(|e| e.value.clone());
+    assert_eq!(value("OTEL_EXPORTER_OTLP_ENDPOINT").as_deref(), Some("http://otel-collector.observability:4318"));
+    let attributes = value("OTEL_RESOURCE_ATTRIBUTES").expect("the pods' resource attributes");
+    assert!(attributes.starts_with(&format!("k8s.namespace.name={managed},k8s.deployment.name=smollm2,k8s.pod.name=$(KANDLE_POD_NAME),")), "{attributes}");
     finish_rollout(&client, &managed, "smollm2").await;
     let mn = managed.clone();
     let waited = blocking(move || {

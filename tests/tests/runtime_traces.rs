@@ -9,7 +9,9 @@
 //!   and width;
 //! - spans still queued at SIGTERM are sent before the process exits;
 //! - neither the API key nor the prompt appears in what is sent;
-//! - a gRPC protocol is refused at start, naming the variable.
+//! - a gRPC protocol is refused at start, naming the variable;
+//! - the server in a pod as the operator builds it (`--runtime-otlp-endpoint`), its env
+//!   resolved as the kubelet resolves it, tags its spans with the pod's Kubernetes attributes.
 //!
 //! The binary is `target/<profile>/kandle-runtime` (`cargo build -p kandle-runtime`).
 
@@ -17,7 +19,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use kandle_tests::models;
-use kandle_tests::otlp_collector::{OtlpCollector, Span, int_attribute, string_attribute};
+use kandle_tests::otlp_collector::{KeyValue, OtlpCollector, Span, int_attribute, string_attribute};
 use serde_json::{Value, json};
 
 const API_KEY: &str = "sk-kandle-traces-test-key";
@@ -64,6 +66,11 @@ fn child_of<'a>(spans: &'a [Span], parent: &Span, name: &str) -> &'a Span {
 
 /// `serve` of `model` with `args`, sending its spans to `collector`, ready; and its URL.
 async fn serve_traced(collector: &OtlpCollector, model: &std::path::Path, args: &[&str]) -> (tokio::process::Child, String) {
+    serve_traced_with(collector, model, args, &[]).await
+}
+
+/// [`serve_traced`], with `env` set after the test's own variables.
+async fn serve_traced_with(collector: &OtlpCollector, model: &std::path::Path, args: &[&str], env: &[(String, String)]) -> (tokio::process::Child, String) {
     let port = free_port();
     let mut c = runtime();
     c.arg("serve").arg("--model").arg(model).args(["--port", &port.to_string()]).args(args)
@@ -72,6 +79,7 @@ async fn serve_traced(collector: &OtlpCollector, model: &std::path::Path, args: 
         .env("OTEL_BSP_SCHEDULE_DELAY", "600000")
         // Traces do not depend on the log's level.
         .env("RUST_LOG", "warn")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     let mut child = c.spawn().unwrap();
@@ -90,7 +98,12 @@ async fn serve_traced(collector: &OtlpCollector, model: &std::path::Path, args: 
 }
 
 /// SIGTERM: the queued spans leave before the process does. Returns what the collector got.
-async fn stop(mut child: tokio::process::Child, collector: &OtlpCollector) -> Vec<Span> {
+async fn stop(child: tokio::process::Child, collector: &OtlpCollector) -> Vec<Span> {
+    stop_with_resources(child, collector).await.into_iter().map(|(_, s)| s).collect()
+}
+
+/// [`stop`], each span with its resource's attributes.
+async fn stop_with_resources(mut child: tokio::process::Child, collector: &OtlpCollector) -> Vec<(Vec<KeyValue>, Span)> {
     assert!(collector.spans().is_empty(), "nothing was sent before exit: {:?}", collector.spans());
     // SAFETY: signalling our own child process.
     unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) };
@@ -99,12 +112,12 @@ async fn stop(mut child: tokio::process::Child, collector: &OtlpCollector) -> Ve
     tokio::io::AsyncReadExt::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).await.unwrap();
     assert!(status.success(), "the server exited with {status}:\n{stderr}");
     assert_eq!(collector.refused(), Vec::<String>::new());
-    let received = collector.spans();
+    let received: Vec<(Vec<KeyValue>, Span)> =
+        collector.spans().into_iter().map(|(resource, span)| (resource.expect("a resource").attributes, span)).collect();
     for (resource, span) in &received {
-        let resource = resource.as_ref().expect("a resource");
-        assert_eq!(string_attribute(&resource.attributes, "service.name"), Some("kandle-runtime"), "{}", span.name);
+        assert_eq!(string_attribute(resource, "service.name"), Some("kandle-runtime"), "{}", span.name);
     }
-    received.into_iter().map(|(_, s)| s).collect()
+    received
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -308,4 +321,88 @@ async fn an_embeddings_request_is_an_embeddings_span() {
         other => panic!("encoding formats: {other:?}"),
     }
     assert!(span.start_time_unix_nano >= server.start_time_unix_nano && span.end_time_unix_nano <= server.end_time_unix_nano);
+}
+
+/// The kubelet's part for a container's env: values from the downward API, then `$(VAR)`
+/// expanded from the variables declared before it (`$$` is a literal `$`; an unknown
+/// reference stays as written), as Kubernetes documents for `env[].value`.
+fn kubelet_env(env: &[k8s_openapi::api::core::v1::EnvVar], fields: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut resolved: Vec<(String, String)> = Vec::new();
+    for e in env {
+        let value = match (&e.value, &e.value_from) {
+            (Some(v), _) => {
+                let mut out = String::new();
+                let mut rest = v.as_str();
+                while let Some(i) = rest.find('$') {
+                    out.push_str(&rest[..i]);
+                    rest = &rest[i..];
+                    if let Some(after) = rest.strip_prefix("$$") {
+                        out.push('$');
+                        rest = after;
+                    } else if let Some((name, after)) = rest.strip_prefix("$(").and_then(|r| r.split_once(')'))
+                        && let Some((_, value)) = resolved.iter().find(|(n, _)| n == name)
+                    {
+                        out.push_str(value);
+                        rest = after;
+                    } else {
+                        out.push('$');
+                        rest = &rest[1..];
+                    }
+                }
+                out.push_str(rest);
+                out
+            }
+            (None, Some(from)) => {
+                let path = &from.field_ref.as_ref().expect("only downward-API fields here").field_path;
+                fields.iter().find(|(p, _)| p == path).unwrap_or_else(|| panic!("no value for {path}")).1.to_owned()
+            }
+            (None, None) => String::new(),
+        };
+        resolved.push((e.name.clone(), value));
+    }
+    resolved
+}
+
+#[tokio::test]
+async fn a_model_pod_built_by_the_operator_tags_its_spans_with_its_kubernetes_attributes() {
+    use kandle_operator::LanguageModel;
+    use kandle_operator::builders::{BuilderConfig, Resolution, deployment};
+
+    let collector = OtlpCollector::start().unwrap();
+    let lm: LanguageModel = serde_json::from_value(json!({
+        "apiVersion": "kandle.dev/v1alpha1",
+        "kind": "LanguageModel",
+        "metadata": {"name": "minilm", "namespace": "search", "uid": "0b5e5c8e-1b1e-4c59-9d3e-6d7a3f0e2a12"},
+        "spec": {
+            "model": {"pvc": {"claimName": "models", "path": "all-MiniLM-L6-v2"}, "task": "Embedding"},
+            "runtime": {"env": [{"name": "OTEL_RESOURCE_ATTRIBUTES", "value": "team=search,k8s.container.name=server"}]}
+        }
+    }))
+    .unwrap();
+    let config = BuilderConfig { runtime_otlp_endpoint: Some(collector.url()), ..BuilderConfig::default() };
+    let d = deployment(&lm, &config, &Resolution::default()).unwrap();
+    let serve = &d.spec.unwrap().template.spec.unwrap().containers[0];
+    let env = kubelet_env(
+        serve.env.as_deref().unwrap(),
+        &[("metadata.name", "minilm-6f7d9c-x2kqp"), ("metadata.uid", "7c1e2b44-5d3a-4f0e-9b6e-2a8f1c3d4e5f"), ("spec.nodeName", "cpu-node-3")],
+    );
+    assert!(env.iter().any(|(k, v)| k == "OTEL_EXPORTER_OTLP_ENDPOINT" && *v == collector.url()), "{env:?}");
+
+    let (child, url) = serve_traced_with(&collector, &models::minilm_dir(), &[], &env).await;
+    let models: Value = reqwest::get(format!("{url}/v1/models")).await.unwrap().json().await.unwrap();
+    let model = models["data"][0]["id"].as_str().unwrap().to_owned();
+    let r = reqwest::Client::new().post(format!("{url}/v1/embeddings")).json(&json!({"model": model, "input": "Where am I?"})).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let received = stop_with_resources(child, &collector).await;
+    assert!(!received.is_empty());
+    for (resource, span) in &received {
+        let attribute = |key: &str| string_attribute(resource, key);
+        assert_eq!(attribute("k8s.namespace.name"), Some("search"), "{}", span.name);
+        assert_eq!(attribute("k8s.deployment.name"), Some("minilm"));
+        assert_eq!(attribute("k8s.pod.name"), Some("minilm-6f7d9c-x2kqp"));
+        assert_eq!(attribute("k8s.pod.uid"), Some("7c1e2b44-5d3a-4f0e-9b6e-2a8f1c3d4e5f"));
+        assert_eq!(attribute("k8s.node.name"), Some("cpu-node-3"));
+        assert_eq!(attribute("team"), Some("search"), "the user's own attributes are kept");
+        assert_eq!(attribute("k8s.container.name"), Some("server"), "a key the user gives wins");
+    }
 }

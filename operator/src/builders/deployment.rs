@@ -11,9 +11,11 @@
 //!   --served-model-name <name> --device cuda|cpu --dtype D [--file F] [--task T]
 //!   [--architecture A] [--max-batch-size N] [--max-sequence-length N]
 //!   [--max-concurrent-requests N] [--max-new-tokens N] <spec.runtime.args...>` with
-//!   `HF_HUB_OFFLINE=1` (everything it needs was downloaded) and `KANDLE_API_KEY` from
-//!   `serving.apiKeySecretRef`. The cache is mounted read-only there: the weights never change
-//!   after the download, and a compromised server cannot poison a cache that other replicas share.
+//!   `HF_HUB_OFFLINE=1` (everything it needs was downloaded), `KANDLE_API_KEY` from
+//!   `serving.apiKeySecretRef`, the operator's `OTEL_EXPORTER_OTLP_ENDPOINT` when it has one,
+//!   and, when the server traces, its pod's resource attributes (`with_trace_resource`). The
+//!   cache is mounted read-only there: the weights never change after the download, and a
+//!   compromised server cannot poison a cache that other replicas share.
 //!
 //! The pod template carries `kandle.dev/pod-template-hash`, a hash of the template itself: the
 //! template is exactly what makes a Deployment roll out, so the hash changes if and only if a
@@ -26,7 +28,7 @@ use k8s_openapi::{
         apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment},
         core::v1::{
             Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction,
-            PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+            ObjectFieldSelector, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
             ResourceRequirements, SeccompProfile, SecretKeySelector, SecurityContext, Toleration, Volume, VolumeMount,
         },
     },
@@ -38,7 +40,8 @@ use k8s_openapi::{
 };
 
 use super::{
-    BuilderConfig, Resolution, cache_claim_name, child_meta, labels, model_name, pod_template_hash, selector_labels,
+    BuilderConfig, Resolution, cache_claim_name, child_meta, labels, model_name, namespace, pod_template_hash,
+    selector_labels,
 };
 use crate::{
     LanguageModel, Result,
@@ -216,7 +219,11 @@ fn pod_template(lm: &LanguageModel, config: &BuilderConfig, resolution: &Resolut
     if let Some(key_ref) = &spec.serving.api_key_secret_ref {
         serve_env.push(secret_env("KANDLE_API_KEY", key_ref));
     }
+    if let Some(endpoint) = &config.runtime_otlp_endpoint {
+        serve_env.push(env(OTLP_ENDPOINT, endpoint));
+    }
     let serve_env = merge_env(serve_env, spec.runtime.as_ref().map(|r| r.env.as_slice()).unwrap_or_default());
+    let serve_env = with_trace_resource(serve_env, namespace(lm)?, name);
 
     let serve = Container {
         name: MAIN_CONTAINER.into(),
@@ -405,6 +412,54 @@ fn merge_env(ours: Vec<EnvVar>, users: &[EnvVar]) -> Vec<EnvVar> {
     merged
 }
 
+/// The runtime's exporter sends traces when either of these is set and not empty
+/// (`kandle-telemetry`).
+const OTLP_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
+const OTLP_TRACES_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT";
+const RESOURCE_ATTRIBUTES: &str = "OTEL_RESOURCE_ATTRIBUTES";
+/// The pod's own name, uid and node, from the downward API, for `OTEL_RESOURCE_ATTRIBUTES`.
+const POD_FIELDS: [(&str, &str); 3] =
+    [("KANDLE_POD_NAME", "metadata.name"), ("KANDLE_POD_UID", "metadata.uid"), ("KANDLE_NODE_NAME", "spec.nodeName")];
+
+/// When the server exports traces (an endpoint set, by the operator's default or the user's
+/// env), its spans say where they come from, in OpenTelemetry's Kubernetes resource
+/// attributes, as the OpenTelemetry Operator's injection writes them: `k8s.namespace.name`,
+/// `k8s.deployment.name`, `k8s.pod.name`, `k8s.pod.uid`, `k8s.node.name`, `k8s.container.name`.
+/// The pod's own fields come from the downward API and reach the value by the kubelet's
+/// `$(VAR)` expansion, so they are declared before it. A user's literal
+/// `OTEL_RESOURCE_ATTRIBUTES` follows kandle's in the same value, and a key given twice takes
+/// the user's (the SDK keeps the last); one from a `valueFrom` is left as the user's alone.
+/// Without an endpoint nothing is added: a model that does not trace keeps its pods as they were.
+fn with_trace_resource(mut vars: Vec<EnvVar>, namespace: &str, name: &str) -> Vec<EnvVar> {
+    let exports = vars.iter().any(|e| {
+        (e.name == OTLP_ENDPOINT || e.name == OTLP_TRACES_ENDPOINT)
+            && (e.value_from.is_some() || e.value.as_deref().is_some_and(|v| !v.trim().is_empty()))
+    });
+    if !exports {
+        return vars;
+    }
+    let users = match vars.iter().position(|e| e.name == RESOURCE_ATTRIBUTES) {
+        Some(i) if vars[i].value_from.is_some() => return vars,
+        Some(i) => vars.remove(i).value.filter(|v| !v.trim().is_empty()),
+        None => None,
+    };
+    for (var, field) in POD_FIELDS {
+        if !vars.iter().any(|e| e.name == var) {
+            vars.push(field_env(var, field));
+        }
+    }
+    let mut attributes = format!(
+        "k8s.namespace.name={namespace},k8s.deployment.name={name},k8s.pod.name=$(KANDLE_POD_NAME),\
+         k8s.pod.uid=$(KANDLE_POD_UID),k8s.node.name=$(KANDLE_NODE_NAME),k8s.container.name={MAIN_CONTAINER}"
+    );
+    if let Some(users) = users {
+        attributes.push(',');
+        attributes.push_str(&users);
+    }
+    vars.push(env(RESOURCE_ATTRIBUTES, &attributes));
+    vars
+}
+
 fn restricted_container_security() -> SecurityContext {
     SecurityContext {
         allow_privilege_escalation: Some(false),
@@ -440,6 +495,17 @@ fn probe(path: &str, t: ProbeTiming) -> Probe {
 
 fn env(name: &str, value: &str) -> EnvVar {
     EnvVar { name: name.into(), value: Some(value.into()), value_from: None }
+}
+
+fn field_env(name: &str, field_path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector { field_path: field_path.into(), api_version: None }),
+            ..EnvVarSource::default()
+        }),
+    }
 }
 
 fn secret_env(name: &str, key_ref: &SecretKeyRef) -> EnvVar {
@@ -630,7 +696,7 @@ mod tests {
         let config = BuilderConfig {
             runtime_image: "registry.local/kandle-runtime:dev".into(),
             runtime_image_gpu: "registry.local/kandle-runtime:dev-cuda".into(),
-            hub_endpoint: None,
+            ..BuilderConfig::default()
         };
         let d = deployment(&hub_model(), &config, &Resolution::default()).unwrap();
         assert_eq!(serve(&d).image.as_deref(), Some("registry.local/kandle-runtime:dev"));
@@ -872,6 +938,89 @@ mod tests {
         let names: Vec<_> = e.iter().map(|e| e.name.as_str()).collect();
         assert_eq!(names, ["HF_HUB_OFFLINE", "RUST_LOG"]);
         assert_eq!(e[0].value.as_deref(), Some("0"));
+    }
+
+    fn traced(lm: &LanguageModel, default_endpoint: Option<&str>) -> Vec<EnvVar> {
+        let config = BuilderConfig { runtime_otlp_endpoint: default_endpoint.map(Into::into), ..BuilderConfig::default() };
+        let d = deployment(lm, &config, &Resolution { revision: Some(SHA.into()), model_bytes: None }).unwrap();
+        serve(&d).env.clone().unwrap_or_default()
+    }
+
+    fn value<'a>(vars: &'a [EnvVar], name: &str) -> Option<&'a str> {
+        vars.iter().find(|e| e.name == name).and_then(|e| e.value.as_deref())
+    }
+
+    const KANDLES_ATTRIBUTES: &str = "k8s.namespace.name=models,k8s.deployment.name=smollm,k8s.pod.name=$(KANDLE_POD_NAME),\
+        k8s.pod.uid=$(KANDLE_POD_UID),k8s.node.name=$(KANDLE_NODE_NAME),k8s.container.name=runtime";
+
+    #[test]
+    fn the_operators_trace_endpoint_reaches_the_server_with_the_pods_kubernetes_attributes() {
+        let e = traced(&hub_model(), Some("http://otel-collector.observability:4318"));
+        let names: Vec<_> = e.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "HF_HUB_OFFLINE",
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                "KANDLE_POD_NAME",
+                "KANDLE_POD_UID",
+                "KANDLE_NODE_NAME",
+                "OTEL_RESOURCE_ATTRIBUTES"
+            ],
+            "the downward-API variables come before the value that expands them"
+        );
+        assert_eq!(value(&e, "OTEL_EXPORTER_OTLP_ENDPOINT"), Some("http://otel-collector.observability:4318"));
+        assert_eq!(value(&e, "OTEL_RESOURCE_ATTRIBUTES"), Some(KANDLES_ATTRIBUTES));
+        let field = |name: &str| {
+            let from = e.iter().find(|e| e.name == name).unwrap().value_from.as_ref().unwrap();
+            from.field_ref.as_ref().unwrap().field_path.clone()
+        };
+        assert_eq!(field("KANDLE_POD_NAME"), "metadata.name");
+        assert_eq!(field("KANDLE_POD_UID"), "metadata.uid");
+        assert_eq!(field("KANDLE_NODE_NAME"), "spec.nodeName");
+    }
+
+    #[test]
+    fn a_model_that_does_not_trace_gets_no_trace_variables() {
+        let mut lm = hub_model();
+        assert_eq!(traced(&lm, None).iter().map(|e| e.name.as_str()).collect::<Vec<_>>(), ["HF_HUB_OFFLINE"]);
+        // A user's empty endpoint turns the operator's default off, and adds nothing.
+        lm.spec.runtime = Some(RuntimeSpec { env: vec![env("OTEL_EXPORTER_OTLP_ENDPOINT", "")], ..RuntimeSpec::default() });
+        let e = traced(&lm, Some("http://otel-collector.observability:4318"));
+        assert_eq!(e.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(), ["HF_HUB_OFFLINE", "OTEL_EXPORTER_OTLP_ENDPOINT"]);
+        assert_eq!(value(&e, "OTEL_EXPORTER_OTLP_ENDPOINT"), Some(""));
+    }
+
+    #[test]
+    fn a_users_endpoint_and_attributes_are_kept_beside_kandles() {
+        let mut lm = hub_model();
+        lm.spec.runtime = Some(RuntimeSpec {
+            env: vec![
+                env("OTEL_RESOURCE_ATTRIBUTES", "team=search,k8s.container.name=serve"),
+                env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://tempo:4318/v1/traces"),
+            ],
+            ..RuntimeSpec::default()
+        });
+        let e = traced(&lm, None);
+        assert_eq!(value(&e, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"), Some("http://tempo:4318/v1/traces"));
+        assert_eq!(e.last().unwrap().name, "OTEL_RESOURCE_ATTRIBUTES", "after the variables it expands");
+        assert_eq!(
+            value(&e, "OTEL_RESOURCE_ATTRIBUTES").unwrap(),
+            format!("{KANDLES_ATTRIBUTES},team=search,k8s.container.name=serve"),
+            "the user's come last, so a key given twice is theirs"
+        );
+        assert_eq!(e.iter().filter(|e| e.name == "OTEL_RESOURCE_ATTRIBUTES").count(), 1);
+
+        // Attributes from a ConfigMap cannot be joined to kandle's: they are the user's alone.
+        let from_map = EnvVar {
+            name: "OTEL_RESOURCE_ATTRIBUTES".into(),
+            value: None,
+            value_from: Some(EnvVarSource::default()),
+        };
+        lm.spec.runtime.as_mut().unwrap().env[0] = from_map.clone();
+        let e = traced(&lm, None);
+        assert_eq!(e.iter().find(|e| e.name == "OTEL_RESOURCE_ATTRIBUTES"), Some(&from_map));
+        assert!(!e.iter().any(|e| e.name.starts_with("KANDLE_POD")));
     }
 
     #[test]

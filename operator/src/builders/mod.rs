@@ -61,6 +61,10 @@ pub struct BuilderConfig {
     pub runtime_image_gpu: String,
     /// Hub endpoint handed to the download step as `HF_ENDPOINT` (the public hub when `None`).
     pub hub_endpoint: Option<String>,
+    /// OTLP/HTTP endpoint every model's server sends its traces to
+    /// (`OTEL_EXPORTER_OTLP_ENDPOINT`) unless its `spec.runtime.env` names another or sets it
+    /// empty; no traces when `None`.
+    pub runtime_otlp_endpoint: Option<String>,
 }
 
 impl Default for BuilderConfig {
@@ -69,6 +73,7 @@ impl Default for BuilderConfig {
             runtime_image: DEFAULT_RUNTIME_IMAGE.to_owned(),
             runtime_image_gpu: DEFAULT_RUNTIME_IMAGE_GPU.to_owned(),
             hub_endpoint: None,
+            runtime_otlp_endpoint: None,
         }
     }
 }
