@@ -21,8 +21,10 @@
 //!   over by its bytes, and allowed where a character beginning so may come.
 //! - Refused with the line and column: left recursion (`a ::= a "x"`, which would never
 //!   advance; llama.cpp refuses it too), a rule used and not defined, a missing `root`, token
-//!   references (`<[…]>`, `<think>`), Lark's syntax (vLLM's other grammar format), and
-//!   repetitions that would expand past [`MAX_ELEMENTS`].
+//!   references (`<[…]>`, `<think>`), and repetitions that would expand past
+//!   [`MAX_ELEMENTS`].
+//! - A grammar with no `::=` is Lark's syntax (vLLM's other grammar format, told apart as
+//!   vLLM does): [`crate::lark`] writes it out as GBNF first.
 //! - End-of-text is allowed only where `root` is complete; where the grammar can go no
 //!   further, the answer ends (`finish_reason: "stop"`), as with a regex.
 
@@ -618,8 +620,18 @@ fn check_left_recursion(
 }
 
 impl Grammar {
-    /// Compiles a GBNF grammar; the error names the line and column, and what is wrong.
+    /// Compiles a GBNF grammar, or a Lark one (one with no `::=`, as vLLM tells them apart;
+    /// [`crate::lark`] writes it out as GBNF); the error names the line and column, and what
+    /// is wrong.
     pub fn parse(text: &str) -> Result<Grammar, String> {
+        if crate::lark::is_lark(text) {
+            let gbnf = crate::lark::to_gbnf(text)?;
+            return Grammar::parse_gbnf(&gbnf).map_err(crate::lark::without_column);
+        }
+        Grammar::parse_gbnf(text)
+    }
+
+    fn parse_gbnf(text: &str) -> Result<Grammar, String> {
         Parser {
             src: text,
             pos: 0,
@@ -1124,7 +1136,10 @@ mod tests {
             ("root ::= \"a\"{x}", "expected `{m}`"),
             ("root ::= <[1000]>", "token references"),
             ("root ::= \"a\"{100000}", "more than 65536 elements"),
-            ("root: \"a\"", "expected `::=` after rule name `root`"),
+            (
+                "root \"a\"\nx ::= \"b\"",
+                "expected `::=` after rule name `root`",
+            ),
             (
                 &format!(
                     "root ::= {}\"a\"{}",
@@ -1134,7 +1149,10 @@ mod tests {
                 "nested more than 64 deep",
             ),
             (&chain, "a chain of more than 512 rules"),
-            ("?start: \"a\"", "line 1, column 1: expected a rule's name"),
+            (
+                "?root ::= \"a\"",
+                "line 1, column 1: expected a rule's name",
+            ),
         ] {
             let e = Grammar::parse(text).expect_err(text);
             assert!(e.contains(says), "{text:?}: {e}");

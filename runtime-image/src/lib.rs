@@ -20,6 +20,7 @@ pub mod grammar;
 pub mod hub;
 pub mod json_mode;
 pub mod json_schema;
+pub mod lark;
 pub mod memory;
 pub mod metrics;
 pub mod model;

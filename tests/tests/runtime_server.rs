@@ -2372,8 +2372,8 @@ fn is_word_list(text: &str) -> bool {
 }
 
 /// vLLM's `guided_grammar` (and `structured_outputs.grammar`, and llama.cpp's `grammar`,
-/// here on completions): the answer is text a GBNF grammar derives whole, recursive rules
-/// included, on chat and completions, streamed the same; characters SmolLM2 writes in pieces of their UTF-8 are taken where the grammar
+/// here on completions): the answer is text a GBNF grammar (or the same in Lark) derives
+/// whole, recursive rules included, on chat and completions, streamed the same; characters SmolLM2 writes in pieces of their UTF-8 are taken where the grammar
 /// allows them; a grammar that does not compile is refused naming the field, the line and
 /// the column.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2391,6 +2391,11 @@ async fn a_gbnf_grammar_shapes_the_answer() {
                  list ::= \"[\" item (\", \" item)* \"]\"  # nested lists too\n\
                  item ::= word | list\n\
                  word ::= [a-z]{1,12}\n";
+    // The same language in Lark, as vLLM also takes it.
+    let lark_lists = "?start: list\n\
+                      list: \"[\" item (\", \" item)* \"]\"  // nested lists too\n\
+                      item: WORD\n    | list\n\
+                      WORD: /[a-z]{1,12}/\n";
     let question = "Name three fruits.";
     let free = post_json(&http, &chat, &ask(question, json!({}))).await;
     let free = free["choices"][0]["message"]["content"].as_str().unwrap();
@@ -2403,6 +2408,8 @@ async fn a_gbnf_grammar_shapes_the_answer() {
         json!({"structured_outputs": {"grammar": lists}}),
         json!({"guided_grammar": lists, "temperature": 1.0, "seed": 3}),
         json!({"guided_grammar": lists, "temperature": 1.0, "seed": 4}),
+        json!({"guided_grammar": lark_lists, "temperature": 1.0, "seed": 3}),
+        json!({"structured_outputs": {"grammar": lark_lists}}),
     ] {
         let r = post_json(&http, &chat, &ask(question, extra.clone())).await;
         let text = stopped_content(&r);
@@ -2453,7 +2460,8 @@ async fn a_gbnf_grammar_shapes_the_answer() {
             "root ::= root \"a\" | \"b\"",
             "rule `root` is left-recursive",
         ),
-        ("start: \"a\"", "expected `::=` after rule name `start`"),
+        ("start: /a(?=b)/", "line 1, column 8: the regex /a(?=b)/ is not one kandle reads"),
+        ("start: \"a\" b", "line 1: rule `b` is used but not defined"),
     ] {
         let body = ask("hi", json!({"guided_grammar": grammar}));
         let r = http.post(&chat).json(&body).send().await.unwrap();
