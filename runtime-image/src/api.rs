@@ -1751,7 +1751,7 @@ mod tests {
             (
                 json!({"structured_outputs": {"grammar": "?start: x"}}),
                 "structured_outputs",
-                "structured_outputs.grammar: line 1, column 1: expected a rule's name",
+                "structured_outputs.grammar: line 1: rule `x` is used but not defined",
             ),
             (
                 json!({"guided_grammar": {"root": "x"}}),
