@@ -1,10 +1,11 @@
 //! A local stand-in for an OpenTelemetry collector, for tests: the OTLP/HTTP traces endpoint.
 //!
-//! `POST /v1/traces` with `Content-Type: application/x-protobuf` is decoded as the protocol's
-//! own `ExportTraceServiceRequest` (the `opentelemetry-proto` messages, as a collector decodes
-//! them) and answered `200` with an empty `ExportTraceServiceResponse`; any other path or
-//! content type gets `404` / `415` and is recorded as refused. The raw bodies are kept too, so
-//! that a test can check what never appears in them (keys, prompts).
+//! `POST /v1/traces` with `Content-Type: application/x-protobuf` (or `application/json`, OTLP's
+//! JSON encoding) is decoded as the protocol's own `ExportTraceServiceRequest` (the
+//! `opentelemetry-proto` messages, as a collector decodes them) and answered `200` with an
+//! empty `ExportTraceServiceResponse`; any other path or content type gets `404` / `415` and is
+//! recorded as refused. The raw bodies are kept too, so that a test can check what never
+//! appears in them (keys, prompts), and each export's content type and headers.
 //! It runs on its own thread and runtime ([`crate::LocalServer`]).
 
 use std::sync::{Arc, Mutex};
@@ -18,9 +19,17 @@ pub use opentelemetry_proto::tonic::resource::v1::Resource;
 pub use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message;
 
+/// One accepted export's request: its content type and headers.
+#[derive(Clone, Debug)]
+pub struct Export {
+    pub content_type: String,
+    pub headers: Vec<(String, String)>,
+}
+
 #[derive(Default)]
 struct State {
     bodies: Vec<Vec<u8>>,
+    exports: Vec<Export>,
     spans: Vec<(Option<Resource>, Span)>,
     refused: Vec<String>,
 }
@@ -58,6 +67,11 @@ impl OtlpCollector {
         self.state.lock().unwrap().bodies.clone()
     }
 
+    /// Each accepted export's content type and headers, in order.
+    pub fn exports(&self) -> Vec<Export> {
+        self.state.lock().unwrap().exports.clone()
+    }
+
     /// What was refused: `{path} {content type}` per request.
     pub fn refused(&self) -> Vec<String> {
         self.state.lock().unwrap().refused.clone()
@@ -74,13 +88,17 @@ fn receive(state: &Mutex<State>, uri: &Uri, headers: &HeaderMap, body: &[u8]) ->
     if uri.path() != "/v1/traces" {
         return refuse(&mut state, StatusCode::NOT_FOUND);
     }
-    if content_type != "application/x-protobuf" {
-        return refuse(&mut state, StatusCode::UNSUPPORTED_MEDIA_TYPE);
-    }
-    let Ok(export) = ExportTraceServiceRequest::decode(body) else {
+    let decoded = match content_type {
+        "application/x-protobuf" => ExportTraceServiceRequest::decode(body).ok(),
+        "application/json" => serde_json::from_slice::<ExportTraceServiceRequest>(body).ok(),
+        _ => return refuse(&mut state, StatusCode::UNSUPPORTED_MEDIA_TYPE),
+    };
+    let Some(export) = decoded else {
         return refuse(&mut state, StatusCode::BAD_REQUEST);
     };
     state.bodies.push(body.to_vec());
+    let headers = headers.iter().map(|(k, v)| (k.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned())).collect();
+    state.exports.push(Export { content_type: content_type.to_owned(), headers });
     for rs in export.resource_spans {
         for ss in rs.scope_spans {
             for span in ss.spans {
@@ -88,8 +106,11 @@ fn receive(state: &Mutex<State>, uri: &Uri, headers: &HeaderMap, body: &[u8]) ->
             }
         }
     }
-    // An empty ExportTraceServiceResponse: all accepted.
-    (StatusCode::OK, [(header::CONTENT_TYPE, "application/x-protobuf")], Vec::new())
+    // An empty ExportTraceServiceResponse, in the request's encoding: all accepted.
+    match content_type {
+        "application/json" => (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], b"{}".to_vec()),
+        _ => (StatusCode::OK, [(header::CONTENT_TYPE, "application/x-protobuf")], Vec::new()),
+    }
 }
 
 /// The value of attribute `key`, if the attributes have it.

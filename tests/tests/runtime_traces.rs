@@ -10,6 +10,8 @@
 //! - spans still queued at SIGTERM are sent before the process exits;
 //! - neither the API key nor the prompt appears in what is sent;
 //! - a gRPC protocol is refused at start, naming the variable;
+//! - spans leave on the batch schedule too, as OTLP's JSON encoding if asked, with the
+//!   configured headers, which are never logged;
 //! - the server in a pod as the operator builds it (`--runtime-otlp-endpoint`), its env
 //!   resolved as the kubelet resolves it, tags its spans with the pod's Kubernetes attributes.
 //!
@@ -321,6 +323,62 @@ async fn an_embeddings_request_is_an_embeddings_span() {
         other => panic!("encoding formats: {other:?}"),
     }
     assert!(span.start_time_unix_nano >= server.start_time_unix_nano && span.end_time_unix_nano <= server.end_time_unix_nano);
+}
+
+/// Spans leave on the batch processor's schedule while the server runs, not only at exit;
+/// OTLP's JSON encoding (`http/json`) and `OTEL_EXPORTER_OTLP_HEADERS` reach the collector, and
+/// the headers' values (a collector's credentials) are not logged, even at `debug`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_leave_on_schedule_as_json_with_the_configured_headers() {
+    let collector = OtlpCollector::start().unwrap();
+    let secret = "collector-token-5f1c9a";
+    let env: Vec<(String, String)> = [
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json".to_owned()),
+        ("OTEL_EXPORTER_OTLP_HEADERS", format!("authorization=Bearer {secret},x-scope-orgid=kandle")),
+        ("OTEL_BSP_SCHEDULE_DELAY", "200".to_owned()),
+        ("RUST_LOG", "debug".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let (mut child, url) = serve_traced_with(&collector, &models::minilm_dir(), &[], &env).await;
+    let mut stderr = child.stderr.take().unwrap();
+    let log = tokio::spawn(async move {
+        let mut text = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut text).await.unwrap();
+        text
+    });
+    let models: Value = reqwest::get(format!("{url}/v1/models")).await.unwrap().json().await.unwrap();
+    let model = models["data"][0]["id"].as_str().unwrap().to_owned();
+    let r = reqwest::Client::new().post(format!("{url}/v1/embeddings")).json(&json!({"model": model, "input": "On schedule."})).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+
+    let t0 = Instant::now();
+    while collector.spans().len() < 2 {
+        assert!(t0.elapsed() < Duration::from_secs(30), "the spans were not sent on the schedule: {:?}", collector.spans());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(child.try_wait().unwrap().is_none(), "sent while the server runs");
+    let spans: Vec<Span> = collector.spans().into_iter().map(|(_, s)| s).collect();
+    let server = one(&spans, "POST /v1/embeddings");
+    child_of(&spans, server, &format!("embeddings {model}"));
+    let exports = collector.exports();
+    assert!(!exports.is_empty());
+    for e in &exports {
+        assert_eq!(e.content_type, "application/json");
+        let header = |name: &str| e.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+        assert_eq!(header("authorization"), Some(format!("Bearer {secret}").as_str()));
+        assert_eq!(header("x-scope-orgid"), Some("kandle"));
+    }
+
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) };
+    let status = tokio::time::timeout(Duration::from_secs(60), child.wait()).await.expect("exits within a minute").unwrap();
+    let log = log.await.unwrap();
+    assert!(status.success(), "{status}\n{log}");
+    assert!(log.contains("DEBUG"), "the log was at debug: {log}");
+    assert!(!log.contains(secret), "the collector's credentials were logged:\n{log}");
+    assert_eq!(collector.refused(), Vec::<String>::new());
 }
 
 /// The kubelet's part for a container's env: values from the downward API, then `$(VAR)`
