@@ -211,6 +211,12 @@ pub struct ServeConfig {
     /// in `content`).
     #[arg(long, env = "KANDLE_REASONING_PARSER", value_enum)]
     pub reasoning_parser: Option<crate::reasoning::ReasoningParser>,
+    /// Responses kept in memory for `/v1/responses`' `previous_response_id` and `GET` /
+    /// `DELETE /v1/responses/{id}` (vLLM's `VLLM_ENABLE_RESPONSES_API_STORE`): the last N,
+    /// the oldest forgotten first; 0 (the default) keeps none. Each replica keeps its own, so
+    /// behind a Service of several a conversation must stay on one (session affinity).
+    #[arg(long, env = "KANDLE_RESPONSES_STORE", default_value_t = 0)]
+    pub responses_store: usize,
     /// Per-request time limit, from admission.
     #[arg(long, env = "KANDLE_REQUEST_TIMEOUT", default_value = "300s", value_parser = parse_duration)]
     pub request_timeout: Duration,
@@ -253,6 +259,7 @@ impl ServeConfig {
             chat_template: None,
             tool_call_parser: None,
             reasoning_parser: None,
+            responses_store: 0,
             request_timeout: Duration::from_secs(300),
             shutdown_grace: Duration::from_secs(30),
             threads: None,

@@ -4,17 +4,97 @@
 //! the chat answer, whole or streamed, becomes a response object or the Responses API's typed
 //! events. Function tools map to chat's: `tools` and `tool_choice`, past `function_call`
 //! and `function_call_output` items to an assistant turn's `tool_calls` and `tool` turns, and
-//! the answer's calls to `function_call` items. Nothing is stored, as with vLLM's `store:
-//! false`: `previous_response_id` and `conversation` are refused, and so are built-in tools,
-//! images and files and `background`, each by name, rather than ignored. `top_logprobs` (or
+//! the answer's calls to `function_call` items. With `--responses-store N` the last N
+//! responses are kept in the server's memory ([`ResponseStore`], as vLLM keeps them with
+//! `VLLM_ENABLE_RESPONSES_API_STORE`): `previous_response_id` continues one (its input and
+//! output before the new input; its `instructions` are not carried over, as OpenAI's are
+//! not), and `GET`/`DELETE /v1/responses/{id}` read and forget one. Without it nothing is
+//! stored (`store: false`) and `previous_response_id` is refused. `conversation`, built-in
+//! tools, images and files and `background` are refused, each by name, rather than ignored. `top_logprobs` (or
 //! `include: ["message.output_text.logprobs"]`) gives the output text's log-probabilities,
 //! chat's in the same shape.
 //!
 //! Pure JSON functions; the server runs the chat request between them.
 
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+
 use serde_json::{Map, Value, json};
 
 use crate::api::ApiError;
+
+/// A stored response: the conversation up to and including its answer, as chat messages
+/// (without `instructions`), and the response object `GET` returns.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub messages: Vec<Value>,
+    pub response: Value,
+}
+
+/// The last `capacity` stored responses, by id; the oldest is forgotten first. A server's
+/// memory only: a replica does not see another's, nor a restarted server its past.
+pub struct ResponseStore {
+    capacity: usize,
+    kept: Mutex<(HashMap<String, Stored>, VecDeque<String>)>,
+}
+
+impl ResponseStore {
+    pub fn new(capacity: usize) -> ResponseStore {
+        ResponseStore {
+            capacity,
+            kept: Mutex::new((HashMap::new(), VecDeque::new())),
+        }
+    }
+
+    /// Whether responses are kept at all (`--responses-store` above 0).
+    pub fn enabled(&self) -> bool {
+        self.capacity > 0
+    }
+
+    pub fn get(&self, id: &str) -> Option<Stored> {
+        self.kept.lock().expect("not poisoned").0.get(id).cloned()
+    }
+
+    pub fn put(&self, id: String, stored: Stored) {
+        if !self.enabled() {
+            return;
+        }
+        let (map, order) = &mut *self.kept.lock().expect("not poisoned");
+        if map.insert(id.clone(), stored).is_none() {
+            order.push_back(id);
+        }
+        while map.len() > self.capacity {
+            let Some(oldest) = order.pop_front() else {
+                break;
+            };
+            map.remove(&oldest);
+        }
+    }
+
+    /// Forgets `id`; false when it was not kept.
+    pub fn delete(&self, id: &str) -> bool {
+        let (map, order) = &mut *self.kept.lock().expect("not poisoned");
+        order.retain(|k| k != id);
+        map.remove(id).is_some()
+    }
+}
+
+/// Whether a request asks for its response to be stored (OpenAI's `store`, true unless
+/// `false`).
+pub fn wants_store(req: &Value) -> bool {
+    req.get("store") != Some(&Value::Bool(false))
+}
+
+/// The conversation a stored response continues with: `before` (its conversation up to the
+/// request) and the response's output items (its messages and calls; reasoning left out, as
+/// for any input).
+pub fn conversation_after(before: Vec<Value>, response: &Value) -> Result<Vec<Value>, ApiError> {
+    let mut messages = before;
+    for item in response["output"].as_array().into_iter().flatten() {
+        input_item(item, &mut messages)?;
+    }
+    Ok(messages)
+}
 
 /// The sampling fields passed to the chat request as they are: the Responses API's own
 /// (`temperature`, `top_p`) and the vLLM extras its clients send.
@@ -34,6 +114,13 @@ const PASSED: [&str; 10] = [
 /// The chat request a Responses request asks for, or a 400 naming the field kandle cannot
 /// follow.
 pub fn to_chat(req: &Value) -> Result<Value, ApiError> {
+    to_chat_after(req, Vec::new()).map(|(chat, _)| chat)
+}
+
+/// [`to_chat`] continuing `previous` (a stored response's conversation); also the
+/// conversation to store with this request's answer (`previous` and the input, without the
+/// `instructions`).
+pub fn to_chat_after(req: &Value, previous: Vec<Value>) -> Result<(Value, Vec<Value>), ApiError> {
     let Some(fields) = req.as_object() else {
         return Err(ApiError::invalid(
             "the request body must be a JSON object",
@@ -41,7 +128,6 @@ pub fn to_chat(req: &Value) -> Result<Value, ApiError> {
         ));
     };
     for (field, why) in [
-        ("previous_response_id", "responses are not stored"),
         ("conversation", "conversations are not stored"),
         ("prompt", "stored prompts are not kept"),
     ] {
@@ -67,17 +153,17 @@ pub fn to_chat(req: &Value) -> Result<Value, ApiError> {
             chat.insert(f.into(), v.clone());
         }
     }
-    let mut messages = Vec::new();
-    match fields.get("instructions") {
-        None | Some(Value::Null) => {}
-        Some(Value::String(s)) => messages.push(json!({"role": "system", "content": s})),
+    let instructions = match fields.get("instructions") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(json!({"role": "system", "content": s})),
         Some(_) => {
             return Err(ApiError::invalid(
                 "instructions must be a string",
                 Some("instructions"),
             ));
         }
-    }
+    };
+    let mut messages = previous;
     match fields.get("input") {
         Some(Value::String(s)) => messages.push(json!({"role": "user", "content": s})),
         Some(Value::Array(items)) => {
@@ -92,7 +178,11 @@ pub fn to_chat(req: &Value) -> Result<Value, ApiError> {
             ));
         }
     }
-    chat.insert("messages".into(), Value::Array(messages));
+    let conversation = messages.clone();
+    chat.insert(
+        "messages".into(),
+        Value::Array(instructions.into_iter().chain(messages).collect()),
+    );
     if let Some(n) = fields.get("max_output_tokens").filter(|v| !v.is_null()) {
         chat.insert("max_tokens".into(), n.clone());
     }
@@ -132,7 +222,7 @@ pub fn to_chat(req: &Value) -> Result<Value, ApiError> {
     if stream {
         chat.insert("stream_options".into(), json!({"include_usage": true}));
     }
-    Ok(Value::Object(chat))
+    Ok((Value::Object(chat), conversation))
 }
 
 /// Whether the output text's log-probabilities are asked for: `top_logprobs`, or `include`
@@ -330,8 +420,12 @@ fn echoed(req: &Value) -> Map<String, Value> {
             .cloned()
             .unwrap_or(json!(true)),
     );
-    m.insert("previous_response_id".into(), Value::Null);
-    m.insert("store".into(), json!(false));
+    m.insert("previous_response_id".into(), field("previous_response_id"));
+    // The server sets `store` to whether it keeps this response.
+    m.insert(
+        "store".into(),
+        json!(req.get("store") == Some(&Value::Bool(true))),
+    );
     m.insert(
         "metadata".into(),
         req.get("metadata").cloned().unwrap_or(json!({})),
@@ -855,12 +949,69 @@ mod tests {
     }
 
     #[test]
+    fn a_stored_conversation_goes_on_after_new_instructions_and_before_the_new_input() {
+        let first = json!({"model": "m", "instructions": "Be brief.", "input": "My name is Ada."});
+        let (_, before) = to_chat_after(&first, Vec::new()).unwrap();
+        assert_eq!(
+            before,
+            [json!({"role": "user", "content": "My name is Ada."})]
+        );
+        let response = json!({"output": [
+            {"type": "reasoning", "id": "rs_1", "summary": []},
+            {"type": "message", "role": "assistant", "id": "msg_1", "status": "completed",
+             "content": [{"type": "output_text", "text": "Hello Ada.", "annotations": []}]},
+            {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "wave",
+             "arguments": "{}", "status": "completed"}]});
+        let kept = conversation_after(before, &response).unwrap();
+        let next = json!({"model": "m", "instructions": "Be kind.",
+                          "input": [{"type": "function_call_output", "call_id": "call_1", "output": "waved"}]});
+        let (chat, after) = to_chat_after(&next, kept).unwrap();
+        let roles: Vec<&str> = chat["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["role"].as_str().unwrap())
+            .collect();
+        // The old instructions are not carried over; the new ones come first.
+        assert_eq!(roles, ["system", "user", "assistant", "assistant", "tool"]);
+        assert_eq!(chat["messages"][0]["content"], "Be kind.");
+        assert_eq!(chat["messages"][2]["content"], "Hello Ada.");
+        assert_eq!(
+            chat["messages"][3]["tool_calls"][0]["function"]["name"],
+            "wave"
+        );
+        assert_eq!(
+            after.len(),
+            4,
+            "what is stored next leaves the instructions out"
+        );
+    }
+
+    #[test]
+    fn the_store_keeps_the_last_n_and_forgets_on_delete() {
+        let stored = |n: i64| Stored {
+            messages: Vec::new(),
+            response: json!({"n": n}),
+        };
+        let store = ResponseStore::new(2);
+        for (i, id) in ["a", "b", "c"].into_iter().enumerate() {
+            store.put(id.into(), stored(i as i64));
+        }
+        assert!(store.get("a").is_none(), "the oldest went first");
+        assert_eq!(store.get("c").unwrap().response["n"], 2);
+        assert!(store.delete("b") && !store.delete("b"));
+        store.put("d".into(), stored(3));
+        assert!(store.get("c").is_some() && store.get("d").is_some());
+        let off = ResponseStore::new(0);
+        off.put("a".into(), stored(0));
+        assert!(!off.enabled() && off.get("a").is_none());
+        assert!(wants_store(&json!({})) && !wants_store(&json!({"store": false})));
+    }
+
+    #[test]
     fn what_cannot_be_followed_is_refused_by_name() {
         for (extra, param) in [
-            (
-                json!({"previous_response_id": "resp_1"}),
-                "previous_response_id",
-            ),
+            (json!({"conversation": "conv_1"}), "conversation"),
             (json!({"tools": [{"type": "file_search"}]}), "tools"),
             (json!({"tool_choice": {"type": "mcp"}}), "tool_choice"),
             (json!({"background": true}), "background"),

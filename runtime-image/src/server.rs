@@ -65,6 +65,8 @@ struct AppState {
     registry: Registry,
     next_id: AtomicU64,
     created: u64,
+    /// `/v1/responses` kept for `previous_response_id` (`--responses-store`).
+    responses: crate::responses::ResponseStore,
 }
 
 impl AppState {
@@ -207,6 +209,7 @@ pub async fn start(config: ServeConfig) -> Result<Server> {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
+        responses: crate::responses::ResponseStore::new(config.responses_store),
         config: config.clone(),
     });
 
@@ -522,6 +525,10 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/responses", post(responses))
+        .route(
+            "/v1/responses/{id}",
+            get(retrieve_response).delete(delete_response),
+        )
         .route("/v1/classify", post(classify))
         .route("/v1/rerank", post(rerank))
         .route("/rerank", post(rerank))
@@ -2145,13 +2152,65 @@ async fn embeddings(
 /// ([`crate::responses`]); a chat error's field is named as the Responses API names it.
 /// Streamed, the chat chunks become the Responses API's typed events as they come; the client
 /// leaving drops the chat stream, and with it the generation.
+///
+/// With `--responses-store`, `previous_response_id` continues a kept response, and the answer
+/// is kept (unless `store: false`) once it is over, `completed` or `incomplete` (cut at
+/// `max_output_tokens`, as OpenAI keeps it too): at once, or at its last event; a failed
+/// request, or a stream whose client left, is not.
 async fn responses(
     State(st): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body_bytes(body)?;
-    let req: Value = api::parse_body(&body)?;
-    let chat = crate::responses::to_chat(&req)?;
+    let mut req: Value = api::parse_body(&body)?;
+    let previous = match req.get("previous_response_id") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(_) if !st.responses.enabled() => {
+            return Err(ApiError::invalid(
+                "previous_response_id: responses are not stored by this server (start it with \
+                 --responses-store N to keep the last N)",
+                Some("previous_response_id"),
+            ));
+        }
+        Some(Value::String(prev)) => match st.responses.get(prev) {
+            Some(kept) => kept.messages,
+            None => {
+                return Err(ApiError {
+                    status: 400,
+                    kind: "invalid_request_error",
+                    param: Some("previous_response_id"),
+                    code: Some("previous_response_not_found"),
+                    message: format!("Previous response with id '{prev}' not found."),
+                });
+            }
+        },
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "previous_response_id must be a string",
+                Some("previous_response_id"),
+            ));
+        }
+    };
+    let (chat, conversation) = crate::responses::to_chat_after(&req, previous)?;
+    let store = st.responses.enabled() && crate::responses::wants_store(&req);
+    // What the response objects echo.
+    req["store"] = Value::Bool(store);
+    let keep = move |st: &AppState, response: &Value| {
+        if !store || !matches!(response["status"].as_str(), Some("completed" | "incomplete")) {
+            return;
+        }
+        let (Some(id), Ok(messages)) = (
+            response["id"].as_str(),
+            crate::responses::conversation_after(conversation.clone(), response),
+        ) else {
+            return;
+        };
+        let response = response.clone();
+        st.responses.put(
+            id.to_owned(),
+            crate::responses::Stored { messages, response },
+        );
+    };
     let stream = chat["stream"] == Value::Bool(true);
     let answer = chat_completions(State(st.clone()), Ok(Bytes::from(chat.to_string())))
         .await
@@ -2167,7 +2226,9 @@ async fn responses(
             .map_err(|e| ApiError::with_status(500, "server_error", None, e.to_string()))?;
         let chat: Value = serde_json::from_slice(&bytes)
             .map_err(|e| ApiError::with_status(500, "server_error", None, e.to_string()))?;
-        return Ok(axum::Json(crate::responses::from_chat(&chat, &req, &id)).into_response());
+        let response = crate::responses::from_chat(&chat, &req, &id);
+        keep(&st, &response);
+        return Ok(axum::Json(response).into_response());
     }
     let events = crate::responses::Events::new(req, &id, now_secs());
     let state = (body.into_data_stream(), String::new(), events, false);
@@ -2192,7 +2253,15 @@ async fn responses(
             Some((out, (body, buf, events, true)))
         },
     )
-    .flat_map(|out| {
+    .flat_map(move |out| {
+        for e in &out {
+            if matches!(
+                e["type"].as_str(),
+                Some("response.completed" | "response.incomplete")
+            ) {
+                keep(&st, &e["response"]);
+            }
+        }
         futures::stream::iter(out.into_iter().map(|e| {
             let kind = e["type"].as_str().unwrap_or("message").to_owned();
             Ok::<_, Infallible>(Event::default().event(kind).data(e.to_string()))
@@ -2201,6 +2270,40 @@ async fn responses(
     Ok(Sse::new(events)
         .keep_alive(KeepAlive::default())
         .into_response())
+}
+
+/// `GET /v1/responses/{id}`: a kept response (`--responses-store`), as it was answered.
+async fn retrieve_response(
+    State(st): State<Arc<AppState>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<axum::Json<Value>, ApiError> {
+    st.responses
+        .get(&id)
+        .map(|kept| axum::Json(kept.response))
+        .ok_or_else(|| response_not_found(&id))
+}
+
+/// `DELETE /v1/responses/{id}`: forgets a kept response.
+async fn delete_response(
+    State(st): State<Arc<AppState>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<axum::Json<Value>, ApiError> {
+    if !st.responses.delete(&id) {
+        return Err(response_not_found(&id));
+    }
+    Ok(axum::Json(
+        json!({"id": id, "object": "response", "deleted": true}),
+    ))
+}
+
+fn response_not_found(id: &str) -> ApiError {
+    ApiError {
+        status: 404,
+        kind: "invalid_request_error",
+        param: None,
+        code: None,
+        message: format!("Response with id '{id}' not found."),
+    }
 }
 
 /// The scores of (first, second) text pairs, as vLLM's score and rerank APIs give them: a

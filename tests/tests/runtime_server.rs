@@ -4006,6 +4006,70 @@ async fn the_responses_api_runs_as_the_chat_request_it_asks_for() {
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
+/// `--responses-store`: a response is kept (`store: true`) and `GET` returns it as it was
+/// answered, whole or streamed; `previous_response_id` continues it (the answer chat gives to
+/// the whole conversation, with the new `instructions`); `store: false` keeps nothing;
+/// `DELETE` forgets one, after which it is a 404 and continuing it a 400 naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_responses_continue_a_conversation_and_can_be_read_and_deleted() {
+    let (server, url) = serve(|c| c.responses_store = 4).await;
+    let http = client();
+    let responses = format!("{url}/v1/responses");
+    let first_q = "My name is Ada. Say hello to me.";
+    let first = post_json(&http, &responses, &json!({"model": SMOL, "instructions": "You are brief.",
+        "input": first_q, "temperature": 0, "max_output_tokens": 24})).await;
+    assert_eq!(first["store"], true, "{first}");
+    let id1 = first["id"].as_str().unwrap().to_owned();
+    let got = get_json(&http, &format!("{responses}/{id1}"), 200).await;
+    assert_eq!(got, first);
+
+    let second_q = "What is my name?";
+    let second = post_json(&http, &responses, &json!({"model": SMOL, "instructions": "Answer in one line.",
+        "previous_response_id": id1, "input": second_q, "temperature": 0, "max_output_tokens": 24})).await;
+    assert_eq!(second["previous_response_id"], id1.as_str(), "{second}");
+    let first_text = first["output"][0]["content"][0]["text"].as_str().unwrap();
+    let as_chat = post_json(&http, &format!("{url}/v1/chat/completions"), &json!({"model": SMOL,
+        "temperature": 0, "max_tokens": 24, "messages": [
+            {"role": "system", "content": "Answer in one line."},
+            {"role": "user", "content": first_q},
+            {"role": "assistant", "content": first_text},
+            {"role": "user", "content": second_q}]})).await;
+    assert_eq!(second["usage"]["input_tokens"], as_chat["usage"]["prompt_tokens"], "{second}");
+    assert_eq!(second["output"][0]["content"][0]["text"], as_chat["choices"][0]["message"]["content"]);
+
+    // Streamed, the response is kept at its last event.
+    let id2 = second["id"].as_str().unwrap();
+    let events = post_events(&http, &responses, &json!({"model": SMOL, "previous_response_id": id2,
+        "input": "Thanks.", "temperature": 0, "max_output_tokens": 8, "stream": true})).await;
+    let last = &events.last().unwrap().1["response"];
+    assert_eq!(last["store"], true, "{last}");
+    let got = get_json(&http, &format!("{responses}/{}", last["id"].as_str().unwrap()), 200).await;
+    assert_eq!(&got, last);
+
+    let unstored = post_json(&http, &responses, &json!({"model": SMOL, "input": "Hi", "store": false,
+        "max_output_tokens": 4})).await;
+    assert_eq!(unstored["store"], false);
+    get_json(&http, &format!("{responses}/{}", unstored["id"].as_str().unwrap()), 404).await;
+
+    let deleted: Value = http.delete(format!("{responses}/{id1}")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(deleted, json!({"id": id1, "object": "response", "deleted": true}));
+    let e = get_json(&http, &format!("{responses}/{id1}"), 404).await;
+    assert!(e["error"]["message"].as_str().unwrap().contains(&id1), "{e}");
+    let r = http.post(&responses).json(&json!({"model": SMOL, "previous_response_id": id1, "input": "Again?"}))
+        .send().await.unwrap();
+    let e = expect_error(r, 400, "a forgotten previous_response_id").await;
+    assert_eq!(e["error"]["param"], "previous_response_id", "{e}");
+    assert_eq!(e["error"]["code"], "previous_response_not_found", "{e}");
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+/// `GET url`, expecting `status`; its JSON body.
+async fn get_json(http: &reqwest::Client, url: &str, status: u16) -> Value {
+    let r = http.get(url).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), status, "GET {url}");
+    r.json().await.unwrap()
+}
+
 /// `--max-batch-tokens` (TGI's `--max-batch-total-tokens`): each sequence is counted at its
 /// prompt plus its max_tokens; a request that does not fit beside the running ones waits for
 /// them and then gives the answer it gives alone, requests that fit run together, a
