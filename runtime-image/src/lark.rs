@@ -413,23 +413,17 @@ fn hir_gbnf(h: &Hir, out: &mut String) -> Result<(), String> {
             }
         }
         HirKind::Capture(cap) => hir_gbnf(&cap.sub, out)?,
-        HirKind::Concat(parts) => {
+        HirKind::Concat(parts) | HirKind::Alternation(parts) => {
+            let between = match h.kind() {
+                HirKind::Concat(_) => " ",
+                _ => " | ",
+            };
             out.push('(');
             for (i, p) in parts.iter().enumerate() {
                 if i > 0 {
-                    out.push(' ');
+                    out.push_str(between);
                 }
                 hir_gbnf(p, out)?;
-            }
-            out.push(')');
-        }
-        HirKind::Alternation(alts) => {
-            out.push('(');
-            for (i, a) in alts.iter().enumerate() {
-                if i > 0 {
-                    out.push_str(" | ");
-                }
-                hir_gbnf(a, out)?;
             }
             out.push(')');
         }

@@ -2196,7 +2196,12 @@ async fn responses(
     // What the response objects echo.
     req["store"] = Value::Bool(store);
     let keep = move |st: &AppState, response: &Value| {
-        if !store || !matches!(response["status"].as_str(), Some("completed" | "incomplete")) {
+        if !store
+            || !matches!(
+                response["status"].as_str(),
+                Some("completed" | "incomplete")
+            )
+        {
             return;
         }
         let (Some(id), Ok(messages)) = (
