@@ -39,9 +39,13 @@
 //!   beside another type (`["string", "null"]`) they are read and need nothing; without a
 //!   type they are refused.
 //! - Annotations (`title`, `description`, `default`, `examples`, `$schema`, `$defs`,
-//!   `definitions`, `strict`) are ignored. Any other keyword (`uniqueItems`,
-//!   `patternProperties`, …) is refused with its name rather than ignored, since the answer
+//!   `definitions`, `strict`) are ignored. Any other keyword (`patternProperties`,
+//!   `propertyNames`, …) is refused with its name rather than ignored, since the answer
 //!   could then break it.
+//! - `uniqueItems` where the items are an enum or a const (pydantic's `set[Literal[…]]` and
+//!   `set[SomeEnum]`): each value is written at most once, so an item's mask leaves out the
+//!   values written, and `maxItems` is at most the number of values; for other items it is
+//!   refused (each item would have to be told from every one before it).
 
 use std::collections::BTreeSet;
 
@@ -566,11 +570,13 @@ enum Node {
     Num(NumRule),
     /// Each property's key (as JSON text, quotes included) and node.
     Object(Vec<(Vec<char>, usize)>),
-    /// Items of one node, `min` to `max` of them.
+    /// Items of one node, `min` to `max` of them; `unique`: an enum's values, each at most
+    /// once (`uniqueItems`).
     Array {
         items: usize,
         min: usize,
         max: Option<usize>,
+        unique: bool,
     },
     /// The JSON texts of the allowed values.
     Enum(Vec<Vec<char>>),
@@ -664,6 +670,7 @@ impl Schema {
                     | "const"
                     | "minItems"
                     | "maxItems"
+                    | "uniqueItems"
                     | "minLength"
                     | "maxLength"
                     | "pattern"
@@ -789,16 +796,44 @@ impl Schema {
         root: &Value,
         depth: usize,
     ) -> Result<usize, String> {
+        let unique = match obj.get("uniqueItems") {
+            None | Some(Value::Bool(false)) => false,
+            Some(Value::Bool(true)) => true,
+            Some(v) => return Err(format!("uniqueItems must be a boolean, got {v}")),
+        };
+        const UNIQUE_ENUMS_ONLY: &str = "uniqueItems is followed for items that are an enum \
+            or const (each value at most once), and not supported for other items";
         match obj.get("items") {
+            None if unique => Err(UNIQUE_ENUMS_ONLY.into()),
             None => Ok(self.push(Node::Value(Kind::Any(Some('['))))),
             Some(items) => {
-                let (min, max) = counts(obj, "minItems", "maxItems")?;
-                let at = self.push(Node::Array { items: 0, min, max });
+                let (min, mut max) = counts(obj, "minItems", "maxItems")?;
+                let at = self.push(Node::Array {
+                    items: 0,
+                    min,
+                    max,
+                    unique,
+                });
                 let child = self.node(items, root, depth + 1)?;
+                if unique {
+                    let Node::Enum(values) = &self.nodes[child] else {
+                        return Err(UNIQUE_ENUMS_ONLY.into());
+                    };
+                    let n = values.len();
+                    if min > n {
+                        return Err(format!(
+                            "minItems {min} with uniqueItems asks for more distinct items than \
+                             the {n} values the items allow"
+                        ));
+                    }
+                    // Past every value once, no item can follow.
+                    max = Some(max.map_or(n, |m| m.min(n)));
+                }
                 self.nodes[at] = Node::Array {
                     items: child,
                     min,
                     max,
+                    unique,
                 };
                 Ok(at)
             }
@@ -864,6 +899,7 @@ impl Schema {
             items: call,
             min: 1,
             max,
+            unique: false,
         });
         s.root = s.union(vec![call, list])?;
         Ok(s)
@@ -996,11 +1032,12 @@ enum Frame {
         i: usize,
         at: ObjAt,
     },
-    /// An array, `n` items begun.
+    /// An array, `n` items begun; `used`: for unique items, the enum's values written.
     Arr {
         node: usize,
         n: usize,
         at: ArrAt,
+        used: u64,
     },
     /// An enum: `pos` characters in, `alive` the alternatives still matching.
     Lit {
@@ -1169,6 +1206,7 @@ impl SchemaState {
                 node,
                 n: 0,
                 at: ArrAt::Open,
+                used: 0,
             },
             Node::Union(_) => Frame::Union { node },
             Node::Num(_) => Frame::Num {
@@ -1245,7 +1283,12 @@ impl SchemaState {
                     match self.stack.last_mut() {
                         None => self.done = true,
                         Some(Frame::Obj { at, .. }) => *at = ObjAt::After,
-                        Some(Frame::Arr { at, .. }) => *at = ArrAt::After,
+                        Some(Frame::Arr { at, node, used, .. }) => {
+                            *at = ArrAt::After;
+                            if let Some(k) = Self::unique_value(schema, *node, ended.as_ref()) {
+                                *used |= 1 << k;
+                            }
+                        }
                         Some(Frame::Map { at, .. }) => {
                             *at = match *at {
                                 MapAt::InKey => MapAt::Colon,
@@ -1278,6 +1321,20 @@ impl SchemaState {
                 }
             }
         }
+    }
+
+    /// The enum value an item `ended` as, in an array of unique items (`node`).
+    fn unique_value(schema: &Schema, node: usize, ended: Option<&Frame>) -> Option<usize> {
+        let (Node::Array { unique: true, .. }, Some(Frame::Lit { node, pos, alive })) =
+            (&schema.nodes[node], ended)
+        else {
+            return None;
+        };
+        let Node::Enum(values) = &schema.nodes[*node] else {
+            return None;
+        };
+        // The values are distinct: one alive value is whole where the item ended.
+        (0..values.len()).find(|&k| alive & (1 << k) != 0 && values[k].len() == *pos)
     }
 
     /// Whitespace between tokens, as llama.cpp's grammars from JSON schemas allow it: none,
@@ -1450,8 +1507,14 @@ impl SchemaState {
                     None => Step::Refused,
                 }
             }
-            Frame::Arr { node, n, at } => {
-                let Node::Array { items, min, max } = &schema.nodes[*node] else {
+            Frame::Arr { node, n, at, used } => {
+                let Node::Array {
+                    items,
+                    min,
+                    max,
+                    unique,
+                } = &schema.nodes[*node]
+                else {
                     unreachable!("an array frame's node is an array")
                 };
                 let room = max.is_none_or(|m| *n < m);
@@ -1468,13 +1531,15 @@ impl SchemaState {
                         Step::Took
                     }
                     (ArrAt::FirstOrEnd | ArrAt::Item, c) if room && c != ']' => {
-                        // An item starts with this character.
+                        // An item starts with this character; a unique one is a value not
+                        // written yet (`max` allows no more items than there are values).
                         *n += 1;
                         *at = ArrAt::After;
-                        Step::Child {
-                            frame: Self::frame(schema, *items),
-                            took: false,
+                        let mut frame = Self::frame(schema, *items);
+                        if let (true, Frame::Lit { alive, .. }) = (*unique, &mut frame) {
+                            *alive &= !*used;
                         }
+                        Step::Child { frame, took: false }
                     }
                     _ => Step::Refused,
                 }
@@ -2203,6 +2268,58 @@ mod tests {
             Schema::compile(&json!({"type": "array", "items": {}, "minItems": 3, "maxItems": 2}))
                 .is_err()
         );
+    }
+
+    #[test]
+    fn unique_items_of_an_enum_write_each_value_at_most_once() {
+        // pydantic's `set[Literal["red", "green", "blue"]]`, through a `$ref` as it writes an
+        // Enum class; and numbers where one value starts another.
+        let colours = json!({"type": "array", "uniqueItems": true, "items": {"$ref": "#/$defs/C"},
+                             "$defs": {"C": {"enum": ["red", "green", "blue"], "type": "string"}}});
+        for ok in ["[]", r#"["red"]"#, r#"["blue", "red", "green"]"#] {
+            assert_eq!(run(&colours, ok), (true, true), "{ok}");
+        }
+        assert_eq!(run(&colours, r#"["red", "red""#), (false, false));
+        assert_eq!(run(&colours, r#"["red", "green", "red"#), (false, false));
+        let (s, st) = state(&colours);
+        assert!(
+            !st.accepts(&s, r#"["red","green","blue","#),
+            "no fourth item: every value is written"
+        );
+        let numbers = json!({"type": "array", "uniqueItems": true, "items": {"enum": [1, 10]}});
+        assert_eq!(run(&numbers, "[10, 1]"), (true, true));
+        assert_eq!(run(&numbers, "[1, 1"), (true, false), "a 1 may yet be 10");
+        assert_eq!(run(&numbers, "[1, 1]"), (false, false));
+        assert_eq!(run(&numbers, "[1, 10, 1"), (false, false));
+        // uniqueItems false asks nothing; an array of any items says so where it was refused.
+        assert_eq!(
+            run(
+                &json!({"type": "array", "uniqueItems": false, "items": {"const": 1}}),
+                "[1,1]"
+            ),
+            (true, true)
+        );
+        for (schema, says) in [
+            (
+                json!({"type": "array", "uniqueItems": true, "items": {"type": "string"}}),
+                "enum or const",
+            ),
+            (
+                json!({"type": "array", "uniqueItems": true}),
+                "enum or const",
+            ),
+            (
+                json!({"type": "array", "uniqueItems": true, "minItems": 3, "items": {"enum": [1, 2]}}),
+                "more distinct items",
+            ),
+            (
+                json!({"type": "array", "uniqueItems": "yes", "items": {"enum": [1]}}),
+                "must be a boolean",
+            ),
+        ] {
+            let e = Schema::compile(&schema).unwrap_err();
+            assert!(e.contains(says), "{schema}: {e}");
+        }
     }
 
     #[test]

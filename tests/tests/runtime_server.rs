@@ -1587,8 +1587,8 @@ async fn json_mode_answers_with_one_json_object() {
 /// with its type, an enum's
 /// value one of its list, numbers within their bounds, strings of their pattern and format
 /// (the bounds are ones SmolLM2 does not keep unmasked: it writes births in the 1800s and
-/// 1900s, and positive latitudes); a schema kandle cannot follow is refused naming the
-/// keyword.
+/// 1900s, and positive latitudes); `uniqueItems` over an enum gives each value once; a
+/// schema kandle cannot follow is refused naming the keyword.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_json_schema_shapes_the_answer() {
     let (server, url) = serve(|c| c.max_new_tokens = 300).await;
@@ -1718,7 +1718,33 @@ async fn a_json_schema_shapes_the_answer() {
         "{stopped} of 4 answers closed their object in 300 tokens"
     );
 
+    // pydantic's `set[Literal[...]]`: every value once, here all four (SmolLM2 left alone
+    // repeats one).
+    let set = json!({"type": "object", "properties": {"studied": {"type": "array",
+        "uniqueItems": true, "minItems": 4, "items": {"enum": fields}}}});
+    for sampling in [json!({"temperature": 0}), json!({"temperature": 1.0, "seed": 5})] {
+        let body = with_fields(
+            chat_body("Which fields did Marie Curie study?", sampling),
+            &format(set.clone()),
+        );
+        let r = post_json(&http, &chat, &body).await;
+        let content = r["choices"][0]["message"]["content"].as_str().unwrap();
+        let v: Value = serde_json::from_str(content)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {content}"));
+        let mut studied: Vec<&str> = (v["studied"].as_array().unwrap().iter())
+            .map(|f| f.as_str().unwrap())
+            .collect();
+        studied.sort_unstable();
+        let mut all = fields.to_vec();
+        all.sort_unstable();
+        assert_eq!(studied, all, "{content}");
+    }
+
     for (bad, says) in [
+        (
+            json!({"type": "array", "uniqueItems": true, "items": {"type": "string"}}),
+            "uniqueItems is followed for items that are an enum",
+        ),
         (json!({"type": "string", "pattern": "a(?=b)"}), "pattern"),
         (json!({"type": "string", "format": "hostname"}), "format"),
         (
