@@ -39,9 +39,15 @@
 //!   beside another type (`["string", "null"]`) they are read and need nothing; without a
 //!   type they are refused.
 //! - Annotations (`title`, `description`, `default`, `examples`, `$schema`, `$defs`,
-//!   `definitions`, `strict`) are ignored. Any other keyword (`patternProperties`,
-//!   `propertyNames`, …) is refused with its name rather than ignored, since the answer
+//!   `definitions`, `strict`) are ignored. Any other keyword (`minProperties`,
+//!   `dependentRequired`, …) is refused with its name rather than ignored, since the answer
 //!   could then break it.
+//! - Without `properties`, `propertyNames` (a string's `pattern`, `format`, `minLength`,
+//!   `maxLength`: pydantic's `dict[constr(pattern=…), X]`) or `patternProperties` of one
+//!   pattern make a map whose keys follow that rule (a key's character that leaves no way
+//!   to a match is masked), each value of the pattern's schema or `additionalProperties`.
+//!   Only keys of the rule are written, which any of these schemas accepts; with
+//!   `properties`, several patterns, or both keywords, they are refused.
 //! - `uniqueItems` where the items are an enum or a const (pydantic's `set[Literal[…]]` and
 //!   `set[SomeEnum]`): each value is written at most once, so an item's mask leaves out the
 //!   values written, and `maxItems` is at most the number of values; for other items it is
@@ -590,8 +596,12 @@ enum Node {
     },
     /// One of these, told apart by their first character ([`Schema::union`]).
     Union(Vec<usize>),
-    /// An object of any keys, each value of this node (`additionalProperties` as a schema).
-    Map(usize),
+    /// An object of any keys (or keys of the [`Node::Str`] `keys`: `patternProperties`,
+    /// `propertyNames`), each value of node `values` (`additionalProperties` as a schema).
+    Map {
+        values: usize,
+        keys: Option<usize>,
+    },
 }
 
 /// A compiled schema.
@@ -671,6 +681,8 @@ impl Schema {
                     | "minItems"
                     | "maxItems"
                     | "uniqueItems"
+                    | "patternProperties"
+                    | "propertyNames"
                     | "minLength"
                     | "maxLength"
                     | "pattern"
@@ -724,6 +736,8 @@ impl Schema {
         };
         Ok(match kind {
             None if obj.contains_key("properties")
+                || obj.contains_key("patternProperties")
+                || obj.contains_key("propertyNames")
                 || obj
                     .get("additionalProperties")
                     .is_some_and(Value::is_object) =>
@@ -764,19 +778,58 @@ impl Schema {
         root: &Value,
         depth: usize,
     ) -> Result<usize, String> {
-        let Some(props) = obj.get("properties") else {
-            // No properties: a map of values of one schema, the empty object, or any object.
-            return Ok(match obj.get("additionalProperties") {
-                Some(v @ Value::Object(_)) => {
-                    let at = self.push(Node::Map(0));
-                    let child = self.node(v, root, depth + 1)?;
-                    self.nodes[at] = Node::Map(child);
-                    at
-                }
-                Some(Value::Bool(false)) => self.push(Node::Object(Vec::new())),
-                _ => self.push(Node::Value(Kind::Any(Some('{')))),
-            });
+        let pattern = match obj.get("patternProperties") {
+            None => None,
+            Some(Value::Object(m)) if m.is_empty() => None,
+            Some(Value::Object(m)) if m.len() == 1 => m.iter().next(),
+            Some(_) => {
+                return Err(
+                    "patternProperties is followed with one pattern (an object of one key)".into(),
+                );
+            }
         };
+        let names = obj.get("propertyNames");
+        let Some(props) = obj.get("properties") else {
+            // A map: keys of the one pattern (`patternProperties`) or of `propertyNames`, each
+            // value of the pattern's schema or of `additionalProperties`.
+            let keys = match (pattern, names) {
+                (Some(_), Some(_)) => {
+                    return Err(
+                        "patternProperties and propertyNames together are not supported".into(),
+                    );
+                }
+                (Some((p, _)), None) => {
+                    let rule =
+                        serde_json::Map::from_iter([("pattern".to_owned(), p.clone().into())]);
+                    Some(StrRule::compile(&rule)?)
+                }
+                (None, Some(n)) => Some(Self::key_rule(n)?),
+                (None, None) => None,
+            }
+            .flatten()
+            .map(|rule| self.push(Node::Str(Box::new(rule))));
+            let values = match (pattern, obj.get("additionalProperties")) {
+                (Some((_, v)), _) => Some(v),
+                (None, Some(v @ Value::Object(_))) => Some(v),
+                (None, Some(Value::Bool(false))) => {
+                    return Ok(self.push(Node::Object(Vec::new())));
+                }
+                (None, _) if keys.is_some() => Some(&Value::Bool(true)),
+                (None, _) => None,
+            };
+            let Some(values) = values else {
+                return Ok(self.push(Node::Value(Kind::Any(Some('{')))));
+            };
+            let at = self.push(Node::Map { values: 0, keys });
+            let values = self.node(values, root, depth + 1)?;
+            self.nodes[at] = Node::Map { values, keys };
+            return Ok(at);
+        };
+        if pattern.is_some() || names.is_some() {
+            return Err(
+                "patternProperties and propertyNames are followed without properties only".into(),
+            );
+        }
         let props = props
             .as_object()
             .ok_or_else(|| format!("properties must be an object, got {props}"))?;
@@ -788,6 +841,27 @@ impl Schema {
         }
         self.nodes[at] = Node::Object(fields);
         Ok(at)
+    }
+
+    /// The keys' rule of `propertyNames`: a string schema's length, pattern or format
+    /// (`None`: any key).
+    fn key_rule(names: &Value) -> Result<Option<StrRule>, String> {
+        let obj = names
+            .as_object()
+            .ok_or_else(|| format!("propertyNames must be a schema object, got {names}"))?;
+        for (k, v) in obj {
+            let string_keyword =
+                matches!(k.as_str(), "minLength" | "maxLength" | "pattern" | "format")
+                    || (k == "type" && v == "string")
+                    || ANNOTATIONS.contains(&k.as_str());
+            if !string_keyword {
+                return Err(format!(
+                    "propertyNames is followed with a string's minLength, maxLength, pattern \
+                     or format; {k} is not supported there"
+                ));
+            }
+        }
+        StrRule::compile(obj)
     }
 
     fn array(
@@ -936,7 +1010,7 @@ impl Schema {
             Node::Value(Kind::Number | Kind::Integer) | Node::Num(_) => number,
             Node::Value(Kind::Boolean) => bits("tf"),
             Node::Value(Kind::Null) => bits("n"),
-            Node::Object(_) | Node::Call { .. } | Node::Map(_) => bits("{"),
+            Node::Object(_) | Node::Call { .. } | Node::Map { .. } => bits("{"),
             Node::Array { .. } => bits("["),
             Node::Enum(alts) => alts
                 .iter()
@@ -1224,7 +1298,7 @@ impl SchemaState {
                 len: 0,
                 dfa: rule.dfa.as_ref().map_or(StateID::ZERO, |(_, s)| *s),
             },
-            Node::Map(_) => Frame::Map {
+            Node::Map { .. } => Frame::Map {
                 node,
                 at: MapAt::Open,
             },
@@ -1411,7 +1485,7 @@ impl SchemaState {
                 Step::Took
             }
             Frame::Map { node, at } => {
-                let Node::Map(values) = &schema.nodes[*node] else {
+                let Node::Map { values, keys } = &schema.nodes[*node] else {
                     unreachable!("a map frame's node is a map")
                 };
                 match (*at, c) {
@@ -1420,9 +1494,12 @@ impl SchemaState {
                     (MapAt::KeyOrEnd | MapAt::Key, '"') => {
                         *at = MapAt::InKey;
                         return Step::Child {
-                            frame: Frame::Val {
-                                kind: Kind::String,
-                                json: JsonState::value(),
+                            frame: match keys {
+                                Some(rule) => Self::frame(schema, *rule),
+                                None => Frame::Val {
+                                    kind: Kind::String,
+                                    json: JsonState::value(),
+                                },
                             },
                             took: false,
                         };
@@ -2315,6 +2392,60 @@ mod tests {
             (
                 json!({"type": "array", "uniqueItems": "yes", "items": {"enum": [1]}}),
                 "must be a boolean",
+            ),
+        ] {
+            let e = Schema::compile(&schema).unwrap_err();
+            assert!(e.contains(says), "{schema}: {e}");
+        }
+    }
+
+    #[test]
+    fn pattern_properties_and_property_names_are_maps_whose_keys_follow_them() {
+        // pydantic's dict[constr(pattern=...), int], and one patternProperties.
+        for schema in [
+            json!({"type": "object", "additionalProperties": {"type": "integer"},
+                   "propertyNames": {"pattern": "^[a-z]+_id$"}}),
+            json!({"type": "object", "patternProperties": {"^[a-z]+_id$": {"type": "integer"}},
+                   "additionalProperties": false}),
+        ] {
+            assert_eq!(
+                run(&schema, r#"{"user_id": 7, "team_id": 2}"#),
+                (true, true),
+                "{schema}"
+            );
+            assert_eq!(run(&schema, "{}"), (true, true), "{schema}");
+            assert_eq!(run(&schema, r#"{"User_id""#), (false, false), "{schema}");
+            assert_eq!(
+                run(&schema, r#"{"user""#),
+                (false, false),
+                "{schema}: the key must end in _id"
+            );
+            assert_eq!(
+                run(&schema, r#"{"user_id": "7""#),
+                (false, false),
+                "{schema}"
+            );
+        }
+        // Keys of a length, values anything.
+        let short = json!({"type": "object", "propertyNames": {"type": "string", "maxLength": 2}});
+        assert_eq!(run(&short, r#"{"ab": [1, {"x": null}]}"#), (true, true));
+        assert_eq!(run(&short, r#"{"abc""#), (false, false));
+        for (schema, says) in [
+            (
+                json!({"type": "object", "patternProperties": {"a": {}, "b": {}}}),
+                "one pattern",
+            ),
+            (
+                json!({"type": "object", "properties": {"a": {}}, "propertyNames": {"maxLength": 2}}),
+                "without properties",
+            ),
+            (
+                json!({"type": "object", "propertyNames": {"enum": ["a"]}}),
+                "enum is not supported there",
+            ),
+            (
+                json!({"type": "object", "propertyNames": {"pattern": "a"}, "patternProperties": {"b": {}}}),
+                "together",
             ),
         ] {
             let e = Schema::compile(&schema).unwrap_err();

@@ -1587,8 +1587,9 @@ async fn json_mode_answers_with_one_json_object() {
 /// with its type, an enum's
 /// value one of its list, numbers within their bounds, strings of their pattern and format
 /// (the bounds are ones SmolLM2 does not keep unmasked: it writes births in the 1800s and
-/// 1900s, and positive latitudes); `uniqueItems` over an enum gives each value once; a
-/// schema kandle cannot follow is refused naming the keyword.
+/// 1900s, and positive latitudes); `uniqueItems` over an enum gives each value once;
+/// `propertyNames` keys of its pattern; a schema kandle cannot follow is refused naming the
+/// keyword.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_json_schema_shapes_the_answer() {
     let (server, url) = serve(|c| c.max_new_tokens = 300).await;
@@ -1740,7 +1741,30 @@ async fn a_json_schema_shapes_the_answer() {
         assert_eq!(studied, all, "{content}");
     }
 
+    // pydantic's dict[constr(pattern=...), int]: every key follows the pattern.
+    let ids = json!({"type": "object", "propertyNames": {"pattern": "^[a-z]+_age$"},
+                     "additionalProperties": {"type": "integer", "minimum": 0, "maximum": 120}});
+    let body = with_fields(
+        chat_body("Give the ages of Alice, Bob and Carol.", json!({"temperature": 0})),
+        &format(ids),
+    );
+    let r = post_json(&http, &chat, &with_fields(body, &json!({"max_tokens": 60}))).await;
+    let content = r["choices"][0]["message"]["content"].as_str().unwrap();
+    // The values are numbers: every quoted string is a key, also in an answer cut short
+    // (SmolLM2 repeats its first key until the tokens run out).
+    let closed = content.matches('"').count() / 2;
+    let keys: Vec<&str> = content.split('"').skip(1).step_by(2).take(closed).collect();
+    assert!(!keys.is_empty(), "{content}");
+    for key in keys {
+        let name = key.strip_suffix("_age").unwrap_or_else(|| panic!("{key}: {content}"));
+        assert!(!name.is_empty() && name.chars().all(|c| c.is_ascii_lowercase()), "{content}");
+    }
+
     for (bad, says) in [
+        (
+            json!({"type": "object", "patternProperties": {"^a": {}, "^b": {}}}),
+            "one pattern",
+        ),
         (
             json!({"type": "array", "uniqueItems": true, "items": {"type": "string"}}),
             "uniqueItems is followed for items that are an enum",
