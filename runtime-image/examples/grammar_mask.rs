@@ -1,6 +1,7 @@
 //! How long a grammar's token mask takes on a real vocabulary (`guided_grammar`,
 //! `src/grammar.rs`): the vocabulary's byte trie, built once per model, then the median mask
-//! after each piece of an answer, for a few grammars from narrow to nearly free text.
+//! after each piece of an answer, for a few grammars from narrow to nearly free text, and
+//! Lark's JSON grammar (read through `src/lark.rs`).
 //!
 //! cargo run --release -p kandle-runtime --example grammar_mask -- <SmolLM2 GGUF>
 
@@ -24,7 +25,7 @@ fn main() -> anyhow::Result<()> {
         vocab.len(),
         ms(t)
     );
-    let cases: [(&str, &str, &[&str]); 3] = [
+    let cases: [(&str, &str, &[&str]); 4] = [
         (
             "nested word lists",
             "root ::= list\nlist ::= \"[\" item (\", \" item)* \"]\"\nitem ::= word | list\nword ::= [a-z]{1,12}",
@@ -39,6 +40,14 @@ fn main() -> anyhow::Result<()> {
             "a line of any text",
             "root ::= [^\\n]* \"\\n\"",
             &["Hello", " wor", "ld", " \u{6771}"],
+        ),
+        (
+            "Lark's JSON grammar, %ignore WS",
+            "?start: value\n?value: object | array | string | SIGNED_NUMBER | \"true\" | \"false\" | \"null\"\n\
+             array: \"[\" [value (\",\" value)*] \"]\"\nobject: \"{\" [pair (\",\" pair)*] \"}\"\n\
+             pair: string \":\" value\nstring: ESCAPED_STRING\n\
+             %import common.ESCAPED_STRING\n%import common.SIGNED_NUMBER\n%import common.WS\n%ignore WS",
+            &["{", "\"name", "\":", " \"Ada", "\",\n ", " \"born", "\": 18"],
         ),
     ];
     for (name, text, pieces) in cases {
