@@ -47,7 +47,9 @@ fn main() -> anyhow::Result<()> {
              array: \"[\" [value (\",\" value)*] \"]\"\nobject: \"{\" [pair (\",\" pair)*] \"}\"\n\
              pair: string \":\" value\nstring: ESCAPED_STRING\n\
              %import common.ESCAPED_STRING\n%import common.SIGNED_NUMBER\n%import common.WS\n%ignore WS",
-            &["{", "\"name", "\":", " \"Ada", "\",\n ", " \"born", "\": 18"],
+            &[
+                "{", "\"name", "\":", " \"Ada", "\",\n ", " \"born", "\": 18",
+            ],
         ),
     ];
     for (name, text, pieces) in cases {

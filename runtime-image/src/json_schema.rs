@@ -8,6 +8,11 @@
 //!   `properties`, `items` (with `minItems`, `maxItems`), `enum`, `const`, `$ref` to `#/$defs/…` or `#/definitions/…` (not
 //!   recursive), and `anyOf` / `oneOf` of alternatives that start with different characters
 //!   (pydantic's `Optional[X]`: X or null); the first character of the value picks one.
+//! - `allOf` of one part is that part (pydantic's wrapper of a `$ref` with a description or
+//!   default); of several, one object of all their properties in the parts' order, where
+//!   each part is an object of properties alone (a schema extending another; two parts
+//!   declaring one property, or one closing the object with `additionalProperties: false`,
+//!   are refused).
 //! - Without `properties`, `additionalProperties` as a schema makes a map (any keys, each
 //!   value of that schema; pydantic's `dict[str, X]`), `false` the empty object.
 //! - An object is written with every property of `properties`, in the order the schema
@@ -210,6 +215,21 @@ impl StrRule {
         let dfa = regex.map(|re| string_dfa(&re)).transpose()?;
         Ok(Some(StrRule { min, max, dfa }))
     }
+}
+
+/// The schema a `$ref` names: an entry of the root's `$defs` (or `definitions`).
+fn referenced<'v>(r: &Value, root: &'v Value) -> Result<&'v Value, String> {
+    r.as_str()
+        .and_then(|r| {
+            r.strip_prefix("#/$defs/")
+                .map(|n| root.get("$defs").and_then(|d| d.get(n)))
+                .or_else(|| {
+                    r.strip_prefix("#/definitions/")
+                        .map(|n| root.get("definitions").and_then(|d| d.get(n)))
+                })
+        })
+        .flatten()
+        .ok_or_else(|| format!("$ref {r} does not name an entry of $defs"))
 }
 
 /// A DFA that matches the strings in which `pattern` matches somewhere (its `^` and `$`
@@ -636,19 +656,10 @@ impl Schema {
             _ => return Err(format!("a schema must be an object, got {v}")),
         };
         if let Some(r) = obj.get("$ref") {
-            let target = r
-                .as_str()
-                .and_then(|r| {
-                    r.strip_prefix("#/$defs/")
-                        .map(|n| root.get("$defs").and_then(|d| d.get(n)))
-                        .or_else(|| {
-                            r.strip_prefix("#/definitions/")
-                                .map(|n| root.get("definitions").and_then(|d| d.get(n)))
-                        })
-                })
-                .flatten()
-                .ok_or_else(|| format!("$ref {r} does not name an entry of $defs"))?;
-            return self.node(target, root, depth + 1);
+            return self.node(referenced(r, root)?, root, depth + 1);
+        }
+        if let Some(parts) = obj.get("allOf") {
+            return self.all_of(obj, parts, root, depth);
         }
         if let Some(alts) = obj.get("anyOf").or_else(|| obj.get("oneOf")) {
             // Alternatives that start differently (pydantic's `Optional[X]`, say): the first
@@ -841,6 +852,84 @@ impl Schema {
         }
         self.nodes[at] = Node::Object(fields);
         Ok(at)
+    }
+
+    /// `allOf`: one part is that part (pydantic's `{"allOf": [{"$ref": …}], "description": …}`
+    /// for a model field with a description or default); several are one object of all their
+    /// properties, in the parts' order, where each part (after its `$ref`) is an object of
+    /// properties and nothing else constrains it (a schema extending another).
+    fn all_of(
+        &mut self,
+        obj: &serde_json::Map<String, Value>,
+        parts: &Value,
+        root: &Value,
+        depth: usize,
+    ) -> Result<usize, String> {
+        if let Some(k) = obj
+            .keys()
+            .find(|k| *k != "allOf" && !ANNOTATIONS.contains(&k.as_str()))
+        {
+            return Err(format!(
+                "the schema keyword {k} beside allOf is not supported"
+            ));
+        }
+        let parts = parts
+            .as_array()
+            .filter(|a| !a.is_empty())
+            .ok_or_else(|| format!("allOf must be a non-empty list, got {parts}"))?;
+        if let [one] = parts.as_slice() {
+            return self.node(one, root, depth + 1);
+        }
+        let mut properties = serde_json::Map::new();
+        for part in parts {
+            let mut part = part;
+            for _ in 0..MAX_SCHEMA_DEPTH {
+                match part.get("$ref") {
+                    Some(r) => part = referenced(r, root)?,
+                    None => break,
+                }
+            }
+            let fields = part
+                .as_object()
+                .ok_or_else(|| format!("an allOf part must be a schema object, got {part}"))?;
+            for (k, v) in fields {
+                match k.as_str() {
+                    "properties" => {
+                        let props = v
+                            .as_object()
+                            .ok_or_else(|| format!("properties must be an object, got {v}"))?;
+                        for (name, schema) in props {
+                            if properties.insert(name.clone(), schema.clone()).is_some() {
+                                return Err(format!(
+                                    "property {name} is declared by two allOf parts"
+                                ));
+                            }
+                        }
+                    }
+                    "type" if v == "object" => {}
+                    // Each part would refuse the others' properties.
+                    "additionalProperties" if v == &Value::Bool(false) => {
+                        return Err(
+                            "additionalProperties false in one of several allOf parts refuses \
+                             the other parts' properties"
+                                .into(),
+                        );
+                    }
+                    k if ANNOTATIONS.contains(&k) => {}
+                    k => {
+                        return Err(format!(
+                            "allOf of several parts is followed where each is an object of \
+                             properties; {k}: {v} is not supported there"
+                        ));
+                    }
+                }
+            }
+        }
+        let merged = serde_json::Map::from_iter([
+            ("type".to_owned(), Value::from("object")),
+            ("properties".to_owned(), Value::Object(properties)),
+        ]);
+        self.object(&merged, root, depth)
     }
 
     /// The keys' rule of `propertyNames`: a string schema's length, pattern or format
@@ -2446,6 +2535,54 @@ mod tests {
             (
                 json!({"type": "object", "propertyNames": {"pattern": "a"}, "patternProperties": {"b": {}}}),
                 "together",
+            ),
+        ] {
+            let e = Schema::compile(&schema).unwrap_err();
+            assert!(e.contains(says), "{schema}: {e}");
+        }
+    }
+
+    #[test]
+    fn all_of_one_part_is_that_part_and_of_several_objects_their_properties() {
+        // pydantic's wrapper of a described model field.
+        let wrapped = json!({"type": "object", "properties": {
+            "home": {"allOf": [{"$ref": "#/$defs/P"}], "description": "Where", "default": null}},
+            "$defs": {"P": {"type": "object", "properties": {"city": {"type": "string"}}}}});
+        assert_eq!(run(&wrapped, r#"{"home": {"city": "Oslo"}}"#), (true, true));
+        assert_eq!(run(&wrapped, r#"{"home": {"town""#), (false, false));
+        // A schema extending another: the base's properties, then its own.
+        let extended = json!({"allOf": [{"$ref": "#/$defs/Base"},
+                                        {"type": "object", "properties": {"age": {"type": "integer"}},
+                                         "required": ["age"]}],
+                              "$defs": {"Base": {"type": "object", "title": "Base",
+                                                 "properties": {"name": {"type": "string"}}}}});
+        assert_eq!(
+            run(&extended, r#"{"name": "Ada", "age": 36}"#),
+            (true, true)
+        );
+        assert_eq!(
+            run(&extended, r#"{"age""#),
+            (false, false),
+            "the base's first"
+        );
+        for (schema, says) in [
+            (json!({"allOf": []}), "non-empty"),
+            (
+                json!({"allOf": [{"type": "string"}, {"type": "string"}]}),
+                "type: \"string\" is not supported there",
+            ),
+            (
+                json!({"allOf": [{"properties": {"a": {}}}, {"properties": {"a": {}}}]}),
+                "declared by two",
+            ),
+            (
+                json!({"allOf": [{"properties": {"a": {}}, "additionalProperties": false},
+                              {"properties": {"b": {}}}]}),
+                "refuses the other parts",
+            ),
+            (
+                json!({"allOf": [{"type": "object"}], "minProperties": 1}),
+                "beside allOf",
             ),
         ] {
             let e = Schema::compile(&schema).unwrap_err();

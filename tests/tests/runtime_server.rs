@@ -1606,7 +1606,8 @@ async fn a_json_schema_shapes_the_answer() {
             "field": {"enum": fields},
             "nobel": {"type": "boolean"},
             "works": {"type": "array", "items": {"type": "string"}, "maxItems": 3},
-            "home": {"$ref": "#/$defs/Place"},
+            // pydantic's wrapper of a described model field.
+            "home": {"allOf": [{"$ref": "#/$defs/Place"}], "description": "Where they lived"},
             "died": {"anyOf": [{"type": "integer"}, {"type": "null"}]}
         },
         "required": ["name", "born", "field", "nobel", "works", "home"],
