@@ -44,9 +44,12 @@
 //!   beside another type (`["string", "null"]`) they are read and need nothing; without a
 //!   type they are refused.
 //! - Annotations (`title`, `description`, `default`, `examples`, `$schema`, `$defs`,
-//!   `definitions`, `strict`) are ignored. Any other keyword (`minProperties`,
-//!   `dependentRequired`, …) is refused with its name rather than ignored, since the answer
+//!   `definitions`, `strict`) are ignored. Any other keyword (`dependentRequired`,
+//!   `contains`, …) is refused with its name rather than ignored, since the answer
 //!   could then break it.
+//! - `minProperties` and `maxProperties` bound a map's entries (pydantic's `dict` with
+//!   `min_length`/`max_length`; an object of any values then becomes a map of them, counted);
+//!   beside `properties` they must allow the declared ones, all of which are written.
 //! - Without `properties`, `propertyNames` (a string's `pattern`, `format`, `minLength`,
 //!   `maxLength`: pydantic's `dict[constr(pattern=…), X]`) or `patternProperties` of one
 //!   pattern make a map whose keys follow that rule (a key's character that leaves no way
@@ -618,9 +621,12 @@ enum Node {
     Union(Vec<usize>),
     /// An object of any keys (or keys of the [`Node::Str`] `keys`: `patternProperties`,
     /// `propertyNames`), each value of node `values` (`additionalProperties` as a schema).
+    /// `min` to `max` entries (`minProperties`, `maxProperties`).
     Map {
         values: usize,
         keys: Option<usize>,
+        min: usize,
+        max: Option<usize>,
     },
 }
 
@@ -694,6 +700,8 @@ impl Schema {
                     | "uniqueItems"
                     | "patternProperties"
                     | "propertyNames"
+                    | "minProperties"
+                    | "maxProperties"
                     | "minLength"
                     | "maxLength"
                     | "pattern"
@@ -749,6 +757,8 @@ impl Schema {
             None if obj.contains_key("properties")
                 || obj.contains_key("patternProperties")
                 || obj.contains_key("propertyNames")
+                || obj.contains_key("minProperties")
+                || obj.contains_key("maxProperties")
                 || obj
                     .get("additionalProperties")
                     .is_some_and(Value::is_object) =>
@@ -800,6 +810,8 @@ impl Schema {
             }
         };
         let names = obj.get("propertyNames");
+        let (min, max) = counts(obj, "minProperties", "maxProperties")?;
+        let counted = min > 0 || max.is_some();
         let Some(props) = obj.get("properties") else {
             // A map: keys of the one pattern (`patternProperties`) or of `propertyNames`, each
             // value of the pattern's schema or of `additionalProperties`.
@@ -822,18 +834,33 @@ impl Schema {
             let values = match (pattern, obj.get("additionalProperties")) {
                 (Some((_, v)), _) => Some(v),
                 (None, Some(v @ Value::Object(_))) => Some(v),
+                (None, Some(Value::Bool(false))) if min > 0 => {
+                    return Err(format!(
+                        "minProperties {min} where additionalProperties false allows none"
+                    ));
+                }
                 (None, Some(Value::Bool(false))) => {
                     return Ok(self.push(Node::Object(Vec::new())));
                 }
-                (None, _) if keys.is_some() => Some(&Value::Bool(true)),
+                (None, _) if keys.is_some() || counted => Some(&Value::Bool(true)),
                 (None, _) => None,
             };
             let Some(values) = values else {
                 return Ok(self.push(Node::Value(Kind::Any(Some('{')))));
             };
-            let at = self.push(Node::Map { values: 0, keys });
+            let at = self.push(Node::Map {
+                values: 0,
+                keys,
+                min,
+                max,
+            });
             let values = self.node(values, root, depth + 1)?;
-            self.nodes[at] = Node::Map { values, keys };
+            self.nodes[at] = Node::Map {
+                values,
+                keys,
+                min,
+                max,
+            };
             return Ok(at);
         };
         if pattern.is_some() || names.is_some() {
@@ -844,6 +871,14 @@ impl Schema {
         let props = props
             .as_object()
             .ok_or_else(|| format!("properties must be an object, got {props}"))?;
+        // kandle writes every declared property and no other.
+        let n = props.len();
+        if min > n || max.is_some_and(|m| m < n) {
+            return Err(format!(
+                "minProperties/maxProperties must allow the {n} declared properties, all of \
+                 which kandle writes (and no others)"
+            ));
+        }
         let at = self.push(Node::Object(Vec::new()));
         let mut fields = Vec::with_capacity(props.len());
         for (k, v) in props {
@@ -1228,10 +1263,11 @@ enum Frame {
     Union {
         node: usize,
     },
-    /// A map object.
+    /// A map object, `n` entries begun.
     Map {
         node: usize,
         at: MapAt,
+        n: usize,
     },
     /// A tool call; `which`: the tool named, once its name is read.
     Call {
@@ -1390,6 +1426,7 @@ impl SchemaState {
             Node::Map { .. } => Frame::Map {
                 node,
                 at: MapAt::Open,
+                n: 0,
             },
             Node::Call { .. } => Frame::Call {
                 node,
@@ -1573,14 +1610,24 @@ impl SchemaState {
                 // A value's first character comes after the colon, as a child's.
                 Step::Took
             }
-            Frame::Map { node, at } => {
-                let Node::Map { values, keys } = &schema.nodes[*node] else {
+            Frame::Map { node, at, n } => {
+                let Node::Map {
+                    values,
+                    keys,
+                    min,
+                    max,
+                } = &schema.nodes[*node]
+                else {
                     unreachable!("a map frame's node is a map")
                 };
+                let room = max.is_none_or(|m| *n < m);
                 match (*at, c) {
                     (MapAt::Open, '{') => *at = MapAt::KeyOrEnd,
-                    (MapAt::KeyOrEnd | MapAt::After, '}') => return Step::Done { took: true },
-                    (MapAt::KeyOrEnd | MapAt::Key, '"') => {
+                    (MapAt::KeyOrEnd | MapAt::After, '}') if *n >= *min => {
+                        return Step::Done { took: true };
+                    }
+                    (MapAt::KeyOrEnd | MapAt::Key, '"') if room => {
+                        *n += 1;
                         *at = MapAt::InKey;
                         return Step::Child {
                             frame: match keys {
@@ -1600,7 +1647,7 @@ impl SchemaState {
                             took: true,
                         };
                     }
-                    (MapAt::After, ',') => *at = MapAt::Key,
+                    (MapAt::After, ',') if room => *at = MapAt::Key,
                     _ => return Step::Refused,
                 }
                 Step::Took
@@ -2582,6 +2629,43 @@ mod tests {
             (
                 json!({"allOf": [{"type": "object"}], "minProperties": 1}),
                 "beside allOf",
+            ),
+        ]);
+    }
+
+    #[test]
+    fn min_and_max_properties_bound_a_map_and_must_allow_the_declared_properties() {
+        // pydantic's dict[str, int] with min_length=1, max_length=2.
+        let map = json!({"type": "object", "additionalProperties": {"type": "integer"},
+                         "minProperties": 1, "maxProperties": 2});
+        assert_eq!(run(&map, r#"{"a": 1}"#), (true, true));
+        assert_eq!(run(&map, r#"{"a": 1, "b": 2}"#), (true, true));
+        assert_eq!(run(&map, "{}"), (false, false), "at least one");
+        assert_eq!(
+            run(&map, r#"{"a": 1, "b": 2,"#),
+            (false, false),
+            "at most two"
+        );
+        // An object of any values, counted.
+        let any = json!({"type": "object", "minProperties": 1});
+        assert_eq!(run(&any, r#"{"x": [null]}"#), (true, true));
+        assert_eq!(run(&any, "{}"), (false, false));
+        // Declared properties, all written: bounds that allow them are read and need nothing.
+        let declared = json!({"type": "object", "properties": {"a": {"type": "integer"}},
+                              "minProperties": 1, "maxProperties": 1});
+        assert_eq!(run(&declared, r#"{"a": 1}"#), (true, true));
+        refused(&[
+            (
+                json!({"type": "object", "properties": {"a": {}, "b": {}}, "maxProperties": 1}),
+                "must allow the 2 declared properties",
+            ),
+            (
+                json!({"type": "object", "additionalProperties": false, "minProperties": 1}),
+                "allows none",
+            ),
+            (
+                json!({"type": "object", "minProperties": 3, "maxProperties": 2}),
+                "below minProperties",
             ),
         ]);
     }

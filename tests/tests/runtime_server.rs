@@ -1742,8 +1742,10 @@ async fn a_json_schema_shapes_the_answer() {
         assert_eq!(studied, all, "{content}");
     }
 
-    // pydantic's dict[constr(pattern=...), int]: every key follows the pattern.
+    // pydantic's dict[constr(pattern=...), int] with min_length=1: every key follows the
+    // pattern, and there is one at least.
     let ids = json!({"type": "object", "propertyNames": {"pattern": "^[a-z]+_age$"},
+                     "minProperties": 1,
                      "additionalProperties": {"type": "integer", "minimum": 0, "maximum": 120}});
     let body = with_fields(
         chat_body("Give the ages of Alice, Bob and Carol.", json!({"temperature": 0})),
