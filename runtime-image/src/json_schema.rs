@@ -44,8 +44,9 @@
 //!   beside another type (`["string", "null"]`) they are read and need nothing; without a
 //!   type they are refused.
 //! - Annotations (`title`, `description`, `default`, `examples`, `$schema`, `$defs`,
-//!   `definitions`, `strict`) are ignored. Any other keyword (`dependentRequired`,
-//!   `contains`, …) is refused with its name rather than ignored, since the answer
+//!   `definitions`, `strict`) are ignored. `required` and `dependentRequired` must name
+//!   declared properties (then, all being written, they need nothing more). Any other
+//!   keyword (`contains`, `not`, …) is refused with its name rather than ignored, since the answer
 //!   could then break it.
 //! - `minProperties` and `maxProperties` bound a map's entries (pydantic's `dict` with
 //!   `min_length`/`max_length`; an object of any values then becomes a map of them, counted);
@@ -218,6 +219,45 @@ impl StrRule {
         let dfa = regex.map(|re| string_dfa(&re)).transpose()?;
         Ok(Some(StrRule { min, max, dfa }))
     }
+}
+
+/// `required` and `dependentRequired` need nothing more where every name they give is a
+/// declared property, all of which kandle writes; a name that is not (or any, without
+/// `properties`) is refused, since the answer would lack it.
+fn required_are_declared(
+    obj: &serde_json::Map<String, Value>,
+    declared: Option<&serde_json::Map<String, Value>>,
+) -> Result<(), String> {
+    let mut names: Vec<(&str, &Value)> = Vec::new();
+    match obj.get("required") {
+        None => {}
+        Some(Value::Array(r)) => names.extend(r.iter().map(|n| ("required", n))),
+        Some(r) => return Err(format!("required must be a list of names, got {r}")),
+    }
+    match obj.get("dependentRequired") {
+        None => {}
+        Some(Value::Object(deps)) => {
+            for (name, needs) in deps {
+                let needs = needs.as_array().ok_or_else(|| {
+                    format!("dependentRequired {name} must be a list of names, got {needs}")
+                })?;
+                names.extend(needs.iter().map(|n| ("dependentRequired", n)));
+            }
+        }
+        Some(d) => return Err(format!("dependentRequired must be an object, got {d}")),
+    }
+    for (keyword, name) in names {
+        let known = name
+            .as_str()
+            .is_some_and(|n| declared.is_some_and(|d| d.contains_key(n)));
+        if !known {
+            return Err(format!(
+                "{keyword} names {name}, which properties does not declare (kandle writes \
+                 the declared properties only)"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The schema a `$ref` names: an entry of the root's `$defs` (or `definitions`).
@@ -702,6 +742,7 @@ impl Schema {
                     | "propertyNames"
                     | "minProperties"
                     | "maxProperties"
+                    | "dependentRequired"
                     | "minLength"
                     | "maxLength"
                     | "pattern"
@@ -812,6 +853,8 @@ impl Schema {
         let names = obj.get("propertyNames");
         let (min, max) = counts(obj, "minProperties", "maxProperties")?;
         let counted = min > 0 || max.is_some();
+        let declared = obj.get("properties").and_then(Value::as_object);
+        required_are_declared(obj, declared)?;
         let Some(props) = obj.get("properties") else {
             // A map: keys of the one pattern (`patternProperties`) or of `propertyNames`, each
             // value of the pattern's schema or of `additionalProperties`.
@@ -916,6 +959,7 @@ impl Schema {
             return self.node(one, root, depth + 1);
         }
         let mut properties = serde_json::Map::new();
+        let mut required = Vec::new();
         for part in parts {
             let mut part = part;
             for _ in 0..MAX_SCHEMA_DEPTH {
@@ -942,6 +986,7 @@ impl Schema {
                         }
                     }
                     "type" if v == "object" => {}
+                    "required" => required.push(v.clone()),
                     // Each part would refuse the others' properties.
                     "additionalProperties" if v == &Value::Bool(false) => {
                         return Err(
@@ -960,9 +1005,13 @@ impl Schema {
                 }
             }
         }
+        let required: Vec<Value> = (required.iter())
+            .flat_map(|r| r.as_array().cloned().unwrap_or_else(|| vec![r.clone()]))
+            .collect();
         let merged = serde_json::Map::from_iter([
             ("type".to_owned(), Value::from("object")),
             ("properties".to_owned(), Value::Object(properties)),
+            ("required".to_owned(), Value::Array(required)),
         ]);
         self.object(&merged, root, depth)
     }
@@ -2630,6 +2679,10 @@ mod tests {
                 json!({"allOf": [{"type": "object"}], "minProperties": 1}),
                 "beside allOf",
             ),
+            (
+                json!({"allOf": [{"properties": {"a": {}}}, {"properties": {"b": {}}, "required": ["c"]}]}),
+                "required names \"c\"",
+            ),
         ]);
     }
 
@@ -2666,6 +2719,27 @@ mod tests {
             (
                 json!({"type": "object", "minProperties": 3, "maxProperties": 2}),
                 "below minProperties",
+            ),
+        ]);
+    }
+
+    #[test]
+    fn required_names_must_be_declared_properties_which_are_all_written() {
+        let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                            "required": ["a"], "dependentRequired": {"a": ["b"]}});
+        assert_eq!(run(&schema, r#"{"a": 1, "b": 2}"#), (true, true));
+        refused(&[
+            (
+                json!({"type": "object", "properties": {"a": {}}, "required": ["z"]}),
+                "required names \"z\"",
+            ),
+            (
+                json!({"type": "object", "required": ["a"]}),
+                "which properties does not declare",
+            ),
+            (
+                json!({"type": "object", "properties": {"a": {}}, "dependentRequired": {"a": ["z"]}}),
+                "dependentRequired names \"z\"",
             ),
         ]);
     }

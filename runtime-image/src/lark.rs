@@ -980,6 +980,9 @@ mod tests {
         assert!(derives(&g, "s") && !derives(&g, "a"));
         let g = grammar("root: \"r\" other\nother: \"o\"");
         assert!(derives(&g, "ro"));
+        // `!` and `?` shape Lark's tree, not the text.
+        let g = grammar("!start: \"a\" _b\n?_b: \"b\"");
+        assert!(derives(&g, "ab"));
     }
 
     #[test]
