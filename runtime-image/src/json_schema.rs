@@ -260,6 +260,28 @@ fn required_are_declared(
     Ok(())
 }
 
+/// The schemas of `anyOf`/`oneOf` or `allOf` (`own`, said as `name`): a non-empty list, with
+/// nothing but annotations beside it.
+fn combined<'v>(
+    obj: &serde_json::Map<String, Value>,
+    own: &[&str],
+    name: &str,
+    list: &'v Value,
+) -> Result<&'v [Value], String> {
+    if let Some(k) = obj
+        .keys()
+        .find(|k| !own.contains(&k.as_str()) && !ANNOTATIONS.contains(&k.as_str()))
+    {
+        return Err(format!(
+            "the schema keyword {k} beside {name} is not supported"
+        ));
+    }
+    list.as_array()
+        .map(Vec::as_slice)
+        .filter(|a| !a.is_empty())
+        .ok_or_else(|| format!("{name} must be a non-empty list, got {list}"))
+}
+
 /// The schema a `$ref` names: an entry of the root's `$defs` (or `definitions`).
 fn referenced<'v>(r: &Value, root: &'v Value) -> Result<&'v Value, String> {
     r.as_str()
@@ -710,17 +732,7 @@ impl Schema {
         if let Some(alts) = obj.get("anyOf").or_else(|| obj.get("oneOf")) {
             // Alternatives that start differently (pydantic's `Optional[X]`, say): the first
             // character picks one, so that "one of" and "any of" are the same here.
-            if let Some(k) = obj.keys().find(|k| {
-                !matches!(k.as_str(), "anyOf" | "oneOf") && !ANNOTATIONS.contains(&k.as_str())
-            }) {
-                return Err(format!(
-                    "the schema keyword {k} beside anyOf/oneOf is not supported"
-                ));
-            }
-            let alts = alts
-                .as_array()
-                .filter(|a| !a.is_empty())
-                .ok_or_else(|| format!("anyOf/oneOf must be a non-empty list, got {alts}"))?;
+            let alts = combined(obj, &["anyOf", "oneOf"], "anyOf/oneOf", alts)?;
             let nodes = alts
                 .iter()
                 .map(|a| self.node(a, root, depth + 1))
@@ -943,19 +955,8 @@ impl Schema {
         root: &Value,
         depth: usize,
     ) -> Result<usize, String> {
-        if let Some(k) = obj
-            .keys()
-            .find(|k| *k != "allOf" && !ANNOTATIONS.contains(&k.as_str()))
-        {
-            return Err(format!(
-                "the schema keyword {k} beside allOf is not supported"
-            ));
-        }
-        let parts = parts
-            .as_array()
-            .filter(|a| !a.is_empty())
-            .ok_or_else(|| format!("allOf must be a non-empty list, got {parts}"))?;
-        if let [one] = parts.as_slice() {
+        let parts = combined(obj, &["allOf"], "allOf", parts)?;
+        if let [one] = parts {
             return self.node(one, root, depth + 1);
         }
         let mut properties = serde_json::Map::new();
