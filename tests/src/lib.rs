@@ -67,6 +67,47 @@ pub fn fixtures_dir() -> PathBuf {
 
 /// A binary of this workspace that `cargo test --workspace` builds beside the test binaries
 /// (`target/<profile>/<name>`). Panics, saying how to build it, when it is not there.
+/// The kubelet's part for a container's env, for tests that run what the operator built:
+/// each variable's value, a `valueFrom` one from `source` (a Secret, the downward API), then
+/// `$(VAR)` expanded from the variables declared before it (`$$` is a literal `$`; an unknown
+/// reference stays as written), as Kubernetes documents for `env[].value`.
+pub fn kubelet_env(
+    env: &[k8s_openapi::api::core::v1::EnvVar],
+    source: impl Fn(&str, &k8s_openapi::api::core::v1::EnvVarSource) -> String,
+) -> Vec<(String, String)> {
+    let mut resolved: Vec<(String, String)> = Vec::new();
+    for e in env {
+        let value = match (&e.value, &e.value_from) {
+            (Some(v), _) => {
+                let mut out = String::new();
+                let mut rest = v.as_str();
+                while let Some(i) = rest.find('$') {
+                    out.push_str(&rest[..i]);
+                    rest = &rest[i..];
+                    if let Some(after) = rest.strip_prefix("$$") {
+                        out.push('$');
+                        rest = after;
+                    } else if let Some((name, after)) = rest.strip_prefix("$(").and_then(|r| r.split_once(')'))
+                        && let Some((_, value)) = resolved.iter().find(|(n, _)| n == name)
+                    {
+                        out.push_str(value);
+                        rest = after;
+                    } else {
+                        out.push('$');
+                        rest = &rest[1..];
+                    }
+                }
+                out.push_str(rest);
+                out
+            }
+            (None, Some(from)) => source(&e.name, from),
+            (None, None) => String::new(),
+        };
+        resolved.push((e.name.clone(), value));
+    }
+    resolved
+}
+
 pub fn workspace_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("the test binary's path");
     let dir = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>/deps");

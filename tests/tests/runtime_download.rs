@@ -496,20 +496,15 @@ async fn the_operators_init_and_serve_containers_run_verbatim_and_reach_ready() 
         );
         let mut cmd = runtime();
         cmd.args(args(c));
-        for e in c.env.iter().flatten() {
-            match (&e.value, &e.value_from) {
-                (Some(v), _) => cmd.env(&e.name, v),
-                (None, Some(from)) => {
-                    let secret = from.secret_key_ref.as_ref().expect("only Secret refs");
-                    match (e.name.as_str(), secret.name.as_str()) {
-                        ("HF_TOKEN", "hf") => cmd.env(&e.name, TOKEN),
-                        ("KANDLE_API_KEY", "api") => cmd.env(&e.name, API_KEY),
-                        other => panic!("unexpected secret env {other:?}"),
-                    }
-                }
-                (None, None) => cmd.env(&e.name, ""),
-            };
-        }
+        let env = kandle_tests::kubelet_env(c.env.as_deref().unwrap_or_default(), |name, from| {
+            let secret = from.secret_key_ref.as_ref().expect("only Secret refs");
+            match (name, secret.name.as_str()) {
+                ("HF_TOKEN", "hf") => TOKEN.to_owned(),
+                ("KANDLE_API_KEY", "api") => API_KEY.to_owned(),
+                other => panic!("unexpected secret env {other:?}"),
+            }
+        });
+        cmd.envs(env);
         cmd
     };
 

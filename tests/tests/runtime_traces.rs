@@ -381,46 +381,6 @@ async fn spans_leave_on_schedule_as_json_with_the_configured_headers() {
     assert_eq!(collector.refused(), Vec::<String>::new());
 }
 
-/// The kubelet's part for a container's env: values from the downward API, then `$(VAR)`
-/// expanded from the variables declared before it (`$$` is a literal `$`; an unknown
-/// reference stays as written), as Kubernetes documents for `env[].value`.
-fn kubelet_env(env: &[k8s_openapi::api::core::v1::EnvVar], fields: &[(&str, &str)]) -> Vec<(String, String)> {
-    let mut resolved: Vec<(String, String)> = Vec::new();
-    for e in env {
-        let value = match (&e.value, &e.value_from) {
-            (Some(v), _) => {
-                let mut out = String::new();
-                let mut rest = v.as_str();
-                while let Some(i) = rest.find('$') {
-                    out.push_str(&rest[..i]);
-                    rest = &rest[i..];
-                    if let Some(after) = rest.strip_prefix("$$") {
-                        out.push('$');
-                        rest = after;
-                    } else if let Some((name, after)) = rest.strip_prefix("$(").and_then(|r| r.split_once(')'))
-                        && let Some((_, value)) = resolved.iter().find(|(n, _)| n == name)
-                    {
-                        out.push_str(value);
-                        rest = after;
-                    } else {
-                        out.push('$');
-                        rest = &rest[1..];
-                    }
-                }
-                out.push_str(rest);
-                out
-            }
-            (None, Some(from)) => {
-                let path = &from.field_ref.as_ref().expect("only downward-API fields here").field_path;
-                fields.iter().find(|(p, _)| p == path).unwrap_or_else(|| panic!("no value for {path}")).1.to_owned()
-            }
-            (None, None) => String::new(),
-        };
-        resolved.push((e.name.clone(), value));
-    }
-    resolved
-}
-
 #[tokio::test]
 async fn a_model_pod_built_by_the_operator_tags_its_spans_with_its_kubernetes_attributes() {
     use kandle_operator::LanguageModel;
@@ -440,10 +400,11 @@ async fn a_model_pod_built_by_the_operator_tags_its_spans_with_its_kubernetes_at
     let config = BuilderConfig { runtime_otlp_endpoint: Some(collector.url()), ..BuilderConfig::default() };
     let d = deployment(&lm, &config, &Resolution::default()).unwrap();
     let serve = &d.spec.unwrap().template.spec.unwrap().containers[0];
-    let env = kubelet_env(
-        serve.env.as_deref().unwrap(),
-        &[("metadata.name", "minilm-6f7d9c-x2kqp"), ("metadata.uid", "7c1e2b44-5d3a-4f0e-9b6e-2a8f1c3d4e5f"), ("spec.nodeName", "cpu-node-3")],
-    );
+    let fields = [("metadata.name", "minilm-6f7d9c-x2kqp"), ("metadata.uid", "7c1e2b44-5d3a-4f0e-9b6e-2a8f1c3d4e5f"), ("spec.nodeName", "cpu-node-3")];
+    let env = kandle_tests::kubelet_env(serve.env.as_deref().unwrap(), |_, from| {
+        let path = &from.field_ref.as_ref().expect("only downward-API fields here").field_path;
+        fields.iter().find(|(p, _)| p == path).unwrap_or_else(|| panic!("no value for {path}")).1.to_owned()
+    });
     assert!(env.iter().any(|(k, v)| k == "OTEL_EXPORTER_OTLP_ENDPOINT" && *v == collector.url()), "{env:?}");
 
     let (child, url) = serve_traced_with(&collector, &models::minilm_dir(), &[], &env).await;
