@@ -698,6 +698,8 @@ pub struct Schema {
     nodes: Vec<Node>,
     /// The node of the whole value (children are compiled before a union that holds them).
     root: usize,
+    /// Written as a Python list of calls ([`Schema::pythonic_calls`]), followed as its JSON.
+    pythonic: bool,
 }
 
 impl Schema {
@@ -706,6 +708,7 @@ impl Schema {
         let mut s = Schema {
             nodes: Vec::new(),
             root: 0,
+            pythonic: false,
         };
         s.root = s.node(schema, schema, 0)?;
         Ok(s)
@@ -1099,6 +1102,7 @@ impl Schema {
         let mut s = Schema {
             nodes: Vec::new(),
             root: 0,
+            pythonic: false,
         };
         let args: Vec<char> = Value::String(args_key.into()).to_string().chars().collect();
         let at = s.push(Node::Call {
@@ -1141,15 +1145,44 @@ impl Schema {
         tools: &[(String, Value)],
         max: Option<usize>,
     ) -> Result<Schema, String> {
+        let mut s = Schema::tool_call_list(tools, max)?;
+        let Node::Array { items: call, .. } = s.nodes[s.root] else {
+            unreachable!("tool_call_list's root is its list")
+        };
+        s.root = s.union(vec![call, s.root])?;
+        Ok(s)
+    }
+
+    /// A list of one to `max` calls of [`Schema::tool_call`] (Granite's and Phi-4-mini's
+    /// format, which write no lone call).
+    pub fn tool_call_list(tools: &[(String, Value)], max: Option<usize>) -> Result<Schema, String> {
         let mut s = Schema::tool_call(tools)?;
-        let call = s.root;
-        let list = s.push(Node::Array {
-            items: call,
+        s.root = s.push(Node::Array {
+            items: s.root,
             min: 1,
             max,
             unique: false,
         });
-        s.root = s.union(vec![call, list])?;
+        Ok(s)
+    }
+
+    /// [`Schema::tool_call_list`] written as Python calls, `[name(key=value, …), …]`
+    /// ([`crate::pythonic`]); each tool's `parameters` must be an object whose properties
+    /// are Python identifiers, as keyword arguments are.
+    pub fn pythonic_calls(tools: &[(String, Value)], max: Option<usize>) -> Result<Schema, String> {
+        for (name, params) in tools {
+            let props = params.get("properties").and_then(Value::as_object);
+            if let Some(bad) =
+                props.and_then(|p| p.keys().find(|k| !crate::pythonic::is_identifier(k)))
+            {
+                return Err(format!(
+                    "tool {name:?}: parameter {bad:?} is not a Python identifier, so a pythonic \
+                     call cannot name it"
+                ));
+            }
+        }
+        let mut s = Schema::tool_call_list(tools, max)?;
+        s.pythonic = true;
         Ok(s)
     }
 
@@ -1358,6 +1391,8 @@ pub struct SchemaState {
     done: bool,
     /// The first bytes of a character not yet whole ([`SchemaState::push_bytes`]).
     pending: Vec<u8>,
+    /// A pythonic schema's characters, turned into the JSON its frames follow.
+    py: Option<crate::pythonic::PyCalls>,
 }
 
 impl SchemaState {
@@ -1368,6 +1403,7 @@ impl SchemaState {
             newline: false,
             done: false,
             pending: Vec::new(),
+            py: schema.pythonic.then(Default::default),
         }
     }
 
@@ -1507,6 +1543,20 @@ impl SchemaState {
 
     /// Takes `c`; `false` (the state then unusable: callers try on a copy) if refused.
     pub fn push_char(&mut self, schema: &Schema, c: char) -> bool {
+        let Some(py) = &mut self.py else {
+            return self.push_json_char(schema, c);
+        };
+        let Some((before, c)) = py.translate(c) else {
+            return false;
+        };
+        before
+            .chars()
+            .chain(c)
+            .all(|c| self.push_json_char(schema, c))
+    }
+
+    /// [`SchemaState::push_char`] of a JSON character.
+    fn push_json_char(&mut self, schema: &Schema, c: char) -> bool {
         if is_ws(c) && self.between_tokens() {
             return self.gap(c);
         }

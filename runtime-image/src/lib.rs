@@ -24,6 +24,7 @@ pub mod lark;
 pub mod memory;
 pub mod metrics;
 pub mod model;
+pub mod pythonic;
 pub mod reasoning;
 pub mod responses;
 pub mod sampling;

@@ -27,11 +27,24 @@
 //!   by the tokenizer's version. After `[TOOL_CALLS]` the name is masked to the tools'
 //!   names, `[ARGS]` is allowed once a whole name is written, and the arguments are masked
 //!   to that tool's `parameters` ([`crate::json_mode::Constraint::Named`]).
+//! - [`ToolCallParser::Granite`]: `<|tool_call|>[{"name": …, "arguments": …}, …]` (Granite
+//!   3.0–3.3, whose templates write past calls so): read as Mistral's list, after Granite's
+//!   `<|tool_call|>` token. (Granite 3.1's `<tool_call>[…]` is Hermes' block with a list in
+//!   it, which [`ToolCallParser::Hermes`] reads; Granite 4 writes Hermes' blocks.)
+//! - [`ToolCallParser::Phi4MiniJson`]: `functools[{"name": …, "arguments": …}, …]` (Phi-4-mini,
+//!   with vLLM's `tool_chat_template_phi4_mini.jinja`): the text `functools`, then a JSON list
+//!   of calls. A `functools` in the model's prose opens a call too, as it does for vLLM's
+//!   parser.
+//! - [`ToolCallParser::Pythonic`]: an answer that is a Python list of calls,
+//!   `[get_weather(city="Rome"), now()]` (Llama 3.2 and 4 with Meta's pythonic templates,
+//!   ToolACE): a call list where the answer's first character is `[`, text otherwise; the list
+//!   ends the answer. Masked through its JSON ([`crate::pythonic`]).
 //! - `parallel_tool_calls: false`: one call, which ends the answer.
 //!
 //! Decisions, where vLLM's parser is the model:
-//! - The content is the text before the first `<tool_call>`; `null` when it is only
-//!   whitespace. Text after the last call is dropped. A Llama 3 call has no content.
+//! - The content is the text before the first call's opening; `null` when it is only
+//!   whitespace (vLLM's Granite and Phi-4-mini parsers drop it; it is kept here as for the
+//!   other formats). Text after the last call is dropped. A Llama 3 call has no content.
 //! - A block that is not a whole call (an answer cut by `max_tokens`) makes the whole answer
 //!   content, as vLLM does when its parser fails.
 //! - A call's `arguments` is the model's JSON written again compactly, as a string.
@@ -57,6 +70,13 @@ pub enum ToolCallParser {
     /// `[TOOL_CALLS]name[ARGS]{…}` per call; not a flag's value (see [`ToolCallParser::refine`]).
     #[value(skip)]
     MistralV11,
+    /// `<|tool_call|>` (a control token) then a JSON list of calls.
+    Granite,
+    /// `functools` then a JSON list of calls.
+    #[value(name = "phi4_mini_json")]
+    Phi4MiniJson,
+    /// `[name(key=value, …), …]` as the whole answer.
+    Pythonic,
     /// No format: `tool_choice: "auto"` is refused.
     None,
 }
@@ -92,7 +112,13 @@ impl ToolCallParser {
     /// none (vLLM asks for the flag; a template that writes the format into the prompt
     /// already says which one the model was taught).
     pub fn detect(template: &str) -> ToolCallParser {
-        if template.contains(HERMES_OPEN) {
+        if template.contains(GRANITE_OPEN) {
+            ToolCallParser::Granite
+        } else if template.contains(PHI4_ASK) {
+            ToolCallParser::Phi4MiniJson
+        } else if template.contains(PYTHONIC_ASK) {
+            ToolCallParser::Pythonic
+        } else if template.contains(HERMES_OPEN) {
             ToolCallParser::Hermes
         } else if template.contains(MISTRAL_OPEN) {
             ToolCallParser::Mistral.refine(template)
@@ -125,21 +151,31 @@ impl ToolCallParser {
             ToolCallParser::MistralV11 => token_id(MISTRAL_ARGS)
                 .and(token_id(MISTRAL_OPEN))
                 .map(Opening::Token),
+            ToolCallParser::Granite => token_id(GRANITE_OPEN).map(Opening::Token),
+            ToolCallParser::Phi4MiniJson => Some(Opening::Tag(PHI4_OPEN.into())),
+            ToolCallParser::Pythonic => Some(Opening::Start('[')),
             ToolCallParser::None => None,
         }
     }
 
-    /// The text a call opens with (Hermes' tag, Mistral's control token's text).
-    fn open_text(self) -> &'static str {
+    /// The text a call opens with (Hermes' tag, a control token's text); `None` for a
+    /// format that opens by the answer's first character.
+    fn open_text(self) -> Option<&'static str> {
         match self {
-            ToolCallParser::Mistral | ToolCallParser::MistralV11 => MISTRAL_OPEN,
-            _ => HERMES_OPEN,
+            ToolCallParser::Hermes => Some(HERMES_OPEN),
+            ToolCallParser::Mistral | ToolCallParser::MistralV11 => Some(MISTRAL_OPEN),
+            ToolCallParser::Granite => Some(GRANITE_OPEN),
+            ToolCallParser::Phi4MiniJson => Some(PHI4_OPEN),
+            ToolCallParser::Llama3Json | ToolCallParser::Pythonic | ToolCallParser::None => None,
         }
     }
 
     /// Whether the answer must be decoded with its special tokens for its calls to show.
     pub fn keeps_special_tokens(self) -> bool {
-        matches!(self, ToolCallParser::Mistral | ToolCallParser::MistralV11)
+        matches!(
+            self,
+            ToolCallParser::Mistral | ToolCallParser::MistralV11 | ToolCallParser::Granite
+        )
     }
 
     /// What a call may be, written in this format, of one of `tools`; `parallel`: several
@@ -148,9 +184,13 @@ impl ToolCallParser {
         let json = |s: Result<Schema, String>| s.map(|s| CallShape::Json(Arc::new(s)));
         match (self, parallel) {
             (ToolCallParser::Hermes, true) => json(Schema::tool_calls(tools)),
-            // A list even for one call, as Mistral's models write it.
+            // A list even for one call, as Mistral's models write it (or a lone call).
             (ToolCallParser::Mistral, parallel) => {
                 json(Schema::tool_calls_upto(tools, (!parallel).then_some(1)))
+            }
+            // Only a list: Granite's and Phi-4-mini's parsers read no lone call.
+            (ToolCallParser::Granite | ToolCallParser::Phi4MiniJson, parallel) => {
+                json(Schema::tool_call_list(tools, (!parallel).then_some(1)))
             }
             (ToolCallParser::MistralV11, _) => {
                 let named = tools
@@ -161,6 +201,9 @@ impl ToolCallParser {
                 ))
             }
             (ToolCallParser::Llama3Json, _) => json(Schema::tool_call_keyed(tools, "parameters")),
+            (ToolCallParser::Pythonic, parallel) => {
+                json(Schema::pythonic_calls(tools, (!parallel).then_some(1)))
+            }
             _ => json(Schema::tool_call(tools)),
         }
     }
@@ -191,34 +234,41 @@ impl ToolCallParser {
 
     /// Whether the answer ends with its first call.
     pub fn once(self, parallel: bool) -> bool {
-        !parallel || self == ToolCallParser::Llama3Json
+        !parallel || matches!(self, ToolCallParser::Llama3Json | ToolCallParser::Pythonic)
     }
 
     /// How much of an unfinished answer `text` may be sent as content now: all but what may
     /// still turn out to be a call.
     pub fn content_so_far(self, text: &str) -> usize {
-        match self {
-            ToolCallParser::Hermes | ToolCallParser::Mistral | ToolCallParser::MistralV11 => {
-                let open = self.open_text();
-                match text.find(open) {
-                    Some(at) => at,
-                    None => text.len() - partial_opening(text, open),
-                }
-            }
-            ToolCallParser::Llama3Json => {
-                let t = text.trim_start();
-                match t.is_empty() || t.starts_with('{') {
-                    true => 0,
-                    false => text.len(),
-                }
-            }
-            ToolCallParser::None => text.len(),
+        if let Some(open) = self.open_text() {
+            return match text.find(open) {
+                Some(at) => at,
+                None => text.len() - partial_opening(text, open),
+            };
+        }
+        let first = match self {
+            ToolCallParser::Llama3Json => '{',
+            ToolCallParser::Pythonic => '[',
+            _ => return text.len(),
+        };
+        // Formats whose call is the whole answer: nothing is sent until its first
+        // character says which.
+        let t = text.trim_start();
+        match t.is_empty() || t.starts_with(first) {
+            true => 0,
+            false => text.len(),
         }
     }
 
     /// `text` split into content and calls; `None` where it opens no call, or a block is
     /// not a whole call (the answer is then content, as it is).
     pub fn parse(self, text: &str) -> Option<ParsedAnswer> {
+        if self == ToolCallParser::Pythonic {
+            return Some(ParsedAnswer {
+                content: None,
+                calls: crate::pythonic::parse(text)?,
+            });
+        }
         if self == ToolCallParser::Llama3Json {
             // The first JSON value of the answer; what follows it is not read.
             let t = text.trim_start();
@@ -232,12 +282,7 @@ impl ToolCallParser {
                 calls: vec![call],
             });
         }
-        let open = match self {
-            ToolCallParser::Hermes | ToolCallParser::Mistral | ToolCallParser::MistralV11 => {
-                self.open_text()
-            }
-            _ => return None,
-        };
+        let open = self.open_text()?;
         let first = text.find(open)?;
         let mut calls = Vec::new();
         let mut rest = &text[first..];
@@ -260,8 +305,10 @@ impl ToolCallParser {
                         after,
                     )
                 }
-                ToolCallParser::Mistral => {
-                    // The first JSON value after the token; text after it is not a call.
+                ToolCallParser::Mistral
+                | ToolCallParser::Granite
+                | ToolCallParser::Phi4MiniJson => {
+                    // The first JSON value after the opening; text after it is not a call.
                     let mut values = serde_json::Deserializer::from_str(body).into_iter::<Value>();
                     let v = values.next()?.ok()?;
                     (v, &body[values.byte_offset()..])
@@ -297,6 +344,13 @@ const HERMES_OPEN: &str = "<tool_call>";
 const MISTRAL_OPEN: &str = "[TOOL_CALLS]";
 const MISTRAL_ARGS: &str = "[ARGS]";
 const HERMES_CLOSE: &str = "</tool_call>";
+const GRANITE_OPEN: &str = "<|tool_call|>";
+const PHI4_OPEN: &str = "functools";
+/// What vLLM's Phi-4-mini template shows a model given tools.
+const PHI4_ASK: &str = "functools[";
+/// What Meta's pythonic templates (Llama 3.2's in vLLM's examples, Llama 4's) ask of a model
+/// given tools.
+const PYTHONIC_ASK: &str = "[func_name1(params_name1=params_value1";
 /// What Llama 3.1–3.3's templates ask of a model given tools.
 const LLAMA3_ASK: &str = "\"parameters\": dictionary of argument name and its value";
 
@@ -324,6 +378,7 @@ pub fn partial_opening(text: &str, opening: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::json_schema::SchemaState;
 
     fn call(name: &str, arguments: &str) -> ParsedCall {
         ParsedCall {
@@ -419,6 +474,123 @@ mod tests {
         assert_eq!(p.opening(ids), Some(Opening::Token(5)));
         assert_eq!(p.opening(|_| None), None, "a vocabulary without the token");
         assert!(p.keeps_special_tokens() && !ToolCallParser::Hermes.keeps_special_tokens());
+    }
+
+    /// Granite 3's `<|tool_call|>` and Phi-4-mini's `functools`, each before a list.
+    #[test]
+    fn granite_and_phi4_mini_calls_are_a_list_after_their_opening() {
+        let list = "[{\"name\": \"a\", \"arguments\": {\"x\": 1}}, {\"name\": \"b\", \
+                    \"arguments\": {}}]";
+        for (p, open) in [
+            (ToolCallParser::Granite, "<|tool_call|>"),
+            (ToolCallParser::Phi4MiniJson, "functools"),
+        ] {
+            assert_eq!(
+                p.parse(&format!("{open}{list}<|end_of_text|>")),
+                Some(ParsedAnswer {
+                    content: None,
+                    calls: vec![call("a", "{\"x\":1}"), call("b", "{}")],
+                }),
+                "{p:?}"
+            );
+            assert_eq!(
+                p.parse(&format!("Checking. {open}{list}")).unwrap().content,
+                Some("Checking. ".into())
+            );
+            assert_eq!(
+                p.parse(&format!("{open}[{{\"name\": \"a\"")),
+                None,
+                "cut short"
+            );
+            assert_eq!(p.parse(list), None, "no opening");
+            assert_eq!(p.content_so_far(&format!("Sure {}", &open[..4])), 5);
+            assert_eq!(p.content_so_far(&format!("Sure {open}[")), 5);
+            let tools = [("a".to_string(), serde_json::json!({"type": "object"}))];
+            let CallShape::Json(schema) = p.shape(&tools, false).unwrap() else {
+                panic!("{p:?}: a JSON list")
+            };
+            assert!(SchemaState::new(&schema).accepts(&schema, "[{\"name\": \"a\""));
+            assert!(
+                !SchemaState::new(&schema).accepts(&schema, "{"),
+                "{p:?}: a list"
+            );
+        }
+        let ids = |t: &str| (t == "<|tool_call|>").then_some(7);
+        let granite = ToolCallParser::Granite;
+        assert_eq!(granite.opening(ids), Some(Opening::Token(7)));
+        assert_eq!(granite.opening(|_| None), None);
+        assert!(granite.keeps_special_tokens());
+        let phi = ToolCallParser::Phi4MiniJson;
+        assert_eq!(
+            phi.opening(|_| None),
+            Some(Opening::Tag("functools".into()))
+        );
+        assert!(!phi.keeps_special_tokens() && !phi.once(true) && phi.once(false));
+    }
+
+    /// Python calls, masked to the tools through their JSON: the declared keywords in order,
+    /// a name among the tools, an enum's values, Python's literals.
+    #[test]
+    fn pythonic_calls_are_a_list_masked_to_the_tools() {
+        let p = ToolCallParser::Pythonic;
+        let tools = [
+            (
+                "weather_now".to_string(),
+                serde_json::json!({"type": "object", "properties": {
+                    "location": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]},
+                    "days": {"type": "array", "items": {"type": "boolean"}}}}),
+            ),
+            ("now".to_string(), serde_json::json!({"type": "object"})),
+        ];
+        let CallShape::Json(schema) = p.shape(&tools, true).unwrap() else {
+            panic!("one value")
+        };
+        let whole = "[weather_now(location=\"Rome\", unit=\"celsius\", days=[True, False]), now()]";
+        let mut st = SchemaState::new(&schema);
+        assert!(st.push(&schema, whole) && st.complete(), "{whole}");
+        for bad in [
+            "[weather(",
+            "[weather_now(unit=",
+            "[weather_now(location=\"Rome\", unit=\"kelvin",
+            "[weather_now(location=\"Rome\", unit=\"celsius\", days=[true",
+            "[weather_now(location='Rome'",
+            "{",
+        ] {
+            assert!(!SchemaState::new(&schema).accepts(&schema, bad), "{bad}");
+        }
+        let CallShape::Json(one) = p.shape(&tools, false).unwrap() else {
+            panic!("one value")
+        };
+        assert!(
+            !SchemaState::new(&one).accepts(&one, "[now(), "),
+            "one call"
+        );
+        let bad = [(
+            "f".to_string(),
+            serde_json::json!({"properties": {"a-b": {}}}),
+        )];
+        assert!(p.shape(&bad, true).unwrap_err().contains("\"a-b\""));
+
+        assert_eq!(
+            p.parse(&format!(" {whole}")),
+            Some(ParsedAnswer {
+                content: None,
+                calls: vec![
+                    call(
+                        "weather_now",
+                        "{\"location\":\"Rome\",\"unit\":\"celsius\",\"days\":[true,false]}"
+                    ),
+                    call("now", "{}")
+                ],
+            })
+        );
+        assert_eq!(p.parse("[now("), None, "cut short");
+        assert_eq!(p.parse("It is sunny."), None);
+        assert_eq!(p.content_so_far(" "), 0);
+        assert_eq!(p.content_so_far(" [now"), 0);
+        assert_eq!(p.content_so_far("It"), 2);
+        assert_eq!(p.opening(|_| None), Some(Opening::Start('[')));
+        assert!(p.once(true) && !p.keeps_special_tokens());
     }
 
     #[test]
@@ -527,6 +699,19 @@ mod tests {
         );
         assert_eq!(ToolCallParser::Mistral.refine(""), ToolCallParser::Mistral);
         assert_eq!(ToolCallParser::Hermes.refine(v11), ToolCallParser::Hermes);
+        // Granite 3's way of writing a past call; its token is looked for before Hermes' tag.
+        let granite = "{{- '<|start_of_role|>assistant<|end_of_role|><|tool_call|>' + \
+                       message.tool_calls | tojson }} <tool_call>";
+        assert_eq!(ToolCallParser::detect(granite), ToolCallParser::Granite);
+        // vLLM's Phi-4-mini template.
+        let phi = "all function calls should be generated in a single JSON list formatted \
+                   as functools[{\"name\": [function name], \"arguments\": [function \
+                   arguments as JSON]}, ...]";
+        assert_eq!(ToolCallParser::detect(phi), ToolCallParser::Phi4MiniJson);
+        // vLLM's Llama 3.2 pythonic template, in Meta's words.
+        let pythonic = "you MUST put it in the format of [func_name1(params_name1=params_value1, \
+                        params_name2=params_value2...), func_name2(params)]";
+        assert_eq!(ToolCallParser::detect(pythonic), ToolCallParser::Pythonic);
     }
 
     #[test]

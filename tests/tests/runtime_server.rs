@@ -1927,6 +1927,25 @@ fn weather_shots(parser: ToolCallParser, question: &str) -> Value {
                 )
             },
         ),
+        ToolCallParser::Phi4MiniJson => (
+            "You are a helpful assistant. In addition to plain text responses, you can \
+             choose to call get_weather(city) for the weather in a city. If you decide to call \
+             it, prefix function calls with the functools marker, formatted as \
+             functools[{\"name\": [function name], \"arguments\": [function arguments as \
+             JSON]}, ...]",
+            |city| {
+                format!(
+                    "functools[{{\"name\": \"get_weather\", \"arguments\": {{\"city\": \
+                     \"{city}\"}}}}]"
+                )
+            },
+        ),
+        ToolCallParser::Pythonic => (
+            "You have access to get_weather(city). If you decide to invoke it, you MUST put it \
+             in the format of [func_name1(params_name1=params_value1, \
+             params_name2=params_value2...), func_name2(params)]",
+            |city| format!("[get_weather(city=\"{city}\")]"),
+        ),
         _ => (
             "You have access to get_weather(city). To call it, respond in the format \
              {\"name\": function name, \"parameters\": dictionary of argument name and its \
@@ -1979,7 +1998,7 @@ async fn auto_calls_are_read_and_masked(url: &str, parser: ToolCallParser, shown
     .await;
     let text = none["choices"][0]["message"]["content"].as_str().unwrap();
     assert!(
-        text.starts_with(shown) && text.contains("\"get_weather\""),
+        text.starts_with(shown) && text.contains("get_weather"),
         "{none}"
     );
 
@@ -2019,12 +2038,12 @@ async fn auto_calls_are_read_and_masked(url: &str, parser: ToolCallParser, shown
     // A question the tool does not answer: text, streamed the same, with every token's
     // log-probability (none held back with text that might have started a call).
     let sum = with_fields(
-        weather_shots(parser, "What is 2+2?"),
+        weather_shots(parser, "Tell me a joke."),
         &json!({"tools": tools}),
     );
     let r = post_json(&http, &chat, &sum).await;
     let c = &r["choices"][0];
-    assert_eq!(c["finish_reason"], "stop", "{r}");
+    assert!(["stop", "length"].contains(&c["finish_reason"].as_str().unwrap()), "{r}");
     assert!(c["message"]["tool_calls"].is_null(), "{r}");
     let answer = c["message"]["content"].as_str().unwrap();
     assert!(!answer.is_empty() && !answer.contains("get_weather"), "{r}");
@@ -2112,6 +2131,46 @@ async fn auto_tool_choice_reads_hermes_calls_masked_to_the_tools() {
 async fn auto_tool_choice_reads_llama3_json_calls_masked_to_the_tools() {
     let (server, url) = serve(|c| c.tool_call_parser = Some(ToolCallParser::Llama3Json)).await;
     auto_calls_are_read_and_masked(&url, ToolCallParser::Llama3Json, "{\"name\"").await;
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+/// `tool_choice: "auto"` with `--tool-call-parser phi4_mini_json`
+/// ([`auto_calls_are_read_and_masked`]): `functools` opens a list of calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_tool_choice_reads_phi4_mini_calls_masked_to_the_tools() {
+    let (server, url) = serve(|c| c.tool_call_parser = Some(ToolCallParser::Phi4MiniJson)).await;
+    auto_calls_are_read_and_masked(&url, ToolCallParser::Phi4MiniJson, "functools[").await;
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+/// `tool_choice: "auto"` with `--tool-call-parser pythonic`
+/// ([`auto_calls_are_read_and_masked`]): an answer that starts with `[` is a Python list of
+/// calls, masked through its JSON, which ends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_tool_choice_reads_pythonic_calls_masked_to_the_tools() {
+    let (server, url) = serve(|c| c.tool_call_parser = Some(ToolCallParser::Pythonic)).await;
+    auto_calls_are_read_and_masked(&url, ToolCallParser::Pythonic, "[get_weather(").await;
+    // The answer as the model wrote it, token by token: Python, not JSON.
+    let rome = with_fields(
+        weather_shots(ToolCallParser::Pythonic, "What is the weather in Rome?"),
+        &json!({"tools": weather_now(), "logprobs": true}),
+    );
+    let again = post_json(&client(), &format!("{url}/v1/chat/completions"), &rome).await;
+    let written: String = (again["choices"][0]["logprobs"]["content"].as_array())
+        .unwrap_or_else(|| panic!("{again}"))
+        .iter()
+        .map(|t| t["token"].as_str().unwrap())
+        .collect();
+    let f = &again["choices"][0]["message"]["tool_calls"][0]["function"];
+    assert_eq!(f["name"], "weather_now", "{again}");
+    let args: Value = serde_json::from_str(f["arguments"].as_str().unwrap()).unwrap();
+    let written = written.trim();
+    assert!(
+        written.starts_with(&format!("[weather_now(location={}", args["location"]))
+            && written.ends_with(&format!("unit={})]", args["unit"]))
+            && !written.contains('{'),
+        "{written:?}"
+    );
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
@@ -2607,7 +2666,7 @@ async fn a_chat_template_file_replaces_the_models() {
 }
 
 /// A server of [`tiny_spm_llama_with`]`(tools)`, its file in a directory kept with it.
-async fn serve_tiny_spm_llama(tools: MistralTools) -> (tempfile::TempDir, Server, String) {
+async fn serve_tiny_spm_llama(tools: ControlTools) -> (tempfile::TempDir, Server, String) {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_owned();
     let path = tokio::task::spawn_blocking(move || tiny_spm_llama_with(&d, tools))
@@ -2617,23 +2676,25 @@ async fn serve_tiny_spm_llama(tools: MistralTools) -> (tempfile::TempDir, Server
     (dir, server, url)
 }
 
-/// Which of Mistral's tool-call formats [`tiny_spm_llama_with`] writes.
-#[derive(Clone, Copy, PartialEq)]
-enum MistralTools {
+/// Which tool-call format that opens with a control token [`tiny_spm_llama_with`] writes.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum ControlTools {
     None,
     /// Mistral 7B v0.3's: `[TOOL_CALLS]` (id 32000) then a JSON list.
     V3,
     /// The v11 tokenizers': `[TOOL_CALLS]` (32000), then the name, `[ARGS]` (32001) and the
     /// arguments, per call.
     V11,
+    /// Granite 3's: `<|tool_call|>` (32000) then a JSON list.
+    Granite,
 }
 
 /// A Llama 2 / Mistral-style GGUF without a tokenizer.json: llama.cpp's SentencePiece
 /// vocabulary (`ggml-vocab-llama-spm.gguf`, 32000 tokens, `add_bos_token`), a Mistral-style
 /// chat template, and a tiny llama of random weights in Q4_0 and Q8_0, written into `dir`;
 /// with `tools`, the format's control tokens appended to the vocabulary and a template that
-/// offers tools and writes calls as Mistral's do.
-fn tiny_spm_llama_with(dir: &std::path::Path, tools: MistralTools) -> std::path::PathBuf {
+/// offers tools and writes calls as Mistral's (or Granite's) do.
+fn tiny_spm_llama_with(dir: &std::path::Path, tools: ControlTools) -> std::path::PathBuf {
     use candle_core::quantized::{QTensor, gguf_file};
     let vocab_path = models::llama_cpp_vocabs().join("ggml-vocab-llama-spm.gguf");
     let mut f = std::fs::File::open(&vocab_path).unwrap();
@@ -2645,9 +2706,10 @@ fn tiny_spm_llama_with(dir: &std::path::Path, tools: MistralTools) -> std::path:
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let added: &[&str] = match tools {
-        MistralTools::None => &[],
-        MistralTools::V3 => &["[TOOL_CALLS]"],
-        MistralTools::V11 => &["[TOOL_CALLS]", "[ARGS]"],
+        ControlTools::None => &[],
+        ControlTools::V3 => &["[TOOL_CALLS]"],
+        ControlTools::V11 => &["[TOOL_CALLS]", "[ARGS]"],
+        ControlTools::Granite => &["<|tool_call|>"],
     };
     let n_vocab = 32000 + added.len();
     for (k, v) in meta.iter_mut() {
@@ -2663,12 +2725,12 @@ fn tiny_spm_llama_with(dir: &std::path::Path, tools: MistralTools) -> std::path:
         }
     }
     let template = match tools {
-        MistralTools::None => {
+        ControlTools::None => {
             "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}\
                   {{ '[INST] ' + m['content'] + ' [/INST]' }}{% else %}\
                   {{ m['content'] + eos_token }}{% endif %}{% endfor %}"
         }
-        MistralTools::V3 => {
+        ControlTools::V3 => {
             "{{ bos_token }}{% if tools %}{{ '[AVAILABLE_TOOLS] ' + (tools | tojson) + \
                  '[/AVAILABLE_TOOLS]' }}{% endif %}{% for m in messages %}\
                  {% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}\
@@ -2676,7 +2738,7 @@ fn tiny_spm_llama_with(dir: &std::path::Path, tools: MistralTools) -> std::path:
                  {% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}"
         }
         // Mistral Small 3.2's way of writing calls.
-        MistralTools::V11 => {
+        ControlTools::V11 => {
             "{{ bos_token }}{% if tools %}{{ '[AVAILABLE_TOOLS]' + (tools | tojson) + \
                  '[/AVAILABLE_TOOLS]' }}{% endif %}{% for m in messages %}\
                  {% if m['role'] == 'user' %}{{ '[INST]' + m['content'] + '[/INST]' }}\
@@ -2686,6 +2748,16 @@ fn tiny_spm_llama_with(dir: &std::path::Path, tools: MistralTools) -> std::path:
                  {{ '[TOOL_CALLS]' + tool['function']['name'] + '[ARGS]' + arguments }}\
                  {% endfor %}{{ eos_token }}\
                  {% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}"
+        }
+        // Granite 3's way of offering tools and writing calls.
+        ControlTools::Granite => {
+            "{% if tools %}{{ '<|start_of_role|>available_tools<|end_of_role|>' + \
+                 (tools | tojson) + eos_token }}{% endif %}{% for m in messages %}\
+                 {% if m.tool_calls %}{{ '<|start_of_role|>assistant<|end_of_role|><|tool_call|>' \
+                 + (m.tool_calls | tojson) + eos_token }}{% else %}\
+                 {{ '<|start_of_role|>' + m['role'] + '<|end_of_role|>' + m['content'] + eos_token }}\
+                 {% endif %}{% endfor %}{% if add_generation_prompt %}\
+                 {{ '<|start_of_role|>assistant<|end_of_role|>' }}{% endif %}"
         }
     };
     let u32v = gguf_file::Value::U32;
@@ -3098,7 +3170,7 @@ async fn a_mistral_small_shaped_gguf_serves_with_its_own_vocabulary() {
 /// as the same text they answer whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sentencepiece_gguf_without_a_tokenizer_json_serves_chat_and_completions() {
-    let (_dir, server, url) = serve_tiny_spm_llama(MistralTools::None).await;
+    let (_dir, server, url) = serve_tiny_spm_llama(ControlTools::None).await;
     let http = client();
     let model = "tiny-spm-llama";
     let tokenize = |body: Value| model_token_ids(&http, &url, model, body);
@@ -3152,13 +3224,20 @@ async fn a_sentencepiece_gguf_without_a_tokenizer_json_serves_chat_and_completio
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
-/// Mistral's tool calls (`--tool-call-parser mistral`, chosen here by the template): once the
-/// model samples the `[TOOL_CALLS]` control token (forced with `logit_bias`, as a tiny
-/// random model would never choose it), the rest is masked to a list of calls of the
-/// request's tools, read back as `tool_calls`, streamed or not.
+/// Mistral's tool calls (`--tool-call-parser mistral`) and Granite 3's (`granite`), each chosen
+/// here by the template: once the model samples the format's control token (`[TOOL_CALLS]` or
+/// `<|tool_call|>`, forced with `logit_bias`, as a tiny random model would never choose it),
+/// the rest is masked to a list of calls of the request's tools, read back as `tool_calls`,
+/// streamed or not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mistral_tool_calls_open_with_their_control_token() {
-    let (_dir, server, url) = serve_tiny_spm_llama(MistralTools::V3).await;
+async fn listed_tool_calls_open_with_their_control_token() {
+    for tools in [ControlTools::V3, ControlTools::Granite] {
+        list_calls_open_with_their_control_token(tools).await;
+    }
+}
+
+async fn list_calls_open_with_their_control_token(tools: ControlTools) {
+    let (_dir, server, url) = serve_tiny_spm_llama(tools).await;
     let http = client();
     let chat = format!("{url}/v1/chat/completions");
     let body = json!({
@@ -3175,7 +3254,7 @@ async fn mistral_tool_calls_open_with_their_control_token() {
     });
     let r = post_json(&http, &chat, &body).await;
     let (f, args) = only_call(&r);
-    assert_eq!(f["name"], "get_weather");
+    assert_eq!(f["name"], "get_weather", "{tools:?}");
     assert!(
         ["Paris", "Rome"].contains(&args["city"].as_str().unwrap()),
         "{args}"
@@ -3198,7 +3277,7 @@ async fn mistral_tool_calls_open_with_their_control_token() {
     let mut plain = body;
     plain.as_object_mut().unwrap().remove("logit_bias");
     let r = post_json(&http, &chat, &plain).await;
-    assert!(r["choices"][0]["message"]["tool_calls"].is_null(), "{r}");
+    assert!(r["choices"][0]["message"]["tool_calls"].is_null(), "{tools:?}: {r}");
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
@@ -3209,7 +3288,7 @@ async fn mistral_tool_calls_open_with_their_control_token() {
 /// history renders in the format.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mistral_v11_tool_calls_are_a_name_then_its_arguments() {
-    let (_dir, server, url) = serve_tiny_spm_llama(MistralTools::V11).await;
+    let (_dir, server, url) = serve_tiny_spm_llama(ControlTools::V11).await;
     let http = client();
     let chat = format!("{url}/v1/chat/completions");
     let tool = |name: &str, params: Value| json!({"type": "function", "function": {"name": name, "parameters": params}});
