@@ -8,7 +8,11 @@
 //! `OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_EXPORTER_OTLP_TIMEOUT`, `OTEL_SERVICE_NAME` (default:
 //! the binary's name), `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_BSP_*` (the batch processor: spans
 //! leave every 5 s by default, and the rest at exit), `OTEL_TRACES_EXPORTER=none` and
-//! `OTEL_SDK_DISABLED=true` (off). `grpc` is refused at start, naming the variable: kandle
+//! `OTEL_SDK_DISABLED=true` (off). An `https://` endpoint is verified against the system's
+//! roots and, as the OpenTelemetry specification names them (the SDK's HTTP exporter does not
+//! read them), the PEM files in `OTEL_EXPORTER_OTLP_CERTIFICATE` (a collector's own CA) and
+//! `OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE` with `OTEL_EXPORTER_OTLP_CLIENT_KEY` (mutual TLS),
+//! each also as its `_TRACES_` variable, which wins. `grpc` is refused at start, naming the variable: kandle
 //! speaks OTLP/HTTP only (a collector's port 4318), and sending HTTP to a gRPC port would lose
 //! every span without a word.
 //!
@@ -109,6 +113,101 @@ pub fn otlp_requested(var: impl Fn(&str) -> Option<String>) -> Result<Otlp, Stri
     }
 }
 
+/// The PEM files the exporter's TLS is configured with.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TlsFiles {
+    /// CA certificates trusted beside the system's roots.
+    pub ca: Option<(&'static str, String)>,
+    /// A client certificate and its key (mutual TLS).
+    pub client: Option<[(&'static str, String); 2]>,
+}
+
+/// The TLS files the `OTEL_*` variables (read through `var`) name, each with the variable that
+/// named it (the `_TRACES_` one wins); `None` where none is set, and an error naming the
+/// variables for a client certificate without its key or a key without its certificate.
+pub fn tls_requested(var: impl Fn(&str) -> Option<String>) -> Result<Option<TlsFiles>, String> {
+    let pick = |names: [&'static str; 2]| {
+        names.into_iter().find_map(|n| {
+            var(n)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+                .map(|v| (n, v))
+        })
+    };
+    let ca = pick([
+        "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE",
+        "OTEL_EXPORTER_OTLP_CERTIFICATE",
+    ]);
+    let cert = pick([
+        "OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE",
+        "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+    ]);
+    let key = pick([
+        "OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY",
+        "OTEL_EXPORTER_OTLP_CLIENT_KEY",
+    ]);
+    let client = match (cert, key) {
+        (Some(cert), Some(key)) => Some([cert, key]),
+        (None, None) => None,
+        _ => {
+            return Err(
+                "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE and OTEL_EXPORTER_OTLP_CLIENT_KEY \
+                        (or their _TRACES_ forms) go together: set both for mutual TLS, or neither"
+                    .into(),
+            );
+        }
+    };
+    Ok((ca.is_some() || client.is_some()).then_some(TlsFiles { ca, client }))
+}
+
+/// The exporter's HTTP client with `tls`'s files: reqwest's blocking client, as the SDK builds
+/// it, with the SDK's timeout (`OTEL_EXPORTER_OTLP_TRACES_TIMEOUT`, `OTEL_EXPORTER_OTLP_TIMEOUT`,
+/// in milliseconds; 10 s). Errors name the variable and its file, never a file's content.
+fn tls_client(tls: TlsFiles) -> anyhow::Result<reqwest::blocking::Client> {
+    let read = |(var, path): &(&'static str, String)| {
+        std::fs::read(path).map_err(|e| anyhow::anyhow!("{var}: cannot read {path}: {e}"))
+    };
+    let timeout = [
+        "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
+        "OTEL_EXPORTER_OTLP_TIMEOUT",
+    ]
+    .into_iter()
+    .find_map(|n| std::env::var(n).ok()?.trim().parse::<u64>().ok())
+    .map_or(
+        std::time::Duration::from_secs(10),
+        std::time::Duration::from_millis,
+    );
+    let mut builder = reqwest::blocking::Client::builder().timeout(timeout);
+    if let Some(ca) = &tls.ca {
+        let certs = reqwest::Certificate::from_pem_bundle(&read(ca)?)
+            .ok()
+            .filter(|c| !c.is_empty())
+            .ok_or_else(|| anyhow::anyhow!("{}: {} holds no PEM certificate", ca.0, ca.1))?;
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    if let Some([cert, key]) = &tls.client {
+        let pem = [read(cert)?, b"\n".to_vec(), read(key)?].concat();
+        let identity = reqwest::Identity::from_pem(&pem).map_err(|_| {
+            anyhow::anyhow!(
+                "{} and {}: {} and {} are not a PEM certificate and its private key",
+                cert.0,
+                key.0,
+                cert.1,
+                key.1
+            )
+        })?;
+        builder = builder.identity(identity);
+    }
+    // A blocking client may not be built inside an async runtime: on a thread of its own, as
+    // the SDK builds its own.
+    std::thread::spawn(move || builder.build())
+        .join()
+        .map_err(|_| anyhow::anyhow!("building the OTLP exporter's HTTP client panicked"))?
+        .map_err(|_| anyhow::anyhow!("the OTLP exporter's HTTP client could not be built"))
+}
+
 /// Starts the log, and the trace exporter when the environment asks for it (see the crate
 /// documentation).
 pub fn init(options: Options) -> anyhow::Result<Telemetry> {
@@ -169,13 +268,18 @@ pub fn init(options: Options) -> anyhow::Result<Telemetry> {
 }
 
 fn provider(service: &'static str, otlp: Otlp) -> anyhow::Result<SdkTracerProvider> {
+    use opentelemetry_otlp::WithHttpConfig;
     use opentelemetry_otlp::{Protocol, WithExportConfig};
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
+    let mut exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
         .with_protocol(match otlp {
             Otlp::Json => Protocol::HttpJson,
             _ => Protocol::HttpBinary,
-        })
+        });
+    if let Some(tls) = tls_requested(|n| std::env::var(n).ok()).map_err(anyhow::Error::msg)? {
+        exporter = exporter.with_http_client(tls_client(tls)?);
+    }
+    let exporter = exporter
         .build()
         // The error may quote the endpoint, which may hold credentials.
         .map_err(|_| {
@@ -248,6 +352,47 @@ mod tests {
         );
         let e = requested(&[endpoint, ("OTEL_TRACES_EXPORTER", "zipkin")]).unwrap_err();
         assert!(e.contains("OTEL_TRACES_EXPORTER=zipkin"), "{e}");
+    }
+
+    #[test]
+    fn tls_files_come_from_the_certificate_variables_the_traces_ones_first() {
+        let tls = |vars: &[(&str, &str)]| {
+            tls_requested(|n| {
+                vars.iter()
+                    .find(|(k, _)| *k == n)
+                    .map(|(_, v)| (*v).to_owned())
+            })
+        };
+        assert_eq!(tls(&[]), Ok(None));
+        assert_eq!(tls(&[("OTEL_EXPORTER_OTLP_CERTIFICATE", " ")]), Ok(None));
+        assert_eq!(
+            tls(&[
+                ("OTEL_EXPORTER_OTLP_CERTIFICATE", "/all/ca.pem"),
+                ("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", "/traces/ca.pem"),
+            ]),
+            Ok(Some(TlsFiles {
+                ca: Some((
+                    "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE",
+                    "/traces/ca.pem".into()
+                )),
+                client: None,
+            }))
+        );
+        assert_eq!(
+            tls(&[
+                ("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", "/c.pem"),
+                ("OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY", "/k.pem"),
+            ]),
+            Ok(Some(TlsFiles {
+                ca: None,
+                client: Some([
+                    ("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", "/c.pem".into()),
+                    ("OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY", "/k.pem".into()),
+                ]),
+            }))
+        );
+        let e = tls(&[("OTEL_EXPORTER_OTLP_CLIENT_KEY", "/k.pem")]).unwrap_err();
+        assert!(e.contains("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE"), "{e}");
     }
 
     #[test]

@@ -163,35 +163,79 @@ pub async fn finish_rollout(client: &kube::Client, ns: &str, name: &str) {
 /// outlives any one test's tokio runtime (the fake hub, the OTLP collector). Stops when dropped.
 pub struct LocalServer {
     addr: std::net::SocketAddr,
+    tls: bool,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// A TLS listener for axum: each connection's handshake, then its HTTP; a refused handshake
+/// is reported to `refused` and the connection dropped.
+struct TlsListener {
+    tcp: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    refused: Box<dyn Fn(String) + Send>,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok((tcp, addr)) = self.tcp.accept().await else { continue };
+            match self.acceptor.accept(tcp).await {
+                Ok(tls) => return (tls, addr),
+                Err(e) => (self.refused)(format!("TLS handshake: {e}")),
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.tcp.local_addr()
+    }
 }
 
 impl LocalServer {
     /// Serves `app`; `name` names the thread.
     pub fn start(name: &str, app: axum::Router) -> anyhow::Result<LocalServer> {
+        Self::start_with(name, app, None)
+    }
+
+    /// Serves `app` over TLS with `config`; handshakes it refuses go to `refused`.
+    pub fn start_tls(name: &str, app: axum::Router, config: std::sync::Arc<rustls::ServerConfig>, refused: impl Fn(String) + Send + 'static) -> anyhow::Result<LocalServer> {
+        Self::start_with(name, app, Some((config, Box::new(refused))))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn start_with(name: &str, app: axum::Router, tls: Option<(std::sync::Arc<rustls::ServerConfig>, Box<dyn Fn(String) + Send>)>) -> anyhow::Result<LocalServer> {
         use anyhow::Context as _;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").with_context(|| format!("binding the {name}"))?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let is_tls = tls.is_some();
         let thread = std::thread::Builder::new().name(name.into()).spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a local server's runtime");
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(listener).expect("a local server's listener");
-                let _ = axum::serve(listener, app)
-                    .with_graceful_shutdown(async {
-                        let _ = stop_rx.await;
-                    })
-                    .await;
+                let stop = async {
+                    let _ = stop_rx.await;
+                };
+                let _ = match tls {
+                    None => axum::serve(listener, app).with_graceful_shutdown(stop).await,
+                    Some((config, refused)) => {
+                        let tls = TlsListener { tcp: listener, acceptor: tokio_rustls::TlsAcceptor::from(config), refused };
+                        axum::serve(tls, app).with_graceful_shutdown(stop).await
+                    }
+                };
             });
         })?;
-        Ok(LocalServer { addr, stop: Some(stop_tx), thread: Some(thread) })
+        Ok(LocalServer { addr, tls: is_tls, stop: Some(stop_tx), thread: Some(thread) })
     }
 
-    /// `http://127.0.0.1:{port}`.
+    /// `http://127.0.0.1:{port}` (`https://` over TLS).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", if self.tls { "https" } else { "http" }, self.addr)
     }
 }
 

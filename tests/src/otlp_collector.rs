@@ -6,7 +6,9 @@
 //! empty `ExportTraceServiceResponse`; any other path or content type gets `404` / `415` and is
 //! recorded as refused. The raw bodies are kept too, so that a test can check what never
 //! appears in them (keys, prompts), and each export's content type and headers.
-//! It runs on its own thread and runtime ([`crate::LocalServer`]).
+//! It runs on its own thread and runtime ([`crate::LocalServer`]). [`OtlpCollector::start_tls`]
+//! serves it over TLS with a CA of its own, asking every client for a certificate that CA
+//! signed (mutual TLS); a refused handshake is recorded as refused.
 
 use std::sync::{Arc, Mutex};
 
@@ -40,16 +42,65 @@ pub struct OtlpCollector {
     state: Arc<Mutex<State>>,
 }
 
+/// PEM texts for a client of [`OtlpCollector::start_tls`]: the CA that signed the collector's
+/// certificate (for 127.0.0.1), and a client certificate and key it signed too.
+pub struct ClientPki {
+    pub ca: String,
+    pub cert: String,
+    pub key: String,
+}
+
+fn app(state: &Arc<Mutex<State>>) -> axum::Router {
+    let shared = state.clone();
+    axum::Router::new().fallback(move |uri: Uri, headers: HeaderMap, body: Bytes| {
+        let state = shared.clone();
+        async move { receive(&state, &uri, &headers, &body) }
+    })
+}
+
 impl OtlpCollector {
     /// Starts a collector on a free loopback port.
     pub fn start() -> Result<OtlpCollector> {
         let state = Arc::new(Mutex::new(State::default()));
-        let shared = state.clone();
-        let app = axum::Router::new().fallback(move |uri: Uri, headers: HeaderMap, body: Bytes| {
-            let state = shared.clone();
-            async move { receive(&state, &uri, &headers, &body) }
-        });
-        Ok(OtlpCollector { server: crate::LocalServer::start("otlp-collector", app)?, state })
+        Ok(OtlpCollector { server: crate::LocalServer::start("otlp-collector", app(&state))?, state })
+    }
+
+    /// Starts a collector that speaks TLS only and requires a client certificate; returns what
+    /// a client needs to be let in.
+    pub fn start_tls() -> Result<(OtlpCollector, ClientPki)> {
+        use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+        crate::init_crypto();
+        let ca_key = KeyPair::generate()?;
+        let mut ca = CertificateParams::new(Vec::<String>::new())?;
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key)?;
+        let issuer = Issuer::new(ca, ca_key);
+        let server_key = KeyPair::generate()?;
+        let mut server = CertificateParams::new(vec!["127.0.0.1".to_string()])?;
+        server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let server_cert = server.signed_by(&server_key, &issuer)?;
+        let client_key = KeyPair::generate()?;
+        let mut client = CertificateParams::new(Vec::<String>::new())?;
+        client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let client_cert = client.signed_by(&client_key, &issuer)?;
+
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(CertificateDer::from(ca_cert.der().to_vec()))?;
+        let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots)).build()?;
+        let config = rustls::ServerConfig::builder()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(
+                vec![CertificateDer::from(server_cert.der().to_vec())],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server_key.serialize_der())),
+            )?;
+        let state = Arc::new(Mutex::new(State::default()));
+        let refused = state.clone();
+        let server = crate::LocalServer::start_tls("otlp-collector-tls", app(&state), Arc::new(config), move |why| {
+            refused.lock().unwrap().refused.push(why);
+        })?;
+        let pki = ClientPki { ca: ca_cert.pem(), cert: client_cert.pem(), key: client_key.serialize_pem() };
+        Ok((OtlpCollector { server, state }, pki))
     }
 
     /// The base URL (what `OTEL_EXPORTER_OTLP_ENDPOINT` is set to).
@@ -72,7 +123,8 @@ impl OtlpCollector {
         self.state.lock().unwrap().exports.clone()
     }
 
-    /// What was refused: `{path} {content type}` per request.
+    /// What was refused: `{path} {content type}` per request, `TLS handshake: {why}` per
+    /// connection refused.
     pub fn refused(&self) -> Vec<String> {
         self.state.lock().unwrap().refused.clone()
     }

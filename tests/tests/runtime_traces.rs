@@ -12,6 +12,9 @@
 //! - a gRPC protocol is refused at start, naming the variable;
 //! - spans leave on the batch schedule too, as OTLP's JSON encoding if asked, with the
 //!   configured headers, which are never logged;
+//! - an `https://` collector that requires a client certificate gets the spans with its CA
+//!   and a client certificate and key given by the specification's variables, and nothing
+//!   (its handshake refused, the server unharmed) without either;
 //! - the server in a pod as the operator builds it (`--runtime-otlp-endpoint`), its env
 //!   resolved as the kubelet resolves it, tags its spans with the pod's Kubernetes attributes.
 //!
@@ -379,6 +382,80 @@ async fn spans_leave_on_schedule_as_json_with_the_configured_headers() {
     assert!(log.contains("DEBUG"), "the log was at debug: {log}");
     assert!(!log.contains(secret), "the collector's credentials were logged:\n{log}");
     assert_eq!(collector.refused(), Vec::<String>::new());
+}
+
+/// Mutual TLS to a collector (`OtlpCollector::start_tls`): with its CA in
+/// `OTEL_EXPORTER_OTLP_CERTIFICATE` and a client certificate and key in
+/// `OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE` / `OTEL_EXPORTER_OTLP_CLIENT_KEY`, the spans arrive;
+/// without the client certificate, or without the CA, the collector refuses the handshake and
+/// nothing arrives, while the server answers and exits as usual; a file that cannot be read
+/// stops the start naming its variable; the key's text is never logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_reach_a_collector_over_mutual_tls_with_the_configured_certificates() {
+    let (collector, pki) = OtlpCollector::start_tls().unwrap();
+    assert!(collector.url().starts_with("https://"));
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_str().unwrap().to_owned()
+    };
+    let (ca, cert, key) = (file("ca.pem", &pki.ca), file("client.pem", &pki.cert), file("client.key", &pki.key));
+    let var = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+    let key_text: String = pki.key.lines().nth(1).unwrap().to_owned();
+    // The refused first: nothing may have arrived before the run that is let in.
+    let runs = [
+        ("the CA alone", vec![var("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", &ca)], false),
+        ("no CA", vec![var("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", &cert), var("OTEL_EXPORTER_OTLP_CLIENT_KEY", &key)], false),
+        (
+            "the CA and a client certificate",
+            vec![var("OTEL_EXPORTER_OTLP_CERTIFICATE", &ca), var("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", &cert), var("OTEL_EXPORTER_OTLP_CLIENT_KEY", &key)],
+            true,
+        ),
+    ];
+    for (what, mut env, let_in) in runs {
+        env.push(var("RUST_LOG", "debug"));
+        let refused_before = collector.refused().len();
+        let (mut child, url) = serve_traced_with(&collector, &models::minilm_dir(), &[], &env).await;
+        let mut stderr = child.stderr.take().unwrap();
+        let log = tokio::spawn(async move {
+            let mut text = String::new();
+            tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut text).await.unwrap();
+            text
+        });
+        let models: Value = reqwest::get(format!("{url}/v1/models")).await.unwrap().json().await.unwrap();
+        let model = models["data"][0]["id"].as_str().unwrap().to_owned();
+        let r = reqwest::Client::new().post(format!("{url}/v1/embeddings")).json(&json!({"model": model, "input": "Over TLS."})).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{what}");
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) };
+        let status = tokio::time::timeout(Duration::from_secs(60), child.wait()).await.expect("exits within a minute").unwrap();
+        let log = log.await.unwrap();
+        assert!(status.success(), "{what}: {status}\n{log}");
+        assert!(!log.contains(&key_text), "{what}: the client key was logged");
+        let spans: Vec<Span> = collector.spans().into_iter().map(|(_, s)| s).collect();
+        let refused = collector.refused()[refused_before..].to_vec();
+        if let_in {
+            assert_eq!(refused, Vec::<String>::new(), "{what}");
+            let server = one(&spans, "POST /v1/embeddings");
+            child_of(&spans, server, &format!("embeddings {model}"));
+        } else {
+            assert!(spans.is_empty(), "{what}: {spans:?}");
+            assert!(!refused.is_empty() && refused.iter().all(|r| r.starts_with("TLS handshake")), "{what}: the exporter tried and was refused: {refused:?}");
+        }
+    }
+
+    // A file that cannot be read stops the start, naming its variable.
+    let mut c = runtime();
+    c.arg("serve").arg("--model").arg(models::minilm_dir())
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", collector.url())
+        .env("OTEL_EXPORTER_OTLP_CERTIFICATE", dir.path().join("missing.pem"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let out = tokio::time::timeout(Duration::from_secs(60), c.output()).await.expect("exits at once").unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "refused: {text}");
+    assert!(text.contains("OTEL_EXPORTER_OTLP_CERTIFICATE: cannot read"), "{text}");
 }
 
 #[tokio::test]
