@@ -578,8 +578,8 @@ impl ChatUnsupported {
                 return Err(unsupported(
                     "tool_choice",
                     "\"auto\", the default when tools are given: this model's chat template \
-                     shows no tool-call format to read its calls by, and the server was not \
-                     started with --tool-call-parser. Send \"required\" or \
+                     shows no tool-call format that kandle reads its calls by, and the server \
+                     was not started with --tool-call-parser. Send \"required\" or \
                      {\"type\": \"function\", \"function\": {\"name\": …}} to have the \
                      answer be a call whose arguments follow the tool's parameters, or \
                      \"none\"",

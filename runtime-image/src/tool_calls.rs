@@ -118,6 +118,10 @@ impl ToolCallParser {
             ToolCallParser::Phi4MiniJson
         } else if template.contains(PYTHONIC_ASK) {
             ToolCallParser::Pythonic
+        } else if template.contains(XML_FUNCTION) {
+            // Qwen3-Coder's `<tool_call><function=…><parameter=…>` blocks: Hermes' tag with no
+            // JSON inside, which masking to Hermes' JSON would force on the model.
+            ToolCallParser::None
         } else if template.contains(HERMES_OPEN) {
             ToolCallParser::Hermes
         } else if template.contains(MISTRAL_OPEN) {
@@ -346,6 +350,8 @@ const MISTRAL_ARGS: &str = "[ARGS]";
 const HERMES_CLOSE: &str = "</tool_call>";
 const GRANITE_OPEN: &str = "<|tool_call|>";
 const PHI4_OPEN: &str = "functools";
+/// How Qwen3-Coder's template writes a call's function, whose format kandle does not read.
+const XML_FUNCTION: &str = "<function=";
 /// What vLLM's Phi-4-mini template shows a model given tools.
 const PHI4_ASK: &str = "functools[";
 /// What Meta's pythonic templates (Llama 3.2's in vLLM's examples, Llama 4's) ask of a model
@@ -708,6 +714,9 @@ mod tests {
                    as functools[{\"name\": [function name], \"arguments\": [function \
                    arguments as JSON]}, ...]";
         assert_eq!(ToolCallParser::detect(phi), ToolCallParser::Phi4MiniJson);
+        // Qwen3-Coder's, whose blocks are not Hermes' JSON: none, not Hermes.
+        let xml = "{{- '<tool_call>\\n<function=' + tool_call.name + '>\\n' }}";
+        assert_eq!(ToolCallParser::detect(xml), ToolCallParser::None);
         // vLLM's Llama 3.2 pythonic template, in Meta's words.
         let pythonic = "you MUST put it in the format of [func_name1(params_name1=params_value1, \
                         params_name2=params_value2...), func_name2(params)]";
