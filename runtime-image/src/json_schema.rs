@@ -59,8 +59,15 @@
 //!   `properties`, several patterns, or both keywords, they are refused.
 //! - `uniqueItems` where the items are an enum or a const (pydantic's `set[Literal[…]]` and
 //!   `set[SomeEnum]`): each value is written at most once, so an item's mask leaves out the
-//!   values written, and `maxItems` is at most the number of values; for other items it is
-//!   refused (each item would have to be told from every one before it).
+//!   values written, and `maxItems` is at most the number of values. Where the items are
+//!   strings, numbers, integers, booleans or null (`set[str]`, `set[int]`), the array keeps
+//!   the values written, and the character that would end an item equal to one of them (a
+//!   string's closing quote, what follows a number) is masked, so the model must write
+//!   another value; values are compared as JSON Schema compares them (`"\u0061"` is `"a"`,
+//!   `1.0` is `1`). A string or number that cannot go on past a written value (its
+//!   `maxLength` or bound reached) leaves the model no way on, and the request fails as a
+//!   masked answer with no allowed token does. For items of other kinds (objects, arrays,
+//!   unions) it is refused.
 
 use std::collections::BTreeSet;
 
@@ -1052,8 +1059,9 @@ impl Schema {
             Some(Value::Bool(true)) => true,
             Some(v) => return Err(format!("uniqueItems must be a boolean, got {v}")),
         };
-        const UNIQUE_ENUMS_ONLY: &str = "uniqueItems is followed for items that are an enum \
-            or const (each value at most once), and not supported for other items";
+        const UNIQUE_ENUMS_ONLY: &str = "uniqueItems is followed for items that are an enum, \
+            a const, or strings, numbers, integers, booleans or null, and not supported for \
+            other items (objects, arrays, unions)";
         match obj.get("items") {
             None if unique => Err(UNIQUE_ENUMS_ONLY.into()),
             None => Ok(self.push(Node::Value(Kind::Any(Some('['))))),
@@ -1067,10 +1075,25 @@ impl Schema {
                 });
                 let child = self.node(items, root, depth + 1)?;
                 if unique {
-                    let Node::Enum(values) = &self.nodes[child] else {
-                        return Err(UNIQUE_ENUMS_ONLY.into());
+                    // How many distinct values the items have (`None`: unbounded).
+                    let distinct = match &self.nodes[child] {
+                        Node::Enum(values) => Some(values.len()),
+                        Node::Value(Kind::Boolean) => Some(2),
+                        Node::Value(Kind::Null) => Some(1),
+                        Node::Str(_)
+                        | Node::Num(_)
+                        | Node::Value(Kind::String | Kind::Number | Kind::Integer) => None,
+                        _ => return Err(UNIQUE_ENUMS_ONLY.into()),
                     };
-                    let n = values.len();
+                    let Some(n) = distinct else {
+                        self.nodes[at] = Node::Array {
+                            items: child,
+                            min,
+                            max,
+                            unique,
+                        };
+                        return Ok(at);
+                    };
                     if min > n {
                         return Err(format!(
                             "minItems {min} with uniqueItems asks for more distinct items than \
@@ -1313,12 +1336,14 @@ enum Frame {
         i: usize,
         at: ObjAt,
     },
-    /// An array, `n` items begun; `used`: for unique items, the enum's values written.
+    /// An array, `n` items begun; `used`: for unique items, the enum's values written;
+    /// `written`: for unique items of other scalars, the values written.
     Arr {
         node: usize,
         n: usize,
         at: ArrAt,
         used: u64,
+        written: Option<Box<Written>>,
     },
     /// An enum: `pos` characters in, `alive` the alternatives still matching.
     Lit {
@@ -1358,6 +1383,42 @@ enum Frame {
         at: CallAt,
         which: usize,
     },
+}
+
+/// The values an array of unique scalar items has written, as JSON Schema compares them, and
+/// the text of the item being written.
+#[derive(Debug, Clone, Default)]
+struct Written {
+    values: std::sync::Arc<BTreeSet<String>>,
+    item: String,
+}
+
+impl Written {
+    /// The item ends (with `last`, where its frame took that character): `false` where its
+    /// value was written before.
+    fn item_ends(&mut self, last: Option<char>) -> bool {
+        self.item.extend(last);
+        let value = canonical(&std::mem::take(&mut self.item));
+        if self.values.contains(&value) {
+            return false;
+        }
+        std::sync::Arc::make_mut(&mut self.values).insert(value);
+        true
+    }
+}
+
+/// A scalar's JSON text as JSON Schema compares values: strings by their characters, numbers
+/// by their value (`1.0` is `1`).
+fn canonical(text: &str) -> String {
+    match serde_json::from_str::<Value>(text) {
+        Ok(Value::Number(n)) if n.is_f64() => match n.as_f64() {
+            Some(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => format!("{}", f as i64),
+            Some(f) => format!("{f:e}"),
+            None => n.to_string(),
+        },
+        Ok(v) => v.to_string(),
+        Err(_) => text.to_owned(),
+    }
 }
 
 /// What a frame made of a character.
@@ -1487,11 +1548,13 @@ impl SchemaState {
                 i: 0,
                 at: ObjAt::Open,
             },
-            Node::Array { .. } => Frame::Arr {
+            Node::Array { items, unique, .. } => Frame::Arr {
                 node,
                 n: 0,
                 at: ArrAt::Open,
                 used: 0,
+                written: (*unique && !matches!(schema.nodes[*items], Node::Enum(_)))
+                    .then(Default::default),
             },
             Node::Union(_) => Frame::Union { node },
             Node::Num(_) => Frame::Num {
@@ -1566,7 +1629,10 @@ impl SchemaState {
                 return false; // done: only whitespace
             };
             match Self::step(schema, top, c) {
-                Step::Took => return true,
+                Step::Took => {
+                    self.note_item_char(c);
+                    return true;
+                }
                 Step::Refused => return false,
                 Step::Become(frame) => {
                     *self.stack.last_mut().expect("a frame") = frame;
@@ -1583,10 +1649,21 @@ impl SchemaState {
                     match self.stack.last_mut() {
                         None => self.done = true,
                         Some(Frame::Obj { at, .. }) => *at = ObjAt::After,
-                        Some(Frame::Arr { at, node, used, .. }) => {
+                        Some(Frame::Arr {
+                            at,
+                            node,
+                            used,
+                            written,
+                            ..
+                        }) => {
                             *at = ArrAt::After;
                             if let Some(k) = Self::unique_value(schema, *node, ended.as_ref()) {
                                 *used |= 1 << k;
+                            }
+                            if let Some(w) = written
+                                && !w.item_ends(took.then_some(c))
+                            {
+                                return false;
                             }
                         }
                         Some(Frame::Map { at, .. }) => {
@@ -1620,6 +1697,21 @@ impl SchemaState {
                     }
                 }
             }
+        }
+    }
+
+    /// `c`, taken by the frame on top: part of an item of an array that keeps its items'
+    /// values ([`Written`]) where that array is just below.
+    fn note_item_char(&mut self, c: char) {
+        if let [
+            ..,
+            Frame::Arr {
+                written: Some(w), ..
+            },
+            _,
+        ] = self.stack.as_mut_slice()
+        {
+            w.item.push(c);
         }
     }
 
@@ -1820,7 +1912,9 @@ impl SchemaState {
                     None => Step::Refused,
                 }
             }
-            Frame::Arr { node, n, at, used } => {
+            Frame::Arr {
+                node, n, at, used, ..
+            } => {
                 let Node::Array {
                     items,
                     min,
@@ -2619,12 +2713,20 @@ mod tests {
         );
         refused(&[
             (
-                json!({"type": "array", "uniqueItems": true, "items": {"type": "string"}}),
-                "enum or const",
+                json!({"type": "array", "uniqueItems": true, "items": {"type": "object"}}),
+                "not supported for other items",
+            ),
+            (
+                json!({"type": "array", "uniqueItems": true, "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]}}),
+                "not supported for other items",
             ),
             (
                 json!({"type": "array", "uniqueItems": true}),
-                "enum or const",
+                "not supported for other items",
+            ),
+            (
+                json!({"type": "array", "uniqueItems": true, "minItems": 3, "items": {"type": "boolean"}}),
+                "more distinct items",
             ),
             (
                 json!({"type": "array", "uniqueItems": true, "minItems": 3, "items": {"enum": [1, 2]}}),
@@ -2635,6 +2737,51 @@ mod tests {
                 "must be a boolean",
             ),
         ]);
+    }
+
+    /// pydantic's `set[str]`, `set[int]`, `set[float]`: an item equal to one written cannot
+    /// end, as JSON Schema compares values.
+    #[test]
+    fn unique_scalar_items_cannot_repeat_a_value() {
+        let strings = json!({"type": "array", "uniqueItems": true, "items": {"type": "string"}});
+        for ok in ["[]", r#"["a", "b"]"#, r#"["a", "ab", "b a"]"#] {
+            assert_eq!(run(&strings, ok), (true, true), "{ok}");
+        }
+        assert_eq!(run(&strings, r#"["a", "a"#), (true, false), "may yet go on");
+        for dup in [
+            r#"["a", "a""#,
+            r#"["a", "b", "\u0061""#,
+            r#"["x", "\"", "\"""#,
+        ] {
+            assert_eq!(run(&strings, dup), (false, false), "{dup}");
+        }
+        // With a pattern (a string frame of its own), through a `$ref`.
+        let words = json!({"type": "array", "uniqueItems": true, "items": {"$ref": "#/$defs/W"},
+                           "$defs": {"W": {"type": "string", "pattern": "^[a-z]+$"}}});
+        assert_eq!(run(&words, r#"["ab", "a"]"#), (true, true));
+        assert_eq!(run(&words, r#"["ab", "ab""#), (false, false));
+        for numbers in [
+            json!({"type": "array", "uniqueItems": true, "items": {"type": "integer"}}),
+            json!({"type": "array", "uniqueItems": true, "items": {"type": "number"}}),
+            json!({"type": "array", "uniqueItems": true, "items": {"type": "integer", "minimum": 0}}),
+        ] {
+            assert_eq!(run(&numbers, "[1, 10, 2]"), (true, true), "{numbers}");
+            assert_eq!(run(&numbers, "[1, 1"), (true, false), "a 1 may yet be 10");
+            for dup in ["[1, 1]", "[1, 1,", "[1, 1 ", "[1, 2, 1]"] {
+                assert_eq!(run(&numbers, dup), (false, false), "{numbers} {dup}");
+            }
+        }
+        let floats = json!({"type": "array", "uniqueItems": true, "items": {"type": "number"}});
+        assert_eq!(run(&floats, "[1.5, 15]"), (true, true));
+        for dup in ["[1, 1.0]", "[1.5, 1.50]", "[100, 1e2]"] {
+            assert_eq!(run(&floats, dup), (false, false), "{dup}");
+        }
+        let flags = json!({"type": "array", "uniqueItems": true, "items": {"type": "boolean"}});
+        assert_eq!(run(&flags, "[true, false]"), (true, true));
+        assert_eq!(run(&flags, "[true, true"), (false, false));
+        // The values are the array's own: a nested array starts afresh.
+        let nested = json!({"type": "array", "items": strings});
+        assert_eq!(run(&nested, r#"[["a"], ["a"]]"#), (true, true));
     }
 
     #[test]
