@@ -390,13 +390,7 @@ impl Reader<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn call(name: &str, arguments: &str) -> ParsedCall {
-        ParsedCall {
-            name: name.into(),
-            arguments: arguments.into(),
-        }
-    }
+    use crate::tool_calls::tests::call;
 
     /// The JSON [`PyCalls`] makes of `text`, or the byte at which it refused.
     fn json_of(text: &str) -> Result<String, usize> {

@@ -382,11 +382,12 @@ pub fn partial_opening(text: &str, opening: &str) -> usize {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::json_schema::SchemaState;
 
-    fn call(name: &str, arguments: &str) -> ParsedCall {
+    /// A call as the parsers read it.
+    pub(crate) fn call(name: &str, arguments: &str) -> ParsedCall {
         ParsedCall {
             name: name.into(),
             arguments: arguments.into(),

@@ -107,12 +107,36 @@ async fn stop(child: tokio::process::Child, collector: &OtlpCollector) -> Vec<Sp
     stop_with_resources(child, collector).await.into_iter().map(|(_, s)| s).collect()
 }
 
+/// SIGTERM to `child`, and its exit status within a minute.
+async fn terminate(child: &mut tokio::process::Child) -> std::process::ExitStatus {
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) };
+    tokio::time::timeout(Duration::from_secs(60), child.wait()).await.expect("exits within a minute").unwrap()
+}
+
+/// `child`'s stderr, read to its end in the background.
+fn read_log(child: &mut tokio::process::Child) -> tokio::task::JoinHandle<String> {
+    let mut stderr = child.stderr.take().unwrap();
+    tokio::spawn(async move {
+        let mut text = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut text).await.unwrap();
+        text
+    })
+}
+
+/// One `/v1/embeddings` request of `input` to the server at `url`, answered 200; the model's id.
+async fn embed_one(url: &str, input: &str) -> String {
+    let models: Value = reqwest::get(format!("{url}/v1/models")).await.unwrap().json().await.unwrap();
+    let model = models["data"][0]["id"].as_str().unwrap().to_owned();
+    let r = reqwest::Client::new().post(format!("{url}/v1/embeddings")).json(&json!({"model": model, "input": input})).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    model
+}
+
 /// [`stop`], each span with its resource's attributes.
 async fn stop_with_resources(mut child: tokio::process::Child, collector: &OtlpCollector) -> Vec<(Vec<KeyValue>, Span)> {
     assert!(collector.spans().is_empty(), "nothing was sent before exit: {:?}", collector.spans());
-    // SAFETY: signalling our own child process.
-    unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) };
-    let status = tokio::time::timeout(Duration::from_secs(60), child.wait()).await.expect("exits within a minute").unwrap();
+    let status = terminate(&mut child).await;
     let mut stderr = String::new();
     tokio::io::AsyncReadExt::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).await.unwrap();
     assert!(status.success(), "the server exited with {status}:\n{stderr}");
@@ -345,16 +369,8 @@ async fn spans_leave_on_schedule_as_json_with_the_configured_headers() {
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
     let (mut child, url) = serve_traced_with(&collector, &models::minilm_dir(), &[], &env).await;
-    let mut stderr = child.stderr.take().unwrap();
-    let log = tokio::spawn(async move {
-        let mut text = String::new();
-        tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut text).await.unwrap();
-        text
-    });
-    let models: Value = reqwest::get(format!("{url}/v1/models")).await.unwrap().json().await.unwrap();
-    let model = models["data"][0]["id"].as_str().unwrap().to_owned();
-    let r = reqwest::Client::new().post(format!("{url}/v1/embeddings")).json(&json!({"model": model, "input": "On schedule."})).send().await.unwrap();
-    assert_eq!(r.status(), 200);
+    let log = read_log(&mut child);
+    let model = embed_one(&url, "On schedule.").await;
 
     let t0 = Instant::now();
     while collector.spans().len() < 2 {
@@ -374,9 +390,7 @@ async fn spans_leave_on_schedule_as_json_with_the_configured_headers() {
         assert_eq!(header("x-scope-orgid"), Some("kandle"));
     }
 
-    // SAFETY: signalling our own child process.
-    unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) };
-    let status = tokio::time::timeout(Duration::from_secs(60), child.wait()).await.expect("exits within a minute").unwrap();
+    let status = terminate(&mut child).await;
     let log = log.await.unwrap();
     assert!(status.success(), "{status}\n{log}");
     assert!(log.contains("DEBUG"), "the log was at debug: {log}");
@@ -417,19 +431,9 @@ async fn spans_reach_a_collector_over_mutual_tls_with_the_configured_certificate
         env.push(var("RUST_LOG", "debug"));
         let refused_before = collector.refused().len();
         let (mut child, url) = serve_traced_with(&collector, &models::minilm_dir(), &[], &env).await;
-        let mut stderr = child.stderr.take().unwrap();
-        let log = tokio::spawn(async move {
-            let mut text = String::new();
-            tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut text).await.unwrap();
-            text
-        });
-        let models: Value = reqwest::get(format!("{url}/v1/models")).await.unwrap().json().await.unwrap();
-        let model = models["data"][0]["id"].as_str().unwrap().to_owned();
-        let r = reqwest::Client::new().post(format!("{url}/v1/embeddings")).json(&json!({"model": model, "input": "Over TLS."})).send().await.unwrap();
-        assert_eq!(r.status(), 200, "{what}");
-        // SAFETY: signalling our own child process.
-        unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) };
-        let status = tokio::time::timeout(Duration::from_secs(60), child.wait()).await.expect("exits within a minute").unwrap();
+        let log = read_log(&mut child);
+        let model = embed_one(&url, "Over TLS.").await;
+        let status = terminate(&mut child).await;
         let log = log.await.unwrap();
         assert!(status.success(), "{what}: {status}\n{log}");
         assert!(!log.contains(&key_text), "{what}: the client key was logged");
