@@ -1602,6 +1602,7 @@ impl SchemaState {
     /// Inside a string's plain characters.
     pub fn in_plain_string(&self) -> bool {
         matches!(self.stack.last(), Some(Frame::Val { json, .. }) if json.in_plain_string())
+            && !self.py.is_some_and(|p| p.in_single_quotes())
     }
 
     /// Takes `c`; `false` (the state then unusable: callers try on a copy) if refused.

@@ -7,7 +7,7 @@
 //!   (`[{"name":"get_weather","arguments":{"city":"Rome"}}]`), so that the schema's automaton
 //!   masks a pythonic call to the tools as it masks a JSON one
 //!   ([`crate::json_schema::Schema::pythonic_calls`]). What the mask lets a model write is a
-//!   subset of Python: strings in double quotes with JSON's escapes but `\/`, `True`, `False`,
+//!   subset of Python: strings in either quote with JSON's escapes but `\/` (and `\'`), `True`, `False`,
 //!   `None`, JSON's numbers, lists and dicts, keyword arguments only, every declared parameter
 //!   in order.
 //! - [`parse`] reads a whole answer as Python's literals, as vLLM's parser does with `ast`:
@@ -34,11 +34,11 @@ enum At {
     /// After `(` or an argument's `,`: a keyword, or `)`.
     KeyStart,
     Key,
-    /// An argument's value: `depth` lists and dicts deep, in a string (after a backslash),
-    /// or `none` letters into `None`.
+    /// An argument's value: `depth` lists and dicts deep, in a string opened by this quote
+    /// (after a backslash), or `none` letters into `None`.
     Value {
         depth: u16,
-        string: bool,
+        string: Option<char>,
         escape: bool,
         none: u8,
     },
@@ -83,7 +83,7 @@ impl PyCalls {
             (At::Key, '=') => (
                 At::Value {
                     depth: 0,
-                    string: false,
+                    string: None,
                     escape: false,
                     none: 0,
                 },
@@ -112,22 +112,55 @@ impl PyCalls {
         Some(out)
     }
 
+    /// Inside a string in single quotes, whose characters are not JSON's as they are (a `'`
+    /// ends it, a `"` is escaped): a token's text must pass through [`PyCalls::translate`].
+    pub fn in_single_quotes(&self) -> bool {
+        matches!(
+            self.at,
+            At::Value {
+                string: Some('\''),
+                ..
+            }
+        )
+    }
+
     fn value(
         &mut self,
         mut depth: u16,
-        mut string: bool,
+        mut string: Option<char>,
         mut escape: bool,
         mut none: u8,
         c: char,
     ) -> Option<(&'static str, Option<char>)> {
         let mut out = c;
-        if string {
+        let mut before = "";
+        if let Some(quote) = string {
             match (escape, c) {
                 // JSON's `\/` is a backslash and a slash in Python.
                 (true, '/') => return None,
+                // `\'` in single quotes is a quote, which JSON writes bare.
+                (true, '\'') if quote == '\'' => escape = false,
+                (true, _) if quote == '\'' => {
+                    escape = false;
+                    before = "\\";
+                }
                 (true, _) => escape = false,
+                // In single quotes the backslash waits for what it escapes.
+                (false, '\\') if quote == '\'' => {
+                    self.at = At::Value {
+                        depth,
+                        string,
+                        escape: true,
+                        none,
+                    };
+                    return Some(("", None));
+                }
                 (false, '\\') => escape = true,
-                (false, '"') => string = false,
+                (false, c) if c == quote => {
+                    string = None;
+                    out = '"';
+                }
+                (false, '"') => before = "\\",
                 _ => {}
             }
         } else if none > 0 {
@@ -140,7 +173,10 @@ impl PyCalls {
             none = (none + 1) % 4;
         } else {
             match c {
-                '"' => string = true,
+                '"' | '\'' => {
+                    string = Some(c);
+                    out = '"';
+                }
                 '{' | '[' => depth += 1,
                 '}' | ']' if depth > 0 => depth -= 1,
                 ',' if depth == 0 => {
@@ -158,7 +194,7 @@ impl PyCalls {
                     none = 1;
                 }
                 // JSON's spellings, and what only ends a value or a call, are not Python's.
-                't' | 'f' | 'n' | '\'' | '}' | ']' | ')' => return None,
+                't' | 'f' | 'n' | '}' | ']' | ')' => return None,
                 _ => {}
             }
         }
@@ -168,7 +204,7 @@ impl PyCalls {
             escape,
             none,
         };
-        Some(("", Some(out)))
+        Some((before, Some(out)))
     }
 }
 
@@ -450,14 +486,44 @@ mod tests {
             "[{\"name\":\"f\",\"arguments\":{\"a\":true, \"b\":[false, null], \
              \"c\":{\"k\": \"x, y) \\\" ]\"}, \"d\":-2}}]"
         );
-        // JSON's spellings, Python's other quote, positional arguments, `\/`.
+        // Single quotes, as vLLM's examples write them: the quote Python escapes, JSON's bare;
+        // a double quote inside, JSON's escaped.
+        let mut py = PyCalls::default();
+        let single = "[f(a='it\\'s \"x\" \\n', b={'k': 'v'})]";
+        let mut out = String::new();
+        for c in single.chars() {
+            let (pre, c) = py.translate(c).unwrap();
+            out.push_str(pre);
+            out.extend(c);
+            if out.ends_with("\"it") {
+                assert!(
+                    py.in_single_quotes(),
+                    "plain tokens are not taken as they are"
+                );
+            }
+        }
+        assert_eq!(
+            out,
+            "[{\"name\":\"f\",\"arguments\":{\"a\":\"it's \\\"x\\\" \\n\", \
+             \"b\":{\"k\": \"v\"}}}]"
+        );
+        assert!(!py.in_single_quotes());
+        assert_eq!(
+            serde_json::from_str::<Value>(&out).unwrap()[0]["arguments"]["a"],
+            "it's \"x\" \n"
+        );
+        assert_eq!(
+            parse(single).unwrap()[0].arguments,
+            "{\"a\":\"it's \\\"x\\\" \\n\",\"b\":{\"k\":\"v\"}}"
+        );
+        // JSON's spellings, positional arguments, `\/` (in either quote).
         for (text, at) in [
             ("[f(a=true)]", 5),
             ("[f(a=null)]", 5),
-            ("[f(a='x')]", 5),
             ("[f(1)]", 3),
             ("[f(a=Nul)]", 6),
             ("[f(a=\"\\/\")]", 7),
+            ("[f(a='\\/')]", 7),
             ("[f(a=1]", 6),
             ("[(a=1)]", 1),
             ("[f (a=1)]", 2),

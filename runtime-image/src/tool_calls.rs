@@ -553,14 +553,16 @@ pub(crate) mod tests {
             panic!("one value")
         };
         let whole = "[weather_now(location=\"Rome\", unit=\"celsius\", days=[True, False]), now()]";
-        let mut st = SchemaState::new(&schema);
-        assert!(st.push(&schema, whole) && st.complete(), "{whole}");
+        for whole in [whole, &whole.replace('"', "'")] {
+            let mut st = SchemaState::new(&schema);
+            assert!(st.push(&schema, whole) && st.complete(), "{whole}");
+        }
         for bad in [
             "[weather(",
             "[weather_now(unit=",
             "[weather_now(location=\"Rome\", unit=\"kelvin",
             "[weather_now(location=\"Rome\", unit=\"celsius\", days=[true",
-            "[weather_now(location='Rome'",
+            "[weather_now(location='Rome', unit='kelvin",
             "{",
         ] {
             assert!(!SchemaState::new(&schema).accepts(&schema, bad), "{bad}");
