@@ -4194,6 +4194,24 @@ async fn stored_responses_continue_a_conversation_and_can_be_read_and_deleted() 
     let got = get_json(&http, &format!("{responses}/{}", last["id"].as_str().unwrap()), 200).await;
     assert_eq!(&got, last);
 
+    // A stream whose client leaves before its end is not kept: only a last event stores.
+    let mut r = http.post(&responses).json(&json!({"model": SMOL, "input": "Count to one hundred.",
+        "temperature": 0, "max_output_tokens": 64, "stream": true})).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let mut text = String::new();
+    while !text.contains("response.output_text.delta") {
+        text.push_str(std::str::from_utf8(&r.chunk().await.unwrap().expect("more events")).unwrap());
+    }
+    let created = (text.lines().filter_map(|l| l.strip_prefix("data: ")))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .find(|e| e["type"] == "response.created")
+        .unwrap_or_else(|| panic!("response.created in {text}"));
+    let left = created["response"]["id"].as_str().unwrap().to_owned();
+    drop(r);
+    // Time for the whole answer, had it gone on (64 tokens take well under a second here).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    get_json(&http, &format!("{responses}/{left}"), 404).await;
+
     let unstored = post_json(&http, &responses, &json!({"model": SMOL, "input": "Hi", "store": false,
         "max_output_tokens": 4})).await;
     assert_eq!(unstored["store"], false);
