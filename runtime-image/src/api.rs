@@ -102,6 +102,16 @@ pub struct MessageIn {
 pub struct StreamOptions {
     #[serde(default, deserialize_with = "false_if_null")]
     pub include_usage: bool,
+    /// vLLM's: with `include_usage`, every chunk of a choice carries the usage so far.
+    #[serde(default, deserialize_with = "false_if_null")]
+    pub continuous_usage_stats: bool,
+}
+
+impl StreamOptions {
+    /// Whether every chunk carries the usage so far (vLLM asks `include_usage` too).
+    pub fn continuous(&self) -> bool {
+        self.include_usage && self.continuous_usage_stats
+    }
 }
 
 /// Sampling fields shared by chat and completions.
@@ -1649,6 +1659,13 @@ mod tests {
         r.unsupported.check().unwrap();
         let so: StreamOptions = serde_json::from_value(json!({"include_usage": null})).unwrap();
         assert!(!so.include_usage);
+        let so: StreamOptions =
+            serde_json::from_value(json!({"include_usage": true, "continuous_usage_stats": true}))
+                .unwrap();
+        assert!(so.continuous());
+        let so: StreamOptions =
+            serde_json::from_value(json!({"continuous_usage_stats": true})).unwrap();
+        assert!(!so.continuous(), "vLLM asks include_usage too");
         let t: TokenizeRequest = serde_json::from_value(
             json!({"model": "m", "prompt": "a", "add_special_tokens": null}),
         )

@@ -168,10 +168,12 @@ pub struct PromptLogprobs {
 /// What the model thread reports for one generation request.
 #[derive(Debug, Clone, PartialEq)]
 pub enum GenerateEvent {
-    /// Newly final text (possibly empty) and, when asked, the logprobs of the tokens behind it.
+    /// Newly final text (possibly empty) and, when asked, the logprobs of the tokens behind it;
+    /// the tokens generated so far.
     Delta {
         text: String,
         logprobs: Vec<TokenLogprob>,
+        completion_tokens: usize,
     },
     /// The end; always the last event of a successful request.
     Done {
@@ -1231,6 +1233,7 @@ impl GenerationWorker {
             let _ = a.events.send(GenerateEvent::Delta {
                 text: released.delta.clone(),
                 logprobs,
+                completion_tokens: a.completion_tokens,
             });
         }
         let finish = if is_eos || stop_id || json_done || released.stopped {

@@ -856,6 +856,8 @@ struct Prepared {
     n: usize,
     stream: bool,
     include_usage: bool,
+    /// vLLM's `continuous_usage_stats`: every chunk of a choice carries its usage so far.
+    continuous_usage: bool,
     logprobs: bool,
     /// Chat: the answer's thoughts go to `reasoning` and `reasoning_content`, as this parser
     /// tells them ([`crate::reasoning`]).
@@ -1143,7 +1145,11 @@ async fn chat_completions(
         }],
         n,
         stream: r.stream,
-        include_usage: r.stream_options.map(|o| o.include_usage).unwrap_or(false),
+        include_usage: r.stream_options.as_ref().is_some_and(|o| o.include_usage),
+        continuous_usage: r
+            .stream_options
+            .as_ref()
+            .is_some_and(api::StreamOptions::continuous),
         logprobs: logprobs.is_some(),
         reasoning,
     };
@@ -1322,7 +1328,11 @@ async fn completions(
         tool: None,
         n,
         stream: r.stream,
-        include_usage: r.stream_options.map(|o| o.include_usage).unwrap_or(false),
+        include_usage: r.stream_options.as_ref().is_some_and(|o| o.include_usage),
+        continuous_usage: r
+            .stream_options
+            .as_ref()
+            .is_some_and(api::StreamOptions::continuous),
         logprobs: logprobs.is_some(),
         reasoning: None,
     };
@@ -1430,10 +1440,12 @@ async fn respond(
         top_p,
         choices: p.reqs.len() * p.n,
     });
+    let prompt_tokens =
+        (p.stream && p.continuous_usage).then(|| p.reqs.iter().map(|r| r.prompt.len()).collect());
     // One sequence per choice of every prompt, admitted together or refused together.
     let rxs = (engine.generate_each(std::mem::take(&mut p.reqs), p.n)).map_err(engine_error)?;
     if p.stream {
-        Ok(stream_response(st, rxs, p, id, flavor, gen_span).into_response())
+        Ok(stream_response(st, rxs, p, prompt_tokens, id, flavor, gen_span).into_response())
     } else {
         collect_response(st, rxs, p, id, flavor, gen_span).await
     }
@@ -1459,6 +1471,7 @@ async fn collect_choice(
             Some(GenerateEvent::Delta {
                 text: t,
                 logprobs: l,
+                ..
             }) => {
                 gen_span.text();
                 text.push_str(&t);
@@ -1618,6 +1631,8 @@ struct StreamState {
     left: usize,
     prompt_tokens: usize,
     completion_tokens: usize,
+    /// `continuous_usage_stats`: each prompt's tokens, and each choice's tokens so far.
+    continuous: Option<(Vec<usize>, Vec<usize>)>,
     done: bool,
     /// The generation's trace span, which (holding its request's) ends with the stream.
     gen_span: Generation,
@@ -1849,12 +1864,27 @@ fn data(v: &Value) -> Event {
     Event::default().data(v.to_string())
 }
 
+impl StreamState {
+    /// A choice's chunk as an event, with the usage of its choice so far where
+    /// `continuous_usage_stats` asks (vLLM's: the prompt's tokens and the choice's).
+    fn event(&self, mut chunk: Value) -> Event {
+        if let Some((prompts, sofar)) = &self.continuous
+            && let Some(i) = chunk["choices"][0]["index"].as_u64()
+        {
+            let i = i as usize;
+            chunk["usage"] = usage(prompts[i / self.per_prompt], sofar[i]);
+        }
+        data(&chunk)
+    }
+}
+
 /// The SSE answer: each choice's chunks as its tokens come (tagged with its `index`), then,
 /// when every choice is done, the usage chunk if asked and `[DONE]`.
 fn stream_response(
     st: Arc<AppState>,
     rxs: Vec<mpsc::UnboundedReceiver<GenerateEvent>>,
     p: Prepared,
+    prompt_tokens: Option<Vec<usize>>,
     id: String,
     flavor: Flavor,
     gen_span: Generation,
@@ -1905,6 +1935,7 @@ fn stream_response(
         left: n,
         prompt_tokens: 0,
         completion_tokens: 0,
+        continuous: prompt_tokens.map(|p| (p, vec![0; n])),
         done: false,
         gen_span,
     };
@@ -1918,7 +1949,7 @@ fn stream_response(
         if s.flavor == Flavor::Chat && !s.sent_roles {
             s.sent_roles = true;
             for i in 0..s.text_offset.len() {
-                out.push(data(&s.chunk(i, Some(""), &[], None, true)));
+                out.push(s.event(s.chunk(i, Some(""), &[], None, true)));
             }
         }
         if let Some(echo) = s.echo.take() {
@@ -1930,7 +1961,7 @@ fn stream_response(
                     chunk["choices"][0]["logprobs"] =
                         completion_logprobs_after(e.logprobs.as_ref(), &[], e.text.len());
                 }
-                out.push(data(&chunk));
+                out.push(s.event(chunk));
                 s.text_offset[i] = e.text.len();
             }
         }
@@ -1940,22 +1971,37 @@ fn stream_response(
             s.done = true;
             return Some((futures::stream::iter(out.into_iter().map(Ok)), s));
         };
-        if let Some(GenerateEvent::Delta { .. }) = &event {
+        if let Some(GenerateEvent::Delta {
+            completion_tokens, ..
+        }) = &event
+        {
             s.gen_span.text();
+            if let Some((_, sofar)) = &mut s.continuous {
+                sofar[i] = *completion_tokens;
+            }
+        }
+        if let (
+            Some(GenerateEvent::Done {
+                completion_tokens, ..
+            }),
+            Some((_, sofar)),
+        ) = (&event, &mut s.continuous)
+        {
+            sofar[i] = *completion_tokens;
         }
         match event {
-            Some(GenerateEvent::Delta { text, logprobs }) if s.reasoning.is_some() => {
+            Some(GenerateEvent::Delta { text, logprobs, .. }) if s.reasoning.is_some() => {
                 for c in s.reasoning_chunks(i, &text, logprobs, None) {
-                    out.push(data(&c));
+                    out.push(s.event(c));
                 }
             }
-            Some(GenerateEvent::Delta { text, logprobs }) if s.tool.is_some() => {
+            Some(GenerateEvent::Delta { text, logprobs, .. }) if s.tool.is_some() => {
                 for c in s.tool_chunks(i, &text, &logprobs, None) {
-                    out.push(data(&c));
+                    out.push(s.event(c));
                 }
             }
-            Some(GenerateEvent::Delta { text, logprobs }) => {
-                out.push(data(&s.chunk(i, Some(&text), &logprobs, None, false)));
+            Some(GenerateEvent::Delta { text, logprobs, .. }) => {
+                out.push(s.event(s.chunk(i, Some(&text), &logprobs, None, false)));
                 s.text_offset[i] += text.len();
             }
             Some(GenerateEvent::Done {
@@ -1965,18 +2011,18 @@ fn stream_response(
             }) => {
                 if s.reasoning.is_some() {
                     for c in s.reasoning_chunks(i, "", Vec::new(), Some(finish_reason)) {
-                        out.push(data(&c));
+                        out.push(s.event(c));
                     }
                 } else if s.tool.is_some() {
                     for c in s.tool_chunks(i, "", &[], Some(finish_reason)) {
-                        out.push(data(&c));
+                        out.push(s.event(c));
                     }
                 } else {
                     let last = match s.flavor {
                         Flavor::Chat => s.chunk(i, None, &[], Some(finish_reason), false),
                         Flavor::Completion => s.chunk(i, Some(""), &[], Some(finish_reason), false),
                     };
-                    out.push(data(&last));
+                    out.push(s.event(last));
                 }
                 // Each prompt once: with its first choice.
                 if i % s.per_prompt == 0 {

@@ -2190,6 +2190,64 @@ async fn auto_tool_choice_reads_pythonic_calls_masked_to_the_tools() {
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
+/// vLLM's `stream_options.continuous_usage_stats`: with `include_usage`, every chunk of a
+/// choice carries that choice's usage so far (the prompt's tokens, the choice's tokens),
+/// growing to the final usage; each of `n` choices counts its own; without either field no
+/// choice's chunk carries usage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn continuous_usage_stats_put_the_usage_so_far_in_every_chunk() {
+    let (server, url) = serve(|_| {}).await;
+    let http = client();
+    let chat = format!("{url}/v1/chat/completions");
+    let both = json!({"include_usage": true, "continuous_usage_stats": true});
+    let ask = |so: &Value| {
+        with_fields(
+            chat_body("Name three colours.", json!({"temperature": 0, "max_tokens": 20, "logprobs": true})),
+            &json!({"stream": true, "stream_options": so}),
+        )
+    };
+    let chunks = post_stream(&http, &chat, &ask(&both)).await;
+    let total = chunks.last().unwrap()["usage"].clone();
+    let prompt = total["prompt_tokens"].as_u64().unwrap();
+    let of_choices: Vec<&Value> = (chunks.iter()).filter(|c| c["choices"].as_array().is_some_and(|a| !a.is_empty())).collect();
+    assert!(of_choices.len() >= 4, "{chunks:?}");
+    let (mut sofar, mut sent) = (0, 0);
+    for c in &of_choices {
+        let u = &c["usage"];
+        assert_eq!(u["prompt_tokens"].as_u64(), Some(prompt), "{c}");
+        let n = u["completion_tokens"].as_u64().unwrap();
+        assert!(n >= sofar, "{c}");
+        assert_eq!(u["total_tokens"].as_u64(), Some(prompt + n), "{c}");
+        sofar = n;
+        // A chunk's count covers at least the tokens whose log-probabilities were sent.
+        sent += c["choices"][0]["logprobs"]["content"].as_array().map_or(0, Vec::len) as u64;
+        assert!(n >= sent, "{n} < {sent}: {c}");
+    }
+    assert_eq!(of_choices[0]["usage"]["completion_tokens"], 0, "the role's chunk: none yet");
+    assert_eq!(Some(sofar), total["completion_tokens"].as_u64());
+    for so in [json!({"continuous_usage_stats": true}), json!({"include_usage": true}), json!({"include_usage": true, "continuous_usage_stats": null})] {
+        let chunks = post_stream(&http, &chat, &ask(&so)).await;
+        assert!(
+            chunks.iter().filter(|c| c["choices"].as_array().is_some_and(|a| !a.is_empty())).all(|c| c["usage"].is_null()),
+            "{so}: {chunks:?}"
+        );
+    }
+
+    // Completions with two choices at temperature 1: each counts its own tokens.
+    let body = json!({"model": SMOL, "prompt": "Once upon a time", "max_tokens": 12, "n": 2, "temperature": 1.0,
+                      "seed": 3, "stream": true, "stream_options": both});
+    let chunks = post_stream(&http, &format!("{url}/v1/completions"), &body).await;
+    let total = chunks.last().unwrap()["usage"].clone();
+    let mut last = [0u64; 2];
+    for c in chunks.iter().filter(|c| c["choices"].as_array().is_some_and(|a| !a.is_empty())) {
+        let i = c["choices"][0]["index"].as_u64().unwrap() as usize;
+        assert_eq!(c["usage"]["prompt_tokens"], total["prompt_tokens"], "one prompt: {c}");
+        last[i] = c["usage"]["completion_tokens"].as_u64().unwrap();
+    }
+    assert_eq!(Some(last[0] + last[1]), total["completion_tokens"].as_u64(), "{chunks:?}");
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
 /// vLLM's extra sampling fields, which its clients and load generators send: `ignore_eos`
 /// and `min_tokens` run the answer past its end-of-text (the same greedy start, then on to
 /// the limit), `min_tokens` holds a stop sequence back until it is reached,
