@@ -2200,6 +2200,8 @@ async fn continuous_usage_stats_put_the_usage_so_far_in_every_chunk() {
     let http = client();
     let chat = format!("{url}/v1/chat/completions");
     let both = json!({"include_usage": true, "continuous_usage_stats": true});
+    // A choice's chunk, not the usage chunk at the end.
+    let of_a_choice = |c: &Value| c["choices"].as_array().is_some_and(|a| !a.is_empty());
     let ask = |so: &Value| {
         with_fields(
             chat_body("Name three colours.", json!({"temperature": 0, "max_tokens": 20, "logprobs": true})),
@@ -2209,7 +2211,7 @@ async fn continuous_usage_stats_put_the_usage_so_far_in_every_chunk() {
     let chunks = post_stream(&http, &chat, &ask(&both)).await;
     let total = chunks.last().unwrap()["usage"].clone();
     let prompt = total["prompt_tokens"].as_u64().unwrap();
-    let of_choices: Vec<&Value> = (chunks.iter()).filter(|c| c["choices"].as_array().is_some_and(|a| !a.is_empty())).collect();
+    let of_choices: Vec<&Value> = (chunks.iter()).filter(|c| of_a_choice(c)).collect();
     assert!(of_choices.len() >= 4, "{chunks:?}");
     let (mut sofar, mut sent) = (0, 0);
     for c in &of_choices {
@@ -2228,7 +2230,7 @@ async fn continuous_usage_stats_put_the_usage_so_far_in_every_chunk() {
     for so in [json!({"continuous_usage_stats": true}), json!({"include_usage": true}), json!({"include_usage": true, "continuous_usage_stats": null})] {
         let chunks = post_stream(&http, &chat, &ask(&so)).await;
         assert!(
-            chunks.iter().filter(|c| c["choices"].as_array().is_some_and(|a| !a.is_empty())).all(|c| c["usage"].is_null()),
+            chunks.iter().filter(|c| of_a_choice(c)).all(|c| c["usage"].is_null()),
             "{so}: {chunks:?}"
         );
     }
@@ -2239,7 +2241,7 @@ async fn continuous_usage_stats_put_the_usage_so_far_in_every_chunk() {
     let chunks = post_stream(&http, &format!("{url}/v1/completions"), &body).await;
     let total = chunks.last().unwrap()["usage"].clone();
     let mut last = [0u64; 2];
-    for c in chunks.iter().filter(|c| c["choices"].as_array().is_some_and(|a| !a.is_empty())) {
+    for c in chunks.iter().filter(|c| of_a_choice(c)) {
         let i = c["choices"][0]["index"].as_u64().unwrap() as usize;
         assert_eq!(c["usage"]["prompt_tokens"], total["prompt_tokens"], "one prompt: {c}");
         last[i] = c["usage"]["completion_tokens"].as_u64().unwrap();
