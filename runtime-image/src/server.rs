@@ -1971,19 +1971,19 @@ fn stream_response(
             s.done = true;
             return Some((futures::stream::iter(out.into_iter().map(Ok)), s));
         };
-        if let Some(GenerateEvent::Delta {
-            completion_tokens, ..
-        }) = &event
-        {
+        if let Some(GenerateEvent::Delta { .. }) = &event {
             s.gen_span.text();
-            if let Some((_, sofar)) = &mut s.continuous {
-                sofar[i] = *completion_tokens;
-            }
         }
+        // The choice's tokens so far, for `continuous_usage_stats`.
         if let (
-            Some(GenerateEvent::Done {
-                completion_tokens, ..
-            }),
+            Some(
+                GenerateEvent::Delta {
+                    completion_tokens, ..
+                }
+                | GenerateEvent::Done {
+                    completion_tokens, ..
+                },
+            ),
             Some((_, sofar)),
         ) = (&event, &mut s.continuous)
         {
