@@ -201,10 +201,12 @@ pub struct ServeConfig {
     /// 3, SmolLM2 and 3), `llama3_json` (`{"name": …, "parameters": …}`: Llama 3.1–3.3),
     /// `mistral` (`[TOOL_CALLS] [{…}]`: Mistral 7B Instruct v0.3), `granite`
     /// (`<|tool_call|>[{…}]`: Granite 3), `phi4_mini_json` (`functools[{…}]`: Phi-4-mini),
-    /// `pythonic` (`[name(key=value)]`: Llama 3.2 and 4 with Meta's pythonic templates) or
-    /// `none` ("auto" refused). Default: as the chat template shows (`<|tool_call|>`,
-    /// `functools[`, Meta's pythonic request, `<tool_call>`, `[TOOL_CALLS]`, or Llama 3's
-    /// request for its JSON), else `none`.
+    /// `pythonic` (`[name(key=value)]`: Llama 3.2 and 4 with Meta's pythonic templates),
+    /// `deepseek_v3` (`<｜tool▁calls▁begin｜>` blocks of fenced calls: DeepSeek-V3 and R1),
+    /// `deepseek_v31` (the same blocks, unfenced: DeepSeek-V3.1) or `none` ("auto" refused).
+    /// Default: as the chat template shows (`<｜tool▁sep｜>`, `<|tool_call|>`, `functools[`,
+    /// Meta's pythonic request, `<tool_call>`, `[TOOL_CALLS]`, or Llama 3's request for its
+    /// JSON), else `none`.
     #[arg(long, env = "KANDLE_TOOL_CALL_PARSER", value_enum)]
     pub tool_call_parser: Option<crate::tool_calls::ToolCallParser>,
     /// How a reasoning model's thoughts are told from its answer (vLLM's

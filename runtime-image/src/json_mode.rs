@@ -564,12 +564,12 @@ pub enum Constraint {
     Regex(Arc<TextPattern>),
     /// Text that a grammar derives whole (vLLM's `guided_grammar`), held as a regex is.
     Grammar(Arc<Grammar>),
-    /// Free text in which control token `opening` starts a call written as a tool's name,
-    /// control token `args`, then arguments its schema accepts (Mistral's v11 format,
-    /// `[TOOL_CALLS]name[ARGS]{…}`); `once`: the answer ends with its first call.
+    /// Free text in which a control token starts calls written in `format`'s parts: a
+    /// tool's name among control tokens and fixed text, then arguments that tool's schema
+    /// accepts (Mistral's v11 format, `[TOOL_CALLS]name[ARGS]{…}`; DeepSeek's); `once`: the
+    /// answer ends with its first call.
     Named {
-        opening: u32,
-        args: u32,
+        format: Arc<CallFormat>,
         tools: Arc<[(String, Arc<Schema>)]>,
         once: bool,
     },
@@ -606,6 +606,51 @@ pub enum Opening {
     /// After each time this token is sampled: a control token, whose text the masks do not
     /// see (Mistral's `[TOOL_CALLS]`).
     Token(u32),
+}
+
+/// How a format writes the calls of a [`Constraint::Named`]: each call a sequence of parts,
+/// of which one names the tool and a later one holds its arguments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallFormat {
+    /// The control tokens that open and close a block of calls (DeepSeek's
+    /// `<｜tool▁calls▁begin｜>` and `<｜tool▁calls▁end｜>`); in the block, after a call, only
+    /// whitespace, the next call or the block's end may come (after one call that ends the
+    /// answer, only the block's end). `None`: each call opens in free
+    /// text by its first part, a control token (Mistral's `[TOOL_CALLS]`).
+    pub block: Option<(u32, u32)>,
+    /// One call's parts, in order; the first is a control token.
+    pub parts: Vec<Part>,
+}
+
+impl CallFormat {
+    /// The control token each call starts with.
+    pub fn call_token(&self) -> Option<u32> {
+        match self.parts.first() {
+            Some(Part::Token(t)) => Some(*t),
+            _ => None,
+        }
+    }
+
+    /// The control token that starts calls in free text: the block's, or a call's.
+    pub fn opening(&self) -> Option<u32> {
+        match self.block {
+            Some((open, _)) => Some(open),
+            None => self.call_token(),
+        }
+    }
+}
+
+/// A piece of a [`CallFormat`]'s call. A token may not run from one part into the next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Part {
+    /// A control token.
+    Token(u32),
+    /// This text (DeepSeek V3's `function`).
+    Text(&'static str),
+    /// A tool's name, then this text (DeepSeek V3's newline and markdown fence).
+    Name(&'static str),
+    /// The arguments, as the named tool's schema accepts them.
+    Args,
 }
 
 /// [`JsonMode::mask`] for a regex at `state`: each token whose text leads where no match
@@ -733,93 +778,245 @@ impl Thinking {
 /// [`Constraint::Named`]'s state.
 #[derive(Debug, Clone)]
 pub struct NamedCalls {
-    opening: u32,
-    args: u32,
+    format: Arc<CallFormat>,
     tools: Arc<[(String, Arc<Schema>)]>,
     once: bool,
     at: CallAt,
+    /// Calls written in the current block.
+    calls: usize,
 }
 
 /// Where in a [`NamedCalls`] answer the text is.
 #[derive(Debug, Clone)]
 enum CallAt {
     Free,
-    /// After the opening token: the tool's name so far.
-    Name(String),
-    /// After the arguments token: tool `.0`'s arguments so far.
-    Args(usize, SchemaState),
-    /// `once`: the call is complete, and so the answer.
+    /// In a block of calls, before a call or after one.
+    Between,
+    /// At part `part` of a call, a control token or text: its bytes so far; `tool`, the one
+    /// named (0 before the name).
+    Label {
+        part: usize,
+        tool: usize,
+        written: Vec<u8>,
+    },
+    /// At the arguments part of a call of tool `tool`.
+    Args {
+        part: usize,
+        tool: usize,
+        st: SchemaState,
+    },
+    /// `once`: the call (and its block) is complete, and so the answer.
     Done,
 }
 
+/// How the bytes written at a text part fit what it may be.
+struct LabelFit {
+    /// They lead to some candidate.
+    prefix: bool,
+    /// The tool whose candidate they are, whole.
+    whole: Option<usize>,
+    /// A longer candidate goes on from them.
+    longer: bool,
+}
+
 impl NamedCalls {
-    /// Masks the tokens that may not come next in a tool's name: text that leads to no
-    /// tool's name, and the arguments token before a whole name.
-    fn mask_name(&self, name: &str, vocab: &JsonVocab, logits: &mut [f32]) -> bool {
-        let mut any = false;
-        let mut joined = String::with_capacity(64);
-        for (id, l) in logits.iter_mut().enumerate() {
-            let id = id as u32;
-            let ok = match vocab.text(id) {
-                _ if id == self.args => self.tools.iter().any(|(n, _)| n == name),
-                "" => false,
-                t => {
-                    joined.clear();
-                    joined.push_str(name);
-                    joined.push_str(t);
-                    self.tools
-                        .iter()
-                        .any(|(n, _)| n.starts_with(joined.as_str()))
+    /// How `bytes`, written at text part `part`, fit what that part may be: its text, or a
+    /// tool's name and the text after it.
+    fn fit(&self, part: usize, bytes: &[u8]) -> LabelFit {
+        let mut fit = LabelFit {
+            prefix: false,
+            whole: None,
+            longer: false,
+        };
+        let mut check = |tool: usize, a: &[u8], b: &[u8]| {
+            let (head, tail) = bytes.split_at(bytes.len().min(a.len()));
+            if a.starts_with(head) && b.starts_with(tail) {
+                fit.prefix = true;
+                match bytes.len() == a.len() + b.len() {
+                    true => fit.whole = fit.whole.or(Some(tool)),
+                    false => fit.longer = true,
                 }
-            };
-            if ok {
-                any |= *l > f32::NEG_INFINITY;
-            } else {
-                *l = f32::NEG_INFINITY;
+            }
+        };
+        match &self.format.parts[part] {
+            Part::Text(t) => check(0, t.as_bytes(), b""),
+            Part::Name(after) => {
+                for (i, (name, _)) in self.tools.iter().enumerate() {
+                    check(i, name.as_bytes(), after.as_bytes());
+                }
+            }
+            Part::Token(_) | Part::Args => {}
+        }
+        fit
+    }
+
+    /// The state at part `part` of a call of tool `tool`, or after the call's last part.
+    fn enter(&mut self, part: usize, tool: usize) -> CallAt {
+        match self.format.parts.get(part) {
+            Some(Part::Args) => CallAt::Args {
+                part,
+                tool,
+                st: SchemaState::new(&self.tools[tool].1),
+            },
+            Some(_) => CallAt::Label {
+                part,
+                tool,
+                written: Vec::new(),
+            },
+            None if self.format.block.is_some() => {
+                self.calls += 1;
+                CallAt::Between
+            }
+            None => self.after_calls(),
+        }
+    }
+
+    /// Free text again, or (`once`) the end.
+    fn after_calls(&self) -> CallAt {
+        match self.once {
+            true => CallAt::Done,
+            false => CallAt::Free,
+        }
+    }
+
+    fn call_token(&self) -> Option<u32> {
+        self.format.call_token()
+    }
+
+    /// Whether token `id` (`control`: a control token, without text) may come next, at a
+    /// text part or between a block's calls; `joined`, a buffer.
+    fn allows(&self, vocab: &JsonVocab, id: u32, control: bool, joined: &mut Vec<u8>) -> bool {
+        match &self.at {
+            CallAt::Between => {
+                let n = self.calls;
+                let end = self.format.block.map(|(_, end)| end);
+                let more = n == 0 || !self.once;
+                (more && Some(id) == self.call_token())
+                    || (n > 0 && Some(id) == end)
+                    || (n > 0
+                        && more
+                        && !control
+                        && vocab.bytes(id).iter().all(u8::is_ascii_whitespace))
+            }
+            CallAt::Label { part, written, .. } => match &self.format.parts[*part] {
+                Part::Token(t) => id == *t,
+                // A whole name that a longer one goes on from may end at the next part's
+                // token.
+                _ if control => {
+                    self.fit(*part, written).whole.is_some()
+                        && self.format.parts.get(*part + 1) == Some(&Part::Token(id))
+                }
+                _ => {
+                    joined.clear();
+                    joined.extend_from_slice(written);
+                    joined.extend_from_slice(vocab.bytes(id));
+                    self.fit(*part, joined).prefix
+                }
+            },
+            CallAt::Free | CallAt::Done | CallAt::Args { .. } => true,
+        }
+    }
+
+    fn mask(&self, vocab: &JsonVocab, logits: &mut [f32]) -> bool {
+        match &self.at {
+            CallAt::Free | CallAt::Done => logits.iter().any(|&l| l > f32::NEG_INFINITY),
+            CallAt::Args { tool, st, .. } => {
+                JsonMode::Schema(self.tools[*tool].1.clone(), st.clone()).mask(vocab, logits)
+            }
+            CallAt::Between | CallAt::Label { .. } => {
+                let mut any = false;
+                let mut joined = Vec::with_capacity(64);
+                for (id, l) in logits.iter_mut().enumerate() {
+                    let id = id as u32;
+                    let control = vocab.text(id).is_empty() && !vocab.is_raw(id);
+                    if (id as usize) < vocab.len() && self.allows(vocab, id, control, &mut joined) {
+                        any |= *l > f32::NEG_INFINITY;
+                    } else {
+                        *l = f32::NEG_INFINITY;
+                    }
+                }
+                any
             }
         }
-        any
     }
 
     fn advance_id(&mut self, vocab: &JsonVocab, id: u32) {
-        match &mut self.at {
-            CallAt::Free if id == self.opening => self.at = CallAt::Name(String::new()),
-            CallAt::Free | CallAt::Done => {}
-            CallAt::Name(name) if id == self.args => {
-                let i = self.tools.iter().position(|(n, _)| n == name);
-                debug_assert!(i.is_some(), "a masked token was sampled: {id}");
-                let i = i.unwrap_or(0);
-                self.at = CallAt::Args(i, SchemaState::new(&self.tools[i].1));
-            }
-            CallAt::Args(_, st) if vocab.is_raw(id) || st.in_partial_char() => {
-                self.advance_bytes(vocab.bytes(id))
-            }
-            _ => self.advance_text(vocab.text(id)),
-        }
+        let raw = vocab.is_raw(id);
+        self.step(Some(id), vocab.text(id), vocab.bytes(id), raw);
     }
 
-    /// Steps over an ordinary token's text (free text needs nothing).
+    /// Steps over an ordinary token's text (the id matters only for control tokens, which
+    /// have none).
     fn advance_text(&mut self, text: &str) {
-        match &mut self.at {
-            CallAt::Name(name) => name.push_str(text),
-            CallAt::Args(..) => self.advance_bytes(text.as_bytes()),
-            CallAt::Free | CallAt::Done => {}
-        }
+        self.step(None, text, text.as_bytes(), false);
     }
 
-    fn advance_bytes(&mut self, bytes: &[u8]) {
-        let CallAt::Args(i, st) = &mut self.at else {
-            return;
+    /// Steps over a sampled token: its id (`None`: its text alone), text, bytes, and
+    /// whether those are raw bytes, not whole UTF-8.
+    fn step(&mut self, id: Option<u32>, text: &str, bytes: &[u8], raw: bool) {
+        let control = id.is_some() && text.is_empty() && !raw;
+        let block_end = self.format.block.map(|(_, end)| end);
+        self.at = match std::mem::replace(&mut self.at, CallAt::Free) {
+            CallAt::Free => match self.format.block {
+                Some((open, _)) if id == Some(open) => {
+                    self.calls = 0;
+                    CallAt::Between
+                }
+                None if id.is_some() && id == self.call_token() => self.enter(1, 0),
+                _ => CallAt::Free,
+            },
+            CallAt::Done => CallAt::Done,
+            CallAt::Between if id.is_some() && id == self.call_token() => self.enter(1, 0),
+            CallAt::Between if id.is_some() && id == block_end => self.after_calls(),
+            CallAt::Between => CallAt::Between,
+            CallAt::Label { part, tool, .. }
+                if matches!(self.format.parts[part], Part::Token(_)) =>
+            {
+                self.enter(part + 1, tool)
+            }
+            CallAt::Label {
+                part,
+                tool,
+                written,
+            } if control => {
+                // The next part's token, after a whole name that a longer one goes on from.
+                let whole = self.fit(part, &written).whole;
+                debug_assert!(whole.is_some(), "a masked token was sampled: {id:?}");
+                self.enter(part + 2, whole.unwrap_or(tool))
+            }
+            CallAt::Label {
+                part,
+                tool,
+                mut written,
+            } => {
+                written.extend_from_slice(bytes);
+                let fit = self.fit(part, &written);
+                debug_assert!(fit.prefix, "a masked token was sampled: {text:?}");
+                match (fit.whole, fit.longer) {
+                    (Some(whole), false) => {
+                        let named = matches!(self.format.parts[part], Part::Name(_));
+                        self.enter(part + 1, if named { whole } else { tool })
+                    }
+                    _ => CallAt::Label {
+                        part,
+                        tool,
+                        written,
+                    },
+                }
+            }
+            CallAt::Args { part, tool, mut st } => {
+                let schema = &self.tools[tool].1;
+                let ok = match raw || st.in_partial_char() {
+                    true => st.push_bytes(schema, bytes),
+                    false => st.push(schema, text),
+                };
+                debug_assert!(ok, "a masked token was sampled: {text:?}");
+                match st.complete() {
+                    true => self.enter(part + 1, tool),
+                    false => CallAt::Args { part, tool, st },
+                }
+            }
         };
-        let ok = st.push_bytes(&self.tools[*i].1, bytes);
-        debug_assert!(ok, "a masked token was sampled: {bytes:?}");
-        if st.complete() {
-            self.at = if self.once {
-                CallAt::Done
-            } else {
-                CallAt::Free
-            };
-        }
     }
 }
 
@@ -953,16 +1150,15 @@ impl JsonMode {
                 tail: String::new(),
             })),
             Constraint::Named {
-                opening,
-                args,
+                format,
                 tools,
                 once,
             } => JsonMode::Named(Box::new(NamedCalls {
-                opening: *opening,
-                args: *args,
+                format: format.clone(),
                 tools: tools.clone(),
                 once: *once,
                 at: CallAt::Free,
+                calls: 0,
             })),
             Constraint::After {
                 opening,
@@ -987,15 +1183,7 @@ impl JsonMode {
             JsonMode::Regex(p, state) => return mask_regex(p, *state, vocab, logits),
             JsonMode::Grammar(g, state) => return mask_grammar(g, state, vocab, logits),
             JsonMode::Thinking(t) => return t.mask(vocab, logits),
-            JsonMode::Named(calls) => {
-                return match &calls.at {
-                    CallAt::Free | CallAt::Done => logits.iter().any(|&l| l > f32::NEG_INFINITY),
-                    CallAt::Name(name) => calls.mask_name(name, vocab, logits),
-                    CallAt::Args(i, st) => {
-                        JsonMode::Schema(calls.tools[*i].1.clone(), st.clone()).mask(vocab, logits)
-                    }
-                };
-            }
+            JsonMode::Named(calls) => return calls.mask(vocab, logits),
             JsonMode::Object(st) => (st.in_plain_string(), st.in_partial_char()),
             JsonMode::Schema(_, st) => (st.in_plain_string(), st.in_partial_char()),
             JsonMode::After(lazy) => match &lazy.inside {
@@ -1441,12 +1629,16 @@ mod tests {
             ("get_time".to_string(), schema(serde_json::json!({"type": "object", "properties": {}}))),
         ]
         .into();
-        let c = Constraint::Named {
-            opening: 0,
-            args: 1,
-            tools,
-            once: false,
+        let format = Arc::new(CallFormat {
+            block: None,
+            parts: vec![Part::Token(0), Part::Name(""), Part::Token(1), Part::Args],
+        });
+        let named = |once| Constraint::Named {
+            format: format.clone(),
+            tools: tools.clone(),
+            once,
         };
+        let c = named(false);
         let mut m = JsonMode::new(&c);
         assert_eq!(unmasked(&m, &vocab).len(), 12, "free text");
         m.advance_id(&vocab, 10);
@@ -1469,26 +1661,145 @@ mod tests {
         assert!(!m.complete(), "free text again, for another call");
         assert_eq!(unmasked(&m, &vocab).len(), 12);
         // get_time takes an empty object; once, the call ends the answer.
-        let c = match c {
-            Constraint::Named {
-                opening,
-                args,
-                tools,
-                ..
-            } => Constraint::Named {
-                opening,
-                args,
-                tools,
-                once: true,
-            },
-            _ => unreachable!(),
-        };
-        let mut m = JsonMode::new(&c);
+        let mut m = JsonMode::new(&named(true));
         for id in [0, 3, 5, 1] {
             m.advance_id(&vocab, id);
         }
         assert_eq!(unmasked(&m, &vocab), [6]);
         m.advance_id(&vocab, 6);
+        assert!(m.complete());
+    }
+
+    /// DeepSeek-V3's calls: a block of them, each a control token, fixed text, another
+    /// token, a name with a fence after it, the arguments, a closing fence and a token.
+    #[test]
+    fn a_block_of_calls_masks_each_part_in_turn() {
+        // 0 block open, 1 block close, 2 call open, 3 separator, 4 call close (control tokens:
+        // no text), 5 end of text.
+        let texts: Vec<String> = [
+            "",
+            "",
+            "",
+            "",
+            "",
+            "",
+            "function",
+            "func",
+            "tion",
+            "get",
+            "_weather",
+            "\n```json\n",
+            "\n",
+            "```",
+            "json",
+            "{}",
+            "{\"city\": ",
+            "\"Rome\"",
+            "}",
+            " ",
+            "hi",
+            "get_weather\n",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let vocab = JsonVocab::new(texts).with_eos(&[5]);
+        let schema = |v: serde_json::Value| Arc::new(Schema::compile(&v).unwrap());
+        let tools: Arc<[(String, Arc<Schema>)]> = vec![
+            (
+                "get_weather".to_string(),
+                schema(serde_json::json!({"type": "object", "properties": {"city": {"enum": ["Rome"]}}})),
+            ),
+            ("get".to_string(), schema(serde_json::json!({"type": "object", "properties": {}}))),
+        ]
+        .into();
+        let format = Arc::new(CallFormat {
+            block: Some((0, 1)),
+            parts: vec![
+                Part::Token(2),
+                Part::Text("function"),
+                Part::Token(3),
+                Part::Name("\n```json\n"),
+                Part::Args,
+                Part::Text("\n```"),
+                Part::Token(4),
+            ],
+        });
+        let named = |once| {
+            JsonMode::new(&Constraint::Named {
+                format: format.clone(),
+                tools: tools.clone(),
+                once,
+            })
+        };
+        let mut m = named(false);
+        assert_eq!(unmasked(&m, &vocab).len(), 22, "free text");
+        m.advance_id(&vocab, 20);
+        m.advance_id(&vocab, 0);
+        assert_eq!(unmasked(&m, &vocab), [2], "a call first");
+        m.advance_id(&vocab, 2);
+        assert_eq!(unmasked(&m, &vocab), [6, 7], "the fixed text");
+        m.advance_id(&vocab, 7);
+        assert_eq!(unmasked(&m, &vocab), [8]);
+        m.advance_id(&vocab, 8);
+        assert_eq!(unmasked(&m, &vocab), [3], "its end: the separator");
+        m.advance_id(&vocab, 3);
+        assert_eq!(unmasked(&m, &vocab), [9, 21], "a name's start");
+        m.advance_id(&vocab, 9);
+        // `get` is a whole name: its fence may follow, as may the longer name.
+        assert_eq!(unmasked(&m, &vocab), [10, 11, 12]);
+        m.advance_id(&vocab, 10);
+        assert_eq!(
+            unmasked(&m, &vocab),
+            [11, 12],
+            "the fence, whole or in parts"
+        );
+        m.advance_id(&vocab, 12);
+        assert_eq!(unmasked(&m, &vocab), [13]);
+        m.advance_id(&vocab, 13);
+        m.advance_id(&vocab, 14);
+        assert_eq!(unmasked(&m, &vocab), [12], "the fence's last newline");
+        m.advance_id(&vocab, 12);
+        assert_eq!(
+            unmasked(&m, &vocab),
+            [12, 16, 19],
+            "get_weather's arguments (JSON may start with whitespace)"
+        );
+        for id in [16, 17, 18] {
+            m.advance_id(&vocab, id);
+        }
+        assert_eq!(
+            unmasked(&m, &vocab),
+            [12],
+            "no token runs from the arguments on"
+        );
+        m.advance_id(&vocab, 12);
+        m.advance_id(&vocab, 13);
+        assert_eq!(unmasked(&m, &vocab), [4]);
+        m.advance_id(&vocab, 4);
+        assert_eq!(
+            unmasked(&m, &vocab),
+            [1, 2, 12, 19],
+            "the block's end, another call, or whitespace"
+        );
+        m.advance_id(&vocab, 12);
+        m.advance_id(&vocab, 2);
+        for id in [6, 3, 21, 13, 14, 12, 16, 17, 18, 12, 13, 4] {
+            assert!(!unmasked(&m, &vocab).is_empty());
+            m.advance_id(&vocab, id);
+        }
+        m.advance_id(&vocab, 1);
+        assert!(!m.complete(), "free text again");
+        assert_eq!(unmasked(&m, &vocab).len(), 22);
+
+        // Once: after one call only the block's end, which ends the answer; `get` by its
+        // own fence.
+        let mut m = named(true);
+        for id in [0, 2, 6, 3, 9, 11, 15, 12, 13, 4] {
+            m.advance_id(&vocab, id);
+        }
+        assert_eq!(unmasked(&m, &vocab), [1]);
+        m.advance_id(&vocab, 1);
         assert!(m.complete());
     }
 

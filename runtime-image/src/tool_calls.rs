@@ -39,6 +39,17 @@
 //!   `[get_weather(city="Rome"), now()]` (Llama 3.2 and 4 with Meta's pythonic templates,
 //!   ToolACE): a call list where the answer's first character is `[`, text otherwise; the list
 //!   ends the answer. Masked through its JSON ([`crate::pythonic`]).
+//! - [`ToolCallParser::DeepSeekV3`]: `<｜tool▁calls▁begin｜>` then, per call,
+//!   ``<｜tool▁call▁begin｜>function<｜tool▁sep｜>name\n```json\n{…}\n```<｜tool▁call▁end｜>``,
+//!   then `<｜tool▁calls▁end｜>` (DeepSeek-V3 and R1, the R1 distillations of Qwen and Llama),
+//!   chosen where the template writes `<｜tool▁sep｜>` and a `` ```json `` fence.
+//! - [`ToolCallParser::DeepSeekV31`]: the same block, each call
+//!   `<｜tool▁call▁begin｜>name<｜tool▁sep｜>{…}<｜tool▁call▁end｜>` (DeepSeek-V3.1 and later),
+//!   chosen where the template writes `<｜tool▁sep｜>` without the fence.
+//!   Both are masked part by part ([`crate::json_mode::Constraint::Named`]): after the block's
+//!   token only a call's token, then the fixed text and the tools' names, then that tool's
+//!   arguments; after a call, whitespace, the next call or the block's end. The answer is
+//!   decoded with special tokens kept, as vLLM's parsers read it.
 //! - `parallel_tool_calls: false`: one call, which ends the answer.
 //!
 //! Decisions, where vLLM's parser is the model:
@@ -53,7 +64,7 @@ use serde_json::Value;
 
 use std::sync::Arc;
 
-use crate::json_mode::{Constraint, Opening};
+use crate::json_mode::{CallFormat, Constraint, Opening, Part};
 use crate::json_schema::Schema;
 
 /// A model family's tool-call format.
@@ -77,6 +88,12 @@ pub enum ToolCallParser {
     Phi4MiniJson,
     /// `[name(key=value, …), …]` as the whole answer.
     Pythonic,
+    /// DeepSeek-V3's and R1's block of calls, each a type, name and fenced JSON.
+    #[value(name = "deepseek_v3")]
+    DeepSeekV3,
+    /// DeepSeek-V3.1's block of calls, each a name and JSON.
+    #[value(name = "deepseek_v31")]
+    DeepSeekV31,
     /// No format: `tool_choice: "auto"` is refused.
     None,
 }
@@ -86,7 +103,8 @@ pub enum ToolCallParser {
 pub enum CallShape {
     /// One JSON value: a call, or a list of them.
     Json(Arc<Schema>),
-    /// A tool's name, then its arguments, each tool's by its own schema.
+    /// A tool's name, then its arguments, each tool's by its own schema (written in the
+    /// parts of [`ToolCallParser::call_format`]).
     Named(Arc<[(String, Arc<Schema>)]>),
 }
 
@@ -112,7 +130,12 @@ impl ToolCallParser {
     /// none (vLLM asks for the flag; a template that writes the format into the prompt
     /// already says which one the model was taught).
     pub fn detect(template: &str) -> ToolCallParser {
-        if template.contains(GRANITE_OPEN) {
+        if template.contains(DEEPSEEK_SEP) {
+            match template.contains(DEEPSEEK_V3_FENCE.trim()) {
+                true => ToolCallParser::DeepSeekV3,
+                false => ToolCallParser::DeepSeekV31,
+            }
+        } else if template.contains(GRANITE_OPEN) {
             ToolCallParser::Granite
         } else if template.contains(PHI4_ASK) {
             ToolCallParser::Phi4MiniJson
@@ -152,9 +175,11 @@ impl ToolCallParser {
             ToolCallParser::Hermes => Some(Opening::Tag(HERMES_OPEN.into())),
             ToolCallParser::Llama3Json => Some(Opening::Start('{')),
             ToolCallParser::Mistral => token_id(MISTRAL_OPEN).map(Opening::Token),
-            ToolCallParser::MistralV11 => token_id(MISTRAL_ARGS)
-                .and(token_id(MISTRAL_OPEN))
-                .map(Opening::Token),
+            ToolCallParser::MistralV11
+            | ToolCallParser::DeepSeekV3
+            | ToolCallParser::DeepSeekV31 => {
+                self.call_format(token_id)?.opening().map(Opening::Token)
+            }
             ToolCallParser::Granite => token_id(GRANITE_OPEN).map(Opening::Token),
             ToolCallParser::Phi4MiniJson => Some(Opening::Tag(PHI4_OPEN.into())),
             ToolCallParser::Pythonic => Some(Opening::Start('[')),
@@ -170,6 +195,7 @@ impl ToolCallParser {
             ToolCallParser::Mistral | ToolCallParser::MistralV11 => Some(MISTRAL_OPEN),
             ToolCallParser::Granite => Some(GRANITE_OPEN),
             ToolCallParser::Phi4MiniJson => Some(PHI4_OPEN),
+            ToolCallParser::DeepSeekV3 | ToolCallParser::DeepSeekV31 => Some(DEEPSEEK_CALLS_BEGIN),
             ToolCallParser::Llama3Json | ToolCallParser::Pythonic | ToolCallParser::None => None,
         }
     }
@@ -178,8 +204,58 @@ impl ToolCallParser {
     pub fn keeps_special_tokens(self) -> bool {
         matches!(
             self,
-            ToolCallParser::Mistral | ToolCallParser::MistralV11 | ToolCallParser::Granite
+            ToolCallParser::Mistral
+                | ToolCallParser::MistralV11
+                | ToolCallParser::Granite
+                | ToolCallParser::DeepSeekV3
+                | ToolCallParser::DeepSeekV31
         )
+    }
+
+    /// How a format whose calls name their tool in text writes a call, with its control
+    /// tokens' ids (`None`: the vocabulary lacks one, or the format writes JSON calls).
+    pub fn call_format(self, token_id: impl Fn(&str) -> Option<u32>) -> Option<CallFormat> {
+        let deepseek_block = || {
+            Some((
+                token_id(DEEPSEEK_CALLS_BEGIN)?,
+                token_id(DEEPSEEK_CALLS_END)?,
+            ))
+        };
+        let t = |text: &str| token_id(text).map(Part::Token);
+        Some(match self {
+            ToolCallParser::MistralV11 => CallFormat {
+                block: None,
+                parts: vec![
+                    t(MISTRAL_OPEN)?,
+                    Part::Name(""),
+                    t(MISTRAL_ARGS)?,
+                    Part::Args,
+                ],
+            },
+            ToolCallParser::DeepSeekV31 => CallFormat {
+                block: Some(deepseek_block()?),
+                parts: vec![
+                    t(DEEPSEEK_CALL_BEGIN)?,
+                    Part::Name(""),
+                    t(DEEPSEEK_SEP)?,
+                    Part::Args,
+                    t(DEEPSEEK_CALL_END)?,
+                ],
+            },
+            ToolCallParser::DeepSeekV3 => CallFormat {
+                block: Some(deepseek_block()?),
+                parts: vec![
+                    t(DEEPSEEK_CALL_BEGIN)?,
+                    Part::Text("function"),
+                    t(DEEPSEEK_SEP)?,
+                    Part::Name(DEEPSEEK_V3_FENCE),
+                    Part::Args,
+                    Part::Text(DEEPSEEK_V3_FENCE_END),
+                    t(DEEPSEEK_CALL_END)?,
+                ],
+            },
+            _ => return None,
+        })
     }
 
     /// What a call may be, written in this format, of one of `tools`; `parallel`: several
@@ -196,7 +272,12 @@ impl ToolCallParser {
             (ToolCallParser::Granite | ToolCallParser::Phi4MiniJson, parallel) => {
                 json(Schema::tool_call_list(tools, (!parallel).then_some(1)))
             }
-            (ToolCallParser::MistralV11, _) => {
+            (
+                ToolCallParser::MistralV11
+                | ToolCallParser::DeepSeekV3
+                | ToolCallParser::DeepSeekV31,
+                _,
+            ) => {
                 let named = tools
                     .iter()
                     .map(|(name, params)| Ok((name.clone(), Arc::new(Schema::compile(params)?))));
@@ -221,6 +302,7 @@ impl ToolCallParser {
         token_id: impl Fn(&str) -> Option<u32>,
     ) -> Option<Constraint> {
         let opening = self.opening(&token_id)?;
+        let token_id = &token_id;
         Some(match shape {
             CallShape::Json(schema) => Constraint::After {
                 opening,
@@ -228,8 +310,7 @@ impl ToolCallParser {
                 once,
             },
             CallShape::Named(tools) => Constraint::Named {
-                opening: token_id(MISTRAL_OPEN)?,
-                args: token_id(MISTRAL_ARGS)?,
+                format: Arc::new(self.call_format(token_id)?),
                 tools: tools.clone(),
                 once,
             },
@@ -272,6 +353,9 @@ impl ToolCallParser {
                 content: None,
                 calls: crate::pythonic::parse(text)?,
             });
+        }
+        if let ToolCallParser::DeepSeekV3 | ToolCallParser::DeepSeekV31 = self {
+            return self.parse_deepseek(text);
         }
         if self == ToolCallParser::Llama3Json {
             // The first JSON value of the answer; what follows it is not read.
@@ -344,7 +428,49 @@ impl ToolCallParser {
     }
 }
 
+impl ToolCallParser {
+    /// DeepSeek's block of calls read as vLLM's `deepseek_v3` and `deepseek_v31` parsers
+    /// do: each whole `<｜tool▁call▁begin｜>…<｜tool▁call▁end｜>` in it is a call (a type, then
+    /// the name and fenced JSON for V3; the name, then JSON for V3.1).
+    fn parse_deepseek(self, text: &str) -> Option<ParsedAnswer> {
+        let first = text.find(DEEPSEEK_CALLS_BEGIN)?;
+        let mut rest = &text[first + DEEPSEEK_CALLS_BEGIN.len()..];
+        let mut calls = Vec::new();
+        while let Some(at) = rest.find(DEEPSEEK_CALL_BEGIN) {
+            let body = &rest[at + DEEPSEEK_CALL_BEGIN.len()..];
+            let end = body.find(DEEPSEEK_CALL_END)?;
+            let (head, tail) = body[..end].split_once(DEEPSEEK_SEP)?;
+            let (name, args) = match self {
+                ToolCallParser::DeepSeekV3 => {
+                    let (name, fenced) = tail.split_once(DEEPSEEK_V3_FENCE)?;
+                    (name, fenced.trim_end().strip_suffix("```")?)
+                }
+                _ => (head, tail),
+            };
+            let arguments: Value = serde_json::from_str(args.trim()).ok()?;
+            calls.push(call_of(
+                &serde_json::json!({"name": name.trim(), "arguments": arguments}),
+            )?);
+            rest = &body[end + DEEPSEEK_CALL_END.len()..];
+        }
+        let content = &text[..first];
+        Some(ParsedAnswer {
+            content: (!content.trim().is_empty()).then(|| content.to_owned()),
+            calls: Some(calls).filter(|c| !c.is_empty())?,
+        })
+    }
+}
+
 const HERMES_OPEN: &str = "<tool_call>";
+const DEEPSEEK_CALLS_BEGIN: &str = "<｜tool▁calls▁begin｜>";
+const DEEPSEEK_CALLS_END: &str = "<｜tool▁calls▁end｜>";
+const DEEPSEEK_CALL_BEGIN: &str = "<｜tool▁call▁begin｜>";
+const DEEPSEEK_CALL_END: &str = "<｜tool▁call▁end｜>";
+const DEEPSEEK_SEP: &str = "<｜tool▁sep｜>";
+/// What DeepSeek-V3's and R1's templates write between a call's name and its arguments, and
+/// after the arguments.
+const DEEPSEEK_V3_FENCE: &str = "\n```json\n";
+const DEEPSEEK_V3_FENCE_END: &str = "\n```";
 const MISTRAL_OPEN: &str = "[TOOL_CALLS]";
 const MISTRAL_ARGS: &str = "[ARGS]";
 const HERMES_CLOSE: &str = "</tool_call>";
@@ -377,7 +503,11 @@ pub fn call_of(v: &Value) -> Option<ParsedCall> {
 pub fn partial_opening(text: &str, opening: &str) -> usize {
     (1..opening.len().min(text.len() + 1))
         .rev()
-        .find(|&k| text.is_char_boundary(text.len() - k) && text.ends_with(&opening[..k]))
+        .find(|&k| {
+            text.is_char_boundary(text.len() - k)
+                && opening.is_char_boundary(k)
+                && text.ends_with(&opening[..k])
+        })
         .unwrap_or(0)
 }
 
@@ -660,15 +790,17 @@ pub(crate) mod tests {
         assert!(p.keeps_special_tokens());
         let tools = [("now".to_string(), serde_json::json!({"type": "object"}))];
         let shape = p.shape(&tools, true).unwrap();
-        assert!(matches!(
-            p.constraint(&shape, false, ids),
-            Some(Constraint::Named {
-                opening: 5,
-                args: 6,
-                once: false,
-                ..
-            })
-        ));
+        match p.constraint(&shape, false, ids) {
+            Some(Constraint::Named { format, once, .. }) => {
+                assert!(!once);
+                assert_eq!(format.block, None);
+                assert_eq!(
+                    format.parts,
+                    [Part::Token(5), Part::Name(""), Part::Token(6), Part::Args]
+                );
+            }
+            other => panic!("{other:?}"),
+        }
         let shape = ToolCallParser::Mistral.shape(&tools, true).unwrap();
         assert!(matches!(
             ToolCallParser::Mistral.constraint(&shape, true, ids),
@@ -678,6 +810,76 @@ pub(crate) mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn deepseek_blocks_are_read_call_by_call() {
+        let v3 = ToolCallParser::DeepSeekV3;
+        let text = "Let me check.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>\
+                    get_weather\n```json\n{\"city\": \"Rome\"}\n```<｜tool▁call▁end｜>\n\
+                    <｜tool▁call▁begin｜>function<｜tool▁sep｜>now\n```json\n{}\n```\
+                    <｜tool▁call▁end｜><｜tool▁calls▁end｜>";
+        let a = v3.parse(text).unwrap();
+        assert_eq!(a.content.as_deref(), Some("Let me check."));
+        assert_eq!(
+            a.calls,
+            [
+                call("get_weather", "{\"city\":\"Rome\"}"),
+                call("now", "{}")
+            ]
+        );
+        let v31 = ToolCallParser::DeepSeekV31;
+        let text = "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>\
+                    {\"city\": \"Rome\"}<｜tool▁call▁end｜><｜tool▁calls▁end｜>";
+        let a = v31.parse(text).unwrap();
+        assert_eq!(a.content, None);
+        assert_eq!(a.calls, [call("get_weather", "{\"city\":\"Rome\"}")]);
+        // A call cut short, arguments that are not an object, no call: the answer is text.
+        for cut in [
+            "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>now<｜tool▁sep｜>{}",
+            "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>now<｜tool▁sep｜>[1]<｜tool▁call▁end｜>",
+            "<｜tool▁calls▁begin｜><｜tool▁calls▁end｜>",
+            "no calls",
+        ] {
+            assert_eq!(v31.parse(cut), None, "{cut}");
+        }
+        // V3's fence is needed by V3's reading.
+        assert_eq!(v3.parse(text), None);
+        assert_eq!(v31.content_so_far("Sure<｜tool▁calls"), 4);
+
+        // Every control token is needed; the block's token opens the calls.
+        let names = [
+            DEEPSEEK_CALLS_BEGIN,
+            DEEPSEEK_CALLS_END,
+            DEEPSEEK_CALL_BEGIN,
+            DEEPSEEK_SEP,
+            DEEPSEEK_CALL_END,
+        ];
+        let ids = |t: &str| names.iter().position(|n| *n == t).map(|i| 10 + i as u32);
+        assert_eq!(v3.opening(ids), Some(Opening::Token(10)));
+        assert_eq!(v31.opening(|t| ids(t).filter(|&i| i != 13)), None);
+        assert!(v3.keeps_special_tokens() && v31.keeps_special_tokens());
+        let tools = [("now".to_string(), serde_json::json!({"type": "object"}))];
+        let shape = v3.shape(&tools, false).unwrap();
+        match v3.constraint(&shape, v3.once(false), ids) {
+            Some(Constraint::Named { format, once, .. }) => {
+                assert!(once);
+                assert_eq!(format.block, Some((10, 11)));
+                assert_eq!(
+                    format.parts,
+                    [
+                        Part::Token(12),
+                        Part::Text("function"),
+                        Part::Token(13),
+                        Part::Name("\n```json\n"),
+                        Part::Args,
+                        Part::Text("\n```"),
+                        Part::Token(14),
+                    ]
+                );
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -694,6 +896,14 @@ pub(crate) mod tests {
         let llama = "{{- 'Respond in the format {\"name\": function name, \"parameters\": \
                      dictionary of argument name and its value}.' }}";
         assert_eq!(ToolCallParser::detect(llama), ToolCallParser::Llama3Json);
+        // DeepSeek-R1's (and V3's) template fences the arguments; V3.1's does not.
+        let r1 = "{{'<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>' + tool['type'] + '<｜tool▁sep｜>' \
+                  + tool['function']['name'] + '\\n' + '```json' + '\\n' + \
+                  tool['function']['arguments'] + '\\n' + '```' + '<｜tool▁call▁end｜>'}}";
+        assert_eq!(ToolCallParser::detect(r1), ToolCallParser::DeepSeekV3);
+        let v31 = "{{'<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>'+ tool['function']['name'] + \
+                   '<｜tool▁sep｜>' + tool['function']['arguments'] + '<｜tool▁call▁end｜>'}}";
+        assert_eq!(ToolCallParser::detect(v31), ToolCallParser::DeepSeekV31);
         // Mistral 7B Instruct v0.3's.
         assert_eq!(
             ToolCallParser::detect("{{- \"[AVAILABLE_TOOLS] [\" }}...{{- \"[TOOL_CALLS] [\" }}"),

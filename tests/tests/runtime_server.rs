@@ -2763,18 +2763,54 @@ enum ControlTools {
     V11,
     /// Granite 3's: `<|tool_call|>` (32000) then a JSON list.
     Granite,
+    /// DeepSeek-R1's, on DeepSeek LLM's byte-level BPE vocabulary (a SentencePiece decoder
+    /// would turn the tokens' `▁` into spaces, as Hugging Face's does): a block
+    /// (`<｜tool▁calls▁begin｜>`, `<｜tool▁calls▁end｜>`, the first two ids past the vocabulary's
+    /// own) of calls (`<｜tool▁call▁begin｜>`, `<｜tool▁sep｜>`, `<｜tool▁call▁end｜>`, the next
+    /// three), each `function`, the name and the arguments in a JSON fence.
+    DeepSeekV3,
+    /// DeepSeek-V3.1's: the same tokens, each call the name and the arguments.
+    DeepSeekV31,
 }
 
+/// The llama.cpp vocabulary a [`tiny_spm_llama_with`] of `tools` is built on.
+fn base_vocab(tools: ControlTools) -> candle_core::quantized::gguf_file::Content {
+    let name = match tools {
+        ControlTools::DeepSeekV3 | ControlTools::DeepSeekV31 => "ggml-vocab-deepseek-llm.gguf",
+        _ => "ggml-vocab-llama-spm.gguf",
+    };
+    let mut f = std::fs::File::open(models::llama_cpp_vocabs().join(name)).unwrap();
+    candle_core::quantized::gguf_file::Content::read(&mut f).unwrap()
+}
+
+/// The id of the first control token [`tiny_spm_llama_with`] appends for `tools`: the base
+/// vocabulary's size (32000 for SentencePiece's).
+fn first_added_id(tools: ControlTools) -> u32 {
+    match base_vocab(tools).metadata.get("tokenizer.ggml.tokens") {
+        Some(candle_core::quantized::gguf_file::Value::Array(a)) => a.len() as u32,
+        other => panic!("no tokens: {other:?}"),
+    }
+}
+
+/// DeepSeek's control tokens, in [`ControlTools::DeepSeekV3`]'s order of ids.
+const DEEPSEEK_TOKENS: [&str; 5] = [
+    "<｜tool▁calls▁begin｜>",
+    "<｜tool▁calls▁end｜>",
+    "<｜tool▁call▁begin｜>",
+    "<｜tool▁sep｜>",
+    "<｜tool▁call▁end｜>",
+];
+
 /// A Llama 2 / Mistral-style GGUF without a tokenizer.json: llama.cpp's SentencePiece
-/// vocabulary (`ggml-vocab-llama-spm.gguf`, 32000 tokens, `add_bos_token`), a Mistral-style
-/// chat template, and a tiny llama of random weights in Q4_0 and Q8_0, written into `dir`;
-/// with `tools`, the format's control tokens appended to the vocabulary and a template that
-/// offers tools and writes calls as Mistral's (or Granite's) do.
+/// vocabulary (`ggml-vocab-llama-spm.gguf`, 32000 tokens, `add_bos_token`; DeepSeek LLM's for
+/// DeepSeek's formats), a Mistral-style chat template, and a tiny llama of random weights in
+/// Q4_0 and Q8_0, written into `dir`; with `tools`, the format's control tokens appended to
+/// the vocabulary (from [`first_added_id`] on) and a template that offers tools and writes
+/// calls as that format's models do.
 fn tiny_spm_llama_with(dir: &std::path::Path, tools: ControlTools) -> std::path::PathBuf {
     use candle_core::quantized::{QTensor, gguf_file};
-    let vocab_path = models::llama_cpp_vocabs().join("ggml-vocab-llama-spm.gguf");
-    let mut f = std::fs::File::open(&vocab_path).unwrap();
-    let vocab = gguf_file::Content::read(&mut f).unwrap();
+    let vocab = base_vocab(tools);
+    let base = first_added_id(tools) as usize;
     let mut meta: Vec<(String, gguf_file::Value)> = vocab
         .metadata
         .iter()
@@ -2786,8 +2822,9 @@ fn tiny_spm_llama_with(dir: &std::path::Path, tools: ControlTools) -> std::path:
         ControlTools::V3 => &["[TOOL_CALLS]"],
         ControlTools::V11 => &["[TOOL_CALLS]", "[ARGS]"],
         ControlTools::Granite => &["<|tool_call|>"],
+        ControlTools::DeepSeekV3 | ControlTools::DeepSeekV31 => &DEEPSEEK_TOKENS,
     };
-    let n_vocab = 32000 + added.len();
+    let n_vocab = base + added.len();
     for (k, v) in meta.iter_mut() {
         if let gguf_file::Value::Array(a) = v {
             for token in added {
@@ -2834,6 +2871,32 @@ fn tiny_spm_llama_with(dir: &std::path::Path, tools: ControlTools) -> std::path:
                  {{ '<|start_of_role|>' + m['role'] + '<|end_of_role|>' + m['content'] + eos_token }}\
                  {% endif %}{% endfor %}{% if add_generation_prompt %}\
                  {{ '<|start_of_role|>assistant<|end_of_role|>' }}{% endif %}"
+        }
+        // DeepSeek-R1's way of writing calls (its template offers no tools), arguments written
+        // as JSON where they come as a map, as vLLM's own DeepSeek templates do.
+        ControlTools::DeepSeekV3 => {
+            "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}\
+                 {{ '[INST] ' + m['content'] + ' [/INST]' }}{% elif m.tool_calls %}\
+                 {{ '<｜tool▁calls▁begin｜>' }}{% for tool in m.tool_calls %}\
+                 {% set arguments = tool['function']['arguments'] %}\
+                 {% if arguments is not string %}{% set arguments = arguments | tojson %}{% endif %}\
+                 {{ '<｜tool▁call▁begin｜>' + tool['type'] + '<｜tool▁sep｜>' + \
+                 tool['function']['name'] + '\\n' + '```json' + '\\n' + \
+                 arguments + '\\n' + '```' + '<｜tool▁call▁end｜>' }}\
+                 {% endfor %}{{ '<｜tool▁calls▁end｜>' + eos_token }}\
+                 {% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}"
+        }
+        // DeepSeek-V3.1's.
+        ControlTools::DeepSeekV31 => {
+            "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}\
+                 {{ '[INST] ' + m['content'] + ' [/INST]' }}{% elif m.tool_calls %}\
+                 {{ '<｜tool▁calls▁begin｜>' }}{% for tool in m.tool_calls %}\
+                 {% set arguments = tool['function']['arguments'] %}\
+                 {% if arguments is not string %}{% set arguments = arguments | tojson %}{% endif %}\
+                 {{ '<｜tool▁call▁begin｜>' + tool['function']['name'] + '<｜tool▁sep｜>' + \
+                 arguments + '<｜tool▁call▁end｜>' }}\
+                 {% endfor %}{{ '<｜tool▁calls▁end｜>' + eos_token }}\
+                 {% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}"
         }
     };
     let u32v = gguf_file::Value::U32;
@@ -3357,14 +3420,51 @@ async fn list_calls_open_with_their_control_token(tools: ControlTools) {
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
-/// Mistral's v11 tool calls (`[TOOL_CALLS]name[ARGS]{…}`, chosen here by the template):
-/// once the model samples `[TOOL_CALLS]` (forced with `logit_bias`), the name is masked to
-/// the tools' names, `[ARGS]` follows a whole name, and the arguments are masked to that
-/// tool's parameters; read back as `tool_calls`, streamed or not, and a past call in the
-/// history renders in the format.
+/// Mistral's v11 tool calls (`[TOOL_CALLS]name[ARGS]{…}`) and DeepSeek's two formats
+/// (`<｜tool▁calls▁begin｜>`, then per call `<｜tool▁call▁begin｜>`, `function`, `<｜tool▁sep｜>`,
+/// the name and fenced arguments for R1; the name, `<｜tool▁sep｜>` and the arguments for V3.1;
+/// then `<｜tool▁call▁end｜>`, and `<｜tool▁calls▁end｜>`), each chosen here by the template: once
+/// the model samples the format's first token (forced with `logit_bias`), the name is masked
+/// to the tools' names among the format's tokens and text, and the arguments to that tool's
+/// parameters; read back as `tool_calls`, streamed or not, and a past call in the history
+/// renders in the format.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mistral_v11_tool_calls_are_a_name_then_its_arguments() {
-    let (_dir, server, url) = serve_tiny_spm_llama(ControlTools::V11).await;
+async fn named_tool_calls_are_masked_part_by_part() {
+    for tools in [
+        ControlTools::V11,
+        ControlTools::DeepSeekV3,
+        ControlTools::DeepSeekV31,
+    ] {
+        named_calls_are_masked_part_by_part(tools).await;
+    }
+}
+
+/// The text a call of `name` with `args` is written as in `tools`' format, and the control
+/// tokens a past call in the prompt holds (offsets from [`first_added_id`]).
+fn named_call_text(tools: ControlTools, name: &str, args: &str) -> (String, Vec<u32>) {
+    match tools {
+        ControlTools::V11 => (format!("[TOOL_CALLS]{name}[ARGS]{args}"), vec![0, 1]),
+        ControlTools::DeepSeekV3 => (
+            format!(
+                "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>{name}\n```json\n\
+                 {args}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>"
+            ),
+            vec![0, 2, 3, 4, 1],
+        ),
+        ControlTools::DeepSeekV31 => (
+            format!(
+                "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>{name}<｜tool▁sep｜>{args}\
+                 <｜tool▁call▁end｜><｜tool▁calls▁end｜>"
+            ),
+            vec![0, 2, 3, 4, 1],
+        ),
+        other => panic!("not a named format: {other:?}"),
+    }
+}
+
+async fn named_calls_are_masked_part_by_part(kind: ControlTools) {
+    let (_dir, server, url) = serve_tiny_spm_llama(kind).await;
+    let first = first_added_id(kind);
     let http = client();
     let chat = format!("{url}/v1/chat/completions");
     let tool = |name: &str, params: Value| json!({"type": "function", "function": {"name": name, "parameters": params}});
@@ -3376,7 +3476,7 @@ async fn mistral_v11_tool_calls_are_a_name_then_its_arguments() {
             tool("get_time", json!({"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}})),
         ],
         "parallel_tool_calls": false,
-        "logit_bias": {"32000": 100},
+        "logit_bias": {first.to_string(): 100},
         "temperature": 0,
         "max_tokens": 64,
     });
@@ -3389,7 +3489,7 @@ async fn mistral_v11_tool_calls_are_a_name_then_its_arguments() {
         let allowed: &[&str] = match name.as_str() {
             "get_weather" => &["Paris", "Rome"],
             "get_time" => &["UTC", "CET"],
-            other => panic!("not a tool: {other:?}"),
+            other => panic!("{kind:?}: not a tool: {other:?}"),
         };
         let key = if name == "get_weather" {
             "city"
@@ -3401,10 +3501,11 @@ async fn mistral_v11_tool_calls_are_a_name_then_its_arguments() {
     }
     assert!(
         names.iter().any(|n| n == "get_weather") && names.iter().any(|n| n == "get_time"),
-        "{names:?}"
+        "{kind:?}: {names:?}"
     );
 
-    // The answer as the model wrote it, token by token: in the v11 format, not v0.3's list.
+    // The answer as the model wrote it, token by token: the format's parts (v11's, not
+    // v0.3's list).
     let r = post_json(
         &http,
         &chat,
@@ -3417,10 +3518,14 @@ async fn mistral_v11_tool_calls_are_a_name_then_its_arguments() {
         .map(|t| t["token"].as_str().unwrap())
         .collect();
     let whole = &r["choices"][0]["message"]["tool_calls"][0]["function"];
-    let expected = format!("[TOOL_CALLS]{}[ARGS]", whole["name"].as_str().unwrap());
-    assert!(written.starts_with(&expected), "{written:?}");
-    let args: Value = serde_json::from_str(&written[expected.len()..]).unwrap();
-    assert_eq!(args.to_string(), whole["arguments"].as_str().unwrap());
+    let (name, args) = (whole["name"].as_str().unwrap(), whole["arguments"].as_str().unwrap());
+    // The arguments as written (the answer's are compacted): what lies between the parts.
+    let (model, _) = named_call_text(kind, name, "\u{0}");
+    let (head, tail) = model.split_once('\u{0}').unwrap();
+    assert!(written.starts_with(head) && written.ends_with(tail), "{kind:?}: {written:?}");
+    let written_args: Value = serde_json::from_str(&written[head.len()..written.len() - tail.len()])
+        .unwrap_or_else(|e| panic!("{kind:?}: {written:?}: {e}"));
+    assert_eq!(written_args.to_string(), args);
     let chunks = post_stream(
         &http,
         &chat,
@@ -3440,11 +3545,8 @@ async fn mistral_v11_tool_calls_are_a_name_then_its_arguments() {
     let r = post_json(&http, &format!("{url}/tokenize"), &history).await;
     let ids: Vec<u32> =
         serde_json::from_value(r["tokens"].clone()).unwrap_or_else(|_| panic!("{r}"));
-    let at = ids
-        .iter()
-        .position(|&t| t == 32000)
-        .expect("[TOOL_CALLS] in the prompt");
-    assert!(ids[at..].contains(&32001), "[ARGS] after it: {ids:?}");
+    let control: Vec<u32> = ids.iter().filter_map(|&t| t.checked_sub(first)).collect();
+    assert_eq!(control, named_call_text(kind, "", "").1, "{kind:?}: {ids:?}");
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
