@@ -12,7 +12,8 @@ max_tokens, so not complete JSON), `refused` (a schema outside kandle's subset: 
 each failure in full. The schemas mix what kandle follows (types and type lists, nested
 properties, items with minItems/maxItems, enum, const, anyOf of alternatives that start
 differently, maps, string lengths, patterns and formats, number bounds, checked with jsonschema's format
-checker: `pip install rfc3339-validator` for date-time and time) with what it refuses
+checker: `pip install rfc3339-validator fqdn rfc3987 isoduration` for date-time and time,
+hostname, uri and duration, which it otherwise passes unchecked) with what it refuses
 (look-ahead patterns, unknown formats, multipleOf, alternatives that start alike, an empty enum).
 """
 import argparse
@@ -38,7 +39,9 @@ def leaf(r):
         {"type": "string", "format": "date"}, {"type": "string", "format": "date-time"},
         {"type": "string", "format": "time"}, {"type": "string", "format": "uuid"},
         {"type": "string", "format": "email"}, {"type": "string", "format": "ipv4"},
-        {"type": "string", "format": "hostname"}, {"type": ["string", "null"], "maxLength": 3},
+        {"type": "string", "format": "hostname"}, {"type": "string", "format": "ipv6"},
+        {"type": "string", "format": "uri"}, {"type": "string", "format": "duration"},
+        {"type": "string", "format": "iri"}, {"type": ["string", "null"], "maxLength": 3},
         {"type": "integer", "minimum": 0}, {"type": "integer", "minimum": -3, "maximum": 7},
         {"type": "number", "exclusiveMinimum": 0, "maximum": 1}, {"type": "integer", "maximum": -100},
         {"type": "number", "minimum": 2.5, "maximum": 2.75}, {"type": "integer", "multipleOf": 2},

@@ -1708,7 +1708,7 @@ mod tests {
                 "missing",
             ),
             (
-                json!({"type": "json_schema", "json_schema": {"schema": {"type": "string", "format": "hostname"}}}),
+                json!({"type": "json_schema", "json_schema": {"schema": {"type": "string", "format": "iri"}}}),
                 "format",
             ),
         ] {
@@ -1789,7 +1789,7 @@ mod tests {
             ),
             (json!({"guided_json": "{"}), "guided_json", "not JSON"),
             (
-                json!({"guided_json": {"type": "string", "format": "hostname"}}),
+                json!({"guided_json": {"type": "string", "format": "iri"}}),
                 "guided_json",
                 "format",
             ),
@@ -1927,7 +1927,7 @@ mod tests {
             ),
             (
                 json!({"tools": [{"type": "function", "function": {"name": "f", "parameters":
-                {"type": "object", "properties": {"d": {"type": "string", "format": "hostname"}}}}}],
+                {"type": "object", "properties": {"d": {"type": "string", "format": "iri"}}}}}],
                 "tool_choice": "none"}),
                 "tools",
                 "format",

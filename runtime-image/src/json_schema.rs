@@ -24,9 +24,11 @@
 //! - Strings: `minLength` and `maxLength` (in characters, as JSON Schema counts them),
 //!   `pattern` (matched anywhere in the string, as JSON Schema's ECMA regexes are, unless
 //!   anchored with `^`/`$`; Rust regex syntax, so no look-around or back-references), and
-//!   `format` `date-time`, `date`, `time`, `uuid`, `email` or `ipv4` (each a regex of its
+//!   `format` `date-time`, `date`, `time`, `duration`, `uuid`, `email`, `hostname`, `ipv4`,
+//!   `ipv6` or `uri` (OpenAI's list of formats, and pydantic's `HttpUrl`; each a regex of its
 //!   RFC's form, as Python's and pydantic's parsers take it: dates with each month's days,
-//!   times with an offset, no leap seconds; `email` the common `local@domain.tld`). A pattern or format is a dense DFA
+//!   times with an offset, no leap seconds; `email` the common `local@domain.tld`; see
+//!   [`FORMATS`]). A pattern or format is a dense DFA
 //!   over the string's characters ([`StrRule`]): a character that leaves no way to a match is
 //!   masked, and the closing quote waits for a match. Inside such a string, escapes are
 //!   JSON's, `\u` for characters outside the surrogates, except under a pattern or format,
@@ -156,27 +158,144 @@ macro_rules! time_re {
     };
 }
 
-/// The regex of each `format` followed ([`StrRule`]), anchored.
-const FORMATS: [(&str, &str); 6] = [
+/// A dotted-quad IPv4 address, no leading zeros (RFC 2673's `dotted-quad`).
+macro_rules! ipv4_re {
+    () => {
+        r"((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+    };
+}
+
+/// RFC 3986's `h16`, 1 to 4 hex digits of an IPv6 address.
+macro_rules! h16 {
+    () => {
+        "[0-9A-Fa-f]{1,4}"
+    };
+}
+
+/// RFC 3986's `ls32`: an IPv6 address's last 32 bits, two `h16` or an IPv4 address.
+macro_rules! ls32 {
+    () => {
+        concat!("(", h16!(), ":", h16!(), "|", ipv4_re!(), ")")
+    };
+}
+
+/// An IPv6 address in RFC 3986's `IPv6address` forms (`::` for a run of zero groups, the
+/// last 32 bits as an IPv4 address), without a zone.
+#[rustfmt::skip]
+macro_rules! ipv6_re {
+    () => {
+        concat!(
+            "((", h16!(), ":){6}", ls32!(),
+            "|::(", h16!(), ":){5}", ls32!(),
+            "|(", h16!(), ")?::(", h16!(), ":){4}", ls32!(),
+            "|((", h16!(), ":){0,1}", h16!(), ")?::(", h16!(), ":){3}", ls32!(),
+            "|((", h16!(), ":){0,2}", h16!(), ")?::(", h16!(), ":){2}", ls32!(),
+            "|((", h16!(), ":){0,3}", h16!(), ")?::", h16!(), ":", ls32!(),
+            "|((", h16!(), ":){0,4}", h16!(), ")?::", ls32!(),
+            "|((", h16!(), ":){0,5}", h16!(), ")?::", h16!(),
+            "|((", h16!(), ":){0,6}", h16!(), ")?::)"
+        )
+    };
+}
+
+/// RFC 3986's `pchar`: a path segment's character, unreserved, a sub-delimiter, `:`, `@` or
+/// percent-encoded.
+macro_rules! pchar {
+    () => {
+        r"([A-Za-z0-9._~!$&'()*+,;=:@-]|%[0-9A-Fa-f]{2})"
+    };
+}
+
+/// An absolute URI by RFC 3986's grammar: a scheme (of at most 32 characters here), then
+/// `//` and an authority (user information, a registered name, IPv4 or a bracketed IPv6
+/// host, a port) and a path, or a path alone; a query and a fragment.
+#[rustfmt::skip]
+macro_rules! uri_re {
+    () => {
+        concat!(
+            "[A-Za-z][A-Za-z0-9+.-]{0,31}:",
+            "(//(([A-Za-z0-9._~!$&'()*+,;=:-]|%[0-9A-Fa-f]{2})*@)?",
+            r"(\[", ipv6_re!(), r"\]|([A-Za-z0-9._~!$&'()*+,;=-]|%[0-9A-Fa-f]{2})*)",
+            "(:[0-9]*)?(/", pchar!(), "*)*",
+            "|/?(", pchar!(), "+(/", pchar!(), "*)*)?)",
+            r"(\?(", pchar!(), r"|[/?])*)?",
+            "(#(", pchar!(), r"|[/?])*)?"
+        )
+    };
+}
+
+/// A hostname by RFC 1123: dot-separated labels of letters, digits and inner hyphens, each
+/// 1 to 63 long (the whole at most 253, [`FORMATS`]' length).
+macro_rules! hostname_re {
+    () => {
+        r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+    };
+}
+
+/// A duration by RFC 3339's appendix A (`P1Y2M3D`, `PT4H5M6S`, `P1W`; no unit skipped
+/// between two, as ISO 8601 allows; as ISO 8601 and pydantic's `timedelta`, the seconds may
+/// have a fraction), each number of at most 9 digits.
+#[rustfmt::skip]
+macro_rules! duration_re {
+    () => {
+        concat!(
+            "P((", n9!(), "D|", n9!(), "M(", n9!(), "D)?|", n9!(), "Y(", n9!(), "M(", n9!(), "D)?)?)",
+            "(T", duration_time!(), ")?|T", duration_time!(), "|", n9!(), "W)"
+        )
+    };
+}
+
+/// RFC 3339's `dur-time` after its `T`.
+#[rustfmt::skip]
+macro_rules! duration_time {
+    () => {
+        concat!(
+            "(", n9!(), "H(", n9!(), "M(", n9!(), r"(\.", n9!(), ")?S)?)?",
+            "|", n9!(), "M(", n9!(), r"(\.", n9!(), ")?S)?",
+            "|", n9!(), r"(\.", n9!(), ")?S)"
+        )
+    };
+}
+
+/// A duration's number: 1 to 9 digits (RFC 3339 sets no bound; Python's `timedelta` holds
+/// fewer than a billion days, and a model that may write digits without end can loop).
+macro_rules! n9 {
+    () => {
+        "[0-9]{1,9}"
+    };
+}
+
+/// The regex of each `format` followed ([`StrRule`]), anchored, and the length in
+/// characters it implies (beside `maxLength`).
+const FORMATS: [(&str, &str, Option<usize>); 10] = [
     (
         "date-time",
         concat!("^", date_re!(), "[Tt]", time_re!(), "$"),
+        None,
     ),
-    ("date", concat!("^", date_re!(), "$")),
-    ("time", concat!("^", time_re!(), "$")),
+    ("date", concat!("^", date_re!(), "$"), None),
+    ("time", concat!("^", time_re!(), "$"), None),
+    ("duration", concat!("^", duration_re!(), "$"), None),
     (
         "uuid",
         r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$",
+        None,
     ),
     (
         "email",
         r"^[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}(\.[A-Za-z0-9-]{1,63})*\.[A-Za-z]{2,24}$",
+        None,
     ),
-    (
-        "ipv4",
-        r"^((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])$",
-    ),
+    ("hostname", concat!("^", hostname_re!(), "$"), Some(253)),
+    ("ipv4", concat!("^", ipv4_re!(), "$"), None),
+    ("ipv6", concat!("^", ipv6_re!(), "$"), None),
+    ("uri", concat!("^", uri_re!(), "$"), None),
 ];
+
+/// Each format's DFA, built when a schema first asks for it (the URI's takes ~10 ms), then
+/// copied.
+static FORMAT_DFAS: [std::sync::OnceLock<(dense::DFA<Vec<u32>>, StateID)>; FORMATS.len()] =
+    [const { std::sync::OnceLock::new() }; FORMATS.len()];
 
 /// A schema's least and greatest count (`minItems`/`maxItems`, `minLength`/`maxLength`).
 fn counts(
@@ -203,27 +322,38 @@ fn counts(
 impl StrRule {
     /// The rule of a string schema's keywords (`None`: none of them).
     fn compile(obj: &serde_json::Map<String, Value>) -> Result<Option<StrRule>, String> {
-        let (min, max) = counts(obj, "minLength", "maxLength")?;
-        let regex = match (obj.get("pattern"), obj.get("format")) {
+        let (min, mut max) = counts(obj, "minLength", "maxLength")?;
+        let dfa = match (obj.get("pattern"), obj.get("format")) {
             (Some(_), Some(_)) => {
                 return Err("pattern and format together are not supported".into());
             }
-            (Some(Value::String(p)), None) => Some(p.clone()),
+            (Some(Value::String(p)), None) => Some(string_dfa(p)?),
             (Some(p), None) => return Err(format!("pattern must be a string, got {p}")),
             (None, Some(f)) => {
                 let name = f.as_str().unwrap_or_default();
-                let (_, re) = FORMATS.iter().find(|(n, _)| *n == name).ok_or_else(|| {
-                    let names: Vec<&str> = FORMATS.iter().map(|(n, _)| *n).collect();
-                    format!("format {f} is not supported (only {})", names.join(", "))
-                })?;
-                Some(re.to_string())
+                let i = FORMATS
+                    .iter()
+                    .position(|(n, ..)| *n == name)
+                    .ok_or_else(|| {
+                        let names: Vec<&str> = FORMATS.iter().map(|(n, ..)| *n).collect();
+                        format!("format {f} is not supported (only {})", names.join(", "))
+                    })?;
+                let (_, re, longest) = FORMATS[i];
+                if let Some(longest) = longest {
+                    max = Some(max.map_or(longest, |m| m.min(longest)));
+                }
+                if max.is_some_and(|m| m < min) {
+                    return Err(format!("minLength {min} is above what format {f} allows"));
+                }
+                let dfa = FORMAT_DFAS[i]
+                    .get_or_init(|| string_dfa(re).expect("a format's regex compiles"));
+                Some(dfa.clone())
             }
             (None, None) => None,
         };
-        if min == 0 && max.is_none() && regex.is_none() {
+        if min == 0 && max.is_none() && dfa.is_none() {
             return Ok(None);
         }
-        let dfa = regex.map(|re| string_dfa(&re)).transpose()?;
         Ok(Some(StrRule { min, max, dfa }))
     }
 }
@@ -2305,7 +2435,7 @@ mod tests {
 
     #[test]
     fn formats_take_their_rfc_forms() {
-        let cases: [(&str, &[&str], &[&str]); 6] = [
+        let cases: [(&str, &[&str], &[&str]); 10] = [
             (
                 "date-time",
                 &["2024-02-29T13:05:09Z", "1999-12-31t23:59:59.123456+05:30"],
@@ -2358,6 +2488,84 @@ mod tests {
                 "ipv4",
                 &["192.168.0.1", "8.8.8.8"],
                 &["256.1.1.1", "1.2.3", "01.2.3.4"],
+            ),
+            (
+                "duration",
+                &[
+                    "P1Y2M3DT4H5M6S",
+                    "PT30M",
+                    "P3D",
+                    "P2W",
+                    "PT0.5S",
+                    "P1M",
+                    "PT1H0M30S",
+                ],
+                // RFC 3339 skips no unit between two (`P1Y2D`, `PT1H30S`), as ISO 8601 may.
+                &[
+                    "P",
+                    "PT",
+                    "P1D2M",
+                    "P1Y2D",
+                    "PT1H30S",
+                    "1D",
+                    "P1W2D",
+                    "PT1H2S3M",
+                    "P-1D",
+                    "P1.5D",
+                    "P1234567890D",
+                ],
+            ),
+            (
+                "hostname",
+                &[
+                    "example.com",
+                    "a-b.c0",
+                    "localhost",
+                    "xn--bcher-kva.example",
+                ],
+                &["-a.com", "a-.com", "a..b", "a_b.com", "example.com.", ""],
+            ),
+            (
+                "ipv6",
+                &[
+                    "2001:db8::1",
+                    "::",
+                    "::1",
+                    "fe80::1:2:3:4",
+                    "1:2:3:4:5:6:7:8",
+                    "::ffff:192.0.2.1",
+                    "64:ff9b::192.0.2.33",
+                    "1::",
+                ],
+                &[
+                    "1:2:3:4:5:6:7:8:9",
+                    "1::2::3",
+                    "12345::",
+                    "1:2:3:4:5:6:7",
+                    "::ffff:256.0.0.1",
+                    "fe80::1%eth0",
+                ],
+            ),
+            (
+                "uri",
+                &[
+                    "https://example.com/a/b?x=1&y=%20#top",
+                    "http://user:pw@[2001:db8::1]:8080/",
+                    "mailto:ann@example.org",
+                    "urn:isbn:0451450523",
+                    "file:///etc/hosts",
+                    "http://192.168.0.1",
+                ],
+                &[
+                    "example.com",
+                    "/relative/path",
+                    "http://a b",
+                    "http://x/%zz",
+                    "1http://x",
+                    "http://x/#a#b",
+                    "http://[::1/",
+                    "abcdefghijklmnopqrstuvwxyzabcdefg://x",
+                ],
             ),
         ];
         for (format, good, bad) in cases {
@@ -2515,7 +2723,11 @@ mod tests {
             (json!({"type": "string", "pattern": "a(?=b)"}), "pattern"),
             (json!({"type": "string", "pattern": "(a)\\1"}), "pattern"),
             (json!({"type": "string", "pattern": "x{5000}"}), "pattern"),
-            (json!({"type": "string", "format": "hostname"}), "format"),
+            (json!({"type": "string", "format": "iri"}), "format"),
+            (
+                json!({"type": "string", "format": "hostname", "minLength": 254}),
+                "above what format",
+            ),
             (
                 json!({"type": "string", "format": "date", "pattern": "a"}),
                 "together",

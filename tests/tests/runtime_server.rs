@@ -1582,6 +1582,119 @@ async fn json_mode_answers_with_one_json_object() {
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
+/// The string formats beyond dates that OpenAI's structured outputs list (`uri` too, which
+/// pydantic's `HttpUrl` writes): what SmolLM2 writes under each, greedy and sampled, is a
+/// value a parser of its own takes (Rust's `Ipv6Addr`, the `url` crate's, and RFC 1123's
+/// labels and RFC 3339's durations read here by hand). Unmasked (the same schema without
+/// formats), SmolLM2 writes the host as a URL, the address as a URL, a host name or
+/// `0.0.0.0`, and the timeout as `434m,`, a host name or digits without end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn string_formats_give_values_their_own_parsers_take() {
+    let (server, url) = serve(|c| c.max_new_tokens = 200).await;
+    let http = client();
+    let chat = format!("{url}/v1/chat/completions");
+    let schema = json!({
+        "type": "object",
+        "properties": {
+            "website": {"type": "string", "format": "uri", "minLength": 1, "maxLength": 2083},
+            "host": {"type": "string", "format": "hostname"},
+            "address": {"type": "string", "format": "ipv6"},
+            "timeout": {"type": "string", "format": "duration"}
+        },
+        "required": ["website", "host", "address", "timeout"],
+        "additionalProperties": false
+    });
+    let hostname = |h: &str| {
+        h.len() <= 253
+            && h.split('.').all(|l| {
+                (1..=63).contains(&l.len())
+                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+            })
+    };
+    // RFC 3339's duration: P, then date units in order Y, M, D (or W alone), then T and time
+    // units H, M, S; each a number, none skipped between two written.
+    let duration = |d: &str| {
+        let Some(rest) = d.strip_prefix('P') else {
+            return false;
+        };
+        let (date, time) = match rest.split_once('T') {
+            Some((date, time)) => (date, Some(time)),
+            None => (rest, None),
+        };
+        let units = |s: &str, order: &[char], fraction: bool| -> Option<Vec<usize>> {
+            let mut at = Vec::new();
+            let mut n = String::new();
+            for c in s.chars() {
+                if c.is_ascii_digit() || (fraction && c == '.' && !n.is_empty()) {
+                    n.push(c);
+                } else {
+                    let i = order.iter().position(|&u| u == c)?;
+                    let frac = n.contains('.');
+                    if n.is_empty() || n.ends_with('.') || (frac && c != 'S') {
+                        return None;
+                    }
+                    at.push(i);
+                    n.clear();
+                }
+            }
+            let consecutive = at.windows(2).all(|w| w[1] == w[0] + 1);
+            (n.is_empty() && consecutive).then_some(at)
+        };
+        if let Some(w) = date.strip_suffix('W') {
+            return time.is_none() && !w.is_empty() && w.bytes().all(|b| b.is_ascii_digit());
+        }
+        let Some(d) = units(date, &['Y', 'M', 'D'], false) else {
+            return false;
+        };
+        match time {
+            None => !d.is_empty(),
+            Some(t) => units(t, &['H', 'M', 'S'], true).is_some_and(|u| !u.is_empty()),
+        }
+    };
+    for ok in ["P1Y2M3DT4H5M6S", "PT30M", "P2W", "PT0.5S", "P1M", "P3D"] {
+        assert!(duration(ok), "{ok}");
+    }
+    for bad in ["P", "PT", "P1Y2D", "PT1H30S", "10 seconds", "P1.5D", "P1D2M"] {
+        assert!(!duration(bad), "{bad}");
+    }
+    let mut stopped = 0;
+    for sampling in [
+        json!({"temperature": 0}),
+        json!({"temperature": 1.0, "seed": 3}),
+        json!({"temperature": 0.7, "seed": 1}),
+    ] {
+        let body = with_fields(
+            chat_body(
+                "Describe our mirror server: its website, host name, IPv6 address and request \
+                 timeout.",
+                sampling.clone(),
+            ),
+            &json!({"response_format": {"type": "json_schema",
+                    "json_schema": {"name": "server", "strict": true, "schema": schema}},
+                    "max_tokens": 200}),
+        );
+        let r = post_json(&http, &chat, &body).await;
+        let c = &r["choices"][0];
+        if c["finish_reason"] != "stop" {
+            assert_eq!(c["finish_reason"], "length", "{sampling}: {r}");
+            continue;
+        }
+        stopped += 1;
+        let content = c["message"]["content"].as_str().unwrap();
+        let v: Value = serde_json::from_str(content).unwrap_or_else(|e| panic!("{e}: {content}"));
+        let site = v["website"].as_str().unwrap();
+        assert!(reqwest::Url::parse(site).is_ok(), "{sampling}: {content}");
+        assert!(hostname(v["host"].as_str().unwrap()), "{sampling}: {content}");
+        let address = v["address"].as_str().unwrap();
+        assert!(address.parse::<std::net::Ipv6Addr>().is_ok(), "{sampling}: {content}");
+        assert!(duration(v["timeout"].as_str().unwrap()), "{sampling}: {content}");
+    }
+    assert!(stopped >= 2, "{stopped} of 3 answers ended by themselves");
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
 /// Structured outputs (`response_format: {"type": "json_schema", …}`): an answer that ends
 /// by itself is a value the schema accepts, every property present in the schema's order
 /// with its type, an enum's
@@ -1788,7 +1901,7 @@ async fn a_json_schema_shapes_the_answer() {
             "uniqueItems is followed for items that are an enum",
         ),
         (json!({"type": "string", "pattern": "a(?=b)"}), "pattern"),
-        (json!({"type": "string", "format": "hostname"}), "format"),
+        (json!({"type": "string", "format": "iri"}), "format"),
         (
             json!({"anyOf": [{"type": "number"}, {"type": "integer"}]}),
             "same character",
