@@ -901,11 +901,11 @@ impl NamedCalls {
             CallAt::Label { part, written, .. } => match &self.format.parts[*part] {
                 Part::Token(t) => id == *t,
                 // A whole name that a longer one goes on from may end at the next part's
-                // token.
-                _ if control => {
+                // token (a control token, or an added token with text).
+                _ if self.format.parts.get(*part + 1) == Some(&Part::Token(id)) => {
                     self.fit(*part, written).whole.is_some()
-                        && self.format.parts.get(*part + 1) == Some(&Part::Token(id))
                 }
+                _ if control => false,
                 _ => {
                     joined.clear();
                     joined.extend_from_slice(written);
@@ -954,7 +954,6 @@ impl NamedCalls {
     /// Steps over a sampled token: its id (`None`: its text alone), text, bytes, and
     /// whether those are raw bytes, not whole UTF-8.
     fn step(&mut self, id: Option<u32>, text: &str, bytes: &[u8], raw: bool) {
-        let control = id.is_some() && text.is_empty() && !raw;
         let block_end = self.format.block.map(|(_, end)| end);
         self.at = match std::mem::replace(&mut self.at, CallAt::Free) {
             CallAt::Free => match self.format.block {
@@ -978,7 +977,7 @@ impl NamedCalls {
                 part,
                 tool,
                 written,
-            } if control => {
+            } if id.is_some_and(|id| self.format.parts.get(part + 1) == Some(&Part::Token(id))) => {
                 // The next part's token, after a whole name that a longer one goes on from.
                 let whole = self.fit(part, &written).whole;
                 debug_assert!(whole.is_some(), "a masked token was sampled: {id:?}");
@@ -1801,6 +1800,48 @@ mod tests {
         assert_eq!(unmasked(&m, &vocab), [1]);
         m.advance_id(&vocab, 1);
         assert!(m.complete());
+    }
+
+    /// A name that is the start of another ends at the next part's token, whether that is a
+    /// control token or an added token with text (as DeepSeek's are in some vocabularies).
+    #[test]
+    fn a_shorter_name_ends_at_the_next_token_with_or_without_text() {
+        for sep_text in ["", "<sep>"] {
+            // 0 call open (control), 1 separator, 2 end of text.
+            let texts: Vec<String> = ["", sep_text, "", "get", "_weather", "{}"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            let vocab = JsonVocab::new(texts).with_eos(&[2]);
+            let empty = Arc::new(Schema::compile(&serde_json::json!({"type": "object"})).unwrap());
+            let tools: Arc<[(String, Arc<Schema>)]> = vec![
+                ("get_weather".to_string(), empty.clone()),
+                ("get".to_string(), empty),
+            ]
+            .into();
+            let format = Arc::new(CallFormat {
+                block: None,
+                parts: vec![Part::Token(0), Part::Name(""), Part::Token(1), Part::Args],
+            });
+            let c = Constraint::Named {
+                format,
+                tools,
+                once: true,
+            };
+            let mut m = JsonMode::new(&c);
+            m.advance_id(&vocab, 0);
+            assert_eq!(unmasked(&m, &vocab), [3], "{sep_text:?}");
+            m.advance_id(&vocab, 3);
+            assert_eq!(
+                unmasked(&m, &vocab),
+                [1, 4],
+                "{sep_text:?}: get, or more of it"
+            );
+            m.advance_id(&vocab, 1);
+            assert_eq!(unmasked(&m, &vocab), [5], "{sep_text:?}: get's arguments");
+            m.advance_id(&vocab, 5);
+            assert!(m.complete(), "{sep_text:?}");
+        }
     }
 
     #[test]
