@@ -412,6 +412,59 @@ pub struct RuntimeSpec {
         )
     )]
     pub args: Vec<String>,
+
+    /// Secrets' and ConfigMaps' files mounted read-only into the runtime container, for what
+    /// the runtime reads from a file: a chat template (`args: [--chat-template, <path>]`), a
+    /// trace collector's CA or client certificate (`env` `OTEL_EXPORTER_OTLP_CERTIFICATE`, ...).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    #[x_kube(
+        validation = Rule::new("self.all(f, self.exists_one(g, g.mountPath == f.mountPath))")
+            .message("spec.runtime.files must not mount two sources at the same mountPath")
+    )]
+    pub files: Vec<RuntimeFiles>,
+}
+
+/// One Secret's or ConfigMap's keys, each a file of that name under `mountPath`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[x_kube(
+    validation = Rule::new("has(self.secretName) != has(self.configMapName)")
+        .message("spec.runtime.files[] must name exactly one of secretName and configMapName")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct RuntimeFiles {
+    /// The directory the files appear in: absolute, and outside the directories kandle mounts
+    /// (`/tmp`, `/var/cache/kandle`, `/models`).
+    #[schemars(length(max = 256))]
+    #[x_kube(
+        validation = Rule::new(concat!(
+            "self.startsWith('/') && self != '/' && !self.contains('..') && !self.contains('//')",
+            " && ![", "'/tmp', '/var/cache/kandle', '/models'",
+            "].exists(d, self == d || self.startsWith(d + '/'))"
+        ))
+        .message(
+            "spec.runtime.files[].mountPath must be an absolute directory outside /tmp, /var/cache/kandle and /models"
+        )
+    )]
+    pub mount_path: String,
+
+    /// A Secret of the model's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    #[x_kube(
+        validation = Rule::new(concat!("self.matches('", dns_subdomain!(), "')"))
+            .message("spec.runtime.files[].secretName must be a Secret name (a lowercase DNS subdomain)")
+    )]
+    pub secret_name: Option<String>,
+
+    /// A ConfigMap of the model's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    #[x_kube(
+        validation = Rule::new(concat!("self.matches('", dns_subdomain!(), "')"))
+            .message("spec.runtime.files[].configMapName must be a ConfigMap name (a lowercase DNS subdomain)")
+    )]
+    pub config_map_name: Option<String>,
 }
 
 /// Compute for each replica.

@@ -86,10 +86,15 @@ async fn a_model_gets_its_children_is_pinned_to_the_hub_commit_and_becomes_ready
     let env = env("reconcile").await;
     let sha = env.hub.commit("org/tiny", "main", [("weights.safetensors", vec![0u8; 8])]);
     let lms: Api<LanguageModel> = Api::namespaced(env.client.clone(), &env.ns);
-    let lm = lms.create(&PostParams::default(), &model("tiny", json!({}))).await.unwrap();
+    // A Secret's files for the runtime (a trace collector's CA, say): the API server fills in
+    // the volume's defaults, which must be neither drift nor a reason to write again below.
+    let files = json!({"runtime": {"files": [{"mountPath": "/etc/otel", "secretName": "collector-ca"}]}});
+    let lm = lms.create(&PostParams::default(), &model("tiny", files)).await.unwrap();
 
     let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), &env.ns);
     let d = eventually("the Deployment", || async { deployments.get_opt("tiny").await.unwrap() }).await;
+    let volume = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap().volumes.as_ref().unwrap().iter().find(|v| v.name == "files-0").expect("the files' volume");
+    assert_eq!(volume.secret.as_ref().unwrap().secret_name.as_deref(), Some("collector-ca"));
     let owner = &d.owner_references()[0];
     assert_eq!((owner.kind.as_str(), owner.uid.as_str(), owner.controller), ("LanguageModel", lm.uid().unwrap().as_str(), Some(true)));
     assert_eq!(d.labels()["kandle.dev/model"], "tiny");
@@ -471,7 +476,12 @@ async fn a_pod_from_the_generated_template_is_admitted_under_the_restricted_pod_
 
     let env = env("psa").await;
     let lms: Api<LanguageModel> = Api::namespaced(env.client.clone(), &env.ns);
-    let lm = lms.create(&PostParams::default(), &model("m", json!({}))).await.unwrap();
+    // With files mounted from a Secret and a ConfigMap, volume kinds the standard allows.
+    let files = json!({"runtime": {"files": [
+        {"mountPath": "/etc/otel", "secretName": "collector-ca"},
+        {"mountPath": "/etc/kandle/template", "configMapName": "chat-template"},
+    ]}});
+    let lm = lms.create(&PostParams::default(), &model("m", files)).await.unwrap();
     let label = json!({"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "restricted"}}});
     Api::<Namespace>::all(env.client.clone()).patch(&env.ns, &PatchParams::default(), &Patch::Merge(&label)).await.unwrap();
 

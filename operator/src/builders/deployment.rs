@@ -13,7 +13,9 @@
 //!   [--max-concurrent-requests N] [--max-new-tokens N] <spec.runtime.args...>` with
 //!   `HF_HUB_OFFLINE=1` (everything it needs was downloaded), `KANDLE_API_KEY` from
 //!   `serving.apiKeySecretRef`, the operator's `OTEL_EXPORTER_OTLP_ENDPOINT` when it has one,
-//!   and, when the server traces, its pod's resource attributes (`with_trace_resource`). The
+//!   and, when the server traces, its pod's resource attributes (`with_trace_resource`);
+//!   `spec.runtime.files[i]`'s Secret or ConfigMap is mounted read-only at its `mountPath`
+//!   (volume `files-<i>`). The
 //!   cache is mounted read-only there: the weights never change after the download, and a
 //!   compromised server cannot poison a cache that other replicas share.
 //!
@@ -27,9 +29,10 @@ use k8s_openapi::{
     api::{
         apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment},
         core::v1::{
-            Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction,
+            Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction,
             ObjectFieldSelector, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-            ResourceRequirements, SeccompProfile, SecretKeySelector, SecurityContext, Toleration, Volume, VolumeMount,
+            ResourceRequirements, SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext, Toleration,
+            Volume, VolumeMount,
         },
     },
     apimachinery::pkg::{
@@ -45,7 +48,7 @@ use super::{
 };
 use crate::{
     LanguageModel, Result,
-    api::{HuggingFaceSource, SecretKeyRef},
+    api::{HuggingFaceSource, RuntimeFiles, SecretKeyRef},
     consts::{annotation, gpu},
 };
 
@@ -70,6 +73,8 @@ const RUNTIME_UID: i64 = 65532;
 const CACHE_VOLUME: &str = "model-cache";
 const MODEL_VOLUME: &str = "model";
 const TMP_VOLUME: &str = "tmp";
+/// `spec.runtime.files[i]`'s volume is `files-<i>`.
+const FILES_VOLUME: &str = "files";
 const HTTP_PORT_NAME: &str = "http";
 const MAIN_CONTAINER: &str = "runtime";
 const DOWNLOAD_CONTAINER: &str = "download";
@@ -216,6 +221,11 @@ fn pod_template(lm: &LanguageModel, config: &BuilderConfig, resolution: &Resolut
         (None, None) => {}
     }
 
+    for (i, files) in spec.runtime.iter().flat_map(|r| &r.files).enumerate() {
+        let volume = format!("{FILES_VOLUME}-{i}");
+        volumes.push(files_volume(&volume, files));
+        serve_mounts.push(mount(&volume, &files.mount_path, true));
+    }
     if let Some(key_ref) = &spec.serving.api_key_secret_ref {
         serve_env.push(secret_env("KANDLE_API_KEY", key_ref));
     }
@@ -527,6 +537,23 @@ fn empty_dir(name: &str) -> Volume {
     Volume { name: name.into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Volume::default() }
 }
 
+/// A volume of the Secret or ConfigMap that `spec.runtime.files[]` names (the CRD's rule
+/// makes it exactly one).
+fn files_volume(name: &str, files: &RuntimeFiles) -> Volume {
+    Volume {
+        name: name.into(),
+        secret: files
+            .secret_name
+            .as_ref()
+            .map(|s| SecretVolumeSource { secret_name: Some(s.clone()), ..SecretVolumeSource::default() }),
+        config_map: files
+            .config_map_name
+            .as_ref()
+            .map(|c| ConfigMapVolumeSource { name: c.clone(), ..ConfigMapVolumeSource::default() }),
+        ..Volume::default()
+    }
+}
+
 fn mount(volume: &str, path: &str, read_only: bool) -> VolumeMount {
     VolumeMount {
         name: volume.into(),
@@ -540,7 +567,7 @@ fn mount(volume: &str, path: &str, read_only: bool) -> VolumeMount {
 mod tests {
     use super::*;
     use crate::{
-        api::{CacheSpec, PlacementSpec, RolloutSpec, RuntimeSpec},
+        api::{CacheSpec, PlacementSpec, RolloutSpec, RuntimeFiles, RuntimeSpec},
         builders::fixtures::*,
     };
 
@@ -689,6 +716,45 @@ mod tests {
             ),
             "{a}"
         );
+    }
+
+    #[test]
+    fn runtime_files_are_mounted_read_only_into_the_runtime_alone() {
+        let mut lm = hub_model();
+        let before = build(&lm);
+        lm.spec.runtime = Some(RuntimeSpec {
+            files: vec![
+                RuntimeFiles {
+                    mount_path: "/etc/kandle/template".into(),
+                    config_map_name: Some("chat-template".into()),
+                    ..RuntimeFiles::default()
+                },
+                RuntimeFiles {
+                    mount_path: "/etc/otel".into(),
+                    secret_name: Some("collector-ca".into()),
+                    ..RuntimeFiles::default()
+                },
+            ],
+            ..RuntimeSpec::default()
+        });
+        let d = build(&lm);
+        let volumes = pod(&d).volumes.as_ref().unwrap();
+        let v0 = volumes.iter().find(|v| v.name == "files-0").unwrap();
+        assert_eq!(v0.config_map.as_ref().unwrap().name, "chat-template");
+        assert!(v0.secret.is_none());
+        let v1 = volumes.iter().find(|v| v.name == "files-1").unwrap();
+        assert_eq!(v1.secret.as_ref().unwrap().secret_name.as_deref(), Some("collector-ca"));
+        assert!(v1.config_map.is_none());
+        let mounts = serve(&d).volume_mounts.as_ref().unwrap();
+        for (volume, path) in [("files-0", "/etc/kandle/template"), ("files-1", "/etc/otel")] {
+            let m = mounts.iter().find(|m| m.name == volume).unwrap();
+            assert_eq!((m.mount_path.as_str(), m.read_only), (path, Some(true)));
+        }
+        // The download needs none of them.
+        let init = &pod(&d).init_containers.as_ref().unwrap()[0];
+        assert!(init.volume_mounts.as_ref().unwrap().iter().all(|m| !m.name.starts_with("files-")));
+        // A new file source is a new pod template: the pods roll.
+        assert_ne!(template_hash(&before), template_hash(&d));
     }
 
     #[test]
