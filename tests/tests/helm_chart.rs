@@ -7,6 +7,7 @@
 //! ServiceAccount, so RBAC decides exactly as it would in a cluster. The only substitutions are
 //! the metrics address (a free loopback port instead of 0.0.0.0:8080), `--kubeconfig`, the
 //! fake hub's endpoint, and POD_NAME/POD_NAMESPACE (the Downward API's job).
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -185,6 +186,8 @@ async fn helm_lint_passes_and_a_wrong_value_is_refused_naming_it() {
             ("noSuchValue=1", "noSuchValue"),
             ("tracing.otlpEndpoint=otel-collector:4318", "otlpEndpoint"),
             ("tracing.modelsOtlpEndpoint=otel-collector:4318", "modelsOtlpEndpoint"),
+            ("tracing.tlsSecret=Collector_CA", "tlsSecret"),
+            ("tracing.mutualTls=yes", "mutualTls"),
         ] {
             let err = run_fail(
                 cp.helm().args(["template", "r"]).arg(chart()).args(["--set", set]),
@@ -202,6 +205,11 @@ async fn helm_lint_passes_and_a_wrong_value_is_refused_naming_it() {
             "a ServiceMonitor without its Service",
         );
         assert!(err.contains("metrics.service.enabled"), "{err}");
+        let err = run_fail(
+            cp.helm().args(["template", "r"]).arg(chart()).args(["--set", "tracing.mutualTls=true"]),
+            "mutual TLS without its Secret",
+        );
+        assert!(err.contains("tracing.tlsSecret"), "{err}");
     })
     .await;
 }
@@ -213,8 +221,14 @@ async fn the_rendered_chart_is_accepted_by_the_api_server_in_every_mode() {
     let watched = cp.namespace("tpl-models").await;
     let _ = client;
     blocking(move || {
-        let modes: [(&str, Vec<String>); 3] = [
+        let tls = [
+            "tracing.otlpEndpoint=https://otel-collector.observability:4318",
+            "tracing.tlsSecret=collector-ca",
+            "tracing.mutualTls=true",
+        ];
+        let modes: [(&str, Vec<String>); 4] = [
             ("defaults", vec![]),
+            ("traces over mutual TLS", tls.iter().map(|s| s.to_string()).collect()),
             ("namespaced", vec![format!("watchNamespaces={{{watched}}}"), "networkPolicy.enabled=true".into()]),
             ("everything off", vec![
                 "leaderElection.enabled=false".into(),
@@ -253,6 +267,29 @@ async fn the_rendered_chart_is_accepted_by_the_api_server_in_every_mode() {
         assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
         assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
         assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+
+        // Traces over TLS: the Secret mounted read-only, the SDK's variables naming its keys;
+        // none of it by default.
+        assert!(c.get("volumeMounts").is_none() && pod.get("volumes").is_none(), "{pod}");
+        let d = docs(&template(cp, "tpl", &release_ns, &tls));
+        let pod = &find(&d, "Deployment")[0]["spec"]["template"]["spec"];
+        let c = &pod["containers"][0];
+        assert_eq!(pod["volumes"], json!([{"name": "otlp-tls", "secret": {"secretName": "collector-ca"}}]));
+        assert_eq!(c["volumeMounts"], json!([{"name": "otlp-tls", "mountPath": "/etc/kandle/otlp-tls", "readOnly": true}]));
+        let env: BTreeMap<&str, &str> = c["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| Some((e["name"].as_str()?, e["value"].as_str()?)))
+            .collect();
+        assert_eq!(env["OTEL_EXPORTER_OTLP_CERTIFICATE"], "/etc/kandle/otlp-tls/ca.crt");
+        assert_eq!(env["OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE"], "/etc/kandle/otlp-tls/tls.crt");
+        assert_eq!(env["OTEL_EXPORTER_OTLP_CLIENT_KEY"], "/etc/kandle/otlp-tls/tls.key");
+        let d = docs(&template(cp, "tpl", &release_ns, &tls[..2]));
+        let c = &find(&d, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0];
+        let names: Vec<&str> = c["env"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
+        assert!(names.contains(&"OTEL_EXPORTER_OTLP_CERTIFICATE"), "{names:?}");
+        assert!(!names.contains(&"OTEL_EXPORTER_OTLP_CLIENT_KEY"), "a CA alone, without mutualTls: {names:?}");
 
         // Namespaced: a Role in the watched namespace, no cluster-wide model rights.
         let d = docs(&template(cp, "tpl", &release_ns, &[&format!("watchNamespaces={{{watched}}}")]));
