@@ -1598,6 +1598,19 @@ mod tests {
         assert!(m.complete());
     }
 
+    /// Two tools: `get_weather`, whose `city` is `"Rome"`, and `other`, of no arguments.
+    fn weather_and(other: &str) -> Arc<[(String, Arc<Schema>)]> {
+        let schema = |v: serde_json::Value| Arc::new(Schema::compile(&v).unwrap());
+        let weather =
+            serde_json::json!({"type": "object", "properties": {"city": {"enum": ["Rome"]}}});
+        let none = serde_json::json!({"type": "object", "properties": {}});
+        vec![
+            ("get_weather".to_string(), schema(weather)),
+            (other.to_string(), schema(none)),
+        ]
+        .into()
+    }
+
     #[test]
     fn a_named_call_masks_its_name_then_that_tools_arguments() {
         // 0 [TOOL_CALLS], 1 [ARGS] (control tokens: no text), 2 end of text.
@@ -1619,15 +1632,7 @@ mod tests {
         .map(|s| s.to_string())
         .collect();
         let vocab = JsonVocab::new(texts).with_eos(&[2]);
-        let schema = |v: serde_json::Value| Arc::new(Schema::compile(&v).unwrap());
-        let tools: Arc<[(String, Arc<Schema>)]> = vec![
-            (
-                "get_weather".to_string(),
-                schema(serde_json::json!({"type": "object", "properties": {"city": {"enum": ["Rome"]}}})),
-            ),
-            ("get_time".to_string(), schema(serde_json::json!({"type": "object", "properties": {}}))),
-        ]
-        .into();
+        let tools = weather_and("get_time");
         let format = Arc::new(CallFormat {
             block: None,
             parts: vec![Part::Token(0), Part::Name(""), Part::Token(1), Part::Args],
@@ -1703,15 +1708,7 @@ mod tests {
         .map(|s| s.to_string())
         .collect();
         let vocab = JsonVocab::new(texts).with_eos(&[5]);
-        let schema = |v: serde_json::Value| Arc::new(Schema::compile(&v).unwrap());
-        let tools: Arc<[(String, Arc<Schema>)]> = vec![
-            (
-                "get_weather".to_string(),
-                schema(serde_json::json!({"type": "object", "properties": {"city": {"enum": ["Rome"]}}})),
-            ),
-            ("get".to_string(), schema(serde_json::json!({"type": "object", "properties": {}}))),
-        ]
-        .into();
+        let tools = weather_and("get");
         let format = Arc::new(CallFormat {
             block: Some((0, 1)),
             parts: vec![
@@ -1813,12 +1810,7 @@ mod tests {
                 .map(|s| s.to_string())
                 .collect();
             let vocab = JsonVocab::new(texts).with_eos(&[2]);
-            let empty = Arc::new(Schema::compile(&serde_json::json!({"type": "object"})).unwrap());
-            let tools: Arc<[(String, Arc<Schema>)]> = vec![
-                ("get_weather".to_string(), empty.clone()),
-                ("get".to_string(), empty),
-            ]
-            .into();
+            let tools = weather_and("get");
             let format = Arc::new(CallFormat {
                 block: None,
                 parts: vec![Part::Token(0), Part::Name(""), Part::Token(1), Part::Args],
