@@ -14,7 +14,9 @@ properties, items with minItems/maxItems, enum, const, anyOf of alternatives tha
 differently, maps, string lengths, patterns and formats, number bounds, checked with jsonschema's format
 checker: `pip install rfc3339-validator fqdn rfc3987 isoduration` for date-time and time,
 hostname, uri and duration, which it otherwise passes unchecked) with what it refuses
-(look-ahead patterns, unknown formats, multipleOf, alternatives that start alike, an empty enum).
+(look-ahead patterns, unknown formats, multipleOf, oneOf alternatives that start alike, an
+empty enum); anyOf alternatives that start alike (two objects, an integer or a number) are
+followed.
 """
 import argparse
 import json
@@ -49,6 +51,12 @@ def leaf(r):
         {"oneOf": [{"type": "string"}, {"type": "array", "items": {}}]},
         {"type": "object", "additionalProperties": {"type": "integer"}},
         {"type": "object", "additionalProperties": False},
+        {"anyOf": [{"type": "object", "properties": {"k": {"const": "a"}, "n": {"type": "integer"}},
+                    "required": ["k", "n"]},
+                   {"type": "object", "properties": {"k": {"const": "b"}, "s": {"type": "string"}},
+                    "required": ["k", "s"]}]},
+        {"anyOf": [{"type": "integer", "minimum": 5}, {"type": "number", "maximum": 0}]},
+        {"oneOf": [{"type": "integer"}, {"type": "number"}]},
     ])
 
 

@@ -270,7 +270,7 @@ fn step(mode: Mode, ws: u8, stack: &mut impl Stack, c: char) -> Option<(Mode, u8
 }
 
 /// The automaton after the text so far.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct JsonState {
     mode: Mode,
     ws: u8,

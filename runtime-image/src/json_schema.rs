@@ -6,8 +6,12 @@
 //! The subset kandle follows, and what it decides where JSON Schema leaves a choice:
 //! - `type` (object, array, string, number, integer, boolean, null, or a list of them),
 //!   `properties`, `items` (with `minItems`, `maxItems`), `enum`, `const`, `$ref` to `#/$defs/…` or `#/definitions/…` (not
-//!   recursive), and `anyOf` / `oneOf` of alternatives that start with different characters
-//!   (pydantic's `Optional[X]`: X or null); the first character of the value picks one.
+//!   recursive), and `anyOf` / `oneOf` (pydantic's `Optional[X]`, `Union[A, B]`): the first
+//!   character of the value picks an alternative; where several start alike, each is a
+//!   reading of its own ([`SchemaState`]) until the text tells them apart. `oneOf`'s
+//!   alternatives must start differently, unless pydantic's `discriminator` comes with them
+//!   (each then holds its own constant in that property): a value two of them accept would
+//!   break "one of".
 //! - `allOf` of one part is that part (pydantic's wrapper of a `$ref` with a description or
 //!   default); of several, one object of all their properties in the parts' order, where
 //!   each part is an object of properties alone (a schema extending another; two parts
@@ -870,13 +874,23 @@ impl Schema {
             return self.all_of(obj, parts, root, depth);
         }
         if let Some(alts) = obj.get("anyOf").or_else(|| obj.get("oneOf")) {
-            // Alternatives that start differently (pydantic's `Optional[X]`, say): the first
-            // character picks one, so that "one of" and "any of" are the same here.
-            let alts = combined(obj, &["anyOf", "oneOf"], "anyOf/oneOf", alts)?;
+            // Alternatives are read side by side until the text tells them apart. `oneOf`
+            // asks that one alone accept the value: its alternatives must start differently
+            // (pydantic's `Optional[X]`), or come with pydantic's `discriminator`, whose
+            // property holds each alternative's own constant.
+            let alts = combined(
+                obj,
+                &["anyOf", "oneOf", "discriminator"],
+                "anyOf/oneOf",
+                alts,
+            )?;
             let nodes = alts
                 .iter()
                 .map(|a| self.node(a, root, depth + 1))
                 .collect::<Result<Vec<_>, _>>()?;
+            if !obj.contains_key("anyOf") && !obj.contains_key("discriminator") {
+                self.disjoint(&nodes)?;
+            }
             return self.union(nodes);
         }
         for key in obj.keys() {
@@ -1339,20 +1353,28 @@ impl Schema {
         Ok(s)
     }
 
-    /// A node of alternatives, which must start with different characters.
-    fn union(&mut self, alts: Vec<usize>) -> Result<usize, String> {
+    /// Refuses `oneOf` alternatives that can start alike: a value two of them accept would
+    /// break it.
+    fn disjoint(&self, alts: &[usize]) -> Result<(), String> {
         let mut seen = 0u128;
-        for &a in &alts {
+        for &a in alts {
             let first = self.first_chars(a);
             if first & seen != 0 {
                 return Err(
-                    "anyOf/oneOf or type-list alternatives that can start with the same \
-                     character (two objects, a number and an integer, ...) are not supported"
+                    "oneOf alternatives that can start with the same character (two objects, a \
+                     number and an integer, ...) are not supported without a discriminator: a \
+                     value two of them accept would break oneOf; use anyOf"
                         .into(),
                 );
             }
             seen |= first;
         }
+        Ok(())
+    }
+
+    /// A node of alternatives (those that start alike are read side by side:
+    /// [`SchemaState`]'s readings).
+    fn union(&mut self, alts: Vec<usize>) -> Result<usize, String> {
         Ok(match alts.len() {
             1 => alts[0],
             _ => self.push(Node::Union(alts)),
@@ -1459,7 +1481,7 @@ enum ArrAt {
     After,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 enum Frame {
     Obj {
         node: usize,
@@ -1517,7 +1539,7 @@ enum Frame {
 
 /// The values an array of unique scalar items has written, as JSON Schema compares them, and
 /// the text of the item being written.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 struct Written {
     values: std::sync::Arc<BTreeSet<String>>,
     item: String,
@@ -1561,6 +1583,9 @@ enum Step {
     },
     /// The frame is the alternative this character starts, which takes it.
     Become(Frame),
+    /// The frame is any of these alternatives, which this character starts alike: each is a
+    /// reading of its own.
+    Fork(Vec<Frame>),
     /// A child's value starts: after this character (`took`), or with it.
     Child {
         frame: Frame,
@@ -1572,27 +1597,46 @@ fn is_ws(c: char) -> bool {
     matches!(c, ' ' | '\t' | '\n' | '\r')
 }
 
-/// The automaton of a [`Schema`] after the text so far.
+/// The automaton of a [`Schema`] after the text so far: the readings of the text that the
+/// schema still allows. There is one, but where alternatives of a union start alike (two
+/// objects, an integer and a number): each is then a reading until the text tells them
+/// apart, and the text is taken where any reading takes it.
 #[derive(Debug, Clone)]
 pub struct SchemaState {
-    stack: Vec<Frame>,
-    /// Whitespace characters of the gap so far, and whether it began with a newline.
-    ws: u8,
-    newline: bool,
-    done: bool,
+    /// The first reading, and any others: a mask copies the state for every token it tries,
+    /// and an empty list costs nothing to copy.
+    reading: Reading,
+    others: Vec<Reading>,
     /// The first bytes of a character not yet whole ([`SchemaState::push_bytes`]).
     pending: Vec<u8>,
     /// A pythonic schema's characters, turned into the JSON its frames follow.
     py: Option<crate::pythonic::PyCalls>,
 }
 
+/// Readings kept at once, at most; past it the later ones are dropped (what is written stays
+/// a value the schema accepts, by the readings kept).
+const MAX_READINGS: usize = 32;
+
+/// One reading of the text so far: the frames of the values open in it.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Reading {
+    stack: Vec<Frame>,
+    /// Whitespace characters of the gap so far, and whether it began with a newline.
+    ws: u8,
+    newline: bool,
+    done: bool,
+}
+
 impl SchemaState {
     pub fn new(schema: &Schema) -> SchemaState {
         SchemaState {
-            stack: vec![Self::frame(schema, schema.root)],
-            ws: 0,
-            newline: false,
-            done: false,
+            reading: Reading {
+                stack: vec![Reading::frame(schema, schema.root)],
+                ws: 0,
+                newline: false,
+                done: false,
+            },
+            others: Vec::new(),
             pending: Vec::new(),
             py: schema.pythonic.then(Default::default),
         }
@@ -1623,6 +1667,70 @@ impl SchemaState {
         true
     }
 
+    /// Whether a character whose UTF-8 starts with `lead` may come next.
+    fn takes_partial(&self, schema: &Schema, lead: &[u8]) -> bool {
+        self.readings().any(|r| r.takes_partial(schema, lead))
+    }
+
+    /// Whether the value is complete (by some reading).
+    pub fn complete(&self) -> bool {
+        self.readings().any(|r| r.done)
+    }
+
+    /// Inside a string's plain characters (of some reading).
+    pub fn in_plain_string(&self) -> bool {
+        self.readings().any(Reading::in_plain_string)
+            && !self.py.is_some_and(|p| p.in_single_quotes())
+    }
+
+    /// Takes `c`; `false` (the state then unusable: callers try on a copy) if refused.
+    pub fn push_char(&mut self, schema: &Schema, c: char) -> bool {
+        let Some(py) = &mut self.py else {
+            return self.push_json_char(schema, c);
+        };
+        let Some((before, c)) = py.translate(c) else {
+            return false;
+        };
+        before
+            .chars()
+            .chain(c)
+            .all(|c| self.push_json_char(schema, c))
+    }
+
+    /// [`SchemaState::push_char`] of a JSON character: each reading that takes it goes on.
+    fn push_json_char(&mut self, schema: &Schema, c: char) -> bool {
+        // In place; a reading that forks puts its other readings, past `c`, in `forks`.
+        let mut forks = Vec::new();
+        let took = self.reading.take(schema, c, &mut forks);
+        if forks.is_empty() && self.others.is_empty() {
+            return took;
+        }
+        self.others.retain_mut(|r| r.take(schema, c, &mut forks));
+        let mut all = Vec::with_capacity(1 + self.others.len() + forks.len());
+        if took {
+            all.push(std::mem::take(&mut self.reading));
+        }
+        for r in self.others.drain(..).chain(forks) {
+            if all.len() < MAX_READINGS && !all.contains(&r) {
+                all.push(r);
+            }
+        }
+        let mut all = all.into_iter();
+        let Some(first) = all.next() else {
+            return false;
+        };
+        self.reading = first;
+        self.others = all.collect();
+        true
+    }
+
+    /// The readings of the text so far.
+    fn readings(&self) -> impl Iterator<Item = &Reading> {
+        std::iter::once(&self.reading).chain(&self.others)
+    }
+}
+
+impl Reading {
     /// Whether a character whose UTF-8 starts with `lead` may come next.
     fn takes_partial(&self, schema: &Schema, lead: &[u8]) -> bool {
         let starts = |c: &char| c.encode_utf8(&mut [0; 4]).as_bytes().starts_with(lead);
@@ -1724,33 +1832,22 @@ impl SchemaState {
         }
     }
 
-    /// Whether the value is complete.
-    pub fn complete(&self) -> bool {
-        self.done
-    }
-
     /// Inside a string's plain characters.
-    pub fn in_plain_string(&self) -> bool {
+    fn in_plain_string(&self) -> bool {
         matches!(self.stack.last(), Some(Frame::Val { json, .. }) if json.in_plain_string())
-            && !self.py.is_some_and(|p| p.in_single_quotes())
     }
 
-    /// Takes `c`; `false` (the state then unusable: callers try on a copy) if refused.
-    pub fn push_char(&mut self, schema: &Schema, c: char) -> bool {
-        let Some(py) = &mut self.py else {
-            return self.push_json_char(schema, c);
-        };
-        let Some((before, c)) = py.translate(c) else {
-            return false;
-        };
-        before
-            .chars()
-            .chain(c)
-            .all(|c| self.push_json_char(schema, c))
+    /// Takes JSON character `c`: this reading, gone on, into `out` where it takes it (and
+    /// the readings it forks into).
+    fn push(mut self, schema: &Schema, c: char, out: &mut Vec<Reading>) {
+        if self.take(schema, c, out) {
+            out.push(self);
+        }
     }
 
-    /// [`SchemaState::push_char`] of a JSON character.
-    fn push_json_char(&mut self, schema: &Schema, c: char) -> bool {
+    /// [`Reading::push`] of this reading itself: whether it takes `c` (the readings it forks
+    /// into are pushed to `out` themselves).
+    fn take(&mut self, schema: &Schema, c: char, out: &mut Vec<Reading>) -> bool {
         if is_ws(c) && self.between_tokens() {
             return self.gap(c);
         }
@@ -1767,6 +1864,16 @@ impl SchemaState {
                 Step::Refused => return false,
                 Step::Become(frame) => {
                     *self.stack.last_mut().expect("a frame") = frame;
+                }
+                Step::Fork(mut frames) => {
+                    // This reading goes on as the first alternative, a copy as each other.
+                    let first = frames.remove(0);
+                    for frame in frames {
+                        let mut other = self.clone();
+                        *other.stack.last_mut().expect("a frame") = frame;
+                        other.push(schema, c, out);
+                    }
+                    *self.stack.last_mut().expect("a frame") = first;
                 }
                 Step::Child { frame, took } => {
                     self.stack.push(frame);
@@ -1979,16 +2086,14 @@ impl SchemaState {
                 let Node::Union(alts) = &schema.nodes[*node] else {
                     unreachable!("a union frame's node is a union")
                 };
-                let picked = c
-                    .is_ascii()
-                    .then(|| {
-                        alts.iter()
-                            .find(|&&a| schema.first_chars(a) & (1 << (c as u8)) != 0)
-                    })
-                    .flatten();
-                match picked {
-                    Some(&a) => Step::Become(Self::frame(schema, a)),
-                    None => Step::Refused,
+                let mut picked: Vec<Frame> = (alts.iter())
+                    .filter(|&&a| c.is_ascii() && schema.first_chars(a) & (1 << (c as u8)) != 0)
+                    .map(|&a| Self::frame(schema, a))
+                    .collect();
+                match picked.len() {
+                    0 => Step::Refused,
+                    1 => Step::Become(picked.remove(0)),
+                    _ => Step::Fork(picked),
                 }
             }
             Frame::Call { node, at, which } => {
@@ -2242,11 +2347,25 @@ impl SchemaState {
             }
         }
     }
+}
 
+impl SchemaState {
     /// Whether `text` may come next.
     pub fn accepts(&self, schema: &Schema, text: &str) -> bool {
         if text.is_empty() || self.in_partial_char() {
             return false;
+        }
+        if self.others.is_empty() && self.py.is_none() {
+            // The mask's trial of every token: a copy of the one reading, while it stays one.
+            let mut trial = self.reading.clone();
+            let mut forks = Vec::new();
+            let one = text.chars().all(|c| {
+                let took = trial.take(schema, c, &mut forks);
+                took && forks.is_empty()
+            });
+            if one || forks.is_empty() {
+                return one;
+            }
         }
         let mut trial = self.clone();
         text.chars().all(|c| trial.push_char(schema, c))
@@ -2709,13 +2828,77 @@ mod tests {
     }
 
     #[test]
+    fn alternatives_that_start_alike_are_read_side_by_side_until_the_text_tells_them_apart() {
+        // pydantic's `Union[Cat, Dog]`, and the same with its discriminator.
+        let pet = |kind: &str, field: &str, ty: &str| {
+            json!({"type": "object",
+                   "properties": {"pet_type": {"const": kind}, field: {"type": ty}},
+                   "required": ["pet_type", field]})
+        };
+        let union =
+            json!({"anyOf": [pet("cat", "meows", "integer"), pet("dog", "barks", "boolean")]});
+        let discriminated = json!({
+            "oneOf": [pet("cat", "meows", "integer"), pet("dog", "barks", "boolean")],
+            "discriminator": {"propertyName": "pet_type"}});
+        for schema in [&union, &discriminated] {
+            assert_eq!(
+                run(schema, r#"{"pet_type": "cat", "meows": 3}"#),
+                (true, true)
+            );
+            assert_eq!(
+                run(schema, r#"{"pet_type": "dog", "barks": true}"#),
+                (true, true)
+            );
+            assert_eq!(
+                run(schema, r#"{"pet_type": "cat", "barks": true}"#),
+                (false, false)
+            );
+            assert_eq!(run(schema, r#"{"pet_type": "cow""#), (false, false));
+            let (s, mut st) = state(schema);
+            assert!(st.push(&s, r#"{"pet_type": ""#));
+            assert_eq!(
+                st.readings().count(),
+                2,
+                "both alive until the value differs"
+            );
+            assert!(st.accepts(&s, "c") && st.accepts(&s, "d") && !st.accepts(&s, "e"));
+            assert!(st.push(&s, "d"));
+            assert_eq!(st.readings().count(), 1, "the cat is gone");
+        }
+        // An integer or a number; a constant or any short string.
+        let num = json!({"type": ["integer", "number"]});
+        for ok in ["1", "-2.5", "3e2"] {
+            let (s, mut st) = state(&num);
+            assert!(st.push(&s, ok) && st.push(&s, " "), "{ok}");
+            assert!(st.complete(), "{ok}");
+        }
+        let text = json!({"anyOf": [{"const": "ab"}, {"type": "string", "maxLength": 3}]});
+        assert_eq!(run(&text, "\"abc\""), (true, true));
+        assert_eq!(run(&text, "\"ab\""), (true, true));
+        assert_eq!(run(&text, "\"abcd\""), (false, false));
+        // Readings that come back together are one again: a long list keeps two at most.
+        let list =
+            json!({"type": "array", "items": {"anyOf": [{"type": "integer"}, {"type": "number"}]}});
+        let (s, mut st) = state(&list);
+        assert!(st.push(&s, "["));
+        for _ in 0..50 {
+            assert!(st.push(&s, "1, "));
+            assert!(st.readings().count() <= 2, "{}", st.readings().count());
+        }
+        assert!(st.push(&s, "2.5]") && st.complete());
+    }
+
+    #[test]
     fn a_schema_kandle_cannot_follow_is_refused_naming_the_keyword() {
         refused(&[
             (
-                json!({"anyOf": [{"type": "object"}, {"type": "object", "properties": {}}]}),
+                json!({"oneOf": [{"type": "object"}, {"type": "object", "properties": {}}]}),
                 "same character",
             ),
-            (json!({"type": ["number", "integer"]}), "same character"),
+            (
+                json!({"oneOf": [{"type": "number"}, {"type": "integer"}]}),
+                "without a discriminator",
+            ),
             (
                 json!({"anyOf": [{"type": "string"}], "type": "string"}),
                 "beside anyOf",

@@ -1582,6 +1582,71 @@ async fn json_mode_answers_with_one_json_object() {
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
+/// Unions whose alternatives start alike, read side by side until the text tells them apart:
+/// pydantic's `Union[Cat, Dog]` of two objects (`anyOf`, and `oneOf` with its
+/// `discriminator`) and an integer-or-number. Each pet SmolLM2 writes is one shape whole, the
+/// one its `pet_type` names: a cat with `lives`, a dog with `good_boy`; greedy and sampled,
+/// the answers hold both kinds. Flattened into one object of all the fields, SmolLM2 gives
+/// every pet both (`{"pet_type": "dog", "name": "Max", "lives": 10, "good_boy": true}`, seen
+/// against the server), which a union of the two models refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unions_whose_alternatives_start_alike_give_one_alternative_whole() {
+    let (server, url) = serve(|c| c.max_new_tokens = 200).await;
+    let http = client();
+    let chat = format!("{url}/v1/chat/completions");
+    let pet = |kind: &str, field: &str, ty: &str| {
+        json!({"type": "object",
+               "properties": {"pet_type": {"const": kind}, "name": {"type": "string", "maxLength": 20},
+                              field: {"type": ty}},
+               "required": ["pet_type", "name", field]})
+    };
+    let alternatives = json!([pet("cat", "lives", "integer"), pet("dog", "good_boy", "boolean")]);
+    let unions = [
+        json!({"anyOf": alternatives}),
+        json!({"oneOf": alternatives, "discriminator": {"propertyName": "pet_type"}}),
+    ];
+    let mut kinds = std::collections::BTreeSet::new();
+    let mut stopped = 0;
+    for (union, sampling) in [
+        (&unions[0], json!({"temperature": 0})),
+        (&unions[0], json!({"temperature": 1.0, "seed": 3})),
+        (&unions[1], json!({"temperature": 0.7, "seed": 1})),
+    ] {
+        let schema = json!({"type": "object",
+            "properties": {"pets": {"type": "array", "items": union, "minItems": 2, "maxItems": 3},
+                           "weight": {"type": ["integer", "number"]}},
+            "required": ["pets", "weight"]});
+        let body = with_fields(
+            chat_body("List our cats and dogs, and the weight of the food bag.", sampling.clone()),
+            &json!({"response_format": {"type": "json_schema",
+                    "json_schema": {"name": "pets", "strict": true, "schema": schema}},
+                    "max_tokens": 200}),
+        );
+        let r = post_json(&http, &chat, &body).await;
+        let c = &r["choices"][0];
+        if c["finish_reason"] != "stop" {
+            assert_eq!(c["finish_reason"], "length", "{sampling}: {r}");
+            continue;
+        }
+        stopped += 1;
+        let content = c["message"]["content"].as_str().unwrap();
+        let v: Value = serde_json::from_str(content).unwrap_or_else(|e| panic!("{e}: {content}"));
+        assert!(v["weight"].is_number(), "{sampling}: {content}");
+        for p in v["pets"].as_array().unwrap() {
+            let keys: Vec<&str> = p.as_object().unwrap().keys().map(String::as_str).collect();
+            match p["pet_type"].as_str().unwrap() {
+                "cat" => assert!(keys == ["pet_type", "name", "lives"] && p["lives"].is_i64(), "{content}"),
+                "dog" => assert!(keys == ["pet_type", "name", "good_boy"] && p["good_boy"].is_boolean(), "{content}"),
+                other => panic!("{other}: {content}"),
+            }
+            kinds.insert(p["pet_type"].as_str().unwrap().to_owned());
+        }
+    }
+    assert_eq!(stopped, 3, "every answer ended by itself");
+    assert_eq!(kinds.len(), 2, "both alternatives were written: {kinds:?}");
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
 /// The string formats beyond dates that OpenAI's structured outputs list (`uri` too, which
 /// pydantic's `HttpUrl` writes): what SmolLM2 writes under each, greedy and sampled, is a
 /// value a parser of its own takes (Rust's `Ipv6Addr`, the `url` crate's, and RFC 1123's
@@ -1903,7 +1968,7 @@ async fn a_json_schema_shapes_the_answer() {
         (json!({"type": "string", "pattern": "a(?=b)"}), "pattern"),
         (json!({"type": "string", "format": "iri"}), "format"),
         (
-            json!({"anyOf": [{"type": "number"}, {"type": "integer"}]}),
+            json!({"oneOf": [{"type": "number"}, {"type": "integer"}]}),
             "same character",
         ),
     ] {
