@@ -1582,6 +1582,32 @@ async fn json_mode_answers_with_one_json_object() {
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
+/// SmolLM2's answer to `question` under `schema` (structured outputs, 200 tokens at most),
+/// parsed, and its text; `None` where it was cut by the token limit.
+async fn structured(
+    http: &reqwest::Client,
+    chat: &str,
+    question: &str,
+    sampling: &Value,
+    schema: &Value,
+) -> Option<(Value, String)> {
+    let body = with_fields(
+        chat_body(question, sampling.clone()),
+        &json!({"response_format": {"type": "json_schema",
+                "json_schema": {"name": "answer", "strict": true, "schema": schema}},
+                "max_tokens": 200}),
+    );
+    let r = post_json(http, chat, &body).await;
+    let c = &r["choices"][0];
+    if c["finish_reason"] != "stop" {
+        assert_eq!(c["finish_reason"], "length", "{sampling}: {r}");
+        return None;
+    }
+    let content = c["message"]["content"].as_str().unwrap().to_owned();
+    let v = serde_json::from_str(&content).unwrap_or_else(|e| panic!("{e}: {content}"));
+    Some((v, content))
+}
+
 /// Unions whose alternatives start alike, read side by side until the text tells them apart:
 /// pydantic's `Union[Cat, Dog]` of two objects (`anyOf`, and `oneOf` with its
 /// `discriminator`) and an integer-or-number. Each pet SmolLM2 writes is one shape whole, the
@@ -1616,21 +1642,11 @@ async fn unions_whose_alternatives_start_alike_give_one_alternative_whole() {
             "properties": {"pets": {"type": "array", "items": union, "minItems": 2, "maxItems": 3},
                            "weight": {"type": ["integer", "number"]}},
             "required": ["pets", "weight"]});
-        let body = with_fields(
-            chat_body("List our cats and dogs, and the weight of the food bag.", sampling.clone()),
-            &json!({"response_format": {"type": "json_schema",
-                    "json_schema": {"name": "pets", "strict": true, "schema": schema}},
-                    "max_tokens": 200}),
-        );
-        let r = post_json(&http, &chat, &body).await;
-        let c = &r["choices"][0];
-        if c["finish_reason"] != "stop" {
-            assert_eq!(c["finish_reason"], "length", "{sampling}: {r}");
+        let question = "List our cats and dogs, and the weight of the food bag.";
+        let Some((v, content)) = structured(&http, &chat, question, &sampling, &schema).await else {
             continue;
-        }
+        };
         stopped += 1;
-        let content = c["message"]["content"].as_str().unwrap();
-        let v: Value = serde_json::from_str(content).unwrap_or_else(|e| panic!("{e}: {content}"));
         assert!(v["weight"].is_number(), "{sampling}: {content}");
         for p in v["pets"].as_array().unwrap() {
             let keys: Vec<&str> = p.as_object().unwrap().keys().map(String::as_str).collect();
@@ -1730,25 +1746,12 @@ async fn string_formats_give_values_their_own_parsers_take() {
         json!({"temperature": 1.0, "seed": 3}),
         json!({"temperature": 0.7, "seed": 1}),
     ] {
-        let body = with_fields(
-            chat_body(
-                "Describe our mirror server: its website, host name, IPv6 address and request \
-                 timeout.",
-                sampling.clone(),
-            ),
-            &json!({"response_format": {"type": "json_schema",
-                    "json_schema": {"name": "server", "strict": true, "schema": schema}},
-                    "max_tokens": 200}),
-        );
-        let r = post_json(&http, &chat, &body).await;
-        let c = &r["choices"][0];
-        if c["finish_reason"] != "stop" {
-            assert_eq!(c["finish_reason"], "length", "{sampling}: {r}");
+        let question = "Describe our mirror server: its website, host name, IPv6 address and \
+                        request timeout.";
+        let Some((v, content)) = structured(&http, &chat, question, &sampling, &schema).await else {
             continue;
-        }
+        };
         stopped += 1;
-        let content = c["message"]["content"].as_str().unwrap();
-        let v: Value = serde_json::from_str(content).unwrap_or_else(|e| panic!("{e}: {content}"));
         let site = v["website"].as_str().unwrap();
         assert!(reqwest::Url::parse(site).is_ok(), "{sampling}: {content}");
         assert!(hostname(v["host"].as_str().unwrap()), "{sampling}: {content}");
