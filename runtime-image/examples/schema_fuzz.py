@@ -57,6 +57,9 @@ def leaf(r):
                     "required": ["k", "s"]}]},
         {"anyOf": [{"type": "integer", "minimum": 5}, {"type": "number", "maximum": 0}]},
         {"oneOf": [{"type": "integer"}, {"type": "number"}]},
+        {"type": "array", "prefixItems": [{"type": "integer"}, {"type": "string"}], "items": False},
+        {"type": "array", "prefixItems": [{"type": "boolean"}], "items": {"type": "null"},
+         "minItems": 1},
     ])
 
 

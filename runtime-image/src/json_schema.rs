@@ -5,7 +5,8 @@
 //!
 //! The subset kandle follows, and what it decides where JSON Schema leaves a choice:
 //! - `type` (object, array, string, number, integer, boolean, null, or a list of them),
-//!   `properties`, `items` (with `minItems`, `maxItems`), `enum`, `const`, `$ref` to `#/$defs/…` or `#/definitions/…` (not
+//!   `properties`, `items` (with `minItems`, `maxItems`), `prefixItems` (pydantic's tuples;
+//!   then `items`, none where it is `false`), `enum`, `const`, `$ref` to `#/$defs/…` or `#/definitions/…` (not
 //!   recursive), and `anyOf` / `oneOf` (pydantic's `Optional[X]`, `Union[A, B]`): the first
 //!   character of the value picks an alternative; where several start alike, each is a
 //!   reading of its own ([`SchemaState`]) until the text tells them apart. `oneOf`'s
@@ -804,8 +805,10 @@ enum Node {
     Object(Vec<(Vec<char>, usize)>),
     /// Items of one node, `min` to `max` of them; `unique`: an enum's values, each at most
     /// once (`uniqueItems`).
+    /// An array: item `i` of `prefix` (`prefixItems`, pydantic's tuples), then `items`.
     Array {
         items: usize,
+        prefix: Vec<usize>,
         min: usize,
         max: Option<usize>,
         unique: bool,
@@ -899,6 +902,7 @@ impl Schema {
                 "type"
                     | "properties"
                     | "items"
+                    | "prefixItems"
                     | "enum"
                     | "const"
                     | "minItems"
@@ -972,7 +976,9 @@ impl Schema {
             {
                 self.object(obj, root, depth)?
             }
-            None if obj.contains_key("items") => self.array(obj, root, depth)?,
+            None if obj.contains_key("items") || obj.contains_key("prefixItems") => {
+                self.array(obj, root, depth)?
+            }
             None if TYPED_KEYWORDS.iter().any(|k| obj.contains_key(*k)) => {
                 return Err(format!(
                     "{} without a type: give the type it bounds",
@@ -1206,6 +1212,9 @@ impl Schema {
         const UNIQUE_ENUMS_ONLY: &str = "uniqueItems is followed for items that are an enum, \
             a const, or strings, numbers, integers, booleans or null, and not supported for \
             other items (objects, arrays, unions)";
+        if let Some(prefix) = obj.get("prefixItems") {
+            return self.tuple(obj, prefix, root, depth, unique);
+        }
         match obj.get("items") {
             None if unique => Err(UNIQUE_ENUMS_ONLY.into()),
             None => Ok(self.push(Node::Value(Kind::Any(Some('['))))),
@@ -1213,6 +1222,7 @@ impl Schema {
                 let (min, mut max) = counts(obj, "minItems", "maxItems")?;
                 let at = self.push(Node::Array {
                     items: 0,
+                    prefix: Vec::new(),
                     min,
                     max,
                     unique,
@@ -1232,6 +1242,7 @@ impl Schema {
                     let Some(n) = distinct else {
                         self.nodes[at] = Node::Array {
                             items: child,
+                            prefix: Vec::new(),
                             min,
                             max,
                             unique,
@@ -1249,6 +1260,7 @@ impl Schema {
                 }
                 self.nodes[at] = Node::Array {
                     items: child,
+                    prefix: Vec::new(),
                     min,
                     max,
                     unique,
@@ -1256,6 +1268,52 @@ impl Schema {
                 Ok(at)
             }
         }
+    }
+
+    /// An array of `prefixItems` (pydantic's `tuple[int, str]`: `minItems` and `maxItems` its
+    /// length), then items of `items` (`false`: none; absent: any JSON).
+    fn tuple(
+        &mut self,
+        obj: &serde_json::Map<String, Value>,
+        prefix: &Value,
+        root: &Value,
+        depth: usize,
+        unique: bool,
+    ) -> Result<usize, String> {
+        if unique {
+            return Err("uniqueItems is not supported beside prefixItems".into());
+        }
+        let prefix = prefix
+            .as_array()
+            .ok_or_else(|| format!("prefixItems must be a list of schemas, got {prefix}"))?;
+        let (min, mut max) = counts(obj, "minItems", "maxItems")?;
+        let at = self.push(Node::Value(Kind::Null)); // the tuple's place, filled in below
+        let nodes = (prefix.iter())
+            .map(|p| self.node(p, root, depth + 1))
+            .collect::<Result<Vec<_>, _>>()?;
+        let items = match obj.get("items") {
+            Some(Value::Bool(false)) => {
+                max = Some(max.map_or(nodes.len(), |m| m.min(nodes.len())));
+                if min > nodes.len() {
+                    return Err(format!(
+                        "minItems {min} asks for more items than the {} of prefixItems, and \
+                         items is false",
+                        nodes.len()
+                    ));
+                }
+                at // never reached: max stops at the prefix
+            }
+            Some(items) => self.node(items, root, depth + 1)?,
+            None => self.push(Node::Value(Kind::Any(None))),
+        };
+        self.nodes[at] = Node::Array {
+            items,
+            prefix: nodes,
+            min,
+            max,
+            unique: false,
+        };
+        Ok(at)
     }
 
     /// The schema of a call of one of `tools` (name, parameters schema; names distinct):
@@ -1326,6 +1384,7 @@ impl Schema {
         let mut s = Schema::tool_call(tools)?;
         s.root = s.push(Node::Array {
             items: s.root,
+            prefix: Vec::new(),
             min: 1,
             max,
             unique: false,
@@ -2153,6 +2212,7 @@ impl Reading {
             } => {
                 let Node::Array {
                     items,
+                    prefix,
                     min,
                     max,
                     unique,
@@ -2176,9 +2236,10 @@ impl Reading {
                     (ArrAt::FirstOrEnd | ArrAt::Item, c) if room && c != ']' => {
                         // An item starts with this character; a unique one is a value not
                         // written yet (`max` allows no more items than there are values).
+                        let item = prefix.get(*n).copied().unwrap_or(*items);
                         *n += 1;
                         *at = ArrAt::After;
-                        let mut frame = Self::frame(schema, *items);
+                        let mut frame = Self::frame(schema, item);
                         if let (true, Frame::Lit { alive, .. }) = (*unique, &mut frame) {
                             *alive &= !*used;
                         }
@@ -2825,6 +2886,45 @@ mod tests {
         assert!(st.push_bytes(&s, &[0xe6]) && st.push_bytes(&s, &[0x9d, 0xb1]));
         assert!(!st.clone().push_bytes(&s, &[0xe6]), "maxLength");
         assert!(st.push(&s, "\"") && st.complete());
+    }
+
+    #[test]
+    fn prefix_items_give_each_position_its_schema() {
+        // pydantic's `tuple[float, float]`.
+        let pair = json!({"type": "array", "prefixItems": [{"type": "number"}, {"type": "number"}],
+                          "minItems": 2, "maxItems": 2});
+        assert_eq!(run(&pair, "[41.9, 12.5]"), (true, true));
+        for bad in ["[41.9]", "[1, 2, 3]", "[\"a\", 2]"] {
+            assert_ne!(run(&pair, bad), (true, true), "{bad}");
+        }
+        // Then `items`; `items: false` ends the array with its prefix.
+        let rest = json!({"prefixItems": [{"type": "string"}, {"type": "integer"}],
+                          "items": {"type": "boolean"}});
+        assert_eq!(run(&rest, r#"["a", 1, true, false]"#), (true, true));
+        assert_eq!(
+            run(&rest, r#"["a"]"#),
+            (true, true),
+            "no minItems: a shorter array"
+        );
+        assert_eq!(run(&rest, r#"["a", 1, 2]"#), (false, false));
+        let closed = json!({"type": "array", "prefixItems": [{"const": "x"}], "items": false});
+        assert_eq!(run(&closed, r#"["x"]"#), (true, true));
+        assert_eq!(run(&closed, "[]"), (true, true));
+        assert_eq!(run(&closed, r#"["x", "x"]"#), (false, false));
+        refused(&[
+            (
+                json!({"type": "array", "prefixItems": [{}], "items": false, "minItems": 2}),
+                "more items than",
+            ),
+            (
+                json!({"type": "array", "prefixItems": [{}], "uniqueItems": true}),
+                "beside prefixItems",
+            ),
+            (
+                json!({"type": "array", "prefixItems": {}}),
+                "list of schemas",
+            ),
+        ]);
     }
 
     #[test]

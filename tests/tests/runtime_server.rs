@@ -1663,6 +1663,39 @@ async fn unions_whose_alternatives_start_alike_give_one_alternative_whole() {
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
+/// `prefixItems` (pydantic's `tuple[str, float, float]`): a city as its name, latitude and
+/// longitude, each position of its own schema and bounds, greedy and sampled. As a list of
+/// any items, SmolLM2 writes objects of its own keys and lists that run past the token limit
+/// (seen against the server).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tuple_gives_each_position_its_schema() {
+    let (server, url) = serve(|c| c.max_new_tokens = 200).await;
+    let http = client();
+    let chat = format!("{url}/v1/chat/completions");
+    let schema = json!({"type": "object", "properties": {"city": {
+        "type": "array",
+        "prefixItems": [{"type": "string", "maxLength": 20},
+                        {"type": "number", "minimum": -90, "maximum": 90},
+                        {"type": "number", "minimum": -180, "maximum": 180}],
+        "minItems": 3, "maxItems": 3}}, "required": ["city"]});
+    for sampling in [
+        json!({"temperature": 0}),
+        json!({"temperature": 1.0, "seed": 3}),
+        json!({"temperature": 0.7, "seed": 1}),
+    ] {
+        let question = "Give a city with its latitude and longitude.";
+        let (v, content) = structured(&http, &chat, question, &sampling, &schema)
+            .await
+            .unwrap_or_else(|| panic!("{sampling}: cut"));
+        let city = v["city"].as_array().unwrap();
+        assert_eq!(city.len(), 3, "{content}");
+        assert!(city[0].as_str().is_some_and(|n| n.chars().count() <= 20), "{content}");
+        let (lat, lon) = (city[1].as_f64().unwrap(), city[2].as_f64().unwrap());
+        assert!((-90.0..=90.0).contains(&lat) && (-180.0..=180.0).contains(&lon), "{content}");
+    }
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
 /// The string formats beyond dates that OpenAI's structured outputs list (`uri` too, which
 /// pydantic's `HttpUrl` writes): what SmolLM2 writes under each, greedy and sampled, is a
 /// value a parser of its own takes (Rust's `Ipv6Addr`, the `url` crate's, and RFC 1123's
