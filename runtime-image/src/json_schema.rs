@@ -6,8 +6,10 @@
 //! The subset kandle follows, and what it decides where JSON Schema leaves a choice:
 //! - `type` (object, array, string, number, integer, boolean, null, or a list of them),
 //!   `properties`, `items` (with `minItems`, `maxItems`), `prefixItems` (pydantic's tuples;
-//!   then `items`, none where it is `false`), `enum`, `const`, `$ref` to `#/$defs/…` or `#/definitions/…` (not
-//!   recursive), and `anyOf` / `oneOf` (pydantic's `Optional[X]`, `Union[A, B]`): the first
+//!   then `items`, none where it is `false`), `enum`, `const`, `$ref` to `#/$defs/…` or `#/definitions/…`
+//!   (recursive too: pydantic's self-referencing models, a reference back into a schema
+//!   being compiled standing for it; one that can stand for itself before any value is
+//!   written is refused), and `anyOf` / `oneOf` (pydantic's `Optional[X]`, `Union[A, B]`): the first
 //!   character of the value picks an alternative; where several start alike, each is a
 //!   reading of its own ([`SchemaState`]) until the text tells them apart. `oneOf`'s
 //!   alternatives must start differently, unless pydantic's `discriminator` comes with them
@@ -815,6 +817,8 @@ enum Node {
     },
     /// The JSON texts of the allowed values.
     Enum(Vec<Vec<char>>),
+    /// A recursive `$ref`: the node it stands for.
+    Ref(usize),
     /// A call of one of several tools: `{"name": <one of the names>, "arguments": <that
     /// tool's parameters>}`; the enum node of the names (in its order) and each one's node.
     Call {
@@ -844,6 +848,9 @@ pub struct Schema {
     root: usize,
     /// Written as a Python list of calls ([`Schema::pythonic_calls`]), followed as its JSON.
     pythonic: bool,
+    /// While compiling: the `$ref`s being compiled, each with the node that stands for it
+    /// (a reference back into one is recursion: pydantic's trees).
+    open_refs: Vec<(String, usize)>,
 }
 
 impl Schema {
@@ -853,6 +860,7 @@ impl Schema {
             nodes: Vec::new(),
             root: 0,
             pythonic: false,
+            open_refs: Vec::new(),
         };
         s.root = s.node(schema, schema, 0)?;
         Ok(s)
@@ -862,7 +870,7 @@ impl Schema {
     fn node(&mut self, v: &Value, root: &Value, depth: usize) -> Result<usize, String> {
         if depth > MAX_SCHEMA_DEPTH {
             return Err(format!(
-                "the schema nests deeper than {MAX_SCHEMA_DEPTH} levels (a recursive $ref?)"
+                "the schema nests deeper than {MAX_SCHEMA_DEPTH} levels"
             ));
         }
         let obj = match v {
@@ -871,7 +879,7 @@ impl Schema {
             _ => return Err(format!("a schema must be an object, got {v}")),
         };
         if let Some(r) = obj.get("$ref") {
-            return self.node(referenced(r, root)?, root, depth + 1);
+            return self.reference(r, root, depth);
         }
         if let Some(parts) = obj.get("allOf") {
             return self.all_of(obj, parts, root, depth);
@@ -1328,6 +1336,7 @@ impl Schema {
             nodes: Vec::new(),
             root: 0,
             pythonic: false,
+            open_refs: Vec::new(),
         };
         let args: Vec<char> = Value::String(args_key.into()).to_string().chars().collect();
         let at = s.push(Node::Call {
@@ -1412,6 +1421,51 @@ impl Schema {
         Ok(s)
     }
 
+    /// The node of `$ref` `r`: its schema compiled, or, inside that compilation, a node that
+    /// stands for it (recursion), which is pointed at the compiled node once there is one.
+    fn reference(&mut self, r: &Value, root: &Value, depth: usize) -> Result<usize, String> {
+        let target = referenced(r, root)?;
+        let name = r.as_str().unwrap_or_default();
+        if let Some(&(_, at)) = self.open_refs.iter().find(|(n, _)| n == name) {
+            return Ok(at);
+        }
+        let at = self.push(Node::Ref(usize::MAX));
+        self.open_refs.push((name.to_owned(), at));
+        let compiled = self.node(target, root, depth + 1);
+        self.open_refs.pop();
+        let node = compiled?;
+        self.nodes[at] = Node::Ref(node);
+        if self.stands_for_itself(node, at) {
+            return Err(format!(
+                "$ref {r} can stand for itself before any value is written (a $ref to itself, \
+                 or a union with itself as an alternative)"
+            ));
+        }
+        Ok(node)
+    }
+
+    /// Whether node `n`, through references and union alternatives alone (no value written
+    /// on the way), can reach `target`.
+    fn stands_for_itself(&self, n: usize, target: usize) -> bool {
+        let mut seen = vec![false; self.nodes.len()];
+        let mut todo = vec![n];
+        while let Some(n) = todo.pop() {
+            if n == target {
+                return true;
+            }
+            // (A reference still being compiled stands for nothing yet.)
+            if n >= seen.len() || std::mem::replace(&mut seen[n], true) {
+                continue;
+            }
+            match &self.nodes[n] {
+                Node::Ref(t) => todo.push(*t),
+                Node::Union(alts) => todo.extend(alts),
+                _ => {}
+            }
+        }
+        false
+    }
+
     /// Refuses `oneOf` alternatives that can start alike: a value two of them accept would
     /// break it.
     fn disjoint(&self, alts: &[usize]) -> Result<(), String> {
@@ -1458,6 +1512,9 @@ impl Schema {
                 .filter_map(|a| a.first())
                 .fold(0, |m, &c| m | if c.is_ascii() { 1 << (c as u8) } else { 0 }),
             Node::Union(alts) => alts.iter().fold(0, |m, &a| m | self.first_chars(a)),
+            // A reference still being compiled (a `oneOf` alternative, say): any character.
+            Node::Ref(usize::MAX) => u128::MAX,
+            Node::Ref(n) => self.first_chars(*n),
         }
     }
 
@@ -1854,6 +1911,7 @@ impl Reading {
                     .then(Default::default),
             },
             Node::Union(_) => Frame::Union { node },
+            Node::Ref(n) => Self::frame(schema, *n),
             Node::Num(_) => Frame::Num {
                 node,
                 at: NumAt {
@@ -2889,6 +2947,44 @@ mod tests {
     }
 
     #[test]
+    fn a_recursive_ref_follows_the_value_as_deep_as_it_goes() {
+        // pydantic's tree: a node's children are nodes, its parent an optional node.
+        let tree = json!({"$ref": "#/$defs/Node", "$defs": {"Node": {"type": "object",
+            "properties": {"name": {"type": "string"},
+                           "children": {"type": "array", "items": {"$ref": "#/$defs/Node"}},
+                           "next": {"anyOf": [{"$ref": "#/$defs/Node"}, {"type": "null"}]}},
+            "required": ["name", "children", "next"]}}});
+        let leaf = |n: &str| format!(r#"{{"name": "{n}", "children": [], "next": null}}"#);
+        let deep = format!(
+            r#"{{"name": "a", "children": [{{"name": "b", "children": [{}], "next": {}}}], "next": null}}"#,
+            leaf("c"),
+            leaf("d")
+        );
+        assert_eq!(run(&tree, &leaf("x")), (true, true));
+        assert_eq!(run(&tree, &deep), (true, true));
+        assert_eq!(
+            run(
+                &tree,
+                r#"{"name": "a", "children": [{"name": "b", "children": 1"#
+            ),
+            (false, false),
+            "a child is a node all the way down"
+        );
+        // Mutual recursion; each $ref still compiles once per use outside its own schema.
+        let mutual = json!({"$ref": "#/$defs/A", "$defs": {
+            "A": {"type": "object", "properties": {"b": {"anyOf": [{"$ref": "#/$defs/B"}, {"type": "null"}]}}},
+            "B": {"type": "object", "properties": {"a": {"$ref": "#/$defs/A"}}}}});
+        assert_eq!(
+            run(&mutual, r#"{"b": {"a": {"b": {"a": {"b": null}}}}}"#),
+            (true, true)
+        );
+        // A oneOf whose alternative is the reference being compiled can start with anything.
+        let one_of = json!({"$ref": "#/$defs/L", "$defs": {"L": {"type": "object", "properties": {
+            "next": {"oneOf": [{"$ref": "#/$defs/L"}, {"type": "null"}]}}}}});
+        refused(&[(one_of, "same character")]);
+    }
+
+    #[test]
     fn prefix_items_give_each_position_its_schema() {
         // pydantic's `tuple[float, float]`.
         let pair = json!({"type": "array", "prefixItems": [{"type": "number"}, {"type": "number"}],
@@ -3054,7 +3150,12 @@ mod tests {
             (json!({"enum": []}), "enum"),
             (
                 json!({"$ref": "#/$defs/A", "$defs": {"A": {"$ref": "#/$defs/A"}}}),
-                "recursive",
+                "stand for itself",
+            ),
+            (
+                json!({"$ref": "#/$defs/A",
+                       "$defs": {"A": {"anyOf": [{"$ref": "#/$defs/A"}, {"type": "null"}]}}}),
+                "stand for itself",
             ),
         ]);
     }

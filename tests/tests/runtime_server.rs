@@ -1663,6 +1663,54 @@ async fn unions_whose_alternatives_start_alike_give_one_alternative_whole() {
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
+/// A recursive `$ref` (pydantic's self-referencing model: a person whose children are
+/// persons): every node at every depth is a person of the schema, and a sampled answer nests
+/// three deep. Taught the shape by one example turn; without it SmolLM2 nests children
+/// until the token limit, as a schema allows (seen against the server).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recursive_schema_shapes_every_level_of_the_answer() {
+    let (server, url) = serve(|c| c.max_new_tokens = 200).await;
+    let http = client();
+    let chat = format!("{url}/v1/chat/completions");
+    let schema = json!({"$ref": "#/$defs/Person", "$defs": {"Person": {"type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 15},
+                       "children": {"type": "array", "items": {"$ref": "#/$defs/Person"}, "maxItems": 2}},
+        "required": ["name", "children"]}}});
+    let example = r#"{"name": "Ann", "children": [{"name": "Bob", "children": []}, {"name": "Cy", "children": [{"name": "Di", "children": []}]}]}"#;
+    // The depth of a person, checking it and every descendant against the schema.
+    fn depth(p: &Value, content: &str) -> usize {
+        let keys: Vec<&str> = p.as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(keys, ["name", "children"], "{content}");
+        assert!(p["name"].as_str().unwrap().chars().count() <= 15, "{content}");
+        let children = p["children"].as_array().unwrap();
+        assert!(children.len() <= 2, "{content}");
+        1 + children.iter().map(|c| depth(c, content)).max().unwrap_or(0)
+    }
+    let mut deepest = 0;
+    for sampling in [
+        json!({"temperature": 0}),
+        json!({"temperature": 1.0, "seed": 3}),
+        json!({"temperature": 0.7, "seed": 1}),
+    ] {
+        let body = with_fields(
+            json!({"model": SMOL, "messages": [
+                {"role": "user", "content": "The family tree of the Smiths, as JSON."},
+                {"role": "assistant", "content": example},
+                {"role": "user", "content": "The family tree of the Lees, as JSON."}]}),
+            &with_fields(sampling.clone(), &json!({"max_tokens": 200, "response_format":
+                {"type": "json_schema", "json_schema": {"name": "tree", "strict": true, "schema": schema}}})),
+        );
+        let r = post_json(&http, &chat, &body).await;
+        let c = &r["choices"][0];
+        assert_eq!(c["finish_reason"], "stop", "{sampling}: {r}");
+        let content = c["message"]["content"].as_str().unwrap();
+        let v: Value = serde_json::from_str(content).unwrap_or_else(|e| panic!("{e}: {content}"));
+        deepest = deepest.max(depth(&v, content));
+    }
+    assert!(deepest >= 3, "grandchildren somewhere: depth {deepest}");
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
 /// `prefixItems` (pydantic's `tuple[str, float, float]`): a city as its name, latitude and
 /// longitude, each position of its own schema and bounds, greedy and sampled. As a list of
 /// any items, SmolLM2 writes objects of its own keys and lists that run past the token limit
