@@ -1591,11 +1591,23 @@ async fn structured(
     sampling: &Value,
     schema: &Value,
 ) -> Option<(Value, String)> {
+    let messages = json!([{"role": "user", "content": question}]);
+    structured_chat(http, chat, messages, sampling, schema).await
+}
+
+/// [`structured`] after `messages`.
+async fn structured_chat(
+    http: &reqwest::Client,
+    chat: &str,
+    messages: Value,
+    sampling: &Value,
+    schema: &Value,
+) -> Option<(Value, String)> {
     let body = with_fields(
-        chat_body(question, sampling.clone()),
-        &json!({"response_format": {"type": "json_schema",
+        json!({"model": SMOL, "messages": messages}),
+        &with_fields(sampling.clone(), &json!({"response_format": {"type": "json_schema",
                 "json_schema": {"name": "answer", "strict": true, "schema": schema}},
-                "max_tokens": 200}),
+                "max_tokens": 200})),
     );
     let r = post_json(http, chat, &body).await;
     let c = &r["choices"][0];
@@ -1692,20 +1704,14 @@ async fn a_recursive_schema_shapes_every_level_of_the_answer() {
         json!({"temperature": 1.0, "seed": 3}),
         json!({"temperature": 0.7, "seed": 1}),
     ] {
-        let body = with_fields(
-            json!({"model": SMOL, "messages": [
-                {"role": "user", "content": "The family tree of the Smiths, as JSON."},
-                {"role": "assistant", "content": example},
-                {"role": "user", "content": "The family tree of the Lees, as JSON."}]}),
-            &with_fields(sampling.clone(), &json!({"max_tokens": 200, "response_format":
-                {"type": "json_schema", "json_schema": {"name": "tree", "strict": true, "schema": schema}}})),
-        );
-        let r = post_json(&http, &chat, &body).await;
-        let c = &r["choices"][0];
-        assert_eq!(c["finish_reason"], "stop", "{sampling}: {r}");
-        let content = c["message"]["content"].as_str().unwrap();
-        let v: Value = serde_json::from_str(content).unwrap_or_else(|e| panic!("{e}: {content}"));
-        deepest = deepest.max(depth(&v, content));
+        let messages = json!([
+            {"role": "user", "content": "The family tree of the Smiths, as JSON."},
+            {"role": "assistant", "content": example},
+            {"role": "user", "content": "The family tree of the Lees, as JSON."}]);
+        let (v, content) = structured_chat(&http, &chat, messages, &sampling, &schema)
+            .await
+            .unwrap_or_else(|| panic!("{sampling}: cut"));
+        deepest = deepest.max(depth(&v, &content));
     }
     assert!(deepest >= 3, "grandchildren somewhere: depth {deepest}");
     server.shutdown(Duration::from_secs(5)).await.unwrap();
