@@ -849,8 +849,8 @@ pub struct Schema {
     /// Written as a Python list of calls ([`Schema::pythonic_calls`]), followed as its JSON.
     pythonic: bool,
     /// While compiling: the `$ref`s being compiled, each with the node that stands for it
-    /// (a reference back into one is recursion: pydantic's trees).
-    open_refs: Vec<(String, usize)>,
+    /// and whether a reference back into it (recursion: pydantic's trees) took that node.
+    open_refs: Vec<(String, usize, bool)>,
 }
 
 impl Schema {
@@ -1426,16 +1426,18 @@ impl Schema {
     fn reference(&mut self, r: &Value, root: &Value, depth: usize) -> Result<usize, String> {
         let target = referenced(r, root)?;
         let name = r.as_str().unwrap_or_default();
-        if let Some(&(_, at)) = self.open_refs.iter().find(|(n, _)| n == name) {
-            return Ok(at);
+        if let Some((_, at, used)) = self.open_refs.iter_mut().find(|(n, ..)| n == name) {
+            *used = true;
+            return Ok(*at);
         }
         let at = self.push(Node::Ref(usize::MAX));
-        self.open_refs.push((name.to_owned(), at));
+        self.open_refs.push((name.to_owned(), at, false));
         let compiled = self.node(target, root, depth + 1);
-        self.open_refs.pop();
+        let (.., recursive) = self.open_refs.pop().expect("pushed above");
         let node = compiled?;
         self.nodes[at] = Node::Ref(node);
-        if self.stands_for_itself(node, at) {
+        // Only a schema that referred back to itself can stand for itself.
+        if recursive && self.stands_for_itself(node, at) {
             return Err(format!(
                 "$ref {r} can stand for itself before any value is written (a $ref to itself, \
                  or a union with itself as an alternative)"
