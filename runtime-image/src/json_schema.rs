@@ -1247,24 +1247,16 @@ impl Schema {
                         | Node::Value(Kind::String | Kind::Number | Kind::Integer) => None,
                         _ => return Err(UNIQUE_ENUMS_ONLY.into()),
                     };
-                    let Some(n) = distinct else {
-                        self.nodes[at] = Node::Array {
-                            items: child,
-                            prefix: Vec::new(),
-                            min,
-                            max,
-                            unique,
-                        };
-                        return Ok(at);
-                    };
-                    if min > n {
-                        return Err(format!(
-                            "minItems {min} with uniqueItems asks for more distinct items than \
-                             the {n} values the items allow"
-                        ));
+                    if let Some(n) = distinct {
+                        if min > n {
+                            return Err(format!(
+                                "minItems {min} with uniqueItems asks for more distinct items \
+                                 than the {n} values the items allow"
+                            ));
+                        }
+                        // Past every value once, no item can follow.
+                        max = Some(max.map_or(n, |m| m.min(n)));
                     }
-                    // Past every value once, no item can follow.
-                    max = Some(max.map_or(n, |m| m.min(n)));
                 }
                 self.nodes[at] = Node::Array {
                     items: child,
