@@ -42,6 +42,10 @@ const DEEPSEEK_LLM_SPLITS: [&str; 6] = [
 /// The pre-tokenizer regex llama.cpp uses for Llama 3 style vocabularies.
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// Qwen2's (and Qwen2.5's, Qwen3's, DeepSeek-R1's Qwen distillations'): Llama 3's, with digits
+/// one at a time (llama.cpp's `LLAMA_VOCAB_PRE_TYPE_QWEN2`, the regex of their tokenizer.json).
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
 /// Mistral's Tekken pre-tokenizer (Mistral NeMo, Mistral Small 3, Pixtral, Ministral): the
 /// pattern of its tokenizer (`tekken.json`, which mistral-common's tiktoken and transformers'
 /// tokenizer.json use). llama.cpp rewrites its letter classes for an engine without
@@ -151,6 +155,7 @@ impl TextTokenizer {
                 byte_level(true),
             ])),
             _ if llama3 => splits(&[LLAMA3_SPLIT])?,
+            "qwen2" | "deepseek-r1-qwen" => splits(&[QWEN2_SPLIT])?,
             // DeepSeek's llama-architecture models (DeepSeek-Coder, DeepSeek-LLM): llama.cpp's
             // expressions, as their tokenizer.json's splits.
             "deepseek-coder" => splits(&DEEPSEEK_CODER_SPLITS)?,

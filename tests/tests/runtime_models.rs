@@ -541,6 +541,19 @@ fn llama_gguf(
     more: &[(&str, &[f32])],
     extra: &[(&str, candle_core::quantized::gguf_file::Value)],
 ) -> std::path::PathBuf {
+    gguf_as("llama", fixture, dir, more, extra)
+}
+
+/// [`llama_gguf`] for the GGUF architecture `arch`: its metadata keys, and for the Qwen
+/// architectures (llama.cpp's NEOX rotary, on the halves of each head as transformers turns
+/// them) the q and k rows as trained, not permuted.
+fn gguf_as(
+    arch: &str,
+    fixture: &Path,
+    dir: &Path,
+    more: &[(&str, &[f32])],
+    extra: &[(&str, candle_core::quantized::gguf_file::Value)],
+) -> std::path::PathBuf {
     use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
     let cfg = json(&fixture.join("config.json"));
     let n = |k: &str| cfg[k].as_u64().unwrap() as usize;
@@ -555,6 +568,9 @@ fn llama_gguf(
     .unwrap();
     // llama.cpp's `permute`: each head's rows from halves (transformers) to pairs.
     let permute = |w: &candle_core::Tensor, h: usize| {
+        if arch != "llama" {
+            return w.clone();
+        }
         let (rows, cols) = w.dims2().unwrap();
         w.reshape((h, 2, rows / h / 2, cols))
             .unwrap()
@@ -615,32 +631,40 @@ fn llama_gguf(
         gguf_file::Value::Array(tokens.into_iter().map(gguf_file::Value::String).collect());
     let u = |v: usize| gguf_file::Value::U32(v as u32);
     let mut meta = vec![
-        ("tokenizer.ggml.tokens", tokens),
+        ("tokenizer.ggml.tokens".to_owned(), tokens),
         (
-            "general.architecture",
-            gguf_file::Value::String("llama".into()),
+            "general.architecture".to_owned(),
+            gguf_file::Value::String(arch.into()),
         ),
-        ("llama.block_count", u(n("num_hidden_layers"))),
-        ("llama.embedding_length", u(hidden)),
-        ("llama.feed_forward_length", u(n("intermediate_size"))),
-        ("llama.attention.head_count", u(heads)),
-        ("llama.attention.head_count_kv", u(kv_heads)),
-        ("llama.rope.dimension_count", u(head_dim)),
-        ("llama.context_length", u(n("max_position_embeddings"))),
+    ];
+    let mut own = vec![
+        ("block_count", u(n("num_hidden_layers"))),
+        ("embedding_length", u(hidden)),
+        ("feed_forward_length", u(n("intermediate_size"))),
+        ("attention.head_count", u(heads)),
+        ("attention.head_count_kv", u(kv_heads)),
+        ("context_length", u(n("max_position_embeddings"))),
         (
-            "llama.attention.layer_norm_rms_epsilon",
+            "attention.layer_norm_rms_epsilon",
             gguf_file::Value::F32(1e-5),
         ),
-        ("llama.rope.freq_base", gguf_file::Value::F32(10_000.0)),
+        ("rope.freq_base", gguf_file::Value::F32(10_000.0)),
     ];
-    if head_dim * heads != hidden {
-        meta.push(("llama.attention.key_length", u(head_dim)));
-        meta.push(("llama.attention.value_length", u(head_dim)));
+    // llama.cpp's converter writes the rotary's width for llama, not for the Qwens (the
+    // whole head, read by default).
+    if arch == "llama" {
+        own.push(("rope.dimension_count", u(head_dim)));
     }
+    if head_dim * heads != hidden {
+        own.push(("attention.key_length", u(head_dim)));
+        own.push(("attention.value_length", u(head_dim)));
+    }
+    meta.extend(own.into_iter().map(|(k, v)| (format!("{arch}.{k}"), v)));
     std::fs::copy(fixture.join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
-    let out = dir.join("tiny-llama.gguf");
-    let meta: Vec<(&str, &gguf_file::Value)> =
-        meta.iter().chain(extra).map(|(k, v)| (*k, v)).collect();
+    let out = dir.join(format!("tiny-{arch}.gguf"));
+    let meta: Vec<(&str, &gguf_file::Value)> = (meta.iter().map(|(k, v)| (k.as_str(), v)))
+        .chain(extra.iter().map(|(k, v)| (*k, v)))
+        .collect();
     let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
     gguf_file::write(&mut std::fs::File::create(&out).unwrap(), &meta, &tensors).unwrap();
     out
@@ -651,7 +675,7 @@ fn llama_gguf(
 /// gives the logits of the same weights read from safetensors with that `rope_scaling`
 /// (transformers' formula, with every frequency of the tiny llama's heads scaled; written
 /// by transformers 4 or 5); the GGUF without the tensor does not. Linear scaling divides every angle by its factor; YaRN, and
-/// biases, are refused.
+/// biases other than Q's, K's and V's, are refused.
 #[test]
 fn a_gguf_s_rope_freqs_scale_the_rotary_as_llama3_rope_scaling_does() {
     let (factor, low, high, original) = (8.0f32, 1.0f32, 4.0f32, 16.0f32);
@@ -776,10 +800,11 @@ fn a_gguf_s_rope_freqs_scale_the_rotary_as_llama3_rope_scaling_does() {
         err.contains("\"longrope\"") && err.contains("not supported"),
         "{err}"
     );
-    // Biases, which kandle's llama has none of, are refused too rather than left out.
-    let err = refused(&[("blk.1.attn_q.bias", &[0.5; 64])], &[]);
+    // Biases other than Q's, K's and V's (which are added: see the Qwen test) are refused
+    // rather than left out.
+    let err = refused(&[("blk.1.attn_output.bias", &[0.5; 64])], &[]);
     assert!(
-        err.contains("blk.1.attn_q.bias") && err.contains("not supported"),
+        err.contains("blk.1.attn_output.bias") && err.contains("not supported"),
         "{err}"
     );
 }
@@ -870,6 +895,221 @@ fn llama_heads_of_their_own_width_run_from_safetensors_and_gguf() {
     .expect("refused")
     .to_string();
     assert!(err.contains("keys of 16 and values of 8"), "{err}");
+}
+
+/// The formula of `tests/references/qwen_tiny.py`'s biases: `n` values for `salt`.
+fn qwen_bias(n: usize, salt: usize) -> Vec<f32> {
+    (0..n)
+        .map(|j| (((7 * j + 13 * salt) % 31) as f32 - 15.0) / 32.0)
+        .collect()
+}
+
+/// The formula of `tests/references/qwen_tiny.py`'s norm weights.
+fn qwen_norm(n: usize, salt: usize) -> Vec<f32> {
+    (0..n)
+        .map(|j| 1.0 + (((5 * j + 3 * salt) % 17) as f32 - 8.0) / 64.0)
+        .collect()
+}
+
+/// Qwen2 and Qwen3 (Qwen2.5, QwQ, DeepSeek-R1's Qwen distillations, Qwen3's dense models)
+/// run from GGUF on kandle's kernels and on the tensor path a GPU runs, and from safetensors:
+/// - the tiny llama's weights as a Qwen2 file with zero biases (q and k rows as trained,
+///   turned on the halves of each head) give its transformers logits, as its llama file does;
+/// - with biases on Q, K and V (Qwen2), or with the per-head norms of queries and keys
+///   (Qwen3), they give llama.cpp's logits after each prompt and its greedy continuation
+///   (`tests/references/qwen_tiny.json`, written by llama.cpp from the same weights), one
+///   sequence at a time and with the prompts' continuations batched, and so do the same
+///   weights saved as transformers saves a `Qwen2ForCausalLM` or `Qwen3ForCausalLM`;
+/// - without the biases or the norms, the logits move far from llama.cpp's: the test can tell.
+#[test]
+fn qwen2_and_qwen3_from_gguf_and_safetensors_give_llama_cpp_s_logits_and_tokens() {
+    let fixture = fixtures_dir().join("tiny/llama");
+    let cfg = json(&fixture.join("config.json"));
+    let (heads, kv_heads, _) = attention_shape(&cfg);
+    let hd = cfg["head_dim"].as_u64().unwrap() as usize;
+    let layers = cfg["num_hidden_layers"].as_u64().unwrap() as usize;
+    let cases = json(&fixture.join("reference.json"))["cases"].clone();
+    let on_both = |gguf: &Path| -> [(&'static str, GenerationModel); 2] {
+        let LoadedModel::Generation(gpu_path) = backend::load_gguf_gpu_path_on_cpu(gguf).unwrap()
+        else {
+            panic!("a generation model")
+        };
+        [
+            ("kandle's kernels", generation(gguf)),
+            ("the tensor path", gpu_path),
+        ]
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    let zeros: Vec<(String, Vec<f32>)> = (0..layers)
+        .flat_map(|i| {
+            [
+                ("attn_q", heads * hd),
+                ("attn_k", kv_heads * hd),
+                ("attn_v", kv_heads * hd),
+            ]
+            .map(|(name, n)| (format!("blk.{i}.{name}.bias"), vec![0.0; n]))
+        })
+        .collect();
+    let more: Vec<(&str, &[f32])> = zeros
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_slice()))
+        .collect();
+    let gguf = gguf_as("qwen2", &fixture, dir.path(), &more, &[]);
+    for (what, g) in on_both(&gguf) {
+        for case in cases.as_array().unwrap() {
+            let got =
+                g.lm.new_sequence()
+                    .unwrap()
+                    .feed(&ids(&case["input_ids"]))
+                    .unwrap();
+            let d = max_abs_diff(&got, &floats(&case["last_logits"]));
+            assert!(
+                d < 1e-2,
+                "zero biases, {what}: largest difference {d} from transformers"
+            );
+        }
+    }
+
+    let reference = json(&Path::new(env!("CARGO_MANIFEST_DIR")).join("references/qwen_tiny.json"));
+    for arch in ["qwen2", "qwen3"] {
+        let mut tensors: Vec<(String, Vec<f32>)> = Vec::new();
+        for i in 0..layers {
+            if arch == "qwen2" {
+                for (j, (name, n)) in [
+                    ("attn_q", heads * hd),
+                    ("attn_k", kv_heads * hd),
+                    ("attn_v", kv_heads * hd),
+                ]
+                .into_iter()
+                .enumerate()
+                {
+                    tensors.push((format!("blk.{i}.{name}.bias"), qwen_bias(n, 3 * i + j)));
+                }
+            } else {
+                tensors.push((format!("blk.{i}.attn_q_norm.weight"), qwen_norm(hd, 2 * i)));
+                tensors.push((
+                    format!("blk.{i}.attn_k_norm.weight"),
+                    qwen_norm(hd, 2 * i + 1),
+                ));
+            }
+        }
+        let more: Vec<(&str, &[f32])> = tensors
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_slice()))
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let gguf = gguf_as(arch, &fixture, dir.path(), &more, &[]);
+        let want = reference[arch].as_array().unwrap();
+        assert_eq!(
+            want.len(),
+            cases.as_array().unwrap().len(),
+            "{arch}: one reference a case"
+        );
+        // The same model as transformers saves it: config.json's model_type, the tensors by
+        // transformers' names beside the llama's.
+        let st_dir = tempfile::tempdir().unwrap();
+        tiny_llama_copy(st_dir.path(), |c| {
+            c["model_type"] = arch.into();
+            c["architectures"] = serde_json::json!([if arch == "qwen2" {
+                "Qwen2ForCausalLM"
+            } else {
+                "Qwen3ForCausalLM"
+            }]);
+        });
+        let mut st = candle_core::safetensors::load(
+            fixture.join("model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        for (name, values) in &tensors {
+            let (layer, rest) = name.trim_start_matches("blk.").split_once('.').unwrap();
+            let hf = match rest {
+                "attn_q.bias" => "self_attn.q_proj.bias",
+                "attn_k.bias" => "self_attn.k_proj.bias",
+                "attn_v.bias" => "self_attn.v_proj.bias",
+                "attn_q_norm.weight" => "self_attn.q_norm.weight",
+                "attn_k_norm.weight" => "self_attn.k_norm.weight",
+                other => panic!("{other}"),
+            };
+            let t = candle_core::Tensor::new(values.as_slice(), &candle_core::Device::Cpu).unwrap();
+            st.insert(format!("model.layers.{layer}.{hf}"), t);
+        }
+        candle_core::safetensors::save(&st, st_dir.path().join("model.safetensors")).unwrap();
+        let mut models = Vec::from(on_both(&gguf));
+        models.push(("safetensors", generation(st_dir.path())));
+        for (what, g) in &models {
+            let mut seqs = Vec::new();
+            let mut next = Vec::new();
+            for case in want {
+                let mut seq = g.lm.new_sequence().unwrap();
+                let logits = seq.feed(&ids(&case["input_ids"])).unwrap();
+                let d = max_abs_diff(&logits, &floats(&case["last_logits"]));
+                assert!(
+                    d < 1e-2,
+                    "{arch}, {what}: largest difference {d} from llama.cpp's logits"
+                );
+                // One sequence alone: llama.cpp's greedy tokens.
+                let mut alone = seq.fork().expect("a fork");
+                let (mut token, mut tokens) = (argmax(&logits), Vec::new());
+                for _ in 0..ids(&case["greedy"]).len() {
+                    tokens.push(token);
+                    token = argmax(&alone.feed(&[token]).unwrap());
+                }
+                assert_eq!(
+                    tokens,
+                    ids(&case["greedy"]),
+                    "{arch}, {what}: greedy tokens alone"
+                );
+                next.push(argmax(&logits));
+                seqs.push(seq);
+            }
+            // All the cases' continuations as one batch each step.
+            let steps = ids(&want[0]["greedy"]).len();
+            let mut batched = vec![Vec::new(); seqs.len()];
+            for _ in 0..steps {
+                for (b, t) in batched.iter_mut().zip(&next) {
+                    b.push(*t);
+                }
+                let mut batch: Vec<&mut dyn backend::Sequence> = Vec::new();
+                for s in seqs.iter_mut() {
+                    batch.push(s.as_mut());
+                }
+                let logits = g.lm.decode_batch(&mut batch, &next).unwrap();
+                next = logits.iter().map(|l| argmax(l)).collect();
+            }
+            for (b, case) in batched.iter().zip(want) {
+                assert_eq!(
+                    b,
+                    &ids(&case["greedy"]),
+                    "{arch}, {what}: greedy tokens batched"
+                );
+            }
+        }
+        // candle's quantized_llama (mixture-of-experts llamas) is llama's alone: refused.
+        let err = backend::load_gguf_candle_reference(&gguf)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            err.contains("Qwen") && err.contains("not supported"),
+            "{err}"
+        );
+        // Without its biases or norms the file is a different model, far from llama.cpp's.
+        let dir = tempfile::tempdir().unwrap();
+        let bare = generation(&gguf_as(arch, &fixture, dir.path(), &[], &[]));
+        let logits = bare
+            .lm
+            .new_sequence()
+            .unwrap()
+            .feed(&ids(&want[0]["input_ids"]))
+            .unwrap();
+        let d = max_abs_diff(&logits, &floats(&want[0]["last_logits"]));
+        assert!(
+            d > 0.05,
+            "{arch}: without its own tensors, only {d} from llama.cpp's logits"
+        );
+    }
 }
 
 /// A GGUF's context is its own (`llama.context_length`), not the 4,096 positions that
@@ -1031,6 +1271,7 @@ fn gguf_vocabularies_tokenize_as_llama_cpp_s_test_vectors() {
         "command-r",
         "deepseek-coder",
         "deepseek-llm",
+        "qwen2",
     ] {
         let path = dir.join(format!("ggml-vocab-{name}.gguf"));
         let tok = backend::gguf_vocab_tokenizer(&path)
@@ -1061,7 +1302,7 @@ fn gguf_vocabularies_tokenize_as_llama_cpp_s_test_vectors() {
         );
     }
     assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
-    for name in ["qwen2", "falcon", "mpt", "bert-bge"] {
+    for name in ["falcon", "mpt", "bert-bge"] {
         let path = dir.join(format!("ggml-vocab-{name}.gguf"));
         let err = backend::gguf_vocab_tokenizer(&path).unwrap_err().to_string();
         assert!(err.contains("not supported without a tokenizer.json"), "{name}: {err}");

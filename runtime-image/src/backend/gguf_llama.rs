@@ -16,10 +16,10 @@ use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::quantized_llama::{MAX_SEQ_LEN, ModelWeights};
 
-use super::qllama::{self, KvCache, Weights};
+use super::qllama::{self, Arch, KvCache, Weights};
 use super::tensor_llama::{
-    Heads, Layer, PREFILL_CHUNK, Proj, Rope, TensorLlama, TensorLlamaLm, inverse_frequencies,
-    rope_tables,
+    Biased, Heads, Layer, PREFILL_CHUNK, Proj, Rope, TensorLlama, TensorLlamaLm,
+    inverse_frequencies, rope_tables,
 };
 use super::{CausalLm, Sequence};
 use crate::chat::ChatTemplate;
@@ -268,31 +268,34 @@ pub fn load_candle_reference(path: &Path) -> Result<LoadedModel> {
 /// dimensions, llama.cpp's order.
 fn tensor_weights<R: std::io::Read + std::io::Seek>(
     ct: &gguf_file::Content,
+    arch: Arch,
     reader: &mut R,
     device: &Device,
     vocab_size: usize,
     context_length: usize,
 ) -> Result<TensorLlama> {
-    let heads = need_u32(ct, "llama.attention.head_count")? as usize;
-    let kv_heads = md_u32(ct, "llama.attention.head_count_kv").map_or(heads, |v| v as usize);
-    let hidden = need_u32(ct, "llama.embedding_length")? as usize;
-    let head_dim = qllama::head_dim(ct, hidden, heads)?;
-    let rope_dim = md_u32(ct, "llama.rope.dimension_count").map_or(head_dim, |v| v as usize);
+    let key = |name: &str| arch.key(name);
+    let heads = need_u32(ct, &key("attention.head_count"))? as usize;
+    let kv_heads = md_u32(ct, &key("attention.head_count_kv")).map_or(heads, |v| v as usize);
+    let hidden = need_u32(ct, &key("embedding_length"))? as usize;
+    let head_dim = qllama::head_dim(ct, arch, hidden, heads)?;
+    let rope_dim = md_u32(ct, &key("rope.dimension_count")).map_or(head_dim, |v| v as usize);
     if rope_dim != head_dim {
         return Err(Error::Model(format!(
             "GGUF llama with a rotary width of {rope_dim} for heads of {head_dim} is not supported"
         )));
     }
-    let rms_eps = md(ct, "llama.attention.layer_norm_rms_epsilon")?.to_f32()?;
+    let rms_eps = md(ct, &key("attention.layer_norm_rms_epsilon"))?.to_f32()?;
     let theta = ct
         .metadata
-        .get("llama.rope.freq_base")
+        .get(&key("rope.freq_base"))
         .and_then(|v| v.to_f32().ok())
         .unwrap_or(10_000.0);
     let mut q = |name: &str| ct.tensor(reader, name, device);
     let quant = |t| -> candle_core::Result<Proj> {
         Ok(Box::new(candle_core::quantized::QMatMul::from_qtensor(t)?))
     };
+    let has = |name: &str| ct.tensor_infos.contains_key(name);
     let embed_q = q("token_embd.weight")?;
     let embed = embed_q.dequantize(device)?;
     let head = match q("output.weight") {
@@ -300,15 +303,39 @@ fn tensor_weights<R: std::io::Read + std::io::Seek>(
         Err(_) => quant(embed_q)?,
     };
     let norm = q("output_norm.weight")?.dequantize(device)?;
-    let blocks = need_u32(ct, "llama.block_count")? as usize;
+    let blocks = need_u32(ct, &key("block_count"))? as usize;
     let mut layers = Vec::with_capacity(blocks);
     for i in 0..blocks {
+        // A product with its bias where the file has one (Qwen2's Q, K and V).
+        let mut biased = |name: &str| -> Result<Proj> {
+            let (weight, bias) = (
+                format!("blk.{i}.{name}.weight"),
+                format!("blk.{i}.{name}.bias"),
+            );
+            let product = quant(q(&weight)?)?;
+            Ok(match has(&bias) {
+                true => Box::new(Biased {
+                    product,
+                    bias: q(&bias)?.dequantize(device)?,
+                }),
+                false => product,
+            })
+        };
+        let (wq, wk, wv) = (biased("attn_q")?, biased("attn_k")?, biased("attn_v")?);
         let mut w = |name: &str| q(&format!("blk.{i}.{name}.weight"));
+        let qk_norm = match has(&format!("blk.{i}.attn_q_norm.weight")) {
+            true => Some((
+                w("attn_q_norm")?.dequantize(device)?,
+                w("attn_k_norm")?.dequantize(device)?,
+            )),
+            false => None,
+        };
         layers.push(Layer {
             attn_norm: w("attn_norm")?.dequantize(device)?,
-            q: quant(w("attn_q")?)?,
-            k: quant(w("attn_k")?)?,
-            v: quant(w("attn_v")?)?,
+            q: wq,
+            k: wk,
+            v: wv,
+            qk_norm,
             o: quant(w("attn_output")?)?,
             mlp_norm: w("ffn_norm")?.dequantize(device)?,
             gate: quant(w("ffn_gate")?)?,
@@ -317,7 +344,7 @@ fn tensor_weights<R: std::io::Read + std::io::Seek>(
         });
     }
     let mut inv_freq = inverse_frequencies(theta, head_dim);
-    if let Some(factors) = super::qllama::rope_divisors(ct, reader, inv_freq.len())? {
+    if let Some(factors) = super::qllama::rope_divisors(ct, arch, reader, inv_freq.len())? {
         for (f, d) in inv_freq.iter_mut().zip(factors) {
             *f /= d;
         }
@@ -336,7 +363,10 @@ fn tensor_weights<R: std::io::Read + std::io::Seek>(
         rms_eps,
         cos,
         sin,
-        rope: Rope::Interleaved,
+        rope: match arch.rotates_halves() {
+            true => Rope::Halves,
+            false => Rope::Interleaved,
+        },
         dtype: DType::F32,
         device: device.clone(),
         vocab_size,
@@ -438,27 +468,25 @@ pub fn gguf_vocab_tokenizer(path: &Path) -> Result<TextTokenizer> {
 pub(super) fn load_with(path: &Path, forward: Forward, device: &Device) -> Result<LoadedModel> {
     let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let ct = read_content(&mut file, path)?;
-    let arch = md(&ct, "general.architecture")?.to_string()?.clone();
-    if arch != "llama" {
-        return Err(Error::Model(format!(
-            "GGUF architecture {arch:?} is not supported (only llama)"
-        )));
-    }
-    // llama.cpp's llama may carry biases; kandle's (and candle's) has none, and would answer
-    // wrongly without them.
-    if let Some(name) = ct
-        .tensor_infos
-        .keys()
-        .filter(|n| n.ends_with(".bias"))
+    let arch = Arch::of(&ct)?;
+    // Biases other than Q's, K's and V's (which both forward passes add) would be left out,
+    // answering wrongly: refused.
+    let applied = |n: &str| {
+        ["attn_q.bias", "attn_k.bias", "attn_v.bias"]
+            .iter()
+            .any(|b| n.ends_with(b))
+    };
+    if let Some(name) = (ct.tensor_infos.keys())
+        .filter(|n| n.ends_with(".bias") && !applied(n))
         .min()
     {
         return Err(Error::Model(format!(
-            "GGUF llama with biases ({name}) is not supported"
+            "GGUF {arch:?} with biases ({name}) is not supported (only Q's, K's and V's are)"
         )));
     }
-    let ctx_meta = md_u32(&ct, "llama.context_length").unwrap_or(MAX_SEQ_LEN as u32) as usize;
+    let ctx_meta = md_u32(&ct, &arch.key("context_length")).unwrap_or(MAX_SEQ_LEN as u32) as usize;
     let tokens = md_string_list(&ct, "tokenizer.ggml.tokens")?;
-    let vocab_size = md_u32(&ct, "llama.vocab_size")
+    let vocab_size = md_u32(&ct, &arch.key("vocab_size"))
         .map(|v| v as usize)
         .unwrap_or(tokens.len());
 
@@ -513,17 +541,26 @@ pub(super) fn load_with(path: &Path, forward: Forward, device: &Device) -> Resul
     let (ct, mut reader) =
         super::requant::prepare(ct, &mut file, super::requant::Requant::from_env()?)?;
     let forward = match forward {
-        _ if qllama::expert_count(&ct) > 1 => Forward::Candle,
+        _ if qllama::expert_count(&ct, arch) > 1 => Forward::Candle,
         Forward::Best if !device.is_cpu() => Forward::TensorOps,
         f => f,
     };
     let lm: Box<dyn CausalLm> = if forward == Forward::Candle {
+        // candle's `quantized_llama` is llama's alone.
+        let own = [".bias", ".attn_q_norm.weight", ".attn_k_norm.weight"];
+        let applied = (ct.tensor_infos.keys()).find(|n| own.iter().any(|o| n.ends_with(o)));
+        if arch != Arch::Llama || applied.is_some() {
+            return Err(Error::Model(format!(
+                "GGUF {arch:?} with {} on candle's quantized_llama is not supported",
+                applied.map_or("its own architecture".to_owned(), |n| format!("tensor {n}"))
+            )));
+        }
         // candle's `quantized_llama` takes the heads' width to be the hidden size over them.
         let (hidden, heads) = (
             need_u32(&ct, "llama.embedding_length")? as usize,
             need_u32(&ct, "llama.attention.head_count")? as usize,
         );
-        if qllama::head_dim(&ct, hidden, heads)? * heads != hidden {
+        if qllama::head_dim(&ct, arch, hidden, heads)? * heads != hidden {
             return Err(Error::Model(format!(
                 "GGUF llama on candle's quantized_llama (mixture-of-experts files) with heads \
                  not {hidden} / {heads} wide is not supported"
@@ -536,11 +573,11 @@ pub(super) fn load_with(path: &Path, forward: Forward, device: &Device) -> Resul
             context_length: ctx_meta.min(MAX_SEQ_LEN),
         })
     } else if forward == Forward::TensorOps {
-        let weights = tensor_weights(&ct, &mut reader, device, vocab_size, ctx_meta)?;
+        let weights = tensor_weights(&ct, arch, &mut reader, device, vocab_size, ctx_meta)?;
         Box::new(TensorLlamaLm(Arc::new(weights)))
     } else {
         Box::new(QLlama {
-            weights: Arc::new(Weights::from_gguf(&ct, &mut reader, ctx_meta)?),
+            weights: Arc::new(Weights::from_gguf(&ct, arch, &mut reader, ctx_meta)?),
             vocab_size,
             context_length: ctx_meta,
         })

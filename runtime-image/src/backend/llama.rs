@@ -1,6 +1,11 @@
 //! Llama-family safetensors models (float weights), on [`super::tensor_llama`]: candle's
 //! tensor operations on any device, with concurrent decode steps batched. The configuration
 //! is read with candle-transformers' `LlamaConfig` (llama3 rope scaling included).
+//!
+//! Qwen2 (`model_type` "qwen2": Qwen2, Qwen2.5, QwQ, DeepSeek-R1's Qwen distillations) and
+//! Qwen3 ("qwen3", its dense models) are llamas with, respectively, biases on Q, K and V, and
+//! an RMS norm of each query and key head before the rotary (`q_norm`, `k_norm`), as
+//! transformers' `Qwen2ForCausalLM` and `Qwen3ForCausalLM` compute them.
 
 use std::path::{Path, PathBuf};
 
@@ -35,15 +40,41 @@ pub(super) fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-pub(super) fn load(dir: &Path, dtype: DType, device: &Device) -> Result<LoadedModel> {
+/// What a llama-shaped `model_type` adds to llama's layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    Llama,
+    /// Q, K and V biases.
+    Qwen2,
+    /// `q_norm` and `k_norm`.
+    Qwen3,
+}
+
+pub(super) fn load(
+    dir: &Path,
+    model_type: &str,
+    dtype: DType,
+    device: &Device,
+) -> Result<LoadedModel> {
+    let family = match model_type {
+        "qwen2" => Family::Qwen2,
+        "qwen3" => Family::Qwen3,
+        _ => Family::Llama,
+    };
     let raw: serde_json::Value = read_json(&dir.join("config.json"))?;
-    // Refuse what candle's llama does not implement rather than computing something else.
-    if raw.get("attention_bias").and_then(|v| v.as_bool()) == Some(true)
-        || raw.get("mlp_bias").and_then(|v| v.as_bool()) == Some(true)
-    {
-        return Err(Error::Model(
-            "llama with attention or MLP biases is not supported".into(),
-        ));
+    let flag = |key: &str| raw.get(key).and_then(|v| v.as_bool()) == Some(true);
+    // Refuse what the layers do not compute rather than computing something else: llama's and
+    // Qwen3's `attention_bias` (on the output product too), Qwen2's sliding window.
+    if flag("attention_bias") || flag("mlp_bias") {
+        return Err(Error::Model(format!(
+            "{model_type} with attention or MLP biases (attention_bias, mlp_bias) is not \
+             supported"
+        )));
+    }
+    if flag("use_sliding_window") {
+        return Err(Error::Model(format!(
+            "{model_type} with use_sliding_window is not supported"
+        )));
     }
     let mut cfg_json = raw.clone();
     // transformers 5 writes rope_theta inside rope_parameters; older files at the top level.
@@ -90,7 +121,7 @@ pub(super) fn load(dir: &Path, dtype: DType, device: &Device) -> Result<LoadedMo
     };
     let config = lcfg.into_config(false);
     let vb = super::layers::var_builder(dir, dtype, device)?;
-    let model = weights(vb, &config, head_dim, dtype, device)
+    let model = weights(vb, &config, family, head_dim, dtype, device)
         .map_err(|e| super::layers::weights_error(dir, e))?;
 
     let tokenizer = super::tokenizer_json(dir)?;
@@ -159,6 +190,7 @@ fn inv_freq(cfg: &Config, head_dim: usize) -> Vec<f32> {
 fn weights(
     vb: VarBuilder,
     cfg: &Config,
+    family: Family,
     head_dim: usize,
     dtype: DType,
     device: &Device,
@@ -175,15 +207,33 @@ fn weights(
                 None,
             )))
         };
+    // Q, K and V: with their biases in Qwen2.
+    let qkv = |vb: &VarBuilder, out: usize, name: &str| -> candle_core::Result<Proj> {
+        match family {
+            Family::Qwen2 => Ok(Box::new(FewRows::new(
+                vb.get((out, hidden), &format!("{name}.weight"))?,
+                Some(vb.get(out, &format!("{name}.bias"))?),
+            ))),
+            _ => dense(vb, out, hidden, name),
+        }
+    };
     let embed = vb.get((cfg.vocab_size, hidden), "model.embed_tokens.weight")?;
     let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
     for i in 0..cfg.num_hidden_layers {
         let p = vb.pp(format!("model.layers.{i}"));
+        let qk_norm = match family {
+            Family::Qwen3 => Some((
+                p.get(head_dim, "self_attn.q_norm.weight")?,
+                p.get(head_dim, "self_attn.k_norm.weight")?,
+            )),
+            _ => None,
+        };
         layers.push(Layer {
             attn_norm: p.get(hidden, "input_layernorm.weight")?,
-            q: dense(&p, q_dim, hidden, "self_attn.q_proj")?,
-            k: dense(&p, kv_dim, hidden, "self_attn.k_proj")?,
-            v: dense(&p, kv_dim, hidden, "self_attn.v_proj")?,
+            q: qkv(&p, q_dim, "self_attn.q_proj")?,
+            k: qkv(&p, kv_dim, "self_attn.k_proj")?,
+            v: qkv(&p, kv_dim, "self_attn.v_proj")?,
+            qk_norm,
             o: dense(&p, hidden, q_dim, "self_attn.o_proj")?,
             mlp_norm: p.get(hidden, "post_attention_layernorm.weight")?,
             gate: dense(&p, cfg.intermediate_size, hidden, "mlp.gate_proj")?,

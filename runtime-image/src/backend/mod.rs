@@ -574,7 +574,9 @@ pub fn load(opts: &LoadOptions) -> Result<LoadedModel> {
             .iter()
             .any(|a| a.ends_with("ForCausalLM") || a.ends_with("LMHeadModel"));
     let loaded = match (model_type.as_str(), classification) {
-        ("llama", false) if lm_head => llama::load(path, dtype, &device)?,
+        ("llama" | "qwen2" | "qwen3", false) if lm_head => {
+            llama::load(path, &model_type, dtype, &device)?
+        }
         ("gpt2", false) if lm_head => gpt2::load(path, dtype, &device)?,
         ("gptj", false) if lm_head => gptj::load(path, dtype, &device)?,
         ("bloom", false) if lm_head => bloom::load(path, dtype, &device)?,
@@ -631,9 +633,9 @@ pub fn load_bert_embedding_candle_reference(path: &Path) -> Result<LoadedModel> 
 }
 
 /// What [`load`] accepts, for the refusal message.
-pub const SUPPORTED: &str = "llama, gpt2, gptj, bloom (TextGeneration); bert, xlm-roberta \
-    (Embedding); bert, distilbert, xlm-roberta *ForSequenceClassification (Classification); \
-    t5, blenderbot-small (Text2Text); GGUF llama";
+pub const SUPPORTED: &str = "llama, qwen2, qwen3, gpt2, gptj, bloom (TextGeneration); bert, \
+    xlm-roberta (Embedding); bert, distilbert, xlm-roberta *ForSequenceClassification \
+    (Classification); t5, blenderbot-small (Text2Text); GGUF llama, qwen2, qwen3";
 
 fn check_task(model: LoadedModel, wanted: Option<Task>) -> Result<LoadedModel> {
     match wanted {

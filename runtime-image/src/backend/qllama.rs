@@ -35,9 +35,67 @@ use kernels::{ATTEND_CHUNK, KEY_BLOCK, attend_dyn, attend_part, merge_parts, pus
 mod kernels;
 pub(crate) use kernels::exp_shifted;
 
+/// The llama-shaped GGUF architectures kandle's forward passes run, and where each differs
+/// from llama, as llama.cpp builds them:
+/// - the metadata keys' prefix (`general.architecture`);
+/// - the rotary embedding: llama rotates interleaved pairs (its converter permutes the q and k
+///   rows to that end), Qwen2 and Qwen3 rotate the two halves of each head (llama.cpp's NEOX,
+///   transformers' `rotate_half`; their rows are written as trained);
+/// - Qwen2's biases on Q, K and V (`attn_{q,k,v}.bias`; a llama file may carry them too);
+/// - Qwen3's RMS norm of each head of Q and K before the rotary (`attn_{q,k}_norm`).
+///
+/// Qwen2 covers Qwen2, Qwen2.5 (and -Coder, -Math), DeepSeek-R1's Qwen distillations and
+/// QwQ; Qwen3 its dense models. Their mixture-of-experts kinds (`qwen2moe`, `qwen3moe`) are
+/// other architectures, refused by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Arch {
+    Llama,
+    Qwen2,
+    Qwen3,
+}
+
+impl Arch {
+    /// The architecture `general.architecture` names, or an error naming it.
+    pub(super) fn of(ct: &gguf_file::Content) -> Result<Arch> {
+        let name = ct
+            .metadata
+            .get("general.architecture")
+            .ok_or_else(|| Error::Model("GGUF metadata has no general.architecture".into()))?
+            .to_string()?;
+        match name.as_str() {
+            "llama" => Ok(Arch::Llama),
+            "qwen2" => Ok(Arch::Qwen2),
+            "qwen3" => Ok(Arch::Qwen3),
+            other => Err(Error::Model(format!(
+                "GGUF architecture {other:?} is not supported (llama, qwen2 and qwen3 are)"
+            ))),
+        }
+    }
+
+    /// The metadata key `name` of this architecture (`qwen2.block_count`, ...).
+    pub(super) fn key(self, name: &str) -> String {
+        let prefix = match self {
+            Arch::Llama => "llama",
+            Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
+        };
+        format!("{prefix}.{name}")
+    }
+
+    /// Whether the rotary embedding turns dimension `i` with `i + head_dim / 2` (else `2i`
+    /// with `2i + 1`).
+    pub(super) fn rotates_halves(self) -> bool {
+        self != Arch::Llama
+    }
+}
+
 struct Layer {
     /// `attn_q`, `attn_k`, `attn_v` side by side: one pass over the threads.
     qkv: QMat,
+    /// Their biases side by side (Qwen2), added to each row of the product.
+    qkv_bias: Option<Vec<f32>>,
+    /// The weights of the RMS norm of each query and key head (Qwen3), `head_dim` each.
+    qk_norm: Option<(Vec<f32>, Vec<f32>)>,
     wo: QMat,
     /// `ffn_gate` and `ffn_up` side by side.
     gate_up: QMat,
@@ -65,6 +123,8 @@ pub(super) struct Weights {
     n_head: usize,
     n_kv_head: usize,
     head_dim: usize,
+    /// Rotary on the halves of each head ([`Arch::rotates_halves`]).
+    rotates_halves: bool,
     /// The rotary frequencies, `head_dim / 2` of them, and the divisor of each one's angles
     /// where the file declares a scaling ([`rope_divisors`]).
     theta: Vec<f32>,
@@ -257,8 +317,8 @@ fn md_u32(ct: &gguf_file::Content, key: &str) -> Result<usize> {
 }
 
 /// Expert count of a mixture-of-experts llama GGUF (0 for a dense model).
-pub(super) fn expert_count(ct: &gguf_file::Content) -> usize {
-    md_u32(ct, "llama.expert_count").unwrap_or(0)
+pub(super) fn expert_count(ct: &gguf_file::Content, arch: Arch) -> usize {
+    md_u32(ct, &arch.key("expert_count")).unwrap_or(0)
 }
 
 /// RMS norm of each row of `x` into `out`, as llama.cpp computes it: the squares (in f32)
@@ -301,9 +361,14 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 /// declares it (Mistral NeMo and Mistral Small 3 have heads of 128 in a hidden size of 5,120
 /// over 32 heads), else the hidden size over the heads, as llama.cpp reads it. Values as wide
 /// as the keys are what a llama has; other widths are refused.
-pub(super) fn head_dim(ct: &gguf_file::Content, hidden: usize, heads: usize) -> Result<usize> {
-    let keys = md_u32(ct, "llama.attention.key_length").unwrap_or(hidden / heads.max(1));
-    match md_u32(ct, "llama.attention.value_length").unwrap_or(keys) {
+pub(super) fn head_dim(
+    ct: &gguf_file::Content,
+    arch: Arch,
+    hidden: usize,
+    heads: usize,
+) -> Result<usize> {
+    let keys = md_u32(ct, &arch.key("attention.key_length")).unwrap_or(hidden / heads.max(1));
+    match md_u32(ct, &arch.key("attention.value_length")).unwrap_or(keys) {
         values if values == keys => Ok(keys),
         values => Err(Error::Model(format!(
             "GGUF llama with keys of {keys} and values of {values} per head is not supported"
@@ -321,24 +386,26 @@ pub(super) fn head_dim(ct: &gguf_file::Content, hidden: usize, heads: usize) -> 
 /// - YaRN and LongRoPE are refused by name, not run unscaled.
 pub(super) fn rope_divisors<R: std::io::Seek + std::io::Read>(
     ct: &gguf_file::Content,
+    arch: Arch,
     reader: &mut R,
     frequencies: usize,
 ) -> Result<Option<Vec<f32>>> {
+    let kind_key = arch.key("rope.scaling.type");
     let kind = ct
         .metadata
-        .get("llama.rope.scaling.type")
+        .get(&kind_key)
         .and_then(|v| v.to_string().ok())
         .map_or("", String::as_str);
-    let factor = ["llama.rope.scaling.factor", "llama.rope.scale_linear"]
+    let factor = ["rope.scaling.factor", "rope.scale_linear"]
         .iter()
-        .find_map(|k| ct.metadata.get(*k).and_then(|v| v.to_f32().ok()));
+        .find_map(|k| ct.metadata.get(&arch.key(k)).and_then(|v| v.to_f32().ok()));
     let linear = match (kind, factor) {
         ("" | "linear", Some(f)) if f > 0.0 && f.is_finite() => Some(f),
         ("" | "linear" | "none", _) => None,
         (other, _) => {
             return Err(Error::Model(format!(
-                "GGUF rotary scaling {other:?} (llama.rope.scaling.type) is not supported; \
-                 linear scaling and Llama 3's rope_freqs are"
+                "GGUF rotary scaling {other:?} ({kind_key}) is not supported; linear \
+                 scaling and Llama 3's rope_freqs are"
             )));
         }
     };
@@ -387,26 +454,29 @@ impl Weights {
     /// up to `max_positions` tokens.
     pub(super) fn from_gguf<R: std::io::Seek + std::io::Read>(
         ct: &gguf_file::Content,
+        arch: Arch,
         reader: &mut R,
         max_positions: usize,
     ) -> Result<Self> {
         let device = &Device::Cpu;
-        let n_head = md_u32(ct, "llama.attention.head_count")?;
-        let n_kv_head = md_u32(ct, "llama.attention.head_count_kv")?;
-        let block_count = md_u32(ct, "llama.block_count")?;
-        let hidden = md_u32(ct, "llama.embedding_length")?;
-        let rope_dim = md_u32(ct, "llama.rope.dimension_count")?;
+        let key = |name: &str| arch.key(name);
+        let n_head = md_u32(ct, &key("attention.head_count"))?;
+        let n_kv_head = md_u32(ct, &key("attention.head_count_kv")).unwrap_or(n_head);
+        let block_count = md_u32(ct, &key("block_count"))?;
+        let hidden = md_u32(ct, &key("embedding_length"))?;
         let eps = ct
             .metadata
-            .get("llama.attention.layer_norm_rms_epsilon")
+            .get(&key("attention.layer_norm_rms_epsilon"))
             .ok_or_else(|| Error::Model("GGUF metadata has no rms epsilon".into()))?
             .to_f32()? as f64;
         let freq_base = ct
             .metadata
-            .get("llama.rope.freq_base")
+            .get(&key("rope.freq_base"))
             .and_then(|m| m.to_f32().ok())
             .unwrap_or(10000f32);
-        let head_dim = head_dim(ct, hidden, n_head)?;
+        let head_dim = head_dim(ct, arch, hidden, n_head)?;
+        // llama.cpp's default where a file leaves it out: the whole head.
+        let rope_dim = md_u32(ct, &key("rope.dimension_count")).unwrap_or(head_dim);
         if rope_dim != head_dim || n_kv_head == 0 || n_head % n_kv_head != 0 {
             return Err(Error::Model(format!(
                 "unsupported llama shape: {n_head} heads, {n_kv_head} kv heads, head dim \
@@ -418,7 +488,7 @@ impl Weights {
             .step_by(2)
             .map(|i| 1f32 / freq_base.powf(i as f32 / rope_dim as f32))
             .collect();
-        let divisors = rope_divisors(ct, reader, theta.len())?;
+        let divisors = rope_divisors(ct, arch, reader, theta.len())?;
 
         let tensor =
             |name: &str, reader: &mut R| -> Result<_> { Ok(ct.tensor(reader, name, device)?) };
@@ -444,16 +514,67 @@ impl Weights {
             },
         };
         let mut layers = Vec::with_capacity(block_count);
+        let q_dim = n_head * head_dim;
+        let kv_dim = n_kv_head * head_dim;
         for i in 0..block_count {
             let p = format!("blk.{i}");
             let w = |name: &str, reader: &mut R| qmat(&format!("{p}.{name}.weight"), reader);
             let t = |name: &str, reader: &mut R| tensor(&format!("{p}.{name}.weight"), reader);
+            let has = |name: &str| ct.tensor_infos.contains_key(&format!("{p}.{name}"));
+            // Q, K and V biases where the file has any (a missing one adds nothing).
+            let qkv_bias = match ["attn_q", "attn_k", "attn_v"].map(|n| has(&format!("{n}.bias"))) {
+                [false, false, false] => None,
+                present => {
+                    let mut bias = Vec::with_capacity(q_dim + 2 * kv_dim);
+                    for ((name, width), there) in
+                        [("attn_q", q_dim), ("attn_k", kv_dim), ("attn_v", kv_dim)]
+                            .into_iter()
+                            .zip(present)
+                    {
+                        let b = match there {
+                            true => vector(&format!("{p}.{name}.bias"), reader)?,
+                            false => vec![0.0; width],
+                        };
+                        if b.len() != width {
+                            return Err(Error::Model(format!(
+                                "GGUF {p}.{name}.bias holds {} values, not {width}",
+                                b.len()
+                            )));
+                        }
+                        bias.extend(b);
+                    }
+                    Some(bias)
+                }
+            };
+            let qk_norm = match (has("attn_q_norm.weight"), has("attn_k_norm.weight")) {
+                (false, false) => None,
+                (true, true) => {
+                    let q = vector(&format!("{p}.attn_q_norm.weight"), reader)?;
+                    let k = vector(&format!("{p}.attn_k_norm.weight"), reader)?;
+                    if q.len() != head_dim || k.len() != head_dim {
+                        return Err(Error::Model(format!(
+                            "GGUF {p}.attn_q_norm and attn_k_norm must hold {head_dim} values \
+                             (one head), they hold {} and {}",
+                            q.len(),
+                            k.len()
+                        )));
+                    }
+                    Some((q, k))
+                }
+                _ => {
+                    return Err(Error::Model(format!(
+                        "GGUF {p} has a norm of the queries or of the keys but not both"
+                    )));
+                }
+            };
             layers.push(Layer {
                 qkv: QMat::from_qtensors(vec![
                     t("attn_q", reader)?,
                     t("attn_k", reader)?,
                     t("attn_v", reader)?,
                 ])?,
+                qkv_bias,
+                qk_norm,
                 wo: w("attn_output", reader)?,
                 gate_up: QMat::from_qtensors(vec![t("ffn_gate", reader)?, t("ffn_up", reader)?])?,
                 down: w("ffn_down", reader)?,
@@ -471,6 +592,7 @@ impl Weights {
             n_head,
             n_kv_head,
             head_dim,
+            rotates_halves: arch.rotates_halves(),
             theta,
             divisors,
             max_positions,
@@ -606,7 +728,15 @@ impl Weights {
         }
         for (li, layer) in self.layers.iter().enumerate() {
             rms_norm(&x, &layer.attn_norm, self.eps, &mut h);
-            let qkv = layer.qkv.forward(&h, rows)?;
+            let mut qkv = layer.qkv.forward(&h, rows)?;
+            if let Some(bias) = &layer.qkv_bias {
+                for row in qkv.chunks_exact_mut(qkv_dim) {
+                    for (x, b) in row.iter_mut().zip(bias) {
+                        *x += b;
+                    }
+                }
+            }
+            let qkv = qkv;
             // Rotary embedding of the new rows; their keys and values join the caches, the
             // sequences in parallel (a decode step's writes land on cache lines that the weight
             // stream has evicted since the last step: at 8 sequences this took ~0.4 ms of a
@@ -628,9 +758,19 @@ impl Weights {
                         let r = &qkv[row * qkv_dim..][..qkv_dim];
                         let rot = (&cos[row * half..][..half], &sin[row * half..][..half]);
                         let qr = &mut qi[t * q_dim..][..q_dim];
-                        qr.copy_from_slice(&r[..q_dim]);
+                        let (q_in, k_in) = (&r[..q_dim], &r[q_dim..q_dim + kv_dim]);
+                        match &layer.qk_norm {
+                            // Each head RMS-normed (as the model's norms are), then turned.
+                            Some((qn, kn)) => {
+                                rms_norm(q_in, qn, self.eps, qr);
+                                rms_norm(k_in, kn, self.eps, &mut key);
+                            }
+                            None => {
+                                qr.copy_from_slice(q_in);
+                                key.copy_from_slice(k_in);
+                            }
+                        }
                         self.rope(qr, rot);
-                        key.copy_from_slice(&r[q_dim..q_dim + kv_dim]);
                         self.rope(&mut key, rot);
                         cache.write(li, pos0 + t, &key, &r[q_dim + kv_dim..]);
                     }
@@ -767,15 +907,21 @@ impl Weights {
         }
     }
 
-    /// Interleaved rotary embedding (`rope_i`) of every head in `x` by the `cos` and `sin`
-    /// of its position ([`Weights::rotary`]).
+    /// The rotary embedding of every head in `x` by the `cos` and `sin` of its position
+    /// ([`Weights::rotary`]): frequency `i` turns dimensions `2i` and `2i + 1` (llama.cpp's
+    /// `rope`), or `i` and `i + head_dim / 2` ([`Arch::rotates_halves`], its `rope_neox`).
     fn rope(&self, x: &mut [f32], (cos, sin): (&[f32], &[f32])) {
         let half = self.head_dim / 2;
+        let (step, apart) = match self.rotates_halves {
+            true => (1, half),
+            false => (2, 1),
+        };
         for head in x.chunks_exact_mut(self.head_dim) {
             for i in 0..half {
-                let (a, b) = (head[2 * i], head[2 * i + 1]);
-                head[2 * i] = a * cos[i] - b * sin[i];
-                head[2 * i + 1] = a * sin[i] + b * cos[i];
+                let (j, k) = (step * i, step * i + apart);
+                let (a, b) = (head[j], head[k]);
+                head[j] = a * cos[i] - b * sin[i];
+                head[k] = a * sin[i] + b * cos[i];
             }
         }
     }

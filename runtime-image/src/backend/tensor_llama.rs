@@ -41,12 +41,28 @@ pub(super) enum Rope {
     Interleaved,
 }
 
+/// A product and its bias (a GGUF's `attn_q.bias`, say): `x · Wᵀ + b`.
+pub(super) struct Biased {
+    pub product: Proj,
+    /// `(out,)`, in the product's output dtype.
+    pub bias: Tensor,
+}
+
+impl Module for Biased {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.product.forward(x)?.broadcast_add(&self.bias)
+    }
+}
+
 /// One decoder layer's weights.
 pub(super) struct Layer {
     pub attn_norm: Tensor,
     pub q: Proj,
     pub k: Proj,
     pub v: Proj,
+    /// The weights of the RMS norm of each query and key head before the rotary (Qwen3's
+    /// `q_norm` and `k_norm`), `(head_dim,)` each.
+    pub qk_norm: Option<(Tensor, Tensor)>,
     pub o: Proj,
     pub mlp_norm: Tensor,
     pub gate: Proj,
@@ -201,6 +217,15 @@ impl TensorLlama {
             * self.dtype.size_in_bytes()
     }
 
+    /// Each head (the last dimension) of `x` RMS-normed with the weights `norm`, as the
+    /// model's own norms are; `x` itself without them.
+    fn norm_heads(&self, x: Tensor, norm: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        match norm {
+            Some(w) => candle_nn::ops::rms_norm(&x, w, self.rms_eps),
+            None => Ok(x),
+        }
+    }
+
     fn rotate(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
         match self.rope {
             Rope::Halves => candle_nn::rotary_emb::rope(x, cos, sin),
@@ -328,12 +353,14 @@ impl TensorLlama {
         let mut x = self
             .embed
             .index_select(&Tensor::new(tokens, &self.device)?, 0)?;
-        // (t, heads · head_dim) rows to (heads, t, head_dim), rotated.
-        let split = |y: Tensor, h: usize, rotate: bool| -> candle_core::Result<Tensor> {
+        // (t, heads · head_dim) rows to (heads, t, head_dim), each head normed with `norm`
+        // where given, then rotated where asked.
+        let split = |y: Tensor, h: usize, norm: Option<&Tensor>, rotate: bool| {
             let y = y
                 .reshape((1, t, h, head_dim))?
                 .transpose(1, 2)?
                 .contiguous()?;
+            let y = self.norm_heads(y, norm)?;
             let y = if rotate {
                 self.rotate(&y, &cos, &sin)?
             } else {
@@ -343,9 +370,10 @@ impl TensorLlama {
         };
         for (l, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.rms_eps)?;
-            let q = split(layer.q.forward(&h)?, heads, true)?;
-            let k = split(layer.k.forward(&h)?, kv_heads, true)?;
-            let v = split(layer.v.forward(&h)?, kv_heads, false)?;
+            let (qn, kn) = layer.qk_norm.as_ref().map(|(q, k)| (q, k)).unzip();
+            let q = split(layer.q.forward(&h)?, heads, qn, true)?;
+            let k = split(layer.k.forward(&h)?, kv_heads, kn, true)?;
+            let v = split(layer.v.forward(&h)?, kv_heads, None, false)?;
             cache.write(l, &k, &v)?;
             let y = self.attend(&q, cache, l, past, Some(&mask))?;
             x = self.mlp(layer, &(&x + layer.o.forward(&y)?)?)?;
@@ -378,16 +406,11 @@ impl TensorLlama {
         for (l, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.rms_eps)?;
             // One row per sequence: (b, heads, 1, head_dim) needs no transpose.
-            let q = self.rotate(
-                &layer.q.forward(&h)?.reshape((b, heads, 1, head_dim))?,
-                &cos,
-                &sin,
-            )?;
-            let k = self.rotate(
-                &layer.k.forward(&h)?.reshape((b, kv_heads, 1, head_dim))?,
-                &cos,
-                &sin,
-            )?;
+            let (qn, kn) = layer.qk_norm.as_ref().map(|(q, k)| (q, k)).unzip();
+            let q = layer.q.forward(&h)?.reshape((b, heads, 1, head_dim))?;
+            let q = self.rotate(&self.norm_heads(q, qn)?, &cos, &sin)?;
+            let k = layer.k.forward(&h)?.reshape((b, kv_heads, 1, head_dim))?;
+            let k = self.rotate(&self.norm_heads(k, kn)?, &cos, &sin)?;
             let v = layer.v.forward(&h)?.reshape((b, kv_heads, 1, head_dim))?;
             let mut ys = Vec::with_capacity(b);
             for (i, c) in caches.iter_mut().enumerate() {
@@ -515,6 +538,7 @@ mod tests {
                 q: proj(hidden, hidden),
                 k: proj(kv_heads * head_dim, hidden),
                 v: proj(kv_heads * head_dim, hidden),
+                qk_norm: None,
                 o: proj(hidden, hidden),
                 mlp_norm: Tensor::ones(hidden, DType::F32, &dev).unwrap(),
                 gate: proj(inter, hidden),

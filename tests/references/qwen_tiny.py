@@ -1,0 +1,123 @@
+# The reference for runtime_models' Qwen test: llama.cpp's own forward pass on the tiny llama
+# fixture's weights written as a Qwen2 GGUF (with Q, K and V biases) and as a Qwen3 GGUF
+# (with the per-head norms of queries and keys), the way llama.cpp's converter writes those
+# architectures (q and k rows as trained, for llama.cpp's NEOX rotary; f32). The biases and
+# norm weights are made by the formulas below, which the Rust test repeats exactly (small
+# binary fractions, the same f32 in both languages). For each of the fixture's cases, the
+# logits after its prompt and llama.cpp's greedy continuation are written out.
+#
+# Run: pip install numpy safetensors gguf==0.19.0 llama-cpp-python==0.3.36; then
+# python3 tests/references/qwen_tiny.py > tests/references/qwen_tiny.json
+import json, os, sys, tempfile
+
+import gguf
+import numpy as np
+from llama_cpp import Llama
+from safetensors.numpy import load_file
+
+FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', '..', 'shared', 'fixtures', 'tiny', 'llama')
+GREEDY = 8
+
+
+def bias(n, salt):
+    """The Rust test's `qwen_bias`: (7j + 13 salt) mod 31 − 15, over 32."""
+    return np.array([((7 * j + 13 * salt) % 31 - 15) / 32 for j in range(n)], dtype=np.float32)
+
+
+def norm_weight(n, salt):
+    """The Rust test's `qwen_norm`: 1 + ((5j + 3 salt) mod 17 − 8) / 64."""
+    return np.array([1 + ((5 * j + 3 * salt) % 17 - 8) / 64 for j in range(n)], dtype=np.float32)
+
+
+def write(arch, path):
+    cfg = json.load(open(os.path.join(FIXTURE, 'config.json')))
+    st = load_file(os.path.join(FIXTURE, 'model.safetensors'))
+    tok = json.load(open(os.path.join(FIXTURE, 'tokenizer.json')))
+    heads, kv, hidden, hd = cfg['num_attention_heads'], cfg['num_key_value_heads'], cfg['hidden_size'], cfg['head_dim']
+    w = gguf.GGUFWriter(path, arch)
+    w.add_block_count(cfg['num_hidden_layers'])
+    w.add_context_length(cfg['max_position_embeddings'])
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(cfg['intermediate_size'])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_key_length(hd)
+    w.add_value_length(hd)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    vocab = [''] * cfg['vocab_size']
+    for t, i in tok['model']['vocab'].items():
+        vocab[i] = t
+    types = [gguf.TokenType.NORMAL] * len(vocab)
+    for a in tok['added_tokens']:
+        vocab[a['id']] = a['content']
+        types[a['id']] = gguf.TokenType.CONTROL
+    merges = [m if isinstance(m, str) else ' '.join(m) for m in tok['model']['merges']]
+    w.add_tokenizer_model('gpt2')
+    w.add_tokenizer_pre('default')
+    w.add_token_list(vocab)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(cfg['bos_token_id'])
+    w.add_eos_token_id(cfg['eos_token_id'])
+    w.add_add_bos_token(False)
+    w.add_tensor('token_embd.weight', st['model.embed_tokens.weight'])
+    w.add_tensor('output_norm.weight', st['model.norm.weight'])
+    for i in range(cfg['num_hidden_layers']):
+        p = f'model.layers.{i}.'
+        for name, hf in [('attn_q', 'self_attn.q_proj'), ('attn_k', 'self_attn.k_proj'), ('attn_v', 'self_attn.v_proj'),
+                         ('attn_output', 'self_attn.o_proj'), ('ffn_gate', 'mlp.gate_proj'), ('ffn_up', 'mlp.up_proj'),
+                         ('ffn_down', 'mlp.down_proj'), ('attn_norm', 'input_layernorm'),
+                         ('ffn_norm', 'post_attention_layernorm')]:
+            w.add_tensor(f'blk.{i}.{name}.weight', st[p + hf + '.weight'])
+        if arch == 'qwen2':
+            for j, (name, n) in enumerate([('attn_q', heads * hd), ('attn_k', kv * hd), ('attn_v', kv * hd)]):
+                w.add_tensor(f'blk.{i}.{name}.bias', bias(n, 3 * i + j))
+        else:
+            w.add_tensor(f'blk.{i}.attn_q_norm.weight', norm_weight(hd, 2 * i))
+            w.add_tensor(f'blk.{i}.attn_k_norm.weight', norm_weight(hd, 2 * i + 1))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def run(path, cases):
+    llm = Llama(model_path=path, n_ctx=128, n_threads=2, logits_all=True, verbose=False)
+    out = []
+    for ids in cases:
+        llm.reset()
+        llm.eval(ids)
+        last = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+        greedy, logits = [], last
+        for _ in range(GREEDY):
+            t = int(np.argmax(logits))
+            greedy.append(t)
+            llm.eval([t])
+            logits = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+        out.append({'input_ids': ids, 'last_logits': [round(float(x), 6) for x in last], 'greedy': greedy})
+    return out
+
+
+def main():
+    ref = json.load(open(os.path.join(FIXTURE, 'reference.json')))
+    cases = [c['input_ids'] for c in ref['cases']]
+    result = {'llama_cpp_python': __import__('llama_cpp').__version__, 'greedy_tokens': GREEDY}
+    with tempfile.TemporaryDirectory() as d:
+        for arch in ['qwen2', 'qwen3']:
+            path = os.path.join(d, f'tiny-{arch}.gguf')
+            write(arch, path)
+            result[arch] = run(path, cases)
+    # One line a case: the logits are 512 numbers.
+    print('{')
+    print(f' "llama_cpp_python": {json.dumps(result["llama_cpp_python"])}, "greedy_tokens": {GREEDY},')
+    for k, arch in enumerate(['qwen2', 'qwen3']):
+        print(f' "{arch}": [')
+        print(',\n'.join('  ' + json.dumps(c, separators=(',', ':')) for c in result[arch]))
+        print(' ]' + (',' if k == 0 else ''))
+    print('}')
+
+
+if __name__ == '__main__':
+    main()
