@@ -3341,6 +3341,214 @@ async fn mistral_small_shaped() -> (tempfile::TempDir, std::path::PathBuf) {
     (dir, path)
 }
 
+/// Qwen2.5-7B-Instruct's chat template, as llama.cpp keeps it
+/// (`models/templates/Qwen-Qwen2.5-7B-Instruct.jinja` in llama-cpp-python 0.3.36's source).
+const QWEN2_5_TEMPLATE: &str = r#"{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] }}
+    {%- else %}
+        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}
+    {%- endif %}
+    {{- "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}
+            {{- '\n' + message.content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '\n<tool_call>\n{"name": "' }}
+            {{- tool_call.name }}
+            {{- '", "arguments": ' }}
+            {{- tool_call.arguments | tojson }}
+            {{- '}\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- message.content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+"#;
+
+/// A GGUF shaped as Qwen2.5's are: `qwen2` (Q, K and V biases; no `rope.dimension_count`, as
+/// Qwen files leave it out), Qwen's vocabulary as llama.cpp's `ggml-vocab-qwen2.gguf` holds it
+/// (151,936 tokens, `<|im_start|>` and `<|im_end|>` control tokens, no tokenizer.json beside
+/// it), Qwen2.5-7B-Instruct's own template, a 32,768-token context; random weights.
+fn qwen2_5_shaped_gguf(dir: &std::path::Path) -> std::path::PathBuf {
+    use candle_core::quantized::gguf_file::{self, Value as V};
+    use candle_core::quantized::{GgmlDType, QTensor};
+    let mut f =
+        std::fs::File::open(models::llama_cpp_vocabs().join("ggml-vocab-qwen2.gguf")).unwrap();
+    let vocab = gguf_file::Content::read(&mut f).unwrap();
+    let mut meta: Vec<(String, V)> = (vocab.metadata.iter())
+        .filter(|(k, _)| k.starts_with("tokenizer.ggml."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let n_vocab = match &vocab.metadata["tokenizer.ggml.tokens"] {
+        V::Array(a) => a.len(),
+        other => panic!("tokens: {other:?}"),
+    };
+    for (k, v) in [
+        ("general.architecture", V::String("qwen2".into())),
+        ("qwen2.block_count", V::U32(2)),
+        ("qwen2.embedding_length", V::U32(64)),
+        ("qwen2.feed_forward_length", V::U32(128)),
+        ("qwen2.attention.head_count", V::U32(4)),
+        ("qwen2.attention.head_count_kv", V::U32(2)),
+        ("qwen2.rope.freq_base", V::F32(1e6)),
+        ("qwen2.context_length", V::U32(32768)),
+        ("qwen2.attention.layer_norm_rms_epsilon", V::F32(1e-6)),
+        (
+            "tokenizer.chat_template",
+            V::String(QWEN2_5_TEMPLATE.into()),
+        ),
+    ] {
+        meta.push((k.into(), v));
+    }
+    let mut tensors = random_llama_tensors(n_vocab, 4, 2, 16);
+    for i in 0..2 {
+        for (name, n) in [("attn_q", 64), ("attn_k", 32), ("attn_v", 32)] {
+            let b: Vec<f32> = (0..n)
+                .map(|j| ((j * 11 + i * 5) % 13) as f32 / 13.0 - 0.5)
+                .collect();
+            let t = candle_core::Tensor::new(b.as_slice(), &candle_core::Device::Cpu).unwrap();
+            let q = QTensor::quantize(&t, GgmlDType::F32).unwrap();
+            tensors.push((format!("blk.{i}.{name}.bias"), q));
+        }
+    }
+    let out = dir.join("qwen2.5-shaped.gguf");
+    let meta: Vec<(&str, &V)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    gguf_file::write(&mut std::fs::File::create(&out).unwrap(), &meta, &tensors).unwrap();
+    out
+}
+
+/// A Qwen2.5-shaped GGUF ([`qwen2_5_shaped_gguf`]) served end to end: the chat prompt is
+/// Qwen's ChatML with its default system prompt, `<|im_start|>` and `<|im_end|>` as the
+/// control tokens between the texts' own tokens and no beginning-of-text token (nor for a
+/// completion prompt); a past tool call renders in Hermes' `<tool_call>` with its arguments as
+/// JSON; a forced call gives arguments its tool's parameters accept; streamed answers equal
+/// whole ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qwen2_5_shaped_gguf_serves_chatml_and_tool_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_owned();
+    let path = tokio::task::spawn_blocking(move || qwen2_5_shaped_gguf(&d))
+        .await
+        .unwrap();
+    let (server, url) = serve_model(path, |c| c.max_new_tokens = 40).await;
+    let http = client();
+    let model = "qwen2.5-shaped";
+    let tokenize = |body: Value| model_token_ids(&http, &url, model, body);
+    let text = |t: &'static str| tokenize(json!({"prompt": t, "add_special_tokens": false}));
+    let (start, end) = (151644, 151645);
+    let chat_ids = tokenize(json!({"messages": [{"role": "user", "content": "Hi"}]})).await;
+    let want = [
+        &[start][..],
+        &text("system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.").await,
+        &[end],
+        &text("\n").await,
+        &[start],
+        &text("user\nHi").await,
+        &[end],
+        &text("\n").await,
+        &[start],
+        &text("assistant\n").await,
+    ]
+    .concat();
+    assert_eq!(chat_ids, want);
+    let r = post_json(
+        &http,
+        &format!("{url}/v1/completions"),
+        &json!({"model": model, "prompt": "Hello world", "max_tokens": 2, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(
+        r["usage"]["prompt_tokens"],
+        text("Hello world").await.len(),
+        "{r}"
+    );
+
+    // A past call and its result, as the template writes them.
+    let history = json!({"messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function",
+            "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "18 C"}]});
+    let ids = tokenize(history).await;
+    let rendered = post_json(
+        &http,
+        &format!("{url}/detokenize"),
+        &json!({"model": model, "tokens": ids}),
+    )
+    .await;
+    let rendered = rendered["prompt"].as_str().unwrap();
+    let call = "<|im_start|>assistant\n<tool_call>\n\
+        {\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call><|im_end|>\n\
+        <|im_start|>user\n<tool_response>\n18 C\n</tool_response><|im_end|>";
+    assert!(rendered.contains(call), "{rendered}");
+
+    let chat = format!("{url}/v1/chat/completions");
+    let weather = json!({"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 12}},
+            "required": ["city"], "additionalProperties": false}}});
+    let body = json!({"model": model,
+        "messages": [{"role": "user", "content": "Weather in Paris?"}],
+        "tools": [weather], "temperature": 0, "max_tokens": 40,
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}}});
+    let r = post_json(&http, &chat, &body).await;
+    let call = &r["choices"][0]["message"]["tool_calls"][0];
+    assert_eq!(call["function"]["name"], "get_weather", "{r}");
+    let args: Value =
+        serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert!(
+        args["city"].is_string() && args.as_object().unwrap().len() == 1,
+        "{args}"
+    );
+
+    let plain = json!({"model": model, "messages": [{"role": "user", "content": "Hi"}],
+        "temperature": 1.0, "seed": 5, "max_tokens": 24});
+    let whole = post_json(&http, &chat, &plain).await;
+    let content = whole["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(!content.is_empty(), "{whole}");
+    let chunks = post_stream(&http, &chat, &with_fields(plain, &json!({"stream": true}))).await;
+    assert_eq!(streamed_content(&chunks), content);
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
 /// Magistral's control tokens that open and close its thoughts.
 const THINK: u32 = 34;
 const END_THINK: u32 = 35;
