@@ -658,6 +658,53 @@ mod tests {
         );
     }
 
+    /// Qwen3's own template (`tests/templates/qwen3.jinja`: llama.cpp's copy of Qwen3-0.6B's,
+    /// `models/templates/Qwen-Qwen3-0.6B.jinja`), which reverses the messages with `[::-1]`,
+    /// splits thoughts off with `split` and `rstrip`/`lstrip`, and takes `enable_thinking`:
+    /// the thoughts of turns before the last question are dropped, a call renders as Hermes'
+    /// `<tool_call>` with its arguments as JSON, a tool's answer as a user turn's
+    /// `<tool_response>`, and `enable_thinking: false` opens the answer with an empty
+    /// `<think>` block.
+    #[test]
+    fn qwen3_s_template_renders_thoughts_calls_and_enable_thinking() {
+        let src = include_str!("../tests/templates/qwen3.jinja");
+        let t = ChatTemplate::new(src.into(), String::new(), "<|im_end|>".into()).unwrap();
+        let mut call = assistant("<think>\nhmm\n</think>\n\nLet me check.");
+        call.tool_calls = Some(serde_json::json!([{"id": "1", "type": "function",
+            "function": {"name": "w", "arguments": {"city": "Paris"}}}]));
+        let tool = ChatMessage {
+            role: "tool".into(),
+            content: "18 C".into(),
+            tool_call_id: Some("1".into()),
+            ..Default::default()
+        };
+        let messages = [
+            user("Weather?"),
+            call,
+            tool,
+            assistant("<think>\neasy\n</think>\n\nIt is 18 C."),
+            user("Thanks"),
+        ];
+        let out = t.render(&messages, None, &ChatOptions::default()).unwrap();
+        assert_eq!(
+            out,
+            "<|im_start|>user\nWeather?<|im_end|>\n<|im_start|>assistant\nLet me check.\n\
+             <tool_call>\n{\"name\": \"w\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>\
+             <|im_end|>\n<|im_start|>user\n<tool_response>\n18 C\n</tool_response><|im_end|>\n\
+             <|im_start|>assistant\nIt is 18 C.<|im_end|>\n<|im_start|>user\nThanks<|im_end|>\n\
+             <|im_start|>assistant\n"
+        );
+        let kw = serde_json::json!({"enable_thinking": false});
+        let opts = ChatOptions {
+            kwargs: kw.as_object().cloned(),
+            ..Default::default()
+        };
+        assert_eq!(
+            t.render(&[user("Hi")], None, &opts).unwrap(),
+            "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+        );
+    }
+
     #[test]
     fn bad_template_syntax_is_refused_at_load() {
         assert!(ChatTemplate::new("{% for %}".into(), String::new(), String::new()).is_err());
