@@ -211,7 +211,7 @@ pub struct ServeConfig {
     pub tool_call_parser: Option<crate::tool_calls::ToolCallParser>,
     /// How a reasoning model's thoughts are told from its answer (vLLM's
     /// `--reasoning-parser`): `deepseek_r1` (`…</think>answer`: DeepSeek-R1 and its
-    /// distillations) or `mistral` (`[THINK]…[/THINK]`, control tokens: Magistral) puts them
+    /// distillations, QwQ; `qwen3` for Qwen3 is the same) or `mistral` (`[THINK]…[/THINK]`, control tokens: Magistral) puts them
     /// in chat answers' `reasoning_content` and `reasoning`. Default: none (the thoughts stay
     /// in `content`).
     #[arg(long, env = "KANDLE_REASONING_PARSER", value_enum)]
@@ -414,6 +414,12 @@ mod tests {
         assert_eq!(
             c.serve.reasoning_parser,
             Some(crate::reasoning::ReasoningParser::Mistral)
+        );
+        let c =
+            Cli::try_parse_from(["serve", "--model", "/m", "--reasoning-parser", "qwen3"]).unwrap();
+        assert_eq!(
+            c.serve.reasoning_parser,
+            Some(crate::reasoning::ReasoningParser::DeepSeekR1)
         );
         assert!(
             Cli::try_parse_from(["serve", "--model", "/m", "--reasoning-parser", "r1"]).is_err()

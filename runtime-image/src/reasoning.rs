@@ -40,8 +40,11 @@ use std::borrow::Cow;
 /// The `--reasoning-parser` choices (vLLM's names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ReasoningParser {
-    /// `<think>…</think>` then the answer (DeepSeek-R1 and its distillations, QwQ).
-    #[value(name = "deepseek_r1")]
+    /// `<think>…</think>` then the answer (DeepSeek-R1 and its distillations, QwQ, Qwen3:
+    /// `qwen3`, vLLM's name for Qwen3's, is taken for this one, as Qwen3's hybrid models
+    /// always write the two tags, empty when not thinking, and a template that turns the
+    /// thinking off closes them in the prompt).
+    #[value(name = "deepseek_r1", alias = "qwen3")]
     DeepSeekR1,
     /// `[THINK]…[/THINK]`, control tokens, around the thoughts (Magistral).
     #[value(name = "mistral")]
