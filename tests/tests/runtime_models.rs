@@ -594,6 +594,25 @@ fn gguf_as(
     ];
     for i in 0..n("num_hidden_layers") {
         let w = |name: &str| &st[&format!("model.layers.{i}.{name}.weight")];
+        if arch == "phi3" {
+            // Phi-3's fused products: Q, K, V in one, and gate then up in one.
+            let cat = |names: &[&str]| {
+                let parts: Vec<&candle_core::Tensor> = names.iter().map(|n| w(n)).collect();
+                candle_core::Tensor::cat(&parts, 0).unwrap()
+            };
+            let qkv = cat(&["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]);
+            for (gguf, t) in [
+                ("attn_qkv", qkv),
+                ("ffn_up", cat(&["mlp.gate_proj", "mlp.up_proj"])),
+                ("attn_output", w("self_attn.o_proj").clone()),
+                ("ffn_down", w("mlp.down_proj").clone()),
+                ("attn_norm", w("input_layernorm").clone()),
+                ("ffn_norm", w("post_attention_layernorm").clone()),
+            ] {
+                tensors.push((format!("blk.{i}.{gguf}.weight"), f32_tensor(&t)));
+            }
+            continue;
+        }
         for (gguf, t) in [
             ("attn_q", permute(w("self_attn.q_proj"), heads)),
             ("attn_k", permute(w("self_attn.k_proj"), kv_heads)),
@@ -897,14 +916,57 @@ fn llama_heads_of_their_own_width_run_from_safetensors_and_gguf() {
     assert!(err.contains("keys of 16 and values of 8"), "{err}");
 }
 
-/// The formula of `tests/references/qwen_tiny.py`'s biases: `n` values for `salt`.
+/// Checks that `g` gives, after each case's `input_ids` of `want` (the entries of
+/// `tests/references/llama_variants.json`), its `last_logits` (within 1e-2: llama.cpp keeps its
+/// cache in f16) and its `greedy` tokens, one sequence alone and with all the cases'
+/// continuations batched in each step.
+fn gives_the_reference_logits_and_tokens(g: &GenerationModel, want: &[Value], what: &str) {
+    let mut seqs = Vec::new();
+    let mut next = Vec::new();
+    for case in want {
+        let mut seq = g.lm.new_sequence().unwrap();
+        let logits = seq.feed(&ids(&case["input_ids"])).unwrap();
+        let d = max_abs_diff(&logits, &floats(&case["last_logits"]));
+        assert!(
+            d < 1e-2,
+            "{what}: largest difference {d} from llama.cpp's logits"
+        );
+        let mut alone = seq.fork().expect("a fork");
+        let (mut token, mut tokens) = (argmax(&logits), Vec::new());
+        for _ in 0..ids(&case["greedy"]).len() {
+            tokens.push(token);
+            token = argmax(&alone.feed(&[token]).unwrap());
+        }
+        assert_eq!(tokens, ids(&case["greedy"]), "{what}: greedy tokens alone");
+        next.push(argmax(&logits));
+        seqs.push(seq);
+    }
+    let steps = ids(&want[0]["greedy"]).len();
+    let mut batched = vec![Vec::new(); seqs.len()];
+    for _ in 0..steps {
+        for (b, t) in batched.iter_mut().zip(&next) {
+            b.push(*t);
+        }
+        let mut batch: Vec<&mut dyn backend::Sequence> = Vec::new();
+        for s in seqs.iter_mut() {
+            batch.push(s.as_mut());
+        }
+        let logits = g.lm.decode_batch(&mut batch, &next).unwrap();
+        next = logits.iter().map(|l| argmax(l)).collect();
+    }
+    for (b, case) in batched.iter().zip(want) {
+        assert_eq!(b, &ids(&case["greedy"]), "{what}: greedy tokens batched");
+    }
+}
+
+/// The formula of `tests/references/llama_variants.py`'s biases: `n` values for `salt`.
 fn qwen_bias(n: usize, salt: usize) -> Vec<f32> {
     (0..n)
         .map(|j| (((7 * j + 13 * salt) % 31) as f32 - 15.0) / 32.0)
         .collect()
 }
 
-/// The formula of `tests/references/qwen_tiny.py`'s norm weights.
+/// The formula of `tests/references/llama_variants.py`'s norm weights.
 fn qwen_norm(n: usize, salt: usize) -> Vec<f32> {
     (0..n)
         .map(|j| 1.0 + (((5 * j + 3 * salt) % 17) as f32 - 8.0) / 64.0)
@@ -917,7 +979,7 @@ fn qwen_norm(n: usize, salt: usize) -> Vec<f32> {
 ///   turned on the halves of each head) give its transformers logits, as its llama file does;
 /// - with biases on Q, K and V (Qwen2), or with the per-head norms of queries and keys
 ///   (Qwen3), they give llama.cpp's logits after each prompt and its greedy continuation
-///   (`tests/references/qwen_tiny.json`, written by llama.cpp from the same weights), one
+///   (`tests/references/llama_variants.json`, written by llama.cpp from the same weights), one
 ///   sequence at a time and with the prompts' continuations batched, and so do the same
 ///   weights saved as transformers saves a `Qwen2ForCausalLM` or `Qwen3ForCausalLM`;
 /// - without the biases or the norms, the logits move far from llama.cpp's: the test can tell.
@@ -971,7 +1033,8 @@ fn qwen2_and_qwen3_from_gguf_and_safetensors_give_llama_cpp_s_logits_and_tokens(
         }
     }
 
-    let reference = json(&Path::new(env!("CARGO_MANIFEST_DIR")).join("references/qwen_tiny.json"));
+    let reference =
+        json(&Path::new(env!("CARGO_MANIFEST_DIR")).join("references/llama_variants.json"));
     for arch in ["qwen2", "qwen3"] {
         let mut tensors: Vec<(String, Vec<f32>)> = Vec::new();
         for i in 0..layers {
@@ -1039,52 +1102,7 @@ fn qwen2_and_qwen3_from_gguf_and_safetensors_give_llama_cpp_s_logits_and_tokens(
         let mut models = Vec::from(on_both(&gguf));
         models.push(("safetensors", generation(st_dir.path())));
         for (what, g) in &models {
-            let mut seqs = Vec::new();
-            let mut next = Vec::new();
-            for case in want {
-                let mut seq = g.lm.new_sequence().unwrap();
-                let logits = seq.feed(&ids(&case["input_ids"])).unwrap();
-                let d = max_abs_diff(&logits, &floats(&case["last_logits"]));
-                assert!(
-                    d < 1e-2,
-                    "{arch}, {what}: largest difference {d} from llama.cpp's logits"
-                );
-                // One sequence alone: llama.cpp's greedy tokens.
-                let mut alone = seq.fork().expect("a fork");
-                let (mut token, mut tokens) = (argmax(&logits), Vec::new());
-                for _ in 0..ids(&case["greedy"]).len() {
-                    tokens.push(token);
-                    token = argmax(&alone.feed(&[token]).unwrap());
-                }
-                assert_eq!(
-                    tokens,
-                    ids(&case["greedy"]),
-                    "{arch}, {what}: greedy tokens alone"
-                );
-                next.push(argmax(&logits));
-                seqs.push(seq);
-            }
-            // All the cases' continuations as one batch each step.
-            let steps = ids(&want[0]["greedy"]).len();
-            let mut batched = vec![Vec::new(); seqs.len()];
-            for _ in 0..steps {
-                for (b, t) in batched.iter_mut().zip(&next) {
-                    b.push(*t);
-                }
-                let mut batch: Vec<&mut dyn backend::Sequence> = Vec::new();
-                for s in seqs.iter_mut() {
-                    batch.push(s.as_mut());
-                }
-                let logits = g.lm.decode_batch(&mut batch, &next).unwrap();
-                next = logits.iter().map(|l| argmax(l)).collect();
-            }
-            for (b, case) in batched.iter().zip(want) {
-                assert_eq!(
-                    b,
-                    &ids(&case["greedy"]),
-                    "{arch}, {what}: greedy tokens batched"
-                );
-            }
+            gives_the_reference_logits_and_tokens(g, want, &format!("{arch}, {what}"));
         }
         // candle's quantized_llama (mixture-of-experts llamas) is llama's alone: refused.
         let err = backend::load_gguf_candle_reference(&gguf)
@@ -1110,6 +1128,118 @@ fn qwen2_and_qwen3_from_gguf_and_safetensors_give_llama_cpp_s_logits_and_tokens(
             "{arch}: without its own tensors, only {d} from llama.cpp's logits"
         );
     }
+}
+
+/// Phi-3 (Phi-3 and Phi-3.5 mini and medium with their short contexts, Phi-4) is a llama with
+/// its products fused (Q, K and V in one; the MLP's gate and up in one, gate first), turned on
+/// the halves of each head, with no other change: the tiny llama's weights, fused and written
+/// as a Phi-3 GGUF (read on kandle's kernels and on the tensor path a GPU runs) and as
+/// transformers saves a `Phi3ForCausalLM`, give the tiny llama's transformers logits, and
+/// llama.cpp's logits and greedy tokens on the same file (`tests/references/llama_variants.json`,
+/// which llama.cpp also put within 0.003 of transformers'). Phi-4-mini's partial rotary and
+/// the 128k models' LongRoPE are refused by name.
+#[test]
+fn phi3_from_gguf_and_safetensors_gives_transformers_and_llama_cpp_s_logits() {
+    use candle_core::{Device, Tensor};
+    let fixture = fixtures_dir().join("tiny/llama");
+    let cases = json(&fixture.join("reference.json"))["cases"].clone();
+    let reference =
+        json(&Path::new(env!("CARGO_MANIFEST_DIR")).join("references/llama_variants.json"));
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = gguf_as("phi3", &fixture, dir.path(), &[], &[]);
+    let LoadedModel::Generation(gpu_path) = backend::load_gguf_gpu_path_on_cpu(&gguf).unwrap()
+    else {
+        panic!("a generation model")
+    };
+    let st_dir = tempfile::tempdir().unwrap();
+    tiny_llama_copy(st_dir.path(), |c| {
+        c["model_type"] = "phi3".into();
+        c["architectures"] = serde_json::json!(["Phi3ForCausalLM"]);
+    });
+    let mut st =
+        candle_core::safetensors::load(fixture.join("model.safetensors"), &Device::Cpu).unwrap();
+    let layers = json(&fixture.join("config.json"))["num_hidden_layers"]
+        .as_u64()
+        .unwrap();
+    for i in 0..layers {
+        let p = format!("model.layers.{i}.");
+        for (fused, parts) in [
+            (
+                "self_attn.qkv_proj",
+                ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"].as_slice(),
+            ),
+            (
+                "mlp.gate_up_proj",
+                ["mlp.gate_proj", "mlp.up_proj"].as_slice(),
+            ),
+        ] {
+            let ts: Vec<Tensor> = parts
+                .iter()
+                .map(|n| st.remove(&format!("{p}{n}.weight")).unwrap())
+                .collect();
+            st.insert(format!("{p}{fused}.weight"), Tensor::cat(&ts, 0).unwrap());
+        }
+    }
+    candle_core::safetensors::save(&st, st_dir.path().join("model.safetensors")).unwrap();
+    let models = [
+        ("kandle's kernels", generation(&gguf)),
+        ("the tensor path", gpu_path),
+        ("safetensors", generation(st_dir.path())),
+    ];
+    for (what, g) in &models {
+        for case in cases.as_array().unwrap() {
+            let got =
+                g.lm.new_sequence()
+                    .unwrap()
+                    .feed(&ids(&case["input_ids"]))
+                    .unwrap();
+            let d = max_abs_diff(&got, &floats(&case["last_logits"]));
+            assert!(
+                d < 1e-2,
+                "phi3, {what}: largest difference {d} from transformers"
+            );
+        }
+        gives_the_reference_logits_and_tokens(
+            g,
+            reference["phi3"].as_array().unwrap(),
+            &format!("phi3, {what}"),
+        );
+    }
+    // What Phi-3's kin add and kandle does not compute is refused by name.
+    let refused = |dir: &Path| {
+        backend::load(&LoadOptions {
+            path: dir.to_path_buf(),
+            ..Default::default()
+        })
+        .err()
+        .expect("refused")
+        .to_string()
+    };
+    let mut cfg = json(&st_dir.path().join("config.json"));
+    cfg["partial_rotary_factor"] = serde_json::json!(0.75);
+    std::fs::write(st_dir.path().join("config.json"), cfg.to_string()).unwrap();
+    let err = refused(st_dir.path());
+    assert!(
+        err.contains("partial_rotary_factor") && err.contains("not supported"),
+        "{err}"
+    );
+    let long = tempfile::tempdir().unwrap();
+    let factors = [1.0f32; 8];
+    let path = gguf_as(
+        "phi3",
+        &fixture,
+        long.path(),
+        &[
+            ("rope_factors_long.weight", &factors),
+            ("rope_factors_short.weight", &factors),
+        ],
+        &[],
+    );
+    let err = refused(&path);
+    assert!(
+        err.contains("LongRoPE") && err.contains("not supported"),
+        "{err}"
+    );
 }
 
 /// A GGUF's context is its own (`llama.context_length`), not the 4,096 positions that

@@ -12,7 +12,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::quantized::gguf_file;
+use candle_core::quantized::{QStorage, QTensor, gguf_file};
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::quantized_llama::{MAX_SEQ_LEN, ModelWeights};
 
@@ -291,56 +291,87 @@ fn tensor_weights<R: std::io::Read + std::io::Seek>(
         .get(&key("rope.freq_base"))
         .and_then(|v| v.to_f32().ok())
         .unwrap_or(10_000.0);
-    let mut q = |name: &str| ct.tensor(reader, name, device);
     let quant = |t| -> candle_core::Result<Proj> {
         Ok(Box::new(candle_core::quantized::QMatMul::from_qtensor(t)?))
     };
     let has = |name: &str| ct.tensor_infos.contains_key(name);
-    let embed_q = q("token_embd.weight")?;
+    let embed_q = ct.tensor(reader, "token_embd.weight", device)?;
     let embed = embed_q.dequantize(device)?;
-    let head = match q("output.weight") {
+    let head = match ct.tensor(reader, "output.weight", device) {
         Ok(t) => quant(t)?,
         Err(_) => quant(embed_q)?,
     };
-    let norm = q("output_norm.weight")?.dequantize(device)?;
+    let norm = ct
+        .tensor(reader, "output_norm.weight", device)?
+        .dequantize(device)?;
     let blocks = need_u32(ct, &key("block_count"))? as usize;
     let mut layers = Vec::with_capacity(blocks);
+    let (q_dim, kv_dim) = (heads * head_dim, kv_heads * head_dim);
     for i in 0..blocks {
+        let name = |part: &str| format!("blk.{i}.{part}");
+        // Phi-3's fused products, split by rows into the parts the others keep apart.
+        let fused = |reader: &mut R, part: &str, rows: &[usize]| -> Result<Vec<QTensor>> {
+            split_rows(ct.tensor(reader, &name(part), &Device::Cpu)?, rows, device)
+        };
+        let (wq, wk, wv) = match has(&name("attn_qkv.weight")) {
+            true => {
+                let mut p = fused(reader, "attn_qkv.weight", &[q_dim, kv_dim, kv_dim])?;
+                let (v, k) = (p.pop().unwrap(), p.pop().unwrap());
+                (p.pop().unwrap(), k, v)
+            }
+            false => (
+                ct.tensor(reader, &name("attn_q.weight"), device)?,
+                ct.tensor(reader, &name("attn_k.weight"), device)?,
+                ct.tensor(reader, &name("attn_v.weight"), device)?,
+            ),
+        };
+        let (gate, up) = match has(&name("ffn_gate.weight")) {
+            true => (
+                ct.tensor(reader, &name("ffn_gate.weight"), device)?,
+                ct.tensor(reader, &name("ffn_up.weight"), device)?,
+            ),
+            false => {
+                let rows = ct.tensor_infos[&name("ffn_up.weight")].shape.dims()[0];
+                let mut p = fused(reader, "ffn_up.weight", &[rows / 2, rows / 2])?;
+                let up = p.pop().unwrap();
+                (p.pop().unwrap(), up)
+            }
+        };
+        let mut q = |part: &str| ct.tensor(reader, &name(part), device);
         // A product with its bias where the file has one (Qwen2's Q, K and V).
-        let mut biased = |name: &str| -> Result<Proj> {
-            let (weight, bias) = (
-                format!("blk.{i}.{name}.weight"),
-                format!("blk.{i}.{name}.bias"),
-            );
-            let product = quant(q(&weight)?)?;
-            Ok(match has(&bias) {
+        let mut biased = |t, part: &str| -> Result<Proj> {
+            let product = quant(t)?;
+            Ok(match has(&name(&format!("{part}.bias"))) {
                 true => Box::new(Biased {
                     product,
-                    bias: q(&bias)?.dequantize(device)?,
+                    bias: q(&format!("{part}.bias"))?.dequantize(device)?,
                 }),
                 false => product,
             })
         };
-        let (wq, wk, wv) = (biased("attn_q")?, biased("attn_k")?, biased("attn_v")?);
-        let mut w = |name: &str| q(&format!("blk.{i}.{name}.weight"));
-        let qk_norm = match has(&format!("blk.{i}.attn_q_norm.weight")) {
+        let (wq, wk, wv) = (
+            biased(wq, "attn_q")?,
+            biased(wk, "attn_k")?,
+            biased(wv, "attn_v")?,
+        );
+        let qk_norm = match has(&name("attn_q_norm.weight")) {
             true => Some((
-                w("attn_q_norm")?.dequantize(device)?,
-                w("attn_k_norm")?.dequantize(device)?,
+                q("attn_q_norm.weight")?.dequantize(device)?,
+                q("attn_k_norm.weight")?.dequantize(device)?,
             )),
             false => None,
         };
         layers.push(Layer {
-            attn_norm: w("attn_norm")?.dequantize(device)?,
+            attn_norm: q("attn_norm.weight")?.dequantize(device)?,
             q: wq,
             k: wk,
             v: wv,
             qk_norm,
-            o: quant(w("attn_output")?)?,
-            mlp_norm: w("ffn_norm")?.dequantize(device)?,
-            gate: quant(w("ffn_gate")?)?,
-            up: quant(w("ffn_up")?)?,
-            down: quant(w("ffn_down")?)?,
+            o: quant(q("attn_output.weight")?)?,
+            mlp_norm: q("ffn_norm.weight")?.dequantize(device)?,
+            gate: quant(gate)?,
+            up: quant(up)?,
+            down: quant(q("ffn_down.weight")?)?,
         });
     }
     let mut inv_freq = inverse_frequencies(theta, head_dim);
@@ -590,6 +621,30 @@ pub(super) fn load_with(path: &Path, forward: Forward, device: &Device) -> Resul
         bos_id,
         add_bos,
     ))
+}
+
+/// `t`, a `(n, k)` quantised matrix on the CPU, as the matrices of its first `rows[0]` rows,
+/// its next `rows[1]`, ..., on `device` (its blocks are whole rows, so a part is a run of its
+/// bytes).
+fn split_rows(t: QTensor, rows: &[usize], device: &Device) -> Result<Vec<QTensor>> {
+    let (n, k) = t.shape().dims2()?;
+    if rows.iter().sum::<usize>() != n {
+        return Err(Error::Model(format!(
+            "a fused GGUF matrix of {n} rows cannot be split into {rows:?}"
+        )));
+    }
+    let dtype = t.dtype();
+    let row_bytes = k / dtype.block_size() * dtype.type_size();
+    let data = t.data()?;
+    let mut at = 0;
+    rows.iter()
+        .map(|&r| {
+            let part = &data[at * row_bytes..(at + r) * row_bytes];
+            at += r;
+            let storage = QStorage::from_data(std::borrow::Cow::Borrowed(part), device, dtype)?;
+            Ok(QTensor::new(storage, (r, k))?)
+        })
+        .collect()
 }
 
 /// The tokens that end generation: the declared end of text, then the declared end-of-turn

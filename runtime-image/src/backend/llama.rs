@@ -48,6 +48,8 @@ enum Family {
     Qwen2,
     /// `q_norm` and `k_norm`.
     Qwen3,
+    /// `qkv_proj` and `gate_up_proj` fused.
+    Phi3,
 }
 
 pub(super) fn load(
@@ -59,6 +61,7 @@ pub(super) fn load(
     let family = match model_type {
         "qwen2" => Family::Qwen2,
         "qwen3" => Family::Qwen3,
+        "phi3" => Family::Phi3,
         _ => Family::Llama,
     };
     let raw: serde_json::Value = read_json(&dir.join("config.json"))?;
@@ -74,6 +77,14 @@ pub(super) fn load(
     if flag("use_sliding_window") {
         return Err(Error::Model(format!(
             "{model_type} with use_sliding_window is not supported"
+        )));
+    }
+    // Phi-4-mini turns three quarters of each head.
+    if let Some(f) = raw.get("partial_rotary_factor").and_then(|v| v.as_f64())
+        && f != 1.0
+    {
+        return Err(Error::Model(format!(
+            "{model_type} with a partial_rotary_factor of {f} is not supported"
         )));
     }
     let mut cfg_json = raw.clone();
@@ -217,6 +228,22 @@ fn weights(
             _ => dense(vb, out, hidden, name),
         }
     };
+    // Phi-3's fused products (`qkv_proj`, `gate_up_proj`), split by rows into the parts the
+    // others keep apart.
+    let split = |vb: &VarBuilder, name: &str, rows: &[usize]| -> candle_core::Result<Vec<Proj>> {
+        let w = vb.get(
+            (rows.iter().sum::<usize>(), hidden),
+            &format!("{name}.weight"),
+        )?;
+        let mut at = 0;
+        rows.iter()
+            .map(|&r| {
+                let part = w.narrow(0, at, r)?.contiguous()?;
+                at += r;
+                Ok(Box::new(FewRows::new(part, None)) as Proj)
+            })
+            .collect()
+    };
     let embed = vb.get((cfg.vocab_size, hidden), "model.embed_tokens.weight")?;
     let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
     for i in 0..cfg.num_hidden_layers {
@@ -228,16 +255,37 @@ fn weights(
             )),
             _ => None,
         };
+        let ff = cfg.intermediate_size;
+        let ([q, k, v], [gate, up]) = match family {
+            Family::Phi3 => {
+                let mut a = split(&p, "self_attn.qkv_proj", &[q_dim, kv_dim, kv_dim])?;
+                let mut m = split(&p, "mlp.gate_up_proj", &[ff, ff])?;
+                let (v, k, q) = (a.pop().unwrap(), a.pop().unwrap(), a.pop().unwrap());
+                let (up, gate) = (m.pop().unwrap(), m.pop().unwrap());
+                ([q, k, v], [gate, up])
+            }
+            _ => (
+                [
+                    qkv(&p, q_dim, "self_attn.q_proj")?,
+                    qkv(&p, kv_dim, "self_attn.k_proj")?,
+                    qkv(&p, kv_dim, "self_attn.v_proj")?,
+                ],
+                [
+                    dense(&p, ff, hidden, "mlp.gate_proj")?,
+                    dense(&p, ff, hidden, "mlp.up_proj")?,
+                ],
+            ),
+        };
         layers.push(Layer {
             attn_norm: p.get(hidden, "input_layernorm.weight")?,
-            q: qkv(&p, q_dim, "self_attn.q_proj")?,
-            k: qkv(&p, kv_dim, "self_attn.k_proj")?,
-            v: qkv(&p, kv_dim, "self_attn.v_proj")?,
+            q,
+            k,
+            v,
             qk_norm,
             o: dense(&p, hidden, q_dim, "self_attn.o_proj")?,
             mlp_norm: p.get(hidden, "post_attention_layernorm.weight")?,
-            gate: dense(&p, cfg.intermediate_size, hidden, "mlp.gate_proj")?,
-            up: dense(&p, cfg.intermediate_size, hidden, "mlp.up_proj")?,
+            gate,
+            up,
             down: dense(&p, hidden, cfg.intermediate_size, "mlp.down_proj")?,
         });
     }

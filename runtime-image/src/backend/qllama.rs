@@ -42,16 +42,20 @@ pub(crate) use kernels::exp_shifted;
 ///   rows to that end), Qwen2 and Qwen3 rotate the two halves of each head (llama.cpp's NEOX,
 ///   transformers' `rotate_half`; their rows are written as trained);
 /// - Qwen2's biases on Q, K and V (`attn_{q,k,v}.bias`; a llama file may carry them too);
-/// - Qwen3's RMS norm of each head of Q and K before the rotary (`attn_{q,k}_norm`).
+/// - Qwen3's RMS norm of each head of Q and K before the rotary (`attn_{q,k}_norm`);
+/// - Phi-3's fused products: Q, K and V in one `attn_qkv`, the MLP's gate and up in one
+///   `ffn_up` (gate first).
 ///
 /// Qwen2 covers Qwen2, Qwen2.5 (and -Coder, -Math), DeepSeek-R1's Qwen distillations and
-/// QwQ; Qwen3 its dense models. Their mixture-of-experts kinds (`qwen2moe`, `qwen3moe`) are
-/// other architectures, refused by name.
+/// QwQ; Qwen3 its dense models; Phi-3 Phi-3 and Phi-3.5 mini and medium with their short
+/// contexts, and Phi-4. Their mixture-of-experts kinds (`qwen2moe`, `qwen3moe`, `phimoe`) are
+/// other architectures, refused by name, as is Phi-3's long-context rotary (LongRoPE).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Arch {
     Llama,
     Qwen2,
     Qwen3,
+    Phi3,
 }
 
 impl Arch {
@@ -66,8 +70,9 @@ impl Arch {
             "llama" => Ok(Arch::Llama),
             "qwen2" => Ok(Arch::Qwen2),
             "qwen3" => Ok(Arch::Qwen3),
+            "phi3" => Ok(Arch::Phi3),
             other => Err(Error::Model(format!(
-                "GGUF architecture {other:?} is not supported (llama, qwen2 and qwen3 are)"
+                "GGUF architecture {other:?} is not supported (llama, qwen2, qwen3 and phi3 are)"
             ))),
         }
     }
@@ -78,6 +83,7 @@ impl Arch {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
+            Arch::Phi3 => "phi3",
         };
         format!("{prefix}.{name}")
     }
@@ -409,6 +415,13 @@ pub(super) fn rope_divisors<R: std::io::Seek + std::io::Read>(
             )));
         }
     };
+    if ct.tensor_infos.contains_key("rope_factors_long.weight") {
+        return Err(Error::Model(
+            "GGUF rotary scaling LongRoPE (rope_factors_long: Phi-3's and Phi-3.5's 128k \
+             contexts) is not supported; linear scaling and Llama 3's rope_freqs are"
+                .into(),
+        ));
+    }
     let mut divisors = match ct.tensor_infos.contains_key("rope_freqs.weight") {
         false => None,
         true => {
@@ -521,6 +534,19 @@ impl Weights {
             let w = |name: &str, reader: &mut R| qmat(&format!("{p}.{name}.weight"), reader);
             let t = |name: &str, reader: &mut R| tensor(&format!("{p}.{name}.weight"), reader);
             let has = |name: &str| ct.tensor_infos.contains_key(&format!("{p}.{name}"));
+            // Phi-3's fused products are the stacks the others are joined into.
+            let qkv = match has("attn_qkv.weight") {
+                true => vec![t("attn_qkv", reader)?],
+                false => vec![
+                    t("attn_q", reader)?,
+                    t("attn_k", reader)?,
+                    t("attn_v", reader)?,
+                ],
+            };
+            let gate_up = match has("ffn_gate.weight") {
+                true => vec![t("ffn_gate", reader)?, t("ffn_up", reader)?],
+                false => vec![t("ffn_up", reader)?],
+            };
             // Q, K and V biases side by side (Qwen2's), zeros for any the file leaves out.
             let mut qkv_bias: Option<Vec<f32>> = None;
             let parts = [("attn_q", 0, q_dim), ("attn_k", q_dim, kv_dim)];
@@ -562,16 +588,21 @@ impl Weights {
                     )));
                 }
             };
+            let (qkv, gate_up) = (QMat::from_qtensors(qkv)?, QMat::from_qtensors(gate_up)?);
+            if qkv.n() != q_dim + 2 * kv_dim || gate_up.n() % 2 != 0 {
+                return Err(Error::Model(format!(
+                    "GGUF {p}: Q, K and V have {} rows (not {}), or gate and up an odd {}",
+                    qkv.n(),
+                    q_dim + 2 * kv_dim,
+                    gate_up.n()
+                )));
+            }
             layers.push(Layer {
-                qkv: QMat::from_qtensors(vec![
-                    t("attn_q", reader)?,
-                    t("attn_k", reader)?,
-                    t("attn_v", reader)?,
-                ])?,
+                qkv,
                 qkv_bias,
                 qk_norm,
                 wo: w("attn_output", reader)?,
-                gate_up: QMat::from_qtensors(vec![t("ffn_gate", reader)?, t("ffn_up", reader)?])?,
+                gate_up,
                 down: w("ffn_down", reader)?,
                 attn_norm: vector(&format!("{p}.attn_norm.weight"), reader)?,
                 ffn_norm: vector(&format!("{p}.ffn_norm.weight"), reader)?,

@@ -1,13 +1,15 @@
-# The reference for runtime_models' Qwen test: llama.cpp's own forward pass on the tiny llama
-# fixture's weights written as a Qwen2 GGUF (with Q, K and V biases) and as a Qwen3 GGUF
-# (with the per-head norms of queries and keys), the way llama.cpp's converter writes those
-# architectures (q and k rows as trained, for llama.cpp's NEOX rotary; f32). The biases and
+# The reference for runtime_models' Qwen and Phi-3 tests: llama.cpp's own forward pass on the
+# tiny llama fixture's weights written as a Qwen2 GGUF (with Q, K and V biases), as a Qwen3
+# GGUF (with the per-head norms of queries and keys) and as a Phi-3 GGUF (Q, K, V fused into
+# attn_qkv, gate and up into ffn_up, gate first, as the converter copies Phi-3's
+# gate_up_proj), the way llama.cpp's converter writes those architectures (q and k rows as
+# trained, for llama.cpp's NEOX rotary; f32). The biases and
 # norm weights are made by the formulas below, which the Rust test repeats exactly (small
 # binary fractions, the same f32 in both languages). For each of the fixture's cases, the
 # logits after its prompt and llama.cpp's greedy continuation are written out.
 #
 # Run: pip install numpy safetensors gguf==0.19.0 llama-cpp-python==0.3.36; then
-# python3 tests/references/qwen_tiny.py > tests/references/qwen_tiny.json
+# python3 tests/references/llama_variants.py > tests/references/llama_variants.json
 import json, os, sys, tempfile
 
 import gguf
@@ -17,6 +19,7 @@ from safetensors.numpy import load_file
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', '..', 'shared', 'fixtures', 'tiny', 'llama')
 GREEDY = 8
+ARCHS = ['qwen2', 'qwen3', 'phi3']
 
 
 def bias(n, salt):
@@ -66,6 +69,14 @@ def write(arch, path):
     w.add_tensor('output_norm.weight', st['model.norm.weight'])
     for i in range(cfg['num_hidden_layers']):
         p = f'model.layers.{i}.'
+        if arch == 'phi3':
+            cat = lambda *names: np.concatenate([st[p + n + '.weight'] for n in names])
+            w.add_tensor(f'blk.{i}.attn_qkv.weight', cat('self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj'))
+            w.add_tensor(f'blk.{i}.ffn_up.weight', cat('mlp.gate_proj', 'mlp.up_proj'))
+            for name, hf in [('attn_output', 'self_attn.o_proj'), ('ffn_down', 'mlp.down_proj'),
+                             ('attn_norm', 'input_layernorm'), ('ffn_norm', 'post_attention_layernorm')]:
+                w.add_tensor(f'blk.{i}.{name}.weight', st[p + hf + '.weight'])
+            continue
         for name, hf in [('attn_q', 'self_attn.q_proj'), ('attn_k', 'self_attn.k_proj'), ('attn_v', 'self_attn.v_proj'),
                          ('attn_output', 'self_attn.o_proj'), ('ffn_gate', 'mlp.gate_proj'), ('ffn_up', 'mlp.up_proj'),
                          ('ffn_down', 'mlp.down_proj'), ('attn_norm', 'input_layernorm'),
@@ -74,7 +85,7 @@ def write(arch, path):
         if arch == 'qwen2':
             for j, (name, n) in enumerate([('attn_q', heads * hd), ('attn_k', kv * hd), ('attn_v', kv * hd)]):
                 w.add_tensor(f'blk.{i}.{name}.bias', bias(n, 3 * i + j))
-        else:
+        elif arch == 'qwen3':
             w.add_tensor(f'blk.{i}.attn_q_norm.weight', norm_weight(hd, 2 * i))
             w.add_tensor(f'blk.{i}.attn_k_norm.weight', norm_weight(hd, 2 * i + 1))
     w.write_header_to_file()
@@ -105,17 +116,17 @@ def main():
     cases = [c['input_ids'] for c in ref['cases']]
     result = {'llama_cpp_python': __import__('llama_cpp').__version__, 'greedy_tokens': GREEDY}
     with tempfile.TemporaryDirectory() as d:
-        for arch in ['qwen2', 'qwen3']:
+        for arch in ARCHS:
             path = os.path.join(d, f'tiny-{arch}.gguf')
             write(arch, path)
             result[arch] = run(path, cases)
     # One line a case: the logits are 512 numbers.
     print('{')
     print(f' "llama_cpp_python": {json.dumps(result["llama_cpp_python"])}, "greedy_tokens": {GREEDY},')
-    for k, arch in enumerate(['qwen2', 'qwen3']):
+    for k, arch in enumerate(ARCHS):
         print(f' "{arch}": [')
         print(',\n'.join('  ' + json.dumps(c, separators=(',', ':')) for c in result[arch]))
-        print(' ]' + (',' if k == 0 else ''))
+        print(' ]' + (',' if k + 1 < len(ARCHS) else ''))
     print('}')
 
 
