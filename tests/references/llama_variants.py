@@ -2,8 +2,9 @@
 # tiny llama fixture's weights written as a Qwen2 GGUF (with Q, K and V biases), as a Qwen3
 # GGUF (with the per-head norms of queries and keys) and as a Phi-3 GGUF (Q, K, V fused into
 # attn_qkv, gate and up into ffn_up, gate first, as the converter copies Phi-3's
-# gate_up_proj), the way llama.cpp's converter writes those architectures (q and k rows as
-# trained, for llama.cpp's NEOX rotary; f32). The biases and
+# gate_up_proj), and as a Granite GGUF (its four scalars: GRANITE below), the way llama.cpp's
+# converter writes those architectures (q and k rows as trained for llama.cpp's NEOX rotary,
+# permuted for Granite's, which turns pairs as llama's does; f32). The biases and
 # norm weights are made by the formulas below, which the Rust test repeats exactly (small
 # binary fractions, the same f32 in both languages). For each of the fixture's cases, the
 # logits after its prompt and llama.cpp's greedy continuation are written out.
@@ -19,7 +20,14 @@ from safetensors.numpy import load_file
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', '..', 'shared', 'fixtures', 'tiny', 'llama')
 GREEDY = 8
-ARCHS = ['qwen2', 'qwen3', 'phi3']
+ARCHS = ['qwen2', 'qwen3', 'phi3', 'granite']
+# Granite's embedding, residual, attention and logit scales (the Rust test's too).
+GRANITE = (2.0, 0.5, 0.125, 4.0)
+
+
+def permute(w, heads):
+    """llama.cpp's converter: each head's rows from halves (transformers) to pairs."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def bias(n, salt):
@@ -49,6 +57,11 @@ def write(arch, path):
     w.add_key_length(hd)
     w.add_value_length(hd)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    if arch == 'granite':
+        w.add_embedding_scale(GRANITE[0])
+        w.add_residual_scale(GRANITE[1])
+        w.add_attention_scale(GRANITE[2])
+        w.add_logit_scale(GRANITE[3])
     vocab = [''] * cfg['vocab_size']
     for t, i in tok['model']['vocab'].items():
         vocab[i] = t
@@ -81,7 +94,10 @@ def write(arch, path):
                          ('attn_output', 'self_attn.o_proj'), ('ffn_gate', 'mlp.gate_proj'), ('ffn_up', 'mlp.up_proj'),
                          ('ffn_down', 'mlp.down_proj'), ('attn_norm', 'input_layernorm'),
                          ('ffn_norm', 'post_attention_layernorm')]:
-            w.add_tensor(f'blk.{i}.{name}.weight', st[p + hf + '.weight'])
+            t = st[p + hf + '.weight']
+            if arch == 'granite' and name in ('attn_q', 'attn_k'):
+                t = permute(t, heads if name == 'attn_q' else kv)
+            w.add_tensor(f'blk.{i}.{name}.weight', t)
         if arch == 'qwen2':
             for j, (name, n) in enumerate([('attn_q', heads * hd), ('attn_k', kv * hd), ('attn_v', kv * hd)]):
                 w.add_tensor(f'blk.{i}.{name}.bias', bias(n, 3 * i + j))

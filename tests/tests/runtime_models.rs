@@ -568,7 +568,7 @@ fn gguf_as(
     .unwrap();
     // llama.cpp's `permute`: each head's rows from halves (transformers) to pairs.
     let permute = |w: &candle_core::Tensor, h: usize| {
-        if arch != "llama" {
+        if !matches!(arch, "llama" | "granite") {
             return w.clone();
         }
         let (rows, cols) = w.dims2().unwrap();
@@ -1240,6 +1240,77 @@ fn phi3_from_gguf_and_safetensors_gives_transformers_and_llama_cpp_s_logits() {
         err.contains("LongRoPE") && err.contains("not supported"),
         "{err}"
     );
+}
+
+/// Granite (IBM's Granite 3 dense models) is a llama with four scalars: the embeddings
+/// multiplied by one, each layer's outputs by another before they join the residual stream,
+/// the attention scores by a third in place of `1/√head_dim`, the logits divided by a fourth.
+/// The tiny llama's weights as a Granite GGUF with a llama's scalars (1, 1, 1/4, 1) give its
+/// transformers logits; with others (2, 1/2, 1/8, 4: `GRANITE` in
+/// `tests/references/llama_variants.py`) the GGUF on kandle's kernels and on the tensor path,
+/// and the same weights as transformers saves a `GraniteForCausalLM` (its multipliers in
+/// config.json), give llama.cpp's logits and greedy tokens on that file.
+#[test]
+fn granite_from_gguf_and_safetensors_gives_llama_cpp_s_logits() {
+    use candle_core::quantized::gguf_file::Value as V;
+    let fixture = fixtures_dir().join("tiny/llama");
+    let cases = json(&fixture.join("reference.json"))["cases"].clone();
+    let reference =
+        json(&Path::new(env!("CARGO_MANIFEST_DIR")).join("references/llama_variants.json"));
+    let scales = |[e, r, a, l]: [f32; 4]| {
+        [
+            ("granite.embedding_scale", V::F32(e)),
+            ("granite.residual_scale", V::F32(r)),
+            ("granite.attention.scale", V::F32(a)),
+            ("granite.logit_scale", V::F32(l)),
+        ]
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let neutral = gguf_as("granite", &fixture, dir.path(), &[], &scales([1.0, 1.0, 0.25, 1.0]));
+    for case in cases.as_array().unwrap() {
+        let got = generation(&neutral)
+            .lm
+            .new_sequence()
+            .unwrap()
+            .feed(&ids(&case["input_ids"]))
+            .unwrap();
+        let d = max_abs_diff(&got, &floats(&case["last_logits"]));
+        assert!(d < 1e-2, "a llama's scalars: largest difference {d} from transformers");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = gguf_as("granite", &fixture, dir.path(), &[], &scales([2.0, 0.5, 0.125, 4.0]));
+    let LoadedModel::Generation(gpu_path) = backend::load_gguf_gpu_path_on_cpu(&gguf).unwrap()
+    else {
+        panic!("a generation model")
+    };
+    let st_dir = tempfile::tempdir().unwrap();
+    tiny_llama_copy(st_dir.path(), |c| {
+        c["model_type"] = "granite".into();
+        c["architectures"] = serde_json::json!(["GraniteForCausalLM"]);
+        c["embedding_multiplier"] = 2.0.into();
+        c["residual_multiplier"] = 0.5.into();
+        c["attention_multiplier"] = 0.125.into();
+        c["logits_scaling"] = 4.0.into();
+    });
+    let models = [
+        ("kandle's kernels", generation(&gguf)),
+        ("the tensor path", gpu_path),
+        ("safetensors", generation(st_dir.path())),
+    ];
+    let want = reference["granite"].as_array().unwrap();
+    for (what, g) in &models {
+        gives_the_reference_logits_and_tokens(g, want, &format!("granite, {what}"));
+    }
+    // A scalar that is not a positive number is refused, naming it.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = gguf_as("granite", &fixture, dir.path(), &[], &scales([1.0, 0.0, 0.25, 1.0]));
+    let options = LoadOptions {
+        path: bad,
+        ..Default::default()
+    };
+    let err = backend::load(&options).err().expect("refused").to_string();
+    assert!(err.contains("granite.residual_scale"), "{err}");
 }
 
 /// A GGUF's context is its own (`llama.context_length`), not the 4,096 positions that

@@ -394,6 +394,7 @@ fn tensor_weights<R: std::io::Read + std::io::Seek>(
         rms_eps,
         cos,
         sin,
+        scales: qllama::Scales::of(ct, arch)?,
         rope: match arch.rotates_halves() {
             true => Rope::Halves,
             false => Rope::Interleaved,

@@ -17,6 +17,7 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::llama::{Config, Llama3RopeType, LlamaConfig, LlamaEosToks};
 
 use super::few_rows::FewRows;
+use super::qllama::Scales;
 use super::tensor_llama::{
     Heads, Layer, PREFILL_CHUNK, Proj, Rope, TensorLlama, TensorLlamaLm, inverse_frequencies,
     rope_tables,
@@ -50,6 +51,8 @@ enum Family {
     Qwen3,
     /// `qkv_proj` and `gate_up_proj` fused.
     Phi3,
+    /// Four scalars ([`Scales`]).
+    Granite,
 }
 
 pub(super) fn load(
@@ -62,6 +65,7 @@ pub(super) fn load(
         "qwen2" => Family::Qwen2,
         "qwen3" => Family::Qwen3,
         "phi3" => Family::Phi3,
+        "granite" => Family::Granite,
         _ => Family::Llama,
     };
     let raw: serde_json::Value = read_json(&dir.join("config.json"))?;
@@ -130,9 +134,33 @@ pub(super) fn load(
             }
         },
     };
+    // Granite's multipliers, as transformers' `GraniteForCausalLM` applies them.
+    let scales = match family {
+        Family::Granite => {
+            let f = |key: &str| -> Result<Option<f32>> {
+                match raw.get(key).filter(|v| !v.is_null()) {
+                    None => Ok(None),
+                    Some(v) => match v.as_f64() {
+                        Some(x) if x.is_finite() && x > 0.0 => Ok(Some(x as f32)),
+                        _ => Err(Error::Model(format!(
+                            "{}: {key} must be a positive number, got {v}",
+                            dir.join("config.json").display()
+                        ))),
+                    },
+                }
+            };
+            Scales {
+                embedding: f("embedding_multiplier")?.unwrap_or(1.0),
+                residual: f("residual_multiplier")?.unwrap_or(1.0),
+                attention: f("attention_multiplier")?,
+                logit: f("logits_scaling")?.unwrap_or(1.0),
+            }
+        }
+        _ => Scales::NONE,
+    };
     let config = lcfg.into_config(false);
     let vb = super::layers::var_builder(dir, dtype, device)?;
-    let model = weights(vb, &config, family, head_dim, dtype, device)
+    let model = weights(vb, &config, (family, scales), head_dim, dtype, device)
         .map_err(|e| super::layers::weights_error(dir, e))?;
 
     let tokenizer = super::tokenizer_json(dir)?;
@@ -201,7 +229,7 @@ fn inv_freq(cfg: &Config, head_dim: usize) -> Vec<f32> {
 fn weights(
     vb: VarBuilder,
     cfg: &Config,
-    family: Family,
+    (family, scales): (Family, Scales),
     head_dim: usize,
     dtype: DType,
     device: &Device,
@@ -314,6 +342,7 @@ fn weights(
         cos,
         sin,
         rope: Rope::Halves,
+        scales,
         dtype,
         device: device.clone(),
         vocab_size: cfg.vocab_size,

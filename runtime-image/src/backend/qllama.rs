@@ -44,11 +44,12 @@ pub(crate) use kernels::exp_shifted;
 /// - Qwen2's biases on Q, K and V (`attn_{q,k,v}.bias`; a llama file may carry them too);
 /// - Qwen3's RMS norm of each head of Q and K before the rotary (`attn_{q,k}_norm`);
 /// - Phi-3's fused products: Q, K and V in one `attn_qkv`, the MLP's gate and up in one
-///   `ffn_up` (gate first).
+///   `ffn_up` (gate first);
+/// - Granite's four scalars ([`Scales`]).
 ///
 /// Qwen2 covers Qwen2, Qwen2.5 (and -Coder, -Math), DeepSeek-R1's Qwen distillations and
 /// QwQ; Qwen3 its dense models; Phi-3 Phi-3 and Phi-3.5 mini and medium with their short
-/// contexts, and Phi-4. Their mixture-of-experts kinds (`qwen2moe`, `qwen3moe`, `phimoe`) are
+/// contexts, and Phi-4; Granite IBM's Granite 3 dense models. Their mixture-of-experts kinds (`qwen2moe`, `qwen3moe`, `phimoe`) are
 /// other architectures, refused by name, as is Phi-3's long-context rotary (LongRoPE).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Arch {
@@ -56,6 +57,57 @@ pub(super) enum Arch {
     Qwen2,
     Qwen3,
     Phi3,
+    Granite,
+}
+
+/// Granite's scalars, as llama.cpp reads them (`granite.embedding_scale`, `residual_scale`,
+/// `attention.scale`, `logit_scale`; transformers' `embedding_multiplier`,
+/// `residual_multiplier`, `attention_multiplier`, `logits_scaling`): the embeddings are
+/// multiplied by the first, each layer's attention and MLP outputs by the second before they
+/// join the residual stream, the attention scores by the third instead of `1/√head_dim`, and
+/// the logits divided by the fourth. A llama's are 1, 1, `1/√head_dim` and 1.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct Scales {
+    pub embedding: f32,
+    pub residual: f32,
+    /// `None`: `1/√head_dim`.
+    pub attention: Option<f32>,
+    pub logit: f32,
+}
+
+impl Scales {
+    /// A llama's (no scaling).
+    pub(super) const NONE: Scales = Scales {
+        embedding: 1.0,
+        residual: 1.0,
+        attention: None,
+        logit: 1.0,
+    };
+
+    /// The scalars a GGUF of `arch` declares (Granite's; none for the others).
+    pub(super) fn of(ct: &gguf_file::Content, arch: Arch) -> Result<Scales> {
+        if arch != Arch::Granite {
+            return Ok(Scales::NONE);
+        }
+        let f = |name: &str| -> Result<Option<f32>> {
+            match ct.metadata.get(&arch.key(name)) {
+                None => Ok(None),
+                Some(v) => match v.to_f32()? {
+                    x if x.is_finite() && x > 0.0 => Ok(Some(x)),
+                    x => Err(Error::Model(format!(
+                        "GGUF {} must be a positive number, it is {x}",
+                        arch.key(name)
+                    ))),
+                },
+            }
+        };
+        Ok(Scales {
+            embedding: f("embedding_scale")?.unwrap_or(1.0),
+            residual: f("residual_scale")?.unwrap_or(1.0),
+            attention: f("attention.scale")?,
+            logit: f("logit_scale")?.unwrap_or(1.0),
+        })
+    }
 }
 
 impl Arch {
@@ -71,8 +123,10 @@ impl Arch {
             "qwen2" => Ok(Arch::Qwen2),
             "qwen3" => Ok(Arch::Qwen3),
             "phi3" => Ok(Arch::Phi3),
+            "granite" => Ok(Arch::Granite),
             other => Err(Error::Model(format!(
-                "GGUF architecture {other:?} is not supported (llama, qwen2, qwen3 and phi3 are)"
+                "GGUF architecture {other:?} is not supported (llama, qwen2, qwen3, phi3 and \
+                 granite are)"
             ))),
         }
     }
@@ -84,6 +138,7 @@ impl Arch {
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
             Arch::Phi3 => "phi3",
+            Arch::Granite => "granite",
         };
         format!("{prefix}.{name}")
     }
@@ -91,7 +146,7 @@ impl Arch {
     /// Whether the rotary embedding turns dimension `i` with `i + head_dim / 2` (else `2i`
     /// with `2i + 1`).
     pub(super) fn rotates_halves(self) -> bool {
-        self != Arch::Llama
+        !matches!(self, Arch::Llama | Arch::Granite)
     }
 }
 
@@ -131,6 +186,8 @@ pub(super) struct Weights {
     head_dim: usize,
     /// Rotary on the halves of each head ([`Arch::rotates_halves`]).
     rotates_halves: bool,
+    /// Granite's scalars.
+    scales: Scales,
     /// The rotary frequencies, `head_dim / 2` of them, and the divisor of each one's angles
     /// where the file declares a scaling ([`rope_divisors`]).
     theta: Vec<f32>,
@@ -320,6 +377,22 @@ fn md_u32(ct: &gguf_file::Content, key: &str) -> Result<usize> {
         .get(key)
         .ok_or_else(|| Error::Model(format!("GGUF metadata has no {key}")))?;
     Ok(v.to_u32()? as usize)
+}
+
+/// `x += y · scale` (`scale` 1: `x += y`, as a llama adds its layers' outputs).
+fn add_scaled(x: &mut [f32], y: &[f32], scale: f32) {
+    match scale == 1.0 {
+        true => x.iter_mut().zip(y).for_each(|(x, y)| *x += y),
+        false => x.iter_mut().zip(y).for_each(|(x, y)| *x += y * scale),
+    }
+}
+
+/// Logits divided by Granite's `logit_scale`, as llama.cpp does it (times its inverse).
+fn divide(logits: &mut [f32], scale: f32) {
+    if scale != 1.0 {
+        let inverse = 1.0 / scale;
+        logits.iter_mut().for_each(|v| *v *= inverse);
+    }
 }
 
 /// Expert count of a mixture-of-experts llama GGUF (0 for a dense model).
@@ -619,6 +692,7 @@ impl Weights {
             n_kv_head,
             head_dim,
             rotates_halves: arch.rotates_halves(),
+            scales: Scales::of(ct, arch)?,
             theta,
             divisors,
             max_positions,
@@ -739,6 +813,17 @@ impl Weights {
         for (id, row) in ids.iter().zip(x.chunks_exact_mut(hidden)) {
             self.embed(*id as usize, row)?;
         }
+        let Scales {
+            embedding,
+            residual,
+            attention,
+            logit,
+        } = self.scales;
+        if embedding != 1.0 {
+            x.iter_mut().for_each(|v| *v *= embedding);
+        }
+        // The kernels scale the scores by 1/√head_dim: another scale is the queries'.
+        let q_scale = attention.map(|a| a * (self.head_dim as f32).sqrt());
         let mut h = vec![0f32; rows * hidden];
         let mut q = vec![0f32; rows * q_dim];
         let mut y = vec![0f32; rows * q_dim];
@@ -797,6 +882,9 @@ impl Weights {
                             }
                         }
                         self.rope(qr, rot);
+                        if let Some(f) = q_scale {
+                            qr.iter_mut().for_each(|v| *v *= f);
+                        }
                         self.rope(&mut key, rot);
                         cache.write(li, pos0 + t, &key, &r[q_dim + kv_dim..]);
                     }
@@ -844,9 +932,7 @@ impl Weights {
                 merge_parts(&parts[ts.start * stride..ts.end * stride], n_rep, hd, out);
             });
             let o = layer.wo.forward(&y, rows)?;
-            for (x, o) in x.iter_mut().zip(&o) {
-                *x += o;
-            }
+            add_scaled(&mut x, &o, residual);
             rms_norm(&x, &layer.ffn_norm, self.eps, &mut h);
             let gu = layer.gate_up.forward(&h, rows)?;
             let ff = gu.len() / rows / 2;
@@ -855,9 +941,7 @@ impl Weights {
                 silu_mul(&r[..ff], &r[ff..], a);
             }
             let down = layer.down.forward(&act, rows)?;
-            for (x, d) in x.iter_mut().zip(&down) {
-                *x += d;
-            }
+            add_scaled(&mut x, &down, residual);
         }
         let head = match (&self.output, &self.embeddings) {
             (Some(head), _) => head,
@@ -870,7 +954,8 @@ impl Weights {
             for block in x.chunks(EVERY_ROW_BLOCK * hidden) {
                 let n = block.len() / hidden;
                 rms_norm(block, &self.norm, self.eps, &mut normed[..block.len()]);
-                let logits = head.forward(&normed[..block.len()], n)?;
+                let mut logits = head.forward(&normed[..block.len()], n)?;
+                divide(&mut logits, logit);
                 for row in logits.chunks_exact(head.n()) {
                     each(row);
                 }
@@ -886,7 +971,8 @@ impl Weights {
         }
         let mut normed = vec![0f32; last.len()];
         rms_norm(&last, &self.norm, self.eps, &mut normed);
-        let logits = head.forward(&normed, items.len())?;
+        let mut logits = head.forward(&normed, items.len())?;
+        divide(&mut logits, logit);
         // One sequence takes the buffer as it is; several split it in parallel.
         Ok(if items.len() == 1 {
             vec![logits]

@@ -91,6 +91,8 @@ pub(super) struct TensorLlama {
     pub cos: Tensor,
     pub sin: Tensor,
     pub rope: Rope,
+    /// Granite's scalars ([`super::qllama::Scales::NONE`] for the others).
+    pub scales: super::qllama::Scales,
     /// The activations' dtype (the dense weights' too).
     pub dtype: DType,
     pub device: Device,
@@ -258,7 +260,11 @@ impl TensorLlama {
         let (k, v) = (kc.narrow(1, 0, n)?, vc.narrow(1, 0, n)?);
         // Query head h reads kv head h / rep: the rep heads of a kv head are one batch.
         let q = q.reshape((kv_heads, rep * t, head_dim))?;
-        let scores = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? / (head_dim as f64).sqrt())?;
+        let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?;
+        let scores = match self.scales.attention {
+            None => (scores / (head_dim as f64).sqrt())?,
+            Some(a) => (scores * a as f64)?,
+        };
         let scores = match mask {
             Some(mask) if t > 1 => scores
                 .reshape((kv_heads, rep, t, n))?
@@ -277,17 +283,35 @@ impl TensorLlama {
     fn mlp(&self, layer: &Layer, x: &Tensor) -> candle_core::Result<Tensor> {
         let h = candle_nn::ops::rms_norm(x, &layer.mlp_norm, self.rms_eps)?;
         let a = (layer.gate.forward(&h)?.silu()? * layer.up.forward(&h)?)?;
-        x + layer.down.forward(&a)?
+        self.residual(x, layer.down.forward(&a)?)
     }
 
-    /// Logits of rows `x`, one `Vec` per row.
+    /// `x + y`, `y` times Granite's residual scale.
+    fn residual(&self, x: &Tensor, y: Tensor) -> candle_core::Result<Tensor> {
+        match self.scales.residual {
+            1.0 => x + y,
+            r => x + (y * r as f64)?,
+        }
+    }
+
+    /// The token embeddings of `tokens`, times Granite's embedding scale.
+    fn embed(&self, tokens: &[u32]) -> candle_core::Result<Tensor> {
+        let x = (self.embed).index_select(&Tensor::new(tokens, &self.device)?, 0)?;
+        match self.scales.embedding {
+            1.0 => Ok(x),
+            e => x * e as f64,
+        }
+    }
+
+    /// Logits of rows `x`, one `Vec` per row (divided by Granite's logit scale).
     fn logits(&self, x: &Tensor) -> Result<Vec<Vec<f32>>> {
         let h = candle_nn::ops::rms_norm(x, &self.norm, self.rms_eps)?;
-        Ok(self
-            .head
-            .forward(&h)?
-            .to_dtype(DType::F32)?
-            .to_vec2::<f32>()?)
+        let logits = self.head.forward(&h)?.to_dtype(DType::F32)?;
+        let logits = match self.scales.logit {
+            1.0 => logits,
+            l => (logits * (1.0 / l) as f64)?,
+        };
+        Ok(logits.to_vec2::<f32>()?)
     }
 
     /// Feeds `tokens` to one sequence; the logits at the last. A long prompt goes through in
@@ -350,9 +374,7 @@ impl TensorLlama {
         let cos = self.cos.narrow(0, past, t)?;
         let sin = self.sin.narrow(0, past, t)?;
         let mask = super::layers::causal_mask(t, past, &self.device)?;
-        let mut x = self
-            .embed
-            .index_select(&Tensor::new(tokens, &self.device)?, 0)?;
+        let mut x = self.embed(tokens)?;
         // (t, heads · head_dim) rows to (heads, t, head_dim), each head normed with `norm`
         // where given, then rotated where asked.
         let split = |y: Tensor, h: usize, norm: Option<&Tensor>, rotate: bool| {
@@ -376,7 +398,7 @@ impl TensorLlama {
             let v = split(layer.v.forward(&h)?, kv_heads, None, false)?;
             cache.write(l, &k, &v)?;
             let y = self.attend(&q, cache, l, past, Some(&mask))?;
-            x = self.mlp(layer, &(&x + layer.o.forward(&y)?)?)?;
+            x = self.mlp(layer, &self.residual(&x, layer.o.forward(&y)?)?)?;
         }
         cache.len += t;
         Ok(x)
@@ -400,9 +422,7 @@ impl TensorLlama {
         let positions = Tensor::new(positions.as_slice(), &self.device)?;
         let cos = self.cos.index_select(&positions, 0)?.unsqueeze(1)?;
         let sin = self.sin.index_select(&positions, 0)?.unsqueeze(1)?;
-        let mut x = self
-            .embed
-            .index_select(&Tensor::new(tokens, &self.device)?, 0)?;
+        let mut x = self.embed(tokens)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.rms_eps)?;
             // One row per sequence: (b, heads, 1, head_dim) needs no transpose.
@@ -418,7 +438,7 @@ impl TensorLlama {
                 ys.push(self.attend(&q.get(i)?, c, l, c.len, None)?);
             }
             let y = Tensor::cat(&ys, 0)?;
-            x = self.mlp(layer, &(&x + layer.o.forward(&y)?)?)?;
+            x = self.mlp(layer, &self.residual(&x, layer.o.forward(&y)?)?)?;
         }
         for c in caches.iter_mut() {
             c.len += 1;
@@ -564,6 +584,7 @@ mod tests {
             cos,
             sin,
             rope,
+            scales: crate::backend::qllama::Scales::NONE,
             dtype: DType::F32,
             device: dev,
             vocab_size: vocab,
