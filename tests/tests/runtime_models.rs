@@ -959,6 +959,39 @@ fn gives_the_reference_logits_and_tokens(g: &GenerationModel, want: &[Value], wh
     }
 }
 
+/// `tests/references/llama_variants.json`: llama.cpp's logits and greedy tokens for the tiny
+/// llama's weights as each llama variant.
+fn llama_variants_reference() -> Value {
+    json(&Path::new(env!("CARGO_MANIFEST_DIR")).join("references/llama_variants.json"))
+}
+
+/// A GGUF's two forward passes: kandle's kernels and the tensor path a GPU runs.
+fn gguf_paths(gguf: &Path) -> [(&'static str, GenerationModel); 2] {
+    let LoadedModel::Generation(gpu_path) = backend::load_gguf_gpu_path_on_cpu(gguf).unwrap()
+    else {
+        panic!("a generation model")
+    };
+    [
+        ("kandle's kernels", generation(gguf)),
+        ("the tensor path", gpu_path),
+    ]
+}
+
+/// Checks that `g` gives the tiny llama's transformers logits after each of its fixture's
+/// cases (within 1e-2).
+fn gives_the_tiny_llama_s_logits(g: &GenerationModel, what: &str) {
+    let cases = json(&fixtures_dir().join("tiny/llama/reference.json"))["cases"].clone();
+    for case in cases.as_array().unwrap() {
+        let got =
+            g.lm.new_sequence()
+                .unwrap()
+                .feed(&ids(&case["input_ids"]))
+                .unwrap();
+        let d = max_abs_diff(&got, &floats(&case["last_logits"]));
+        assert!(d < 1e-2, "{what}: largest difference {d} from transformers");
+    }
+}
+
 /// The formula of `tests/references/llama_variants.py`'s biases: `n` values for `salt`.
 fn qwen_bias(n: usize, salt: usize) -> Vec<f32> {
     (0..n)
@@ -991,16 +1024,6 @@ fn qwen2_and_qwen3_from_gguf_and_safetensors_give_llama_cpp_s_logits_and_tokens(
     let hd = cfg["head_dim"].as_u64().unwrap() as usize;
     let layers = cfg["num_hidden_layers"].as_u64().unwrap() as usize;
     let cases = json(&fixture.join("reference.json"))["cases"].clone();
-    let on_both = |gguf: &Path| -> [(&'static str, GenerationModel); 2] {
-        let LoadedModel::Generation(gpu_path) = backend::load_gguf_gpu_path_on_cpu(gguf).unwrap()
-        else {
-            panic!("a generation model")
-        };
-        [
-            ("kandle's kernels", generation(gguf)),
-            ("the tensor path", gpu_path),
-        ]
-    };
 
     let dir = tempfile::tempdir().unwrap();
     let zeros: Vec<(String, Vec<f32>)> = (0..layers)
@@ -1018,23 +1041,11 @@ fn qwen2_and_qwen3_from_gguf_and_safetensors_give_llama_cpp_s_logits_and_tokens(
         .map(|(n, v)| (n.as_str(), v.as_slice()))
         .collect();
     let gguf = gguf_as("qwen2", &fixture, dir.path(), &more, &[]);
-    for (what, g) in on_both(&gguf) {
-        for case in cases.as_array().unwrap() {
-            let got =
-                g.lm.new_sequence()
-                    .unwrap()
-                    .feed(&ids(&case["input_ids"]))
-                    .unwrap();
-            let d = max_abs_diff(&got, &floats(&case["last_logits"]));
-            assert!(
-                d < 1e-2,
-                "zero biases, {what}: largest difference {d} from transformers"
-            );
-        }
+    for (what, g) in gguf_paths(&gguf) {
+        gives_the_tiny_llama_s_logits(&g, &format!("zero biases, {what}"));
     }
 
-    let reference =
-        json(&Path::new(env!("CARGO_MANIFEST_DIR")).join("references/llama_variants.json"));
+    let reference = llama_variants_reference();
     for arch in ["qwen2", "qwen3"] {
         let mut tensors: Vec<(String, Vec<f32>)> = Vec::new();
         for i in 0..layers {
@@ -1099,7 +1110,7 @@ fn qwen2_and_qwen3_from_gguf_and_safetensors_give_llama_cpp_s_logits_and_tokens(
             st.insert(format!("model.layers.{layer}.{hf}"), t);
         }
         candle_core::safetensors::save(&st, st_dir.path().join("model.safetensors")).unwrap();
-        let mut models = Vec::from(on_both(&gguf));
+        let mut models = Vec::from(gguf_paths(&gguf));
         models.push(("safetensors", generation(st_dir.path())));
         for (what, g) in &models {
             gives_the_reference_logits_and_tokens(g, want, &format!("{arch}, {what}"));
@@ -1142,15 +1153,8 @@ fn qwen2_and_qwen3_from_gguf_and_safetensors_give_llama_cpp_s_logits_and_tokens(
 fn phi3_from_gguf_and_safetensors_gives_transformers_and_llama_cpp_s_logits() {
     use candle_core::{Device, Tensor};
     let fixture = fixtures_dir().join("tiny/llama");
-    let cases = json(&fixture.join("reference.json"))["cases"].clone();
-    let reference =
-        json(&Path::new(env!("CARGO_MANIFEST_DIR")).join("references/llama_variants.json"));
     let dir = tempfile::tempdir().unwrap();
     let gguf = gguf_as("phi3", &fixture, dir.path(), &[], &[]);
-    let LoadedModel::Generation(gpu_path) = backend::load_gguf_gpu_path_on_cpu(&gguf).unwrap()
-    else {
-        panic!("a generation model")
-    };
     let st_dir = tempfile::tempdir().unwrap();
     tiny_llama_copy(st_dir.path(), |c| {
         c["model_type"] = "phi3".into();
@@ -1181,29 +1185,13 @@ fn phi3_from_gguf_and_safetensors_gives_transformers_and_llama_cpp_s_logits() {
         }
     }
     candle_core::safetensors::save(&st, st_dir.path().join("model.safetensors")).unwrap();
-    let models = [
-        ("kandle's kernels", generation(&gguf)),
-        ("the tensor path", gpu_path),
-        ("safetensors", generation(st_dir.path())),
-    ];
+    let mut models = Vec::from(gguf_paths(&gguf));
+    models.push(("safetensors", generation(st_dir.path())));
+    let reference = llama_variants_reference();
     for (what, g) in &models {
-        for case in cases.as_array().unwrap() {
-            let got =
-                g.lm.new_sequence()
-                    .unwrap()
-                    .feed(&ids(&case["input_ids"]))
-                    .unwrap();
-            let d = max_abs_diff(&got, &floats(&case["last_logits"]));
-            assert!(
-                d < 1e-2,
-                "phi3, {what}: largest difference {d} from transformers"
-            );
-        }
-        gives_the_reference_logits_and_tokens(
-            g,
-            reference["phi3"].as_array().unwrap(),
-            &format!("phi3, {what}"),
-        );
+        gives_the_tiny_llama_s_logits(g, &format!("phi3, {what}"));
+        let want = reference["phi3"].as_array().unwrap();
+        gives_the_reference_logits_and_tokens(g, want, &format!("phi3, {what}"));
     }
     // What Phi-3's kin add and kandle does not compute is refused by name.
     let refused = |dir: &Path| {
@@ -1254,9 +1242,6 @@ fn phi3_from_gguf_and_safetensors_gives_transformers_and_llama_cpp_s_logits() {
 fn granite_from_gguf_and_safetensors_gives_llama_cpp_s_logits() {
     use candle_core::quantized::gguf_file::Value as V;
     let fixture = fixtures_dir().join("tiny/llama");
-    let cases = json(&fixture.join("reference.json"))["cases"].clone();
-    let reference =
-        json(&Path::new(env!("CARGO_MANIFEST_DIR")).join("references/llama_variants.json"));
     let scales = |[e, r, a, l]: [f32; 4]| {
         [
             ("granite.embedding_scale", V::F32(e)),
@@ -1266,24 +1251,23 @@ fn granite_from_gguf_and_safetensors_gives_llama_cpp_s_logits() {
         ]
     };
     let dir = tempfile::tempdir().unwrap();
-    let neutral = gguf_as("granite", &fixture, dir.path(), &[], &scales([1.0, 1.0, 0.25, 1.0]));
-    for case in cases.as_array().unwrap() {
-        let got = generation(&neutral)
-            .lm
-            .new_sequence()
-            .unwrap()
-            .feed(&ids(&case["input_ids"]))
-            .unwrap();
-        let d = max_abs_diff(&got, &floats(&case["last_logits"]));
-        assert!(d < 1e-2, "a llama's scalars: largest difference {d} from transformers");
-    }
+    let neutral = gguf_as(
+        "granite",
+        &fixture,
+        dir.path(),
+        &[],
+        &scales([1.0, 1.0, 0.25, 1.0]),
+    );
+    gives_the_tiny_llama_s_logits(&generation(&neutral), "a llama's scalars");
 
     let dir = tempfile::tempdir().unwrap();
-    let gguf = gguf_as("granite", &fixture, dir.path(), &[], &scales([2.0, 0.5, 0.125, 4.0]));
-    let LoadedModel::Generation(gpu_path) = backend::load_gguf_gpu_path_on_cpu(&gguf).unwrap()
-    else {
-        panic!("a generation model")
-    };
+    let gguf = gguf_as(
+        "granite",
+        &fixture,
+        dir.path(),
+        &[],
+        &scales([2.0, 0.5, 0.125, 4.0]),
+    );
     let st_dir = tempfile::tempdir().unwrap();
     tiny_llama_copy(st_dir.path(), |c| {
         c["model_type"] = "granite".into();
@@ -1293,18 +1277,22 @@ fn granite_from_gguf_and_safetensors_gives_llama_cpp_s_logits() {
         c["attention_multiplier"] = 0.125.into();
         c["logits_scaling"] = 4.0.into();
     });
-    let models = [
-        ("kandle's kernels", generation(&gguf)),
-        ("the tensor path", gpu_path),
-        ("safetensors", generation(st_dir.path())),
-    ];
+    let mut models = Vec::from(gguf_paths(&gguf));
+    models.push(("safetensors", generation(st_dir.path())));
+    let reference = llama_variants_reference();
     let want = reference["granite"].as_array().unwrap();
     for (what, g) in &models {
         gives_the_reference_logits_and_tokens(g, want, &format!("granite, {what}"));
     }
     // A scalar that is not a positive number is refused, naming it.
     let dir = tempfile::tempdir().unwrap();
-    let bad = gguf_as("granite", &fixture, dir.path(), &[], &scales([1.0, 0.0, 0.25, 1.0]));
+    let bad = gguf_as(
+        "granite",
+        &fixture,
+        dir.path(),
+        &[],
+        &scales([1.0, 0.0, 0.25, 1.0]),
+    );
     let options = LoadOptions {
         path: bad,
         ..Default::default()
