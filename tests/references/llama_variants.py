@@ -2,9 +2,10 @@
 # tiny llama fixture's weights written as a Qwen2 GGUF (with Q, K and V biases), as a Qwen3
 # GGUF (with the per-head norms of queries and keys) and as a Phi-3 GGUF (Q, K, V fused into
 # attn_qkv, gate and up into ffn_up, gate first, as the converter copies Phi-3's
-# gate_up_proj), and as a Granite GGUF (its four scalars: GRANITE below), the way llama.cpp's
-# converter writes those architectures (q and k rows as trained for llama.cpp's NEOX rotary,
-# permuted for Granite's, which turns pairs as llama's does; f32). The biases and
+# gate_up_proj), as a Granite GGUF (its four scalars: GRANITE below) and as a SmolLM3 GGUF
+# (four layers, the fixture's two twice, the fourth without a rotary embedding), the way
+# llama.cpp's converter writes those architectures (q and k rows as trained for llama.cpp's
+# NEOX rotary, permuted for Granite's and SmolLM3's, which turn pairs as llama's does; f32). The biases and
 # norm weights are made by the formulas below, which the Rust test repeats exactly (small
 # binary fractions, the same f32 in both languages). For each of the fixture's cases, the
 # logits after its prompt and llama.cpp's greedy continuation are written out.
@@ -20,7 +21,7 @@ from safetensors.numpy import load_file
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', '..', 'shared', 'fixtures', 'tiny', 'llama')
 GREEDY = 8
-ARCHS = ['qwen2', 'qwen3', 'phi3', 'granite']
+ARCHS = ['qwen2', 'qwen3', 'phi3', 'granite', 'smollm3']
 # Granite's embedding, residual, attention and logit scales (the Rust test's too).
 GRANITE = (2.0, 0.5, 0.125, 4.0)
 
@@ -45,6 +46,14 @@ def write(arch, path):
     st = load_file(os.path.join(FIXTURE, 'model.safetensors'))
     tok = json.load(open(os.path.join(FIXTURE, 'tokenizer.json')))
     heads, kv, hidden, hd = cfg['num_attention_heads'], cfg['num_key_value_heads'], cfg['hidden_size'], cfg['head_dim']
+    if arch == 'smollm3':
+        # The fixture's two layers twice (the Rust test's `tiny_llama_doubled`).
+        n = cfg['num_hidden_layers']
+        for k in list(st):
+            if k.startswith('model.layers.'):
+                i, rest = k[len('model.layers.'):].split('.', 1)
+                st[f'model.layers.{int(i) + n}.{rest}'] = st[k]
+        cfg['num_hidden_layers'] = 2 * n
     w = gguf.GGUFWriter(path, arch)
     w.add_block_count(cfg['num_hidden_layers'])
     w.add_context_length(cfg['max_position_embeddings'])
@@ -95,7 +104,7 @@ def write(arch, path):
                          ('ffn_down', 'mlp.down_proj'), ('attn_norm', 'input_layernorm'),
                          ('ffn_norm', 'post_attention_layernorm')]:
             t = st[p + hf + '.weight']
-            if arch == 'granite' and name in ('attn_q', 'attn_k'):
+            if arch in ('granite', 'smollm3') and name in ('attn_q', 'attn_k'):
                 t = permute(t, heads if name == 'attn_q' else kv)
             w.add_tensor(f'blk.{i}.{name}.weight', t)
         if arch == 'qwen2':

@@ -544,9 +544,10 @@ fn llama_gguf(
     gguf_as("llama", fixture, dir, more, extra)
 }
 
-/// [`llama_gguf`] for the GGUF architecture `arch`: its metadata keys, and for the Qwen
-/// architectures (llama.cpp's NEOX rotary, on the halves of each head as transformers turns
-/// them) the q and k rows as trained, not permuted.
+/// [`llama_gguf`] for the GGUF architecture `arch`: its metadata keys; for those on llama.cpp's
+/// NEOX rotary (the Qwens, Phi-3: the halves of each head, as transformers turns them) the q
+/// and k rows as trained, not permuted (llama, Granite and SmolLM3 turn pairs); Phi-3's
+/// products fused.
 fn gguf_as(
     arch: &str,
     fixture: &Path,
@@ -568,7 +569,7 @@ fn gguf_as(
     .unwrap();
     // llama.cpp's `permute`: each head's rows from halves (transformers) to pairs.
     let permute = |w: &candle_core::Tensor, h: usize| {
-        if !matches!(arch, "llama" | "granite") {
+        if !matches!(arch, "llama" | "granite" | "smollm3") {
             return w.clone();
         }
         let (rows, cols) = w.dims2().unwrap();
@@ -1299,6 +1300,71 @@ fn granite_from_gguf_and_safetensors_gives_llama_cpp_s_logits() {
     };
     let err = backend::load(&options).err().expect("refused").to_string();
     assert!(err.contains("granite.residual_scale"), "{err}");
+}
+
+/// The tiny llama fixture with its two layers twice (four, the third and fourth copies of the
+/// first and second) in `dir`, its config.json changed by `edit`.
+fn tiny_llama_doubled(dir: &Path, edit: impl FnOnce(&mut Value)) {
+    tiny_llama_copy(dir, |c| {
+        c["num_hidden_layers"] = 4.into();
+        edit(c);
+    });
+    let path = dir.join("model.safetensors");
+    let mut st = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).unwrap();
+    let copies: Vec<(String, candle_core::Tensor)> = (st.iter())
+        .filter_map(|(k, t)| {
+            let rest = k.strip_prefix("model.layers.")?;
+            let (i, name) = rest.split_once('.')?;
+            let i: usize = i.parse().ok()?;
+            Some((format!("model.layers.{}.{name}", i + 2), t.clone()))
+        })
+        .collect();
+    st.extend(copies);
+    candle_core::safetensors::save(&st, &path).unwrap();
+}
+
+/// SmolLM3 is a llama whose every fourth layer does not turn its queries and keys (NoPE): the
+/// tiny llama's two layers twice, as a SmolLM3 GGUF (on kandle's kernels and on the tensor
+/// path) and as transformers saves a `SmolLM3ForCausalLM` (its default `no_rope_layers`, and
+/// the list written out), give llama.cpp's logits and greedy tokens on that file; the same
+/// four layers as a llama, every one turning, are far from them.
+#[test]
+fn smollm3_s_layers_without_a_rotary_give_llama_cpp_s_logits() {
+    let doubled = tempfile::tempdir().unwrap();
+    tiny_llama_doubled(doubled.path(), |_| {});
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = gguf_as("smollm3", doubled.path(), dir.path(), &[], &[]);
+    let st_dir = tempfile::tempdir().unwrap();
+    tiny_llama_doubled(st_dir.path(), |c| {
+        c["model_type"] = "smollm3".into();
+        c["architectures"] = serde_json::json!(["SmolLM3ForCausalLM"]);
+    });
+    let listed = tempfile::tempdir().unwrap();
+    tiny_llama_doubled(listed.path(), |c| {
+        c["model_type"] = "smollm3".into();
+        c["no_rope_layers"] = serde_json::json!([1, 1, 1, 0]);
+    });
+    let mut models = Vec::from(gguf_paths(&gguf));
+    models.push(("safetensors", generation(st_dir.path())));
+    models.push(("safetensors, no_rope_layers", generation(listed.path())));
+    let reference = llama_variants_reference();
+    let want = reference["smollm3"].as_array().unwrap();
+    for (what, g) in &models {
+        gives_the_reference_logits_and_tokens(g, want, &format!("smollm3, {what}"));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let llama = generation(&gguf_as("llama", doubled.path(), dir.path(), &[], &[]));
+    let logits = llama
+        .lm
+        .new_sequence()
+        .unwrap()
+        .feed(&ids(&want[0]["input_ids"]))
+        .unwrap();
+    let d = max_abs_diff(&logits, &floats(&want[0]["last_logits"]));
+    assert!(
+        d > 0.05,
+        "every layer turning is only {d} from llama.cpp's SmolLM3 logits"
+    );
 }
 
 /// A GGUF's context is its own (`llama.context_length`), not the 4,096 positions that

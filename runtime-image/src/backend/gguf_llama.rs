@@ -367,6 +367,7 @@ fn tensor_weights<R: std::io::Read + std::io::Seek>(
             k: wk,
             v: wv,
             qk_norm,
+            rotates: arch.rotates_layer(i),
             o: quant(q("attn_output.weight")?)?,
             mlp_norm: q("ffn_norm.weight")?.dequantize(device)?,
             gate: quant(gate)?,

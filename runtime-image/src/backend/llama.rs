@@ -53,6 +53,8 @@ enum Family {
     Phi3,
     /// Four scalars ([`Scales`]).
     Granite,
+    /// Layers without a rotary embedding (`no_rope_layers`).
+    SmolLm3,
 }
 
 pub(super) fn load(
@@ -66,6 +68,7 @@ pub(super) fn load(
         "qwen3" => Family::Qwen3,
         "phi3" => Family::Phi3,
         "granite" => Family::Granite,
+        "smollm3" => Family::SmolLm3,
         _ => Family::Llama,
     };
     let raw: serde_json::Value = read_json(&dir.join("config.json"))?;
@@ -158,10 +161,46 @@ pub(super) fn load(
         }
         _ => Scales::NONE,
     };
+    // SmolLM3's layers that turn their queries and keys: `no_rope_layers` (1: turns), else
+    // every layer but each `no_rope_layer_interval`-th (4).
+    let layers = lcfg.num_hidden_layers;
+    let rotates: Vec<bool> = match (family, raw.get("no_rope_layers")) {
+        (Family::SmolLm3, Some(list)) => {
+            let flags: Option<Vec<bool>> = (list.as_array())
+                .map(|a| a.iter().map(|v| v.as_u64().map(|x| x != 0)).collect())
+                .unwrap_or(None);
+            match flags {
+                Some(f) if f.len() == layers => f,
+                _ => {
+                    return Err(Error::Model(format!(
+                        "{}: no_rope_layers must list 0 or 1 for each of the {layers} layers",
+                        dir.join("config.json").display()
+                    )));
+                }
+            }
+        }
+        (Family::SmolLm3, None) => {
+            let step = raw
+                .get("no_rope_layer_interval")
+                .and_then(|v| v.as_u64())
+                .unwrap_or(4);
+            (0..layers)
+                .map(|i| step == 0 || !(i as u64 + 1).is_multiple_of(step))
+                .collect()
+        }
+        _ => vec![true; layers],
+    };
     let config = lcfg.into_config(false);
     let vb = super::layers::var_builder(dir, dtype, device)?;
-    let model = weights(vb, &config, (family, scales), head_dim, dtype, device)
-        .map_err(|e| super::layers::weights_error(dir, e))?;
+    let model = weights(
+        vb,
+        &config,
+        (family, scales, &rotates),
+        head_dim,
+        dtype,
+        device,
+    )
+    .map_err(|e| super::layers::weights_error(dir, e))?;
 
     let tokenizer = super::tokenizer_json(dir)?;
     super::layers::check_vocab(&tokenizer, config.vocab_size)?;
@@ -229,7 +268,7 @@ fn inv_freq(cfg: &Config, head_dim: usize) -> Vec<f32> {
 fn weights(
     vb: VarBuilder,
     cfg: &Config,
-    (family, scales): (Family, Scales),
+    (family, scales, rotates): (Family, Scales, &[bool]),
     head_dim: usize,
     dtype: DType,
     device: &Device,
@@ -274,7 +313,7 @@ fn weights(
     };
     let embed = vb.get((cfg.vocab_size, hidden), "model.embed_tokens.weight")?;
     let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-    for i in 0..cfg.num_hidden_layers {
+    for (i, &turns) in rotates.iter().enumerate() {
         let p = vb.pp(format!("model.layers.{i}"));
         let qk_norm = match family {
             Family::Qwen3 => Some((
@@ -310,6 +349,7 @@ fn weights(
             k,
             v,
             qk_norm,
+            rotates: turns,
             o: dense(&p, hidden, q_dim, "self_attn.o_proj")?,
             mlp_norm: p.get(hidden, "post_attention_layernorm.weight")?,
             gate,

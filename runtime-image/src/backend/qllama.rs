@@ -45,11 +45,13 @@ pub(crate) use kernels::exp_shifted;
 /// - Qwen3's RMS norm of each head of Q and K before the rotary (`attn_{q,k}_norm`);
 /// - Phi-3's fused products: Q, K and V in one `attn_qkv`, the MLP's gate and up in one
 ///   `ffn_up` (gate first);
-/// - Granite's four scalars ([`Scales`]).
+/// - Granite's four scalars ([`Scales`]);
+/// - SmolLM3's layers without a rotary embedding (every fourth: [`Arch::rotates_layer`]).
 ///
 /// Qwen2 covers Qwen2, Qwen2.5 (and -Coder, -Math), DeepSeek-R1's Qwen distillations and
 /// QwQ; Qwen3 its dense models; Phi-3 Phi-3 and Phi-3.5 mini and medium with their short
-/// contexts, and Phi-4; Granite IBM's Granite 3 dense models. Their mixture-of-experts kinds (`qwen2moe`, `qwen3moe`, `phimoe`) are
+/// contexts, and Phi-4; Granite IBM's Granite 3 dense models; SmolLM3 Hugging Face's
+/// SmolLM3. Their mixture-of-experts kinds (`qwen2moe`, `qwen3moe`, `phimoe`) are
 /// other architectures, refused by name, as is Phi-3's long-context rotary (LongRoPE).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Arch {
@@ -58,6 +60,7 @@ pub(super) enum Arch {
     Qwen3,
     Phi3,
     Granite,
+    SmolLm3,
 }
 
 /// Granite's scalars, as llama.cpp reads them (`granite.embedding_scale`, `residual_scale`,
@@ -124,9 +127,10 @@ impl Arch {
             "qwen3" => Ok(Arch::Qwen3),
             "phi3" => Ok(Arch::Phi3),
             "granite" => Ok(Arch::Granite),
+            "smollm3" => Ok(Arch::SmolLm3),
             other => Err(Error::Model(format!(
-                "GGUF architecture {other:?} is not supported (llama, qwen2, qwen3, phi3 and \
-                 granite are)"
+                "GGUF architecture {other:?} is not supported (llama, qwen2, qwen3, phi3, \
+                 granite and smollm3 are)"
             ))),
         }
     }
@@ -139,6 +143,7 @@ impl Arch {
             Arch::Qwen3 => "qwen3",
             Arch::Phi3 => "phi3",
             Arch::Granite => "granite",
+            Arch::SmolLm3 => "smollm3",
         };
         format!("{prefix}.{name}")
     }
@@ -146,7 +151,13 @@ impl Arch {
     /// Whether the rotary embedding turns dimension `i` with `i + head_dim / 2` (else `2i`
     /// with `2i + 1`).
     pub(super) fn rotates_halves(self) -> bool {
-        !matches!(self, Arch::Llama | Arch::Granite)
+        !matches!(self, Arch::Llama | Arch::Granite | Arch::SmolLm3)
+    }
+
+    /// Whether layer `i` (from 0) turns its queries and keys: SmolLM3's every fourth does
+    /// not (llama.cpp's `n_no_rope_layer_step`, transformers' `no_rope_layer_interval`).
+    pub(super) fn rotates_layer(self, i: usize) -> bool {
+        self != Arch::SmolLm3 || !(i + 1).is_multiple_of(4)
     }
 }
 
@@ -157,6 +168,8 @@ struct Layer {
     qkv_bias: Option<Vec<f32>>,
     /// The weights of the RMS norm of each query and key head (Qwen3), `head_dim` each.
     qk_norm: Option<(Vec<f32>, Vec<f32>)>,
+    /// The rotary embedding turns this layer's queries and keys (not SmolLM3's every fourth).
+    rotates: bool,
     wo: QMat,
     /// `ffn_gate` and `ffn_up` side by side.
     gate_up: QMat,
@@ -674,6 +687,7 @@ impl Weights {
                 qkv,
                 qkv_bias,
                 qk_norm,
+                rotates: arch.rotates_layer(i),
                 wo: w("attn_output", reader)?,
                 gate_up,
                 down: w("ffn_down", reader)?,
@@ -881,11 +895,13 @@ impl Weights {
                                 key.copy_from_slice(k_in);
                             }
                         }
-                        self.rope(qr, rot);
+                        if layer.rotates {
+                            self.rope(qr, rot);
+                            self.rope(&mut key, rot);
+                        }
                         if let Some(f) = q_scale {
                             qr.iter_mut().for_each(|v| *v *= f);
                         }
-                        self.rope(&mut key, rot);
                         cache.write(li, pos0 + t, &key, &r[q_dim + kv_dim..]);
                     }
                 });

@@ -63,6 +63,8 @@ pub(super) struct Layer {
     /// The weights of the RMS norm of each query and key head before the rotary (Qwen3's
     /// `q_norm` and `k_norm`), `(head_dim,)` each.
     pub qk_norm: Option<(Tensor, Tensor)>,
+    /// The rotary embedding turns this layer's queries and keys (not SmolLM3's every fourth).
+    pub rotates: bool,
     pub o: Proj,
     pub mlp_norm: Tensor,
     pub gate: Proj,
@@ -393,8 +395,8 @@ impl TensorLlama {
         for (l, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.rms_eps)?;
             let (qn, kn) = layer.qk_norm.as_ref().map(|(q, k)| (q, k)).unzip();
-            let q = split(layer.q.forward(&h)?, heads, qn, true)?;
-            let k = split(layer.k.forward(&h)?, kv_heads, kn, true)?;
+            let q = split(layer.q.forward(&h)?, heads, qn, layer.rotates)?;
+            let k = split(layer.k.forward(&h)?, kv_heads, kn, layer.rotates)?;
             let v = split(layer.v.forward(&h)?, kv_heads, None, false)?;
             cache.write(l, &k, &v)?;
             let y = self.attend(&q, cache, l, past, Some(&mask))?;
@@ -427,10 +429,14 @@ impl TensorLlama {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.rms_eps)?;
             // One row per sequence: (b, heads, 1, head_dim) needs no transpose.
             let (qn, kn) = layer.qk_norm.as_ref().map(|(q, k)| (q, k)).unzip();
+            let turn = |x: Tensor| match layer.rotates {
+                true => self.rotate(&x, &cos, &sin),
+                false => Ok(x),
+            };
             let q = layer.q.forward(&h)?.reshape((b, heads, 1, head_dim))?;
-            let q = self.rotate(&self.norm_heads(q, qn)?, &cos, &sin)?;
+            let q = turn(self.norm_heads(q, qn)?)?;
             let k = layer.k.forward(&h)?.reshape((b, kv_heads, 1, head_dim))?;
-            let k = self.rotate(&self.norm_heads(k, kn)?, &cos, &sin)?;
+            let k = turn(self.norm_heads(k, kn)?)?;
             let v = layer.v.forward(&h)?.reshape((b, kv_heads, 1, head_dim))?;
             let mut ys = Vec::with_capacity(b);
             for (i, c) in caches.iter_mut().enumerate() {
@@ -559,6 +565,7 @@ mod tests {
                 k: proj(kv_heads * head_dim, hidden),
                 v: proj(kv_heads * head_dim, hidden),
                 qk_norm: None,
+                rotates: true,
                 o: proj(hidden, hidden),
                 mlp_norm: Tensor::ones(hidden, DType::F32, &dev).unwrap(),
                 gate: proj(inter, hidden),
