@@ -705,6 +705,48 @@ mod tests {
         );
     }
 
+    /// SmolLM3's own template (`tests/templates/smollm3.jinja`: llama.cpp's copy of
+    /// SmolLM3-3B's): its metadata block says the reasoning mode, `/think` by default and
+    /// `/no_think` with `enable_thinking: false` (which also opens the answer with an empty
+    /// `<think>` block); the system prompt's own text goes under "Custom Instructions".
+    #[test]
+    fn smollm3_s_template_renders_its_reasoning_mode() {
+        let src = include_str!("../tests/templates/smollm3.jinja");
+        let t = ChatTemplate::new(src.into(), String::new(), "<|im_end|>".into()).unwrap();
+        let system = ChatMessage {
+            role: "system".into(),
+            content: "Be brief.".into(),
+            ..Default::default()
+        };
+        let out = t
+            .render(&[system, user("Hi")], None, &ChatOptions::default())
+            .unwrap();
+        assert!(
+            out.starts_with("<|im_start|>system\n## Metadata\n"),
+            "{out}"
+        );
+        assert!(out.contains("Reasoning Mode: /think\n"), "{out}");
+        assert!(
+            out.contains("## Custom Instructions\n\nBe brief.\n"),
+            "{out}"
+        );
+        assert!(
+            out.ends_with("<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"),
+            "{out}"
+        );
+        let kw = serde_json::json!({"enable_thinking": false});
+        let opts = ChatOptions {
+            kwargs: kw.as_object().cloned(),
+            ..Default::default()
+        };
+        let out = t.render(&[user("Hi")], None, &opts).unwrap();
+        assert!(out.contains("Reasoning Mode: /no_think\n"), "{out}");
+        assert!(
+            out.ends_with("<|im_start|>assistant\n<think>\n\n</think>\n"),
+            "{out:?}"
+        );
+    }
+
     #[test]
     fn bad_template_syntax_is_refused_at_load() {
         assert!(ChatTemplate::new("{% for %}".into(), String::new(), String::new()).is_err());

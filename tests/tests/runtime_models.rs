@@ -1142,7 +1142,7 @@ fn qwen2_and_qwen3_from_gguf_and_safetensors_give_llama_cpp_s_logits_and_tokens(
     }
 }
 
-/// Phi-3 (Phi-3 and Phi-3.5 mini and medium with their short contexts, Phi-4) is a llama with
+/// Phi-3 (the 4k-context Phi-3 mini and medium, Phi-4) is a llama with
 /// its products fused (Q, K and V in one; the MLP's gate and up in one, gate first), turned on
 /// the halves of each head, with no other change: the tiny llama's weights, fused and written
 /// as a Phi-3 GGUF (read on kandle's kernels and on the tensor path a GPU runs) and as

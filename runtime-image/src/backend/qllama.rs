@@ -49,8 +49,8 @@ pub(crate) use kernels::exp_shifted;
 /// - SmolLM3's layers without a rotary embedding (every fourth: [`Arch::rotates_layer`]).
 ///
 /// Qwen2 covers Qwen2, Qwen2.5 (and -Coder, -Math), DeepSeek-R1's Qwen distillations and
-/// QwQ; Qwen3 its dense models; Phi-3 Phi-3 and Phi-3.5 mini and medium with their short
-/// contexts, and Phi-4; Granite IBM's Granite 3 dense models; SmolLM3 Hugging Face's
+/// QwQ; Qwen3 its dense models; Phi-3 the 4k-context Phi-3 mini and medium, and Phi-4 (the
+/// 128k ones and Phi-3.5 turn by LongRoPE); Granite IBM's Granite 3 dense models; SmolLM3 Hugging Face's
 /// SmolLM3. Their mixture-of-experts kinds (`qwen2moe`, `qwen3moe`, `phimoe`) are
 /// other architectures, refused by name, as is Phi-3's long-context rotary (LongRoPE).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
