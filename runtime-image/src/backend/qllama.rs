@@ -940,6 +940,8 @@ impl Weights {
                     let qg = &q[r * q_dim + g * group..][..group];
                     match hd {
                         64 => attend_part::<64>(qg, 0, kc, vc, hd, (0, n), part),
+                        // Phi-3 mini's heads.
+                        96 => attend_part::<96>(qg, 0, kc, vc, hd, (0, n), part),
                         128 => attend_part::<128>(qg, 0, kc, vc, hd, (0, n), part),
                         _ => attend_dyn(qg, kc, vc, hd, n, part),
                     }

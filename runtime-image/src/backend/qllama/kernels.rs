@@ -766,7 +766,7 @@ mod tests {
         }
     }
 
-    /// Every path this CPU runs gives the lane code's bits (both head sizes, several query
+    /// Every path this CPU runs gives the lane code's bits (each head size, several query
     /// heads per kv head, parts shorter than, equal to and not a multiple of a register), and
     /// the lane code agrees with a plain f64 softmax attention.
     #[test]
@@ -843,6 +843,7 @@ mod tests {
             }
         }
         check::<64>();
+        check::<96>();
         check::<128>();
     }
 
