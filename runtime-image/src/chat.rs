@@ -668,6 +668,11 @@ mod tests {
     #[test]
     fn qwen3_s_template_renders_thoughts_calls_and_enable_thinking() {
         let src = include_str!("../tests/templates/qwen3.jinja");
+        // The tool-call format the template teaches, as `auto` reads it.
+        assert_eq!(
+            crate::tool_calls::ToolCallParser::detect(src),
+            crate::tool_calls::ToolCallParser::Hermes
+        );
         let t = ChatTemplate::new(src.into(), String::new(), "<|im_end|>".into()).unwrap();
         let mut call = assistant("<think>\nhmm\n</think>\n\nLet me check.");
         call.tool_calls = Some(serde_json::json!([{"id": "1", "type": "function",
@@ -705,13 +710,18 @@ mod tests {
         );
     }
 
-    /// SmolLM3's own template (`tests/templates/smollm3.jinja`: llama.cpp's copy of
-    /// SmolLM3-3B's): its metadata block says the reasoning mode, `/think` by default and
+    /// SmolLM3's template (`tests/templates/smollm3.jinja`: llama.cpp's copy of SmolLM3-3B's,
+    /// as Unsloth edited it, without the tools part): its metadata block says the reasoning mode, `/think` by default and
     /// `/no_think` with `enable_thinking: false` (which also opens the answer with an empty
     /// `<think>` block); the system prompt's own text goes under "Custom Instructions".
     #[test]
     fn smollm3_s_template_renders_its_reasoning_mode() {
         let src = include_str!("../tests/templates/smollm3.jinja");
+        // This copy (Unsloth's edit, which llama.cpp keeps) teaches no tool-call format.
+        assert_eq!(
+            crate::tool_calls::ToolCallParser::detect(src),
+            crate::tool_calls::ToolCallParser::None
+        );
         let t = ChatTemplate::new(src.into(), String::new(), "<|im_end|>".into()).unwrap();
         let system = ChatMessage {
             role: "system".into(),
@@ -744,6 +754,58 @@ mod tests {
         assert!(
             out.ends_with("<|im_start|>assistant\n<think>\n\n</think>\n"),
             "{out:?}"
+        );
+    }
+
+    /// Granite 3.3's own template (`tests/templates/granite3.3.jinja`: llama.cpp's copy of
+    /// granite-3.3-2b-instruct's), which dates its system prompt with `strftime_now`, lists the
+    /// tools with `tojson(indent=4)` in their own turn and asks for `<|tool_call|>`, and with
+    /// `thinking` asks for thoughts instead.
+    #[test]
+    fn granite_3_3_s_template_renders_tools_and_thinking() {
+        let src = include_str!("../tests/templates/granite3.3.jinja");
+        // The tool-call format the template teaches, as `auto` reads it.
+        assert_eq!(
+            crate::tool_calls::ToolCallParser::detect(src),
+            crate::tool_calls::ToolCallParser::Granite
+        );
+        let t = ChatTemplate::new(src.into(), String::new(), "<|end_of_text|>".into()).unwrap();
+        let tools = serde_json::json!([{"type": "function",
+            "function": {"name": "w", "parameters": {"type": "object"}}}]);
+        let out = t
+            .render(&[user("Weather?")], Some(&tools), &ChatOptions::default())
+            .unwrap();
+        let today = strftime_now("%B %d, %Y".into()).unwrap();
+        assert!(
+            out.starts_with(&format!(
+                "<|start_of_role|>system<|end_of_role|>Knowledge Cutoff Date: April 2024. \
+                 Today's Date: {today}. You are Granite, developed by IBM."
+            )),
+            "{out}"
+        );
+        assert!(out.contains("respond only with <|tool_call|>"), "{out}");
+        assert!(
+            out.contains(
+                "<|start_of_role|>available_tools<|end_of_role|>[\n    {\n        \"type\": \"function\","
+            ),
+            "{out}"
+        );
+        assert!(
+            out.ends_with(
+                "<|start_of_role|>user<|end_of_role|>Weather?<|end_of_text|>\n\
+                 <|start_of_role|>assistant<|end_of_role|>"
+            ),
+            "{out}"
+        );
+        let kw = serde_json::json!({"thinking": true});
+        let opts = ChatOptions {
+            kwargs: kw.as_object().cloned(),
+            ..Default::default()
+        };
+        let out = t.render(&[user("Hi")], None, &opts).unwrap();
+        assert!(
+            out.contains("Write your thoughts between <think></think>"),
+            "{out}"
         );
     }
 
