@@ -960,6 +960,13 @@ fn gives_the_reference_logits_and_tokens(g: &GenerationModel, want: &[Value], wh
     }
 }
 
+/// The largest difference of `g`'s logits after the first case of `want` from that case's.
+fn first_case_difference(g: &GenerationModel, want: &[Value]) -> f32 {
+    let mut seq = g.lm.new_sequence().unwrap();
+    let logits = seq.feed(&ids(&want[0]["input_ids"])).unwrap();
+    max_abs_diff(&logits, &floats(&want[0]["last_logits"]))
+}
+
 /// `tests/references/llama_variants.json`: llama.cpp's logits and greedy tokens for the tiny
 /// llama's weights as each llama variant.
 fn llama_variants_reference() -> Value {
@@ -1128,13 +1135,7 @@ fn qwen2_and_qwen3_from_gguf_and_safetensors_give_llama_cpp_s_logits_and_tokens(
         // Without its biases or norms the file is a different model, far from llama.cpp's.
         let dir = tempfile::tempdir().unwrap();
         let bare = generation(&gguf_as(arch, &fixture, dir.path(), &[], &[]));
-        let logits = bare
-            .lm
-            .new_sequence()
-            .unwrap()
-            .feed(&ids(&want[0]["input_ids"]))
-            .unwrap();
-        let d = max_abs_diff(&logits, &floats(&want[0]["last_logits"]));
+        let d = first_case_difference(&bare, want);
         assert!(
             d > 0.05,
             "{arch}: without its own tensors, only {d} from llama.cpp's logits"
@@ -1354,13 +1355,7 @@ fn smollm3_s_layers_without_a_rotary_give_llama_cpp_s_logits() {
     }
     let dir = tempfile::tempdir().unwrap();
     let llama = generation(&gguf_as("llama", doubled.path(), dir.path(), &[], &[]));
-    let logits = llama
-        .lm
-        .new_sequence()
-        .unwrap()
-        .feed(&ids(&want[0]["input_ids"]))
-        .unwrap();
-    let d = max_abs_diff(&logits, &floats(&want[0]["last_logits"]));
+    let d = first_case_difference(&llama, want);
     assert!(
         d > 0.05,
         "every layer turning is only {d} from llama.cpp's SmolLM3 logits"

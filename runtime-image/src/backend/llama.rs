@@ -17,7 +17,7 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::llama::{Config, Llama3RopeType, LlamaConfig, LlamaEosToks};
 
 use super::few_rows::FewRows;
-use super::qllama::Scales;
+use super::qllama::{Arch, Scales};
 use super::tensor_llama::{
     Heads, Layer, PREFILL_CHUNK, Proj, Rope, TensorLlama, TensorLlamaLm, inverse_frequencies,
     rope_tables,
@@ -41,36 +41,14 @@ pub(super) fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// What a llama-shaped `model_type` adds to llama's layers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Family {
-    Llama,
-    /// Q, K and V biases.
-    Qwen2,
-    /// `q_norm` and `k_norm`.
-    Qwen3,
-    /// `qkv_proj` and `gate_up_proj` fused.
-    Phi3,
-    /// Four scalars ([`Scales`]).
-    Granite,
-    /// Layers without a rotary embedding (`no_rope_layers`).
-    SmolLm3,
-}
-
 pub(super) fn load(
     dir: &Path,
     model_type: &str,
     dtype: DType,
     device: &Device,
 ) -> Result<LoadedModel> {
-    let family = match model_type {
-        "qwen2" => Family::Qwen2,
-        "qwen3" => Family::Qwen3,
-        "phi3" => Family::Phi3,
-        "granite" => Family::Granite,
-        "smollm3" => Family::SmolLm3,
-        _ => Family::Llama,
-    };
+    // What the `model_type` adds to llama's layers ([`Arch`]: the same names as in GGUF).
+    let family = Arch::named(model_type).unwrap_or(Arch::Llama);
     let raw: serde_json::Value = read_json(&dir.join("config.json"))?;
     let flag = |key: &str| raw.get(key).and_then(|v| v.as_bool()) == Some(true);
     // Refuse what the layers do not compute rather than computing something else: llama's and
@@ -139,7 +117,7 @@ pub(super) fn load(
     };
     // Granite's multipliers, as transformers' `GraniteForCausalLM` applies them.
     let scales = match family {
-        Family::Granite => {
+        Arch::Granite => {
             let f = |key: &str| -> Result<Option<f32>> {
                 match raw.get(key).filter(|v| !v.is_null()) {
                     None => Ok(None),
@@ -165,7 +143,7 @@ pub(super) fn load(
     // every layer but each `no_rope_layer_interval`-th (4).
     let layers = lcfg.num_hidden_layers;
     let rotates: Vec<bool> = match (family, raw.get("no_rope_layers")) {
-        (Family::SmolLm3, Some(list)) => {
+        (Arch::SmolLm3, Some(list)) => {
             let flags: Option<Vec<bool>> = (list.as_array())
                 .map(|a| a.iter().map(|v| v.as_u64().map(|x| x != 0)).collect())
                 .unwrap_or(None);
@@ -179,7 +157,7 @@ pub(super) fn load(
                 }
             }
         }
-        (Family::SmolLm3, None) => {
+        (Arch::SmolLm3, None) => {
             let step = raw
                 .get("no_rope_layer_interval")
                 .and_then(|v| v.as_u64())
@@ -268,7 +246,7 @@ fn inv_freq(cfg: &Config, head_dim: usize) -> Vec<f32> {
 fn weights(
     vb: VarBuilder,
     cfg: &Config,
-    (family, scales, rotates): (Family, Scales, &[bool]),
+    (family, scales, rotates): (Arch, Scales, &[bool]),
     head_dim: usize,
     dtype: DType,
     device: &Device,
@@ -288,7 +266,7 @@ fn weights(
     // Q, K and V: with their biases in Qwen2.
     let qkv = |vb: &VarBuilder, out: usize, name: &str| -> candle_core::Result<Proj> {
         match family {
-            Family::Qwen2 => Ok(Box::new(FewRows::new(
+            Arch::Qwen2 => Ok(Box::new(FewRows::new(
                 vb.get((out, hidden), &format!("{name}.weight"))?,
                 Some(vb.get(out, &format!("{name}.bias"))?),
             ))),
@@ -316,7 +294,7 @@ fn weights(
     for (i, &turns) in rotates.iter().enumerate() {
         let p = vb.pp(format!("model.layers.{i}"));
         let qk_norm = match family {
-            Family::Qwen3 => Some((
+            Arch::Qwen3 => Some((
                 p.get(head_dim, "self_attn.q_norm.weight")?,
                 p.get(head_dim, "self_attn.k_norm.weight")?,
             )),
@@ -324,7 +302,7 @@ fn weights(
         };
         let ff = cfg.intermediate_size;
         let ([q, k, v], [gate, up]) = match family {
-            Family::Phi3 => {
+            Arch::Phi3 => {
                 let mut a = split(&p, "self_attn.qkv_proj", &[q_dim, kv_dim, kv_dim])?;
                 let mut m = split(&p, "mlp.gate_up_proj", &[ff, ff])?;
                 let (v, k, q) = (a.pop().unwrap(), a.pop().unwrap(), a.pop().unwrap());

@@ -121,18 +121,26 @@ impl Arch {
             .get("general.architecture")
             .ok_or_else(|| Error::Model("GGUF metadata has no general.architecture".into()))?
             .to_string()?;
-        match name.as_str() {
-            "llama" => Ok(Arch::Llama),
-            "qwen2" => Ok(Arch::Qwen2),
-            "qwen3" => Ok(Arch::Qwen3),
-            "phi3" => Ok(Arch::Phi3),
-            "granite" => Ok(Arch::Granite),
-            "smollm3" => Ok(Arch::SmolLm3),
-            other => Err(Error::Model(format!(
-                "GGUF architecture {other:?} is not supported (llama, qwen2, qwen3, phi3, \
+        Arch::named(name).ok_or_else(|| {
+            Error::Model(format!(
+                "GGUF architecture {name:?} is not supported (llama, qwen2, qwen3, phi3, \
                  granite and smollm3 are)"
-            ))),
-        }
+            ))
+        })
+    }
+
+    /// The architecture of this name: a GGUF's `general.architecture`, which is also the
+    /// `model_type` of transformers' config.json for each of these.
+    pub(super) fn named(name: &str) -> Option<Arch> {
+        Some(match name {
+            "llama" => Arch::Llama,
+            "qwen2" => Arch::Qwen2,
+            "qwen3" => Arch::Qwen3,
+            "phi3" => Arch::Phi3,
+            "granite" => Arch::Granite,
+            "smollm3" => Arch::SmolLm3,
+            _ => return None,
+        })
     }
 
     /// The metadata key `name` of this architecture (`qwen2.block_count`, ...).
