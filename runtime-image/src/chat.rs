@@ -564,6 +564,14 @@ mod tests {
         }
     }
 
+    /// Default options with the request's `chat_template_kwargs` `kw` (an object).
+    fn with_kwargs(kw: serde_json::Value) -> ChatOptions {
+        ChatOptions {
+            kwargs: kw.as_object().cloned(),
+            ..Default::default()
+        }
+    }
+
     fn assistant(text: &str) -> ChatMessage {
         ChatMessage {
             role: "assistant".into(),
@@ -642,10 +650,7 @@ mod tests {
                    {% for m in messages %}{{ m.content }}{% endfor %}{% if extra %}{{ extra.depth }}{% endif %}";
         let t = ChatTemplate::new(src.into(), String::new(), String::new()).unwrap();
         let kw = serde_json::json!({"enable_thinking": false, "extra": {"depth": 2}});
-        let opts = ChatOptions {
-            kwargs: kw.as_object().cloned(),
-            ..Default::default()
-        };
+        let opts = with_kwargs(kw);
         assert_eq!(opts.check(&[user("a")]), Ok(()));
         assert_eq!(
             t.render(&[user("hi")], None, &opts).unwrap(),
@@ -700,10 +705,7 @@ mod tests {
              <|im_start|>assistant\n"
         );
         let kw = serde_json::json!({"enable_thinking": false});
-        let opts = ChatOptions {
-            kwargs: kw.as_object().cloned(),
-            ..Default::default()
-        };
+        let opts = with_kwargs(kw);
         assert_eq!(
             t.render(&[user("Hi")], None, &opts).unwrap(),
             "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
@@ -745,10 +747,7 @@ mod tests {
             "{out}"
         );
         let kw = serde_json::json!({"enable_thinking": false});
-        let opts = ChatOptions {
-            kwargs: kw.as_object().cloned(),
-            ..Default::default()
-        };
+        let opts = with_kwargs(kw);
         let out = t.render(&[user("Hi")], None, &opts).unwrap();
         assert!(out.contains("Reasoning Mode: /no_think\n"), "{out}");
         assert!(
@@ -798,10 +797,7 @@ mod tests {
             "{out}"
         );
         let kw = serde_json::json!({"thinking": true});
-        let opts = ChatOptions {
-            kwargs: kw.as_object().cloned(),
-            ..Default::default()
-        };
+        let opts = with_kwargs(kw);
         let out = t.render(&[user("Hi")], None, &opts).unwrap();
         assert!(
             out.contains("Write your thoughts between <think></think>"),

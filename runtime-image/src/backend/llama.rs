@@ -118,24 +118,22 @@ pub(super) fn load(
     // Granite's multipliers, as transformers' `GraniteForCausalLM` applies them.
     let scales = match family {
         Arch::Granite => {
-            let f = |key: &str| -> Result<Option<f32>> {
-                match raw.get(key).filter(|v| !v.is_null()) {
-                    None => Ok(None),
-                    Some(v) => match v.as_f64() {
-                        Some(x) if x.is_finite() && x > 0.0 => Ok(Some(x as f32)),
-                        _ => Err(Error::Model(format!(
-                            "{}: {key} must be a positive number, got {v}",
-                            dir.join("config.json").display()
-                        ))),
-                    },
-                }
+            let config = dir.join("config.json").display().to_string();
+            let names = [
+                "embedding_multiplier",
+                "residual_multiplier",
+                "attention_multiplier",
+                "logits_scaling",
+            ];
+            let read = |key: &str| match raw.get(key).filter(|v| !v.is_null()) {
+                None => Ok(None),
+                Some(v) => v.as_f64().map(Some).ok_or_else(|| {
+                    Error::Model(format!(
+                        "{config}: {key} must be a positive number, got {v}"
+                    ))
+                }),
             };
-            Scales {
-                embedding: f("embedding_multiplier")?.unwrap_or(1.0),
-                residual: f("residual_multiplier")?.unwrap_or(1.0),
-                attention: f("attention_multiplier")?,
-                logit: f("logits_scaling")?.unwrap_or(1.0),
-            }
+            Scales::declared(names, read, |key| format!("{config}: {key}"))?
         }
         _ => Scales::NONE,
     };

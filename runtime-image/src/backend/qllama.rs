@@ -92,23 +92,43 @@ impl Scales {
         if arch != Arch::Granite {
             return Ok(Scales::NONE);
         }
+        let names = [
+            "embedding_scale",
+            "residual_scale",
+            "attention.scale",
+            "logit_scale",
+        ];
+        let read = |name: &str| -> Result<Option<f64>> {
+            let value = ct.metadata.get(&arch.key(name));
+            Ok(value.map(|v| v.to_f32()).transpose()?.map(f64::from))
+        };
+        Scales::declared(names, read, |name| format!("GGUF {}", arch.key(name)))
+    }
+
+    /// The scalars from the values a model declares under `names` (the embedding, residual,
+    /// attention and logit scales, in that order), as `read` finds them; a missing one is a
+    /// llama's, and one that is not a positive number is refused, `what` naming it.
+    pub(super) fn declared(
+        names: [&str; 4],
+        read: impl Fn(&str) -> Result<Option<f64>>,
+        what: impl Fn(&str) -> String,
+    ) -> Result<Scales> {
         let f = |name: &str| -> Result<Option<f32>> {
-            match ct.metadata.get(&arch.key(name)) {
+            match read(name)? {
                 None => Ok(None),
-                Some(v) => match v.to_f32()? {
-                    x if x.is_finite() && x > 0.0 => Ok(Some(x)),
-                    x => Err(Error::Model(format!(
-                        "GGUF {} must be a positive number, it is {x}",
-                        arch.key(name)
-                    ))),
-                },
+                Some(x) if x.is_finite() && x > 0.0 => Ok(Some(x as f32)),
+                Some(x) => Err(Error::Model(format!(
+                    "{} must be a positive number, it is {x}",
+                    what(name)
+                ))),
             }
         };
+        let [embedding, residual, attention, logit] = names;
         Ok(Scales {
-            embedding: f("embedding_scale")?.unwrap_or(1.0),
-            residual: f("residual_scale")?.unwrap_or(1.0),
-            attention: f("attention.scale")?,
-            logit: f("logit_scale")?.unwrap_or(1.0),
+            embedding: f(embedding)?.unwrap_or(1.0),
+            residual: f(residual)?.unwrap_or(1.0),
+            attention: f(attention)?,
+            logit: f(logit)?.unwrap_or(1.0),
         })
     }
 }
