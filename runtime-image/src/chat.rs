@@ -756,6 +756,47 @@ mod tests {
         );
     }
 
+    /// Gemma 2's own template (`tests/templates/gemma2.jinja`: llama.cpp's copy of
+    /// gemma-2-2b-it's): BOS, then each turn between `<start_of_turn>` and `<end_of_turn>`,
+    /// the assistant's named `model`, its text trimmed; it teaches no tool-call format, and a
+    /// system message is refused in the template's own words (as transformers refuses it).
+    #[test]
+    fn gemma2_s_template_renders_its_turns_and_refuses_a_system_message() {
+        let src = include_str!("../tests/templates/gemma2.jinja");
+        assert_eq!(
+            crate::tool_calls::ToolCallParser::detect(src),
+            crate::tool_calls::ToolCallParser::None
+        );
+        let t = ChatTemplate::new(src.into(), "<bos>".into(), "<eos>".into()).unwrap();
+        let answer = ChatMessage {
+            role: "assistant".into(),
+            content: "Hello. ".into(),
+            ..Default::default()
+        };
+        let out = t
+            .render(
+                &[user(" Hi\n"), answer, user("Bye")],
+                None,
+                &ChatOptions::default(),
+            )
+            .unwrap();
+        assert_eq!(
+            out,
+            "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n\
+             <start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n"
+        );
+        let system = ChatMessage {
+            role: "system".into(),
+            content: "Be brief.".into(),
+            ..Default::default()
+        };
+        let err = t
+            .render(&[system, user("Hi")], None, &ChatOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("System role not supported"), "{err}");
+    }
+
     /// Granite 3.3's own template (`tests/templates/granite3.3.jinja`: llama.cpp's copy of
     /// granite-3.3-2b-instruct's), which dates its system prompt with `strftime_now`, lists the
     /// tools with `tojson(indent=4)` in their own turn and asks for `<|tool_call|>`, and with

@@ -3,7 +3,9 @@
 # GGUF (with the per-head norms of queries and keys) and as a Phi-3 GGUF (Q, K, V fused into
 # attn_qkv, gate and up into ffn_up, gate first, as the converter copies Phi-3's
 # gate_up_proj), as a Granite GGUF (its four scalars: GRANITE below) and as a SmolLM3 GGUF
-# (four layers, the fixture's two twice, the fourth without a rotary embedding), the way
+# (four layers, the fixture's two twice, the fourth without a rotary embedding), as a Gemma 2
+# GGUF (norms of each layer's attention and MLP outputs, GELU, soft-capped scores and logits,
+# a sliding window on every other layer: GEMMA below), the way
 # llama.cpp's converter writes those architectures (q and k rows as trained for llama.cpp's
 # NEOX rotary, permuted for Granite's and SmolLM3's, which turn pairs as llama's does; f32). The biases and
 # norm weights are made by the formulas below, which the Rust test repeats exactly (small
@@ -21,9 +23,12 @@ from safetensors.numpy import load_file
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', '..', 'shared', 'fixtures', 'tiny', 'llama')
 GREEDY = 8
-ARCHS = ['qwen2', 'qwen3', 'phi3', 'granite', 'smollm3']
+ARCHS = ['qwen2', 'qwen3', 'phi3', 'granite', 'smollm3', 'gemma2']
 # Granite's embedding, residual, attention and logit scales (the Rust test's too).
 GRANITE = (2.0, 0.5, 0.125, 4.0)
+# Gemma 2's attention and logit caps and its sliding window, small enough to bite on the tiny
+# llama's prompts (the Rust test's too).
+GEMMA = (1.5, 3.0, 5)
 
 
 def permute(w, heads):
@@ -71,6 +76,10 @@ def write(arch, path):
         w.add_residual_scale(GRANITE[1])
         w.add_attention_scale(GRANITE[2])
         w.add_logit_scale(GRANITE[3])
+    if arch == 'gemma2':
+        w.add_attn_logit_softcapping(GEMMA[0])
+        w.add_final_logit_softcapping(GEMMA[1])
+        w.add_sliding_window(GEMMA[2])
     vocab = [''] * cfg['vocab_size']
     for t, i in tok['model']['vocab'].items():
         vocab[i] = t
@@ -113,6 +122,9 @@ def write(arch, path):
         elif arch == 'qwen3':
             w.add_tensor(f'blk.{i}.attn_q_norm.weight', norm_weight(hd, 2 * i))
             w.add_tensor(f'blk.{i}.attn_k_norm.weight', norm_weight(hd, 2 * i + 1))
+        elif arch == 'gemma2':
+            w.add_tensor(f'blk.{i}.post_attention_norm.weight', norm_weight(hidden, 2 * i + 10))
+            w.add_tensor(f'blk.{i}.post_ffw_norm.weight', norm_weight(hidden, 2 * i + 11))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -1362,6 +1362,122 @@ fn smollm3_s_layers_without_a_rotary_give_llama_cpp_s_logits() {
     );
 }
 
+/// Gemma 2 is a llama with its embeddings times `√hidden`, a norm of each layer's attention
+/// and MLP outputs, a gated GELU, soft-capped attention scores and logits, and a sliding
+/// window on every other layer, turned on the halves of each head: the tiny llama's weights
+/// with output norms (the formula of `tests/references/llama_variants.py`), caps of 1.5 and 3
+/// and a window of 5 positions (so that each bites on the fixture's prompts), as a Gemma 2
+/// GGUF (on kandle's kernels and on the tensor path) and as transformers saves a
+/// `Gemma2ForCausalLM` (norms stored less one, `pre_feedforward_layernorm` for the MLP's),
+/// give llama.cpp's logits and greedy tokens on that file. Without the window, the score
+/// caps or the output norms, the logits are far from those; a window of 0 is refused.
+#[test]
+fn gemma2_from_gguf_and_safetensors_gives_llama_cpp_s_logits() {
+    use candle_core::quantized::gguf_file::Value as V;
+    use candle_core::{Device, Tensor};
+    let fixture = fixtures_dir().join("tiny/llama");
+    let cfg = json(&fixture.join("config.json"));
+    let (_, _, hidden) = attention_shape(&cfg);
+    let layers = cfg["num_hidden_layers"].as_u64().unwrap() as usize;
+    let norms: Vec<(String, Vec<f32>)> = (0..layers)
+        .flat_map(|i| {
+            [
+                (
+                    format!("blk.{i}.post_attention_norm.weight"),
+                    qwen_norm(hidden, 2 * i + 10),
+                ),
+                (
+                    format!("blk.{i}.post_ffw_norm.weight"),
+                    qwen_norm(hidden, 2 * i + 11),
+                ),
+            ]
+        })
+        .collect();
+    let more: Vec<(&str, &[f32])> = norms
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_slice()))
+        .collect();
+    let meta = |attention: f32, logits: f32, window: u32| {
+        [
+            ("gemma2.attn_logit_softcapping", V::F32(attention)),
+            ("gemma2.final_logit_softcapping", V::F32(logits)),
+            ("gemma2.attention.sliding_window", V::U32(window)),
+        ]
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = gguf_as("gemma2", &fixture, dir.path(), &more, &meta(1.5, 3.0, 5));
+
+    let st_dir = tempfile::tempdir().unwrap();
+    tiny_llama_copy(st_dir.path(), |c| {
+        c["model_type"] = "gemma2".into();
+        c["architectures"] = serde_json::json!(["Gemma2ForCausalLM"]);
+        c["hidden_activation"] = "gelu_pytorch_tanh".into();
+        c["query_pre_attn_scalar"] = c["head_dim"].clone();
+        c["attn_logit_softcapping"] = 1.5.into();
+        c["final_logit_softcapping"] = 3.0.into();
+        c["sliding_window"] = 5.into();
+    });
+    let path = st_dir.path().join("model.safetensors");
+    let mut st = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    for i in 0..layers {
+        let p = format!("model.layers.{i}");
+        let mlp = st
+            .remove(&format!("{p}.post_attention_layernorm.weight"))
+            .unwrap();
+        st.insert(format!("{p}.pre_feedforward_layernorm.weight"), mlp);
+        for (gemma, gguf) in [
+            ("post_attention_layernorm", "post_attention_norm"),
+            ("post_feedforward_layernorm", "post_ffw_norm"),
+        ] {
+            let w = &norms
+                .iter()
+                .find(|(n, _)| *n == format!("blk.{i}.{gguf}.weight"))
+                .unwrap()
+                .1;
+            let t = Tensor::new(w.as_slice(), &Device::Cpu).unwrap();
+            st.insert(format!("{p}.{gemma}.weight"), t);
+        }
+    }
+    // Gemma's norms scale by one plus their weights (llama.cpp's converter adds the one).
+    for (name, t) in st.iter_mut() {
+        if name.ends_with("norm.weight") {
+            *t = (&*t - 1.0).unwrap();
+        }
+    }
+    candle_core::safetensors::save(&st, &path).unwrap();
+
+    let mut models = Vec::from(gguf_paths(&gguf));
+    models.push(("safetensors", generation(st_dir.path())));
+    let reference = llama_variants_reference();
+    let want = reference["gemma2"].as_array().unwrap();
+    for (what, g) in &models {
+        gives_the_reference_logits_and_tokens(g, want, &format!("gemma2, {what}"));
+    }
+    // Each addition changes the answers: the test can tell one left out.
+    for (what, more, meta) in [
+        (
+            "without the sliding window",
+            &more[..],
+            meta(1.5, 3.0, 4096),
+        ),
+        ("with the scores uncapped", &more[..], meta(1e6, 3.0, 5)),
+        ("without the output norms", &[][..], meta(1.5, 3.0, 5)),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let g = generation(&gguf_as("gemma2", &fixture, dir.path(), more, &meta));
+        let d = first_case_difference(&g, want);
+        assert!(d > 0.05, "{what}: only {d} from llama.cpp's Gemma 2 logits");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bad = gguf_as("gemma2", &fixture, dir.path(), &more, &meta(1.5, 3.0, 0));
+    let options = LoadOptions {
+        path: bad,
+        ..Default::default()
+    };
+    let err = backend::load(&options).err().expect("refused").to_string();
+    assert!(err.contains("gemma2.attention.sliding_window"), "{err}");
+}
+
 /// A GGUF's context is its own (`llama.context_length`), not the 4,096 positions that
 /// candle's `quantized_llama` tabulates its rotary angles for: the tiny llama declared with
 /// 8,192 positions takes a 4,200-token prompt on kandle's kernels, whose last logits equal

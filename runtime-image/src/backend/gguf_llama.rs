@@ -305,6 +305,7 @@ fn tensor_weights<R: std::io::Read + std::io::Seek>(
         .tensor(reader, "output_norm.weight", device)?
         .dequantize(device)?;
     let blocks = need_u32(ct, &key("block_count"))? as usize;
+    let gemma = qllama::Gemma::of(ct, arch, blocks)?;
     let mut layers = Vec::with_capacity(blocks);
     let (q_dim, kv_dim) = (heads * head_dim, kv_heads * head_dim);
     for i in 0..blocks {
@@ -361,6 +362,13 @@ fn tensor_weights<R: std::io::Read + std::io::Seek>(
             )),
             false => None,
         };
+        let post_norms = match has(&name("post_attention_norm.weight")) {
+            true => Some((
+                q("post_attention_norm.weight")?.dequantize(device)?,
+                q("post_ffw_norm.weight")?.dequantize(device)?,
+            )),
+            false => None,
+        };
         layers.push(Layer {
             attn_norm: q("attn_norm.weight")?.dequantize(device)?,
             q: wq,
@@ -368,11 +376,13 @@ fn tensor_weights<R: std::io::Read + std::io::Seek>(
             v: wv,
             qk_norm,
             rotates: arch.rotates_layer(i),
+            window: gemma.windows[i],
             o: quant(q("attn_output.weight")?)?,
             mlp_norm: q("ffn_norm.weight")?.dequantize(device)?,
             gate: quant(gate)?,
             up: quant(up)?,
             down: quant(q("ffn_down.weight")?)?,
+            post_norms,
         });
     }
     let mut inv_freq = inverse_frequencies(theta, head_dim);
@@ -396,6 +406,9 @@ fn tensor_weights<R: std::io::Read + std::io::Seek>(
         cos,
         sin,
         scales: qllama::Scales::of(ct, arch)?,
+        attention_cap: gemma.attention_cap,
+        logit_cap: gemma.logit_cap,
+        gelu: gemma.gelu,
         rope: match arch.rotates_halves() {
             true => Rope::Halves,
             false => Rope::Interleaved,

@@ -95,6 +95,27 @@ pub(super) fn causal_mask(t: usize, past: usize, device: &Device) -> candle_core
     Tensor::from_vec(mask, (t, total), device)
 }
 
+/// [`causal_mask`] within a sliding window of `window` positions: the query at position `p`
+/// sees `p − window + 1 ..= p` (transformers' and llama.cpp's sliding window).
+pub(super) fn sliding_mask(
+    t: usize,
+    past: usize,
+    window: usize,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let total = past + t;
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            let p = past + i;
+            (0..total).map(move |j| match j > p || j + window <= p {
+                true => f32::NEG_INFINITY,
+                false => 0.0,
+            })
+        })
+        .collect();
+    Tensor::from_vec(mask, (t, total), device)
+}
+
 /// softmax(q·kᵀ · scale + bias) · v, in f32. `bias` broadcasts to `(b, h, t_q, t_k)`: the
 /// causal or padding mask, plus ALiBi for bloom.
 pub(super) fn attention(

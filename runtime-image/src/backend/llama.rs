@@ -6,6 +6,13 @@
 //! Qwen3 ("qwen3", its dense models) are llamas with, respectively, biases on Q, K and V, and
 //! an RMS norm of each query and key head before the rotary (`q_norm`, `k_norm`), as
 //! transformers' `Qwen2ForCausalLM` and `Qwen3ForCausalLM` compute them.
+//!
+//! Gemma 2 ("gemma2") is a llama with the additions [`super::qllama::Gemma`] lists, as
+//! transformers' `Gemma2ForCausalLM` computes them: its RMS norms scale by `1 + weight` (the
+//! one is added here, once, in the weights' dtype), its MLP's norm is
+//! `pre_feedforward_layernorm` and its output norms `post_attention_layernorm` and
+//! `post_feedforward_layernorm`; the scores are scaled by `query_pre_attn_scalar^-½`, and the
+//! embeddings by `√hidden` rounded to the activations' dtype (transformers' `normalizer`).
 
 use std::path::{Path, PathBuf};
 
@@ -17,7 +24,7 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::llama::{Config, Llama3RopeType, LlamaConfig, LlamaEosToks};
 
 use super::few_rows::FewRows;
-use super::qllama::{Arch, Scales};
+use super::qllama::{Arch, Gemma, Pattern, Scales};
 use super::tensor_llama::{
     Heads, Layer, PREFILL_CHUNK, Proj, Rope, TensorLlama, TensorLlamaLm, inverse_frequencies,
     rope_tables,
@@ -73,6 +80,10 @@ pub(super) fn load(
         )));
     }
     let mut cfg_json = raw.clone();
+    // Gemma 2 ties its head to the embeddings unless told otherwise.
+    if family == Arch::Gemma2 && raw.get("tie_word_embeddings").is_none() {
+        cfg_json["tie_word_embeddings"] = true.into();
+    }
     // transformers 5 writes rope_theta inside rope_parameters; older files at the top level.
     if cfg_json.get("rope_theta").is_none()
         && let Some(theta) = raw.pointer("/rope_parameters/rope_theta")
@@ -135,7 +146,15 @@ pub(super) fn load(
             };
             Scales::declared(names, read, |key| format!("{config}: {key}"))?
         }
+        Arch::Gemma2 => gemma2_scales(&raw, lcfg.hidden_size, dtype, &dir.join("config.json"))?,
         _ => Scales::NONE,
+    };
+    let gemma = match family {
+        Arch::Gemma2 => gemma2(&raw, lcfg.num_hidden_layers, &dir.join("config.json"))?,
+        _ => Gemma {
+            windows: vec![None; lcfg.num_hidden_layers],
+            ..Gemma::NONE
+        },
     };
     // SmolLM3's layers that turn their queries and keys: `no_rope_layers` (1: turns), else
     // every layer but each `no_rope_layer_interval`-th (4).
@@ -171,7 +190,7 @@ pub(super) fn load(
     let model = weights(
         vb,
         &config,
-        (family, scales, &rotates),
+        (family, scales, &rotates, gemma),
         head_dim,
         dtype,
         device,
@@ -211,6 +230,123 @@ pub(super) fn load(
     ))
 }
 
+/// Gemma 2's scalars from its config.json (`config` names it): the embeddings times `√hidden`
+/// in the activations' dtype, as transformers' `normalizer` is; the scores times
+/// `query_pre_attn_scalar^-½` where given (else a llama's `1/√head_dim`).
+fn gemma2_scales(
+    raw: &serde_json::Value,
+    hidden: usize,
+    dtype: DType,
+    config: &Path,
+) -> Result<Scales> {
+    let root = (hidden as f32).sqrt();
+    let embedding = match dtype {
+        DType::BF16 => half::bf16::from_f32(root).to_f32(),
+        DType::F16 => half::f16::from_f32(root).to_f32(),
+        _ => root,
+    };
+    let attention = match raw.get("query_pre_attn_scalar").filter(|v| !v.is_null()) {
+        None => None,
+        Some(v) => match v.as_f64() {
+            Some(x) if x.is_finite() && x > 0.0 => Some((1.0 / x.sqrt()) as f32),
+            _ => {
+                return Err(Error::Model(format!(
+                    "{}: query_pre_attn_scalar must be a positive number, got {v}",
+                    config.display()
+                )));
+            }
+        },
+    };
+    Ok(Scales {
+        embedding,
+        attention,
+        ..Scales::NONE
+    })
+}
+
+/// Gemma 2's caps, GELU and sliding windows from its config.json (`config` names it):
+/// `attn_logit_softcapping` and `final_logit_softcapping` (transformers' defaults, 50 and 30,
+/// where absent; none where null), `sliding_window` (4,096 where absent) on the layers
+/// `layer_types` marks "sliding_attention", or on every other layer from the first. A
+/// `hidden_activation` other than GELU's tanh form is refused.
+fn gemma2(raw: &serde_json::Value, layers: usize, config: &Path) -> Result<Gemma> {
+    let bad = |key: &str, v: &serde_json::Value, want: &str| {
+        Error::Model(format!(
+            "{}: {key} must be {want}, got {v}",
+            config.display()
+        ))
+    };
+    let act = raw
+        .get("hidden_activation")
+        .or_else(|| raw.get("hidden_act"));
+    if let Some(a) = act.filter(|a| !a.is_null())
+        && a.as_str() != Some("gelu_pytorch_tanh")
+    {
+        return Err(Error::Model(format!(
+            "{}: gemma2 with the activation {a} is not supported (gelu_pytorch_tanh is)",
+            config.display()
+        )));
+    }
+    let cap = |key: &str| -> Result<Option<Option<f64>>> {
+        match raw.get(key) {
+            None => Ok(None),
+            Some(v) if v.is_null() => Ok(Some(None)),
+            Some(v) => v
+                .as_f64()
+                .map(|x| Some(Some(x)))
+                .ok_or_else(|| bad(key, v, "a positive number or null")),
+        }
+    };
+    let window = match raw.get("sliding_window") {
+        None => Some(4096),
+        Some(v) if v.is_null() => None,
+        Some(v) => Some(
+            v.as_u64()
+                .ok_or_else(|| bad("sliding_window", v, "a number of positions"))?
+                as usize,
+        ),
+    };
+    let pattern = match raw.get("layer_types").filter(|v| !v.is_null()) {
+        None => Pattern::Every(2),
+        Some(v) => Pattern::Listed(
+            (v.as_array().and_then(|a| {
+                a.iter()
+                    .map(|t| match t.as_str() {
+                        Some("sliding_attention") => Some(true),
+                        Some("full_attention") => Some(false),
+                        _ => None,
+                    })
+                    .collect::<Option<Vec<bool>>>()
+            }))
+            .ok_or_else(|| {
+                bad(
+                    "layer_types",
+                    v,
+                    "a list of \"sliding_attention\" and \"full_attention\"",
+                )
+            })?,
+        ),
+    };
+    let names = |name: &str| {
+        let key = match name {
+            "attention.sliding_window" => "sliding_window",
+            "attention.sliding_window_pattern" => "layer_types",
+            other => other,
+        };
+        format!("{}: {key}", config.display())
+    };
+    Gemma::declared(
+        [
+            cap("attn_logit_softcapping")?,
+            cap("final_logit_softcapping")?,
+        ],
+        window,
+        pattern,
+        layers,
+        names,
+    )
+}
+
 /// The rotary embedding's inverse frequencies, with llama3's scaling where the config has it
 /// (as candle-transformers' and transformers' llama compute them).
 fn inv_freq(cfg: &Config, head_dim: usize) -> Vec<f32> {
@@ -244,7 +380,7 @@ fn inv_freq(cfg: &Config, head_dim: usize) -> Vec<f32> {
 fn weights(
     vb: VarBuilder,
     cfg: &Config,
-    (family, scales, rotates): (Arch, Scales, &[bool]),
+    (family, scales, rotates, gemma): (Arch, Scales, &[bool], Gemma),
     head_dim: usize,
     dtype: DType,
     device: &Device,
@@ -288,6 +424,14 @@ fn weights(
             .collect()
     };
     let embed = vb.get((cfg.vocab_size, hidden), "model.embed_tokens.weight")?;
+    // Gemma 2's norms scale by `1 + weight`.
+    let norm = |vb: &VarBuilder, name: &str| -> candle_core::Result<candle_core::Tensor> {
+        let w = vb.get(hidden, &format!("{name}.weight"))?;
+        match family {
+            Arch::Gemma2 => w + 1.0,
+            _ => Ok(w),
+        }
+    };
     let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
     for (i, &turns) in rotates.iter().enumerate() {
         let p = vb.pp(format!("model.layers.{i}"));
@@ -319,18 +463,32 @@ fn weights(
                 ],
             ),
         };
+        // Gemma 2's post_attention_layernorm norms the attention's output; its MLP's input
+        // norm is pre_feedforward_layernorm.
+        let (mlp_norm, post_norms) = match family {
+            Arch::Gemma2 => (
+                norm(&p, "pre_feedforward_layernorm")?,
+                Some((
+                    norm(&p, "post_attention_layernorm")?,
+                    norm(&p, "post_feedforward_layernorm")?,
+                )),
+            ),
+            _ => (norm(&p, "post_attention_layernorm")?, None),
+        };
         layers.push(Layer {
-            attn_norm: p.get(hidden, "input_layernorm.weight")?,
+            attn_norm: norm(&p, "input_layernorm")?,
             q,
             k,
             v,
             qk_norm,
             rotates: turns,
+            window: gemma.windows[i],
             o: dense(&p, hidden, q_dim, "self_attn.o_proj")?,
-            mlp_norm: p.get(hidden, "post_attention_layernorm.weight")?,
+            mlp_norm,
             gate,
             up,
             down: dense(&p, hidden, cfg.intermediate_size, "mlp.down_proj")?,
+            post_norms,
         });
     }
     let head: Proj = if cfg.tie_word_embeddings {
@@ -347,7 +505,7 @@ fn weights(
     Ok(TensorLlama {
         embed,
         layers,
-        norm: vb.get(hidden, "model.norm.weight")?,
+        norm: norm(&vb, "model.norm")?,
         head,
         shape: Heads {
             heads: cfg.num_attention_heads,
@@ -359,6 +517,9 @@ fn weights(
         sin,
         rope: Rope::Halves,
         scales,
+        attention_cap: gemma.attention_cap,
+        logit_cap: gemma.logit_cap,
+        gelu: gemma.gelu,
         dtype,
         device: device.clone(),
         vocab_size: cfg.vocab_size,

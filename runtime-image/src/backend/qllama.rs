@@ -30,7 +30,10 @@ use rayon::prelude::*;
 
 use super::qmatmul::QMat;
 use crate::error::{Error, Result};
-use kernels::{ATTEND_CHUNK, KEY_BLOCK, attend_dyn, attend_part, merge_parts, push_key, silu_mul};
+use kernels::{
+    ATTEND_CHUNK, KEY_BLOCK, attend_dyn, attend_part, cap_scores, chunk_spans, gelu_mul,
+    merge_parts, push_key, silu_mul,
+};
 
 mod kernels;
 pub(crate) use kernels::exp_shifted;
@@ -46,12 +49,16 @@ pub(crate) use kernels::exp_shifted;
 /// - Phi-3's fused products: Q, K and V in one `attn_qkv`, the MLP's gate and up in one
 ///   `ffn_up` (gate first);
 /// - Granite's four scalars ([`Scales`]);
-/// - SmolLM3's layers without a rotary embedding (every fourth: [`Arch::rotates_layer`]).
+/// - SmolLM3's layers without a rotary embedding (every fourth: [`Arch::rotates_layer`]);
+/// - Gemma 2's ([`Gemma`]): embeddings times `√hidden`, a norm of each layer's attention and
+///   MLP outputs before they join the residual stream (`post_attention_norm`,
+///   `post_ffw_norm`), a gated GELU in the MLP, soft-capped attention scores and logits, and
+///   a sliding window on every other layer; its rotary turns halves.
 ///
 /// Qwen2 covers Qwen2, Qwen2.5 (and -Coder, -Math), DeepSeek-R1's Qwen distillations and
 /// QwQ; Qwen3 its dense models; Phi-3 the 4k-context Phi-3 mini and medium, and Phi-4 (the
 /// 128k ones and Phi-3.5 turn by LongRoPE); Granite IBM's Granite 3 dense models; SmolLM3 Hugging Face's
-/// SmolLM3. Their mixture-of-experts kinds (`qwen2moe`, `qwen3moe`, `phimoe`) are
+/// SmolLM3; Gemma 2 Google's Gemma 2 (2B, 9B, 27B). Their mixture-of-experts kinds (`qwen2moe`, `qwen3moe`, `phimoe`) are
 /// other architectures, refused by name, as is Phi-3's long-context rotary (LongRoPE).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Arch {
@@ -61,6 +68,129 @@ pub(super) enum Arch {
     Phi3,
     Granite,
     SmolLm3,
+    Gemma2,
+}
+
+/// What Gemma 2 computes beyond a llama's layers, as llama.cpp reads it from a GGUF
+/// (`gemma2.*`) and transformers from config.json; a llama's is [`Gemma::NONE`].
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Gemma {
+    /// Each attention score `s` becomes `cap · tanh(s / cap)` (`attn_logit_softcapping`,
+    /// 50 by default).
+    pub attention_cap: Option<f32>,
+    /// Each logit likewise (`final_logit_softcapping`, 30 by default).
+    pub logit_cap: Option<f32>,
+    /// The MLP's gate goes through GELU (its tanh form), not SiLU.
+    pub gelu: bool,
+    /// Per layer, the sliding window it attends within: a position sees itself and the
+    /// `window − 1` before it (`attention.sliding_window`, 4,096 by default, on every other
+    /// layer from the first: `attention.sliding_window_pattern` 2).
+    pub windows: Vec<Option<usize>>,
+}
+
+impl Gemma {
+    /// A llama's: nothing capped, SiLU, no window.
+    pub(super) const NONE: Gemma = Gemma {
+        attention_cap: None,
+        logit_cap: None,
+        gelu: false,
+        windows: Vec::new(),
+    };
+
+    /// What a GGUF of `arch` with `layers` layers declares (nothing beyond a llama's for
+    /// the others).
+    pub(super) fn of(ct: &gguf_file::Content, arch: Arch, layers: usize) -> Result<Gemma> {
+        if arch != Arch::Gemma2 {
+            return Ok(Gemma {
+                windows: vec![None; layers],
+                ..Gemma::NONE
+            });
+        }
+        // A cap the file leaves out is llama.cpp's default.
+        let f32_at = |name: &str| -> Result<Option<Option<f64>>> {
+            let value = ct.metadata.get(&arch.key(name));
+            Ok(value
+                .map(|v| v.to_f32())
+                .transpose()?
+                .map(|x| Some(x.into())))
+        };
+        let window = md_u32(ct, &arch.key("attention.sliding_window")).unwrap_or(4096);
+        let pattern = match ct
+            .metadata
+            .get(&arch.key("attention.sliding_window_pattern"))
+        {
+            None => Pattern::Every(2),
+            Some(gguf_file::Value::Array(flags)) => Pattern::Listed(
+                (flags.iter().map(|f| f.to_bool())).collect::<candle_core::Result<Vec<bool>>>()?,
+            ),
+            Some(v) => Pattern::Every(v.to_u32()? as usize),
+        };
+        Gemma::declared(
+            [
+                f32_at("attn_logit_softcapping")?,
+                f32_at("final_logit_softcapping")?,
+            ],
+            Some(window as usize),
+            pattern,
+            layers,
+            |name| format!("GGUF {}", arch.key(name)),
+        )
+    }
+
+    /// Gemma 2's from the values a model declares: the attention's and the logits' caps
+    /// (`None`: not given, 50 and 30; `Some(None)`: none), the window (`None`: none) and which
+    /// layers slide; a cap or window that is not positive, or a list of layers of another
+    /// length, is refused, `what` naming the key (by its GGUF name).
+    pub(super) fn declared(
+        [attention, logits]: [Option<Option<f64>>; 2],
+        window: Option<usize>,
+        pattern: Pattern,
+        layers: usize,
+        what: impl Fn(&str) -> String,
+    ) -> Result<Gemma> {
+        let cap = |value: Option<Option<f64>>, default: f32, name: &str| match value {
+            None => Ok(Some(default)),
+            Some(None) => Ok(None),
+            Some(Some(x)) if x.is_finite() && x > 0.0 => Ok(Some(x as f32)),
+            Some(Some(x)) => Err(Error::Model(format!(
+                "{} must be a positive number, it is {x}",
+                what(name)
+            ))),
+        };
+        if window == Some(0) {
+            return Err(Error::Model(format!(
+                "{} must be a positive number of positions, it is 0",
+                what("attention.sliding_window")
+            )));
+        }
+        let slides: Vec<bool> = match pattern {
+            Pattern::Every(0) => vec![true; layers],
+            // llama.cpp's `set_swa_pattern`: of each `n` layers, all but the last slide.
+            Pattern::Every(n) => (0..layers).map(|i| i % n < n - 1).collect(),
+            Pattern::Listed(flags) if flags.len() == layers => flags,
+            Pattern::Listed(flags) => {
+                return Err(Error::Model(format!(
+                    "{} lists {} layers, the model has {layers}",
+                    what("attention.sliding_window_pattern"),
+                    flags.len()
+                )));
+            }
+        };
+        Ok(Gemma {
+            attention_cap: cap(attention, 50.0, "attn_logit_softcapping")?,
+            logit_cap: cap(logits, 30.0, "final_logit_softcapping")?,
+            gelu: true,
+            windows: slides.into_iter().map(|s| window.filter(|_| s)).collect(),
+        })
+    }
+}
+
+/// Which of a model's layers have a sliding window: all but the last of every `n` (the
+/// first `n − 1` of each `n`; 0: all), or one flag per layer.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum Pattern {
+    Every(usize),
+    Listed(Vec<bool>),
 }
 
 /// Granite's scalars, as llama.cpp reads them (`granite.embedding_scale`, `residual_scale`,
@@ -87,8 +217,17 @@ impl Scales {
         logit: 1.0,
     };
 
-    /// The scalars a GGUF of `arch` declares (Granite's; none for the others).
+    /// The scalars a GGUF of `arch` declares (Granite's), or implies (Gemma 2's); none for
+    /// the others.
     pub(super) fn of(ct: &gguf_file::Content, arch: Arch) -> Result<Scales> {
+        if arch == Arch::Gemma2 {
+            let n = |name: &str| md_u32(ct, &arch.key(name));
+            return Ok(Scales::gemma2(
+                n("embedding_length")?,
+                n("attention.head_count")?,
+                n("block_count")?,
+            ));
+        }
         if arch != Arch::Granite {
             return Ok(Scales::NONE);
         }
@@ -103,6 +242,17 @@ impl Scales {
             Ok(value.map(|v| v.to_f32()).transpose()?.map(f64::from))
         };
         Scales::declared(names, read, |name| format!("GGUF {}", arch.key(name)))
+    }
+
+    /// Gemma 2's, as llama.cpp sets them: the embeddings times `√hidden`; the scores scaled by
+    /// `1/√(hidden / heads)` in the 27B model (46 layers: transformers' `query_pre_attn_scalar`
+    /// 144, not the head's 128), by `1/√head_dim` (a llama's) in the others.
+    pub(super) fn gemma2(hidden: usize, heads: usize, layers: usize) -> Scales {
+        Scales {
+            embedding: (hidden as f32).sqrt(),
+            attention: (layers == 46).then(|| 1.0 / ((hidden / heads.max(1)) as f32).sqrt()),
+            ..Scales::NONE
+        }
     }
 
     /// The scalars from the values a model declares under `names` (the embedding, residual,
@@ -144,7 +294,7 @@ impl Arch {
         Arch::named(name).ok_or_else(|| {
             Error::Model(format!(
                 "GGUF architecture {name:?} is not supported (llama, qwen2, qwen3, phi3, \
-                 granite and smollm3 are)"
+                 granite, smollm3 and gemma2 are)"
             ))
         })
     }
@@ -159,6 +309,7 @@ impl Arch {
             "phi3" => Arch::Phi3,
             "granite" => Arch::Granite,
             "smollm3" => Arch::SmolLm3,
+            "gemma2" => Arch::Gemma2,
             _ => return None,
         })
     }
@@ -172,6 +323,7 @@ impl Arch {
             Arch::Phi3 => "phi3",
             Arch::Granite => "granite",
             Arch::SmolLm3 => "smollm3",
+            Arch::Gemma2 => "gemma2",
         };
         format!("{prefix}.{name}")
     }
@@ -198,12 +350,17 @@ struct Layer {
     qk_norm: Option<(Vec<f32>, Vec<f32>)>,
     /// The rotary embedding turns this layer's queries and keys (not SmolLM3's every fourth).
     rotates: bool,
+    /// The sliding window this layer attends within (Gemma 2's every other layer).
+    window: Option<usize>,
     wo: QMat,
     /// `ffn_gate` and `ffn_up` side by side.
     gate_up: QMat,
     down: QMat,
     attn_norm: Vec<f32>,
     ffn_norm: Vec<f32>,
+    /// The weights of the RMS norms of the attention's and the MLP's outputs (Gemma 2's
+    /// `post_attention_norm` and `post_ffw_norm`).
+    post_norms: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 /// The token embeddings: quantised rows dequantised on lookup, or (for a type without our
@@ -227,8 +384,12 @@ pub(super) struct Weights {
     head_dim: usize,
     /// Rotary on the halves of each head ([`Arch::rotates_halves`]).
     rotates_halves: bool,
-    /// Granite's scalars.
+    /// Granite's and Gemma 2's scalars.
     scales: Scales,
+    /// Gemma 2's caps of the scores and logits, and its GELU (its windows are the layers').
+    attention_cap: Option<f32>,
+    logit_cap: Option<f32>,
+    gelu: bool,
     /// The rotary frequencies, `head_dim / 2` of them, and the divisor of each one's angles
     /// where the file declares a scaling ([`rope_divisors`]).
     theta: Vec<f32>,
@@ -640,6 +801,7 @@ impl Weights {
                 Embeddings::Dense(_) => Some(qmat("token_embd.weight", reader)?),
             },
         };
+        let gemma = Gemma::of(ct, arch, block_count)?;
         let mut layers = Vec::with_capacity(block_count);
         let q_dim = n_head * head_dim;
         let kv_dim = n_kv_head * head_dim;
@@ -702,6 +864,22 @@ impl Weights {
                     )));
                 }
             };
+            let post_norms = match (
+                has("post_attention_norm.weight"),
+                has("post_ffw_norm.weight"),
+            ) {
+                (false, false) => None,
+                (true, true) => Some((
+                    vector(&format!("{p}.post_attention_norm.weight"), reader)?,
+                    vector(&format!("{p}.post_ffw_norm.weight"), reader)?,
+                )),
+                _ => {
+                    return Err(Error::Model(format!(
+                        "GGUF {p} has a norm of the attention's output or of the MLP's but not \
+                         both"
+                    )));
+                }
+            };
             let (qkv, gate_up) = (QMat::from_qtensors(qkv)?, QMat::from_qtensors(gate_up)?);
             if qkv.n() != q_dim + 2 * kv_dim || gate_up.n() % 2 != 0 {
                 return Err(Error::Model(format!(
@@ -716,11 +894,13 @@ impl Weights {
                 qkv_bias,
                 qk_norm,
                 rotates: arch.rotates_layer(i),
+                window: gemma.windows[i],
                 wo: w("attn_output", reader)?,
                 gate_up,
                 down: w("ffn_down", reader)?,
                 attn_norm: vector(&format!("{p}.attn_norm.weight"), reader)?,
                 ffn_norm: vector(&format!("{p}.ffn_norm.weight"), reader)?,
+                post_norms,
             });
         }
         Ok(Weights {
@@ -735,6 +915,9 @@ impl Weights {
             head_dim,
             rotates_halves: arch.rotates_halves(),
             scales: Scales::of(ct, arch)?,
+            attention_cap: gemma.attention_cap,
+            logit_cap: gemma.logit_cap,
+            gelu: gemma.gelu,
             theta,
             divisors,
             max_positions,
@@ -946,13 +1129,15 @@ impl Weights {
             let n_rep = self.n_head / self.n_kv_head;
             let hd = self.head_dim;
             // Tasks in (row, kv head) order; `groups[r * n_kv + g]`: that pair's tasks.
+            // A sliding window's row reads the chunks that hold its window's positions.
             let mut tasks = Vec::new();
             let mut groups = Vec::with_capacity(rows * n_kv);
             for (r, &(_, len)) in views.iter().enumerate() {
+                let from = layer.window.map_or(0, |w| len.saturating_sub(w));
                 for g in 0..n_kv {
                     let first = tasks.len();
-                    for c in 0..len.div_ceil(ATTEND_CHUNK) {
-                        tasks.push((r, g, c, (len - c * ATTEND_CHUNK).min(ATTEND_CHUNK)));
+                    for (c, span) in chunk_spans(len, from, self.attention_cap) {
+                        tasks.push((r, g, c, span));
                     }
                     groups.push(first..tasks.len());
                 }
@@ -962,31 +1147,35 @@ impl Weights {
             parts
                 .par_chunks_mut(stride)
                 .zip(&tasks)
-                .for_each(|(part, &(r, g, c, n))| {
+                .for_each(|(part, &(r, g, c, span))| {
                     let cache = views[r].0;
                     let (kc, vc) = (cache.run(c, li, false, g), cache.run(c, li, true, g));
                     let qg = &q[r * q_dim + g * group..][..group];
                     match hd {
-                        64 => attend_part::<64>(qg, 0, kc, vc, hd, (0, n), part),
+                        64 => attend_part::<64>(qg, 0, kc, vc, hd, span, part),
                         // Phi-3 mini's heads.
-                        96 => attend_part::<96>(qg, 0, kc, vc, hd, (0, n), part),
-                        128 => attend_part::<128>(qg, 0, kc, vc, hd, (0, n), part),
-                        _ => attend_dyn(qg, kc, vc, hd, n, part),
+                        96 => attend_part::<96>(qg, 0, kc, vc, hd, span, part),
+                        128 => attend_part::<128>(qg, 0, kc, vc, hd, span, part),
+                        // Gemma 2 2B's and 9B's.
+                        256 => attend_part::<256>(qg, 0, kc, vc, hd, span, part),
+                        _ => attend_dyn(qg, kc, vc, hd, span, part),
                     }
                 });
             y.par_chunks_mut(group).zip(&groups).for_each(|(out, ts)| {
                 merge_parts(&parts[ts.start * stride..ts.end * stride], n_rep, hd, out);
             });
-            let o = layer.wo.forward(&y, rows)?;
+            let (post_attention, post_mlp) = layer.post_norms.as_ref().map(|(a, m)| (a, m)).unzip();
+            let o = self.post_norm(layer.wo.forward(&y, rows)?, post_attention);
             add_scaled(&mut x, &o, residual);
             rms_norm(&x, &layer.ffn_norm, self.eps, &mut h);
             let gu = layer.gate_up.forward(&h, rows)?;
             let ff = gu.len() / rows / 2;
             let mut act = vec![0f32; rows * ff];
+            let gate = if self.gelu { gelu_mul } else { silu_mul };
             for (a, r) in act.chunks_exact_mut(ff).zip(gu.chunks_exact(2 * ff)) {
-                silu_mul(&r[..ff], &r[ff..], a);
+                gate(&r[..ff], &r[ff..], a);
             }
-            let down = layer.down.forward(&act, rows)?;
+            let down = self.post_norm(layer.down.forward(&act, rows)?, post_mlp);
             add_scaled(&mut x, &down, residual);
         }
         let head = match (&self.output, &self.embeddings) {
@@ -1002,6 +1191,7 @@ impl Weights {
                 rms_norm(block, &self.norm, self.eps, &mut normed[..block.len()]);
                 let mut logits = head.forward(&normed[..block.len()], n)?;
                 divide(&mut logits, logit);
+                cap_scores(&mut logits, self.logit_cap);
                 for row in logits.chunks_exact(head.n()) {
                     each(row);
                 }
@@ -1019,12 +1209,26 @@ impl Weights {
         rms_norm(&last, &self.norm, self.eps, &mut normed);
         let mut logits = head.forward(&normed, items.len())?;
         divide(&mut logits, logit);
+        cap_scores(&mut logits, self.logit_cap);
         // One sequence takes the buffer as it is; several split it in parallel.
         Ok(if items.len() == 1 {
             vec![logits]
         } else {
             logits.par_chunks(head.n()).map(<[f32]>::to_vec).collect()
         })
+    }
+
+    /// Rows `y` RMS-normed with `norm` where given (Gemma 2's norms of the attention's and
+    /// the MLP's outputs), else as they are.
+    fn post_norm(&self, y: Vec<f32>, norm: Option<&Vec<f32>>) -> Vec<f32> {
+        match norm {
+            None => y,
+            Some(w) => {
+                let mut out = vec![0f32; y.len()];
+                rms_norm(&y, w, self.eps, &mut out);
+                out
+            }
+        }
     }
 
     /// Token `id`'s embedding into `out`.

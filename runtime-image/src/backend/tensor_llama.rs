@@ -65,11 +65,16 @@ pub(super) struct Layer {
     pub qk_norm: Option<(Tensor, Tensor)>,
     /// The rotary embedding turns this layer's queries and keys (not SmolLM3's every fourth).
     pub rotates: bool,
+    /// The sliding window this layer attends within (Gemma 2's every other layer).
+    pub window: Option<usize>,
     pub o: Proj,
     pub mlp_norm: Tensor,
     pub gate: Proj,
     pub up: Proj,
     pub down: Proj,
+    /// The weights of the RMS norms of the attention's and the MLP's outputs before they join
+    /// the residual stream (Gemma 2's), `(hidden,)` each.
+    pub post_norms: Option<(Tensor, Tensor)>,
 }
 
 /// The sizes of the attention.
@@ -93,8 +98,12 @@ pub(super) struct TensorLlama {
     pub cos: Tensor,
     pub sin: Tensor,
     pub rope: Rope,
-    /// Granite's scalars ([`super::qllama::Scales::NONE`] for the others).
+    /// Granite's and Gemma 2's scalars ([`super::qllama::Scales::NONE`] for the others).
     pub scales: super::qllama::Scales,
+    /// Gemma 2's soft-caps of the attention scores and of the logits, and its GELU.
+    pub attention_cap: Option<f32>,
+    pub logit_cap: Option<f32>,
+    pub gelu: bool,
     /// The activations' dtype (the dense weights' too).
     pub dtype: DType,
     pub device: Device,
@@ -239,7 +248,8 @@ impl TensorLlama {
 
     /// Attention of `t` new rows of one sequence whose cache (already written) holds
     /// `past + t` positions: `q` is `(heads, t, head_dim)`; `mask`
-    /// ([`super::layers::causal_mask`]) is needed when `t > 1`. Returns `(t, heads · head_dim)`.
+    /// ([`super::layers::causal_mask`]) is needed when `t > 1` (a layer with a sliding window
+    /// makes its own). Returns `(t, heads · head_dim)`.
     fn attend(
         &self,
         q: &Tensor,
@@ -267,12 +277,21 @@ impl TensorLlama {
             None => (scores / (head_dim as f64).sqrt())?,
             Some(a) => (scores * a as f64)?,
         };
+        let scores = softcap(scores, self.attention_cap)?;
+        let sliding;
+        let mask = match self.layers[l].window {
+            Some(w) if n > w => {
+                sliding = super::layers::sliding_mask(t, past, w, &self.device)?;
+                Some(&sliding)
+            }
+            _ => mask.filter(|_| t > 1),
+        };
         let scores = match mask {
-            Some(mask) if t > 1 => scores
+            Some(mask) => scores
                 .reshape((kv_heads, rep, t, n))?
                 .broadcast_add(mask)?
                 .reshape((kv_heads, rep * t, n))?,
-            _ => scores,
+            None => scores,
         };
         let p = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
         let y = p.matmul(&v)?;
@@ -281,11 +300,39 @@ impl TensorLlama {
             .reshape((t, heads * head_dim))?)
     }
 
-    /// The layer's MLP and its residual: `x + down(silu(gate(h)) · up(h))`, `h` the normed `x`.
+    /// The layer's MLP and its residual: `x + down(silu(gate(h)) · up(h))`, `h` the normed `x`
+    /// (GELU's tanh form for Gemma 2, whose output is normed too).
     fn mlp(&self, layer: &Layer, x: &Tensor) -> candle_core::Result<Tensor> {
         let h = candle_nn::ops::rms_norm(x, &layer.mlp_norm, self.rms_eps)?;
-        let a = (layer.gate.forward(&h)?.silu()? * layer.up.forward(&h)?)?;
-        self.residual(x, layer.down.forward(&a)?)
+        let gate = layer.gate.forward(&h)?;
+        let gate = if self.gelu {
+            gate.gelu()?
+        } else {
+            gate.silu()?
+        };
+        let a = (gate * layer.up.forward(&h)?)?;
+        let post = layer.post_norms.as_ref().map(|(_, m)| m);
+        self.residual(x, self.post_norm(layer.down.forward(&a)?, post)?)
+    }
+
+    /// The attention's output `y` and the residual: `x + y`, `y` normed first where the layer
+    /// norms it (Gemma 2).
+    fn attention_residual(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        y: Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let post = layer.post_norms.as_ref().map(|(a, _)| a);
+        self.residual(x, self.post_norm(y, post)?)
+    }
+
+    /// `y` RMS-normed with `norm` where given.
+    fn post_norm(&self, y: Tensor, norm: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        match norm {
+            Some(w) => candle_nn::ops::rms_norm(&y, w, self.rms_eps),
+            None => Ok(y),
+        }
     }
 
     /// `x + y`, `y` times Granite's residual scale.
@@ -313,7 +360,7 @@ impl TensorLlama {
             1.0 => logits,
             l => (logits * (1.0 / l) as f64)?,
         };
-        Ok(logits.to_vec2::<f32>()?)
+        Ok(softcap(logits, self.logit_cap)?.to_vec2::<f32>()?)
     }
 
     /// Feeds `tokens` to one sequence; the logits at the last. A long prompt goes through in
@@ -400,7 +447,10 @@ impl TensorLlama {
             let v = split(layer.v.forward(&h)?, kv_heads, None, false)?;
             cache.write(l, &k, &v)?;
             let y = self.attend(&q, cache, l, past, Some(&mask))?;
-            x = self.mlp(layer, &self.residual(&x, layer.o.forward(&y)?)?)?;
+            x = self.mlp(
+                layer,
+                &self.attention_residual(layer, &x, layer.o.forward(&y)?)?,
+            )?;
         }
         cache.len += t;
         Ok(x)
@@ -444,12 +494,23 @@ impl TensorLlama {
                 ys.push(self.attend(&q.get(i)?, c, l, c.len, None)?);
             }
             let y = Tensor::cat(&ys, 0)?;
-            x = self.mlp(layer, &self.residual(&x, layer.o.forward(&y)?)?)?;
+            x = self.mlp(
+                layer,
+                &self.attention_residual(layer, &x, layer.o.forward(&y)?)?,
+            )?;
         }
         for c in caches.iter_mut() {
             c.len += 1;
         }
         self.logits(&x)
+    }
+}
+
+/// `cap · tanh(x / cap)` of each of `x` (Gemma 2's soft-capping), or `x` itself.
+fn softcap(x: Tensor, cap: Option<f32>) -> candle_core::Result<Tensor> {
+    match cap {
+        Some(c) => (x * (1.0 / c) as f64)?.tanh()? * c as f64,
+        None => Ok(x),
     }
 }
 
@@ -566,11 +627,13 @@ mod tests {
                 v: proj(kv_heads * head_dim, hidden),
                 qk_norm: None,
                 rotates: true,
+                window: None,
                 o: proj(hidden, hidden),
                 mlp_norm: Tensor::ones(hidden, DType::F32, &dev).unwrap(),
                 gate: proj(inter, hidden),
                 up: proj(inter, hidden),
                 down: proj(hidden, inter),
+                post_norms: None,
             })
             .collect();
         let embed =
@@ -592,6 +655,9 @@ mod tests {
             sin,
             rope,
             scales: crate::backend::qllama::Scales::NONE,
+            attention_cap: None,
+            logit_cap: None,
+            gelu: false,
             dtype: DType::F32,
             device: dev,
             vocab_size: vocab,

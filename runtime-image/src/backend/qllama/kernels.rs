@@ -1,5 +1,5 @@
 //! The f32 loops of the forward pass between the weight products: attention and the MLP's
-//! SiLU.
+//! gated SiLU (or Gemma's gated GELU).
 //!
 //! Attention takes each new row, of a prompt or of a decode step, against its sequence's cached
 //! keys and values up to the row's own position. The work of a (row, kv head) is split into parts of [`ATTEND_CHUNK`] positions that run
@@ -32,6 +32,31 @@ pub(super) fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
         _ => lanes::silu_mul(g, u, out),
     }
 }
+
+/// `gelu(g) · u` for each element (the gated GELU of Gemma's MLP, GELU's tanh form, as
+/// transformers' `gelu_pytorch_tanh`) into `out`. `0.5 · (1 + tanh(y))` is `sigmoid(2y)`, so
+/// this is [`silu_mul`]'s loop with the sigmoid of `2y = g · (C1 + C2 · g²)`: the lane `exp`,
+/// the same bits on every CPU, and no cancellation near zero. (llama.cpp looks GELU up in a
+/// table of f16 inputs; this stays within 2e-3 of it, and within float rounding of the formula.)
+pub(super) fn gelu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
+    assert!(
+        g.len() == out.len() && u.len() == out.len(),
+        "gelu_mul lengths"
+    );
+    match Isa::detect() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX-512F (Isa::detect); the lengths were checked above.
+        Isa::Amx | Isa::Avx512Vnni => unsafe { avx512::gelu_mul(g, u, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX2 and FMA (Isa::detect).
+        Isa::Avx2 => unsafe { avx2::gelu_mul(g, u, out) },
+        _ => lanes::gelu_mul(g, u, out),
+    }
+}
+
+/// GELU's `2 · √(2/π)` and `2 · √(2/π) · 0.044715`: `2y = g · (GELU_C1 + GELU_C2 · g²)`.
+const GELU_C1: f32 = (2.0 * 0.797_884_560_802_865_4_f64) as f32;
+const GELU_C2: f32 = (2.0 * 0.797_884_560_802_865_4_f64 * 0.044715) as f32;
 
 /// `e^(x − shift)` for each `x` of `xs` into `out`, with the lane code's `exp`: the same bits
 /// on every CPU (the sampler's weights, [`crate::sampling`]).
@@ -79,6 +104,92 @@ pub(super) const ATTEND_CHUNK: usize = 128;
 /// time.)
 pub(super) const KEY_BLOCK: usize = 16;
 
+/// The positions one attention task reads, and how their scores are shaped before the
+/// softmax.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct Span {
+    /// Positions `start..end` of the cache (`start` a multiple of [`KEY_BLOCK`], at most
+    /// [`ATTEND_CHUNK`] of them).
+    pub start: usize,
+    pub end: usize,
+    /// The first of them that counts: those before it, outside a sliding window, weigh
+    /// nothing.
+    pub from: usize,
+    /// Each score `s` (after the `1/√head_dim` scale) becomes `cap · tanh(s / cap)`: Gemma 2's
+    /// soft-capping.
+    pub softcap: Option<f32>,
+}
+
+#[cfg(test)]
+impl Span {
+    /// Every position of `start..end`, their scores as they are.
+    pub(super) fn new(start: usize, end: usize) -> Span {
+        Span {
+            start,
+            end,
+            from: start,
+            softcap: None,
+        }
+    }
+
+    /// The span counting its positions from `from` on.
+    pub(super) fn from(self, from: usize) -> Span {
+        Span { from, ..self }
+    }
+
+    /// The span with its scores soft-capped at `cap`.
+    pub(super) fn capped(self, cap: f32) -> Span {
+        Span {
+            softcap: Some(cap),
+            ..self
+        }
+    }
+}
+
+/// The tasks of one row's attention to `len` cached positions of which those from `from` on
+/// count (0, or a sliding window's first): each chunk of [`ATTEND_CHUNK`] positions that holds
+/// any that count, and the span of it (positions relative to the chunk) to read, from the
+/// block of its first counted position.
+pub(super) fn chunk_spans(
+    len: usize,
+    from: usize,
+    softcap: Option<f32>,
+) -> impl Iterator<Item = (usize, Span)> {
+    (from / ATTEND_CHUNK..len.div_ceil(ATTEND_CHUNK)).map(move |c| {
+        let first = from.saturating_sub(c * ATTEND_CHUNK);
+        let span = Span {
+            start: first / KEY_BLOCK * KEY_BLOCK,
+            end: (len - c * ATTEND_CHUNK).min(ATTEND_CHUNK),
+            from: first,
+            softcap,
+        };
+        (c, span)
+    })
+}
+
+/// `cap · tanh(s / cap)` of each score (or logit), as llama.cpp computes it (times `1/cap`,
+/// libm's `tanh`, times `cap`): scalar, so every path gives the same bits.
+pub(super) fn cap_scores(scores: &mut [f32], cap: Option<f32>) {
+    if let Some(cap) = cap {
+        let inverse = 1.0 / cap;
+        scores
+            .iter_mut()
+            .for_each(|s| *s = cap * (*s * inverse).tanh());
+    }
+}
+
+/// The lanes of the 16 positions from `i` (relative to a task's start) that lie in
+/// `skip..len`, as a mask.
+#[inline(always)]
+fn kept(i: usize, skip: usize, len: usize) -> u16 {
+    let below = |n: usize| match n {
+        n if n >= i + 16 => 0xffff,
+        n if n <= i => 0,
+        n => (1u32 << (n - i)) - 1,
+    };
+    (below(len) & !below(skip)) as u16
+}
+
 /// The length of a key cache holding `len` positions: whole blocks.
 pub(super) fn key_cache_len(len: usize, kv_dim: usize) -> usize {
     len.div_ceil(KEY_BLOCK) * KEY_BLOCK * kv_dim
@@ -104,27 +215,28 @@ pub(super) fn push_key(kc: &mut [f16], p: usize, key: &[f32]) {
 }
 
 /// Part of the decode attention of the query heads `qg` (`n_rep` heads of `HD` values, all
-/// reading kv head `g`): positions `p0..p1` of the cache (`p0` a multiple of [`KEY_BLOCK`]).
-/// Writes into `part`, per head, the largest score, then per head the sum of
-/// `exp(score − largest)`, then per head the values weighted by those exponentials (not yet
-/// divided by the sum): `n_rep · (2 + HD)` floats.
+/// reading kv head `g`): the positions of `span` in the cache. Writes into `part`, per head,
+/// the largest score, then per head the sum of `exp(score − largest)`, then per head the
+/// values weighted by those exponentials (not yet divided by the sum): `n_rep · (2 + HD)`
+/// floats. Positions before `span.from` weigh exactly nothing.
 pub(super) fn attend_part<const HD: usize>(
     qg: &[f32],
     g: usize,
     kc: &[f16],
     vc: &[f16],
     kv_dim: usize,
-    span: (usize, usize),
+    span: Span,
     part: &mut [f32],
 ) {
     let n_rep = qg.len() / HD;
     assert!(
         HD.is_multiple_of(16)
-            && span.0 < span.1
-            && span.0.is_multiple_of(KEY_BLOCK)
-            && span.1 - span.0 <= ATTEND_CHUNK
-            && key_cache_len(span.1, kv_dim) <= kc.len()
-            && span.1 * kv_dim <= vc.len()
+            && span.start <= span.from
+            && span.from < span.end
+            && span.start.is_multiple_of(KEY_BLOCK)
+            && span.end - span.start <= ATTEND_CHUNK
+            && key_cache_len(span.end, kv_dim) <= kc.len()
+            && span.end * kv_dim <= vc.len()
             && (g + 1) * HD <= kv_dim
             && part.len() == n_rep * (2 + HD),
         "attention part out of bounds"
@@ -164,20 +276,21 @@ pub(super) fn merge_parts(parts: &[f32], n_rep: usize, hd: usize, out: &mut [f32
     }
 }
 
-/// [`attend_part`] for a head size without a specialisation, in plain loops: positions
-/// `0..n` of one kv head's keys `kc` (blocked, `head_dim` values per position) and values
-/// `vc` (`[position][head_dim]`), into the same layout of `part`.
+/// [`attend_part`] for a head size without a specialisation, in plain loops: the positions
+/// `span.from..span.end` of one kv head's keys `kc` (blocked, `head_dim` values per position)
+/// and values `vc` (`[position][head_dim]`), into the same layout of `part`.
 pub(super) fn attend_dyn(
     qg: &[f32],
     kc: &[f16],
     vc: &[f16],
     hd: usize,
-    n: usize,
+    span: Span,
     part: &mut [f32],
 ) {
     let n_rep = qg.len() / hd;
+    let (from, n) = (span.from, span.end);
     assert!(
-        n > 0
+        from < n
             && key_cache_len(n, hd) <= kc.len()
             && n * hd <= vc.len()
             && part.len() == n_rep * (2 + hd),
@@ -190,16 +303,17 @@ pub(super) fn attend_dyn(
         .zip(out.chunks_exact_mut(hd))
         .enumerate()
     {
-        let sc: Vec<f32> = (0..n)
+        let mut sc: Vec<f32> = (from..n)
             .map(|p| {
                 let k: Vec<f32> = (0..hd).map(|d| kc[key_at(p, d, hd)].to_f32()).collect();
                 dot(qh, &k) * scale
             })
             .collect();
+        cap_scores(&mut sc, span.softcap);
         let max = sc.iter().fold(f32::NEG_INFINITY, |m, s| m.max(*s));
         let mut sum = 0f32;
         o.fill(0.0);
-        for (p, s) in sc.iter().enumerate() {
+        for (p, s) in (from..n).zip(&sc) {
             let w = (s - max).exp();
             sum += w;
             for (o, v) in o.iter_mut().zip(&vc[p * hd..][..hd]) {
@@ -216,7 +330,7 @@ mod lanes {
     use half::f16;
     use half::slice::HalfFloatSliceExt;
 
-    use super::key_at;
+    use super::{GELU_C1, GELU_C2, Span, cap_scores, kept, key_at};
 
     /// Sixteen lanes.
     pub(super) type L = [f32; 16];
@@ -278,17 +392,25 @@ mod lanes {
     }
 
     #[inline(always)]
+    pub(super) fn gelu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
+        for ((o, g), u) in out.iter_mut().zip(g).zip(u) {
+            let z = g * GELU_C2.mul_add(g * g, GELU_C1);
+            *o = (g * (1.0 / (1.0 + exp(0.0 - z)))) * u;
+        }
+    }
+
+    #[inline(always)]
     pub(super) fn attend_part<const HD: usize>(
         qg: &[f32],
         g: usize,
         kc: &[f16],
         vc: &[f16],
         kv_dim: usize,
-        (p0, p1): (usize, usize),
+        span: Span,
         part: &mut [f32],
     ) {
         let n_rep = qg.len() / HD;
-        let len = p1 - p0;
+        let (p0, len, skip) = (span.start, span.end - span.start, span.from - span.start);
         let scale = (1.0 / (HD as f64).sqrt()) as f32;
         let padded = len.next_multiple_of(16);
         // scores[r * padded + i]: head r, position p0 + i; then its exponential.
@@ -332,11 +454,19 @@ mod lanes {
         let (stats, out) = part.split_at_mut(2 * n_rep);
         for r in 0..n_rep {
             let row = &mut scores[r * padded..][..padded];
-            let max = row[..len].iter().fold(f32::NEG_INFINITY, |m, s| m.max(*s));
+            cap_scores(&mut row[..len], span.softcap);
+            let max = row[skip..len]
+                .iter()
+                .fold(f32::NEG_INFINITY, |m, s| m.max(*s));
             let mut sum: L = [0.0; 16];
             for (c, chunk) in row.chunks_exact_mut(16).enumerate() {
+                let keep = kept(c * 16, skip, len);
                 for (l, s) in chunk.iter_mut().enumerate() {
-                    *s = if c * 16 + l < len { exp(*s - max) } else { 0.0 };
+                    *s = if keep >> l & 1 == 1 {
+                        exp(*s - max)
+                    } else {
+                        0.0
+                    };
                     sum[l] += *s;
                 }
             }
@@ -373,6 +503,15 @@ mod avx2 {
         super::lanes::silu_mul(g, u, out)
     }
 
+    /// [`super::lanes::gelu_mul`].
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn gelu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
+        super::lanes::gelu_mul(g, u, out)
+    }
+
     /// [`super::lanes::exp_shifted`].
     ///
     /// # Safety
@@ -393,7 +532,7 @@ mod avx2 {
         kc: &[f16],
         vc: &[f16],
         kv_dim: usize,
-        span: (usize, usize),
+        span: super::Span,
         part: &mut [f32],
     ) {
         super::lanes::attend_part::<HD>(qg, g, kc, vc, kv_dim, span, part)
@@ -407,8 +546,8 @@ mod avx512 {
 
     use half::f16;
 
-    use super::key_at;
     use super::lanes::{EXP_MAX, EXP_MIN, EXP_POLY, LN2_HI, LN2_LO};
+    use super::{GELU_C1, GELU_C2, Span, cap_scores, kept, key_at};
 
     /// [`super::lanes::reduce`].
     #[target_feature(enable = "avx512f,avx2")]
@@ -469,6 +608,29 @@ mod avx512 {
         }
     }
 
+    /// [`super::lanes::gelu_mul`] in AVX-512.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `g`, `u` and `out` have the same length.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn gelu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
+        let n = out.len();
+        let one = _mm512_set1_ps(1.0);
+        let (c1, c2) = (_mm512_set1_ps(GELU_C1), _mm512_set1_ps(GELU_C2));
+        for i in (0..n).step_by(16) {
+            let keep = kept(i, 0, n);
+            unsafe {
+                let gv = _mm512_maskz_loadu_ps(keep, g.as_ptr().add(i));
+                let uv = _mm512_maskz_loadu_ps(keep, u.as_ptr().add(i));
+                let z = _mm512_mul_ps(gv, _mm512_fmadd_ps(c2, _mm512_mul_ps(gv, gv), c1));
+                let e = exp(_mm512_sub_ps(_mm512_setzero_ps(), z));
+                let sig = _mm512_div_ps(one, _mm512_add_ps(one, e));
+                let o = _mm512_mul_ps(_mm512_mul_ps(gv, sig), uv);
+                _mm512_mask_storeu_ps(out.as_mut_ptr().add(i), keep, o);
+            }
+        }
+    }
+
     /// [`super::lanes::exp_shifted`] in AVX-512.
     ///
     /// # Safety
@@ -494,8 +656,8 @@ mod avx512 {
     /// [`super::lanes::attend_part`] in AVX-512.
     ///
     /// # Safety
-    /// The CPU has AVX-512F; `HD` is a multiple of 16; positions `p0..p1` (`p0 < p1`) of kv head
-    /// `g` lie inside `kc` and `vc`; `part` holds `n_rep · (2 + HD)` floats.
+    /// The CPU has AVX-512F; `HD` is a multiple of 16; the positions of `span` (`start ≤ from
+    /// < end`) of kv head `g` lie inside `kc` and `vc`; `part` holds `n_rep · (2 + HD)` floats.
     #[target_feature(enable = "avx512f,avx2")]
     pub(super) unsafe fn attend_part<const HD: usize>(
         qg: &[f32],
@@ -503,11 +665,11 @@ mod avx512 {
         kc: &[f16],
         vc: &[f16],
         kv_dim: usize,
-        (p0, p1): (usize, usize),
+        span: Span,
         part: &mut [f32],
     ) {
         let n_rep = qg.len() / HD;
-        let len = p1 - p0;
+        let (p0, len, skip) = (span.start, span.end - span.start, span.from - span.start);
         let scale = (1.0 / (HD as f64).sqrt()) as f32;
         let padded = len.next_multiple_of(16);
         let mut scores = vec![0f32; n_rep * padded];
@@ -548,23 +710,22 @@ mod avx512 {
         let (stats, out) = part.split_at_mut(2 * n_rep);
         for r in 0..n_rep {
             let row = unsafe { sp.add(r * padded) };
+            if span.softcap.is_some() {
+                // SAFETY: head r's `len` scores, which nothing else borrows.
+                cap_scores(
+                    unsafe { std::slice::from_raw_parts_mut(row, len) },
+                    span.softcap,
+                );
+            }
             let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
             for i in (0..padded).step_by(16) {
-                let keep = if len - i >= 16 {
-                    !0
-                } else {
-                    ((1u32 << (len - i)) - 1) as u16
-                };
+                let keep = kept(i, skip, len);
                 m = _mm512_mask_max_ps(m, keep, m, unsafe { _mm512_loadu_ps(row.add(i)) });
             }
             let max = _mm512_reduce_max_ps(m);
             let mut sum = _mm512_setzero_ps();
             for i in (0..padded).step_by(16) {
-                let keep = if len - i >= 16 {
-                    !0
-                } else {
-                    ((1u32 << (len - i)) - 1) as u16
-                };
+                let keep = kept(i, skip, len);
                 let x = _mm512_sub_ps(unsafe { _mm512_loadu_ps(row.add(i)) }, _mm512_set1_ps(max));
                 let e = _mm512_maskz_mov_ps(keep, exp(x));
                 sum = _mm512_add_ps(sum, e);
@@ -701,17 +862,23 @@ mod tests {
         }
     }
 
-    /// A query head's softmax weights over `keys` in f64, shifted by the largest score (not
-    /// divided by their sum), and their sum.
-    fn weights_f64<'a>(q: &[f32], keys: impl Iterator<Item = &'a [f16]>) -> (Vec<f64>, f64) {
+    /// A query head's softmax weights over `keys` in f64, each score soft-capped at `cap`,
+    /// shifted by the largest score (not divided by their sum), and their sum.
+    fn capped_weights_f64<'a>(
+        q: &[f32],
+        keys: impl Iterator<Item = &'a [f16]>,
+        cap: Option<f32>,
+    ) -> (Vec<f64>, f64) {
         let scale = (q.len() as f64).sqrt();
         let sc: Vec<f64> = keys
             .map(|k| {
-                q.iter()
+                let s = q
+                    .iter()
                     .zip(k)
                     .map(|(a, b)| *a as f64 * b.to_f64())
                     .sum::<f64>()
-                    / scale
+                    / scale;
+                cap.map_or(s, |c| c as f64 * (s / c as f64).tanh())
             })
             .collect();
         let max = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -722,8 +889,10 @@ mod tests {
 
     /// The split decode attention (parts of `ATTEND_CHUNK` positions, each on its own runs of
     /// keys and values as the cache holds them, merged after) equals a one-pass softmax
-    /// attention in f64 over every position, for a cache shorter and longer than a part, with
-    /// the specialised kernel and with the plain one.
+    /// attention in f64 over every position that counts, for a cache shorter and longer than
+    /// a part, with the specialised kernel and with the plain one; also when only the last
+    /// positions count (a sliding window starting inside a block, on a block, in a later
+    /// chunk) and with soft-capped scores.
     #[test]
     fn split_decode_attention_equals_one_pass() {
         let (hd, n_rep) = (64, 3);
@@ -731,35 +900,52 @@ mod tests {
             let (keys, vals) = (halves(len * hd, 1), halves(len * hd, 2));
             let qg: Vec<f32> = values(n_rep * hd, 3).iter().map(|v| v * 4.0).collect();
             let stride = n_rep * (2 + hd);
-            let chunks = len.div_ceil(ATTEND_CHUNK);
-            let (mut fast, mut plain) = (vec![0f32; chunks * stride], vec![0f32; chunks * stride]);
-            for c in 0..chunks {
-                let span = c * ATTEND_CHUNK..(len.min((c + 1) * ATTEND_CHUNK));
-                let n = span.len();
-                let mut kc = blocked(&keys[span.start * hd..span.end * hd], hd);
-                kc.resize(ATTEND_CHUNK * hd, f16::ZERO);
-                let mut vc = vals[span.start * hd..span.end * hd].to_vec();
-                vc.resize(ATTEND_CHUNK * hd, f16::ZERO);
-                let part = &mut fast[c * stride..][..stride];
-                attend_part::<64>(&qg, 0, &kc, &vc, hd, (0, n), part);
-                attend_dyn(&qg, &kc, &vc, hd, n, &mut plain[c * stride..][..stride]);
-            }
-            for (name, parts) in [("attend_part", &fast), ("attend_dyn", &plain)] {
-                let mut got = vec![0f32; n_rep * hd];
-                merge_parts(parts, n_rep, hd, &mut got);
-                for (r, o) in got.chunks_exact(hd).enumerate() {
-                    let (e, sum) = weights_f64(&qg[r * hd..][..hd], keys.chunks_exact(hd));
-                    for (d, got) in o.iter().enumerate() {
-                        let want: f64 = e
-                            .iter()
-                            .zip(vals.chunks_exact(hd))
-                            .map(|(w, v)| w * v[d].to_f64())
-                            .sum::<f64>()
-                            / sum;
-                        assert!(
-                            (*got as f64 - want).abs() <= 1e-5,
-                            "{name} len {len} head {r} [{d}]: {got} vs {want}"
-                        );
+            for (from, cap) in [
+                (0, None),
+                (len.saturating_sub(5), None),
+                (len / 2, Some(2.0)),
+                (len.saturating_sub(ATTEND_CHUNK + 16), Some(30.0)),
+            ] {
+                let tasks: Vec<(usize, Span)> = chunk_spans(len, from, cap).collect();
+                let (mut fast, mut plain) = (
+                    vec![0f32; tasks.len() * stride],
+                    vec![0f32; tasks.len() * stride],
+                );
+                for (i, &(c, span)) in tasks.iter().enumerate() {
+                    let chunk = c * ATTEND_CHUNK..(len.min((c + 1) * ATTEND_CHUNK));
+                    let mut kc = blocked(&keys[chunk.start * hd..chunk.end * hd], hd);
+                    kc.resize(ATTEND_CHUNK * hd, f16::ZERO);
+                    let mut vc = vals[chunk.start * hd..chunk.end * hd].to_vec();
+                    vc.resize(ATTEND_CHUNK * hd, f16::ZERO);
+                    attend_part::<64>(
+                        &qg,
+                        0,
+                        &kc,
+                        &vc,
+                        hd,
+                        span,
+                        &mut fast[i * stride..][..stride],
+                    );
+                    attend_dyn(&qg, &kc, &vc, hd, span, &mut plain[i * stride..][..stride]);
+                }
+                for (name, parts) in [("attend_part", &fast), ("attend_dyn", &plain)] {
+                    let mut got = vec![0f32; n_rep * hd];
+                    merge_parts(parts, n_rep, hd, &mut got);
+                    let counted = || keys.chunks_exact(hd).skip(from);
+                    for (r, o) in got.chunks_exact(hd).enumerate() {
+                        let (e, sum) = capped_weights_f64(&qg[r * hd..][..hd], counted(), cap);
+                        for (d, got) in o.iter().enumerate() {
+                            let want: f64 = e
+                                .iter()
+                                .zip(vals.chunks_exact(hd).skip(from))
+                                .map(|(w, v)| w * v[d].to_f64())
+                                .sum::<f64>()
+                                / sum;
+                            assert!(
+                                (*got as f64 - want).abs() <= 1e-5,
+                                "{name} len {len} from {from} cap {cap:?} head {r} [{d}]: {got} vs {want}"
+                            );
+                        }
                     }
                 }
             }
@@ -780,20 +966,34 @@ mod tests {
                 let kc = blocked(&keys, kv_dim);
                 let vc = halves(len * kv_dim, 6);
                 let qg: Vec<f32> = values(n_rep * HD, 7).iter().map(|v| v * 3.0).collect();
-                for span in [(0, 1), (16, 23), (0, 16), (32, 160), (176, 300)] {
+                let spans = [(0, 1), (16, 23), (0, 16), (32, 160), (176, 300)]
+                    .map(|(start, end)| Span::new(start, end))
+                    .into_iter()
+                    // A sliding window's first position inside a block and on one; caps that
+                    // bite and one that hardly does.
+                    .chain([
+                        Span::new(16, 23).from(20),
+                        Span::new(32, 160).from(48).capped(2.0),
+                        Span::new(0, 16).capped(50.0),
+                        Span::new(176, 300).from(299).capped(1.0),
+                    ]);
+                for span in spans {
                     for g in 0..n_kv {
                         let stride = n_rep * (2 + HD);
                         let mut want = vec![0f32; stride];
                         lanes::attend_part::<HD>(&qg, g, &kc, &vc, kv_dim, span, &mut want);
+                        let counted = span.from..span.end;
                         // Against f64: the weighted values divided by the sum of weights.
                         for r in 0..n_rep {
-                            let (e, sum) = weights_f64(
+                            let (e, sum) = capped_weights_f64(
                                 &qg[r * HD..][..HD],
-                                (span.0..span.1).map(|p| &keys[p * kv_dim + g * HD..][..HD]),
+                                counted.clone().map(|p| &keys[p * kv_dim + g * HD..][..HD]),
+                                span.softcap,
                             );
                             assert!((want[n_rep + r] as f64 - sum).abs() <= 1e-5 * sum);
                             for c in 0..HD {
-                                let o: f64 = (span.0..span.1)
+                                let o: f64 = counted
+                                    .clone()
                                     .zip(&e)
                                     .map(|(p, w)| w * vc[p * kv_dim + g * HD + c].to_f64())
                                     .sum::<f64>()
@@ -845,6 +1045,51 @@ mod tests {
         check::<64>();
         check::<96>();
         check::<128>();
+        check::<256>();
+    }
+
+    /// The gated GELU is GELU's tanh formula (transformers' `gelu_pytorch_tanh`, computed in
+    /// f64) times the up value, where the sigmoid saturates on both sides too, and every path
+    /// gives the lane code's bits over a length that is not a multiple of a register.
+    #[test]
+    fn gelu_paths_agree_with_the_tanh_formula() {
+        let n = 16 * 7 + 5;
+        let g: Vec<f32> = values(n, 10).iter().map(|v| v * 12.0).collect();
+        let u = values(n, 11);
+        let mut want = vec![0f32; n];
+        lanes::gelu_mul(&g, &u, &mut want);
+        for (i, w) in want.iter().enumerate() {
+            let x = g[i] as f64;
+            let c = (2.0 / std::f64::consts::PI).sqrt();
+            let exact = 0.5 * x * (1.0 + (c * (x + 0.044715 * x.powi(3))).tanh()) * u[i] as f64;
+            assert!(
+                (*w as f64 - exact).abs() <= 2e-6 * exact.abs().max(1e-3),
+                "[{i}] g {x}: {w} vs {exact}"
+            );
+        }
+        let mut got = vec![0f32; n];
+        gelu_mul(&g, &u, &mut got);
+        let mut paths = vec![("dispatched", got)];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") {
+                let mut got = vec![0f32; n];
+                // SAFETY: AVX-512F is present; the lengths agree.
+                unsafe { avx512::gelu_mul(&g, &u, &mut got) };
+                paths.push(("avx512", got));
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                let mut got = vec![0f32; n];
+                // SAFETY: AVX2 and FMA are present.
+                unsafe { avx2::gelu_mul(&g, &u, &mut got) };
+                paths.push(("avx2", got));
+            }
+        }
+        for (name, got) in paths {
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(a.to_bits(), b.to_bits(), "gelu {name} [{i}]: {a} vs {b}");
+            }
+        }
     }
 
     /// The lane `exp` is as close to libm's as a float allows, saturates at the ends, and every
