@@ -5,7 +5,9 @@
 # gate_up_proj), as a Granite GGUF (its four scalars: GRANITE below) and as a SmolLM3 GGUF
 # (four layers, the fixture's two twice, the fourth without a rotary embedding), as a Gemma 2
 # GGUF (norms of each layer's attention and MLP outputs, GELU, soft-capped scores and logits,
-# a sliding window on every other layer: GEMMA below), the way
+# a sliding window on every other layer: GEMMA below), as a Gemma 3 GGUF (Gemma 2's norms
+# without the caps, with norms of the query and key heads, the windowed layer turning by a
+# base of its own and the other by a linearly scaled one: GEMMA3 below), the way
 # llama.cpp's converter writes those architectures (q and k rows as trained for llama.cpp's
 # NEOX rotary, permuted for Granite's and SmolLM3's, which turn pairs as llama's does; f32). The biases and
 # norm weights are made by the formulas below, which the Rust test repeats exactly (small
@@ -23,12 +25,16 @@ from safetensors.numpy import load_file
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', '..', 'shared', 'fixtures', 'tiny', 'llama')
 GREEDY = 8
-ARCHS = ['qwen2', 'qwen3', 'phi3', 'granite', 'smollm3', 'gemma2']
+ARCHS = ['qwen2', 'qwen3', 'phi3', 'granite', 'smollm3', 'gemma2', 'gemma3']
 # Granite's embedding, residual, attention and logit scales (the Rust test's too).
 GRANITE = (2.0, 0.5, 0.125, 4.0)
 # Gemma 2's attention and logit caps and its sliding window, small enough to bite on the tiny
 # llama's prompts (the Rust test's too).
 GEMMA = (1.5, 3.0, 5)
+# Gemma 3's window, layers per window pattern (the first of every two slides), the other
+# layers' rotary base and linear factor (the windowed one's base is llama.cpp's default,
+# 10,000).
+GEMMA3 = (5, 2, 1e6, 8.0)
 
 
 def permute(w, heads):
@@ -66,7 +72,7 @@ def write(arch, path):
     w.add_feed_forward_length(cfg['intermediate_size'])
     w.add_head_count(heads)
     w.add_head_count_kv(kv)
-    w.add_rope_freq_base(10000.0)
+    w.add_rope_freq_base(GEMMA3[2] if arch == 'gemma3' else 10000.0)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_key_length(hd)
     w.add_value_length(hd)
@@ -76,6 +82,11 @@ def write(arch, path):
         w.add_residual_scale(GRANITE[1])
         w.add_attention_scale(GRANITE[2])
         w.add_logit_scale(GRANITE[3])
+    if arch == 'gemma3':
+        w.add_sliding_window(GEMMA3[0])
+        w.add_sliding_window_pattern(GEMMA3[1])
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(GEMMA3[3])
     if arch == 'gemma2':
         w.add_attn_logit_softcapping(GEMMA[0])
         w.add_final_logit_softcapping(GEMMA[1])
@@ -122,9 +133,12 @@ def write(arch, path):
         elif arch == 'qwen3':
             w.add_tensor(f'blk.{i}.attn_q_norm.weight', norm_weight(hd, 2 * i))
             w.add_tensor(f'blk.{i}.attn_k_norm.weight', norm_weight(hd, 2 * i + 1))
-        elif arch == 'gemma2':
+        if arch in ('gemma2', 'gemma3'):
             w.add_tensor(f'blk.{i}.post_attention_norm.weight', norm_weight(hidden, 2 * i + 10))
             w.add_tensor(f'blk.{i}.post_ffw_norm.weight', norm_weight(hidden, 2 * i + 11))
+        if arch == 'gemma3':
+            w.add_tensor(f'blk.{i}.attn_q_norm.weight', norm_weight(hd, 2 * i + 20))
+            w.add_tensor(f'blk.{i}.attn_k_norm.weight', norm_weight(hd, 2 * i + 21))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -679,7 +679,12 @@ fn gguf_as(
         own.push(("attention.key_length", u(head_dim)));
         own.push(("attention.value_length", u(head_dim)));
     }
-    meta.extend(own.into_iter().map(|(k, v)| (format!("{arch}.{k}"), v)));
+    // `extra` overrides these (Gemma 3's rotary base, say).
+    let own = own
+        .into_iter()
+        .map(|(k, v)| (format!("{arch}.{k}"), v))
+        .filter(|(k, _)| !extra.iter().any(|(e, _)| e == k));
+    meta.extend(own);
     std::fs::copy(fixture.join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
     let out = dir.join(format!("tiny-{arch}.gguf"));
     let meta: Vec<(&str, &gguf_file::Value)> = (meta.iter().map(|(k, v)| (k.as_str(), v)))
@@ -1362,41 +1367,99 @@ fn smollm3_s_layers_without_a_rotary_give_llama_cpp_s_logits() {
     );
 }
 
+/// The output norms (and, `heads`, the query and key head norms) a Gemma GGUF adds to the
+/// tiny llama, by the formula of `tests/references/llama_variants.py`, by their GGUF names.
+fn gemma_norms(heads: bool) -> Vec<(String, Vec<f32>)> {
+    let cfg = json(&fixtures_dir().join("tiny/llama/config.json"));
+    let (_, _, hidden) = attention_shape(&cfg);
+    let hd = cfg["head_dim"].as_u64().unwrap() as usize;
+    let layers = cfg["num_hidden_layers"].as_u64().unwrap() as usize;
+    let mut norms = Vec::new();
+    for i in 0..layers {
+        norms.push((
+            format!("blk.{i}.post_attention_norm.weight"),
+            qwen_norm(hidden, 2 * i + 10),
+        ));
+        norms.push((
+            format!("blk.{i}.post_ffw_norm.weight"),
+            qwen_norm(hidden, 2 * i + 11),
+        ));
+        if heads {
+            norms.push((
+                format!("blk.{i}.attn_q_norm.weight"),
+                qwen_norm(hd, 2 * i + 20),
+            ));
+            norms.push((
+                format!("blk.{i}.attn_k_norm.weight"),
+                qwen_norm(hd, 2 * i + 21),
+            ));
+        }
+    }
+    norms
+}
+
+/// `tensors` as [`gguf_as`] takes them.
+fn borrowed(tensors: &[(String, Vec<f32>)]) -> Vec<(&str, &[f32])> {
+    tensors
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_slice()))
+        .collect()
+}
+
+/// The tiny llama as transformers saves a Gemma (its config.json changed by `edit`), with the
+/// norms of [`gemma_norms`]: the MLP's input norm is `pre_feedforward_layernorm`, the output
+/// norms `post_attention_layernorm` and `post_feedforward_layernorm`, the head norms
+/// `self_attn.q_norm` and `k_norm`, and every norm is stored less one (Gemma's norms scale by
+/// one plus their weights; llama.cpp's converter adds the one).
+fn gemma_checkpoint(dir: &Path, norms: &[(String, Vec<f32>)], edit: impl FnOnce(&mut Value)) {
+    use candle_core::{Device, Tensor};
+    tiny_llama_copy(dir, edit);
+    let path = dir.join("model.safetensors");
+    let mut st = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let layers = (st.keys())
+        .filter(|k| k.ends_with(".post_attention_layernorm.weight"))
+        .count();
+    for i in 0..layers {
+        let p = format!("model.layers.{i}");
+        let mlp = st
+            .remove(&format!("{p}.post_attention_layernorm.weight"))
+            .unwrap();
+        st.insert(format!("{p}.pre_feedforward_layernorm.weight"), mlp);
+    }
+    for (name, values) in norms {
+        let (layer, rest) = name.trim_start_matches("blk.").split_once('.').unwrap();
+        let hf = match rest {
+            "post_attention_norm.weight" => "post_attention_layernorm.weight",
+            "post_ffw_norm.weight" => "post_feedforward_layernorm.weight",
+            "attn_q_norm.weight" => "self_attn.q_norm.weight",
+            "attn_k_norm.weight" => "self_attn.k_norm.weight",
+            other => panic!("{other}"),
+        };
+        let t = Tensor::new(values.as_slice(), &Device::Cpu).unwrap();
+        st.insert(format!("model.layers.{layer}.{hf}"), t);
+    }
+    for (name, t) in st.iter_mut() {
+        if name.ends_with("norm.weight") {
+            *t = (&*t - 1.0).unwrap();
+        }
+    }
+    candle_core::safetensors::save(&st, &path).unwrap();
+}
+
 /// Gemma 2 is a llama with its embeddings times `√hidden`, a norm of each layer's attention
 /// and MLP outputs, a gated GELU, soft-capped attention scores and logits, and a sliding
 /// window on every other layer, turned on the halves of each head: the tiny llama's weights
-/// with output norms (the formula of `tests/references/llama_variants.py`), caps of 1.5 and 3
-/// and a window of 5 positions (so that each bites on the fixture's prompts), as a Gemma 2
-/// GGUF (on kandle's kernels and on the tensor path) and as transformers saves a
-/// `Gemma2ForCausalLM` (norms stored less one, `pre_feedforward_layernorm` for the MLP's),
-/// give llama.cpp's logits and greedy tokens on that file. Without the window, the score
-/// caps or the output norms, the logits are far from those; a window of 0 is refused.
+/// with output norms ([`gemma_norms`]), caps of 1.5 and 3 and a window of 5 positions (so that
+/// each bites on the fixture's prompts), as a Gemma 2 GGUF (on kandle's kernels and on the
+/// tensor path) and as transformers saves a `Gemma2ForCausalLM` ([`gemma_checkpoint`]), give
+/// llama.cpp's logits and greedy tokens on that file. Without the window, the score caps or
+/// the output norms, the logits are far from those; a window of 0 is refused.
 #[test]
 fn gemma2_from_gguf_and_safetensors_gives_llama_cpp_s_logits() {
     use candle_core::quantized::gguf_file::Value as V;
-    use candle_core::{Device, Tensor};
     let fixture = fixtures_dir().join("tiny/llama");
-    let cfg = json(&fixture.join("config.json"));
-    let (_, _, hidden) = attention_shape(&cfg);
-    let layers = cfg["num_hidden_layers"].as_u64().unwrap() as usize;
-    let norms: Vec<(String, Vec<f32>)> = (0..layers)
-        .flat_map(|i| {
-            [
-                (
-                    format!("blk.{i}.post_attention_norm.weight"),
-                    qwen_norm(hidden, 2 * i + 10),
-                ),
-                (
-                    format!("blk.{i}.post_ffw_norm.weight"),
-                    qwen_norm(hidden, 2 * i + 11),
-                ),
-            ]
-        })
-        .collect();
-    let more: Vec<(&str, &[f32])> = norms
-        .iter()
-        .map(|(n, v)| (n.as_str(), v.as_slice()))
-        .collect();
+    let norms = gemma_norms(false);
+    let more = borrowed(&norms);
     let meta = |attention: f32, logits: f32, window: u32| {
         [
             ("gemma2.attn_logit_softcapping", V::F32(attention)),
@@ -1406,9 +1469,8 @@ fn gemma2_from_gguf_and_safetensors_gives_llama_cpp_s_logits() {
     };
     let dir = tempfile::tempdir().unwrap();
     let gguf = gguf_as("gemma2", &fixture, dir.path(), &more, &meta(1.5, 3.0, 5));
-
     let st_dir = tempfile::tempdir().unwrap();
-    tiny_llama_copy(st_dir.path(), |c| {
+    gemma_checkpoint(st_dir.path(), &norms, |c| {
         c["model_type"] = "gemma2".into();
         c["architectures"] = serde_json::json!(["Gemma2ForCausalLM"]);
         c["hidden_activation"] = "gelu_pytorch_tanh".into();
@@ -1417,34 +1479,6 @@ fn gemma2_from_gguf_and_safetensors_gives_llama_cpp_s_logits() {
         c["final_logit_softcapping"] = 3.0.into();
         c["sliding_window"] = 5.into();
     });
-    let path = st_dir.path().join("model.safetensors");
-    let mut st = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
-    for i in 0..layers {
-        let p = format!("model.layers.{i}");
-        let mlp = st
-            .remove(&format!("{p}.post_attention_layernorm.weight"))
-            .unwrap();
-        st.insert(format!("{p}.pre_feedforward_layernorm.weight"), mlp);
-        for (gemma, gguf) in [
-            ("post_attention_layernorm", "post_attention_norm"),
-            ("post_feedforward_layernorm", "post_ffw_norm"),
-        ] {
-            let w = &norms
-                .iter()
-                .find(|(n, _)| *n == format!("blk.{i}.{gguf}.weight"))
-                .unwrap()
-                .1;
-            let t = Tensor::new(w.as_slice(), &Device::Cpu).unwrap();
-            st.insert(format!("{p}.{gemma}.weight"), t);
-        }
-    }
-    // Gemma's norms scale by one plus their weights (llama.cpp's converter adds the one).
-    for (name, t) in st.iter_mut() {
-        if name.ends_with("norm.weight") {
-            *t = (&*t - 1.0).unwrap();
-        }
-    }
-    candle_core::safetensors::save(&st, &path).unwrap();
 
     let mut models = Vec::from(gguf_paths(&gguf));
     models.push(("safetensors", generation(st_dir.path())));
@@ -1476,6 +1510,95 @@ fn gemma2_from_gguf_and_safetensors_gives_llama_cpp_s_logits() {
     };
     let err = backend::load(&options).err().expect("refused").to_string();
     assert!(err.contains("gemma2.attention.sliding_window"), "{err}");
+}
+
+/// Gemma 3's text model is Gemma 2's layers without the caps, with norms of the query and key
+/// heads, a window on the first of every few layers (five of six in the released models;
+/// here, with `sliding_window_pattern` 2, the first of the tiny llama's two), which turns by a
+/// rotary base of its own (10,000) while the others turn by the model's, linearly scaled
+/// (here a base of 10⁶ and a factor of 8): the tiny llama's weights with those norms
+/// ([`gemma_norms`]) as a Gemma 3 GGUF (on kandle's kernels and on the tensor path) and as
+/// transformers 4 and 5 save a `Gemma3ForCausalLM` ([`gemma_checkpoint`]: `gemma3_text`, the
+/// rotary at the top level or per kind of layer in `rope_parameters`) give llama.cpp's logits
+/// and greedy tokens on that file. The windowed layer turning by the model's base, the
+/// scaling left out, or no window are each far from them.
+#[test]
+fn gemma3_from_gguf_and_safetensors_gives_llama_cpp_s_logits() {
+    use candle_core::quantized::gguf_file::Value as V;
+    let fixture = fixtures_dir().join("tiny/llama");
+    let norms = gemma_norms(true);
+    let more = borrowed(&norms);
+    let window = [
+        ("gemma3.attention.sliding_window", V::U32(5)),
+        ("gemma3.attention.sliding_window_pattern", V::U32(2)),
+    ];
+    let scaled = [
+        ("gemma3.rope.freq_base", V::F32(1e6)),
+        ("gemma3.rope.scaling.type", V::String("linear".into())),
+        ("gemma3.rope.scaling.factor", V::F32(8.0)),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let all: Vec<_> = window.iter().chain(&scaled).cloned().collect();
+    let gguf = gguf_as("gemma3", &fixture, dir.path(), &more, &all);
+    let gemma3 = |c: &mut Value| {
+        c["model_type"] = "gemma3_text".into();
+        c["architectures"] = serde_json::json!(["Gemma3ForCausalLM"]);
+        c["hidden_activation"] = "gelu_pytorch_tanh".into();
+        c["query_pre_attn_scalar"] = c["head_dim"].clone();
+        c["sliding_window"] = 5.into();
+        c["final_logit_softcapping"] = Value::Null;
+        c["attn_logit_softcapping"] = Value::Null;
+    };
+    let v4 = tempfile::tempdir().unwrap();
+    gemma_checkpoint(v4.path(), &norms, |c| {
+        gemma3(c);
+        c["sliding_window_pattern"] = 2.into();
+        c["rope_theta"] = 1e6.into();
+        c["rope_local_base_freq"] = 10_000.0.into();
+        c["rope_scaling"] = serde_json::json!({"rope_type": "linear", "factor": 8.0});
+        c.as_object_mut().unwrap().remove("rope_parameters");
+    });
+    let v5 = tempfile::tempdir().unwrap();
+    gemma_checkpoint(v5.path(), &norms, |c| {
+        gemma3(c);
+        c["layer_types"] = serde_json::json!(["sliding_attention", "full_attention"]);
+        c.as_object_mut().unwrap().remove("rope_theta");
+        c["rope_parameters"] = serde_json::json!({
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+        });
+    });
+    let mut models = Vec::from(gguf_paths(&gguf));
+    models.push(("safetensors, transformers 4", generation(v4.path())));
+    models.push(("safetensors, transformers 5", generation(v5.path())));
+    let reference = llama_variants_reference();
+    let want = reference["gemma3"].as_array().unwrap();
+    for (what, g) in &models {
+        gives_the_reference_logits_and_tokens(g, want, &format!("gemma3, {what}"));
+    }
+    let same_base = [("gemma3.rope.freq_base_swa", V::F32(1e6))];
+    let variants: [(&str, Vec<(&str, V)>); 3] = [
+        (
+            "the windowed layer turning by the model's base",
+            window
+                .iter()
+                .chain(&scaled)
+                .chain(&same_base)
+                .cloned()
+                .collect(),
+        ),
+        (
+            "without the linear scaling",
+            window.iter().chain(&scaled[..1]).cloned().collect(),
+        ),
+        ("without a window", scaled.to_vec()),
+    ];
+    for (what, meta) in variants {
+        let dir = tempfile::tempdir().unwrap();
+        let g = generation(&gguf_as("gemma3", &fixture, dir.path(), &more, &meta));
+        let d = first_case_difference(&g, want);
+        assert!(d > 0.05, "{what}: only {d} from llama.cpp's Gemma 3 logits");
+    }
 }
 
 /// A GGUF's context is its own (`llama.context_length`), not the 4,096 positions that

@@ -392,6 +392,15 @@ fn tensor_weights<R: std::io::Read + std::io::Seek>(
         }
     }
     let (cos, sin) = rope_tables(&inv_freq, context_length, DType::F32, device)?;
+    let local_rope = match gemma.local_base {
+        Some(base) => Some(rope_tables(
+            &inverse_frequencies(base, head_dim),
+            context_length,
+            DType::F32,
+            device,
+        )?),
+        None => None,
+    };
     Ok(TensorLlama {
         embed,
         layers,
@@ -405,6 +414,7 @@ fn tensor_weights<R: std::io::Read + std::io::Seek>(
         rms_eps,
         cos,
         sin,
+        local_rope,
         scales: qllama::Scales::of(ct, arch)?,
         attention_cap: gemma.attention_cap,
         logit_cap: gemma.logit_cap,

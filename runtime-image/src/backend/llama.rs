@@ -13,6 +13,12 @@
 //! `pre_feedforward_layernorm` and its output norms `post_attention_layernorm` and
 //! `post_feedforward_layernorm`; the scores are scaled by `query_pre_attn_scalar^-½`, and the
 //! embeddings by `√hidden` rounded to the activations' dtype (transformers' `normalizer`).
+//! Gemma 3's text model ("gemma3_text", `Gemma3ForCausalLM`) is Gemma 2's layers without the
+//! caps, with `q_norm` and `k_norm` (one added too), windows on five layers of six
+//! (`sliding_window_pattern` or `layer_types`) and their own unscaled rotary
+//! (`rope_local_base_freq`, or transformers 5's `rope_parameters.sliding_attention`); the
+//! other layers' rotary may be scaled linearly (`rope_scaling` or
+//! `rope_parameters.full_attention`), as a llama's may.
 
 use std::path::{Path, PathBuf};
 
@@ -81,29 +87,48 @@ pub(super) fn load(
     }
     let mut cfg_json = raw.clone();
     // Gemma 2 ties its head to the embeddings unless told otherwise.
-    if family == Arch::Gemma2 && raw.get("tie_word_embeddings").is_none() {
+    let gemma_family = matches!(family, Arch::Gemma2 | Arch::Gemma3);
+    if gemma_family && raw.get("tie_word_embeddings").is_none() {
         cfg_json["tie_word_embeddings"] = true.into();
     }
-    // transformers 5 writes rope_theta inside rope_parameters; older files at the top level.
+    // transformers 5 writes the rotary inside rope_parameters (Gemma 3's per kind of layer:
+    // the full-attention layers' is the model's); older files at the top level.
+    let rope_parameters =
+        (raw.pointer("/rope_parameters/full_attention")).or_else(|| raw.get("rope_parameters"));
     if cfg_json.get("rope_theta").is_none()
-        && let Some(theta) = raw.pointer("/rope_parameters/rope_theta")
+        && let Some(theta) = rope_parameters.and_then(|p| p.get("rope_theta"))
     {
         cfg_json["rope_theta"] = theta.clone();
     }
     // The rotary scaling, from rope_scaling (transformers 4) or rope_parameters (5): llama3's
-    // is computed (`inv_freq`); any other kind is refused by name rather than left out.
+    // is computed (`inv_freq`), linear divides every frequency by its factor; any other kind
+    // is refused by name rather than left out.
     let scaling = raw
         .get("rope_scaling")
         .filter(|v| !v.is_null())
-        .or_else(|| raw.get("rope_parameters"));
+        .or(rope_parameters);
+    let mut linear = None;
     if let Some(s) = scaling {
         let kind = s.get("rope_type").or_else(|| s.get("type"));
         match kind.and_then(|k| k.as_str()).unwrap_or("default") {
             "default" => cfg_json["rope_scaling"] = serde_json::Value::Null,
             "llama3" => cfg_json["rope_scaling"] = s.clone(),
+            "linear" => {
+                cfg_json["rope_scaling"] = serde_json::Value::Null;
+                match s.get("factor").and_then(|f| f.as_f64()) {
+                    Some(f) if f.is_finite() && f > 0.0 => linear = Some(f as f32),
+                    _ => {
+                        return Err(Error::Model(format!(
+                            "{}: linear rotary scaling needs a positive factor, got {s}",
+                            dir.join("config.json").display()
+                        )));
+                    }
+                }
+            }
             other => {
                 return Err(Error::Model(format!(
-                    "llama with {other:?} rotary scaling is not supported (llama3's is)"
+                    "llama with {other:?} rotary scaling is not supported (llama3's and \
+                     linear are)"
                 )));
             }
         }
@@ -146,11 +171,18 @@ pub(super) fn load(
             };
             Scales::declared(names, read, |key| format!("{config}: {key}"))?
         }
-        Arch::Gemma2 => gemma2_scales(&raw, lcfg.hidden_size, dtype, &dir.join("config.json"))?,
+        Arch::Gemma2 | Arch::Gemma3 => {
+            gemma_scales(&raw, lcfg.hidden_size, dtype, &dir.join("config.json"))?
+        }
         _ => Scales::NONE,
     };
     let gemma = match family {
-        Arch::Gemma2 => gemma2(&raw, lcfg.num_hidden_layers, &dir.join("config.json"))?,
+        Arch::Gemma2 | Arch::Gemma3 => gemma(
+            &raw,
+            family,
+            lcfg.num_hidden_layers,
+            &dir.join("config.json"),
+        )?,
         _ => Gemma {
             windows: vec![None; lcfg.num_hidden_layers],
             ..Gemma::NONE
@@ -187,11 +219,17 @@ pub(super) fn load(
     };
     let config = lcfg.into_config(false);
     let vb = super::layers::var_builder(dir, dtype, device)?;
+    // The rotary frequencies of every layer (but Gemma 3's windowed ones), linearly scaled
+    // where asked.
+    let mut inv = inv_freq(&config, head_dim);
+    if let Some(f) = linear {
+        inv.iter_mut().for_each(|x| *x /= f);
+    }
     let model = weights(
         vb,
         &config,
         (family, scales, &rotates, gemma),
-        head_dim,
+        (head_dim, &inv),
         dtype,
         device,
     )
@@ -230,10 +268,10 @@ pub(super) fn load(
     ))
 }
 
-/// Gemma 2's scalars from its config.json (`config` names it): the embeddings times `√hidden`
-/// in the activations' dtype, as transformers' `normalizer` is; the scores times
+/// Gemma 2's and 3's scalars from its config.json (`config` names it): the embeddings times
+/// `√hidden` in the activations' dtype, as transformers' `normalizer` is; the scores times
 /// `query_pre_attn_scalar^-½` where given (else a llama's `1/√head_dim`).
-fn gemma2_scales(
+fn gemma_scales(
     raw: &serde_json::Value,
     hidden: usize,
     dtype: DType,
@@ -264,12 +302,14 @@ fn gemma2_scales(
     })
 }
 
-/// Gemma 2's caps, GELU and sliding windows from its config.json (`config` names it):
-/// `attn_logit_softcapping` and `final_logit_softcapping` (transformers' defaults, 50 and 30,
-/// where absent; none where null), `sliding_window` (4,096 where absent) on the layers
-/// `layer_types` marks "sliding_attention", or on every other layer from the first. A
+/// Gemma 2's or 3's (`family`) caps, GELU, sliding windows and windowed layers' rotary from its
+/// config.json (`config` names it): `attn_logit_softcapping` and `final_logit_softcapping`
+/// (transformers' defaults where absent: Gemma 2's 50 and 30, none for Gemma 3; none where
+/// null), `sliding_window` (4,096 where absent) on the layers `layer_types` marks
+/// "sliding_attention", or else the first `n − 1` of every `n` (`sliding_window_pattern`:
+/// Gemma 2's 2, Gemma 3's 6); Gemma 3's `rope_local_base_freq` (10,000). A
 /// `hidden_activation` other than GELU's tanh form is refused.
-fn gemma2(raw: &serde_json::Value, layers: usize, config: &Path) -> Result<Gemma> {
+fn gemma(raw: &serde_json::Value, family: Arch, layers: usize, config: &Path) -> Result<Gemma> {
     let bad = |key: &str, v: &serde_json::Value, want: &str| {
         Error::Model(format!(
             "{}: {key} must be {want}, got {v}",
@@ -283,7 +323,7 @@ fn gemma2(raw: &serde_json::Value, layers: usize, config: &Path) -> Result<Gemma
         && a.as_str() != Some("gelu_pytorch_tanh")
     {
         return Err(Error::Model(format!(
-            "{}: gemma2 with the activation {a} is not supported (gelu_pytorch_tanh is)",
+            "{}: {family:?} with the activation {a} is not supported (gelu_pytorch_tanh is)",
             config.display()
         )));
     }
@@ -306,8 +346,16 @@ fn gemma2(raw: &serde_json::Value, layers: usize, config: &Path) -> Result<Gemma
                 as usize,
         ),
     };
+    let every = match raw.get("sliding_window_pattern").filter(|v| !v.is_null()) {
+        None if family == Arch::Gemma3 => 6,
+        None => 2,
+        Some(v) => v
+            .as_u64()
+            .ok_or_else(|| bad("sliding_window_pattern", v, "a number of layers"))?
+            as usize,
+    };
     let pattern = match raw.get("layer_types").filter(|v| !v.is_null()) {
-        None => Pattern::Every(2),
+        None => Pattern::Every(every),
         Some(v) => Pattern::Listed(
             (v.as_array().and_then(|a| {
                 a.iter()
@@ -335,7 +383,8 @@ fn gemma2(raw: &serde_json::Value, layers: usize, config: &Path) -> Result<Gemma
         };
         format!("{}: {key}", config.display())
     };
-    Gemma::declared(
+    let declared = Gemma::declared(
+        family,
         [
             cap("attn_logit_softcapping")?,
             cap("final_logit_softcapping")?,
@@ -344,7 +393,24 @@ fn gemma2(raw: &serde_json::Value, layers: usize, config: &Path) -> Result<Gemma
         pattern,
         layers,
         names,
-    )
+    )?;
+    let local = (raw.get("rope_local_base_freq"))
+        .or_else(|| raw.pointer("/rope_parameters/sliding_attention/rope_theta"))
+        .filter(|v| !v.is_null());
+    let local_base = match (family, local) {
+        (Arch::Gemma3, None) => Some(10_000.0),
+        (Arch::Gemma3, Some(v)) => Some(
+            v.as_f64()
+                .filter(|x| x.is_finite() && *x > 0.0)
+                .ok_or_else(|| bad("rope_local_base_freq", v, "a positive number"))?
+                as f32,
+        ),
+        _ => None,
+    };
+    Ok(Gemma {
+        local_base,
+        ..declared
+    })
 }
 
 /// The rotary embedding's inverse frequencies, with llama3's scaling where the config has it
@@ -376,12 +442,12 @@ fn inv_freq(cfg: &Config, head_dim: usize) -> Vec<f32> {
 }
 
 /// The model's weights (transformers' `LlamaForCausalLM` names) in `dtype` on `device`, its
-/// heads `head_dim` wide.
+/// heads `head_dim` wide, turned by the frequencies `inv`.
 fn weights(
     vb: VarBuilder,
     cfg: &Config,
     (family, scales, rotates, gemma): (Arch, Scales, &[bool], Gemma),
-    head_dim: usize,
+    (head_dim, inv): (usize, &[f32]),
     dtype: DType,
     device: &Device,
 ) -> candle_core::Result<TensorLlama> {
@@ -424,11 +490,11 @@ fn weights(
             .collect()
     };
     let embed = vb.get((cfg.vocab_size, hidden), "model.embed_tokens.weight")?;
-    // Gemma 2's norms scale by `1 + weight`.
+    // Gemma's norms scale by `1 + weight`.
     let norm = |vb: &VarBuilder, name: &str| -> candle_core::Result<candle_core::Tensor> {
         let w = vb.get(hidden, &format!("{name}.weight"))?;
         match family {
-            Arch::Gemma2 => w + 1.0,
+            Arch::Gemma2 | Arch::Gemma3 => w + 1.0,
             _ => Ok(w),
         }
     };
@@ -439,6 +505,10 @@ fn weights(
             Arch::Qwen3 => Some((
                 p.get(head_dim, "self_attn.q_norm.weight")?,
                 p.get(head_dim, "self_attn.k_norm.weight")?,
+            )),
+            Arch::Gemma3 => Some((
+                (p.get(head_dim, "self_attn.q_norm.weight")? + 1.0)?,
+                (p.get(head_dim, "self_attn.k_norm.weight")? + 1.0)?,
             )),
             _ => None,
         };
@@ -463,10 +533,10 @@ fn weights(
                 ],
             ),
         };
-        // Gemma 2's post_attention_layernorm norms the attention's output; its MLP's input
+        // Gemma's post_attention_layernorm norms the attention's output; its MLP's input
         // norm is pre_feedforward_layernorm.
         let (mlp_norm, post_norms) = match family {
-            Arch::Gemma2 => (
+            Arch::Gemma2 | Arch::Gemma3 => (
                 norm(&p, "pre_feedforward_layernorm")?,
                 Some((
                     norm(&p, "post_attention_layernorm")?,
@@ -496,12 +566,17 @@ fn weights(
     } else {
         dense(&vb, cfg.vocab_size, hidden, "lm_head")?
     };
-    let (cos, sin) = rope_tables(
-        &inv_freq(cfg, head_dim),
-        cfg.max_position_embeddings,
-        dtype,
-        device,
-    )?;
+    let positions = cfg.max_position_embeddings;
+    let (cos, sin) = rope_tables(inv, positions, dtype, device)?;
+    let local_rope = match gemma.local_base {
+        Some(base) => Some(rope_tables(
+            &inverse_frequencies(base, head_dim),
+            positions,
+            dtype,
+            device,
+        )?),
+        None => None,
+    };
     Ok(TensorLlama {
         embed,
         layers,
@@ -515,6 +590,7 @@ fn weights(
         rms_eps: cfg.rms_norm_eps as f32,
         cos,
         sin,
+        local_rope,
         rope: Rope::Halves,
         scales,
         attention_cap: gemma.attention_cap,

@@ -574,11 +574,10 @@ pub fn load(opts: &LoadOptions) -> Result<LoadedModel> {
             .iter()
             .any(|a| a.ends_with("ForCausalLM") || a.ends_with("LMHeadModel"));
     let loaded = match (model_type.as_str(), classification) {
-        ("llama" | "qwen2" | "qwen3" | "phi3" | "granite" | "smollm3" | "gemma2", false)
-            if lm_head =>
-        {
-            llama::load(path, &model_type, dtype, &device)?
-        }
+        (
+            "llama" | "qwen2" | "qwen3" | "phi3" | "granite" | "smollm3" | "gemma2" | "gemma3_text",
+            false,
+        ) if lm_head => llama::load(path, &model_type, dtype, &device)?,
         ("gpt2", false) if lm_head => gpt2::load(path, dtype, &device)?,
         ("gptj", false) if lm_head => gptj::load(path, dtype, &device)?,
         ("bloom", false) if lm_head => bloom::load(path, dtype, &device)?,
@@ -635,10 +634,10 @@ pub fn load_bert_embedding_candle_reference(path: &Path) -> Result<LoadedModel> 
 }
 
 /// What [`load`] accepts, for the refusal message.
-pub const SUPPORTED: &str = "llama, qwen2, qwen3, phi3, granite, smollm3, gemma2, gpt2, gptj, \
-    bloom (TextGeneration); bert, xlm-roberta (Embedding); bert, distilbert, xlm-roberta \
-    *ForSequenceClassification (Classification); t5, blenderbot-small (Text2Text); GGUF llama, \
-    qwen2, qwen3, phi3, granite, smollm3, gemma2";
+pub const SUPPORTED: &str = "llama, qwen2, qwen3, phi3, granite, smollm3, gemma2, \
+    gemma3_text, gpt2, gptj, bloom (TextGeneration); bert, xlm-roberta (Embedding); bert, \
+    distilbert, xlm-roberta *ForSequenceClassification (Classification); t5, blenderbot-small \
+    (Text2Text); GGUF llama, qwen2, qwen3, phi3, granite, smollm3, gemma2, gemma3";
 
 fn check_task(model: LoadedModel, wanted: Option<Task>) -> Result<LoadedModel> {
     match wanted {

@@ -53,12 +53,16 @@ pub(crate) use kernels::exp_shifted;
 /// - Gemma 2's ([`Gemma`]): embeddings times `√hidden`, a norm of each layer's attention and
 ///   MLP outputs before they join the residual stream (`post_attention_norm`,
 ///   `post_ffw_norm`), a gated GELU in the MLP, soft-capped attention scores and logits, and
-///   a sliding window on every other layer; its rotary turns halves.
+///   a sliding window on every other layer; its rotary turns halves;
+/// - Gemma 3's: Gemma 2's without the caps, with Qwen3's norms of the query and key heads, a
+///   window on five layers of six, and a rotary of its own on the windowed layers
+///   ([`Gemma::local_base`]).
 ///
 /// Qwen2 covers Qwen2, Qwen2.5 (and -Coder, -Math), DeepSeek-R1's Qwen distillations and
 /// QwQ; Qwen3 its dense models; Phi-3 the 4k-context Phi-3 mini and medium, and Phi-4 (the
 /// 128k ones and Phi-3.5 turn by LongRoPE); Granite IBM's Granite 3 dense models; SmolLM3 Hugging Face's
-/// SmolLM3; Gemma 2 Google's Gemma 2 (2B, 9B, 27B). Their mixture-of-experts kinds (`qwen2moe`, `qwen3moe`, `phimoe`) are
+/// SmolLM3; Gemma 2 Google's Gemma 2 (2B, 9B, 27B); Gemma 3 its text models (the 1B, and the
+/// language model of the 4B, 12B and 27B, whose images kandle does not read). Their mixture-of-experts kinds (`qwen2moe`, `qwen3moe`, `phimoe`) are
 /// other architectures, refused by name, as is Phi-3's long-context rotary (LongRoPE).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Arch {
@@ -69,23 +73,29 @@ pub(super) enum Arch {
     Granite,
     SmolLm3,
     Gemma2,
+    Gemma3,
 }
 
-/// What Gemma 2 computes beyond a llama's layers, as llama.cpp reads it from a GGUF
-/// (`gemma2.*`) and transformers from config.json; a llama's is [`Gemma::NONE`].
+/// What Gemma 2 and 3 compute beyond a llama's layers, as llama.cpp reads it from a GGUF
+/// (`gemma2.*`, `gemma3.*`) and transformers from config.json; a llama's is [`Gemma::NONE`].
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct Gemma {
-    /// Each attention score `s` becomes `cap · tanh(s / cap)` (`attn_logit_softcapping`,
-    /// 50 by default).
+    /// Each attention score `s` becomes `cap · tanh(s / cap)` (`attn_logit_softcapping`:
+    /// Gemma 2's 50 by default, none in Gemma 3).
     pub attention_cap: Option<f32>,
-    /// Each logit likewise (`final_logit_softcapping`, 30 by default).
+    /// Each logit likewise (`final_logit_softcapping`: Gemma 2's 30 by default).
     pub logit_cap: Option<f32>,
     /// The MLP's gate goes through GELU (its tanh form), not SiLU.
     pub gelu: bool,
     /// Per layer, the sliding window it attends within: a position sees itself and the
-    /// `window − 1` before it (`attention.sliding_window`, 4,096 by default, on every other
-    /// layer from the first: `attention.sliding_window_pattern` 2).
+    /// `window − 1` before it (`attention.sliding_window`: Gemma 2's 4,096 by default on
+    /// every other layer from the first, `attention.sliding_window_pattern` 2; Gemma 3's on
+    /// five layers of six, none where the file declares no window).
     pub windows: Vec<Option<usize>>,
+    /// The rotary base of the windowed layers where it is their own (Gemma 3's
+    /// `rope.freq_base_swa`, 10,000 by default, unscaled; the other layers take the model's
+    /// `rope.freq_base` and scaling).
+    pub local_base: Option<f32>,
 }
 
 impl Gemma {
@@ -95,17 +105,22 @@ impl Gemma {
         logit_cap: None,
         gelu: false,
         windows: Vec::new(),
+        local_base: None,
     };
 
     /// What a GGUF of `arch` with `layers` layers declares (nothing beyond a llama's for
     /// the others).
     pub(super) fn of(ct: &gguf_file::Content, arch: Arch, layers: usize) -> Result<Gemma> {
-        if arch != Arch::Gemma2 {
-            return Ok(Gemma {
-                windows: vec![None; layers],
-                ..Gemma::NONE
-            });
-        }
+        let gemma3 = match arch {
+            Arch::Gemma2 => false,
+            Arch::Gemma3 => true,
+            _ => {
+                return Ok(Gemma {
+                    windows: vec![None; layers],
+                    ..Gemma::NONE
+                });
+            }
+        };
         // A cap the file leaves out is llama.cpp's default.
         let f32_at = |name: &str| -> Result<Option<Option<f64>>> {
             let value = ct.metadata.get(&arch.key(name));
@@ -114,34 +129,51 @@ impl Gemma {
                 .transpose()?
                 .map(|x| Some(x.into())))
         };
-        let window = md_u32(ct, &arch.key("attention.sliding_window")).unwrap_or(4096);
+        let window = md_u32(ct, &arch.key("attention.sliding_window")).ok();
         let pattern = match ct
             .metadata
             .get(&arch.key("attention.sliding_window_pattern"))
         {
+            None if gemma3 => Pattern::Every(6),
             None => Pattern::Every(2),
             Some(gguf_file::Value::Array(flags)) => Pattern::Listed(
                 (flags.iter().map(|f| f.to_bool())).collect::<candle_core::Result<Vec<bool>>>()?,
             ),
             Some(v) => Pattern::Every(v.to_u32()? as usize),
         };
-        Gemma::declared(
+        let declared = Gemma::declared(
+            arch,
             [
                 f32_at("attn_logit_softcapping")?,
                 f32_at("final_logit_softcapping")?,
             ],
-            Some(window as usize),
+            // Gemma 2 always slides (4,096 by default); Gemma 3 where the file says so.
+            window.or((!gemma3).then_some(4096)),
             pattern,
             layers,
             |name| format!("GGUF {}", arch.key(name)),
-        )
+        )?;
+        let local_base = ct
+            .metadata
+            .get(&arch.key("rope.freq_base_swa"))
+            .map(|v| v.to_f32())
+            .transpose()?;
+        Ok(Gemma {
+            local_base: match gemma3 && window.is_some() {
+                true => Some(local_base.unwrap_or(10_000.0)),
+                false => None,
+            },
+            ..declared
+        })
     }
 
-    /// Gemma 2's from the values a model declares: the attention's and the logits' caps
-    /// (`None`: not given, 50 and 30; `Some(None)`: none), the window (`None`: none) and which
-    /// layers slide; a cap or window that is not positive, or a list of layers of another
-    /// length, is refused, `what` naming the key (by its GGUF name).
+    /// Gemma 2's or 3's (`arch`) from the values a model declares: the attention's and the
+    /// logits' caps (`None`: not given, Gemma 2's 50 and 30, none for Gemma 3; `Some(None)`:
+    /// none), the window (`None`: none) and which layers slide; a cap or window that is not
+    /// positive, or a list of layers of another length, is refused, `what` naming the key (by
+    /// its GGUF name). No rotary of the windowed layers' own ([`Gemma::local_base`]).
     pub(super) fn declared(
+        arch: Arch,
         [attention, logits]: [Option<Option<f64>>; 2],
         window: Option<usize>,
         pattern: Pattern,
@@ -149,7 +181,7 @@ impl Gemma {
         what: impl Fn(&str) -> String,
     ) -> Result<Gemma> {
         let cap = |value: Option<Option<f64>>, default: f32, name: &str| match value {
-            None => Ok(Some(default)),
+            None => Ok(Some(default).filter(|_| arch == Arch::Gemma2)),
             Some(None) => Ok(None),
             Some(Some(x)) if x.is_finite() && x > 0.0 => Ok(Some(x as f32)),
             Some(Some(x)) => Err(Error::Model(format!(
@@ -181,6 +213,7 @@ impl Gemma {
             logit_cap: cap(logits, 30.0, "final_logit_softcapping")?,
             gelu: true,
             windows: slides.into_iter().map(|s| window.filter(|_| s)).collect(),
+            local_base: None,
         })
     }
 }
@@ -220,9 +253,10 @@ impl Scales {
     /// The scalars a GGUF of `arch` declares (Granite's), or implies (Gemma 2's); none for
     /// the others.
     pub(super) fn of(ct: &gguf_file::Content, arch: Arch) -> Result<Scales> {
-        if arch == Arch::Gemma2 {
+        if matches!(arch, Arch::Gemma2 | Arch::Gemma3) {
             let n = |name: &str| md_u32(ct, &arch.key(name));
-            return Ok(Scales::gemma2(
+            return Ok(Scales::gemma(
+                arch,
                 n("embedding_length")?,
                 n("attention.head_count")?,
                 n("block_count")?,
@@ -244,13 +278,15 @@ impl Scales {
         Scales::declared(names, read, |name| format!("GGUF {}", arch.key(name)))
     }
 
-    /// Gemma 2's, as llama.cpp sets them: the embeddings times `√hidden`; the scores scaled by
-    /// `1/√(hidden / heads)` in the 27B model (46 layers: transformers' `query_pre_attn_scalar`
-    /// 144, not the head's 128), by `1/√head_dim` (a llama's) in the others.
-    pub(super) fn gemma2(hidden: usize, heads: usize, layers: usize) -> Scales {
+    /// Gemma 2's and 3's (`arch`), as llama.cpp sets them: the embeddings times `√hidden`; the
+    /// scores scaled by `1/√(hidden / heads)` in the 27B models (Gemma 2's 46 layers, Gemma
+    /// 3's 62: transformers' `query_pre_attn_scalar` of 144 and 168, not the head's 128), by
+    /// `1/√head_dim` (a llama's) in the others.
+    pub(super) fn gemma(arch: Arch, hidden: usize, heads: usize, layers: usize) -> Scales {
+        let big = matches!((arch, layers), (Arch::Gemma2, 46) | (Arch::Gemma3, 62));
         Scales {
             embedding: (hidden as f32).sqrt(),
-            attention: (layers == 46).then(|| 1.0 / ((hidden / heads.max(1)) as f32).sqrt()),
+            attention: big.then(|| 1.0 / ((hidden / heads.max(1)) as f32).sqrt()),
             ..Scales::NONE
         }
     }
@@ -294,13 +330,14 @@ impl Arch {
         Arch::named(name).ok_or_else(|| {
             Error::Model(format!(
                 "GGUF architecture {name:?} is not supported (llama, qwen2, qwen3, phi3, \
-                 granite, smollm3 and gemma2 are)"
+                 granite, smollm3, gemma2 and gemma3 are)"
             ))
         })
     }
 
     /// The architecture of this name: a GGUF's `general.architecture`, which is also the
-    /// `model_type` of transformers' config.json for each of these.
+    /// `model_type` of transformers' config.json for each of these (Gemma 3's text model's
+    /// is `gemma3_text`).
     pub(super) fn named(name: &str) -> Option<Arch> {
         Some(match name {
             "llama" => Arch::Llama,
@@ -310,6 +347,8 @@ impl Arch {
             "granite" => Arch::Granite,
             "smollm3" => Arch::SmolLm3,
             "gemma2" => Arch::Gemma2,
+            // transformers' text-only Gemma 3 (its multimodal one is "gemma3").
+            "gemma3" | "gemma3_text" => Arch::Gemma3,
             _ => return None,
         })
     }
@@ -324,6 +363,7 @@ impl Arch {
             Arch::Granite => "granite",
             Arch::SmolLm3 => "smollm3",
             Arch::Gemma2 => "gemma2",
+            Arch::Gemma3 => "gemma3",
         };
         format!("{prefix}.{name}")
     }
@@ -394,6 +434,8 @@ pub(super) struct Weights {
     /// where the file declares a scaling ([`rope_divisors`]).
     theta: Vec<f32>,
     divisors: Option<Vec<f32>>,
+    /// The windowed layers' own frequencies, unscaled (Gemma 3's [`Gemma::local_base`]).
+    local_theta: Option<Vec<f32>>,
     /// The longest sequence: the model's context length.
     max_positions: usize,
     /// Forward passes run so far ([`crate::backend::CausalLm::forward_passes`]).
@@ -722,6 +764,22 @@ pub(super) fn rope_divisors<R: std::io::Seek + std::io::Read>(
     Ok(divisors)
 }
 
+/// The rotary `cos` and `sin` of position `pos`, one per frequency of `theta`, as
+/// `quantized_llama::precomput_freqs_cis` tabulates them, each angle divided by its
+/// frequency's divisor where the file declares a scaling (llama.cpp's order of operations).
+/// Computed per pass rather than tabulated, so that the context is the model's (a table of
+/// Llama 3.1's 131,072 positions would be 64 MB).
+fn rotary(theta: &[f32], divisors: Option<&[f32]>, pos: usize, cos: &mut [f32], sin: &mut [f32]) {
+    for (i, t) in theta.iter().enumerate() {
+        let a = match divisors {
+            Some(f) => pos as f32 * t / f[i],
+            None => pos as f32 * t,
+        };
+        cos[i] = a.cos();
+        sin[i] = a.sin();
+    }
+}
+
 /// The pool the forward pass runs in: its matmuls split their rows across these threads, and
 /// the pass itself runs on one of them, so that a step hands work over without waking the
 /// calling thread for every product. As many threads as rayon's global pool
@@ -772,10 +830,13 @@ impl Weights {
             )));
         }
         // The frequencies as `quantized_llama::precomput_freqs_cis` computes them.
-        let theta: Vec<f32> = (0..rope_dim)
-            .step_by(2)
-            .map(|i| 1f32 / freq_base.powf(i as f32 / rope_dim as f32))
-            .collect();
+        let frequencies = |base: f32| -> Vec<f32> {
+            (0..rope_dim)
+                .step_by(2)
+                .map(|i| 1f32 / base.powf(i as f32 / rope_dim as f32))
+                .collect()
+        };
+        let theta = frequencies(freq_base);
         let divisors = rope_divisors(ct, arch, reader, theta.len())?;
 
         let tensor =
@@ -802,6 +863,7 @@ impl Weights {
             },
         };
         let gemma = Gemma::of(ct, arch, block_count)?;
+        let local_theta = gemma.local_base.map(frequencies);
         let mut layers = Vec::with_capacity(block_count);
         let q_dim = n_head * head_dim;
         let kv_dim = n_kv_head * head_dim;
@@ -920,6 +982,7 @@ impl Weights {
             gelu: gemma.gelu,
             theta,
             divisors,
+            local_theta,
             max_positions,
             passes: Default::default(),
         })
@@ -1052,17 +1115,28 @@ impl Weights {
         let mut h = vec![0f32; rows * hidden];
         let mut q = vec![0f32; rows * q_dim];
         let mut y = vec![0f32; rows * q_dim];
-        // Each row's rotary `cos` and `sin`, for its position, once for every layer.
+        // Each row's rotary `cos` and `sin`, for its position, once for every layer (and for
+        // the windowed layers where they turn by their own frequencies).
         let half = self.head_dim / 2;
-        let (mut cos, mut sin) = (vec![0f32; rows * half], vec![0f32; rows * half]);
-        let positions = items
+        let positions: Vec<usize> = items
             .iter()
-            .flat_map(|(cache, tokens)| cache.len..cache.len + tokens.len());
-        for (p, (c, s)) in positions.zip(cos.chunks_exact_mut(half).zip(sin.chunks_exact_mut(half)))
-        {
-            self.rotary(p, c, s);
-        }
+            .flat_map(|(cache, tokens)| cache.len..cache.len + tokens.len())
+            .collect();
+        let table = |theta: &[f32], divisors: Option<&[f32]>| {
+            let (mut cos, mut sin) = (vec![0f32; rows * half], vec![0f32; rows * half]);
+            let rows = cos.chunks_exact_mut(half).zip(sin.chunks_exact_mut(half));
+            for (&p, (c, s)) in positions.iter().zip(rows) {
+                rotary(theta, divisors, p, c, s);
+            }
+            (cos, sin)
+        };
+        let global = table(&self.theta, self.divisors.as_deref());
+        let local = self.local_theta.as_deref().map(|t| table(t, None));
         for (li, layer) in self.layers.iter().enumerate() {
+            let (cos, sin) = match (&local, layer.window) {
+                (Some(local), Some(_)) => local,
+                _ => &global,
+            };
             rms_norm(&x, &layer.attn_norm, self.eps, &mut h);
             let qkv = {
                 let mut qkv = layer.qkv.forward(&h, rows)?;
@@ -1253,24 +1327,8 @@ impl Weights {
         Ok(())
     }
 
-    /// The rotary `cos` and `sin` of position `pos`, one per frequency, as
-    /// `quantized_llama::precomput_freqs_cis` tabulates them, each angle divided by its
-    /// frequency's divisor where the file declares a scaling (llama.cpp's order of
-    /// operations). Computed per pass rather than tabulated, so that the context is the
-    /// model's (a table of Llama 3.1's 131,072 positions would be 64 MB).
-    fn rotary(&self, pos: usize, cos: &mut [f32], sin: &mut [f32]) {
-        for (i, t) in self.theta.iter().enumerate() {
-            let a = match &self.divisors {
-                Some(f) => pos as f32 * t / f[i],
-                None => pos as f32 * t,
-            };
-            cos[i] = a.cos();
-            sin[i] = a.sin();
-        }
-    }
-
     /// The rotary embedding of every head in `x` by the `cos` and `sin` of its position
-    /// ([`Weights::rotary`]): frequency `i` turns dimensions `2i` and `2i + 1` (llama.cpp's
+    /// ([`rotary`]): frequency `i` turns dimensions `2i` and `2i + 1` (llama.cpp's
     /// `rope`), or `i` and `i + head_dim / 2` ([`Arch::rotates_halves`], its `rope_neox`).
     fn rope(&self, x: &mut [f32], (cos, sin): (&[f32], &[f32])) {
         let half = self.head_dim / 2;

@@ -97,6 +97,9 @@ pub(super) struct TensorLlama {
     /// `(positions, head_dim / 2)` each, in the activations' dtype ([`rope_tables`]).
     pub cos: Tensor,
     pub sin: Tensor,
+    /// The windowed layers' own tables, where they turn by frequencies of their own (Gemma
+    /// 3's [`super::qllama::Gemma::local_base`]).
+    pub local_rope: Option<(Tensor, Tensor)>,
     pub rope: Rope,
     /// Granite's and Gemma 2's scalars ([`super::qllama::Scales::NONE`] for the others).
     pub scales: super::qllama::Scales,
@@ -236,6 +239,20 @@ impl TensorLlama {
         match norm {
             Some(w) => candle_nn::ops::rms_norm(&x, w, self.rms_eps),
             None => Ok(x),
+        }
+    }
+
+    /// The rotary tables `layer` turns by: the windowed layers' own where the model has them
+    /// (`local`), else the model's (`global`).
+    fn tables<'a>(
+        &self,
+        layer: &Layer,
+        global: &'a (Tensor, Tensor),
+        local: Option<&'a (Tensor, Tensor)>,
+    ) -> &'a (Tensor, Tensor) {
+        match (local, layer.window) {
+            (Some(local), Some(_)) => local,
+            _ => global,
         }
     }
 
@@ -420,31 +437,38 @@ impl TensorLlama {
         } = self.shape;
         let t = tokens.len();
         let past = cache.len;
-        let cos = self.cos.narrow(0, past, t)?;
-        let sin = self.sin.narrow(0, past, t)?;
+        let rows = |(cos, sin): (&Tensor, &Tensor)| -> candle_core::Result<(Tensor, Tensor)> {
+            Ok((cos.narrow(0, past, t)?, sin.narrow(0, past, t)?))
+        };
+        let global = rows((&self.cos, &self.sin))?;
+        let local = (self.local_rope.as_ref())
+            .map(|(c, s)| rows((c, s)))
+            .transpose()?;
         let mask = super::layers::causal_mask(t, past, &self.device)?;
         let mut x = self.embed(tokens)?;
         // (t, heads · head_dim) rows to (heads, t, head_dim), each head normed with `norm`
-        // where given, then rotated where asked.
-        let split = |y: Tensor, h: usize, norm: Option<&Tensor>, rotate: bool| {
+        // where given, then turned by `rot` where given.
+        let split = |y: Tensor, h: usize, norm: Option<&Tensor>, rot: Option<&(Tensor, Tensor)>| {
             let y = y
                 .reshape((1, t, h, head_dim))?
                 .transpose(1, 2)?
                 .contiguous()?;
             let y = self.norm_heads(y, norm)?;
-            let y = if rotate {
-                self.rotate(&y, &cos, &sin)?
-            } else {
-                y
+            let y = match rot {
+                Some((cos, sin)) => self.rotate(&y, cos, sin)?,
+                None => y,
             };
             y.squeeze(0)
         };
         for (l, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.rms_eps)?;
             let (qn, kn) = layer.qk_norm.as_ref().map(|(q, k)| (q, k)).unzip();
-            let q = split(layer.q.forward(&h)?, heads, qn, layer.rotates)?;
-            let k = split(layer.k.forward(&h)?, kv_heads, kn, layer.rotates)?;
-            let v = split(layer.v.forward(&h)?, kv_heads, None, false)?;
+            let rot = layer
+                .rotates
+                .then(|| self.tables(layer, &global, local.as_ref()));
+            let q = split(layer.q.forward(&h)?, heads, qn, rot)?;
+            let k = split(layer.k.forward(&h)?, kv_heads, kn, rot)?;
+            let v = split(layer.v.forward(&h)?, kv_heads, None, None)?;
             cache.write(l, &k, &v)?;
             let y = self.attend(&q, cache, l, past, Some(&mask))?;
             x = self.mlp(
@@ -472,15 +496,24 @@ impl TensorLlama {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let positions: Vec<u32> = caches.iter().map(|c| c.len as u32).collect();
         let positions = Tensor::new(positions.as_slice(), &self.device)?;
-        let cos = self.cos.index_select(&positions, 0)?.unsqueeze(1)?;
-        let sin = self.sin.index_select(&positions, 0)?.unsqueeze(1)?;
+        let rows = |(cos, sin): (&Tensor, &Tensor)| -> candle_core::Result<(Tensor, Tensor)> {
+            Ok((
+                cos.index_select(&positions, 0)?.unsqueeze(1)?,
+                sin.index_select(&positions, 0)?.unsqueeze(1)?,
+            ))
+        };
+        let global = rows((&self.cos, &self.sin))?;
+        let local = (self.local_rope.as_ref())
+            .map(|(c, s)| rows((c, s)))
+            .transpose()?;
         let mut x = self.embed(tokens)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.rms_eps)?;
             // One row per sequence: (b, heads, 1, head_dim) needs no transpose.
             let (qn, kn) = layer.qk_norm.as_ref().map(|(q, k)| (q, k)).unzip();
+            let (cos, sin) = self.tables(layer, &global, local.as_ref());
             let turn = |x: Tensor| match layer.rotates {
-                true => self.rotate(&x, &cos, &sin),
+                true => self.rotate(&x, cos, sin),
                 false => Ok(x),
             };
             let q = layer.q.forward(&h)?.reshape((b, heads, 1, head_dim))?;
@@ -653,6 +686,7 @@ mod tests {
             rms_eps: 1e-5,
             cos,
             sin,
+            local_rope: None,
             rope,
             scales: crate::backend::qllama::Scales::NONE,
             attention_cap: None,
