@@ -96,10 +96,12 @@ pub(super) fn causal_mask(t: usize, past: usize, device: &Device) -> candle_core
 }
 
 /// [`causal_mask`] within a sliding window of `window` positions: the query at position `p`
-/// sees `p − window + 1 ..= p` (transformers' and llama.cpp's sliding window).
+/// sees `p − window + 1 ..= p` (transformers' and llama.cpp's sliding window), over the keys
+/// of positions `start..past + t`: `(t, past + t − start)`.
 pub(super) fn sliding_mask(
     t: usize,
     past: usize,
+    start: usize,
     window: usize,
     device: &Device,
 ) -> candle_core::Result<Tensor> {
@@ -107,13 +109,13 @@ pub(super) fn sliding_mask(
     let mask: Vec<f32> = (0..t)
         .flat_map(|i| {
             let p = past + i;
-            (0..total).map(move |j| match j > p || j + window <= p {
+            (start..total).map(move |j| match j > p || j + window <= p {
                 true => f32::NEG_INFINITY,
                 false => 0.0,
             })
         })
         .collect();
-    Tensor::from_vec(mask, (t, total), device)
+    Tensor::from_vec(mask, (t, total - start), device)
 }
 
 /// softmax(q·kᵀ · scale + bias) · v, in f32. `bias` broadcasts to `(b, h, t_q, t_k)`: the
@@ -360,6 +362,26 @@ mod tests {
         assert_eq!(m[0][..4], [0.0; 4]);
         assert_eq!(m[0][4], f32::NEG_INFINITY);
         assert_eq!(m[1], vec![0.0; 5]);
+    }
+
+    /// Rows at positions 4, 5 and 6 with a window of 3, over the keys from position 2: each
+    /// sees itself and the two before it, nothing later.
+    #[test]
+    fn the_sliding_mask_lets_each_position_see_its_window_from_the_first_key_read() {
+        let m = sliding_mask(3, 4, 2, 3, &Device::Cpu)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let seen: Vec<Vec<usize>> = m
+            .iter()
+            .map(|row| (2..7).filter(|j| row[j - 2] == 0.0).collect())
+            .collect();
+        assert_eq!(seen, [vec![2, 3, 4], vec![3, 4, 5], vec![4, 5, 6]]);
+        assert!(
+            m.iter()
+                .flatten()
+                .all(|v| *v == 0.0 || *v == f32::NEG_INFINITY)
+        );
     }
 
     #[test]

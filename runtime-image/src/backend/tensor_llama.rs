@@ -281,12 +281,16 @@ impl TensorLlama {
             head_dim,
         } = self.shape;
         let t = q.dim(1)?;
-        let n = past + t;
         let rep = heads / kv_heads;
         let (kc, vc) = &cache.layers[l];
+        // A sliding window's rows read from the first position the first of them sees (a
+        // decode step: the window alone); the others from the start.
+        let window = self.layers[l].window;
+        let start = window.map_or(0, |w| (past + 1).saturating_sub(w));
+        let n = past + t - start;
         // The products in the cache's dtype (f32 sums inside cuBLAS and gemm), the softmax
         // in f32: a half-precision cache is read as it is, not converted every step.
-        let (k, v) = (kc.narrow(1, 0, n)?, vc.narrow(1, 0, n)?);
+        let (k, v) = (kc.narrow(1, start, n)?, vc.narrow(1, start, n)?);
         // Query head h reads kv head h / rep: the rep heads of a kv head are one batch.
         let q = q.reshape((kv_heads, rep * t, head_dim))?;
         let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?;
@@ -296,9 +300,9 @@ impl TensorLlama {
         };
         let scores = softcap(scores, self.attention_cap)?;
         let sliding;
-        let mask = match self.layers[l].window {
-            Some(w) if n > w => {
-                sliding = super::layers::sliding_mask(t, past, w, &self.device)?;
+        let mask = match window {
+            Some(w) if t > 1 && start + n > w => {
+                sliding = super::layers::sliding_mask(t, past, start, w, &self.device)?;
                 Some(&sliding)
             }
             _ => mask.filter(|_| t > 1),
