@@ -5226,3 +5226,90 @@ async fn a_request_past_its_time_limit_gets_504_and_the_server_keeps_serving() {
     assert_eq!(ok["usage"]["completion_tokens"], 1, "{ok}");
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
+
+/// A directory holding the real Gemma 3 270M GGUF (linked) and a tokenizer_config.json whose
+/// chat template is `template` (the GGUF, a base model, has none), as a fine-tune's files lie.
+fn gemma3_270m_with_template(template: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gemma.gguf");
+    std::os::unix::fs::symlink(models::gemma3_270m_gguf(), &path).unwrap();
+    let config = json!({"chat_template": template, "bos_token": "<bos>",
+        "eos_token": "<end_of_turn>"});
+    std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
+    (dir, path)
+}
+
+/// The real Gemma 3 270M served with Gemma's own chat templates: with Gemma 3's, a system
+/// message goes at the head of the first user turn, the prompt holds one beginning-of-text
+/// token (the template writes it, and the GGUF's `add_bos_token` adds none more),
+/// `<start_of_turn>` and `<end_of_turn>` are single control tokens, and the chat answers; with
+/// Gemma 2's, which refuses a system message, the request gets a 400 in the template's own
+/// words, and the server answers the next request.
+#[tokio::test]
+async fn the_real_gemma_3_chats_with_gemma_s_own_templates() {
+    let gemma3 = include_str!("../../runtime-image/tests/templates/gemma3.jinja");
+    let (_dir, path) = tokio::task::spawn_blocking(move || gemma3_270m_with_template(gemma3))
+        .await
+        .unwrap();
+    let (server, url) = serve_model(path, |c| c.max_new_tokens = 8).await;
+    let http = client();
+    let model = "gemma";
+    let system = json!({"messages": [{"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"}]});
+    let ids = model_token_ids(&http, &url, model, system.clone()).await;
+    assert_eq!(
+        ids.iter().filter(|t| **t == 2).count(),
+        1,
+        "one <bos>: {ids:?}"
+    );
+    let control = model_token_ids(
+        &http,
+        &url,
+        model,
+        json!({"prompt": "<start_of_turn><end_of_turn>",
+        "add_special_tokens": false}),
+    )
+    .await;
+    assert_eq!(control.len(), 2, "each is one control token: {control:?}");
+    assert!(control.iter().all(|t| ids.contains(t)), "{ids:?}");
+    let text = post_json(
+        &http,
+        &format!("{url}/detokenize"),
+        &json!({"model": model, "tokens": ids}),
+    )
+    .await;
+    assert_eq!(
+        text["prompt"],
+        "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n",
+        "{text}"
+    );
+    let chat = format!("{url}/v1/chat/completions");
+    let r = post_json(
+        &http,
+        &chat,
+        &with_fields(system, &json!({"model": model, "temperature": 0})),
+    )
+    .await;
+    assert_eq!(r["usage"]["prompt_tokens"], ids.len(), "{r}");
+    assert!(r["choices"][0]["message"]["content"].is_string(), "{r}");
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+
+    let gemma2 = include_str!("../../runtime-image/tests/templates/gemma2.jinja");
+    let (_dir, path) = tokio::task::spawn_blocking(move || gemma3_270m_with_template(gemma2))
+        .await
+        .unwrap();
+    let (server, url) = serve_model(path, |c| c.max_new_tokens = 8).await;
+    let refused = json!({"model": model, "messages": [{"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"}]});
+    let chat = format!("{url}/v1/chat/completions");
+    let r = http.post(&chat).json(&refused).send().await.unwrap();
+    let e = expect_error(r, 400, "a system message to Gemma 2's template").await;
+    let msg = e["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("System role not supported"), "{e}");
+    assert_eq!(e["error"]["param"], "messages", "{e}");
+    let ok =
+        json!({"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2});
+    let r = post_json(&http, &chat, &ok).await;
+    assert!(r["choices"][0]["message"]["content"].is_string(), "{r}");
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
