@@ -178,7 +178,7 @@ fn reproduces_llama_cpp_up_to_near_ties(
         let name = format!("{what}, {}", p["name"].as_str().unwrap());
         let expected = ids(&p["greedy_token_ids"]);
         let steps = p["per_step_top5"].as_array().unwrap();
-        let (got, logits) = greedy(&g, &ids(&p["prompt_token_ids"]), expected.len());
+        let (got, logits) = greedy(g, &ids(&p["prompt_token_ids"]), expected.len());
         let mut matched = expected.len();
         let mut worst = 0f32;
         for (i, (&a, &b)) in got.iter().zip(&expected).enumerate() {
@@ -1070,6 +1070,31 @@ fn gguf_paths(gguf: &Path) -> [(&'static str, GenerationModel); 2] {
     ]
 }
 
+/// The GGUF `gguf` on its two forward passes ([`gguf_paths`]) and each safetensors checkpoint of
+/// `checkpoints` (named), loaded.
+fn every_path(
+    gguf: &Path,
+    checkpoints: &[(&'static str, &Path)],
+) -> Vec<(&'static str, GenerationModel)> {
+    let mut models = Vec::from(gguf_paths(gguf));
+    models.extend(checkpoints.iter().map(|(what, dir)| (*what, generation(dir))));
+    models
+}
+
+/// Checks that every path ([`every_path`]) gives llama.cpp's logits and greedy tokens for
+/// `arch` ([`gives_the_reference_logits_and_tokens`]), and returns that reference.
+fn every_path_gives_llama_cpp_s(
+    arch: &str,
+    gguf: &Path,
+    checkpoints: &[(&'static str, &Path)],
+) -> Vec<Value> {
+    let want = llama_variants_reference()[arch].as_array().unwrap().clone();
+    for (what, g) in every_path(gguf, checkpoints) {
+        gives_the_reference_logits_and_tokens(&g, &want, &format!("{arch}, {what}"));
+    }
+    want
+}
+
 /// Checks that `g` gives the tiny llama's transformers logits after each of its fixture's
 /// cases (within 1e-2).
 fn gives_the_tiny_llama_s_logits(g: &GenerationModel, what: &str) {
@@ -1203,11 +1228,7 @@ fn qwen2_and_qwen3_from_gguf_and_safetensors_give_llama_cpp_s_logits_and_tokens(
             st.insert(format!("model.layers.{layer}.{hf}"), t);
         }
         candle_core::safetensors::save(&st, st_dir.path().join("model.safetensors")).unwrap();
-        let mut models = Vec::from(gguf_paths(&gguf));
-        models.push(("safetensors", generation(st_dir.path())));
-        for (what, g) in &models {
-            gives_the_reference_logits_and_tokens(g, want, &format!("{arch}, {what}"));
-        }
+        every_path_gives_llama_cpp_s(arch, &gguf, &[("safetensors", st_dir.path())]);
         // candle's quantized_llama (mixture-of-experts llamas) is llama's alone: refused.
         let err = backend::load_gguf_candle_reference(&gguf)
             .err()
@@ -1272,13 +1293,11 @@ fn phi3_from_gguf_and_safetensors_gives_transformers_and_llama_cpp_s_logits() {
         }
     }
     candle_core::safetensors::save(&st, st_dir.path().join("model.safetensors")).unwrap();
-    let mut models = Vec::from(gguf_paths(&gguf));
-    models.push(("safetensors", generation(st_dir.path())));
     let reference = llama_variants_reference();
-    for (what, g) in &models {
-        gives_the_tiny_llama_s_logits(g, &format!("phi3, {what}"));
-        let want = reference["phi3"].as_array().unwrap();
-        gives_the_reference_logits_and_tokens(g, want, &format!("phi3, {what}"));
+    let want = reference["phi3"].as_array().unwrap();
+    for (what, g) in every_path(&gguf, &[("safetensors", st_dir.path())]) {
+        gives_the_tiny_llama_s_logits(&g, &format!("phi3, {what}"));
+        gives_the_reference_logits_and_tokens(&g, want, &format!("phi3, {what}"));
     }
     // What Phi-3's kin add and kandle does not compute is refused by name.
     let refused = |dir: &Path| {
@@ -1364,13 +1383,7 @@ fn granite_from_gguf_and_safetensors_gives_llama_cpp_s_logits() {
         c["attention_multiplier"] = 0.125.into();
         c["logits_scaling"] = 4.0.into();
     });
-    let mut models = Vec::from(gguf_paths(&gguf));
-    models.push(("safetensors", generation(st_dir.path())));
-    let reference = llama_variants_reference();
-    let want = reference["granite"].as_array().unwrap();
-    for (what, g) in &models {
-        gives_the_reference_logits_and_tokens(g, want, &format!("granite, {what}"));
-    }
+    every_path_gives_llama_cpp_s("granite", &gguf, &[("safetensors", st_dir.path())]);
     // A scalar that is not a positive number is refused, naming it.
     let dir = tempfile::tempdir().unwrap();
     let bad = gguf_as(
@@ -1430,17 +1443,14 @@ fn smollm3_s_layers_without_a_rotary_give_llama_cpp_s_logits() {
         c["model_type"] = "smollm3".into();
         c["no_rope_layers"] = serde_json::json!([1, 1, 1, 0]);
     });
-    let mut models = Vec::from(gguf_paths(&gguf));
-    models.push(("safetensors", generation(st_dir.path())));
-    models.push(("safetensors, no_rope_layers", generation(listed.path())));
-    let reference = llama_variants_reference();
-    let want = reference["smollm3"].as_array().unwrap();
-    for (what, g) in &models {
-        gives_the_reference_logits_and_tokens(g, want, &format!("smollm3, {what}"));
-    }
+    let checkpoints = [
+        ("safetensors", st_dir.path()),
+        ("safetensors, no_rope_layers", listed.path()),
+    ];
+    let want = every_path_gives_llama_cpp_s("smollm3", &gguf, &checkpoints);
     let dir = tempfile::tempdir().unwrap();
     let llama = generation(&gguf_as("llama", doubled.path(), dir.path(), &[], &[]));
-    let d = first_case_difference(&llama, want);
+    let d = first_case_difference(&llama, &want);
     assert!(
         d > 0.05,
         "every layer turning is only {d} from llama.cpp's SmolLM3 logits"
@@ -1559,14 +1569,7 @@ fn gemma2_from_gguf_and_safetensors_gives_llama_cpp_s_logits() {
         c["final_logit_softcapping"] = 3.0.into();
         c["sliding_window"] = 5.into();
     });
-
-    let mut models = Vec::from(gguf_paths(&gguf));
-    models.push(("safetensors", generation(st_dir.path())));
-    let reference = llama_variants_reference();
-    let want = reference["gemma2"].as_array().unwrap();
-    for (what, g) in &models {
-        gives_the_reference_logits_and_tokens(g, want, &format!("gemma2, {what}"));
-    }
+    let want = every_path_gives_llama_cpp_s("gemma2", &gguf, &[("safetensors", st_dir.path())]);
     // Each addition changes the answers: the test can tell one left out.
     for (what, more, meta) in [
         (
@@ -1579,7 +1582,7 @@ fn gemma2_from_gguf_and_safetensors_gives_llama_cpp_s_logits() {
     ] {
         let dir = tempfile::tempdir().unwrap();
         let g = generation(&gguf_as("gemma2", &fixture, dir.path(), more, &meta));
-        let d = first_case_difference(&g, want);
+        let d = first_case_difference(&g, &want);
         assert!(d > 0.05, "{what}: only {d} from llama.cpp's Gemma 2 logits");
     }
     let dir = tempfile::tempdir().unwrap();
@@ -1648,14 +1651,11 @@ fn gemma3_from_gguf_and_safetensors_gives_llama_cpp_s_logits() {
             "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
         });
     });
-    let mut models = Vec::from(gguf_paths(&gguf));
-    models.push(("safetensors, transformers 4", generation(v4.path())));
-    models.push(("safetensors, transformers 5", generation(v5.path())));
-    let reference = llama_variants_reference();
-    let want = reference["gemma3"].as_array().unwrap();
-    for (what, g) in &models {
-        gives_the_reference_logits_and_tokens(g, want, &format!("gemma3, {what}"));
-    }
+    let checkpoints = [
+        ("safetensors, transformers 4", v4.path()),
+        ("safetensors, transformers 5", v5.path()),
+    ];
+    let want = every_path_gives_llama_cpp_s("gemma3", &gguf, &checkpoints);
     let same_base = [("gemma3.rope.freq_base_swa", V::F32(1e6))];
     let variants: [(&str, Vec<(&str, V)>); 3] = [
         (
@@ -1676,7 +1676,7 @@ fn gemma3_from_gguf_and_safetensors_gives_llama_cpp_s_logits() {
     for (what, meta) in variants {
         let dir = tempfile::tempdir().unwrap();
         let g = generation(&gguf_as("gemma3", &fixture, dir.path(), &more, &meta));
-        let d = first_case_difference(&g, want);
+        let d = first_case_difference(&g, &want);
         assert!(d > 0.05, "{what}: only {d} from llama.cpp's Gemma 3 logits");
     }
 }

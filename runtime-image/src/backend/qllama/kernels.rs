@@ -1048,6 +1048,42 @@ mod tests {
         check::<256>();
     }
 
+    /// An ISA's gated activation (`avx512::silu_mul`, ...).
+    type Gate = unsafe fn(&[f32], &[f32], &mut [f32]);
+
+    /// The outputs over `g` and `u` of every path of a gated activation this CPU runs: the
+    /// dispatched one, then the AVX-512 and the AVX2 ones of `isa` (in that order) where the
+    /// CPU has them.
+    fn gate_paths<const N: usize>(
+        g: &[f32],
+        u: &[f32],
+        dispatched: fn(&[f32], &[f32], &mut [f32]),
+        isa: [Gate; N],
+    ) -> Vec<(&'static str, Vec<f32>)> {
+        let mut got = vec![0f32; g.len()];
+        dispatched(g, u, &mut got);
+        let mut paths = vec![("dispatched", got)];
+        #[cfg(target_arch = "x86_64")]
+        {
+            let present = [
+                ("avx512", is_x86_feature_detected!("avx512f")),
+                (
+                    "avx2",
+                    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+                ),
+            ];
+            for ((name, here), gate) in present.into_iter().zip(isa) {
+                if here {
+                    let mut got = vec![0f32; g.len()];
+                    // SAFETY: the CPU has the ISA's features; the lengths agree.
+                    unsafe { gate(g, u, &mut got) };
+                    paths.push((name, got));
+                }
+            }
+        }
+        paths
+    }
+
     /// The gated GELU is GELU's tanh formula (transformers' `gelu_pytorch_tanh`, computed in
     /// f64) times the up value, where the sigmoid saturates on both sides too, and every path
     /// gives the lane code's bits over a length that is not a multiple of a register.
@@ -1067,25 +1103,11 @@ mod tests {
                 "[{i}] g {x}: {w} vs {exact}"
             );
         }
-        let mut got = vec![0f32; n];
-        gelu_mul(&g, &u, &mut got);
-        let mut paths = vec![("dispatched", got)];
         #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx512f") {
-                let mut got = vec![0f32; n];
-                // SAFETY: AVX-512F is present; the lengths agree.
-                unsafe { avx512::gelu_mul(&g, &u, &mut got) };
-                paths.push(("avx512", got));
-            }
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                let mut got = vec![0f32; n];
-                // SAFETY: AVX2 and FMA are present.
-                unsafe { avx2::gelu_mul(&g, &u, &mut got) };
-                paths.push(("avx2", got));
-            }
-        }
-        for (name, got) in paths {
+        let isa: [Gate; 2] = [avx512::gelu_mul, avx2::gelu_mul];
+        #[cfg(not(target_arch = "x86_64"))]
+        let isa = [];
+        for (name, got) in gate_paths(&g, &u, gelu_mul, isa) {
             for (i, (a, b)) in got.iter().zip(&want).enumerate() {
                 assert_eq!(a.to_bits(), b.to_bits(), "gelu {name} [{i}]: {a} vs {b}");
             }
@@ -1119,25 +1141,11 @@ mod tests {
                 "[{i}]"
             );
         }
-        let mut got = vec![0f32; n];
-        silu_mul(&g, &u, &mut got);
-        let mut paths = vec![("dispatched", got)];
         #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx512f") {
-                let mut got = vec![0f32; n];
-                // SAFETY: AVX-512F is present; the lengths agree.
-                unsafe { avx512::silu_mul(&g, &u, &mut got) };
-                paths.push(("avx512", got));
-            }
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                let mut got = vec![0f32; n];
-                // SAFETY: AVX2 and FMA are present.
-                unsafe { avx2::silu_mul(&g, &u, &mut got) };
-                paths.push(("avx2", got));
-            }
-        }
-        for (name, got) in paths {
+        let isa: [Gate; 2] = [avx512::silu_mul, avx2::silu_mul];
+        #[cfg(not(target_arch = "x86_64"))]
+        let isa = [];
+        for (name, got) in gate_paths(&g, &u, silu_mul, isa) {
             for (i, (a, b)) in got.iter().zip(&want).enumerate() {
                 assert_eq!(
                     a.to_bits(),
