@@ -7,7 +7,12 @@
 # GGUF (norms of each layer's attention and MLP outputs, GELU, soft-capped scores and logits,
 # a sliding window on every other layer: GEMMA below), as a Gemma 3 GGUF (Gemma 2's norms
 # without the caps, with norms of the query and key heads, the windowed layer turning by a
-# base of its own and the other by a linearly scaled one: GEMMA3 below), the way
+# base of its own and the other by a linearly scaled one: GEMMA3 below), as a Phi-3 GGUF with
+# LongRoPE (short and long factors by the formula below and an attention factor: LONGROPE
+# below; "phi3_longrope" with an original context of 256, which llama.cpp, running at 256
+# positions, turns by the short factors; "phi3_longrope_long" with one of 1, which it turns by
+# the long ones, and which kandle, choosing by each position, turns long too from position 1,
+# position 0's angles being 0 whatever the factors), the way
 # llama.cpp's converter writes those architectures (q and k rows as trained for llama.cpp's
 # NEOX rotary, permuted for Granite's and SmolLM3's, which turn pairs as llama's does; f32). The biases and
 # norm weights are made by the formulas below, which the Rust test repeats exactly (small
@@ -25,7 +30,8 @@ from safetensors.numpy import load_file
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', '..', 'shared', 'fixtures', 'tiny', 'llama')
 GREEDY = 8
-ARCHS = ['qwen2', 'qwen3', 'phi3', 'granite', 'smollm3', 'gemma2', 'gemma3']
+ARCHS = ['qwen2', 'qwen3', 'phi3', 'granite', 'smollm3', 'gemma2', 'gemma3', 'phi3_longrope',
+         'phi3_longrope_long']
 # Granite's embedding, residual, attention and logit scales (the Rust test's too).
 GRANITE = (2.0, 0.5, 0.125, 4.0)
 # Gemma 2's attention and logit caps and its sliding window, small enough to bite on the tiny
@@ -35,6 +41,8 @@ GEMMA = (1.5, 3.0, 5)
 # layers' rotary base and linear factor (the windowed one's base is llama.cpp's default,
 # 10,000).
 GEMMA3 = (5, 2, 1e6, 8.0)
+# LongRoPE's original contexts (short, long) and attention factor (the Rust test's too).
+LONGROPE = (256, 1, 1.25)
 
 
 def permute(w, heads):
@@ -52,7 +60,13 @@ def norm_weight(n, salt):
     return np.array([1 + ((5 * j + 3 * salt) % 17 - 8) / 64 for j in range(n)], dtype=np.float32)
 
 
-def write(arch, path):
+def rope_factors(n, long):
+    """The Rust test's `rope_factors`: 1 + ((3j + 1) mod 5) / 4, doubled for the long ones."""
+    return np.array([(1 + ((3 * j + 1) % 5) / 4) * (2 if long else 1) for j in range(n)], dtype=np.float32)
+
+
+def write(key, path):
+    arch = 'phi3' if key.startswith('phi3_longrope') else key
     cfg = json.load(open(os.path.join(FIXTURE, 'config.json')))
     st = load_file(os.path.join(FIXTURE, 'model.safetensors'))
     tok = json.load(open(os.path.join(FIXTURE, 'tokenizer.json')))
@@ -82,6 +96,11 @@ def write(arch, path):
         w.add_residual_scale(GRANITE[1])
         w.add_attention_scale(GRANITE[2])
         w.add_logit_scale(GRANITE[3])
+    if key.startswith('phi3_longrope'):
+        w.add_rope_scaling_orig_ctx_len(LONGROPE[1] if key.endswith('_long') else LONGROPE[0])
+        w.add_rope_scaling_attn_factors(LONGROPE[2])
+        w.add_tensor('rope_factors_short.weight', rope_factors(hd // 2, False))
+        w.add_tensor('rope_factors_long.weight', rope_factors(hd // 2, True))
     if arch == 'gemma3':
         w.add_sliding_window(GEMMA3[0])
         w.add_sliding_window_pattern(GEMMA3[1])

@@ -1255,44 +1255,15 @@ fn qwen2_and_qwen3_from_gguf_and_safetensors_give_llama_cpp_s_logits_and_tokens(
 /// as a Phi-3 GGUF (read on kandle's kernels and on the tensor path a GPU runs) and as
 /// transformers saves a `Phi3ForCausalLM`, give the tiny llama's transformers logits, and
 /// llama.cpp's logits and greedy tokens on the same file (`tests/references/llama_variants.json`,
-/// which llama.cpp also put within 0.003 of transformers'). Phi-4-mini's partial rotary and
-/// the 128k models' LongRoPE are refused by name.
+/// which llama.cpp also put within 0.003 of transformers'). Phi-4-mini's partial rotary is
+/// refused by name.
 #[test]
 fn phi3_from_gguf_and_safetensors_gives_transformers_and_llama_cpp_s_logits() {
-    use candle_core::{Device, Tensor};
     let fixture = fixtures_dir().join("tiny/llama");
     let dir = tempfile::tempdir().unwrap();
     let gguf = gguf_as("phi3", &fixture, dir.path(), &[], &[]);
     let st_dir = tempfile::tempdir().unwrap();
-    tiny_llama_copy(st_dir.path(), |c| {
-        c["model_type"] = "phi3".into();
-        c["architectures"] = serde_json::json!(["Phi3ForCausalLM"]);
-    });
-    let mut st =
-        candle_core::safetensors::load(fixture.join("model.safetensors"), &Device::Cpu).unwrap();
-    let layers = json(&fixture.join("config.json"))["num_hidden_layers"]
-        .as_u64()
-        .unwrap();
-    for i in 0..layers {
-        let p = format!("model.layers.{i}.");
-        for (fused, parts) in [
-            (
-                "self_attn.qkv_proj",
-                ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"].as_slice(),
-            ),
-            (
-                "mlp.gate_up_proj",
-                ["mlp.gate_proj", "mlp.up_proj"].as_slice(),
-            ),
-        ] {
-            let ts: Vec<Tensor> = parts
-                .iter()
-                .map(|n| st.remove(&format!("{p}{n}.weight")).unwrap())
-                .collect();
-            st.insert(format!("{p}{fused}.weight"), Tensor::cat(&ts, 0).unwrap());
-        }
-    }
-    candle_core::safetensors::save(&st, st_dir.path().join("model.safetensors")).unwrap();
+    phi3_checkpoint(st_dir.path(), |_| {});
     let reference = llama_variants_reference();
     let want = reference["phi3"].as_array().unwrap();
     for (what, g) in every_path(&gguf, &[("safetensors", st_dir.path())]) {
@@ -1317,21 +1288,158 @@ fn phi3_from_gguf_and_safetensors_gives_transformers_and_llama_cpp_s_logits() {
         err.contains("partial_rotary_factor") && err.contains("not supported"),
         "{err}"
     );
-    let long = tempfile::tempdir().unwrap();
-    let factors = [1.0f32; 8];
+}
+
+/// The tiny llama as transformers saves a `Phi3ForCausalLM` (Q, K and V fused into
+/// `qkv_proj`, the MLP's gate and up into `gate_up_proj`) in `dir`, its config.json changed by
+/// `edit`.
+fn phi3_checkpoint(dir: &Path, edit: impl FnOnce(&mut Value)) {
+    use candle_core::{Device, Tensor};
+    tiny_llama_copy(dir, |c| {
+        c["model_type"] = "phi3".into();
+        c["architectures"] = serde_json::json!(["Phi3ForCausalLM"]);
+        edit(c);
+    });
+    let fixture = fixtures_dir().join("tiny/llama");
+    let mut st =
+        candle_core::safetensors::load(fixture.join("model.safetensors"), &Device::Cpu).unwrap();
+    let layers = json(&fixture.join("config.json"))["num_hidden_layers"]
+        .as_u64()
+        .unwrap();
+    for i in 0..layers {
+        let p = format!("model.layers.{i}.");
+        for (fused, parts) in [
+            (
+                "self_attn.qkv_proj",
+                ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"].as_slice(),
+            ),
+            (
+                "mlp.gate_up_proj",
+                ["mlp.gate_proj", "mlp.up_proj"].as_slice(),
+            ),
+        ] {
+            let ts: Vec<Tensor> = parts
+                .iter()
+                .map(|n| st.remove(&format!("{p}{n}.weight")).unwrap())
+                .collect();
+            st.insert(format!("{p}{fused}.weight"), Tensor::cat(&ts, 0).unwrap());
+        }
+    }
+    candle_core::safetensors::save(&st, dir.join("model.safetensors")).unwrap();
+}
+
+/// The formula of `tests/references/llama_variants.py`'s LongRoPE factors: `n` of them, the
+/// long ones twice the short.
+fn rope_factors(n: usize, long: bool) -> Vec<f32> {
+    let scale = if long { 2.0 } else { 1.0 };
+    (0..n)
+        .map(|j| (1.0 + ((3 * j + 1) % 5) as f32 / 4.0) * scale)
+        .collect()
+}
+
+/// Phi-3's 128k models and Phi-3.5 turn by LongRoPE: each frequency's angles divided by a
+/// short factor at positions below the original context and by a long one from there on,
+/// cos and sin times an attention factor. The tiny llama as a Phi-3 GGUF with the factors and
+/// attention factor of `tests/references/llama_variants.py` (`LONGROPE`), on kandle's kernels
+/// and on the tensor path, and as a `Phi3ForCausalLM` whose `rope_scaling` is "longrope" with
+/// the same values, gives llama.cpp's logits and greedy tokens on that file: with an original
+/// context of 256, which llama.cpp (running at 256 positions) and kandle (every position of the
+/// prompts lies below it) turn short; and with one of 1, which llama.cpp turns long everywhere
+/// and kandle from position 1 on (position 0's angles are 0 whatever the factors). Without the
+/// attention factor, or with the long factors halved, the logits are far from those;
+/// factors of the wrong length are refused.
+#[test]
+fn phi3_s_long_rope_turns_short_and_long_as_llama_cpp_does() {
+    use candle_core::quantized::gguf_file::Value as V;
+    let fixture = fixtures_dir().join("tiny/llama");
+    let hd = json(&fixture.join("config.json"))["head_dim"]
+        .as_u64()
+        .unwrap() as usize;
+    let (short, long) = (rope_factors(hd / 2, false), rope_factors(hd / 2, true));
+    let factors = |long: &[f32]| -> Vec<(String, Vec<f32>)> {
+        vec![
+            ("rope_factors_short.weight".into(), short.clone()),
+            ("rope_factors_long.weight".into(), long.to_vec()),
+        ]
+    };
+    let meta = |original: u32, attention: f32| {
+        [
+            (
+                "phi3.rope.scaling.original_context_length",
+                V::U32(original),
+            ),
+            ("phi3.rope.scaling.attn_factor", V::F32(attention)),
+        ]
+    };
+    for (key, original) in [("phi3_longrope", 256), ("phi3_longrope_long", 1)] {
+        let dir = tempfile::tempdir().unwrap();
+        let tensors = factors(&long);
+        let gguf = gguf_as(
+            "phi3",
+            &fixture,
+            dir.path(),
+            &borrowed(&tensors),
+            &meta(original, 1.25),
+        );
+        let st_dir = tempfile::tempdir().unwrap();
+        phi3_checkpoint(st_dir.path(), |c| {
+            c["original_max_position_embeddings"] = original.into();
+            c["rope_scaling"] = serde_json::json!({"type": "longrope", "short_factor": short,
+                "long_factor": long, "attention_factor": 1.25});
+        });
+        let want = llama_variants_reference()[key].as_array().unwrap().clone();
+        for (what, g) in every_path(&gguf, &[("safetensors", st_dir.path())]) {
+            gives_the_reference_logits_and_tokens(&g, &want, &format!("{key}, {what}"));
+        }
+        // Each part changes the answers: the test can tell one left out (the long factors
+        // where they are used).
+        let halved: Vec<f32> = long.iter().map(|f| f / 2.0).collect();
+        let mut variants = vec![(
+            "without the attention factor",
+            factors(&long),
+            meta(original, 1.0),
+        )];
+        if original == 1 {
+            variants.push((
+                "with the long factors halved",
+                factors(&halved),
+                meta(original, 1.25),
+            ));
+        }
+        for (what, tensors, meta) in variants {
+            let dir = tempfile::tempdir().unwrap();
+            let g = generation(&gguf_as(
+                "phi3",
+                &fixture,
+                dir.path(),
+                &borrowed(&tensors),
+                &meta,
+            ));
+            let d = first_case_difference(&g, &want);
+            assert!(d > 0.05, "{key} {what}: only {d} from llama.cpp's logits");
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let wrong = vec![
+        ("rope_factors_short.weight".to_owned(), vec![1.0; 3]),
+        ("rope_factors_long.weight".to_owned(), long.clone()),
+    ];
     let path = gguf_as(
         "phi3",
         &fixture,
-        long.path(),
-        &[
-            ("rope_factors_long.weight", &factors),
-            ("rope_factors_short.weight", &factors),
-        ],
-        &[],
+        dir.path(),
+        &borrowed(&wrong),
+        &meta(4, 1.0),
     );
-    let err = refused(&path);
+    let err = backend::load(&LoadOptions {
+        path,
+        ..Default::default()
+    })
+    .err()
+    .expect("refused")
+    .to_string();
     assert!(
-        err.contains("LongRoPE") && err.contains("not supported"),
+        err.contains("rope_factors_short") && err.contains("positive factors"),
         "{err}"
     );
 }

@@ -19,7 +19,7 @@ use candle_transformers::models::quantized_llama::{MAX_SEQ_LEN, ModelWeights};
 use super::qllama::{self, Arch, KvCache, Weights};
 use super::tensor_llama::{
     Biased, Heads, Layer, PREFILL_CHUNK, Proj, Rope, TensorLlama, TensorLlamaLm,
-    inverse_frequencies, rope_tables,
+    inverse_frequencies, long_rope_tables, rope_tables,
 };
 use super::{CausalLm, Sequence};
 use crate::chat::ChatTemplate;
@@ -391,7 +391,10 @@ fn tensor_weights<R: std::io::Read + std::io::Seek>(
             *f /= d;
         }
     }
-    let (cos, sin) = rope_tables(&inv_freq, context_length, DType::F32, device)?;
+    let (cos, sin) = match qllama::LongRope::of(ct, arch, reader, inv_freq.len())? {
+        Some(l) => long_rope_tables(&inv_freq, &l, context_length, DType::F32, device)?,
+        None => rope_tables(&inv_freq, context_length, DType::F32, device)?,
+    };
     let local_rope = match gemma.local_base {
         Some(base) => Some(rope_tables(
             &inverse_frequencies(base, head_dim),

@@ -30,10 +30,10 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::llama::{Config, Llama3RopeType, LlamaConfig, LlamaEosToks};
 
 use super::few_rows::FewRows;
-use super::qllama::{Arch, Gemma, Pattern, Scales};
+use super::qllama::{Arch, Gemma, LongRope, Pattern, Scales};
 use super::tensor_llama::{
     Heads, Layer, PREFILL_CHUNK, Proj, Rope, TensorLlama, TensorLlamaLm, inverse_frequencies,
-    rope_tables,
+    long_rope_tables, rope_tables,
 };
 use crate::error::{Error, Result, read_json};
 use crate::model::LoadedModel;
@@ -107,7 +107,7 @@ pub(super) fn load(
         .get("rope_scaling")
         .filter(|v| !v.is_null())
         .or(rope_parameters);
-    let mut linear = None;
+    let (mut linear, mut long_rope) = (None, None);
     if let Some(s) = scaling {
         let kind = s.get("rope_type").or_else(|| s.get("type"));
         match kind.and_then(|k| k.as_str()).unwrap_or("default") {
@@ -125,10 +125,15 @@ pub(super) fn load(
                     }
                 }
             }
+            // Phi-3's LongRoPE ("su" in its first configs), read once the heads' width is.
+            "longrope" | "su" => {
+                cfg_json["rope_scaling"] = serde_json::Value::Null;
+                long_rope = Some(s);
+            }
             other => {
                 return Err(Error::Model(format!(
-                    "llama with {other:?} rotary scaling is not supported (llama3's and \
-                     linear are)"
+                    "llama with {other:?} rotary scaling is not supported (llama3's, linear \
+                     and longrope are)"
                 )));
             }
         }
@@ -219,6 +224,9 @@ pub(super) fn load(
     };
     let config = lcfg.into_config(false);
     let vb = super::layers::var_builder(dir, dtype, device)?;
+    let long_rope = long_rope
+        .map(|s| long_rope_of(&raw, s, head_dim, &dir.join("config.json")))
+        .transpose()?;
     // The rotary frequencies of every layer (but Gemma 3's windowed ones), linearly scaled
     // where asked.
     let mut inv = inv_freq(&config, head_dim);
@@ -229,7 +237,7 @@ pub(super) fn load(
         vb,
         &config,
         (family, scales, &rotates, gemma),
-        (head_dim, &inv),
+        (head_dim, &inv, long_rope.as_ref()),
         dtype,
         device,
     )
@@ -413,6 +421,61 @@ fn gemma(raw: &serde_json::Value, family: Arch, layers: usize, config: &Path) ->
     })
 }
 
+/// The LongRoPE of a config.json (`config` names it) whose rotary scaling `s` is "longrope":
+/// its `short_factor` and `long_factor`, the `original_max_position_embeddings` (at the top
+/// level or in `s`), and its `attention_factor`, or where absent transformers' default:
+/// `√(1 + ln f / ln original)` for `f = factor` (else `max_position_embeddings / original`)
+/// above 1, else 1.
+fn long_rope_of(
+    raw: &serde_json::Value,
+    s: &serde_json::Value,
+    head_dim: usize,
+    config: &Path,
+) -> Result<LongRope> {
+    let what = |name: &str| {
+        let key = match name {
+            "short" => "rope_scaling.short_factor",
+            "long" => "rope_scaling.long_factor",
+            "original" => "original_max_position_embeddings",
+            _ => "rope_scaling.attention_factor",
+        };
+        format!("{}: {key}", config.display())
+    };
+    let factors = |key: &str| -> Vec<f32> {
+        (s.get(key).and_then(|v| v.as_array()).into_iter().flatten())
+            .map(|x| x.as_f64().map_or(f32::NAN, |x| x as f32))
+            .collect()
+    };
+    let number = |key: &str| {
+        (raw.get(key).or_else(|| s.get(key)))
+            .filter(|v| !v.is_null())
+            .and_then(|v| v.as_f64())
+    };
+    let original = number("original_max_position_embeddings").unwrap_or(0.0);
+    let attention = match s.get("attention_factor").and_then(|v| v.as_f64()) {
+        Some(a) => a,
+        None => {
+            let longest = number("max_position_embeddings").unwrap_or(original);
+            let f = s
+                .get("factor")
+                .and_then(|v| v.as_f64())
+                .unwrap_or(longest / original);
+            match f > 1.0 {
+                true => (1.0 + f.ln() / original.ln()).sqrt(),
+                false => 1.0,
+            }
+        }
+    };
+    LongRope::checked(
+        factors("short_factor"),
+        factors("long_factor"),
+        original as usize,
+        attention as f32,
+        head_dim / 2,
+        what,
+    )
+}
+
 /// The rotary embedding's inverse frequencies, with llama3's scaling where the config has it
 /// (as candle-transformers' and transformers' llama compute them).
 fn inv_freq(cfg: &Config, head_dim: usize) -> Vec<f32> {
@@ -447,7 +510,7 @@ fn weights(
     vb: VarBuilder,
     cfg: &Config,
     (family, scales, rotates, gemma): (Arch, Scales, &[bool], Gemma),
-    (head_dim, inv): (usize, &[f32]),
+    (head_dim, inv, long_rope): (usize, &[f32], Option<&LongRope>),
     dtype: DType,
     device: &Device,
 ) -> candle_core::Result<TensorLlama> {
@@ -567,7 +630,10 @@ fn weights(
         dense(&vb, cfg.vocab_size, hidden, "lm_head")?
     };
     let positions = cfg.max_position_embeddings;
-    let (cos, sin) = rope_tables(inv, positions, dtype, device)?;
+    let (cos, sin) = match long_rope {
+        Some(l) => long_rope_tables(inv, l, positions, dtype, device)?,
+        None => rope_tables(inv, positions, dtype, device)?,
+    };
     let local_rope = match gemma.local_base {
         Some(base) => Some(rope_tables(
             &inverse_frequencies(base, head_dim),

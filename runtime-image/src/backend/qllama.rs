@@ -59,11 +59,12 @@ pub(crate) use kernels::exp_shifted;
 ///   ([`Gemma::local_base`]).
 ///
 /// Qwen2 covers Qwen2, Qwen2.5 (and -Coder, -Math), DeepSeek-R1's Qwen distillations and
-/// QwQ; Qwen3 its dense models; Phi-3 the 4k-context Phi-3 mini and medium, and Phi-4 (the
-/// 128k ones and Phi-3.5 turn by LongRoPE); Granite IBM's Granite 3 dense models; SmolLM3 Hugging Face's
-/// SmolLM3; Gemma 2 Google's Gemma 2 (2B, 9B, 27B); Gemma 3 its text models (the 1B, and the
-/// language model of the 4B, 12B and 27B, whose images kandle does not read). Their mixture-of-experts kinds (`qwen2moe`, `qwen3moe`, `phimoe`) are
-/// other architectures, refused by name, as is Phi-3's long-context rotary (LongRoPE).
+/// QwQ; Qwen3 its dense models; Phi-3 Phi-3 mini and medium, Phi-3.5 mini and Phi-4 (the
+/// 128k ones and Phi-3.5 turn by [`LongRope`]); Granite IBM's Granite 3 dense models; SmolLM3
+/// Hugging Face's SmolLM3; Gemma 2 Google's Gemma 2 (2B, 9B, 27B); Gemma 3 its text models
+/// (the 1B, and the language model of the 4B, 12B and 27B, whose images kandle does not read).
+/// Their mixture-of-experts kinds (`qwen2moe`, `qwen3moe`, `phimoe`) are other architectures,
+/// refused by name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Arch {
     Llama,
@@ -436,6 +437,8 @@ pub(super) struct Weights {
     divisors: Option<Vec<f32>>,
     /// The windowed layers' own frequencies, unscaled (Gemma 3's [`Gemma::local_base`]).
     local_theta: Option<Vec<f32>>,
+    /// Phi-3's long-context rotary, in place of `divisors`.
+    long_rope: Option<LongRope>,
     /// The longest sequence: the model's context length.
     max_positions: usize,
     /// Forward passes run so far ([`crate::backend::CausalLm::forward_passes`]).
@@ -706,7 +709,7 @@ pub(super) fn head_dim(
 /// - linear scaling (`llama.rope.scaling.type` "linear", or none given, with
 ///   `llama.rope.scaling.factor` or the older `llama.rope.scale_linear`): every angle divided
 ///   by the factor, on top of those;
-/// - YaRN and LongRoPE are refused by name, not run unscaled.
+/// - YaRN is refused by name, not run unscaled; LongRoPE is [`LongRope`], not this.
 pub(super) fn rope_divisors<R: std::io::Seek + std::io::Read>(
     ct: &gguf_file::Content,
     arch: Arch,
@@ -722,21 +725,21 @@ pub(super) fn rope_divisors<R: std::io::Seek + std::io::Read>(
     let factor = ["rope.scaling.factor", "rope.scale_linear"]
         .iter()
         .find_map(|k| ct.metadata.get(&arch.key(k)).and_then(|v| v.to_f32().ok()));
+    let long_rope = ct.tensor_infos.contains_key("rope_factors_long.weight");
     let linear = match (kind, factor) {
         ("" | "linear", Some(f)) if f > 0.0 && f.is_finite() => Some(f),
         ("" | "linear" | "none", _) => None,
+        ("longrope", _) if long_rope => None,
         (other, _) => {
             return Err(Error::Model(format!(
                 "GGUF rotary scaling {other:?} ({kind_key}) is not supported; linear \
-                 scaling and Llama 3's rope_freqs are"
+                 scaling, Llama 3's rope_freqs and LongRoPE's rope_factors are"
             )));
         }
     };
-    if ct.tensor_infos.contains_key("rope_factors_long.weight") {
+    if long_rope && (linear.is_some() || ct.tensor_infos.contains_key("rope_freqs.weight")) {
         return Err(Error::Model(
-            "GGUF rotary scaling LongRoPE (rope_factors_long: Phi-3's and Phi-3.5's 128k \
-             contexts) is not supported; linear scaling and Llama 3's rope_freqs are"
-                .into(),
+            "GGUF with LongRoPE's rope_factors and another rotary scaling is not supported".into(),
         ));
     }
     let mut divisors = match ct.tensor_infos.contains_key("rope_freqs.weight") {
@@ -777,6 +780,120 @@ fn rotary(theta: &[f32], divisors: Option<&[f32]>, pos: usize, cos: &mut [f32], 
         };
         cos[i] = a.cos();
         sin[i] = a.sin();
+    }
+}
+
+/// Phi-3's long-context rotary (LongRoPE: Phi-3 mini and medium 128k, Phi-3.5 mini): the
+/// angles of each frequency divided by its `short` factor at positions below the model's
+/// `original` context and by its `long` factor from there on, and every `cos` and `sin` times
+/// `attention`.
+///
+/// Which factors: transformers and vLLM choose per forward pass, long when its last position
+/// passes the original context; kandle chooses by each row's own position, which is their
+/// choice for every sequence within the original context and for every decode step past it (a
+/// prompt longer than the original context has its first rows turned short here, long
+/// there), and keeps a row's result independent of what else is in its pass (the prefix
+/// cache's exactness). llama.cpp chooses once, by the context it runs at: long whenever that
+/// passes the original, so its default full context turns even a short prompt long.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct LongRope {
+    pub short: Vec<f32>,
+    pub long: Vec<f32>,
+    pub original: usize,
+    pub attention: f32,
+}
+
+impl LongRope {
+    /// The divisors of position `p`'s angles.
+    pub(super) fn divisors(&self, p: usize) -> &[f32] {
+        match p < self.original {
+            true => &self.short,
+            false => &self.long,
+        }
+    }
+
+    /// The LongRoPE a GGUF declares (`rope_factors_short` and `rope_factors_long`, one factor
+    /// per frequency; `rope.scaling.original_context_length`; `rope.scaling.attn_factor`, 1
+    /// where absent, as llama.cpp reads them), `None` without the factors.
+    pub(super) fn of<R: std::io::Seek + std::io::Read>(
+        ct: &gguf_file::Content,
+        arch: Arch,
+        reader: &mut R,
+        frequencies: usize,
+    ) -> Result<Option<LongRope>> {
+        if !ct.tensor_infos.contains_key("rope_factors_long.weight") {
+            return Ok(None);
+        }
+        let mut factors = |name: &str| -> Result<Vec<f32>> {
+            let t = ct.tensor(reader, name, &Device::Cpu)?;
+            Ok(t.dequantize(&Device::Cpu)?
+                .flatten_all()?
+                .to_vec1::<f32>()?)
+        };
+        let (short, long) = (
+            factors("rope_factors_short.weight")?,
+            factors("rope_factors_long.weight")?,
+        );
+        let original = md_u32(ct, &arch.key("rope.scaling.original_context_length"))?;
+        let attention = match ct.metadata.get(&arch.key("rope.scaling.attn_factor")) {
+            Some(v) => v.to_f32()?,
+            None => 1.0,
+        };
+        LongRope::checked(
+            short,
+            long,
+            original,
+            attention,
+            frequencies,
+            |name| match name {
+                "short" => "GGUF rope_factors_short".into(),
+                "long" => "GGUF rope_factors_long".into(),
+                "original" => format!("GGUF {}", arch.key("rope.scaling.original_context_length")),
+                _ => format!("GGUF {}", arch.key("rope.scaling.attn_factor")),
+            },
+        )
+        .map(Some)
+    }
+
+    /// A LongRoPE of these values, each checked: `frequencies` positive factors each, a
+    /// positive original context and attention factor; `what` names the value refused
+    /// (`short`, `long`, `original`, `attention`) as the model declares it.
+    pub(super) fn checked(
+        short: Vec<f32>,
+        long: Vec<f32>,
+        original: usize,
+        attention: f32,
+        frequencies: usize,
+        what: impl Fn(&str) -> String,
+    ) -> Result<LongRope> {
+        for (name, f) in [("short", &short), ("long", &long)] {
+            if f.len() != frequencies || f.iter().any(|&x| !(x.is_finite() && x > 0.0)) {
+                return Err(Error::Model(format!(
+                    "{} must hold {frequencies} positive factors (one per rotary frequency), \
+                     it holds {} values",
+                    what(name),
+                    f.len()
+                )));
+            }
+        }
+        if original == 0 {
+            return Err(Error::Model(format!(
+                "{} must be positive",
+                what("original")
+            )));
+        }
+        if !(attention.is_finite() && attention > 0.0) {
+            return Err(Error::Model(format!(
+                "{} must be a positive number, it is {attention}",
+                what("attention")
+            )));
+        }
+        Ok(LongRope {
+            short,
+            long,
+            original,
+            attention,
+        })
     }
 }
 
@@ -838,6 +955,7 @@ impl Weights {
         };
         let theta = frequencies(freq_base);
         let divisors = rope_divisors(ct, arch, reader, theta.len())?;
+        let long_rope = LongRope::of(ct, arch, reader, theta.len())?;
 
         let tensor =
             |name: &str, reader: &mut R| -> Result<_> { Ok(ct.tensor(reader, name, device)?) };
@@ -983,6 +1101,7 @@ impl Weights {
             theta,
             divisors,
             local_theta,
+            long_rope,
             max_positions,
             passes: Default::default(),
         })
@@ -1122,16 +1241,25 @@ impl Weights {
             .iter()
             .flat_map(|(cache, tokens)| cache.len..cache.len + tokens.len())
             .collect();
-        let table = |theta: &[f32], divisors: Option<&[f32]>| {
+        // `scaled`: with the model's scaling (the windowed layers' own frequencies have none).
+        let table = |theta: &[f32], scaled: bool| {
             let (mut cos, mut sin) = (vec![0f32; rows * half], vec![0f32; rows * half]);
             let rows = cos.chunks_exact_mut(half).zip(sin.chunks_exact_mut(half));
             for (&p, (c, s)) in positions.iter().zip(rows) {
-                rotary(theta, divisors, p, c, s);
+                match (&self.long_rope, scaled) {
+                    (Some(l), true) => {
+                        rotary(theta, Some(l.divisors(p)), p, c, s);
+                        c.iter_mut()
+                            .chain(s.iter_mut())
+                            .for_each(|v| *v *= l.attention);
+                    }
+                    _ => rotary(theta, self.divisors.as_deref().filter(|_| scaled), p, c, s),
+                }
             }
             (cos, sin)
         };
-        let global = table(&self.theta, self.divisors.as_deref());
-        let local = self.local_theta.as_deref().map(|t| table(t, None));
+        let global = table(&self.theta, true);
+        let local = self.local_theta.as_deref().map(|t| table(t, false));
         for (li, layer) in self.layers.iter().enumerate() {
             let (cos, sin) = match (&local, layer.window) {
                 (Some(local), Some(_)) => local,

@@ -151,6 +151,38 @@ pub(super) fn rope_tables(
     Ok((theta.cos()?.to_dtype(dtype)?, theta.sin()?.to_dtype(dtype)?))
 }
 
+/// The rotary `cos` and `sin` tables of a LongRoPE ([`super::qllama::LongRope`]) for positions
+/// `0..positions`: those below its original context turned by the frequencies `inv` divided by
+/// its short factors, the others by its long ones, every value times its attention factor.
+pub(super) fn long_rope_tables(
+    inv: &[f32],
+    rope: &super::qllama::LongRope,
+    positions: usize,
+    dtype: DType,
+    device: &Device,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let table = |factors: &[f32]| {
+        let scaled: Vec<f32> = inv.iter().zip(factors).map(|(i, f)| i / f).collect();
+        rope_tables(&scaled, positions, DType::F32, device)
+    };
+    let (short, long) = (table(&rope.short)?, table(&rope.long)?);
+    let split = rope.original.min(positions);
+    let join = |a: &Tensor, b: &Tensor| -> candle_core::Result<Tensor> {
+        let t = match split == positions {
+            true => a.clone(),
+            false => Tensor::cat(
+                &[
+                    a.narrow(0, 0, split)?,
+                    b.narrow(0, split, positions - split)?,
+                ],
+                0,
+            )?,
+        };
+        (t * rope.attention as f64)?.to_dtype(dtype)
+    };
+    Ok((join(&short.0, &long.0)?, join(&short.1, &long.1)?))
+}
+
 /// Keys and values of every layer of one sequence.
 pub(super) struct Cache {
     /// Per layer `(keys, values)`, `(kv_heads, capacity, head_dim)` each; empty until the
