@@ -1572,28 +1572,21 @@ fn gemma_norms(heads: bool) -> Vec<(String, Vec<f32>)> {
     let (_, _, hidden) = attention_shape(&cfg);
     let hd = cfg["head_dim"].as_u64().unwrap() as usize;
     let layers = cfg["num_hidden_layers"].as_u64().unwrap() as usize;
-    let mut norms = Vec::new();
-    for i in 0..layers {
-        norms.push((
-            format!("blk.{i}.post_attention_norm.weight"),
-            qwen_norm(hidden, 2 * i + 10),
-        ));
-        norms.push((
-            format!("blk.{i}.post_ffw_norm.weight"),
-            qwen_norm(hidden, 2 * i + 11),
-        ));
-        if heads {
-            norms.push((
-                format!("blk.{i}.attn_q_norm.weight"),
-                qwen_norm(hd, 2 * i + 20),
-            ));
-            norms.push((
-                format!("blk.{i}.attn_k_norm.weight"),
-                qwen_norm(hd, 2 * i + 21),
-            ));
-        }
+    // Each norm's name, width and salt (in layer i: 2i plus this).
+    let mut kinds = vec![
+        ("post_attention_norm", hidden, 10),
+        ("post_ffw_norm", hidden, 11),
+    ];
+    if heads {
+        kinds.extend([("attn_q_norm", hd, 20), ("attn_k_norm", hd, 21)]);
     }
-    norms
+    (0..layers)
+        .flat_map(|i| {
+            kinds.iter().map(move |(name, n, salt)| {
+                (format!("blk.{i}.{name}.weight"), qwen_norm(*n, 2 * i + salt))
+            })
+        })
+        .collect()
 }
 
 /// `tensors` as [`gguf_as`] takes them.
