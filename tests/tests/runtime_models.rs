@@ -828,11 +828,7 @@ fn a_gguf_s_rope_freqs_scale_the_rotary_as_llama3_rope_scaling_does() {
     // Another kind of scaling is refused by name.
     cfg["rope_parameters"]["rope_type"] = serde_json::json!("yarn");
     std::fs::write(scaled_dir.path().join("config.json"), cfg.to_string()).unwrap();
-    let options = LoadOptions {
-        path: scaled_dir.path().to_path_buf(),
-        ..Default::default()
-    };
-    let err = backend::load(&options).err().expect("refused").to_string();
+    let err = load_error(scaled_dir.path());
     assert!(
         err.contains("\"yarn\" rotary scaling is not supported"),
         "{err}"
@@ -882,12 +878,7 @@ fn a_gguf_s_rope_freqs_scale_the_rotary_as_llama3_rope_scaling_does() {
     assert!(max_abs_diff(&linear, &last_logits(&without)) > 0.1);
     let refused = |more: &[(&str, &[f32])], extra: &[(&str, V)]| {
         let dir = tempfile::tempdir().unwrap();
-        let path = tiny_llama_gguf(dir.path(), more, extra);
-        let options = LoadOptions {
-            path,
-            ..Default::default()
-        };
-        backend::load(&options).err().expect("refused").to_string()
+        load_error(&tiny_llama_gguf(dir.path(), more, extra))
     };
     let err = refused(
         &[],
@@ -992,13 +983,7 @@ fn llama_heads_of_their_own_width_run_from_safetensors_and_gguf() {
         &[],
         &[("llama.attention.value_length", V::U32(8))],
     );
-    let err = backend::load(&LoadOptions {
-        path: odd,
-        ..Default::default()
-    })
-    .err()
-    .expect("refused")
-    .to_string();
+    let err = load_error(&odd);
     assert!(err.contains("keys of 16 and values of 8"), "{err}");
 }
 
@@ -1050,6 +1035,15 @@ fn first_case_difference(g: &GenerationModel, want: &[Value]) -> f32 {
     let mut seq = g.lm.new_sequence().unwrap();
     let logits = seq.feed(&ids(&want[0]["input_ids"])).unwrap();
     max_abs_diff(&logits, &floats(&want[0]["last_logits"]))
+}
+
+/// The error with which the model at `path` is refused (it must be).
+fn load_error(path: &Path) -> String {
+    let options = LoadOptions {
+        path: path.to_path_buf(),
+        ..Default::default()
+    };
+    backend::load(&options).err().expect("refused").to_string()
 }
 
 /// `tests/references/llama_variants.json`: llama.cpp's logits and greedy tokens for the tiny
@@ -1271,19 +1265,10 @@ fn phi3_from_gguf_and_safetensors_gives_transformers_and_llama_cpp_s_logits() {
         gives_the_reference_logits_and_tokens(&g, want, &format!("phi3, {what}"));
     }
     // What Phi-3's kin add and kandle does not compute is refused by name.
-    let refused = |dir: &Path| {
-        backend::load(&LoadOptions {
-            path: dir.to_path_buf(),
-            ..Default::default()
-        })
-        .err()
-        .expect("refused")
-        .to_string()
-    };
     let mut cfg = json(&st_dir.path().join("config.json"));
     cfg["partial_rotary_factor"] = serde_json::json!(0.75);
     std::fs::write(st_dir.path().join("config.json"), cfg.to_string()).unwrap();
-    let err = refused(st_dir.path());
+    let err = load_error(st_dir.path());
     assert!(
         err.contains("partial_rotary_factor") && err.contains("not supported"),
         "{err}"
@@ -1431,13 +1416,7 @@ fn phi3_s_long_rope_turns_short_and_long_as_llama_cpp_does() {
         &borrowed(&wrong),
         &meta(4, 1.0),
     );
-    let err = backend::load(&LoadOptions {
-        path,
-        ..Default::default()
-    })
-    .err()
-    .expect("refused")
-    .to_string();
+    let err = load_error(&path);
     assert!(
         err.contains("rope_factors_short") && err.contains("positive factors"),
         "{err}"
@@ -1501,11 +1480,7 @@ fn granite_from_gguf_and_safetensors_gives_llama_cpp_s_logits() {
         &[],
         &scales([1.0, 0.0, 0.25, 1.0]),
     );
-    let options = LoadOptions {
-        path: bad,
-        ..Default::default()
-    };
-    let err = backend::load(&options).err().expect("refused").to_string();
+    let err = load_error(&bad);
     assert!(err.contains("granite.residual_scale"), "{err}");
 }
 
@@ -1688,11 +1663,7 @@ fn gemma2_from_gguf_and_safetensors_gives_llama_cpp_s_logits() {
     }
     let dir = tempfile::tempdir().unwrap();
     let bad = gguf_as("gemma2", &fixture, dir.path(), &more, &meta(1.5, 3.0, 0));
-    let options = LoadOptions {
-        path: bad,
-        ..Default::default()
-    };
-    let err = backend::load(&options).err().expect("refused").to_string();
+    let err = load_error(&bad);
     assert!(err.contains("gemma2.attention.sliding_window"), "{err}");
 }
 
