@@ -670,3 +670,36 @@ fn weights(
         passes: Default::default(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Gemma's embedding scale is `√hidden` rounded to the activations' dtype, as
+    /// transformers' `normalizer` is (Gemma 2 9B's √3584 = 59.866 is 59.75 in bf16, 59.875 in
+    /// f16); `query_pre_attn_scalar` sets the score scale; one that is not positive is refused,
+    /// naming it.
+    #[test]
+    fn gemma_s_scales_round_the_embedding_scale_to_the_dtype() {
+        let config = Path::new("config.json");
+        let none = serde_json::json!({});
+        let s = gemma_scales(&none, 2304, DType::F32, config).unwrap();
+        assert_eq!((s.embedding, s.attention), (48.0, None));
+        for (dtype, want) in [
+            (DType::F32, 3584f32.sqrt()),
+            (DType::BF16, 59.75),
+            (DType::F16, 59.875),
+        ] {
+            let s = gemma_scales(&none, 3584, dtype, config).unwrap();
+            assert_eq!(s.embedding, want, "{dtype:?}");
+        }
+        let big = serde_json::json!({"query_pre_attn_scalar": 144});
+        let s = gemma_scales(&big, 4608, DType::F32, config).unwrap();
+        assert_eq!(s.attention, Some(1.0 / 12.0));
+        let bad = serde_json::json!({"query_pre_attn_scalar": 0});
+        let err = gemma_scales(&bad, 4608, DType::F32, config)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("query_pre_attn_scalar"), "{err}");
+    }
+}
