@@ -24,6 +24,15 @@
 //! and plain Rust kernels give the same bits on every CPU — the greedy tokens of a model do not
 //! depend on the machine (the tests assert equal bits).
 //!
+//! **Q6_K** (the head and some `attn_v`/`ffn_down` matrices of llama.cpp's `Q4_K_M` and
+//! `Q5_K_M` files) has kernels of its own in the same tiles, per block of 32 and row: the
+//! scales of its two sub-blocks of 16, the values' nibbles as Q4_1's and their two high bits
+//! in two more words ([`Kind::pack_q6k`]); each row's `d` once per super-block of 256. That
+//! is the file's 6.5625 bits a weight, where converting it to Q8_0 took 8.5 and a round
+//! trip through f32 at load. Per block the two sub-blocks' integer sums are weighed by
+//! their scales and `32·Σx` taken off in integers, then `acc = fma(sum, d_w·d_x, acc)`
+//! ([`scalar_q6k`]).
+//!
 //! Other quantised types are converted into these at load ([`super::convert`]); f32, f16
 //! and bf16 matrices go through candle's `QMatMul` unchanged.
 
@@ -53,7 +62,34 @@ pub(super) enum Kind {
     Q4_1,
     /// `{d: f16, qs: [i8; 32]}`: value = d·q.
     Q8_0,
+    /// Super-blocks of 256 `{ql: [u8; 128], qh: [u8; 64], scales: [i8; 16], d: f16}`:
+    /// value = d·scales[i/16]·(q − 32), q in 0..64 from four low and two high bits. Packed
+    /// in its own layout ([`Kind::pack_q6k`]), 6.5625 bits a weight as in the file, where
+    /// converting it to Q8_0 took 8.5 (and the load's round trip through f32).
+    Q6K,
+    /// Super-blocks of 256 `{d: f16, dmin: f16, scales: [u8; 12], qs: [u8; 128]}`: per
+    /// sub-block `s` of 32, value = d·sc_s·q − dmin·m_s with six-bit `sc_s`, `m_s` packed in
+    /// `scales`. Packed in its own layout ([`Kind::pack_q4k`]), 4.625 bits a weight (the
+    /// file's 4.5, the scales a byte each), where converting it to Q4_1 took 5.
+    Q4K,
 }
+
+/// Bytes of one Q6_K super-block of 256 weights in a GGUF file.
+const Q6K_BLOCK: usize = 210;
+/// Bytes of one packed Q6_K block of 32 weights of a tile's sixteen rows: per row the two
+/// sub-block scales (`i8`), then four groups of nibble bytes (as Q4_1's: element `i` low,
+/// `i + 16` high) and two words of high bits.
+const Q6K_TILE_BLOCK: usize = ROWS * 26;
+/// Bytes of one packed Q6_K super-block of a tile: the rows' `d` (f16), then eight blocks.
+const Q6K_TILE_SUPER: usize = 2 * ROWS + 8 * Q6K_TILE_BLOCK;
+/// Bytes of one Q4_K super-block of 256 weights in a GGUF file.
+const Q4K_BLOCK: usize = 144;
+/// Bytes of one packed Q4_K block of 32 weights of a tile's sixteen rows: per row the
+/// sub-block's `sc` and `m` (a byte each), then four groups of nibble bytes as Q4_1's.
+const Q4K_TILE_BLOCK: usize = ROWS * 18;
+/// Bytes of one packed Q4_K super-block of a tile: the rows' `d`, then their `dmin` (f16),
+/// then eight blocks.
+const Q4K_TILE_SUPER: usize = 4 * ROWS + 8 * Q4K_TILE_BLOCK;
 
 impl Kind {
     /// The kind of a GGUF type our kernels take.
@@ -61,23 +97,60 @@ impl Kind {
         match dtype {
             GgmlDType::Q4_1 => Some(Kind::Q4_1),
             GgmlDType::Q8_0 => Some(Kind::Q8_0),
+            GgmlDType::Q6K => Some(Kind::Q6K),
+            GgmlDType::Q4K => Some(Kind::Q4K),
             _ => None,
         }
     }
 
-    /// Bytes of one GGUF block (32 weights of one row).
+    /// Bytes of one GGUF block (32 weights of one row) of Q4_1 or Q8_0.
     fn block_bytes(self) -> usize {
         match self {
             Kind::Q4_1 => 20,
             Kind::Q8_0 => 34,
+            Kind::Q6K | Kind::Q4K => unreachable!("K-quant blocks are of 256 weights"),
         }
     }
 
-    /// f16 values leading a block: `d` (and `m`).
+    /// For a K-quant, the bytes of one super-block of 256 weights in a GGUF row and of a
+    /// packed tile's sixteen rows.
+    fn super_bytes(self) -> Option<(usize, usize)> {
+        match self {
+            Kind::Q6K => Some((Q6K_BLOCK, Q6K_TILE_SUPER)),
+            Kind::Q4K => Some((Q4K_BLOCK, Q4K_TILE_SUPER)),
+            Kind::Q4_1 | Kind::Q8_0 => None,
+        }
+    }
+
+    /// Bytes of one GGUF row of `k` weights.
+    fn row_bytes(self, k: usize) -> usize {
+        match self.super_bytes() {
+            Some((raw, _)) => k / 256 * raw,
+            None => k / QK * self.block_bytes(),
+        }
+    }
+
+    /// Bytes of one packed tile of [`ROWS`] rows of `k` weights.
+    fn tile_bytes(self, k: usize) -> usize {
+        match self.super_bytes() {
+            Some((_, tile)) => k / 256 * tile,
+            None => k / QK * ROWS * self.block_bytes(),
+        }
+    }
+
+    /// The weights of `k` a kind takes in whole blocks.
+    fn block_of(self) -> usize {
+        match self.super_bytes() {
+            Some(_) => 256,
+            None => QK,
+        }
+    }
+
+    /// f16 values leading a Q4_1 or Q8_0 block: `d` (and `m`).
     fn scales(self) -> usize {
         match self {
             Kind::Q4_1 => 2,
-            Kind::Q8_0 => 1,
+            _ => 1,
         }
     }
 
@@ -118,15 +191,25 @@ impl Kind {
     /// Tiles in parallel: each writes its own part of the output, whose fresh pages the
     /// kernel zeroes as they are first written (a quarter of a 1B model's load on one thread).
     fn pack(self, n: usize, k: usize, raw: &[u8]) -> WeightBytes {
-        let (nb, bb) = (k / QK, self.block_bytes());
-        let mut out = WeightBytes::zeroed(n.div_ceil(ROWS) * nb * ROWS * bb);
-        let row_bytes = nb * bb;
-        out.par_chunks_mut(nb * ROWS * bb)
+        let mut out = WeightBytes::zeroed(n.div_ceil(ROWS) * self.tile_bytes(k));
+        let row_bytes = self.row_bytes(k);
+        out.par_chunks_mut(self.tile_bytes(k))
             .enumerate()
             .for_each(|(t, tile)| {
                 for lane in 0..ROWS.min(n.saturating_sub(t * ROWS)) {
                     let j = t * ROWS + lane;
                     let row = &raw[j * row_bytes..(j + 1) * row_bytes];
+                    if let Some((raw, packed)) = self.super_bytes() {
+                        for (s, sb) in row.chunks_exact(raw).enumerate() {
+                            let to = &mut tile[s * packed..];
+                            match self {
+                                Kind::Q6K => Kind::pack_q6k(sb, to, lane),
+                                _ => Kind::pack_q4k(sb, to, lane),
+                            }
+                        }
+                        continue;
+                    }
+                    let bb = self.block_bytes();
                     for (b, blk) in row.chunks_exact(bb).enumerate() {
                         self.pack_block(blk, &mut tile[b * ROWS * bb..(b + 1) * ROWS * bb], lane);
                     }
@@ -134,6 +217,108 @@ impl Kind {
             });
         out
     }
+
+    /// One GGUF Q6_K super-block into lane `lane` of a packed tile super-block: `d` in
+    /// bytes `2·lane`, then per block of 32 (`Q6K_TILE_BLOCK` bytes from `2·ROWS`) the
+    /// lane's two scales at `2·lane`, nibble group `g` (bytes `4g..4g+4` of
+    /// `q[i] & 15 | (q[i+16] & 15) << 4`) at `2·ROWS + 64g + 4·lane`, and the high bits
+    /// of elements `0..16` and `16..32` as words 4 and 5: byte `e` of a word holds element
+    /// `4g + e`'s two high bits at bits `2g`, so that one shift and mask puts group `g`'s
+    /// beside its nibbles.
+    fn pack_q6k(raw: &[u8], sup: &mut [u8], lane: usize) {
+        let (q, scales, d) = q6k_values(raw);
+        sup[2 * lane..2 * lane + 2].copy_from_slice(&d);
+        for b in 0..8 {
+            let blk = &mut sup[2 * ROWS + b * Q6K_TILE_BLOCK..][..Q6K_TILE_BLOCK];
+            blk[2 * lane] = scales[2 * b] as u8;
+            blk[2 * lane + 1] = scales[2 * b + 1] as u8;
+            let q = &q[32 * b..32 * b + 32];
+            for g in 0..4 {
+                for e in 0..4 {
+                    let i = 4 * g + e;
+                    blk[2 * ROWS + 64 * g + 4 * lane + e] = (q[i] & 15) | (q[i + 16] & 15) << 4;
+                    blk[2 * ROWS + 256 + 4 * lane + e] |= (q[i] >> 4) << (2 * g);
+                    blk[2 * ROWS + 320 + 4 * lane + e] |= (q[i + 16] >> 4) << (2 * g);
+                }
+            }
+        }
+    }
+
+    /// One GGUF Q4_K super-block into lane `lane` of a packed tile super-block: `d` in bytes
+    /// `2·lane`, `dmin` in `2·ROWS + 2·lane`, then per block of 32 (`Q4K_TILE_BLOCK` bytes
+    /// from `4·ROWS`) the lane's `sc` and `m` at `2·lane` and nibble group `g` (bytes
+    /// `4g..4g+4` of `q[i] | q[i+16] << 4`, as Q4_1's) at `2·ROWS + 64g + 4·lane`.
+    fn pack_q4k(raw: &[u8], sup: &mut [u8], lane: usize) {
+        sup[2 * lane..2 * lane + 2].copy_from_slice(&raw[..2]);
+        sup[2 * (ROWS + lane)..2 * (ROWS + lane) + 2].copy_from_slice(&raw[2..4]);
+        for b in 0..8 {
+            let blk = &mut sup[4 * ROWS + b * Q4K_TILE_BLOCK..][..Q4K_TILE_BLOCK];
+            (blk[2 * lane], blk[2 * lane + 1]) = scale_min_k4(b, &raw[4..16]);
+            // Sub-block `b`'s nibbles: bytes `32·(b/2)..`, low for even `b`, high for odd.
+            let bytes = &raw[16 + 32 * (b / 2)..][..32];
+            let q = |i: usize| {
+                if b % 2 == 0 {
+                    bytes[i] & 15
+                } else {
+                    bytes[i] >> 4
+                }
+            };
+            for i in 0..16 {
+                blk[2 * ROWS + 64 * (i / 4) + 4 * lane + i % 4] = q(i) | q(i + 16) << 4;
+            }
+        }
+    }
+
+    /// Element `i` of block `b` of lane `lane` in a packed Q4_K tile super-block, with the
+    /// sub-block's `sc` and `m` ([`Kind::pack_q4k`] undone).
+    fn q4k_at(sup: &[u8], lane: usize, b: usize, i: usize) -> (u8, u8, u8) {
+        let blk = &sup[4 * ROWS + b * Q4K_TILE_BLOCK..];
+        let nib = blk[2 * ROWS + 64 * ((i % 16) / 4) + 4 * lane + i % 4];
+        let q = if i >= 16 { nib >> 4 } else { nib & 15 };
+        (q, blk[2 * lane], blk[2 * lane + 1])
+    }
+
+    /// Element `i` of block `b` of lane `lane` in a packed Q6_K tile super-block, and the
+    /// sub-block scale it takes ([`Kind::pack_q6k`] undone).
+    fn q6k_at(sup: &[u8], lane: usize, b: usize, i: usize) -> (u8, i8) {
+        let blk = &sup[2 * ROWS + b * Q6K_TILE_BLOCK..];
+        let (g, e, high) = ((i % 16) / 4, i % 4, i >= 16);
+        let nib = blk[2 * ROWS + 64 * g + 4 * lane + e];
+        let nib = if high { nib >> 4 } else { nib & 15 };
+        let hi = (blk[2 * ROWS + 256 + 64 * high as usize + 4 * lane + e] >> (2 * g)) & 3;
+        (nib | hi << 4, blk[2 * lane + high as usize] as i8)
+    }
+}
+
+/// Sub-block `j`'s six-bit scale and min of a K-quant's packed 12 bytes (ggml's
+/// `get_scale_min_k4`).
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+/// A GGUF Q6_K super-block's 256 values `q` (0..64), its sixteen scales and its `d` (as
+/// ggml's `dequantize_row_q6_K` reads them: value `i` = `d·scales[i/16]·(q[i] − 32)`).
+fn q6k_values(raw: &[u8]) -> ([u8; 256], [i8; 16], [u8; 2]) {
+    let (ql, qh) = (&raw[..128], &raw[128..192]);
+    let mut q = [0u8; 256];
+    for half in 0..2 {
+        let (ql, qh, y) = (&ql[64 * half..], &qh[32 * half..], 128 * half);
+        for l in 0..32 {
+            q[y + l] = (ql[l] & 15) | (qh[l] & 3) << 4;
+            q[y + l + 32] = (ql[l + 32] & 15) | ((qh[l] >> 2) & 3) << 4;
+            q[y + l + 64] = (ql[l] >> 4) | ((qh[l] >> 4) & 3) << 4;
+            q[y + l + 96] = (ql[l + 32] >> 4) | ((qh[l] >> 6) & 3) << 4;
+        }
+    }
+    let scales = std::array::from_fn(|i| raw[192 + i] as i8);
+    (q, scales, [raw[208], raw[209]])
 }
 
 /// A weight matrix of `n` output rows by `k` inputs, multiplied as `x · Wᵀ`.
@@ -162,6 +347,12 @@ pub(super) struct Acts {
     ds: Vec<[f32; 2]>,
     /// Per block: `Σq`, exact (the VNNI Q8_0 kernel takes `128·Σq` off its unsigned products).
     sums: Vec<i32>,
+    /// Per block: the sums of its first and its last sixteen `q` as two `i16` (low, high
+    /// half of the word), which the Q6_K kernels weigh by the sub-blocks' scales to take
+    /// `32·Σq` off their unsigned products. Made by [`Acts::halves`] for a Q6_K product
+    /// only: made in every quantisation, it cost SmolLM2 (no Q6_K) a few percent of its
+    /// prompt speed.
+    halves: std::sync::OnceLock<Vec<i32>>,
 }
 
 impl Acts {
@@ -193,7 +384,29 @@ impl Acts {
             ]);
             sums.push(sum);
         }
-        Acts { m, k, qs, ds, sums }
+        Acts {
+            m,
+            k,
+            qs,
+            ds,
+            sums,
+            halves: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// [`Acts::halves`], made on first use.
+    fn halves(&self) -> &[i32] {
+        self.halves.get_or_init(|| {
+            self.qs
+                .chunks_exact(QK)
+                .zip(&self.sums)
+                .map(|(qb, sum)| {
+                    // |Σ| ≤ 16·127: each fits an i16.
+                    let first: i32 = qb[..16].iter().map(|&q| q as i32).sum();
+                    (first as u16 as i32) | ((sum - first) << 16)
+                })
+                .collect()
+        })
     }
 }
 
@@ -213,7 +426,7 @@ fn quantize_block(xb: &[f32], qb: &mut [i8]) -> (f32, i32) {
 fn gguf_blocks(t: &QTensor, kind: Kind) -> Result<(usize, std::borrow::Cow<'_, [u8]>)> {
     let (n, k) = t.shape().dims2()?;
     let raw = t.data()?;
-    if k % QK != 0 || raw.len() != n * k / QK * kind.block_bytes() {
+    if !k.is_multiple_of(kind.block_of()) || raw.len() != n * kind.row_bytes(k) {
         return Err(Error::Model(format!(
             "a {kind:?} tensor of shape ({n}, {k}) holds {} bytes",
             raw.len()
@@ -297,7 +510,7 @@ impl QMat {
             unreachable!("raw_block of a candle matrix")
         };
         let tb = ROWS * kind.block_bytes();
-        let at = ((j / ROWS) * (k / QK) + b) * tb;
+        let at = (j / ROWS) * kind.tile_bytes(*k) + b * tb;
         kind.unpack_block(&data[at..at + tb], j % ROWS, out);
     }
 
@@ -319,9 +532,35 @@ impl QMat {
 
     /// Row `j` as f32 values (an embedding lookup); `None` for a type without our kernel.
     pub(super) fn dequantize_row(&self, j: usize, out: &mut [f32]) -> Option<()> {
-        let QMat::Own { kind, k, .. } = self else {
+        let QMat::Own { kind, k, data, .. } = self else {
             return None;
         };
+        if *kind == Kind::Q6K {
+            let tile = &data[(j / ROWS) * kind.tile_bytes(*k)..];
+            for (s, o) in out[..*k].chunks_exact_mut(256).enumerate() {
+                let sup = &tile[s * Q6K_TILE_SUPER..];
+                let d = f16_at(sup, 2 * (j % ROWS));
+                for (i, o) in o.iter_mut().enumerate() {
+                    let (q, sc) = Kind::q6k_at(sup, j % ROWS, i / 32, i % 32);
+                    *o = d * sc as f32 * (q as i32 - 32) as f32;
+                }
+            }
+            return Some(());
+        }
+        if *kind == Kind::Q4K {
+            let tile = &data[(j / ROWS) * kind.tile_bytes(*k)..];
+            let lane = j % ROWS;
+            for (s, o) in out[..*k].chunks_exact_mut(256).enumerate() {
+                let sup = &tile[s * Q4K_TILE_SUPER..];
+                let (d, dmin) = (f16_at(sup, 2 * lane), f16_at(sup, 2 * (ROWS + lane)));
+                for (i, o) in o.iter_mut().enumerate() {
+                    // As ggml's `dequantize_row_q4_K`.
+                    let (q, sc, m) = Kind::q4k_at(sup, lane, i / 32, i % 32);
+                    *o = d * sc as f32 * q as f32 - dmin * m as f32;
+                }
+            }
+            return Some(());
+        }
         let mut blk = [0u8; 34];
         let blk = &mut blk[..kind.block_bytes()];
         for (b, o) in out[..*k].chunks_exact_mut(QK).enumerate() {
@@ -340,6 +579,7 @@ impl QMat {
                         *o = *q as i8 as f32 * d;
                     }
                 }
+                Kind::Q6K | Kind::Q4K => unreachable!("K-quant rows are read above"),
             }
         }
         Some(())
@@ -384,11 +624,15 @@ impl QMat {
         if m == 0 || n == 0 {
             return Vec::new();
         }
-        let tile_bytes = k / QK * ROWS * kind.block_bytes();
+        let tile_bytes = kind.tile_bytes(*k);
         let tiles = n.div_ceil(ROWS);
         // Not zero-filled: every element is written below (each tile's columns of every row).
         // Zeroing it first was a serial pass on the forward thread while the other waited:
         // ~6.5 MB a step at 8 sequences, the head's 1.5 MB of logits among them.
+        if *kind == Kind::Q6K {
+            // Made here, before the threads read them.
+            acts.halves();
+        }
         let mut out: Vec<f32> = Vec::with_capacity(m * n);
         let threads = rayon::current_num_threads().max(1);
         // A few chunks per thread, so that a thread slowed by other work is made up for: four
@@ -576,6 +820,14 @@ fn tile_times_acts(
                             let f: Kernel<$r> = $module::q8_0::<$r>;
                             std::hint::black_box(f)(w, acts, i, ys.try_into().unwrap())
                         })+
+                        $((Kind::Q6K, $r) => {
+                            let f: Kernel<$r> = $module::q6_k::<$r>;
+                            std::hint::black_box(f)(w, acts, i, ys.try_into().unwrap())
+                        })+
+                        $((Kind::Q4K, $r) => {
+                            let f: Kernel<$r> = $module::q4_k::<$r>;
+                            std::hint::black_box(f)(w, acts, i, ys.try_into().unwrap())
+                        })+
                         _ => unreachable!("{r} rows"),
                     }
                 };
@@ -603,6 +855,11 @@ fn tile_times_acts(
 /// `acc = fma(sum, d_w·d_x, acc)` and for Q4_1 `acc_m = fma(m_w, s_x, acc_m)`; the output is
 /// `acc + acc_m`.
 fn scalar_tile(kind: Kind, w: &[u8], acts: &Acts, row: usize) -> [f32; ROWS] {
+    match kind {
+        Kind::Q6K => return scalar_q6k(w, acts, row),
+        Kind::Q4K => return scalar_q4k(w, acts, row),
+        Kind::Q4_1 | Kind::Q8_0 => {}
+    }
     let nb = acts.k / QK;
     let tb = ROWS * kind.block_bytes();
     let (mut acc, mut acc_m) = ([0f32; ROWS], [0f32; ROWS]);
@@ -624,6 +881,7 @@ fn scalar_tile(kind: Kind, w: &[u8], acts: &Acts, row: usize) -> [f32; ROWS] {
                     .flat_map(|g| (0..4).map(move |e| (g, e)))
                     .map(|(g, e)| group(g)[e] as i8 as i32 * x[4 * g + e] as i32)
                     .sum(),
+                Kind::Q6K | Kind::Q4K => unreachable!("K-quant tiles have their own"),
             };
             *a = (dot as f32).mul_add(f16_at(tile, 2 * lane) * dx, *a);
             if kind == Kind::Q4_1 {
@@ -634,12 +892,68 @@ fn scalar_tile(kind: Kind, w: &[u8], acts: &Acts, row: usize) -> [f32; ROWS] {
     std::array::from_fn(|l| acc[l] + acc_m[l])
 }
 
+/// [`scalar_tile`] for Q4_K, and the definition its SIMD kernels follow bit for bit: Q4_1's
+/// ([`scalar_tile`]) with the block's `d_w = d·sc` and `m_w = −dmin·m`, both exact in f32
+/// (an f16 times a six-bit integer), where converting the file to Q4_1 rounded them to f16.
+fn scalar_q4k(w: &[u8], acts: &Acts, row: usize) -> [f32; ROWS] {
+    let nb = acts.k / QK;
+    let (mut acc, mut acc_m) = ([0f32; ROWS], [0f32; ROWS]);
+    for b in 0..nb {
+        let sup = &w[b / 8 * Q4K_TILE_SUPER..];
+        let x = &acts.qs[row * acts.k + b * QK..][..QK];
+        let [dx, sx] = acts.ds[row * nb + b];
+        for (lane, (a, am)) in acc.iter_mut().zip(&mut acc_m).enumerate() {
+            let (mut dot, mut sc, mut m) = (0i32, 0, 0);
+            for (i, &xi) in x.iter().enumerate() {
+                let q;
+                (q, sc, m) = Kind::q4k_at(sup, lane, b % 8, i);
+                dot += q as i32 * xi as i32;
+            }
+            let d = f16_at(sup, 2 * lane) * sc as f32;
+            let mw = -f16_at(sup, 2 * (ROWS + lane)) * m as f32;
+            *a = (dot as f32).mul_add(d * dx, *a);
+            *am = mw.mul_add(sx, *am);
+        }
+    }
+    std::array::from_fn(|l| acc[l] + acc_m[l])
+}
+
+/// [`scalar_tile`] for Q6_K, and the definition its SIMD kernels follow bit for bit: per
+/// block of 32 and row, with `D₀`, `D₁` the sums of `q·x` over the block's two sub-blocks
+/// of 16, `S₀`, `S₁` those of `x` ([`Acts::halves`]) and `c₀`, `c₁` the sub-blocks' scales,
+/// the exact integer `c₀·(D₀ − 32·S₀) + c₁·(D₁ − 32·S₁)` (below 2²⁴ in size: exact as an
+/// f32 too), then
+/// `acc = fma(sum, d_w·d_x, acc)`.
+fn scalar_q6k(w: &[u8], acts: &Acts, row: usize) -> [f32; ROWS] {
+    let nb = acts.k / QK;
+    let mut acc = [0f32; ROWS];
+    for b in 0..nb {
+        let sup = &w[b / 8 * Q6K_TILE_SUPER..];
+        let x = &acts.qs[row * acts.k + b * QK..][..QK];
+        let [dx, _] = acts.ds[row * nb + b];
+        let halves = acts.halves()[row * nb + b];
+        let s = [halves as i16 as i32, halves >> 16];
+        for (lane, a) in acc.iter_mut().enumerate() {
+            let mut dots = [0i32; 2];
+            let mut scales = [0i32; 2];
+            for (i, &xi) in x.iter().enumerate() {
+                let (q, sc) = Kind::q6k_at(sup, lane, b % 8, i);
+                dots[i / 16] += q as i32 * xi as i32;
+                scales[i / 16] = sc as i32;
+            }
+            let sum = scales[0] * (dots[0] - 32 * s[0]) + scales[1] * (dots[1] - 32 * s[1]);
+            *a = (sum as f32).mul_add(f16_at(sup, 2 * lane) * dx, *a);
+        }
+    }
+    acc
+}
+
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)]
 mod avx {
     use core::arch::x86_64::*;
 
-    use super::{Acts, QK, ROWS};
+    use super::{Acts, Q4K_TILE_BLOCK, Q4K_TILE_SUPER, Q6K_TILE_BLOCK, Q6K_TILE_SUPER, QK, ROWS};
 
     /// [`super::quantize_block`] with the same results (the same products, rounded half to
     /// even), as llama.cpp's AVX2 `quantize_row_q8_1`.
@@ -798,6 +1112,175 @@ mod avx {
             }
         }
     }
+
+    /// `R` activation rows from `row0` times one packed Q4_K tile, eight weight rows at a
+    /// time: [`q4_1`] with each block's `d·sc` and `−dmin·m` made from the rows' bytes.
+    ///
+    /// # Safety
+    /// `w` is a packed Q4_K tile of `acts.k / 256` super-blocks; rows `row0..row0 + R` exist.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn q4_k<const R: usize>(
+        w: &[u8],
+        acts: &Acts,
+        row0: usize,
+        out: &mut [[f32; ROWS]; R],
+    ) {
+        let nb = acts.k / QK;
+        debug_assert!(w.len() >= nb / 8 * Q4K_TILE_SUPER && row0 + R <= acts.m);
+        let low = _mm256_set1_epi8(0xF);
+        let ones = _mm256_set1_epi16(1);
+        let byte = _mm256_set1_epi32(0xFF);
+        let wp = w.as_ptr();
+        let xq = acts.qs.as_ptr();
+        let xds = acts.ds.as_ptr();
+        for half in 0..2 {
+            let mut acc = [_mm256_setzero_ps(); R];
+            let mut acc_m = [_mm256_setzero_ps(); R];
+            for b in 0..nb {
+                unsafe {
+                    let sup = wp.add(b / 8 * Q4K_TILE_SUPER);
+                    let d = _mm256_cvtph_ps(_mm_loadu_si128(sup.add(16 * half) as *const __m128i));
+                    let dmin = _mm256_cvtph_ps(_mm_loadu_si128(
+                        sup.add(2 * ROWS + 16 * half) as *const __m128i
+                    ));
+                    let tb = sup.add(4 * ROWS + b % 8 * Q4K_TILE_BLOCK);
+                    // Each row's `sc` and `m` bytes as the low and high i16 of its lane.
+                    let scm =
+                        _mm256_cvtepu8_epi16(_mm_loadu_si128(tb.add(16 * half) as *const __m128i));
+                    let dw = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_and_si256(scm, byte)));
+                    let mw = _mm256_mul_ps(
+                        _mm256_sub_ps(_mm256_setzero_ps(), dmin),
+                        _mm256_cvtepi32_ps(_mm256_srli_epi32::<16>(scm)),
+                    );
+                    let words = tb.add(2 * ROWS + 32 * half);
+                    let mut dot = [_mm256_setzero_si256(); R];
+                    for g in 0..4 {
+                        let q = _mm256_loadu_si256(words.add(64 * g) as *const __m256i);
+                        let lo = _mm256_and_si256(q, low);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), low);
+                        for r in 0..R {
+                            let x = xq.add((row0 + r) * acts.k + b * QK);
+                            let xl =
+                                _mm256_set1_epi32((x.add(4 * g) as *const i32).read_unaligned());
+                            let xh = _mm256_set1_epi32(
+                                (x.add(16 + 4 * g) as *const i32).read_unaligned(),
+                            );
+                            dot[r] = _mm256_add_epi16(dot[r], _mm256_maddubs_epi16(lo, xl));
+                            dot[r] = _mm256_add_epi16(dot[r], _mm256_maddubs_epi16(hi, xh));
+                        }
+                    }
+                    for r in 0..R {
+                        let [dx, sx] = *xds.add((row0 + r) * nb + b);
+                        let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(dot[r], ones));
+                        acc[r] =
+                            _mm256_fmadd_ps(dot, _mm256_mul_ps(dw, _mm256_set1_ps(dx)), acc[r]);
+                        acc_m[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(sx), acc_m[r]);
+                    }
+                }
+            }
+            for r in 0..R {
+                let y = _mm256_add_ps(acc[r], acc_m[r]);
+                // SAFETY: eight floats within a row of sixteen.
+                unsafe { _mm256_storeu_ps(out[r].as_mut_ptr().add(8 * half), y) };
+            }
+        }
+    }
+
+    /// `R` activation rows from `row0` times one packed Q6_K tile, eight weight rows at a
+    /// time. The six-bit values are the nibbles with their two high bits shifted beside them
+    /// ([`super::Kind::pack_q6k`]); `vpmaddwd` with each row's scale (twice in a lane) sums
+    /// the pairs of products and weighs them at once. Sums of two groups' pairs stay within
+    /// ±2·2·63·127 < 2^15.
+    ///
+    /// # Safety
+    /// `w` is a packed Q6_K tile of `acts.k / 256` super-blocks; rows `row0..row0 + R` exist.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn q6_k<const R: usize>(
+        w: &[u8],
+        acts: &Acts,
+        row0: usize,
+        out: &mut [[f32; ROWS]; R],
+    ) {
+        let nb = acts.k / QK;
+        debug_assert!(w.len() >= nb / 8 * Q6K_TILE_SUPER && row0 + R <= acts.m);
+        let low = _mm256_set1_epi8(0xF);
+        let high = _mm256_set1_epi8(0x30);
+        let wp = w.as_ptr();
+        let xq = acts.qs.as_ptr();
+        let xds = acts.ds.as_ptr();
+        let halves = acts.halves().as_ptr();
+        for half in 0..2 {
+            let mut acc = [_mm256_setzero_ps(); R];
+            for b in 0..nb {
+                unsafe {
+                    let sup = wp.add(b / 8 * Q6K_TILE_SUPER);
+                    let d = _mm256_cvtph_ps(_mm_loadu_si128(sup.add(16 * half) as *const __m128i));
+                    let tb = sup.add(2 * ROWS + b % 8 * Q6K_TILE_BLOCK);
+                    // Each row's (c₀, c₁) as two i16, and each scale twice.
+                    let sc =
+                        _mm256_cvtepi8_epi16(_mm_loadu_si128(tb.add(16 * half) as *const __m128i));
+                    let c0 = _mm256_shufflehi_epi16::<0b10_10_00_00>(_mm256_shufflelo_epi16::<
+                        0b10_10_00_00,
+                    >(sc));
+                    let c1 = _mm256_shufflehi_epi16::<0b11_11_01_01>(_mm256_shufflelo_epi16::<
+                        0b11_11_01_01,
+                    >(sc));
+                    let words = tb.add(2 * ROWS + 32 * half);
+                    let h0 = _mm256_loadu_si256(words.add(256) as *const __m256i);
+                    let h1 = _mm256_loadu_si256(words.add(320) as *const __m256i);
+                    let mut dot = [_mm256_setzero_si256(); R];
+                    for pair in 0..2 {
+                        let mut p0 = [_mm256_setzero_si256(); R];
+                        let mut p1 = [_mm256_setzero_si256(); R];
+                        for g in 2 * pair..2 * pair + 2 {
+                            let q = _mm256_loadu_si256(words.add(64 * g) as *const __m256i);
+                            let (hl, hh) = match g {
+                                0 => (_mm256_slli_epi32::<4>(h0), _mm256_slli_epi32::<4>(h1)),
+                                1 => (_mm256_slli_epi32::<2>(h0), _mm256_slli_epi32::<2>(h1)),
+                                2 => (h0, h1),
+                                _ => (_mm256_srli_epi32::<2>(h0), _mm256_srli_epi32::<2>(h1)),
+                            };
+                            let lo = _mm256_or_si256(
+                                _mm256_and_si256(q, low),
+                                _mm256_and_si256(hl, high),
+                            );
+                            let hi = _mm256_or_si256(
+                                _mm256_and_si256(_mm256_srli_epi16::<4>(q), low),
+                                _mm256_and_si256(hh, high),
+                            );
+                            for r in 0..R {
+                                let x = xq.add((row0 + r) * acts.k + b * QK);
+                                let xl = _mm256_set1_epi32(
+                                    (x.add(4 * g) as *const i32).read_unaligned(),
+                                );
+                                let xh = _mm256_set1_epi32(
+                                    (x.add(16 + 4 * g) as *const i32).read_unaligned(),
+                                );
+                                p0[r] = _mm256_add_epi16(p0[r], _mm256_maddubs_epi16(lo, xl));
+                                p1[r] = _mm256_add_epi16(p1[r], _mm256_maddubs_epi16(hi, xh));
+                            }
+                        }
+                        for r in 0..R {
+                            dot[r] = _mm256_add_epi32(dot[r], _mm256_madd_epi16(p0[r], c0));
+                            dot[r] = _mm256_add_epi32(dot[r], _mm256_madd_epi16(p1[r], c1));
+                        }
+                    }
+                    for r in 0..R {
+                        let at = (row0 + r) * nb + b;
+                        let [dx, _] = *xds.add(at);
+                        let off = _mm256_madd_epi16(sc, _mm256_set1_epi32(*halves.add(at)));
+                        let sum = _mm256_sub_epi32(dot[r], _mm256_slli_epi32::<5>(off));
+                        let sum = _mm256_cvtepi32_ps(sum);
+                        acc[r] = _mm256_fmadd_ps(sum, _mm256_mul_ps(d, _mm256_set1_ps(dx)), acc[r]);
+                    }
+                }
+            }
+            for r in 0..R {
+                // SAFETY: eight floats within a row of sixteen.
+                unsafe { _mm256_storeu_ps(out[r].as_mut_ptr().add(8 * half), acc[r]) };
+            }
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -805,7 +1288,7 @@ mod avx {
 mod avx512 {
     use core::arch::x86_64::*;
 
-    use super::{Acts, QK, ROWS};
+    use super::{Acts, Q4K_TILE_BLOCK, Q4K_TILE_SUPER, Q6K_TILE_BLOCK, Q6K_TILE_SUPER, QK, ROWS};
 
     /// Blocks ahead of the one being multiplied whose weights are fetched into the cache.
     /// The hardware prefetcher alone left the 8-row kernels waiting on weight loads (`perf
@@ -942,6 +1425,150 @@ mod avx512 {
             unsafe { _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]) };
         }
     }
+
+    /// `R` activation rows from `row0` times one packed Q4_K tile: [`q4_1`] with each
+    /// block's `d·sc` and `−dmin·m` made from the rows' bytes.
+    ///
+    /// # Safety
+    /// `w` is a packed Q4_K tile of `acts.k / 256` super-blocks; rows `row0..row0 + R` exist.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub(super) unsafe fn q4_k<const R: usize>(
+        w: &[u8],
+        acts: &Acts,
+        row0: usize,
+        out: &mut [[f32; ROWS]; R],
+    ) {
+        let nb = acts.k / QK;
+        debug_assert!(w.len() >= nb / 8 * Q4K_TILE_SUPER && row0 + R <= acts.m);
+        let mut acc = [_mm512_setzero_ps(); R];
+        let mut acc_m = [_mm512_setzero_ps(); R];
+        let low = _mm512_set1_epi8(0xF);
+        let byte = _mm512_set1_epi32(0xFF);
+        let wp = w.as_ptr();
+        let xq = acts.qs.as_ptr();
+        let xds = acts.ds.as_ptr();
+        for b in 0..nb {
+            unsafe {
+                let sup = wp.add(b / 8 * Q4K_TILE_SUPER);
+                let d = _mm512_cvtph_ps(_mm256_loadu_si256(sup as *const __m256i));
+                let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(sup.add(2 * ROWS) as *const __m256i));
+                let tb = sup.add(4 * ROWS + b % 8 * Q4K_TILE_BLOCK);
+                prefetch_ahead(tb, Q4K_TILE_BLOCK);
+                let scm = _mm512_cvtepu8_epi16(_mm256_loadu_si256(tb as *const __m256i));
+                let dw = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_and_si512(scm, byte)));
+                let mw = _mm512_mul_ps(
+                    _mm512_sub_ps(_mm512_setzero_ps(), dmin),
+                    _mm512_cvtepi32_ps(_mm512_srli_epi32::<16>(scm)),
+                );
+                let words = tb.add(2 * ROWS);
+                let mut dot = [_mm512_setzero_si512(); R];
+                let mut doth = [_mm512_setzero_si512(); R];
+                for g in 0..4 {
+                    let q = _mm512_loadu_si512(words.add(64 * g) as *const __m512i);
+                    let lo = _mm512_and_si512(q, low);
+                    let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(q), low);
+                    for r in 0..R {
+                        let x = xq.add((row0 + r) * acts.k + b * QK);
+                        let xl = _mm512_set1_epi32((x.add(4 * g) as *const i32).read_unaligned());
+                        let xh =
+                            _mm512_set1_epi32((x.add(16 + 4 * g) as *const i32).read_unaligned());
+                        dot[r] = _mm512_dpbusd_epi32(dot[r], lo, xl);
+                        doth[r] = _mm512_dpbusd_epi32(doth[r], hi, xh);
+                    }
+                }
+                for r in 0..R {
+                    let [dx, sx] = *xds.add((row0 + r) * nb + b);
+                    let dot = _mm512_cvtepi32_ps(_mm512_add_epi32(dot[r], doth[r]));
+                    acc[r] = _mm512_fmadd_ps(dot, _mm512_mul_ps(dw, _mm512_set1_ps(dx)), acc[r]);
+                    acc_m[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(sx), acc_m[r]);
+                }
+            }
+        }
+        for r in 0..R {
+            let y = _mm512_add_ps(acc[r], acc_m[r]);
+            // SAFETY: sixteen floats, one row.
+            unsafe { _mm512_storeu_ps(out[r].as_mut_ptr(), y) };
+        }
+    }
+
+    /// `R` activation rows from `row0` times one packed Q6_K tile: as [`q4_1`], the six-bit
+    /// values being the nibbles with their high bits shifted beside them
+    /// ([`super::Kind::pack_q6k`]); each sub-block's sum in its own register, weighed by its
+    /// scale in integers (`vpmulld`), `32·Σx` weighed by both taken off.
+    ///
+    /// # Safety
+    /// `w` is a packed Q6_K tile of `acts.k / 256` super-blocks; rows `row0..row0 + R` exist.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub(super) unsafe fn q6_k<const R: usize>(
+        w: &[u8],
+        acts: &Acts,
+        row0: usize,
+        out: &mut [[f32; ROWS]; R],
+    ) {
+        let nb = acts.k / QK;
+        debug_assert!(w.len() >= nb / 8 * Q6K_TILE_SUPER && row0 + R <= acts.m);
+        let mut acc = [_mm512_setzero_ps(); R];
+        let low = _mm512_set1_epi8(0xF);
+        let high = _mm512_set1_epi8(0x30);
+        let wp = w.as_ptr();
+        let xq = acts.qs.as_ptr();
+        let xds = acts.ds.as_ptr();
+        let halves = acts.halves().as_ptr();
+        for b in 0..nb {
+            unsafe {
+                let sup = wp.add(b / 8 * Q6K_TILE_SUPER);
+                let d = _mm512_cvtph_ps(_mm256_loadu_si256(sup as *const __m256i));
+                let tb = sup.add(2 * ROWS + b % 8 * Q6K_TILE_BLOCK);
+                prefetch_ahead(tb, Q6K_TILE_BLOCK);
+                let sc = _mm512_cvtepi8_epi16(_mm256_loadu_si256(tb as *const __m256i));
+                let c0 = _mm512_srai_epi32::<16>(_mm512_slli_epi32::<16>(sc));
+                let c1 = _mm512_srai_epi32::<16>(sc);
+                let words = tb.add(2 * ROWS);
+                let h0 = _mm512_loadu_si512(words.add(256) as *const __m512i);
+                let h1 = _mm512_loadu_si512(words.add(320) as *const __m512i);
+                let mut dot = [_mm512_setzero_si512(); R];
+                let mut doth = [_mm512_setzero_si512(); R];
+                for g in 0..4 {
+                    let q = _mm512_loadu_si512(words.add(64 * g) as *const __m512i);
+                    let (hl, hh) = match g {
+                        0 => (_mm512_slli_epi32::<4>(h0), _mm512_slli_epi32::<4>(h1)),
+                        1 => (_mm512_slli_epi32::<2>(h0), _mm512_slli_epi32::<2>(h1)),
+                        2 => (h0, h1),
+                        _ => (_mm512_srli_epi32::<2>(h0), _mm512_srli_epi32::<2>(h1)),
+                    };
+                    let lo = _mm512_or_si512(_mm512_and_si512(q, low), _mm512_and_si512(hl, high));
+                    let hi = _mm512_or_si512(
+                        _mm512_and_si512(_mm512_srli_epi16::<4>(q), low),
+                        _mm512_and_si512(hh, high),
+                    );
+                    for r in 0..R {
+                        let x = xq.add((row0 + r) * acts.k + b * QK);
+                        let xl = _mm512_set1_epi32((x.add(4 * g) as *const i32).read_unaligned());
+                        let xh =
+                            _mm512_set1_epi32((x.add(16 + 4 * g) as *const i32).read_unaligned());
+                        dot[r] = _mm512_dpbusd_epi32(dot[r], lo, xl);
+                        doth[r] = _mm512_dpbusd_epi32(doth[r], hi, xh);
+                    }
+                }
+                for r in 0..R {
+                    let at = (row0 + r) * nb + b;
+                    let [dx, _] = *xds.add(at);
+                    let off = _mm512_madd_epi16(sc, _mm512_set1_epi32(*halves.add(at)));
+                    let sum = _mm512_add_epi32(
+                        _mm512_mullo_epi32(dot[r], c0),
+                        _mm512_mullo_epi32(doth[r], c1),
+                    );
+                    let sum =
+                        _mm512_cvtepi32_ps(_mm512_sub_epi32(sum, _mm512_slli_epi32::<5>(off)));
+                    acc[r] = _mm512_fmadd_ps(sum, _mm512_mul_ps(d, _mm512_set1_ps(dx)), acc[r]);
+                }
+            }
+        }
+        for r in 0..R {
+            // SAFETY: sixteen floats, one row.
+            unsafe { _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]) };
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1028,15 +1655,21 @@ mod tests {
     #[test]
     fn kernels_match_the_dequantised_product_for_every_tile_size() {
         eprintln!("kernels tested: {:?}", isas());
-        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
-            // Odd and even block counts; 37 rows: two full tiles and a padded one.
-            for k in [96, 128] {
+        for (dtype, ks) in [
+            (GgmlDType::Q4_1, [96, 128]),
+            (GgmlDType::Q8_0, [96, 128]),
+            (GgmlDType::Q6K, [256, 768]),
+            (GgmlDType::Q4K, [256, 768]),
+        ] {
+            // Odd and even block (Q6_K: super-block) counts; 37 rows: two full tiles and a
+            // padded one.
+            for k in ks {
                 let n = 37;
                 let (mat, dense) = weights(dtype, n, k);
                 let QMat::Own { kind, data, .. } = &mat else {
                     panic!("{dtype:?} has no kernel")
                 };
-                let tile_bytes = k / QK * ROWS * kind.block_bytes();
+                let tile_bytes = kind.tile_bytes(k);
                 for m in [1, 2, 3, 4, 5, 7, 8, 9, 17] {
                     let x = random(m * k, 3 + m as u64);
                     let acts = Acts::quantize(&x, m, k);
@@ -1050,7 +1683,8 @@ mod tests {
                         .collect();
                     for (s, w) in scalar.iter().zip(&want) {
                         // The Q4_1 offset term uses s_x = d_x·Σq rounded to f16 (~5e-4
-                        // relative per block); a wrongly unpacked block is off by O(1).
+                        // relative per block); a wrongly unpacked block (or Q6_K value, high
+                        // bits or scale) is off by O(1).
                         let tol = 1e-2 * (1.0 + w.abs());
                         assert!(
                             (*s as f64 - w).abs() < tol,
@@ -1216,9 +1850,10 @@ mod tests {
         }
     }
 
-    /// The hub's other quantised types are converted at load ([`super::super::convert`]):
-    /// products on our kernels, close to candle's on the file's own type, and a fused QKV
-    /// of a Q4_K_M file's Q5_0 and Q8_0 parts is one matrix of ours.
+    /// The hub's other quantised types are converted at load ([`super::super::convert`])
+    /// or, Q6_K, packed as they are: products on our kernels, close to candle's on the
+    /// file's own type (which quantises the activations per 256 for the K-quants), and a
+    /// fused QKV of a Q4_K_M file's Q5_0 and Q8_0 parts is one matrix of ours.
     #[test]
     fn other_quantised_types_run_on_our_kernels_after_conversion() {
         let (k, m) = (512, 5);
@@ -1267,13 +1902,36 @@ mod tests {
 
     #[test]
     fn dequantised_rows_are_candles() {
-        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
-            let (mat, dense) = weights(dtype, 5, 64);
-            let mut row = vec![0f32; 64];
-            for j in 0..5 {
+        for (dtype, k) in [
+            (GgmlDType::Q4_1, 64),
+            (GgmlDType::Q8_0, 64),
+            (GgmlDType::Q6K, 512),
+            (GgmlDType::Q4K, 512),
+        ] {
+            let (mat, dense) = weights(dtype, 21, k);
+            let mut row = vec![0f32; k];
+            for j in 0..21 {
                 mat.dequantize_row(j, &mut row).unwrap();
-                assert_eq!(row, dense[j * 64..(j + 1) * 64]);
+                assert_eq!(row, dense[j * k..(j + 1) * k], "{dtype:?} row {j}");
             }
+        }
+    }
+
+    /// The K-quants are packed as they are, not converted: 16 rows of 256 weights take
+    /// 16 × 210 bytes of Q6_K, as in the file, and 16 × 148 of Q4_K (the file's 144 with
+    /// the twelve bytes of six-bit scales and mins a byte each).
+    #[test]
+    fn k_quants_are_packed_in_their_own_size_and_not_converted() {
+        for (dtype, kind, row_bytes) in [
+            (GgmlDType::Q6K, Kind::Q6K, Q6K_BLOCK),
+            (GgmlDType::Q4K, Kind::Q4K, Q4K_BLOCK + 4),
+        ] {
+            let (mat, _) = weights(dtype, 37, 512);
+            let QMat::Own { kind: k, data, .. } = &mat else {
+                panic!("{dtype:?} has no kernel")
+            };
+            assert_eq!(*k, kind);
+            assert_eq!(data.len(), 3 * 2 * 16 * row_bytes, "{dtype:?}");
         }
     }
 }
