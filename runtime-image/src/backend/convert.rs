@@ -1,6 +1,6 @@
 //! GGUF weight types without a kernel of ours, converted at load into ones with one.
 //!
-//! kandle's CPU kernels ([`super::qmatmul`]) take Q4_1, Q8_0, Q4_K and Q6_K. Every other quantised type
+//! kandle's CPU kernels ([`super::qmatmul`]) take Q4_1, Q8_0, Q5_0, Q4_K, Q5_K and Q6_K. Every other quantised type
 //! used to go through candle's `QMatMul`, which here ran a SmolLM2 made by llama.cpp's
 //! `Q4_K_M` recipe (mostly Q5_0, with Q4_K, Q6_K and Q8_0) at 0.38× llama.cpp's prompt speed
 //! and 0.8× its decode speed, and a `Q4_0` one at 0.28× and 0.66×, with no gain from batching
@@ -10,10 +10,14 @@
 //! | file type | becomes | values |
 //! |---|---|---|
 //! | Q4_0 (`d·(q−8)`) | Q4_1 with `m = −8d` | the same, exactly |
-//! | Q5_0 (`d·(q−16)`) | Q8_0 with `q' = q−16` | the same, exactly |
-//! | any other quantised type (Q5_1, Q2_K, Q3_K, Q5_K) | Q8_0 | within about half a Q8_0 step (a 127th of the block's largest value), its scale rounded to f16 |
+//! | any other quantised type (Q5_1, Q2_K, Q3_K) | Q8_0 | within about half a Q8_0 step (a 127th of the block's largest value), its scale rounded to f16 |
 //!
-//! Q8_0 takes more memory than a 5-bit type (34 bytes per 32 weights against 22–24),
+//! The parts of one fused product (Q, K and V; gate and up) stay one matrix of the kernels
+//! only when they share a type: a set of Q5_0 and Q8_0 parts (a Q4_K_M file's small
+//! matrices: Q5_0 where Q4_K does not fit, Q8_0 where Q6_K does not) has its Q5_0 parts
+//! converted to Q8_0, with the same values exactly ([`to_kernel_types`]).
+//!
+//! Q8_0 takes more memory than a 3- to 5-bit type (34 bytes per 32 weights against 14–24),
 //! which one stream's decode, bound by reading the weights, pays for; the kernels' speed
 //! more than makes up for it (README). f32/f16/bf16 tensors are left to candle.
 //!
@@ -48,7 +52,9 @@ pub(super) fn to_kernel_type(t: QTensor) -> Result<QTensor> {
     let exact = match t.dtype() {
         GgmlDType::Q4_1
         | GgmlDType::Q8_0
+        | GgmlDType::Q5_0
         | GgmlDType::Q4K
+        | GgmlDType::Q5K
         | GgmlDType::Q6K
         | GgmlDType::F32
         | GgmlDType::F16
@@ -56,7 +62,6 @@ pub(super) fn to_kernel_type(t: QTensor) -> Result<QTensor> {
             return Ok(t);
         }
         GgmlDType::Q4_0 => direct(q4_0_to_q4_1, GgmlDType::Q4_1)?,
-        GgmlDType::Q5_0 => direct(q5_0_to_q8_0, GgmlDType::Q8_0)?,
         _ => None,
     };
     match exact {
@@ -64,6 +69,40 @@ pub(super) fn to_kernel_type(t: QTensor) -> Result<QTensor> {
         // The other types, and a direct conversion whose scales do not fit f16.
         None => through_f32(&t),
     }
+}
+
+/// `tensors`, the parts of one fused product, each as [`to_kernel_type`] makes it; if they
+/// are Q5_0 and Q8_0 together, the Q5_0 ones as Q8_0 (`q − 16`, the same values), so that
+/// the product stays one pass of the kernels over the threads (apart, each part is one:
+/// thirty layers of a small model's QKV made ~30 more hand-offs a step).
+pub(super) fn to_kernel_types(tensors: Vec<QTensor>) -> Result<Vec<QTensor>> {
+    let tensors = tensors
+        .into_iter()
+        .map(to_kernel_type)
+        .collect::<Result<Vec<_>>>()?;
+    let has = |d: GgmlDType| tensors.iter().any(|t| t.dtype() == d);
+    let only = tensors
+        .iter()
+        .all(|t| matches!(t.dtype(), GgmlDType::Q5_0 | GgmlDType::Q8_0));
+    if !(only && has(GgmlDType::Q5_0) && has(GgmlDType::Q8_0)) {
+        return Ok(tensors);
+    }
+    tensors
+        .into_iter()
+        .map(|t| {
+            if t.dtype() != GgmlDType::Q5_0 {
+                return Ok(t);
+            }
+            let bytes = q5_0_to_q8_0(&t.data()?).expect("Q5_0 to Q8_0 keeps the scales");
+            let dims = t.shape().dims().to_vec();
+            Ok(ggml_file::qtensor_from_ggml(
+                GgmlDType::Q8_0,
+                &bytes,
+                dims,
+                &Device::Cpu,
+            )?)
+        })
+        .collect()
 }
 
 /// Values the f32 round trip holds at once: a 128256 × 4096 Q6_K head (Llama 3's) would
@@ -195,29 +234,36 @@ mod tests {
     }
 
     #[test]
-    fn q4_0_and_q5_0_keep_their_values_exactly() {
-        for (from, to) in [
-            (GgmlDType::Q4_0, GgmlDType::Q4_1),
-            (GgmlDType::Q5_0, GgmlDType::Q8_0),
-        ] {
-            let q = QTensor::quantize(&weights(16, 512, 1), from).unwrap();
-            let c = to_kernel_type(QTensor::quantize(&weights(16, 512, 1), from).unwrap()).unwrap();
-            assert_eq!(c.dtype(), to);
-            assert_eq!(c.shape().dims(), &[16, 512]);
-            // Equal values (a zero may change sign: Q4_0's `0·d` with a negative `d` is
-            // −0, Q4_1's `8d − 8d` is +0).
-            assert_eq!(values(&q), values(&c), "{from:?}");
+    fn q4_0_and_q5_0_beside_q8_0_keep_their_values_exactly() {
+        let q4 = || QTensor::quantize(&weights(16, 512, 1), GgmlDType::Q4_0).unwrap();
+        let c = to_kernel_type(q4()).unwrap();
+        assert_eq!(c.dtype(), GgmlDType::Q4_1);
+        assert_eq!(c.shape().dims(), &[16, 512]);
+        // Equal values (a zero may change sign: Q4_0's `0·d` with a negative `d` is −0,
+        // Q4_1's `8d − 8d` is +0).
+        assert_eq!(values(&q4()), values(&c));
+
+        // A fused product of Q5_0 and Q8_0 parts: all Q8_0, the Q5_0 values unchanged.
+        let q5 = || QTensor::quantize(&weights(16, 512, 2), GgmlDType::Q5_0).unwrap();
+        let q8 = || QTensor::quantize(&weights(8, 512, 3), GgmlDType::Q8_0).unwrap();
+        let parts = to_kernel_types(vec![q5(), q5(), q8()]).unwrap();
+        assert!(parts.iter().all(|t| t.dtype() == GgmlDType::Q8_0));
+        assert_eq!(values(&parts[0]), values(&q5()));
+        assert_eq!(values(&parts[2]), values(&q8()));
+        // Q5_0 alone, or beside a type of another kernel, stays Q5_0.
+        for set in [vec![q5(), q5()], vec![q5(), q4()]] {
+            let types: Vec<_> = to_kernel_types(set)
+                .unwrap()
+                .iter()
+                .map(|t| t.dtype())
+                .collect();
+            assert_eq!(types[0], GgmlDType::Q5_0, "{types:?}");
         }
     }
 
     #[test]
     fn other_types_become_q8_0_within_half_its_step() {
-        for from in [
-            GgmlDType::Q5_1,
-            GgmlDType::Q2K,
-            GgmlDType::Q3K,
-            GgmlDType::Q5K,
-        ] {
+        for from in [GgmlDType::Q5_1, GgmlDType::Q2K, GgmlDType::Q3K] {
             let w = weights(8, 512, 3);
             let q = QTensor::quantize(&w, from).unwrap();
             let c = to_kernel_type(QTensor::quantize(&w, from).unwrap()).unwrap();
@@ -241,7 +287,7 @@ mod tests {
         let k = 1024;
         let n = CHUNK_VALUES / k * 2 + 3;
         let w = weights(n, k, 5);
-        let q = QTensor::quantize(&w, GgmlDType::Q5K).unwrap();
+        let q = QTensor::quantize(&w, GgmlDType::Q3K).unwrap();
         let whole =
             QTensor::quantize(&q.dequantize(&Device::Cpu).unwrap(), GgmlDType::Q8_0).unwrap();
         let parts = through_f32(&q).unwrap();
@@ -254,7 +300,9 @@ mod tests {
         for dtype in [
             GgmlDType::Q4_1,
             GgmlDType::Q8_0,
+            GgmlDType::Q5_0,
             GgmlDType::Q4K,
+            GgmlDType::Q5K,
             GgmlDType::Q6K,
             GgmlDType::F32,
             GgmlDType::F16,

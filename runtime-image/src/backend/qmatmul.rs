@@ -62,6 +62,10 @@ pub(super) enum Kind {
     Q4_1,
     /// `{d: f16, qs: [i8; 32]}`: value = d·q.
     Q8_0,
+    /// `{d: f16, qh: u32, qs: [u8; 16]}`: value = d·(q − 16), q in 0..32 from a nibble and
+    /// a bit of `qh`. Packed with its high bits rearranged ([`q5_0_block`]), 5.5 bits a
+    /// weight as in the file, where converting it to Q8_0 took 8.5.
+    Q5_0,
     /// Super-blocks of 256 `{ql: [u8; 128], qh: [u8; 64], scales: [i8; 16], d: f16}`:
     /// value = d·scales[i/16]·(q − 32), q in 0..64 from four low and two high bits. Packed
     /// in its own layout ([`Kind::pack_q6k`]), 6.5625 bits a weight as in the file, where
@@ -72,6 +76,11 @@ pub(super) enum Kind {
     /// `scales`. Packed in its own layout ([`Kind::pack_q4k`]), 4.625 bits a weight (the
     /// file's 4.5, the scales a byte each), where converting it to Q4_1 took 5.
     Q4K,
+    /// Q4_K with a fifth bit per value (`qh: [u8; 32]` after the scales): value =
+    /// d·sc_s·q − dmin·m_s, q in 0..32. Packed as Q4_K with a word of high bits per block
+    /// ([`Kind::pack_q4k`]), 5.625 bits a weight (the file's 5.5), where converting it to
+    /// Q8_0 took 8.5 (and the load's round trip through f32).
+    Q5K,
 }
 
 /// Bytes of one Q6_K super-block of 256 weights in a GGUF file.
@@ -90,6 +99,12 @@ const Q4K_TILE_BLOCK: usize = ROWS * 18;
 /// Bytes of one packed Q4_K super-block of a tile: the rows' `d`, then their `dmin` (f16),
 /// then eight blocks.
 const Q4K_TILE_SUPER: usize = 4 * ROWS + 8 * Q4K_TILE_BLOCK;
+/// Bytes of one Q5_K super-block of 256 weights in a GGUF file.
+const Q5K_BLOCK: usize = 176;
+/// Bytes of one packed Q5_K block: Q4_K's and a word of high bits per row.
+const Q5K_TILE_BLOCK: usize = ROWS * 22;
+/// Bytes of one packed Q5_K super-block of a tile.
+const Q5K_TILE_SUPER: usize = 4 * ROWS + 8 * Q5K_TILE_BLOCK;
 
 impl Kind {
     /// The kind of a GGUF type our kernels take.
@@ -99,16 +114,22 @@ impl Kind {
             GgmlDType::Q8_0 => Some(Kind::Q8_0),
             GgmlDType::Q6K => Some(Kind::Q6K),
             GgmlDType::Q4K => Some(Kind::Q4K),
+            GgmlDType::Q5_0 => Some(Kind::Q5_0),
+            GgmlDType::Q5K => Some(Kind::Q5K),
             _ => None,
         }
     }
 
-    /// Bytes of one GGUF block (32 weights of one row) of Q4_1 or Q8_0.
+    /// Bytes of one block (32 weights of one row) of Q4_1, Q8_0 or Q5_0, in the file and
+    /// in a lane of a packed tile.
     fn block_bytes(self) -> usize {
         match self {
             Kind::Q4_1 => 20,
             Kind::Q8_0 => 34,
-            Kind::Q6K | Kind::Q4K => unreachable!("K-quant blocks are of 256 weights"),
+            Kind::Q5_0 => 22,
+            Kind::Q6K | Kind::Q4K | Kind::Q5K => {
+                unreachable!("K-quant blocks are of 256 weights")
+            }
         }
     }
 
@@ -118,7 +139,8 @@ impl Kind {
         match self {
             Kind::Q6K => Some((Q6K_BLOCK, Q6K_TILE_SUPER)),
             Kind::Q4K => Some((Q4K_BLOCK, Q4K_TILE_SUPER)),
-            Kind::Q4_1 | Kind::Q8_0 => None,
+            Kind::Q5K => Some((Q5K_BLOCK, Q5K_TILE_SUPER)),
+            Kind::Q4_1 | Kind::Q8_0 | Kind::Q5_0 => None,
         }
     }
 
@@ -146,7 +168,7 @@ impl Kind {
         }
     }
 
-    /// f16 values leading a Q4_1 or Q8_0 block: `d` (and `m`).
+    /// f16 values leading a Q4_1, Q8_0 or Q5_0 block: `d` (and `m`).
     fn scales(self) -> usize {
         match self {
             Kind::Q4_1 => 2,
@@ -204,14 +226,18 @@ impl Kind {
                             let to = &mut tile[s * packed..];
                             match self {
                                 Kind::Q6K => Kind::pack_q6k(sb, to, lane),
-                                _ => Kind::pack_q4k(sb, to, lane),
+                                _ => self.pack_q4k(sb, to, lane),
                             }
                         }
                         continue;
                     }
                     let bb = self.block_bytes();
                     for (b, blk) in row.chunks_exact(bb).enumerate() {
-                        self.pack_block(blk, &mut tile[b * ROWS * bb..(b + 1) * ROWS * bb], lane);
+                        let to = &mut tile[b * ROWS * bb..(b + 1) * ROWS * bb];
+                        match self {
+                            Kind::Q5_0 => self.pack_block(&q5_0_block(blk), to, lane),
+                            _ => self.pack_block(blk, to, lane),
+                        }
                     }
                 }
             });
@@ -244,37 +270,61 @@ impl Kind {
         }
     }
 
-    /// One GGUF Q4_K super-block into lane `lane` of a packed tile super-block: `d` in bytes
-    /// `2·lane`, `dmin` in `2·ROWS + 2·lane`, then per block of 32 (`Q4K_TILE_BLOCK` bytes
-    /// from `4·ROWS`) the lane's `sc` and `m` at `2·lane` and nibble group `g` (bytes
-    /// `4g..4g+4` of `q[i] | q[i+16] << 4`, as Q4_1's) at `2·ROWS + 64g + 4·lane`.
-    fn pack_q4k(raw: &[u8], sup: &mut [u8], lane: usize) {
+    /// Bytes of one packed block of 32 of a Q4_K or Q5_K tile's sixteen rows.
+    fn k_tile_block(self) -> usize {
+        match self {
+            Kind::Q5K => Q5K_TILE_BLOCK,
+            _ => Q4K_TILE_BLOCK,
+        }
+    }
+
+    /// One GGUF Q4_K or Q5_K super-block into lane `lane` of a packed tile super-block: `d`
+    /// in bytes `2·lane`, `dmin` in `2·ROWS + 2·lane`, then per block of 32
+    /// ([`Kind::k_tile_block`] bytes from `4·ROWS`) the lane's `sc` and `m` at `2·lane`,
+    /// nibble group `g` (bytes `4g..4g+4` of `q[i] & 15 | (q[i+16] & 15) << 4`, as Q4_1's)
+    /// at `2·ROWS + 64g + 4·lane`, and for Q5_K the fifth bits as a word at `2·ROWS + 256 +
+    /// 4·lane` laid out as [`fifth_bits`] lays them.
+    fn pack_q4k(self, raw: &[u8], sup: &mut [u8], lane: usize) {
         sup[2 * lane..2 * lane + 2].copy_from_slice(&raw[..2]);
         sup[2 * (ROWS + lane)..2 * (ROWS + lane) + 2].copy_from_slice(&raw[2..4]);
+        // Q5_K: `qh[l]` holds bit 4 of element `l` of sub-block `b` at bit `b`.
+        let (qh, qs) = match self {
+            Kind::Q5K => (Some(&raw[16..48]), &raw[48..176]),
+            _ => (None, &raw[16..144]),
+        };
+        let tb = self.k_tile_block();
         for b in 0..8 {
-            let blk = &mut sup[4 * ROWS + b * Q4K_TILE_BLOCK..][..Q4K_TILE_BLOCK];
+            let blk = &mut sup[4 * ROWS + b * tb..][..tb];
             (blk[2 * lane], blk[2 * lane + 1]) = scale_min_k4(b, &raw[4..16]);
             // Sub-block `b`'s nibbles: bytes `32·(b/2)..`, low for even `b`, high for odd.
-            let bytes = &raw[16 + 32 * (b / 2)..][..32];
+            let bytes = &qs[32 * (b / 2)..][..32];
             let q = |i: usize| {
-                if b % 2 == 0 {
+                let nib = if b % 2 == 0 {
                     bytes[i] & 15
                 } else {
                     bytes[i] >> 4
-                }
+                };
+                nib | qh.map_or(0, |qh| ((qh[i] >> b) & 1) << 4)
             };
             for i in 0..16 {
-                blk[2 * ROWS + 64 * (i / 4) + 4 * lane + i % 4] = q(i) | q(i + 16) << 4;
+                blk[2 * ROWS + 64 * (i / 4) + 4 * lane + i % 4] = (q(i) & 15) | q(i + 16) << 4;
+            }
+            if qh.is_some() {
+                let q: [u8; 32] = std::array::from_fn(q);
+                blk[2 * ROWS + 256 + 4 * lane..][..4].copy_from_slice(&fifth_bits(&q));
             }
         }
     }
 
-    /// Element `i` of block `b` of lane `lane` in a packed Q4_K tile super-block, with the
-    /// sub-block's `sc` and `m` ([`Kind::pack_q4k`] undone).
-    fn q4k_at(sup: &[u8], lane: usize, b: usize, i: usize) -> (u8, u8, u8) {
-        let blk = &sup[4 * ROWS + b * Q4K_TILE_BLOCK..];
+    /// Element `i` of block `b` of lane `lane` in a packed Q4_K or Q5_K tile super-block,
+    /// with the sub-block's `sc` and `m` ([`Kind::pack_q4k`] undone).
+    fn q4k_at(self, sup: &[u8], lane: usize, b: usize, i: usize) -> (u8, u8, u8) {
+        let blk = &sup[4 * ROWS + b * self.k_tile_block()..];
         let nib = blk[2 * ROWS + 64 * ((i % 16) / 4) + 4 * lane + i % 4];
-        let q = if i >= 16 { nib >> 4 } else { nib & 15 };
+        let mut q = if i >= 16 { nib >> 4 } else { nib & 15 };
+        if self == Kind::Q5K {
+            q |= fifth_bit(&blk[2 * ROWS + 256 + 4 * lane..][..4], i) << 4;
+        }
         (q, blk[2 * lane], blk[2 * lane + 1])
     }
 
@@ -288,6 +338,37 @@ impl Kind {
         let hi = (blk[2 * ROWS + 256 + 64 * high as usize + 4 * lane + e] >> (2 * g)) & 3;
         (nib | hi << 4, blk[2 * lane + high as usize] as i8)
     }
+}
+
+/// The fifth bits of a block's 32 values `q` (0..32) as the five-bit kernels read them: byte
+/// `e` holds element `4g + e`'s at bit `g` and element `16 + 4g + e`'s at bit `4 + g`, so
+/// that one shift and mask of the word puts nibble group `g`'s beside its nibbles.
+fn fifth_bits(q: &[u8; 32]) -> [u8; 4] {
+    let mut h = [0u8; 4];
+    for g in 0..4 {
+        for (e, h) in h.iter_mut().enumerate() {
+            *h |= ((q[4 * g + e] >> 4) & 1) << g | ((q[16 + 4 * g + e] >> 4) & 1) << (4 + g);
+        }
+    }
+    h
+}
+
+/// Element `i`'s fifth bit in a word of [`fifth_bits`].
+fn fifth_bit(h: &[u8], i: usize) -> u8 {
+    let (g, e) = ((i % 16) / 4, i % 4);
+    (h[e] >> (g + 4 * (i / 16))) & 1
+}
+
+/// A GGUF Q5_0 block `{d, qh, qs}` as a packed lane holds it: `{d, qs, fifth_bits}` (the
+/// nibbles as they are: element `j` low and `j + 16` high in byte `j`, as Q4_1's).
+fn q5_0_block(raw: &[u8]) -> [u8; 22] {
+    let qh = u32::from_le_bytes([raw[2], raw[3], raw[4], raw[5]]);
+    let q: [u8; 32] = std::array::from_fn(|i| (((qh >> i) & 1) as u8) << 4);
+    let mut out = [0u8; 22];
+    out[..2].copy_from_slice(&raw[..2]);
+    out[2..18].copy_from_slice(&raw[6..22]);
+    out[18..].copy_from_slice(&fifth_bits(&q));
+    out
 }
 
 /// Sub-block `j`'s six-bit scale and min of a K-quant's packed 12 bytes (ggml's
@@ -451,12 +532,9 @@ impl QMat {
     /// GGUF rows are joined before packing, so that only the fused matrix takes memory among
     /// the weights ([`WeightBytes`] are never given back one by one).
     /// Quantised types without a kernel of ours are converted first
-    /// ([`super::convert::to_kernel_type`]).
+    /// ([`super::convert::to_kernel_types`]).
     pub(super) fn from_qtensors(tensors: Vec<QTensor>) -> Result<QMat> {
-        let tensors = tensors
-            .into_iter()
-            .map(super::convert::to_kernel_type)
-            .collect::<Result<Vec<_>>>()?;
+        let tensors = super::convert::to_kernel_types(tensors)?;
         let Some(first) = tensors.first() else {
             return Ok(QMat::Stack(Vec::new()));
         };
@@ -547,15 +625,16 @@ impl QMat {
             }
             return Some(());
         }
-        if *kind == Kind::Q4K {
+        if let Some((_, packed)) = kind.super_bytes() {
+            // Q4_K or Q5_K.
             let tile = &data[(j / ROWS) * kind.tile_bytes(*k)..];
             let lane = j % ROWS;
             for (s, o) in out[..*k].chunks_exact_mut(256).enumerate() {
-                let sup = &tile[s * Q4K_TILE_SUPER..];
+                let sup = &tile[s * packed..];
                 let (d, dmin) = (f16_at(sup, 2 * lane), f16_at(sup, 2 * (ROWS + lane)));
                 for (i, o) in o.iter_mut().enumerate() {
-                    // As ggml's `dequantize_row_q4_K`.
-                    let (q, sc, m) = Kind::q4k_at(sup, lane, i / 32, i % 32);
+                    // As ggml's `dequantize_row_q4_K` and `_q5_K`.
+                    let (q, sc, m) = kind.q4k_at(sup, lane, i / 32, i % 32);
                     *o = d * sc as f32 * q as f32 - dmin * m as f32;
                 }
             }
@@ -579,7 +658,15 @@ impl QMat {
                         *o = *q as i8 as f32 * d;
                     }
                 }
-                Kind::Q6K | Kind::Q4K => unreachable!("K-quant rows are read above"),
+                Kind::Q5_0 => {
+                    let d = f16_at(blk, 0);
+                    for (i, o) in o.iter_mut().enumerate() {
+                        let nib = blk[2 + i % 16] >> (4 * (i / 16)) & 15;
+                        let q = nib | fifth_bit(&blk[18..], i) << 4;
+                        *o = (q as i32 - 16) as f32 * d;
+                    }
+                }
+                Kind::Q6K | Kind::Q4K | Kind::Q5K => unreachable!("K-quant rows are read above"),
             }
         }
         Some(())
@@ -825,7 +912,15 @@ fn tile_times_acts(
                             std::hint::black_box(f)(w, acts, i, ys.try_into().unwrap())
                         })+
                         $((Kind::Q4K, $r) => {
-                            let f: Kernel<$r> = $module::q4_k::<$r>;
+                            let f: Kernel<$r> = $module::q4_k::<$r, false>;
+                            std::hint::black_box(f)(w, acts, i, ys.try_into().unwrap())
+                        })+
+                        $((Kind::Q5K, $r) => {
+                            let f: Kernel<$r> = $module::q4_k::<$r, true>;
+                            std::hint::black_box(f)(w, acts, i, ys.try_into().unwrap())
+                        })+
+                        $((Kind::Q5_0, $r) => {
+                            let f: Kernel<$r> = $module::q5_0::<$r>;
                             std::hint::black_box(f)(w, acts, i, ys.try_into().unwrap())
                         })+
                         _ => unreachable!("{r} rows"),
@@ -853,12 +948,12 @@ fn tile_times_acts(
 /// The portable kernel, and the definition the SIMD ones follow bit for bit: for each of the
 /// tile's rows, over the blocks in order, the exact integer sum of the block's products, then
 /// `acc = fma(sum, d_w·d_x, acc)` and for Q4_1 `acc_m = fma(m_w, s_x, acc_m)`; the output is
-/// `acc + acc_m`.
+/// `acc + acc_m`. Q5_0's sum is that of `q·x` less `16·Σx` (its values being `q − 16`).
 fn scalar_tile(kind: Kind, w: &[u8], acts: &Acts, row: usize) -> [f32; ROWS] {
     match kind {
         Kind::Q6K => return scalar_q6k(w, acts, row),
-        Kind::Q4K => return scalar_q4k(w, acts, row),
-        Kind::Q4_1 | Kind::Q8_0 => {}
+        Kind::Q4K | Kind::Q5K => return scalar_q4k(kind, w, acts, row),
+        Kind::Q4_1 | Kind::Q8_0 | Kind::Q5_0 => {}
     }
     let nb = acts.k / QK;
     let tb = ROWS * kind.block_bytes();
@@ -881,7 +976,15 @@ fn scalar_tile(kind: Kind, w: &[u8], acts: &Acts, row: usize) -> [f32; ROWS] {
                     .flat_map(|g| (0..4).map(move |e| (g, e)))
                     .map(|(g, e)| group(g)[e] as i8 as i32 * x[4 * g + e] as i32)
                     .sum(),
-                Kind::Q6K | Kind::Q4K => unreachable!("K-quant tiles have their own"),
+                Kind::Q5_0 => {
+                    let q = |i: usize| {
+                        let nib = (group((i % 16) / 4)[i % 4] >> (4 * (i / 16))) & 15;
+                        nib | fifth_bit(group(4), i) << 4
+                    };
+                    let dot: i32 = (0..QK).map(|i| q(i) as i32 * x[i] as i32).sum();
+                    dot - 16 * acts.sums[row * nb + b]
+                }
+                Kind::Q6K | Kind::Q4K | Kind::Q5K => unreachable!("K-quant tiles have their own"),
             };
             *a = (dot as f32).mul_add(f16_at(tile, 2 * lane) * dx, *a);
             if kind == Kind::Q4_1 {
@@ -892,21 +995,23 @@ fn scalar_tile(kind: Kind, w: &[u8], acts: &Acts, row: usize) -> [f32; ROWS] {
     std::array::from_fn(|l| acc[l] + acc_m[l])
 }
 
-/// [`scalar_tile`] for Q4_K, and the definition its SIMD kernels follow bit for bit: Q4_1's
-/// ([`scalar_tile`]) with the block's `d_w = d·sc` and `m_w = −dmin·m`, both exact in f32
-/// (an f16 times a six-bit integer), where converting the file to Q4_1 rounded them to f16.
-fn scalar_q4k(w: &[u8], acts: &Acts, row: usize) -> [f32; ROWS] {
+/// [`scalar_tile`] for Q4_K and Q5_K, and the definition their SIMD kernels follow bit for
+/// bit: Q4_1's ([`scalar_tile`]) with the block's `d_w = d·sc` and `m_w = −dmin·m`, both
+/// exact in f32 (an f16 times a six-bit integer), where converting the file to Q4_1 rounded
+/// them to f16.
+fn scalar_q4k(kind: Kind, w: &[u8], acts: &Acts, row: usize) -> [f32; ROWS] {
     let nb = acts.k / QK;
+    let packed = kind.super_bytes().expect("a K-quant").1;
     let (mut acc, mut acc_m) = ([0f32; ROWS], [0f32; ROWS]);
     for b in 0..nb {
-        let sup = &w[b / 8 * Q4K_TILE_SUPER..];
+        let sup = &w[b / 8 * packed..];
         let x = &acts.qs[row * acts.k + b * QK..][..QK];
         let [dx, sx] = acts.ds[row * nb + b];
         for (lane, (a, am)) in acc.iter_mut().zip(&mut acc_m).enumerate() {
             let (mut dot, mut sc, mut m) = (0i32, 0, 0);
             for (i, &xi) in x.iter().enumerate() {
                 let q;
-                (q, sc, m) = Kind::q4k_at(sup, lane, b % 8, i);
+                (q, sc, m) = kind.q4k_at(sup, lane, b % 8, i);
                 dot += q as i32 * xi as i32;
             }
             let d = f16_at(sup, 2 * lane) * sc as f32;
@@ -953,7 +1058,7 @@ fn scalar_q6k(w: &[u8], acts: &Acts, row: usize) -> [f32; ROWS] {
 mod avx {
     use core::arch::x86_64::*;
 
-    use super::{Acts, Q4K_TILE_BLOCK, Q4K_TILE_SUPER, Q6K_TILE_BLOCK, Q6K_TILE_SUPER, QK, ROWS};
+    use super::{Acts, Kind, Q6K_TILE_BLOCK, Q6K_TILE_SUPER, QK, ROWS};
 
     /// [`super::quantize_block`] with the same results (the same products, rounded half to
     /// even), as llama.cpp's AVX2 `quantize_row_q8_1`.
@@ -1113,20 +1218,46 @@ mod avx {
         }
     }
 
-    /// `R` activation rows from `row0` times one packed Q4_K tile, eight weight rows at a
-    /// time: [`q4_1`] with each block's `d·sc` and `−dmin·m` made from the rows' bytes.
+    /// Nibble group `g`'s values with their fifth bits from the word `h` ([`super::fifth_bits`]):
+    /// the low nibbles' (elements `4g..4g+4`) and the high nibbles' (`16+4g..`).
+    macro_rules! five_bits_256 {
+        ($q:expr, $h:expr, $g:expr) => {{
+            let (q, h, low, bit) = ($q, $h, _mm256_set1_epi8(0xF), _mm256_set1_epi8(0x10));
+            let (hl, hh) = match $g {
+                0 => (_mm256_slli_epi32::<4>(h), h),
+                1 => (_mm256_slli_epi32::<3>(h), _mm256_srli_epi32::<1>(h)),
+                2 => (_mm256_slli_epi32::<2>(h), _mm256_srli_epi32::<2>(h)),
+                _ => (_mm256_slli_epi32::<1>(h), _mm256_srli_epi32::<3>(h)),
+            };
+            (
+                _mm256_or_si256(_mm256_and_si256(q, low), _mm256_and_si256(hl, bit)),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(q), low),
+                    _mm256_and_si256(hh, bit),
+                ),
+            )
+        }};
+    }
+
+    /// `R` activation rows from `row0` times one packed Q4_K tile (`FIVE`: Q5_K), eight
+    /// weight rows at a time: [`q4_1`] with each block's `d·sc` and `−dmin·m` made from the
+    /// rows' bytes. Sums of a group's pairs of products stay within ±2·2·31·127 < 2^15 for
+    /// two groups of five-bit values, four of four-bit ones.
     ///
     /// # Safety
-    /// `w` is a packed Q4_K tile of `acts.k / 256` super-blocks; rows `row0..row0 + R` exist.
+    /// `w` is a packed Q4_K (Q5_K) tile of `acts.k / 256` super-blocks; rows
+    /// `row0..row0 + R` exist.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn q4_k<const R: usize>(
+    pub(super) unsafe fn q4_k<const R: usize, const FIVE: bool>(
         w: &[u8],
         acts: &Acts,
         row0: usize,
         out: &mut [[f32; ROWS]; R],
     ) {
+        let kind = if FIVE { Kind::Q5K } else { Kind::Q4K };
+        let (block, sup_bytes) = (kind.k_tile_block(), kind.super_bytes().expect("K-quant").1);
         let nb = acts.k / QK;
-        debug_assert!(w.len() >= nb / 8 * Q4K_TILE_SUPER && row0 + R <= acts.m);
+        debug_assert!(w.len() >= nb / 8 * sup_bytes && row0 + R <= acts.m);
         let low = _mm256_set1_epi8(0xF);
         let ones = _mm256_set1_epi16(1);
         let byte = _mm256_set1_epi32(0xFF);
@@ -1138,12 +1269,12 @@ mod avx {
             let mut acc_m = [_mm256_setzero_ps(); R];
             for b in 0..nb {
                 unsafe {
-                    let sup = wp.add(b / 8 * Q4K_TILE_SUPER);
+                    let sup = wp.add(b / 8 * sup_bytes);
                     let d = _mm256_cvtph_ps(_mm_loadu_si128(sup.add(16 * half) as *const __m128i));
                     let dmin = _mm256_cvtph_ps(_mm_loadu_si128(
                         sup.add(2 * ROWS + 16 * half) as *const __m128i
                     ));
-                    let tb = sup.add(4 * ROWS + b % 8 * Q4K_TILE_BLOCK);
+                    let tb = sup.add(4 * ROWS + b % 8 * block);
                     // Each row's `sc` and `m` bytes as the low and high i16 of its lane.
                     let scm =
                         _mm256_cvtepu8_epi16(_mm_loadu_si128(tb.add(16 * half) as *const __m128i));
@@ -1153,11 +1284,19 @@ mod avx {
                         _mm256_cvtepi32_ps(_mm256_srli_epi32::<16>(scm)),
                     );
                     let words = tb.add(2 * ROWS + 32 * half);
+                    let h = _mm256_loadu_si256(words.add(256) as *const __m256i);
                     let mut dot = [_mm256_setzero_si256(); R];
+                    let mut pairs = [_mm256_setzero_si256(); R];
                     for g in 0..4 {
                         let q = _mm256_loadu_si256(words.add(64 * g) as *const __m256i);
-                        let lo = _mm256_and_si256(q, low);
-                        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), low);
+                        let (lo, hi) = if FIVE {
+                            five_bits_256!(q, h, g)
+                        } else {
+                            (
+                                _mm256_and_si256(q, low),
+                                _mm256_and_si256(_mm256_srli_epi16::<4>(q), low),
+                            )
+                        };
                         for r in 0..R {
                             let x = xq.add((row0 + r) * acts.k + b * QK);
                             let xl =
@@ -1165,13 +1304,20 @@ mod avx {
                             let xh = _mm256_set1_epi32(
                                 (x.add(16 + 4 * g) as *const i32).read_unaligned(),
                             );
-                            dot[r] = _mm256_add_epi16(dot[r], _mm256_maddubs_epi16(lo, xl));
-                            dot[r] = _mm256_add_epi16(dot[r], _mm256_maddubs_epi16(hi, xh));
+                            pairs[r] = _mm256_add_epi16(pairs[r], _mm256_maddubs_epi16(lo, xl));
+                            pairs[r] = _mm256_add_epi16(pairs[r], _mm256_maddubs_epi16(hi, xh));
+                        }
+                        if !FIVE && g < 3 || FIVE && g % 2 == 0 {
+                            continue;
+                        }
+                        for r in 0..R {
+                            dot[r] = _mm256_add_epi32(dot[r], _mm256_madd_epi16(pairs[r], ones));
+                            pairs[r] = _mm256_setzero_si256();
                         }
                     }
                     for r in 0..R {
                         let [dx, sx] = *xds.add((row0 + r) * nb + b);
-                        let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(dot[r], ones));
+                        let dot = _mm256_cvtepi32_ps(dot[r]);
                         acc[r] =
                             _mm256_fmadd_ps(dot, _mm256_mul_ps(dw, _mm256_set1_ps(dx)), acc[r]);
                         acc_m[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(sx), acc_m[r]);
@@ -1182,6 +1328,72 @@ mod avx {
                 let y = _mm256_add_ps(acc[r], acc_m[r]);
                 // SAFETY: eight floats within a row of sixteen.
                 unsafe { _mm256_storeu_ps(out[r].as_mut_ptr().add(8 * half), y) };
+            }
+        }
+    }
+
+    /// `R` activation rows from `row0` times one packed Q5_0 tile, eight weight rows at a
+    /// time: the five-bit values times the activations, less `16·Σx`.
+    ///
+    /// # Safety
+    /// `w` is a packed Q5_0 tile of `acts.k / 32` blocks; rows `row0..row0 + R` exist.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn q5_0<const R: usize>(
+        w: &[u8],
+        acts: &Acts,
+        row0: usize,
+        out: &mut [[f32; ROWS]; R],
+    ) {
+        let nb = acts.k / QK;
+        debug_assert!(w.len() >= nb * 352 && row0 + R <= acts.m);
+        let ones = _mm256_set1_epi16(1);
+        let wp = w.as_ptr();
+        let xq = acts.qs.as_ptr();
+        let xds = acts.ds.as_ptr();
+        let sums = acts.sums.as_ptr();
+        for half in 0..2 {
+            let mut acc = [_mm256_setzero_ps(); R];
+            for b in 0..nb {
+                unsafe {
+                    let tb = wp.add(b * 352);
+                    let d = _mm256_cvtph_ps(_mm_loadu_si128(tb.add(16 * half) as *const __m128i));
+                    let words = tb.add(32 + 32 * half);
+                    let h = _mm256_loadu_si256(words.add(256) as *const __m256i);
+                    let mut dot = [_mm256_setzero_si256(); R];
+                    for pair in 0..2 {
+                        // Two groups' pairs of products: within ±2·2·31·127 < 2^15.
+                        let mut p = [_mm256_setzero_si256(); R];
+                        for g in 2 * pair..2 * pair + 2 {
+                            let q = _mm256_loadu_si256(words.add(64 * g) as *const __m256i);
+                            let (lo, hi) = five_bits_256!(q, h, g);
+                            for r in 0..R {
+                                let x = xq.add((row0 + r) * acts.k + b * QK);
+                                let xl = _mm256_set1_epi32(
+                                    (x.add(4 * g) as *const i32).read_unaligned(),
+                                );
+                                let xh = _mm256_set1_epi32(
+                                    (x.add(16 + 4 * g) as *const i32).read_unaligned(),
+                                );
+                                p[r] = _mm256_add_epi16(p[r], _mm256_maddubs_epi16(lo, xl));
+                                p[r] = _mm256_add_epi16(p[r], _mm256_maddubs_epi16(hi, xh));
+                            }
+                        }
+                        for r in 0..R {
+                            dot[r] = _mm256_add_epi32(dot[r], _mm256_madd_epi16(p[r], ones));
+                        }
+                    }
+                    for r in 0..R {
+                        let at = (row0 + r) * nb + b;
+                        let [dx, _] = *xds.add(at);
+                        let exact = _mm256_sub_epi32(dot[r], _mm256_set1_epi32(*sums.add(at) << 4));
+                        let dot = _mm256_cvtepi32_ps(exact);
+                        acc[r] = _mm256_fmadd_ps(dot, _mm256_mul_ps(d, _mm256_set1_ps(dx)), acc[r]);
+                    }
+                }
+            }
+            for r in 0..R {
+                // SAFETY: eight floats within a row of sixteen.
+                unsafe { _mm256_storeu_ps(out[r].as_mut_ptr().add(8 * half), acc[r]) };
             }
         }
     }
@@ -1288,7 +1500,7 @@ mod avx {
 mod avx512 {
     use core::arch::x86_64::*;
 
-    use super::{Acts, Q4K_TILE_BLOCK, Q4K_TILE_SUPER, Q6K_TILE_BLOCK, Q6K_TILE_SUPER, QK, ROWS};
+    use super::{Acts, Kind, Q6K_TILE_BLOCK, Q6K_TILE_SUPER, QK, ROWS};
 
     /// Blocks ahead of the one being multiplied whose weights are fetched into the cache.
     /// The hardware prefetcher alone left the 8-row kernels waiting on weight loads (`perf
@@ -1426,20 +1638,44 @@ mod avx512 {
         }
     }
 
-    /// `R` activation rows from `row0` times one packed Q4_K tile: [`q4_1`] with each
-    /// block's `d·sc` and `−dmin·m` made from the rows' bytes.
+    /// Nibble group `g`'s values with their fifth bits from the word `h` ([`super::fifth_bits`]):
+    /// the low nibbles' (elements `4g..4g+4`) and the high nibbles' (`16+4g..`).
+    macro_rules! five_bits_512 {
+        ($q:expr, $h:expr, $g:expr) => {{
+            let (q, h, low, bit) = ($q, $h, _mm512_set1_epi8(0xF), _mm512_set1_epi8(0x10));
+            let (hl, hh) = match $g {
+                0 => (_mm512_slli_epi32::<4>(h), h),
+                1 => (_mm512_slli_epi32::<3>(h), _mm512_srli_epi32::<1>(h)),
+                2 => (_mm512_slli_epi32::<2>(h), _mm512_srli_epi32::<2>(h)),
+                _ => (_mm512_slli_epi32::<1>(h), _mm512_srli_epi32::<3>(h)),
+            };
+            (
+                _mm512_or_si512(_mm512_and_si512(q, low), _mm512_and_si512(hl, bit)),
+                _mm512_or_si512(
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(q), low),
+                    _mm512_and_si512(hh, bit),
+                ),
+            )
+        }};
+    }
+
+    /// `R` activation rows from `row0` times one packed Q4_K tile (`FIVE`: Q5_K): [`q4_1`]
+    /// with each block's `d·sc` and `−dmin·m` made from the rows' bytes.
     ///
     /// # Safety
-    /// `w` is a packed Q4_K tile of `acts.k / 256` super-blocks; rows `row0..row0 + R` exist.
+    /// `w` is a packed Q4_K (Q5_K) tile of `acts.k / 256` super-blocks; rows
+    /// `row0..row0 + R` exist.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    pub(super) unsafe fn q4_k<const R: usize>(
+    pub(super) unsafe fn q4_k<const R: usize, const FIVE: bool>(
         w: &[u8],
         acts: &Acts,
         row0: usize,
         out: &mut [[f32; ROWS]; R],
     ) {
+        let kind = if FIVE { Kind::Q5K } else { Kind::Q4K };
+        let (block, sup_bytes) = (kind.k_tile_block(), kind.super_bytes().expect("K-quant").1);
         let nb = acts.k / QK;
-        debug_assert!(w.len() >= nb / 8 * Q4K_TILE_SUPER && row0 + R <= acts.m);
+        debug_assert!(w.len() >= nb / 8 * sup_bytes && row0 + R <= acts.m);
         let mut acc = [_mm512_setzero_ps(); R];
         let mut acc_m = [_mm512_setzero_ps(); R];
         let low = _mm512_set1_epi8(0xF);
@@ -1449,11 +1685,11 @@ mod avx512 {
         let xds = acts.ds.as_ptr();
         for b in 0..nb {
             unsafe {
-                let sup = wp.add(b / 8 * Q4K_TILE_SUPER);
+                let sup = wp.add(b / 8 * sup_bytes);
                 let d = _mm512_cvtph_ps(_mm256_loadu_si256(sup as *const __m256i));
                 let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(sup.add(2 * ROWS) as *const __m256i));
-                let tb = sup.add(4 * ROWS + b % 8 * Q4K_TILE_BLOCK);
-                prefetch_ahead(tb, Q4K_TILE_BLOCK);
+                let tb = sup.add(4 * ROWS + b % 8 * block);
+                prefetch_ahead(tb, block);
                 let scm = _mm512_cvtepu8_epi16(_mm256_loadu_si256(tb as *const __m256i));
                 let dw = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_and_si512(scm, byte)));
                 let mw = _mm512_mul_ps(
@@ -1461,12 +1697,19 @@ mod avx512 {
                     _mm512_cvtepi32_ps(_mm512_srli_epi32::<16>(scm)),
                 );
                 let words = tb.add(2 * ROWS);
+                let h = _mm512_loadu_si512(words.add(256) as *const __m512i);
                 let mut dot = [_mm512_setzero_si512(); R];
                 let mut doth = [_mm512_setzero_si512(); R];
                 for g in 0..4 {
                     let q = _mm512_loadu_si512(words.add(64 * g) as *const __m512i);
-                    let lo = _mm512_and_si512(q, low);
-                    let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(q), low);
+                    let (lo, hi) = if FIVE {
+                        five_bits_512!(q, h, g)
+                    } else {
+                        (
+                            _mm512_and_si512(q, low),
+                            _mm512_and_si512(_mm512_srli_epi16::<4>(q), low),
+                        )
+                    };
                     for r in 0..R {
                         let x = xq.add((row0 + r) * acts.k + b * QK);
                         let xl = _mm512_set1_epi32((x.add(4 * g) as *const i32).read_unaligned());
@@ -1488,6 +1731,62 @@ mod avx512 {
             let y = _mm512_add_ps(acc[r], acc_m[r]);
             // SAFETY: sixteen floats, one row.
             unsafe { _mm512_storeu_ps(out[r].as_mut_ptr(), y) };
+        }
+    }
+
+    /// `R` activation rows from `row0` times one packed Q5_0 tile: the five-bit values
+    /// times the activations (`vpdpbusd`), less `16·Σx`.
+    ///
+    /// # Safety
+    /// `w` is a packed Q5_0 tile of `acts.k / 32` blocks; rows `row0..row0 + R` exist.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub(super) unsafe fn q5_0<const R: usize>(
+        w: &[u8],
+        acts: &Acts,
+        row0: usize,
+        out: &mut [[f32; ROWS]; R],
+    ) {
+        let nb = acts.k / QK;
+        debug_assert!(w.len() >= nb * 352 && row0 + R <= acts.m);
+        let mut acc = [_mm512_setzero_ps(); R];
+        let wp = w.as_ptr();
+        let xq = acts.qs.as_ptr();
+        let xds = acts.ds.as_ptr();
+        let sums = acts.sums.as_ptr();
+        for b in 0..nb {
+            unsafe {
+                let tb = wp.add(b * 352);
+                prefetch_ahead(tb, 352);
+                let d = _mm512_cvtph_ps(_mm256_loadu_si256(tb as *const __m256i));
+                let words = tb.add(32);
+                let h = _mm512_loadu_si512(words.add(256) as *const __m512i);
+                let mut dot = [_mm512_setzero_si512(); R];
+                let mut doth = [_mm512_setzero_si512(); R];
+                for g in 0..4 {
+                    let q = _mm512_loadu_si512(words.add(64 * g) as *const __m512i);
+                    let (lo, hi) = five_bits_512!(q, h, g);
+                    for r in 0..R {
+                        let x = xq.add((row0 + r) * acts.k + b * QK);
+                        let xl = _mm512_set1_epi32((x.add(4 * g) as *const i32).read_unaligned());
+                        let xh =
+                            _mm512_set1_epi32((x.add(16 + 4 * g) as *const i32).read_unaligned());
+                        dot[r] = _mm512_dpbusd_epi32(dot[r], lo, xl);
+                        doth[r] = _mm512_dpbusd_epi32(doth[r], hi, xh);
+                    }
+                }
+                for r in 0..R {
+                    let at = (row0 + r) * nb + b;
+                    let [dx, _] = *xds.add(at);
+                    let sum = _mm512_add_epi32(dot[r], doth[r]);
+                    let exact = _mm512_sub_epi32(sum, _mm512_set1_epi32(*sums.add(at) << 4));
+                    let dot = _mm512_cvtepi32_ps(exact);
+                    acc[r] = _mm512_fmadd_ps(dot, _mm512_mul_ps(d, _mm512_set1_ps(dx)), acc[r]);
+                }
+            }
+        }
+        for r in 0..R {
+            // SAFETY: sixteen floats, one row.
+            unsafe { _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]) };
         }
     }
 
@@ -1574,6 +1873,7 @@ mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::quantized::ggml_file;
 
     fn lcg(seed: &mut u64) -> f32 {
         *seed = seed
@@ -1658,8 +1958,10 @@ mod tests {
         for (dtype, ks) in [
             (GgmlDType::Q4_1, [96, 128]),
             (GgmlDType::Q8_0, [96, 128]),
+            (GgmlDType::Q5_0, [96, 128]),
             (GgmlDType::Q6K, [256, 768]),
             (GgmlDType::Q4K, [256, 768]),
+            (GgmlDType::Q5K, [256, 768]),
         ] {
             // Odd and even block (Q6_K: super-block) counts; 37 rows: two full tiles and a
             // padded one.
@@ -1711,6 +2013,95 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// The SIMD kernels sum some products in 16-bit lanes before widening them: every type's
+    /// largest values times activations of ±127 (every value of a row quantised to the
+    /// same magnitude) keep the plain-Rust kernel's bits, as random weights never test.
+    #[test]
+    fn the_largest_values_stay_exact_on_every_path() {
+        let one = f16::ONE.to_bits().to_le_bytes();
+        // One block (or super-block) of each type with every value at its largest.
+        let blocks: [(GgmlDType, Vec<u8>); 6] = [
+            (GgmlDType::Q4_1, [&one[..], &[0, 0], &[0xFF; 16]].concat()),
+            (GgmlDType::Q8_0, [&one[..], &[0x80; 32]].concat()),
+            (GgmlDType::Q5_0, [&one[..], &[0xFF; 20]].concat()),
+            // d, dmin, six-bit scales and mins of 63, every value 15 (Q5_K: 31).
+            (GgmlDType::Q4K, [&one[..], &one, &[0xFF; 140]].concat()),
+            (GgmlDType::Q5K, [&one[..], &one, &[0xFF; 172]].concat()),
+            // Every value 63, the scales −128.
+            (
+                GgmlDType::Q6K,
+                [&[0xFF; 192][..], &[0x80; 16], &one].concat(),
+            ),
+        ];
+        for (dtype, block) in blocks {
+            let (n, k) = (16, 512);
+            let per_row = k / dtype.block_size();
+            let raw = block.repeat(n * per_row);
+            let q = ggml_file::qtensor_from_ggml(dtype, &raw, vec![n, k], &Device::Cpu).unwrap();
+            let mat = QMat::from_qtensor(q).unwrap();
+            let QMat::Own { kind, data, .. } = &mat else {
+                panic!("{dtype:?} has no kernel")
+            };
+            // Rows of +1, of −1, and of both by halves of a block.
+            let x: Vec<f32> = (0..3 * k)
+                .map(|i| match i / k {
+                    0 => 1.0,
+                    1 => -1.0,
+                    _ if i % 32 < 16 => 1.0,
+                    _ => -1.0,
+                })
+                .collect();
+            let acts = Acts::quantize(&x, 3, k);
+            let scalar: Vec<f32> = (0..3)
+                .flat_map(|i| scalar_tile(*kind, &data[..], &acts, i))
+                .collect();
+            for isa in isas() {
+                let got = mat.forward_quantized(&acts, isa);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&scalar), "{isa:?} {dtype:?}");
+            }
+        }
+    }
+
+    /// Q5_0's values `q − 16` are Q8_0's exactly (as the file converted to Q8_0 holds them),
+    /// and the Q5_0 kernel's integer sums are those: the same bits as that Q8_0 matrix.
+    #[test]
+    fn q5_0_gives_the_bits_of_its_values_as_q8_0() {
+        let (n, k, m) = (37, 256, 9);
+        let w = Tensor::from_vec(random(n * k, 23), (n, k), &Device::Cpu).unwrap();
+        let q5 = || QTensor::quantize(&w, GgmlDType::Q5_0).unwrap();
+        let w8 = Tensor::from_vec(random(16 * k, 31), (16, k), &Device::Cpu).unwrap();
+        let q8 = QTensor::quantize(&w8, GgmlDType::Q8_0).unwrap();
+        let as_q8_0 = super::super::convert::to_kernel_types(vec![q5(), q8]).unwrap();
+        let q5_0 = QMat::from_qtensor(q5()).unwrap();
+        let q8_0 = QMat::from_qtensor(as_q8_0.into_iter().next().unwrap()).unwrap();
+        assert!(matches!(
+            q5_0,
+            QMat::Own {
+                kind: Kind::Q5_0,
+                ..
+            }
+        ));
+        assert!(matches!(
+            q8_0,
+            QMat::Own {
+                kind: Kind::Q8_0,
+                ..
+            }
+        ));
+        let acts = Acts::quantize(&random(m * k, 29), m, k);
+        for isa in isas() {
+            let (a, b) = (
+                q5_0.forward_quantized(&acts, isa),
+                q8_0.forward_quantized(&acts, isa),
+            );
+            assert!(
+                a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{isa:?}"
+            );
         }
     }
 
@@ -1905,8 +2296,10 @@ mod tests {
         for (dtype, k) in [
             (GgmlDType::Q4_1, 64),
             (GgmlDType::Q8_0, 64),
+            (GgmlDType::Q5_0, 64),
             (GgmlDType::Q6K, 512),
             (GgmlDType::Q4K, 512),
+            (GgmlDType::Q5K, 512),
         ] {
             let (mat, dense) = weights(dtype, 21, k);
             let mut row = vec![0f32; k];
@@ -1917,14 +2310,17 @@ mod tests {
         }
     }
 
-    /// The K-quants are packed as they are, not converted: 16 rows of 256 weights take
-    /// 16 × 210 bytes of Q6_K, as in the file, and 16 × 148 of Q4_K (the file's 144 with
-    /// the twelve bytes of six-bit scales and mins a byte each).
+    /// Q5_0 and the K-quants are packed as they are, not converted: 16 rows of 256 weights
+    /// take 16 × 8 × 22 bytes of Q5_0 and 16 × 210 of Q6_K, as in the file, and 16 × 148 of
+    /// Q4_K and 16 × 180 of Q5_K (the file's 144 and 176 with the twelve bytes of six-bit
+    /// scales and mins a byte each).
     #[test]
     fn k_quants_are_packed_in_their_own_size_and_not_converted() {
         for (dtype, kind, row_bytes) in [
+            (GgmlDType::Q5_0, Kind::Q5_0, 8 * 22),
             (GgmlDType::Q6K, Kind::Q6K, Q6K_BLOCK),
             (GgmlDType::Q4K, Kind::Q4K, Q4K_BLOCK + 4),
+            (GgmlDType::Q5K, Kind::Q5K, Q5K_BLOCK + 4),
         ] {
             let (mat, _) = weights(dtype, 37, 512);
             let QMat::Own { kind: k, data, .. } = &mat else {
