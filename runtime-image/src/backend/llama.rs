@@ -188,10 +188,7 @@ pub(super) fn load(
             lcfg.num_hidden_layers,
             &dir.join("config.json"),
         )?,
-        _ => Gemma {
-            windows: vec![None; lcfg.num_hidden_layers],
-            ..Gemma::NONE
-        },
+        _ => Gemma::llama(lcfg.num_hidden_layers),
     };
     // SmolLM3's layers that turn their queries and keys: `no_rope_layers` (1: turns), else
     // every layer but each `no_rope_layer_interval`-th (4).

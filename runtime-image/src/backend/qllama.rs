@@ -78,7 +78,7 @@ pub(super) enum Arch {
 }
 
 /// What Gemma 2 and 3 compute beyond a llama's layers, as llama.cpp reads it from a GGUF
-/// (`gemma2.*`, `gemma3.*`) and transformers from config.json; a llama's is [`Gemma::NONE`].
+/// (`gemma2.*`, `gemma3.*`) and transformers from config.json; a llama's is [`Gemma::llama`].
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct Gemma {
     /// Each attention score `s` becomes `cap · tanh(s / cap)` (`attn_logit_softcapping`:
@@ -109,18 +109,21 @@ impl Gemma {
         local_base: None,
     };
 
+    /// A llama's of `layers` layers: [`Gemma::NONE`] with no layer windowed.
+    pub(super) fn llama(layers: usize) -> Gemma {
+        Gemma {
+            windows: vec![None; layers],
+            ..Gemma::NONE
+        }
+    }
+
     /// What a GGUF of `arch` with `layers` layers declares (nothing beyond a llama's for
     /// the others).
     pub(super) fn of(ct: &gguf_file::Content, arch: Arch, layers: usize) -> Result<Gemma> {
         let gemma3 = match arch {
             Arch::Gemma2 => false,
             Arch::Gemma3 => true,
-            _ => {
-                return Ok(Gemma {
-                    windows: vec![None; layers],
-                    ..Gemma::NONE
-                });
-            }
+            _ => return Ok(Gemma::llama(layers)),
         };
         // A cap the file leaves out is llama.cpp's default.
         let f32_at = |name: &str| -> Result<Option<Option<f64>>> {

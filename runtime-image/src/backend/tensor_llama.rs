@@ -277,7 +277,6 @@ impl TensorLlama {
     /// The rotary tables `layer` turns by: the windowed layers' own where the model has them
     /// (`local`), else the model's (`global`).
     fn tables<'a>(
-        &self,
         layer: &Layer,
         global: &'a (Tensor, Tensor),
         local: Option<&'a (Tensor, Tensor)>,
@@ -501,7 +500,7 @@ impl TensorLlama {
             let (qn, kn) = layer.qk_norm.as_ref().map(|(q, k)| (q, k)).unzip();
             let rot = layer
                 .rotates
-                .then(|| self.tables(layer, &global, local.as_ref()));
+                .then(|| Self::tables(layer, &global, local.as_ref()));
             let q = split(layer.q.forward(&h)?, heads, qn, rot)?;
             let k = split(layer.k.forward(&h)?, kv_heads, kn, rot)?;
             let v = split(layer.v.forward(&h)?, kv_heads, None, None)?;
@@ -547,7 +546,7 @@ impl TensorLlama {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.rms_eps)?;
             // One row per sequence: (b, heads, 1, head_dim) needs no transpose.
             let (qn, kn) = layer.qk_norm.as_ref().map(|(q, k)| (q, k)).unzip();
-            let (cos, sin) = self.tables(layer, &global, local.as_ref());
+            let (cos, sin) = Self::tables(layer, &global, local.as_ref());
             let turn = |x: Tensor| match layer.rotates {
                 true => self.rotate(&x, cos, sin),
                 false => Ok(x),
