@@ -1,56 +1,35 @@
-//! GGUF weight types without a kernel of ours, converted at load into ones with one.
+//! GGUF weight types without a kernel of ours, converted at load into one with one.
 //!
-//! kandle's CPU kernels ([`super::qmatmul`]) take Q4_1, Q8_0, Q5_0, Q4_K, Q5_K and Q6_K. Every other quantised type
-//! used to go through candle's `QMatMul`, which here ran a SmolLM2 made by llama.cpp's
-//! `Q4_K_M` recipe (mostly Q5_0, with Q4_K, Q6_K and Q8_0) at 0.38× llama.cpp's prompt speed
-//! and 0.8× its decode speed, and a `Q4_0` one at 0.28× and 0.66×, with no gain from batching
-//! (README, Benchmarks). The common types of the hub's GGUF files are therefore converted
-//! when they are read, into the nearest type the kernels take:
-//!
-//! | file type | becomes | values |
-//! |---|---|---|
-//! | Q4_0 (`d·(q−8)`) | Q4_1 with `m = −8d` | the same, exactly |
-//! | any other quantised type (Q5_1, Q2_K, Q3_K) | Q8_0 | within about half a Q8_0 step (a 127th of the block's largest value), its scale rounded to f16 |
+//! kandle's CPU kernels ([`super::qmatmul`]) take Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K and
+//! Q6_K as the file holds them. The other quantised types (Q5_1, Q2_K, Q3_K) used to go
+//! through candle's `QMatMul`, one activation row at a time and without SIMD for some
+//! (README, Benchmarks); they are converted to Q8_0 when they are read, within about half a
+//! Q8_0 step (a 127th of the block's largest value), its scale rounded to f16. Q8_0 takes
+//! more memory than those 3- to 5-bit types (34 bytes per 32 weights against 14–24), which
+//! one stream's decode, bound by reading the weights, pays for. f32/f16/bf16 tensors are
+//! left to candle.
 //!
 //! The parts of one fused product (Q, K and V; gate and up) stay one matrix of the kernels
 //! only when they share a type: a set of Q5_0 and Q8_0 parts (a Q4_K_M file's small
 //! matrices: Q5_0 where Q4_K does not fit, Q8_0 where Q6_K does not) has its Q5_0 parts
 //! converted to Q8_0, with the same values exactly ([`to_kernel_types`]).
 //!
-//! Q8_0 takes more memory than a 3- to 5-bit type (34 bytes per 32 weights against 14–24),
-//! which one stream's decode, bound by reading the weights, pays for; the kernels' speed
-//! more than makes up for it (README). f32/f16/bf16 tensors are left to candle.
-//!
-//! The activations are still quantised as our kernels do (Q8_1-style blocks of 32), where
-//! llama.cpp quantises them per 256 for the K-quants: outputs differ from llama.cpp's in the
-//! last bits, as any two implementations' do. The SmolLM2 Q4_1 file that the fixtures hold
-//! llama.cpp's tokens for is not converted.
+//! The activations are quantised as our kernels do (Q8_1-style blocks of 32), where llama.cpp
+//! quantises them per 256 for the K-quants: outputs differ from llama.cpp's in the last
+//! bits, as any two implementations' do.
 
 use candle_core::Device;
 use candle_core::quantized::{GgmlDType, QTensor, ggml_file};
-use half::f16;
 use rayon::prelude::*;
 
 use crate::error::Result;
 
-/// `t` in a type our kernels take: unchanged when it is one (or is not quantised),
-/// converted as the module's table says otherwise.
+/// `t` in a type our kernels take: unchanged when it is one (or is not quantised), else
+/// Q8_0 through f32 ([`through_f32`]).
 pub(super) fn to_kernel_type(t: QTensor) -> Result<QTensor> {
-    let dims = t.shape().dims().to_vec();
-    let direct = |f: fn(&[u8]) -> Option<Vec<u8>>, to: GgmlDType| -> Result<Option<QTensor>> {
-        let converted = f(&t.data()?);
-        Ok(match converted {
-            Some(bytes) => Some(ggml_file::qtensor_from_ggml(
-                to,
-                &bytes,
-                dims.clone(),
-                &Device::Cpu,
-            )?),
-            None => None,
-        })
-    };
-    let exact = match t.dtype() {
-        GgmlDType::Q4_1
+    match t.dtype() {
+        GgmlDType::Q4_0
+        | GgmlDType::Q4_1
         | GgmlDType::Q8_0
         | GgmlDType::Q5_0
         | GgmlDType::Q4K
@@ -58,16 +37,8 @@ pub(super) fn to_kernel_type(t: QTensor) -> Result<QTensor> {
         | GgmlDType::Q6K
         | GgmlDType::F32
         | GgmlDType::F16
-        | GgmlDType::BF16 => {
-            return Ok(t);
-        }
-        GgmlDType::Q4_0 => direct(q4_0_to_q4_1, GgmlDType::Q4_1)?,
-        _ => None,
-    };
-    match exact {
-        Some(t) => Ok(t),
-        // The other types, and a direct conversion whose scales do not fit f16.
-        None => through_f32(&t),
+        | GgmlDType::BF16 => Ok(t),
+        _ => through_f32(&t),
     }
 }
 
@@ -145,15 +116,6 @@ fn through_f32(t: &QTensor) -> Result<QTensor> {
     )?)
 }
 
-fn f16_bits(v: f32) -> Option<[u8; 2]> {
-    let h = f16::from_f32(v);
-    h.is_finite().then(|| h.to_bits().to_le_bytes())
-}
-
-fn f16_at(b: &[u8], at: usize) -> f32 {
-    f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
-}
-
 /// `raw`'s blocks of `from` bytes converted one by one into blocks of `to` bytes by `f`
 /// (`false`: a scale does not fit f16), on the threads in parallel (the fresh output pages'
 /// zeroing by the kernel included).
@@ -174,16 +136,6 @@ fn per_block(
                 .all(|(o, r)| f(r, o).is_some())
         });
     ok.then_some(out)
-}
-
-/// Q4_0 blocks `{d, qs[16]}` as Q4_1 blocks `{d, m = −8d, qs}` (the same nibbles).
-fn q4_0_to_q4_1(raw: &[u8]) -> Option<Vec<u8>> {
-    per_block(raw, 18, 20, |b, o| {
-        o[..2].copy_from_slice(&b[..2]);
-        o[2..4].copy_from_slice(&f16_bits(-8.0 * f16_at(b, 0))?);
-        o[4..].copy_from_slice(&b[2..18]);
-        Some(())
-    })
 }
 
 /// Q5_0 blocks `{d, qh: u32, qs[16]}` as Q8_0 blocks `{d, q − 16}`.
@@ -234,15 +186,8 @@ mod tests {
     }
 
     #[test]
-    fn q4_0_and_q5_0_beside_q8_0_keep_their_values_exactly() {
+    fn q5_0_beside_q8_0_keeps_its_values_exactly() {
         let q4 = || QTensor::quantize(&weights(16, 512, 1), GgmlDType::Q4_0).unwrap();
-        let c = to_kernel_type(q4()).unwrap();
-        assert_eq!(c.dtype(), GgmlDType::Q4_1);
-        assert_eq!(c.shape().dims(), &[16, 512]);
-        // Equal values (a zero may change sign: Q4_0's `0·d` with a negative `d` is −0,
-        // Q4_1's `8d − 8d` is +0).
-        assert_eq!(values(&q4()), values(&c));
-
         // A fused product of Q5_0 and Q8_0 parts: all Q8_0, the Q5_0 values unchanged.
         let q5 = || QTensor::quantize(&weights(16, 512, 2), GgmlDType::Q5_0).unwrap();
         let q8 = || QTensor::quantize(&weights(8, 512, 3), GgmlDType::Q8_0).unwrap();
@@ -300,6 +245,7 @@ mod tests {
         for dtype in [
             GgmlDType::Q4_1,
             GgmlDType::Q8_0,
+            GgmlDType::Q4_0,
             GgmlDType::Q5_0,
             GgmlDType::Q4K,
             GgmlDType::Q5K,

@@ -62,6 +62,9 @@ pub(super) enum Kind {
     Q4_1,
     /// `{d: f16, qs: [i8; 32]}`: value = d·q.
     Q8_0,
+    /// `{d: f16, qs: [u8; 16]}`: value = d·(q − 8), q in 0..16 (nibbles as Q4_1's). As in the
+    /// file, 4.5 bits a weight, where converting it to Q4_1 (`m = −8d`) took 5.
+    Q4_0,
     /// `{d: f16, qh: u32, qs: [u8; 16]}`: value = d·(q − 16), q in 0..32 from a nibble and
     /// a bit of `qh`. Packed with its high bits rearranged ([`q5_0_block`]), 5.5 bits a
     /// weight as in the file, where converting it to Q8_0 took 8.5.
@@ -114,18 +117,20 @@ impl Kind {
             GgmlDType::Q8_0 => Some(Kind::Q8_0),
             GgmlDType::Q6K => Some(Kind::Q6K),
             GgmlDType::Q4K => Some(Kind::Q4K),
+            GgmlDType::Q4_0 => Some(Kind::Q4_0),
             GgmlDType::Q5_0 => Some(Kind::Q5_0),
             GgmlDType::Q5K => Some(Kind::Q5K),
             _ => None,
         }
     }
 
-    /// Bytes of one block (32 weights of one row) of Q4_1, Q8_0 or Q5_0, in the file and
+    /// Bytes of one block (32 weights of one row) of Q4_1, Q8_0, Q4_0 or Q5_0, in the file and
     /// in a lane of a packed tile.
     fn block_bytes(self) -> usize {
         match self {
             Kind::Q4_1 => 20,
             Kind::Q8_0 => 34,
+            Kind::Q4_0 => 18,
             Kind::Q5_0 => 22,
             Kind::Q6K | Kind::Q4K | Kind::Q5K => {
                 unreachable!("K-quant blocks are of 256 weights")
@@ -140,7 +145,7 @@ impl Kind {
             Kind::Q6K => Some((Q6K_BLOCK, Q6K_TILE_SUPER)),
             Kind::Q4K => Some((Q4K_BLOCK, Q4K_TILE_SUPER)),
             Kind::Q5K => Some((Q5K_BLOCK, Q5K_TILE_SUPER)),
-            Kind::Q4_1 | Kind::Q8_0 | Kind::Q5_0 => None,
+            Kind::Q4_1 | Kind::Q8_0 | Kind::Q4_0 | Kind::Q5_0 => None,
         }
     }
 
@@ -168,7 +173,15 @@ impl Kind {
         }
     }
 
-    /// f16 values leading a Q4_1, Q8_0 or Q5_0 block: `d` (and `m`).
+    /// Q4_0's and Q5_0's values are `q` less this.
+    fn offset(self) -> i32 {
+        match self {
+            Kind::Q5_0 => 16,
+            _ => 8,
+        }
+    }
+
+    /// f16 values leading a Q4_1, Q8_0, Q4_0 or Q5_0 block: `d` (and `m`).
     fn scales(self) -> usize {
         match self {
             Kind::Q4_1 => 2,
@@ -658,12 +671,17 @@ impl QMat {
                         *o = *q as i8 as f32 * d;
                     }
                 }
-                Kind::Q5_0 => {
+                Kind::Q4_0 | Kind::Q5_0 => {
                     let d = f16_at(blk, 0);
+                    let (five, offset) = (*kind == Kind::Q5_0, kind.offset());
                     for (i, o) in o.iter_mut().enumerate() {
                         let nib = blk[2 + i % 16] >> (4 * (i / 16)) & 15;
-                        let q = nib | fifth_bit(&blk[18..], i) << 4;
-                        *o = (q as i32 - 16) as f32 * d;
+                        let q = if five {
+                            nib | fifth_bit(&blk[18..], i) << 4
+                        } else {
+                            nib
+                        };
+                        *o = (q as i32 - offset) as f32 * d;
                     }
                 }
                 Kind::Q6K | Kind::Q4K | Kind::Q5K => unreachable!("K-quant rows are read above"),
@@ -919,8 +937,12 @@ fn tile_times_acts(
                             let f: Kernel<$r> = $module::q4_k::<$r, true>;
                             std::hint::black_box(f)(w, acts, i, ys.try_into().unwrap())
                         })+
+                        $((Kind::Q4_0, $r) => {
+                            let f: Kernel<$r> = $module::q4_0::<$r, false>;
+                            std::hint::black_box(f)(w, acts, i, ys.try_into().unwrap())
+                        })+
                         $((Kind::Q5_0, $r) => {
-                            let f: Kernel<$r> = $module::q5_0::<$r>;
+                            let f: Kernel<$r> = $module::q4_0::<$r, true>;
                             std::hint::black_box(f)(w, acts, i, ys.try_into().unwrap())
                         })+
                         _ => unreachable!("{r} rows"),
@@ -948,12 +970,13 @@ fn tile_times_acts(
 /// The portable kernel, and the definition the SIMD ones follow bit for bit: for each of the
 /// tile's rows, over the blocks in order, the exact integer sum of the block's products, then
 /// `acc = fma(sum, d_w·d_x, acc)` and for Q4_1 `acc_m = fma(m_w, s_x, acc_m)`; the output is
-/// `acc + acc_m`. Q5_0's sum is that of `q·x` less `16·Σx` (its values being `q − 16`).
+/// `acc + acc_m`. Q4_0's and Q5_0's sums are those of `q·x` less `8·Σx` and `16·Σx` (their
+/// values being `q − 8` and `q − 16`).
 fn scalar_tile(kind: Kind, w: &[u8], acts: &Acts, row: usize) -> [f32; ROWS] {
     match kind {
         Kind::Q6K => return scalar_q6k(w, acts, row),
         Kind::Q4K | Kind::Q5K => return scalar_q4k(kind, w, acts, row),
-        Kind::Q4_1 | Kind::Q8_0 | Kind::Q5_0 => {}
+        Kind::Q4_1 | Kind::Q8_0 | Kind::Q4_0 | Kind::Q5_0 => {}
     }
     let nb = acts.k / QK;
     let tb = ROWS * kind.block_bytes();
@@ -976,13 +999,16 @@ fn scalar_tile(kind: Kind, w: &[u8], acts: &Acts, row: usize) -> [f32; ROWS] {
                     .flat_map(|g| (0..4).map(move |e| (g, e)))
                     .map(|(g, e)| group(g)[e] as i8 as i32 * x[4 * g + e] as i32)
                     .sum(),
-                Kind::Q5_0 => {
+                Kind::Q4_0 | Kind::Q5_0 => {
                     let q = |i: usize| {
                         let nib = (group((i % 16) / 4)[i % 4] >> (4 * (i / 16))) & 15;
-                        nib | fifth_bit(group(4), i) << 4
+                        match kind {
+                            Kind::Q5_0 => nib | fifth_bit(group(4), i) << 4,
+                            _ => nib,
+                        }
                     };
                     let dot: i32 = (0..QK).map(|i| q(i) as i32 * x[i] as i32).sum();
-                    dot - 16 * acts.sums[row * nb + b]
+                    dot - kind.offset() * acts.sums[row * nb + b]
                 }
                 Kind::Q6K | Kind::Q4K | Kind::Q5K => unreachable!("K-quant tiles have their own"),
             };
@@ -1332,20 +1358,24 @@ mod avx {
         }
     }
 
-    /// `R` activation rows from `row0` times one packed Q5_0 tile, eight weight rows at a
-    /// time: the five-bit values times the activations, less `16·Σx`.
+    /// `R` activation rows from `row0` times one packed Q4_0 tile (`FIVE`: Q5_0), eight
+    /// weight rows at a time: the four- (five-) bit values times the activations, less
+    /// `8·Σx` (`16·Σx`).
     ///
     /// # Safety
-    /// `w` is a packed Q5_0 tile of `acts.k / 32` blocks; rows `row0..row0 + R` exist.
+    /// `w` is a packed Q4_0 (Q5_0) tile of `acts.k / 32` blocks; rows `row0..row0 + R` exist.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn q5_0<const R: usize>(
+    pub(super) unsafe fn q4_0<const R: usize, const FIVE: bool>(
         w: &[u8],
         acts: &Acts,
         row0: usize,
         out: &mut [[f32; ROWS]; R],
     ) {
+        let kind = if FIVE { Kind::Q5_0 } else { Kind::Q4_0 };
+        let (block, offset) = (ROWS * kind.block_bytes(), kind.offset());
         let nb = acts.k / QK;
-        debug_assert!(w.len() >= nb * 352 && row0 + R <= acts.m);
+        debug_assert!(w.len() >= nb * block && row0 + R <= acts.m);
+        let low = _mm256_set1_epi8(0xF);
         let ones = _mm256_set1_epi16(1);
         let wp = w.as_ptr();
         let xq = acts.qs.as_ptr();
@@ -1355,17 +1385,31 @@ mod avx {
             let mut acc = [_mm256_setzero_ps(); R];
             for b in 0..nb {
                 unsafe {
-                    let tb = wp.add(b * 352);
+                    let tb = wp.add(b * block);
                     let d = _mm256_cvtph_ps(_mm_loadu_si128(tb.add(16 * half) as *const __m128i));
                     let words = tb.add(32 + 32 * half);
-                    let h = _mm256_loadu_si256(words.add(256) as *const __m256i);
-                    let mut dot = [_mm256_setzero_si256(); R];
+                    // Q4_0's tile block ends before it.
+                    let h = match FIVE {
+                        true => _mm256_loadu_si256(words.add(256) as *const __m256i),
+                        false => _mm256_setzero_si256(),
+                    };
+                    // Each row's sum starts at −offset·Σx (exact: the products are added).
+                    let mut dot: [__m256i; R] = std::array::from_fn(|r| {
+                        _mm256_set1_epi32(-*sums.add((row0 + r) * nb + b) * offset)
+                    });
                     for pair in 0..2 {
                         // Two groups' pairs of products: within ±2·2·31·127 < 2^15.
                         let mut p = [_mm256_setzero_si256(); R];
                         for g in 2 * pair..2 * pair + 2 {
                             let q = _mm256_loadu_si256(words.add(64 * g) as *const __m256i);
-                            let (lo, hi) = five_bits_256!(q, h, g);
+                            let (lo, hi) = if FIVE {
+                                five_bits_256!(q, h, g)
+                            } else {
+                                (
+                                    _mm256_and_si256(q, low),
+                                    _mm256_and_si256(_mm256_srli_epi16::<4>(q), low),
+                                )
+                            };
                             for r in 0..R {
                                 let x = xq.add((row0 + r) * acts.k + b * QK);
                                 let xl = _mm256_set1_epi32(
@@ -1383,10 +1427,8 @@ mod avx {
                         }
                     }
                     for r in 0..R {
-                        let at = (row0 + r) * nb + b;
-                        let [dx, _] = *xds.add(at);
-                        let exact = _mm256_sub_epi32(dot[r], _mm256_set1_epi32(*sums.add(at) << 4));
-                        let dot = _mm256_cvtepi32_ps(exact);
+                        let [dx, _] = *xds.add((row0 + r) * nb + b);
+                        let dot = _mm256_cvtepi32_ps(dot[r]);
                         acc[r] = _mm256_fmadd_ps(dot, _mm256_mul_ps(d, _mm256_set1_ps(dx)), acc[r]);
                     }
                 }
@@ -1734,20 +1776,23 @@ mod avx512 {
         }
     }
 
-    /// `R` activation rows from `row0` times one packed Q5_0 tile: the five-bit values
-    /// times the activations (`vpdpbusd`), less `16·Σx`.
+    /// `R` activation rows from `row0` times one packed Q4_0 tile (`FIVE`: Q5_0): the four-
+    /// (five-) bit values times the activations (`vpdpbusd`), less `8·Σx` (`16·Σx`).
     ///
     /// # Safety
-    /// `w` is a packed Q5_0 tile of `acts.k / 32` blocks; rows `row0..row0 + R` exist.
+    /// `w` is a packed Q4_0 (Q5_0) tile of `acts.k / 32` blocks; rows `row0..row0 + R` exist.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    pub(super) unsafe fn q5_0<const R: usize>(
+    pub(super) unsafe fn q4_0<const R: usize, const FIVE: bool>(
         w: &[u8],
         acts: &Acts,
         row0: usize,
         out: &mut [[f32; ROWS]; R],
     ) {
+        let kind = if FIVE { Kind::Q5_0 } else { Kind::Q4_0 };
+        let (block, offset) = (ROWS * kind.block_bytes(), kind.offset());
         let nb = acts.k / QK;
-        debug_assert!(w.len() >= nb * 352 && row0 + R <= acts.m);
+        debug_assert!(w.len() >= nb * block && row0 + R <= acts.m);
+        let low = _mm512_set1_epi8(0xF);
         let mut acc = [_mm512_setzero_ps(); R];
         let wp = w.as_ptr();
         let xq = acts.qs.as_ptr();
@@ -1755,16 +1800,30 @@ mod avx512 {
         let sums = acts.sums.as_ptr();
         for b in 0..nb {
             unsafe {
-                let tb = wp.add(b * 352);
-                prefetch_ahead(tb, 352);
+                let tb = wp.add(b * block);
+                prefetch_ahead(tb, block);
                 let d = _mm512_cvtph_ps(_mm256_loadu_si256(tb as *const __m256i));
                 let words = tb.add(32);
-                let h = _mm512_loadu_si512(words.add(256) as *const __m512i);
-                let mut dot = [_mm512_setzero_si512(); R];
+                // Q4_0's tile block ends before it.
+                let h = match FIVE {
+                    true => _mm512_loadu_si512(words.add(256) as *const __m512i),
+                    false => _mm512_setzero_si512(),
+                };
+                // Each row's sum starts at −offset·Σx (exact: the products are added to it).
+                let mut dot: [__m512i; R] = std::array::from_fn(|r| {
+                    _mm512_set1_epi32(-*sums.add((row0 + r) * nb + b) * offset)
+                });
                 let mut doth = [_mm512_setzero_si512(); R];
                 for g in 0..4 {
                     let q = _mm512_loadu_si512(words.add(64 * g) as *const __m512i);
-                    let (lo, hi) = five_bits_512!(q, h, g);
+                    let (lo, hi) = if FIVE {
+                        five_bits_512!(q, h, g)
+                    } else {
+                        (
+                            _mm512_and_si512(q, low),
+                            _mm512_and_si512(_mm512_srli_epi16::<4>(q), low),
+                        )
+                    };
                     for r in 0..R {
                         let x = xq.add((row0 + r) * acts.k + b * QK);
                         let xl = _mm512_set1_epi32((x.add(4 * g) as *const i32).read_unaligned());
@@ -1777,9 +1836,7 @@ mod avx512 {
                 for r in 0..R {
                     let at = (row0 + r) * nb + b;
                     let [dx, _] = *xds.add(at);
-                    let sum = _mm512_add_epi32(dot[r], doth[r]);
-                    let exact = _mm512_sub_epi32(sum, _mm512_set1_epi32(*sums.add(at) << 4));
-                    let dot = _mm512_cvtepi32_ps(exact);
+                    let dot = _mm512_cvtepi32_ps(_mm512_add_epi32(dot[r], doth[r]));
                     acc[r] = _mm512_fmadd_ps(dot, _mm512_mul_ps(d, _mm512_set1_ps(dx)), acc[r]);
                 }
             }
@@ -1825,8 +1882,14 @@ mod avx512 {
                 let words = tb.add(2 * ROWS);
                 let h0 = _mm512_loadu_si512(words.add(256) as *const __m512i);
                 let h1 = _mm512_loadu_si512(words.add(320) as *const __m512i);
-                let mut dot = [_mm512_setzero_si512(); R];
-                let mut doth = [_mm512_setzero_si512(); R];
+                // Each sub-block's sum starts at −32·Σx (exact: the products are added to it,
+                // then the whole is weighed by the sub-block's scale).
+                let start = |r: usize, half: usize| {
+                    let s = *halves.add((row0 + r) * nb + b);
+                    _mm512_set1_epi32(-32 * if half == 0 { s as i16 as i32 } else { s >> 16 })
+                };
+                let mut dot: [__m512i; R] = std::array::from_fn(|r| start(r, 0));
+                let mut doth: [__m512i; R] = std::array::from_fn(|r| start(r, 1));
                 for g in 0..4 {
                     let q = _mm512_loadu_si512(words.add(64 * g) as *const __m512i);
                     let (hl, hh) = match g {
@@ -1850,15 +1913,12 @@ mod avx512 {
                     }
                 }
                 for r in 0..R {
-                    let at = (row0 + r) * nb + b;
-                    let [dx, _] = *xds.add(at);
-                    let off = _mm512_madd_epi16(sc, _mm512_set1_epi32(*halves.add(at)));
+                    let [dx, _] = *xds.add((row0 + r) * nb + b);
                     let sum = _mm512_add_epi32(
                         _mm512_mullo_epi32(dot[r], c0),
                         _mm512_mullo_epi32(doth[r], c1),
                     );
-                    let sum =
-                        _mm512_cvtepi32_ps(_mm512_sub_epi32(sum, _mm512_slli_epi32::<5>(off)));
+                    let sum = _mm512_cvtepi32_ps(sum);
                     acc[r] = _mm512_fmadd_ps(sum, _mm512_mul_ps(d, _mm512_set1_ps(dx)), acc[r]);
                 }
             }
@@ -1958,6 +2018,7 @@ mod tests {
         for (dtype, ks) in [
             (GgmlDType::Q4_1, [96, 128]),
             (GgmlDType::Q8_0, [96, 128]),
+            (GgmlDType::Q4_0, [96, 128]),
             (GgmlDType::Q5_0, [96, 128]),
             (GgmlDType::Q6K, [256, 768]),
             (GgmlDType::Q4K, [256, 768]),
@@ -2023,7 +2084,8 @@ mod tests {
     fn the_largest_values_stay_exact_on_every_path() {
         let one = f16::ONE.to_bits().to_le_bytes();
         // One block (or super-block) of each type with every value at its largest.
-        let blocks: [(GgmlDType, Vec<u8>); 6] = [
+        let blocks: [(GgmlDType, Vec<u8>); 7] = [
+            (GgmlDType::Q4_0, [&one[..], &[0xFF; 16]].concat()),
             (GgmlDType::Q4_1, [&one[..], &[0, 0], &[0xFF; 16]].concat()),
             (GgmlDType::Q8_0, [&one[..], &[0x80; 32]].concat()),
             (GgmlDType::Q5_0, [&one[..], &[0xFF; 20]].concat()),
@@ -2296,6 +2358,7 @@ mod tests {
         for (dtype, k) in [
             (GgmlDType::Q4_1, 64),
             (GgmlDType::Q8_0, 64),
+            (GgmlDType::Q4_0, 64),
             (GgmlDType::Q5_0, 64),
             (GgmlDType::Q6K, 512),
             (GgmlDType::Q4K, 512),
@@ -2310,13 +2373,15 @@ mod tests {
         }
     }
 
-    /// Q5_0 and the K-quants are packed as they are, not converted: 16 rows of 256 weights
-    /// take 16 × 8 × 22 bytes of Q5_0 and 16 × 210 of Q6_K, as in the file, and 16 × 148 of
+    /// Q4_0, Q5_0 and the K-quants are packed as they are, not converted: 16 rows of 256
+    /// weights take 16 × 8 × 18 bytes of Q4_0, 16 × 8 × 22 of Q5_0 and 16 × 210 of Q6_K, as in
+    /// the file, and 16 × 148 of
     /// Q4_K and 16 × 180 of Q5_K (the file's 144 and 176 with the twelve bytes of six-bit
     /// scales and mins a byte each).
     #[test]
     fn k_quants_are_packed_in_their_own_size_and_not_converted() {
         for (dtype, kind, row_bytes) in [
+            (GgmlDType::Q4_0, Kind::Q4_0, 8 * 18),
             (GgmlDType::Q5_0, Kind::Q5_0, 8 * 22),
             (GgmlDType::Q6K, Kind::Q6K, Q6K_BLOCK),
             (GgmlDType::Q4K, Kind::Q4K, Q4K_BLOCK + 4),
