@@ -64,7 +64,7 @@ pub(super) fn to_kernel_types(tensors: Vec<QTensor>) -> Result<Vec<QTensor>> {
             if t.dtype() != GgmlDType::Q5_0 {
                 return Ok(t);
             }
-            let bytes = q5_0_to_q8_0(&t.data()?).expect("Q5_0 to Q8_0 keeps the scales");
+            let bytes = q5_0_to_q8_0(&t.data()?);
             let dims = t.shape().dims().to_vec();
             Ok(ggml_file::qtensor_from_ggml(
                 GgmlDType::Q8_0,
@@ -116,43 +116,28 @@ fn through_f32(t: &QTensor) -> Result<QTensor> {
     )?)
 }
 
-/// `raw`'s blocks of `from` bytes converted one by one into blocks of `to` bytes by `f`
-/// (`false`: a scale does not fit f16), on the threads in parallel (the fresh output pages'
-/// zeroing by the kernel included).
-fn per_block(
-    raw: &[u8],
-    from: usize,
-    to: usize,
-    f: impl Fn(&[u8], &mut [u8]) -> Option<()> + Sync,
-) -> Option<Vec<u8>> {
+/// Q5_0 blocks `{d, qh: u32, qs[16]}` as Q8_0 blocks `{d, q − 16}`, on the threads in
+/// parallel (the fresh output pages' zeroing by the kernel included).
+fn q5_0_to_q8_0(raw: &[u8]) -> Vec<u8> {
     const BLOCKS: usize = 4096;
-    let mut out = vec![0u8; raw.len() / from * to];
-    let ok = out
-        .par_chunks_mut(to * BLOCKS)
-        .zip(raw.par_chunks(from * BLOCKS))
-        .all(|(o, r)| {
-            o.chunks_exact_mut(to)
-                .zip(r.chunks_exact(from))
-                .all(|(o, r)| f(r, o).is_some())
+    let mut out = vec![0u8; raw.len() / 22 * 34];
+    out.par_chunks_mut(34 * BLOCKS)
+        .zip(raw.par_chunks(22 * BLOCKS))
+        .for_each(|(o, r)| {
+            for (o, b) in o.chunks_exact_mut(34).zip(r.chunks_exact(22)) {
+                o[..2].copy_from_slice(&b[..2]);
+                let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+                let qs = &b[6..22];
+                let q = &mut o[2..];
+                for j in 0..16 {
+                    let hi0 = ((qh >> j) << 4) & 0x10;
+                    let hi1 = (qh >> (j + 12)) & 0x10;
+                    q[j] = (((qs[j] & 0x0F) as u32 | hi0) as i32 - 16) as i8 as u8;
+                    q[j + 16] = (((qs[j] >> 4) as u32 | hi1) as i32 - 16) as i8 as u8;
+                }
+            }
         });
-    ok.then_some(out)
-}
-
-/// Q5_0 blocks `{d, qh: u32, qs[16]}` as Q8_0 blocks `{d, q − 16}`.
-fn q5_0_to_q8_0(raw: &[u8]) -> Option<Vec<u8>> {
-    per_block(raw, 22, 34, |b, o| {
-        o[..2].copy_from_slice(&b[..2]);
-        let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-        let qs = &b[6..22];
-        let q = &mut o[2..];
-        for j in 0..16 {
-            let hi0 = ((qh >> j) << 4) & 0x10;
-            let hi1 = (qh >> (j + 12)) & 0x10;
-            q[j] = (((qs[j] & 0x0F) as u32 | hi0) as i32 - 16) as i8 as u8;
-            q[j + 16] = (((qs[j] >> 4) as u32 | hi1) as i32 - 16) as i8 as u8;
-        }
-        Some(())
-    })
+    out
 }
 
 #[cfg(test)]
