@@ -2050,6 +2050,7 @@ fn smollm2_requantised(dir: &Path) -> std::path::PathBuf {
             .and_then(|n| n.parse().ok());
         let to = match (layer, name.rsplit('.').nth(1)) {
             (Some(i), Some("ffn_down")) if i % 2 == 0 => Some(GgmlDType::Q4K),
+            (Some(i), Some("ffn_down")) if i % 4 == 1 => Some(GgmlDType::Q5K),
             (Some(_), Some("ffn_down")) => Some(GgmlDType::Q6K),
             (Some(i), Some("attn_v")) if i < 14 => Some(GgmlDType::Q8_0),
             (Some(_), Some("attn_norm" | "ffn_norm")) => None,
@@ -2074,10 +2075,10 @@ fn smollm2_requantised(dir: &Path) -> std::path::PathBuf {
     out
 }
 
-/// A GGUF of the hub's other quantisations (Q5_0, Q4_0, Q4_K, Q6_K beside Q8_0) runs on
-/// kandle's kernels after conversion at load (`backend/convert.rs`), and is as close to
-/// llama.cpp's answers for the Q4_1 original as candle's `quantized_llama` on that same file,
-/// with candle's own kernel for each type (the allowance of the test above). Its greedy
+/// A GGUF of the hub's other quantisations (Q5_0, Q4_0, Q4_K, Q5_K, Q6_K beside Q8_0) runs
+/// on kandle's kernels, each type packed as the file holds it (`backend/qmatmul.rs`), and is
+/// as close to llama.cpp's answers for the Q4_1 original as candle's `quantized_llama` on that
+/// same file, with candle's own kernel for each type (the allowance of the test above). Its greedy
 /// tokens are candle's up to a near tie: where candle's two best logits lie within 0.5 (the
 /// two round the activations differently, per 32 here and per 256 there for the K-quants;
 /// even on the Q4_1 file their largest logit differences over the vocabulary are 0.5–2.3).
