@@ -24,17 +24,21 @@
 //! and plain Rust kernels give the same bits on every CPU — the greedy tokens of a model do not
 //! depend on the machine (the tests assert equal bits).
 //!
-//! **Q6_K** (the head and some `attn_v`/`ffn_down` matrices of llama.cpp's `Q4_K_M` and
-//! `Q5_K_M` files) has kernels of its own in the same tiles, per block of 32 and row: the
-//! scales of its two sub-blocks of 16, the values' nibbles as Q4_1's and their two high bits
-//! in two more words ([`Kind::pack_q6k`]); each row's `d` once per super-block of 256. That
-//! is the file's 6.5625 bits a weight, where converting it to Q8_0 took 8.5 and a round
-//! trip through f32 at load. Per block the two sub-blocks' integer sums are weighed by
-//! their scales and `32·Σx` taken off in integers, then `acc = fma(sum, d_w·d_x, acc)`
-//! ([`scalar_q6k`]).
+//! **The file's own types.** Q4_1 and Q8_0 are packed block for block. Q4_0 and Q5_0 (`d·(q −
+//! 8)`, `d·(q − 16)`) are too, each row's integer sum starting at `−8·Σx` or `−16·Σx`. The
+//! K-quants Q4_K, Q5_K (per sub-block of 32: `d·sc·q − dmin·m`) and Q6_K (per 16:
+//! `d·sc·(q − 32)`) keep their super-blocks of 256: each row's `d` (and `dmin`) once per
+//! super-block, then per block of 32 the sub-blocks' scales (six-bit ones a byte each) and
+//! the values' nibbles as Q4_1's. A fifth or sixth bit is laid at load in words beside the
+//! nibbles ([`fifth_bits`], [`Kind::pack_q6k`]) so that a shift and a mask per group join
+//! them. Every type thus takes the file's bytes (Q4_K and Q5_K an eighth of a bit more a
+//! weight, for their unpacked scales), where converting them to Q4_1 or Q8_0 took up to 8.5
+//! bits a weight — more to read in every memory-bound decode step. Q4_K's and Q5_K's outputs
+//! follow Q4_1's arithmetic with `d_w = d·sc` and `m_w = −dmin·m`, exact in f32; Q6_K's
+//! sub-block sums are weighed by their scales in integers ([`scalar_q4k`], [`scalar_q6k`]).
 //!
-//! Other quantised types are converted into these at load ([`super::convert`]); f32, f16
-//! and bf16 matrices go through candle's `QMatMul` unchanged.
+//! Other quantised types (Q5_1, Q2_K, Q3_K) are converted to Q8_0 at load
+//! ([`super::convert`]); f32, f16 and bf16 matrices go through candle's `QMatMul` unchanged.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
