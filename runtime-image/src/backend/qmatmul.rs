@@ -1314,7 +1314,11 @@ mod avx {
                         _mm256_cvtepi32_ps(_mm256_srli_epi32::<16>(scm)),
                     );
                     let words = tb.add(2 * ROWS + 32 * half);
-                    let h = _mm256_loadu_si256(words.add(256) as *const __m256i);
+                    // Q4_K's tile block ends before it.
+                    let h = match FIVE {
+                        true => _mm256_loadu_si256(words.add(256) as *const __m256i),
+                        false => _mm256_setzero_si256(),
+                    };
                     let mut dot = [_mm256_setzero_si256(); R];
                     let mut pairs = [_mm256_setzero_si256(); R];
                     for g in 0..4 {
@@ -1743,7 +1747,11 @@ mod avx512 {
                     _mm512_cvtepi32_ps(_mm512_srli_epi32::<16>(scm)),
                 );
                 let words = tb.add(2 * ROWS);
-                let h = _mm512_loadu_si512(words.add(256) as *const __m512i);
+                // Q4_K's tile block ends before it.
+                let h = match FIVE {
+                    true => _mm512_loadu_si512(words.add(256) as *const __m512i),
+                    false => _mm512_setzero_si512(),
+                };
                 let mut dot = [_mm512_setzero_si512(); R];
                 let mut doth = [_mm512_setzero_si512(); R];
                 for g in 0..4 {
