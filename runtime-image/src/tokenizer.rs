@@ -53,6 +53,12 @@ const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}
 /// capitals; kandle keeps the model's own, which its regex engine reads.
 const TEKKEN_SPLIT: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// GPT-4o's pre-tokenizer (tiktoken's `o200k_base`; Phi-4-mini's vocabulary, llama.cpp's
+/// `tokenizer.ggml.pre` "gpt-4o"): Tekken's letter classes with English contractions kept on
+/// their word, digits in threes. As for Tekken, kandle keeps the model's own pattern where
+/// llama.cpp rewrites the letter classes.
+const GPT4O_SPLIT: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
 /// Whether a GGUF vocabulary whose file has no `tokenizer.ggml.add_bos_token` begins a
 /// prompt with its beginning-of-text token, as llama.cpp decides it: SentencePiece
 /// vocabularies and the Llama 3 and Tekken pre-tokenizers do, other byte-level ones do not.
@@ -161,6 +167,7 @@ impl TextTokenizer {
             "deepseek-coder" => splits(&DEEPSEEK_CODER_SPLITS)?,
             "deepseek-llm" => splits(&DEEPSEEK_LLM_SPLITS)?,
             "tekken" => splits(&[TEKKEN_SPLIT])?,
+            "gpt-4o" => splits(&[GPT4O_SPLIT])?,
             other => {
                 return Err(Error::Model(format!(
                     "GGUF pre-tokenizer {other:?} is not supported without a tokenizer.json"

@@ -12,7 +12,10 @@
 # below; "phi3_longrope" with an original context of 256, which llama.cpp, running at 256
 # positions, turns by the short factors; "phi3_longrope_long" with one of 1, which it turns by
 # the long ones, and which kandle, choosing by each position, turns long too from position 1,
-# position 0's angles being 0 whatever the factors), the way
+# position 0's angles being 0 whatever the factors), as a Phi-3 GGUF whose rotary turns only
+# the first three quarters of each head (Phi-4-mini's partial rotary: PARTIAL below;
+# "phi3_partial", and "phi3_partial_longrope" with "phi3_longrope"'s LongRoPE, one factor per
+# turned pair), the way
 # llama.cpp's converter writes those architectures (q and k rows as trained for llama.cpp's
 # NEOX rotary, permuted for Granite's and SmolLM3's, which turn pairs as llama's does; f32). The biases and
 # norm weights are made by the formulas below, which the Rust test repeats exactly (small
@@ -31,7 +34,7 @@ from safetensors.numpy import load_file
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', '..', 'shared', 'fixtures', 'tiny', 'llama')
 GREEDY = 8
 ARCHS = ['qwen2', 'qwen3', 'phi3', 'granite', 'smollm3', 'gemma2', 'gemma3', 'phi3_longrope',
-         'phi3_longrope_long']
+         'phi3_longrope_long', 'phi3_partial', 'phi3_partial_longrope']
 # Granite's embedding, residual, attention and logit scales (the Rust test's too).
 GRANITE = (2.0, 0.5, 0.125, 4.0)
 # Gemma 2's attention and logit caps and its sliding window, small enough to bite on the tiny
@@ -43,6 +46,9 @@ GEMMA = (1.5, 3.0, 5)
 GEMMA3 = (5, 2, 1e6, 8.0)
 # LongRoPE's original contexts (short, long) and attention factor (the Rust test's too).
 LONGROPE = (256, 1, 1.25)
+# Phi-4-mini's partial rotary: the share of each head's dimensions turned (the Rust test's
+# too), written as the converter writes it, `int(factor · hidden) // heads` dimensions.
+PARTIAL = 0.75
 
 
 def permute(w, heads):
@@ -66,7 +72,7 @@ def rope_factors(n, long):
 
 
 def write(key, path):
-    arch = 'phi3' if key.startswith('phi3_longrope') else key
+    arch = 'phi3' if key.startswith('phi3') else key
     cfg = json.load(open(os.path.join(FIXTURE, 'config.json')))
     st = load_file(os.path.join(FIXTURE, 'model.safetensors'))
     tok = json.load(open(os.path.join(FIXTURE, 'tokenizer.json')))
@@ -96,11 +102,14 @@ def write(key, path):
         w.add_residual_scale(GRANITE[1])
         w.add_attention_scale(GRANITE[2])
         w.add_logit_scale(GRANITE[3])
-    if key.startswith('phi3_longrope'):
+    rot = int(PARTIAL * hidden) // heads if key.startswith('phi3_partial') else hd
+    if rot != hd:
+        w.add_rope_dimension_count(rot)
+    if key.endswith(('longrope', 'longrope_long')):
         w.add_rope_scaling_orig_ctx_len(LONGROPE[1] if key.endswith('_long') else LONGROPE[0])
         w.add_rope_scaling_attn_factors(LONGROPE[2])
-        w.add_tensor('rope_factors_short.weight', rope_factors(hd // 2, False))
-        w.add_tensor('rope_factors_long.weight', rope_factors(hd // 2, True))
+        w.add_tensor('rope_factors_short.weight', rope_factors(rot // 2, False))
+        w.add_tensor('rope_factors_long.weight', rope_factors(rot // 2, True))
     if arch == 'gemma3':
         w.add_sliding_window(GEMMA3[0])
         w.add_sliding_window_pattern(GEMMA3[1])

@@ -1264,15 +1264,6 @@ fn phi3_from_gguf_and_safetensors_gives_transformers_and_llama_cpp_s_logits() {
         gives_the_tiny_llama_s_logits(&g, &format!("phi3, {what}"));
         gives_the_reference_logits_and_tokens(&g, want, &format!("phi3, {what}"));
     }
-    // What Phi-3's kin add and kandle does not compute is refused by name.
-    let mut cfg = json(&st_dir.path().join("config.json"));
-    cfg["partial_rotary_factor"] = serde_json::json!(0.75);
-    std::fs::write(st_dir.path().join("config.json"), cfg.to_string()).unwrap();
-    let err = load_error(st_dir.path());
-    assert!(
-        err.contains("partial_rotary_factor") && err.contains("not supported"),
-        "{err}"
-    );
 }
 
 /// The tiny llama as transformers saves a `Phi3ForCausalLM` (Q, K and V fused into
@@ -1419,6 +1410,87 @@ fn phi3_s_long_rope_turns_short_and_long_as_llama_cpp_does() {
     let err = load_error(&path);
     assert!(
         err.contains("rope_factors_short") && err.contains("positive factors"),
+        "{err}"
+    );
+}
+
+/// Phi-4-mini's rotary turns the first three quarters of each head's dimensions (transformers'
+/// `partial_rotary_factor`, the GGUF's `rope.dimension_count`), the rest passing through, and
+/// its LongRoPE has one factor per turned pair. The tiny llama as a Phi-3 GGUF turning 12 of its
+/// heads' 16 dimensions (`PARTIAL` in `tests/references/llama_variants.py`), plain and with
+/// LongRoPE, on kandle's kernels and on the tensor path, and as a `Phi3ForCausalLM` with
+/// `partial_rotary_factor` 0.75, gives llama.cpp's logits and greedy tokens on that file; turned
+/// whole, it is far from them. A factor that leaves an odd number of dimensions, a rotary wider
+/// than the heads, and a partial rotary on a model_type that does not turn part of its heads
+/// are refused by name.
+#[test]
+fn phi4_mini_s_partial_rotary_turns_three_quarters_of_each_head_as_llama_cpp_does() {
+    use candle_core::quantized::gguf_file::Value as V;
+    let fixture = fixtures_dir().join("tiny/llama");
+    let hd = json(&fixture.join("config.json"))["head_dim"]
+        .as_u64()
+        .unwrap() as usize;
+    let rot = hd * 3 / 4;
+    let (short, long) = (rope_factors(rot / 2, false), rope_factors(rot / 2, true));
+    let factors = vec![
+        ("rope_factors_short.weight".to_owned(), short.clone()),
+        ("rope_factors_long.weight".to_owned(), long.clone()),
+    ];
+    for (key, long_rope) in [("phi3_partial", false), ("phi3_partial_longrope", true)] {
+        let mut meta = vec![("phi3.rope.dimension_count", V::U32(rot as u32))];
+        if long_rope {
+            meta.push(("phi3.rope.scaling.original_context_length", V::U32(256)));
+            meta.push(("phi3.rope.scaling.attn_factor", V::F32(1.25)));
+        }
+        let tensors = match long_rope {
+            true => borrowed(&factors),
+            false => Vec::new(),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let gguf = gguf_as("phi3", &fixture, dir.path(), &tensors, &meta);
+        let st_dir = tempfile::tempdir().unwrap();
+        phi3_checkpoint(st_dir.path(), |c| {
+            c["partial_rotary_factor"] = serde_json::json!(0.75);
+            if long_rope {
+                c["original_max_position_embeddings"] = 256.into();
+                c["rope_scaling"] = serde_json::json!({"type": "longrope",
+                    "short_factor": short, "long_factor": long, "attention_factor": 1.25});
+            }
+        });
+        let want = llama_variants_reference()[key].as_array().unwrap().clone();
+        for (what, g) in every_path(&gguf, &[("safetensors", st_dir.path())]) {
+            gives_the_reference_logits_and_tokens(&g, &want, &format!("{key}, {what}"));
+        }
+        // The whole head turned (the file without `rope.dimension_count`) is far off.
+        if !long_rope {
+            let dir = tempfile::tempdir().unwrap();
+            let whole = generation(&gguf_as("phi3", &fixture, dir.path(), &[], &[]));
+            let d = first_case_difference(&whole, &want);
+            assert!(d > 0.05, "{key} turned whole: only {d} from llama.cpp's logits");
+        }
+    }
+    // Refused: 0.7 of 16 dimensions (11, odd), a rotary wider than the heads, and a partial
+    // rotary on a llama (transformers' llama turns every dimension).
+    let st_dir = tempfile::tempdir().unwrap();
+    phi3_checkpoint(st_dir.path(), |c| {
+        c["partial_rotary_factor"] = serde_json::json!(0.7);
+    });
+    let err = load_error(st_dir.path());
+    assert!(
+        err.contains("partial_rotary_factor") && err.contains("positive even number"),
+        "{err}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let wide = [("phi3.rope.dimension_count", V::U32(hd as u32 + 2))];
+    let err = load_error(&gguf_as("phi3", &fixture, dir.path(), &[], &wide));
+    assert!(err.contains("rope dim") || err.contains("rotary width"), "{err}");
+    let llama_dir = tempfile::tempdir().unwrap();
+    tiny_llama_copy(llama_dir.path(), |c| {
+        c["partial_rotary_factor"] = serde_json::json!(0.5);
+    });
+    let err = load_error(llama_dir.path());
+    assert!(
+        err.contains("partial_rotary_factor") && err.contains("not supported"),
         "{err}"
     );
 }
@@ -1960,27 +2032,75 @@ fn gguf_vocabularies_tokenize_as_llama_cpp_s_test_vectors() {
 /// mistral-common runs it) past the control tokens, and decode back to the text.
 #[test]
 fn a_tekken_gguf_vocabulary_tokenises_as_mistral_s_tiktoken_does() {
-    use candle_core::quantized::gguf_file::{self, Value as V};
     let tekken::Tekken {
         ranks,
         pattern,
         controls,
         meta,
     } = tekken::tekken();
-    let specials = controls.len();
     let ranked = (ranks.iter().enumerate())
         .map(|(r, b)| (b.clone(), r as u32))
         .collect();
     let tiktoken = tiktoken_rs::CoreBPE::new(ranked, Default::default(), &pattern).unwrap();
+    tokenises_as_tiktoken(&meta, &tiktoken, controls.len() as u32, &controls);
+}
+
+/// Phi-4-mini's vocabulary (OpenAI's `o200k_base`, a GGUF's `tokenizer.ggml.pre` "gpt-4o")
+/// rebuilt from a GGUF tokenises as tiktoken does: tiktoken-rs's own `o200k_base` ranks
+/// written as a vocabulary-only GGUF the way llama.cpp's converter writes a tokenizer.json
+/// (the ranks as byte-level strings, the merges transformers derives from them, then
+/// `<|endoftext|>`), and kandle's ids for the texts of the Tekken test equal tiktoken's and
+/// decode back to the text. Built with Tekken's pattern instead (digits one at a time,
+/// contractions apart), kandle's ids differ from tiktoken's.
+#[test]
+fn a_gpt_4o_gguf_vocabulary_tokenises_as_tiktoken_s_o200k_base_does() {
+    let tiktoken = tiktoken_rs::o200k_base().unwrap();
+    let ranks: Vec<Vec<u8>> = (0..)
+        .map_while(|r| tiktoken.decode_bytes(&[r]).ok())
+        .collect();
+    assert!(ranks.len() > 199_000, "{} ranks", ranks.len());
+    let end = ranks.len() as u32;
+    let specials = ["<|endoftext|>".to_owned()];
+    let meta = tekken::byte_level_vocabulary(&[], &ranks, &specials, "gpt-4o", (end, end));
+    tokenises_as_tiktoken(&meta, &tiktoken, 0, &specials);
+    // The test can tell the pre-tokenizers apart.
+    let mut tekken_pre = meta.clone();
+    tekken_pre[1].1 = candle_core::quantized::gguf_file::Value::String("tekken".into());
+    let tok = gguf_vocabulary(&tekken_pre);
+    let text = "they'll pay 12345 dollars";
+    assert_ne!(
+        tok.encode(text, false).unwrap(),
+        tiktoken.encode_ordinary(text)
+    );
+}
+
+/// A vocabulary-only GGUF of `meta`'s `tokenizer.ggml.*` (a llama's), read back as kandle's
+/// tokenizer of a GGUF without a tokenizer.json.
+fn gguf_vocabulary(
+    meta: &[(String, candle_core::quantized::gguf_file::Value)],
+) -> kandle_runtime::tokenizer::TextTokenizer {
+    use candle_core::quantized::gguf_file::{self, Value as V};
     let arch = ("general.architecture".to_owned(), V::String("llama".into()));
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tekken-vocab.gguf");
-    let meta: Vec<(&str, &V)> = (std::iter::once(&arch).chain(&meta))
+    let path = dir.path().join("vocab.gguf");
+    let meta: Vec<(&str, &V)> = (std::iter::once(&arch).chain(meta))
         .map(|(k, v)| (k.as_str(), v))
         .collect();
     gguf_file::write(&mut std::fs::File::create(&path).unwrap(), &meta, &[]).unwrap();
-    let tok = backend::gguf_vocab_tokenizer(&path).unwrap();
+    backend::gguf_vocab_tokenizer(&path).unwrap()
+}
 
+/// kandle's tokenizer of a GGUF vocabulary (`meta`) gives `tiktoken`'s ids, each plus `offset`
+/// (the control tokens before the ranks), for texts in many scripts (llama.cpp's tokenizer test
+/// inputs among them; those holding a control token of `controls` left out, as tiktoken's plain
+/// encoding reads it as text), and they decode back to the text.
+fn tokenises_as_tiktoken(
+    meta: &[(String, candle_core::quantized::gguf_file::Value)],
+    tiktoken: &tiktoken_rs::CoreBPE,
+    offset: u32,
+    controls: &[String],
+) {
+    let tok = gguf_vocabulary(meta);
     let mut texts: Vec<String> = [
         "Hello world! HTMLParser, iPhone, McDONALD's and don't: they'll go.",
         "  leading, trailing  \n\n\r\n\tand\u{a0}odd   spaces   ",
@@ -2010,7 +2130,7 @@ fn a_tekken_gguf_vocabulary_tokenises_as_mistral_s_tiktoken_does() {
     let mut failures = Vec::new();
     for text in &texts {
         let want: Vec<u32> = (tiktoken.encode_ordinary(text).into_iter())
-            .map(|r| r + specials as u32)
+            .map(|r| r + offset)
             .collect();
         let got = tok.encode(text, false).unwrap();
         if got != want {

@@ -279,8 +279,9 @@ fn tensor_weights<R: std::io::Read + std::io::Seek>(
     let kv_heads = md_u32(ct, &key("attention.head_count_kv")).map_or(heads, |v| v as usize);
     let hidden = need_u32(ct, &key("embedding_length"))? as usize;
     let head_dim = qllama::head_dim(ct, arch, hidden, heads)?;
+    // The dimensions of each head the rotary turns (fewer than all in Phi-4-mini).
     let rope_dim = md_u32(ct, &key("rope.dimension_count")).map_or(head_dim, |v| v as usize);
-    if rope_dim != head_dim {
+    if rope_dim == 0 || rope_dim > head_dim || !rope_dim.is_multiple_of(2) {
         return Err(Error::Model(format!(
             "GGUF llama with a rotary width of {rope_dim} for heads of {head_dim} is not supported"
         )));
@@ -385,7 +386,7 @@ fn tensor_weights<R: std::io::Read + std::io::Seek>(
             post_norms,
         });
     }
-    let mut inv_freq = inverse_frequencies(theta, head_dim);
+    let mut inv_freq = inverse_frequencies(theta, rope_dim);
     if let Some(factors) = super::qllama::rope_divisors(ct, arch, reader, inv_freq.len())? {
         for (f, d) in inv_freq.iter_mut().zip(factors) {
             *f /= d;
@@ -397,7 +398,7 @@ fn tensor_weights<R: std::io::Read + std::io::Seek>(
     };
     let local_rope = match gemma.local_base {
         Some(base) => Some(rope_tables(
-            &inverse_frequencies(base, head_dim),
+            &inverse_frequencies(base, rope_dim),
             context_length,
             DType::F32,
             device,

@@ -77,14 +77,25 @@ pub(super) fn load(
             "{model_type} with use_sliding_window is not supported"
         )));
     }
-    // Phi-4-mini turns three quarters of each head.
-    if let Some(f) = raw.get("partial_rotary_factor").and_then(|v| v.as_f64())
-        && f != 1.0
-    {
-        return Err(Error::Model(format!(
-            "{model_type} with a partial_rotary_factor of {f} is not supported"
-        )));
-    }
+    // Phi-4-mini turns three quarters of each head (transformers' Phi3 is the one of these
+    // models that reads `partial_rotary_factor`; another model_type is refused, not turned
+    // whole).
+    let partial = match raw.get("partial_rotary_factor").filter(|v| !v.is_null()) {
+        None => None,
+        Some(v) => match v.as_f64() {
+            Some(1.0) => None,
+            Some(f) if family == Arch::Phi3 && f > 0.0 && f < 1.0 => Some(f),
+            _ => {
+                return Err(Error::Model(format!(
+                    "{model_type} with a partial_rotary_factor of {v} is not supported{}",
+                    match family == Arch::Phi3 {
+                        true => " (it must lie in (0, 1])",
+                        false => " (Phi-3's models turn part of each head, others do not)",
+                    }
+                )));
+            }
+        },
+    };
     let mut cfg_json = raw.clone();
     // Gemma 2 ties its head to the embeddings unless told otherwise.
     let gemma_family = matches!(family, Arch::Gemma2 | Arch::Gemma3);
@@ -221,12 +232,25 @@ pub(super) fn load(
     };
     let config = lcfg.into_config(false);
     let vb = super::layers::var_builder(dir, dtype, device)?;
+    // The dimensions of each head the rotary turns: transformers' `int(head_dim · factor)`.
+    let rope_dim = match partial {
+        None => head_dim,
+        Some(f) => match (head_dim as f64 * f) as usize {
+            d if d > 0 && d % 2 == 0 => d,
+            d => {
+                return Err(Error::Model(format!(
+                    "{}: partial_rotary_factor {f} turns {d} of each head's {head_dim}                      dimensions; the rotary needs a positive even number",
+                    dir.join("config.json").display()
+                )));
+            }
+        },
+    };
     let long_rope = long_rope
-        .map(|s| long_rope_of(&raw, s, head_dim, &dir.join("config.json")))
+        .map(|s| long_rope_of(&raw, s, rope_dim, &dir.join("config.json")))
         .transpose()?;
     // The rotary frequencies of every layer (but Gemma 3's windowed ones), linearly scaled
     // where asked.
-    let mut inv = inv_freq(&config, head_dim);
+    let mut inv = inv_freq(&config, rope_dim);
     if let Some(f) = linear {
         inv.iter_mut().for_each(|x| *x /= f);
     }
@@ -234,7 +258,7 @@ pub(super) fn load(
         vb,
         &config,
         (family, scales, &rotates, gemma),
-        (head_dim, &inv, long_rope.as_ref()),
+        (head_dim, rope_dim, &inv, long_rope.as_ref()),
         dtype,
         device,
     )
@@ -418,7 +442,8 @@ fn gemma(raw: &serde_json::Value, family: Arch, layers: usize, config: &Path) ->
     })
 }
 
-/// The LongRoPE of a config.json (`config` names it) whose rotary scaling `s` is "longrope":
+/// The LongRoPE of a config.json (`config` names it) whose rotary scaling `s` is "longrope",
+/// for heads that turn `rope_dim` dimensions (one factor per pair):
 /// its `short_factor` and `long_factor`, the `original_max_position_embeddings` (at the top
 /// level or in `s`), and its `attention_factor`, or where absent transformers' default:
 /// `√(1 + ln f / ln original)` for `f = factor` (else `max_position_embeddings / original`)
@@ -426,7 +451,7 @@ fn gemma(raw: &serde_json::Value, family: Arch, layers: usize, config: &Path) ->
 fn long_rope_of(
     raw: &serde_json::Value,
     s: &serde_json::Value,
-    head_dim: usize,
+    rope_dim: usize,
     config: &Path,
 ) -> Result<LongRope> {
     let what = |name: &str| {
@@ -468,7 +493,7 @@ fn long_rope_of(
         factors("long_factor"),
         original as usize,
         attention as f32,
-        head_dim / 2,
+        rope_dim / 2,
         what,
     )
 }
@@ -502,12 +527,12 @@ fn inv_freq(cfg: &Config, head_dim: usize) -> Vec<f32> {
 }
 
 /// The model's weights (transformers' `LlamaForCausalLM` names) in `dtype` on `device`, its
-/// heads `head_dim` wide, turned by the frequencies `inv`.
+/// heads `head_dim` wide, their first `rope_dim` dimensions turned by the frequencies `inv`.
 fn weights(
     vb: VarBuilder,
     cfg: &Config,
     (family, scales, rotates, gemma): (Arch, Scales, &[bool], Gemma),
-    (head_dim, inv, long_rope): (usize, &[f32], Option<&LongRope>),
+    (head_dim, rope_dim, inv, long_rope): (usize, usize, &[f32], Option<&LongRope>),
     dtype: DType,
     device: &Device,
 ) -> candle_core::Result<TensorLlama> {
@@ -633,7 +658,7 @@ fn weights(
     };
     let local_rope = match gemma.local_base {
         Some(base) => Some(rope_tables(
-            &inverse_frequencies(base, head_dim),
+            &inverse_frequencies(base, rope_dim),
             positions,
             dtype,
             device,

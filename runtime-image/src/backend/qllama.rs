@@ -434,7 +434,8 @@ pub(super) struct Weights {
     attention_cap: Option<f32>,
     logit_cap: Option<f32>,
     gelu: bool,
-    /// The rotary frequencies, `head_dim / 2` of them, and the divisor of each one's angles
+    /// The rotary frequencies, `rope.dimension_count / 2` of them (the dimensions a head turns:
+    /// all of them but in Phi-4-mini), and the divisor of each one's angles
     /// where the file declares a scaling ([`rope_divisors`]).
     theta: Vec<f32>,
     divisors: Option<Vec<f32>>,
@@ -942,8 +943,11 @@ impl Weights {
             .unwrap_or(10000f32);
         let head_dim = head_dim(ct, arch, hidden, n_head)?;
         // llama.cpp's default where a file leaves it out: the whole head.
+        // The rotary may turn only the first `rope_dim` of each head's dimensions (Phi-4-mini's
+        // three quarters), the rest passing through, as llama.cpp turns `n_rot` of them.
         let rope_dim = md_u32(ct, &key("rope.dimension_count")).unwrap_or(head_dim);
-        if rope_dim != head_dim || n_kv_head == 0 || n_head % n_kv_head != 0 {
+        let partial_ok = rope_dim > 0 && rope_dim <= head_dim && rope_dim.is_multiple_of(2);
+        if !partial_ok || n_kv_head == 0 || n_head % n_kv_head != 0 {
             return Err(Error::Model(format!(
                 "unsupported llama shape: {n_head} heads, {n_kv_head} kv heads, head dim \
                  {head_dim}, rope dim {rope_dim}"
@@ -1239,7 +1243,7 @@ impl Weights {
         let mut y = vec![0f32; rows * q_dim];
         // Each row's rotary `cos` and `sin`, for its position, once for every layer (and for
         // the windowed layers where they turn by their own frequencies).
-        let half = self.head_dim / 2;
+        let half = self.theta.len();
         let positions: Vec<usize> = items
             .iter()
             .flat_map(|(cache, tokens)| cache.len..cache.len + tokens.len())
@@ -1460,9 +1464,11 @@ impl Weights {
 
     /// The rotary embedding of every head in `x` by the `cos` and `sin` of its position
     /// ([`rotary`]): frequency `i` turns dimensions `2i` and `2i + 1` (llama.cpp's
-    /// `rope`), or `i` and `i + head_dim / 2` ([`Arch::rotates_halves`], its `rope_neox`).
+    /// `rope`), or `i` and `i + rope_dim / 2` ([`Arch::rotates_halves`], its `rope_neox`),
+    /// for the first `rope_dim` (twice the frequencies) of each head's dimensions; the others
+    /// pass through.
     fn rope(&self, x: &mut [f32], (cos, sin): (&[f32], &[f32])) {
-        let half = self.head_dim / 2;
+        let half = cos.len();
         let (step, apart) = match self.rotates_halves {
             true => (1, half),
             false => (2, 1),

@@ -23,7 +23,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{D, DType, Device, Module, Tensor};
 
 use super::{CausalLm, Sequence};
 use crate::error::{Error, Result};
@@ -94,7 +94,8 @@ pub(super) struct TensorLlama {
     pub head: Proj,
     pub shape: Heads,
     pub rms_eps: f32,
-    /// `(positions, head_dim / 2)` each, in the activations' dtype ([`rope_tables`]).
+    /// `(positions, rotary dimensions / 2)` each (the rotary dimensions: `head_dim`, or fewer
+    /// where the rotary is partial, Phi-4-mini's), in the activations' dtype ([`rope_tables`]).
     pub cos: Tensor,
     pub sin: Tensor,
     /// The windowed layers' own tables, where they turn by frequencies of their own (Gemma
@@ -287,7 +288,17 @@ impl TensorLlama {
         }
     }
 
+    /// `x` turned by the tables: the first `2 · cos.dim(1)` dimensions of each head, the rest
+    /// (Phi-4-mini's last quarter) passing through.
     fn rotate(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+        let (width, turned) = (x.dim(D::Minus1)?, 2 * cos.dim(D::Minus1)?);
+        if turned < width {
+            let head = x.narrow(D::Minus1, 0, turned)?.contiguous()?;
+            let head = self.rotate(&head, cos, sin)?;
+            let rest = x.narrow(D::Minus1, turned, width - turned)?;
+            // (candle's `cat` on the last dimension returns a transposed view)
+            return Tensor::cat(&[&head, &rest], D::Minus1)?.contiguous();
+        }
         match self.rope {
             Rope::Halves => candle_nn::rotary_emb::rope(x, cos, sin),
             Rope::Interleaved => candle_nn::rotary_emb::rope_i(x, cos, sin),

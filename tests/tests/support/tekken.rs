@@ -67,6 +67,55 @@ fn json(path: &std::path::Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
 }
 
+/// A tiktoken vocabulary's `tokenizer.ggml.*` metadata as llama.cpp's converter writes it from
+/// the model's tokenizer.json: the control tokens `before` (ids from 0), the ranks as byte-level
+/// strings, the control tokens `after`; the merges transformers' `TikTokenConverter` derives
+/// from the ranks; the pre-tokenizer `pre`; the `(bos, eos)` ids; no `add_bos_token`.
+pub fn byte_level_vocabulary(
+    before: &[String],
+    ranks: &[Vec<u8>],
+    after: &[String],
+    pre: &str,
+    (bos, eos): (u32, u32),
+) -> Vec<(String, V)> {
+    let encoder: HashMap<&[u8], u32> = (ranks.iter().enumerate())
+        .map(|(r, b)| (b.as_slice(), r as u32))
+        .collect();
+    let chars = bytes_to_unicode();
+    let text_of = |b: &[u8]| -> String { b.iter().map(|&x| chars[x as usize]).collect() };
+    let tokens: Vec<V> = (before.iter().cloned())
+        .chain(ranks.iter().map(|b| text_of(b)))
+        .chain(after.iter().cloned())
+        .map(V::String)
+        .collect();
+    let is_rank = |i: usize| i >= before.len() && i < before.len() + ranks.len();
+    let types: Vec<V> = (0..tokens.len())
+        .map(|i| V::I32(if is_rank(i) { 1 } else { 3 }))
+        .collect();
+    // transformers' `TikTokenConverter`: each token's splits into two tokens, by their ranks,
+    // the tokens in rank order.
+    let mut merges = Vec::new();
+    for b in ranks {
+        let mut local: Vec<(u32, u32)> = (1..b.len())
+            .filter_map(|i| Some((*encoder.get(&b[..i])?, *encoder.get(&b[i..])?)))
+            .collect();
+        local.sort_unstable();
+        merges.extend(local.into_iter().map(|(l, r)| {
+            let (l, r) = (&ranks[l as usize], &ranks[r as usize]);
+            V::String(format!("{} {}", text_of(l), text_of(r)))
+        }));
+    }
+    vec![
+        ("tokenizer.ggml.model".into(), V::String("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), V::String(pre.into())),
+        ("tokenizer.ggml.tokens".into(), V::Array(tokens)),
+        ("tokenizer.ggml.token_type".into(), V::Array(types)),
+        ("tokenizer.ggml.merges".into(), V::Array(merges)),
+        ("tokenizer.ggml.bos_token_id".into(), V::U32(bos)),
+        ("tokenizer.ggml.eos_token_id".into(), V::U32(eos)),
+    ]
+}
+
 /// Mistral NeMo's Tekken vocabulary, fetched with mistral-common on first use.
 pub fn tekken() -> Tekken {
     let tekken = json(&models::mistral_tekken_json());
@@ -81,11 +130,6 @@ pub fn tekken() -> Tekken {
                 .unwrap()
         })
         .collect();
-    let encoder: HashMap<&[u8], u32> = (ranks.iter().enumerate())
-        .map(|(r, b)| (b.as_slice(), r as u32))
-        .collect();
-    let chars = bytes_to_unicode();
-    let text_of = |b: &[u8]| -> String { b.iter().map(|&x| chars[x as usize]).collect() };
     let controls: Vec<String> = (0..specials)
         .map(|i| {
             NAMED
@@ -93,35 +137,7 @@ pub fn tekken() -> Tekken {
                 .map_or(format!("<SPECIAL_{i}>"), |n| n.to_string())
         })
         .collect();
-    let tokens: Vec<V> = (controls.iter().cloned())
-        .chain(ranks.iter().map(|b| text_of(b)))
-        .map(V::String)
-        .collect();
-    let types: Vec<V> = (0..tokens.len())
-        .map(|i| V::I32(if i < specials { 3 } else { 1 }))
-        .collect();
-    // transformers' `TikTokenConverter`: each token's splits into two tokens, by their ranks,
-    // the tokens in rank order.
-    let mut merges = Vec::new();
-    for b in &ranks {
-        let mut local: Vec<(u32, u32)> = (1..b.len())
-            .filter_map(|i| Some((*encoder.get(&b[..i])?, *encoder.get(&b[i..])?)))
-            .collect();
-        local.sort_unstable();
-        merges.extend(local.into_iter().map(|(l, r)| {
-            let (l, r) = (&ranks[l as usize], &ranks[r as usize]);
-            V::String(format!("{} {}", text_of(l), text_of(r)))
-        }));
-    }
-    let meta = vec![
-        ("tokenizer.ggml.model".into(), V::String("gpt2".into())),
-        ("tokenizer.ggml.pre".into(), V::String("tekken".into())),
-        ("tokenizer.ggml.tokens".into(), V::Array(tokens)),
-        ("tokenizer.ggml.token_type".into(), V::Array(types)),
-        ("tokenizer.ggml.merges".into(), V::Array(merges)),
-        ("tokenizer.ggml.bos_token_id".into(), V::U32(1)),
-        ("tokenizer.ggml.eos_token_id".into(), V::U32(2)),
-    ];
+    let meta = byte_level_vocabulary(&controls, &ranks, &[], "tekken", (1, 2));
     Tekken {
         ranks,
         pattern: config["pattern"].as_str().unwrap().to_owned(),
