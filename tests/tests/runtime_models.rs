@@ -779,8 +779,9 @@ fn gguf_as(
 /// divisors llama.cpp's converter computes from `rope_scaling`, written here by its formula)
 /// gives the logits of the same weights read from safetensors with that `rope_scaling`
 /// (transformers' formula, with every frequency of the tiny llama's heads scaled; written
-/// by transformers 4 or 5); the GGUF without the tensor does not. Linear scaling divides every angle by its factor; YaRN, and
-/// biases other than Q's, K's and V's, are refused.
+/// by transformers 4 or 5); the GGUF without the tensor does not. Linear scaling divides every
+/// angle by its factor; dynamic NTK scaling, YaRN without its factor, and biases other than Q's,
+/// K's and V's are refused (YaRN itself: `yarn_scales_the_rotary_as_llama_cpp_does`).
 #[test]
 fn a_gguf_s_rope_freqs_scale_the_rotary_as_llama3_rope_scaling_does() {
     let (factor, low, high, original) = (8.0f32, 1.0f32, 4.0f32, 16.0f32);
@@ -826,11 +827,11 @@ fn a_gguf_s_rope_freqs_scale_the_rotary_as_llama3_rope_scaling_does() {
     std::fs::write(scaled_dir.path().join("config.json"), cfg.to_string()).unwrap();
     let reference5 = generation(scaled_dir.path());
     // Another kind of scaling is refused by name.
-    cfg["rope_parameters"]["rope_type"] = serde_json::json!("yarn");
+    cfg["rope_parameters"]["rope_type"] = serde_json::json!("dynamic");
     std::fs::write(scaled_dir.path().join("config.json"), cfg.to_string()).unwrap();
     let err = load_error(scaled_dir.path());
     assert!(
-        err.contains("\"yarn\" rotary scaling is not supported"),
+        err.contains("\"dynamic\" rotary scaling is not supported"),
         "{err}"
     );
 
@@ -860,7 +861,7 @@ fn a_gguf_s_rope_freqs_scale_the_rotary_as_llama3_rope_scaling_does() {
     );
 
     // Linear scaling (older long-context llamas) divides every angle by its factor: the
-    // same as rope_freqs of that factor throughout. YaRN is refused by name.
+    // same as rope_freqs of that factor throughout. YaRN without a factor is refused.
     use candle_core::quantized::gguf_file::Value as V;
     let linear = [
         ("llama.rope.scaling.type", V::String("linear".into())),
@@ -885,7 +886,7 @@ fn a_gguf_s_rope_freqs_scale_the_rotary_as_llama3_rope_scaling_does() {
         &[("llama.rope.scaling.type", V::String("yarn".into()))],
     );
     assert!(
-        err.contains("\"yarn\"") && err.contains("not supported"),
+        err.contains("YaRN needs") && err.contains("llama.rope.scaling.factor"),
         "{err}"
     );
     let err = refused(
@@ -1493,6 +1494,65 @@ fn phi4_mini_s_partial_rotary_turns_three_quarters_of_each_head_as_llama_cpp_doe
         err.contains("partial_rotary_factor") && err.contains("not supported"),
         "{err}"
     );
+}
+
+/// YaRN (transformers' `rope_type` "yarn", a GGUF's `rope.scaling.type` "yarn": Qwen2.5's and
+/// Qwen3's long-context configurations) divides the frequencies that turn less than once over
+/// the original context by its factor, keeps those that turn more than 32 times, mixes those
+/// between along a ramp, and multiplies every `cos` and `sin` by `0.1 ln factor + 1`. The tiny
+/// llama as a llama GGUF with YaRN (factor 4 over an original 2,048 positions: `YARN` in
+/// `tests/references/llama_variants.py`, the ramp over dimensions 2 to 6 of its 16), on kandle's
+/// kernels and on the tensor path, and as a transformers llama whose `rope_scaling` is "yarn"
+/// with the same values, gives llama.cpp's logits and greedy tokens on that file. Without the
+/// magnitude scale, or with linear scaling by the same factor, the logits are far from those;
+/// a factor below 1 and `beta_fast` below `beta_slow` are refused.
+#[test]
+fn yarn_scales_the_rotary_as_llama_cpp_does() {
+    use candle_core::quantized::gguf_file::Value as V;
+    let yarn_meta = |kind: &str, factor: f32| {
+        [
+            ("llama.rope.scaling.type", V::String(kind.into())),
+            ("llama.rope.scaling.factor", V::F32(factor)),
+            ("llama.rope.scaling.original_context_length", V::U32(2048)),
+        ]
+    };
+    let yarn_config = |more: Value| {
+        let dir = tempfile::tempdir().unwrap();
+        tiny_llama_copy(dir.path(), |c| {
+            let mut s = serde_json::json!({"rope_type": "yarn", "factor": 4.0,
+                "original_max_position_embeddings": 2048});
+            s.as_object_mut()
+                .unwrap()
+                .extend(more.as_object().unwrap().clone());
+            c["rope_scaling"] = s;
+        });
+        dir
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = tiny_llama_gguf(dir.path(), &[], &yarn_meta("yarn", 4.0));
+    let st_dir = yarn_config(serde_json::json!({}));
+    let want = llama_variants_reference()["llama_yarn"]
+        .as_array()
+        .unwrap()
+        .clone();
+    for (what, g) in every_path(&gguf, &[("safetensors", st_dir.path())]) {
+        gives_the_reference_logits_and_tokens(&g, &want, &format!("yarn, {what}"));
+    }
+    // Each part changes the answers.
+    let unscaled = yarn_config(serde_json::json!({"attention_factor": 1.0}));
+    let d = first_case_difference(&generation(unscaled.path()), &want);
+    assert!(d > 0.05, "yarn without its magnitude scale: only {d} from llama.cpp's");
+    let dir = tempfile::tempdir().unwrap();
+    let linear = generation(&tiny_llama_gguf(dir.path(), &[], &yarn_meta("linear", 4.0)));
+    let d = first_case_difference(&linear, &want);
+    assert!(d > 0.05, "linear scaling instead of yarn: only {d} from llama.cpp's");
+    // Refused by name.
+    let dir = tempfile::tempdir().unwrap();
+    let err = load_error(&tiny_llama_gguf(dir.path(), &[], &yarn_meta("yarn", 0.5)));
+    assert!(err.contains("YaRN needs") && err.contains("rope.scaling.factor"), "{err}");
+    let backwards = yarn_config(serde_json::json!({"beta_fast": 1.0, "beta_slow": 2.0}));
+    let err = load_error(backwards.path());
+    assert!(err.contains("beta_fast above beta_slow"), "{err}");
 }
 
 /// Granite (IBM's Granite 3 dense models) is a llama with four scalars: the embeddings

@@ -19,7 +19,7 @@ use candle_transformers::models::quantized_llama::{MAX_SEQ_LEN, ModelWeights};
 use super::qllama::{self, Arch, KvCache, Weights};
 use super::tensor_llama::{
     Biased, Heads, Layer, PREFILL_CHUNK, Proj, Rope, TensorLlama, TensorLlamaLm,
-    inverse_frequencies, long_rope_tables, rope_tables,
+    inverse_frequencies, long_rope_tables, rope_tables, scaled_rope_tables,
 };
 use super::{CausalLm, Sequence};
 use crate::chat::ChatTemplate;
@@ -387,14 +387,21 @@ fn tensor_weights<R: std::io::Read + std::io::Seek>(
         });
     }
     let mut inv_freq = inverse_frequencies(theta, rope_dim);
-    if let Some(factors) = super::qllama::rope_divisors(ct, arch, reader, inv_freq.len())? {
+    let scaling = qllama::rotary_scaling(ct, arch, reader, rope_dim, theta)?;
+    if let Some(factors) = scaling.divisors {
         for (f, d) in inv_freq.iter_mut().zip(factors) {
             *f /= d;
         }
     }
     let (cos, sin) = match qllama::LongRope::of(ct, arch, reader, inv_freq.len())? {
         Some(l) => long_rope_tables(&inv_freq, &l, context_length, DType::F32, device)?,
-        None => rope_tables(&inv_freq, context_length, DType::F32, device)?,
+        None => scaled_rope_tables(
+            &inv_freq,
+            scaling.attention,
+            context_length,
+            DType::F32,
+            device,
+        )?,
     };
     let local_rope = match gemma.local_base {
         Some(base) => Some(rope_tables(

@@ -30,10 +30,10 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::llama::{Config, Llama3RopeType, LlamaConfig, LlamaEosToks};
 
 use super::few_rows::FewRows;
-use super::qllama::{Arch, Gemma, LongRope, Pattern, Scales};
+use super::qllama::{Arch, Gemma, LongRope, Pattern, Scales, Yarn, yarn_mscale};
 use super::tensor_llama::{
     Heads, Layer, PREFILL_CHUNK, Proj, Rope, TensorLlama, TensorLlamaLm, inverse_frequencies,
-    long_rope_tables, rope_tables,
+    long_rope_tables, rope_tables, scaled_rope_tables,
 };
 use crate::error::{Error, Result, read_json};
 use crate::model::LoadedModel;
@@ -118,7 +118,7 @@ pub(super) fn load(
         .get("rope_scaling")
         .filter(|v| !v.is_null())
         .or(rope_parameters);
-    let (mut linear, mut long_rope) = (None, None);
+    let (mut linear, mut long_rope, mut yarn) = (None, None, None);
     if let Some(s) = scaling {
         let kind = s.get("rope_type").or_else(|| s.get("type"));
         match kind.and_then(|k| k.as_str()).unwrap_or("default") {
@@ -141,10 +141,14 @@ pub(super) fn load(
                 cfg_json["rope_scaling"] = serde_json::Value::Null;
                 long_rope = Some(s);
             }
+            "yarn" => {
+                cfg_json["rope_scaling"] = serde_json::Value::Null;
+                yarn = Some(yarn_of(&raw, s, &dir.join("config.json"))?);
+            }
             other => {
                 return Err(Error::Model(format!(
-                    "llama with {other:?} rotary scaling is not supported (llama3's, linear \
-                     and longrope are)"
+                    "llama with {other:?} rotary scaling is not supported (llama3's, linear, \
+                     yarn and longrope are)"
                 )));
             }
         }
@@ -254,11 +258,19 @@ pub(super) fn load(
     if let Some(f) = linear {
         inv.iter_mut().for_each(|x| *x /= f);
     }
+    let rope_attention = match yarn {
+        Some((y, attention)) => {
+            let divisors = y.divisors(rope_dim, config.rope_theta);
+            inv.iter_mut().zip(divisors).for_each(|(x, d)| *x /= d);
+            attention
+        }
+        None => 1.0,
+    };
     let model = weights(
         vb,
         &config,
         (family, scales, &rotates, gemma),
-        (head_dim, rope_dim, &inv, long_rope.as_ref()),
+        (head_dim, rope_dim, &inv, long_rope.as_ref(), rope_attention),
         dtype,
         device,
     )
@@ -498,6 +510,82 @@ fn long_rope_of(
     )
 }
 
+/// The YaRN of a config.json (`config` names it) whose rotary scaling `s` is "yarn", as
+/// transformers' `_compute_yarn_parameters` reads it, and its `attention_factor`: `factor`
+/// (else `max_position_embeddings / original`), the original context (the top level's
+/// `original_max_position_embeddings`, else `s`'s, else `max_position_embeddings`),
+/// `beta_fast` and `beta_slow` (32 and 1 where absent), `truncate` (true), and the
+/// `attention_factor` given, else `yarn_mscale(factor, mscale) / yarn_mscale(factor,
+/// mscale_all_dim)` where both are given, else `yarn_mscale(factor, 1)`.
+fn yarn_of(raw: &serde_json::Value, s: &serde_json::Value, config: &Path) -> Result<(Yarn, f32)> {
+    let number = |v: Option<&serde_json::Value>| -> Result<Option<f64>> {
+        match v.filter(|v| !v.is_null()) {
+            None => Ok(None),
+            Some(x) => x
+                .as_f64()
+                .filter(|x| x.is_finite())
+                .map(Some)
+                .ok_or_else(|| {
+                    Error::Model(format!("{}: YaRN's {x} must be a number", config.display()))
+                }),
+        }
+    };
+    let longest = number(raw.get("max_position_embeddings"))?;
+    let original = match number(raw.get("original_max_position_embeddings"))? {
+        Some(o) => Some(o),
+        None => number(s.get("original_max_position_embeddings"))?.or(longest),
+    };
+    let original = original.unwrap_or(0.0);
+    let factor = match number(s.get("factor"))? {
+        Some(f) => f,
+        None => longest.unwrap_or(0.0) / original,
+    };
+    if !(factor >= 1.0 && factor.is_finite() && original >= 1.0) {
+        return Err(Error::Model(format!(
+            "{}: YaRN needs a factor of at least 1 and a positive \
+             original_max_position_embeddings, it has {factor} and {original}",
+            config.display()
+        )));
+    }
+    // transformers' `or`: 0 or null takes the default.
+    let beta = |key: &str, default: f64| -> Result<f64> {
+        Ok(number(s.get(key))?.filter(|&b| b != 0.0).unwrap_or(default))
+    };
+    let y = Yarn {
+        factor: factor as f32,
+        original: original as usize,
+        beta_fast: beta("beta_fast", 32.0)? as f32,
+        beta_slow: beta("beta_slow", 1.0)? as f32,
+        ext: 1.0,
+        truncate: s.get("truncate").and_then(|t| t.as_bool()).unwrap_or(true),
+    };
+    if !(y.beta_fast > y.beta_slow && y.beta_slow > 0.0) {
+        return Err(Error::Model(format!(
+            "{}: YaRN needs beta_fast above beta_slow above 0, it has {} and {}",
+            config.display(),
+            y.beta_fast,
+            y.beta_slow
+        )));
+    }
+    let f = y.factor;
+    let attention = match number(s.get("attention_factor"))? {
+        Some(a) if a > 0.0 => a as f32,
+        Some(a) => {
+            return Err(Error::Model(format!(
+                "{}: rope_scaling.attention_factor must be positive, it is {a}",
+                config.display()
+            )));
+        }
+        None => match (number(s.get("mscale"))?, number(s.get("mscale_all_dim"))?) {
+            (Some(m), Some(all)) if m != 0.0 && all != 0.0 => {
+                yarn_mscale(f, m as f32) / yarn_mscale(f, all as f32)
+            }
+            _ => yarn_mscale(f, 1.0),
+        },
+    };
+    Ok((y, attention))
+}
+
 /// The rotary embedding's inverse frequencies, with llama3's scaling where the config has it
 /// (as candle-transformers' and transformers' llama compute them).
 fn inv_freq(cfg: &Config, head_dim: usize) -> Vec<f32> {
@@ -527,12 +615,19 @@ fn inv_freq(cfg: &Config, head_dim: usize) -> Vec<f32> {
 }
 
 /// The model's weights (transformers' `LlamaForCausalLM` names) in `dtype` on `device`, its
-/// heads `head_dim` wide, their first `rope_dim` dimensions turned by the frequencies `inv`.
+/// heads `head_dim` wide, their first `rope_dim` dimensions turned by the frequencies `inv`
+/// (every `cos` and `sin` times `rope_attention`, YaRN's magnitude scale).
 fn weights(
     vb: VarBuilder,
     cfg: &Config,
     (family, scales, rotates, gemma): (Arch, Scales, &[bool], Gemma),
-    (head_dim, rope_dim, inv, long_rope): (usize, usize, &[f32], Option<&LongRope>),
+    (head_dim, rope_dim, inv, long_rope, rope_attention): (
+        usize,
+        usize,
+        &[f32],
+        Option<&LongRope>,
+        f32,
+    ),
     dtype: DType,
     device: &Device,
 ) -> candle_core::Result<TensorLlama> {
@@ -654,7 +749,7 @@ fn weights(
     let positions = cfg.max_position_embeddings;
     let (cos, sin) = match long_rope {
         Some(l) => long_rope_tables(inv, l, positions, dtype, device)?,
-        None => rope_tables(inv, positions, dtype, device)?,
+        None => scaled_rope_tables(inv, rope_attention, positions, dtype, device)?,
     };
     let local_rope = match gemma.local_base {
         Some(base) => Some(rope_tables(

@@ -436,9 +436,11 @@ pub(super) struct Weights {
     gelu: bool,
     /// The rotary frequencies, `rope.dimension_count / 2` of them (the dimensions a head turns:
     /// all of them but in Phi-4-mini), and the divisor of each one's angles
-    /// where the file declares a scaling ([`rope_divisors`]).
+    /// where the file declares a scaling ([`rotary_scaling`]).
     theta: Vec<f32>,
     divisors: Option<Vec<f32>>,
+    /// What every scaled `cos` and `sin` is multiplied by ([`RotaryScaling::attention`]).
+    rope_attention: f32,
     /// The windowed layers' own frequencies, unscaled (Gemma 3's [`Gemma::local_base`]).
     local_theta: Option<Vec<f32>>,
     /// Phi-3's long-context rotary, in place of `divisors`.
@@ -706,20 +708,87 @@ pub(super) fn head_dim(
     }
 }
 
-/// The rotary scaling a llama GGUF declares, as one divisor per rotary frequency that each
-/// angle is divided by (`None`: none declared), as llama.cpp reads it:
+/// A rotary scaling: one divisor per rotary frequency that each angle is divided by (`None`:
+/// none), and a factor every `cos` and `sin` is multiplied by (YaRN's; 1 for the others).
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct RotaryScaling {
+    pub divisors: Option<Vec<f32>>,
+    pub attention: f32,
+}
+
+/// YaRN's rotary scaling (transformers' `rope_type` "yarn", a GGUF's `rope.scaling.type`
+/// "yarn": Qwen2.5's and Qwen3's long-context configurations, SmolLM3's): the frequencies
+/// turning fewer than `beta_slow` times over the `original` context are divided by `factor`
+/// (interpolated), those turning more than `beta_fast` times are kept (extrapolated), and
+/// those between are mixed along a linear ramp over their dimensions, as transformers'
+/// `_compute_yarn_parameters` and llama.cpp's `rope_yarn` compute them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct Yarn {
+    pub factor: f32,
+    pub original: usize,
+    pub beta_fast: f32,
+    pub beta_slow: f32,
+    /// llama.cpp's `yarn_ext_factor`, the share of the ramp applied (1, as the paper has it).
+    pub ext: f32,
+    /// transformers' `truncate`: the ramp's ends rounded out to whole dimensions (llama.cpp
+    /// always rounds them).
+    pub truncate: bool,
+}
+
+impl Yarn {
+    /// The divisor of each of the `rope_dim / 2` frequencies of base `base`: `1 / ((1 − e) /
+    /// factor + e)` for `e` the frequency's extrapolated share.
+    pub(super) fn divisors(&self, rope_dim: usize, base: f32) -> Vec<f32> {
+        use std::f32::consts::PI;
+        let dim = |turns: f32| {
+            rope_dim as f32 * (self.original as f32 / (turns * 2.0 * PI)).ln() / (2.0 * base.ln())
+        };
+        let (mut low, mut high) = (dim(self.beta_fast), dim(self.beta_slow));
+        if self.truncate {
+            (low, high) = (low.floor(), high.ceil());
+        }
+        let (low, high) = (low.max(0.0), high.min(rope_dim as f32 - 1.0));
+        (0..rope_dim / 2)
+            .map(|i| {
+                let ramp = ((i as f32 - low) / (high - low).max(0.001)).clamp(0.0, 1.0);
+                let e = (1.0 - ramp) * self.ext;
+                1.0 / ((1.0 - e) / self.factor + e)
+            })
+            .collect()
+    }
+}
+
+/// The YaRN paper's magnitude scale `0.1 · m · ln s + 1` (1 for `s ≤ 1`): transformers'
+/// `yarn_get_mscale`, llama.cpp's `get_mscale`.
+pub(super) fn yarn_mscale(s: f32, m: f32) -> f32 {
+    match s <= 1.0 {
+        true => 1.0,
+        false => 0.1 * m * s.ln() + 1.0,
+    }
+}
+
+/// The rotary scaling a llama GGUF declares ([`RotaryScaling`]), as llama.cpp reads it, for
+/// heads that turn `rope_dim` dimensions at rotary base `base`:
 /// - Llama 3.1 and later: `rope_freqs.weight`, the divisors llama.cpp's converter computes
 ///   from the model's llama3 `rope_scaling`;
 /// - linear scaling (`llama.rope.scaling.type` "linear", or none given, with
 ///   `llama.rope.scaling.factor` or the older `llama.rope.scale_linear`): every angle divided
 ///   by the factor, on top of those;
-/// - YaRN is refused by name, not run unscaled; LongRoPE is [`LongRope`], not this.
-pub(super) fn rope_divisors<R: std::io::Seek + std::io::Read>(
+/// - YaRN ("yarn", [`Yarn`]): `rope.scaling.factor`, `rope.scaling.original_context_length`
+///   (the model's context where absent), `rope.scaling.yarn_beta_fast` / `yarn_beta_slow` /
+///   `yarn_ext_factor` (32, 1 and 1 where absent), and every `cos` and `sin` times
+///   `yarn_mscale(factor, 1)` (divided by `yarn_mscale(factor, yarn_log_multiplier)` where the
+///   file has one, llama.cpp's reading of DeepSeek's `mscale_all_dim`) and
+///   `rope.scaling.attn_factor`, as llama.cpp multiplies them;
+/// - LongRoPE is [`LongRope`], not this; any other kind is refused by name.
+pub(super) fn rotary_scaling<R: std::io::Seek + std::io::Read>(
     ct: &gguf_file::Content,
     arch: Arch,
     reader: &mut R,
-    frequencies: usize,
-) -> Result<Option<Vec<f32>>> {
+    rope_dim: usize,
+    base: f32,
+) -> Result<RotaryScaling> {
+    let frequencies = rope_dim / 2;
     let kind_key = arch.key("rope.scaling.type");
     let kind = ct
         .metadata
@@ -730,17 +799,58 @@ pub(super) fn rope_divisors<R: std::io::Seek + std::io::Read>(
         .iter()
         .find_map(|k| ct.metadata.get(&arch.key(k)).and_then(|v| v.to_f32().ok()));
     let long_rope = ct.tensor_infos.contains_key("rope_factors_long.weight");
-    let linear = match (kind, factor) {
-        ("" | "linear", Some(f)) if f > 0.0 && f.is_finite() => Some(f),
-        ("" | "linear" | "none", _) => None,
-        ("longrope", _) if long_rope => None,
+    let number = |name: &str| -> Result<Option<f32>> {
+        match ct.metadata.get(&arch.key(name)) {
+            None => Ok(None),
+            Some(v) => match v.to_f32() {
+                Ok(x) if x.is_finite() => Ok(Some(x)),
+                _ => Err(Error::Model(format!(
+                    "GGUF {} must be a number, it is {v:?}",
+                    arch.key(name)
+                ))),
+            },
+        }
+    };
+    let (mut linear, mut yarn) = (None, None);
+    match (kind, factor) {
+        ("" | "linear", Some(f)) if f > 0.0 && f.is_finite() => linear = Some(f),
+        ("" | "linear" | "none", _) => {}
+        ("longrope", _) if long_rope => {}
+        ("yarn", Some(f)) if f >= 1.0 && f.is_finite() => {
+            let original = match md_u32(ct, &arch.key("rope.scaling.original_context_length")) {
+                Ok(o) => o,
+                Err(_) => md_u32(ct, &arch.key("context_length"))?,
+            };
+            let y = Yarn {
+                factor: f,
+                original,
+                beta_fast: number("rope.scaling.yarn_beta_fast")?.unwrap_or(32.0),
+                beta_slow: number("rope.scaling.yarn_beta_slow")?.unwrap_or(1.0),
+                ext: number("rope.scaling.yarn_ext_factor")?.unwrap_or(1.0),
+                truncate: true,
+            };
+            if original == 0 || !(y.beta_fast > y.beta_slow && y.beta_slow > 0.0) {
+                return Err(Error::Model(format!(
+                    "GGUF YaRN needs a positive original context and yarn_beta_fast above \
+                     yarn_beta_slow above 0, it has {original}, {} and {}",
+                    y.beta_fast, y.beta_slow
+                )));
+            }
+            yarn = Some(y);
+        }
+        ("yarn", _) => {
+            return Err(Error::Model(format!(
+                "GGUF YaRN needs {} of at least 1",
+                arch.key("rope.scaling.factor")
+            )));
+        }
         (other, _) => {
             return Err(Error::Model(format!(
                 "GGUF rotary scaling {other:?} ({kind_key}) is not supported; linear \
-                 scaling, Llama 3's rope_freqs and LongRoPE's rope_factors are"
+                 scaling, YaRN, Llama 3's rope_freqs and LongRoPE's rope_factors are"
             )));
         }
-    };
+    }
     if long_rope && (linear.is_some() || ct.tensor_infos.contains_key("rope_freqs.weight")) {
         return Err(Error::Model(
             "GGUF with LongRoPE's rope_factors and another rotary scaling is not supported".into(),
@@ -768,7 +878,21 @@ pub(super) fn rope_divisors<R: std::io::Seek + std::io::Read>(
         let d = divisors.get_or_insert_with(|| vec![1.0; frequencies]);
         d.iter_mut().for_each(|x| *x *= l);
     }
-    Ok(divisors)
+    let mut attention = 1.0;
+    if let Some(y) = yarn {
+        let d = divisors.get_or_insert_with(|| vec![1.0; frequencies]);
+        d.iter_mut()
+            .zip(y.divisors(rope_dim, base))
+            .for_each(|(x, y)| *x *= y);
+        attention = match number("rope.scaling.yarn_log_multiplier")?.unwrap_or(0.0) {
+            0.0 => yarn_mscale(y.factor, 1.0),
+            m => yarn_mscale(y.factor, 1.0) / yarn_mscale(y.factor, m),
+        } * number("rope.scaling.attn_factor")?.unwrap_or(1.0);
+    }
+    Ok(RotaryScaling {
+        divisors,
+        attention,
+    })
 }
 
 /// The rotary `cos` and `sin` of position `pos`, one per frequency of `theta`, as
@@ -961,7 +1085,10 @@ impl Weights {
                 .collect()
         };
         let theta = frequencies(freq_base);
-        let divisors = rope_divisors(ct, arch, reader, theta.len())?;
+        let RotaryScaling {
+            divisors,
+            attention: rope_attention,
+        } = rotary_scaling(ct, arch, reader, rope_dim, freq_base)?;
         let long_rope = LongRope::of(ct, arch, reader, theta.len())?;
 
         let tensor =
@@ -1107,6 +1234,7 @@ impl Weights {
             gelu: gemma.gelu,
             theta,
             divisors,
+            rope_attention,
             local_theta,
             long_rope,
             max_positions,
@@ -1260,7 +1388,14 @@ impl Weights {
                             .chain(s.iter_mut())
                             .for_each(|v| *v *= l.attention);
                     }
-                    _ => rotary(theta, self.divisors.as_deref().filter(|_| scaled), p, c, s),
+                    _ => {
+                        rotary(theta, self.divisors.as_deref().filter(|_| scaled), p, c, s);
+                        if scaled && self.rope_attention != 1.0 {
+                            c.iter_mut()
+                                .chain(s.iter_mut())
+                                .for_each(|v| *v *= self.rope_attention);
+                        }
+                    }
                 }
             }
             (cos, sin)

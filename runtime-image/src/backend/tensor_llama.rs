@@ -152,6 +152,23 @@ pub(super) fn rope_tables(
     Ok((theta.cos()?.to_dtype(dtype)?, theta.sin()?.to_dtype(dtype)?))
 }
 
+/// [`rope_tables`] with every `cos` and `sin` multiplied by `attention` (YaRN's magnitude
+/// scale; the plain tables where it is 1).
+pub(super) fn scaled_rope_tables(
+    inv_freq: &[f32],
+    attention: f32,
+    positions: usize,
+    dtype: DType,
+    device: &Device,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    if attention == 1.0 {
+        return rope_tables(inv_freq, positions, dtype, device);
+    }
+    let (cos, sin) = rope_tables(inv_freq, positions, DType::F32, device)?;
+    let scale = |t: Tensor| (t * attention as f64)?.to_dtype(dtype);
+    Ok((scale(cos)?, scale(sin)?))
+}
+
 /// The rotary `cos` and `sin` tables of a LongRoPE ([`super::qllama::LongRope`]) for positions
 /// `0..positions`: those below its original context turned by the frequencies `inv` divided by
 /// its short factors, the others by its long ones, every value times its attention factor.
