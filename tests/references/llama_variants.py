@@ -15,9 +15,11 @@
 # position 0's angles being 0 whatever the factors), as a Phi-3 GGUF whose rotary turns only
 # the first three quarters of each head (Phi-4-mini's partial rotary: PARTIAL below;
 # "phi3_partial", and "phi3_partial_longrope" with "phi3_longrope"'s LongRoPE, one factor per
-# turned pair), as a llama GGUF with YaRN's rotary scaling ("llama_yarn": YARN below), the way
+# turned pair), as a llama GGUF with YaRN's rotary scaling ("llama_yarn": YARN below), as a
+# Mistral 3 GGUF (YaRN and Llama 4's attention temperature: MISTRAL3 below), the way
 # llama.cpp's converter writes those architectures (q and k rows as trained for llama.cpp's
-# NEOX rotary, permuted for llama's, Granite's and SmolLM3's, which turn pairs; f32). The biases and
+# NEOX rotary, permuted for llama's, Granite's, SmolLM3's and Mistral 3's, which turn pairs;
+# f32). The biases and
 # norm weights are made by the formulas below, which the Rust test repeats exactly (small
 # binary fractions, the same f32 in both languages). For each of the fixture's cases, the
 # logits after its prompt and llama.cpp's greedy continuation are written out.
@@ -34,7 +36,7 @@ from safetensors.numpy import load_file
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', '..', 'shared', 'fixtures', 'tiny', 'llama')
 GREEDY = 8
 ARCHS = ['qwen2', 'qwen3', 'phi3', 'granite', 'smollm3', 'gemma2', 'gemma3', 'phi3_longrope',
-         'phi3_longrope_long', 'phi3_partial', 'phi3_partial_longrope', 'llama_yarn']
+         'phi3_longrope_long', 'phi3_partial', 'phi3_partial_longrope', 'llama_yarn', 'mistral3']
 # Granite's embedding, residual, attention and logit scales (the Rust test's too).
 GRANITE = (2.0, 0.5, 0.125, 4.0)
 # Gemma 2's attention and logit caps and its sliding window, small enough to bite on the tiny
@@ -52,6 +54,10 @@ PARTIAL = 0.75
 # YaRN's factor and original context (the Rust test's too): the ramp between interpolated and
 # extrapolated frequencies falls inside the tiny llama's eight (dimensions 2 to 6).
 YARN = (4.0, 2048)
+# Mistral 3's YaRN factor and original context, which is also its attention temperature's
+# floor, and the temperature's scale (the Rust test's too): the queries' factor changes every
+# 8 positions.
+MISTRAL3 = (4.0, 8, 0.5)
 
 
 def permute(w, heads):
@@ -113,10 +119,13 @@ def write(key, path):
         w.add_rope_scaling_attn_factors(LONGROPE[2])
         w.add_tensor('rope_factors_short.weight', rope_factors(rot // 2, False))
         w.add_tensor('rope_factors_long.weight', rope_factors(rot // 2, True))
-    if key == 'llama_yarn':
+    if key in ('llama_yarn', 'mistral3'):
+        factor, original = (YARN if key == 'llama_yarn' else MISTRAL3)[:2]
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-        w.add_rope_scaling_factor(YARN[0])
-        w.add_rope_scaling_orig_ctx_len(YARN[1])
+        w.add_rope_scaling_factor(factor)
+        w.add_rope_scaling_orig_ctx_len(original)
+    if key == 'mistral3':
+        w.add_key_value(gguf.Keys.Attention.TEMPERATURE_SCALE.format(arch=arch), MISTRAL3[2], gguf.GGUFValueType.FLOAT32)
     if arch == 'gemma3':
         w.add_sliding_window(GEMMA3[0])
         w.add_sliding_window_pattern(GEMMA3[1])
@@ -159,7 +168,7 @@ def write(key, path):
                          ('ffn_down', 'mlp.down_proj'), ('attn_norm', 'input_layernorm'),
                          ('ffn_norm', 'post_attention_layernorm')]:
             t = st[p + hf + '.weight']
-            if arch in ('llama', 'granite', 'smollm3') and name in ('attn_q', 'attn_k'):
+            if arch in ('llama', 'granite', 'smollm3', 'mistral3') and name in ('attn_q', 'attn_k'):
                 t = permute(t, heads if name == 'attn_q' else kv)
             w.add_tensor(f'blk.{i}.{name}.weight', t)
         if arch == 'qwen2':

@@ -649,7 +649,7 @@ fn gguf_as(
     .unwrap();
     // llama.cpp's `permute`: each head's rows from halves (transformers) to pairs.
     let permute = |w: &candle_core::Tensor, h: usize| {
-        if !matches!(arch, "llama" | "granite" | "smollm3") {
+        if !matches!(arch, "llama" | "granite" | "smollm3" | "mistral3") {
             return w.clone();
         }
         let (rows, cols) = w.dims2().unwrap();
@@ -1553,6 +1553,44 @@ fn yarn_scales_the_rotary_as_llama_cpp_does() {
     let backwards = yarn_config(serde_json::json!({"beta_fast": 1.0, "beta_slow": 2.0}));
     let err = load_error(backwards.path());
     assert!(err.contains("beta_fast above beta_slow"), "{err}");
+}
+
+/// Mistral 3 (`mistral3`: Ministral 3's language model as a GGUF) is a llama with YaRN whose
+/// queries are multiplied by Llama 4's attention temperature, `1 + scale · ln(⌊p / original⌋ +
+/// 1)` at position `p`. The tiny llama as a Mistral 3 GGUF with YaRN over an original context of
+/// 8 and a temperature scale of 0.5 (`MISTRAL3` in `tests/references/llama_variants.py`: the
+/// factor changes every 8 positions of the fixture's prompts), on kandle's kernels and on the
+/// tensor path, gives llama.cpp's logits and greedy tokens on that file; without the
+/// temperature it is far from them.
+#[test]
+fn mistral3_s_attention_temperature_warms_the_queries_as_llama_cpp_does() {
+    use candle_core::quantized::gguf_file::Value as V;
+    let fixture = fixtures_dir().join("tiny/llama");
+    let meta = |scale: f32| {
+        [
+            ("mistral3.rope.scaling.type", V::String("yarn".into())),
+            ("mistral3.rope.scaling.factor", V::F32(4.0)),
+            ("mistral3.rope.scaling.original_context_length", V::U32(8)),
+            ("mistral3.attention.temperature_scale", V::F32(scale)),
+        ]
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = gguf_as("mistral3", &fixture, dir.path(), &[], &meta(0.5));
+    let want = llama_variants_reference()["mistral3"]
+        .as_array()
+        .unwrap()
+        .clone();
+    for (what, g) in gguf_paths(&gguf) {
+        gives_the_reference_logits_and_tokens(&g, &want, &format!("mistral3, {what}"));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cold = generation(&gguf_as("mistral3", &fixture, dir.path(), &[], &meta(0.0)));
+    // (the first case's 8 positions lie below the floor: its factors are all 1)
+    let last = want.last().unwrap();
+    let mut seq = cold.lm.new_sequence().unwrap();
+    let logits = seq.feed(&ids(&last["input_ids"])).unwrap();
+    let d = max_abs_diff(&logits, &floats(&last["last_logits"]));
+    assert!(d > 0.05, "mistral3 without its temperature: only {d} from llama.cpp's");
 }
 
 /// Granite (IBM's Granite 3 dense models) is a llama with four scalars: the embeddings

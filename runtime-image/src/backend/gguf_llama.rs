@@ -427,6 +427,7 @@ fn tensor_weights<R: std::io::Read + std::io::Seek>(
         sin,
         local_rope,
         scales: qllama::Scales::of(ct, arch)?,
+        temperature: qllama::Temperature::of(ct, arch)?,
         attention_cap: gemma.attention_cap,
         logit_cap: gemma.logit_cap,
         gelu: gemma.gelu,

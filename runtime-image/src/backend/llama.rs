@@ -776,6 +776,7 @@ fn weights(
         local_rope,
         rope: Rope::Halves,
         scales,
+        temperature: None,
         attention_cap: gemma.attention_cap,
         logit_cap: gemma.logit_cap,
         gelu: gemma.gelu,

@@ -56,7 +56,9 @@ pub(crate) use kernels::exp_shifted;
 ///   a sliding window on every other layer; its rotary turns halves;
 /// - Gemma 3's: Gemma 2's without the caps, with Qwen3's norms of the query and key heads, a
 ///   window on five layers of six, and a rotary of its own on the windowed layers
-///   ([`Gemma::local_base`]).
+///   ([`Gemma::local_base`]);
+/// - Mistral 3's (`mistral3`: Ministral 3's language model): a llama whose queries are
+///   multiplied by a factor that grows with the position ([`Temperature`]), usually with YaRN.
 ///
 /// Qwen2 covers Qwen2, Qwen2.5 (and -Coder, -Math), DeepSeek-R1's Qwen distillations and
 /// QwQ; Qwen3 its dense models; Phi-3 Phi-3 mini and medium, Phi-3.5 mini and Phi-4 (the
@@ -75,6 +77,49 @@ pub(super) enum Arch {
     SmolLm3,
     Gemma2,
     Gemma3,
+    Mistral3,
+}
+
+/// Llama 4's attention temperature, which Mistral 3 takes: each query at position `p` is
+/// multiplied by `1 + scale · ln(⌊p / floor⌋ + 1)`, 1 within the first `floor` positions
+/// (a GGUF's `mistral3.attention.temperature_scale`, and as `floor` the YaRN original context,
+/// `rope.scaling.original_context_length`, else the model's context, as llama.cpp reads them;
+/// transformers' `llama_4_scaling_beta` over `original_max_position_embeddings`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct Temperature {
+    pub scale: f32,
+    pub floor: usize,
+}
+
+impl Temperature {
+    /// The temperature a GGUF of `arch` declares: Mistral 3's where its scale is given and
+    /// not 0 (llama.cpp reads it for no other architecture kandle runs).
+    pub(super) fn of(ct: &gguf_file::Content, arch: Arch) -> Result<Option<Temperature>> {
+        let key = arch.key("attention.temperature_scale");
+        let scale = match (arch, ct.metadata.get(&key)) {
+            (Arch::Mistral3, Some(v)) => v.to_f32()?,
+            _ => return Ok(None),
+        };
+        if scale == 0.0 {
+            return Ok(None);
+        }
+        let floor = match md_u32(ct, &arch.key("rope.scaling.original_context_length")) {
+            Ok(o) => o,
+            Err(_) => md_u32(ct, &arch.key("context_length"))?,
+        };
+        if !scale.is_finite() || floor == 0 {
+            return Err(Error::Model(format!(
+                "GGUF {key} needs a finite scale and a positive original context, it has \
+                 {scale} and {floor}"
+            )));
+        }
+        Ok(Some(Temperature { scale, floor }))
+    }
+
+    /// What the query at position `p` is multiplied by.
+    pub(super) fn at(&self, p: usize) -> f32 {
+        1.0 + self.scale * ((p / self.floor) as f32 + 1.0).ln()
+    }
 }
 
 /// What Gemma 2 and 3 compute beyond a llama's layers, as llama.cpp reads it from a GGUF
@@ -334,7 +379,7 @@ impl Arch {
         Arch::named(name).ok_or_else(|| {
             Error::Model(format!(
                 "GGUF architecture {name:?} is not supported (llama, qwen2, qwen3, phi3, \
-                 granite, smollm3, gemma2 and gemma3 are)"
+                 granite, smollm3, gemma2, gemma3 and mistral3 are)"
             ))
         })
     }
@@ -353,6 +398,8 @@ impl Arch {
             "gemma2" => Arch::Gemma2,
             // transformers' text-only Gemma 3 (its multimodal one is "gemma3").
             "gemma3" | "gemma3_text" => Arch::Gemma3,
+            // A GGUF's only: transformers' `mistral3` is the multimodal model.
+            "mistral3" => Arch::Mistral3,
             _ => return None,
         })
     }
@@ -368,6 +415,7 @@ impl Arch {
             Arch::SmolLm3 => "smollm3",
             Arch::Gemma2 => "gemma2",
             Arch::Gemma3 => "gemma3",
+            Arch::Mistral3 => "mistral3",
         };
         format!("{prefix}.{name}")
     }
@@ -375,7 +423,10 @@ impl Arch {
     /// Whether the rotary embedding turns dimension `i` with `i + head_dim / 2` (else `2i`
     /// with `2i + 1`).
     pub(super) fn rotates_halves(self) -> bool {
-        !matches!(self, Arch::Llama | Arch::Granite | Arch::SmolLm3)
+        !matches!(
+            self,
+            Arch::Llama | Arch::Granite | Arch::SmolLm3 | Arch::Mistral3
+        )
     }
 
     /// Whether layer `i` (from 0) turns its queries and keys: SmolLM3's every fourth does
@@ -441,6 +492,8 @@ pub(super) struct Weights {
     divisors: Option<Vec<f32>>,
     /// What every scaled `cos` and `sin` is multiplied by ([`RotaryScaling::attention`]).
     rope_attention: f32,
+    /// Mistral 3's query factor by position.
+    temperature: Option<Temperature>,
     /// The windowed layers' own frequencies, unscaled (Gemma 3's [`Gemma::local_base`]).
     local_theta: Option<Vec<f32>>,
     /// Phi-3's long-context rotary, in place of `divisors`.
@@ -1235,6 +1288,7 @@ impl Weights {
             theta,
             divisors,
             rope_attention,
+            temperature: Temperature::of(ct, arch)?,
             local_theta,
             long_rope,
             max_positions,
@@ -1455,6 +1509,10 @@ impl Weights {
                             self.rope(&mut key, rot);
                         }
                         if let Some(f) = q_scale {
+                            qr.iter_mut().for_each(|v| *v *= f);
+                        }
+                        if let Some(temp) = &self.temperature {
+                            let f = temp.at(pos0 + t);
                             qr.iter_mut().for_each(|v| *v *= f);
                         }
                         cache.write(li, pos0 + t, &key, &r[q_dim + kv_dim..]);

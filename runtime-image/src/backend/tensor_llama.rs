@@ -104,6 +104,8 @@ pub(super) struct TensorLlama {
     pub rope: Rope,
     /// Granite's and Gemma 2's scalars ([`super::qllama::Scales::NONE`] for the others).
     pub scales: super::qllama::Scales,
+    /// Mistral 3's query factor by position.
+    pub temperature: Option<super::qllama::Temperature>,
     /// Gemma 2's soft-caps of the attention scores and of the logits, and its GELU.
     pub attention_cap: Option<f32>,
     pub logit_cap: Option<f32>,
@@ -307,6 +309,27 @@ impl TensorLlama {
 
     /// `x` turned by the tables: the first `2 · cos.dim(1)` dimensions of each head, the rest
     /// (Phi-4-mini's last quarter) passing through.
+    /// Queries `q` (`(heads, t, head_dim)` for one sequence's rows at `positions`, or `(b,
+    /// heads, 1, head_dim)` for one row of each of `b` sequences) times [`Self::temperature`]
+    /// at their positions.
+    fn warm(
+        &self,
+        q: Tensor,
+        positions: impl ExactSizeIterator<Item = usize>,
+    ) -> candle_core::Result<Tensor> {
+        let Some(temp) = &self.temperature else {
+            return Ok(q);
+        };
+        let n = positions.len();
+        let f: Vec<f32> = positions.map(|p| temp.at(p)).collect();
+        let shape = match q.rank() {
+            3 => vec![1, n, 1],
+            _ => vec![n, 1, 1, 1],
+        };
+        let f = Tensor::from_vec(f, shape, q.device())?.to_dtype(q.dtype())?;
+        q.broadcast_mul(&f)
+    }
+
     fn rotate(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
         let (width, turned) = (x.dim(D::Minus1)?, 2 * cos.dim(D::Minus1)?);
         if turned < width {
@@ -529,7 +552,7 @@ impl TensorLlama {
             let rot = layer
                 .rotates
                 .then(|| Self::tables(layer, &global, local.as_ref()));
-            let q = split(layer.q.forward(&h)?, heads, qn, rot)?;
+            let q = self.warm(split(layer.q.forward(&h)?, heads, qn, rot)?, past..past + t)?;
             let k = split(layer.k.forward(&h)?, kv_heads, kn, rot)?;
             let v = split(layer.v.forward(&h)?, kv_heads, None, None)?;
             cache.write(l, &k, &v)?;
@@ -581,6 +604,7 @@ impl TensorLlama {
             };
             let q = layer.q.forward(&h)?.reshape((b, heads, 1, head_dim))?;
             let q = turn(self.norm_heads(q, qn)?)?;
+            let q = self.warm(q, caches.iter().map(|c| c.len))?;
             let k = layer.k.forward(&h)?.reshape((b, kv_heads, 1, head_dim))?;
             let k = turn(self.norm_heads(k, kn)?)?;
             let v = layer.v.forward(&h)?.reshape((b, kv_heads, 1, head_dim))?;
@@ -752,6 +776,7 @@ mod tests {
             local_rope: None,
             rope,
             scales: crate::backend::qllama::Scales::NONE,
+            temperature: None,
             attention_cap: None,
             logit_cap: None,
             gelu: false,
