@@ -16,7 +16,9 @@
 # the first three quarters of each head (Phi-4-mini's partial rotary: PARTIAL below;
 # "phi3_partial", and "phi3_partial_longrope" with "phi3_longrope"'s LongRoPE, one factor per
 # turned pair), as a llama GGUF with YaRN's rotary scaling ("llama_yarn": YARN below), as a
-# Mistral 3 GGUF (YaRN and Llama 4's attention temperature: MISTRAL3 below), the way
+# Mistral 3 GGUF (YaRN and Llama 4's attention temperature: MISTRAL3 below), as a Qwen3
+# mixture-of-experts GGUF (Qwen3's layers with four variants of the fixture's MLP as experts,
+# two used per token: MOE below), the way
 # llama.cpp's converter writes those architectures (q and k rows as trained for llama.cpp's
 # NEOX rotary, permuted for llama's, Granite's, SmolLM3's and Mistral 3's, which turn pairs;
 # f32). The biases and
@@ -36,7 +38,8 @@ from safetensors.numpy import load_file
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', '..', 'shared', 'fixtures', 'tiny', 'llama')
 GREEDY = 8
 ARCHS = ['qwen2', 'qwen3', 'phi3', 'granite', 'smollm3', 'gemma2', 'gemma3', 'phi3_longrope',
-         'phi3_longrope_long', 'phi3_partial', 'phi3_partial_longrope', 'llama_yarn', 'mistral3']
+         'phi3_longrope_long', 'phi3_partial', 'phi3_partial_longrope', 'llama_yarn', 'mistral3',
+         'qwen3moe']
 # Granite's embedding, residual, attention and logit scales (the Rust test's too).
 GRANITE = (2.0, 0.5, 0.125, 4.0)
 # Gemma 2's attention and logit caps and its sliding window, small enough to bite on the tiny
@@ -58,6 +61,10 @@ YARN = (4.0, 2048)
 # floor, and the temperature's scale (the Rust test's too): the queries' factor changes every
 # 8 positions.
 MISTRAL3 = (4.0, 8, 0.5)
+# Qwen3's mixture of experts: experts, experts used per token (the Rust test's too). Expert e
+# is the fixture's MLP with its gate times 1 + e/2 and its down product times 2 - e/4; the
+# router's weights are `router` below.
+MOE = (4, 2)
 
 
 def permute(w, heads):
@@ -73,6 +80,12 @@ def bias(n, salt):
 def norm_weight(n, salt):
     """The Rust test's `qwen_norm`: 1 + ((5j + 3 salt) mod 17 − 8) / 64."""
     return np.array([1 + ((5 * j + 3 * salt) % 17 - 8) / 64 for j in range(n)], dtype=np.float32)
+
+
+def router(experts, hidden, layer):
+    """The Rust test's `moe_router`: ((5j + 11e + 7 layer) mod 17 − 8) / 16."""
+    return np.array([[((5 * j + 11 * e + 7 * layer) % 17 - 8) / 16 for j in range(hidden)]
+                     for e in range(experts)], dtype=np.float32)
 
 
 def rope_factors(n, long):
@@ -124,6 +137,10 @@ def write(key, path):
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         w.add_rope_scaling_factor(factor)
         w.add_rope_scaling_orig_ctx_len(original)
+    if arch == 'qwen3moe':
+        w.add_expert_count(MOE[0])
+        w.add_expert_used_count(MOE[1])
+        w.add_expert_feed_forward_length(cfg['intermediate_size'])
     if key == 'mistral3':
         w.add_key_value(gguf.Keys.Attention.TEMPERATURE_SCALE.format(arch=arch), MISTRAL3[2], gguf.GGUFValueType.FLOAT32)
     if arch == 'gemma3':
@@ -168,15 +185,21 @@ def write(key, path):
                          ('ffn_down', 'mlp.down_proj'), ('attn_norm', 'input_layernorm'),
                          ('ffn_norm', 'post_attention_layernorm')]:
             t = st[p + hf + '.weight']
+            if arch == 'qwen3moe' and name.startswith('ffn_') and name != 'ffn_norm':
+                scale = {'ffn_gate': lambda e: 1 + e / 2, 'ffn_up': lambda e: 1, 'ffn_down': lambda e: 2 - e / 4}[name]
+                w.add_tensor(f'blk.{i}.{name}_exps.weight', np.stack([t * np.float32(scale(e)) for e in range(MOE[0])]))
+                continue
             if arch in ('llama', 'granite', 'smollm3', 'mistral3') and name in ('attn_q', 'attn_k'):
                 t = permute(t, heads if name == 'attn_q' else kv)
             w.add_tensor(f'blk.{i}.{name}.weight', t)
         if arch == 'qwen2':
             for j, (name, n) in enumerate([('attn_q', heads * hd), ('attn_k', kv * hd), ('attn_v', kv * hd)]):
                 w.add_tensor(f'blk.{i}.{name}.bias', bias(n, 3 * i + j))
-        elif arch == 'qwen3':
+        elif arch in ('qwen3', 'qwen3moe'):
             w.add_tensor(f'blk.{i}.attn_q_norm.weight', norm_weight(hd, 2 * i))
             w.add_tensor(f'blk.{i}.attn_k_norm.weight', norm_weight(hd, 2 * i + 1))
+        if arch == 'qwen3moe':
+            w.add_tensor(f'blk.{i}.ffn_gate_inp.weight', router(MOE[0], hidden, i))
         if arch in ('gemma2', 'gemma3'):
             w.add_tensor(f'blk.{i}.post_attention_norm.weight', norm_weight(hidden, 2 * i + 10))
             w.add_tensor(f'blk.{i}.post_ffw_norm.weight', norm_weight(hidden, 2 * i + 11))

@@ -705,7 +705,30 @@ fn gguf_as(
             ("attn_norm", w("input_layernorm").clone()),
             ("ffn_norm", w("post_attention_layernorm").clone()),
         ] {
+            // Qwen3's experts: `MOE` variants of the MLP in one 3-D tensor each.
+            let scale: Option<fn(usize) -> f32> = match gguf {
+                "ffn_gate" => Some(|e| 1.0 + e as f32 / 2.0),
+                "ffn_up" => Some(|_| 1.0),
+                "ffn_down" => Some(|e| 2.0 - e as f32 / 4.0),
+                _ => None,
+            };
+            if let (true, Some(scale)) = (arch == "qwen3moe", scale) {
+                let values: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+                let all: Vec<f32> = (0..MOE.0)
+                    .flat_map(|e| values.iter().map(move |v| v * scale(e)))
+                    .collect();
+                let (rows, cols) = t.dims2().unwrap();
+                let dev = &candle_core::Device::Cpu;
+                let t = candle_core::Tensor::from_vec(all, (MOE.0, rows, cols), dev).unwrap();
+                tensors.push((format!("blk.{i}.{gguf}_exps.weight"), f32_tensor(&t)));
+                continue;
+            }
             tensors.push((format!("blk.{i}.{gguf}.weight"), f32_tensor(&t)));
+        }
+        if arch == "qwen3moe" {
+            let dev = &candle_core::Device::Cpu;
+            let r = candle_core::Tensor::from_vec(moe_router(hidden, i), (MOE.0, hidden), dev);
+            tensors.push((format!("blk.{i}.ffn_gate_inp.weight"), f32_tensor(&r.unwrap())));
         }
     }
     for (name, values) in more {
@@ -754,6 +777,11 @@ fn gguf_as(
     // whole head, read by default).
     if arch == "llama" {
         own.push(("rope.dimension_count", u(head_dim)));
+    }
+    if arch == "qwen3moe" {
+        own.push(("expert_count", u(MOE.0)));
+        own.push(("expert_used_count", u(MOE.1)));
+        own.push(("expert_feed_forward_length", u(n("intermediate_size"))));
     }
     if head_dim * heads != hidden {
         own.push(("attention.key_length", u(head_dim)));
@@ -1591,6 +1619,104 @@ fn mistral3_s_attention_temperature_warms_the_queries_as_llama_cpp_does() {
     let logits = seq.feed(&ids(&last["input_ids"])).unwrap();
     let d = max_abs_diff(&logits, &floats(&last["last_logits"]));
     assert!(d > 0.05, "mistral3 without its temperature: only {d} from llama.cpp's");
+}
+
+/// The GGUF at `src` written into `dir` with every matrix but the experts' router in Q8_0.
+fn q8_0_copy(src: &Path, dir: &Path) -> std::path::PathBuf {
+    use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
+    let mut f = std::fs::File::open(src).unwrap();
+    let ct = gguf_file::Content::read(&mut f).unwrap();
+    let dev = &candle_core::Device::Cpu;
+    let tensors: Vec<(String, QTensor)> = (ct.tensor_infos.keys())
+        .map(|name| {
+            let t = ct.tensor(&mut f, name, dev).unwrap();
+            let matrix = t.shape().rank() >= 2 && !name.ends_with("ffn_gate_inp.weight");
+            let t = match matrix {
+                true => QTensor::quantize(&t.dequantize(dev).unwrap(), GgmlDType::Q8_0).unwrap(),
+                false => t,
+            };
+            (name.clone(), t)
+        })
+        .collect();
+    let out = dir.join("q8_0.gguf");
+    let meta: Vec<(&str, &gguf_file::Value)> =
+        ct.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    gguf_file::write(&mut std::fs::File::create(&out).unwrap(), &meta, &tensors).unwrap();
+    out
+}
+
+/// `MOE` of `tests/references/llama_variants.py`: experts, and experts used per token.
+const MOE: (usize, usize) = (4, 2);
+
+/// The router weights of layer `layer` of `tests/references/llama_variants.py`'s Qwen3
+/// mixture of experts: `((5j + 11e + 7 layer) mod 17 − 8) / 16` for expert `e`, input `j`.
+fn moe_router(hidden: usize, layer: usize) -> Vec<f32> {
+    (0..MOE.0)
+        .flat_map(|e| (0..hidden).map(move |j| (((5 * j + 11 * e + 7 * layer) % 17) as f32 - 8.0) / 16.0))
+        .collect()
+}
+
+/// Qwen3's mixture of experts (`qwen3moe`: Qwen3-30B-A3B) is Qwen3's attention with experts in
+/// place of each MLP: each token goes through the two (of its file's `expert_used_count`)
+/// experts its router scores highest, weighted by their softmax probabilities normalised over
+/// the two. The tiny llama as a `qwen3moe` GGUF with four variants of its MLP as experts
+/// (`MOE` in `tests/references/llama_variants.py`) gives llama.cpp's logits and greedy tokens
+/// on kandle's kernels; a batch of the fixture's prompts decodes as each alone, so the
+/// experts' grouping of rows leaves each row its own result; with one expert used per token
+/// it is far off. A shared expert is refused, and so is the file on the tensor path a GPU runs.
+#[test]
+fn qwen3_moe_routes_each_token_through_its_experts_as_llama_cpp_does() {
+    use candle_core::quantized::gguf_file::Value as V;
+    let fixture = fixtures_dir().join("tiny/llama");
+    let cfg = json(&fixture.join("config.json"));
+    let hd = cfg["head_dim"].as_u64().unwrap() as usize;
+    let layers = cfg["num_hidden_layers"].as_u64().unwrap() as usize;
+    let norms: Vec<(String, Vec<f32>)> = (0..layers)
+        .flat_map(|i| {
+            [
+                (format!("blk.{i}.attn_q_norm.weight"), qwen_norm(hd, 2 * i)),
+                (format!("blk.{i}.attn_k_norm.weight"), qwen_norm(hd, 2 * i + 1)),
+            ]
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = gguf_as("qwen3moe", &fixture, dir.path(), &borrowed(&norms), &[]);
+    let want = llama_variants_reference()["qwen3moe"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let g = generation(&gguf);
+    gives_the_reference_logits_and_tokens(&g, &want, "qwen3moe, kandle's kernels");
+    // The prompts' decode steps in one batch (the experts taking the rows that chose them):
+    // each row's bits as alone, on kandle's own kernels (the file's matrices in Q8_0; candle's
+    // f32 product may round a row differently in a larger batch).
+    let prompts: Vec<Vec<u32>> = want.iter().map(|c| ids(&c["input_ids"])).collect();
+    let q8 = generation(&q8_0_copy(&gguf, dir.path()));
+    batched::batched_against_alone(
+        q8.lm.as_ref(),
+        &prompts,
+        6,
+        |i, step| i != 1 || step < 3,
+        |i, step, row, alone| assert_eq!(row, alone, "sequence {i} step {step}"),
+    );
+    // One expert a token is another model.
+    let dir = tempfile::tempdir().unwrap();
+    let one = [("qwen3moe.expert_used_count", V::U32(1))];
+    let one = generation(&gguf_as("qwen3moe", &fixture, dir.path(), &borrowed(&norms), &one));
+    let d = first_case_difference(&one, &want);
+    assert!(d > 0.05, "one expert a token: only {d} from llama.cpp's");
+    // A shared expert (Qwen2-MoE's) is refused, not left out.
+    let mut shared = norms.clone();
+    shared.push(("blk.0.ffn_gate_inp_shexp.weight".to_owned(), vec![0.5; 64]));
+    let dir = tempfile::tempdir().unwrap();
+    let err = load_error(&gguf_as("qwen3moe", &fixture, dir.path(), &borrowed(&shared), &[]));
+    assert!(err.contains("ffn_gate_inp_shexp") && err.contains("not supported"), "{err}");
+    let err = match backend::load_gguf_gpu_path_on_cpu(&gguf) {
+        Ok(_) => panic!("the tensor path took a mixture of experts"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("mixture-of-experts") && err.contains("kernels"), "{err}");
 }
 
 /// Granite (IBM's Granite 3 dense models) is a llama with four scalars: the embeddings

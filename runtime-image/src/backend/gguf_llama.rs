@@ -275,6 +275,13 @@ fn tensor_weights<R: std::io::Read + std::io::Seek>(
     context_length: usize,
 ) -> Result<TensorLlama> {
     let key = |name: &str| arch.key(name);
+    if qllama::expert_count(ct, arch) > 1 {
+        return Err(Error::Model(
+            "a mixture-of-experts GGUF runs on kandle's kernels (the CPU) only; the tensor \
+             path a GPU runs has no experts"
+                .into(),
+        ));
+    }
     let heads = need_u32(ct, &key("attention.head_count"))? as usize;
     let kv_heads = md_u32(ct, &key("attention.head_count_kv")).map_or(heads, |v| v as usize);
     let hidden = need_u32(ct, &key("embedding_length"))? as usize;
@@ -608,8 +615,11 @@ pub(super) fn load_with(path: &Path, forward: Forward, device: &Device) -> Resul
     // Q4_1 weights become Q8_0 with KANDLE_GGUF_REQUANT=q8_0 (off by default, see requant.rs).
     let (ct, mut reader) =
         super::requant::prepare(ct, &mut file, super::requant::Requant::from_env()?)?;
+    // Experts in one 3-D tensor each (`ffn_gate_exps`: every GGUF since 2024) run on kandle's
+    // kernels; older files with a tensor per expert on candle's `quantized_llama`.
+    let packed_experts = (ct.tensor_infos.keys()).any(|n| n.ends_with(".ffn_down_exps.weight"));
     let forward = match forward {
-        _ if qllama::expert_count(&ct, arch) > 1 => Forward::Candle,
+        _ if qllama::expert_count(&ct, arch) > 1 && !packed_experts => Forward::Candle,
         Forward::Best if !device.is_cpu() => Forward::TensorOps,
         f => f,
     };

@@ -24,7 +24,7 @@
 use std::sync::{Arc, OnceLock};
 
 use candle_core::Device;
-use candle_core::quantized::gguf_file;
+use candle_core::quantized::{QStorage, QTensor, gguf_file};
 use half::f16;
 use rayon::prelude::*;
 
@@ -58,14 +58,17 @@ pub(crate) use kernels::exp_shifted;
 ///   window on five layers of six, and a rotary of its own on the windowed layers
 ///   ([`Gemma::local_base`]);
 /// - Mistral 3's (`mistral3`: Ministral 3's language model): a llama whose queries are
-///   multiplied by a factor that grows with the position ([`Temperature`]), usually with YaRN.
+///   multiplied by a factor that grows with the position ([`Temperature`]), usually with YaRN;
+/// - Qwen3's mixture of experts (`qwen3moe`: Qwen3-30B-A3B, Qwen3-235B-A22B): Qwen3's
+///   attention, and [`Experts`] in place of each MLP (a llama file's `ffn_*_exps`, Mixtral's,
+///   take the same path).
 ///
 /// Qwen2 covers Qwen2, Qwen2.5 (and -Coder, -Math), DeepSeek-R1's Qwen distillations and
 /// QwQ; Qwen3 its dense models; Phi-3 Phi-3 mini and medium, Phi-3.5 mini and Phi-4 (the
 /// 128k ones and Phi-3.5 turn by [`LongRope`]); Granite IBM's Granite 3 dense models; SmolLM3
 /// Hugging Face's SmolLM3; Gemma 2 Google's Gemma 2 (2B, 9B, 27B); Gemma 3 its text models
 /// (the 1B, and the language model of the 4B, 12B and 27B, whose images kandle does not read).
-/// Their mixture-of-experts kinds (`qwen2moe`, `qwen3moe`, `phimoe`) are other architectures,
+/// The other mixture-of-experts kinds (`qwen2moe`, with its shared expert, `phimoe`) are
 /// refused by name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Arch {
@@ -78,6 +81,7 @@ pub(super) enum Arch {
     Gemma2,
     Gemma3,
     Mistral3,
+    Qwen3Moe,
 }
 
 /// Llama 4's attention temperature, which Mistral 3 takes: each query at position `p` is
@@ -379,7 +383,7 @@ impl Arch {
         Arch::named(name).ok_or_else(|| {
             Error::Model(format!(
                 "GGUF architecture {name:?} is not supported (llama, qwen2, qwen3, phi3, \
-                 granite, smollm3, gemma2, gemma3 and mistral3 are)"
+                 granite, smollm3, gemma2, gemma3, mistral3 and qwen3moe are)"
             ))
         })
     }
@@ -400,6 +404,8 @@ impl Arch {
             "gemma3" | "gemma3_text" => Arch::Gemma3,
             // A GGUF's only: transformers' `mistral3` is the multimodal model.
             "mistral3" => Arch::Mistral3,
+            // A GGUF's only here: transformers' `qwen3_moe` checkpoints are not read.
+            "qwen3moe" => Arch::Qwen3Moe,
             _ => return None,
         })
     }
@@ -416,6 +422,7 @@ impl Arch {
             Arch::Gemma2 => "gemma2",
             Arch::Gemma3 => "gemma3",
             Arch::Mistral3 => "mistral3",
+            Arch::Qwen3Moe => "qwen3moe",
         };
         format!("{prefix}.{name}")
     }
@@ -448,14 +455,206 @@ struct Layer {
     /// The sliding window this layer attends within (Gemma 2's every other layer).
     window: Option<usize>,
     wo: QMat,
-    /// `ffn_gate` and `ffn_up` side by side.
-    gate_up: QMat,
-    down: QMat,
+    mlp: Mlp,
     attn_norm: Vec<f32>,
     ffn_norm: Vec<f32>,
     /// The weights of the RMS norms of the attention's and the MLP's outputs (Gemma 2's
     /// `post_attention_norm` and `post_ffw_norm`).
     post_norms: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+/// A layer's feed-forward part: one MLP, or a mixture of experts.
+enum Mlp {
+    /// `ffn_gate` and `ffn_up` side by side, and `ffn_down`.
+    Dense {
+        gate_up: QMat,
+        down: QMat,
+    },
+    Experts(Experts),
+}
+
+/// A mixture of experts (Mixtral's, Qwen3's: llama.cpp's `build_moe_ffn` with softmax gating
+/// and the chosen weights normalised): each row goes through the `used` experts the router
+/// (`ffn_gate_inp`) scores highest, and their outputs are summed, each weighted by its softmax
+/// probability over the chosen ones' sum (times `scale`, `expert_weights_scale`, where a file
+/// declares one). The experts are a GGUF's 3-D `ffn_{gate,up,down}_exps`, each packed as a
+/// matrix of its own.
+struct Experts {
+    /// The router's weights, `(experts, hidden)`, in f32: its scores are computed here, in
+    /// a fixed order, so that a row's experts never depend on the rows beside it (candle's
+    /// f32 product may round a row differently in a larger batch).
+    router: Vec<f32>,
+    /// Each expert's gate and up side by side, and its down product.
+    experts: Vec<(QMat, QMat)>,
+    used: usize,
+    scale: f32,
+}
+
+impl Experts {
+    /// The experts of layer `p` (`blk.N`) of a GGUF, `None` where it has none.
+    fn of<R: std::io::Seek + std::io::Read>(
+        ct: &gguf_file::Content,
+        arch: Arch,
+        reader: &mut R,
+        p: &str,
+    ) -> Result<Option<Experts>> {
+        if !ct
+            .tensor_infos
+            .contains_key(&format!("{p}.ffn_gate_inp.weight"))
+        {
+            return Ok(None);
+        }
+        // Shared experts (Qwen2-MoE's, Granite's) and DeepSeek's routing biases are not
+        // computed here: refused rather than left out.
+        let prefix = format!("{p}.");
+        if let Some(n) = (ct.tensor_infos.keys())
+            .find(|n| n.starts_with(&prefix) && (n.contains("shexp") || n.contains("exp_probs_b")))
+        {
+            return Err(Error::Model(format!(
+                "GGUF mixture of experts with {n} (shared experts or routing biases) is not \
+                 supported"
+            )));
+        }
+        let count = expert_count(ct, arch);
+        let used = md_u32(ct, &arch.key("expert_used_count")).unwrap_or(0);
+        if count < 2 || used == 0 || used > count {
+            return Err(Error::Model(format!(
+                "GGUF {p} is a mixture of {count} experts using {used} at a time \
+                 ({} and {}): it needs at least 2, and from 1 to all of them used",
+                arch.key("expert_count"),
+                arch.key("expert_used_count")
+            )));
+        }
+        let scale = match ct.metadata.get(&arch.key("expert_weights_scale")) {
+            Some(v) => match v.to_f32()? {
+                0.0 => 1.0,
+                s => s,
+            },
+            None => 1.0,
+        };
+        let device = &Device::Cpu;
+        let router = ct.tensor(reader, &format!("{p}.ffn_gate_inp.weight"), device)?;
+        let shape = router.shape().dims2()?;
+        let router: Vec<f32> = router.dequantize(device)?.flatten_all()?.to_vec1()?;
+        let mut split = |part: &str| -> Result<Vec<QTensor>> {
+            let name = format!("{p}.ffn_{part}_exps.weight");
+            let t = ct.tensor(reader, &name, device)?;
+            let (e, n, k) = t.shape().dims3()?;
+            if e != count {
+                return Err(Error::Model(format!(
+                    "GGUF {name} holds {e} experts, not {count}"
+                )));
+            }
+            let dtype = t.dtype();
+            let bytes = n * (k / dtype.block_size()) * dtype.type_size();
+            let data = t.data()?;
+            (0..e)
+                .map(|i| {
+                    let part = std::borrow::Cow::Borrowed(&data[i * bytes..(i + 1) * bytes]);
+                    let storage = QStorage::from_data(part, device, dtype)?;
+                    Ok(QTensor::new(storage, (n, k))?)
+                })
+                .collect()
+        };
+        let (gate, up, down) = (split("gate")?, split("up")?, split("down")?);
+        let experts = (gate.into_iter().zip(up).zip(down))
+            .map(|((g, u), d)| Ok((QMat::from_qtensors(vec![g, u])?, QMat::from_qtensor(d)?)))
+            .collect::<Result<Vec<_>>>()?;
+        if shape.0 != count {
+            return Err(Error::Model(format!(
+                "GGUF {p}.ffn_gate_inp scores {} experts, not {count}",
+                shape.0
+            )));
+        }
+        Ok(Some(Experts {
+            router,
+            experts,
+            used,
+            scale,
+        }))
+    }
+
+    /// The chosen experts of a row of router scores and their weights, highest first (ties:
+    /// the lower expert).
+    fn route(&self, scores: &[f32]) -> Vec<(usize, f32)> {
+        let top = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let probs: Vec<f32> = scores.iter().map(|s| (s - top).exp()).collect();
+        let total: f32 = probs.iter().sum();
+        let mut order: Vec<usize> = (0..scores.len()).collect();
+        order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
+        order.truncate(self.used);
+        let chosen: Vec<f32> = order.iter().map(|&e| probs[e] / total).collect();
+        let sum = chosen.iter().sum::<f32>().max(6.103_515_6e-5);
+        (order.into_iter().zip(chosen))
+            .map(|(e, w)| (e, w / sum * self.scale))
+            .collect()
+    }
+
+    /// The experts' weighted sum for `rows` rows `h`: each expert runs once, on the rows that
+    /// chose it, and each row adds its experts' outputs in the order of the experts, so that a
+    /// row's result does not depend on the other rows.
+    fn forward(
+        &self,
+        h: &[f32],
+        rows: usize,
+        gate: fn(&[f32], &[f32], &mut [f32]),
+    ) -> Result<Vec<f32>> {
+        let hidden = h.len() / rows;
+        let scores: Vec<f32> = h
+            .chunks_exact(hidden)
+            .flat_map(|x| self.router.chunks_exact(hidden).map(|w| dot(x, w)))
+            .collect();
+        let mut chosen: Vec<Vec<(usize, f32)>> = vec![Vec::new(); self.experts.len()];
+        for (r, s) in scores.chunks_exact(self.experts.len()).enumerate() {
+            for (e, w) in self.route(s) {
+                chosen[e].push((r, w));
+            }
+        }
+        let mut out = vec![0f32; rows * hidden];
+        for ((gate_up, down), takers) in self.experts.iter().zip(&chosen) {
+            if takers.is_empty() {
+                continue;
+            }
+            let n = takers.len();
+            let mut x = Vec::with_capacity(n * hidden);
+            for &(r, _) in takers {
+                x.extend_from_slice(&h[r * hidden..(r + 1) * hidden]);
+            }
+            let gu = gate_up.forward(&x, n)?;
+            let ff = gu.len() / n / 2;
+            let mut act = vec![0f32; n * ff];
+            for (a, g) in act.chunks_exact_mut(ff).zip(gu.chunks_exact(2 * ff)) {
+                gate(&g[..ff], &g[ff..], a);
+            }
+            let y = down.forward(&act, n)?;
+            for (&(r, w), y) in takers.iter().zip(y.chunks_exact(hidden)) {
+                let o = &mut out[r * hidden..(r + 1) * hidden];
+                o.iter_mut().zip(y).for_each(|(o, y)| *o += w * y);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// `Σ x·w` in eight lanes added in a fixed order: the same bits for a row wherever it is.
+fn dot(x: &[f32], w: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (xc, wc) = (x.chunks_exact(8), w.chunks_exact(8));
+    let tail: f32 = (xc.remainder().iter().zip(wc.remainder()))
+        .map(|(a, b)| a * b)
+        .sum();
+    for (a, b) in xc.zip(wc) {
+        for i in 0..8 {
+            lanes[i] += a[i] * b[i];
+        }
+    }
+    let pairs = [
+        lanes[0] + lanes[4],
+        lanes[1] + lanes[5],
+        lanes[2] + lanes[6],
+        lanes[3] + lanes[7],
+    ];
+    (pairs[0] + pairs[2]) + (pairs[1] + pairs[3]) + tail
 }
 
 /// The token embeddings: quantised rows dequantised on lookup, or (for a type without our
@@ -1186,9 +1385,11 @@ impl Weights {
                     t("attn_v", reader)?,
                 ],
             };
-            let gate_up = match has("ffn_gate.weight") {
-                true => vec![t("ffn_gate", reader)?, t("ffn_up", reader)?],
-                false => vec![t("ffn_up", reader)?],
+            let experts = Experts::of(ct, arch, reader, &p)?;
+            let gate_up = match (&experts, has("ffn_gate.weight")) {
+                (Some(_), _) => Vec::new(),
+                (None, true) => vec![t("ffn_gate", reader)?, t("ffn_up", reader)?],
+                (None, false) => vec![t("ffn_up", reader)?],
             };
             // Q, K and V biases side by side (Qwen2's), zeros for any the file leaves out.
             let mut qkv_bias: Option<Vec<f32>> = None;
@@ -1248,14 +1449,30 @@ impl Weights {
                 }
             };
             let (qkv, gate_up) = (QMat::from_qtensors(qkv)?, QMat::from_qtensors(gate_up)?);
-            if qkv.n() != q_dim + 2 * kv_dim || gate_up.n() % 2 != 0 {
+            let odd = |m: &QMat| !m.n().is_multiple_of(2);
+            let odd = match &experts {
+                Some(x) => x
+                    .experts
+                    .iter()
+                    .find(|(gu, _)| odd(gu))
+                    .map(|(gu, _)| gu.n()),
+                None => odd(&gate_up).then(|| gate_up.n()),
+            };
+            if qkv.n() != q_dim + 2 * kv_dim || odd.is_some() {
                 return Err(Error::Model(format!(
                     "GGUF {p}: Q, K and V have {} rows (not {}), or gate and up an odd {}",
                     qkv.n(),
                     q_dim + 2 * kv_dim,
-                    gate_up.n()
+                    odd.unwrap_or(0)
                 )));
             }
+            let mlp = match experts {
+                Some(x) => Mlp::Experts(x),
+                None => Mlp::Dense {
+                    gate_up,
+                    down: w("ffn_down", reader)?,
+                },
+            };
             layers.push(Layer {
                 qkv,
                 qkv_bias,
@@ -1263,8 +1480,7 @@ impl Weights {
                 rotates: arch.rotates_layer(i),
                 window: gemma.windows[i],
                 wo: w("attn_output", reader)?,
-                gate_up,
-                down: w("ffn_down", reader)?,
+                mlp,
                 attn_norm: vector(&format!("{p}.attn_norm.weight"), reader)?,
                 ffn_norm: vector(&format!("{p}.ffn_norm.weight"), reader)?,
                 post_norms,
@@ -1570,14 +1786,20 @@ impl Weights {
             let o = self.post_norm(layer.wo.forward(&y, rows)?, post_attention);
             add_scaled(&mut x, &o, residual);
             rms_norm(&x, &layer.ffn_norm, self.eps, &mut h);
-            let gu = layer.gate_up.forward(&h, rows)?;
-            let ff = gu.len() / rows / 2;
-            let mut act = vec![0f32; rows * ff];
             let gate = if self.gelu { gelu_mul } else { silu_mul };
-            for (a, r) in act.chunks_exact_mut(ff).zip(gu.chunks_exact(2 * ff)) {
-                gate(&r[..ff], &r[ff..], a);
-            }
-            let down = self.post_norm(layer.down.forward(&act, rows)?, post_mlp);
+            let down = match &layer.mlp {
+                Mlp::Dense { gate_up, down } => {
+                    let gu = gate_up.forward(&h, rows)?;
+                    let ff = gu.len() / rows / 2;
+                    let mut act = vec![0f32; rows * ff];
+                    for (a, r) in act.chunks_exact_mut(ff).zip(gu.chunks_exact(2 * ff)) {
+                        gate(&r[..ff], &r[ff..], a);
+                    }
+                    down.forward(&act, rows)?
+                }
+                Mlp::Experts(x) => x.forward(&h, rows, gate)?,
+            };
+            let down = self.post_norm(down, post_mlp);
             add_scaled(&mut x, &down, residual);
         }
         let head = match (&self.output, &self.embeddings) {
