@@ -243,7 +243,8 @@ pub(super) fn load(
             d if d > 0 && d % 2 == 0 => d,
             d => {
                 return Err(Error::Model(format!(
-                    "{}: partial_rotary_factor {f} turns {d} of each head's {head_dim}                      dimensions; the rotary needs a positive even number",
+                    "{}: partial_rotary_factor {f} turns {d} of each head's {head_dim} \
+                     dimensions; the rotary needs a positive even number",
                     dir.join("config.json").display()
                 )));
             }

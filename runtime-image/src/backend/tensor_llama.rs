@@ -307,8 +307,6 @@ impl TensorLlama {
         }
     }
 
-    /// `x` turned by the tables: the first `2 · cos.dim(1)` dimensions of each head, the rest
-    /// (Phi-4-mini's last quarter) passing through.
     /// Queries `q` (`(heads, t, head_dim)` for one sequence's rows at `positions`, or `(b,
     /// heads, 1, head_dim)` for one row of each of `b` sequences) times [`Self::temperature`]
     /// at their positions.
@@ -330,6 +328,8 @@ impl TensorLlama {
         q.broadcast_mul(&f)
     }
 
+    /// `x` turned by the tables: the first `2 · cos.dim(1)` dimensions of each head, the rest
+    /// (Phi-4-mini's last quarter) passing through.
     fn rotate(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
         let (width, turned) = (x.dim(D::Minus1)?, 2 * cos.dim(D::Minus1)?);
         if turned < width {
