@@ -62,7 +62,7 @@ YARN = (4.0, 2048)
 # 8 positions.
 MISTRAL3 = (4.0, 8, 0.5)
 # Qwen3's mixture of experts: experts, experts used per token (the Rust test's too). Expert e
-# is the fixture's MLP with its gate times 1 + e/2 and its down product times 2 - e/4; the
+# is the fixture's MLP with its gate times 1 + e/2 and its down product times 4 - e/2; the
 # router's weights are `router` below.
 MOE = (4, 2)
 
@@ -186,7 +186,7 @@ def write(key, path):
                          ('ffn_norm', 'post_attention_layernorm')]:
             t = st[p + hf + '.weight']
             if arch == 'qwen3moe' and name.startswith('ffn_') and name != 'ffn_norm':
-                scale = {'ffn_gate': lambda e: 1 + e / 2, 'ffn_up': lambda e: 1, 'ffn_down': lambda e: 2 - e / 4}[name]
+                scale = {'ffn_gate': lambda e: 1 + e / 2, 'ffn_up': lambda e: 1, 'ffn_down': lambda e: 4 - e / 2}[name]
                 w.add_tensor(f'blk.{i}.{name}_exps.weight', np.stack([t * np.float32(scale(e)) for e in range(MOE[0])]))
                 continue
             if arch in ('llama', 'granite', 'smollm3', 'mistral3') and name in ('attn_q', 'attn_k'):

@@ -18,8 +18,8 @@ use candle_transformers::models::quantized_llama::{MAX_SEQ_LEN, ModelWeights};
 
 use super::qllama::{self, Arch, KvCache, Weights};
 use super::tensor_llama::{
-    Biased, Heads, Layer, PREFILL_CHUNK, Proj, Rope, TensorLlama, TensorLlamaLm,
-    inverse_frequencies, long_rope_tables, rope_tables, scaled_rope_tables,
+    Biased, Experts as TensorExperts, Heads, Layer, Mlp, PREFILL_CHUNK, Proj, Rope, TensorLlama,
+    TensorLlamaLm, inverse_frequencies, long_rope_tables, rope_tables, scaled_rope_tables,
 };
 use super::{CausalLm, Sequence};
 use crate::chat::ChatTemplate;
@@ -275,13 +275,6 @@ fn tensor_weights<R: std::io::Read + std::io::Seek>(
     context_length: usize,
 ) -> Result<TensorLlama> {
     let key = |name: &str| arch.key(name);
-    if qllama::expert_count(ct, arch) > 1 {
-        return Err(Error::Model(
-            "a mixture-of-experts GGUF runs on kandle's kernels (the CPU) only; the tensor \
-             path a GPU runs has no experts"
-                .into(),
-        ));
-    }
     let heads = need_u32(ct, &key("attention.head_count"))? as usize;
     let kv_heads = md_u32(ct, &key("attention.head_count_kv")).map_or(heads, |v| v as usize);
     let hidden = need_u32(ct, &key("embedding_length"))? as usize;
@@ -334,16 +327,18 @@ fn tensor_weights<R: std::io::Read + std::io::Seek>(
                 ct.tensor(reader, &name("attn_v.weight"), device)?,
             ),
         };
-        let (gate, up) = match has(&name("ffn_gate.weight")) {
-            true => (
-                ct.tensor(reader, &name("ffn_gate.weight"), device)?,
-                ct.tensor(reader, &name("ffn_up.weight"), device)?,
+        let experts = qllama::routing(ct, arch, &format!("blk.{i}"))?;
+        let (gate, up) = match (experts.is_some(), has(&name("ffn_gate.weight"))) {
+            (true, _) => (None, None),
+            (false, true) => (
+                Some(ct.tensor(reader, &name("ffn_gate.weight"), device)?),
+                Some(ct.tensor(reader, &name("ffn_up.weight"), device)?),
             ),
-            false => {
+            (false, false) => {
                 let rows = ct.tensor_infos[&name("ffn_up.weight")].shape.dims()[0];
                 let mut p = fused(reader, "ffn_up.weight", &[rows / 2, rows / 2])?;
                 let up = p.pop().unwrap();
-                (p.pop().unwrap(), up)
+                (p.pop(), Some(up))
             }
         };
         let mut q = |part: &str| ct.tensor(reader, &name(part), device);
@@ -387,9 +382,34 @@ fn tensor_weights<R: std::io::Read + std::io::Seek>(
             window: gemma.windows[i],
             o: quant(q("attn_output.weight")?)?,
             mlp_norm: q("ffn_norm.weight")?.dequantize(device)?,
-            gate: quant(gate)?,
-            up: quant(up)?,
-            down: quant(q("ffn_down.weight")?)?,
+            mlp: match (experts, gate, up) {
+                (Some((count, used, scale)), _, _) => {
+                    let p = format!("blk.{i}");
+                    let router = q("ffn_gate_inp.weight")?.dequantize(device)?;
+                    let mut part = |name: &str| -> Result<Vec<Proj>> {
+                        (qllama::expert_matrices(ct, reader, &p, name, count, device)?)
+                            .into_iter()
+                            .map(|t| Ok(quant(t)?))
+                            .collect()
+                    };
+                    let (gates, ups, downs) = (part("gate")?, part("up")?, part("down")?);
+                    let experts = (gates.into_iter().zip(ups).zip(downs))
+                        .map(|((g, u), d)| [g, u, d])
+                        .collect();
+                    Mlp::Experts(TensorExperts {
+                        router: router.to_dtype(DType::F32)?,
+                        experts,
+                        used,
+                        scale,
+                    })
+                }
+                (None, Some(gate), Some(up)) => Mlp::Dense {
+                    gate: quant(gate)?,
+                    up: quant(up)?,
+                    down: quant(q("ffn_down.weight")?)?,
+                },
+                _ => unreachable!("a dense layer's gate and up are read"),
+            },
             post_norms,
         });
     }

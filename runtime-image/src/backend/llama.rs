@@ -32,7 +32,7 @@ use candle_transformers::models::llama::{Config, Llama3RopeType, LlamaConfig, Ll
 use super::few_rows::FewRows;
 use super::qllama::{Arch, Gemma, LongRope, Pattern, Scales, Yarn, yarn_mscale};
 use super::tensor_llama::{
-    Heads, Layer, PREFILL_CHUNK, Proj, Rope, TensorLlama, TensorLlamaLm, inverse_frequencies,
+    Heads, Layer, Mlp, PREFILL_CHUNK, Proj, Rope, TensorLlama, TensorLlamaLm, inverse_frequencies,
     long_rope_tables, rope_tables, scaled_rope_tables,
 };
 use crate::error::{Error, Result, read_json};
@@ -736,9 +736,11 @@ fn weights(
             window: gemma.windows[i],
             o: dense(&p, hidden, q_dim, "self_attn.o_proj")?,
             mlp_norm,
-            gate,
-            up,
-            down: dense(&p, hidden, cfg.intermediate_size, "mlp.down_proj")?,
+            mlp: Mlp::Dense {
+                gate,
+                up,
+                down: dense(&p, hidden, cfg.intermediate_size, "mlp.down_proj")?,
+            },
             post_norms,
         });
     }

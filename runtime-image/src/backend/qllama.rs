@@ -490,6 +490,97 @@ struct Experts {
     scale: f32,
 }
 
+/// How layer `p` (`blk.N`) of a GGUF routes its tokens: `(experts, used, scale)`, `None`
+/// where it has no router (`ffn_gate_inp`).
+pub(super) fn routing(
+    ct: &gguf_file::Content,
+    arch: Arch,
+    p: &str,
+) -> Result<Option<(usize, usize, f32)>> {
+    if !ct
+        .tensor_infos
+        .contains_key(&format!("{p}.ffn_gate_inp.weight"))
+    {
+        return Ok(None);
+    }
+    // Shared experts (Qwen2-MoE's, Granite's) and DeepSeek's routing biases are not
+    // computed here: refused rather than left out.
+    let prefix = format!("{p}.");
+    if let Some(n) = (ct.tensor_infos.keys())
+        .find(|n| n.starts_with(&prefix) && (n.contains("shexp") || n.contains("exp_probs_b")))
+    {
+        return Err(Error::Model(format!(
+            "GGUF mixture of experts with {n} (shared experts or routing biases) is not \
+                 supported"
+        )));
+    }
+    let count = expert_count(ct, arch);
+    let used = md_u32(ct, &arch.key("expert_used_count")).unwrap_or(0);
+    if count < 2 || used == 0 || used > count {
+        return Err(Error::Model(format!(
+            "GGUF {p} is a mixture of {count} experts using {used} at a time \
+                 ({} and {}): it needs at least 2, and from 1 to all of them used",
+            arch.key("expert_count"),
+            arch.key("expert_used_count")
+        )));
+    }
+    let scale = match ct.metadata.get(&arch.key("expert_weights_scale")) {
+        Some(v) => match v.to_f32()? {
+            0.0 => 1.0,
+            s => s,
+        },
+        None => 1.0,
+    };
+    Ok(Some((count, used, scale)))
+}
+
+/// Layer `p`'s experts' matrices of `part` (`gate`, `up`, `down`: `ffn_{part}_exps`), one per
+/// expert (of `count`), on `device`.
+pub(super) fn expert_matrices<R: std::io::Seek + std::io::Read>(
+    ct: &gguf_file::Content,
+    reader: &mut R,
+    p: &str,
+    part: &str,
+    count: usize,
+    device: &Device,
+) -> Result<Vec<QTensor>> {
+    let name = format!("{p}.ffn_{part}_exps.weight");
+    let t = ct.tensor(reader, &name, &Device::Cpu)?;
+    let (e, n, k) = t.shape().dims3()?;
+    if e != count {
+        return Err(Error::Model(format!(
+            "GGUF {name} holds {e} experts, not {count}"
+        )));
+    }
+    let dtype = t.dtype();
+    let bytes = n * (k / dtype.block_size()) * dtype.type_size();
+    let data = t.data()?;
+    (0..e)
+        .map(|i| {
+            let part = std::borrow::Cow::Borrowed(&data[i * bytes..(i + 1) * bytes]);
+            let storage = QStorage::from_data(part, device, dtype)?;
+            Ok(QTensor::new(storage, (n, k))?)
+        })
+        .collect()
+}
+
+/// The chosen experts of a row of router `scores` and their weights, highest first (ties:
+/// the lower expert): llama.cpp's softmax gating, the `used` best, their probabilities over
+/// their sum (at least 2⁻¹⁴), times `scale`.
+pub(super) fn route(scores: &[f32], used: usize, scale: f32) -> Vec<(usize, f32)> {
+    let top = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let probs: Vec<f32> = scores.iter().map(|s| (s - top).exp()).collect();
+    let total: f32 = probs.iter().sum();
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
+    order.truncate(used);
+    let chosen: Vec<f32> = order.iter().map(|&e| probs[e] / total).collect();
+    let sum = chosen.iter().sum::<f32>().max(6.103_515_6e-5);
+    (order.into_iter().zip(chosen))
+        .map(|(e, w)| (e, w / sum * scale))
+        .collect()
+}
+
 impl Experts {
     /// The experts of layer `p` (`blk.N`) of a GGUF, `None` where it has none.
     fn of<R: std::io::Seek + std::io::Read>(
@@ -498,64 +589,14 @@ impl Experts {
         reader: &mut R,
         p: &str,
     ) -> Result<Option<Experts>> {
-        if !ct
-            .tensor_infos
-            .contains_key(&format!("{p}.ffn_gate_inp.weight"))
-        {
+        let Some((count, used, scale)) = routing(ct, arch, p)? else {
             return Ok(None);
-        }
-        // Shared experts (Qwen2-MoE's, Granite's) and DeepSeek's routing biases are not
-        // computed here: refused rather than left out.
-        let prefix = format!("{p}.");
-        if let Some(n) = (ct.tensor_infos.keys())
-            .find(|n| n.starts_with(&prefix) && (n.contains("shexp") || n.contains("exp_probs_b")))
-        {
-            return Err(Error::Model(format!(
-                "GGUF mixture of experts with {n} (shared experts or routing biases) is not \
-                 supported"
-            )));
-        }
-        let count = expert_count(ct, arch);
-        let used = md_u32(ct, &arch.key("expert_used_count")).unwrap_or(0);
-        if count < 2 || used == 0 || used > count {
-            return Err(Error::Model(format!(
-                "GGUF {p} is a mixture of {count} experts using {used} at a time \
-                 ({} and {}): it needs at least 2, and from 1 to all of them used",
-                arch.key("expert_count"),
-                arch.key("expert_used_count")
-            )));
-        }
-        let scale = match ct.metadata.get(&arch.key("expert_weights_scale")) {
-            Some(v) => match v.to_f32()? {
-                0.0 => 1.0,
-                s => s,
-            },
-            None => 1.0,
         };
         let device = &Device::Cpu;
         let router = ct.tensor(reader, &format!("{p}.ffn_gate_inp.weight"), device)?;
         let shape = router.shape().dims2()?;
         let router: Vec<f32> = router.dequantize(device)?.flatten_all()?.to_vec1()?;
-        let mut split = |part: &str| -> Result<Vec<QTensor>> {
-            let name = format!("{p}.ffn_{part}_exps.weight");
-            let t = ct.tensor(reader, &name, device)?;
-            let (e, n, k) = t.shape().dims3()?;
-            if e != count {
-                return Err(Error::Model(format!(
-                    "GGUF {name} holds {e} experts, not {count}"
-                )));
-            }
-            let dtype = t.dtype();
-            let bytes = n * (k / dtype.block_size()) * dtype.type_size();
-            let data = t.data()?;
-            (0..e)
-                .map(|i| {
-                    let part = std::borrow::Cow::Borrowed(&data[i * bytes..(i + 1) * bytes]);
-                    let storage = QStorage::from_data(part, device, dtype)?;
-                    Ok(QTensor::new(storage, (n, k))?)
-                })
-                .collect()
-        };
+        let mut split = |part: &str| expert_matrices(ct, reader, p, part, count, device);
         let (gate, up, down) = (split("gate")?, split("up")?, split("down")?);
         let experts = (gate.into_iter().zip(up).zip(down))
             .map(|((g, u), d)| Ok((QMat::from_qtensors(vec![g, u])?, QMat::from_qtensor(d)?)))
@@ -574,22 +615,6 @@ impl Experts {
         }))
     }
 
-    /// The chosen experts of a row of router scores and their weights, highest first (ties:
-    /// the lower expert).
-    fn route(&self, scores: &[f32]) -> Vec<(usize, f32)> {
-        let top = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let probs: Vec<f32> = scores.iter().map(|s| (s - top).exp()).collect();
-        let total: f32 = probs.iter().sum();
-        let mut order: Vec<usize> = (0..scores.len()).collect();
-        order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
-        order.truncate(self.used);
-        let chosen: Vec<f32> = order.iter().map(|&e| probs[e] / total).collect();
-        let sum = chosen.iter().sum::<f32>().max(6.103_515_6e-5);
-        (order.into_iter().zip(chosen))
-            .map(|(e, w)| (e, w / sum * self.scale))
-            .collect()
-    }
-
     /// The experts' weighted sum for `rows` rows `h`: each expert runs once, on the rows that
     /// chose it, and each row adds its experts' outputs in the order of the experts, so that a
     /// row's result does not depend on the other rows.
@@ -606,7 +631,7 @@ impl Experts {
             .collect();
         let mut chosen: Vec<Vec<(usize, f32)>> = vec![Vec::new(); self.experts.len()];
         for (r, s) in scores.chunks_exact(self.experts.len()).enumerate() {
-            for (e, w) in self.route(s) {
+            for (e, w) in route(s, self.used, self.scale) {
                 chosen[e].push((r, w));
             }
         }

@@ -69,12 +69,28 @@ pub(super) struct Layer {
     pub window: Option<usize>,
     pub o: Proj,
     pub mlp_norm: Tensor,
-    pub gate: Proj,
-    pub up: Proj,
-    pub down: Proj,
+    pub mlp: Mlp,
     /// The weights of the RMS norms of the attention's and the MLP's outputs before they join
     /// the residual stream (Gemma 2's), `(hidden,)` each.
     pub post_norms: Option<(Tensor, Tensor)>,
+}
+
+/// A layer's feed-forward part: gate, up and down products, or a mixture of experts.
+pub(super) enum Mlp {
+    Dense { gate: Proj, up: Proj, down: Proj },
+    Experts(Experts),
+}
+
+/// A mixture of experts on the tensor path: the router's weights `(experts, hidden)` in f32
+/// on the device, each expert's gate, up and down products, and the routing of
+/// [`super::qllama::route`] (the same choice and weights as kandle's kernels make). The
+/// scores come to the host for the choice; each expert then runs on the rows that chose it
+/// and its weighted outputs are added into theirs.
+pub(super) struct Experts {
+    pub router: Tensor,
+    pub experts: Vec<[Proj; 3]>,
+    pub used: usize,
+    pub scale: f32,
 }
 
 /// The sizes of the attention.
@@ -407,15 +423,39 @@ impl TensorLlama {
     /// (GELU's tanh form for Gemma 2, whose output is normed too).
     fn mlp(&self, layer: &Layer, x: &Tensor) -> candle_core::Result<Tensor> {
         let h = candle_nn::ops::rms_norm(x, &layer.mlp_norm, self.rms_eps)?;
-        let gate = layer.gate.forward(&h)?;
-        let gate = if self.gelu {
-            gate.gelu()?
-        } else {
-            gate.silu()?
+        let glu = |gate: &Proj, up: &Proj, down: &Proj, h: &Tensor| {
+            let g = gate.forward(h)?;
+            let g = if self.gelu { g.gelu()? } else { g.silu()? };
+            down.forward(&(g * up.forward(h)?)?)
         };
-        let a = (gate * layer.up.forward(&h)?)?;
+        let y = match &layer.mlp {
+            Mlp::Dense { gate, up, down } => glu(gate, up, down, &h)?,
+            Mlp::Experts(x) => {
+                let scores = h.to_dtype(DType::F32)?.matmul(&x.router.t()?)?;
+                let mut takers = vec![Vec::new(); x.experts.len()];
+                for (r, s) in scores.to_vec2::<f32>()?.iter().enumerate() {
+                    for (e, w) in super::qllama::route(s, x.used, x.scale) {
+                        takers[e].push((r as u32, w));
+                    }
+                }
+                let mut out = h.zeros_like()?;
+                for ([gate, up, down], takers) in x.experts.iter().zip(&takers) {
+                    if takers.is_empty() {
+                        continue;
+                    }
+                    let (rows, weights): (Vec<u32>, Vec<f32>) = takers.iter().copied().unzip();
+                    let n = rows.len();
+                    let rows = Tensor::new(rows.as_slice(), h.device())?;
+                    let y = glu(gate, up, down, &h.index_select(&rows, 0)?)?;
+                    let weights = Tensor::from_vec(weights, (n, 1), h.device())?;
+                    let y = y.broadcast_mul(&weights.to_dtype(y.dtype())?)?;
+                    out = out.index_add(&rows, &y, 0)?;
+                }
+                out
+            }
+        };
         let post = layer.post_norms.as_ref().map(|(_, m)| m);
-        self.residual(x, self.post_norm(layer.down.forward(&a)?, post)?)
+        self.residual(x, self.post_norm(y, post)?)
     }
 
     /// The attention's output `y` and the residual: `x + y`, `y` normed first where the layer
@@ -750,9 +790,11 @@ mod tests {
                 window: None,
                 o: proj(hidden, hidden),
                 mlp_norm: Tensor::ones(hidden, DType::F32, &dev).unwrap(),
-                gate: proj(inter, hidden),
-                up: proj(inter, hidden),
-                down: proj(hidden, inter),
+                mlp: Mlp::Dense {
+                    gate: proj(inter, hidden),
+                    up: proj(inter, hidden),
+                    down: proj(hidden, inter),
+                },
                 post_norms: None,
             })
             .collect();
