@@ -1657,12 +1657,62 @@ fn moe_router(hidden: usize, layer: usize) -> Vec<f32> {
         .collect()
 }
 
+/// The tiny llama as transformers saves a `Qwen3MoeForCausalLM` with the experts, router and
+/// query and key norms of the `qwen3moe` GGUF of `gguf_as` (`MOE`, [`moe_router`],
+/// [`qwen_norm`]), in `dir`.
+fn qwen3_moe_checkpoint(dir: &Path) {
+    use candle_core::{Device, Tensor};
+    tiny_llama_copy(dir, |c| {
+        c["model_type"] = "qwen3_moe".into();
+        c["architectures"] = serde_json::json!(["Qwen3MoeForCausalLM"]);
+        c["num_experts"] = MOE.0.into();
+        c["num_experts_per_tok"] = MOE.1.into();
+        c["moe_intermediate_size"] = c["intermediate_size"].clone();
+        c["norm_topk_prob"] = true.into();
+        c["decoder_sparse_step"] = 1.into();
+        c["mlp_only_layers"] = serde_json::json!([]);
+    });
+    let fixture = fixtures_dir().join("tiny/llama");
+    let cfg = json(&fixture.join("config.json"));
+    let (layers, hidden) = (
+        cfg["num_hidden_layers"].as_u64().unwrap() as usize,
+        cfg["hidden_size"].as_u64().unwrap() as usize,
+    );
+    let hd = cfg["head_dim"].as_u64().unwrap() as usize;
+    let dev = &Device::Cpu;
+    let mut st = candle_core::safetensors::load(fixture.join("model.safetensors"), dev).unwrap();
+    for i in 0..layers {
+        let p = format!("model.layers.{i}.");
+        for (part, scale) in [
+            ("gate_proj", (|e| 1.0 + e as f32 / 2.0) as fn(usize) -> f32),
+            ("up_proj", |_| 1.0),
+            ("down_proj", |e| 4.0 - e as f32 / 2.0),
+        ] {
+            let w = st.remove(&format!("{p}mlp.{part}.weight")).unwrap();
+            let values: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+            for e in 0..MOE.0 {
+                let v: Vec<f32> = values.iter().map(|x| x * scale(e)).collect();
+                let t = Tensor::from_vec(v, w.dims2().unwrap(), dev).unwrap();
+                st.insert(format!("{p}mlp.experts.{e}.{part}.weight"), t);
+            }
+        }
+        let router = Tensor::from_vec(moe_router(hidden, i), (MOE.0, hidden), dev).unwrap();
+        st.insert(format!("{p}mlp.gate.weight"), router);
+        for (name, salt) in [("q_norm", 2 * i), ("k_norm", 2 * i + 1)] {
+            let norm = Tensor::new(qwen_norm(hd, salt).as_slice(), dev).unwrap();
+            st.insert(format!("{p}self_attn.{name}.weight"), norm);
+        }
+    }
+    candle_core::safetensors::save(&st, dir.join("model.safetensors")).unwrap();
+}
+
 /// Qwen3's mixture of experts (`qwen3moe`: Qwen3-30B-A3B) is Qwen3's attention with experts in
 /// place of each MLP: each token goes through the two (of its file's `expert_used_count`)
 /// experts its router scores highest, weighted by their softmax probabilities normalised over
 /// the two. The tiny llama as a `qwen3moe` GGUF with four variants of its MLP as experts
 /// (`MOE` in `tests/references/llama_variants.py`) gives llama.cpp's logits and greedy tokens
-/// on kandle's kernels and on the tensor path a GPU runs; on the kernels a batch of the
+/// on kandle's kernels and on the tensor path a GPU runs, and so do the same weights as
+/// transformers saves a `Qwen3MoeForCausalLM` (`norm_topk_prob`); on the kernels a batch of the
 /// fixture's prompts decodes as each alone, bit for bit, so the experts' grouping of rows
 /// leaves each row its own result; with one expert used per token it is far off. A shared
 /// expert is refused.
@@ -1687,7 +1737,9 @@ fn qwen3_moe_routes_each_token_through_its_experts_as_llama_cpp_does() {
         .as_array()
         .unwrap()
         .clone();
-    for (what, g) in gguf_paths(&gguf) {
+    let st_dir = tempfile::tempdir().unwrap();
+    qwen3_moe_checkpoint(st_dir.path());
+    for (what, g) in every_path(&gguf, &[("safetensors", st_dir.path())]) {
         gives_the_reference_logits_and_tokens(&g, &want, &format!("qwen3moe, {what}"));
     }
     // The prompts' decode steps in one batch (the experts taking the rows that chose them):

@@ -401,6 +401,7 @@ fn tensor_weights<R: std::io::Read + std::io::Seek>(
                         experts,
                         used,
                         scale,
+                        normalise: true,
                     })
                 }
                 (None, Some(gate), Some(up)) => Mlp::Dense {

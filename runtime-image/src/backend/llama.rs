@@ -32,8 +32,8 @@ use candle_transformers::models::llama::{Config, Llama3RopeType, LlamaConfig, Ll
 use super::few_rows::FewRows;
 use super::qllama::{Arch, Gemma, LongRope, Pattern, Scales, Yarn, yarn_mscale};
 use super::tensor_llama::{
-    Heads, Layer, Mlp, PREFILL_CHUNK, Proj, Rope, TensorLlama, TensorLlamaLm, inverse_frequencies,
-    long_rope_tables, rope_tables, scaled_rope_tables,
+    Experts as TensorExperts, Heads, Layer, Mlp, PREFILL_CHUNK, Proj, Rope, TensorLlama,
+    TensorLlamaLm, inverse_frequencies, long_rope_tables, rope_tables, scaled_rope_tables,
 };
 use crate::error::{Error, Result, read_json};
 use crate::model::LoadedModel;
@@ -234,6 +234,10 @@ pub(super) fn load(
         }
         _ => vec![true; layers],
     };
+    let moe = match family {
+        Arch::Qwen3Moe => Some(Moe::of(&raw, &dir.join("config.json"))?),
+        _ => None,
+    };
     let config = lcfg.into_config(false);
     let vb = super::layers::var_builder(dir, dtype, device)?;
     // The dimensions of each head the rotary turns: transformers' `int(head_dim · factor)`.
@@ -270,7 +274,7 @@ pub(super) fn load(
     let model = weights(
         vb,
         &config,
-        (family, scales, &rotates, gemma),
+        (family, scales, &rotates, gemma, moe.as_ref()),
         (head_dim, rope_dim, &inv, long_rope.as_ref(), rope_attention),
         dtype,
         device,
@@ -511,6 +515,63 @@ fn long_rope_of(
     )
 }
 
+/// Qwen3-MoE's experts, as transformers' `Qwen3MoeSparseMoeBlock` reads config.json:
+/// `num_experts` of `moe_intermediate_size`, `num_experts_per_tok` used, `norm_topk_prob`
+/// (false by default), on every `decoder_sparse_step`-th layer but those of `mlp_only_layers`.
+#[derive(Debug, Clone)]
+struct Moe {
+    experts: usize,
+    used: usize,
+    width: usize,
+    normalise: bool,
+    step: usize,
+    dense: Vec<usize>,
+}
+
+impl Moe {
+    fn of(raw: &serde_json::Value, config: &Path) -> Result<Moe> {
+        let count = |key: &str, default: Option<u64>| -> Result<usize> {
+            match raw.get(key).and_then(|v| v.as_u64()).or(default) {
+                Some(n) => Ok(n as usize),
+                None => Err(Error::Model(format!(
+                    "{}: {key} must be a whole number",
+                    config.display()
+                ))),
+            }
+        };
+        let moe = Moe {
+            experts: count("num_experts", None)?,
+            used: count("num_experts_per_tok", None)?,
+            width: count("moe_intermediate_size", None)?,
+            normalise: raw.get("norm_topk_prob").and_then(|v| v.as_bool()) == Some(true),
+            step: count("decoder_sparse_step", Some(1))?,
+            dense: (raw
+                .get("mlp_only_layers")
+                .and_then(|v| v.as_array())
+                .into_iter())
+            .flatten()
+            .filter_map(|v| v.as_u64().map(|n| n as usize))
+            .collect(),
+        };
+        if moe.experts < 2 || moe.used == 0 || moe.used > moe.experts || moe.width == 0 {
+            return Err(Error::Model(format!(
+                "{}: a mixture of {} experts of {} using {} at a time: it needs at least 2 \
+                 experts, and from 1 to all of them used",
+                config.display(),
+                moe.experts,
+                moe.width,
+                moe.used
+            )));
+        }
+        Ok(moe)
+    }
+
+    /// Whether layer `i` has experts (transformers' rule).
+    fn sparse(&self, i: usize) -> bool {
+        !self.dense.contains(&i) && self.step > 0 && (i + 1).is_multiple_of(self.step)
+    }
+}
+
 /// The YaRN of a config.json (`config` names it) whose rotary scaling `s` is "yarn", as
 /// transformers' `_compute_yarn_parameters` reads it, and its `attention_factor`: `factor`
 /// (else `max_position_embeddings / original`), the original context (the top level's
@@ -621,7 +682,7 @@ fn inv_freq(cfg: &Config, head_dim: usize) -> Vec<f32> {
 fn weights(
     vb: VarBuilder,
     cfg: &Config,
-    (family, scales, rotates, gemma): (Arch, Scales, &[bool], Gemma),
+    (family, scales, rotates, gemma, moe): (Arch, Scales, &[bool], Gemma, Option<&Moe>),
     (head_dim, rope_dim, inv, long_rope, rope_attention): (
         usize,
         usize,
@@ -683,7 +744,7 @@ fn weights(
     for (i, &turns) in rotates.iter().enumerate() {
         let p = vb.pp(format!("model.layers.{i}"));
         let qk_norm = match family {
-            Arch::Qwen3 => Some((
+            Arch::Qwen3 | Arch::Qwen3Moe => Some((
                 p.get(head_dim, "self_attn.q_norm.weight")?,
                 p.get(head_dim, "self_attn.k_norm.weight")?,
             )),
@@ -694,13 +755,15 @@ fn weights(
             _ => None,
         };
         let ff = cfg.intermediate_size;
-        let ([q, k, v], [gate, up]) = match family {
+        // Qwen3-MoE's sparse layers have experts in place of the MLP.
+        let sparse = moe.filter(|m| m.sparse(i));
+        let ([q, k, v], gate_up) = match family {
             Arch::Phi3 => {
                 let mut a = split(&p, "self_attn.qkv_proj", &[q_dim, kv_dim, kv_dim])?;
                 let mut m = split(&p, "mlp.gate_up_proj", &[ff, ff])?;
                 let (v, k, q) = (a.pop().unwrap(), a.pop().unwrap(), a.pop().unwrap());
                 let (up, gate) = (m.pop().unwrap(), m.pop().unwrap());
-                ([q, k, v], [gate, up])
+                ([q, k, v], Some([gate, up]))
             }
             _ => (
                 [
@@ -708,10 +771,13 @@ fn weights(
                     qkv(&p, kv_dim, "self_attn.k_proj")?,
                     qkv(&p, kv_dim, "self_attn.v_proj")?,
                 ],
-                [
-                    dense(&p, ff, hidden, "mlp.gate_proj")?,
-                    dense(&p, ff, hidden, "mlp.up_proj")?,
-                ],
+                match sparse {
+                    Some(_) => None,
+                    None => Some([
+                        dense(&p, ff, hidden, "mlp.gate_proj")?,
+                        dense(&p, ff, hidden, "mlp.up_proj")?,
+                    ]),
+                },
             ),
         };
         // Gemma's post_attention_layernorm norms the attention's output; its MLP's input
@@ -736,10 +802,35 @@ fn weights(
             window: gemma.windows[i],
             o: dense(&p, hidden, q_dim, "self_attn.o_proj")?,
             mlp_norm,
-            mlp: Mlp::Dense {
-                gate,
-                up,
-                down: dense(&p, hidden, cfg.intermediate_size, "mlp.down_proj")?,
+            mlp: match (sparse, gate_up) {
+                (None, Some([gate, up])) => Mlp::Dense {
+                    gate,
+                    up,
+                    down: dense(&p, hidden, cfg.intermediate_size, "mlp.down_proj")?,
+                },
+                (None, None) => unreachable!("a dense layer's gate and up are read"),
+                (Some(m), _) => {
+                    let x = p.pp("mlp");
+                    let experts = (0..m.experts)
+                        .map(|e| {
+                            let x = x.pp(format!("experts.{e}"));
+                            Ok([
+                                dense(&x, m.width, hidden, "gate_proj")?,
+                                dense(&x, m.width, hidden, "up_proj")?,
+                                dense(&x, hidden, m.width, "down_proj")?,
+                            ])
+                        })
+                        .collect::<candle_core::Result<Vec<_>>>()?;
+                    Mlp::Experts(TensorExperts {
+                        router: x
+                            .get((m.experts, hidden), "gate.weight")?
+                            .to_dtype(candle_core::DType::F32)?,
+                        experts,
+                        used: m.used,
+                        scale: 1.0,
+                        normalise: m.normalise,
+                    })
+                }
             },
             post_norms,
         });

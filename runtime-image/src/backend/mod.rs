@@ -575,7 +575,8 @@ pub fn load(opts: &LoadOptions) -> Result<LoadedModel> {
             .any(|a| a.ends_with("ForCausalLM") || a.ends_with("LMHeadModel"));
     let loaded = match (model_type.as_str(), classification) {
         (
-            "llama" | "qwen2" | "qwen3" | "phi3" | "granite" | "smollm3" | "gemma2" | "gemma3_text",
+            "llama" | "qwen2" | "qwen3" | "qwen3_moe" | "phi3" | "granite" | "smollm3" | "gemma2"
+            | "gemma3_text",
             false,
         ) if lm_head => llama::load(path, &model_type, dtype, &device)?,
         ("gpt2", false) if lm_head => gpt2::load(path, dtype, &device)?,

@@ -404,8 +404,8 @@ impl Arch {
             "gemma3" | "gemma3_text" => Arch::Gemma3,
             // A GGUF's only: transformers' `mistral3` is the multimodal model.
             "mistral3" => Arch::Mistral3,
-            // A GGUF's only here: transformers' `qwen3_moe` checkpoints are not read.
-            "qwen3moe" => Arch::Qwen3Moe,
+            // transformers' `qwen3_moe`, llama.cpp's `qwen3moe`.
+            "qwen3moe" | "qwen3_moe" => Arch::Qwen3Moe,
             _ => return None,
         })
     }
@@ -566,8 +566,9 @@ pub(super) fn expert_matrices<R: std::io::Seek + std::io::Read>(
 
 /// The chosen experts of a row of router `scores` and their weights, highest first (ties:
 /// the lower expert): llama.cpp's softmax gating, the `used` best, their probabilities over
-/// their sum (at least 2⁻¹⁴), times `scale`.
-pub(super) fn route(scores: &[f32], used: usize, scale: f32) -> Vec<(usize, f32)> {
+/// their sum (at least 2⁻¹⁴) where `normalise` (always in a GGUF; transformers'
+/// `norm_topk_prob`), times `scale`.
+pub(super) fn route(scores: &[f32], used: usize, scale: f32, normalise: bool) -> Vec<(usize, f32)> {
     let top = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let probs: Vec<f32> = scores.iter().map(|s| (s - top).exp()).collect();
     let total: f32 = probs.iter().sum();
@@ -575,7 +576,10 @@ pub(super) fn route(scores: &[f32], used: usize, scale: f32) -> Vec<(usize, f32)
     order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
     order.truncate(used);
     let chosen: Vec<f32> = order.iter().map(|&e| probs[e] / total).collect();
-    let sum = chosen.iter().sum::<f32>().max(6.103_515_6e-5);
+    let sum = match normalise {
+        true => chosen.iter().sum::<f32>().max(6.103_515_6e-5),
+        false => 1.0,
+    };
     (order.into_iter().zip(chosen))
         .map(|(e, w)| (e, w / sum * scale))
         .collect()
@@ -631,7 +635,7 @@ impl Experts {
             .collect();
         let mut chosen: Vec<Vec<(usize, f32)>> = vec![Vec::new(); self.experts.len()];
         for (r, s) in scores.chunks_exact(self.experts.len()).enumerate() {
-            for (e, w) in route(s, self.used, self.scale) {
+            for (e, w) in route(s, self.used, self.scale, true) {
                 chosen[e].push((r, w));
             }
         }

@@ -91,6 +91,8 @@ pub(super) struct Experts {
     pub experts: Vec<[Proj; 3]>,
     pub used: usize,
     pub scale: f32,
+    /// The chosen weights divided by their sum ([`super::qllama::route`]).
+    pub normalise: bool,
 }
 
 /// The sizes of the attention.
@@ -434,7 +436,7 @@ impl TensorLlama {
                 let scores = h.to_dtype(DType::F32)?.matmul(&x.router.t()?)?;
                 let mut takers = vec![Vec::new(); x.experts.len()];
                 for (r, s) in scores.to_vec2::<f32>()?.iter().enumerate() {
-                    for (e, w) in super::qllama::route(s, x.used, x.scale) {
+                    for (e, w) in super::qllama::route(s, x.used, x.scale, x.normalise) {
                         takers[e].push((r as u32, w));
                     }
                 }
