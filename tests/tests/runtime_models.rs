@@ -706,16 +706,11 @@ fn gguf_as(
             ("ffn_norm", w("post_attention_layernorm").clone()),
         ] {
             // Qwen3's experts: `MOE` variants of the MLP in one 3-D tensor each.
-            let scale: Option<fn(usize) -> f32> = match gguf {
-                "ffn_gate" => Some(|e| 1.0 + e as f32 / 2.0),
-                "ffn_up" => Some(|_| 1.0),
-                "ffn_down" => Some(|e| 4.0 - e as f32 / 2.0),
-                _ => None,
-            };
-            if let (true, Some(scale)) = (arch == "qwen3moe", scale) {
+            let part = gguf.strip_prefix("ffn_").filter(|p| *p != "norm");
+            if let (true, Some(part)) = (arch == "qwen3moe", part) {
                 let values: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
                 let all: Vec<f32> = (0..MOE.0)
-                    .flat_map(|e| values.iter().map(move |v| v * scale(e)))
+                    .flat_map(|e| values.iter().map(move |v| v * moe_expert_scale(part, e)))
                     .collect();
                 let (rows, cols) = t.dims2().unwrap();
                 let dev = &candle_core::Device::Cpu;
@@ -1649,11 +1644,23 @@ fn q8_0_copy(src: &Path, dir: &Path) -> std::path::PathBuf {
 /// `MOE` of `tests/references/llama_variants.py`: experts, and experts used per token.
 const MOE: (usize, usize) = (4, 2);
 
+/// What expert `e`'s matrix `part` (`gate`, `up`, `down`) is the tiny llama's MLP's times in
+/// `tests/references/llama_variants.py`'s Qwen3 mixture of experts.
+fn moe_expert_scale(part: &str, e: usize) -> f32 {
+    match part {
+        "gate" => 1.0 + e as f32 / 2.0,
+        "down" => 4.0 - e as f32 / 2.0,
+        _ => 1.0,
+    }
+}
+
 /// The router weights of layer `layer` of `tests/references/llama_variants.py`'s Qwen3
 /// mixture of experts: `((5j + 11e + 7 layer) mod 17 − 8) / 16` for expert `e`, input `j`.
 fn moe_router(hidden: usize, layer: usize) -> Vec<f32> {
     (0..MOE.0)
-        .flat_map(|e| (0..hidden).map(move |j| (((5 * j + 11 * e + 7 * layer) % 17) as f32 - 8.0) / 16.0))
+        .flat_map(|e| {
+            (0..hidden).map(move |j| (((5 * j + 11 * e + 7 * layer) % 17) as f32 - 8.0) / 16.0)
+        })
         .collect()
 }
 
@@ -1683,17 +1690,13 @@ fn qwen3_moe_checkpoint(dir: &Path) {
     let mut st = candle_core::safetensors::load(fixture.join("model.safetensors"), dev).unwrap();
     for i in 0..layers {
         let p = format!("model.layers.{i}.");
-        for (part, scale) in [
-            ("gate_proj", (|e| 1.0 + e as f32 / 2.0) as fn(usize) -> f32),
-            ("up_proj", |_| 1.0),
-            ("down_proj", |e| 4.0 - e as f32 / 2.0),
-        ] {
-            let w = st.remove(&format!("{p}mlp.{part}.weight")).unwrap();
+        for part in ["gate", "up", "down"] {
+            let w = st.remove(&format!("{p}mlp.{part}_proj.weight")).unwrap();
             let values: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
             for e in 0..MOE.0 {
-                let v: Vec<f32> = values.iter().map(|x| x * scale(e)).collect();
+                let v: Vec<f32> = values.iter().map(|x| x * moe_expert_scale(part, e)).collect();
                 let t = Tensor::from_vec(v, w.dims2().unwrap(), dev).unwrap();
-                st.insert(format!("{p}mlp.experts.{e}.{part}.weight"), t);
+                st.insert(format!("{p}mlp.experts.{e}.{part}_proj.weight"), t);
             }
         }
         let router = Tensor::from_vec(moe_router(hidden, i), (MOE.0, hidden), dev).unwrap();
