@@ -1414,11 +1414,15 @@ impl Weights {
                     t("attn_v", reader)?,
                 ],
             };
-            let experts = Experts::of(ct, arch, reader, &p)?;
-            let gate_up = match (&experts, has("ffn_gate.weight")) {
-                (Some(_), _) => Vec::new(),
-                (None, true) => vec![t("ffn_gate", reader)?, t("ffn_up", reader)?],
-                (None, false) => vec![t("ffn_up", reader)?],
+            let mlp = match Experts::of(ct, arch, reader, &p)? {
+                Some(x) => Mlp::Experts(x),
+                None => Mlp::Dense {
+                    gate_up: QMat::from_qtensors(match has("ffn_gate.weight") {
+                        true => vec![t("ffn_gate", reader)?, t("ffn_up", reader)?],
+                        false => vec![t("ffn_up", reader)?],
+                    })?,
+                    down: w("ffn_down", reader)?,
+                },
             };
             // Q, K and V biases side by side (Qwen2's), zeros for any the file leaves out.
             let mut qkv_bias: Option<Vec<f32>> = None;
@@ -1477,16 +1481,12 @@ impl Weights {
                     )));
                 }
             };
-            let (qkv, gate_up) = (QMat::from_qtensors(qkv)?, QMat::from_qtensors(gate_up)?);
-            let odd = |m: &QMat| !m.n().is_multiple_of(2);
-            let odd = match &experts {
-                Some(x) => x
-                    .experts
-                    .iter()
-                    .find(|(gu, _)| odd(gu))
-                    .map(|(gu, _)| gu.n()),
-                None => odd(&gate_up).then(|| gate_up.n()),
+            let qkv = QMat::from_qtensors(qkv)?;
+            let gate_ups: Vec<&QMat> = match &mlp {
+                Mlp::Dense { gate_up, .. } => vec![gate_up],
+                Mlp::Experts(x) => x.experts.iter().map(|(gu, _)| gu).collect(),
             };
+            let odd = (gate_ups.iter().map(|m| m.n())).find(|n| !n.is_multiple_of(2));
             if qkv.n() != q_dim + 2 * kv_dim || odd.is_some() {
                 return Err(Error::Model(format!(
                     "GGUF {p}: Q, K and V have {} rows (not {}), or gate and up an odd {}",
@@ -1495,13 +1495,6 @@ impl Weights {
                     odd.unwrap_or(0)
                 )));
             }
-            let mlp = match experts {
-                Some(x) => Mlp::Experts(x),
-                None => Mlp::Dense {
-                    gate_up,
-                    down: w("ffn_down", reader)?,
-                },
-            };
             layers.push(Layer {
                 qkv,
                 qkv_bias,
@@ -1680,21 +1673,16 @@ impl Weights {
             let (mut cos, mut sin) = (vec![0f32; rows * half], vec![0f32; rows * half]);
             let rows = cos.chunks_exact_mut(half).zip(sin.chunks_exact_mut(half));
             for (&p, (c, s)) in positions.iter().zip(rows) {
-                match (&self.long_rope, scaled) {
-                    (Some(l), true) => {
-                        rotary(theta, Some(l.divisors(p)), p, c, s);
-                        c.iter_mut()
-                            .chain(s.iter_mut())
-                            .for_each(|v| *v *= l.attention);
-                    }
-                    _ => {
-                        rotary(theta, self.divisors.as_deref().filter(|_| scaled), p, c, s);
-                        if scaled && self.rope_attention != 1.0 {
-                            c.iter_mut()
-                                .chain(s.iter_mut())
-                                .for_each(|v| *v *= self.rope_attention);
-                        }
-                    }
+                // The divisors and the factor every cos and sin is multiplied by (LongRoPE's
+                // attention factor, YaRN's magnitude scale).
+                let (divisors, attention) = match (&self.long_rope, scaled) {
+                    (Some(l), true) => (Some(l.divisors(p)), l.attention),
+                    (None, true) => (self.divisors.as_deref(), self.rope_attention),
+                    (_, false) => (None, 1.0),
+                };
+                rotary(theta, divisors, p, c, s);
+                if attention != 1.0 {
+                    (c.iter_mut().chain(s.iter_mut())).for_each(|v| *v *= attention);
                 }
             }
             (cos, sin)
