@@ -1,7 +1,7 @@
 //! GGUF weight types without a kernel of ours, converted at load into one with one.
 //!
-//! kandle's CPU kernels ([`super::qmatmul`]) take Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K and
-//! Q6_K as the file holds them. The other quantised types (Q5_1, Q2_K, Q3_K) used to go
+//! kandle's CPU kernels ([`super::qmatmul`]) take Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K,
+//! Q6_K, IQ4_NL and IQ4_XS as the file holds them. The other quantised types (Q5_1, Q2_K, Q3_K) used to go
 //! through candle's `QMatMul`, one activation row at a time and without SIMD for some
 //! (README, Benchmarks); they are converted to Q8_0 when they are read, within about half a
 //! Q8_0 step (a 127th of the block's largest value), its scale rounded to f16. Q8_0 takes
@@ -38,6 +38,8 @@ pub(super) fn to_kernel_type(t: QTensor) -> Result<QTensor> {
         | GgmlDType::F32
         | GgmlDType::F16
         | GgmlDType::BF16 => Ok(t),
+        // IQ4_NL's and IQ4_XS's stand-ins (`iquant.rs`), which have kernels of their own.
+        d if super::iquant::IQuant::of_tag(d).is_some() => Ok(t),
         _ => through_f32(&t),
     }
 }

@@ -16,6 +16,7 @@ use candle_core::quantized::{QStorage, QTensor, gguf_file};
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::quantized_llama::{MAX_SEQ_LEN, ModelWeights};
 
+use super::iquant::Gguf;
 use super::qllama::{self, Arch, KvCache, Weights};
 use super::tensor_llama::{
     Biased, Experts as TensorExperts, Heads, Layer, Mlp, PREFILL_CHUNK, Proj, Rope, TensorLlama,
@@ -267,7 +268,7 @@ pub fn load_candle_reference(path: &Path) -> Result<LoadedModel> {
 /// as in candle-transformers' `quantized_llama`; the rotary embedding pairs interleaved
 /// dimensions, llama.cpp's order.
 fn tensor_weights<R: std::io::Read + std::io::Seek>(
-    ct: &gguf_file::Content,
+    ct: &Gguf,
     arch: Arch,
     reader: &mut R,
     device: &Device,
@@ -472,34 +473,17 @@ fn tensor_weights<R: std::io::Read + std::io::Seek>(
     })
 }
 
-/// Reads a GGUF file's header, naming a tensor type candle cannot read (the i-quants,
-/// ternary and FP4 types) instead of candle's "unknown dtype for tensor 23".
-pub(super) fn read_content(file: &mut std::fs::File, path: &Path) -> Result<gguf_file::Content> {
-    gguf_file::Content::read(file).map_err(|e| {
-        // The first line: with RUST_BACKTRACE set, candle's message carries a backtrace.
-        let msg = e.to_string();
-        let msg = msg.lines().next().unwrap_or_default();
-        match msg
-            .strip_prefix("unknown dtype for tensor ")
-            .and_then(|n| n.trim().parse::<u32>().ok())
-        {
-            Some(id) => Error::Model(unsupported_type(path, id)),
-            None => Error::Model(format!("{}: {msg}", path.display())),
-        }
-    })
-}
-
 /// The message for a GGUF tensor type `id` (ggml's numbering) kandle cannot load.
-fn unsupported_type(path: &Path, id: u32) -> String {
+pub(super) fn unsupported_type(path: &Path, id: u32) -> String {
     let name = match id {
+        9 => "Q8_1",
+        15 => "Q8_K",
         16 => "IQ2_XXS",
         17 => "IQ2_XS",
         18 => "IQ3_XXS",
         19 => "IQ1_S",
-        20 => "IQ4_NL",
         21 => "IQ3_S",
         22 => "IQ2_S",
-        23 => "IQ4_XS",
         24 => "I8",
         25 => "I16",
         26 => "I32",
@@ -518,8 +502,8 @@ fn unsupported_type(path: &Path, id: u32) -> String {
     };
     format!(
         "{} holds {what}, which kandle cannot load; it reads F32, F16, BF16, Q4_0, Q4_1, Q5_0, \
-         Q5_1, Q8_0 and the K-quants (Q2_K to Q6_K): pick another quantisation of the model, \
-         e.g. hf://<repo>:Q4_K_M",
+         Q5_1, Q8_0, the K-quants (Q2_K to Q6_K), IQ4_NL and IQ4_XS: pick another \
+         quantisation of the model, e.g. hf://<repo>:Q4_K_M",
         path.display()
     )
 }
@@ -556,14 +540,14 @@ fn vocab_tokenizer(ct: &gguf_file::Content, tokens: &[String]) -> Result<TextTok
 /// file will do), whatever its architecture: for tests against llama.cpp's vocabulary files.
 pub fn gguf_vocab_tokenizer(path: &Path) -> Result<TextTokenizer> {
     let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let ct = read_content(&mut file, path)?;
+    let ct = Gguf::read(&mut file, path)?;
     let tokens = md_string_list(&ct, "tokenizer.ggml.tokens")?;
     vocab_tokenizer(&ct, &tokens)
 }
 
 pub(super) fn load_with(path: &Path, forward: Forward, device: &Device) -> Result<LoadedModel> {
     let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let ct = read_content(&mut file, path)?;
+    let ct = Gguf::read(&mut file, path)?;
     let arch = Arch::of(&ct)?;
     // Biases other than Q's, K's and V's (which both forward passes add) would be left out,
     // answering wrongly: refused.
@@ -634,8 +618,16 @@ pub(super) fn load_with(path: &Path, forward: Forward, device: &Device) -> Resul
     };
 
     // Q4_1 weights become Q8_0 with KANDLE_GGUF_REQUANT=q8_0 (off by default, see requant.rs).
-    let (ct, mut reader) =
-        super::requant::prepare(ct, &mut file, super::requant::Requant::from_env()?)?;
+    let requant = super::requant::Requant::from_env()?;
+    if requant != super::requant::Requant::Off && !ct.iquants.is_empty() {
+        return Err(Error::Model(format!(
+            "{}: KANDLE_GGUF_REQUANT does not apply to a file with i-quants",
+            path.display()
+        )));
+    }
+    let Gguf { content, iquants } = ct;
+    let (content, mut reader) = super::requant::prepare(content, &mut file, requant)?;
+    let ct = Gguf { content, iquants };
     // Experts in one 3-D tensor each (`ffn_gate_exps`: every GGUF since 2024) run on kandle's
     // kernels; older files with a tensor per expert on candle's `quantized_llama`.
     let packed_experts = (ct.tensor_infos.keys()).any(|n| n.ends_with(".ffn_down_exps.weight"));
@@ -648,6 +640,12 @@ pub(super) fn load_with(path: &Path, forward: Forward, device: &Device) -> Resul
         // candle's `quantized_llama` is llama's alone.
         let own = [".bias", ".attn_q_norm.weight", ".attn_k_norm.weight"];
         let applied = (ct.tensor_infos.keys()).find(|n| own.iter().any(|o| n.ends_with(o)));
+        if let Some(name) = ct.iquants.keys().min() {
+            return Err(Error::Model(format!(
+                "GGUF with a tensor per expert and i-quants ({name}) is not supported: candle's \
+                 quantized_llama, which runs such files, cannot read them"
+            )));
+        }
         if arch != Arch::Llama || applied.is_some() {
             return Err(Error::Model(format!(
                 "GGUF {arch:?} with {} on candle's quantized_llama is not supported",
@@ -666,7 +664,7 @@ pub(super) fn load_with(path: &Path, forward: Forward, device: &Device) -> Resul
             )));
         }
         Box::new(GgufLlama {
-            weights: ModelWeights::from_gguf(ct, &mut reader, device)?,
+            weights: ModelWeights::from_gguf(ct.content, &mut reader, device)?,
             device: device.clone(),
             vocab_size,
             context_length: ctx_meta.min(MAX_SEQ_LEN),
@@ -702,13 +700,16 @@ fn split_rows(t: QTensor, rows: &[usize], device: &Device) -> Result<Vec<QTensor
         )));
     }
     let dtype = t.dtype();
-    let row_bytes = k / dtype.block_size() * dtype.type_size();
+    let row_bytes = t.data()?.len() / n;
     let data = t.data()?;
     let mut at = 0;
     rows.iter()
         .map(|&r| {
             let part = &data[at * row_bytes..(at + r) * row_bytes];
             at += r;
+            if let Some(part) = super::iquant::rows_of(&t, at - r, r, device)? {
+                return Ok(part);
+            }
             let storage = QStorage::from_data(std::borrow::Cow::Borrowed(part), device, dtype)?;
             Ok(QTensor::new(storage, (r, k))?)
         })
@@ -747,6 +748,7 @@ fn end_ids(eos: Option<u32>, declared: &[Option<u32>], tokens: &[String]) -> Vec
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::iquant::IQuant;
     use candle_core::quantized::QTensor;
 
     /// A GGUF file whose one tensor has the ggml type `id` (written as F32, the type field
@@ -774,20 +776,32 @@ mod tests {
     #[test]
     fn a_tensor_type_candle_cannot_read_is_named() {
         let dir = tempfile::tempdir().unwrap();
-        let path = file_with_type(dir.path(), 23);
+        let path = file_with_type(dir.path(), 16);
         let mut f = std::fs::File::open(&path).unwrap();
-        let err = read_content(&mut f, &path).unwrap_err().to_string();
+        let err = Gguf::read(&mut f, &path).unwrap_err().to_string();
         assert!(
-            err.contains("IQ4_XS") && err.contains("Q4_K_M") && err.contains("m.gguf"),
+            err.contains("IQ2_XXS") && err.contains("Q4_K_M") && err.contains("m.gguf"),
             "{err}"
         );
+        // The activations' type, whose name stands for IQ4_NL inside kandle.
+        let path = file_with_type(dir.path(), 9);
+        let mut f = std::fs::File::open(&path).unwrap();
+        let err = Gguf::read(&mut f, &path).unwrap_err().to_string();
+        assert!(err.contains("w is Q8_1") && err.contains("m.gguf"), "{err}");
+        for (id, kind) in [(20, IQuant::Iq4Nl), (23, IQuant::Iq4Xs)] {
+            let path = file_with_type(dir.path(), id);
+            let mut f = std::fs::File::open(&path).unwrap();
+            let ct = Gguf::read(&mut f, &path).unwrap();
+            assert_eq!(ct.iquants["w"], kind);
+            assert_eq!(ct.tensor_infos["w"].ggml_dtype, kind.tag());
+        }
         let path = file_with_type(dir.path(), 99);
         let mut f = std::fs::File::open(&path).unwrap();
-        let err = read_content(&mut f, &path).unwrap_err().to_string();
+        let err = Gguf::read(&mut f, &path).unwrap_err().to_string();
         assert!(err.contains("ggml type 99"), "{err}");
         let path = file_with_type(dir.path(), 0);
         let mut f = std::fs::File::open(&path).unwrap();
-        assert!(read_content(&mut f, &path).is_ok());
+        assert!(Gguf::read(&mut f, &path).is_ok());
     }
 
     #[test]

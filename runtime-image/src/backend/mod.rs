@@ -17,6 +17,7 @@ mod gguf_llama;
 mod gpt2;
 mod gptj;
 mod hugepages;
+mod iquant;
 mod layers;
 mod llama;
 mod qllama;
@@ -685,7 +686,7 @@ fn declared_architectures(path: &Path) -> Result<(String, Vec<String>)> {
     };
     if let Some(gguf) = gguf {
         let mut f = std::fs::File::open(&gguf).map_err(|e| Error::io(&gguf, e))?;
-        let content = gguf_llama::read_content(&mut f, &gguf)?;
+        let content = iquant::Gguf::read(&mut f, &gguf)?;
         let arch = content
             .metadata
             .get("general.architecture")

@@ -28,6 +28,7 @@ use candle_core::quantized::{QStorage, QTensor, gguf_file};
 use half::f16;
 use rayon::prelude::*;
 
+use super::iquant::{Gguf, IQuant};
 use super::qmatmul::QMat;
 use crate::error::{Error, Result};
 use kernels::{
@@ -537,7 +538,7 @@ pub(super) fn routing(
 /// Layer `p`'s experts' matrices of `part` (`gate`, `up`, `down`: `ffn_{part}_exps`), one per
 /// expert (of `count`), on `device`.
 pub(super) fn expert_matrices<R: std::io::Seek + std::io::Read>(
-    ct: &gguf_file::Content,
+    ct: &Gguf,
     reader: &mut R,
     p: &str,
     part: &str,
@@ -553,10 +554,14 @@ pub(super) fn expert_matrices<R: std::io::Seek + std::io::Read>(
         )));
     }
     let dtype = t.dtype();
-    let bytes = n * (k / dtype.block_size()) * dtype.type_size();
+    let bytes = t.data()?.len() / e;
     let data = t.data()?;
     (0..e)
         .map(|i| {
+            if let Some(kind) = IQuant::of_tag(dtype) {
+                let part = data[i * bytes..(i + 1) * bytes].to_vec();
+                return Ok(super::iquant::qtensor(kind, part, &[n, k], device)?);
+            }
             let part = std::borrow::Cow::Borrowed(&data[i * bytes..(i + 1) * bytes]);
             let storage = QStorage::from_data(part, device, dtype)?;
             Ok(QTensor::new(storage, (n, k))?)
@@ -588,7 +593,7 @@ pub(super) fn route(scores: &[f32], used: usize, scale: f32, normalise: bool) ->
 impl Experts {
     /// The experts of layer `p` (`blk.N`) of a GGUF, `None` where it has none.
     fn of<R: std::io::Seek + std::io::Read>(
-        ct: &gguf_file::Content,
+        ct: &Gguf,
         arch: Arch,
         reader: &mut R,
         p: &str,
@@ -1063,7 +1068,7 @@ pub(super) fn yarn_mscale(s: f32, m: f32) -> f32 {
 ///   `rope.scaling.attn_factor`, as llama.cpp multiplies them;
 /// - LongRoPE is [`LongRope`], not this; any other kind is refused by name.
 pub(super) fn rotary_scaling<R: std::io::Seek + std::io::Read>(
-    ct: &gguf_file::Content,
+    ct: &Gguf,
     arch: Arch,
     reader: &mut R,
     rope_dim: usize,
@@ -1225,7 +1230,7 @@ impl LongRope {
     /// per frequency; `rope.scaling.original_context_length`; `rope.scaling.attn_factor`, 1
     /// where absent, as llama.cpp reads them), `None` without the factors.
     pub(super) fn of<R: std::io::Seek + std::io::Read>(
-        ct: &gguf_file::Content,
+        ct: &Gguf,
         arch: Arch,
         reader: &mut R,
         frequencies: usize,
@@ -1325,7 +1330,7 @@ impl Weights {
     /// Reads a dense llama GGUF (the tensor names `quantized_llama` reads), for sequences of
     /// up to `max_positions` tokens.
     pub(super) fn from_gguf<R: std::io::Seek + std::io::Read>(
-        ct: &gguf_file::Content,
+        ct: &Gguf,
         arch: Arch,
         reader: &mut R,
         max_positions: usize,

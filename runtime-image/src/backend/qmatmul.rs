@@ -47,6 +47,7 @@ use rayon::prelude::*;
 
 use super::SharedOut;
 use super::hugepages::WeightBytes;
+use super::iquant::{self, IQuant, VALUES};
 use crate::error::{Error, Result};
 
 /// Values per quantisation block (Q4_1, Q8_0 and the activations' Q8_1).
@@ -88,7 +89,22 @@ pub(super) enum Kind {
     /// ([`Kind::pack_q4k`]), 5.625 bits a weight (the file's 5.5), where converting it to
     /// Q8_0 took 8.5 (and the load's round trip through f32).
     Q5K,
+    /// IQ4_NL ([`super::iquant`]), `{d: f16, qs: [u8; 16]}` as Q4_0: value =
+    /// d·[`VALUES`]`[q]`. Packed as Q4_0, 4.5 bits a weight as in the file.
+    Iq4Nl,
+    /// IQ4_XS ([`super::iquant`]), super-blocks of 256: per sub-block `s` of 32, value =
+    /// d·(l_s − 32)·[`VALUES`]`[q]`. Packed in its own layout ([`Kind::pack_iq4xs`]), 4.3125
+    /// bits a weight (the file's 4.25, the sub-blocks' `l_s − 32` a byte each).
+    Iq4Xs,
 }
+
+/// Bytes of one IQ4_XS super-block of 256 weights in a GGUF file.
+const IQ4XS_BLOCK: usize = 136;
+/// Bytes of one packed IQ4_XS block of 32 weights of a tile's sixteen rows: per row the
+/// sub-block's `l − 32` (`i8`), then four groups of nibble bytes as Q4_1's.
+const IQ4XS_TILE_BLOCK: usize = ROWS * 17;
+/// Bytes of one packed IQ4_XS super-block of a tile: the rows' `d` (f16), then eight blocks.
+const IQ4XS_TILE_SUPER: usize = 2 * ROWS + 8 * IQ4XS_TILE_BLOCK;
 
 /// Bytes of one Q6_K super-block of 256 weights in a GGUF file.
 const Q6K_BLOCK: usize = 210;
@@ -124,7 +140,11 @@ impl Kind {
             GgmlDType::Q4_0 => Some(Kind::Q4_0),
             GgmlDType::Q5_0 => Some(Kind::Q5_0),
             GgmlDType::Q5K => Some(Kind::Q5K),
-            _ => None,
+            // The i-quants' stand-ins (`iquant.rs`), whose storage holds their own bytes.
+            d => match IQuant::of_tag(d)? {
+                IQuant::Iq4Nl => Some(Kind::Iq4Nl),
+                IQuant::Iq4Xs => Some(Kind::Iq4Xs),
+            },
         }
     }
 
@@ -134,9 +154,9 @@ impl Kind {
         match self {
             Kind::Q4_1 => 20,
             Kind::Q8_0 => 34,
-            Kind::Q4_0 => 18,
+            Kind::Q4_0 | Kind::Iq4Nl => 18,
             Kind::Q5_0 => 22,
-            Kind::Q6K | Kind::Q4K | Kind::Q5K => {
+            Kind::Q6K | Kind::Q4K | Kind::Q5K | Kind::Iq4Xs => {
                 unreachable!("K-quant blocks are of 256 weights")
             }
         }
@@ -149,7 +169,8 @@ impl Kind {
             Kind::Q6K => Some((Q6K_BLOCK, Q6K_TILE_SUPER)),
             Kind::Q4K => Some((Q4K_BLOCK, Q4K_TILE_SUPER)),
             Kind::Q5K => Some((Q5K_BLOCK, Q5K_TILE_SUPER)),
-            Kind::Q4_1 | Kind::Q8_0 | Kind::Q4_0 | Kind::Q5_0 => None,
+            Kind::Iq4Xs => Some((IQ4XS_BLOCK, IQ4XS_TILE_SUPER)),
+            Kind::Q4_1 | Kind::Q8_0 | Kind::Q4_0 | Kind::Q5_0 | Kind::Iq4Nl => None,
         }
     }
 
@@ -177,10 +198,12 @@ impl Kind {
         }
     }
 
-    /// Q4_0's and Q5_0's values are `q` less this.
+    /// Q4_0's and Q5_0's values are `q` less this; the i-quants' codes stand for values
+    /// this less than the bytes their kernels multiply ([`IQ4_BYTES`]).
     fn offset(self) -> i32 {
         match self {
             Kind::Q5_0 => 16,
+            Kind::Iq4Nl | Kind::Iq4Xs => 128,
             _ => 8,
         }
     }
@@ -243,6 +266,7 @@ impl Kind {
                             let to = &mut tile[s * packed..];
                             match self {
                                 Kind::Q6K => Kind::pack_q6k(sb, to, lane),
+                                Kind::Iq4Xs => Kind::pack_iq4xs(sb, to, lane),
                                 _ => self.pack_q4k(sb, to, lane),
                             }
                         }
@@ -343,6 +367,31 @@ impl Kind {
             q |= fifth_bit(&blk[2 * ROWS + 256 + 4 * lane..][..4], i) << 4;
         }
         (q, blk[2 * lane], blk[2 * lane + 1])
+    }
+
+    /// One GGUF IQ4_XS super-block into lane `lane` of a packed tile super-block: `d` in
+    /// bytes `2·lane`, then per block of 32 (`IQ4XS_TILE_BLOCK` bytes from `2·ROWS`) the
+    /// sub-block's `l − 32` at `lane` and its nibble group `g` (bytes `4g..4g+4` of the
+    /// file's, which hold element `i` low and `i + 16` high, as Q4_1's) at `ROWS + 64g +
+    /// 4·lane`.
+    fn pack_iq4xs(raw: &[u8], sup: &mut [u8], lane: usize) {
+        sup[2 * lane..2 * lane + 2].copy_from_slice(&raw[..2]);
+        for b in 0..8 {
+            let blk = &mut sup[2 * ROWS + b * IQ4XS_TILE_BLOCK..][..IQ4XS_TILE_BLOCK];
+            blk[lane] = (iquant::xs_scale(raw, b) - 32) as i8 as u8;
+            let qs = &raw[8 + 16 * b..][..16];
+            for g in 0..4 {
+                blk[ROWS + 64 * g + 4 * lane..][..4].copy_from_slice(&qs[4 * g..4 * g + 4]);
+            }
+        }
+    }
+
+    /// Element `i`'s code of block `b` of lane `lane` in a packed IQ4_XS tile super-block,
+    /// and the block's `l − 32` ([`Kind::pack_iq4xs`] undone).
+    fn iq4xs_at(sup: &[u8], lane: usize, b: usize, i: usize) -> (u8, i8) {
+        let blk = &sup[2 * ROWS + b * IQ4XS_TILE_BLOCK..];
+        let byte = blk[ROWS + 64 * ((i % 16) / 4) + 4 * lane + i % 4];
+        ((byte >> (4 * (i / 16))) & 15, blk[lane] as i8)
     }
 
     /// Element `i` of block `b` of lane `lane` in a packed Q6_K tile super-block, and the
@@ -642,6 +691,19 @@ impl QMat {
             }
             return Some(());
         }
+        if *kind == Kind::Iq4Xs {
+            let tile = &data[(j / ROWS) * kind.tile_bytes(*k)..];
+            for (s, o) in out[..*k].chunks_exact_mut(256).enumerate() {
+                let sup = &tile[s * IQ4XS_TILE_SUPER..];
+                let d = f16_at(sup, 2 * (j % ROWS));
+                for (i, o) in o.iter_mut().enumerate() {
+                    // As ggml's `dequantize_row_iq4_xs`: `d·(l − 32)`, then the value.
+                    let (q, sc) = Kind::iq4xs_at(sup, j % ROWS, i / 32, i % 32);
+                    *o = d * sc as f32 * VALUES[q as usize] as f32;
+                }
+            }
+            return Some(());
+        }
         if let Some((_, packed)) = kind.super_bytes() {
             // Q4_K or Q5_K.
             let tile = &data[(j / ROWS) * kind.tile_bytes(*k)..];
@@ -688,7 +750,16 @@ impl QMat {
                         *o = (q as i32 - offset) as f32 * d;
                     }
                 }
-                Kind::Q6K | Kind::Q4K | Kind::Q5K => unreachable!("K-quant rows are read above"),
+                Kind::Iq4Nl => {
+                    let d = f16_at(blk, 0);
+                    for (i, o) in o.iter_mut().enumerate() {
+                        let q = blk[2 + i % 16] >> (4 * (i / 16)) & 15;
+                        *o = d * VALUES[q as usize] as f32;
+                    }
+                }
+                Kind::Q6K | Kind::Q4K | Kind::Q5K | Kind::Iq4Xs => {
+                    unreachable!("super-block rows are read above")
+                }
             }
         }
         Some(())
@@ -949,6 +1020,14 @@ fn tile_times_acts(
                             let f: Kernel<$r> = $module::q4_0::<$r, true>;
                             std::hint::black_box(f)(w, acts, i, ys.try_into().unwrap())
                         })+
+                        $((Kind::Iq4Nl, $r) => {
+                            let f: Kernel<$r> = $module::iq4::<$r, false>;
+                            std::hint::black_box(f)(w, acts, i, ys.try_into().unwrap())
+                        })+
+                        $((Kind::Iq4Xs, $r) => {
+                            let f: Kernel<$r> = $module::iq4::<$r, true>;
+                            std::hint::black_box(f)(w, acts, i, ys.try_into().unwrap())
+                        })+
                         _ => unreachable!("{r} rows"),
                     }
                 };
@@ -980,6 +1059,7 @@ fn scalar_tile(kind: Kind, w: &[u8], acts: &Acts, row: usize) -> [f32; ROWS] {
     match kind {
         Kind::Q6K => return scalar_q6k(w, acts, row),
         Kind::Q4K | Kind::Q5K => return scalar_q4k(kind, w, acts, row),
+        Kind::Iq4Nl | Kind::Iq4Xs => return scalar_iq4(kind, w, acts, row),
         Kind::Q4_1 | Kind::Q8_0 | Kind::Q4_0 | Kind::Q5_0 => {}
     }
     let nb = acts.k / QK;
@@ -1014,7 +1094,9 @@ fn scalar_tile(kind: Kind, w: &[u8], acts: &Acts, row: usize) -> [f32; ROWS] {
                     let dot: i32 = (0..QK).map(|i| q(i) as i32 * x[i] as i32).sum();
                     dot - kind.offset() * acts.sums[row * nb + b]
                 }
-                Kind::Q6K | Kind::Q4K | Kind::Q5K => unreachable!("K-quant tiles have their own"),
+                Kind::Q6K | Kind::Q4K | Kind::Q5K | Kind::Iq4Nl | Kind::Iq4Xs => {
+                    unreachable!("tiles with a scalar kernel of their own")
+                }
             };
             *a = (dot as f32).mul_add(f16_at(tile, 2 * lane) * dx, *a);
             if kind == Kind::Q4_1 {
@@ -1053,6 +1135,57 @@ fn scalar_q4k(kind: Kind, w: &[u8], acts: &Acts, row: usize) -> [f32; ROWS] {
     std::array::from_fn(|l| acc[l] + acc_m[l])
 }
 
+/// [`scalar_tile`] for IQ4_NL and IQ4_XS, and the definition their SIMD kernels follow bit for
+/// bit: per block of 32 and row, the exact integer `Σ VALUES[q]·x`, then `acc = fma(sum,
+/// d_w·d_x, acc)` with the block's `d_w = d` (IQ4_NL) or `d·(l − 32)` (IQ4_XS, exact in f32:
+/// an f16 times a six-bit integer).
+fn scalar_iq4(kind: Kind, w: &[u8], acts: &Acts, row: usize) -> [f32; ROWS] {
+    let nb = acts.k / QK;
+    let mut acc = [0f32; ROWS];
+    for b in 0..nb {
+        let x = &acts.qs[row * acts.k + b * QK..][..QK];
+        let [dx, _] = acts.ds[row * nb + b];
+        // Where the rows' `d` lie, the block's nibble groups, and IQ4_XS's `l − 32`.
+        let (ds, words, sc) = match kind {
+            Kind::Iq4Xs => {
+                let sup = &w[b / 8 * IQ4XS_TILE_SUPER..];
+                let tb = &sup[2 * ROWS + b % 8 * IQ4XS_TILE_BLOCK..];
+                (sup, &tb[ROWS..], Some(&tb[..ROWS]))
+            }
+            _ => {
+                let tb = &w[b * ROWS * kind.block_bytes()..];
+                (tb, &tb[2 * ROWS..], None)
+            }
+        };
+        for (lane, a) in acc.iter_mut().enumerate() {
+            let dot: i32 = (0..QK)
+                .map(|i| {
+                    let byte = words[64 * ((i % 16) / 4) + 4 * lane + i % 4];
+                    VALUES[((byte >> (4 * (i / 16))) & 15) as usize] as i32 * x[i] as i32
+                })
+                .sum();
+            let dw = match sc {
+                Some(sc) => f16_at(ds, 2 * lane) * sc[lane] as i8 as f32,
+                None => f16_at(ds, 2 * lane),
+            };
+            *a = (dot as f32).mul_add(dw * dx, *a);
+        }
+    }
+    acc
+}
+
+/// The i-quants' [`VALUES`] plus 128, as the unsigned bytes `vpdpbusd` multiplies (their
+/// kernels take `128·Σx` off each block's sum).
+const IQ4_BYTES: [u8; 16] = {
+    let mut b = [0u8; 16];
+    let mut i = 0;
+    while i < 16 {
+        b[i] = (VALUES[i] as i16 + 128) as u8;
+        i += 1;
+    }
+    b
+};
+
 /// [`scalar_tile`] for Q6_K, and the definition its SIMD kernels follow bit for bit: per
 /// block of 32 and row, with `D₀`, `D₁` the sums of `q·x` over the block's two sub-blocks
 /// of 16, `S₀`, `S₁` those of `x` ([`Acts::halves`]) and `c₀`, `c₁` the sub-blocks' scales,
@@ -1088,7 +1221,10 @@ fn scalar_q6k(w: &[u8], acts: &Acts, row: usize) -> [f32; ROWS] {
 mod avx {
     use core::arch::x86_64::*;
 
-    use super::{Acts, Kind, Q6K_TILE_BLOCK, Q6K_TILE_SUPER, QK, ROWS};
+    use super::{
+        Acts, IQ4XS_TILE_BLOCK, IQ4XS_TILE_SUPER, Kind, Q6K_TILE_BLOCK, Q6K_TILE_SUPER, QK, ROWS,
+        VALUES,
+    };
 
     /// [`super::quantize_block`] with the same results (the same products, rounded half to
     /// even), as llama.cpp's AVX2 `quantize_row_q8_1`.
@@ -1448,6 +1584,90 @@ mod avx {
         }
     }
 
+    /// `R` activation rows from `row0` times one packed IQ4_NL tile (`XS`: IQ4_XS), eight
+    /// weight rows at a time: each nibble looked up (`vpshufb`) as its signed value, and
+    /// multiplied as llama.cpp's AVX2 kernels do, `vpmaddubsw` of its size and the activation
+    /// with its sign (pairs within 2·127·127 < 2^15, each widened before the next is added).
+    ///
+    /// # Safety
+    /// `w` is a packed IQ4_NL (IQ4_XS) tile of `acts.k / 32` blocks; rows `row0..row0 + R`
+    /// exist.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn iq4<const R: usize, const XS: bool>(
+        w: &[u8],
+        acts: &Acts,
+        row0: usize,
+        out: &mut [[f32; ROWS]; R],
+    ) {
+        let block = if XS {
+            IQ4XS_TILE_BLOCK
+        } else {
+            ROWS * Kind::Iq4Nl.block_bytes()
+        };
+        let nb = acts.k / QK;
+        debug_assert!(w.len() >= nb * block && row0 + R <= acts.m);
+        let low = _mm256_set1_epi8(0xF);
+        let ones = _mm256_set1_epi16(1);
+        // SAFETY: sixteen bytes.
+        let table = unsafe { _mm_loadu_si128(VALUES.as_ptr() as *const __m128i) };
+        let table = _mm256_broadcastsi128_si256(table);
+        let wp = w.as_ptr();
+        let xq = acts.qs.as_ptr();
+        let xds = acts.ds.as_ptr();
+        for half in 0..2 {
+            let mut acc = [_mm256_setzero_ps(); R];
+            for b in 0..nb {
+                unsafe {
+                    let (dw, words) = if XS {
+                        let sup = wp.add(b / 8 * IQ4XS_TILE_SUPER);
+                        let tb = sup.add(2 * ROWS + b % 8 * block);
+                        let d = _mm_loadu_si128(sup.add(16 * half) as *const __m128i);
+                        let sc = _mm_loadl_epi64(tb.add(8 * half) as *const __m128i);
+                        let sc = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc));
+                        (
+                            _mm256_mul_ps(_mm256_cvtph_ps(d), sc),
+                            tb.add(ROWS + 32 * half),
+                        )
+                    } else {
+                        let tb = wp.add(b * block);
+                        let d = _mm_loadu_si128(tb.add(16 * half) as *const __m128i);
+                        (_mm256_cvtph_ps(d), tb.add(2 * ROWS + 32 * half))
+                    };
+                    let mut dot = [_mm256_setzero_si256(); R];
+                    for g in 0..4 {
+                        let q = _mm256_loadu_si256(words.add(64 * g) as *const __m256i);
+                        let lo = _mm256_shuffle_epi8(table, _mm256_and_si256(q, low));
+                        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), low);
+                        let hi = _mm256_shuffle_epi8(table, hi);
+                        let (lo_size, hi_size) = (_mm256_abs_epi8(lo), _mm256_abs_epi8(hi));
+                        for r in 0..R {
+                            let x = xq.add((row0 + r) * acts.k + b * QK);
+                            let xl =
+                                _mm256_set1_epi32((x.add(4 * g) as *const i32).read_unaligned());
+                            let xh = _mm256_set1_epi32(
+                                (x.add(16 + 4 * g) as *const i32).read_unaligned(),
+                            );
+                            let pl = _mm256_maddubs_epi16(lo_size, _mm256_sign_epi8(xl, lo));
+                            let ph = _mm256_maddubs_epi16(hi_size, _mm256_sign_epi8(xh, hi));
+                            dot[r] = _mm256_add_epi32(dot[r], _mm256_madd_epi16(pl, ones));
+                            dot[r] = _mm256_add_epi32(dot[r], _mm256_madd_epi16(ph, ones));
+                        }
+                    }
+                    for r in 0..R {
+                        let [dx, _] = *xds.add((row0 + r) * nb + b);
+                        let dot = _mm256_cvtepi32_ps(dot[r]);
+                        acc[r] =
+                            _mm256_fmadd_ps(dot, _mm256_mul_ps(dw, _mm256_set1_ps(dx)), acc[r]);
+                    }
+                }
+            }
+            for r in 0..R {
+                // SAFETY: eight floats within a row of sixteen.
+                unsafe { _mm256_storeu_ps(out[r].as_mut_ptr().add(8 * half), acc[r]) };
+            }
+        }
+    }
+
     /// `R` activation rows from `row0` times one packed Q6_K tile, eight weight rows at a
     /// time. The six-bit values are the nibbles with their two high bits shifted beside them
     /// ([`super::Kind::pack_q6k`]); `vpmaddwd` with each row's scale (twice in a lane) sums
@@ -1550,7 +1770,10 @@ mod avx {
 mod avx512 {
     use core::arch::x86_64::*;
 
-    use super::{Acts, Kind, Q6K_TILE_BLOCK, Q6K_TILE_SUPER, QK, ROWS};
+    use super::{
+        Acts, IQ4_BYTES, IQ4XS_TILE_BLOCK, IQ4XS_TILE_SUPER, Kind, Q6K_TILE_BLOCK, Q6K_TILE_SUPER,
+        QK, ROWS,
+    };
 
     /// Blocks ahead of the one being multiplied whose weights are fetched into the cache.
     /// The hardware prefetcher alone left the 8-row kernels waiting on weight loads (`perf
@@ -1859,6 +2082,83 @@ mod avx512 {
         }
     }
 
+    /// `R` activation rows from `row0` times one packed IQ4_NL tile (`XS`: IQ4_XS): as
+    /// [`q4_0`], each nibble looked up (`vpshufb`) as its value plus 128 ([`IQ4_BYTES`]),
+    /// `128·Σx` taken off; IQ4_XS's `d_w = d·(l − 32)` made from the rows' super-block `d`
+    /// and block bytes.
+    ///
+    /// # Safety
+    /// `w` is a packed IQ4_NL (IQ4_XS) tile of `acts.k / 32` blocks; rows `row0..row0 + R`
+    /// exist.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub(super) unsafe fn iq4<const R: usize, const XS: bool>(
+        w: &[u8],
+        acts: &Acts,
+        row0: usize,
+        out: &mut [[f32; ROWS]; R],
+    ) {
+        let block = if XS {
+            IQ4XS_TILE_BLOCK
+        } else {
+            ROWS * Kind::Iq4Nl.block_bytes()
+        };
+        let nb = acts.k / QK;
+        debug_assert!(w.len() >= nb * block && row0 + R <= acts.m);
+        let low = _mm512_set1_epi8(0xF);
+        // SAFETY: sixteen bytes.
+        let table = unsafe { _mm_loadu_si128(IQ4_BYTES.as_ptr() as *const __m128i) };
+        let table = _mm512_broadcast_i32x4(table);
+        let mut acc = [_mm512_setzero_ps(); R];
+        let wp = w.as_ptr();
+        let xq = acts.qs.as_ptr();
+        let xds = acts.ds.as_ptr();
+        let sums = acts.sums.as_ptr();
+        for b in 0..nb {
+            unsafe {
+                let (dw, words) = if XS {
+                    let sup = wp.add(b / 8 * IQ4XS_TILE_SUPER);
+                    let tb = sup.add(2 * ROWS + b % 8 * block);
+                    prefetch_ahead(tb, block);
+                    let d = _mm512_cvtph_ps(_mm256_loadu_si256(sup as *const __m256i));
+                    let sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(tb as *const __m128i));
+                    (_mm512_mul_ps(d, _mm512_cvtepi32_ps(sc)), tb.add(ROWS))
+                } else {
+                    let tb = wp.add(b * block);
+                    prefetch_ahead(tb, block);
+                    let d = _mm512_cvtph_ps(_mm256_loadu_si256(tb as *const __m256i));
+                    (d, tb.add(2 * ROWS))
+                };
+                let mut dot: [__m512i; R] = std::array::from_fn(|r| {
+                    _mm512_set1_epi32(-128 * *sums.add((row0 + r) * nb + b))
+                });
+                let mut doth = [_mm512_setzero_si512(); R];
+                for g in 0..4 {
+                    let q = _mm512_loadu_si512(words.add(64 * g) as *const __m512i);
+                    let lo = _mm512_shuffle_epi8(table, _mm512_and_si512(q, low));
+                    let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(q), low);
+                    let hi = _mm512_shuffle_epi8(table, hi);
+                    for r in 0..R {
+                        let x = xq.add((row0 + r) * acts.k + b * QK);
+                        let xl = _mm512_set1_epi32((x.add(4 * g) as *const i32).read_unaligned());
+                        let xh =
+                            _mm512_set1_epi32((x.add(16 + 4 * g) as *const i32).read_unaligned());
+                        dot[r] = _mm512_dpbusd_epi32(dot[r], lo, xl);
+                        doth[r] = _mm512_dpbusd_epi32(doth[r], hi, xh);
+                    }
+                }
+                for r in 0..R {
+                    let [dx, _] = *xds.add((row0 + r) * nb + b);
+                    let dot = _mm512_cvtepi32_ps(_mm512_add_epi32(dot[r], doth[r]));
+                    acc[r] = _mm512_fmadd_ps(dot, _mm512_mul_ps(dw, _mm512_set1_ps(dx)), acc[r]);
+                }
+            }
+        }
+        for r in 0..R {
+            // SAFETY: sixteen floats, one row.
+            unsafe { _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]) };
+        }
+    }
+
     /// `R` activation rows from `row0` times one packed Q6_K tile: as [`q4_1`], the six-bit
     /// values being the nibbles with their high bits shifted beside them
     /// ([`super::Kind::pack_q6k`]); each sub-block's sum in its own register, weighed by its
@@ -1972,9 +2272,15 @@ mod tests {
         (0..n).map(|_| lcg(&mut s)).collect()
     }
 
+    /// An `(n, k)` matrix of `dtype` (an i-quant's stand-in: [`iquant_bytes`]) and its values.
     fn weights(dtype: GgmlDType, n: usize, k: usize) -> (QMat, Vec<f32>) {
         let w = Tensor::from_vec(random(n * k, 7), (n, k), &Device::Cpu).unwrap();
-        let q = QTensor::quantize(&w, dtype).unwrap();
+        let q = match IQuant::of_tag(dtype) {
+            Some(kind) => {
+                iquant::qtensor(kind, iquant_bytes(kind, n * k), &[n, k], &Device::Cpu).unwrap()
+            }
+            None => QTensor::quantize(&w, dtype).unwrap(),
+        };
         let dense = q
             .dequantize(&Device::Cpu)
             .unwrap()
@@ -1983,6 +2289,20 @@ mod tests {
             .to_vec1::<f32>()
             .unwrap();
         (QMat::from_qtensor(q).unwrap(), dense)
+    }
+
+    /// `count` values of i-quant `kind` (kandle does not quantise to them): random codes and
+    /// six-bit scales, and scales `d` of 1/64 to 1/32.
+    fn iquant_bytes(kind: IQuant, count: usize) -> Vec<u8> {
+        let mut seed = 11u64;
+        let mut byte = || ((lcg(&mut seed) + 1.0) * 128.0) as u8;
+        (0..count / kind.block())
+            .flat_map(|_| {
+                let d = f16::from_f32((2.0 + byte() as f32 / 128.0) / 128.0).to_le_bytes();
+                let rest: Vec<u8> = (2..kind.block_bytes()).map(|_| byte()).collect();
+                [&d[..], &rest].concat()
+            })
+            .collect()
     }
 
     /// x · Wᵀ in f64 with the activations as the kernels see them (dequantised Q8).
@@ -2035,6 +2355,8 @@ mod tests {
             (GgmlDType::Q6K, [256, 768]),
             (GgmlDType::Q4K, [256, 768]),
             (GgmlDType::Q5K, [256, 768]),
+            (IQuant::Iq4Nl.tag(), [96, 128]),
+            (IQuant::Iq4Xs.tag(), [256, 768]),
         ] {
             // Odd and even block (Q6_K: super-block) counts; 37 rows: two full tiles and a
             // padded one.
@@ -2096,7 +2418,7 @@ mod tests {
     fn the_largest_values_stay_exact_on_every_path() {
         let one = f16::ONE.to_bits().to_le_bytes();
         // One block (or super-block) of each type with every value at its largest.
-        let blocks: [(GgmlDType, Vec<u8>); 7] = [
+        let blocks: [(GgmlDType, Vec<u8>); 9] = [
             (GgmlDType::Q4_0, [&one[..], &[0xFF; 16]].concat()),
             (GgmlDType::Q4_1, [&one[..], &[0, 0], &[0xFF; 16]].concat()),
             (GgmlDType::Q8_0, [&one[..], &[0x80; 32]].concat()),
@@ -2109,12 +2431,19 @@ mod tests {
                 GgmlDType::Q6K,
                 [&[0xFF; 192][..], &[0x80; 16], &one].concat(),
             ),
+            // Every code 0 (−127); IQ4_XS's scales 0 (l − 32 = −32).
+            (IQuant::Iq4Nl.tag(), [&one[..], &[0; 16]].concat()),
+            (IQuant::Iq4Xs.tag(), [&one[..], &[0; 134]].concat()),
         ];
         for (dtype, block) in blocks {
             let (n, k) = (16, 512);
             let per_row = k / dtype.block_size();
             let raw = block.repeat(n * per_row);
-            let q = ggml_file::qtensor_from_ggml(dtype, &raw, vec![n, k], &Device::Cpu).unwrap();
+            let q = match IQuant::of_tag(dtype) {
+                Some(kind) => iquant::qtensor(kind, raw, &[n, k], &Device::Cpu),
+                None => ggml_file::qtensor_from_ggml(dtype, &raw, vec![n, k], &Device::Cpu),
+            };
+            let q = q.unwrap();
             let mat = QMat::from_qtensor(q).unwrap();
             let QMat::Own { kind, data, .. } = &mat else {
                 panic!("{dtype:?} has no kernel")
@@ -2375,6 +2704,8 @@ mod tests {
             (GgmlDType::Q6K, 512),
             (GgmlDType::Q4K, 512),
             (GgmlDType::Q5K, 512),
+            (IQuant::Iq4Nl.tag(), 64),
+            (IQuant::Iq4Xs.tag(), 512),
         ] {
             let (mat, dense) = weights(dtype, 21, k);
             let mut row = vec![0f32; k];
@@ -2385,11 +2716,10 @@ mod tests {
         }
     }
 
-    /// Q4_0, Q5_0 and the K-quants are packed as they are, not converted: 16 rows of 256
-    /// weights take 16 × 8 × 18 bytes of Q4_0, 16 × 8 × 22 of Q5_0 and 16 × 210 of Q6_K, as in
-    /// the file, and 16 × 148 of
-    /// Q4_K and 16 × 180 of Q5_K (the file's 144 and 176 with the twelve bytes of six-bit
-    /// scales and mins a byte each).
+    /// Q4_0, Q5_0, the K-quants and the i-quants are packed as they are, not converted: 16
+    /// rows of 256 weights take 16 × 8 × 18 bytes of Q4_0 and IQ4_NL, 16 × 8 × 22 of Q5_0 and
+    /// 16 × 210 of Q6_K, as in the file, and 16 × 148 of Q4_K, 16 × 180 of Q5_K and 16 × 138 of
+    /// IQ4_XS (the file's 144, 176 and 136 with the six-bit scales and mins a byte each).
     #[test]
     fn k_quants_are_packed_in_their_own_size_and_not_converted() {
         for (dtype, kind, row_bytes) in [
@@ -2398,6 +2728,8 @@ mod tests {
             (GgmlDType::Q6K, Kind::Q6K, Q6K_BLOCK),
             (GgmlDType::Q4K, Kind::Q4K, Q4K_BLOCK + 4),
             (GgmlDType::Q5K, Kind::Q5K, Q5K_BLOCK + 4),
+            (IQuant::Iq4Nl.tag(), Kind::Iq4Nl, 8 * 18),
+            (IQuant::Iq4Xs.tag(), Kind::Iq4Xs, IQ4XS_BLOCK + 2),
         ] {
             let (mat, _) = weights(dtype, 37, 512);
             let QMat::Own { kind: k, data, .. } = &mat else {

@@ -1,0 +1,154 @@
+# The reference for runtime_models' i-quant test: llama.cpp's own forward pass on a small llama
+# whose matrices are IQ4_NL and IQ4_XS (the tiny llama fixture's tokenizer and prompts; 256
+# wide, heads of 64, an MLP of 512, two layers, so that rows hold whole IQ4_XS super-blocks of
+# 256). kandle does not quantise to the i-quants, so the weights are not a trained model's: each
+# block's bytes come from the integer formula `byte` below, which the Rust test repeats exactly
+# (`iq4_byte`), and the scales from it are small binary fractions, the same f16 in both
+# languages. For each of the fixture's cases, the logits after its prompt and llama.cpp's greedy
+# continuation are written out.
+#
+# Run: pip install numpy gguf==0.19.0 llama-cpp-python==0.3.36; then
+# python3 tests/references/iquants.py > tests/references/iquants.json
+import json, os, tempfile
+
+import gguf
+import numpy as np
+from llama_cpp import Llama
+
+FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', '..', 'shared', 'fixtures', 'tiny', 'llama')
+GREEDY = 8
+# Width, heads, kv heads, MLP width, layers (the Rust test's `IQ4_SHAPE` too).
+SHAPE = (256, 4, 2, 512, 2)
+NL, XS = gguf.GGMLQuantizationType.IQ4_NL, gguf.GGMLQuantizationType.IQ4_XS
+# Each matrix's type by layer (the Rust test's `iq4_type`): both kinds in one layer, a fused
+# Q, K, V of mixed kinds in the second, the tied embeddings (the head too) in IQ4_XS.
+TYPES = {
+    'attn_q': (NL, XS), 'attn_k': (NL, XS), 'attn_v': (NL, NL), 'attn_output': (NL, XS),
+    'ffn_gate': (XS, XS), 'ffn_up': (XS, XS), 'ffn_down': (NL, XS),
+}
+
+
+def byte(salt, block, j):
+    """The Rust test's `iq4_byte`: byte j of block `block` of the matrix `salt`."""
+    return ((salt * 1_000_003 + block * 7919 + j * 104_729) * 2_654_435_761 >> 7) & 0xFF
+
+
+def block_bytes(kind, salt, b):
+    """One block: IQ4_NL {d, qs[16]}, d = (1 + byte mod 8) / 4096; IQ4_XS {d, scales_h,
+    scales_l[4], qs[128]}, d = (1 + byte mod 8) / 16384, each sub-block's l = 28 + byte mod 8."""
+    if kind == NL:
+        d = np.float16((1 + byte(salt, b, 0) % 8) / 4096).tobytes()
+        return d + bytes(byte(salt, b, 2 + j) for j in range(16))
+    d = np.float16((1 + byte(salt, b, 0) % 8) / 16384).tobytes()
+    ls = [28 + byte(salt, b, 100 + s) % 8 for s in range(8)]
+    high = sum((l >> 4) << (2 * s) for s, l in enumerate(ls))
+    low = bytes((ls[2 * i] & 15) | (ls[2 * i + 1] & 15) << 4 for i in range(4))
+    return d + high.to_bytes(2, 'little') + low + bytes(byte(salt, b, 8 + j) for j in range(128))
+
+
+def matrix(kind, salt, rows, cols):
+    per = 32 if kind == NL else 256
+    raw = b''.join(block_bytes(kind, salt, b) for b in range(rows * cols // per))
+    return np.frombuffer(raw, dtype=np.uint8).reshape(rows, -1)
+
+
+def norm_weight(n, salt):
+    """The Rust test's `qwen_norm`: 1 + ((5j + 3 salt) mod 17 − 8) / 64."""
+    return np.array([1 + ((5 * j + 3 * salt) % 17 - 8) / 64 for j in range(n)], dtype=np.float32)
+
+
+def write(path, f32=False):
+    hidden, heads, kv, ffn, layers = SHAPE
+    hd = hidden // heads
+    cfg = json.load(open(os.path.join(FIXTURE, 'config.json')))
+    tok = json.load(open(os.path.join(FIXTURE, 'tokenizer.json')))
+    w = gguf.GGUFWriter(path, 'llama')
+    w.add_block_count(layers)
+    w.add_context_length(cfg['max_position_embeddings'])
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(hd)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_IQ4_XS)
+    vocab = [''] * cfg['vocab_size']
+    for t, i in tok['model']['vocab'].items():
+        vocab[i] = t
+    types = [gguf.TokenType.NORMAL] * len(vocab)
+    for a in tok['added_tokens']:
+        vocab[a['id']] = a['content']
+        types[a['id']] = gguf.TokenType.CONTROL
+    merges = [m if isinstance(m, str) else ' '.join(m) for m in tok['model']['merges']]
+    w.add_tokenizer_model('gpt2')
+    w.add_tokenizer_pre('default')
+    w.add_token_list(vocab)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(cfg['bos_token_id'])
+    w.add_eos_token_id(cfg['eos_token_id'])
+    w.add_add_bos_token(False)
+    def add(name, kind, m):
+        if f32:
+            w.add_tensor(name, gguf.quants.dequantize(m, kind).astype(np.float32))
+        else:
+            w.add_tensor(name, m, raw_dtype=kind)
+    add('token_embd.weight', XS, matrix(XS, 1, cfg['vocab_size'], hidden))
+    w.add_tensor('output_norm.weight', norm_weight(hidden, 1))
+    rows = {'attn_q': (hidden, hidden), 'attn_k': (kv * hd, hidden), 'attn_v': (kv * hd, hidden),
+            'attn_output': (hidden, hidden), 'ffn_gate': (ffn, hidden), 'ffn_up': (ffn, hidden),
+            'ffn_down': (hidden, ffn)}
+    for i in range(layers):
+        for j, (name, (r, c)) in enumerate(rows.items()):
+            kind = TYPES[name][i]
+            add(f'blk.{i}.{name}.weight', kind, matrix(kind, 10 * i + j + 2, r, c))
+        w.add_tensor(f'blk.{i}.attn_norm.weight', norm_weight(hidden, 2 * i + 2))
+        w.add_tensor(f'blk.{i}.ffn_norm.weight', norm_weight(hidden, 2 * i + 3))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def run(path, cases):
+    llm = Llama(model_path=path, n_ctx=128, n_threads=2, logits_all=True, verbose=False)
+    out = []
+    for ids in cases:
+        llm.reset()
+        llm.eval(ids)
+        last = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+        greedy, logits = [], last
+        for _ in range(GREEDY):
+            t = int(np.argmax(logits))
+            greedy.append(t)
+            llm.eval([t])
+            logits = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+        out.append({'input_ids': ids, 'last_logits': [round(float(x), 6) for x in last], 'greedy': greedy})
+    return out
+
+
+def main():
+    ref = json.load(open(os.path.join(FIXTURE, 'reference.json')))
+    cases = [c['input_ids'] for c in ref['cases']]
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, 'tiny-iq4.gguf')
+        write(path)
+        result = run(path, cases)
+        path = os.path.join(d, 'tiny-iq4-f32.gguf')
+        write(path, f32=True)
+        result_f32 = run(path, cases)
+    # One line a case: the logits are 512 numbers.
+    print('{')
+    print(f' "llama_cpp_python": {json.dumps(__import__("llama_cpp").__version__)}, "greedy_tokens": {GREEDY},')
+    print(' "iq4": [')
+    print(',\n'.join('  ' + json.dumps(c, separators=(',', ':')) for c in result))
+    print(' ],')
+    print(' "iq4_as_f32": [')
+    print(',\n'.join('  ' + json.dumps(c, separators=(',', ':')) for c in result_f32))
+    print(' ]')
+    print('}')
+
+
+if __name__ == '__main__':
+    main()
