@@ -2587,8 +2587,9 @@ fn tokenises_as_tiktoken(
 /// `dir` by candle's quantiser from the Q4_1 file's values: rows of 576 are not whole
 /// 256-weight K-blocks, so llama.cpp falls back to Q5_0 for most matrices, with attn_v in Q8_0
 /// or Q5_0 and ffn_down in Q4_K or Q6_K by layer (bartowski's SmolLM2-135M-Instruct Q4_K_M
-/// has this mix); every third layer here takes Q4_0 instead of Q5_0, so that the file holds
-/// every common type.
+/// has this mix); every third layer here takes Q4_0 instead of Q5_0, and every eighth layer's
+/// ffn_down Q3_K instead of Q6_K (a Q3_K_M file's type), so that the file holds every common
+/// type.
 fn smollm2_requantised(dir: &Path) -> std::path::PathBuf {
     use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
     let src = models::smollm2_gguf();
@@ -2606,6 +2607,7 @@ fn smollm2_requantised(dir: &Path) -> std::path::PathBuf {
         let to = match (layer, name.rsplit('.').nth(1)) {
             (Some(i), Some("ffn_down")) if i % 2 == 0 => Some(GgmlDType::Q4K),
             (Some(i), Some("ffn_down")) if i % 4 == 1 => Some(GgmlDType::Q5K),
+            (Some(3), Some("ffn_down")) => Some(GgmlDType::Q3K),
             (Some(_), Some("ffn_down")) => Some(GgmlDType::Q6K),
             (Some(i), Some("attn_v")) if i < 14 => Some(GgmlDType::Q8_0),
             (Some(_), Some("attn_norm" | "ffn_norm")) => None,
@@ -2630,7 +2632,7 @@ fn smollm2_requantised(dir: &Path) -> std::path::PathBuf {
     out
 }
 
-/// A GGUF of the hub's other quantisations (Q5_0, Q4_0, Q4_K, Q5_K, Q6_K beside Q8_0) runs
+/// A GGUF of the hub's other quantisations (Q5_0, Q4_0, Q3_K, Q4_K, Q5_K, Q6_K beside Q8_0) runs
 /// on kandle's kernels, each type packed as the file holds it (`backend/qmatmul.rs`), and is
 /// as close to llama.cpp's answers for the Q4_1 original as candle's `quantized_llama` on that
 /// same file, with candle's own kernel for each type (the allowance of the test above). Its greedy
@@ -2677,6 +2679,7 @@ fn smollm2_in_other_quantisations_runs_on_our_kernels_as_close_as_candles() {
             compared += 1;
         }
     }
+    println!("{compared} greedy steps compared");
     assert!(compared >= 8, "only {compared} steps before a near tie");
 }
 

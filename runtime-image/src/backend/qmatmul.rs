@@ -36,9 +36,14 @@
 //! bits a weight — more to read in every memory-bound decode step. Q4_K's and Q5_K's outputs
 //! follow Q4_1's arithmetic with `d_w = d·sc` and `m_w = −dmin·m`, exact in f32; Q6_K's
 //! sub-block sums are weighed by their scales in integers ([`scalar_q4k`], [`scalar_q6k`]).
+//! Q3_K (per 16: `d·(sc − 32)·(u − 4)`, `u` of three bits) is Q6_K's shape with narrower
+//! values: packed as Q6_K without the high bits, each `u` a nibble (4.5625 bits a weight
+//! against the file's 3.4375: two bits and a bit apart would cost more instructions per
+//! group), and multiplied by Q6_K's kernels with `4·Σx` for `32·Σx`. The i-quants IQ4_NL and
+//! IQ4_XS have kernels of their own ([`scalar_iq4`]).
 //!
-//! Other quantised types (Q5_1, Q2_K, Q3_K) are converted to Q8_0 at load
-//! ([`super::convert`]); f32, f16 and bf16 matrices go through candle's `QMatMul` unchanged.
+//! Other quantised types (Q5_1, Q2_K) are converted to Q8_0 at load ([`super::convert`]);
+//! f32, f16 and bf16 matrices go through candle's `QMatMul` unchanged.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
@@ -89,6 +94,12 @@ pub(super) enum Kind {
     /// ([`Kind::pack_q4k`]), 5.625 bits a weight (the file's 5.5), where converting it to
     /// Q8_0 took 8.5 (and the load's round trip through f32).
     Q5K,
+    /// Super-blocks of 256 `{hmask: [u8; 32], qs: [u8; 64], scales: [u8; 12], d: f16}`:
+    /// value = d·(sc − 32)·(u − 4), u in 0..8 from two low bits and a high one, a six-bit
+    /// `sc` per 16. Q6_K's shape with three-bit values: packed as Q6_K without its high
+    /// bits ([`Kind::pack_q3k`]), each `u` a nibble, 4.5625 bits a weight (the file's
+    /// 3.4375), where converting it to Q8_0 took 8.5.
+    Q3K,
     /// IQ4_NL ([`super::iquant`]), `{d: f16, qs: [u8; 16]}` as Q4_0: value =
     /// d·[`VALUES`]`[q]`. Packed as Q4_0, 4.5 bits a weight as in the file.
     Iq4Nl,
@@ -98,6 +109,13 @@ pub(super) enum Kind {
     Iq4Xs,
 }
 
+/// Bytes of one Q3_K super-block of 256 weights in a GGUF file.
+const Q3K_BLOCK: usize = 110;
+/// Bytes of one packed Q3_K block of 32 weights of a tile's sixteen rows: Q6_K's without
+/// the words of high bits.
+const Q3K_TILE_BLOCK: usize = ROWS * 18;
+/// Bytes of one packed Q3_K super-block of a tile: the rows' `d`, then eight blocks.
+const Q3K_TILE_SUPER: usize = 2 * ROWS + 8 * Q3K_TILE_BLOCK;
 /// Bytes of one IQ4_XS super-block of 256 weights in a GGUF file.
 const IQ4XS_BLOCK: usize = 136;
 /// Bytes of one packed IQ4_XS block of 32 weights of a tile's sixteen rows: per row the
@@ -140,6 +158,7 @@ impl Kind {
             GgmlDType::Q4_0 => Some(Kind::Q4_0),
             GgmlDType::Q5_0 => Some(Kind::Q5_0),
             GgmlDType::Q5K => Some(Kind::Q5K),
+            GgmlDType::Q3K => Some(Kind::Q3K),
             // The i-quants' stand-ins (`iquant.rs`), whose storage holds their own bytes.
             d => match IQuant::of_tag(d)? {
                 IQuant::Iq4Nl => Some(Kind::Iq4Nl),
@@ -156,7 +175,7 @@ impl Kind {
             Kind::Q8_0 => 34,
             Kind::Q4_0 | Kind::Iq4Nl => 18,
             Kind::Q5_0 => 22,
-            Kind::Q6K | Kind::Q4K | Kind::Q5K | Kind::Iq4Xs => {
+            Kind::Q6K | Kind::Q4K | Kind::Q5K | Kind::Q3K | Kind::Iq4Xs => {
                 unreachable!("K-quant blocks are of 256 weights")
             }
         }
@@ -169,6 +188,7 @@ impl Kind {
             Kind::Q6K => Some((Q6K_BLOCK, Q6K_TILE_SUPER)),
             Kind::Q4K => Some((Q4K_BLOCK, Q4K_TILE_SUPER)),
             Kind::Q5K => Some((Q5K_BLOCK, Q5K_TILE_SUPER)),
+            Kind::Q3K => Some((Q3K_BLOCK, Q3K_TILE_SUPER)),
             Kind::Iq4Xs => Some((IQ4XS_BLOCK, IQ4XS_TILE_SUPER)),
             Kind::Q4_1 | Kind::Q8_0 | Kind::Q4_0 | Kind::Q5_0 | Kind::Iq4Nl => None,
         }
@@ -200,9 +220,12 @@ impl Kind {
 
     /// Q4_0's and Q5_0's values are `q` less this; the i-quants' codes stand for values
     /// this less than the bytes their kernels multiply ([`IQ4_BYTES`]).
+    /// Q6_K's and Q3_K's values are `q` less this.
     fn offset(self) -> i32 {
         match self {
             Kind::Q5_0 => 16,
+            Kind::Q6K => 32,
+            Kind::Q3K => 4,
             Kind::Iq4Nl | Kind::Iq4Xs => 128,
             _ => 8,
         }
@@ -266,6 +289,7 @@ impl Kind {
                             let to = &mut tile[s * packed..];
                             match self {
                                 Kind::Q6K => Kind::pack_q6k(sb, to, lane),
+                                Kind::Q3K => Kind::pack_q3k(sb, to, lane),
                                 Kind::Iq4Xs => Kind::pack_iq4xs(sb, to, lane),
                                 _ => self.pack_q4k(sb, to, lane),
                             }
@@ -308,6 +332,33 @@ impl Kind {
                     blk[2 * ROWS + 320 + 4 * lane + e] |= (q[i + 16] >> 4) << (2 * g);
                 }
             }
+        }
+    }
+
+    /// One GGUF Q3_K super-block into lane `lane` of a packed tile super-block, laid out as
+    /// [`Kind::pack_q6k`] lays Q6_K's without the words of high bits: `d` in bytes `2·lane`,
+    /// then per block of 32 (`Q3K_TILE_BLOCK` bytes from `2·ROWS`) the lane's two scales
+    /// (`sc − 32`) at `2·lane` and nibble group `g` (bytes `4g..4g+4` of `u[i] | u[i+16] <<
+    /// 4`) at `2·ROWS + 64g + 4·lane`.
+    fn pack_q3k(raw: &[u8], sup: &mut [u8], lane: usize) {
+        let (u, scales, d) = q3k_values(raw);
+        sup[2 * lane..2 * lane + 2].copy_from_slice(&d);
+        for b in 0..8 {
+            let blk = &mut sup[2 * ROWS + b * Q3K_TILE_BLOCK..][..Q3K_TILE_BLOCK];
+            blk[2 * lane] = scales[2 * b] as u8;
+            blk[2 * lane + 1] = scales[2 * b + 1] as u8;
+            let u = &u[32 * b..32 * b + 32];
+            for i in 0..16 {
+                blk[2 * ROWS + 64 * (i / 4) + 4 * lane + i % 4] = u[i] | u[i + 16] << 4;
+            }
+        }
+    }
+
+    /// Bytes of one packed block of 32 of a Q6_K or Q3_K tile's sixteen rows.
+    fn six_tile_block(self) -> usize {
+        match self {
+            Kind::Q3K => Q3K_TILE_BLOCK,
+            _ => Q6K_TILE_BLOCK,
         }
     }
 
@@ -394,14 +445,17 @@ impl Kind {
         ((byte >> (4 * (i / 16))) & 15, blk[lane] as i8)
     }
 
-    /// Element `i` of block `b` of lane `lane` in a packed Q6_K tile super-block, and the
-    /// sub-block scale it takes ([`Kind::pack_q6k`] undone).
-    fn q6k_at(sup: &[u8], lane: usize, b: usize, i: usize) -> (u8, i8) {
-        let blk = &sup[2 * ROWS + b * Q6K_TILE_BLOCK..];
+    /// Element `i` of block `b` of lane `lane` in a packed Q6_K (Q3_K) tile super-block, and
+    /// the sub-block scale it takes ([`Kind::pack_q6k`], [`Kind::pack_q3k`] undone).
+    fn q6k_at(self, sup: &[u8], lane: usize, b: usize, i: usize) -> (u8, i8) {
+        let blk = &sup[2 * ROWS + b * self.six_tile_block()..];
         let (g, e, high) = ((i % 16) / 4, i % 4, i >= 16);
         let nib = blk[2 * ROWS + 64 * g + 4 * lane + e];
         let nib = if high { nib >> 4 } else { nib & 15 };
-        let hi = (blk[2 * ROWS + 256 + 64 * high as usize + 4 * lane + e] >> (2 * g)) & 3;
+        let hi = match self {
+            Kind::Q3K => 0,
+            _ => (blk[2 * ROWS + 256 + 64 * high as usize + 4 * lane + e] >> (2 * g)) & 3,
+        };
         (nib | hi << 4, blk[2 * lane + high as usize] as i8)
     }
 }
@@ -466,6 +520,25 @@ fn q6k_values(raw: &[u8]) -> ([u8; 256], [i8; 16], [u8; 2]) {
     }
     let scales = std::array::from_fn(|i| raw[192 + i] as i8);
     (q, scales, [raw[208], raw[209]])
+}
+
+/// A GGUF Q3_K super-block's 256 values `u` (0..8), its sixteen scales `sc − 32` and its
+/// `d`, as ggml's `dequantize_row_q3_K` reads them: value `i` = `d·(sc[i/16] − 32)·(u[i] −
+/// 4)`, `u` of element `128h + 32j + l` (`l < 32`) from bits `2j` of `qs[32h + l]` and bit
+/// `4h + j` of `hmask[l]`; scale `j`'s low four bits a nibble of `scales[j % 8]` (the high
+/// one from `j = 8`), its high two bits those at `2·(j/4)` of `scales[8 + j % 4]`.
+fn q3k_values(raw: &[u8]) -> ([u8; 256], [i8; 16], [u8; 2]) {
+    let (hm, qs, sc) = (&raw[..32], &raw[32..96], &raw[96..108]);
+    let u = std::array::from_fn(|i| {
+        let (h, j, l) = (i / 128, (i % 128) / 32, i % 32);
+        ((qs[32 * h + l] >> (2 * j)) & 3) | ((hm[l] >> (4 * h + j)) & 1) << 2
+    });
+    let scales = std::array::from_fn(|j| {
+        let low = if j < 8 { sc[j] & 15 } else { sc[j - 8] >> 4 };
+        let high = (sc[8 + j % 4] >> (2 * (j / 4))) & 3;
+        (low | high << 4) as i8 - 32
+    });
+    (u, scales, [raw[108], raw[109]])
 }
 
 /// A weight matrix of `n` output rows by `k` inputs, multiplied as `x · Wᵀ`.
@@ -679,14 +752,15 @@ impl QMat {
         let QMat::Own { kind, k, data, .. } = self else {
             return None;
         };
-        if *kind == Kind::Q6K {
+        if matches!(kind, Kind::Q6K | Kind::Q3K) {
             let tile = &data[(j / ROWS) * kind.tile_bytes(*k)..];
+            let packed = kind.super_bytes().expect("a K-quant").1;
             for (s, o) in out[..*k].chunks_exact_mut(256).enumerate() {
-                let sup = &tile[s * Q6K_TILE_SUPER..];
+                let sup = &tile[s * packed..];
                 let d = f16_at(sup, 2 * (j % ROWS));
                 for (i, o) in o.iter_mut().enumerate() {
-                    let (q, sc) = Kind::q6k_at(sup, j % ROWS, i / 32, i % 32);
-                    *o = d * sc as f32 * (q as i32 - 32) as f32;
+                    let (q, sc) = kind.q6k_at(sup, j % ROWS, i / 32, i % 32);
+                    *o = d * sc as f32 * (q as i32 - kind.offset()) as f32;
                 }
             }
             return Some(());
@@ -757,7 +831,7 @@ impl QMat {
                         *o = d * VALUES[q as usize] as f32;
                     }
                 }
-                Kind::Q6K | Kind::Q4K | Kind::Q5K | Kind::Iq4Xs => {
+                Kind::Q6K | Kind::Q4K | Kind::Q5K | Kind::Q3K | Kind::Iq4Xs => {
                     unreachable!("super-block rows are read above")
                 }
             }
@@ -809,7 +883,7 @@ impl QMat {
         // Not zero-filled: every element is written below (each tile's columns of every row).
         // Zeroing it first was a serial pass on the forward thread while the other waited:
         // ~6.5 MB a step at 8 sequences, the head's 1.5 MB of logits among them.
-        if *kind == Kind::Q6K {
+        if matches!(kind, Kind::Q6K | Kind::Q3K) {
             // Made here, before the threads read them.
             acts.halves();
         }
@@ -1001,7 +1075,11 @@ fn tile_times_acts(
                             std::hint::black_box(f)(w, acts, i, ys.try_into().unwrap())
                         })+
                         $((Kind::Q6K, $r) => {
-                            let f: Kernel<$r> = $module::q6_k::<$r>;
+                            let f: Kernel<$r> = $module::q6_k::<$r, false>;
+                            std::hint::black_box(f)(w, acts, i, ys.try_into().unwrap())
+                        })+
+                        $((Kind::Q3K, $r) => {
+                            let f: Kernel<$r> = $module::q6_k::<$r, true>;
                             std::hint::black_box(f)(w, acts, i, ys.try_into().unwrap())
                         })+
                         $((Kind::Q4K, $r) => {
@@ -1057,7 +1135,7 @@ fn tile_times_acts(
 /// values being `q − 8` and `q − 16`).
 fn scalar_tile(kind: Kind, w: &[u8], acts: &Acts, row: usize) -> [f32; ROWS] {
     match kind {
-        Kind::Q6K => return scalar_q6k(w, acts, row),
+        Kind::Q6K | Kind::Q3K => return scalar_q6k(kind, w, acts, row),
         Kind::Q4K | Kind::Q5K => return scalar_q4k(kind, w, acts, row),
         Kind::Iq4Nl | Kind::Iq4Xs => return scalar_iq4(kind, w, acts, row),
         Kind::Q4_1 | Kind::Q8_0 | Kind::Q4_0 | Kind::Q5_0 => {}
@@ -1094,7 +1172,7 @@ fn scalar_tile(kind: Kind, w: &[u8], acts: &Acts, row: usize) -> [f32; ROWS] {
                     let dot: i32 = (0..QK).map(|i| q(i) as i32 * x[i] as i32).sum();
                     dot - kind.offset() * acts.sums[row * nb + b]
                 }
-                Kind::Q6K | Kind::Q4K | Kind::Q5K | Kind::Iq4Nl | Kind::Iq4Xs => {
+                Kind::Q6K | Kind::Q4K | Kind::Q5K | Kind::Q3K | Kind::Iq4Nl | Kind::Iq4Xs => {
                     unreachable!("tiles with a scalar kernel of their own")
                 }
             };
@@ -1191,12 +1269,14 @@ const IQ4_BYTES: [u8; 16] = {
 /// of 16, `S₀`, `S₁` those of `x` ([`Acts::halves`]) and `c₀`, `c₁` the sub-blocks' scales,
 /// the exact integer `c₀·(D₀ − 32·S₀) + c₁·(D₁ − 32·S₁)` (below 2²⁴ in size: exact as an
 /// f32 too), then
-/// `acc = fma(sum, d_w·d_x, acc)`.
-fn scalar_q6k(w: &[u8], acts: &Acts, row: usize) -> [f32; ROWS] {
+/// `acc = fma(sum, d_w·d_x, acc)`. Q3_K's the same with `4·S` for `32·S`.
+fn scalar_q6k(kind: Kind, w: &[u8], acts: &Acts, row: usize) -> [f32; ROWS] {
     let nb = acts.k / QK;
+    let packed = kind.super_bytes().expect("a K-quant").1;
+    let offset = kind.offset();
     let mut acc = [0f32; ROWS];
     for b in 0..nb {
-        let sup = &w[b / 8 * Q6K_TILE_SUPER..];
+        let sup = &w[b / 8 * packed..];
         let x = &acts.qs[row * acts.k + b * QK..][..QK];
         let [dx, _] = acts.ds[row * nb + b];
         let halves = acts.halves()[row * nb + b];
@@ -1205,11 +1285,11 @@ fn scalar_q6k(w: &[u8], acts: &Acts, row: usize) -> [f32; ROWS] {
             let mut dots = [0i32; 2];
             let mut scales = [0i32; 2];
             for (i, &xi) in x.iter().enumerate() {
-                let (q, sc) = Kind::q6k_at(sup, lane, b % 8, i);
+                let (q, sc) = kind.q6k_at(sup, lane, b % 8, i);
                 dots[i / 16] += q as i32 * xi as i32;
                 scales[i / 16] = sc as i32;
             }
-            let sum = scales[0] * (dots[0] - 32 * s[0]) + scales[1] * (dots[1] - 32 * s[1]);
+            let sum = scales[0] * (dots[0] - offset * s[0]) + scales[1] * (dots[1] - offset * s[1]);
             *a = (sum as f32).mul_add(f16_at(sup, 2 * lane) * dx, *a);
         }
     }
@@ -1222,8 +1302,8 @@ mod avx {
     use core::arch::x86_64::*;
 
     use super::{
-        Acts, IQ4XS_TILE_BLOCK, IQ4XS_TILE_SUPER, Kind, Q6K_TILE_BLOCK, Q6K_TILE_SUPER, QK, ROWS,
-        VALUES,
+        Acts, IQ4XS_TILE_BLOCK, IQ4XS_TILE_SUPER, Kind, Q3K_TILE_BLOCK, Q3K_TILE_SUPER,
+        Q6K_TILE_BLOCK, Q6K_TILE_SUPER, QK, ROWS, VALUES,
     };
 
     /// [`super::quantize_block`] with the same results (the same products, rounded half to
@@ -1672,19 +1752,25 @@ mod avx {
     /// time. The six-bit values are the nibbles with their two high bits shifted beside them
     /// ([`super::Kind::pack_q6k`]); `vpmaddwd` with each row's scale (twice in a lane) sums
     /// the pairs of products and weighs them at once. Sums of two groups' pairs stay within
-    /// ±2·2·63·127 < 2^15.
+    /// ±2·2·63·127 < 2^15. `THREE`: Q3_K, its three-bit values the nibbles alone
+    /// ([`super::Kind::pack_q3k`]), `4·Σx` taken off.
     ///
     /// # Safety
-    /// `w` is a packed Q6_K tile of `acts.k / 256` super-blocks; rows `row0..row0 + R` exist.
+    /// `w` is a packed Q6_K (Q3_K) tile of `acts.k / 256` super-blocks; rows `row0..row0 + R`
+    /// exist.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn q6_k<const R: usize>(
+    pub(super) unsafe fn q6_k<const R: usize, const THREE: bool>(
         w: &[u8],
         acts: &Acts,
         row0: usize,
         out: &mut [[f32; ROWS]; R],
     ) {
         let nb = acts.k / QK;
-        debug_assert!(w.len() >= nb / 8 * Q6K_TILE_SUPER && row0 + R <= acts.m);
+        let (block, sup_bytes) = match THREE {
+            true => (Q3K_TILE_BLOCK, Q3K_TILE_SUPER),
+            false => (Q6K_TILE_BLOCK, Q6K_TILE_SUPER),
+        };
+        debug_assert!(w.len() >= nb / 8 * sup_bytes && row0 + R <= acts.m);
         let low = _mm256_set1_epi8(0xF);
         let high = _mm256_set1_epi8(0x30);
         let wp = w.as_ptr();
@@ -1695,9 +1781,9 @@ mod avx {
             let mut acc = [_mm256_setzero_ps(); R];
             for b in 0..nb {
                 unsafe {
-                    let sup = wp.add(b / 8 * Q6K_TILE_SUPER);
+                    let sup = wp.add(b / 8 * sup_bytes);
                     let d = _mm256_cvtph_ps(_mm_loadu_si128(sup.add(16 * half) as *const __m128i));
-                    let tb = sup.add(2 * ROWS + b % 8 * Q6K_TILE_BLOCK);
+                    let tb = sup.add(2 * ROWS + b % 8 * block);
                     // Each row's (c₀, c₁) as two i16, and each scale twice.
                     let sc =
                         _mm256_cvtepi8_epi16(_mm_loadu_si128(tb.add(16 * half) as *const __m128i));
@@ -1708,8 +1794,14 @@ mod avx {
                         0b11_11_01_01,
                     >(sc));
                     let words = tb.add(2 * ROWS + 32 * half);
-                    let h0 = _mm256_loadu_si256(words.add(256) as *const __m256i);
-                    let h1 = _mm256_loadu_si256(words.add(320) as *const __m256i);
+                    // Q3_K's tile block ends before them.
+                    let (h0, h1) = match THREE {
+                        true => (_mm256_setzero_si256(), _mm256_setzero_si256()),
+                        false => (
+                            _mm256_loadu_si256(words.add(256) as *const __m256i),
+                            _mm256_loadu_si256(words.add(320) as *const __m256i),
+                        ),
+                    };
                     let mut dot = [_mm256_setzero_si256(); R];
                     for pair in 0..2 {
                         let mut p0 = [_mm256_setzero_si256(); R];
@@ -1751,7 +1843,11 @@ mod avx {
                         let at = (row0 + r) * nb + b;
                         let [dx, _] = *xds.add(at);
                         let off = _mm256_madd_epi16(sc, _mm256_set1_epi32(*halves.add(at)));
-                        let sum = _mm256_sub_epi32(dot[r], _mm256_slli_epi32::<5>(off));
+                        let off = match THREE {
+                            true => _mm256_slli_epi32::<2>(off),
+                            false => _mm256_slli_epi32::<5>(off),
+                        };
+                        let sum = _mm256_sub_epi32(dot[r], off);
                         let sum = _mm256_cvtepi32_ps(sum);
                         acc[r] = _mm256_fmadd_ps(sum, _mm256_mul_ps(d, _mm256_set1_ps(dx)), acc[r]);
                     }
@@ -1771,8 +1867,8 @@ mod avx512 {
     use core::arch::x86_64::*;
 
     use super::{
-        Acts, IQ4_BYTES, IQ4XS_TILE_BLOCK, IQ4XS_TILE_SUPER, Kind, Q6K_TILE_BLOCK, Q6K_TILE_SUPER,
-        QK, ROWS,
+        Acts, IQ4_BYTES, IQ4XS_TILE_BLOCK, IQ4XS_TILE_SUPER, Kind, Q3K_TILE_BLOCK, Q3K_TILE_SUPER,
+        Q6K_TILE_BLOCK, Q6K_TILE_SUPER, QK, ROWS,
     };
 
     /// Blocks ahead of the one being multiplied whose weights are fetched into the cache.
@@ -2162,19 +2258,25 @@ mod avx512 {
     /// `R` activation rows from `row0` times one packed Q6_K tile: as [`q4_1`], the six-bit
     /// values being the nibbles with their high bits shifted beside them
     /// ([`super::Kind::pack_q6k`]); each sub-block's sum in its own register, weighed by its
-    /// scale in integers (`vpmulld`), `32·Σx` weighed by both taken off.
+    /// scale in integers (`vpmulld`), `32·Σx` weighed by both taken off. `THREE`: Q3_K, its
+    /// three-bit values the nibbles alone ([`super::Kind::pack_q3k`]), `4·Σx` taken off.
     ///
     /// # Safety
-    /// `w` is a packed Q6_K tile of `acts.k / 256` super-blocks; rows `row0..row0 + R` exist.
+    /// `w` is a packed Q6_K (Q3_K) tile of `acts.k / 256` super-blocks; rows `row0..row0 + R`
+    /// exist.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    pub(super) unsafe fn q6_k<const R: usize>(
+    pub(super) unsafe fn q6_k<const R: usize, const THREE: bool>(
         w: &[u8],
         acts: &Acts,
         row0: usize,
         out: &mut [[f32; ROWS]; R],
     ) {
         let nb = acts.k / QK;
-        debug_assert!(w.len() >= nb / 8 * Q6K_TILE_SUPER && row0 + R <= acts.m);
+        let (block, sup_bytes, offset) = match THREE {
+            true => (Q3K_TILE_BLOCK, Q3K_TILE_SUPER, 4),
+            false => (Q6K_TILE_BLOCK, Q6K_TILE_SUPER, 32),
+        };
+        debug_assert!(w.len() >= nb / 8 * sup_bytes && row0 + R <= acts.m);
         let mut acc = [_mm512_setzero_ps(); R];
         let low = _mm512_set1_epi8(0xF);
         let high = _mm512_set1_epi8(0x30);
@@ -2184,21 +2286,28 @@ mod avx512 {
         let halves = acts.halves().as_ptr();
         for b in 0..nb {
             unsafe {
-                let sup = wp.add(b / 8 * Q6K_TILE_SUPER);
+                let sup = wp.add(b / 8 * sup_bytes);
                 let d = _mm512_cvtph_ps(_mm256_loadu_si256(sup as *const __m256i));
-                let tb = sup.add(2 * ROWS + b % 8 * Q6K_TILE_BLOCK);
-                prefetch_ahead(tb, Q6K_TILE_BLOCK);
+                let tb = sup.add(2 * ROWS + b % 8 * block);
+                prefetch_ahead(tb, block);
                 let sc = _mm512_cvtepi8_epi16(_mm256_loadu_si256(tb as *const __m256i));
                 let c0 = _mm512_srai_epi32::<16>(_mm512_slli_epi32::<16>(sc));
                 let c1 = _mm512_srai_epi32::<16>(sc);
                 let words = tb.add(2 * ROWS);
-                let h0 = _mm512_loadu_si512(words.add(256) as *const __m512i);
-                let h1 = _mm512_loadu_si512(words.add(320) as *const __m512i);
-                // Each sub-block's sum starts at −32·Σx (exact: the products are added to it,
-                // then the whole is weighed by the sub-block's scale).
+                // Q3_K's tile block ends before them.
+                let (h0, h1) = match THREE {
+                    true => (_mm512_setzero_si512(), _mm512_setzero_si512()),
+                    false => (
+                        _mm512_loadu_si512(words.add(256) as *const __m512i),
+                        _mm512_loadu_si512(words.add(320) as *const __m512i),
+                    ),
+                };
+                // Each sub-block's sum starts at −32·Σx (Q3_K: −4·Σx; exact: the products are
+                // added to it, then the whole is weighed by the sub-block's scale).
                 let start = |r: usize, half: usize| {
                     let s = *halves.add((row0 + r) * nb + b);
-                    _mm512_set1_epi32(-32 * if half == 0 { s as i16 as i32 } else { s >> 16 })
+                    let s = if half == 0 { s as i16 as i32 } else { s >> 16 };
+                    _mm512_set1_epi32(-offset * s)
                 };
                 let mut dot: [__m512i; R] = std::array::from_fn(|r| start(r, 0));
                 let mut doth: [__m512i; R] = std::array::from_fn(|r| start(r, 1));
@@ -2355,6 +2464,7 @@ mod tests {
             (GgmlDType::Q6K, [256, 768]),
             (GgmlDType::Q4K, [256, 768]),
             (GgmlDType::Q5K, [256, 768]),
+            (GgmlDType::Q3K, [256, 768]),
             (IQuant::Iq4Nl.tag(), [96, 128]),
             (IQuant::Iq4Xs.tag(), [256, 768]),
         ] {
@@ -2418,7 +2528,7 @@ mod tests {
     fn the_largest_values_stay_exact_on_every_path() {
         let one = f16::ONE.to_bits().to_le_bytes();
         // One block (or super-block) of each type with every value at its largest.
-        let blocks: [(GgmlDType, Vec<u8>); 9] = [
+        let blocks: [(GgmlDType, Vec<u8>); 10] = [
             (GgmlDType::Q4_0, [&one[..], &[0xFF; 16]].concat()),
             (GgmlDType::Q4_1, [&one[..], &[0, 0], &[0xFF; 16]].concat()),
             (GgmlDType::Q8_0, [&one[..], &[0x80; 32]].concat()),
@@ -2431,6 +2541,8 @@ mod tests {
                 GgmlDType::Q6K,
                 [&[0xFF; 192][..], &[0x80; 16], &one].concat(),
             ),
+            // Every value −4 (no high bits), the scales −32 (six bits of 0).
+            (GgmlDType::Q3K, [&[0; 108][..], &one].concat()),
             // Every code 0 (−127); IQ4_XS's scales 0 (l − 32 = −32).
             (IQuant::Iq4Nl.tag(), [&one[..], &[0; 16]].concat()),
             (IQuant::Iq4Xs.tag(), [&one[..], &[0; 134]].concat()),
@@ -2500,6 +2612,62 @@ mod tests {
             let (a, b) = (
                 q5_0.forward_quantized(&acts, isa),
                 q8_0.forward_quantized(&acts, isa),
+            );
+            assert!(
+                a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{isa:?}"
+            );
+        }
+    }
+
+    /// Q3_K's values `(sc − 32)·(u − 4)` are Q6_K's `scale·(q − 32)` with `q = u + 28`: the
+    /// Q3_K kernels (Q6_K's with narrower values) give the bits of that Q6_K matrix.
+    #[test]
+    fn q3_k_gives_the_bits_of_its_values_as_q6_k() {
+        let (n, k, m) = (37, 512, 9);
+        let w = Tensor::from_vec(random(n * k, 47), (n, k), &Device::Cpu).unwrap();
+        let q3 = QTensor::quantize(&w, GgmlDType::Q3K).unwrap();
+        // Each super-block written as ggml's Q6_K lays it out (`q6k_values` undone).
+        let q6: Vec<u8> = (q3.data().unwrap().chunks_exact(Q3K_BLOCK))
+            .flat_map(|raw| {
+                let (u, scales, d) = q3k_values(raw);
+                let q: Vec<u8> = u.iter().map(|u| u + 28).collect();
+                let mut out = vec![0u8; Q6K_BLOCK];
+                for h in 0..2 {
+                    let y = 128 * h;
+                    for l in 0..32 {
+                        let v = |o: usize| q[y + l + o];
+                        out[64 * h + l] = (v(0) & 15) | (v(64) & 15) << 4;
+                        out[64 * h + l + 32] = (v(32) & 15) | (v(96) & 15) << 4;
+                        out[128 + 32 * h + l] =
+                            v(0) >> 4 | (v(32) >> 4) << 2 | (v(64) >> 4) << 4 | (v(96) >> 4) << 6;
+                    }
+                }
+                for (o, sc) in out[192..208].iter_mut().zip(scales) {
+                    *o = sc as u8;
+                }
+                out[208..].copy_from_slice(&d);
+                assert_eq!(q6k_values(&out).0[..], q[..], "Q6_K written as read");
+                out
+            })
+            .collect();
+        let q6 = ggml_file::qtensor_from_ggml(GgmlDType::Q6K, &q6, vec![n, k], &Device::Cpu);
+        let (q3, q6) = (
+            QMat::from_qtensor(q3).unwrap(),
+            QMat::from_qtensor(q6.unwrap()).unwrap(),
+        );
+        assert!(matches!(
+            q3,
+            QMat::Own {
+                kind: Kind::Q3K,
+                ..
+            }
+        ));
+        let acts = Acts::quantize(&random(m * k, 53), m, k);
+        for isa in isas() {
+            let (a, b) = (
+                q3.forward_quantized(&acts, isa),
+                q6.forward_quantized(&acts, isa),
             );
             assert!(
                 a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()),
@@ -2659,6 +2827,7 @@ mod tests {
             GgmlDType::Q4K,
             GgmlDType::Q5K,
             GgmlDType::Q6K,
+            GgmlDType::Q3K,
         ] {
             let w = Tensor::from_vec(random(24 * k, 31), (24, k), &Device::Cpu).unwrap();
             let mat = QMat::from_qtensor(QTensor::quantize(&w, dtype).unwrap()).unwrap();
@@ -2704,6 +2873,7 @@ mod tests {
             (GgmlDType::Q6K, 512),
             (GgmlDType::Q4K, 512),
             (GgmlDType::Q5K, 512),
+            (GgmlDType::Q3K, 512),
             (IQuant::Iq4Nl.tag(), 64),
             (IQuant::Iq4Xs.tag(), 512),
         ] {
@@ -2728,6 +2898,7 @@ mod tests {
             (GgmlDType::Q6K, Kind::Q6K, Q6K_BLOCK),
             (GgmlDType::Q4K, Kind::Q4K, Q4K_BLOCK + 4),
             (GgmlDType::Q5K, Kind::Q5K, Q5K_BLOCK + 4),
+            (GgmlDType::Q3K, Kind::Q3K, 8 * 18 + 2),
             (IQuant::Iq4Nl.tag(), Kind::Iq4Nl, 8 * 18),
             (IQuant::Iq4Xs.tag(), Kind::Iq4Xs, IQ4XS_BLOCK + 2),
         ] {
