@@ -40,10 +40,13 @@
 //! values: packed as Q6_K without the high bits, each `u` a nibble (4.5625 bits a weight
 //! against the file's 3.4375: two bits and a bit apart would cost more instructions per
 //! group), and multiplied by Q6_K's kernels with `4·Σx` for `32·Σx`. The i-quants IQ4_NL and
-//! IQ4_XS have kernels of their own ([`scalar_iq4`]).
+//! IQ4_XS have kernels of their own ([`scalar_iq4`]). Q2_K (per 16: `d·sc·q − dmin·m`, `q`
+//! of two bits) is packed as Q3_K with its mins beside the scales (5.125 bits a weight against
+//! the file's 2.625) and multiplied by the same kernels, its mins weighing the halves' `Σx`
+//! apart ([`scalar_q6k`]).
 //!
-//! Other quantised types (Q5_1, Q2_K) are converted to Q8_0 at load ([`super::convert`]);
-//! f32, f16 and bf16 matrices go through candle's `QMatMul` unchanged.
+//! Q5_1 is converted to Q8_0 at load ([`super::convert`]); f32, f16 and bf16 matrices go
+//! through candle's `QMatMul` unchanged.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
@@ -100,6 +103,11 @@ pub(super) enum Kind {
     /// bits ([`Kind::pack_q3k`]), each `u` a nibble, 4.5625 bits a weight (the file's
     /// 3.4375), where converting it to Q8_0 took 8.5.
     Q3K,
+    /// Super-blocks of 256 `{scales: [u8; 16], qs: [u8; 64], d: f16, dmin: f16}`: per 16,
+    /// value = d·sc·q − dmin·m, q of two bits, `sc` and `m` four each. Packed as Q3_K with
+    /// the mins beside the scales and `dmin` beside `d` ([`Kind::pack_q2k`]), each `q` a
+    /// nibble, 5.125 bits a weight (the file's 2.625), where converting it to Q8_0 took 8.5.
+    Q2K,
     /// IQ4_NL ([`super::iquant`]), `{d: f16, qs: [u8; 16]}` as Q4_0: value =
     /// d·[`VALUES`]`[q]`. Packed as Q4_0, 4.5 bits a weight as in the file.
     Iq4Nl,
@@ -116,6 +124,13 @@ const Q3K_BLOCK: usize = 110;
 const Q3K_TILE_BLOCK: usize = ROWS * 18;
 /// Bytes of one packed Q3_K super-block of a tile: the rows' `d`, then eight blocks.
 const Q3K_TILE_SUPER: usize = 2 * ROWS + 8 * Q3K_TILE_BLOCK;
+/// Bytes of one Q2_K super-block of 256 weights in a GGUF file.
+const Q2K_BLOCK: usize = 84;
+/// Bytes of one packed Q2_K block of 32 weights of a tile's sixteen rows: per row the two
+/// sub-blocks' scales, then per row their mins, then four groups of nibble bytes.
+const Q2K_TILE_BLOCK: usize = ROWS * 20;
+/// Bytes of one packed Q2_K super-block of a tile: the rows' `d`, their `dmin`, eight blocks.
+const Q2K_TILE_SUPER: usize = 4 * ROWS + 8 * Q2K_TILE_BLOCK;
 /// Bytes of one IQ4_XS super-block of 256 weights in a GGUF file.
 const IQ4XS_BLOCK: usize = 136;
 /// Bytes of one packed IQ4_XS block of 32 weights of a tile's sixteen rows: per row the
@@ -159,6 +174,7 @@ impl Kind {
             GgmlDType::Q5_0 => Some(Kind::Q5_0),
             GgmlDType::Q5K => Some(Kind::Q5K),
             GgmlDType::Q3K => Some(Kind::Q3K),
+            GgmlDType::Q2K => Some(Kind::Q2K),
             // The i-quants' stand-ins (`iquant.rs`), whose storage holds their own bytes.
             d => match IQuant::of_tag(d)? {
                 IQuant::Iq4Nl => Some(Kind::Iq4Nl),
@@ -175,7 +191,7 @@ impl Kind {
             Kind::Q8_0 => 34,
             Kind::Q4_0 | Kind::Iq4Nl => 18,
             Kind::Q5_0 => 22,
-            Kind::Q6K | Kind::Q4K | Kind::Q5K | Kind::Q3K | Kind::Iq4Xs => {
+            Kind::Q6K | Kind::Q4K | Kind::Q5K | Kind::Q3K | Kind::Q2K | Kind::Iq4Xs => {
                 unreachable!("K-quant blocks are of 256 weights")
             }
         }
@@ -189,6 +205,7 @@ impl Kind {
             Kind::Q4K => Some((Q4K_BLOCK, Q4K_TILE_SUPER)),
             Kind::Q5K => Some((Q5K_BLOCK, Q5K_TILE_SUPER)),
             Kind::Q3K => Some((Q3K_BLOCK, Q3K_TILE_SUPER)),
+            Kind::Q2K => Some((Q2K_BLOCK, Q2K_TILE_SUPER)),
             Kind::Iq4Xs => Some((IQ4XS_BLOCK, IQ4XS_TILE_SUPER)),
             Kind::Q4_1 | Kind::Q8_0 | Kind::Q4_0 | Kind::Q5_0 | Kind::Iq4Nl => None,
         }
@@ -226,6 +243,7 @@ impl Kind {
             Kind::Q5_0 => 16,
             Kind::Q6K => 32,
             Kind::Q3K => 4,
+            Kind::Q2K => 0,
             Kind::Iq4Nl | Kind::Iq4Xs => 128,
             _ => 8,
         }
@@ -290,6 +308,7 @@ impl Kind {
                             match self {
                                 Kind::Q6K => Kind::pack_q6k(sb, to, lane),
                                 Kind::Q3K => Kind::pack_q3k(sb, to, lane),
+                                Kind::Q2K => Kind::pack_q2k(sb, to, lane),
                                 Kind::Iq4Xs => Kind::pack_iq4xs(sb, to, lane),
                                 _ => self.pack_q4k(sb, to, lane),
                             }
@@ -354,12 +373,50 @@ impl Kind {
         }
     }
 
-    /// Bytes of one packed block of 32 of a Q6_K or Q3_K tile's sixteen rows.
+    /// One GGUF Q2_K super-block into lane `lane` of a packed tile super-block: `d` in
+    /// bytes `2·lane`, `dmin` in `2·ROWS + 2·lane`, then per block of 32 (`Q2K_TILE_BLOCK`
+    /// bytes from `4·ROWS`) the lane's two scales at `2·lane`, its two mins at `2·ROWS +
+    /// 2·lane`, and nibble group `g` (bytes `4g..4g+4` of `q[i] | q[i+16] << 4`) at `4·ROWS +
+    /// 64g + 4·lane`.
+    fn pack_q2k(raw: &[u8], sup: &mut [u8], lane: usize) {
+        let (q, scales) = q2k_values(raw);
+        sup[2 * lane..2 * lane + 2].copy_from_slice(&raw[80..82]);
+        sup[2 * (ROWS + lane)..2 * (ROWS + lane) + 2].copy_from_slice(&raw[82..84]);
+        for b in 0..8 {
+            let blk = &mut sup[4 * ROWS + b * Q2K_TILE_BLOCK..][..Q2K_TILE_BLOCK];
+            for h in 0..2 {
+                blk[2 * lane + h] = scales[2 * b + h] & 15;
+                blk[2 * (ROWS + lane) + h] = scales[2 * b + h] >> 4;
+            }
+            let q = &q[32 * b..32 * b + 32];
+            for i in 0..16 {
+                blk[4 * ROWS + 64 * (i / 4) + 4 * lane + i % 4] = q[i] | q[i + 16] << 4;
+            }
+        }
+    }
+
+    /// Bytes of one packed block of 32 of a Q6_K, Q3_K or Q2_K tile's sixteen rows.
     fn six_tile_block(self) -> usize {
         match self {
             Kind::Q3K => Q3K_TILE_BLOCK,
+            Kind::Q2K => Q2K_TILE_BLOCK,
             _ => Q6K_TILE_BLOCK,
         }
+    }
+
+    /// Bytes before the blocks of a packed Q6_K, Q3_K or Q2_K super-block: the rows' `d`
+    /// (and Q2_K's `dmin`).
+    fn six_head(self) -> usize {
+        match self {
+            Kind::Q2K => 4 * ROWS,
+            _ => 2 * ROWS,
+        }
+    }
+
+    /// Bytes before the nibble groups of a packed Q6_K, Q3_K or Q2_K block: the rows' scales
+    /// (and Q2_K's mins).
+    fn six_scales(self) -> usize {
+        self.six_head()
     }
 
     /// Bytes of one packed block of 32 of a Q4_K or Q5_K tile's sixteen rows.
@@ -445,18 +502,24 @@ impl Kind {
         ((byte >> (4 * (i / 16))) & 15, blk[lane] as i8)
     }
 
-    /// Element `i` of block `b` of lane `lane` in a packed Q6_K (Q3_K) tile super-block, and
-    /// the sub-block scale it takes ([`Kind::pack_q6k`], [`Kind::pack_q3k`] undone).
-    fn q6k_at(self, sup: &[u8], lane: usize, b: usize, i: usize) -> (u8, i8) {
-        let blk = &sup[2 * ROWS + b * self.six_tile_block()..];
+    /// Element `i` of block `b` of lane `lane` in a packed Q6_K (Q3_K, Q2_K) tile
+    /// super-block, the sub-block scale it takes and Q2_K's min (0 for the others)
+    /// ([`Kind::pack_q6k`], [`Kind::pack_q3k`], [`Kind::pack_q2k`] undone).
+    fn q6k_at(self, sup: &[u8], lane: usize, b: usize, i: usize) -> (u8, i8, u8) {
+        let blk = &sup[self.six_head() + b * self.six_tile_block()..];
         let (g, e, high) = ((i % 16) / 4, i % 4, i >= 16);
-        let nib = blk[2 * ROWS + 64 * g + 4 * lane + e];
+        let words = self.six_scales();
+        let nib = blk[words + 64 * g + 4 * lane + e];
         let nib = if high { nib >> 4 } else { nib & 15 };
-        let hi = match self {
-            Kind::Q3K => 0,
-            _ => (blk[2 * ROWS + 256 + 64 * high as usize + 4 * lane + e] >> (2 * g)) & 3,
+        let (hi, min) = match self {
+            Kind::Q3K => (0, 0),
+            Kind::Q2K => (0, blk[2 * (ROWS + lane) + high as usize]),
+            _ => (
+                (blk[words + 256 + 64 * high as usize + 4 * lane + e] >> (2 * g)) & 3,
+                0,
+            ),
         };
-        (nib | hi << 4, blk[2 * lane + high as usize] as i8)
+        (nib | hi << 4, blk[2 * lane + high as usize] as i8, min)
     }
 }
 
@@ -539,6 +602,19 @@ fn q3k_values(raw: &[u8]) -> ([u8; 256], [i8; 16], [u8; 2]) {
         (low | high << 4) as i8 - 32
     });
     (u, scales, [raw[108], raw[109]])
+}
+
+/// A GGUF Q2_K super-block's 256 values `q` (0..4) and its sixteen bytes of scales (low
+/// nibble) and mins (high), as ggml's `dequantize_row_q2_K` reads them: value `i` =
+/// `d·sc·q[i] − dmin·m` of byte `i/16`, `q` of element `128h + 32j + l` (`l < 32`) bits
+/// `2j` of `qs[32h + l]`.
+fn q2k_values(raw: &[u8]) -> ([u8; 256], [u8; 16]) {
+    let qs = &raw[16..80];
+    let q = std::array::from_fn(|i| {
+        let (h, j, l) = (i / 128, (i % 128) / 32, i % 32);
+        (qs[32 * h + l] >> (2 * j)) & 3
+    });
+    (q, std::array::from_fn(|i| raw[i]))
 }
 
 /// A weight matrix of `n` output rows by `k` inputs, multiplied as `x · Wᵀ`.
@@ -752,15 +828,22 @@ impl QMat {
         let QMat::Own { kind, k, data, .. } = self else {
             return None;
         };
-        if matches!(kind, Kind::Q6K | Kind::Q3K) {
+        if matches!(kind, Kind::Q6K | Kind::Q3K | Kind::Q2K) {
             let tile = &data[(j / ROWS) * kind.tile_bytes(*k)..];
             let packed = kind.super_bytes().expect("a K-quant").1;
             for (s, o) in out[..*k].chunks_exact_mut(256).enumerate() {
                 let sup = &tile[s * packed..];
                 let d = f16_at(sup, 2 * (j % ROWS));
                 for (i, o) in o.iter_mut().enumerate() {
-                    let (q, sc) = kind.q6k_at(sup, j % ROWS, i / 32, i % 32);
-                    *o = d * sc as f32 * (q as i32 - kind.offset()) as f32;
+                    let (q, sc, m) = kind.q6k_at(sup, j % ROWS, i / 32, i % 32);
+                    *o = match kind {
+                        // As ggml's `dequantize_row_q2_K`: `(d·sc)·q − dmin·m`.
+                        Kind::Q2K => {
+                            let dmin = f16_at(sup, 2 * (ROWS + j % ROWS));
+                            d * sc as f32 * q as f32 - dmin * m as f32
+                        }
+                        _ => d * sc as f32 * (q as i32 - kind.offset()) as f32,
+                    };
                 }
             }
             return Some(());
@@ -831,7 +914,7 @@ impl QMat {
                         *o = d * VALUES[q as usize] as f32;
                     }
                 }
-                Kind::Q6K | Kind::Q4K | Kind::Q5K | Kind::Q3K | Kind::Iq4Xs => {
+                Kind::Q6K | Kind::Q4K | Kind::Q5K | Kind::Q3K | Kind::Q2K | Kind::Iq4Xs => {
                     unreachable!("super-block rows are read above")
                 }
             }
@@ -883,7 +966,7 @@ impl QMat {
         // Not zero-filled: every element is written below (each tile's columns of every row).
         // Zeroing it first was a serial pass on the forward thread while the other waited:
         // ~6.5 MB a step at 8 sequences, the head's 1.5 MB of logits among them.
-        if matches!(kind, Kind::Q6K | Kind::Q3K) {
+        if matches!(kind, Kind::Q6K | Kind::Q3K | Kind::Q2K) {
             // Made here, before the threads read them.
             acts.halves();
         }
@@ -1075,11 +1158,15 @@ fn tile_times_acts(
                             std::hint::black_box(f)(w, acts, i, ys.try_into().unwrap())
                         })+
                         $((Kind::Q6K, $r) => {
-                            let f: Kernel<$r> = $module::q6_k::<$r, false>;
+                            let f: Kernel<$r> = $module::q6_k::<$r, 6>;
                             std::hint::black_box(f)(w, acts, i, ys.try_into().unwrap())
                         })+
                         $((Kind::Q3K, $r) => {
-                            let f: Kernel<$r> = $module::q6_k::<$r, true>;
+                            let f: Kernel<$r> = $module::q6_k::<$r, 3>;
+                            std::hint::black_box(f)(w, acts, i, ys.try_into().unwrap())
+                        })+
+                        $((Kind::Q2K, $r) => {
+                            let f: Kernel<$r> = $module::q6_k::<$r, 2>;
                             std::hint::black_box(f)(w, acts, i, ys.try_into().unwrap())
                         })+
                         $((Kind::Q4K, $r) => {
@@ -1135,7 +1222,7 @@ fn tile_times_acts(
 /// values being `q − 8` and `q − 16`).
 fn scalar_tile(kind: Kind, w: &[u8], acts: &Acts, row: usize) -> [f32; ROWS] {
     match kind {
-        Kind::Q6K | Kind::Q3K => return scalar_q6k(kind, w, acts, row),
+        Kind::Q6K | Kind::Q3K | Kind::Q2K => return scalar_q6k(kind, w, acts, row),
         Kind::Q4K | Kind::Q5K => return scalar_q4k(kind, w, acts, row),
         Kind::Iq4Nl | Kind::Iq4Xs => return scalar_iq4(kind, w, acts, row),
         Kind::Q4_1 | Kind::Q8_0 | Kind::Q4_0 | Kind::Q5_0 => {}
@@ -1172,9 +1259,13 @@ fn scalar_tile(kind: Kind, w: &[u8], acts: &Acts, row: usize) -> [f32; ROWS] {
                     let dot: i32 = (0..QK).map(|i| q(i) as i32 * x[i] as i32).sum();
                     dot - kind.offset() * acts.sums[row * nb + b]
                 }
-                Kind::Q6K | Kind::Q4K | Kind::Q5K | Kind::Q3K | Kind::Iq4Nl | Kind::Iq4Xs => {
-                    unreachable!("tiles with a scalar kernel of their own")
-                }
+                Kind::Q6K
+                | Kind::Q4K
+                | Kind::Q5K
+                | Kind::Q3K
+                | Kind::Q2K
+                | Kind::Iq4Nl
+                | Kind::Iq4Xs => unreachable!("tiles with a scalar kernel of their own"),
             };
             *a = (dot as f32).mul_add(f16_at(tile, 2 * lane) * dx, *a);
             if kind == Kind::Q4_1 {
@@ -1269,31 +1360,43 @@ const IQ4_BYTES: [u8; 16] = {
 /// of 16, `S₀`, `S₁` those of `x` ([`Acts::halves`]) and `c₀`, `c₁` the sub-blocks' scales,
 /// the exact integer `c₀·(D₀ − 32·S₀) + c₁·(D₁ − 32·S₁)` (below 2²⁴ in size: exact as an
 /// f32 too), then
-/// `acc = fma(sum, d_w·d_x, acc)`. Q3_K's the same with `4·S` for `32·S`.
+/// `acc = fma(sum, d_w·d_x, acc)`. Q3_K's the same with `4·S` for `32·S`; Q2_K's with no
+/// offset, and beside it its mins' exact `m₀·S₀ + m₁·S₁` into `acc_m = fma(that, −dmin·d_x,
+/// acc_m)`, the output `acc + acc_m`.
 fn scalar_q6k(kind: Kind, w: &[u8], acts: &Acts, row: usize) -> [f32; ROWS] {
     let nb = acts.k / QK;
     let packed = kind.super_bytes().expect("a K-quant").1;
     let offset = kind.offset();
     let mut acc = [0f32; ROWS];
+    let mut acc_m = [0f32; ROWS];
     for b in 0..nb {
         let sup = &w[b / 8 * packed..];
         let x = &acts.qs[row * acts.k + b * QK..][..QK];
         let [dx, _] = acts.ds[row * nb + b];
         let halves = acts.halves()[row * nb + b];
         let s = [halves as i16 as i32, halves >> 16];
-        for (lane, a) in acc.iter_mut().enumerate() {
+        for (lane, (a, am)) in acc.iter_mut().zip(&mut acc_m).enumerate() {
             let mut dots = [0i32; 2];
             let mut scales = [0i32; 2];
+            let mut mins = [0i32; 2];
             for (i, &xi) in x.iter().enumerate() {
-                let (q, sc) = kind.q6k_at(sup, lane, b % 8, i);
+                let (q, sc, m) = kind.q6k_at(sup, lane, b % 8, i);
                 dots[i / 16] += q as i32 * xi as i32;
                 scales[i / 16] = sc as i32;
+                mins[i / 16] = m as i32;
             }
             let sum = scales[0] * (dots[0] - offset * s[0]) + scales[1] * (dots[1] - offset * s[1]);
             *a = (sum as f32).mul_add(f16_at(sup, 2 * lane) * dx, *a);
+            if kind == Kind::Q2K {
+                let dmin = f16_at(sup, 2 * (ROWS + lane));
+                *am = ((mins[0] * s[0] + mins[1] * s[1]) as f32).mul_add(-dmin * dx, *am);
+            }
         }
     }
-    acc
+    match kind {
+        Kind::Q2K => std::array::from_fn(|l| acc[l] + acc_m[l]),
+        _ => acc,
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -1302,8 +1405,8 @@ mod avx {
     use core::arch::x86_64::*;
 
     use super::{
-        Acts, IQ4XS_TILE_BLOCK, IQ4XS_TILE_SUPER, Kind, Q3K_TILE_BLOCK, Q3K_TILE_SUPER,
-        Q6K_TILE_BLOCK, Q6K_TILE_SUPER, QK, ROWS, VALUES,
+        Acts, IQ4XS_TILE_BLOCK, IQ4XS_TILE_SUPER, Kind, Q2K_TILE_BLOCK, Q2K_TILE_SUPER,
+        Q3K_TILE_BLOCK, Q3K_TILE_SUPER, Q6K_TILE_BLOCK, Q6K_TILE_SUPER, QK, ROWS, VALUES,
     };
 
     /// [`super::quantize_block`] with the same results (the same products, rounded half to
@@ -1752,23 +1855,25 @@ mod avx {
     /// time. The six-bit values are the nibbles with their two high bits shifted beside them
     /// ([`super::Kind::pack_q6k`]); `vpmaddwd` with each row's scale (twice in a lane) sums
     /// the pairs of products and weighs them at once. Sums of two groups' pairs stay within
-    /// ±2·2·63·127 < 2^15. `THREE`: Q3_K, its three-bit values the nibbles alone
-    /// ([`super::Kind::pack_q3k`]), `4·Σx` taken off.
+    /// ±2·2·63·127 < 2^15. `BITS` 3: Q3_K, its three-bit values the nibbles alone
+    /// ([`super::Kind::pack_q3k`]), `4·Σx` taken off; 2: Q2_K, nothing taken off, its mins
+    /// weighing `Σx` by halves apart (`vpmaddwd` again), as [`super::scalar_q6k`] defines.
     ///
     /// # Safety
-    /// `w` is a packed Q6_K (Q3_K) tile of `acts.k / 256` super-blocks; rows `row0..row0 + R`
-    /// exist.
+    /// `w` is a packed Q6_K (Q3_K, Q2_K) tile of `acts.k / 256` super-blocks; rows
+    /// `row0..row0 + R` exist.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn q6_k<const R: usize, const THREE: bool>(
+    pub(super) unsafe fn q6_k<const R: usize, const BITS: u8>(
         w: &[u8],
         acts: &Acts,
         row0: usize,
         out: &mut [[f32; ROWS]; R],
     ) {
         let nb = acts.k / QK;
-        let (block, sup_bytes) = match THREE {
-            true => (Q3K_TILE_BLOCK, Q3K_TILE_SUPER),
-            false => (Q6K_TILE_BLOCK, Q6K_TILE_SUPER),
+        let (block, sup_bytes, head) = match BITS {
+            3 => (Q3K_TILE_BLOCK, Q3K_TILE_SUPER, 2 * ROWS),
+            2 => (Q2K_TILE_BLOCK, Q2K_TILE_SUPER, 4 * ROWS),
+            _ => (Q6K_TILE_BLOCK, Q6K_TILE_SUPER, 2 * ROWS),
         };
         debug_assert!(w.len() >= nb / 8 * sup_bytes && row0 + R <= acts.m);
         let low = _mm256_set1_epi8(0xF);
@@ -1779,11 +1884,12 @@ mod avx {
         let halves = acts.halves().as_ptr();
         for half in 0..2 {
             let mut acc = [_mm256_setzero_ps(); R];
+            let mut acc_m = [_mm256_setzero_ps(); R];
             for b in 0..nb {
                 unsafe {
                     let sup = wp.add(b / 8 * sup_bytes);
                     let d = _mm256_cvtph_ps(_mm_loadu_si128(sup.add(16 * half) as *const __m128i));
-                    let tb = sup.add(2 * ROWS + b % 8 * block);
+                    let tb = sup.add(head + b % 8 * block);
                     // Each row's (c₀, c₁) as two i16, and each scale twice.
                     let sc =
                         _mm256_cvtepi8_epi16(_mm_loadu_si128(tb.add(16 * half) as *const __m128i));
@@ -1793,14 +1899,14 @@ mod avx {
                     let c1 = _mm256_shufflehi_epi16::<0b11_11_01_01>(_mm256_shufflelo_epi16::<
                         0b11_11_01_01,
                     >(sc));
-                    let words = tb.add(2 * ROWS + 32 * half);
-                    // Q3_K's tile block ends before them.
-                    let (h0, h1) = match THREE {
-                        true => (_mm256_setzero_si256(), _mm256_setzero_si256()),
-                        false => (
+                    let words = tb.add(head + 32 * half);
+                    // Q3_K's and Q2_K's tile blocks end before them.
+                    let (h0, h1) = match BITS {
+                        6 => (
                             _mm256_loadu_si256(words.add(256) as *const __m256i),
                             _mm256_loadu_si256(words.add(320) as *const __m256i),
                         ),
+                        _ => (_mm256_setzero_si256(), _mm256_setzero_si256()),
                     };
                     let mut dot = [_mm256_setzero_si256(); R];
                     for pair in 0..2 {
@@ -1842,20 +1948,40 @@ mod avx {
                     for r in 0..R {
                         let at = (row0 + r) * nb + b;
                         let [dx, _] = *xds.add(at);
-                        let off = _mm256_madd_epi16(sc, _mm256_set1_epi32(*halves.add(at)));
-                        let off = match THREE {
-                            true => _mm256_slli_epi32::<2>(off),
-                            false => _mm256_slli_epi32::<5>(off),
+                        let s = _mm256_set1_epi32(*halves.add(at));
+                        let sum = match BITS {
+                            2 => dot[r],
+                            3 => _mm256_sub_epi32(
+                                dot[r],
+                                _mm256_slli_epi32::<2>(_mm256_madd_epi16(sc, s)),
+                            ),
+                            _ => _mm256_sub_epi32(
+                                dot[r],
+                                _mm256_slli_epi32::<5>(_mm256_madd_epi16(sc, s)),
+                            ),
                         };
-                        let sum = _mm256_sub_epi32(dot[r], off);
                         let sum = _mm256_cvtepi32_ps(sum);
                         acc[r] = _mm256_fmadd_ps(sum, _mm256_mul_ps(d, _mm256_set1_ps(dx)), acc[r]);
+                        if BITS == 2 {
+                            let at_m = tb.add(2 * ROWS + 16 * half) as *const __m128i;
+                            let m = _mm256_cvtepi8_epi16(_mm_loadu_si128(at_m));
+                            let at_d = sup.add(2 * ROWS + 16 * half) as *const __m128i;
+                            let dmin = _mm256_cvtph_ps(_mm_loadu_si128(at_d));
+                            let neg = _mm256_sub_ps(_mm256_setzero_ps(), dmin);
+                            let msum = _mm256_cvtepi32_ps(_mm256_madd_epi16(m, s));
+                            let w = _mm256_mul_ps(neg, _mm256_set1_ps(dx));
+                            acc_m[r] = _mm256_fmadd_ps(msum, w, acc_m[r]);
+                        }
                     }
                 }
             }
             for r in 0..R {
+                let y = match BITS {
+                    2 => _mm256_add_ps(acc[r], acc_m[r]),
+                    _ => acc[r],
+                };
                 // SAFETY: eight floats within a row of sixteen.
-                unsafe { _mm256_storeu_ps(out[r].as_mut_ptr().add(8 * half), acc[r]) };
+                unsafe { _mm256_storeu_ps(out[r].as_mut_ptr().add(8 * half), y) };
             }
         }
     }
@@ -1867,8 +1993,8 @@ mod avx512 {
     use core::arch::x86_64::*;
 
     use super::{
-        Acts, IQ4_BYTES, IQ4XS_TILE_BLOCK, IQ4XS_TILE_SUPER, Kind, Q3K_TILE_BLOCK, Q3K_TILE_SUPER,
-        Q6K_TILE_BLOCK, Q6K_TILE_SUPER, QK, ROWS,
+        Acts, IQ4_BYTES, IQ4XS_TILE_BLOCK, IQ4XS_TILE_SUPER, Kind, Q2K_TILE_BLOCK, Q2K_TILE_SUPER,
+        Q3K_TILE_BLOCK, Q3K_TILE_SUPER, Q6K_TILE_BLOCK, Q6K_TILE_SUPER, QK, ROWS,
     };
 
     /// Blocks ahead of the one being multiplied whose weights are fetched into the cache.
@@ -2258,26 +2384,30 @@ mod avx512 {
     /// `R` activation rows from `row0` times one packed Q6_K tile: as [`q4_1`], the six-bit
     /// values being the nibbles with their high bits shifted beside them
     /// ([`super::Kind::pack_q6k`]); each sub-block's sum in its own register, weighed by its
-    /// scale in integers (`vpmulld`), `32·Σx` weighed by both taken off. `THREE`: Q3_K, its
-    /// three-bit values the nibbles alone ([`super::Kind::pack_q3k`]), `4·Σx` taken off.
+    /// scale in integers (`vpmulld`), `32·Σx` weighed by both taken off. `BITS` 3: Q3_K, its
+    /// three-bit values the nibbles alone ([`super::Kind::pack_q3k`]), `4·Σx` taken off; 2:
+    /// Q2_K, nothing taken off, its mins weighing `Σx` by halves apart (`vpmaddwd`), as
+    /// [`super::scalar_q6k`] defines.
     ///
     /// # Safety
-    /// `w` is a packed Q6_K (Q3_K) tile of `acts.k / 256` super-blocks; rows `row0..row0 + R`
-    /// exist.
+    /// `w` is a packed Q6_K (Q3_K, Q2_K) tile of `acts.k / 256` super-blocks; rows
+    /// `row0..row0 + R` exist.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    pub(super) unsafe fn q6_k<const R: usize, const THREE: bool>(
+    pub(super) unsafe fn q6_k<const R: usize, const BITS: u8>(
         w: &[u8],
         acts: &Acts,
         row0: usize,
         out: &mut [[f32; ROWS]; R],
     ) {
         let nb = acts.k / QK;
-        let (block, sup_bytes, offset) = match THREE {
-            true => (Q3K_TILE_BLOCK, Q3K_TILE_SUPER, 4),
-            false => (Q6K_TILE_BLOCK, Q6K_TILE_SUPER, 32),
+        let (block, sup_bytes, offset, head) = match BITS {
+            3 => (Q3K_TILE_BLOCK, Q3K_TILE_SUPER, 4, 2 * ROWS),
+            2 => (Q2K_TILE_BLOCK, Q2K_TILE_SUPER, 0, 4 * ROWS),
+            _ => (Q6K_TILE_BLOCK, Q6K_TILE_SUPER, 32, 2 * ROWS),
         };
         debug_assert!(w.len() >= nb / 8 * sup_bytes && row0 + R <= acts.m);
         let mut acc = [_mm512_setzero_ps(); R];
+        let mut acc_m = [_mm512_setzero_ps(); R];
         let low = _mm512_set1_epi8(0xF);
         let high = _mm512_set1_epi8(0x30);
         let wp = w.as_ptr();
@@ -2288,19 +2418,19 @@ mod avx512 {
             unsafe {
                 let sup = wp.add(b / 8 * sup_bytes);
                 let d = _mm512_cvtph_ps(_mm256_loadu_si256(sup as *const __m256i));
-                let tb = sup.add(2 * ROWS + b % 8 * block);
+                let tb = sup.add(head + b % 8 * block);
                 prefetch_ahead(tb, block);
                 let sc = _mm512_cvtepi8_epi16(_mm256_loadu_si256(tb as *const __m256i));
                 let c0 = _mm512_srai_epi32::<16>(_mm512_slli_epi32::<16>(sc));
                 let c1 = _mm512_srai_epi32::<16>(sc);
-                let words = tb.add(2 * ROWS);
-                // Q3_K's tile block ends before them.
-                let (h0, h1) = match THREE {
-                    true => (_mm512_setzero_si512(), _mm512_setzero_si512()),
-                    false => (
+                let words = tb.add(head);
+                // Q3_K's and Q2_K's tile blocks end before them.
+                let (h0, h1) = match BITS {
+                    6 => (
                         _mm512_loadu_si512(words.add(256) as *const __m512i),
                         _mm512_loadu_si512(words.add(320) as *const __m512i),
                     ),
+                    _ => (_mm512_setzero_si512(), _mm512_setzero_si512()),
                 };
                 // Each sub-block's sum starts at −32·Σx (Q3_K: −4·Σx; exact: the products are
                 // added to it, then the whole is weighed by the sub-block's scale).
@@ -2341,12 +2471,31 @@ mod avx512 {
                     );
                     let sum = _mm512_cvtepi32_ps(sum);
                     acc[r] = _mm512_fmadd_ps(sum, _mm512_mul_ps(d, _mm512_set1_ps(dx)), acc[r]);
+                    if BITS == 2 {
+                        let m = _mm512_cvtepi8_epi16(_mm256_loadu_si256(
+                            tb.add(2 * ROWS) as *const __m256i
+                        ));
+                        let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(
+                            sup.add(2 * ROWS) as *const __m256i
+                        ));
+                        let s = _mm512_set1_epi32(*halves.add((row0 + r) * nb + b));
+                        let msum = _mm512_cvtepi32_ps(_mm512_madd_epi16(m, s));
+                        let w = _mm512_mul_ps(
+                            _mm512_sub_ps(_mm512_setzero_ps(), dmin),
+                            _mm512_set1_ps(dx),
+                        );
+                        acc_m[r] = _mm512_fmadd_ps(msum, w, acc_m[r]);
+                    }
                 }
             }
         }
         for r in 0..R {
+            let y = match BITS {
+                2 => _mm512_add_ps(acc[r], acc_m[r]),
+                _ => acc[r],
+            };
             // SAFETY: sixteen floats, one row.
-            unsafe { _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]) };
+            unsafe { _mm512_storeu_ps(out[r].as_mut_ptr(), y) };
         }
     }
 }
@@ -2465,6 +2614,7 @@ mod tests {
             (GgmlDType::Q4K, [256, 768]),
             (GgmlDType::Q5K, [256, 768]),
             (GgmlDType::Q3K, [256, 768]),
+            (GgmlDType::Q2K, [256, 768]),
             (IQuant::Iq4Nl.tag(), [96, 128]),
             (IQuant::Iq4Xs.tag(), [256, 768]),
         ] {
@@ -2528,7 +2678,7 @@ mod tests {
     fn the_largest_values_stay_exact_on_every_path() {
         let one = f16::ONE.to_bits().to_le_bytes();
         // One block (or super-block) of each type with every value at its largest.
-        let blocks: [(GgmlDType, Vec<u8>); 10] = [
+        let blocks: [(GgmlDType, Vec<u8>); 11] = [
             (GgmlDType::Q4_0, [&one[..], &[0xFF; 16]].concat()),
             (GgmlDType::Q4_1, [&one[..], &[0, 0], &[0xFF; 16]].concat()),
             (GgmlDType::Q8_0, [&one[..], &[0x80; 32]].concat()),
@@ -2543,6 +2693,8 @@ mod tests {
             ),
             // Every value −4 (no high bits), the scales −32 (six bits of 0).
             (GgmlDType::Q3K, [&[0; 108][..], &one].concat()),
+            // Every value 3, the scales and mins 15.
+            (GgmlDType::Q2K, [&[0xFF; 80][..], &one, &one].concat()),
             // Every code 0 (−127); IQ4_XS's scales 0 (l − 32 = −32).
             (IQuant::Iq4Nl.tag(), [&one[..], &[0; 16]].concat()),
             (IQuant::Iq4Xs.tag(), [&one[..], &[0; 134]].concat()),
@@ -2828,6 +2980,7 @@ mod tests {
             GgmlDType::Q5K,
             GgmlDType::Q6K,
             GgmlDType::Q3K,
+            GgmlDType::Q2K,
         ] {
             let w = Tensor::from_vec(random(24 * k, 31), (24, k), &Device::Cpu).unwrap();
             let mat = QMat::from_qtensor(QTensor::quantize(&w, dtype).unwrap()).unwrap();
@@ -2874,6 +3027,7 @@ mod tests {
             (GgmlDType::Q4K, 512),
             (GgmlDType::Q5K, 512),
             (GgmlDType::Q3K, 512),
+            (GgmlDType::Q2K, 512),
             (IQuant::Iq4Nl.tag(), 64),
             (IQuant::Iq4Xs.tag(), 512),
         ] {
@@ -2899,6 +3053,7 @@ mod tests {
             (GgmlDType::Q4K, Kind::Q4K, Q4K_BLOCK + 4),
             (GgmlDType::Q5K, Kind::Q5K, Q5K_BLOCK + 4),
             (GgmlDType::Q3K, Kind::Q3K, 8 * 18 + 2),
+            (GgmlDType::Q2K, Kind::Q2K, 8 * 20 + 4),
             (IQuant::Iq4Nl.tag(), Kind::Iq4Nl, 8 * 18),
             (IQuant::Iq4Xs.tag(), Kind::Iq4Xs, IQ4XS_BLOCK + 2),
         ] {
