@@ -7,20 +7,20 @@
 # languages. For each of the fixture's cases, the logits after its prompt and llama.cpp's greedy
 # continuation are written out.
 #
-# Run: pip install numpy gguf==0.19.0 llama-cpp-python==0.3.36; then
+# Run (beside llama_variants.py, whose vocabulary, norms and llama.cpp run it shares): pip install
+# numpy safetensors gguf==0.19.0 llama-cpp-python==0.3.36; then
 # python3 tests/references/iquants.py > tests/references/iquants.json
 import json, os, tempfile
 
 import gguf
 import numpy as np
-from llama_cpp import Llama
 
-FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', '..', 'shared', 'fixtures', 'tiny', 'llama')
-GREEDY = 8
+from llama_variants import FIXTURE, GREEDY, add_vocabulary, norm_weight, run
+
 # Width, heads, kv heads, MLP width, layers (the Rust test's `IQ4_SHAPE` too).
 SHAPE = (256, 4, 2, 512, 2)
 NL, XS = gguf.GGMLQuantizationType.IQ4_NL, gguf.GGMLQuantizationType.IQ4_XS
-# Each matrix's type by layer (the Rust test's `iq4_type`): both kinds in one layer, a fused
+# Each matrix's type by layer (the Rust test's `iq4_llama`'s table): both kinds in one layer, a fused
 # Q, K, V of mixed kinds in the second, the tied embeddings (the head too) in IQ4_XS.
 TYPES = {
     'attn_q': (NL, XS), 'attn_k': (NL, XS), 'attn_v': (NL, NL), 'attn_output': (NL, XS),
@@ -52,11 +52,6 @@ def matrix(kind, salt, rows, cols):
     return np.frombuffer(raw, dtype=np.uint8).reshape(rows, -1)
 
 
-def norm_weight(n, salt):
-    """The Rust test's `qwen_norm`: 1 + ((5j + 3 salt) mod 17 − 8) / 64."""
-    return np.array([1 + ((5 * j + 3 * salt) % 17 - 8) / 64 for j in range(n)], dtype=np.float32)
-
-
 def write(path, f32=False):
     hidden, heads, kv, ffn, layers = SHAPE
     hd = hidden // heads
@@ -73,22 +68,7 @@ def write(path, f32=False):
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_dimension_count(hd)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_IQ4_XS)
-    vocab = [''] * cfg['vocab_size']
-    for t, i in tok['model']['vocab'].items():
-        vocab[i] = t
-    types = [gguf.TokenType.NORMAL] * len(vocab)
-    for a in tok['added_tokens']:
-        vocab[a['id']] = a['content']
-        types[a['id']] = gguf.TokenType.CONTROL
-    merges = [m if isinstance(m, str) else ' '.join(m) for m in tok['model']['merges']]
-    w.add_tokenizer_model('gpt2')
-    w.add_tokenizer_pre('default')
-    w.add_token_list(vocab)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    w.add_bos_token_id(cfg['bos_token_id'])
-    w.add_eos_token_id(cfg['eos_token_id'])
-    w.add_add_bos_token(False)
+    add_vocabulary(w, cfg, tok)
     def add(name, kind, m):
         if f32:
             w.add_tensor(name, gguf.quants.dequantize(m, kind).astype(np.float32))
@@ -109,23 +89,6 @@ def write(path, f32=False):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-
-
-def run(path, cases):
-    llm = Llama(model_path=path, n_ctx=128, n_threads=2, logits_all=True, verbose=False)
-    out = []
-    for ids in cases:
-        llm.reset()
-        llm.eval(ids)
-        last = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
-        greedy, logits = [], last
-        for _ in range(GREEDY):
-            t = int(np.argmax(logits))
-            greedy.append(t)
-            llm.eval([t])
-            logits = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
-        out.append({'input_ids': ids, 'last_logits': [round(float(x), 6) for x in last], 'greedy': greedy})
-    return out
 
 
 def main():

@@ -93,6 +93,26 @@ def rope_factors(n, long):
     return np.array([(1 + ((3 * j + 1) % 5) / 4) * (2 if long else 1) for j in range(n)], dtype=np.float32)
 
 
+def add_vocabulary(w, cfg, tok):
+    """The tiny llama's tokenizer.json as a GGUF vocabulary (byte-level BPE, no BOS added)."""
+    vocab = [''] * cfg['vocab_size']
+    for t, i in tok['model']['vocab'].items():
+        vocab[i] = t
+    types = [gguf.TokenType.NORMAL] * len(vocab)
+    for a in tok['added_tokens']:
+        vocab[a['id']] = a['content']
+        types[a['id']] = gguf.TokenType.CONTROL
+    merges = [m if isinstance(m, str) else ' '.join(m) for m in tok['model']['merges']]
+    w.add_tokenizer_model('gpt2')
+    w.add_tokenizer_pre('default')
+    w.add_token_list(vocab)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(cfg['bos_token_id'])
+    w.add_eos_token_id(cfg['eos_token_id'])
+    w.add_add_bos_token(False)
+
+
 def write(key, path):
     arch = 'phi3' if key.startswith('phi3') else 'llama' if key == 'llama_yarn' else key
     cfg = json.load(open(os.path.join(FIXTURE, 'config.json')))
@@ -152,22 +172,7 @@ def write(key, path):
         w.add_attn_logit_softcapping(GEMMA[0])
         w.add_final_logit_softcapping(GEMMA[1])
         w.add_sliding_window(GEMMA[2])
-    vocab = [''] * cfg['vocab_size']
-    for t, i in tok['model']['vocab'].items():
-        vocab[i] = t
-    types = [gguf.TokenType.NORMAL] * len(vocab)
-    for a in tok['added_tokens']:
-        vocab[a['id']] = a['content']
-        types[a['id']] = gguf.TokenType.CONTROL
-    merges = [m if isinstance(m, str) else ' '.join(m) for m in tok['model']['merges']]
-    w.add_tokenizer_model('gpt2')
-    w.add_tokenizer_pre('default')
-    w.add_token_list(vocab)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    w.add_bos_token_id(cfg['bos_token_id'])
-    w.add_eos_token_id(cfg['eos_token_id'])
-    w.add_add_bos_token(False)
+    add_vocabulary(w, cfg, tok)
     w.add_tensor('token_embd.weight', st['model.embed_tokens.weight'])
     w.add_tensor('output_norm.weight', st['model.norm.weight'])
     for i in range(cfg['num_hidden_layers']):

@@ -731,22 +731,7 @@ fn gguf_as(
         tensors.push((name.to_string(), f32_tensor(&t)));
     }
     // The tokens by id (the file needs them; the tokenizer.json beside it is what is read).
-    let tok = json(&fixture.join("tokenizer.json"));
-    let mut tokens = vec![String::new(); n("vocab_size")];
-    let added = tok["added_tokens"].as_array().unwrap().iter();
-    let pairs = (tok["model"]["vocab"].as_object().unwrap().iter())
-        .map(|(t, id)| (t.clone(), id.as_u64().unwrap()))
-        .chain(added.map(|a| {
-            (
-                a["content"].as_str().unwrap().to_owned(),
-                a["id"].as_u64().unwrap(),
-            )
-        }));
-    for (t, id) in pairs {
-        tokens[id as usize] = t;
-    }
-    let tokens =
-        gguf_file::Value::Array(tokens.into_iter().map(gguf_file::Value::String).collect());
+    let tokens = gguf_tokens(fixture);
     let u = |v: usize| gguf_file::Value::U32(v as u32);
     let mut meta = vec![
         ("tokenizer.ggml.tokens".to_owned(), tokens),
@@ -796,6 +781,27 @@ fn gguf_as(
     let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
     gguf_file::write(&mut std::fs::File::create(&out).unwrap(), &meta, &tensors).unwrap();
     out
+}
+
+/// The tokens of the tokenizer.json in `fixture` by id, as a GGUF's `tokenizer.ggml.tokens`.
+fn gguf_tokens(fixture: &Path) -> candle_core::quantized::gguf_file::Value {
+    use candle_core::quantized::gguf_file::Value as V;
+    let vocab = json(&fixture.join("config.json"))["vocab_size"].as_u64().unwrap();
+    let tok = json(&fixture.join("tokenizer.json"));
+    let mut tokens = vec![String::new(); vocab as usize];
+    let added = tok["added_tokens"].as_array().unwrap().iter();
+    let pairs = (tok["model"]["vocab"].as_object().unwrap().iter())
+        .map(|(t, id)| (t.clone(), id.as_u64().unwrap()))
+        .chain(added.map(|a| {
+            (
+                a["content"].as_str().unwrap().to_owned(),
+                a["id"].as_u64().unwrap(),
+            )
+        }));
+    for (t, id) in pairs {
+        tokens[id as usize] = t;
+    }
+    V::Array(tokens.into_iter().map(V::String).collect())
 }
 
 /// Llama 3.1 and later's rotary scaling as a GGUF carries it (`rope_freqs.weight`: the
@@ -1854,23 +1860,11 @@ fn iq4_llama(dir: &Path) -> std::path::PathBuf {
         tensors.push((format!("blk.{i}.attn_norm.weight"), norm(2 * i + 2)));
         tensors.push((format!("blk.{i}.ffn_norm.weight"), norm(2 * i + 3)));
     }
-    let tok = json(&fixture.join("tokenizer.json"));
-    let mut tokens = vec![String::new(); vocab];
-    let added = tok["added_tokens"].as_array().unwrap().iter();
-    let pairs = (tok["model"]["vocab"].as_object().unwrap().iter())
-        .map(|(t, id)| (t.clone(), id.as_u64().unwrap() as usize))
-        .chain(added.map(|a| {
-            let id = a["id"].as_u64().unwrap() as usize;
-            (a["content"].as_str().unwrap().into(), id)
-        }));
-    for (t, id) in pairs {
-        tokens[id] = t;
-    }
     use gguf_file::Value as V;
     let u = |v: usize| V::U32(v as u32);
     let meta = [
         ("general.architecture", V::String("llama".into())),
-        ("tokenizer.ggml.tokens", V::Array(tokens.into_iter().map(V::String).collect())),
+        ("tokenizer.ggml.tokens", gguf_tokens(&fixture)),
         ("llama.block_count", u(layers)),
         ("llama.context_length", u(128)),
         ("llama.embedding_length", u(hidden)),
