@@ -16,7 +16,7 @@ use candle_core::quantized::{QStorage, QTensor, gguf_file};
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::quantized_llama::{MAX_SEQ_LEN, ModelWeights};
 
-use super::iquant::Gguf;
+use super::iquant::{Gguf, IQuant};
 use super::qllama::{self, Arch, KvCache, Weights};
 use super::tensor_llama::{
     Biased, Experts as TensorExperts, Heads, Layer, Mlp, PREFILL_CHUNK, Proj, Rope, TensorLlama,
@@ -700,15 +700,20 @@ fn split_rows(t: QTensor, rows: &[usize], device: &Device) -> Result<Vec<QTensor
         )));
     }
     let dtype = t.dtype();
-    let row_bytes = t.data()?.len() / n;
     let data = t.data()?;
+    let row_bytes = data.len() / n;
     let mut at = 0;
     rows.iter()
         .map(|&r| {
             let part = &data[at * row_bytes..(at + r) * row_bytes];
             at += r;
-            if let Some(part) = super::iquant::rows_of(&t, at - r, r, device)? {
-                return Ok(part);
+            if let Some(kind) = IQuant::of_tag(dtype) {
+                return Ok(super::iquant::qtensor(
+                    kind,
+                    part.to_vec(),
+                    &[r, k],
+                    device,
+                )?);
             }
             let storage = QStorage::from_data(std::borrow::Cow::Borrowed(part), device, dtype)?;
             Ok(QTensor::new(storage, (r, k))?)
@@ -748,7 +753,6 @@ fn end_ids(eos: Option<u32>, declared: &[Option<u32>], tokens: &[String]) -> Vec
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::iquant::IQuant;
     use candle_core::quantized::QTensor;
 
     /// A GGUF file whose one tensor has the ggml type `id` (written as F32, the type field

@@ -260,24 +260,6 @@ pub(super) fn qtensor(
     }
 }
 
-/// The rows of a stand-in-typed matrix `t` ([`IQuant::tag`]) from `first`, `count` of them,
-/// as a tensor of their own on `device`; `None` where `t` is not an i-quant.
-pub(super) fn rows_of(
-    t: &QTensor,
-    first: usize,
-    count: usize,
-    device: &Device,
-) -> candle_core::Result<Option<QTensor>> {
-    let Some(kind) = IQuant::of_tag(t.dtype()) else {
-        return Ok(None);
-    };
-    let k = *t.shape().dims().last().expect("a matrix");
-    let row_bytes = k / kind.block() * kind.block_bytes();
-    let data = t.data()?;
-    let part = data[first * row_bytes..(first + count) * row_bytes].to_vec();
-    qtensor(kind, part, &[count, k], device).map(Some)
-}
-
 /// A GGUF file's header as candle reads it, with the i-quant tensors candle cannot hold.
 #[derive(Debug)]
 pub(super) struct Gguf {
