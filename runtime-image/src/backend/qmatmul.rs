@@ -404,19 +404,14 @@ impl Kind {
         }
     }
 
-    /// Bytes before the blocks of a packed Q6_K, Q3_K or Q2_K super-block: the rows' `d`
-    /// (and Q2_K's `dmin`).
+    /// Bytes before the blocks of a packed Q6_K, Q3_K or Q2_K super-block (the rows' `d`, and
+    /// Q2_K's `dmin`), which are also the bytes before each block's nibble groups (the rows'
+    /// scales, and Q2_K's mins).
     fn six_head(self) -> usize {
         match self {
             Kind::Q2K => 4 * ROWS,
             _ => 2 * ROWS,
         }
-    }
-
-    /// Bytes before the nibble groups of a packed Q6_K, Q3_K or Q2_K block: the rows' scales
-    /// (and Q2_K's mins).
-    fn six_scales(self) -> usize {
-        self.six_head()
     }
 
     /// Bytes of one packed block of 32 of a Q4_K or Q5_K tile's sixteen rows.
@@ -508,7 +503,7 @@ impl Kind {
     fn q6k_at(self, sup: &[u8], lane: usize, b: usize, i: usize) -> (u8, i8, u8) {
         let blk = &sup[self.six_head() + b * self.six_tile_block()..];
         let (g, e, high) = ((i % 16) / 4, i % 4, i >= 16);
-        let words = self.six_scales();
+        let words = self.six_head();
         let nib = blk[words + 64 * g + 4 * lane + e];
         let nib = if high { nib >> 4 } else { nib & 15 };
         let (hi, min) = match self {
