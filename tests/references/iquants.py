@@ -1,7 +1,9 @@
-# The reference for runtime_models' i-quant test: llama.cpp's own forward pass on a small llama
-# whose matrices are IQ4_NL and IQ4_XS (the tiny llama fixture's tokenizer and prompts; 256
-# wide, heads of 64, an MLP of 512, two layers, so that rows hold whole IQ4_XS super-blocks of
-# 256). kandle does not quantise to the i-quants, so the weights are not a trained model's: each
+# The reference for runtime_models' i-quant tests: llama.cpp's own forward pass on two small
+# llamas, one whose matrices are IQ4_NL and IQ4_XS ("iq4"), one of the seven other i-quants
+# ("low": IQ3_S, IQ3_XXS, IQ2_S, IQ2_XS, IQ2_XXS, IQ1_M, IQ1_S), each also with its weights
+# dequantised by gguf-py and stored as f32 (the tiny llama fixture's tokenizer and prompts; 256
+# wide, heads of 64, an MLP of 512, two layers, so that rows hold whole super-blocks of 256).
+# kandle does not quantise to the i-quants, so the weights are not a trained model's: each
 # block's bytes come from the integer formula `byte` below, which the Rust test repeats exactly
 # (`iq4_byte`), and the scales from it are small binary fractions, the same f16 in both
 # languages. For each of the fixture's cases, the logits after its prompt and llama.cpp's greedy
@@ -19,13 +21,24 @@ from llama_variants import FIXTURE, GREEDY, add_vocabulary, norm_weight, run
 
 # Width, heads, kv heads, MLP width, layers (the Rust test's `IQ4_SHAPE` too).
 SHAPE = (256, 4, 2, 512, 2)
-NL, XS = gguf.GGMLQuantizationType.IQ4_NL, gguf.GGMLQuantizationType.IQ4_XS
+Q = gguf.GGMLQuantizationType
+NL, XS = Q.IQ4_NL, Q.IQ4_XS
 # Each matrix's type by layer (the Rust test's `iq4_llama`'s table): both kinds in one layer, a fused
 # Q, K, V of mixed kinds in the second, the tied embeddings (the head too) in IQ4_XS.
 TYPES = {
     'attn_q': (NL, XS), 'attn_k': (NL, XS), 'attn_v': (NL, NL), 'attn_output': (NL, XS),
     'ffn_gate': (XS, XS), 'ffn_up': (XS, XS), 'ffn_down': (NL, XS),
 }
+# The other i-quants (the Rust test's `low_iq_llama`): each at least once, a fused Q and K of
+# one kind beside a V of another, a gate and up of one kind, the tied embeddings in IQ3_S.
+LOW_TYPES = {
+    'attn_q': (Q.IQ3_S, Q.IQ2_XXS), 'attn_k': (Q.IQ3_S, Q.IQ1_S), 'attn_v': (Q.IQ3_XXS, Q.IQ2_XS),
+    'attn_output': (Q.IQ2_S, Q.IQ1_M), 'ffn_gate': (Q.IQ3_XXS, Q.IQ2_XXS),
+    'ffn_up': (Q.IQ3_XXS, Q.IQ2_S), 'ffn_down': (Q.IQ1_S, Q.IQ3_S),
+}
+# Their `d` is (1 + byte mod 8) times this: the largest values come to ~0.1 for each.
+LOW_D = {Q.IQ3_S: 2**-15, Q.IQ3_XXS: 2**-15, Q.IQ2_S: 2**-13, Q.IQ2_XS: 2**-13,
+         Q.IQ2_XXS: 2**-13, Q.IQ1_M: 2**-10, Q.IQ1_S: 2**-10}
 
 
 def byte(salt, block, j):
@@ -35,7 +48,18 @@ def byte(salt, block, j):
 
 def block_bytes(kind, salt, b):
     """One block: IQ4_NL {d, qs[16]}, d = (1 + byte mod 8) / 4096; IQ4_XS {d, scales_h,
-    scales_l[4], qs[128]}, d = (1 + byte mod 8) / 16384, each sub-block's l = 28 + byte mod 8."""
+    scales_l[4], qs[128]}, d = (1 + byte mod 8) / 16384, each sub-block's l = 28 + byte mod 8;
+    the others d (`LOW_D`) and the rest of the block bytes of the formula, IQ1_M's d in the top
+    nibbles of its four scale words (its block's last eight bytes)."""
+    if kind in LOW_D:
+        size = gguf.GGML_QUANT_SIZES[kind][1]
+        d = int(np.float16((1 + byte(salt, b, 0) % 8) * LOW_D[kind]).view(np.uint16))
+        if kind != Q.IQ1_M:
+            return d.to_bytes(2, 'little') + bytes(byte(salt, b, j) for j in range(2, size))
+        raw = bytearray(byte(salt, b, j) for j in range(2, size + 2))
+        for i in range(4):
+            raw[49 + 2 * i] = raw[49 + 2 * i] & 0x0F | ((d >> (4 * i)) & 15) << 4
+        return bytes(raw)
     if kind == NL:
         d = np.float16((1 + byte(salt, b, 0) % 8) / 4096).tobytes()
         return d + bytes(byte(salt, b, 2 + j) for j in range(16))
@@ -47,12 +71,12 @@ def block_bytes(kind, salt, b):
 
 
 def matrix(kind, salt, rows, cols):
-    per = 32 if kind == NL else 256
+    per = gguf.GGML_QUANT_SIZES[kind][0]
     raw = b''.join(block_bytes(kind, salt, b) for b in range(rows * cols // per))
     return np.frombuffer(raw, dtype=np.uint8).reshape(rows, -1)
 
 
-def write(path, f32=False):
+def write(path, types, embd, f32=False):
     hidden, heads, kv, ffn, layers = SHAPE
     hd = hidden // heads
     cfg = json.load(open(os.path.join(FIXTURE, 'config.json')))
@@ -74,14 +98,14 @@ def write(path, f32=False):
             w.add_tensor(name, gguf.quants.dequantize(m, kind).astype(np.float32))
         else:
             w.add_tensor(name, m, raw_dtype=kind)
-    add('token_embd.weight', XS, matrix(XS, 1, cfg['vocab_size'], hidden))
+    add('token_embd.weight', embd, matrix(embd, 1, cfg['vocab_size'], hidden))
     w.add_tensor('output_norm.weight', norm_weight(hidden, 1))
     rows = {'attn_q': (hidden, hidden), 'attn_k': (kv * hd, hidden), 'attn_v': (kv * hd, hidden),
             'attn_output': (hidden, hidden), 'ffn_gate': (ffn, hidden), 'ffn_up': (ffn, hidden),
             'ffn_down': (hidden, ffn)}
     for i in range(layers):
         for j, (name, (r, c)) in enumerate(rows.items()):
-            kind = TYPES[name][i]
+            kind = types[name][i]
             add(f'blk.{i}.{name}.weight', kind, matrix(kind, 10 * i + j + 2, r, c))
         w.add_tensor(f'blk.{i}.attn_norm.weight', norm_weight(hidden, 2 * i + 2))
         w.add_tensor(f'blk.{i}.ffn_norm.weight', norm_weight(hidden, 2 * i + 3))
@@ -94,22 +118,18 @@ def write(path, f32=False):
 def main():
     ref = json.load(open(os.path.join(FIXTURE, 'reference.json')))
     cases = [c['input_ids'] for c in ref['cases']]
+    results = {}
     with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, 'tiny-iq4.gguf')
-        write(path)
-        result = run(path, cases)
-        path = os.path.join(d, 'tiny-iq4-f32.gguf')
-        write(path, f32=True)
-        result_f32 = run(path, cases)
+        for name, types, embd in [('iq4', TYPES, XS), ('low', LOW_TYPES, Q.IQ3_S)]:
+            for key, f32 in [(name, False), (f'{name}_as_f32', True)]:
+                path = os.path.join(d, f'tiny-{key}.gguf')
+                write(path, types, embd, f32=f32)
+                results[key] = run(path, cases)
     # One line a case: the logits are 512 numbers.
     print('{')
     print(f' "llama_cpp_python": {json.dumps(__import__("llama_cpp").__version__)}, "greedy_tokens": {GREEDY},')
-    print(' "iq4": [')
-    print(',\n'.join('  ' + json.dumps(c, separators=(',', ':')) for c in result))
-    print(' ],')
-    print(' "iq4_as_f32": [')
-    print(',\n'.join('  ' + json.dumps(c, separators=(',', ':')) for c in result_f32))
-    print(' ]')
+    print(',\n'.join(f' "{key}": [\n' + ',\n'.join('  ' + json.dumps(c, separators=(',', ':')) for c in result) + '\n ]'
+                     for key, result in results.items()))
     print('}')
 
 

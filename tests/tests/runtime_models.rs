@@ -1795,60 +1795,103 @@ fn iq4_byte(salt: u64, block: u64, j: u64) -> u8 {
     (((salt * 1_000_003 + block * 7919 + j * 104_729) * 2_654_435_761) >> 7 & 0xFF) as u8
 }
 
-/// `block_bytes` of `tests/references/iquants.py`: block `b` of matrix `salt`, IQ4_XS (`xs`:
-/// `d` = (1 + byte mod 8) / 16384, each sub-block's `l` = 28 + byte mod 8) or IQ4_NL (`d` =
-/// (1 + byte mod 8) / 4096), the codes bytes of the formula.
-fn iq4_block(xs: bool, salt: u64, b: u64) -> Vec<u8> {
-    let byte = |j: u64| iq4_byte(salt, b, j);
-    let d = |over: f32| half::f16::from_f32((1 + byte(0) % 8) as f32 / over).to_le_bytes();
-    if !xs {
-        return [&d(4096.0)[..], &(2..18).map(byte).collect::<Vec<u8>>()].concat();
+/// ggml's type ids of the i-quants, and each one's values and bytes per block.
+const IQ4_NL: u32 = 20;
+const IQ4_XS: u32 = 23;
+const IQ3_S: u32 = 21;
+const IQ3_XXS: u32 = 18;
+const IQ2_S: u32 = 22;
+const IQ2_XS: u32 = 17;
+const IQ2_XXS: u32 = 16;
+const IQ1_M: u32 = 29;
+const IQ1_S: u32 = 19;
+
+fn iq_block_size(id: u32) -> (usize, usize) {
+    match id {
+        IQ4_NL => (32, 18),
+        IQ4_XS => (256, 136),
+        IQ3_S => (256, 110),
+        IQ3_XXS => (256, 98),
+        IQ2_S => (256, 82),
+        IQ2_XS => (256, 74),
+        IQ2_XXS => (256, 66),
+        IQ1_M => (256, 56),
+        IQ1_S => (256, 50),
+        _ => unreachable!("ggml type {id}"),
     }
-    let ls: Vec<u16> = (0..8).map(|s| 28 + (byte(100 + s) % 8) as u16).collect();
-    let high: u16 = (ls.iter().enumerate()).map(|(s, l)| (l >> 4) << (2 * s)).sum();
-    let low: Vec<u8> = (0..4).map(|i| (ls[2 * i] & 15 | (ls[2 * i + 1] & 15) << 4) as u8).collect();
-    let codes: Vec<u8> = (8..136).map(byte).collect();
-    [&d(16384.0)[..], &high.to_le_bytes(), &low, &codes].concat()
 }
 
-/// The llama of `tests/references/iquants.py` (the tiny llama's tokenizer, its tokenizer.json
-/// beside the file) in `dir`: its matrices IQ4_NL and IQ4_XS by the formula of [`iq4_block`],
-/// as `TYPES` there lays them out. candle cannot write these types: each is written as a type
-/// of the same bytes (IQ4_NL as Q4_0; an IQ4_XS row of `k` as a Q8_0 row of `k / 2`), and the
-/// header's type and width are then overwritten.
-fn iq4_llama(dir: &Path) -> std::path::PathBuf {
+/// `block_bytes` of `tests/references/iquants.py`: block `b` of matrix `salt` of i-quant `id`.
+/// IQ4_XS: `d` = (1 + byte mod 8) / 16384, each sub-block's `l` = 28 + byte mod 8; IQ4_NL:
+/// `d` = (1 + byte mod 8) / 4096; the others `d` = (1 + byte mod 8) times `LOW_D` there, the
+/// rest of the block bytes of the formula (IQ1_M's `d` in its four scale words' top nibbles).
+fn iq_block(id: u32, salt: u64, b: u64) -> Vec<u8> {
+    let byte = |j: u64| iq4_byte(salt, b, j);
+    let d = |scale: f32| half::f16::from_f32((1 + byte(0) % 8) as f32 * scale);
+    let size = iq_block_size(id).1 as u64;
+    let low_d = match id {
+        IQ3_S | IQ3_XXS => 2f32.powi(-15),
+        IQ2_S | IQ2_XS | IQ2_XXS => 2f32.powi(-13),
+        IQ1_M | IQ1_S => 2f32.powi(-10),
+        IQ4_NL => {
+            let codes: Vec<u8> = (2..18).map(byte).collect();
+            return [&d(1.0 / 4096.0).to_le_bytes()[..], &codes].concat();
+        }
+        _ => {
+            let ls: Vec<u16> = (0..8).map(|s| 28 + (byte(100 + s) % 8) as u16).collect();
+            let high: u16 = (ls.iter().enumerate()).map(|(s, l)| (l >> 4) << (2 * s)).sum();
+            let low: Vec<u8> =
+                (0..4).map(|i| (ls[2 * i] & 15 | (ls[2 * i + 1] & 15) << 4) as u8).collect();
+            let codes: Vec<u8> = (8..136).map(byte).collect();
+            let d = d(1.0 / 16384.0).to_le_bytes();
+            return [&d[..], &high.to_le_bytes(), &low, &codes].concat();
+        }
+    };
+    let d = d(low_d).to_bits();
+    if id != IQ1_M {
+        return [&d.to_le_bytes()[..], &(2..size).map(byte).collect::<Vec<u8>>()].concat();
+    }
+    let mut raw: Vec<u8> = (2..size + 2).map(byte).collect();
+    for i in 0..4 {
+        raw[49 + 2 * i] = raw[49 + 2 * i] & 0x0F | ((d >> (4 * i)) as u8 & 15) << 4;
+    }
+    raw
+}
+
+/// A llama of `tests/references/iquants.py` (the tiny llama's tokenizer, its tokenizer.json
+/// beside the file) in `dir`: its matrices i-quants by the formula of [`iq_block`], the tied
+/// embeddings `embd`, each layer's as `types` gives them (`TYPES` or `LOW_TYPES` there).
+/// candle cannot write these types: each matrix is written as f16 of the same bytes (a row
+/// of `k` weights as `k·bytes / (2·block)` f16 values), and the header's type and width are
+/// then overwritten.
+fn iq_llama(dir: &Path, embd: u32, types: [(&str, [u32; 2]); 7]) -> std::path::PathBuf {
     use candle_core::quantized::{GgmlDType, QTensor, ggml_file, gguf_file};
     let (hidden, heads, kv, ffn, layers) = IQ4_SHAPE;
     let fixture = fixtures_dir().join("tiny/llama");
     let vocab = json(&fixture.join("config.json"))["vocab_size"].as_u64().unwrap() as usize;
     let cpu = &candle_core::Device::Cpu;
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
-    let mut xs_names = Vec::new();
-    let mut matrix = |name: String, xs: bool, salt: u64, (r, c): (usize, usize)| {
-        let per = if xs { 256 } else { 32 };
-        let raw: Vec<u8> = (0..(r * c / per) as u64).flat_map(|b| iq4_block(xs, salt, b)).collect();
-        let t = match xs {
-            true => ggml_file::qtensor_from_ggml(GgmlDType::Q8_0, &raw, vec![r, c / 2], cpu),
-            false => ggml_file::qtensor_from_ggml(GgmlDType::Q4_0, &raw, vec![r, c], cpu),
-        };
-        xs_names.push((name.clone(), xs));
+    let mut ids = Vec::new();
+    let mut matrix = |name: String, id: u32, salt: u64, (r, c): (usize, usize)| {
+        let (per, bytes) = iq_block_size(id);
+        let raw: Vec<u8> = (0..(r * c / per) as u64).flat_map(|b| iq_block(id, salt, b)).collect();
+        let halves = c * bytes / (2 * per);
+        let t = ggml_file::qtensor_from_ggml(GgmlDType::F16, &raw, vec![r, halves], cpu);
+        ids.push((name.clone(), id, c));
         tensors.push((name, t.unwrap()));
     };
     let hd = hidden / heads;
-    matrix("token_embd.weight".into(), true, 1, (vocab, hidden));
-    let types = [
-        ("attn_q", [false, true], (hidden, hidden)),
-        ("attn_k", [false, true], (kv * hd, hidden)),
-        ("attn_v", [false, false], (kv * hd, hidden)),
-        ("attn_output", [false, true], (hidden, hidden)),
-        ("ffn_gate", [true, true], (ffn, hidden)),
-        ("ffn_up", [true, true], (ffn, hidden)),
-        ("ffn_down", [false, true], (hidden, ffn)),
-    ];
+    matrix("token_embd.weight".into(), embd, 1, (vocab, hidden));
     for i in 0..layers {
-        for (j, (name, xs, shape)) in types.iter().enumerate() {
+        for (j, (name, ids)) in types.iter().enumerate() {
+            let shape = match *name {
+                "attn_q" | "attn_output" => (hidden, hidden),
+                "attn_k" | "attn_v" => (kv * hd, hidden),
+                "ffn_down" => (hidden, ffn),
+                _ => (ffn, hidden),
+            };
             let salt = (10 * i + j + 2) as u64;
-            matrix(format!("blk.{i}.{name}.weight"), xs[i], salt, *shape);
+            matrix(format!("blk.{i}.{name}.weight"), ids[i], salt, shape);
         }
     }
     let f32_tensor = |v: Vec<f32>| {
@@ -1882,27 +1925,23 @@ fn iq4_llama(dir: &Path) -> std::path::PathBuf {
     let mut bytes = bytes.into_inner();
     // Each matrix's info: its name (u64 length, bytes), two dimensions (u32 count, u64s, the
     // row's width first), its type (u32).
-    for (name, xs) in xs_names {
+    for (name, id, k) in ids {
         let key = [&(name.len() as u64).to_le_bytes()[..], name.as_bytes()].concat();
         let at = (bytes.windows(key.len()).position(|w| w == key)).unwrap() + key.len();
         let (width, ty) = (at + 4, at + 4 + 16);
-        if xs {
-            let k = 2 * u64::from_le_bytes(bytes[width..width + 8].try_into().unwrap());
-            bytes[width..width + 8].copy_from_slice(&k.to_le_bytes());
-        }
-        let (from, to) = if xs { (8u32, 23u32) } else { (2, 20) };
-        assert_eq!(bytes[ty..ty + 4], from.to_le_bytes(), "{name}'s type where expected");
-        bytes[ty..ty + 4].copy_from_slice(&to.to_le_bytes());
+        bytes[width..width + 8].copy_from_slice(&(k as u64).to_le_bytes());
+        assert_eq!(bytes[ty..ty + 4], 1u32.to_le_bytes(), "{name}'s type where expected");
+        bytes[ty..ty + 4].copy_from_slice(&id.to_le_bytes());
     }
     std::fs::copy(fixture.join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
-    let out = dir.join("tiny-iq4.gguf");
+    let out = dir.join("tiny-iq.gguf");
     std::fs::write(&out, bytes).unwrap();
     out
 }
 
 /// The i-quants IQ4_NL and IQ4_XS (`backend/iquant.rs`), which candle's GGUF reader cannot
-/// read: a llama of both (`iq4_llama`: every matrix, the tied embeddings and head among them,
-/// a fused Q, K, V of both kinds in its second layer).
+/// read: a llama of both (`iq_llama` with `TYPES` of iquants.py: every matrix, the tied
+/// embeddings and head among them, a fused Q, K, V of both kinds in its second layer).
 /// - The tensor path (candle's operations on kandle's storage of them, in f32) gives the
 ///   logits and greedy tokens llama.cpp gives for the same values in f32 (gguf-py's
 ///   dequantisation, `iq4_as_f32` in `tests/references/iquants.json`).
@@ -1915,13 +1954,53 @@ fn iq4_llama(dir: &Path) -> std::path::PathBuf {
 #[test]
 fn iq4_nl_and_iq4_xs_run_as_llama_cpp_runs_them() {
     let dir = tempfile::tempdir().unwrap();
-    let gguf = iq4_llama(dir.path());
+    let types = [
+        ("attn_q", [IQ4_NL, IQ4_XS]),
+        ("attn_k", [IQ4_NL, IQ4_XS]),
+        ("attn_v", [IQ4_NL, IQ4_NL]),
+        ("attn_output", [IQ4_NL, IQ4_XS]),
+        ("ffn_gate", [IQ4_XS, IQ4_XS]),
+        ("ffn_up", [IQ4_XS, IQ4_XS]),
+        ("ffn_down", [IQ4_NL, IQ4_XS]),
+    ];
+    runs_as_llama_cpp_runs_it(&iq_llama(dir.path(), IQ4_XS, types), "iq4");
+}
+
+/// The i-quant llama `gguf`, `key` in `tests/references/iquants.json`: the tensor path gives
+/// llama.cpp's logits and greedy tokens for its values in f32, kandle's kernels llama.cpp's
+/// greedy tokens on the file and its logits within 0.1.
+fn runs_as_llama_cpp_runs_it(gguf: &Path, key: &str) {
     let reference = Path::new(env!("CARGO_MANIFEST_DIR")).join("references/iquants.json");
     let reference = json(&reference);
     let want = |key: &str| reference[key].as_array().unwrap().clone();
-    let [(_, kernels), (_, tensor_path)] = gguf_paths(&gguf);
-    gives_the_reference_logits_and_tokens(&tensor_path, &want("iq4_as_f32"), "iq4, tensor path");
-    gives_the_reference_logits_within(&kernels, &want("iq4"), "iq4, kandle's kernels", 0.1);
+    let [(_, kernels), (_, tensor_path)] = gguf_paths(gguf);
+    let f32_key = format!("{key}_as_f32");
+    let (f32_want, want) = (want(&f32_key), want(key));
+    gives_the_reference_logits_and_tokens(&tensor_path, &f32_want, &format!("{key}, tensor path"));
+    gives_the_reference_logits_within(&kernels, &want, &format!("{key}, kandle's kernels"), 0.1);
+}
+
+/// The other i-quants (IQ3_S, IQ3_XXS, IQ2_S, IQ2_XS, IQ2_XXS, IQ1_M, IQ1_S), which ggml
+/// builds from grids of a few values: a llama of all seven (`iq_llama` with `LOW_TYPES` of
+/// iquants.py: the tied embeddings and head in IQ3_S, a fused Q and K of one kind beside a V
+/// of another) runs as `iq4_nl_and_iq4_xs_run_as_llama_cpp_runs_them` says. The tensor
+/// path's match checks kandle's dequantisation (its grids from gguf-py's tables, its code
+/// from ggml's) against gguf-py's; the kernels' match the codes that IQ3_S, IQ3_XXS, IQ2_XXS
+/// and IQ1_S are packed as, and the Q8_0 the others are converted to, against llama.cpp's
+/// own kernels. llama.cpp's quantised run sits 0.03–0.044 from its f32 run here.
+#[test]
+fn the_other_i_quants_run_as_llama_cpp_runs_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let types = [
+        ("attn_q", [IQ3_S, IQ2_XXS]),
+        ("attn_k", [IQ3_S, IQ1_S]),
+        ("attn_v", [IQ3_XXS, IQ2_XS]),
+        ("attn_output", [IQ2_S, IQ1_M]),
+        ("ffn_gate", [IQ3_XXS, IQ2_XXS]),
+        ("ffn_up", [IQ3_XXS, IQ2_S]),
+        ("ffn_down", [IQ1_S, IQ3_S]),
+    ];
+    runs_as_llama_cpp_runs_it(&iq_llama(dir.path(), IQ3_S, types), "low");
 }
 
 /// Granite (IBM's Granite 3 dense models) is a llama with four scalars: the embeddings

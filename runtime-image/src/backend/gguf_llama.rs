@@ -502,8 +502,8 @@ pub(super) fn unsupported_type(path: &Path, id: u32) -> String {
     };
     format!(
         "{} holds {what}, which kandle cannot load; it reads F32, F16, BF16, Q4_0, Q4_1, Q5_0, \
-         Q5_1, Q8_0, the K-quants (Q2_K to Q6_K), IQ4_NL and IQ4_XS: pick another \
-         quantisation of the model, e.g. hf://<repo>:Q4_K_M",
+         Q5_1, Q8_0, the K-quants (Q2_K to Q6_K) and the i-quants (IQ1_S to IQ4_XS): pick \
+         another quantisation of the model, e.g. hf://<repo>:Q4_K_M",
         path.display()
     )
 }
@@ -699,7 +699,7 @@ fn split_rows(t: QTensor, rows: &[usize], device: &Device) -> Result<Vec<QTensor
             "a fused GGUF matrix of {n} rows cannot be split into {rows:?}"
         )));
     }
-    let dtype = t.dtype();
+    let (dtype, iquant) = (t.dtype(), IQuant::of(&t));
     let data = t.data()?;
     let row_bytes = data.len() / n;
     let mut at = 0;
@@ -707,7 +707,7 @@ fn split_rows(t: QTensor, rows: &[usize], device: &Device) -> Result<Vec<QTensor
         .map(|&r| {
             let part = &data[at * row_bytes..(at + r) * row_bytes];
             at += r;
-            if let Some(kind) = IQuant::of_tag(dtype) {
+            if let Some(kind) = iquant {
                 return Ok(super::iquant::qtensor(
                     kind,
                     part.to_vec(),
@@ -780,11 +780,11 @@ mod tests {
     #[test]
     fn a_tensor_type_candle_cannot_read_is_named() {
         let dir = tempfile::tempdir().unwrap();
-        let path = file_with_type(dir.path(), 16);
+        let path = file_with_type(dir.path(), 34);
         let mut f = std::fs::File::open(&path).unwrap();
         let err = Gguf::read(&mut f, &path).unwrap_err().to_string();
         assert!(
-            err.contains("IQ2_XXS") && err.contains("Q4_K_M") && err.contains("m.gguf"),
+            err.contains("TQ1_0") && err.contains("Q4_K_M") && err.contains("m.gguf"),
             "{err}"
         );
         // The activations' type, whose name stands for IQ4_NL inside kandle.
@@ -792,7 +792,17 @@ mod tests {
         let mut f = std::fs::File::open(&path).unwrap();
         let err = Gguf::read(&mut f, &path).unwrap_err().to_string();
         assert!(err.contains("w is Q8_1") && err.contains("m.gguf"), "{err}");
-        for (id, kind) in [(20, IQuant::Iq4Nl), (23, IQuant::Iq4Xs)] {
+        for (id, kind) in [
+            (16, IQuant::Iq2Xxs),
+            (17, IQuant::Iq2Xs),
+            (18, IQuant::Iq3Xxs),
+            (19, IQuant::Iq1S),
+            (20, IQuant::Iq4Nl),
+            (21, IQuant::Iq3S),
+            (22, IQuant::Iq2S),
+            (23, IQuant::Iq4Xs),
+            (29, IQuant::Iq1M),
+        ] {
             let path = file_with_type(dir.path(), id);
             let mut f = std::fs::File::open(&path).unwrap();
             let ct = Gguf::read(&mut f, &path).unwrap();

@@ -46,26 +46,85 @@ pub(super) const VALUES: [i8; 16] = [
 pub(super) enum IQuant {
     Iq4Nl,
     Iq4Xs,
+    Iq3S,
+    Iq3Xxs,
+    Iq2S,
+    Iq2Xs,
+    Iq2Xxs,
+    Iq1M,
+    Iq1S,
+}
+
+/// The 256-value i-quants, which share one stand-in ([`IQuant::tag`]).
+const SUPER_BLOCKED: [IQuant; 8] = [
+    IQuant::Iq4Xs,
+    IQuant::Iq3S,
+    IQuant::Iq3Xxs,
+    IQuant::Iq2S,
+    IQuant::Iq2Xs,
+    IQuant::Iq2Xxs,
+    IQuant::Iq1M,
+    IQuant::Iq1S,
+];
+
+/// How the kernels take a 256-value i-quant with one scale per 32 values: as IQ4_XS's layout
+/// (per 32 a multiplier `l`, per value a 4-bit code), value `d·l·factor·values[code]`, exact
+/// for each type's every value ([`IQuant::code_block`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct Codes {
+    pub(super) values: [i8; 16],
+    /// A power of two: exact in any order of the products.
+    pub(super) factor: f32,
+}
+
+/// IQ4_XS's codes: [`VALUES`] as they are.
+pub(super) const IQ4_CODES: Codes = Codes {
+    values: VALUES,
+    factor: 1.0,
+};
+
+/// One super-block of a [`Codes`] type: `d` (f16 bits), each sub-block's `l`, and each
+/// sub-block's codes laid as IQ4_NL's 16 bytes (element `i` the low nibble of byte `i` for
+/// `i < 16`, the high nibble of byte `i − 16` after).
+pub(super) struct CodedBlock {
+    pub(super) d: [u8; 2],
+    pub(super) l: [i8; 8],
+    pub(super) qs: [[u8; 16]; 8],
+}
+
+impl CodedBlock {
+    fn set(&mut self, s: usize, i: usize, code: u8) {
+        self.qs[s][i % 16] |= code << (4 * (i / 16));
+    }
 }
 
 impl IQuant {
     /// The i-quant of ggml type `id`, where kandle reads it.
     fn of_id(id: u32) -> Option<IQuant> {
         match id {
+            16 => Some(IQuant::Iq2Xxs),
+            17 => Some(IQuant::Iq2Xs),
+            18 => Some(IQuant::Iq3Xxs),
+            19 => Some(IQuant::Iq1S),
             20 => Some(IQuant::Iq4Nl),
+            21 => Some(IQuant::Iq3S),
+            22 => Some(IQuant::Iq2S),
             23 => Some(IQuant::Iq4Xs),
+            29 => Some(IQuant::Iq1M),
             _ => None,
         }
     }
 
     /// The candle type that stands for it in a tensor's info and a `QTensor`'s dtype: ggml's
-    /// Q8_1 and Q8_K, the activations' types, which no GGUF holds as weights (llama.cpp has no
-    /// product with either as weights), and which [`Gguf::read`] refuses in a file. Each has
-    /// the i-quant's block of values (32, 256), so that candle's checks of shapes hold.
+    /// Q8_1 for IQ4_NL and Q8_K for the others, the activations' types, which no GGUF holds
+    /// as weights (llama.cpp has no product with either as weights), and which [`Gguf::read`]
+    /// refuses in a file. Each has the i-quant's block of values (32, 256), so that candle's
+    /// checks of shapes hold. The 256-value i-quants differ in their bytes per block, which
+    /// tell them apart ([`IQuant::of`]).
     pub(super) fn tag(self) -> GgmlDType {
         match self {
             IQuant::Iq4Nl => GgmlDType::Q8_1,
-            IQuant::Iq4Xs => GgmlDType::Q8K,
+            _ => GgmlDType::Q8K,
         }
     }
 
@@ -73,15 +132,25 @@ impl IQuant {
     fn tag_id(self) -> u32 {
         match self {
             IQuant::Iq4Nl => 9,
-            IQuant::Iq4Xs => 15,
+            _ => 15,
         }
     }
 
-    /// The i-quant a stand-in type ([`IQuant::tag`]) labels.
-    pub(super) fn of_tag(dtype: GgmlDType) -> Option<IQuant> {
-        match dtype {
+    /// Whether `dtype` is a stand-in ([`IQuant::tag`]).
+    pub(super) fn is_tag(dtype: GgmlDType) -> bool {
+        matches!(dtype, GgmlDType::Q8_1 | GgmlDType::Q8K)
+    }
+
+    /// The i-quant a tensor of ours holds ([`qtensor`]): its stand-in type, and for the
+    /// 256-value ones its bytes per super-block.
+    pub(super) fn of(t: &QTensor) -> Option<IQuant> {
+        match t.dtype() {
             GgmlDType::Q8_1 => Some(IQuant::Iq4Nl),
-            GgmlDType::Q8K => Some(IQuant::Iq4Xs),
+            GgmlDType::Q8K => {
+                let blocks = (t.shape().elem_count() / 256).max(1);
+                let bytes = t.storage_size_in_bytes() / blocks;
+                SUPER_BLOCKED.into_iter().find(|k| k.block_bytes() == bytes)
+            }
             _ => None,
         }
     }
@@ -90,7 +159,7 @@ impl IQuant {
     pub(super) fn block(self) -> usize {
         match self {
             IQuant::Iq4Nl => 32,
-            IQuant::Iq4Xs => 256,
+            _ => 256,
         }
     }
 
@@ -99,28 +168,301 @@ impl IQuant {
         match self {
             IQuant::Iq4Nl => 18,
             IQuant::Iq4Xs => 136,
+            IQuant::Iq3S => 110,
+            IQuant::Iq3Xxs => 98,
+            IQuant::Iq2S => 82,
+            IQuant::Iq2Xs => 74,
+            IQuant::Iq2Xxs => 66,
+            IQuant::Iq1M => 56,
+            IQuant::Iq1S => 50,
         }
     }
 
-    /// One block's values, as ggml's `dequantize_row_iq4_nl` and `_iq4_xs`.
+    /// One block's values, as ggml's `dequantize_row_iq*` (each step exact in f32: an f16
+    /// times small integers and powers of two).
     pub(super) fn dequantize_block(self, raw: &[u8], out: &mut [f32]) {
         let d = f16::from_le_bytes([raw[0], raw[1]]).to_f32();
+        let u32_at = |at: usize| u32::from_le_bytes(raw[at..at + 4].try_into().unwrap());
+        let u16_at = |at: usize| u16::from_le_bytes([raw[at], raw[at + 1]]);
+        let sign = |bits: u8, j: usize| if bits >> j & 1 == 1 { -1.0 } else { 1.0 };
         let sub_block = |qs: &[u8], dl: f32, out: &mut [f32]| {
             for (i, q) in qs[..16].iter().enumerate() {
                 out[i] = dl * VALUES[(q & 15) as usize] as f32;
                 out[i + 16] = dl * VALUES[(q >> 4) as usize] as f32;
             }
         };
+        let out = &mut out[..self.block()];
         match self {
             IQuant::Iq4Nl => sub_block(&raw[2..18], d, out),
             IQuant::Iq4Xs => {
-                for (s, out) in out[..256].chunks_exact_mut(32).enumerate() {
+                for (s, out) in out.chunks_exact_mut(32).enumerate() {
                     sub_block(&raw[8 + 16 * s..], d * (xs_scale(raw, s) - 32) as f32, out);
+                }
+            }
+            IQuant::Iq2Xxs => {
+                for (s, out) in out.chunks_exact_mut(32).enumerate() {
+                    let (grid, aux) = (u32_at(2 + 8 * s), u32_at(6 + 8 * s));
+                    let db = d * (0.5 + (aux >> 28) as f32) * 0.25;
+                    for (g, out) in out.chunks_exact_mut(8).enumerate() {
+                        let e = (grid >> (8 * g)) as usize & 255;
+                        let signs = ksigns((aux >> (7 * g)) as u8 & 127);
+                        for (j, o) in out.iter_mut().enumerate() {
+                            *o = db * GRIDS.iq2xxs.value(e, j) * sign(signs, j);
+                        }
+                    }
+                }
+            }
+            IQuant::Iq2Xs => {
+                for (s, out) in out.chunks_exact_mut(32).enumerate() {
+                    let sc = raw[66 + s];
+                    let db = [sc & 15, sc >> 4].map(|l| d * (0.5 + l as f32) * 0.25);
+                    for (g, out) in out.chunks_exact_mut(8).enumerate() {
+                        let q = u16_at(2 + 8 * s + 2 * g);
+                        let signs = ksigns((q >> 9) as u8);
+                        for (j, o) in out.iter_mut().enumerate() {
+                            *o =
+                                db[g / 2] * GRIDS.iq2xs.value(q as usize & 511, j) * sign(signs, j);
+                        }
+                    }
+                }
+            }
+            IQuant::Iq2S => {
+                for (s, out) in out.chunks_exact_mut(32).enumerate() {
+                    let sc = raw[74 + s];
+                    let db = [sc & 15, sc >> 4].map(|l| d * (0.5 + l as f32) * 0.25);
+                    for (g, out) in out.chunks_exact_mut(8).enumerate() {
+                        let high = (raw[66 + s] as usize >> (2 * g) & 3) << 8;
+                        let e = raw[2 + 4 * s + g] as usize | high;
+                        let signs = raw[34 + 4 * s + g];
+                        for (j, o) in out.iter_mut().enumerate() {
+                            *o = db[g / 2] * GRIDS.iq2s.value(e, j) * sign(signs, j);
+                        }
+                    }
+                }
+            }
+            IQuant::Iq3Xxs => {
+                for (s, out) in out.chunks_exact_mut(32).enumerate() {
+                    let aux = u32_at(66 + 4 * s);
+                    let db = d * (0.5 + (aux >> 28) as f32) * 0.5;
+                    for (g, out) in out.chunks_exact_mut(8).enumerate() {
+                        let signs = ksigns((aux >> (7 * g)) as u8 & 127);
+                        for (j, o) in out.iter_mut().enumerate() {
+                            let e = raw[2 + 8 * s + 2 * g + j / 4] as usize;
+                            *o = db * GRIDS.iq3xxs.value(e, j % 4) * sign(signs, j);
+                        }
+                    }
+                }
+            }
+            IQuant::Iq3S => {
+                for (s, out) in out.chunks_exact_mut(32).enumerate() {
+                    let db = d * (1 + 2 * (raw[106 + s / 2] >> (4 * (s % 2)) & 15) as i32) as f32;
+                    for (i, o) in out.iter_mut().enumerate() {
+                        let e = i / 4;
+                        let high = (raw[66 + s] as usize >> e & 1) << 8;
+                        let v = GRIDS.iq3s.value(raw[2 + 8 * s + e] as usize | high, i % 4);
+                        *o = db * v * sign(raw[74 + 4 * s + i / 8], i % 8);
+                    }
+                }
+            }
+            IQuant::Iq1S => {
+                for (s, out) in out.chunks_exact_mut(32).enumerate() {
+                    let qh = u16_at(34 + 2 * s);
+                    let dl = d * (2 * (qh >> 12 & 7) + 1) as f32;
+                    let delta = if qh & 0x8000 != 0 {
+                        -IQ1_DELTA
+                    } else {
+                        IQ1_DELTA
+                    };
+                    for (g, out) in out.chunks_exact_mut(8).enumerate() {
+                        let idx = raw[2 + 4 * s + g] as usize | ((qh as usize >> (3 * g)) & 7) << 8;
+                        for (j, o) in out.iter_mut().enumerate() {
+                            *o = dl * (GRIDS.iq1s.value(idx, j) + delta);
+                        }
+                    }
+                }
+            }
+            IQuant::Iq1M => {
+                let sc: [u16; 4] = std::array::from_fn(|i| u16_at(48 + 2 * i));
+                let d = f16::from_bits(
+                    (sc[0] >> 12) | (sc[1] >> 8 & 0xf0) | (sc[2] >> 4 & 0xf00) | (sc[3] & 0xf000),
+                )
+                .to_f32();
+                for (s, out) in out.chunks_exact_mut(32).enumerate() {
+                    let dl =
+                        [0, 3].map(|h| d * (2 * (sc[s / 2] >> (6 * (s % 2) + h) & 7) + 1) as f32);
+                    for (g, out) in out.chunks_exact_mut(8).enumerate() {
+                        let qh = raw[32 + 2 * s + g / 2] >> (4 * (g % 2));
+                        let idx = raw[4 * s + g] as usize | ((qh & 7) as usize) << 8;
+                        let delta = if qh & 8 != 0 { -IQ1_DELTA } else { IQ1_DELTA };
+                        for (j, o) in out.iter_mut().enumerate() {
+                            *o = dl[g / 2] * (GRIDS.iq1s.value(idx, j) + delta);
+                        }
+                    }
                 }
             }
         }
     }
+
+    /// How the kernels take the type as IQ4_XS's codes, where it has one scale per 32 values.
+    /// IQ2_XS, IQ2_S and IQ1_M (a scale per 16) do not; they are converted to Q8_0
+    /// ([`super::convert`]).
+    pub(super) fn codes(self) -> Option<Codes> {
+        let codes = |v: &[i8], factor: f32| {
+            let mut values = [0i8; 16];
+            values[..v.len()].copy_from_slice(v);
+            Some(Codes { values, factor })
+        };
+        match self {
+            IQuant::Iq4Xs => Some(IQ4_CODES),
+            // `d·(1 + 2·ls)·g`, g odd in 1..16, and a sign.
+            IQuant::Iq3S => codes(
+                &[1, 3, 5, 7, 9, 11, 13, 15, -1, -3, -5, -7, -9, -11, -13, -15],
+                1.0,
+            ),
+            // `d·(0.5 + ls)·0.5·g` = `d·(2·ls + 1)·(g/2)/2`, g in {4, 12, .., 52, 62}.
+            IQuant::Iq3Xxs => codes(
+                &[
+                    2, 6, 10, 14, 18, 22, 26, 31, -2, -6, -10, -14, -18, -22, -26, -31,
+                ],
+                0.5,
+            ),
+            // `d·(0.5 + ls)·0.25·g` = `d·(2·ls + 1)·g/8`, g in {8, 25, 43}.
+            IQuant::Iq2Xxs => codes(&[8, 25, 43, -8, -25, -43], 0.125),
+            // `d·(2·ls + 1)·(g ± 1/8)` = `d·(2·ls + 1)·(8g ± 1)/8`, g in {−1, 0, 1}.
+            IQuant::Iq1S => codes(&[-7, 1, 9, -9, -1, 7], 0.125),
+            IQuant::Iq4Nl | IQuant::Iq2S | IQuant::Iq2Xs | IQuant::Iq1M => None,
+        }
+    }
+
+    /// A super-block of a type with [`IQuant::codes`] as codes into them: the same values,
+    /// `d·l·factor·values[code]`, exactly.
+    pub(super) fn code_block(self, raw: &[u8]) -> CodedBlock {
+        let mut b = CodedBlock {
+            d: [raw[0], raw[1]],
+            l: [0; 8],
+            qs: [[0; 16]; 8],
+        };
+        let u32_at = |at: usize| u32::from_le_bytes(raw[at..at + 4].try_into().unwrap());
+        for s in 0..8 {
+            match self {
+                IQuant::Iq4Xs => {
+                    b.l[s] = (xs_scale(raw, s) - 32) as i8;
+                    b.qs[s].copy_from_slice(&raw[8 + 16 * s..][..16]);
+                }
+                IQuant::Iq3S => {
+                    b.l[s] = (1 + 2 * (raw[106 + s / 2] >> (4 * (s % 2)) & 15)) as i8;
+                    for i in 0..32 {
+                        let e = i / 4;
+                        let high = (raw[66 + s] as usize >> e & 1) << 8;
+                        let v = GRIDS.iq3s.entry(raw[2 + 8 * s + e] as usize | high)[i % 4];
+                        b.set(s, i, v | (raw[74 + 4 * s + i / 8] >> (i % 8) & 1) << 3);
+                    }
+                }
+                IQuant::Iq3Xxs => {
+                    let aux = u32_at(66 + 4 * s);
+                    b.l[s] = (2 * (aux >> 28) + 1) as i8;
+                    for i in 0..32 {
+                        let v = GRIDS.iq3xxs.entry(raw[2 + 8 * s + i / 4] as usize)[i % 4];
+                        let signs = ksigns((aux >> (7 * (i / 8))) as u8 & 127);
+                        b.set(s, i, v | (signs >> (i % 8) & 1) << 3);
+                    }
+                }
+                IQuant::Iq2Xxs => {
+                    let (grid, aux) = (u32_at(2 + 8 * s), u32_at(6 + 8 * s));
+                    b.l[s] = (2 * (aux >> 28) + 1) as i8;
+                    for i in 0..32 {
+                        let g = i / 8;
+                        let v = GRIDS.iq2xxs.entry((grid >> (8 * g)) as usize & 255)[i % 8];
+                        let signs = ksigns((aux >> (7 * g)) as u8 & 127);
+                        b.set(s, i, v + 3 * (signs >> (i % 8) & 1));
+                    }
+                }
+                IQuant::Iq1S => {
+                    let qh = u16::from_le_bytes([raw[34 + 2 * s], raw[35 + 2 * s]]);
+                    b.l[s] = (2 * (qh >> 12 & 7) + 1) as i8;
+                    let negative = (qh >> 15) as u8;
+                    for i in 0..32 {
+                        let g = i / 8;
+                        let idx = raw[2 + 4 * s + g] as usize | ((qh as usize >> (3 * g)) & 7) << 8;
+                        b.set(s, i, GRIDS.iq1s.entry(idx)[i % 8] + 3 * negative);
+                    }
+                }
+                IQuant::Iq4Nl | IQuant::Iq2S | IQuant::Iq2Xs | IQuant::Iq1M => {
+                    unreachable!("{self:?} has no codes")
+                }
+            }
+        }
+        b
+    }
 }
+
+/// IQ1_S's and IQ1_M's shift of a sub-block's (IQ1_M: an eighth's) grid values.
+const IQ1_DELTA: f32 = 0.125;
+
+/// ggml's `ksigns_iq2xs`: seven sign bits and an eighth that makes their count even.
+fn ksigns(i: u8) -> u8 {
+    i | ((i.count_ones() as u8 & 1) << 7)
+}
+
+/// An i-quant grid: entries of `width` values, each an index into the grid's few `values`.
+pub(super) struct Grid {
+    idx: Vec<u8>,
+    width: usize,
+    values: &'static [i8],
+}
+
+impl Grid {
+    /// The grid from gguf-py's hexadecimal ([`super::igrids`]): two-bit indices for three
+    /// values, three-bit ones (a nibble each) for eight.
+    fn decode(hex: &[u8], width: usize, values: &'static [i8]) -> Grid {
+        let nibble = |c: u8| if c > b'9' { c - b'a' + 10 } else { c - b'0' };
+        let (bits, mask) = if values.len() == 3 { (2, 3) } else { (4, 7) };
+        let idx = hex
+            .chunks_exact(2)
+            .map(|p| nibble(p[0]) << 4 | nibble(p[1]))
+            .flat_map(|b| (0..8).step_by(bits).map(move |s| b >> s & mask))
+            .collect();
+        Grid { idx, width, values }
+    }
+
+    /// Entry `e`'s indices.
+    pub(super) fn entry(&self, e: usize) -> &[u8] {
+        &self.idx[e * self.width..(e + 1) * self.width]
+    }
+
+    /// Value `j` of entry `e`.
+    fn value(&self, e: usize, j: usize) -> f32 {
+        self.values[self.idx[e * self.width + j] as usize] as f32
+    }
+}
+
+/// The grids.
+struct Grids {
+    iq2xxs: Grid,
+    iq2xs: Grid,
+    iq2s: Grid,
+    iq3xxs: Grid,
+    iq3s: Grid,
+    iq1s: Grid,
+}
+
+/// The IQ2 grids' three values.
+const IQ2_VALUES: [i8; 3] = [8, 25, 43];
+/// IQ1's: −1, 0, 1.
+const IQ1_VALUES: [i8; 3] = [-1, 0, 1];
+
+/// The grids, decoded at their first use (27 KB).
+static GRIDS: std::sync::LazyLock<Grids> = std::sync::LazyLock::new(|| {
+    use super::igrids as h;
+    Grids {
+        iq2xxs: Grid::decode(h::IQ2XXS, 8, &IQ2_VALUES),
+        iq2xs: Grid::decode(h::IQ2XS, 8, &IQ2_VALUES),
+        iq2s: Grid::decode(h::IQ2S, 8, &IQ2_VALUES),
+        iq3xxs: Grid::decode(h::IQ3XXS, 4, &[4, 12, 20, 28, 36, 44, 52, 62]),
+        iq3s: Grid::decode(h::IQ3S, 4, &[1, 3, 5, 7, 9, 11, 13, 15]),
+        iq1s: Grid::decode(h::IQ1S, 8, &IQ1_VALUES),
+    }
+});
 
 /// The six-bit scale `l_s` of sub-block `s` of an IQ4_XS super-block.
 pub(super) fn xs_scale(raw: &[u8], s: usize) -> i32 {
@@ -298,7 +640,7 @@ impl Gguf {
             }
         };
         let stand_in = (content.tensor_infos.iter())
-            .filter(|(_, t)| IQuant::of_tag(t.ggml_dtype).is_some())
+            .filter(|(_, t)| IQuant::is_tag(t.ggml_dtype))
             .map(|(n, t)| (n, t.ggml_dtype))
             .min_by_key(|(n, _)| *n);
         if let Some((name, dtype)) = stand_in {
@@ -543,5 +885,105 @@ mod tests {
             wide: true,
         };
         assert!(cut.tensor_types().is_err());
+    }
+
+    /// Entries of each grid as ggml's tables (`ggml-common.h`) hold them, as little-endian
+    /// words of the values' bytes.
+    #[test]
+    fn the_grids_hold_ggml_s_entries() {
+        let word = |g: &Grid, e: usize| -> u64 {
+            (0..g.width)
+                .rev()
+                .fold(0, |w, j| w << 8 | g.value(e, j) as i8 as u8 as u64)
+        };
+        let g = &*GRIDS;
+        for (grid, entries, first) in [
+            (
+                &g.iq2xxs,
+                256,
+                [0x0808080808080808, 0x080808080808082b, 0x0808080808081919],
+            ),
+            (
+                &g.iq2xs,
+                512,
+                [0x0808080808080808, 0x080808080808082b, 0x0808080808081919],
+            ),
+            (
+                &g.iq2s,
+                1024,
+                [0x0808080808080808, 0x080808080808082b, 0x0808080808081919],
+            ),
+            (&g.iq3xxs, 256, [0x04040404, 0x04040414, 0x04040424]),
+            (&g.iq3s, 512, [0x01010101, 0x01010103, 0x01010105]),
+            (
+                &g.iq1s,
+                2048,
+                [0xffffffffffffffff, 0xffffffffffffff01, 0xffffffffffff0000],
+            ),
+        ] {
+            assert_eq!(grid.idx.len(), entries * grid.width);
+            for (e, want) in first.into_iter().enumerate() {
+                assert_eq!(word(grid, e), want, "entry {e}");
+            }
+        }
+        assert_eq!(word(&g.iq3xxs, 3), 0x04040c0c);
+        assert_eq!(word(&g.iq3s, 3), 0x0101010b);
+        // ggml's `ksigns_iq2xs`, its first and last bytes.
+        let ks: Vec<u8> = (0..128u8).map(ksigns).collect();
+        assert_eq!(ks[..8], [0x00, 0x81, 0x82, 0x03, 0x84, 0x05, 0x06, 0x87]);
+        assert_eq!(ks[120..], [0x78, 0xf9, 0xfa, 0x7b, 0xfc, 0x7d, 0x7e, 0xff]);
+    }
+
+    /// Super-blocks of pseudo-random bytes (every code, sign and scale) as codes give the
+    /// values ggml's dequantisation gives, bit for bit: `d·l·values[code]·factor`.
+    #[test]
+    fn codes_hold_each_value_exactly() {
+        let mut seed = 5u64;
+        for kind in [
+            IQuant::Iq4Xs,
+            IQuant::Iq3S,
+            IQuant::Iq3Xxs,
+            IQuant::Iq2Xxs,
+            IQuant::Iq1S,
+        ] {
+            let codes = kind.codes().unwrap();
+            for _ in 0..64 {
+                let mut raw: Vec<u8> = (0..kind.block_bytes())
+                    .map(|_| {
+                        seed = seed
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        (seed >> 33) as u8
+                    })
+                    .collect();
+                raw[..2].copy_from_slice(&f16::from_f32(0.0123).to_le_bytes());
+                let mut want = [0f32; 256];
+                kind.dequantize_block(&raw, &mut want);
+                let b = kind.code_block(&raw);
+                let d = f16::from_le_bytes(b.d).to_f32();
+                for (i, w) in want.iter().enumerate() {
+                    let (s, j) = (i / 32, i % 32);
+                    let code = b.qs[s][j % 16] >> (4 * (j / 16)) & 15;
+                    let v = d * b.l[s] as f32 * codes.values[code as usize] as f32 * codes.factor;
+                    assert_eq!(v.to_bits(), w.to_bits(), "{kind:?} value {i}: {v} vs {w}");
+                }
+            }
+        }
+    }
+
+    /// A tensor of each i-quant is told apart by its stand-in and its bytes per block.
+    #[test]
+    fn each_i_quant_is_known_by_its_tensor() {
+        for kind in [IQuant::Iq4Nl].into_iter().chain(SUPER_BLOCKED) {
+            let bytes = vec![0u8; 4 * kind.block_bytes()];
+            let t = qtensor(kind, bytes, &[2, 2 * kind.block()], &Device::Cpu).unwrap();
+            assert_eq!(IQuant::of(&t), Some(kind));
+        }
+        let q8 = QTensor::quantize(
+            &Tensor::zeros((2, 256), candle_core::DType::F32, &Device::Cpu).unwrap(),
+            GgmlDType::Q8_0,
+        )
+        .unwrap();
+        assert_eq!(IQuant::of(&q8), None);
     }
 }

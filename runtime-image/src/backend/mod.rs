@@ -17,6 +17,7 @@ mod gguf_llama;
 mod gpt2;
 mod gptj;
 mod hugepages;
+mod igrids;
 mod iquant;
 mod layers;
 mod llama;

@@ -553,12 +553,12 @@ pub(super) fn expert_matrices<R: std::io::Seek + std::io::Read>(
             "GGUF {name} holds {e} experts, not {count}"
         )));
     }
-    let dtype = t.dtype();
+    let (dtype, iquant) = (t.dtype(), IQuant::of(&t));
     let bytes = t.data()?.len() / e;
     let data = t.data()?;
     (0..e)
         .map(|i| {
-            if let Some(kind) = IQuant::of_tag(dtype) {
+            if let Some(kind) = iquant {
                 let part = data[i * bytes..(i + 1) * bytes].to_vec();
                 return Ok(super::iquant::qtensor(kind, part, &[n, k], device)?);
             }

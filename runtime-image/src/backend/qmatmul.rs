@@ -55,7 +55,7 @@ use rayon::prelude::*;
 
 use super::SharedOut;
 use super::hugepages::WeightBytes;
-use super::iquant::{self, IQuant, VALUES};
+use super::iquant::{self, Codes, IQ4_CODES, IQuant};
 use crate::error::{Error, Result};
 
 /// Values per quantisation block (Q4_1, Q8_0 and the activations' Q8_1).
@@ -109,12 +109,15 @@ pub(super) enum Kind {
     /// nibble, 5.125 bits a weight (the file's 2.625), where converting it to Q8_0 took 8.5.
     Q2K,
     /// IQ4_NL ([`super::iquant`]), `{d: f16, qs: [u8; 16]}` as Q4_0: value =
-    /// d·[`VALUES`]`[q]`. Packed as Q4_0, 4.5 bits a weight as in the file.
+    /// d·[`iquant::VALUES`]`[q]`. Packed as Q4_0, 4.5 bits a weight as in the file.
     Iq4Nl,
     /// IQ4_XS ([`super::iquant`]), super-blocks of 256: per sub-block `s` of 32, value =
-    /// d·(l_s − 32)·[`VALUES`]`[q]`. Packed in its own layout ([`Kind::pack_iq4xs`]), 4.3125
-    /// bits a weight (the file's 4.25, the sub-blocks' `l_s − 32` a byte each).
-    Iq4Xs,
+    /// d·(l_s − 32)·[`iquant::VALUES`]`[q]`. Packed in its own layout ([`Kind::pack_coded`]), 4.3125
+    /// bits a weight (the file's 4.25, the sub-blocks' `l_s − 32` a byte each). The other
+    /// i-quants with one scale per 32 values (IQ3_S, IQ3_XXS, IQ2_XXS, IQ1_S) are packed the
+    /// same way, their values as codes into sixteen of their own ([`IQuant::codes`]): 4.3125
+    /// bits a weight against the file's 3.4375, 3.0625, 2.0625 and 1.5625, the same values.
+    Coded(IQuant),
 }
 
 /// Bytes of one Q3_K super-block of 256 weights in a GGUF file.
@@ -132,7 +135,6 @@ const Q2K_TILE_BLOCK: usize = ROWS * 20;
 /// Bytes of one packed Q2_K super-block of a tile: the rows' `d`, their `dmin`, eight blocks.
 const Q2K_TILE_SUPER: usize = 4 * ROWS + 8 * Q2K_TILE_BLOCK;
 /// Bytes of one IQ4_XS super-block of 256 weights in a GGUF file.
-const IQ4XS_BLOCK: usize = 136;
 /// Bytes of one packed IQ4_XS block of 32 weights of a tile's sixteen rows: per row the
 /// sub-block's `l − 32` (`i8`), then four groups of nibble bytes as Q4_1's.
 const IQ4XS_TILE_BLOCK: usize = ROWS * 17;
@@ -163,9 +165,9 @@ const Q5K_TILE_BLOCK: usize = ROWS * 22;
 const Q5K_TILE_SUPER: usize = 4 * ROWS + 8 * Q5K_TILE_BLOCK;
 
 impl Kind {
-    /// The kind of a GGUF type our kernels take.
-    fn of(dtype: GgmlDType) -> Option<Kind> {
-        match dtype {
+    /// The kind of a GGUF tensor our kernels take.
+    fn of(t: &QTensor) -> Option<Kind> {
+        match t.dtype() {
             GgmlDType::Q4_1 => Some(Kind::Q4_1),
             GgmlDType::Q8_0 => Some(Kind::Q8_0),
             GgmlDType::Q6K => Some(Kind::Q6K),
@@ -176,9 +178,9 @@ impl Kind {
             GgmlDType::Q3K => Some(Kind::Q3K),
             GgmlDType::Q2K => Some(Kind::Q2K),
             // The i-quants' stand-ins (`iquant.rs`), whose storage holds their own bytes.
-            d => match IQuant::of_tag(d)? {
+            _ => match IQuant::of(t)? {
                 IQuant::Iq4Nl => Some(Kind::Iq4Nl),
-                IQuant::Iq4Xs => Some(Kind::Iq4Xs),
+                iq => iq.codes().map(|_| Kind::Coded(iq)),
             },
         }
     }
@@ -191,7 +193,7 @@ impl Kind {
             Kind::Q8_0 => 34,
             Kind::Q4_0 | Kind::Iq4Nl => 18,
             Kind::Q5_0 => 22,
-            Kind::Q6K | Kind::Q4K | Kind::Q5K | Kind::Q3K | Kind::Q2K | Kind::Iq4Xs => {
+            Kind::Q6K | Kind::Q4K | Kind::Q5K | Kind::Q3K | Kind::Q2K | Kind::Coded(_) => {
                 unreachable!("K-quant blocks are of 256 weights")
             }
         }
@@ -206,7 +208,7 @@ impl Kind {
             Kind::Q5K => Some((Q5K_BLOCK, Q5K_TILE_SUPER)),
             Kind::Q3K => Some((Q3K_BLOCK, Q3K_TILE_SUPER)),
             Kind::Q2K => Some((Q2K_BLOCK, Q2K_TILE_SUPER)),
-            Kind::Iq4Xs => Some((IQ4XS_BLOCK, IQ4XS_TILE_SUPER)),
+            Kind::Coded(iq) => Some((iq.block_bytes(), IQ4XS_TILE_SUPER)),
             Kind::Q4_1 | Kind::Q8_0 | Kind::Q4_0 | Kind::Q5_0 | Kind::Iq4Nl => None,
         }
     }
@@ -236,7 +238,7 @@ impl Kind {
     }
 
     /// Q4_0's and Q5_0's values are `q` less this; the i-quants' codes stand for values
-    /// this less than the bytes their kernels multiply ([`IQ4_BYTES`]).
+    /// this less than the bytes their AVX-512 kernels multiply (each value plus 128).
     /// Q6_K's and Q3_K's values are `q` less this.
     fn offset(self) -> i32 {
         match self {
@@ -244,7 +246,7 @@ impl Kind {
             Kind::Q6K => 32,
             Kind::Q3K => 4,
             Kind::Q2K => 0,
-            Kind::Iq4Nl | Kind::Iq4Xs => 128,
+            Kind::Iq4Nl | Kind::Coded(_) => 128,
             _ => 8,
         }
     }
@@ -309,7 +311,7 @@ impl Kind {
                                 Kind::Q6K => Kind::pack_q6k(sb, to, lane),
                                 Kind::Q3K => Kind::pack_q3k(sb, to, lane),
                                 Kind::Q2K => Kind::pack_q2k(sb, to, lane),
-                                Kind::Iq4Xs => Kind::pack_iq4xs(sb, to, lane),
+                                Kind::Coded(iq) => Kind::pack_coded(&iq.code_block(sb), to, lane),
                                 _ => self.pack_q4k(sb, to, lane),
                             }
                         }
@@ -472,17 +474,17 @@ impl Kind {
         (q, blk[2 * lane], blk[2 * lane + 1])
     }
 
-    /// One GGUF IQ4_XS super-block into lane `lane` of a packed tile super-block: `d` in
-    /// bytes `2·lane`, then per block of 32 (`IQ4XS_TILE_BLOCK` bytes from `2·ROWS`) the
-    /// sub-block's `l − 32` at `lane` and its nibble group `g` (bytes `4g..4g+4` of the
-    /// file's, which hold element `i` low and `i + 16` high, as Q4_1's) at `ROWS + 64g +
-    /// 4·lane`.
-    fn pack_iq4xs(raw: &[u8], sup: &mut [u8], lane: usize) {
-        sup[2 * lane..2 * lane + 2].copy_from_slice(&raw[..2]);
+    /// One super-block of codes (an IQ4_XS super-block's, [`IQuant::code_block`]) into lane
+    /// `lane` of a packed tile super-block: `d` in bytes `2·lane`, then per block of 32
+    /// (`IQ4XS_TILE_BLOCK` bytes from `2·ROWS`) the sub-block's `l` (IQ4_XS: `l − 32`) at
+    /// `lane` and its nibble group `g` (bytes `4g..4g+4` of the codes, which hold element `i`
+    /// low and `i + 16` high, as Q4_1's) at `ROWS + 64g + 4·lane`.
+    fn pack_coded(raw: &iquant::CodedBlock, sup: &mut [u8], lane: usize) {
+        sup[2 * lane..2 * lane + 2].copy_from_slice(&raw.d);
         for b in 0..8 {
             let blk = &mut sup[2 * ROWS + b * IQ4XS_TILE_BLOCK..][..IQ4XS_TILE_BLOCK];
-            blk[lane] = (iquant::xs_scale(raw, b) - 32) as i8 as u8;
-            let qs = &raw[8 + 16 * b..][..16];
+            blk[lane] = raw.l[b] as u8;
+            let qs = &raw.qs[b];
             for g in 0..4 {
                 blk[ROWS + 64 * g + 4 * lane..][..4].copy_from_slice(&qs[4 * g..4 * g + 4]);
             }
@@ -490,7 +492,7 @@ impl Kind {
     }
 
     /// Element `i`'s code of block `b` of lane `lane` in a packed IQ4_XS tile super-block,
-    /// and the block's `l − 32` ([`Kind::pack_iq4xs`] undone).
+    /// and the block's `l` ([`Kind::pack_coded`] undone).
     fn iq4xs_at(sup: &[u8], lane: usize, b: usize, i: usize) -> (u8, i8) {
         let blk = &sup[2 * ROWS + b * IQ4XS_TILE_BLOCK..];
         let byte = blk[ROWS + 64 * ((i % 16) / 4) + 4 * lane + i % 4];
@@ -748,12 +750,12 @@ impl QMat {
         let Some(first) = tensors.first() else {
             return Ok(QMat::Stack(Vec::new()));
         };
-        let (dtype, (_, k)) = (first.dtype(), first.shape().dims2()?);
+        let (kind, (_, k)) = (Kind::of(first), first.shape().dims2()?);
         let mut same = true;
         for t in &tensors {
-            same &= t.dtype() == dtype && t.shape().dims2()?.1 == k;
+            same &= Kind::of(t) == kind && t.shape().dims2()?.1 == k;
         }
-        match Kind::of(dtype) {
+        match kind {
             Some(kind) if same => {
                 let (n, blocks) = match tensors.as_slice() {
                     [t] => gguf_blocks(t, kind)?,
@@ -843,15 +845,17 @@ impl QMat {
             }
             return Some(());
         }
-        if *kind == Kind::Iq4Xs {
+        if let Kind::Coded(iq) = kind {
+            let codes = iq.codes().expect("a coded i-quant");
             let tile = &data[(j / ROWS) * kind.tile_bytes(*k)..];
             for (s, o) in out[..*k].chunks_exact_mut(256).enumerate() {
                 let sup = &tile[s * IQ4XS_TILE_SUPER..];
                 let d = f16_at(sup, 2 * (j % ROWS));
                 for (i, o) in o.iter_mut().enumerate() {
-                    // As ggml's `dequantize_row_iq4_xs`: `d·(l − 32)`, then the value.
+                    // As ggml's `dequantize_row_iq4_xs`: `d·(l − 32)`, then the value (the
+                    // factor, a power of two, changes no bit).
                     let (q, sc) = Kind::iq4xs_at(sup, j % ROWS, i / 32, i % 32);
-                    *o = d * sc as f32 * VALUES[q as usize] as f32;
+                    *o = d * sc as f32 * codes.values[q as usize] as f32 * codes.factor;
                 }
             }
             return Some(());
@@ -906,10 +910,10 @@ impl QMat {
                     let d = f16_at(blk, 0);
                     for (i, o) in o.iter_mut().enumerate() {
                         let q = blk[2 + i % 16] >> (4 * (i / 16)) & 15;
-                        *o = d * VALUES[q as usize] as f32;
+                        *o = d * iquant::VALUES[q as usize] as f32;
                     }
                 }
-                Kind::Q6K | Kind::Q4K | Kind::Q5K | Kind::Q3K | Kind::Q2K | Kind::Iq4Xs => {
+                Kind::Q6K | Kind::Q4K | Kind::Q5K | Kind::Q3K | Kind::Q2K | Kind::Coded(_) => {
                     unreachable!("super-block rows are read above")
                 }
             }
@@ -1115,6 +1119,8 @@ impl Isa {
 
 /// A kernel: `R` activation rows from the given one times one packed tile, into `R` rows.
 type Kernel<const R: usize> = unsafe fn(&[u8], &Acts, usize, &mut [[f32; ROWS]; R]);
+/// The same for the i-quants' kernels, which take the codes' values.
+type CodedKernel<const R: usize> = unsafe fn(&[u8], &Codes, &Acts, usize, &mut [[f32; ROWS]; R]);
 
 /// One packed tile `w` ([`ROWS`] weight rows) times every activation row: `emit(i, y)` with
 /// `y[l]` the product of activation row `i` and the tile's row `l`.
@@ -1181,12 +1187,14 @@ fn tile_times_acts(
                             std::hint::black_box(f)(w, acts, i, ys.try_into().unwrap())
                         })+
                         $((Kind::Iq4Nl, $r) => {
-                            let f: Kernel<$r> = $module::iq4::<$r, false>;
-                            std::hint::black_box(f)(w, acts, i, ys.try_into().unwrap())
+                            let f: CodedKernel<$r> = $module::iq4::<$r, false>;
+                            let ys = ys.try_into().unwrap();
+                            std::hint::black_box(f)(w, &IQ4_CODES, acts, i, ys)
                         })+
-                        $((Kind::Iq4Xs, $r) => {
-                            let f: Kernel<$r> = $module::iq4::<$r, true>;
-                            std::hint::black_box(f)(w, acts, i, ys.try_into().unwrap())
+                        $((Kind::Coded(iq), $r) => {
+                            let f: CodedKernel<$r> = $module::iq4::<$r, true>;
+                            let codes = iq.codes().expect("a coded i-quant");
+                            std::hint::black_box(f)(w, &codes, acts, i, ys.try_into().unwrap())
                         })+
                         _ => unreachable!("{r} rows"),
                     }
@@ -1219,7 +1227,11 @@ fn scalar_tile(kind: Kind, w: &[u8], acts: &Acts, row: usize) -> [f32; ROWS] {
     match kind {
         Kind::Q6K | Kind::Q3K | Kind::Q2K => return scalar_q6k(kind, w, acts, row),
         Kind::Q4K | Kind::Q5K => return scalar_q4k(kind, w, acts, row),
-        Kind::Iq4Nl | Kind::Iq4Xs => return scalar_iq4(kind, w, acts, row),
+        Kind::Iq4Nl => return scalar_iq4(kind, &IQ4_CODES, w, acts, row),
+        Kind::Coded(iq) => {
+            let codes = iq.codes().expect("a coded i-quant");
+            return scalar_iq4(kind, &codes, w, acts, row);
+        }
         Kind::Q4_1 | Kind::Q8_0 | Kind::Q4_0 | Kind::Q5_0 => {}
     }
     let nb = acts.k / QK;
@@ -1260,7 +1272,7 @@ fn scalar_tile(kind: Kind, w: &[u8], acts: &Acts, row: usize) -> [f32; ROWS] {
                 | Kind::Q3K
                 | Kind::Q2K
                 | Kind::Iq4Nl
-                | Kind::Iq4Xs => unreachable!("tiles with a scalar kernel of their own"),
+                | Kind::Coded(_) => unreachable!("tiles with a scalar kernel of their own"),
             };
             *a = (dot as f32).mul_add(f16_at(tile, 2 * lane) * dx, *a);
             if kind == Kind::Q4_1 {
@@ -1299,11 +1311,12 @@ fn scalar_q4k(kind: Kind, w: &[u8], acts: &Acts, row: usize) -> [f32; ROWS] {
     std::array::from_fn(|l| acc[l] + acc_m[l])
 }
 
-/// [`scalar_tile`] for IQ4_NL and IQ4_XS, and the definition their SIMD kernels follow bit for
-/// bit: per block of 32 and row, the exact integer `Σ VALUES[q]·x`, then `acc = fma(sum,
-/// d_w·d_x, acc)` with the block's `d_w = d` (IQ4_NL) or `d·(l − 32)` (IQ4_XS, exact in f32:
-/// an f16 times a six-bit integer).
-fn scalar_iq4(kind: Kind, w: &[u8], acts: &Acts, row: usize) -> [f32; ROWS] {
+/// [`scalar_tile`] for IQ4_NL and the coded i-quants (IQ4_XS and others), and the definition
+/// their SIMD kernels follow bit for bit: per block of 32 and row, the exact integer
+/// `Σ values[q]·x`, then `acc = fma(sum, d_w·d_x, acc)` with the block's `d_w = d` (IQ4_NL)
+/// or `d·factor·l` (IQ4_XS: `d·(l − 32)`; exact in f32: an f16 times a power of two and a
+/// six-bit integer).
+fn scalar_iq4(kind: Kind, codes: &Codes, w: &[u8], acts: &Acts, row: usize) -> [f32; ROWS] {
     let nb = acts.k / QK;
     let mut acc = [0f32; ROWS];
     for b in 0..nb {
@@ -1311,7 +1324,7 @@ fn scalar_iq4(kind: Kind, w: &[u8], acts: &Acts, row: usize) -> [f32; ROWS] {
         let [dx, _] = acts.ds[row * nb + b];
         // Where the rows' `d` lie, the block's nibble groups, and IQ4_XS's `l − 32`.
         let (ds, words, sc) = match kind {
-            Kind::Iq4Xs => {
+            Kind::Coded(_) => {
                 let sup = &w[b / 8 * IQ4XS_TILE_SUPER..];
                 let tb = &sup[2 * ROWS + b % 8 * IQ4XS_TILE_BLOCK..];
                 (sup, &tb[ROWS..], Some(&tb[..ROWS]))
@@ -1325,11 +1338,11 @@ fn scalar_iq4(kind: Kind, w: &[u8], acts: &Acts, row: usize) -> [f32; ROWS] {
             let dot: i32 = (0..QK)
                 .map(|i| {
                     let byte = words[64 * ((i % 16) / 4) + 4 * lane + i % 4];
-                    VALUES[((byte >> (4 * (i / 16))) & 15) as usize] as i32 * x[i] as i32
+                    codes.values[((byte >> (4 * (i / 16))) & 15) as usize] as i32 * x[i] as i32
                 })
                 .sum();
             let dw = match sc {
-                Some(sc) => f16_at(ds, 2 * lane) * sc[lane] as i8 as f32,
+                Some(sc) => f16_at(ds, 2 * lane) * codes.factor * sc[lane] as i8 as f32,
                 None => f16_at(ds, 2 * lane),
             };
             *a = (dot as f32).mul_add(dw * dx, *a);
@@ -1337,18 +1350,6 @@ fn scalar_iq4(kind: Kind, w: &[u8], acts: &Acts, row: usize) -> [f32; ROWS] {
     }
     acc
 }
-
-/// The i-quants' [`VALUES`] plus 128, as the unsigned bytes `vpdpbusd` multiplies (their
-/// kernels take `128·Σx` off each block's sum).
-const IQ4_BYTES: [u8; 16] = {
-    let mut b = [0u8; 16];
-    let mut i = 0;
-    while i < 16 {
-        b[i] = (VALUES[i] as i16 + 128) as u8;
-        i += 1;
-    }
-    b
-};
 
 /// [`scalar_tile`] for Q6_K, and the definition its SIMD kernels follow bit for bit: per
 /// block of 32 and row, with `D₀`, `D₁` the sums of `q·x` over the block's two sub-blocks
@@ -1400,8 +1401,8 @@ mod avx {
     use core::arch::x86_64::*;
 
     use super::{
-        Acts, IQ4XS_TILE_BLOCK, IQ4XS_TILE_SUPER, Kind, Q2K_TILE_BLOCK, Q2K_TILE_SUPER,
-        Q3K_TILE_BLOCK, Q3K_TILE_SUPER, Q6K_TILE_BLOCK, Q6K_TILE_SUPER, QK, ROWS, VALUES,
+        Acts, Codes, IQ4XS_TILE_BLOCK, IQ4XS_TILE_SUPER, Kind, Q2K_TILE_BLOCK, Q2K_TILE_SUPER,
+        Q3K_TILE_BLOCK, Q3K_TILE_SUPER, Q6K_TILE_BLOCK, Q6K_TILE_SUPER, QK, ROWS,
     };
 
     /// [`super::quantize_block`] with the same results (the same products, rounded half to
@@ -1762,17 +1763,19 @@ mod avx {
         }
     }
 
-    /// `R` activation rows from `row0` times one packed IQ4_NL tile (`XS`: IQ4_XS), eight
-    /// weight rows at a time: each nibble looked up (`vpshufb`) as its signed value, and
-    /// multiplied as llama.cpp's AVX2 kernels do, `vpmaddubsw` of its size and the activation
-    /// with its sign (pairs within 2·127·127 < 2^15, each widened before the next is added).
+    /// `R` activation rows from `row0` times one packed IQ4_NL tile (`XS`: a coded one,
+    /// IQ4_XS's layout), eight weight rows at a time: each nibble looked up (`vpshufb`) as
+    /// its signed value in `codes`, and multiplied as llama.cpp's AVX2 kernels do,
+    /// `vpmaddubsw` of its size and the activation with its sign (pairs within 2·127·127 <
+    /// 2^15, each widened before the next is added).
     ///
     /// # Safety
-    /// `w` is a packed IQ4_NL (IQ4_XS) tile of `acts.k / 32` blocks; rows `row0..row0 + R`
-    /// exist.
+    /// `w` is a packed IQ4_NL (coded) tile of `acts.k / 32` blocks; rows `row0..row0 + R`
+    /// exist; `codes` hold no −128.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn iq4<const R: usize, const XS: bool>(
         w: &[u8],
+        codes: &Codes,
         acts: &Acts,
         row0: usize,
         out: &mut [[f32; ROWS]; R],
@@ -1787,8 +1790,9 @@ mod avx {
         let low = _mm256_set1_epi8(0xF);
         let ones = _mm256_set1_epi16(1);
         // SAFETY: sixteen bytes.
-        let table = unsafe { _mm_loadu_si128(VALUES.as_ptr() as *const __m128i) };
+        let table = unsafe { _mm_loadu_si128(codes.values.as_ptr() as *const __m128i) };
         let table = _mm256_broadcastsi128_si256(table);
+        let factor = _mm256_set1_ps(codes.factor);
         let wp = w.as_ptr();
         let xq = acts.qs.as_ptr();
         let xds = acts.ds.as_ptr();
@@ -1800,12 +1804,10 @@ mod avx {
                         let sup = wp.add(b / 8 * IQ4XS_TILE_SUPER);
                         let tb = sup.add(2 * ROWS + b % 8 * block);
                         let d = _mm_loadu_si128(sup.add(16 * half) as *const __m128i);
+                        let d = _mm256_mul_ps(_mm256_cvtph_ps(d), factor);
                         let sc = _mm_loadl_epi64(tb.add(8 * half) as *const __m128i);
                         let sc = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc));
-                        (
-                            _mm256_mul_ps(_mm256_cvtph_ps(d), sc),
-                            tb.add(ROWS + 32 * half),
-                        )
+                        (_mm256_mul_ps(d, sc), tb.add(ROWS + 32 * half))
                     } else {
                         let tb = wp.add(b * block);
                         let d = _mm_loadu_si128(tb.add(16 * half) as *const __m128i);
@@ -1988,7 +1990,7 @@ mod avx512 {
     use core::arch::x86_64::*;
 
     use super::{
-        Acts, IQ4_BYTES, IQ4XS_TILE_BLOCK, IQ4XS_TILE_SUPER, Kind, Q2K_TILE_BLOCK, Q2K_TILE_SUPER,
+        Acts, Codes, IQ4XS_TILE_BLOCK, IQ4XS_TILE_SUPER, Kind, Q2K_TILE_BLOCK, Q2K_TILE_SUPER,
         Q3K_TILE_BLOCK, Q3K_TILE_SUPER, Q6K_TILE_BLOCK, Q6K_TILE_SUPER, QK, ROWS,
     };
 
@@ -2299,17 +2301,18 @@ mod avx512 {
         }
     }
 
-    /// `R` activation rows from `row0` times one packed IQ4_NL tile (`XS`: IQ4_XS): as
-    /// [`q4_0`], each nibble looked up (`vpshufb`) as its value plus 128 ([`IQ4_BYTES`]),
-    /// `128·Σx` taken off; IQ4_XS's `d_w = d·(l − 32)` made from the rows' super-block `d`
-    /// and block bytes.
+    /// `R` activation rows from `row0` times one packed IQ4_NL tile (`XS`: a coded one,
+    /// IQ4_XS's layout): as [`q4_0`], each nibble looked up (`vpshufb`) as its value in
+    /// `codes` plus 128, `128·Σx` taken off; a coded tile's `d_w = d·factor·l` made from the
+    /// rows' super-block `d` and block bytes.
     ///
     /// # Safety
-    /// `w` is a packed IQ4_NL (IQ4_XS) tile of `acts.k / 32` blocks; rows `row0..row0 + R`
+    /// `w` is a packed IQ4_NL (coded) tile of `acts.k / 32` blocks; rows `row0..row0 + R`
     /// exist.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     pub(super) unsafe fn iq4<const R: usize, const XS: bool>(
         w: &[u8],
+        codes: &Codes,
         acts: &Acts,
         row0: usize,
         out: &mut [[f32; ROWS]; R],
@@ -2322,9 +2325,10 @@ mod avx512 {
         let nb = acts.k / QK;
         debug_assert!(w.len() >= nb * block && row0 + R <= acts.m);
         let low = _mm512_set1_epi8(0xF);
-        // SAFETY: sixteen bytes.
-        let table = unsafe { _mm_loadu_si128(IQ4_BYTES.as_ptr() as *const __m128i) };
-        let table = _mm512_broadcast_i32x4(table);
+        // SAFETY: sixteen bytes. Each value plus 128: its bits with the top one flipped.
+        let table = unsafe { _mm_loadu_si128(codes.values.as_ptr() as *const __m128i) };
+        let table = _mm512_broadcast_i32x4(_mm_xor_si128(table, _mm_set1_epi8(-128)));
+        let factor = _mm512_set1_ps(codes.factor);
         let mut acc = [_mm512_setzero_ps(); R];
         let wp = w.as_ptr();
         let xq = acts.qs.as_ptr();
@@ -2337,6 +2341,7 @@ mod avx512 {
                     let tb = sup.add(2 * ROWS + b % 8 * block);
                     prefetch_ahead(tb, block);
                     let d = _mm512_cvtph_ps(_mm256_loadu_si256(sup as *const __m256i));
+                    let d = _mm512_mul_ps(d, factor);
                     let sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(tb as *const __m128i));
                     (_mm512_mul_ps(d, _mm512_cvtepi32_ps(sc)), tb.add(ROWS))
                 } else {
@@ -2525,14 +2530,31 @@ mod tests {
         (0..n).map(|_| lcg(&mut s)).collect()
     }
 
-    /// An `(n, k)` matrix of `dtype` (an i-quant's stand-in: [`iquant_bytes`]) and its values.
-    fn weights(dtype: GgmlDType, n: usize, k: usize) -> (QMat, Vec<f32>) {
+    /// A weight type of the tests: candle's, or an i-quant.
+    #[derive(Debug, Clone, Copy)]
+    enum Ty {
+        C(GgmlDType),
+        I(IQuant),
+    }
+    use Ty::{C, I};
+
+    impl Ty {
+        fn block(self) -> usize {
+            match self {
+                C(dtype) => dtype.block_size(),
+                I(kind) => kind.block(),
+            }
+        }
+    }
+
+    /// An `(n, k)` matrix of `ty` (an i-quant: [`iquant_bytes`]) and its values.
+    fn weights(ty: Ty, n: usize, k: usize) -> (QMat, Vec<f32>) {
         let w = Tensor::from_vec(random(n * k, 7), (n, k), &Device::Cpu).unwrap();
-        let q = match IQuant::of_tag(dtype) {
-            Some(kind) => {
+        let q = match ty {
+            I(kind) => {
                 iquant::qtensor(kind, iquant_bytes(kind, n * k), &[n, k], &Device::Cpu).unwrap()
             }
-            None => QTensor::quantize(&w, dtype).unwrap(),
+            C(dtype) => QTensor::quantize(&w, dtype).unwrap(),
         };
         let dense = q
             .dequantize(&Device::Cpu)
@@ -2544,16 +2566,22 @@ mod tests {
         (QMat::from_qtensor(q).unwrap(), dense)
     }
 
-    /// `count` values of i-quant `kind` (kandle does not quantise to them): random codes and
-    /// six-bit scales, and scales `d` of 1/64 to 1/32.
+    /// `count` values of i-quant `kind` (kandle does not quantise to them): random codes,
+    /// signs and scales, and scales `d` of 1/64 to 1/32 (IQ1_M's in its scales' top nibbles).
     fn iquant_bytes(kind: IQuant, count: usize) -> Vec<u8> {
         let mut seed = 11u64;
         let mut byte = || ((lcg(&mut seed) + 1.0) * 128.0) as u8;
         (0..count / kind.block())
             .flat_map(|_| {
-                let d = f16::from_f32((2.0 + byte() as f32 / 128.0) / 128.0).to_le_bytes();
-                let rest: Vec<u8> = (2..kind.block_bytes()).map(|_| byte()).collect();
-                [&d[..], &rest].concat()
+                let d = f16::from_f32((2.0 + byte() as f32 / 128.0) / 128.0).to_bits();
+                let mut b: Vec<u8> = d.to_le_bytes().to_vec();
+                b.extend((2..kind.block_bytes()).map(|_| byte()));
+                if kind == IQuant::Iq1M {
+                    for i in 0..4 {
+                        b[49 + 2 * i] = b[49 + 2 * i] & 0x0F | ((d >> (4 * i)) as u8 & 15) << 4;
+                    }
+                }
+                b
             })
             .collect()
     }
@@ -2601,17 +2629,21 @@ mod tests {
     fn kernels_match_the_dequantised_product_for_every_tile_size() {
         eprintln!("kernels tested: {:?}", isas());
         for (dtype, ks) in [
-            (GgmlDType::Q4_1, [96, 128]),
-            (GgmlDType::Q8_0, [96, 128]),
-            (GgmlDType::Q4_0, [96, 128]),
-            (GgmlDType::Q5_0, [96, 128]),
-            (GgmlDType::Q6K, [256, 768]),
-            (GgmlDType::Q4K, [256, 768]),
-            (GgmlDType::Q5K, [256, 768]),
-            (GgmlDType::Q3K, [256, 768]),
-            (GgmlDType::Q2K, [256, 768]),
-            (IQuant::Iq4Nl.tag(), [96, 128]),
-            (IQuant::Iq4Xs.tag(), [256, 768]),
+            (C(GgmlDType::Q4_1), [96, 128]),
+            (C(GgmlDType::Q8_0), [96, 128]),
+            (C(GgmlDType::Q4_0), [96, 128]),
+            (C(GgmlDType::Q5_0), [96, 128]),
+            (C(GgmlDType::Q6K), [256, 768]),
+            (C(GgmlDType::Q4K), [256, 768]),
+            (C(GgmlDType::Q5K), [256, 768]),
+            (C(GgmlDType::Q3K), [256, 768]),
+            (C(GgmlDType::Q2K), [256, 768]),
+            (I(IQuant::Iq4Nl), [96, 128]),
+            (I(IQuant::Iq4Xs), [256, 768]),
+            (I(IQuant::Iq3S), [256, 768]),
+            (I(IQuant::Iq3Xxs), [256, 768]),
+            (I(IQuant::Iq2Xxs), [256, 768]),
+            (I(IQuant::Iq1S), [256, 768]),
         ] {
             // Odd and even block (Q6_K: super-block) counts; 37 rows: two full tiles and a
             // padded one.
@@ -2673,34 +2705,37 @@ mod tests {
     fn the_largest_values_stay_exact_on_every_path() {
         let one = f16::ONE.to_bits().to_le_bytes();
         // One block (or super-block) of each type with every value at its largest.
-        let blocks: [(GgmlDType, Vec<u8>); 11] = [
-            (GgmlDType::Q4_0, [&one[..], &[0xFF; 16]].concat()),
-            (GgmlDType::Q4_1, [&one[..], &[0, 0], &[0xFF; 16]].concat()),
-            (GgmlDType::Q8_0, [&one[..], &[0x80; 32]].concat()),
-            (GgmlDType::Q5_0, [&one[..], &[0xFF; 20]].concat()),
+        let blocks: [(Ty, Vec<u8>); 11] = [
+            (C(GgmlDType::Q4_0), [&one[..], &[0xFF; 16]].concat()),
+            (
+                C(GgmlDType::Q4_1),
+                [&one[..], &[0, 0], &[0xFF; 16]].concat(),
+            ),
+            (C(GgmlDType::Q8_0), [&one[..], &[0x80; 32]].concat()),
+            (C(GgmlDType::Q5_0), [&one[..], &[0xFF; 20]].concat()),
             // d, dmin, six-bit scales and mins of 63, every value 15 (Q5_K: 31).
-            (GgmlDType::Q4K, [&one[..], &one, &[0xFF; 140]].concat()),
-            (GgmlDType::Q5K, [&one[..], &one, &[0xFF; 172]].concat()),
+            (C(GgmlDType::Q4K), [&one[..], &one, &[0xFF; 140]].concat()),
+            (C(GgmlDType::Q5K), [&one[..], &one, &[0xFF; 172]].concat()),
             // Every value 63, the scales −128.
             (
-                GgmlDType::Q6K,
+                C(GgmlDType::Q6K),
                 [&[0xFF; 192][..], &[0x80; 16], &one].concat(),
             ),
             // Every value −4 (no high bits), the scales −32 (six bits of 0).
-            (GgmlDType::Q3K, [&[0; 108][..], &one].concat()),
+            (C(GgmlDType::Q3K), [&[0; 108][..], &one].concat()),
             // Every value 3, the scales and mins 15.
-            (GgmlDType::Q2K, [&[0xFF; 80][..], &one, &one].concat()),
+            (C(GgmlDType::Q2K), [&[0xFF; 80][..], &one, &one].concat()),
             // Every code 0 (−127); IQ4_XS's scales 0 (l − 32 = −32).
-            (IQuant::Iq4Nl.tag(), [&one[..], &[0; 16]].concat()),
-            (IQuant::Iq4Xs.tag(), [&one[..], &[0; 134]].concat()),
+            (I(IQuant::Iq4Nl), [&one[..], &[0; 16]].concat()),
+            (I(IQuant::Iq4Xs), [&one[..], &[0; 134]].concat()),
         ];
         for (dtype, block) in blocks {
             let (n, k) = (16, 512);
-            let per_row = k / dtype.block_size();
+            let per_row = k / dtype.block();
             let raw = block.repeat(n * per_row);
-            let q = match IQuant::of_tag(dtype) {
-                Some(kind) => iquant::qtensor(kind, raw, &[n, k], &Device::Cpu),
-                None => ggml_file::qtensor_from_ggml(dtype, &raw, vec![n, k], &Device::Cpu),
+            let q = match dtype {
+                I(kind) => iquant::qtensor(kind, raw, &[n, k], &Device::Cpu),
+                C(dtype) => ggml_file::qtensor_from_ggml(dtype, &raw, vec![n, k], &Device::Cpu),
             };
             let q = q.unwrap();
             let mat = QMat::from_qtensor(q).unwrap();
@@ -2943,7 +2978,7 @@ mod tests {
         let x = random(m * k, 17);
         let want = candle_product(&w, GgmlDType::F32, &x, m);
         assert_eq!(dense.forward(&x, m).unwrap(), want);
-        let (ours, _) = weights(GgmlDType::Q4_1, 8, 256);
+        let (ours, _) = weights(C(GgmlDType::Q4_1), 8, 256);
         let y_ours = ours.forward(&x, m).unwrap();
         let ours_w = Tensor::from_vec(random(8 * 256, 7), (8, 256), &Device::Cpu).unwrap();
         let both = QMat::from_qtensors(vec![
@@ -2956,6 +2991,39 @@ mod tests {
         for i in 0..m {
             assert_eq!(&y[i * 24..i * 24 + 16], &want[i * 16..(i + 1) * 16]);
             assert_eq!(&y[i * 24 + 16..(i + 1) * 24], &y_ours[i * 8..(i + 1) * 8]);
+        }
+    }
+
+    /// The i-quants with a scale per 16 values (IQ2_XS, IQ2_S, IQ1_M) run on the Q8_0
+    /// kernels, converted at load: products within a small part of their spread of the
+    /// dequantised weights' (Q8_0 rounds each to a 254th of its block's largest).
+    #[test]
+    fn i_quants_with_a_scale_per_16_run_as_q8_0() {
+        let (n, k, m) = (24, 512, 5);
+        for kind in [IQuant::Iq2Xs, IQuant::Iq2S, IQuant::Iq1M] {
+            let (mat, dense) = weights(I(kind), n, k);
+            assert!(
+                matches!(
+                    mat,
+                    QMat::Own {
+                        kind: Kind::Q8_0,
+                        ..
+                    }
+                ),
+                "{kind:?}"
+            );
+            let x = random(m * k, 23);
+            let acts = Acts::quantize(&x, m, k);
+            let want = reference(&acts, &dense, n);
+            let got = mat.forward_quantized(&acts, Isa::detect());
+            let spread = want.iter().fold(0f64, |a, v| a.max(v.abs()));
+            assert!(spread > 0.1, "{kind:?}: {spread}");
+            for (g, w) in got.iter().zip(&want) {
+                assert!(
+                    (*g as f64 - w).abs() <= 0.01 * spread,
+                    "{kind:?}: {g} against {w}"
+                );
+            }
         }
     }
 
@@ -3014,17 +3082,21 @@ mod tests {
     #[test]
     fn dequantised_rows_are_candles() {
         for (dtype, k) in [
-            (GgmlDType::Q4_1, 64),
-            (GgmlDType::Q8_0, 64),
-            (GgmlDType::Q4_0, 64),
-            (GgmlDType::Q5_0, 64),
-            (GgmlDType::Q6K, 512),
-            (GgmlDType::Q4K, 512),
-            (GgmlDType::Q5K, 512),
-            (GgmlDType::Q3K, 512),
-            (GgmlDType::Q2K, 512),
-            (IQuant::Iq4Nl.tag(), 64),
-            (IQuant::Iq4Xs.tag(), 512),
+            (C(GgmlDType::Q4_1), 64),
+            (C(GgmlDType::Q8_0), 64),
+            (C(GgmlDType::Q4_0), 64),
+            (C(GgmlDType::Q5_0), 64),
+            (C(GgmlDType::Q6K), 512),
+            (C(GgmlDType::Q4K), 512),
+            (C(GgmlDType::Q5K), 512),
+            (C(GgmlDType::Q3K), 512),
+            (C(GgmlDType::Q2K), 512),
+            (I(IQuant::Iq4Nl), 64),
+            (I(IQuant::Iq4Xs), 512),
+            (I(IQuant::Iq3S), 512),
+            (I(IQuant::Iq3Xxs), 512),
+            (I(IQuant::Iq2Xxs), 512),
+            (I(IQuant::Iq1S), 512),
         ] {
             let (mat, dense) = weights(dtype, 21, k);
             let mut row = vec![0f32; k];
@@ -3042,15 +3114,19 @@ mod tests {
     #[test]
     fn k_quants_are_packed_in_their_own_size_and_not_converted() {
         for (dtype, kind, row_bytes) in [
-            (GgmlDType::Q4_0, Kind::Q4_0, 8 * 18),
-            (GgmlDType::Q5_0, Kind::Q5_0, 8 * 22),
-            (GgmlDType::Q6K, Kind::Q6K, Q6K_BLOCK),
-            (GgmlDType::Q4K, Kind::Q4K, Q4K_BLOCK + 4),
-            (GgmlDType::Q5K, Kind::Q5K, Q5K_BLOCK + 4),
-            (GgmlDType::Q3K, Kind::Q3K, 8 * 18 + 2),
-            (GgmlDType::Q2K, Kind::Q2K, 8 * 20 + 4),
-            (IQuant::Iq4Nl.tag(), Kind::Iq4Nl, 8 * 18),
-            (IQuant::Iq4Xs.tag(), Kind::Iq4Xs, IQ4XS_BLOCK + 2),
+            (C(GgmlDType::Q4_0), Kind::Q4_0, 8 * 18),
+            (C(GgmlDType::Q5_0), Kind::Q5_0, 8 * 22),
+            (C(GgmlDType::Q6K), Kind::Q6K, Q6K_BLOCK),
+            (C(GgmlDType::Q4K), Kind::Q4K, Q4K_BLOCK + 4),
+            (C(GgmlDType::Q5K), Kind::Q5K, Q5K_BLOCK + 4),
+            (C(GgmlDType::Q3K), Kind::Q3K, 8 * 18 + 2),
+            (C(GgmlDType::Q2K), Kind::Q2K, 8 * 20 + 4),
+            (I(IQuant::Iq4Nl), Kind::Iq4Nl, 8 * 18),
+            (I(IQuant::Iq4Xs), Kind::Coded(IQuant::Iq4Xs), 8 * 17 + 2),
+            (I(IQuant::Iq3S), Kind::Coded(IQuant::Iq3S), 8 * 17 + 2),
+            (I(IQuant::Iq3Xxs), Kind::Coded(IQuant::Iq3Xxs), 8 * 17 + 2),
+            (I(IQuant::Iq2Xxs), Kind::Coded(IQuant::Iq2Xxs), 8 * 17 + 2),
+            (I(IQuant::Iq1S), Kind::Coded(IQuant::Iq1S), 8 * 17 + 2),
         ] {
             let (mat, _) = weights(dtype, 37, 512);
             let QMat::Own { kind: k, data, .. } = &mat else {
