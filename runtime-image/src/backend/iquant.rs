@@ -1,27 +1,38 @@
-//! The i-quants IQ4_NL and IQ4_XS, which candle's GGUF reader does not know.
+//! The i-quants, which candle's GGUF reader does not know.
 //!
-//! Both map each 4-bit code through one table of 16 signed values ([`VALUES`], ggml's
-//! `kvalues_iq4nl`, spaced closer near zero where weights crowd) instead of a straight line:
-//! - **IQ4_NL**, blocks of 32 `{d: f16, qs: [u8; 16]}`: value `i` is `d·VALUES[q]`, the low
-//!   nibble of `qs[i]` for `i < 16`, the high nibble of `qs[i − 16]` after (Q4_0's layout).
-//! - **IQ4_XS**, super-blocks of 256 `{d: f16, scales_h: u16, scales_l: [u8; 4], qs: [u8;
-//!   128]}`: sub-block `s` of 32 takes the six-bit `l_s` (four bits of `scales_l`, two of
-//!   `scales_h`) and its values are `d·(l_s − 32)·VALUES[q]`, its 16 bytes of `qs` laid as
-//!   IQ4_NL's. 4.25 bits a weight: the hub's smallest 4-bit files (bartowski's and
-//!   unsloth's `IQ4_XS`), and llama.cpp writes IQ4_NL where a row is not whole super-blocks.
+//! - **IQ4_NL and IQ4_XS** map each 4-bit code through one table of 16 signed values
+//!   ([`VALUES`], ggml's `kvalues_iq4nl`, spaced closer near zero where weights crowd)
+//!   instead of a straight line. IQ4_NL, blocks of 32 `{d: f16, qs: [u8; 16]}`: value `i` is
+//!   `d·VALUES[q]`, the low nibble of `qs[i]` for `i < 16`, the high nibble of `qs[i − 16]`
+//!   after (Q4_0's layout). IQ4_XS, super-blocks of 256 `{d: f16, scales_h: u16, scales_l:
+//!   [u8; 4], qs: [u8; 128]}`: sub-block `s` of 32 takes the six-bit `l_s` (four bits of
+//!   `scales_l`, two of `scales_h`) and its values are `d·(l_s − 32)·VALUES[q]`, its 16 bytes
+//!   of `qs` laid as IQ4_NL's. 4.25 bits a weight: the hub's smallest 4-bit files
+//!   (bartowski's and unsloth's `IQ4_XS`), and llama.cpp writes IQ4_NL where a row is not
+//!   whole super-blocks.
+//! - **IQ3_S, IQ3_XXS, IQ2_S, IQ2_XS, IQ2_XXS, IQ1_M and IQ1_S** (3.44 to 1.56 bits a
+//!   weight: the hub's `IQ3_M`, `IQ3_XS`, `IQ2_M`, `IQ1_S` files and the like) take each 8
+//!   (IQ3: 4) values at once from a grid of a few hundred to 2048 entries ([`Grid`]), each
+//!   entry's values one of three (IQ2: 8, 25, 43; IQ1: −1, 0, 1) or eight (IQ3), with signs
+//!   beside them (IQ1: a shift of ±1/8 per 32 or 8 values instead), scaled per 32 (IQ3_S,
+//!   IQ3_XXS, IQ2_XXS, IQ1_S) or per 16 (IQ2_S, IQ2_XS, IQ1_M) values: ggml's
+//!   `dequantize_row_iq*` ([`IQuant::dequantize_block`]). For those scaled per 32, each
+//!   value is one of at most sixteen per type times `d·l`, exactly ([`IQuant::codes`]).
 //!
 //! **Reading them.** candle fails on the whole file at the first tensor type it does not
-//! know. [`Gguf::read`] then walks the header itself, and where the unknown types are these
-//! two, has candle read a copy of the header in which each such tensor's type names a
+//! know. [`Gguf::read`] then walks the header itself, and where the unknown types are
+//! i-quants, has candle read a copy of the header in which each such tensor's type names a
 //! stand-in ([`IQuant::tag`]); [`Gguf::tensor`] reads those tensors itself. A stand-in type
 //! is only a label: candle never reads such a tensor's bytes as its own type, because the
 //! tensor's storage is ours ([`Storage`], which dequantises and multiplies as the i-quant it
 //! is, wherever candle's own operations take it) or, off the CPU, f16 values.
 //!
-//! **Running them.** On the CPU the kernels take both as the file holds them
-//! ([`super::qmatmul`]); candle's operations (the tensor path) dequantise a row at a time. On
-//! a GPU the matrices are dequantised to f16 at load (four times the memory; candle's CUDA
-//! kernels know no i-quant).
+//! **Running them.** On the CPU the kernels ([`super::qmatmul`]) take IQ4_NL as the file
+//! holds it, and IQ4_XS and the others scaled per 32 as codes in IQ4_XS's layout (4.3125
+//! bits a weight: IQ4_XS's own size, more than the smaller ones' files take, the same
+//! values); those scaled per 16 are converted to Q8_0 ([`super::convert`]). candle's
+//! operations (the tensor path) dequantise a row at a time. On a GPU the matrices are
+//! dequantised to f16 at load (candle's CUDA kernels know no i-quant).
 
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
@@ -78,9 +89,36 @@ pub(super) struct Codes {
 }
 
 /// IQ4_XS's codes: [`VALUES`] as they are.
-pub(super) const IQ4_CODES: Codes = Codes {
+pub(super) static IQ4_CODES: Codes = Codes {
     values: VALUES,
     factor: 1.0,
+};
+
+/// IQ3_S: `d·(1 + 2·ls)·g`, g odd in 1..16, and a sign.
+static IQ3S_CODES: Codes = Codes {
+    values: [1, 3, 5, 7, 9, 11, 13, 15, -1, -3, -5, -7, -9, -11, -13, -15],
+    factor: 1.0,
+};
+
+/// IQ3_XXS: `d·(0.5 + ls)·0.5·g` = `d·(2·ls + 1)·(g/2)/2`, g in {4, 12, .., 52, 62}.
+static IQ3XXS_CODES: Codes = Codes {
+    values: [
+        2, 6, 10, 14, 18, 22, 26, 31, -2, -6, -10, -14, -18, -22, -26, -31,
+    ],
+    factor: 0.5,
+};
+
+/// IQ2_XXS: `d·(0.5 + ls)·0.25·g` = `d·(2·ls + 1)·g/8`, g in {8, 25, 43}.
+static IQ2XXS_CODES: Codes = Codes {
+    values: [8, 25, 43, -8, -25, -43, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+    factor: 0.125,
+};
+
+/// IQ1_S: `d·(2·ls + 1)·(g ± 1/8)` = `d·(2·ls + 1)·(8g ± 1)/8`, g in {−1, 0, 1}: codes 0..3
+/// for the shift up, 3..6 down.
+static IQ1S_CODES: Codes = Codes {
+    values: [-7, 1, 9, -9, -1, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+    factor: 0.125,
 };
 
 /// One super-block of a [`Codes`] type: `d` (f16 bits), each sub-block's `l`, and each
@@ -306,30 +344,13 @@ impl IQuant {
     /// How the kernels take the type as IQ4_XS's codes, where it has one scale per 32 values.
     /// IQ2_XS, IQ2_S and IQ1_M (a scale per 16) do not; they are converted to Q8_0
     /// ([`super::convert`]).
-    pub(super) fn codes(self) -> Option<Codes> {
-        let codes = |v: &[i8], factor: f32| {
-            let mut values = [0i8; 16];
-            values[..v.len()].copy_from_slice(v);
-            Some(Codes { values, factor })
-        };
+    pub(super) fn codes(self) -> Option<&'static Codes> {
         match self {
-            IQuant::Iq4Xs => Some(IQ4_CODES),
-            // `d·(1 + 2·ls)·g`, g odd in 1..16, and a sign.
-            IQuant::Iq3S => codes(
-                &[1, 3, 5, 7, 9, 11, 13, 15, -1, -3, -5, -7, -9, -11, -13, -15],
-                1.0,
-            ),
-            // `d·(0.5 + ls)·0.5·g` = `d·(2·ls + 1)·(g/2)/2`, g in {4, 12, .., 52, 62}.
-            IQuant::Iq3Xxs => codes(
-                &[
-                    2, 6, 10, 14, 18, 22, 26, 31, -2, -6, -10, -14, -18, -22, -26, -31,
-                ],
-                0.5,
-            ),
-            // `d·(0.5 + ls)·0.25·g` = `d·(2·ls + 1)·g/8`, g in {8, 25, 43}.
-            IQuant::Iq2Xxs => codes(&[8, 25, 43, -8, -25, -43], 0.125),
-            // `d·(2·ls + 1)·(g ± 1/8)` = `d·(2·ls + 1)·(8g ± 1)/8`, g in {−1, 0, 1}.
-            IQuant::Iq1S => codes(&[-7, 1, 9, -9, -1, 7], 0.125),
+            IQuant::Iq4Xs => Some(&IQ4_CODES),
+            IQuant::Iq3S => Some(&IQ3S_CODES),
+            IQuant::Iq3Xxs => Some(&IQ3XXS_CODES),
+            IQuant::Iq2Xxs => Some(&IQ2XXS_CODES),
+            IQuant::Iq1S => Some(&IQ1S_CODES),
             IQuant::Iq4Nl | IQuant::Iq2S | IQuant::Iq2Xs | IQuant::Iq1M => None,
         }
     }

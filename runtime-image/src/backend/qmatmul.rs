@@ -1194,7 +1194,7 @@ fn tile_times_acts(
                         $((Kind::Coded(iq), $r) => {
                             let f: CodedKernel<$r> = $module::iq4::<$r, true>;
                             let codes = iq.codes().expect("a coded i-quant");
-                            std::hint::black_box(f)(w, &codes, acts, i, ys.try_into().unwrap())
+                            std::hint::black_box(f)(w, codes, acts, i, ys.try_into().unwrap())
                         })+
                         _ => unreachable!("{r} rows"),
                     }
@@ -1230,7 +1230,7 @@ fn scalar_tile(kind: Kind, w: &[u8], acts: &Acts, row: usize) -> [f32; ROWS] {
         Kind::Iq4Nl => return scalar_iq4(kind, &IQ4_CODES, w, acts, row),
         Kind::Coded(iq) => {
             let codes = iq.codes().expect("a coded i-quant");
-            return scalar_iq4(kind, &codes, w, acts, row);
+            return scalar_iq4(kind, codes, w, acts, row);
         }
         Kind::Q4_1 | Kind::Q8_0 | Kind::Q4_0 | Kind::Q5_0 => {}
     }
