@@ -130,12 +130,6 @@ pub(super) struct CodedBlock {
     pub(super) qs: [[u8; 16]; 8],
 }
 
-impl CodedBlock {
-    fn set(&mut self, s: usize, i: usize, code: u8) {
-        self.qs[s][i % 16] |= code << (4 * (i / 16));
-    }
-}
-
 impl IQuant {
     /// The i-quant of ggml type `id`, where kandle reads it.
     fn of_id(id: u32) -> Option<IQuant> {
@@ -364,53 +358,66 @@ impl IQuant {
             qs: [[0; 16]; 8],
         };
         let u32_at = |at: usize| u32::from_le_bytes(raw[at..at + 4].try_into().unwrap());
+        let grids = &*GRIDS;
         for s in 0..8 {
+            // The sub-block's 32 codes, from its grid entries (of 4 or 8 values) one by one.
+            let mut c = [0u8; 32];
             match self {
                 IQuant::Iq4Xs => {
                     b.l[s] = (xs_scale(raw, s) - 32) as i8;
                     b.qs[s].copy_from_slice(&raw[8 + 16 * s..][..16]);
+                    continue;
                 }
                 IQuant::Iq3S => {
                     b.l[s] = (1 + 2 * (raw[106 + s / 2] >> (4 * (s % 2)) & 15)) as i8;
-                    for i in 0..32 {
-                        let e = i / 4;
+                    for e in 0..8 {
                         let high = (raw[66 + s] as usize >> e & 1) << 8;
-                        let v = GRIDS.iq3s.entry(raw[2 + 8 * s + e] as usize | high)[i % 4];
-                        b.set(s, i, v | (raw[74 + 4 * s + i / 8] >> (i % 8) & 1) << 3);
+                        let entry = grids.iq3s.entry(raw[2 + 8 * s + e] as usize | high);
+                        let signs = raw[74 + 4 * s + e / 2] >> (4 * (e % 2));
+                        for j in 0..4 {
+                            c[4 * e + j] = entry[j] | (signs >> j & 1) << 3;
+                        }
                     }
                 }
                 IQuant::Iq3Xxs => {
                     let aux = u32_at(66 + 4 * s);
                     b.l[s] = (2 * (aux >> 28) + 1) as i8;
-                    for i in 0..32 {
-                        let v = GRIDS.iq3xxs.entry(raw[2 + 8 * s + i / 4] as usize)[i % 4];
-                        let signs = ksigns((aux >> (7 * (i / 8))) as u8 & 127);
-                        b.set(s, i, v | (signs >> (i % 8) & 1) << 3);
+                    for e in 0..8 {
+                        let entry = grids.iq3xxs.entry(raw[2 + 8 * s + e] as usize);
+                        let signs = ksigns((aux >> (7 * (e / 2))) as u8 & 127) >> (4 * (e % 2));
+                        for j in 0..4 {
+                            c[4 * e + j] = entry[j] | (signs >> j & 1) << 3;
+                        }
                     }
                 }
                 IQuant::Iq2Xxs => {
                     let (grid, aux) = (u32_at(2 + 8 * s), u32_at(6 + 8 * s));
                     b.l[s] = (2 * (aux >> 28) + 1) as i8;
-                    for i in 0..32 {
-                        let g = i / 8;
-                        let v = GRIDS.iq2xxs.entry((grid >> (8 * g)) as usize & 255)[i % 8];
+                    for g in 0..4 {
+                        let entry = grids.iq2xxs.entry((grid >> (8 * g)) as usize & 255);
                         let signs = ksigns((aux >> (7 * g)) as u8 & 127);
-                        b.set(s, i, v + 3 * (signs >> (i % 8) & 1));
+                        for j in 0..8 {
+                            c[8 * g + j] = entry[j] + 3 * (signs >> j & 1);
+                        }
                     }
                 }
                 IQuant::Iq1S => {
                     let qh = u16::from_le_bytes([raw[34 + 2 * s], raw[35 + 2 * s]]);
                     b.l[s] = (2 * (qh >> 12 & 7) + 1) as i8;
-                    let negative = (qh >> 15) as u8;
-                    for i in 0..32 {
-                        let g = i / 8;
+                    let down = 3 * (qh >> 15) as u8;
+                    for g in 0..4 {
                         let idx = raw[2 + 4 * s + g] as usize | ((qh as usize >> (3 * g)) & 7) << 8;
-                        b.set(s, i, GRIDS.iq1s.entry(idx)[i % 8] + 3 * negative);
+                        for (c, v) in c[8 * g..8 * g + 8].iter_mut().zip(grids.iq1s.entry(idx)) {
+                            *c = v + down;
+                        }
                     }
                 }
                 IQuant::Iq4Nl | IQuant::Iq2S | IQuant::Iq2Xs | IQuant::Iq1M => {
                     unreachable!("{self:?} has no codes")
                 }
+            }
+            for i in 0..16 {
+                b.qs[s][i] = c[i] | c[i + 16] << 4;
             }
         }
         b
