@@ -1985,9 +1985,9 @@ fn runs_as_llama_cpp_runs_it(gguf: &Path, key: &str) {
 /// iquants.py: the tied embeddings and head in IQ3_S, a fused Q and K of one kind beside a V
 /// of another) runs as `iq4_nl_and_iq4_xs_run_as_llama_cpp_runs_them` says. The tensor
 /// path's match checks kandle's dequantisation (its grids from gguf-py's tables, its code
-/// from ggml's) against gguf-py's; the kernels' match the codes that IQ3_S, IQ3_XXS, IQ2_XXS
-/// and IQ1_S are packed as, and the Q8_0 the others are converted to, against llama.cpp's
-/// own kernels. llama.cpp's quantised run sits 0.03–0.044 from its f32 run here.
+/// from ggml's) against gguf-py's; the kernels' match the codes all seven are packed as (a
+/// scale per 32 values, or per 16 for IQ2_S, IQ2_XS and IQ1_M) against llama.cpp's own
+/// kernels. llama.cpp's quantised run sits 0.03–0.044 from its f32 run here.
 #[test]
 fn the_other_i_quants_run_as_llama_cpp_runs_them() {
     let dir = tempfile::tempdir().unwrap();

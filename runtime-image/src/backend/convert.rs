@@ -1,14 +1,12 @@
 //! GGUF weight types without a kernel of ours, converted at load into one with one.
 //!
 //! kandle's CPU kernels ([`super::qmatmul`]) take Q4_0, Q4_1, Q5_0, Q8_0, Q2_K, Q3_K, Q4_K,
-//! Q5_K, Q6_K, IQ4_NL and the i-quants with a scale per 32 values (IQ4_XS, IQ3_S, IQ3_XXS,
-//! IQ2_XXS, IQ1_S) as the file holds them. The other quantised types (Q5_1, and the
-//! i-quants with a scale per 16: IQ2_S, IQ2_XS, IQ1_M) are converted to Q8_0 when they are
-//! read (Q5_1 used to go through candle's `QMatMul`, one activation row at a time and without
-//! SIMD), within about half a Q8_0 step (a 127th of the block's largest value), its scale
-//! rounded to f16. Q8_0 takes more memory than those 2- to 6-bit types (34 bytes per 32
-//! weights against 7–24), which one stream's decode, bound by reading the weights, pays for.
-//! f32/f16/bf16 tensors are left to candle.
+//! Q5_K, Q6_K and the i-quants. The other quantised type (Q5_1) used to go through candle's
+//! `QMatMul`, one activation row at a time and without SIMD; it is converted to Q8_0 when it
+//! is read, within about half a Q8_0 step (a 127th of the block's largest value), its scale
+//! rounded to f16. Q8_0 takes more memory than Q5_1 (34 bytes per 32 weights against 24),
+//! which one stream's decode, bound by reading the weights, pays for. f32/f16/bf16 tensors
+//! are left to candle.
 //!
 //! The parts of one fused product (Q, K and V; gate and up) stay one matrix of the kernels
 //! only when they share a type: a set of Q5_0 and Q8_0 parts (a Q4_K_M file's small
@@ -19,12 +17,12 @@
 //! quantises them per 256 for the K-quants: outputs differ from llama.cpp's in the last
 //! bits, as any two implementations' do.
 
+use candle_core::Device;
 use candle_core::quantized::{GgmlDType, QTensor, ggml_file};
-use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 use super::iquant::IQuant;
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// `t` in a type our kernels take: unchanged when it is one (or is not quantised), else
 /// Q8_0 through f32 ([`through_f32`]).
@@ -42,12 +40,8 @@ pub(super) fn to_kernel_type(t: QTensor) -> Result<QTensor> {
         | GgmlDType::F32
         | GgmlDType::F16
         | GgmlDType::BF16 => Ok(t),
-        // The i-quants' stand-ins (`iquant.rs`): IQ4_NL and those with codes have kernels.
-        d if IQuant::is_tag(d) => match IQuant::of(&t) {
-            Some(k) if k == IQuant::Iq4Nl || k.codes().is_some() => Ok(t),
-            Some(_) => through_f32(&t),
-            None => Err(Error::Model(format!("a {d:?} weight matrix"))),
-        },
+        // The i-quants' stand-ins (`iquant.rs`), which have kernels of their own.
+        d if IQuant::is_tag(d) => Ok(t),
         _ => through_f32(&t),
     }
 }
@@ -95,11 +89,7 @@ fn through_f32(t: &QTensor) -> Result<QTensor> {
     let dims = t.shape().dims().to_vec();
     let k = *dims.last().unwrap_or(&1);
     let rows = t.shape().elem_count() / k.max(1);
-    let iquant = IQuant::of(t);
-    let (block, size) = match iquant {
-        Some(kind) => (kind.block(), kind.block_bytes()),
-        None => (t.dtype().block_size(), t.dtype().type_size()),
-    };
+    let (block, size) = (t.dtype().block_size(), t.dtype().type_size());
     if !k.is_multiple_of(block) || !k.is_multiple_of(32) {
         // Not whole blocks per row (never for a weight matrix): convert it whole.
         return Ok(QTensor::quantize(
@@ -117,17 +107,8 @@ fn through_f32(t: &QTensor) -> Result<QTensor> {
         .zip(raw.par_chunks(per_chunk * row_bytes))
         .try_for_each(|(o, part)| -> Result<()> {
             let n = part.len() / row_bytes;
-            let f = match iquant {
-                Some(kind) => {
-                    let mut f = vec![0f32; n * k];
-                    for (o, b) in f.chunks_exact_mut(block).zip(part.chunks_exact(size)) {
-                        kind.dequantize_block(b, o);
-                    }
-                    Tensor::from_vec(f, (n, k), &Device::Cpu)?
-                }
-                None => ggml_file::qtensor_from_ggml(t.dtype(), part, vec![n, k], &Device::Cpu)?
-                    .dequantize(&Device::Cpu)?,
-            };
+            let q = ggml_file::qtensor_from_ggml(t.dtype(), part, vec![n, k], &Device::Cpu)?;
+            let f = q.dequantize(&Device::Cpu)?;
             o.copy_from_slice(&QTensor::quantize(&f, GgmlDType::Q8_0)?.data()?);
             Ok(())
         })?;

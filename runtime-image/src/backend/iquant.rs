@@ -16,8 +16,8 @@
 //!   entry's values one of three (IQ2: 8, 25, 43; IQ1: −1, 0, 1) or eight (IQ3), with signs
 //!   beside them (IQ1: a shift of ±1/8 per 32 or 8 values instead), scaled per 32 (IQ3_S,
 //!   IQ3_XXS, IQ2_XXS, IQ1_S) or per 16 (IQ2_S, IQ2_XS, IQ1_M) values: ggml's
-//!   `dequantize_row_iq*` ([`IQuant::dequantize_block`]). For those scaled per 32, each
-//!   value is one of at most sixteen per type times `d·l`, exactly ([`IQuant::codes`]).
+//!   `dequantize_row_iq*` ([`IQuant::dequantize_block`]). Each value is one of at most
+//!   sixteen per type times `d·l`, `l` the scale of its 32 or 16, exactly ([`IQuant::codes`]).
 //!
 //! **Reading them.** candle fails on the whole file at the first tensor type it does not
 //! know. [`Gguf::read`] then walks the header itself, and where the unknown types are
@@ -28,11 +28,11 @@
 //! is, wherever candle's own operations take it) or, off the CPU, f16 values.
 //!
 //! **Running them.** On the CPU the kernels ([`super::qmatmul`]) take IQ4_NL as the file
-//! holds it, and IQ4_XS and the others scaled per 32 as codes in IQ4_XS's layout (4.3125
-//! bits a weight: IQ4_XS's own size, more than the smaller ones' files take, the same
-//! values); those scaled per 16 are converted to Q8_0 ([`super::convert`]). candle's
-//! operations (the tensor path) dequantise a row at a time. On a GPU the matrices are
-//! dequantised to f16 at load (candle's CUDA kernels know no i-quant).
+//! holds it, and the others as codes in IQ4_XS's layout: 4.3125 bits a weight for those
+//! scaled per 32, 4.5625 for those scaled per 16 (the same values; more than the files of
+//! the types below 4 bits take, two bits and a grid apart costing a kernel of its own per
+//! type). candle's operations (the tensor path) dequantise a row at a time. On a GPU the
+//! matrices are dequantised to f16 at load (candle's CUDA kernels know no i-quant).
 
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
@@ -78,9 +78,9 @@ const SUPER_BLOCKED: [IQuant; 8] = [
     IQuant::Iq1S,
 ];
 
-/// How the kernels take a 256-value i-quant with one scale per 32 values: as IQ4_XS's layout
-/// (per 32 a multiplier `l`, per value a 4-bit code), value `d·l·factor·values[code]`, exact
-/// for each type's every value ([`IQuant::code_block`]).
+/// How the kernels take a 256-value i-quant: as IQ4_XS's layout (per 32 or 16 values a
+/// multiplier `l`, per value a 4-bit code), value `d·l·factor·values[code]`, exact for each
+/// type's every value ([`IQuant::code_block`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(super) struct Codes {
     pub(super) values: [i8; 16],
@@ -121,12 +121,13 @@ static IQ1S_CODES: Codes = Codes {
     factor: 0.125,
 };
 
-/// One super-block of a [`Codes`] type: `d` (f16 bits), each sub-block's `l`, and each
+/// One super-block of a [`Codes`] type: `d` (f16 bits), each sub-block's `l` for its first
+/// and its second 16 values (the same twice where the type scales per 32), and each
 /// sub-block's codes laid as IQ4_NL's 16 bytes (element `i` the low nibble of byte `i` for
 /// `i < 16`, the high nibble of byte `i − 16` after).
 pub(super) struct CodedBlock {
     pub(super) d: [u8; 2],
-    pub(super) l: [i8; 8],
+    pub(super) l: [[i8; 2]; 8],
     pub(super) qs: [[u8; 16]; 8],
 }
 
@@ -335,18 +336,24 @@ impl IQuant {
         }
     }
 
-    /// How the kernels take the type as IQ4_XS's codes, where it has one scale per 32 values.
-    /// IQ2_XS, IQ2_S and IQ1_M (a scale per 16) do not; they are converted to Q8_0
-    /// ([`super::convert`]).
+    /// How the kernels take the 256-value types: each value `d·l·factor·values[code]`, with
+    /// `l` per 32 values, or per 16 where [`IQuant::scale_per_16`].
     pub(super) fn codes(self) -> Option<&'static Codes> {
         match self {
             IQuant::Iq4Xs => Some(&IQ4_CODES),
             IQuant::Iq3S => Some(&IQ3S_CODES),
             IQuant::Iq3Xxs => Some(&IQ3XXS_CODES),
-            IQuant::Iq2Xxs => Some(&IQ2XXS_CODES),
-            IQuant::Iq1S => Some(&IQ1S_CODES),
-            IQuant::Iq4Nl | IQuant::Iq2S | IQuant::Iq2Xs | IQuant::Iq1M => None,
+            // IQ2_S and IQ2_XS: `d·(0.5 + ls)·0.25·g` too, per 16.
+            IQuant::Iq2Xxs | IQuant::Iq2S | IQuant::Iq2Xs => Some(&IQ2XXS_CODES),
+            // IQ1_M: `d·(2·ls + 1)·(g ± 1/8)` too, `ls` per 16, the shift per 8.
+            IQuant::Iq1S | IQuant::Iq1M => Some(&IQ1S_CODES),
+            IQuant::Iq4Nl => None,
         }
+    }
+
+    /// Whether the type scales per 16 values (IQ2_S, IQ2_XS, IQ1_M), not per 32.
+    pub(super) fn scale_per_16(self) -> bool {
+        matches!(self, IQuant::Iq2S | IQuant::Iq2Xs | IQuant::Iq1M)
     }
 
     /// A super-block of a type with [`IQuant::codes`] as codes into them: the same values,
@@ -354,9 +361,20 @@ impl IQuant {
     pub(super) fn code_block(self, raw: &[u8]) -> CodedBlock {
         let mut b = CodedBlock {
             d: [raw[0], raw[1]],
-            l: [0; 8],
+            l: [[0; 2]; 8],
             qs: [[0; 16]; 8],
         };
+        let u16_at = |at: usize| u16::from_le_bytes([raw[at], raw[at + 1]]);
+        // IQ1_M's scale words, whose top nibbles hold `d`.
+        let sc: [u16; 4] = std::array::from_fn(|i| match self {
+            IQuant::Iq1M => u16_at(48 + 2 * i),
+            _ => 0,
+        });
+        if self == IQuant::Iq1M {
+            let d = (sc[0] >> 12) | (sc[1] >> 8 & 0xf0) | (sc[2] >> 4 & 0xf00) | (sc[3] & 0xf000);
+            b.d = d.to_le_bytes();
+        }
+        let odd = |ls: u8| (2 * ls + 1) as i8;
         let u32_at = |at: usize| u32::from_le_bytes(raw[at..at + 4].try_into().unwrap());
         let grids = &*GRIDS;
         for s in 0..8 {
@@ -364,12 +382,12 @@ impl IQuant {
             let mut c = [0u8; 32];
             match self {
                 IQuant::Iq4Xs => {
-                    b.l[s] = (xs_scale(raw, s) - 32) as i8;
+                    b.l[s] = [(xs_scale(raw, s) - 32) as i8; 2];
                     b.qs[s].copy_from_slice(&raw[8 + 16 * s..][..16]);
                     continue;
                 }
                 IQuant::Iq3S => {
-                    b.l[s] = (1 + 2 * (raw[106 + s / 2] >> (4 * (s % 2)) & 15)) as i8;
+                    b.l[s] = [odd(raw[106 + s / 2] >> (4 * (s % 2)) & 15); 2];
                     for e in 0..8 {
                         let high = (raw[66 + s] as usize >> e & 1) << 8;
                         let entry = grids.iq3s.entry(raw[2 + 8 * s + e] as usize | high);
@@ -381,7 +399,7 @@ impl IQuant {
                 }
                 IQuant::Iq3Xxs => {
                     let aux = u32_at(66 + 4 * s);
-                    b.l[s] = (2 * (aux >> 28) + 1) as i8;
+                    b.l[s] = [odd((aux >> 28) as u8); 2];
                     for e in 0..8 {
                         let entry = grids.iq3xxs.entry(raw[2 + 8 * s + e] as usize);
                         let signs = ksigns((aux >> (7 * (e / 2))) as u8 & 127) >> (4 * (e % 2));
@@ -392,7 +410,7 @@ impl IQuant {
                 }
                 IQuant::Iq2Xxs => {
                     let (grid, aux) = (u32_at(2 + 8 * s), u32_at(6 + 8 * s));
-                    b.l[s] = (2 * (aux >> 28) + 1) as i8;
+                    b.l[s] = [odd((aux >> 28) as u8); 2];
                     for g in 0..4 {
                         let entry = grids.iq2xxs.entry((grid >> (8 * g)) as usize & 255);
                         let signs = ksigns((aux >> (7 * g)) as u8 & 127);
@@ -403,7 +421,7 @@ impl IQuant {
                 }
                 IQuant::Iq1S => {
                     let qh = u16::from_le_bytes([raw[34 + 2 * s], raw[35 + 2 * s]]);
-                    b.l[s] = (2 * (qh >> 12 & 7) + 1) as i8;
+                    b.l[s] = [odd((qh >> 12 & 7) as u8); 2];
                     let down = 3 * (qh >> 15) as u8;
                     for g in 0..4 {
                         let idx = raw[2 + 4 * s + g] as usize | ((qh as usize >> (3 * g)) & 7) << 8;
@@ -412,9 +430,43 @@ impl IQuant {
                         }
                     }
                 }
-                IQuant::Iq4Nl | IQuant::Iq2S | IQuant::Iq2Xs | IQuant::Iq1M => {
-                    unreachable!("{self:?} has no codes")
+                IQuant::Iq2Xs => {
+                    let ls = raw[66 + s];
+                    b.l[s] = [odd(ls & 15), odd(ls >> 4)];
+                    for g in 0..4 {
+                        let q = u16_at(2 + 8 * s + 2 * g);
+                        let entry = grids.iq2xs.entry(q as usize & 511);
+                        let signs = ksigns((q >> 9) as u8);
+                        for j in 0..8 {
+                            c[8 * g + j] = entry[j] + 3 * (signs >> j & 1);
+                        }
+                    }
                 }
+                IQuant::Iq2S => {
+                    let ls = raw[74 + s];
+                    b.l[s] = [odd(ls & 15), odd(ls >> 4)];
+                    for g in 0..4 {
+                        let high = (raw[66 + s] as usize >> (2 * g) & 3) << 8;
+                        let entry = grids.iq2s.entry(raw[2 + 4 * s + g] as usize | high);
+                        let signs = raw[34 + 4 * s + g];
+                        for j in 0..8 {
+                            c[8 * g + j] = entry[j] + 3 * (signs >> j & 1);
+                        }
+                    }
+                }
+                IQuant::Iq1M => {
+                    let w = sc[s / 2] >> (6 * (s % 2));
+                    b.l[s] = [odd((w & 7) as u8), odd((w >> 3 & 7) as u8)];
+                    for g in 0..4 {
+                        let qh = raw[32 + 2 * s + g / 2] >> (4 * (g % 2));
+                        let idx = raw[4 * s + g] as usize | ((qh & 7) as usize) << 8;
+                        let down = 3 * (qh >> 3 & 1);
+                        for (c, v) in c[8 * g..8 * g + 8].iter_mut().zip(grids.iq1s.entry(idx)) {
+                            *c = v + down;
+                        }
+                    }
+                }
+                IQuant::Iq4Nl => unreachable!("IQ4_NL has no codes"),
             }
             for i in 0..16 {
                 b.qs[s][i] = c[i] | c[i + 16] << 4;
@@ -967,13 +1019,7 @@ mod tests {
     #[test]
     fn codes_hold_each_value_exactly() {
         let mut seed = 5u64;
-        for kind in [
-            IQuant::Iq4Xs,
-            IQuant::Iq3S,
-            IQuant::Iq3Xxs,
-            IQuant::Iq2Xxs,
-            IQuant::Iq1S,
-        ] {
+        for kind in SUPER_BLOCKED {
             let codes = kind.codes().unwrap();
             for _ in 0..64 {
                 let mut raw: Vec<u8> = (0..kind.block_bytes())
@@ -984,7 +1030,16 @@ mod tests {
                         (seed >> 33) as u8
                     })
                     .collect();
-                raw[..2].copy_from_slice(&f16::from_f32(0.0123).to_le_bytes());
+                let d = f16::from_f32(0.0123);
+                match kind {
+                    IQuant::Iq1M => {
+                        for i in 0..4 {
+                            let nibble = (d.to_bits() >> (4 * i)) as u8 & 15;
+                            raw[49 + 2 * i] = raw[49 + 2 * i] & 0x0F | nibble << 4;
+                        }
+                    }
+                    _ => raw[..2].copy_from_slice(&d.to_le_bytes()),
+                }
                 let mut want = [0f32; 256];
                 kind.dequantize_block(&raw, &mut want);
                 let b = kind.code_block(&raw);
@@ -992,7 +1047,8 @@ mod tests {
                 for (i, w) in want.iter().enumerate() {
                     let (s, j) = (i / 32, i % 32);
                     let code = b.qs[s][j % 16] >> (4 * (j / 16)) & 15;
-                    let v = d * b.l[s] as f32 * codes.values[code as usize] as f32 * codes.factor;
+                    let l = b.l[s][j / 16] as f32;
+                    let v = d * l * codes.values[code as usize] as f32 * codes.factor;
                     assert_eq!(v.to_bits(), w.to_bits(), "{kind:?} value {i}: {v} vs {w}");
                 }
             }

@@ -39,8 +39,10 @@
 //! Q3_K (per 16: `d·(sc − 32)·(u − 4)`, `u` of three bits) is Q6_K's shape with narrower
 //! values: packed as Q6_K without the high bits, each `u` a nibble (4.5625 bits a weight
 //! against the file's 3.4375: two bits and a bit apart would cost more instructions per
-//! group), and multiplied by Q6_K's kernels with `4·Σx` for `32·Σx`. The i-quants IQ4_NL and
-//! IQ4_XS have kernels of their own ([`scalar_iq4`]). Q2_K (per 16: `d·sc·q − dmin·m`, `q`
+//! group), and multiplied by Q6_K's kernels with `4·Σx` for `32·Σx`. The i-quants have
+//! kernels of their own ([`scalar_iq4`]): IQ4_NL as Q4_0's layout, the others as codes into
+//! sixteen values per type (IQ4_XS's own, or a grid's values with their signs and shifts,
+//! [`IQuant::codes`]) under a scale per 32 or per 16 values. Q2_K (per 16: `d·sc·q − dmin·m`, `q`
 //! of two bits) is packed as Q3_K with its mins beside the scales (5.125 bits a weight against
 //! the file's 2.625) and multiplied by the same kernels, its mins weighing the halves' `Σx`
 //! apart ([`scalar_q6k`]).
@@ -112,11 +114,13 @@ pub(super) enum Kind {
     /// d·[`iquant::VALUES`]`[q]`. Packed as Q4_0, 4.5 bits a weight as in the file.
     Iq4Nl,
     /// IQ4_XS ([`super::iquant`]), super-blocks of 256: per sub-block `s` of 32, value =
-    /// d·(l_s − 32)·[`iquant::VALUES`]`[q]`. Packed in its own layout ([`Kind::pack_coded`]), 4.3125
-    /// bits a weight (the file's 4.25, the sub-blocks' `l_s − 32` a byte each). The other
-    /// i-quants with one scale per 32 values (IQ3_S, IQ3_XXS, IQ2_XXS, IQ1_S) are packed the
-    /// same way, their values as codes into sixteen of their own ([`IQuant::codes`]): 4.3125
-    /// bits a weight against the file's 3.4375, 3.0625, 2.0625 and 1.5625, the same values.
+    /// d·(l_s − 32)·[`iquant::VALUES`]`[q]`. Packed in its own layout ([`Kind::pack_coded`]),
+    /// 4.3125 bits a weight (the file's 4.25, the sub-blocks' `l_s − 32` a byte each). The
+    /// other i-quants with one scale per 32 values (IQ3_S, IQ3_XXS, IQ2_XXS, IQ1_S) are packed
+    /// the same way, their values as codes into sixteen of their own ([`IQuant::codes`]):
+    /// 4.3125 bits a weight against the file's 3.4375, 3.0625, 2.0625 and 1.5625, the same
+    /// values; those with one per 16 (IQ2_S, IQ2_XS, IQ1_M) with both halves' `l`, 4.5625
+    /// bits a weight against the file's 2.5625, 2.3125 and 1.75.
     Coded(IQuant),
 }
 
@@ -140,6 +144,21 @@ const Q2K_TILE_SUPER: usize = 4 * ROWS + 8 * Q2K_TILE_BLOCK;
 const IQ4XS_TILE_BLOCK: usize = ROWS * 17;
 /// Bytes of one packed IQ4_XS super-block of a tile: the rows' `d` (f16), then eight blocks.
 const IQ4XS_TILE_SUPER: usize = 2 * ROWS + 8 * IQ4XS_TILE_BLOCK;
+/// Bytes of one packed block of an i-quant scaled per 16 (IQ2_S, IQ2_XS, IQ1_M): per row the
+/// first 16 values' `l`, then per row the second's, then four groups of nibble bytes.
+const IQ16_TILE_BLOCK: usize = ROWS * 18;
+/// Bytes of one such packed super-block: the rows' `d` (f16), then eight blocks.
+const IQ16_TILE_SUPER: usize = 2 * ROWS + 8 * IQ16_TILE_BLOCK;
+
+/// A coded i-quant tile's block and super-block bytes, and where a block's codes start
+/// (after one `l` per row, or two where it scales per 16).
+const fn coded_layout(per_16: bool) -> (usize, usize, usize) {
+    if per_16 {
+        (IQ16_TILE_BLOCK, IQ16_TILE_SUPER, 2 * ROWS)
+    } else {
+        (IQ4XS_TILE_BLOCK, IQ4XS_TILE_SUPER, ROWS)
+    }
+}
 
 /// Bytes of one Q6_K super-block of 256 weights in a GGUF file.
 const Q6K_BLOCK: usize = 210;
@@ -208,7 +227,7 @@ impl Kind {
             Kind::Q5K => Some((Q5K_BLOCK, Q5K_TILE_SUPER)),
             Kind::Q3K => Some((Q3K_BLOCK, Q3K_TILE_SUPER)),
             Kind::Q2K => Some((Q2K_BLOCK, Q2K_TILE_SUPER)),
-            Kind::Coded(iq) => Some((iq.block_bytes(), IQ4XS_TILE_SUPER)),
+            Kind::Coded(iq) => Some((iq.block_bytes(), coded_layout(iq.scale_per_16()).1)),
             Kind::Q4_1 | Kind::Q8_0 | Kind::Q4_0 | Kind::Q5_0 | Kind::Iq4Nl => None,
         }
     }
@@ -311,7 +330,10 @@ impl Kind {
                                 Kind::Q6K => Kind::pack_q6k(sb, to, lane),
                                 Kind::Q3K => Kind::pack_q3k(sb, to, lane),
                                 Kind::Q2K => Kind::pack_q2k(sb, to, lane),
-                                Kind::Coded(iq) => Kind::pack_coded(&iq.code_block(sb), to, lane),
+                                Kind::Coded(iq) => {
+                                    let per_16 = iq.scale_per_16();
+                                    Kind::pack_coded(&iq.code_block(sb), per_16, to, lane)
+                                }
                                 _ => self.pack_q4k(sb, to, lane),
                             }
                         }
@@ -479,24 +501,36 @@ impl Kind {
     /// (`IQ4XS_TILE_BLOCK` bytes from `2·ROWS`) the sub-block's `l` (IQ4_XS: `l − 32`) at
     /// `lane` and its nibble group `g` (bytes `4g..4g+4` of the codes, which hold element `i`
     /// low and `i + 16` high, as Q4_1's) at `ROWS + 64g + 4·lane`.
-    fn pack_coded(raw: &iquant::CodedBlock, sup: &mut [u8], lane: usize) {
+    /// `per_16` (a type scaled per 16): the block's two `l`, each for all rows, before its
+    /// codes, which start at `2·ROWS`.
+    fn pack_coded(raw: &iquant::CodedBlock, per_16: bool, sup: &mut [u8], lane: usize) {
+        let (block, _, head) = coded_layout(per_16);
         sup[2 * lane..2 * lane + 2].copy_from_slice(&raw.d);
         for b in 0..8 {
-            let blk = &mut sup[2 * ROWS + b * IQ4XS_TILE_BLOCK..][..IQ4XS_TILE_BLOCK];
-            blk[lane] = raw.l[b] as u8;
+            let blk = &mut sup[2 * ROWS + b * block..][..block];
+            blk[lane] = raw.l[b][0] as u8;
+            if per_16 {
+                blk[ROWS + lane] = raw.l[b][1] as u8;
+            }
             let qs = &raw.qs[b];
             for g in 0..4 {
-                blk[ROWS + 64 * g + 4 * lane..][..4].copy_from_slice(&qs[4 * g..4 * g + 4]);
+                blk[head + 64 * g + 4 * lane..][..4].copy_from_slice(&qs[4 * g..4 * g + 4]);
             }
         }
     }
 
-    /// Element `i`'s code of block `b` of lane `lane` in a packed IQ4_XS tile super-block,
-    /// and the block's `l` ([`Kind::pack_coded`] undone).
-    fn iq4xs_at(sup: &[u8], lane: usize, b: usize, i: usize) -> (u8, i8) {
-        let blk = &sup[2 * ROWS + b * IQ4XS_TILE_BLOCK..];
-        let byte = blk[ROWS + 64 * ((i % 16) / 4) + 4 * lane + i % 4];
-        ((byte >> (4 * (i / 16))) & 15, blk[lane] as i8)
+    /// Element `i`'s code of block `b` of lane `lane` in a packed coded tile super-block,
+    /// and the `l` it takes ([`Kind::pack_coded`] undone).
+    fn iq4xs_at(sup: &[u8], per_16: bool, lane: usize, b: usize, i: usize) -> (u8, i8) {
+        let (block, _, head) = coded_layout(per_16);
+        let blk = &sup[2 * ROWS + b * block..];
+        let byte = blk[head + 64 * ((i % 16) / 4) + 4 * lane + i % 4];
+        let l = if per_16 && i >= 16 {
+            blk[ROWS + lane]
+        } else {
+            blk[lane]
+        };
+        ((byte >> (4 * (i / 16))) & 15, l as i8)
     }
 
     /// Element `i` of block `b` of lane `lane` in a packed Q6_K (Q3_K, Q2_K) tile
@@ -848,13 +882,14 @@ impl QMat {
         if let Kind::Coded(iq) = kind {
             let codes = iq.codes().expect("a coded i-quant");
             let tile = &data[(j / ROWS) * kind.tile_bytes(*k)..];
+            let per_16 = iq.scale_per_16();
             for (s, o) in out[..*k].chunks_exact_mut(256).enumerate() {
-                let sup = &tile[s * IQ4XS_TILE_SUPER..];
+                let sup = &tile[s * coded_layout(per_16).1..];
                 let d = f16_at(sup, 2 * (j % ROWS));
                 for (i, o) in o.iter_mut().enumerate() {
                     // As ggml's `dequantize_row_iq4_xs`: `d·(l − 32)`, then the value (the
                     // factor, a power of two, changes no bit).
-                    let (q, sc) = Kind::iq4xs_at(sup, j % ROWS, i / 32, i % 32);
+                    let (q, sc) = Kind::iq4xs_at(sup, per_16, j % ROWS, i / 32, i % 32);
                     *o = d * sc as f32 * codes.values[q as usize] as f32 * codes.factor;
                 }
             }
@@ -1119,6 +1154,12 @@ impl Isa {
 
 /// A kernel: `R` activation rows from the given one times one packed tile, into `R` rows.
 type Kernel<const R: usize> = unsafe fn(&[u8], &Acts, usize, &mut [[f32; ROWS]; R]);
+/// The layouts of the i-quants' kernels: IQ4_NL's (Q4_0's), a coded type's scaled per 32
+/// (IQ4_XS's), a coded type's scaled per 16.
+const NL: u8 = 0;
+const XS: u8 = 1;
+const XS16: u8 = 2;
+
 /// The same for the i-quants' kernels, which take the codes' values.
 type CodedKernel<const R: usize> = unsafe fn(&[u8], &Codes, &Acts, usize, &mut [[f32; ROWS]; R]);
 
@@ -1187,12 +1228,15 @@ fn tile_times_acts(
                             std::hint::black_box(f)(w, acts, i, ys.try_into().unwrap())
                         })+
                         $((Kind::Iq4Nl, $r) => {
-                            let f: CodedKernel<$r> = $module::iq4::<$r, false>;
+                            let f: CodedKernel<$r> = $module::iq4::<$r, NL>;
                             let ys = ys.try_into().unwrap();
                             std::hint::black_box(f)(w, &IQ4_CODES, acts, i, ys)
                         })+
                         $((Kind::Coded(iq), $r) => {
-                            let f: CodedKernel<$r> = $module::iq4::<$r, true>;
+                            let f: CodedKernel<$r> = match iq.scale_per_16() {
+                                false => $module::iq4::<$r, XS>,
+                                true => $module::iq4::<$r, XS16>,
+                            };
                             let codes = iq.codes().expect("a coded i-quant");
                             std::hint::black_box(f)(w, codes, acts, i, ys.try_into().unwrap())
                         })+
@@ -1315,19 +1359,23 @@ fn scalar_q4k(kind: Kind, w: &[u8], acts: &Acts, row: usize) -> [f32; ROWS] {
 /// their SIMD kernels follow bit for bit: per block of 32 and row, the exact integer
 /// `Σ values[q]·x`, then `acc = fma(sum, d_w·d_x, acc)` with the block's `d_w = d` (IQ4_NL)
 /// or `d·factor·l` (IQ4_XS: `d·(l − 32)`; exact in f32: an f16 times a power of two and a
-/// six-bit integer).
+/// six-bit integer); for the types scaled per 16, the sum `l₀·D₀ + l₁·D₁` over the two
+/// halves and `d_w = d·factor`.
 fn scalar_iq4(kind: Kind, codes: &Codes, w: &[u8], acts: &Acts, row: usize) -> [f32; ROWS] {
     let nb = acts.k / QK;
     let mut acc = [0f32; ROWS];
     for b in 0..nb {
         let x = &acts.qs[row * acts.k + b * QK..][..QK];
         let [dx, _] = acts.ds[row * nb + b];
-        // Where the rows' `d` lie, the block's nibble groups, and IQ4_XS's `l − 32`.
+        // Where the rows' `d` lie, the block's nibble groups, and its `l` (IQ4_XS: `l −
+        // 32`; two where the type scales per 16).
+        let per_16 = matches!(kind, Kind::Coded(iq) if iq.scale_per_16());
         let (ds, words, sc) = match kind {
             Kind::Coded(_) => {
-                let sup = &w[b / 8 * IQ4XS_TILE_SUPER..];
-                let tb = &sup[2 * ROWS + b % 8 * IQ4XS_TILE_BLOCK..];
-                (sup, &tb[ROWS..], Some(&tb[..ROWS]))
+                let (block, sup_bytes, head) = coded_layout(per_16);
+                let sup = &w[b / 8 * sup_bytes..];
+                let tb = &sup[2 * ROWS + b % 8 * block..];
+                (sup, &tb[head..], Some(&tb[..head]))
             }
             _ => {
                 let tb = &w[b * ROWS * kind.block_bytes()..];
@@ -1335,15 +1383,24 @@ fn scalar_iq4(kind: Kind, codes: &Codes, w: &[u8], acts: &Acts, row: usize) -> [
             }
         };
         for (lane, a) in acc.iter_mut().enumerate() {
-            let dot: i32 = (0..QK)
-                .map(|i| {
-                    let byte = words[64 * ((i % 16) / 4) + 4 * lane + i % 4];
-                    codes.values[((byte >> (4 * (i / 16))) & 15) as usize] as i32 * x[i] as i32
-                })
-                .sum();
-            let dw = match sc {
-                Some(sc) => f16_at(ds, 2 * lane) * codes.factor * sc[lane] as i8 as f32,
-                None => f16_at(ds, 2 * lane),
+            let half = |h: usize| -> i32 {
+                (16 * h..16 * h + 16)
+                    .map(|i| {
+                        let byte = words[64 * ((i % 16) / 4) + 4 * lane + i % 4];
+                        let q = (byte >> (4 * (i / 16))) & 15;
+                        codes.values[q as usize] as i32 * x[i] as i32
+                    })
+                    .sum()
+            };
+            let d = f16_at(ds, 2 * lane);
+            let (dot, dw) = match sc {
+                // Per 16: `l₀·D₀ + l₁·D₁`, exact in integers (and in f32: below 2²⁴).
+                Some(sc) if per_16 => {
+                    let l = |h: usize| sc[h * ROWS + lane] as i8 as i32;
+                    (l(0) * half(0) + l(1) * half(1), d * codes.factor)
+                }
+                Some(sc) => (half(0) + half(1), d * codes.factor * sc[lane] as i8 as f32),
+                None => (half(0) + half(1), d),
             };
             *a = (dot as f32).mul_add(dw * dx, *a);
         }
@@ -1401,8 +1458,8 @@ mod avx {
     use core::arch::x86_64::*;
 
     use super::{
-        Acts, Codes, IQ4XS_TILE_BLOCK, IQ4XS_TILE_SUPER, Kind, Q2K_TILE_BLOCK, Q2K_TILE_SUPER,
-        Q3K_TILE_BLOCK, Q3K_TILE_SUPER, Q6K_TILE_BLOCK, Q6K_TILE_SUPER, QK, ROWS,
+        Acts, Codes, Kind, NL, Q2K_TILE_BLOCK, Q2K_TILE_SUPER, Q3K_TILE_BLOCK, Q3K_TILE_SUPER,
+        Q6K_TILE_BLOCK, Q6K_TILE_SUPER, QK, ROWS, XS, XS16, coded_layout,
     };
 
     /// [`super::quantize_block`] with the same results (the same products, rounded half to
@@ -1763,27 +1820,27 @@ mod avx {
         }
     }
 
-    /// `R` activation rows from `row0` times one packed IQ4_NL tile (`XS`: a coded one,
-    /// IQ4_XS's layout), eight weight rows at a time: each nibble looked up (`vpshufb`) as
-    /// its signed value in `codes`, and multiplied as llama.cpp's AVX2 kernels do,
-    /// `vpmaddubsw` of its size and the activation with its sign (pairs within 2·127·127 <
-    /// 2^15, each widened before the next is added).
+    /// `R` activation rows from `row0` times one packed IQ4_NL tile (`MODE` [`XS`]: a coded
+    /// one, IQ4_XS's layout; [`XS16`]: scaled per 16), eight weight rows at a time: each
+    /// nibble looked up (`vpshufb`) as its signed value in `codes`, and multiplied as
+    /// llama.cpp's AVX2 kernels do, `vpmaddubsw` of its size and the activation with its
+    /// sign (pairs within 2·127·127 < 2^15, each widened before the next is added); per 16,
+    /// each half's sum weighed by its `l` in integers (`vpmulld`).
     ///
     /// # Safety
     /// `w` is a packed IQ4_NL (coded) tile of `acts.k / 32` blocks; rows `row0..row0 + R`
     /// exist; `codes` hold no −128.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn iq4<const R: usize, const XS: bool>(
+    pub(super) unsafe fn iq4<const R: usize, const MODE: u8>(
         w: &[u8],
         codes: &Codes,
         acts: &Acts,
         row0: usize,
         out: &mut [[f32; ROWS]; R],
     ) {
-        let block = if XS {
-            IQ4XS_TILE_BLOCK
-        } else {
-            ROWS * Kind::Iq4Nl.block_bytes()
+        let (block, sup_bytes, head) = match MODE {
+            NL => (ROWS * Kind::Iq4Nl.block_bytes(), 0, 2 * ROWS),
+            _ => coded_layout(MODE == XS16),
         };
         let nb = acts.k / QK;
         debug_assert!(w.len() >= nb * block && row0 + R <= acts.m);
@@ -1800,20 +1857,26 @@ mod avx {
             let mut acc = [_mm256_setzero_ps(); R];
             for b in 0..nb {
                 unsafe {
-                    let (dw, words) = if XS {
-                        let sup = wp.add(b / 8 * IQ4XS_TILE_SUPER);
-                        let tb = sup.add(2 * ROWS + b % 8 * block);
-                        let d = _mm_loadu_si128(sup.add(16 * half) as *const __m128i);
-                        let d = _mm256_mul_ps(_mm256_cvtph_ps(d), factor);
-                        let sc = _mm_loadl_epi64(tb.add(8 * half) as *const __m128i);
-                        let sc = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc));
-                        (_mm256_mul_ps(d, sc), tb.add(ROWS + 32 * half))
-                    } else {
-                        let tb = wp.add(b * block);
-                        let d = _mm_loadu_si128(tb.add(16 * half) as *const __m128i);
-                        (_mm256_cvtph_ps(d), tb.add(2 * ROWS + 32 * half))
+                    let (sup, tb) = match MODE {
+                        NL => (wp.add(b * block), wp.add(b * block)),
+                        _ => {
+                            let sup = wp.add(b / 8 * sup_bytes);
+                            (sup, sup.add(2 * ROWS + b % 8 * block))
+                        }
                     };
+                    let d = _mm_loadu_si128(sup.add(16 * half) as *const __m128i);
+                    let d = _mm256_cvtph_ps(d);
+                    let l = |at: usize| {
+                        _mm256_cvtepi8_epi32(_mm_loadl_epi64(tb.add(at + 8 * half) as *const _))
+                    };
+                    let dw = match MODE {
+                        NL => d,
+                        XS => _mm256_mul_ps(_mm256_mul_ps(d, factor), _mm256_cvtepi32_ps(l(0))),
+                        _ => _mm256_mul_ps(d, factor),
+                    };
+                    let words = tb.add(head + 32 * half);
                     let mut dot = [_mm256_setzero_si256(); R];
+                    let mut doth = [_mm256_setzero_si256(); R];
                     for g in 0..4 {
                         let q = _mm256_loadu_si256(words.add(64 * g) as *const __m256i);
                         let lo = _mm256_shuffle_epi8(table, _mm256_and_si256(q, low));
@@ -1830,14 +1893,29 @@ mod avx {
                             let pl = _mm256_maddubs_epi16(lo_size, _mm256_sign_epi8(xl, lo));
                             let ph = _mm256_maddubs_epi16(hi_size, _mm256_sign_epi8(xh, hi));
                             dot[r] = _mm256_add_epi32(dot[r], _mm256_madd_epi16(pl, ones));
-                            dot[r] = _mm256_add_epi32(dot[r], _mm256_madd_epi16(ph, ones));
+                            let ph = _mm256_madd_epi16(ph, ones);
+                            match MODE {
+                                XS16 => doth[r] = _mm256_add_epi32(doth[r], ph),
+                                _ => dot[r] = _mm256_add_epi32(dot[r], ph),
+                            }
                         }
                     }
+                    let (l0, l1) = match MODE {
+                        XS16 => (l(0), l(ROWS)),
+                        _ => (ones, ones),
+                    };
                     for r in 0..R {
                         let [dx, _] = *xds.add((row0 + r) * nb + b);
-                        let dot = _mm256_cvtepi32_ps(dot[r]);
+                        let sum = match MODE {
+                            XS16 => _mm256_add_epi32(
+                                _mm256_mullo_epi32(dot[r], l0),
+                                _mm256_mullo_epi32(doth[r], l1),
+                            ),
+                            _ => dot[r],
+                        };
+                        let sum = _mm256_cvtepi32_ps(sum);
                         acc[r] =
-                            _mm256_fmadd_ps(dot, _mm256_mul_ps(dw, _mm256_set1_ps(dx)), acc[r]);
+                            _mm256_fmadd_ps(sum, _mm256_mul_ps(dw, _mm256_set1_ps(dx)), acc[r]);
                     }
                 }
             }
@@ -1990,8 +2068,8 @@ mod avx512 {
     use core::arch::x86_64::*;
 
     use super::{
-        Acts, Codes, IQ4XS_TILE_BLOCK, IQ4XS_TILE_SUPER, Kind, Q2K_TILE_BLOCK, Q2K_TILE_SUPER,
-        Q3K_TILE_BLOCK, Q3K_TILE_SUPER, Q6K_TILE_BLOCK, Q6K_TILE_SUPER, QK, ROWS,
+        Acts, Codes, Kind, NL, Q2K_TILE_BLOCK, Q2K_TILE_SUPER, Q3K_TILE_BLOCK, Q3K_TILE_SUPER,
+        Q6K_TILE_BLOCK, Q6K_TILE_SUPER, QK, ROWS, XS, XS16, coded_layout,
     };
 
     /// Blocks ahead of the one being multiplied whose weights are fetched into the cache.
@@ -2301,26 +2379,26 @@ mod avx512 {
         }
     }
 
-    /// `R` activation rows from `row0` times one packed IQ4_NL tile (`XS`: a coded one,
-    /// IQ4_XS's layout): as [`q4_0`], each nibble looked up (`vpshufb`) as its value in
-    /// `codes` plus 128, `128·Σx` taken off; a coded tile's `d_w = d·factor·l` made from the
-    /// rows' super-block `d` and block bytes.
+    /// `R` activation rows from `row0` times one packed IQ4_NL tile (`MODE` [`XS`]: a coded
+    /// one, IQ4_XS's layout; [`XS16`]: scaled per 16): as [`q4_0`], each nibble looked up
+    /// (`vpshufb`) as its value in `codes` plus 128, `128·Σx` taken off; a coded tile's
+    /// `d_w = d·factor·l` made from the rows' super-block `d` and block bytes; per 16, each
+    /// half's sum (`128·Σx` of its own taken off) weighed by its `l` in integers (`vpmulld`).
     ///
     /// # Safety
     /// `w` is a packed IQ4_NL (coded) tile of `acts.k / 32` blocks; rows `row0..row0 + R`
     /// exist.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    pub(super) unsafe fn iq4<const R: usize, const XS: bool>(
+    pub(super) unsafe fn iq4<const R: usize, const MODE: u8>(
         w: &[u8],
         codes: &Codes,
         acts: &Acts,
         row0: usize,
         out: &mut [[f32; ROWS]; R],
     ) {
-        let block = if XS {
-            IQ4XS_TILE_BLOCK
-        } else {
-            ROWS * Kind::Iq4Nl.block_bytes()
+        let (block, sup_bytes, head) = match MODE {
+            NL => (ROWS * Kind::Iq4Nl.block_bytes(), 0, 2 * ROWS),
+            _ => coded_layout(MODE == XS16),
         };
         let nb = acts.k / QK;
         debug_assert!(w.len() >= nb * block && row0 + R <= acts.m);
@@ -2334,26 +2412,44 @@ mod avx512 {
         let xq = acts.qs.as_ptr();
         let xds = acts.ds.as_ptr();
         let sums = acts.sums.as_ptr();
+        let halves = match MODE {
+            XS16 => acts.halves().as_ptr(),
+            _ => sums,
+        };
         for b in 0..nb {
             unsafe {
-                let (dw, words) = if XS {
-                    let sup = wp.add(b / 8 * IQ4XS_TILE_SUPER);
-                    let tb = sup.add(2 * ROWS + b % 8 * block);
-                    prefetch_ahead(tb, block);
-                    let d = _mm512_cvtph_ps(_mm256_loadu_si256(sup as *const __m256i));
-                    let d = _mm512_mul_ps(d, factor);
-                    let sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(tb as *const __m128i));
-                    (_mm512_mul_ps(d, _mm512_cvtepi32_ps(sc)), tb.add(ROWS))
-                } else {
-                    let tb = wp.add(b * block);
-                    prefetch_ahead(tb, block);
-                    let d = _mm512_cvtph_ps(_mm256_loadu_si256(tb as *const __m256i));
-                    (d, tb.add(2 * ROWS))
+                let (sup, tb) = match MODE {
+                    NL => (wp.add(b * block), wp.add(b * block)),
+                    _ => {
+                        let sup = wp.add(b / 8 * sup_bytes);
+                        (sup, sup.add(2 * ROWS + b % 8 * block))
+                    }
                 };
-                let mut dot: [__m512i; R] = std::array::from_fn(|r| {
-                    _mm512_set1_epi32(-128 * *sums.add((row0 + r) * nb + b))
-                });
-                let mut doth = [_mm512_setzero_si512(); R];
+                prefetch_ahead(tb, block);
+                let d = _mm512_cvtph_ps(_mm256_loadu_si256(sup as *const __m256i));
+                let l = |at: usize| _mm512_cvtepi8_epi32(_mm_loadu_si128(tb.add(at) as *const _));
+                let dw = match MODE {
+                    NL => d,
+                    XS => _mm512_mul_ps(_mm512_mul_ps(d, factor), _mm512_cvtepi32_ps(l(0))),
+                    _ => _mm512_mul_ps(d, factor),
+                };
+                let words = tb.add(head);
+                let (mut dot, mut doth): ([__m512i; R], [__m512i; R]) = match MODE {
+                    XS16 => {
+                        // Each half's Σx, a 16-bit half of a word ([`super::Acts::halves`]).
+                        let s = |r: usize| *halves.add((row0 + r) * nb + b);
+                        (
+                            std::array::from_fn(|r| _mm512_set1_epi32(-128 * (s(r) as i16 as i32))),
+                            std::array::from_fn(|r| _mm512_set1_epi32(-128 * (s(r) >> 16))),
+                        )
+                    }
+                    _ => (
+                        std::array::from_fn(|r| {
+                            _mm512_set1_epi32(-128 * *sums.add((row0 + r) * nb + b))
+                        }),
+                        [_mm512_setzero_si512(); R],
+                    ),
+                };
                 for g in 0..4 {
                     let q = _mm512_loadu_si512(words.add(64 * g) as *const __m512i);
                     let lo = _mm512_shuffle_epi8(table, _mm512_and_si512(q, low));
@@ -2368,10 +2464,21 @@ mod avx512 {
                         doth[r] = _mm512_dpbusd_epi32(doth[r], hi, xh);
                     }
                 }
+                let (l0, l1) = match MODE {
+                    XS16 => (l(0), l(ROWS)),
+                    _ => (_mm512_setzero_si512(), _mm512_setzero_si512()),
+                };
                 for r in 0..R {
                     let [dx, _] = *xds.add((row0 + r) * nb + b);
-                    let dot = _mm512_cvtepi32_ps(_mm512_add_epi32(dot[r], doth[r]));
-                    acc[r] = _mm512_fmadd_ps(dot, _mm512_mul_ps(dw, _mm512_set1_ps(dx)), acc[r]);
+                    let sum = match MODE {
+                        XS16 => _mm512_add_epi32(
+                            _mm512_mullo_epi32(dot[r], l0),
+                            _mm512_mullo_epi32(doth[r], l1),
+                        ),
+                        _ => _mm512_add_epi32(dot[r], doth[r]),
+                    };
+                    let sum = _mm512_cvtepi32_ps(sum);
+                    acc[r] = _mm512_fmadd_ps(sum, _mm512_mul_ps(dw, _mm512_set1_ps(dx)), acc[r]);
                 }
             }
         }
@@ -2644,6 +2751,9 @@ mod tests {
             (I(IQuant::Iq3Xxs), [256, 768]),
             (I(IQuant::Iq2Xxs), [256, 768]),
             (I(IQuant::Iq1S), [256, 768]),
+            (I(IQuant::Iq2S), [256, 768]),
+            (I(IQuant::Iq2Xs), [256, 768]),
+            (I(IQuant::Iq1M), [256, 768]),
         ] {
             // Odd and even block (Q6_K: super-block) counts; 37 rows: two full tiles and a
             // padded one.
@@ -2705,7 +2815,7 @@ mod tests {
     fn the_largest_values_stay_exact_on_every_path() {
         let one = f16::ONE.to_bits().to_le_bytes();
         // One block (or super-block) of each type with every value at its largest.
-        let blocks: [(Ty, Vec<u8>); 11] = [
+        let blocks: [(Ty, Vec<u8>); 12] = [
             (C(GgmlDType::Q4_0), [&one[..], &[0xFF; 16]].concat()),
             (
                 C(GgmlDType::Q4_1),
@@ -2728,6 +2838,8 @@ mod tests {
             // Every code 0 (−127); IQ4_XS's scales 0 (l − 32 = −32).
             (I(IQuant::Iq4Nl), [&one[..], &[0; 16]].concat()),
             (I(IQuant::Iq4Xs), [&one[..], &[0; 134]].concat()),
+            // Grid entry 511 (values of 43), every sign set, both scales 15 (`l` = 31).
+            (I(IQuant::Iq2Xs), [&one[..], &[0xFF; 72]].concat()),
         ];
         for (dtype, block) in blocks {
             let (n, k) = (16, 512);
@@ -2994,39 +3106,6 @@ mod tests {
         }
     }
 
-    /// The i-quants with a scale per 16 values (IQ2_XS, IQ2_S, IQ1_M) run on the Q8_0
-    /// kernels, converted at load: products within a small part of their spread of the
-    /// dequantised weights' (Q8_0 rounds each to a 254th of its block's largest).
-    #[test]
-    fn i_quants_with_a_scale_per_16_run_as_q8_0() {
-        let (n, k, m) = (24, 512, 5);
-        for kind in [IQuant::Iq2Xs, IQuant::Iq2S, IQuant::Iq1M] {
-            let (mat, dense) = weights(I(kind), n, k);
-            assert!(
-                matches!(
-                    mat,
-                    QMat::Own {
-                        kind: Kind::Q8_0,
-                        ..
-                    }
-                ),
-                "{kind:?}"
-            );
-            let x = random(m * k, 23);
-            let acts = Acts::quantize(&x, m, k);
-            let want = reference(&acts, &dense, n);
-            let got = mat.forward_quantized(&acts, Isa::detect());
-            let spread = want.iter().fold(0f64, |a, v| a.max(v.abs()));
-            assert!(spread > 0.1, "{kind:?}: {spread}");
-            for (g, w) in got.iter().zip(&want) {
-                assert!(
-                    (*g as f64 - w).abs() <= 0.01 * spread,
-                    "{kind:?}: {g} against {w}"
-                );
-            }
-        }
-    }
-
     /// The hub's other quantised types are converted at load ([`super::super::convert`])
     /// or, Q6_K, packed as they are: products on our kernels, close to candle's on the
     /// file's own type (which quantises the activations per 256 for the K-quants), and a
@@ -3097,6 +3176,9 @@ mod tests {
             (I(IQuant::Iq3Xxs), 512),
             (I(IQuant::Iq2Xxs), 512),
             (I(IQuant::Iq1S), 512),
+            (I(IQuant::Iq2S), 512),
+            (I(IQuant::Iq2Xs), 512),
+            (I(IQuant::Iq1M), 512),
         ] {
             let (mat, dense) = weights(dtype, 21, k);
             let mut row = vec![0f32; k];
@@ -3110,7 +3192,8 @@ mod tests {
     /// Q4_0, Q5_0, the K-quants and the i-quants are packed as they are, not converted: 16
     /// rows of 256 weights take 16 × 8 × 18 bytes of Q4_0 and IQ4_NL, 16 × 8 × 22 of Q5_0 and
     /// 16 × 210 of Q6_K, as in the file, and 16 × 148 of Q4_K, 16 × 180 of Q5_K and 16 × 138 of
-    /// IQ4_XS (the file's 144, 176 and 136 with the six-bit scales and mins a byte each).
+    /// IQ4_XS (the file's 144, 176 and 136 with the six-bit scales and mins a byte each); the
+    /// smaller i-quants as codes, 16 × 138 bytes (scaled per 32) or 16 × 146 (per 16).
     #[test]
     fn k_quants_are_packed_in_their_own_size_and_not_converted() {
         for (dtype, kind, row_bytes) in [
@@ -3127,6 +3210,9 @@ mod tests {
             (I(IQuant::Iq3Xxs), Kind::Coded(IQuant::Iq3Xxs), 8 * 17 + 2),
             (I(IQuant::Iq2Xxs), Kind::Coded(IQuant::Iq2Xxs), 8 * 17 + 2),
             (I(IQuant::Iq1S), Kind::Coded(IQuant::Iq1S), 8 * 17 + 2),
+            (I(IQuant::Iq2S), Kind::Coded(IQuant::Iq2S), 8 * 18 + 2),
+            (I(IQuant::Iq2Xs), Kind::Coded(IQuant::Iq2Xs), 8 * 18 + 2),
+            (I(IQuant::Iq1M), Kind::Coded(IQuant::Iq1M), 8 * 18 + 2),
         ] {
             let (mat, _) = weights(dtype, 37, 512);
             let QMat::Own { kind: k, data, .. } = &mat else {
