@@ -39,7 +39,7 @@ FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', '
 GREEDY = 8
 ARCHS = ['qwen2', 'qwen3', 'phi3', 'granite', 'smollm3', 'gemma2', 'gemma3', 'phi3_longrope',
          'phi3_longrope_long', 'phi3_partial', 'phi3_partial_longrope', 'llama_yarn', 'mistral3',
-         'qwen3moe']
+         'qwen3moe', 'granitemoe']
 # Granite's embedding, residual, attention and logit scales (the Rust test's too).
 GRANITE = (2.0, 0.5, 0.125, 4.0)
 # Gemma 2's attention and logit caps and its sliding window, small enough to bite on the tiny
@@ -139,7 +139,7 @@ def write(key, path):
     w.add_key_length(hd)
     w.add_value_length(hd)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
-    if arch == 'granite':
+    if arch in ('granite', 'granitemoe'):
         w.add_embedding_scale(GRANITE[0])
         w.add_residual_scale(GRANITE[1])
         w.add_attention_scale(GRANITE[2])
@@ -157,7 +157,7 @@ def write(key, path):
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         w.add_rope_scaling_factor(factor)
         w.add_rope_scaling_orig_ctx_len(original)
-    if arch == 'qwen3moe':
+    if arch in ('qwen3moe', 'granitemoe'):
         w.add_expert_count(MOE[0])
         w.add_expert_used_count(MOE[1])
         w.add_expert_feed_forward_length(cfg['intermediate_size'])
@@ -190,11 +190,11 @@ def write(key, path):
                          ('ffn_down', 'mlp.down_proj'), ('attn_norm', 'input_layernorm'),
                          ('ffn_norm', 'post_attention_layernorm')]:
             t = st[p + hf + '.weight']
-            if arch == 'qwen3moe' and name.startswith('ffn_') and name != 'ffn_norm':
+            if arch in ('qwen3moe', 'granitemoe') and name.startswith('ffn_') and name != 'ffn_norm':
                 scale = {'ffn_gate': lambda e: 1 + e / 2, 'ffn_up': lambda e: 1, 'ffn_down': lambda e: 4 - e / 2}[name]
                 w.add_tensor(f'blk.{i}.{name}_exps.weight', np.stack([t * np.float32(scale(e)) for e in range(MOE[0])]))
                 continue
-            if arch in ('llama', 'granite', 'smollm3', 'mistral3') and name in ('attn_q', 'attn_k'):
+            if arch in ('llama', 'granite', 'smollm3', 'mistral3', 'granitemoe') and name in ('attn_q', 'attn_k'):
                 t = permute(t, heads if name == 'attn_q' else kv)
             w.add_tensor(f'blk.{i}.{name}.weight', t)
         if arch == 'qwen2':
@@ -203,7 +203,7 @@ def write(key, path):
         elif arch in ('qwen3', 'qwen3moe'):
             w.add_tensor(f'blk.{i}.attn_q_norm.weight', norm_weight(hd, 2 * i))
             w.add_tensor(f'blk.{i}.attn_k_norm.weight', norm_weight(hd, 2 * i + 1))
-        if arch == 'qwen3moe':
+        if arch in ('qwen3moe', 'granitemoe'):
             w.add_tensor(f'blk.{i}.ffn_gate_inp.weight', router(MOE[0], hidden, i))
         if arch in ('gemma2', 'gemma3'):
             w.add_tensor(f'blk.{i}.post_attention_norm.weight', norm_weight(hidden, 2 * i + 10))

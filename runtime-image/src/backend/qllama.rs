@@ -62,7 +62,9 @@ pub(crate) use kernels::exp_shifted;
 ///   multiplied by a factor that grows with the position ([`Temperature`]), usually with YaRN;
 /// - Qwen3's mixture of experts (`qwen3moe`: Qwen3-30B-A3B, Qwen3-235B-A22B): Qwen3's
 ///   attention, and [`Experts`] in place of each MLP (a llama file's `ffn_*_exps`, Mixtral's,
-///   take the same path).
+///   take the same path);
+/// - Granite's mixture of experts (`granitemoe`: Granite 3.0 and 3.1 1B-A400M and 3B-A800M):
+///   Granite's four scalars, and [`Experts`] in place of each MLP.
 ///
 /// Qwen2 covers Qwen2, Qwen2.5 (and -Coder, -Math), DeepSeek-R1's Qwen distillations and
 /// QwQ; Qwen3 its dense models; Phi-3 Phi-3 mini and medium, Phi-3.5 mini and Phi-4 (the
@@ -83,6 +85,7 @@ pub(super) enum Arch {
     Gemma3,
     Mistral3,
     Qwen3Moe,
+    GraniteMoe,
 }
 
 /// Llama 4's attention temperature, which Mistral 3 takes: each query at position `p` is
@@ -316,7 +319,7 @@ impl Scales {
                 n("block_count")?,
             ));
         }
-        if arch != Arch::Granite {
+        if !matches!(arch, Arch::Granite | Arch::GraniteMoe) {
             return Ok(Scales::NONE);
         }
         let names = [
@@ -384,7 +387,7 @@ impl Arch {
         Arch::named(name).ok_or_else(|| {
             Error::Model(format!(
                 "GGUF architecture {name:?} is not supported (llama, qwen2, qwen3, phi3, \
-                 granite, smollm3, gemma2, gemma3, mistral3 and qwen3moe are)"
+                 granite, smollm3, gemma2, gemma3, mistral3, qwen3moe and granitemoe are)"
             ))
         })
     }
@@ -407,6 +410,9 @@ impl Arch {
             "mistral3" => Arch::Mistral3,
             // transformers' `qwen3_moe`, llama.cpp's `qwen3moe`.
             "qwen3moe" | "qwen3_moe" => Arch::Qwen3Moe,
+            // A GGUF's only here: transformers' `granitemoe` fuses each layer's experts'
+            // gate and up (`input_linear`), which the safetensors path does not read.
+            "granitemoe" => Arch::GraniteMoe,
             _ => return None,
         })
     }
@@ -424,6 +430,7 @@ impl Arch {
             Arch::Gemma3 => "gemma3",
             Arch::Mistral3 => "mistral3",
             Arch::Qwen3Moe => "qwen3moe",
+            Arch::GraniteMoe => "granitemoe",
         };
         format!("{prefix}.{name}")
     }
@@ -433,7 +440,7 @@ impl Arch {
     pub(super) fn rotates_halves(self) -> bool {
         !matches!(
             self,
-            Arch::Llama | Arch::Granite | Arch::SmolLm3 | Arch::Mistral3
+            Arch::Llama | Arch::Granite | Arch::SmolLm3 | Arch::Mistral3 | Arch::GraniteMoe
         )
     }
 
