@@ -39,7 +39,7 @@ FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', '
 GREEDY = 8
 ARCHS = ['qwen2', 'qwen3', 'phi3', 'granite', 'smollm3', 'gemma2', 'gemma3', 'phi3_longrope',
          'phi3_longrope_long', 'phi3_partial', 'phi3_partial_longrope', 'llama_yarn', 'mistral3',
-         'qwen3moe', 'granitemoe']
+         'qwen3moe', 'granitemoe', 'qwen2moe']
 # Granite's embedding, residual, attention and logit scales (the Rust test's too).
 GRANITE = (2.0, 0.5, 0.125, 4.0)
 # Gemma 2's attention and logit caps and its sliding window, small enough to bite on the tiny
@@ -65,6 +65,9 @@ MISTRAL3 = (4.0, 8, 0.5)
 # is the fixture's MLP with its gate times 1 + e/2 and its down product times 4 - e/2; the
 # router's weights are `router` below.
 MOE = (4, 2)
+# Qwen2-MoE's shared expert: the MLP's gate, up and down times these (the Rust test's
+# `SHARED_SCALES` too), its gate's weights `bias(hidden, 40 + layer)`.
+SHARED = {'ffn_gate': 0.5, 'ffn_up': 1.0, 'ffn_down': 0.75}
 
 
 def permute(w, heads):
@@ -157,10 +160,12 @@ def write(key, path):
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         w.add_rope_scaling_factor(factor)
         w.add_rope_scaling_orig_ctx_len(original)
-    if arch in ('qwen3moe', 'granitemoe'):
+    if arch in ('qwen3moe', 'granitemoe', 'qwen2moe'):
         w.add_expert_count(MOE[0])
         w.add_expert_used_count(MOE[1])
         w.add_expert_feed_forward_length(cfg['intermediate_size'])
+    if arch == 'qwen2moe':
+        w.add_expert_shared_feed_forward_length(cfg['intermediate_size'])
     if key == 'mistral3':
         w.add_key_value(gguf.Keys.Attention.TEMPERATURE_SCALE.format(arch=arch), MISTRAL3[2], gguf.GGUFValueType.FLOAT32)
     if arch == 'gemma3':
@@ -174,6 +179,9 @@ def write(key, path):
         w.add_sliding_window(GEMMA[2])
     add_vocabulary(w, cfg, tok)
     w.add_tensor('token_embd.weight', st['model.embed_tokens.weight'])
+    if arch == 'qwen2moe':
+        # llama.cpp's qwen2moe needs a head of its own: the embeddings again.
+        w.add_tensor('output.weight', st['model.embed_tokens.weight'])
     w.add_tensor('output_norm.weight', st['model.norm.weight'])
     for i in range(cfg['num_hidden_layers']):
         p = f'model.layers.{i}.'
@@ -190,21 +198,25 @@ def write(key, path):
                          ('ffn_down', 'mlp.down_proj'), ('attn_norm', 'input_layernorm'),
                          ('ffn_norm', 'post_attention_layernorm')]:
             t = st[p + hf + '.weight']
-            if arch in ('qwen3moe', 'granitemoe') and name.startswith('ffn_') and name != 'ffn_norm':
+            if arch == 'qwen2moe' and name in SHARED:
+                w.add_tensor(f'blk.{i}.{name}_shexp.weight', t * np.float32(SHARED[name]))
+            if arch in ('qwen3moe', 'granitemoe', 'qwen2moe') and name.startswith('ffn_') and name != 'ffn_norm':
                 scale = {'ffn_gate': lambda e: 1 + e / 2, 'ffn_up': lambda e: 1, 'ffn_down': lambda e: 4 - e / 2}[name]
                 w.add_tensor(f'blk.{i}.{name}_exps.weight', np.stack([t * np.float32(scale(e)) for e in range(MOE[0])]))
                 continue
             if arch in ('llama', 'granite', 'smollm3', 'mistral3', 'granitemoe') and name in ('attn_q', 'attn_k'):
                 t = permute(t, heads if name == 'attn_q' else kv)
             w.add_tensor(f'blk.{i}.{name}.weight', t)
-        if arch == 'qwen2':
+        if arch in ('qwen2', 'qwen2moe'):
             for j, (name, n) in enumerate([('attn_q', heads * hd), ('attn_k', kv * hd), ('attn_v', kv * hd)]):
                 w.add_tensor(f'blk.{i}.{name}.bias', bias(n, 3 * i + j))
         elif arch in ('qwen3', 'qwen3moe'):
             w.add_tensor(f'blk.{i}.attn_q_norm.weight', norm_weight(hd, 2 * i))
             w.add_tensor(f'blk.{i}.attn_k_norm.weight', norm_weight(hd, 2 * i + 1))
-        if arch in ('qwen3moe', 'granitemoe'):
+        if arch in ('qwen3moe', 'granitemoe', 'qwen2moe'):
             w.add_tensor(f'blk.{i}.ffn_gate_inp.weight', router(MOE[0], hidden, i))
+        if arch == 'qwen2moe':
+            w.add_tensor(f'blk.{i}.ffn_gate_inp_shexp.weight', bias(hidden, 40 + i))
         if arch in ('gemma2', 'gemma3'):
             w.add_tensor(f'blk.{i}.post_attention_norm.weight', norm_weight(hidden, 2 * i + 10))
             w.add_tensor(f'blk.{i}.post_ffw_norm.weight', norm_weight(hidden, 2 * i + 11))

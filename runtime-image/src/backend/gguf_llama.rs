@@ -384,7 +384,13 @@ fn tensor_weights<R: std::io::Read + std::io::Seek>(
             o: quant(q("attn_output.weight")?)?,
             mlp_norm: q("ffn_norm.weight")?.dequantize(device)?,
             mlp: match (experts, gate, up) {
-                (Some((count, used, scale)), _, _) => {
+                (Some(routing), _, _) => {
+                    let qllama::Routing {
+                        count,
+                        used,
+                        scale,
+                        normalise,
+                    } = routing;
                     let p = format!("blk.{i}");
                     let router = q("ffn_gate_inp.weight")?.dequantize(device)?;
                     let mut part = |name: &str| -> Result<Vec<Proj>> {
@@ -397,12 +403,23 @@ fn tensor_weights<R: std::io::Read + std::io::Seek>(
                     let experts = (gates.into_iter().zip(ups).zip(downs))
                         .map(|((g, u), d)| [g, u, d])
                         .collect();
+                    let shared = match qllama::shared_expert(ct, reader, &p, device)? {
+                        Some(([g, u, d], gate)) => Some((
+                            [quant(g)?, quant(u)?, quant(d)?],
+                            match gate {
+                                Some(t) => Some(t.dequantize(device)?.to_dtype(DType::F32)?),
+                                None => None,
+                            },
+                        )),
+                        None => None,
+                    };
                     Mlp::Experts(TensorExperts {
                         router: router.to_dtype(DType::F32)?,
                         experts,
                         used,
                         scale,
-                        normalise: true,
+                        normalise,
+                        shared,
                     })
                 }
                 (None, Some(gate), Some(up)) => Mlp::Dense {

@@ -829,6 +829,7 @@ fn weights(
                         used: m.used,
                         scale: 1.0,
                         normalise: m.normalise,
+                        shared: None,
                     })
                 }
             },

@@ -64,15 +64,17 @@ pub(crate) use kernels::exp_shifted;
 ///   attention, and [`Experts`] in place of each MLP (a llama file's `ffn_*_exps`, Mixtral's,
 ///   take the same path);
 /// - Granite's mixture of experts (`granitemoe`: Granite 3.0 and 3.1 1B-A400M and 3B-A800M):
-///   Granite's four scalars, and [`Experts`] in place of each MLP.
+///   Granite's four scalars, and [`Experts`] in place of each MLP;
+/// - Qwen2's mixture of experts (`qwen2moe`: Qwen1.5-MoE-A2.7B, Qwen2-57B-A14B): Qwen2's
+///   attention, and [`Experts`] whose chosen weights are not normalised, beside a shared
+///   expert every token takes, weighed by a gate of its own ([`Shared`]).
 ///
 /// Qwen2 covers Qwen2, Qwen2.5 (and -Coder, -Math), DeepSeek-R1's Qwen distillations and
 /// QwQ; Qwen3 its dense models; Phi-3 Phi-3 mini and medium, Phi-3.5 mini and Phi-4 (the
 /// 128k ones and Phi-3.5 turn by [`LongRope`]); Granite IBM's Granite 3 dense models; SmolLM3
 /// Hugging Face's SmolLM3; Gemma 2 Google's Gemma 2 (2B, 9B, 27B); Gemma 3 its text models
 /// (the 1B, and the language model of the 4B, 12B and 27B, whose images kandle does not read).
-/// The other mixture-of-experts kinds (`qwen2moe`, with its shared expert, `phimoe`) are
-/// refused by name.
+/// The other mixture-of-experts kinds (`phimoe`, DeepSeek's) are refused by name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Arch {
     Llama,
@@ -86,6 +88,7 @@ pub(super) enum Arch {
     Mistral3,
     Qwen3Moe,
     GraniteMoe,
+    Qwen2Moe,
 }
 
 /// Llama 4's attention temperature, which Mistral 3 takes: each query at position `p` is
@@ -387,7 +390,8 @@ impl Arch {
         Arch::named(name).ok_or_else(|| {
             Error::Model(format!(
                 "GGUF architecture {name:?} is not supported (llama, qwen2, qwen3, phi3, \
-                 granite, smollm3, gemma2, gemma3, mistral3, qwen3moe and granitemoe are)"
+                 granite, smollm3, gemma2, gemma3, mistral3, qwen3moe, granitemoe and qwen2moe \
+                 are)"
             ))
         })
     }
@@ -413,6 +417,8 @@ impl Arch {
             // A GGUF's only here: transformers' `granitemoe` fuses each layer's experts'
             // gate and up (`input_linear`), which the safetensors path does not read.
             "granitemoe" => Arch::GraniteMoe,
+            // A GGUF's only here: the safetensors path reads no shared expert.
+            "qwen2moe" => Arch::Qwen2Moe,
             _ => return None,
         })
     }
@@ -431,6 +437,7 @@ impl Arch {
             Arch::Mistral3 => "mistral3",
             Arch::Qwen3Moe => "qwen3moe",
             Arch::GraniteMoe => "granitemoe",
+            Arch::Qwen2Moe => "qwen2moe",
         };
         format!("{prefix}.{name}")
     }
@@ -496,27 +503,45 @@ struct Experts {
     experts: Vec<(QMat, QMat)>,
     used: usize,
     scale: f32,
+    /// The chosen weights divided by their sum ([`route`]).
+    normalise: bool,
+    shared: Option<Shared>,
 }
 
-/// How layer `p` (`blk.N`) of a GGUF routes its tokens: `(experts, used, scale)`, `None`
-/// where it has no router (`ffn_gate_inp`).
-pub(super) fn routing(
-    ct: &gguf_file::Content,
-    arch: Arch,
-    p: &str,
-) -> Result<Option<(usize, usize, f32)>> {
+/// A shared expert (Qwen2-MoE's): every row goes through it, its output weighed by the
+/// sigmoid of the row's score under `gate` (`ffn_gate_inp_shexp`) where the file has one,
+/// and added to the chosen experts' (llama.cpp's `ffn_*_shexp`).
+struct Shared {
+    gate_up: QMat,
+    down: QMat,
+    gate: Option<Vec<f32>>,
+}
+
+/// How a layer routes its tokens ([`routing`]).
+pub(super) struct Routing {
+    pub count: usize,
+    pub used: usize,
+    pub scale: f32,
+    /// The chosen weights divided by their sum: llama.cpp's `norm_w`, false for `qwen2moe`.
+    pub normalise: bool,
+}
+
+/// How layer `p` (`blk.N`) of a GGUF routes its tokens, `None` where it has no router
+/// (`ffn_gate_inp`).
+pub(super) fn routing(ct: &gguf_file::Content, arch: Arch, p: &str) -> Result<Option<Routing>> {
     if !ct
         .tensor_infos
         .contains_key(&format!("{p}.ffn_gate_inp.weight"))
     {
         return Ok(None);
     }
-    // Shared experts (Qwen2-MoE's, Granite's) and DeepSeek's routing biases are not
-    // computed here: refused rather than left out.
+    // Shared experts other than Qwen2-MoE's (`granitemoeshared`'s, Llama 4's) and DeepSeek's
+    // routing biases are not computed here: refused rather than left out.
     let prefix = format!("{p}.");
-    if let Some(n) = (ct.tensor_infos.keys())
-        .find(|n| n.starts_with(&prefix) && (n.contains("shexp") || n.contains("exp_probs_b")))
-    {
+    let shared = arch == Arch::Qwen2Moe;
+    if let Some(n) = (ct.tensor_infos.keys()).find(|n| {
+        n.starts_with(&prefix) && ((!shared && n.contains("shexp")) || n.contains("exp_probs_b"))
+    }) {
         return Err(Error::Model(format!(
             "GGUF mixture of experts with {n} (shared experts or routing biases) is not \
                  supported"
@@ -539,7 +564,33 @@ pub(super) fn routing(
         },
         None => 1.0,
     };
-    Ok(Some((count, used, scale)))
+    Ok(Some(Routing {
+        count,
+        used,
+        scale,
+        normalise: arch != Arch::Qwen2Moe,
+    }))
+}
+
+/// Layer `p`'s shared expert's gate, up and down (`ffn_{gate,up,down}_shexp`) and its gate's
+/// weights (`ffn_gate_inp_shexp`, a row of `hidden`), where the layer has one.
+pub(super) fn shared_expert<R: std::io::Seek + std::io::Read>(
+    ct: &Gguf,
+    reader: &mut R,
+    p: &str,
+    device: &Device,
+) -> Result<Option<([QTensor; 3], Option<QTensor>)>> {
+    let name = |part: &str| format!("{p}.ffn_{part}.weight");
+    if !ct.tensor_infos.contains_key(&name("up_shexp")) {
+        return Ok(None);
+    }
+    let mut read = |part: &str| ct.tensor(reader, &name(part), device);
+    let parts = [read("gate_shexp")?, read("up_shexp")?, read("down_shexp")?];
+    let gate = match ct.tensor_infos.contains_key(&name("gate_inp_shexp")) {
+        true => Some(read("gate_inp_shexp")?),
+        false => None,
+    };
+    Ok(Some((parts, gate)))
 }
 
 /// Layer `p`'s experts' matrices of `part` (`gate`, `up`, `down`: `ffn_{part}_exps`), one per
@@ -605,7 +656,13 @@ impl Experts {
         reader: &mut R,
         p: &str,
     ) -> Result<Option<Experts>> {
-        let Some((count, used, scale)) = routing(ct, arch, p)? else {
+        let Some(Routing {
+            count,
+            used,
+            scale,
+            normalise,
+        }) = routing(ct, arch, p)?
+        else {
             return Ok(None);
         };
         let device = &Device::Cpu;
@@ -623,11 +680,24 @@ impl Experts {
                 shape.0
             )));
         }
+        let shared = match shared_expert(ct, reader, p, device)? {
+            Some(([g, u, d], gate)) => Some(Shared {
+                gate_up: QMat::from_qtensors(vec![g, u])?,
+                down: QMat::from_qtensor(d)?,
+                gate: match gate {
+                    Some(t) => Some(t.dequantize(device)?.flatten_all()?.to_vec1()?),
+                    None => None,
+                },
+            }),
+            None => None,
+        };
         Ok(Some(Experts {
             router,
             experts,
             used,
             scale,
+            normalise,
+            shared,
         }))
     }
 
@@ -647,11 +717,21 @@ impl Experts {
             .collect();
         let mut chosen: Vec<Vec<(usize, f32)>> = vec![Vec::new(); self.experts.len()];
         for (r, s) in scores.chunks_exact(self.experts.len()).enumerate() {
-            for (e, w) in route(s, self.used, self.scale, true) {
+            for (e, w) in route(s, self.used, self.scale, self.normalise) {
                 chosen[e].push((r, w));
             }
         }
         let mut out = vec![0f32; rows * hidden];
+        // One expert on `n` rows `x`: its down product of the gated gate and up.
+        let expert = |gate_up: &QMat, down: &QMat, x: &[f32], n: usize| -> Result<Vec<f32>> {
+            let gu = gate_up.forward(x, n)?;
+            let ff = gu.len() / n / 2;
+            let mut act = vec![0f32; n * ff];
+            for (a, g) in act.chunks_exact_mut(ff).zip(gu.chunks_exact(2 * ff)) {
+                gate(&g[..ff], &g[ff..], a);
+            }
+            down.forward(&act, n)
+        };
         for ((gate_up, down), takers) in self.experts.iter().zip(&chosen) {
             if takers.is_empty() {
                 continue;
@@ -661,20 +741,28 @@ impl Experts {
             for &(r, _) in takers {
                 x.extend_from_slice(&h[r * hidden..(r + 1) * hidden]);
             }
-            let gu = gate_up.forward(&x, n)?;
-            let ff = gu.len() / n / 2;
-            let mut act = vec![0f32; n * ff];
-            for (a, g) in act.chunks_exact_mut(ff).zip(gu.chunks_exact(2 * ff)) {
-                gate(&g[..ff], &g[ff..], a);
-            }
-            let y = down.forward(&act, n)?;
+            let y = expert(gate_up, down, &x, n)?;
             for (&(r, w), y) in takers.iter().zip(y.chunks_exact(hidden)) {
                 let o = &mut out[r * hidden..(r + 1) * hidden];
                 o.iter_mut().zip(y).for_each(|(o, y)| *o += w * y);
             }
         }
+        if let Some(sh) = &self.shared {
+            let y = expert(&sh.gate_up, &sh.down, h, rows)?;
+            for ((o, y), x) in (out.chunks_exact_mut(hidden))
+                .zip(y.chunks_exact(hidden))
+                .zip(h.chunks_exact(hidden))
+            {
+                let w = sh.gate.as_ref().map_or(1.0, |g| sigmoid(dot(x, g)));
+                o.iter_mut().zip(y).for_each(|(o, y)| *o += w * y);
+            }
+        }
         Ok(out)
     }
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
 }
 
 /// `Σ x·w` in eight lanes added in a fixed order: the same bits for a row wherever it is.

@@ -93,6 +93,9 @@ pub(super) struct Experts {
     pub scale: f32,
     /// The chosen weights divided by their sum ([`super::qllama::route`]).
     pub normalise: bool,
+    /// A shared expert every row takes (Qwen2-MoE's), its output weighed by the sigmoid of
+    /// the row's score under the gate (`hidden` values, f32) where there is one.
+    pub shared: Option<([Proj; 3], Option<Tensor>)>,
 }
 
 /// The sizes of the attention.
@@ -452,6 +455,15 @@ impl TensorLlama {
                     let weights = Tensor::from_vec(weights, (n, 1), h.device())?;
                     let y = y.broadcast_mul(&weights.to_dtype(y.dtype())?)?;
                     out = out.index_add(&rows, &y, 0)?;
+                }
+                if let Some(([gate, up, down], weight)) = &x.shared {
+                    let mut y = glu(gate, up, down, &h)?;
+                    if let Some(g) = weight {
+                        let score = h.to_dtype(DType::F32)?.matmul(&g.reshape(((), 1))?)?;
+                        let w = candle_nn::ops::sigmoid(&score)?.to_dtype(y.dtype())?;
+                        y = y.broadcast_mul(&w)?;
+                    }
+                    out = (out + y)?;
                 }
                 out
             }
