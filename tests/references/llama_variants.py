@@ -39,7 +39,7 @@ FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', '
 GREEDY = 8
 ARCHS = ['qwen2', 'qwen3', 'phi3', 'granite', 'smollm3', 'gemma2', 'gemma3', 'phi3_longrope',
          'phi3_longrope_long', 'phi3_partial', 'phi3_partial_longrope', 'llama_yarn', 'mistral3',
-         'qwen3moe', 'granitemoe', 'qwen2moe']
+         'qwen3moe', 'granitemoe', 'qwen2moe', 'gemma']
 # Granite's embedding, residual, attention and logit scales (the Rust test's too).
 GRANITE = (2.0, 0.5, 0.125, 4.0)
 # Gemma 2's attention and logit caps and its sliding window, small enough to bite on the tiny

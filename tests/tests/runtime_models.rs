@@ -1841,6 +1841,25 @@ fn granite_moe_scales_and_routes_as_llama_cpp_does() {
     assert!(d > 0.03, "one expert a token: only {d} from llama.cpp's");
 }
 
+/// Gemma 1 (`gemma`: Gemma 2B and 7B, CodeGemma) is Gemma 2 without its output norms, caps
+/// and window: the embeddings times `√hidden`, a gated GELU (tanh) in the MLP, the rotary on
+/// halves. The tiny llama as a `gemma` GGUF gives llama.cpp's logits and greedy tokens on
+/// kandle's kernels and on the tensor path; the same file read as a llama's is far off.
+#[test]
+fn gemma_1_runs_as_llama_cpp_runs_it() {
+    let fixture = fixtures_dir().join("tiny/llama");
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = gguf_as("gemma", &fixture, dir.path(), &[], &[]);
+    let want = llama_variants_reference()["gemma"].as_array().unwrap().clone();
+    for (what, g) in every_path(&gguf, &[]) {
+        gives_the_reference_logits_and_tokens(&g, &want, &format!("gemma, {what}"));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let llama = gguf_as("qwen2", &fixture, dir.path(), &[], &[]);
+    let d = first_case_difference(&generation(&llama), &want);
+    assert!(d > 0.05, "a qwen2 of the same weights: only {d} from llama.cpp's gemma");
+}
+
 /// `SHARED` of `tests/references/llama_variants.py`: Qwen2-MoE's shared expert, the tiny
 /// llama's MLP times these.
 const SHARED_SCALES: [(&str, f32); 3] = [("ffn_gate", 0.5), ("ffn_up", 1.0), ("ffn_down", 0.75)];

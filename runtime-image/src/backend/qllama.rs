@@ -55,6 +55,8 @@ pub(crate) use kernels::exp_shifted;
 ///   MLP outputs before they join the residual stream (`post_attention_norm`,
 ///   `post_ffw_norm`), a gated GELU in the MLP, soft-capped attention scores and logits, and
 ///   a sliding window on every other layer; its rotary turns halves;
+/// - Gemma 1's (`gemma`: Gemma 2B and 7B, CodeGemma): Gemma 2's embeddings and gated GELU,
+///   without its output norms, caps or window;
 /// - Gemma 3's: Gemma 2's without the caps, with Qwen3's norms of the query and key heads, a
 ///   window on five layers of six, and a rotary of its own on the windowed layers
 ///   ([`Gemma::local_base`]);
@@ -89,6 +91,7 @@ pub(super) enum Arch {
     Qwen3Moe,
     GraniteMoe,
     Qwen2Moe,
+    Gemma,
 }
 
 /// Llama 4's attention temperature, which Mistral 3 takes: each query at position `p` is
@@ -179,6 +182,13 @@ impl Gemma {
         let gemma3 = match arch {
             Arch::Gemma2 => false,
             Arch::Gemma3 => true,
+            // Gemma 1: GELU, nothing capped, no window.
+            Arch::Gemma => {
+                return Ok(Gemma {
+                    gelu: true,
+                    ..Gemma::llama(layers)
+                });
+            }
             _ => return Ok(Gemma::llama(layers)),
         };
         // A cap the file leaves out is llama.cpp's default.
@@ -313,7 +323,7 @@ impl Scales {
     /// The scalars a GGUF of `arch` declares (Granite's), or implies (Gemma 2's); none for
     /// the others.
     pub(super) fn of(ct: &gguf_file::Content, arch: Arch) -> Result<Scales> {
-        if matches!(arch, Arch::Gemma2 | Arch::Gemma3) {
+        if matches!(arch, Arch::Gemma | Arch::Gemma2 | Arch::Gemma3) {
             let n = |name: &str| md_u32(ct, &arch.key(name));
             return Ok(Scales::gemma(
                 arch,
@@ -338,7 +348,7 @@ impl Scales {
         Scales::declared(names, read, |name| format!("GGUF {}", arch.key(name)))
     }
 
-    /// Gemma 2's and 3's (`arch`), as llama.cpp sets them: the embeddings times `√hidden`; the
+    /// Gemma's, 2's and 3's (`arch`), as llama.cpp sets them: the embeddings times `√hidden`; the
     /// scores scaled by `1/√(hidden / heads)` in the 27B models (Gemma 2's 46 layers, Gemma
     /// 3's 62: transformers' `query_pre_attn_scalar` of 144 and 168, not the head's 128), by
     /// `1/√head_dim` (a llama's) in the others.
@@ -390,8 +400,8 @@ impl Arch {
         Arch::named(name).ok_or_else(|| {
             Error::Model(format!(
                 "GGUF architecture {name:?} is not supported (llama, qwen2, qwen3, phi3, \
-                 granite, smollm3, gemma2, gemma3, mistral3, qwen3moe, granitemoe and qwen2moe \
-                 are)"
+                 granite, smollm3, gemma, gemma2, gemma3, mistral3, qwen3moe, granitemoe and \
+                 qwen2moe are)"
             ))
         })
     }
@@ -407,6 +417,8 @@ impl Arch {
             "phi3" => Arch::Phi3,
             "granite" => Arch::Granite,
             "smollm3" => Arch::SmolLm3,
+            // Gemma 1: a GGUF's only here (the safetensors path reads Gemma 2 and 3).
+            "gemma" => Arch::Gemma,
             "gemma2" => Arch::Gemma2,
             // transformers' text-only Gemma 3 (its multimodal one is "gemma3").
             "gemma3" | "gemma3_text" => Arch::Gemma3,
@@ -432,6 +444,7 @@ impl Arch {
             Arch::Phi3 => "phi3",
             Arch::Granite => "granite",
             Arch::SmolLm3 => "smollm3",
+            Arch::Gemma => "gemma",
             Arch::Gemma2 => "gemma2",
             Arch::Gemma3 => "gemma3",
             Arch::Mistral3 => "mistral3",
