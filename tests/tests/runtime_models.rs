@@ -1907,6 +1907,12 @@ fn qwen2_moe_adds_its_gated_shared_expert_as_llama_cpp_does() {
     let d = first_case_difference(&g, &want);
     // 0.027 measured: twice and more the 1e-2 the logits are held to above.
     assert!(d > 0.02, "the shared expert ungated: only {d} from llama.cpp's");
+    // A gate of another width is refused, naming it.
+    let mut short = tensors.clone();
+    short.iter_mut().filter(|(n, _)| n.contains("gate_inp_shexp")).for_each(|(_, v)| v.truncate(8));
+    let dir = tempfile::tempdir().unwrap();
+    let err = load_error(&gguf_as("qwen2moe", &fixture, dir.path(), &borrowed(&short), &[]));
+    assert!(err.contains("ffn_gate_inp_shexp"), "{err}");
 }
 
 /// `SHAPE` of `tests/references/iquants.py`: width, heads, kv heads, MLP width, layers.

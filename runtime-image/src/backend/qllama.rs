@@ -704,6 +704,15 @@ impl Experts {
             }),
             None => None,
         };
+        if let Some(g) = shared.as_ref().and_then(|s| s.gate.as_ref())
+            && g.len() != shape.1
+        {
+            return Err(Error::Model(format!(
+                "GGUF {p}.ffn_gate_inp_shexp holds {} weights, not the {} of a row",
+                g.len(),
+                shape.1
+            )));
+        }
         Ok(Some(Experts {
             router,
             experts,
