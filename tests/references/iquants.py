@@ -17,7 +17,7 @@ import json, os, tempfile
 import gguf
 import numpy as np
 
-from llama_variants import FIXTURE, GREEDY, add_vocabulary, norm_weight, run
+from llama_variants import FIXTURE, add_vocabulary, dump, fixture_cases, norm_weight, run
 
 # Width, heads, kv heads, MLP width, layers (the Rust test's `IQ4_SHAPE` too).
 SHAPE = (256, 4, 2, 512, 2)
@@ -116,8 +116,7 @@ def write(path, types, embd, f32=False):
 
 
 def main():
-    ref = json.load(open(os.path.join(FIXTURE, 'reference.json')))
-    cases = [c['input_ids'] for c in ref['cases']]
+    cases = fixture_cases()
     results = {}
     with tempfile.TemporaryDirectory() as d:
         for name, types, embd in [('iq4', TYPES, XS), ('low', LOW_TYPES, Q.IQ3_S)]:
@@ -125,12 +124,7 @@ def main():
                 path = os.path.join(d, f'tiny-{key}.gguf')
                 write(path, types, embd, f32=f32)
                 results[key] = run(path, cases)
-    # One line a case: the logits are 512 numbers.
-    print('{')
-    print(f' "llama_cpp_python": {json.dumps(__import__("llama_cpp").__version__)}, "greedy_tokens": {GREEDY},')
-    print(',\n'.join(f' "{key}": [\n' + ',\n'.join('  ' + json.dumps(c, separators=(',', ':')) for c in result) + '\n ]'
-                     for key, result in results.items()))
-    print('}')
+    dump(results)
 
 
 if __name__ == '__main__':

@@ -246,23 +246,31 @@ def run(path, cases):
     return out
 
 
-def main():
+def fixture_cases():
+    """The tiny llama fixture's prompts, as token ids."""
     ref = json.load(open(os.path.join(FIXTURE, 'reference.json')))
-    cases = [c['input_ids'] for c in ref['cases']]
-    result = {'llama_cpp_python': __import__('llama_cpp').__version__, 'greedy_tokens': GREEDY}
+    return [c['input_ids'] for c in ref['cases']]
+
+
+def dump(results):
+    """`results` (a list of `run`'s cases by key) as JSON, one line a case: the logits are
+    512 numbers."""
+    print('{')
+    print(f' "llama_cpp_python": {json.dumps(__import__("llama_cpp").__version__)}, "greedy_tokens": {GREEDY},')
+    print(',\n'.join(f' "{key}": [\n' + ',\n'.join('  ' + json.dumps(c, separators=(',', ':')) for c in cases) + '\n ]'
+                     for key, cases in results.items()))
+    print('}')
+
+
+def main():
+    cases = fixture_cases()
+    results = {}
     with tempfile.TemporaryDirectory() as d:
         for arch in ARCHS:
             path = os.path.join(d, f'tiny-{arch}.gguf')
             write(arch, path)
-            result[arch] = run(path, cases)
-    # One line a case: the logits are 512 numbers.
-    print('{')
-    print(f' "llama_cpp_python": {json.dumps(result["llama_cpp_python"])}, "greedy_tokens": {GREEDY},')
-    for k, arch in enumerate(ARCHS):
-        print(f' "{arch}": [')
-        print(',\n'.join('  ' + json.dumps(c, separators=(',', ':')) for c in result[arch]))
-        print(' ]' + (',' if k + 1 < len(ARCHS) else ''))
-    print('}')
+            results[arch] = run(path, cases)
+    dump(results)
 
 
 if __name__ == '__main__':

@@ -521,7 +521,7 @@ impl Kind {
 
     /// Element `i`'s code of block `b` of lane `lane` in a packed coded tile super-block,
     /// and the `l` it takes ([`Kind::pack_coded`] undone).
-    fn iq4xs_at(sup: &[u8], per_16: bool, lane: usize, b: usize, i: usize) -> (u8, i8) {
+    fn coded_at(sup: &[u8], per_16: bool, lane: usize, b: usize, i: usize) -> (u8, i8) {
         let (block, _, head) = coded_layout(per_16);
         let blk = &sup[2 * ROWS + b * block..];
         let byte = blk[head + 64 * ((i % 16) / 4) + 4 * lane + i % 4];
@@ -889,7 +889,7 @@ impl QMat {
                 for (i, o) in o.iter_mut().enumerate() {
                     // As ggml's `dequantize_row_iq4_xs`: `d·(l − 32)`, then the value (the
                     // factor, a power of two, changes no bit).
-                    let (q, sc) = Kind::iq4xs_at(sup, per_16, j % ROWS, i / 32, i % 32);
+                    let (q, sc) = Kind::coded_at(sup, per_16, j % ROWS, i / 32, i % 32);
                     *o = d * sc as f32 * codes.values[q as usize] as f32 * codes.factor;
                 }
             }
@@ -2901,11 +2901,15 @@ mod tests {
                 ..
             }
         ));
-        let acts = Acts::quantize(&random(m * k, 29), m, k);
+        same_bits_on_every_isa(&q5_0, &q8_0, &Acts::quantize(&random(m * k, 29), m, k));
+    }
+
+    /// `a` and `b` give the same bits for `acts` on every instruction set present.
+    fn same_bits_on_every_isa(a: &QMat, b: &QMat, acts: &Acts) {
         for isa in isas() {
             let (a, b) = (
-                q5_0.forward_quantized(&acts, isa),
-                q8_0.forward_quantized(&acts, isa),
+                a.forward_quantized(acts, isa),
+                b.forward_quantized(acts, isa),
             );
             assert!(
                 a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()),
@@ -2957,17 +2961,7 @@ mod tests {
                 ..
             }
         ));
-        let acts = Acts::quantize(&random(m * k, 53), m, k);
-        for isa in isas() {
-            let (a, b) = (
-                q3.forward_quantized(&acts, isa),
-                q6.forward_quantized(&acts, isa),
-            );
-            assert!(
-                a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{isa:?}"
-            );
-        }
+        same_bits_on_every_isa(&q3, &q6, &Acts::quantize(&random(m * k, 53), m, k));
     }
 
     #[test]
