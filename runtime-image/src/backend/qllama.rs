@@ -875,10 +875,20 @@ const EVERY_ROW_BLOCK: usize = 64;
 /// and a sequence that writes into a chunk another one also holds first takes a copy of that
 /// chunk alone (`Arc::make_mut`). A long system prompt kept in the prefix cache and continued
 /// by several requests is therefore held once, apart from each one's last, partial chunk.
+///
+/// The layers with a sliding window (Gemma 2's every other layer, Gemma 3's five of six) keep
+/// their keys and values in a store of each chunk's own, which the cache lets go once no
+/// position to come can see any of its positions ([`KvCache::forget_outside_window`]): a
+/// Gemma 3 sequence of 8,192 tokens holds its windowed layers' last 512–768 positions, not all
+/// 8,192 (vLLM and llama.cpp keep a window's worth too). The budgets still count every
+/// position at every layer's cost ([`Weights::cache_bytes_per_token`]), erring towards
+/// admitting fewer.
 pub(super) struct KvCache {
     chunks: Vec<Chunk>,
     shape: KvShape,
     len: usize,
+    /// Leading chunks whose windowed layers' store has been let go.
+    forgotten: usize,
 }
 
 /// [`ATTEND_CHUNK`] positions of a [`KvCache`], or, for the first chunk of a short sequence,
@@ -889,33 +899,111 @@ pub(super) struct KvCache {
 #[derive(Clone)]
 struct Chunk {
     cap: usize,
-    /// `cap · shape.per_position()` values, zero where never written.
+    /// The layers without a window: `cap · shape.per_position_of(false)` values, zero where
+    /// never written.
     data: Arc<Vec<f16>>,
+    /// The windowed layers' (`cap · shape.per_position_of(true)`), `None` where the model
+    /// has none or once the cache has let them go.
+    local: Option<Arc<Vec<f16>>>,
 }
 
 impl Chunk {
     fn zeroed(cap: usize, shape: KvShape) -> Chunk {
         // `vec!` of zeros asks for zeroed memory (no pass over it where the allocator has
         // fresh pages); an `Arc<[f16]>` would be written whole.
+        let zeros = |local| Arc::new(vec![f16::ZERO; cap * shape.per_position_of(local)]);
+        // The windowed layers' store first: the one the cache last let go is the size of
+        // this one, and malloc gives its memory back to it (allocated second, the other
+        // store was carved out of it, and each new windowed store took fresh memory).
+        let local = (shape.windowed != 0).then(|| zeros(true));
         Chunk {
             cap,
-            data: Arc::new(vec![f16::ZERO; cap * shape.per_position()]),
+            data: zeros(false),
+            local,
+        }
+    }
+
+    /// The store of the layers with (`local`) or without a window.
+    fn store(&self, local: bool) -> &Arc<Vec<f16>> {
+        match local {
+            false => &self.data,
+            true => self
+                .local
+                .as_ref()
+                .expect("a windowed layer's chunk is read or written only while in its window"),
         }
     }
 }
 
-/// Layers, kv heads and head size of a [`KvCache`].
+/// Layers, kv heads and head size of a [`KvCache`], and which layers have a sliding window.
 #[derive(Clone, Copy)]
 struct KvShape {
     layers: usize,
     heads: usize,
     hd: usize,
+    /// One bit per layer with a sliding window (layer `i`: bit `i`). None is set for a model
+    /// of more than 128 layers: its windowed layers are then kept whole, as the others.
+    windowed: u128,
+    /// The widest window of those layers (0: none).
+    window: usize,
 }
 
 impl KvShape {
+    /// A shape without windowed layers.
+    fn dense(layers: usize, heads: usize, hd: usize) -> KvShape {
+        KvShape {
+            layers,
+            heads,
+            hd,
+            windowed: 0,
+            window: 0,
+        }
+    }
+
     /// f16 values per position, all layers.
     fn per_position(self) -> usize {
         self.layers * 2 * self.heads * self.hd
+    }
+
+    /// f16 values per position of the layers with (`local`) or without a window.
+    fn per_position_of(self, local: bool) -> usize {
+        let windowed = self.windowed.count_ones() as usize;
+        let layers = if local {
+            windowed
+        } else {
+            self.layers - windowed
+        };
+        layers * 2 * self.heads * self.hd
+    }
+
+    /// Where layer `li` is kept: in the windowed layers' store or the others', and its place
+    /// among that store's layers.
+    fn slot(self, li: usize) -> (bool, usize) {
+        if self.windowed == 0 {
+            return (false, li);
+        }
+        let before = (self.windowed & ((1u128 << li) - 1)).count_ones() as usize;
+        match self.windowed >> li & 1 == 1 {
+            true => (true, before),
+            false => (false, li - before),
+        }
+    }
+
+    /// Leading chunks of a cache of `len` positions that no position from `len` on sees in
+    /// a windowed layer (position `p` sees `p + 1 − window` on).
+    fn unseen(self, len: usize) -> usize {
+        match self.windowed {
+            0 => 0,
+            _ => (len + 1).saturating_sub(self.window) / ATTEND_CHUNK,
+        }
+    }
+
+    /// Leading chunks whose windowed layers' store a cache of `len` positions lets go: the
+    /// [`KvShape::unseen`] ones but the last, so that a prefix copy up to a chunk shorter
+    /// still has its window ([`KvCache::prefix`]: a conversation's next turn may match a
+    /// little less than the whole of the last).
+    fn forgettable(self, len: usize) -> usize {
+        self.unseen(len).saturating_sub(1)
     }
 }
 
@@ -925,6 +1013,7 @@ impl KvCache {
             chunks: Vec::new(),
             shape,
             len: 0,
+            forgotten: 0,
         }
     }
 
@@ -937,8 +1026,9 @@ impl KvCache {
     /// chunk `c`: the chunk's `cap` positions' worth, those not yet written unread.
     fn run(&self, c: usize, li: usize, values: bool, g: usize) -> &[f16] {
         let KvShape { heads, hd, .. } = self.shape;
+        let (local, li) = self.shape.slot(li);
         let size = self.chunks[c].cap * hd;
-        &self.chunks[c].data[((2 * li + values as usize) * heads + g) * size..][..size]
+        &self.chunks[c].store(local)[((2 * li + values as usize) * heads + g) * size..][..size]
     }
 
     /// Positions there is room for.
@@ -952,10 +1042,18 @@ impl KvCache {
     /// `li`, which has room for it.
     fn write(&mut self, li: usize, p: usize, key: &[f32], value: &[f32]) {
         let KvShape { heads, hd, .. } = self.shape;
+        let (local, li) = self.shape.slot(li);
         let (c, at) = (p / ATTEND_CHUNK, p % ATTEND_CHUNK);
         let size = self.chunks[c].cap * hd;
-        let chunk = Arc::make_mut(&mut self.chunks[c].data);
-        let layer = &mut chunk[2 * li * heads * size..][..2 * heads * size];
+        let chunk = &mut self.chunks[c];
+        let store = match local {
+            false => &mut chunk.data,
+            true => chunk
+                .local
+                .as_mut()
+                .expect("a position is written in its window"),
+        };
+        let layer = &mut Arc::make_mut(store)[2 * li * heads * size..][..2 * heads * size];
         let (kc, vc) = layer.split_at_mut(heads * size);
         for ((kh, vh), (k, v)) in kc
             .chunks_exact_mut(size)
@@ -981,16 +1079,19 @@ impl KvCache {
             let grown = Chunk::zeroed(first_cap(need.max(2 * old.cap)), self.shape);
             // Every run (per layer, keys or values, kv head) of the old chunk is the start of
             // the grown one's: the keys' blocks of 16 positions and the values' rows follow
-            // one another.
+            // one another. (A first chunk shorter than a whole one is in every window.)
             let (from, to) = (old.cap * self.shape.hd, grown.cap * self.shape.hd);
-            let mut data = grown.data;
-            let dst = Arc::get_mut(&mut data).expect("a new chunk is not shared");
-            for (d, s) in dst.chunks_exact_mut(to).zip(old.data.chunks_exact(from)) {
-                d[..from].copy_from_slice(s);
-            }
+            let copy = |mut new: Arc<Vec<f16>>, old: &[f16]| {
+                let dst = Arc::get_mut(&mut new).expect("a new chunk is not shared");
+                for (d, s) in dst.chunks_exact_mut(to).zip(old.chunks_exact(from)) {
+                    d[..from].copy_from_slice(s);
+                }
+                new
+            };
             self.chunks[0] = Chunk {
                 cap: grown.cap,
-                data,
+                data: copy(grown.data, &old.data),
+                local: grown.local.zip(old.local.as_ref()).map(|(n, o)| copy(n, o)),
             };
         }
         while self.room() < need {
@@ -1004,17 +1105,32 @@ impl KvCache {
 
     /// A copy of the first `len` positions: the chunks that hold them, shared (the positions
     /// past `len` in the last one are overwritten, in a chunk of its own, before they are
-    /// read).
+    /// read). `None` past the end, or where the windowed layers' positions the copy's next
+    /// one sees have been let go.
     fn prefix(&self, len: usize) -> Option<KvCache> {
-        (len <= self.len).then(|| KvCache {
-            chunks: self.chunks[..len.div_ceil(ATTEND_CHUNK)].to_vec(),
+        let chunks = len.div_ceil(ATTEND_CHUNK);
+        (len <= self.len && self.forgotten.min(chunks) <= self.shape.unseen(len)).then(|| KvCache {
+            chunks: self.chunks[..chunks].to_vec(),
             shape: self.shape,
             len,
+            forgotten: self.forgotten.min(chunks),
         })
     }
 
+    /// Cuts back to `len` positions (a failed pass's), which still have their windows.
     fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
+        debug_assert!(self.forgotten <= self.shape.unseen(self.len));
+    }
+
+    /// Lets go of the windowed layers' store of the chunks no position to come sees
+    /// ([`KvShape::forgettable`]).
+    fn forget_outside_window(&mut self) {
+        let upto = self.shape.forgettable(self.len).min(self.chunks.len());
+        for chunk in self.chunks.iter_mut().take(upto).skip(self.forgotten) {
+            chunk.local = None;
+        }
+        self.forgotten = self.forgotten.max(upto);
     }
 
     /// Each chunk as (its storage's address, the positions it has room for): copies that
@@ -1663,11 +1779,16 @@ impl Weights {
 
     /// The shape of this model's [`KvCache`]s.
     fn kv_shape(&self) -> KvShape {
-        KvShape {
-            layers: self.layers.len(),
-            heads: self.n_kv_head,
-            hd: self.head_dim,
+        let mut shape = KvShape::dense(self.layers.len(), self.n_kv_head, self.head_dim);
+        if self.layers.len() <= 128 {
+            for (i, layer) in self.layers.iter().enumerate() {
+                if let Some(w) = layer.window {
+                    shape.windowed |= 1 << i;
+                    shape.window = shape.window.max(w);
+                }
+            }
         }
+        shape
     }
 
     /// An empty cache for a new sequence.
@@ -1742,6 +1863,7 @@ impl Weights {
             Ok(logits) => {
                 for (cache, tokens) in items.iter_mut() {
                     cache.len += tokens.len();
+                    cache.forget_outside_window();
                 }
                 Ok(logits)
             }
@@ -2063,9 +2185,19 @@ mod tests {
     /// Position `p` of every layer holds the marks written with `bias`: value `j` (of head
     /// `j / hd`) in that head's runs of `p`'s chunk.
     fn holds(c: &KvCache, p: usize, bias: usize) -> bool {
-        let KvShape { layers, heads, hd } = c.shape;
+        holds_in(c, 0..c.shape.layers, p, bias)
+    }
+
+    /// [`holds`] in the layers `layers`.
+    fn holds_in(
+        c: &KvCache,
+        mut layers: impl Iterator<Item = usize>,
+        p: usize,
+        bias: usize,
+    ) -> bool {
+        let KvShape { heads, hd, .. } = c.shape;
         let (chunk, at) = (p / ATTEND_CHUNK, p % ATTEND_CHUNK);
-        (0..layers).all(|li| {
+        layers.all(|li| {
             (0..heads * hd).all(|j| {
                 let (g, d) = (j / hd, j % hd);
                 let (kc, vc) = (c.run(chunk, li, false, g), c.run(chunk, li, true, g));
@@ -2081,11 +2213,7 @@ mod tests {
     /// takes new positions in place.
     #[test]
     fn the_kv_cache_keeps_its_positions_as_it_grows_is_copied_and_cut() {
-        let mut c = KvCache::new(KvShape {
-            layers: 4,
-            heads: 4,
-            hd: 64,
-        });
+        let mut c = KvCache::new(KvShape::dense(4, 4, 64));
         let (mut first_caps, mut later) = (Vec::new(), Vec::new());
         for p in 0..300 {
             write(&mut c, p, 0);
@@ -2143,6 +2271,61 @@ mod tests {
         assert_eq!((small.chunks[0].cap, grown.chunks[0].cap), (16, 64));
         assert!((0..50).all(|p| holds(&grown, p, 2)));
         assert!((0..10).all(|p| holds(&small, p, 2)));
+    }
+
+    /// The windowed layers (here the second and fourth of four, a window of 40) keep their
+    /// stores while a position to come can see them, and one chunk more; the other layers
+    /// keep everything. A prefix copy a chunk shorter still has its window; one further back,
+    /// whose window has been let go, is refused. A model without windows keeps one store.
+    #[test]
+    fn the_windowed_layers_let_go_of_what_no_position_to_come_sees() {
+        let mut shape = KvShape::dense(4, 2, 16);
+        (shape.windowed, shape.window) = (0b1010, 40);
+        assert_eq!(
+            (0..4).map(|li| shape.slot(li)).collect::<Vec<_>>(),
+            [(false, 0), (true, 0), (false, 1), (true, 1)]
+        );
+        assert_eq!(shape.per_position_of(true), 2 * 2 * 2 * 16);
+        let (full, windowed) = ([0, 2].into_iter(), [1, 3].into_iter());
+        let mut c = KvCache::new(shape);
+        for p in 0..700 {
+            write(&mut c, p, 0);
+            c.forget_outside_window();
+            assert!(
+                (0..=p).all(|q| holds_in(&c, full.clone(), q, 0)),
+                "position {p}: the other layers keep all"
+            );
+            // Position p + 1 sees p + 2 − 40 on.
+            let seen = (p + 2).saturating_sub(40);
+            assert!((seen..=p).all(|q| holds_in(&c, windowed.clone(), q, 0)));
+            let kept = c.chunks.iter().filter(|k| k.local.is_some()).count();
+            let unseen = seen / ATTEND_CHUNK;
+            assert_eq!(c.forgotten, unseen.saturating_sub(1), "position {p}");
+            assert_eq!(kept, c.chunks.len() - c.forgotten, "position {p}");
+        }
+        assert_eq!((c.chunks.len(), c.forgotten), (6, 4));
+
+        let copy = c.prefix(600).expect("a chunk shorter: its window is kept");
+        assert!((561..600).all(|q| holds_in(&copy, windowed.clone(), q, 0)));
+        assert!(c.prefix(500).is_none(), "its window has been let go");
+        let mut copy = copy;
+        for p in 600..640 {
+            write(&mut copy, p, 1);
+            copy.forget_outside_window();
+        }
+        assert!((601..640).all(|q| holds_in(&copy, windowed.clone(), q, 1)));
+        assert!(
+            (600..700).all(|q| holds(&c, q, 0)),
+            "the original is its own"
+        );
+
+        let mut dense = KvCache::new(KvShape::dense(4, 2, 16));
+        for p in 0..700 {
+            write(&mut dense, p, 0);
+            dense.forget_outside_window();
+        }
+        assert!(dense.chunks.iter().all(|k| k.local.is_none()) && dense.forgotten == 0);
+        assert!((0..700).all(|q| holds(&dense, q, 0)));
     }
 
     /// Rows of several lengths (a remainder past the 16 lanes, none, fewer than 16) against
