@@ -912,14 +912,10 @@ impl Chunk {
         // `vec!` of zeros asks for zeroed memory (no pass over it where the allocator has
         // fresh pages); an `Arc<[f16]>` would be written whole.
         let zeros = |local| Arc::new(vec![f16::ZERO; cap * shape.per_position_of(local)]);
-        // The windowed layers' store first: the one the cache last let go is the size of
-        // this one, and malloc gives its memory back to it (allocated second, the other
-        // store was carved out of it, and each new windowed store took fresh memory).
-        let local = (shape.windowed != 0).then(|| zeros(true));
         Chunk {
             cap,
             data: zeros(false),
-            local,
+            local: (shape.windowed != 0).then(|| zeros(true)),
         }
     }
 
