@@ -712,6 +712,76 @@ mod tests {
         );
     }
 
+    /// Qwen3-Coder's template (`tests/templates/qwen3_coder.jinja`: llama.cpp's copy,
+    /// `models/templates/Qwen3-Coder.jinja`): the tools listed in its XML, a past call's
+    /// arguments each written as a `<parameter=…>` block, objects as JSON;
+    /// the expected text is what Jinja2 renders with transformers' `tojson`. Its format is
+    /// the one `auto` reads as [`crate::tool_calls::ToolCallParser::Qwen3Coder`].
+    #[test]
+    fn qwen3_coder_s_template_writes_calls_as_parameter_blocks() {
+        let src = include_str!("../tests/templates/qwen3_coder.jinja");
+        assert_eq!(
+            crate::tool_calls::ToolCallParser::detect(src),
+            crate::tool_calls::ToolCallParser::Qwen3Coder
+        );
+        let t = ChatTemplate::new(src.into(), String::new(), "<|im_end|>".into()).unwrap();
+        let tools = serde_json::json!([{"type": "function", "function": {"name": "get_weather",
+            "description": "Weather in a city", "parameters": {"type": "object",
+            "properties": {"city": {"type": "string", "description": "The city"},
+                "days": {"type": "integer"}}, "required": ["city"]}}}]);
+        let mut call = assistant("Checking.");
+        call.tool_calls = Some(serde_json::json!([{"id": "1", "type": "function",
+            "function": {"name": "get_weather",
+                "arguments": {"city": "Rome", "days": 3, "opts": {"a": [1, 2]}}}}]));
+        let tool = ChatMessage {
+            role: "tool".into(),
+            content: "18 C".into(),
+            tool_call_id: Some("1".into()),
+            ..Default::default()
+        };
+        let messages = [
+            user("Weather in Rome?"),
+            call,
+            tool,
+            assistant("It is 18 C."),
+            user("Thanks"),
+        ];
+        let out = t
+            .render(&messages, Some(&tools), &ChatOptions::default())
+            .unwrap();
+        assert_eq!(
+            out,
+            "<|im_start|>system\n\
+             You are Qwen, a helpful AI assistant that can interact with a computer to solve\
+             \x20tasks.\n\n# Tools\n\nYou have access to the following tools:\n\n<tools>\n\
+             <function>\n<name>get_weather</name>\n\
+             <description>Weather in a city</description>\n<parameters>\n<parameter>\n\
+             <name>city</name>\n<type>string</type>\n<description>The city</description>\n\
+             </parameter>\n<parameter>\n<name>days</name>\n<type>integer</type>\n\
+             </parameter>\n<required>[\"city\"]</required>\n</parameters>\n</function>\n\
+             </tools>\n\n\
+             If you choose to call a tool ONLY reply in the following format with NO\
+             \x20suffix:\n\n<tool_call>\n<function=example_function_name>\n\
+             <parameter=example_parameter_1>\nvalue_1\n</parameter>\n\
+             <parameter=example_parameter_2>\nvalue_2\n</parameter>\n</function>\n\
+             </tool_call>\n\n<IMPORTANT>\nReminder:\n\
+             - Function calls MUST follow the specified format: the tool calling block MUST\
+             \x20begin with an opening <tool_call> tag and end with a closing </tool_call>\
+             \x20tag.\n- Required parameters MUST be specified\n\
+             - You may provide optional reasoning for your function call in natural language\
+             \x20BEFORE the function call, but NOT after\n\
+             - If there is no function call available, answer the question like normal with\
+             \x20your current knowledge and do not tell the user about function calls\n\
+             </IMPORTANT><|im_end|>\n<|im_start|>user\nWeather in Rome?<|im_end|>\n\
+             <|im_start|>assistant\nChecking.\n\n<tool_call>\n<function=get_weather>\n\
+             <parameter=city>\nRome\n</parameter>\n<parameter=days>\n3\n</parameter>\n\
+             <parameter=opts>\n{\"a\": [1, 2]}\n</parameter>\n</function>\n\
+             </tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\n18 C\n\
+             </tool_response>\n<|im_end|>\n<|im_start|>assistant\nIt is 18 C.<|im_end|>\n\
+             <|im_start|>user\nThanks<|im_end|>\n<|im_start|>assistant\n"
+        );
+    }
+
     /// SmolLM3's template (`tests/templates/smollm3.jinja`: llama.cpp's copy of SmolLM3-3B's,
     /// as Unsloth edited it, without the tools part): its metadata block says the reasoning mode, `/think` by default and
     /// `/no_think` with `enable_thinking: false` (which also opens the answer with an empty

@@ -1891,6 +1891,86 @@ mod tests {
         assert_eq!(allowed(&m), all_but(&[7]));
     }
 
+    /// Qwen3-Coder's XML calls after `<tool_call>` ([`crate::xml_calls`]): the layout, the
+    /// tools' names, every parameter in order, raw text for a string (anything up to its
+    /// end, which may take a while to tell from text) and JSON for an integer.
+    #[test]
+    fn an_xml_call_is_masked_through_the_json_it_stands_for() {
+        let texts: Vec<String> = [
+            "Hi",
+            "<tool_call>",
+            "\n<function=",
+            "get_weather",
+            "now",
+            ">\n",
+            "<parameter=",
+            "city",
+            "days",
+            "Rome \"x\"\\",
+            "\n</parameter>\n",
+            "</function>",
+            "3",
+            "x",
+            "\n",
+            "",
+            "\n</tool_call>",
+            "</",
+            "</function>\n",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let vocab = JsonVocab::new(texts.clone());
+        let params = serde_json::json!({"type": "object", "properties": {
+            "city": {"type": "string"}, "days": {"type": "integer"}}, "required": ["city"]});
+        let schema = Schema::xml_call(&[("get_weather".to_string(), params)]).unwrap();
+        let allowed = |m: &JsonMode| unmasked(m, &vocab);
+        let all_but =
+            |no: &[usize]| -> Vec<usize> { (0..texts.len()).filter(|i| !no.contains(i)).collect() };
+        let mut m = JsonMode::new(&Constraint::After {
+            opening: Opening::Tag("<tool_call>".into()),
+            schema: Arc::new(schema),
+            once: false,
+        });
+        let steps: [(usize, &[usize]); 12] = [
+            (1, &[2, 14]),
+            (2, &[3]),
+            (3, &[5]),
+            // No `</function>` before the parameters, `days` only after `city`.
+            (5, &[6]),
+            (6, &[7]),
+            (7, &[5]),
+            (5, &[]),
+            (9, &[]),
+            // Every declared parameter is written: `days` too.
+            (10, &[6]),
+            (6, &[8]),
+            (8, &[5]),
+            (5, &[12, 14]),
+        ];
+        for (i, (token, then)) in steps.into_iter().enumerate() {
+            m.advance(&texts[token]);
+            match then.is_empty() {
+                // Raw text: anything but the end of text.
+                true => assert_eq!(allowed(&m), all_but(&[15]), "step {i}"),
+                false => assert_eq!(allowed(&m), then, "step {i}"),
+            }
+        }
+        // `3`: the number may end (`\n</parameter>`, `</`) or go on; `</function>` does not
+        // end a parameter.
+        m.advance("3");
+        assert_eq!(allowed(&m), [10, 12, 14, 17]);
+        m.advance("\n</parameter>\n");
+        assert_eq!(
+            allowed(&m),
+            [11, 17, 18],
+            "no parameter past the declared ones"
+        );
+        m.advance("</function>\n");
+        assert!(!m.complete(), "free text after a call");
+        assert_eq!(allowed(&m), all_but(&[]), "the end of text too");
+    }
+
     #[test]
     fn a_value_at_the_start_is_masked_and_ends_the_answer_once_complete() {
         let texts: Vec<String> = [

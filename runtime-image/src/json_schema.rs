@@ -846,8 +846,8 @@ pub struct Schema {
     nodes: Vec<Node>,
     /// The node of the whole value (children are compiled before a union that holds them).
     root: usize,
-    /// Written as a Python list of calls ([`Schema::pythonic_calls`]), followed as its JSON.
-    pythonic: bool,
+    /// How the value is written: as JSON, or in a syntax followed as the JSON it stands for.
+    syntax: Syntax,
     /// While compiling: the `$ref`s being compiled, each with the node that stands for it
     /// and whether a reference back into it (recursion: pydantic's trees) took that node.
     open_refs: Vec<(String, usize, bool)>,
@@ -859,7 +859,7 @@ impl Schema {
         let mut s = Schema {
             nodes: Vec::new(),
             root: 0,
-            pythonic: false,
+            syntax: Syntax::Json,
             open_refs: Vec::new(),
         };
         s.root = s.node(schema, schema, 0)?;
@@ -1327,7 +1327,7 @@ impl Schema {
         let mut s = Schema {
             nodes: Vec::new(),
             root: 0,
-            pythonic: false,
+            syntax: Syntax::Json,
             open_refs: Vec::new(),
         };
         let args: Vec<char> = Value::String(args_key.into()).to_string().chars().collect();
@@ -1409,7 +1409,29 @@ impl Schema {
             }
         }
         let mut s = Schema::tool_call_list(tools, max)?;
-        s.pythonic = true;
+        s.syntax = Syntax::Python;
+        Ok(s)
+    }
+
+    /// [`Schema::tool_call`] written in Qwen3-Coder's XML-like format ([`crate::xml_calls`]):
+    /// `<function=name>`, then each argument as `<parameter=key>`, its value raw text where
+    /// the parameter takes a string, JSON otherwise. Parameters' names must be writable
+    /// between `=` and `>`.
+    pub fn xml_call(tools: &[(String, Value)]) -> Result<Schema, String> {
+        for (name, params) in tools {
+            let props = params.get("properties").and_then(Value::as_object);
+            if let Some(bad) = props.and_then(|p| {
+                p.keys()
+                    .find(|k| k.is_empty() || !k.chars().all(crate::xml_calls::name_char))
+            }) {
+                return Err(format!(
+                    "tool {name:?}: parameter {bad:?} cannot be written as <parameter={bad}> \
+                     (whitespace, quotes, backslashes, < and > are not allowed there)"
+                ));
+            }
+        }
+        let mut s = Schema::tool_call(tools)?;
+        s.syntax = Syntax::Xml;
         Ok(s)
     }
 
@@ -1719,8 +1741,72 @@ pub struct SchemaState {
     others: Vec<Reading>,
     /// The first bytes of a character not yet whole ([`SchemaState::push_bytes`]).
     pending: Vec<u8>,
-    /// A pythonic schema's characters, turned into the JSON its frames follow.
-    py: Option<crate::pythonic::PyCalls>,
+    /// A pythonic or XML schema's characters, turned into the JSON its frames follow.
+    written: Writing,
+}
+
+/// How a [`Schema`]'s value is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Syntax {
+    Json,
+    /// A Python list of calls ([`Schema::pythonic_calls`]).
+    Python,
+    /// A call in Qwen3-Coder's XML-like format ([`Schema::xml_call`]).
+    Xml,
+}
+
+/// Where a [`SchemaState`] is in the syntax its value is written in.
+#[derive(Debug, Clone, Copy)]
+enum Writing {
+    Json,
+    Python(crate::pythonic::PyCalls),
+    Xml(crate::xml_calls::XmlCalls),
+}
+
+/// An XML call's JSON, given to the automaton (and, reading an answer, kept).
+struct Feed<'a> {
+    st: &'a mut SchemaState,
+    schema: &'a Schema,
+    kept: Option<&'a mut String>,
+}
+
+impl crate::xml_calls::JsonSink for Feed<'_> {
+    fn put(&mut self, c: char) -> bool {
+        if let Some(kept) = &mut self.kept {
+            kept.push(c);
+        }
+        self.st.push_json_char(self.schema, c)
+    }
+
+    fn takes(&self, c: char) -> bool {
+        self.st.clone().push_json_char(self.schema, c)
+    }
+}
+
+/// The JSON call (`{"name": …, "arguments": …}`) that `text`, the start of an answer's XML
+/// call after its `<tool_call>`, stands for by [`Schema::xml_call`] `schema`, and the bytes
+/// of `text` it takes; `None` where `text` does not start with a whole call the schema
+/// accepts.
+pub fn xml_call_json(schema: &Schema, text: &str) -> Option<(String, usize)> {
+    let mut st = SchemaState::new(schema);
+    let Writing::Xml(mut xml) = st.written else {
+        return None;
+    };
+    let mut json = String::new();
+    for (at, c) in text.char_indices() {
+        let mut feed = Feed {
+            st: &mut st,
+            schema,
+            kept: Some(&mut json),
+        };
+        if !xml.translate(c, &mut feed) {
+            return None;
+        }
+        if xml.done() && st.readings().any(|r| r.done) {
+            return Some((json, at + c.len_utf8()));
+        }
+    }
+    None
 }
 
 /// Readings kept at once, at most; past it the later ones are dropped (what is written stays
@@ -1748,7 +1834,11 @@ impl SchemaState {
             },
             others: Vec::new(),
             pending: Vec::new(),
-            py: schema.pythonic.then(Default::default),
+            written: match schema.syntax {
+                Syntax::Json => Writing::Json,
+                Syntax::Python => Writing::Python(Default::default()),
+                Syntax::Xml => Writing::Xml(Default::default()),
+            },
         }
     }
 
@@ -1784,27 +1874,50 @@ impl SchemaState {
 
     /// Whether the value is complete (by some reading).
     pub fn complete(&self) -> bool {
-        self.readings().any(|r| r.done)
+        let written = match self.written {
+            Writing::Xml(xml) => xml.done(),
+            _ => true,
+        };
+        written && self.readings().any(|r| r.done)
     }
 
     /// Inside a string's plain characters (of some reading).
     pub fn in_plain_string(&self) -> bool {
         self.readings().any(Reading::in_plain_string)
-            && !self.py.is_some_and(|p| p.in_single_quotes())
+            && match self.written {
+                Writing::Json => true,
+                Writing::Python(py) => !py.in_single_quotes(),
+                Writing::Xml(xml) => xml.passes_plain_text(),
+            }
     }
 
     /// Takes `c`; `false` (the state then unusable: callers try on a copy) if refused.
     pub fn push_char(&mut self, schema: &Schema, c: char) -> bool {
-        let Some(py) = &mut self.py else {
-            return self.push_json_char(schema, c);
-        };
-        let Some((before, c)) = py.translate(c) else {
-            return false;
-        };
-        before
-            .chars()
-            .chain(c)
-            .all(|c| self.push_json_char(schema, c))
+        match &mut self.written {
+            Writing::Json => self.push_json_char(schema, c),
+            Writing::Python(py) => {
+                let Some((before, c)) = py.translate(c) else {
+                    return false;
+                };
+                before
+                    .chars()
+                    .chain(c)
+                    .all(|c| self.push_json_char(schema, c))
+            }
+            Writing::Xml(xml) => {
+                let mut xml = *xml;
+                let ok = xml.translate(
+                    c,
+                    &mut Feed {
+                        st: self,
+                        schema,
+                        kept: None,
+                    },
+                );
+                self.written = Writing::Xml(xml);
+                ok
+            }
+        }
     }
 
     /// [`SchemaState::push_char`] of a JSON character: each reading that takes it goes on.
@@ -2468,7 +2581,7 @@ impl SchemaState {
         if text.is_empty() || self.in_partial_char() {
             return false;
         }
-        if self.others.is_empty() && self.py.is_none() {
+        if self.others.is_empty() && matches!(self.written, Writing::Json) {
             // The mask's trial of every token: a copy of the one reading, while it stays one.
             let mut trial = self.reading.clone();
             let mut forks = Vec::new();

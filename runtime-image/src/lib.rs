@@ -34,6 +34,7 @@ pub mod telemetry;
 pub mod threads;
 pub mod tokenizer;
 pub mod tool_calls;
+pub mod xml_calls;
 
 pub use config::{ApiKey, DownloadConfig, HubArgs, ServeConfig};
 pub use error::{Error, Result};

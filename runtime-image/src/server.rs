@@ -878,7 +878,7 @@ const REASONING_CONTENT: &str = "reasoning_content";
 enum ToolOut {
     Named(String),
     Chosen,
-    Parsed(ToolCallParser),
+    Parsed(ToolCallParser, tool_calls::CallShape),
 }
 
 /// A `tool_calls` entry.
@@ -897,14 +897,14 @@ impl ToolOut {
                 let c = tool_calls::call_of(&serde_json::from_str(text).ok()?)?;
                 Some(call_entry(id, &c.name, &c.arguments))
             }
-            ToolOut::Parsed(_) => None,
+            ToolOut::Parsed(..) => None,
         }
     }
 
     /// An answer's `message`, and whether it holds calls.
     fn message(&self, st: &AppState, text: &str) -> (Value, bool) {
         let parsed = match self {
-            ToolOut::Parsed(p) => p.parse(text).map(|a| {
+            ToolOut::Parsed(p, shape) => p.parse(text, shape).map(|a| {
                 let calls: Vec<Value> = (a.calls.iter())
                     .map(|c| call_entry(&st.new_id("call"), &c.name, &c.arguments))
                     .collect();
@@ -1049,7 +1049,7 @@ async fn chat_completions(
                     })
                     .expect("a parser whose control tokens the vocabulary has (checked at start)"),
             );
-            Some(ToolOut::Parsed(auto.parser))
+            Some(ToolOut::Parsed(auto.parser, auto.shape.clone()))
         }
         (None, None) => None,
     };
@@ -1100,7 +1100,7 @@ async fn chat_completions(
     let stop = api::stop_sequences(r.stop.as_ref())?;
     let mut ending = r.vllm.ending(max_tokens, engine.frontend().vocab_limit)?;
     // A format whose calls open with a control token is read from the text with it.
-    if let Some(ToolOut::Parsed(p)) = &tool {
+    if let Some(ToolOut::Parsed(p, _)) = &tool {
         ending.keep_special |= p.keeps_special_tokens();
     }
     let frontend = engine.frontend();
@@ -1717,14 +1717,14 @@ impl StreamState {
                     out.push(self.delta_chunk(i, json!({}), &[], Some(finish)));
                 }
             }
-            ToolOut::Parsed(parser) => {
+            ToolOut::Parsed(parser, shape) => {
                 let c = &mut self.calls[i];
                 c.text.push_str(text);
                 c.logprobs.extend_from_slice(lps);
                 // Content streams as it comes, but for what may be a call, which waits for
                 // the end, where the calls are read: the content is then what came before
                 // them, or (no whole call) the whole text.
-                let parsed = done.and_then(|_| parser.parse(&c.text));
+                let parsed = done.and_then(|_| parser.parse(&c.text, shape));
                 let upto = match (done, &parsed) {
                     (Some(_), None) => c.text.len(),
                     _ => parser.content_so_far(&c.text),

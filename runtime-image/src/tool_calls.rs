@@ -50,6 +50,11 @@
 //!   token only a call's token, then the fixed text and the tools' names, then that tool's
 //!   arguments; after a call, whitespace, the next call or the block's end. The answer is
 //!   decoded with special tokens kept, as vLLM's parsers read it.
+//! - [`ToolCallParser::Qwen3Coder`] reads Qwen3-Coder's blocks (Qwen3.5's template writes
+//!   them too), once per call: `<tool_call>`, `\n<function=name>\n`, per parameter
+//!   `<parameter=key>\nvalue\n</parameter>\n`, then `</function>\n</tool_call>`; a value
+//!   is raw text where its schema takes a string and JSON otherwise, masked through the JSON
+//!   it stands for ([`crate::xml_calls`]).
 //! - `parallel_tool_calls: false`: one call, which ends the answer.
 //!
 //! Decisions, where vLLM's parser is the model:
@@ -94,6 +99,10 @@ pub enum ToolCallParser {
     /// DeepSeek-V3.1's block of calls, each a name and JSON.
     #[value(name = "deepseek_v31")]
     DeepSeekV31,
+    /// `<tool_call>` then `<function=name>` and its `<parameter=key>`s (vLLM's `qwen3_coder`
+    /// and `qwen3_xml`).
+    #[value(name = "qwen3_coder", alias = "qwen3_xml")]
+    Qwen3Coder,
     /// No format: `tool_choice: "auto"` is refused.
     None,
 }
@@ -142,9 +151,9 @@ impl ToolCallParser {
         } else if template.contains(PYTHONIC_ASK) {
             ToolCallParser::Pythonic
         } else if template.contains(XML_FUNCTION) {
-            // Qwen3-Coder's `<tool_call><function=…><parameter=…>` blocks: Hermes' tag with no
-            // JSON inside, which masking to Hermes' JSON would force on the model.
-            ToolCallParser::None
+            // Qwen3-Coder's `<tool_call><function=…><parameter=…>` blocks: Hermes' tag, but
+            // not Hermes' JSON inside it.
+            ToolCallParser::Qwen3Coder
         } else if template.contains(HERMES_OPEN) {
             ToolCallParser::Hermes
         } else if template.contains(MISTRAL_OPEN) {
@@ -172,7 +181,9 @@ impl ToolCallParser {
     /// be read with this vocabulary).
     pub fn opening(self, token_id: impl Fn(&str) -> Option<u32>) -> Option<Opening> {
         match self {
-            ToolCallParser::Hermes => Some(Opening::Tag(HERMES_OPEN.into())),
+            ToolCallParser::Hermes | ToolCallParser::Qwen3Coder => {
+                Some(Opening::Tag(HERMES_OPEN.into()))
+            }
             ToolCallParser::Llama3Json => Some(Opening::Start('{')),
             ToolCallParser::Mistral => token_id(MISTRAL_OPEN).map(Opening::Token),
             ToolCallParser::MistralV11
@@ -191,7 +202,7 @@ impl ToolCallParser {
     /// format that opens by the answer's first character.
     fn open_text(self) -> Option<&'static str> {
         match self {
-            ToolCallParser::Hermes => Some(HERMES_OPEN),
+            ToolCallParser::Hermes | ToolCallParser::Qwen3Coder => Some(HERMES_OPEN),
             ToolCallParser::Mistral | ToolCallParser::MistralV11 => Some(MISTRAL_OPEN),
             ToolCallParser::Granite => Some(GRANITE_OPEN),
             ToolCallParser::Phi4MiniJson => Some(PHI4_OPEN),
@@ -289,6 +300,7 @@ impl ToolCallParser {
             (ToolCallParser::Pythonic, parallel) => {
                 json(Schema::pythonic_calls(tools, (!parallel).then_some(1)))
             }
+            (ToolCallParser::Qwen3Coder, _) => json(Schema::xml_call(tools)),
             _ => json(Schema::tool_call(tools)),
         }
     }
@@ -345,9 +357,12 @@ impl ToolCallParser {
         }
     }
 
-    /// `text` split into content and calls; `None` where it opens no call, or a block is
-    /// not a whole call (the answer is then content, as it is).
-    pub fn parse(self, text: &str) -> Option<ParsedAnswer> {
+    /// `text`, an answer masked to `shape`, split into content and calls; `None` where it
+    /// opens no call, or a block is not a whole call (the answer is then content, as it is).
+    pub fn parse(self, text: &str, shape: &CallShape) -> Option<ParsedAnswer> {
+        if let (ToolCallParser::Qwen3Coder, CallShape::Json(schema)) = (self, shape) {
+            return parse_xml(text, schema);
+        }
         if self == ToolCallParser::Pythonic {
             return Some(ParsedAnswer {
                 content: None,
@@ -461,6 +476,25 @@ impl ToolCallParser {
     }
 }
 
+/// Qwen3-Coder's calls, each block read as [`crate::xml_calls`] masks it (what follows the
+/// call's `</function>` in its block, the `</tool_call>`, is not read).
+fn parse_xml(text: &str, schema: &Schema) -> Option<ParsedAnswer> {
+    let first = text.find(HERMES_OPEN)?;
+    let mut rest = &text[first..];
+    let mut calls = Vec::new();
+    while let Some(at) = rest.find(HERMES_OPEN) {
+        let body = &rest[at + HERMES_OPEN.len()..];
+        let (json, used) = crate::json_schema::xml_call_json(schema, body)?;
+        calls.push(call_of(&serde_json::from_str(&json).ok()?)?);
+        rest = &body[used..];
+    }
+    let content = &text[..first];
+    Some(ParsedAnswer {
+        content: (!content.trim().is_empty()).then(|| content.to_owned()),
+        calls,
+    })
+}
+
 const HERMES_OPEN: &str = "<tool_call>";
 const DEEPSEEK_CALLS_BEGIN: &str = "<｜tool▁calls▁begin｜>";
 const DEEPSEEK_CALLS_END: &str = "<｜tool▁calls▁end｜>";
@@ -476,7 +510,7 @@ const MISTRAL_ARGS: &str = "[ARGS]";
 const HERMES_CLOSE: &str = "</tool_call>";
 const GRANITE_OPEN: &str = "<|tool_call|>";
 const PHI4_OPEN: &str = "functools";
-/// How Qwen3-Coder's template writes a call's function, whose format kandle does not read.
+/// How Qwen3-Coder's template writes a call's function.
 const XML_FUNCTION: &str = "<function=";
 /// What vLLM's Phi-4-mini template shows a model given tools.
 const PHI4_ASK: &str = "functools[";
@@ -516,6 +550,11 @@ pub(crate) mod tests {
     use super::*;
     use crate::json_schema::SchemaState;
 
+    /// A shape for the formats read without one (all but Qwen3-Coder's).
+    fn free() -> CallShape {
+        CallShape::Json(Arc::new(Schema::compile(&serde_json::json!({})).unwrap()))
+    }
+
     /// A call as the parsers read it.
     pub(crate) fn call(name: &str, arguments: &str) -> ParsedCall {
         ParsedCall {
@@ -529,7 +568,7 @@ pub(crate) mod tests {
         let p = ToolCallParser::Hermes;
         let text = "Let me look.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Rome\"}}\n</tool_call>\n<tool_call>{\"name\": \"now\"}</tool_call> trailing";
         assert_eq!(
-            p.parse(text),
+            p.parse(text, &free()),
             Some(ParsedAnswer {
                 content: Some("Let me look.\n".into()),
                 calls: vec![
@@ -541,7 +580,7 @@ pub(crate) mod tests {
         // SmolLM2's list in one block; no content before it.
         let list = "<tool_call>[{\"name\": \"a\", \"arguments\": {}}, {\"name\": \"b\", \"arguments\": {\"x\": 1}}]</tool_call>";
         assert_eq!(
-            p.parse(list),
+            p.parse(list, &free()),
             Some(ParsedAnswer {
                 content: None,
                 calls: vec![call("a", "{}"), call("b", "{\"x\":1}")],
@@ -549,8 +588,11 @@ pub(crate) mod tests {
         );
         // An unclosed last block is read to the end of the text.
         assert_eq!(
-            p.parse(" \n<tool_call>{\"name\": \"a\", \"arguments\": {}}")
-                .map(|a| (a.content, a.calls.len())),
+            p.parse(
+                " \n<tool_call>{\"name\": \"a\", \"arguments\": {}}",
+                &free()
+            )
+            .map(|a| (a.content, a.calls.len())),
             Some((None, 1))
         );
     }
@@ -566,14 +608,14 @@ pub(crate) mod tests {
             "{\"name\": \"now\", \"parameters\": {\"tz\": \"UTC\"}}",
             " \n{\"name\": \"now\", \"arguments\": {\"tz\": \"UTC\"}}; {\"name\": \"x\"}",
         ] {
-            assert_eq!(p.parse(text), Some(one.clone()), "{text}");
+            assert_eq!(p.parse(text, &free()), Some(one.clone()), "{text}");
         }
         for text in [
             "The weather is {\"name\": \"now\"}",
             "{\"name\": \"now\", \"parameters\": {\"tz\"",
             "{\"parameters\": {}}",
         ] {
-            assert_eq!(p.parse(text), None, "{text}");
+            assert_eq!(p.parse(text, &free()), None, "{text}");
         }
         assert_eq!(p.content_so_far("  "), 0);
         assert_eq!(p.content_so_far(" {\"na"), 0);
@@ -590,21 +632,28 @@ pub(crate) mod tests {
         let text = "Let me check. [TOOL_CALLS] [{\"name\": \"a\", \"arguments\": {\"x\": 1}}, \
                     {\"name\": \"b\", \"arguments\": {}}]";
         assert_eq!(
-            p.parse(text),
+            p.parse(text, &free()),
             Some(ParsedAnswer {
                 content: Some("Let me check. ".into()),
                 calls: vec![call("a", "{\"x\":1}"), call("b", "{}")],
             })
         );
         assert_eq!(
-            p.parse("[TOOL_CALLS][{\"name\": \"a\", \"arguments\": {}}] and on"),
+            p.parse(
+                "[TOOL_CALLS][{\"name\": \"a\", \"arguments\": {}}] and on",
+                &free()
+            ),
             Some(ParsedAnswer {
                 content: None,
                 calls: vec![call("a", "{}")],
             })
         );
-        assert_eq!(p.parse("[TOOL_CALLS] [{\"name\": \"a\""), None, "cut short");
-        assert_eq!(p.parse("no call"), None);
+        assert_eq!(
+            p.parse("[TOOL_CALLS] [{\"name\": \"a\"", &free()),
+            None,
+            "cut short"
+        );
+        assert_eq!(p.parse("no call", &free()), None);
         assert_eq!(p.content_so_far("Sure [TOOL"), 5);
         assert_eq!(p.content_so_far("Sure [TOOL_CALLS] [{"), 5);
         let ids = |t: &str| (t == "[TOOL_CALLS]").then_some(5);
@@ -623,7 +672,7 @@ pub(crate) mod tests {
             (ToolCallParser::Phi4MiniJson, "functools"),
         ] {
             assert_eq!(
-                p.parse(&format!("{open}{list}<|end_of_text|>")),
+                p.parse(&format!("{open}{list}<|end_of_text|>"), &free()),
                 Some(ParsedAnswer {
                     content: None,
                     calls: vec![call("a", "{\"x\":1}"), call("b", "{}")],
@@ -631,15 +680,17 @@ pub(crate) mod tests {
                 "{p:?}"
             );
             assert_eq!(
-                p.parse(&format!("Checking. {open}{list}")).unwrap().content,
+                p.parse(&format!("Checking. {open}{list}"), &free())
+                    .unwrap()
+                    .content,
                 Some("Checking. ".into())
             );
             assert_eq!(
-                p.parse(&format!("{open}[{{\"name\": \"a\"")),
+                p.parse(&format!("{open}[{{\"name\": \"a\""), &free()),
                 None,
                 "cut short"
             );
-            assert_eq!(p.parse(list), None, "no opening");
+            assert_eq!(p.parse(list, &free()), None, "no opening");
             assert_eq!(p.content_so_far(&format!("Sure {}", &open[..4])), 5);
             assert_eq!(p.content_so_far(&format!("Sure {open}[")), 5);
             let tools = [("a".to_string(), serde_json::json!({"type": "object"}))];
@@ -711,7 +762,7 @@ pub(crate) mod tests {
         assert!(p.shape(&bad, true).unwrap_err().contains("\"a-b\""));
 
         assert_eq!(
-            p.parse(&format!(" {whole}")),
+            p.parse(&format!(" {whole}"), &free()),
             Some(ParsedAnswer {
                 content: None,
                 calls: vec![
@@ -723,8 +774,8 @@ pub(crate) mod tests {
                 ],
             })
         );
-        assert_eq!(p.parse("[now("), None, "cut short");
-        assert_eq!(p.parse("It is sunny."), None);
+        assert_eq!(p.parse("[now(", &free()), None, "cut short");
+        assert_eq!(p.parse("It is sunny.", &free()), None);
         assert_eq!(p.content_so_far(" "), 0);
         assert_eq!(p.content_so_far(" [now"), 0);
         assert_eq!(p.content_so_far("It"), 2);
@@ -743,10 +794,10 @@ pub(crate) mod tests {
             "<tool_call>[]</tool_call>",
             "<tool_call>{\"name\": \"a\"}</tool_call><tool_call>oops</tool_call>",
         ] {
-            assert_eq!(p.parse(text), None, "{text}");
+            assert_eq!(p.parse(text, &free()), None, "{text}");
         }
         assert_eq!(
-            ToolCallParser::None.parse("<tool_call>{\"name\": \"a\"}"),
+            ToolCallParser::None.parse("<tool_call>{\"name\": \"a\"}", &free()),
             None
         );
     }
@@ -757,7 +808,7 @@ pub(crate) mod tests {
         let text = "Checking.[TOOL_CALLS]get_weather[ARGS]{\"city\": \"Rome\"}\
                     [TOOL_CALLS]now[ARGS]{}</s>";
         assert_eq!(
-            p.parse(text),
+            p.parse(text, &free()),
             Some(ParsedAnswer {
                 content: Some("Checking.".into()),
                 calls: vec![
@@ -768,7 +819,8 @@ pub(crate) mod tests {
         );
         // Decoded without special tokens, `[ARGS]` is gone, as vLLM's tests write it.
         assert_eq!(
-            p.parse("[TOOL_CALLS]add{\"a\": 1}").map(|a| a.calls),
+            p.parse("[TOOL_CALLS]add{\"a\": 1}", &free())
+                .map(|a| a.calls),
             Some(vec![call("add", "{\"a\":1}")])
         );
         for cut in [
@@ -776,7 +828,7 @@ pub(crate) mod tests {
             "[TOOL_CALLS][ARGS]{}",
             "[TOOL_CALLS]now[ARGS][1]",
         ] {
-            assert_eq!(p.parse(cut), None, "{cut}");
+            assert_eq!(p.parse(cut, &free()), None, "{cut}");
         }
         assert_eq!(p.content_so_far("Sure [TOOL"), 5);
         // Both control tokens are needed.
@@ -819,7 +871,7 @@ pub(crate) mod tests {
                     get_weather\n```json\n{\"city\": \"Rome\"}\n```<｜tool▁call▁end｜>\n\
                     <｜tool▁call▁begin｜>function<｜tool▁sep｜>now\n```json\n{}\n```\
                     <｜tool▁call▁end｜><｜tool▁calls▁end｜>";
-        let a = v3.parse(text).unwrap();
+        let a = v3.parse(text, &free()).unwrap();
         assert_eq!(a.content.as_deref(), Some("Let me check."));
         assert_eq!(
             a.calls,
@@ -831,7 +883,7 @@ pub(crate) mod tests {
         let v31 = ToolCallParser::DeepSeekV31;
         let text = "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>\
                     {\"city\": \"Rome\"}<｜tool▁call▁end｜><｜tool▁calls▁end｜>";
-        let a = v31.parse(text).unwrap();
+        let a = v31.parse(text, &free()).unwrap();
         assert_eq!(a.content, None);
         assert_eq!(a.calls, [call("get_weather", "{\"city\":\"Rome\"}")]);
         // A call cut short, arguments that are not an object, no call: the answer is text.
@@ -841,10 +893,10 @@ pub(crate) mod tests {
             "<｜tool▁calls▁begin｜><｜tool▁calls▁end｜>",
             "no calls",
         ] {
-            assert_eq!(v31.parse(cut), None, "{cut}");
+            assert_eq!(v31.parse(cut, &free()), None, "{cut}");
         }
         // V3's fence is needed by V3's reading.
-        assert_eq!(v3.parse(text), None);
+        assert_eq!(v3.parse(text, &free()), None);
         assert_eq!(v31.content_so_far("Sure<｜tool▁calls"), 4);
 
         // Every control token is needed; the block's token opens the calls.
@@ -880,6 +932,63 @@ pub(crate) mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// Qwen3-Coder's blocks, read by the steps that mask them: raw text for a string (quotes
+    /// as written), JSON for the rest; a block that is not a whole call the tools allow
+    /// leaves the answer text.
+    #[test]
+    fn qwen3_coder_calls_are_read_as_their_mask_reads_them() {
+        let p = ToolCallParser::Qwen3Coder;
+        let params = serde_json::json!({"type": "object", "properties": {
+            "city": {"type": "string"}, "days": {"type": "integer"},
+            "unit": {"enum": ["c", "f"]}, "opts": {"type": "object"}}});
+        let shape = p.shape(&[("get_weather".into(), params)], true).unwrap();
+        let call_of = |city: &str, days: &str| {
+            format!(
+                "<tool_call>\n<function=get_weather>\n<parameter=city>\n{city}\n</parameter>\n\
+                 <parameter=days>\n{days}\n</parameter>\n<parameter=unit>\nc\n</parameter>\n\
+                 <parameter=opts>\n{{\"a\": [1]}}\n</parameter>\n</function>\n</tool_call>"
+            )
+        };
+        let text = format!(
+            "Let me check.\n{}\n{}",
+            call_of("New \"York\"", "3"),
+            call_of("Rome", "1")
+        );
+        let a = p.parse(&text, &shape).unwrap();
+        assert_eq!(a.content.as_deref(), Some("Let me check.\n"));
+        let args = r#""unit":"c","opts":{"a":[1]}}"#;
+        assert_eq!(
+            a.calls,
+            [
+                call(
+                    "get_weather",
+                    &format!(r#"{{"city":"New \"York\"","days":3,{args}"#)
+                ),
+                call(
+                    "get_weather",
+                    &format!(r#"{{"city":"Rome","days":1,{args}"#)
+                ),
+            ]
+        );
+        let rome = call_of("Rome", "1");
+        assert_eq!(p.parse(&rome, &shape).unwrap().content, None);
+        let cut = &rome[..rome.find("</function>").unwrap()];
+        for bad in [
+            cut,
+            &call_of("Rome", "three"),
+            "<tool_call>\n<function=get_weather>\n</function>\n</tool_call>",
+            "<tool_call>\n<function=now>\n</function>\n</tool_call>",
+            "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Rome\"}}",
+            "No call.",
+        ] {
+            assert_eq!(p.parse(bad, &shape), None, "{bad}");
+        }
+        // Parameters' names must be writable inside `<parameter=…>`.
+        let spaced = serde_json::json!({"type": "object", "properties": {"a b": {}}});
+        let err = p.shape(&[("f".into(), spaced)], true).unwrap_err();
+        assert!(err.contains("\"a b\""), "{err}");
     }
 
     #[test]
@@ -927,9 +1036,9 @@ pub(crate) mod tests {
                    as functools[{\"name\": [function name], \"arguments\": [function \
                    arguments as JSON]}, ...]";
         assert_eq!(ToolCallParser::detect(phi), ToolCallParser::Phi4MiniJson);
-        // Qwen3-Coder's, whose blocks are not Hermes' JSON: none, not Hermes.
+        // Qwen3-Coder's, whose blocks are not Hermes' JSON.
         let xml = "{{- '<tool_call>\\n<function=' + tool_call.name + '>\\n' }}";
-        assert_eq!(ToolCallParser::detect(xml), ToolCallParser::None);
+        assert_eq!(ToolCallParser::detect(xml), ToolCallParser::Qwen3Coder);
         // vLLM's Llama 3.2 pythonic template, in Meta's words.
         let pythonic = "you MUST put it in the format of [func_name1(params_name1=params_value1, \
                         params_name2=params_value2...), func_name2(params)]";

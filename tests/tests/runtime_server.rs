@@ -2223,6 +2223,17 @@ fn weather_shots(parser: ToolCallParser, question: &str) -> Value {
                 )
             },
         ),
+        ToolCallParser::Qwen3Coder => (
+            "You have access to get_weather(city). If you choose to call it, reply in the \
+             format:\n<tool_call>\n<function=example_function_name>\n\
+             <parameter=example_parameter_1>\nvalue_1\n</parameter>\n</function>\n</tool_call>",
+            |city| {
+                format!(
+                    "<tool_call>\n<function=get_weather>\n<parameter=city>\n{city}\n\
+                     </parameter>\n</function>\n</tool_call>"
+                )
+            },
+        ),
         ToolCallParser::Pythonic => (
             "You have access to get_weather(city). If you decide to invoke it, you MUST put it \
              in the format of [func_name1(params_name1=params_value1, \
@@ -2455,6 +2466,36 @@ async fn auto_tool_choice_reads_pythonic_calls_masked_to_the_tools() {
         written.starts_with("[weather_now(location='") && written.ends_with(&format!("unit='{unit}')]")),
         "{written:?}"
     );
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+/// `tool_choice: "auto"` with `--tool-call-parser qwen3_coder`
+/// ([`auto_calls_are_read_and_masked`]): `<tool_call>` opens a call in Qwen3-Coder's XML-like
+/// format, masked through the JSON it stands for. The answer as the model wrote it is that
+/// format, a string parameter's value raw text, and the call read from it is its JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_tool_choice_reads_qwen3_coder_calls_masked_to_the_tools() {
+    let (server, url) = serve(|c| c.tool_call_parser = Some(ToolCallParser::Qwen3Coder)).await;
+    let shown = "<tool_call>\n<function=";
+    auto_calls_are_read_and_masked(&url, ToolCallParser::Qwen3Coder, shown).await;
+    let rome = with_fields(
+        weather_shots(ToolCallParser::Qwen3Coder, "What is the weather in Rome?"),
+        &json!({"tools": weather_now(), "logprobs": true}),
+    );
+    let again = post_json(&client(), &format!("{url}/v1/chat/completions"), &rome).await;
+    let written: String = (again["choices"][0]["logprobs"]["content"].as_array())
+        .unwrap_or_else(|| panic!("{again}"))
+        .iter()
+        .map(|t| t["token"].as_str().unwrap())
+        .collect();
+    let f = &again["choices"][0]["message"]["tool_calls"][0]["function"];
+    let args: Value = serde_json::from_str(f["arguments"].as_str().unwrap()).unwrap();
+    let (location, unit) = (args["location"].as_str().unwrap(), args["unit"].as_str().unwrap());
+    let xml = format!(
+        "<tool_call>\n<function=weather_now>\n<parameter=location>\n{location}\n</parameter>\n\
+         <parameter=unit>\n{unit}\n</parameter>\n</function>"
+    );
+    assert!(written.trim_start().starts_with(&xml), "{written:?}");
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
