@@ -218,8 +218,10 @@ pub struct ServeConfig {
     pub reasoning_parser: Option<crate::reasoning::ReasoningParser>,
     /// Responses kept in memory for `/v1/responses`' `previous_response_id` and `GET` /
     /// `DELETE /v1/responses/{id}` (vLLM's `VLLM_ENABLE_RESPONSES_API_STORE`): the last N,
-    /// the oldest forgotten first; 0 (the default) keeps none. Each replica keeps its own, so
-    /// behind a Service of several a conversation must stay on one (session affinity).
+    /// the oldest forgotten first; also the last N conversations created or used
+    /// (`/v1/conversations`, `conversation`). 0 (the default) keeps none. Each replica keeps
+    /// its own, so behind a Service of several a conversation must stay on one (session
+    /// affinity).
     #[arg(long, env = "KANDLE_RESPONSES_STORE", default_value_t = 0)]
     pub responses_store: usize,
     /// Per-request time limit, from admission.

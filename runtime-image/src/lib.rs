@@ -12,6 +12,7 @@ pub mod api;
 pub mod backend;
 pub mod chat;
 pub mod config;
+pub mod conversations;
 pub mod detok;
 pub mod engine;
 mod error;

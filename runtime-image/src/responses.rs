@@ -9,8 +9,9 @@
 //! `VLLM_ENABLE_RESPONSES_API_STORE`): `previous_response_id` continues one (its input and
 //! output before the new input; its `instructions` are not carried over, as OpenAI's are
 //! not), and `GET`/`DELETE /v1/responses/{id}` read and forget one. Without it nothing is
-//! stored (`store: false`) and `previous_response_id` is refused. `conversation`, built-in
-//! tools, images and files and `background` are refused, each by name, rather than ignored. `top_logprobs` (or
+//! stored (`store: false`) and `previous_response_id` is refused. `conversation` (OpenAI's
+//! Conversations API) is [`crate::conversations`]'. Built-in tools, images and files and
+//! `background` are refused, each by name, rather than ignored. `top_logprobs` (or
 //! `include: ["message.output_text.logprobs"]`) gives the output text's log-probabilities,
 //! chat's in the same shape.
 //!
@@ -96,6 +97,16 @@ pub fn conversation_after(before: Vec<Value>, response: &Value) -> Result<Vec<Va
     Ok(messages)
 }
 
+/// The chat messages of Responses input items (a conversation's kept items among them); a
+/// 400 naming `input` for an item kandle cannot follow.
+pub fn chat_messages(items: &[Value]) -> Result<Vec<Value>, ApiError> {
+    let mut messages = Vec::new();
+    for item in items {
+        input_item(item, &mut messages)?;
+    }
+    Ok(messages)
+}
+
 /// The sampling fields passed to the chat request as they are: the Responses API's own
 /// (`temperature`, `top_p`) and the vLLM extras its clients send.
 const PASSED: [&str; 10] = [
@@ -127,10 +138,7 @@ pub fn to_chat_after(req: &Value, previous: Vec<Value>) -> Result<(Value, Vec<Va
             None,
         ));
     };
-    for (field, why) in [
-        ("conversation", "conversations are not stored"),
-        ("prompt", "stored prompts are not kept"),
-    ] {
+    for (field, why) in [("prompt", "stored prompts are not kept")] {
         if fields.get(field).is_some_and(|v| !v.is_null()) {
             return Err(refused(field, why));
         }
@@ -421,6 +429,8 @@ fn echoed(req: &Value) -> Map<String, Value> {
             .unwrap_or(json!(true)),
     );
     m.insert("previous_response_id".into(), field("previous_response_id"));
+    // The server sets it to `{"id": …}` where the response is in a conversation.
+    m.insert("conversation".into(), field("conversation"));
     // The server sets `store` to whether it keeps this response.
     m.insert(
         "store".into(),
@@ -1011,7 +1021,6 @@ mod tests {
     #[test]
     fn what_cannot_be_followed_is_refused_by_name() {
         for (extra, param) in [
-            (json!({"conversation": "conv_1"}), "conversation"),
             (json!({"tools": [{"type": "file_search"}]}), "tools"),
             (json!({"tool_choice": {"type": "mcp"}}), "tool_choice"),
             (json!({"background": true}), "background"),

@@ -8,6 +8,7 @@
 //! then stops the model thread.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -67,6 +68,8 @@ struct AppState {
     created: u64,
     /// `/v1/responses` kept for `previous_response_id` (`--responses-store`).
     responses: crate::responses::ResponseStore,
+    /// OpenAI's conversations (`--responses-store`).
+    conversations: crate::conversations::ConversationStore,
 }
 
 impl AppState {
@@ -210,6 +213,7 @@ pub async fn start(config: ServeConfig) -> Result<Server> {
             .map(|d| d.as_secs())
             .unwrap_or(0),
         responses: crate::responses::ResponseStore::new(config.responses_store),
+        conversations: crate::conversations::ConversationStore::new(config.responses_store),
         config: config.clone(),
     });
 
@@ -528,6 +532,21 @@ fn router(state: Arc<AppState>) -> Router {
         .route(
             "/v1/responses/{id}",
             get(retrieve_response).delete(delete_response),
+        )
+        .route("/v1/conversations", post(create_conversation))
+        .route(
+            "/v1/conversations/{id}",
+            get(retrieve_conversation)
+                .post(update_conversation)
+                .delete(delete_conversation),
+        )
+        .route(
+            "/v1/conversations/{id}/items",
+            get(list_items).post(add_items),
+        )
+        .route(
+            "/v1/conversations/{id}/items/{item}",
+            get(retrieve_item).delete(delete_item),
         )
         .route("/v1/classify", post(classify))
         .route("/v1/rerank", post(rerank))
@@ -2237,11 +2256,61 @@ async fn responses(
             ));
         }
     };
+    // In a conversation: its items come first, and the input and output are added to it.
+    let in_conversation = match req.get("conversation") {
+        None | Some(Value::Null) => None,
+        Some(c) => {
+            let param = Some("conversation");
+            st.conversations.enabled(param)?;
+            if req
+                .get("previous_response_id")
+                .is_some_and(|p| !p.is_null())
+            {
+                return Err(ApiError::invalid(
+                    "conversation and previous_response_id cannot be used together",
+                    param,
+                ));
+            }
+            let Some(id) = c.as_str().or_else(|| c["id"].as_str()).map(str::to_owned) else {
+                return Err(ApiError::invalid(
+                    "conversation must be an id or {\"id\": …}",
+                    param,
+                ));
+            };
+            let input = crate::conversations::input_items(&req["input"]);
+            let added = crate::conversations::stored_items(&input, "input", |p| {
+                format!("{p}_{}", st.unique())
+            })?;
+            let before = (st.conversations)
+                .with(&id, |c| c.items.clone())
+                .map_err(|mut e| {
+                    e.param = param;
+                    e
+                })?;
+            req["conversation"] = json!({"id": id});
+            Some((id, before, added))
+        }
+    };
+    let previous = match &in_conversation {
+        Some((_, before, _)) => crate::responses::chat_messages(before)?,
+        None => previous,
+    };
     let (chat, conversation) = crate::responses::to_chat_after(&req, previous)?;
     let store = st.responses.enabled() && crate::responses::wants_store(&req);
     // What the response objects echo.
     req["store"] = Value::Bool(store);
     let keep = move |st: &AppState, response: &Value| {
+        let over = matches!(
+            response["status"].as_str(),
+            Some("completed" | "incomplete")
+        );
+        if let (true, Some((id, _, added))) = (over, &in_conversation) {
+            let output = response["output"].as_array().into_iter().flatten().cloned();
+            // Forgotten meanwhile: the answer has nowhere to go, and is still given.
+            let _ = st.conversations.with(id, |c| {
+                c.items.extend(added.iter().cloned().chain(output));
+            });
+        }
         if !store
             || !matches!(
                 response["status"].as_str(),
@@ -2321,6 +2390,143 @@ async fn responses(
     Ok(Sse::new(events)
         .keep_alive(KeepAlive::default())
         .into_response())
+}
+
+/// `POST /v1/conversations`: a new conversation, with `items` (up to 20) and `metadata`
+/// ([`crate::conversations`]).
+async fn create_conversation(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<axum::Json<Value>, ApiError> {
+    st.conversations.enabled(None)?;
+    let req: Value = api::parse_body(&body_bytes(body)?)?;
+    let metadata = crate::conversations::metadata(&req)?;
+    let items = match req.get("items") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(items)) => {
+            crate::conversations::stored_items(items, "items", |p| format!("{p}_{}", st.unique()))?
+        }
+        Some(_) => return Err(ApiError::invalid("items must be a list", Some("items"))),
+    };
+    let id = format!("conv_{}", st.unique());
+    let c = crate::conversations::Conversation {
+        created_at: now_secs(),
+        metadata,
+        items,
+    };
+    let object = crate::conversations::object(&id, &c);
+    st.conversations.create(id, c);
+    Ok(axum::Json(object))
+}
+
+/// `GET /v1/conversations/{id}`.
+async fn retrieve_conversation(
+    State(st): State<Arc<AppState>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<axum::Json<Value>, ApiError> {
+    st.conversations.enabled(None)?;
+    let object = st
+        .conversations
+        .with(&id, |c| crate::conversations::object(&id, c))?;
+    Ok(axum::Json(object))
+}
+
+/// `POST /v1/conversations/{id}`: replaces its `metadata`.
+async fn update_conversation(
+    State(st): State<Arc<AppState>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<axum::Json<Value>, ApiError> {
+    st.conversations.enabled(None)?;
+    let req: Value = api::parse_body(&body_bytes(body)?)?;
+    if req.get("metadata").is_none() {
+        return Err(ApiError::invalid("metadata is required", Some("metadata")));
+    }
+    let metadata = crate::conversations::metadata(&req)?;
+    let object = st.conversations.with(&id, |c| {
+        c.metadata = metadata;
+        crate::conversations::object(&id, c)
+    })?;
+    Ok(axum::Json(object))
+}
+
+/// `DELETE /v1/conversations/{id}`: forgets it and its items.
+async fn delete_conversation(
+    State(st): State<Arc<AppState>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<axum::Json<Value>, ApiError> {
+    st.conversations.enabled(None)?;
+    st.conversations.delete(&id)?;
+    Ok(axum::Json(
+        json!({"id": id, "object": "conversation.deleted", "deleted": true}),
+    ))
+}
+
+/// `GET /v1/conversations/{id}/items`: a page of its items (`limit`, `order`, `after`).
+async fn list_items(
+    State(st): State<Arc<AppState>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    axum::extract::Query(query): axum::extract::Query<HashMap<String, String>>,
+) -> Result<axum::Json<Value>, ApiError> {
+    st.conversations.enabled(None)?;
+    let page = st
+        .conversations
+        .with(&id, |c| crate::conversations::list(&c.items, &query))??;
+    Ok(axum::Json(page))
+}
+
+/// `POST /v1/conversations/{id}/items`: adds `items` (up to 20) at its end; the list added.
+async fn add_items(
+    State(st): State<Arc<AppState>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<axum::Json<Value>, ApiError> {
+    st.conversations.enabled(None)?;
+    let req: Value = api::parse_body(&body_bytes(body)?)?;
+    let Some(items) = req.get("items").and_then(Value::as_array) else {
+        return Err(ApiError::invalid("items must be a list", Some("items")));
+    };
+    let items =
+        crate::conversations::stored_items(items, "items", |p| format!("{p}_{}", st.unique()))?;
+    st.conversations
+        .with(&id, |c| c.items.extend(items.iter().cloned()))?;
+    Ok(axum::Json(json!({
+        "object": "list",
+        "first_id": items.first().map(|i| i["id"].clone()),
+        "last_id": items.last().map(|i| i["id"].clone()),
+        "has_more": false,
+        "data": items,
+    })))
+}
+
+/// `GET /v1/conversations/{id}/items/{item}`.
+async fn retrieve_item(
+    State(st): State<Arc<AppState>>,
+    axum::extract::Path((id, item)): axum::extract::Path<(String, String)>,
+) -> Result<axum::Json<Value>, ApiError> {
+    st.conversations.enabled(None)?;
+    let found = st.conversations.with(&id, |c| {
+        c.items.iter().find(|i| i["id"] == item.as_str()).cloned()
+    })?;
+    found
+        .map(axum::Json)
+        .ok_or_else(|| crate::conversations::not_found("Item", &item))
+}
+
+/// `DELETE /v1/conversations/{id}/items/{item}`: the conversation, without the item.
+async fn delete_item(
+    State(st): State<Arc<AppState>>,
+    axum::extract::Path((id, item)): axum::extract::Path<(String, String)>,
+) -> Result<axum::Json<Value>, ApiError> {
+    st.conversations.enabled(None)?;
+    let object = st.conversations.with(&id, |c| {
+        let before = c.items.len();
+        c.items.retain(|i| i["id"] != item.as_str());
+        (c.items.len() < before).then(|| crate::conversations::object(&id, c))
+    })?;
+    object
+        .map(axum::Json)
+        .ok_or_else(|| crate::conversations::not_found("Item", &item))
 }
 
 /// `GET /v1/responses/{id}`: a kept response (`--responses-store`), as it was answered.

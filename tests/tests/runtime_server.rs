@@ -4908,6 +4908,113 @@ async fn stored_responses_continue_a_conversation_and_can_be_read_and_deleted() 
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
+/// OpenAI's Conversations API (`--responses-store`): a conversation created with an item and
+/// metadata; responses in it answer after its items (the second gives the chat answer of the
+/// whole conversation) and add their input and output to it, streamed ones at their last
+/// event; its items listed oldest or newest first and by pages, read, added and deleted;
+/// metadata replaced; `conversation` beside `previous_response_id` refused, an unknown one a
+/// 404 naming the field; a deleted conversation is a 404. Without the flag, a 400 that says
+/// how to keep conversations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conversations_keep_the_items_of_their_responses() {
+    let (server, url) = serve(|c| c.responses_store = 4).await;
+    let http = client();
+    let convs = format!("{url}/v1/conversations");
+    let responses = format!("{url}/v1/responses");
+    let conv = post_json(&http, &convs, &json!({"metadata": {"topic": "names"},
+        "items": [{"role": "system", "content": "You are brief."}]})).await;
+    let id = conv["id"].as_str().unwrap().to_owned();
+    assert!(id.starts_with("conv_"), "{conv}");
+    assert_eq!(conv["object"], "conversation");
+    assert_eq!(conv["metadata"], json!({"topic": "names"}));
+    assert_eq!(get_json(&http, &format!("{convs}/{id}"), 200).await, conv);
+
+    let first_q = "My name is Ada. Say hello to me.";
+    let first = post_json(&http, &responses, &json!({"model": SMOL, "conversation": id,
+        "input": first_q, "temperature": 0, "max_output_tokens": 24})).await;
+    assert_eq!(first["conversation"], json!({"id": id}), "{first}");
+    let second_q = "What is my name?";
+    let second = post_json(&http, &responses, &json!({"model": SMOL, "conversation": {"id": id},
+        "input": [{"role": "user", "content": second_q}], "temperature": 0,
+        "max_output_tokens": 24})).await;
+    let first_text = first["output"][0]["content"][0]["text"].as_str().unwrap();
+    let as_chat = post_json(&http, &format!("{url}/v1/chat/completions"), &json!({"model": SMOL,
+        "temperature": 0, "max_tokens": 24, "messages": [
+            {"role": "system", "content": "You are brief."},
+            {"role": "user", "content": first_q},
+            {"role": "assistant", "content": first_text},
+            {"role": "user", "content": second_q}]})).await;
+    assert_eq!(second["usage"]["input_tokens"], as_chat["usage"]["prompt_tokens"], "{second}");
+    let second_text = &second["output"][0]["content"][0]["text"];
+    assert_eq!(*second_text, as_chat["choices"][0]["message"]["content"]);
+
+    let items = get_json(&http, &format!("{convs}/{id}/items?order=asc"), 200).await;
+    let roles: Vec<&str> = (items["data"].as_array().unwrap().iter())
+        .map(|i| i["role"].as_str().unwrap())
+        .collect();
+    assert_eq!(roles, ["system", "user", "assistant", "user", "assistant"], "{items}");
+    assert_eq!(items["data"][1]["content"], json!([{"type": "input_text", "text": first_q}]));
+    assert_eq!(items["data"][2], first["output"][0], "the output item as answered");
+    let page = get_json(&http, &format!("{convs}/{id}/items?limit=2"), 200).await;
+    assert_eq!(page["data"][0], second["output"][0], "newest first");
+    assert_eq!(page["has_more"], true);
+    let after = page["last_id"].as_str().unwrap();
+    let next = get_json(&http, &format!("{convs}/{id}/items?limit=2&after={after}"), 200).await;
+    assert_eq!(next["data"][0], items["data"][2]);
+
+    // Streamed: added at the last event.
+    post_events(&http, &responses, &json!({"model": SMOL, "conversation": id, "input": "Thanks.",
+        "temperature": 0, "max_output_tokens": 8})).await;
+    let all = get_json(&http, &format!("{convs}/{id}/items?limit=100"), 200).await;
+    assert_eq!(all["data"].as_array().unwrap().len(), 7, "{all}");
+
+    // One item read, deleted, added.
+    let item = &items["data"][1];
+    let item_url = format!("{convs}/{id}/items/{}", item["id"].as_str().unwrap());
+    assert_eq!(get_json(&http, &item_url, 200).await, *item);
+    let r: Value = http.delete(&item_url).send().await.unwrap().json().await.unwrap();
+    assert_eq!(r["id"], id.as_str(), "the conversation: {r}");
+    get_json(&http, &item_url, 404).await;
+    let added = post_json(&http, &format!("{convs}/{id}/items"),
+        &json!({"items": [{"role": "user", "content": "More."}]})).await;
+    assert!(added["data"][0]["id"].as_str().unwrap().starts_with("msg_"), "{added}");
+    let all = get_json(&http, &format!("{convs}/{id}/items?limit=100"), 200).await;
+    assert_eq!(all["data"].as_array().unwrap().len(), 7, "{all}");
+    assert_eq!(all["data"][0], added["data"][0]);
+
+    let meta = json!({"metadata": {"k": "v"}});
+    let updated = post_json(&http, &format!("{convs}/{id}"), &meta).await;
+    assert_eq!(updated["metadata"], json!({"k": "v"}), "{updated}");
+
+    // Refused: beside previous_response_id; an item input would refuse; a bad limit.
+    let both = json!({"model": SMOL, "conversation": id, "input": "Hi",
+        "previous_response_id": second["id"]});
+    let r = http.post(&responses).json(&both).send().await.unwrap();
+    assert_eq!(expect_error(r, 400, "both").await["error"]["param"], "conversation");
+    let robot = json!({"items": [{"role": "robot", "content": "x"}]});
+    let r = http.post(format!("{convs}/{id}/items")).json(&robot).send().await.unwrap();
+    assert_eq!(expect_error(r, 400, "a robot").await["error"]["param"], "items");
+    let r = http.get(format!("{convs}/{id}/items?limit=0")).send().await.unwrap();
+    assert_eq!(expect_error(r, 400, "limit 0").await["error"]["param"], "limit");
+
+    let r = http.delete(format!("{convs}/{id}")).send().await.unwrap();
+    let deleted: Value = r.json().await.unwrap();
+    assert_eq!(deleted, json!({"id": id, "object": "conversation.deleted", "deleted": true}));
+    let e = get_json(&http, &format!("{convs}/{id}"), 404).await;
+    assert!(e["error"]["message"].as_str().unwrap().contains(&id), "{e}");
+    let r = http.post(&responses).json(&json!({"model": SMOL, "conversation": id, "input": "Hi"}))
+        .send().await.unwrap();
+    let e = expect_error(r, 404, "a deleted conversation").await;
+    assert_eq!(e["error"]["param"], "conversation");
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+
+    let (server, url) = serve(|_| {}).await;
+    let r = http.post(format!("{url}/v1/conversations")).json(&json!({})).send().await.unwrap();
+    let e = expect_error(r, 400, "no store").await;
+    assert!(e["error"]["message"].as_str().unwrap().contains("--responses-store"), "{e}");
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
 /// `GET url`, expecting `status`; its JSON body.
 async fn get_json(http: &reqwest::Client, url: &str, status: u16) -> Value {
     let r = http.get(url).send().await.unwrap();
