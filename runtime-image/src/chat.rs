@@ -580,6 +580,16 @@ mod tests {
         }
     }
 
+    /// A tool's answer to call `id`.
+    fn tool_turn(id: &str, content: &str) -> ChatMessage {
+        ChatMessage {
+            role: "tool".into(),
+            content: content.into(),
+            tool_call_id: Some(id.into()),
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn continue_final_message_ends_the_text_where_the_last_message_does() {
         let t = ChatTemplate::new(CHATML.into(), String::new(), String::new()).unwrap();
@@ -682,12 +692,7 @@ mod tests {
         let mut call = assistant("<think>\nhmm\n</think>\n\nLet me check.");
         call.tool_calls = Some(serde_json::json!([{"id": "1", "type": "function",
             "function": {"name": "w", "arguments": {"city": "Paris"}}}]));
-        let tool = ChatMessage {
-            role: "tool".into(),
-            content: "18 C".into(),
-            tool_call_id: Some("1".into()),
-            ..Default::default()
-        };
+        let tool = tool_turn("1", "18 C");
         let messages = [
             user("Weather?"),
             call,
@@ -733,12 +738,7 @@ mod tests {
         call.tool_calls = Some(serde_json::json!([{"id": "1", "type": "function",
             "function": {"name": "get_weather",
                 "arguments": {"city": "Rome", "days": 3, "opts": {"a": [1, 2]}}}}]));
-        let tool = ChatMessage {
-            role: "tool".into(),
-            content: "18 C".into(),
-            tool_call_id: Some("1".into()),
-            ..Default::default()
-        };
+        let tool = tool_turn("1", "18 C");
         let messages = [
             user("Weather in Rome?"),
             call,

@@ -45,21 +45,22 @@ impl ConversationStore {
         }
     }
 
-    /// A 400 unless conversations are kept (`--responses-store` above 0); `param`: the field
-    /// that asked for one.
-    pub fn enabled(&self, param: Option<&'static str>) -> Result<(), ApiError> {
+    /// A 400 unless conversations are kept (`--responses-store` above 0); each method that
+    /// reaches one answers it first.
+    fn enabled(&self) -> Result<(), ApiError> {
         match self.capacity {
             0 => Err(ApiError::invalid(
                 "conversations are not stored by this server (start it with --responses-store \
                  N to keep the last N)",
-                param,
+                None,
             )),
             _ => Ok(()),
         }
     }
 
     /// Keeps `c` as `id`, forgetting the least recently used past the capacity.
-    pub fn create(&self, id: String, c: Conversation) {
+    pub fn create(&self, id: String, c: Conversation) -> Result<(), ApiError> {
+        self.enabled()?;
         let (map, order) = &mut *self.kept.lock().expect("not poisoned");
         map.insert(id.clone(), c);
         order.push_back(id);
@@ -69,11 +70,13 @@ impl ConversationStore {
             };
             map.remove(&oldest);
         }
+        Ok(())
     }
 
     /// `f` of conversation `id`, which becomes the most recently used; a 404 where it is not
     /// kept.
     pub fn with<R>(&self, id: &str, f: impl FnOnce(&mut Conversation) -> R) -> Result<R, ApiError> {
+        self.enabled()?;
         let (map, order) = &mut *self.kept.lock().expect("not poisoned");
         let c = map
             .get_mut(id)
@@ -88,6 +91,7 @@ impl ConversationStore {
 
     /// Forgets `id`; a 404 where it was not kept.
     pub fn delete(&self, id: &str) -> Result<(), ApiError> {
+        self.enabled()?;
         let (map, order) = &mut *self.kept.lock().expect("not poisoned");
         map.remove(id)
             .ok_or_else(|| not_found("Conversation", id))?;
@@ -340,10 +344,10 @@ mod tests {
             metadata: json!({}),
             items: Vec::new(),
         };
-        s.create("a".into(), c());
-        s.create("b".into(), c());
+        s.create("a".into(), c()).unwrap();
+        s.create("b".into(), c()).unwrap();
         s.with("a", |_| ()).unwrap();
-        s.create("c".into(), c());
+        s.create("c".into(), c()).unwrap();
         assert!(
             s.with("b", |_| ()).is_err(),
             "b was the least recently used"
@@ -351,7 +355,9 @@ mod tests {
         assert!(s.with("a", |_| ()).is_ok());
         s.delete("a").unwrap();
         assert_eq!(s.delete("a").unwrap_err().status, 404);
-        assert!(ConversationStore::new(0).enabled(None).is_err());
+        let none = ConversationStore::new(0);
+        assert_eq!(none.create("a".into(), c()).unwrap_err().status, 400);
+        assert_eq!(none.with("a", |_| ()).unwrap_err().status, 400, "not a 404");
 
         assert_eq!(metadata(&json!({})).unwrap(), json!({}));
         assert_eq!(

@@ -2261,7 +2261,6 @@ async fn responses(
         None | Some(Value::Null) => None,
         Some(c) => {
             let param = Some("conversation");
-            st.conversations.enabled(param)?;
             if req
                 .get("previous_response_id")
                 .is_some_and(|p| !p.is_null())
@@ -2398,7 +2397,6 @@ async fn create_conversation(
     State(st): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<axum::Json<Value>, ApiError> {
-    st.conversations.enabled(None)?;
     let req: Value = api::parse_body(&body_bytes(body)?)?;
     let metadata = crate::conversations::metadata(&req)?;
     let items = match req.get("items") {
@@ -2415,7 +2413,7 @@ async fn create_conversation(
         items,
     };
     let object = crate::conversations::object(&id, &c);
-    st.conversations.create(id, c);
+    st.conversations.create(id, c)?;
     Ok(axum::Json(object))
 }
 
@@ -2424,7 +2422,6 @@ async fn retrieve_conversation(
     State(st): State<Arc<AppState>>,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Result<axum::Json<Value>, ApiError> {
-    st.conversations.enabled(None)?;
     let object = st
         .conversations
         .with(&id, |c| crate::conversations::object(&id, c))?;
@@ -2437,7 +2434,6 @@ async fn update_conversation(
     axum::extract::Path(id): axum::extract::Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<axum::Json<Value>, ApiError> {
-    st.conversations.enabled(None)?;
     let req: Value = api::parse_body(&body_bytes(body)?)?;
     if req.get("metadata").is_none() {
         return Err(ApiError::invalid("metadata is required", Some("metadata")));
@@ -2455,7 +2451,6 @@ async fn delete_conversation(
     State(st): State<Arc<AppState>>,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Result<axum::Json<Value>, ApiError> {
-    st.conversations.enabled(None)?;
     st.conversations.delete(&id)?;
     Ok(axum::Json(
         json!({"id": id, "object": "conversation.deleted", "deleted": true}),
@@ -2468,7 +2463,6 @@ async fn list_items(
     axum::extract::Path(id): axum::extract::Path<String>,
     axum::extract::Query(query): axum::extract::Query<HashMap<String, String>>,
 ) -> Result<axum::Json<Value>, ApiError> {
-    st.conversations.enabled(None)?;
     let page = st
         .conversations
         .with(&id, |c| crate::conversations::list(&c.items, &query))??;
@@ -2481,7 +2475,6 @@ async fn add_items(
     axum::extract::Path(id): axum::extract::Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<axum::Json<Value>, ApiError> {
-    st.conversations.enabled(None)?;
     let req: Value = api::parse_body(&body_bytes(body)?)?;
     let Some(items) = req.get("items").and_then(Value::as_array) else {
         return Err(ApiError::invalid("items must be a list", Some("items")));
@@ -2504,7 +2497,6 @@ async fn retrieve_item(
     State(st): State<Arc<AppState>>,
     axum::extract::Path((id, item)): axum::extract::Path<(String, String)>,
 ) -> Result<axum::Json<Value>, ApiError> {
-    st.conversations.enabled(None)?;
     let found = st.conversations.with(&id, |c| {
         c.items.iter().find(|i| i["id"] == item.as_str()).cloned()
     })?;
@@ -2518,7 +2510,6 @@ async fn delete_item(
     State(st): State<Arc<AppState>>,
     axum::extract::Path((id, item)): axum::extract::Path<(String, String)>,
 ) -> Result<axum::Json<Value>, ApiError> {
-    st.conversations.enabled(None)?;
     let object = st.conversations.with(&id, |c| {
         let before = c.items.len();
         c.items.retain(|i| i["id"] != item.as_str());

@@ -2438,16 +2438,12 @@ async fn auto_tool_choice_reads_phi4_mini_calls_masked_to_the_tools() {
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
-/// `tool_choice: "auto"` with `--tool-call-parser pythonic`
-/// ([`auto_calls_are_read_and_masked`]): an answer that starts with `[` is a Python list of
-/// calls, masked through its JSON, which ends it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn auto_tool_choice_reads_pythonic_calls_masked_to_the_tools() {
-    let (server, url) = serve(|c| c.tool_call_parser = Some(ToolCallParser::Pythonic)).await;
-    auto_calls_are_read_and_masked(&url, ToolCallParser::Pythonic, "[get_weather(").await;
-    // The answer as the model wrote it, token by token: Python, not JSON.
+/// The weather question of [`auto_calls_are_read_and_masked`] asked again with `logprobs`:
+/// the answer as the model wrote it, token by token, and the arguments of the call read from
+/// it (`weather_now`'s).
+async fn written_weather_call(url: &str, parser: ToolCallParser) -> (String, Value) {
     let rome = with_fields(
-        weather_shots(ToolCallParser::Pythonic, "What is the weather in Rome?"),
+        weather_shots(parser, "What is the weather in Rome?"),
         &json!({"tools": weather_now(), "logprobs": true}),
     );
     let again = post_json(&client(), &format!("{url}/v1/chat/completions"), &rome).await;
@@ -2458,7 +2454,18 @@ async fn auto_tool_choice_reads_pythonic_calls_masked_to_the_tools() {
         .collect();
     let f = &again["choices"][0]["message"]["tool_calls"][0]["function"];
     assert_eq!(f["name"], "weather_now", "{again}");
-    let args: Value = serde_json::from_str(f["arguments"].as_str().unwrap()).unwrap();
+    (written, serde_json::from_str(f["arguments"].as_str().unwrap()).unwrap())
+}
+
+/// `tool_choice: "auto"` with `--tool-call-parser pythonic`
+/// ([`auto_calls_are_read_and_masked`]): an answer that starts with `[` is a Python list of
+/// calls, masked through its JSON, which ends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_tool_choice_reads_pythonic_calls_masked_to_the_tools() {
+    let (server, url) = serve(|c| c.tool_call_parser = Some(ToolCallParser::Pythonic)).await;
+    auto_calls_are_read_and_masked(&url, ToolCallParser::Pythonic, "[get_weather(").await;
+    // The answer as the model wrote it, token by token: Python, not JSON.
+    let (written, args) = written_weather_call(&url, ToolCallParser::Pythonic).await;
     let written = written.trim();
     let unit = args["unit"].as_str().unwrap();
     // In single quotes, as the examples taught it (greedy, so always so).
@@ -2478,18 +2485,7 @@ async fn auto_tool_choice_reads_qwen3_coder_calls_masked_to_the_tools() {
     let (server, url) = serve(|c| c.tool_call_parser = Some(ToolCallParser::Qwen3Coder)).await;
     let shown = "<tool_call>\n<function=";
     auto_calls_are_read_and_masked(&url, ToolCallParser::Qwen3Coder, shown).await;
-    let rome = with_fields(
-        weather_shots(ToolCallParser::Qwen3Coder, "What is the weather in Rome?"),
-        &json!({"tools": weather_now(), "logprobs": true}),
-    );
-    let again = post_json(&client(), &format!("{url}/v1/chat/completions"), &rome).await;
-    let written: String = (again["choices"][0]["logprobs"]["content"].as_array())
-        .unwrap_or_else(|| panic!("{again}"))
-        .iter()
-        .map(|t| t["token"].as_str().unwrap())
-        .collect();
-    let f = &again["choices"][0]["message"]["tool_calls"][0]["function"];
-    let args: Value = serde_json::from_str(f["arguments"].as_str().unwrap()).unwrap();
+    let (written, args) = written_weather_call(&url, ToolCallParser::Qwen3Coder).await;
     let (location, unit) = (args["location"].as_str().unwrap(), args["unit"].as_str().unwrap());
     let xml = format!(
         "<tool_call>\n<function=weather_now>\n<parameter=location>\n{location}\n</parameter>\n\
