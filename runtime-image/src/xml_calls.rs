@@ -69,8 +69,6 @@ enum At {
     Next { first: bool },
     /// After that `<`: `parameter=` or `/function>`.
     Tag { first: bool },
-    /// A parameter's value, before its first character.
-    Value,
     /// A raw value, `held` bytes of [`RAW_END`] written and not yet known to be text.
     Raw { held: u8 },
     /// A JSON value, `depth` lists and objects deep, in a string (after a backslash).
@@ -117,14 +115,39 @@ impl XmlCalls {
                     };
                     return true;
                 }
-                self.at = match then {
-                    Then::Name { param } => At::Name { param, any: false },
-                    Then::Next { first } => At::Next { first },
-                    Then::Value => At::Value,
-                    Then::Done => At::Done,
+                let (next, open) = match then {
+                    // The call's JSON opens once `<function=` is whole.
+                    Then::Name { param: false } => (
+                        At::Name {
+                            param: false,
+                            any: false,
+                        },
+                        "{\"name\":\"",
+                    ),
+                    Then::Name { param: true } => (
+                        At::Name {
+                            param: true,
+                            any: false,
+                        },
+                        "",
+                    ),
+                    Then::Next { first } => (At::Next { first }, ""),
+                    // A value is raw text where the schema takes a string here, its quote
+                    // given before its first character so that plain text passes as it is
+                    // (the mask's fast path for a string's plain tokens); JSON otherwise.
+                    Then::Value if json.takes('"') => (At::Raw { held: 0 }, "\""),
+                    Then::Value => (
+                        At::Json {
+                            depth: 0,
+                            string: false,
+                            escape: false,
+                        },
+                        "",
+                    ),
+                    Then::Done => (At::Done, ""),
                 };
-                // The call's JSON opens once `<function=` is whole.
-                then != (Then::Name { param: false }) || put(&mut |c| json.put(c), "{\"name\":\"")
+                self.at = next;
+                put(&mut |c| json.put(c), open)
             }
             At::Name { param, any: true } if c == '>' => {
                 self.at = At::Fixed {
@@ -161,11 +184,6 @@ impl XmlCalls {
                 self.at = At::Fixed { text, i: 0, then };
                 put(&mut |c| json.put(c), open)
             }
-            At::Value if json.takes('"') => {
-                self.at = At::Raw { held: 0 };
-                json.put('"') && self.raw(0, c, json)
-            }
-            At::Value => self.json(0, false, false, c, json),
             At::Raw { held } => self.raw(held, c, json),
             At::Json {
                 depth,
