@@ -1499,6 +1499,11 @@ mod tests {
     }
 
     /// The tokens `m` leaves (some must be left).
+    /// The ids `0..n` but `no`'s.
+    fn all_but(n: usize, no: &[usize]) -> Vec<usize> {
+        (0..n).filter(|i| !no.contains(i)).collect()
+    }
+
     fn unmasked(m: &JsonMode, vocab: &JsonVocab) -> Vec<usize> {
         let mut logits = vec![0.0; vocab.texts.len()];
         assert!(m.mask(vocab, &mut logits));
@@ -1862,8 +1867,7 @@ mod tests {
             Schema::tool_calls(&[("now".to_string(), serde_json::json!({"type": "object"}))])
                 .unwrap();
         let allowed = |m: &JsonMode| unmasked(m, &vocab);
-        let all_but =
-            |no: &[usize]| -> Vec<usize> { (0..texts.len()).filter(|i| !no.contains(i)).collect() };
+        let all_but = |no: &[usize]| all_but(texts.len(), no);
         let mut m = JsonMode::new(&Constraint::After {
             opening: Opening::Tag("<tool_call>".into()),
             schema: Arc::new(schema),
@@ -1925,8 +1929,7 @@ mod tests {
             "city": {"type": "string"}, "days": {"type": "integer"}}, "required": ["city"]});
         let schema = Schema::xml_call(&[("get_weather".to_string(), params)]).unwrap();
         let allowed = |m: &JsonMode| unmasked(m, &vocab);
-        let all_but =
-            |no: &[usize]| -> Vec<usize> { (0..texts.len()).filter(|i| !no.contains(i)).collect() };
+        let all_but = |no: &[usize]| all_but(texts.len(), no);
         let mut m = JsonMode::new(&Constraint::After {
             opening: Opening::Tag("<tool_call>".into()),
             schema: Arc::new(schema),

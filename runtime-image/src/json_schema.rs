@@ -1789,20 +1789,12 @@ impl crate::xml_calls::JsonSink for Feed<'_> {
 /// accepts.
 pub fn xml_call_json(schema: &Schema, text: &str) -> Option<(String, usize)> {
     let mut st = SchemaState::new(schema);
-    let Writing::Xml(mut xml) = st.written else {
-        return None;
-    };
     let mut json = String::new();
     for (at, c) in text.char_indices() {
-        let mut feed = Feed {
-            st: &mut st,
-            schema,
-            kept: Some(&mut json),
-        };
-        if !xml.translate(c, &mut feed) {
+        if !st.push_xml_char(schema, c, Some(&mut json)) {
             return None;
         }
-        if xml.done() && st.readings().any(|r| r.done) {
+        if st.complete() {
             return Some((json, at + c.len_utf8()));
         }
     }
@@ -1904,20 +1896,26 @@ impl SchemaState {
                     .chain(c)
                     .all(|c| self.push_json_char(schema, c))
             }
-            Writing::Xml(xml) => {
-                let mut xml = *xml;
-                let ok = xml.translate(
-                    c,
-                    &mut Feed {
-                        st: self,
-                        schema,
-                        kept: None,
-                    },
-                );
-                self.written = Writing::Xml(xml);
-                ok
-            }
+            Writing::Xml(_) => self.push_xml_char(schema, c, None),
         }
+    }
+
+    /// [`SchemaState::push_char`] of an XML call's character, the JSON it stands for also
+    /// written to `kept`; `false` for a schema not written in XML.
+    fn push_xml_char(&mut self, schema: &Schema, c: char, kept: Option<&mut String>) -> bool {
+        let Writing::Xml(mut xml) = self.written else {
+            return false;
+        };
+        let ok = xml.translate(
+            c,
+            &mut Feed {
+                st: self,
+                schema,
+                kept,
+            },
+        );
+        self.written = Writing::Xml(xml);
+        ok
     }
 
     /// [`SchemaState::push_char`] of a JSON character: each reading that takes it goes on.
