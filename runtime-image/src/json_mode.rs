@@ -1606,8 +1606,8 @@ mod tests {
     /// Two tools: `get_weather`, whose `city` is `"Rome"`, and `other`, of no arguments.
     fn weather_and(other: &str) -> Arc<[(String, Arc<Schema>)]> {
         let schema = |v: serde_json::Value| Arc::new(Schema::compile(&v).unwrap());
-        let weather =
-            serde_json::json!({"type": "object", "properties": {"city": {"enum": ["Rome"]}}});
+        let weather = serde_json::json!({"type": "object", "properties": {"city": {"enum": ["Rome"]}},
+                               "required": ["city"]});
         let none = serde_json::json!({"type": "object", "properties": {}});
         vec![
             ("get_weather".to_string(), schema(weather)),
@@ -1896,7 +1896,7 @@ mod tests {
     }
 
     /// Qwen3-Coder's XML calls after `<tool_call>` ([`crate::xml_calls`]): the layout, the
-    /// tools' names, every parameter in order, raw text for a string (anything up to its
+    /// tools' names, the required parameter, an optional one or not, in order, raw text for a string (anything up to its
     /// end, which may take a while to tell from text) and JSON for an integer.
     #[test]
     fn an_xml_call_is_masked_through_the_json_it_stands_for() {
@@ -1945,8 +1945,8 @@ mod tests {
             (7, &[5]),
             (5, &[]),
             (9, &[]),
-            // Every declared parameter is written: `days` too.
-            (10, &[6]),
+            // `days` is optional: another parameter or the function's end.
+            (10, &[6, 11, 17, 18]),
             (6, &[8]),
             (8, &[5]),
             (5, &[12, 14]),

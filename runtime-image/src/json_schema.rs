@@ -22,10 +22,14 @@
 //!   are refused).
 //! - Without `properties`, `additionalProperties` as a schema makes a map (any keys, each
 //!   value of that schema; pydantic's `dict[str, X]`), `false` the empty object.
-//! - An object is written with every property of `properties`, in the order the schema
-//!   declares them (as OpenAI's structured outputs write them), and no other: that satisfies `required` and `additionalProperties:
-//!   false`, which are therefore read but need nothing more. An object or array without
-//!   `properties` or `items` holds any JSON.
+//! - An object is written with the properties of `properties` in the order the schema
+//!   declares them (as OpenAI's structured outputs write them), and no other: each
+//!   `required` one, and each other one or not, as the model chooses (xgrammar's and
+//!   llama.cpp's grammars leave optional properties out too; llama.cpp writes the required
+//!   ones first). That satisfies `required` and `additionalProperties: false`. OpenAI's
+//!   strict mode asks for every property in `required`, and then every one is written. An
+//!   object or array without `properties` or `items` holds any JSON. At most 63 optional
+//!   properties may stand in a row ([`MAX_OPTIONAL_RUN`]).
 //! - Between tokens, whitespace is none, one space, or a newline and up to 20 spaces or tabs
 //!   (llama.cpp's grammars from schemas; JSON mode allows any 32 in a row).
 //! - Strings: `minLength` and `maxLength` (in characters, as JSON Schema counts them),
@@ -54,12 +58,14 @@
 //!   type they are refused.
 //! - Annotations (`title`, `description`, `default`, `examples`, `$schema`, `$defs`,
 //!   `definitions`, `strict`) are ignored. `required` and `dependentRequired` must name
-//!   declared properties (then, all being written, they need nothing more). Any other
+//!   declared properties; a property `dependentRequired` says another needs is written
+//!   always, which satisfies it whether or not that other is written. Any other
 //!   keyword (`contains`, `not`, …) is refused with its name rather than ignored, since the answer
 //!   could then break it.
 //! - `minProperties` and `maxProperties` bound a map's entries (pydantic's `dict` with
 //!   `min_length`/`max_length`; an object of any values then becomes a map of them, counted);
-//!   beside `properties` they must allow the declared ones, all of which are written.
+//!   beside `properties` they must allow all the declared ones, and a `minProperties` above
+//!   the number required makes every declared one written.
 //! - Without `properties`, `propertyNames` (a string's `pattern`, `format`, `minLength`,
 //!   `maxLength`: pydantic's `dict[constr(pattern=…), X]`) or `patternProperties` of one
 //!   pattern make a map whose keys follow that rule (a key's character that leaves no way
@@ -365,13 +371,14 @@ impl StrRule {
     }
 }
 
-/// `required` and `dependentRequired` need nothing more where every name they give is a
-/// declared property, all of which kandle writes; a name that is not (or any, without
-/// `properties`) is refused, since the answer would lack it.
-fn required_are_declared(
-    obj: &serde_json::Map<String, Value>,
+/// The declared properties an answer always writes: those `required` names, and those
+/// `dependentRequired` names as needed by another (written always, so that whichever
+/// property needs them, they are there). A name that is not a declared property (or any,
+/// without `properties`) is refused, since the answer would lack it.
+fn required_are_declared<'o>(
+    obj: &'o serde_json::Map<String, Value>,
     declared: Option<&serde_json::Map<String, Value>>,
-) -> Result<(), String> {
+) -> Result<BTreeSet<&'o str>, String> {
     let mut names: Vec<(&str, &Value)> = Vec::new();
     match obj.get("required") {
         None => {}
@@ -390,18 +397,19 @@ fn required_are_declared(
         }
         Some(d) => return Err(format!("dependentRequired must be an object, got {d}")),
     }
+    let mut written = BTreeSet::new();
     for (keyword, name) in names {
-        let known = name
-            .as_str()
-            .is_some_and(|n| declared.is_some_and(|d| d.contains_key(n)));
-        if !known {
-            return Err(format!(
-                "{keyword} names {name}, which properties does not declare (kandle writes \
-                 the declared properties only)"
-            ));
-        }
+        match name.as_str() {
+            Some(n) if declared.is_some_and(|d| d.contains_key(n)) => written.insert(n),
+            _ => {
+                return Err(format!(
+                    "{keyword} names {name}, which properties does not declare (kandle \
+                     writes the declared properties only)"
+                ));
+            }
+        };
     }
-    Ok(())
+    Ok(written)
 }
 
 /// The schemas of `anyOf`/`oneOf` or `allOf` (`own`, said as `name`): a non-empty list, with
@@ -803,8 +811,8 @@ enum Node {
     Str(Box<StrRule>),
     /// A number or integer with bounds.
     Num(NumRule),
-    /// Each property's key (as JSON text, quotes included) and node.
-    Object(Vec<(Vec<char>, usize)>),
+    /// The declared properties, in the schema's order.
+    Object(Vec<Field>),
     /// Items of one node, `min` to `max` of them; `unique`: an enum's values, each at most
     /// once (`uniqueItems`).
     /// An array: item `i` of `prefix` (`prefixItems`, pydantic's tuples), then `items`.
@@ -838,6 +846,47 @@ enum Node {
         min: usize,
         max: Option<usize>,
     },
+}
+
+/// A declared property of an object ([`Node::Object`]).
+#[derive(Debug, Clone)]
+struct Field {
+    /// The key as JSON text, quotes included.
+    key: Vec<char>,
+    node: usize,
+    /// Written always (`required`); else the answer may leave it out.
+    required: bool,
+}
+
+/// The most optional properties in a row: the keys that may come next are a bit set
+/// ([`ObjAt::Key`]), the next required property among them.
+const MAX_OPTIONAL_RUN: usize = 63;
+
+/// The properties whose key may come next, from property `i` on: each optional one up to
+/// the first required one, which is the last (bit `k` stands for property `i + k`).
+fn next_keys(fields: &[Field], i: usize) -> u64 {
+    let run = fields[i.min(fields.len())..]
+        .iter()
+        .position(|f| f.required)
+        .map_or(fields.len().saturating_sub(i), |r| r + 1);
+    match run {
+        64.. => u64::MAX,
+        n => (1 << n) - 1,
+    }
+}
+
+/// The positions of `bits`' set bits, lowest first.
+fn set_bits(mut bits: u64) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        let k = (bits != 0).then(|| bits.trailing_zeros() as usize)?;
+        bits &= bits - 1;
+        Some(k)
+    })
+}
+
+/// Whether an object may close after its properties before `i` (none after is required).
+fn may_close(fields: &[Field], i: usize) -> bool {
+    fields[i.min(fields.len())..].iter().all(|f| !f.required)
 }
 
 /// A compiled schema.
@@ -1034,7 +1083,7 @@ impl Schema {
         let (min, max) = counts(obj, "minProperties", "maxProperties")?;
         let counted = min > 0 || max.is_some();
         let declared = obj.get("properties").and_then(Value::as_object);
-        required_are_declared(obj, declared)?;
+        let mut required = required_are_declared(obj, declared)?;
         let Some(props) = obj.get("properties") else {
             // A map: keys of the one pattern (`patternProperties`) or of `propertyNames`, each
             // value of the pattern's schema or of `additionalProperties`.
@@ -1094,19 +1143,40 @@ impl Schema {
         let props = props
             .as_object()
             .ok_or_else(|| format!("properties must be an object, got {props}"))?;
-        // kandle writes every declared property and no other.
+        // kandle writes the required properties, the optional ones or not, and no other; with
+        // more than the required ones as minProperties, every one.
         let n = props.len();
         if min > n || max.is_some_and(|m| m < n) {
             return Err(format!(
-                "minProperties/maxProperties must allow the {n} declared properties, all of \
-                 which kandle writes (and no others)"
+                "minProperties/maxProperties must allow the {n} declared properties, which \
+                 kandle may all write (and no others)"
             ));
+        }
+        if min > required.len() {
+            required = props.keys().map(String::as_str).collect();
+        }
+        let mut run = 0;
+        for k in props.keys() {
+            run = if required.contains(k.as_str()) {
+                0
+            } else {
+                run + 1
+            };
+            if run > MAX_OPTIONAL_RUN {
+                return Err(format!(
+                    "more than {MAX_OPTIONAL_RUN} optional properties in a row (not in \
+                     required) are not supported"
+                ));
+            }
         }
         let at = self.push(Node::Object(Vec::new()));
         let mut fields = Vec::with_capacity(props.len());
         for (k, v) in props {
-            let key = Value::String(k.clone()).to_string().chars().collect();
-            fields.push((key, self.node(v, root, depth + 1)?));
+            fields.push(Field {
+                key: Value::String(k.clone()).to_string().chars().collect(),
+                node: self.node(v, root, depth + 1)?,
+                required: required.contains(k.as_str()),
+            });
         }
         self.nodes[at] = Node::Object(fields);
         Ok(at)
@@ -1545,13 +1615,16 @@ impl Schema {
 enum ObjAt {
     /// Before `{`.
     Open,
-    /// Inside property `i`'s key, `pos` characters in.
-    Key(usize),
+    /// After `{`: a key from property `i` on ([`next_keys`]), or `}` where none is required.
+    KeyOrEnd,
+    /// Inside a key, `pos` characters in; bit `k` of `alive`: property `i + k`'s key still
+    /// matches.
+    Key { pos: usize, alive: u64 },
+    /// After property `i`'s key.
     Colon,
-    /// After a property's value: `,` and the next key, or `}` after the last.
+    /// After a property's value (`i` the next property): `,` and a key, or `}` where no
+    /// property from `i` on is required.
     After,
-    /// After `{` of an object with no properties: `}`.
-    Close,
 }
 
 /// Where a map object's frame is ([`Node::Map`]).
@@ -1985,12 +2058,12 @@ impl Reading {
             Some(Frame::Obj {
                 node,
                 i,
-                at: ObjAt::Key(p),
+                at: ObjAt::Key { pos, alive },
             }) => {
                 let Node::Object(fields) = &schema.nodes[*node] else {
                     return false;
                 };
-                fields[*i].0.get(*p).is_some_and(starts)
+                set_bits(*alive).any(|k| fields[*i + k].key.get(*pos).is_some_and(starts))
             }
             _ => false,
         }
@@ -2108,7 +2181,10 @@ impl Reading {
                     let ended = self.stack.pop();
                     match self.stack.last_mut() {
                         None => self.done = true,
-                        Some(Frame::Obj { at, .. }) => *at = ObjAt::After,
+                        Some(Frame::Obj { at, i, .. }) => {
+                            *at = ObjAt::After;
+                            *i += 1;
+                        }
                         Some(Frame::Arr {
                             at,
                             node,
@@ -2216,7 +2292,7 @@ impl Reading {
     fn between_tokens(&self) -> bool {
         match self.stack.last() {
             None => true,
-            Some(Frame::Obj { at, .. }) => !matches!(at, ObjAt::Key(p) if *p > 0),
+            Some(Frame::Obj { at, .. }) => !matches!(at, ObjAt::Key { pos, .. } if *pos > 0),
             Some(Frame::Arr { .. } | Frame::Union { .. } | Frame::Map { .. }) => true,
             Some(Frame::Lit { pos, .. }) => *pos == 0,
             Some(Frame::Val { json, .. }) => json.at_value_start(),
@@ -2234,28 +2310,55 @@ impl Reading {
                 let Node::Object(fields) = &schema.nodes[*node] else {
                     unreachable!("an object frame's node is an object")
                 };
+                let from = *i;
+                let key_at = |pos: usize, alive: u64| {
+                    let mut still = 0;
+                    let mut whole = None;
+                    for k in set_bits(alive) {
+                        let key = &fields[from + k].key;
+                        if key.get(pos) == Some(&c) {
+                            still |= 1 << k;
+                            // A key's JSON text is no other's prefix: one ends here at most.
+                            if key.len() == pos + 1 {
+                                whole = Some(k);
+                            }
+                        }
+                    }
+                    (still != 0).then_some((still, whole))
+                };
                 match (*at, c) {
-                    (ObjAt::Open, '{') if fields.is_empty() => *at = ObjAt::Close,
-                    (ObjAt::Open, '{') => *at = ObjAt::Key(0),
-                    (ObjAt::Close, '}') => return Step::Done { took: true },
-                    (ObjAt::Key(p), c) if fields[*i].0.get(p) == Some(&c) => {
-                        *at = match p + 1 == fields[*i].0.len() {
-                            true => ObjAt::Colon,
-                            false => ObjAt::Key(p + 1),
+                    (ObjAt::Open, '{') => *at = ObjAt::KeyOrEnd,
+                    (ObjAt::KeyOrEnd | ObjAt::After, '}') if may_close(fields, *i) => {
+                        return Step::Done { took: true };
+                    }
+                    (ObjAt::After, ',') if *i < fields.len() => {
+                        *at = ObjAt::Key {
+                            pos: 0,
+                            alive: next_keys(fields, *i),
                         };
                     }
+                    (ObjAt::KeyOrEnd, _) => match key_at(0, next_keys(fields, *i)) {
+                        Some((alive, _)) => *at = ObjAt::Key { pos: 1, alive },
+                        None => return Step::Refused,
+                    },
+                    (ObjAt::Key { pos, alive }, _) => match key_at(pos, alive) {
+                        Some((_, Some(k))) => {
+                            *i += k;
+                            *at = ObjAt::Colon;
+                        }
+                        Some((alive, None)) => {
+                            *at = ObjAt::Key {
+                                pos: pos + 1,
+                                alive,
+                            }
+                        }
+                        None => return Step::Refused,
+                    },
                     (ObjAt::Colon, ':') => {
                         return Step::Child {
-                            frame: Self::frame(schema, fields[*i].1),
+                            frame: Self::frame(schema, fields[*i].node),
                             took: true,
                         };
-                    }
-                    (ObjAt::After, ',') if *i + 1 < fields.len() => {
-                        *i += 1;
-                        *at = ObjAt::Key(0);
-                    }
-                    (ObjAt::After, '}') if *i + 1 == fields.len() => {
-                        return Step::Done { took: true };
                     }
                     _ => return Step::Refused,
                 }
@@ -2687,7 +2790,8 @@ mod tests {
             ("\"tags\": []", "\"tags\": [\"a\",]"),
             ("\"tags\": []", "\"tags\": [,]"),
             ("\"city\": \"Oslo\"", "\"town\": \"Oslo\""),
-            (", \"none\": null", ""),
+            // `name` is required.
+            ("\"name\": \"A\", ", ""),
             // Another order than the schema's (here the alphabetical one).
             (
                 "\"name\": \"A\", \"age\": 41",
@@ -3550,7 +3654,8 @@ mod tests {
                                         {"type": "object", "properties": {"age": {"type": "integer"}},
                                          "required": ["age"]}],
                               "$defs": {"Base": {"type": "object", "title": "Base",
-                                                 "properties": {"name": {"type": "string"}}}}});
+                                                 "properties": {"name": {"type": "string"}},
+                                                 "required": ["name"]}}});
         assert_eq!(
             run(&extended, r#"{"name": "Ada", "age": 36}"#),
             (true, true)
@@ -3603,10 +3708,12 @@ mod tests {
         let any = json!({"type": "object", "minProperties": 1});
         assert_eq!(run(&any, r#"{"x": [null]}"#), (true, true));
         assert_eq!(run(&any, "{}"), (false, false));
-        // Declared properties, all written: bounds that allow them are read and need nothing.
+        // Declared properties: bounds that allow them all are read; a minimum above the
+        // required ones makes every one written.
         let declared = json!({"type": "object", "properties": {"a": {"type": "integer"}},
                               "minProperties": 1, "maxProperties": 1});
         assert_eq!(run(&declared, r#"{"a": 1}"#), (true, true));
+        assert_eq!(run(&declared, "{}"), (false, false));
         refused(&[
             (
                 json!({"type": "object", "properties": {"a": {}, "b": {}}, "maxProperties": 1}),
@@ -3624,10 +3731,18 @@ mod tests {
     }
 
     #[test]
-    fn required_names_must_be_declared_properties_which_are_all_written() {
+    fn required_names_must_be_declared_properties_and_are_written() {
         let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
                             "required": ["a"], "dependentRequired": {"a": ["b"]}});
         assert_eq!(run(&schema, r#"{"a": 1, "b": 2}"#), (true, true));
+        assert_eq!(run(&schema, r#"{"a": 1}"#), (false, false));
+        // A name another needs is written always, whether or not that other is.
+        let needed = json!({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                            "dependentRequired": {"a": ["b"]}});
+        assert_eq!(run(&needed, r#"{"b": 2}"#), (true, true));
+        assert_eq!(run(&needed, r#"{"a": 1, "b": 2}"#), (true, true));
+        assert_eq!(run(&needed, r#"{"a": 1}"#), (false, false));
+        assert_eq!(run(&needed, "{}"), (false, false));
         refused(&[
             (
                 json!({"type": "object", "properties": {"a": {}}, "required": ["z"]}),
@@ -3642,6 +3757,73 @@ mod tests {
                 "dependentRequired names \"z\"",
             ),
         ]);
+    }
+
+    #[test]
+    fn optional_properties_may_be_left_out_the_rest_in_the_schema_s_order() {
+        let int = json!({"type": "integer"});
+        let schema = json!({"type": "object", "required": ["b"],
+                            "properties": {"a": int, "b": int, "c": int, "d": int}});
+        for ok in [
+            r#"{"b":1}"#,
+            r#"{"a":0,"b":1}"#,
+            r#"{"b":1,"d":3}"#,
+            r#"{ "a": 0 , "b": 1, "c": 2,
+                "d": 3 }"#,
+        ] {
+            assert_eq!(run(&schema, ok), (true, true), "{ok}");
+        }
+        for bad in [
+            "{}",
+            r#"{"a":0}"#,
+            r#"{"b":1,}"#,
+            r#"{"c":2,"b":1}"#,
+            r#"{"a":0,"a":1,"b":1}"#,
+            r#"{"b":1,"d":3,"c":2}"#,
+            r#"{"b":1,"e":3}"#,
+        ] {
+            assert_ne!(run(&schema, bad), (true, true), "{bad}");
+        }
+        // Keys that start alike are told apart where they differ, or at the closing quote.
+        let alike = json!({"type": "object", "required": ["abc"],
+                           "properties": {"ab": int, "a": int, "abc": int, "é": int}});
+        for ok in [
+            r#"{"abc":1}"#,
+            r#"{"a":0,"abc":1}"#,
+            r#"{"ab":0,"a":1,"abc":2,"é":3}"#,
+        ] {
+            assert_eq!(run(&alike, ok), (true, true), "{ok}");
+        }
+        assert_ne!(run(&alike, r#"{"abc":1,"a":0}"#), (true, true));
+        assert_ne!(run(&alike, r#"{"a":0,"ab":1,"abc":1}"#), (true, true));
+        // A key's character split across tokens: its first byte is taken where a key can
+        // still go on with it.
+        let (s, mut st) = state(&alike);
+        assert!(st.push(&s, r#"{"abc":1,""#));
+        assert!(st.push_bytes(&s, &"é".as_bytes()[..1]));
+        assert!(st.push_bytes(&s, &"é".as_bytes()[1..]));
+        assert!(st.push(&s, r#"":3}"#) && st.complete());
+        let (s, mut st) = state(&alike);
+        assert!(st.push(&s, r#"{""#));
+        assert!(
+            !st.push_bytes(&s, &"é".as_bytes()[..1]),
+            "é comes after abc"
+        );
+        // No property required: the empty object.
+        let none = json!({"type": "object", "properties": {"a": int}});
+        assert_eq!(run(&none, "{}"), (true, true));
+        assert_eq!(run(&none, r#"{"a": 1}"#), (true, true));
+        // Up to 63 optional properties in a row.
+        let row = |n: usize| {
+            let mut props: serde_json::Map<String, Value> =
+                (0..n).map(|k| (format!("p{k}"), int.clone())).collect();
+            props.insert("z".into(), int.clone());
+            json!({"type": "object", "properties": props, "required": ["z"]})
+        };
+        assert_eq!(run(&row(63), r#"{"z":1}"#), (true, true));
+        assert_eq!(run(&row(63), r#"{"p62":0,"z":1}"#), (true, true));
+        assert_eq!(run(&row(63), r#"{"p0":0,"p62":0,"z":1}"#), (true, true));
+        refused(&[(row(64), "more than 63 optional properties in a row")]);
     }
 
     #[test]

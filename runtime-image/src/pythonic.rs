@@ -8,8 +8,8 @@
 //!   masks a pythonic call to the tools as it masks a JSON one
 //!   ([`crate::json_schema::Schema::pythonic_calls`]). What the mask lets a model write is a
 //!   subset of Python: strings in either quote with JSON's escapes but `\/` (and `\'`), `True`, `False`,
-//!   `None`, JSON's numbers, lists and dicts, keyword arguments only, every declared parameter
-//!   in order.
+//!   `None`, JSON's numbers, lists and dicts, keyword arguments only, the declared parameters
+//!   in order (the required ones, the optional ones or not).
 //! - [`parse`] reads a whole answer as Python's literals, as vLLM's parser does with `ast`:
 //!   either quote, Python's escapes, `True`/`False`/`None`, numbers, lists, tuples and dicts.
 

@@ -717,7 +717,7 @@ pub(crate) mod tests {
     }
 
     /// Python calls, masked to the tools through their JSON: the declared keywords in order,
-    /// a name among the tools, an enum's values, Python's literals.
+    /// the required ones always, a name among the tools, an enum's values, Python's literals.
     #[test]
     fn pythonic_calls_are_a_list_masked_to_the_tools() {
         let p = ToolCallParser::Pythonic;
@@ -726,7 +726,8 @@ pub(crate) mod tests {
                 "weather_now".to_string(),
                 serde_json::json!({"type": "object", "properties": {
                     "location": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]},
-                    "days": {"type": "array", "items": {"type": "boolean"}}}}),
+                    "days": {"type": "array", "items": {"type": "boolean"}}},
+                    "required": ["location", "unit"]}),
             ),
             ("now".to_string(), serde_json::json!({"type": "object"})),
         ];
@@ -734,7 +735,8 @@ pub(crate) mod tests {
             panic!("one value")
         };
         let whole = "[weather_now(location=\"Rome\", unit=\"celsius\", days=[True, False]), now()]";
-        for whole in [whole, &whole.replace('"', "'")] {
+        let short = "[weather_now(location=\"Rome\", unit=\"celsius\")]";
+        for whole in [whole, &whole.replace('"', "'"), short] {
             let mut st = SchemaState::new(&schema);
             assert!(st.push(&schema, whole) && st.complete(), "{whole}");
         }
@@ -743,6 +745,7 @@ pub(crate) mod tests {
             "[weather_now(unit=",
             "[weather_now(location=\"Rome\", unit=\"kelvin",
             "[weather_now(location=\"Rome\", unit=\"celsius\", days=[true",
+            "[weather_now(location=\"Rome\")",
             "[weather_now(location='Rome', unit='kelvin",
             "{",
         ] {
@@ -942,7 +945,8 @@ pub(crate) mod tests {
         let p = ToolCallParser::Qwen3Coder;
         let params = serde_json::json!({"type": "object", "properties": {
             "city": {"type": "string"}, "days": {"type": "integer"},
-            "unit": {"enum": ["c", "f"]}, "opts": {"type": "object"}}});
+            "unit": {"enum": ["c", "f"]}, "opts": {"type": "object"}},
+            "required": ["city", "days"]});
         let shape = p.shape(&[("get_weather".into(), params)], true).unwrap();
         let call_of = |city: &str, days: &str| {
             format!(
@@ -974,6 +978,13 @@ pub(crate) mod tests {
         );
         let rome = call_of("Rome", "1");
         assert_eq!(p.parse(&rome, &shape).unwrap().content, None);
+        // The optional parameters left out.
+        let required = "<tool_call>\n<function=get_weather>\n<parameter=city>\nRome\n</parameter>\n\
+                        <parameter=days>\n1\n</parameter>\n</function>\n</tool_call>";
+        assert_eq!(
+            p.parse(required, &shape).unwrap().calls,
+            [call("get_weather", r#"{"city":"Rome","days":1}"#)]
+        );
         let cut = &rome[..rome.find("</function>").unwrap()];
         for bad in [
             cut,

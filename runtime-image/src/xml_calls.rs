@@ -28,10 +28,10 @@
 //!   keeps only the raw text for a union with a string too). Any other parameter is JSON
 //!   (numbers, `true`, objects), as vLLM's parser reads the types it converts.
 //! - The layout is the template's: `\n<function=name>\n`, each parameter
-//!   `<parameter=name>\n…\n</parameter>\n`, then `</function>`; every parameter the schema
-//!   declares, in its order, as every other format's arguments here are written
-//!   ([`crate::json_schema`]; llama.cpp takes required ones in any order and optional ones or
-//!   not).
+//!   `<parameter=name>\n…\n</parameter>\n`, then `</function>`; the parameters in the
+//!   schema's order, the required ones always and the optional ones or not, as every other
+//!   format's arguments here are written ([`crate::json_schema`]; llama.cpp takes required
+//!   ones in any order).
 //! - Control characters other than tab and carriage return are not written in raw text.
 
 /// The end of a raw parameter value.

@@ -1851,7 +1851,7 @@ async fn string_formats_give_values_their_own_parsers_take() {
 }
 
 /// Structured outputs (`response_format: {"type": "json_schema", …}`): an answer that ends
-/// by itself is a value the schema accepts, every property present in the schema's order
+/// by itself is a value the schema accepts, every (required) property present in the schema's order
 /// with its type, an enum's
 /// value one of its list, numbers within their bounds, strings of their pattern and format
 /// (the bounds are ones SmolLM2 does not keep unmasked: it writes births in the 1800s and
@@ -1879,10 +1879,12 @@ async fn a_json_schema_shapes_the_answer() {
             "home": {"allOf": [{"$ref": "#/$defs/Place"}], "description": "Where they lived"},
             "died": {"anyOf": [{"type": "integer"}, {"type": "null"}]}
         },
-        "required": ["name", "born", "field", "nobel", "works", "home"],
+        // As OpenAI's strict mode asks: every property required.
+        "required": ["name", "born", "code", "since", "field", "nobel", "works", "home", "died"],
         "additionalProperties": false,
         "$defs": {"Place": {"type": "object", "properties": {"city": {"type": "string"},
-                                                            "lat": {"type": "number", "minimum": -90, "maximum": -45}}}}
+                                                            "lat": {"type": "number", "minimum": -90, "maximum": -45}},
+                            "required": ["city", "lat"]}}
     });
     let format = |schema: Value| {
         json!({"response_format": {"type": "json_schema",
@@ -1992,7 +1994,7 @@ async fn a_json_schema_shapes_the_answer() {
     // pydantic's `set[Literal[...]]`: every value once, here all four (SmolLM2 left alone
     // repeats one).
     let set = json!({"type": "object", "properties": {"studied": {"type": "array",
-        "uniqueItems": true, "minItems": 4, "items": {"enum": fields}}}});
+        "uniqueItems": true, "minItems": 4, "items": {"enum": fields}}}, "required": ["studied"]});
     for sampling in [json!({"temperature": 0}), json!({"temperature": 1.0, "seed": 5})] {
         let body = with_fields(
             chat_body("Which fields did Marie Curie study?", sampling),
@@ -2014,7 +2016,8 @@ async fn a_json_schema_shapes_the_answer() {
     // pydantic's `set[str]`: six distinct strings (SmolLM2 left alone repeats "Barcelona"
     // greedily and "Paris" at this seed; masked, a repeat must go on into another value).
     let cities = json!({"type": "object", "properties": {"cities": {"type": "array",
-        "uniqueItems": true, "minItems": 6, "maxItems": 6, "items": {"type": "string"}}}});
+        "uniqueItems": true, "minItems": 6, "maxItems": 6, "items": {"type": "string"}}},
+        "required": ["cities"]});
     for sampling in [json!({"temperature": 0}), json!({"temperature": 1.0, "seed": 5})] {
         let body = with_fields(chat_body("Name six cities in France.", sampling), &format(cities.clone()));
         let r = post_json(&http, &chat, &with_fields(body, &json!({"max_tokens": 200}))).await;
@@ -2098,7 +2101,7 @@ async fn a_forced_tool_call_answers_with_arguments_its_parameters_accept() {
             "required": ["city", "unit"], "additionalProperties": false}}});
     let add = json!({"type": "function", "function": {"name": "add",
         "parameters": {"type": "object", "properties": {
-            "a": {"type": "integer"}, "b": {"type": "integer"}}}}});
+            "a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}});
     let question = "What is the weather in Paris?";
     let named = chat_body(
         question,
@@ -2367,6 +2370,26 @@ async fn auto_calls_are_read_and_masked(url: &str, parser: ToolCallParser, shown
     r
 }
 
+/// The weather question of [`weather_shots`] with `get_weather(city, unit?, days?)` as the
+/// request's tool, `city` alone required: the call SmolLM2 writes, greedy, is the one it was
+/// shown, `city` alone, for the mask lets an object end after its required properties (with
+/// every declared property written, it went on to `unit`).
+async fn optional_parameters_are_left_out_as_shown(url: &str, parser: ToolCallParser) {
+    let tools = json!([{"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {
+            "city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]},
+            "days": {"type": "integer"}},
+            "required": ["city"]}}}]);
+    let body = with_fields(
+        weather_shots(parser, "What is the weather in Rome?"),
+        &json!({"tools": tools}),
+    );
+    let r = post_json(&client(), &format!("{url}/v1/chat/completions"), &body).await;
+    let (f, args) = only_call(&r);
+    assert_eq!(f["name"], "get_weather", "{r}");
+    assert_eq!(args, json!({"city": "Rome"}), "{parser:?}: {r}");
+}
+
 /// `tool_choice: "auto"` with `--tool-call-parser hermes` ([`auto_calls_are_read_and_masked`]);
 /// `parallel_tool_calls: false` ends the answer with the call's closing brace, before the
 /// `</tool_call>` the model writes otherwise. A chat template that mentions `<tool_call>`
@@ -2375,6 +2398,7 @@ async fn auto_calls_are_read_and_masked(url: &str, parser: ToolCallParser, shown
 async fn auto_tool_choice_reads_hermes_calls_masked_to_the_tools() {
     let (server, url) = serve(|c| c.tool_call_parser = Some(ToolCallParser::Hermes)).await;
     auto_calls_are_read_and_masked(&url, ToolCallParser::Hermes, "<tool_call>").await;
+    optional_parameters_are_left_out_as_shown(&url, ToolCallParser::Hermes).await;
     let http = client();
     let chat = format!("{url}/v1/chat/completions");
     let rome = with_fields(
@@ -2464,6 +2488,7 @@ async fn written_weather_call(url: &str, parser: ToolCallParser) -> (String, Val
 async fn auto_tool_choice_reads_pythonic_calls_masked_to_the_tools() {
     let (server, url) = serve(|c| c.tool_call_parser = Some(ToolCallParser::Pythonic)).await;
     auto_calls_are_read_and_masked(&url, ToolCallParser::Pythonic, "[get_weather(").await;
+    optional_parameters_are_left_out_as_shown(&url, ToolCallParser::Pythonic).await;
     // The answer as the model wrote it, token by token: Python, not JSON.
     let (written, args) = written_weather_call(&url, ToolCallParser::Pythonic).await;
     let written = written.trim();
@@ -2485,6 +2510,7 @@ async fn auto_tool_choice_reads_qwen3_coder_calls_masked_to_the_tools() {
     let (server, url) = serve(|c| c.tool_call_parser = Some(ToolCallParser::Qwen3Coder)).await;
     let shown = "<tool_call>\n<function=";
     auto_calls_are_read_and_masked(&url, ToolCallParser::Qwen3Coder, shown).await;
+    optional_parameters_are_left_out_as_shown(&url, ToolCallParser::Qwen3Coder).await;
     let (written, args) = written_weather_call(&url, ToolCallParser::Qwen3Coder).await;
     let (location, unit) = (args["location"].as_str().unwrap(), args["unit"].as_str().unwrap());
     let xml = format!(
@@ -2761,7 +2787,8 @@ async fn vllm_guided_decoding_shapes_the_answer() {
     // left half-written at its closing quote.
     for seed in [1, 2, 3] {
         let extra = json!({"guided_json": {"type": "object", "properties": {
-                               "city": {"enum": cities}, "note": {"type": "string", "maxLength": 4}}},
+                               "city": {"enum": cities}, "note": {"type": "string", "maxLength": 4}},
+                               "required": ["city", "note"]},
                            "temperature": 1.0, "seed": seed, "max_tokens": 120});
         let r = post_json(&http, &chat, &ask("東京について日本語で。", extra)).await;
         let v: Value = serde_json::from_str(&stopped_content(&r)).unwrap();
@@ -2810,7 +2837,7 @@ async fn vllm_guided_decoding_shapes_the_answer() {
                 "Describe a cat as JSON.",
                 // llama.cpp's name for it.
                 json!({"json_schema": {"type": "object", "properties": {
-                    "age": {"type": "integer", "minimum": 0, "maximum": 30}}}}),
+                    "age": {"type": "integer", "minimum": 0, "maximum": 30}}, "required": ["age"]}}),
             ),
         )
         .await,
@@ -3985,8 +4012,10 @@ async fn named_calls_are_masked_part_by_part(kind: ControlTools) {
         "model": "tiny-spm-llama",
         "messages": [{"role": "user", "content": "Weather in Paris?"}],
         "tools": [
-            tool("get_weather", json!({"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}})),
-            tool("get_time", json!({"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}})),
+            tool("get_weather", json!({"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}},
+                                       "required": ["city"]})),
+            tool("get_time", json!({"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}},
+                                    "required": ["zone"]})),
         ],
         "parallel_tool_calls": false,
         "logit_bias": {first.to_string(): 100},
