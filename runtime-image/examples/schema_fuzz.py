@@ -71,8 +71,9 @@ def schema(r, depth=0):
         keys = ["a", "b", "c", "é", "a b", "\"", "\\", ""]
         props = {r.choice(keys): schema(r, depth + 1) for _ in range(r.randint(0, 4))}
         s = {"type": "object", "properties": props}
-        if r.random() < 0.3:
-            s["required"] = list(props)
+        if r.random() < 0.5:
+            # All of them (OpenAI's strict mode), or some: the others may be left out.
+            s["required"] = r.choice([list(props), r.sample(list(props), r.randint(0, len(props)))])
         if r.random() < 0.3:
             s["additionalProperties"] = r.choice([False, True, {"type": "integer"}])
         return s
