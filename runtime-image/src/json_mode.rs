@@ -597,15 +597,36 @@ const THOUGHTS_END: &str = "</think>";
 /// Where a value of [`Constraint::After`] starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Opening {
-    /// After each occurrence of this text, which is not part of the value (Hermes'
-    /// `<tool_call>`).
-    Tag(Arc<str>),
+    /// After each occurrence of one of these texts (Hermes' `<tool_call>`), the one that
+    /// ends first.
+    Tags(Arc<[OpenTag]>),
     /// At the answer's start, after any whitespace, where its first character is this one,
     /// which begins the value (Llama 3's `{`).
     Start(char),
     /// After each time this token is sampled: a control token, whose text the masks do not
     /// see (Mistral's `[TOOL_CALLS]`).
     Token(u32),
+}
+
+/// A text that opens a value ([`Opening::Tags`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenTag {
+    /// The text, which is not part of the value.
+    pub text: Arc<str>,
+    /// What the value is taken to have begun with, before what follows the text (a format's
+    /// fallback: Qwen3-Coder's `<function=` written without its `<tool_call>` stands for
+    /// the call's own start, `\n<function=`).
+    pub given: &'static str,
+}
+
+impl Opening {
+    /// [`Opening::Tags`] of one text, after which the value begins.
+    pub fn tag(text: &str) -> Opening {
+        Opening::Tags(Arc::new([OpenTag {
+            text: text.into(),
+            given: "",
+        }]))
+    }
 }
 
 /// How a format writes the calls of a [`Constraint::Named`]: each call a sequence of parts,
@@ -770,7 +791,7 @@ impl Thinking {
                     self.inner.advance(&text[at..]);
                 }
             }
-            None => keep_partial_opening(&mut self.tail, text, THOUGHTS_END),
+            None => keep_partial_opening(&mut self.tail, text, [THOUGHTS_END]),
         }
     }
 }
@@ -1026,8 +1047,8 @@ pub struct Lazy {
     schema: Arc<Schema>,
     once: bool,
     inside: Option<SchemaState>,
-    /// In free text after a [`Opening::Tag`]: its end, where that may be the start of the
-    /// tag (shorter than it).
+    /// In free text after [`Opening::Tags`]: its end, where that may be the start of a tag
+    /// (shorter than it).
     tail: String,
     /// Some character other than whitespace written ([`Opening::Start`]).
     begun: bool,
@@ -1043,39 +1064,61 @@ fn opening_end(tail: &str, text: &str, opening: &str) -> Option<usize> {
     Some(at + opening.len() - tail.len())
 }
 
-/// `tail` after `text`, written where `opening` did not end: only what may still be its
-/// start is kept.
-fn keep_partial_opening(tail: &mut String, text: &str, opening: &str) {
+/// `tail` after `text`, written where none of `openings` ended: only what may still be the
+/// start of one is kept.
+fn keep_partial_opening<'o>(
+    tail: &mut String,
+    text: &str,
+    openings: impl IntoIterator<Item = &'o str>,
+) {
     tail.push_str(text);
-    let keep = crate::tool_calls::partial_opening(tail, opening);
+    let keep = (openings.into_iter())
+        .map(|o| crate::tool_calls::partial_opening(tail, o))
+        .max()
+        .unwrap_or(0);
     tail.drain(..tail.len() - keep);
 }
 
 impl Lazy {
     /// Where in a token's `text`, written in free text, a value would start (`None`: it
-    /// starts none).
-    fn value_start(&self, text: &str) -> Option<usize> {
+    /// starts none), and what it is taken to have begun with ([`OpenTag::given`]).
+    fn value_start(&self, text: &str) -> Option<(usize, &'static str)> {
         match &self.opening {
-            Opening::Tag(tag) => opening_end(&self.tail, text, tag),
+            Opening::Tags(tags) => (tags.iter())
+                .filter_map(|t| Some((opening_end(&self.tail, text, &t.text)?, t.given)))
+                .min_by_key(|(end, _)| *end),
             Opening::Start(_) if self.begun => None,
             Opening::Start(c) => {
                 let trimmed = text.trim_start();
-                trimmed.starts_with(*c).then(|| text.len() - trimmed.len())
+                trimmed
+                    .starts_with(*c)
+                    .then(|| (text.len() - trimmed.len(), ""))
             }
             // Opened by its id ([`JsonMode::advance_id`]), never by text.
             Opening::Token(_) => None,
         }
     }
 
-    /// A character every token that may start a value holds (`None`: no token can).
-    fn opening_char(&self) -> Option<char> {
+    /// The characters one of which every token that may start a value holds (`None`: no
+    /// token can).
+    fn opening_chars(&self) -> Option<Vec<char>> {
         match &self.opening {
-            Opening::Tag(tag) => tag.chars().last(),
+            Opening::Tags(tags) => {
+                Some(tags.iter().filter_map(|t| t.text.chars().last()).collect())
+            }
             Opening::Start(_) if self.begun => None,
-            Opening::Start(c) => Some(*c),
+            Opening::Start(c) => Some(vec![*c]),
             // The token itself opens the value, and any token may follow free text.
             Opening::Token(_) => None,
         }
+    }
+
+    /// A value's state as `given` opens it.
+    fn opened(&self, given: &str) -> SchemaState {
+        let mut st = SchemaState::new(&self.schema);
+        let ok = given.is_empty() || st.push(&self.schema, given);
+        debug_assert!(ok, "an opening's given text is a value's start: {given:?}");
+        st
     }
 
     /// Whether a token's `text` may come next in free text: one that starts a value must go
@@ -1083,9 +1126,9 @@ impl Lazy {
     fn free_accepts(&self, text: &str) -> bool {
         match self.value_start(text) {
             None => true,
-            Some(at) => {
+            Some((at, given)) => {
                 let rest = &text[at..];
-                rest.is_empty() || SchemaState::new(&self.schema).accepts(&self.schema, rest)
+                rest.is_empty() || self.opened(given).accepts(&self.schema, rest)
             }
         }
     }
@@ -1108,9 +1151,9 @@ impl Lazy {
         let start = self.value_start(text);
         self.begun |= !text.trim_start().is_empty();
         match start {
-            Some(at) => {
+            Some((at, given)) => {
                 self.tail.clear();
-                let mut st = SchemaState::new(&self.schema);
+                let mut st = self.opened(given);
                 let rest = &text[at..];
                 let ok = rest.is_empty() || st.push(&self.schema, rest);
                 debug_assert!(ok, "a masked token was sampled: {text:?}");
@@ -1120,8 +1163,8 @@ impl Lazy {
                 }
             }
             None => {
-                if let Opening::Tag(tag) = &self.opening {
-                    keep_partial_opening(&mut self.tail, text, tag);
+                if let Opening::Tags(tags) = &self.opening {
+                    keep_partial_opening(&mut self.tail, text, tags.iter().map(|t| &*t.text));
                 }
             }
         }
@@ -1192,14 +1235,16 @@ impl JsonMode {
                 None => {
                     // Only the tokens that hold the opening's (last) character can start a
                     // value; where none can, nothing is masked.
-                    let Some(c) = lazy.opening_char() else {
+                    let Some(chars) = lazy.opening_chars() else {
                         return logits.iter().any(|&l| l > f32::NEG_INFINITY);
                     };
-                    for &id in vocab.containing(c).iter() {
-                        if let Some(l) = logits.get_mut(id as usize)
-                            && !lazy.free_accepts(vocab.text(id))
-                        {
-                            *l = f32::NEG_INFINITY;
+                    for c in chars {
+                        for &id in vocab.containing(c).iter() {
+                            if let Some(l) = logits.get_mut(id as usize)
+                                && !lazy.free_accepts(vocab.text(id))
+                            {
+                                *l = f32::NEG_INFINITY;
+                            }
                         }
                     }
                     return logits.iter().any(|&l| l > f32::NEG_INFINITY);
@@ -1869,7 +1914,7 @@ mod tests {
         let allowed = |m: &JsonMode| unmasked(m, &vocab);
         let all_but = |no: &[usize]| all_but(texts.len(), no);
         let mut m = JsonMode::new(&Constraint::After {
-            opening: Opening::Tag("<tool_call>".into()),
+            opening: Opening::tag("<tool_call>"),
             schema: Arc::new(schema),
             once: false,
         });
@@ -1931,7 +1976,7 @@ mod tests {
         let allowed = |m: &JsonMode| unmasked(m, &vocab);
         let all_but = |no: &[usize]| all_but(texts.len(), no);
         let mut m = JsonMode::new(&Constraint::After {
-            opening: Opening::Tag("<tool_call>".into()),
+            opening: Opening::tag("<tool_call>"),
             schema: Arc::new(schema),
             once: false,
         });
@@ -1972,6 +2017,67 @@ mod tests {
         m.advance("</function>\n");
         assert!(!m.complete(), "free text after a call");
         assert_eq!(allowed(&m), all_but(&[]), "the end of text too");
+    }
+
+    /// Qwen3-Coder's `<function=` without its `<tool_call>` opens a call too, as the call's
+    /// own start: the tools' names follow it, whole or split across tokens.
+    #[test]
+    fn a_bare_function_tag_opens_a_qwen3_coder_call() {
+        let texts: Vec<String> = [
+            "Hi",
+            "<function=",
+            "get_weather",
+            ">\n",
+            "<parameter=",
+            "city",
+            "Rome",
+            "\n</parameter>\n",
+            "</function>",
+            "<func",
+            "tion=",
+            "<function=now",
+            "<function=get_weather",
+            "",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let vocab = JsonVocab::new(texts.clone());
+        let params = serde_json::json!({"type": "object", "properties": {
+            "city": {"type": "string"}}, "required": ["city"]});
+        let parser = crate::tool_calls::ToolCallParser::Qwen3Coder;
+        let mut m = JsonMode::new(&Constraint::After {
+            opening: parser.opening(|_| None).unwrap(),
+            schema: Arc::new(Schema::xml_call(&[("get_weather".to_string(), params)]).unwrap()),
+            once: false,
+        });
+        let free = all_but(texts.len(), &[11]);
+        assert_eq!(unmasked(&m, &vocab), free, "no tool called now");
+        m.advance("Hi");
+        m.advance("<func");
+        assert_eq!(unmasked(&m, &vocab), free);
+        m.advance("tion=");
+        assert_eq!(unmasked(&m, &vocab), [2], "a tool's name");
+        for (token, then) in [
+            ("get_weather", &[3][..]),
+            (">\n", &[4]),
+            ("<parameter=", &[5]),
+            ("city", &[3]),
+            (">\n", &all_but(texts.len(), &[13])),
+            ("Rome", &all_but(texts.len(), &[13])),
+            ("\n</parameter>\n", &[8]),
+        ] {
+            m.advance(token);
+            assert_eq!(unmasked(&m, &vocab), then, "after {token:?}");
+        }
+        m.advance("</function>");
+        assert!(!m.complete(), "free text after a call");
+        m.advance("<function=get_weather");
+        assert_eq!(
+            unmasked(&m, &vocab),
+            [3],
+            "a whole name in the opening's token"
+        );
     }
 
     #[test]

@@ -1856,13 +1856,20 @@ impl crate::xml_calls::JsonSink for Feed<'_> {
     }
 }
 
-/// The JSON call (`{"name": …, "arguments": …}`) that `text`, the start of an answer's XML
-/// call after its `<tool_call>`, stands for by [`Schema::xml_call`] `schema`, and the bytes
-/// of `text` it takes; `None` where `text` does not start with a whole call the schema
+/// The JSON call (`{"name": …, "arguments": …}`) that `given` and then `text`, the start of
+/// an answer's XML call after its `<tool_call>` (`given` empty) or after a bare `<function=`
+/// (`given` the call's start up to it), stand for by [`Schema::xml_call`] `schema`, and the
+/// bytes of `text` it takes; `None` where they do not start with a whole call the schema
 /// accepts.
-pub fn xml_call_json(schema: &Schema, text: &str) -> Option<(String, usize)> {
+pub fn xml_call_json(schema: &Schema, given: &str, text: &str) -> Option<(String, usize)> {
     let mut st = SchemaState::new(schema);
     let mut json = String::new();
+    if !given
+        .chars()
+        .all(|c| st.push_xml_char(schema, c, Some(&mut json)))
+    {
+        return None;
+    }
     for (at, c) in text.char_indices() {
         if !st.push_xml_char(schema, c, Some(&mut json)) {
             return None;

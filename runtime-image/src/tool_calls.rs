@@ -54,7 +54,9 @@
 //!   them too), once per call: `<tool_call>`, `\n<function=name>\n`, per parameter
 //!   `<parameter=key>\nvalue\n</parameter>\n`, then `</function>\n</tool_call>`; a value
 //!   is raw text where its schema takes a string and JSON otherwise, masked through the JSON
-//!   it stands for ([`crate::xml_calls`]).
+//!   it stands for ([`crate::xml_calls`]). A call that leaves out its `<tool_call>` and
+//!   opens with `<function=` in the text is masked and read as one from there (vLLM's
+//!   parser and llama.cpp's take such calls too); the content is the text before it.
 //! - `parallel_tool_calls: false`: one call, which ends the answer.
 //!
 //! Decisions, where vLLM's parser is the model:
@@ -69,7 +71,7 @@ use serde_json::Value;
 
 use std::sync::Arc;
 
-use crate::json_mode::{CallFormat, Constraint, Opening, Part};
+use crate::json_mode::{CallFormat, Constraint, OpenTag, Opening, Part};
 use crate::json_schema::Schema;
 
 /// A model family's tool-call format.
@@ -181,9 +183,17 @@ impl ToolCallParser {
     /// be read with this vocabulary).
     pub fn opening(self, token_id: impl Fn(&str) -> Option<u32>) -> Option<Opening> {
         match self {
-            ToolCallParser::Hermes | ToolCallParser::Qwen3Coder => {
-                Some(Opening::Tag(HERMES_OPEN.into()))
-            }
+            ToolCallParser::Hermes => Some(Opening::tag(HERMES_OPEN)),
+            ToolCallParser::Qwen3Coder => Some(Opening::Tags(Arc::new([
+                OpenTag {
+                    text: HERMES_OPEN.into(),
+                    given: "",
+                },
+                OpenTag {
+                    text: XML_FUNCTION.into(),
+                    given: XML_CALL_START,
+                },
+            ]))),
             ToolCallParser::Llama3Json => Some(Opening::Start('{')),
             ToolCallParser::Mistral => token_id(MISTRAL_OPEN).map(Opening::Token),
             ToolCallParser::MistralV11
@@ -192,7 +202,7 @@ impl ToolCallParser {
                 self.call_format(token_id)?.opening().map(Opening::Token)
             }
             ToolCallParser::Granite => token_id(GRANITE_OPEN).map(Opening::Token),
-            ToolCallParser::Phi4MiniJson => Some(Opening::Tag(PHI4_OPEN.into())),
+            ToolCallParser::Phi4MiniJson => Some(Opening::tag(PHI4_OPEN)),
             ToolCallParser::Pythonic => Some(Opening::Start('[')),
             ToolCallParser::None => None,
         }
@@ -338,9 +348,12 @@ impl ToolCallParser {
     /// still turn out to be a call.
     pub fn content_so_far(self, text: &str) -> usize {
         if let Some(open) = self.open_text() {
-            return match text.find(open) {
+            // Qwen3-Coder's calls may also open with their `<function=` alone.
+            let bare = (self == ToolCallParser::Qwen3Coder).then_some(XML_FUNCTION);
+            let opens = std::iter::once(open).chain(bare);
+            return match opens.clone().filter_map(|o| text.find(o)).min() {
                 Some(at) => at,
-                None => text.len() - partial_opening(text, open),
+                None => text.len() - opens.map(|o| partial_opening(text, o)).max().unwrap_or(0),
             };
         }
         let first = match self {
@@ -479,12 +492,22 @@ impl ToolCallParser {
 /// Qwen3-Coder's calls, each block read as [`crate::xml_calls`] masks it (what follows the
 /// call's `</function>` in its block, the `</tool_call>`, is not read).
 fn parse_xml(text: &str, schema: &Schema) -> Option<ParsedAnswer> {
-    let first = text.find(HERMES_OPEN)?;
+    // The next call: after its `<tool_call>`, or from a `<function=` without one (vLLM's and
+    // llama.cpp's fallback), whichever comes first; where it starts, where its body does,
+    // and what the body is taken to have begun with.
+    let next = |s: &str| {
+        let tagged = s
+            .find(HERMES_OPEN)
+            .map(|at| (at, at + HERMES_OPEN.len(), ""));
+        let bare = (s.find(XML_FUNCTION)).map(|at| (at, at + XML_FUNCTION.len(), XML_CALL_START));
+        tagged.into_iter().chain(bare).min()
+    };
+    let (first, ..) = next(text)?;
     let mut rest = &text[first..];
     let mut calls = Vec::new();
-    while let Some(at) = rest.find(HERMES_OPEN) {
-        let body = &rest[at + HERMES_OPEN.len()..];
-        let (json, used) = crate::json_schema::xml_call_json(schema, body)?;
+    while let Some((_, body, given)) = next(rest) {
+        let body = &rest[body..];
+        let (json, used) = crate::json_schema::xml_call_json(schema, given, body)?;
         calls.push(call_of(&serde_json::from_str(&json).ok()?)?);
         rest = &body[used..];
     }
@@ -512,6 +535,8 @@ const GRANITE_OPEN: &str = "<|tool_call|>";
 const PHI4_OPEN: &str = "functools";
 /// How Qwen3-Coder's template writes a call's function.
 const XML_FUNCTION: &str = "<function=";
+/// How a Qwen3-Coder call starts after its `<tool_call>`.
+const XML_CALL_START: &str = "\n<function=";
 /// What vLLM's Phi-4-mini template shows a model given tools.
 const PHI4_ASK: &str = "functools[";
 /// What Meta's pythonic templates (Llama 3.2's in vLLM's examples, Llama 4's) ask of a model
@@ -709,10 +734,7 @@ pub(crate) mod tests {
         assert_eq!(granite.opening(|_| None), None);
         assert!(granite.keeps_special_tokens());
         let phi = ToolCallParser::Phi4MiniJson;
-        assert_eq!(
-            phi.opening(|_| None),
-            Some(Opening::Tag("functools".into()))
-        );
+        assert_eq!(phi.opening(|_| None), Some(Opening::tag("functools")));
         assert!(!phi.keeps_special_tokens() && !phi.once(true) && phi.once(false));
     }
 
@@ -978,6 +1000,23 @@ pub(crate) mod tests {
         );
         let rome = call_of("Rome", "1");
         assert_eq!(p.parse(&rome, &shape).unwrap().content, None);
+        // A call without its `<tool_call>`, from its `<function=`, after text and before a
+        // tagged one.
+        let bare = "<function=get_weather>\n<parameter=city>\nOslo\n</parameter>\n\
+                    <parameter=days>\n2\n</parameter>\n</function>";
+        let a = p.parse(&format!("Sure.\n{bare}\n{rome}"), &shape).unwrap();
+        assert_eq!(a.content.as_deref(), Some("Sure.\n"));
+        assert_eq!(
+            a.calls[0],
+            call("get_weather", r#"{"city":"Oslo","days":2}"#)
+        );
+        assert_eq!(
+            a.calls[1].arguments,
+            format!(r#"{{"city":"Rome","days":1,{args}"#)
+        );
+        assert_eq!(p.content_so_far("Sure <func"), 5, "held back");
+        assert_eq!(p.content_so_far(&format!("Sure {bare}")), 5);
+        assert_eq!(p.content_so_far("Sure <tool_call>\n<function="), 5);
         // The optional parameters left out.
         let required = "<tool_call>\n<function=get_weather>\n<parameter=city>\nRome\n</parameter>\n\
                         <parameter=days>\n1\n</parameter>\n</function>\n</tool_call>";
@@ -992,6 +1031,8 @@ pub(crate) mod tests {
             "<tool_call>\n<function=get_weather>\n</function>\n</tool_call>",
             "<tool_call>\n<function=now>\n</function>\n</tool_call>",
             "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Rome\"}}",
+            "<function=get_weather>\n</function>",
+            "<function=now>\n</function>",
             "No call.",
         ] {
             assert_eq!(p.parse(bad, &shape), None, "{bad}");

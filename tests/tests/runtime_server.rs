@@ -2504,7 +2504,8 @@ async fn auto_tool_choice_reads_pythonic_calls_masked_to_the_tools() {
 /// `tool_choice: "auto"` with `--tool-call-parser qwen3_coder`
 /// ([`auto_calls_are_read_and_masked`]): `<tool_call>` opens a call in Qwen3-Coder's XML-like
 /// format, masked through the JSON it stands for. The answer as the model wrote it is that
-/// format, a string parameter's value raw text, and the call read from it is its JSON.
+/// format, a string parameter's value raw text, and the call read from it is its JSON. A
+/// model shown calls without `<tool_call>` opens its call with `<function=`, read the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_tool_choice_reads_qwen3_coder_calls_masked_to_the_tools() {
     let (server, url) = serve(|c| c.tool_call_parser = Some(ToolCallParser::Qwen3Coder)).await;
@@ -2518,6 +2519,29 @@ async fn auto_tool_choice_reads_qwen3_coder_calls_masked_to_the_tools() {
          <parameter=unit>\n{unit}\n</parameter>\n</function>"
     );
     assert!(written.trim_start().starts_with(&xml), "{written:?}");
+
+    // Shown calls without their `<tool_call>`: the answer opens with `<function=`, which
+    // is masked and read as a call's start too (vLLM's and llama.cpp's fallback).
+    let mut bare = weather_shots(ToolCallParser::Qwen3Coder, "What is the weather in Rome?");
+    for m in bare["messages"].as_array_mut().unwrap() {
+        let text = m["content"].as_str().unwrap();
+        m["content"] = json!(text.replace("<tool_call>\n", "").replace("\n</tool_call>", ""));
+    }
+    let bare = with_fields(bare, &json!({"tools": weather_now()}));
+    let http = client();
+    let chat = format!("{url}/v1/chat/completions");
+    let none = with_fields(bare.clone(), &json!({"tool_choice": "none"}));
+    let none = post_json(&http, &chat, &none).await;
+    let text = none["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(text.starts_with("<function=get_weather>"), "{none}");
+    let r = post_json(&http, &chat, &bare).await;
+    let (f, args) = only_call(&r);
+    assert_eq!(f["name"], "weather_now", "{r}");
+    assert!(args["location"].is_string(), "{r}");
+    assert!(["celsius", "fahrenheit"].contains(&args["unit"].as_str().unwrap()), "{r}");
+    let chunks = post_stream(&http, &chat, &with_fields(bare, &json!({"stream": true}))).await;
+    assert_eq!(only_streamed_call(&chunks)["function"], *f, "streamed call");
+    assert_eq!(streamed_content(&chunks), "", "no content before the call");
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
