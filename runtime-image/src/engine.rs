@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use rayon::prelude::*;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
-use crate::backend::{CausalLm, Sequence};
+use crate::backend::{CacheCost, CausalLm, Sequence};
 use crate::chat::{ChatMessage, ChatOptions, ChatTemplate};
 use crate::detok::{IncrementalText, TextAssembler};
 use crate::json_mode::{self, Constraint, JsonMode, JsonVocab};
@@ -245,6 +245,9 @@ pub struct Frontend {
     /// Generation: the most positions the running batch holds together ([`BatchTokens`]);
     /// `None`: no limit. A request's choices need their prompt plus their output each.
     pub batch_tokens: Option<usize>,
+    /// Generation: what a sequence of so many positions holds, in positions at every layer's
+    /// cost, as the budget counts it (less than its length where windowed layers let go).
+    pub cache_cost: CacheCost,
 }
 
 impl Frontend {
@@ -360,6 +363,7 @@ impl Engine {
                     scoring: Scoring::Softmax,
                     vocab_limit: g.tokenizer.vocab_size().min(g.lm.vocab_size()),
                     batch_tokens,
+                    cache_cost: g.lm.cache_cost(),
                 };
                 let worker = GenerationWorker {
                     prefix: std::cell::RefCell::new(PrefixCache::new(prefix_tokens)),
@@ -369,6 +373,7 @@ impl Engine {
                     eos_ids: g.eos_ids,
                     batch,
                     batch_tokens,
+                    cache_cost: frontend.cache_cost,
                     metrics: m,
                     json_texts: std::cell::OnceCell::new(),
                 };
@@ -390,6 +395,7 @@ impl Engine {
                     scoring: Scoring::Softmax,
                     vocab_limit,
                     batch_tokens: None,
+                    cache_cost: CacheCost::DENSE,
                 };
                 let model = e.model;
                 let thread = std::thread::Builder::new()
@@ -410,6 +416,7 @@ impl Engine {
                     scoring: c.scoring,
                     vocab_limit,
                     batch_tokens: None,
+                    cache_cost: CacheCost::DENSE,
                 };
                 let model = c.model;
                 let thread = std::thread::Builder::new()
@@ -639,6 +646,8 @@ struct GenerationWorker {
     batch: usize,
     /// [`Frontend::batch_tokens`].
     batch_tokens: Option<usize>,
+    /// [`Frontend::cache_cost`].
+    cache_cost: CacheCost,
     metrics: Metrics,
     /// The vocabulary as JSON mode reads it, computed at the first JSON request.
     json_texts: std::cell::OnceCell<JsonVocab>,
@@ -665,12 +674,12 @@ struct Active {
     permit: Option<OwnedSemaphorePermit>,
 }
 
-/// The positions of keys and values the running sequences may reach, each counted at its
-/// prompt plus its `max_tokens` (what the batch token budget bounds).
-fn reserved(active: &[Active]) -> usize {
+/// The positions of keys and values the running sequences may reach, each counted at what
+/// its prompt plus its `max_tokens` holds (what the batch token budget bounds).
+fn reserved(active: &[Active], cost: CacheCost) -> usize {
     (active.iter())
         .filter(|a| !a.done)
-        .map(|a| a.req.prompt.len() + a.req.max_tokens)
+        .map(|a| cost.positions(a.req.prompt.len() + a.req.max_tokens))
         .sum()
 }
 
@@ -724,7 +733,9 @@ impl GenerationWorker {
                 self.admit(job, &mut active);
             }
             self.metrics.batch_size.set(active.len() as i64);
-            self.metrics.batch_tokens.set(reserved(&active) as i64);
+            self.metrics
+                .batch_tokens
+                .set(reserved(&active, self.cache_cost) as i64);
             // A panic in a step (a model's or a tokenizer's bug on some input) fails that
             // step's requests and leaves the thread serving the next ones: the weights are
             // not changed by a step, and the failed sequences' caches are dropped with them.
@@ -749,7 +760,9 @@ impl GenerationWorker {
             active.retain(|a| !a.done);
             self.metrics.inflight.dec_by((before - active.len()) as i64);
             self.metrics.batch_size.set(active.len() as i64);
-            self.metrics.batch_tokens.set(reserved(&active) as i64);
+            self.metrics
+                .batch_tokens
+                .set(reserved(&active, self.cache_cost) as i64);
         }
     }
 
@@ -764,7 +777,8 @@ impl GenerationWorker {
         if Instant::now() > req.deadline || choices.iter().all(|(events, _)| events.is_closed()) {
             return true;
         }
-        reserved(active) + choices.len() * (req.prompt.len() + req.max_tokens) <= budget
+        let each = self.cache_cost.positions(req.prompt.len() + req.max_tokens);
+        reserved(active, self.cache_cost) + choices.len() * each <= budget
     }
 
     fn admit(&self, job: Job, active: &mut Vec<Active>) {

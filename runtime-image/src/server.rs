@@ -958,9 +958,10 @@ struct Echo {
 
 /// The room for output after a prompt of `prompt_len` tokens: what the context leaves, and
 /// what each of the request's `n` choices' share of the batch token budget leaves
-/// ([`BatchTokens`]; a request's sequences must fit in it together). A prompt that fills
-/// either is refused naming `param`, the field the prompt came from; a `max_tokens` past the
-/// room is cut to it, the answer ending with `length`.
+/// ([`BatchTokens`]; a request's sequences must fit in it together, each counted at what its
+/// cache holds, [`Frontend::cache_cost`]). A prompt that fills either is refused naming
+/// `param`, the field the prompt came from; a `max_tokens` past the room is cut to it, the
+/// answer ending with `length`.
 fn check_context(
     prompt_len: usize,
     frontend: &Frontend,
@@ -988,7 +989,8 @@ fn check_context(
         return Ok(room);
     };
     let share = budget / n.max(1);
-    if prompt_len >= share {
+    let most = frontend.cache_cost.most_positions(share);
+    if prompt_len >= most {
         let each = match n > 1 {
             true => format!(", {share} for each of its {n} choices"),
             false => String::new(),
@@ -997,7 +999,7 @@ fn check_context(
             "the prompt is {prompt_len} tokens, but this server's running batch holds {budget} tokens of prompts and outputs together (--max-batch-tokens){each}"
         )));
     }
-    Ok(room.min(share - prompt_len))
+    Ok(room.min(most - prompt_len))
 }
 
 /// The constraint of `response_format` (`format`) or vLLM's guided decoding fields, which

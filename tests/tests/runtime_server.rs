@@ -5436,6 +5436,41 @@ fn gemma3_270m_with_template(template: &str) -> (tempfile::TempDir, std::path::P
     (dir, path)
 }
 
+/// `--max-batch-tokens` with the real Gemma 3 270M, whose windowed layers (15 of 18, a
+/// window of 512) let go of what no position to come sees: a sequence counts at what its
+/// cache holds, the 3 full layers' share of its length and the windowed layers' share of at
+/// most 768 positions, so a budget of 1,200 takes a prompt of about 2,000 tokens (counted
+/// at 1,000; every layer's cost would refuse it, as it did before) and refuses one past
+/// (1,200 · 18 − 15 · 768) / 3 = 3,360.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_windowed_model_s_sequence_counts_at_what_its_cache_holds() {
+    let gemma3 = include_str!("../../runtime-image/tests/templates/gemma3.jinja");
+    let (_dir, path) = tokio::task::spawn_blocking(move || gemma3_270m_with_template(gemma3))
+        .await
+        .unwrap();
+    let (server, url) = serve_model(path, |c| {
+        c.max_new_tokens = 4;
+        c.max_batch_tokens = Some(1200);
+    })
+    .await;
+    let http = client();
+    let comp = format!("{url}/v1/completions");
+    let prompt = |reps: usize| "The quick brown fox jumps over the lazy dog. ".repeat(reps);
+    let long = prompt(200);
+    let n = model_token_ids(&http, &url, "gemma", json!({"prompt": long})).await.len();
+    assert!((1800..2400).contains(&n), "{n} prompt tokens");
+    let body = |text: &str| json!({"model": "gemma", "prompt": text, "max_tokens": 4,
+                                  "temperature": 0, "ignore_eos": true});
+    let r = post_json(&http, &comp, &body(&long)).await;
+    assert_eq!(r["usage"]["prompt_tokens"], n, "{r}");
+    assert_eq!(r["usage"]["completion_tokens"], 4, "{r}");
+    let longer = prompt(400);
+    let r = http.post(&comp).json(&body(&longer)).send().await.unwrap();
+    let e = expect_error(r, 400, "a prompt past what the budget holds").await;
+    assert!(e["error"]["message"].as_str().unwrap().contains("holds 1200 tokens"), "{e}");
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
 /// The real Gemma 3 270M served with Gemma's own chat templates: with Gemma 3's, a system
 /// message goes at the head of the first user turn, the prompt holds one beginning-of-text
 /// token (the template writes it, and the GGUF's `add_bos_token` adds none more),

@@ -98,6 +98,9 @@ impl CausalLm for QLlama {
     fn cache_bytes_per_token(&self) -> Option<usize> {
         Some(self.weights.cache_bytes_per_token())
     }
+    fn cache_cost(&self) -> super::CacheCost {
+        self.weights.cache_cost()
+    }
     fn new_sequence(&self) -> Result<Box<dyn Sequence>> {
         Ok(Box::new(QLlamaSequence {
             weights: self.weights.clone(),

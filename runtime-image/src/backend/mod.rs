@@ -104,6 +104,71 @@ pub fn thp_warning(thp: &str, huge_page_bytes: usize) -> Option<&'static str> {
 pub type EachRow<'a> = dyn FnMut(&[f32]) + Send + 'a;
 
 /// A causal language model: the weights, shared by all sequences.
+/// How much of a sequence's keys and values the cache holds as the sequence grows, in
+/// positions at every layer's cost ([`CausalLm::cache_bytes_per_token`]): what the engine's
+/// batch token budget counts a sequence at. Where every layer keeps every position, `n`
+/// positions hold `n`; where windowed layers let go of what no position to come sees (the
+/// GGUF llama's Gemma 2 and 3), those layers hold their last positions only, and a long
+/// sequence counts at less than its length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheCost {
+    /// Bytes a position of the layers that keep every position.
+    full: usize,
+    /// Bytes a position of the windowed layers (0: none).
+    windowed: usize,
+    /// The most positions a windowed layer holds at once.
+    kept: usize,
+}
+
+impl CacheCost {
+    /// Every layer keeps every position.
+    pub const DENSE: CacheCost = CacheCost {
+        full: 1,
+        windowed: 0,
+        kept: 0,
+    };
+
+    /// Layers of `full` bytes a position that keep every position, and layers of `windowed`
+    /// bytes a position that hold at most `kept` positions at once.
+    pub fn windowed(full: usize, windowed: usize, kept: usize) -> CacheCost {
+        match windowed {
+            0 => CacheCost::DENSE,
+            _ => CacheCost {
+                full,
+                windowed,
+                kept,
+            },
+        }
+    }
+
+    /// The most a sequence of `n` positions holds, in positions at every layer's cost
+    /// (rounded up).
+    pub fn positions(self, n: usize) -> usize {
+        if self.windowed == 0 {
+            return n;
+        }
+        let held = self.full as u128 * n as u128 + self.windowed as u128 * n.min(self.kept) as u128;
+        usize::try_from(held.div_ceil((self.full + self.windowed) as u128)).unwrap_or(usize::MAX)
+    }
+
+    /// The longest sequence whose [`CacheCost::positions`] are at most `budget`.
+    pub fn most_positions(self, budget: usize) -> usize {
+        if self.windowed == 0 {
+            return budget;
+        }
+        if self.full == 0 && budget >= self.kept {
+            return usize::MAX;
+        }
+        // Up to `kept` positions, each costs one; past it, `n` costs more than `kept`.
+        if budget <= self.kept {
+            return budget;
+        }
+        let room = budget as u128 * (self.full + self.windowed) as u128
+            - self.windowed as u128 * self.kept as u128;
+        usize::try_from(room / self.full as u128).unwrap_or(usize::MAX)
+    }
+}
+
 pub trait CausalLm: Send + Sync {
     /// Starts a sequence with an empty KV cache.
     fn new_sequence(&self) -> Result<Box<dyn Sequence>>;
@@ -122,6 +187,11 @@ pub trait CausalLm: Send + Sync {
     /// where the backend knows it: the prefix cache's default budget is sized by it.
     fn cache_bytes_per_token(&self) -> Option<usize> {
         None
+    }
+    /// How much of a sequence's cache is held as it grows ([`CacheCost`]); by default every
+    /// position at every layer.
+    fn cache_cost(&self) -> CacheCost {
+        CacheCost::DENSE
     }
     /// One decode step of several sequences: appends `tokens[i]` to `seqs[i]` and returns the
     /// logits at that position, one row per sequence, as `seqs[i].feed(&[tokens[i]])` would.
@@ -822,6 +892,37 @@ pub(crate) fn classification_model(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A sequence counts at its length where every layer keeps every position; with
+    /// windowed layers, at the full layers' share of its length plus the windowed layers'
+    /// share of what they keep (Gemma 3 270M: 3 full layers and 15 windowed, 768 kept).
+    /// The longest sequence a budget holds is the last whose cost fits it.
+    #[test]
+    fn a_sequence_counts_at_what_its_layers_hold() {
+        let dense = CacheCost::DENSE;
+        assert_eq!(
+            (dense.positions(8192), dense.most_positions(1000)),
+            (8192, 1000)
+        );
+        assert_eq!(CacheCost::windowed(6, 0, 768), dense);
+        let gemma = CacheCost::windowed(3, 15, 768);
+        assert_eq!(gemma.positions(100), 100);
+        assert_eq!(gemma.positions(768), 768);
+        assert_eq!(
+            gemma.positions(8192),
+            (3 * 8192 + 15 * 768_usize).div_ceil(18)
+        );
+        assert_eq!(gemma.most_positions(700), 700);
+        for budget in (0..3000).chain([100_000, 1 << 30]) {
+            let most = gemma.most_positions(budget);
+            assert!(gemma.positions(most) <= budget, "{budget}");
+            assert!(gemma.positions(most + 1) > budget, "{budget}");
+        }
+        // Every layer windowed: at most `kept`, whatever the length.
+        let all = CacheCost::windowed(0, 8, 768);
+        assert_eq!(all.positions(1 << 20), 768);
+        assert_eq!(all.most_positions(768), usize::MAX);
+    }
 
     /// A sequence of a stand-in backend: `id` names its "weights".
     struct Own {

@@ -880,9 +880,10 @@ const EVERY_ROW_BLOCK: usize = 64;
 /// their keys and values in a store of each chunk's own, which the cache lets go once no
 /// position to come can see any of its positions ([`KvCache::forget_outside_window`]): a
 /// Gemma 3 sequence of 8,192 tokens holds its windowed layers' last 512–768 positions, not all
-/// 8,192 (vLLM and llama.cpp keep a window's worth too). The budgets still count every
-/// position at every layer's cost ([`Weights::cache_bytes_per_token`]), erring towards
-/// admitting fewer.
+/// 8,192 (vLLM and llama.cpp keep a window's worth too). The batch token budget counts a
+/// sequence at what it holds ([`Weights::cache_cost`]); the prefix cache's still counts
+/// every position at every layer's cost ([`Weights::cache_bytes_per_token`]), erring
+/// towards keeping fewer.
 pub(super) struct KvCache {
     chunks: Vec<Chunk>,
     shape: KvShape,
@@ -992,6 +993,14 @@ impl KvShape {
             0 => 0,
             _ => (len + 1).saturating_sub(self.window) / ATTEND_CHUNK,
         }
+    }
+
+    /// The most positions whose windowed layers' store a cache holds after a decode step,
+    /// however long: the chunks from the first a position to come sees, one more, and the
+    /// one being written. (A step that feeds a prompt's part holds that part's chunks too
+    /// until it ends, as it holds the part's activations.)
+    fn most_kept(self) -> usize {
+        (self.window.div_ceil(ATTEND_CHUNK) + 2) * ATTEND_CHUNK
     }
 
     /// Leading chunks whose windowed layers' store a cache of `len` positions lets go: the
@@ -1801,6 +1810,14 @@ impl Weights {
         self.kv_shape().per_position() * std::mem::size_of::<f16>()
     }
 
+    /// What a sequence's cache holds as it grows: its windowed layers' store at most
+    /// [`KvShape::most_kept`] positions.
+    pub(super) fn cache_cost(&self) -> super::CacheCost {
+        let shape = self.kv_shape();
+        let bytes = |local| shape.per_position_of(local) * std::mem::size_of::<f16>();
+        super::CacheCost::windowed(bytes(false), bytes(true), shape.most_kept())
+    }
+
     /// A copy of the first `len` positions of `cache`; `None` when it holds fewer.
     pub(super) fn cache_prefix(&self, cache: &KvCache, len: usize) -> Option<KvCache> {
         cache.prefix(len)
@@ -2284,8 +2301,16 @@ mod tests {
         assert_eq!(shape.per_position_of(true), 2 * 2 * 2 * 16);
         let (full, windowed) = ([0, 2].into_iter(), [1, 3].into_iter());
         let mut c = KvCache::new(shape);
+        let local = |c: &KvCache| {
+            (c.chunks.iter())
+                .filter(|k| k.local.is_some())
+                .map(|k| k.cap)
+                .sum::<usize>()
+        };
+        let mut most = 0;
         for p in 0..700 {
             write(&mut c, p, 0);
+            most = most.max(local(&c));
             c.forget_outside_window();
             assert!(
                 (0..=p).all(|q| holds_in(&c, full.clone(), q, 0)),
@@ -2300,6 +2325,9 @@ mod tests {
             assert_eq!(kept, c.chunks.len() - c.forgotten, "position {p}");
         }
         assert_eq!((c.chunks.len(), c.forgotten), (6, 4));
+        // What the batch token budget counts: the most the windowed layers held, at most.
+        assert!(most <= shape.most_kept(), "{most} {}", shape.most_kept());
+        assert_eq!(shape.most_kept(), 3 * ATTEND_CHUNK);
 
         let copy = c.prefix(600).expect("a chunk shorter: its window is kept");
         assert!((561..600).all(|q| holds_in(&copy, windowed.clone(), q, 0)));
