@@ -13,7 +13,8 @@
 //!   character of the value picks an alternative; where several start alike, each is a
 //!   reading of its own ([`SchemaState`]) until the text tells them apart. `oneOf`'s
 //!   alternatives must start differently, unless pydantic's `discriminator` comes with them
-//!   (each then holds its own constant in that property): a value two of them accept would
+//!   (each then holds its own constant in that property, which is written in each, required
+//!   or not, as pydantic needs the tag to tell them apart): a value two of them accept would
 //!   break "one of".
 //! - `allOf` of one part is that part (pydantic's wrapper of a `$ref` with a description or
 //!   default); of several, one object of all their properties in the parts' order, where
@@ -948,8 +949,10 @@ impl Schema {
                 .iter()
                 .map(|a| self.node(a, root, depth + 1))
                 .collect::<Result<Vec<_>, _>>()?;
-            if !obj.contains_key("anyOf") && !obj.contains_key("discriminator") {
-                self.disjoint(&nodes)?;
+            match obj.get("discriminator") {
+                Some(d) => self.discriminated(d, &nodes)?,
+                None if !obj.contains_key("anyOf") => self.disjoint(&nodes)?,
+                None => {}
             }
             return self.union(nodes);
         }
@@ -1503,6 +1506,35 @@ impl Schema {
         let mut s = Schema::tool_call(tools)?;
         s.syntax = Syntax::Xml;
         Ok(s)
+    }
+
+    /// pydantic's `discriminator` of alternatives `alts`: its property, which holds each
+    /// alternative's own constant, is written in each (required there or not), so that no
+    /// value two of them accept is written. Each alternative must be an object declaring it.
+    /// (A `$ref`'s node is shared: its other uses write the property too, which its schema
+    /// allows.)
+    fn discriminated(&mut self, d: &Value, alts: &[usize]) -> Result<(), String> {
+        let name = (d.get("propertyName").and_then(Value::as_str))
+            .ok_or_else(|| format!("discriminator must name its propertyName, got {d}"))?;
+        let key: Vec<char> = Value::String(name.into()).to_string().chars().collect();
+        for &alt in alts {
+            let mut n = alt;
+            while let Node::Ref(to) = self.nodes[n] {
+                n = to;
+            }
+            let field = match &mut self.nodes[n] {
+                Node::Object(fields) => fields.iter_mut().find(|f| f.key == key),
+                _ => None,
+            };
+            field
+                .ok_or_else(|| {
+                    format!(
+                        "discriminator {name:?}: each alternative must be an object declaring it"
+                    )
+                })?
+                .required = true;
+        }
+        Ok(())
     }
 
     /// The node of `$ref` `r`: its schema compiled, or, inside that compilation, a node that
@@ -3277,6 +3309,19 @@ mod tests {
             assert!(st.push(&s, "d"));
             assert_eq!(st.readings().count(), 1, "the cat is gone");
         }
+        // The discriminator's property is written, required or not.
+        let optional = |kind: &str| json!({"type": "object", "properties": {"pet_type": {"const": kind}, "n": {"type": "integer"}}});
+        let tagged = json!({"oneOf": [optional("cat"), optional("dog")],
+                            "discriminator": {"propertyName": "pet_type"}});
+        assert_eq!(run(&tagged, r#"{"pet_type": "dog", "n": 1}"#), (true, true));
+        assert_eq!(run(&tagged, r#"{"pet_type": "cat"}"#), (true, true));
+        assert_eq!(run(&tagged, r#"{"n": 1}"#), (false, false));
+        assert_eq!(run(&tagged, "{}"), (false, false));
+        refused(&[(
+            json!({"oneOf": [optional("cat"), {"type": "integer"}],
+                   "discriminator": {"propertyName": "pet_type"}}),
+            "each alternative must be an object declaring it",
+        )]);
         // An integer or a number; a constant or any short string.
         let num = json!({"type": ["integer", "number"]});
         for ok in ["1", "-2.5", "3e2"] {
