@@ -674,15 +674,6 @@ struct Active {
     permit: Option<OwnedSemaphorePermit>,
 }
 
-/// The positions of keys and values the running sequences may reach, each counted at what
-/// its prompt plus its `max_tokens` holds (what the batch token budget bounds).
-fn reserved(active: &[Active], cost: CacheCost) -> usize {
-    (active.iter())
-        .filter(|a| !a.done)
-        .map(|a| cost.positions(a.req.prompt.len() + a.req.max_tokens))
-        .sum()
-}
-
 /// The most tokens of one prompt a round feeds, where continuing a sequence gives the same
 /// bits as feeding it at once (the GGUF llama): a long prompt is computed over several rounds,
 /// so that the sequences already running go on producing tokens between its parts (vLLM's
@@ -733,9 +724,7 @@ impl GenerationWorker {
                 self.admit(job, &mut active);
             }
             self.metrics.batch_size.set(active.len() as i64);
-            self.metrics
-                .batch_tokens
-                .set(reserved(&active, self.cache_cost) as i64);
+            self.metrics.batch_tokens.set(self.reserved(&active) as i64);
             // A panic in a step (a model's or a tokenizer's bug on some input) fails that
             // step's requests and leaves the thread serving the next ones: the weights are
             // not changed by a step, and the failed sequences' caches are dropped with them.
@@ -760,10 +749,20 @@ impl GenerationWorker {
             active.retain(|a| !a.done);
             self.metrics.inflight.dec_by((before - active.len()) as i64);
             self.metrics.batch_size.set(active.len() as i64);
-            self.metrics
-                .batch_tokens
-                .set(reserved(&active, self.cache_cost) as i64);
+            self.metrics.batch_tokens.set(self.reserved(&active) as i64);
         }
+    }
+
+    /// The positions of keys and values the running sequences may reach, each counted at
+    /// what its prompt plus its `max_tokens` holds (what the batch token budget bounds).
+    fn reserved(&self, active: &[Active]) -> usize {
+        (active.iter())
+            .filter(|a| !a.done)
+            .map(|a| {
+                self.cache_cost
+                    .positions(a.req.prompt.len() + a.req.max_tokens)
+            })
+            .sum()
     }
 
     /// Whether a job's sequences fit beside the running ones under the batch token budget,
@@ -778,7 +777,7 @@ impl GenerationWorker {
             return true;
         }
         let each = self.cache_cost.positions(req.prompt.len() + req.max_tokens);
-        reserved(active, self.cache_cost) + choices.len() * each <= budget
+        self.reserved(active) + choices.len() * each <= budget
     }
 
     fn admit(&self, job: Job, active: &mut Vec<Active>) {

@@ -1059,6 +1059,10 @@ pub struct Lazy {
 /// Where `opening` first ends in `text`, written after `tail` (shorter than `opening`, so
 /// that any occurrence ends inside `text`): the byte offset in `text` just after it.
 fn opening_end(tail: &str, text: &str, opening: &str) -> Option<usize> {
+    if tail.is_empty() {
+        // Most tokens, tried at every step of free text: no copy.
+        return text.find(opening).map(|at| at + opening.len());
+    }
     let joined = format!("{tail}{text}");
     let at = joined.find(opening)?;
     Some(at + opening.len() - tail.len())

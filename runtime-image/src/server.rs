@@ -995,8 +995,14 @@ fn check_context(
             true => format!(", {share} for each of its {n} choices"),
             false => String::new(),
         };
+        let windowed = match most != share {
+            true => format!(
+                " (this model's windowed layers keep their last positions only, so a sequence of up to {most} tokens fits {share})"
+            ),
+            false => String::new(),
+        };
         return Err(too_long(format!(
-            "the prompt is {prompt_len} tokens, but this server's running batch holds {budget} tokens of prompts and outputs together (--max-batch-tokens){each}"
+            "the prompt is {prompt_len} tokens, but this server's running batch holds {budget} tokens of prompts and outputs together (--max-batch-tokens){each}{windowed}"
         )));
     }
     Ok(room.min(most - prompt_len))

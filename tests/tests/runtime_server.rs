@@ -5467,7 +5467,8 @@ async fn a_windowed_model_s_sequence_counts_at_what_its_cache_holds() {
     let longer = prompt(400);
     let r = http.post(&comp).json(&body(&longer)).send().await.unwrap();
     let e = expect_error(r, 400, "a prompt past what the budget holds").await;
-    assert!(e["error"]["message"].as_str().unwrap().contains("holds 1200 tokens"), "{e}");
+    let msg = e["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("holds 1200 tokens") && msg.contains("up to 3360 tokens"), "{e}");
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
