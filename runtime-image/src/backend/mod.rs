@@ -365,7 +365,8 @@ pub trait Sequence: Send {
         None
     }
     /// The blocks of storage this sequence's cache holds, each as (an identity, the positions
-    /// it has room for), where copies ([`Sequence::fork`], [`Sequence::fork_prefix`]) share
+    /// it has room for, at every layer's cost: a store of some layers counts their share of
+    /// its positions), where copies ([`Sequence::fork`], [`Sequence::fork_prefix`]) share
     /// blocks until they write to them: a block two sequences share has the same identity in
     /// both, for as long as both hold it. The prefix cache counts its budget in these, each
     /// shared block once. `None` (the default): nothing shared; the prefix cache counts the

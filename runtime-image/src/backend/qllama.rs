@@ -881,9 +881,8 @@ const EVERY_ROW_BLOCK: usize = 64;
 /// position to come can see any of its positions ([`KvCache::forget_outside_window`]): a
 /// Gemma 3 sequence of 8,192 tokens holds its windowed layers' last 512–768 positions, not all
 /// 8,192 (vLLM and llama.cpp keep a window's worth too). The batch token budget counts a
-/// sequence at what it holds ([`Weights::cache_cost`]); the prefix cache's still counts
-/// every position at every layer's cost ([`Weights::cache_bytes_per_token`]), erring
-/// towards keeping fewer.
+/// sequence at what it holds ([`Weights::cache_cost`]), and the prefix cache counts the
+/// stores its kept prompts hold ([`KvCache::blocks`]).
 pub(super) struct KvCache {
     chunks: Vec<Chunk>,
     shape: KvShape,
@@ -1138,13 +1137,23 @@ impl KvCache {
         self.forgotten = self.forgotten.max(upto);
     }
 
-    /// Each chunk as (its storage's address, the positions it has room for): copies that
-    /// share a chunk give the same address for it ([`crate::backend::Sequence::cache_blocks`]).
+    /// Each chunk's stores as (the store's address, the positions it has room for, at every
+    /// layer's cost): copies that share a store give the same address for it
+    /// ([`crate::backend::Sequence::cache_blocks`]). A model without windows has one store a
+    /// chunk, counted whole; with windowed layers, the windowed store counts their share of
+    /// the chunk's positions and the other store the rest, so a chunk whose windowed store has
+    /// been let go counts less.
     pub(super) fn blocks(&self) -> Vec<(usize, usize)> {
-        self.chunks
-            .iter()
-            .map(|c| (Arc::as_ptr(&c.data) as usize, c.cap))
-            .collect()
+        let (local, all) = (self.shape.per_position_of(true), self.shape.per_position());
+        let mut blocks = Vec::with_capacity(self.chunks.len() * 2);
+        for c in &self.chunks {
+            let windowed = c.cap * local / all;
+            blocks.push((Arc::as_ptr(&c.data) as usize, c.cap - windowed));
+            if let Some(store) = &c.local {
+                blocks.push((Arc::as_ptr(store) as usize, windowed));
+            }
+        }
+        blocks
     }
 }
 
@@ -2328,6 +2337,10 @@ mod tests {
         // What the batch token budget counts: the most the windowed layers held, at most.
         assert!(most <= shape.most_kept(), "{most} {}", shape.most_kept());
         assert_eq!(shape.most_kept(), 3 * ATTEND_CHUNK);
+        // What the prefix cache counts: half of each chunk's positions (two layers of four
+        // windowed) for the chunks let go, all of them for the others.
+        let counted: usize = c.blocks().iter().map(|b| b.1).sum();
+        assert_eq!(counted, 6 * ATTEND_CHUNK - 4 * ATTEND_CHUNK / 2);
 
         let copy = c.prefix(600).expect("a chunk shorter: its window is kept");
         assert!((561..600).all(|q| holds_in(&copy, windowed.clone(), q, 0)));
